@@ -1,0 +1,138 @@
+//! `subrosa-bench`: benchmarks that print figures (no timed assertions).
+//!
+//! Run each subcommand in release mode:
+//!
+//! ```text
+//! cargo run --release -p subrosa-bench -- crypto     [--iterations N] [--size 200] [--min-seconds 1] [--dir DIR]
+//! cargo run --release -p subrosa-bench -- latency    [--messages 200] [--server URL]
+//! cargo run --release -p subrosa-bench -- throughput [--pairs 50] [--messages-per-pair 40] [--server URL]
+//! ```
+//!
+//! - `crypto`: messages per second for encrypt + decrypt of one message of
+//!   `--size` bytes, in four rows measured in the same run: (a) raw
+//!   AES-128-GCM seal + open with aws-lc-rs (fresh nonce per message);
+//!   (b) mls-rs alone: two plain mls-rs clients (basic credentials, AWS-LC,
+//!   in-memory storage, CURVE25519_AES128, state never written to storage)
+//!   in a two-member group, `encrypt_application_message` on one and
+//!   `process_incoming_message` on the other; (c) two `subrosa_core::Engine`s
+//!   over in-memory storage, `encrypt` + `process` (content encoding and
+//!   padding, certificate-checked roster lookups, state loaded from and
+//!   written to storage on every call); (d) the same over the client's real
+//!   SQLCipher stores, each call in a `Store::transaction` (the cost of
+//!   persisting every message). Each row prints msgs/s and its ratio to
+//!   (a) and (b). Without `--iterations` each row runs at least
+//!   `--min-seconds` after a warm-up.
+//! - `latency`: end-to-end latency over a real server on loopback (started
+//!   in-process in a temporary directory unless `--server` is given): from
+//!   the moment alice calls `send_text` to the moment bob's `follow` callback
+//!   sees that message. The conversation is established first; then
+//!   `--messages` messages are sent one at a time (the next once the previous
+//!   arrived), and p50/p90/p99/max are printed in ms.
+//! - `throughput`: `--pairs` concurrent sender/receiver pairs (twice as many
+//!   registered users) over the real server. Receivers follow over
+//!   WebSockets; once every pair's conversation exists, all senders send
+//!   `--messages-per-pair` messages each at once. Prints the messages
+//!   delivered per second counted at the receivers (first send to last
+//!   delivery), the total delivered and any lost.
+//!
+//! Everything (clients and, by default, the server) runs in this one process
+//! on a multi-threaded tokio runtime, so on a small machine the server and
+//! the clients compete for the same cores; the header of each run says so.
+
+mod crypto;
+mod net;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+/// Subrosa benchmarks: crypto overhead, end-to-end latency, server throughput.
+#[derive(Debug, Parser)]
+#[command(name = "subrosa-bench", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Encrypt+decrypt msgs/s: raw AES-GCM, mls-rs alone, Subrosa core, Subrosa core over the client store.
+    Crypto {
+        /// Messages per row (default: as many as fit in --min-seconds).
+        #[arg(long)]
+        iterations: Option<u64>,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        /// Least time per row when --iterations is not given.
+        #[arg(long, default_value_t = 1.0)]
+        min_seconds: f64,
+        /// Where the client stores of row (d) live (default: the system temp directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// End-to-end latency from send_text to the receiver's follow callback.
+    Latency {
+        /// Messages to time.
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        /// Use this server instead of starting one in-process.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Delivered messages per second with many concurrent sender/receiver pairs.
+    Throughput {
+        /// Sender/receiver pairs.
+        #[arg(long, default_value_t = 50)]
+        pairs: usize,
+        /// Messages each sender sends.
+        #[arg(long, default_value_t = 40)]
+        messages_per_pair: usize,
+        /// Use this server instead of starting one in-process.
+        #[arg(long)]
+        server: Option<String>,
+    },
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subrosa-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let profile = if cfg!(debug_assertions) { "debug (figures are meaningless: use --release)" } else { "release" };
+    println!("subrosa-bench {} ({profile} build), machine: {} cores", env!("CARGO_PKG_VERSION"), cores());
+    match args.command {
+        Command::Crypto { iterations, size, min_seconds, dir } => {
+            anyhow::ensure!(size > 0, "--size must be at least 1");
+            anyhow::ensure!(size <= subrosa_core::content::MAX_TEXT_BYTES, "--size must be at most 64 KiB");
+            anyhow::ensure!(iterations != Some(0), "--iterations must be at least 1");
+            anyhow::ensure!(min_seconds > 0.0, "--min-seconds must be positive");
+            crypto::run(&crypto::Options { iterations, size, min_seconds, dir })
+        }
+        Command::Latency { messages, server } => {
+            anyhow::ensure!(messages > 0, "--messages must be at least 1");
+            runtime()?.block_on(net::latency(messages, server))
+        }
+        Command::Throughput { pairs, messages_per_pair, server } => {
+            anyhow::ensure!(pairs > 0, "--pairs must be at least 1");
+            anyhow::ensure!(messages_per_pair > 0, "--messages-per-pair must be at least 1");
+            runtime()?.block_on(net::throughput(pairs, messages_per_pair, server))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")
+}

@@ -1,0 +1,229 @@
+//! `subrosa`: the command-line client.
+
+mod demo;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand};
+use subrosa_client::{Received, StoredMessage, Subrosa};
+use zeroize::Zeroizing;
+
+/// Subrosa: end-to-end encrypted messaging whose server cannot read, scan,
+/// click or keep what you send.
+#[derive(Parser, Debug)]
+#[command(name = "subrosa", version, about, long_about = None)]
+struct Cli {
+    /// The device's home directory [default: $SUBROSA_HOME, else ~/.local/share/subrosa].
+    #[arg(long, global = true, env = "SUBROSA_HOME", hide_env_values = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an account HANDLE and this device on a server.
+    Register {
+        /// The handle (3-32 of a-z 0-9 _ - .; no phone number, no email).
+        handle: String,
+        /// The server, e.g. https://chat.example.org (http only to loopback).
+        #[arg(long)]
+        server: String,
+    },
+    /// Send a text message to a handle.
+    Send {
+        /// Who: a handle.
+        target: String,
+        /// What.
+        text: String,
+    },
+    /// Fetch, decrypt, store and print queued messages.
+    Receive {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Wait up to SECS for messages when none are queued.
+        #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+        timeout: f64,
+        /// Stay connected and print messages as they are pushed.
+        #[arg(long)]
+        follow: bool,
+        /// Do not acknowledge: the server delivers them again (shown once).
+        #[arg(long, hide = true)]
+        no_ack: bool,
+    },
+    /// Show the conversation with a handle, your own messages included.
+    History {
+        /// Who.
+        target: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List contacts.
+    Contacts,
+    /// Run a server and two users in a temporary directory and show what the server sees.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, as every error: clap's first line and where to look.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("error: {first} (see `subrosa --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SUBROSA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+    }
+    s.replace('\n', " ")
+}
+
+fn home(cli_home: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(h) = cli_home {
+        return Ok(h.clone());
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .ok_or_else(|| anyhow!("no home directory: pass --home DIR or set SUBROSA_HOME"))?;
+    Ok(base.join("subrosa"))
+}
+
+/// The passphrase: `SUBROSA_PASSPHRASE`, else a prompt on a terminal.
+fn passphrase(confirm: bool) -> Result<Zeroizing<String>> {
+    if let Ok(p) = std::env::var("SUBROSA_PASSPHRASE") {
+        return Ok(Zeroizing::new(p));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(anyhow!("no passphrase: set SUBROSA_PASSPHRASE (standard input is not a terminal to ask on)"));
+    }
+    let p =
+        Zeroizing::new(rpassword::prompt_password("Passphrase for the local store: ").context("reading passphrase")?);
+    if confirm {
+        let again = Zeroizing::new(rpassword::prompt_password("Repeat passphrase: ").context("reading passphrase")?);
+        if *again != *p {
+            return Err(anyhow!("the passphrases differ; nothing was created"));
+        }
+    }
+    Ok(p)
+}
+
+fn format_time(ms: u64) -> String {
+    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn print_message(m: &StoredMessage, json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = serde_json::to_writer(&mut out, m);
+        let _ = writeln!(out);
+    } else {
+        let who = if m.outgoing { format!("{} (you)", m.from) } else { m.from.clone() };
+        let _ = writeln!(out, "[{}] {}: {}", format_time(m.sent_at), who, m.text);
+    }
+    let _ = out.flush();
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Demo => demo::run().await.map(|_| ExitCode::SUCCESS),
+        Command::Register { handle, server } => {
+            let home = home(&cli.home)?;
+            let pass = passphrase(true)?;
+            let me = Subrosa::register(&home, &pass, &handle, &server).await?;
+            println!("registered {} (device {}) on {}", me.handle(), me.identity().device_id(), me.server());
+            Ok(ExitCode::SUCCESS)
+        }
+        command => {
+            let home = home(&cli.home)?;
+            let pass = passphrase(false)?;
+            let me = Subrosa::open(&home, &pass)?;
+            drop(pass);
+            match command {
+                Command::Send { target, text } => {
+                    let m = me.send_text(&target, &text).await?;
+                    println!("sent {} to {}", m.id, m.target);
+                }
+                Command::Receive { json, timeout, follow, no_ack } => {
+                    if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
+                        return Err(anyhow!("--timeout takes a number of seconds from 0"));
+                    }
+                    let mut dropped = 0usize;
+                    let mut on = |r: &Received| match r {
+                        Received::Message(m) => print_message(m, json),
+                        Received::Dropped { from, reason } => {
+                            dropped += 1;
+                            eprintln!("warning: dropped a message from {from} that could not be decrypted or authenticated: {reason}");
+                        }
+                    };
+                    if follow {
+                        me.follow(&mut on).await?;
+                    } else {
+                        me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
+                    }
+                    if dropped > 0 {
+                        eprintln!("error: {dropped} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                Command::History { target, json } => {
+                    for m in me.history(&target)? {
+                        print_message(&m, json);
+                    }
+                }
+                Command::Contacts => {
+                    for c in me.contacts()? {
+                        let state = if c.verified { "verified" } else { "unverified" };
+                        println!("{}\t{}\t{}", c.handle, state, &c.identity_key[..16.min(c.identity_key.len())]);
+                    }
+                }
+                Command::Register { .. } | Command::Demo => unreachable!("handled above"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

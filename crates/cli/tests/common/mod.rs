@@ -1,0 +1,255 @@
+//! Test harness: the built `subrosa` and `subrosa-server` binaries in
+//! temporary directories, talking over loopback.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const PASS: &str = "correct horse battery staple";
+
+pub fn subrosa_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_subrosa"))
+}
+
+/// `subrosa-server` lives beside `subrosa` in the target dir; it is built by
+/// `cargo test --workspace`, and built here when a narrower run left it out.
+pub fn server_bin() -> PathBuf {
+    let bin = subrosa_bin().with_file_name(format!("subrosa-server{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "subrosa-server", "--bin", "subrosa-server"]);
+        if bin.to_string_lossy().contains("/release/") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building subrosa-server failed");
+    }
+    bin
+}
+
+/// A real `subrosa-server` process on a free loopback port.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log file");
+        let mut child = Command::new(server_bin())
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("server starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout);
+        let mut first = String::new();
+        lines.read_line(&mut first).expect("server prints its address");
+        let url = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_string();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = lines.read_to_end(&mut sink);
+        });
+        Server { child, url, dir }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.data_dir().join("server.db")).expect("server db opens")
+    }
+
+    pub fn count(&self, table: &str) -> i64 {
+        self.db().query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).expect("count")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One user with one device in its own home directory.
+pub struct User {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl User {
+    pub fn register(server: &Server, name: &str) -> User {
+        let u = User { name: name.into(), dir: tempfile::tempdir().expect("tempdir") };
+        let out = u.run(&["register", name, "--server", &server.url]);
+        assert!(out.status.success(), "register {name}: {}", stderr(&out));
+        u
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(subrosa_bin());
+        c.arg("--home")
+            .arg(self.home())
+            .args(args)
+            .env("SUBROSA_PASSPHRASE", PASS)
+            .env_remove("SUBROSA_HOME")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("subrosa runs")
+    }
+
+    /// Runs and asserts success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{} {:?} failed: {}", self.name, args, stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn send(&self, to: &str, text: &str) {
+        self.ok(&["send", to, text]);
+    }
+
+    /// `receive --json`, parsed.
+    pub fn receive_json(&self, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["receive", "--json"];
+        args.extend_from_slice(extra);
+        parse_json_lines(&self.ok(&args))
+    }
+
+    pub fn history_json(&self, target: &str) -> Vec<serde_json::Value> {
+        parse_json_lines(&self.ok(&["history", target, "--json"]))
+    }
+}
+
+pub fn parse_json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+        .collect()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn texts(msgs: &[serde_json::Value]) -> Vec<String> {
+    msgs.iter().map(|m| m["text"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// Asserts a failed command: non-zero exit, exactly one line on stderr
+/// containing `needle`, no panic.
+pub fn assert_clean_error(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr {err:?}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one stderr line, got {err:?}");
+    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "stderr {err:?} lacks {needle:?}");
+}
+
+/// An HTTP server on 127.0.0.1 that counts every connection: the canary.
+pub struct Canary {
+    pub url: String,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Canary {
+    pub fn start() -> Canary {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind canary");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                h.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut s) = stream {
+                    use std::io::Write;
+                    let mut buf = [0u8; 512];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            }
+        });
+        let token: u64 = rand_token();
+        Canary { url: format!("http://{addr}/secret-invite/{token:016x}"), hits }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub fn rand_token() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (t as u64) ^ (std::process::id() as u64).rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15
+}
+
+/// Every file below `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(p);
+                }
+            }
+        }
+    }
+    found
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}

@@ -1,0 +1,645 @@
+//! The Subrosa client: the protocol engine of `subrosa-core` wrapped with
+//! networking to the server and an encrypted local store.
+//!
+//! [`Subrosa`] is one device of one account. Every state change is committed
+//! to the store before anything leaves the device, and a delivered message
+//! is acknowledged only after the store committed it.
+
+pub mod net;
+pub mod store;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use sha2::{Digest, Sha256};
+use subrosa_core::content::{Body, Content};
+use subrosa_core::{ConversationInfo, ConversationKind, CoreError, DeviceIdentity, Engine, Event};
+use subrosa_proto::{
+    AckRequest, AckResponse, ClaimRequest, ClaimResponse, CommitGuard, ConversationId, DeviceRecord, Empty, Envelope,
+    ErrorBody, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, MessageId, MessageKind,
+    RegisterRequest, SendId, SendPart, SendRequest, SendResponse, ServerFrame, B64,
+};
+
+use store::{now_ms, GroupStore, KeyPackageStore, Store};
+pub use store::{Contact, StoredMessage};
+
+/// Everything that can go wrong in the client, each with a one-line message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The passphrase does not open the store.
+    #[error("wrong passphrase: the local store could not be opened (nothing was changed)")]
+    WrongPassphrase,
+    /// No account in this home directory.
+    #[error("no account in {0}: run `subrosa register HANDLE --server URL` first")]
+    NotRegistered(String),
+    /// The home directory already holds an account.
+    #[error("{0} already holds an account; use another --home")]
+    AlreadyRegistered(String),
+    /// A server URL that is not usable.
+    #[error("invalid server URL {0}")]
+    BadUrl(String),
+    /// Plain http to a non-loopback host.
+    #[error("refusing plain http to {0}: use https:// (plain http is allowed only to a loopback address)")]
+    InsecureUrl(String),
+    /// The server refused the request.
+    #[error("server refused ({}): {}", .body.code.as_str(), .body.message)]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// The error body.
+        body: ErrorBody,
+    },
+    /// The server could not be reached.
+    #[error("network: {0}")]
+    Network(String),
+    /// The server answered something unexpected.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Bad user input.
+    #[error("{0}")]
+    Input(String),
+    /// The target is neither a contact nor a conversation.
+    #[error("unknown conversation {0:?}: no conversation with that handle or group yet")]
+    UnknownTarget(String),
+    /// A key package or member that does not match the expected identity.
+    #[error("refused keys for {handle}: {why}")]
+    KeyMismatch {
+        /// Whose.
+        handle: String,
+        /// What did not match.
+        why: String,
+    },
+    /// Protocol engine failure.
+    #[error("{0}")]
+    Core(#[from] CoreError),
+    /// Local store failure.
+    #[error("local store: {0}")]
+    Store(String),
+    /// File system failure.
+    #[error("{0}")]
+    Io(String),
+    /// A bug in Subrosa.
+    #[error("internal error: {0}")]
+    Bug(String),
+}
+
+impl ClientError {
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { body, .. } => Some(body.code),
+            _ => None,
+        }
+    }
+}
+
+type DeviceEngine = Engine<subrosa_core::DefaultCrypto, GroupStore, KeyPackageStore>;
+
+/// What receiving produced, in order.
+#[derive(Debug, Clone)]
+pub enum Received {
+    /// A new message (or system line) stored in history.
+    Message(StoredMessage),
+    /// A message that could not be decrypted or authenticated and was dropped.
+    Dropped {
+        /// Claimed sender (as the server said).
+        from: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How many one-time key packages to keep on the server.
+const KEY_PACKAGE_TARGET: u64 = 50;
+/// Refill when fewer than this remain.
+const KEY_PACKAGE_LOW: u64 = 10;
+
+/// One device of one account.
+pub struct Subrosa {
+    store: Store,
+    engine: DeviceEngine,
+    api: net::Api,
+}
+
+impl std::fmt::Debug for Subrosa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subrosa").field("device", &self.engine.identity()).finish_non_exhaustive()
+    }
+}
+
+const META_IDENTITY: &str = "identity";
+const META_SERVER: &str = "server_url";
+
+impl Subrosa {
+    /// Creates the account `handle` and this device on `server`, in a new
+    /// store in `home`.
+    ///
+    /// # Errors
+    /// [`ClientError::AlreadyRegistered`], URL errors, and the server's
+    /// refusal (e.g. `handle_taken`). On any error the new store is removed.
+    pub async fn register(home: &Path, passphrase: &str, handle: &str, server: &str) -> Result<Self, ClientError> {
+        let handle = Handle::new(handle).map_err(|e| ClientError::Input(e.to_string()))?;
+        net::check_server_url(server)?;
+        let existed = home.exists();
+        let result = Self::register_inner(home, passphrase, handle, server).await;
+        if result.is_err() && !matches!(result, Err(ClientError::AlreadyRegistered(_))) {
+            // Nothing was registered: leave no half-made account behind.
+            for f in ["subrosa.db", "subrosa.db-wal", "subrosa.db-shm", "kdf.json"] {
+                let _ = std::fs::remove_file(home.join(f));
+            }
+            if !existed {
+                let _ = std::fs::remove_dir(home);
+            }
+        }
+        result
+    }
+
+    async fn register_inner(home: &Path, passphrase: &str, handle: Handle, server: &str) -> Result<Self, ClientError> {
+        let store = Store::create(home, passphrase)?;
+        let crypto = subrosa_core::default_crypto();
+        let identity = DeviceIdentity::generate(&crypto, handle.clone(), now_ms())?;
+        store.set_meta(META_IDENTITY, &identity.to_secret_bytes()?)?;
+        store.set_meta(META_SERVER, server.as_bytes())?;
+        let me = Self::assemble(store, identity, server)?;
+        let id = me.engine.identity();
+        let req = RegisterRequest {
+            handle,
+            identity_key: B64(id.identity_public().to_vec()),
+            device: DeviceRecord {
+                device_id: id.device_id(),
+                signature_key: B64(id.device_public().to_vec()),
+                certificate: B64(id.certificate().to_bytes()?),
+            },
+        };
+        let _: Empty = me.api.call(Method::POST, "/v1/accounts", Some(&req)).await?;
+        me.upload_key_packages(KEY_PACKAGE_TARGET as usize, true).await?;
+        Ok(me)
+    }
+
+    /// Opens the device in `home`.
+    ///
+    /// # Errors
+    /// [`ClientError::NotRegistered`], [`ClientError::WrongPassphrase`].
+    pub fn open(home: &Path, passphrase: &str) -> Result<Self, ClientError> {
+        let store = Store::open(home, passphrase)?;
+        let crypto = subrosa_core::default_crypto();
+        let secret =
+            store.meta(META_IDENTITY)?.ok_or_else(|| ClientError::NotRegistered(home.display().to_string()))?;
+        let identity = DeviceIdentity::from_secret_bytes(&crypto, &secret)?;
+        let server = store.meta(META_SERVER)?.ok_or_else(|| ClientError::Store("no server URL stored".into()))?;
+        let server = String::from_utf8(server.to_vec()).map_err(|_| ClientError::Store("server URL".into()))?;
+        Self::assemble(store, identity, &server)
+    }
+
+    fn assemble(store: Store, identity: DeviceIdentity, server: &str) -> Result<Self, ClientError> {
+        let crypto = subrosa_core::default_crypto();
+        let api = net::Api::new(server, identity.clone(), crypto.clone())?;
+        let engine = Engine::new(crypto, identity, store.groups(), store.key_packages());
+        Ok(Subrosa { store, engine, api })
+    }
+
+    /// This account's handle.
+    pub fn handle(&self) -> &Handle {
+        self.engine.identity().handle()
+    }
+
+    /// This device's identity.
+    pub fn identity(&self) -> &DeviceIdentity {
+        self.engine.identity()
+    }
+
+    /// The signed server API of this device.
+    pub fn api(&self) -> &net::Api {
+        &self.api
+    }
+
+    /// The server URL.
+    pub fn server(&self) -> &str {
+        self.api.base().as_str()
+    }
+
+    async fn upload_key_packages(&self, count: usize, last_resort: bool) -> Result<(), ClientError> {
+        let kps = self.store.key_packages();
+        let (one_time, last) = self.store.transaction(|| {
+            let mut one_time = Vec::with_capacity(count);
+            for _ in 0..count {
+                one_time.push(B64(self.engine.generate_key_package()?));
+            }
+            let last = if last_resort {
+                // The engine's key package store is a clone sharing the flag.
+                kps.mark_next_last_resort();
+                Some(B64(Engine::new(
+                    self.engine.crypto().clone(),
+                    self.engine.identity().clone(),
+                    self.store.groups(),
+                    kps.clone(),
+                )
+                .generate_key_package()?))
+            } else {
+                None
+            };
+            Ok((one_time, last))
+        })?;
+        let _: KeyPackageCount = self
+            .api
+            .call(Method::POST, "/v1/keypackages", Some(&KeyPackageUpload { one_time, last_resort: last }))
+            .await?;
+        Ok(())
+    }
+
+    async fn refill_key_packages(&self) -> Result<(), ClientError> {
+        let count: KeyPackageCount = self.api.call::<(), _>(Method::GET, "/v1/keypackages", None).await?;
+        if count.one_time < KEY_PACKAGE_LOW || !count.last_resort {
+            self.upload_key_packages(
+                (KEY_PACKAGE_TARGET - count.one_time.min(KEY_PACKAGE_TARGET)) as usize,
+                !count.last_resort,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn resolve_target(&self, target: &str) -> Result<Handle, ClientError> {
+        Handle::new(target).map_err(|_| ClientError::UnknownTarget(target.to_string()))
+    }
+
+    /// Starts a 1:1 conversation with `peer`: claims a key package of each of
+    /// its devices, checks each against the peer's identity key, creates the
+    /// MLS group and sends the Welcome.
+    async fn start_direct(&self, peer: &Handle) -> Result<ConversationId, ClientError> {
+        if peer == self.handle() {
+            return Err(ClientError::Input("cannot start a conversation with yourself".into()));
+        }
+        let claim: ClaimResponse = self
+            .api
+            .call(Method::POST, "/v1/keypackages/claim", Some(&ClaimRequest { handle: peer.clone() }))
+            .await
+            .map_err(|e| match e.code() {
+                Some(ErrorCode::UnknownHandle) => {
+                    ClientError::Input(format!("unknown handle {peer}: no such account on {}", self.server()))
+                }
+                _ => e,
+            })?;
+        if let Some(pinned) = self.store.contact_key(peer.as_str())? {
+            if pinned != claim.identity_key.as_slice() {
+                return Err(ClientError::KeyMismatch {
+                    handle: peer.to_string(),
+                    why: "the server offers an identity key different from the one this device has seen; not sending"
+                        .into(),
+                });
+            }
+        }
+        let mut key_packages = Vec::new();
+        for p in &claim.packages {
+            let cert = self.engine.inspect_key_package(p.key_package.as_slice()).map_err(|e| {
+                ClientError::KeyMismatch { handle: peer.to_string(), why: format!("invalid key package: {e}") }
+            })?;
+            let ok = cert.handle() == *peer
+                && cert.identity_key() == claim.identity_key.as_slice()
+                && cert.device_id() == p.device.device_id
+                && cert.device_key() == p.device.signature_key.as_slice();
+            if !ok {
+                return Err(ClientError::KeyMismatch {
+                    handle: peer.to_string(),
+                    why: "a key package is not certified by the account's identity key".into(),
+                });
+            }
+            key_packages.push(p.key_package.as_slice().to_vec());
+        }
+        if key_packages.is_empty() {
+            return Err(ClientError::Input(format!("{peer} has no device to write to")));
+        }
+        let out = self.store.transaction(|| {
+            let out = self.engine.create_conversation(&ConversationInfo::direct(), &key_packages)?;
+            self.store.add_conversation(&out.conversation, "direct", "", Some(peer.as_str()))?;
+            self.store.pin_contact(peer.as_str(), claim.identity_key.as_slice())?;
+            Ok(out)
+        })?;
+        let mut parts = Vec::new();
+        if let Some(w) = out.welcome {
+            parts.push(SendPart {
+                kind: MessageKind::Welcome,
+                recipients: out.welcome_recipients.clone(),
+                ciphertext: B64(w),
+            });
+        }
+        let req = SendRequest {
+            conversation: out.conversation,
+            send_id: SendId(rand::random()),
+            commit: Some(CommitGuard { epoch: out.epoch }),
+            parts,
+        };
+        match self.api.call::<_, SendResponse>(Method::POST, "/v1/messages", Some(&req)).await {
+            Ok(_) => {
+                self.store.transaction(|| Ok(self.engine.confirm_commit(&out.conversation)?))?;
+                Ok(out.conversation)
+            }
+            Err(e) => {
+                self.store.transaction(|| self.store.forget_conversation(&out.conversation))?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a text message to `target` (a handle). The message is stored in
+    /// history and queued before it is sent; if the server cannot be reached
+    /// it stays queued and is retried (idempotently) by the next send or
+    /// receive.
+    ///
+    /// # Errors
+    /// Unknown handle, key mismatch, network and server errors.
+    pub async fn send_text(&self, target: &str, text: &str) -> Result<StoredMessage, ClientError> {
+        if text.is_empty() {
+            return Err(ClientError::Input("empty message".into()));
+        }
+        if text.len() > subrosa_core::content::MAX_TEXT_BYTES {
+            return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
+        }
+        self.flush_outbox().await?;
+        let peer = self.resolve_target(target)?;
+        let conversation = match self.store.direct_conversation(peer.as_str())? {
+            Some(c) => c,
+            None => self.start_direct(&peer).await?,
+        };
+        let message_id = MessageId(rand::random());
+        let sent_at = now_ms();
+        let content = Content::text(message_id, sent_at, text);
+        let send_id = SendId(rand::random());
+        let me = self.engine.identity().address();
+        let stored = StoredMessage {
+            id: message_id.to_hex(),
+            conversation: conversation.to_hex(),
+            target: peer.to_string(),
+            from: me.handle.to_string(),
+            device: me.device.to_hex(),
+            sent_at,
+            received_at: sent_at,
+            text: text.to_string(),
+            outgoing: true,
+            system: false,
+        };
+        let request = self.store.transaction(|| {
+            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
+            let req = SendRequest {
+                conversation,
+                send_id,
+                commit: None,
+                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
+            };
+            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+            self.store.insert_message(&stored, &conversation, &message_id.0)?;
+            self.store.push_outbox(&send_id.0, &bytes)?;
+            Ok(bytes)
+        })?;
+        self.post_outbox(&send_id.0, request).await?;
+        Ok(stored)
+    }
+
+    async fn post_outbox(&self, send_id: &[u8], request: Vec<u8>) -> Result<(), ClientError> {
+        match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
+            Ok(_) => self.store.pop_outbox(send_id),
+            Err(e @ (ClientError::Network(_) | ClientError::Protocol(_))) => Err(ClientError::Network(format!(
+                "{e}; the message is stored and will be sent by the next send or receive"
+            ))),
+            Err(e @ ClientError::Server { status, .. }) if status >= 500 || status == 429 => Err(ClientError::Network(
+                format!("{e}; the message is stored and will be sent by the next send or receive"),
+            )),
+            Err(e) => {
+                // The server will never take it (bad request): drop it from the queue.
+                self.store.pop_outbox(send_id)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends what earlier commands queued but could not deliver.
+    ///
+    /// # Errors
+    /// Network and server errors.
+    pub async fn flush_outbox(&self) -> Result<(), ClientError> {
+        for (send_id, request) in self.store.outbox()? {
+            self.post_outbox(&send_id, request).await?;
+        }
+        Ok(())
+    }
+
+    /// Processes one envelope inside one store transaction. Returns what the
+    /// user should see. The caller acknowledges it afterwards.
+    fn process_envelope(&self, env: &Envelope) -> Result<Vec<Received>, ClientError> {
+        let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
+        if self.store.is_processed(&digest)? {
+            // Delivered again after a crash before the ack: already stored.
+            return Ok(Vec::new());
+        }
+        let result = self.store.transaction(|| {
+            let event = match env.kind {
+                MessageKind::Welcome => self.engine.join(env.ciphertext.as_slice())?,
+                MessageKind::Commit | MessageKind::Application => {
+                    self.engine.process(&env.conversation, env.ciphertext.as_slice())?
+                }
+            };
+            let out = self.apply_event(env, event)?;
+            self.store.mark_processed(&digest)?;
+            Ok(out)
+        });
+        match result {
+            Ok(out) => Ok(out),
+            Err(ClientError::Core(e)) => {
+                // Undecryptable or unauthenticated: tampered, replayed, or not
+                // for us. Drop it (it can never become readable) and say so.
+                self.store.mark_processed(&digest)?;
+                Ok(vec![Received::Dropped { from: env.sender.to_string(), reason: e.to_string() }])
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn apply_event(&self, env: &Envelope, event: Event) -> Result<Vec<Received>, ClientError> {
+        let me = self.handle().clone();
+        match event {
+            Event::Joined { conversation, info, members } => {
+                if !members.iter().any(|m| m.address == env.sender) {
+                    return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
+                }
+                for m in members.iter().filter(|m| m.address.handle != me) {
+                    self.check_contact_key(m.address.handle.as_str(), &m.identity_key)?;
+                }
+                match info.kind {
+                    ConversationKind::Direct => {
+                        let peer = members.iter().map(|m| &m.address.handle).find(|h| **h != me).ok_or_else(|| {
+                            ClientError::Core(CoreError::Malformed("direct conversation without a peer"))
+                        })?;
+                        self.store.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
+                    }
+                    ConversationKind::Group => self.store.add_conversation(&conversation, "group", &info.name, None)?,
+                }
+                Ok(Vec::new())
+            }
+            Event::Message { conversation, sender, content } => {
+                if sender.address != env.sender {
+                    return Err(CoreError::IdentityMismatch(
+                        "server-claimed sender differs from the MLS sender".into(),
+                    )
+                    .into());
+                }
+                self.check_contact_key(sender.address.handle.as_str(), &sender.identity_key)?;
+                let row =
+                    self.store.conversation(&conversation)?.ok_or(ClientError::Core(CoreError::UnknownConversation))?;
+                let text = match content.body {
+                    Body::Text(t) => t,
+                    _ => return Ok(Vec::new()),
+                };
+                let m = StoredMessage {
+                    id: content.message_id.to_hex(),
+                    conversation: conversation.to_hex(),
+                    target: row.peer.clone().unwrap_or(row.name.clone()),
+                    from: sender.address.handle.to_string(),
+                    device: sender.address.device.to_hex(),
+                    sent_at: content.sent_at_ms,
+                    received_at: now_ms(),
+                    text,
+                    outgoing: sender.address.handle == me,
+                    system: false,
+                };
+                // A sender's retry carries the same message id: shown once.
+                if self.store.insert_message(&m, &conversation, &content.message_id.0)? {
+                    Ok(vec![Received::Message(m)])
+                } else {
+                    Ok(Vec::new())
+                }
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn check_contact_key(&self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError> {
+        match self.store.contact_key(handle)? {
+            None => self.store.pin_contact(handle, identity_key),
+            Some(k) if k == identity_key => Ok(()),
+            Some(_) => Err(CoreError::IdentityMismatch(format!(
+                "{handle}'s identity key differs from the one this device has seen"
+            ))
+            .into()),
+        }
+    }
+
+    async fn ack(&self, ids: Vec<u64>) -> Result<(), ClientError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: AckResponse = self.api.call(Method::POST, "/v1/inbox/ack", Some(&AckRequest { ids })).await?;
+        Ok(())
+    }
+
+    fn process_batch(&self, envs: &[Envelope], on: &mut dyn FnMut(&Received)) -> Result<Vec<u64>, ClientError> {
+        let mut ids = Vec::with_capacity(envs.len());
+        for env in envs {
+            for r in self.process_envelope(env)? {
+                on(&r);
+            }
+            ids.push(env.id);
+        }
+        Ok(ids)
+    }
+
+    /// Fetches, decrypts, stores and reports everything queued; when nothing
+    /// was queued, waits up to `wait` for messages pushed over the WebSocket.
+    /// With `ack == false` nothing is acknowledged (the server delivers it
+    /// again; the store shows it once).
+    ///
+    /// # Errors
+    /// Network, server and store errors; messages that fail to decrypt are
+    /// reported as [`Received::Dropped`], not as errors.
+    pub async fn receive(
+        &self,
+        wait: Duration,
+        ack: bool,
+        on: &mut dyn FnMut(&Received),
+    ) -> Result<usize, ClientError> {
+        self.flush_outbox().await?;
+        let mut total = 0;
+        loop {
+            let inbox: InboxResponse = self.api.call::<(), _>(Method::GET, "/v1/inbox?limit=500", None).await?;
+            if inbox.messages.is_empty() {
+                break;
+            }
+            let ids = self.process_batch(&inbox.messages, on)?;
+            total += ids.len();
+            if !ack {
+                break;
+            }
+            self.ack(ids).await?;
+        }
+        if total == 0 && !wait.is_zero() {
+            let deadline = Instant::now() + wait;
+            let mut ws = self.api.connect().await?;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, net::next_frame(&mut ws)).await {
+                    Err(_) | Ok(Ok(None)) => break,
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(Some(ServerFrame::Messages { messages }))) => {
+                        let ids = self.process_batch(&messages, on)?;
+                        total += ids.len();
+                        if ack {
+                            net::send_ack(&mut ws, ids).await?;
+                        }
+                        if total > 0 {
+                            break;
+                        }
+                    }
+                    Ok(Ok(Some(ServerFrame::Error(e)))) => return Err(ClientError::Server { status: 0, body: e }),
+                }
+            }
+            let _ = ws.close(None).await;
+        }
+        self.refill_key_packages().await?;
+        Ok(total)
+    }
+
+    /// Stays connected and reports messages as they are pushed, until the
+    /// connection ends or an error occurs.
+    ///
+    /// # Errors
+    /// Network, server and store errors.
+    pub async fn follow(&self, on: &mut dyn FnMut(&Received)) -> Result<(), ClientError> {
+        self.flush_outbox().await?;
+        self.refill_key_packages().await?;
+        let mut ws = self.api.connect().await?;
+        loop {
+            match net::next_frame(&mut ws).await? {
+                None => return Err(ClientError::Network("the server closed the connection".into())),
+                Some(ServerFrame::Messages { messages }) => {
+                    let ids = self.process_batch(&messages, on)?;
+                    net::send_ack(&mut ws, ids).await?;
+                }
+                Some(ServerFrame::Error(e)) => return Err(ClientError::Server { status: 0, body: e }),
+            }
+        }
+    }
+
+    /// History with a handle, oldest first, this account's messages included.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`] when there is no conversation.
+    pub fn history(&self, target: &str) -> Result<Vec<StoredMessage>, ClientError> {
+        let peer = self.resolve_target(target)?;
+        let convs = self.store.conversations_with(peer.as_str())?;
+        if convs.is_empty() {
+            return Err(ClientError::UnknownTarget(target.to_string()));
+        }
+        self.store.history(&convs)
+    }
+
+    /// Contacts, by handle.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
+        self.store.contacts()
+    }
+}

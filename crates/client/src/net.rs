@@ -1,0 +1,275 @@
+//! The server API over HTTPS and a WebSocket, every request signed by the
+//! device key.
+//!
+//! The client speaks TLS to servers (webpki roots, plus the PEM file named by
+//! `SUBROSA_CA_CERT` for a self-hosted CA) and refuses plain `http://` to
+//! anything but a loopback address.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use subrosa_core::DeviceIdentity;
+use subrosa_proto::{
+    canonical_request, ClientFrame, ErrorBody, ServerFrame, SignedHeaders, HEADER_DEVICE, HEADER_HANDLE, HEADER_NONCE,
+    HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use url::Url;
+
+use crate::store::now_ms;
+use crate::ClientError;
+
+/// Environment variable naming an extra CA certificate (PEM) to trust.
+pub const CA_CERT_ENV: &str = "SUBROSA_CA_CERT";
+
+/// Checks a server URL: https anywhere, http only to loopback.
+///
+/// # Errors
+/// [`ClientError::InsecureUrl`] or [`ClientError::BadUrl`].
+pub fn check_server_url(s: &str) -> Result<Url, ClientError> {
+    let url = Url::parse(s).map_err(|e| ClientError::BadUrl(format!("{s}: {e}")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+                Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                None => false,
+            };
+            if !loopback {
+                return Err(ClientError::InsecureUrl(s.to_string()));
+            }
+        }
+        _ => return Err(ClientError::BadUrl(format!("{s}: use https://HOST[:PORT]"))),
+    }
+    if url.host().is_none() {
+        return Err(ClientError::BadUrl(format!("{s}: no host")));
+    }
+    Ok(url)
+}
+
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Ok(path) = std::env::var(CA_CERT_ENV) {
+        let pem = std::fs::read(&path).map_err(|e| ClientError::Io(format!("{CA_CERT_ENV}={path}: {e}")))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| ClientError::Io(format!("{CA_CERT_ENV}={path}: {e}")))?;
+            roots.add(cert).map_err(|e| ClientError::Io(format!("{CA_CERT_ENV}={path}: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ClientError::Io(format!("{CA_CERT_ENV}={path}: no PEM certificate in it")));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Network(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The server API of one device.
+pub struct Api {
+    http: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
+    base: Url,
+    identity: DeviceIdentity,
+    crypto: subrosa_core::DefaultCrypto,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("base", &self.base.as_str()).finish_non_exhaustive()
+    }
+}
+
+/// A live WebSocket to the server.
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Api {
+    /// An API client for `base` signing as `identity`.
+    ///
+    /// # Errors
+    /// URL and TLS set-up errors.
+    pub fn new(base: &str, identity: DeviceIdentity, crypto: subrosa_core::DefaultCrypto) -> Result<Self, ClientError> {
+        let base = check_server_url(base)?;
+        let tls = tls_config()?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+        Ok(Api { http, tls, base, identity, crypto })
+    }
+
+    /// The server URL.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// The signature headers for one request (each call makes a new nonce).
+    ///
+    /// # Errors
+    /// Signing failures.
+    pub fn signed_headers(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Result<Vec<(&'static str, String)>, ClientError> {
+        let nonce: [u8; 16] = rand::random();
+        let h = SignedHeaders {
+            handle: self.identity.handle().to_string(),
+            device: self.identity.device_id().to_hex(),
+            timestamp: now_ms(),
+            nonce: hex::encode(nonce),
+        };
+        let sig = self.identity.sign_with_device(&self.crypto, &canonical_request(method, path_and_query, &h, body))?;
+        Ok(vec![
+            (HEADER_HANDLE, h.handle),
+            (HEADER_DEVICE, h.device),
+            (HEADER_TIMESTAMP, h.timestamp.to_string()),
+            (HEADER_NONCE, h.nonce),
+            (HEADER_SIGNATURE, base64::engine::general_purpose::STANDARD.encode(sig)),
+        ])
+    }
+
+    /// Sends a signed request and decodes the JSON answer.
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] with the server's code, or [`ClientError::Network`].
+    pub async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Bug(e.to_string()))?,
+            None => Vec::new(),
+        };
+        self.call_raw(method, path, bytes).await
+    }
+
+    /// Sends a signed request with a raw body.
+    ///
+    /// # Errors
+    /// As [`Self::call`].
+    pub async fn call_raw<R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<R, ClientError> {
+        let url = self.base.join(path).map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        let path_and_query = match url.query() {
+            Some(q) => format!("{}?{}", url.path(), q),
+            None => url.path().to_string(),
+        };
+        let headers = self.signed_headers(method.as_str(), &path_and_query, &body)?;
+        let mut req = self.http.request(method, url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Network(describe_reqwest(&e, &self.base)))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Network(describe_reqwest(&e, &self.base)))?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes)
+                .map_err(|_| ClientError::Protocol(format!("unexpected answer from server ({status})")))
+        } else {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => Err(ClientError::Server { status: status.as_u16(), body: e }),
+                Err(_) => Err(ClientError::Protocol(format!("server answered {status} without an error body"))),
+            }
+        }
+    }
+
+    /// Opens the signed WebSocket.
+    ///
+    /// # Errors
+    /// [`ClientError::Network`].
+    pub async fn connect(&self) -> Result<Socket, ClientError> {
+        let mut url = self.base.join("/v1/ws").map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+        url.set_scheme(scheme).map_err(|_| ClientError::Bug("ws scheme".into()))?;
+        let mut req = url.as_str().into_client_request().map_err(|e| ClientError::Network(e.to_string()))?;
+        for (k, v) in self.signed_headers("GET", "/v1/ws", b"")? {
+            let value = v.parse().map_err(|_| ClientError::Bug("header value".into()))?;
+            req.headers_mut().insert(k, value);
+        }
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp.body().as_ref().and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok());
+                    match body {
+                        Some(body) => ClientError::Server { status: resp.status().as_u16(), body },
+                        None => ClientError::Network(format!("WebSocket refused: {}", resp.status())),
+                    }
+                }
+                other => ClientError::Network(format!("cannot reach {}: {other}", self.base)),
+            })?;
+        Ok(ws)
+    }
+}
+
+/// Reads the next server frame, or `None` when the socket closed.
+///
+/// # Errors
+/// [`ClientError::Network`] or [`ClientError::Protocol`].
+pub async fn next_frame(ws: &mut Socket) -> Result<Option<ServerFrame>, ClientError> {
+    while let Some(msg) = ws.next().await {
+        match msg.map_err(|e| ClientError::Network(e.to_string()))? {
+            WsMessage::Text(t) => {
+                return serde_json::from_str(t.as_str())
+                    .map(Some)
+                    .map_err(|_| ClientError::Protocol("malformed frame from server".into()))
+            }
+            WsMessage::Binary(b) => {
+                return serde_json::from_slice(&b)
+                    .map(Some)
+                    .map_err(|_| ClientError::Protocol("malformed frame from server".into()))
+            }
+            WsMessage::Close(_) => return Ok(None),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Acknowledges envelopes over the socket.
+///
+/// # Errors
+/// [`ClientError::Network`].
+pub async fn send_ack(ws: &mut Socket, ids: Vec<u64>) -> Result<(), ClientError> {
+    let frame = serde_json::to_string(&ClientFrame::Ack { ids }).map_err(|e| ClientError::Bug(e.to_string()))?;
+    ws.send(WsMessage::Text(frame.into())).await.map_err(|e| ClientError::Network(e.to_string()))
+}
+
+fn describe_reqwest(e: &reqwest::Error, base: &Url) -> String {
+    if e.is_timeout() {
+        format!("{base} did not answer in time")
+    } else if e.is_connect() {
+        format!("cannot connect to {base}")
+    } else {
+        format!("talking to {base}: {e}")
+    }
+}

@@ -1,0 +1,720 @@
+//! The client's local store: one SQLCipher database encrypted at rest.
+//!
+//! The database key is derived from the user's passphrase with Argon2id
+//! (parameters and salt in `kdf.json` beside the database, which holds no
+//! secret). Everything the client keeps lives in the database: identity and
+//! device keys, MLS group state and key packages (through the mls-rs storage
+//! traits implemented here), contacts, conversations, history, and the outbox
+//! of sends not yet acknowledged by the server.
+//!
+//! mls-rs writes through [`GroupStore`] and [`KeyPackageStore`], which share
+//! the connection; callers wrap an MLS operation and everything derived from
+//! it in [`Store::transaction`], so a crash can never keep one without the other.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mls_rs_core::group::{EpochRecord, GroupState, GroupStateStorage};
+use mls_rs_core::key_package::{KeyPackageData, KeyPackageStorage};
+use mls_rs_core::mls_rs_codec::{MlsDecode, MlsEncode};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::ClientError;
+
+const DB_FILE: &str = "subrosa.db";
+const KDF_FILE: &str = "kdf.json";
+/// MLS epochs kept per group, for late messages of earlier epochs.
+const EPOCHS_KEPT: i64 = 3;
+
+/// Argon2id parameters, stored beside the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KdfParams {
+    version: u32,
+    algorithm: String,
+    memory_kib: u32,
+    iterations: u32,
+    parallelism: u32,
+    salt: String,
+}
+
+impl KdfParams {
+    fn new_random() -> Self {
+        let salt: [u8; 16] = rand::random();
+        // OWASP's Argon2id baseline (19 MiB, 2 passes): about 30 ms here, paid
+        // once per command.
+        KdfParams {
+            version: 1,
+            algorithm: "argon2id".into(),
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+            salt: hex::encode(salt),
+        }
+    }
+
+    fn derive(&self, passphrase: &str) -> Result<Zeroizing<[u8; 32]>, ClientError> {
+        if self.algorithm != "argon2id" || self.version != 1 {
+            return Err(ClientError::Store(format!("unsupported key derivation {}", self.algorithm)));
+        }
+        let salt = hex::decode(&self.salt).map_err(|_| ClientError::Store("kdf.json: bad salt".into()))?;
+        let params = argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
+            .map_err(|e| ClientError::Store(format!("kdf.json: {e}")))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut key = Zeroizing::new([0u8; 32]);
+        argon
+            .hash_password_into(passphrase.as_bytes(), &salt, key.as_mut())
+            .map_err(|e| ClientError::Store(format!("key derivation: {e}")))?;
+        Ok(key)
+    }
+}
+
+const SCHEMA: &[&str] = &[
+    // v1
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+     CREATE TABLE mls_group (id BLOB PRIMARY KEY, state BLOB NOT NULL);
+     CREATE TABLE mls_epoch (group_id BLOB NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (group_id, epoch));
+     CREATE TABLE mls_key_package (id BLOB PRIMARY KEY, data BLOB NOT NULL, last_resort INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE contacts (handle TEXT PRIMARY KEY, identity_key BLOB NOT NULL, verified INTEGER NOT NULL DEFAULT 0, added_at INTEGER NOT NULL);
+     CREATE TABLE conversations (id BLOB PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, peer TEXT, created_at INTEGER NOT NULL, last_activity INTEGER NOT NULL);
+     CREATE INDEX conversations_peer ON conversations (peer);
+     CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, conversation BLOB NOT NULL, message_id BLOB NOT NULL,
+        sender TEXT NOT NULL, sender_device TEXT NOT NULL, sent_at INTEGER NOT NULL, received_at INTEGER NOT NULL,
+        body TEXT NOT NULL, outgoing INTEGER NOT NULL, system INTEGER NOT NULL DEFAULT 0, UNIQUE (conversation, message_id));
+     CREATE TABLE processed (digest BLOB PRIMARY KEY, at INTEGER NOT NULL);
+     CREATE TABLE outbox (send_id BLOB PRIMARY KEY, request BLOB NOT NULL, created_at INTEGER NOT NULL);",
+];
+
+/// A message as stored in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredMessage {
+    /// End-to-end message id (hex).
+    pub id: String,
+    /// Conversation id (hex).
+    pub conversation: String,
+    /// The conversation as the user names it: the peer's handle or the group name.
+    pub target: String,
+    /// Sender handle.
+    pub from: String,
+    /// Sender device id (hex).
+    pub device: String,
+    /// Sender's clock, ms since the Unix epoch.
+    pub sent_at: u64,
+    /// When this device stored it, ms since the Unix epoch.
+    pub received_at: u64,
+    /// The text.
+    pub text: String,
+    /// Sent by this account.
+    pub outgoing: bool,
+    /// A system line (membership, key changes), not a user's message.
+    pub system: bool,
+}
+
+/// A contact: a handle whose identity key this device has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Contact {
+    /// Handle.
+    pub handle: String,
+    /// Identity key (hex).
+    pub identity_key: String,
+    /// Verified by the user (safety number compared).
+    pub verified: bool,
+}
+
+/// A conversation row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRow {
+    /// Id.
+    pub id: subrosa_proto::ConversationId,
+    /// "direct" or "group".
+    pub kind: String,
+    /// Group name (empty for direct).
+    pub name: String,
+    /// Peer handle for direct conversations.
+    pub peer: Option<String>,
+}
+
+/// A queued send: its idempotency key and the request body.
+pub type QueuedSend = (Vec<u8>, Vec<u8>);
+
+/// The encrypted local store. Cheap to clone; clones share one connection.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn sql(e: rusqlite::Error) -> ClientError {
+    ClientError::Store(e.to_string())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Store {
+    /// True when `home` holds a store.
+    pub fn exists(home: &Path) -> bool {
+        home.join(DB_FILE).exists()
+    }
+
+    /// Creates a new store in `home` (which must not hold one).
+    ///
+    /// # Errors
+    /// [`ClientError::AlreadyRegistered`] or I/O and database errors.
+    pub fn create(home: &Path, passphrase: &str) -> Result<Self, ClientError> {
+        if Self::exists(home) {
+            return Err(ClientError::AlreadyRegistered(home.display().to_string()));
+        }
+        std::fs::create_dir_all(home).map_err(|e| ClientError::Io(format!("{}: {e}", home.display())))?;
+        restrict_permissions(home);
+        let kdf = KdfParams::new_random();
+        let json = serde_json::to_vec_pretty(&kdf).map_err(|e| ClientError::Store(e.to_string()))?;
+        std::fs::write(home.join(KDF_FILE), json).map_err(|e| ClientError::Io(e.to_string()))?;
+        let key = kdf.derive(passphrase)?;
+        let store = Self::open_with_key(home, &key)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens the store in `home`.
+    ///
+    /// # Errors
+    /// [`ClientError::NotRegistered`] when there is none,
+    /// [`ClientError::WrongPassphrase`] when the passphrase does not open it.
+    pub fn open(home: &Path, passphrase: &str) -> Result<Self, ClientError> {
+        if !Self::exists(home) {
+            return Err(ClientError::NotRegistered(home.display().to_string()));
+        }
+        let raw = std::fs::read(home.join(KDF_FILE)).map_err(|e| ClientError::Io(format!("kdf.json: {e}")))?;
+        let kdf: KdfParams =
+            serde_json::from_slice(&raw).map_err(|_| ClientError::Store("kdf.json is damaged".into()))?;
+        let key = kdf.derive(passphrase)?;
+        let store = Self::open_with_key(home, &key)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn open_with_key(home: &Path, key: &[u8; 32]) -> Result<Self, ClientError> {
+        let path = home.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(sql)?;
+        // SQLCipher logs decryption failures to stderr by itself; the user
+        // gets our one clear line instead.
+        let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key)));
+        conn.execute_batch(&pragma).map_err(sql)?;
+        let _ = conn.query_row("PRAGMA cipher_log_level = NONE", [], |_| Ok(()));
+        // The first read proves the key: SQLCipher cannot tell a wrong key
+        // from a damaged file, and either way nothing is changed.
+        if conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).is_err() {
+            return Err(ClientError::WrongPassphrase);
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(15)).map_err(sql)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON; PRAGMA foreign_keys = ON;")
+            .map_err(sql)?;
+        restrict_permissions(&path);
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), path })
+    }
+
+    fn migrate(&self) -> Result<(), ClientError> {
+        let conn = self.lock();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
+        for (i, step) in SCHEMA.iter().enumerate().skip(version.max(0) as usize) {
+            conn.execute_batch(&format!("BEGIN; {step}; PRAGMA user_version = {}; COMMIT;", i + 1)).map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A poisoned lock means a panic elsewhere; the connection itself is fine.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in one write transaction: all of it is stored, or none.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or a database error.
+    pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T, ClientError>) -> Result<T, ClientError> {
+        self.lock().execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        match f() {
+            Ok(v) => {
+                self.lock().execute_batch("COMMIT").map_err(sql)?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.lock().execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads a meta value.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn meta(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        self.lock()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, Vec<u8>>(0))
+            .optional()
+            .map(|v| v.map(Zeroizing::new))
+            .map_err(sql)
+    }
+
+    /// Writes a meta value.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// The pinned identity key of a handle, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn contact_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError> {
+        self.lock()
+            .query_row("SELECT identity_key FROM contacts WHERE handle = ?1", [handle], |r| r.get(0))
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Pins a contact's identity key on first use.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn pin_contact(&self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO contacts (handle, identity_key, added_at) VALUES (?1, ?2, ?3) ON CONFLICT (handle) DO NOTHING",
+                params![handle, identity_key, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// All contacts by handle.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare("SELECT handle, identity_key, verified FROM contacts ORDER BY handle").map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Contact {
+                    handle: r.get(0)?,
+                    identity_key: hex::encode(r.get::<_, Vec<u8>>(1)?),
+                    verified: r.get::<_, i64>(2)? != 0,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Records a conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn add_conversation(
+        &self,
+        id: &subrosa_proto::ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let now = now_ms() as i64;
+        self.lock()
+            .execute(
+                "INSERT INTO conversations (id, kind, name, peer, created_at, last_activity) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (id) DO NOTHING",
+                params![id.as_bytes().as_slice(), kind, name, peer, now],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Forgets a conversation and its MLS state (a creation the server refused).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn forget_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        let conn = self.lock();
+        let id = id.as_bytes().as_slice();
+        for q in [
+            "DELETE FROM conversations WHERE id = ?1",
+            "DELETE FROM mls_group WHERE id = ?1",
+            "DELETE FROM mls_epoch WHERE group_id = ?1",
+        ] {
+            conn.execute(q, [id]).map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    /// The most recently active direct conversation with `peer`.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn direct_conversation(&self, peer: &str) -> Result<Option<subrosa_proto::ConversationId>, ClientError> {
+        let id: Option<Vec<u8>> = self
+            .lock()
+            .query_row(
+                "SELECT id FROM conversations WHERE kind = 'direct' AND peer = ?1 ORDER BY last_activity DESC, created_at DESC LIMIT 1",
+                [peer],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+        id.map(|b| subrosa_proto::ConversationId::from_slice(&b).map_err(|e| ClientError::Store(e.to_string())))
+            .transpose()
+    }
+
+    /// A conversation by id.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<ConversationRow>, ClientError> {
+        self.lock()
+            .query_row("SELECT kind, name, peer FROM conversations WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
+                Ok(ConversationRow { id: *id, kind: r.get(0)?, name: r.get(1)?, peer: r.get(2)? })
+            })
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Stores a message unless one with the same id is already in the
+    /// conversation. Returns whether it was new.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn insert_message(
+        &self,
+        m: &StoredMessage,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<bool, ClientError> {
+        let conn = self.lock();
+        let n = conn
+            .execute(
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (conversation, message_id) DO NOTHING",
+                params![
+                    conversation.as_bytes().as_slice(),
+                    message_id,
+                    m.from,
+                    m.device,
+                    m.sent_at as i64,
+                    m.received_at as i64,
+                    m.text,
+                    m.outgoing,
+                    m.system
+                ],
+            )
+            .map_err(sql)?;
+        if n > 0 {
+            conn.execute(
+                "UPDATE conversations SET last_activity = ?2 WHERE id = ?1",
+                params![conversation.as_bytes().as_slice(), m.received_at as i64],
+            )
+            .map_err(sql)?;
+        }
+        Ok(n > 0)
+    }
+
+    /// History of the given conversations, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {
+        let conn = self.lock();
+        let mut out = Vec::new();
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system
+                 FROM messages WHERE conversation = ?1 ORDER BY seq",
+            )
+            .map_err(sql)?;
+        for c in conversations {
+            let target = c.peer.clone().unwrap_or_else(|| c.name.clone());
+            let rows = stmt
+                .query_map([c.id.as_bytes().as_slice()], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        StoredMessage {
+                            id: hex::encode(r.get::<_, Vec<u8>>(1)?),
+                            conversation: c.id.to_hex(),
+                            target: target.clone(),
+                            from: r.get(2)?,
+                            device: r.get(3)?,
+                            sent_at: r.get::<_, i64>(4)? as u64,
+                            received_at: r.get::<_, i64>(5)? as u64,
+                            text: r.get(6)?,
+                            outgoing: r.get(7)?,
+                            system: r.get(8)?,
+                        },
+                    ))
+                })
+                .map_err(sql)?;
+            for row in rows {
+                out.push(row.map_err(sql)?);
+            }
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out.into_iter().map(|(_, m)| m).collect())
+    }
+
+    /// Conversations matching a direct peer.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT id, kind, name, peer FROM conversations WHERE kind = 'direct' AND peer = ?1")
+            .map_err(sql)?;
+        let rows =
+            stmt.query_map([peer], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, kind, name, peer) = row.map_err(sql)?;
+            let id = subrosa_proto::ConversationId::from_slice(&id).map_err(|e| ClientError::Store(e.to_string()))?;
+            out.push(ConversationRow { id, kind, name, peer });
+        }
+        Ok(out)
+    }
+
+    /// Whether a delivered ciphertext (by digest) was already processed.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn is_processed(&self, digest: &[u8]) -> Result<bool, ClientError> {
+        self.lock()
+            .query_row("SELECT 1 FROM processed WHERE digest = ?1", [digest], |_| Ok(()))
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(sql)
+    }
+
+    /// Records a processed ciphertext digest.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn mark_processed(&self, digest: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO processed (digest, at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![digest, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Queues a send request until the server acknowledges it.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn push_outbox(&self, send_id: &[u8], request: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO outbox (send_id, request, created_at) VALUES (?1, ?2, ?3)",
+                params![send_id, request, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Queued sends, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn outbox(&self) -> Result<Vec<QueuedSend>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT send_id, request FROM outbox ORDER BY created_at, rowid").map_err(sql)?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Removes an acknowledged send.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn pop_outbox(&self, send_id: &[u8]) -> Result<(), ClientError> {
+        self.lock().execute("DELETE FROM outbox WHERE send_id = ?1", [send_id]).map(|_| ()).map_err(sql)
+    }
+
+    /// Marks the next key package stored as the last-resort one (kept after use).
+    pub fn key_packages(&self) -> KeyPackageStore {
+        KeyPackageStore { store: self.clone(), next_last_resort: Arc::new(std::sync::atomic::AtomicBool::new(false)) }
+    }
+
+    /// The MLS group state storage over this store.
+    pub fn groups(&self) -> GroupStore {
+        GroupStore { store: self.clone() }
+    }
+}
+
+#[cfg(unix)]
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if path.is_dir() { 0o700 } else { 0o600 };
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+}
+#[cfg(not(unix))]
+fn restrict_permissions(_path: &Path) {}
+
+/// Errors of the mls-rs storage adapters.
+#[derive(Debug, thiserror::Error)]
+#[error("local store: {0}")]
+pub struct StorageError(String);
+
+impl mls_rs_core::error::IntoAnyError for StorageError {
+    fn into_dyn_error(self) -> Result<Box<dyn std::error::Error + Send + Sync>, Self> {
+        Ok(Box::new(self))
+    }
+}
+
+fn serr(e: impl std::fmt::Display) -> StorageError {
+    StorageError(e.to_string())
+}
+
+/// mls-rs group state storage over the local store.
+#[derive(Clone, Debug)]
+pub struct GroupStore {
+    store: Store,
+}
+
+impl GroupStateStorage for GroupStore {
+    type Error = StorageError;
+
+    fn state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
+        self.store
+            .lock()
+            .query_row("SELECT state FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
+            .optional()
+            .map(|o| o.map(Zeroizing::new))
+            .map_err(serr)
+    }
+
+    fn epoch(&self, group_id: &[u8], epoch_id: u64) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
+        self.store
+            .lock()
+            .query_row(
+                "SELECT data FROM mls_epoch WHERE group_id = ?1 AND epoch = ?2",
+                params![group_id, epoch_id as i64],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()
+            .map(|o| o.map(Zeroizing::new))
+            .map_err(serr)
+    }
+
+    fn write(
+        &mut self,
+        state: GroupState,
+        inserts: Vec<EpochRecord>,
+        updates: Vec<EpochRecord>,
+    ) -> Result<(), Self::Error> {
+        let conn = self.store.lock();
+        conn.execute(
+            "INSERT INTO mls_group (id, state) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+            params![state.id, state.data.as_slice()],
+        )
+        .map_err(serr)?;
+        for e in inserts.iter().chain(updates.iter()) {
+            conn.execute(
+                "INSERT INTO mls_epoch (group_id, epoch, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (group_id, epoch) DO UPDATE SET data = excluded.data",
+                params![state.id, e.id as i64, e.data.as_slice()],
+            )
+            .map_err(serr)?;
+        }
+        // Old epochs' secrets are deleted: forward secrecy across epochs.
+        conn.execute(
+            "DELETE FROM mls_epoch WHERE group_id = ?1 AND epoch <= (SELECT max(epoch) FROM mls_epoch WHERE group_id = ?1) - ?2",
+            params![state.id, EPOCHS_KEPT],
+        )
+        .map_err(serr)?;
+        Ok(())
+    }
+
+    fn max_epoch_id(&self, group_id: &[u8]) -> Result<Option<u64>, Self::Error> {
+        self.store
+            .lock()
+            .query_row("SELECT max(epoch) FROM mls_epoch WHERE group_id = ?1", [group_id], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|o| o.map(|v| v as u64))
+            .map_err(serr)
+    }
+}
+
+/// mls-rs key package storage over the local store. One-time packages are
+/// deleted when used; the last-resort package is kept.
+#[derive(Clone, Debug)]
+pub struct KeyPackageStore {
+    store: Store,
+    next_last_resort: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeyPackageStore {
+    /// The next package inserted is the last-resort one.
+    pub fn mark_next_last_resort(&self) {
+        self.next_last_resort.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl KeyPackageStorage for KeyPackageStore {
+    type Error = StorageError;
+
+    fn delete(&mut self, id: &[u8]) -> Result<(), Self::Error> {
+        self.store
+            .lock()
+            .execute("DELETE FROM mls_key_package WHERE id = ?1 AND last_resort = 0", [id])
+            .map(|_| ())
+            .map_err(serr)
+    }
+
+    fn insert(&mut self, id: Vec<u8>, pkg: KeyPackageData) -> Result<(), Self::Error> {
+        let last_resort = self.next_last_resort.swap(false, std::sync::atomic::Ordering::SeqCst);
+        let data = Zeroizing::new(pkg.mls_encode_to_vec().map_err(serr)?);
+        self.store
+            .lock()
+            .execute(
+                "INSERT INTO mls_key_package (id, data, last_resort) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+                params![id, data.as_slice(), last_resort],
+            )
+            .map(|_| ())
+            .map_err(serr)
+    }
+
+    fn get(&self, id: &[u8]) -> Result<Option<KeyPackageData>, Self::Error> {
+        let data: Option<Vec<u8>> = self
+            .store
+            .lock()
+            .query_row("SELECT data FROM mls_key_package WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(serr)?;
+        match data {
+            None => Ok(None),
+            Some(d) => {
+                let d = Zeroizing::new(d);
+                KeyPackageData::mls_decode(&mut d.as_slice()).map(Some).map_err(serr)
+            }
+        }
+    }
+}

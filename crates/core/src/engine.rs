@@ -1,0 +1,507 @@
+//! MLS conversations.
+//!
+//! Every conversation, 1:1 included, is an MLS group whose id is the
+//! [`ConversationId`]. Its kind and name travel in a private group-context
+//! extension, so the server never sees them (handshake messages are sent as
+//! MLS PrivateMessages). Each device is its own member; its credential is a
+//! [`DeviceCertificate`](crate::DeviceCertificate).
+//!
+//! The engine reads and writes MLS state only through the storage handles it
+//! is given; callers wrap each call in their own database transaction so that
+//! MLS state and what they derive from it are committed together.
+
+use mls_rs::client_builder::MlsConfig;
+use mls_rs::group::{CommitEffect, ReceivedMessage};
+use mls_rs::mls_rules::{DefaultMlsRules, EncryptionOptions};
+use mls_rs::{Client, CryptoProvider, ExtensionList, GroupStateStorage, KeyPackageStorage, MlsMessage};
+use mls_rs_codec::{MlsDecode, MlsEncode, MlsSize};
+use mls_rs_core::extension::{ExtensionType, MlsCodecExtension};
+use subrosa_proto::{ConversationId, DeviceAddress, Epoch};
+
+use crate::content::Content;
+use crate::identity::{CertificateIdentityProvider, DeviceCertificate, DeviceIdentity};
+use crate::{CoreError, CIPHERSUITE};
+
+/// Private-use extension type carrying [`ConversationInfo`].
+const CONVERSATION_INFO_EXT: u16 = 0xF5B0;
+
+#[derive(Clone, Debug, PartialEq, Eq, MlsSize, MlsEncode, MlsDecode)]
+struct ConversationInfoExt {
+    kind: u8,
+    name: Vec<u8>,
+}
+
+impl MlsCodecExtension for ConversationInfoExt {
+    fn extension_type() -> ExtensionType {
+        ExtensionType::new(CONVERSATION_INFO_EXT)
+    }
+}
+
+/// Direct (1:1) or group conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConversationKind {
+    /// Two accounts.
+    Direct,
+    /// A named group.
+    Group,
+}
+
+/// What members know about a conversation, carried inside the encryption.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationInfo {
+    /// Direct or group.
+    pub kind: ConversationKind,
+    /// The group's name (empty for direct conversations).
+    pub name: String,
+}
+
+impl ConversationInfo {
+    /// A 1:1 conversation.
+    pub fn direct() -> Self {
+        ConversationInfo { kind: ConversationKind::Direct, name: String::new() }
+    }
+
+    fn to_ext(&self) -> ConversationInfoExt {
+        let kind = match self.kind {
+            ConversationKind::Direct => 1,
+            ConversationKind::Group => 2,
+        };
+        ConversationInfoExt { kind, name: self.name.as_bytes().to_vec() }
+    }
+
+    fn from_ext(ext: &ConversationInfoExt) -> Result<Self, CoreError> {
+        let kind = match ext.kind {
+            1 => ConversationKind::Direct,
+            2 => ConversationKind::Group,
+            _ => return Err(CoreError::Malformed("conversation kind")),
+        };
+        let name = String::from_utf8(ext.name.clone()).map_err(|_| CoreError::Malformed("conversation name"))?;
+        Ok(ConversationInfo { kind, name })
+    }
+}
+
+/// A member device as its verified certificate describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// MLS leaf index.
+    pub index: u32,
+    /// Handle and device.
+    pub address: DeviceAddress,
+    /// The account identity key that certified the device.
+    pub identity_key: Vec<u8>,
+    /// The device's signature key.
+    pub device_key: Vec<u8>,
+}
+
+/// A staged commit to hand to the server. It is stored as pending in the
+/// group state; apply it with [`Engine::confirm_commit`] once the server
+/// accepted it, or drop it with [`Engine::discard_commit`].
+#[derive(Debug)]
+pub struct OutgoingCommit {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The epoch the commit was made in (the server's ordering guard).
+    pub epoch: Epoch,
+    /// The commit, for the current members other than this device.
+    pub commit: Vec<u8>,
+    /// Existing members that must process the commit.
+    pub commit_recipients: Vec<DeviceAddress>,
+    /// The Welcome for the added devices, if any.
+    pub welcome: Option<Vec<u8>>,
+    /// Devices the Welcome is for.
+    pub welcome_recipients: Vec<DeviceAddress>,
+}
+
+/// What processing an incoming message produced.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// This device joined a conversation through a Welcome.
+    Joined {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Its kind and name.
+        info: ConversationInfo,
+        /// Every member device, this one included.
+        members: Vec<MemberInfo>,
+    },
+    /// An application message, authenticated as from `sender`.
+    Message {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The verified sending device.
+        sender: MemberInfo,
+        /// What it says.
+        content: Content,
+    },
+    /// A commit moved the conversation to a new epoch.
+    Commit {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The new epoch.
+        epoch: Epoch,
+        /// Devices added.
+        added: Vec<MemberInfo>,
+        /// Devices removed.
+        removed: Vec<MemberInfo>,
+        /// True when this device was removed.
+        removed_self: bool,
+    },
+    /// Something with no effect for the user (a proposal).
+    Other,
+}
+
+/// The protocol engine of one device.
+#[derive(Clone)]
+pub struct Engine<C, G, K> {
+    crypto: C,
+    identity: DeviceIdentity,
+    groups: G,
+    key_packages: K,
+}
+
+impl<C, G, K> std::fmt::Debug for Engine<C, G, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("identity", &self.identity).finish_non_exhaustive()
+    }
+}
+
+fn conversation_id(bytes: &[u8]) -> Result<ConversationId, CoreError> {
+    ConversationId::from_slice(bytes).map_err(|_| CoreError::Malformed("conversation id"))
+}
+
+impl<C, G, K> Engine<C, G, K>
+where
+    C: CryptoProvider + Clone + 'static,
+    G: GroupStateStorage + Clone + 'static,
+    K: KeyPackageStorage + Clone + 'static,
+{
+    /// An engine for `identity` over the given storage.
+    pub fn new(crypto: C, identity: DeviceIdentity, groups: G, key_packages: K) -> Self {
+        Engine { crypto, identity, groups, key_packages }
+    }
+
+    /// This device's identity.
+    pub fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    /// The crypto provider.
+    pub fn crypto(&self) -> &C {
+        &self.crypto
+    }
+
+    fn client(&self) -> Result<Client<impl MlsConfig>, CoreError> {
+        let rules = DefaultMlsRules::new()
+            // Handshakes are PrivateMessages: membership changes and the
+            // group name are hidden from the server. Padding hides lengths.
+            .with_encryption_options(EncryptionOptions::new(true, mls_rs::client_builder::PaddingMode::StepFunction));
+        Ok(Client::builder()
+            .crypto_provider(self.crypto.clone())
+            .identity_provider(CertificateIdentityProvider::new(self.crypto.clone()))
+            .group_state_storage(self.groups.clone())
+            .key_package_repo(self.key_packages.clone())
+            .extension_type(ExtensionType::new(CONVERSATION_INFO_EXT))
+            .mls_rules(rules)
+            .signing_identity(self.identity.signing_identity()?, self.identity.device_secret().clone(), CIPHERSUITE)
+            .build())
+    }
+
+    /// Generates a key package; its private keys go to the key package storage.
+    ///
+    /// # Errors
+    /// [`CoreError::Mls`] on a storage or crypto failure.
+    pub fn generate_key_package(&self) -> Result<Vec<u8>, CoreError> {
+        let msg = self.client()?.generate_key_package_message(ExtensionList::new(), ExtensionList::new(), None)?;
+        Ok(msg.to_bytes()?)
+    }
+
+    /// Checks a key package from the server and returns the device
+    /// certificate it carries (verified against its own identity key; the
+    /// caller compares that key with the one it expects for the handle).
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`], [`CoreError::BadSignature`] or [`CoreError::IdentityMismatch`].
+    pub fn inspect_key_package(&self, bytes: &[u8]) -> Result<DeviceCertificate, CoreError> {
+        let msg = MlsMessage::from_bytes(bytes).map_err(|_| CoreError::Malformed("key package"))?;
+        let kp = msg.as_key_package().ok_or(CoreError::Malformed("key package"))?;
+        if kp.cipher_suite() != CIPHERSUITE {
+            return Err(CoreError::Malformed("key package ciphersuite"));
+        }
+        DeviceCertificate::from_signing_identity(&self.crypto, kp.signing_identity())
+    }
+
+    fn member_info(&self, m: &mls_rs::group::Member) -> Result<MemberInfo, CoreError> {
+        let cert = DeviceCertificate::from_signing_identity(&self.crypto, &m.signing_identity)?;
+        Ok(MemberInfo {
+            index: m.index,
+            address: cert.address(),
+            identity_key: cert.identity_key().to_vec(),
+            device_key: cert.device_key().to_vec(),
+        })
+    }
+
+    fn members_of<Cfg: MlsConfig>(&self, group: &mls_rs::Group<Cfg>) -> Result<Vec<MemberInfo>, CoreError> {
+        group.roster().members_iter().map(|m| self.member_info(&m)).collect()
+    }
+
+    fn info_of<Cfg: MlsConfig>(group: &mls_rs::Group<Cfg>) -> Result<ConversationInfo, CoreError> {
+        let ext = group
+            .context()
+            .extensions
+            .get_as::<ConversationInfoExt>()
+            .map_err(|_| CoreError::Malformed("conversation info"))?
+            .ok_or(CoreError::Malformed("conversation info missing"))?;
+        ConversationInfo::from_ext(&ext)
+    }
+
+    /// Creates a conversation with the devices of `key_packages` and stages
+    /// the commit that adds them.
+    ///
+    /// # Errors
+    /// [`CoreError::Mls`] when a key package is invalid (bad signature,
+    /// certificate or ciphersuite) or storage fails.
+    pub fn create_conversation(
+        &self,
+        info: &ConversationInfo,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OutgoingCommit, CoreError> {
+        let client = self.client()?;
+        let mut exts = ExtensionList::new();
+        exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
+        let mut id = [0u8; 16];
+        crate::random_bytes(&self.crypto, &mut id)?;
+        let conversation = ConversationId(id);
+        let mut group = client.create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?;
+        let epoch = Epoch(group.current_epoch());
+        let mut builder = group.commit_builder();
+        let mut welcome_recipients = Vec::new();
+        for kp in key_packages {
+            let cert = self.inspect_key_package(kp)?;
+            welcome_recipients.push(cert.address());
+            let msg = MlsMessage::from_bytes(kp).map_err(|_| CoreError::Malformed("key package"))?;
+            builder = builder.add_member(msg)?;
+        }
+        let output = builder.build()?;
+        group.write_to_storage()?;
+        let welcome = match output.welcome_messages.first() {
+            Some(w) => Some(w.to_bytes()?),
+            None => None,
+        };
+        Ok(OutgoingCommit {
+            conversation,
+            epoch,
+            commit: output.commit_message.to_bytes()?,
+            commit_recipients: Vec::new(),
+            welcome,
+            welcome_recipients,
+        })
+    }
+
+    /// Applies the staged commit after the server accepted it.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn confirm_commit(&self, conversation: &ConversationId) -> Result<Epoch, CoreError> {
+        let mut group = self.load(conversation)?;
+        group.apply_pending_commit()?;
+        group.write_to_storage()?;
+        Ok(Epoch(group.current_epoch()))
+    }
+
+    /// Drops the staged commit after the server refused it.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn discard_commit(&self, conversation: &ConversationId) -> Result<(), CoreError> {
+        let mut group = self.load(conversation)?;
+        group.clear_pending_commit();
+        group.write_to_storage()?;
+        Ok(())
+    }
+
+    fn load(&self, conversation: &ConversationId) -> Result<mls_rs::Group<impl MlsConfig>, CoreError> {
+        match self.client()?.load_group(conversation.as_bytes()) {
+            Ok(g) => Ok(g),
+            Err(mls_rs::error::MlsError::GroupNotFound) => Err(CoreError::UnknownConversation),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The conversation's kind and name.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn info(&self, conversation: &ConversationId) -> Result<ConversationInfo, CoreError> {
+        Self::info_of(&self.load(conversation)?)
+    }
+
+    /// Every member device, this one included.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn members(&self, conversation: &ConversationId) -> Result<Vec<MemberInfo>, CoreError> {
+        self.members_of(&self.load(conversation)?)
+    }
+
+    /// The conversation's current epoch.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn epoch(&self, conversation: &ConversationId) -> Result<Epoch, CoreError> {
+        Ok(Epoch(self.load(conversation)?.current_epoch()))
+    }
+
+    /// Encrypts content for the conversation and stores the advanced ratchet
+    /// (before anything is sent, so a key is never used twice). Returns the
+    /// ciphertext and the devices to deliver it to.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn encrypt(
+        &self,
+        conversation: &ConversationId,
+        content: &Content,
+    ) -> Result<(Vec<u8>, Vec<DeviceAddress>), CoreError> {
+        let mut group = self.load(conversation)?;
+        let plaintext = content.encode()?;
+        let msg = group.encrypt_application_message(&plaintext, Vec::new())?;
+        group.write_to_storage()?;
+        let me = self.identity.address();
+        let recipients = self.members_of(&group)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
+        Ok((msg.to_bytes()?, recipients))
+    }
+
+    /// Joins a conversation from a Welcome.
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`] or [`CoreError::Mls`] (not for us, invalid
+    /// members, tampering).
+    pub fn join(&self, welcome: &[u8]) -> Result<Event, CoreError> {
+        let msg = MlsMessage::from_bytes(welcome).map_err(|_| CoreError::Malformed("welcome"))?;
+        let (mut group, _) = self.client()?.join_group(None, &msg, None)?;
+        let conversation = conversation_id(group.group_id())?;
+        let info = Self::info_of(&group)?;
+        let members = self.members_of(&group)?;
+        group.write_to_storage()?;
+        Ok(Event::Joined { conversation, info, members })
+    }
+
+    /// Processes a commit or application message of a conversation.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`], [`CoreError::Malformed`] or
+    /// [`CoreError::Mls`] (tampered, replayed, wrong epoch…).
+    pub fn process(&self, conversation: &ConversationId, bytes: &[u8]) -> Result<Event, CoreError> {
+        let msg = MlsMessage::from_bytes(bytes).map_err(|_| CoreError::Malformed("MLS message"))?;
+        if msg.group_id() != Some(conversation.as_bytes().as_slice()) {
+            return Err(CoreError::Malformed("message for another conversation"));
+        }
+        let mut group = self.load(conversation)?;
+        let before = self.members_of(&group)?;
+        let event = match group.process_incoming_message(msg)? {
+            ReceivedMessage::ApplicationMessage(app) => {
+                let member = group.member_at_index(app.sender_index).ok_or(CoreError::Malformed("unknown sender"))?;
+                let sender = self.member_info(&member)?;
+                let content = Content::decode(app.data())?;
+                Event::Message { conversation: *conversation, sender, content }
+            }
+            ReceivedMessage::Commit(commit) => {
+                let removed_self = matches!(commit.effect, CommitEffect::Removed { .. });
+                let after = if removed_self { Vec::new() } else { self.members_of(&group)? };
+                let added = after.iter().filter(|m| !before.iter().any(|b| b.address == m.address)).cloned().collect();
+                let removed =
+                    before.iter().filter(|b| !after.iter().any(|m| m.address == b.address)).cloned().collect();
+                Event::Commit {
+                    conversation: *conversation,
+                    epoch: Epoch(group.current_epoch()),
+                    added,
+                    removed,
+                    removed_self,
+                }
+            }
+            _ => Event::Other,
+        };
+        group.write_to_storage()?;
+        Ok(event)
+    }
+}
+
+#[cfg(all(test, feature = "awslc"))]
+mod tests {
+    use super::*;
+    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
+    use subrosa_proto::{Handle, MessageId};
+
+    type TestEngine = Engine<crate::DefaultCrypto, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
+
+    fn engine(name: &str) -> TestEngine {
+        let crypto = crate::default_crypto();
+        let id = DeviceIdentity::generate(&crypto, Handle::new(name).expect("handle"), 0).expect("identity");
+        Engine::new(crypto, id, InMemoryGroupStateStorage::new(), InMemoryKeyPackageStorage::new())
+    }
+
+    fn text(ev: &Event) -> Option<String> {
+        match ev {
+            Event::Message { content, .. } => match &content.body {
+                crate::content::Body::Text(t) => Some(t.clone()),
+            },
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn direct_conversation_round_trip_tamper_and_replay() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let kp = bob.generate_key_package().expect("kp");
+        assert_eq!(alice.inspect_key_package(&kp).expect("valid").handle().as_str(), "bob");
+
+        let out = alice.create_conversation(&ConversationInfo::direct(), &[kp]).expect("create");
+        assert_eq!(out.epoch, Epoch(0));
+        assert_eq!(out.welcome_recipients, vec![bob.identity().address()]);
+        assert_eq!(alice.confirm_commit(&out.conversation).expect("confirm"), Epoch(1));
+
+        let joined = bob.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        match &joined {
+            Event::Joined { conversation, info, members } => {
+                assert_eq!(*conversation, out.conversation);
+                assert_eq!(info.kind, ConversationKind::Direct);
+                assert_eq!(members.len(), 2);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        let (ct, recipients) =
+            alice.encrypt(&out.conversation, &Content::text(MessageId([1; 16]), 5, "hello bob")).expect("encrypt");
+        assert_eq!(recipients, vec![bob.identity().address()]);
+        assert!(!ct.windows(5).any(|w| w == b"hello"));
+        let ev = bob.process(&out.conversation, &ct).expect("decrypt");
+        assert_eq!(text(&ev).as_deref(), Some("hello bob"));
+        if let Event::Message { sender, .. } = &ev {
+            assert_eq!(sender.address, alice.identity().address());
+        }
+        // The same ciphertext again: the key is gone (forward secrecy), refused.
+        assert!(bob.process(&out.conversation, &ct).is_err());
+
+        let (reply, _) =
+            bob.encrypt(&out.conversation, &Content::text(MessageId([2; 16]), 6, "hi alice")).expect("encrypt");
+        let mut tampered = reply.clone();
+        let n = tampered.len();
+        tampered[n - 20] ^= 0x01;
+        assert!(alice.process(&out.conversation, &tampered).is_err());
+        assert_eq!(text(&alice.process(&out.conversation, &reply).expect("decrypt")).as_deref(), Some("hi alice"));
+    }
+
+    #[test]
+    fn key_package_with_forged_certificate_is_refused() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let kp = bob.generate_key_package().expect("kp");
+        let mut bad = kp.clone();
+        let n = bad.len();
+        bad[n / 2] ^= 0x40;
+        assert!(alice.create_conversation(&ConversationInfo::direct(), &[bad]).is_err());
+        assert!(alice.inspect_key_package(b"garbage").is_err());
+    }
+}

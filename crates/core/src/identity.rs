@@ -1,0 +1,426 @@
+//! Account identity key, device keys, and the certificate binding them.
+//!
+//! An account has one identity key (Ed25519). Each device has its own
+//! signature key, which is its MLS signature key and signs its requests to
+//! the server. The identity key certifies each device key with a
+//! [`DeviceCertificate`]; the certificate travels as the device's MLS
+//! credential, and [`CertificateIdentityProvider`] refuses any member whose
+//! certificate does not verify or does not match its MLS signature key. So a
+//! device the server invents cannot join a conversation. Safety numbers are
+//! computed from identity keys, so they do not change when devices are added.
+
+use mls_rs::crypto::{SignaturePublicKey, SignatureSecretKey};
+use mls_rs::identity::basic::BasicCredential;
+use mls_rs::identity::{CredentialType, SigningIdentity};
+use mls_rs::time::MlsTime;
+use mls_rs::{CipherSuiteProvider, CryptoProvider, ExtensionList, IdentityProvider};
+use mls_rs_codec::{MlsDecode, MlsEncode, MlsSize};
+use mls_rs_core::identity::MemberValidationContext;
+use subrosa_proto::{DeviceAddress, DeviceId, Handle};
+use zeroize::Zeroizing;
+
+use crate::{CoreError, CIPHERSUITE};
+
+const CERT_LABEL: &[u8] = b"subrosa-device-certificate-v1";
+const CERT_VERSION: u8 = 1;
+
+#[derive(Clone, PartialEq, Eq, MlsSize, MlsEncode, MlsDecode)]
+struct CertBody {
+    version: u8,
+    handle: Vec<u8>,
+    device_id: [u8; 8],
+    identity_key: Vec<u8>,
+    device_key: Vec<u8>,
+    issued_at_ms: u64,
+}
+
+#[derive(Clone, PartialEq, Eq, MlsSize, MlsEncode, MlsDecode)]
+struct CertWire {
+    body: CertBody,
+    signature: Vec<u8>,
+}
+
+/// The account identity key's statement "this device key belongs to this
+/// handle's device". Verified by every client before it accepts a member.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceCertificate {
+    body: CertBody,
+    signature: Vec<u8>,
+    // Validated from body.handle when built.
+    handle: Handle,
+}
+
+impl std::fmt::Debug for DeviceCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceCertificate")
+            .field("handle", &String::from_utf8_lossy(&self.body.handle))
+            .field("device_id", &hex::encode(self.body.device_id))
+            .finish_non_exhaustive()
+    }
+}
+
+fn suite<C: CryptoProvider>(crypto: &C) -> Result<C::CipherSuiteProvider, CoreError> {
+    crypto.cipher_suite_provider(CIPHERSUITE).ok_or(CoreError::Bug("ciphersuite unsupported by provider"))
+}
+
+fn signed_bytes(body: &CertBody) -> Result<Vec<u8>, CoreError> {
+    let mut out = CERT_LABEL.to_vec();
+    body.mls_encode(&mut out).map_err(|_| CoreError::Bug("certificate encoding"))?;
+    Ok(out)
+}
+
+impl DeviceCertificate {
+    /// Issues a certificate for `device_key`, signed by the identity key.
+    ///
+    /// # Errors
+    /// [`CoreError::Crypto`] when signing fails.
+    pub fn issue<C: CryptoProvider>(
+        crypto: &C,
+        handle: &Handle,
+        device_id: DeviceId,
+        identity_public: &SignaturePublicKey,
+        identity_secret: &SignatureSecretKey,
+        device_key: &SignaturePublicKey,
+        issued_at_ms: u64,
+    ) -> Result<Self, CoreError> {
+        let body = CertBody {
+            version: CERT_VERSION,
+            handle: handle.as_str().as_bytes().to_vec(),
+            device_id: device_id.0,
+            identity_key: identity_public.to_vec(),
+            device_key: device_key.to_vec(),
+            issued_at_ms,
+        };
+        let signature = suite(crypto)?
+            .sign(identity_secret, &signed_bytes(&body)?)
+            .map_err(|e| CoreError::Crypto(format!("{e:?}")))?;
+        Ok(DeviceCertificate { body, signature, handle: handle.clone() })
+    }
+
+    /// Decodes untrusted bytes. Does not verify: call [`Self::verify`].
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`].
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, CoreError> {
+        let wire = CertWire::mls_decode(&mut bytes).map_err(|_| CoreError::Malformed("device certificate"))?;
+        if !bytes.is_empty() || wire.body.version != CERT_VERSION {
+            return Err(CoreError::Malformed("device certificate"));
+        }
+        let text =
+            std::str::from_utf8(&wire.body.handle).map_err(|_| CoreError::Malformed("device certificate handle"))?;
+        let handle = Handle::new(text).map_err(|_| CoreError::Malformed("device certificate handle"))?;
+        if handle.as_str() != text {
+            return Err(CoreError::Malformed("device certificate handle"));
+        }
+        Ok(DeviceCertificate { body: wire.body, signature: wire.signature, handle })
+    }
+
+    /// Encodes.
+    ///
+    /// # Errors
+    /// Only on a bug.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CoreError> {
+        CertWire { body: self.body.clone(), signature: self.signature.clone() }
+            .mls_encode_to_vec()
+            .map_err(|_| CoreError::Bug("certificate encoding"))
+    }
+
+    /// Checks the signature by the identity key named inside.
+    ///
+    /// # Errors
+    /// [`CoreError::BadSignature`].
+    pub fn verify<C: CryptoProvider>(&self, crypto: &C) -> Result<(), CoreError> {
+        let key = SignaturePublicKey::new(self.body.identity_key.clone());
+        suite(crypto)?
+            .verify(&key, &self.signature, &signed_bytes(&self.body)?)
+            .map_err(|_| CoreError::BadSignature("device certificate"))
+    }
+
+    /// The handle it certifies a device of.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+    /// The device id.
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId(self.body.device_id)
+    }
+    /// The device address.
+    pub fn address(&self) -> DeviceAddress {
+        DeviceAddress { handle: self.handle(), device: self.device_id() }
+    }
+    /// The certifying identity public key.
+    pub fn identity_key(&self) -> &[u8] {
+        &self.body.identity_key
+    }
+    /// The certified device signature key.
+    pub fn device_key(&self) -> &[u8] {
+        &self.body.device_key
+    }
+
+    /// Extracts and fully checks the certificate carried as an MLS credential:
+    /// well-formed, signed by its identity key, and certifying exactly the
+    /// signature key the member signs with.
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`], [`CoreError::BadSignature`] or [`CoreError::IdentityMismatch`].
+    pub fn from_signing_identity<C: CryptoProvider>(crypto: &C, si: &SigningIdentity) -> Result<Self, CoreError> {
+        let basic = si.credential.as_basic().ok_or(CoreError::Malformed("credential type"))?;
+        let cert = Self::from_bytes(basic.identifier())?;
+        cert.verify(crypto)?;
+        if cert.body.device_key != si.signature_key.as_bytes() {
+            return Err(CoreError::IdentityMismatch("certificate is for another device key".into()));
+        }
+        Ok(cert)
+    }
+}
+
+/// This device's keys and certificate. Secret halves are zeroized on drop
+/// (mls-rs's `SignatureSecretKey` is `ZeroizeOnDrop`) and never printed.
+#[derive(Clone)]
+pub struct DeviceIdentity {
+    handle: Handle,
+    device_id: DeviceId,
+    identity_public: SignaturePublicKey,
+    identity_secret: SignatureSecretKey,
+    device_public: SignaturePublicKey,
+    device_secret: SignatureSecretKey,
+    certificate: DeviceCertificate,
+}
+
+impl std::fmt::Debug for DeviceIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceIdentity")
+            .field("handle", &self.handle)
+            .field("device_id", &self.device_id)
+            .field("secrets", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct StoredIdentity {
+    version: u8,
+    identity_public: Vec<u8>,
+    identity_secret: SignatureSecretKey,
+    device_public: Vec<u8>,
+    device_secret: SignatureSecretKey,
+    certificate: Vec<u8>,
+}
+
+impl DeviceIdentity {
+    /// Generates a new account identity key and a first device.
+    ///
+    /// # Errors
+    /// [`CoreError::Crypto`] when key generation fails.
+    pub fn generate<C: CryptoProvider>(crypto: &C, handle: Handle, now_ms: u64) -> Result<Self, CoreError> {
+        let cs = suite(crypto)?;
+        let (identity_secret, identity_public) =
+            cs.signature_key_generate().map_err(|e| CoreError::Crypto(format!("{e:?}")))?;
+        let (device_secret, device_public) =
+            cs.signature_key_generate().map_err(|e| CoreError::Crypto(format!("{e:?}")))?;
+        let mut id = [0u8; 8];
+        cs.random_bytes(&mut id).map_err(|e| CoreError::Crypto(format!("{e:?}")))?;
+        let device_id = DeviceId(id);
+        let certificate = DeviceCertificate::issue(
+            crypto,
+            &handle,
+            device_id,
+            &identity_public,
+            &identity_secret,
+            &device_public,
+            now_ms,
+        )?;
+        Ok(DeviceIdentity {
+            handle,
+            device_id,
+            identity_public,
+            identity_secret,
+            device_public,
+            device_secret,
+            certificate,
+        })
+    }
+
+    /// Serialises the secrets for the encrypted local store.
+    ///
+    /// # Errors
+    /// Only on a bug.
+    pub fn to_secret_bytes(&self) -> Result<Zeroizing<Vec<u8>>, CoreError> {
+        let stored = StoredIdentity {
+            version: 1,
+            identity_public: self.identity_public.to_vec(),
+            identity_secret: self.identity_secret.clone(),
+            device_public: self.device_public.to_vec(),
+            device_secret: self.device_secret.clone(),
+            certificate: self.certificate.to_bytes()?,
+        };
+        stored.mls_encode_to_vec().map(Zeroizing::new).map_err(|_| CoreError::Bug("identity encoding"))
+    }
+
+    /// Restores from [`Self::to_secret_bytes`].
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`] when the bytes are not a stored identity.
+    pub fn from_secret_bytes<C: CryptoProvider>(crypto: &C, mut bytes: &[u8]) -> Result<Self, CoreError> {
+        let s = StoredIdentity::mls_decode(&mut bytes).map_err(|_| CoreError::Malformed("stored identity"))?;
+        if s.version != 1 {
+            return Err(CoreError::Malformed("stored identity version"));
+        }
+        let certificate = DeviceCertificate::from_bytes(&s.certificate)?;
+        certificate.verify(crypto)?;
+        Ok(DeviceIdentity {
+            handle: certificate.handle(),
+            device_id: certificate.device_id(),
+            identity_public: SignaturePublicKey::new(s.identity_public),
+            identity_secret: s.identity_secret,
+            device_public: SignaturePublicKey::new(s.device_public),
+            device_secret: s.device_secret,
+            certificate,
+        })
+    }
+
+    /// The account handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.device_id
+    }
+    /// This device's address.
+    pub fn address(&self) -> DeviceAddress {
+        DeviceAddress { handle: self.handle.clone(), device: self.device_id }
+    }
+    /// The account identity public key.
+    pub fn identity_public(&self) -> &[u8] {
+        self.identity_public.as_bytes()
+    }
+    /// This device's signature public key.
+    pub fn device_public(&self) -> &[u8] {
+        self.device_public.as_bytes()
+    }
+    /// This device's certificate.
+    pub fn certificate(&self) -> &DeviceCertificate {
+        &self.certificate
+    }
+    pub(crate) fn device_secret(&self) -> &SignatureSecretKey {
+        &self.device_secret
+    }
+
+    /// The MLS signing identity: the certificate as a basic credential.
+    ///
+    /// # Errors
+    /// Only on a bug.
+    pub fn signing_identity(&self) -> Result<SigningIdentity, CoreError> {
+        Ok(SigningIdentity::new(
+            BasicCredential::new(self.certificate.to_bytes()?).into_credential(),
+            self.device_public.clone(),
+        ))
+    }
+
+    /// Signs bytes with the device key (requests to the server).
+    ///
+    /// # Errors
+    /// [`CoreError::Crypto`].
+    pub fn sign_with_device<C: CryptoProvider>(&self, crypto: &C, data: &[u8]) -> Result<Vec<u8>, CoreError> {
+        suite(crypto)?.sign(&self.device_secret, data).map_err(|e| CoreError::Crypto(format!("{e:?}")))
+    }
+}
+
+/// The MLS identity provider: a member is valid only with a verifying
+/// [`DeviceCertificate`] for its exact signature key.
+#[derive(Clone, Debug)]
+pub struct CertificateIdentityProvider<C> {
+    crypto: C,
+}
+
+impl<C> CertificateIdentityProvider<C> {
+    /// Wraps a crypto provider.
+    pub fn new(crypto: C) -> Self {
+        CertificateIdentityProvider { crypto }
+    }
+}
+
+impl mls_rs_core::error::IntoAnyError for CoreError {
+    fn into_dyn_error(self) -> Result<Box<dyn std::error::Error + Send + Sync>, Self> {
+        Ok(Box::new(self))
+    }
+}
+
+impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider<C> {
+    type Error = CoreError;
+
+    fn validate_member(
+        &self,
+        signing_identity: &SigningIdentity,
+        _timestamp: Option<MlsTime>,
+        _context: MemberValidationContext<'_>,
+    ) -> Result<(), Self::Error> {
+        DeviceCertificate::from_signing_identity(&self.crypto, signing_identity).map(|_| ())
+    }
+
+    fn validate_external_sender(
+        &self,
+        _signing_identity: &SigningIdentity,
+        _timestamp: Option<MlsTime>,
+        _extensions: Option<&ExtensionList>,
+    ) -> Result<(), Self::Error> {
+        // Subrosa has no external senders: the server may never propose.
+        Err(CoreError::IdentityMismatch("external senders are not allowed".into()))
+    }
+
+    fn identity(
+        &self,
+        signing_identity: &SigningIdentity,
+        _extensions: &ExtensionList,
+    ) -> Result<Vec<u8>, Self::Error> {
+        let cert = DeviceCertificate::from_signing_identity(&self.crypto, signing_identity)?;
+        Ok(cert.address().to_string().into_bytes())
+    }
+
+    fn valid_successor(
+        &self,
+        predecessor: &SigningIdentity,
+        successor: &SigningIdentity,
+        _extensions: &ExtensionList,
+    ) -> Result<bool, Self::Error> {
+        let a = DeviceCertificate::from_signing_identity(&self.crypto, predecessor)?;
+        let b = DeviceCertificate::from_signing_identity(&self.crypto, successor)?;
+        Ok(a.address() == b.address() && a.identity_key() == b.identity_key())
+    }
+
+    fn supported_types(&self) -> Vec<CredentialType> {
+        vec![BasicCredential::credential_type()]
+    }
+}
+
+#[cfg(all(test, feature = "awslc"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_verify_and_detect_forgery() {
+        let crypto = crate::default_crypto();
+        let alice = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 1).expect("identity");
+        let si = alice.signing_identity().expect("si");
+        let cert = DeviceCertificate::from_signing_identity(&crypto, &si).expect("valid");
+        assert_eq!(cert.handle().as_str(), "alice");
+
+        // A device key certified by someone else's identity key is refused.
+        let mallory = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 1).expect("identity");
+        let forged =
+            SigningIdentity::new(si.credential.clone(), SignaturePublicKey::new(mallory.device_public().to_vec()));
+        assert!(DeviceCertificate::from_signing_identity(&crypto, &forged).is_err());
+
+        // Flipping a byte of the certificate breaks it.
+        let mut bytes = cert.to_bytes().expect("bytes");
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        assert!(DeviceCertificate::from_bytes(&bytes).map(|c| c.verify(&crypto).is_err()).unwrap_or(true));
+
+        let restored =
+            DeviceIdentity::from_secret_bytes(&crypto, &alice.to_secret_bytes().expect("bytes")).expect("restores");
+        assert_eq!(restored.address(), alice.address());
+        assert!(!format!("{restored:?}").contains(&hex::encode(alice.device_public())));
+    }
+}

@@ -1,0 +1,326 @@
+//! Request and response bodies of the HTTP and WebSocket API (JSON).
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/health` | | `{"status":"ok"}` (unsigned) |
+//! | `POST /v1/accounts` | [`RegisterRequest`] | `201` [`Empty`] |
+//! | `GET /v1/accounts/{handle}` | | [`AccountInfo`] |
+//! | `POST /v1/keypackages` | [`KeyPackageUpload`] | [`KeyPackageCount`] |
+//! | `GET /v1/keypackages` | | [`KeyPackageCount`] |
+//! | `POST /v1/keypackages/claim` | [`ClaimRequest`] | [`ClaimResponse`] |
+//! | `POST /v1/messages` | [`SendRequest`] | [`SendResponse`] |
+//! | `GET /v1/inbox?limit=N` | | [`InboxResponse`] |
+//! | `POST /v1/inbox/ack` | [`AckRequest`] | [`AckResponse`] |
+//! | `GET /v1/ws` | WebSocket of [`ServerFrame`] / [`ClientFrame`] | |
+//!
+//! Every request but health is signed by the device (see [`crate::SignedHeaders`]);
+//! registration is signed by the device key it registers.
+//! Every error is an HTTP 4xx/5xx with an [`ErrorBody`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConversationId, DeviceAddress, DeviceId, Epoch, Handle, SendId, B64};
+
+/// An empty JSON object.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Empty {}
+
+/// Creates an account and its first device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The handle asked for.
+    pub handle: Handle,
+    /// The account's identity public key (Ed25519).
+    pub identity_key: B64,
+    /// The first device.
+    pub device: DeviceRecord,
+}
+
+/// A device as the server knows it: an id, the device's signature key, and
+/// the certificate by which the account identity key vouches for it. The
+/// server stores the certificate opaquely; clients check it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    /// The device id.
+    pub device_id: DeviceId,
+    /// The device's signature public key (Ed25519): it signs requests and is
+    /// the device's MLS signature key.
+    pub signature_key: B64,
+    /// The certificate by the account identity key.
+    pub certificate: B64,
+}
+
+/// An account's public keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccountInfo {
+    /// The handle.
+    pub handle: Handle,
+    /// The identity public key.
+    pub identity_key: B64,
+    /// Its active devices.
+    pub devices: Vec<DeviceRecord>,
+}
+
+/// A batch of one-time key packages and optionally a new last-resort one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPackageUpload {
+    /// One-time key packages (MLS `KeyPackage` messages, opaque to the server).
+    pub one_time: Vec<B64>,
+    /// A last-resort key package, handed out when no one-time package is left;
+    /// replaces the previous one.
+    #[serde(default)]
+    pub last_resort: Option<B64>,
+}
+
+/// How many one-time key packages the server still holds for this device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyPackageCount {
+    /// Unclaimed one-time packages.
+    pub one_time: u64,
+    /// Whether a last-resort package is stored.
+    pub last_resort: bool,
+}
+
+/// Claims one key package of every device of a handle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// Whose packages.
+    pub handle: Handle,
+}
+
+/// One key package per device of the handle (the caller's own device excluded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    /// The handle.
+    pub handle: Handle,
+    /// Its identity public key.
+    pub identity_key: B64,
+    /// One entry per device that had a package.
+    pub packages: Vec<ClaimedKeyPackage>,
+}
+
+/// A claimed key package with the device it belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimedKeyPackage {
+    /// The device.
+    pub device: DeviceRecord,
+    /// The key package (an MLS message).
+    pub key_package: B64,
+    /// True when this was the last-resort package (handed out again later).
+    pub last_resort: bool,
+}
+
+/// What a stored message is, so a client can process handshakes first.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// An MLS Welcome for the recipient devices.
+    Welcome,
+    /// An MLS commit (handshake), ordered per conversation by the server.
+    Commit,
+    /// An MLS application message.
+    Application,
+}
+
+impl MessageKind {
+    /// Stable text form, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Welcome => "welcome",
+            MessageKind::Commit => "commit",
+            MessageKind::Application => "application",
+        }
+    }
+    /// Parses the stored text form.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "welcome" => Some(MessageKind::Welcome),
+            "commit" => Some(MessageKind::Commit),
+            "application" => Some(MessageKind::Application),
+            _ => None,
+        }
+    }
+}
+
+/// The server's commit-ordering check for a send that carries a commit.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CommitGuard {
+    /// The epoch the commit was made in. The server accepts it only when this
+    /// is the conversation's current epoch (0 creates the conversation), and
+    /// then moves the conversation to `epoch + 1`.
+    pub epoch: Epoch,
+}
+
+/// One ciphertext and the devices it goes to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendPart {
+    /// What it is.
+    pub kind: MessageKind,
+    /// Recipient devices.
+    pub recipients: Vec<DeviceAddress>,
+    /// The ciphertext, uploaded once whatever the number of recipients.
+    pub ciphertext: B64,
+}
+
+/// Stores parts for their recipients, atomically: all or nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    /// The conversation (MLS group id).
+    pub conversation: ConversationId,
+    /// Idempotency key: a retried send with the same key is stored once.
+    pub send_id: SendId,
+    /// Present when the send carries a commit.
+    #[serde(default)]
+    pub commit: Option<CommitGuard>,
+    /// The parts, delivered in this order.
+    pub parts: Vec<SendPart>,
+}
+
+/// The answer to a send: it is durably stored for every recipient device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SendResponse {
+    /// True when this send id had been stored before (a retry).
+    pub duplicate: bool,
+    /// The conversation's epoch after this send, when it carried a commit.
+    #[serde(default)]
+    pub epoch: Option<Epoch>,
+    /// The server's time of storing, ms since the Unix epoch.
+    pub server_time: u64,
+}
+
+/// One stored message for this device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Envelope {
+    /// The delivery id, increasing in delivery order; acknowledge it.
+    pub id: u64,
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The sending device, as authenticated by the server (MLS authenticates
+    /// it again end to end).
+    pub sender: DeviceAddress,
+    /// What it is.
+    pub kind: MessageKind,
+    /// The ciphertext.
+    pub ciphertext: B64,
+    /// When the server stored it, ms since the Unix epoch.
+    pub server_time: u64,
+}
+
+/// Queued messages, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InboxResponse {
+    /// The envelopes.
+    pub messages: Vec<Envelope>,
+}
+
+/// Acknowledges delivered envelopes: the server deletes them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckRequest {
+    /// Envelope ids.
+    pub ids: Vec<u64>,
+}
+
+/// How many envelopes were deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AckResponse {
+    /// Deleted count.
+    pub deleted: u64,
+}
+
+/// A frame the server pushes on the WebSocket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// Newly queued envelopes.
+    Messages {
+        /// The envelopes, oldest first.
+        messages: Vec<Envelope>,
+    },
+    /// The server is closing the socket for this reason.
+    Error(ErrorBody),
+}
+
+/// A frame a client sends on the WebSocket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Acknowledges envelopes, as [`AckRequest`].
+    Ack {
+        /// Envelope ids.
+        ids: Vec<u64>,
+    },
+}
+
+/// Stable error codes. The text of [`ErrorBody::message`] may change; codes do not.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The body is not valid JSON of the expected shape.
+    BadRequest,
+    /// The body or a part of it is over a limit.
+    TooLarge,
+    /// The request's signature headers are missing, malformed or wrong.
+    Unauthorized,
+    /// The signed request's timestamp is too far from the server's clock.
+    StaleRequest,
+    /// This signed request was seen before.
+    Replayed,
+    /// The handle is taken.
+    HandleTaken,
+    /// No such account or device.
+    UnknownHandle,
+    /// No key package is left for any device of the handle.
+    NoKeyPackage,
+    /// The commit was made for an epoch that is not the conversation's current one.
+    StaleEpoch,
+    /// Too many requests; slow down.
+    RateLimited,
+    /// The server failed; try again later.
+    Internal,
+    /// The storage backend is unreachable; try again later.
+    Unavailable,
+    /// No such route.
+    NotFound,
+}
+
+impl ErrorCode {
+    /// The code's stable text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::StaleRequest => "stale_request",
+            ErrorCode::Replayed => "replayed",
+            ErrorCode::HandleTaken => "handle_taken",
+            ErrorCode::UnknownHandle => "unknown_handle",
+            ErrorCode::NoKeyPackage => "no_key_package",
+            ErrorCode::StaleEpoch => "stale_epoch",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotFound => "not_found",
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// One human-readable line.
+    pub message: String,
+    /// With [`ErrorCode::StaleEpoch`]: the conversation's current epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_epoch: Option<Epoch>,
+}

@@ -1,0 +1,23 @@
+//! Limits both sides enforce. The server's are configurable upwards; these
+//! are the defaults and the client refuses to build requests beyond them.
+
+/// Largest request body the server reads, in bytes.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Largest single ciphertext (one part of a send), in bytes.
+pub const MAX_CIPHERTEXT_BYTES: usize = 1024 * 1024;
+/// Most recipient devices of one send part.
+pub const MAX_RECIPIENTS: usize = 1000;
+/// Most parts in one send (a commit, its welcome, an application message).
+pub const MAX_PARTS: usize = 4;
+/// Most key packages in one upload.
+pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 200;
+/// Largest key package, in bytes.
+pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
+/// Largest device certificate, in bytes.
+pub const MAX_CERTIFICATE_BYTES: usize = 4096;
+/// Most envelopes one inbox fetch returns.
+pub const MAX_FETCH: usize = 500;
+/// Most ids one acknowledgement carries.
+pub const MAX_ACK_IDS: usize = 1000;
+/// Default time an undelivered message is kept, in seconds (30 days).
+pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 30 * 24 * 3600;

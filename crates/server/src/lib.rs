@@ -1,0 +1,88 @@
+//! The Subrosa delivery service.
+//!
+//! It relays and orders opaque MLS ciphertext between devices: accounts and
+//! devices, key packages, per-device inboxes, per-conversation commit
+//! ordering and WebSocket push. It holds no keys, parses no message content
+//! and has no outbound HTTP client, so it cannot fetch a link.
+//!
+//! - [`start`] runs a server on a socket and returns a [`RunningServer`].
+//! - [`app`] builds the router over an [`AppState`], testable without a socket.
+//! - [`store::Store`] is the storage trait; [`store::SqliteStore`] the
+//!   embedded backend.
+
+#![warn(missing_docs)]
+
+mod auth;
+mod config;
+mod error;
+pub mod ratelimit;
+mod routes;
+mod server;
+pub mod store;
+pub mod wakeup;
+mod ws;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use subrosa_proto::DeviceAddress;
+use tokio::sync::watch;
+
+pub use auth::now_ms;
+pub use config::{parse_duration, DatabaseUrl, Limits, ServerConfig, TlsConfig};
+pub use error::{AppError, ServerError};
+pub use routes::app;
+pub use server::{open_store, start, RunningServer, ShutdownTrigger};
+
+use ratelimit::RateLimiter;
+use store::Store;
+use wakeup::Wakeups;
+
+/// What every request handler shares: the store, the limits and the
+/// per-node helpers (socket wake-ups, rate-limit buckets). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) limits: Arc<Limits>,
+    pub(crate) wakeups: Arc<Wakeups>,
+    pub(crate) device_limiter: Arc<RateLimiter<DeviceAddress>>,
+    pub(crate) registration_limiter: Arc<RateLimiter<IpAddr>>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    shutdown_tx: Arc<watch::Sender<bool>>,
+}
+
+impl AppState {
+    /// A state over a store with these limits.
+    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
+        let device_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
+        let registration_limiter = RateLimiter::new(
+            f64::from(limits.registrations_per_minute) / 60.0,
+            limits.registrations_per_minute,
+        );
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        AppState {
+            store,
+            limits: Arc::new(limits),
+            wakeups: Arc::new(Wakeups::default()),
+            device_limiter: Arc::new(device_limiter),
+            registration_limiter: Arc::new(registration_limiter),
+            shutdown,
+            shutdown_tx: Arc::new(shutdown_tx),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Closes every open WebSocket of this state (part of a graceful shutdown).
+    pub fn close_sockets(&self) {
+        self.shutdown_tx.send_replace(true);
+    }
+}

@@ -1,0 +1,272 @@
+//! Storage behind one trait.
+//!
+//! Every piece of state that a second server node sharing the same database
+//! would need lives behind [`Store`]: accounts, devices, key packages, nonces
+//! of signed requests, send ids, conversation epochs and inboxes. Only
+//! per-node conveniences (socket wake-ups, rate-limit buckets) live in memory.
+//!
+//! The store never reads the clock: callers hand in `now_ms` (milliseconds
+//! since the Unix epoch), so tests are deterministic.
+
+use async_trait::async_trait;
+use subrosa_proto::{
+    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceRecord, Envelope, Epoch,
+    Handle, KeyPackageCount, SendRequest,
+};
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Why a storage operation failed: either an answer about the data (a taken
+/// handle, a stale epoch) or a failure of the backend itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The handle is taken.
+    #[error("handle taken")]
+    HandleTaken,
+    /// The account already has a device with this id.
+    #[error("device id taken")]
+    DeviceTaken,
+    /// No account has this handle.
+    #[error("unknown handle")]
+    UnknownHandle,
+    /// No active device has this address.
+    #[error("unknown device {0}")]
+    UnknownDevice(DeviceAddress),
+    /// No device of the handle has a key package.
+    #[error("no key package")]
+    NoKeyPackage,
+    /// The device already holds as many one-time key packages as allowed.
+    #[error("too many key packages stored")]
+    TooManyKeyPackages,
+    /// A commit was made for an epoch that is not the conversation's current one.
+    #[error("stale epoch, current is {}", current.0)]
+    StaleEpoch {
+        /// The conversation's current epoch.
+        current: Epoch,
+    },
+    /// The backend is unreachable or busy; the operation may succeed later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The backend failed, or holds data it should not (a bug in us).
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+/// A new account with its first device.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    /// The handle.
+    pub handle: Handle,
+    /// The account identity public key.
+    pub identity_key: Vec<u8>,
+    /// The first device.
+    pub device: DeviceRecord,
+}
+
+/// The result of a stored (or de-duplicated) send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// True when the send id had been stored before; nothing was stored again.
+    pub duplicate: bool,
+    /// The conversation's epoch after the send, when it carried a commit.
+    pub epoch: Option<Epoch>,
+    /// When the send was (first) stored, ms since the Unix epoch.
+    pub server_time: u64,
+    /// The recipient devices that got new inbox rows (empty for a duplicate).
+    pub recipients: Vec<DeviceAddress>,
+}
+
+/// What one expiry sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Inbox rows past their time to live.
+    pub inbox_rows: u64,
+    /// Message rows no inbox row points at any more.
+    pub messages: u64,
+    /// Nonces old enough that their requests would be refused as stale anyway.
+    pub nonces: u64,
+    /// Send ids past their retention.
+    pub send_ids: u64,
+}
+
+/// Row counts, for operators, tests and the demo's "what the server stored".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Accounts.
+    pub accounts: u64,
+    /// Devices.
+    pub devices: u64,
+    /// Stored one-time key packages.
+    pub one_time_key_packages: u64,
+    /// Stored last-resort key packages.
+    pub last_resort_key_packages: u64,
+    /// Stored ciphertexts (each once, whatever its number of recipients).
+    pub messages: u64,
+    /// Undelivered (unacknowledged) inbox rows.
+    pub inbox_rows: u64,
+    /// Remembered nonces of signed requests.
+    pub nonces: u64,
+    /// Remembered send ids.
+    pub send_ids: u64,
+    /// Conversations with a server-ordered epoch.
+    pub conversations: u64,
+}
+
+/// Most one-time key packages one device may have stored at once.
+pub const MAX_STORED_KEY_PACKAGES: u64 = 1000;
+
+/// The delivery service's storage.
+///
+/// Implementations must make every method atomic (all or nothing) and safe
+/// under concurrent calls from several tasks and several server nodes.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Creates an account and its first device.
+    ///
+    /// # Errors
+    /// [`StoreError::HandleTaken`] when the handle exists.
+    async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError>;
+
+    /// Adds a device to an existing account (device linking builds on this).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownHandle`]; [`StoreError::DeviceTaken`] when the
+    /// account has a device with this id.
+    async fn add_device(
+        &self,
+        handle: &Handle,
+        device: DeviceRecord,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// An active device, for checking its signatures.
+    ///
+    /// # Errors
+    /// Backend failures only; an unknown device is `Ok(None)`.
+    async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError>;
+
+    /// An account's identity key and active devices.
+    ///
+    /// # Errors
+    /// Backend failures only; an unknown handle is `Ok(None)`.
+    async fn account(&self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError>;
+
+    /// Remembers the nonce of a signed request. Returns false when this device
+    /// used the nonce before (a replay). `timestamp_ms` is the request's
+    /// signed timestamp; the nonce may be forgotten once that is out of the
+    /// clock-skew window.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn check_nonce(
+        &self,
+        addr: &DeviceAddress,
+        nonce: &str,
+        timestamp_ms: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Stores one-time key packages and optionally replaces the last-resort one.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDevice`], [`StoreError::TooManyKeyPackages`] when
+    /// the device would hold more than [`MAX_STORED_KEY_PACKAGES`].
+    async fn upload_key_packages(
+        &self,
+        addr: &DeviceAddress,
+        one_time: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<KeyPackageCount, StoreError>;
+
+    /// How many key packages this device has stored.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDevice`].
+    async fn key_package_count(&self, addr: &DeviceAddress) -> Result<KeyPackageCount, StoreError>;
+
+    /// Hands out one key package of every active device of `handle` except
+    /// `requester`: a one-time package (deleted in the same transaction, so it
+    /// is handed out at most once) or else the device's last-resort package.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownHandle`]; [`StoreError::NoKeyPackage`] when no
+    /// device has a package.
+    async fn claim_key_packages(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+    ) -> Result<ClaimResponse, StoreError>;
+
+    /// Stores every part of a send for its recipients, atomically, together
+    /// with the send id and (when the send carries a commit) the epoch bump.
+    /// The request must already be checked against the limits.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDevice`] for a recipient that is not an active
+    /// device; [`StoreError::StaleEpoch`] when the commit guard's epoch is not
+    /// the conversation's current one.
+    async fn send(
+        &self,
+        sender: &DeviceAddress,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<SendOutcome, StoreError>;
+
+    /// Up to `limit` envelopes of this device with an id above `after`, oldest
+    /// first, stopping early once their ciphertexts add up to `max_bytes`
+    /// (always at least one envelope when any is pending).
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn fetch_inbox(
+        &self,
+        addr: &DeviceAddress,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Envelope>, StoreError>;
+
+    /// Deletes this device's inbox rows among `ids` (other devices' rows are
+    /// left alone), and every message whose last inbox row went. Returns how
+    /// many rows were deleted.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError>;
+
+    /// The conversation's current epoch (0 for an unknown conversation).
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError>;
+
+    /// Deletes inbox rows stored before `inbox_before_ms` and the messages
+    /// left without any, nonces with a timestamp before `nonces_before_ms`,
+    /// and send ids stored before `send_ids_before_ms`.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn sweep(
+        &self,
+        inbox_before_ms: u64,
+        nonces_before_ms: u64,
+        send_ids_before_ms: u64,
+    ) -> Result<SweepReport, StoreError>;
+
+    /// Backend housekeeping after a sweep (SQLite: checkpoint and truncate the
+    /// write-ahead log, so deleted content leaves the files).
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn maintenance(&self) -> Result<(), StoreError>;
+
+    /// Row counts.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}

@@ -1,0 +1,1003 @@
+//! The embedded SQLite backend.
+//!
+//! One connection behind a mutex, used from `spawn_blocking`. Durability:
+//! WAL with `synchronous=FULL`, so a send acknowledged to the client survives
+//! a power loss. Deleted content is overwritten (`secure_delete=ON`) and the
+//! WAL is truncated by [`Store::maintenance`].
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{
+    params, Connection, ErrorCode as SqliteCode, OptionalExtension, TransactionBehavior,
+};
+use subrosa_proto::{
+    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId,
+    DeviceRecord, Envelope, Epoch, Handle, KeyPackageCount, MessageKind, SendRequest, B64,
+};
+
+use super::{
+    NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_STORED_KEY_PACKAGES,
+};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how
+/// many ran. Append new steps, never edit old ones.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r"
+    CREATE TABLE accounts (
+        handle TEXT PRIMARY KEY,
+        identity_key BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE devices (
+        id INTEGER PRIMARY KEY,
+        handle TEXT NOT NULL REFERENCES accounts(handle),
+        device_id TEXT NOT NULL,
+        signature_key BLOB NOT NULL,
+        certificate BLOB NOT NULL,
+        active INTEGER NOT NULL DEFAULT 1,
+        created_at INTEGER NOT NULL,
+        UNIQUE (handle, device_id)
+    );
+    CREATE TABLE nonces (
+        handle TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        timestamp INTEGER NOT NULL,
+        PRIMARY KEY (handle, device_id, nonce)
+    ) WITHOUT ROWID;
+    CREATE INDEX nonces_by_time ON nonces(timestamp);
+    CREATE TABLE key_packages (
+        id INTEGER PRIMARY KEY,
+        device INTEGER NOT NULL REFERENCES devices(id),
+        data BLOB NOT NULL
+    );
+    CREATE INDEX key_packages_by_device ON key_packages(device, id);
+    CREATE TABLE last_resort_packages (
+        device INTEGER PRIMARY KEY REFERENCES devices(id),
+        data BLOB NOT NULL
+    );
+    CREATE TABLE conversations (
+        id BLOB PRIMARY KEY,
+        epoch INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE send_ids (
+        device INTEGER NOT NULL REFERENCES devices(id),
+        send_id BLOB NOT NULL,
+        epoch INTEGER,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (device, send_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX send_ids_by_time ON send_ids(created_at);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation BLOB NOT NULL,
+        sender INTEGER NOT NULL REFERENCES devices(id),
+        kind TEXT NOT NULL,
+        ciphertext BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device INTEGER NOT NULL REFERENCES devices(id),
+        message INTEGER NOT NULL REFERENCES messages(id),
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX inbox_by_device ON inbox(device, id);
+    CREATE INDEX inbox_by_message ON inbox(message);
+    CREATE INDEX inbox_by_time ON inbox(created_at);
+    ",
+];
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(
+            SqliteCode::DatabaseBusy
+            | SqliteCode::DatabaseLocked
+            | SqliteCode::CannotOpen
+            | SqliteCode::DiskFull
+            | SqliteCode::SystemIoFailure
+            | SqliteCode::ReadOnly
+            | SqliteCode::PermissionDenied,
+        ) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file and runs pending
+    /// migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the file cannot be opened;
+    /// [`StoreError::Internal`] when the schema is newer than this build or a
+    /// migration fails.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path).map_err(|e| match e.sqlite_error_code() {
+            Some(_) => map_err(e),
+            None => StoreError::Unavailable(e.to_string()),
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(map_err)?;
+        // journal_mode answers with a row, so it cannot go through execute_batch.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(map_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Unavailable(format!(
+                "cannot switch the database to WAL mode (got {mode})"
+            )));
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA foreign_keys=ON;",
+        )
+        .map_err(map_err)?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version (number of migrations applied).
+    pub fn schema_version() -> usize {
+        MIGRATIONS.len()
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave a transaction open
+            // (rusqlite rolls back on drop), so a poisoned lock is still usable.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("storage task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(map_err)?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Internal(format!(
+            "database schema version {version} is newer than this server ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Exclusive)
+            .map_err(map_err)?;
+        tx.execute_batch(step).map_err(map_err)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )
+        .map_err(map_err)?;
+        tx.commit().map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// The internal row id of an active device.
+fn device_row(conn: &Connection, addr: &DeviceAddress) -> Result<Option<i64>, StoreError> {
+    conn.query_row(
+        "SELECT id FROM devices WHERE handle = ?1 AND device_id = ?2 AND active = 1",
+        params![addr.handle.as_str(), addr.device.to_hex()],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(map_err)
+}
+
+fn require_device(conn: &Connection, addr: &DeviceAddress) -> Result<i64, StoreError> {
+    device_row(conn, addr)?.ok_or_else(|| StoreError::UnknownDevice(addr.clone()))
+}
+
+fn parse_device_id(s: &str) -> Result<DeviceId, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Internal("stored device id is not valid".into()))
+}
+
+fn parse_handle(s: &str) -> Result<Handle, StoreError> {
+    Handle::new(s).map_err(|_| StoreError::Internal("stored handle is not valid".into()))
+}
+
+fn device_record(device_id: &str, key: Vec<u8>, cert: Vec<u8>) -> Result<DeviceRecord, StoreError> {
+    Ok(DeviceRecord {
+        device_id: parse_device_id(device_id)?,
+        signature_key: B64(key),
+        certificate: B64(cert),
+    })
+}
+
+fn count_packages(conn: &Connection, device: i64) -> Result<KeyPackageCount, StoreError> {
+    let one_time: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM key_packages WHERE device = ?1",
+            [device],
+            |r| r.get(0),
+        )
+        .map_err(map_err)?;
+    let last_resort: bool = conn
+        .query_row(
+            "SELECT EXISTS(SELECT 1 FROM last_resort_packages WHERE device = ?1)",
+            [device],
+            |r| r.get(0),
+        )
+        .map_err(map_err)?;
+    Ok(KeyPackageCount {
+        one_time: to_u64(one_time),
+        last_resort,
+    })
+}
+
+fn count(conn: &Connection, table: &str) -> Result<u64, StoreError> {
+    // `table` only ever comes from the fixed list in `stats`.
+    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(to_u64)
+    .map_err(map_err)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO accounts (handle, identity_key, created_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (handle) DO NOTHING",
+                    params![
+                        account.handle.as_str(),
+                        account.identity_key,
+                        to_i64(now_ms)
+                    ],
+                )
+                .map_err(map_err)?;
+            if inserted == 0 {
+                return Err(StoreError::HandleTaken);
+            }
+            tx.execute(
+                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    account.handle.as_str(),
+                    account.device.device_id.to_hex(),
+                    account.device.signature_key.as_slice(),
+                    account.device.certificate.as_slice(),
+                    to_i64(now_ms)
+                ],
+            )
+            .map_err(map_err)?;
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn add_device(
+        &self,
+        handle: &Handle,
+        device: DeviceRecord,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let handle = handle.clone();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let exists: bool = tx
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)",
+                    [handle.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            if !exists {
+                return Err(StoreError::UnknownHandle);
+            }
+            let inserted = tx
+                .execute(
+                    "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (handle, device_id) DO NOTHING",
+                    params![
+                        handle.as_str(),
+                        device.device_id.to_hex(),
+                        device.signature_key.as_slice(),
+                        device.certificate.as_slice(),
+                        to_i64(now_ms)
+                    ],
+                )
+                .map_err(map_err)?;
+            if inserted == 0 {
+                return Err(StoreError::DeviceTaken);
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
+        let addr = addr.clone();
+        self.run(move |conn| {
+            let row: Option<(String, Vec<u8>, Vec<u8>)> = conn
+                .query_row(
+                    "SELECT device_id, signature_key, certificate FROM devices
+                     WHERE handle = ?1 AND device_id = ?2 AND active = 1",
+                    params![addr.handle.as_str(), addr.device.to_hex()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(map_err)?;
+            row.map(|(d, k, c)| device_record(&d, k, c)).transpose()
+        })
+        .await
+    }
+
+    async fn account(&self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
+        let handle = handle.clone();
+        self.run(move |conn| {
+            let identity_key: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT identity_key FROM accounts WHERE handle = ?1",
+                    [handle.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(map_err)?;
+            let Some(identity_key) = identity_key else {
+                return Ok(None);
+            };
+            let mut stmt = conn
+                .prepare(
+                    "SELECT device_id, signature_key, certificate FROM devices
+                     WHERE handle = ?1 AND active = 1 ORDER BY id",
+                )
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map([handle.as_str()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .map_err(map_err)?;
+            let mut devices = Vec::new();
+            for row in rows {
+                let (d, k, c) = row.map_err(map_err)?;
+                devices.push(device_record(&d, k, c)?);
+            }
+            Ok(Some(AccountInfo {
+                handle,
+                identity_key: B64(identity_key),
+                devices,
+            }))
+        })
+        .await
+    }
+
+    async fn check_nonce(
+        &self,
+        addr: &DeviceAddress,
+        nonce: &str,
+        timestamp_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let addr = addr.clone();
+        let nonce = nonce.to_owned();
+        self.run(move |conn| {
+            let inserted = conn
+                .execute(
+                    "INSERT INTO nonces (handle, device_id, nonce, timestamp) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                    params![addr.handle.as_str(), addr.device.to_hex(), nonce, to_i64(timestamp_ms)],
+                )
+                .map_err(map_err)?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    async fn upload_key_packages(
+        &self,
+        addr: &DeviceAddress,
+        one_time: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<KeyPackageCount, StoreError> {
+        let addr = addr.clone();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let device = require_device(&tx, &addr)?;
+            let before = count_packages(&tx, device)?;
+            if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
+                return Err(StoreError::TooManyKeyPackages);
+            }
+            {
+                let mut insert = tx
+                    .prepare("INSERT INTO key_packages (device, data) VALUES (?1, ?2)")
+                    .map_err(map_err)?;
+                for kp in &one_time {
+                    insert.execute(params![device, kp]).map_err(map_err)?;
+                }
+            }
+            if let Some(lr) = last_resort {
+                tx.execute(
+                    "INSERT INTO last_resort_packages (device, data) VALUES (?1, ?2)
+                     ON CONFLICT (device) DO UPDATE SET data = excluded.data",
+                    params![device, lr],
+                )
+                .map_err(map_err)?;
+            }
+            let after = count_packages(&tx, device)?;
+            tx.commit().map_err(map_err)?;
+            Ok(after)
+        })
+        .await
+    }
+
+    async fn key_package_count(&self, addr: &DeviceAddress) -> Result<KeyPackageCount, StoreError> {
+        let addr = addr.clone();
+        self.run(move |conn| {
+            let device = require_device(conn, &addr)?;
+            count_packages(conn, device)
+        })
+        .await
+    }
+
+    async fn claim_key_packages(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+    ) -> Result<ClaimResponse, StoreError> {
+        let handle = handle.clone();
+        let requester = requester.clone();
+        self.run(move |conn| {
+            // IMMEDIATE takes the write lock up front, so two claims cannot
+            // both read the same one-time package before either deletes it.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let identity_key: Vec<u8> = tx
+                .query_row(
+                    "SELECT identity_key FROM accounts WHERE handle = ?1",
+                    [handle.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(map_err)?
+                .ok_or(StoreError::UnknownHandle)?;
+            let devices: Vec<(i64, String, Vec<u8>, Vec<u8>)> = {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT id, device_id, signature_key, certificate FROM devices
+                         WHERE handle = ?1 AND active = 1 ORDER BY id",
+                    )
+                    .map_err(map_err)?;
+                let rows = stmt
+                    .query_map([handle.as_str()], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .map_err(map_err)?;
+                rows.collect::<Result<_, _>>().map_err(map_err)?
+            };
+            let mut packages = Vec::new();
+            for (row_id, device_id, key, cert) in devices {
+                let record = device_record(&device_id, key, cert)?;
+                if handle == requester.handle && record.device_id == requester.device {
+                    continue;
+                }
+                let one_time: Option<Vec<u8>> = tx
+                    .query_row(
+                        "DELETE FROM key_packages WHERE id =
+                           (SELECT id FROM key_packages WHERE device = ?1 ORDER BY id LIMIT 1)
+                         RETURNING data",
+                        [row_id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(map_err)?;
+                if let Some(kp) = one_time {
+                    packages.push(ClaimedKeyPackage {
+                        device: record,
+                        key_package: B64(kp),
+                        last_resort: false,
+                    });
+                    continue;
+                }
+                let last_resort: Option<Vec<u8>> = tx
+                    .query_row(
+                        "SELECT data FROM last_resort_packages WHERE device = ?1",
+                        [row_id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(map_err)?;
+                if let Some(kp) = last_resort {
+                    packages.push(ClaimedKeyPackage {
+                        device: record,
+                        key_package: B64(kp),
+                        last_resort: true,
+                    });
+                }
+            }
+            if packages.is_empty() {
+                return Err(StoreError::NoKeyPackage);
+            }
+            tx.commit().map_err(map_err)?;
+            Ok(ClaimResponse {
+                handle,
+                identity_key: B64(identity_key),
+                packages,
+            })
+        })
+        .await
+    }
+
+    async fn send(
+        &self,
+        sender: &DeviceAddress,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<SendOutcome, StoreError> {
+        let sender = sender.clone();
+        let request = request.clone();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let sender_row = require_device(&tx, &sender)?;
+            let seen: Option<(Option<i64>, i64)> = tx
+                .query_row(
+                    "SELECT epoch, created_at FROM send_ids WHERE device = ?1 AND send_id = ?2",
+                    params![sender_row, &request.send_id.0[..]],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(map_err)?;
+            if let Some((epoch, created_at)) = seen {
+                return Ok(SendOutcome {
+                    duplicate: true,
+                    epoch: epoch.map(|e| Epoch(to_u64(e))),
+                    server_time: to_u64(created_at),
+                    recipients: Vec::new(),
+                });
+            }
+            // Resolve every recipient before writing anything.
+            let mut parts = Vec::with_capacity(request.parts.len());
+            let mut woken: Vec<DeviceAddress> = Vec::new();
+            let mut woken_set: HashSet<DeviceAddress> = HashSet::new();
+            for part in &request.parts {
+                let mut rows = Vec::with_capacity(part.recipients.len());
+                let mut seen_here = HashSet::new();
+                for addr in &part.recipients {
+                    if !seen_here.insert(addr) {
+                        continue;
+                    }
+                    rows.push(require_device(&tx, addr)?);
+                    if woken_set.insert(addr.clone()) {
+                        woken.push(addr.clone());
+                    }
+                }
+                parts.push((part, rows));
+            }
+            let conversation = &request.conversation.0[..];
+            let epoch = match request.commit {
+                None => None,
+                Some(guard) => {
+                    let current: i64 = tx
+                        .query_row(
+                            "SELECT epoch FROM conversations WHERE id = ?1",
+                            [conversation],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(map_err)?
+                        .unwrap_or(0);
+                    let current = to_u64(current);
+                    if current != guard.epoch.0 {
+                        return Err(StoreError::StaleEpoch {
+                            current: Epoch(current),
+                        });
+                    }
+                    let next = current
+                        .checked_add(1)
+                        .ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
+                    tx.execute(
+                        "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
+                         ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
+                        params![conversation, to_i64(next)],
+                    )
+                    .map_err(map_err)?;
+                    Some(Epoch(next))
+                }
+            };
+            {
+                let mut insert_message = tx
+                    .prepare(
+                        "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(map_err)?;
+                let mut insert_inbox = tx
+                    .prepare("INSERT INTO inbox (device, message, created_at) VALUES (?1, ?2, ?3)")
+                    .map_err(map_err)?;
+                for (part, rows) in &parts {
+                    insert_message
+                        .execute(params![
+                            conversation,
+                            sender_row,
+                            part.kind.as_str(),
+                            part.ciphertext.as_slice(),
+                            to_i64(now_ms)
+                        ])
+                        .map_err(map_err)?;
+                    let message = tx.last_insert_rowid();
+                    for device in rows {
+                        insert_inbox
+                            .execute(params![device, message, to_i64(now_ms)])
+                            .map_err(map_err)?;
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    sender_row,
+                    &request.send_id.0[..],
+                    epoch.map(|e| to_i64(e.0)),
+                    to_i64(now_ms)
+                ],
+            )
+            .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
+            Ok(SendOutcome {
+                duplicate: false,
+                epoch,
+                server_time: now_ms,
+                recipients: woken,
+            })
+        })
+        .await
+    }
+
+    async fn fetch_inbox(
+        &self,
+        addr: &DeviceAddress,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        let addr = addr.clone();
+        self.run(move |conn| {
+            let Some(device) = device_row(conn, &addr)? else { return Ok(Vec::new()) };
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at
+                     FROM inbox i
+                     JOIN messages m ON m.id = i.message
+                     JOIN devices d ON d.id = m.sender
+                     WHERE i.device = ?1 AND i.id > ?2
+                     ORDER BY i.id
+                     LIMIT ?3",
+                )
+                .map_err(map_err)?;
+            let mut rows = stmt
+                .query(params![device, to_i64(after), i64::try_from(limit).unwrap_or(i64::MAX)])
+                .map_err(map_err)?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = rows.next().map_err(map_err)? {
+                let ciphertext: Vec<u8> = r.get(5).map_err(map_err)?;
+                if !out.is_empty() && bytes.saturating_add(ciphertext.len()) > max_bytes {
+                    break;
+                }
+                bytes = bytes.saturating_add(ciphertext.len());
+                let conversation: Vec<u8> = r.get(1).map_err(map_err)?;
+                let handle: String = r.get(2).map_err(map_err)?;
+                let device_id: String = r.get(3).map_err(map_err)?;
+                let kind: String = r.get(4).map_err(map_err)?;
+                out.push(Envelope {
+                    id: to_u64(r.get(0).map_err(map_err)?),
+                    conversation: ConversationId::from_slice(&conversation)
+                        .map_err(|_| StoreError::Internal("stored conversation id is not valid".into()))?,
+                    sender: DeviceAddress { handle: parse_handle(&handle)?, device: parse_device_id(&device_id)? },
+                    kind: MessageKind::parse(&kind)
+                        .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
+                    ciphertext: B64(ciphertext),
+                    server_time: to_u64(r.get(6).map_err(map_err)?),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
+        let addr = addr.clone();
+        let ids = ids.to_vec();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let Some(device) = device_row(&tx, &addr)? else {
+                return Ok(0);
+            };
+            let mut deleted = 0u64;
+            let mut messages = HashSet::new();
+            {
+                let mut delete = tx
+                    .prepare_cached(
+                        "DELETE FROM inbox WHERE id = ?1 AND device = ?2 RETURNING message",
+                    )
+                    .map_err(map_err)?;
+                for id in ids {
+                    let message: Option<i64> = delete
+                        .query_row(params![to_i64(id), device], |r| r.get(0))
+                        .optional()
+                        .map_err(map_err)?;
+                    if let Some(m) = message {
+                        deleted += 1;
+                        messages.insert(m);
+                    }
+                }
+                let mut drop_message = tx
+                    .prepare_cached(
+                        "DELETE FROM messages WHERE id = ?1
+                         AND NOT EXISTS (SELECT 1 FROM inbox WHERE message = ?1)",
+                    )
+                    .map_err(map_err)?;
+                for m in messages {
+                    drop_message.execute([m]).map_err(map_err)?;
+                }
+            }
+            tx.commit().map_err(map_err)?;
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError> {
+        let conversation = *conversation;
+        self.run(move |conn| {
+            let epoch: Option<i64> = conn
+                .query_row(
+                    "SELECT epoch FROM conversations WHERE id = ?1",
+                    [&conversation.0[..]],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(map_err)?;
+            Ok(Epoch(epoch.map(to_u64).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn sweep(
+        &self,
+        inbox_before_ms: u64,
+        nonces_before_ms: u64,
+        send_ids_before_ms: u64,
+    ) -> Result<SweepReport, StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            let inbox_rows = tx
+                .execute("DELETE FROM inbox WHERE created_at < ?1", [to_i64(inbox_before_ms)])
+                .map_err(map_err)?;
+            let messages = tx
+                .execute(
+                    "DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.message = messages.id)",
+                    [],
+                )
+                .map_err(map_err)?;
+            let nonces = tx
+                .execute("DELETE FROM nonces WHERE timestamp < ?1", [to_i64(nonces_before_ms)])
+                .map_err(map_err)?;
+            let send_ids = tx
+                .execute("DELETE FROM send_ids WHERE created_at < ?1", [to_i64(send_ids_before_ms)])
+                .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
+            Ok(SweepReport {
+                inbox_rows: inbox_rows as u64,
+                messages: messages as u64,
+                nonces: nonces as u64,
+                send_ids: send_ids as u64,
+            })
+        })
+        .await
+    }
+
+    async fn maintenance(&self) -> Result<(), StoreError> {
+        self.run(|conn| {
+            // Answers (busy, log frames, checkpointed frames); a busy checkpoint
+            // is retried at the next sweep.
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.run(|conn| {
+            Ok(StoreStats {
+                accounts: count(conn, "accounts")?,
+                devices: count(conn, "devices")?,
+                one_time_key_packages: count(conn, "key_packages")?,
+                last_resort_key_packages: count(conn, "last_resort_packages")?,
+                messages: count(conn, "messages")?,
+                inbox_rows: count(conn, "inbox")?,
+                nonces: count(conn, "nonces")?,
+                send_ids: count(conn, "send_ids")?,
+                conversations: count(conn, "conversations")?,
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    fn open() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("server.db")).expect("open store");
+        (dir, Arc::new(store))
+    }
+
+    macro_rules! conformance_tests {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let (_dir, store) = open();
+                    conformance::$name(store).await;
+                }
+            )*
+        };
+    }
+
+    conformance_tests!(
+        register_and_look_up,
+        duplicate_handle_is_refused,
+        claim_hands_one_time_once_then_last_resort,
+        concurrent_claims_never_share_a_package,
+        key_package_upload_is_bounded,
+        fan_out_stores_ciphertext_once,
+        ack_deletes_only_own_rows_and_last_ack_drops_message,
+        send_id_is_idempotent,
+        unknown_recipient_stores_nothing,
+        stale_epoch_is_refused_with_current,
+        concurrent_commits_one_wins,
+        expiry_removes_old_rows,
+        nonce_replay_is_refused,
+        fetch_respects_cursor_limit_and_bytes,
+    );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_all_passes() {
+        let (_dir, store) = open();
+        conformance::run_all(store).await;
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_schema_version() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("server.db");
+        drop(SqliteStore::open(&path).expect("first open"));
+        let store = SqliteStore::open(&path).expect("second open");
+        let conn = store.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v as usize, SqliteStore::schema_version());
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, "wal");
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("sync");
+        assert_eq!(sync, 2, "synchronous must be FULL");
+        let secure: i64 = conn
+            .query_row("PRAGMA secure_delete", [], |r| r.get(0))
+            .expect("secure");
+        assert_eq!(secure, 1);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("server.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.pragma_update(None, "user_version", 999)
+                .expect("set version");
+        }
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::Internal(_))
+        ));
+    }
+
+    /// After delivery and maintenance, no byte of the ciphertext is left in
+    /// the database files.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivered_ciphertext_leaves_the_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("server.db");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        let marker = b"UNIQUE-MARKER-https://example.invalid/secret-link-7f3a9c".repeat(40);
+        let (alice, bob) = conformance::two_devices(&store).await;
+        let req = conformance::send_request(
+            conformance::random_conversation(),
+            None,
+            vec![(MessageKind::Application, vec![bob.clone()], marker.clone())],
+        );
+        store.send(&alice, &req, 1_000).await.expect("send");
+        store.maintenance().await.expect("checkpoint");
+        let contains = |needle: &[u8]| {
+            let mut found = false;
+            for suffix in ["", "-wal"] {
+                let file = PathBuf::from(format!("{}{suffix}", path.display()));
+                if let Ok(bytes) = std::fs::read(&file) {
+                    found |= bytes.windows(needle.len()).any(|w| w == needle);
+                }
+            }
+            found
+        };
+        assert!(
+            contains(&marker[..56]),
+            "the marker should be stored before delivery"
+        );
+        let env = store
+            .fetch_inbox(&bob, 0, 10, usize::MAX)
+            .await
+            .expect("fetch");
+        let ids: Vec<u64> = env.iter().map(|e| e.id).collect();
+        assert_eq!(store.ack(&bob, &ids).await.expect("ack"), 1);
+        store.maintenance().await.expect("checkpoint");
+        assert!(
+            !contains(&marker[..56]),
+            "delivered ciphertext is still in the database files"
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! `GET /v1/ws`: pushes envelopes as they arrive and takes acknowledgements.
+//!
+//! The upgrade request is signed like any GET. The socket pushes every
+//! pending envelope not yet pushed on it, then waits for a wake-up of its
+//! device (sent by a send on this node), a periodic re-check (which also
+//! catches sends on other nodes), a ping tick or a client frame. One frame is
+//! in flight at a time and its size is bounded, so a slow client holds at
+//! most one frame of memory, and one that stops reading is dropped.
+
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use subrosa_proto::{ClientFrame, DeviceAddress, ErrorBody, ErrorCode, ServerFrame};
+
+use crate::auth::Authed;
+use crate::routes::apply_ack;
+use crate::{AppError, AppState};
+
+/// Envelopes per pushed frame.
+const BATCH: usize = 100;
+/// Ciphertext bytes per pushed frame (a single larger envelope still goes alone).
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// Re-check the inbox this often even without a wake-up.
+const RECHECK: Duration = Duration::from_secs(15);
+/// Ping this often; a client silent for three periods is dropped.
+const PING: Duration = Duration::from_secs(20);
+/// A frame not written within this time drops the client.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest frame a client may send (acknowledgements only).
+const MAX_CLIENT_FRAME: usize = 64 * 1024;
+
+pub(crate) async fn upgrade(
+    Authed(device): Authed,
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, AppError> {
+    let ws = ws.map_err(|_| AppError::bad_request("this route needs a WebSocket upgrade"))?;
+    // The largest frame we push: a batch, or one envelope at the ciphertext
+    // limit, base64-encoded, plus JSON framing. Room for two bounds the
+    // per-socket buffer.
+    let largest = BATCH_BYTES.max(state.limits.max_ciphertext_bytes) / 3 * 4 + 64 * 1024;
+    Ok(ws
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME)
+        .max_write_buffer_size(largest.saturating_mul(2))
+        .on_upgrade(move |socket| async move {
+            if let Err(reason) = run(state, device, socket).await {
+                tracing::debug!(reason, "websocket closed");
+            }
+        }))
+}
+
+async fn send(socket: &mut WebSocket, msg: Message) -> Result<(), &'static str> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("send failed"),
+        Err(_) => Err("client too slow"),
+    }
+}
+
+async fn send_frame(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), &'static str> {
+    let text = serde_json::to_string(frame).map_err(|_| "cannot encode frame")?;
+    send(socket, Message::Text(text.into())).await
+}
+
+async fn close_with_error(socket: &mut WebSocket, err: ErrorBody, code: u16) {
+    let reason = err.code.as_str();
+    let _ = send_frame(socket, &ServerFrame::Error(err.clone())).await;
+    let _ = send(
+        socket,
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })),
+    )
+    .await;
+}
+
+async fn run(
+    state: AppState,
+    device: DeviceAddress,
+    mut socket: WebSocket,
+) -> Result<(), &'static str> {
+    let mut wakeup = state.wakeups.subscribe(&device);
+    let mut shutdown = state.shutdown.clone();
+    let mut recheck = tokio::time::interval(RECHECK);
+    let mut ping = tokio::time::interval(PING);
+    ping.reset();
+    let mut cursor = 0u64;
+    let mut silent_pings = 0u32;
+    loop {
+        // Push everything pending past the cursor, one bounded frame at a time.
+        loop {
+            let batch = match state
+                .store
+                .fetch_inbox(&device, cursor, BATCH, BATCH_BYTES)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    let err = AppError::from(e).body();
+                    close_with_error(&mut socket, err, 1011).await;
+                    return Err("storage failed");
+                }
+            };
+            let Some(last) = batch.last() else { break };
+            cursor = last.id;
+            let full = batch.len() == BATCH;
+            send_frame(&mut socket, &ServerFrame::Messages { messages: batch }).await?;
+            if !full {
+                break;
+            }
+        }
+        tokio::select! {
+            () = wakeup.woken() => {}
+            _ = recheck.tick() => {}
+            _ = ping.tick() => {
+                silent_pings += 1;
+                if silent_pings > 3 {
+                    return Err("client silent");
+                }
+                send(&mut socket, Message::Ping(Default::default())).await?;
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    let _ = send(&mut socket, Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                    return Ok(());
+                }
+            }
+            incoming = socket.recv() => {
+                silent_pings = 0;
+                let text = match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Text(t))) => t.as_str().as_bytes().to_vec(),
+                    Some(Ok(Message::Binary(b))) => b.to_vec(),
+                };
+                let frame: ClientFrame = match serde_json::from_slice(&text) {
+                    Ok(f) => f,
+                    Err(_) => {
+                        let err = ErrorBody { code: ErrorCode::BadRequest, message: "malformed frame".into(), current_epoch: None };
+                        close_with_error(&mut socket, err, 1008).await;
+                        return Err("malformed frame");
+                    }
+                };
+                match frame {
+                    ClientFrame::Ack { ids } => {
+                        if let Err(e) = apply_ack(&state, &device, &ids).await {
+                            close_with_error(&mut socket, e.body(), 1008).await;
+                            return Err("ack refused");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

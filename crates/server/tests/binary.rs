@@ -1,0 +1,150 @@
+//! The `subrosa-server` binary: its ready line, signals and argument errors.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
+
+fn get_health(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+#[cfg(unix)]
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+}
+
+#[cfg(unix)]
+#[test]
+fn prints_ready_line_serves_and_stops_on_signals() {
+    for sig in ["-TERM", "-INT"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let data = dir.path().join("new").join("data");
+        let mut child = Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .args([
+                "--message-ttl",
+                "2s",
+                "--rate-limit",
+                "50",
+                "--max-recipients",
+                "10",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("ready line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("bad ready line {line:?}"));
+        assert!(!addr.ends_with(":0"), "{addr}");
+        let answer = get_health(addr);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("{\"status\":\"ok\"}"), "{answer}");
+        assert!(
+            data.join("server.db").exists(),
+            "the data directory and database are created"
+        );
+
+        signal(child.id(), sig);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no exit after {sig}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{sig}: {status:?}");
+        let mut rest = String::new();
+        stdout.read_to_string(&mut rest).expect("stdout");
+        assert_eq!(rest, "", "exactly one line on stdout");
+    }
+}
+
+fn run_failing(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_arguments_exit_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("d");
+    let data = data.to_str().expect("utf-8");
+    for args in [
+        vec!["--listen", "not-an-address"],
+        vec!["--message-ttl", "soon", "--data", data],
+        vec!["--max-recipients", "0", "--data", data],
+        vec!["--tls-cert", "x.pem", "--data", data],
+        vec!["--no-such-flag"],
+    ] {
+        let (code, stdout, stderr) = run_failing(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(stdout, "");
+        assert!(stderr.contains("error"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").expect("write");
+    let not_a_dir = file.join("data");
+    let (code, stdout, stderr) = run_failing(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        not_a_dir.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("data directory"), "{stderr}");
+
+    let (code, _, stderr) = run_failing(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data,
+        "--database",
+        "postgres://db/x",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("PostgreSQL support is not built yet"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").to_string();
+    let (code, _, stderr) = run_failing(&["--listen", &port, "--data", data]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+}

@@ -1,0 +1,431 @@
+//! The server on a real socket: WebSocket push, expiry, TLS, shutdown.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::TestDevice;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::json;
+use subrosa_proto::{ConversationId, ServerFrame};
+use subrosa_server::{start, RunningServer, ServerConfig, ServerError};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::Message;
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn server(dir: &tempfile::TempDir, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    let mut config = ServerConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.path().join("data"),
+    );
+    tweak(&mut config);
+    start(config).await.expect("server starts")
+}
+
+/// One HTTP/1.1 exchange over any stream; returns status and JSON body.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    req: axum::http::Request<axum::body::Body>,
+) -> (u16, serde_json::Value) {
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .expect("body")
+        .to_bytes();
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
+        parts.method,
+        parts.uri,
+        body.len()
+    );
+    for (k, v) in &parts.headers {
+        if k != "content-length" {
+            head.push_str(&format!("{k}: {}\r\n", v.to_str().expect("header")));
+        }
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(&body).await.expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
+    // Bodies here are small and sent with a content-length, not chunked.
+    let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+async fn http(
+    addr: SocketAddr,
+    req: axum::http::Request<axum::body::Body>,
+) -> (u16, serde_json::Value) {
+    exchange(
+        tokio::net::TcpStream::connect(addr).await.expect("connect"),
+        req,
+    )
+    .await
+}
+
+async fn register(addr: SocketAddr, prefix: &str) -> TestDevice {
+    let d = TestDevice::new(prefix);
+    let (status, body) = http(addr, d.request("POST", "/v1/accounts", d.register_body())).await;
+    assert_eq!(status, 201, "{body}");
+    d
+}
+
+async fn send_text(addr: SocketAddr, from: &TestDevice, to: &TestDevice, ciphertext: &[u8]) {
+    let body = json!({
+        "conversation": ConversationId([5; 16]).to_hex(),
+        "send_id": hex::encode(rand::random::<[u8; 16]>()),
+        "parts": [{ "kind": "application", "recipients": [to.addr()], "ciphertext": b64(ciphertext) }],
+    });
+    let (status, answer) = http(
+        addr,
+        from.request(
+            "POST",
+            "/v1/messages",
+            serde_json::to_vec(&body).expect("json"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect_ws(addr: SocketAddr, d: &TestDevice) -> Ws {
+    let mut req = format!("ws://{addr}/v1/ws")
+        .into_client_request()
+        .expect("request");
+    for (k, v) in d.sign(
+        "GET",
+        "/v1/ws",
+        b"",
+        subrosa_server::now_ms(),
+        &common::fresh_nonce(),
+    ) {
+        req.headers_mut().insert(k, v.parse().expect("header"));
+    }
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+async fn next_frame(ws: &mut Ws) -> ServerFrame {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame in time");
+        match msg.expect("open").expect("frame") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_pushes_pending_and_new_messages_and_takes_acks() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    assert_eq!(srv.url(), format!("http://{addr}"));
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    send_text(addr, &alice, &bob, b"queued before connect").await;
+
+    let mut ws = connect_ws(addr, &bob).await;
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else {
+        panic!("expected messages")
+    };
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].ciphertext.as_slice(), b"queued before connect");
+    let first_id = messages[0].id;
+
+    // A new send is pushed promptly (woken, not polled), and only the new one.
+    let started = Instant::now();
+    send_text(addr, &alice, &bob, b"pushed live").await;
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else {
+        panic!("expected messages")
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "push took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].ciphertext.as_slice(), b"pushed live");
+    let second_id = messages[0].id;
+    assert!(second_id > first_id);
+
+    // Acks over the socket delete the rows.
+    ws.send(Message::Text(
+        json!({ "type": "ack", "ids": [first_id, second_id] })
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("ack");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = srv.state().store().stats().await.expect("stats");
+        if stats.inbox_rows == 0 && stats.messages == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ack over the socket did not delete: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A malformed frame gets an error frame and a close.
+    ws.send(Message::Text("{\"type\":\"ack\",\"ids\":\"nope\"}".into()))
+        .await
+        .expect("send");
+    let ServerFrame::Error(err) = next_frame(&mut ws).await else {
+        panic!("expected an error frame")
+    };
+    assert_eq!(err.code.as_str(), "bad_request");
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "socket not closed after a malformed frame");
+
+    // The server still serves; a second socket works.
+    let mut ws = connect_ws(addr, &bob).await;
+    send_text(addr, &alice, &bob, b"after").await;
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else {
+        panic!("expected messages")
+    };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"after");
+
+    // Shutdown closes open sockets and stops accepting.
+    tokio::time::timeout(Duration::from_secs(15), srv.shutdown())
+        .await
+        .expect("graceful shutdown in time");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "socket left open by shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_must_be_signed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    let bob = register(addr, "bob").await;
+    let req = format!("ws://{addr}/v1/ws")
+        .into_client_request()
+        .expect("request");
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!(
+            "unsigned upgrade accepted: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    // A replayed upgrade is refused.
+    let mut req = format!("ws://{addr}/v1/ws")
+        .into_client_request()
+        .expect("request");
+    for (k, v) in bob.sign(
+        "GET",
+        "/v1/ws",
+        b"",
+        subrosa_server::now_ms(),
+        &common::fresh_nonce(),
+    ) {
+        req.headers_mut().insert(k, v.parse().expect("header"));
+    }
+    let (_ws, _) = tokio_tungstenite::connect_async(req.clone())
+        .await
+        .expect("first upgrade");
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!(
+            "replayed upgrade accepted: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_messages_expire() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |c| c.message_ttl = Duration::from_secs(2)).await;
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    send_text(addr, &alice, &bob, b"expires").await;
+    assert_eq!(
+        srv.state().store().stats().await.expect("stats").messages,
+        1
+    );
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let stats = srv.state().store().stats().await.expect("stats");
+        if stats.messages == 0 && stats.inbox_rows == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "message not expired: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = http(addr, bob.request("GET", "/v1/inbox", vec![])).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["messages"], json!([]));
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_errors_are_clear() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = ServerConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.path().join("data"),
+    );
+    config.database = Some("postgres://db.example/subrosa".into());
+    let err = start(config).await.expect_err("postgres is not built");
+    assert!(matches!(err, ServerError::PostgresNotBuilt));
+    assert!(err
+        .to_string()
+        .contains("PostgreSQL support is not built yet"));
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), file.join("data"));
+    assert!(matches!(
+        start(config).await,
+        Err(ServerError::DataDir { .. })
+    ));
+
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("d2"));
+    config.database = Some(format!(
+        "sqlite://{}",
+        dir.path().join("custom.db").display()
+    ));
+    let srv = start(config).await.expect("custom sqlite path");
+    assert!(dir.path().join("custom.db").exists());
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_https_with_tls() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    if !made.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("openssl is not available; skipping the TLS test");
+        return;
+    }
+    let srv = server(&dir, |c| {
+        c.tls = Some(subrosa_server::TlsConfig {
+            cert_path: cert.clone(),
+            key_path: key.clone(),
+        })
+    })
+    .await;
+    let addr = srv.local_addr();
+    assert_eq!(srv.url(), format!("https://{addr}"));
+
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).expect("pem") {
+        roots.add(c.expect("cert")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let req = axum::http::Request::get("/v1/health")
+        .body(axum::body::Body::empty())
+        .expect("req");
+    let (status, body) = exchange(tls, req).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({ "status": "ok" }));
+
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(5),
+        http(
+            addr,
+            axum::http::Request::get("/v1/health")
+                .body(axum::body::Body::empty())
+                .expect("req"),
+        ),
+    );
+    let plain = tokio::spawn(plain);
+    assert!(!matches!(plain.await, Ok(Ok((200, _)))));
+    srv.shutdown().await;
+
+    // Unreadable TLS files are a clear startup error.
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("d3"));
+    config.tls = Some(subrosa_server::TlsConfig {
+        cert_path: dir.path().join("missing.pem"),
+        key_path: key,
+    });
+    assert!(matches!(start(config).await, Err(ServerError::Tls(_))));
+}
