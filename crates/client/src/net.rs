@@ -268,7 +268,12 @@ fn describe_reqwest(e: &reqwest::Error, base: &Url) -> String {
     if e.is_timeout() {
         format!("{base} did not answer in time")
     } else if e.is_connect() {
-        format!("cannot connect to {base}")
+        // The innermost cause says why: refused, unknown certificate issuer…
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        format!("cannot connect to {base}: {cause}")
     } else {
         format!("talking to {base}: {e}")
     }

@@ -18,18 +18,15 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use subrosa_proto::{
-    canonical_request, DeviceAddress, DeviceId, ErrorCode, Handle, SignedHeaders, HEADER_DEVICE,
-    HEADER_HANDLE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS,
+    canonical_request, DeviceAddress, DeviceId, ErrorCode, Handle, SignedHeaders, HEADER_DEVICE, HEADER_HANDLE,
+    HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS,
 };
 
 use crate::{AppError, AppState};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The signature headers of a request, parsed but not yet checked.
@@ -44,12 +41,8 @@ pub struct RequestSignature {
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AppError> {
-    let value = headers
-        .get(name)
-        .ok_or_else(|| AppError::unauthorized(format!("missing header {name}")))?;
-    value
-        .to_str()
-        .map_err(|_| AppError::unauthorized(format!("header {name} is not text")))
+    let value = headers.get(name).ok_or_else(|| AppError::unauthorized(format!("missing header {name}")))?;
+    value.to_str().map_err(|_| AppError::unauthorized(format!("header {name} is not text")))
 }
 
 impl RequestSignature {
@@ -63,31 +56,21 @@ impl RequestSignature {
         let timestamp_text = header(headers, HEADER_TIMESTAMP)?;
         let nonce = header(headers, HEADER_NONCE)?;
         let signature_text = header(headers, HEADER_SIGNATURE)?;
-        let handle = Handle::new(handle_text).map_err(|_| {
-            AppError::unauthorized(format!("header {HEADER_HANDLE} is not a valid handle"))
-        })?;
-        let device: DeviceId = device_text.parse().map_err(|_| {
-            AppError::unauthorized(format!("header {HEADER_DEVICE} is not a device id"))
-        })?;
-        let timestamp: u64 = timestamp_text.parse().map_err(|_| {
-            AppError::unauthorized(format!("header {HEADER_TIMESTAMP} is not a number"))
-        })?;
-        let nonce_ok =
-            (32..=64).contains(&nonce.len()) && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+        let handle = Handle::new(handle_text)
+            .map_err(|_| AppError::unauthorized(format!("header {HEADER_HANDLE} is not a valid handle")))?;
+        let device: DeviceId = device_text
+            .parse()
+            .map_err(|_| AppError::unauthorized(format!("header {HEADER_DEVICE} is not a device id")))?;
+        let timestamp: u64 = timestamp_text
+            .parse()
+            .map_err(|_| AppError::unauthorized(format!("header {HEADER_TIMESTAMP} is not a number")))?;
+        let nonce_ok = (32..=64).contains(&nonce.len()) && nonce.bytes().all(|b| b.is_ascii_hexdigit());
         if !nonce_ok {
-            return Err(AppError::unauthorized(format!(
-                "header {HEADER_NONCE} must be 16 to 32 random bytes in hex"
-            )));
+            return Err(AppError::unauthorized(format!("header {HEADER_NONCE} must be 16 to 32 random bytes in hex")));
         }
-        let signature = STANDARD
-            .decode(signature_text)
-            .ok()
-            .filter(|s| s.len() == 64)
-            .ok_or_else(|| {
-                AppError::unauthorized(format!(
-                    "header {HEADER_SIGNATURE} is not a base64 Ed25519 signature"
-                ))
-            })?;
+        let signature = STANDARD.decode(signature_text).ok().filter(|s| s.len() == 64).ok_or_else(|| {
+            AppError::unauthorized(format!("header {HEADER_SIGNATURE} is not a base64 Ed25519 signature"))
+        })?;
         Ok(RequestSignature {
             headers: SignedHeaders {
                 handle: handle_text.to_owned(),
@@ -104,13 +87,7 @@ impl RequestSignature {
     ///
     /// # Errors
     /// 401 unauthorized when it does not verify.
-    pub fn verify(
-        &self,
-        key: &[u8],
-        method: &str,
-        path_and_query: &str,
-        body: &[u8],
-    ) -> Result<(), AppError> {
+    pub fn verify(&self, key: &[u8], method: &str, path_and_query: &str, body: &[u8]) -> Result<(), AppError> {
         let msg = canonical_request(method, path_and_query, &self.headers, body);
         UnparsedPublicKey::new(&ED25519, key)
             .verify(&msg, &self.signature)
@@ -139,18 +116,10 @@ impl RequestSignature {
     pub async fn check_nonce(&self, state: &AppState) -> Result<(), AppError> {
         // Hex is case-insensitive: "AB" and "ab" are the same nonce.
         let nonce = self.headers.nonce.to_ascii_lowercase();
-        if state
-            .store
-            .check_nonce(&self.addr, &nonce, self.headers.timestamp)
-            .await?
-        {
+        if state.store.check_nonce(&self.addr, &nonce, self.headers.timestamp).await? {
             Ok(())
         } else {
-            Err(AppError::new(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Replayed,
-                "this request was seen before",
-            ))
+            Err(AppError::new(StatusCode::UNAUTHORIZED, ErrorCode::Replayed, "this request was seen before"))
         }
     }
 }
@@ -164,32 +133,16 @@ async fn authenticate(
     body: &[u8],
 ) -> Result<DeviceAddress, AppError> {
     let sig = RequestSignature::from_headers(headers)?;
-    let device = state
-        .store
-        .device(&sig.addr)
-        .await?
-        .ok_or_else(|| AppError::unauthorized("unknown device"))?;
-    sig.verify(
-        device.signature_key.as_slice(),
-        method,
-        path_and_query,
-        body,
-    )?;
+    let device = state.store.device(&sig.addr).await?.ok_or_else(|| AppError::unauthorized("unknown device"))?;
+    sig.verify(device.signature_key.as_slice(), method, path_and_query, body)?;
     sig.check_fresh(now_ms())?;
-    state
-        .device_limiter
-        .check(&sig.addr, Instant::now())
-        .map_err(AppError::rate_limited)?;
+    state.device_limiter.check(&sig.addr, Instant::now()).map_err(AppError::rate_limited)?;
     sig.check_nonce(state).await?;
     Ok(sig.addr)
 }
 
 fn path_and_query(parts: &Parts) -> &str {
-    parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
+    parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
 /// Reads a body of at most `limit` bytes.
@@ -197,14 +150,10 @@ fn path_and_query(parts: &Parts) -> &str {
 /// # Errors
 /// 413 too_large beyond the limit, 400 when the body cannot be read.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, AppError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(AppError::too_large(format!(
-            "the body is over {limit} bytes"
-        )));
+        return Err(AppError::too_large(format!("the body is over {limit} bytes")));
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
@@ -223,8 +172,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 /// # Errors
 /// 400 bad_request.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| AppError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| AppError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// A device authenticated by a signed request without a body.
@@ -235,14 +183,7 @@ impl FromRequestParts<AppState> for Authed {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let addr = authenticate(
-            state,
-            parts.method.as_str(),
-            path_and_query(parts),
-            &parts.headers,
-            b"",
-        )
-        .await?;
+        let addr = authenticate(state, parts.method.as_str(), path_and_query(parts), &parts.headers, b"").await?;
         Ok(Authed(addr))
     }
 }
@@ -262,14 +203,7 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for SignedJson<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
         let (parts, body) = req.into_parts();
         let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
-        let device = authenticate(
-            state,
-            parts.method.as_str(),
-            path_and_query(&parts),
-            &parts.headers,
-            &bytes,
-        )
-        .await?;
+        let device = authenticate(state, parts.method.as_str(), path_and_query(&parts), &parts.headers, &bytes).await?;
         let body = parse_json(&bytes)?;
         Ok(SignedJson { device, body })
     }

@@ -86,9 +86,7 @@ impl ServerConfig {
     /// The sweep period actually used: the configured interval, but at most
     /// half the TTL (so a short TTL is honoured promptly) and at least 100 ms.
     pub fn effective_sweep_interval(&self) -> Duration {
-        self.sweep_interval
-            .min(self.message_ttl / 2)
-            .max(Duration::from_millis(100))
+        self.sweep_interval.min(self.message_ttl / 2).max(Duration::from_millis(100))
     }
 }
 
@@ -112,18 +110,14 @@ impl DatabaseUrl {
         };
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err(ServerError::Config(
-                    "--database sqlite:// needs a file path".into(),
-                ));
+                return Err(ServerError::Config("--database sqlite:// needs a file path".into()));
             }
             return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(DatabaseUrl::Postgres(url.to_owned()));
         }
-        Err(ServerError::Config(
-            "--database must be sqlite://PATH or postgres://… (scheme not recognised)".into(),
-        ))
+        Err(ServerError::Config("--database must be sqlite://PATH or postgres://… (scheme not recognised)".into()))
     }
 }
 
@@ -133,8 +127,7 @@ impl DatabaseUrl {
 /// A message naming the accepted forms.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let bad =
-        || format!("invalid duration {s:?}: use e.g. 30d, 12h, 90m, 2s, 500ms or plain seconds");
+    let bad = || format!("invalid duration {s:?}: use e.g. 30d, 12h, 90m, 2s, 500ms or plain seconds");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
     let n: u64 = digits.parse().map_err(|_| bad())?;
@@ -169,18 +162,12 @@ mod tests {
     #[test]
     fn database_urls() {
         let dir = std::path::Path::new("/data");
-        assert_eq!(
-            DatabaseUrl::parse(None, dir).ok(),
-            Some(DatabaseUrl::Sqlite("/data/server.db".into()))
-        );
+        assert_eq!(DatabaseUrl::parse(None, dir).ok(), Some(DatabaseUrl::Sqlite("/data/server.db".into())));
         assert_eq!(
             DatabaseUrl::parse(Some("sqlite:///tmp/x.db"), dir).ok(),
             Some(DatabaseUrl::Sqlite("/tmp/x.db".into()))
         );
-        assert!(matches!(
-            DatabaseUrl::parse(Some("postgres://h/db"), dir),
-            Ok(DatabaseUrl::Postgres(_))
-        ));
+        assert!(matches!(DatabaseUrl::parse(Some("postgres://h/db"), dir), Ok(DatabaseUrl::Postgres(_))));
         assert!(DatabaseUrl::parse(Some("mysql://h/db"), dir).is_err());
         assert!(DatabaseUrl::parse(Some("sqlite://"), dir).is_err());
     }

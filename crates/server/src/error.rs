@@ -37,9 +37,7 @@ pub enum ServerError {
     #[error("database: {0}")]
     Store(#[from] StoreError),
     /// PostgreSQL was asked for but is not in this build.
-    #[error(
-        "PostgreSQL support is not built yet; use --database sqlite://PATH or leave --database out"
-    )]
+    #[error("PostgreSQL support is not built yet; use --database sqlite://PATH or leave --database out")]
     PostgresNotBuilt,
 }
 
@@ -66,13 +64,7 @@ impl AppError {
             }
             message.truncate(cut);
         }
-        AppError {
-            status,
-            code,
-            message,
-            current_epoch: None,
-            retry_after_secs: None,
-        }
+        AppError { status, code, message, current_epoch: None, retry_after_secs: None }
     }
     /// 400 bad_request.
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -92,22 +84,14 @@ impl AppError {
     }
     /// 429 rate_limited.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            "too many requests; slow down",
-        );
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, "too many requests; slow down");
         e.retry_after_secs = Some(retry_after_secs.max(1));
         e
     }
     /// 500 internal; `detail` is logged, not sent.
     pub fn internal(detail: &str) -> Self {
         tracing::error!(detail, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            "the server failed; try again later",
-        )
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "the server failed; try again later")
     }
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
@@ -119,35 +103,21 @@ impl AppError {
     }
     /// The body sent to the client.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            code: self.code,
-            message: self.message.clone(),
-            current_epoch: self.current_epoch,
-        }
+        ErrorBody { code: self.code, message: self.message.clone(), current_epoch: self.current_epoch }
     }
 }
 
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::HandleTaken => {
-                Self::new(StatusCode::CONFLICT, ErrorCode::HandleTaken, "handle taken")
+            StoreError::HandleTaken => Self::new(StatusCode::CONFLICT, ErrorCode::HandleTaken, "handle taken"),
+            StoreError::DeviceTaken => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::HandleTaken, "device id taken for this handle")
             }
-            StoreError::DeviceTaken => Self::new(
-                StatusCode::CONFLICT,
-                ErrorCode::HandleTaken,
-                "device id taken for this handle",
-            ),
-            StoreError::UnknownHandle => Self::new(
-                StatusCode::NOT_FOUND,
-                ErrorCode::UnknownHandle,
-                "unknown handle",
-            ),
-            StoreError::UnknownDevice(addr) => Self::new(
-                StatusCode::NOT_FOUND,
-                ErrorCode::UnknownHandle,
-                format!("unknown device {addr}"),
-            ),
+            StoreError::UnknownHandle => Self::new(StatusCode::NOT_FOUND, ErrorCode::UnknownHandle, "unknown handle"),
+            StoreError::UnknownDevice(addr) => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::UnknownHandle, format!("unknown device {addr}"))
+            }
             StoreError::NoKeyPackage => Self::new(
                 StatusCode::NOT_FOUND,
                 ErrorCode::NoKeyPackage,
@@ -184,8 +154,7 @@ impl IntoResponse for AppError {
         let retry = self.retry_after_secs;
         let mut resp = (self.status, Json(self.body())).into_response();
         if let Some(secs) = retry {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -55,10 +55,8 @@ impl AppState {
     /// A state over a store with these limits.
     pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
         let device_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
-        let registration_limiter = RateLimiter::new(
-            f64::from(limits.registrations_per_minute) / 60.0,
-            limits.registrations_per_minute,
-        );
+        let registration_limiter =
+            RateLimiter::new(f64::from(limits.registrations_per_minute) / 60.0, limits.registrations_per_minute);
         let (shutdown_tx, shutdown) = watch::channel(false);
         AppState {
             store,

@@ -75,10 +75,7 @@ fn main() -> ExitCode {
     let mut config = ServerConfig::new(args.listen, args.data);
     config.database = args.database;
     config.tls = match (args.tls_cert, args.tls_key) {
-        (Some(cert_path), Some(key_path)) => Some(TlsConfig {
-            cert_path,
-            key_path,
-        }),
+        (Some(cert_path), Some(key_path)) => Some(TlsConfig { cert_path, key_path }),
         _ => None,
     };
     config.message_ttl = args.message_ttl;
@@ -89,10 +86,7 @@ fn main() -> ExitCode {
         ..Limits::default()
     };
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("subrosa-server: cannot start the runtime: {e}");
@@ -146,10 +140,7 @@ impl Signals {
     #[cfg(unix)]
     fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
 
     #[cfg(not(unix))]

@@ -26,11 +26,7 @@ const PRUNE_ABOVE: usize = 10_000;
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// A limiter; a `rate` of 0 lets everything through.
     pub fn new(rate_per_sec: f64, burst: u32) -> Self {
-        RateLimiter {
-            rate: rate_per_sec,
-            burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
-        }
+        RateLimiter { rate: rate_per_sec, burst: f64::from(burst.max(1)), buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Takes one token for `key`. `Err(seconds)` says how long until one is
@@ -45,14 +41,9 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() > PRUNE_ABOVE && !buckets.contains_key(key) {
             let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| {
-                b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst
-            });
+            buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst);
         }
-        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: self.burst,
-            updated: now,
-        });
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket { tokens: self.burst, updated: now });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.updated = now;
@@ -68,9 +59,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn prune(&self, now: Instant) {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let (rate, burst) = (self.rate, self.burst);
-        buckets.retain(|_, b| {
-            b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst
-        });
+        buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst);
     }
 
     /// Number of buckets held.

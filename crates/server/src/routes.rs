@@ -11,12 +11,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use subrosa_proto::limits::{
-    MAX_ACK_IDS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD,
-    MAX_KEY_PACKAGE_BYTES, MAX_PARTS,
+    MAX_ACK_IDS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD, MAX_KEY_PACKAGE_BYTES, MAX_PARTS,
 };
 use subrosa_proto::{
-    AccountInfo, AckRequest, AckResponse, ClaimRequest, ClaimResponse, Empty, ErrorCode, Handle,
-    InboxResponse, KeyPackageCount, KeyPackageUpload, RegisterRequest, SendRequest, SendResponse,
+    AccountInfo, AckRequest, AckResponse, ClaimRequest, ClaimResponse, Empty, ErrorCode, Handle, InboxResponse,
+    KeyPackageCount, KeyPackageUpload, RegisterRequest, SendRequest, SendResponse,
 };
 
 use crate::auth::{now_ms, parse_json, read_body, Authed, RequestSignature, SignedJson};
@@ -30,10 +29,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/accounts", post(register))
         .route("/v1/accounts/{handle}", get(account))
-        .route(
-            "/v1/keypackages",
-            post(upload_key_packages).get(key_package_count),
-        )
+        .route("/v1/keypackages", post(upload_key_packages).get(key_package_count))
         .route("/v1/keypackages/claim", post(claim_key_packages))
         .route("/v1/messages", post(send))
         .route("/v1/inbox", get(inbox))
@@ -49,11 +45,7 @@ pub fn app(state: AppState) -> Router {
 /// headers or body.
 async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
@@ -71,11 +63,7 @@ async fn not_found() -> AppError {
 }
 
 async fn method_not_allowed() -> AppError {
-    AppError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::NotFound,
-        "this route does not take that method",
-    )
+    AppError::new(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::NotFound, "this route does not take that method")
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -85,65 +73,36 @@ async fn health() -> Json<serde_json::Value> {
 /// Where a request came from, for the registration limit. Absent when the
 /// router runs without a socket (tests).
 fn client_ip(req: &Request) -> Option<std::net::IpAddr> {
-    req.extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip())
+    req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
 }
 
-async fn register(
-    State(state): State<AppState>,
-    req: Request,
-) -> Result<impl IntoResponse, AppError> {
+async fn register(State(state): State<AppState>, req: Request) -> Result<impl IntoResponse, AppError> {
     let ip = client_ip(&req).unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-    state
-        .registration_limiter
-        .check(&ip, Instant::now())
-        .map_err(AppError::rate_limited)?;
+    state.registration_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
     let (parts, body) = req.into_parts();
     let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
     let sig = RequestSignature::from_headers(&parts.headers)?;
     let reg: RegisterRequest = parse_json(&bytes)?;
     if sig.addr.handle != reg.handle || sig.addr.device != reg.device.device_id {
-        return Err(AppError::unauthorized(
-            "the signature headers name another handle or device than the body",
-        ));
+        return Err(AppError::unauthorized("the signature headers name another handle or device than the body"));
     }
     if reg.device.signature_key.len() != 32 {
-        return Err(AppError::bad_request(
-            "the device signature key must be a 32-byte Ed25519 public key",
-        ));
+        return Err(AppError::bad_request("the device signature key must be a 32-byte Ed25519 public key"));
     }
     if reg.identity_key.is_empty() || reg.identity_key.len() > 256 {
-        return Err(AppError::bad_request(
-            "the identity key must be 1 to 256 bytes",
-        ));
+        return Err(AppError::bad_request("the identity key must be 1 to 256 bytes"));
     }
     if reg.device.certificate.len() > MAX_CERTIFICATE_BYTES {
-        return Err(AppError::too_large(format!(
-            "the certificate is over {MAX_CERTIFICATE_BYTES} bytes"
-        )));
+        return Err(AppError::too_large(format!("the certificate is over {MAX_CERTIFICATE_BYTES} bytes")));
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    sig.verify(
-        reg.device.signature_key.as_slice(),
-        parts.method.as_str(),
-        path,
-        &bytes,
-    )?;
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    sig.verify(reg.device.signature_key.as_slice(), parts.method.as_str(), path, &bytes)?;
     sig.check_fresh(now_ms())?;
     sig.check_nonce(&state).await?;
     state
         .store
         .register(
-            NewAccount {
-                handle: reg.handle,
-                identity_key: reg.identity_key.into_inner(),
-                device: reg.device,
-            },
+            NewAccount { handle: reg.handle, identity_key: reg.identity_key.into_inner(), device: reg.device },
             now_ms(),
         )
         .await?;
@@ -161,11 +120,7 @@ async fn account(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<AccountInfo>, AppError> {
     let handle = handle_from_path(path)?;
-    let info = state
-        .store
-        .account(&handle)
-        .await?
-        .ok_or(crate::store::StoreError::UnknownHandle)?;
+    let info = state.store.account(&handle).await?.ok_or(crate::store::StoreError::UnknownHandle)?;
     Ok(Json(info))
 }
 
@@ -174,28 +129,19 @@ async fn upload_key_packages(
     SignedJson { device, body }: SignedJson<KeyPackageUpload>,
 ) -> Result<Json<KeyPackageCount>, AppError> {
     if body.one_time.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
-        return Err(AppError::too_large(format!(
-            "at most {MAX_KEY_PACKAGES_PER_UPLOAD} key packages per upload"
-        )));
+        return Err(AppError::too_large(format!("at most {MAX_KEY_PACKAGES_PER_UPLOAD} key packages per upload")));
     }
     for kp in body.one_time.iter().chain(body.last_resort.iter()) {
         if kp.is_empty() {
             return Err(AppError::bad_request("a key package is empty"));
         }
         if kp.len() > MAX_KEY_PACKAGE_BYTES {
-            return Err(AppError::too_large(format!(
-                "a key package is over {MAX_KEY_PACKAGE_BYTES} bytes"
-            )));
+            return Err(AppError::too_large(format!("a key package is over {MAX_KEY_PACKAGE_BYTES} bytes")));
         }
     }
     let one_time = body.one_time.into_iter().map(|b| b.into_inner()).collect();
     let last_resort = body.last_resort.map(|b| b.into_inner());
-    Ok(Json(
-        state
-            .store
-            .upload_key_packages(&device, one_time, last_resort)
-            .await?,
-    ))
+    Ok(Json(state.store.upload_key_packages(&device, one_time, last_resort).await?))
 }
 
 async fn key_package_count(
@@ -209,12 +155,7 @@ async fn claim_key_packages(
     State(state): State<AppState>,
     SignedJson { device, body }: SignedJson<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, AppError> {
-    Ok(Json(
-        state
-            .store
-            .claim_key_packages(&body.handle, &device)
-            .await?,
-    ))
+    Ok(Json(state.store.claim_key_packages(&body.handle, &device).await?))
 }
 
 fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
@@ -223,28 +164,20 @@ fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
         return Err(AppError::bad_request("a send needs at least one part"));
     }
     if req.parts.len() > MAX_PARTS {
-        return Err(AppError::too_large(format!(
-            "at most {MAX_PARTS} parts per send"
-        )));
+        return Err(AppError::too_large(format!("at most {MAX_PARTS} parts per send")));
     }
     for part in &req.parts {
         if part.recipients.is_empty() {
             return Err(AppError::bad_request("a part needs at least one recipient"));
         }
         if part.recipients.len() > limits.max_recipients {
-            return Err(AppError::too_large(format!(
-                "at most {} recipients per part",
-                limits.max_recipients
-            )));
+            return Err(AppError::too_large(format!("at most {} recipients per part", limits.max_recipients)));
         }
         if part.ciphertext.is_empty() {
             return Err(AppError::bad_request("a part's ciphertext is empty"));
         }
         if part.ciphertext.len() > limits.max_ciphertext_bytes {
-            return Err(AppError::too_large(format!(
-                "a ciphertext is over {} bytes",
-                limits.max_ciphertext_bytes
-            )));
+            return Err(AppError::too_large(format!("a ciphertext is over {} bytes", limits.max_ciphertext_bytes)));
         }
     }
     Ok(())
@@ -260,11 +193,7 @@ async fn send(
     for addr in &out.recipients {
         state.wakeups.wake(addr);
     }
-    Ok(Json(SendResponse {
-        duplicate: out.duplicate,
-        epoch: out.epoch,
-        server_time: out.server_time,
-    }))
+    Ok(Json(SendResponse { duplicate: out.duplicate, epoch: out.epoch, server_time: out.server_time }))
 }
 
 /// `GET /v1/inbox` query.
@@ -278,23 +207,14 @@ async fn inbox(
     State(state): State<AppState>,
     query: Result<Query<InboxQuery>, QueryRejection>,
 ) -> Result<Json<InboxResponse>, AppError> {
-    let Query(q) = query.map_err(|_| {
-        AppError::bad_request(format!("limit must be a number from 1 to {MAX_FETCH}"))
-    })?;
+    let Query(q) = query.map_err(|_| AppError::bad_request(format!("limit must be a number from 1 to {MAX_FETCH}")))?;
     let limit = match q.limit {
         None => MAX_FETCH,
-        Some(0) => {
-            return Err(AppError::bad_request(format!(
-                "limit must be a number from 1 to {MAX_FETCH}"
-            )))
-        }
+        Some(0) => return Err(AppError::bad_request(format!("limit must be a number from 1 to {MAX_FETCH}"))),
         Some(n) => n.min(MAX_FETCH),
     };
     // Bound the answer's size too; the client fetches again after acking.
-    let messages = state
-        .store
-        .fetch_inbox(&device, 0, limit, state.limits.max_body_bytes)
-        .await?;
+    let messages = state.store.fetch_inbox(&device, 0, limit, state.limits.max_body_bytes).await?;
     Ok(Json(InboxResponse { messages }))
 }
 
@@ -305,9 +225,7 @@ pub(crate) async fn apply_ack(
     ids: &[u64],
 ) -> Result<u64, AppError> {
     if ids.len() > MAX_ACK_IDS {
-        return Err(AppError::too_large(format!(
-            "at most {MAX_ACK_IDS} ids per acknowledgement"
-        )));
+        return Err(AppError::too_large(format!("at most {MAX_ACK_IDS} ids per acknowledgement")));
     }
     Ok(state.store.ack(device, ids).await?)
 }

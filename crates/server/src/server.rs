@@ -37,17 +37,13 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
     let url = DatabaseUrl::parse(config.database.as_deref(), &config.data_dir)?;
     let data_dir = config.data_dir.clone();
     tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, ServerError> {
-        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|source| ServerError::DataDir { path: data_dir.display().to_string(), source })?;
         match url {
             DatabaseUrl::Sqlite(path) => {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent).map_err(|source| ServerError::DataDir {
-                        path: parent.display().to_string(),
-                        source,
-                    })?;
+                    std::fs::create_dir_all(parent)
+                        .map_err(|source| ServerError::DataDir { path: parent.display().to_string(), source })?;
                 }
                 Ok(Arc::new(SqliteStore::open(&path)?))
             }
@@ -63,24 +59,12 @@ async fn tls_config(tls: &crate::TlsConfig) -> Result<RustlsConfig, ServerError>
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_path)
         .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| {
-            ServerError::Tls(format!(
-                "cannot read certificate {}: {e}",
-                tls.cert_path.display()
-            ))
-        })?;
+        .map_err(|e| ServerError::Tls(format!("cannot read certificate {}: {e}", tls.cert_path.display())))?;
     if certs.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "no certificate in {}",
-            tls.cert_path.display()
-        )));
+        return Err(ServerError::Tls(format!("no certificate in {}", tls.cert_path.display())));
     }
-    let key = PrivateKeyDer::from_pem_file(&tls.key_path).map_err(|e| {
-        ServerError::Tls(format!(
-            "cannot read private key {}: {e}",
-            tls.key_path.display()
-        ))
-    })?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_path)
+        .map_err(|e| ServerError::Tls(format!("cannot read private key {}: {e}", tls.key_path.display())))?;
     // An explicit provider, so a process that links several rustls providers
     // (the CLI running the server in-process) cannot make this ambiguous.
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -107,21 +91,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         Some(t) => Some(tls_config(t).await?),
         None => None,
     };
-    let listener =
-        std::net::TcpListener::bind(config.listen).map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    listener.set_nonblocking(true).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
 
     let state = AppState::new(Arc::clone(&store), config.limits.clone());
     let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -146,27 +119,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         }
     };
     if handle.listening().await.is_none() {
-        return Err(ServerError::Config(
-            "the server stopped before it was ready".into(),
-        ));
+        return Err(ServerError::Config("the server stopped before it was ready".into()));
     }
     let (stop_sweeper, stop) = watch::channel(false);
-    let sweeper = tokio::spawn(sweep_loop(
-        state.clone(),
-        config.message_ttl,
-        config.effective_sweep_interval(),
-        stop,
-    ));
+    let sweeper = tokio::spawn(sweep_loop(state.clone(), config.message_ttl, config.effective_sweep_interval(), stop));
     tracing::info!(addr = %local_addr, https, "listening");
-    Ok(RunningServer {
-        local_addr,
-        https,
-        handle,
-        state,
-        server,
-        sweeper,
-        stop_sweeper,
-    })
+    Ok(RunningServer { local_addr, https, handle, state, server, sweeper, stop_sweeper })
 }
 
 /// One sweep: expired inbox rows and their messages, stale nonces, old send
@@ -187,12 +145,7 @@ async fn sweep_once(state: &AppState, ttl: Duration) {
     state.registration_limiter.prune(Instant::now());
 }
 
-async fn sweep_loop(
-    state: AppState,
-    ttl: Duration,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn sweep_loop(state: AppState, ttl: Duration, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -223,10 +176,7 @@ impl RunningServer {
     /// A handle that starts a graceful shutdown from elsewhere (a signal
     /// handler), after which [`RunningServer::wait`] returns.
     pub fn shutdown_trigger(&self) -> ShutdownTrigger {
-        ShutdownTrigger {
-            handle: self.handle.clone(),
-            state: self.state.clone(),
-        }
+        ShutdownTrigger { handle: self.handle.clone(), state: self.state.clone() }
     }
 
     /// Stops accepting, closes WebSockets, lets requests in flight finish

@@ -28,15 +28,8 @@ impl Wakeups {
     /// Subscribes to wake-ups for a device.
     pub fn subscribe(self: &Arc<Self>, addr: &DeviceAddress) -> Subscription {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let rx = map
-            .entry(addr.clone())
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe();
-        Subscription {
-            wakeups: Arc::clone(self),
-            addr: addr.clone(),
-            rx: Some(rx),
-        }
+        let rx = map.entry(addr.clone()).or_insert_with(|| watch::channel(0).0).subscribe();
+        Subscription { wakeups: Arc::clone(self), addr: addr.clone(), rx: Some(rx) }
     }
 
     /// Wakes every local socket of the device.
@@ -79,10 +72,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         drop(self.rx.take());
         let mut map = self.wakeups.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map
-            .get(&self.addr)
-            .is_some_and(|tx| tx.receiver_count() == 0)
-        {
+        if map.get(&self.addr).is_some_and(|tx| tx.receiver_count() == 0) {
             map.remove(&self.addr);
         }
     }
@@ -100,15 +90,9 @@ mod tests {
         let mut a = w.subscribe(&addr);
         let mut b = w.subscribe(&addr);
         w.wake(&addr);
-        tokio::time::timeout(Duration::from_secs(1), a.woken())
-            .await
-            .expect("a woken");
-        tokio::time::timeout(Duration::from_secs(1), b.woken())
-            .await
-            .expect("b woken");
-        assert!(tokio::time::timeout(Duration::from_millis(50), a.woken())
-            .await
-            .is_err());
+        tokio::time::timeout(Duration::from_secs(1), a.woken()).await.expect("a woken");
+        tokio::time::timeout(Duration::from_secs(1), b.woken()).await.expect("b woken");
+        assert!(tokio::time::timeout(Duration::from_millis(50), a.woken()).await.is_err());
         drop(a);
         assert_eq!(w.len(), 1);
         drop(b);

@@ -69,21 +69,10 @@ async fn send_frame(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), &
 async fn close_with_error(socket: &mut WebSocket, err: ErrorBody, code: u16) {
     let reason = err.code.as_str();
     let _ = send_frame(socket, &ServerFrame::Error(err.clone())).await;
-    let _ = send(
-        socket,
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })),
-    )
-    .await;
+    let _ = send(socket, Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
-async fn run(
-    state: AppState,
-    device: DeviceAddress,
-    mut socket: WebSocket,
-) -> Result<(), &'static str> {
+async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> Result<(), &'static str> {
     let mut wakeup = state.wakeups.subscribe(&device);
     let mut shutdown = state.shutdown.clone();
     let mut recheck = tokio::time::interval(RECHECK);
@@ -94,11 +83,7 @@ async fn run(
     loop {
         // Push everything pending past the cursor, one bounded frame at a time.
         loop {
-            let batch = match state
-                .store
-                .fetch_inbox(&device, cursor, BATCH, BATCH_BYTES)
-                .await
-            {
+            let batch = match state.store.fetch_inbox(&device, cursor, BATCH, BATCH_BYTES).await {
                 Ok(b) => b,
                 Err(e) => {
                     let err = AppError::from(e).body();

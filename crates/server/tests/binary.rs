@@ -11,10 +11,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
 
 fn get_health(addr: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     out
@@ -22,11 +20,7 @@ fn get_health(addr: &str) -> String {
 
 #[cfg(unix)]
 fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success();
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
     assert!(ok);
 }
 
@@ -39,14 +33,7 @@ fn prints_ready_line_serves_and_stops_on_signals() {
         let mut child = Command::new(BIN)
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(&data)
-            .args([
-                "--message-ttl",
-                "2s",
-                "--rate-limit",
-                "50",
-                "--max-recipients",
-                "10",
-            ])
+            .args(["--message-ttl", "2s", "--rate-limit", "50", "--max-recipients", "10"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -55,18 +42,13 @@ fn prints_ready_line_serves_and_stops_on_signals() {
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("ready line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("bad ready line {line:?}"));
+        let addr =
+            line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("bad ready line {line:?}"));
         assert!(!addr.ends_with(":0"), "{addr}");
         let answer = get_health(addr);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("{\"status\":\"ok\"}"), "{answer}");
-        assert!(
-            data.join("server.db").exists(),
-            "the data directory and database are created"
-        );
+        assert!(data.join("server.db").exists(), "the data directory and database are created");
 
         signal(child.id(), sig);
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -115,30 +97,16 @@ fn bad_arguments_exit_with_a_clear_error() {
     let file = dir.path().join("file");
     std::fs::write(&file, b"x").expect("write");
     let not_a_dir = file.join("data");
-    let (code, stdout, stderr) = run_failing(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--data",
-        not_a_dir.to_str().expect("utf-8"),
-    ]);
+    let (code, stdout, stderr) =
+        run_failing(&["--listen", "127.0.0.1:0", "--data", not_a_dir.to_str().expect("utf-8")]);
     assert_eq!(code, 1, "{stderr}");
     assert_eq!(stdout, "");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("data directory"), "{stderr}");
 
-    let (code, _, stderr) = run_failing(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--data",
-        data,
-        "--database",
-        "postgres://db/x",
-    ]);
+    let (code, _, stderr) = run_failing(&["--listen", "127.0.0.1:0", "--data", data, "--database", "postgres://db/x"]);
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("PostgreSQL support is not built yet"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("PostgreSQL support is not built yet"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     // A port in use.

@@ -20,16 +20,8 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn send_body(
-    to: &[&TestDevice],
-    ciphertext: &[u8],
-    commit: Option<u64>,
-    conversation: &str,
-) -> serde_json::Value {
-    let recipients: Vec<serde_json::Value> = to
-        .iter()
-        .map(|d| serde_json::to_value(d.addr()).expect("json"))
-        .collect();
+fn send_body(to: &[&TestDevice], ciphertext: &[u8], commit: Option<u64>, conversation: &str) -> serde_json::Value {
+    let recipients: Vec<serde_json::Value> = to.iter().map(|d| serde_json::to_value(d.addr()).expect("json")).collect();
     let mut body = json!({
         "conversation": conversation,
         "send_id": hex::encode(rand::random::<[u8; 16]>()),
@@ -62,20 +54,13 @@ async fn register_then_duplicate_handle_conflicts() {
     // Another device key trying to take the same handle.
     let mut thief = TestDevice::new("x");
     thief.handle = alice.handle.clone();
-    let got = t
-        .call(thief.request("POST", "/v1/accounts", thief.register_body()))
-        .await;
+    let got = t.call(thief.request("POST", "/v1/accounts", thief.register_body())).await;
     assert_error(&got, StatusCode::CONFLICT, "handle_taken");
     // The account is as registered, with the first device key.
-    let got = t
-        .call(alice.request("GET", &format!("/v1/accounts/{}", alice.handle), vec![]))
-        .await;
+    let got = t.call(alice.request("GET", &format!("/v1/accounts/{}", alice.handle), vec![])).await;
     assert_eq!(got.0, StatusCode::OK);
     assert_eq!(got.1["devices"].as_array().map(Vec::len), Some(1));
-    assert_eq!(
-        got.1["devices"][0]["signature_key"],
-        json!(b64(alice.record().signature_key.as_slice()))
-    );
+    assert_eq!(got.1["devices"][0]["signature_key"], json!(b64(alice.record().signature_key.as_slice())));
 }
 
 #[tokio::test]
@@ -86,10 +71,7 @@ async fn register_must_be_signed_by_the_registered_key() {
     // Headers and body name alice, the signature is by another key.
     let body = alice.register_body();
     let mut req = other.request("POST", "/v1/accounts", body.clone());
-    for (k, v) in [
-        ("x-subrosa-handle", alice.handle.to_string()),
-        ("x-subrosa-device", alice.device.to_hex()),
-    ] {
+    for (k, v) in [("x-subrosa-handle", alice.handle.to_string()), ("x-subrosa-device", alice.device.to_hex())] {
         req.headers_mut().insert(k, v.parse().expect("header"));
     }
     assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
@@ -97,9 +79,7 @@ async fn register_must_be_signed_by_the_registered_key() {
     let req = other.request("POST", "/v1/accounts", body.clone());
     assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
     // Unsigned.
-    let req = Request::post("/v1/accounts")
-        .body(Body::from(body))
-        .expect("req");
+    let req = Request::post("/v1/accounts").body(Body::from(body)).expect("req");
     assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
     // A stale registration.
     let req = alice.request_with(
@@ -109,18 +89,9 @@ async fn register_must_be_signed_by_the_registered_key() {
         now_ms() - MAX_CLOCK_SKEW_MS - 1000,
         &fresh_nonce(),
     );
-    assert_error(
-        &t.call(req).await,
-        StatusCode::UNAUTHORIZED,
-        "stale_request",
-    );
+    assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "stale_request");
     // Nothing got registered on the way.
-    assert!(t
-        .store
-        .account(&alice.handle)
-        .await
-        .expect("account")
-        .is_none());
+    assert!(t.store.account(&alice.handle).await.expect("account").is_none());
     t.register("carol").await;
 }
 
@@ -129,55 +100,24 @@ async fn register_must_be_signed_by_the_registered_key() {
 /// still serves afterwards.
 #[tokio::test]
 async fn bad_bodies_get_stable_errors_on_every_endpoint() {
-    let limits = Limits {
-        max_body_bytes: 64 * 1024,
-        ..Limits::default()
-    };
+    let limits = Limits { max_body_bytes: 64 * 1024, ..Limits::default() };
     let t = TestApp::with_limits(limits);
     let alice = t.register("alice").await;
     let bob = t.register("bob").await;
     let good_send = bytes(&send_body(&[&bob], b"hello", None, &conv()));
     let many: Vec<String> = (0..10).map(|i| b64(format!("kp{i}").as_bytes())).collect();
-    let got = t
-        .call(bob.request(
-            "POST",
-            "/v1/keypackages",
-            bytes(&json!({ "one_time": many })),
-        ))
-        .await;
+    let got = t.call(bob.request("POST", "/v1/keypackages", bytes(&json!({ "one_time": many })))).await;
     assert_eq!(got.0, StatusCode::OK);
     let endpoints: Vec<(&str, Vec<u8>, serde_json::Value)> = vec![
-        (
-            "/v1/keypackages",
-            bytes(&json!({ "one_time": [b64(b"kp")] })),
-            json!({ "one_time": "not-a-list" }),
-        ),
-        (
-            "/v1/keypackages/claim",
-            bytes(&json!({ "handle": bob.handle })),
-            json!({ "handle": 42 }),
-        ),
-        (
-            "/v1/messages",
-            good_send,
-            json!({ "conversation": conv(), "send_id": "zz", "parts": [] }),
-        ),
-        (
-            "/v1/inbox/ack",
-            bytes(&json!({ "ids": [1, 2] })),
-            json!({ "ids": ["one"] }),
-        ),
+        ("/v1/keypackages", bytes(&json!({ "one_time": [b64(b"kp")] })), json!({ "one_time": "not-a-list" })),
+        ("/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })), json!({ "handle": 42 })),
+        ("/v1/messages", good_send, json!({ "conversation": conv(), "send_id": "zz", "parts": [] })),
+        ("/v1/inbox/ack", bytes(&json!({ "ids": [1, 2] })), json!({ "ids": ["one"] })),
     ];
     for (path, good, wrong_type) in &endpoints {
         let malformed = b"{ this is not json".to_vec();
         let truncated = good[..good.len() / 2].to_vec();
-        for body in [
-            malformed,
-            truncated,
-            bytes(wrong_type),
-            b"[]".to_vec(),
-            Vec::new(),
-        ] {
+        for body in [malformed, truncated, bytes(wrong_type), b"[]".to_vec(), Vec::new()] {
             let got = t.call(alice.request("POST", path, body)).await;
             assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
         }
@@ -186,47 +126,28 @@ async fn bad_bodies_get_stable_errors_on_every_endpoint() {
         assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
         // An oversize body without a Content-Length (streamed) too.
         let mut req = alice.request("POST", path, Vec::new());
-        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-            (0..20).map(|_| Ok(vec![b' '; 8 * 1024])).collect();
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..20).map(|_| Ok(vec![b' '; 8 * 1024])).collect();
         *req.body_mut() = Body::from_stream(futures_util::stream::iter(chunks));
         req.headers_mut().remove("content-length");
-        assert_error(
-            &t.call(req).await,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-        );
+        assert_error(&t.call(req).await, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
         // The good body still works afterwards.
         let got = t.call(alice.request("POST", path, good.clone())).await;
         assert_eq!(got.0, StatusCode::OK, "{path}: {}", got.1);
     }
     // Registration: malformed and wrongly typed bodies.
     let d = TestDevice::new("dave");
-    for body in [
-        b"{".to_vec(),
-        d.register_body()[..20].to_vec(),
-        bytes(&json!({ "handle": "dave", "identity_key": 5 })),
-    ] {
-        assert_error(
-            &t.call(d.request("POST", "/v1/accounts", body)).await,
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-        );
+    for body in
+        [b"{".to_vec(), d.register_body()[..20].to_vec(), bytes(&json!({ "handle": "dave", "identity_key": 5 }))]
+    {
+        assert_error(&t.call(d.request("POST", "/v1/accounts", body)).await, StatusCode::BAD_REQUEST, "bad_request");
     }
-    let got = t
-        .call(d.request("POST", "/v1/accounts", vec![b'{'; 70 * 1024]))
-        .await;
+    let got = t.call(d.request("POST", "/v1/accounts", vec![b'{'; 70 * 1024])).await;
     assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
     // An unknown field is refused too.
     let mut reg: serde_json::Value = serde_json::from_slice(&d.register_body()).expect("json");
     reg["password"] = json!("hunter2");
-    assert_error(
-        &t.call(d.request("POST", "/v1/accounts", bytes(&reg))).await,
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-    );
-    let got = t
-        .call(d.request("POST", "/v1/accounts", d.register_body()))
-        .await;
+    assert_error(&t.call(d.request("POST", "/v1/accounts", bytes(&reg))).await, StatusCode::BAD_REQUEST, "bad_request");
+    let got = t.call(d.request("POST", "/v1/accounts", d.register_body())).await;
     assert_eq!(got.0, StatusCode::CREATED);
 }
 
@@ -238,41 +159,21 @@ async fn missing_or_invalid_signatures_are_refused_everywhere() {
     let routes: Vec<(&str, String, Vec<u8>)> = vec![
         ("GET", format!("/v1/accounts/{}", alice.handle), vec![]),
         ("GET", "/v1/keypackages".into(), vec![]),
-        (
-            "POST",
-            "/v1/keypackages".into(),
-            bytes(&json!({ "one_time": [] })),
-        ),
-        (
-            "POST",
-            "/v1/keypackages/claim".into(),
-            bytes(&json!({ "handle": alice.handle })),
-        ),
-        (
-            "POST",
-            "/v1/messages".into(),
-            bytes(&send_body(&[&alice], b"x", None, &conv())),
-        ),
+        ("POST", "/v1/keypackages".into(), bytes(&json!({ "one_time": [] }))),
+        ("POST", "/v1/keypackages/claim".into(), bytes(&json!({ "handle": alice.handle }))),
+        ("POST", "/v1/messages".into(), bytes(&send_body(&[&alice], b"x", None, &conv()))),
         ("GET", "/v1/inbox".into(), vec![]),
         ("POST", "/v1/inbox/ack".into(), bytes(&json!({ "ids": [] }))),
         ("GET", "/v1/ws".into(), vec![]),
     ];
     for (method, path, body) in &routes {
         // No headers at all.
-        let req = Request::builder()
-            .method(*method)
-            .uri(path.as_str())
-            .body(Body::from(body.clone()))
-            .expect("req");
+        let req = Request::builder().method(*method).uri(path.as_str()).body(Body::from(body.clone())).expect("req");
         assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
         // Each header missing in turn.
-        for missing in [
-            "x-subrosa-handle",
-            "x-subrosa-device",
-            "x-subrosa-timestamp",
-            "x-subrosa-nonce",
-            "x-subrosa-signature",
-        ] {
+        for missing in
+            ["x-subrosa-handle", "x-subrosa-device", "x-subrosa-timestamp", "x-subrosa-nonce", "x-subrosa-signature"]
+        {
             let mut req = alice.request(method, path, body.clone());
             req.headers_mut().remove(missing);
             assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
@@ -287,16 +188,12 @@ async fn missing_or_invalid_signatures_are_refused_everywhere() {
             ("x-subrosa-signature", "AAAA"),
         ] {
             let mut req = alice.request(method, path, body.clone());
-            req.headers_mut()
-                .insert(name, value.parse().expect("header"));
+            req.headers_mut().insert(name, value.parse().expect("header"));
             assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
         }
         // A signature by the wrong key.
         let mut req = stranger.request(method, path, body.clone());
-        for (k, v) in [
-            ("x-subrosa-handle", alice.handle.to_string()),
-            ("x-subrosa-device", alice.device.to_hex()),
-        ] {
+        for (k, v) in [("x-subrosa-handle", alice.handle.to_string()), ("x-subrosa-device", alice.device.to_hex())] {
             req.headers_mut().insert(k, v.parse().expect("header"));
         }
         assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
@@ -320,22 +217,13 @@ async fn missing_or_invalid_signatures_are_refused_everywhere() {
             assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "unauthorized");
         }
         // Stale and future timestamps.
-        for ts in [
-            now_ms() - MAX_CLOCK_SKEW_MS - 5_000,
-            now_ms() + MAX_CLOCK_SKEW_MS + 5_000,
-        ] {
+        for ts in [now_ms() - MAX_CLOCK_SKEW_MS - 5_000, now_ms() + MAX_CLOCK_SKEW_MS + 5_000] {
             let req = alice.request_with(method, path, body.clone(), ts, &fresh_nonce());
-            assert_error(
-                &t.call(req).await,
-                StatusCode::UNAUTHORIZED,
-                "stale_request",
-            );
+            assert_error(&t.call(req).await, StatusCode::UNAUTHORIZED, "stale_request");
         }
     }
     // Still serving.
-    let got = t
-        .call(alice.request("GET", "/v1/keypackages", vec![]))
-        .await;
+    let got = t.call(alice.request("GET", "/v1/keypackages", vec![])).await;
     assert_eq!(got.0, StatusCode::OK);
 }
 
@@ -347,31 +235,19 @@ async fn replayed_requests_are_refused() {
     let nonce = fresh_nonce();
     let ts = now_ms();
     let body = bytes(&send_body(&[&bob], b"once", None, &conv()));
-    let first = t
-        .call(alice.request_with("POST", "/v1/messages", body.clone(), ts, &nonce))
-        .await;
+    let first = t.call(alice.request_with("POST", "/v1/messages", body.clone(), ts, &nonce)).await;
     assert_eq!(first.0, StatusCode::OK);
-    let again = t
-        .call(alice.request_with("POST", "/v1/messages", body.clone(), ts, &nonce))
-        .await;
+    let again = t.call(alice.request_with("POST", "/v1/messages", body.clone(), ts, &nonce)).await;
     assert_error(&again, StatusCode::UNAUTHORIZED, "replayed");
     // Same nonce in upper case is the same nonce.
     let upper = nonce.to_ascii_uppercase();
-    let again = t
-        .call(alice.request_with("POST", "/v1/messages", body, ts, &upper))
-        .await;
+    let again = t.call(alice.request_with("POST", "/v1/messages", body, ts, &upper)).await;
     assert_error(&again, StatusCode::UNAUTHORIZED, "replayed");
     // A replayed GET too.
     let n = fresh_nonce();
-    assert_eq!(
-        t.call(bob.request_with("GET", "/v1/inbox", vec![], ts, &n))
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(t.call(bob.request_with("GET", "/v1/inbox", vec![], ts, &n)).await.0, StatusCode::OK);
     assert_error(
-        &t.call(bob.request_with("GET", "/v1/inbox", vec![], ts, &n))
-            .await,
+        &t.call(bob.request_with("GET", "/v1/inbox", vec![], ts, &n)).await,
         StatusCode::UNAUTHORIZED,
         "replayed",
     );
@@ -379,15 +255,9 @@ async fn replayed_requests_are_refused() {
     let carol = TestDevice::new("carol");
     let n = fresh_nonce();
     let reg = carol.register_body();
-    assert_eq!(
-        t.call(carol.request_with("POST", "/v1/accounts", reg.clone(), ts, &n))
-            .await
-            .0,
-        StatusCode::CREATED
-    );
+    assert_eq!(t.call(carol.request_with("POST", "/v1/accounts", reg.clone(), ts, &n)).await.0, StatusCode::CREATED);
     assert_error(
-        &t.call(carol.request_with("POST", "/v1/accounts", reg, ts, &n))
-            .await,
+        &t.call(carol.request_with("POST", "/v1/accounts", reg, ts, &n)).await,
         StatusCode::UNAUTHORIZED,
         "replayed",
     );
@@ -401,65 +271,26 @@ async fn key_packages_claim_and_count() {
     let t = TestApp::new();
     let alice = t.register("alice").await;
     let bob = t.register("bob").await;
-    let got = t
-        .call(alice.request(
-            "POST",
-            "/v1/keypackages/claim",
-            bytes(&json!({ "handle": bob.handle })),
-        ))
-        .await;
+    let got = t.call(alice.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))).await;
     assert_error(&got, StatusCode::NOT_FOUND, "no_key_package");
-    let got = t
-        .call(alice.request(
-            "POST",
-            "/v1/keypackages/claim",
-            bytes(&json!({ "handle": "nobody-here" })),
-        ))
-        .await;
+    let got = t.call(alice.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": "nobody-here" })))).await;
     assert_error(&got, StatusCode::NOT_FOUND, "unknown_handle");
 
-    let upload =
-        json!({ "one_time": [b64(b"kp-1"), b64(b"kp-2")], "last_resort": b64(b"kp-last") });
-    let got = t
-        .call(bob.request("POST", "/v1/keypackages", bytes(&upload)))
-        .await;
-    assert_eq!(
-        got,
-        (
-            StatusCode::OK,
-            json!({ "one_time": 2, "last_resort": true })
-        )
-    );
+    let upload = json!({ "one_time": [b64(b"kp-1"), b64(b"kp-2")], "last_resort": b64(b"kp-last") });
+    let got = t.call(bob.request("POST", "/v1/keypackages", bytes(&upload))).await;
+    assert_eq!(got, (StatusCode::OK, json!({ "one_time": 2, "last_resort": true })));
     let got = t.call(bob.request("GET", "/v1/keypackages", vec![])).await;
-    assert_eq!(
-        got,
-        (
-            StatusCode::OK,
-            json!({ "one_time": 2, "last_resort": true })
-        )
-    );
+    assert_eq!(got, (StatusCode::OK, json!({ "one_time": 2, "last_resort": true })));
 
     let mut handed = Vec::new();
     for _ in 0..4 {
-        let got = t
-            .call(alice.request(
-                "POST",
-                "/v1/keypackages/claim",
-                bytes(&json!({ "handle": bob.handle })),
-            ))
-            .await;
+        let got = t.call(alice.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))).await;
         assert_eq!(got.0, StatusCode::OK, "{}", got.1);
         assert_eq!(got.1["handle"], json!(bob.handle));
-        assert_eq!(
-            got.1["identity_key"],
-            json!(b64(bob_identity(&bob).as_slice()))
-        );
+        assert_eq!(got.1["identity_key"], json!(b64(bob_identity(&bob).as_slice())));
         let p = &got.1["packages"][0];
         assert_eq!(p["device"]["device_id"], json!(bob.device.to_hex()));
-        handed.push((
-            p["key_package"].as_str().unwrap_or_default().to_owned(),
-            p["last_resort"].as_bool(),
-        ));
+        handed.push((p["key_package"].as_str().unwrap_or_default().to_owned(), p["last_resort"].as_bool()));
     }
     assert_eq!(
         handed,
@@ -475,30 +306,13 @@ async fn key_packages_claim_and_count() {
 
     // Limits: count and size.
     let many: Vec<String> = (0..201).map(|i| b64(format!("kp{i}").as_bytes())).collect();
-    let got = t
-        .call(bob.request(
-            "POST",
-            "/v1/keypackages",
-            bytes(&json!({ "one_time": many })),
-        ))
-        .await;
+    let got = t.call(bob.request("POST", "/v1/keypackages", bytes(&json!({ "one_time": many })))).await;
     assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
     let big = b64(&vec![1u8; 16 * 1024 + 1]);
-    let got = t
-        .call(bob.request(
-            "POST",
-            "/v1/keypackages",
-            bytes(&json!({ "one_time": [], "last_resort": big })),
-        ))
-        .await;
+    let got =
+        t.call(bob.request("POST", "/v1/keypackages", bytes(&json!({ "one_time": [], "last_resort": big })))).await;
     assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
-    let got = t
-        .call(bob.request(
-            "POST",
-            "/v1/keypackages",
-            bytes(&json!({ "one_time": [""] })),
-        ))
-        .await;
+    let got = t.call(bob.request("POST", "/v1/keypackages", bytes(&json!({ "one_time": [""] })))).await;
     assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
 }
 
@@ -512,24 +326,15 @@ async fn account_lookup() {
     let t = TestApp::new();
     let alice = t.register("alice").await;
     let bob = t.register("bob").await;
-    let got = t
-        .call(alice.request("GET", &format!("/v1/accounts/{}", bob.handle), vec![]))
-        .await;
+    let got = t.call(alice.request("GET", &format!("/v1/accounts/{}", bob.handle), vec![])).await;
     assert_eq!(got.0, StatusCode::OK);
     assert_eq!(got.1["handle"], json!(bob.handle));
     assert_eq!(got.1["identity_key"], json!(b64(&bob_identity(&bob))));
     assert_eq!(got.1["devices"][0]["device_id"], json!(bob.device.to_hex()));
-    assert_eq!(
-        got.1["devices"][0]["certificate"],
-        json!(b64(b"opaque certificate"))
-    );
-    let got = t
-        .call(alice.request("GET", "/v1/accounts/nobody-here", vec![]))
-        .await;
+    assert_eq!(got.1["devices"][0]["certificate"], json!(b64(b"opaque certificate")));
+    let got = t.call(alice.request("GET", "/v1/accounts/nobody-here", vec![])).await;
     assert_error(&got, StatusCode::NOT_FOUND, "unknown_handle");
-    let got = t
-        .call(alice.request("GET", "/v1/accounts/NOT!valid", vec![]))
-        .await;
+    let got = t.call(alice.request("GET", "/v1/accounts/NOT!valid", vec![])).await;
     assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
 }
 
@@ -541,224 +346,122 @@ async fn send_fetch_ack_round_trip() {
     let carol = t.register("carol").await;
     let c = conv();
     let body = send_body(&[&bob, &carol], b"ciphertext-1", None, &c);
-    let got = t
-        .call(alice.request("POST", "/v1/messages", bytes(&body)))
-        .await;
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&body))).await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     assert_eq!(got.1["duplicate"], json!(false));
     assert!(got.1["server_time"].as_u64().is_some_and(|t| t > 0));
     // The same send id again: a duplicate, stored once.
-    let got = t
-        .call(alice.request("POST", "/v1/messages", bytes(&body)))
-        .await;
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&body))).await;
     assert_eq!(got.1["duplicate"], json!(true));
     assert_eq!(t.store.stats().await.expect("stats").messages, 1);
     assert_eq!(t.store.stats().await.expect("stats").inbox_rows, 2);
 
-    let got = t
-        .call(bob.request("GET", "/v1/inbox?limit=10", vec![]))
-        .await;
+    let got = t.call(bob.request("GET", "/v1/inbox?limit=10", vec![])).await;
     assert_eq!(got.0, StatusCode::OK);
     let msgs = got.1["messages"].as_array().cloned().unwrap_or_default();
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0]["conversation"], json!(c));
-    assert_eq!(
-        msgs[0]["sender"],
-        serde_json::to_value(alice.addr()).expect("json")
-    );
+    assert_eq!(msgs[0]["sender"], serde_json::to_value(alice.addr()).expect("json"));
     assert_eq!(msgs[0]["kind"], json!("application"));
     assert_eq!(msgs[0]["ciphertext"], json!(b64(b"ciphertext-1")));
     let id = msgs[0]["id"].as_u64().expect("id");
 
     // Carol cannot ack bob's envelope.
-    let got = t
-        .call(carol.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": [id] }))))
-        .await;
+    let got = t.call(carol.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": [id] })))).await;
     assert_eq!(got.1, json!({ "deleted": 0 }));
-    let got = t
-        .call(bob.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": [id] }))))
-        .await;
+    let got = t.call(bob.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": [id] })))).await;
     assert_eq!(got.1, json!({ "deleted": 1 }));
-    assert!(
-        t.call(bob.request("GET", "/v1/inbox", vec![])).await.1["messages"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    );
-    assert_eq!(
-        t.store.stats().await.expect("stats").messages,
-        1,
-        "carol has not acked"
-    );
-    let cid = t.call(carol.request("GET", "/v1/inbox", vec![])).await.1["messages"][0]["id"]
-        .as_u64()
-        .expect("id");
-    t.call(carol.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": [cid] }))))
-        .await;
+    assert!(t.call(bob.request("GET", "/v1/inbox", vec![])).await.1["messages"].as_array().is_some_and(Vec::is_empty));
+    assert_eq!(t.store.stats().await.expect("stats").messages, 1, "carol has not acked");
+    let cid = t.call(carol.request("GET", "/v1/inbox", vec![])).await.1["messages"][0]["id"].as_u64().expect("id");
+    t.call(carol.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": [cid] })))).await;
     let stats = t.store.stats().await.expect("stats");
-    assert_eq!(
-        (stats.messages, stats.inbox_rows),
-        (0, 0),
-        "nothing of the message is left"
-    );
+    assert_eq!((stats.messages, stats.inbox_rows), (0, 0), "nothing of the message is left");
 
     // Inbox limits.
     for q in ["limit=0", "limit=abc", "limit=-1"] {
-        let got = t
-            .call(bob.request("GET", &format!("/v1/inbox?{q}"), vec![]))
-            .await;
+        let got = t.call(bob.request("GET", &format!("/v1/inbox?{q}"), vec![])).await;
         assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
     }
     for i in 0..3u8 {
-        t.call(alice.request(
-            "POST",
-            "/v1/messages",
-            bytes(&send_body(&[&bob], &[i], None, &c)),
-        ))
-        .await;
+        t.call(alice.request("POST", "/v1/messages", bytes(&send_body(&[&bob], &[i], None, &c)))).await;
     }
-    let got = t
-        .call(bob.request("GET", "/v1/inbox?limit=2", vec![]))
-        .await;
-    let ids: Vec<u64> = got.1["messages"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter_map(|m| m["id"].as_u64())
-        .collect();
+    let got = t.call(bob.request("GET", "/v1/inbox?limit=2", vec![])).await;
+    let ids: Vec<u64> = got.1["messages"].as_array().expect("list").iter().filter_map(|m| m["id"].as_u64()).collect();
     assert_eq!(ids.len(), 2);
     assert!(ids[0] < ids[1]);
-    let got = t
-        .call(bob.request("GET", "/v1/inbox?limit=100000", vec![]))
-        .await;
+    let got = t.call(bob.request("GET", "/v1/inbox?limit=100000", vec![])).await;
     assert_eq!(got.1["messages"].as_array().map(Vec::len), Some(3));
     let too_many: Vec<u64> = (0..1001).collect();
-    let got = t
-        .call(bob.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": too_many }))))
-        .await;
+    let got = t.call(bob.request("POST", "/v1/inbox/ack", bytes(&json!({ "ids": too_many })))).await;
     assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
 }
 
 #[tokio::test]
 async fn commit_ordering_and_send_validation() {
-    let limits = Limits {
-        max_recipients: 2,
-        max_ciphertext_bytes: 1000,
-        ..Limits::default()
-    };
+    let limits = Limits { max_recipients: 2, max_ciphertext_bytes: 1000, ..Limits::default() };
     let t = TestApp::with_limits(limits);
     let alice = t.register("alice").await;
     let bob = t.register("bob").await;
     let carol = t.register("carol").await;
     let c = conv();
-    let got = t
-        .call(alice.request(
-            "POST",
-            "/v1/messages",
-            bytes(&send_body(&[&bob], b"c0", Some(0), &c)),
-        ))
-        .await;
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&send_body(&[&bob], b"c0", Some(0), &c)))).await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     assert_eq!(got.1["epoch"], json!(1));
     // Bob commits for epoch 0 too late.
-    let got = t
-        .call(bob.request(
-            "POST",
-            "/v1/messages",
-            bytes(&send_body(&[&alice], b"c0'", Some(0), &c)),
-        ))
-        .await;
+    let got = t.call(bob.request("POST", "/v1/messages", bytes(&send_body(&[&alice], b"c0'", Some(0), &c)))).await;
     assert_error(&got, StatusCode::CONFLICT, "stale_epoch");
     assert_eq!(got.1["current_epoch"], json!(1));
-    let got = t
-        .call(bob.request(
-            "POST",
-            "/v1/messages",
-            bytes(&send_body(&[&alice], b"c1", Some(1), &c)),
-        ))
-        .await;
+    let got = t.call(bob.request("POST", "/v1/messages", bytes(&send_body(&[&alice], b"c1", Some(1), &c)))).await;
     assert_eq!(got.1["epoch"], json!(2));
 
     // Unknown recipient device: 404 naming the address, nothing stored.
     let ghost = TestDevice::new("ghost");
     let before = t.store.stats().await.expect("stats");
-    let got = t
-        .call(alice.request(
-            "POST",
-            "/v1/messages",
-            bytes(&send_body(&[&bob, &ghost], b"x", None, &c)),
-        ))
-        .await;
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&send_body(&[&bob, &ghost], b"x", None, &c)))).await;
     assert_error(&got, StatusCode::NOT_FOUND, "unknown_handle");
-    assert!(
-        got.1["message"]
-            .as_str()
-            .is_some_and(|m| m.contains(&ghost.addr().to_string())),
-        "{}",
-        got.1
-    );
-    assert_eq!(
-        t.store.stats().await.expect("stats").inbox_rows,
-        before.inbox_rows
-    );
-    assert_eq!(
-        t.store.stats().await.expect("stats").messages,
-        before.messages
-    );
+    assert!(got.1["message"].as_str().is_some_and(|m| m.contains(&ghost.addr().to_string())), "{}", got.1);
+    assert_eq!(t.store.stats().await.expect("stats").inbox_rows, before.inbox_rows);
+    assert_eq!(t.store.stats().await.expect("stats").messages, before.messages);
 
     // Limits.
-    let got = t
-        .call(alice.request(
-            "POST",
-            "/v1/messages",
-            bytes(&send_body(&[&bob, &carol, &alice], b"x", None, &c)),
-        ))
-        .await;
+    let got =
+        t.call(alice.request("POST", "/v1/messages", bytes(&send_body(&[&bob, &carol, &alice], b"x", None, &c)))).await;
     assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
-    let got = t
-        .call(alice.request(
-            "POST",
-            "/v1/messages",
-            bytes(&send_body(&[&bob], &[0; 1001], None, &c)),
-        ))
-        .await;
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&send_body(&[&bob], &[0; 1001], None, &c)))).await;
     assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
     let mut five = send_body(&[&bob], b"x", None, &c);
     let part = five["parts"][0].clone();
     five["parts"] = json!([part, part, part, part, part]);
     assert_error(
-        &t.call(alice.request("POST", "/v1/messages", bytes(&five)))
-            .await,
+        &t.call(alice.request("POST", "/v1/messages", bytes(&five))).await,
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
     );
     let mut none = send_body(&[&bob], b"x", None, &c);
     none["parts"] = json!([]);
     assert_error(
-        &t.call(alice.request("POST", "/v1/messages", bytes(&none)))
-            .await,
+        &t.call(alice.request("POST", "/v1/messages", bytes(&none))).await,
         StatusCode::BAD_REQUEST,
         "bad_request",
     );
     let no_recipients = send_body(&[], b"x", None, &c);
     assert_error(
-        &t.call(alice.request("POST", "/v1/messages", bytes(&no_recipients)))
-            .await,
+        &t.call(alice.request("POST", "/v1/messages", bytes(&no_recipients))).await,
         StatusCode::BAD_REQUEST,
         "bad_request",
     );
     let mut bad_kind = send_body(&[&bob], b"x", None, &c);
     bad_kind["parts"][0]["kind"] = json!("reaction");
     assert_error(
-        &t.call(alice.request("POST", "/v1/messages", bytes(&bad_kind)))
-            .await,
+        &t.call(alice.request("POST", "/v1/messages", bytes(&bad_kind))).await,
         StatusCode::BAD_REQUEST,
         "bad_request",
     );
     let mut bad_b64 = send_body(&[&bob], b"x", None, &c);
     bad_b64["parts"][0]["ciphertext"] = json!("***");
     assert_error(
-        &t.call(alice.request("POST", "/v1/messages", bytes(&bad_b64)))
-            .await,
+        &t.call(alice.request("POST", "/v1/messages", bytes(&bad_b64))).await,
         StatusCode::BAD_REQUEST,
         "bad_request",
     );
@@ -767,25 +470,11 @@ async fn commit_ordering_and_send_validation() {
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json() {
     let t = TestApp::new();
-    let got = t
-        .call(
-            Request::get("/v1/nothing-here")
-                .body(Body::empty())
-                .expect("req"),
-        )
-        .await;
+    let got = t.call(Request::get("/v1/nothing-here").body(Body::empty()).expect("req")).await;
     assert_error(&got, StatusCode::NOT_FOUND, "not_found");
-    let got = t
-        .call(Request::get("/").body(Body::empty()).expect("req"))
-        .await;
+    let got = t.call(Request::get("/").body(Body::empty()).expect("req")).await;
     assert_error(&got, StatusCode::NOT_FOUND, "not_found");
-    let got = t
-        .call(
-            Request::delete("/v1/messages")
-                .body(Body::empty())
-                .expect("req"),
-        )
-        .await;
+    let got = t.call(Request::delete("/v1/messages").body(Body::empty()).expect("req")).await;
     assert_eq!(got.0, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(got.1["code"], json!("not_found"));
     // A signed plain GET to the WebSocket route without an upgrade.
@@ -796,22 +485,12 @@ async fn unknown_routes_and_methods_answer_json() {
 
 #[tokio::test]
 async fn rate_limits_answer_429() {
-    let limits = Limits {
-        requests_per_second: 1,
-        burst: 3,
-        registrations_per_minute: 2,
-        ..Limits::default()
-    };
+    let limits = Limits { requests_per_second: 1, burst: 3, registrations_per_minute: 2, ..Limits::default() };
     let t = TestApp::with_limits(limits);
     let alice = t.register("alice").await;
     let bob = t.register("bob").await;
-    let got = t
-        .call(TestDevice::new("carol").request(
-            "POST",
-            "/v1/accounts",
-            TestDevice::new("x").register_body(),
-        ))
-        .await;
+    let got =
+        t.call(TestDevice::new("carol").request("POST", "/v1/accounts", TestDevice::new("x").register_body())).await;
     assert_error(&got, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     let mut statuses = Vec::new();
     for _ in 0..5 {
@@ -822,8 +501,5 @@ async fn rate_limits_answer_429() {
     let got = t.call(alice.request("GET", "/v1/inbox", vec![])).await;
     assert_error(&got, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     // Buckets are per device.
-    assert_eq!(
-        t.call(bob.request("GET", "/v1/inbox", vec![])).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(t.call(bob.request("GET", "/v1/inbox", vec![])).await.0, StatusCode::OK);
 }

@@ -18,69 +18,30 @@ fn cargo_tree(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("cargo tree runs");
-    assert!(
-        out.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
 #[test]
 fn server_dependency_tree_has_no_http_client() {
     let tree = cargo_tree(&["-e", "normal", "--prefix", "none"]);
-    let crates: Vec<&str> = tree
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    assert!(
-        crates.contains(&"axum") && crates.contains(&"hyper"),
-        "unexpected tree:\n{tree}"
-    );
-    for client in [
-        "reqwest",
-        "ureq",
-        "isahc",
-        "surf",
-        "attohttpc",
-        "curl",
-        "hyper-rustls",
-        "hyper-tls",
-        "awc",
-    ] {
-        assert!(
-            !crates.contains(&client),
-            "{client} is in the server's dependency tree"
-        );
+    let crates: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(crates.contains(&"axum") && crates.contains(&"hyper"), "unexpected tree:\n{tree}");
+    for client in ["reqwest", "ureq", "isahc", "surf", "attohttpc", "curl", "hyper-rustls", "hyper-tls", "awc"] {
+        assert!(!crates.contains(&client), "{client} is in the server's dependency tree");
     }
-    assert!(
-        !crates.iter().any(|c| c.starts_with("curl")),
-        "a curl binding is in the tree"
-    );
+    assert!(!crates.iter().any(|c| c.starts_with("curl")), "a curl binding is in the tree");
 }
 
 #[test]
 fn hyper_is_built_without_client_features() {
     let features = cargo_tree(&["-e", "normal,features", "--prefix", "none"]);
-    let enabled: Vec<&str> = features
-        .lines()
-        .map(|l| l.trim_end_matches(" (*)"))
-        .collect();
-    assert!(
-        enabled.contains(&"hyper feature \"server\""),
-        "unexpected output:\n{features}"
-    );
+    let enabled: Vec<&str> = features.lines().map(|l| l.trim_end_matches(" (*)")).collect();
+    assert!(enabled.contains(&"hyper feature \"server\""), "unexpected output:\n{features}");
     for line in &enabled {
         let is_hyper = line.starts_with("hyper feature") || line.starts_with("hyper-util feature");
-        assert!(
-            !(is_hyper && line.contains("client")),
-            "{line} is enabled for the server"
-        );
-        let is_ws = line.starts_with("tokio-tungstenite feature")
-            || line.starts_with("tungstenite feature");
-        assert!(
-            !(is_ws && (line.contains("tls") || line.contains("rustls"))),
-            "{line} is enabled for the server"
-        );
+        assert!(!(is_hyper && line.contains("client")), "{line} is enabled for the server");
+        let is_ws = line.starts_with("tokio-tungstenite feature") || line.starts_with("tungstenite feature");
+        assert!(!(is_ws && (line.contains("tls") || line.contains("rustls"))), "{line} is enabled for the server");
     }
 }

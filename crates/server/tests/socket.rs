@@ -22,10 +22,7 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 async fn server(dir: &tempfile::TempDir, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
-    let mut config = ServerConfig::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.path().join("data"),
-    );
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
     tweak(&mut config);
     start(config).await.expect("server starts")
 }
@@ -36,10 +33,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     req: axum::http::Request<axum::body::Body>,
 ) -> (u16, serde_json::Value) {
     let (parts, body) = req.into_parts();
-    let body = http_body_util::BodyExt::collect(body)
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
     let mut head = format!(
         "{} {} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
         parts.method,
@@ -57,26 +51,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.expect("read");
     let text = String::from_utf8_lossy(&raw);
-    let status: u16 = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
+    let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
     let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
     // Bodies here are small and sent with a content-length, not chunked.
     let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
     (status, json)
 }
 
-async fn http(
-    addr: SocketAddr,
-    req: axum::http::Request<axum::body::Body>,
-) -> (u16, serde_json::Value) {
-    exchange(
-        tokio::net::TcpStream::connect(addr).await.expect("connect"),
-        req,
-    )
-    .await
+async fn http(addr: SocketAddr, req: axum::http::Request<axum::body::Body>) -> (u16, serde_json::Value) {
+    exchange(tokio::net::TcpStream::connect(addr).await.expect("connect"), req).await
 }
 
 async fn register(addr: SocketAddr, prefix: &str) -> TestDevice {
@@ -92,46 +75,26 @@ async fn send_text(addr: SocketAddr, from: &TestDevice, to: &TestDevice, ciphert
         "send_id": hex::encode(rand::random::<[u8; 16]>()),
         "parts": [{ "kind": "application", "recipients": [to.addr()], "ciphertext": b64(ciphertext) }],
     });
-    let (status, answer) = http(
-        addr,
-        from.request(
-            "POST",
-            "/v1/messages",
-            serde_json::to_vec(&body).expect("json"),
-        ),
-    )
-    .await;
+    let (status, answer) =
+        http(addr, from.request("POST", "/v1/messages", serde_json::to_vec(&body).expect("json"))).await;
     assert_eq!(status, 200, "{answer}");
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect_ws(addr: SocketAddr, d: &TestDevice) -> Ws {
-    let mut req = format!("ws://{addr}/v1/ws")
-        .into_client_request()
-        .expect("request");
-    for (k, v) in d.sign(
-        "GET",
-        "/v1/ws",
-        b"",
-        subrosa_server::now_ms(),
-        &common::fresh_nonce(),
-    ) {
+    let mut req = format!("ws://{addr}/v1/ws").into_client_request().expect("request");
+    for (k, v) in d.sign("GET", "/v1/ws", b"", subrosa_server::now_ms(), &common::fresh_nonce()) {
         req.headers_mut().insert(k, v.parse().expect("header"));
     }
-    let (ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("upgrade");
     assert_eq!(resp.status(), 101);
     ws
 }
 
 async fn next_frame(ws: &mut Ws) -> ServerFrame {
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a frame in time");
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a frame in time");
         match msg.expect("open").expect("frame") {
             Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server frame"),
             Message::Ping(_) | Message::Pong(_) => continue,
@@ -151,9 +114,7 @@ async fn websocket_pushes_pending_and_new_messages_and_takes_acks() {
     send_text(addr, &alice, &bob, b"queued before connect").await;
 
     let mut ws = connect_ws(addr, &bob).await;
-    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else {
-        panic!("expected messages")
-    };
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else { panic!("expected messages") };
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].ciphertext.as_slice(), b"queued before connect");
     let first_id = messages[0].id;
@@ -161,47 +122,30 @@ async fn websocket_pushes_pending_and_new_messages_and_takes_acks() {
     // A new send is pushed promptly (woken, not polled), and only the new one.
     let started = Instant::now();
     send_text(addr, &alice, &bob, b"pushed live").await;
-    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else {
-        panic!("expected messages")
-    };
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "push took {:?}",
-        started.elapsed()
-    );
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else { panic!("expected messages") };
+    assert!(started.elapsed() < Duration::from_secs(5), "push took {:?}", started.elapsed());
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].ciphertext.as_slice(), b"pushed live");
     let second_id = messages[0].id;
     assert!(second_id > first_id);
 
     // Acks over the socket delete the rows.
-    ws.send(Message::Text(
-        json!({ "type": "ack", "ids": [first_id, second_id] })
-            .to_string()
-            .into(),
-    ))
-    .await
-    .expect("ack");
+    ws.send(Message::Text(json!({ "type": "ack", "ids": [first_id, second_id] }).to_string().into()))
+        .await
+        .expect("ack");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let stats = srv.state().store().stats().await.expect("stats");
         if stats.inbox_rows == 0 && stats.messages == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "ack over the socket did not delete: {stats:?}"
-        );
+        assert!(Instant::now() < deadline, "ack over the socket did not delete: {stats:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // A malformed frame gets an error frame and a close.
-    ws.send(Message::Text("{\"type\":\"ack\",\"ids\":\"nope\"}".into()))
-        .await
-        .expect("send");
-    let ServerFrame::Error(err) = next_frame(&mut ws).await else {
-        panic!("expected an error frame")
-    };
+    ws.send(Message::Text("{\"type\":\"ack\",\"ids\":\"nope\"}".into())).await.expect("send");
+    let ServerFrame::Error(err) = next_frame(&mut ws).await else { panic!("expected an error frame") };
     assert_eq!(err.code.as_str(), "bad_request");
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -217,15 +161,11 @@ async fn websocket_pushes_pending_and_new_messages_and_takes_acks() {
     // The server still serves; a second socket works.
     let mut ws = connect_ws(addr, &bob).await;
     send_text(addr, &alice, &bob, b"after").await;
-    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else {
-        panic!("expected messages")
-    };
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else { panic!("expected messages") };
     assert_eq!(messages[0].ciphertext.as_slice(), b"after");
 
     // Shutdown closes open sockets and stops accepting.
-    tokio::time::timeout(Duration::from_secs(15), srv.shutdown())
-        .await
-        .expect("graceful shutdown in time");
+    tokio::time::timeout(Duration::from_secs(15), srv.shutdown()).await.expect("graceful shutdown in time");
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(m)) = ws.next().await {
             if matches!(m, Message::Close(_)) {
@@ -235,10 +175,7 @@ async fn websocket_pushes_pending_and_new_messages_and_takes_acks() {
     })
     .await;
     assert!(ended.is_ok(), "socket left open by shutdown");
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "still accepting after shutdown"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,38 +184,20 @@ async fn websocket_upgrade_must_be_signed() {
     let srv = server(&dir, |_| {}).await;
     let addr = srv.local_addr();
     let bob = register(addr, "bob").await;
-    let req = format!("ws://{addr}/v1/ws")
-        .into_client_request()
-        .expect("request");
+    let req = format!("ws://{addr}/v1/ws").into_client_request().expect("request");
     match tokio_tungstenite::connect_async(req).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
-        other => panic!(
-            "unsigned upgrade accepted: {:?}",
-            other.map(|(_, r)| r.status())
-        ),
+        other => panic!("unsigned upgrade accepted: {:?}", other.map(|(_, r)| r.status())),
     }
     // A replayed upgrade is refused.
-    let mut req = format!("ws://{addr}/v1/ws")
-        .into_client_request()
-        .expect("request");
-    for (k, v) in bob.sign(
-        "GET",
-        "/v1/ws",
-        b"",
-        subrosa_server::now_ms(),
-        &common::fresh_nonce(),
-    ) {
+    let mut req = format!("ws://{addr}/v1/ws").into_client_request().expect("request");
+    for (k, v) in bob.sign("GET", "/v1/ws", b"", subrosa_server::now_ms(), &common::fresh_nonce()) {
         req.headers_mut().insert(k, v.parse().expect("header"));
     }
-    let (_ws, _) = tokio_tungstenite::connect_async(req.clone())
-        .await
-        .expect("first upgrade");
+    let (_ws, _) = tokio_tungstenite::connect_async(req.clone()).await.expect("first upgrade");
     match tokio_tungstenite::connect_async(req).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
-        other => panic!(
-            "replayed upgrade accepted: {:?}",
-            other.map(|(_, r)| r.status())
-        ),
+        other => panic!("replayed upgrade accepted: {:?}", other.map(|(_, r)| r.status())),
     }
     srv.shutdown().await;
 }
@@ -291,10 +210,7 @@ async fn undelivered_messages_expire() {
     let alice = register(addr, "alice").await;
     let bob = register(addr, "bob").await;
     send_text(addr, &alice, &bob, b"expires").await;
-    assert_eq!(
-        srv.state().store().stats().await.expect("stats").messages,
-        1
-    );
+    assert_eq!(srv.state().store().stats().await.expect("stats").messages, 1);
     let deadline = Instant::now() + Duration::from_secs(6);
     loop {
         let stats = srv.state().store().stats().await.expect("stats");
@@ -313,30 +229,19 @@ async fn undelivered_messages_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_errors_are_clear() {
     let dir = tempfile::tempdir().expect("dir");
-    let mut config = ServerConfig::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.path().join("data"),
-    );
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
     config.database = Some("postgres://db.example/subrosa".into());
     let err = start(config).await.expect_err("postgres is not built");
     assert!(matches!(err, ServerError::PostgresNotBuilt));
-    assert!(err
-        .to_string()
-        .contains("PostgreSQL support is not built yet"));
+    assert!(err.to_string().contains("PostgreSQL support is not built yet"));
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").expect("write");
     let config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), file.join("data"));
-    assert!(matches!(
-        start(config).await,
-        Err(ServerError::DataDir { .. })
-    ));
+    assert!(matches!(start(config).await, Err(ServerError::DataDir { .. })));
 
     let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("d2"));
-    config.database = Some(format!(
-        "sqlite://{}",
-        dir.path().join("custom.db").display()
-    ));
+    config.database = Some(format!("sqlite://{}", dir.path().join("custom.db").display()));
     let srv = start(config).await.expect("custom sqlite path");
     assert!(dir.path().join("custom.db").exists());
     srv.shutdown().await;
@@ -348,23 +253,8 @@ async fn serves_https_with_tls() {
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
     let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
         .args(["-addext", "basicConstraints=critical,CA:FALSE"])
         .arg("-keyout")
         .arg(&key)
@@ -375,13 +265,9 @@ async fn serves_https_with_tls() {
         eprintln!("openssl is not available; skipping the TLS test");
         return;
     }
-    let srv = server(&dir, |c| {
-        c.tls = Some(subrosa_server::TlsConfig {
-            cert_path: cert.clone(),
-            key_path: key.clone(),
-        })
-    })
-    .await;
+    let srv =
+        server(&dir, |c| c.tls = Some(subrosa_server::TlsConfig { cert_path: cert.clone(), key_path: key.clone() }))
+            .await;
     let addr = srv.local_addr();
     assert_eq!(srv.url(), format!("https://{addr}"));
 
@@ -400,9 +286,7 @@ async fn serves_https_with_tls() {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");
-    let req = axum::http::Request::get("/v1/health")
-        .body(axum::body::Body::empty())
-        .expect("req");
+    let req = axum::http::Request::get("/v1/health").body(axum::body::Body::empty()).expect("req");
     let (status, body) = exchange(tls, req).await;
     assert_eq!(status, 200);
     assert_eq!(body, json!({ "status": "ok" }));
@@ -410,12 +294,7 @@ async fn serves_https_with_tls() {
     // Plain HTTP on the TLS port gets no answer.
     let plain = tokio::time::timeout(
         Duration::from_secs(5),
-        http(
-            addr,
-            axum::http::Request::get("/v1/health")
-                .body(axum::body::Body::empty())
-                .expect("req"),
-        ),
+        http(addr, axum::http::Request::get("/v1/health").body(axum::body::Body::empty()).expect("req")),
     );
     let plain = tokio::spawn(plain);
     assert!(!matches!(plain.await, Ok(Ok((200, _)))));
@@ -423,9 +302,34 @@ async fn serves_https_with_tls() {
 
     // Unreadable TLS files are a clear startup error.
     let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("d3"));
-    config.tls = Some(subrosa_server::TlsConfig {
-        cert_path: dir.path().join("missing.pem"),
-        key_path: key,
-    });
+    config.tls = Some(subrosa_server::TlsConfig { cert_path: dir.path().join("missing.pem"), key_path: key });
     assert!(matches!(start(config).await, Err(ServerError::Tls(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_pushes_large_and_many_envelopes_in_bounded_frames() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    let big = vec![0x5a; subrosa_proto::limits::MAX_CIPHERTEXT_BYTES];
+    send_text(addr, &alice, &bob, &big).await;
+    for i in 0..250u32 {
+        send_text(addr, &alice, &bob, &i.to_le_bytes()).await;
+    }
+    let mut ws = connect_ws(addr, &bob).await;
+    let mut got = Vec::new();
+    let mut frames = 0;
+    while got.len() < 251 {
+        let ServerFrame::Messages { messages } = next_frame(&mut ws).await else { panic!("expected messages") };
+        assert!(!messages.is_empty() && messages.len() <= 100, "frame of {}", messages.len());
+        frames += 1;
+        got.extend(messages);
+    }
+    assert!(frames >= 3, "{frames} frames");
+    assert_eq!(got[0].ciphertext.as_slice(), &big[..]);
+    assert!(got.windows(2).all(|w| w[0].id < w[1].id), "oldest first, each once");
+    assert_eq!(got[250].ciphertext.as_slice(), &249u32.to_le_bytes());
+    srv.shutdown().await;
 }

@@ -12,8 +12,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use subrosa_proto::{
-    CommitGuard, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Epoch, Handle, MessageKind,
-    SendId, SendPart, SendRequest, B64,
+    CommitGuard, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Epoch, Handle, MessageKind, SendId, SendPart,
+    SendRequest, B64,
 };
 
 use super::{NewAccount, Store, StoreError, MAX_STORED_KEY_PACKAGES};
@@ -30,11 +30,7 @@ pub fn random_device() -> DeviceRecord {
 }
 
 fn random_handle(prefix: &str) -> Handle {
-    Handle::new(&format!(
-        "{prefix}{}",
-        hex::encode(rand::random::<[u8; 6]>())
-    ))
-    .expect("valid handle")
+    Handle::new(&format!("{prefix}{}", hex::encode(rand::random::<[u8; 6]>()))).expect("valid handle")
 }
 
 /// A random conversation id.
@@ -46,35 +42,16 @@ pub fn random_conversation() -> ConversationId {
 pub async fn account(store: &Arc<dyn Store>, prefix: &str) -> DeviceAddress {
     let handle = random_handle(prefix);
     let device = random_device();
-    let addr = DeviceAddress {
-        handle: handle.clone(),
-        device: device.device_id,
-    };
-    store
-        .register(
-            NewAccount {
-                handle,
-                identity_key: vec![7; 32],
-                device,
-            },
-            NOW,
-        )
-        .await
-        .expect("register");
+    let addr = DeviceAddress { handle: handle.clone(), device: device.device_id };
+    store.register(NewAccount { handle, identity_key: vec![7; 32], device }, NOW).await.expect("register");
     addr
 }
 
 /// Adds a device to an account.
 pub async fn second_device(store: &Arc<dyn Store>, handle: &Handle) -> DeviceAddress {
     let device = random_device();
-    let addr = DeviceAddress {
-        handle: handle.clone(),
-        device: device.device_id,
-    };
-    store
-        .add_device(handle, device, NOW)
-        .await
-        .expect("add device");
+    let addr = DeviceAddress { handle: handle.clone(), device: device.device_id };
+    store.add_device(handle, device, NOW).await.expect("add device");
     addr
 }
 
@@ -95,19 +72,12 @@ pub fn send_request(
         commit: commit.map(|e| CommitGuard { epoch: Epoch(e) }),
         parts: parts
             .into_iter()
-            .map(|(kind, recipients, ciphertext)| SendPart {
-                kind,
-                recipients,
-                ciphertext: B64(ciphertext),
-            })
+            .map(|(kind, recipients, ciphertext)| SendPart { kind, recipients, ciphertext: B64(ciphertext) })
             .collect(),
     }
 }
 
-fn app(
-    recipients: Vec<DeviceAddress>,
-    ciphertext: &[u8],
-) -> Vec<(MessageKind, Vec<DeviceAddress>, Vec<u8>)> {
+fn app(recipients: Vec<DeviceAddress>, ciphertext: &[u8]) -> Vec<(MessageKind, Vec<DeviceAddress>, Vec<u8>)> {
     vec![(MessageKind::Application, recipients, ciphertext.to_vec())]
 }
 
@@ -133,85 +103,38 @@ pub async fn run_all(store: Arc<dyn Store>) {
 pub async fn register_and_look_up(store: Arc<dyn Store>) {
     let handle = random_handle("reg");
     let device = random_device();
-    let addr = DeviceAddress {
-        handle: handle.clone(),
-        device: device.device_id,
-    };
+    let addr = DeviceAddress { handle: handle.clone(), device: device.device_id };
     assert!(store.device(&addr).await.expect("device").is_none());
     assert!(store.account(&handle).await.expect("account").is_none());
     store
-        .register(
-            NewAccount {
-                handle: handle.clone(),
-                identity_key: vec![1; 32],
-                device: device.clone(),
-            },
-            NOW,
-        )
+        .register(NewAccount { handle: handle.clone(), identity_key: vec![1; 32], device: device.clone() }, NOW)
         .await
         .expect("register");
-    assert_eq!(
-        store.device(&addr).await.expect("device"),
-        Some(device.clone())
-    );
-    let info = store
-        .account(&handle)
-        .await
-        .expect("account")
-        .expect("account exists");
+    assert_eq!(store.device(&addr).await.expect("device"), Some(device.clone()));
+    let info = store.account(&handle).await.expect("account").expect("account exists");
     assert_eq!(info.handle, handle);
     assert_eq!(info.identity_key.as_slice(), &[1; 32]);
     assert_eq!(info.devices, vec![device.clone()]);
-    let other = DeviceAddress {
-        handle: handle.clone(),
-        device: DeviceId(rand::random()),
-    };
+    let other = DeviceAddress { handle: handle.clone(), device: DeviceId(rand::random()) };
     assert!(store.device(&other).await.expect("device").is_none());
 
     let second = random_device();
-    store
-        .add_device(&handle, second.clone(), NOW)
-        .await
-        .expect("add device");
-    let info = store
-        .account(&handle)
-        .await
-        .expect("account")
-        .expect("account exists");
+    store.add_device(&handle, second.clone(), NOW).await.expect("add device");
+    let info = store.account(&handle).await.expect("account").expect("account exists");
     assert_eq!(info.devices, vec![device.clone(), second]);
-    assert!(matches!(
-        store.add_device(&handle, device, NOW).await,
-        Err(StoreError::DeviceTaken)
-    ));
+    assert!(matches!(store.add_device(&handle, device, NOW).await, Err(StoreError::DeviceTaken)));
     let nobody = random_handle("nobody");
-    assert!(matches!(
-        store.add_device(&nobody, random_device(), NOW).await,
-        Err(StoreError::UnknownHandle)
-    ));
+    assert!(matches!(store.add_device(&nobody, random_device(), NOW).await, Err(StoreError::UnknownHandle)));
 }
 
 /// A taken handle is refused and the first account is left as it was.
 pub async fn duplicate_handle_is_refused(store: Arc<dyn Store>) {
     let first = account(&store, "dup").await;
     let again = store
-        .register(
-            NewAccount {
-                handle: first.handle.clone(),
-                identity_key: vec![9; 32],
-                device: random_device(),
-            },
-            NOW,
-        )
+        .register(NewAccount { handle: first.handle.clone(), identity_key: vec![9; 32], device: random_device() }, NOW)
         .await;
-    assert!(
-        matches!(again, Err(StoreError::HandleTaken)),
-        "got {again:?}"
-    );
-    let info = store
-        .account(&first.handle)
-        .await
-        .expect("account")
-        .expect("exists");
+    assert!(matches!(again, Err(StoreError::HandleTaken)), "got {again:?}");
+    let info = store.account(&first.handle).await.expect("account").expect("exists");
     assert_eq!(info.identity_key.as_slice(), &[7; 32]);
     assert_eq!(info.devices.len(), 1);
     assert_eq!(info.devices[0].device_id, first.device);
@@ -222,118 +145,57 @@ pub async fn duplicate_handle_is_refused(store: Arc<dyn Store>) {
 pub async fn claim_hands_one_time_once_then_last_resort(store: Arc<dyn Store>) {
     let (alice, bob) = two_devices(&store).await;
     let bob2 = second_device(&store, &bob.handle).await;
-    assert!(matches!(
-        store.claim_key_packages(&bob.handle, &alice).await,
-        Err(StoreError::NoKeyPackage)
-    ));
+    assert!(matches!(store.claim_key_packages(&bob.handle, &alice).await, Err(StoreError::NoKeyPackage)));
     let nobody = random_handle("nobody");
-    assert!(matches!(
-        store.claim_key_packages(&nobody, &alice).await,
-        Err(StoreError::UnknownHandle)
-    ));
+    assert!(matches!(store.claim_key_packages(&nobody, &alice).await, Err(StoreError::UnknownHandle)));
 
     let count = store
-        .upload_key_packages(
-            &bob,
-            vec![b"kp-1".to_vec(), b"kp-2".to_vec()],
-            Some(b"kp-lr".to_vec()),
-        )
+        .upload_key_packages(&bob, vec![b"kp-1".to_vec(), b"kp-2".to_vec()], Some(b"kp-lr".to_vec()))
         .await
         .expect("upload");
     assert_eq!((count.one_time, count.last_resort), (2, true));
-    let count = store
-        .upload_key_packages(&bob2, vec![b"kp2-1".to_vec()], None)
-        .await
-        .expect("upload");
+    let count = store.upload_key_packages(&bob2, vec![b"kp2-1".to_vec()], None).await.expect("upload");
     assert_eq!((count.one_time, count.last_resort), (1, false));
 
-    let first = store
-        .claim_key_packages(&bob.handle, &alice)
-        .await
-        .expect("claim");
+    let first = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
     assert_eq!(first.handle, bob.handle);
     assert_eq!(first.identity_key.as_slice(), &[7; 32]);
     assert_eq!(first.packages.len(), 2);
     let by_device = |c: &subrosa_proto::ClaimResponse, d: DeviceId| {
-        c.packages
-            .iter()
-            .find(|p| p.device.device_id == d)
-            .map(|p| (p.key_package.as_slice().to_vec(), p.last_resort))
+        c.packages.iter().find(|p| p.device.device_id == d).map(|p| (p.key_package.as_slice().to_vec(), p.last_resort))
     };
-    assert_eq!(
-        by_device(&first, bob.device),
-        Some((b"kp-1".to_vec(), false))
-    );
-    assert_eq!(
-        by_device(&first, bob2.device),
-        Some((b"kp2-1".to_vec(), false))
-    );
+    assert_eq!(by_device(&first, bob.device), Some((b"kp-1".to_vec(), false)));
+    assert_eq!(by_device(&first, bob2.device), Some((b"kp2-1".to_vec(), false)));
 
-    let second = store
-        .claim_key_packages(&bob.handle, &alice)
-        .await
-        .expect("claim");
-    assert_eq!(
-        by_device(&second, bob.device),
-        Some((b"kp-2".to_vec(), false))
-    );
-    assert_eq!(
-        by_device(&second, bob2.device),
-        None,
-        "bob2 has no package left"
-    );
+    let second = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+    assert_eq!(by_device(&second, bob.device), Some((b"kp-2".to_vec(), false)));
+    assert_eq!(by_device(&second, bob2.device), None, "bob2 has no package left");
     assert_eq!(second.packages.len(), 1);
 
     for _ in 0..2 {
-        let later = store
-            .claim_key_packages(&bob.handle, &alice)
-            .await
-            .expect("claim");
-        assert_eq!(
-            by_device(&later, bob.device),
-            Some((b"kp-lr".to_vec(), true))
-        );
+        let later = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+        assert_eq!(by_device(&later, bob.device), Some((b"kp-lr".to_vec(), true)));
     }
     let count = store.key_package_count(&bob).await.expect("count");
     assert_eq!((count.one_time, count.last_resort), (0, true));
 
     // bob's own device claiming bob's packages gets only the other device's.
-    store
-        .upload_key_packages(&bob2, vec![b"kp2-2".to_vec()], None)
-        .await
-        .expect("upload");
-    let own = store
-        .claim_key_packages(&bob.handle, &bob)
-        .await
-        .expect("claim");
+    store.upload_key_packages(&bob2, vec![b"kp2-2".to_vec()], None).await.expect("upload");
+    let own = store.claim_key_packages(&bob.handle, &bob).await.expect("claim");
     assert_eq!(own.packages.len(), 1);
     assert_eq!(own.packages[0].device.device_id, bob2.device);
 
     // A new last-resort package replaces the old one.
-    store
-        .upload_key_packages(&bob, vec![], Some(b"kp-lr-2".to_vec()))
-        .await
-        .expect("upload");
-    let replaced = store
-        .claim_key_packages(&bob.handle, &alice)
-        .await
-        .expect("claim");
-    assert_eq!(
-        by_device(&replaced, bob.device),
-        Some((b"kp-lr-2".to_vec(), true))
-    );
+    store.upload_key_packages(&bob, vec![], Some(b"kp-lr-2".to_vec())).await.expect("upload");
+    let replaced = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+    assert_eq!(by_device(&replaced, bob.device), Some((b"kp-lr-2".to_vec(), true)));
 }
 
 /// Many concurrent claims never hand the same one-time package out twice.
 pub async fn concurrent_claims_never_share_a_package(store: Arc<dyn Store>) {
     let bob = account(&store, "bob").await;
-    let packages: Vec<Vec<u8>> = (0..20)
-        .map(|i| format!("one-time-{i}").into_bytes())
-        .collect();
-    store
-        .upload_key_packages(&bob, packages, Some(b"last".to_vec()))
-        .await
-        .expect("upload");
+    let packages: Vec<Vec<u8>> = (0..20).map(|i| format!("one-time-{i}").into_bytes()).collect();
+    store.upload_key_packages(&bob, packages, Some(b"last".to_vec())).await.expect("upload");
     let mut claimers = Vec::new();
     for _ in 0..30 {
         claimers.push(account(&store, "claimer").await);
@@ -356,10 +218,7 @@ pub async fn concurrent_claims_never_share_a_package(store: Arc<dyn Store>) {
             assert_eq!(p.key_package.as_slice(), b"last");
             last_resort += 1;
         } else {
-            assert!(
-                seen.insert(p.key_package.as_slice().to_vec()),
-                "a one-time package was handed out twice"
-            );
+            assert!(seen.insert(p.key_package.as_slice().to_vec()), "a one-time package was handed out twice");
         }
     }
     assert_eq!(seen.len(), 20);
@@ -370,29 +229,14 @@ pub async fn concurrent_claims_never_share_a_package(store: Arc<dyn Store>) {
 pub async fn key_package_upload_is_bounded(store: Arc<dyn Store>) {
     let bob = account(&store, "bob").await;
     let batch = |n: u64| (0..n).map(|i| i.to_le_bytes().to_vec()).collect::<Vec<_>>();
-    store
-        .upload_key_packages(&bob, batch(MAX_STORED_KEY_PACKAGES - 1), None)
-        .await
-        .expect("upload");
+    store.upload_key_packages(&bob, batch(MAX_STORED_KEY_PACKAGES - 1), None).await.expect("upload");
     let refused = store.upload_key_packages(&bob, batch(2), None).await;
-    assert!(
-        matches!(refused, Err(StoreError::TooManyKeyPackages)),
-        "got {refused:?}"
-    );
+    assert!(matches!(refused, Err(StoreError::TooManyKeyPackages)), "got {refused:?}");
     let count = store.key_package_count(&bob).await.expect("count");
     assert_eq!(count.one_time, MAX_STORED_KEY_PACKAGES - 1);
-    let ghost = DeviceAddress {
-        handle: bob.handle.clone(),
-        device: DeviceId(rand::random()),
-    };
-    assert!(matches!(
-        store.upload_key_packages(&ghost, batch(1), None).await,
-        Err(StoreError::UnknownDevice(_))
-    ));
-    assert!(matches!(
-        store.key_package_count(&ghost).await,
-        Err(StoreError::UnknownDevice(_))
-    ));
+    let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
+    assert!(matches!(store.upload_key_packages(&ghost, batch(1), None).await, Err(StoreError::UnknownDevice(_))));
+    assert!(matches!(store.key_package_count(&ghost).await, Err(StoreError::UnknownDevice(_))));
 }
 
 /// A send to three devices stores its ciphertext once with three inbox rows.
@@ -410,26 +254,12 @@ pub async fn fan_out_stores_ciphertext_once(store: Arc<dyn Store>) {
     assert_eq!(out.epoch, None);
     assert_eq!(out.server_time, NOW);
     let woken: HashSet<_> = out.recipients.into_iter().collect();
-    assert_eq!(
-        woken,
-        HashSet::from([bob.clone(), bob2.clone(), carol.clone()])
-    );
+    assert_eq!(woken, HashSet::from([bob.clone(), bob2.clone(), carol.clone()]));
     let after = store.stats().await.expect("stats");
-    assert_eq!(
-        after.messages - before.messages,
-        1,
-        "ciphertext stored once"
-    );
-    assert_eq!(
-        after.inbox_rows - before.inbox_rows,
-        3,
-        "one row per device, duplicates merged"
-    );
+    assert_eq!(after.messages - before.messages, 1, "ciphertext stored once");
+    assert_eq!(after.inbox_rows - before.inbox_rows, 3, "one row per device, duplicates merged");
     for d in [&bob, &bob2, &carol] {
-        let env = store
-            .fetch_inbox(d, 0, 10, usize::MAX)
-            .await
-            .expect("fetch");
+        let env = store.fetch_inbox(d, 0, 10, usize::MAX).await.expect("fetch");
         assert_eq!(env.len(), 1);
         assert_eq!(env[0].ciphertext.as_slice(), b"fan-out ciphertext");
         assert_eq!(env[0].sender, alice);
@@ -437,11 +267,7 @@ pub async fn fan_out_stores_ciphertext_once(store: Arc<dyn Store>) {
         assert_eq!(env[0].kind, MessageKind::Application);
         assert_eq!(env[0].server_time, NOW);
     }
-    assert!(store
-        .fetch_inbox(&alice, 0, 10, usize::MAX)
-        .await
-        .expect("fetch")
-        .is_empty());
+    assert!(store.fetch_inbox(&alice, 0, 10, usize::MAX).await.expect("fetch").is_empty());
 
     // Parts are delivered in order, with increasing ids.
     let req = send_request(
@@ -454,20 +280,9 @@ pub async fn fan_out_stores_ciphertext_once(store: Arc<dyn Store>) {
         ],
     );
     store.send(&alice, &req, NOW + 1).await.expect("send");
-    let env = store
-        .fetch_inbox(&bob, 0, 10, usize::MAX)
-        .await
-        .expect("fetch");
+    let env = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
     let kinds: Vec<_> = env.iter().map(|e| e.kind).collect();
-    assert_eq!(
-        kinds,
-        [
-            MessageKind::Application,
-            MessageKind::Commit,
-            MessageKind::Welcome,
-            MessageKind::Application
-        ]
-    );
+    assert_eq!(kinds, [MessageKind::Application, MessageKind::Commit, MessageKind::Welcome, MessageKind::Application]);
     assert!(env.windows(2).all(|w| w[0].id < w[1].id));
 }
 
@@ -477,73 +292,28 @@ pub async fn ack_deletes_only_own_rows_and_last_ack_drops_message(store: Arc<dyn
     let alice = account(&store, "alice").await;
     let bob = account(&store, "bob").await;
     let carol = account(&store, "carol").await;
-    let req = send_request(
-        random_conversation(),
-        None,
-        app(vec![bob.clone(), carol.clone()], b"two readers"),
-    );
+    let req = send_request(random_conversation(), None, app(vec![bob.clone(), carol.clone()], b"two readers"));
     let before = store.stats().await.expect("stats");
     store.send(&alice, &req, NOW).await.expect("send");
-    let bob_env = store
-        .fetch_inbox(&bob, 0, 10, usize::MAX)
-        .await
-        .expect("fetch");
-    let carol_env = store
-        .fetch_inbox(&carol, 0, 10, usize::MAX)
-        .await
-        .expect("fetch");
+    let bob_env = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
+    let carol_env = store.fetch_inbox(&carol, 0, 10, usize::MAX).await.expect("fetch");
     assert_eq!((bob_env.len(), carol_env.len()), (1, 1));
 
     // Carol acking bob's envelope id deletes nothing.
     assert_eq!(store.ack(&carol, &[bob_env[0].id]).await.expect("ack"), 0);
-    assert_eq!(
-        store
-            .fetch_inbox(&bob, 0, 10, usize::MAX)
-            .await
-            .expect("fetch")
-            .len(),
-        1
-    );
+    assert_eq!(store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").len(), 1);
 
-    assert_eq!(
-        store
-            .ack(&bob, &[bob_env[0].id, bob_env[0].id, 999_999_999])
-            .await
-            .expect("ack"),
-        1
-    );
-    assert!(store
-        .fetch_inbox(&bob, 0, 10, usize::MAX)
-        .await
-        .expect("fetch")
-        .is_empty());
+    assert_eq!(store.ack(&bob, &[bob_env[0].id, bob_env[0].id, 999_999_999]).await.expect("ack"), 1);
+    assert!(store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").is_empty());
     let mid = store.stats().await.expect("stats");
-    assert_eq!(
-        mid.messages - before.messages,
-        1,
-        "carol has not acked: the message stays"
-    );
-    assert_eq!(
-        store
-            .fetch_inbox(&carol, 0, 10, usize::MAX)
-            .await
-            .expect("fetch")
-            .len(),
-        1
-    );
+    assert_eq!(mid.messages - before.messages, 1, "carol has not acked: the message stays");
+    assert_eq!(store.fetch_inbox(&carol, 0, 10, usize::MAX).await.expect("fetch").len(), 1);
 
     assert_eq!(store.ack(&carol, &[carol_env[0].id]).await.expect("ack"), 1);
     let after = store.stats().await.expect("stats");
-    assert_eq!(
-        after.messages, before.messages,
-        "the message row goes with the last ack"
-    );
+    assert_eq!(after.messages, before.messages, "the message row goes with the last ack");
     assert_eq!(after.inbox_rows, before.inbox_rows);
-    assert_eq!(
-        store.ack(&carol, &[carol_env[0].id]).await.expect("ack"),
-        0,
-        "acks are idempotent"
-    );
+    assert_eq!(store.ack(&carol, &[carol_env[0].id]).await.expect("ack"), 0, "acks are idempotent");
 }
 
 /// A retried send id stores nothing again and answers as the first time.
@@ -557,62 +327,32 @@ pub async fn send_id_is_idempotent(store: Arc<dyn Store>) {
     let before = store.stats().await.expect("stats");
     let again = store.send(&alice, &req, NOW + 5).await.expect("retry");
     assert!(again.duplicate);
-    assert_eq!(
-        again.epoch,
-        Some(Epoch(1)),
-        "a retried commit reports the epoch it made"
-    );
+    assert_eq!(again.epoch, Some(Epoch(1)), "a retried commit reports the epoch it made");
     assert_eq!(again.server_time, NOW);
     assert!(again.recipients.is_empty());
     let after = store.stats().await.expect("stats");
-    assert_eq!(
-        (after.messages, after.inbox_rows),
-        (before.messages, before.inbox_rows)
-    );
-    assert_eq!(
-        store.conversation_epoch(&conv).await.expect("epoch"),
-        Epoch(1)
-    );
-    assert_eq!(
-        store
-            .fetch_inbox(&bob, 0, 10, usize::MAX)
-            .await
-            .expect("fetch")
-            .len(),
-        1
-    );
+    assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows));
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(1));
+    assert_eq!(store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").len(), 1);
 
     // The same send id from another device is a different send.
     let carol = account(&store, "carol").await;
     let mut other = send_request(random_conversation(), None, app(vec![bob.clone()], b"x"));
     other.send_id = req.send_id;
-    assert!(
-        !store
-            .send(&carol, &other, NOW)
-            .await
-            .expect("send")
-            .duplicate
-    );
+    assert!(!store.send(&carol, &other, NOW).await.expect("send").duplicate);
 }
 
 /// A send naming an unknown device stores nothing at all.
 pub async fn unknown_recipient_stores_nothing(store: Arc<dyn Store>) {
     let (alice, bob) = two_devices(&store).await;
-    let ghost = DeviceAddress {
-        handle: bob.handle.clone(),
-        device: DeviceId(rand::random()),
-    };
+    let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
     let conv = random_conversation();
     let req = send_request(
         conv,
         Some(0),
         vec![
             (MessageKind::Commit, vec![bob.clone()], b"commit".to_vec()),
-            (
-                MessageKind::Application,
-                vec![bob.clone(), ghost.clone()],
-                b"app".to_vec(),
-            ),
+            (MessageKind::Application, vec![bob.clone(), ghost.clone()], b"app".to_vec()),
         ],
     );
     let before = store.stats().await.expect("stats");
@@ -625,50 +365,25 @@ pub async fn unknown_recipient_stores_nothing(store: Arc<dyn Store>) {
         (after.messages, after.inbox_rows, after.send_ids),
         (before.messages, before.inbox_rows, before.send_ids)
     );
-    assert_eq!(
-        store.conversation_epoch(&conv).await.expect("epoch"),
-        Epoch(0),
-        "no epoch bump"
-    );
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(0), "no epoch bump");
     // The send id was not used up: fixing the request and retrying works.
     let mut fixed = req.clone();
     fixed.parts[1].recipients = vec![bob.clone()];
-    assert!(
-        !store
-            .send(&alice, &fixed, NOW)
-            .await
-            .expect("send")
-            .duplicate
-    );
+    assert!(!store.send(&alice, &fixed, NOW).await.expect("send").duplicate);
 }
 
 /// A commit for an old epoch is refused with the current epoch, atomically.
 pub async fn stale_epoch_is_refused_with_current(store: Arc<dyn Store>) {
     let (alice, bob) = two_devices(&store).await;
     let conv = random_conversation();
-    assert_eq!(
-        store.conversation_epoch(&conv).await.expect("epoch"),
-        Epoch(0)
-    );
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(0));
     let wrong_start = send_request(conv, Some(3), app(vec![bob.clone()], b"c"));
-    assert!(matches!(
-        store.send(&alice, &wrong_start, NOW).await,
-        Err(StoreError::StaleEpoch { current: Epoch(0) })
-    ));
+    assert!(matches!(store.send(&alice, &wrong_start, NOW).await, Err(StoreError::StaleEpoch { current: Epoch(0) })));
     for e in 0..3 {
-        let out = store
-            .send(
-                &alice,
-                &send_request(conv, Some(e), app(vec![bob.clone()], b"c")),
-                NOW,
-            )
-            .await;
+        let out = store.send(&alice, &send_request(conv, Some(e), app(vec![bob.clone()], b"c")), NOW).await;
         assert_eq!(out.expect("commit").epoch, Some(Epoch(e + 1)));
     }
-    assert_eq!(
-        store.conversation_epoch(&conv).await.expect("epoch"),
-        Epoch(3)
-    );
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(3));
     let before = store.stats().await.expect("stats");
     let stale = send_request(conv, Some(1), app(vec![bob.clone()], b"late commit"));
     match store.send(&alice, &stale, NOW).await {
@@ -676,24 +391,10 @@ pub async fn stale_epoch_is_refused_with_current(store: Arc<dyn Store>) {
         other => panic!("expected StaleEpoch, got {other:?}"),
     }
     let after = store.stats().await.expect("stats");
-    assert_eq!(
-        (after.messages, after.inbox_rows),
-        (before.messages, before.inbox_rows),
-        "nothing stored"
-    );
-    assert_eq!(
-        store.conversation_epoch(&conv).await.expect("epoch"),
-        Epoch(3)
-    );
+    assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows), "nothing stored");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(3));
     // Application messages carry no guard and are never refused for epochs.
-    assert!(store
-        .send(
-            &alice,
-            &send_request(conv, None, app(vec![bob.clone()], b"m")),
-            NOW
-        )
-        .await
-        .is_ok());
+    assert!(store.send(&alice, &send_request(conv, None, app(vec![bob.clone()], b"m")), NOW).await.is_ok());
 }
 
 /// Of several concurrent commits for the same epoch exactly one wins.
@@ -705,11 +406,7 @@ pub async fn concurrent_commits_one_wins(store: Arc<dyn Store>) {
     }
     let conv = random_conversation();
     store
-        .send(
-            &senders[0],
-            &send_request(conv, Some(0), app(vec![bob.clone()], b"create")),
-            NOW,
-        )
+        .send(&senders[0], &send_request(conv, Some(0), app(vec![bob.clone()], b"create")), NOW)
         .await
         .expect("create");
     let tasks: Vec<_> = senders
@@ -736,14 +433,8 @@ pub async fn concurrent_commits_one_wins(store: Arc<dyn Store>) {
         }
     }
     assert_eq!((wins, losses), (1, 7));
-    assert_eq!(
-        store.conversation_epoch(&conv).await.expect("epoch"),
-        Epoch(2)
-    );
-    let env = store
-        .fetch_inbox(&bob, 0, 100, usize::MAX)
-        .await
-        .expect("fetch");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(2));
+    let env = store.fetch_inbox(&bob, 0, 100, usize::MAX).await.expect("fetch");
     assert_eq!(env.len(), 2, "the creating commit and the one winner");
 }
 
@@ -763,17 +454,10 @@ pub async fn expiry_removes_old_rows(store: Arc<dyn Store>) {
     assert!(report.messages >= 1, "{report:?}");
     let after = store.stats().await.expect("stats");
     assert!(after.messages < before.messages);
-    let env = store
-        .fetch_inbox(&bob, 0, 10, usize::MAX)
-        .await
-        .expect("fetch");
+    let env = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
     assert_eq!(env.len(), 1);
     assert_eq!(env[0].ciphertext.as_slice(), b"new");
-    assert!(store
-        .fetch_inbox(&carol, 0, 10, usize::MAX)
-        .await
-        .expect("fetch")
-        .is_empty());
+    assert!(store.fetch_inbox(&carol, 0, 10, usize::MAX).await.expect("fetch").is_empty());
     store.maintenance().await.expect("maintenance");
 
     // Send ids are swept too: after that, the same id is a new send.
@@ -786,45 +470,15 @@ pub async fn expiry_removes_old_rows(store: Arc<dyn Store>) {
 pub async fn nonce_replay_is_refused(store: Arc<dyn Store>) {
     let (alice, bob) = two_devices(&store).await;
     let nonce = hex::encode(rand::random::<[u8; 16]>());
-    assert!(store
-        .check_nonce(&alice, &nonce, 10_000)
-        .await
-        .expect("nonce"));
-    assert!(
-        !store
-            .check_nonce(&alice, &nonce, 10_000)
-            .await
-            .expect("nonce"),
-        "replay accepted"
-    );
-    assert!(
-        !store
-            .check_nonce(&alice, &nonce, 20_000)
-            .await
-            .expect("nonce"),
-        "replay with new time accepted"
-    );
-    assert!(
-        store
-            .check_nonce(&bob, &nonce, 10_000)
-            .await
-            .expect("nonce"),
-        "nonces are per device"
-    );
+    assert!(store.check_nonce(&alice, &nonce, 10_000).await.expect("nonce"));
+    assert!(!store.check_nonce(&alice, &nonce, 10_000).await.expect("nonce"), "replay accepted");
+    assert!(!store.check_nonce(&alice, &nonce, 20_000).await.expect("nonce"), "replay with new time accepted");
+    assert!(store.check_nonce(&bob, &nonce, 10_000).await.expect("nonce"), "nonces are per device");
     let other = hex::encode(rand::random::<[u8; 16]>());
-    assert!(store
-        .check_nonce(&alice, &other, 30_000)
-        .await
-        .expect("nonce"));
+    assert!(store.check_nonce(&alice, &other, 30_000).await.expect("nonce"));
     let report = store.sweep(0, 15_000, 0).await.expect("sweep");
     assert!(report.nonces >= 2);
-    assert!(
-        !store
-            .check_nonce(&alice, &other, 30_000)
-            .await
-            .expect("nonce"),
-        "a fresh nonce was swept"
-    );
+    assert!(!store.check_nonce(&alice, &other, 30_000).await.expect("nonce"), "a fresh nonce was swept");
 }
 
 /// Fetching honours the cursor, the count limit and the byte budget.
@@ -835,32 +489,16 @@ pub async fn fetch_respects_cursor_limit_and_bytes(store: Arc<dyn Store>) {
         let req = send_request(conv, None, app(vec![bob.clone()], &[i; 100]));
         store.send(&alice, &req, NOW).await.expect("send");
     }
-    let all = store
-        .fetch_inbox(&bob, 0, 100, usize::MAX)
-        .await
-        .expect("fetch");
+    let all = store.fetch_inbox(&bob, 0, 100, usize::MAX).await.expect("fetch");
     assert_eq!(all.len(), 5);
-    let two = store
-        .fetch_inbox(&bob, 0, 2, usize::MAX)
-        .await
-        .expect("fetch");
+    let two = store.fetch_inbox(&bob, 0, 2, usize::MAX).await.expect("fetch");
     assert_eq!(two, all[..2].to_vec());
-    let rest = store
-        .fetch_inbox(&bob, all[1].id, 100, usize::MAX)
-        .await
-        .expect("fetch");
+    let rest = store.fetch_inbox(&bob, all[1].id, 100, usize::MAX).await.expect("fetch");
     assert_eq!(rest, all[2..].to_vec());
     let budget = store.fetch_inbox(&bob, 0, 100, 250).await.expect("fetch");
     assert_eq!(budget.len(), 2);
     let tiny = store.fetch_inbox(&bob, 0, 100, 1).await.expect("fetch");
     assert_eq!(tiny.len(), 1, "at least one envelope even over budget");
-    let ghost = DeviceAddress {
-        handle: bob.handle.clone(),
-        device: DeviceId(rand::random()),
-    };
-    assert!(store
-        .fetch_inbox(&ghost, 0, 100, usize::MAX)
-        .await
-        .expect("fetch")
-        .is_empty());
+    let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
+    assert!(store.fetch_inbox(&ghost, 0, 100, usize::MAX).await.expect("fetch").is_empty());
 }

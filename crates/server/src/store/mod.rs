@@ -10,8 +10,8 @@
 
 use async_trait::async_trait;
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceRecord, Envelope, Epoch,
-    Handle, KeyPackageCount, SendRequest,
+    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceRecord, Envelope, Epoch, Handle, KeyPackageCount,
+    SendRequest,
 };
 
 #[cfg(any(test, feature = "conformance"))]
@@ -137,12 +137,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::UnknownHandle`]; [`StoreError::DeviceTaken`] when the
     /// account has a device with this id.
-    async fn add_device(
-        &self,
-        handle: &Handle,
-        device: DeviceRecord,
-        now_ms: u64,
-    ) -> Result<(), StoreError>;
+    async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError>;
 
     /// An active device, for checking its signatures.
     ///
@@ -163,12 +158,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// Backend failures only.
-    async fn check_nonce(
-        &self,
-        addr: &DeviceAddress,
-        nonce: &str,
-        timestamp_ms: u64,
-    ) -> Result<bool, StoreError>;
+    async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError>;
 
     /// Stores one-time key packages and optionally replaces the last-resort one.
     ///
@@ -195,11 +185,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::UnknownHandle`]; [`StoreError::NoKeyPackage`] when no
     /// device has a package.
-    async fn claim_key_packages(
-        &self,
-        handle: &Handle,
-        requester: &DeviceAddress,
-    ) -> Result<ClaimResponse, StoreError>;
+    async fn claim_key_packages(&self, handle: &Handle, requester: &DeviceAddress)
+        -> Result<ClaimResponse, StoreError>;
 
     /// Stores every part of a send for its recipients, atomically, together
     /// with the send id and (when the send carries a commit) the epoch bump.
@@ -209,12 +196,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::UnknownDevice`] for a recipient that is not an active
     /// device; [`StoreError::StaleEpoch`] when the commit guard's epoch is not
     /// the conversation's current one.
-    async fn send(
-        &self,
-        sender: &DeviceAddress,
-        request: &SendRequest,
-        now_ms: u64,
-    ) -> Result<SendOutcome, StoreError>;
+    async fn send(&self, sender: &DeviceAddress, request: &SendRequest, now_ms: u64)
+        -> Result<SendOutcome, StoreError>;
 
     /// Up to `limit` envelopes of this device with an id above `after`, oldest
     /// first, stopping early once their ciphertexts add up to `max_bytes`

@@ -10,17 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::{
-    params, Connection, ErrorCode as SqliteCode, OptionalExtension, TransactionBehavior,
-};
+use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension, TransactionBehavior};
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId,
-    DeviceRecord, Envelope, Epoch, Handle, KeyPackageCount, MessageKind, SendRequest, B64,
+    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope,
+    Epoch, Handle, KeyPackageCount, MessageKind, SendRequest, B64,
 };
 
-use super::{
-    NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_STORED_KEY_PACKAGES,
-};
+use super::{NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_STORED_KEY_PACKAGES};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Append new steps, never edit old ones.
@@ -135,26 +131,16 @@ impl SqliteStore {
             Some(_) => map_err(e),
             None => StoreError::Unavailable(e.to_string()),
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(map_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(map_err)?;
         // journal_mode answers with a row, so it cannot go through execute_batch.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(map_err)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(map_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Unavailable(format!(
-                "cannot switch the database to WAL mode (got {mode})"
-            )));
+            return Err(StoreError::Unavailable(format!("cannot switch the database to WAL mode (got {mode})")));
         }
-        conn.execute_batch(
-            "PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA foreign_keys=ON;",
-        )
-        .map_err(map_err)?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA foreign_keys=ON;")
+            .map_err(map_err)?;
         migrate(&mut conn)?;
-        Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_path_buf(),
-        })
+        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() })
     }
 
     /// The database file.
@@ -185,9 +171,7 @@ impl SqliteStore {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(map_err)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(map_err)?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
     if version > MIGRATIONS.len() {
         return Err(StoreError::Internal(format!(
@@ -196,16 +180,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         )));
     }
     for (i, step) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Exclusive)
-            .map_err(map_err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive).map_err(map_err)?;
         tx.execute_batch(step).map_err(map_err)?;
-        tx.pragma_update(
-            None,
-            "user_version",
-            i64::try_from(i + 1).unwrap_or(i64::MAX),
-        )
-        .map_err(map_err)?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX)).map_err(map_err)?;
         tx.commit().map_err(map_err)?;
     }
     Ok(())
@@ -227,8 +204,7 @@ fn require_device(conn: &Connection, addr: &DeviceAddress) -> Result<i64, StoreE
 }
 
 fn parse_device_id(s: &str) -> Result<DeviceId, StoreError> {
-    s.parse()
-        .map_err(|_| StoreError::Internal("stored device id is not valid".into()))
+    s.parse().map_err(|_| StoreError::Internal("stored device id is not valid".into()))
 }
 
 fn parse_handle(s: &str) -> Result<Handle, StoreError> {
@@ -236,59 +212,34 @@ fn parse_handle(s: &str) -> Result<Handle, StoreError> {
 }
 
 fn device_record(device_id: &str, key: Vec<u8>, cert: Vec<u8>) -> Result<DeviceRecord, StoreError> {
-    Ok(DeviceRecord {
-        device_id: parse_device_id(device_id)?,
-        signature_key: B64(key),
-        certificate: B64(cert),
-    })
+    Ok(DeviceRecord { device_id: parse_device_id(device_id)?, signature_key: B64(key), certificate: B64(cert) })
 }
 
 fn count_packages(conn: &Connection, device: i64) -> Result<KeyPackageCount, StoreError> {
     let one_time: i64 = conn
-        .query_row(
-            "SELECT COUNT(*) FROM key_packages WHERE device = ?1",
-            [device],
-            |r| r.get(0),
-        )
+        .query_row("SELECT COUNT(*) FROM key_packages WHERE device = ?1", [device], |r| r.get(0))
         .map_err(map_err)?;
     let last_resort: bool = conn
-        .query_row(
-            "SELECT EXISTS(SELECT 1 FROM last_resort_packages WHERE device = ?1)",
-            [device],
-            |r| r.get(0),
-        )
+        .query_row("SELECT EXISTS(SELECT 1 FROM last_resort_packages WHERE device = ?1)", [device], |r| r.get(0))
         .map_err(map_err)?;
-    Ok(KeyPackageCount {
-        one_time: to_u64(one_time),
-        last_resort,
-    })
+    Ok(KeyPackageCount { one_time: to_u64(one_time), last_resort })
 }
 
 fn count(conn: &Connection, table: &str) -> Result<u64, StoreError> {
     // `table` only ever comes from the fixed list in `stats`.
-    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .map(to_u64)
-    .map_err(map_err)
+    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(to_u64).map_err(map_err)
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
             let inserted = tx
                 .execute(
                     "INSERT INTO accounts (handle, identity_key, created_at) VALUES (?1, ?2, ?3)
                      ON CONFLICT (handle) DO NOTHING",
-                    params![
-                        account.handle.as_str(),
-                        account.identity_key,
-                        to_i64(now_ms)
-                    ],
+                    params![account.handle.as_str(), account.identity_key, to_i64(now_ms)],
                 )
                 .map_err(map_err)?;
             if inserted == 0 {
@@ -311,23 +262,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn add_device(
-        &self,
-        handle: &Handle,
-        device: DeviceRecord,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
+    async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError> {
         let handle = handle.clone();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
             let exists: bool = tx
-                .query_row(
-                    "SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)",
-                    [handle.as_str()],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)", [handle.as_str()], |r| r.get(0))
                 .map_err(map_err)?;
             if !exists {
                 return Err(StoreError::UnknownHandle);
@@ -374,11 +314,7 @@ impl Store for SqliteStore {
         let handle = handle.clone();
         self.run(move |conn| {
             let identity_key: Option<Vec<u8>> = conn
-                .query_row(
-                    "SELECT identity_key FROM accounts WHERE handle = ?1",
-                    [handle.as_str()],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
                 .optional()
                 .map_err(map_err)?;
             let Some(identity_key) = identity_key else {
@@ -392,11 +328,7 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
             let rows = stmt
                 .query_map([handle.as_str()], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                    ))
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
                 })
                 .map_err(map_err)?;
             let mut devices = Vec::new();
@@ -404,21 +336,12 @@ impl Store for SqliteStore {
                 let (d, k, c) = row.map_err(map_err)?;
                 devices.push(device_record(&d, k, c)?);
             }
-            Ok(Some(AccountInfo {
-                handle,
-                identity_key: B64(identity_key),
-                devices,
-            }))
+            Ok(Some(AccountInfo { handle, identity_key: B64(identity_key), devices }))
         })
         .await
     }
 
-    async fn check_nonce(
-        &self,
-        addr: &DeviceAddress,
-        nonce: &str,
-        timestamp_ms: u64,
-    ) -> Result<bool, StoreError> {
+    async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError> {
         let addr = addr.clone();
         let nonce = nonce.to_owned();
         self.run(move |conn| {
@@ -442,18 +365,15 @@ impl Store for SqliteStore {
     ) -> Result<KeyPackageCount, StoreError> {
         let addr = addr.clone();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
             let device = require_device(&tx, &addr)?;
             let before = count_packages(&tx, device)?;
             if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
                 return Err(StoreError::TooManyKeyPackages);
             }
             {
-                let mut insert = tx
-                    .prepare("INSERT INTO key_packages (device, data) VALUES (?1, ?2)")
-                    .map_err(map_err)?;
+                let mut insert =
+                    tx.prepare("INSERT INTO key_packages (device, data) VALUES (?1, ?2)").map_err(map_err)?;
                 for kp in &one_time {
                     insert.execute(params![device, kp]).map_err(map_err)?;
                 }
@@ -492,15 +412,9 @@ impl Store for SqliteStore {
         self.run(move |conn| {
             // IMMEDIATE takes the write lock up front, so two claims cannot
             // both read the same one-time package before either deletes it.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
             let identity_key: Vec<u8> = tx
-                .query_row(
-                    "SELECT identity_key FROM accounts WHERE handle = ?1",
-                    [handle.as_str()],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
                 .optional()
                 .map_err(map_err)?
                 .ok_or(StoreError::UnknownHandle)?;
@@ -512,9 +426,7 @@ impl Store for SqliteStore {
                     )
                     .map_err(map_err)?;
                 let rows = stmt
-                    .query_map([handle.as_str()], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })
+                    .query_map([handle.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                     .map_err(map_err)?;
                 rows.collect::<Result<_, _>>().map_err(map_err)?
             };
@@ -535,38 +447,22 @@ impl Store for SqliteStore {
                     .optional()
                     .map_err(map_err)?;
                 if let Some(kp) = one_time {
-                    packages.push(ClaimedKeyPackage {
-                        device: record,
-                        key_package: B64(kp),
-                        last_resort: false,
-                    });
+                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort: false });
                     continue;
                 }
                 let last_resort: Option<Vec<u8>> = tx
-                    .query_row(
-                        "SELECT data FROM last_resort_packages WHERE device = ?1",
-                        [row_id],
-                        |r| r.get(0),
-                    )
+                    .query_row("SELECT data FROM last_resort_packages WHERE device = ?1", [row_id], |r| r.get(0))
                     .optional()
                     .map_err(map_err)?;
                 if let Some(kp) = last_resort {
-                    packages.push(ClaimedKeyPackage {
-                        device: record,
-                        key_package: B64(kp),
-                        last_resort: true,
-                    });
+                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort: true });
                 }
             }
             if packages.is_empty() {
                 return Err(StoreError::NoKeyPackage);
             }
             tx.commit().map_err(map_err)?;
-            Ok(ClaimResponse {
-                handle,
-                identity_key: B64(identity_key),
-                packages,
-            })
+            Ok(ClaimResponse { handle, identity_key: B64(identity_key), packages })
         })
         .await
     }
@@ -580,9 +476,7 @@ impl Store for SqliteStore {
         let sender = sender.clone();
         let request = request.clone();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
             let sender_row = require_device(&tx, &sender)?;
             let seen: Option<(Option<i64>, i64)> = tx
                 .query_row(
@@ -623,23 +517,15 @@ impl Store for SqliteStore {
                 None => None,
                 Some(guard) => {
                     let current: i64 = tx
-                        .query_row(
-                            "SELECT epoch FROM conversations WHERE id = ?1",
-                            [conversation],
-                            |r| r.get(0),
-                        )
+                        .query_row("SELECT epoch FROM conversations WHERE id = ?1", [conversation], |r| r.get(0))
                         .optional()
                         .map_err(map_err)?
                         .unwrap_or(0);
                     let current = to_u64(current);
                     if current != guard.epoch.0 {
-                        return Err(StoreError::StaleEpoch {
-                            current: Epoch(current),
-                        });
+                        return Err(StoreError::StaleEpoch { current: Epoch(current) });
                     }
-                    let next = current
-                        .checked_add(1)
-                        .ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
+                    let next = current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
                     tx.execute(
                         "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
                          ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
@@ -671,29 +557,17 @@ impl Store for SqliteStore {
                         .map_err(map_err)?;
                     let message = tx.last_insert_rowid();
                     for device in rows {
-                        insert_inbox
-                            .execute(params![device, message, to_i64(now_ms)])
-                            .map_err(map_err)?;
+                        insert_inbox.execute(params![device, message, to_i64(now_ms)]).map_err(map_err)?;
                     }
                 }
             }
             tx.execute(
                 "INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    sender_row,
-                    &request.send_id.0[..],
-                    epoch.map(|e| to_i64(e.0)),
-                    to_i64(now_ms)
-                ],
+                params![sender_row, &request.send_id.0[..], epoch.map(|e| to_i64(e.0)), to_i64(now_ms)],
             )
             .map_err(map_err)?;
             tx.commit().map_err(map_err)?;
-            Ok(SendOutcome {
-                duplicate: false,
-                epoch,
-                server_time: now_ms,
-                recipients: woken,
-            })
+            Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
         })
         .await
     }
@@ -754,9 +628,7 @@ impl Store for SqliteStore {
         let addr = addr.clone();
         let ids = ids.to_vec();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
             let Some(device) = device_row(&tx, &addr)? else {
                 return Ok(0);
             };
@@ -764,15 +636,11 @@ impl Store for SqliteStore {
             let mut messages = HashSet::new();
             {
                 let mut delete = tx
-                    .prepare_cached(
-                        "DELETE FROM inbox WHERE id = ?1 AND device = ?2 RETURNING message",
-                    )
+                    .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND device = ?2 RETURNING message")
                     .map_err(map_err)?;
                 for id in ids {
-                    let message: Option<i64> = delete
-                        .query_row(params![to_i64(id), device], |r| r.get(0))
-                        .optional()
-                        .map_err(map_err)?;
+                    let message: Option<i64> =
+                        delete.query_row(params![to_i64(id), device], |r| r.get(0)).optional().map_err(map_err)?;
                     if let Some(m) = message {
                         deleted += 1;
                         messages.insert(m);
@@ -798,11 +666,7 @@ impl Store for SqliteStore {
         let conversation = *conversation;
         self.run(move |conn| {
             let epoch: Option<i64> = conn
-                .query_row(
-                    "SELECT epoch FROM conversations WHERE id = ?1",
-                    [&conversation.0[..]],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT epoch FROM conversations WHERE id = ?1", [&conversation.0[..]], |r| r.get(0))
                 .optional()
                 .map_err(map_err)?;
             Ok(Epoch(epoch.map(to_u64).unwrap_or(0)))
@@ -818,18 +682,16 @@ impl Store for SqliteStore {
     ) -> Result<SweepReport, StoreError> {
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
-            let inbox_rows = tx
-                .execute("DELETE FROM inbox WHERE created_at < ?1", [to_i64(inbox_before_ms)])
-                .map_err(map_err)?;
+            let inbox_rows =
+                tx.execute("DELETE FROM inbox WHERE created_at < ?1", [to_i64(inbox_before_ms)]).map_err(map_err)?;
             let messages = tx
                 .execute(
                     "DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.message = messages.id)",
                     [],
                 )
                 .map_err(map_err)?;
-            let nonces = tx
-                .execute("DELETE FROM nonces WHERE timestamp < ?1", [to_i64(nonces_before_ms)])
-                .map_err(map_err)?;
+            let nonces =
+                tx.execute("DELETE FROM nonces WHERE timestamp < ?1", [to_i64(nonces_before_ms)]).map_err(map_err)?;
             let send_ids = tx
                 .execute("DELETE FROM send_ids WHERE created_at < ?1", [to_i64(send_ids_before_ms)])
                 .map_err(map_err)?;
@@ -848,8 +710,7 @@ impl Store for SqliteStore {
         self.run(|conn| {
             // Answers (busy, log frames, checkpointed frames); a busy checkpoint
             // is retried at the next sweep.
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                .map_err(map_err)
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(map_err)
         })
         .await
     }
@@ -925,21 +786,13 @@ mod tests {
         drop(SqliteStore::open(&path).expect("first open"));
         let store = SqliteStore::open(&path).expect("second open");
         let conn = store.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let v: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .expect("version");
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
         assert_eq!(v as usize, SqliteStore::schema_version());
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .expect("mode");
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
         assert_eq!(mode, "wal");
-        let sync: i64 = conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .expect("sync");
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).expect("sync");
         assert_eq!(sync, 2, "synchronous must be FULL");
-        let secure: i64 = conn
-            .query_row("PRAGMA secure_delete", [], |r| r.get(0))
-            .expect("secure");
+        let secure: i64 = conn.query_row("PRAGMA secure_delete", [], |r| r.get(0)).expect("secure");
         assert_eq!(secure, 1);
     }
 
@@ -949,13 +802,9 @@ mod tests {
         let path = dir.path().join("server.db");
         {
             let conn = Connection::open(&path).expect("open");
-            conn.pragma_update(None, "user_version", 999)
-                .expect("set version");
+            conn.pragma_update(None, "user_version", 999).expect("set version");
         }
-        assert!(matches!(
-            SqliteStore::open(&path),
-            Err(StoreError::Internal(_))
-        ));
+        assert!(matches!(SqliteStore::open(&path), Err(StoreError::Internal(_))));
     }
 
     /// After delivery and maintenance, no byte of the ciphertext is left in
@@ -984,20 +833,11 @@ mod tests {
             }
             found
         };
-        assert!(
-            contains(&marker[..56]),
-            "the marker should be stored before delivery"
-        );
-        let env = store
-            .fetch_inbox(&bob, 0, 10, usize::MAX)
-            .await
-            .expect("fetch");
+        assert!(contains(&marker[..56]), "the marker should be stored before delivery");
+        let env = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
         let ids: Vec<u64> = env.iter().map(|e| e.id).collect();
         assert_eq!(store.ack(&bob, &ids).await.expect("ack"), 1);
         store.maintenance().await.expect("checkpoint");
-        assert!(
-            !contains(&marker[..56]),
-            "delivered ciphertext is still in the database files"
-        );
+        assert!(!contains(&marker[..56]), "delivered ciphertext is still in the database files");
     }
 }

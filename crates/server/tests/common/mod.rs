@@ -13,9 +13,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use http_body_util::BodyExt as _;
 use subrosa_proto::{
-    canonical_request, DeviceAddress, DeviceId, DeviceRecord, Handle, RegisterRequest,
-    SignedHeaders, B64, HEADER_DEVICE, HEADER_HANDLE, HEADER_NONCE, HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
+    canonical_request, DeviceAddress, DeviceId, DeviceRecord, Handle, RegisterRequest, SignedHeaders, B64,
+    HEADER_DEVICE, HEADER_HANDLE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use subrosa_server::store::{SqliteStore, Store};
 use subrosa_server::{app, now_ms, AppState, Limits};
@@ -31,11 +30,7 @@ pub struct TestDevice {
 
 impl TestDevice {
     pub fn new(prefix: &str) -> Self {
-        let handle = Handle::new(&format!(
-            "{prefix}{}",
-            hex::encode(rand::random::<[u8; 4]>())
-        ))
-        .expect("handle");
+        let handle = Handle::new(&format!("{prefix}{}", hex::encode(rand::random::<[u8; 4]>()))).expect("handle");
         TestDevice {
             handle,
             device: DeviceId(rand::random()),
@@ -45,10 +40,7 @@ impl TestDevice {
     }
 
     pub fn addr(&self) -> DeviceAddress {
-        DeviceAddress {
-            handle: self.handle.clone(),
-            device: self.device,
-        }
+        DeviceAddress { handle: self.handle.clone(), device: self.device }
     }
 
     pub fn record(&self) -> DeviceRecord {
@@ -83,9 +75,7 @@ impl TestDevice {
             timestamp,
             nonce: nonce.to_owned(),
         };
-        let sig = self
-            .key
-            .sign(&canonical_request(method, path_and_query, &h, body));
+        let sig = self.key.sign(&canonical_request(method, path_and_query, &h, body));
         vec![
             (HEADER_HANDLE, h.handle),
             (HEADER_DEVICE, h.device),
@@ -100,21 +90,12 @@ impl TestDevice {
         self.request_with(method, path_and_query, body, now_ms(), &fresh_nonce())
     }
 
-    pub fn request_with(
-        &self,
-        method: &str,
-        pq: &str,
-        body: Vec<u8>,
-        timestamp: u64,
-        nonce: &str,
-    ) -> Request<Body> {
+    pub fn request_with(&self, method: &str, pq: &str, body: Vec<u8>, timestamp: u64, nonce: &str) -> Request<Body> {
         let mut b = Request::builder().method(method).uri(pq);
         for (k, v) in self.sign(method, pq, &body, timestamp, nonce) {
             b = b.header(k, v);
         }
-        b.header("content-type", "application/json")
-            .body(Body::from(body))
-            .expect("request")
+        b.header("content-type", "application/json").body(Body::from(body)).expect("request")
     }
 }
 
@@ -137,16 +118,10 @@ impl TestApp {
 
     pub fn with_limits(limits: Limits) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("server.db")).expect("store"));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("server.db")).expect("store"));
         let state = AppState::new(Arc::clone(&store), limits);
         let router = app(state.clone());
-        TestApp {
-            dir,
-            store,
-            state,
-            router,
-        }
+        TestApp { dir, store, state, router }
     }
 
     /// Sends a request; returns the status and the JSON body (Null if none).
@@ -157,12 +132,8 @@ impl TestApp {
         let json = if bytes.is_empty() {
             serde_json::Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                panic!(
-                    "non-JSON answer {status}: {:?}",
-                    String::from_utf8_lossy(&bytes)
-                )
-            })
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("non-JSON answer {status}: {:?}", String::from_utf8_lossy(&bytes)))
         };
         (status, json)
     }
@@ -170,9 +141,7 @@ impl TestApp {
     /// Registers a new device; panics unless it succeeds.
     pub async fn register(&self, prefix: &str) -> TestDevice {
         let d = TestDevice::new(prefix);
-        let (status, body) = self
-            .call(d.request("POST", "/v1/accounts", d.register_body()))
-            .await;
+        let (status, body) = self.call(d.request("POST", "/v1/accounts", d.register_body())).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         d
     }
@@ -183,9 +152,5 @@ impl TestApp {
 pub fn assert_error(got: &(StatusCode, serde_json::Value), status: StatusCode, code: &str) {
     assert_eq!(got.0, status, "body: {}", got.1);
     assert_eq!(got.1["code"], code, "body: {}", got.1);
-    assert!(
-        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "body: {}",
-        got.1
-    );
+    assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty()), "body: {}", got.1);
 }
