@@ -36,7 +36,7 @@ async fn canary() -> Result<(String, Arc<AtomicUsize>)> {
 }
 
 struct Stored {
-    messages: Vec<(i64, usize, Vec<u8>)>,
+    messages: Vec<(i64, String, usize, Vec<u8>)>,
     inbox_rows: i64,
 }
 
@@ -44,11 +44,11 @@ struct Stored {
 fn server_view(db: &std::path::Path) -> Result<Stored> {
     let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .context("opening the server's database")?;
-    let mut stmt = conn.prepare("SELECT id, ciphertext FROM messages ORDER BY id")?;
+    let mut stmt = conn.prepare("SELECT id, kind, ciphertext FROM messages ORDER BY id")?;
     let messages = stmt
         .query_map([], |r| {
-            let ct: Vec<u8> = r.get(1)?;
-            Ok((r.get(0)?, ct.len(), ct.iter().take(24).copied().collect()))
+            let ct: Vec<u8> = r.get(2)?;
+            Ok((r.get(0)?, r.get(1)?, ct.len(), ct.iter().take(24).copied().collect()))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let inbox_rows = conn.query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))?;
@@ -105,9 +105,15 @@ pub async fn run() -> Result<()> {
     let db = data.join("server.db");
     let queued = server_view(&db)?;
     println!("4. What the server stored, read straight from its database:");
-    for (id, len, head) in &queued.messages {
-        println!("   message {id}: {len} bytes of MLS ciphertext, starting {}…", hex::encode(head));
+    for (id, kind, len, head) in &queued.messages {
+        let what = match kind.as_str() {
+            "welcome" => "MLS Welcome (bob's invitation to the conversation)",
+            "application" => "MLS application message",
+            other => other,
+        };
+        println!("   #{id} {what}: {len} bytes, starting {}…", hex::encode(head));
     }
+    println!("   (the server knows the conversation only as a random id; no names, no text, no link)");
     println!("   inbox rows waiting for delivery: {}", queued.inbox_rows);
     let leaked = server_files_contain(&data, link.as_bytes())? || server_files_contain(&data, b"The plan is here")?;
     println!(

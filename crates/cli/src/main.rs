@@ -34,9 +34,9 @@ enum Command {
         #[arg(long)]
         server: String,
     },
-    /// Send a text message to a handle.
+    /// Send a text message to a group or a handle.
     Send {
-        /// Who: a handle.
+        /// Who: a group name or a handle (`@handle` always means the handle).
         target: String,
         /// What.
         text: String,
@@ -56,9 +56,9 @@ enum Command {
         #[arg(long, hide = true)]
         no_ack: bool,
     },
-    /// Show the conversation with a handle, your own messages included.
+    /// Show a conversation (group or handle), your own messages included.
     History {
-        /// Who.
+        /// A group name or a handle.
         target: String,
         /// One JSON object per line.
         #[arg(long)]
@@ -66,8 +66,56 @@ enum Command {
     },
     /// List contacts.
     Contacts,
+    /// Create and change groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// List your groups.
+    Groups,
+    /// List every device in a conversation, with its handle and fingerprint.
+    Members {
+        /// A group name or a handle.
+        target: String,
+    },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Create a group NAME with these handles (and your other devices).
+    Create {
+        /// The group's name (only members ever see it).
+        name: String,
+        /// The other members.
+        #[arg(required = true)]
+        handles: Vec<String>,
+    },
+    /// Add HANDLE (every device of it) to group NAME.
+    Add {
+        /// The group.
+        name: String,
+        /// Who.
+        handle: String,
+    },
+    /// Remove HANDLE (every device of it) from group NAME.
+    Remove {
+        /// The group.
+        name: String,
+        /// Who.
+        handle: String,
+    },
+    /// Leave group NAME.
+    Leave {
+        /// The group.
+        name: String,
+    },
+    /// Rename group NAME to NEW.
+    Rename {
+        /// The group.
+        name: String,
+        /// The new name.
+        new: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -148,6 +196,15 @@ fn passphrase(confirm: bool) -> Result<Zeroizing<String>> {
     Ok(p)
 }
 
+/// A short fingerprint of a device key: the first 8 bytes of its SHA-256,
+/// in groups of four hex digits.
+fn fingerprint(key: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(key);
+    let hex = hex::encode(&digest[..8]);
+    hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
+}
+
 fn format_time(ms: u64) -> String {
     let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -162,8 +219,13 @@ fn print_message(m: &StoredMessage, json: bool) {
         let _ = serde_json::to_writer(&mut out, m);
         let _ = writeln!(out);
     } else {
-        let who = if m.outgoing { format!("{} (you)", m.from) } else { m.from.clone() };
-        let _ = writeln!(out, "[{}] {}: {}", format_time(m.sent_at), who, m.text);
+        let place = if m.group { format!("#{} ", m.target) } else { String::new() };
+        if m.system {
+            let _ = writeln!(out, "[{}] {place}* {}", format_time(m.sent_at), m.text);
+        } else {
+            let who = if m.outgoing { format!("{} (you)", m.from) } else { m.from.clone() };
+            let _ = writeln!(out, "[{}] {place}{who}: {}", format_time(m.sent_at), m.text);
+        }
     }
     let _ = out.flush();
 }
@@ -219,6 +281,40 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     for c in me.contacts()? {
                         let state = if c.verified { "verified" } else { "unverified" };
                         println!("{}\t{}\t{}", c.handle, state, &c.identity_key[..16.min(c.identity_key.len())]);
+                    }
+                }
+                Command::Group(g) => match g {
+                    GroupCommand::Create { name, handles } => {
+                        let g = me.create_group(&name, &handles).await?;
+                        println!("created {} with {}", g.name, g.members.join(", "));
+                    }
+                    GroupCommand::Add { name, handle } => {
+                        me.group_add(&name, &handle).await?;
+                        println!("added {handle} to {name}");
+                    }
+                    GroupCommand::Remove { name, handle } => {
+                        me.group_remove(&name, &handle).await?;
+                        println!("removed {handle} from {name}");
+                    }
+                    GroupCommand::Leave { name } => {
+                        me.group_leave(&name).await?;
+                        println!("left {name}");
+                    }
+                    GroupCommand::Rename { name, new } => {
+                        me.group_rename(&name, &new).await?;
+                        println!("renamed {name} to {new}");
+                    }
+                },
+                Command::Groups => {
+                    for g in me.groups()? {
+                        let state = if g.active { g.members.join(", ") } else { "(left)".to_string() };
+                        println!("{}\t{}\t{}", g.name, state, g.id);
+                    }
+                }
+                Command::Members { target } => {
+                    for m in me.members(&target)? {
+                        let you = if m.address == me.identity().address() { "\t(this device)" } else { "" };
+                        println!("{}\t{}\t{}{you}", m.address.handle, m.address.device, fingerprint(&m.device_key));
                     }
                 }
                 Command::Register { .. } | Command::Demo => unreachable!("handled above"),

@@ -5,6 +5,7 @@
 //! to the store before anything leaves the device, and a delivered message
 //! is acknowledged only after the store committed it.
 
+mod conversations;
 pub mod net;
 pub mod store;
 
@@ -14,13 +15,14 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use sha2::{Digest, Sha256};
 use subrosa_core::content::{Body, Content};
-use subrosa_core::{ConversationInfo, ConversationKind, CoreError, DeviceIdentity, Engine, Event};
+use subrosa_core::{ConversationKind, CoreError, DeviceIdentity, Engine, Event};
 use subrosa_proto::{
-    AckRequest, AckResponse, ClaimRequest, ClaimResponse, CommitGuard, ConversationId, DeviceRecord, Empty, Envelope,
-    ErrorBody, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, MessageId, MessageKind,
-    RegisterRequest, SendId, SendPart, SendRequest, SendResponse, ServerFrame, B64,
+    AckRequest, AckResponse, ConversationId, DeviceAddress, DeviceRecord, Empty, Envelope, ErrorBody, ErrorCode,
+    Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, MessageId, MessageKind, RegisterRequest, SendId,
+    SendPart, SendRequest, SendResponse, ServerFrame, B64,
 };
 
+pub use conversations::{GroupSummary, Target};
 use store::{now_ms, GroupStore, KeyPackageStore, Store};
 pub use store::{Contact, StoredMessage};
 
@@ -120,6 +122,10 @@ pub struct Subrosa {
     store: Store,
     engine: DeviceEngine,
     api: net::Api,
+    /// Messages dropped while processing, reported by the next receive.
+    dropped: std::sync::Mutex<Vec<Received>>,
+    /// Conversations with a leave proposal this device should commit.
+    to_commit: std::sync::Mutex<Vec<(ConversationId, DeviceAddress)>>,
 }
 
 impl std::fmt::Debug for Subrosa {
@@ -196,7 +202,13 @@ impl Subrosa {
         let crypto = subrosa_core::default_crypto();
         let api = net::Api::new(server, identity.clone(), crypto.clone())?;
         let engine = Engine::new(crypto, identity, store.groups(), store.key_packages());
-        Ok(Subrosa { store, engine, api })
+        Ok(Subrosa {
+            store,
+            engine,
+            api,
+            dropped: std::sync::Mutex::new(Vec::new()),
+            to_commit: std::sync::Mutex::new(Vec::new()),
+        })
     }
 
     /// This account's handle.
@@ -260,142 +272,6 @@ impl Subrosa {
         Ok(())
     }
 
-    fn resolve_target(&self, target: &str) -> Result<Handle, ClientError> {
-        Handle::new(target).map_err(|_| ClientError::UnknownTarget(target.to_string()))
-    }
-
-    /// Starts a 1:1 conversation with `peer`: claims a key package of each of
-    /// its devices, checks each against the peer's identity key, creates the
-    /// MLS group and sends the Welcome.
-    async fn start_direct(&self, peer: &Handle) -> Result<ConversationId, ClientError> {
-        if peer == self.handle() {
-            return Err(ClientError::Input("cannot start a conversation with yourself".into()));
-        }
-        let claim: ClaimResponse = self
-            .api
-            .call(Method::POST, "/v1/keypackages/claim", Some(&ClaimRequest { handle: peer.clone() }))
-            .await
-            .map_err(|e| match e.code() {
-                Some(ErrorCode::UnknownHandle) => {
-                    ClientError::Input(format!("unknown handle {peer}: no such account on {}", self.server()))
-                }
-                _ => e,
-            })?;
-        if let Some(pinned) = self.store.contact_key(peer.as_str())? {
-            if pinned != claim.identity_key.as_slice() {
-                return Err(ClientError::KeyMismatch {
-                    handle: peer.to_string(),
-                    why: "the server offers an identity key different from the one this device has seen; not sending"
-                        .into(),
-                });
-            }
-        }
-        let mut key_packages = Vec::new();
-        for p in &claim.packages {
-            let cert = self.engine.inspect_key_package(p.key_package.as_slice()).map_err(|e| {
-                ClientError::KeyMismatch { handle: peer.to_string(), why: format!("invalid key package: {e}") }
-            })?;
-            let ok = cert.handle() == *peer
-                && cert.identity_key() == claim.identity_key.as_slice()
-                && cert.device_id() == p.device.device_id
-                && cert.device_key() == p.device.signature_key.as_slice();
-            if !ok {
-                return Err(ClientError::KeyMismatch {
-                    handle: peer.to_string(),
-                    why: "a key package is not certified by the account's identity key".into(),
-                });
-            }
-            key_packages.push(p.key_package.as_slice().to_vec());
-        }
-        if key_packages.is_empty() {
-            return Err(ClientError::Input(format!("{peer} has no device to write to")));
-        }
-        let out = self.store.transaction(|| {
-            let out = self.engine.create_conversation(&ConversationInfo::direct(), &key_packages)?;
-            self.store.add_conversation(&out.conversation, "direct", "", Some(peer.as_str()))?;
-            self.store.pin_contact(peer.as_str(), claim.identity_key.as_slice())?;
-            Ok(out)
-        })?;
-        let mut parts = Vec::new();
-        if let Some(w) = out.welcome {
-            parts.push(SendPart {
-                kind: MessageKind::Welcome,
-                recipients: out.welcome_recipients.clone(),
-                ciphertext: B64(w),
-            });
-        }
-        let req = SendRequest {
-            conversation: out.conversation,
-            send_id: SendId(rand::random()),
-            commit: Some(CommitGuard { epoch: out.epoch }),
-            parts,
-        };
-        match self.api.call::<_, SendResponse>(Method::POST, "/v1/messages", Some(&req)).await {
-            Ok(_) => {
-                self.store.transaction(|| Ok(self.engine.confirm_commit(&out.conversation)?))?;
-                Ok(out.conversation)
-            }
-            Err(e) => {
-                self.store.transaction(|| self.store.forget_conversation(&out.conversation))?;
-                Err(e)
-            }
-        }
-    }
-
-    /// Sends a text message to `target` (a handle). The message is stored in
-    /// history and queued before it is sent; if the server cannot be reached
-    /// it stays queued and is retried (idempotently) by the next send or
-    /// receive.
-    ///
-    /// # Errors
-    /// Unknown handle, key mismatch, network and server errors.
-    pub async fn send_text(&self, target: &str, text: &str) -> Result<StoredMessage, ClientError> {
-        if text.is_empty() {
-            return Err(ClientError::Input("empty message".into()));
-        }
-        if text.len() > subrosa_core::content::MAX_TEXT_BYTES {
-            return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
-        }
-        self.flush_outbox().await?;
-        let peer = self.resolve_target(target)?;
-        let conversation = match self.store.direct_conversation(peer.as_str())? {
-            Some(c) => c,
-            None => self.start_direct(&peer).await?,
-        };
-        let message_id = MessageId(rand::random());
-        let sent_at = now_ms();
-        let content = Content::text(message_id, sent_at, text);
-        let send_id = SendId(rand::random());
-        let me = self.engine.identity().address();
-        let stored = StoredMessage {
-            id: message_id.to_hex(),
-            conversation: conversation.to_hex(),
-            target: peer.to_string(),
-            from: me.handle.to_string(),
-            device: me.device.to_hex(),
-            sent_at,
-            received_at: sent_at,
-            text: text.to_string(),
-            outgoing: true,
-            system: false,
-        };
-        let request = self.store.transaction(|| {
-            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
-            let req = SendRequest {
-                conversation,
-                send_id,
-                commit: None,
-                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
-            };
-            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
-            self.store.insert_message(&stored, &conversation, &message_id.0)?;
-            self.store.push_outbox(&send_id.0, &bytes)?;
-            Ok(bytes)
-        })?;
-        self.post_outbox(&send_id.0, request).await?;
-        Ok(stored)
-    }
-
     async fn post_outbox(&self, send_id: &[u8], request: Vec<u8>) -> Result<(), ClientError> {
         match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
             Ok(_) => self.store.pop_outbox(send_id),
@@ -424,57 +300,200 @@ impl Subrosa {
         Ok(())
     }
 
-    /// Processes one envelope inside one store transaction. Returns what the
-    /// user should see. The caller acknowledges it afterwards.
-    fn process_envelope(&self, env: &Envelope) -> Result<Vec<Received>, ClientError> {
+    /// Encrypts `content` for a conversation, stores it in history and the
+    /// outbox in one transaction, then posts it.
+    async fn send_content(
+        &self,
+        conversation: ConversationId,
+        target: &str,
+        group: bool,
+        text: &str,
+    ) -> Result<StoredMessage, ClientError> {
+        let message_id = MessageId(rand::random());
+        let sent_at = now_ms();
+        let content = Content::text(message_id, sent_at, text);
+        let send_id = SendId(rand::random());
+        let me = self.engine.identity().address();
+        let stored = StoredMessage {
+            id: message_id.to_hex(),
+            conversation: conversation.to_hex(),
+            target: target.to_string(),
+            group,
+            from: me.handle.to_string(),
+            device: me.device.to_hex(),
+            sent_at,
+            received_at: sent_at,
+            text: text.to_string(),
+            outgoing: true,
+            system: false,
+        };
+        let request = self.store.transaction(|| {
+            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
+            let req = SendRequest {
+                conversation,
+                send_id,
+                commit: None,
+                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
+            };
+            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+            self.store.insert_message(&stored, &conversation, &message_id.0, true)?;
+            self.store.push_outbox(&send_id.0, &bytes)?;
+            Ok(bytes)
+        })?;
+        self.post_outbox(&send_id.0, request).await?;
+        Ok(stored)
+    }
+
+    /// Sends a text message to `target` (a group name or a handle; `@handle`
+    /// forces a handle). The message is stored in history and queued before
+    /// it is sent; if the server cannot be reached it stays queued and is
+    /// retried (idempotently) by the next send or receive.
+    ///
+    /// # Errors
+    /// Unknown target, key mismatch, network and server errors.
+    pub async fn send_text(&self, target: &str, text: &str) -> Result<StoredMessage, ClientError> {
+        if text.is_empty() {
+            return Err(ClientError::Input("empty message".into()));
+        }
+        if text.len() > subrosa_core::content::MAX_TEXT_BYTES {
+            return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
+        }
+        self.flush_outbox().await?;
+        let mut resolved = self.resolve(target)?;
+        if let Target::Direct(peer) = &resolved {
+            if self.store.direct_conversation(peer.as_str())?.is_none() {
+                // Perhaps a group we were just added to: catch up first.
+                self.sync().await?;
+                resolved = self.resolve(target)?;
+            }
+        }
+        match resolved {
+            Target::Group(row) => {
+                if !row.active {
+                    return Err(ClientError::Input(format!("you are no longer a member of {}", row.name)));
+                }
+                self.send_content(row.id, &row.name, true, text).await
+            }
+            Target::Direct(peer) => {
+                let conversation = match self.store.direct_conversation(peer.as_str())? {
+                    Some(c) => c,
+                    None => self.start_direct(&peer).await?,
+                };
+                self.send_content(conversation, peer.as_str(), false, text).await
+            }
+        }
+    }
+
+    /// Processes one envelope inside one store transaction; what it yields is
+    /// stored (and shown by the next receive). The caller acknowledges it.
+    fn process_envelope(&self, env: &Envelope) -> Result<(), ClientError> {
         let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
         if self.store.is_processed(&digest)? {
             // Delivered again after a crash before the ack: already stored.
-            return Ok(Vec::new());
+            return Ok(());
         }
         let result = self.store.transaction(|| {
             let event = match env.kind {
                 MessageKind::Welcome => self.engine.join(env.ciphertext.as_slice())?,
                 MessageKind::Commit | MessageKind::Application => {
+                    if let Some(row) = self.store.conversation(&env.conversation)? {
+                        if !row.active {
+                            return Err(CoreError::UnknownConversation.into());
+                        }
+                    }
                     self.engine.process(&env.conversation, env.ciphertext.as_slice())?
                 }
             };
-            let out = self.apply_event(env, event)?;
-            self.store.mark_processed(&digest)?;
-            Ok(out)
+            self.apply_event(env, event)?;
+            self.store.mark_processed(&digest)
         });
         match result {
-            Ok(out) => Ok(out),
+            Ok(()) => Ok(()),
             Err(ClientError::Core(e)) => {
-                // Undecryptable or unauthenticated: tampered, replayed, or not
-                // for us. Drop it (it can never become readable) and say so.
+                // Undecryptable or unauthenticated: tampered, replayed, not
+                // for us, or from a device we refuse. Drop it (it can never
+                // become readable) and say so.
                 self.store.mark_processed(&digest)?;
-                Ok(vec![Received::Dropped { from: env.sender.to_string(), reason: e.to_string() }])
+                self.lock_dropped().push(Received::Dropped { from: env.sender.to_string(), reason: e.to_string() });
+                Ok(())
             }
             Err(e) => Err(e),
         }
     }
 
-    fn apply_event(&self, env: &Envelope, event: Event) -> Result<Vec<Received>, ClientError> {
+    fn lock_dropped(&self) -> std::sync::MutexGuard<'_, Vec<Received>> {
+        self.dropped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_to_commit(&self) -> std::sync::MutexGuard<'_, Vec<(ConversationId, DeviceAddress)>> {
+        self.to_commit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a system line (membership, renames) in a conversation's history.
+    pub(crate) fn system_line(
+        &self,
+        row: &store::ConversationRow,
+        from: &DeviceAddress,
+        text: String,
+    ) -> Result<(), ClientError> {
+        let id: [u8; 16] = rand::random();
+        let now = now_ms();
+        let m = StoredMessage {
+            id: hex::encode(id),
+            conversation: row.id.to_hex(),
+            target: row.target(),
+            group: row.kind == "group",
+            from: from.handle.to_string(),
+            device: from.device.to_hex(),
+            sent_at: now,
+            received_at: now,
+            text,
+            outgoing: from.handle == *self.handle(),
+            system: true,
+        };
+        let seen = m.outgoing && from.device == self.identity().device_id();
+        self.store.insert_message(&m, &row.id, &id, seen).map(|_| ())
+    }
+
+    fn who(&self, h: &Handle) -> String {
+        if h == self.handle() {
+            "you".into()
+        } else {
+            h.to_string()
+        }
+    }
+
+    fn apply_event(&self, env: &Envelope, event: Event) -> Result<(), ClientError> {
         let me = self.handle().clone();
         match event {
             Event::Joined { conversation, info, members } => {
                 if !members.iter().any(|m| m.address == env.sender) {
                     return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
                 }
-                for m in members.iter().filter(|m| m.address.handle != me) {
-                    self.check_contact_key(m.address.handle.as_str(), &m.identity_key)?;
+                for m in &members {
+                    self.check_member_key(&m.address.handle, &m.identity_key)?;
                 }
                 match info.kind {
                     ConversationKind::Direct => {
-                        let peer = members.iter().map(|m| &m.address.handle).find(|h| **h != me).ok_or_else(|| {
-                            ClientError::Core(CoreError::Malformed("direct conversation without a peer"))
-                        })?;
+                        let peer = members
+                            .iter()
+                            .map(|m| &m.address.handle)
+                            .find(|h| **h != me)
+                            .ok_or(ClientError::Core(CoreError::Malformed("direct conversation without a peer")))?;
                         self.store.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
                     }
-                    ConversationKind::Group => self.store.add_conversation(&conversation, "group", &info.name, None)?,
+                    ConversationKind::Group => {
+                        self.store.add_conversation(&conversation, "group", &info.name, None)?;
+                        let row = self.conversation_row(&conversation)?;
+                        let text = if env.sender.handle == me {
+                            format!("this device joined {}", info.name)
+                        } else {
+                            format!("{} added you to {}", env.sender.handle, info.name)
+                        };
+                        self.system_line(&row, &env.sender, text)?;
+                    }
                 }
-                Ok(Vec::new())
+                Ok(())
             }
             Event::Message { conversation, sender, content } => {
                 if sender.address != env.sender {
@@ -483,17 +502,17 @@ impl Subrosa {
                     )
                     .into());
                 }
-                self.check_contact_key(sender.address.handle.as_str(), &sender.identity_key)?;
-                let row =
-                    self.store.conversation(&conversation)?.ok_or(ClientError::Core(CoreError::UnknownConversation))?;
+                self.check_member_key(&sender.address.handle, &sender.identity_key)?;
+                let row = self.conversation_row(&conversation)?;
                 let text = match content.body {
                     Body::Text(t) => t,
-                    _ => return Ok(Vec::new()),
+                    _ => return Ok(()),
                 };
                 let m = StoredMessage {
                     id: content.message_id.to_hex(),
                     conversation: conversation.to_hex(),
-                    target: row.peer.clone().unwrap_or(row.name.clone()),
+                    target: row.target(),
+                    group: row.kind == "group",
                     from: sender.address.handle.to_string(),
                     device: sender.address.device.to_hex(),
                     sent_at: content.sent_at_ms,
@@ -503,19 +522,81 @@ impl Subrosa {
                     system: false,
                 };
                 // A sender's retry carries the same message id: shown once.
-                if self.store.insert_message(&m, &conversation, &content.message_id.0)? {
-                    Ok(vec![Received::Message(m)])
-                } else {
-                    Ok(Vec::new())
-                }
+                self.store.insert_message(&m, &conversation, &content.message_id.0, false)?;
+                Ok(())
             }
-            _ => Ok(Vec::new()),
+            Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, .. } => {
+                // A device whose certificate is not by its account's known
+                // identity key is refused: the commit is not applied.
+                for m in &added {
+                    self.check_member_key(&m.address.handle, &m.identity_key)?;
+                }
+                let mut row = self.conversation_row(&conversation)?;
+                let by = &committer.address;
+                if let Some(info) = renamed {
+                    self.store.set_conversation_name(&conversation, &info.name)?;
+                    row.name = info.name.clone();
+                    self.system_line(&row, by, format!("{} renamed the group to {}", self.who(&by.handle), info.name))?;
+                }
+                let remaining: Vec<DeviceAddress> = if removed_self {
+                    Vec::new()
+                } else {
+                    self.engine.members(&conversation)?.into_iter().map(|m| m.address).collect()
+                };
+                let mut handles: Vec<&Handle> = added.iter().map(|m| &m.address.handle).collect();
+                handles.dedup();
+                for h in handles {
+                    let already = remaining.iter().any(|a| a.handle == *h && !added.iter().any(|m| m.address == *a));
+                    let text = if already || *h == by.handle {
+                        format!("{}'s new device joined", self.who(h))
+                    } else {
+                        format!("{} added {}", self.who(&by.handle), self.who(h))
+                    };
+                    self.system_line(&row, by, text)?;
+                }
+                let mut gone: Vec<&DeviceAddress> = removed.iter().map(|m| &m.address).collect();
+                gone.dedup_by(|a, b| a.handle == b.handle);
+                for a in gone {
+                    let still_there = remaining.iter().any(|r| r.handle == a.handle);
+                    let text = if left.contains(a) {
+                        format!("{} left", self.who(&a.handle))
+                    } else if still_there || a.handle == by.handle {
+                        format!("{} removed a device of {}", self.who(&by.handle), self.who(&a.handle))
+                    } else {
+                        format!("{} removed {}", self.who(&by.handle), self.who(&a.handle))
+                    };
+                    self.system_line(&row, by, text)?;
+                }
+                if removed_self {
+                    self.store.deactivate_conversation(&conversation)?;
+                }
+                Ok(())
+            }
+            Event::LeaveProposed { conversation, member } => {
+                self.lock_to_commit().push((conversation, member.address));
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
-    fn check_contact_key(&self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError> {
-        match self.store.contact_key(handle)? {
-            None => self.store.pin_contact(handle, identity_key),
+    fn conversation_row(&self, id: &ConversationId) -> Result<store::ConversationRow, ClientError> {
+        self.store.conversation(id)?.ok_or(ClientError::Core(CoreError::UnknownConversation))
+    }
+
+    /// Pins a contact's identity key on first sight; refuses a different one.
+    /// For this account's own handle, the key must be our own identity key.
+    fn check_member_key(&self, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
+        if handle == self.handle() {
+            return if identity_key == self.identity().identity_public() {
+                Ok(())
+            } else {
+                Err(CoreError::IdentityMismatch("a device of this account not certified by its identity key".into())
+                    .into())
+            };
+        }
+        match self.store.contact_key(handle.as_str())? {
+            None => self.store.pin_contact(handle.as_str(), identity_key),
             Some(k) if k == identity_key => Ok(()),
             Some(_) => Err(CoreError::IdentityMismatch(format!(
                 "{handle}'s identity key differs from the one this device has seen"
@@ -532,21 +613,62 @@ impl Subrosa {
         Ok(())
     }
 
-    fn process_batch(&self, envs: &[Envelope], on: &mut dyn FnMut(&Received)) -> Result<Vec<u64>, ClientError> {
+    fn process_batch(&self, envs: &[Envelope]) -> Result<Vec<u64>, ClientError> {
         let mut ids = Vec::with_capacity(envs.len());
         for env in envs {
-            for r in self.process_envelope(env)? {
-                on(&r);
-            }
+            self.process_envelope(env)?;
             ids.push(env.id);
         }
         Ok(ids)
     }
 
-    /// Fetches, decrypts, stores and reports everything queued; when nothing
-    /// was queued, waits up to `wait` for messages pushed over the WebSocket.
-    /// With `ack == false` nothing is acknowledged (the server delivers it
-    /// again; the store shows it once).
+    /// Fetches and processes everything queued. Returns how many envelopes.
+    async fn drain_inbox(&self, ack: bool) -> Result<usize, ClientError> {
+        let mut total = 0;
+        loop {
+            let inbox: InboxResponse = self.api.call::<(), _>(Method::GET, "/v1/inbox?limit=500", None).await?;
+            if inbox.messages.is_empty() {
+                break;
+            }
+            let ids = self.process_batch(&inbox.messages)?;
+            total += ids.len();
+            if !ack {
+                break;
+            }
+            self.ack(ids).await?;
+        }
+        Ok(total)
+    }
+
+    /// Brings this device up to date: processes the inbox and commits the
+    /// leave proposals it saw. Messages are stored for the next `receive`.
+    ///
+    /// # Errors
+    /// Network, server and store errors.
+    pub async fn sync(&self) -> Result<(), ClientError> {
+        self.flush_outbox().await?;
+        self.drain_inbox(true).await?;
+        self.commit_pending_leaves().await
+    }
+
+    fn emit(&self, on: &mut dyn FnMut(&Received)) -> Result<usize, ClientError> {
+        let dropped: Vec<Received> = std::mem::take(&mut *self.lock_dropped());
+        let unseen = self.store.take_unseen()?;
+        let n = dropped.len() + unseen.len();
+        for m in unseen {
+            on(&Received::Message(m));
+        }
+        for d in &dropped {
+            on(d);
+        }
+        Ok(n)
+    }
+
+    /// Fetches, decrypts and stores everything queued, then reports every
+    /// message not yet shown (including those other commands stored); when
+    /// there was none, waits up to `wait` for messages pushed over the
+    /// WebSocket. With `ack == false` nothing is acknowledged (the server
+    /// delivers it again; the store shows it once).
     ///
     /// # Errors
     /// Network, server and store errors; messages that fail to decrypt are
@@ -558,23 +680,15 @@ impl Subrosa {
         on: &mut dyn FnMut(&Received),
     ) -> Result<usize, ClientError> {
         self.flush_outbox().await?;
-        let mut total = 0;
-        loop {
-            let inbox: InboxResponse = self.api.call::<(), _>(Method::GET, "/v1/inbox?limit=500", None).await?;
-            if inbox.messages.is_empty() {
-                break;
-            }
-            let ids = self.process_batch(&inbox.messages, on)?;
-            total += ids.len();
-            if !ack {
-                break;
-            }
-            self.ack(ids).await?;
+        self.drain_inbox(ack).await?;
+        if ack {
+            self.commit_pending_leaves().await?;
         }
-        if total == 0 && !wait.is_zero() {
+        let mut shown = self.emit(on)?;
+        if shown == 0 && !wait.is_zero() {
             let deadline = Instant::now() + wait;
             let mut ws = self.api.connect().await?;
-            loop {
+            while shown == 0 {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -583,14 +697,12 @@ impl Subrosa {
                     Err(_) | Ok(Ok(None)) => break,
                     Ok(Err(e)) => return Err(e),
                     Ok(Ok(Some(ServerFrame::Messages { messages }))) => {
-                        let ids = self.process_batch(&messages, on)?;
-                        total += ids.len();
+                        let ids = self.process_batch(&messages)?;
                         if ack {
                             net::send_ack(&mut ws, ids).await?;
+                            self.commit_pending_leaves().await?;
                         }
-                        if total > 0 {
-                            break;
-                        }
+                        shown += self.emit(on)?;
                     }
                     Ok(Ok(Some(ServerFrame::Error(e)))) => return Err(ClientError::Server { status: 0, body: e }),
                 }
@@ -598,7 +710,7 @@ impl Subrosa {
             let _ = ws.close(None).await;
         }
         self.refill_key_packages().await?;
-        Ok(total)
+        Ok(shown)
     }
 
     /// Stays connected and reports messages as they are pushed, until the
@@ -609,26 +721,32 @@ impl Subrosa {
     pub async fn follow(&self, on: &mut dyn FnMut(&Received)) -> Result<(), ClientError> {
         self.flush_outbox().await?;
         self.refill_key_packages().await?;
+        self.emit(on)?;
         let mut ws = self.api.connect().await?;
         loop {
             match net::next_frame(&mut ws).await? {
                 None => return Err(ClientError::Network("the server closed the connection".into())),
                 Some(ServerFrame::Messages { messages }) => {
-                    let ids = self.process_batch(&messages, on)?;
+                    let ids = self.process_batch(&messages)?;
                     net::send_ack(&mut ws, ids).await?;
+                    self.commit_pending_leaves().await?;
+                    self.emit(on)?;
                 }
                 Some(ServerFrame::Error(e)) => return Err(ClientError::Server { status: 0, body: e }),
             }
         }
     }
 
-    /// History with a handle, oldest first, this account's messages included.
+    /// History of a conversation (a group name or a handle), oldest first,
+    /// this account's messages and system lines included.
     ///
     /// # Errors
     /// [`ClientError::UnknownTarget`] when there is no conversation.
     pub fn history(&self, target: &str) -> Result<Vec<StoredMessage>, ClientError> {
-        let peer = self.resolve_target(target)?;
-        let convs = self.store.conversations_with(peer.as_str())?;
+        let convs = match self.resolve(target)? {
+            Target::Group(row) => vec![row],
+            Target::Direct(peer) => self.store.conversations_with(peer.as_str())?,
+        };
         if convs.is_empty() {
             return Err(ClientError::UnknownTarget(target.to_string()));
         }

@@ -84,6 +84,11 @@ const SCHEMA: &[&str] = &[
         body TEXT NOT NULL, outgoing INTEGER NOT NULL, system INTEGER NOT NULL DEFAULT 0, UNIQUE (conversation, message_id));
      CREATE TABLE processed (digest BLOB PRIMARY KEY, at INTEGER NOT NULL);
      CREATE TABLE outbox (send_id BLOB PRIMARY KEY, request BLOB NOT NULL, created_at INTEGER NOT NULL);",
+    // v2: messages stored by any command are shown by the next `receive`;
+    // conversations this device was removed from stay readable but inactive.
+    "ALTER TABLE messages ADD COLUMN seen INTEGER NOT NULL DEFAULT 1;
+     CREATE INDEX messages_unseen ON messages (seen) WHERE seen = 0;
+     ALTER TABLE conversations ADD COLUMN active INTEGER NOT NULL DEFAULT 1;",
 ];
 
 /// A message as stored in history.
@@ -95,6 +100,8 @@ pub struct StoredMessage {
     pub conversation: String,
     /// The conversation as the user names it: the peer's handle or the group name.
     pub target: String,
+    /// True in a group conversation.
+    pub group: bool,
     /// Sender handle.
     pub from: String,
     /// Sender device id (hex).
@@ -133,6 +140,37 @@ pub struct ConversationRow {
     pub name: String,
     /// Peer handle for direct conversations.
     pub peer: Option<String>,
+    /// False once this device was removed from it or left.
+    pub active: bool,
+}
+
+impl ConversationRow {
+    /// How the user names it: the peer's handle or the group name.
+    pub fn target(&self) -> String {
+        self.peer.clone().unwrap_or_else(|| self.name.clone())
+    }
+}
+
+const MESSAGE_COLUMNS: &str =
+    "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system FROM messages";
+
+fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Result<(i64, StoredMessage)> {
+    Ok((
+        r.get(0)?,
+        StoredMessage {
+            id: hex::encode(r.get::<_, Vec<u8>>(1)?),
+            conversation: c.id.to_hex(),
+            target: c.target(),
+            group: c.kind == "group",
+            from: r.get(2)?,
+            device: r.get(3)?,
+            sent_at: r.get::<_, i64>(4)? as u64,
+            received_at: r.get::<_, i64>(5)? as u64,
+            text: r.get(6)?,
+            outgoing: r.get(7)?,
+            system: r.get(8)?,
+        },
+    ))
 }
 
 /// A queued send: its idempotency key and the request body.
@@ -389,9 +427,19 @@ impl Store {
     /// Database errors.
     pub fn conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<ConversationRow>, ClientError> {
         self.lock()
-            .query_row("SELECT kind, name, peer FROM conversations WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
-                Ok(ConversationRow { id: *id, kind: r.get(0)?, name: r.get(1)?, peer: r.get(2)? })
-            })
+            .query_row(
+                "SELECT kind, name, peer, active FROM conversations WHERE id = ?1",
+                [id.as_bytes().as_slice()],
+                |r| {
+                    Ok(ConversationRow {
+                        id: *id,
+                        kind: r.get(0)?,
+                        name: r.get(1)?,
+                        peer: r.get(2)?,
+                        active: r.get(3)?,
+                    })
+                },
+            )
             .optional()
             .map_err(sql)
     }
@@ -406,12 +454,13 @@ impl Store {
         m: &StoredMessage,
         conversation: &subrosa_proto::ConversationId,
         message_id: &[u8],
+        seen: bool,
     ) -> Result<bool, ClientError> {
         let conn = self.lock();
         let n = conn
             .execute(
-                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (conversation, message_id) DO NOTHING",
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (conversation, message_id) DO NOTHING",
                 params![
                     conversation.as_bytes().as_slice(),
                     message_id,
@@ -421,7 +470,8 @@ impl Store {
                     m.received_at as i64,
                     m.text,
                     m.outgoing,
-                    m.system
+                    m.system,
+                    seen
                 ],
             )
             .map_err(sql)?;
@@ -442,33 +492,9 @@ impl Store {
     pub fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {
         let conn = self.lock();
         let mut out = Vec::new();
-        let mut stmt = conn
-            .prepare(
-                "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system
-                 FROM messages WHERE conversation = ?1 ORDER BY seq",
-            )
-            .map_err(sql)?;
+        let mut stmt = conn.prepare(&format!("{MESSAGE_COLUMNS} WHERE conversation = ?1 ORDER BY seq")).map_err(sql)?;
         for c in conversations {
-            let target = c.peer.clone().unwrap_or_else(|| c.name.clone());
-            let rows = stmt
-                .query_map([c.id.as_bytes().as_slice()], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        StoredMessage {
-                            id: hex::encode(r.get::<_, Vec<u8>>(1)?),
-                            conversation: c.id.to_hex(),
-                            target: target.clone(),
-                            from: r.get(2)?,
-                            device: r.get(3)?,
-                            sent_at: r.get::<_, i64>(4)? as u64,
-                            received_at: r.get::<_, i64>(5)? as u64,
-                            text: r.get(6)?,
-                            outgoing: r.get(7)?,
-                            system: r.get(8)?,
-                        },
-                    ))
-                })
-                .map_err(sql)?;
+            let rows = stmt.query_map([c.id.as_bytes().as_slice()], |r| message_from_row(r, c)).map_err(sql)?;
             for row in rows {
                 out.push(row.map_err(sql)?);
             }
@@ -477,22 +503,107 @@ impl Store {
         Ok(out.into_iter().map(|(_, m)| m).collect())
     }
 
-    /// Conversations matching a direct peer.
+    fn conversations_where(&self, filter: &str, arg: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT id, kind, name, peer, active FROM conversations WHERE {filter} ORDER BY created_at, rowid"
+            ))
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([arg], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, kind, name, peer, active) = row.map_err(sql)?;
+            let id = subrosa_proto::ConversationId::from_slice(&id).map_err(|e| ClientError::Store(e.to_string()))?;
+            out.push(ConversationRow { id, kind, name, peer, active });
+        }
+        Ok(out)
+    }
+
+    /// Direct conversations with a peer.
     ///
     /// # Errors
     /// Database errors.
     pub fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        self.conversations_where("kind = 'direct' AND peer = ?1", peer)
+    }
+
+    /// Groups with this name (active ones first).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn groups_named(&self, name: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let mut v = self.conversations_where("kind = 'group' AND name = ?1", name)?;
+        v.sort_by_key(|c| !c.active);
+        Ok(v)
+    }
+
+    /// Every group.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn group_rows(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        self.conversations_where("kind = 'group' AND ?1 = ?1", "")
+    }
+
+    /// Every active conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn active_conversations(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        self.conversations_where("active = 1 AND ?1 = ?1", "")
+    }
+
+    /// Renames a group locally (after a rename commit).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn set_conversation_name(&self, id: &subrosa_proto::ConversationId, name: &str) -> Result<(), ClientError> {
+        self.lock()
+            .execute("UPDATE conversations SET name = ?2 WHERE id = ?1", params![id.as_bytes().as_slice(), name])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Marks a conversation left: history stays, MLS state goes.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn deactivate_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
         let conn = self.lock();
-        let mut stmt = conn
-            .prepare("SELECT id, kind, name, peer FROM conversations WHERE kind = 'direct' AND peer = ?1")
-            .map_err(sql)?;
-        let rows =
-            stmt.query_map([peer], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).map_err(sql)?;
+        let id = id.as_bytes().as_slice();
+        conn.execute("UPDATE conversations SET active = 0 WHERE id = ?1", [id]).map_err(sql)?;
+        conn.execute("DELETE FROM mls_group WHERE id = ?1", [id]).map_err(sql)?;
+        conn.execute("DELETE FROM mls_epoch WHERE group_id = ?1", [id]).map_err(sql)?;
+        Ok(())
+    }
+
+    /// Messages stored but not yet shown by `receive`, oldest first; marks them shown.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn take_unseen(&self) -> Result<Vec<StoredMessage>, ClientError> {
+        let rows: Vec<(i64, Vec<u8>)> = {
+            let conn = self.lock();
+            let mut stmt =
+                conn.prepare("SELECT seq, conversation FROM messages WHERE seen = 0 ORDER BY seq").map_err(sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)?
+        };
         let mut out = Vec::new();
-        for row in rows {
-            let (id, kind, name, peer) = row.map_err(sql)?;
-            let id = subrosa_proto::ConversationId::from_slice(&id).map_err(|e| ClientError::Store(e.to_string()))?;
-            out.push(ConversationRow { id, kind, name, peer });
+        for (seq, conv) in rows {
+            let id = subrosa_proto::ConversationId::from_slice(&conv).map_err(|e| ClientError::Store(e.to_string()))?;
+            let row = self
+                .conversation(&id)?
+                .ok_or_else(|| ClientError::Store("message of an unknown conversation".into()))?;
+            let conn = self.lock();
+            let m = conn
+                .query_row(&format!("{MESSAGE_COLUMNS} WHERE seq = ?1"), [seq], |r| message_from_row(r, &row))
+                .map_err(sql)?;
+            conn.execute("UPDATE messages SET seen = 1 WHERE seq = ?1", [seq]).map_err(sql)?;
+            out.push(m.1);
         }
         Ok(out)
     }

@@ -140,14 +140,28 @@ pub enum Event {
         conversation: ConversationId,
         /// The new epoch.
         epoch: Epoch,
+        /// The committing device.
+        committer: MemberInfo,
         /// Devices added.
         added: Vec<MemberInfo>,
         /// Devices removed.
         removed: Vec<MemberInfo>,
         /// True when this device was removed.
         removed_self: bool,
+        /// Removed devices that had proposed to leave (the rest were removed by the committer).
+        left: Vec<DeviceAddress>,
+        /// The new kind and name, when the commit changed them.
+        renamed: Option<ConversationInfo>,
     },
-    /// Something with no effect for the user (a proposal).
+    /// A member proposed to leave; some member must commit it
+    /// ([`Engine::commit_pending`]).
+    LeaveProposed {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The leaving device.
+        member: MemberInfo,
+    },
+    /// Something with no effect for the user.
     Other,
 }
 
@@ -372,6 +386,141 @@ where
         Ok((msg.to_bytes()?, recipients))
     }
 
+    /// Stages a commit adding the devices of `key_packages` to the
+    /// conversation (each checked as in [`Self::inspect_key_package`]).
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`] (invalid key
+    /// package, already a member…).
+    pub fn add_members(
+        &self,
+        conversation: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OutgoingCommit, CoreError> {
+        let mut group = self.load(conversation)?;
+        let epoch = Epoch(group.current_epoch());
+        let commit_recipients = self.others(&group)?;
+        let mut welcome_recipients = Vec::new();
+        let mut builder = group.commit_builder();
+        for kp in key_packages {
+            let cert = self.inspect_key_package(kp)?;
+            welcome_recipients.push(cert.address());
+            let msg = MlsMessage::from_bytes(kp).map_err(|_| CoreError::Malformed("key package"))?;
+            builder = builder.add_member(msg)?;
+        }
+        let output = builder.build()?;
+        group.write_to_storage()?;
+        Ok(OutgoingCommit {
+            conversation: *conversation,
+            epoch,
+            commit: output.commit_message.to_bytes()?,
+            commit_recipients,
+            welcome: output.welcome_messages.first().map(|w| w.to_bytes()).transpose()?,
+            welcome_recipients,
+        })
+    }
+
+    /// Stages a commit removing the given member devices. The removed devices
+    /// receive the commit too, so they learn they were removed.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`], [`CoreError::Mls`], or
+    /// [`CoreError::IdentityMismatch`] when a device is not a member.
+    pub fn remove_members(
+        &self,
+        conversation: &ConversationId,
+        devices: &[DeviceAddress],
+    ) -> Result<OutgoingCommit, CoreError> {
+        let mut group = self.load(conversation)?;
+        let epoch = Epoch(group.current_epoch());
+        let members = self.members_of(&group)?;
+        let commit_recipients = self.others(&group)?;
+        let mut builder = group.commit_builder();
+        for d in devices {
+            let m = members
+                .iter()
+                .find(|m| m.address == *d)
+                .ok_or_else(|| CoreError::IdentityMismatch(format!("{d} is not a member")))?;
+            builder = builder.remove_member(m.index)?;
+        }
+        let output = builder.build()?;
+        group.write_to_storage()?;
+        Ok(OutgoingCommit {
+            conversation: *conversation,
+            epoch,
+            commit: output.commit_message.to_bytes()?,
+            commit_recipients,
+            welcome: None,
+            welcome_recipients: Vec::new(),
+        })
+    }
+
+    /// Stages a commit that changes the conversation's name (inside the
+    /// encryption: a group-context extension).
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn rename(&self, conversation: &ConversationId, info: &ConversationInfo) -> Result<OutgoingCommit, CoreError> {
+        let mut group = self.load(conversation)?;
+        let epoch = Epoch(group.current_epoch());
+        let commit_recipients = self.others(&group)?;
+        let mut exts = group.context().extensions.clone();
+        exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
+        let output = group.commit_builder().set_group_context_ext(exts)?.build()?;
+        group.write_to_storage()?;
+        Ok(OutgoingCommit {
+            conversation: *conversation,
+            epoch,
+            commit: output.commit_message.to_bytes()?,
+            commit_recipients,
+            welcome: None,
+            welcome_recipients: Vec::new(),
+        })
+    }
+
+    /// Stages a commit of the proposals received so far (a member's leave).
+    /// `None` when there is nothing to commit.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn commit_pending(&self, conversation: &ConversationId) -> Result<Option<OutgoingCommit>, CoreError> {
+        let mut group = self.load(conversation)?;
+        if !group.commit_required() {
+            return Ok(None);
+        }
+        let epoch = Epoch(group.current_epoch());
+        let commit_recipients = self.others(&group)?;
+        let output = group.commit_builder().build()?;
+        group.write_to_storage()?;
+        Ok(Some(OutgoingCommit {
+            conversation: *conversation,
+            epoch,
+            commit: output.commit_message.to_bytes()?,
+            commit_recipients,
+            welcome: None,
+            welcome_recipients: Vec::new(),
+        }))
+    }
+
+    /// A proposal to remove this device, for the other members to commit.
+    /// Returns the proposal and its recipients.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn propose_leave(&self, conversation: &ConversationId) -> Result<(Vec<u8>, Vec<DeviceAddress>), CoreError> {
+        let mut group = self.load(conversation)?;
+        let me = group.current_member_index();
+        let recipients = self.others(&group)?;
+        let msg = group.propose_remove(me, Vec::new())?;
+        group.write_to_storage()?;
+        Ok((msg.to_bytes()?, recipients))
+    }
+
+    fn others<Cfg: MlsConfig>(&self, group: &mls_rs::Group<Cfg>) -> Result<Vec<DeviceAddress>, CoreError> {
+        let me = self.identity.address();
+        Ok(self.members_of(group)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect())
+    }
+
     /// Joins a conversation from a Welcome.
     ///
     /// # Errors
@@ -399,6 +548,7 @@ where
         }
         let mut group = self.load(conversation)?;
         let before = self.members_of(&group)?;
+        let info_before = Self::info_of(&group)?;
         let event = match group.process_incoming_message(msg)? {
             ReceivedMessage::ApplicationMessage(app) => {
                 let member = group.member_at_index(app.sender_index).ok_or(CoreError::Malformed("unknown sender"))?;
@@ -410,16 +560,62 @@ where
                 let removed_self = matches!(commit.effect, CommitEffect::Removed { .. });
                 let after = if removed_self { Vec::new() } else { self.members_of(&group)? };
                 let added = after.iter().filter(|m| !before.iter().any(|b| b.address == m.address)).cloned().collect();
-                let removed =
-                    before.iter().filter(|b| !after.iter().any(|m| m.address == b.address)).cloned().collect();
+                let me = self.identity.address();
+                let removed = if removed_self {
+                    // The group goes on without us; we only know we are out.
+                    before.iter().filter(|b| b.address == me).cloned().collect()
+                } else {
+                    before.iter().filter(|b| !after.iter().any(|m| m.address == b.address)).cloned().collect()
+                };
+                let committer = before
+                    .iter()
+                    .find(|m| m.index == commit.committer)
+                    .cloned()
+                    .ok_or(CoreError::Malformed("commit from a non-member"))?;
+                let info_after = if removed_self { info_before.clone() } else { Self::info_of(&group)? };
+                let renamed = (info_after != info_before).then_some(info_after);
+                let applied = match &commit.effect {
+                    CommitEffect::NewEpoch(ne) => ne.applied_proposals.as_slice(),
+                    CommitEffect::Removed { new_epoch, .. } => new_epoch.applied_proposals.as_slice(),
+                    CommitEffect::ReInit(_) => &[],
+                };
+                let left = applied
+                    .iter()
+                    .filter_map(|p| match (&p.proposal, &p.sender) {
+                        (mls_rs::group::proposal::Proposal::Remove(r), mls_rs::group::Sender::Member(i))
+                            if r.to_remove() == *i =>
+                        {
+                            before.iter().find(|m| m.index == *i).map(|m| m.address.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect();
                 Event::Commit {
                     conversation: *conversation,
                     epoch: Epoch(group.current_epoch()),
+                    committer,
                     added,
                     removed,
                     removed_self,
+                    left,
+                    renamed,
                 }
             }
+            ReceivedMessage::Proposal(p) => match (&p.proposal, &p.sender) {
+                (mls_rs::group::proposal::Proposal::Remove(r), mls_rs::group::ProposalSender::Member(sender))
+                    if r.to_remove() == *sender =>
+                {
+                    let member = before
+                        .iter()
+                        .find(|m| m.index == *sender)
+                        .cloned()
+                        .ok_or(CoreError::Malformed("proposal from a non-member"))?;
+                    Event::LeaveProposed { conversation: *conversation, member }
+                }
+                // Subrosa clients propose nothing else; other proposals are
+                // cached by mls-rs and committed with the next commit.
+                _ => Event::Other,
+            },
             _ => Event::Other,
         };
         group.write_to_storage()?;
@@ -503,5 +699,113 @@ mod tests {
         bad[n / 2] ^= 0x40;
         assert!(alice.create_conversation(&ConversationInfo::direct(), &[bad]).is_err());
         assert!(alice.inspect_key_package(b"garbage").is_err());
+    }
+}
+
+#[cfg(all(test, feature = "awslc"))]
+mod group_tests {
+    use super::*;
+    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
+    use subrosa_proto::{Handle, MessageId};
+
+    type TestEngine = Engine<crate::DefaultCrypto, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
+
+    fn engine(name: &str) -> TestEngine {
+        let crypto = crate::default_crypto();
+        let id = DeviceIdentity::generate(&crypto, Handle::new(name).expect("handle"), 0).expect("identity");
+        Engine::new(crypto, id, InMemoryGroupStateStorage::new(), InMemoryKeyPackageStorage::new())
+    }
+
+    fn group_info(name: &str) -> ConversationInfo {
+        ConversationInfo { kind: ConversationKind::Group, name: name.into() }
+    }
+
+    #[test]
+    fn group_lifecycle_rename_remove_leave_and_a_lost_commit_race() {
+        let (alice, bob, carol, dave) = (engine("alice"), engine("bob"), engine("carol"), engine("dave"));
+        let kps = vec![bob.generate_key_package().expect("kp"), carol.generate_key_package().expect("kp")];
+        let out = alice.create_conversation(&group_info("friends"), &kps).expect("create");
+        let conv = out.conversation;
+        alice.confirm_commit(&conv).expect("confirm");
+        let welcome = out.welcome.expect("welcome");
+        for e in [&bob, &carol] {
+            assert!(
+                matches!(e.join(&welcome).expect("join"), Event::Joined { info, members, .. } if info.name == "friends" && members.len() == 3)
+            );
+        }
+
+        // Everyone sends, everyone else reads.
+        for (i, sender) in [&alice, &bob, &carol].into_iter().enumerate() {
+            let (ct, recipients) =
+                sender.encrypt(&conv, &Content::text(MessageId([i as u8; 16]), 1, "hi")).expect("encrypt");
+            assert_eq!(recipients.len(), 2);
+            for r in [&alice, &bob, &carol] {
+                if r.identity().address() != sender.identity().address() {
+                    assert!(matches!(r.process(&conv, &ct).expect("decrypt"), Event::Message { .. }));
+                }
+            }
+        }
+
+        // A race: alice renames and bob adds dave at the same epoch. The
+        // server accepts alice's; bob drops his, processes hers, and retries.
+        let rename = alice.rename(&conv, &group_info("best friends")).expect("rename");
+        let add = bob.add_members(&conv, &[dave.generate_key_package().expect("kp")]).expect("add");
+        assert_eq!(rename.epoch, add.epoch);
+        alice.confirm_commit(&conv).expect("alice wins");
+        bob.discard_commit(&conv).expect("bob discards");
+        for e in [&bob, &carol] {
+            match e.process(&conv, &rename.commit).expect("process rename") {
+                Event::Commit { renamed: Some(info), committer, .. } => {
+                    assert_eq!(info.name, "best friends");
+                    assert_eq!(committer.address, alice.identity().address());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let add = bob.add_members(&conv, &[dave.generate_key_package().expect("kp")]).expect("add again");
+        assert_eq!(add.epoch, Epoch(rename.epoch.0 + 1));
+        bob.confirm_commit(&conv).expect("bob's add lands");
+        assert_eq!(add.commit_recipients.len(), 2);
+        for e in [&alice, &carol] {
+            assert!(
+                matches!(e.process(&conv, &add.commit).expect("add"), Event::Commit { added, .. } if added.len() == 1)
+            );
+        }
+        dave.join(add.welcome.as_deref().expect("welcome")).expect("dave joins");
+
+        // alice removes carol; carol learns it and can read nothing after.
+        let remove = alice.remove_members(&conv, &[carol.identity().address()]).expect("remove");
+        assert!(remove.commit_recipients.contains(&carol.identity().address()));
+        alice.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(
+            carol.process(&conv, &remove.commit).expect("removed"),
+            Event::Commit { removed_self: true, .. }
+        ));
+        for e in [&bob, &dave] {
+            e.process(&conv, &remove.commit).expect("remove");
+        }
+        let (ct, recipients) = alice.encrypt(&conv, &Content::text(MessageId([9; 16]), 1, "after")).expect("encrypt");
+        assert!(!recipients.contains(&carol.identity().address()));
+        assert!(carol.process(&conv, &ct).is_err(), "a removed member cannot decrypt");
+        assert!(matches!(bob.process(&conv, &ct).expect("bob reads"), Event::Message { .. }));
+
+        // dave leaves: he proposes, bob commits it.
+        let (proposal, _) = dave.propose_leave(&conv).expect("propose");
+        for e in [&alice, &bob] {
+            assert!(
+                matches!(e.process(&conv, &proposal).expect("proposal"), Event::LeaveProposed { member, .. } if member.address == dave.identity().address())
+            );
+        }
+        let commit = bob.commit_pending(&conv).expect("commit").expect("something to commit");
+        bob.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(
+            dave.process(&conv, &commit.commit).expect("dave out"),
+            Event::Commit { removed_self: true, .. }
+        ));
+        assert!(
+            matches!(alice.process(&conv, &commit.commit).expect("alice"), Event::Commit { removed, .. } if removed.len() == 1)
+        );
+        assert_eq!(alice.members(&conv).expect("members").len(), 2);
+        assert!(alice.commit_pending(&conv).expect("nothing").is_none());
     }
 }

@@ -12,6 +12,12 @@
 //! | `GET /v1/inbox?limit=N` | | [`InboxResponse`] |
 //! | `POST /v1/inbox/ack` | [`AckRequest`] | [`AckResponse`] |
 //! | `GET /v1/ws` | WebSocket of [`ServerFrame`] / [`ClientFrame`] | |
+//! | `POST /v1/devices` | [`AddDeviceRequest`] | [`AccountInfo`] |
+//! | `DELETE /v1/devices/{device_id}` | | [`AccountInfo`] |
+//! | `POST /v1/links` (unsigned) | [`LinkCreateRequest`] | `201` [`LinkCreated`] |
+//! | `GET /v1/links/{link}` | | [`LinkSlot`] |
+//! | `POST /v1/links/{link}/approve` | [`LinkApproveRequest`] | [`Empty`] |
+//! | `GET /v1/links/{link}/response` (unsigned) | | [`LinkResponse`] |
 //!
 //! Every request but health is signed by the device (see [`crate::SignedHeaders`]);
 //! registration is signed by the device key it registers.
@@ -19,7 +25,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConversationId, DeviceAddress, DeviceId, Epoch, Handle, SendId, B64};
+use crate::{ConversationId, DeviceAddress, DeviceId, Epoch, Handle, LinkId, SendId, B64};
 
 /// An empty JSON object.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -323,4 +329,63 @@ pub struct ErrorBody {
     /// With [`ErrorCode::StaleEpoch`]: the conversation's current epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_epoch: Option<Epoch>,
+}
+
+/// Adds a device to the caller's account (signed by an existing device of it).
+/// Used when a new device is linked; the certificate is by the identity key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddDeviceRequest {
+    /// The new device.
+    pub device: DeviceRecord,
+}
+
+/// Opens a link slot for a new device of `handle` (unsigned: the new device
+/// has no registered key yet). The request is opaque to the server: the new
+/// device's public keys, which the approving device checks against the
+/// fingerprint in the code the user typed or scanned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkCreateRequest {
+    /// The account the device wants to join.
+    pub handle: Handle,
+    /// Opaque link request (at most [`crate::limits::MAX_LINK_BYTES`]).
+    pub request: B64,
+}
+
+/// A link slot was opened.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkCreated {
+    /// The slot.
+    pub link: LinkId,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// A link slot as a device of the account sees it (`GET /v1/links/{id}`, signed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkSlot {
+    /// The slot.
+    pub link: LinkId,
+    /// The new device's opaque request.
+    pub request: B64,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// Approves a link: the opaque response, encrypted to the new device
+/// (`POST /v1/links/{id}/approve`, signed by a device of the account).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkApproveRequest {
+    /// Opaque response (at most [`crate::limits::MAX_LINK_BYTES`]).
+    pub response: B64,
+}
+
+/// What the new device polls (`GET /v1/links/{id}/response`, unsigned: the
+/// response is encrypted to its key).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkResponse {
+    /// The response once a device approved, else `None`.
+    pub response: Option<B64>,
 }

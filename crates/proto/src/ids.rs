@@ -150,6 +150,10 @@ hex_id!(
     MessageId, 16, "message id"
 );
 hex_id!(
+    /// A link slot for provisioning a new device: 6 random bytes.
+    LinkId, 6, "link id"
+);
+hex_id!(
     /// The sender's idempotency key for one send request: a retry with the same
     /// key is stored once.
     SendId, 16, "send id"

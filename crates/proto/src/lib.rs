@@ -17,4 +17,4 @@ pub use auth::{
     HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS,
 };
 pub use bytes::B64;
-pub use ids::{ConversationId, DeviceAddress, DeviceId, Epoch, Handle, IdError, MessageId, SendId};
+pub use ids::{ConversationId, DeviceAddress, DeviceId, Epoch, Handle, IdError, LinkId, MessageId, SendId};
