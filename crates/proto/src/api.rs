@@ -349,7 +349,7 @@ pub struct AddDeviceRequest {
 pub struct LinkCreateRequest {
     /// The account the device wants to join.
     pub handle: Handle,
-    /// Opaque link request (at most [`crate::limits::MAX_LINK_BYTES`]).
+    /// Opaque link request (at most [`crate::limits::MAX_LINK_REQUEST_BYTES`]).
     pub request: B64,
 }
 

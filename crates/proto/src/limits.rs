@@ -21,7 +21,10 @@ pub const MAX_FETCH: usize = 500;
 pub const MAX_ACK_IDS: usize = 1000;
 /// Default time an undelivered message is kept, in seconds (30 days).
 pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 30 * 24 * 3600;
-/// Largest link request or response, in bytes (the response may carry recent history).
+/// Largest link response, in bytes (it may carry recent history).
 pub const MAX_LINK_BYTES: usize = 4 * 1024 * 1024;
+/// Largest link request, in bytes: a new device's public keys. Small, since
+/// anyone may open a slot without signing.
+pub const MAX_LINK_REQUEST_BYTES: usize = 16 * 1024;
 /// How long a link slot stays open, in seconds.
 pub const LINK_TTL_SECS: u64 = 600;

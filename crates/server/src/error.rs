@@ -111,9 +111,24 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::HandleTaken => Self::new(StatusCode::CONFLICT, ErrorCode::HandleTaken, "handle taken"),
+            // No code of its own yet: `bad_request` with a 409 and a clear line.
             StoreError::DeviceTaken => {
-                Self::new(StatusCode::CONFLICT, ErrorCode::HandleTaken, "device id taken for this handle")
+                Self::new(StatusCode::CONFLICT, ErrorCode::BadRequest, "device id already registered")
             }
+            StoreError::TooManyDevices => Self::too_large(format!(
+                "an account may have at most {} active devices",
+                crate::store::MAX_DEVICES_PER_ACCOUNT
+            )),
+            StoreError::LastDevice => Self::bad_request("cannot remove the last device"),
+            StoreError::UnknownLink => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such link request, or it expired")
+            }
+            StoreError::LinkAlreadyApproved => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::BadRequest, "this link request was already approved")
+            }
+            // The route retries with fresh random ids; reaching a client means
+            // it failed every time.
+            StoreError::LinkTaken => Self::internal("link id collision"),
             StoreError::UnknownHandle => Self::new(StatusCode::NOT_FOUND, ErrorCode::UnknownHandle, "unknown handle"),
             StoreError::UnknownDevice(addr) => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::UnknownHandle, format!("unknown device {addr}"))

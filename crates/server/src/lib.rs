@@ -1,7 +1,7 @@
 //! The Subrosa delivery service.
 //!
 //! It relays and orders opaque MLS ciphertext between devices: accounts and
-//! devices, key packages, per-device inboxes, per-conversation commit
+//! devices (and link slots for provisioning new ones), key packages, per-device inboxes, per-conversation commit
 //! ordering and WebSocket push. It holds no keys, parses no message content
 //! and has no outbound HTTP client, so it cannot fetch a link.
 //!
@@ -47,6 +47,7 @@ pub struct AppState {
     pub(crate) wakeups: Arc<Wakeups>,
     pub(crate) device_limiter: Arc<RateLimiter<DeviceAddress>>,
     pub(crate) registration_limiter: Arc<RateLimiter<IpAddr>>,
+    pub(crate) link_poll_limiter: Arc<RateLimiter<IpAddr>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     shutdown_tx: Arc<watch::Sender<bool>>,
 }
@@ -57,6 +58,9 @@ impl AppState {
         let device_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
         let registration_limiter =
             RateLimiter::new(f64::from(limits.registrations_per_minute) / 60.0, limits.registrations_per_minute);
+        // Polls of unsigned link responses, per client IP: as generous as a
+        // device's signed requests.
+        let link_poll_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
         let (shutdown_tx, shutdown) = watch::channel(false);
         AppState {
             store,
@@ -64,6 +68,7 @@ impl AppState {
             wakeups: Arc::new(Wakeups::default()),
             device_limiter: Arc::new(device_limiter),
             registration_limiter: Arc::new(registration_limiter),
+            link_poll_limiter: Arc::new(link_poll_limiter),
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
         }

@@ -7,19 +7,21 @@ use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use subrosa_proto::limits::{
-    MAX_ACK_IDS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD, MAX_KEY_PACKAGE_BYTES, MAX_PARTS,
+    LINK_TTL_SECS, MAX_ACK_IDS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD, MAX_KEY_PACKAGE_BYTES,
+    MAX_LINK_BYTES, MAX_LINK_REQUEST_BYTES, MAX_PARTS,
 };
 use subrosa_proto::{
-    AccountInfo, AckRequest, AckResponse, ClaimRequest, ClaimResponse, Empty, ErrorCode, Handle, InboxResponse,
-    KeyPackageCount, KeyPackageUpload, RegisterRequest, SendRequest, SendResponse,
+    AccountInfo, AckRequest, AckResponse, AddDeviceRequest, ClaimRequest, ClaimResponse, DeviceAddress, DeviceId,
+    DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, LinkApproveRequest,
+    LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, RegisterRequest, SendRequest, SendResponse, B64,
 };
 
 use crate::auth::{now_ms, parse_json, read_body, Authed, RequestSignature, SignedJson};
-use crate::store::NewAccount;
+use crate::store::{NewAccount, StoreError};
 use crate::{ws, AppError, AppState};
 
 /// Builds the router over a state; no socket needed (tests drive it with
@@ -35,6 +37,12 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/inbox", get(inbox))
         .route("/v1/inbox/ack", post(ack))
         .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/devices", post(add_device))
+        .route("/v1/devices/{device_id}", delete(remove_device))
+        .route("/v1/links", post(create_link))
+        .route("/v1/links/{link}", get(get_link))
+        .route("/v1/links/{link}/approve", post(approve_link))
+        .route("/v1/links/{link}/response", get(link_response))
         .route_layer(axum::middleware::from_fn(log_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -76,8 +84,26 @@ fn client_ip(req: &Request) -> Option<std::net::IpAddr> {
     req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
 }
 
+/// [`client_ip`], or the unspecified address when unknown (all such
+/// requests share one bucket).
+fn client_ip_or_unspecified(req: &Request) -> std::net::IpAddr {
+    client_ip(req).unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+}
+
+/// The checks a device record passes before it is stored (registration and
+/// added devices alike).
+fn validate_device(device: &DeviceRecord) -> Result<(), AppError> {
+    if device.signature_key.len() != 32 {
+        return Err(AppError::bad_request("the device signature key must be a 32-byte Ed25519 public key"));
+    }
+    if device.certificate.len() > MAX_CERTIFICATE_BYTES {
+        return Err(AppError::too_large(format!("the certificate is over {MAX_CERTIFICATE_BYTES} bytes")));
+    }
+    Ok(())
+}
+
 async fn register(State(state): State<AppState>, req: Request) -> Result<impl IntoResponse, AppError> {
-    let ip = client_ip(&req).unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+    let ip = client_ip_or_unspecified(&req);
     state.registration_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
     let (parts, body) = req.into_parts();
     let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
@@ -86,14 +112,9 @@ async fn register(State(state): State<AppState>, req: Request) -> Result<impl In
     if sig.addr.handle != reg.handle || sig.addr.device != reg.device.device_id {
         return Err(AppError::unauthorized("the signature headers name another handle or device than the body"));
     }
-    if reg.device.signature_key.len() != 32 {
-        return Err(AppError::bad_request("the device signature key must be a 32-byte Ed25519 public key"));
-    }
+    validate_device(&reg.device)?;
     if reg.identity_key.is_empty() || reg.identity_key.len() > 256 {
         return Err(AppError::bad_request("the identity key must be 1 to 256 bytes"));
-    }
-    if reg.device.certificate.len() > MAX_CERTIFICATE_BYTES {
-        return Err(AppError::too_large(format!("the certificate is over {MAX_CERTIFICATE_BYTES} bytes")));
     }
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     sig.verify(reg.device.signature_key.as_slice(), parts.method.as_str(), path, &bytes)?;
@@ -236,4 +257,117 @@ async fn ack(
 ) -> Result<Json<AckResponse>, AppError> {
     let deleted = apply_ack(&state, &device, &body.ids).await?;
     Ok(Json(AckResponse { deleted }))
+}
+
+/// The caller's account as it stands now.
+async fn own_account(state: &AppState, handle: &Handle) -> Result<AccountInfo, AppError> {
+    Ok(state.store.account(handle).await?.ok_or(StoreError::UnknownHandle)?)
+}
+
+/// `POST /v1/devices`: adds a device to the caller's account. The
+/// certificate by the identity key is stored opaquely; clients check it.
+async fn add_device(
+    State(state): State<AppState>,
+    SignedJson { device, body }: SignedJson<AddDeviceRequest>,
+) -> Result<Json<AccountInfo>, AppError> {
+    validate_device(&body.device)?;
+    state.store.add_device(&device.handle, body.device, now_ms()).await?;
+    Ok(Json(own_account(&state, &device.handle).await?))
+}
+
+/// A hex id from the path; anything else is a 400.
+fn id_from_path<T: std::str::FromStr>(path: Result<Path<String>, PathRejection>, what: &str) -> Result<T, AppError>
+where
+    T::Err: std::fmt::Display,
+{
+    let Path(text) = path.map_err(|_| AppError::bad_request("invalid path"))?;
+    text.parse().map_err(|e: T::Err| AppError::bad_request(format!("invalid {what} in the path: {e}")))
+}
+
+/// `DELETE /v1/devices/{device_id}`: removes a device of the caller's own
+/// account (itself included, unless it is the last one).
+async fn remove_device(
+    Authed(caller): Authed,
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<AccountInfo>, AppError> {
+    let device: DeviceId = id_from_path(path, "device id")?;
+    let target = DeviceAddress { handle: caller.handle.clone(), device };
+    state.store.remove_device(&target).await?;
+    // Committed: close its sockets on this node now (other nodes notice at
+    // their next re-check).
+    state.wakeups.revoke(&target);
+    Ok(Json(own_account(&state, &caller.handle).await?))
+}
+
+/// Refuses an empty or oversize opaque link blob.
+fn check_link_blob(blob: &B64, what: &str, max: usize) -> Result<(), AppError> {
+    if blob.is_empty() {
+        return Err(AppError::bad_request(format!("the link {what} is empty")));
+    }
+    if blob.len() > max {
+        return Err(AppError::too_large(format!("the link {what} is over {max} bytes")));
+    }
+    Ok(())
+}
+
+/// `POST /v1/links` (unsigned): opens a slot for a new device of a handle.
+/// Limited per client IP by the registration limiter.
+async fn create_link(State(state): State<AppState>, req: Request) -> Result<impl IntoResponse, AppError> {
+    let ip = client_ip_or_unspecified(&req);
+    state.registration_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
+    let body: LinkCreateRequest = parse_json(&bytes)?;
+    check_link_blob(&body.request, "request", MAX_LINK_REQUEST_BYTES)?;
+    let request = body.request.into_inner();
+    let expires_at = now_ms().saturating_add(LINK_TTL_SECS * 1000);
+    // 48 random bits: a collision is rare, three in a row is a broken RNG.
+    for _ in 0..3 {
+        let link = LinkId(rand::random());
+        match state.store.create_link(&link, &body.handle, request.clone(), expires_at).await {
+            Ok(()) => return Ok((StatusCode::CREATED, Json(LinkCreated { link, expires_at }))),
+            Err(StoreError::LinkTaken) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::LinkTaken.into())
+}
+
+/// `GET /v1/links/{link}`: a slot of the caller's account. A slot of another
+/// account answers as a missing one.
+async fn get_link(
+    Authed(caller): Authed,
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<LinkSlot>, AppError> {
+    let link: LinkId = id_from_path(path, "link id")?;
+    let slot = state.store.link(&link, &caller.handle, now_ms()).await?;
+    Ok(Json(LinkSlot { link: slot.link, request: B64(slot.request), expires_at: slot.expires_at }))
+}
+
+/// `POST /v1/links/{link}/approve`: stores the opaque response, once.
+async fn approve_link(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    SignedJson { device, body }: SignedJson<LinkApproveRequest>,
+) -> Result<Json<Empty>, AppError> {
+    let link: LinkId = id_from_path(path, "link id")?;
+    check_link_blob(&body.response, "response", MAX_LINK_BYTES)?;
+    state.store.approve_link(&link, &device.handle, body.response.into_inner(), now_ms()).await?;
+    Ok(Json(Empty {}))
+}
+
+/// `GET /v1/links/{link}/response` (unsigned): `None` until approved; the
+/// response once, after which the slot is gone.
+async fn link_response(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Result<Json<LinkResponse>, AppError> {
+    let ip = client_ip_or_unspecified(&req);
+    state.link_poll_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+    let link: LinkId = id_from_path(path, "link id")?;
+    let response = state.store.take_link_response(&link, now_ms()).await?;
+    Ok(Json(LinkResponse { response: response.map(B64) }))
 }

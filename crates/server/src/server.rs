@@ -128,13 +128,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 }
 
 /// One sweep: expired inbox rows and their messages, stale nonces, old send
-/// ids; then backend housekeeping.
+/// ids, expired link slots; then backend housekeeping.
 async fn sweep_once(state: &AppState, ttl: Duration) {
     let now = now_ms();
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     let cutoff = now.saturating_sub(ttl_ms);
     let nonce_cutoff = now.saturating_sub(MAX_CLOCK_SKEW_MS);
-    match state.store.sweep(cutoff, nonce_cutoff, cutoff).await {
+    match state.store.sweep(cutoff, nonce_cutoff, cutoff, now).await {
         Ok(report) => tracing::debug!(?report, "swept"),
         Err(e) => tracing::error!(error = %e, "sweep failed"),
     }
@@ -143,6 +143,7 @@ async fn sweep_once(state: &AppState, ttl: Duration) {
     }
     state.device_limiter.prune(Instant::now());
     state.registration_limiter.prune(Instant::now());
+    state.link_poll_limiter.prune(Instant::now());
 }
 
 async fn sweep_loop(state: AppState, ttl: Duration, every: Duration, mut stop: watch::Receiver<bool>) {

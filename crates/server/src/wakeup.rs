@@ -1,6 +1,7 @@
 //! Per-node wake-ups of local WebSockets.
 //!
-//! A send wakes the recipients' sockets on this node at once. Sockets on
+//! A send wakes the recipients' sockets on this node at once; a device
+//! removal tells that device's sockets on this node to close. Sockets on
 //! other nodes notice through their periodic re-check (a later backend can
 //! forward wake-ups, e.g. through PostgreSQL LISTEN/NOTIFY).
 
@@ -10,10 +11,27 @@ use std::sync::{Arc, Mutex};
 use subrosa_proto::DeviceAddress;
 use tokio::sync::watch;
 
-/// Device → a counter that changes whenever something arrives for it.
+/// What a device's subscribers watch: a counter that changes whenever
+/// something arrives for it, and whether the device was removed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Signal {
+    counter: u64,
+    revoked: bool,
+}
+
+/// Device → its [`Signal`].
 #[derive(Debug, Default)]
 pub struct Wakeups {
-    map: Mutex<HashMap<DeviceAddress, watch::Sender<u64>>>,
+    map: Mutex<HashMap<DeviceAddress, watch::Sender<Signal>>>,
+}
+
+/// Why a subscription woke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// Something may have arrived: look at the inbox.
+    Mail,
+    /// The device was removed: close its sockets.
+    Revoked,
 }
 
 /// A socket's subscription; unsubscribes on drop.
@@ -21,14 +39,14 @@ pub struct Wakeups {
 pub struct Subscription {
     wakeups: Arc<Wakeups>,
     addr: DeviceAddress,
-    rx: Option<watch::Receiver<u64>>,
+    rx: Option<watch::Receiver<Signal>>,
 }
 
 impl Wakeups {
     /// Subscribes to wake-ups for a device.
     pub fn subscribe(self: &Arc<Self>, addr: &DeviceAddress) -> Subscription {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let rx = map.entry(addr.clone()).or_insert_with(|| watch::channel(0).0).subscribe();
+        let rx = map.entry(addr.clone()).or_insert_with(|| watch::channel(Signal::default()).0).subscribe();
         Subscription { wakeups: Arc::clone(self), addr: addr.clone(), rx: Some(rx) }
     }
 
@@ -36,7 +54,16 @@ impl Wakeups {
     pub fn wake(&self, addr: &DeviceAddress) {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = map.get(addr) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+            tx.send_modify(|s| s.counter = s.counter.wrapping_add(1));
+        }
+    }
+
+    /// Tells every local socket of the device that it was removed. Sockets
+    /// that subscribe later must check the device themselves.
+    pub fn revoke(&self, addr: &DeviceAddress) {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(addr) {
+            tx.send_modify(|s| s.revoked = true);
         }
     }
 
@@ -54,7 +81,7 @@ impl Wakeups {
 impl Subscription {
     /// Waits for the next wake-up (returns at once if one came since the
     /// last call).
-    pub async fn woken(&mut self) {
+    pub async fn woken(&mut self) -> Woken {
         match self.rx.as_mut() {
             Some(rx) => {
                 if rx.changed().await.is_err() {
@@ -62,8 +89,13 @@ impl Subscription {
                     // if it were, wait forever rather than spin.
                     std::future::pending::<()>().await;
                 }
+                if rx.borrow_and_update().revoked {
+                    Woken::Revoked
+                } else {
+                    Woken::Mail
+                }
             }
-            None => std::future::pending::<()>().await,
+            None => std::future::pending::<Woken>().await,
         }
     }
 }
@@ -90,9 +122,15 @@ mod tests {
         let mut a = w.subscribe(&addr);
         let mut b = w.subscribe(&addr);
         w.wake(&addr);
-        tokio::time::timeout(Duration::from_secs(1), a.woken()).await.expect("a woken");
-        tokio::time::timeout(Duration::from_secs(1), b.woken()).await.expect("b woken");
+        assert_eq!(tokio::time::timeout(Duration::from_secs(1), a.woken()).await.expect("a woken"), Woken::Mail);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(1), b.woken()).await.expect("b woken"), Woken::Mail);
         assert!(tokio::time::timeout(Duration::from_millis(50), a.woken()).await.is_err());
+        let other: DeviceAddress = "bob/8899aabbccddeeff".parse().expect("addr");
+        w.revoke(&other);
+        assert!(tokio::time::timeout(Duration::from_millis(50), a.woken()).await.is_err(), "revoke is per device");
+        w.revoke(&addr);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(1), a.woken()).await.expect("a woken"), Woken::Revoked);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(1), b.woken()).await.expect("b woken"), Woken::Revoked);
         drop(a);
         assert_eq!(w.len(), 1);
         drop(b);

@@ -6,6 +6,10 @@
 //! catches sends on other nodes), a ping tick or a client frame. One frame is
 //! in flight at a time and its size is bounded, so a slow client holds at
 //! most one frame of memory, and one that stops reading is dropped.
+//!
+//! A removed device's socket is closed with an `unauthorized` error frame:
+//! at once on this node (the removal revokes its subscription), within one
+//! re-check on other nodes (each re-check looks the device up).
 
 use std::time::Duration;
 
@@ -17,6 +21,7 @@ use subrosa_proto::{ClientFrame, DeviceAddress, ErrorBody, ErrorCode, ServerFram
 
 use crate::auth::Authed;
 use crate::routes::apply_ack;
+use crate::wakeup::Woken;
 use crate::{AppError, AppState};
 
 /// Envelopes per pushed frame.
@@ -72,8 +77,32 @@ async fn close_with_error(socket: &mut WebSocket, err: ErrorBody, code: u16) {
     let _ = send(socket, Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
+/// Closes the socket when the device is no longer active.
+async fn check_active(state: &AppState, device: &DeviceAddress, socket: &mut WebSocket) -> Result<(), &'static str> {
+    match state.store.device(device).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => {
+            close_removed(socket).await;
+            Err("device removed")
+        }
+        Err(e) => {
+            close_with_error(socket, AppError::from(e).body(), 1011).await;
+            Err("storage failed")
+        }
+    }
+}
+
+async fn close_removed(socket: &mut WebSocket) {
+    let err =
+        ErrorBody { code: ErrorCode::Unauthorized, message: "this device was removed".into(), current_epoch: None };
+    close_with_error(socket, err, 1008).await;
+}
+
 async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> Result<(), &'static str> {
     let mut wakeup = state.wakeups.subscribe(&device);
+    // A removal that committed between the upgrade's authentication and the
+    // subscription revoked nothing here: look once more.
+    check_active(&state, &device, &mut socket).await?;
     let mut shutdown = state.shutdown.clone();
     let mut recheck = tokio::time::interval(RECHECK);
     let mut ping = tokio::time::interval(PING);
@@ -100,8 +129,13 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
             }
         }
         tokio::select! {
-            () = wakeup.woken() => {}
-            _ = recheck.tick() => {}
+            woken = wakeup.woken() => {
+                if woken == Woken::Revoked {
+                    close_removed(&mut socket).await;
+                    return Err("device removed");
+                }
+            }
+            _ = recheck.tick() => check_active(&state, &device, &mut socket).await?,
             _ = ping.tick() => {
                 silent_pings += 1;
                 if silent_pings > 3 {

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{assert_error, fresh_nonce, TestApp, TestDevice};
 use serde_json::json;
-use subrosa_proto::{ConversationId, MAX_CLOCK_SKEW_MS};
+use subrosa_proto::{ConversationId, LinkId, MAX_CLOCK_SKEW_MS};
 use subrosa_server::{now_ms, Limits};
 
 fn conv() -> String {
@@ -165,6 +165,10 @@ async fn missing_or_invalid_signatures_are_refused_everywhere() {
         ("GET", "/v1/inbox".into(), vec![]),
         ("POST", "/v1/inbox/ack".into(), bytes(&json!({ "ids": [] }))),
         ("GET", "/v1/ws".into(), vec![]),
+        ("POST", "/v1/devices".into(), bytes(&json!({ "device": alice.sibling().record() }))),
+        ("DELETE", format!("/v1/devices/{}", alice.device), vec![]),
+        ("GET", format!("/v1/links/{}", LinkId(rand::random())), vec![]),
+        ("POST", format!("/v1/links/{}/approve", LinkId(rand::random())), bytes(&json!({ "response": b64(b"r") }))),
     ];
     for (method, path, body) in &routes {
         // No headers at all.

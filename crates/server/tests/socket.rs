@@ -333,3 +333,97 @@ async fn websocket_pushes_large_and_many_envelopes_in_bounded_frames() {
     assert_eq!(got[250].ciphertext.as_slice(), &249u32.to_le_bytes());
     srv.shutdown().await;
 }
+
+async fn add_device(addr: SocketAddr, by: &TestDevice) -> TestDevice {
+    let d = by.sibling();
+    let body = serde_json::to_vec(&json!({ "device": d.record() })).expect("json");
+    let (status, answer) = http(addr, by.request("POST", "/v1/devices", body)).await;
+    assert_eq!(status, 200, "{answer}");
+    d
+}
+
+/// Waits for an `unauthorized` error frame and the close that follows it.
+async fn expect_removed(ws: &mut Ws, within: Duration) {
+    let closed = tokio::time::timeout(within, async {
+        let mut saw_error = false;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(ServerFrame::Error(err)) = serde_json::from_str(t.as_str()) {
+                        assert_eq!(err.code.as_str(), "unauthorized");
+                        saw_error = true;
+                    }
+                }
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return saw_error,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the removed device's socket was not closed with an error frame");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_device_closes_its_socket() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    let bob2 = add_device(addr, &bob).await;
+    let mut ws_bob = connect_ws(addr, &bob).await;
+    let mut ws_bob2 = connect_ws(addr, &bob2).await;
+
+    let started = Instant::now();
+    let (status, answer) = http(addr, bob.request("DELETE", &format!("/v1/devices/{}", bob2.device), vec![])).await;
+    assert_eq!(status, 200, "{answer}");
+    expect_removed(&mut ws_bob2, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "close took {:?}", started.elapsed());
+    // A new socket of the removed device is refused; bob's own still works.
+    let mut req = format!("ws://{addr}/v1/ws").into_client_request().expect("request");
+    for (k, v) in bob2.sign("GET", "/v1/ws", b"", subrosa_server::now_ms(), &common::fresh_nonce()) {
+        req.headers_mut().insert(k, v.parse().expect("header"));
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("removed device upgraded: {:?}", other.map(|(_, r)| r.status())),
+    }
+    send_text(addr, &alice, &bob, b"still here").await;
+    let ServerFrame::Messages { messages } = next_frame(&mut ws_bob).await else { panic!("expected messages") };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"still here");
+    srv.shutdown().await;
+}
+
+/// A removal made elsewhere (another node sharing the database: no local
+/// revocation) closes the socket at its next re-check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removal_on_another_node_closes_the_socket_at_the_recheck() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    let bob = register(addr, "bob").await;
+    let bob2 = add_device(addr, &bob).await;
+    let mut ws = connect_ws(addr, &bob2).await;
+    // Let the socket reach its wait before the removal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    srv.state().store().remove_device(&bob2.addr()).await.expect("remove behind the node's back");
+    expect_removed(&mut ws, Duration::from_secs(20)).await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_deletes_expired_link_slots() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |c| c.message_ttl = Duration::from_secs(2)).await;
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let store = srv.state().store();
+    let link = subrosa_proto::LinkId(rand::random());
+    store.create_link(&link, &alice.handle, b"req".to_vec(), subrosa_server::now_ms() + 200).await.expect("create");
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while store.stats().await.expect("stats").links > 0 {
+        assert!(Instant::now() < deadline, "expired link slot not swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    srv.shutdown().await;
+}

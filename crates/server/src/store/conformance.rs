@@ -12,11 +12,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use subrosa_proto::{
-    CommitGuard, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Epoch, Handle, MessageKind, SendId, SendPart,
-    SendRequest, B64,
+    CommitGuard, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Epoch, Handle, LinkId, MessageKind, SendId,
+    SendPart, SendRequest, B64,
 };
 
-use super::{NewAccount, Store, StoreError, MAX_STORED_KEY_PACKAGES};
+use super::{NewAccount, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -96,7 +96,14 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_commits_one_wins(Arc::clone(&store)).await;
     expiry_removes_old_rows(Arc::clone(&store)).await;
     nonce_replay_is_refused(Arc::clone(&store)).await;
-    fetch_respects_cursor_limit_and_bytes(store).await;
+    fetch_respects_cursor_limit_and_bytes(Arc::clone(&store)).await;
+    removed_device_disappears_everywhere(Arc::clone(&store)).await;
+    last_device_cannot_be_removed(Arc::clone(&store)).await;
+    concurrent_removals_keep_one_device(Arc::clone(&store)).await;
+    device_count_is_bounded(Arc::clone(&store)).await;
+    link_slot_lifecycle(Arc::clone(&store)).await;
+    link_slots_expire(Arc::clone(&store)).await;
+    link_response_is_handed_out_once(store).await;
 }
 
 /// Registration stores the identity key and device; lookups find them.
@@ -449,7 +456,7 @@ pub async fn expiry_removes_old_rows(store: Arc<dyn Store>) {
     let new = send_request(conv, None, app(vec![bob.clone()], b"new"));
     store.send(&alice, &new, 5_000).await.expect("send");
     let before = store.stats().await.expect("stats");
-    let report = store.sweep(2_000, 0, 0).await.expect("sweep");
+    let report = store.sweep(2_000, 0, 0, 0).await.expect("sweep");
     assert!(report.inbox_rows >= 2, "{report:?}");
     assert!(report.messages >= 1, "{report:?}");
     let after = store.stats().await.expect("stats");
@@ -461,7 +468,7 @@ pub async fn expiry_removes_old_rows(store: Arc<dyn Store>) {
     store.maintenance().await.expect("maintenance");
 
     // Send ids are swept too: after that, the same id is a new send.
-    store.sweep(0, 0, 2_000).await.expect("sweep");
+    store.sweep(0, 0, 2_000, 0).await.expect("sweep");
     let again = store.send(&alice, &old, 6_000).await.expect("send");
     assert!(!again.duplicate);
 }
@@ -476,7 +483,7 @@ pub async fn nonce_replay_is_refused(store: Arc<dyn Store>) {
     assert!(store.check_nonce(&bob, &nonce, 10_000).await.expect("nonce"), "nonces are per device");
     let other = hex::encode(rand::random::<[u8; 16]>());
     assert!(store.check_nonce(&alice, &other, 30_000).await.expect("nonce"));
-    let report = store.sweep(0, 15_000, 0).await.expect("sweep");
+    let report = store.sweep(0, 15_000, 0, 0).await.expect("sweep");
     assert!(report.nonces >= 2);
     assert!(!store.check_nonce(&alice, &other, 30_000).await.expect("nonce"), "a fresh nonce was swept");
 }
@@ -501,4 +508,238 @@ pub async fn fetch_respects_cursor_limit_and_bytes(store: Arc<dyn Store>) {
     assert_eq!(tiny.len(), 1, "at least one envelope even over budget");
     let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
     assert!(store.fetch_inbox(&ghost, 0, 100, usize::MAX).await.expect("fetch").is_empty());
+}
+
+/// A removed device is gone from lookups, the account, claims and sends; its
+/// key packages, pending inbox rows and orphaned messages are deleted; what
+/// it sent before stays deliverable; its id is never reused.
+pub async fn removed_device_disappears_everywhere(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let bob = account(&store, "bob").await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    let bob2_record = store.device(&bob2).await.expect("device").expect("active");
+    store.upload_key_packages(&bob, vec![b"bob-kp".to_vec()], None).await.expect("upload");
+    store
+        .upload_key_packages(&bob2, vec![b"bob2-kp-1".to_vec(), b"bob2-kp-2".to_vec()], Some(b"bob2-lr".to_vec()))
+        .await
+        .expect("upload");
+    let conv = random_conversation();
+    store
+        .send(&alice, &send_request(conv, None, app(vec![bob.clone(), bob2.clone()], b"shared")), NOW)
+        .await
+        .expect("send");
+    store.send(&alice, &send_request(conv, None, app(vec![bob2.clone()], b"bob2 only")), NOW).await.expect("send");
+    store.send(&bob2, &send_request(conv, None, app(vec![alice.clone()], b"from bob2")), NOW).await.expect("send");
+    let before = store.stats().await.expect("stats");
+
+    store.remove_device(&bob2).await.expect("remove");
+
+    let after = store.stats().await.expect("stats");
+    assert_eq!(before.one_time_key_packages - after.one_time_key_packages, 2, "its one-time packages are deleted");
+    assert_eq!(before.last_resort_key_packages - after.last_resort_key_packages, 1, "its last-resort package too");
+    assert_eq!(before.inbox_rows - after.inbox_rows, 2, "its pending rows are deleted");
+    assert_eq!(before.messages - after.messages, 1, "only the message no one else waits for goes");
+    assert!(store.device(&bob2).await.expect("device").is_none());
+    let info = store.account(&bob.handle).await.expect("account").expect("exists");
+    assert_eq!(info.devices.iter().map(|d| d.device_id).collect::<Vec<_>>(), vec![bob.device]);
+    assert!(store.fetch_inbox(&bob2, 0, 10, usize::MAX).await.expect("fetch").is_empty());
+    assert!(matches!(store.key_package_count(&bob2).await, Err(StoreError::UnknownDevice(_))));
+    assert!(matches!(
+        store.upload_key_packages(&bob2, vec![b"late".to_vec()], None).await,
+        Err(StoreError::UnknownDevice(_))
+    ));
+    // Claims skip it; bob's own package is all there is.
+    let claim = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+    assert_eq!(claim.packages.len(), 1);
+    assert_eq!(claim.packages[0].device.device_id, bob.device);
+    assert!(matches!(store.claim_key_packages(&bob.handle, &alice).await, Err(StoreError::NoKeyPackage)));
+    // The shared message still waits for bob; what bob2 sent still reaches alice.
+    let env = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(env.iter().map(|e| e.ciphertext.as_slice()).collect::<Vec<_>>(), vec![&b"shared"[..]]);
+    let env = store.fetch_inbox(&alice, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(env.len(), 1);
+    assert_eq!((env[0].sender.clone(), env[0].ciphertext.as_slice()), (bob2.clone(), &b"from bob2"[..]));
+    // Sends naming it are refused like an unknown device, storing nothing.
+    let req = send_request(conv, None, app(vec![bob.clone(), bob2.clone()], b"too late"));
+    match store.send(&alice, &req, NOW).await {
+        Err(StoreError::UnknownDevice(a)) => assert_eq!(a, bob2),
+        other => panic!("expected UnknownDevice, got {other:?}"),
+    }
+    assert_eq!(store.stats().await.expect("stats").inbox_rows, after.inbox_rows);
+    // Gone for good: removing again is unknown, the id cannot come back.
+    assert!(matches!(store.remove_device(&bob2).await, Err(StoreError::UnknownDevice(_))));
+    assert!(matches!(store.add_device(&bob.handle, bob2_record, NOW).await, Err(StoreError::DeviceTaken)));
+    assert!(store.device(&bob2).await.expect("device").is_none());
+    let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
+    assert!(matches!(store.remove_device(&ghost).await, Err(StoreError::UnknownDevice(_))));
+    let nobody = DeviceAddress { handle: random_handle("nobody"), device: DeviceId(rand::random()) };
+    assert!(matches!(store.remove_device(&nobody).await, Err(StoreError::UnknownDevice(_))));
+}
+
+/// An account's last active device cannot be removed, whoever asks.
+pub async fn last_device_cannot_be_removed(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    assert!(matches!(store.remove_device(&alice).await, Err(StoreError::LastDevice)));
+    let alice2 = second_device(&store, &alice.handle).await;
+    store.remove_device(&alice).await.expect("remove the first device");
+    assert!(matches!(store.remove_device(&alice2).await, Err(StoreError::LastDevice)));
+    let info = store.account(&alice.handle).await.expect("account").expect("exists");
+    assert_eq!(info.devices.len(), 1);
+    assert_eq!(info.devices[0].device_id, alice2.device);
+    assert!(store.device(&alice2).await.expect("device").is_some());
+}
+
+/// Concurrent removals of every device of an account leave exactly one.
+pub async fn concurrent_removals_keep_one_device(store: Arc<dyn Store>) {
+    let first = account(&store, "many").await;
+    let mut devices = vec![first.clone()];
+    for _ in 0..4 {
+        devices.push(second_device(&store, &first.handle).await);
+    }
+    let tasks: Vec<_> = devices
+        .into_iter()
+        .map(|d| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.remove_device(&d).await })
+        })
+        .collect();
+    let (mut removed, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) => removed += 1,
+            Err(StoreError::LastDevice) => refused += 1,
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!((removed, refused), (4, 1));
+    let info = store.account(&first.handle).await.expect("account").expect("exists");
+    assert_eq!(info.devices.len(), 1);
+}
+
+/// An account holds at most [`MAX_DEVICES_PER_ACCOUNT`] active devices;
+/// removed ones do not count.
+pub async fn device_count_is_bounded(store: Arc<dyn Store>) {
+    let first = account(&store, "full").await;
+    let mut last = first.clone();
+    for _ in 1..MAX_DEVICES_PER_ACCOUNT {
+        last = second_device(&store, &first.handle).await;
+    }
+    let refused = store.add_device(&first.handle, random_device(), NOW).await;
+    assert!(matches!(refused, Err(StoreError::TooManyDevices)), "got {refused:?}");
+    let info = store.account(&first.handle).await.expect("account").expect("exists");
+    assert_eq!(info.devices.len() as u64, MAX_DEVICES_PER_ACCOUNT);
+    store.remove_device(&last).await.expect("remove");
+    store.add_device(&first.handle, random_device(), NOW).await.expect("room again after a removal");
+}
+
+fn random_link() -> LinkId {
+    LinkId(rand::random())
+}
+
+/// A slot is visible and approvable only by its account, is approved once,
+/// and its response is handed out once, after which the slot is gone.
+pub async fn link_slot_lifecycle(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let link = random_link();
+    let expires = NOW + 600_000;
+    let nobody = random_handle("nobody");
+    assert!(matches!(
+        store.create_link(&link, &nobody, b"req".to_vec(), expires).await,
+        Err(StoreError::UnknownHandle)
+    ));
+    let before = store.stats().await.expect("stats");
+    store.create_link(&link, &alice.handle, b"link request".to_vec(), expires).await.expect("create");
+    assert_eq!(store.stats().await.expect("stats").links, before.links + 1);
+    assert!(matches!(
+        store.create_link(&link, &bob.handle, b"other".to_vec(), expires).await,
+        Err(StoreError::LinkTaken)
+    ));
+
+    let slot = store.link(&link, &alice.handle, NOW).await.expect("slot");
+    assert_eq!(slot.link, link);
+    assert_eq!(slot.handle, alice.handle);
+    assert_eq!(slot.request, b"link request");
+    assert_eq!(slot.expires_at, expires);
+    assert!(!slot.approved);
+    assert!(matches!(store.link(&link, &bob.handle, NOW).await, Err(StoreError::UnknownLink)));
+    assert!(matches!(store.link(&random_link(), &alice.handle, NOW).await, Err(StoreError::UnknownLink)));
+    assert_eq!(store.take_link_response(&link, NOW).await.expect("poll"), None, "pending");
+
+    assert!(matches!(
+        store.approve_link(&link, &bob.handle, b"stolen".to_vec(), NOW).await,
+        Err(StoreError::UnknownLink)
+    ));
+    assert!(matches!(
+        store.approve_link(&random_link(), &alice.handle, b"x".to_vec(), NOW).await,
+        Err(StoreError::UnknownLink)
+    ));
+    store.approve_link(&link, &alice.handle, b"link response".to_vec(), NOW).await.expect("approve");
+    assert!(matches!(
+        store.approve_link(&link, &alice.handle, b"second".to_vec(), NOW).await,
+        Err(StoreError::LinkAlreadyApproved)
+    ));
+    assert!(store.link(&link, &alice.handle, NOW).await.expect("slot").approved);
+
+    assert_eq!(store.take_link_response(&link, NOW).await.expect("poll"), Some(b"link response".to_vec()));
+    assert!(matches!(store.take_link_response(&link, NOW).await, Err(StoreError::UnknownLink)), "one time");
+    assert!(matches!(store.link(&link, &alice.handle, NOW).await, Err(StoreError::UnknownLink)));
+    assert_eq!(store.stats().await.expect("stats").links, before.links, "the slot is deleted");
+    assert!(matches!(store.take_link_response(&random_link(), NOW).await, Err(StoreError::UnknownLink)));
+}
+
+/// An expired slot answers like a missing one before any sweep; the sweep
+/// deletes it (and frees its id).
+pub async fn link_slots_expire(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let (pending, approved) = (random_link(), random_link());
+    let expires = NOW + 1_000;
+    store.create_link(&pending, &alice.handle, b"pending".to_vec(), expires).await.expect("create");
+    store.create_link(&approved, &alice.handle, b"approved".to_vec(), expires).await.expect("create");
+    store.approve_link(&approved, &alice.handle, b"resp".to_vec(), expires - 1).await.expect("approve");
+    assert!(store.link(&pending, &alice.handle, expires - 1).await.is_ok());
+    assert_eq!(store.take_link_response(&pending, expires - 1).await.expect("poll"), None);
+    for link in [pending, approved] {
+        assert!(matches!(store.link(&link, &alice.handle, expires).await, Err(StoreError::UnknownLink)));
+        assert!(matches!(store.take_link_response(&link, expires).await, Err(StoreError::UnknownLink)));
+    }
+    assert!(matches!(
+        store.approve_link(&pending, &alice.handle, b"late".to_vec(), expires).await,
+        Err(StoreError::UnknownLink)
+    ));
+
+    let before = store.stats().await.expect("stats");
+    store.sweep(0, 0, 0, expires - 1).await.expect("sweep");
+    assert_eq!(store.stats().await.expect("stats").links, before.links, "nothing expired yet");
+    let report = store.sweep(0, 0, 0, expires).await.expect("sweep");
+    assert!(report.links >= 2, "{report:?}");
+    assert_eq!(store.stats().await.expect("stats").links, before.links - 2);
+    // The id is free again.
+    store.create_link(&pending, &alice.handle, b"again".to_vec(), expires + 1_000).await.expect("create");
+    assert_eq!(store.link(&pending, &alice.handle, expires).await.expect("slot").request, b"again");
+}
+
+/// Of many concurrent polls of an approved slot exactly one gets the response.
+pub async fn link_response_is_handed_out_once(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let link = random_link();
+    store.create_link(&link, &alice.handle, b"req".to_vec(), NOW + 600_000).await.expect("create");
+    store.approve_link(&link, &alice.handle, b"the response".to_vec(), NOW).await.expect("approve");
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.take_link_response(&link, NOW).await })
+        })
+        .collect();
+    let (mut got, mut gone) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(Some(r)) => {
+                assert_eq!(r, b"the response");
+                got += 1;
+            }
+            Err(StoreError::UnknownLink) => gone += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((got, gone), (1, 9));
 }

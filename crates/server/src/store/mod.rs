@@ -2,7 +2,7 @@
 //!
 //! Every piece of state that a second server node sharing the same database
 //! would need lives behind [`Store`]: accounts, devices, key packages, nonces
-//! of signed requests, send ids, conversation epochs and inboxes. Only
+//! of signed requests, send ids, conversation epochs, inboxes and link slots. Only
 //! per-node conveniences (socket wake-ups, rate-limit buckets) live in memory.
 //!
 //! The store never reads the clock: callers hand in `now_ms` (milliseconds
@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 use subrosa_proto::{
     AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceRecord, Envelope, Epoch, Handle, KeyPackageCount,
-    SendRequest,
+    LinkId, SendRequest,
 };
 
 #[cfg(any(test, feature = "conformance"))]
@@ -43,6 +43,21 @@ pub enum StoreError {
     /// The device already holds as many one-time key packages as allowed.
     #[error("too many key packages stored")]
     TooManyKeyPackages,
+    /// The account already has [`MAX_DEVICES_PER_ACCOUNT`] active devices.
+    #[error("too many devices")]
+    TooManyDevices,
+    /// The device is the account's last active device and cannot be removed.
+    #[error("last device")]
+    LastDevice,
+    /// No link slot has this id, it expired, or it belongs to another account.
+    #[error("unknown link")]
+    UnknownLink,
+    /// A link slot with this id exists already (pick another random id).
+    #[error("link id taken")]
+    LinkTaken,
+    /// The link slot has been approved already.
+    #[error("link already approved")]
+    LinkAlreadyApproved,
     /// A commit was made for an epoch that is not the conversation's current one.
     #[error("stale epoch, current is {}", current.0)]
     StaleEpoch {
@@ -92,6 +107,8 @@ pub struct SweepReport {
     pub nonces: u64,
     /// Send ids past their retention.
     pub send_ids: u64,
+    /// Expired link slots.
+    pub links: u64,
 }
 
 /// Row counts, for operators, tests and the demo's "what the server stored".
@@ -99,7 +116,8 @@ pub struct SweepReport {
 pub struct StoreStats {
     /// Accounts.
     pub accounts: u64,
-    /// Devices.
+    /// Devices, removed ones included (their rows stay, so that their ids
+    /// are never given out again).
     pub devices: u64,
     /// Stored one-time key packages.
     pub one_time_key_packages: u64,
@@ -115,10 +133,31 @@ pub struct StoreStats {
     pub send_ids: u64,
     /// Conversations with a server-ordered epoch.
     pub conversations: u64,
+    /// Open (not yet swept) link slots.
+    pub links: u64,
+}
+
+/// A link slot as stored: the new device's opaque request, and the opaque
+/// response once a device of the account approved it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRecord {
+    /// The slot id.
+    pub link: LinkId,
+    /// The account the new device wants to join.
+    pub handle: Handle,
+    /// The opaque request.
+    pub request: Vec<u8>,
+    /// When the slot expires, ms since the Unix epoch.
+    pub expires_at: u64,
+    /// True once a device approved it.
+    pub approved: bool,
 }
 
 /// Most one-time key packages one device may have stored at once.
 pub const MAX_STORED_KEY_PACKAGES: u64 = 1000;
+
+/// Most active devices one account may have.
+pub const MAX_DEVICES_PER_ACCOUNT: u64 = 16;
 
 /// The delivery service's storage.
 ///
@@ -133,11 +172,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError>;
 
     /// Adds a device to an existing account (device linking builds on this).
+    /// Atomic with its check of the device count: concurrent additions never
+    /// take an account past [`MAX_DEVICES_PER_ACCOUNT`] active devices.
     ///
     /// # Errors
     /// [`StoreError::UnknownHandle`]; [`StoreError::DeviceTaken`] when the
-    /// account has a device with this id.
+    /// account has or had a device with this id (a removed device's id is
+    /// never reused); [`StoreError::TooManyDevices`].
     async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError>;
+
+    /// Removes (deactivates) an active device: from then on it is unknown to
+    /// [`Store::device`], [`Store::account`], claims and sends, and its
+    /// one-time and last-resort key packages, its pending inbox rows and the
+    /// messages left without any inbox row are deleted. Atomic with its check
+    /// of the device count: concurrent removals never leave an account
+    /// without an active device.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDevice`] when no active device has this address;
+    /// [`StoreError::LastDevice`] when it is the account's only active device.
+    async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError>;
 
     /// An active device, for checking its signatures.
     ///
@@ -227,9 +281,53 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Backend failures only.
     async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError>;
 
+    /// Opens a link slot for a new device of `handle`, expiring at
+    /// `expires_at_ms`. The caller picks the random id.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownHandle`]; [`StoreError::LinkTaken`] when a slot
+    /// (even an expired, not yet swept one) has this id.
+    async fn create_link(
+        &self,
+        link: &LinkId,
+        handle: &Handle,
+        request: Vec<u8>,
+        expires_at_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// A link slot of `handle` that has not expired at `now_ms`.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownLink`] when there is none, it expired, or it
+    /// belongs to another account.
+    async fn link(&self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<LinkRecord, StoreError>;
+
+    /// Stores the opaque response of a slot of `handle`, once.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownLink`] as for [`Store::link`];
+    /// [`StoreError::LinkAlreadyApproved`] when a response is stored already
+    /// (it is left as it was).
+    async fn approve_link(
+        &self,
+        link: &LinkId,
+        handle: &Handle,
+        response: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// What the new device polls: `None` while the slot waits for approval;
+    /// the response once approved, and then the slot is deleted in the same
+    /// transaction, so the response is handed out at most once.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownLink`] when there is no such slot or it expired.
+    async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
     /// Deletes inbox rows stored before `inbox_before_ms` and the messages
     /// left without any, nonces with a timestamp before `nonces_before_ms`,
-    /// and send ids stored before `send_ids_before_ms`.
+    /// send ids stored before `send_ids_before_ms`, and link slots expired
+    /// at `now_ms` (expiry at or before it).
     ///
     /// # Errors
     /// Backend failures only.
@@ -238,6 +336,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         inbox_before_ms: u64,
         nonces_before_ms: u64,
         send_ids_before_ms: u64,
+        now_ms: u64,
     ) -> Result<SweepReport, StoreError>;
 
     /// Backend housekeeping after a sweep (SQLite: checkpoint and truncate the

@@ -13,10 +13,13 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension, TransactionBehavior};
 use subrosa_proto::{
     AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope,
-    Epoch, Handle, KeyPackageCount, MessageKind, SendRequest, B64,
+    Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendRequest, B64,
 };
 
-use super::{NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_STORED_KEY_PACKAGES};
+use super::{
+    LinkRecord, NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_DEVICES_PER_ACCOUNT,
+    MAX_STORED_KEY_PACKAGES,
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Append new steps, never edit old ones.
@@ -85,6 +88,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX inbox_by_device ON inbox(device, id);
     CREATE INDEX inbox_by_message ON inbox(message);
     CREATE INDEX inbox_by_time ON inbox(created_at);
+    ",
+    // 2: link slots for provisioning new devices. A rowid table: a slot's
+    // request and response may be megabytes, which WITHOUT ROWID handles badly.
+    r"
+    CREATE TABLE links (
+        id INTEGER PRIMARY KEY,
+        link BLOB NOT NULL UNIQUE,
+        handle TEXT NOT NULL REFERENCES accounts(handle),
+        request BLOB NOT NULL,
+        response BLOB,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX links_by_expiry ON links(expires_at);
     ",
 ];
 
@@ -199,6 +215,15 @@ fn device_row(conn: &Connection, addr: &DeviceAddress) -> Result<Option<i64>, St
     .map_err(map_err)
 }
 
+/// How many active devices the account has.
+fn active_devices(conn: &Connection, handle: &Handle) -> Result<u64, StoreError> {
+    conn.query_row("SELECT COUNT(*) FROM devices WHERE handle = ?1 AND active = 1", [handle.as_str()], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(to_u64)
+    .map_err(map_err)
+}
+
 fn require_device(conn: &Connection, addr: &DeviceAddress) -> Result<i64, StoreError> {
     device_row(conn, addr)?.ok_or_else(|| StoreError::UnknownDevice(addr.clone()))
 }
@@ -272,6 +297,9 @@ impl Store for SqliteStore {
             if !exists {
                 return Err(StoreError::UnknownHandle);
             }
+            if active_devices(&tx, &handle)? >= MAX_DEVICES_PER_ACCOUNT {
+                return Err(StoreError::TooManyDevices);
+            }
             let inserted = tx
                 .execute(
                     "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
@@ -287,6 +315,42 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
             if inserted == 0 {
                 return Err(StoreError::DeviceTaken);
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
+        let addr = addr.clone();
+        self.run(move |conn| {
+            // IMMEDIATE: two devices removing each other cannot both see two
+            // active devices and leave none.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            let device = require_device(&tx, &addr)?;
+            if active_devices(&tx, &addr.handle)? <= 1 {
+                return Err(StoreError::LastDevice);
+            }
+            tx.execute("UPDATE devices SET active = 0 WHERE id = ?1", [device]).map_err(map_err)?;
+            tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
+            tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [device]).map_err(map_err)?;
+            {
+                // Its pending rows, then every message no other device still waits for.
+                let messages: HashSet<i64> = {
+                    let mut stmt =
+                        tx.prepare("DELETE FROM inbox WHERE device = ?1 RETURNING message").map_err(map_err)?;
+                    let rows = stmt.query_map([device], |r| r.get(0)).map_err(map_err)?;
+                    rows.collect::<Result<_, _>>().map_err(map_err)?
+                };
+                let mut drop_message = tx
+                    .prepare_cached(
+                        "DELETE FROM messages WHERE id = ?1
+                         AND NOT EXISTS (SELECT 1 FROM inbox WHERE message = ?1)",
+                    )
+                    .map_err(map_err)?;
+                for m in messages {
+                    drop_message.execute([m]).map_err(map_err)?;
+                }
             }
             tx.commit().map_err(map_err)
         })
@@ -674,11 +738,119 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn create_link(
+        &self,
+        link: &LinkId,
+        handle: &Handle,
+        request: Vec<u8>,
+        expires_at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let link = *link;
+        let handle = handle.clone();
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            let exists: bool = tx
+                .query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)", [handle.as_str()], |r| r.get(0))
+                .map_err(map_err)?;
+            if !exists {
+                return Err(StoreError::UnknownHandle);
+            }
+            let inserted = tx
+                .execute(
+                    "INSERT INTO links (link, handle, request, expires_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (link) DO NOTHING",
+                    params![&link.0[..], handle.as_str(), request, to_i64(expires_at_ms)],
+                )
+                .map_err(map_err)?;
+            if inserted == 0 {
+                return Err(StoreError::LinkTaken);
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn link(&self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<LinkRecord, StoreError> {
+        let link = *link;
+        let handle = handle.clone();
+        self.run(move |conn| {
+            let row: Option<(Vec<u8>, i64, bool)> = conn
+                .query_row(
+                    "SELECT request, expires_at, response IS NOT NULL FROM links
+                     WHERE link = ?1 AND handle = ?2 AND expires_at > ?3",
+                    params![&link.0[..], handle.as_str(), to_i64(now_ms)],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(map_err)?;
+            let (request, expires_at, approved) = row.ok_or(StoreError::UnknownLink)?;
+            Ok(LinkRecord { link, handle, request, expires_at: to_u64(expires_at), approved })
+        })
+        .await
+    }
+
+    async fn approve_link(
+        &self,
+        link: &LinkId,
+        handle: &Handle,
+        response: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let link = *link;
+        let handle = handle.clone();
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            let approved: Option<bool> = tx
+                .query_row(
+                    "SELECT response IS NOT NULL FROM links WHERE link = ?1 AND handle = ?2 AND expires_at > ?3",
+                    params![&link.0[..], handle.as_str(), to_i64(now_ms)],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(map_err)?;
+            match approved {
+                None => return Err(StoreError::UnknownLink),
+                Some(true) => return Err(StoreError::LinkAlreadyApproved),
+                Some(false) => {}
+            }
+            tx.execute("UPDATE links SET response = ?2 WHERE link = ?1", params![&link.0[..], response])
+                .map_err(map_err)?;
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let link = *link;
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            let response: Option<Option<Vec<u8>>> = tx
+                .query_row(
+                    "SELECT response FROM links WHERE link = ?1 AND expires_at > ?2",
+                    params![&link.0[..], to_i64(now_ms)],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(map_err)?;
+            match response {
+                None => Err(StoreError::UnknownLink),
+                Some(None) => Ok(None),
+                Some(Some(response)) => {
+                    tx.execute("DELETE FROM links WHERE link = ?1", [&link.0[..]]).map_err(map_err)?;
+                    tx.commit().map_err(map_err)?;
+                    Ok(Some(response))
+                }
+            }
+        })
+        .await
+    }
+
     async fn sweep(
         &self,
         inbox_before_ms: u64,
         nonces_before_ms: u64,
         send_ids_before_ms: u64,
+        now_ms: u64,
     ) -> Result<SweepReport, StoreError> {
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
@@ -695,12 +867,14 @@ impl Store for SqliteStore {
             let send_ids = tx
                 .execute("DELETE FROM send_ids WHERE created_at < ?1", [to_i64(send_ids_before_ms)])
                 .map_err(map_err)?;
+            let links = tx.execute("DELETE FROM links WHERE expires_at <= ?1", [to_i64(now_ms)]).map_err(map_err)?;
             tx.commit().map_err(map_err)?;
             Ok(SweepReport {
                 inbox_rows: inbox_rows as u64,
                 messages: messages as u64,
                 nonces: nonces as u64,
                 send_ids: send_ids as u64,
+                links: links as u64,
             })
         })
         .await
@@ -727,6 +901,7 @@ impl Store for SqliteStore {
                 nonces: count(conn, "nonces")?,
                 send_ids: count(conn, "send_ids")?,
                 conversations: count(conn, "conversations")?,
+                links: count(conn, "links")?,
             })
         })
         .await
@@ -771,6 +946,13 @@ mod tests {
         expiry_removes_old_rows,
         nonce_replay_is_refused,
         fetch_respects_cursor_limit_and_bytes,
+        removed_device_disappears_everywhere,
+        last_device_cannot_be_removed,
+        concurrent_removals_keep_one_device,
+        device_count_is_bounded,
+        link_slot_lifecycle,
+        link_slots_expire,
+        link_response_is_handed_out_once,
     );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -794,6 +976,37 @@ mod tests {
         assert_eq!(sync, 2, "synchronous must be FULL");
         let secure: i64 = conn.query_row("PRAGMA secure_delete", [], |r| r.get(0)).expect("secure");
         assert_eq!(secure, 1);
+    }
+
+    /// A database made by the first schema (in the wild before link slots)
+    /// is migrated in place and keeps its data.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn version_one_database_is_migrated() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("server.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(MIGRATIONS[0]).expect("schema 1");
+            conn.pragma_update(None, "user_version", 1).expect("version");
+            conn.execute("INSERT INTO accounts (handle, identity_key, created_at) VALUES ('old-timer', x'07', 1)", [])
+                .expect("account");
+            conn.execute(
+                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+                 VALUES ('old-timer', '0011223344556677', x'01', x'02', 1)",
+                [],
+            )
+            .expect("device");
+        }
+        let store = SqliteStore::open(&path).expect("migrate");
+        let handle = Handle::new("old-timer").expect("handle");
+        let info = store.account(&handle).await.expect("account").expect("kept");
+        assert_eq!(info.devices.len(), 1);
+        let link = LinkId([1; 6]);
+        store.create_link(&link, &handle, b"req".to_vec(), 10).await.expect("links table exists");
+        assert!(store.link(&link, &handle, 5).await.is_ok());
+        let conn = store.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(v as usize, SqliteStore::schema_version());
     }
 
     #[test]

@@ -39,6 +39,16 @@ impl TestDevice {
         }
     }
 
+    /// Another device of the same account (its own key; not yet added).
+    pub fn sibling(&self) -> Self {
+        TestDevice {
+            handle: self.handle.clone(),
+            device: DeviceId(rand::random()),
+            key: Ed25519KeyPair::generate().expect("key"),
+            identity: Ed25519KeyPair::generate().expect("key"),
+        }
+    }
+
     pub fn addr(&self) -> DeviceAddress {
         DeviceAddress { handle: self.handle.clone(), device: self.device }
     }
@@ -136,6 +146,16 @@ impl TestApp {
                 .unwrap_or_else(|_| panic!("non-JSON answer {status}: {:?}", String::from_utf8_lossy(&bytes)))
         };
         (status, json)
+    }
+
+    /// Adds a new device to `by`'s account, signed by `by`; panics unless it
+    /// succeeds.
+    pub async fn add_device(&self, by: &TestDevice) -> TestDevice {
+        let d = by.sibling();
+        let body = serde_json::to_vec(&serde_json::json!({ "device": d.record() })).expect("json");
+        let (status, answer) = self.call(by.request("POST", "/v1/devices", body)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        d
     }
 
     /// Registers a new device; panics unless it succeeds.
