@@ -71,6 +71,30 @@ enum Command {
     Group(GroupCommand),
     /// List your groups.
     Groups,
+    /// Link this new device to an existing account (shows a code), or with
+    /// --accept CODE approve a new device from an existing one.
+    Link {
+        /// The account to join (on the new device).
+        #[arg(required_unless_present = "accept", conflicts_with = "accept")]
+        handle: Option<String>,
+        /// The server (on the new device).
+        #[arg(long, required_unless_present = "accept", conflicts_with = "accept")]
+        server: Option<String>,
+        /// Approve the new device showing this code (on an existing device).
+        #[arg(long, value_name = "CODE")]
+        accept: Option<String>,
+        /// How long to wait for the other side, in seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+        /// Ask the approving device for recent history (new device).
+        #[arg(long, conflicts_with = "accept")]
+        with_history: bool,
+    },
+    /// List this account's devices, or remove one.
+    Devices {
+        #[command(subcommand)]
+        action: Option<DevicesCommand>,
+    },
     /// List every device in a conversation, with its handle and fingerprint.
     Members {
         /// A group name or a handle.
@@ -78,6 +102,15 @@ enum Command {
     },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
+}
+
+#[derive(Subcommand, Debug)]
+enum DevicesCommand {
+    /// Remove device ID from every conversation and from the account.
+    Remove {
+        /// The device id (see `subrosa devices`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,6 +266,36 @@ fn print_message(m: &StoredMessage, json: bool) {
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Demo => demo::run().await.map(|_| ExitCode::SUCCESS),
+        Command::Link { handle: Some(handle), server: Some(server), accept: None, timeout, with_history } => {
+            let home = home(&cli.home)?;
+            let pass = passphrase(true)?;
+            let mut show = |code: &str| {
+                println!("code: {code}");
+                if std::io::stdout().is_terminal() {
+                    if let Ok(qr) = qrcode::QrCode::new(code.as_bytes()) {
+                        println!("{}", qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build());
+                    }
+                    println!("On a device of {handle}, run: subrosa link --accept {code}");
+                }
+                let _ = std::io::stdout().flush();
+            };
+            let me = Subrosa::link_new(
+                &home,
+                &pass,
+                &handle,
+                &server,
+                with_history,
+                Duration::from_secs(timeout),
+                &mut show,
+            )
+            .await?;
+            println!(
+                "linked {} (device {}); run `subrosa receive` to join your conversations",
+                me.handle(),
+                me.identity().device_id()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Register { handle, server } => {
             let home = home(&cli.home)?;
             let pass = passphrase(true)?;
@@ -316,6 +379,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         let you = if m.address == me.identity().address() { "\t(this device)" } else { "" };
                         println!("{}\t{}\t{}{you}", m.address.handle, m.address.device, fingerprint(&m.device_key));
                     }
+                }
+                Command::Link { accept: Some(code), timeout, .. } => {
+                    let done = me.link_accept(&code, Duration::from_secs(timeout)).await?;
+                    println!("linked device {}; added it to {} conversations", done.device, done.conversations);
+                }
+                Command::Link { .. } => {
+                    return Err(anyhow!("give HANDLE --server URL on a new device, or --accept CODE"))
+                }
+                Command::Devices { action: None } => {
+                    for d in me.devices().await? {
+                        let mut notes = Vec::new();
+                        if d.this_device {
+                            notes.push("this device");
+                        }
+                        if !d.certified {
+                            notes.push("NOT CERTIFIED by your identity key");
+                        }
+                        println!("{}\t{}\t{}", d.id, fingerprint(&d.key), notes.join(", "));
+                    }
+                }
+                Command::Devices { action: Some(DevicesCommand::Remove { id }) } => {
+                    let n = me.remove_device(&id).await?;
+                    println!("removed device {id} (from {n} conversations)");
                 }
                 Command::Register { .. } | Command::Demo => unreachable!("handled above"),
             }

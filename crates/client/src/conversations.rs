@@ -118,6 +118,15 @@ impl Subrosa {
     /// contacts, our own for this account. `required` makes "no device" an
     /// error; otherwise it yields nothing.
     pub(crate) async fn claim(&self, handle: &Handle, required: bool) -> Result<Vec<Vec<u8>>, ClientError> {
+        Ok(self.claim_devices(handle, required).await?.into_iter().map(|(_, kp)| kp).collect())
+    }
+
+    /// As [`Self::claim`], with the device each key package is for.
+    pub(crate) async fn claim_devices(
+        &self,
+        handle: &Handle,
+        required: bool,
+    ) -> Result<Vec<(subrosa_proto::DeviceId, Vec<u8>)>, ClientError> {
         let req = ClaimRequest { handle: handle.clone() };
         let claim: ClaimResponse = match self.api.call(Method::POST, "/v1/keypackages/claim", Some(&req)).await {
             Ok(c) => c,
@@ -164,7 +173,7 @@ impl Subrosa {
                     why: "a key package is not certified by the account's identity key".into(),
                 });
             }
-            key_packages.push(p.key_package.as_slice().to_vec());
+            key_packages.push((p.device.device_id, p.key_package.as_slice().to_vec()));
         }
         if key_packages.is_empty() && required {
             return Err(ClientError::Input(format!("{handle} has no device that can be added right now")));
@@ -247,7 +256,7 @@ impl Subrosa {
     /// Stages a commit with `stage`, submits it, and when another member's
     /// commit won the epoch, drops ours, processes theirs and tries again.
     /// Returns false when `stage` had nothing to commit.
-    async fn commit_with_retry(
+    pub(crate) async fn commit_with_retry(
         &self,
         conversation: &ConversationId,
         mut stage: impl FnMut() -> Result<Option<OutgoingCommit>, ClientError>,

@@ -6,6 +6,7 @@
 //! is acknowledged only after the store committed it.
 
 mod conversations;
+mod devices;
 pub mod net;
 pub mod store;
 
@@ -23,6 +24,7 @@ use subrosa_proto::{
 };
 
 pub use conversations::{GroupSummary, Target};
+pub use devices::{DeviceEntry, LinkApproved};
 use store::{now_ms, GroupStore, KeyPackageStore, Store};
 pub use store::{Contact, StoredMessage};
 
@@ -113,7 +115,7 @@ pub enum Received {
 }
 
 /// How many one-time key packages to keep on the server.
-const KEY_PACKAGE_TARGET: u64 = 50;
+pub(crate) const KEY_PACKAGE_TARGET: u64 = 50;
 /// Refill when fewer than this remain.
 const KEY_PACKAGE_LOW: u64 = 10;
 
@@ -134,8 +136,8 @@ impl std::fmt::Debug for Subrosa {
     }
 }
 
-const META_IDENTITY: &str = "identity";
-const META_SERVER: &str = "server_url";
+pub(crate) const META_IDENTITY: &str = "identity";
+pub(crate) const META_SERVER: &str = "server_url";
 
 impl Subrosa {
     /// Creates the account `handle` and this device on `server`, in a new
@@ -198,7 +200,7 @@ impl Subrosa {
         Self::assemble(store, identity, &server)
     }
 
-    fn assemble(store: Store, identity: DeviceIdentity, server: &str) -> Result<Self, ClientError> {
+    pub(crate) fn assemble(store: Store, identity: DeviceIdentity, server: &str) -> Result<Self, ClientError> {
         let crypto = subrosa_core::default_crypto();
         let api = net::Api::new(server, identity.clone(), crypto.clone())?;
         let engine = Engine::new(crypto, identity, store.groups(), store.key_packages());
@@ -231,7 +233,7 @@ impl Subrosa {
         self.api.base().as_str()
     }
 
-    async fn upload_key_packages(&self, count: usize, last_resort: bool) -> Result<(), ClientError> {
+    pub(crate) async fn upload_key_packages(&self, count: usize, last_resort: bool) -> Result<(), ClientError> {
         let kps = self.store.key_packages();
         let (one_time, last) = self.store.transaction(|| {
             let mut one_time = Vec::with_capacity(count);
@@ -358,15 +360,18 @@ impl Subrosa {
         if text.len() > subrosa_core::content::MAX_TEXT_BYTES {
             return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
         }
-        self.flush_outbox().await?;
-        let mut resolved = self.resolve(target)?;
-        if let Target::Direct(peer) = &resolved {
-            if self.store.direct_conversation(peer.as_str())?.is_none() {
-                // Perhaps a group we were just added to: catch up first.
-                self.sync().await?;
-                resolved = self.resolve(target)?;
+        // Resolve the name the user typed before catching up (a concurrent
+        // rename must not make it unknown), but encrypt only after every
+        // pending commit is processed: a message must never go out at an
+        // epoch a removal already ended, nor miss a member just added.
+        let typed = self.resolve(target);
+        self.sync().await?;
+        let resolved = match typed {
+            Ok(Target::Group(row)) => {
+                Target::Group(self.store.conversation(&row.id)?.ok_or(ClientError::Bug("group vanished".into()))?)
             }
-        }
+            _ => self.resolve(target)?,
+        };
         match resolved {
             Target::Group(row) => {
                 if !row.active {

@@ -95,6 +95,47 @@ impl std::fmt::Debug for Api {
     }
 }
 
+/// An unsigned request (link slots, for a device with no registered key yet).
+///
+/// # Errors
+/// As [`Api::call`].
+pub async fn call_unsigned<B: Serialize, R: DeserializeOwned>(
+    base: &str,
+    method: Method,
+    path: &str,
+    body: Option<&B>,
+) -> Result<R, ClientError> {
+    let base = check_server_url(base)?;
+    let tls = tls_config()?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| ClientError::Network(e.to_string()))?;
+    let url = base.join(path).map_err(|e| ClientError::BadUrl(e.to_string()))?;
+    let mut req = http.request(method, url);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.map_err(|e| ClientError::Network(describe_reqwest(&e, &base)))?;
+    decode_response(resp, &base).await
+}
+
+async fn decode_response<R: DeserializeOwned>(resp: reqwest::Response, base: &Url) -> Result<R, ClientError> {
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| ClientError::Network(describe_reqwest(&e, base)))?;
+    if status.is_success() {
+        serde_json::from_slice(&bytes)
+            .map_err(|_| ClientError::Protocol(format!("unexpected answer from server ({status})")))
+    } else {
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => Err(ClientError::Server { status: status.as_u16(), body: e }),
+            Err(_) => Err(ClientError::Protocol(format!("server answered {status} without an error body"))),
+        }
+    }
+}
+
 /// A live WebSocket to the server.
 pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -188,17 +229,7 @@ impl Api {
             req = req.header("content-type", "application/json").body(body);
         }
         let resp = req.send().await.map_err(|e| ClientError::Network(describe_reqwest(&e, &self.base)))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Network(describe_reqwest(&e, &self.base)))?;
-        if status.is_success() {
-            serde_json::from_slice(&bytes)
-                .map_err(|_| ClientError::Protocol(format!("unexpected answer from server ({status})")))
-        } else {
-            match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(e) => Err(ClientError::Server { status: status.as_u16(), body: e }),
-                Err(_) => Err(ClientError::Protocol(format!("server answered {status} without an error body"))),
-            }
-        }
+        decode_response(resp, &self.base).await
     }
 
     /// Opens the signed WebSocket.

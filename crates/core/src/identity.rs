@@ -307,6 +307,61 @@ impl DeviceIdentity {
         &self.device_secret
     }
 
+    pub(crate) fn identity_secret(&self) -> &SignatureSecretKey {
+        &self.identity_secret
+    }
+
+    /// Certifies another device key of this account with the identity key.
+    ///
+    /// # Errors
+    /// [`CoreError::Crypto`].
+    pub fn certify<C: CryptoProvider>(
+        &self,
+        crypto: &C,
+        device_id: DeviceId,
+        device_key: &SignaturePublicKey,
+        now_ms: u64,
+    ) -> Result<DeviceCertificate, CoreError> {
+        DeviceCertificate::issue(
+            crypto,
+            &self.handle,
+            device_id,
+            &self.identity_public,
+            &self.identity_secret,
+            device_key,
+            now_ms,
+        )
+    }
+
+    /// Assembles a linked device's identity from its parts (checked).
+    ///
+    /// # Errors
+    /// [`CoreError::BadSignature`] or [`CoreError::IdentityMismatch`].
+    pub(crate) fn from_parts<C: CryptoProvider>(
+        crypto: &C,
+        identity_public: SignaturePublicKey,
+        identity_secret: SignatureSecretKey,
+        device_public: SignaturePublicKey,
+        device_secret: SignatureSecretKey,
+        certificate: DeviceCertificate,
+    ) -> Result<Self, CoreError> {
+        certificate.verify(crypto)?;
+        if certificate.identity_key() != identity_public.as_bytes()
+            || certificate.device_key() != device_public.as_bytes()
+        {
+            return Err(CoreError::IdentityMismatch("certificate does not match the keys".into()));
+        }
+        Ok(DeviceIdentity {
+            handle: certificate.handle(),
+            device_id: certificate.device_id(),
+            identity_public,
+            identity_secret,
+            device_public,
+            device_secret,
+            certificate,
+        })
+    }
+
     /// The MLS signing identity: the certificate as a basic credential.
     ///
     /// # Errors

@@ -15,6 +15,7 @@ pub mod content;
 pub mod engine;
 mod error;
 pub mod identity;
+pub mod link;
 
 pub use engine::{ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};
 pub use error::CoreError;

@@ -1,0 +1,327 @@
+//! Several devices per account: linking a new one, listing and removing.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use subrosa_core::link::{check_fingerprint, link_code, parse_link_code, HistoryItem, PendingLink};
+use subrosa_core::DeviceCertificate;
+use subrosa_proto::{
+    AccountInfo, AddDeviceRequest, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Empty, ErrorCode, Handle,
+    LinkApproveRequest, LinkCreateRequest, LinkCreated, LinkResponse, LinkSlot, B64,
+};
+
+use crate::store::{now_ms, Store, StoredMessage};
+use crate::{net, ClientError, Subrosa, KEY_PACKAGE_TARGET, META_IDENTITY, META_SERVER};
+
+/// How many recent messages per conversation a new device may be given.
+const HISTORY_PER_CONVERSATION: usize = 200;
+
+/// A device of this account, as the server lists it and this device checked it.
+#[derive(Debug, Clone)]
+pub struct DeviceEntry {
+    /// Device id.
+    pub id: DeviceId,
+    /// Its signature key.
+    pub key: Vec<u8>,
+    /// True when its certificate is valid and by this account's identity key.
+    pub certified: bool,
+    /// True for the device running this.
+    pub this_device: bool,
+}
+
+/// The outcome of approving a link.
+#[derive(Debug, Clone)]
+pub struct LinkApproved {
+    /// The new device.
+    pub device: DeviceId,
+    /// Conversations it was added to.
+    pub conversations: usize,
+}
+
+impl Subrosa {
+    /// Links this new device (in a new store in `home`) to the existing
+    /// account `handle`: publishes a link request, calls `on_code` with the
+    /// code to show, and waits up to `timeout` for another device of the
+    /// account to approve it.
+    ///
+    /// # Errors
+    /// [`ClientError::AlreadyRegistered`], unknown handle, the code expiring
+    /// unapproved, an approval that does not verify. On error nothing is left.
+    pub async fn link_new(
+        home: &Path,
+        passphrase: &str,
+        handle: &str,
+        server: &str,
+        with_history: bool,
+        timeout: Duration,
+        on_code: &mut dyn FnMut(&str),
+    ) -> Result<Self, ClientError> {
+        let handle = Handle::new(handle).map_err(|e| ClientError::Input(e.to_string()))?;
+        net::check_server_url(server)?;
+        if Store::exists(home) {
+            return Err(ClientError::AlreadyRegistered(home.display().to_string()));
+        }
+        let existed = home.exists();
+        let result = Self::link_new_inner(home, passphrase, handle, server, with_history, timeout, on_code).await;
+        if result.is_err() {
+            for f in ["subrosa.db", "subrosa.db-wal", "subrosa.db-shm", "kdf.json"] {
+                let _ = std::fs::remove_file(home.join(f));
+            }
+            if !existed {
+                let _ = std::fs::remove_dir(home);
+            }
+        }
+        result
+    }
+
+    async fn link_new_inner(
+        home: &Path,
+        passphrase: &str,
+        handle: Handle,
+        server: &str,
+        with_history: bool,
+        timeout: Duration,
+        on_code: &mut dyn FnMut(&str),
+    ) -> Result<Self, ClientError> {
+        let crypto = subrosa_core::default_crypto();
+        let pending = PendingLink::new(&crypto, &handle, with_history)?;
+        let request = pending.request().to_bytes()?;
+        let created: LinkCreated = net::call_unsigned(
+            server,
+            Method::POST,
+            "/v1/links",
+            Some(&LinkCreateRequest { handle: handle.clone(), request: B64(request.clone()) }),
+        )
+        .await
+        .map_err(|e| match e.code() {
+            Some(ErrorCode::UnknownHandle) => {
+                ClientError::Input(format!("unknown handle {handle}: no such account on {server}"))
+            }
+            _ => e,
+        })?;
+        on_code(&link_code(created.link, &request));
+        let path = format!("/v1/links/{}/response", created.link);
+        let deadline = Instant::now() + timeout;
+        let grant = loop {
+            let r: Result<LinkResponse, ClientError> =
+                net::call_unsigned::<(), _>(server, Method::GET, &path, None).await;
+            match r {
+                Ok(LinkResponse { response: Some(g) }) => break g,
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                    return Err(ClientError::Input("the link code expired before a device approved it".into()))
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Input(format!(
+                    "no device approved the link within {} s; run `subrosa link` again",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let (identity, history) = pending.complete(&crypto, grant.as_slice())?;
+        let store = Store::create(home, passphrase)?;
+        store.set_meta(META_IDENTITY, &identity.to_secret_bytes()?)?;
+        store.set_meta(META_SERVER, server.as_bytes())?;
+        let me = Self::assemble(store, identity, server)?;
+        me.store.transaction(|| me.import_history(&history))?;
+        me.upload_key_packages(KEY_PACKAGE_TARGET as usize, true).await?;
+        Ok(me)
+    }
+
+    fn import_history(&self, items: &[HistoryItem]) -> Result<(), ClientError> {
+        for it in items {
+            let conv = ConversationId(it.conversation);
+            let peer = (!it.peer.is_empty()).then_some(it.peer.as_str());
+            self.store.add_conversation(&conv, &it.kind, &it.name, peer)?;
+            let m = StoredMessage {
+                id: hex::encode(&it.message_id),
+                conversation: conv.to_hex(),
+                target: peer.map(str::to_string).unwrap_or_else(|| it.name.clone()),
+                group: it.kind == "group",
+                from: it.from.clone(),
+                device: it.device.clone(),
+                sent_at: it.sent_at,
+                received_at: now_ms(),
+                text: it.text.clone(),
+                outgoing: it.from == self.handle().as_str(),
+                system: it.system,
+            };
+            self.store.insert_message(&m, &conv, &it.message_id, true)?;
+        }
+        Ok(())
+    }
+
+    fn recent_history(&self) -> Result<Vec<HistoryItem>, ClientError> {
+        let mut out = Vec::new();
+        for row in self.store.active_conversations()? {
+            let msgs = self.store.history(std::slice::from_ref(&row))?;
+            let skip = msgs.len().saturating_sub(HISTORY_PER_CONVERSATION);
+            for m in msgs.into_iter().skip(skip) {
+                out.push(HistoryItem {
+                    conversation: row.id.0,
+                    kind: row.kind.clone(),
+                    name: row.name.clone(),
+                    peer: row.peer.clone().unwrap_or_default(),
+                    message_id: hex::decode(&m.id).unwrap_or_default(),
+                    from: m.from,
+                    device: m.device,
+                    sent_at: m.sent_at,
+                    text: m.text,
+                    system: m.system,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Approves a new device's link code: checks its keys against the code,
+    /// certifies it, registers it with the server, sends it the account key
+    /// (and recent history when it asked), then adds it to every conversation
+    /// once it published key packages (waiting up to `timeout`).
+    ///
+    /// # Errors
+    /// A malformed, wrong or expired code; a request altered by the server;
+    /// network errors.
+    pub async fn link_accept(&self, code: &str, timeout: Duration) -> Result<LinkApproved, ClientError> {
+        let (link, fingerprint) = parse_link_code(code).map_err(|_| {
+            ClientError::Input("that is not a link code: it has 26 letters and digits, like 0ABC1-…".into())
+        })?;
+        let slot: LinkSlot =
+            self.api.call::<(), _>(Method::GET, &format!("/v1/links/{link}"), None).await.map_err(|e| {
+                match e.code() {
+                    Some(ErrorCode::NotFound) => ClientError::Input("unknown or expired link code".into()),
+                    _ => e,
+                }
+            })?;
+        check_fingerprint(slot.request.as_slice(), &fingerprint)?;
+        let request = subrosa_core::link::LinkRequest::from_bytes(slot.request.as_slice())?;
+        let history = if request.with_history { self.recent_history()? } else { Vec::new() };
+        let (grant, cert) =
+            self.identity().grant_link(self.engine.crypto(), slot.request.as_slice(), history, now_ms())?;
+        let record = DeviceRecord {
+            device_id: cert.device_id(),
+            signature_key: B64(cert.device_key().to_vec()),
+            certificate: B64(cert.to_bytes()?),
+        };
+        let _: AccountInfo =
+            self.api.call(Method::POST, "/v1/devices", Some(&AddDeviceRequest { device: record })).await?;
+        let _: Empty = self
+            .api
+            .call(
+                Method::POST,
+                &format!("/v1/links/{link}/approve"),
+                Some(&LinkApproveRequest { response: B64(grant.to_vec()) }),
+            )
+            .await?;
+        let conversations = self.add_own_device(cert.device_id(), timeout).await?;
+        Ok(LinkApproved { device: cert.device_id(), conversations })
+    }
+
+    /// Adds a newly linked device of this account to every active conversation.
+    async fn add_own_device(&self, device: DeviceId, timeout: Duration) -> Result<usize, ClientError> {
+        self.sync().await?;
+        let me = self.handle().clone();
+        let address = DeviceAddress { handle: me.clone(), device };
+        let deadline = Instant::now() + timeout;
+        let mut added = 0;
+        for row in self.store.active_conversations()? {
+            if self.engine.members(&row.id)?.iter().any(|m| m.address == address) {
+                continue;
+            }
+            let kp = loop {
+                let claimed = self.claim_devices(&me, false).await?;
+                if let Some((_, kp)) = claimed.into_iter().find(|(d, _)| *d == device) {
+                    break kp;
+                }
+                if Instant::now() >= deadline {
+                    return Err(ClientError::Input(format!(
+                        "the new device published no key packages within {} s; it was linked but joined {added} conversations",
+                        timeout.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            };
+            let kps = [kp];
+            self.commit_with_retry(&row.id, || {
+                if self.engine.members(&row.id)?.iter().any(|m| m.address == address) {
+                    return Ok(None);
+                }
+                Ok(Some(self.engine.add_members(&row.id, &kps)?))
+            })
+            .await?;
+            self.store.transaction(|| self.system_line(&row, &address, "your new device joined".into()))?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// This account's devices as the server lists them, each certificate
+    /// checked against this account's identity key.
+    ///
+    /// # Errors
+    /// Network errors.
+    pub async fn devices(&self) -> Result<Vec<DeviceEntry>, ClientError> {
+        let info: AccountInfo =
+            self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{}", self.handle()), None).await?;
+        let crypto = self.engine.crypto();
+        Ok(info
+            .devices
+            .into_iter()
+            .map(|d| {
+                let certified = DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| {
+                    c.verify(crypto).is_ok()
+                        && c.identity_key() == self.identity().identity_public()
+                        && c.device_key() == d.signature_key.as_slice()
+                        && c.device_id() == d.device_id
+                        && c.handle() == *self.handle()
+                });
+                DeviceEntry {
+                    id: d.device_id,
+                    key: d.signature_key.into_inner(),
+                    certified,
+                    this_device: d.device_id == self.identity().device_id(),
+                }
+            })
+            .collect())
+    }
+
+    /// Removes a device of this account from every conversation and stops
+    /// the server delivering to it. Returns the number of conversations.
+    ///
+    /// # Errors
+    /// Unknown device, this device, network errors.
+    pub async fn remove_device(&self, id: &str) -> Result<usize, ClientError> {
+        let device: DeviceId = id.parse().map_err(|_| ClientError::Input(format!("invalid device id {id:?}")))?;
+        if device == self.identity().device_id() {
+            return Err(ClientError::Input("this is the device you are using; remove it from another device".into()));
+        }
+        if !self.devices().await?.iter().any(|d| d.id == device) {
+            return Err(ClientError::Input(format!("no device {device} in this account (see `subrosa devices`)")));
+        }
+        self.sync().await?;
+        let address = DeviceAddress { handle: self.handle().clone(), device };
+        let mut n = 0;
+        for row in self.store.active_conversations()? {
+            let done = self
+                .commit_with_retry(&row.id, || {
+                    if !self.engine.members(&row.id)?.iter().any(|m| m.address == address) {
+                        return Ok(None);
+                    }
+                    Ok(Some(self.engine.remove_members(&row.id, std::slice::from_ref(&address))?))
+                })
+                .await?;
+            if done {
+                self.store.transaction(|| {
+                    self.system_line(&row, &self.identity().address(), "you removed a device".into())
+                })?;
+                n += 1;
+            }
+        }
+        let _: AccountInfo = self.api.call::<(), _>(Method::DELETE, &format!("/v1/devices/{device}"), None).await?;
+        Ok(n)
+    }
+}
