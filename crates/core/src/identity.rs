@@ -102,8 +102,10 @@ impl DeviceCertificate {
     /// # Errors
     /// [`CoreError::Malformed`].
     pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, CoreError> {
+        let all = bytes;
         let wire = CertWire::mls_decode(&mut bytes).map_err(|_| CoreError::Malformed("device certificate"))?;
-        if !bytes.is_empty() || wire.body.version != CERT_VERSION {
+        let canonical = wire.mls_encode_to_vec().map_err(|_| CoreError::Bug("certificate encoding"))?;
+        if !bytes.is_empty() || wire.body.version != CERT_VERSION || canonical != all {
             return Err(CoreError::Malformed("device certificate"));
         }
         let text =

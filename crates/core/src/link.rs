@@ -118,8 +118,10 @@ impl LinkRequest {
     /// # Errors
     /// [`CoreError::Malformed`].
     pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, CoreError> {
+        let all = bytes;
         let r = Self::mls_decode(&mut bytes).map_err(|_| CoreError::Malformed("link request"))?;
-        if !bytes.is_empty() || r.version != 1 {
+        // Only the canonical encoding is accepted (one byte string per value).
+        if !bytes.is_empty() || r.version != 1 || r.to_bytes()? != all {
             return Err(CoreError::Malformed("link request"));
         }
         Ok(r)
@@ -354,6 +356,12 @@ mod tests {
         assert_ne!(second.device_id(), alice.device_id());
         DeviceCertificate::from_signing_identity(&crypto, &second.signing_identity().expect("si")).expect("valid");
 
+        // A non-canonical boolean (any non-zero byte decodes as true) is refused.
+        let mut odd = request.clone();
+        if let Some(last) = odd.last_mut() {
+            *last = 0x38;
+        }
+        assert!(LinkRequest::from_bytes(&odd).is_err());
         for bad in ["", "12345", &code[..20], "UUUUU-UUUUU-UUUUU-UUUUU-UUUUU-U", &format!("{code}0")] {
             assert!(parse_link_code(bad).is_err(), "{bad:?}");
         }
