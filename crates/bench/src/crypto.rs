@@ -48,43 +48,62 @@ impl Row {
     }
 }
 
-/// Runs `step(i)` for a warm-up, then for a counted, timed stretch.
+/// Runs `step(i)` for a warm-up, then for a timed stretch.
 ///
-/// Time-based mode runs the warm-up for a fifth of `min_seconds`, estimates
-/// the rate from it, and times a fixed count that takes at least
-/// `min_seconds` (so the clock is read twice, not once per message).
+/// With `--iterations N` the timed stretch is exactly N messages after a
+/// warm-up of N/10. Otherwise the warm-up lasts a fifth of `min_seconds` and
+/// gives the rate, and the timed stretch runs in chunks of about a
+/// millisecond (the clock is read once per chunk) until `min_seconds` passed.
 fn measure(
     label: &'static str,
     opts: &Options,
     mut step: impl FnMut(u64) -> anyhow::Result<()>,
 ) -> anyhow::Result<Row> {
     let mut i = 0u64;
-    let count = match opts.iterations {
+    let mut run = |n: u64, i: &mut u64| -> anyhow::Result<()> {
+        for _ in 0..n {
+            step(*i)?;
+            *i += 1;
+        }
+        Ok(())
+    };
+    match opts.iterations {
         Some(n) => {
-            for _ in 0..(n / 10).max(10) {
-                step(i)?;
-                i += 1;
-            }
-            n
+            run((n / 10).max(10), &mut i)?;
+            let start = Instant::now();
+            run(n, &mut i)?;
+            Ok(Row { label, messages: n, elapsed: start.elapsed() })
         }
         None => {
             let warm = Duration::from_secs_f64(opts.min_seconds / 5.0);
             let start = Instant::now();
             while start.elapsed() < warm || i < 10 {
-                step(i)?;
-                i += 1;
+                run(1, &mut i)?;
             }
             let rate = i as f64 / start.elapsed().as_secs_f64();
-            ((rate * opts.min_seconds * 1.1).ceil() as u64).max(10)
+            let chunk = ((rate / 1000.0) as u64).max(1);
+            let min = Duration::from_secs_f64(opts.min_seconds);
+            let (start, first) = (Instant::now(), i);
+            loop {
+                run(chunk, &mut i)?;
+                let elapsed = start.elapsed();
+                if elapsed >= min {
+                    return Ok(Row { label, messages: i - first, elapsed });
+                }
+            }
         }
-    };
-    let start = Instant::now();
-    for _ in 0..count {
-        step(i)?;
-        i += 1;
     }
-    let elapsed = start.elapsed();
-    Ok(Row { label, messages: count, elapsed })
+}
+
+/// A slowdown factor, with enough digits when it is below one.
+fn ratio(r: f64) -> String {
+    if r >= 10.0 {
+        format!("{r:.0}x")
+    } else if r >= 1.0 {
+        format!("{r:.2}x")
+    } else {
+        format!("{r:.4}x")
+    }
 }
 
 /// The payload: `size` printable bytes (valid UTF-8, so every row carries the same bytes).
@@ -95,8 +114,12 @@ fn payload(size: usize) -> String {
 /// (a) AES-128-GCM seal + open with a fresh (counter) nonce per message.
 fn aes_gcm(opts: &Options, payload: &[u8]) -> anyhow::Result<Row> {
     let key_bytes: [u8; 16] = rand::random();
-    let sealer = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key_bytes).map_err(|_| anyhow::anyhow!("AES-GCM key setup failed"))?);
-    let opener = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key_bytes).map_err(|_| anyhow::anyhow!("AES-GCM key setup failed"))?);
+    let sealer = LessSafeKey::new(
+        UnboundKey::new(&AES_128_GCM, &key_bytes).map_err(|_| anyhow::anyhow!("AES-GCM key setup failed"))?,
+    );
+    let opener = LessSafeKey::new(
+        UnboundKey::new(&AES_128_GCM, &key_bytes).map_err(|_| anyhow::anyhow!("AES-GCM key setup failed"))?,
+    );
     let nonce = |i: u64| {
         let mut n = [0u8; 12];
         n[4..].copy_from_slice(&i.to_be_bytes());
@@ -104,8 +127,12 @@ fn aes_gcm(opts: &Options, payload: &[u8]) -> anyhow::Result<Row> {
     };
     measure("(a) raw AES-128-GCM (aws-lc-rs)", opts, |i| {
         let mut buf = payload.to_vec();
-        sealer.seal_in_place_append_tag(nonce(i), Aad::empty(), &mut buf).map_err(|_| anyhow::anyhow!("AES-GCM seal failed"))?;
-        let plain = opener.open_in_place(nonce(i), Aad::empty(), &mut buf).map_err(|_| anyhow::anyhow!("AES-GCM open failed"))?;
+        sealer
+            .seal_in_place_append_tag(nonce(i), Aad::empty(), &mut buf)
+            .map_err(|_| anyhow::anyhow!("AES-GCM seal failed"))?;
+        let plain = opener
+            .open_in_place(nonce(i), Aad::empty(), &mut buf)
+            .map_err(|_| anyhow::anyhow!("AES-GCM open failed"))?;
         ensure!(plain == payload, "AES-GCM round trip returned other bytes");
         Ok(())
     })
@@ -116,7 +143,8 @@ const SUITE: CipherSuite = CipherSuite::CURVE25519_AES128;
 fn mls_client(name: &str) -> anyhow::Result<Client<impl mls_rs::client_builder::MlsConfig>> {
     let crypto = AwsLcCryptoProvider::default();
     let cs = crypto.cipher_suite_provider(SUITE).context("AWS-LC does not offer CURVE25519_AES128")?;
-    let (secret, public) = cs.signature_key_generate().map_err(|e| anyhow::anyhow!("signature key generation failed: {e:?}"))?;
+    let (secret, public) =
+        cs.signature_key_generate().map_err(|e| anyhow::anyhow!("signature key generation failed: {e:?}"))?;
     let identity = SigningIdentity::new(BasicCredential::new(name.as_bytes().to_vec()).into_credential(), public);
     Ok(Client::builder()
         .crypto_provider(crypto)
@@ -131,9 +159,13 @@ fn mls_client(name: &str) -> anyhow::Result<Client<impl mls_rs::client_builder::
 fn mls_alone(opts: &Options, payload: &[u8]) -> anyhow::Result<Row> {
     let alice = mls_client("alice")?;
     let bob = mls_client("bob")?;
-    let mut alice_group = alice.create_group(ExtensionList::new(), ExtensionList::new(), None).context("mls-rs: create group")?;
-    let kp = bob.generate_key_package_message(ExtensionList::new(), ExtensionList::new(), None).context("mls-rs: key package")?;
-    let commit = alice_group.commit_builder().add_member(kp).context("mls-rs: add member")?.build().context("mls-rs: commit")?;
+    let mut alice_group =
+        alice.create_group(ExtensionList::new(), ExtensionList::new(), None).context("mls-rs: create group")?;
+    let kp = bob
+        .generate_key_package_message(ExtensionList::new(), ExtensionList::new(), None)
+        .context("mls-rs: key package")?;
+    let commit =
+        alice_group.commit_builder().add_member(kp).context("mls-rs: add member")?.build().context("mls-rs: commit")?;
     alice_group.apply_pending_commit().context("mls-rs: apply commit")?;
     let welcome = commit.welcome_messages.first().context("mls-rs: no Welcome")?;
     let (mut bob_group, _) = bob.join_group(None, welcome, None).context("mls-rs: join")?;
@@ -142,7 +174,9 @@ fn mls_alone(opts: &Options, payload: &[u8]) -> anyhow::Result<Row> {
         let bytes = msg.to_bytes().context("mls-rs: encode")?;
         let msg = MlsMessage::from_bytes(&bytes).context("mls-rs: decode")?;
         match bob_group.process_incoming_message(msg).context("mls-rs: decrypt")? {
-            ReceivedMessage::ApplicationMessage(app) => ensure!(app.data() == payload, "mls-rs round trip returned other bytes"),
+            ReceivedMessage::ApplicationMessage(app) => {
+                ensure!(app.data() == payload, "mls-rs round trip returned other bytes")
+            }
             _ => bail!("mls-rs: expected an application message"),
         }
         Ok(())
@@ -211,14 +245,16 @@ fn subrosa_store(opts: &Options, text: &str, parent: &Path) -> anyhow::Result<Ro
         .tempdir_in(parent)
         .with_context(|| format!("cannot create a temporary directory in {}", parent.display()))?;
     let open = |name: &str| -> anyhow::Result<(Store, StoreEngine)> {
-        let store = Store::create(&dir.path().join(name), "bench passphrase").with_context(|| format!("cannot create {name}'s store"))?;
+        let store = Store::create(&dir.path().join(name), "bench passphrase")
+            .with_context(|| format!("cannot create {name}'s store"))?;
         let engine = Engine::new(subrosa_core::default_crypto(), identity(name)?, store.groups(), store.key_packages());
         Ok((store, engine))
     };
     let (alice_store, alice) = open("alice")?;
     let (bob_store, bob) = open("bob")?;
     let kp = in_tx(&bob_store, || bob.generate_key_package()).context("store: key package")?;
-    let out = in_tx(&alice_store, || alice.create_conversation(&ConversationInfo::direct(), &[kp])).context("store: create conversation")?;
+    let out = in_tx(&alice_store, || alice.create_conversation(&ConversationInfo::direct(), &[kp]))
+        .context("store: create conversation")?;
     let conv: ConversationId = out.conversation;
     in_tx(&alice_store, || alice.confirm_commit(&conv)).context("store: confirm commit")?;
     let welcome = out.welcome.context("store: no Welcome")?;
@@ -247,17 +283,43 @@ fn fs_type(path: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Median time of a 4 KiB write + fsync in `dir` (the floor under every store commit).
+fn fsync_cost(dir: &Path) -> anyhow::Result<Duration> {
+    use std::io::{Seek as _, Write as _};
+    let mut file = tempfile::tempfile_in(dir).with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let page = [0u8; 4096];
+    let mut times = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let t = Instant::now();
+        file.rewind().context("seek")?;
+        file.write_all(&page).context("write")?;
+        file.sync_all().context("fsync")?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
 /// Runs the four rows and prints them.
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let text = payload(opts.size);
     let parent = opts.dir.clone().unwrap_or_else(std::env::temp_dir);
     let padded = Content::text(message_id(0), 0, text.as_str()).encode().map(|b| b.len()).unwrap_or(0);
-    println!("crypto: encrypt + decrypt of one {}-byte message, single thread, {}", opts.size, match opts.iterations {
-        Some(n) => format!("{n} messages per row after a warm-up"),
-        None => format!("at least {:.1} s per row after a warm-up", opts.min_seconds),
-    });
+    println!(
+        "crypto: encrypt + decrypt of one {}-byte message, single thread, {}",
+        opts.size,
+        match opts.iterations {
+            Some(n) => format!("{n} messages per row after a warm-up"),
+            None => format!("at least {:.1} s per row after a warm-up", opts.min_seconds),
+        }
+    );
     println!("  Subrosa pads the content to {padded} bytes before MLS; mls-rs applies its own step-function padding.");
-    println!("  row (d) stores live in {} ({}); SQLCipher with WAL and synchronous=FULL", parent.display(), fs_type(&parent));
+    println!(
+        "  row (d) stores live in {} ({}, 4 KiB write + fsync: {:.0} us median); SQLCipher with WAL and synchronous=FULL",
+        parent.display(),
+        fs_type(&parent),
+        fsync_cost(&parent)?.as_secs_f64() * 1e6
+    );
     println!();
 
     let rows = [
@@ -268,16 +330,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     ];
     let aes = rows[0].rate();
     let mls = rows[1].rate();
-    println!("{:<40} {:>10} {:>12} {:>10} {:>12} {:>12}", "row", "messages", "msgs/s", "us/msg", "vs AES-GCM", "vs mls-rs");
+    println!(
+        "{:<40} {:>10} {:>12} {:>10} {:>12} {:>12}",
+        "row", "messages", "msgs/s", "us/msg", "vs AES-GCM", "vs mls-rs"
+    );
     for r in &rows {
         println!(
-            "{:<40} {:>10} {:>12.0} {:>10.2} {:>11.1}x {:>11.2}x",
+            "{:<40} {:>10} {:>12.0} {:>10.2} {:>12} {:>12}",
             r.label,
             r.messages,
             r.rate(),
             r.micros_per_message(),
-            aes / r.rate(),
-            mls / r.rate()
+            ratio(aes / r.rate()),
+            ratio(mls / r.rate())
         );
     }
     println!();

@@ -40,6 +40,7 @@
 //! the clients compete for the same cores; the header of each run says so.
 
 mod crypto;
+mod groups;
 mod net;
 
 use std::path::PathBuf;
@@ -93,10 +94,27 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Group scaling through subrosa-core beside mls-rs alone, and server fan-out.
+    Groups {
+        /// Group sizes.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        sizes: Vec<usize>,
+        /// Application messages per encrypt/decrypt row.
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+    },
 }
 
 fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// ", 1-minute load average L" from /proc/loadavg (Linux), so a busy machine shows in the figures' header.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(|l| format!(", 1-minute load average {l} before the run")))
+        .unwrap_or_default()
 }
 
 fn main() -> std::process::ExitCode {
@@ -112,7 +130,12 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let profile = if cfg!(debug_assertions) { "debug (figures are meaningless: use --release)" } else { "release" };
-    println!("subrosa-bench {} ({profile} build), machine: {} cores", env!("CARGO_PKG_VERSION"), cores());
+    println!(
+        "subrosa-bench {} ({profile} build), machine: {} cores{}",
+        env!("CARGO_PKG_VERSION"),
+        cores(),
+        load_average()
+    );
     match args.command {
         Command::Crypto { iterations, size, min_seconds, dir } => {
             anyhow::ensure!(size > 0, "--size must be at least 1");
@@ -129,6 +152,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(pairs > 0, "--pairs must be at least 1");
             anyhow::ensure!(messages_per_pair > 0, "--messages-per-pair must be at least 1");
             runtime()?.block_on(net::throughput(pairs, messages_per_pair, server))
+        }
+        Command::Groups { sizes, messages } => {
+            anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
+            anyhow::ensure!(messages > 0, "--messages must be at least 1");
+            runtime()?.block_on(groups::run(&sizes, messages))
         }
     }
 }

@@ -34,7 +34,10 @@ struct Harness {
 
 impl Harness {
     async fn start(server: Option<String>) -> anyhow::Result<Self> {
-        let tmp = tempfile::Builder::new().prefix("subrosa-bench-").tempdir().context("cannot create a temporary directory")?;
+        let tmp = tempfile::Builder::new()
+            .prefix("subrosa-bench-")
+            .tempdir()
+            .context("cannot create a temporary directory")?;
         let cores = crate::cores();
         match server {
             Some(url) => {
@@ -46,7 +49,10 @@ impl Harness {
                 let config = ServerConfig::new(listen, tmp.path().join("server"));
                 let running = subrosa_server::start(config).await.context("cannot start the in-process server")?;
                 let url = running.url();
-                println!("server: in-process subrosa_server::start at {url}, SQLite in {}", tmp.path().join("server").display());
+                println!(
+                    "server: in-process subrosa_server::start at {url}, SQLite in {}",
+                    tmp.path().join("server").display()
+                );
                 println!(
                     "caveat: the server, its SQLite database and every client share this machine's {cores} cores \
                      (one process, one multi-threaded tokio runtime plus one thread per receiver)"
@@ -82,7 +88,9 @@ fn message_text(prefix: String) -> String {
 }
 
 async fn register(home: PathBuf, handle: String, url: String) -> anyhow::Result<Subrosa> {
-    Subrosa::register(&home, PASSPHRASE, &handle, &url).await.with_context(|| format!("cannot register {handle} on {url}"))
+    Subrosa::register(&home, PASSPHRASE, &handle, &url)
+        .await
+        .with_context(|| format!("cannot register {handle} on {url}"))
 }
 
 /// What a receiver thread reports.
@@ -157,6 +165,32 @@ async fn next_delivery(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> anyhow::Re
     }
 }
 
+/// CPU time (user + system, all threads) this process used so far, from
+/// `/proc/self/stat` (Linux, where the tick is 10 ms); `None` elsewhere.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name: state is the first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// One line on how busy the cores were over `wall`, and the CPU per message.
+fn print_cpu(cpu: Option<Duration>, wall: Duration, messages: usize) {
+    let Some(cpu) = cpu else { return };
+    let cores = crate::cores();
+    row(
+        "process CPU while timed",
+        format!(
+            "{:.2} s over {:.2} s wall = {:.0}% of {cores} cores; {:.2} ms CPU per message (clients + server)",
+            cpu.as_secs_f64(),
+            wall.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / (wall.as_secs_f64() * cores as f64).max(1e-9),
+            ms(cpu) / messages.max(1) as f64
+        ),
+    );
+}
+
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
@@ -168,6 +202,11 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// One labelled figure, aligned with [`print_distribution`].
+fn row(label: &str, value: String) {
+    println!("  {label:<34} {value}");
 }
 
 fn print_distribution(label: &str, values: &mut [Duration]) {
@@ -206,15 +245,22 @@ pub async fn latency(messages: usize, server: Option<String>) -> anyhow::Result<
     let result = latency_run(&alice, &bob_handle, messages, &mut rx).await;
     follower.stop();
     h.shutdown().await;
-    let (first, mut total, mut send) = result?;
-    println!("setup: conversation established (key package claim, group, Welcome, first message) in {:.1} ms", ms(first));
+    let (first, mut total, mut send, cpu, wall) = result?;
+    println!(
+        "setup: conversation established (key package claim, group, Welcome, first message) in {:.1} ms",
+        ms(first)
+    );
     println!();
     print_distribution("end-to-end (send_text -> callback)", &mut total);
     print_distribution("send_text call alone (alice)", &mut send);
-    println!(
-        "  the rest (server push, bob's decrypt and store commit) is about {:.2} ms at the median",
-        ms(percentile(&total, 0.5).saturating_sub(percentile(&send, 0.5)))
+    row(
+        "median difference",
+        format!(
+            "{:.2} ms (server push, bob's decrypt and store commit, partly overlapping alice's HTTP response)",
+            ms(percentile(&total, 0.5).saturating_sub(percentile(&send, 0.5)))
+        ),
     );
+    print_cpu(cpu, wall, messages);
     Ok(())
 }
 
@@ -230,7 +276,8 @@ async fn wait_for(rx: &mut mpsc::UnboundedReceiver<Delivery>, i: usize) -> anyho
     }
 }
 
-type LatencyFigures = (Duration, Vec<Duration>, Vec<Duration>);
+/// First-message time, end-to-end and send_text times, CPU and wall time of the timed part.
+type LatencyFigures = (Duration, Vec<Duration>, Vec<Duration>, Option<Duration>, Duration);
 
 async fn latency_run(
     alice: &Subrosa,
@@ -243,6 +290,7 @@ async fn latency_run(
     let first = wait_for(rx, 0).await.context("the first message never arrived")? - t0;
     let mut total = Vec::with_capacity(messages);
     let mut send = Vec::with_capacity(messages);
+    let (cpu0, wall0) = (process_cpu(), Instant::now());
     for i in 1..=messages {
         let text = message_text(format!("probe {i} "));
         let t0 = Instant::now();
@@ -252,7 +300,8 @@ async fn latency_run(
         total.push(at.saturating_duration_since(t0));
         send.push(sent - t0);
     }
-    Ok((first, total, send))
+    let cpu = process_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+    Ok((first, total, send, cpu, wall0.elapsed()))
 }
 
 /// `throughput`: many pairs sending at once.
@@ -270,7 +319,8 @@ pub async fn throughput(pairs: usize, per_pair: usize, server: Option<String>) -
     let mut tasks = JoinSet::new();
     for p in 0..pairs {
         for role in ["s", "r"] {
-            let (home, handle, url, limit) = (h.home(&format!("{role}{p}")), format!("tp{role}{p}-{sfx}"), h.url.clone(), Arc::clone(&limit));
+            let (home, handle, url, limit) =
+                (h.home(&format!("{role}{p}")), format!("tp{role}{p}-{sfx}"), h.url.clone(), Arc::clone(&limit));
             tasks.spawn(async move {
                 let _permit = limit.acquire().await.context("registration limiter closed")?;
                 register(home, handle, url).await.map(|s| (p, role, s))
@@ -287,9 +337,18 @@ pub async fn throughput(pairs: usize, per_pair: usize, server: Option<String>) -
             receivers[p] = Some(s);
         }
     }
-    let senders: Vec<Arc<Subrosa>> = senders.into_iter().map(|s| s.map(Arc::new).context("a sender was not registered")).collect::<Result<_, _>>()?;
+    let senders: Vec<Arc<Subrosa>> = senders
+        .into_iter()
+        .map(|s| s.map(Arc::new).context("a sender was not registered"))
+        .collect::<Result<_, _>>()?;
     let took = setup.elapsed();
-    println!("setup: registered {} users in {:.1} s ({:.0} ms each, {} at a time)", pairs * 2, took.as_secs_f64(), ms(took) / (pairs * 2) as f64, crate::cores());
+    println!(
+        "setup: registered {} users in {:.1} s ({:.0} ms each, {} at a time)",
+        pairs * 2,
+        took.as_secs_f64(),
+        ms(took) / (pairs * 2) as f64,
+        crate::cores()
+    );
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut targets = Vec::with_capacity(pairs);
@@ -321,7 +380,11 @@ async fn throughput_run(
     let mut tasks = JoinSet::new();
     for (p, s) in senders.iter().enumerate() {
         let (s, target) = (Arc::clone(s), targets[p].clone());
-        tasks.spawn(async move { s.send_text(&target, &message_text(format!("tp {p} 0 "))).await.with_context(|| format!("sender {p}'s first message failed")) });
+        tasks.spawn(async move {
+            s.send_text(&target, &message_text(format!("tp {p} 0 ")))
+                .await
+                .with_context(|| format!("sender {p}'s first message failed"))
+        });
     }
     while let Some(joined) = tasks.join_next().await {
         joined.context("a sender task panicked")??;
@@ -332,10 +395,14 @@ async fn throughput_run(
             established += 1;
         }
     }
-    println!("setup: {pairs} conversations established and every receiver following in {:.1} s", setup.elapsed().as_secs_f64());
+    println!(
+        "setup: {pairs} conversations established and every receiver following in {:.1} s",
+        setup.elapsed().as_secs_f64()
+    );
 
     // The timed part.
     let expected = pairs * per_pair;
+    let cpu0 = process_cpu();
     let start = Instant::now();
     let mut send_tasks = JoinSet::new();
     for (p, s) in senders.iter().enumerate() {
@@ -392,7 +459,7 @@ async fn throughput_run(
                 }
                 None => break,
             },
-            joined = send_tasks.join_next(), if !send_tasks.is_empty() => {
+            Some(joined) = send_tasks.join_next(), if !send_tasks.is_empty() => {
                 let (p, started, errors, done) = joined.context("a sender task panicked")?;
                 started_at[p] = started;
                 send_errors.extend(errors);
@@ -409,6 +476,8 @@ async fn throughput_run(
             }
         }
     }
+    let cpu = process_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+    let wall = start.elapsed();
     while let Some(joined) = send_tasks.join_next().await {
         let (p, started, errors, done) = joined.context("a sender task panicked")?;
         started_at[p] = started;
@@ -419,21 +488,24 @@ async fn throughput_run(
     let elapsed = last_delivery.saturating_duration_since(start);
     let lost = expected - delivered;
     println!();
-    println!("  sent                          {expected} messages ({pairs} senders x {per_pair})");
-    println!("  delivered                     {delivered}");
-    println!("  lost                          {lost}{}", if lost == 0 { "" } else { "   <-- NOT ZERO" });
+    row("sent", format!("{expected} messages ({pairs} senders x {per_pair})"));
+    row("delivered (counted at receivers)", delivered.to_string());
+    row("lost", if lost == 0 { "0".into() } else { format!("{lost}   <-- NOT ZERO") });
     if duplicates + strays + dropped.len() + send_errors.len() > 0 {
-        println!("  duplicates / strays / dropped {duplicates} / {strays} / {}", dropped.len());
-        println!("  send errors                   {}", send_errors.len());
+        row("duplicates / strays / dropped", format!("{duplicates} / {strays} / {}", dropped.len()));
+        row("send errors", send_errors.len().to_string());
         for e in send_errors.iter().chain(dropped.iter()).take(5) {
             println!("    e.g. {e}");
         }
     }
-    println!("  first send -> last delivery   {:.2} s", elapsed.as_secs_f64());
-    println!("  delivered messages per second {:.0}", delivered as f64 / elapsed.as_secs_f64().max(1e-9));
+    row("first send -> last delivery", format!("{:.2} s", elapsed.as_secs_f64()));
+    row("DELIVERED MESSAGES PER SECOND", format!("{:.0}", delivered as f64 / elapsed.as_secs_f64().max(1e-9)));
     if let Some(done) = senders_done {
         let s = done.saturating_duration_since(start);
-        println!("  senders finished after        {:.2} s ({:.0} sends/s accepted by the server)", s.as_secs_f64(), expected as f64 / s.as_secs_f64().max(1e-9));
+        row(
+            "senders finished after",
+            format!("{:.2} s ({:.0} send_text calls/s)", s.as_secs_f64(), expected as f64 / s.as_secs_f64().max(1e-9)),
+        );
     }
     let mut lat: Vec<Duration> = Vec::with_capacity(delivered);
     for (p, row) in delivered_at.iter().enumerate() {
@@ -444,5 +516,6 @@ async fn throughput_run(
         }
     }
     print_distribution("latency under load", &mut lat);
+    print_cpu(cpu, wall, delivered);
     Ok(())
 }

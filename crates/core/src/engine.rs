@@ -180,6 +180,25 @@ impl<C, G, K> std::fmt::Debug for Engine<C, G, K> {
     }
 }
 
+/// Whether an MLS message is a PrivateMessage carrying application data,
+/// read from its public header (RFC 9420 §6.3: version, wire format,
+/// group id, epoch, content type). Anything unexpected counts as "no", which
+/// only costs the caller some work.
+fn is_application_message(bytes: &[u8]) -> bool {
+    const PRIVATE_MESSAGE: u16 = 2;
+    const APPLICATION: u8 = 1;
+    let mut rest = bytes;
+    let header = (|| {
+        let _version = u16::mls_decode(&mut rest).ok()?;
+        let wire = u16::mls_decode(&mut rest).ok()?;
+        let _group_id = Vec::<u8>::mls_decode(&mut rest).ok()?;
+        let _epoch = u64::mls_decode(&mut rest).ok()?;
+        let content_type = u8::mls_decode(&mut rest).ok()?;
+        Some((wire, content_type))
+    })();
+    header == Some((PRIVATE_MESSAGE, APPLICATION))
+}
+
 fn conversation_id(bytes: &[u8]) -> Result<ConversationId, CoreError> {
     ConversationId::from_slice(bytes).map_err(|_| CoreError::Malformed("conversation id"))
 }
@@ -246,7 +265,7 @@ where
     }
 
     fn member_info(&self, m: &mls_rs::group::Member) -> Result<MemberInfo, CoreError> {
-        let cert = DeviceCertificate::from_signing_identity(&self.crypto, &m.signing_identity)?;
+        let cert = DeviceCertificate::of_roster_member(&m.signing_identity)?;
         Ok(MemberInfo {
             index: m.index,
             address: cert.address(),
@@ -547,8 +566,11 @@ where
             return Err(CoreError::Malformed("message for another conversation"));
         }
         let mut group = self.load(conversation)?;
-        let before = self.members_of(&group)?;
-        let info_before = Self::info_of(&group)?;
+        // Only handshakes need the roster before them; an application
+        // message needs its sender alone (O(1), not O(members)).
+        let handshake = !is_application_message(bytes);
+        let before = if handshake { self.members_of(&group)? } else { Vec::new() };
+        let info_before = if handshake { Some(Self::info_of(&group)?) } else { None };
         let event = match group.process_incoming_message(msg)? {
             ReceivedMessage::ApplicationMessage(app) => {
                 let member = group.member_at_index(app.sender_index).ok_or(CoreError::Malformed("unknown sender"))?;
@@ -572,6 +594,7 @@ where
                     .find(|m| m.index == commit.committer)
                     .cloned()
                     .ok_or(CoreError::Malformed("commit from a non-member"))?;
+                let info_before = info_before.ok_or(CoreError::Bug("commit read as an application message"))?;
                 let info_after = if removed_self { info_before.clone() } else { Self::info_of(&group)? };
                 let renamed = (info_after != info_before).then_some(info_after);
                 let applied = match &commit.effect {
@@ -672,6 +695,10 @@ mod tests {
             alice.encrypt(&out.conversation, &Content::text(MessageId([1; 16]), 5, "hello bob")).expect("encrypt");
         assert_eq!(recipients, vec![bob.identity().address()]);
         assert!(!ct.windows(5).any(|w| w == b"hello"));
+        assert!(is_application_message(&ct));
+        assert!(!is_application_message(out.welcome.as_deref().unwrap_or_default()));
+        assert!(!is_application_message(&out.commit));
+        assert!(!is_application_message(b"\x00"));
         let ev = bob.process(&out.conversation, &ct).expect("decrypt");
         assert_eq!(text(&ev).as_deref(), Some("hello bob"));
         if let Event::Message { sender, .. } = &ev {

@@ -159,6 +159,18 @@ impl DeviceCertificate {
         &self.body.device_key
     }
 
+    /// Reads the certificate of a member already in a group's roster. mls-rs
+    /// admitted the member only after [`CertificateIdentityProvider`] checked
+    /// it fully, so decoding suffices; re-verifying every signature on every
+    /// commit would cost O(members) signature checks per message.
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`].
+    pub fn of_roster_member(si: &SigningIdentity) -> Result<Self, CoreError> {
+        let basic = si.credential.as_basic().ok_or(CoreError::Malformed("credential type"))?;
+        Self::from_bytes(basic.identifier())
+    }
+
     /// Extracts and fully checks the certificate carried as an MLS credential:
     /// well-formed, signed by its identity key, and certifying exactly the
     /// signature key the member signs with.
@@ -431,7 +443,9 @@ impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider
         signing_identity: &SigningIdentity,
         _extensions: &ExtensionList,
     ) -> Result<Vec<u8>, Self::Error> {
-        let cert = DeviceCertificate::from_signing_identity(&self.crypto, signing_identity)?;
+        // identity() and valid_successor() only compare: mls-rs calls them
+        // for every leaf, and validate_member has verified each one already.
+        let cert = DeviceCertificate::of_roster_member(signing_identity)?;
         Ok(cert.address().to_string().into_bytes())
     }
 
@@ -441,8 +455,8 @@ impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider
         successor: &SigningIdentity,
         _extensions: &ExtensionList,
     ) -> Result<bool, Self::Error> {
-        let a = DeviceCertificate::from_signing_identity(&self.crypto, predecessor)?;
-        let b = DeviceCertificate::from_signing_identity(&self.crypto, successor)?;
+        let a = DeviceCertificate::of_roster_member(predecessor)?;
+        let b = DeviceCertificate::of_roster_member(successor)?;
         Ok(a.address() == b.address() && a.identity_key() == b.identity_key())
     }
 
