@@ -72,8 +72,8 @@ fn server_files_contain(dir: &std::path::Path, needle: &[u8]) -> Result<bool> {
 async fn receive_print(who: &Subrosa) -> Result<()> {
     let name = who.handle().to_string();
     let mut on = |r: &Received| match r {
-        Received::Message(m) => println!("  {name} receives   {}: {}", m.from, m.text),
-        Received::Dropped { from, reason } => println!("  {name} dropped a message from {from}: {reason}"),
+        Received::Message(m) => out!("  {name} receives   {}: {}", m.from, m.text),
+        Received::Dropped { from, reason } => out!("  {name} dropped a message from {from}: {reason}"),
     };
     who.receive(Duration::from_secs(5), true, &mut on).await?;
     Ok(())
@@ -82,70 +82,64 @@ async fn receive_print(who: &Subrosa) -> Result<()> {
 pub async fn run() -> Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let data = dir.path().join("server");
-    println!("Subrosa demo: everything lives in {} and is removed at the end.\n", dir.path().display());
+    out!("Subrosa demo: everything lives in {} and is removed at the end.\n", dir.path().display());
 
     let config = subrosa_server::ServerConfig::new("127.0.0.1:0".parse()?, data.clone());
     let server = subrosa_server::start(config).await.context("starting the server")?;
     let url = server.url();
-    println!("1. A server on the embedded SQLite store listens on {url}.");
+    out!("1. A server on the embedded SQLite store listens on {url}.");
 
     let (link, hits) = canary().await?;
-    println!("   A canary web server counts every visit to {link}.\n");
+    out!("   A canary web server counts every visit to {link}.\n");
 
     let alice = Subrosa::register(&dir.path().join("alice"), PASSPHRASE, "alice", &url).await?;
     let bob = Subrosa::register(&dir.path().join("bob"), PASSPHRASE, "bob", &url).await?;
-    println!("2. alice and bob register: a handle and a device key each, no phone number, no e-mail.");
-    println!("   Their keys never leave their devices; their local stores are encrypted with their passphrase.\n");
+    out!("2. alice and bob register: a handle and a device key each, no phone number, no e-mail.");
+    out!("   Their keys never leave their devices; their local stores are encrypted with their passphrase.\n");
 
     let first = format!("Hi Bob! The plan is here: {link}");
     alice.send_text("bob", &first).await?;
-    println!("3. alice sends   \"{first}\"");
-    println!("   (bob is offline: the server queues the ciphertext for bob's device)\n");
+    out!("3. alice sends   \"{first}\"");
+    out!("   (bob is offline: the server queues the ciphertext for bob's device)\n");
 
     let db = data.join("server.db");
     let queued = server_view(&db)?;
-    println!("4. What the server stored, read straight from its database:");
+    out!("4. What the server stored, read straight from its database:");
     for (id, kind, len, head) in &queued.messages {
         let what = match kind.as_str() {
             "welcome" => "MLS Welcome (bob's invitation to the conversation)",
             "application" => "MLS application message",
             other => other,
         };
-        println!("   #{id} {what}: {len} bytes, starting {}…", hex::encode(head));
+        out!("   #{id} {what}: {len} bytes, starting {}…", hex::encode(head));
     }
-    println!("   (the server knows the conversation only as a random id; no names, no text, no link)");
-    println!("   inbox rows waiting for delivery: {}", queued.inbox_rows);
+    out!("   (the server knows the conversation only as a random id; no names, no text, no link)");
+    out!("   inbox rows waiting for delivery: {}", queued.inbox_rows);
     let leaked = server_files_contain(&data, link.as_bytes())? || server_files_contain(&data, b"The plan is here")?;
-    println!(
+    out!(
         "   does the link or the text appear anywhere in the server's files? {}\n",
         if leaked { "YES (bug!)" } else { "no" }
     );
 
-    println!("5. bob comes online:");
+    out!("5. bob comes online:");
     receive_print(&bob).await?;
     bob.send_text("alice", "Got it, thanks. Nobody else can read this.").await?;
-    println!("  bob sends       \"Got it, thanks. Nobody else can read this.\"");
+    out!("  bob sends       \"Got it, thanks. Nobody else can read this.\"");
     receive_print(&alice).await?;
 
     // Let the server finish deleting acknowledged rows.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = server_view(&db)?;
-    println!(
-        "\n6. After delivery the server keeps: {} messages, {} inbox rows.",
-        after.messages.len(),
-        after.inbox_rows
-    );
+    out!("\n6. After delivery the server keeps: {} messages, {} inbox rows.", after.messages.len(), after.inbox_rows);
     // Give any would-be fetcher a moment before counting.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let n = hits.load(Ordering::SeqCst);
-    println!(
-        "7. Visits to the link: {n}. (Skype's servers fetched links sent in chats; Subrosa's server has no way to.)"
-    );
+    out!("7. Visits to the link: {n}. (Skype's servers fetched links sent in chats; Subrosa's server has no way to.)");
 
     server.shutdown().await;
     if leaked || n != 0 || !after.messages.is_empty() {
         anyhow::bail!("the demo saw the server keep or fetch something it must not");
     }
-    println!("\nNext: run a real server and two clients, see README.md.");
+    out!("\nNext: run a real server and two clients, see README.md.");
     Ok(())
 }

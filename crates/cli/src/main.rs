@@ -1,5 +1,14 @@
 //! `subrosa`: the command-line client.
 
+/// Prints a line to stdout; a closed stdout (`subrosa … | head`) is not an
+/// error worth a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod demo;
 
 use std::io::{IsTerminal, Write};
@@ -15,7 +24,7 @@ use zeroize::Zeroizing;
 /// Subrosa: end-to-end encrypted messaging whose server cannot read, scan,
 /// click or keep what you send.
 #[derive(Parser, Debug)]
-#[command(name = "subrosa", version, about, long_about = None)]
+#[command(name = "subrosa", version, about = "Subrosa: end-to-end encrypted messaging. The server relays ciphertext it cannot read and has no way to fetch your links.", long_about = None)]
 struct Cli {
     /// The device's home directory [default: $SUBROSA_HOME, else ~/.local/share/subrosa].
     #[arg(long, global = true, env = "SUBROSA_HOME", hide_env_values = true)]
@@ -94,6 +103,19 @@ enum Command {
     Devices {
         #[command(subcommand)]
         action: Option<DevicesCommand>,
+    },
+    /// Show the safety number with HANDLE (compare it in person, or scan the QR code).
+    SafetyNumber {
+        /// Whose.
+        handle: String,
+    },
+    /// Compare the safety number with HANDLE and mark the contact verified.
+    Verify {
+        /// Whose.
+        handle: String,
+        /// Confirm without asking.
+        #[arg(long)]
+        yes: bool,
     },
     /// List every device in a conversation, with its handle and fingerprint.
     Members {
@@ -229,6 +251,15 @@ fn passphrase(confirm: bool) -> Result<Zeroizing<String>> {
     Ok(p)
 }
 
+fn print_safety_number(n: &str) {
+    out!("{}", subrosa_core::safety::grouped(n));
+    if std::io::stdout().is_terminal() {
+        if let Ok(qr) = qrcode::QrCode::new(n.as_bytes()) {
+            out!("{}", qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build());
+        }
+    }
+}
+
 /// A short fingerprint of a device key: the first 8 bytes of its SHA-256,
 /// in groups of four hex digits.
 fn fingerprint(key: &[u8]) -> String {
@@ -270,12 +301,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let home = home(&cli.home)?;
             let pass = passphrase(true)?;
             let mut show = |code: &str| {
-                println!("code: {code}");
+                out!("code: {code}");
                 if std::io::stdout().is_terminal() {
                     if let Ok(qr) = qrcode::QrCode::new(code.as_bytes()) {
-                        println!("{}", qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build());
+                        out!("{}", qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build());
                     }
-                    println!("On a device of {handle}, run: subrosa link --accept {code}");
+                    out!("On a device of {handle}, run: subrosa link --accept {code}");
                 }
                 let _ = std::io::stdout().flush();
             };
@@ -289,7 +320,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 &mut show,
             )
             .await?;
-            println!(
+            out!(
                 "linked {} (device {}); run `subrosa receive` to join your conversations",
                 me.handle(),
                 me.identity().device_id()
@@ -300,7 +331,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let home = home(&cli.home)?;
             let pass = passphrase(true)?;
             let me = Subrosa::register(&home, &pass, &handle, &server).await?;
-            println!("registered {} (device {}) on {}", me.handle(), me.identity().device_id(), me.server());
+            out!("registered {} (device {}) on {}", me.handle(), me.identity().device_id(), me.server());
             Ok(ExitCode::SUCCESS)
         }
         command => {
@@ -311,7 +342,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             match command {
                 Command::Send { target, text } => {
                     let m = me.send_text(&target, &text).await?;
-                    println!("sent {} to {}", m.id, m.target);
+                    out!("sent {} to {}", m.id, m.target);
                 }
                 Command::Receive { json, timeout, follow, no_ack } => {
                     if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
@@ -336,56 +367,91 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
                 Command::History { target, json } => {
-                    for m in me.history(&target)? {
+                    let history = me.history(&target)?;
+                    if !json {
+                        if let Some(m) = history.first().filter(|m| !m.group) {
+                            let state = if me.is_verified(&m.target)? {
+                                "verified".to_string()
+                            } else {
+                                format!("not verified: compare safety numbers with `subrosa verify {}`", m.target)
+                            };
+                            out!("-- conversation with {} ({state})", m.target);
+                        }
+                    }
+                    for m in history {
                         print_message(&m, json);
                     }
                 }
                 Command::Contacts => {
                     for c in me.contacts()? {
                         let state = if c.verified { "verified" } else { "unverified" };
-                        println!("{}\t{}\t{}", c.handle, state, &c.identity_key[..16.min(c.identity_key.len())]);
+                        out!("{}\t{}\t{}", c.handle, state, &c.identity_key[..16.min(c.identity_key.len())]);
                     }
                 }
                 Command::Group(g) => match g {
                     GroupCommand::Create { name, handles } => {
                         let g = me.create_group(&name, &handles).await?;
-                        println!("created {} with {}", g.name, g.members.join(", "));
+                        out!("created {} with {}", g.name, g.members.join(", "));
                     }
                     GroupCommand::Add { name, handle } => {
                         me.group_add(&name, &handle).await?;
-                        println!("added {handle} to {name}");
+                        out!("added {handle} to {name}");
                     }
                     GroupCommand::Remove { name, handle } => {
                         me.group_remove(&name, &handle).await?;
-                        println!("removed {handle} from {name}");
+                        out!("removed {handle} from {name}");
                     }
                     GroupCommand::Leave { name } => {
                         me.group_leave(&name).await?;
-                        println!("left {name}");
+                        out!("left {name}");
                     }
                     GroupCommand::Rename { name, new } => {
                         me.group_rename(&name, &new).await?;
-                        println!("renamed {name} to {new}");
+                        out!("renamed {name} to {new}");
                     }
                 },
                 Command::Groups => {
                     for g in me.groups()? {
                         let state = if g.active { g.members.join(", ") } else { "(left)".to_string() };
-                        println!("{}\t{}\t{}", g.name, state, g.id);
+                        out!("{}\t{}\t{}", g.name, state, g.id);
                     }
                 }
                 Command::Members { target } => {
                     for m in me.members(&target)? {
                         let you = if m.address == me.identity().address() { "\t(this device)" } else { "" };
-                        println!("{}\t{}\t{}{you}", m.address.handle, m.address.device, fingerprint(&m.device_key));
+                        out!("{}\t{}\t{}{you}", m.address.handle, m.address.device, fingerprint(&m.device_key));
                     }
                 }
                 Command::Link { accept: Some(code), timeout, .. } => {
                     let done = me.link_accept(&code, Duration::from_secs(timeout)).await?;
-                    println!("linked device {}; added it to {} conversations", done.device, done.conversations);
+                    out!("linked device {}; added it to {} conversations", done.device, done.conversations);
                 }
                 Command::Link { .. } => {
                     return Err(anyhow!("give HANDLE --server URL on a new device, or --accept CODE"))
+                }
+                Command::SafetyNumber { handle } => {
+                    let n = me.safety_number(&handle).await?;
+                    print_safety_number(&n);
+                }
+                Command::Verify { handle, yes } => {
+                    let n = me.safety_number(&handle).await?;
+                    print_safety_number(&n);
+                    let confirmed = if yes {
+                        true
+                    } else if std::io::stdin().is_terminal() {
+                        let _ = write!(std::io::stdout(), "Does {handle} see the same number? [y/N] ");
+                        let _ = std::io::stdout().flush();
+                        let mut answer = String::new();
+                        std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+                        matches!(answer.trim(), "y" | "Y" | "yes")
+                    } else {
+                        return Err(anyhow!("not verified: compare the numbers, then confirm with --yes"));
+                    };
+                    if !confirmed {
+                        return Err(anyhow!("not verified: the numbers must match on both devices"));
+                    }
+                    me.mark_verified(&handle)?;
+                    out!("{handle} is verified");
                 }
                 Command::Devices { action: None } => {
                     for d in me.devices().await? {
@@ -396,12 +462,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         if !d.certified {
                             notes.push("NOT CERTIFIED by your identity key");
                         }
-                        println!("{}\t{}\t{}", d.id, fingerprint(&d.key), notes.join(", "));
+                        out!("{}\t{}\t{}", d.id, fingerprint(&d.key), notes.join(", "));
                     }
                 }
                 Command::Devices { action: Some(DevicesCommand::Remove { id }) } => {
                     let n = me.remove_device(&id).await?;
-                    println!("removed device {id} (from {n} conversations)");
+                    out!("removed device {id} (from {n} conversations)");
                 }
                 Command::Register { .. } | Command::Demo => unreachable!("handled above"),
             }

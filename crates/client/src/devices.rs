@@ -259,6 +259,53 @@ impl Subrosa {
         Ok(added)
     }
 
+    /// The safety number with `handle`, from the identity key this device
+    /// has pinned for it (fetched and pinned on first use).
+    ///
+    /// # Errors
+    /// Unknown handle, network errors.
+    pub async fn safety_number(&self, handle: &str) -> Result<String, ClientError> {
+        let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
+        if handle == *self.handle() {
+            return Err(ClientError::Input("a safety number is between you and someone else".into()));
+        }
+        let key = match self.store.contact_key(handle.as_str())? {
+            Some(k) => k,
+            None => {
+                let info: AccountInfo =
+                    self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{handle}"), None).await.map_err(
+                        |e| match e.code() {
+                            Some(ErrorCode::UnknownHandle) => ClientError::Input(format!("unknown handle {handle}")),
+                            _ => e,
+                        },
+                    )?;
+                self.store.pin_contact(handle.as_str(), info.identity_key.as_slice())?;
+                info.identity_key.into_inner()
+            }
+        };
+        Ok(subrosa_core::safety::safety_number((self.handle(), self.identity().identity_public()), (&handle, &key)))
+    }
+
+    /// Marks `handle` verified after the user compared safety numbers.
+    ///
+    /// # Errors
+    /// Unknown contact.
+    pub fn mark_verified(&self, handle: &str) -> Result<(), ClientError> {
+        let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
+        if self.store.contact_key(handle.as_str())?.is_none() {
+            return Err(ClientError::Input(format!("{handle} is not a contact yet")));
+        }
+        self.store.set_verified(handle.as_str(), true)
+    }
+
+    /// Whether `handle` is a verified contact.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn is_verified(&self, handle: &str) -> Result<bool, ClientError> {
+        Ok(self.store.contacts()?.iter().any(|c| c.handle == handle && c.verified))
+    }
+
     /// This account's devices as the server lists them, each certificate
     /// checked against this account's identity key.
     ///

@@ -344,6 +344,17 @@ impl Store {
             .map_err(sql)
     }
 
+    /// Marks a contact verified (its pinned identity key compared in person).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn set_verified(&self, handle: &str, verified: bool) -> Result<(), ClientError> {
+        self.lock()
+            .execute("UPDATE contacts SET verified = ?2 WHERE handle = ?1", params![handle, verified])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
     /// All contacts by handle.
     ///
     /// # Errors

@@ -8,6 +8,8 @@
 //! - [`identity`]: the account identity key, device keys and the device
 //!   certificate that binds them; the MLS identity provider that checks it.
 //! - [`content`]: the versioned, padded plaintext inside every application message.
+//! - [`safety`]: safety numbers from two accounts' identity keys.
+//! - [`link`]: linking a new device to an account.
 //! - [`engine`]: MLS conversations (RFC 9420 via mls-rs): create, join, commit,
 //!   encrypt, decrypt.
 
@@ -16,6 +18,7 @@ pub mod engine;
 mod error;
 pub mod identity;
 pub mod link;
+pub mod safety;
 
 pub use engine::{ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};
 pub use error::CoreError;
