@@ -357,7 +357,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         }
                     };
                     if follow {
-                        me.follow(&mut on).await?;
+                        // Stay connected across server restarts and network
+                        // loss; give up only on what retrying cannot fix.
+                        let mut backoff = Duration::from_millis(500);
+                        loop {
+                            let started = std::time::Instant::now();
+                            match me.follow(&mut on).await {
+                                Err(e @ subrosa_client::ClientError::Network(_)) => {
+                                    if started.elapsed() > Duration::from_secs(10) {
+                                        backoff = Duration::from_millis(500);
+                                    }
+                                    eprintln!("warning: {e}; reconnecting in {:.1} s", backoff.as_secs_f64());
+                                    tokio::time::sleep(backoff).await;
+                                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                                }
+                                Err(e @ subrosa_client::ClientError::Server { status, .. }) if status >= 500 => {
+                                    eprintln!("warning: {e}; reconnecting in {:.1} s", backoff.as_secs_f64());
+                                    tokio::time::sleep(backoff).await;
+                                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                                }
+                                Err(e) => return Err(e.into()),
+                                Ok(()) => break,
+                            }
+                        }
                     } else {
                         me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
                     }

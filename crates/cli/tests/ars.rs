@@ -14,6 +14,11 @@ fn a_link_sent_in_a_chat_is_fetched_by_nobody_and_stored_nowhere_in_plaintext() 
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
 
+    // Watch the server's sockets for the whole exchange: it may hold its
+    // listener and the connections it accepted, nothing else.
+    #[cfg(target_os = "linux")]
+    let watch = SocketWatch::start(&server);
+
     let text = format!("the unique secret plan is at {}", canary.url);
     alice.send("bob", &text);
 
@@ -35,6 +40,19 @@ fn a_link_sent_in_a_chat_is_fetched_by_nobody_and_stored_nowhere_in_plaintext() 
     assert_eq!(texts(&got), [text.as_str()]);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(canary.hits(), 0, "somebody fetched the link");
+    #[cfg(target_os = "linux")]
+    {
+        let (foreign, samples) = watch.finish();
+        assert!(samples > 10, "the socket watch ran ({samples} samples)");
+        assert!(foreign.is_empty(), "the server opened sockets of its own: {foreign:?}");
+        // The watch does see outbound connections: bob's following client has one.
+        let mut follow = bob.cmd(&["receive", "--follow"]).stdout(std::process::Stdio::null()).spawn().expect("spawn");
+        let port: u16 = server.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        let seen = wait_until(Duration::from_secs(10), || !foreign_sockets(follow.id(), port).is_empty());
+        let _ = follow.kill();
+        let _ = follow.wait();
+        assert!(seen, "the socket watch cannot see a client's outbound connection");
+    }
     check_server("delivered");
     assert!(!server.log().is_empty(), "the server log was captured");
 

@@ -132,3 +132,37 @@ fn a_message_delivered_twice_is_shown_once() {
     alice.send("bob", "and the next one");
     assert_eq!(texts(&bob.receive_json(&[])), ["and the next one"]);
 }
+
+#[test]
+fn follow_survives_a_server_crash_and_gets_what_was_sent_meanwhile() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "before the crash");
+    bob.receive_json(&[]);
+
+    let mut follow = bob
+        .cmd(&["receive", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    server.crash_and_restart();
+    alice.send("bob", "sent after the restart");
+    let line = rx.recv_timeout(Duration::from_secs(20)).expect("follow reconnected and printed the message");
+    let msg: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(msg["text"], "sent after the restart");
+    let _ = follow.kill();
+    let out = follow.wait_with_output().expect("ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reconnecting"), "{err}");
+    assert!(!err.contains("panicked"));
+}

@@ -47,10 +47,34 @@ impl Server {
 
     pub fn start_with(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
+        let (child, url) = Self::spawn(&dir, "127.0.0.1:0", extra);
+        Server { child, url, dir }
+    }
+
+    /// Kills the server without warning (SIGKILL) and starts it again on
+    /// the same address over the same data.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let addr = self.url.trim_start_matches("http://").to_string();
+        let (child, url) = Self::spawn(&self.dir, &addr, &[]);
+        assert_eq!(url, self.url);
+        self.child = child;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> (Child, String) {
         let data = dir.path().join("data");
-        let log = std::fs::File::create(dir.path().join("server.log")).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("server.log"))
+            .expect("log file");
         let mut child = Command::new(server_bin())
-            .args(["--listen", "127.0.0.1:0", "--data"])
+            .args(["--listen", listen, "--data"])
             .arg(&data)
             .args(extra)
             .env("RUST_LOG", "debug")
@@ -73,7 +97,7 @@ impl Server {
             let mut sink = Vec::new();
             let _ = lines.read_to_end(&mut sink);
         });
-        Server { child, url, dir }
+        (child, url)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -252,4 +276,77 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     f()
+}
+
+/// The server's own sockets that are neither its listener nor connections
+/// accepted on its port: outbound connections (TCP) and any UDP socket (a
+/// DNS lookup would be one). Read from /proc, so Linux only.
+#[cfg(target_os = "linux")]
+pub fn foreign_sockets(pid: u32, listen_port: u16) -> Vec<String> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || !inodes.contains(cols[9]) {
+                continue;
+            }
+            let port = cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()).unwrap_or(0);
+            let tcp = table.starts_with("tcp");
+            if !tcp || port != listen_port {
+                found.push(format!("{table} {} -> {} state {}", cols[1], cols[2], cols[3]));
+            }
+        }
+    }
+    found
+}
+
+/// Samples [`foreign_sockets`] every few milliseconds until dropped.
+#[cfg(target_os = "linux")]
+pub struct SocketWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    samples: Arc<AtomicUsize>,
+}
+
+#[cfg(target_os = "linux")]
+impl SocketWatch {
+    pub fn start(server: &Server) -> SocketWatch {
+        let pid = server.pid();
+        let port: u16 = server.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let samples = Arc::new(AtomicUsize::new(0));
+        let (s, v, n) = (stop.clone(), seen.clone(), samples.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let found = foreign_sockets(pid, port);
+                if !found.is_empty() {
+                    v.lock().unwrap_or_else(|p| p.into_inner()).extend(found);
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        SocketWatch { stop, seen, samples }
+    }
+
+    /// Stops and returns what was seen and how many samples were taken.
+    pub fn finish(self) -> (Vec<String>, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (seen, self.samples.load(Ordering::SeqCst))
+    }
 }
