@@ -10,6 +10,26 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Starts `receive --follow --json` and returns it with a channel of its
+/// output lines (with their arrival times), once its socket had time to connect.
+fn follow(user: &User) -> (std::process::Child, mpsc::Receiver<(Instant, String)>) {
+    let mut child = user
+        .cmd(&["receive", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    (child, rx)
+}
+
 #[test]
 fn alice_and_bob_talk_both_ways_and_bob_receives_what_was_sent_while_offline() {
     let server = Server::start();
@@ -73,21 +93,8 @@ fn follow_prints_a_pushed_message_as_it_arrives() {
     alice.send("bob", "set up the conversation");
     bob.receive_json(&[]);
 
-    let mut follow = bob
-        .cmd(&["receive", "--follow", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stdout = follow.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send((Instant::now(), line));
-        }
-    });
     // Let the socket connect before sending.
-    std::thread::sleep(Duration::from_millis(800));
+    let (mut follow, rx) = follow(&bob);
 
     let mut delays = Vec::new();
     for i in 0..3 {
@@ -141,23 +148,10 @@ fn follow_survives_a_server_crash_and_gets_what_was_sent_meanwhile() {
     alice.send("bob", "before the crash");
     bob.receive_json(&[]);
 
-    let mut follow = bob
-        .cmd(&["receive", "--follow", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stdout = follow.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    std::thread::sleep(Duration::from_millis(800));
+    let (mut follow, rx) = follow(&bob);
     server.crash_and_restart();
     alice.send("bob", "sent after the restart");
-    let line = rx.recv_timeout(Duration::from_secs(20)).expect("follow reconnected and printed the message");
+    let (_, line) = rx.recv_timeout(Duration::from_secs(20)).expect("follow reconnected and printed the message");
     let msg: serde_json::Value = serde_json::from_str(&line).expect("json");
     assert_eq!(msg["text"], "sent after the restart");
     let _ = follow.kill();

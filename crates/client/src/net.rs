@@ -80,6 +80,15 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, ClientError> {
     Ok(Arc::new(config))
 }
 
+fn http_client(tls: &Arc<rustls::ClientConfig>) -> Result<reqwest::Client, ClientError> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls((**tls).clone())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| ClientError::Network(e.to_string()))
+}
+
 /// The server API of one device.
 pub struct Api {
     http: reqwest::Client,
@@ -106,13 +115,7 @@ pub async fn call_unsigned<B: Serialize, R: DeserializeOwned>(
     body: Option<&B>,
 ) -> Result<R, ClientError> {
     let base = check_server_url(base)?;
-    let tls = tls_config()?;
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls((*tls).clone())
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| ClientError::Network(e.to_string()))?;
+    let http = http_client(&tls_config()?)?;
     let url = base.join(path).map_err(|e| ClientError::BadUrl(e.to_string()))?;
     let mut req = http.request(method, url);
     if let Some(b) = body {
@@ -147,12 +150,7 @@ impl Api {
     pub fn new(base: &str, identity: DeviceIdentity, crypto: subrosa_core::DefaultCrypto) -> Result<Self, ClientError> {
         let base = check_server_url(base)?;
         let tls = tls_config()?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*tls).clone())
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| ClientError::Network(e.to_string()))?;
+        let http = http_client(&tls)?;
         Ok(Api { http, tls, base, identity, crypto })
     }
 

@@ -652,9 +652,9 @@ mod tests {
     use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
     use subrosa_proto::{Handle, MessageId};
 
-    type TestEngine = Engine<crate::DefaultCrypto, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
+    pub(super) type TestEngine = Engine<crate::DefaultCrypto, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
 
-    fn engine(name: &str) -> TestEngine {
+    pub(super) fn engine(name: &str) -> TestEngine {
         let crypto = crate::default_crypto();
         let id = DeviceIdentity::generate(&crypto, Handle::new(name).expect("handle"), 0).expect("identity");
         Engine::new(crypto, id, InMemoryGroupStateStorage::new(), InMemoryKeyPackageStorage::new())
@@ -731,17 +731,9 @@ mod tests {
 
 #[cfg(all(test, feature = "awslc"))]
 mod group_tests {
+    use super::tests::engine;
     use super::*;
-    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
-    use subrosa_proto::{Handle, MessageId};
-
-    type TestEngine = Engine<crate::DefaultCrypto, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
-
-    fn engine(name: &str) -> TestEngine {
-        let crypto = crate::default_crypto();
-        let id = DeviceIdentity::generate(&crypto, Handle::new(name).expect("handle"), 0).expect("identity");
-        Engine::new(crypto, id, InMemoryGroupStateStorage::new(), InMemoryKeyPackageStorage::new())
-    }
+    use subrosa_proto::MessageId;
 
     fn group_info(name: &str) -> ConversationInfo {
         ConversationInfo { kind: ConversationKind::Group, name: name.into() }
