@@ -49,6 +49,9 @@ enum Command {
         target: String,
         /// What.
         text: String,
+        /// Send even though a verified contact's identity key changed.
+        #[arg(long)]
+        accept_key_change: bool,
     },
     /// Fetch, decrypt, store and print queued messages.
     Receive {
@@ -340,8 +343,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let me = Subrosa::open(&home, &pass)?;
             drop(pass);
             match command {
-                Command::Send { target, text } => {
-                    let m = me.send_text(&target, &text).await?;
+                Command::Send { target, text, accept_key_change } => {
+                    let m = me.send_text_with(&target, &text, accept_key_change).await?;
                     out!("sent {} to {}", m.id, m.target);
                 }
                 Command::Receive { json, timeout, follow, no_ack } => {

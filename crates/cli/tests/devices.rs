@@ -8,7 +8,6 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::*;
-use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
 
 /// Starts `link` on a new device and returns the process and its code.
 fn start_link(server: &Server, new: &User, handle: &str, extra: &[&str]) -> (Child, String) {
@@ -110,26 +109,7 @@ fn a_device_the_server_invents_is_refused() {
 
     // The operator adds a "bob" device whose certificate is by its own
     // identity key, with a key package, straight into its database.
-    let crypto = subrosa_core::default_crypto();
-    let ghost = subrosa_core::DeviceIdentity::generate(&crypto, "bob".parse().expect("handle"), 1).expect("identity");
-    let engine = subrosa_core::Engine::new(
-        crypto,
-        ghost.clone(),
-        InMemoryGroupStateStorage::new(),
-        InMemoryKeyPackageStorage::new(),
-    );
-    let kp = engine.generate_key_package().expect("kp");
-    {
-        let db = server.db();
-        db.execute(
-            "INSERT INTO devices (handle, device_id, signature_key, certificate, active, created_at) VALUES ('bob', ?1, ?2, ?3, 1, 0)",
-            rusqlite::params![ghost.device_id().to_hex(), ghost.device_public(), ghost.certificate().to_bytes().expect("cert")],
-        )
-        .expect("ghost device");
-        let id = db.last_insert_rowid();
-        db.execute("INSERT INTO key_packages (device, data) VALUES (?1, ?2)", rusqlite::params![id, kp])
-            .expect("ghost kp");
-    }
+    let ghost = plant_device(&server, "bob", 1);
     // alice will not write to bob while the server offers a device bob's
     // identity key did not certify.
     let out = alice.run(&["send", "bob", "for bob only"]);

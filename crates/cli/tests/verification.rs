@@ -52,3 +52,60 @@ fn safety_numbers_match_on_both_sides_stay_stable_across_a_link_and_verify_marks
     assert_clean_error(&alice.run(&["safety-number", "alice"]), "someone else");
     assert_clean_error(&alice.run(&["verify", "carol", "--yes"]), "unknown handle carol");
 }
+
+/// The operator replaces an account's identity key and devices with its own,
+/// straight in its database (a key change as a client sees it).
+fn swap_keys(server: &Server, handle: &str) {
+    server.db().execute("UPDATE devices SET active = 0 WHERE handle = ?1", [handle]).expect("hide devices");
+    let fake = plant_device(server, handle, 3);
+    server
+        .db()
+        .execute(
+            "UPDATE accounts SET identity_key = ?2 WHERE handle = ?1",
+            rusqlite::params![handle, fake.identity_public()],
+        )
+        .expect("swap key");
+}
+
+#[test]
+fn a_changed_identity_key_warns_and_blocks_sending_to_a_verified_contact() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    for u in [&bob, &carol] {
+        alice.send(&u.name, "hello");
+        u.receive_json(&[]);
+    }
+    alice.ok(&["verify", "bob", "--yes"]);
+    let before = alice.ok(&["safety-number", "bob"]);
+
+    swap_keys(&server, "bob");
+    swap_keys(&server, "carol");
+
+    // Verified bob: the change is noticed, pinned unverified, warned about,
+    // and nothing is sent until alice verifies again or accepts it.
+    assert_clean_error(&alice.run(&["group", "create", "club", "bob"]), "identity key changed since you verified it");
+    assert!(alice.ok(&["contacts"]).contains("bob\tunverified"));
+    let warning = "warning: bob's identity key changed; compare safety numbers again (subrosa verify bob)";
+    assert!(alice.history_json("bob").iter().any(|m| m["system"] == true && m["text"] == warning));
+    assert_ne!(alice.ok(&["safety-number", "bob"]), before);
+    assert_clean_error(&alice.run(&["send", "bob", "still there?"]), "--accept-key-change");
+    // Accepting the change gets past the refusal; the old conversation's
+    // device is gone from the server, which says so.
+    assert_clean_error(&alice.run(&["send", "bob", "still there?", "--accept-key-change"]), "unknown device bob/");
+    // A new conversation uses the new key without asking again.
+    alice.ok(&["group", "create", "club", "bob"]);
+
+    // Unverified carol: warned, and it goes ahead (trust on first use).
+    alice.ok(&["group", "create", "club2", "carol"]);
+    assert!(alice
+        .history_json("carol")
+        .iter()
+        .any(|m| m["text"]
+            == "warning: carol's identity key changed; compare safety numbers again (subrosa verify carol)"));
+
+    // Verifying the new number clears it for good.
+    alice.ok(&["verify", "bob", "--yes"]);
+    assert!(alice.ok(&["contacts"]).contains("bob\tverified"));
+}

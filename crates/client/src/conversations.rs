@@ -149,15 +149,6 @@ impl Subrosa {
         } else {
             self.store.contact_key(handle.as_str())?
         };
-        if let Some(pinned) = &expected {
-            if *pinned != claim.identity_key.as_slice() {
-                return Err(ClientError::KeyMismatch {
-                    handle: handle.to_string(),
-                    why: "the server offers an identity key different from the one this device has seen; not sending"
-                        .into(),
-                });
-            }
-        }
         let mut key_packages = Vec::new();
         for p in &claim.packages {
             let cert = self.engine.inspect_key_package(p.key_package.as_slice()).map_err(|e| {
@@ -175,6 +166,29 @@ impl Subrosa {
             }
             key_packages.push((p.device.device_id, p.key_package.as_slice().to_vec()));
         }
+        // Every package is certified by the identity key offered. When that
+        // key is not the one pinned, the contact's key changed (or the
+        // server swapped it): pin the new one unverified and say so in every
+        // conversation with them; a verified contact blocks sending until the
+        // user verifies again or accepts.
+        if let Some(pinned) = &expected {
+            if *pinned != claim.identity_key.as_slice() {
+                if handle == self.handle() {
+                    return Err(ClientError::KeyMismatch {
+                        handle: handle.to_string(),
+                        why: "the server offers this account an identity key that is not ours".into(),
+                    });
+                }
+                let was_verified = self.store.transaction(|| {
+                    let was = self.store.change_contact_key(handle.as_str(), claim.identity_key.as_slice())?;
+                    self.key_change_lines(handle)?;
+                    Ok(was)
+                })?;
+                if was_verified {
+                    return Err(ClientError::KeyChanged(handle.to_string()));
+                }
+            }
+        }
         if key_packages.is_empty() && required {
             return Err(ClientError::Input(format!("{handle} has no device that can be added right now")));
         }
@@ -182,6 +196,41 @@ impl Subrosa {
             self.store.pin_contact(handle.as_str(), claim.identity_key.as_slice())?;
         }
         Ok(key_packages)
+    }
+
+    /// A warning line in every active conversation with `handle`.
+    pub(crate) fn key_change_lines(&self, handle: &Handle) -> Result<(), ClientError> {
+        let who = subrosa_proto::DeviceAddress { handle: handle.clone(), device: subrosa_proto::DeviceId([0; 8]) };
+        for row in self.store.active_conversations()? {
+            let with_them = row.peer.as_deref() == Some(handle.as_str())
+                || (row.kind == "group"
+                    && self.engine.members(&row.id).is_ok_and(|m| m.iter().any(|m| m.address.handle == *handle)));
+            if with_them {
+                self.system_line(
+                    &row,
+                    &who,
+                    format!(
+                        "warning: {handle}'s identity key changed; compare safety numbers again (subrosa verify {handle})"
+                    ),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to send to conversations with a verified contact whose key
+    /// changed, unless the user accepts the change.
+    pub(crate) fn check_key_changes(&self, handles: &[Handle], accept: bool) -> Result<(), ClientError> {
+        for h in handles {
+            if self.store.key_change_pending(h.as_str())? {
+                if accept {
+                    self.store.clear_key_change(h.as_str())?;
+                } else {
+                    return Err(ClientError::KeyChanged(h.to_string()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts a 1:1 conversation with `peer`, this account's other devices

@@ -75,6 +75,9 @@ pub enum ClientError {
         /// What did not match.
         why: String,
     },
+    /// A verified contact's identity key changed.
+    #[error("{0}'s identity key changed since you verified it: compare safety numbers again (`subrosa verify {0}`), or send with --accept-key-change")]
+    KeyChanged(String),
     /// Protocol engine failure.
     #[error("{0}")]
     Core(#[from] CoreError),
@@ -354,6 +357,20 @@ impl Subrosa {
     /// # Errors
     /// Unknown target, key mismatch, network and server errors.
     pub async fn send_text(&self, target: &str, text: &str) -> Result<StoredMessage, ClientError> {
+        self.send_text_with(target, text, false).await
+    }
+
+    /// As [`Self::send_text`]; `accept_key_change` sends even when a verified
+    /// contact's identity key changed (they stay unverified).
+    ///
+    /// # Errors
+    /// As [`Self::send_text`], and [`ClientError::KeyChanged`].
+    pub async fn send_text_with(
+        &self,
+        target: &str,
+        text: &str,
+        accept_key_change: bool,
+    ) -> Result<StoredMessage, ClientError> {
         if text.is_empty() {
             return Err(ClientError::Input("empty message".into()));
         }
@@ -377,9 +394,14 @@ impl Subrosa {
                 if !row.active {
                     return Err(ClientError::Input(format!("you are no longer a member of {}", row.name)));
                 }
+                let mut handles: Vec<Handle> =
+                    self.engine.members(&row.id)?.into_iter().map(|m| m.address.handle).collect();
+                handles.dedup();
+                self.check_key_changes(&handles, accept_key_change)?;
                 self.send_content(row.id, &row.name, true, text).await
             }
             Target::Direct(peer) => {
+                self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
                 let conversation = match self.store.direct_conversation(peer.as_str())? {
                     Some(c) => c,
                     None => self.start_direct(&peer).await?,

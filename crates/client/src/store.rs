@@ -89,6 +89,9 @@ const SCHEMA: &[&str] = &[
     "ALTER TABLE messages ADD COLUMN seen INTEGER NOT NULL DEFAULT 1;
      CREATE INDEX messages_unseen ON messages (seen) WHERE seen = 0;
      ALTER TABLE conversations ADD COLUMN active INTEGER NOT NULL DEFAULT 1;",
+    // v3: a verified contact whose identity key changed blocks sending until
+    // the user verifies again or accepts the change.
+    "ALTER TABLE contacts ADD COLUMN key_change_pending INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// A message as stored in history.
@@ -350,7 +353,54 @@ impl Store {
     /// Database errors.
     pub fn set_verified(&self, handle: &str, verified: bool) -> Result<(), ClientError> {
         self.lock()
-            .execute("UPDATE contacts SET verified = ?2 WHERE handle = ?1", params![handle, verified])
+            .execute(
+                "UPDATE contacts SET verified = ?2, key_change_pending = 0 WHERE handle = ?1",
+                params![handle, verified],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Pins a contact's new identity key: unverified from now on. Returns
+    /// whether it had been verified (then sending waits for the user).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn change_contact_key(&self, handle: &str, identity_key: &[u8]) -> Result<bool, ClientError> {
+        let conn = self.lock();
+        let was_verified: bool = conn
+            .query_row("SELECT verified FROM contacts WHERE handle = ?1", [handle], |r| r.get(0))
+            .optional()
+            .map_err(sql)?
+            .unwrap_or(false);
+        conn.execute(
+            "UPDATE contacts SET identity_key = ?2, verified = 0, key_change_pending = ?3 WHERE handle = ?1",
+            params![handle, identity_key, was_verified],
+        )
+        .map_err(sql)?;
+        Ok(was_verified)
+    }
+
+    /// Whether a verified contact's key changed and the user has not yet
+    /// verified again or accepted it.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn key_change_pending(&self, handle: &str) -> Result<bool, ClientError> {
+        self.lock()
+            .query_row("SELECT key_change_pending FROM contacts WHERE handle = ?1", [handle], |r| r.get(0))
+            .optional()
+            .map(|o| o.unwrap_or(false))
+            .map_err(sql)
+    }
+
+    /// The user accepted (or verified) a contact's changed key.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn clear_key_change(&self, handle: &str) -> Result<(), ClientError> {
+        self.lock()
+            .execute("UPDATE contacts SET key_change_pending = 0 WHERE handle = ?1", [handle])
             .map(|_| ())
             .map_err(sql)
     }

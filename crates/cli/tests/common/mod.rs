@@ -350,3 +350,33 @@ impl SocketWatch {
         (seen, self.samples.load(Ordering::SeqCst))
     }
 }
+
+/// Plays the operator: plants a device for `handle` certified by an identity
+/// key of the operator's own, with key packages, straight in the server's
+/// database. Returns the planted identity.
+pub fn plant_device(server: &Server, handle: &str, key_packages: usize) -> subrosa_core::DeviceIdentity {
+    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
+    let crypto = subrosa_core::default_crypto();
+    let fake = subrosa_core::DeviceIdentity::generate(&crypto, handle.parse().expect("handle"), 1).expect("identity");
+    let engine = subrosa_core::Engine::new(
+        crypto,
+        fake.clone(),
+        InMemoryGroupStateStorage::new(),
+        InMemoryKeyPackageStorage::new(),
+    );
+    let db = server.db();
+    db.execute(
+        "INSERT INTO devices (handle, device_id, signature_key, certificate, active, created_at) VALUES (?1, ?2, ?3, ?4, 1, 0)",
+        rusqlite::params![handle, fake.device_id().to_hex(), fake.device_public(), fake.certificate().to_bytes().expect("c")],
+    )
+    .expect("planted device");
+    let id = db.last_insert_rowid();
+    for _ in 0..key_packages {
+        db.execute(
+            "INSERT INTO key_packages (device, data) VALUES (?1, ?2)",
+            rusqlite::params![id, engine.generate_key_package().expect("kp")],
+        )
+        .expect("planted key package");
+    }
+    fake
+}
