@@ -91,9 +91,15 @@ fn a_changed_identity_key_warns_and_blocks_sending_to_a_verified_contact() {
     assert!(alice.history_json("bob").iter().any(|m| m["system"] == true && m["text"] == warning));
     assert_ne!(alice.ok(&["safety-number", "bob"]), before);
     assert_clean_error(&alice.run(&["send", "bob", "still there?"]), "--accept-key-change");
-    // Accepting the change gets past the refusal; the old conversation's
-    // device is gone from the server, which says so.
-    assert_clean_error(&alice.run(&["send", "bob", "still there?", "--accept-key-change"]), "unknown device bob/");
+    // Accepting the change sends it: the old conversation's devices are gone
+    // from the server, so a new conversation with bob's current devices
+    // carries the message, which history shows once.
+    alice.ok(&["send", "bob", "still there?", "--accept-key-change"]);
+    let h = alice.history_json("bob");
+    assert_eq!(h.iter().filter(|m| m["text"] == "still there?").count(), 1);
+    let convs: std::collections::HashSet<_> = h.iter().map(|m| m["conversation"].clone()).collect();
+    assert_eq!(convs.len(), 2, "the message went to a new conversation");
+    alice.ok(&["send", "bob", "and on it goes"]);
     // A new conversation uses the new key without asking again.
     alice.ok(&["group", "create", "club", "bob"]);
 

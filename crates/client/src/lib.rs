@@ -313,8 +313,8 @@ impl Subrosa {
         target: &str,
         group: bool,
         text: &str,
+        message_id: MessageId,
     ) -> Result<StoredMessage, ClientError> {
-        let message_id = MessageId(rand::random());
         let sent_at = now_ms();
         let content = Content::text(message_id, sent_at, text);
         let send_id = SendId(rand::random());
@@ -398,15 +398,31 @@ impl Subrosa {
                     self.engine.members(&row.id)?.into_iter().map(|m| m.address.handle).collect();
                 handles.dedup();
                 self.check_key_changes(&handles, accept_key_change)?;
-                self.send_content(row.id, &row.name, true, text).await
+                self.send_content(row.id, &row.name, true, text, MessageId(rand::random())).await
             }
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
-                let conversation = match self.store.direct_conversation(peer.as_str())? {
+                let existing = self.store.direct_conversation(peer.as_str())?;
+                let conversation = match existing {
                     Some(c) => c,
                     None => self.start_direct(&peer).await?,
                 };
-                self.send_content(conversation, peer.as_str(), false, text).await
+                let message_id = MessageId(rand::random());
+                match self.send_content(conversation, peer.as_str(), false, text, message_id).await {
+                    Err(e) if existing.is_some() && e.code() == Some(ErrorCode::UnknownHandle) => {
+                        // The peer's devices in this conversation are gone from
+                        // the server (its keys changed, or devices went without
+                        // a commit reaching us): start over with its current
+                        // devices and move the message there.
+                        self.store.transaction(|| {
+                            self.store.delete_message(&conversation, &message_id.0)?;
+                            self.store.deactivate_conversation(&conversation)
+                        })?;
+                        let fresh = self.start_direct(&peer).await?;
+                        self.send_content(fresh, peer.as_str(), false, text, message_id).await
+                    }
+                    other => other,
+                }
             }
         }
     }

@@ -472,7 +472,8 @@ impl Store {
         let id: Option<Vec<u8>> = self
             .lock()
             .query_row(
-                "SELECT id FROM conversations WHERE kind = 'direct' AND peer = ?1 ORDER BY last_activity DESC, created_at DESC LIMIT 1",
+                "SELECT id FROM conversations WHERE kind = 'direct' AND peer = ?1 AND active = 1
+                 ORDER BY last_activity DESC, created_at DESC LIMIT 1",
                 [peer],
                 |r| r.get(0),
             )
@@ -544,6 +545,24 @@ impl Store {
             .map_err(sql)?;
         }
         Ok(n > 0)
+    }
+
+    /// Removes a message from history (a send that never left, moved elsewhere).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn delete_message(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "DELETE FROM messages WHERE conversation = ?1 AND message_id = ?2",
+                params![conversation.as_bytes().as_slice(), message_id],
+            )
+            .map(|_| ())
+            .map_err(sql)
     }
 
     /// History of the given conversations, oldest first.
