@@ -80,6 +80,15 @@ impl ConversationInfo {
     }
 }
 
+/// What a staged commit changes.
+enum Change<'a> {
+    Add(&'a [Vec<u8>]),
+    Remove(&'a [DeviceAddress]),
+    Info(&'a ConversationInfo),
+    /// Only the proposals already received.
+    Pending,
+}
+
 /// A member device as its verified certificate describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberInfo {
@@ -299,36 +308,13 @@ where
         info: &ConversationInfo,
         key_packages: &[Vec<u8>],
     ) -> Result<OutgoingCommit, CoreError> {
-        let client = self.client()?;
         let mut exts = ExtensionList::new();
         exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
         let mut id = [0u8; 16];
         crate::random_bytes(&self.crypto, &mut id)?;
         let conversation = ConversationId(id);
-        let mut group = client.create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?;
-        let epoch = Epoch(group.current_epoch());
-        let mut builder = group.commit_builder();
-        let mut welcome_recipients = Vec::new();
-        for kp in key_packages {
-            let cert = self.inspect_key_package(kp)?;
-            welcome_recipients.push(cert.address());
-            let msg = MlsMessage::from_bytes(kp).map_err(|_| CoreError::Malformed("key package"))?;
-            builder = builder.add_member(msg)?;
-        }
-        let output = builder.build()?;
-        group.write_to_storage()?;
-        let welcome = match output.welcome_messages.first() {
-            Some(w) => Some(w.to_bytes()?),
-            None => None,
-        };
-        Ok(OutgoingCommit {
-            conversation,
-            epoch,
-            commit: output.commit_message.to_bytes()?,
-            commit_recipients: Vec::new(),
-            welcome,
-            welcome_recipients,
-        })
+        self.client()?.create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?.write_to_storage()?;
+        self.stage(&conversation, Change::Add(key_packages))
     }
 
     /// Applies the staged commit after the server accepted it.
@@ -416,27 +402,7 @@ where
         conversation: &ConversationId,
         key_packages: &[Vec<u8>],
     ) -> Result<OutgoingCommit, CoreError> {
-        let mut group = self.load(conversation)?;
-        let epoch = Epoch(group.current_epoch());
-        let commit_recipients = self.others(&group)?;
-        let mut welcome_recipients = Vec::new();
-        let mut builder = group.commit_builder();
-        for kp in key_packages {
-            let cert = self.inspect_key_package(kp)?;
-            welcome_recipients.push(cert.address());
-            let msg = MlsMessage::from_bytes(kp).map_err(|_| CoreError::Malformed("key package"))?;
-            builder = builder.add_member(msg)?;
-        }
-        let output = builder.build()?;
-        group.write_to_storage()?;
-        Ok(OutgoingCommit {
-            conversation: *conversation,
-            epoch,
-            commit: output.commit_message.to_bytes()?,
-            commit_recipients,
-            welcome: output.welcome_messages.first().map(|w| w.to_bytes()).transpose()?,
-            welcome_recipients,
-        })
+        self.stage(conversation, Change::Add(key_packages))
     }
 
     /// Stages a commit removing the given member devices. The removed devices
@@ -450,28 +416,7 @@ where
         conversation: &ConversationId,
         devices: &[DeviceAddress],
     ) -> Result<OutgoingCommit, CoreError> {
-        let mut group = self.load(conversation)?;
-        let epoch = Epoch(group.current_epoch());
-        let members = self.members_of(&group)?;
-        let commit_recipients = self.others(&group)?;
-        let mut builder = group.commit_builder();
-        for d in devices {
-            let m = members
-                .iter()
-                .find(|m| m.address == *d)
-                .ok_or_else(|| CoreError::IdentityMismatch(format!("{d} is not a member")))?;
-            builder = builder.remove_member(m.index)?;
-        }
-        let output = builder.build()?;
-        group.write_to_storage()?;
-        Ok(OutgoingCommit {
-            conversation: *conversation,
-            epoch,
-            commit: output.commit_message.to_bytes()?,
-            commit_recipients,
-            welcome: None,
-            welcome_recipients: Vec::new(),
-        })
+        self.stage(conversation, Change::Remove(devices))
     }
 
     /// Stages a commit that changes the conversation's name (inside the
@@ -480,21 +425,7 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn rename(&self, conversation: &ConversationId, info: &ConversationInfo) -> Result<OutgoingCommit, CoreError> {
-        let mut group = self.load(conversation)?;
-        let epoch = Epoch(group.current_epoch());
-        let commit_recipients = self.others(&group)?;
-        let mut exts = group.context().extensions.clone();
-        exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
-        let output = group.commit_builder().set_group_context_ext(exts)?.build()?;
-        group.write_to_storage()?;
-        Ok(OutgoingCommit {
-            conversation: *conversation,
-            epoch,
-            commit: output.commit_message.to_bytes()?,
-            commit_recipients,
-            welcome: None,
-            welcome_recipients: Vec::new(),
-        })
+        self.stage(conversation, Change::Info(info))
     }
 
     /// Stages a commit of the proposals received so far (a member's leave).
@@ -503,22 +434,59 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn commit_pending(&self, conversation: &ConversationId) -> Result<Option<OutgoingCommit>, CoreError> {
-        let mut group = self.load(conversation)?;
-        if !group.commit_required() {
+        if !self.load(conversation)?.commit_required() {
             return Ok(None);
         }
+        self.stage(conversation, Change::Pending).map(Some)
+    }
+
+    /// The one way a commit is made: load the group, put `change` into a
+    /// commit (with any proposals received), store it as pending, and
+    /// describe it for the server. The commit goes to every current member
+    /// but this device (removed ones included, so they learn it).
+    fn stage(&self, conversation: &ConversationId, change: Change<'_>) -> Result<OutgoingCommit, CoreError> {
+        let mut group = self.load(conversation)?;
         let epoch = Epoch(group.current_epoch());
-        let commit_recipients = self.others(&group)?;
-        let output = group.commit_builder().build()?;
+        let members = self.members_of(&group)?;
+        let me = self.identity.address();
+        let commit_recipients = members.iter().map(|m| m.address.clone()).filter(|a| *a != me).collect();
+        let mut welcome_recipients = Vec::new();
+        let extensions = group.context().extensions.clone();
+        let mut builder = group.commit_builder();
+        match change {
+            Change::Add(key_packages) => {
+                for kp in key_packages {
+                    welcome_recipients.push(self.inspect_key_package(kp)?.address());
+                    let msg = MlsMessage::from_bytes(kp).map_err(|_| CoreError::Malformed("key package"))?;
+                    builder = builder.add_member(msg)?;
+                }
+            }
+            Change::Remove(devices) => {
+                for d in devices {
+                    let m = members
+                        .iter()
+                        .find(|m| m.address == *d)
+                        .ok_or_else(|| CoreError::IdentityMismatch(format!("{d} is not a member")))?;
+                    builder = builder.remove_member(m.index)?;
+                }
+            }
+            Change::Info(info) => {
+                let mut exts = extensions;
+                exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
+                builder = builder.set_group_context_ext(exts)?;
+            }
+            Change::Pending => {}
+        }
+        let output = builder.build()?;
         group.write_to_storage()?;
-        Ok(Some(OutgoingCommit {
+        Ok(OutgoingCommit {
             conversation: *conversation,
             epoch,
             commit: output.commit_message.to_bytes()?,
             commit_recipients,
-            welcome: None,
-            welcome_recipients: Vec::new(),
-        }))
+            welcome: output.welcome_messages.first().map(|w| w.to_bytes()).transpose()?,
+            welcome_recipients,
+        })
     }
 
     /// A proposal to remove this device, for the other members to commit.
