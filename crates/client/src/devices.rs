@@ -65,12 +65,7 @@ impl Subrosa {
         let existed = home.exists();
         let result = Self::link_new_inner(home, passphrase, handle, server, with_history, timeout, on_code).await;
         if result.is_err() {
-            for f in ["subrosa.db", "subrosa.db-wal", "subrosa.db-shm", "kdf.json"] {
-                let _ = std::fs::remove_file(home.join(f));
-            }
-            if !existed {
-                let _ = std::fs::remove_dir(home);
-            }
+            Store::remove_unfinished(home, existed);
         }
         result
     }

@@ -155,13 +155,7 @@ impl Subrosa {
         let existed = home.exists();
         let result = Self::register_inner(home, passphrase, handle, server).await;
         if result.is_err() && !matches!(result, Err(ClientError::AlreadyRegistered(_))) {
-            // Nothing was registered: leave no half-made account behind.
-            for f in ["subrosa.db", "subrosa.db-wal", "subrosa.db-shm", "kdf.json"] {
-                let _ = std::fs::remove_file(home.join(f));
-            }
-            if !existed {
-                let _ = std::fs::remove_dir(home);
-            }
+            Store::remove_unfinished(home, existed);
         }
         result
     }
@@ -237,22 +231,15 @@ impl Subrosa {
     }
 
     pub(crate) async fn upload_key_packages(&self, count: usize, last_resort: bool) -> Result<(), ClientError> {
-        let kps = self.store.key_packages();
         let (one_time, last) = self.store.transaction(|| {
             let mut one_time = Vec::with_capacity(count);
             for _ in 0..count {
                 one_time.push(B64(self.engine.generate_key_package()?));
             }
             let last = if last_resort {
-                // The engine's key package store is a clone sharing the flag.
-                kps.mark_next_last_resort();
-                Some(B64(Engine::new(
-                    self.engine.crypto().clone(),
-                    self.engine.identity().clone(),
-                    self.store.groups(),
-                    kps.clone(),
-                )
-                .generate_key_package()?))
+                let kp = self.engine.generate_key_package()?;
+                self.store.mark_newest_key_package_last_resort()?;
+                Some(B64(kp))
             } else {
                 None
             };

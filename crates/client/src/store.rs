@@ -226,6 +226,17 @@ impl Store {
         Ok(store)
     }
 
+    /// Removes a store that was being created when its command failed, and
+    /// `home` itself when the command created it: no half-made account stays.
+    pub fn remove_unfinished(home: &Path, home_existed: bool) {
+        for f in [DB_FILE, "subrosa.db-wal", "subrosa.db-shm", KDF_FILE] {
+            let _ = std::fs::remove_file(home.join(f));
+        }
+        if !home_existed {
+            let _ = std::fs::remove_dir(home);
+        }
+    }
+
     /// Opens the store in `home`.
     ///
     /// # Errors
@@ -583,7 +594,11 @@ impl Store {
         Ok(out.into_iter().map(|(_, m)| m).collect())
     }
 
-    fn conversations_where(&self, filter: &str, arg: &str) -> Result<Vec<ConversationRow>, ClientError> {
+    fn conversations_where(
+        &self,
+        filter: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<ConversationRow>, ClientError> {
         let conn = self.lock();
         let mut stmt = conn
             .prepare(&format!(
@@ -591,7 +606,7 @@ impl Store {
             ))
             .map_err(sql)?;
         let rows = stmt
-            .query_map([arg], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .query_map(args, |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
             .map_err(sql)?;
         let mut out = Vec::new();
         for row in rows {
@@ -607,7 +622,7 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError> {
-        self.conversations_where("kind = 'direct' AND peer = ?1", peer)
+        self.conversations_where("kind = 'direct' AND peer = ?1", &[&peer])
     }
 
     /// Groups with this name (active ones first).
@@ -615,7 +630,7 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub fn groups_named(&self, name: &str) -> Result<Vec<ConversationRow>, ClientError> {
-        let mut v = self.conversations_where("kind = 'group' AND name = ?1", name)?;
+        let mut v = self.conversations_where("kind = 'group' AND name = ?1", &[&name])?;
         v.sort_by_key(|c| !c.active);
         Ok(v)
     }
@@ -625,7 +640,7 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub fn group_rows(&self) -> Result<Vec<ConversationRow>, ClientError> {
-        self.conversations_where("kind = 'group' AND ?1 = ?1", "")
+        self.conversations_where("kind = 'group'", &[])
     }
 
     /// Every active conversation.
@@ -633,7 +648,7 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub fn active_conversations(&self) -> Result<Vec<ConversationRow>, ClientError> {
-        self.conversations_where("active = 1 AND ?1 = ?1", "")
+        self.conversations_where("active = 1", &[])
     }
 
     /// Renames a group locally (after a rename commit).
@@ -749,7 +764,22 @@ impl Store {
 
     /// Marks the next key package stored as the last-resort one (kept after use).
     pub fn key_packages(&self) -> KeyPackageStore {
-        KeyPackageStore { store: self.clone(), next_last_resort: Arc::new(std::sync::atomic::AtomicBool::new(false)) }
+        KeyPackageStore { store: self.clone() }
+    }
+
+    /// Marks the key package generated last as the last-resort one: kept
+    /// after use, since the server may hand it out more than once.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn mark_newest_key_package_last_resort(&self) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "UPDATE mls_key_package SET last_resort = 1 WHERE rowid = (SELECT max(rowid) FROM mls_key_package)",
+                [],
+            )
+            .map(|_| ())
+            .map_err(sql)
     }
 
     /// The MLS group state storage over this store.
@@ -858,14 +888,6 @@ impl GroupStateStorage for GroupStore {
 #[derive(Clone, Debug)]
 pub struct KeyPackageStore {
     store: Store,
-    next_last_resort: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl KeyPackageStore {
-    /// The next package inserted is the last-resort one.
-    pub fn mark_next_last_resort(&self) {
-        self.next_last_resort.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 impl KeyPackageStorage for KeyPackageStore {
@@ -880,14 +902,13 @@ impl KeyPackageStorage for KeyPackageStore {
     }
 
     fn insert(&mut self, id: Vec<u8>, pkg: KeyPackageData) -> Result<(), Self::Error> {
-        let last_resort = self.next_last_resort.swap(false, std::sync::atomic::Ordering::SeqCst);
         let data = Zeroizing::new(pkg.mls_encode_to_vec().map_err(serr)?);
         self.store
             .lock()
             .execute(
-                "INSERT INTO mls_key_package (id, data, last_resort) VALUES (?1, ?2, ?3)
+                "INSERT INTO mls_key_package (id, data) VALUES (?1, ?2)
                  ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-                params![id, data.as_slice(), last_resort],
+                params![id, data.as_slice()],
             )
             .map(|_| ())
             .map_err(serr)
@@ -907,5 +928,51 @@ impl KeyPackageStorage for KeyPackageStore {
                 KeyPackageData::mls_decode(&mut d.as_slice()).map(Some).map_err(serr)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use subrosa_core::{DeviceIdentity, Engine};
+
+    fn count(store: &Store) -> i64 {
+        store.lock().query_row("SELECT count(*) FROM mls_key_package", [], |r| r.get(0)).unwrap_or(-1)
+    }
+
+    #[test]
+    fn the_last_resort_key_package_survives_use_and_one_time_ones_do_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::create(&dir.path().join("home"), "pw").expect("store");
+        let crypto = subrosa_core::default_crypto();
+        let id = DeviceIdentity::generate(&crypto, "alice".parse().expect("handle"), 0).expect("identity");
+        let engine = Engine::new(crypto, id, store.groups(), store.key_packages());
+        engine.generate_key_package().expect("one-time");
+        engine.generate_key_package().expect("last resort");
+        store.mark_newest_key_package_last_resort().expect("mark");
+        let ids: Vec<(Vec<u8>, bool)> = {
+            let conn = store.lock();
+            let mut stmt = conn.prepare("SELECT id, last_resort FROM mls_key_package ORDER BY rowid").expect("prepare");
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query");
+            rows.collect::<Result<_, _>>().expect("rows")
+        };
+        assert_eq!(ids.iter().map(|(_, l)| *l).collect::<Vec<_>>(), [false, true]);
+        // mls-rs deletes a key package once a Welcome used it.
+        let mut kps = store.key_packages();
+        for (id, _) in &ids {
+            KeyPackageStorage::delete(&mut kps, id).expect("delete");
+        }
+        assert_eq!(count(&store), 1);
+        assert!(KeyPackageStorage::get(&kps, &ids[1].0).expect("get").is_some());
+    }
+
+    #[test]
+    fn a_wrong_passphrase_opens_nothing_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        Store::create(&home, "right").expect("store").set_meta("k", b"v").expect("meta");
+        assert!(matches!(Store::open(&home, "wrong"), Err(ClientError::WrongPassphrase)));
+        let store = Store::open(&home, "right").expect("opens");
+        assert_eq!(store.meta("k").expect("meta").map(|v| v.to_vec()), Some(b"v".to_vec()));
     }
 }
