@@ -263,15 +263,6 @@ fn print_safety_number(n: &str) {
     }
 }
 
-/// A short fingerprint of a device key: the first 8 bytes of its SHA-256,
-/// in groups of four hex digits.
-fn fingerprint(key: &[u8]) -> String {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(key);
-    let hex = hex::encode(&digest[..8]);
-    hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
-}
-
 fn format_time(ms: u64) -> String {
     let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -360,29 +351,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         }
                     };
                     if follow {
-                        // Stay connected across server restarts and network
-                        // loss; give up only on what retrying cannot fix.
-                        let mut backoff = Duration::from_millis(500);
-                        loop {
-                            let started = std::time::Instant::now();
-                            match me.follow(&mut on).await {
-                                Err(e @ subrosa_client::ClientError::Network(_)) => {
-                                    if started.elapsed() > Duration::from_secs(10) {
-                                        backoff = Duration::from_millis(500);
-                                    }
-                                    eprintln!("warning: {e}; reconnecting in {:.1} s", backoff.as_secs_f64());
-                                    tokio::time::sleep(backoff).await;
-                                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                                }
-                                Err(e @ subrosa_client::ClientError::Server { status, .. }) if status >= 500 => {
-                                    eprintln!("warning: {e}; reconnecting in {:.1} s", backoff.as_secs_f64());
-                                    tokio::time::sleep(backoff).await;
-                                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                                }
-                                Err(e) => return Err(e.into()),
-                                Ok(()) => break,
-                            }
-                        }
+                        let mut retry = |e: &subrosa_client::ClientError, wait: Duration| {
+                            eprintln!("warning: {e}; reconnecting in {:.1} s", wait.as_secs_f64());
+                        };
+                        me.follow_reconnecting(&mut on, &mut retry).await?;
                     } else {
                         me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
                     }
@@ -444,7 +416,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Command::Members { target } => {
                     for m in me.members(&target)? {
                         let you = if m.address == me.identity().address() { "\t(this device)" } else { "" };
-                        out!("{}\t{}\t{}{you}", m.address.handle, m.address.device, fingerprint(&m.device_key));
+                        out!(
+                            "{}\t{}\t{}{you}",
+                            m.address.handle,
+                            m.address.device,
+                            subrosa_core::safety::key_fingerprint(&m.device_key)
+                        );
                     }
                 }
                 Command::Link { accept: Some(code), timeout, .. } => {
@@ -487,7 +464,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         if !d.certified {
                             notes.push("NOT CERTIFIED by your identity key");
                         }
-                        out!("{}\t{}\t{}", d.id, fingerprint(&d.key), notes.join(", "));
+                        out!("{}\t{}\t{}", d.id, subrosa_core::safety::key_fingerprint(&d.key), notes.join(", "));
                     }
                 }
                 Command::Devices { action: Some(DevicesCommand::Remove { id }) } => {

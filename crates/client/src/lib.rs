@@ -767,6 +767,38 @@ impl Subrosa {
         }
     }
 
+    /// [`Self::follow`], reconnecting after network loss and server errors
+    /// (backoff from 0.5 s doubling to 10 s, reset after a connection that
+    /// lasted); `on_retry` hears each failure and the wait before the next
+    /// try. Returns only on what retrying cannot fix (refused credentials,
+    /// a removed device, a local store error).
+    ///
+    /// # Errors
+    /// As [`Self::follow`], minus the ones it retries.
+    pub async fn follow_reconnecting(
+        &self,
+        on: &mut dyn FnMut(&Received),
+        on_retry: &mut dyn FnMut(&ClientError, Duration),
+    ) -> Result<(), ClientError> {
+        const FIRST: Duration = Duration::from_millis(500);
+        let mut backoff = FIRST;
+        loop {
+            let started = Instant::now();
+            let e = match self.follow(on).await {
+                Ok(()) => return Ok(()),
+                Err(e @ ClientError::Network(_)) => e,
+                Err(e @ ClientError::Server { status, .. }) if status >= 500 => e,
+                Err(e) => return Err(e),
+            };
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = FIRST;
+            }
+            on_retry(&e, backoff);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
     /// History of a conversation (a group name or a handle), oldest first,
     /// this account's messages and system lines included.
     ///

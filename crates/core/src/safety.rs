@@ -47,6 +47,15 @@ pub fn grouped(number: &str) -> String {
     number.as_bytes().chunks(5).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
 }
 
+/// A short fingerprint of one device key, for telling devices apart in a
+/// list: the first 8 bytes of its SHA-256, in groups of four hex digits.
+/// (Not a substitute for the safety number, which covers the account.)
+pub fn key_fingerprint(key: &[u8]) -> String {
+    let digest = sha2::Sha256::digest(key);
+    let hex = hex::encode(&digest[..8]);
+    hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +70,8 @@ mod tests {
         assert_ne!(n, safety_number((&alice, &[1; 32]), (&bob, &[3; 32])));
         assert_ne!(n, safety_number((&alice, &[1; 32]), (&Handle::new("bobby").expect("h"), &[2; 32])));
         assert_eq!(grouped(&n).split(' ').count(), 12);
+        let f = key_fingerprint(&[1; 32]);
+        assert_eq!(f.len(), 19);
+        assert_ne!(f, key_fingerprint(&[2; 32]));
     }
 }
