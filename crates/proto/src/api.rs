@@ -19,6 +19,8 @@
 //! | `POST /v1/links/{link}/approve` | [`LinkApproveRequest`] | [`Empty`] |
 //! | `GET /v1/links/{link}/response` (unsigned) | | [`LinkResponse`] |
 //!
+//! Key transparency routes are listed in [`crate::kt`].
+//!
 //! Every request but health is signed by the device (see [`crate::SignedHeaders`]);
 //! registration is signed by the device key it registers.
 //! Every error is an HTTP 4xx/5xx with an [`ErrorBody`].
@@ -67,6 +69,10 @@ pub struct AccountInfo {
     pub identity_key: B64,
     /// Its active devices.
     pub devices: Vec<DeviceRecord>,
+    /// The directory's lookup proof that this handle maps to
+    /// [`crate::kt::directory_value`] of these keys.
+    #[serde(default)]
+    pub kt: Option<crate::kt::KtLookup>,
 }
 
 /// A batch of one-time key packages and optionally a new last-resort one.
@@ -107,6 +113,15 @@ pub struct ClaimResponse {
     pub identity_key: B64,
     /// One entry per device that had a package.
     pub packages: Vec<ClaimedKeyPackage>,
+    /// The directory's lookup proof for the handle's keys: its value must be
+    /// [`crate::kt::directory_value`] of the identity key and *all* the
+    /// handle's devices, listed in `devices`.
+    #[serde(default)]
+    pub kt: Option<crate::kt::KtLookup>,
+    /// All the handle's devices (those without a package too), so a client
+    /// can recompute the directory value.
+    #[serde(default)]
+    pub devices: Vec<DeviceRecord>,
 }
 
 /// A claimed key package with the device it belongs to.

@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod bytes;
 mod ids;
+pub mod kt;
 pub mod limits;
 
 pub use api::*;

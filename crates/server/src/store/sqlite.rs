@@ -400,7 +400,7 @@ impl Store for SqliteStore {
                 let (d, k, c) = row.map_err(map_err)?;
                 devices.push(device_record(&d, k, c)?);
             }
-            Ok(Some(AccountInfo { handle, identity_key: B64(identity_key), devices }))
+            Ok(Some(AccountInfo { handle, identity_key: B64(identity_key), devices, kt: None }))
         })
         .await
     }
@@ -526,7 +526,7 @@ impl Store for SqliteStore {
                 return Err(StoreError::NoKeyPackage);
             }
             tx.commit().map_err(map_err)?;
-            Ok(ClaimResponse { handle, identity_key: B64(identity_key), packages })
+            Ok(ClaimResponse { handle, identity_key: B64(identity_key), packages, kt: None, devices: Vec::new() })
         })
         .await
     }
