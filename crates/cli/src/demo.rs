@@ -74,6 +74,7 @@ async fn receive_print(who: &Subrosa) -> Result<()> {
     let mut on = |r: &Received| match r {
         Received::Message(m) => out!("  {name} receives   {}: {}", m.from, m.text),
         Received::Dropped { from, reason } => out!("  {name} dropped a message from {from}: {reason}"),
+        Received::Alert(a) => out!("  {name} alert: {a}"),
     };
     who.receive(Duration::from_secs(5), true, &mut on).await?;
     Ok(())

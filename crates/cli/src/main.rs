@@ -107,6 +107,16 @@ enum Command {
         #[command(subcommand)]
         action: Option<DevicesCommand>,
     },
+    /// Check that a server's key directory only ever grew (anyone can run
+    /// this; no account needed).
+    Audit {
+        /// The server, e.g. https://chat.example.org.
+        #[arg(long)]
+        server: String,
+        /// The first epoch to check.
+        #[arg(long, value_name = "EPOCH")]
+        from: Option<u64>,
+    },
     /// Show the safety number with HANDLE (compare it in person, or scan the QR code).
     SafetyNumber {
         /// Whose.
@@ -321,6 +331,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit { server, from } => {
+            let report = subrosa_client::kt::audit(&server, from, &mut |_| {}).await?;
+            let checked = report.to - report.from;
+            out!(
+                "audited epochs {} to {}: {checked} append-only proof(s) verified; the directory only grew",
+                report.from,
+                report.to
+            );
+            out!("epoch {} root {}", report.to, hex::encode(report.root));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Register { handle, server } => {
             let home = home(&cli.home)?;
             let pass = passphrase(true)?;
@@ -333,147 +354,160 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let pass = passphrase(false)?;
             let me = Subrosa::open(&home, &pass)?;
             drop(pass);
-            match command {
-                Command::Send { target, text, accept_key_change } => {
-                    let m = me.send_text_with(&target, &text, accept_key_change).await?;
-                    out!("sent {} to {}", m.id, m.target);
-                }
-                Command::Receive { json, timeout, follow, no_ack } => {
-                    if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
-                        return Err(anyhow!("--timeout takes a number of seconds from 0"));
-                    }
-                    let mut dropped = 0usize;
-                    let mut on = |r: &Received| match r {
-                        Received::Message(m) => print_message(m, json),
-                        Received::Dropped { from, reason } => {
-                            dropped += 1;
-                            eprintln!("warning: dropped a message from {from} that could not be decrypted or authenticated: {reason}");
-                        }
-                    };
-                    if follow {
-                        let mut retry = |e: &subrosa_client::ClientError, wait: Duration| {
-                            eprintln!("warning: {e}; reconnecting in {:.1} s", wait.as_secs_f64());
-                        };
-                        me.follow_reconnecting(&mut on, &mut retry).await?;
-                    } else {
-                        me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
-                    }
-                    if dropped > 0 {
-                        eprintln!("error: {dropped} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
-                        return Ok(ExitCode::FAILURE);
-                    }
-                }
-                Command::History { target, json } => {
-                    let history = me.history(&target)?;
-                    if !json {
-                        if let Some(m) = history.first().filter(|m| !m.group) {
-                            let state = if me.is_verified(&m.target)? {
-                                "verified".to_string()
-                            } else {
-                                format!("not verified: compare safety numbers with `subrosa verify {}`", m.target)
-                            };
-                            out!("-- conversation with {} ({state})", m.target);
-                        }
-                    }
-                    for m in history {
-                        print_message(&m, json);
-                    }
-                }
-                Command::Contacts => {
-                    for c in me.contacts()? {
-                        let state = if c.verified { "verified" } else { "unverified" };
-                        out!("{}\t{}\t{}", c.handle, state, &c.identity_key[..16.min(c.identity_key.len())]);
-                    }
-                }
-                Command::Group(g) => match g {
-                    GroupCommand::Create { name, handles } => {
-                        let g = me.create_group(&name, &handles).await?;
-                        out!("created {} with {}", g.name, g.members.join(", "));
-                    }
-                    GroupCommand::Add { name, handle } => {
-                        me.group_add(&name, &handle).await?;
-                        out!("added {handle} to {name}");
-                    }
-                    GroupCommand::Remove { name, handle } => {
-                        me.group_remove(&name, &handle).await?;
-                        out!("removed {handle} from {name}");
-                    }
-                    GroupCommand::Leave { name } => {
-                        me.group_leave(&name).await?;
-                        out!("left {name}");
-                    }
-                    GroupCommand::Rename { name, new } => {
-                        me.group_rename(&name, &new).await?;
-                        out!("renamed {name} to {new}");
-                    }
-                },
-                Command::Groups => {
-                    for g in me.groups()? {
-                        let state = if g.active { g.members.join(", ") } else { "(left)".to_string() };
-                        out!("{}\t{}\t{}", g.name, state, g.id);
-                    }
-                }
-                Command::Members { target } => {
-                    for m in me.members(&target)? {
-                        let you = if m.address == me.identity().address() { "\t(this device)" } else { "" };
-                        out!(
-                            "{}\t{}\t{}{you}",
-                            m.address.handle,
-                            m.address.device,
-                            subrosa_core::safety::key_fingerprint(&m.device_key)
-                        );
-                    }
-                }
-                Command::Link { accept: Some(code), timeout, .. } => {
-                    let done = me.link_accept(&code, Duration::from_secs(timeout)).await?;
-                    out!("linked device {}; added it to {} conversations", done.device, done.conversations);
-                }
-                Command::Link { .. } => {
-                    return Err(anyhow!("give HANDLE --server URL on a new device, or --accept CODE"))
-                }
-                Command::SafetyNumber { handle } => {
-                    let n = me.safety_number(&handle).await?;
-                    print_safety_number(&n);
-                }
-                Command::Verify { handle, yes } => {
-                    let n = me.safety_number(&handle).await?;
-                    print_safety_number(&n);
-                    let confirmed = if yes {
-                        true
-                    } else if std::io::stdin().is_terminal() {
-                        let _ = write!(std::io::stdout(), "Does {handle} see the same number? [y/N] ");
-                        let _ = std::io::stdout().flush();
-                        let mut answer = String::new();
-                        std::io::stdin().read_line(&mut answer).context("reading the answer")?;
-                        matches!(answer.trim(), "y" | "Y" | "yes")
-                    } else {
-                        return Err(anyhow!("not verified: compare the numbers, then confirm with --yes"));
-                    };
-                    if !confirmed {
-                        return Err(anyhow!("not verified: the numbers must match on both devices"));
-                    }
-                    me.mark_verified(&handle)?;
-                    out!("{handle} is verified");
-                }
-                Command::Devices { action: None } => {
-                    for d in me.devices().await? {
-                        let mut notes = Vec::new();
-                        if d.this_device {
-                            notes.push("this device");
-                        }
-                        if !d.certified {
-                            notes.push("NOT CERTIFIED by your identity key");
-                        }
-                        out!("{}\t{}\t{}", d.id, subrosa_core::safety::key_fingerprint(&d.key), notes.join(", "));
-                    }
-                }
-                Command::Devices { action: Some(DevicesCommand::Remove { id }) } => {
-                    let n = me.remove_device(&id).await?;
-                    out!("removed device {id} (from {n} conversations)");
-                }
-                Command::Register { .. } | Command::Demo => unreachable!("handled above"),
+            let result = run_opened(&me, command).await;
+            // Security alerts raised along the way (directory forks, ghost
+            // devices) are shown whatever the command was and however it ended.
+            for a in me.take_alerts().unwrap_or_default() {
+                eprintln!("warning: {a}");
             }
-            Ok(ExitCode::SUCCESS)
+            result
         }
     }
+}
+
+async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Send { target, text, accept_key_change } => {
+            let m = me.send_text_with(&target, &text, accept_key_change).await?;
+            out!("sent {} to {}", m.id, m.target);
+        }
+        Command::Receive { json, timeout, follow, no_ack } => {
+            if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
+                return Err(anyhow!("--timeout takes a number of seconds from 0"));
+            }
+            let mut dropped = 0usize;
+            let mut on = |r: &Received| match r {
+                Received::Message(m) => print_message(m, json),
+                Received::Alert(a) => eprintln!("warning: {a}"),
+                Received::Dropped { from, reason } => {
+                    dropped += 1;
+                    eprintln!(
+                        "warning: dropped a message from {from} that could not be decrypted or authenticated: {reason}"
+                    );
+                }
+            };
+            if follow {
+                let mut retry = |e: &subrosa_client::ClientError, wait: Duration| {
+                    eprintln!("warning: {e}; reconnecting in {:.1} s", wait.as_secs_f64());
+                };
+                me.follow_reconnecting(&mut on, &mut retry).await?;
+            } else {
+                me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
+            }
+            if dropped > 0 {
+                eprintln!("error: {dropped} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::History { target, json } => {
+            let history = me.history(&target)?;
+            if !json {
+                if let Some(m) = history.first().filter(|m| !m.group) {
+                    let state = if me.is_verified(&m.target)? {
+                        "verified".to_string()
+                    } else {
+                        format!("not verified: compare safety numbers with `subrosa verify {}`", m.target)
+                    };
+                    out!("-- conversation with {} ({state})", m.target);
+                }
+            }
+            for m in history {
+                print_message(&m, json);
+            }
+        }
+        Command::Contacts => {
+            for c in me.contacts()? {
+                let state = if c.verified { "verified" } else { "unverified" };
+                out!("{}\t{}\t{}", c.handle, state, &c.identity_key[..16.min(c.identity_key.len())]);
+            }
+        }
+        Command::Group(g) => match g {
+            GroupCommand::Create { name, handles } => {
+                let g = me.create_group(&name, &handles).await?;
+                out!("created {} with {}", g.name, g.members.join(", "));
+            }
+            GroupCommand::Add { name, handle } => {
+                me.group_add(&name, &handle).await?;
+                out!("added {handle} to {name}");
+            }
+            GroupCommand::Remove { name, handle } => {
+                me.group_remove(&name, &handle).await?;
+                out!("removed {handle} from {name}");
+            }
+            GroupCommand::Leave { name } => {
+                me.group_leave(&name).await?;
+                out!("left {name}");
+            }
+            GroupCommand::Rename { name, new } => {
+                me.group_rename(&name, &new).await?;
+                out!("renamed {name} to {new}");
+            }
+        },
+        Command::Groups => {
+            for g in me.groups()? {
+                let state = if g.active { g.members.join(", ") } else { "(left)".to_string() };
+                out!("{}\t{}\t{}", g.name, state, g.id);
+            }
+        }
+        Command::Members { target } => {
+            for m in me.members(&target)? {
+                let you = if m.address == me.identity().address() { "\t(this device)" } else { "" };
+                out!(
+                    "{}\t{}\t{}{you}",
+                    m.address.handle,
+                    m.address.device,
+                    subrosa_core::safety::key_fingerprint(&m.device_key)
+                );
+            }
+        }
+        Command::Link { accept: Some(code), timeout, .. } => {
+            let done = me.link_accept(&code, Duration::from_secs(timeout)).await?;
+            out!("linked device {}; added it to {} conversations", done.device, done.conversations);
+        }
+        Command::Link { .. } => return Err(anyhow!("give HANDLE --server URL on a new device, or --accept CODE")),
+        Command::SafetyNumber { handle } => {
+            let n = me.safety_number(&handle).await?;
+            print_safety_number(&n);
+        }
+        Command::Verify { handle, yes } => {
+            let n = me.safety_number(&handle).await?;
+            print_safety_number(&n);
+            let confirmed = if yes {
+                true
+            } else if std::io::stdin().is_terminal() {
+                let _ = write!(std::io::stdout(), "Does {handle} see the same number? [y/N] ");
+                let _ = std::io::stdout().flush();
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+                matches!(answer.trim(), "y" | "Y" | "yes")
+            } else {
+                return Err(anyhow!("not verified: compare the numbers, then confirm with --yes"));
+            };
+            if !confirmed {
+                return Err(anyhow!("not verified: the numbers must match on both devices"));
+            }
+            me.mark_verified(&handle)?;
+            out!("{handle} is verified");
+        }
+        Command::Devices { action: None } => {
+            for d in me.devices().await? {
+                let mut notes = Vec::new();
+                if d.this_device {
+                    notes.push("this device");
+                }
+                if !d.certified {
+                    notes.push("NOT CERTIFIED by your identity key");
+                }
+                out!("{}\t{}\t{}", d.id, subrosa_core::safety::key_fingerprint(&d.key), notes.join(", "));
+            }
+        }
+        Command::Devices { action: Some(DevicesCommand::Remove { id }) } => {
+            let n = me.remove_device(&id).await?;
+            out!("removed device {id} (from {n} conversations)");
+        }
+        Command::Register { .. } | Command::Demo | Command::Audit { .. } => {
+            unreachable!("handled above")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -149,8 +149,17 @@ impl Subrosa {
         } else {
             self.store.contact_key(handle.as_str())?
         };
+        // The directory must vouch for exactly the keys offered, and every
+        // package must be for one of the devices it vouches for.
+        self.kt_verify(handle, claim.identity_key.as_slice(), &claim.devices, claim.kt.as_ref()).await?;
         let mut key_packages = Vec::new();
         for p in &claim.packages {
+            if !claim.devices.contains(&p.device) {
+                return Err(ClientError::KeyMismatch {
+                    handle: handle.to_string(),
+                    why: "a key package is for a device the key directory does not list".into(),
+                });
+            }
             let cert = self.engine.inspect_key_package(p.key_package.as_slice()).map_err(|e| {
                 ClientError::KeyMismatch { handle: handle.to_string(), why: format!("invalid key package: {e}") }
             })?;

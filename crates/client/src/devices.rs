@@ -274,6 +274,7 @@ impl Subrosa {
                             _ => e,
                         },
                     )?;
+                self.kt_verify(&handle, info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await?;
                 self.store.pin_contact(handle.as_str(), info.identity_key.as_slice())?;
                 info.identity_key.into_inner()
             }
@@ -309,6 +310,7 @@ impl Subrosa {
     pub async fn devices(&self) -> Result<Vec<DeviceEntry>, ClientError> {
         let info: AccountInfo =
             self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{}", self.handle()), None).await?;
+        self.kt_verify(self.handle(), info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await?;
         let crypto = self.engine.crypto();
         Ok(info
             .devices

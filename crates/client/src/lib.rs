@@ -7,6 +7,7 @@
 
 mod conversations;
 mod devices;
+pub mod kt;
 pub mod net;
 pub mod store;
 
@@ -78,6 +79,10 @@ pub enum ClientError {
     /// A verified contact's identity key changed.
     #[error("{0}'s identity key changed since you verified it: compare safety numbers again (`subrosa verify {0}`), or send with --accept-key-change")]
     KeyChanged(String),
+    /// The server showed this device a key directory inconsistent with what
+    /// it or another member saw before.
+    #[error("key directory fork: {0}; sending is blocked on this device")]
+    DirectoryFork(String),
     /// Protocol engine failure.
     #[error("{0}")]
     Core(#[from] CoreError),
@@ -115,6 +120,8 @@ pub enum Received {
         /// Why.
         reason: String,
     },
+    /// A security alert for the user (a key-directory fork, a ghost device).
+    Alert(String),
 }
 
 /// How many one-time key packages to keep on the server.
@@ -303,7 +310,7 @@ impl Subrosa {
         message_id: MessageId,
     ) -> Result<StoredMessage, ClientError> {
         let sent_at = now_ms();
-        let content = Content::text(message_id, sent_at, text);
+        let kt_head = self.kt_latest()?;
         let send_id = SendId(rand::random());
         let me = self.engine.identity().address();
         let stored = StoredMessage {
@@ -320,6 +327,8 @@ impl Subrosa {
             system: false,
         };
         let request = self.store.transaction(|| {
+            let seq = self.store.next_seq(&conversation)?;
+            let content = Content::text(message_id, sent_at, text).with_context(seq, kt_head);
             let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
             let req = SendRequest {
                 conversation,
@@ -370,6 +379,7 @@ impl Subrosa {
         // epoch a removal already ended, nor miss a member just added.
         let typed = self.resolve(target);
         self.sync().await?;
+        self.kt_blocked()?;
         let resolved = match typed {
             Ok(Target::Group(row)) => {
                 Target::Group(self.store.conversation(&row.id)?.ok_or(ClientError::Bug("group vanished".into()))?)
@@ -534,10 +544,14 @@ impl Subrosa {
                 }
                 self.check_member_key(&sender.address.handle, &sender.identity_key)?;
                 let row = self.conversation_row(&conversation)?;
+                if let Some((epoch, root)) = content.kt_head {
+                    self.store.push_kt_gossip(epoch, &root, sender.address.handle.as_str())?;
+                }
                 let text = match content.body {
                     Body::Text(t) => t,
                     _ => return Ok(()),
                 };
+                let late = self.note_sequence(&row, &sender.address, content.seq)?;
                 let m = StoredMessage {
                     id: content.message_id.to_hex(),
                     conversation: conversation.to_hex(),
@@ -552,7 +566,14 @@ impl Subrosa {
                     system: false,
                 };
                 // A sender's retry carries the same message id: shown once.
-                self.store.insert_message(&m, &conversation, &content.message_id.0, false)?;
+                let new = self.store.insert_message(&m, &conversation, &content.message_id.0, false)?;
+                if late && new {
+                    self.system_line(
+                        &row,
+                        &sender.address,
+                        format!("the message above from {} arrived out of order", self.who(&sender.address.handle)),
+                    )?;
+                }
                 Ok(())
             }
             Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, .. } => {
@@ -607,6 +628,32 @@ impl Subrosa {
                 Ok(())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Notes a sender's sequence number: a gap becomes a system line before
+    /// the message (the server dropped or is withholding messages). Returns
+    /// true when the message is older than one already shown (reordered).
+    fn note_sequence(&self, row: &store::ConversationRow, from: &DeviceAddress, seq: u64) -> Result<bool, ClientError> {
+        if seq == 0 || (from.handle == *self.handle() && from.device == self.identity().device_id()) {
+            return Ok(false);
+        }
+        let device = format!("{}/{}", from.handle, from.device.to_hex());
+        match self.store.arrived_seq(&row.id, &device, seq)? {
+            None => Ok(true),
+            Some(0) => Ok(false),
+            Some(missing) => {
+                let what = if missing == 1 { "1 message".to_string() } else { format!("{missing} messages") };
+                self.system_line(
+                    row,
+                    from,
+                    format!(
+                        "{what} from {} did not arrive: the server dropped or is withholding them",
+                        self.who(&from.handle)
+                    ),
+                )?;
+                Ok(false)
+            }
         }
     }
 
@@ -678,18 +725,30 @@ impl Subrosa {
     pub async fn sync(&self) -> Result<(), ClientError> {
         self.flush_outbox().await?;
         self.drain_inbox(true).await?;
+        self.check_directory().await?;
         self.commit_pending_leaves().await
+    }
+
+    /// Checks the directory heads other members reported and this account's
+    /// own directory entry.
+    async fn check_directory(&self) -> Result<(), ClientError> {
+        self.kt_check_gossip().await?;
+        self.kt_monitor_self().await
     }
 
     fn emit(&self, on: &mut dyn FnMut(&Received)) -> Result<usize, ClientError> {
         let dropped: Vec<Received> = std::mem::take(&mut *self.lock_dropped());
         let unseen = self.store.take_unseen()?;
-        let n = dropped.len() + unseen.len();
+        let alerts = self.store.take_alerts()?;
+        let n = dropped.len() + unseen.len() + alerts.len();
         for m in unseen {
             on(&Received::Message(m));
         }
         for d in &dropped {
             on(d);
+        }
+        for a in alerts {
+            on(&Received::Alert(a));
         }
         Ok(n)
     }
@@ -711,6 +770,7 @@ impl Subrosa {
     ) -> Result<usize, ClientError> {
         self.flush_outbox().await?;
         self.drain_inbox(ack).await?;
+        self.check_directory().await?;
         if ack {
             self.commit_pending_leaves().await?;
         }
@@ -732,6 +792,7 @@ impl Subrosa {
                             net::send_ack(&mut ws, ids).await?;
                             self.commit_pending_leaves().await?;
                         }
+                        self.kt_check_gossip().await?;
                         shown += self.emit(on)?;
                     }
                     Ok(Ok(Some(ServerFrame::Error(e)))) => return Err(ClientError::Server { status: 0, body: e }),
@@ -760,6 +821,7 @@ impl Subrosa {
                     let ids = self.process_batch(&messages)?;
                     net::send_ack(&mut ws, ids).await?;
                     self.commit_pending_leaves().await?;
+                    self.kt_check_gossip().await?;
                     self.emit(on)?;
                 }
                 Some(ServerFrame::Error(e)) => return Err(ClientError::Server { status: 0, body: e }),

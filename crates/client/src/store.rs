@@ -92,6 +92,15 @@ const SCHEMA: &[&str] = &[
     // v3: a verified contact whose identity key changed blocks sending until
     // the user verifies again or accepts the change.
     "ALTER TABLE contacts ADD COLUMN key_change_pending INTEGER NOT NULL DEFAULT 0;",
+    // v4: key transparency (the directory roots this device verified form
+    // one append-only chain; heads other members reported wait here to be
+    // checked against it), per-conversation sequence numbers (a dropped
+    // message shows as a gap), and alerts for the user.
+    "CREATE TABLE kt_roots (epoch INTEGER PRIMARY KEY, root BLOB NOT NULL);
+     CREATE TABLE kt_gossip (epoch INTEGER NOT NULL, root BLOB NOT NULL, source TEXT NOT NULL, PRIMARY KEY (epoch, root, source));
+     CREATE TABLE seq_out (conversation BLOB PRIMARY KEY, last INTEGER NOT NULL);
+     CREATE TABLE seq_in (conversation BLOB NOT NULL, device TEXT NOT NULL, last INTEGER NOT NULL, PRIMARY KEY (conversation, device));
+     CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, text TEXT NOT NULL UNIQUE, shown INTEGER NOT NULL DEFAULT 0);",
 ];
 
 /// A message as stored in history.
@@ -331,6 +340,168 @@ impl Store {
             )
             .map(|_| ())
             .map_err(sql)
+    }
+
+    /// The directory root this device verified for `epoch`.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn kt_root(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+        self.lock()
+            .query_row("SELECT root FROM kt_roots WHERE epoch = ?1", [epoch as i64], |r| r.get(0))
+            .optional()
+            .map_err(sql)
+    }
+
+    /// The first and last epochs of the verified chain.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn kt_range(&self) -> Result<Option<(u64, u64)>, ClientError> {
+        self.lock()
+            .query_row("SELECT MIN(epoch), MAX(epoch) FROM kt_roots", [], |r| {
+                Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?))
+            })
+            .map(|o| o.map(|(a, b)| (a as u64, b as u64)))
+            .map_err(sql)
+    }
+
+    /// Records verified roots for epochs `from`, `from + 1`, ….
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn put_kt_roots(&self, from: u64, roots: &[[u8; 32]]) -> Result<(), ClientError> {
+        let conn = self.lock();
+        for (i, root) in roots.iter().enumerate() {
+            conn.execute(
+                "INSERT OR IGNORE INTO kt_roots (epoch, root) VALUES (?1, ?2)",
+                params![(from + i as u64) as i64, &root[..]],
+            )
+            .map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a directory head another member reported, to check later.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn push_kt_gossip(&self, epoch: u64, root: &[u8; 32], source: &str) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT OR IGNORE INTO kt_gossip (epoch, root, source) VALUES (?1, ?2, ?3)",
+                params![epoch as i64, &root[..], source],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// The reported heads not checked yet.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn kt_gossip(&self) -> Result<Vec<(u64, [u8; 32], String)>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT epoch, root, source FROM kt_gossip ORDER BY epoch").map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))
+            .map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (epoch, root, source) = row.map_err(sql)?;
+            if let Ok(root) = <[u8; 32]>::try_from(root.as_slice()) {
+                out.push((epoch, root, source));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a checked head.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn drop_kt_gossip(&self, epoch: u64, root: &[u8; 32], source: &str) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "DELETE FROM kt_gossip WHERE epoch = ?1 AND root = ?2 AND source = ?3",
+                params![epoch as i64, &root[..], source],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// The next sequence number this device sends with in a conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn next_seq(&self, conversation: &subrosa_proto::ConversationId) -> Result<u64, ClientError> {
+        self.lock()
+            .query_row(
+                "INSERT INTO seq_out (conversation, last) VALUES (?1, 1)
+                 ON CONFLICT (conversation) DO UPDATE SET last = last + 1 RETURNING last",
+                [&conversation.0[..]],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(sql)
+    }
+
+    /// Records that `seq` arrived from `device` in a conversation. Returns
+    /// how many numbers it skipped (a gap), or `None` when it is older than
+    /// the newest seen (it arrived late, out of order).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn arrived_seq(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, ClientError> {
+        let conn = self.lock();
+        let last: u64 = conn
+            .query_row(
+                "SELECT last FROM seq_in WHERE conversation = ?1 AND device = ?2",
+                params![&conversation.0[..], device],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(sql)?
+            .map_or(0, |n| n as u64);
+        if seq <= last {
+            return Ok(None);
+        }
+        conn.execute(
+            "INSERT INTO seq_in (conversation, device, last) VALUES (?1, ?2, ?3)
+             ON CONFLICT (conversation, device) DO UPDATE SET last = excluded.last",
+            params![&conversation.0[..], device, seq as i64],
+        )
+        .map_err(sql)?;
+        Ok(Some(seq - last - 1))
+    }
+
+    /// Records an alert for the user (once per distinct text).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn add_alert(&self, text: &str) -> Result<(), ClientError> {
+        self.lock()
+            .execute("INSERT OR IGNORE INTO alerts (at, text) VALUES (?1, ?2)", params![now_ms() as i64, text])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Alerts not shown yet, oldest first; marks them shown.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn take_alerts(&self) -> Result<Vec<String>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT text FROM alerts WHERE shown = 0 ORDER BY id").map_err(sql)?;
+        let texts =
+            stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql)?.collect::<Result<Vec<_>, _>>().map_err(sql)?;
+        conn.execute("UPDATE alerts SET shown = 1 WHERE shown = 0", []).map_err(sql)?;
+        Ok(texts)
     }
 
     /// The pinned identity key of a handle, if any.

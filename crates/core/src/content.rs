@@ -1,16 +1,21 @@
 //! The plaintext inside every MLS application message.
 //!
-//! Encoding (version 1): `0x01 || MLS-encoded Body || zero padding`, where the
-//! whole is padded up to a bucket so that ciphertext sizes reveal only the
-//! bucket: 256 bytes, then powers of two up to 64 KiB, then multiples of 64 KiB.
-//! The decoder rejects unknown versions and non-zero padding.
+//! Encoding: `version || MLS-encoded fields || zero padding`, where the whole
+//! is padded up to a bucket so that ciphertext sizes reveal only the bucket:
+//! 256 bytes, then powers of two up to 64 KiB, then multiples of 64 KiB.
+//! Version 2 (written now) adds, to version 1's id, time and body, the
+//! sender's per-conversation sequence number (so a message the server drops
+//! shows as a gap) and the newest key-directory head the sender verified (so
+//! two members can tell when the server shows them different directories).
+//! The decoder reads both versions and rejects others and non-zero padding.
 
 use mls_rs_codec::{MlsDecode, MlsEncode, MlsSize};
 use subrosa_proto::MessageId;
 
 use crate::CoreError;
 
-const VERSION: u8 = 1;
+const VERSION_1: u8 = 1;
+const VERSION: u8 = 2;
 /// Largest text a message may carry, in bytes.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 
@@ -23,6 +28,11 @@ pub struct Content {
     pub sent_at_ms: u64,
     /// What it says.
     pub body: Body,
+    /// The sending device's sequence number in this conversation, from 1
+    /// (0: not numbered, as in version 1).
+    pub seq: u64,
+    /// The newest key-directory head the sender verified: epoch and root hash.
+    pub kt_head: Option<(u64, [u8; 32])>,
 }
 
 impl std::fmt::Debug for Content {
@@ -31,6 +41,7 @@ impl std::fmt::Debug for Content {
         f.debug_struct("Content")
             .field("message_id", &self.message_id)
             .field("sent_at_ms", &self.sent_at_ms)
+            .field("seq", &self.seq)
             .finish_non_exhaustive()
     }
 }
@@ -60,6 +71,18 @@ struct WireV1 {
     payload: Vec<u8>,
 }
 
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct WireV2 {
+    message_id: [u8; 16],
+    sent_at_ms: u64,
+    kind: u8,
+    payload: Vec<u8>,
+    seq: u64,
+    kt_epoch: u64,
+    /// Empty, or the 32-byte root hash of `kt_epoch`.
+    kt_root: Vec<u8>,
+}
+
 const KIND_TEXT: u8 = 1;
 
 /// The padded size for a plaintext of `len` bytes.
@@ -77,7 +100,14 @@ pub fn bucket(len: usize) -> usize {
 impl Content {
     /// A text message.
     pub fn text(message_id: MessageId, sent_at_ms: u64, text: impl Into<String>) -> Self {
-        Content { message_id, sent_at_ms, body: Body::Text(text.into()) }
+        Content { message_id, sent_at_ms, body: Body::Text(text.into()), seq: 0, kt_head: None }
+    }
+
+    /// Numbers the message and attaches the sender's directory head.
+    pub fn with_context(mut self, seq: u64, kt_head: Option<(u64, [u8; 32])>) -> Self {
+        self.seq = seq;
+        self.kt_head = kt_head;
+        self
     }
 
     /// Encodes and pads.
@@ -93,7 +123,19 @@ impl Content {
                 (KIND_TEXT, t.as_bytes().to_vec())
             }
         };
-        let wire = WireV1 { message_id: self.message_id.0, sent_at_ms: self.sent_at_ms, kind, payload };
+        let (kt_epoch, kt_root) = match self.kt_head {
+            Some((epoch, root)) => (epoch, root.to_vec()),
+            None => (0, Vec::new()),
+        };
+        let wire = WireV2 {
+            message_id: self.message_id.0,
+            sent_at_ms: self.sent_at_ms,
+            kind,
+            payload,
+            seq: self.seq,
+            kt_epoch,
+            kt_root,
+        };
         let mut out = vec![VERSION];
         wire.mls_encode(&mut out).map_err(|_| CoreError::Bug("content encoding"))?;
         out.resize(bucket(out.len()), 0);
@@ -106,10 +148,31 @@ impl Content {
     /// [`CoreError::UnsupportedVersion`] or [`CoreError::Malformed`].
     pub fn decode(bytes: &[u8]) -> Result<Self, CoreError> {
         let (&version, mut rest) = bytes.split_first().ok_or(CoreError::Malformed("content: empty"))?;
-        if version != VERSION {
-            return Err(CoreError::UnsupportedVersion(version));
-        }
-        let wire = WireV1::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?;
+        let wire = match version {
+            VERSION_1 => {
+                let w = WireV1::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?;
+                WireV2 {
+                    message_id: w.message_id,
+                    sent_at_ms: w.sent_at_ms,
+                    kind: w.kind,
+                    payload: w.payload,
+                    seq: 0,
+                    kt_epoch: 0,
+                    kt_root: Vec::new(),
+                }
+            }
+            VERSION => WireV2::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?,
+            _ => return Err(CoreError::UnsupportedVersion(version)),
+        };
+        let kt_head = match wire.kt_root.len() {
+            0 => None,
+            32 => {
+                let mut root = [0u8; 32];
+                root.copy_from_slice(&wire.kt_root);
+                Some((wire.kt_epoch, root))
+            }
+            _ => return Err(CoreError::Malformed("content: directory root is not 32 bytes")),
+        };
         if rest.iter().any(|&b| b != 0) {
             return Err(CoreError::Malformed("content: non-zero padding"));
         }
@@ -119,7 +182,13 @@ impl Content {
             ),
             _ => return Err(CoreError::Malformed("content: unknown kind")),
         };
-        Ok(Content { message_id: MessageId(wire.message_id), sent_at_ms: wire.sent_at_ms, body })
+        Ok(Content {
+            message_id: MessageId(wire.message_id),
+            sent_at_ms: wire.sent_at_ms,
+            body,
+            seq: wire.seq,
+            kt_head,
+        })
     }
 }
 
@@ -136,6 +205,18 @@ mod tests {
         let long = Content::text(MessageId([2; 16]), 1, "x".repeat(300));
         assert_eq!(long.encode().map(|b| b.len()).ok(), Some(512));
         assert_eq!(bucket(70_000), 128 * 1024);
+        let numbered = Content::text(MessageId([3; 16]), 7, "hi").with_context(9, Some((4, [7; 32])));
+        assert_eq!(Content::decode(&numbered.encode().expect("encodes")).ok(), Some(numbered));
+    }
+
+    #[test]
+    fn reads_version_1() {
+        let wire = WireV1 { message_id: [5; 16], sent_at_ms: 3, kind: KIND_TEXT, payload: b"old".to_vec() };
+        let mut bytes = vec![VERSION_1];
+        wire.mls_encode(&mut bytes).expect("encodes");
+        bytes.resize(256, 0);
+        let c = Content::decode(&bytes).expect("decodes");
+        assert_eq!((c.seq, c.kt_head, c.body), (0, None, Body::Text("old".into())));
     }
 
     #[test]
