@@ -152,6 +152,15 @@ impl Subrosa {
         // The directory must vouch for exactly the keys offered, and every
         // package must be for one of the devices it vouches for.
         self.kt_verify(handle, claim.identity_key.as_slice(), &claim.devices, claim.kt.as_ref()).await?;
+        if let Some(d) = claim.devices.iter().find(|d| !self.is_certified(d, claim.identity_key.as_slice(), handle)) {
+            return Err(ClientError::KeyMismatch {
+                handle: handle.to_string(),
+                why: format!(
+                    "the key directory lists a device {} not certified by their identity key (a ghost device?)",
+                    d.device_id.to_hex()
+                ),
+            });
+        }
         let mut key_packages = Vec::new();
         for p in &claim.packages {
             if !claim.devices.contains(&p.device) {

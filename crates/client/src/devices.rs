@@ -302,6 +302,18 @@ impl Subrosa {
         Ok(self.store.contacts()?.iter().any(|c| c.handle == handle && c.verified))
     }
 
+    /// Whether `d` carries a valid certificate for itself by `identity_key`
+    /// of `handle`.
+    pub(crate) fn is_certified(&self, d: &DeviceRecord, identity_key: &[u8], handle: &Handle) -> bool {
+        DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| {
+            c.verify(self.engine.crypto()).is_ok()
+                && c.identity_key() == identity_key
+                && c.device_key() == d.signature_key.as_slice()
+                && c.device_id() == d.device_id
+                && c.handle() == *handle
+        })
+    }
+
     /// This account's devices as the server lists them, each certificate
     /// checked against this account's identity key.
     ///
@@ -311,18 +323,11 @@ impl Subrosa {
         let info: AccountInfo =
             self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{}", self.handle()), None).await?;
         self.kt_verify(self.handle(), info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await?;
-        let crypto = self.engine.crypto();
         Ok(info
             .devices
             .into_iter()
             .map(|d| {
-                let certified = DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| {
-                    c.verify(crypto).is_ok()
-                        && c.identity_key() == self.identity().identity_public()
-                        && c.device_key() == d.signature_key.as_slice()
-                        && c.device_id() == d.device_id
-                        && c.handle() == *self.handle()
-                });
+                let certified = self.is_certified(&d, self.identity().identity_public(), self.handle());
                 DeviceEntry {
                     id: d.device_id,
                     key: d.signature_key.into_inner(),

@@ -23,7 +23,6 @@
 use akd::{AkdLabel, AppendOnlyProof, Digest, SingleAppendOnlyProof};
 use protobuf::Message;
 use reqwest::Method;
-use subrosa_core::DeviceCertificate;
 use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
 use subrosa_proto::{AccountInfo, DeviceRecord, Handle};
 
@@ -244,16 +243,8 @@ impl Subrosa {
                  the server may be impersonating you"
             ))?;
         }
-        let crypto = self.engine.crypto();
         for d in &info.devices {
-            let certified = DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| {
-                c.verify(crypto).is_ok()
-                    && c.identity_key() == own_key
-                    && c.device_key() == d.signature_key.as_slice()
-                    && c.device_id() == d.device_id
-                    && c.handle() == me
-            });
-            if !certified {
+            if !self.is_certified(d, own_key, &me) {
                 self.store.add_alert(&format!(
                     "the key directory lists a device {} for {me} that none of your devices added: \
                      the server may be adding a ghost device (it is refused and gets nothing)",

@@ -33,9 +33,22 @@ pub fn server_bin() -> PathBuf {
     bin
 }
 
+/// `subrosa-attack-server`, the test-only malicious operator, built like
+/// [`server_bin`].
+pub fn attack_server_bin() -> PathBuf {
+    let bin = subrosa_bin().with_file_name(format!("subrosa-attack-server{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "-p", "subrosa-attack-server"]).status().expect("cargo runs");
+        assert!(status.success(), "building subrosa-attack-server failed");
+    }
+    bin
+}
+
 /// A real `subrosa-server` process on a free loopback port.
 pub struct Server {
     child: Child,
+    bin: PathBuf,
     pub url: String,
     pub dir: tempfile::TempDir,
 }
@@ -46,9 +59,26 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
+        Self::start_bin(server_bin(), extra)
+    }
+
+    /// The test-only malicious operator (`subrosa-attack-server`): honest
+    /// until [`Server::attack`] writes a plan.
+    pub fn start_malicious() -> Server {
+        Self::start_bin(attack_server_bin(), &[])
+    }
+
+    fn start_bin(bin: PathBuf, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (child, url) = Self::spawn(&dir, "127.0.0.1:0", extra);
-        Server { child, url, dir }
+        let (child, url) = Self::spawn(&bin, &dir, "127.0.0.1:0", extra);
+        Server { child, bin, url, dir }
+    }
+
+    /// Switches the malicious operator's attacks (read on every request).
+    pub fn attack(&self, plan: serde_json::Value) {
+        let tmp = self.data_dir().join("attacks.json.tmp");
+        std::fs::write(&tmp, plan.to_string()).expect("write plan");
+        std::fs::rename(&tmp, self.data_dir().join("attacks.json")).expect("install plan");
     }
 
     /// Kills the server without warning (SIGKILL) and starts it again on
@@ -57,7 +87,7 @@ impl Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let addr = self.url.trim_start_matches("http://").to_string();
-        let (child, url) = Self::spawn(&self.dir, &addr, &[]);
+        let (child, url) = Self::spawn(&self.bin, &self.dir, &addr, &[]);
         assert_eq!(url, self.url);
         self.child = child;
     }
@@ -66,14 +96,14 @@ impl Server {
         self.child.id()
     }
 
-    fn spawn(dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> (Child, String) {
+    fn spawn(bin: &Path, dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> (Child, String) {
         let data = dir.path().join("data");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.path().join("server.log"))
             .expect("log file");
-        let mut child = Command::new(server_bin())
+        let mut child = Command::new(bin)
             .args(["--listen", listen, "--data"])
             .arg(&data)
             .args(extra)
@@ -355,15 +385,7 @@ impl SocketWatch {
 /// key of the operator's own, with key packages, straight in the server's
 /// database. Returns the planted identity.
 pub fn plant_device(server: &Server, handle: &str, key_packages: usize) -> subrosa_core::DeviceIdentity {
-    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
-    let crypto = subrosa_core::default_crypto();
-    let fake = subrosa_core::DeviceIdentity::generate(&crypto, handle.parse().expect("handle"), 1).expect("identity");
-    let engine = subrosa_core::Engine::new(
-        crypto,
-        fake.clone(),
-        InMemoryGroupStateStorage::new(),
-        InMemoryKeyPackageStorage::new(),
-    );
+    let (fake, engine) = fake_device(handle);
     let db = server.db();
     db.execute(
         "INSERT INTO devices (handle, device_id, signature_key, certificate, active, created_at) VALUES (?1, ?2, ?3, ?4, 1, 0)",
@@ -379,4 +401,40 @@ pub fn plant_device(server: &Server, handle: &str, key_packages: usize) -> subro
         .expect("planted key package");
     }
     fake
+}
+
+pub type FakeEngine = subrosa_core::Engine<
+    subrosa_core::DefaultCrypto,
+    mls_rs::storage_provider::in_memory::InMemoryGroupStateStorage,
+    mls_rs::storage_provider::in_memory::InMemoryKeyPackageStorage,
+>;
+
+/// A device the operator makes up for `handle`, certified by an identity
+/// key of its own (not the account's), and an engine to make key packages.
+pub fn fake_device(handle: &str) -> (subrosa_core::DeviceIdentity, FakeEngine) {
+    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
+    let crypto = subrosa_core::default_crypto();
+    let fake = subrosa_core::DeviceIdentity::generate(&crypto, handle.parse().expect("handle"), 1).expect("identity");
+    let engine = subrosa_core::Engine::new(
+        crypto,
+        fake.clone(),
+        InMemoryGroupStateStorage::new(),
+        InMemoryKeyPackageStorage::new(),
+    );
+    (fake, engine)
+}
+
+/// The wire form of a device record, as the server lists it.
+pub fn device_record(id: &subrosa_core::DeviceIdentity) -> serde_json::Value {
+    serde_json::to_value(subrosa_proto::DeviceRecord {
+        device_id: id.device_id(),
+        signature_key: subrosa_proto::B64(id.device_public().to_vec()),
+        certificate: subrosa_proto::B64(id.certificate().to_bytes().expect("certificate")),
+    })
+    .expect("json")
+}
+
+/// Bytes as the wire's base64.
+pub fn b64(bytes: &[u8]) -> serde_json::Value {
+    serde_json::to_value(subrosa_proto::B64(bytes.to_vec())).expect("json")
 }

@@ -1,0 +1,168 @@
+//! The operator turns malicious: `subrosa-attack-server` (a test-only build
+//! that a production configuration cannot reach) plays it. In each test the
+//! clients detect the attack and the attacker receives nothing.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+/// Rows the server queued for a device it made up.
+fn queued_for(server: &Server, device: &subrosa_core::DeviceIdentity) -> i64 {
+    server
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM inbox JOIN devices ON devices.id = inbox.device WHERE devices.device_id = ?1",
+            [device.device_id().to_hex()],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_key_package_substituted_for_bobs_is_refused() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let _bob = User::register(&server, "bob");
+
+    // The operator hands out a key package of its own, for a device of its
+    // own, when alice asks for bob's.
+    let (fake, engine) = fake_device("bob");
+    server.attack(json!({
+        "substitute_key_packages": {
+            "handle": "bob",
+            "with": [b64(&engine.generate_key_package().expect("kp"))],
+            "device": device_record(&fake),
+        }
+    }));
+    let out = alice.run(&["send", "bob", "for bob only"]);
+    assert_clean_error(&out, "refused keys for bob");
+    assert_eq!(server.count("messages"), 0, "nothing was sent to anyone");
+    assert_eq!(queued_for(&server, &fake), 0);
+
+    // Honest again: the conversation starts.
+    server.attack(json!({}));
+    alice.ok(&["send", "bob", "for bob only"]);
+}
+
+#[test]
+fn a_ghost_device_in_alices_directory_entry_is_caught_by_alice_and_refused_by_bob() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+
+    // The operator adds a device of its own to alice's entry and publishes
+    // it: the directory proofs are valid, but the device carries no
+    // certificate by alice's identity key.
+    let (ghost, _) = fake_device("alice");
+    server.attack(json!({ "ghost_device": { "handle": "alice", "device": device_record(&ghost) } }));
+
+    // alice's own monitoring notices at her next sync.
+    let out = alice.run(&["receive"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("warning: the key directory lists a device {} for alice", ghost.device_id().to_hex())),
+        "{err}"
+    );
+    // bob refuses to start a conversation with an entry holding a ghost.
+    assert_clean_error(&bob.run(&["send", "alice", "hello"]), "not certified by their identity key");
+    assert_eq!(queued_for(&server, &ghost), 0);
+    assert_eq!(server.count("messages"), 0);
+}
+
+#[test]
+fn a_forked_directory_is_caught_when_alice_and_bob_talk_and_alice_stops_sending() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hi bob");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hi bob"]);
+    bob.send("alice", "hi alice");
+    assert_eq!(texts(&alice.receive_json(&[])), ["hi alice"]);
+
+    // From the next epoch on, alice is shown a directory in which bob's
+    // keys are the operator's; everyone else sees the real one.
+    let (fake, engine) = fake_device("bob");
+    server.attack(json!({
+        "fork": {
+            "victim": "alice",
+            "handle": "bob",
+            "identity_key": b64(fake.identity_public()),
+            "devices": [device_record(&fake)],
+            "key_packages": [b64(&engine.generate_key_package().expect("kp"))],
+        }
+    }));
+    let _carol = User::register(&server, "carol"); // the next epoch
+
+    // bob's next message carries the head bob verified; alice's device
+    // cannot reconcile it with the directory it is shown.
+    bob.send("alice", "still me");
+    let out = alice.run(&["receive", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout))), ["still me"]);
+    assert!(stderr(&out).contains("warning: the server showed bob a different key directory"), "{}", stderr(&out));
+
+    // From now on alice sends nothing, to bob or anyone.
+    assert_clean_error(&alice.run(&["send", "bob", "secret"]), "key directory fork");
+    assert_clean_error(&alice.run(&["send", "carol", "secret"]), "key directory fork");
+    assert_eq!(queued_for(&server, &fake), 0);
+    assert!(!alice.history_json("bob").iter().any(|m| m["text"] == "secret"));
+}
+
+#[test]
+fn dropped_replayed_and_reordered_messages_show_as_such() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "one");
+    assert_eq!(texts(&bob.receive_json(&[])), ["one"]);
+
+    // The operator drops the next message to bob, and delivers the one
+    // after twice.
+    server.attack(json!({ "messages": { "recipient": "bob", "drop_next": 1, "replay": true } }));
+    alice.send("bob", "two");
+    alice.send("bob", "three");
+    let got = bob.receive_json(&[]);
+    let shown = texts(&got);
+    assert_eq!(
+        shown,
+        ["1 message from alice did not arrive: the server dropped or is withholding them", "three"],
+        "a gap, not silence; the replay is shown once"
+    );
+
+    // Reordering: both arrive, the late one is marked.
+    server.attack(json!({ "messages": { "recipient": "bob", "reorder": true } }));
+    alice.send("bob", "four");
+    alice.send("bob", "five");
+    let shown = texts(&bob.receive_json(&[]));
+    assert_eq!(shown, ["five", "four", "the message above from alice arrived out of order"]);
+    server.attack(json!({}));
+}
+
+#[test]
+fn audit_passes_on_an_honest_directory_and_fails_on_a_tampered_one() {
+    let server = Server::start();
+    for name in ["alice", "bob", "carol"] {
+        User::register(&server, name);
+    }
+    let auditor = User { name: "auditor".into(), dir: tempfile::tempdir().expect("tempdir") };
+    let out = auditor.ok(&["audit", "--server", &server.url]);
+    assert!(out.contains("audited epochs 1 to 3: 2 append-only proof(s) verified"), "{out}");
+
+    // The operator rewrites history: an old epoch's tree node changes.
+    tamper_directory(&server);
+    assert_clean_error(&auditor.run(&["audit", "--server", &server.url]), "not append-only");
+}
+
+/// Changes a tree node the directory stored for an earlier epoch.
+fn tamper_directory(server: &Server) {
+    let db = server.db();
+    let n = db
+        .execute(
+            "UPDATE akd_records SET value = zeroblob(length(value)) WHERE rowid = (SELECT MIN(rowid) FROM akd_records WHERE kind = 'tree_node')",
+            [],
+        )
+        .expect("tamper");
+    assert_eq!(n, 1);
+}
