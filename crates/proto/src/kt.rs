@@ -23,6 +23,11 @@ use sha2::{Digest, Sha256};
 
 use crate::{DeviceRecord, B64};
 
+/// akd's domain-separation label for Subrosa's directory. Server and
+/// clients use `akd::ExperimentalConfiguration<L>` (akd 0.13, feature
+/// `experimental`) with an `L: akd::DomainLabel` returning these bytes.
+pub const AKD_DOMAIN_LABEL: &[u8] = b"subrosa key directory v1";
+
 /// The most epochs one `audit` request may span.
 pub const MAX_AUDIT_EPOCHS: u64 = 64;
 
