@@ -6,6 +6,7 @@
 //! cargo run --release -p subrosa-bench -- crypto     [--iterations N] [--size 200] [--min-seconds 1] [--dir DIR]
 //! cargo run --release -p subrosa-bench -- latency    [--messages 200] [--server URL]
 //! cargo run --release -p subrosa-bench -- throughput [--pairs 50] [--messages-per-pair 40] [--server URL]
+//! cargo run --release -p subrosa-bench -- kt-publish [--handles 10000] [--batch 10000] [--samples 50]
 //! ```
 //!
 //! - `crypto`: messages per second for encrypt + decrypt of one message of
@@ -34,6 +35,12 @@
 //!   `--messages-per-pair` messages each at once. Prints the messages
 //!   delivered per second counted at the receivers (first send to last
 //!   delivery), the total delivered and any lost.
+//! - `kt-publish`: the key directory over a fresh SQLite database: the
+//!   time to publish `--handles` handles in epochs of `--batch`, then one
+//!   epoch with 1 and one with 100 changed handles on top; the lookup proof's
+//!   size (protobuf), its generation time and the client's verification time
+//!   (protobuf decode + `akd::client::lookup_verify`); and the size and
+//!   verification time of one epoch's append-only proof.
 //!
 //! Everything (clients and, by default, the server) runs in this one process
 //! on a multi-threaded tokio runtime, so on a small machine the server and
@@ -41,6 +48,7 @@
 
 mod crypto;
 mod groups;
+mod kt;
 mod net;
 
 use std::path::PathBuf;
@@ -103,6 +111,18 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         messages: usize,
     },
+    /// Key-directory publish time, proof sizes and verification times.
+    KtPublish {
+        /// Handles in the directory.
+        #[arg(long, default_value_t = 10_000)]
+        handles: usize,
+        /// Handles per epoch of the initial bulk publish.
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+        /// Lookups to time.
+        #[arg(long, default_value_t = 50)]
+        samples: usize,
+    },
 }
 
 fn cores() -> usize {
@@ -157,6 +177,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
             anyhow::ensure!(messages > 0, "--messages must be at least 1");
             runtime()?.block_on(groups::run(&sizes, messages))
+        }
+        Command::KtPublish { handles, batch, samples } => {
+            anyhow::ensure!(handles >= 100, "--handles must be at least 100");
+            anyhow::ensure!(batch > 0, "--batch must be at least 1");
+            anyhow::ensure!(samples > 0, "--samples must be at least 1");
+            runtime()?.block_on(kt::run(handles, batch, samples))
         }
     }
 }

@@ -23,7 +23,7 @@
 use akd::{AkdLabel, AppendOnlyProof, Digest, SingleAppendOnlyProof};
 use protobuf::Message;
 use reqwest::Method;
-use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
+use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
 use subrosa_proto::{AccountInfo, DeviceRecord, Handle};
 
 use crate::{ClientError, Subrosa};
@@ -37,7 +37,7 @@ pub struct SubrosaLabel;
 
 impl akd::DomainLabel for SubrosaLabel {
     fn domain_label() -> &'static [u8] {
-        DOMAIN_LABEL
+        AKD_DOMAIN_LABEL
     }
 }
 

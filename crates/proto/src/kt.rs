@@ -23,9 +23,10 @@ use sha2::{Digest, Sha256};
 
 use crate::{DeviceRecord, B64};
 
-/// akd's domain separation label for Subrosa's directory (server and
-/// clients must use the same, with akd's `ExperimentalConfiguration`).
-pub const DOMAIN_LABEL: &[u8] = b"subrosa key directory v1";
+/// akd's domain-separation label for Subrosa's directory. Server and
+/// clients use `akd::ExperimentalConfiguration<L>` (akd 0.13, feature
+/// `experimental`) with an `L: akd::DomainLabel` returning these bytes.
+pub const AKD_DOMAIN_LABEL: &[u8] = b"subrosa key directory v1";
 
 /// The most epochs one `audit` request may span.
 pub const MAX_AUDIT_EPOCHS: u64 = 64;

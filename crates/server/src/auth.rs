@@ -208,3 +208,23 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for SignedJson<T> {
         Ok(SignedJson { device, body })
     }
 }
+
+/// A request that may be signed: the authenticated device when it carries
+/// any signature header (checked exactly like [`Authed`]), else `None`.
+#[derive(Debug, Clone)]
+pub struct MaybeAuthed(pub Option<DeviceAddress>);
+
+impl FromRequestParts<AppState> for MaybeAuthed {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let signed = [HEADER_HANDLE, HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE]
+            .iter()
+            .any(|h| parts.headers.contains_key(*h));
+        if !signed {
+            return Ok(MaybeAuthed(None));
+        }
+        let addr = authenticate(state, parts.method.as_str(), path_and_query(parts), &parts.headers, b"").await?;
+        Ok(MaybeAuthed(Some(addr)))
+    }
+}

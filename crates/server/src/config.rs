@@ -66,6 +66,11 @@ pub struct ServerConfig {
     pub sweep_interval: Duration,
     /// Limits on clients.
     pub limits: Limits,
+    /// The key directory publishes at most one epoch per this interval.
+    pub kt_publish_interval: Duration,
+    /// The malicious-operator controller (only `subrosa-attack-server` sets it).
+    #[cfg(feature = "test-attacks")]
+    pub attacks: Option<std::sync::Arc<crate::attacks::Attacks>>,
 }
 
 impl ServerConfig {
@@ -80,6 +85,9 @@ impl ServerConfig {
             message_ttl: Duration::from_secs(limits::DEFAULT_MESSAGE_TTL_SECS),
             sweep_interval: Duration::from_secs(60),
             limits: Limits::default(),
+            kt_publish_interval: crate::DEFAULT_KT_PUBLISH_INTERVAL,
+            #[cfg(feature = "test-attacks")]
+            attacks: None,
         }
     }
 

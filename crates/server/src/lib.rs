@@ -12,9 +12,13 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "test-attacks")]
+pub mod attacks;
 mod auth;
 mod config;
 mod error;
+mod hooks;
+pub mod kt;
 pub mod ratelimit;
 mod routes;
 mod server;
@@ -35,6 +39,9 @@ pub use routes::app;
 pub use server::{open_store, start, RunningServer, ShutdownTrigger};
 
 use ratelimit::RateLimiter;
+
+/// How often the key directory publishes at most, by default.
+pub const DEFAULT_KT_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 use store::Store;
 use wakeup::Wakeups;
 
@@ -48,8 +55,17 @@ pub struct AppState {
     pub(crate) device_limiter: Arc<RateLimiter<DeviceAddress>>,
     pub(crate) registration_limiter: Arc<RateLimiter<IpAddr>>,
     pub(crate) link_poll_limiter: Arc<RateLimiter<IpAddr>>,
+    /// Unsigned key-transparency reads (head, audit), per client IP.
+    pub(crate) kt_public_limiter: Arc<RateLimiter<IpAddr>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     shutdown_tx: Arc<watch::Sender<bool>>,
+    /// The key directory, opened on first use (or by [`start`]).
+    kt: Arc<tokio::sync::OnceCell<Arc<kt::KtService>>>,
+    kt_publish_interval: std::time::Duration,
+    /// The malicious-operator controller (test builds only; never installed
+    /// by the `subrosa-server` binary).
+    #[cfg(feature = "test-attacks")]
+    pub(crate) attacks: Option<Arc<attacks::Attacks>>,
 }
 
 impl AppState {
@@ -61,6 +77,7 @@ impl AppState {
         // Polls of unsigned link responses, per client IP: as generous as a
         // device's signed requests.
         let link_poll_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
+        let kt_public_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
         let (shutdown_tx, shutdown) = watch::channel(false);
         AppState {
             store,
@@ -69,9 +86,53 @@ impl AppState {
             device_limiter: Arc::new(device_limiter),
             registration_limiter: Arc::new(registration_limiter),
             link_poll_limiter: Arc::new(link_poll_limiter),
+            kt_public_limiter: Arc::new(kt_public_limiter),
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
+            kt: Arc::new(tokio::sync::OnceCell::new()),
+            kt_publish_interval: DEFAULT_KT_PUBLISH_INTERVAL,
+            #[cfg(feature = "test-attacks")]
+            attacks: None,
         }
+    }
+
+    /// Publishes key-directory epochs at most this often (default
+    /// [`DEFAULT_KT_PUBLISH_INTERVAL`]); changes made meanwhile share an epoch.
+    #[must_use]
+    pub fn with_kt_publish_interval(mut self, interval: std::time::Duration) -> Self {
+        self.kt_publish_interval = interval;
+        self
+    }
+
+    /// Installs the malicious-operator controller (test builds only).
+    #[cfg(feature = "test-attacks")]
+    #[must_use]
+    pub fn with_attacks(mut self, attacks: Arc<attacks::Attacks>) -> Self {
+        self.attacks = Some(attacks);
+        self
+    }
+
+    /// The key directory and its publisher (opened, and its VRF key created,
+    /// on first use).
+    ///
+    /// # Errors
+    /// 500 when the directory's tables cannot be read.
+    pub async fn kt(&self) -> Result<Arc<kt::KtService>, AppError> {
+        Ok(self.kt_open().await?)
+    }
+
+    /// [`AppState::kt`] with the directory's own error.
+    ///
+    /// # Errors
+    /// When the directory's tables cannot be read.
+    pub async fn kt_open(&self) -> Result<Arc<kt::KtService>, kt::KtError> {
+        let service = self
+            .kt
+            .get_or_try_init(|| async {
+                kt::KtService::open(self.store.kt_storage(), self.kt_publish_interval).await.map(Arc::new)
+            })
+            .await?;
+        Ok(Arc::clone(service))
     }
 
     /// The store.

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use subrosa_proto::kt::{KtAudit, KtHead, KtLookup};
 use subrosa_proto::limits::{
     LINK_TTL_SECS, MAX_ACK_IDS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD, MAX_KEY_PACKAGE_BYTES,
     MAX_LINK_BYTES, MAX_LINK_REQUEST_BYTES, MAX_PARTS,
@@ -20,7 +21,7 @@ use subrosa_proto::{
     LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, RegisterRequest, SendRequest, SendResponse, B64,
 };
 
-use crate::auth::{now_ms, parse_json, read_body, Authed, RequestSignature, SignedJson};
+use crate::auth::{now_ms, parse_json, read_body, Authed, MaybeAuthed, RequestSignature, SignedJson};
 use crate::store::{NewAccount, StoreError};
 use crate::{ws, AppError, AppState};
 
@@ -43,6 +44,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/links/{link}", get(get_link))
         .route("/v1/links/{link}/approve", post(approve_link))
         .route("/v1/links/{link}/response", get(link_response))
+        .route("/v1/kt/head", get(kt_head))
+        .route("/v1/kt/lookup/{handle}", get(kt_lookup))
+        .route("/v1/kt/audit", get(kt_audit))
         .route_layer(axum::middleware::from_fn(log_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -120,6 +124,7 @@ async fn register(State(state): State<AppState>, req: Request) -> Result<impl In
     sig.verify(reg.device.signature_key.as_slice(), parts.method.as_str(), path, &bytes)?;
     sig.check_fresh(now_ms())?;
     sig.check_nonce(&state).await?;
+    let handle = reg.handle.clone();
     state
         .store
         .register(
@@ -127,6 +132,8 @@ async fn register(State(state): State<AppState>, req: Request) -> Result<impl In
             now_ms(),
         )
         .await?;
+    // The new keys are in the directory before anyone is told they exist.
+    state.kt().await?.publish_and_wait(&state, &handle).await?;
     Ok((StatusCode::CREATED, Json(Empty {})))
 }
 
@@ -136,12 +143,12 @@ fn handle_from_path(path: Result<Path<String>, PathRejection>) -> Result<Handle,
 }
 
 async fn account(
-    Authed(_device): Authed,
+    Authed(device): Authed,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<AccountInfo>, AppError> {
     let handle = handle_from_path(path)?;
-    let info = state.store.account(&handle).await?.ok_or(crate::store::StoreError::UnknownHandle)?;
+    let info = state.kt().await?.account_with_proof(&state, Some(&device), &handle).await?;
     Ok(Json(info))
 }
 
@@ -176,7 +183,18 @@ async fn claim_key_packages(
     State(state): State<AppState>,
     SignedJson { device, body }: SignedJson<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, AppError> {
-    Ok(Json(state.store.claim_key_packages(&body.handle, &device).await?))
+    if let Some(forged) = crate::hooks::forged_claim(&state, &device, &body.handle).await? {
+        return Ok(Json(forged));
+    }
+    let mut response = state.store.claim_key_packages(&body.handle, &device).await?;
+    // The keys and the proof are read after the claim: the packages' devices
+    // are among them unless one was removed in between, which the client
+    // notices.
+    let info = state.kt().await?.account_with_proof(&state, Some(&device), &body.handle).await?;
+    response.identity_key = info.identity_key;
+    response.devices = info.devices;
+    response.kt = info.kt;
+    Ok(Json(crate::hooks::claim(&state, response)))
 }
 
 fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
@@ -236,6 +254,10 @@ async fn inbox(
     };
     // Bound the answer's size too; the client fetches again after acking.
     let messages = state.store.fetch_inbox(&device, 0, limit, state.limits.max_body_bytes).await?;
+    let (messages, dropped) = crate::hooks::deliver(&state, &device, messages);
+    if !dropped.is_empty() {
+        state.store.ack(&device, &dropped).await?;
+    }
     Ok(Json(InboxResponse { messages }))
 }
 
@@ -259,11 +281,6 @@ async fn ack(
     Ok(Json(AckResponse { deleted }))
 }
 
-/// The caller's account as it stands now.
-async fn own_account(state: &AppState, handle: &Handle) -> Result<AccountInfo, AppError> {
-    Ok(state.store.account(handle).await?.ok_or(StoreError::UnknownHandle)?)
-}
-
 /// `POST /v1/devices`: adds a device to the caller's account. The
 /// certificate by the identity key is stored opaquely; clients check it.
 async fn add_device(
@@ -272,7 +289,9 @@ async fn add_device(
 ) -> Result<Json<AccountInfo>, AppError> {
     validate_device(&body.device)?;
     state.store.add_device(&device.handle, body.device, now_ms()).await?;
-    Ok(Json(own_account(&state, &device.handle).await?))
+    let kt = state.kt().await?;
+    kt.publish_and_wait(&state, &device.handle).await?;
+    Ok(Json(kt.account_with_proof(&state, Some(&device), &device.handle).await?))
 }
 
 /// A hex id from the path; anything else is a 400.
@@ -297,7 +316,9 @@ async fn remove_device(
     // Committed: close its sockets on this node now (other nodes notice at
     // their next re-check).
     state.wakeups.revoke(&target);
-    Ok(Json(own_account(&state, &caller.handle).await?))
+    let kt = state.kt().await?;
+    kt.publish_and_wait(&state, &caller.handle).await?;
+    Ok(Json(kt.account_with_proof(&state, Some(&caller), &caller.handle).await?))
 }
 
 /// Refuses an empty or oversize opaque link blob.
@@ -370,4 +391,56 @@ async fn link_response(
     let link: LinkId = id_from_path(path, "link id")?;
     let response = state.store.take_link_response(&link, now_ms()).await?;
     Ok(Json(LinkResponse { response: response.map(B64) }))
+}
+
+/// Rate-limits an unsigned key-transparency read per client IP (signed ones
+/// were limited per device by the extractor).
+fn check_public_kt(state: &AppState, viewer: &Option<DeviceAddress>, req: &Request) -> Result<(), AppError> {
+    if viewer.is_none() {
+        let ip = client_ip_or_unspecified(req);
+        state.kt_public_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+    }
+    Ok(())
+}
+
+/// `GET /v1/kt/head` (signed or not): the latest epoch, its root and the
+/// VRF public key.
+async fn kt_head(
+    MaybeAuthed(viewer): MaybeAuthed,
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Json<KtHead>, AppError> {
+    check_public_kt(&state, &viewer, &req)?;
+    Ok(Json(state.kt().await?.head(&state, viewer.as_ref()).await?))
+}
+
+/// `GET /v1/kt/lookup/{handle}` (signed): the lookup proof of a handle at
+/// the latest epoch.
+async fn kt_lookup(
+    Authed(viewer): Authed,
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<KtLookup>, AppError> {
+    let handle = handle_from_path(path)?;
+    Ok(Json(state.kt().await?.lookup(&state, Some(&viewer), &handle).await?))
+}
+
+/// `GET /v1/kt/audit` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    from: u64,
+    to: u64,
+}
+
+/// `GET /v1/kt/audit?from=A&to=B` (signed or not): append-only proofs.
+async fn kt_audit(
+    MaybeAuthed(viewer): MaybeAuthed,
+    State(state): State<AppState>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+    req: Request,
+) -> Result<Json<KtAudit>, AppError> {
+    check_public_kt(&state, &viewer, &req)?;
+    let Query(q) = query.map_err(|_| AppError::bad_request("from and to must be epoch numbers"))?;
+    Ok(Json(state.kt().await?.audit(&state, viewer.as_ref(), q.from, q.to).await?))
 }

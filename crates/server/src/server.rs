@@ -96,7 +96,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     listener.set_nonblocking(true).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
 
-    let state = AppState::new(Arc::clone(&store), config.limits.clone());
+    let state =
+        AppState::new(Arc::clone(&store), config.limits.clone()).with_kt_publish_interval(config.kt_publish_interval);
+    #[cfg(feature = "test-attacks")]
+    let state = match &config.attacks {
+        Some(a) => state.with_attacks(Arc::clone(a)),
+        None => state,
+    };
+    // Opens the key directory now: its VRF key is created at first start.
+    state.kt_open().await.map_err(|e| ServerError::Config(format!("cannot open the key directory: {e}")))?;
     let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let handle = Handle::new();
     let https = tls.is_some();
@@ -144,6 +152,7 @@ async fn sweep_once(state: &AppState, ttl: Duration) {
     state.device_limiter.prune(Instant::now());
     state.registration_limiter.prune(Instant::now());
     state.link_poll_limiter.prune(Instant::now());
+    state.kt_public_limiter.prune(Instant::now());
 }
 
 async fn sweep_loop(state: AppState, ttl: Duration, every: Duration, mut stop: watch::Receiver<bool>) {

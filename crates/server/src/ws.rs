@@ -123,7 +123,16 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
             let Some(last) = batch.last() else { break };
             cursor = last.id;
             let full = batch.len() == BATCH;
-            send_frame(&mut socket, &ServerFrame::Messages { messages: batch }).await?;
+            let (batch, dropped) = crate::hooks::deliver(&state, &device, batch);
+            if !dropped.is_empty() {
+                if let Err(e) = state.store.ack(&device, &dropped).await {
+                    close_with_error(&mut socket, AppError::from(e).body(), 1011).await;
+                    return Err("storage failed");
+                }
+            }
+            if !batch.is_empty() {
+                send_frame(&mut socket, &ServerFrame::Messages { messages: batch }).await?;
+            }
             if !full {
                 break;
             }

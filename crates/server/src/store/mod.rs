@@ -16,7 +16,9 @@ use subrosa_proto::{
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod kt;
 mod sqlite;
+mod sqlite_kt;
 
 pub use sqlite::SqliteStore;
 
@@ -351,4 +353,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Backend failures only.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// The key-transparency tables of the same database.
+    fn kt_storage(&self) -> std::sync::Arc<dyn kt::KtStorage>;
 }

@@ -102,6 +102,30 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX links_by_expiry ON links(expires_at);
     ",
+    // 3: the key-transparency directory (see `store::kt` and `sqlite_kt.rs`).
+    r"
+    CREATE TABLE kt_records (
+        key BLOB PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE kt_values (
+        label BLOB NOT NULL,
+        epoch INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        value BLOB NOT NULL,
+        node_label_val BLOB NOT NULL,
+        node_label_len INTEGER NOT NULL,
+        PRIMARY KEY (label, epoch)
+    ) WITHOUT ROWID;
+    CREATE TABLE kt_epochs (
+        epoch INTEGER PRIMARY KEY,
+        root_hash BLOB NOT NULL
+    );
+    CREATE TABLE kt_vrf (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        private_key BLOB NOT NULL
+    );
+    ",
 ];
 
 /// The SQLite store.
@@ -111,7 +135,7 @@ pub struct SqliteStore {
     path: PathBuf,
 }
 
-fn map_err(e: rusqlite::Error) -> StoreError {
+pub(super) fn map_err(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(
             SqliteCode::DatabaseBusy
@@ -126,11 +150,11 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn to_i64(v: u64) -> i64 {
+pub(super) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn to_u64(v: i64) -> u64 {
+pub(super) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -169,7 +193,7 @@ impl SqliteStore {
         MIGRATIONS.len()
     }
 
-    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    pub(super) async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -887,6 +911,10 @@ impl Store for SqliteStore {
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(map_err)
         })
         .await
+    }
+
+    fn kt_storage(&self) -> Arc<dyn super::kt::KtStorage> {
+        Arc::new(self.clone())
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {

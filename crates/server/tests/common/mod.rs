@@ -129,7 +129,9 @@ impl TestApp {
     pub fn with_limits(limits: Limits) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("server.db")).expect("store"));
-        let state = AppState::new(Arc::clone(&store), limits);
+        // Publish key-directory epochs without waiting: tests register a lot.
+        let state =
+            AppState::new(Arc::clone(&store), limits).with_kt_publish_interval(std::time::Duration::from_millis(5));
         let router = app(state.clone());
         TestApp { dir, store, state, router }
     }

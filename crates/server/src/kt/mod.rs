@@ -1,0 +1,516 @@
+//! Key transparency: the server side of Meta's auditable key directory
+//! (`akd` 0.13) over the server's own database.
+//!
+//! - Configuration: `akd::ExperimentalConfiguration<SubrosaLabel>`, whose
+//!   domain label is [`subrosa_proto::kt::AKD_DOMAIN_LABEL`]. Clients verify
+//!   with the same configuration.
+//! - Label: the handle's bytes. Value: [`subrosa_proto::kt::directory_value`]
+//!   of the identity key and all active devices.
+//! - Storage: [`db::AkdDb`] over the backend's [`KtStorage`] tables. No
+//!   directory state is kept across requests: every operation opens a fresh
+//!   akd `Directory` whose cache lives as long as that operation, so a node
+//!   always sees epochs another node published.
+//! - VRF key: 32 random bytes from the OS generated at first start and kept
+//!   in the `kt_vrf` row; [`KtVrf`] never prints it.
+//! - Publishing: [`KtService::publish_and_wait`] queues a handle and returns
+//!   once an epoch holding its current keys is committed; one publisher at a
+//!   time per process, at most one epoch per `publish_interval`, and every
+//!   handle queued meanwhile goes into the same epoch.
+
+pub mod db;
+pub mod memory;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use akd::ecvrf::{VRFKeyStorage, VrfError};
+use akd::errors::{AkdError, StorageError};
+use akd::storage::StorageManager;
+use akd::{AkdLabel, AkdValue, AzksParallelismConfig, DomainLabel};
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use protobuf::Message as _;
+use subrosa_proto::kt::{KtAudit, KtHead, KtLookup, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
+use subrosa_proto::{AccountInfo, DeviceAddress, Handle, B64};
+use zeroize::Zeroizing;
+
+use crate::store::kt::KtStorage;
+use crate::store::StoreError;
+use crate::{AppError, AppState};
+pub use db::AkdDb;
+
+/// The akd domain-separation label of Subrosa's directory.
+#[derive(Debug, Clone, Copy)]
+pub struct SubrosaLabel;
+
+impl DomainLabel for SubrosaLabel {
+    fn domain_label() -> &'static [u8] {
+        AKD_DOMAIN_LABEL
+    }
+}
+
+/// The akd configuration both sides use.
+pub type Tc = akd::ExperimentalConfiguration<SubrosaLabel>;
+
+type Dir = akd::Directory<Tc, AkdDb, KtVrf>;
+
+/// Why a directory operation failed (one line; never key material).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("key directory: {0}")]
+pub struct KtError(String);
+
+impl From<AkdError> for KtError {
+    fn from(e: AkdError) -> Self {
+        KtError(e.to_string())
+    }
+}
+
+impl From<StoreError> for KtError {
+    fn from(e: StoreError) -> Self {
+        KtError(e.to_string())
+    }
+}
+
+impl From<KtError> for AppError {
+    fn from(e: KtError) -> Self {
+        AppError::internal(&e.0)
+    }
+}
+
+/// The VRF private key, held in memory once loaded. Its `Debug` is redacted.
+#[derive(Clone)]
+pub struct KtVrf {
+    key: Arc<Zeroizing<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for KtVrf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KtVrf(redacted)")
+    }
+}
+
+#[async_trait]
+impl VRFKeyStorage for KtVrf {
+    async fn retrieve(&self) -> Result<Vec<u8>, VrfError> {
+        Ok(self.key.to_vec())
+    }
+}
+
+impl KtVrf {
+    /// Loads the stored VRF key, or generates one from the OS RNG and stores
+    /// it (first start).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn load_or_create(storage: &dyn KtStorage) -> Result<Self, KtError> {
+        use rand::RngCore as _;
+        let mut candidate = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(candidate.as_mut());
+        let key = storage.kt_vrf_key(*candidate).await?;
+        Ok(KtVrf { key: Arc::new(Zeroizing::new(key)) })
+    }
+}
+
+/// Is this akd error "no such label / record"?
+fn is_not_found(e: &AkdError) -> bool {
+    matches!(e, AkdError::Storage(StorageError::NotFound(_)))
+}
+
+/// One directory (the real one over the database, or the attack fork).
+#[derive(Debug, Clone)]
+pub struct KtDirectory {
+    db: AkdDb,
+    vrf: KtVrf,
+    vrf_public: [u8; 32],
+    parallelism: AzksParallelismConfig,
+}
+
+impl KtDirectory {
+    /// Opens (creating when new) the directory in these tables with the
+    /// stored VRF key (generated on first use).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn open(storage: Arc<dyn KtStorage>) -> Result<Self, KtError> {
+        let vrf = KtVrf::load_or_create(storage.as_ref()).await?;
+        Self::open_with_vrf(storage, vrf).await
+    }
+
+    /// Opens a directory with a given VRF key (the attack fork shares the
+    /// real one's, so that both views look alike).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn open_with_vrf(storage: Arc<dyn KtStorage>, vrf: KtVrf) -> Result<Self, KtError> {
+        let public = vrf.get_vrf_public_key().await.map_err(|e| KtError(e.to_string()))?;
+        let dir = KtDirectory {
+            db: AkdDb::new(storage),
+            vrf,
+            vrf_public: public.to_bytes(),
+            parallelism: AzksParallelismConfig::default(),
+        };
+        // Creates the empty tree (epoch 0) when the tables are new.
+        dir.fresh().await?;
+        Ok(dir)
+    }
+
+    /// The VRF key (for a fork that shares it).
+    pub fn vrf(&self) -> &KtVrf {
+        &self.vrf
+    }
+
+    /// The VRF public key.
+    pub fn vrf_public_key(&self) -> [u8; 32] {
+        self.vrf_public
+    }
+
+    /// An akd directory for one operation: its cache starts empty and is
+    /// dropped with it, so it never serves another node's stale records.
+    async fn fresh(&self) -> Result<Dir, KtError> {
+        let storage = StorageManager::new(self.db.clone(), None, None, None);
+        Ok(akd::Directory::new(storage, self.vrf.clone(), self.parallelism).await?)
+    }
+
+    /// Publishes a new epoch with these labels' values (labels must be
+    /// distinct; unchanged values are skipped and no epoch is made when
+    /// nothing changed). Returns the latest epoch and its root hash.
+    ///
+    /// The caller makes sure only one publish runs at a time.
+    ///
+    /// # Errors
+    /// Backend or akd failures.
+    pub async fn publish(&self, updates: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(u64, [u8; 32]), KtError> {
+        let updates = updates.into_iter().map(|(l, v)| (AkdLabel(l), AkdValue(v))).collect();
+        let hash = self.fresh().await?.publish(updates).await?;
+        Ok((hash.0, hash.1))
+    }
+
+    /// The latest epoch, its root hash and the VRF public key.
+    ///
+    /// # Errors
+    /// Backend or akd failures.
+    pub async fn head(&self) -> Result<KtHead, KtError> {
+        let hash = self.fresh().await?.get_epoch_hash().await?;
+        Ok(KtHead { epoch: hash.0, root_hash: B64(hash.1.to_vec()), vrf_public_key: B64(self.vrf_public.to_vec()) })
+    }
+
+    /// The lookup proof of a label at the latest epoch, with the value it
+    /// proves; `None` when the label was never published.
+    ///
+    /// # Errors
+    /// Backend or akd failures.
+    pub async fn lookup(&self, label: &[u8]) -> Result<Option<(KtLookup, Vec<u8>)>, KtError> {
+        let (proof, hash) = match self.fresh().await?.lookup(AkdLabel(label.to_vec())).await {
+            Ok(r) => r,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let value = proof.value.0.clone();
+        let bytes = akd::proto::specs::types::LookupProof::from(&proof)
+            .write_to_bytes()
+            .map_err(|e| KtError(format!("encoding a lookup proof: {e}")))?;
+        Ok(Some((KtLookup { epoch: hash.0, root_hash: B64(hash.1.to_vec()), proof: B64(bytes) }, value)))
+    }
+
+    /// Append-only proofs from `from` to `to` (checked by the caller:
+    /// `1 <= from <= to <= latest`, at most [`MAX_AUDIT_EPOCHS`] apart).
+    ///
+    /// # Errors
+    /// Backend or akd failures, or a missing root hash.
+    pub async fn audit(&self, from: u64, to: u64) -> Result<KtAudit, KtError> {
+        let roots = self.db.storage().kt_epoch_roots(from, to).await?;
+        let expected: Vec<u64> = (from..=to).collect();
+        if roots.iter().map(|(e, _)| *e).collect::<Vec<_>>() != expected {
+            return Err(KtError(format!("root hashes of epochs {from} to {to} are not all stored")));
+        }
+        let mut proofs = Vec::new();
+        if to > from {
+            let proof = self.fresh().await?.audit(from, to).await?;
+            for p in &proof.proofs {
+                let bytes = akd::proto::specs::types::SingleAppendOnlyProof::from(p)
+                    .write_to_bytes()
+                    .map_err(|e| KtError(format!("encoding an append-only proof: {e}")))?;
+                proofs.push(B64(bytes));
+            }
+        }
+        Ok(KtAudit { from, to, root_hashes: roots.into_iter().map(|(_, h)| B64(h.to_vec())).collect(), proofs })
+    }
+
+    /// The latest epoch.
+    ///
+    /// # Errors
+    /// Backend or akd failures.
+    pub async fn latest_epoch(&self) -> Result<u64, KtError> {
+        Ok(self.fresh().await?.get_epoch_hash().await?.0)
+    }
+}
+
+/// Handles waiting for an epoch, and the number of the batch that will take them.
+#[derive(Debug, Default)]
+struct Queue {
+    pending: BTreeSet<Handle>,
+    next_batch: u64,
+}
+
+/// The directory of a running server and its publisher.
+#[derive(Debug)]
+pub struct KtService {
+    dir: KtDirectory,
+    queue: Mutex<Queue>,
+    /// The last batch committed.
+    published: AtomicU64,
+    /// Held by the one publisher; holds when it last published.
+    publish_lock: tokio::sync::Mutex<Option<Instant>>,
+    interval: Duration,
+}
+
+impl KtService {
+    /// The service over a store's tables.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn open(storage: Arc<dyn KtStorage>, interval: Duration) -> Result<Self, KtError> {
+        Ok(KtService {
+            dir: KtDirectory::open(storage).await?,
+            queue: Mutex::new(Queue { pending: BTreeSet::new(), next_batch: 1 }),
+            published: AtomicU64::new(0),
+            publish_lock: tokio::sync::Mutex::new(None),
+            interval,
+        })
+    }
+
+    /// The real directory.
+    pub fn directory(&self) -> &KtDirectory {
+        &self.dir
+    }
+
+    /// Queues `handle` and returns once an epoch with its keys as they are
+    /// now stored has been committed (publishing it when no other request
+    /// is doing so).
+    ///
+    /// # Errors
+    /// Backend or akd failures of the publish that should have held it.
+    pub async fn publish_and_wait(&self, state: &AppState, handle: &Handle) -> Result<(), AppError> {
+        let ticket = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.pending.insert(handle.clone());
+            q.next_batch
+        };
+        loop {
+            if self.published.load(Ordering::Acquire) >= ticket {
+                return Ok(());
+            }
+            let mut last = self.publish_lock.lock().await;
+            if self.published.load(Ordering::Acquire) >= ticket {
+                return Ok(());
+            }
+            if let Some(at) = *last {
+                tokio::time::sleep_until((at + self.interval).into()).await;
+            }
+            let (batch, handles) = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let batch = q.next_batch;
+                q.next_batch += 1;
+                (batch, std::mem::take(&mut q.pending))
+            };
+            let result = self.publish_batch(state, &handles).await;
+            *last = Some(Instant::now());
+            match result {
+                Ok(()) => self.published.store(batch, Ordering::Release),
+                Err(e) => {
+                    let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    q.pending.extend(handles);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn publish_batch(&self, state: &AppState, handles: &BTreeSet<Handle>) -> Result<(), AppError> {
+        let mut updates = Vec::with_capacity(handles.len());
+        for handle in handles {
+            if let Some(info) = state.store.account(handle).await? {
+                let info = crate::hooks::published_account(state, info);
+                let value = subrosa_proto::kt::directory_value(info.identity_key.as_slice(), &info.devices);
+                updates.push((handle.as_str().as_bytes().to_vec(), value.to_vec()));
+            }
+        }
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let (epoch, _) = self.dir.publish(updates.clone()).await?;
+        tracing::debug!(epoch, handles = updates.len(), ms = started.elapsed().as_millis() as u64, "published");
+        crate::hooks::after_publish(state, &self.dir, &updates).await;
+        Ok(())
+    }
+
+    /// `account` with the directory's lookup proof for it at the latest
+    /// epoch, from the view `viewer` is shown. When the directory does not
+    /// hold these keys yet (a change not yet published, or published before
+    /// a crash), they are published first; the answer's keys always match
+    /// its proof.
+    ///
+    /// # Errors
+    /// 404 unknown_handle; backend or akd failures.
+    pub async fn account_with_proof(
+        &self,
+        state: &AppState,
+        viewer: Option<&DeviceAddress>,
+        handle: &Handle,
+    ) -> Result<AccountInfo, AppError> {
+        let view = crate::hooks::view(state, self, viewer).await?;
+        if let Some(info) = crate::hooks::forged_account(state, &view, viewer, handle).await? {
+            return Ok(info);
+        }
+        for attempt in 0..3 {
+            let info = state.store.account(handle).await?.ok_or(StoreError::UnknownHandle)?;
+            let mut info = crate::hooks::published_account(state, info);
+            let value = subrosa_proto::kt::directory_value(info.identity_key.as_slice(), &info.devices);
+            if let Some((kt, proven)) = view.lookup(handle.as_str().as_bytes()).await? {
+                if proven == value {
+                    info.kt = Some(kt);
+                    return Ok(info);
+                }
+            }
+            if attempt < 2 {
+                self.publish_and_wait(state, handle).await?;
+            }
+        }
+        Err(AppError::internal("the directory does not hold the account's current keys"))
+    }
+
+    /// The lookup proof of a handle at the latest epoch as `viewer` sees
+    /// the directory.
+    ///
+    /// # Errors
+    /// 404 unknown_handle; backend or akd failures.
+    pub async fn lookup(
+        &self,
+        state: &AppState,
+        viewer: Option<&DeviceAddress>,
+        handle: &Handle,
+    ) -> Result<KtLookup, AppError> {
+        let view = crate::hooks::view(state, self, viewer).await?;
+        if let Some((kt, _)) = view.lookup(handle.as_str().as_bytes()).await? {
+            return Ok(kt);
+        }
+        // Registered but not in the directory (a publish lost in a crash):
+        // publish now.
+        state.store.account(handle).await?.ok_or(StoreError::UnknownHandle)?;
+        self.publish_and_wait(state, handle).await?;
+        match view.lookup(handle.as_str().as_bytes()).await? {
+            Some((kt, _)) => Ok(kt),
+            None => Err(StoreError::UnknownHandle.into()),
+        }
+    }
+
+    /// The head as `viewer` sees it.
+    ///
+    /// # Errors
+    /// Backend or akd failures.
+    pub async fn head(&self, state: &AppState, viewer: Option<&DeviceAddress>) -> Result<KtHead, AppError> {
+        Ok(crate::hooks::view(state, self, viewer).await?.head().await?)
+    }
+
+    /// Append-only proofs as `viewer` sees the directory.
+    ///
+    /// # Errors
+    /// 400 bad_request for a range that is not `1 <= from <= to <= latest`
+    /// with at most [`MAX_AUDIT_EPOCHS`] between; backend or akd failures.
+    pub async fn audit(
+        &self,
+        state: &AppState,
+        viewer: Option<&DeviceAddress>,
+        from: u64,
+        to: u64,
+    ) -> Result<KtAudit, AppError> {
+        if from == 0 || to < from || to - from > MAX_AUDIT_EPOCHS {
+            return Err(AppError::bad_request(format!(
+                "need 1 <= from <= to with to - from at most {MAX_AUDIT_EPOCHS}"
+            )));
+        }
+        let view = crate::hooks::view(state, self, viewer).await?;
+        let latest = view.latest_epoch().await?;
+        if to > latest {
+            return Err(AppError::bad_request(format!("to is beyond the latest epoch {latest}")));
+        }
+        Ok(view.audit(from, to).await?)
+    }
+}
+
+/// Decodes a protobuf lookup proof (for tests and tools).
+///
+/// # Errors
+/// A message when the bytes are not a lookup proof.
+pub fn decode_lookup_proof(bytes: &[u8]) -> Result<akd::LookupProof, String> {
+    let p = akd::proto::specs::types::LookupProof::parse_from_bytes(bytes).map_err(|e| e.to_string())?;
+    akd::LookupProof::try_from(&p).map_err(|e| e.to_string())
+}
+
+/// Decodes a protobuf append-only proof (for tests and tools).
+///
+/// # Errors
+/// A message when the bytes are not an append-only proof.
+pub fn decode_append_only_proof(bytes: &[u8]) -> Result<akd::SingleAppendOnlyProof, String> {
+    let p = akd::proto::specs::types::SingleAppendOnlyProof::parse_from_bytes(bytes).map_err(|e| e.to_string())?;
+    akd::SingleAppendOnlyProof::try_from(&p).map_err(|e| e.to_string())
+}
+
+/// A 32-byte digest from base64 wire bytes.
+///
+/// # Errors
+/// A message when it is not 32 bytes.
+pub fn digest(b: &B64) -> Result<[u8; 32], String> {
+    b.as_slice().try_into().map_err(|_| format!("expected 32 bytes, got {}", b.len()))
+}
+
+/// Checks a lookup answer the way a client must: the proof verifies against
+/// the root, epoch and VRF key, and proves `expected_value` for `handle`.
+///
+/// # Errors
+/// One line saying what failed.
+pub fn verify_lookup(
+    vrf_public_key: &[u8],
+    handle: &Handle,
+    kt: &KtLookup,
+    expected_value: &[u8],
+) -> Result<(), String> {
+    let proof = decode_lookup_proof(kt.proof.as_slice())?;
+    if proof.value.0 != expected_value {
+        return Err("the proven value is not the one of the keys offered".into());
+    }
+    akd::client::lookup_verify::<Tc>(
+        vrf_public_key,
+        digest(&kt.root_hash)?,
+        kt.epoch,
+        AkdLabel(handle.as_str().as_bytes().to_vec()),
+        proof,
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Checks an audit answer the way an auditor must.
+///
+/// # Errors
+/// One line saying what failed.
+pub async fn verify_audit(audit: &KtAudit) -> Result<(), String> {
+    if audit.root_hashes.len() as u64 != audit.to.saturating_sub(audit.from) + 1
+        || audit.proofs.len() + 1 != audit.root_hashes.len()
+    {
+        return Err("the audit has the wrong number of hashes or proofs".into());
+    }
+    let hashes = audit.root_hashes.iter().map(digest).collect::<Result<Vec<_>, _>>()?;
+    let proofs = audit.proofs.iter().map(|p| decode_append_only_proof(p.as_slice())).collect::<Result<Vec<_>, _>>()?;
+    let epochs = (audit.from..audit.to).collect();
+    akd::auditor::audit_verify::<Tc>(hashes, akd::AppendOnlyProof { proofs, epochs }).await.map_err(|e| e.to_string())
+}
+
+/// Base64 of bytes (for logs of sizes and tests).
+pub fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}

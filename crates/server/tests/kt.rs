@@ -1,0 +1,227 @@
+//! Key transparency: the directory over SQLite (publish, lookup, audit,
+//! restart) and its HTTP routes, with every proof verified as a client would.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{assert_error, TestApp, TestDevice};
+use serde_json::json;
+use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, MAX_AUDIT_EPOCHS};
+use subrosa_proto::{AccountInfo, ClaimResponse, DeviceRecord, Handle};
+use subrosa_server::kt::{verify_audit, verify_lookup, KtDirectory};
+use subrosa_server::store::{NewAccount, SqliteStore, Store};
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unsigned(path: &str) -> Request<Body> {
+    Request::builder().method("GET").uri(path).body(Body::empty()).expect("request")
+}
+
+fn value(n: u8) -> Vec<u8> {
+    vec![n; 32]
+}
+
+fn label(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+fn handle(s: &str) -> Handle {
+    Handle::new(s).expect("handle")
+}
+
+#[tokio::test]
+async fn directory_round_trip_through_sqlite() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = SqliteStore::open(&dir.path().join("server.db")).expect("store");
+    let kt = KtDirectory::open(store.kt_storage()).await.expect("open");
+    assert_eq!(kt.head().await.expect("head").epoch, 0);
+
+    let (e1, _) = kt.publish(vec![(label("alice"), value(1)), (label("bob"), value(2))]).await.expect("publish");
+    let (e2, _) = kt.publish(vec![(label("alice"), value(3))]).await.expect("publish");
+    assert_eq!((e1, e2), (1, 2));
+    // Republishing an unchanged value makes no epoch.
+    assert_eq!(kt.publish(vec![(label("bob"), value(2))]).await.expect("publish").0, 2);
+
+    let vrf = kt.vrf_public_key();
+    let (alice, proven) = kt.lookup(b"alice").await.expect("lookup").expect("alice is there");
+    assert_eq!(proven, value(3));
+    assert_eq!(alice.epoch, 2);
+    verify_lookup(&vrf, &handle("alice"), &alice, &value(3)).expect("alice verifies");
+    assert!(verify_lookup(&vrf, &handle("alice"), &alice, &value(1)).is_err(), "an old value must not verify");
+    assert!(verify_lookup(&vrf, &handle("bob"), &alice, &value(3)).is_err(), "another label must not verify");
+    let (bob, _) = kt.lookup(b"bob").await.expect("lookup").expect("bob");
+    verify_lookup(&vrf, &handle("bob"), &bob, &value(2)).expect("bob verifies");
+    assert!(kt.lookup(b"carol").await.expect("lookup").is_none());
+
+    let audit = kt.audit(1, 2).await.expect("audit");
+    assert_eq!((audit.root_hashes.len(), audit.proofs.len()), (2, 1));
+    assert_eq!(audit.root_hashes[1], alice.root_hash);
+    verify_audit(&audit).await.expect("append-only");
+    let mut swapped = audit.clone();
+    swapped.root_hashes.reverse();
+    assert!(verify_audit(&swapped).await.is_err(), "swapped roots must not verify");
+}
+
+#[tokio::test]
+async fn restart_keeps_directory_and_vrf_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("server.db");
+    let (head, vrf) = {
+        let store = SqliteStore::open(&path).expect("store");
+        let kt = KtDirectory::open(store.kt_storage()).await.expect("open");
+        kt.publish(vec![(label("alice"), value(1))]).await.expect("publish");
+        kt.publish(vec![(label("bob"), value(2))]).await.expect("publish");
+        (kt.head().await.expect("head"), kt.vrf_public_key())
+    };
+    let store = SqliteStore::open(&path).expect("reopen");
+    let kt = KtDirectory::open(store.kt_storage()).await.expect("open again");
+    assert_eq!(kt.vrf_public_key(), vrf, "the VRF key survives a restart");
+    assert_eq!(kt.head().await.expect("head"), head, "the directory survives a restart");
+    let (alice, _) = kt.lookup(b"alice").await.expect("lookup").expect("alice");
+    verify_lookup(&vrf, &handle("alice"), &alice, &value(1)).expect("verifies after restart");
+    assert_eq!(kt.publish(vec![(label("alice"), value(9))]).await.expect("publish").0, 3);
+    verify_audit(&kt.audit(1, 3).await.expect("audit")).await.expect("append-only across the restart");
+}
+
+async fn head(t: &TestApp) -> KtHead {
+    let (status, body) = t.call(unsigned("/v1/kt/head")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    serde_json::from_value(body).expect("KtHead")
+}
+
+fn identity(d: &TestDevice) -> Vec<u8> {
+    use aws_lc_rs::signature::KeyPair as _;
+    d.identity.public_key().as_ref().to_vec()
+}
+
+#[tokio::test]
+async fn kt_routes_answer_and_verify() {
+    let t = TestApp::new();
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let h = head(&t).await;
+    assert!(h.epoch >= 1, "registrations were published");
+    let vrf = h.vrf_public_key.as_slice().to_vec();
+
+    let (status, body) = t.call(alice.request("GET", &format!("/v1/kt/lookup/{}", bob.handle), vec![])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let lookup: KtLookup = serde_json::from_value(body).expect("KtLookup");
+    assert_eq!((lookup.epoch, &lookup.root_hash), (h.epoch, &h.root_hash));
+    verify_lookup(&vrf, &bob.handle, &lookup, &directory_value(&identity(&bob), &[bob.record()]))
+        .expect("bob's lookup verifies against his keys");
+
+    // Signed head and audit work too.
+    let (status, signed_head) = t.call(alice.request("GET", "/v1/kt/head", vec![])).await;
+    assert_eq!(status, StatusCode::OK, "{signed_head}");
+    let (status, body) = t.call(unsigned(&format!("/v1/kt/audit?from=1&to={}", h.epoch))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let audit: KtAudit = serde_json::from_value(body).expect("KtAudit");
+    assert_eq!(audit.root_hashes.last(), Some(&h.root_hash));
+    verify_audit(&audit).await.expect("audit verifies");
+    let (status, body) = t.call(alice.request("GET", "/v1/kt/audit?from=1&to=1", vec![])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["proofs"].as_array().map(Vec::len), Some(0));
+
+    for bad in [
+        "/v1/kt/audit",
+        "/v1/kt/audit?from=1",
+        "/v1/kt/audit?from=x&to=2",
+        "/v1/kt/audit?from=0&to=1",
+        "/v1/kt/audit?from=2&to=1",
+        "/v1/kt/audit?from=1&to=99",
+        "/v1/kt/audit?from=1&to=2&extra=3",
+    ] {
+        assert_error(&t.call(unsigned(bad)).await, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let too_wide = format!("/v1/kt/audit?from=1&to={}", MAX_AUDIT_EPOCHS + 2);
+    assert_error(&t.call(unsigned(&too_wide)).await, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &t.call(alice.request("GET", "/v1/kt/lookup/nobody", vec![])).await,
+        StatusCode::NOT_FOUND,
+        "unknown_handle",
+    );
+    assert_error(
+        &t.call(alice.request("GET", "/v1/kt/lookup/NOT%20A%20HANDLE", vec![])).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        &t.call(unsigned(&format!("/v1/kt/lookup/{}", bob.handle))).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+}
+
+fn check_account(vrf: &[u8], info: &AccountInfo) {
+    let kt = info.kt.as_ref().expect("the answer carries a proof");
+    let value = directory_value(info.identity_key.as_slice(), &info.devices);
+    verify_lookup(vrf, &info.handle, kt, &value).expect("the proof matches the keys returned");
+}
+
+#[tokio::test]
+async fn account_and_claim_carry_matching_proofs() {
+    let t = TestApp::new();
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let bob2 = t.add_device(&bob).await;
+    let vrf = head(&t).await.vrf_public_key.as_slice().to_vec();
+
+    let (status, body) = t.call(alice.request("GET", &format!("/v1/accounts/{}", bob.handle), vec![])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let info: AccountInfo = serde_json::from_value(body).expect("AccountInfo");
+    assert_eq!(info.devices.len(), 2);
+    check_account(&vrf, &info);
+
+    let kp = json!({ "one_time": [b64(b"kp of bob"), b64(b"another")] });
+    let (status, body) = t.call(bob.request("POST", "/v1/keypackages", serde_json::to_vec(&kp).unwrap())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let claim = serde_json::to_vec(&json!({ "handle": bob.handle })).unwrap();
+    let (status, body) = t.call(alice.request("POST", "/v1/keypackages/claim", claim)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let claimed: ClaimResponse = serde_json::from_value(body).expect("ClaimResponse");
+    assert_eq!(claimed.packages.len(), 1, "only bob's first device has packages");
+    assert_eq!(claimed.devices.len(), 2, "all devices are listed");
+    check_account(
+        &vrf,
+        &AccountInfo {
+            handle: claimed.handle.clone(),
+            identity_key: claimed.identity_key.clone(),
+            devices: claimed.devices.clone(),
+            kt: claimed.kt.clone(),
+        },
+    );
+
+    // The device-management answers carry the new proof too.
+    let (status, body) = t.call(bob.request("DELETE", &format!("/v1/devices/{}", bob2.device.to_hex()), vec![])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let after: AccountInfo = serde_json::from_value(body).expect("AccountInfo");
+    assert_eq!(after.devices, vec![bob.record()]);
+    check_account(&vrf, &after);
+    assert!(after.kt.as_ref().unwrap().epoch > info.kt.as_ref().unwrap().epoch);
+}
+
+#[tokio::test]
+async fn an_unpublished_account_is_published_before_it_is_served() {
+    let t = TestApp::new();
+    let alice = t.register("alice").await;
+    // Stored but never published (as after a crash between the two).
+    let carol = TestDevice::new("carol");
+    let record: DeviceRecord = carol.record();
+    t.store
+        .register(NewAccount { handle: carol.handle.clone(), identity_key: identity(&carol), device: record }, 1)
+        .await
+        .expect("register");
+    let vrf = head(&t).await.vrf_public_key.as_slice().to_vec();
+    let (status, body) = t.call(alice.request("GET", &format!("/v1/accounts/{}", carol.handle), vec![])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    check_account(&vrf, &serde_json::from_value(body).expect("AccountInfo"));
+    let _ = Arc::clone(&t.store);
+}
