@@ -16,8 +16,10 @@ use subrosa_proto::{
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Why a storage operation failed: either an answer about the data (a taken
@@ -351,4 +353,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Backend failures only.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Starts forwarding other nodes' wake-ups and device removals into this
+    /// node's `wakeups` until `stop` changes (PostgreSQL: LISTEN/NOTIFY).
+    /// Backends that serve a single node have nothing to forward and return
+    /// `None`.
+    fn spawn_listener(
+        &self,
+        _wakeups: std::sync::Arc<crate::wakeup::Wakeups>,
+        _stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
 }
