@@ -366,6 +366,8 @@ async fn database_outage_answers_unavailable_and_recovers() {
     let addr = srv.local_addr();
     let alice = register(addr, "alice").await;
     let bob = register(addr, "bob").await;
+    let mut ws = connect_ws(addr, &bob).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     proxy.cut();
     let started = Instant::now();
@@ -389,8 +391,14 @@ async fn database_outage_answers_unavailable_and_recovers() {
         assert!(Instant::now() < deadline, "the node did not recover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Bob's socket stayed open through the outage and gets the message.
+    let ServerFrame::Messages { messages } = next_frame(&mut ws, Duration::from_secs(5)).await else {
+        panic!("expected messages")
+    };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"back");
     let (status, answer) = http(addr, bob.request("GET", "/v1/inbox", vec![])).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["messages"].as_array().map(Vec::len), Some(1));
+    drop(ws);
     srv.shutdown().await;
 }
