@@ -402,3 +402,56 @@ async fn database_outage_answers_unavailable_and_recovers() {
     drop(ws);
     srv.shutdown().await;
 }
+
+/// Every database connection of two in-process nodes is terminated
+/// (`pg_terminate_backend`), listeners included. The nodes recover by
+/// themselves, and a message sent meanwhile still reaches a socket on the
+/// other node promptly: the reconnected listener wakes every local socket,
+/// since a notification may have been lost while it was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_connections_are_replaced_and_no_wake_up_is_lost() {
+    let Some(schema) = Schema::new().await else { return };
+    let app_name = format!("subrosa_test_{}", schema.name);
+    let url = format!("{}&application_name={app_name}", schema.url);
+    let node = |dir: &tempfile::TempDir| {
+        let mut cfg = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
+        cfg.database = Some(url.clone());
+        cfg
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let a = start(node(&dir_a)).await.expect("node a");
+    let b = start(node(&dir_b)).await.expect("node b");
+    let alice = register(a.local_addr(), "alice").await;
+    let bob = register(b.local_addr(), "bob").await;
+    let mut ws = connect_ws(b.local_addr(), &bob).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (admin, conn) = tokio_postgres::connect(&schema.base, tokio_postgres::NoTls).await.expect("admin");
+    tokio::spawn(conn);
+    let killed = admin
+        .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", &[&app_name])
+        .await
+        .expect("terminate");
+    assert!(killed.len() >= 2, "at least both listeners: {}", killed.len());
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    loop {
+        let body = send_body(ConversationId([3; 16]), None, &bob, b"after the cut");
+        let (status, answer) = http(a.local_addr(), alice.request("POST", "/v1/messages", body)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!((status, answer["code"].as_str()), (503, Some("unavailable")), "{answer}");
+        assert!(Instant::now() < deadline, "node a did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ServerFrame::Messages { messages } = next_frame(&mut ws, Duration::from_secs(5)).await else {
+        panic!("expected messages")
+    };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"after the cut");
+    eprintln!("delivered across the reconnect after {:?}", started.elapsed());
+    drop(ws);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1332,6 +1332,50 @@ mod tests {
         link_response_is_handed_out_once,
     );
 
+    /// Nodes starting together migrate once (the advisory lock); a schema
+    /// newer than the build is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_starts_migrate_once_and_newer_schemas_are_refused() {
+        let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
+            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            return;
+        };
+        let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let url = create_schema(&base, &name).await.expect("create test schema");
+        let _schema = TestSchema { base, name };
+        let starts: Vec<_> = (0..6)
+            .map(|_| {
+                tokio::spawn({
+                    let url = url.clone();
+                    async move { PgStore::connect(&url).await }
+                })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for s in starts {
+            stores.push(s.await.expect("task").expect("connect"));
+        }
+        let (client, conn) = connect_admin(&url).await.expect("admin");
+        let versions: Vec<i32> = client
+            .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+            .await
+            .expect("versions")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let expected: Vec<i32> = (1..=i32::try_from(PgStore::schema_version()).expect("small")).collect();
+        assert_eq!(versions, expected);
+        let store: Arc<dyn Store> = Arc::new(stores.remove(0));
+        conformance::register_and_look_up(store).await;
+
+        client.execute("INSERT INTO schema_migrations (version) VALUES (999)", &[]).await.expect("bump");
+        conn.abort();
+        match PgStore::connect(&url).await {
+            Err(StoreError::Internal(m)) => assert!(m.contains("newer than this server"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn run_all_passes() {
         let Some((_schema, store)) = open().await else { return };
