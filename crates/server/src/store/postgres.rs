@@ -132,6 +132,8 @@ const MIGRATIONS: &[&str] = &[
 /// First key of the advisory lock taken around migrations (the second is
 /// the schema's name hashed, so schemas migrate independently).
 const MIGRATION_LOCK: i32 = 0x5342_5253; // "SBRS"
+/// First key of the advisory lock a sweep holds (one node sweeps at a time).
+const SWEEP_LOCK: i32 = 0x5342_5257; // "SBRW"
 /// Connections per node.
 const POOL_SIZE: usize = 16;
 /// Waiting for a free pooled connection, or for a new one.
@@ -1005,6 +1007,19 @@ impl Store for PgStore {
         now_ms: u64,
     ) -> Result<SweepReport, StoreError> {
         in_tx!(self, |tx| async {
+            // Every node sweeps; one at a time is enough (the others skip
+            // this round rather than wait or contend for the same rows).
+            let ours: bool = query_opt(
+                &tx,
+                "SELECT pg_try_advisory_xact_lock($1, hashtext(COALESCE(current_schema(), '')))",
+                &[&SWEEP_LOCK],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(false);
+            if !ours {
+                return Ok(SweepReport::default());
+            }
             let messages: Vec<i64> =
                 query(&tx, "DELETE FROM inbox WHERE created_at < $1 RETURNING message", &[&to_i64(inbox_before_ms)])
                     .await?
