@@ -243,6 +243,17 @@ fn device_record(device_id: &str, key: Vec<u8>, cert: Vec<u8>) -> Result<DeviceR
     Ok(DeviceRecord { device_id: parse_device_id(device_id)?, signature_key: B64(key), certificate: B64(cert) })
 }
 
+/// The NOTIFY channel of a schema: `subrosa_wake_<schema>`, or for a schema
+/// name too long for a channel (63 bytes), a 64-bit FNV-1a hash of it.
+fn channel_name(schema: &str) -> String {
+    let plain = format!("subrosa_wake_{schema}");
+    if plain.len() <= 63 {
+        return plain;
+    }
+    let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("subrosa_wake_{hash:016x}")
+}
+
 /// Quotes an identifier for SQL.
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -365,7 +376,7 @@ impl PgStore {
             .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
         let mut store = PgStore { pool, config, channel: String::new() };
         let schema = store.migrate().await?;
-        store.channel = format!("subrosa_wake_{schema}");
+        store.channel = channel_name(&schema);
         Ok(store)
     }
 
@@ -1389,6 +1400,15 @@ mod tests {
             Err(StoreError::Internal(m)) => assert!(m.contains("newer than this server"), "{m}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn channel_names_fit() {
+        assert_eq!(channel_name("public"), "subrosa_wake_public");
+        let long = "s".repeat(63);
+        let c = channel_name(&long);
+        assert!(c.len() <= 63 && c.starts_with("subrosa_wake_"), "{c}");
+        assert_ne!(c, channel_name(&"t".repeat(63)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
