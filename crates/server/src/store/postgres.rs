@@ -147,6 +147,7 @@ const OP_TIMEOUT: Duration = Duration::from_secs(15);
 const ATTEMPTS: u32 = 4;
 /// Listener: pause before reconnecting, and how often it checks its connection.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(8);
 const LISTEN_PROBE: Duration = Duration::from_secs(10);
 /// Device addresses per notification (a payload must stay under 8000 bytes;
 /// an address is at most 49).
@@ -431,16 +432,19 @@ impl PgStore {
         let channel = self.channel.clone();
         tokio::spawn(async move {
             let mut first = true;
+            let mut pause = LISTEN_RETRY;
             loop {
                 tokio::select! {
-                    reason = listen_once(&config, &channel, &wakeups, first) => {
+                    (reason, listened) = listen_once(&config, &channel, &wakeups, first) => {
                         tracing::warn!(reason = %reason, "database listener lost; reconnecting");
+                        // Back off while the database stays unreachable.
+                        pause = if listened { LISTEN_RETRY } else { (pause * 2).min(LISTEN_RETRY_MAX) };
                     }
                     _ = stop.changed() => return,
                 }
                 first = false;
                 tokio::select! {
-                    () = tokio::time::sleep(LISTEN_RETRY) => {}
+                    () = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => return,
                 }
             }
@@ -448,11 +452,12 @@ impl PgStore {
     }
 }
 
-/// One listening connection, until it fails; returns why.
-async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &Wakeups, first: bool) -> String {
+/// One listening connection, until it fails; returns why, and whether it
+/// got as far as listening.
+async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &Wakeups, first: bool) -> (String, bool) {
     let (client, mut connection) = match config.connect(NoTls).await {
         Ok(c) => c,
-        Err(e) => return format!("cannot connect: {e}"),
+        Err(e) => return (format!("cannot connect: {e}"), false),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -474,7 +479,7 @@ async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &W
     });
     let result = async {
         if let Err(e) = client.batch_execute(&format!("LISTEN {}", quote_ident(channel))).await {
-            return format!("LISTEN failed: {e}");
+            return (format!("LISTEN failed: {e}"), false);
         }
         if !first {
             // Whatever was notified while we were away is lost: every local
@@ -488,14 +493,14 @@ async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &W
             tokio::select! {
                 payload = rx.recv() => match payload {
                     Some(p) => apply_notification(wakeups, &p),
-                    None => return "connection closed".to_owned(),
+                    None => return ("connection closed".to_owned(), true),
                 },
                 _ = probe.tick() => {
                     // A half-open connection never errors by itself.
                     match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return format!("probe failed: {e}"),
-                        Err(_) => return "probe timed out".to_owned(),
+                        Ok(Err(e)) => return (format!("probe failed: {e}"), true),
+                        Err(_) => return ("probe timed out".to_owned(), true),
                     }
                 }
             }
