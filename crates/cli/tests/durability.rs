@@ -12,7 +12,9 @@
 //! - SQLite: one node, killed and restarted on the same address and data.
 //! - PostgreSQL (`SUBROSA_TEST_POSTGRES`): two nodes on one schema behind a
 //!   small fail-over TCP balancer; one is killed and the client carries on
-//!   through the other.
+//!   through the other. Before that the balancer throws away the answer to
+//!   one send (committed on the server), so the retry with the same send id
+//!   is exercised for certain, not only when the kill lands mid-request.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
@@ -20,7 +22,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -174,20 +176,23 @@ async fn sqlite_node_killed_mid_stream_loses_and_duplicates_nothing() {
 
 /// A TCP balancer: each connection goes to the first target that accepts
 /// it (nginx's `proxy_next_upstream error`). Counts connections per target.
-async fn balancer(targets: Vec<SocketAddr>) -> (SocketAddr, Arc<Vec<AtomicUsize>>) {
+/// While `eat` is set, the answer to the next `POST /v1/messages` is thrown
+/// away with its connection (the send committed; the client never hears).
+async fn balancer(targets: Vec<SocketAddr>, eat: Arc<AtomicBool>) -> (SocketAddr, Arc<Vec<AtomicUsize>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let served: Arc<Vec<AtomicUsize>> = Arc::new(targets.iter().map(|_| AtomicUsize::new(0)).collect());
     let counters = Arc::clone(&served);
     tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
+        while let Ok((client, _)) = listener.accept().await {
             let targets = targets.clone();
             let counters = Arc::clone(&counters);
+            let eat = Arc::clone(&eat);
             tokio::spawn(async move {
                 for (i, t) in targets.into_iter().enumerate() {
-                    if let Ok(mut upstream) = tokio::net::TcpStream::connect(t).await {
+                    if let Ok(upstream) = tokio::net::TcpStream::connect(t).await {
                         counters[i].fetch_add(1, Ordering::SeqCst);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        pipe(client, upstream, &eat).await;
                         return;
                     }
                 }
@@ -195,6 +200,51 @@ async fn balancer(targets: Vec<SocketAddr>) -> (SocketAddr, Arc<Vec<AtomicUsize>
         }
     });
     (addr, served)
+}
+
+async fn pipe(client: tokio::net::TcpStream, upstream: tokio::net::TcpStream, eat: &AtomicBool) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut up_rx, mut up_tx) = upstream.into_split();
+    // True while the request in flight on this connection is a send.
+    let sending = AtomicBool::new(false);
+    let requests = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            if chunk.starts_with(b"POST /v1/messages ") {
+                sending.store(true, Ordering::SeqCst);
+            } else if chunk.starts_with(b"GET ") || chunk.starts_with(b"POST ") || chunk.starts_with(b"DELETE ") {
+                sending.store(false, Ordering::SeqCst);
+            }
+            if up_tx.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    let answers = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match up_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if sending.load(Ordering::SeqCst) && eat.swap(false, Ordering::SeqCst) {
+                return; // the answer is lost, the connection closed
+            }
+            if client_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = requests => {}
+        () = answers => {}
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +260,8 @@ async fn postgres_node_killed_mid_stream_client_carries_on_through_the_other() {
     let a = Server::start_with(&["--database", &url, "--rate-limit", "0"]);
     let b = Server::start_with(&["--database", &url, "--rate-limit", "0"]);
     let addr = |s: &Server| -> SocketAddr { s.url.trim_start_matches("http://").parse().expect("addr") };
-    let (lb, served) = balancer(vec![addr(&a), addr(&b)]).await;
+    let eat = Arc::new(AtomicBool::new(false));
+    let (lb, served) = balancer(vec![addr(&a), addr(&b)], Arc::clone(&eat)).await;
     let lb_url = format!("http://{lb}");
     let dir = tempfile::tempdir().expect("dir");
     let (alice, bob) = pair(&lb_url, &dir).await;
@@ -220,7 +271,14 @@ async fn postgres_node_killed_mid_stream_client_carries_on_through_the_other() {
     let acked = Arc::new(AtomicUsize::new(0));
     let killer = {
         let acked = Arc::clone(&acked);
+        let eat = Arc::clone(&eat);
         std::thread::spawn(move || {
+            while acked.load(Ordering::SeqCst) < MESSAGES / 6 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            // One send commits but its answer is lost: the client must retry
+            // it from its outbox with the same send id.
+            eat.store(true, Ordering::SeqCst);
             while acked.load(Ordering::SeqCst) < MESSAGES / 3 {
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -233,6 +291,8 @@ async fn postgres_node_killed_mid_stream_client_carries_on_through_the_other() {
     killer.join().expect("killer");
     let served: Vec<usize> = served.iter().map(|c| c.load(Ordering::SeqCst)).collect();
     assert!(served[0] > 0 && served[1] > 0, "both nodes served connections: {served:?}");
+    assert!(!eat.load(Ordering::SeqCst), "an answer was thrown away");
+    assert!(outcome.errors >= 1, "the send whose answer was lost failed for the client");
     check(&alice, &bob, &outcome, before, || {
         let store = Arc::clone(&store);
         async move { store.stats().await.expect("stats") }
