@@ -325,16 +325,24 @@ macro_rules! in_tx {
     }};
 }
 
-/// Like [`in_tx!`] for one statement outside a transaction.
+/// Like [`in_tx!`] for reads outside a transaction: retried once on a
+/// connection that turned out to be closed (harmless for a read).
 macro_rules! on_client {
     ($self:ident, |$c:ident| $body:expr) => {{
         let work = async {
-            let $c = $self.pool.get().await.map_err(pool_error)?;
-            let result: R<_> = $body;
-            match result {
-                Ok(out) => Ok(out),
-                Err(Fail::Store(e)) => Err(e),
-                Err(Fail::Db(e)) => Err(db_error(&e)),
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let $c = $self.pool.get().await.map_err(pool_error)?;
+                let result: R<_> = $body;
+                match result {
+                    Ok(out) => return Ok(out),
+                    Err(Fail::Store(e)) => return Err(e),
+                    Err(Fail::Db(e)) if e.is_closed() && attempt < 2 => {
+                        tracing::debug!(error = %e, "database connection lost; retrying the read");
+                    }
+                    Err(Fail::Db(e)) => return Err(db_error(&e)),
+                }
             }
         };
         match tokio::time::timeout(OP_TIMEOUT, work).await {
@@ -725,9 +733,11 @@ impl Store for PgStore {
     }
 
     async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError> {
-        on_client!(self, |c| async {
+        // A write: in a transaction, so a lost connection is retried only
+        // when nothing can have been stored.
+        in_tx!(self, |tx| async {
             let inserted = execute(
-                &c,
+                &tx,
                 "INSERT INTO nonces (handle, device_id, nonce, timestamp) VALUES ($1, $2, $3, $4)
                  ON CONFLICT DO NOTHING",
                 &[&addr.handle.as_str(), &addr.device.to_hex(), &nonce, &to_i64(timestamp_ms)],
