@@ -288,30 +288,42 @@ struct Proxy {
     addr: SocketAddr,
     target: SocketAddr,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// While set, nothing is forwarded: the database looks hung.
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
     async fn start(target: SocketAddr) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let p = Proxy { addr, target, tasks: Arc::default() };
+        let p = Proxy { addr, target, tasks: Arc::default(), frozen: Arc::default() };
         p.serve(listener);
         p
     }
 
     fn serve(&self, listener: tokio::net::TcpListener) {
-        let (target, tasks) = (self.target, Arc::clone(&self.tasks));
+        let (target, tasks, frozen) = (self.target, Arc::clone(&self.tasks), Arc::clone(&self.frozen));
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
+                let frozen = Arc::clone(&frozen);
                 let conn = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = tokio::net::TcpStream::connect(target).await {
+                        let (mut client_rx, mut client_tx) = client.into_split();
+                        let (mut server_rx, mut server_tx) = server.into_split();
+                        tokio::select! {
+                            () = forward(&mut client_rx, &mut server_tx, &frozen) => {}
+                            () = forward(&mut server_rx, &mut client_tx, &frozen) => {}
+                        }
                     }
                 });
                 tasks.lock().unwrap().push(conn);
             }
         });
         self.tasks.lock().unwrap().push(accept);
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Refuses new connections and cuts every open one.
@@ -334,6 +346,27 @@ impl Proxy {
             }
         };
         self.serve(listener);
+    }
+}
+
+/// Copies one direction, holding the bytes while `frozen`.
+async fn forward(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    frozen: &std::sync::atomic::AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -454,4 +487,52 @@ async fn terminated_connections_are_replaced_and_no_wake_up_is_lost() {
     drop(ws);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A database that stops answering (a black hole, not a refusal): requests
+/// answer 503 `unavailable` after the operation timeout instead of hanging,
+/// and the node serves again once the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_database_times_out_instead_of_hanging() {
+    let Some(schema) = Schema::new().await else { return };
+    let config: tokio_postgres::Config = schema.url.parse().expect("url");
+    let tokio_postgres::config::Host::Tcp(host) = config.get_hosts()[0].clone() else {
+        eprintln!("skipped: the outage test needs a TCP PostgreSQL URL");
+        return;
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let target = tokio::net::lookup_host((host.as_str(), port)).await.expect("resolve").next().expect("address");
+    let proxy = Proxy::start(target).await;
+    let url = schema.url.replacen(&format!("{host}:{port}"), &proxy.addr.to_string(), 1);
+    assert_ne!(url, schema.url, "the test URL must name host:port explicitly");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
+    cfg.database = Some(url);
+    let srv = start(cfg).await.expect("server starts");
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+
+    proxy.freeze(true);
+    let started = Instant::now();
+    let (status, answer) = http(addr, alice.request("GET", "/v1/inbox", vec![])).await;
+    let took = started.elapsed();
+    eprintln!("answer while the database hung after {took:?}");
+    assert_eq!((status, answer["code"].as_str()), (503, Some("unavailable")), "{answer}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+
+    // The database answers again (its stuck connections are gone).
+    proxy.cut();
+    proxy.freeze(false);
+    proxy.restore().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, answer) = http(addr, alice.request("GET", "/v1/inbox", vec![])).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the node did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    srv.shutdown().await;
 }

@@ -141,7 +141,7 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting (TCP and start-up).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// One whole store operation; past this it answers `Unavailable`.
-const OP_TIMEOUT: Duration = Duration::from_secs(15);
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts of a transaction that failed before it started (a stale pooled
 /// connection) or was rolled back by a deadlock or serialization failure.
 const ATTEMPTS: u32 = 4;
