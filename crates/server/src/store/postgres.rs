@@ -569,7 +569,7 @@ async fn active_devices<C: GenericClient>(c: &C, handle: &Handle) -> R<u64> {
 
 /// Locks the account row; false when there is no such account.
 async fn lock_account<C: GenericClient>(c: &C, handle: &Handle) -> R<bool> {
-    Ok(query_opt(c, "SELECT 1 FROM accounts WHERE handle = $1 FOR UPDATE", &[&handle.as_str()]).await?.is_some())
+    Ok(query_opt(c, "SELECT 1 FROM accounts WHERE handle = $1 FOR NO KEY UPDATE", &[&handle.as_str()]).await?.is_some())
 }
 
 async fn count_packages<C: GenericClient>(c: &C, device: i64) -> R<KeyPackageCount> {
