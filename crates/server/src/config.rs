@@ -56,7 +56,8 @@ pub struct ServerConfig {
     /// Directory for the SQLite database and other state.
     pub data_dir: PathBuf,
     /// Database URL: `None` or `sqlite://PATH` for SQLite (default
-    /// `DATA_DIR/server.db`); `postgres://…` is not built yet.
+    /// `DATA_DIR/server.db`); `postgres://…` for PostgreSQL (several nodes
+    /// may share it).
     pub database: Option<String>,
     /// Serve HTTPS from these PEM files.
     pub tls: Option<TlsConfig>,

@@ -33,12 +33,9 @@ pub enum ServerError {
     /// The TLS certificate or key cannot be loaded.
     #[error("TLS: {0}")]
     Tls(String),
-    /// The database cannot be opened or migrated.
+    /// The database cannot be opened, reached or migrated.
     #[error("database: {0}")]
     Store(#[from] StoreError),
-    /// PostgreSQL was asked for but is not in this build.
-    #[error("PostgreSQL support is not built yet; use --database sqlite://PATH or leave --database out")]
-    PostgresNotBuilt,
 }
 
 /// An error answer: a status, a stable [`ErrorCode`] and one line for the

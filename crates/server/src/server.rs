@@ -10,7 +10,7 @@ use subrosa_proto::MAX_CLOCK_SKEW_MS;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::store::{SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore, Store};
 use crate::{app, now_ms, AppState, DatabaseUrl, ServerConfig, ServerError};
 
 /// How long a graceful shutdown waits for requests in flight.
@@ -25,16 +25,20 @@ pub struct RunningServer {
     state: AppState,
     server: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    listener: Option<JoinHandle<()>>,
     stop_sweeper: watch::Sender<bool>,
 }
 
 /// Opens the store a configuration names (creating the data directory).
 ///
 /// # Errors
-/// [`ServerError::DataDir`], [`ServerError::Config`],
-/// [`ServerError::PostgresNotBuilt`], [`ServerError::Store`].
+/// [`ServerError::DataDir`], [`ServerError::Config`], [`ServerError::Store`].
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
     let url = DatabaseUrl::parse(config.database.as_deref(), &config.data_dir)?;
+    if let DatabaseUrl::Postgres(url) = &url {
+        // Nothing is kept in the data directory with PostgreSQL.
+        return Ok(Arc::new(PgStore::connect(url).await?));
+    }
     let data_dir = config.data_dir.clone();
     tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, ServerError> {
         std::fs::create_dir_all(&data_dir)
@@ -47,7 +51,7 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
                 }
                 Ok(Arc::new(SqliteStore::open(&path)?))
             }
-            DatabaseUrl::Postgres(_) => Err(ServerError::PostgresNotBuilt),
+            DatabaseUrl::Postgres(_) => Err(ServerError::Config("unreachable: PostgreSQL is opened above".into())),
         }
     })
     .await
@@ -130,9 +134,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         return Err(ServerError::Config("the server stopped before it was ready".into()));
     }
     let (stop_sweeper, stop) = watch::channel(false);
+    let listener = store.spawn_listener(Arc::clone(&state.wakeups), stop.clone());
     let sweeper = tokio::spawn(sweep_loop(state.clone(), config.message_ttl, config.effective_sweep_interval(), stop));
     tracing::info!(addr = %local_addr, https, "listening");
-    Ok(RunningServer { local_addr, https, handle, state, server, sweeper, stop_sweeper })
+    Ok(RunningServer { local_addr, https, handle, state, server, sweeper, listener, stop_sweeper })
 }
 
 /// One sweep: expired inbox rows and their messages, stale nonces, old send
@@ -205,6 +210,9 @@ impl RunningServer {
         self.state.close_sockets();
         self.stop_sweeper.send_replace(true);
         let _ = self.sweeper.await;
+        if let Some(listener) = self.listener {
+            let _ = listener.await;
+        }
         if let Err(e) = self.state.store.maintenance().await {
             tracing::warn!(error = %e, "final storage maintenance failed");
         }

@@ -1,9 +1,10 @@
 //! Per-node wake-ups of local WebSockets.
 //!
 //! A send wakes the recipients' sockets on this node at once; a device
-//! removal tells that device's sockets on this node to close. Sockets on
-//! other nodes notice through their periodic re-check (a later backend can
-//! forward wake-ups, e.g. through PostgreSQL LISTEN/NOTIFY).
+//! removal tells that device's sockets on this node to close. With
+//! PostgreSQL, other nodes' sends and removals arrive through LISTEN/NOTIFY
+//! ([`crate::store::Store::spawn_listener`]); sockets also re-check
+//! periodically, which covers anything a lost notification missed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,16 @@ impl Wakeups {
     pub fn wake(&self, addr: &DeviceAddress) {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = map.get(addr) {
+            tx.send_modify(|s| s.counter = s.counter.wrapping_add(1));
+        }
+    }
+
+    /// Wakes every local socket (after a wake-up may have been missed, e.g.
+    /// while the cross-node listener was reconnecting). A woken socket looks
+    /// at its inbox (a missed removal is caught by its periodic re-check).
+    pub fn wake_all(&self) {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in map.values() {
             tx.send_modify(|s| s.counter = s.counter.wrapping_add(1));
         }
     }

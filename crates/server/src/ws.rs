@@ -7,6 +7,9 @@
 //! in flight at a time and its size is bounded, so a slow client holds at
 //! most one frame of memory, and one that stops reading is dropped.
 //!
+//! While the database is unreachable the socket stays open and looks again
+//! every second; other storage failures close it with an error frame.
+//!
 //! A removed device's socket is closed with an `unauthorized` error frame:
 //! at once on this node (the removal revokes its subscription), within one
 //! re-check on other nodes (each re-check looks the device up).
@@ -21,6 +24,7 @@ use subrosa_proto::{ClientFrame, DeviceAddress, ErrorBody, ErrorCode, ServerFram
 
 use crate::auth::Authed;
 use crate::routes::apply_ack;
+use crate::store::StoreError;
 use crate::wakeup::Woken;
 use crate::{AppError, AppState};
 
@@ -34,6 +38,8 @@ const RECHECK: Duration = Duration::from_secs(15);
 const PING: Duration = Duration::from_secs(20);
 /// A frame not written within this time drops the client.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// While the database is unreachable, look at the inbox again this often.
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 /// Largest frame a client may send (acknowledgements only).
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
 
@@ -77,13 +83,18 @@ async fn close_with_error(socket: &mut WebSocket, err: ErrorBody, code: u16) {
     let _ = send(socket, Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
-/// Closes the socket when the device is no longer active.
+/// Closes the socket when the device is no longer active. A database that
+/// is unreachable for the moment leaves it open (the next re-check asks again).
 async fn check_active(state: &AppState, device: &DeviceAddress, socket: &mut WebSocket) -> Result<(), &'static str> {
     match state.store.device(device).await {
         Ok(Some(_)) => Ok(()),
         Ok(None) => {
             close_removed(socket).await;
             Err("device removed")
+        }
+        Err(StoreError::Unavailable(detail)) => {
+            tracing::warn!(detail = %detail, "storage unavailable; socket kept open");
+            Ok(())
         }
         Err(e) => {
             close_with_error(socket, AppError::from(e).body(), 1011).await;
@@ -110,10 +121,17 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
     let mut cursor = 0u64;
     let mut silent_pings = 0u32;
     loop {
+        // Set while the database is unreachable: look again soon, keep the socket.
+        let mut retry_at: Option<tokio::time::Instant> = None;
         // Push everything pending past the cursor, one bounded frame at a time.
         loop {
             let batch = match state.store.fetch_inbox(&device, cursor, BATCH, BATCH_BYTES).await {
                 Ok(b) => b,
+                Err(StoreError::Unavailable(detail)) => {
+                    tracing::warn!(detail = %detail, "storage unavailable; socket kept open");
+                    retry_at = Some(tokio::time::Instant::now() + UNAVAILABLE_RETRY);
+                    break;
+                }
                 Err(e) => {
                     let err = AppError::from(e).body();
                     close_with_error(&mut socket, err, 1011).await;
@@ -137,7 +155,14 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
                 break;
             }
         }
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = retry => {}
             woken = wakeup.woken() => {
                 if woken == Woken::Revoked {
                     close_removed(&mut socket).await;

@@ -104,9 +104,11 @@ fn bad_arguments_exit_with_a_clear_error() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("data directory"), "{stderr}");
 
-    let (code, _, stderr) = run_failing(&["--listen", "127.0.0.1:0", "--data", data, "--database", "postgres://db/x"]);
+    let (code, _, stderr) =
+        run_failing(&["--listen", "127.0.0.1:0", "--data", data, "--database", "postgres://x@127.0.0.1:1/x"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("PostgreSQL support is not built yet"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("database: storage unavailable"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     // A port in use.

@@ -11,6 +11,7 @@ use common::TestDevice;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::json;
 use subrosa_proto::{ConversationId, ServerFrame};
+use subrosa_server::store::StoreError;
 use subrosa_server::{start, RunningServer, ServerConfig, ServerError};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -230,10 +231,11 @@ async fn undelivered_messages_expire() {
 async fn startup_errors_are_clear() {
     let dir = tempfile::tempdir().expect("dir");
     let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
-    config.database = Some("postgres://db.example/subrosa".into());
-    let err = start(config).await.expect_err("postgres is not built");
-    assert!(matches!(err, ServerError::PostgresNotBuilt));
-    assert!(err.to_string().contains("PostgreSQL support is not built yet"));
+    // Nothing listens on port 1: a clear error, at once, rather than a hang.
+    config.database = Some("postgres://subrosa@127.0.0.1:1/subrosa".into());
+    let err = start(config).await.expect_err("unreachable database");
+    assert!(matches!(err, ServerError::Store(StoreError::Unavailable(_))), "{err:?}");
+    assert!(err.to_string().starts_with("database: storage unavailable"), "{err}");
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").expect("write");

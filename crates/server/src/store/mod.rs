@@ -17,9 +17,11 @@ use subrosa_proto::{
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod kt;
+pub mod postgres;
 mod sqlite;
 mod sqlite_kt;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Why a storage operation failed: either an answer about the data (a taken
@@ -356,4 +358,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The key-transparency tables of the same database.
     fn kt_storage(&self) -> std::sync::Arc<dyn kt::KtStorage>;
+    /// Starts forwarding other nodes' wake-ups and device removals into this
+    /// node's `wakeups` until `stop` changes (PostgreSQL: LISTEN/NOTIFY).
+    /// Backends that serve a single node have nothing to forward and return
+    /// `None`.
+    fn spawn_listener(
+        &self,
+        _wakeups: std::sync::Arc<crate::wakeup::Wakeups>,
+        _stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
 }

@@ -1,0 +1,1471 @@
+//! The PostgreSQL backend: many stateless server nodes share one database.
+//!
+//! A `deadpool-postgres` pool of `tokio-postgres` connections, with timeouts
+//! on every step (waiting for a connection, connecting, each operation), so
+//! an unreachable database answers [`StoreError::Unavailable`] rather than
+//! hanging, and the pool reconnects by itself once the database is back.
+//!
+//! Semantics match the SQLite backend (the conformance suite runs against
+//! both); what SQLite gets from its single writer is done here with row locks:
+//!
+//! - **Inbox order.** A send locks its recipients' device rows (in id order,
+//!   so overlapping sends cannot deadlock) before it draws inbox ids from the
+//!   sequence. For any one device, sends therefore draw and commit one at a
+//!   time, so its ids become visible in increasing order and a socket that
+//!   pushed everything up to id N never later meets a committed id below N.
+//!   (A sequence alone would not do: values are drawn in one order and
+//!   committed in another.) See the README.
+//! - **Commit ordering.** `UPDATE conversations SET epoch = epoch + 1 WHERE
+//!   id = $1 AND epoch = $2`: of concurrent commits for one epoch, on any
+//!   nodes, one updates the row and the others find no row → `stale_epoch`.
+//! - **Key packages.** `DELETE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED)`
+//!   hands each one-time package out once and never makes a claim wait.
+//! - **Wake-ups.** A send and a device removal `pg_notify` in their
+//!   transaction (delivered only on commit); every node LISTENs on a
+//!   dedicated connection ([`PgStore`]'s listener) and wakes its sockets.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use subrosa_proto::{
+    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope,
+    Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendRequest, B64,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    LinkRecord, NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_DEVICES_PER_ACCOUNT,
+    MAX_STORED_KEY_PACKAGES,
+};
+use crate::wakeup::Wakeups;
+
+/// Schema migrations, applied in order; `schema_migrations` records which
+/// ran. Append new steps, never edit old ones.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema (the SQLite backend's migrations 1 and 2).
+    r"
+    CREATE TABLE accounts (
+        handle TEXT PRIMARY KEY,
+        identity_key BYTEA NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE devices (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        handle TEXT NOT NULL REFERENCES accounts(handle),
+        device_id TEXT NOT NULL,
+        signature_key BYTEA NOT NULL,
+        certificate BYTEA NOT NULL,
+        active BOOLEAN NOT NULL DEFAULT TRUE,
+        created_at BIGINT NOT NULL,
+        UNIQUE (handle, device_id)
+    );
+    CREATE TABLE nonces (
+        handle TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        timestamp BIGINT NOT NULL,
+        PRIMARY KEY (handle, device_id, nonce)
+    );
+    CREATE INDEX nonces_by_time ON nonces(timestamp);
+    CREATE TABLE key_packages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        device BIGINT NOT NULL REFERENCES devices(id),
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX key_packages_by_device ON key_packages(device, id);
+    CREATE TABLE last_resort_packages (
+        device BIGINT PRIMARY KEY REFERENCES devices(id),
+        data BYTEA NOT NULL
+    );
+    CREATE TABLE conversations (
+        id BYTEA PRIMARY KEY,
+        epoch BIGINT NOT NULL
+    );
+    CREATE TABLE send_ids (
+        device BIGINT NOT NULL REFERENCES devices(id),
+        send_id BYTEA NOT NULL,
+        epoch BIGINT,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (device, send_id)
+    );
+    CREATE INDEX send_ids_by_time ON send_ids(created_at);
+    CREATE TABLE messages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        conversation BYTEA NOT NULL,
+        sender BIGINT NOT NULL REFERENCES devices(id),
+        kind TEXT NOT NULL,
+        ciphertext BYTEA NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    -- Ciphertext does not compress; keep it out of line without trying.
+    ALTER TABLE messages ALTER COLUMN ciphertext SET STORAGE EXTERNAL;
+    -- Ids come from a sequence with CACHE 1 (the default), so values are
+    -- handed out in one increasing order across sessions; `send` draws them
+    -- under the recipient devices' row locks (see there and the README).
+    CREATE TABLE inbox (
+        id BIGINT GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+        device BIGINT NOT NULL REFERENCES devices(id),
+        message BIGINT NOT NULL REFERENCES messages(id),
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX inbox_by_device ON inbox(device, id);
+    CREATE INDEX inbox_by_message ON inbox(message);
+    CREATE INDEX inbox_by_time ON inbox(created_at);
+    CREATE TABLE links (
+        link BYTEA PRIMARY KEY,
+        handle TEXT NOT NULL REFERENCES accounts(handle),
+        request BYTEA NOT NULL,
+        response BYTEA,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX links_by_expiry ON links(expires_at);
+    ",
+    // 2: the key-transparency directory (SQLite's migration 3; see
+    // `store::kt` and `postgres/kt.rs`).
+    r"
+    CREATE TABLE kt_records (
+        key BYTEA PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
+    CREATE TABLE kt_values (
+        label BYTEA NOT NULL,
+        epoch BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        value BYTEA NOT NULL,
+        node_label_val BYTEA NOT NULL,
+        node_label_len BIGINT NOT NULL,
+        PRIMARY KEY (label, epoch)
+    );
+    CREATE TABLE kt_epochs (
+        epoch BIGINT PRIMARY KEY,
+        root_hash BYTEA NOT NULL
+    );
+    CREATE TABLE kt_vrf (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        private_key BYTEA NOT NULL
+    );
+    ",
+];
+
+/// First key of the advisory lock taken around migrations (the second is
+/// the schema's name hashed, so schemas migrate independently).
+const MIGRATION_LOCK: i32 = 0x5342_5253; // "SBRS"
+/// First key of the advisory lock a sweep holds (one node sweeps at a time).
+const SWEEP_LOCK: i32 = 0x5342_5257; // "SBRW"
+/// Connections per node.
+const POOL_SIZE: usize = 16;
+/// Waiting for a free pooled connection, or for a new one.
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting (TCP and start-up).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// One whole store operation; past this it answers `Unavailable`.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts of a transaction that failed before it started (a stale pooled
+/// connection) or was rolled back by a deadlock or serialization failure.
+const ATTEMPTS: u32 = 4;
+/// Listener: pause before reconnecting, and how often it checks its connection.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(8);
+const LISTEN_PROBE: Duration = Duration::from_secs(10);
+/// Device addresses per notification (a payload must stay under 8000 bytes;
+/// an address is at most 49).
+const ADDRS_PER_NOTIFY: usize = 100;
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    channel: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The configuration may hold a password: leave it out.
+        f.debug_struct("PgStore").field("channel", &self.channel).finish_non_exhaustive()
+    }
+}
+
+/// A failure inside an operation: a database error (classified by the
+/// caller: retried, unavailable or internal) or an answer about the data.
+#[derive(Debug)]
+enum Fail {
+    Db(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+type R<T> = Result<T, Fail>;
+
+fn db_error(e: &tokio_postgres::Error) -> StoreError {
+    if e.is_closed() {
+        return StoreError::Unavailable(format!("database connection lost: {e}"));
+    }
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            // Connection exceptions, insufficient resources, operator
+            // intervention (shutdown, cannot connect now), lock timeouts and
+            // rolled-back transactions: the database may answer later.
+            if c.starts_with("08")
+                || c.starts_with("53")
+                || c.starts_with("57")
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::LOCK_NOT_AVAILABLE
+            {
+                StoreError::Unavailable(e.to_string())
+            } else {
+                StoreError::Internal(e.to_string())
+            }
+        }
+        // No SQL state: an I/O error, a timeout, a failed connect.
+        None => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => db_error(&e),
+        other => StoreError::Unavailable(format!("no database connection: {other}")),
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn parse_device_id(s: &str) -> Result<DeviceId, StoreError> {
+    s.parse().map_err(|_| StoreError::Internal("stored device id is not valid".into()))
+}
+
+fn parse_handle(s: &str) -> Result<Handle, StoreError> {
+    Handle::new(s).map_err(|_| StoreError::Internal("stored handle is not valid".into()))
+}
+
+fn device_record(device_id: &str, key: Vec<u8>, cert: Vec<u8>) -> Result<DeviceRecord, StoreError> {
+    Ok(DeviceRecord { device_id: parse_device_id(device_id)?, signature_key: B64(key), certificate: B64(cert) })
+}
+
+/// The NOTIFY channel of a schema: `subrosa_wake_<schema>`, or for a schema
+/// name too long for a channel (63 bytes), a 64-bit FNV-1a hash of it.
+fn channel_name(schema: &str) -> String {
+    let plain = format!("subrosa_wake_{schema}");
+    if plain.len() <= 63 {
+        return plain;
+    }
+    let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("subrosa_wake_{hash:016x}")
+}
+
+/// Quotes an identifier for SQL.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+async fn query<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Sync)]) -> R<Vec<Row>> {
+    let stmt = c.prepare_cached(sql).await?;
+    Ok(c.query(&stmt, params).await?)
+}
+
+async fn query_opt<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Sync)]) -> R<Option<Row>> {
+    let stmt = c.prepare_cached(sql).await?;
+    Ok(c.query_opt(&stmt, params).await?)
+}
+
+async fn execute<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Sync)]) -> R<u64> {
+    let stmt = c.prepare_cached(sql).await?;
+    Ok(c.execute(&stmt, params).await?)
+}
+
+/// Runs `$body` (an expression awaiting on `$tx`) in a transaction: retried
+/// when the connection turned out dead before the transaction started or
+/// the database rolled it back (deadlock, serialization failure), bounded by
+/// [`OP_TIMEOUT`].
+macro_rules! in_tx {
+    ($self:ident, |$tx:ident| $body:expr) => {{
+        let work = async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut client = $self.pool.get().await.map_err(pool_error)?;
+                let $tx = match client.transaction().await {
+                    Ok(tx) => tx,
+                    Err(e) if attempt < ATTEMPTS => {
+                        tracing::debug!(error = %e, "database connection unusable; retrying");
+                        continue;
+                    }
+                    Err(e) => return Err(db_error(&e)),
+                };
+                let result: R<_> = async {
+                    let body: R<_> = $body;
+                    let out = body?;
+                    $tx.commit().await?;
+                    Ok(out)
+                }
+                .await;
+                match result {
+                    Ok(out) => return Ok(out),
+                    Err(Fail::Store(e)) => return Err(e),
+                    Err(Fail::Db(e)) => {
+                        let retry = matches!(
+                            e.code(),
+                            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                        );
+                        if retry && attempt < ATTEMPTS {
+                            tracing::debug!(error = %e, "transaction rolled back by the database; retrying");
+                            continue;
+                        }
+                        return Err(db_error(&e));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable("database operation timed out".into())),
+        }
+    }};
+}
+
+/// Like [`in_tx!`] for reads outside a transaction: retried once on a
+/// connection that turned out to be closed (harmless for a read).
+macro_rules! on_client {
+    ($self:ident, |$c:ident| $body:expr) => {{
+        let work = async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let $c = $self.pool.get().await.map_err(pool_error)?;
+                let result: R<_> = $body;
+                match result {
+                    Ok(out) => return Ok(out),
+                    Err(Fail::Store(e)) => return Err(e),
+                    Err(Fail::Db(e)) if e.is_closed() && attempt < 2 => {
+                        tracing::debug!(error = %e, "database connection lost; retrying the read");
+                    }
+                    Err(Fail::Db(e)) => return Err(db_error(&e)),
+                }
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable("database operation timed out".into())),
+        }
+    }};
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://…`; the schema is the connection's
+    /// `search_path`, e.g. `?options=-csearch_path%3Dsubrosa`), runs pending
+    /// migrations under an advisory lock (safe when several nodes start at
+    /// once) and returns the store.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached;
+    /// [`StoreError::Internal`] for a bad URL, a schema newer than this
+    /// build or a failed migration.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+        if config.get_application_name().is_none() {
+            config.application_name("subrosa-server");
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
+        let mut store = PgStore { pool, config, channel: String::new() };
+        let schema = store.migrate().await?;
+        store.channel = channel_name(&schema);
+        Ok(store)
+    }
+
+    /// The schema version this build migrates to.
+    pub fn schema_version() -> usize {
+        MIGRATIONS.len()
+    }
+
+    /// Applies pending migrations in one transaction holding a transaction
+    /// advisory lock; returns the schema migrated.
+    async fn migrate(&self) -> Result<String, StoreError> {
+        in_tx!(self, |tx| async {
+            let schema: Option<String> = query_opt(&tx, "SELECT current_schema()", &[]).await?.and_then(|r| r.get(0));
+            let Some(schema) = schema else {
+                return Err(Fail::Store(StoreError::Internal(
+                    "no schema to create tables in: the search_path names no existing schema".into(),
+                )));
+            };
+            tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&MIGRATION_LOCK, &schema]).await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 )",
+            )
+            .await?;
+            let row = tx.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[]).await?;
+            let version = usize::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+            if version > MIGRATIONS.len() {
+                return Err(Fail::Store(StoreError::Internal(format!(
+                    "database schema version {version} is newer than this server ({})",
+                    MIGRATIONS.len()
+                ))));
+            }
+            for (i, step) in MIGRATIONS.iter().enumerate().skip(version) {
+                tx.batch_execute(step).await?;
+                let v = i32::try_from(i + 1).unwrap_or(i32::MAX);
+                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&v]).await?;
+            }
+            Ok::<_, Fail>(schema)
+        }
+        .await)
+    }
+
+    /// Spawns the node's listener: a dedicated connection LISTENing on this
+    /// schema's channel that wakes (or revokes) local sockets named in other
+    /// nodes' notifications. It reconnects when the connection drops, and
+    /// then wakes every local socket, since a notification may have been
+    /// missed meanwhile.
+    pub fn spawn_listener(&self, wakeups: Arc<Wakeups>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+        let config = self.config.clone();
+        let channel = self.channel.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            let mut pause = LISTEN_RETRY;
+            loop {
+                tokio::select! {
+                    (reason, listened) = listen_once(&config, &channel, &wakeups, first) => {
+                        tracing::warn!(reason = %reason, "database listener lost; reconnecting");
+                        // Back off while the database stays unreachable.
+                        pause = if listened { LISTEN_RETRY } else { (pause * 2).min(LISTEN_RETRY_MAX) };
+                    }
+                    _ = stop.changed() => return,
+                }
+                first = false;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    }
+}
+
+/// One listening connection, until it fails; returns why, and whether it
+/// got as far as listening.
+async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &Wakeups, first: bool) -> (String, bool) {
+    let (client, mut connection) = match config.connect(NoTls).await {
+        Ok(c) => c,
+        Err(e) => return (format!("cannot connect: {e}"), false),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "listener connection failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    let result = async {
+        if let Err(e) = client.batch_execute(&format!("LISTEN {}", quote_ident(channel))).await {
+            return (format!("LISTEN failed: {e}"), false);
+        }
+        if !first {
+            // Whatever was notified while we were away is lost: every local
+            // socket looks at its inbox (and its device) again.
+            wakeups.wake_all();
+        }
+        tracing::debug!("listening for other nodes' wake-ups");
+        let mut probe = tokio::time::interval(LISTEN_PROBE);
+        probe.reset();
+        loop {
+            tokio::select! {
+                payload = rx.recv() => match payload {
+                    Some(p) => apply_notification(wakeups, &p),
+                    None => return ("connection closed".to_owned(), true),
+                },
+                _ = probe.tick() => {
+                    // A half-open connection never errors by itself.
+                    match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return (format!("probe failed: {e}"), true),
+                        Err(_) => return ("probe timed out".to_owned(), true),
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// Payload: `w ADDR…` (mail for these devices) or `r ADDR…` (removed).
+fn apply_notification(wakeups: &Wakeups, payload: &str) {
+    let mut parts = payload.split_ascii_whitespace();
+    let revoke = match parts.next() {
+        Some("w") => false,
+        Some("r") => true,
+        _ => return,
+    };
+    for addr in parts.filter_map(|a| a.parse::<DeviceAddress>().ok()) {
+        if revoke {
+            wakeups.revoke(&addr);
+        } else {
+            wakeups.wake(&addr);
+        }
+    }
+}
+
+async fn notify<C: GenericClient>(c: &C, channel: &str, kind: &str, addrs: &[DeviceAddress]) -> R<()> {
+    for chunk in addrs.chunks(ADDRS_PER_NOTIFY) {
+        let mut payload = kind.to_owned();
+        for a in chunk {
+            payload.push(' ');
+            payload.push_str(&a.to_string());
+        }
+        execute(c, "SELECT pg_notify($1, $2)", &[&channel, &payload]).await?;
+    }
+    Ok(())
+}
+
+async fn device_row<C: GenericClient>(c: &C, addr: &DeviceAddress) -> R<Option<i64>> {
+    Ok(query_opt(
+        c,
+        "SELECT id FROM devices WHERE handle = $1 AND device_id = $2 AND active",
+        &[&addr.handle.as_str(), &addr.device.to_hex()],
+    )
+    .await?
+    .map(|r| r.get(0)))
+}
+
+async fn require_device<C: GenericClient>(c: &C, addr: &DeviceAddress) -> R<i64> {
+    device_row(c, addr).await?.ok_or_else(|| Fail::Store(StoreError::UnknownDevice(addr.clone())))
+}
+
+async fn active_devices<C: GenericClient>(c: &C, handle: &Handle) -> R<u64> {
+    let row = query_opt(c, "SELECT COUNT(*) FROM devices WHERE handle = $1 AND active", &[&handle.as_str()]).await?;
+    Ok(row.map(|r| to_u64(r.get(0))).unwrap_or(0))
+}
+
+/// Locks the account row; false when there is no such account.
+async fn lock_account<C: GenericClient>(c: &C, handle: &Handle) -> R<bool> {
+    Ok(query_opt(c, "SELECT 1 FROM accounts WHERE handle = $1 FOR NO KEY UPDATE", &[&handle.as_str()]).await?.is_some())
+}
+
+async fn count_packages<C: GenericClient>(c: &C, device: i64) -> R<KeyPackageCount> {
+    let rows = query(
+        c,
+        "SELECT (SELECT COUNT(*) FROM key_packages WHERE device = $1),
+                EXISTS (SELECT 1 FROM last_resort_packages WHERE device = $1)",
+        &[&device],
+    )
+    .await?;
+    let row = rows.first().ok_or_else(|| Fail::Store(StoreError::Internal("count returned no row".into())))?;
+    Ok(KeyPackageCount { one_time: to_u64(row.get(0)), last_resort: row.get(1) })
+}
+
+/// Deletes the messages among `messages` that no inbox row refers to. The
+/// rows are locked first (in id order), so of two transactions deleting
+/// the last two inbox rows of one message, the second sees the first's
+/// deletion and drops the message.
+async fn drop_orphans<C: GenericClient>(c: &C, mut messages: Vec<i64>) -> R<u64> {
+    if messages.is_empty() {
+        return Ok(0);
+    }
+    messages.sort_unstable();
+    messages.dedup();
+    query(c, "SELECT id FROM messages WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&messages]).await?;
+    execute(
+        c,
+        "DELETE FROM messages m WHERE m.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.message = m.id)",
+        &[&messages],
+    )
+    .await
+}
+
+async fn count_table<C: GenericClient>(c: &C, table: &str) -> R<u64> {
+    // `table` only ever comes from the fixed list in `stats`.
+    let rows = query(c, &format!("SELECT COUNT(*) FROM {table}"), &[]).await?;
+    Ok(rows.first().map(|r| to_u64(r.get(0))).unwrap_or(0))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
+        in_tx!(self, |tx| async {
+            let inserted = execute(
+                &tx,
+                "INSERT INTO accounts (handle, identity_key, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (handle) DO NOTHING",
+                &[&account.handle.as_str(), &account.identity_key, &to_i64(now_ms)],
+            )
+            .await?;
+            if inserted == 0 {
+                return Err(Fail::Store(StoreError::HandleTaken));
+            }
+            execute(
+                &tx,
+                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &account.handle.as_str(),
+                    &account.device.device_id.to_hex(),
+                    &account.device.signature_key.as_slice(),
+                    &account.device.certificate.as_slice(),
+                    &to_i64(now_ms),
+                ],
+            )
+            .await?;
+            Ok(())
+        }
+        .await)
+    }
+
+    async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError> {
+        in_tx!(self, |tx| async {
+            // The account row's lock serialises this with other additions
+            // and removals, so the count below stays true until commit.
+            if !lock_account(&tx, handle).await? {
+                return Err(Fail::Store(StoreError::UnknownHandle));
+            }
+            if active_devices(&tx, handle).await? >= MAX_DEVICES_PER_ACCOUNT {
+                return Err(Fail::Store(StoreError::TooManyDevices));
+            }
+            let inserted = execute(
+                &tx,
+                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (handle, device_id) DO NOTHING",
+                &[
+                    &handle.as_str(),
+                    &device.device_id.to_hex(),
+                    &device.signature_key.as_slice(),
+                    &device.certificate.as_slice(),
+                    &to_i64(now_ms),
+                ],
+            )
+            .await?;
+            if inserted == 0 {
+                return Err(Fail::Store(StoreError::DeviceTaken));
+            }
+            Ok(())
+        }
+        .await)
+    }
+
+    async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
+        in_tx!(self, |tx| async {
+            if !lock_account(&tx, &addr.handle).await? {
+                return Err(Fail::Store(StoreError::UnknownDevice(addr.clone())));
+            }
+            let device = require_device(&tx, addr).await?;
+            if active_devices(&tx, &addr.handle).await? <= 1 {
+                return Err(Fail::Store(StoreError::LastDevice));
+            }
+            execute(&tx, "UPDATE devices SET active = FALSE WHERE id = $1", &[&device]).await?;
+            execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
+            execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&device]).await?;
+            let messages: Vec<i64> = query(&tx, "DELETE FROM inbox WHERE device = $1 RETURNING message", &[&device])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            drop_orphans(&tx, messages).await?;
+            notify(&tx, &self.channel, "r", std::slice::from_ref(addr)).await?;
+            Ok(())
+        }
+        .await)
+    }
+
+    async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
+        on_client!(self, |c| async {
+            let row = query_opt(
+                &c,
+                "SELECT device_id, signature_key, certificate FROM devices
+                 WHERE handle = $1 AND device_id = $2 AND active",
+                &[&addr.handle.as_str(), &addr.device.to_hex()],
+            )
+            .await?;
+            Ok(row.map(|r| device_record(r.get(0), r.get(1), r.get(2))).transpose()?)
+        }
+        .await)
+    }
+
+    async fn account(&self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
+        on_client!(self, |c| async {
+            let Some(row) =
+                query_opt(&c, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?
+            else {
+                return Ok(None);
+            };
+            let identity_key: Vec<u8> = row.get(0);
+            let rows = query(
+                &c,
+                "SELECT device_id, signature_key, certificate FROM devices
+                 WHERE handle = $1 AND active ORDER BY id",
+                &[&handle.as_str()],
+            )
+            .await?;
+            let devices =
+                rows.into_iter().map(|r| device_record(r.get(0), r.get(1), r.get(2))).collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(AccountInfo { handle: handle.clone(), identity_key: B64(identity_key), devices, kt: None }))
+        }
+        .await)
+    }
+
+    async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError> {
+        // A write: in a transaction, so a lost connection is retried only
+        // when nothing can have been stored.
+        in_tx!(self, |tx| async {
+            let inserted = execute(
+                &tx,
+                "INSERT INTO nonces (handle, device_id, nonce, timestamp) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                &[&addr.handle.as_str(), &addr.device.to_hex(), &nonce, &to_i64(timestamp_ms)],
+            )
+            .await?;
+            Ok(inserted == 1)
+        }
+        .await)
+    }
+
+    async fn upload_key_packages(
+        &self,
+        addr: &DeviceAddress,
+        one_time: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<KeyPackageCount, StoreError> {
+        in_tx!(self, |tx| {
+            async {
+            // The device row's lock keeps concurrent uploads under the bound.
+            let device: i64 = query_opt(
+                &tx,
+                "SELECT id FROM devices WHERE handle = $1 AND device_id = $2 AND active FOR NO KEY UPDATE",
+                &[&addr.handle.as_str(), &addr.device.to_hex()],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .ok_or_else(|| Fail::Store(StoreError::UnknownDevice(addr.clone())))?;
+            let before = count_packages(&tx, device).await?;
+            if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
+                return Err(Fail::Store(StoreError::TooManyKeyPackages));
+            }
+            if !one_time.is_empty() {
+                execute(
+                    &tx,
+                    "INSERT INTO key_packages (device, data) SELECT $1, d FROM unnest($2::bytea[]) WITH ORDINALITY AS t(d, n) ORDER BY n",
+                    &[&device, &one_time],
+                )
+                .await?;
+            }
+            if let Some(lr) = &last_resort {
+                execute(
+                    &tx,
+                    "INSERT INTO last_resort_packages (device, data) VALUES ($1, $2)
+                     ON CONFLICT (device) DO UPDATE SET data = excluded.data",
+                    &[&device, lr],
+                )
+                .await?;
+            }
+            count_packages(&tx, device).await
+        }
+        .await
+        })
+    }
+
+    async fn key_package_count(&self, addr: &DeviceAddress) -> Result<KeyPackageCount, StoreError> {
+        on_client!(self, |c| async {
+            let device = require_device(&c, addr).await?;
+            count_packages(&c, device).await
+        }
+        .await)
+    }
+
+    async fn claim_key_packages(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+    ) -> Result<ClaimResponse, StoreError> {
+        in_tx!(self, |tx| async {
+            let identity_key: Vec<u8> =
+                query_opt(&tx, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()])
+                    .await?
+                    .map(|r| r.get(0))
+                    .ok_or(Fail::Store(StoreError::UnknownHandle))?;
+            let devices = query(
+                &tx,
+                "SELECT id, device_id, signature_key, certificate FROM devices
+                 WHERE handle = $1 AND active ORDER BY id",
+                &[&handle.as_str()],
+            )
+            .await?;
+            let mut packages = Vec::new();
+            for row in devices {
+                let row_id: i64 = row.get(0);
+                let record = device_record(row.get(1), row.get(2), row.get(3))?;
+                if *handle == requester.handle && record.device_id == requester.device {
+                    continue;
+                }
+                // SKIP LOCKED: a package another claim is taking is not
+                // waited for, so each is handed out once and no claim blocks.
+                let one_time = query_opt(
+                    &tx,
+                    "DELETE FROM key_packages WHERE id =
+                       (SELECT id FROM key_packages WHERE device = $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING data",
+                    &[&row_id],
+                )
+                .await?;
+                if let Some(r) = one_time {
+                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(r.get(0)), last_resort: false });
+                    continue;
+                }
+                let last_resort =
+                    query_opt(&tx, "SELECT data FROM last_resort_packages WHERE device = $1", &[&row_id]).await?;
+                if let Some(r) = last_resort {
+                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(r.get(0)), last_resort: true });
+                }
+            }
+            if packages.is_empty() {
+                return Err(Fail::Store(StoreError::NoKeyPackage));
+            }
+            Ok(ClaimResponse {
+                handle: handle.clone(),
+                identity_key: B64(identity_key),
+                packages,
+                kt: None,
+                devices: Vec::new(),
+            })
+        }
+        .await)
+    }
+
+    async fn send(
+        &self,
+        sender: &DeviceAddress,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<SendOutcome, StoreError> {
+        in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, now_ms).await }.await)
+    }
+
+    async fn fetch_inbox(
+        &self,
+        addr: &DeviceAddress,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        on_client!(self, |c| async {
+            let Some(device) = device_row(&c, addr).await? else { return Ok(Vec::new()) };
+            let rows = query(
+                &c,
+                "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at
+                 FROM inbox i
+                 JOIN messages m ON m.id = i.message
+                 JOIN devices d ON d.id = m.sender
+                 WHERE i.device = $1 AND i.id > $2
+                 ORDER BY i.id
+                 LIMIT $3",
+                &[&device, &to_i64(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for r in rows {
+                let ciphertext: Vec<u8> = r.get(5);
+                if !out.is_empty() && bytes.saturating_add(ciphertext.len()) > max_bytes {
+                    break;
+                }
+                bytes = bytes.saturating_add(ciphertext.len());
+                let conversation: Vec<u8> = r.get(1);
+                let kind: &str = r.get(4);
+                out.push(Envelope {
+                    id: to_u64(r.get(0)),
+                    conversation: ConversationId::from_slice(&conversation)
+                        .map_err(|_| StoreError::Internal("stored conversation id is not valid".into()))?,
+                    sender: DeviceAddress { handle: parse_handle(r.get(2))?, device: parse_device_id(r.get(3))? },
+                    kind: MessageKind::parse(kind)
+                        .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
+                    ciphertext: B64(ciphertext),
+                    server_time: to_u64(r.get(6)),
+                });
+            }
+            Ok(out)
+        }
+        .await)
+    }
+
+    async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
+        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
+        in_tx!(self, |tx| async {
+            let Some(device) = device_row(&tx, addr).await? else { return Ok(0) };
+            let messages: Vec<i64> =
+                query(&tx, "DELETE FROM inbox WHERE device = $1 AND id = ANY($2) RETURNING message", &[&device, &ids])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+            let deleted = messages.len() as u64;
+            drop_orphans(&tx, messages).await?;
+            Ok(deleted)
+        }
+        .await)
+    }
+
+    async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError> {
+        on_client!(self, |c| async {
+            let epoch = query_opt(&c, "SELECT epoch FROM conversations WHERE id = $1", &[&&conversation.0[..]]).await?;
+            Ok(Epoch(epoch.map(|r| to_u64(r.get(0))).unwrap_or(0)))
+        }
+        .await)
+    }
+
+    async fn create_link(
+        &self,
+        link: &LinkId,
+        handle: &Handle,
+        request: Vec<u8>,
+        expires_at_ms: u64,
+    ) -> Result<(), StoreError> {
+        in_tx!(self, |tx| async {
+            if query_opt(&tx, "SELECT 1 FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?.is_none() {
+                return Err(Fail::Store(StoreError::UnknownHandle));
+            }
+            let inserted = execute(
+                &tx,
+                "INSERT INTO links (link, handle, request, expires_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (link) DO NOTHING",
+                &[&&link.0[..], &handle.as_str(), &request, &to_i64(expires_at_ms)],
+            )
+            .await?;
+            if inserted == 0 {
+                return Err(Fail::Store(StoreError::LinkTaken));
+            }
+            Ok(())
+        }
+        .await)
+    }
+
+    async fn link(&self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<LinkRecord, StoreError> {
+        on_client!(self, |c| async {
+            let row = query_opt(
+                &c,
+                "SELECT request, expires_at, response IS NOT NULL FROM links
+                 WHERE link = $1 AND handle = $2 AND expires_at > $3",
+                &[&&link.0[..], &handle.as_str(), &to_i64(now_ms)],
+            )
+            .await?
+            .ok_or(Fail::Store(StoreError::UnknownLink))?;
+            Ok(LinkRecord {
+                link: *link,
+                handle: handle.clone(),
+                request: row.get(0),
+                expires_at: to_u64(row.get(1)),
+                approved: row.get(2),
+            })
+        }
+        .await)
+    }
+
+    async fn approve_link(
+        &self,
+        link: &LinkId,
+        handle: &Handle,
+        response: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        in_tx!(self, |tx| async {
+            let approved = query_opt(
+                &tx,
+                "SELECT response IS NOT NULL FROM links WHERE link = $1 AND handle = $2 AND expires_at > $3
+                 FOR UPDATE",
+                &[&&link.0[..], &handle.as_str(), &to_i64(now_ms)],
+            )
+            .await?;
+            match approved.map(|r| r.get::<_, bool>(0)) {
+                None => return Err(Fail::Store(StoreError::UnknownLink)),
+                Some(true) => return Err(Fail::Store(StoreError::LinkAlreadyApproved)),
+                Some(false) => {}
+            }
+            execute(&tx, "UPDATE links SET response = $2 WHERE link = $1", &[&&link.0[..], &response]).await?;
+            Ok(())
+        }
+        .await)
+    }
+
+    async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        in_tx!(self, |tx| async {
+            let row = query_opt(
+                &tx,
+                "SELECT response FROM links WHERE link = $1 AND expires_at > $2 FOR UPDATE",
+                &[&&link.0[..], &to_i64(now_ms)],
+            )
+            .await?
+            .ok_or(Fail::Store(StoreError::UnknownLink))?;
+            let response: Option<Vec<u8>> = row.get(0);
+            if response.is_some() {
+                execute(&tx, "DELETE FROM links WHERE link = $1", &[&&link.0[..]]).await?;
+            }
+            Ok(response)
+        }
+        .await)
+    }
+
+    async fn sweep(
+        &self,
+        inbox_before_ms: u64,
+        nonces_before_ms: u64,
+        send_ids_before_ms: u64,
+        now_ms: u64,
+    ) -> Result<SweepReport, StoreError> {
+        in_tx!(self, |tx| async {
+            // Every node sweeps; one at a time is enough (the others skip
+            // this round rather than wait or contend for the same rows).
+            let ours: bool = query_opt(
+                &tx,
+                "SELECT pg_try_advisory_xact_lock($1, hashtext(COALESCE(current_schema(), '')))",
+                &[&SWEEP_LOCK],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(false);
+            if !ours {
+                return Ok(SweepReport::default());
+            }
+            let messages: Vec<i64> =
+                query(&tx, "DELETE FROM inbox WHERE created_at < $1 RETURNING message", &[&to_i64(inbox_before_ms)])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+            let inbox_rows = messages.len() as u64;
+            let mut dropped = drop_orphans(&tx, messages).await?;
+            // Anything else without an inbox row (none is expected).
+            dropped += execute(
+                &tx,
+                "DELETE FROM messages m WHERE NOT EXISTS (SELECT 1 FROM inbox i WHERE i.message = m.id)",
+                &[],
+            )
+            .await?;
+            let nonces = execute(&tx, "DELETE FROM nonces WHERE timestamp < $1", &[&to_i64(nonces_before_ms)]).await?;
+            let send_ids =
+                execute(&tx, "DELETE FROM send_ids WHERE created_at < $1", &[&to_i64(send_ids_before_ms)]).await?;
+            let links = execute(&tx, "DELETE FROM links WHERE expires_at <= $1", &[&to_i64(now_ms)]).await?;
+            Ok(SweepReport { inbox_rows, messages: dropped, nonces, send_ids, links })
+        }
+        .await)
+    }
+
+    fn kt_storage(&self) -> Arc<dyn super::kt::KtStorage> {
+        Arc::new(self.clone())
+    }
+
+    async fn maintenance(&self) -> Result<(), StoreError> {
+        // Autovacuum reclaims deleted rows; nothing to do per sweep.
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        on_client!(self, |c| async {
+            Ok(StoreStats {
+                accounts: count_table(&c, "accounts").await?,
+                devices: count_table(&c, "devices").await?,
+                one_time_key_packages: count_table(&c, "key_packages").await?,
+                last_resort_key_packages: count_table(&c, "last_resort_packages").await?,
+                messages: count_table(&c, "messages").await?,
+                inbox_rows: count_table(&c, "inbox").await?,
+                nonces: count_table(&c, "nonces").await?,
+                send_ids: count_table(&c, "send_ids").await?,
+                conversations: count_table(&c, "conversations").await?,
+                links: count_table(&c, "links").await?,
+            })
+        }
+        .await)
+    }
+
+    fn spawn_listener(&self, wakeups: Arc<Wakeups>, stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
+        Some(PgStore::spawn_listener(self, wakeups, stop))
+    }
+}
+
+/// The body of [`Store::send`], inside its transaction.
+async fn send_tx<C: GenericClient>(
+    tx: &C,
+    channel: &str,
+    sender: &DeviceAddress,
+    request: &SendRequest,
+    now_ms: u64,
+) -> R<SendOutcome> {
+    let sender_row = require_device(tx, sender).await?;
+    // The send id first: a concurrent send with the same id waits here for
+    // the first to commit (then this one is a duplicate) or roll back.
+    let send_id = &request.send_id.0[..];
+    let fresh = execute(
+        tx,
+        "INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES ($1, $2, NULL, $3)
+         ON CONFLICT (device, send_id) DO NOTHING",
+        &[&sender_row, &send_id, &to_i64(now_ms)],
+    )
+    .await?;
+    if fresh == 0 {
+        let row = query_opt(
+            tx,
+            "SELECT epoch, created_at FROM send_ids WHERE device = $1 AND send_id = $2",
+            &[&sender_row, &send_id],
+        )
+        .await?
+        .ok_or_else(|| Fail::Store(StoreError::Unavailable("send id vanished; retry".into())))?;
+        let epoch: Option<i64> = row.get(0);
+        return Ok(SendOutcome {
+            duplicate: true,
+            epoch: epoch.map(|e| Epoch(to_u64(e))),
+            server_time: to_u64(row.get(1)),
+            recipients: Vec::new(),
+        });
+    }
+
+    // Every distinct recipient, in order of first mention.
+    let mut recipients: Vec<&DeviceAddress> = Vec::new();
+    let mut seen: HashSet<&DeviceAddress> = HashSet::new();
+    for part in &request.parts {
+        for addr in &part.recipients {
+            if seen.insert(addr) {
+                recipients.push(addr);
+            }
+        }
+    }
+
+    let conversation = &request.conversation.0[..];
+    let epoch = match request.commit {
+        None => None,
+        Some(guard) => {
+            let guard_epoch = to_i64(guard.epoch.0);
+            let bumped = query_opt(
+                tx,
+                "UPDATE conversations SET epoch = epoch + 1 WHERE id = $1 AND epoch = $2 RETURNING epoch",
+                &[&conversation, &guard_epoch],
+            )
+            .await?;
+            let bumped = match bumped {
+                Some(r) => Some(r.get::<_, i64>(0)),
+                None if guard.epoch.0 == 0 => query_opt(
+                    tx,
+                    "INSERT INTO conversations (id, epoch) VALUES ($1, 1) ON CONFLICT (id) DO NOTHING RETURNING epoch",
+                    &[&conversation],
+                )
+                .await?
+                .map(|r| r.get::<_, i64>(0)),
+                None => None,
+            };
+            match bumped {
+                Some(e) => Some(Epoch(to_u64(e))),
+                None => {
+                    let current = query_opt(tx, "SELECT epoch FROM conversations WHERE id = $1", &[&conversation])
+                        .await?
+                        .map(|r| to_u64(r.get(0)))
+                        .unwrap_or(0);
+                    return Err(Fail::Store(StoreError::StaleEpoch { current: Epoch(current) }));
+                }
+            }
+        }
+    };
+
+    // Lock the recipients' device rows in id order (no deadlock between
+    // sends with overlapping recipients); a device removed meanwhile is not
+    // returned, since the lock re-checks `active`.
+    let handles: Vec<&str> = recipients.iter().map(|a| a.handle.as_str()).collect();
+    let device_ids: Vec<String> = recipients.iter().map(|a| a.device.to_hex()).collect();
+    let rows = query(
+        tx,
+        "SELECT d.id, d.handle, d.device_id FROM devices d
+         JOIN unnest($1::text[], $2::text[]) AS r(handle, device_id)
+           ON d.handle = r.handle AND d.device_id = r.device_id
+         WHERE d.active
+         ORDER BY d.id
+         FOR NO KEY UPDATE OF d",
+        &[&handles, &device_ids],
+    )
+    .await?;
+    let mut row_of: HashMap<(String, String), i64> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        row_of.insert((r.get(1), r.get(2)), r.get(0));
+    }
+    let mut id_of: HashMap<&DeviceAddress, i64> = HashMap::with_capacity(recipients.len());
+    for (addr, device_id) in recipients.iter().zip(&device_ids) {
+        match row_of.get(&(addr.handle.as_str().to_owned(), device_id.clone())) {
+            Some(&id) => {
+                id_of.insert(addr, id);
+            }
+            None => return Err(Fail::Store(StoreError::UnknownDevice((*addr).clone()))),
+        }
+    }
+
+    // The inbox ids are drawn only now, while this transaction holds every
+    // recipient's device row: for each device, sends draw and commit one at
+    // a time, so its ids commit in increasing order.
+    let (mut inbox_devices, mut inbox_messages) = (Vec::new(), Vec::new());
+    for part in &request.parts {
+        let message: i64 = query_opt(
+            tx,
+            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            &[&conversation, &sender_row, &part.kind.as_str(), &part.ciphertext.as_slice(), &to_i64(now_ms)],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| Fail::Store(StoreError::Internal("insert returned no id".into())))?;
+        let mut here = HashSet::new();
+        for addr in &part.recipients {
+            if here.insert(addr) {
+                inbox_devices.push(id_of[addr]);
+                inbox_messages.push(message);
+            }
+        }
+    }
+    execute(
+        tx,
+        "INSERT INTO inbox (device, message, created_at)
+         SELECT d, m, $3 FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS t(d, m, n) ORDER BY n",
+        &[&inbox_devices, &inbox_messages, &to_i64(now_ms)],
+    )
+    .await?;
+    if let Some(e) = epoch {
+        execute(
+            tx,
+            "UPDATE send_ids SET epoch = $3 WHERE device = $1 AND send_id = $2",
+            &[&sender_row, &send_id, &to_i64(e.0)],
+        )
+        .await?;
+    }
+    let woken: Vec<DeviceAddress> = recipients.into_iter().cloned().collect();
+    notify(tx, channel, "w", &woken).await?;
+    Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+}
+
+/// Creates schema `schema` in the database at `url` and returns a URL whose
+/// connections use it (`search_path`). For tests and for operators who keep
+/// several deployments in one database.
+///
+/// # Errors
+/// [`StoreError::Unavailable`] / [`StoreError::Internal`] as for
+/// [`PgStore::connect`].
+pub async fn create_schema(url: &str, schema: &str) -> Result<String, StoreError> {
+    let (client, conn) = connect_admin(url).await?;
+    let result = client
+        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))
+        .await
+        .map_err(|e| db_error(&e));
+    conn.abort();
+    result?;
+    Ok(schema_url(url, schema))
+}
+
+/// Drops schema `schema` (and everything in it) in the database at `url`.
+///
+/// # Errors
+/// As [`create_schema`].
+pub async fn drop_schema(url: &str, schema: &str) -> Result<(), StoreError> {
+    let (client, conn) = connect_admin(url).await?;
+    let result = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(schema)))
+        .await
+        .map_err(|e| db_error(&e));
+    conn.abort();
+    result
+}
+
+/// `url` with its connections' `search_path` set to `schema`.
+pub fn schema_url(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-csearch_path%3D{schema}")
+}
+
+async fn connect_admin(url: &str) -> Result<(tokio_postgres::Client, JoinHandle<()>), StoreError> {
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let (client, conn) = config.connect(NoTls).await.map_err(|e| db_error(&e))?;
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((client, conn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    /// A fresh schema for one test, dropped when this goes out of scope
+    /// (panics included).
+    pub(crate) struct TestSchema {
+        base: String,
+        name: String,
+    }
+
+    impl Drop for TestSchema {
+        fn drop(&mut self) {
+            let (base, name) = (self.base.clone(), self.name.clone());
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    let _ = rt.block_on(drop_schema(&base, &name));
+                }
+            })
+            .join();
+        }
+    }
+
+    async fn open() -> Option<(TestSchema, Arc<dyn Store>)> {
+        let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
+            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            return None;
+        };
+        let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let url = create_schema(&base, &name).await.expect("create test schema");
+        let schema = TestSchema { base, name };
+        let store = PgStore::connect(&url).await.expect("connect");
+        Some((schema, Arc::new(store)))
+    }
+
+    macro_rules! conformance_tests {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some((_schema, store)) = open().await else { return };
+                    conformance::$name(store).await;
+                }
+            )*
+        };
+    }
+
+    conformance_tests!(
+        register_and_look_up,
+        duplicate_handle_is_refused,
+        claim_hands_one_time_once_then_last_resort,
+        concurrent_claims_never_share_a_package,
+        key_package_upload_is_bounded,
+        fan_out_stores_ciphertext_once,
+        ack_deletes_only_own_rows_and_last_ack_drops_message,
+        send_id_is_idempotent,
+        unknown_recipient_stores_nothing,
+        stale_epoch_is_refused_with_current,
+        concurrent_commits_one_wins,
+        expiry_removes_old_rows,
+        nonce_replay_is_refused,
+        fetch_respects_cursor_limit_and_bytes,
+        removed_device_disappears_everywhere,
+        last_device_cannot_be_removed,
+        concurrent_removals_keep_one_device,
+        device_count_is_bounded,
+        link_slot_lifecycle,
+        link_slots_expire,
+        link_response_is_handed_out_once,
+    );
+
+    /// Nodes starting together migrate once (the advisory lock); a schema
+    /// newer than the build is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_starts_migrate_once_and_newer_schemas_are_refused() {
+        let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
+            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            return;
+        };
+        let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let url = create_schema(&base, &name).await.expect("create test schema");
+        let _schema = TestSchema { base, name };
+        let starts: Vec<_> = (0..6)
+            .map(|_| {
+                tokio::spawn({
+                    let url = url.clone();
+                    async move { PgStore::connect(&url).await }
+                })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for s in starts {
+            stores.push(s.await.expect("task").expect("connect"));
+        }
+        let (client, conn) = connect_admin(&url).await.expect("admin");
+        let versions: Vec<i32> = client
+            .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+            .await
+            .expect("versions")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let expected: Vec<i32> = (1..=i32::try_from(PgStore::schema_version()).expect("small")).collect();
+        assert_eq!(versions, expected);
+        let store: Arc<dyn Store> = Arc::new(stores.remove(0));
+        conformance::register_and_look_up(store).await;
+
+        client.execute("INSERT INTO schema_migrations (version) VALUES (999)", &[]).await.expect("bump");
+        conn.abort();
+        match PgStore::connect(&url).await {
+            Err(StoreError::Internal(m)) => assert!(m.contains("newer than this server"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn channel_names_fit() {
+        assert_eq!(channel_name("public"), "subrosa_wake_public");
+        let long = "s".repeat(63);
+        let c = channel_name(&long);
+        assert!(c.len() <= 63 && c.starts_with("subrosa_wake_"), "{c}");
+        assert_ne!(c, channel_name(&"t".repeat(63)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_all_passes() {
+        let Some((_schema, store)) = open().await else { return };
+        conformance::run_all(store).await;
+    }
+}
+
+mod kt;

@@ -1,0 +1,538 @@
+//! Several `subrosa-server` nodes on one PostgreSQL database, and a database
+//! outage. These tests need `SUBROSA_TEST_POSTGRES` (e.g.
+//! `postgres://postgres@127.0.0.1:5432/test`); each works in a fresh schema
+//! and drops it at the end. Without the variable they pass, saying so.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::TestDevice;
+use futures_util::StreamExt as _;
+use serde_json::json;
+use subrosa_proto::{ConversationId, ErrorCode, ServerFrame};
+use subrosa_server::store::postgres::{create_schema, drop_schema};
+use subrosa_server::{start, ServerConfig};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
+
+/// A fresh schema, dropped on drop (panics included).
+struct Schema {
+    base: String,
+    name: String,
+    url: String,
+}
+
+impl Schema {
+    async fn new() -> Option<Schema> {
+        let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
+            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            return None;
+        };
+        let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let url = create_schema(&base, &name).await.expect("create schema");
+        Some(Schema { base, name, url })
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let (base, name) = (self.base.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let _ = rt.block_on(drop_schema(&base, &name));
+            }
+        })
+        .join();
+    }
+}
+
+/// A `subrosa-server` process; killed on drop.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    fn start(database: &str) -> Node {
+        let dir = std::env::temp_dir().join(format!("subrosa-node-{}", hex::encode(rand::random::<[u8; 6]>())));
+        let mut child = Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(&dir)
+            .args(["--database", database, "--rate-limit", "0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("bad ready line {line:?}"))
+            .parse()
+            .expect("address");
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = out.read_to_end(&mut sink);
+        });
+        Node { child, addr }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    req: axum::http::Request<axum::body::Body>,
+) -> (u16, serde_json::Value) {
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
+        parts.method,
+        parts.uri,
+        body.len()
+    );
+    for (k, v) in &parts.headers {
+        if k != "content-length" {
+            head.push_str(&format!("{k}: {}\r\n", v.to_str().expect("header")));
+        }
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(&body).await.expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+async fn http(addr: SocketAddr, req: axum::http::Request<axum::body::Body>) -> (u16, serde_json::Value) {
+    exchange(tokio::net::TcpStream::connect(addr).await.expect("connect"), req).await
+}
+
+async fn register(addr: SocketAddr, prefix: &str) -> TestDevice {
+    let d = TestDevice::new(prefix);
+    let (status, body) = http(addr, d.request("POST", "/v1/accounts", d.register_body())).await;
+    assert_eq!(status, 201, "{body}");
+    d
+}
+
+fn send_body(conversation: ConversationId, commit: Option<u64>, to: &TestDevice, ciphertext: &[u8]) -> Vec<u8> {
+    let mut body = json!({
+        "conversation": conversation.to_hex(),
+        "send_id": hex::encode(rand::random::<[u8; 16]>()),
+        "parts": [{ "kind": if commit.is_some() { "commit" } else { "application" },
+                    "recipients": [to.addr()], "ciphertext": b64(ciphertext) }],
+    });
+    if let Some(e) = commit {
+        body["commit"] = json!({ "epoch": e });
+    }
+    serde_json::to_vec(&body).expect("json")
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect_ws(addr: SocketAddr, d: &TestDevice) -> Ws {
+    let mut req = format!("ws://{addr}/v1/ws").into_client_request().expect("request");
+    for (k, v) in d.sign("GET", "/v1/ws", b"", subrosa_server::now_ms(), &common::fresh_nonce()) {
+        req.headers_mut().insert(k, v.parse().expect("header"));
+    }
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("upgrade");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+async fn next_frame(ws: &mut Ws, within: Duration) -> ServerFrame {
+    loop {
+        let msg = tokio::time::timeout(within, ws.next()).await.expect("a frame in time");
+        match msg.expect("open").expect("frame") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A message posted on node A reaches a socket on node B within a second
+/// (LISTEN/NOTIFY, not B's 15 s re-check); a device removed through A has
+/// its socket on B closed as promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_on_one_node_reaches_a_socket_on_another() {
+    let Some(schema) = Schema::new().await else { return };
+    let a = Node::start(&schema.url);
+    let b = Node::start(&schema.url);
+    let alice = register(a.addr, "alice").await;
+    let bob = register(b.addr, "bob").await;
+
+    let mut ws = connect_ws(b.addr, &bob).await;
+    // Let the socket subscribe and find its inbox empty.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut latencies = Vec::new();
+    for i in 0..5u8 {
+        let started = Instant::now();
+        let (status, answer) = http(
+            a.addr,
+            alice.request("POST", "/v1/messages", send_body(ConversationId([i; 16]), None, &bob, &[i; 40])),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        let ServerFrame::Messages { messages } = next_frame(&mut ws, Duration::from_secs(5)).await else {
+            panic!("expected messages")
+        };
+        latencies.push(started.elapsed());
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].ciphertext.as_slice(), &[i; 40]);
+        assert_eq!(messages[0].sender, alice.addr());
+    }
+    eprintln!("cross-node push latencies: {latencies:?}");
+    for l in &latencies {
+        assert!(*l < Duration::from_secs(1), "a cross-node push took {l:?}");
+    }
+
+    // A second device of bob's, connected to B, removed through A.
+    let bob2 = bob.sibling();
+    let body = serde_json::to_vec(&json!({ "device": bob2.record() })).expect("json");
+    let (status, answer) = http(a.addr, bob.request("POST", "/v1/devices", body)).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut ws2 = connect_ws(b.addr, &bob2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let path = format!("/v1/devices/{}", bob2.device.to_hex());
+    let (status, answer) = http(a.addr, bob.request("DELETE", &path, vec![])).await;
+    assert_eq!(status, 200, "{answer}");
+    let ServerFrame::Error(err) = next_frame(&mut ws2, Duration::from_secs(5)).await else {
+        panic!("expected an error frame")
+    };
+    assert_eq!(err.code, ErrorCode::Unauthorized);
+    assert!(started.elapsed() < Duration::from_secs(1), "cross-node revocation took {:?}", started.elapsed());
+    drop((ws, ws2, a, b));
+}
+
+/// Concurrent commits for one epoch of one conversation, posted through two
+/// nodes: exactly one wins, every other gets `stale_epoch` with the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_through_two_nodes_one_wins() {
+    let Some(schema) = Schema::new().await else { return };
+    let nodes = [Node::start(&schema.url), Node::start(&schema.url)];
+    let bob = register(nodes[0].addr, "bob").await;
+    let conv = ConversationId(rand::random());
+    let creator = register(nodes[0].addr, "creator").await;
+    let (status, answer) =
+        http(nodes[1].addr, creator.request("POST", "/v1/messages", send_body(conv, Some(0), &bob, b"create"))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["epoch"], 1);
+
+    let mut members = Vec::new();
+    for i in 0..10 {
+        members.push(register(nodes[i % 2].addr, "member").await);
+    }
+    let bob = Arc::new(bob);
+    let tasks: Vec<_> = members
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let addr = nodes[i % 2].addr;
+            let bob = Arc::clone(&bob);
+            tokio::spawn(async move {
+                http(addr, m.request("POST", "/v1/messages", send_body(conv, Some(1), &bob, b"racing"))).await
+            })
+        })
+        .collect();
+    let (mut wins, mut losses) = (0, 0);
+    for t in tasks {
+        let (status, answer) = t.await.expect("task");
+        match status {
+            200 => {
+                assert_eq!(answer["epoch"], 2);
+                wins += 1;
+            }
+            409 => {
+                assert_eq!(answer["code"], "stale_epoch", "{answer}");
+                assert_eq!(answer["current_epoch"], 2, "{answer}");
+                losses += 1;
+            }
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    assert_eq!((wins, losses), (1, 9));
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut and restore.
+struct Proxy {
+    addr: SocketAddr,
+    target: SocketAddr,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// While set, nothing is forwarded: the database looks hung.
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let p = Proxy { addr, target, tasks: Arc::default(), frozen: Arc::default() };
+        p.serve(listener);
+        p
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let (target, tasks, frozen) = (self.target, Arc::clone(&self.tasks), Arc::clone(&self.frozen));
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let frozen = Arc::clone(&frozen);
+                let conn = tokio::spawn(async move {
+                    if let Ok(server) = tokio::net::TcpStream::connect(target).await {
+                        let (mut client_rx, mut client_tx) = client.into_split();
+                        let (mut server_rx, mut server_tx) = server.into_split();
+                        tokio::select! {
+                            () = forward(&mut client_rx, &mut server_tx, &frozen) => {}
+                            () = forward(&mut server_rx, &mut client_tx, &frozen) => {}
+                        }
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Refuses new connections and cuts every open one.
+    fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Accepts connections again on the same port.
+    async fn restore(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot rebind {}: {e}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+/// Copies one direction, holding the bytes while `frozen`.
+async fn forward(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    frozen: &std::sync::atomic::AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// While the database is unreachable, requests answer 503 `unavailable`
+/// promptly instead of hanging; once it is back, the node serves again
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_outage_answers_unavailable_and_recovers() {
+    let Some(schema) = Schema::new().await else { return };
+    let config: tokio_postgres::Config = schema.url.parse().expect("url");
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => {
+            eprintln!("skipped: the outage test needs a TCP PostgreSQL URL");
+            return;
+        }
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let target = tokio::net::lookup_host((host.as_str(), port)).await.expect("resolve").next().expect("address");
+    let proxy = Proxy::start(target).await;
+    // The same URL with the proxy's address in place of the database's.
+    let url = schema.url.replacen(&format!("{host}:{port}"), &proxy.addr.to_string(), 1);
+    assert_ne!(url, schema.url, "the test URL must name host:port explicitly");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
+    cfg.database = Some(url);
+    let srv = start(cfg).await.expect("server starts");
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    let mut ws = connect_ws(addr, &bob).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.cut();
+    let started = Instant::now();
+    let (status, answer) = http(addr, alice.request("GET", "/v1/inbox", vec![])).await;
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    assert!(took < Duration::from_secs(10), "an outage answer took {took:?}");
+    eprintln!("answer during the outage after {took:?}");
+
+    proxy.restore().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, answer) =
+            http(addr, alice.request("POST", "/v1/messages", send_body(ConversationId([9; 16]), None, &bob, b"back")))
+                .await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the node did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Bob's socket stayed open through the outage and gets the message.
+    let ServerFrame::Messages { messages } = next_frame(&mut ws, Duration::from_secs(5)).await else {
+        panic!("expected messages")
+    };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"back");
+    let (status, answer) = http(addr, bob.request("GET", "/v1/inbox", vec![])).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["messages"].as_array().map(Vec::len), Some(1));
+    drop(ws);
+    srv.shutdown().await;
+}
+
+/// Every database connection of two in-process nodes is terminated
+/// (`pg_terminate_backend`), listeners included. The nodes recover by
+/// themselves, and a message sent meanwhile still reaches a socket on the
+/// other node promptly: the reconnected listener wakes every local socket,
+/// since a notification may have been lost while it was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_connections_are_replaced_and_no_wake_up_is_lost() {
+    let Some(schema) = Schema::new().await else { return };
+    let app_name = format!("subrosa_test_{}", schema.name);
+    let url = format!("{}&application_name={app_name}", schema.url);
+    let node = |dir: &tempfile::TempDir| {
+        let mut cfg = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
+        cfg.database = Some(url.clone());
+        cfg
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let a = start(node(&dir_a)).await.expect("node a");
+    let b = start(node(&dir_b)).await.expect("node b");
+    let alice = register(a.local_addr(), "alice").await;
+    let bob = register(b.local_addr(), "bob").await;
+    let mut ws = connect_ws(b.local_addr(), &bob).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (admin, conn) = tokio_postgres::connect(&schema.base, tokio_postgres::NoTls).await.expect("admin");
+    tokio::spawn(conn);
+    let killed = admin
+        .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", &[&app_name])
+        .await
+        .expect("terminate");
+    assert!(killed.len() >= 2, "at least both listeners: {}", killed.len());
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    loop {
+        let body = send_body(ConversationId([3; 16]), None, &bob, b"after the cut");
+        let (status, answer) = http(a.local_addr(), alice.request("POST", "/v1/messages", body)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!((status, answer["code"].as_str()), (503, Some("unavailable")), "{answer}");
+        assert!(Instant::now() < deadline, "node a did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ServerFrame::Messages { messages } = next_frame(&mut ws, Duration::from_secs(5)).await else {
+        panic!("expected messages")
+    };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"after the cut");
+    eprintln!("delivered across the reconnect after {:?}", started.elapsed());
+    drop(ws);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A database that stops answering (a black hole, not a refusal): requests
+/// answer 503 `unavailable` after the operation timeout instead of hanging,
+/// and the node serves again once the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_database_times_out_instead_of_hanging() {
+    let Some(schema) = Schema::new().await else { return };
+    let config: tokio_postgres::Config = schema.url.parse().expect("url");
+    let tokio_postgres::config::Host::Tcp(host) = config.get_hosts()[0].clone() else {
+        eprintln!("skipped: the outage test needs a TCP PostgreSQL URL");
+        return;
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let target = tokio::net::lookup_host((host.as_str(), port)).await.expect("resolve").next().expect("address");
+    let proxy = Proxy::start(target).await;
+    let url = schema.url.replacen(&format!("{host}:{port}"), &proxy.addr.to_string(), 1);
+    assert_ne!(url, schema.url, "the test URL must name host:port explicitly");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
+    cfg.database = Some(url);
+    let srv = start(cfg).await.expect("server starts");
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+
+    proxy.freeze(true);
+    let started = Instant::now();
+    let (status, answer) = http(addr, alice.request("GET", "/v1/inbox", vec![])).await;
+    let took = started.elapsed();
+    eprintln!("answer while the database hung after {took:?}");
+    assert_eq!((status, answer["code"].as_str()), (503, Some("unavailable")), "{answer}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+
+    // The database answers again (its stuck connections are gone).
+    proxy.cut();
+    proxy.freeze(false);
+    proxy.restore().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, answer) = http(addr, alice.request("GET", "/v1/inbox", vec![])).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the node did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    srv.shutdown().await;
+}
