@@ -50,13 +50,19 @@ start() {
     grep -v '^EJABBERD_CONFIG_PATH=' /etc/ejabberd/ejabberdctl.cfg >"$CTL_CONFIG"
     # A fresh database each run: no users or offline messages left from the last one.
     find "$SPOOL" -maxdepth 1 -type f ! -name .erlang.cookie -delete
-    # Open files: the limit is inherited through su by the Erlang VM.
     hard=$(ulimit -Hn)
     if [ "$hard" != unlimited ] && [ "$hard" -lt "$NOFILE" ]; then NOFILE=$hard; fi
     ulimit -n "$NOFILE"
+    # ejabberdctl starts the VM through su as the ejabberd user; where PAM
+    # applies limits.conf on su, this keeps the raised limit.
+    echo "ejabberd - nofile $NOFILE" >/etc/security/limits.d/subrosa-bench-ejabberd.conf
     ERL_MAX_PORTS=$((NOFILE + 1000)) ctl start
     ctl started || die "ejabberd did not start (see /var/log/ejabberd/error.log)"
-    echo "ejabberd started: config $CONFIG, beam.smp pid $(beam_pid), open files $NOFILE"
+    pid=$(beam_pid)
+    if [ "$(awk '/open files/ {print $4}' /proc/"$pid"/limits)" -lt "$NOFILE" ]; then
+        die "ejabberd runs with $(grep 'open files' /proc/"$pid"/limits | tr -s ' '): su did not keep the limit"
+    fi
+    echo "ejabberd started: config $CONFIG, beam.smp pid $pid, $(grep 'open files' /proc/"$pid"/limits)"
 }
 
 stop_node() {

@@ -245,16 +245,17 @@ impl Target for XmppTarget {
     fn connect(&self, i: usize, sink: Arc<Sink>) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let user = self.user(i);
-            let mut s = Setup::open(&self.address, &self.domain).await?;
+            let mut s = Setup::open(&self.address, &self.domain).await.with_context(|| format!("{user}: stream"))?;
             let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
             s.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{plain}</auth>")).await?;
             let answer = s
                 .until(|b| find(b, b"<success").or_else(|| find(b, b"<failure")).and_then(|p| stanza_end(b, p)))
-                .await?;
+                .await
+                .with_context(|| format!("{user}: SASL"))?;
             if find(&answer, b"<failure").is_some() {
                 bail!("SASL PLAIN refused for {user}: {}", String::from_utf8_lossy(&answer));
             }
-            s.restart(&self.domain).await?;
+            s.restart(&self.domain).await.with_context(|| format!("{user}: stream restart"))?;
             s.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bench</resource></bind></iq>")
                 .await?;
             s.iq_answer("bind").await.context("resource bind")?;
