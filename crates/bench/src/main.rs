@@ -46,10 +46,14 @@
 //! on a multi-threaded tokio runtime, so on a small machine the server and
 //! the clients compete for the same cores; the header of each run says so.
 
+mod compare;
 mod crypto;
 mod groups;
 mod kt;
+mod load;
+mod loadgen;
 mod net;
+mod xmpp;
 
 use std::path::PathBuf;
 
@@ -101,6 +105,27 @@ enum Command {
         /// Use this server instead of starting one in-process.
         #[arg(long)]
         server: Option<String>,
+    },
+    /// Load benchmark: N devices over real WebSockets against a real subrosa-server process.
+    Load {
+        #[command(flatten)]
+        load: loadgen::LoadOptions,
+        #[command(flatten)]
+        server: load::ServerOptions,
+    },
+    /// The same load benchmark against an XMPP server (ejabberd; see bench/ejabberd/setup.sh).
+    Xmpp {
+        #[command(flatten)]
+        load: loadgen::LoadOptions,
+        #[command(flatten)]
+        xmpp: xmpp::XmppOptions,
+    },
+    /// Prints the figures of a `load --json` and an `xmpp --json` run side by side.
+    Compare {
+        /// JSON written by `load --json`.
+        subrosa: PathBuf,
+        /// JSON written by `xmpp --json`.
+        ejabberd: PathBuf,
     },
     /// Group scaling through subrosa-core beside mls-rs alone, and server fan-out.
     Groups {
@@ -173,6 +198,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(messages_per_pair > 0, "--messages-per-pair must be at least 1");
             runtime()?.block_on(net::throughput(pairs, messages_per_pair, server))
         }
+        Command::Load { load, server } => {
+            load.check()?;
+            runtime()?.block_on(load::run(&load, &server))
+        }
+        Command::Xmpp { load, xmpp } => {
+            load.check()?;
+            runtime()?.block_on(xmpp::run(&load, &xmpp))
+        }
+        Command::Compare { subrosa, ejabberd } => compare::run(&subrosa, &ejabberd),
         Command::Groups { sizes, messages } => {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
             anyhow::ensure!(messages > 0, "--messages must be at least 1");
