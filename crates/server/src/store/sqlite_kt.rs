@@ -29,12 +29,15 @@ fn digest(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
     bytes.try_into().map_err(|_| StoreError::Internal(format!("stored {what} is not 32 bytes")))
 }
 
-fn value_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, i64, i64, Vec<u8>, Vec<u8>, i64)> {
+/// A `kt_values` row as SQLite returns it (checked by [`to_value_row`]).
+type RawValueRow = (Vec<u8>, i64, i64, Vec<u8>, Vec<u8>, i64);
+
+fn value_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawValueRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
 }
 
 fn to_value_row(
-    (label, epoch, version, value, node_label_val, node_label_len): (Vec<u8>, i64, i64, Vec<u8>, Vec<u8>, i64),
+    (label, epoch, version, value, node_label_val, node_label_len): RawValueRow,
 ) -> Result<KtValueRow, StoreError> {
     Ok(KtValueRow {
         label,
