@@ -68,7 +68,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| // akd logs every publish and lookup at info level.
+                tracing_subscriber::EnvFilter::new("info,akd=warn")),
         )
         .init();
 

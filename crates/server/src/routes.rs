@@ -132,8 +132,12 @@ async fn register(State(state): State<AppState>, req: Request) -> Result<impl In
             now_ms(),
         )
         .await?;
-    // The new keys are in the directory before anyone is told they exist.
-    state.kt().await?.publish_and_wait(&state, &handle).await?;
+    // The new keys are in the directory before the client is told they
+    // exist. The account is committed either way: a failed publish is
+    // logged, and redone when the account is first served.
+    if let Err(e) = publish(&state, &handle).await {
+        tracing::warn!(code = e.code().as_str(), "publishing a registration failed; retried when served");
+    }
     Ok((StatusCode::CREATED, Json(Empty {})))
 }
 
@@ -289,9 +293,30 @@ async fn add_device(
 ) -> Result<Json<AccountInfo>, AppError> {
     validate_device(&body.device)?;
     state.store.add_device(&device.handle, body.device, now_ms()).await?;
-    let kt = state.kt().await?;
-    kt.publish_and_wait(&state, &device.handle).await?;
-    Ok(Json(kt.account_with_proof(&state, Some(&device), &device.handle).await?))
+    Ok(Json(changed_account(&state, &device).await?))
+}
+
+/// Publishes the account's current keys and waits for the epoch.
+async fn publish(state: &AppState, handle: &Handle) -> Result<(), AppError> {
+    state.kt().await?.publish_and_wait(state, handle).await
+}
+
+/// The caller's account after a committed device change, with the proof of
+/// its new keys. The change stays committed if the directory fails: the
+/// answer then has no proof (`kt: null`), and the keys are published when
+/// the account is next served.
+async fn changed_account(state: &AppState, caller: &DeviceAddress) -> Result<AccountInfo, AppError> {
+    let proven = match publish(state, &caller.handle).await {
+        Ok(()) => state.kt().await?.account_with_proof(state, Some(caller), &caller.handle).await,
+        Err(e) => Err(e),
+    };
+    match proven {
+        Ok(info) => Ok(info),
+        Err(e) => {
+            tracing::warn!(code = e.code().as_str(), "publishing a device change failed; retried when served");
+            Ok(state.store.account(&caller.handle).await?.ok_or(StoreError::UnknownHandle)?)
+        }
+    }
 }
 
 /// A hex id from the path; anything else is a 400.
@@ -316,9 +341,7 @@ async fn remove_device(
     // Committed: close its sockets on this node now (other nodes notice at
     // their next re-check).
     state.wakeups.revoke(&target);
-    let kt = state.kt().await?;
-    kt.publish_and_wait(&state, &caller.handle).await?;
-    Ok(Json(kt.account_with_proof(&state, Some(&caller), &caller.handle).await?))
+    Ok(Json(changed_account(&state, &caller).await?))
 }
 
 /// Refuses an empty or oversize opaque link blob.

@@ -223,5 +223,62 @@ async fn an_unpublished_account_is_published_before_it_is_served() {
     let (status, body) = t.call(alice.request("GET", &format!("/v1/accounts/{}", carol.handle), vec![])).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     check_account(&vrf, &serde_json::from_value(body).expect("AccountInfo"));
-    let _ = Arc::clone(&t.store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_share_epochs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("server.db")).expect("store"));
+    let state = subrosa_server::AppState::new(store, subrosa_server::Limits::default())
+        .with_kt_publish_interval(std::time::Duration::from_millis(300));
+    let t = TestApp { dir, store: Arc::clone(state.store()), router: subrosa_server::app(state.clone()), state };
+    let first = t.register("first").await;
+    let devices: Vec<TestDevice> = (0..8).map(|_| TestDevice::new("many")).collect();
+    let calls = devices.iter().map(|d| t.call(d.request("POST", "/v1/accounts", d.register_body())));
+    for (status, body) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let h = head(&t).await;
+    assert!(h.epoch < 1 + 8, "8 concurrent registrations took {} epochs", h.epoch - 1);
+    let vrf = h.vrf_public_key.as_slice().to_vec();
+    for d in &devices {
+        let (status, body) = t.call(first.request("GET", &format!("/v1/accounts/{}", d.handle), vec![])).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let info: AccountInfo = serde_json::from_value(body).expect("AccountInfo");
+        assert_eq!(info.kt.as_ref().expect("kt").epoch, h.epoch, "no new epoch was needed to serve it");
+        check_account(&vrf, &info);
+    }
+}
+
+#[tokio::test]
+async fn a_second_node_sees_epochs_the_first_published() {
+    let a = TestApp::new();
+    // Node B: its own connection, state and directory over the same database.
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&a.dir.path().join("server.db")).expect("store"));
+    let state_b = subrosa_server::AppState::new(store, subrosa_server::Limits::default());
+    let router_b = subrosa_server::app(state_b);
+    let call_b = |req: Request<Body>| {
+        let router = router_b.clone();
+        async move {
+            use http_body_util::BodyExt as _;
+            use tower::ServiceExt as _;
+            let resp = router.oneshot(req).await.expect("infallible");
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, serde_json::from_slice::<serde_json::Value>(&bytes).expect("json"))
+        }
+    };
+    let alice = a.register("alice").await;
+    let (_, head_b) = call_b(unsigned("/v1/kt/head")).await;
+    let head_b: KtHead = serde_json::from_value(head_b).expect("head");
+    assert_eq!(head_b, head(&a).await, "B reads A's epoch and the same VRF key");
+    let bob = a.register("bob").await;
+    a.add_device(&bob).await;
+    // B has not published anything; it serves A's latest epoch.
+    let (status, body) = call_b(alice.request("GET", &format!("/v1/accounts/{}", bob.handle), vec![])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let info: AccountInfo = serde_json::from_value(body).expect("AccountInfo");
+    assert_eq!(info.devices.len(), 2);
+    assert_eq!(info.kt.as_ref().expect("kt").epoch, head(&a).await.epoch);
+    check_account(head_b.vrf_public_key.as_slice(), &info);
 }

@@ -29,7 +29,7 @@ fn digest(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
     bytes.try_into().map_err(|_| StoreError::Internal(format!("stored {what} is not 32 bytes")))
 }
 
-/// A `kt_values` row as read: label, epoch, version, value, node label value and length.
+/// A `kt_values` row as SQLite returns it (checked by [`to_value_row`]).
 type RawValueRow = (Vec<u8>, i64, i64, Vec<u8>, Vec<u8>, i64);
 
 fn value_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawValueRow> {
