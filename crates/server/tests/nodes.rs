@@ -536,3 +536,46 @@ async fn a_hung_database_times_out_instead_of_hanging() {
     }
     srv.shutdown().await;
 }
+
+/// Three nodes publish into one key directory at once: every epoch extends
+/// the one before (append-only proofs verify end to end, on every node) and
+/// every account's proof matches its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_publishing_at_once_keep_one_append_only_directory() {
+    use subrosa_proto::kt::{directory_value, KtAudit, KtHead};
+    let Some(schema) = Schema::new().await else { return };
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&schema.url)).collect();
+    let registrations = (0..12).map(|i| register(nodes[i % 3].addr, "kt"));
+    let devices = futures_util::future::join_all(registrations).await;
+
+    let get = |addr: SocketAddr, path: String| async move {
+        let req = axum::http::Request::builder().method("GET").uri(path).body(axum::body::Body::empty()).expect("req");
+        http(addr, req).await
+    };
+    let mut heads = Vec::new();
+    for n in &nodes {
+        let (status, body) = get(n.addr, "/v1/kt/head".into()).await;
+        assert_eq!(status, 200, "{body}");
+        heads.push(serde_json::from_value::<KtHead>(body).expect("head"));
+    }
+    assert!(heads.windows(2).all(|w| w[0] == w[1]), "every node serves the same head: {heads:?}");
+    let head = &heads[0];
+    assert!((1..=12).contains(&head.epoch), "{} epochs", head.epoch);
+    if head.epoch > 1 {
+        let (status, body) = get(nodes[1].addr, format!("/v1/kt/audit?from=1&to={}", head.epoch)).await;
+        assert_eq!(status, 200, "{body}");
+        let audit: KtAudit = serde_json::from_value(body).expect("audit");
+        subrosa_server::kt::verify_audit(&audit).await.expect("the directory only grew");
+        assert_eq!(audit.root_hashes.last(), Some(&head.root_hash));
+    }
+    for (i, d) in devices.iter().enumerate() {
+        let (status, body) =
+            http(nodes[(i + 1) % 3].addr, d.request("GET", &format!("/v1/accounts/{}", d.handle), vec![])).await;
+        assert_eq!(status, 200, "{body}");
+        let info: subrosa_proto::AccountInfo = serde_json::from_value(body).expect("account");
+        let kt = info.kt.as_ref().expect("a proof");
+        let value = directory_value(info.identity_key.as_slice(), &info.devices);
+        subrosa_server::kt::verify_lookup(head.vrf_public_key.as_slice(), &info.handle, kt, &value)
+            .expect("proof verifies");
+    }
+}

@@ -178,12 +178,16 @@ impl KtDirectory {
     /// distinct; unchanged values are skipped and no epoch is made when
     /// nothing changed). Returns the latest epoch and its root hash.
     ///
-    /// The caller makes sure only one publish runs at a time.
+    /// The caller makes sure only one publish runs at a time in this
+    /// process; the backend's publish lock covers the other nodes.
     ///
     /// # Errors
     /// Backend or akd failures.
     pub async fn publish(&self, updates: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(u64, [u8; 32]), KtError> {
         let updates = updates.into_iter().map(|(l, v)| (AkdLabel(l), AkdValue(v))).collect();
+        // Across nodes, one publisher at a time; the directory is read
+        // afresh under the lock, so it builds on the other nodes' epochs.
+        let _lock = self.db.storage().kt_publish_lock().await?;
         let hash = self.fresh().await?.publish(updates).await?;
         Ok((hash.0, hash.1))
     }

@@ -67,10 +67,27 @@ pub struct KtWrite {
     pub epoch_root: Option<(u64, [u8; 32])>,
 }
 
+/// Held while one node publishes an epoch; dropping it lets the next one.
+pub struct KtPublishLock(pub Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for KtPublishLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KtPublishLock")
+    }
+}
+
 /// The key-transparency tables of one database. Every method is atomic and
 /// safe under concurrent calls from several tasks and server nodes.
 #[async_trait]
 pub trait KtStorage: Send + Sync + std::fmt::Debug {
+    /// Serializes publishing across the server nodes sharing this database
+    /// (two nodes publishing the same epoch number would corrupt the
+    /// directory). `None`: the backend serves one node (SQLite), whose
+    /// publishes the in-process lock already serializes.
+    async fn kt_publish_lock(&self) -> Result<Option<KtPublishLock>, StoreError> {
+        Ok(None)
+    }
+
     /// Writes everything in `batch` in one transaction.
     ///
     /// # Errors

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use tokio_postgres::types::ToSql;
 
-use super::super::kt::{KtSelector, KtStorage, KtValueRow, KtWrite};
+use super::super::kt::{KtPublishLock, KtSelector, KtStorage, KtValueRow, KtWrite};
 use super::*;
 
 fn digest(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
@@ -25,8 +25,55 @@ fn value_row(r: &Row) -> Result<KtValueRow, StoreError> {
 
 const VALUE_COLUMNS: &str = "label, epoch, version, value, node_label_val, node_label_len";
 
+/// First key of the advisory lock a publishing node holds (the second is
+/// the schema's name hashed, as for migrations).
+const PUBLISH_LOCK: i32 = 0x5342_4b54; // "SBKT"
+
+/// A session-level advisory lock on a pooled connection. Released on drop:
+/// unlocked in the background, or, outside a runtime, by closing the
+/// connection (which ends the session and its locks).
+struct HeldLock(Option<deadpool_postgres::Object>);
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if client
+                        .execute(
+                            "SELECT pg_advisory_unlock($1, hashtext(COALESCE(current_schema(), '')))",
+                            &[&PUBLISH_LOCK],
+                        )
+                        .await
+                        .is_err()
+                    {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(deadpool_postgres::Object::take(client)),
+        }
+    }
+}
+
 #[async_trait]
 impl KtStorage for PgStore {
+    async fn kt_publish_lock(&self) -> Result<Option<KtPublishLock>, StoreError> {
+        let work = async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            client
+                .execute("SELECT pg_advisory_lock($1, hashtext(COALESCE(current_schema(), '')))", &[&PUBLISH_LOCK])
+                .await
+                .map_err(|e| db_error(&e))?;
+            Ok(Some(KtPublishLock(Box::new(HeldLock(Some(client))))))
+        };
+        match tokio::time::timeout(OP_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable("waiting for the directory's publish lock timed out".into())),
+        }
+    }
+
     async fn kt_write(&self, batch: KtWrite) -> Result<(), StoreError> {
         in_tx!(self, |tx| {
             async {
