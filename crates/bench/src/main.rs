@@ -94,6 +94,15 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// What key-directory verification adds to starting a conversation.
+    KtStart {
+        /// New contacts alice starts a conversation with.
+        #[arg(long, default_value_t = 30)]
+        contacts: usize,
+        /// Use this server instead of starting one in-process.
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Delivered messages per second with many concurrent sender/receiver pairs.
     Throughput {
         /// Sender/receiver pairs.
@@ -192,6 +201,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Latency { messages, server } => {
             anyhow::ensure!(messages > 0, "--messages must be at least 1");
             runtime()?.block_on(net::latency(messages, server))
+        }
+        Command::KtStart { contacts, server } => {
+            anyhow::ensure!(contacts > 0, "--contacts must be at least 1");
+            runtime()?.block_on(net::kt_start(contacts, server))
         }
         Command::Throughput { pairs, messages_per_pair, server } => {
             anyhow::ensure!(pairs > 0, "--pairs must be at least 1");

@@ -519,3 +519,88 @@ async fn throughput_run(
     print_cpu(cpu, wall, delivered);
     Ok(())
 }
+
+/// `kt-start`: what checking the key directory adds to starting a
+/// conversation. Times alice's first message to each of `contacts` new
+/// people (claim, proof check, MLS group, send), then the directory work
+/// inside it on its own: the self-monitoring lookup every sync does, the
+/// proof check on the contact's keys, and an append-only step for a new epoch.
+pub async fn kt_start(contacts: usize, server: Option<String>) -> anyhow::Result<()> {
+    use reqwest::Method;
+    use subrosa_proto::kt::{KtAudit, KtHead};
+    use subrosa_proto::AccountInfo;
+
+    println!("kt-start: alice's first message to {contacts} new contacts, and the key-directory checks inside it");
+    let h = Harness::start(server).await?;
+    let alice = register(h.home("alice"), format!("alice{}", suffix()), h.url.clone()).await?;
+    let mut peers = Vec::with_capacity(contacts);
+    for i in 0..contacts {
+        let p = register(h.home(&format!("p{i}")), format!("p{i}x{}", suffix()), h.url.clone()).await?;
+        peers.push(p.handle().clone());
+    }
+    alice.sync().await.context("alice's first sync")?;
+
+    let mut first = Vec::with_capacity(contacts);
+    for p in &peers {
+        let t = Instant::now();
+        alice.send_text(p.as_str(), &message_text("hello".into())).await.context("first message")?;
+        first.push(t.elapsed());
+    }
+
+    let head: KtHead = alice.api().call::<(), _>(Method::GET, "/v1/kt/head", None).await?;
+    let vrf = head.vrf_public_key.as_slice().to_vec();
+    let (mut monitor, mut verify, mut audit) = (Vec::new(), Vec::new(), Vec::new());
+    let mut proof_bytes = 0usize;
+    for p in &peers {
+        // Self-monitoring, as every sync does: a round trip and a check.
+        let t = Instant::now();
+        let me: AccountInfo =
+            alice.api().call::<(), _>(Method::GET, &format!("/v1/accounts/{}", alice.handle()), None).await?;
+        subrosa_client::kt::verify_lookup(
+            &vrf,
+            alice.handle(),
+            me.identity_key.as_slice(),
+            &me.devices,
+            me.kt.as_ref(),
+        )?;
+        monitor.push(t.elapsed());
+        // The check on a contact's keys (the claim carries the same proof).
+        let theirs: AccountInfo = alice.api().call::<(), _>(Method::GET, &format!("/v1/accounts/{p}"), None).await?;
+        proof_bytes = theirs.kt.as_ref().map_or(0, |k| k.proof.len());
+        let t = Instant::now();
+        subrosa_client::kt::verify_lookup(
+            &vrf,
+            p,
+            theirs.identity_key.as_slice(),
+            &theirs.devices,
+            theirs.kt.as_ref(),
+        )?;
+        verify.push(t.elapsed());
+    }
+    // One append-only step, fetched and checked, as when a new epoch appears.
+    for e in 1..head.epoch.min(contacts as u64 + 1) {
+        let t = Instant::now();
+        let a: KtAudit =
+            alice.api().call::<(), _>(Method::GET, &format!("/v1/kt/audit?from={e}&to={}", e + 1), None).await?;
+        subrosa_client::kt::verify_audit(&a, e, e + 1).await?;
+        audit.push(t.elapsed());
+    }
+    print_distribution("first message to a new contact", &mut first);
+    print_distribution("self-monitor lookup (GET + check)", &mut monitor);
+    print_distribution("contact proof check (CPU)", &mut verify);
+    print_distribution("append-only step (GET + check)", &mut audit);
+    row("lookup proof size", format!("{proof_bytes} bytes (protobuf)"));
+    let extra = percentile(&monitor, 0.5) + percentile(&verify, 0.5);
+    row(
+        "directory work per first message",
+        format!(
+            "{:.2} ms of {:.2} ms median ({:.0}%), plus {:.2} ms when a new epoch appeared",
+            ms(extra),
+            ms(percentile(&first, 0.5)),
+            100.0 * extra.as_secs_f64() / percentile(&first, 0.5).as_secs_f64().max(1e-9),
+            ms(percentile(&audit, 0.5))
+        ),
+    );
+    h.shutdown().await;
+    Ok(())
+}

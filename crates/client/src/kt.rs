@@ -84,6 +84,35 @@ pub async fn verify_audit(audit: &KtAudit, from: u64, to: u64) -> Result<Vec<Dig
     Ok(roots)
 }
 
+/// Verifies, without state, that `lookup` proves `handle` maps to
+/// [`directory_value`] of exactly `identity_key` and `devices` under the
+/// directory's VRF key. Returns the proof's epoch and root.
+///
+/// # Errors
+/// [`ClientError::KeyMismatch`] when the proof is missing, malformed, does
+/// not verify, or vouches for other keys.
+pub fn verify_lookup(
+    vrf_public_key: &[u8],
+    handle: &Handle,
+    identity_key: &[u8],
+    devices: &[DeviceRecord],
+    lookup: Option<&KtLookup>,
+) -> Result<(u64, Digest), ClientError> {
+    let refused = |why: String| ClientError::KeyMismatch { handle: handle.to_string(), why };
+    let lookup = lookup.ok_or_else(|| refused("the server sent no key-directory proof for them".into()))?;
+    let root = digest(lookup.root_hash.as_slice(), "directory root")?;
+    let spec = akd::proto::specs::types::LookupProof::parse_from_bytes(lookup.proof.as_slice())
+        .map_err(|_| refused("undecodable key-directory proof".into()))?;
+    let proof = akd::LookupProof::try_from(&spec).map_err(|_| refused("malformed key-directory proof".into()))?;
+    let label = AkdLabel(handle.as_str().as_bytes().to_vec());
+    let result = akd::client::lookup_verify::<KtConfig>(vrf_public_key, root, lookup.epoch, label, proof)
+        .map_err(|e| refused(format!("the key-directory proof does not verify: {e}")))?;
+    if result.value.0 != directory_value(identity_key, devices) {
+        return Err(refused("the key directory lists other keys for them than the server offered".into()));
+    }
+    Ok((lookup.epoch, root))
+}
+
 impl Subrosa {
     /// The directory's current head (unsigned, as anyone may ask).
     pub(crate) async fn kt_head(&self) -> Result<KtHead, ClientError> {
@@ -123,20 +152,9 @@ impl Subrosa {
         lookup: Option<&KtLookup>,
     ) -> Result<(), ClientError> {
         self.kt_blocked()?;
-        let refused = |why: String| ClientError::KeyMismatch { handle: handle.to_string(), why };
-        let lookup = lookup.ok_or_else(|| refused("the server sent no key-directory proof for them".into()))?;
         let vrf = self.kt_vrf_key().await?;
-        let root = digest(lookup.root_hash.as_slice(), "directory root")?;
-        let spec = akd::proto::specs::types::LookupProof::parse_from_bytes(lookup.proof.as_slice())
-            .map_err(|_| refused("undecodable key-directory proof".into()))?;
-        let proof = akd::LookupProof::try_from(&spec).map_err(|_| refused("malformed key-directory proof".into()))?;
-        let label = AkdLabel(handle.as_str().as_bytes().to_vec());
-        let result = akd::client::lookup_verify::<KtConfig>(&vrf, root, lookup.epoch, label, proof)
-            .map_err(|e| refused(format!("the key-directory proof does not verify: {e}")))?;
-        if result.value.0 != directory_value(identity_key, devices) {
-            return Err(refused("the key directory lists other keys for them than the server offered".into()));
-        }
-        self.kt_track(lookup.epoch, root, None).await
+        let (epoch, root) = verify_lookup(&vrf, handle, identity_key, devices, lookup)?;
+        self.kt_track(epoch, root, None).await
     }
 
     /// Makes sure `(epoch, root)` lies on the one chain this device has
