@@ -42,6 +42,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 /// Largest frame a client may send (acknowledgements only).
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Initial read buffer of a socket. Clients only send acknowledgements (a few
+/// dozen bytes each), and tungstenite zero-fills the whole buffer on every
+/// read, so its default of 128 KiB would be resident for every idle socket.
+/// A larger frame (up to [`MAX_CLIENT_FRAME`]) grows the buffer as needed.
+const READ_BUFFER: usize = 4 * 1024;
 
 pub(crate) async fn upgrade(
     Authed(device): Authed,
@@ -54,6 +59,9 @@ pub(crate) async fn upgrade(
     // per-socket buffer.
     let largest = BATCH_BYTES.max(state.limits.max_ciphertext_bytes) / 3 * 4 + 64 * 1024;
     Ok(ws
+        .read_buffer_size(READ_BUFFER)
+        // Each frame is written (and flushed) on its own: nothing to gather.
+        .write_buffer_size(0)
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .max_write_buffer_size(largest.saturating_mul(2))
