@@ -5,7 +5,9 @@
 //! this order: the signature headers are well formed, the device exists, the
 //! signature verifies, the timestamp is within the skew window, the device
 //! is within its rate limit, and the nonce is new (remembered in the store,
-//! so every server node sharing the database refuses a replay).
+//! so every server node sharing the database refuses a replay). Device keys
+//! are cached per node and dropped when the device is revoked (see
+//! [`crate::wakeup`]).
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -133,8 +135,20 @@ async fn authenticate(
     body: &[u8],
 ) -> Result<DeviceAddress, AppError> {
     let sig = RequestSignature::from_headers(headers)?;
-    let device = state.store.device(&sig.addr).await?.ok_or_else(|| AppError::unauthorized("unknown device"))?;
-    sig.verify(device.signature_key.as_slice(), method, path_and_query, body)?;
+    let key = match state.wakeups.cached_key(&sig.addr, Instant::now()) {
+        Some(key) => key,
+        None => {
+            // Read the revocation count first: a removal committing while we
+            // read must not leave its device's key cached.
+            let generation = state.wakeups.key_generation();
+            let device =
+                state.store.device(&sig.addr).await?.ok_or_else(|| AppError::unauthorized("unknown device"))?;
+            let key = device.signature_key.into_inner();
+            state.wakeups.remember_key(&sig.addr, &key, generation, Instant::now());
+            key
+        }
+    };
+    sig.verify(&key, method, path_and_query, body)?;
     sig.check_fresh(now_ms())?;
     state.device_limiter.check(&sig.addr, Instant::now()).map_err(AppError::rate_limited)?;
     sig.check_nonce(state).await?;
