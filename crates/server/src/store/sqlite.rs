@@ -152,8 +152,11 @@ pub struct SqliteStore {
 const MAX_GROUP: usize = 512;
 /// Statements each connection keeps prepared.
 const STATEMENT_CACHE: usize = 64;
-/// Idle read connections kept open.
-const MAX_IDLE_READERS: usize = 8;
+/// Read connections, and reads running at once. Bounded: each connection
+/// parses the schema when it opens, so opening one per burst of reads (and
+/// closing it after) would cost more than the reads themselves; and SQLite's
+/// allocator takes a process-wide lock, so more readers than cores contend.
+const READERS: usize = 4;
 
 /// What the writer tells a write once its group is over: `Ok` when the group
 /// committed, else why not.
@@ -258,6 +261,8 @@ fn run_group(conn: &Connection, first: Job, rx: &mpsc::Receiver<Job>) {
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// One permit per connection: at most [`READERS`] reads run at once.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Readers {
@@ -277,7 +282,7 @@ impl Readers {
 
     fn give_back(&self, conn: Connection) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_READERS {
+        if idle.len() < READERS {
             idle.push(conn);
         }
     }
@@ -336,7 +341,11 @@ impl SqliteStore {
             .name("sqlite-writer".into())
             .spawn(move || writer_loop(&writer_conn, &jobs))
             .map_err(|e| StoreError::Internal(format!("cannot start the storage writer: {e}")))?;
-        let readers = Arc::new(Readers { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) });
+        let readers = Arc::new(Readers {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
+        });
         Ok(SqliteStore { conn, writer, readers, path: path.to_path_buf() })
     }
 
@@ -403,10 +412,15 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let readers = Arc::clone(&self.readers);
+        let permit = Arc::clone(&readers.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Internal("the read pool is closed".into()))?;
         tokio::task::spawn_blocking(move || {
             let conn = readers.take()?;
             let result = f(&conn);
             readers.give_back(conn);
+            drop(permit);
             result
         })
         .await
