@@ -46,7 +46,7 @@ const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// dozen bytes each), and tungstenite zero-fills the whole buffer on every
 /// read, so its default of 128 KiB would be resident for every idle socket.
 /// A larger frame (up to [`MAX_CLIENT_FRAME`]) grows the buffer as needed.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 
 pub(crate) async fn upgrade(
     Authed(device): Authed,
