@@ -1398,6 +1398,7 @@ mod tests {
         concurrent_commits_one_wins,
         expiry_removes_old_rows,
         nonce_replay_is_refused,
+        send_with_nonce_refuses_replays,
         fetch_respects_cursor_limit_and_bytes,
         removed_device_disappears_everywhere,
         last_device_cannot_be_removed,

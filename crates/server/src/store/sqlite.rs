@@ -493,6 +493,115 @@ fn count(conn: &Connection, table: &str) -> Result<u64, StoreError> {
     conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(to_u64).map_err(map_err)
 }
 
+/// Stores a send (see [`Store::send`]) inside the caller's transaction.
+fn store_send(
+    tx: &Connection,
+    sender: &DeviceAddress,
+    request: &SendRequest,
+    now_ms: u64,
+) -> Result<SendOutcome, StoreError> {
+    let sender_row = require_device(tx, sender)?;
+    let seen: Option<(Option<i64>, i64)> = tx
+        .prepare_cached("SELECT epoch, created_at FROM send_ids WHERE device = ?1 AND send_id = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![sender_row, &request.send_id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+        })
+        .map_err(map_err)?;
+    if let Some((epoch, created_at)) = seen {
+        return Ok(SendOutcome {
+            duplicate: true,
+            epoch: epoch.map(|e| Epoch(to_u64(e))),
+            server_time: to_u64(created_at),
+            recipients: Vec::new(),
+        });
+    }
+    // Resolve every recipient before writing anything.
+    let mut parts = Vec::with_capacity(request.parts.len());
+    let mut woken: Vec<DeviceAddress> = Vec::new();
+    let mut woken_set: HashSet<DeviceAddress> = HashSet::new();
+    for part in &request.parts {
+        let mut rows = Vec::with_capacity(part.recipients.len());
+        let mut seen_here = HashSet::new();
+        for addr in &part.recipients {
+            if !seen_here.insert(addr) {
+                continue;
+            }
+            rows.push(require_device(tx, addr)?);
+            if woken_set.insert(addr.clone()) {
+                woken.push(addr.clone());
+            }
+        }
+        parts.push((part, rows));
+    }
+    let conversation = &request.conversation.0[..];
+    let epoch = match request.commit {
+        None => None,
+        Some(guard) => {
+            let current: i64 = tx
+                .query_row("SELECT epoch FROM conversations WHERE id = ?1", [conversation], |r| r.get(0))
+                .optional()
+                .map_err(map_err)?
+                .unwrap_or(0);
+            let current = to_u64(current);
+            if current != guard.epoch.0 {
+                return Err(StoreError::StaleEpoch { current: Epoch(current) });
+            }
+            let next = current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
+            tx.execute(
+                "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
+                params![conversation, to_i64(next)],
+            )
+            .map_err(map_err)?;
+            Some(Epoch(next))
+        }
+    };
+    {
+        let mut insert_message = tx
+            .prepare_cached(
+                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(map_err)?;
+        let mut insert_inbox = tx
+            .prepare_cached("INSERT INTO inbox (device, message, created_at) VALUES (?1, ?2, ?3)")
+            .map_err(map_err)?;
+        for (part, rows) in &parts {
+            insert_message
+                .execute(params![
+                    conversation,
+                    sender_row,
+                    part.kind.as_str(),
+                    part.ciphertext.as_slice(),
+                    to_i64(now_ms)
+                ])
+                .map_err(map_err)?;
+            let message = tx.last_insert_rowid();
+            for device in rows {
+                insert_inbox.execute(params![device, message, to_i64(now_ms)]).map_err(map_err)?;
+            }
+        }
+    }
+    tx.prepare_cached("INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4)")
+        .and_then(|mut s| {
+            s.execute(params![sender_row, &request.send_id.0[..], epoch.map(|e| to_i64(e.0)), to_i64(now_ms)])
+        })
+        .map_err(map_err)?;
+    Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+}
+
+/// Remembers a nonce inside the caller's transaction; false when it was used before.
+fn insert_nonce(conn: &Connection, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO nonces (handle, device_id, nonce, timestamp) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![addr.handle.as_str(), addr.device.to_hex(), nonce, to_i64(timestamp_ms)]))
+        .map_err(map_err)?;
+    Ok(inserted == 1)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
@@ -646,19 +755,7 @@ impl Store for SqliteStore {
     async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError> {
         let addr = addr.clone();
         let nonce = nonce.to_owned();
-        self.write(move |conn| {
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT INTO nonces (handle, device_id, nonce, timestamp) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT DO NOTHING",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![addr.handle.as_str(), addr.device.to_hex(), nonce, to_i64(timestamp_ms)])
-                })
-                .map_err(map_err)?;
-            Ok(inserted == 1)
-        })
-        .await
+        self.write(move |conn| insert_nonce(conn, &addr, &nonce, timestamp_ms)).await
     }
 
     async fn upload_key_packages(
@@ -775,97 +872,29 @@ impl Store for SqliteStore {
     ) -> Result<SendOutcome, StoreError> {
         let sender = sender.clone();
         let request = request.clone();
+        self.write(move |tx| store_send(tx, &sender, &request, now_ms)).await
+    }
+
+    async fn send_with_nonce(
+        &self,
+        sender: &DeviceAddress,
+        nonce: &str,
+        timestamp_ms: u64,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<Option<SendOutcome>, StoreError> {
+        let sender = sender.clone();
+        let nonce = nonce.to_owned();
+        let request = request.clone();
+        // One write, one commit: the nonce, then the send in a savepoint of
+        // its own, so a refused send keeps the nonce remembered.
         self.write(move |tx| {
-            let sender_row = require_device(tx, &sender)?;
-            let seen: Option<(Option<i64>, i64)> = tx
-                .prepare_cached("SELECT epoch, created_at FROM send_ids WHERE device = ?1 AND send_id = ?2")
-                .and_then(|mut s| {
-                    s.query_row(params![sender_row, &request.send_id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()
-                })
-                .map_err(map_err)?;
-            if let Some((epoch, created_at)) = seen {
-                return Ok(SendOutcome {
-                    duplicate: true,
-                    epoch: epoch.map(|e| Epoch(to_u64(e))),
-                    server_time: to_u64(created_at),
-                    recipients: Vec::new(),
-                });
+            if !insert_nonce(tx, &sender, &nonce, timestamp_ms)? {
+                return Ok(Ok(None));
             }
-            // Resolve every recipient before writing anything.
-            let mut parts = Vec::with_capacity(request.parts.len());
-            let mut woken: Vec<DeviceAddress> = Vec::new();
-            let mut woken_set: HashSet<DeviceAddress> = HashSet::new();
-            for part in &request.parts {
-                let mut rows = Vec::with_capacity(part.recipients.len());
-                let mut seen_here = HashSet::new();
-                for addr in &part.recipients {
-                    if !seen_here.insert(addr) {
-                        continue;
-                    }
-                    rows.push(require_device(tx, addr)?);
-                    if woken_set.insert(addr.clone()) {
-                        woken.push(addr.clone());
-                    }
-                }
-                parts.push((part, rows));
-            }
-            let conversation = &request.conversation.0[..];
-            let epoch = match request.commit {
-                None => None,
-                Some(guard) => {
-                    let current: i64 = tx
-                        .query_row("SELECT epoch FROM conversations WHERE id = ?1", [conversation], |r| r.get(0))
-                        .optional()
-                        .map_err(map_err)?
-                        .unwrap_or(0);
-                    let current = to_u64(current);
-                    if current != guard.epoch.0 {
-                        return Err(StoreError::StaleEpoch { current: Epoch(current) });
-                    }
-                    let next = current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
-                    tx.execute(
-                        "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
-                         ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
-                        params![conversation, to_i64(next)],
-                    )
-                    .map_err(map_err)?;
-                    Some(Epoch(next))
-                }
-            };
-            {
-                let mut insert_message = tx
-                    .prepare_cached(
-                        "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )
-                    .map_err(map_err)?;
-                let mut insert_inbox = tx
-                    .prepare_cached("INSERT INTO inbox (device, message, created_at) VALUES (?1, ?2, ?3)")
-                    .map_err(map_err)?;
-                for (part, rows) in &parts {
-                    insert_message
-                        .execute(params![
-                            conversation,
-                            sender_row,
-                            part.kind.as_str(),
-                            part.ciphertext.as_slice(),
-                            to_i64(now_ms)
-                        ])
-                        .map_err(map_err)?;
-                    let message = tx.last_insert_rowid();
-                    for device in rows {
-                        insert_inbox.execute(params![device, message, to_i64(now_ms)]).map_err(map_err)?;
-                    }
-                }
-            }
-            tx.prepare_cached("INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4)")
-                .and_then(|mut s| {
-                    s.execute(params![sender_row, &request.send_id.0[..], epoch.map(|e| to_i64(e.0)), to_i64(now_ms)])
-                })
-                .map_err(map_err)?;
-            Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+            Ok(in_savepoint(tx, |tx| store_send(tx, &sender, &request, now_ms)).map(Some))
         })
-        .await
+        .await?
     }
 
     async fn fetch_inbox(
@@ -1173,6 +1202,7 @@ mod tests {
         concurrent_commits_one_wins,
         expiry_removes_old_rows,
         nonce_replay_is_refused,
+        send_with_nonce_refuses_replays,
         fetch_respects_cursor_limit_and_bytes,
         removed_device_disappears_everywhere,
         last_device_cannot_be_removed,
