@@ -128,11 +128,17 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
     ping.reset();
     let mut cursor = 0u64;
     let mut silent_pings = 0u32;
+    // Set while the database is unreachable: look again soon, keep the socket.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    // Whether to look at the inbox: at first, then after a wake-up, a
+    // re-check or a retry; not after an acknowledgement or a ping (nothing
+    // new can have arrived unannounced: a send wakes the socket).
+    let mut look = true;
     loop {
-        // Set while the database is unreachable: look again soon, keep the socket.
-        let mut retry_at: Option<tokio::time::Instant> = None;
         // Push everything pending past the cursor, one bounded frame at a time.
-        loop {
+        while look {
+            look = false;
+            retry_at = None;
             let batch = match state.store.fetch_inbox(&device, cursor, BATCH, BATCH_BYTES).await {
                 Ok(b) => b,
                 Err(StoreError::Unavailable(detail)) => {
@@ -159,9 +165,7 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
             if !batch.is_empty() {
                 send_frame(&mut socket, &ServerFrame::Messages { messages: batch }).await?;
             }
-            if !full {
-                break;
-            }
+            look = full;
         }
         let retry = async {
             match retry_at {
@@ -170,14 +174,18 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
             }
         };
         tokio::select! {
-            () = retry => {}
+            () = retry => look = true,
             woken = wakeup.woken() => {
                 if woken == Woken::Revoked {
                     close_removed(&mut socket).await;
                     return Err("device removed");
                 }
+                look = true;
             }
-            _ = recheck.tick() => check_active(&state, &device, &mut socket).await?,
+            _ = recheck.tick() => {
+                check_active(&state, &device, &mut socket).await?;
+                look = true;
+            }
             _ = ping.tick() => {
                 silent_pings += 1;
                 if silent_pings > 3 {
