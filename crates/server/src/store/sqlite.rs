@@ -330,8 +330,12 @@ impl SqliteStore {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Unavailable(format!("cannot switch the database to WAL mode (got {mode})")));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA foreign_keys=ON;")
-            .map_err(map_err)?;
+        // temp_store=MEMORY: the per-write savepoints of a group keep their
+        // undo pages in memory rather than in a temporary file (pwrite).
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;",
+        )
+        .map_err(map_err)?;
         migrate(&mut conn)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let conn = Arc::new(Mutex::new(conn));
