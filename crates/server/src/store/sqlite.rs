@@ -199,8 +199,9 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, S
 /// The writer thread: one group per turn, until every sender is gone.
 fn writer_loop(conn: &Mutex<Connection>, rx: &mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
-        // A panic while holding the lock cannot leave a transaction open
-        // (the group is rolled back below), so a poisoned lock is usable.
+        // A write's panic is caught inside its savepoint, so only a panic
+        // in `run` can poison the lock, and rusqlite rolls a transaction
+        // back when it unwinds: a poisoned lock is still usable.
         let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
         run_group(&guard, first, rx);
     }
