@@ -5,7 +5,9 @@
 //! this order: the signature headers are well formed, the device exists, the
 //! signature verifies, the timestamp is within the skew window, the device
 //! is within its rate limit, and the nonce is new (remembered in the store,
-//! so every server node sharing the database refuses a replay).
+//! so every server node sharing the database refuses a replay). Device keys
+//! are cached per node and dropped when the device is revoked (see
+//! [`crate::wakeup`]).
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -109,19 +111,28 @@ impl RequestSignature {
         Ok(())
     }
 
+    /// The nonce as stored (hex is case-insensitive: "AB" and "ab" are the
+    /// same nonce).
+    pub fn stored_nonce(&self) -> String {
+        self.headers.nonce.to_ascii_lowercase()
+    }
+
     /// Remembers the nonce; refuses one seen before.
     ///
     /// # Errors
     /// 401 replayed; storage errors.
     pub async fn check_nonce(&self, state: &AppState) -> Result<(), AppError> {
-        // Hex is case-insensitive: "AB" and "ab" are the same nonce.
-        let nonce = self.headers.nonce.to_ascii_lowercase();
-        if state.store.check_nonce(&self.addr, &nonce, self.headers.timestamp).await? {
+        if state.store.check_nonce(&self.addr, &self.stored_nonce(), self.headers.timestamp).await? {
             Ok(())
         } else {
-            Err(AppError::new(StatusCode::UNAUTHORIZED, ErrorCode::Replayed, "this request was seen before"))
+            Err(replayed())
         }
     }
+}
+
+/// The answer to a request whose nonce was seen before.
+pub fn replayed() -> AppError {
+    AppError::new(StatusCode::UNAUTHORIZED, ErrorCode::Replayed, "this request was seen before")
 }
 
 /// Runs every check for a request by an existing device.
@@ -132,13 +143,38 @@ async fn authenticate(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<DeviceAddress, AppError> {
-    let sig = RequestSignature::from_headers(headers)?;
-    let device = state.store.device(&sig.addr).await?.ok_or_else(|| AppError::unauthorized("unknown device"))?;
-    sig.verify(device.signature_key.as_slice(), method, path_and_query, body)?;
-    sig.check_fresh(now_ms())?;
-    state.device_limiter.check(&sig.addr, Instant::now()).map_err(AppError::rate_limited)?;
+    let sig = authenticate_but_nonce(state, method, path_and_query, headers, body).await?;
     sig.check_nonce(state).await?;
     Ok(sig.addr)
+}
+
+/// Every check of [`authenticate`] but the nonce's, which the caller stores
+/// together with its operation.
+async fn authenticate_but_nonce(
+    state: &AppState,
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<RequestSignature, AppError> {
+    let sig = RequestSignature::from_headers(headers)?;
+    let key = match state.wakeups.cached_key(&sig.addr, Instant::now()) {
+        Some(key) => key,
+        None => {
+            // Read the revocation count first: a removal committing while we
+            // read must not leave its device's key cached.
+            let generation = state.wakeups.key_generation();
+            let device =
+                state.store.device(&sig.addr).await?.ok_or_else(|| AppError::unauthorized("unknown device"))?;
+            let key = device.signature_key.into_inner();
+            state.wakeups.remember_key(&sig.addr, &key, generation, Instant::now());
+            key
+        }
+    };
+    sig.verify(&key, method, path_and_query, body)?;
+    sig.check_fresh(now_ms())?;
+    state.device_limiter.check(&sig.addr, Instant::now()).map_err(AppError::rate_limited)?;
+    Ok(sig)
 }
 
 fn path_and_query(parts: &Parts) -> &str {
@@ -206,6 +242,39 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for SignedJson<T> {
         let device = authenticate(state, parts.method.as_str(), path_and_query(&parts), &parts.headers, &bytes).await?;
         let body = parse_json(&bytes)?;
         Ok(SignedJson { device, body })
+    }
+}
+
+/// [`SignedJson`] with every check but the nonce's: the handler stores the
+/// nonce in the same transaction as its operation (one commit instead of
+/// two) and answers [`replayed`] when it was seen before.
+#[derive(Debug, Clone)]
+pub struct SignedJsonNonceLater<T> {
+    /// The authenticated device (signature, time and rate limit checked).
+    pub device: DeviceAddress,
+    /// The nonce to store, as [`RequestSignature::stored_nonce`].
+    pub nonce: String,
+    /// The signed timestamp, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The parsed body.
+    pub body: T,
+}
+
+impl<T: DeserializeOwned + Send> FromRequest<AppState> for SignedJsonNonceLater<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
+        let sig = authenticate_but_nonce(state, parts.method.as_str(), path_and_query(&parts), &parts.headers, &bytes)
+            .await?;
+        let body = parse_json(&bytes)?;
+        Ok(SignedJsonNonceLater {
+            nonce: sig.stored_nonce(),
+            timestamp_ms: sig.headers.timestamp,
+            device: sig.addr,
+            body,
+        })
     }
 }
 

@@ -21,7 +21,9 @@ use subrosa_proto::{
     LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, RegisterRequest, SendRequest, SendResponse, B64,
 };
 
-use crate::auth::{now_ms, parse_json, read_body, Authed, MaybeAuthed, RequestSignature, SignedJson};
+use crate::auth::{
+    now_ms, parse_json, read_body, Authed, MaybeAuthed, RequestSignature, SignedJson, SignedJsonNonceLater,
+};
 use crate::store::{NewAccount, StoreError};
 use crate::{ws, AppError, AppState};
 
@@ -228,10 +230,15 @@ fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
 
 async fn send(
     State(state): State<AppState>,
-    SignedJson { device, body }: SignedJson<SendRequest>,
+    SignedJsonNonceLater { device, nonce, timestamp_ms, body }: SignedJsonNonceLater<SendRequest>,
 ) -> Result<Json<SendResponse>, AppError> {
     validate_send(&body, &state)?;
-    let out = state.store.send(&device, &body, now_ms()).await?;
+    // The nonce and the send share one transaction (one commit).
+    let out = state
+        .store
+        .send_with_nonce(&device, &nonce, timestamp_ms, &body, now_ms())
+        .await?
+        .ok_or_else(crate::auth::replayed)?;
     // Only now is everything durably stored: wake the recipients.
     for addr in &out.recipients {
         state.wakeups.wake(addr);

@@ -5,9 +5,16 @@
 //! PostgreSQL, other nodes' sends and removals arrive through LISTEN/NOTIFY
 //! ([`crate::store::Store::spawn_listener`]); sockets also re-check
 //! periodically, which covers anything a lost notification missed.
+//!
+//! The same revocations keep the cache of device signature keys that
+//! request authentication reads ([`Wakeups::cached_key`]) honest: a removal
+//! (local, or another node's through the listener) drops the device's key,
+//! a listener that may have missed notifications clears them all, and an
+//! entry lives at most [`KEY_TTL`] anyway.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use subrosa_proto::DeviceAddress;
 use tokio::sync::watch;
@@ -20,10 +27,26 @@ struct Signal {
     revoked: bool,
 }
 
-/// Device → its [`Signal`].
+/// Device → its [`Signal`], and the cached signature keys.
 #[derive(Debug, Default)]
 pub struct Wakeups {
     map: Mutex<HashMap<DeviceAddress, watch::Sender<Signal>>>,
+    keys: Mutex<KeyCache>,
+}
+
+/// Longest a cached device key is used without asking the store again (the
+/// backstop for a removal on another node whose notification was lost).
+pub const KEY_TTL: Duration = Duration::from_secs(10);
+/// Most cached keys; a full cache is emptied and refills from the store.
+const MAX_CACHED_KEYS: usize = 100_000;
+
+/// Active devices' signature keys, as last read from the store.
+#[derive(Debug, Default)]
+struct KeyCache {
+    keys: HashMap<DeviceAddress, (Vec<u8>, Instant)>,
+    /// Bumped by every revocation, so a key read from the store before a
+    /// removal committed is not cached after the removal dropped it.
+    generation: u64,
 }
 
 /// Why a subscription woke.
@@ -63,19 +86,60 @@ impl Wakeups {
     /// while the cross-node listener was reconnecting). A woken socket looks
     /// at its inbox (a missed removal is caught by its periodic re-check).
     pub fn wake_all(&self) {
+        // Removals may have been missed too: forget every cached key.
+        self.forget_keys();
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         for tx in map.values() {
             tx.send_modify(|s| s.counter = s.counter.wrapping_add(1));
         }
     }
 
-    /// Tells every local socket of the device that it was removed. Sockets
-    /// that subscribe later must check the device themselves.
+    /// Tells every local socket of the device that it was removed, and
+    /// forgets its cached key. Sockets that subscribe later must check the
+    /// device themselves.
     pub fn revoke(&self, addr: &DeviceAddress) {
+        {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            keys.generation = keys.generation.wrapping_add(1);
+            keys.keys.remove(addr);
+        }
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = map.get(addr) {
             tx.send_modify(|s| s.revoked = true);
         }
+    }
+
+    /// The signature key of an active device, when cached less than
+    /// [`KEY_TTL`] ago and not revoked since.
+    pub fn cached_key(&self, addr: &DeviceAddress, now: Instant) -> Option<Vec<u8>> {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.keys.get(addr).filter(|(_, at)| now.saturating_duration_since(*at) < KEY_TTL).map(|(k, _)| k.clone())
+    }
+
+    /// The revocation count to pass to [`Wakeups::remember_key`]: read it
+    /// before asking the store.
+    pub fn key_generation(&self) -> u64 {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).generation
+    }
+
+    /// Caches a key read from the store when no revocation happened since
+    /// `generation` was read (else the read may predate a removal).
+    pub fn remember_key(&self, addr: &DeviceAddress, key: &[u8], generation: u64, now: Instant) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.generation != generation {
+            return;
+        }
+        if keys.keys.len() >= MAX_CACHED_KEYS {
+            keys.keys.clear();
+        }
+        keys.keys.insert(addr.clone(), (key.to_vec(), now));
+    }
+
+    /// Forgets every cached key.
+    pub fn forget_keys(&self) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.generation = keys.generation.wrapping_add(1);
+        keys.keys.clear();
     }
 
     /// Devices with at least one subscribed socket.
@@ -146,5 +210,25 @@ mod tests {
         assert_eq!(w.len(), 1);
         drop(b);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn cached_keys_go_with_revocation_and_age() {
+        let w = Wakeups::default();
+        let addr: DeviceAddress = "bob/0011223344556677".parse().expect("addr");
+        let now = Instant::now();
+        let g = w.key_generation();
+        w.remember_key(&addr, b"key", g, now);
+        assert_eq!(w.cached_key(&addr, now).as_deref(), Some(&b"key"[..]));
+        assert!(w.cached_key(&addr, now + KEY_TTL).is_none(), "expired");
+        w.revoke(&addr);
+        assert!(w.cached_key(&addr, now).is_none(), "revoked");
+        // A read that began before the revocation is not cached.
+        w.remember_key(&addr, b"key", g, now);
+        assert!(w.cached_key(&addr, now).is_none(), "stale read cached");
+        let g = w.key_generation();
+        w.remember_key(&addr, b"key", g, now);
+        w.wake_all();
+        assert!(w.cached_key(&addr, now).is_none(), "wake_all forgets keys");
     }
 }

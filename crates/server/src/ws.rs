@@ -42,6 +42,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 /// Largest frame a client may send (acknowledgements only).
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Initial read buffer of a socket. Clients only send acknowledgements (a few
+/// dozen bytes each), and tungstenite zero-fills the whole buffer on every
+/// read, so its default of 128 KiB would be resident for every idle socket.
+/// A larger frame (up to [`MAX_CLIENT_FRAME`]) grows the buffer as needed.
+const READ_BUFFER: usize = 1024;
 
 pub(crate) async fn upgrade(
     Authed(device): Authed,
@@ -54,6 +59,9 @@ pub(crate) async fn upgrade(
     // per-socket buffer.
     let largest = BATCH_BYTES.max(state.limits.max_ciphertext_bytes) / 3 * 4 + 64 * 1024;
     Ok(ws
+        .read_buffer_size(READ_BUFFER)
+        // Each frame is written (and flushed) on its own: nothing to gather.
+        .write_buffer_size(0)
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .max_write_buffer_size(largest.saturating_mul(2))
@@ -120,11 +128,17 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
     ping.reset();
     let mut cursor = 0u64;
     let mut silent_pings = 0u32;
+    // Set while the database is unreachable: look again soon, keep the socket.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    // Whether to look at the inbox: at first, then after a wake-up, a
+    // re-check or a retry; not after an acknowledgement or a ping (nothing
+    // new can have arrived unannounced: a send wakes the socket).
+    let mut look = true;
     loop {
-        // Set while the database is unreachable: look again soon, keep the socket.
-        let mut retry_at: Option<tokio::time::Instant> = None;
         // Push everything pending past the cursor, one bounded frame at a time.
-        loop {
+        while look {
+            look = false;
+            retry_at = None;
             let batch = match state.store.fetch_inbox(&device, cursor, BATCH, BATCH_BYTES).await {
                 Ok(b) => b,
                 Err(StoreError::Unavailable(detail)) => {
@@ -151,9 +165,7 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
             if !batch.is_empty() {
                 send_frame(&mut socket, &ServerFrame::Messages { messages: batch }).await?;
             }
-            if !full {
-                break;
-            }
+            look = full;
         }
         let retry = async {
             match retry_at {
@@ -162,14 +174,18 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
             }
         };
         tokio::select! {
-            () = retry => {}
+            () = retry => look = true,
             woken = wakeup.woken() => {
                 if woken == Woken::Revoked {
                     close_removed(&mut socket).await;
                     return Err("device removed");
                 }
+                look = true;
             }
-            _ = recheck.tick() => check_active(&state, &device, &mut socket).await?,
+            _ = recheck.tick() => {
+                check_active(&state, &device, &mut socket).await?;
+                look = true;
+            }
             _ = ping.tick() => {
                 silent_pings += 1;
                 if silent_pings > 3 {

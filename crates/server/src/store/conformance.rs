@@ -96,6 +96,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_commits_one_wins(Arc::clone(&store)).await;
     expiry_removes_old_rows(Arc::clone(&store)).await;
     nonce_replay_is_refused(Arc::clone(&store)).await;
+    send_with_nonce_refuses_replays(Arc::clone(&store)).await;
     fetch_respects_cursor_limit_and_bytes(Arc::clone(&store)).await;
     removed_device_disappears_everywhere(Arc::clone(&store)).await;
     last_device_cannot_be_removed(Arc::clone(&store)).await;
@@ -486,6 +487,30 @@ pub async fn nonce_replay_is_refused(store: Arc<dyn Store>) {
     let report = store.sweep(0, 15_000, 0, 0).await.expect("sweep");
     assert!(report.nonces >= 2);
     assert!(!store.check_nonce(&alice, &other, 30_000).await.expect("nonce"), "a fresh nonce was swept");
+}
+
+/// A send with its nonce: stored once; a replayed nonce stores nothing; a
+/// refused send still uses up its nonce.
+pub async fn send_with_nonce_refuses_replays(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let conv = random_conversation();
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    let req = send_request(conv, None, app(vec![bob.clone()], b"once"));
+    let out = store.send_with_nonce(&alice, &nonce, NOW, &req, NOW).await.expect("send").expect("new nonce");
+    assert!(!out.duplicate);
+    assert_eq!(out.recipients, vec![bob.clone()]);
+    let again = send_request(conv, None, app(vec![bob.clone()], b"twice"));
+    assert!(store.send_with_nonce(&alice, &nonce, NOW, &again, NOW).await.expect("replay").is_none());
+    assert!(!store.check_nonce(&alice, &nonce, NOW).await.expect("nonce"), "the nonce was not remembered");
+    assert_eq!(store.fetch_inbox(&bob, 0, 100, usize::MAX).await.expect("fetch").len(), 1, "a replay was stored");
+    let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
+    let refused = send_request(conv, None, app(vec![ghost.clone()], b"nobody"));
+    let other = hex::encode(rand::random::<[u8; 16]>());
+    match store.send_with_nonce(&alice, &other, NOW, &refused, NOW).await {
+        Err(StoreError::UnknownDevice(a)) => assert_eq!(a, ghost),
+        other => panic!("expected UnknownDevice, got {other:?}"),
+    }
+    assert!(!store.check_nonce(&alice, &other, NOW).await.expect("nonce"), "a refused send forgot its nonce");
 }
 
 /// Fetching honours the cursor, the count limit and the byte budget.

@@ -257,6 +257,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn send(&self, sender: &DeviceAddress, request: &SendRequest, now_ms: u64)
         -> Result<SendOutcome, StoreError>;
 
+    /// [`Store::check_nonce`] for a signed send request, then [`Store::send`]
+    /// when the nonce is new; `Ok(None)` (nothing stored) when it is not. The
+    /// nonce stays remembered when the send itself is refused. Backends may
+    /// do both in one transaction (SQLite does: one commit per send).
+    ///
+    /// # Errors
+    /// As [`Store::check_nonce`] and [`Store::send`].
+    async fn send_with_nonce(
+        &self,
+        sender: &DeviceAddress,
+        nonce: &str,
+        timestamp_ms: u64,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<Option<SendOutcome>, StoreError> {
+        if !self.check_nonce(sender, nonce, timestamp_ms).await? {
+            return Ok(None);
+        }
+        self.send(sender, request, now_ms).await.map(Some)
+    }
+
     /// Up to `limit` envelopes of this device with an id above `after`, oldest
     /// first, stopping early once their ciphertexts add up to `max_bytes`
     /// (always at least one envelope when any is pending).

@@ -893,6 +893,41 @@ impl Store for PgStore {
         in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, now_ms).await }.await)
     }
 
+    async fn send_with_nonce(
+        &self,
+        sender: &DeviceAddress,
+        nonce: &str,
+        timestamp_ms: u64,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<Option<SendOutcome>, StoreError> {
+        // The nonce and the send in one transaction: one commit per send.
+        let result = in_tx!(self, |tx| async {
+            let inserted = execute(
+                &tx,
+                "INSERT INTO nonces (handle, device_id, nonce, timestamp) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                &[&sender.handle.as_str(), &sender.device.to_hex(), &nonce, &to_i64(timestamp_ms)],
+            )
+            .await?;
+            if inserted == 0 {
+                return Ok(None);
+            }
+            send_tx(&tx, &self.channel, sender, request, now_ms).await.map(Some)
+        }
+        .await);
+        match result {
+            // A refused send rolled its nonce back with it: remember the
+            // nonce alone (the rare path; no savepoint round trips on the
+            // common one).
+            Err(refused @ (StoreError::UnknownDevice(_) | StoreError::StaleEpoch { .. })) => {
+                self.check_nonce(sender, nonce, timestamp_ms).await?;
+                Err(refused)
+            }
+            other => other,
+        }
+    }
+
     async fn fetch_inbox(
         &self,
         addr: &DeviceAddress,
@@ -1398,6 +1433,7 @@ mod tests {
         concurrent_commits_one_wins,
         expiry_removes_old_rows,
         nonce_replay_is_refused,
+        send_with_nonce_refuses_replays,
         fetch_respects_cursor_limit_and_bytes,
         removed_device_disappears_everywhere,
         last_device_cannot_be_removed,
