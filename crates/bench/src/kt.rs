@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use anyhow::Context as _;
+use subrosa_client::kt::{verify_audit, verify_lookup_value};
 use subrosa_proto::kt::directory_value;
 use subrosa_proto::{DeviceId, DeviceRecord, Handle, B64};
-use subrosa_server::kt::{verify_audit, verify_lookup, KtDirectory};
+use subrosa_server::kt::KtDirectory;
 use subrosa_server::store::{SqliteStore, Store as _};
 
 fn label(i: usize) -> Vec<u8> {
@@ -72,7 +73,7 @@ pub async fn run(handles: usize, batch: usize, samples: usize) -> anyhow::Result
         let audit = kt.audit(epoch - 1, epoch).await?;
         let gen = t.elapsed().as_secs_f64() * 1000.0;
         let t = Instant::now();
-        verify_audit(&audit).await.map_err(|e| anyhow::anyhow!("audit fails: {e}"))?;
+        verify_audit(&audit, audit.from, audit.to).await.map_err(|e| anyhow::anyhow!("audit fails: {e}"))?;
         audits.push(format!(
             "  append-only proof {}->{epoch} ({changed} changed): {} bytes protobuf; generation {gen:.1} ms; verification {:.2} ms",
             epoch - 1,
@@ -93,7 +94,7 @@ pub async fn run(handles: usize, batch: usize, samples: usize) -> anyhow::Result
         gen_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         sizes.push(lookup.proof.len());
         let t = Instant::now();
-        verify_lookup(&vrf, &handle, &lookup, &proven).map_err(|e| anyhow::anyhow!("lookup proof fails: {e}"))?;
+        verify_lookup_value(&vrf, &handle, &lookup, &proven).map_err(|e| anyhow::anyhow!("lookup proof fails: {e}"))?;
         verify_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
     gen_ms.sort_by(f64::total_cmp);

@@ -98,8 +98,24 @@ pub fn verify_lookup(
     devices: &[DeviceRecord],
     lookup: Option<&KtLookup>,
 ) -> Result<(u64, Digest), ClientError> {
+    let lookup = lookup.ok_or_else(|| ClientError::KeyMismatch {
+        handle: handle.to_string(),
+        why: "the server sent no key-directory proof for them".into(),
+    })?;
+    verify_lookup_value(vrf_public_key, handle, lookup, &directory_value(identity_key, devices))
+}
+
+/// As [`verify_lookup`], for a directory value given as bytes.
+///
+/// # Errors
+/// As [`verify_lookup`].
+pub fn verify_lookup_value(
+    vrf_public_key: &[u8],
+    handle: &Handle,
+    lookup: &KtLookup,
+    expected_value: &[u8],
+) -> Result<(u64, Digest), ClientError> {
     let refused = |why: String| ClientError::KeyMismatch { handle: handle.to_string(), why };
-    let lookup = lookup.ok_or_else(|| refused("the server sent no key-directory proof for them".into()))?;
     let root = digest(lookup.root_hash.as_slice(), "directory root")?;
     let spec = akd::proto::specs::types::LookupProof::parse_from_bytes(lookup.proof.as_slice())
         .map_err(|_| refused("undecodable key-directory proof".into()))?;
@@ -107,7 +123,7 @@ pub fn verify_lookup(
     let label = AkdLabel(handle.as_str().as_bytes().to_vec());
     let result = akd::client::lookup_verify::<KtConfig>(vrf_public_key, root, lookup.epoch, label, proof)
         .map_err(|e| refused(format!("the key-directory proof does not verify: {e}")))?;
-    if result.value.0 != directory_value(identity_key, devices) {
+    if result.value.0 != expected_value {
         return Err(refused("the key directory lists other keys for them than the server offered".into()));
     }
     Ok((lookup.epoch, root))

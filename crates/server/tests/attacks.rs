@@ -18,10 +18,10 @@ use axum::Router;
 use common::TestDevice;
 use http_body_util::BodyExt as _;
 use serde_json::json;
+use subrosa_client::kt::verify_lookup_value;
 use subrosa_proto::kt::{directory_value, KtAudit, KtHead};
 use subrosa_proto::{AccountInfo, ClaimResponse, ConversationId, DeviceId, DeviceRecord, InboxResponse, B64};
 use subrosa_server::attacks::Attacks;
-use subrosa_server::kt::verify_lookup;
 use subrosa_server::store::{SqliteStore, Store};
 use subrosa_server::{app, AppState, Limits};
 use tower::ServiceExt as _;
@@ -104,7 +104,7 @@ fn ghost() -> DeviceRecord {
 /// True when the answer's proof verifies for the keys it carries.
 fn proof_matches(vrf: &[u8], info: &AccountInfo) -> bool {
     let value = directory_value(info.identity_key.as_slice(), &info.devices);
-    verify_lookup(vrf, &info.handle, info.kt.as_ref().expect("kt"), &value).is_ok()
+    verify_lookup_value(vrf, &info.handle, info.kt.as_ref().expect("kt"), &value).is_ok()
 }
 
 #[tokio::test]

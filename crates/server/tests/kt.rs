@@ -11,9 +11,10 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{assert_error, TestApp, TestDevice};
 use serde_json::json;
+use subrosa_client::kt::{verify_audit, verify_lookup_value};
 use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, MAX_AUDIT_EPOCHS};
 use subrosa_proto::{AccountInfo, ClaimResponse, DeviceRecord, Handle};
-use subrosa_server::kt::{verify_audit, verify_lookup, KtDirectory};
+use subrosa_server::kt::KtDirectory;
 use subrosa_server::store::{NewAccount, SqliteStore, Store};
 
 fn b64(bytes: &[u8]) -> String {
@@ -54,20 +55,20 @@ async fn directory_round_trip_through_sqlite() {
     let (alice, proven) = kt.lookup(b"alice").await.expect("lookup").expect("alice is there");
     assert_eq!(proven, value(3));
     assert_eq!(alice.epoch, 2);
-    verify_lookup(&vrf, &handle("alice"), &alice, &value(3)).expect("alice verifies");
-    assert!(verify_lookup(&vrf, &handle("alice"), &alice, &value(1)).is_err(), "an old value must not verify");
-    assert!(verify_lookup(&vrf, &handle("bob"), &alice, &value(3)).is_err(), "another label must not verify");
+    verify_lookup_value(&vrf, &handle("alice"), &alice, &value(3)).expect("alice verifies");
+    assert!(verify_lookup_value(&vrf, &handle("alice"), &alice, &value(1)).is_err(), "an old value must not verify");
+    assert!(verify_lookup_value(&vrf, &handle("bob"), &alice, &value(3)).is_err(), "another label must not verify");
     let (bob, _) = kt.lookup(b"bob").await.expect("lookup").expect("bob");
-    verify_lookup(&vrf, &handle("bob"), &bob, &value(2)).expect("bob verifies");
+    verify_lookup_value(&vrf, &handle("bob"), &bob, &value(2)).expect("bob verifies");
     assert!(kt.lookup(b"carol").await.expect("lookup").is_none());
 
     let audit = kt.audit(1, 2).await.expect("audit");
     assert_eq!((audit.root_hashes.len(), audit.proofs.len()), (2, 1));
     assert_eq!(audit.root_hashes[1], alice.root_hash);
-    verify_audit(&audit).await.expect("append-only");
+    verify_audit(&audit, audit.from, audit.to).await.expect("append-only");
     let mut swapped = audit.clone();
     swapped.root_hashes.reverse();
-    assert!(verify_audit(&swapped).await.is_err(), "swapped roots must not verify");
+    assert!(verify_audit(&swapped, swapped.from, swapped.to).await.is_err(), "swapped roots must not verify");
 }
 
 #[tokio::test]
@@ -86,9 +87,9 @@ async fn restart_keeps_directory_and_vrf_key() {
     assert_eq!(kt.vrf_public_key(), vrf, "the VRF key survives a restart");
     assert_eq!(kt.head().await.expect("head"), head, "the directory survives a restart");
     let (alice, _) = kt.lookup(b"alice").await.expect("lookup").expect("alice");
-    verify_lookup(&vrf, &handle("alice"), &alice, &value(1)).expect("verifies after restart");
+    verify_lookup_value(&vrf, &handle("alice"), &alice, &value(1)).expect("verifies after restart");
     assert_eq!(kt.publish(vec![(label("alice"), value(9))]).await.expect("publish").0, 3);
-    verify_audit(&kt.audit(1, 3).await.expect("audit")).await.expect("append-only across the restart");
+    verify_audit(&kt.audit(1, 3).await.expect("audit"), 1, 3).await.expect("append-only across the restart");
 }
 
 async fn head(t: &TestApp) -> KtHead {
@@ -115,7 +116,7 @@ async fn kt_routes_answer_and_verify() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let lookup: KtLookup = serde_json::from_value(body).expect("KtLookup");
     assert_eq!((lookup.epoch, &lookup.root_hash), (h.epoch, &h.root_hash));
-    verify_lookup(&vrf, &bob.handle, &lookup, &directory_value(&identity(&bob), &[bob.record()]))
+    verify_lookup_value(&vrf, &bob.handle, &lookup, &directory_value(&identity(&bob), &[bob.record()]))
         .expect("bob's lookup verifies against his keys");
 
     // Signed head and audit work too.
@@ -125,7 +126,7 @@ async fn kt_routes_answer_and_verify() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let audit: KtAudit = serde_json::from_value(body).expect("KtAudit");
     assert_eq!(audit.root_hashes.last(), Some(&h.root_hash));
-    verify_audit(&audit).await.expect("audit verifies");
+    verify_audit(&audit, audit.from, audit.to).await.expect("audit verifies");
     let (status, body) = t.call(alice.request("GET", "/v1/kt/audit?from=1&to=1", vec![])).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["proofs"].as_array().map(Vec::len), Some(0));
@@ -163,7 +164,7 @@ async fn kt_routes_answer_and_verify() {
 fn check_account(vrf: &[u8], info: &AccountInfo) {
     let kt = info.kt.as_ref().expect("the answer carries a proof");
     let value = directory_value(info.identity_key.as_slice(), &info.devices);
-    verify_lookup(vrf, &info.handle, kt, &value).expect("the proof matches the keys returned");
+    verify_lookup_value(vrf, &info.handle, kt, &value).expect("the proof matches the keys returned");
 }
 
 #[tokio::test]
