@@ -15,6 +15,7 @@
 #[cfg(feature = "test-attacks")]
 pub mod attacks;
 mod auth;
+pub mod cli;
 mod config;
 mod error;
 mod hooks;

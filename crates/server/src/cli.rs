@@ -1,0 +1,177 @@
+//! The `subrosa-server` command line, shared by the binary and the
+//! test-only `subrosa-attack-server`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
+
+use crate::{parse_duration, Limits, ServerConfig, TlsConfig};
+
+/// Subrosa delivery service: relays and orders opaque end-to-end encrypted
+/// messages. It holds no keys and fetches no links.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Data directory (created when missing).
+    #[arg(long = "data", default_value = "./subrosa-data")]
+    data: PathBuf,
+    /// Database: sqlite://PATH (default DATA/server.db) or postgres://…
+    #[arg(long)]
+    database: Option<String>,
+    /// PEM certificate chain; serves HTTPS (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (needs --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// How long undelivered messages are kept: 30d, 12h, 90m, 2s or seconds.
+    #[arg(long, default_value = "30d", value_parser = parse_ttl)]
+    message_ttl: Duration,
+    /// Most recipient devices of one message part.
+    #[arg(long, default_value_t = subrosa_proto::limits::MAX_RECIPIENTS, value_parser = parse_positive)]
+    max_recipients: usize,
+    /// Signed requests per second per device (burst: twice that); 0 = no limit.
+    #[arg(long, default_value_t = 200)]
+    rate_limit: u32,
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("the message TTL must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+/// The whole `subrosa-server` command line under the name `name` (with
+/// `about` for `--help` when given):
+/// arguments, logging, the runtime, and a server that stops gracefully on
+/// SIGTERM or SIGINT. `customize` sees the configuration last (the test-only
+/// attack server installs its controller there).
+pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnOnce(&mut ServerConfig)) -> ExitCode {
+    let mut command = Args::command().name(name).bin_name(name);
+    if let Some(about) = about {
+        command = command.about(about);
+    }
+    let matches = command.try_get_matches();
+    let args = match matches.and_then(|m| Args::from_arg_matches(&m)) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // akd logs every publish and lookup at info level.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,akd=warn")),
+        )
+        .init();
+
+    let mut config = ServerConfig::new(args.listen, args.data);
+    config.database = args.database;
+    config.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert_path), Some(key_path)) => Some(TlsConfig { cert_path, key_path }),
+        _ => None,
+    };
+    config.message_ttl = args.message_ttl;
+    config.limits = Limits {
+        max_recipients: args.max_recipients,
+        requests_per_second: args.rate_limit,
+        burst: args.rate_limit.saturating_mul(2),
+        ..Limits::default()
+    };
+    customize(&mut config);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(name, config))
+}
+
+async fn run(name: &str, config: ServerConfig) -> ExitCode {
+    // Install the handlers before announcing readiness, so a signal sent right
+    // after the ready line is handled gracefully rather than killing us.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{name}: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let server = match crate::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {}", server.url());
+        let _ = out.flush();
+    }
+    let trigger = server.shutdown_trigger();
+    tokio::spawn(async move {
+        signals.recv().await;
+        tracing::info!("shutting down");
+        trigger.trigger();
+    });
+    server.wait().await;
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM and SIGINT (Ctrl-C elsewhere).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals {})
+    }
+
+    #[cfg(unix)]
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn recv(self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
