@@ -81,30 +81,48 @@ fn app(recipients: Vec<DeviceAddress>, ciphertext: &[u8]) -> Vec<(MessageKind, V
     vec![(MessageKind::Application, recipients, ciphertext.to_vec())]
 }
 
+/// Calls `$m!(behaviour, …)` with every behaviour of the suite: the one list
+/// that [`run_all`] and each backend's tests expand, so a behaviour added
+/// here runs everywhere.
+macro_rules! with_behaviours {
+    ($m:ident) => {
+        $m!(
+            register_and_look_up,
+            duplicate_handle_is_refused,
+            claim_hands_one_time_once_then_last_resort,
+            concurrent_claims_never_share_a_package,
+            key_package_upload_is_bounded,
+            fan_out_stores_ciphertext_once,
+            ack_deletes_only_own_rows_and_last_ack_drops_message,
+            send_id_is_idempotent,
+            unknown_recipient_stores_nothing,
+            stale_epoch_is_refused_with_current,
+            concurrent_commits_one_wins,
+            expiry_removes_old_rows,
+            nonce_replay_is_refused,
+            send_with_nonce_refuses_replays,
+            fetch_respects_cursor_limit_and_bytes,
+            removed_device_disappears_everywhere,
+            last_device_cannot_be_removed,
+            concurrent_removals_keep_one_device,
+            device_count_is_bounded,
+            link_slot_lifecycle,
+            link_slots_expire,
+            link_response_is_handed_out_once,
+        );
+    };
+}
+#[cfg(test)]
+pub(crate) use with_behaviours;
+
 /// Runs every behaviour, one after another, on one store.
 pub async fn run_all(store: Arc<dyn Store>) {
-    register_and_look_up(Arc::clone(&store)).await;
-    duplicate_handle_is_refused(Arc::clone(&store)).await;
-    claim_hands_one_time_once_then_last_resort(Arc::clone(&store)).await;
-    concurrent_claims_never_share_a_package(Arc::clone(&store)).await;
-    key_package_upload_is_bounded(Arc::clone(&store)).await;
-    fan_out_stores_ciphertext_once(Arc::clone(&store)).await;
-    ack_deletes_only_own_rows_and_last_ack_drops_message(Arc::clone(&store)).await;
-    send_id_is_idempotent(Arc::clone(&store)).await;
-    unknown_recipient_stores_nothing(Arc::clone(&store)).await;
-    stale_epoch_is_refused_with_current(Arc::clone(&store)).await;
-    concurrent_commits_one_wins(Arc::clone(&store)).await;
-    expiry_removes_old_rows(Arc::clone(&store)).await;
-    nonce_replay_is_refused(Arc::clone(&store)).await;
-    send_with_nonce_refuses_replays(Arc::clone(&store)).await;
-    fetch_respects_cursor_limit_and_bytes(Arc::clone(&store)).await;
-    removed_device_disappears_everywhere(Arc::clone(&store)).await;
-    last_device_cannot_be_removed(Arc::clone(&store)).await;
-    concurrent_removals_keep_one_device(Arc::clone(&store)).await;
-    device_count_is_bounded(Arc::clone(&store)).await;
-    link_slot_lifecycle(Arc::clone(&store)).await;
-    link_slots_expire(Arc::clone(&store)).await;
-    link_response_is_handed_out_once(store).await;
+    macro_rules! each {
+        ($($name:ident),* $(,)?) => {
+            $($name(Arc::clone(&store)).await;)*
+        };
+    }
+    with_behaviours!(each);
 }
 
 /// Registration stores the identity key and device; lookups find them.

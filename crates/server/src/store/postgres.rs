@@ -1419,30 +1419,7 @@ mod tests {
         };
     }
 
-    conformance_tests!(
-        register_and_look_up,
-        duplicate_handle_is_refused,
-        claim_hands_one_time_once_then_last_resort,
-        concurrent_claims_never_share_a_package,
-        key_package_upload_is_bounded,
-        fan_out_stores_ciphertext_once,
-        ack_deletes_only_own_rows_and_last_ack_drops_message,
-        send_id_is_idempotent,
-        unknown_recipient_stores_nothing,
-        stale_epoch_is_refused_with_current,
-        concurrent_commits_one_wins,
-        expiry_removes_old_rows,
-        nonce_replay_is_refused,
-        send_with_nonce_refuses_replays,
-        fetch_respects_cursor_limit_and_bytes,
-        removed_device_disappears_everywhere,
-        last_device_cannot_be_removed,
-        concurrent_removals_keep_one_device,
-        device_count_is_bounded,
-        link_slot_lifecycle,
-        link_slots_expire,
-        link_response_is_handed_out_once,
-    );
+    conformance::with_behaviours!(conformance_tests);
 
     /// Nodes starting together migrate once (the advisory lock); a schema
     /// newer than the build is refused.
