@@ -13,13 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::TestDevice;
+use common::{http, register, TestDevice};
 use futures_util::StreamExt as _;
 use serde_json::json;
 use subrosa_proto::{ConversationId, ErrorCode, ServerFrame};
 use subrosa_server::store::postgres::{create_schema, drop_schema};
 use subrosa_server::{start, ServerConfig};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -101,46 +101,6 @@ impl Drop for Node {
 fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    req: axum::http::Request<axum::body::Body>,
-) -> (u16, serde_json::Value) {
-    let (parts, body) = req.into_parts();
-    let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
-        parts.method,
-        parts.uri,
-        body.len()
-    );
-    for (k, v) in &parts.headers {
-        if k != "content-length" {
-            head.push_str(&format!("{k}: {}\r\n", v.to_str().expect("header")));
-        }
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.expect("write");
-    stream.write_all(&body).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw);
-    let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
-    let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
-    (status, json)
-}
-
-async fn http(addr: SocketAddr, req: axum::http::Request<axum::body::Body>) -> (u16, serde_json::Value) {
-    exchange(tokio::net::TcpStream::connect(addr).await.expect("connect"), req).await
-}
-
-async fn register(addr: SocketAddr, prefix: &str) -> TestDevice {
-    let d = TestDevice::new(prefix);
-    let (status, body) = http(addr, d.request("POST", "/v1/accounts", d.register_body())).await;
-    assert_eq!(status, 201, "{body}");
-    d
 }
 
 fn send_body(conversation: ConversationId, commit: Option<u64>, to: &TestDevice, ciphertext: &[u8]) -> Vec<u8> {

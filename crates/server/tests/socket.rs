@@ -7,13 +7,12 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::TestDevice;
+use common::{exchange, http, register, TestDevice};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::json;
 use subrosa_proto::{ConversationId, ServerFrame};
 use subrosa_server::store::StoreError;
 use subrosa_server::{start, RunningServer, ServerConfig, ServerError};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -26,48 +25,6 @@ async fn server(dir: &tempfile::TempDir, tweak: impl FnOnce(&mut ServerConfig)) 
     let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
     tweak(&mut config);
     start(config).await.expect("server starts")
-}
-
-/// One HTTP/1.1 exchange over any stream; returns status and JSON body.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    req: axum::http::Request<axum::body::Body>,
-) -> (u16, serde_json::Value) {
-    let (parts, body) = req.into_parts();
-    let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
-        parts.method,
-        parts.uri,
-        body.len()
-    );
-    for (k, v) in &parts.headers {
-        if k != "content-length" {
-            head.push_str(&format!("{k}: {}\r\n", v.to_str().expect("header")));
-        }
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.expect("write");
-    stream.write_all(&body).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw);
-    let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
-    // Bodies here are small and sent with a content-length, not chunked.
-    let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
-    (status, json)
-}
-
-async fn http(addr: SocketAddr, req: axum::http::Request<axum::body::Body>) -> (u16, serde_json::Value) {
-    exchange(tokio::net::TcpStream::connect(addr).await.expect("connect"), req).await
-}
-
-async fn register(addr: SocketAddr, prefix: &str) -> TestDevice {
-    let d = TestDevice::new(prefix);
-    let (status, body) = http(addr, d.request("POST", "/v1/accounts", d.register_body())).await;
-    assert_eq!(status, 201, "{body}");
-    d
 }
 
 async fn send_text(addr: SocketAddr, from: &TestDevice, to: &TestDevice, ciphertext: &[u8]) {

@@ -176,3 +176,48 @@ pub fn assert_error(got: &(StatusCode, serde_json::Value), status: StatusCode, c
     assert_eq!(got.1["code"], code, "body: {}", got.1);
     assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty()), "body: {}", got.1);
 }
+
+/// One HTTP/1.1 exchange over any stream; returns status and JSON body.
+pub async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    req: axum::http::Request<axum::body::Body>,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
+        parts.method,
+        parts.uri,
+        body.len()
+    );
+    for (k, v) in &parts.headers {
+        if k != "content-length" {
+            head.push_str(&format!("{k}: {}\r\n", v.to_str().expect("header")));
+        }
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(&body).await.expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
+    // Bodies here are small and sent with a content-length, not chunked.
+    let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+/// [`exchange`] over a new TCP connection to `addr`.
+pub async fn http(addr: std::net::SocketAddr, req: axum::http::Request<axum::body::Body>) -> (u16, serde_json::Value) {
+    exchange(tokio::net::TcpStream::connect(addr).await.expect("connect"), req).await
+}
+
+/// Registers a new test device on a server process at `addr`.
+pub async fn register(addr: std::net::SocketAddr, prefix: &str) -> TestDevice {
+    let d = TestDevice::new(prefix);
+    let (status, body) = http(addr, d.request("POST", "/v1/accounts", d.register_body())).await;
+    assert_eq!(status, 201, "{body}");
+    d
+}
