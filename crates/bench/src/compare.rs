@@ -30,6 +30,19 @@ struct Row {
     decimals: usize,
 }
 
+/// A row whose two values are the same figure `f` of each side's results.
+fn row<T>(
+    what: impl Into<String>,
+    a: Option<&T>,
+    b: Option<&T>,
+    f: impl Fn(&T) -> f64,
+    better: Better,
+    target: Option<f64>,
+    decimals: usize,
+) -> Row {
+    Row { what: what.into(), ours: a.map(&f), theirs: b.map(&f), better, target, decimals }
+}
+
 fn fmt(v: Option<f64>, decimals: usize) -> String {
     match v {
         Some(v) if v.is_finite() => format!("{v:.decimals$}"),
@@ -83,55 +96,36 @@ fn fraction(t: f64) -> String {
 }
 
 fn traffic_rows(label: &str, a: Option<&Traffic>, b: Option<&Traffic>, rows: &mut Vec<Row>, targets: bool) {
-    let pick = |t: Option<&Traffic>, f: fn(&Traffic) -> f64| t.map(f);
-    rows.push(Row {
-        what: format!("{label}: offered msgs/s"),
-        ours: pick(a, |t| t.offered_per_s.unwrap_or(f64::NAN)),
-        theirs: pick(b, |t| t.offered_per_s.unwrap_or(f64::NAN)),
-        better: Better::Higher,
-        target: None,
-        decimals: 0,
-    });
-    rows.push(Row {
-        what: format!("{label}: achieved (delivered) msgs/s"),
-        ours: pick(a, |t| t.delivered_per_s),
-        theirs: pick(b, |t| t.delivered_per_s),
-        better: Better::Higher,
-        target: None,
-        decimals: 0,
-    });
-    rows.push(Row {
-        what: format!("{label}: sustained (1 = yes)"),
-        ours: pick(a, |t| t.sustained.map_or(f64::NAN, |s| f64::from(u8::from(s)))),
-        theirs: pick(b, |t| t.sustained.map_or(f64::NAN, |s| f64::from(u8::from(s)))),
-        better: Better::Higher,
-        target: None,
-        decimals: 0,
-    });
-    rows.push(Row {
-        what: format!("{label}: latency p50 ms"),
-        ours: pick(a, |t| t.p50_ms),
-        theirs: pick(b, |t| t.p50_ms),
-        better: Better::Lower,
-        target: None,
-        decimals: 2,
-    });
-    rows.push(Row {
-        what: format!("{label}: latency p99 ms"),
-        ours: pick(a, |t| t.p99_ms),
-        theirs: pick(b, |t| t.p99_ms),
-        better: Better::Lower,
-        target: targets.then_some(0.2),
-        decimals: 2,
-    });
-    rows.push(Row {
-        what: format!("{label}: server CPU us/msg"),
-        ours: pick(a, |t| t.server_cpu_us_per_msg),
-        theirs: pick(b, |t| t.server_cpu_us_per_msg),
-        better: Better::Lower,
-        target: None,
-        decimals: 1,
-    });
+    rows.push(row(
+        format!("{label}: offered msgs/s"),
+        a,
+        b,
+        |t| t.offered_per_s.unwrap_or(f64::NAN),
+        Better::Higher,
+        None,
+        0,
+    ));
+    rows.push(row(
+        format!("{label}: achieved (delivered) msgs/s"),
+        a,
+        b,
+        |t| t.delivered_per_s,
+        Better::Higher,
+        None,
+        0,
+    ));
+    rows.push(row(
+        format!("{label}: sustained (1 = yes)"),
+        a,
+        b,
+        |t| t.sustained.map_or(f64::NAN, |s| f64::from(u8::from(s))),
+        Better::Higher,
+        None,
+        0,
+    ));
+    rows.push(row(format!("{label}: latency p50 ms"), a, b, |t| t.p50_ms, Better::Lower, None, 2));
+    rows.push(row(format!("{label}: latency p99 ms"), a, b, |t| t.p99_ms, Better::Lower, targets.then_some(0.2), 2));
+    rows.push(row(format!("{label}: server CPU us/msg"), a, b, |t| t.server_cpu_us_per_msg, Better::Lower, None, 1));
 }
 
 /// `subrosa-bench compare SUBROSA.json EJABBERD.json`.
@@ -153,54 +147,20 @@ pub fn run(ours: &Path, theirs: &Path) -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     let (sa, sb) = (a.saturation.as_ref(), b.saturation.as_ref());
-    rows.push(Row {
-        what: "saturation: delivered msgs/s".into(),
-        ours: sa.map(|t| t.delivered_per_s),
-        theirs: sb.map(|t| t.delivered_per_s),
-        better: Better::Higher,
-        target: None,
-        decimals: 0,
-    });
-    rows.push(Row {
-        what: "saturation: server CPU us/msg".into(),
-        ours: sa.map(|t| t.server_cpu_us_per_msg),
-        theirs: sb.map(|t| t.server_cpu_us_per_msg),
-        better: Better::Lower,
-        target: Some(1.0 / 3.0),
-        decimals: 1,
-    });
-    rows.push(Row {
-        what: "saturation: server CPU cores busy".into(),
-        ours: sa.map(|t| t.server_cores),
-        theirs: sb.map(|t| t.server_cores),
-        better: Better::Lower,
-        target: None,
-        decimals: 2,
-    });
-    rows.push(Row {
-        what: "saturation: latency p50 ms".into(),
-        ours: sa.map(|t| t.p50_ms),
-        theirs: sb.map(|t| t.p50_ms),
-        better: Better::Lower,
-        target: None,
-        decimals: 2,
-    });
-    rows.push(Row {
-        what: "saturation: latency p99 ms".into(),
-        ours: sa.map(|t| t.p99_ms),
-        theirs: sb.map(|t| t.p99_ms),
-        better: Better::Lower,
-        target: None,
-        decimals: 2,
-    });
-    rows.push(Row {
-        what: "saturation: load generator CPU us/msg".into(),
-        ours: sa.map(|t| t.bench_cpu_us_per_msg),
-        theirs: sb.map(|t| t.bench_cpu_us_per_msg),
-        better: Better::Lower,
-        target: None,
-        decimals: 1,
-    });
+    rows.push(row("saturation: delivered msgs/s", sa, sb, |t| t.delivered_per_s, Better::Higher, None, 0));
+    rows.push(row(
+        "saturation: server CPU us/msg",
+        sa,
+        sb,
+        |t| t.server_cpu_us_per_msg,
+        Better::Lower,
+        Some(1.0 / 3.0),
+        1,
+    ));
+    rows.push(row("saturation: server CPU cores busy", sa, sb, |t| t.server_cores, Better::Lower, None, 2));
+    rows.push(row("saturation: latency p50 ms", sa, sb, |t| t.p50_ms, Better::Lower, None, 2));
+    rows.push(row("saturation: latency p99 ms", sa, sb, |t| t.p99_ms, Better::Lower, None, 2));
+    rows.push(row("saturation: load generator CPU us/msg", sa, sb, |t| t.bench_cpu_us_per_msg, Better::Lower, None, 1));
     traffic_rows("open loop", a.open_loop.as_ref(), b.open_loop.as_ref(), &mut rows, true);
     if a.sustained.is_some() || b.sustained.is_some() {
         traffic_rows("highest sustained", a.sustained.as_ref(), b.sustained.as_ref(), &mut rows, false);
@@ -218,22 +178,16 @@ pub fn run(ours: &Path, theirs: &Path) -> anyhow::Result<()> {
         });
     }
     let (da, db) = (a.deep.as_ref(), b.deep.as_ref());
-    rows.push(Row {
-        what: format!("deep queue ({}): store msgs/s", da.or(db).map_or(0, |d| d.messages)),
-        ours: da.map(|d| d.store_per_s),
-        theirs: db.map(|d| d.store_per_s),
-        better: Better::Higher,
-        target: Some(30.0),
-        decimals: 0,
-    });
-    rows.push(Row {
-        what: "deep queue: drain msgs/s".into(),
-        ours: da.map(|d| d.drain_per_s),
-        theirs: db.map(|d| d.drain_per_s),
-        better: Better::Higher,
-        target: Some(3.0),
-        decimals: 0,
-    });
+    rows.push(row(
+        format!("deep queue ({}): store msgs/s", da.or(db).map_or(0, |d| d.messages)),
+        da,
+        db,
+        |d| d.store_per_s,
+        Better::Higher,
+        Some(30.0),
+        0,
+    ));
+    rows.push(row("deep queue: drain msgs/s", da, db, |d| d.drain_per_s, Better::Higher, Some(3.0), 0));
     for r in &rows {
         r.print();
     }
