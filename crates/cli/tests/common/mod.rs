@@ -16,33 +16,31 @@ pub fn subrosa_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_subrosa"))
 }
 
-/// `subrosa-server` lives beside `subrosa` in the target dir; it is built by
-/// `cargo test --workspace`, and built here when a narrower run left it out.
-pub fn server_bin() -> PathBuf {
-    let bin = subrosa_bin().with_file_name(format!("subrosa-server{}", std::env::consts::EXE_SUFFIX));
+/// A binary of package `package` beside `subrosa` in the target dir: built
+/// by `cargo test --workspace`, and built here when a narrower run left it out.
+fn workspace_bin(package: &str, name: &str) -> PathBuf {
+    let bin = subrosa_bin().with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "subrosa-server", "--bin", "subrosa-server"]);
+        cmd.args(["build", "-p", package, "--bin", name]);
         if bin.to_string_lossy().contains("/release/") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "building subrosa-server failed");
+        assert!(status.success(), "building {name} failed");
     }
     bin
 }
 
-/// `subrosa-attack-server`, the test-only malicious operator, built like
-/// [`server_bin`].
+/// `subrosa-server`.
+pub fn server_bin() -> PathBuf {
+    workspace_bin("subrosa-server", "subrosa-server")
+}
+
+/// `subrosa-attack-server`, the test-only malicious operator.
 pub fn attack_server_bin() -> PathBuf {
-    let bin = subrosa_bin().with_file_name(format!("subrosa-attack-server{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo).args(["build", "-p", "subrosa-attack-server"]).status().expect("cargo runs");
-        assert!(status.success(), "building subrosa-attack-server failed");
-    }
-    bin
+    workspace_bin("subrosa-attack-server", "subrosa-attack-server")
 }
 
 /// A real `subrosa-server` process on a free loopback port.
