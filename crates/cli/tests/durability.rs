@@ -250,7 +250,15 @@ async fn pipe(client: tokio::net::TcpStream, upstream: tokio::net::TcpStream, ea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_node_killed_mid_stream_client_carries_on_through_the_other() {
     let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
-        eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+        // Straight to stderr: the test harness captures eprintln! of passing tests.
+        let test = std::thread::current().name().unwrap_or("a PostgreSQL test").to_string();
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!(
+                "skipped {test}: SUBROSA_TEST_POSTGRES is not set
+"
+            ),
+        );
         return;
     };
     let schema = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));

@@ -35,7 +35,15 @@ struct Schema {
 impl Schema {
     async fn new() -> Option<Schema> {
         let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
-            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            // Straight to stderr: the test harness captures eprintln! of passing tests.
+            let test = std::thread::current().name().unwrap_or("a PostgreSQL test").to_string();
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!(
+                    "skipped {test}: SUBROSA_TEST_POSTGRES is not set
+"
+                ),
+            );
             return None;
         };
         let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));

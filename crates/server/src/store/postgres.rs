@@ -1397,7 +1397,15 @@ mod tests {
 
     async fn open() -> Option<(TestSchema, Arc<dyn Store>)> {
         let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
-            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            // Straight to stderr: the test harness captures eprintln! of passing tests.
+            let test = std::thread::current().name().unwrap_or("a PostgreSQL test").to_string();
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!(
+                    "skipped {test}: SUBROSA_TEST_POSTGRES is not set
+"
+                ),
+            );
             return None;
         };
         let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
@@ -1426,7 +1434,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_starts_migrate_once_and_newer_schemas_are_refused() {
         let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
-            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            // Straight to stderr: the test harness captures eprintln! of passing tests.
+            let test = std::thread::current().name().unwrap_or("a PostgreSQL test").to_string();
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!(
+                    "skipped {test}: SUBROSA_TEST_POSTGRES is not set
+"
+                ),
+            );
             return;
         };
         let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
