@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use subrosa_client::{Received, StoredMessage, Subrosa};
+use subrosa_client::{ClientError, Received, StoredMessage, Subrosa};
 use zeroize::Zeroizing;
 
 /// Subrosa: end-to-end encrypted messaging whose server cannot read, scan,
@@ -186,6 +186,10 @@ enum GroupCommand {
     },
 }
 
+/// Exit status of a send or commit that is stored on this device but not yet
+/// on the server (EX_TEMPFAIL): the next command finishes it.
+const EXIT_PENDING: u8 = 75;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -215,6 +219,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(e) if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Pending(_))) => {
+            // Stored, not lost: scripts must not send it again (DESIGN.md, exit codes).
+            eprintln!("queued: {}", one_line(&e));
+            ExitCode::from(EXIT_PENDING)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
@@ -387,7 +396,7 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
                 }
             };
             if follow {
-                let mut retry = |e: &subrosa_client::ClientError, wait: Duration| {
+                let mut retry = |e: &ClientError, wait: Duration| {
                     eprintln!("warning: {e}; reconnecting in {:.1} s", wait.as_secs_f64());
                 };
                 me.follow_reconnecting(&mut on, &mut retry).await?;

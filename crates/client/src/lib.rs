@@ -92,6 +92,11 @@ pub enum ClientError {
     /// File system failure.
     #[error("{0}")]
     Io(String),
+    /// The work is stored on this device but not yet on the server (it could
+    /// not be reached, or did not answer): the next command finishes it,
+    /// exactly once. The CLI exits 75 (EX_TEMPFAIL) for this.
+    #[error("{0}")]
+    Pending(String),
     /// A bug in Subrosa.
     #[error("internal error: {0}")]
     Bug(String),
