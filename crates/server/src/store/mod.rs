@@ -218,7 +218,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Backend failures only.
     async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError>;
 
-    /// Stores one-time key packages and optionally replaces the last-resort one.
+    /// Stores one-time key packages and optionally replaces the last-resort
+    /// one; with `replace`, first drops every one-time package the device
+    /// still has (in the same transaction, so a claim sees old or new, never
+    /// none).
     ///
     /// # Errors
     /// [`StoreError::UnknownDevice`], [`StoreError::TooManyKeyPackages`] when
@@ -228,6 +231,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         addr: &DeviceAddress,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
+        replace: bool,
     ) -> Result<KeyPackageCount, StoreError>;
 
     /// How many key packages this device has stored.

@@ -778,6 +778,7 @@ impl Store for PgStore {
         addr: &DeviceAddress,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
+        replace: bool,
     ) -> Result<KeyPackageCount, StoreError> {
         in_tx!(self, |tx| {
             async {
@@ -790,6 +791,9 @@ impl Store for PgStore {
             .await?
             .map(|r| r.get(0))
             .ok_or_else(|| Fail::Store(StoreError::UnknownDevice(addr.clone())))?;
+            if replace {
+                execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
+            }
             let before = count_packages(&tx, device).await?;
             if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
                 return Err(Fail::Store(StoreError::TooManyKeyPackages));

@@ -780,10 +780,14 @@ impl Store for SqliteStore {
         addr: &DeviceAddress,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
+        replace: bool,
     ) -> Result<KeyPackageCount, StoreError> {
         let addr = addr.clone();
         self.write(move |tx| {
             let device = require_device(tx, &addr)?;
+            if replace {
+                tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
+            }
             let before = count_packages(tx, device)?;
             if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
                 return Err(StoreError::TooManyKeyPackages);
