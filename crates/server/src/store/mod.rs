@@ -129,6 +129,8 @@ pub struct StoreStats {
     pub last_resort_key_packages: u64,
     /// Stored ciphertexts (each once, whatever its number of recipients).
     pub messages: u64,
+    /// Of those, commits and Welcomes (the rest are application messages).
+    pub handshake_messages: u64,
     /// Undelivered (unacknowledged) inbox rows.
     pub inbox_rows: u64,
     /// Remembered nonces of signed requests.

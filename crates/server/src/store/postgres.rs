@@ -1157,6 +1157,7 @@ impl Store for PgStore {
                 one_time_key_packages: count_table(&c, "key_packages").await?,
                 last_resort_key_packages: count_table(&c, "last_resort_packages").await?,
                 messages: count_table(&c, "messages").await?,
+                handshake_messages: count_table(&c, "messages WHERE kind <> 'application'").await?,
                 inbox_rows: count_table(&c, "inbox").await?,
                 nonces: count_table(&c, "nonces").await?,
                 send_ids: count_table(&c, "send_ids").await?,

@@ -1175,6 +1175,7 @@ impl Store for SqliteStore {
                 one_time_key_packages: count(conn, "key_packages")?,
                 last_resort_key_packages: count(conn, "last_resort_packages")?,
                 messages: count(conn, "messages")?,
+                handshake_messages: count(conn, "messages WHERE kind <> 'application'")?,
                 inbox_rows: count(conn, "inbox")?,
                 nonces: count(conn, "nonces")?,
                 send_ids: count(conn, "send_ids")?,
