@@ -25,7 +25,7 @@ use subrosa_proto::{
 };
 use subrosa_server::store::{NewAccount, SqliteStore, Store};
 
-type Ours = Engine<subrosa_core::DefaultCrypto, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
+pub(crate) type Ours = Engine<subrosa_core::DefaultCrypto, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
 
 /// One row of figures for one implementation and size.
 #[derive(Debug, Default)]
@@ -41,7 +41,7 @@ struct Row {
     unsaved: Option<(f64, f64)>,
 }
 
-fn engine(i: usize) -> Result<Ours> {
+pub(crate) fn engine(i: usize) -> Result<Ours> {
     let crypto = subrosa_core::default_crypto();
     let handle = Handle::new(&format!("user{i}")).map_err(|e| anyhow!("{e}"))?;
     let id = DeviceIdentity::generate(&crypto, handle, 0)?;
@@ -105,7 +105,7 @@ fn ours(n: usize, messages: usize) -> Result<Row> {
     })
 }
 
-fn plain_client(i: usize) -> Result<mls_rs::Client<impl mls_rs::client_builder::MlsConfig>> {
+pub(crate) fn plain_client(i: usize) -> Result<mls_rs::Client<impl mls_rs::client_builder::MlsConfig>> {
     let crypto = mls_rs_crypto_awslc::AwsLcCryptoProvider::default();
     let cs = crypto.cipher_suite_provider(subrosa_core::CIPHERSUITE).ok_or_else(|| anyhow!("ciphersuite"))?;
     let (secret, public) = cs.signature_key_generate().map_err(|e| anyhow!("{e:?}"))?;
@@ -223,7 +223,7 @@ async fn server_fanout(n: usize) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 

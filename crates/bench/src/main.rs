@@ -53,6 +53,7 @@ mod kt;
 mod load;
 mod loadgen;
 mod net;
+mod updates;
 mod xmpp;
 
 use std::path::PathBuf;
@@ -145,6 +146,12 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         messages: usize,
     },
+    /// What a periodic key update costs: commit time, size and processing, beside mls-rs alone.
+    Updates {
+        /// Group sizes (the last one is used for the per-day cost).
+        #[arg(long, value_delimiter = ',', default_value = "2,100,1000")]
+        sizes: Vec<usize>,
+    },
     /// Key-directory publish time, proof sizes and verification times.
     KtPublish {
         /// Handles in the directory.
@@ -224,6 +231,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
             anyhow::ensure!(messages > 0, "--messages must be at least 1");
             runtime()?.block_on(groups::run(&sizes, messages))
+        }
+        Command::Updates { sizes } => {
+            anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
+            updates::run(&sizes)
         }
         Command::KtPublish { handles, batch, samples } => {
             anyhow::ensure!(handles >= 100, "--handles must be at least 100");

@@ -141,6 +141,9 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum DevicesCommand {
+    /// Replace this device's keys in every conversation now, and its key
+    /// packages (after a suspected copy of this device's data).
+    Rekey,
     /// Remove device ID from every conversation and from the account.
     Remove {
         /// The device id (see `subrosa devices`).
@@ -459,10 +462,18 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
             }
         }
         Command::Members { target } => {
+            let stale = me.stale_members(&target)?;
             for m in me.members(&target)? {
-                let you = if m.address == me.identity().address() { "\t(this device)" } else { "" };
+                let mut notes = Vec::new();
+                if m.address == me.identity().address() {
+                    notes.push("(this device)".to_string());
+                }
+                if let Some((_, days)) = stale.iter().find(|(a, _)| *a == m.address) {
+                    notes.push(format!("(stale: no key update for {days} days)"));
+                }
+                let notes = if notes.is_empty() { String::new() } else { format!("\t{}", notes.join(" ")) };
                 out!(
-                    "{}\t{}\t{}{you}",
+                    "{}\t{}\t{}{notes}",
                     m.address.handle,
                     m.address.device,
                     subrosa_core::safety::key_fingerprint(&m.device_key)
@@ -508,6 +519,17 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
                     notes.push("NOT CERTIFIED by your identity key");
                 }
                 out!("{}\t{}\t{}", d.id, subrosa_core::safety::key_fingerprint(&d.key), notes.join(", "));
+            }
+        }
+        Command::Devices { action: Some(DevicesCommand::Rekey) } => {
+            let done = me.rekey().await?;
+            out!("replaced this device's keys in {} conversation(s) and its key packages", done.conversations);
+            if done.pending > 0 {
+                return Err(ClientError::Pending(format!(
+                    "the key update of {} conversation(s) is not yet on the server; the next subrosa command sends it",
+                    done.pending
+                ))
+                .into());
             }
         }
         Command::Devices { action: Some(DevicesCommand::Remove { id }) } => {

@@ -8,7 +8,7 @@ use subrosa_proto::{
     SendRequest, SendResponse, B64,
 };
 
-use crate::store::ConversationRow;
+use crate::store::{now_ms, ConversationRow};
 use crate::{ClientError, Subrosa};
 
 /// What a user names: a group (by name) or a handle.
@@ -332,7 +332,11 @@ impl Subrosa {
             let Some(out) = self.store.transaction(&mut stage)? else { return Ok(false) };
             match self.submit(&out).await {
                 Ok(Submitted::Accepted) => {
-                    self.store.transaction(|| Ok(self.engine.confirm_commit(conversation)?))?;
+                    self.store.transaction(|| {
+                        self.engine.confirm_commit(conversation)?;
+                        // Every commit carries a path: our keys there are new.
+                        self.store.note_own_update(conversation, now_ms())
+                    })?;
                     return Ok(true);
                 }
                 Ok(Submitted::Stale) => {
@@ -527,7 +531,30 @@ impl Subrosa {
     /// # Errors
     /// Unknown target.
     pub fn members(&self, target: &str) -> Result<Vec<MemberInfo>, ClientError> {
-        let id = match self.resolve(target)? {
+        Ok(self.engine.members(&self.members_conversation(target)?)?)
+    }
+
+    /// The member devices of a conversation that have not replaced their
+    /// keys for 30 days or more (as far as this device saw), with how many
+    /// whole days it has been.
+    ///
+    /// # Errors
+    /// Unknown target, store errors.
+    pub fn stale_members(&self, target: &str) -> Result<Vec<(subrosa_proto::DeviceAddress, u64)>, ClientError> {
+        let id = self.members_conversation(target)?;
+        let now = now_ms();
+        let mut stale = Vec::new();
+        for m in self.engine.members(&id)? {
+            let last = self.member_last_update(&id, &m.address)?;
+            if crate::rotation::is_stale(now, last) {
+                stale.push((m.address, now.saturating_sub(last) / (24 * 3_600_000)));
+            }
+        }
+        Ok(stale)
+    }
+
+    fn members_conversation(&self, target: &str) -> Result<ConversationId, ClientError> {
+        Ok(match self.resolve(target)? {
             Target::Group(row) if row.active => row.id,
             Target::Group(row) => {
                 return Err(ClientError::Input(format!("you are no longer a member of {}", row.name)))
@@ -536,7 +563,6 @@ impl Subrosa {
                 .store
                 .direct_conversation(peer.as_str())?
                 .ok_or_else(|| ClientError::UnknownTarget(target.into()))?,
-        };
-        Ok(self.engine.members(&id)?)
+        })
     }
 }

@@ -9,6 +9,7 @@ mod conversations;
 mod devices;
 pub mod kt;
 pub mod net;
+mod rotation;
 pub mod store;
 
 use std::path::Path;
@@ -26,6 +27,7 @@ use subrosa_proto::{
 
 pub use conversations::{GroupSummary, Target};
 pub use devices::{DeviceEntry, LinkApproved};
+pub use rotation::Rekeyed;
 use store::{now_ms, GroupStore, KeyPackageStore, Store};
 pub use store::{Contact, StoredMessage};
 
@@ -191,6 +193,7 @@ impl Subrosa {
         };
         let _: Empty = me.api.call(Method::POST, "/v1/accounts", Some(&req)).await?;
         me.upload_key_packages(KEY_PACKAGE_TARGET as usize, true).await?;
+        me.note_key_packages_fresh()?;
         Ok(me)
     }
 
@@ -243,6 +246,21 @@ impl Subrosa {
     }
 
     pub(crate) async fn upload_key_packages(&self, count: usize, last_resort: bool) -> Result<(), ClientError> {
+        self.upload_key_packages_with(count, last_resort, false).await
+    }
+
+    /// Uploads `count` one-time key packages and a last-resort one that
+    /// replace every package the server still holds for this device.
+    pub(crate) async fn upload_key_packages_replacing(&self, count: usize) -> Result<(), ClientError> {
+        self.upload_key_packages_with(count, true, true).await
+    }
+
+    async fn upload_key_packages_with(
+        &self,
+        count: usize,
+        last_resort: bool,
+        replace: bool,
+    ) -> Result<(), ClientError> {
         let (one_time, last) = self.store.transaction(|| {
             let mut one_time = Vec::with_capacity(count);
             for _ in 0..count {
@@ -259,7 +277,7 @@ impl Subrosa {
         })?;
         let _: KeyPackageCount = self
             .api
-            .call(Method::POST, "/v1/keypackages", Some(&KeyPackageUpload { one_time, last_resort: last }))
+            .call(Method::POST, "/v1/keypackages", Some(&KeyPackageUpload { one_time, last_resort: last, replace }))
             .await?;
         Ok(())
     }
@@ -343,6 +361,7 @@ impl Subrosa {
             };
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
             self.store.insert_message(&stored, &conversation, &message_id.0, true)?;
+            self.store.note_sent(&conversation)?;
             self.store.push_outbox(&send_id.0, &bytes)?;
             Ok(bytes)
         })?;
@@ -589,6 +608,8 @@ impl Subrosa {
                 }
                 let mut row = self.conversation_row(&conversation)?;
                 let by = &committer.address;
+                // Every commit carries a path: the committer's keys are new.
+                self.store.note_member_update(&conversation, by, now_ms())?;
                 if let Some(info) = renamed {
                     self.store.set_conversation_name(&conversation, &info.name)?;
                     row.name = info.name.clone();
@@ -731,7 +752,8 @@ impl Subrosa {
         self.flush_outbox().await?;
         self.drain_inbox(true).await?;
         self.check_directory().await?;
-        self.commit_pending_leaves().await
+        self.commit_pending_leaves().await?;
+        self.update_due_keys().await
     }
 
     /// Checks the directory heads other members reported and this account's
@@ -805,7 +827,11 @@ impl Subrosa {
             }
             let _ = ws.close(None).await;
         }
-        self.refill_key_packages().await?;
+        if ack {
+            self.maintain_keys().await?;
+        } else {
+            self.refill_key_packages().await?;
+        }
         Ok(shown)
     }
 
@@ -816,7 +842,7 @@ impl Subrosa {
     /// Network, server and store errors.
     pub async fn follow(&self, on: &mut dyn FnMut(&Received)) -> Result<(), ClientError> {
         self.flush_outbox().await?;
-        self.refill_key_packages().await?;
+        self.maintain_keys().await?;
         self.emit(on)?;
         let mut ws = self.api.connect().await?;
         loop {

@@ -101,6 +101,16 @@ const SCHEMA: &[&str] = &[
      CREATE TABLE seq_out (conversation BLOB PRIMARY KEY, last INTEGER NOT NULL);
      CREATE TABLE seq_in (conversation BLOB NOT NULL, device TEXT NOT NULL, last INTEGER NOT NULL, PRIMARY KEY (conversation, device));
      CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, text TEXT NOT NULL UNIQUE, shown INTEGER NOT NULL DEFAULT 0);",
+    // v5: post-compromise security. When this device last replaced its own
+    // keys in each conversation and how many messages it sent since; when
+    // each other member device last committed (every commit carries a path),
+    // so members that stopped updating show as stale; when each key-package
+    // secret was made, so replaced ones can be erased. Conversations from
+    // before this step have no row: their keys never rotated, so they are
+    // due at once.
+    "CREATE TABLE key_updates (conversation BLOB PRIMARY KEY, last_update INTEGER NOT NULL, sent_since INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE member_updates (conversation BLOB NOT NULL, device TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (conversation, device));
+     ALTER TABLE mls_key_package ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// A message as stored in history.
@@ -619,13 +629,34 @@ impl Store {
         peer: Option<&str>,
     ) -> Result<(), ClientError> {
         let now = now_ms() as i64;
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO conversations (id, kind, name, peer, created_at, last_activity) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (id) DO NOTHING",
+            params![id.as_bytes().as_slice(), kind, name, peer, now],
+        )
+        .map_err(sql)?;
+        // Creating or joining gave this device fresh keys in it.
+        conn.execute(
+            "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, ?2, 0)
+             ON CONFLICT (conversation) DO NOTHING",
+            params![id.as_bytes().as_slice(), now],
+        )
+        .map(|_| ())
+        .map_err(sql)
+    }
+
+    /// When this device recorded the conversation (created or joined it), ms.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn conversation_created_at(&self, id: &subrosa_proto::ConversationId) -> Result<u64, ClientError> {
         self.lock()
-            .execute(
-                "INSERT INTO conversations (id, kind, name, peer, created_at, last_activity) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
-                 ON CONFLICT (id) DO NOTHING",
-                params![id.as_bytes().as_slice(), kind, name, peer, now],
-            )
-            .map(|_| ())
+            .query_row("SELECT created_at FROM conversations WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|v| v.unwrap_or(0) as u64)
             .map_err(sql)
     }
 
@@ -640,6 +671,7 @@ impl Store {
             "DELETE FROM conversations WHERE id = ?1",
             "DELETE FROM mls_group WHERE id = ?1",
             "DELETE FROM mls_epoch WHERE group_id = ?1",
+            "DELETE FROM key_updates WHERE conversation = ?1",
         ] {
             conn.execute(q, [id]).map_err(sql)?;
         }
@@ -953,6 +985,113 @@ impl Store {
             .map_err(sql)
     }
 
+    /// Erases key-package secrets made before `cutoff_ms` (replaced ones:
+    /// the server no longer hands their packages out), last-resort ones
+    /// included, and keeps only the newest last-resort package marked as such.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn erase_key_packages_before(&self, cutoff_ms: u64) -> Result<usize, ClientError> {
+        let conn = self.lock();
+        let n = conn.execute("DELETE FROM mls_key_package WHERE created_at < ?1", [cutoff_ms as i64]).map_err(sql)?;
+        conn.execute(
+            "UPDATE mls_key_package SET last_resort = 0 WHERE last_resort = 1
+               AND rowid <> (SELECT max(rowid) FROM mls_key_package WHERE last_resort = 1)",
+            [],
+        )
+        .map_err(sql)?;
+        Ok(n)
+    }
+
+    /// When this device last replaced its keys in `conversation` (ms; 0 when
+    /// never) and how many messages it sent there since.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn key_update_state(&self, conversation: &subrosa_proto::ConversationId) -> Result<(u64, u64), ClientError> {
+        self.lock()
+            .query_row(
+                "SELECT last_update, sent_since FROM key_updates WHERE conversation = ?1",
+                [conversation.as_bytes().as_slice()],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()
+            .map(|v| v.unwrap_or((0, 0)))
+            .map_err(sql)
+    }
+
+    /// Counts one message this device sent in `conversation`.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn note_sent(&self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, 0, 1)
+                 ON CONFLICT (conversation) DO UPDATE SET sent_since = sent_since + 1",
+                [conversation.as_bytes().as_slice()],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Records that this device's keys in `conversation` are fresh as of
+    /// `at_ms` (it committed, created or joined).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn note_own_update(&self, conversation: &subrosa_proto::ConversationId, at_ms: u64) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, ?2, 0)
+                 ON CONFLICT (conversation) DO UPDATE SET last_update = excluded.last_update, sent_since = 0",
+                params![conversation.as_bytes().as_slice(), at_ms as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Records that member `device` committed (and so replaced its keys) in
+    /// `conversation` at `at_ms`.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn note_member_update(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &subrosa_proto::DeviceAddress,
+        at_ms: u64,
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO member_updates (conversation, device, at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation, device) DO UPDATE SET at = max(at, excluded.at)",
+                params![conversation.as_bytes().as_slice(), device.to_string(), at_ms as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// When `device` was last seen committing in `conversation` (ms).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn member_update(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &subrosa_proto::DeviceAddress,
+    ) -> Result<Option<u64>, ClientError> {
+        self.lock()
+            .query_row(
+                "SELECT at FROM member_updates WHERE conversation = ?1 AND device = ?2",
+                params![conversation.as_bytes().as_slice(), device.to_string()],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.map(|t| t as u64))
+            .map_err(sql)
+    }
+
     /// The MLS group state storage over this store.
     pub fn groups(&self) -> GroupStore {
         GroupStore { store: self.clone() }
@@ -1077,9 +1216,9 @@ impl KeyPackageStorage for KeyPackageStore {
         self.store
             .lock()
             .execute(
-                "INSERT INTO mls_key_package (id, data) VALUES (?1, ?2)
+                "INSERT INTO mls_key_package (id, data, created_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-                params![id, data.as_slice()],
+                params![id, data.as_slice(), now_ms() as i64],
             )
             .map(|_| ())
             .map_err(serr)

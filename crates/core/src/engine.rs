@@ -12,7 +12,7 @@
 
 use mls_rs::client_builder::MlsConfig;
 use mls_rs::group::{CommitEffect, ReceivedMessage};
-use mls_rs::mls_rules::{DefaultMlsRules, EncryptionOptions};
+use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules, EncryptionOptions};
 use mls_rs::{Client, CryptoProvider, ExtensionList, GroupStateStorage, KeyPackageStorage, MlsMessage};
 use mls_rs_codec::{MlsDecode, MlsEncode, MlsSize};
 use mls_rs_core::extension::{ExtensionType, MlsCodecExtension};
@@ -87,6 +87,9 @@ enum Change<'a> {
     Info(&'a ConversationInfo),
     /// Only the proposals already received.
     Pending,
+    /// Nothing but fresh keys for this device's leaf and path: the periodic
+    /// update that gives post-compromise security.
+    Update,
 }
 
 /// A member device as its verified certificate describes it.
@@ -237,7 +240,11 @@ where
         let rules = DefaultMlsRules::new()
             // Handshakes are PrivateMessages: membership changes and the
             // group name are hidden from the server. Padding hides lengths.
-            .with_encryption_options(EncryptionOptions::new(true, mls_rs::client_builder::PaddingMode::StepFunction));
+            .with_encryption_options(EncryptionOptions::new(true, mls_rs::client_builder::PaddingMode::StepFunction))
+            // Every commit this device makes replaces its own leaf and path
+            // keys (RFC 9420 §12.4): each one heals a past compromise of
+            // this device's state, not only the periodic updates.
+            .with_commit_options(CommitOptions::new().with_path_required(true));
         Ok(Client::builder()
             .crypto_provider(self.crypto.clone())
             .identity_provider(CertificateIdentityProvider::new(self.crypto.clone()))
@@ -440,6 +447,17 @@ where
         self.stage(conversation, Change::Pending).map(Some)
     }
 
+    /// Stages a commit that changes nothing but this device's own keys (its
+    /// leaf and the path above it), so that a copy of this device's state
+    /// taken before it can no longer follow the conversation
+    /// (post-compromise security). Proposals already received go in too.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn update_keys(&self, conversation: &ConversationId) -> Result<OutgoingCommit, CoreError> {
+        self.stage(conversation, Change::Update)
+    }
+
     /// The one way a commit is made: load the group, put `change` into a
     /// commit (with any proposals received), store it as pending, and
     /// describe it for the server. The commit goes to every current member
@@ -475,7 +493,7 @@ where
                 exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
                 builder = builder.set_group_context_ext(exts)?;
             }
-            Change::Pending => {}
+            Change::Pending | Change::Update => {}
         }
         let output = builder.build()?;
         group.write_to_storage()?;

@@ -85,6 +85,11 @@ pub struct KeyPackageUpload {
     /// replaces the previous one.
     #[serde(default)]
     pub last_resort: Option<B64>,
+    /// Drop every one-time package the server still holds for this device
+    /// before storing these (the device replaces old keys; see the client's
+    /// key rotation). Left out when false, so older servers accept the rest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
 }
 
 /// How many one-time key packages the server still holds for this device.

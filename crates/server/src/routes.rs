@@ -175,7 +175,7 @@ async fn upload_key_packages(
     }
     let one_time = body.one_time.into_iter().map(|b| b.into_inner()).collect();
     let last_resort = body.last_resort.map(|b| b.into_inner());
-    Ok(Json(state.store.upload_key_packages(&device, one_time, last_resort).await?))
+    Ok(Json(state.store.upload_key_packages(&device, one_time, last_resort, body.replace).await?))
 }
 
 async fn key_package_count(

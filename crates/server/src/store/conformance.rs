@@ -176,11 +176,11 @@ pub async fn claim_hands_one_time_once_then_last_resort(store: Arc<dyn Store>) {
     assert!(matches!(store.claim_key_packages(&nobody, &alice).await, Err(StoreError::UnknownHandle)));
 
     let count = store
-        .upload_key_packages(&bob, vec![b"kp-1".to_vec(), b"kp-2".to_vec()], Some(b"kp-lr".to_vec()))
+        .upload_key_packages(&bob, vec![b"kp-1".to_vec(), b"kp-2".to_vec()], Some(b"kp-lr".to_vec()), false)
         .await
         .expect("upload");
     assert_eq!((count.one_time, count.last_resort), (2, true));
-    let count = store.upload_key_packages(&bob2, vec![b"kp2-1".to_vec()], None).await.expect("upload");
+    let count = store.upload_key_packages(&bob2, vec![b"kp2-1".to_vec()], None, false).await.expect("upload");
     assert_eq!((count.one_time, count.last_resort), (1, false));
 
     let first = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
@@ -206,22 +206,35 @@ pub async fn claim_hands_one_time_once_then_last_resort(store: Arc<dyn Store>) {
     assert_eq!((count.one_time, count.last_resort), (0, true));
 
     // bob's own device claiming bob's packages gets only the other device's.
-    store.upload_key_packages(&bob2, vec![b"kp2-2".to_vec()], None).await.expect("upload");
+    store.upload_key_packages(&bob2, vec![b"kp2-2".to_vec()], None, false).await.expect("upload");
     let own = store.claim_key_packages(&bob.handle, &bob).await.expect("claim");
     assert_eq!(own.packages.len(), 1);
     assert_eq!(own.packages[0].device.device_id, bob2.device);
 
     // A new last-resort package replaces the old one.
-    store.upload_key_packages(&bob, vec![], Some(b"kp-lr-2".to_vec())).await.expect("upload");
+    store.upload_key_packages(&bob, vec![], Some(b"kp-lr-2".to_vec()), false).await.expect("upload");
     let replaced = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
     assert_eq!(by_device(&replaced, bob.device), Some((b"kp-lr-2".to_vec(), true)));
+
+    // A device that rotates its keys replaces every one-time package it
+    // still has: the old ones are never handed out again.
+    store.upload_key_packages(&bob, vec![b"old-1".to_vec(), b"old-2".to_vec()], None, false).await.expect("upload");
+    let count = store
+        .upload_key_packages(&bob, vec![b"new-1".to_vec()], Some(b"kp-lr-3".to_vec()), true)
+        .await
+        .expect("upload");
+    assert_eq!((count.one_time, count.last_resort), (1, true));
+    let fresh = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+    assert_eq!(by_device(&fresh, bob.device), Some((b"new-1".to_vec(), false)));
+    let after = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+    assert_eq!(by_device(&after, bob.device), Some((b"kp-lr-3".to_vec(), true)));
 }
 
 /// Many concurrent claims never hand the same one-time package out twice.
 pub async fn concurrent_claims_never_share_a_package(store: Arc<dyn Store>) {
     let bob = account(&store, "bob").await;
     let packages: Vec<Vec<u8>> = (0..20).map(|i| format!("one-time-{i}").into_bytes()).collect();
-    store.upload_key_packages(&bob, packages, Some(b"last".to_vec())).await.expect("upload");
+    store.upload_key_packages(&bob, packages, Some(b"last".to_vec()), false).await.expect("upload");
     let mut claimers = Vec::new();
     for _ in 0..30 {
         claimers.push(account(&store, "claimer").await);
@@ -255,13 +268,16 @@ pub async fn concurrent_claims_never_share_a_package(store: Arc<dyn Store>) {
 pub async fn key_package_upload_is_bounded(store: Arc<dyn Store>) {
     let bob = account(&store, "bob").await;
     let batch = |n: u64| (0..n).map(|i| i.to_le_bytes().to_vec()).collect::<Vec<_>>();
-    store.upload_key_packages(&bob, batch(MAX_STORED_KEY_PACKAGES - 1), None).await.expect("upload");
-    let refused = store.upload_key_packages(&bob, batch(2), None).await;
+    store.upload_key_packages(&bob, batch(MAX_STORED_KEY_PACKAGES - 1), None, false).await.expect("upload");
+    let refused = store.upload_key_packages(&bob, batch(2), None, false).await;
     assert!(matches!(refused, Err(StoreError::TooManyKeyPackages)), "got {refused:?}");
     let count = store.key_package_count(&bob).await.expect("count");
     assert_eq!(count.one_time, MAX_STORED_KEY_PACKAGES - 1);
     let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
-    assert!(matches!(store.upload_key_packages(&ghost, batch(1), None).await, Err(StoreError::UnknownDevice(_))));
+    assert!(matches!(
+        store.upload_key_packages(&ghost, batch(1), None, false).await,
+        Err(StoreError::UnknownDevice(_))
+    ));
     assert!(matches!(store.key_package_count(&ghost).await, Err(StoreError::UnknownDevice(_))));
 }
 
@@ -561,9 +577,14 @@ pub async fn removed_device_disappears_everywhere(store: Arc<dyn Store>) {
     let bob = account(&store, "bob").await;
     let bob2 = second_device(&store, &bob.handle).await;
     let bob2_record = store.device(&bob2).await.expect("device").expect("active");
-    store.upload_key_packages(&bob, vec![b"bob-kp".to_vec()], None).await.expect("upload");
+    store.upload_key_packages(&bob, vec![b"bob-kp".to_vec()], None, false).await.expect("upload");
     store
-        .upload_key_packages(&bob2, vec![b"bob2-kp-1".to_vec(), b"bob2-kp-2".to_vec()], Some(b"bob2-lr".to_vec()))
+        .upload_key_packages(
+            &bob2,
+            vec![b"bob2-kp-1".to_vec(), b"bob2-kp-2".to_vec()],
+            Some(b"bob2-lr".to_vec()),
+            false,
+        )
         .await
         .expect("upload");
     let conv = random_conversation();
@@ -588,7 +609,7 @@ pub async fn removed_device_disappears_everywhere(store: Arc<dyn Store>) {
     assert!(store.fetch_inbox(&bob2, 0, 10, usize::MAX).await.expect("fetch").is_empty());
     assert!(matches!(store.key_package_count(&bob2).await, Err(StoreError::UnknownDevice(_))));
     assert!(matches!(
-        store.upload_key_packages(&bob2, vec![b"late".to_vec()], None).await,
+        store.upload_key_packages(&bob2, vec![b"late".to_vec()], None, false).await,
         Err(StoreError::UnknownDevice(_))
     ));
     // Claims skip it; bob's own package is all there is.

@@ -129,6 +129,8 @@ pub struct StoreStats {
     pub last_resort_key_packages: u64,
     /// Stored ciphertexts (each once, whatever its number of recipients).
     pub messages: u64,
+    /// Of those, commits and Welcomes (the rest are application messages).
+    pub handshake_messages: u64,
     /// Undelivered (unacknowledged) inbox rows.
     pub inbox_rows: u64,
     /// Remembered nonces of signed requests.
@@ -218,7 +220,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Backend failures only.
     async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError>;
 
-    /// Stores one-time key packages and optionally replaces the last-resort one.
+    /// Stores one-time key packages and optionally replaces the last-resort
+    /// one; with `replace`, first drops every one-time package the device
+    /// still has (in the same transaction, so a claim sees old or new, never
+    /// none).
     ///
     /// # Errors
     /// [`StoreError::UnknownDevice`], [`StoreError::TooManyKeyPackages`] when
@@ -228,6 +233,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         addr: &DeviceAddress,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
+        replace: bool,
     ) -> Result<KeyPackageCount, StoreError>;
 
     /// How many key packages this device has stored.

@@ -778,6 +778,7 @@ impl Store for PgStore {
         addr: &DeviceAddress,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
+        replace: bool,
     ) -> Result<KeyPackageCount, StoreError> {
         in_tx!(self, |tx| {
             async {
@@ -790,6 +791,9 @@ impl Store for PgStore {
             .await?
             .map(|r| r.get(0))
             .ok_or_else(|| Fail::Store(StoreError::UnknownDevice(addr.clone())))?;
+            if replace {
+                execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
+            }
             let before = count_packages(&tx, device).await?;
             if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
                 return Err(Fail::Store(StoreError::TooManyKeyPackages));
@@ -1153,6 +1157,7 @@ impl Store for PgStore {
                 one_time_key_packages: count_table(&c, "key_packages").await?,
                 last_resort_key_packages: count_table(&c, "last_resort_packages").await?,
                 messages: count_table(&c, "messages").await?,
+                handshake_messages: count_table(&c, "messages WHERE kind <> 'application'").await?,
                 inbox_rows: count_table(&c, "inbox").await?,
                 nonces: count_table(&c, "nonces").await?,
                 send_ids: count_table(&c, "send_ids").await?,

@@ -780,10 +780,14 @@ impl Store for SqliteStore {
         addr: &DeviceAddress,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
+        replace: bool,
     ) -> Result<KeyPackageCount, StoreError> {
         let addr = addr.clone();
         self.write(move |tx| {
             let device = require_device(tx, &addr)?;
+            if replace {
+                tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
+            }
             let before = count_packages(tx, device)?;
             if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
                 return Err(StoreError::TooManyKeyPackages);
@@ -1171,6 +1175,7 @@ impl Store for SqliteStore {
                 one_time_key_packages: count(conn, "key_packages")?,
                 last_resort_key_packages: count(conn, "last_resort_packages")?,
                 messages: count(conn, "messages")?,
+                handshake_messages: count(conn, "messages WHERE kind <> 'application'")?,
                 inbox_rows: count(conn, "inbox")?,
                 nonces: count(conn, "nonces")?,
                 send_ids: count(conn, "send_ids")?,

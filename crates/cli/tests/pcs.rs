@@ -1,0 +1,86 @@
+//! Post-compromise security end to end: a copy of a device's state (a stolen
+//! disk image or backup, passphrase included) reads along only until the
+//! device replaces its keys.
+
+mod common;
+
+use common::*;
+
+/// The attacker's copy of `user`'s home directory, as another `User` that
+/// runs the same device.
+fn copy_of(user: &User) -> User {
+    let thief = User { name: format!("copy of {}", user.name), dir: tempfile::tempdir().expect("tempdir") };
+    let status =
+        std::process::Command::new("cp").arg("-a").arg(user.home()).arg(thief.home()).status().expect("cp runs");
+    assert!(status.success(), "copying the home directory");
+    thief
+}
+
+/// What the copy can read of what is queued for the device, without taking
+/// it from the real device (the operator, or a network observer, hands the
+/// attacker the same ciphertext).
+fn copy_reads(thief: &User) -> Vec<String> {
+    let out = thief.run(&["receive", "--json", "--no-ack"]);
+    texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn a_copy_of_bobs_state_reads_nothing_after_bob_replaces_his_keys() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hello"]);
+
+    let thief = copy_of(&bob);
+
+    // Before bob replaces his keys the copy reads what alice sends.
+    alice.send("bob", "before the update");
+    assert_eq!(copy_reads(&thief), ["before the update"]);
+    assert_eq!(texts(&bob.receive_json(&[])), ["before the update"]);
+
+    let out = bob.ok(&["devices", "rekey"]);
+    assert!(out.contains("replaced this device's keys in 1 conversation(s)"), "{out}");
+    alice.receive_json(&[]);
+    alice.send("bob", "after the update");
+    let seen = copy_reads(&thief);
+    assert!(!seen.iter().any(|t| t.contains("after the update")), "the copy still reads: {seen:?}");
+    assert_eq!(texts(&bob.receive_json(&[])), ["after the update"]);
+
+    // A conversation started after the update: the copy's key-package
+    // secrets are for packages the server no longer hands out.
+    alice.ok(&["group", "create", "later", "bob"]);
+    alice.send("later", "secret plans");
+    let seen = copy_reads(&thief);
+    assert!(!seen.iter().any(|t| t.contains("secret plans")), "the copy joined: {seen:?}");
+    assert!(texts(&bob.receive_json(&[])).contains(&"secret plans".to_string()));
+
+    // And alice's side goes on normally, both ways.
+    bob.send("alice", "all good");
+    assert!(texts(&alice.receive_json(&[])).contains(&"all good".to_string()));
+}
+
+/// A device that sends a lot replaces its keys on its own: after 100
+/// messages in a conversation its next command commits an update.
+#[test]
+fn after_100_messages_the_sender_replaces_its_keys_by_itself() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hello"]);
+    let thief = copy_of(&bob);
+
+    // bob sends 100 messages; the 101st command (a receive) rotates.
+    for i in 0..100 {
+        bob.send("alice", &format!("message {i}"));
+    }
+    alice.send("bob", "still readable by the copy");
+    assert_eq!(copy_reads(&thief), ["still readable by the copy"]);
+    bob.receive_json(&[]);
+    assert_eq!(alice.receive_json(&[]).len(), 100);
+    alice.send("bob", "after bob's own update");
+    let seen = copy_reads(&thief);
+    assert!(!seen.iter().any(|t| t.contains("after bob's own update")), "the copy still reads: {seen:?}");
+    assert_eq!(texts(&bob.receive_json(&[])), ["after bob's own update"]);
+}

@@ -1,0 +1,226 @@
+//! Post-compromise security: this device replaces its own keys.
+//!
+//! MLS heals a compromised device only when that device commits fresh leaf
+//! and path keys: until then a copy of its state reads every new message.
+//! So a device commits an update (an empty commit with a path) in each
+//! conversation after it sent [`UPDATE_AFTER_MESSAGES`] messages there, or
+//! [`UPDATE_PERIOD_MS`] after its last update, at its next command (a
+//! `receive` included, so receive-only devices rotate too). Every other
+//! commit it makes carries a path as well (the engine requires one), so any
+//! commit counts as an update. Above [`LARGE_GROUP_MEMBERS`] members the
+//! period stretches to [`LARGE_GROUP_PERIOD_MS`] and the message count
+//! triggers at most once a day, which bounds what a big group's members
+//! process per day. Members that have not committed for [`STALE_AFTER_MS`]
+//! are shown as stale by `members`.
+//!
+//! Key packages age too: a copy of the device's state holds their private
+//! keys, and with them could join conversations started later. Every
+//! [`KEY_PACKAGE_MAX_AGE_MS`] the device uploads a fresh set, the
+//! last-resort package included, and the server drops the old one-time
+//! packages in the same step; the secrets of the generation before are
+//! erased (one generation is kept for Welcomes still in flight).
+
+use subrosa_core::CoreError;
+use subrosa_proto::ConversationId;
+
+use crate::store::now_ms;
+use crate::{ClientError, Subrosa, KEY_PACKAGE_TARGET};
+
+const DAY_MS: u64 = 24 * 3_600_000;
+/// A device updates its keys in a conversation after sending this many
+/// messages there.
+pub const UPDATE_AFTER_MESSAGES: u64 = 100;
+/// … or this long after its last update there.
+pub const UPDATE_PERIOD_MS: u64 = DAY_MS;
+/// Conversations larger than this update less often.
+pub const LARGE_GROUP_MEMBERS: usize = 100;
+/// The update period in a large conversation.
+pub const LARGE_GROUP_PERIOD_MS: u64 = 7 * DAY_MS;
+/// A member that has not committed for this long is shown as stale.
+pub const STALE_AFTER_MS: u64 = 30 * DAY_MS;
+/// Key packages are replaced when older than this.
+pub const KEY_PACKAGE_MAX_AGE_MS: u64 = 7 * DAY_MS;
+
+/// When this device last replaced its key packages (ms, little-endian u64).
+const META_KEY_PACKAGES_ROTATED: &str = "key_packages_rotated_at";
+
+/// Whether a device should commit an update of its keys now, given the time,
+/// its last update in the conversation, the messages it sent there since and
+/// the number of member devices. A clock that went backwards never triggers.
+pub fn update_due(now_ms: u64, last_update_ms: u64, sent_since: u64, members: usize) -> bool {
+    let age = now_ms.saturating_sub(last_update_ms);
+    if members > LARGE_GROUP_MEMBERS {
+        age >= LARGE_GROUP_PERIOD_MS || (sent_since >= UPDATE_AFTER_MESSAGES && age >= DAY_MS)
+    } else {
+        sent_since >= UPDATE_AFTER_MESSAGES || age >= UPDATE_PERIOD_MS
+    }
+}
+
+/// Whether a member last seen committing at `last_ms` is stale at `now_ms`.
+pub fn is_stale(now_ms: u64, last_ms: u64) -> bool {
+    now_ms.saturating_sub(last_ms) >= STALE_AFTER_MS
+}
+
+/// What [`Subrosa::rekey`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rekeyed {
+    /// Conversations whose keys this device replaced.
+    pub conversations: usize,
+    /// Conversations where the update is stored but not yet on the server.
+    pub pending: usize,
+}
+
+impl Subrosa {
+    /// Commits an update of this device's keys wherever one is due, and
+    /// replaces its key packages when they are old. Called by every command
+    /// that talks to the server.
+    ///
+    /// # Errors
+    /// Network and server errors of the key-package upload; a conversation
+    /// whose update fails for another reason is reported as an alert and the
+    /// others go on.
+    pub(crate) async fn maintain_keys(&self) -> Result<(), ClientError> {
+        self.update_due_keys().await?;
+        self.rotate_key_packages(false).await?;
+        self.refill_key_packages().await
+    }
+
+    /// Commits an update of this device's keys in every conversation where
+    /// one is due (see the module documentation).
+    ///
+    /// # Errors
+    /// As [`Self::maintain_keys`].
+    pub(crate) async fn update_due_keys(&self) -> Result<(), ClientError> {
+        self.update_keys_where(update_due).await.map(|_| ())
+    }
+
+    /// Replaces this device's keys in every conversation now, and its key
+    /// packages (`subrosa devices rekey`): after it, a copy of this device's
+    /// state taken before can read nothing new and join nothing new.
+    ///
+    /// # Errors
+    /// Network, server and store errors.
+    pub async fn rekey(&self) -> Result<Rekeyed, ClientError> {
+        self.sync().await?;
+        let done = self.update_keys_where(|_, _, _, _| true).await?;
+        self.rotate_key_packages(true).await?;
+        Ok(done)
+    }
+
+    async fn update_keys_where(&self, due: impl Fn(u64, u64, u64, usize) -> bool) -> Result<Rekeyed, ClientError> {
+        let mut done = Rekeyed { conversations: 0, pending: 0 };
+        for row in self.store.active_conversations()? {
+            let (last, sent) = self.store.key_update_state(&row.id)?;
+            let members = match self.engine.members(&row.id) {
+                Ok(m) => m.len(),
+                Err(CoreError::UnknownConversation) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if !due(now_ms(), last, sent, members) {
+                continue;
+            }
+            match self.update_conversation_keys(&row.id).await {
+                Ok(()) => done.conversations += 1,
+                Err(ClientError::Pending(_)) => done.pending += 1,
+                Err(e @ (ClientError::Network(_) | ClientError::Store(_) | ClientError::Bug(_))) => return Err(e),
+                Err(e) => {
+                    // One conversation that refuses an update must not stop
+                    // every command: say so, go on with the others.
+                    self.store.add_alert(&format!(
+                        "could not update this device's keys in conversation #{}: {e}",
+                        row.id.to_hex()
+                    ))?;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    async fn update_conversation_keys(&self, conversation: &ConversationId) -> Result<(), ClientError> {
+        self.commit_with_retry(conversation, || Ok(Some(self.engine.update_keys(conversation)?))).await?;
+        Ok(())
+    }
+
+    /// Uploads a fresh set of key packages that replaces the server's old
+    /// ones, when the last rotation is older than [`KEY_PACKAGE_MAX_AGE_MS`]
+    /// (or always, with `force`), then erases the secrets of the generation
+    /// before the last one.
+    async fn rotate_key_packages(&self, force: bool) -> Result<(), ClientError> {
+        let now = now_ms();
+        let last = self
+            .store
+            .meta(META_KEY_PACKAGES_ROTATED)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes);
+        if !force && last.is_some_and(|t| now.saturating_sub(t) < KEY_PACKAGE_MAX_AGE_MS) {
+            return Ok(());
+        }
+        self.upload_key_packages_replacing(KEY_PACKAGE_TARGET as usize).await?;
+        self.store.transaction(|| {
+            // Packages made before the previous rotation were replaced at
+            // least one rotation ago: no Welcome for them can still come.
+            self.store.erase_key_packages_before(last.unwrap_or(0))?;
+            self.store.set_meta(META_KEY_PACKAGES_ROTATED, &now.to_le_bytes())
+        })
+    }
+
+    /// Records at registration that the key packages are new.
+    pub(crate) fn note_key_packages_fresh(&self) -> Result<(), ClientError> {
+        self.store.set_meta(META_KEY_PACKAGES_ROTATED, &now_ms().to_le_bytes())
+    }
+
+    /// When each member device of `conversation` last replaced its keys, as
+    /// far as this device saw (its commits; otherwise when this device joined).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(crate) fn member_last_update(
+        &self,
+        conversation: &ConversationId,
+        device: &subrosa_proto::DeviceAddress,
+    ) -> Result<u64, ClientError> {
+        if *device == self.engine.identity().address() {
+            return Ok(self.store.key_update_state(conversation)?.0);
+        }
+        Ok(match self.store.member_update(conversation, device)? {
+            Some(t) => t,
+            None => self.store.conversation_created_at(conversation)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn small_conversations_update_after_100_messages_or_a_day() {
+        assert!(!update_due(NOW, NOW - 1000, 0, 2));
+        assert!(!update_due(NOW, NOW - 1000, 99, 2));
+        assert!(update_due(NOW, NOW - 1000, 100, 2));
+        assert!(!update_due(NOW, NOW - DAY_MS + 1, 0, 2));
+        assert!(update_due(NOW, NOW - DAY_MS, 0, 2));
+        assert!(update_due(NOW, 0, 0, 2), "never updated: due at once");
+        assert!(update_due(NOW, NOW - 1000, 0, 100) == update_due(NOW, NOW - 1000, 0, 2));
+    }
+
+    #[test]
+    fn large_groups_update_weekly_and_at_most_daily() {
+        let big = LARGE_GROUP_MEMBERS + 1;
+        assert!(!update_due(NOW, NOW - DAY_MS, 0, big));
+        assert!(!update_due(NOW, NOW - 6 * DAY_MS, 0, big));
+        assert!(update_due(NOW, NOW - 7 * DAY_MS, 0, big));
+        assert!(!update_due(NOW, NOW - 1000, 500, big), "at most once a day");
+        assert!(update_due(NOW, NOW - DAY_MS, 100, big));
+    }
+
+    #[test]
+    fn a_clock_that_went_back_never_triggers_and_staleness_is_30_days() {
+        assert!(!update_due(NOW, NOW + DAY_MS, 0, 2));
+        assert!(!is_stale(NOW, NOW - 29 * DAY_MS));
+        assert!(is_stale(NOW, NOW - 30 * DAY_MS));
+        assert!(!is_stale(NOW, NOW + 5));
+    }
+}
