@@ -181,6 +181,9 @@ fn path_and_query(parts: &Parts) -> &str {
     parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
+/// How long a request body may take to arrive, whole.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reads a body of at most `limit` bytes.
 ///
 /// # Errors
@@ -191,7 +194,12 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(AppError::too_large(format!("the body is over {limit} bytes")));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // A body that trickles in is dropped after BODY_TIMEOUT: the read-idle
+    // timeout alone would let one byte every minute hold a request open.
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| AppError::bad_request(format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs())))?;
+    read.map_err(|e| {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(err) = source {
             if err.is::<http_body_util::LengthLimitError>() {

@@ -40,6 +40,36 @@ struct Args {
     /// Signed requests per second per device (burst: twice that); 0 = no limit.
     #[arg(long, default_value_t = 200)]
     rate_limit: u32,
+    /// A reverse proxy (address or CIDR, repeatable) whose X-Forwarded-For /
+    /// Forwarded headers name the client for rate limits; it is exempt from
+    /// the per-address connection cap.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_cidr)]
+    trusted_proxies: Vec<ipnet::IpNet>,
+    /// Open connections one client address may hold.
+    #[arg(long, default_value_t = 256, value_parser = parse_positive)]
+    max_connections_per_ip: usize,
+    /// Close a connection on which nothing moved for this long (WebSockets
+    /// are pinged every 20 s, so they stay): 75s, 5m…
+    #[arg(long, default_value = "75s", value_parser = parse_timeout)]
+    idle_timeout: Duration,
+    /// Drop a request whose headers did not arrive within this time.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    header_timeout: Duration,
+}
+
+/// An address (a /32 or /128) or a CIDR block.
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or CIDR block (e.g. 10.0.0.0/8, ::1)"))
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("a timeout must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -96,6 +126,10 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
         max_recipients: args.max_recipients,
         requests_per_second: args.rate_limit,
         burst: args.rate_limit.saturating_mul(2),
+        max_connections_per_ip: args.max_connections_per_ip,
+        idle_timeout: args.idle_timeout,
+        header_timeout: args.header_timeout,
+        trusted_proxies: args.trusted_proxies,
         ..Limits::default()
     };
     customize(&mut config);

@@ -33,6 +33,15 @@ pub struct Limits {
     pub burst: u32,
     /// Registrations per minute per client IP address; 0 turns the limit off.
     pub registrations_per_minute: u32,
+    /// Open connections one client address may hold (trusted proxies exempt).
+    pub max_connections_per_ip: usize,
+    /// A connection on which no byte moved either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request whose headers did not all arrive within this time is dropped.
+    pub header_timeout: Duration,
+    /// Reverse proxies whose `X-Forwarded-For`/`Forwarded` headers name the
+    /// client for rate limits; they are exempt from the per-address cap.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for Limits {
@@ -44,6 +53,10 @@ impl Default for Limits {
             requests_per_second: 200,
             burst: 400,
             registrations_per_minute: 300,
+            max_connections_per_ip: 256,
+            idle_timeout: Duration::from_secs(75),
+            header_timeout: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
         }
     }
 }

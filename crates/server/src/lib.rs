@@ -17,6 +17,7 @@ pub mod attacks;
 mod auth;
 pub mod cli;
 mod config;
+pub mod conn;
 mod error;
 mod hooks;
 pub mod kt;
@@ -55,6 +56,9 @@ pub struct AppState {
     pub(crate) wakeups: Arc<Wakeups>,
     pub(crate) device_limiter: Arc<RateLimiter<DeviceAddress>>,
     pub(crate) registration_limiter: Arc<RateLimiter<IpAddr>>,
+    /// Unsigned link creations, per client IP: a bucket apart from
+    /// registrations, so one cannot starve the other.
+    pub(crate) link_create_limiter: Arc<RateLimiter<IpAddr>>,
     pub(crate) link_poll_limiter: Arc<RateLimiter<IpAddr>>,
     /// Unsigned key-transparency reads (head, audit), per client IP.
     pub(crate) kt_public_limiter: Arc<RateLimiter<IpAddr>>,
@@ -78,7 +82,12 @@ impl AppState {
         // Polls of unsigned link responses, per client IP: as generous as a
         // device's signed requests.
         let link_poll_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
-        let kt_public_limiter = RateLimiter::new(f64::from(limits.requests_per_second), limits.burst);
+        let link_create_limiter =
+            RateLimiter::new(f64::from(limits.registrations_per_minute) / 60.0, limits.registrations_per_minute);
+        // Unsigned directory reads cost one token per epoch they cover: a
+        // full audit chunk (64 epochs) a second, ten in a burst.
+        let kt_public_rate = if limits.requests_per_second == 0 { 0.0 } else { 64.0 };
+        let kt_public_limiter = RateLimiter::new(kt_public_rate, 640);
         let (shutdown_tx, shutdown) = watch::channel(false);
         AppState {
             store,
@@ -86,6 +95,7 @@ impl AppState {
             wakeups: Arc::new(Wakeups::default()),
             device_limiter: Arc::new(device_limiter),
             registration_limiter: Arc::new(registration_limiter),
+            link_create_limiter: Arc::new(link_create_limiter),
             link_poll_limiter: Arc::new(link_poll_limiter),
             kt_public_limiter: Arc::new(kt_public_limiter),
             shutdown,

@@ -35,6 +35,16 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// # Errors
     /// The number of seconds to wait when the bucket is empty.
     pub fn check(&self, key: &K, now: Instant) -> Result<(), u64> {
+        self.check_n(key, 1, now)
+    }
+
+    /// Takes `cost` tokens for `key` (a costly request drains the bucket
+    /// faster); a cost above the burst is charged as the whole burst.
+    ///
+    /// # Errors
+    /// The number of seconds to wait when the bucket holds too few tokens.
+    pub fn check_n(&self, key: &K, cost: u32, now: Instant) -> Result<(), u64> {
+        let cost = f64::from(cost.max(1)).min(self.burst);
         if self.rate <= 0.0 {
             return Ok(());
         }
@@ -47,11 +57,32 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= cost {
+            bucket.tokens -= cost;
             Ok(())
         } else {
-            Err(((1.0 - bucket.tokens) / self.rate).ceil().max(1.0) as u64)
+            Err(((cost - bucket.tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// Takes `cost` tokens for `key` whether or not the bucket holds them,
+    /// running it into debt (down to minus the burst); returns how long the
+    /// caller should wait before its next unit of work, zero when the bucket
+    /// was not in debt. For work already done (a frame already read), so
+    /// that it still counts against the key's other requests.
+    pub fn charge(&self, key: &K, cost: u32, now: Instant) -> std::time::Duration {
+        if self.rate <= 0.0 {
+            return std::time::Duration::ZERO;
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket { tokens: self.burst, updated: now });
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = ((bucket.tokens + elapsed * self.rate).min(self.burst) - f64::from(cost)).max(-self.burst);
+        bucket.updated = now;
+        if bucket.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-bucket.tokens / self.rate)
         }
     }
 
@@ -77,6 +108,20 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn charged_work_runs_the_bucket_into_debt_bounded_by_the_burst() {
+        let l = RateLimiter::new(1.0, 2);
+        let t = Instant::now();
+        assert_eq!(l.charge(&1u8, 3, t), Duration::from_secs(1));
+        assert!(l.check(&1, t).is_err(), "the debt blocks other requests");
+        assert!(l.check(&1, t + Duration::from_millis(1500)).is_err(), "a second repaid it, no more");
+        assert!(l.check(&1, t + Duration::from_secs(2)).is_ok(), "and is paid back at the rate");
+        assert!(l.charge(&2, 1000, t) <= Duration::from_secs(2), "debt stops at minus the burst");
+        assert!(l.check_n(&3, 100, t).is_ok(), "a cost above the burst is charged as the burst");
+        assert!(l.check(&3, t).is_err());
+        assert_eq!(RateLimiter::new(0.0, 1).charge(&1u8, 9, t), Duration::ZERO, "rate 0: no limit");
+    }
 
     #[test]
     fn bucket_allows_burst_then_refills() {

@@ -84,16 +84,15 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Where a request came from, for the registration limit. Absent when the
-/// router runs without a socket (tests).
-fn client_ip(req: &Request) -> Option<std::net::IpAddr> {
-    req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
-}
-
-/// [`client_ip`], or the unspecified address when unknown (all such
-/// requests share one bucket).
-fn client_ip_or_unspecified(req: &Request) -> std::net::IpAddr {
-    client_ip(req).unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+/// Where a request came from, for per-address limits: the peer, or the
+/// client a trusted proxy names ([`crate::conn::client_ip`]); the
+/// unspecified address when the router runs without a socket (tests), so
+/// all such requests share one bucket.
+fn client_ip_or_unspecified(state: &AppState, req: &Request) -> std::net::IpAddr {
+    match req.extensions().get::<ConnectInfo<std::net::SocketAddr>>() {
+        Some(c) => crate::conn::client_ip(c.0.ip(), req.headers(), &state.limits.trusted_proxies),
+        None => std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
 }
 
 /// The checks a device record passes before it is stored (registration and
@@ -109,7 +108,7 @@ fn validate_device(device: &DeviceRecord) -> Result<(), AppError> {
 }
 
 async fn register(State(state): State<AppState>, req: Request) -> Result<impl IntoResponse, AppError> {
-    let ip = client_ip_or_unspecified(&req);
+    let ip = client_ip_or_unspecified(&state, &req);
     state.registration_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
     let (parts, body) = req.into_parts();
     let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
@@ -363,10 +362,11 @@ fn check_link_blob(blob: &B64, what: &str, max: usize) -> Result<(), AppError> {
 }
 
 /// `POST /v1/links` (unsigned): opens a slot for a new device of a handle.
-/// Limited per client IP by the registration limiter.
+/// Limited per client IP in a bucket of its own (junk link requests must
+/// not lock anyone out of registering).
 async fn create_link(State(state): State<AppState>, req: Request) -> Result<impl IntoResponse, AppError> {
-    let ip = client_ip_or_unspecified(&req);
-    state.registration_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+    let ip = client_ip_or_unspecified(&state, &req);
+    state.link_create_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
     let (parts, body) = req.into_parts();
     let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
     let body: LinkCreateRequest = parse_json(&bytes)?;
@@ -416,7 +416,7 @@ async fn link_response(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Result<Json<LinkResponse>, AppError> {
-    let ip = client_ip_or_unspecified(&req);
+    let ip = client_ip_or_unspecified(&state, &req);
     state.link_poll_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
     let link: LinkId = id_from_path(path, "link id")?;
     let response = state.store.take_link_response(&link, now_ms()).await?;
@@ -424,11 +424,13 @@ async fn link_response(
 }
 
 /// Rate-limits an unsigned key-transparency read per client IP (signed ones
-/// were limited per device by the extractor).
-fn check_public_kt(state: &AppState, viewer: &Option<DeviceAddress>, req: &Request) -> Result<(), AppError> {
+/// were limited per device by the extractor), charging `cost` tokens: an
+/// audit costs one per epoch it asks for, so the costly request is the one
+/// refused first, before any proof is built.
+fn check_public_kt(state: &AppState, viewer: &Option<DeviceAddress>, req: &Request, cost: u32) -> Result<(), AppError> {
     if viewer.is_none() {
-        let ip = client_ip_or_unspecified(req);
-        state.kt_public_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+        let ip = client_ip_or_unspecified(state, req);
+        state.kt_public_limiter.check_n(&ip, cost, Instant::now()).map_err(AppError::rate_limited)?;
     }
     Ok(())
 }
@@ -440,7 +442,7 @@ async fn kt_head(
     State(state): State<AppState>,
     req: Request,
 ) -> Result<Json<KtHead>, AppError> {
-    check_public_kt(&state, &viewer, &req)?;
+    check_public_kt(&state, &viewer, &req, 1)?;
     Ok(Json(state.kt().await?.head(&state, viewer.as_ref()).await?))
 }
 
@@ -470,7 +472,8 @@ async fn kt_audit(
     query: Result<Query<AuditQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Json<KtAudit>, AppError> {
-    check_public_kt(&state, &viewer, &req)?;
     let Query(q) = query.map_err(|_| AppError::bad_request("from and to must be epoch numbers"))?;
+    let epochs = q.to.saturating_sub(q.from).saturating_add(1).min(u64::from(u32::MAX));
+    check_public_kt(&state, &viewer, &req, u32::try_from(epochs).unwrap_or(u32::MAX))?;
     Ok(Json(state.kt().await?.audit(&state, viewer.as_ref(), q.from, q.to).await?))
 }

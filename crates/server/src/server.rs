@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use axum_server::tls_rustls::RustlsConfig;
 use axum_server::Handle;
+use hyper_util::rt::TokioTimer;
 use subrosa_proto::MAX_CLOCK_SKEW_MS;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::conn::GuardAcceptor;
 use crate::store::{PgStore, SqliteStore, Store};
 use crate::{app, now_ms, AppState, DatabaseUrl, ServerConfig, ServerError};
 
@@ -112,9 +114,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let handle = Handle::new();
     let https = tls.is_some();
+    // Connections are capped per address and closed when idle before TLS
+    // or HTTP see them; hyper gets a timer so its header timeout runs
+    // (without one it never fires: a slowloris held sockets for ever).
+    let guard = GuardAcceptor::new(&config.limits);
     let server = match tls {
         Some(tls) => {
-            let srv = axum_server::from_tcp_rustls(listener, tls).handle(handle.clone());
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(guard);
+            let mut srv = axum_server::from_tcp(listener).acceptor(acceptor).handle(handle.clone());
+            http_timeouts(srv.http_builder(), &config.limits);
             tokio::spawn(async move {
                 if let Err(e) = srv.serve(service).await {
                     tracing::error!(error = %e, "server stopped");
@@ -122,7 +130,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             })
         }
         None => {
-            let srv = axum_server::from_tcp(listener).handle(handle.clone());
+            let mut srv = axum_server::from_tcp(listener).acceptor(guard).handle(handle.clone());
+            http_timeouts(srv.http_builder(), &config.limits);
             tokio::spawn(async move {
                 if let Err(e) = srv.serve(service).await {
                     tracing::error!(error = %e, "server stopped");
@@ -138,6 +147,21 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let sweeper = tokio::spawn(sweep_loop(state.clone(), config.message_ttl, config.effective_sweep_interval(), stop));
     tracing::info!(addr = %local_addr, https, "listening");
     Ok(RunningServer { local_addr, https, handle, state, server, sweeper, listener, stop_sweeper })
+}
+
+/// hyper's own timeouts: request headers must arrive within
+/// [`crate::Limits::header_timeout`]; HTTP/2 connections are pinged and
+/// dropped when the pings go unanswered.
+fn http_timeouts(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    limits: &crate::Limits,
+) {
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
 }
 
 /// One sweep: expired inbox rows and their messages, stale nonces, old send
@@ -156,6 +180,7 @@ async fn sweep_once(state: &AppState, ttl: Duration) {
     }
     state.device_limiter.prune(Instant::now());
     state.registration_limiter.prune(Instant::now());
+    state.link_create_limiter.prune(Instant::now());
     state.link_poll_limiter.prune(Instant::now());
     state.kt_public_limiter.prune(Instant::now());
 }

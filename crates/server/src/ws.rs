@@ -117,6 +117,19 @@ async fn close_removed(socket: &mut WebSocket) {
     close_with_error(socket, err, 1008).await;
 }
 
+/// Acknowledgements cost the device's rate-limit tokens like signed
+/// requests do (one per frame and one per hundred ids); past its limit the
+/// socket simply reads its next frame later, so a flood of acks slows only
+/// the device that sends it (TCP pushes back on it) and every other device
+/// keeps its share of the server.
+async fn charge_ack(state: &AppState, device: &DeviceAddress, ids: usize) {
+    let cost = u32::try_from(1 + ids / 100).unwrap_or(u32::MAX);
+    let wait = state.device_limiter.charge(device, cost, std::time::Instant::now());
+    if !wait.is_zero() {
+        tokio::time::sleep(wait.min(Duration::from_secs(10))).await;
+    }
+}
+
 async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> Result<(), &'static str> {
     let mut wakeup = state.wakeups.subscribe(&device);
     // A removal that committed between the upgrade's authentication and the
@@ -217,6 +230,7 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
                 };
                 match frame {
                     ClientFrame::Ack { ids } => {
+                        charge_ack(&state, &device, ids.len()).await;
                         if let Err(e) = apply_ack(&state, &device, &ids).await {
                             close_with_error(&mut socket, e.body(), 1008).await;
                             return Err("ack refused");

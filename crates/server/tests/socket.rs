@@ -377,3 +377,25 @@ async fn the_sweeper_deletes_expired_link_slots() {
     }
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledgements_count_against_the_devices_rate_limit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |c| {
+        c.limits.requests_per_second = 1;
+        c.limits.burst = 2;
+    })
+    .await;
+    let addr = srv.local_addr();
+    let bob = register(addr, "bob").await;
+    // The upgrade took one of bob's two tokens; one frame acknowledging a
+    // thousand ids costs eleven (the whole burst).
+    let mut ws = connect_ws(addr, &bob).await;
+    let ids: Vec<u64> = (1..=1000).collect();
+    ws.send(Message::Text(json!({ "type": "ack", "ids": ids }).to_string().into())).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The same device's signed requests now wait their turn: a token comes
+    // back only after a second.
+    let (status, body) = http(addr, bob.request("GET", "/v1/inbox", Vec::new())).await;
+    assert_eq!(status, 429, "acks were free: {body}");
+}
