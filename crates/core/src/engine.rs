@@ -317,6 +317,28 @@ where
         self.stage(&conversation, Change::Add(key_packages))
     }
 
+    /// TEST ONLY (feature `test-hooks`): [`Self::create_conversation`] under
+    /// a chosen id, as an attacker who read a conversation's id would. No
+    /// production build has it.
+    ///
+    /// # Errors
+    /// As [`Self::create_conversation`].
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn create_conversation_with_id(
+        &self,
+        conversation: ConversationId,
+        info: &ConversationInfo,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OutgoingCommit, CoreError> {
+        let mut exts = ExtensionList::new();
+        exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
+        self.client()?
+            .create_group_with_id(conversation.as_bytes().to_vec(), exts, ExtensionList::new(), None)?
+            .write_to_storage()?;
+        self.stage(&conversation, Change::Add(key_packages))
+    }
+
     /// Applies the staged commit after the server accepted it.
     ///
     /// # Errors
@@ -514,12 +536,37 @@ where
     /// [`CoreError::Malformed`] or [`CoreError::Mls`] (not for us, invalid
     /// members, tampering).
     pub fn join(&self, welcome: &[u8]) -> Result<Event, CoreError> {
+        self.join_checked(welcome, |_| Ok(()), |_, _, _| Ok(()))
+    }
+
+    /// Joins a conversation from a Welcome, asking the caller twice before
+    /// anything is stored: `check_id` sees the conversation id read from the
+    /// Welcome before joining (a refusal here leaves even the key package
+    /// unused), `check_members` sees the id, kind, name and every member
+    /// after the Welcome verified but before the group state is written.
+    /// Either refusal writes nothing: a Welcome can never replace a stored
+    /// group with the same id.
+    ///
+    /// # Errors
+    /// As [`Self::join`], or whatever a check returns.
+    pub fn join_checked<E: From<CoreError>>(
+        &self,
+        welcome: &[u8],
+        check_id: impl FnOnce(&ConversationId) -> Result<(), E>,
+        check_members: impl FnOnce(&ConversationId, &ConversationInfo, &[MemberInfo]) -> Result<(), E>,
+    ) -> Result<Event, E> {
         let msg = MlsMessage::from_bytes(welcome).map_err(|_| CoreError::Malformed("welcome"))?;
-        let (mut group, _) = self.client()?.join_group(None, &msg, None)?;
+        let client = self.client()?;
+        let group_info = client.examine_welcome_message(&msg).map_err(CoreError::from)?;
+        check_id(&conversation_id(&group_info.group_context().group_id)?)?;
+        let (mut group, _) = client.join_group(None, &msg, None).map_err(CoreError::from)?;
         let conversation = conversation_id(group.group_id())?;
         let info = Self::info_of(&group)?;
         let members = self.members_of(&group)?;
-        group.write_to_storage()?;
+        // The id inside the joined group is the one checked (same GroupInfo),
+        // but ask again cheaply rather than rely on it.
+        check_members(&conversation, &info, &members)?;
+        group.write_to_storage().map_err(CoreError::from)?;
         Ok(Event::Joined { conversation, info, members })
     }
 
