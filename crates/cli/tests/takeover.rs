@@ -402,3 +402,29 @@ fn a_welcome_whose_members_the_directory_contradicts_is_refused() {
     assert!(!stdout.contains("lure"), "{stdout}");
     assert!(!alice.ok(&["groups"]).contains("lure"));
 }
+
+#[test]
+fn a_store_made_by_the_first_wave_knows_every_conversation_id_it_held() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/sqlite");
+    for who in ["alice", "bob", "carol"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        for f in ["kdf.json", "subrosa.db"] {
+            std::fs::copy(fixtures.join(who).join(f), home.join(f)).expect("copy fixture");
+        }
+        let store = subrosa_client::store::Store::open(&home, "fixture passphrase").expect("migrates");
+        let mut rows = store.active_conversations().expect("conversations");
+        rows.extend(store.group_rows().expect("groups"));
+        assert!(!rows.is_empty(), "{who} holds conversations");
+        for r in &rows {
+            assert!(store.ever_knew(&r.id).expect("known"), "{who}: {} not recorded", r.id.to_hex());
+        }
+        let friends = store.groups_named("friends").expect("groups");
+        assert!(!friends.is_empty(), "{who} is in friends");
+        for g in &friends {
+            // Whoever spoke (or made a change) there counts as a member seen.
+            assert!(store.was_member(&g.id, "alice").expect("past members"), "{who}: alice created friends");
+        }
+    }
+}

@@ -560,7 +560,14 @@ impl Subrosa {
     /// takeover attempt (or a re-admission of a removed member): refused
     /// before anything is joined or stored.
     fn check_welcome_id(&self, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
-        if self.store.ever_knew(id)? {
+        let refuse = match self.store.known_conversation(id)? {
+            None => false,
+            // Known only from the history the approving device handed over
+            // when this one was linked: that account's Welcome is expected.
+            Some(true) => env.sender.handle != *self.handle(),
+            Some(false) => true,
+        };
+        if refuse {
             return Err(ClientError::Refused {
                 conversation: Some(*id),
                 why: format!(

@@ -107,7 +107,7 @@ const SCHEMA: &[&str] = &[
     // conversation (re-adding one makes a new conversation); and member
     // devices that arrived in a Welcome or commit, waiting for (or failing)
     // the key-directory check.
-    "CREATE TABLE known_conversations (id BLOB PRIMARY KEY, at INTEGER NOT NULL);
+    "CREATE TABLE known_conversations (id BLOB PRIMARY KEY, at INTEGER NOT NULL, linked_only INTEGER NOT NULL DEFAULT 0);
      INSERT OR IGNORE INTO known_conversations (id, at) SELECT id, created_at FROM conversations;
      INSERT OR IGNORE INTO known_conversations (id, at) SELECT id, 0 FROM mls_group;
      INSERT OR IGNORE INTO known_conversations (id, at) SELECT DISTINCT conversation, 0 FROM messages;
@@ -682,11 +682,45 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub fn ever_knew(&self, id: &subrosa_proto::ConversationId) -> Result<bool, ClientError> {
+        Ok(self.known_conversation(id)?.is_some())
+    }
+
+    /// Whether this device ever knew the conversation id: `Some(true)` when
+    /// it knows it only from the history a linking device handed over (it
+    /// never held the group), `Some(false)` otherwise.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn known_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<bool>, ClientError> {
         self.lock()
-            .query_row("SELECT 1 FROM known_conversations WHERE id = ?1", [id.as_bytes().as_slice()], |_| Ok(()))
+            .query_row("SELECT linked_only FROM known_conversations WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
+                r.get(0)
+            })
             .optional()
-            .map(|o| o.is_some())
             .map_err(sql)
+    }
+
+    /// Records a conversation known from the history a linking device
+    /// handed over: this device never held it, so a Welcome from this
+    /// account's own device may still let it join (once).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn add_linked_conversation(
+        &self,
+        id: &subrosa_proto::ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let fresh = self.known_conversation(id)?.is_none();
+        self.add_conversation(id, kind, name, peer)?;
+        if fresh {
+            self.lock()
+                .execute("UPDATE known_conversations SET linked_only = 1 WHERE id = ?1", [id.as_bytes().as_slice()])
+                .map_err(sql)?;
+        }
+        Ok(())
     }
 
     /// Records that these accounts were members of a conversation.
@@ -1276,7 +1310,8 @@ impl GroupStateStorage for GroupStore {
         // Every group id this device ever held stays known, whatever becomes
         // of the group (a creation the server refused included).
         conn.execute(
-            "INSERT OR IGNORE INTO known_conversations (id, at) VALUES (?1, ?2)",
+            "INSERT INTO known_conversations (id, at) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET linked_only = 0",
             params![state.id, now_ms() as i64],
         )
         .map_err(serr)?;
