@@ -181,24 +181,26 @@ fn a_welcome_reusing_a_conversation_id_is_refused_and_mallory_reads_nothing() {
 
     let mallory = Mallory::register(&server, "mallory");
     mallory.invite(&server, id, &group(), &["alice", "bob"]);
-    for u in [&alice, &bob] {
-        let (_, err) = receive(u);
-        assert!(err.contains("warning:") && err.contains("mallory"), "{}: {err}", u.name);
-        assert!(err.contains("already knows"), "{}: {err}", u.name);
-        // The conversation says so too.
-        let lines = u.history_json(if u.name == "alice" { "bob" } else { "alice" });
-        assert!(lines.iter().any(|m| m["system"] == true && m["text"].as_str().unwrap_or("").contains("mallory")));
-    }
+    let (_, alice_err) = receive(&alice);
+    let (_, bob_err) = receive(&bob);
 
+    // What the attack is after: what they say next.
     alice.send("bob", "after the attempt");
-    assert_eq!(texts(&bob.receive_json(&[])), ["after the attempt"]);
     bob.send("alice", "still just us");
-    assert!(texts(&alice.receive_json(&[])).contains(&"still just us".to_string()));
     let (queued, read) = mallory.read_inbox();
     assert!(read.is_empty(), "mallory read {read:?}");
     assert_eq!(queued, 0, "nothing is even addressed to mallory");
-    // Both still hold the conversation as it was.
+    assert_eq!(texts(&bob.receive_json(&[])), ["after the attempt"]);
+    assert!(texts(&alice.receive_json(&[])).contains(&"still just us".to_string()));
+    // Both still hold the conversation as it was…
     assert_eq!(conversation_of(&alice, "bob"), id);
+    // …and were told who tried, as a warning and in the conversation.
+    for (u, err) in [(&alice, alice_err), (&bob, bob_err)] {
+        assert!(err.contains("warning:") && err.contains("mallory"), "{}: {err}", u.name);
+        assert!(err.contains("already knows"), "{}: {err}", u.name);
+        let lines = u.history_json(if u.name == "alice" { "bob" } else { "alice" });
+        assert!(lines.iter().any(|m| m["system"] == true && m["text"].as_str().unwrap_or("").contains("mallory")));
+    }
 }
 
 #[test]
