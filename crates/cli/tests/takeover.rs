@@ -17,8 +17,8 @@ use subrosa_client::net::Api;
 use subrosa_core::content::Content;
 use subrosa_core::{ConversationInfo, ConversationKind, DeviceIdentity};
 use subrosa_proto::{
-    ClaimRequest, ClaimResponse, ConversationId, DeviceRecord, Empty, InboxResponse, KeyPackageCount, KeyPackageUpload,
-    MessageId, RegisterRequest, B64,
+    ClaimRequest, ClaimResponse, CommitGuard, ConversationId, DeviceRecord, Empty, InboxResponse, KeyPackageCount,
+    KeyPackageUpload, MessageId, MessageKind, RegisterRequest, SendId, SendPart, SendRequest, SendResponse, B64,
 };
 
 /// A malicious member: a real account whose device runs code of its own.
@@ -67,8 +67,9 @@ impl Mallory {
         claim.packages.into_iter().map(|p| p.key_package.into_inner()).collect()
     }
 
-    /// Makes a conversation under `id` with the devices of `handles` and
-    /// hands its Welcome to them (as the operator would). Returns the id.
+    /// Makes a conversation under `id` (one that others already use) with
+    /// the devices of `handles`, and hands its Welcome to them as the
+    /// operator would: the server's own rules are no obstacle then.
     fn invite(&self, server: &Server, id: ConversationId, info: &ConversationInfo, handles: &[&str]) -> ConversationId {
         let kps: Vec<Vec<u8>> = handles.iter().flat_map(|h| self.claim(h)).collect();
         let out = self.engine.create_conversation_with_id(id, info, &kps).expect("mallory's group");
@@ -77,19 +78,62 @@ impl Mallory {
         id
     }
 
-    /// Adds the devices of these key packages to a conversation of hers
-    /// and hands the commit to `to`.
-    fn add(&self, server: &Server, id: ConversationId, key_packages: &[Vec<u8>], to: &[&str]) {
-        let out = self.engine.add_members(&id, key_packages).expect("add");
-        self.engine.confirm_commit(&id).expect("confirm");
-        deliver(server, &id, &self.id, "commit", &out.commit, to);
+    /// Starts a new conversation with the devices of these key packages
+    /// through the server, as any member may.
+    fn create(&self, info: &ConversationInfo, key_packages: &[Vec<u8>]) -> ConversationId {
+        let id = ConversationId(rand_bytes());
+        let out = self.engine.create_conversation_with_id(id, info, key_packages).expect("mallory's group");
+        self.post_commit(&out);
+        id
     }
 
-    /// Sends a text in a conversation of hers to `to`.
-    fn say(&self, server: &Server, id: ConversationId, text: &str, to: &[&str]) {
+    /// Adds the devices of these key packages to a conversation of hers,
+    /// through the server.
+    fn add(&self, id: ConversationId, key_packages: &[Vec<u8>]) {
+        let out = self.engine.add_members(&id, key_packages).expect("add");
+        self.post_commit(&out);
+    }
+
+    fn post_commit(&self, out: &subrosa_core::OutgoingCommit) {
+        let mut parts = Vec::new();
+        if !out.commit_recipients.is_empty() {
+            parts.push(SendPart {
+                kind: MessageKind::Commit,
+                recipients: out.commit_recipients.clone(),
+                ciphertext: B64(out.commit.clone()),
+            });
+        }
+        if let Some(w) = &out.welcome {
+            parts.push(SendPart {
+                kind: MessageKind::Welcome,
+                recipients: out.welcome_recipients.clone(),
+                ciphertext: B64(w.clone()),
+            });
+        }
+        self.post(SendRequest {
+            conversation: out.conversation,
+            send_id: SendId(rand_bytes()),
+            commit: Some(CommitGuard { epoch: out.epoch }),
+            parts,
+        });
+        self.engine.confirm_commit(&out.conversation).expect("confirm");
+    }
+
+    fn post(&self, req: SendRequest) {
+        let _: SendResponse =
+            self.rt.block_on(self.api.call(Method::POST, "/v1/messages", Some(&req))).expect("mallory's send");
+    }
+
+    /// Sends a text in a conversation of hers, through the server.
+    fn say(&self, id: ConversationId, text: &str) {
         let content = Content::text(MessageId(rand_bytes()), 1, text);
-        let (ct, _) = self.engine.encrypt(&id, &content).expect("encrypt");
-        deliver(server, &id, &self.id, "application", &ct, to);
+        let (ct, recipients) = self.engine.encrypt(&id, &content).expect("encrypt");
+        self.post(SendRequest {
+            conversation: id,
+            send_id: SendId(rand_bytes()),
+            commit: None,
+            parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ct) }],
+        });
     }
 
     /// Everything in her inbox that she can decrypt, as text.
@@ -292,8 +336,9 @@ fn a_direct_conversation_holds_exactly_two_accounts() {
     let mallory = Mallory::register(&server, "mallory");
 
     // A "direct" Welcome with three accounts is refused.
-    let three = ConversationId(rand_bytes());
-    mallory.invite(&server, three, &ConversationInfo::direct(), &["alice", "bob"]);
+    let mut kps = mallory.claim("alice");
+    kps.extend(mallory.claim("bob"));
+    let three = mallory.create(&ConversationInfo::direct(), &kps);
     let (_, err) = receive(&alice);
     assert!(err.contains("warning:") && err.contains("mallory") && err.contains("exactly two accounts"), "{err}");
     assert!(!alice.run(&["history", "mallory"]).status.success(), "no conversation with mallory");
@@ -301,12 +346,11 @@ fn a_direct_conversation_holds_exactly_two_accounts() {
 
     // A direct conversation of two, later grown by a third account, is
     // shown and closed.
-    let two = ConversationId(rand_bytes());
-    mallory.invite(&server, two, &ConversationInfo::direct(), &["alice"]);
+    let two = mallory.create(&ConversationInfo::direct(), &mallory.claim("alice"));
     receive(&alice);
     assert!(alice.ok(&["members", &format!("#{}", two.to_hex())]).contains("mallory"));
     let kps = mallory.claim("carol");
-    mallory.add(&server, two, &kps, &["alice"]);
+    mallory.add(two, &kps);
     let (out, err) = receive(&alice);
     assert!(err.contains("exactly two accounts") && err.contains("carol"), "{err}");
     assert!(out.contains("mallory added carol"), "the change is shown as a system line: {out}");
@@ -344,12 +388,8 @@ fn a_device_the_directory_contradicts_blocks_sending_until_accepted() {
     alice.send("bob", "hi");
     bob.receive_json(&[]);
     let mallory = Mallory::register(&server, "mallory");
-    let g = mallory.invite(
-        &server,
-        ConversationId(rand_bytes()),
-        &ConversationInfo { kind: ConversationKind::Group, name: "gang".into() },
-        &["alice"],
-    );
+    let g = mallory
+        .create(&ConversationInfo { kind: ConversationKind::Group, name: "gang".into() }, &mallory.claim("alice"));
     let (out, err) = receive(&alice);
     assert!(out.contains("mallory added you to gang"), "{out} {err}");
     alice.send("gang", "hello gang");
@@ -358,13 +398,13 @@ fn a_device_the_directory_contradicts_blocks_sending_until_accepted() {
     // has never seen carol, the key directory says otherwise.
     let (fake_carol, fake_engine) = fake_device("carol");
     plant(&server, &fake_carol);
-    mallory.add(&server, g, &[fake_engine.generate_key_package().expect("kp")], &["alice"]);
+    mallory.add(g, &[fake_engine.generate_key_package().expect("kp")]);
     let (out, err) = receive(&alice);
     let dev = fake_carol.device_id().to_hex();
     assert!(err.contains("warning:") && err.contains("mallory") && err.contains(&dev), "{err}");
     assert!(out.contains(&dev), "system line names the device: {out}");
     // The commit was applied: alice stays in step and reads what follows.
-    mallory.say(&server, g, "at the new epoch", &["alice"]);
+    mallory.say(g, "at the new epoch");
     assert!(texts(&alice.receive_json(&[])).contains(&"at the new epoch".to_string()));
     // Sending there is blocked until alice accepts the device.
     assert_clean_error(&alice.run(&["send", "gang", "blocked?"]), "accept-device");
@@ -375,10 +415,10 @@ fn a_device_the_directory_contradicts_blocks_sending_until_accepted() {
     // for him: the commit is applied too (not dropped as tampered), flagged.
     let (fake_bob, fake_bob_engine) = fake_device("bob");
     plant(&server, &fake_bob);
-    mallory.add(&server, g, &[fake_bob_engine.generate_key_package().expect("kp")], &["alice"]);
+    mallory.add(g, &[fake_bob_engine.generate_key_package().expect("kp")]);
     let (_, err) = receive(&alice);
     assert!(err.contains(&fake_bob.device_id().to_hex()) && !err.contains("dropped"), "{err}");
-    mallory.say(&server, g, "still in step", &["alice"]);
+    mallory.say(g, "still in step");
     assert!(texts(&alice.receive_json(&[])).contains(&"still in step".to_string()));
     assert_clean_error(&alice.run(&["send", "gang", "blocked again?"]), "accept-device");
     // The direct conversation with bob is not affected.
@@ -391,14 +431,12 @@ fn a_welcome_whose_members_the_directory_contradicts_is_refused() {
     let alice = User::register(&server, "alice");
     let _carol = User::register(&server, "carol");
     let mallory = Mallory::register(&server, "mallory");
-    let (_, fake_engine) = fake_device("carol");
-    let id = ConversationId(rand_bytes());
+    let (fake_carol, fake_engine) = fake_device("carol");
+    plant(&server, &fake_carol);
     let info = ConversationInfo { kind: ConversationKind::Group, name: "lure".into() };
     let mut kps = mallory.claim("alice");
     kps.push(fake_engine.generate_key_package().expect("kp"));
-    let out = mallory.engine.create_conversation_with_id(id, &info, &kps).expect("group");
-    mallory.engine.confirm_commit(&id).expect("confirm");
-    deliver(&server, &id, &mallory.id, "welcome", out.welcome.as_deref().expect("welcome"), &["alice"]);
+    mallory.create(&info, &kps);
     let (stdout, err) = receive(&alice);
     assert!(err.contains("refused") && err.contains("mallory"), "{err}");
     assert!(!stdout.contains("lure"), "{stdout}");
