@@ -685,6 +685,48 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_welcome_writes_nothing_and_leaves_the_key_package_usable() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let out = alice
+            .create_conversation(&ConversationInfo::direct(), &[bob.generate_key_package().expect("kp")])
+            .expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        let welcome = out.welcome.as_deref().expect("welcome");
+
+        // Refused on its id: nothing joined, nothing stored.
+        let mut seen = None;
+        let refused = bob.join_checked(
+            welcome,
+            |id| {
+                seen = Some(*id);
+                Err(CoreError::IdentityMismatch("known id".into()))
+            },
+            |_, _, _| Ok(()),
+        );
+        assert!(matches!(refused, Err(CoreError::IdentityMismatch(_))));
+        assert_eq!(seen, Some(out.conversation), "the id is read before joining");
+        assert!(matches!(bob.members(&out.conversation), Err(CoreError::UnknownConversation)));
+
+        // Refused on its members: still nothing stored.
+        let refused = bob.join_checked(
+            welcome,
+            |_| Ok::<(), CoreError>(()),
+            |_, info, members| {
+                assert_eq!(info.kind, ConversationKind::Direct);
+                assert_eq!(members.len(), 2);
+                Err(CoreError::IdentityMismatch("two accounts".into()))
+            },
+        );
+        assert!(refused.is_err());
+        assert!(matches!(bob.members(&out.conversation), Err(CoreError::UnknownConversation)));
+
+        // The same Welcome still joins once accepted: the key package was not spent.
+        assert!(matches!(bob.join(welcome), Ok(Event::Joined { .. })));
+        assert_eq!(bob.members(&out.conversation).expect("joined").len(), 2);
+    }
+
+    #[test]
     fn direct_conversation_round_trip_tamper_and_replay() {
         let alice = engine("alice");
         let bob = engine("bob");
