@@ -45,7 +45,10 @@ enum Command {
     },
     /// Send a text message to a group or a handle.
     Send {
-        /// Who: a group name or a handle (`@handle` always means the handle).
+        /// Who: a handle, `@handle`, a group name, or `#ID` (a conversation id
+        /// in hex, or a unique prefix of at least 6 digits). A bare name
+        /// that could be a group and a contact, or two groups, is refused
+        /// with the candidates listed.
         target: String,
         /// What.
         text: String,
@@ -70,7 +73,7 @@ enum Command {
     },
     /// Show a conversation (group or handle), your own messages included.
     History {
-        /// A group name or a handle.
+        /// A handle, `@handle`, a group name, or `#ID`.
         target: String,
         /// One JSON object per line.
         #[arg(long)]
@@ -132,8 +135,17 @@ enum Command {
     },
     /// List every device in a conversation, with its handle and fingerprint.
     Members {
-        /// A group name or a handle.
+        /// A handle, `@handle`, a group name, or `#ID`.
         target: String,
+    },
+    /// Accept a device that another member added to a conversation although
+    /// the key directory does not confirm its keys (sending there is
+    /// blocked until you accept it or remove it).
+    AcceptDevice {
+        /// The conversation: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+        /// The device id (hex) as the warning named it (a unique prefix will do).
+        device: String,
     },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
@@ -163,26 +175,26 @@ enum GroupCommand {
     },
     /// Add HANDLE (every device of it) to group NAME.
     Add {
-        /// The group.
+        /// The group: its name or `#ID`.
         name: String,
         /// Who.
         handle: String,
     },
     /// Remove HANDLE (every device of it) from group NAME.
     Remove {
-        /// The group.
+        /// The group: its name or `#ID`.
         name: String,
         /// Who.
         handle: String,
     },
     /// Leave group NAME.
     Leave {
-        /// The group.
+        /// The group: its name or `#ID`.
         name: String,
     },
     /// Rename group NAME to NEW.
     Rename {
-        /// The group.
+        /// The group: its name or `#ID`.
         name: String,
         /// The new name.
         new: String,
@@ -438,10 +450,15 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
                 let g = me.create_group(&name, &handles).await?;
                 out!("created {} with {}", g.name, g.members.join(", "));
             }
-            GroupCommand::Add { name, handle } => {
-                me.group_add(&name, &handle).await?;
-                out!("added {handle} to {name}");
-            }
+            GroupCommand::Add { name, handle } => match me.group_add(&name, &handle).await? {
+                None => out!("added {handle} to {name}"),
+                Some(g) => out!(
+                    "{handle} was a member of {name} before, so {name} continues in a new conversation #{} with {}; \
+                     the old one is retired",
+                    g.id,
+                    g.members.join(", ")
+                ),
+            },
             GroupCommand::Remove { name, handle } => {
                 me.group_remove(&name, &handle).await?;
                 out!("removed {handle} from {name}");
@@ -479,6 +496,10 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
                     subrosa_core::safety::key_fingerprint(&m.device_key)
                 );
             }
+        }
+        Command::AcceptDevice { target, device } => {
+            let handle = me.accept_device(&target, &device)?;
+            out!("accepted {handle}'s device {device} in {target}");
         }
         Command::Link { accept: Some(code), timeout, .. } => {
             let done = me.link_accept(&code, Duration::from_secs(timeout)).await?;

@@ -11,11 +11,12 @@ use subrosa_proto::{
 use crate::store::{now_ms, ConversationRow};
 use crate::{ClientError, Subrosa};
 
-/// What a user names: a group (by name) or a handle.
+/// What a user names: a conversation (a group by name, or any by `#ID`)
+/// or a handle.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// A group conversation.
-    Group(ConversationRow),
+    /// One conversation: a group by its name, or any conversation by id.
+    Conversation(ConversationRow),
     /// The 1:1 conversation with a handle (which may not exist yet).
     Direct(Handle),
 }
@@ -43,41 +44,89 @@ enum Submitted {
     Stale,
 }
 
+/// Fewest hex digits a `#ID` target may give.
+const MIN_ID_PREFIX: usize = 6;
+
+/// A conversation as a candidate of an ambiguous target.
+fn describe(row: &ConversationRow) -> String {
+    if row.kind == "group" {
+        format!("#{} (group {:?})", row.id.to_hex(), row.name)
+    } else {
+        format!("#{} (direct with {})", row.id.to_hex(), row.target())
+    }
+}
+
 fn check_group_name(name: &str) -> Result<(), ClientError> {
     if name.trim().is_empty() || name.len() > MAX_GROUP_NAME || name.chars().any(char::is_control) {
         return Err(ClientError::Input(format!(
             "invalid group name {name:?}: 1 to {MAX_GROUP_NAME} bytes, no control characters"
         )));
     }
-    if name.starts_with('@') {
-        return Err(ClientError::Input("a group name cannot start with '@'".into()));
+    if name.starts_with('@') || name.starts_with('#') {
+        return Err(ClientError::Input("a group name cannot start with '@' or '#'".into()));
     }
     Ok(())
 }
 
 impl Subrosa {
-    /// Resolves a target: an active group with that name, else a handle
-    /// (`@handle` always means the handle).
+    /// Resolves a target (DESIGN.md "Targets"): `@handle` is always that
+    /// handle, `#ID` always the one conversation whose id (hex) starts with
+    /// ID; a bare name is a group with that name (active ones, else ones this
+    /// device left) or a handle, and is refused, with the candidates listed,
+    /// when it could be more than one of them: a handle counts when it is a
+    /// contact or has a direct conversation here, so a group that someone
+    /// named after a contact cannot capture what is sent to them.
     ///
     /// # Errors
-    /// [`ClientError::UnknownTarget`] or an ambiguous group name.
+    /// [`ClientError::UnknownTarget`], or [`ClientError::Input`] for an
+    /// ambiguous or malformed target.
     pub fn resolve(&self, target: &str) -> Result<Target, ClientError> {
         if let Some(h) = target.strip_prefix('@') {
             return Handle::new(h).map(Target::Direct).map_err(|_| ClientError::UnknownTarget(target.to_string()));
         }
-        let groups = self.store.groups_named(target)?;
-        let active: Vec<_> = groups.iter().filter(|g| g.active).collect();
-        match (active.len(), groups.first()) {
-            (1, _) => return Ok(Target::Group(active[0].clone())),
-            (0, Some(g)) => return Ok(Target::Group(g.clone())),
-            (0, None) => {}
-            (n, _) => {
+        if let Some(id) = target.strip_prefix('#') {
+            let id = id.to_ascii_lowercase();
+            if id.len() < MIN_ID_PREFIX || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ClientError::Input(format!(
-                    "{n} groups are named {target:?}; rename one with `group rename`"
-                )))
+                    "{target:?}: #ID takes a conversation id in hex, at least {MIN_ID_PREFIX} digits \
+                     (see `subrosa history TARGET --json`)"
+                )));
             }
+            let rows = self.store.conversations_by_prefix(&id)?;
+            return match rows.as_slice() {
+                [row] => Ok(Target::Conversation(row.clone())),
+                [] => Err(ClientError::UnknownTarget(target.to_string())),
+                _ => Err(ClientError::Input(format!(
+                    "{target:?} is ambiguous: it could be {}; give more of the id",
+                    rows.iter().map(describe).collect::<Vec<_>>().join(", ")
+                ))),
+            };
         }
-        Handle::new(target).map(Target::Direct).map_err(|_| ClientError::UnknownTarget(target.to_string()))
+        let groups = self.store.groups_named(target)?;
+        let active: Vec<&ConversationRow> = groups.iter().filter(|g| g.active).collect();
+        let groups: Vec<&ConversationRow> = if active.is_empty() { groups.iter().collect() } else { active };
+        let handle = Handle::new(target).ok();
+        let known_handle = match &handle {
+            Some(h) => {
+                self.store.contact_key(h.as_str())?.is_some() || !self.store.conversations_with(h.as_str())?.is_empty()
+            }
+            None => false,
+        };
+        if groups.len() + usize::from(known_handle) > 1 {
+            let mut candidates = Vec::new();
+            if known_handle {
+                candidates.push(format!("@{target}"));
+            }
+            candidates.extend(groups.iter().map(|g| describe(g)));
+            return Err(ClientError::Input(format!(
+                "{target:?} is ambiguous: it could be {}; name one of them",
+                candidates.join(", ")
+            )));
+        }
+        if let [row] = groups.as_slice() {
+            return Ok(Target::Conversation((*row).clone()));
+        }
+        handle.map(Target::Direct).ok_or_else(|| ClientError::UnknownTarget(target.to_string()))
     }
 
     /// Resolves a group by the name the user typed, then brings the device
@@ -104,8 +153,13 @@ impl Subrosa {
 
     fn group_by_name(&self, name: &str) -> Result<ConversationRow, ClientError> {
         match self.resolve(name) {
-            Ok(Target::Group(row)) if row.active => Ok(row),
-            Ok(Target::Group(row)) => Err(ClientError::Input(format!("you are no longer a member of {}", row.name))),
+            Ok(Target::Conversation(row)) if row.kind != "group" => {
+                Err(ClientError::Input(format!("{name:?} is a direct conversation, not a group")))
+            }
+            Ok(Target::Conversation(row)) if row.active => Ok(row),
+            Ok(Target::Conversation(row)) => {
+                Err(ClientError::Input(format!("you are no longer a member of {}", row.name)))
+            }
             Ok(Target::Direct(_)) | Err(ClientError::UnknownTarget(_)) => {
                 Err(ClientError::Input(format!("unknown group {name:?}: see `subrosa groups`")))
             }
@@ -412,6 +466,7 @@ impl Subrosa {
         let row = self.store.conversation(&out.conversation)?.ok_or(ClientError::Bug("group vanished".into()))?;
         let names: Vec<String> = members.iter().map(|h| h.to_string()).collect();
         self.store.transaction(|| {
+            self.store.note_members(&row.id, names.iter().map(String::as_str))?;
             self.system_line(&row, &self.identity().address(), format!("you created {name} with {}", names.join(", ")))
         })?;
         self.group_summary(&row)
@@ -428,19 +483,115 @@ impl Subrosa {
         Ok(GroupSummary { name: row.name.clone(), id: row.id.to_hex(), members, active: row.active })
     }
 
-    /// Adds every device of `handle` to the group.
+    /// Adds every device of `handle` to the group. Someone who was a
+    /// member before cannot rejoin the same conversation (their devices
+    /// refuse a Welcome for an id they knew), so for them the group starts
+    /// over: a new conversation with the current members, them, and the
+    /// same name; the old one is retired here and, when they join the new
+    /// one, for every member. Returns the new group in that case.
     ///
     /// # Errors
     /// Unknown group or handle, already a member, network errors.
-    pub async fn group_add(&self, name: &str, handle: &str) -> Result<(), ClientError> {
+    pub async fn group_add(&self, name: &str, handle: &str) -> Result<Option<GroupSummary>, ClientError> {
         let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
         let row = self.group_synced(name).await?;
         if self.engine.members(&row.id)?.iter().any(|m| m.address.handle == handle) {
             return Err(ClientError::Input(format!("{handle} is already a member of {}", row.name)));
         }
+        if self.store.was_member(&row.id, handle.as_str())? {
+            return self.recreate_with(&row, &handle).await.map(Some);
+        }
         let key_packages = self.claim(&handle, true).await?;
         self.commit_with_retry(&row.id, || Ok(Some(self.engine.add_members(&row.id, &key_packages)?))).await?;
-        self.store.transaction(|| self.system_line(&row, &self.identity().address(), format!("you added {handle}")))
+        self.store.transaction(|| {
+            self.store.note_members(&row.id, [handle.as_str()])?;
+            self.system_line(&row, &self.identity().address(), format!("you added {handle}"))
+        })?;
+        Ok(None)
+    }
+
+    /// A new conversation for the group `old` with its current members plus
+    /// `handle`, under the same name; `old` is retired.
+    async fn recreate_with(&self, old: &ConversationRow, handle: &Handle) -> Result<GroupSummary, ClientError> {
+        let mut members: Vec<Handle> = self
+            .engine
+            .members(&old.id)?
+            .into_iter()
+            .map(|m| m.address.handle)
+            .filter(|h| h != self.handle())
+            .collect();
+        members.push(handle.clone());
+        members.sort();
+        members.dedup();
+        let mut key_packages = Vec::new();
+        for h in &members {
+            key_packages.extend(self.claim(h, h == handle).await?);
+        }
+        key_packages.extend(self.claim(&self.handle().clone(), false).await?);
+        let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
+        let out = self.store.transaction(|| Ok(self.engine.create_conversation(&info, &key_packages)?))?;
+        self.submit_new(&out, "group", &old.name, None).await?;
+        let row = self.store.conversation(&out.conversation)?.ok_or(ClientError::Bug("group vanished".into()))?;
+        let me = self.identity().address();
+        self.store.transaction(|| {
+            let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
+            all.push(self.handle().as_str());
+            self.store.note_members(&row.id, all)?;
+            self.system_line(
+                old,
+                &me,
+                format!(
+                    "you re-added {handle}, who was a member before: the group continues in a new conversation #{}; \
+                     this one is retired",
+                    row.id.to_hex()
+                ),
+            )?;
+            self.store.deactivate_conversation(&old.id)?;
+            self.system_line(
+                &row,
+                &me,
+                format!(
+                    "you re-created {} with {} (it replaces #{}, retired because {handle} was a member before)",
+                    old.name,
+                    members.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", "),
+                    old.id.to_hex()
+                ),
+            )
+        })?;
+        self.group_summary(&row)
+    }
+
+    /// On joining a group: an active group of the same name whose accounts
+    /// are all in the new one, and of which the inviter is a member, is the
+    /// one the inviter re-created to re-add someone: it is retired here.
+    pub(crate) fn retire_replaced(
+        &self,
+        joined: &ConversationRow,
+        inviter: &subrosa_proto::DeviceAddress,
+        members: &[MemberInfo],
+    ) -> Result<(), ClientError> {
+        for old in self.store.groups_named(&joined.name)? {
+            if old.id == joined.id || !old.active {
+                continue;
+            }
+            let Ok(old_members) = self.engine.members(&old.id) else { continue };
+            let inviter_was_there = old_members.iter().any(|m| m.address.handle == inviter.handle);
+            let all_moved = old_members.iter().all(|o| members.iter().any(|m| m.address.handle == o.address.handle));
+            if inviter_was_there && all_moved {
+                self.system_line(
+                    &old,
+                    inviter,
+                    format!(
+                        "{} re-created {} as a new conversation #{} to re-add a former member; this one is retired",
+                        inviter.handle,
+                        old.name,
+                        joined.id.to_hex()
+                    ),
+                )?;
+                self.store.deactivate_conversation(&old.id)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes every device of `handle` from the group.
@@ -469,8 +620,12 @@ impl Subrosa {
             })
             .await?;
         if done {
-            self.store
-                .transaction(|| self.system_line(&row, &self.identity().address(), format!("you removed {handle}")))?;
+            self.store.transaction(|| {
+                // Our own commit is never delivered back: drop the checks of
+                // the devices it removed here.
+                self.store.drop_member_check(&row.id, handle.as_str(), None)?;
+                self.system_line(&row, &self.identity().address(), format!("you removed {handle}"))
+            })?;
         }
         Ok(())
     }
@@ -555,9 +710,9 @@ impl Subrosa {
 
     fn members_conversation(&self, target: &str) -> Result<ConversationId, ClientError> {
         Ok(match self.resolve(target)? {
-            Target::Group(row) if row.active => row.id,
-            Target::Group(row) => {
-                return Err(ClientError::Input(format!("you are no longer a member of {}", row.name)))
+            Target::Conversation(row) if row.active => row.id,
+            Target::Conversation(row) => {
+                return Err(ClientError::Input(format!("you are no longer a member of {}", row.target())))
             }
             Target::Direct(peer) => self
                 .store

@@ -131,7 +131,9 @@ impl Subrosa {
         for it in items {
             let conv = ConversationId(it.conversation);
             let peer = (!it.peer.is_empty()).then_some(it.peer.as_str());
-            self.store.add_conversation(&conv, &it.kind, &it.name, peer)?;
+            // Known from the approving device's history only: the Welcome
+            // that device sends for it is the one this device may join.
+            self.store.add_linked_conversation(&conv, &it.kind, &it.name, peer)?;
             let m = StoredMessage {
                 id: hex::encode(&it.message_id),
                 conversation: conv.to_hex(),

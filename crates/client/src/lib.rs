@@ -8,6 +8,7 @@
 mod conversations;
 mod devices;
 pub mod kt;
+mod members;
 pub mod net;
 mod rotation;
 pub mod store;
@@ -85,6 +86,32 @@ pub enum ClientError {
     /// it or another member saw before.
     #[error("key directory fork: {0}; sending is blocked on this device")]
     DirectoryFork(String),
+    /// A member device was added to the conversation whose keys the key
+    /// directory contradicts; sending there waits for the user to accept or
+    /// remove it.
+    #[error("{target}: {by} added a device {device} of {handle} that the key directory does not confirm ({why}); sending there is blocked: accept it with `subrosa accept-device {target} {device}` or remove it with `subrosa group remove`")]
+    DeviceNotAccepted {
+        /// The conversation as the user names it.
+        target: String,
+        /// Whose device.
+        handle: String,
+        /// The device id (hex).
+        device: String,
+        /// Who added it.
+        by: String,
+        /// What the directory said.
+        why: String,
+    },
+    /// A Welcome or change this device refuses (a takeover attempt, a
+    /// direct conversation with a third account, keys the directory
+    /// contradicts); the text is shown to the user as a warning.
+    #[error("refused: {why}")]
+    Refused {
+        /// The conversation it concerned, when this device has it.
+        conversation: Option<ConversationId>,
+        /// What was refused, naming who sent it.
+        why: String,
+    },
     /// Protocol engine failure.
     #[error("{0}")]
     Core(#[from] CoreError),
@@ -405,25 +432,30 @@ impl Subrosa {
         self.sync().await?;
         self.kt_blocked()?;
         let resolved = match typed {
-            Ok(Target::Group(row)) => {
-                Target::Group(self.store.conversation(&row.id)?.ok_or(ClientError::Bug("group vanished".into()))?)
-            }
+            Ok(Target::Conversation(row)) => Target::Conversation(
+                self.store.conversation(&row.id)?.ok_or(ClientError::Bug("conversation vanished".into()))?,
+            ),
             _ => self.resolve(target)?,
         };
         match resolved {
-            Target::Group(row) => {
+            Target::Conversation(row) => {
                 if !row.active {
-                    return Err(ClientError::Input(format!("you are no longer a member of {}", row.name)));
+                    return Err(ClientError::Input(format!("you are no longer a member of {}", row.target())));
                 }
                 let mut handles: Vec<Handle> =
                     self.engine.members(&row.id)?.into_iter().map(|m| m.address.handle).collect();
                 handles.dedup();
                 self.check_key_changes(&handles, accept_key_change)?;
-                self.send_content(row.id, &row.name, true, text, MessageId(rand::random())).await
+                self.check_members_accepted(&row.id, target)?;
+                let group = row.kind == "group";
+                self.send_content(row.id, &row.target(), group, text, MessageId(rand::random())).await
             }
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
                 let existing = self.store.direct_conversation(peer.as_str())?;
+                if let Some(c) = &existing {
+                    self.check_members_accepted(c, target)?;
+                }
                 let conversation = match existing {
                     Some(c) => c,
                     None => self.start_direct(&peer).await?,
@@ -458,7 +490,11 @@ impl Subrosa {
         }
         let result = self.store.transaction(|| {
             let event = match env.kind {
-                MessageKind::Welcome => self.engine.join(env.ciphertext.as_slice())?,
+                MessageKind::Welcome => self.engine.join_checked(
+                    env.ciphertext.as_slice(),
+                    |id| self.check_welcome_id(env, id),
+                    |id, info, members| self.check_welcome_members(env, id, info, members),
+                )?,
                 MessageKind::Commit | MessageKind::Application => {
                     if let Some(row) = self.store.conversation(&env.conversation)? {
                         if !row.active {
@@ -473,6 +509,18 @@ impl Subrosa {
         });
         match result {
             Ok(()) => Ok(()),
+            Err(ClientError::Refused { conversation, why }) => {
+                // Nothing of it was stored (the transaction rolled back);
+                // the user sees who tried what, in the conversation it
+                // concerns when this device has it, and as an alert.
+                self.store.transaction(|| {
+                    self.store.mark_processed(&digest)?;
+                    if let Some(row) = conversation.map(|c| self.store.conversation(&c)).transpose()?.flatten() {
+                        self.system_line(&row, &env.sender, format!("warning: {why}"))?;
+                    }
+                    self.store.add_alert(&why)
+                })
+            }
             Err(ClientError::Core(e)) => {
                 // Undecryptable or unauthenticated: tampered, replayed, not
                 // for us, or from a device we refuse. Drop it (it can never
@@ -527,16 +575,108 @@ impl Subrosa {
         }
     }
 
+    /// A Welcome for a conversation id this device knows or ever knew is a
+    /// takeover attempt (or a re-admission of a removed member): refused
+    /// before anything is joined or stored.
+    fn check_welcome_id(&self, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
+        let refuse = match self.store.known_conversation(id)? {
+            None => false,
+            // Known only from the history the approving device handed over
+            // when this one was linked: that account's Welcome is expected.
+            Some(true) => env.sender.handle != *self.handle(),
+            Some(false) => true,
+        };
+        if refuse {
+            return Err(ClientError::Refused {
+                conversation: Some(*id),
+                why: format!(
+                    "{} (device {}) sent an invitation to conversation #{} that this device already knows or knew; \
+                     it was refused and the conversation is unchanged (someone may be trying to take it over)",
+                    env.sender.handle,
+                    env.sender.device.to_hex(),
+                    id.to_hex()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// What a Welcome must show before it is joined: its sender among the
+    /// members, every member certified by the identity key pinned for its
+    /// account, and a direct conversation between exactly two accounts, the
+    /// inviter's and ours.
+    fn check_welcome_members(
+        &self,
+        env: &Envelope,
+        id: &ConversationId,
+        info: &subrosa_core::ConversationInfo,
+        members: &[subrosa_core::MemberInfo],
+    ) -> Result<(), ClientError> {
+        if !members.iter().any(|m| m.address == env.sender) {
+            return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
+        }
+        for m in members {
+            self.check_pinned_key(&m.address.handle, &m.identity_key)?;
+        }
+        if info.kind == ConversationKind::Direct {
+            let mut accounts: Vec<&Handle> = members.iter().map(|m| &m.address.handle).collect();
+            accounts.sort();
+            accounts.dedup();
+            if accounts.len() != 2 || !accounts.contains(&self.handle()) {
+                let names: Vec<String> = accounts.iter().map(|h| h.to_string()).collect();
+                return Err(ClientError::Refused {
+                    conversation: None,
+                    why: format!(
+                        "{} (device {}) sent an invitation to a direct conversation #{} whose members are the \
+                         accounts {}; a direct conversation holds exactly two accounts, so it was refused",
+                        env.sender.handle,
+                        env.sender.device.to_hex(),
+                        id.to_hex(),
+                        names.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues member devices for the key-directory check (run after the
+    /// store transaction, [`Self::check_members`]).
+    fn queue_member_checks<'a>(
+        &self,
+        conversation: &ConversationId,
+        added_by: &DeviceAddress,
+        welcome: bool,
+        members: impl IntoIterator<Item = &'a subrosa_core::MemberInfo>,
+    ) -> Result<(), ClientError> {
+        let me = self.identity().address();
+        for m in members {
+            if m.address == me {
+                continue;
+            }
+            self.store.add_member_check(&store::MemberCheck {
+                conversation: *conversation,
+                handle: m.address.handle.to_string(),
+                device: m.address.device.to_hex(),
+                device_key: m.device_key.clone(),
+                identity_key: m.identity_key.clone(),
+                added_by: added_by.to_string(),
+                welcome,
+                state: "unchecked".into(),
+                why: String::new(),
+            })?;
+        }
+        Ok(())
+    }
+
     fn apply_event(&self, env: &Envelope, event: Event) -> Result<(), ClientError> {
         let me = self.handle().clone();
         match event {
             Event::Joined { conversation, info, members } => {
-                if !members.iter().any(|m| m.address == env.sender) {
-                    return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
-                }
-                for m in &members {
-                    self.check_member_key(&m.address.handle, &m.identity_key)?;
-                }
+                // Checked before joining (`check_welcome_members`); the
+                // directory check follows outside this transaction.
+                self.store.note_members(&conversation, members.iter().map(|m| m.address.handle.as_str()))?;
+                self.queue_member_checks(&conversation, &env.sender, true, &members)?;
                 match info.kind {
                     ConversationKind::Direct => {
                         let peer = members
@@ -555,6 +695,7 @@ impl Subrosa {
                             format!("{} added you to {}", env.sender.handle, info.name)
                         };
                         self.system_line(&row, &env.sender, text)?;
+                        self.retire_replaced(&row, &env.sender, &members)?;
                     }
                 }
                 Ok(())
@@ -601,15 +742,27 @@ impl Subrosa {
                 Ok(())
             }
             Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, .. } => {
-                // A device whose certificate is not by its account's known
-                // identity key is refused: the commit is not applied.
-                for m in &added {
-                    self.check_member_key(&m.address.handle, &m.identity_key)?;
-                }
                 let mut row = self.conversation_row(&conversation)?;
                 let by = &committer.address;
                 // Every commit carries a path: the committer's keys are new.
                 self.store.note_member_update(&conversation, by, now_ms())?;
+                // The commit is applied whatever it adds, so this device stays
+                // in step with the epoch; a device certified by another key
+                // than the one pinned for its account is flagged instead, and
+                // sending here waits for the user (see `check_members`).
+                let mut flagged = Vec::new();
+                for m in &added {
+                    if let Err(e) = self.check_pinned_key(&m.address.handle, &m.identity_key) {
+                        flagged.push((m, e.to_string()));
+                    }
+                }
+                self.store.note_members(&conversation, added.iter().map(|m| m.address.handle.as_str()))?;
+                self.queue_member_checks(
+                    &conversation,
+                    by,
+                    false,
+                    added.iter().filter(|m| !flagged.iter().any(|(f, _)| f.address == m.address)),
+                )?;
                 if let Some(info) = renamed {
                     self.store.set_conversation_name(&conversation, &info.name)?;
                     row.name = info.name.clone();
@@ -631,7 +784,13 @@ impl Subrosa {
                     };
                     self.system_line(&row, by, text)?;
                 }
+                for (m, why) in flagged {
+                    self.flag_member(&row, by, m, &why)?;
+                }
                 let mut gone: Vec<&DeviceAddress> = removed.iter().map(|m| &m.address).collect();
+                for a in &gone {
+                    self.store.drop_member_check(&conversation, a.handle.as_str(), Some(&a.device.to_hex()))?;
+                }
                 gone.dedup_by(|a, b| a.handle == b.handle);
                 for a in gone {
                     let still_there = remaining.iter().any(|r| r.handle == a.handle);
@@ -646,6 +805,28 @@ impl Subrosa {
                 }
                 if removed_self {
                     self.store.deactivate_conversation(&conversation)?;
+                } else if row.kind == "direct" {
+                    // A direct conversation holds exactly two accounts: one
+                    // that grew a third is closed here (the next send to the
+                    // peer starts a new one).
+                    let mut third: Vec<&str> = remaining
+                        .iter()
+                        .map(|a| a.handle.as_str())
+                        .filter(|h| *h != me.as_str() && Some(*h) != row.peer.as_deref())
+                        .collect();
+                    third.dedup();
+                    if !third.is_empty() {
+                        let why = format!(
+                            "{} added {} to the direct conversation #{}; a direct conversation holds exactly two \
+                             accounts, so this device closed it (your next message starts a new one)",
+                            by.handle,
+                            third.join(", "),
+                            conversation.to_hex()
+                        );
+                        self.system_line(&row, by, format!("warning: {why}"))?;
+                        self.store.add_alert(&why)?;
+                        self.store.deactivate_conversation(&conversation)?;
+                    }
                 }
                 Ok(())
             }
@@ -708,6 +889,16 @@ impl Subrosa {
         }
     }
 
+    /// As [`Self::check_member_key`], without pinning a key seen for the
+    /// first time: keys that arrive in Welcomes and commits are pinned only
+    /// once the key directory confirmed them ([`Self::check_members`]).
+    fn check_pinned_key(&self, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
+        if handle != self.handle() && self.store.contact_key(handle.as_str())?.is_none() {
+            return Ok(());
+        }
+        self.check_member_key(handle, identity_key)
+    }
+
     async fn ack(&self, ids: Vec<u64>) -> Result<(), ClientError> {
         if ids.is_empty() {
             return Ok(());
@@ -751,6 +942,7 @@ impl Subrosa {
     pub async fn sync(&self) -> Result<(), ClientError> {
         self.flush_outbox().await?;
         self.drain_inbox(true).await?;
+        self.check_members().await?;
         self.check_directory().await?;
         self.commit_pending_leaves().await?;
         self.update_due_keys().await
@@ -797,6 +989,7 @@ impl Subrosa {
     ) -> Result<usize, ClientError> {
         self.flush_outbox().await?;
         self.drain_inbox(ack).await?;
+        self.check_members().await?;
         self.check_directory().await?;
         if ack {
             self.commit_pending_leaves().await?;
@@ -815,6 +1008,7 @@ impl Subrosa {
                     Ok(Err(e)) => return Err(e),
                     Ok(Ok(Some(ServerFrame::Messages { messages }))) => {
                         let ids = self.process_batch(&messages)?;
+                        self.check_members().await?;
                         if ack {
                             net::send_ack(&mut ws, ids).await?;
                             self.commit_pending_leaves().await?;
@@ -850,6 +1044,7 @@ impl Subrosa {
                 None => return Err(ClientError::Network("the server closed the connection".into())),
                 Some(ServerFrame::Messages { messages }) => {
                     let ids = self.process_batch(&messages)?;
+                    self.check_members().await?;
                     net::send_ack(&mut ws, ids).await?;
                     self.commit_pending_leaves().await?;
                     self.kt_check_gossip().await?;
@@ -899,7 +1094,7 @@ impl Subrosa {
     /// [`ClientError::UnknownTarget`] when there is no conversation.
     pub fn history(&self, target: &str) -> Result<Vec<StoredMessage>, ClientError> {
         let convs = match self.resolve(target)? {
-            Target::Group(row) => vec![row],
+            Target::Conversation(row) => vec![row],
             Target::Direct(peer) => self.store.conversations_with(peer.as_str())?,
         };
         if convs.is_empty() {

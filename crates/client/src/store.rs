@@ -101,7 +101,24 @@ const SCHEMA: &[&str] = &[
      CREATE TABLE seq_out (conversation BLOB PRIMARY KEY, last INTEGER NOT NULL);
      CREATE TABLE seq_in (conversation BLOB NOT NULL, device TEXT NOT NULL, last INTEGER NOT NULL, PRIMARY KEY (conversation, device));
      CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, text TEXT NOT NULL UNIQUE, shown INTEGER NOT NULL DEFAULT 0);",
-    // v5: post-compromise security. When this device last replaced its own
+    // v5: no takeover. Every conversation id this device ever knew stays
+    // here for good (a Welcome reusing one is refused), seeded from
+    // everything an older store holds; the accounts ever seen in each
+    // conversation (re-adding one makes a new conversation); and member
+    // devices that arrived in a Welcome or commit, waiting for (or failing)
+    // the key-directory check.
+    "CREATE TABLE known_conversations (id BLOB PRIMARY KEY, at INTEGER NOT NULL, linked_only INTEGER NOT NULL DEFAULT 0);
+     INSERT OR IGNORE INTO known_conversations (id, at) SELECT id, created_at FROM conversations;
+     INSERT OR IGNORE INTO known_conversations (id, at) SELECT id, 0 FROM mls_group;
+     INSERT OR IGNORE INTO known_conversations (id, at) SELECT DISTINCT conversation, 0 FROM messages;
+     INSERT OR IGNORE INTO known_conversations (id, at) SELECT DISTINCT conversation, 0 FROM seq_out;
+     CREATE TABLE past_members (conversation BLOB NOT NULL, handle TEXT NOT NULL, PRIMARY KEY (conversation, handle));
+     INSERT OR IGNORE INTO past_members (conversation, handle) SELECT DISTINCT conversation, sender FROM messages;
+     INSERT OR IGNORE INTO past_members (conversation, handle) SELECT id, peer FROM conversations WHERE peer IS NOT NULL;
+     CREATE TABLE member_checks (conversation BLOB NOT NULL, handle TEXT NOT NULL, device TEXT NOT NULL,
+        device_key BLOB NOT NULL, identity_key BLOB NOT NULL, added_by TEXT NOT NULL, welcome INTEGER NOT NULL,
+        state TEXT NOT NULL, why TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation, handle, device));",
+    // v6: post-compromise security. When this device last replaced its own
     // keys in each conversation and how many messages it sent since; when
     // each other member device last committed (every commit carries a path),
     // so members that stopped updating show as stale; when each key-package
@@ -112,6 +129,30 @@ const SCHEMA: &[&str] = &[
      CREATE TABLE member_updates (conversation BLOB NOT NULL, device TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (conversation, device));
      ALTER TABLE mls_key_package ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
 ];
+
+/// A member device whose keys the key directory has not confirmed yet
+/// (`state` "unchecked"), or contradicted ("contradicted").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberCheck {
+    /// The conversation.
+    pub conversation: subrosa_proto::ConversationId,
+    /// The device's account.
+    pub handle: String,
+    /// The device id (hex).
+    pub device: String,
+    /// The device's signature key, as its certificate in the group says.
+    pub device_key: Vec<u8>,
+    /// The identity key that certified it.
+    pub identity_key: Vec<u8>,
+    /// Who added it ("handle/device").
+    pub added_by: String,
+    /// True when it came with the Welcome that let this device in.
+    pub welcome: bool,
+    /// "unchecked" or "contradicted".
+    pub state: String,
+    /// What contradicted it (empty while unchecked).
+    pub why: String,
+}
 
 /// A message as stored in history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -636,6 +677,11 @@ impl Store {
             params![id.as_bytes().as_slice(), kind, name, peer, now],
         )
         .map_err(sql)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO known_conversations (id, at) VALUES (?1, ?2)",
+            params![id.as_bytes().as_slice(), now],
+        )
+        .map_err(sql)?;
         // Creating or joining gave this device fresh keys in it.
         conn.execute(
             "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, ?2, 0)
@@ -658,6 +704,231 @@ impl Store {
             .optional()
             .map(|v| v.unwrap_or(0) as u64)
             .map_err(sql)
+    }
+
+    /// True when this device knows or ever knew the conversation id (its
+    /// tombstone outlives leaving, removal and forgetting).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn ever_knew(&self, id: &subrosa_proto::ConversationId) -> Result<bool, ClientError> {
+        Ok(self.known_conversation(id)?.is_some())
+    }
+
+    /// Whether this device ever knew the conversation id: `Some(true)` when
+    /// it knows it only from the history a linking device handed over (it
+    /// never held the group), `Some(false)` otherwise.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn known_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<bool>, ClientError> {
+        self.lock()
+            .query_row("SELECT linked_only FROM known_conversations WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Records a conversation known from the history a linking device
+    /// handed over: this device never held it, so a Welcome from this
+    /// account's own device may still let it join (once).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn add_linked_conversation(
+        &self,
+        id: &subrosa_proto::ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let fresh = self.known_conversation(id)?.is_none();
+        self.add_conversation(id, kind, name, peer)?;
+        if fresh {
+            self.lock()
+                .execute("UPDATE known_conversations SET linked_only = 1 WHERE id = ?1", [id.as_bytes().as_slice()])
+                .map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    /// Records that these accounts were members of a conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn note_members<'a>(
+        &self,
+        id: &subrosa_proto::ConversationId,
+        handles: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ClientError> {
+        let conn = self.lock();
+        for h in handles {
+            conn.execute(
+                "INSERT OR IGNORE INTO past_members (conversation, handle) VALUES (?1, ?2)",
+                params![id.as_bytes().as_slice(), h],
+            )
+            .map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    /// True when `handle` was ever seen as a member of the conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn was_member(&self, id: &subrosa_proto::ConversationId, handle: &str) -> Result<bool, ClientError> {
+        self.lock()
+            .query_row(
+                "SELECT 1 FROM past_members WHERE conversation = ?1 AND handle = ?2",
+                params![id.as_bytes().as_slice(), handle],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(sql)
+    }
+
+    /// Queues a member device for the key-directory check.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn add_member_check(&self, c: &MemberCheck) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO member_checks (conversation, handle, device, device_key, identity_key, added_by, welcome, state, why)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (conversation, handle, device) DO UPDATE SET device_key = excluded.device_key,
+                    identity_key = excluded.identity_key, added_by = excluded.added_by, state = excluded.state,
+                    why = excluded.why",
+                params![
+                    c.conversation.as_bytes().as_slice(),
+                    c.handle,
+                    c.device,
+                    c.device_key,
+                    c.identity_key,
+                    c.added_by,
+                    c.welcome,
+                    c.state,
+                    c.why
+                ],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Member devices in `state` ("unchecked" or "contradicted"), of one
+    /// conversation or of all.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn member_checks(
+        &self,
+        conversation: Option<&subrosa_proto::ConversationId>,
+        state: &str,
+    ) -> Result<Vec<MemberCheck>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT conversation, handle, device, device_key, identity_key, added_by, welcome, state, why FROM member_checks
+                 WHERE state = ?1 AND (?2 IS NULL OR conversation = ?2) ORDER BY rowid",
+            )
+            .map_err(sql)?;
+        let conv = conversation.map(|c| c.as_bytes().to_vec());
+        let rows = stmt
+            .query_map(params![state, conv], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            })
+            .map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, handle, device, device_key, identity_key, added_by, welcome, state, why) = row.map_err(sql)?;
+            let conversation =
+                subrosa_proto::ConversationId::from_slice(&id).map_err(|e| ClientError::Store(e.to_string()))?;
+            out.push(MemberCheck {
+                conversation,
+                handle,
+                device,
+                device_key,
+                identity_key,
+                added_by,
+                welcome,
+                state,
+                why,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets a member check's state.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn set_member_check(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        handle: &str,
+        device: &str,
+        state: &str,
+        why: &str,
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "UPDATE member_checks SET state = ?4, why = ?5 WHERE conversation = ?1 AND handle = ?2 AND device = ?3",
+                params![conversation.as_bytes().as_slice(), handle, device, state, why],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Drops a member check (confirmed, accepted by the user, or the device
+    /// left the conversation). `device` None drops every device of `handle`.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn drop_member_check(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        handle: &str,
+        device: Option<&str>,
+    ) -> Result<usize, ClientError> {
+        self.lock()
+            .execute(
+                "DELETE FROM member_checks WHERE conversation = ?1 AND handle = ?2 AND (?3 IS NULL OR device = ?3)",
+                params![conversation.as_bytes().as_slice(), handle, device],
+            )
+            .map_err(sql)
+    }
+
+    /// Deletes a conversation this device refused after joining it (its
+    /// Welcome failed the key-directory check): row, history and MLS state
+    /// go, the tombstone stays.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn drop_refused_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        {
+            let conn = self.lock();
+            let b = id.as_bytes().as_slice();
+            for q in [
+                "DELETE FROM messages WHERE conversation = ?1",
+                "DELETE FROM member_checks WHERE conversation = ?1",
+                "DELETE FROM seq_in WHERE conversation = ?1",
+            ] {
+                conn.execute(q, [b]).map_err(sql)?;
+            }
+        }
+        self.forget_conversation(id)
     }
 
     /// Forgets a conversation and its MLS state (a creation the server refused).
@@ -826,6 +1097,15 @@ impl Store {
     /// Database errors.
     pub fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError> {
         self.conversations_where("kind = 'direct' AND peer = ?1", &[&peer])
+    }
+
+    /// Conversations whose id (hex) starts with `prefix` (lowercase hex).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn conversations_by_prefix(&self, prefix: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let pattern = format!("{prefix}%");
+        self.conversations_where("lower(hex(id)) LIKE ?1", &[&pattern])
     }
 
     /// Groups with this name (active ones first).
@@ -1163,6 +1443,14 @@ impl GroupStateStorage for GroupStore {
         conn.execute(
             "INSERT INTO mls_group (id, state) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
             params![state.id, state.data.as_slice()],
+        )
+        .map_err(serr)?;
+        // Every group id this device ever held stays known, whatever becomes
+        // of the group (a creation the server refused included).
+        conn.execute(
+            "INSERT INTO known_conversations (id, at) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET linked_only = 0",
+            params![state.id, now_ms() as i64],
         )
         .map_err(serr)?;
         for e in inserts.iter().chain(updates.iter()) {

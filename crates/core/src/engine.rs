@@ -324,6 +324,28 @@ where
         self.stage(&conversation, Change::Add(key_packages))
     }
 
+    /// TEST ONLY (feature `test-hooks`): [`Self::create_conversation`] under
+    /// a chosen id, as an attacker who read a conversation's id would. No
+    /// production build has it.
+    ///
+    /// # Errors
+    /// As [`Self::create_conversation`].
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn create_conversation_with_id(
+        &self,
+        conversation: ConversationId,
+        info: &ConversationInfo,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OutgoingCommit, CoreError> {
+        let mut exts = ExtensionList::new();
+        exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
+        self.client()?
+            .create_group_with_id(conversation.as_bytes().to_vec(), exts, ExtensionList::new(), None)?
+            .write_to_storage()?;
+        self.stage(&conversation, Change::Add(key_packages))
+    }
+
     /// Applies the staged commit after the server accepted it.
     ///
     /// # Errors
@@ -532,12 +554,37 @@ where
     /// [`CoreError::Malformed`] or [`CoreError::Mls`] (not for us, invalid
     /// members, tampering).
     pub fn join(&self, welcome: &[u8]) -> Result<Event, CoreError> {
+        self.join_checked(welcome, |_| Ok(()), |_, _, _| Ok(()))
+    }
+
+    /// Joins a conversation from a Welcome, asking the caller twice before
+    /// anything is stored: `check_id` sees the conversation id read from the
+    /// Welcome before joining (a refusal here leaves even the key package
+    /// unused), `check_members` sees the id, kind, name and every member
+    /// after the Welcome verified but before the group state is written.
+    /// Either refusal writes nothing: a Welcome can never replace a stored
+    /// group with the same id.
+    ///
+    /// # Errors
+    /// As [`Self::join`], or whatever a check returns.
+    pub fn join_checked<E: From<CoreError>>(
+        &self,
+        welcome: &[u8],
+        check_id: impl FnOnce(&ConversationId) -> Result<(), E>,
+        check_members: impl FnOnce(&ConversationId, &ConversationInfo, &[MemberInfo]) -> Result<(), E>,
+    ) -> Result<Event, E> {
         let msg = MlsMessage::from_bytes(welcome).map_err(|_| CoreError::Malformed("welcome"))?;
-        let (mut group, _) = self.client()?.join_group(None, &msg, None)?;
+        let client = self.client()?;
+        let group_info = client.examine_welcome_message(&msg).map_err(CoreError::from)?;
+        check_id(&conversation_id(&group_info.group_context().group_id)?)?;
+        let (mut group, _) = client.join_group(None, &msg, None).map_err(CoreError::from)?;
         let conversation = conversation_id(group.group_id())?;
         let info = Self::info_of(&group)?;
         let members = self.members_of(&group)?;
-        group.write_to_storage()?;
+        // The id inside the joined group is the one checked (same GroupInfo),
+        // but ask again cheaply rather than rely on it.
+        check_members(&conversation, &info, &members)?;
+        group.write_to_storage().map_err(CoreError::from)?;
         Ok(Event::Joined { conversation, info, members })
     }
 
@@ -653,6 +700,48 @@ mod tests {
             },
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_refused_welcome_writes_nothing_and_leaves_the_key_package_usable() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let out = alice
+            .create_conversation(&ConversationInfo::direct(), &[bob.generate_key_package().expect("kp")])
+            .expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        let welcome = out.welcome.as_deref().expect("welcome");
+
+        // Refused on its id: nothing joined, nothing stored.
+        let mut seen = None;
+        let refused = bob.join_checked(
+            welcome,
+            |id| {
+                seen = Some(*id);
+                Err(CoreError::IdentityMismatch("known id".into()))
+            },
+            |_, _, _| Ok(()),
+        );
+        assert!(matches!(refused, Err(CoreError::IdentityMismatch(_))));
+        assert_eq!(seen, Some(out.conversation), "the id is read before joining");
+        assert!(matches!(bob.members(&out.conversation), Err(CoreError::UnknownConversation)));
+
+        // Refused on its members: still nothing stored.
+        let refused = bob.join_checked(
+            welcome,
+            |_| Ok::<(), CoreError>(()),
+            |_, info, members| {
+                assert_eq!(info.kind, ConversationKind::Direct);
+                assert_eq!(members.len(), 2);
+                Err(CoreError::IdentityMismatch("two accounts".into()))
+            },
+        );
+        assert!(refused.is_err());
+        assert!(matches!(bob.members(&out.conversation), Err(CoreError::UnknownConversation)));
+
+        // The same Welcome still joins once accepted: the key package was not spent.
+        assert!(matches!(bob.join(welcome), Ok(Event::Joined { .. })));
+        assert_eq!(bob.members(&out.conversation).expect("joined").len(), 2);
     }
 
     #[test]
