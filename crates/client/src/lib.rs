@@ -311,6 +311,15 @@ impl Subrosa {
 
     async fn refill_key_packages(&self) -> Result<(), ClientError> {
         let count: KeyPackageCount = self.api.call::<(), _>(Method::GET, "/v1/keypackages", None).await?;
+        if count.one_time == 0 {
+            // 50 packages gone between two commands of this device is not
+            // people starting conversations: someone is draining them (new
+            // conversations fall back to the last-resort package meanwhile).
+            self.store.add_alert(
+                "every one-time key package of this device was claimed since its last check; \
+                 someone may be draining them (new conversations use the last-resort package until the refill)",
+            )?;
+        }
         if count.one_time < KEY_PACKAGE_LOW || !count.last_resort {
             self.upload_key_packages(
                 (KEY_PACKAGE_TARGET - count.one_time.min(KEY_PACKAGE_TARGET)) as usize,

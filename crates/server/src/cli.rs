@@ -1,7 +1,7 @@
 //! The `subrosa-server` command line, shared by the binary and the
 //! test-only `subrosa-attack-server`.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +45,10 @@ struct Args {
     /// the per-address connection cap.
     #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_cidr)]
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// Log lines as `text` (colour only on a terminal) or one JSON object
+    /// per line (`json`), for a log collector.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// Open connections one client address may hold.
     #[arg(long, default_value_t = 256, value_parser = parse_positive)]
     max_connections_per_ip: usize,
@@ -106,14 +110,16 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
             return ExitCode::from(code);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // akd logs every publish and lookup at info level.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,akd=warn")),
-        )
-        .init();
+    // akd logs every publish and lookup at info level.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,akd=warn"));
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        // No colour codes in files and journals.
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 
     let mut config = ServerConfig::new(args.listen, args.data);
     config.database = args.database;

@@ -31,7 +31,7 @@ mod ws;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use subrosa_proto::DeviceAddress;
+use subrosa_proto::{DeviceAddress, Handle};
 use tokio::sync::watch;
 
 pub use auth::now_ms;
@@ -44,6 +44,8 @@ use ratelimit::RateLimiter;
 
 /// How often the key directory publishes at most, by default.
 pub const DEFAULT_KT_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Key-package claims one account may make of another's an hour (and at once).
+pub const CLAIMS_PER_PAIR_PER_HOUR: f64 = 30.0;
 use store::Store;
 use wakeup::Wakeups;
 
@@ -60,6 +62,8 @@ pub struct AppState {
     /// registrations, so one cannot starve the other.
     pub(crate) link_create_limiter: Arc<RateLimiter<IpAddr>>,
     pub(crate) link_poll_limiter: Arc<RateLimiter<IpAddr>>,
+    /// Key-package claims per (requester account, target account).
+    pub(crate) claim_limiter: Arc<RateLimiter<(Handle, Handle)>>,
     /// Unsigned key-transparency reads (head, audit), per client IP.
     pub(crate) kt_public_limiter: Arc<RateLimiter<IpAddr>>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -88,6 +92,11 @@ impl AppState {
         // full audit chunk (64 epochs) a second, ten in a burst.
         let kt_public_rate = if limits.requests_per_second == 0 { 0.0 } else { 64.0 };
         let kt_public_limiter = RateLimiter::new(kt_public_rate, 640);
+        // 30 claims of one account's packages by another an hour, 30 at once:
+        // far above starting conversations, far below draining 50 packages
+        // that the owner refills at every receive.
+        let claim_rate = if limits.requests_per_second == 0 { 0.0 } else { CLAIMS_PER_PAIR_PER_HOUR / 3600.0 };
+        let claim_limiter = RateLimiter::new(claim_rate, CLAIMS_PER_PAIR_PER_HOUR as u32);
         let (shutdown_tx, shutdown) = watch::channel(false);
         AppState {
             store,
@@ -97,6 +106,7 @@ impl AppState {
             registration_limiter: Arc::new(registration_limiter),
             link_create_limiter: Arc::new(link_create_limiter),
             link_poll_limiter: Arc::new(link_poll_limiter),
+            claim_limiter: Arc::new(claim_limiter),
             kt_public_limiter: Arc::new(kt_public_limiter),
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),

@@ -191,6 +191,14 @@ async fn claim_key_packages(
     if let Some(forged) = crate::hooks::forged_claim(&state, &device, &body.handle).await? {
         return Ok(Json(forged));
     }
+    // One account cannot drain another's one-time packages (each claim
+    // deletes one per device): claims are limited per (requester account,
+    // target account), on top of the requester's device limit. An
+    // account's own devices claiming each other's are not limited here.
+    if device.handle != body.handle {
+        let pair = (device.handle.clone(), body.handle.clone());
+        state.claim_limiter.check(&pair, Instant::now()).map_err(AppError::rate_limited)?;
+    }
     let mut response = state.store.claim_key_packages(&body.handle, &device).await?;
     // The keys and the proof are read after the claim: the packages' devices
     // are among them unless one was removed in between, which the client

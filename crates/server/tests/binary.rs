@@ -118,3 +118,45 @@ fn bad_arguments_exit_with_a_clear_error() {
     assert_eq!(code, 1);
     assert!(stderr.contains("cannot listen"), "{stderr}");
 }
+
+/// Starts the server with `args`, asks for health, stops it with SIGTERM
+/// and returns what it logged.
+#[cfg(unix)]
+fn logs_of(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    let addr = line.trim().strip_prefix("listening on http://").expect("ready line").to_owned();
+    assert!(get_health(&addr).starts_with("HTTP/1.1 200"));
+    signal(child.id(), "-TERM");
+    let mut logs = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut logs).expect("logs");
+    child.wait().expect("exit");
+    logs
+}
+
+#[cfg(unix)]
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_are_json_on_request() {
+    let text = logs_of(&[]);
+    assert!(text.contains("listening"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a log file: {text:?}");
+
+    let json = logs_of(&["--log-format", "json"]);
+    let lines: Vec<&str> = json.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{json}");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+    }
+}

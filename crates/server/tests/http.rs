@@ -507,3 +507,35 @@ async fn rate_limits_answer_429() {
     // Buckets are per device.
     assert_eq!(t.call(bob.request("GET", "/v1/inbox", vec![])).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn one_account_cannot_drain_anothers_key_packages() {
+    let t = TestApp::new();
+    let mallory = t.register("mallory").await;
+    let carol = t.register("carol").await;
+    let bob = t.register("bob").await;
+    let many: Vec<String> = (0..50).map(|i| b64(format!("kp-{i}").as_bytes())).collect();
+    let upload = json!({ "one_time": many, "last_resort": b64(b"kp-last") });
+    assert_eq!(t.call(bob.request("POST", "/v1/keypackages", bytes(&upload))).await.0, StatusCode::OK);
+
+    let claim = |who: &common::TestDevice| {
+        who.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))
+    };
+    let limit = subrosa_server::CLAIMS_PER_PAIR_PER_HOUR as usize;
+    for _ in 0..limit {
+        assert_eq!(t.call(claim(&mallory)).await.0, StatusCode::OK);
+    }
+    assert_error(&t.call(claim(&mallory)).await, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    // Others still reach bob, and bob keeps one-time packages for them.
+    assert_eq!(t.call(claim(&carol)).await.0, StatusCode::OK);
+    let got = t.call(bob.request("GET", "/v1/keypackages", vec![])).await;
+    assert_eq!(got.1["one_time"], json!(50 - limit - 1));
+    // An account's own devices are not limited when they claim each other's.
+    let bob2 = t.add_device(&bob).await;
+    for _ in 0..3 {
+        assert_eq!(
+            t.call(bob2.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))).await.0,
+            StatusCode::OK
+        );
+    }
+}
