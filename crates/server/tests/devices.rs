@@ -465,10 +465,13 @@ async fn link_creation_and_polling_are_rate_limited() {
     let limits = Limits { registrations_per_minute: 2, requests_per_second: 1, burst: 2, ..Limits::default() };
     let t = TestApp::with_limits(limits);
     let alice = t.register("alice").await;
-    // The registration used one token of this (test) address; one link is left.
+    // Link creation has a bucket of its own (two a minute here): junk link
+    // requests must not lock anyone out of registering.
     let link = create_link(&t, alice.handle.as_str(), b"k").await;
+    create_link(&t, alice.handle.as_str(), b"k2").await;
     let body = bytes(&json!({ "handle": alice.handle, "request": b64(b"k") }));
     assert_error(&t.call(unsigned("POST", "/v1/links", body)).await, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    t.register("bob").await;
     let path = format!("/v1/links/{link}/response");
     let mut statuses = Vec::new();
     for _ in 0..4 {
