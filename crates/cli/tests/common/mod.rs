@@ -60,6 +60,16 @@ impl Server {
         Self::start_bin(server_bin(), extra)
     }
 
+    /// A real server over a copy of the data directory `data` (a fixture
+    /// made by an older release: it must migrate in place).
+    pub fn start_on_copy_of(data: &Path, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        copy_dir(data, &dir.path().join("data"));
+        let bin = server_bin();
+        let (child, url) = Self::spawn(&bin, &dir, "127.0.0.1:0", extra);
+        Server { child, bin, url, dir }
+    }
+
     /// The test-only malicious operator (`subrosa-attack-server`): honest
     /// until [`Server::attack`] writes a plan.
     pub fn start_malicious() -> Server {
@@ -435,4 +445,18 @@ pub fn device_record(id: &subrosa_core::DeviceIdentity) -> serde_json::Value {
 /// Bytes as the wire's base64.
 pub fn b64(bytes: &[u8]) -> serde_json::Value {
     serde_json::to_value(subrosa_proto::B64(bytes.to_vec())).expect("json")
+}
+
+/// Copies the directory `from` (files and subdirectories) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
 }
