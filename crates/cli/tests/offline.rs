@@ -176,6 +176,9 @@ fn a_running_follow_sends_what_was_queued_once_the_server_is_back() {
 struct AnswerEater {
     url: String,
     eat: Arc<AtomicBool>,
+    /// While set, every connection is closed at once: the server is
+    /// unreachable for whoever talks through the proxy.
+    down: Arc<AtomicBool>,
 }
 
 fn answer_eater(upstream: &str) -> AnswerEater {
@@ -183,9 +186,14 @@ fn answer_eater(upstream: &str) -> AnswerEater {
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let target = upstream.trim_start_matches("http://").to_string();
     let eat = Arc::new(AtomicBool::new(false));
-    let eating = Arc::clone(&eat);
+    let down = Arc::new(AtomicBool::new(false));
+    let (eating, is_down) = (Arc::clone(&eat), Arc::clone(&down));
     std::thread::spawn(move || {
         for client in listener.incoming() {
+            if is_down.load(Ordering::SeqCst) {
+                drop(client);
+                continue;
+            }
             let (Ok(client), Ok(server)) = (client, TcpStream::connect(&target)) else { continue };
             let sending = Arc::new(AtomicBool::new(false));
             let (mut from_client, mut to_server) =
@@ -229,16 +237,53 @@ fn answer_eater(upstream: &str) -> AnswerEater {
             });
         }
     });
-    AnswerEater { url, eat }
+    AnswerEater { url, eat, down }
+}
+
+/// Registers `name` with the server behind `proxy`.
+fn register_via(proxy: &AnswerEater, name: &str) -> User {
+    let u = User { name: name.into(), dir: tempfile::tempdir().expect("tempdir") };
+    let out = u.run(&["register", name, "--server", &proxy.url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    u
+}
+
+#[test]
+fn a_queued_message_is_encrypted_after_the_removal_it_missed() {
+    let server = Server::start();
+    let proxy = answer_eater(&server.url);
+    let alice = register_via(&proxy, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    alice.ok(&["group", "create", "g", "bob", "carol"]);
+    bob.ok(&["receive"]);
+    carol.ok(&["receive"]);
+
+    // alice is cut off and writes to the group; meanwhile bob removes carol.
+    proxy.down.store(true, Ordering::SeqCst);
+    let out = alice.run(&["send", "g", "not for carol"]);
+    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    bob.ok(&["group", "remove", "g", "carol"]);
+    proxy.down.store(false, Ordering::SeqCst);
+
+    // alice's next command processes the removal first, then encrypts.
+    alice.ok(&["receive"]);
+    assert_eq!(own_message(&alice, "g", "not for carol")["state"], "sent");
+    assert_eq!(texts(&receive_all(&bob)), ["not for carol"]);
+    let carol_got = receive_all(&carol);
+    assert!(
+        !texts(&carol_got).iter().any(|t| t == "not for carol"),
+        "the removed member got the queued message: {carol_got:?}"
+    );
+    assert!(!carol.ok(&["history", "g"]).contains("not for carol"));
+    assert_eq!(server.count("messages"), 0, "nothing is left addressed to carol either");
 }
 
 #[test]
 fn a_send_whose_answer_was_lost_exits_75_and_is_posted_again_byte_for_byte() {
     let server = Server::start();
     let proxy = answer_eater(&server.url);
-    let alice = User { name: "alice".into(), dir: tempfile::tempdir().expect("tempdir") };
-    let out = alice.run(&["register", "alice", "--server", &proxy.url]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let alice = register_via(&proxy, "alice");
     let bob = User::register(&server, "bob");
     alice.send("bob", "first");
     assert_eq!(texts(&bob.receive_json(&[])), ["first"]);

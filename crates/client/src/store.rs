@@ -1402,11 +1402,9 @@ mod tests {
         let store = Store::open(&home, "pw").expect("migrates");
         let queued = store.outbox().expect("outbox");
         // In the order v4 would have sent them (created_at), bytes untouched.
-        let got: Vec<(Vec<u8>, Option<Vec<u8>>)> = queued.iter().map(|q| (q.send_id.to_vec(), q.request.clone())).collect();
-        assert_eq!(
-            got,
-            [(vec![1u8; 16], Some(requests[1].to_vec())), (vec![0u8; 16], Some(requests[0].to_vec()))]
-        );
+        let got: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            queued.iter().map(|q| (q.send_id.to_vec(), q.request.clone())).collect();
+        assert_eq!(got, [(vec![1u8; 16], Some(requests[1].to_vec())), (vec![0u8; 16], Some(requests[0].to_vec()))]);
         assert!(queued.iter().all(|q| q.message.is_none() && q.content.is_none()));
         let conv = store.conversation(&subrosa_proto::ConversationId([7; 16])).expect("row").expect("exists");
         let h = store.history(&[conv]).expect("history");
