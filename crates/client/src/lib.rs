@@ -974,9 +974,11 @@ impl Subrosa {
         self.drain_inbox(ack).await?;
         self.check_directory().await?;
         if ack {
+            // Only a device that acknowledged what it processed sends: a
+            // flush may fetch the inbox again, acknowledging.
             self.commit_pending_leaves().await?;
+            self.flush_outbox_inner(true).await?;
         }
-        self.flush_outbox_inner(ack).await?;
         let mut shown = self.emit(on)?;
         if shown == 0 && !wait.is_zero() {
             let deadline = Instant::now() + wait;

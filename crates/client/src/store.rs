@@ -1416,6 +1416,42 @@ mod tests {
     }
 
     #[test]
+    fn history_json_objects_carry_state_for_own_messages_only() {
+        // The command-line contract (`history --json`, `receive --json`): a snapshot.
+        let mut m = StoredMessage {
+            id: "00".repeat(16),
+            conversation: "11".repeat(16),
+            target: "bob".into(),
+            from: "alice".into(),
+            device: "22".repeat(8),
+            sent_at: 1,
+            received_at: 2,
+            text: "hi".into(),
+            outgoing: true,
+            state: Some(MessageState::Failed),
+            reason: Some("server refused (too_large): at most 1 recipients per part".into()),
+            ..StoredMessage::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&m).expect("json"),
+            format!(
+                "{{\"id\":\"{}\",\"conversation\":\"{}\",\"target\":\"bob\",\"group\":false,\"from\":\"alice\",\
+                 \"device\":\"{}\",\"sent_at\":1,\"received_at\":2,\"text\":\"hi\",\"outgoing\":true,\"system\":false,\
+                 \"state\":\"failed\",\"reason\":\"server refused (too_large): at most 1 recipients per part\"}}",
+                "00".repeat(16),
+                "11".repeat(16),
+                "22".repeat(8)
+            )
+        );
+        m.state = Some(MessageState::Queued);
+        m.reason = None;
+        assert!(serde_json::to_string(&m).expect("json").ends_with(",\"system\":false,\"state\":\"queued\"}"));
+        m.outgoing = false;
+        m.state = None;
+        assert!(serde_json::to_string(&m).expect("json").ends_with(",\"system\":false}"));
+    }
+
+    #[test]
     fn the_key_pragma_is_the_hex_of_the_key() {
         let key = [0xabu8; 32];
         assert_eq!(*key_pragma(&key), format!("PRAGMA key = \"x'{}'\";", "ab".repeat(32)));
