@@ -404,3 +404,36 @@ fn history_json_is_parseable_line_per_message() {
     let states: Vec<_> = h.iter().map(|m| (m["text"].as_str().unwrap_or_default(), m.get("state").cloned())).collect();
     assert_eq!(states, [("hi", Some(serde_json::json!("sent"))), ("hello", None)]);
 }
+
+/// Copies a directory tree (a fixture home) into `to`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_tree(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn a_home_of_the_first_wave_migrates_and_its_sent_messages_read_as_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("alice");
+    copy_tree(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/sqlite/alice"), &home);
+    let out = std::process::Command::new(common::subrosa_bin())
+        .arg("--home")
+        .arg(&home)
+        .args(["history", "bob", "--json"])
+        .env("SUBROSA_PASSPHRASE", "fixture passphrase")
+        .env_remove("SUBROSA_HOME")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let h = parse_json_lines(&String::from_utf8_lossy(&out.stdout));
+    let states: Vec<_> = h.iter().map(|m| (m["outgoing"] == true, m.get("state").cloned())).collect();
+    assert_eq!(states, [(true, Some(serde_json::json!("sent"))), (false, None)]);
+}
