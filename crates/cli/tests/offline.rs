@@ -179,6 +179,8 @@ struct AnswerEater {
     /// While set, every connection is closed at once: the server is
     /// unreachable for whoever talks through the proxy.
     down: Arc<AtomicBool>,
+    /// While set, connections are accepted and never answered: a hung server.
+    hang: Arc<AtomicBool>,
 }
 
 fn answer_eater(upstream: &str) -> AnswerEater {
@@ -187,11 +189,17 @@ fn answer_eater(upstream: &str) -> AnswerEater {
     let target = upstream.trim_start_matches("http://").to_string();
     let eat = Arc::new(AtomicBool::new(false));
     let down = Arc::new(AtomicBool::new(false));
-    let (eating, is_down) = (Arc::clone(&eat), Arc::clone(&down));
+    let hang = Arc::new(AtomicBool::new(false));
+    let (eating, is_down, hung) = (Arc::clone(&eat), Arc::clone(&down), Arc::clone(&hang));
+    let mut held = Vec::new();
     std::thread::spawn(move || {
         for client in listener.incoming() {
             if is_down.load(Ordering::SeqCst) {
                 drop(client);
+                continue;
+            }
+            if hung.load(Ordering::SeqCst) {
+                held.push(client); // read nothing, answer nothing, close nothing
                 continue;
             }
             let (Ok(client), Ok(server)) = (client, TcpStream::connect(&target)) else { continue };
@@ -237,7 +245,7 @@ fn answer_eater(upstream: &str) -> AnswerEater {
             });
         }
     });
-    AnswerEater { url, eat, down }
+    AnswerEater { url, eat, down, hang }
 }
 
 /// Registers `name` with the server behind `proxy`.
@@ -291,6 +299,7 @@ fn a_send_whose_answer_was_lost_exits_75_and_is_posted_again_byte_for_byte() {
 
     proxy.eat.store(true, Ordering::SeqCst);
     let out = alice.run(&["send", "bob", "its answer is lost"]);
+    assert!(!proxy.hang.load(Ordering::SeqCst));
     assert!(!proxy.eat.load(Ordering::SeqCst), "an answer was thrown away");
     assert_eq!(code(&out), 75, "stored on the server, unanswered: not exit 1; stderr {}", stderr(&out));
     assert_eq!(stderr(&out).trim_end(), QUEUED_LINE);
@@ -436,4 +445,26 @@ fn a_home_of_the_first_wave_migrates_and_its_sent_messages_read_as_sent() {
     let h = parse_json_lines(&String::from_utf8_lossy(&out.stdout));
     let states: Vec<_> = h.iter().map(|m| (m["outgoing"] == true, m.get("state").cloned())).collect();
     assert_eq!(states, [(true, Some(serde_json::json!("sent"))), (false, None)]);
+}
+
+#[test]
+fn a_send_to_a_hung_server_queues_after_the_read_timeout() {
+    let server = Server::start();
+    let proxy = answer_eater(&server.url);
+    let alice = register_via(&proxy, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "first");
+    bob.ok(&["receive"]);
+
+    proxy.hang.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let out = alice.run(&["send", "bob", "to a hung server"]);
+    let took = started.elapsed();
+    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    eprintln!("figure: a send that queues with a server that accepts and never answers took {took:?}");
+    assert!(took < Duration::from_secs(50), "waited for the whole request timeout: {took:?}");
+
+    proxy.hang.store(false, Ordering::SeqCst);
+    alice.ok(&["receive"]);
+    assert_eq!(texts(&receive_all(&bob)), ["to a hung server"]);
 }

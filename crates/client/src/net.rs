@@ -43,6 +43,11 @@ pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// fails at once; this bounds an unreachable host (a send then queues).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a server may stay silent in the middle of a request (before
+/// its answer, or between two parts of it): a hung server queues a send
+/// after this, not after [`REQUEST_TIMEOUT`].
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long one request may take, answer included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -102,6 +107,7 @@ fn http_client(tls: &Arc<rustls::ClientConfig>) -> Result<reqwest::Client, Clien
         .use_preconfigured_tls((**tls).clone())
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
         .build()
         .map_err(|e| ClientError::Network(e.to_string()))
