@@ -468,3 +468,31 @@ fn a_send_to_a_hung_server_queues_after_the_read_timeout() {
     alice.ok(&["receive"]);
     assert_eq!(texts(&receive_all(&bob)), ["to a hung server"]);
 }
+
+#[test]
+fn a_queued_message_to_a_group_this_device_was_removed_from_fails_and_reaches_nobody() {
+    let server = Server::start();
+    let proxy = answer_eater(&server.url);
+    let alice = register_via(&proxy, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    alice.ok(&["group", "create", "g", "bob", "carol"]);
+    bob.ok(&["receive"]);
+    carol.ok(&["receive"]);
+
+    proxy.down.store(true, Ordering::SeqCst);
+    let out = alice.run(&["send", "g", "too late"]);
+    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    bob.ok(&["group", "remove", "g", "alice"]);
+    proxy.down.store(false, Ordering::SeqCst);
+
+    let out = alice.run(&["receive"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no longer a member"), "{}", stderr(&out));
+    let m = own_message(&alice, "g", "too late");
+    assert_eq!(m["state"], "failed");
+    for who in [&bob, &carol] {
+        assert!(!texts(&receive_all(who)).iter().any(|t| t == "too late"), "{} got it", who.name);
+    }
+    assert_eq!(server.count("messages"), 0);
+}

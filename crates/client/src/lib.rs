@@ -358,6 +358,11 @@ impl Subrosa {
                     }
                     continue;
                 }
+                Err(ClientError::Core(CoreError::UnknownConversation)) => {
+                    let gone = ClientError::Input("this device is no longer a member of the conversation".into());
+                    self.refused(&q, None, gone)?;
+                    continue;
+                }
                 Err(e @ ClientError::Core(_)) => {
                     self.refused(&q, None, e)?;
                     continue;
