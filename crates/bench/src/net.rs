@@ -131,7 +131,7 @@ impl Follower {
                                 Received::Dropped { reason, .. } => {
                                     let _ = cb_tx.send(Delivery::Dropped { reason: reason.clone() });
                                 }
-                                Received::Message(_) | Received::Alert(_) => {}
+                                Received::Message(_) | Received::Alert(_) | Received::Failed(_) => {}
                             }
                         };
                         rt.block_on(async {

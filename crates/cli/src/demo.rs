@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use subrosa_client::{Received, Subrosa};
+
+use crate::term::{safe, safe_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PASSPHRASE: &str = "demo passphrase";
@@ -72,9 +74,12 @@ fn server_files_contain(dir: &std::path::Path, needle: &[u8]) -> Result<bool> {
 async fn receive_print(who: &Subrosa) -> Result<()> {
     let name = who.handle().to_string();
     let mut on = |r: &Received| match r {
-        Received::Message(m) => out!("  {name} receives   {}: {}", m.from, m.text),
-        Received::Dropped { from, reason } => out!("  {name} dropped a message from {from}: {reason}"),
-        Received::Alert(a) => out!("  {name} alert: {a}"),
+        Received::Message(m) => out!("  {name} receives   {}: {}", safe(&m.from), safe_message(&m.text)),
+        Received::Dropped { from, reason } => {
+            out!("  {name} dropped a message from {}: {}", safe(from), safe(reason))
+        }
+        Received::Alert(a) => out!("  {name} alert: {}", safe(a)),
+        Received::Failed(f) => out!("  {name}'s queued message was refused: {}", safe(&f.reason)),
     };
     who.receive(Duration::from_secs(5), true, &mut on).await?;
     Ok(())

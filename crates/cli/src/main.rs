@@ -10,6 +10,7 @@ macro_rules! out {
 }
 
 mod demo;
+mod term;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -18,8 +19,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use subrosa_client::{ClientError, Received, StoredMessage, Subrosa};
+use subrosa_client::{ClientError, FailedSend, MessageState, Received, StoredMessage, Subrosa};
+use term::{safe, safe_message};
 use zeroize::Zeroizing;
+
+/// The variable a passphrase may come in; read once, first thing, and removed.
+const PASSPHRASE_ENV: &str = "SUBROSA_PASSPHRASE";
 
 /// Subrosa: end-to-end encrypted messaging whose server cannot read, scan,
 /// click or keep what you send.
@@ -206,6 +211,11 @@ enum GroupCommand {
 const EXIT_PENDING: u8 = 75;
 
 fn main() -> ExitCode {
+    // First, while this is the only thread: the passphrase leaves the
+    // environment (no child process inherits it, nothing later reads it
+    // again) and the process stops being dumpable.
+    let env_passphrase = take_env_passphrase();
+    harden_process();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {
@@ -217,7 +227,7 @@ fn main() -> ExitCode {
             // One line, as every error: clap's first line and where to look.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("error: {first} (see `subrosa --help`)");
+            eprintln!("error: {} (see `subrosa --help`)", safe(first));
             return ExitCode::from(2);
         }
     };
@@ -233,17 +243,43 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, env_passphrase)) {
         Ok(code) => code,
         Err(e) if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Pending(_))) => {
             // Stored, not lost: scripts must not send it again (DESIGN.md, exit codes).
-            eprintln!("queued: {}", one_line(&e));
+            eprintln!("queued: {}", safe(&one_line(&e)));
             ExitCode::from(EXIT_PENDING)
         }
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            // Errors may quote the server (or a peer): never raw to the terminal.
+            eprintln!("error: {}", safe(&one_line(&e)));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Reads `SUBROSA_PASSPHRASE` and removes it from the environment. Called
+/// before any thread exists, as `remove_var` requires. (The kernel's copy
+/// of the initial environment, `/proc/PID/environ`, readable by the same
+/// user only, keeps it: pass the passphrase on a terminal where that matters.)
+fn take_env_passphrase() -> Option<Zeroizing<String>> {
+    let value = std::env::var(PASSPHRASE_ENV).ok().map(Zeroizing::new);
+    std::env::remove_var(PASSPHRASE_ENV);
+    value
+}
+
+/// No core dump (it would hold the store key and decrypted messages) and,
+/// on Linux, not dumpable: no ptrace attach and no /proc/PID/mem for other
+/// processes of the same user. Best effort: a refusal is not fatal.
+fn harden_process() {
+    #[cfg(unix)]
+    {
+        let none = rustix::process::Rlimit { current: Some(0), maximum: Some(0) };
+        let _ = rustix::process::setrlimit(rustix::process::Resource::Core, none);
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     }
 }
 
@@ -270,10 +306,10 @@ fn home(cli_home: &Option<PathBuf>) -> Result<PathBuf> {
     Ok(base.join("subrosa"))
 }
 
-/// The passphrase: `SUBROSA_PASSPHRASE`, else a prompt on a terminal.
-fn passphrase(confirm: bool) -> Result<Zeroizing<String>> {
-    if let Ok(p) = std::env::var("SUBROSA_PASSPHRASE") {
-        return Ok(Zeroizing::new(p));
+/// The passphrase: `SUBROSA_PASSPHRASE` (as read at start), else a prompt on a terminal.
+fn passphrase(from_env: Option<Zeroizing<String>>, confirm: bool) -> Result<Zeroizing<String>> {
+    if let Some(p) = from_env {
+        return Ok(p);
     }
     if !std::io::stdin().is_terminal() {
         return Err(anyhow!("no passphrase: set SUBROSA_PASSPHRASE (standard input is not a terminal to ask on)"));
@@ -306,29 +342,53 @@ fn format_time(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// One message, in plain text or as a JSON line; others' text made safe
+/// for the terminal either way (see `term`).
 fn print_message(m: &StoredMessage, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
-        let _ = serde_json::to_writer(&mut out, m);
-        let _ = writeln!(out);
+        if let Ok(line) = term::json_line(m) {
+            let _ = writeln!(out, "{line}");
+        }
     } else {
-        let place = if m.group { format!("#{} ", m.target) } else { String::new() };
+        let place = if m.group { format!("#{} ", safe(&m.target)) } else { String::new() };
+        let text = safe_message(&m.text);
         if m.system {
-            let _ = writeln!(out, "[{}] {place}* {}", format_time(m.sent_at), m.text);
+            let _ = writeln!(out, "[{}] {place}* {text}", format_time(m.sent_at));
         } else {
-            let who = if m.outgoing { format!("{} (you)", m.from) } else { m.from.clone() };
-            let _ = writeln!(out, "[{}] {place}{who}: {}", format_time(m.sent_at), m.text);
+            let who = if m.outgoing { format!("{} (you)", safe(&m.from)) } else { safe(&m.from).into_owned() };
+            let state = match m.state {
+                Some(MessageState::Queued) => " [queued: not yet on the server]".to_string(),
+                Some(MessageState::Failed) => {
+                    format!(" [failed: {}]", safe(m.reason.as_deref().unwrap_or("refused by the server")))
+                }
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "[{}] {place}{who}: {text}{state}", format_time(m.sent_at));
         }
     }
     let _ = out.flush();
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+/// A queued message the server refused, told on stderr.
+fn print_failed(f: &FailedSend) {
+    match &f.message {
+        Some(m) => eprintln!(
+            "warning: your message {} to {} was refused by the server and not sent: {}",
+            m.id,
+            safe(&m.target),
+            safe(&f.reason)
+        ),
+        None => eprintln!("warning: a queued message was refused by the server and not sent: {}", safe(&f.reason)),
+    }
+}
+
+async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<ExitCode> {
     match cli.command {
         Command::Demo => demo::run().await.map(|_| ExitCode::SUCCESS),
         Command::Link { handle: Some(handle), server: Some(server), accept: None, timeout, with_history } => {
             let home = home(&cli.home)?;
-            let pass = passphrase(true)?;
+            let pass = passphrase(env_passphrase, true)?;
             let mut show = |code: &str| {
                 out!("code: {code}");
                 if std::io::stdout().is_terminal() {
@@ -369,21 +429,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Register { handle, server } => {
             let home = home(&cli.home)?;
-            let pass = passphrase(true)?;
+            let pass = passphrase(env_passphrase, true)?;
             let me = Subrosa::register(&home, &pass, &handle, &server).await?;
             out!("registered {} (device {}) on {}", me.handle(), me.identity().device_id(), me.server());
             Ok(ExitCode::SUCCESS)
         }
         command => {
             let home = home(&cli.home)?;
-            let pass = passphrase(false)?;
+            let pass = passphrase(env_passphrase, false)?;
             let me = Subrosa::open(&home, &pass)?;
             drop(pass);
             let result = run_opened(&me, command).await;
-            // Security alerts raised along the way (directory forks, ghost
-            // devices) are shown whatever the command was and however it ended.
+            // Queued sends the server refused, and security alerts raised
+            // along the way (directory forks, ghost devices), are shown
+            // whatever the command was and however it ended.
+            for f in me.take_failed_sends().unwrap_or_default() {
+                print_failed(&f);
+            }
             for a in me.take_alerts().unwrap_or_default() {
-                eprintln!("warning: {a}");
+                eprintln!("warning: {}", safe(&a));
             }
             result
         }
@@ -394,7 +458,7 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
     match command {
         Command::Send { target, text, accept_key_change } => {
             let m = me.send_text_with(&target, &text, accept_key_change).await?;
-            out!("sent {} to {}", m.id, m.target);
+            out!("sent {} to {}", m.id, safe(&m.target));
         }
         Command::Receive { json, timeout, follow, no_ack } => {
             if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
@@ -403,17 +467,20 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
             let mut dropped = 0usize;
             let mut on = |r: &Received| match r {
                 Received::Message(m) => print_message(m, json),
-                Received::Alert(a) => eprintln!("warning: {a}"),
+                Received::Alert(a) => eprintln!("warning: {}", safe(a)),
+                Received::Failed(f) => print_failed(f),
                 Received::Dropped { from, reason } => {
                     dropped += 1;
                     eprintln!(
-                        "warning: dropped a message from {from} that could not be decrypted or authenticated: {reason}"
+                        "warning: dropped a message from {} that could not be decrypted or authenticated: {}",
+                        safe(from),
+                        safe(reason)
                     );
                 }
             };
             if follow {
                 let mut retry = |e: &ClientError, wait: Duration| {
-                    eprintln!("warning: {e}; reconnecting in {:.1} s", wait.as_secs_f64());
+                    eprintln!("warning: {}; reconnecting in {:.1} s", safe(&e.to_string()), wait.as_secs_f64());
                 };
                 me.follow_reconnecting(&mut on, &mut retry).await?;
             } else {
@@ -433,7 +500,7 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
                     } else {
                         format!("not verified: compare safety numbers with `subrosa verify {}`", m.target)
                     };
-                    out!("-- conversation with {} ({state})", m.target);
+                    out!("-- conversation with {} ({state})", safe(&m.target));
                 }
             }
             for m in history {
@@ -443,40 +510,42 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
         Command::Contacts => {
             for c in me.contacts()? {
                 let state = if c.verified { "verified" } else { "unverified" };
-                out!("{}\t{}\t{}", c.handle, state, &c.identity_key[..16.min(c.identity_key.len())]);
+                out!("{}\t{}\t{}", safe(&c.handle), state, &c.identity_key[..16.min(c.identity_key.len())]);
             }
         }
         Command::Group(g) => match g {
             GroupCommand::Create { name, handles } => {
                 let g = me.create_group(&name, &handles).await?;
-                out!("created {} with {}", g.name, g.members.join(", "));
+                out!("created {} with {}", safe(&g.name), safe(&g.members.join(", ")));
             }
             GroupCommand::Add { name, handle } => match me.group_add(&name, &handle).await? {
-                None => out!("added {handle} to {name}"),
+                None => out!("added {} to {}", safe(&handle), safe(&name)),
                 Some(g) => out!(
-                    "{handle} was a member of {name} before, so {name} continues in a new conversation #{} with {}; \
+                    "{} was a member of {} before, so it continues in a new conversation #{} with {}; \
                      the old one is retired",
+                    safe(&handle),
+                    safe(&name),
                     g.id,
-                    g.members.join(", ")
+                    safe(&g.members.join(", "))
                 ),
             },
             GroupCommand::Remove { name, handle } => {
                 me.group_remove(&name, &handle).await?;
-                out!("removed {handle} from {name}");
+                out!("removed {} from {}", safe(&handle), safe(&name));
             }
             GroupCommand::Leave { name } => {
                 me.group_leave(&name).await?;
-                out!("left {name}");
+                out!("left {}", safe(&name));
             }
             GroupCommand::Rename { name, new } => {
                 me.group_rename(&name, &new).await?;
-                out!("renamed {name} to {new}");
+                out!("renamed {} to {}", safe(&name), safe(&new));
             }
         },
         Command::Groups => {
             for g in me.groups()? {
                 let state = if g.active { g.members.join(", ") } else { "(left)".to_string() };
-                out!("{}\t{}\t{}", g.name, state, g.id);
+                out!("{}\t{}\t{}", safe(&g.name), safe(&state), g.id);
             }
         }
         Command::Members { target } => {

@@ -146,6 +146,8 @@ impl Subrosa {
                 text: it.text.clone(),
                 outgoing: it.from == self.handle().as_str(),
                 system: it.system,
+                state: None,
+                reason: None,
             };
             self.store.insert_message(&m, &conv, &it.message_id, true)?;
         }

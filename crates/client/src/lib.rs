@@ -30,7 +30,7 @@ pub use conversations::{GroupSummary, Target};
 pub use devices::{DeviceEntry, LinkApproved};
 pub use rotation::Rekeyed;
 use store::{now_ms, GroupStore, KeyPackageStore, Store};
-pub use store::{Contact, StoredMessage};
+pub use store::{Contact, MessageState, StoredMessage};
 
 /// Everything that can go wrong in the client, each with a one-line message.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +121,9 @@ pub enum ClientError {
     /// File system failure.
     #[error("{0}")]
     Io(String),
+    /// The server refused a message this device had queued.
+    #[error("the server refused the message: {0}")]
+    SendRefused(String),
     /// The work is stored on this device but not yet on the server (it could
     /// not be reached, or did not answer): the next command finishes it,
     /// exactly once. The CLI exits 75 (EX_TEMPFAIL) for this.
@@ -156,6 +159,41 @@ pub enum Received {
     },
     /// A security alert for the user (a key-directory fork, a ghost device).
     Alert(String),
+    /// A queued message the server refused: it will not be sent.
+    Failed(FailedSend),
+}
+
+/// A queued send the server refused (or that could no longer be encrypted).
+#[derive(Debug, Clone)]
+pub struct FailedSend {
+    /// The message, marked failed in history; `None` for a send queued by
+    /// an older version, whose outbox kept only the ciphertext.
+    pub message: Option<StoredMessage>,
+    /// Why.
+    pub reason: String,
+}
+
+type RefusedSend = (Option<(ConversationId, [u8; 16])>, ClientError);
+
+/// A queued send's request body, and the sequence number it took when it
+/// was encrypted just now.
+type Prepared = (Vec<u8>, Option<u64>);
+
+/// What a send that is stored here but not yet on the server says.
+pub const QUEUED: &str = "not yet on the server; the next subrosa command sends it";
+
+/// How often a connected `follow` looks for sends another command queued.
+const OUTBOX_RETRY: Duration = Duration::from_secs(10);
+
+/// Whether an error leaves a send queued (and a command may carry on
+/// offline): the server could not be reached, did not answer in time or
+/// sensibly, or answered 5xx or 429. Anything else is a refusal.
+pub(crate) fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Network(_) | ClientError::Protocol(_) | ClientError::Pending(_) => true,
+        ClientError::Server { status, .. } => *status >= 500 || *status == 429,
+        _ => false,
+    }
 }
 
 /// How many one-time key packages to keep on the server.
@@ -172,6 +210,8 @@ pub struct Subrosa {
     dropped: std::sync::Mutex<Vec<Received>>,
     /// Conversations with a leave proposal this device should commit.
     to_commit: std::sync::Mutex<Vec<(ConversationId, DeviceAddress)>>,
+    /// Queued sends the server refused, reported by the command that flushed them.
+    failed: std::sync::Mutex<Vec<RefusedSend>>,
 }
 
 impl std::fmt::Debug for Subrosa {
@@ -249,6 +289,7 @@ impl Subrosa {
             api,
             dropped: std::sync::Mutex::new(Vec::new()),
             to_commit: std::sync::Mutex::new(Vec::new()),
+            failed: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -330,36 +371,157 @@ impl Subrosa {
         Ok(())
     }
 
-    async fn post_outbox(&self, send_id: &[u8], request: Vec<u8>) -> Result<(), ClientError> {
-        match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
-            Ok(_) => self.store.pop_outbox(send_id),
-            Err(e @ (ClientError::Network(_) | ClientError::Protocol(_))) => Err(ClientError::Network(format!(
-                "{e}; the message is stored and will be sent by the next send or receive"
-            ))),
-            Err(e @ ClientError::Server { status, .. }) if status >= 500 || status == 429 => Err(ClientError::Network(
-                format!("{e}; the message is stored and will be sent by the next send or receive"),
-            )),
-            Err(e) => {
-                // The server will never take it (bad request): drop it from the queue.
-                self.store.pop_outbox(send_id)?;
-                Err(e)
-            }
-        }
-    }
-
-    /// Sends what earlier commands queued but could not deliver.
+    /// Sends what is queued, oldest first: a request made earlier is posted
+    /// again byte for byte (same send id: the server stores it once); a
+    /// message not yet encrypted is encrypted now, after the inbox was
+    /// processed (`drained` says the caller just did; otherwise this does),
+    /// so it goes out at the conversation's current epoch, never under keys
+    /// a removal or an update already retired. A send the server refuses
+    /// (4xx) is marked failed and reported by [`Self::take_failed_sends`]
+    /// (and by `receive` as [`Received::Failed`]); the rest carries on.
     ///
     /// # Errors
-    /// Network and server errors.
+    /// The first network error, 5xx or 429 answer (everything not sent stays
+    /// queued), and store errors.
     pub async fn flush_outbox(&self) -> Result<(), ClientError> {
-        for (send_id, request) in self.store.outbox()? {
-            self.post_outbox(&send_id, request).await?;
+        self.flush_outbox_inner(false).await
+    }
+
+    pub(crate) async fn flush_outbox_inner(&self, drained: bool) -> Result<(), ClientError> {
+        let queued = self.store.outbox()?;
+        if queued.is_empty() {
+            return Ok(());
+        }
+        if !drained && queued.iter().any(|q| q.request.is_none()) {
+            self.drain_inbox(true).await?;
+        }
+        // A conversation whose oldest queued message cannot be encrypted yet
+        // keeps its later ones queued too: they never overtake it.
+        let mut waiting: Vec<ConversationId> = Vec::new();
+        for q in self.store.outbox()? {
+            if q.message.is_some_and(|(c, _)| waiting.contains(&c)) {
+                continue;
+            }
+            let (request, seq) = match self.encrypt_queued(q.id) {
+                Ok(Some(made)) => made,
+                Ok(None) => continue, // another process sent it meanwhile
+                Err(ClientError::Core(CoreError::Mls(mls_rs::error::MlsError::CommitRequired))) => {
+                    // Proposals wait for a commit (the next sync makes it).
+                    if let Some((c, _)) = q.message {
+                        waiting.push(c);
+                    }
+                    continue;
+                }
+                Err(ClientError::Core(CoreError::UnknownConversation)) => {
+                    let gone = ClientError::Input("this device is no longer a member of the conversation".into());
+                    self.refused(&q, None, gone)?;
+                    continue;
+                }
+                Err(e @ ClientError::Core(_)) => {
+                    self.refused(&q, None, e)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
+                Ok(_) => self.store.transaction(|| {
+                    self.store.pop_outbox(q.id)?;
+                    match q.message {
+                        Some((c, m)) => self.store.set_message_state(&c, &m, MessageState::Sent, None),
+                        None => Ok(()),
+                    }
+                })?,
+                Err(e) if is_transient(&e) => return Err(e),
+                Err(e) => self.refused(&q, seq, e)?,
+            }
         }
         Ok(())
     }
 
-    /// Encrypts `content` for a conversation, stores it in history and the
-    /// outbox in one transaction, then posts it.
+    /// The request of a queued send: the one made before, or a new one,
+    /// encrypted now at the conversation's current epoch (with the sequence
+    /// number it took). One transaction, re-reading the row: two processes
+    /// flushing at once make one request. `None` when the row is gone (sent
+    /// by another process).
+    fn encrypt_queued(&self, id: i64) -> Result<Option<Prepared>, ClientError> {
+        let kt_head = self.kt_latest()?;
+        self.store.transaction(|| {
+            let Some(q) = self.store.outbox_row(id)? else { return Ok(None) };
+            if let Some(request) = q.request {
+                return Ok(Some((request, None)));
+            }
+            let (Some((conversation, _)), Some(content)) = (q.message, q.content) else {
+                return Err(ClientError::Store("an outbox row with neither request nor content".into()));
+            };
+            if !self.store.conversation(&conversation)?.is_some_and(|r| r.active) {
+                return Err(CoreError::UnknownConversation.into());
+            }
+            let seq = self.store.next_seq(&conversation)?;
+            let content = Content::decode(&content)?.with_context(seq, kt_head);
+            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
+            let req = SendRequest {
+                conversation,
+                send_id: SendId(q.send_id),
+                commit: None,
+                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
+            };
+            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+            self.store.set_outbox_request(id, &bytes)?;
+            Ok(Some((bytes, Some(seq))))
+        })
+    }
+
+    /// A queued send the server refused, or that can no longer be
+    /// encrypted: out of the queue, its message marked failed. The sequence
+    /// number it took, when still the last, is given back: recipients should
+    /// not be told of a gap for a message nobody got.
+    fn refused(&self, q: &store::QueuedSend, seq: Option<u64>, e: ClientError) -> Result<(), ClientError> {
+        let reason = e.to_string();
+        self.store.transaction(|| {
+            self.store.pop_outbox(q.id)?;
+            match q.message {
+                Some((c, m)) => {
+                    if let Some(seq) = seq {
+                        self.store.release_seq(&c, seq)?;
+                    }
+                    self.store.set_message_state(&c, &m, MessageState::Failed, Some(&reason))
+                }
+                None => Ok(()),
+            }
+        })?;
+        self.lock_failed().push((q.message, e));
+        Ok(())
+    }
+
+    fn lock_failed(&self) -> std::sync::MutexGuard<'_, Vec<RefusedSend>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queued sends the server refused since the last call: each will not
+    /// be sent (its message is marked failed in history).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn take_failed_sends(&self) -> Result<Vec<FailedSend>, ClientError> {
+        let failed = std::mem::take(&mut *self.lock_failed());
+        let mut out = Vec::with_capacity(failed.len());
+        for (message, e) in failed {
+            let message = match message {
+                Some((c, m)) => self.store.message(&c, &m)?,
+                None => None,
+            };
+            out.push(FailedSend { message, reason: e.to_string() });
+        }
+        Ok(out)
+    }
+
+    /// Stores `text` in history and the outbox in one transaction; when the
+    /// server is `online`, sends the outbox (this message last).
+    ///
+    /// # Errors
+    /// [`ClientError::Pending`] while the message is queued (the server is
+    /// unreachable or did not answer); the server's refusal, after which
+    /// nothing of it stays queued.
     async fn send_content(
         &self,
         conversation: ConversationId,
@@ -367,10 +529,10 @@ impl Subrosa {
         group: bool,
         text: &str,
         message_id: MessageId,
+        online: bool,
     ) -> Result<StoredMessage, ClientError> {
         let sent_at = now_ms();
-        let kt_head = self.kt_latest()?;
-        let send_id = SendId(rand::random());
+        let send_id: [u8; 16] = rand::random();
         let me = self.engine.identity().address();
         let stored = StoredMessage {
             id: message_id.to_hex(),
@@ -384,25 +546,41 @@ impl Subrosa {
             text: text.to_string(),
             outgoing: true,
             system: false,
+            state: Some(MessageState::Queued),
+            reason: None,
         };
-        let request = self.store.transaction(|| {
-            let seq = self.store.next_seq(&conversation)?;
-            let content = Content::text(message_id, sent_at, text).with_context(seq, kt_head);
-            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
-            let req = SendRequest {
-                conversation,
-                send_id,
-                commit: None,
-                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
-            };
-            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+        let content = Content::text(message_id, sent_at, text).encode()?;
+        self.store.transaction(|| {
             self.store.insert_message(&stored, &conversation, &message_id.0, true)?;
             self.store.note_sent(&conversation)?;
-            self.store.push_outbox(&send_id.0, &bytes)?;
-            Ok(bytes)
+            self.store.push_outbox(&send_id, &conversation, &message_id.0, &content)
         })?;
-        self.post_outbox(&send_id.0, request).await?;
-        Ok(stored)
+        if !online {
+            return Err(ClientError::Pending(QUEUED.into()));
+        }
+        let flushed = self.flush_outbox_inner(true).await;
+        // Exit codes hang on this: refused only when the server said so,
+        // sent only when it answered; anything else stays queued.
+        let own = {
+            let mut failed = self.lock_failed();
+            let i = failed.iter().position(|(m, _)| *m == Some((conversation, message_id.0)));
+            i.map(|i| failed.remove(i).1)
+        };
+        if let Some(e) = own {
+            return Err(e);
+        }
+        match self.store.message(&conversation, &message_id.0)? {
+            Some(m) if m.state == Some(MessageState::Sent) => Ok(m),
+            Some(m) if m.state == Some(MessageState::Failed) => {
+                Err(ClientError::SendRefused(m.reason.unwrap_or_default()))
+            }
+            // Whatever stopped the flush (the server went away, did not
+            // answer), the message is in the outbox.
+            _ => {
+                drop(flushed);
+                Err(ClientError::Pending(QUEUED.into()))
+            }
+        }
     }
 
     /// Sends a text message to `target` (a group name or a handle; `@handle`
@@ -438,7 +616,15 @@ impl Subrosa {
         // pending commit is processed: a message must never go out at an
         // epoch a removal already ended, nor miss a member just added.
         let typed = self.resolve(target);
-        self.sync().await?;
+        // Offline-first: when the server cannot be reached, a message to a
+        // conversation this device has is queued (and sent by the next
+        // command); a new conversation needs the server's key packages.
+        let offline = match self.catch_up().await {
+            Ok(()) => None,
+            Err(e) if is_transient(&e) => Some(e),
+            Err(e) => return Err(e),
+        };
+        let online = offline.is_none();
         self.kt_blocked()?;
         let resolved = match typed {
             Ok(Target::Conversation(row)) => Target::Conversation(
@@ -457,7 +643,7 @@ impl Subrosa {
                 self.check_key_changes(&handles, accept_key_change)?;
                 self.check_members_accepted(&row.id, target)?;
                 let group = row.kind == "group";
-                self.send_content(row.id, &row.target(), group, text, MessageId(rand::random())).await
+                self.send_content(row.id, &row.target(), group, text, MessageId(rand::random()), online).await
             }
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
@@ -465,12 +651,17 @@ impl Subrosa {
                 if let Some(c) = &existing {
                     self.check_members_accepted(c, target)?;
                 }
-                let conversation = match existing {
-                    Some(c) => c,
-                    None => self.start_direct(&peer).await?,
+                let conversation = match (existing, offline) {
+                    (Some(c), _) => c,
+                    (None, None) => self.start_direct(&peer).await?,
+                    (None, Some(e)) => {
+                        return Err(ClientError::Network(format!(
+                            "a first message to {peer} needs the server (for their keys), and it cannot be reached: {e}"
+                        )))
+                    }
                 };
                 let message_id = MessageId(rand::random());
-                match self.send_content(conversation, peer.as_str(), false, text, message_id).await {
+                match self.send_content(conversation, peer.as_str(), false, text, message_id, online).await {
                     Err(e) if existing.is_some() && e.code() == Some(ErrorCode::UnknownHandle) => {
                         // The peer's devices in this conversation are gone from
                         // the server (its keys changed, or devices went without
@@ -481,7 +672,7 @@ impl Subrosa {
                             self.store.deactivate_conversation(&conversation)
                         })?;
                         let fresh = self.start_direct(&peer).await?;
-                        self.send_content(fresh, peer.as_str(), false, text, message_id).await
+                        self.send_content(fresh, peer.as_str(), false, text, message_id, true).await
                     }
                     other => other,
                 }
@@ -571,6 +762,8 @@ impl Subrosa {
             text,
             outgoing: from.handle == *self.handle(),
             system: true,
+            state: None,
+            reason: None,
         };
         let seen = m.outgoing && from.device == self.identity().device_id();
         self.store.insert_message(&m, &row.id, &id, seen).map(|_| ())
@@ -738,6 +931,8 @@ impl Subrosa {
                     text,
                     outgoing: sender.address.handle == me,
                     system: false,
+                    state: None,
+                    reason: None,
                 };
                 // A sender's retry carries the same message id: shown once.
                 let new = self.store.insert_message(&m, &conversation, &content.message_id.0, false)?;
@@ -949,7 +1144,13 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub async fn sync(&self) -> Result<(), ClientError> {
-        self.flush_outbox().await?;
+        self.catch_up().await?;
+        self.flush_outbox_inner(true).await
+    }
+
+    /// Processes the inbox, checks the directory and commits the leave
+    /// proposals seen: everything a send must do before it encrypts.
+    async fn catch_up(&self) -> Result<(), ClientError> {
         self.drain_inbox(true).await?;
         self.check_members().await?;
         self.check_directory().await?;
@@ -968,12 +1169,16 @@ impl Subrosa {
         let dropped: Vec<Received> = std::mem::take(&mut *self.lock_dropped());
         let unseen = self.store.take_unseen()?;
         let alerts = self.store.take_alerts()?;
-        let n = dropped.len() + unseen.len() + alerts.len();
+        let failed = self.take_failed_sends()?;
+        let n = dropped.len() + unseen.len() + alerts.len() + failed.len();
         for m in unseen {
             on(&Received::Message(m));
         }
         for d in &dropped {
             on(d);
+        }
+        for f in failed {
+            on(&Received::Failed(f));
         }
         for a in alerts {
             on(&Received::Alert(a));
@@ -996,12 +1201,14 @@ impl Subrosa {
         ack: bool,
         on: &mut dyn FnMut(&Received),
     ) -> Result<usize, ClientError> {
-        self.flush_outbox().await?;
         self.drain_inbox(ack).await?;
         self.check_members().await?;
         self.check_directory().await?;
         if ack {
+            // Only a device that acknowledged what it processed sends: a
+            // flush may fetch the inbox again, acknowledging.
             self.commit_pending_leaves().await?;
+            self.flush_outbox_inner(true).await?;
         }
         let mut shown = self.emit(on)?;
         if shown == 0 && !wait.is_zero() {
@@ -1044,12 +1251,29 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub async fn follow(&self, on: &mut dyn FnMut(&Received)) -> Result<(), ClientError> {
-        self.flush_outbox().await?;
+        // What was queued while the server was away goes first, encrypted
+        // after the inbox is processed.
+        self.catch_up().await?;
+        self.flush_outbox_inner(true).await?;
         self.maintain_keys().await?;
         self.emit(on)?;
         let mut ws = self.api.connect().await?;
+        let mut tick = tokio::time::interval(OUTBOX_RETRY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match net::next_frame(&mut ws).await? {
+            let frame = tokio::select! {
+                frame = net::next_frame(&mut ws) => frame?,
+                _ = tick.tick() => {
+                    // Another command queued a send (a 503, a timeout) while
+                    // this one stayed connected.
+                    if !self.store.outbox_is_empty()? {
+                        self.flush_outbox_inner(false).await?;
+                        self.emit(on)?;
+                    }
+                    continue;
+                }
+            };
+            match frame {
                 None => return Err(ClientError::Network("the server closed the connection".into())),
                 Some(ServerFrame::Messages { messages }) => {
                     let ids = self.process_batch(&messages)?;
@@ -1057,6 +1281,9 @@ impl Subrosa {
                     net::send_ack(&mut ws, ids).await?;
                     self.commit_pending_leaves().await?;
                     self.kt_check_gossip().await?;
+                    if !self.store.outbox_is_empty()? {
+                        self.flush_outbox_inner(true).await?;
+                    }
                     self.emit(on)?;
                 }
                 Some(ServerFrame::Error(e)) => return Err(ClientError::Server { status: 0, body: e }),
@@ -1083,8 +1310,7 @@ impl Subrosa {
             let started = Instant::now();
             let e = match self.follow(on).await {
                 Ok(()) => return Ok(()),
-                Err(e @ ClientError::Network(_)) => e,
-                Err(e @ ClientError::Server { status, .. }) if status >= 500 => e,
+                Err(e) if is_transient(&e) => e,
                 Err(e) => return Err(e),
             };
             if started.elapsed() > Duration::from_secs(10) {

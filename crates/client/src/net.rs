@@ -4,6 +4,10 @@
 //! The client speaks TLS to servers (webpki roots, plus the PEM file named by
 //! `SUBROSA_CA_CERT` for a self-hosted CA) and refuses plain `http://` to
 //! anything but a loopback address.
+//!
+//! It follows no redirect (a 3xx is an error: a redirect would hand the
+//! signed headers and the body to whatever host it names) and reads no
+//! answer, HTTP body or WebSocket message, beyond [`MAX_ANSWER_BYTES`].
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,6 +32,24 @@ use crate::ClientError;
 
 /// Environment variable naming an extra CA certificate (PEM) to trust.
 pub const CA_CERT_ENV: &str = "SUBROSA_CA_CERT";
+
+/// Largest answer read from the server, in bytes (an HTTP body or one
+/// WebSocket message). The largest legitimate one is an inbox fetch, which
+/// the server caps at its body limit (8 MiB of ciphertext by default, about
+/// 11 MiB once base64-encoded in JSON); a WebSocket push is smaller.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long to wait for a connection to the server. A refused connection
+/// fails at once; this bounds an unreachable host (a send then queues).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a server may stay silent in the middle of a request (before
+/// its answer, or between two parts of it): a hung server queues a send
+/// after this, not after [`REQUEST_TIMEOUT`].
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long one request may take, answer included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Checks a server URL: https anywhere, http only to loopback.
 ///
@@ -83,8 +105,10 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, ClientError> {
 fn http_client(tls: &Arc<rustls::ClientConfig>) -> Result<reqwest::Client, ClientError> {
     reqwest::Client::builder()
         .use_preconfigured_tls((**tls).clone())
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT)
         .build()
         .map_err(|e| ClientError::Network(e.to_string()))
 }
@@ -125,9 +149,36 @@ pub async fn call_unsigned<B: Serialize, R: DeserializeOwned>(
     decode_response(resp, &base).await
 }
 
+/// Reads an answer's body, refusing one over [`MAX_ANSWER_BYTES`] before
+/// holding it (by its announced length, or as it streams in).
+async fn read_limited(mut resp: reqwest::Response, base: &Url) -> Result<Vec<u8>, ClientError> {
+    let too_large = || {
+        ClientError::Protocol(format!(
+            "{base} sent an answer over {} MiB; it was not read",
+            MAX_ANSWER_BYTES / (1024 * 1024)
+        ))
+    };
+    if resp.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| ClientError::Network(describe_reqwest(&e, base)))? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 async fn decode_response<R: DeserializeOwned>(resp: reqwest::Response, base: &Url) -> Result<R, ClientError> {
     let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| ClientError::Network(describe_reqwest(&e, base)))?;
+    if status.is_redirection() {
+        return Err(ClientError::Protocol(format!(
+            "{base} answered with a redirect ({status}); Subrosa follows none (check the server URL)"
+        )));
+    }
+    let bytes = read_limited(resp, base).await?;
     if status.is_success() {
         serde_json::from_slice(&bytes)
             .map_err(|_| ClientError::Protocol(format!("unexpected answer from server ({status})")))
@@ -244,9 +295,22 @@ impl Api {
             req.headers_mut().insert(k, value);
         }
         let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
-        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_ANSWER_BYTES))
+            .max_frame_size(Some(MAX_ANSWER_BYTES));
+        // tokio-tungstenite follows no redirect: a 3xx comes back as `Http`.
+        let handshake = tokio_tungstenite::connect_async_tls_with_config(req, Some(config), false, Some(connector));
+        let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT * 2, handshake)
             .await
+            .map_err(|_| ClientError::Network(format!("{} did not answer in time", self.base)))?
             .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status().is_redirection() => {
+                    ClientError::Protocol(format!(
+                        "{} answered the WebSocket with a redirect ({}); Subrosa follows none",
+                        self.base,
+                        resp.status()
+                    ))
+                }
                 tokio_tungstenite::tungstenite::Error::Http(resp) => {
                     let body = resp.body().as_ref().and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok());
                     match body {

@@ -92,10 +92,21 @@ impl Server {
     /// Kills the server without warning (SIGKILL) and starts it again on
     /// the same address over the same data.
     pub fn crash_and_restart(&mut self) {
+        self.kill();
+        self.restart_with(&[]);
+    }
+
+    /// Kills the server without warning (SIGKILL) and leaves it down.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts a killed server again on the same address over the same
+    /// data, with `extra` arguments.
+    pub fn restart_with(&mut self, extra: &[&str]) {
         let addr = self.url.trim_start_matches("http://").to_string();
-        let (child, url) = Self::spawn(&self.bin, &self.dir, &addr, &[]);
+        let (child, url) = Self::spawn(&self.bin, &self.dir, &addr, extra);
         assert_eq!(url, self.url);
         self.child = child;
     }
