@@ -179,7 +179,12 @@ impl Attacks {
         let Some(fork) = self.active_fork(viewer) else { return Ok(None) };
         let mut st = self.fork.lock().await;
         if st.dir.is_none() {
-            let dir = KtDirectory::open_with_vrf(Arc::new(MemoryKtStorage::default()), real.vrf().clone()).await?;
+            let dir = KtDirectory::open_with_keys(
+                Arc::new(MemoryKtStorage::default()),
+                real.vrf().clone(),
+                real.signer().clone(),
+            )
+            .await?;
             for batch in &st.history {
                 dir.publish(batch.clone()).await?;
             }
