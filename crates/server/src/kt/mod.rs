@@ -38,10 +38,10 @@ use akd::errors::{AkdError, StorageError};
 use akd::storage::StorageManager;
 use akd::{AkdLabel, AkdValue, AzksParallelismConfig, DomainLabel};
 use async_trait::async_trait;
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use protobuf::Message as _;
-use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
 use subrosa_proto::kt::{KtAudit, KtHead, KtLookup, SignedHead, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
 use subrosa_proto::{AccountInfo, DeviceAddress, Handle, B64};
 use zeroize::Zeroizing;
@@ -171,8 +171,14 @@ impl KtSigner {
 
     /// Signs a head (the caller stores it before serving it).
     pub fn sign(&self, epoch: u64, root: [u8; 32], vrf_public_key: [u8; 32], signed_at_ms: u64) -> SignedHead {
-        let mut head =
-            SignedHead { directory_id: self.directory_id, epoch, root, vrf_public_key, signed_at_ms, signature: [0; 64] };
+        let mut head = SignedHead {
+            directory_id: self.directory_id,
+            epoch,
+            root,
+            vrf_public_key,
+            signed_at_ms,
+            signature: [0; 64],
+        };
         let sig = self.pair.sign(&head.to_be_signed());
         head.signature.copy_from_slice(sig.as_ref());
         head
@@ -213,7 +219,8 @@ impl SignedMark {
         if at.is_some_and(|(e, _)| e >= epoch) {
             return Ok(());
         }
-        let fail = |e: std::io::Error| KtError(format!("cannot record the signed epoch in {}: {e}", self.path.display()));
+        let fail =
+            |e: std::io::Error| KtError(format!("cannot record the signed epoch in {}: {e}", self.path.display()));
         let tmp = self.path.with_extension("tmp");
         {
             use std::io::Write as _;
@@ -324,7 +331,8 @@ impl KtDirectory {
                 storage.kt_put_signed_head(epoch, head.encode()).await?
             }
         };
-        let head = SignedHead::decode(&stored).map_err(|_| KtError(format!("the stored head of epoch {epoch} is malformed")))?;
+        let head = SignedHead::decode(&stored)
+            .map_err(|_| KtError(format!("the stored head of epoch {epoch} is malformed")))?;
         if head.root != root || head.directory_id != self.signer.directory_id {
             return Err(KtError(format!(
                 "a different head was already signed for epoch {epoch}: refusing to sign a second one"

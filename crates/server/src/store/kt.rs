@@ -132,8 +132,11 @@ pub trait KtStorage: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// Backend failures only.
-    async fn kt_signing_key(&self, candidate: [u8; 32], directory_id: [u8; 16])
-        -> Result<([u8; 32], [u8; 16]), StoreError>;
+    async fn kt_signing_key(
+        &self,
+        candidate: [u8; 32],
+        directory_id: [u8; 16],
+    ) -> Result<([u8; 32], [u8; 16]), StoreError>;
 
     /// The signed head stored for `epoch`, if any.
     ///

@@ -231,8 +231,11 @@ impl KtStorage for SqliteStore {
     async fn kt_put_signed_head(&self, epoch: u64, head: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
-            tx.execute("INSERT OR IGNORE INTO kt_signed_heads (epoch, head) VALUES (?1, ?2)", params![to_i64(epoch), head])
-                .map_err(map_err)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO kt_signed_heads (epoch, head) VALUES (?1, ?2)",
+                params![to_i64(epoch), head],
+            )
+            .map_err(map_err)?;
             let stored: Vec<u8> = tx
                 .query_row("SELECT head FROM kt_signed_heads WHERE epoch = ?1", [to_i64(epoch)], |r| r.get(0))
                 .map_err(map_err)?;
