@@ -53,6 +53,8 @@ impl akd::DomainLabel for SubrosaLabel {
 const META_KT_VRF: &str = "kt_vrf_key";
 /// The pinned head-signing key (32 bytes) and directory id (16 bytes).
 const META_KT_HEAD_KEY: &str = "kt_head_key";
+/// How a fork's alert ends.
+const FORK_BLOCKS: &str = "; sending is blocked on this device";
 /// Whom an alert about the server concerns.
 pub const THE_SERVER: &str = "the server";
 /// What an unsupported content kind is stored and shown as.
@@ -246,7 +248,7 @@ impl Subrosa {
     /// Fails when this device holds a proven directory fork not cleared.
     pub(crate) fn kt_blocked(&self) -> Result<(), ClientError> {
         match self.store.open_fork()? {
-            Some(why) => Err(ClientError::DirectoryFork(why)),
+            Some(why) => Err(ClientError::DirectoryFork(why.trim_end_matches(FORK_BLOCKS).to_string())),
             None => Ok(()),
         }
     }
@@ -444,7 +446,7 @@ impl Subrosa {
              (`subrosa alerts export FILE` writes the proof)",
             a.1, b.1
         );
-        self.store.add_alert_about(THE_SERVER, &format!("{why}; sending is blocked on this device"), Some(&json))?;
+        self.store.add_alert_about(THE_SERVER, &format!("{why}{FORK_BLOCKS}"), Some(&json))?;
         Err(ClientError::DirectoryFork(why))
     }
 
