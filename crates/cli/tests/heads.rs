@@ -116,3 +116,124 @@ fn a_content_kind_from_a_newer_subrosa_is_shown_as_unsupported_and_raises_no_gap
     let history = texts(&bob.history_json("alice"));
     assert_eq!(history, ["first", "unsupported message (sent by a newer Subrosa)", "second"]);
 }
+
+/// Runs the real binary on a fixture home.
+fn fixture_run(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(subrosa_bin())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env("SUBROSA_PASSPHRASE", FIXTURE_PASS)
+        .env_remove("SUBROSA_HOME")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("subrosa runs")
+}
+
+const FIXTURE_PASS: &str = "fixture passphrase";
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Homes and server data made by the first release: the server gets a
+/// head-signing key at its first start after the upgrade, and each home pins
+/// it on first use and goes on talking, with no alert.
+#[test]
+fn homes_and_a_server_of_the_first_release_pin_the_head_key_on_first_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/sqlite");
+    copy_dir(&fixtures, tmp.path());
+    let mut child = std::process::Command::new(server_bin())
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("server"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("server starts");
+    let url = {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        lines.read_line(&mut first).expect("address");
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while lines.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        first.trim().strip_prefix("listening on ").expect("listening line").to_string()
+    };
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    for home in [&alice, &bob] {
+        let store = subrosa_client::store::Store::open(home, FIXTURE_PASS).expect("the old home opens");
+        store.set_meta("server_url", url.as_bytes()).expect("points at this run's server");
+        assert!(store.meta("kt_head_key").expect("meta").is_none(), "nothing pinned before the upgrade");
+    }
+
+    let out = fixture_run(&alice, &["receive", "--json"]);
+    let err = stderr(&out);
+    assert!(out.status.success() && !err.contains("warning"), "{err}");
+    assert_eq!(texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout))), ["queued for alice, undelivered"]);
+    let out = fixture_run(&alice, &["send", "bob", "after the upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = fixture_run(&bob, &["receive", "--json"]);
+    let err = stderr(&out);
+    assert!(out.status.success() && !err.contains("warning"), "{err}");
+    assert_eq!(texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout))), ["after the upgrade"]);
+    for home in [&alice, &bob] {
+        let out = fixture_run(home, &["alerts"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no alerts");
+        let store = subrosa_client::store::Store::open(home, FIXTURE_PASS).expect("opens");
+        let pinned = store.meta("kt_head_key").expect("meta").expect("pinned on first use");
+        assert_eq!(pinned.len(), 48);
+    }
+    assert!(tmp.path().join("server/kt-signed-head").exists(), "the node records what it signed");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A linked device trusts the directory key its approving device pinned at
+/// registration: it is in the link grant, so the new device never takes it
+/// from the server.
+#[test]
+fn a_linked_device_gets_the_head_signing_key_from_the_approving_device() {
+    use std::io::BufRead as _;
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let alice2 = User { name: "alice2".into(), dir: tempfile::tempdir().expect("tempdir") };
+    let mut child = alice2
+        .cmd(&["link", "alice", "--server", &server.url, "--timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn link");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("code line");
+    let code = line.trim().strip_prefix("code: ").expect("a code").to_string();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    });
+    alice.ok(&["link", "--accept", &code]);
+    assert!(child.wait().expect("link ends").success());
+    let key = |u: &User| {
+        subrosa_client::store::Store::open(&u.home(), PASS)
+            .expect("opens")
+            .meta("kt_head_key")
+            .expect("meta")
+            .map(|k| k.to_vec())
+    };
+    let first = key(&alice).expect("alice pinned at registration");
+    assert_eq!(key(&alice2), Some(first), "the new device holds the same key right after linking");
+}

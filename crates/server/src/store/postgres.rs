@@ -152,8 +152,9 @@ const MIGRATIONS: &[&str] = &[
         private_key BYTEA NOT NULL
     );
     ",
-    // Signed directory heads (see `store::kt`): the head-signing key and
-    // directory id, and every head signed, one per epoch.
+    // 3: signed directory heads (SQLite's migration 4; see `store::kt`):
+    // the head-signing key and directory id, and every head signed, one per
+    // epoch.
     r"
     CREATE TABLE kt_signing (
         id INTEGER PRIMARY KEY CHECK (id = 1),
