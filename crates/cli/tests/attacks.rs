@@ -155,6 +155,38 @@ fn a_forked_directory_is_caught_when_alice_and_bob_talk_and_alice_stops_sending(
     bob.send("alice", "bob can always send");
 }
 
+#[test]
+fn a_server_that_will_not_confirm_a_head_it_signed_is_named_and_nothing_is_blocked() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hi bob");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hi bob"]);
+
+    // alice is shown the directory as it is now, and never anything newer.
+    server.attack(json!({ "freeze": { "victim": "alice" } }));
+    let out = alice.run(&["receive"]);
+    assert!(out.status.success() && !stderr(&out).contains("warning"), "{}", stderr(&out));
+    let _carol = User::register(&server, "carol");
+
+    // bob's message carries the newer head the server signed for him;
+    // asked for that epoch, the server tells alice it does not exist.
+    bob.send("alice", "from the present");
+    let out = alice.run(&["receive", "--json"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout))), ["from the present"]);
+    assert!(err.contains("warning: the server would not confirm the key-directory head for epoch"), "{err}");
+    assert!(err.contains("that bob's message carried"), "{err}");
+
+    // Evidence against the server, not a proof: nothing is blocked.
+    let alerts = parse_json_lines(&alice.ok(&["alerts", "--json"]));
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!((&alerts[0]["concerns"], &alerts[0]["fork"]), (&json!("the server"), &json!(false)));
+    alice.send("bob", "not blocked");
+    assert_clean_error(&alice.run(&["alerts", "export", "proof.json"]), "no proven key-directory fork");
+}
+
 /// `GET /v1/kt/head`, unsigned, as anyone may ask.
 fn server_head(server: &Server) -> subrosa_proto::kt::KtHead {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
