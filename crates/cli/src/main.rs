@@ -352,6 +352,8 @@ fn alerts(me: &Subrosa, action: Option<AlertsCommand>, export: Option<PathBuf>, 
             }
         }
         (None, None) => {
+            // Listed here: not repeated as warnings after the command.
+            me.take_alerts()?;
             let list = me.alerts()?;
             for a in &list {
                 if json {
