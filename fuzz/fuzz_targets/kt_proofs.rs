@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let (head, proof) = data.split_at(data.len().min(33));
     let epoch = u64::from(head.first().copied().unwrap_or(1));
     let root = B64(head.get(1..).unwrap_or_default().to_vec());
-    let lookup = KtLookup { epoch, root_hash: root.clone(), proof: B64(proof.to_vec()) };
+    let lookup = KtLookup { epoch, root_hash: root.clone(), proof: B64(proof.to_vec()), signed_head: None };
     let handle = Handle::new("alice").expect("handle");
     let vrf = [7u8; 32];
     assert!(subrosa_client::kt::verify_lookup(&vrf, &handle, b"ik", &[], Some(&lookup)).is_err());

@@ -154,6 +154,34 @@ enum Command {
     },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
+    /// List security alerts (key-directory forks, misbehaving members, ghost
+    /// devices), export a fork's proof, or clear them.
+    Alerts {
+        #[command(subcommand)]
+        action: Option<AlertsCommand>,
+        /// Write the proof of the newest proven fork (both signed heads, JSON) to FILE.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AlertsCommand {
+    /// Write the proof of the newest proven fork (both signed heads, JSON) to FILE.
+    Export {
+        /// Where.
+        file: PathBuf,
+    },
+    /// Clear every alert. A proven fork is cleared (and sending allowed
+    /// again) only after confirmation.
+    Clear {
+        /// Confirm clearing a proven fork without asking.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -323,6 +351,77 @@ fn passphrase(from_env: Option<Zeroizing<String>>, confirm: bool) -> Result<Zero
         }
     }
     Ok(p)
+}
+
+/// Text that may hold what others sent (handles are validated, but an
+/// alert can quote a server's message), with control characters and bidi
+/// overrides neutralised.
+fn neutralised(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') { '?' } else { c })
+        .collect()
+}
+
+fn write_fork_proof(me: &Subrosa, file: &std::path::Path) -> Result<()> {
+    let proof = me.fork_proof()?.ok_or_else(|| anyhow!("no proven key-directory fork to export"))?;
+    let pretty = serde_json::from_str::<serde_json::Value>(&proof)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or(proof);
+    std::fs::write(file, format!("{pretty}\n")).with_context(|| format!("writing {}", file.display()))?;
+    out!("wrote the proof of the fork (two conflicting signed heads) to {}", file.display());
+    Ok(())
+}
+
+fn alerts(me: &Subrosa, action: Option<AlertsCommand>, export: Option<PathBuf>, json: bool) -> Result<ExitCode> {
+    match (action, export) {
+        (Some(AlertsCommand::Export { file }), None) | (None, Some(file)) => write_fork_proof(me, &file)?,
+        (Some(_), Some(_)) => return Err(anyhow!("give either `alerts export FILE` or `alerts --export FILE`")),
+        (Some(AlertsCommand::Clear { yes }), None) => {
+            let forks = me.alerts()?.iter().filter(|a| a.fork).count();
+            let confirmed = forks > 0
+                && (yes || {
+                    if std::io::stdin().is_terminal() {
+                        let _ = write!(
+                            std::io::stdout(),
+                            "This device holds proof that the server showed different people different keys. \
+                             Clear it and allow sending again? [y/N] "
+                        );
+                        let _ = std::io::stdout().flush();
+                        let mut answer = String::new();
+                        std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+                        matches!(answer.trim(), "y" | "Y" | "yes")
+                    } else {
+                        false
+                    }
+                });
+            let (cleared, remaining) = me.clear_alerts(confirmed)?;
+            out!("cleared {cleared} alert(s)");
+            if remaining > 0 {
+                return Err(anyhow!(
+                    "a proven key-directory fork stays and sending stays blocked: export its proof \
+                     (`subrosa alerts export FILE`), then clear it with `subrosa alerts clear --yes`"
+                ));
+            }
+        }
+        (None, None) => {
+            // Listed here: not repeated as warnings after the command.
+            me.take_alerts()?;
+            let list = me.alerts()?;
+            for a in &list {
+                if json {
+                    out!("{}", serde_json::to_string(a).unwrap_or_default());
+                } else {
+                    let kind = if a.fork { "FORK (sending blocked) " } else { "" };
+                    let who = a.concerns.as_deref().unwrap_or("-");
+                    out!("#{}\t{}\t{}\t{kind}{}", a.id, format_time(a.at), neutralised(who), neutralised(&a.text));
+                }
+            }
+            if list.is_empty() && !json {
+                out!("no alerts");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_safety_number(n: &str) {
@@ -548,6 +647,7 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
                 out!("{}\t{}\t{}", safe(&g.name), safe(&state), g.id);
             }
         }
+        Command::Alerts { action, export, json } => return alerts(me, action, export, json),
         Command::Members { target } => {
             let stale = me.stale_members(&target)?;
             for m in me.members(&target)? {

@@ -101,19 +101,102 @@ fn a_forked_directory_is_caught_when_alice_and_bob_talk_and_alice_stops_sending(
     // both views, with different roots.
     let _carol = User::register(&server, "carol");
 
-    // bob's next message carries the head bob verified; alice's device
-    // cannot reconcile it with the directory it is shown.
+    // bob's next message carries the head the server signed for him; alice
+    // holds the head the server signed for her at the same epoch: two
+    // signed heads, one epoch, two roots. That is proof, not suspicion.
     bob.send("alice", "still me");
     let out = alice.run(&["receive", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout))), ["still me"]);
-    assert!(stderr(&out).contains("warning: the server showed bob a different key directory"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: the server signed two different key-directory heads for epoch"),
+        "{}",
+        stderr(&out)
+    );
 
     // From now on alice sends nothing, to bob or anyone.
     assert_clean_error(&alice.run(&["send", "bob", "secret"]), "key directory fork");
     assert_clean_error(&alice.run(&["send", "carol", "secret"]), "key directory fork");
     assert_eq!(queued_for(&server, &fake), 0);
     assert!(!alice.history_json("bob").iter().any(|m| m["text"] == "secret"));
+
+    // The alert names the server, and its proof is two heads the server's
+    // own key signed for one epoch with different roots.
+    let listed = alice.ok(&["alerts"]);
+    assert!(listed.contains("FORK (sending blocked)") && listed.contains("the server"), "{listed}");
+    let file = alice.dir.path().join("fork.json");
+    alice.ok(&["alerts", "export", file.to_str().expect("utf-8 path")]);
+    let proof: subrosa_client::kt::ForkProof =
+        serde_json::from_slice(&std::fs::read(&file).expect("proof written")).expect("proof JSON");
+    proof.verify().expect("both heads are validly signed, for one epoch, with different roots");
+    let heads: Vec<subrosa_proto::kt::SignedHead> = proof
+        .heads
+        .iter()
+        .map(|h| subrosa_proto::kt::SignedHead::decode(&hex::decode(h).expect("hex")).expect("a signed head"))
+        .collect();
+    assert_eq!(heads[0].epoch, heads[1].epoch);
+    assert_ne!(heads[0].root, heads[1].root);
+    // Signed by the key the server publishes (and bob pinned at registration).
+    let head = server_head(&server);
+    assert_eq!(head.signing_key.map(|k| k.into_inner()), Some(hex::decode(&proof.signing_key).expect("hex")));
+    let forged = {
+        let mut p = proof.clone();
+        p.heads[1] = p.heads[0].clone();
+        p
+    };
+    assert!(forged.verify().is_err(), "two equal heads prove nothing");
+
+    // Clearing a proven fork needs an explicit confirmation.
+    assert_clean_error(&alice.run(&["alerts", "clear"]), "sending stays blocked");
+    assert_clean_error(&alice.run(&["send", "carol", "secret"]), "key directory fork");
+    alice.ok(&["alerts", "clear", "--yes"]);
+    assert_eq!(alice.ok(&["alerts"]).trim(), "no alerts");
+    // bob was never blocked.
+    bob.send("alice", "bob can always send");
+}
+
+#[test]
+fn a_server_that_will_not_confirm_a_head_it_signed_is_named_and_nothing_is_blocked() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hi bob");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hi bob"]);
+
+    // alice is shown the directory as it is now, and never anything newer.
+    server.attack(json!({ "freeze": { "victim": "alice" } }));
+    let out = alice.run(&["receive"]);
+    assert!(out.status.success() && !stderr(&out).contains("warning"), "{}", stderr(&out));
+    let _carol = User::register(&server, "carol");
+
+    // bob's message carries the newer head the server signed for him;
+    // asked for that epoch, the server tells alice it does not exist.
+    bob.send("alice", "from the present");
+    let out = alice.run(&["receive", "--json"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout))), ["from the present"]);
+    assert!(err.contains("warning: the server would not confirm the key-directory head for epoch"), "{err}");
+    assert!(err.contains("that bob's message carried"), "{err}");
+
+    // Evidence against the server, not a proof: nothing is blocked.
+    let alerts = parse_json_lines(&alice.ok(&["alerts", "--json"]));
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!((&alerts[0]["concerns"], &alerts[0]["fork"]), (&json!("the server"), &json!(false)));
+    alice.send("bob", "not blocked");
+    assert_clean_error(&alice.run(&["alerts", "export", "proof.json"]), "no proven key-directory fork");
+}
+
+/// `GET /v1/kt/head`, unsigned, as anyone may ask.
+fn server_head(server: &Server) -> subrosa_proto::kt::KtHead {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(subrosa_client::net::call_unsigned::<(), subrosa_proto::kt::KtHead>(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/kt/head",
+        None,
+    ))
+    .expect("head")
 }
 
 #[test]

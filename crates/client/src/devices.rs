@@ -117,11 +117,17 @@ impl Subrosa {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        let (identity, history) = pending.complete(&crypto, grant.as_slice())?;
+        let granted = pending.complete_grant(&crypto, grant.as_slice())?;
+        let (identity, history) = (granted.identity, granted.history);
         let store = Store::create(home, passphrase)?;
         store.set_meta(META_IDENTITY, &identity.to_secret_bytes()?)?;
         store.set_meta(META_SERVER, server.as_bytes())?;
         let me = Self::assemble(store, identity, server)?;
+        // The directory key the approving device pinned; a grant without
+        // one (an older approving device) pins on first use instead.
+        if let Some(key) = granted.directory_key {
+            me.pin_head_key(&crate::kt::HeadKey::from_bytes(&key)?)?;
+        }
         me.store.transaction(|| me.import_history(&history))?;
         me.upload_key_packages(KEY_PACKAGE_TARGET as usize, true).await?;
         Ok(me)
@@ -199,8 +205,14 @@ impl Subrosa {
         check_fingerprint(slot.request.as_slice(), &fingerprint)?;
         let request = subrosa_core::link::LinkRequest::from_bytes(slot.request.as_slice())?;
         let history = if request.with_history { self.recent_history()? } else { Vec::new() };
-        let (grant, cert) =
-            self.identity().grant_link(self.engine.crypto(), slot.request.as_slice(), history, now_ms())?;
+        let directory_key = self.kt_head_key().await?.to_bytes();
+        let (grant, cert) = self.identity().grant_link_with(
+            self.engine.crypto(),
+            slot.request.as_slice(),
+            history,
+            now_ms(),
+            &directory_key,
+        )?;
         let record = DeviceRecord {
             device_id: cert.device_id(),
             signature_key: B64(cert.device_key().to_vec()),

@@ -6,26 +6,35 @@
 //! - A lookup proof comes with every key fetch (claims and account
 //!   answers). It is verified against its epoch's root with the directory's
 //!   VRF key, pinned on first use, and its value must be
-//!   [`directory_value`] of exactly the keys offered.
-//! - The roots this device has verified are stored. A root for a new epoch
-//!   is accepted only with append-only proofs from the newest one stored; a
-//!   root for a known epoch must equal the stored one. Anything else means
-//!   the server showed different directories: a fork.
-//! - Each message carries the sender's newest verified head; receivers
-//!   check it the same way, so a server showing two members different views
-//!   is caught when they talk.
+//!   [`directory_value`] of exactly the keys offered. It also carries the
+//!   server's [`SignedHead`] for that epoch, checked against the
+//!   head-signing key pinned at registration (or passed on when linking).
+//! - The roots this device has verified are stored, and every signed head
+//!   it holds. A root for a new epoch is accepted only with append-only
+//!   proofs from the newest one stored; a root for a known epoch must equal
+//!   the stored one.
+//! - Each message carries the sender's newest signed head. It is evidence,
+//!   never a verdict: a head that is not validly signed is the sender's
+//!   fault (dropped, an alert names them); a validly signed head this device
+//!   cannot match needs the server's own signed head for that epoch and an
+//!   append-only proof to it, and a refusal is recorded against the server;
+//!   only two validly signed heads with one epoch and different roots prove
+//!   a fork. Each member has at most one pending head (its newest).
+//! - A proven fork is an alert with its proof (both signed heads); it
+//!   blocks every send from this device until the user clears it.
 //! - At each sync the device looks up its own handle and raises an alert
 //!   when the directory lists an identity key or a device that is not this
 //!   account's.
-//!
-//! A detected fork is recorded and blocks every send from this device.
 
 use akd::{AkdLabel, AppendOnlyProof, Digest, SingleAppendOnlyProof};
+use aws_lc_rs::signature::{UnparsedPublicKey, ED25519};
 use protobuf::Message;
 use reqwest::Method;
-use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
+use serde::{Deserialize, Serialize};
+use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, SignedHead, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
 use subrosa_proto::{AccountInfo, DeviceRecord, Handle};
 
+use crate::store::Alert;
 use crate::{ClientError, Subrosa};
 
 /// The akd configuration Subrosa's directory uses.
@@ -42,10 +51,106 @@ impl akd::DomainLabel for SubrosaLabel {
 }
 
 const META_KT_VRF: &str = "kt_vrf_key";
-const META_KT_FORK: &str = "kt_fork";
+/// The pinned head-signing key (32 bytes) and directory id (16 bytes).
+const META_KT_HEAD_KEY: &str = "kt_head_key";
+/// How a fork's alert ends.
+const FORK_BLOCKS: &str = "; sending is blocked on this device";
+/// Whom an alert about the server concerns.
+pub const THE_SERVER: &str = "the server";
+/// What an unsupported content kind is stored and shown as.
+pub const UNSUPPORTED_TEXT: &str = "unsupported message (sent by a newer Subrosa)";
 
 fn digest(b: &[u8], what: &str) -> Result<Digest, ClientError> {
     Digest::try_from(b).map_err(|_| ClientError::Protocol(format!("{what}: not a 32-byte hash")))
+}
+
+/// The key that signs a directory's heads, and the directory's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadKey {
+    /// Ed25519 public key.
+    pub key: [u8; 32],
+    /// The directory id every head it signs names.
+    pub directory_id: [u8; 16],
+}
+
+impl HeadKey {
+    /// 48 bytes: key, then directory id (as stored and passed on at linking).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        [&self.key[..], &self.directory_id[..]].concat()
+    }
+
+    /// Reads [`HeadKey::to_bytes`].
+    ///
+    /// # Errors
+    /// [`ClientError::Protocol`] for any other length.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, ClientError> {
+        let bad = || ClientError::Protocol("a head-signing key is 48 bytes".into());
+        if b.len() != 48 {
+            return Err(bad());
+        }
+        Ok(HeadKey {
+            key: b[..32].try_into().map_err(|_| bad())?,
+            directory_id: b[32..].try_into().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Decodes a signed head and checks its signature under `key` and that it
+/// names `key`'s directory.
+///
+/// # Errors
+/// A one-line reason when it is malformed, of another directory, or not
+/// validly signed.
+pub fn verify_signed_head(key: &HeadKey, bytes: &[u8]) -> Result<SignedHead, String> {
+    let head = SignedHead::decode(bytes).map_err(|e| e.to_string())?;
+    if head.directory_id != key.directory_id {
+        return Err("the head names another directory".into());
+    }
+    UnparsedPublicKey::new(&ED25519, key.key)
+        .verify(&head.to_be_signed(), &head.signature)
+        .map_err(|_| "the head's signature does not verify".to_string())?;
+    Ok(head)
+}
+
+/// The proof of a fork that `subrosa alerts export` writes: two heads,
+/// both validly signed by the directory's key, for one epoch with different
+/// roots. Anyone holding the key can check it with [`ForkProof::verify`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForkProof {
+    /// What this is.
+    pub kind: String,
+    /// The epoch both heads are for.
+    pub epoch: u64,
+    /// The head-signing public key (hex).
+    pub signing_key: String,
+    /// The directory id (hex).
+    pub directory_id: String,
+    /// The two signed heads (hex of [`SignedHead::encode`]).
+    pub heads: [String; 2],
+    /// Where each came from.
+    pub sources: [String; 2],
+}
+
+impl ForkProof {
+    /// Checks that the proof shows two different, validly signed heads for
+    /// one epoch.
+    ///
+    /// # Errors
+    /// A one-line reason when it does not.
+    pub fn verify(&self) -> Result<(), String> {
+        let hex32 = |s: &str| -> Result<Vec<u8>, String> { hex::decode(s).map_err(|e| e.to_string()) };
+        let key = HeadKey::from_bytes(&[hex32(&self.signing_key)?, hex32(&self.directory_id)?].concat())
+            .map_err(|e| e.to_string())?;
+        let a = verify_signed_head(&key, &hex32(&self.heads[0])?)?;
+        let b = verify_signed_head(&key, &hex32(&self.heads[1])?)?;
+        if a.epoch != self.epoch || b.epoch != self.epoch {
+            return Err("the heads are not for the proof's epoch".into());
+        }
+        if a.root == b.root {
+            return Err("the heads do not conflict".into());
+        }
+        Ok(())
+    }
 }
 
 /// Decodes and checks append-only proofs for epochs `from..=to` that start
@@ -129,16 +234,21 @@ pub fn verify_lookup_value(
     Ok((lookup.epoch, root))
 }
 
+/// A server answer that contradicts what this device verified before.
+fn directory_refused(why: String) -> ClientError {
+    ClientError::KeyMismatch { handle: "the key directory".into(), why }
+}
+
 impl Subrosa {
-    /// The directory's current head (unsigned, as anyone may ask).
+    /// The directory's current head (unsigned request, as anyone may ask).
     pub(crate) async fn kt_head(&self) -> Result<KtHead, ClientError> {
         self.api.call::<(), _>(Method::GET, "/v1/kt/head", None).await
     }
 
-    /// Fails when this device has detected a directory fork.
+    /// Fails when this device holds a proven directory fork not cleared.
     pub(crate) fn kt_blocked(&self) -> Result<(), ClientError> {
-        match self.store.meta(META_KT_FORK)? {
-            Some(why) => Err(ClientError::DirectoryFork(String::from_utf8_lossy(&why).into_owned())),
+        match self.store.open_fork()? {
+            Some(why) => Err(ClientError::DirectoryFork(why.trim_end_matches(FORK_BLOCKS).to_string())),
             None => Ok(()),
         }
     }
@@ -153,13 +263,55 @@ impl Subrosa {
         Ok(head.vrf_public_key.into_inner())
     }
 
-    /// The newest head this device verified, to tell other members.
-    pub(crate) fn kt_latest(&self) -> Result<Option<(u64, [u8; 32])>, ClientError> {
-        let Some((_, hi)) = self.store.kt_range()? else { return Ok(None) };
-        Ok(self.store.kt_root(hi)?.and_then(|r| <[u8; 32]>::try_from(r.as_slice()).ok()).map(|r| (hi, r)))
+    /// The directory's head-signing key: pinned at registration (homes made
+    /// before signed heads pin it on first use), passed on when linking.
+    ///
+    /// # Errors
+    /// Network errors; [`ClientError::Protocol`] when the server does not
+    /// sign its heads or its head does not verify under its own key.
+    pub async fn kt_head_key(&self) -> Result<HeadKey, ClientError> {
+        if let Some(k) = self.store.meta(META_KT_HEAD_KEY)? {
+            return HeadKey::from_bytes(&k);
+        }
+        let head = self.kt_head().await?;
+        let (Some(key), Some(signed)) = (head.signing_key.as_ref(), head.signed.as_ref()) else {
+            return Err(ClientError::Protocol("the server does not sign its key-directory heads".into()));
+        };
+        let key: [u8; 32] = key
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::Protocol("the head-signing key is not 32 bytes".into()))?;
+        let decoded = SignedHead::decode(signed.as_slice()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let pinned = HeadKey { key, directory_id: decoded.directory_id };
+        verify_signed_head(&pinned, signed.as_slice()).map_err(ClientError::Protocol)?;
+        self.pin_head_key(&pinned)?;
+        Ok(pinned)
     }
 
-    /// Checks that the directory vouches for exactly these keys of `handle`.
+    /// Pins a head-signing key (a new device, from the device that approved
+    /// it). An already pinned key is kept.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn pin_head_key(&self, key: &HeadKey) -> Result<(), ClientError> {
+        if self.store.meta(META_KT_HEAD_KEY)?.is_none() {
+            self.store.set_meta(META_KT_HEAD_KEY, &key.to_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The pinned head-signing key, if any (no network).
+    pub(crate) fn kt_pinned_head_key(&self) -> Result<Option<HeadKey>, ClientError> {
+        self.store.meta(META_KT_HEAD_KEY)?.map(|k| HeadKey::from_bytes(&k)).transpose()
+    }
+
+    /// The newest signed head this device holds, to tell other members.
+    pub(crate) fn kt_latest(&self) -> Result<Option<Vec<u8>>, ClientError> {
+        self.store.kt_newest_signed_head()
+    }
+
+    /// Checks that the directory vouches for exactly these keys of `handle`,
+    /// under a head the server signed.
     pub(crate) async fn kt_verify(
         &self,
         handle: &Handle,
@@ -169,19 +321,71 @@ impl Subrosa {
     ) -> Result<(), ClientError> {
         self.kt_blocked()?;
         let vrf = self.kt_vrf_key().await?;
+        let key = self.kt_head_key().await?;
         let (epoch, root) = verify_lookup(&vrf, handle, identity_key, devices, lookup)?;
-        self.kt_track(epoch, root, None).await
+        let signed = lookup.and_then(|l| l.signed_head.as_ref()).ok_or_else(|| {
+            directory_refused(format!("the server sent no signed head for epoch {epoch} with the keys of {handle}"))
+        })?;
+        let head = verify_signed_head(&key, signed.as_slice())
+            .map_err(|why| directory_refused(format!("the server's head for epoch {epoch}: {why}")))?;
+        if head.epoch != epoch || head.root != root.as_ref() || head.vrf_public_key.as_slice() != vrf.as_slice() {
+            return Err(directory_refused(format!(
+                "the server's signed head does not match its proof at epoch {epoch}"
+            )));
+        }
+        self.kt_accept_server_head(&head, signed.as_slice(), None).await
     }
 
-    /// Makes sure `(epoch, root)` lies on the one chain this device has
-    /// seen, fetching append-only proofs to reach it. `reported_by` names
-    /// the member whose message carried it (None: the server's own answer).
-    pub(crate) async fn kt_track(
+    /// Takes a head the server signed into this device's view: a second
+    /// head for a held epoch proves a fork; a new epoch must extend the
+    /// chain of roots (append-only proofs). `for_member`: the member whose
+    /// gossiped head made us ask (for the alert's wording).
+    async fn kt_accept_server_head(
         &self,
-        epoch: u64,
-        root: Digest,
-        reported_by: Option<&str>,
+        head: &SignedHead,
+        bytes: &[u8],
+        for_member: Option<&str>,
     ) -> Result<(), ClientError> {
+        if let Some(held) = self.store.kt_signed_head(head.epoch)? {
+            if held == bytes {
+                return Ok(());
+            }
+            if let Ok(key) = self.kt_head_key().await {
+                if let Ok(h) = verify_signed_head(&key, &held) {
+                    if h.root != head.root {
+                        return self.kt_proven_fork(
+                            head.epoch,
+                            (&held, "held by this device"),
+                            (bytes, "now sent by the server"),
+                        );
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let root = digest(&head.root, "directory root")?;
+        match self.kt_track(head.epoch, root).await {
+            Ok(()) => self.store.put_kt_signed_head(head.epoch, bytes),
+            Err(ClientError::KeyMismatch { why, .. }) => {
+                let asked = for_member.map(|m| format!(" (asked because of {m}'s head)")).unwrap_or_default();
+                let text = format!(
+                    "the server's key directory at epoch {} does not extend what this device saw before{asked}: {why}",
+                    head.epoch
+                );
+                self.store.add_alert_about(THE_SERVER, &text, None)?;
+                Err(directory_refused(text))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes sure `(epoch, root)` lies on the one chain of roots this device
+    /// has seen, fetching append-only proofs to reach it.
+    ///
+    /// # Errors
+    /// [`ClientError::KeyMismatch`] when it does not (the server's answers
+    /// contradict each other); network errors.
+    async fn kt_track(&self, epoch: u64, root: Digest) -> Result<(), ClientError> {
         let Some((lo, hi)) = self.store.kt_range()? else {
             // First sight: trusted on first use, like the VRF key.
             return self.store.put_kt_roots(epoch, &[root]);
@@ -190,9 +394,11 @@ impl Subrosa {
             let r = self.store.kt_root(e)?.ok_or_else(|| ClientError::Bug(format!("no stored root for epoch {e}")))?;
             digest(&r, "stored directory root")
         };
+        let broken =
+            || directory_refused(format!("the root of epoch {epoch} is not on the chain this device verified"));
         let (start, end) = if epoch < lo { (epoch, lo) } else { (hi, epoch) };
         if (lo..=hi).contains(&epoch) {
-            return if known(epoch)? == root { Ok(()) } else { self.kt_fork(epoch, reported_by) };
+            return if known(epoch)? == root { Ok(()) } else { Err(broken()) };
         }
         let mut roots = Vec::new();
         let mut from = start;
@@ -200,14 +406,10 @@ impl Subrosa {
             let to = end.min(from + MAX_AUDIT_EPOCHS);
             let audit: KtAudit =
                 self.api.call::<(), _>(Method::GET, &format!("/v1/kt/audit?from={from}&to={to}"), None).await?;
-            let chunk = match verify_audit(&audit, from, to).await {
-                Ok(c) => c,
-                Err(ClientError::KeyMismatch { .. }) => return self.kt_fork(epoch, reported_by),
-                Err(e) => return Err(e),
-            };
+            let chunk = verify_audit(&audit, from, to).await?;
             if let Some(&prev) = roots.last() {
                 if chunk.first() != Some(&prev) {
-                    return self.kt_fork(epoch, reported_by);
+                    return Err(broken());
                 }
                 roots.extend_from_slice(&chunk[1..]);
             } else {
@@ -219,40 +421,123 @@ impl Subrosa {
         let joins = if epoch < lo { roots.last() == Some(&known(lo)?) } else { roots.first() == Some(&known(hi)?) };
         let reaches = if epoch < lo { roots.first() == Some(&root) } else { roots.last() == Some(&root) };
         if !joins || !reaches {
-            return self.kt_fork(epoch, reported_by);
+            return Err(broken());
         }
         self.store.transaction(|| self.store.put_kt_roots(start, &roots))
     }
 
-    /// Records a fork, alerts, and fails.
-    fn kt_fork(&self, epoch: u64, reported_by: Option<&str>) -> Result<(), ClientError> {
-        let why = match reported_by {
-            Some(who) => format!(
-                "the server showed {who} a different key directory at epoch {epoch} than it showed this device: \
-                 it may be impersonating someone in your conversations"
-            ),
-            None => format!(
-                "the server's key directory at epoch {epoch} does not extend the one this device saw before: \
-                 it may be showing different people different keys"
-            ),
+    /// Records a proven fork (two validly signed heads for one epoch with
+    /// different roots) with its proof, alerts, and fails: sending is
+    /// blocked until the user clears it.
+    fn kt_proven_fork(&self, epoch: u64, a: (&[u8], &str), b: (&[u8], &str)) -> Result<(), ClientError> {
+        let key = self.kt_pinned_head_key()?.ok_or_else(|| ClientError::Bug("a fork without a pinned key".into()))?;
+        let proof = ForkProof {
+            kind: "subrosa key-directory fork".into(),
+            epoch,
+            signing_key: hex::encode(key.key),
+            directory_id: hex::encode(key.directory_id),
+            heads: [hex::encode(a.0), hex::encode(b.0)],
+            sources: [a.1.to_string(), b.1.to_string()],
         };
-        self.store.transaction(|| {
-            self.store.set_meta(META_KT_FORK, why.as_bytes())?;
-            self.store.add_alert(&format!("{why}; sending is blocked on this device"))
-        })?;
+        let json = serde_json::to_string(&proof).map_err(|e| ClientError::Bug(e.to_string()))?;
+        let why = format!(
+            "the server signed two different key-directory heads for epoch {epoch}, one {} and one {}: it is showing \
+             different people different keys and may be impersonating someone in your conversations \
+             (`subrosa alerts export FILE` writes the proof)",
+            a.1, b.1
+        );
+        self.store.add_alert_about(THE_SERVER, &format!("{why}{FORK_BLOCKS}"), Some(&json))?;
         Err(ClientError::DirectoryFork(why))
     }
 
-    /// Checks the heads other members reported. A fork found this way is
-    /// recorded and alerted, not returned: receiving goes on.
+    /// Checks the heads other members' messages carried (one per member,
+    /// its newest). Findings are alerts, not errors: receiving goes on.
     pub(crate) async fn kt_check_gossip(&self) -> Result<(), ClientError> {
-        for (epoch, root, source) in self.store.kt_gossip()? {
-            match self.kt_track(epoch, root, Some(&source)).await {
-                Ok(()) | Err(ClientError::DirectoryFork(_)) => self.store.drop_kt_gossip(epoch, &root, &source)?,
+        for (source, bytes) in self.store.kt_head_gossip()? {
+            match self.kt_check_one(&source, &bytes).await {
+                Ok(()) | Err(ClientError::DirectoryFork(_)) | Err(ClientError::KeyMismatch { .. }) => {
+                    self.store.drop_kt_head_gossip(&source, &bytes)?
+                }
+                // The server could not be asked now: checked at a later sync.
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    async fn kt_check_one(&self, source: &str, bytes: &[u8]) -> Result<(), ClientError> {
+        let key = self.kt_head_key().await?;
+        let head = match verify_signed_head(&key, bytes) {
+            Ok(h) => h,
+            Err(why) => {
+                // Only the member's own device put it in the message: the
+                // server is not blamed.
+                return self.store.add_alert_about(
+                    source,
+                    &format!(
+                        "{source}'s message carried a key-directory head that the server did not sign ({why}); \
+                         it was ignored: {source}'s device or app misbehaves"
+                    ),
+                    None,
+                );
+            }
+        };
+        if let Some(held) = self.store.kt_signed_head(head.epoch)? {
+            if held == bytes {
+                return Ok(());
+            }
+            // Held heads were verified when kept; one that no longer is
+            // (never expected) is no evidence either way.
+            let Ok(mine) = verify_signed_head(&key, &held) else { return Ok(()) };
+            if mine.root == head.root {
+                return Ok(());
+            }
+            return self.kt_proven_fork(
+                head.epoch,
+                (&held, "shown to this device"),
+                (bytes, &format!("held by {source}")),
+            );
+        }
+        if self.store.kt_range()?.is_some_and(|(lo, _)| head.epoch < lo) {
+            // Older than anything this device saw: nothing to compare.
+            return Ok(());
+        }
+        // Ask the server for its own signed head of that epoch: a different
+        // root proves a fork; the same root must extend this device's chain.
+        let path = format!("/v1/kt/head?epoch={}", head.epoch);
+        let answer: Result<KtHead, ClientError> = self.api.call::<(), _>(Method::GET, &path, None).await;
+        let refused = |why: String| -> Result<(), ClientError> {
+            let text = format!(
+                "the server would not confirm the key-directory head for epoch {} that {source}'s message carried \
+                 (signed by the server itself): {why}",
+                head.epoch
+            );
+            self.store.add_alert_about(THE_SERVER, &text, None)?;
+            Err(directory_refused(text))
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(ClientError::Server { status, body }) if status < 500 => {
+                // The server's words, kept to one line of printable text.
+                let said: String = body.message.chars().filter(|c| !c.is_control()).take(200).collect();
+                return refused(said);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(theirs) = answer.signed else { return refused("it sent no signed head".into()) };
+        let server_head = match verify_signed_head(&key, theirs.as_slice()) {
+            Ok(h) if h.epoch == head.epoch => h,
+            Ok(_) => return refused("it sent a head for another epoch".into()),
+            Err(why) => return refused(why),
+        };
+        if server_head.root != head.root {
+            return self.kt_proven_fork(
+                head.epoch,
+                (theirs.as_slice(), "shown to this device"),
+                (bytes, &format!("held by {source}")),
+            );
+        }
+        self.kt_accept_server_head(&server_head, theirs.as_slice(), Some(source)).await
     }
 
     /// Looks up this account in the directory and alerts when it lists an
@@ -262,9 +547,11 @@ impl Subrosa {
         let info: AccountInfo = self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{me}"), None).await?;
         if let Err(e) = self.kt_verify(&me, info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await {
             return match e {
-                ClientError::KeyMismatch { why, .. } => self.store.add_alert(&format!(
-                    "the server's answer about this account ({me}) is not what its key directory says: {why}"
-                )),
+                ClientError::KeyMismatch { why, .. } => self.store.add_alert_about(
+                    THE_SERVER,
+                    &format!("the server's answer about this account ({me}) is not what its key directory says: {why}"),
+                    None,
+                ),
                 // Already recorded and alerted; receiving goes on.
                 ClientError::DirectoryFork(_) => Ok(()),
                 e => Err(e),
@@ -272,18 +559,26 @@ impl Subrosa {
         }
         let own_key = self.identity().identity_public();
         if info.identity_key.as_slice() != own_key {
-            self.store.add_alert(&format!(
-                "the key directory lists an identity key for {me} that is not this account's: \
-                 the server may be impersonating you"
-            ))?;
+            self.store.add_alert_about(
+                THE_SERVER,
+                &format!(
+                    "the key directory lists an identity key for {me} that is not this account's: \
+                     the server may be impersonating you"
+                ),
+                None,
+            )?;
         }
         for d in &info.devices {
             if !self.is_certified(d, own_key, &me) {
-                self.store.add_alert(&format!(
-                    "the key directory lists a device {} for {me} that none of your devices added: \
-                     the server may be adding a ghost device (it is refused and gets nothing)",
-                    d.device_id.to_hex()
-                ))?;
+                self.store.add_alert_about(
+                    THE_SERVER,
+                    &format!(
+                        "the key directory lists a device {} for {me} that none of your devices added: \
+                         the server may be adding a ghost device (it is refused and gets nothing)",
+                        d.device_id.to_hex()
+                    ),
+                    None,
+                )?;
             }
         }
         Ok(())
@@ -295,6 +590,34 @@ impl Subrosa {
     /// Store errors.
     pub fn take_alerts(&self) -> Result<Vec<String>, ClientError> {
         self.store.take_alerts()
+    }
+
+    /// Every alert not cleared, oldest first.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
+        self.store.alerts()
+    }
+
+    /// The proof of the newest proven fork not cleared (JSON), if any.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn fork_proof(&self) -> Result<Option<String>, ClientError> {
+        Ok(self.store.alerts()?.into_iter().rev().find_map(|a| a.proof))
+    }
+
+    /// Clears alerts. A proven fork is cleared only with `forks` (the user
+    /// confirmed): sending is allowed again, and the same fork is not raised
+    /// again. Returns how many were cleared and how many forks remain.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn clear_alerts(&self, forks: bool) -> Result<(usize, usize), ClientError> {
+        let cleared = self.store.clear_alerts(forks)?;
+        let remaining = self.store.alerts()?.iter().filter(|a| a.fork).count();
+        Ok((cleared, remaining))
     }
 }
 

@@ -12,6 +12,8 @@ mod members;
 pub mod net;
 mod rotation;
 pub mod store;
+#[cfg(feature = "test-senders")]
+mod testing;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -259,6 +261,9 @@ impl Subrosa {
             },
         };
         let _: Empty = me.api.call(Method::POST, "/v1/accounts", Some(&req)).await?;
+        // The directory's head-signing key is pinned now, before anything
+        // this device is told by others could depend on it.
+        me.kt_head_key().await?;
         me.upload_key_packages(KEY_PACKAGE_TARGET as usize, true).await?;
         me.note_key_packages_fresh()?;
         Ok(me)
@@ -911,12 +916,20 @@ impl Subrosa {
                 }
                 self.check_member_key(&sender.address.handle, &sender.identity_key)?;
                 let row = self.conversation_row(&conversation)?;
-                if let Some((epoch, root)) = content.kt_head {
-                    self.store.push_kt_gossip(epoch, &root, sender.address.handle.as_str())?;
+                // The sender's head is evidence, checked at the end of the
+                // sync (at most one pending per member: its newest).
+                if let Some(head) = &content.kt_head {
+                    if let Ok(h) = subrosa_proto::kt::SignedHead::decode(head) {
+                        self.store.push_kt_head_gossip(sender.address.handle.as_str(), h.epoch, head)?;
+                    } else {
+                        self.store.push_kt_head_gossip(sender.address.handle.as_str(), u64::MAX, head)?;
+                    }
                 }
+                // A kind from a newer Subrosa is stored and shown as such; it
+                // counts in the sender's sequence like any message.
                 let text = match content.body {
                     Body::Text(t) => t,
-                    _ => return Ok(()),
+                    _ => kt::UNSUPPORTED_TEXT.to_string(),
                 };
                 let late = self.note_sequence(&row, &sender.address, content.seq)?;
                 let m = StoredMessage {

@@ -143,6 +143,26 @@ const SCHEMA: &[&str] = &[
      INSERT INTO outbox_v5 (send_id, request, created_at) SELECT send_id, request, created_at FROM outbox ORDER BY created_at, rowid;
      DROP TABLE outbox;
      ALTER TABLE outbox_v5 RENAME TO outbox;",
+    // v8: signed directory heads. The signed heads this device holds (one
+    // per epoch), at most one pending gossiped head per member (its
+    // newest), and alerts that name whom they concern, carry a fork's proof
+    // and can be cleared. Unsigned heads gossiped before are no evidence:
+    // dropped. A fork recorded from unsigned heads was never proven: it
+    // becomes a cleared-on-sight alert and no longer blocks sending.
+    "CREATE TABLE kt_signed_heads (epoch INTEGER PRIMARY KEY, head BLOB NOT NULL);
+     CREATE TABLE kt_head_gossip (source TEXT PRIMARY KEY, epoch INTEGER NOT NULL, head BLOB NOT NULL);
+     DELETE FROM kt_gossip;
+     ALTER TABLE alerts ADD COLUMN concerns TEXT;
+     ALTER TABLE alerts ADD COLUMN kind TEXT NOT NULL DEFAULT 'notice';
+     ALTER TABLE alerts ADD COLUMN proof TEXT;
+     ALTER TABLE alerts ADD COLUMN cleared INTEGER NOT NULL DEFAULT 0;
+     INSERT OR IGNORE INTO alerts (at, text, concerns)
+        SELECT CAST(strftime('%s', 'now') AS INTEGER) * 1000,
+               'an earlier version of Subrosa blocked sending for an unproven key-directory fork (' || CAST(value AS TEXT)
+               || '); only two conflicting signed heads prove a fork now, so sending is allowed again',
+               'the server'
+        FROM meta WHERE key = 'kt_fork';
+     DELETE FROM meta WHERE key = 'kt_fork';",
 ];
 
 /// A member device whose keys the key directory has not confirmed yet
@@ -235,6 +255,25 @@ impl MessageState {
             _ => None,
         }
     }
+}
+
+/// A security alert as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Alert {
+    /// Its number.
+    pub id: u64,
+    /// When it was raised, ms since the Unix epoch.
+    pub at: u64,
+    /// Whom it concerns: a member's handle, or "the server" (none for
+    /// alerts from before this was recorded).
+    pub concerns: Option<String>,
+    /// A proven key-directory fork (blocks sending until cleared).
+    pub fork: bool,
+    /// What happened.
+    pub text: String,
+    /// For a fork: the proof (JSON: both signed heads).
+    #[serde(skip)]
+    pub proof: Option<String>,
 }
 
 /// A contact: a handle whose identity key this device has seen.
@@ -542,51 +581,143 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps a directory head another member reported, to check later.
+    /// The signed head this device holds for `epoch`.
     ///
     /// # Errors
     /// Database errors.
-    pub fn push_kt_gossip(&self, epoch: u64, root: &[u8; 32], source: &str) -> Result<(), ClientError> {
+    pub fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+        self.lock()
+            .query_row("SELECT head FROM kt_signed_heads WHERE epoch = ?1", [epoch as i64], |r| r.get(0))
+            .optional()
+            .map_err(sql)
+    }
+
+    /// The newest signed head this device holds.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn kt_newest_signed_head(&self) -> Result<Option<Vec<u8>>, ClientError> {
+        self.lock()
+            .query_row("SELECT head FROM kt_signed_heads ORDER BY epoch DESC LIMIT 1", [], |r| r.get(0))
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Keeps a verified signed head (the first one kept for an epoch stays).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn put_kt_signed_head(&self, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute("INSERT OR IGNORE INTO kt_signed_heads (epoch, head) VALUES (?1, ?2)", params![epoch as i64, head])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Keeps the head a member's message carried, to check later: one per
+    /// member, the newest epoch (an older one is ignored).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn push_kt_head_gossip(&self, source: &str, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute(
-                "INSERT OR IGNORE INTO kt_gossip (epoch, root, source) VALUES (?1, ?2, ?3)",
-                params![epoch as i64, &root[..], source],
+                "INSERT INTO kt_head_gossip (source, epoch, head) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (source) DO UPDATE SET epoch = excluded.epoch, head = excluded.head
+                 WHERE excluded.epoch > kt_head_gossip.epoch",
+                params![source, epoch as i64, head],
             )
             .map(|_| ())
             .map_err(sql)
     }
 
-    /// The reported heads not checked yet.
+    /// The gossiped heads not checked yet: `(member, head)`.
     ///
     /// # Errors
     /// Database errors.
-    pub fn kt_gossip(&self) -> Result<Vec<(u64, [u8; 32], String)>, ClientError> {
+    pub fn kt_head_gossip(&self) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare("SELECT epoch, root, source FROM kt_gossip ORDER BY epoch").map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))
-            .map_err(sql)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (epoch, root, source) = row.map_err(sql)?;
-            if let Ok(root) = <[u8; 32]>::try_from(root.as_slice()) {
-                out.push((epoch, root, source));
-            }
-        }
-        Ok(out)
+        let mut stmt = conn.prepare("SELECT source, head FROM kt_head_gossip ORDER BY epoch").map_err(sql)?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql)
     }
 
-    /// Forgets a checked head.
+    /// Forgets a checked head (unless a newer one came meanwhile).
     ///
     /// # Errors
     /// Database errors.
-    pub fn drop_kt_gossip(&self, epoch: u64, root: &[u8; 32], source: &str) -> Result<(), ClientError> {
+    pub fn drop_kt_head_gossip(&self, source: &str, head: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute("DELETE FROM kt_head_gossip WHERE source = ?1 AND head = ?2", params![source, head])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Records an alert naming whom it concerns; `proof` (JSON) makes it a
+    /// proven fork, which blocks sending until cleared. The same text twice
+    /// is one alert (a cleared one stays cleared).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn add_alert_about(&self, concerns: &str, text: &str, proof: Option<&str>) -> Result<(), ClientError> {
+        let kind = if proof.is_some() { "fork" } else { "notice" };
         self.lock()
             .execute(
-                "DELETE FROM kt_gossip WHERE epoch = ?1 AND root = ?2 AND source = ?3",
-                params![epoch as i64, &root[..], source],
+                "INSERT OR IGNORE INTO alerts (at, text, concerns, kind, proof) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now_ms() as i64, text, concerns, kind, proof],
             )
             .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// Alerts not cleared, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT id, at, concerns, kind, text, proof FROM alerts WHERE cleared = 0 ORDER BY id")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Alert {
+                    id: r.get::<_, i64>(0)? as u64,
+                    at: r.get::<_, i64>(1)? as u64,
+                    concerns: r.get(2)?,
+                    fork: r.get::<_, String>(3)? == "fork",
+                    text: r.get(4)?,
+                    proof: r.get(5)?,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+    }
+
+    /// Clears alerts: every notice, and proven forks too when `forks`.
+    /// Returns how many were cleared.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn clear_alerts(&self, forks: bool) -> Result<usize, ClientError> {
+        let sql_text = if forks {
+            "UPDATE alerts SET cleared = 1, shown = 1 WHERE cleared = 0"
+        } else {
+            "UPDATE alerts SET cleared = 1, shown = 1 WHERE cleared = 0 AND kind != 'fork'"
+        };
+        self.lock().execute(sql_text, []).map_err(sql)
+    }
+
+    /// The first proven fork not cleared, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn open_fork(&self) -> Result<Option<String>, ClientError> {
+        self.lock()
+            .query_row("SELECT text FROM alerts WHERE kind = 'fork' AND cleared = 0 ORDER BY id LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()
             .map_err(sql)
     }
 
@@ -1791,6 +1922,33 @@ mod tests {
         }
         assert_eq!(count(&store), 1);
         assert!(KeyPackageStorage::get(&kps, &ids[1].0).expect("get").is_some());
+    }
+
+    /// A fork recorded by the first release from unsigned heads was never
+    /// proven: the migration turns it into an alert naming the server, and
+    /// nothing blocks sending any more.
+    #[test]
+    fn an_old_unproven_fork_becomes_an_alert_and_stops_blocking() {
+        let step = SCHEMA.iter().position(|s| s.contains("CREATE TABLE kt_head_gossip")).expect("the step");
+        let conn = Connection::open_in_memory().expect("db");
+        for s in &SCHEMA[..step] {
+            conn.execute_batch(s).expect("older steps");
+        }
+        conn.execute("INSERT INTO meta (key, value) VALUES ('kt_fork', ?1)", [b"the server showed bob X".as_slice()])
+            .expect("fork");
+        conn.execute("INSERT INTO kt_gossip (epoch, root, source) VALUES (3, ?1, 'bob')", [[7u8; 32].as_slice()])
+            .expect("gossip");
+        conn.execute_batch(SCHEMA[step]).expect("the step runs");
+        let forks: i64 =
+            conn.query_row("SELECT count(*) FROM meta WHERE key = 'kt_fork'", [], |r| r.get(0)).expect("q");
+        assert_eq!(forks, 0);
+        let (text, concerns, kind): (String, String, String) = conn
+            .query_row("SELECT text, concerns, kind FROM alerts", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("one alert");
+        assert!(text.contains("the server showed bob X") && text.contains("sending is allowed again"), "{text}");
+        assert_eq!((concerns.as_str(), kind.as_str()), ("the server", "notice"));
+        let gossip: i64 = conn.query_row("SELECT count(*) FROM kt_gossip", [], |r| r.get(0)).expect("q");
+        assert_eq!(gossip, 0, "unsigned heads are no evidence");
     }
 
     #[test]

@@ -1,13 +1,24 @@
 //! The plaintext inside every MLS application message.
 //!
-//! Encoding: `version || MLS-encoded fields || zero padding`, where the whole
-//! is padded up to a bucket so that ciphertext sizes reveal only the bucket:
-//! 256 bytes, then powers of two up to 64 KiB, then multiples of 64 KiB.
-//! Version 2 (written now) adds, to version 1's id, time and body, the
-//! sender's per-conversation sequence number (so a message the server drops
-//! shows as a gap) and the newest key-directory head the sender verified (so
-//! two members can tell when the server shows them different directories).
-//! The decoder reads both versions and rejects others and non-zero padding.
+//! Encoding (version 3, written now): `0x03 || MLS-encoded envelope ||
+//! zero padding`, where the envelope is `{message id, sent-at ms, sequence
+//! number, gossiped head, kind (u16), payload}` and the whole is padded up
+//! to a bucket so that ciphertext sizes reveal only the bucket: 256 bytes,
+//! then powers of two up to 64 KiB, then multiples of 64 KiB.
+//!
+//! Every kind has its own versioned payload: `payload version (u8) ||
+//! MLS-encoded fields of that version`. A kind this version does not know,
+//! or a payload version newer than it reads, still decodes: as
+//! [`Body::Unsupported`], whose bytes are kept, so a newer client's message
+//! counts in the sender's sequence and is shown as unsupported instead of
+//! being reported as tampered.
+//!
+//! The gossiped head is the newest signed key-directory head the sender
+//! holds (`subrosa_proto::kt::SignedHead`'s bytes), carried opaque here and
+//! checked by the receiver. Versions 1 (id, time, kind, body) and 2 (plus
+//! the sequence number and an unsigned `(epoch, root)` head, which is
+//! ignored now) still decode. Non-zero padding and unknown versions of the
+//! envelope are refused.
 
 use mls_rs_codec::{MlsDecode, MlsEncode, MlsSize};
 use subrosa_proto::MessageId;
@@ -15,9 +26,18 @@ use subrosa_proto::MessageId;
 use crate::CoreError;
 
 const VERSION_1: u8 = 1;
-const VERSION: u8 = 2;
+const VERSION_2: u8 = 2;
+const VERSION: u8 = 3;
 /// Largest text a message may carry, in bytes.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Largest gossiped head accepted, in bytes (a signed head is 161).
+pub const MAX_HEAD_BYTES: usize = 1024;
+
+/// The kind numbers of the content kinds this version knows.
+pub mod kind {
+    /// A text message.
+    pub const TEXT: u16 = 1;
+}
 
 /// A decoded message content.
 #[derive(Clone, PartialEq, Eq)]
@@ -31,8 +51,9 @@ pub struct Content {
     /// The sending device's sequence number in this conversation, from 1
     /// (0: not numbered, as in version 1).
     pub seq: u64,
-    /// The newest key-directory head the sender verified: epoch and root hash.
-    pub kt_head: Option<(u64, [u8; 32])>,
+    /// The newest signed key-directory head the sender holds, as encoded by
+    /// the server (unverified here).
+    pub kt_head: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Content {
@@ -53,12 +74,21 @@ pub enum Body {
     /// A text message (links included: they are text, and nobody but the
     /// recipients ever sees them).
     Text(String),
+    /// A kind (or a payload version of a known kind) this version does not
+    /// read, sent by a newer Subrosa. Kept as it came.
+    Unsupported {
+        /// The kind number.
+        kind: u16,
+        /// The payload, its version byte first.
+        payload: Vec<u8>,
+    },
 }
 
 impl std::fmt::Debug for Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Body::Text(t) => write!(f, "Text(<{} bytes>)", t.len()),
+            Body::Unsupported { kind, payload } => write!(f, "Unsupported(kind {kind}, <{} bytes>)", payload.len()),
         }
     }
 }
@@ -83,7 +113,24 @@ struct WireV2 {
     kt_root: Vec<u8>,
 }
 
-const KIND_TEXT: u8 = 1;
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct WireV3 {
+    message_id: [u8; 16],
+    sent_at_ms: u64,
+    seq: u64,
+    /// Empty, or a signed directory head.
+    kt_head: Vec<u8>,
+    kind: u16,
+    /// `payload version || fields`.
+    payload: Vec<u8>,
+}
+
+/// Text, payload version 1.
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct TextV1 {
+    text: Vec<u8>,
+}
+const TEXT_V1: u8 = 1;
 
 /// The padded size for a plaintext of `len` bytes.
 pub fn bucket(len: usize) -> usize {
@@ -97,14 +144,38 @@ pub fn bucket(len: usize) -> usize {
     }
 }
 
+fn text_body(text: Vec<u8>) -> Result<Body, CoreError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(CoreError::Malformed("content: text over 64 KiB"));
+    }
+    String::from_utf8(text).map(Body::Text).map_err(|_| CoreError::Malformed("content: text is not UTF-8"))
+}
+
+/// Reads a version-3 payload of `kind`: known kinds and payload versions
+/// are decoded, anything else is kept as [`Body::Unsupported`].
+fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
+    match (kind, payload.first()) {
+        (kind::TEXT, Some(&TEXT_V1)) => {
+            let mut rest = &payload[1..];
+            let t = TextV1::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content: text payload"))?;
+            if !rest.is_empty() {
+                return Err(CoreError::Malformed("content: text payload"));
+            }
+            text_body(t.text)
+        }
+        (kind::TEXT, None) => Err(CoreError::Malformed("content: empty payload")),
+        _ => Ok(Body::Unsupported { kind, payload }),
+    }
+}
+
 impl Content {
     /// A text message.
     pub fn text(message_id: MessageId, sent_at_ms: u64, text: impl Into<String>) -> Self {
         Content { message_id, sent_at_ms, body: Body::Text(text.into()), seq: 0, kt_head: None }
     }
 
-    /// Numbers the message and attaches the sender's directory head.
-    pub fn with_context(mut self, seq: u64, kt_head: Option<(u64, [u8; 32])>) -> Self {
+    /// Numbers the message and attaches the sender's signed directory head.
+    pub fn with_context(mut self, seq: u64, kt_head: Option<Vec<u8>>) -> Self {
         self.seq = seq;
         self.kt_head = kt_head;
         self
@@ -113,28 +184,33 @@ impl Content {
     /// Encodes and pads.
     ///
     /// # Errors
-    /// [`CoreError::Malformed`] when the text is over [`MAX_TEXT_BYTES`].
+    /// [`CoreError::Malformed`] when the text is over [`MAX_TEXT_BYTES`] or
+    /// the head over [`MAX_HEAD_BYTES`].
     pub fn encode(&self) -> Result<Vec<u8>, CoreError> {
         let (kind, payload) = match &self.body {
             Body::Text(t) => {
                 if t.len() > MAX_TEXT_BYTES {
                     return Err(CoreError::Malformed("message: text over 64 KiB"));
                 }
-                (KIND_TEXT, t.as_bytes().to_vec())
+                let mut payload = vec![TEXT_V1];
+                TextV1 { text: t.as_bytes().to_vec() }
+                    .mls_encode(&mut payload)
+                    .map_err(|_| CoreError::Bug("content encoding"))?;
+                (kind::TEXT, payload)
             }
+            Body::Unsupported { kind, payload } => (*kind, payload.clone()),
         };
-        let (kt_epoch, kt_root) = match self.kt_head {
-            Some((epoch, root)) => (epoch, root.to_vec()),
-            None => (0, Vec::new()),
-        };
-        let wire = WireV2 {
+        let kt_head = self.kt_head.clone().unwrap_or_default();
+        if kt_head.len() > MAX_HEAD_BYTES {
+            return Err(CoreError::Malformed("message: directory head too long"));
+        }
+        let wire = WireV3 {
             message_id: self.message_id.0,
             sent_at_ms: self.sent_at_ms,
+            seq: self.seq,
+            kt_head,
             kind,
             payload,
-            seq: self.seq,
-            kt_epoch,
-            kt_root,
         };
         let mut out = vec![VERSION];
         wire.mls_encode(&mut out).map_err(|_| CoreError::Bug("content encoding"))?;
@@ -148,47 +224,44 @@ impl Content {
     /// [`CoreError::UnsupportedVersion`] or [`CoreError::Malformed`].
     pub fn decode(bytes: &[u8]) -> Result<Self, CoreError> {
         let (&version, mut rest) = bytes.split_first().ok_or(CoreError::Malformed("content: empty"))?;
-        let wire = match version {
-            VERSION_1 => {
-                let w = WireV1::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?;
-                WireV2 {
-                    message_id: w.message_id,
+        let content = match version {
+            VERSION_1 | VERSION_2 => {
+                let (message_id, sent_at_ms, kind, payload, seq) = if version == VERSION_1 {
+                    let w = WireV1::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?;
+                    (w.message_id, w.sent_at_ms, w.kind, w.payload, 0)
+                } else {
+                    let w = WireV2::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?;
+                    if !(w.kt_root.is_empty() || w.kt_root.len() == 32) {
+                        return Err(CoreError::Malformed("content: directory root is not 32 bytes"));
+                    }
+                    (w.message_id, w.sent_at_ms, w.kind, w.payload, w.seq)
+                };
+                // Versions 1 and 2 had one kind, text, with a raw payload.
+                let body = match u16::from(kind) {
+                    kind::TEXT => text_body(payload)?,
+                    k => Body::Unsupported { kind: k, payload },
+                };
+                Content { message_id: MessageId(message_id), sent_at_ms, body, seq, kt_head: None }
+            }
+            VERSION => {
+                let w = WireV3::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?;
+                if w.kt_head.len() > MAX_HEAD_BYTES {
+                    return Err(CoreError::Malformed("content: directory head too long"));
+                }
+                Content {
+                    message_id: MessageId(w.message_id),
                     sent_at_ms: w.sent_at_ms,
-                    kind: w.kind,
-                    payload: w.payload,
-                    seq: 0,
-                    kt_epoch: 0,
-                    kt_root: Vec::new(),
+                    body: decode_payload(w.kind, w.payload)?,
+                    seq: w.seq,
+                    kt_head: (!w.kt_head.is_empty()).then_some(w.kt_head),
                 }
             }
-            VERSION => WireV2::mls_decode(&mut rest).map_err(|_| CoreError::Malformed("content"))?,
             _ => return Err(CoreError::UnsupportedVersion(version)),
-        };
-        let kt_head = match wire.kt_root.len() {
-            0 => None,
-            32 => {
-                let mut root = [0u8; 32];
-                root.copy_from_slice(&wire.kt_root);
-                Some((wire.kt_epoch, root))
-            }
-            _ => return Err(CoreError::Malformed("content: directory root is not 32 bytes")),
         };
         if rest.iter().any(|&b| b != 0) {
             return Err(CoreError::Malformed("content: non-zero padding"));
         }
-        let body = match wire.kind {
-            KIND_TEXT => Body::Text(
-                String::from_utf8(wire.payload).map_err(|_| CoreError::Malformed("content: text is not UTF-8"))?,
-            ),
-            _ => return Err(CoreError::Malformed("content: unknown kind")),
-        };
-        Ok(Content {
-            message_id: MessageId(wire.message_id),
-            sent_at_ms: wire.sent_at_ms,
-            body,
-            seq: wire.seq,
-            kt_head,
-        })
+        Ok(content)
     }
 }
 
@@ -205,18 +278,95 @@ mod tests {
         let long = Content::text(MessageId([2; 16]), 1, "x".repeat(300));
         assert_eq!(long.encode().map(|b| b.len()).ok(), Some(512));
         assert_eq!(bucket(70_000), 128 * 1024);
-        let numbered = Content::text(MessageId([3; 16]), 7, "hi").with_context(9, Some((4, [7; 32])));
+        let numbered = Content::text(MessageId([3; 16]), 7, "hi").with_context(9, Some(vec![7; 161]));
         assert_eq!(Content::decode(&numbered.encode().expect("encodes")).ok(), Some(numbered));
     }
 
+    /// The encoding of every kind, byte for byte: a change of format is a
+    /// visible decision (old clients read what this writes).
     #[test]
-    fn reads_version_1() {
-        let wire = WireV1 { message_id: [5; 16], sent_at_ms: 3, kind: KIND_TEXT, payload: b"old".to_vec() };
+    fn snapshot_of_every_kind() {
+        let text = Content::text(MessageId([0xaa; 16]), 0x0102, "hi").with_context(5, Some(vec![0xbb; 3]));
+        let bytes = text.encode().expect("encodes");
+        assert_eq!(bytes.len(), 256, "padded to the first bucket");
+        let unpadded = concat!(
+            "03",                               // envelope version
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", // message id
+            "0000000000000102",                 // sent at (ms)
+            "0000000000000005",                 // sequence number
+            "03bbbbbb",                         // gossiped head (length-prefixed)
+            "0001",                             // kind: text
+            "04",                               // payload length
+            "01",                               // text payload version 1
+            "026869",                           // "hi"
+        );
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert!(bytes[n..].iter().all(|&b| b == 0), "zero padding");
+
+        let future = Content {
+            message_id: MessageId([0x11; 16]),
+            sent_at_ms: 9,
+            body: Body::Unsupported { kind: 0x7f01, payload: vec![2, 0xde, 0xad] },
+            seq: 6,
+            kt_head: None,
+        };
+        let bytes = future.encode().expect("encodes");
+        let unpadded = concat!(
+            "03",
+            "11111111111111111111111111111111",
+            "0000000000000009",
+            "0000000000000006",
+            "00",     // no head
+            "7f01",   // a kind this version does not know
+            "03",     // payload length
+            "02dead", // its payload, kept as it came
+        );
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert_eq!(Content::decode(&bytes).ok(), Some(future));
+    }
+
+    #[test]
+    fn an_unknown_kind_or_payload_version_is_unsupported_not_malformed() {
+        for (kind, payload) in [(0x0200u16, vec![1, 2, 3]), (kind::TEXT, vec![9, 0])] {
+            let c = Content {
+                message_id: MessageId([4; 16]),
+                sent_at_ms: 1,
+                body: Body::Unsupported { kind, payload: payload.clone() },
+                seq: 3,
+                kt_head: None,
+            };
+            let got = Content::decode(&c.encode().expect("encodes")).expect("decodes");
+            assert_eq!(got.seq, 3);
+            assert_eq!(got.body, Body::Unsupported { kind, payload });
+        }
+    }
+
+    #[test]
+    fn reads_versions_1_and_2() {
+        let wire = WireV1 { message_id: [5; 16], sent_at_ms: 3, kind: 1, payload: b"old".to_vec() };
         let mut bytes = vec![VERSION_1];
         wire.mls_encode(&mut bytes).expect("encodes");
         bytes.resize(256, 0);
         let c = Content::decode(&bytes).expect("decodes");
         assert_eq!((c.seq, c.kt_head, c.body), (0, None, Body::Text("old".into())));
+
+        let wire = WireV2 {
+            message_id: [6; 16],
+            sent_at_ms: 4,
+            kind: 1,
+            payload: b"v2".to_vec(),
+            seq: 8,
+            kt_epoch: 3,
+            kt_root: vec![1; 32],
+        };
+        let mut bytes = vec![VERSION_2];
+        wire.mls_encode(&mut bytes).expect("encodes");
+        bytes.resize(256, 0);
+        let c = Content::decode(&bytes).expect("decodes");
+        // Version 2's unsigned head is no evidence of anything: ignored.
+        assert_eq!((c.seq, c.kt_head, c.body), (8, None, Body::Text("v2".into())));
     }
 
     #[test]

@@ -697,6 +697,7 @@ mod tests {
         match ev {
             Event::Message { content, .. } => match &content.body {
                 crate::content::Body::Text(t) => Some(t.clone()),
+                _ => None,
             },
             _ => None,
         }

@@ -73,7 +73,7 @@ impl std::fmt::Debug for HistoryItem {
     }
 }
 
-/// What the approving device seals to the new one.
+/// What the approving device seals to the new one (version 1, still read).
 #[derive(MlsSize, MlsEncode, MlsDecode)]
 struct LinkGrantWire {
     version: u8,
@@ -81,6 +81,31 @@ struct LinkGrantWire {
     identity_secret: SignatureSecretKey,
     certificate: Vec<u8>,
     history: Vec<HistoryItem>,
+}
+
+/// Version 2 (written now): version 1 plus the key-directory head-signing
+/// key the approving device pinned (empty when it had none), so the new
+/// device trusts the same directory without asking the server.
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct LinkGrantWireV2 {
+    version: u8,
+    identity_public: Vec<u8>,
+    identity_secret: SignatureSecretKey,
+    certificate: Vec<u8>,
+    history: Vec<HistoryItem>,
+    directory_key: Vec<u8>,
+}
+
+/// What a grant gave the new device.
+#[derive(Debug)]
+pub struct Granted {
+    /// The new device's identity.
+    pub identity: DeviceIdentity,
+    /// Recent history, when asked for.
+    pub history: Vec<HistoryItem>,
+    /// The head-signing key of the key directory the approving device
+    /// pinned (None from a version-1 grant or a device without one).
+    pub directory_key: Option<Vec<u8>>,
 }
 
 /// The new device's secrets while it waits for approval.
@@ -253,6 +278,14 @@ impl PendingLink {
         crypto: &C,
         grant: &[u8],
     ) -> Result<(DeviceIdentity, Vec<HistoryItem>), CoreError> {
+        self.complete_grant(crypto, grant).map(|g| (g.identity, g.history))
+    }
+
+    /// As [`PendingLink::complete`], with the directory key the grant carries.
+    ///
+    /// # Errors
+    /// As [`PendingLink::complete`].
+    pub fn complete_grant<C: CryptoProvider>(self, crypto: &C, grant: &[u8]) -> Result<Granted, CoreError> {
         let cs = suite(crypto)?;
         let ct = HpkeCiphertext::mls_decode(&mut &grant[..]).map_err(|_| CoreError::Malformed("link grant"))?;
         let aad = self.request.to_bytes()?;
@@ -265,7 +298,24 @@ impl PendingLink {
                 Some(&aad),
             )
             .map_err(|_| CoreError::BadSignature("link grant (does not open)"))?;
-        let wire = LinkGrantWire::mls_decode(&mut pt.as_slice()).map_err(|_| CoreError::Malformed("link grant"))?;
+        let wire = match pt.first() {
+            Some(1) => {
+                let w =
+                    LinkGrantWire::mls_decode(&mut pt.as_slice()).map_err(|_| CoreError::Malformed("link grant"))?;
+                LinkGrantWireV2 {
+                    version: w.version,
+                    identity_public: w.identity_public,
+                    identity_secret: w.identity_secret,
+                    certificate: w.certificate,
+                    history: w.history,
+                    directory_key: Vec::new(),
+                }
+            }
+            Some(2) => {
+                LinkGrantWireV2::mls_decode(&mut pt.as_slice()).map_err(|_| CoreError::Malformed("link grant"))?
+            }
+            _ => return Err(CoreError::Malformed("link grant version")),
+        };
         let cert = DeviceCertificate::from_bytes(&wire.certificate)?;
         cert.verify(crypto)?;
         let handle = self.request.handle()?;
@@ -284,7 +334,8 @@ impl PendingLink {
             self.device_secret,
             cert,
         )?;
-        Ok((identity, wire.history))
+        let directory_key = (!wire.directory_key.is_empty()).then_some(wire.directory_key);
+        Ok(Granted { identity, history: wire.history, directory_key })
     }
 }
 
@@ -303,6 +354,22 @@ impl DeviceIdentity {
         history: Vec<HistoryItem>,
         now_ms: u64,
     ) -> Result<(Zeroizing<Vec<u8>>, DeviceCertificate), CoreError> {
+        self.grant_link_with(crypto, request_bytes, history, now_ms, &[])
+    }
+
+    /// As [`DeviceIdentity::grant_link`], passing on the key directory's
+    /// head-signing key this device pinned (empty: none).
+    ///
+    /// # Errors
+    /// As [`DeviceIdentity::grant_link`].
+    pub fn grant_link_with<C: CryptoProvider>(
+        &self,
+        crypto: &C,
+        request_bytes: &[u8],
+        history: Vec<HistoryItem>,
+        now_ms: u64,
+        directory_key: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, DeviceCertificate), CoreError> {
         let request = LinkRequest::from_bytes(request_bytes)?;
         if request.handle()? != *self.handle() {
             return Err(CoreError::IdentityMismatch("the link request is for another account".into()));
@@ -312,12 +379,13 @@ impl DeviceIdentity {
         cs.kem_public_key_validate(&hpke_key).map_err(|_| CoreError::Malformed("link request key"))?;
         let device_key = SignaturePublicKey::new(request.device_key.clone());
         let cert = self.certify(crypto, request.device_id(), &device_key, now_ms)?;
-        let wire = LinkGrantWire {
-            version: 1,
+        let wire = LinkGrantWireV2 {
+            version: 2,
             identity_public: self.identity_public().to_vec(),
             identity_secret: self.identity_secret().clone(),
             certificate: cert.to_bytes()?,
             history,
+            directory_key: directory_key.to_vec(),
         };
         let pt = Zeroizing::new(wire.mls_encode_to_vec().map_err(|_| CoreError::Bug("grant encoding"))?);
         let ct = cs.hpke_seal(&hpke_key, HPKE_INFO, Some(request_bytes), &pt).map_err(crypto_err)?;
@@ -367,5 +435,42 @@ mod tests {
         }
         let bob = DeviceIdentity::generate(&crypto, Handle::new("bob").expect("h"), 0).expect("id");
         assert!(bob.grant_link(&crypto, &request, Vec::new(), 5).is_err(), "a grant for another account");
+    }
+
+    #[test]
+    fn a_grant_passes_on_the_directory_key_and_version_1_grants_still_open() {
+        let crypto = crate::default_crypto();
+        let alice = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("h"), 0).expect("id");
+        let pending = PendingLink::new(&crypto, alice.handle(), false).expect("pending");
+        let request = pending.request().to_bytes().expect("bytes");
+        let (grant, _) = alice.grant_link_with(&crypto, &request, Vec::new(), 5, &[7; 48]).expect("grant");
+        let granted = pending.complete_grant(&crypto, &grant).expect("opens");
+        assert_eq!(granted.directory_key, Some(vec![7; 48]));
+
+        // A grant as the first release sealed it.
+        let pending = PendingLink::new(&crypto, alice.handle(), false).expect("pending");
+        let request = pending.request().to_bytes().expect("bytes");
+        let cert = alice
+            .certify(
+                &crypto,
+                pending.request().device_id(),
+                &SignaturePublicKey::new(pending.request().device_key.clone()),
+                5,
+            )
+            .expect("cert");
+        let v1 = LinkGrantWire {
+            version: 1,
+            identity_public: alice.identity_public().to_vec(),
+            identity_secret: alice.identity_secret().clone(),
+            certificate: cert.to_bytes().expect("cert bytes"),
+            history: Vec::new(),
+        };
+        let cs = suite(&crypto).expect("suite");
+        let pt = v1.mls_encode_to_vec().expect("encodes");
+        let hpke_key = HpkePublicKey::from(pending.request().hpke_key.clone());
+        let ct = cs.hpke_seal(&hpke_key, HPKE_INFO, Some(&request), &pt).expect("seals");
+        let granted = pending.complete_grant(&crypto, &ct.mls_encode_to_vec().expect("encodes")).expect("opens");
+        assert_eq!(granted.directory_key, None);
+        assert_eq!(granted.identity.identity_public(), alice.identity_public());
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `GET /v1/kt/head` | [`KtHead`] |
+//! | `GET /v1/kt/head[?epoch=N]` | [`KtHead`] (the latest, or epoch N) |
 //! | `GET /v1/kt/lookup/{handle}` | [`KtLookup`] |
 //! | `GET /v1/kt/audit?from=A&to=B` | [`KtAudit`] |
 //!
@@ -17,6 +17,12 @@
 //! `head` may also be called unsigned, so that anyone can audit.
 //! [`crate::AccountInfo`] and [`crate::ClaimResponse`] carry a [`KtLookup`]
 //! for the handle they describe.
+//!
+//! Every head the server hands out is signed ([`SignedHead`]) with the
+//! directory's Ed25519 head-signing key, which clients pin on first use, as
+//! a Certificate Transparency log signs its tree heads: a member's copy of a
+//! head is then evidence that can be checked, and two signed heads with one
+//! epoch and different roots prove that the server showed two directories.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -42,6 +48,13 @@ pub struct KtHead {
     pub root_hash: B64,
     /// The VRF public key that hides labels in the tree.
     pub vrf_public_key: B64,
+    /// The head-signing public key (Ed25519, 32 bytes), pinned by clients
+    /// at registration. Absent only from servers older than signed heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<B64>,
+    /// This head as [`SignedHead::encode`] writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<B64>,
 }
 
 /// A lookup proof for one handle at one epoch.
@@ -54,6 +67,9 @@ pub struct KtLookup {
     pub root_hash: B64,
     /// akd's `LookupProof`, protobuf-encoded.
     pub proof: B64,
+    /// The signed head of `epoch` ([`SignedHead::encode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_head: Option<B64>,
 }
 
 /// Append-only proofs from epoch `from` to epoch `to`.
@@ -70,6 +86,104 @@ pub struct KtAudit {
     /// akd's `SingleAppendOnlyProof`, protobuf-encoded. One fewer than
     /// `root_hashes`.
     pub proofs: Vec<B64>,
+}
+
+/// Domain separation of a head signature: the signature is over this label
+/// followed by [`SignedHead::to_be_signed`].
+pub const HEAD_SIGNATURE_LABEL: &[u8] = b"subrosa signed directory head v1\n";
+/// The version byte of [`SignedHead`]'s encoding.
+pub const SIGNED_HEAD_VERSION: u8 = 1;
+/// Bytes of an encoded [`SignedHead`].
+pub const SIGNED_HEAD_LEN: usize = TBS_LEN + 64;
+const TBS_LEN: usize = 1 + 16 + 8 + 32 + 32 + 8;
+
+/// A directory head as the server signed it: which directory, which epoch,
+/// its root, the VRF key of the tree, and when it was signed.
+///
+/// Encoding (version 1, 161 bytes, big-endian integers):
+/// `0x01 || directory_id[16] || epoch u64 || root[32] || vrf_public_key[32]
+/// || signed_at_ms u64 || signature[64]`, the signature being Ed25519 over
+/// [`HEAD_SIGNATURE_LABEL`] followed by everything before it. The decoder
+/// accepts exactly this length and version; it does not check the signature
+/// (the holder of the pinned key does).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SignedHead {
+    /// Random id of the directory, made with its signing key.
+    pub directory_id: [u8; 16],
+    /// The epoch.
+    pub epoch: u64,
+    /// The root hash of that epoch.
+    pub root: [u8; 32],
+    /// The directory's VRF public key.
+    pub vrf_public_key: [u8; 32],
+    /// When the server signed it, ms since the Unix epoch.
+    pub signed_at_ms: u64,
+    /// Ed25519 signature.
+    pub signature: [u8; 64],
+}
+
+impl std::fmt::Debug for SignedHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedHead")
+            .field("directory_id", &hex::encode(self.directory_id))
+            .field("epoch", &self.epoch)
+            .field("root", &hex::encode(self.root))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why bytes are not a [`SignedHead`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed signed directory head")]
+pub struct SignedHeadError;
+
+impl SignedHead {
+    /// The bytes the signature covers, after [`HEAD_SIGNATURE_LABEL`].
+    pub fn to_be_signed(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEAD_SIGNATURE_LABEL.len() + TBS_LEN);
+        out.extend_from_slice(HEAD_SIGNATURE_LABEL);
+        out.push(SIGNED_HEAD_VERSION);
+        out.extend_from_slice(&self.directory_id);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.root);
+        out.extend_from_slice(&self.vrf_public_key);
+        out.extend_from_slice(&self.signed_at_ms.to_be_bytes());
+        out
+    }
+
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.to_be_signed().split_off(HEAD_SIGNATURE_LABEL.len());
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    /// Decodes untrusted bytes (the signature is not checked here).
+    ///
+    /// # Errors
+    /// [`SignedHeadError`] for any other length or version.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SignedHeadError> {
+        if bytes.len() != SIGNED_HEAD_LEN || bytes[0] != SIGNED_HEAD_VERSION {
+            return Err(SignedHeadError);
+        }
+        let mut at = 1;
+        let mut take = |n: usize| {
+            let s = &bytes[at..at + n];
+            at += n;
+            s
+        };
+        let arr16 = |s: &[u8]| <[u8; 16]>::try_from(s).map_err(|_| SignedHeadError);
+        let arr32 = |s: &[u8]| <[u8; 32]>::try_from(s).map_err(|_| SignedHeadError);
+        let u64_be = |s: &[u8]| <[u8; 8]>::try_from(s).map(u64::from_be_bytes).map_err(|_| SignedHeadError);
+        Ok(SignedHead {
+            directory_id: arr16(take(16))?,
+            epoch: u64_be(take(8))?,
+            root: arr32(take(32))?,
+            vrf_public_key: arr32(take(32))?,
+            signed_at_ms: u64_be(take(8))?,
+            signature: <[u8; 64]>::try_from(take(64)).map_err(|_| SignedHeadError)?,
+        })
+    }
 }
 
 /// The directory value for an account: SHA-256 over a domain separator, the
@@ -106,6 +220,45 @@ mod tests {
             signature_key: B64(vec![key; 32]),
             certificate: B64(vec![key ^ 1; 70]),
         }
+    }
+
+    #[test]
+    fn signed_head_bytes_are_stable() {
+        let head = SignedHead {
+            directory_id: [1; 16],
+            epoch: 0x0102_0304_0506_0708,
+            root: [2; 32],
+            vrf_public_key: [3; 32],
+            signed_at_ms: 1_700_000_000_000,
+            signature: [4; 64],
+        };
+        let bytes = head.encode();
+        assert_eq!(bytes.len(), SIGNED_HEAD_LEN);
+        // A change of this encoding is a visible decision: clients pin and
+        // gossip these bytes, and `alerts export` writes them.
+        let expected = concat!(
+            "01",
+            "01010101010101010101010101010101",
+            "0102030405060708",
+            "0202020202020202020202020202020202020202020202020202020202020202",
+            "0303030303030303030303030303030303030303030303030303030303030303",
+            "0000018bcfe56800",
+            "04040404040404040404040404040404040404040404040404040404040404040404040404040404040404040404040404040404040404040404040404040404",
+        );
+        assert_eq!(hex::encode(&bytes), expected);
+        let tbs = head.to_be_signed();
+        assert!(tbs.starts_with(b"subrosa signed directory head v1\n"));
+        assert_eq!(&tbs[HEAD_SIGNATURE_LABEL.len()..], &bytes[..TBS_LEN]);
+        assert_eq!(SignedHead::decode(&bytes), Ok(head));
+        for n in 0..bytes.len() {
+            assert!(SignedHead::decode(&bytes[..n]).is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(SignedHead::decode(&longer).is_err());
+        let mut v2 = bytes;
+        v2[0] = 2;
+        assert!(SignedHead::decode(&v2).is_err());
     }
 
     #[test]

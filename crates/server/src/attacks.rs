@@ -41,6 +41,18 @@ pub struct Plan {
     /// Deliveries are dropped, replayed or reordered.
     #[serde(default)]
     pub messages: Option<Messages>,
+    /// One user is shown the directory as it was when this was switched on,
+    /// and nothing newer (it refuses any later epoch).
+    #[serde(default)]
+    pub freeze: Option<Freeze>,
+}
+
+/// `freeze`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Freeze {
+    /// Requests signed by a device of this handle see the frozen directory.
+    pub victim: Handle,
 }
 
 /// `substitute_key_packages`.
@@ -119,6 +131,8 @@ struct ForkState {
 pub struct Attacks {
     plan_path: PathBuf,
     fork: tokio::sync::Mutex<ForkState>,
+    /// The frozen copy, made when a `freeze` victim is first served.
+    frozen: tokio::sync::Mutex<Option<KtDirectory>>,
 }
 
 fn fork_value(f: &Fork) -> (Vec<u8>, Vec<u8>) {
@@ -128,7 +142,11 @@ fn fork_value(f: &Fork) -> (Vec<u8>, Vec<u8>) {
 impl Attacks {
     /// A controller reading `<data_dir>/attacks.json`.
     pub fn new(data_dir: &Path) -> Arc<Self> {
-        Arc::new(Attacks { plan_path: data_dir.join(PLAN_FILE), fork: tokio::sync::Mutex::new(ForkState::default()) })
+        Arc::new(Attacks {
+            plan_path: data_dir.join(PLAN_FILE),
+            fork: tokio::sync::Mutex::new(ForkState::default()),
+            frozen: tokio::sync::Mutex::new(None),
+        })
     }
 
     /// The plan now (honest when the file is missing or unreadable).
@@ -176,10 +194,34 @@ impl Attacks {
         real: &KtDirectory,
         viewer: Option<&DeviceAddress>,
     ) -> Result<Option<KtDirectory>, AppError> {
+        if self.plan().freeze.is_some_and(|f| viewer.is_some_and(|v| v.handle == f.victim)) {
+            let mut frozen = self.frozen.lock().await;
+            if frozen.is_none() {
+                // A copy of every real publish so far (with the real keys,
+                // so its heads are validly signed), never mirrored again.
+                let st = self.fork.lock().await;
+                let dir = KtDirectory::open_with_keys(
+                    Arc::new(MemoryKtStorage::default()),
+                    real.vrf().clone(),
+                    real.signer().clone(),
+                )
+                .await?;
+                for batch in &st.history {
+                    dir.publish(batch.clone()).await?;
+                }
+                *frozen = Some(dir);
+            }
+            return Ok(frozen.clone());
+        }
         let Some(fork) = self.active_fork(viewer) else { return Ok(None) };
         let mut st = self.fork.lock().await;
         if st.dir.is_none() {
-            let dir = KtDirectory::open_with_vrf(Arc::new(MemoryKtStorage::default()), real.vrf().clone()).await?;
+            let dir = KtDirectory::open_with_keys(
+                Arc::new(MemoryKtStorage::default()),
+                real.vrf().clone(),
+                real.signer().clone(),
+            )
+            .await?;
             for batch in &st.history {
                 dir.publish(batch.clone()).await?;
             }

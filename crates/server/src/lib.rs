@@ -71,6 +71,8 @@ pub struct AppState {
     /// The key directory, opened on first use (or by [`start`]).
     kt: Arc<tokio::sync::OnceCell<Arc<kt::KtService>>>,
     kt_publish_interval: std::time::Duration,
+    /// The file recording the highest head this node signed.
+    kt_mark: Option<std::path::PathBuf>,
     /// The malicious-operator controller (test builds only; never installed
     /// by the `subrosa-server` binary).
     #[cfg(feature = "test-attacks")]
@@ -112,6 +114,7 @@ impl AppState {
             shutdown_tx: Arc::new(shutdown_tx),
             kt: Arc::new(tokio::sync::OnceCell::new()),
             kt_publish_interval: DEFAULT_KT_PUBLISH_INTERVAL,
+            kt_mark: None,
             #[cfg(feature = "test-attacks")]
             attacks: None,
         }
@@ -122,6 +125,15 @@ impl AppState {
     #[must_use]
     pub fn with_kt_publish_interval(mut self, interval: std::time::Duration) -> Self {
         self.kt_publish_interval = interval;
+        self
+    }
+
+    /// Records the highest directory head this node signs in `path` (a
+    /// file outside the database), and refuses to open a directory that is
+    /// behind it (a database restored from an older backup).
+    #[must_use]
+    pub fn with_kt_mark(mut self, path: std::path::PathBuf) -> Self {
+        self.kt_mark = Some(path);
         self
     }
 
@@ -150,7 +162,9 @@ impl AppState {
         let service = self
             .kt
             .get_or_try_init(|| async {
-                kt::KtService::open(self.store.kt_storage(), self.kt_publish_interval).await.map(Arc::new)
+                kt::KtService::open_marked(self.store.kt_storage(), self.kt_publish_interval, self.kt_mark.clone())
+                    .await
+                    .map(Arc::new)
             })
             .await?;
         Ok(Arc::clone(service))

@@ -443,15 +443,28 @@ fn check_public_kt(state: &AppState, viewer: &Option<DeviceAddress>, req: &Reque
     Ok(())
 }
 
-/// `GET /v1/kt/head` (signed or not): the latest epoch, its root and the
-/// VRF public key.
+/// `GET /v1/kt/head` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeadQuery {
+    epoch: Option<u64>,
+}
+
+/// `GET /v1/kt/head[?epoch=N]` (signed or not): the signed head of the
+/// latest epoch (or of epoch N), with the VRF and head-signing keys.
 async fn kt_head(
     MaybeAuthed(viewer): MaybeAuthed,
     State(state): State<AppState>,
+    query: Result<Query<HeadQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Json<KtHead>, AppError> {
     check_public_kt(&state, &viewer, &req, 1)?;
-    Ok(Json(state.kt().await?.head(&state, viewer.as_ref()).await?))
+    let Query(q) = query.map_err(|_| AppError::bad_request("epoch must be an epoch number"))?;
+    let kt = state.kt().await?;
+    Ok(Json(match q.epoch {
+        Some(epoch) => kt.head_at(&state, viewer.as_ref(), epoch).await?,
+        None => kt.head(&state, viewer.as_ref()).await?,
+    }))
 }
 
 /// `GET /v1/kt/lookup/{handle}` (signed): the lookup proof of a handle at

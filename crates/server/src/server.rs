@@ -31,6 +31,10 @@ pub struct RunningServer {
     stop_sweeper: watch::Sender<bool>,
 }
 
+/// The file in the data directory that records the highest directory head
+/// this node signed.
+pub const KT_MARK_FILE: &str = "kt-signed-head";
+
 /// Opens the store a configuration names (creating the data directory).
 ///
 /// # Errors
@@ -102,8 +106,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     listener.set_nonblocking(true).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
 
-    let state =
-        AppState::new(Arc::clone(&store), config.limits.clone()).with_kt_publish_interval(config.kt_publish_interval);
+    // The highest head this node signed is kept outside the database, so a
+    // database restored from an older backup is noticed (kt::SignedMark).
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    let state = AppState::new(Arc::clone(&store), config.limits.clone())
+        .with_kt_publish_interval(config.kt_publish_interval)
+        .with_kt_mark(config.data_dir.join(KT_MARK_FILE));
     #[cfg(feature = "test-attacks")]
     let state = match &config.attacks {
         Some(a) => state.with_attacks(Arc::clone(a)),

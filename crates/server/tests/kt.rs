@@ -283,3 +283,71 @@ async fn a_second_node_sees_epochs_the_first_published() {
     assert_eq!(info.kt.as_ref().expect("kt").epoch, head(&a).await.epoch);
     check_account(head_b.vrf_public_key.as_slice(), &info);
 }
+
+fn pinned(kt: &KtDirectory) -> subrosa_client::kt::HeadKey {
+    subrosa_client::kt::HeadKey { key: kt.signer().public_key(), directory_id: kt.signer().directory_id() }
+}
+
+#[tokio::test]
+async fn heads_are_signed_once_per_epoch_and_the_key_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("server.db");
+    let (first, key) = {
+        let store = SqliteStore::open(&path).expect("store");
+        let kt = KtDirectory::open(store.kt_storage()).await.expect("open");
+        kt.publish(vec![(label("alice"), value(1))]).await.expect("publish");
+        let head = kt.head().await.expect("head");
+        let signed = head.signed.clone().expect("signed");
+        let h = subrosa_client::kt::verify_signed_head(&pinned(&kt), signed.as_slice()).expect("verifies");
+        assert_eq!((h.epoch, h.root.to_vec()), (1, head.root_hash.clone().into_inner()));
+        assert_eq!(h.vrf_public_key, kt.vrf_public_key());
+        assert_eq!(head.signing_key.clone().map(|k| k.into_inner()), Some(kt.signer().public_key().to_vec()));
+        // Asked again (and through a lookup), the same bytes: not a new signature.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(kt.head().await.expect("head"), head);
+        let (lookup, _) = kt.lookup(b"alice").await.expect("lookup").expect("alice");
+        assert_eq!(lookup.signed_head, Some(signed));
+        (head, pinned(&kt))
+    };
+    let store = SqliteStore::open(&path).expect("reopen");
+    let kt = KtDirectory::open(store.kt_storage()).await.expect("open again");
+    assert_eq!(pinned(&kt), key, "the head-signing key and directory id survive a restart");
+    assert_eq!(kt.head_at(1).await.expect("head").expect("epoch 1"), first, "re-served, not re-signed");
+    assert!(kt.head_at(2).await.expect("head").is_none());
+}
+
+/// A database restored from an older backup has forgotten the heads signed
+/// since; the node's mark file has not: the directory refuses to open, so
+/// no epoch ever gets a second, different head.
+#[tokio::test]
+async fn a_directory_behind_a_signed_head_refuses_to_open() {
+    use subrosa_server::kt::KtService;
+    let dir = tempfile::tempdir().expect("dir");
+    let mark = dir.path().join("kt-signed-head");
+    let interval = std::time::Duration::from_millis(1);
+    let live = SqliteStore::open(&dir.path().join("live.db")).expect("store");
+    let backup = SqliteStore::open(&dir.path().join("backup.db")).expect("store");
+    let other = SqliteStore::open(&dir.path().join("other.db")).expect("store");
+    {
+        let svc = KtService::open_marked(live.kt_storage(), interval, Some(mark.clone())).await.expect("open");
+        svc.directory().publish(vec![(label("alice"), value(1))]).await.expect("publish");
+        svc.directory().publish(vec![(label("bob"), value(2))]).await.expect("publish");
+        assert_eq!(svc.directory().head().await.expect("head").epoch, 2, "epoch 2 signed");
+    }
+    // The backup stopped at epoch 1; `other` reached epoch 2 with another root.
+    KtDirectory::open(backup.kt_storage())
+        .await
+        .expect("open")
+        .publish(vec![(label("alice"), value(1))])
+        .await
+        .expect("publish");
+    let o = KtDirectory::open(other.kt_storage()).await.expect("open");
+    o.publish(vec![(label("alice"), value(1))]).await.expect("publish");
+    o.publish(vec![(label("bob"), value(3))]).await.expect("publish");
+    for (name, store) in [("an older backup", &backup), ("another directory at that epoch", &other)] {
+        let err = KtService::open_marked(store.kt_storage(), interval, Some(mark.clone())).await.expect_err(name);
+        assert!(err.to_string().contains("restored from an older backup"), "{name}: {err}");
+    }
+    // The live database itself still opens.
+    KtService::open_marked(live.kt_storage(), interval, Some(mark)).await.expect("the live directory opens");
+}

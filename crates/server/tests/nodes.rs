@@ -528,6 +528,29 @@ async fn nodes_publishing_at_once_keep_one_append_only_directory() {
     }
     assert!(heads.windows(2).all(|w| w[0] == w[1]), "every node serves the same head: {heads:?}");
     let head = &heads[0];
+    // One head-signing key for every node, and one signed head per epoch:
+    // every epoch, asked of every node at once, comes back as the same bytes.
+    let key = head.signing_key.clone().expect("a signing key").into_inner();
+    let signed = subrosa_proto::kt::SignedHead::decode(head.signed.as_ref().expect("signed").as_slice()).expect("head");
+    let pinned = subrosa_client::kt::HeadKey {
+        key: key.as_slice().try_into().expect("32 bytes"),
+        directory_id: signed.directory_id,
+    };
+    for epoch in 1..=head.epoch {
+        let asks = nodes.iter().flat_map(|n| [n.addr, n.addr]).map(|a| get(a, format!("/v1/kt/head?epoch={epoch}")));
+        let answers = futures_util::future::join_all(asks).await;
+        let mut seen = Vec::new();
+        for (status, body) in answers {
+            assert_eq!(status, 200, "{body}");
+            let h: KtHead = serde_json::from_value(body).expect("head");
+            assert_eq!(h.signing_key.as_ref().map(|k| k.as_slice()), Some(key.as_slice()), "one key for all nodes");
+            let bytes = h.signed.expect("signed").into_inner();
+            let decoded = subrosa_client::kt::verify_signed_head(&pinned, &bytes).expect("validly signed");
+            assert_eq!(decoded.epoch, epoch);
+            seen.push(bytes);
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "epoch {epoch} was signed more than once");
+    }
     assert!((1..=12).contains(&head.epoch), "{} epochs", head.epoch);
     if head.epoch > 1 {
         let (status, body) = get(nodes[1].addr, format!("/v1/kt/audit?from=1&to={}", head.epoch)).await;

@@ -17,6 +17,8 @@ struct Tables {
     values: HashMap<Vec<u8>, BTreeMap<u64, KtValueRow>>,
     epochs: BTreeMap<u64, [u8; 32]>,
     vrf: Option<[u8; 32]>,
+    signing: Option<([u8; 32], [u8; 16])>,
+    signed: BTreeMap<u64, Vec<u8>>,
 }
 
 /// The key-transparency tables in memory.
@@ -83,5 +85,25 @@ impl KtStorage for MemoryKtStorage {
 
     async fn kt_vrf_key(&self, candidate: [u8; 32]) -> Result<[u8; 32], StoreError> {
         Ok(self.with(|t| *t.vrf.get_or_insert(candidate)))
+    }
+
+    async fn kt_signing_key(
+        &self,
+        candidate: [u8; 32],
+        directory_id: [u8; 16],
+    ) -> Result<([u8; 32], [u8; 16]), StoreError> {
+        Ok(self.with(|t| *t.signing.get_or_insert((candidate, directory_id))))
+    }
+
+    async fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.with(|t| t.signed.get(&epoch).cloned()))
+    }
+
+    async fn kt_put_signed_head(&self, epoch: u64, head: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        Ok(self.with(|t| t.signed.entry(epoch).or_insert(head).clone()))
+    }
+
+    async fn kt_highest_signed(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.with(|t| t.signed.keys().next_back().copied()))
     }
 }

@@ -16,6 +16,14 @@
 //!   once an epoch holding its current keys is committed; one publisher at a
 //!   time per process, at most one epoch per `publish_interval`, and every
 //!   handle queued meanwhile goes into the same epoch.
+//! - Signed heads: every head handed out (`head`, and with every lookup
+//!   proof) is a [`SignedHead`] by the directory's Ed25519 head-signing key
+//!   ([`KtSigner`], generated at first start, stored in `kt_signing`, shared
+//!   by every node). A head is signed at most once per epoch: it is stored
+//!   under the epoch's primary key before it is served, and re-served from
+//!   there; a directory whose latest epoch is behind a head this node
+//!   signed (the database was restored from an older backup) refuses to
+//!   open ([`KtService::open`], `docs/key-transparency.md`).
 
 pub mod db;
 pub mod memory;
@@ -30,10 +38,11 @@ use akd::errors::{AkdError, StorageError};
 use akd::storage::StorageManager;
 use akd::{AkdLabel, AkdValue, AzksParallelismConfig, DomainLabel};
 use async_trait::async_trait;
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use protobuf::Message as _;
-use subrosa_proto::kt::{KtAudit, KtHead, KtLookup, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
+use subrosa_proto::kt::{KtAudit, KtHead, KtLookup, SignedHead, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
 use subrosa_proto::{AccountInfo, DeviceAddress, Handle, B64};
 use zeroize::Zeroizing;
 
@@ -114,6 +123,132 @@ impl KtVrf {
     }
 }
 
+/// The head-signing key (Ed25519) and the directory id, held in memory once
+/// loaded. Its `Debug` is redacted.
+#[derive(Clone)]
+pub struct KtSigner {
+    pair: Arc<Ed25519KeyPair>,
+    directory_id: [u8; 16],
+}
+
+impl std::fmt::Debug for KtSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KtSigner(redacted)")
+    }
+}
+
+impl KtSigner {
+    /// Loads the stored head-signing key and directory id, or generates
+    /// both from the OS RNG and stores them (first start; racing nodes all
+    /// end up with the one stored first).
+    ///
+    /// # Errors
+    /// Backend failures, or a stored key that is not an Ed25519 seed.
+    pub async fn load_or_create(storage: &dyn KtStorage) -> Result<Self, KtError> {
+        use rand::RngCore as _;
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(seed.as_mut());
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let (stored, directory_id) = storage.kt_signing_key(*seed, id).await?;
+        let stored = Zeroizing::new(stored);
+        let pair = Ed25519KeyPair::from_seed_unchecked(stored.as_ref())
+            .map_err(|_| KtError("the stored head-signing key is not an Ed25519 key".into()))?;
+        Ok(KtSigner { pair: Arc::new(pair), directory_id })
+    }
+
+    /// The public key clients pin.
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.pair.public_key().as_ref());
+        out
+    }
+
+    /// The directory id.
+    pub fn directory_id(&self) -> [u8; 16] {
+        self.directory_id
+    }
+
+    /// Signs a head (the caller stores it before serving it).
+    pub fn sign(&self, epoch: u64, root: [u8; 32], vrf_public_key: [u8; 32], signed_at_ms: u64) -> SignedHead {
+        let mut head = SignedHead {
+            directory_id: self.directory_id,
+            epoch,
+            root,
+            vrf_public_key,
+            signed_at_ms,
+            signature: [0; 64],
+        };
+        let sig = self.pair.sign(&head.to_be_signed());
+        head.signature.copy_from_slice(sig.as_ref());
+        head
+    }
+}
+
+/// The highest epoch (and its root) this node signed, kept in a file in its
+/// data directory, outside the database: a database restored from an older
+/// backup forgets the heads it signed since, the file does not.
+#[derive(Debug)]
+pub struct SignedMark {
+    path: std::path::PathBuf,
+    at: Mutex<Option<(u64, [u8; 32])>>,
+}
+
+impl SignedMark {
+    /// Reads the mark at `path` (none yet when the file is missing).
+    ///
+    /// # Errors
+    /// An unreadable or malformed file.
+    pub fn open(path: std::path::PathBuf) -> Result<Self, KtError> {
+        let at = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(parse_mark(&text).ok_or_else(|| KtError(format!("{} is malformed", path.display())))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(KtError(format!("cannot read {}: {e}", path.display()))),
+        };
+        Ok(SignedMark { path, at: Mutex::new(at) })
+    }
+
+    /// The highest epoch recorded and its root.
+    pub fn get(&self) -> Option<(u64, [u8; 32])> {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a signed head durably (write, fsync, rename) when it is newer.
+    fn raise(&self, epoch: u64, root: [u8; 32]) -> Result<(), KtError> {
+        let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        if at.is_some_and(|(e, _)| e >= epoch) {
+            return Ok(());
+        }
+        let fail =
+            |e: std::io::Error| KtError(format!("cannot record the signed epoch in {}: {e}", self.path.display()));
+        let tmp = self.path.with_extension("tmp");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+            f.write_all(format!("{epoch} {}\n", hex::encode(root)).as_bytes()).map_err(fail)?;
+            f.sync_all().map_err(fail)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(fail)?;
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        *at = Some((epoch, root));
+        Ok(())
+    }
+}
+
+fn parse_mark(text: &str) -> Option<(u64, [u8; 32])> {
+    let (epoch, root) = text.trim().split_once(' ')?;
+    let root = <[u8; 32]>::try_from(hex::decode(root).ok()?.as_slice()).ok()?;
+    Some((epoch.parse().ok()?, root))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// Is this akd error "no such label / record"?
 fn is_not_found(e: &AkdError) -> bool {
     matches!(e, AkdError::Storage(StorageError::NotFound(_)))
@@ -125,6 +260,10 @@ pub struct KtDirectory {
     db: AkdDb,
     vrf: KtVrf,
     vrf_public: [u8; 32],
+    signer: KtSigner,
+    /// Where this node records the highest head it signed (the real
+    /// directory of a server with a data directory).
+    mark: Option<Arc<SignedMark>>,
     parallelism: AzksParallelismConfig,
 }
 
@@ -136,20 +275,24 @@ impl KtDirectory {
     /// Backend failures.
     pub async fn open(storage: Arc<dyn KtStorage>) -> Result<Self, KtError> {
         let vrf = KtVrf::load_or_create(storage.as_ref()).await?;
-        Self::open_with_vrf(storage, vrf).await
+        let signer = KtSigner::load_or_create(storage.as_ref()).await?;
+        Self::open_with_keys(storage, vrf, signer).await
     }
 
-    /// Opens a directory with a given VRF key (the attack fork shares the
-    /// real one's, so that both views look alike).
+    /// Opens a directory with given VRF and head-signing keys (the attack
+    /// fork shares the real one's, so that both views look alike and both
+    /// are signed).
     ///
     /// # Errors
     /// Backend failures.
-    pub async fn open_with_vrf(storage: Arc<dyn KtStorage>, vrf: KtVrf) -> Result<Self, KtError> {
+    pub async fn open_with_keys(storage: Arc<dyn KtStorage>, vrf: KtVrf, signer: KtSigner) -> Result<Self, KtError> {
         let public = vrf.get_vrf_public_key().await.map_err(|e| KtError(e.to_string()))?;
         let dir = KtDirectory {
             db: AkdDb::new(storage),
             vrf,
             vrf_public: public.to_bytes(),
+            signer,
+            mark: None,
             parallelism: AzksParallelismConfig::default(),
         };
         // Creates the empty tree (epoch 0) when the tables are new.
@@ -165,6 +308,71 @@ impl KtDirectory {
     /// The VRF public key.
     pub fn vrf_public_key(&self) -> [u8; 32] {
         self.vrf_public
+    }
+
+    /// The head-signing key.
+    pub fn signer(&self) -> &KtSigner {
+        &self.signer
+    }
+
+    /// The signed head of `epoch`, whose root is `root`: the one stored,
+    /// or a new one, stored (and recorded in the node's mark) before it is
+    /// returned. Never signs a second head for an epoch.
+    ///
+    /// # Errors
+    /// Backend failures, or a stored head for this epoch with another root
+    /// (the directory no longer matches what was signed: refused).
+    pub async fn signed_head(&self, epoch: u64, root: [u8; 32]) -> Result<SignedHead, KtError> {
+        let storage = self.db.storage();
+        let stored = match storage.kt_signed_head(epoch).await? {
+            Some(bytes) => bytes,
+            None => {
+                let head = self.signer.sign(epoch, root, self.vrf_public, now_ms());
+                storage.kt_put_signed_head(epoch, head.encode()).await?
+            }
+        };
+        let head = SignedHead::decode(&stored)
+            .map_err(|_| KtError(format!("the stored head of epoch {epoch} is malformed")))?;
+        if head.root != root || head.directory_id != self.signer.directory_id {
+            return Err(KtError(format!(
+                "a different head was already signed for epoch {epoch}: refusing to sign a second one"
+            )));
+        }
+        if let Some(mark) = &self.mark {
+            mark.raise(epoch, root)?;
+        }
+        Ok(head)
+    }
+
+    /// The signed head of an earlier (or the latest) epoch, `None` when it
+    /// does not exist.
+    ///
+    /// # Errors
+    /// Backend or akd failures.
+    pub async fn signed_head_at(&self, epoch: u64) -> Result<Option<SignedHead>, KtError> {
+        let (latest, root) = self.fresh().await?.get_epoch_hash().await.map(|h| (h.0, h.1))?;
+        if epoch > latest {
+            return Ok(None);
+        }
+        let root = if epoch == latest {
+            root
+        } else {
+            match self.db.storage().kt_epoch_roots(epoch, epoch).await?.first() {
+                Some((_, r)) => *r,
+                None => return Ok(None),
+            }
+        };
+        Ok(Some(self.signed_head(epoch, root).await?))
+    }
+
+    fn head_answer(&self, head: &SignedHead) -> KtHead {
+        KtHead {
+            epoch: head.epoch,
+            root_hash: B64(head.root.to_vec()),
+            vrf_public_key: B64(self.vrf_public.to_vec()),
+            signing_key: Some(B64(self.signer.public_key().to_vec())),
+            signed: Some(B64(head.encode())),
+        }
     }
 
     /// An akd directory for one operation: its cache starts empty and is
@@ -198,7 +406,17 @@ impl KtDirectory {
     /// Backend or akd failures.
     pub async fn head(&self) -> Result<KtHead, KtError> {
         let hash = self.fresh().await?.get_epoch_hash().await?;
-        Ok(KtHead { epoch: hash.0, root_hash: B64(hash.1.to_vec()), vrf_public_key: B64(self.vrf_public.to_vec()) })
+        let signed = self.signed_head(hash.0, hash.1).await?;
+        Ok(self.head_answer(&signed))
+    }
+
+    /// The signed head of `epoch` as a [`KtHead`], `None` when the directory
+    /// has no such epoch.
+    ///
+    /// # Errors
+    /// Backend or akd failures.
+    pub async fn head_at(&self, epoch: u64) -> Result<Option<KtHead>, KtError> {
+        Ok(self.signed_head_at(epoch).await?.map(|h| self.head_answer(&h)))
     }
 
     /// The lookup proof of a label at the latest epoch, with the value it
@@ -216,7 +434,16 @@ impl KtDirectory {
         let bytes = akd::proto::specs::types::LookupProof::from(&proof)
             .write_to_bytes()
             .map_err(|e| KtError(format!("encoding a lookup proof: {e}")))?;
-        Ok(Some((KtLookup { epoch: hash.0, root_hash: B64(hash.1.to_vec()), proof: B64(bytes) }, value)))
+        let signed = self.signed_head(hash.0, hash.1).await?;
+        Ok(Some((
+            KtLookup {
+                epoch: hash.0,
+                root_hash: B64(hash.1.to_vec()),
+                proof: B64(bytes),
+                signed_head: Some(B64(signed.encode())),
+            },
+            value,
+        )))
     }
 
     /// Append-only proofs from `from` to `to` (checked by the caller:
@@ -277,8 +504,48 @@ impl KtService {
     /// # Errors
     /// Backend failures.
     pub async fn open(storage: Arc<dyn KtStorage>, interval: Duration) -> Result<Self, KtError> {
+        Self::open_marked(storage, interval, None).await
+    }
+
+    /// [`Self::open`], recording every head this node signs in the file
+    /// `mark` (see [`SignedMark`]), and refusing to open a directory that is
+    /// behind a head signed before (by this node, per the mark, or by any
+    /// node, per the stored heads): the database was restored from an older
+    /// backup, and serving it would sign a second head for an epoch that
+    /// clients may already hold.
+    ///
+    /// # Errors
+    /// Backend failures; the refusal above.
+    pub async fn open_marked(
+        storage: Arc<dyn KtStorage>,
+        interval: Duration,
+        mark: Option<std::path::PathBuf>,
+    ) -> Result<Self, KtError> {
+        let mut dir = KtDirectory::open(Arc::clone(&storage)).await?;
+        let latest = dir.fresh().await?.get_epoch_hash().await?;
+        let refuse = |signed: u64| {
+            KtError(format!(
+                "the directory is at epoch {}, but a head was already signed for epoch {signed}: the database \
+                 was restored from an older backup; restore the newest one (see docs/key-transparency.md)",
+                latest.0
+            ))
+        };
+        if let Some(h) = storage.kt_highest_signed().await? {
+            if h > latest.0 {
+                return Err(refuse(h));
+            }
+        }
+        if let Some(path) = mark {
+            let mark = SignedMark::open(path)?;
+            if let Some((e, root)) = mark.get() {
+                if e > latest.0 || (e == latest.0 && root != latest.1) {
+                    return Err(refuse(e));
+                }
+            }
+            dir.mark = Some(Arc::new(mark));
+        }
         Ok(KtService {
-            dir: KtDirectory::open(storage).await?,
+            dir,
             queue: Mutex::new(Queue { pending: BTreeSet::new(), next_batch: 1 }),
             published: AtomicU64::new(0),
             publish_lock: tokio::sync::Mutex::new(None),
@@ -418,6 +685,24 @@ impl KtService {
     /// Backend or akd failures.
     pub async fn head(&self, state: &AppState, viewer: Option<&DeviceAddress>) -> Result<KtHead, AppError> {
         Ok(crate::hooks::view(state, self, viewer).await?.head().await?)
+    }
+
+    /// The signed head of `epoch` as `viewer` sees the directory.
+    ///
+    /// # Errors
+    /// 400 bad_request for an epoch the directory does not have; backend or
+    /// akd failures.
+    pub async fn head_at(
+        &self,
+        state: &AppState,
+        viewer: Option<&DeviceAddress>,
+        epoch: u64,
+    ) -> Result<KtHead, AppError> {
+        crate::hooks::view(state, self, viewer)
+            .await?
+            .head_at(epoch)
+            .await?
+            .ok_or_else(|| AppError::bad_request(format!("epoch {epoch} is beyond the latest epoch")))
     }
 
     /// Append-only proofs as `viewer` sees the directory.

@@ -109,6 +109,7 @@ macro_rules! with_behaviours {
             link_slot_lifecycle,
             link_slots_expire,
             link_response_is_handed_out_once,
+            one_signing_key_and_one_signed_head_per_epoch,
         );
     };
 }
@@ -806,4 +807,28 @@ pub async fn link_response_is_handed_out_once(store: Arc<dyn Store>) {
         }
     }
     assert_eq!((got, gone), (1, 9));
+}
+
+/// The directory's head-signing key is made once (racing first starts
+/// agree), and an epoch's signed head is stored once: every racing writer
+/// gets the first one back.
+pub async fn one_signing_key_and_one_signed_head_per_epoch(store: Arc<dyn Store>) {
+    let kt = store.kt_storage();
+    let first = kt.kt_signing_key([1; 32], [2; 16]).await.expect("key");
+    assert_eq!(kt.kt_signing_key([3; 32], [4; 16]).await.expect("key"), first, "the stored key stays");
+    let epoch = kt.kt_highest_signed().await.expect("highest").unwrap_or(0) + 1000;
+    assert_eq!(kt.kt_signed_head(epoch).await.expect("read"), None);
+    let writers: Vec<_> = (0u8..8)
+        .map(|i| {
+            let kt = Arc::clone(&kt);
+            tokio::spawn(async move { kt.kt_put_signed_head(epoch, vec![i; 161]).await.expect("put") })
+        })
+        .collect();
+    let mut stored = Vec::new();
+    for w in writers {
+        stored.push(w.await.expect("task"));
+    }
+    assert!(stored.windows(2).all(|w| w[0] == w[1]), "one head for the epoch");
+    assert_eq!(kt.kt_signed_head(epoch).await.expect("read"), Some(stored[0].clone()));
+    assert_eq!(kt.kt_highest_signed().await.expect("highest"), Some(epoch));
 }

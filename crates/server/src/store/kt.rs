@@ -126,4 +126,34 @@ pub trait KtStorage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Backend failures only.
     async fn kt_vrf_key(&self, candidate: [u8; 32]) -> Result<[u8; 32], StoreError>;
+
+    /// The head-signing key's seed and the directory id: the stored ones,
+    /// or else the candidates, stored now (racing nodes all get the first).
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn kt_signing_key(
+        &self,
+        candidate: [u8; 32],
+        directory_id: [u8; 16],
+    ) -> Result<([u8; 32], [u8; 16]), StoreError>;
+
+    /// The signed head stored for `epoch`, if any.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores `head` as the signed head of `epoch` unless one is stored
+    /// already, and returns the stored one (durable when this returns).
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn kt_put_signed_head(&self, epoch: u64, head: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+
+    /// The highest epoch with a signed head.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn kt_highest_signed(&self) -> Result<Option<u64>, StoreError>;
 }

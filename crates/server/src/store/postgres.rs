@@ -152,6 +152,20 @@ const MIGRATIONS: &[&str] = &[
         private_key BYTEA NOT NULL
     );
     ",
+    // 3: signed directory heads (SQLite's migration 4; see `store::kt`):
+    // the head-signing key and directory id, and every head signed, one per
+    // epoch.
+    r"
+    CREATE TABLE kt_signing (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        private_key BYTEA NOT NULL,
+        directory_id BYTEA NOT NULL
+    );
+    CREATE TABLE kt_signed_heads (
+        epoch BIGINT PRIMARY KEY,
+        head BYTEA NOT NULL
+    );
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is

@@ -134,6 +134,19 @@ const MIGRATIONS: &[&str] = &[
         private_key BLOB NOT NULL
     );
     ",
+    // 4: signed directory heads (see `store::kt`): the head-signing key and
+    // directory id, and every head signed, one per epoch.
+    r"
+    CREATE TABLE kt_signing (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        private_key BLOB NOT NULL,
+        directory_id BLOB NOT NULL
+    );
+    CREATE TABLE kt_signed_heads (
+        epoch INTEGER PRIMARY KEY,
+        head BLOB NOT NULL
+    );
+    ",
 ];
 
 /// The SQLite store.

@@ -191,4 +191,66 @@ impl KtStorage for SqliteStore {
         })
         .await
     }
+
+    async fn kt_signing_key(
+        &self,
+        candidate: [u8; 32],
+        directory_id: [u8; 16],
+    ) -> Result<([u8; 32], [u8; 16]), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO kt_signing (id, private_key, directory_id) VALUES (1, ?1, ?2)",
+                params![&candidate[..], &directory_id[..]],
+            )
+            .map_err(map_err)?;
+            let row: Option<(Vec<u8>, Vec<u8>)> = tx
+                .query_row("SELECT private_key, directory_id FROM kt_signing WHERE id = 1", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
+            let (key, id) = row.ok_or_else(|| StoreError::Internal("the head-signing key row is missing".into()))?;
+            let id = <[u8; 16]>::try_from(id.as_slice())
+                .map_err(|_| StoreError::Internal("the directory id is not 16 bytes".into()))?;
+            Ok((digest(key, "head-signing key")?, id))
+        })
+        .await
+    }
+
+    async fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(move |conn| {
+            conn.query_row("SELECT head FROM kt_signed_heads WHERE epoch = ?1", [to_i64(epoch)], |r| r.get(0))
+                .optional()
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn kt_put_signed_head(&self, epoch: u64, head: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO kt_signed_heads (epoch, head) VALUES (?1, ?2)",
+                params![to_i64(epoch), head],
+            )
+            .map_err(map_err)?;
+            let stored: Vec<u8> = tx
+                .query_row("SELECT head FROM kt_signed_heads WHERE epoch = ?1", [to_i64(epoch)], |r| r.get(0))
+                .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn kt_highest_signed(&self) -> Result<Option<u64>, StoreError> {
+        self.run(move |conn| {
+            let max: Option<i64> =
+                conn.query_row("SELECT MAX(epoch) FROM kt_signed_heads", [], |r| r.get(0)).map_err(map_err)?;
+            Ok(max.map(to_u64))
+        })
+        .await
+    }
 }

@@ -193,4 +193,59 @@ impl KtStorage for PgStore {
         }
         .await)
     }
+
+    async fn kt_signing_key(
+        &self,
+        candidate: [u8; 32],
+        directory_id: [u8; 16],
+    ) -> Result<([u8; 32], [u8; 16]), StoreError> {
+        in_tx!(self, |tx| async {
+            execute(
+                &tx,
+                "INSERT INTO kt_signing (id, private_key, directory_id) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
+                &[&&candidate[..], &&directory_id[..]],
+            )
+            .await?;
+            let row = query_opt(&tx, "SELECT private_key, directory_id FROM kt_signing WHERE id = 1", &[]).await?;
+            let (key, id): (Vec<u8>, Vec<u8>) = row
+                .map(|r| (r.get(0), r.get(1)))
+                .ok_or_else(|| StoreError::Internal("the head-signing key row is missing".into()))?;
+            let id = <[u8; 16]>::try_from(id.as_slice())
+                .map_err(|_| StoreError::Internal("the directory id is not 16 bytes".into()))?;
+            Ok((digest(key, "head-signing key")?, id))
+        }
+        .await)
+    }
+
+    async fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        on_client!(self, |c| async {
+            let row = query_opt(&c, "SELECT head FROM kt_signed_heads WHERE epoch = $1", &[&to_i64(epoch)]).await?;
+            Ok(row.map(|r| r.get(0)))
+        }
+        .await)
+    }
+
+    async fn kt_put_signed_head(&self, epoch: u64, head: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        in_tx!(self, |tx| async {
+            execute(
+                &tx,
+                "INSERT INTO kt_signed_heads (epoch, head) VALUES ($1, $2) ON CONFLICT (epoch) DO NOTHING",
+                &[&to_i64(epoch), &head],
+            )
+            .await?;
+            let row = query_opt(&tx, "SELECT head FROM kt_signed_heads WHERE epoch = $1", &[&to_i64(epoch)]).await?;
+            let head: Vec<u8> =
+                row.map(|r| r.get(0)).ok_or_else(|| StoreError::Internal("the signed head row is missing".into()))?;
+            Ok(head)
+        }
+        .await)
+    }
+
+    async fn kt_highest_signed(&self) -> Result<Option<u64>, StoreError> {
+        on_client!(self, |c| async {
+            let row = query_opt(&c, "SELECT MAX(epoch) FROM kt_signed_heads", &[]).await?;
+            Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).map(to_u64))
+        }
+        .await)
+    }
 }

@@ -1,0 +1,45 @@
+//! Test builds only (feature `test-senders`, never in a release binary): a
+//! misbehaving or newer sender, built from the library, for end-to-end tests
+//! that drive the real binaries as the receivers.
+
+use reqwest::Method;
+use subrosa_core::content::{Body, Content};
+use subrosa_proto::{MessageId, MessageKind, SendId, SendPart, SendRequest, SendResponse, B64};
+
+use crate::store::now_ms;
+use crate::{ClientError, Subrosa};
+
+impl Subrosa {
+    /// Sends `body` to the direct conversation with `peer`, carrying
+    /// `kt_head` as its gossiped directory head whatever it is (numbered in
+    /// the sender's sequence like any message). Not stored in history.
+    ///
+    /// # Errors
+    /// No conversation with `peer`; engine, network and server errors.
+    pub async fn test_send_raw(&self, peer: &str, body: Body, kt_head: Option<Vec<u8>>) -> Result<(), ClientError> {
+        self.sync().await?;
+        let conversation =
+            self.store.direct_conversation(peer)?.ok_or_else(|| ClientError::UnknownTarget(peer.to_string()))?;
+        let request = self.store.transaction(|| {
+            let seq = self.store.next_seq(&conversation)?;
+            let content = Content { message_id: MessageId(rand::random()), sent_at_ms: now_ms(), body, seq, kt_head };
+            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
+            Ok(SendRequest {
+                conversation,
+                send_id: SendId(rand::random()),
+                commit: None,
+                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
+            })
+        })?;
+        let _: SendResponse = self.api.call(Method::POST, "/v1/messages", Some(&request)).await?;
+        Ok(())
+    }
+
+    /// The newest signed directory head this device holds (what it gossips).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn test_newest_head(&self) -> Result<Option<Vec<u8>>, ClientError> {
+        self.kt_latest()
+    }
+}
