@@ -310,7 +310,7 @@ impl Subrosa {
         let req = SendRequest {
             conversation: out.conversation,
             send_id: SendId(rand::random()),
-            commit: Some(CommitGuard { epoch: out.epoch }),
+            commit: Some(CommitGuard { epoch: out.epoch, members: None }),
             parts,
         };
         match self.api.call::<_, SendResponse>(Method::POST, "/v1/messages", Some(&req)).await {

@@ -168,13 +168,22 @@ impl MessageKind {
 }
 
 /// The server's commit-ordering check for a send that carries a commit.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CommitGuard {
     /// The epoch the commit was made in. The server accepts it only when this
     /// is the conversation's current epoch (0 creates the conversation), and
     /// then moves the conversation to `epoch + 1`.
     pub epoch: Epoch,
+    /// The conversation's member devices after this commit, as the
+    /// committer's MLS roster says (the committer included). The server
+    /// keeps it as the conversation's roster: only devices in it may send
+    /// to the conversation. A client that sends it also gets its own commit
+    /// delivered back (the echo), so a lost answer never desyncs it.
+    /// Absent from older clients: the server then adds the send's sender
+    /// and recipients to the roster it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<DeviceAddress>>,
 }
 
 /// One ciphertext and the devices it goes to.
@@ -303,6 +312,8 @@ pub enum ErrorCode {
     NoKeyPackage,
     /// The commit was made for an epoch that is not the conversation's current one.
     StaleEpoch,
+    /// The sending device is not in the conversation's roster (403).
+    NotAMember,
     /// Too many requests; slow down.
     RateLimited,
     /// The server failed; try again later.
@@ -326,6 +337,7 @@ impl ErrorCode {
             ErrorCode::UnknownHandle => "unknown_handle",
             ErrorCode::NoKeyPackage => "no_key_package",
             ErrorCode::StaleEpoch => "stale_epoch",
+            ErrorCode::NotAMember => "not_a_member",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",

@@ -152,6 +152,16 @@ const MIGRATIONS: &[&str] = &[
         private_key BYTEA NOT NULL
     );
     ",
+    // 3: conversation rosters (SQLite's migration 4; see `store::RosterChange`).
+    r"
+    ALTER TABLE conversations ADD COLUMN has_roster BOOLEAN NOT NULL DEFAULT FALSE;
+    CREATE TABLE conversation_members (
+        conversation BYTEA NOT NULL,
+        device BIGINT NOT NULL REFERENCES devices(id),
+        PRIMARY KEY (conversation, device)
+    );
+    CREATE INDEX conversation_members_by_device ON conversation_members(device);
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -709,6 +719,7 @@ impl Store for PgStore {
             execute(&tx, "UPDATE devices SET active = FALSE WHERE id = $1", &[&device]).await?;
             execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
             execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&device]).await?;
+            execute(&tx, "DELETE FROM conversation_members WHERE device = $1", &[&device]).await?;
             let messages: Vec<i64> = query(&tx, "DELETE FROM inbox WHERE device = $1 RETURNING message", &[&device])
                 .await?
                 .iter()
@@ -920,7 +931,7 @@ impl Store for PgStore {
             // A refused send rolled its nonce back with it: remember the
             // nonce alone (the rare path; no savepoint round trips on the
             // common one).
-            Err(refused @ (StoreError::UnknownDevice(_) | StoreError::StaleEpoch { .. })) => {
+            Err(refused @ (StoreError::UnknownDevice(_) | StoreError::StaleEpoch { .. } | StoreError::NotAMember)) => {
                 self.check_nonce(sender, nonce, timestamp_ms).await?;
                 Err(refused)
             }
@@ -1168,6 +1179,51 @@ impl Store for PgStore {
     }
 }
 
+/// Refuses a sender that is not in the conversation's roster (when it has one).
+async fn check_member<C: GenericClient>(tx: &C, conversation: &[u8], sender_row: i64) -> R<()> {
+    let allowed = query_opt(
+        tx,
+        "SELECT NOT c.has_roster OR EXISTS (
+             SELECT 1 FROM conversation_members m WHERE m.conversation = c.id AND m.device = $2)
+         FROM conversations c WHERE c.id = $1",
+        &[&conversation, &sender_row],
+    )
+    .await?
+    .is_none_or(|r| r.get::<_, bool>(0));
+    if allowed {
+        Ok(())
+    } else {
+        Err(Fail::Store(StoreError::NotAMember))
+    }
+}
+
+/// Applies an accepted commit's roster change inside the caller's transaction.
+async fn set_roster<C: GenericClient>(tx: &C, conversation: &[u8], change: super::RosterChange<'_>) -> R<()> {
+    let devices = match change {
+        super::RosterChange::Replace(devices) => {
+            execute(tx, "DELETE FROM conversation_members WHERE conversation = $1", &[&conversation]).await?;
+            devices
+        }
+        super::RosterChange::Extend(devices) => devices,
+    };
+    let handles: Vec<&str> = devices.iter().map(|a| a.handle.as_str()).collect();
+    let device_ids: Vec<String> = devices.iter().map(|a| a.device.to_hex()).collect();
+    // A device the server no longer knows (revoked) is not a member.
+    execute(
+        tx,
+        "INSERT INTO conversation_members (conversation, device)
+         SELECT DISTINCT $1::bytea, d.id FROM devices d
+         JOIN unnest($2::text[], $3::text[]) AS r(handle, device_id)
+           ON d.handle = r.handle AND d.device_id = r.device_id
+         WHERE d.active
+         ON CONFLICT DO NOTHING",
+        &[&conversation, &handles, &device_ids],
+    )
+    .await?;
+    execute(tx, "UPDATE conversations SET has_roster = TRUE WHERE id = $1", &[&conversation]).await?;
+    Ok(())
+}
+
 /// The body of [`Store::send`], inside its transaction.
 async fn send_tx<C: GenericClient>(
     tx: &C,
@@ -1216,7 +1272,12 @@ async fn send_tx<C: GenericClient>(
     }
 
     let conversation = &request.conversation.0[..];
-    let epoch = match request.commit {
+    // The roster rule (see `store::RosterChange`). An application send reads
+    // the roster as committed now; a commit reads it again below, after its
+    // epoch update holds the conversation's row lock, so a commit that
+    // removed this device meanwhile is seen.
+    check_member(tx, conversation, sender_row).await?;
+    let epoch = match &request.commit {
         None => None,
         Some(guard) => {
             let guard_epoch = to_i64(guard.epoch.0);
@@ -1238,7 +1299,13 @@ async fn send_tx<C: GenericClient>(
                 None => None,
             };
             match bumped {
-                Some(e) => Some(Epoch(to_u64(e))),
+                Some(e) => {
+                    check_member(tx, conversation, sender_row).await?;
+                    if let Some(change) = super::roster_change(sender, request) {
+                        set_roster(tx, conversation, change).await?;
+                    }
+                    Some(Epoch(to_u64(e)))
+                }
                 None => {
                     let current = query_opt(tx, "SELECT epoch FROM conversations WHERE id = $1", &[&conversation])
                         .await?

@@ -134,6 +134,17 @@ const MIGRATIONS: &[&str] = &[
         private_key BLOB NOT NULL
     );
     ",
+    // 4: conversation rosters (see `store::RosterChange`). Conversations
+    // made before this step have `has_roster = 0` until their next commit.
+    r"
+    ALTER TABLE conversations ADD COLUMN has_roster INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE conversation_members (
+        conversation BLOB NOT NULL,
+        device INTEGER NOT NULL REFERENCES devices(id),
+        PRIMARY KEY (conversation, device)
+    ) WITHOUT ROWID;
+    CREATE INDEX conversation_members_by_device ON conversation_members(device);
+    ",
 ];
 
 /// The SQLite store.
@@ -551,15 +562,25 @@ fn store_send(
         parts.push((part, rows));
     }
     let conversation = &request.conversation.0[..];
-    let epoch = match request.commit {
+    // The roster rule (see `store::RosterChange`): writes run one at a time,
+    // so the roster read here is the one the epoch check below sees.
+    let state: Option<(i64, bool)> = tx
+        .prepare_cached("SELECT epoch, has_roster FROM conversations WHERE id = ?1")
+        .and_then(|mut s| s.query_row([conversation], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(map_err)?;
+    if let Some((_, true)) = state {
+        let member: bool = tx
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM conversation_members WHERE conversation = ?1 AND device = ?2)")
+            .and_then(|mut s| s.query_row(params![conversation, sender_row], |r| r.get(0)))
+            .map_err(map_err)?;
+        if !member {
+            return Err(StoreError::NotAMember);
+        }
+    }
+    let epoch = match &request.commit {
         None => None,
         Some(guard) => {
-            let current: i64 = tx
-                .query_row("SELECT epoch FROM conversations WHERE id = ?1", [conversation], |r| r.get(0))
-                .optional()
-                .map_err(map_err)?
-                .unwrap_or(0);
-            let current = to_u64(current);
+            let current = to_u64(state.map_or(0, |(e, _)| e));
             if current != guard.epoch.0 {
                 return Err(StoreError::StaleEpoch { current: Epoch(current) });
             }
@@ -570,6 +591,9 @@ fn store_send(
                 params![conversation, to_i64(next)],
             )
             .map_err(map_err)?;
+            if let Some(change) = super::roster_change(sender, request) {
+                set_roster(tx, conversation, change)?;
+            }
             Some(Epoch(next))
         }
     };
@@ -605,6 +629,34 @@ fn store_send(
         })
         .map_err(map_err)?;
     Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+}
+
+/// Applies an accepted commit's roster change inside the caller's transaction.
+fn set_roster(tx: &Connection, conversation: &[u8], change: super::RosterChange<'_>) -> Result<(), StoreError> {
+    let devices = match change {
+        super::RosterChange::Replace(devices) => {
+            tx.prepare_cached("DELETE FROM conversation_members WHERE conversation = ?1")
+                .and_then(|mut s| s.execute([conversation]))
+                .map_err(map_err)?;
+            devices
+        }
+        super::RosterChange::Extend(devices) => devices,
+    };
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO conversation_members (conversation, device) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )
+        .map_err(map_err)?;
+    for addr in devices {
+        // A device the server no longer knows (revoked) is not a member.
+        if let Some(row) = device_row(tx, addr)? {
+            insert.execute(params![conversation, row]).map_err(map_err)?;
+        }
+    }
+    tx.prepare_cached("UPDATE conversations SET has_roster = 1 WHERE id = ?1")
+        .and_then(|mut s| s.execute([conversation]))
+        .map_err(map_err)?;
+    Ok(())
 }
 
 /// Remembers a nonce inside the caller's transaction; false when it was used before.
@@ -695,6 +747,7 @@ impl Store for SqliteStore {
             tx.execute("UPDATE devices SET active = 0 WHERE id = ?1", [device]).map_err(map_err)?;
             tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
             tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [device]).map_err(map_err)?;
+            tx.execute("DELETE FROM conversation_members WHERE device = ?1", [device]).map_err(map_err)?;
             {
                 // Its pending rows, then every message no other device still waits for.
                 let messages: HashSet<i64> = {
