@@ -18,8 +18,7 @@ use subrosa_proto::limits::{
 use subrosa_proto::{
     AccountInfo, AckRequest, AckResponse, AddDeviceRequest, ClaimRequest, ClaimResponse, DeviceAddress, DeviceId,
     DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, LinkApproveRequest,
-    LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, MessageKind, RegisterRequest, SendRequest,
-    SendResponse, B64,
+    LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, RegisterRequest, SendRequest, SendResponse, B64,
 };
 
 use crate::auth::{
@@ -234,27 +233,11 @@ fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
     Ok(())
 }
 
-/// The echo: a commit from a client that declares its member list is also
-/// delivered to its own device, so a committer whose answer was lost learns
-/// from its inbox which commit the server ordered (older clients, which
-/// declare none, would not recognise their own commit and get none).
-fn add_echo(req: &mut SendRequest, sender: &DeviceAddress) {
-    if req.commit.as_ref().is_some_and(|g| g.members.is_some()) {
-        for part in req.parts.iter_mut().filter(|p| p.kind == MessageKind::Commit) {
-            if !part.recipients.contains(sender) {
-                part.recipients.push(sender.clone());
-            }
-        }
-    }
-}
-
 async fn send(
     State(state): State<AppState>,
     SignedJsonNonceLater { device, nonce, timestamp_ms, body }: SignedJsonNonceLater<SendRequest>,
 ) -> Result<Json<SendResponse>, AppError> {
     validate_send(&body, &state)?;
-    let mut body = body;
-    add_echo(&mut body, &device);
     // The nonce and the send share one transaction (one commit).
     let out = state
         .store

@@ -112,6 +112,7 @@ macro_rules! with_behaviours {
             non_member_is_refused_and_changes_nothing,
             commit_replaces_roster_with_declared_members,
             removed_device_leaves_rosters,
+            commit_reaches_every_member_and_its_committer,
         );
     };
 }
@@ -824,7 +825,8 @@ pub async fn non_member_is_refused_and_changes_nothing(store: Arc<dyn Store>) {
     let after = store.stats().await.expect("stats");
     assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows), "nothing stored");
     assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(1), "the epoch did not move");
-    assert!(store.fetch_inbox(&alice, 0, 10, usize::MAX).await.expect("fetch").is_empty());
+    let alice_inbox = store.fetch_inbox(&alice, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(alice_inbox.len(), 1, "only the echo of her own creating commit");
     // The members are not stalled.
     let next = commit_with_members(conv, 1, &[&alice, &bob], vec![alice.clone()]);
     assert_eq!(store.send(&bob, &next, NOW).await.expect("bob commits").epoch, Some(Epoch(2)));
@@ -879,5 +881,41 @@ pub async fn removed_device_leaves_rosters(store: Arc<dyn Store>) {
     let commit = commit_with_members(conv, 1, &[&alice, &stolen, &bob], vec![alice.clone()]);
     store.send(&bob, &commit, NOW).await.expect("bob commits: a revoked device in the list is skipped");
     let fetched = store.fetch_inbox(&alice, 0, 10, usize::MAX).await.expect("fetch");
-    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched.len(), 2, "her echo and bob's commit");
+}
+
+/// An accepted commit reaches every device of the roster, even those its
+/// committer did not name, and its committer too when it declares its
+/// members (the echo); an older client's commit is not echoed.
+pub async fn commit_reaches_every_member_and_its_committer(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let carol = account(&store, "carol").await;
+    let conv = random_conversation();
+    let create = commit_with_members(conv, 0, &[&alice, &bob, &carol], vec![bob.clone(), carol.clone()]);
+    let out = store.send(&alice, &create, NOW).await.expect("create");
+    assert!(out.recipients.contains(&alice), "the committer is woken for its echo");
+    // Bob names only alice: carol gets the commit anyway.
+    let commit = commit_with_members(conv, 1, &[&alice, &bob, &carol], vec![alice.clone()]);
+    store.send(&bob, &commit, NOW).await.expect("commit");
+    let inbox = |who: DeviceAddress| {
+        let store = Arc::clone(&store);
+        async move { store.fetch_inbox(&who, 0, 100, usize::MAX).await.expect("fetch") }
+    };
+    assert_eq!(inbox(carol.clone()).await.len(), 2, "carol: the creation and bob's commit");
+    assert_eq!(inbox(bob.clone()).await.len(), 2, "bob: the creation and his own commit's echo");
+    assert_eq!(inbox(alice.clone()).await.len(), 2, "alice: her echo and bob's commit");
+    // An application message is not fanned out beyond whom it names.
+    store.send(&bob, &send_request(conv, None, app(vec![alice.clone()], b"m")), NOW).await.expect("send");
+    assert_eq!(inbox(carol.clone()).await.len(), 2);
+    // A legacy commit (no member list) reaches the roster but not its sender.
+    store
+        .send(
+            &carol,
+            &send_request(conv, Some(2), vec![(MessageKind::Commit, vec![alice.clone()], b"c".to_vec())]),
+            NOW,
+        )
+        .await
+        .expect("legacy commit");
+    assert_eq!(inbox(carol.clone()).await.len(), 2, "no echo for a legacy client");
+    assert_eq!(inbox(bob.clone()).await.len(), 3);
 }

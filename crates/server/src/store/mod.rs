@@ -198,6 +198,40 @@ pub fn roster_change<'a>(sender: &'a DeviceAddress, request: &'a SendRequest) ->
     })
 }
 
+/// Each part's recipients as stored: as the request names them, and for a
+/// commit part of a commit (`roster` is the roster before it, empty for
+/// other sends) also every roster device, so an accepted commit reaches
+/// every member whoever the committer named. A committer that declares its
+/// member list gets its own commit back too (the echo: a lost answer never
+/// desyncs it); an older client, which would not recognise its own commit,
+/// does not.
+pub fn part_recipients(
+    request: &SendRequest,
+    sender: &DeviceAddress,
+    roster: &[DeviceAddress],
+) -> Vec<Vec<DeviceAddress>> {
+    let echo = request.commit.as_ref().is_some_and(|g| g.members.is_some());
+    request
+        .parts
+        .iter()
+        .map(|part| {
+            let mut out = part.recipients.clone();
+            if request.commit.is_some() && part.kind == subrosa_proto::MessageKind::Commit {
+                let mut named: std::collections::HashSet<&DeviceAddress> = part.recipients.iter().collect();
+                for addr in roster.iter().filter(|a| *a != sender) {
+                    if named.insert(addr) {
+                        out.push(addr.clone());
+                    }
+                }
+                if echo && named.insert(sender) {
+                    out.push(sender.clone());
+                }
+            }
+            out
+        })
+        .collect()
+}
+
 /// Most one-time key packages one device may have stored at once.
 pub const MAX_STORED_KEY_PACKAGES: u64 = 1000;
 

@@ -1197,6 +1197,24 @@ async fn check_member<C: GenericClient>(tx: &C, conversation: &[u8], sender_row:
     }
 }
 
+/// The active devices of a conversation's roster.
+async fn roster_of<C: GenericClient>(tx: &C, conversation: &[u8]) -> R<Vec<DeviceAddress>> {
+    let rows = query(
+        tx,
+        "SELECT d.handle, d.device_id FROM conversation_members m JOIN devices d ON d.id = m.device
+         WHERE m.conversation = $1 AND d.active",
+        &[&conversation],
+    )
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let handle: String = r.get(0);
+        let device: String = r.get(1);
+        out.push(DeviceAddress { handle: parse_handle(&handle)?, device: parse_device_id(&device)? });
+    }
+    Ok(out)
+}
+
 /// Applies an accepted commit's roster change inside the caller's transaction.
 async fn set_roster<C: GenericClient>(tx: &C, conversation: &[u8], change: super::RosterChange<'_>) -> R<()> {
     let devices = match change {
@@ -1260,17 +1278,6 @@ async fn send_tx<C: GenericClient>(
         });
     }
 
-    // Every distinct recipient, in order of first mention.
-    let mut recipients: Vec<&DeviceAddress> = Vec::new();
-    let mut seen: HashSet<&DeviceAddress> = HashSet::new();
-    for part in &request.parts {
-        for addr in &part.recipients {
-            if seen.insert(addr) {
-                recipients.push(addr);
-            }
-        }
-    }
-
     let conversation = &request.conversation.0[..];
     // The roster rule (see `store::RosterChange`). An application send reads
     // the roster as committed now; a commit reads it again below, after its
@@ -1317,6 +1324,21 @@ async fn send_tx<C: GenericClient>(
         }
     };
 
+    // Each part's recipients (a commit also goes to the whole roster it
+    // was accepted against, read under the conversation's row lock), then
+    // every distinct recipient, in order of first mention.
+    let roster = if epoch.is_some() { roster_of(tx, conversation).await? } else { Vec::new() };
+    let part_recipients = super::part_recipients(request, sender, &roster);
+    let mut recipients: Vec<&DeviceAddress> = Vec::new();
+    let mut seen: HashSet<&DeviceAddress> = HashSet::new();
+    for addrs in &part_recipients {
+        for addr in addrs {
+            if seen.insert(addr) {
+                recipients.push(addr);
+            }
+        }
+    }
+
     // Lock the recipients' device rows in id order (no deadlock between
     // sends with overlapping recipients); a device removed meanwhile is not
     // returned, since the lock re-checks `active`.
@@ -1351,7 +1373,7 @@ async fn send_tx<C: GenericClient>(
     // recipient's device row: for each device, sends draw and commit one at
     // a time, so its ids commit in increasing order.
     let (mut inbox_devices, mut inbox_messages) = (Vec::new(), Vec::new());
-    for part in &request.parts {
+    for (part, addrs) in request.parts.iter().zip(&part_recipients) {
         let message: i64 = query_opt(
             tx,
             "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
@@ -1362,7 +1384,7 @@ async fn send_tx<C: GenericClient>(
         .map(|r| r.get(0))
         .ok_or_else(|| Fail::Store(StoreError::Internal("insert returned no id".into())))?;
         let mut here = HashSet::new();
-        for addr in &part.recipients {
+        for addr in addrs {
             if here.insert(addr) {
                 inbox_devices.push(id_of[addr]);
                 inbox_messages.push(message);

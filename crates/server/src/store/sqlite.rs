@@ -543,24 +543,6 @@ fn store_send(
             recipients: Vec::new(),
         });
     }
-    // Resolve every recipient before writing anything.
-    let mut parts = Vec::with_capacity(request.parts.len());
-    let mut woken: Vec<DeviceAddress> = Vec::new();
-    let mut woken_set: HashSet<DeviceAddress> = HashSet::new();
-    for part in &request.parts {
-        let mut rows = Vec::with_capacity(part.recipients.len());
-        let mut seen_here = HashSet::new();
-        for addr in &part.recipients {
-            if !seen_here.insert(addr) {
-                continue;
-            }
-            rows.push(require_device(tx, addr)?);
-            if woken_set.insert(addr.clone()) {
-                woken.push(addr.clone());
-            }
-        }
-        parts.push((part, rows));
-    }
     let conversation = &request.conversation.0[..];
     // The roster rule (see `store::RosterChange`): writes run one at a time,
     // so the roster read here is the one the epoch check below sees.
@@ -577,26 +559,43 @@ fn store_send(
             return Err(StoreError::NotAMember);
         }
     }
+    let current = to_u64(state.map_or(0, |(e, _)| e));
     let epoch = match &request.commit {
         None => None,
-        Some(guard) => {
-            let current = to_u64(state.map_or(0, |(e, _)| e));
-            if current != guard.epoch.0 {
-                return Err(StoreError::StaleEpoch { current: Epoch(current) });
-            }
-            let next = current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
-            tx.execute(
-                "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
-                params![conversation, to_i64(next)],
-            )
-            .map_err(map_err)?;
-            if let Some(change) = super::roster_change(sender, request) {
-                set_roster(tx, conversation, change)?;
-            }
-            Some(Epoch(next))
-        }
+        Some(guard) if guard.epoch.0 != current => return Err(StoreError::StaleEpoch { current: Epoch(current) }),
+        Some(_) => Some(Epoch(current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?)),
     };
+    let roster = if epoch.is_some() { roster_of(tx, conversation)? } else { Vec::new() };
+    let recipients = super::part_recipients(request, sender, &roster);
+    // Resolve every recipient before writing anything.
+    let mut parts = Vec::with_capacity(request.parts.len());
+    let mut woken: Vec<DeviceAddress> = Vec::new();
+    let mut woken_set: HashSet<DeviceAddress> = HashSet::new();
+    for (part, part_recipients) in request.parts.iter().zip(&recipients) {
+        let mut rows = Vec::with_capacity(part_recipients.len());
+        let mut seen_here = HashSet::new();
+        for addr in part_recipients {
+            if !seen_here.insert(addr) {
+                continue;
+            }
+            rows.push(require_device(tx, addr)?);
+            if woken_set.insert(addr.clone()) {
+                woken.push(addr.clone());
+            }
+        }
+        parts.push((part, rows));
+    }
+    if let Some(next) = epoch {
+        tx.prepare_cached(
+            "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
+        )
+        .and_then(|mut s| s.execute(params![conversation, to_i64(next.0)]))
+        .map_err(map_err)?;
+        if let Some(change) = super::roster_change(sender, request) {
+            set_roster(tx, conversation, change)?;
+        }
+    }
     {
         let mut insert_message = tx
             .prepare_cached(
@@ -629,6 +628,24 @@ fn store_send(
         })
         .map_err(map_err)?;
     Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+}
+
+/// The active devices of a conversation's roster.
+fn roster_of(tx: &Connection, conversation: &[u8]) -> Result<Vec<DeviceAddress>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT d.handle, d.device_id FROM conversation_members m JOIN devices d ON d.id = m.device
+             WHERE m.conversation = ?1 AND d.active = 1",
+        )
+        .map_err(map_err)?;
+    let rows =
+        stmt.query_map([conversation], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(map_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (handle, device) = row.map_err(map_err)?;
+        out.push(DeviceAddress { handle: parse_handle(&handle)?, device: parse_device_id(&device)? });
+    }
+    Ok(out)
 }
 
 /// Applies an accepted commit's roster change inside the caller's transaction.
