@@ -143,6 +143,9 @@ pub struct Subrosa {
     dropped: std::sync::Mutex<Vec<Received>>,
     /// Conversations with a leave proposal this device should commit.
     to_commit: std::sync::Mutex<Vec<(ConversationId, DeviceAddress)>>,
+    /// Per conversation, the sender of the last commit this device could
+    /// not process (named if the conversation turns out stuck).
+    unprocessable: std::sync::Mutex<std::collections::HashMap<ConversationId, DeviceAddress>>,
 }
 
 impl std::fmt::Debug for Subrosa {
@@ -219,6 +222,7 @@ impl Subrosa {
             api,
             dropped: std::sync::Mutex::new(Vec::new()),
             to_commit: std::sync::Mutex::new(Vec::new()),
+            unprocessable: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -405,11 +409,12 @@ impl Subrosa {
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
                 let existing = self.store.direct_conversation(peer.as_str())?;
+                let message_id = MessageId(rand::random());
+                let first = Some((message_id, text.to_string()));
                 let conversation = match existing {
                     Some(c) => c,
-                    None => self.start_direct(&peer).await?,
+                    None => self.start_direct(&peer, first.clone()).await?,
                 };
-                let message_id = MessageId(rand::random());
                 match self.send_content(conversation, peer.as_str(), false, text, message_id).await {
                     Err(e) if existing.is_some() && e.code() == Some(ErrorCode::UnknownHandle) => {
                         // The peer's devices in this conversation are gone from
@@ -420,7 +425,7 @@ impl Subrosa {
                             self.store.delete_message(&conversation, &message_id.0)?;
                             self.store.deactivate_conversation(&conversation)
                         })?;
-                        let fresh = self.start_direct(&peer).await?;
+                        let fresh = self.start_direct(&peer, first).await?;
                         self.send_content(fresh, peer.as_str(), false, text, message_id).await
                     }
                     other => other,
@@ -446,7 +451,23 @@ impl Subrosa {
                             return Err(CoreError::UnknownConversation.into());
                         }
                     }
-                    self.engine.process(&env.conversation, env.ciphertext.as_slice())?
+                    // The echo of this device's own staged commit, whose
+                    // answer was lost: processing it applies the staged
+                    // commit (mls-rs recognises it), then it is finished
+                    // as if the answer had come.
+                    let own = match env.kind {
+                        MessageKind::Commit => self
+                            .store
+                            .pending_commit(&env.conversation)?
+                            .filter(|p| p.commit_digest == digest && env.sender == self.identity().address()),
+                        _ => None,
+                    };
+                    let event = self.engine.process(&env.conversation, env.ciphertext.as_slice())?;
+                    if let Some(own) = own {
+                        self.finish_pending(&own)?;
+                        return self.store.mark_processed(&digest);
+                    }
+                    event
                 }
             };
             self.apply_event(env, event)?;
@@ -455,6 +476,9 @@ impl Subrosa {
         match result {
             Ok(()) => Ok(()),
             Err(ClientError::Core(e)) => {
+                if env.kind == MessageKind::Commit {
+                    self.lock_unprocessable().insert(env.conversation, env.sender.clone());
+                }
                 // Undecryptable or unauthenticated: tampered, replayed, not
                 // for us, or from a device we refuse. Drop it (it can never
                 // become readable) and say so.
@@ -468,6 +492,12 @@ impl Subrosa {
 
     fn lock_dropped(&self) -> std::sync::MutexGuard<'_, Vec<Received>> {
         self.dropped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock_unprocessable(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<ConversationId, DeviceAddress>> {
+        self.unprocessable.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_to_commit(&self) -> std::sync::MutexGuard<'_, Vec<(ConversationId, DeviceAddress)>> {
@@ -728,6 +758,7 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub async fn sync(&self) -> Result<(), ClientError> {
+        self.resolve_pending_commits_or_wait().await?;
         self.flush_outbox().await?;
         self.drain_inbox(true).await?;
         self.check_directory().await?;
@@ -773,6 +804,7 @@ impl Subrosa {
         ack: bool,
         on: &mut dyn FnMut(&Received),
     ) -> Result<usize, ClientError> {
+        self.resolve_pending_commits_or_wait().await?;
         self.flush_outbox().await?;
         self.drain_inbox(ack).await?;
         self.check_directory().await?;
@@ -815,6 +847,11 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub async fn follow(&self, on: &mut dyn FnMut(&Received)) -> Result<(), ClientError> {
+        // A commit still without an answer is retried like a lost connection.
+        self.resolve_pending_commits().await.map_err(|e| match e {
+            ClientError::Pending(text) => ClientError::Network(text),
+            e => e,
+        })?;
         self.flush_outbox().await?;
         self.refill_key_packages().await?;
         self.emit(on)?;

@@ -101,6 +101,12 @@ const SCHEMA: &[&str] = &[
      CREATE TABLE seq_out (conversation BLOB PRIMARY KEY, last INTEGER NOT NULL);
      CREATE TABLE seq_in (conversation BLOB NOT NULL, device TEXT NOT NULL, last INTEGER NOT NULL, PRIMARY KEY (conversation, device));
      CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, text TEXT NOT NULL UNIQUE, shown INTEGER NOT NULL DEFAULT 0);",
+    // v5: a staged commit waiting for the server's answer, stored with its
+    // exact request (and send id) before it is posted, so a lost answer is
+    // completed by re-posting the same bytes; `commit_digest` recognises the
+    // echo of it, `meta` says what to re-stage when another commit won.
+    "CREATE TABLE pending_commits (conversation BLOB PRIMARY KEY, send_id BLOB NOT NULL, request BLOB NOT NULL,
+        commit_digest BLOB NOT NULL, meta BLOB NOT NULL, created_at INTEGER NOT NULL);",
 ];
 
 /// A message as stored in history.
@@ -187,6 +193,21 @@ fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Res
 
 /// A queued send: its idempotency key and the request body.
 pub type QueuedSend = (Vec<u8>, Vec<u8>);
+
+/// A staged commit stored before it is posted.
+#[derive(Debug, Clone)]
+pub struct PendingCommit {
+    /// The conversation.
+    pub conversation: subrosa_proto::ConversationId,
+    /// The send id of `request` (the server's idempotency key).
+    pub send_id: [u8; 16],
+    /// The exact request bytes, re-posted as they are.
+    pub request: Vec<u8>,
+    /// SHA-256 of the commit message (recognises its echo).
+    pub commit_digest: Vec<u8>,
+    /// What the commit does, encoded by the client (to re-stage it).
+    pub meta: Vec<u8>,
+}
 
 /// The encrypted local store. Cheap to clone; clones share one connection.
 #[derive(Clone)]
@@ -931,6 +952,92 @@ impl Store {
     /// Database errors.
     pub fn pop_outbox(&self, send_id: &[u8]) -> Result<(), ClientError> {
         self.lock().execute("DELETE FROM outbox WHERE send_id = ?1", [send_id]).map(|_| ()).map_err(sql)
+    }
+
+    /// Stores a staged commit's request before it is posted (one per
+    /// conversation: mls-rs stages one commit at a time).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn put_pending_commit(&self, p: &PendingCommit) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO pending_commits (conversation, send_id, request, commit_digest, meta, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    p.conversation.as_bytes().as_slice(),
+                    &p.send_id[..],
+                    p.request,
+                    p.commit_digest,
+                    p.meta,
+                    now_ms() as i64
+                ],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// The staged commit waiting in a conversation, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn pending_commit(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+    ) -> Result<Option<PendingCommit>, ClientError> {
+        self.lock()
+            .query_row(
+                "SELECT send_id, request, commit_digest, meta FROM pending_commits WHERE conversation = ?1",
+                [conversation.as_bytes().as_slice()],
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql)?
+            .map(|(send_id, request, commit_digest, meta)| {
+                Ok(PendingCommit {
+                    conversation: *conversation,
+                    send_id: send_id
+                        .try_into()
+                        .map_err(|_| ClientError::Store("pending commit: bad send id".into()))?,
+                    request,
+                    commit_digest,
+                    meta,
+                })
+            })
+            .transpose()
+    }
+
+    /// Conversations with a staged commit waiting, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn pending_commit_conversations(&self) -> Result<Vec<subrosa_proto::ConversationId>, ClientError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare("SELECT conversation FROM pending_commits ORDER BY created_at, rowid").map_err(sql)?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(sql)?;
+        let ids: Vec<Vec<u8>> = rows.collect::<Result<_, _>>().map_err(sql)?;
+        ids.iter()
+            .map(|b| subrosa_proto::ConversationId::from_slice(b).map_err(|e| ClientError::Store(e.to_string())))
+            .collect()
+    }
+
+    /// Forgets a conversation's staged commit (applied or discarded).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn delete_pending_commit(&self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        self.lock()
+            .execute("DELETE FROM pending_commits WHERE conversation = ?1", [conversation.as_bytes().as_slice()])
+            .map(|_| ())
+            .map_err(sql)
     }
 
     /// Marks the next key package stored as the last-resort one (kept after use).

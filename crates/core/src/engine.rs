@@ -119,6 +119,9 @@ pub struct OutgoingCommit {
     pub welcome: Option<Vec<u8>>,
     /// Devices the Welcome is for.
     pub welcome_recipients: Vec<DeviceAddress>,
+    /// Every member device once the commit applies, this one included (the
+    /// roster the server keeps for the conversation).
+    pub members_after: Vec<DeviceAddress>,
 }
 
 /// What processing an incoming message produced.
@@ -328,6 +331,14 @@ where
         Ok(Epoch(group.current_epoch()))
     }
 
+    /// Whether a staged commit waits for the server's answer.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn has_pending_commit(&self, conversation: &ConversationId) -> Result<bool, CoreError> {
+        Ok(self.load(conversation)?.has_pending_commit())
+    }
+
     /// Drops the staged commit after the server refused it.
     ///
     /// # Errors
@@ -451,6 +462,17 @@ where
         let me = self.identity.address();
         let commit_recipients = members.iter().map(|m| m.address.clone()).filter(|a| *a != me).collect();
         let mut welcome_recipients = Vec::new();
+        // Proposals received so far go into the commit: a member's leave.
+        let leaving: Vec<u32> = group
+            .get_cached_proposals()
+            .iter()
+            .filter_map(|p| match p.proposal() {
+                mls_rs::group::proposal::Proposal::Remove(r) => Some(r.to_remove()),
+                _ => None,
+            })
+            .collect();
+        let mut members_after: Vec<DeviceAddress> =
+            members.iter().filter(|m| !leaving.contains(&m.index)).map(|m| m.address.clone()).collect();
         let extensions = group.context().extensions.clone();
         let mut builder = group.commit_builder();
         match change {
@@ -468,6 +490,7 @@ where
                         .find(|m| m.address == *d)
                         .ok_or_else(|| CoreError::IdentityMismatch(format!("{d} is not a member")))?;
                     builder = builder.remove_member(m.index)?;
+                    members_after.retain(|a| a != d);
                 }
             }
             Change::Info(info) => {
@@ -479,6 +502,7 @@ where
         }
         let output = builder.build()?;
         group.write_to_storage()?;
+        members_after.extend(welcome_recipients.iter().cloned());
         Ok(OutgoingCommit {
             conversation: *conversation,
             epoch,
@@ -486,6 +510,7 @@ where
             commit_recipients,
             welcome: output.welcome_messages.first().map(|w| w.to_bytes()).transpose()?,
             welcome_recipients,
+            members_after,
         })
     }
 

@@ -41,6 +41,18 @@ pub struct Plan {
     /// Deliveries are dropped, replayed or reordered.
     #[serde(default)]
     pub messages: Option<Messages>,
+    /// The answers to a handle's commits are lost after they were stored.
+    #[serde(default)]
+    pub lose_commit_answers: Option<LoseCommitAnswers>,
+}
+
+/// `lose_commit_answers`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoseCommitAnswers {
+    /// Whose commits (sends with a commit guard): each is stored, delivered
+    /// and committed, then answered `502` as if a proxy lost the answer.
+    pub sender: Handle,
 }
 
 /// `substitute_key_packages`.
@@ -238,6 +250,10 @@ impl Attacks {
                 .collect();
         }
         response
+    }
+
+    pub(crate) fn lose_answer(&self, sender: &DeviceAddress, commit: bool) -> bool {
+        commit && self.plan().lose_commit_answers.is_some_and(|l| l.sender == sender.handle)
     }
 
     pub(crate) fn deliver(&self, device: &DeviceAddress, messages: Vec<Envelope>) -> (Vec<Envelope>, Vec<u64>) {

@@ -248,6 +248,9 @@ async fn send(
     for addr in &out.recipients {
         state.wakeups.wake(addr);
     }
+    if crate::hooks::lose_answer(&state, &device, body.commit.is_some()) {
+        return Err(AppError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, "answer lost (test attack)"));
+    }
     Ok(Json(SendResponse { duplicate: out.duplicate, epoch: out.epoch, server_time: out.server_time }))
 }
 
