@@ -789,20 +789,30 @@ impl Subrosa {
     /// Unknown group, network errors.
     pub async fn group_leave(&self, name: &str) -> Result<(), ClientError> {
         let row = self.group_synced(name).await?;
-        let (proposal, recipients) = self.store.transaction(|| Ok(self.engine.propose_leave(&row.id)?))?;
-        if !recipients.is_empty() {
+        // The proposal is queued in the outbox in the transaction that makes
+        // it and forgets the group: a lost answer re-posts the same bytes.
+        let queued = self.store.transaction(|| {
+            let (proposal, recipients) = self.engine.propose_leave(&row.id)?;
+            self.system_line(&row, &self.identity().address(), "you left".to_string())?;
+            self.store.deactivate_conversation(&row.id)?;
+            if recipients.is_empty() {
+                return Ok(None);
+            }
+            let send_id = SendId(rand::random());
             let req = SendRequest {
                 conversation: row.id,
-                send_id: SendId(rand::random()),
+                send_id,
                 commit: None,
                 parts: vec![SendPart { kind: MessageKind::Commit, recipients, ciphertext: B64(proposal) }],
             };
-            let _: SendResponse = self.api.call(Method::POST, "/v1/messages", Some(&req)).await?;
+            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+            self.store.push_outbox(&send_id.0, &bytes)?;
+            Ok(Some((send_id, bytes)))
+        })?;
+        if let Some((send_id, bytes)) = queued {
+            self.post_outbox(&send_id.0, bytes).await?;
         }
-        self.store.transaction(|| {
-            self.system_line(&row, &self.identity().address(), "you left".to_string())?;
-            self.store.deactivate_conversation(&row.id)
-        })
+        Ok(())
     }
 
     /// Every group this device knows.
@@ -829,5 +839,56 @@ impl Subrosa {
                 .ok_or_else(|| ClientError::UnknownTarget(target.into()))?,
         };
         Ok(self.engine.members(&id)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored form of a pending commit's meta: a change of it is a
+    /// visible decision (and needs a migration of stored rows).
+    #[test]
+    fn pending_meta_bytes_are_stable() {
+        let alice =
+            DeviceAddress { handle: Handle::new("alice").expect("handle"), device: subrosa_proto::DeviceId([1; 8]) };
+        let cases = [
+            (
+                PendingMeta {
+                    change: StagedChange::Create {
+                        kind: "direct".into(),
+                        name: String::new(),
+                        peer: Some("bob".into()),
+                        first: Some((MessageId([2; 16]), "hi".into())),
+                    },
+                    line: None,
+                },
+                r#"{"change":{"change":"create","kind":"direct","name":"","peer":"bob","first":["02020202020202020202020202020202","hi"]},"line":null}"#,
+            ),
+            (
+                PendingMeta {
+                    change: StagedChange::Remove { devices: vec![alice.clone()], notify: false },
+                    line: Some((alice.clone(), "you removed a device".into())),
+                },
+                r#"{"change":{"change":"remove","devices":[{"handle":"alice","device":"0101010101010101"}],"notify":false},"line":[{"handle":"alice","device":"0101010101010101"},"you removed a device"]}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Add { key_packages: vec![B64(vec![0xAB, 0xCD])] }, line: None },
+                r#"{"change":{"change":"add","key_packages":["q80="]},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Rename { name: "club".into() }, line: None },
+                r#"{"change":{"change":"rename","name":"club"},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Pending, line: None },
+                r#"{"change":{"change":"pending"},"line":null}"#,
+            ),
+        ];
+        for (meta, json) in cases {
+            assert_eq!(String::from_utf8(serde_json::to_vec(&meta).expect("encode")).expect("utf-8"), json);
+            assert_eq!(PendingMeta::decode(json.as_bytes()).expect("decode"), meta);
+        }
+        assert!(PendingMeta::decode(br#"{"change":{"change":"explode"},"line":null}"#).is_err());
     }
 }

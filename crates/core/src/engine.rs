@@ -788,7 +788,9 @@ mod group_tests {
         // alice removes carol; carol learns it and can read nothing after.
         let remove = alice.remove_members(&conv, &[carol.identity().address()]).expect("remove");
         assert!(remove.commit_recipients.contains(&carol.identity().address()));
+        assert!(!remove.members_after.contains(&carol.identity().address()));
         alice.confirm_commit(&conv).expect("confirm");
+        assert_eq!(remove.members_after.len(), alice.members(&conv).expect("members").len());
         assert!(matches!(
             carol.process(&conv, &remove.commit).expect("removed"),
             Event::Commit { removed_self: true, .. }
@@ -810,6 +812,11 @@ mod group_tests {
         }
         let commit = bob.commit_pending(&conv).expect("commit").expect("something to commit");
         bob.confirm_commit(&conv).expect("confirm");
+        let mut after: Vec<_> = bob.members(&conv).expect("members").into_iter().map(|m| m.address).collect();
+        let mut declared = commit.members_after.clone();
+        after.sort_by_key(|a| a.to_string());
+        declared.sort_by_key(|a| a.to_string());
+        assert_eq!(declared, after, "the declared roster is the roster after the leave");
         assert!(matches!(
             dave.process(&conv, &commit.commit).expect("dave out"),
             Event::Commit { removed_self: true, .. }
@@ -819,5 +826,34 @@ mod group_tests {
         );
         assert_eq!(alice.members(&conv).expect("members").len(), 2);
         assert!(alice.commit_pending(&conv).expect("nothing").is_none());
+    }
+
+    /// What a committer whose answer was lost relies on: processing the
+    /// echo of its own staged commit applies it (mls-rs matches it), and
+    /// the declared roster is the one after it.
+    #[test]
+    fn the_echo_of_a_staged_commit_applies_it() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let carol = engine("carol");
+        let kp = bob.generate_key_package().expect("kp");
+        let out = alice.create_conversation(&ConversationInfo::direct(), &[kp]).expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        bob.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        let conv = out.conversation;
+        let add = alice.add_members(&conv, &[carol.generate_key_package().expect("kp")]).expect("add");
+        assert!(alice.has_pending_commit(&conv).expect("pending"));
+        assert_eq!(add.members_after.len(), 3);
+        match alice.process(&conv, &add.commit).expect("own echo") {
+            Event::Commit { epoch, added, .. } => {
+                assert_eq!(epoch, Epoch(2));
+                assert_eq!(added.len(), 1);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!alice.has_pending_commit(&conv).expect("pending"));
+        bob.process(&conv, &add.commit).expect("bob applies the same commit");
+        let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([3; 16]), 1, "in step")).expect("encrypt");
+        assert!(matches!(bob.process(&conv, &ct).expect("bob reads"), Event::Message { .. }));
     }
 }

@@ -416,3 +416,26 @@ pub struct LinkResponse {
     /// The response once a device approved, else `None`.
     pub response: Option<B64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The commit guard on the wire: an older client's form (no member
+    /// list) still parses, and a guard without one serialises as before.
+    #[test]
+    fn commit_guard_bytes_are_stable() {
+        let old: CommitGuard = serde_json::from_str(r#"{"epoch":3}"#).expect("older client's guard");
+        assert_eq!(old, CommitGuard { epoch: Epoch(3), members: None });
+        assert_eq!(serde_json::to_string(&old).expect("json"), r#"{"epoch":3}"#);
+        let alice = DeviceAddress { handle: Handle::new("alice").expect("handle"), device: DeviceId([0xA1; 8]) };
+        let new = CommitGuard { epoch: Epoch(4), members: Some(vec![alice]) };
+        let json = r#"{"epoch":4,"members":[{"handle":"alice","device":"a1a1a1a1a1a1a1a1"}]}"#;
+        assert_eq!(serde_json::to_string(&new).expect("json"), json);
+        assert_eq!(serde_json::from_str::<CommitGuard>(json).expect("parse"), new);
+        assert!(serde_json::from_str::<CommitGuard>(r#"{"epoch":4,"roster":[]}"#).is_err());
+        let code: ErrorBody = serde_json::from_str(r#"{"code":"not_a_member","message":"m"}"#).expect("code");
+        assert_eq!(code.code, ErrorCode::NotAMember);
+        assert_eq!(ErrorCode::NotAMember.as_str(), "not_a_member");
+    }
+}
