@@ -918,4 +918,16 @@ pub async fn commit_reaches_every_member_and_its_committer(store: Arc<dyn Store>
         .expect("legacy commit");
     assert_eq!(inbox(carol.clone()).await.len(), 2, "no echo for a legacy client");
     assert_eq!(inbox(bob.clone()).await.len(), 3);
+    // A device the commit adds gets its Welcome, not the commit (it could
+    // not process it): the commit goes to the roster before it.
+    let dave = account(&store, "dave").await;
+    let mut add = commit_with_members(conv, 3, &[&alice, &bob, &carol, &dave], vec![bob.clone()]);
+    add.parts.push(SendPart {
+        kind: MessageKind::Welcome,
+        recipients: vec![dave.clone()],
+        ciphertext: B64(b"w".to_vec()),
+    });
+    store.send(&alice, &add, NOW).await.expect("add dave");
+    let got = inbox(dave.clone()).await;
+    assert_eq!(got.iter().map(|e| e.kind).collect::<Vec<_>>(), [MessageKind::Welcome]);
 }

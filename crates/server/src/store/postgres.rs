@@ -1308,10 +1308,12 @@ async fn send_tx<C: GenericClient>(
             match bumped {
                 Some(e) => {
                     check_member(tx, conversation, sender_row).await?;
+                    // The commit goes to the roster it was accepted against.
+                    let before = roster_of(tx, conversation).await?;
                     if let Some(change) = super::roster_change(sender, request) {
                         set_roster(tx, conversation, change).await?;
                     }
-                    Some(Epoch(to_u64(e)))
+                    Some((Epoch(to_u64(e)), before))
                 }
                 None => {
                     let current = query_opt(tx, "SELECT epoch FROM conversations WHERE id = $1", &[&conversation])
@@ -1327,7 +1329,10 @@ async fn send_tx<C: GenericClient>(
     // Each part's recipients (a commit also goes to the whole roster it
     // was accepted against, read under the conversation's row lock), then
     // every distinct recipient, in order of first mention.
-    let roster = if epoch.is_some() { roster_of(tx, conversation).await? } else { Vec::new() };
+    let (epoch, roster) = match epoch {
+        Some((e, before)) => (Some(e), before),
+        None => (None, Vec::new()),
+    };
     let part_recipients = super::part_recipients(request, sender, &roster);
     let mut recipients: Vec<&DeviceAddress> = Vec::new();
     let mut seen: HashSet<&DeviceAddress> = HashSet::new();
