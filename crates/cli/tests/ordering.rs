@@ -250,3 +250,30 @@ fn a_stolen_device_that_keeps_committing_is_revoked_first() {
     let out = stolen.run(&["receive", "--json"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("without the thief"));
 }
+
+#[test]
+fn members_are_told_when_the_server_lets_a_non_member_in() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    alice.ok(&["group", "create", "club", "bob"]);
+    bob.receive_json(&[]);
+    // Honest: a commit's roster matches the members; no alert.
+    alice.ok(&["group", "rename", "club", "society"]);
+    let out = bob.run(&["receive"]);
+    assert!(out.status.success() && !stderr(&out).contains("roster"), "{}", stderr(&out));
+
+    let mallory = serde_json::json!({"handle": "mallory", "device": "00112233445566ff"});
+    server.attack(serde_json::json!({"roster_extra": mallory}));
+    alice.ok(&["group", "add", "society", "carol"]);
+    let out = bob.run(&["receive"]);
+    let warned = stderr(&out);
+    assert!(
+        warned
+            .lines()
+            .any(|l| l.starts_with("warning: ") && l.contains("mallory/00112233445566ff") && l.contains("roster")),
+        "{warned}"
+    );
+    carol.receive_json(&[]);
+}

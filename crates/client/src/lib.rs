@@ -655,6 +655,8 @@ impl Subrosa {
                 }
                 if removed_self {
                     self.store.deactivate_conversation(&conversation)?;
+                } else if let Some(server) = &env.roster {
+                    self.compare_roster(&conversation, server, &remaining)?;
                 }
                 Ok(())
             }
@@ -664,6 +666,29 @@ impl Subrosa {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Compares the roster the server keeps for a conversation (sent with
+    /// each commit) with the MLS roster after it: a device the server lets
+    /// send there that is not a member is an alert. (Members the server
+    /// left out are not: a revoked device leaves the server's roster before
+    /// the commit that removes it.)
+    fn compare_roster(
+        &self,
+        conversation: &ConversationId,
+        server: &[DeviceAddress],
+        members: &[DeviceAddress],
+    ) -> Result<(), ClientError> {
+        let members: std::collections::HashSet<&DeviceAddress> = members.iter().collect();
+        let extra: Vec<String> = server.iter().filter(|a| !members.contains(a)).map(|a| a.to_string()).collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        self.store.add_alert(&format!(
+            "the server lets {} send to conversation #{}, though not a member: it does not keep this conversation's roster honestly",
+            extra.join(", "),
+            conversation.to_hex()
+        ))
     }
 
     /// Notes a sender's sequence number: a gap becomes a system line before

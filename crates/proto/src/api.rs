@@ -241,6 +241,12 @@ pub struct Envelope {
     pub ciphertext: B64,
     /// When the server stored it, ms since the Unix epoch.
     pub server_time: u64,
+    /// With a commit: the conversation's roster as the server stored it
+    /// when it accepted the commit (the devices it lets send there). Members
+    /// compare it with the MLS roster and alert on a device the server lets
+    /// in that is not a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster: Option<Vec<DeviceAddress>>,
 }
 
 /// Queued messages, oldest first.

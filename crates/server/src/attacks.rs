@@ -44,6 +44,10 @@ pub struct Plan {
     /// The answers to a handle's commits are lost after they were stored.
     #[serde(default)]
     pub lose_commit_answers: Option<LoseCommitAnswers>,
+    /// A device the roster sent with each delivered commit names in addition
+    /// (as if the server let an outsider in).
+    #[serde(default)]
+    pub roster_extra: Option<DeviceAddress>,
 }
 
 /// `lose_commit_answers`.
@@ -257,7 +261,14 @@ impl Attacks {
     }
 
     pub(crate) fn deliver(&self, device: &DeviceAddress, messages: Vec<Envelope>) -> (Vec<Envelope>, Vec<u64>) {
-        let Some(m) = self.plan().messages else { return (messages, Vec::new()) };
+        let plan = self.plan();
+        let mut messages = messages;
+        if let Some(extra) = &plan.roster_extra {
+            for roster in messages.iter_mut().filter_map(|e| e.roster.as_mut()) {
+                roster.push(extra.clone());
+            }
+        }
+        let Some(m) = plan.messages else { return (messages, Vec::new()) };
         if m.recipient.as_ref().is_some_and(|h| h != &device.handle) {
             return (messages, Vec::new());
         }

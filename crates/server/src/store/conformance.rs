@@ -901,12 +901,20 @@ pub async fn commit_reaches_every_member_and_its_committer(store: Arc<dyn Store>
         let store = Arc::clone(&store);
         async move { store.fetch_inbox(&who, 0, 100, usize::MAX).await.expect("fetch") }
     };
-    assert_eq!(inbox(carol.clone()).await.len(), 2, "carol: the creation and bob's commit");
+    let got = inbox(carol.clone()).await;
+    assert_eq!(got.len(), 2, "carol: the creation and bob's commit");
+    // A commit carries the roster it left; other messages none.
+    let mut roster = got[1].roster.clone().expect("a commit carries the roster");
+    roster.sort_by_key(|a| a.to_string());
+    let mut expected = vec![alice.clone(), bob.clone(), carol.clone()];
+    expected.sort_by_key(|a| a.to_string());
+    assert_eq!(roster, expected);
     assert_eq!(inbox(bob.clone()).await.len(), 2, "bob: the creation and his own commit's echo");
     assert_eq!(inbox(alice.clone()).await.len(), 2, "alice: her echo and bob's commit");
     // An application message is not fanned out beyond whom it names.
     store.send(&bob, &send_request(conv, None, app(vec![alice.clone()], b"m")), NOW).await.expect("send");
     assert_eq!(inbox(carol.clone()).await.len(), 2);
+    assert!(inbox(alice.clone()).await.last().expect("message").roster.is_none());
     // A legacy commit (no member list) reaches the roster but not its sender.
     store
         .send(

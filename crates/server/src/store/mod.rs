@@ -232,6 +232,24 @@ pub fn part_recipients(
         .collect()
 }
 
+/// Largest roster sent with a commit: every member gets it, so it costs
+/// O(members²) per commit; larger conversations get none (and no check).
+pub const MAX_ROSTER_IN_ENVELOPE: usize = 1000;
+
+/// A roster as stored beside a commit (JSON of the device addresses), or
+/// `None` when it is over [`MAX_ROSTER_IN_ENVELOPE`].
+pub(crate) fn encode_roster(roster: &[DeviceAddress]) -> Result<Option<Vec<u8>>, StoreError> {
+    if roster.len() > MAX_ROSTER_IN_ENVELOPE {
+        return Ok(None);
+    }
+    serde_json::to_vec(roster).map(Some).map_err(|e| StoreError::Internal(format!("roster encoding: {e}")))
+}
+
+/// A stored roster.
+pub(crate) fn decode_roster(bytes: &[u8]) -> Result<Vec<DeviceAddress>, StoreError> {
+    serde_json::from_slice(bytes).map_err(|_| StoreError::Internal("stored roster is not valid".into()))
+}
+
 /// Most one-time key packages one device may have stored at once.
 pub const MAX_STORED_KEY_PACKAGES: u64 = 1000;
 

@@ -161,6 +161,7 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (conversation, device)
     );
     CREATE INDEX conversation_members_by_device ON conversation_members(device);
+    ALTER TABLE messages ADD COLUMN roster BYTEA;
     ",
 ];
 
@@ -950,7 +951,7 @@ impl Store for PgStore {
             let Some(device) = device_row(&c, addr).await? else { return Ok(Vec::new()) };
             let rows = query(
                 &c,
-                "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at
+                "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
                  FROM inbox i
                  JOIN messages m ON m.id = i.message
                  JOIN devices d ON d.id = m.sender
@@ -979,6 +980,7 @@ impl Store for PgStore {
                         .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
                     ciphertext: B64(ciphertext),
                     server_time: to_u64(r.get(6)),
+                    roster: r.get::<_, Option<Vec<u8>>>(7).map(|b| super::decode_roster(&b)).transpose()?,
                 });
             }
             Ok(out)
@@ -1333,6 +1335,11 @@ async fn send_tx<C: GenericClient>(
         Some((e, before)) => (Some(e), before),
         None => (None, Vec::new()),
     };
+    // A commit carries the roster it leaves, for the members to compare.
+    let stored_roster = match epoch {
+        Some(_) => super::encode_roster(&roster_of(tx, conversation).await?)?,
+        None => None,
+    };
     let part_recipients = super::part_recipients(request, sender, &roster);
     let mut recipients: Vec<&DeviceAddress> = Vec::new();
     let mut seen: HashSet<&DeviceAddress> = HashSet::new();
@@ -1381,9 +1388,16 @@ async fn send_tx<C: GenericClient>(
     for (part, addrs) in request.parts.iter().zip(&part_recipients) {
         let message: i64 = query_opt(
             tx,
-            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-            &[&conversation, &sender_row, &part.kind.as_str(), &part.ciphertext.as_slice(), &to_i64(now_ms)],
+            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            &[
+                &conversation,
+                &sender_row,
+                &part.kind.as_str(),
+                &part.ciphertext.as_slice(),
+                &to_i64(now_ms),
+                &stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit),
+            ],
         )
         .await?
         .map(|r| r.get(0))

@@ -144,6 +144,7 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (conversation, device)
     ) WITHOUT ROWID;
     CREATE INDEX conversation_members_by_device ON conversation_members(device);
+    ALTER TABLE messages ADD COLUMN roster BLOB;
     ",
 ];
 
@@ -596,11 +597,16 @@ fn store_send(
             set_roster(tx, conversation, change)?;
         }
     }
+    // A commit carries the roster it leaves, for the members to compare.
+    let stored_roster = match epoch {
+        Some(_) => super::encode_roster(&roster_of(tx, conversation)?)?,
+        None => None,
+    };
     {
         let mut insert_message = tx
             .prepare_cached(
-                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .map_err(map_err)?;
         let mut insert_inbox = tx
@@ -613,7 +619,8 @@ fn store_send(
                     sender_row,
                     part.kind.as_str(),
                     part.ciphertext.as_slice(),
-                    to_i64(now_ms)
+                    to_i64(now_ms),
+                    stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit),
                 ])
                 .map_err(map_err)?;
             let message = tx.last_insert_rowid();
@@ -996,7 +1003,7 @@ impl Store for SqliteStore {
             let Some(device) = device_row(conn, &addr)? else { return Ok(Vec::new()) };
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at
+                    "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
                      FROM inbox i
                      JOIN messages m ON m.id = i.message
                      JOIN devices d ON d.id = m.sender
@@ -1029,6 +1036,11 @@ impl Store for SqliteStore {
                         .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
                     ciphertext: B64(ciphertext),
                     server_time: to_u64(r.get(6).map_err(map_err)?),
+                    roster: r
+                        .get::<_, Option<Vec<u8>>>(7)
+                        .map_err(map_err)?
+                        .map(|b| super::decode_roster(&b))
+                        .transpose()?,
                 });
             }
             Ok(out)
