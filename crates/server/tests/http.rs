@@ -507,3 +507,40 @@ async fn rate_limits_answer_429() {
     // Buckets are per device.
     assert_eq!(t.call(bob.request("GET", "/v1/inbox", vec![])).await.0, StatusCode::OK);
 }
+
+/// A non-member who knows a conversation's id cannot move its epoch or post
+/// to it, whatever epoch it names: `403 not_a_member`, nothing stored; the
+/// members commit on. The echo: a committer that declares its members gets
+/// its own commit back.
+#[tokio::test]
+async fn a_non_member_is_refused_and_cannot_freeze_the_conversation() {
+    let t = TestApp::new();
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let mallory = t.register("mallory").await;
+    let c = conv();
+    let mut create = send_body(&[&bob], b"create", Some(0), &c);
+    create["commit"]["members"] = json!([alice.addr(), bob.addr()]);
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&create))).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    for epoch in 0..4 {
+        let attack = send_body(&[&alice], b"freeze", Some(epoch), &c);
+        let got = t.call(mallory.request("POST", "/v1/messages", bytes(&attack))).await;
+        assert_error(&got, StatusCode::FORBIDDEN, "not_a_member");
+        assert!(got.1.get("current_epoch").is_none(), "the epoch is not told to outsiders");
+    }
+    let got = t.call(mallory.request("POST", "/v1/messages", bytes(&send_body(&[&alice], b"hi", None, &c)))).await;
+    assert_error(&got, StatusCode::FORBIDDEN, "not_a_member");
+    // Nothing reached alice but the echo of her own commit.
+    let inbox = t.call(alice.request("GET", "/v1/inbox", vec![])).await;
+    let messages = inbox.1["messages"].as_array().expect("list").clone();
+    assert_eq!(messages.len(), 1, "{inbox:?}");
+    assert_eq!(messages[0]["sender"], json!(alice.addr()));
+    assert_eq!(messages[0]["roster"].as_array().map(Vec::len), Some(2));
+    // Bob commits at epoch 1: it was never moved.
+    let mut next = send_body(&[&alice], b"c1", Some(1), &c);
+    next["commit"]["members"] = json!([alice.addr(), bob.addr()]);
+    let got = t.call(bob.request("POST", "/v1/messages", bytes(&next))).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    assert_eq!(got.1["epoch"], json!(2));
+}
