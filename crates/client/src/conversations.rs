@@ -663,6 +663,18 @@ impl Subrosa {
         Ok(text)
     }
 
+    /// [`Self::commit_pending_leaves`]; a commit left without an answer is
+    /// stored and completed by a later command, so this command goes on.
+    ///
+    /// # Errors
+    /// As [`Self::commit_pending_leaves`], but for [`ClientError::Pending`].
+    pub(crate) async fn commit_pending_leaves_or_wait(&self) -> Result<(), ClientError> {
+        match self.commit_pending_leaves().await {
+            Err(ClientError::Pending(_)) => Ok(()),
+            other => other,
+        }
+    }
+
     /// Commits the leave proposals seen while processing.
     pub(crate) async fn commit_pending_leaves(&self) -> Result<(), ClientError> {
         loop {

@@ -368,6 +368,7 @@ impl Subrosa {
         self.sync().await?;
         let mut n = 0;
         let mut first_error = None;
+        let mut pending = None;
         for row in self.store.active_conversations()? {
             if !in_conversation(&row)? {
                 continue;
@@ -378,7 +379,9 @@ impl Subrosa {
             match self.commit_with_retry(&row.id, change, Some("you removed a device".into())).await {
                 Ok(true) => n += 1,
                 Ok(false) => {}
-                Err(e @ ClientError::Pending(_)) => return Err(e),
+                // Stored: the next command completes it; the other
+                // conversations are staged (and stored) all the same.
+                Err(e @ ClientError::Pending(_)) => pending = Some(e),
                 Err(e) => {
                     first_error.get_or_insert(ClientError::Protocol(format!(
                         "the device is revoked, but removing it from conversation #{} failed: {e}",
@@ -387,9 +390,12 @@ impl Subrosa {
                 }
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(n),
+        match (first_error, pending) {
+            (Some(ClientError::Protocol(text)), Some(_)) => Err(ClientError::Protocol(format!(
+                "{text} (the removals from other conversations are stored; the next command completes them)"
+            ))),
+            (Some(e), _) | (None, Some(e)) => Err(e),
+            (None, None) => Ok(n),
         }
     }
 }

@@ -787,7 +787,7 @@ impl Subrosa {
         self.flush_outbox().await?;
         self.drain_inbox(true).await?;
         self.check_directory().await?;
-        self.commit_pending_leaves().await
+        self.commit_pending_leaves_or_wait().await
     }
 
     /// Checks the directory heads other members reported and this account's
@@ -834,7 +834,7 @@ impl Subrosa {
         self.drain_inbox(ack).await?;
         self.check_directory().await?;
         if ack {
-            self.commit_pending_leaves().await?;
+            self.commit_pending_leaves_or_wait().await?;
         }
         let mut shown = self.emit(on)?;
         if shown == 0 && !wait.is_zero() {
@@ -852,7 +852,7 @@ impl Subrosa {
                         let ids = self.process_batch(&messages)?;
                         if ack {
                             net::send_ack(&mut ws, ids).await?;
-                            self.commit_pending_leaves().await?;
+                            self.commit_pending_leaves_or_wait().await?;
                         }
                         self.kt_check_gossip().await?;
                         shown += self.emit(on)?;
@@ -887,7 +887,7 @@ impl Subrosa {
                 Some(ServerFrame::Messages { messages }) => {
                     let ids = self.process_batch(&messages)?;
                     net::send_ack(&mut ws, ids).await?;
-                    self.commit_pending_leaves().await?;
+                    self.commit_pending_leaves_or_wait().await?;
                     self.kt_check_gossip().await?;
                     self.emit(on)?;
                 }
