@@ -38,9 +38,21 @@ fn raw_send(conversation: ConversationId, epoch: Option<u64>, to: &DeviceAddress
         parts: vec![SendPart {
             kind: if epoch.is_some() { MessageKind::Commit } else { MessageKind::Application },
             recipients: vec![to.clone()],
-            ciphertext: B64(b"not an MLS message".to_vec()),
+            ciphertext: B64(framed(conversation, epoch)),
         }],
     }
+}
+
+/// Garbage inside a valid MLS PrivateMessage framing (a commit when
+/// `epoch` is given): what a member that wants to break a conversation
+/// sends, since the server reads the framing.
+fn framed(conversation: ConversationId, epoch: Option<u64>) -> Vec<u8> {
+    let mut out = vec![0x00, 0x01, 0x00, 0x02, 0x10];
+    out.extend_from_slice(conversation.as_bytes());
+    out.extend_from_slice(&epoch.unwrap_or(0).to_be_bytes());
+    out.push(if epoch.is_some() { 3 } else { 1 });
+    out.extend_from_slice(&[0x00, 0x04, 0xDE, 0xAD, 0xBE, 0xEF, 0x04, 0xDE, 0xAD, 0xBE, 0xEF]);
+    out
 }
 
 /// Posts as the device in `u`'s home; the server's error code, if any.
@@ -102,6 +114,9 @@ fn a_non_member_who_knows_the_id_cannot_freeze_a_group() {
     alice.receive_json(&[]);
     let members = alice.ok(&["members", "society"]);
     assert!(!members.contains("bob") && !members.contains("carol"), "{members}");
+    // Alone in it, alice still commits (her commit goes to herself).
+    alice.ok(&["group", "rename", "society", "solo"]);
+    assert!(alice.ok(&["groups"]).starts_with("solo\t"));
     // Carol, removed, is an outsider now too.
     assert_eq!(post_as(&carol, &raw_send(id, None, &to)).err(), Some(Some(ErrorCode::NotAMember)));
 }

@@ -423,12 +423,15 @@ impl Subrosa {
     /// (inside the caller's transaction, the one that staged it).
     fn store_pending(&self, out: &OutgoingCommit, meta: &PendingMeta) -> Result<PendingCommit, ClientError> {
         let mut parts = Vec::new();
-        if !out.commit_recipients.is_empty() {
-            parts.push(SendPart {
-                kind: MessageKind::Commit,
-                recipients: out.commit_recipients.clone(),
-                ciphertext: B64(out.commit.clone()),
-            });
+        // The server wants the commit itself past epoch 0 (it reads its
+        // framing): alone in a conversation, this device sends it to itself.
+        let recipients = match (out.commit_recipients.is_empty(), out.epoch.0) {
+            (false, _) => out.commit_recipients.clone(),
+            (true, 0) => Vec::new(),
+            (true, _) => vec![self.identity().address()],
+        };
+        if !recipients.is_empty() {
+            parts.push(SendPart { kind: MessageKind::Commit, recipients, ciphertext: B64(out.commit.clone()) });
         }
         if let Some(w) = &out.welcome {
             parts.push(SendPart {

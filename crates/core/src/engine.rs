@@ -844,6 +844,11 @@ mod group_tests {
         let add = alice.add_members(&conv, &[carol.generate_key_package().expect("kp")]).expect("add");
         assert!(alice.has_pending_commit(&conv).expect("pending"));
         assert_eq!(add.members_after.len(), 3);
+        // The server reads the commit's cleartext framing (our encoding of
+        // it is mls-rs's).
+        let framing = subrosa_proto::framing::private_framing(&add.commit).expect("a PrivateMessage");
+        assert_eq!(framing.group_id, conv.as_bytes().as_slice());
+        assert_eq!((framing.epoch, framing.content_type), (1, subrosa_proto::framing::content_type::COMMIT));
         match alice.process(&conv, &add.commit).expect("own echo") {
             Event::Commit { epoch, added, .. } => {
                 assert_eq!(epoch, Epoch(2));
@@ -854,6 +859,8 @@ mod group_tests {
         assert!(!alice.has_pending_commit(&conv).expect("pending"));
         bob.process(&conv, &add.commit).expect("bob applies the same commit");
         let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([3; 16]), 1, "in step")).expect("encrypt");
+        let framing = subrosa_proto::framing::private_framing(&ct).expect("a PrivateMessage");
+        assert_eq!((framing.epoch, framing.content_type), (2, subrosa_proto::framing::content_type::APPLICATION));
         assert!(matches!(bob.process(&conv, &ct).expect("bob reads"), Event::Message { .. }));
     }
 }

@@ -120,6 +120,13 @@ fn send_body(conversation: ConversationId, commit: Option<u64>, to: &TestDevice,
     });
     if let Some(e) = commit {
         body["commit"] = json!({ "epoch": e });
+        // Framed as an MLS commit of this conversation in this epoch.
+        let mut framed = vec![0x00, 0x01, 0x00, 0x02, 0x10];
+        framed.extend_from_slice(conversation.as_bytes());
+        framed.extend_from_slice(&e.to_be_bytes());
+        framed.push(3);
+        framed.extend_from_slice(ciphertext);
+        body["parts"][0]["ciphertext"] = json!(b64(&framed));
     }
     serde_json::to_vec(&body).expect("json")
 }
