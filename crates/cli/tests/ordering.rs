@@ -261,6 +261,13 @@ fn a_stolen_device_that_keeps_committing_is_revoked_first() {
     // Bob drops the thief's commit (with a warning) and gets the message.
     let out = bob.run(&["receive", "--json"]);
     assert!(stderr(&out).contains("dropped a message from alice/"), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .lines()
+            .any(|l| l.starts_with("warning: ") && l.contains(&stolen_id) && l.contains("could not be processed")),
+        "the others are told who froze it: {}",
+        stderr(&out)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("without the thief"));
     let out = stolen.run(&["receive", "--json"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("without the thief"));

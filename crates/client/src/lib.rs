@@ -478,6 +478,15 @@ impl Subrosa {
             Err(ClientError::Core(e)) => {
                 if env.kind == MessageKind::Commit {
                     self.lock_unprocessable().insert(env.conversation, env.sender.clone());
+                    if self.store.conversation(&env.conversation)?.is_some_and(|r| r.active) {
+                        // The server ordered it, so nobody can commit in this
+                        // conversation any more (RFC 9750 §5.3): say who.
+                        self.store.add_alert(&format!(
+                            "{} sent a commit to conversation #{} that could not be processed; changes there will fail until it is recreated without them",
+                            env.sender,
+                            env.conversation.to_hex()
+                        ))?;
+                    }
                 }
                 // Undecryptable or unauthenticated: tampered, replayed, not
                 // for us, or from a device we refuse. Drop it (it can never
