@@ -51,7 +51,7 @@ enum Posted {
 /// What a staged commit changes, stored with it so that it can be staged
 /// again when another member's commit wins its epoch. Persisted (JSON, in
 /// `pending_commits.meta`): a change of form needs a migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "change", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum StagedChange {
     /// A new conversation (never staged again: its id is new).
@@ -86,6 +86,25 @@ pub(crate) enum StagedChange {
     },
     /// Commits the proposals received (members' leaves).
     Pending,
+}
+
+impl std::fmt::Debug for StagedChange {
+    /// Names the change; never the text of a first message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StagedChange::Create { kind, first, .. } => f
+                .debug_struct("Create")
+                .field("kind", kind)
+                .field("first", &first.as_ref().map(|_| "<redacted>"))
+                .finish_non_exhaustive(),
+            StagedChange::Add { key_packages } => f.debug_struct("Add").field("count", &key_packages.len()).finish(),
+            StagedChange::Remove { devices, notify } => {
+                f.debug_struct("Remove").field("devices", devices).field("notify", notify).finish()
+            }
+            StagedChange::Rename { .. } => f.debug_struct("Rename").finish_non_exhaustive(),
+            StagedChange::Pending => f.write_str("Pending"),
+        }
+    }
 }
 
 /// A staged commit's [`StagedChange`] and the history line to write once it
@@ -905,5 +924,12 @@ mod tests {
             assert_eq!(PendingMeta::decode(json.as_bytes()).expect("decode"), meta);
         }
         assert!(PendingMeta::decode(br#"{"change":{"change":"explode"},"line":null}"#).is_err());
+        let first = StagedChange::Create {
+            kind: "direct".into(),
+            name: String::new(),
+            peer: None,
+            first: Some((MessageId([0; 16]), "secret words".into())),
+        };
+        assert!(!format!("{first:?}").contains("secret"), "Debug never shows a message");
     }
 }

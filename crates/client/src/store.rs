@@ -195,7 +195,7 @@ fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Res
 pub type QueuedSend = (Vec<u8>, Vec<u8>);
 
 /// A staged commit stored before it is posted.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PendingCommit {
     /// The conversation.
     pub conversation: subrosa_proto::ConversationId,
@@ -207,6 +207,17 @@ pub struct PendingCommit {
     pub commit_digest: Vec<u8>,
     /// What the commit does, encoded by the client (to re-stage it).
     pub meta: Vec<u8>,
+}
+
+impl std::fmt::Debug for PendingCommit {
+    /// The conversation and send id; never the meta (it may hold a
+    /// message's text).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCommit")
+            .field("conversation", &self.conversation)
+            .field("send_id", &hex::encode(self.send_id))
+            .finish_non_exhaustive()
+    }
 }
 
 /// The encrypted local store. Cheap to clone; clones share one connection.
