@@ -53,6 +53,7 @@ mod kt;
 mod load;
 mod loadgen;
 mod net;
+mod roster;
 mod updates;
 mod xmpp;
 
@@ -146,6 +147,15 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         messages: usize,
     },
+    /// What the conversation roster check adds to a send on the server (SQLite store).
+    Roster {
+        /// Roster sizes.
+        #[arg(long, value_delimiter = ',', default_value = "2,100,1000")]
+        sizes: Vec<usize>,
+        /// Application sends per row.
+        #[arg(long, default_value_t = 2000)]
+        sends: usize,
+    },
     /// What a periodic key update costs: commit time, size and processing, beside mls-rs alone.
     Updates {
         /// Group sizes (the last one is used for the per-day cost).
@@ -231,6 +241,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
             anyhow::ensure!(messages > 0, "--messages must be at least 1");
             runtime()?.block_on(groups::run(&sizes, messages))
+        }
+        Command::Roster { sizes, sends } => {
+            anyhow::ensure!(sends >= 4, "--sends must be at least 4");
+            runtime()?.block_on(roster::run(&sizes, sends))
         }
         Command::Updates { sizes } => {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");

@@ -113,7 +113,7 @@ impl Mallory {
         self.post(SendRequest {
             conversation: out.conversation,
             send_id: SendId(rand_bytes()),
-            commit: Some(CommitGuard { epoch: out.epoch }),
+            commit: Some(CommitGuard { epoch: out.epoch, members: None }),
             parts,
         });
         self.engine.confirm_commit(&out.conversation).expect("confirm");

@@ -2,13 +2,15 @@
 //! their membership, and getting commits ordered by the server.
 
 use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use subrosa_core::{ConversationInfo, ConversationKind, CoreError, MemberInfo, OutgoingCommit};
 use subrosa_proto::{
-    ClaimRequest, ClaimResponse, CommitGuard, ConversationId, ErrorCode, Handle, MessageKind, SendId, SendPart,
-    SendRequest, SendResponse, B64,
+    ClaimRequest, ClaimResponse, CommitGuard, ConversationId, DeviceAddress, ErrorCode, Handle, MessageId, MessageKind,
+    SendId, SendPart, SendRequest, SendResponse, B64,
 };
 
-use crate::store::{now_ms, ConversationRow};
+use crate::store::{now_ms, ConversationRow, PendingCommit};
 use crate::{ClientError, Subrosa};
 
 /// What a user names: a conversation (a group by name, or any by `#ID`)
@@ -39,8 +41,11 @@ const COMMIT_ATTEMPTS: usize = 8;
 /// Longest group name, in bytes.
 const MAX_GROUP_NAME: usize = 64;
 
-enum Submitted {
-    Accepted,
+/// What the server said to a staged commit.
+enum Posted {
+    /// It is the commit of its epoch (now or on an earlier post).
+    Applied,
+    /// Another commit won the epoch.
     Stale,
 }
 
@@ -53,6 +58,98 @@ fn describe(row: &ConversationRow) -> String {
         format!("#{} (group {:?})", row.id.to_hex(), row.name)
     } else {
         format!("#{} (direct with {})", row.id.to_hex(), row.target())
+    }
+}
+
+/// What a staged commit changes, stored with it so that it can be staged
+/// again when another member's commit wins its epoch. Persisted (JSON, in
+/// `pending_commits.meta`): a change of form needs a migration.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum StagedChange {
+    /// A new conversation (never staged again: its id is new).
+    Create {
+        /// `direct` or `group`.
+        kind: String,
+        /// The group's name (empty for a direct conversation).
+        name: String,
+        /// The peer of a direct conversation.
+        peer: Option<String>,
+        /// A message to send once the server confirmed the conversation
+        /// (starting a 1:1 by sending), with its message id.
+        first: Option<(MessageId, String)>,
+    },
+    /// Adds the devices of these key packages (those not members yet).
+    Add {
+        /// The claimed key packages.
+        key_packages: Vec<B64>,
+    },
+    /// Removes these devices (those still members). `notify` sends them the
+    /// commit (false for revoked devices, which the server no longer knows).
+    Remove {
+        /// The devices.
+        devices: Vec<DeviceAddress>,
+        /// Whether the removed devices get the commit.
+        notify: bool,
+    },
+    /// Renames the group.
+    Rename {
+        /// The new name.
+        name: String,
+    },
+    /// Commits the proposals received (members' leaves).
+    Pending,
+    /// Nothing but fresh keys for this device (the periodic update).
+    Update,
+}
+
+impl std::fmt::Debug for StagedChange {
+    /// Names the change; never the text of a first message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StagedChange::Create { kind, first, .. } => f
+                .debug_struct("Create")
+                .field("kind", kind)
+                .field("first", &first.as_ref().map(|_| "<redacted>"))
+                .finish_non_exhaustive(),
+            StagedChange::Add { key_packages } => f.debug_struct("Add").field("count", &key_packages.len()).finish(),
+            StagedChange::Remove { devices, notify } => {
+                f.debug_struct("Remove").field("devices", devices).field("notify", notify).finish()
+            }
+            StagedChange::Rename { .. } => f.debug_struct("Rename").finish_non_exhaustive(),
+            StagedChange::Pending => f.write_str("Pending"),
+            StagedChange::Update => f.write_str("Update"),
+        }
+    }
+}
+
+/// A staged commit's [`StagedChange`] and the history line to write once it
+/// is applied (by whom, what).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PendingMeta {
+    /// The change.
+    pub change: StagedChange,
+    /// The line for history once applied.
+    pub line: Option<(DeviceAddress, String)>,
+}
+
+impl PendingMeta {
+    fn decode(bytes: &[u8]) -> Result<Self, ClientError> {
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Store(format!("pending commit: {e}")))
+    }
+}
+
+/// The text of [`ClientError::Pending`] for a commit whose answer is missing.
+const COMMIT_PENDING: &str = "not yet on the server; the next subrosa command sends it";
+
+/// True for failures after which the server may or may not have the post
+/// (no answer, or one that says "try again").
+fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Network(_) | ClientError::Protocol(_) => true,
+        ClientError::Server { status, .. } => *status >= 500 || *status == 429 || *status == 0,
+        _ => false,
     }
 }
 
@@ -306,53 +403,112 @@ impl Subrosa {
     }
 
     /// Starts a 1:1 conversation with `peer`, this account's other devices
-    /// included, and sends the Welcome.
-    pub(crate) async fn start_direct(&self, peer: &Handle) -> Result<ConversationId, ClientError> {
+    /// included, and sends the Welcome. `first` is a message the caller
+    /// sends once the conversation exists: when the server's answer is lost
+    /// it is kept with the staged conversation and sent by the command that
+    /// completes it.
+    pub(crate) async fn start_direct(
+        &self,
+        peer: &Handle,
+        first: Option<(MessageId, String)>,
+    ) -> Result<ConversationId, ClientError> {
         if peer == self.handle() {
             return Err(ClientError::Input("cannot start a conversation with yourself".into()));
         }
         let mut key_packages = self.claim(peer, true).await?;
         key_packages.extend(self.claim(&self.handle().clone(), false).await?);
-        let out = self
-            .store
-            .transaction(|| Ok(self.engine.create_conversation(&ConversationInfo::direct(), &key_packages)?))?;
-        self.submit_new(&out, "direct", "", Some(peer.as_str())).await?;
-        Ok(out.conversation)
+        let change =
+            StagedChange::Create { kind: "direct".into(), name: String::new(), peer: Some(peer.to_string()), first };
+        self.create_conversation(&ConversationInfo::direct(), &key_packages, change, None).await
     }
 
-    /// Sends the commit and Welcome of a new conversation; on success records it.
-    async fn submit_new(
+    /// Creates a conversation: stages it and stores the staged commit in one
+    /// transaction, then posts it. A lost answer leaves it pending (the next
+    /// command completes it); a refusal forgets it.
+    async fn create_conversation(
         &self,
-        out: &OutgoingCommit,
-        kind: &str,
-        name: &str,
-        peer: Option<&str>,
-    ) -> Result<(), ClientError> {
-        match self.submit(out).await {
-            Ok(Submitted::Accepted) => self.store.transaction(|| {
-                self.engine.confirm_commit(&out.conversation)?;
-                self.store.add_conversation(&out.conversation, kind, name, peer)
-            }),
-            Ok(Submitted::Stale) => {
-                self.store.transaction(|| self.store.forget_conversation(&out.conversation))?;
+        info: &ConversationInfo,
+        key_packages: &[Vec<u8>],
+        change: StagedChange,
+        line: Option<String>,
+    ) -> Result<ConversationId, ClientError> {
+        let line = line.map(|l| (self.identity().address(), l));
+        let meta = PendingMeta { change, line };
+        let pending = self.store.transaction(|| {
+            let out = self.engine.create_conversation(info, key_packages)?;
+            self.store_pending(&out, &meta)
+        })?;
+        match self.post_pending(&pending).await? {
+            Posted::Applied => Ok(pending.conversation),
+            Posted::Stale => {
+                self.store.transaction(|| self.drop_pending(&pending))?;
                 Err(ClientError::Protocol("the server refused a new conversation's first commit".into()))
-            }
-            Err(e) => {
-                self.store.transaction(|| self.store.forget_conversation(&out.conversation))?;
-                Err(e)
             }
         }
     }
 
-    /// Posts a staged commit (and its Welcome) with the epoch guard.
-    async fn submit(&self, out: &OutgoingCommit) -> Result<Submitted, ClientError> {
+    /// Stages `change` (inside the caller's transaction); `None` when there
+    /// is nothing left to change.
+    fn stage_change(
+        &self,
+        conversation: &ConversationId,
+        change: &StagedChange,
+    ) -> Result<Option<OutgoingCommit>, ClientError> {
+        let members: Vec<DeviceAddress> = self.engine.members(conversation)?.into_iter().map(|m| m.address).collect();
+        let out = match change {
+            StagedChange::Create { .. } => None,
+            StagedChange::Add { key_packages } => {
+                let mut new = Vec::new();
+                for kp in key_packages {
+                    if !members.contains(&self.engine.inspect_key_package(kp.as_slice())?.address()) {
+                        new.push(kp.as_slice().to_vec());
+                    }
+                }
+                if new.is_empty() {
+                    None
+                } else {
+                    Some(self.engine.add_members(conversation, &new)?)
+                }
+            }
+            StagedChange::Remove { devices, notify } => {
+                let gone: Vec<DeviceAddress> = devices.iter().filter(|d| members.contains(d)).cloned().collect();
+                if gone.is_empty() {
+                    None
+                } else {
+                    let mut out = self.engine.remove_members(conversation, &gone)?;
+                    if !notify {
+                        out.commit_recipients.retain(|a| !gone.contains(a));
+                    }
+                    Some(out)
+                }
+            }
+            StagedChange::Rename { name } => {
+                let info = ConversationInfo { kind: ConversationKind::Group, name: name.clone() };
+                Some(self.engine.rename(conversation, &info)?)
+            }
+            StagedChange::Update => Some(self.engine.update_keys(conversation)?),
+            StagedChange::Pending => match self.engine.commit_pending(conversation) {
+                Ok(o) => o,
+                Err(CoreError::UnknownConversation) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        Ok(out)
+    }
+
+    /// Builds the request of a staged commit and stores it as pending
+    /// (inside the caller's transaction, the one that staged it).
+    fn store_pending(&self, out: &OutgoingCommit, meta: &PendingMeta) -> Result<PendingCommit, ClientError> {
         let mut parts = Vec::new();
-        if !out.commit_recipients.is_empty() {
-            parts.push(SendPart {
-                kind: MessageKind::Commit,
-                recipients: out.commit_recipients.clone(),
-                ciphertext: B64(out.commit.clone()),
-            });
+        // The server wants the commit itself past epoch 0 (it reads its
+        // framing): alone in a conversation, this device sends it to itself.
+        let recipients = match (out.commit_recipients.is_empty(), out.epoch.0) {
+            (false, _) => out.commit_recipients.clone(),
+            (true, 0) => Vec::new(),
+            (true, _) => vec![self.identity().address()],
+        };
+        if !recipients.is_empty() {
+            parts.push(SendPart { kind: MessageKind::Commit, recipients, ciphertext: B64(out.commit.clone()) });
         }
         if let Some(w) = &out.welcome {
             parts.push(SendPart {
@@ -361,50 +517,244 @@ impl Subrosa {
                 ciphertext: B64(w.clone()),
             });
         }
+        let send_id = SendId(rand::random());
         let req = SendRequest {
             conversation: out.conversation,
-            send_id: SendId(rand::random()),
-            commit: Some(CommitGuard { epoch: out.epoch }),
+            send_id,
+            commit: Some(CommitGuard { epoch: out.epoch, members: Some(out.members_after.clone()) }),
             parts,
         };
-        match self.api.call::<_, SendResponse>(Method::POST, "/v1/messages", Some(&req)).await {
-            Ok(_) => Ok(Submitted::Accepted),
-            Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => Ok(Submitted::Stale),
-            Err(e) => Err(e),
+        let pending = PendingCommit {
+            conversation: out.conversation,
+            send_id: send_id.0,
+            request: serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?,
+            commit_digest: Sha256::digest(&out.commit).to_vec(),
+            meta: serde_json::to_vec(meta).map_err(|e| ClientError::Bug(e.to_string()))?,
+        };
+        self.store.put_pending_commit(&pending)?;
+        Ok(pending)
+    }
+
+    /// Posts a stored staged commit (the same bytes, the same send id, however
+    /// often). Applied: confirmed here. Stale: left for the caller. No answer:
+    /// left pending ([`ClientError::Pending`]). Refused: discarded, and the
+    /// refusal returned.
+    async fn post_pending(&self, pending: &PendingCommit) -> Result<Posted, ClientError> {
+        match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", pending.request.clone()).await {
+            Ok(_) => {
+                self.store.transaction(|| self.finish_pending(pending))?;
+                Ok(Posted::Applied)
+            }
+            Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => Ok(Posted::Stale),
+            Err(e) if is_transient(&e) => Err(ClientError::Pending(COMMIT_PENDING.into())),
+            Err(e) => {
+                self.store.transaction(|| self.drop_pending(pending))?;
+                Err(e)
+            }
         }
     }
 
-    /// Stages a commit with `stage`, submits it, and when another member's
-    /// commit won the epoch, drops ours, processes theirs and tries again.
-    /// Returns false when `stage` had nothing to commit.
+    /// The server ordered this staged commit: apply it (inside the caller's
+    /// transaction), remember its digest so its echo is skipped, and do
+    /// what follows from it.
+    pub(crate) fn finish_pending(&self, pending: &PendingCommit) -> Result<(), ClientError> {
+        let conversation = &pending.conversation;
+        let meta = PendingMeta::decode(&pending.meta)?;
+        if self.engine.has_pending_commit(conversation)? {
+            self.engine.confirm_commit(conversation)?;
+        }
+        self.store.mark_processed(&pending.commit_digest)?;
+        self.store.delete_pending_commit(conversation)?;
+        // Every commit carries a path: this device's keys there are new.
+        self.store.note_own_update(conversation, now_ms())?;
+        if let StagedChange::Create { kind, name, peer, .. } = &meta.change {
+            self.store.add_conversation(conversation, kind, name, peer.as_deref())?;
+        }
+        let Some(mut row) = self.store.conversation(conversation)? else { return Ok(()) };
+        if row.kind == "group" {
+            let name = self.engine.info(conversation)?.name;
+            if name != row.name {
+                self.store.set_conversation_name(conversation, &name)?;
+                row.name = name;
+            }
+        }
+        if let Some((from, text)) = meta.line {
+            self.system_line(&row, &from, text)?;
+        }
+        Ok(())
+    }
+
+    /// The server will never order this staged commit: drop it (inside the
+    /// caller's transaction); a new conversation is forgotten.
+    fn drop_pending(&self, pending: &PendingCommit) -> Result<(), ClientError> {
+        let conversation = &pending.conversation;
+        self.store.delete_pending_commit(conversation)?;
+        if let StagedChange::Create { .. } = PendingMeta::decode(&pending.meta)?.change {
+            return self.store.forget_conversation(conversation);
+        }
+        if self.engine.has_pending_commit(conversation)? {
+            self.engine.discard_commit(conversation)?;
+        }
+        Ok(())
+    }
+
+    /// After a stale answer: processes the inbox with the staged commit still
+    /// in place, so that if the server did order ours (an earlier post whose
+    /// answer was lost) its echo applies it. Returns true when it did;
+    /// otherwise the staged commit is dropped (another one won).
+    ///
+    /// # Errors
+    /// When nothing this device could process moved the conversation on
+    /// (the winning commit is one it cannot process, RFC 9750 §5.3): an
+    /// alert names its sender, and retrying would not help.
+    async fn settle_stale(&self, conversation: &ConversationId) -> Result<bool, ClientError> {
+        let before = self.engine.epoch(conversation).ok();
+        self.flush_outbox().await?;
+        self.drain_inbox(true).await?;
+        let Some(pending) = self.store.pending_commit(conversation)? else { return Ok(true) };
+        self.store.transaction(|| self.drop_pending(&pending))?;
+        if before.is_some() && self.engine.epoch(conversation).ok() == before {
+            let text = self.stuck_alert(conversation)?;
+            return Err(ClientError::Protocol(text));
+        }
+        Ok(false)
+    }
+
+    /// Completes the staged commits earlier commands left pending: re-posts
+    /// each (the server answers a duplicate for one it ordered); one that
+    /// lost its epoch is staged again after the winner is processed.
+    ///
+    /// # Errors
+    /// [`ClientError::Pending`] while the server does not answer; store errors.
+    pub(crate) async fn resolve_pending_commits(&self) -> Result<(), ClientError> {
+        for conversation in self.store.pending_commit_conversations()? {
+            let Some(pending) = self.store.pending_commit(&conversation)? else { continue };
+            let meta = PendingMeta::decode(&pending.meta)?;
+            match self.post_pending(&pending).await {
+                Ok(Posted::Applied) => {
+                    if let StagedChange::Create { peer: Some(peer), first: Some((id, text)), .. } = meta.change {
+                        self.send_content(conversation, &peer, false, &text, id, true).await?;
+                    }
+                }
+                Ok(Posted::Stale) => {
+                    match self.settle_stale(&conversation).await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        // Stuck: the alert says so; other work goes on.
+                        Err(ClientError::Protocol(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                    if let StagedChange::Create { .. } = meta.change {
+                        self.store.add_alert("the server refused a conversation this device created; it is gone")?;
+                    } else if self.store.conversation(&conversation)?.is_some_and(|r| r.active) {
+                        if let Err(e) = self.commit_with_retry_from(&conversation, meta.change, meta.line).await {
+                            if matches!(e, ClientError::Pending(_)) {
+                                return Err(e);
+                            }
+                            self.store.add_alert(&format!("a change you made could not be completed: {e}"))?;
+                        }
+                    }
+                }
+                Err(e @ ClientError::Pending(_)) => return Err(e),
+                Err(e) => self.store.add_alert(&format!("the server refused a change you made: {e}"))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::resolve_pending_commits`], leaving what still has no answer
+    /// for a later command: the rest of this one goes on (a message is still
+    /// stored and queued; a change to a conversation whose earlier change
+    /// still waits is refused by [`Self::commit_with_retry`]).
+    ///
+    /// # Errors
+    /// As [`Self::resolve_pending_commits`], but for [`ClientError::Pending`].
+    pub(crate) async fn resolve_pending_commits_or_wait(&self) -> Result<(), ClientError> {
+        match self.resolve_pending_commits().await {
+            Err(ClientError::Pending(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Stages `change`, stores it and posts it; when another member's commit
+    /// won the epoch, processes that one and stages the change again.
+    /// Returns false when there was nothing to commit. `line` goes into
+    /// history, from this device, once the commit is applied.
+    ///
+    /// # Errors
+    /// [`ClientError::Pending`] when the server's answer is missing (the
+    /// next command completes it); the server's refusal (the change is
+    /// dropped); store and engine errors.
     pub(crate) async fn commit_with_retry(
         &self,
         conversation: &ConversationId,
-        mut stage: impl FnMut() -> Result<Option<OutgoingCommit>, ClientError>,
+        change: StagedChange,
+        line: Option<String>,
     ) -> Result<bool, ClientError> {
+        let line = line.map(|l| (self.identity().address(), l));
+        self.commit_with_retry_from(conversation, change, line).await
+    }
+
+    /// [`Self::commit_with_retry`] with a history line by someone else (a
+    /// member's leave, committed by this device).
+    async fn commit_with_retry_from(
+        &self,
+        conversation: &ConversationId,
+        change: StagedChange,
+        line: Option<(DeviceAddress, String)>,
+    ) -> Result<bool, ClientError> {
+        if self.store.pending_commit(conversation)?.is_some() {
+            return Err(ClientError::Input(
+                "an earlier change to this conversation still waits for the server's answer; try again later".into(),
+            ));
+        }
+        let meta = PendingMeta { change, line };
         for _ in 0..COMMIT_ATTEMPTS {
-            let Some(out) = self.store.transaction(&mut stage)? else { return Ok(false) };
-            match self.submit(&out).await {
-                Ok(Submitted::Accepted) => {
-                    self.store.transaction(|| {
-                        self.engine.confirm_commit(conversation)?;
-                        // Every commit carries a path: our keys there are new.
-                        self.store.note_own_update(conversation, now_ms())
-                    })?;
-                    return Ok(true);
-                }
-                Ok(Submitted::Stale) => {
-                    self.store.transaction(|| Ok(self.engine.discard_commit(conversation)?))?;
-                    self.flush_outbox().await?;
-                    self.drain_inbox(true).await?;
-                }
-                Err(e) => {
-                    self.store.transaction(|| Ok(self.engine.discard_commit(conversation)?))?;
-                    return Err(e);
+            let staged = self.store.transaction(|| {
+                let Some(out) = self.stage_change(conversation, &meta.change)? else { return Ok(None) };
+                self.store_pending(&out, &meta).map(Some)
+            })?;
+            let Some(pending) = staged else { return Ok(false) };
+            match self.post_pending(&pending).await? {
+                Posted::Applied => return Ok(true),
+                Posted::Stale => {
+                    if self.settle_stale(conversation).await? {
+                        return Ok(true);
+                    }
                 }
             }
         }
         Err(ClientError::Network("the conversation kept changing under us; try again".into()))
+    }
+
+    /// An alert that a conversation is stuck: the server ordered a commit
+    /// this device cannot process (RFC 9750 §5.3), naming who sent it.
+    fn stuck_alert(&self, conversation: &ConversationId) -> Result<String, ClientError> {
+        let who = self.lock_unprocessable().remove(conversation);
+        let text = match who {
+            Some(who) => format!(
+                "conversation #{} is stuck: {who} won an epoch with a commit that could not be processed; changes there fail until it is recreated without them",
+                conversation.to_hex()
+            ),
+            None => format!(
+                "conversation #{} is stuck: the server ordered a commit this device never received or could not process",
+                conversation.to_hex()
+            ),
+        };
+        self.store.add_alert(&text)?;
+        Ok(text)
+    }
+
+    /// [`Self::commit_pending_leaves`]; a commit left without an answer is
+    /// stored and completed by a later command, so this command goes on.
+    ///
+    /// # Errors
+    /// As [`Self::commit_pending_leaves`], but for [`ClientError::Pending`].
+    pub(crate) async fn commit_pending_leaves_or_wait(&self) -> Result<(), ClientError> {
+        match self.commit_pending_leaves().await {
+            Err(ClientError::Pending(_)) => Ok(()),
+            other => other,
+        }
     }
 
     /// Commits the leave proposals seen while processing.
@@ -417,18 +767,11 @@ impl Subrosa {
                 }
                 q.remove(0)
             };
-            let Some(row) = self.store.conversation(&next)?.filter(|r| r.active) else { continue };
-            let committed = self
-                .commit_with_retry(&next, || match self.engine.commit_pending(&next) {
-                    Ok(o) => Ok(o),
-                    Err(CoreError::UnknownConversation) => Ok(None),
-                    Err(e) => Err(e.into()),
-                })
-                .await?;
-            if committed {
-                // Our own commit is never delivered back to us: say it here.
-                self.store.transaction(|| self.system_line(&row, &leaver, format!("{} left", leaver.handle)))?;
+            if !self.store.conversation(&next)?.is_some_and(|r| r.active) {
+                continue;
             }
+            let meta_line = format!("{} left", leaver.handle);
+            self.commit_with_retry_from(&next, StagedChange::Pending, Some((leaver, meta_line))).await?;
         }
     }
 
@@ -461,14 +804,12 @@ impl Subrosa {
         }
         key_packages.extend(self.claim(&self.handle().clone(), false).await?);
         let info = ConversationInfo { kind: ConversationKind::Group, name: name.to_string() };
-        let out = self.store.transaction(|| Ok(self.engine.create_conversation(&info, &key_packages)?))?;
-        self.submit_new(&out, "group", name, None).await?;
-        let row = self.store.conversation(&out.conversation)?.ok_or(ClientError::Bug("group vanished".into()))?;
         let names: Vec<String> = members.iter().map(|h| h.to_string()).collect();
-        self.store.transaction(|| {
-            self.store.note_members(&row.id, names.iter().map(String::as_str))?;
-            self.system_line(&row, &self.identity().address(), format!("you created {name} with {}", names.join(", ")))
-        })?;
+        let change = StagedChange::Create { kind: "group".into(), name: name.to_string(), peer: None, first: None };
+        let line = format!("you created {name} with {}", names.join(", "));
+        let id = self.create_conversation(&info, &key_packages, change, Some(line)).await?;
+        let row = self.store.conversation(&id)?.ok_or(ClientError::Bug("group vanished".into()))?;
+        self.store.transaction(|| self.store.note_members(&row.id, names.iter().map(String::as_str)))?;
         self.group_summary(&row)
     }
 
@@ -501,12 +842,10 @@ impl Subrosa {
         if self.store.was_member(&row.id, handle.as_str())? {
             return self.recreate_with(&row, &handle).await.map(Some);
         }
-        let key_packages = self.claim(&handle, true).await?;
-        self.commit_with_retry(&row.id, || Ok(Some(self.engine.add_members(&row.id, &key_packages)?))).await?;
-        self.store.transaction(|| {
-            self.store.note_members(&row.id, [handle.as_str()])?;
-            self.system_line(&row, &self.identity().address(), format!("you added {handle}"))
-        })?;
+        let key_packages = self.claim(&handle, true).await?.into_iter().map(B64).collect();
+        self.commit_with_retry(&row.id, StagedChange::Add { key_packages }, Some(format!("you added {handle}")))
+            .await?;
+        self.store.transaction(|| self.store.note_members(&row.id, [handle.as_str()]))?;
         Ok(None)
     }
 
@@ -529,9 +868,9 @@ impl Subrosa {
         }
         key_packages.extend(self.claim(&self.handle().clone(), false).await?);
         let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
-        let out = self.store.transaction(|| Ok(self.engine.create_conversation(&info, &key_packages)?))?;
-        self.submit_new(&out, "group", &old.name, None).await?;
-        let row = self.store.conversation(&out.conversation)?.ok_or(ClientError::Bug("group vanished".into()))?;
+        let change = StagedChange::Create { kind: "group".into(), name: old.name.clone(), peer: None, first: None };
+        let id = self.create_conversation(&info, &key_packages, change, None).await?;
+        let row = self.store.conversation(&id)?.ok_or(ClientError::Bug("group vanished".into()))?;
         let me = self.identity().address();
         self.store.transaction(|| {
             let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
@@ -610,23 +949,11 @@ impl Subrosa {
         if devices_of(self.engine.members(&row.id)?).is_empty() {
             return Err(ClientError::Input(format!("{handle} is not a member of {}", row.name)));
         }
-        let done = self
-            .commit_with_retry(&row.id, || {
-                let devices = devices_of(self.engine.members(&row.id)?);
-                if devices.is_empty() {
-                    return Ok(None);
-                }
-                Ok(Some(self.engine.remove_members(&row.id, &devices)?))
-            })
-            .await?;
-        if done {
-            self.store.transaction(|| {
-                // Our own commit is never delivered back: drop the checks of
-                // the devices it removed here.
-                self.store.drop_member_check(&row.id, handle.as_str(), None)?;
-                self.system_line(&row, &self.identity().address(), format!("you removed {handle}"))
-            })?;
-        }
+        let devices = devices_of(self.engine.members(&row.id)?);
+        let change = StagedChange::Remove { devices, notify: true };
+        self.commit_with_retry(&row.id, change, Some(format!("you removed {handle}"))).await?;
+        // The checks of the devices it removed are moot now.
+        self.store.transaction(|| self.store.drop_member_check(&row.id, handle.as_str(), None))?;
         Ok(())
     }
 
@@ -640,14 +967,9 @@ impl Subrosa {
         if new_name != row.name && self.store.groups_named(new_name)?.iter().any(|g| g.active) {
             return Err(ClientError::Input(format!("you already have a group named {new_name:?}")));
         }
-        let info = ConversationInfo { kind: ConversationKind::Group, name: new_name.to_string() };
-        self.commit_with_retry(&row.id, || Ok(Some(self.engine.rename(&row.id, &info)?))).await?;
-        self.store.transaction(|| {
-            self.store.set_conversation_name(&row.id, new_name)?;
-            let mut row = row.clone();
-            row.name = new_name.to_string();
-            self.system_line(&row, &self.identity().address(), format!("you renamed the group to {new_name}"))
-        })
+        let change = StagedChange::Rename { name: new_name.to_string() };
+        self.commit_with_retry(&row.id, change, Some(format!("you renamed the group to {new_name}"))).await?;
+        Ok(())
     }
 
     /// Leaves the group: proposes this device's removal (the next member
@@ -657,20 +979,30 @@ impl Subrosa {
     /// Unknown group, network errors.
     pub async fn group_leave(&self, name: &str) -> Result<(), ClientError> {
         let row = self.group_synced(name).await?;
-        let (proposal, recipients) = self.store.transaction(|| Ok(self.engine.propose_leave(&row.id)?))?;
-        if !recipients.is_empty() {
+        // The proposal is queued in the outbox in the transaction that makes
+        // it and forgets the group: a lost answer re-posts the same bytes.
+        let queued = self.store.transaction(|| {
+            let (proposal, recipients) = self.engine.propose_leave(&row.id)?;
+            self.system_line(&row, &self.identity().address(), "you left".to_string())?;
+            self.store.deactivate_conversation(&row.id)?;
+            if recipients.is_empty() {
+                return Ok(None);
+            }
+            let send_id = SendId(rand::random());
             let req = SendRequest {
                 conversation: row.id,
-                send_id: SendId(rand::random()),
+                send_id,
                 commit: None,
                 parts: vec![SendPart { kind: MessageKind::Commit, recipients, ciphertext: B64(proposal) }],
             };
-            let _: SendResponse = self.api.call(Method::POST, "/v1/messages", Some(&req)).await?;
+            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+            self.store.push_outbox_request(&send_id.0, &bytes)?;
+            Ok(Some(()))
+        })?;
+        if queued.is_some() {
+            self.flush_outbox_inner(true).await?;
         }
-        self.store.transaction(|| {
-            self.system_line(&row, &self.identity().address(), "you left".to_string())?;
-            self.store.deactivate_conversation(&row.id)
-        })
+        Ok(())
     }
 
     /// Every group this device knows.
@@ -719,5 +1051,63 @@ impl Subrosa {
                 .direct_conversation(peer.as_str())?
                 .ok_or_else(|| ClientError::UnknownTarget(target.into()))?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored form of a pending commit's meta: a change of it is a
+    /// visible decision (and needs a migration of stored rows).
+    #[test]
+    fn pending_meta_bytes_are_stable() {
+        let alice =
+            DeviceAddress { handle: Handle::new("alice").expect("handle"), device: subrosa_proto::DeviceId([1; 8]) };
+        let cases = [
+            (
+                PendingMeta {
+                    change: StagedChange::Create {
+                        kind: "direct".into(),
+                        name: String::new(),
+                        peer: Some("bob".into()),
+                        first: Some((MessageId([2; 16]), "hi".into())),
+                    },
+                    line: None,
+                },
+                r#"{"change":{"change":"create","kind":"direct","name":"","peer":"bob","first":["02020202020202020202020202020202","hi"]},"line":null}"#,
+            ),
+            (
+                PendingMeta {
+                    change: StagedChange::Remove { devices: vec![alice.clone()], notify: false },
+                    line: Some((alice.clone(), "you removed a device".into())),
+                },
+                r#"{"change":{"change":"remove","devices":[{"handle":"alice","device":"0101010101010101"}],"notify":false},"line":[{"handle":"alice","device":"0101010101010101"},"you removed a device"]}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Add { key_packages: vec![B64(vec![0xAB, 0xCD])] }, line: None },
+                r#"{"change":{"change":"add","key_packages":["q80="]},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Rename { name: "club".into() }, line: None },
+                r#"{"change":{"change":"rename","name":"club"},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Pending, line: None },
+                r#"{"change":{"change":"pending"},"line":null}"#,
+            ),
+        ];
+        for (meta, json) in cases {
+            assert_eq!(String::from_utf8(serde_json::to_vec(&meta).expect("encode")).expect("utf-8"), json);
+            assert_eq!(PendingMeta::decode(json.as_bytes()).expect("decode"), meta);
+        }
+        assert!(PendingMeta::decode(br#"{"change":{"change":"explode"},"line":null}"#).is_err());
+        let first = StagedChange::Create {
+            kind: "direct".into(),
+            name: String::new(),
+            peer: None,
+            first: Some((MessageId([0; 16]), "secret words".into())),
+        };
+        assert!(!format!("{first:?}").contains("secret"), "Debug never shows a message");
     }
 }

@@ -256,16 +256,10 @@ impl Subrosa {
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             };
-            let kps = [kp];
-            self.commit_with_retry(&row.id, || {
-                if self.engine.members(&row.id)?.iter().any(|m| m.address == address) {
-                    return Ok(None);
-                }
-                Ok(Some(self.engine.add_members(&row.id, &kps)?))
-            })
-            .await?;
-            self.store.transaction(|| self.system_line(&row, &address, "your new device joined".into()))?;
-            added += 1;
+            let change = crate::conversations::StagedChange::Add { key_packages: vec![B64(kp)] };
+            if self.commit_with_retry(&row.id, change, Some("your new device joined".into())).await? {
+                added += 1;
+            }
         }
         Ok(added)
     }
@@ -354,39 +348,70 @@ impl Subrosa {
             .collect())
     }
 
-    /// Removes a device of this account from every conversation and stops
-    /// the server delivering to it. Returns the number of conversations.
+    /// Removes a device of this account: revokes it on the server first (from
+    /// then on it can neither send, commit nor receive, and it leaves every
+    /// conversation's roster there), then commits its removal in each
+    /// conversation. Returns the number of conversations. Run again after a
+    /// lost answer, it finishes the work (a device already revoked but still
+    /// in a conversation is removed from it).
     ///
     /// # Errors
-    /// Unknown device, this device, network errors.
+    /// Unknown device, this device, network errors; [`ClientError::Pending`]
+    /// when a removal commit's answer is missing (the next command completes
+    /// it); the first failed removal commit, after trying every conversation.
     pub async fn remove_device(&self, id: &str) -> Result<usize, ClientError> {
         let device: DeviceId = id.parse().map_err(|_| ClientError::Input(format!("invalid device id {id:?}")))?;
         if device == self.identity().device_id() {
             return Err(ClientError::Input("this is the device you are using; remove it from another device".into()));
         }
-        if !self.devices().await?.iter().any(|d| d.id == device) {
+        let address = DeviceAddress { handle: self.handle().clone(), device };
+        let on_server = self.devices().await?.iter().any(|d| d.id == device);
+        let in_conversation = |row: &crate::store::ConversationRow| -> Result<bool, ClientError> {
+            Ok(self.engine.members(&row.id)?.iter().any(|m| m.address == address))
+        };
+        let mut known_here = false;
+        for row in self.store.active_conversations()? {
+            known_here |= in_conversation(&row)?;
+        }
+        if !on_server && !known_here {
             return Err(ClientError::Input(format!("no device {device} in this account (see `subrosa devices`)")));
         }
+        if on_server {
+            // Revocation first: a stolen device that keeps committing could
+            // otherwise win every epoch and never get removed.
+            let _: AccountInfo = self.api.call::<(), _>(Method::DELETE, &format!("/v1/devices/{device}"), None).await?;
+        }
         self.sync().await?;
-        let address = DeviceAddress { handle: self.handle().clone(), device };
         let mut n = 0;
+        let mut first_error = None;
+        let mut pending = None;
         for row in self.store.active_conversations()? {
-            let done = self
-                .commit_with_retry(&row.id, || {
-                    if !self.engine.members(&row.id)?.iter().any(|m| m.address == address) {
-                        return Ok(None);
-                    }
-                    Ok(Some(self.engine.remove_members(&row.id, std::slice::from_ref(&address))?))
-                })
-                .await?;
-            if done {
-                self.store.transaction(|| {
-                    self.system_line(&row, &self.identity().address(), "you removed a device".into())
-                })?;
-                n += 1;
+            if !in_conversation(&row)? {
+                continue;
+            }
+            // The revoked device is no longer known to the server: it does
+            // not get the commit.
+            let change = crate::conversations::StagedChange::Remove { devices: vec![address.clone()], notify: false };
+            match self.commit_with_retry(&row.id, change, Some("you removed a device".into())).await {
+                Ok(true) => n += 1,
+                Ok(false) => {}
+                // Stored: the next command completes it; the other
+                // conversations are staged (and stored) all the same.
+                Err(e @ ClientError::Pending(_)) => pending = Some(e),
+                Err(e) => {
+                    first_error.get_or_insert(ClientError::Protocol(format!(
+                        "the device is revoked, but removing it from conversation #{} failed: {e}",
+                        row.id.to_hex()
+                    )));
+                }
             }
         }
-        let _: AccountInfo = self.api.call::<(), _>(Method::DELETE, &format!("/v1/devices/{device}"), None).await?;
-        Ok(n)
+        match (first_error, pending) {
+            (Some(ClientError::Protocol(text)), Some(_)) => Err(ClientError::Protocol(format!(
+                "{text} (the removals from other conversations are stored; the next command completes them)"
+            ))),
+            (Some(e), _) | (None, Some(e)) => Err(e),
+            (None, None) => Ok(n),
+        }
     }
 }

@@ -214,6 +214,9 @@ pub struct Subrosa {
     to_commit: std::sync::Mutex<Vec<(ConversationId, DeviceAddress)>>,
     /// Queued sends the server refused, reported by the command that flushed them.
     failed: std::sync::Mutex<Vec<RefusedSend>>,
+    /// Per conversation, the sender of the last commit this device could
+    /// not process (named if the conversation turns out stuck).
+    unprocessable: std::sync::Mutex<std::collections::HashMap<ConversationId, DeviceAddress>>,
 }
 
 impl std::fmt::Debug for Subrosa {
@@ -295,6 +298,7 @@ impl Subrosa {
             dropped: std::sync::Mutex::new(Vec::new()),
             to_commit: std::sync::Mutex::new(Vec::new()),
             failed: std::sync::Mutex::new(Vec::new()),
+            unprocessable: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -406,6 +410,15 @@ impl Subrosa {
         for q in self.store.outbox()? {
             if q.message.is_some_and(|(c, _)| waiting.contains(&c)) {
                 continue;
+            }
+            // A conversation with its own commit still waiting for the
+            // server's answer holds its messages back until it settles: they
+            // must go out at the epoch that commit makes, not the one before.
+            if let (None, Some((c, _))) = (&q.request, q.message) {
+                if self.store.pending_commit(&c)?.is_some() {
+                    waiting.push(c);
+                    continue;
+                }
             }
             let (request, seq) = match self.encrypt_queued(q.id) {
                 Ok(Some(made)) => made,
@@ -653,19 +666,20 @@ impl Subrosa {
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
                 let existing = self.store.direct_conversation(peer.as_str())?;
+                let message_id = MessageId(rand::random());
+                let first = Some((message_id, text.to_string()));
                 if let Some(c) = &existing {
                     self.check_members_accepted(c, target)?;
                 }
                 let conversation = match (existing, offline) {
                     (Some(c), _) => c,
-                    (None, None) => self.start_direct(&peer).await?,
+                    (None, None) => self.start_direct(&peer, first.clone()).await?,
                     (None, Some(e)) => {
                         return Err(ClientError::Network(format!(
                             "a first message to {peer} needs the server (for their keys), and it cannot be reached: {e}"
                         )))
                     }
                 };
-                let message_id = MessageId(rand::random());
                 match self.send_content(conversation, peer.as_str(), false, text, message_id, online).await {
                     Err(e) if existing.is_some() && e.code() == Some(ErrorCode::UnknownHandle) => {
                         // The peer's devices in this conversation are gone from
@@ -676,7 +690,7 @@ impl Subrosa {
                             self.store.delete_message(&conversation, &message_id.0)?;
                             self.store.deactivate_conversation(&conversation)
                         })?;
-                        let fresh = self.start_direct(&peer).await?;
+                        let fresh = self.start_direct(&peer, first).await?;
                         self.send_content(fresh, peer.as_str(), false, text, message_id, true).await
                     }
                     other => other,
@@ -706,7 +720,23 @@ impl Subrosa {
                             return Err(CoreError::UnknownConversation.into());
                         }
                     }
-                    self.engine.process(&env.conversation, env.ciphertext.as_slice())?
+                    // The echo of this device's own staged commit, whose
+                    // answer was lost: processing it applies the staged
+                    // commit (mls-rs recognises it), then it is finished
+                    // as if the answer had come.
+                    let own = match env.kind {
+                        MessageKind::Commit => self
+                            .store
+                            .pending_commit(&env.conversation)?
+                            .filter(|p| p.commit_digest == digest && env.sender == self.identity().address()),
+                        _ => None,
+                    };
+                    let event = self.engine.process(&env.conversation, env.ciphertext.as_slice())?;
+                    if let Some(own) = own {
+                        self.finish_pending(&own)?;
+                        return self.store.mark_processed(&digest);
+                    }
+                    event
                 }
             };
             self.apply_event(env, event)?;
@@ -727,6 +757,18 @@ impl Subrosa {
                 })
             }
             Err(ClientError::Core(e)) => {
+                if env.kind == MessageKind::Commit {
+                    self.lock_unprocessable().insert(env.conversation, env.sender.clone());
+                    if self.store.conversation(&env.conversation)?.is_some_and(|r| r.active) {
+                        // The server ordered it, so nobody can commit in this
+                        // conversation any more (RFC 9750 §5.3): say who.
+                        self.store.add_alert(&format!(
+                            "{} sent a commit to conversation #{} that could not be processed; changes there will fail until it is recreated without them",
+                            env.sender,
+                            env.conversation.to_hex()
+                        ))?;
+                    }
+                }
                 // Undecryptable or unauthenticated: tampered, replayed, not
                 // for us, or from a device we refuse. Drop it (it can never
                 // become readable) and say so.
@@ -740,6 +782,12 @@ impl Subrosa {
 
     fn lock_dropped(&self) -> std::sync::MutexGuard<'_, Vec<Received>> {
         self.dropped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock_unprocessable(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<ConversationId, DeviceAddress>> {
+        self.unprocessable.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_to_commit(&self) -> std::sync::MutexGuard<'_, Vec<(ConversationId, DeviceAddress)>> {
@@ -1022,27 +1070,32 @@ impl Subrosa {
                 }
                 if removed_self {
                     self.store.deactivate_conversation(&conversation)?;
-                } else if row.kind == "direct" {
-                    // A direct conversation holds exactly two accounts: one
-                    // that grew a third is closed here (the next send to the
-                    // peer starts a new one).
-                    let mut third: Vec<&str> = remaining
-                        .iter()
-                        .map(|a| a.handle.as_str())
-                        .filter(|h| *h != me.as_str() && Some(*h) != row.peer.as_deref())
-                        .collect();
-                    third.dedup();
-                    if !third.is_empty() {
-                        let why = format!(
-                            "{} added {} to the direct conversation #{}; a direct conversation holds exactly two \
-                             accounts, so this device closed it (your next message starts a new one)",
-                            by.handle,
-                            third.join(", "),
-                            conversation.to_hex()
-                        );
-                        self.system_line(&row, by, format!("warning: {why}"))?;
-                        self.store.add_alert(&why)?;
-                        self.store.deactivate_conversation(&conversation)?;
+                } else {
+                    if let Some(server) = &env.roster {
+                        self.compare_roster(&conversation, server, &remaining)?;
+                    }
+                    if row.kind == "direct" {
+                        // A direct conversation holds exactly two accounts: one
+                        // that grew a third is closed here (the next send to the
+                        // peer starts a new one).
+                        let mut third: Vec<&str> = remaining
+                            .iter()
+                            .map(|a| a.handle.as_str())
+                            .filter(|h| *h != me.as_str() && Some(*h) != row.peer.as_deref())
+                            .collect();
+                        third.dedup();
+                        if !third.is_empty() {
+                            let why = format!(
+                                "{} added {} to the direct conversation #{}; a direct conversation holds exactly two \
+                                 accounts, so this device closed it (your next message starts a new one)",
+                                by.handle,
+                                third.join(", "),
+                                conversation.to_hex()
+                            );
+                            self.system_line(&row, by, format!("warning: {why}"))?;
+                            self.store.add_alert(&why)?;
+                            self.store.deactivate_conversation(&conversation)?;
+                        }
                     }
                 }
                 Ok(())
@@ -1053,6 +1106,29 @@ impl Subrosa {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Compares the roster the server keeps for a conversation (sent with
+    /// each commit) with the MLS roster after it: a device the server lets
+    /// send there that is not a member is an alert. (Members the server
+    /// left out are not: a revoked device leaves the server's roster before
+    /// the commit that removes it.)
+    fn compare_roster(
+        &self,
+        conversation: &ConversationId,
+        server: &[DeviceAddress],
+        members: &[DeviceAddress],
+    ) -> Result<(), ClientError> {
+        let members: std::collections::HashSet<&DeviceAddress> = members.iter().collect();
+        let extra: Vec<String> = server.iter().filter(|a| !members.contains(a)).map(|a| a.to_string()).collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        self.store.add_alert(&format!(
+            "the server lets {} send to conversation #{}, though not a member: it does not keep this conversation's roster honestly",
+            extra.join(", "),
+            conversation.to_hex()
+        ))
     }
 
     /// Notes a sender's sequence number: a gap becomes a system line before
@@ -1157,6 +1233,7 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub async fn sync(&self) -> Result<(), ClientError> {
+        self.resolve_pending_commits_or_wait().await?;
         self.catch_up().await?;
         self.flush_outbox_inner(true).await
     }
@@ -1167,7 +1244,7 @@ impl Subrosa {
         self.drain_inbox(true).await?;
         self.check_members().await?;
         self.check_directory().await?;
-        self.commit_pending_leaves().await?;
+        self.commit_pending_leaves_or_wait().await?;
         self.update_due_keys().await
     }
 
@@ -1214,13 +1291,14 @@ impl Subrosa {
         ack: bool,
         on: &mut dyn FnMut(&Received),
     ) -> Result<usize, ClientError> {
+        self.resolve_pending_commits_or_wait().await?;
         self.drain_inbox(ack).await?;
         self.check_members().await?;
         self.check_directory().await?;
         if ack {
             // Only a device that acknowledged what it processed sends: a
             // flush may fetch the inbox again, acknowledging.
-            self.commit_pending_leaves().await?;
+            self.commit_pending_leaves_or_wait().await?;
             self.flush_outbox_inner(true).await?;
         }
         let mut shown = self.emit(on)?;
@@ -1240,7 +1318,7 @@ impl Subrosa {
                         self.check_members().await?;
                         if ack {
                             net::send_ack(&mut ws, ids).await?;
-                            self.commit_pending_leaves().await?;
+                            self.commit_pending_leaves_or_wait().await?;
                         }
                         self.kt_check_gossip().await?;
                         shown += self.emit(on)?;
@@ -1264,6 +1342,11 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub async fn follow(&self, on: &mut dyn FnMut(&Received)) -> Result<(), ClientError> {
+        // A commit still without an answer is retried like a lost connection.
+        self.resolve_pending_commits().await.map_err(|e| match e {
+            ClientError::Pending(text) => ClientError::Network(text),
+            e => e,
+        })?;
         // What was queued while the server was away goes first, encrypted
         // after the inbox is processed.
         self.catch_up().await?;
@@ -1292,7 +1375,7 @@ impl Subrosa {
                     let ids = self.process_batch(&messages)?;
                     self.check_members().await?;
                     net::send_ack(&mut ws, ids).await?;
-                    self.commit_pending_leaves().await?;
+                    self.commit_pending_leaves_or_wait().await?;
                     self.kt_check_gossip().await?;
                     if !self.store.outbox_is_empty()? {
                         self.flush_outbox_inner(true).await?;

@@ -23,6 +23,7 @@
 use subrosa_core::CoreError;
 use subrosa_proto::ConversationId;
 
+use crate::conversations::StagedChange;
 use crate::store::now_ms;
 use crate::{ClientError, Subrosa, KEY_PACKAGE_TARGET};
 
@@ -116,7 +117,9 @@ impl Subrosa {
                 Err(CoreError::UnknownConversation) => continue,
                 Err(e) => return Err(e.into()),
             };
-            if !due(now_ms(), last, sent, members) {
+            // A conversation whose last change still waits for the server
+            // gets its update after that one settles (which counts anyway).
+            if !due(now_ms(), last, sent, members) || self.store.pending_commit(&row.id)?.is_some() {
                 continue;
             }
             match self.update_conversation_keys(&row.id).await {
@@ -137,7 +140,7 @@ impl Subrosa {
     }
 
     async fn update_conversation_keys(&self, conversation: &ConversationId) -> Result<(), ClientError> {
-        self.commit_with_retry(conversation, || Ok(Some(self.engine.update_keys(conversation)?))).await?;
+        self.commit_with_retry(conversation, StagedChange::Update, None).await?;
         Ok(())
     }
 

@@ -163,6 +163,12 @@ const SCHEMA: &[&str] = &[
                'the server'
         FROM meta WHERE key = 'kt_fork';
      DELETE FROM meta WHERE key = 'kt_fork';",
+    // v9: a staged commit waiting for the server's answer, stored with its
+    // exact request (and send id) before it is posted, so a lost answer is
+    // completed by re-posting the same bytes; `commit_digest` recognises the
+    // echo of it, `meta` says what to re-stage when another commit won.
+    "CREATE TABLE pending_commits (conversation BLOB PRIMARY KEY, send_id BLOB NOT NULL, request BLOB NOT NULL,
+        commit_digest BLOB NOT NULL, meta BLOB NOT NULL, created_at INTEGER NOT NULL);",
 ];
 
 /// A member device whose keys the key directory has not confirmed yet
@@ -383,6 +389,32 @@ fn queued_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<QueuedSend,
 }
 
 const OUTBOX_COLUMNS: &str = "SELECT id, send_id, conversation, message_id, content, request FROM outbox";
+
+/// A staged commit stored before it is posted.
+#[derive(Clone)]
+pub struct PendingCommit {
+    /// The conversation.
+    pub conversation: subrosa_proto::ConversationId,
+    /// The send id of `request` (the server's idempotency key).
+    pub send_id: [u8; 16],
+    /// The exact request bytes, re-posted as they are.
+    pub request: Vec<u8>,
+    /// SHA-256 of the commit message (recognises its echo).
+    pub commit_digest: Vec<u8>,
+    /// What the commit does, encoded by the client (to re-stage it).
+    pub meta: Vec<u8>,
+}
+
+impl std::fmt::Debug for PendingCommit {
+    /// The conversation and send id; never the meta (it may hold a
+    /// message's text).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCommit")
+            .field("conversation", &self.conversation)
+            .field("send_id", &hex::encode(self.send_id))
+            .finish_non_exhaustive()
+    }
+}
 
 /// The encrypted local store. Cheap to clone; clones share one connection.
 #[derive(Clone)]
@@ -1468,6 +1500,21 @@ impl Store {
             .map_err(sql)
     }
 
+    /// Queues a request made already (a leave proposal): posted as it is,
+    /// byte for byte, until the server answers.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn push_outbox_request(&self, send_id: &[u8; 16], request: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO outbox (send_id, request, created_at) VALUES (?1, ?2, ?3)",
+                params![&send_id[..], request, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
     /// Queues a message for sending: its content (encrypted only when it
     /// is flushed) under a fresh send id.
     ///
@@ -1584,6 +1631,92 @@ impl Store {
             )
             .optional()
             .map(|o| o.map(|(_, m)| m))
+            .map_err(sql)
+    }
+
+    /// Stores a staged commit's request before it is posted (one per
+    /// conversation: mls-rs stages one commit at a time).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn put_pending_commit(&self, p: &PendingCommit) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO pending_commits (conversation, send_id, request, commit_digest, meta, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    p.conversation.as_bytes().as_slice(),
+                    &p.send_id[..],
+                    p.request,
+                    p.commit_digest,
+                    p.meta,
+                    now_ms() as i64
+                ],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    /// The staged commit waiting in a conversation, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn pending_commit(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+    ) -> Result<Option<PendingCommit>, ClientError> {
+        self.lock()
+            .query_row(
+                "SELECT send_id, request, commit_digest, meta FROM pending_commits WHERE conversation = ?1",
+                [conversation.as_bytes().as_slice()],
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql)?
+            .map(|(send_id, request, commit_digest, meta)| {
+                Ok(PendingCommit {
+                    conversation: *conversation,
+                    send_id: send_id
+                        .try_into()
+                        .map_err(|_| ClientError::Store("pending commit: bad send id".into()))?,
+                    request,
+                    commit_digest,
+                    meta,
+                })
+            })
+            .transpose()
+    }
+
+    /// Conversations with a staged commit waiting, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn pending_commit_conversations(&self) -> Result<Vec<subrosa_proto::ConversationId>, ClientError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare("SELECT conversation FROM pending_commits ORDER BY created_at, rowid").map_err(sql)?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(sql)?;
+        let ids: Vec<Vec<u8>> = rows.collect::<Result<_, _>>().map_err(sql)?;
+        ids.iter()
+            .map(|b| subrosa_proto::ConversationId::from_slice(b).map_err(|e| ClientError::Store(e.to_string())))
+            .collect()
+    }
+
+    /// Forgets a conversation's staged commit (applied or discarded).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn delete_pending_commit(&self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        self.lock()
+            .execute("DELETE FROM pending_commits WHERE conversation = ?1", [conversation.as_bytes().as_slice()])
+            .map(|_| ())
             .map_err(sql)
     }
 

@@ -122,6 +122,9 @@ pub struct OutgoingCommit {
     pub welcome: Option<Vec<u8>>,
     /// Devices the Welcome is for.
     pub welcome_recipients: Vec<DeviceAddress>,
+    /// Every member device once the commit applies, this one included (the
+    /// roster the server keeps for the conversation).
+    pub members_after: Vec<DeviceAddress>,
 }
 
 /// What processing an incoming message produced.
@@ -357,6 +360,14 @@ where
         Ok(Epoch(group.current_epoch()))
     }
 
+    /// Whether a staged commit waits for the server's answer.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn has_pending_commit(&self, conversation: &ConversationId) -> Result<bool, CoreError> {
+        Ok(self.load(conversation)?.has_pending_commit())
+    }
+
     /// Drops the staged commit after the server refused it.
     ///
     /// # Errors
@@ -491,6 +502,17 @@ where
         let me = self.identity.address();
         let commit_recipients = members.iter().map(|m| m.address.clone()).filter(|a| *a != me).collect();
         let mut welcome_recipients = Vec::new();
+        // Proposals received so far go into the commit: a member's leave.
+        let leaving: Vec<u32> = group
+            .get_cached_proposals()
+            .iter()
+            .filter_map(|p| match p.proposal() {
+                mls_rs::group::proposal::Proposal::Remove(r) => Some(r.to_remove()),
+                _ => None,
+            })
+            .collect();
+        let mut members_after: Vec<DeviceAddress> =
+            members.iter().filter(|m| !leaving.contains(&m.index)).map(|m| m.address.clone()).collect();
         let extensions = group.context().extensions.clone();
         let mut builder = group.commit_builder();
         match change {
@@ -508,6 +530,7 @@ where
                         .find(|m| m.address == *d)
                         .ok_or_else(|| CoreError::IdentityMismatch(format!("{d} is not a member")))?;
                     builder = builder.remove_member(m.index)?;
+                    members_after.retain(|a| a != d);
                 }
             }
             Change::Info(info) => {
@@ -519,6 +542,7 @@ where
         }
         let output = builder.build()?;
         group.write_to_storage()?;
+        members_after.extend(welcome_recipients.iter().cloned());
         Ok(OutgoingCommit {
             conversation: *conversation,
             epoch,
@@ -526,6 +550,7 @@ where
             commit_recipients,
             welcome: output.welcome_messages.first().map(|w| w.to_bytes()).transpose()?,
             welcome_recipients,
+            members_after,
         })
     }
 
@@ -871,7 +896,9 @@ mod group_tests {
         // alice removes carol; carol learns it and can read nothing after.
         let remove = alice.remove_members(&conv, &[carol.identity().address()]).expect("remove");
         assert!(remove.commit_recipients.contains(&carol.identity().address()));
+        assert!(!remove.members_after.contains(&carol.identity().address()));
         alice.confirm_commit(&conv).expect("confirm");
+        assert_eq!(remove.members_after.len(), alice.members(&conv).expect("members").len());
         assert!(matches!(
             carol.process(&conv, &remove.commit).expect("removed"),
             Event::Commit { removed_self: true, .. }
@@ -893,6 +920,11 @@ mod group_tests {
         }
         let commit = bob.commit_pending(&conv).expect("commit").expect("something to commit");
         bob.confirm_commit(&conv).expect("confirm");
+        let mut after: Vec<_> = bob.members(&conv).expect("members").into_iter().map(|m| m.address).collect();
+        let mut declared = commit.members_after.clone();
+        after.sort_by_key(|a| a.to_string());
+        declared.sort_by_key(|a| a.to_string());
+        assert_eq!(declared, after, "the declared roster is the roster after the leave");
         assert!(matches!(
             dave.process(&conv, &commit.commit).expect("dave out"),
             Event::Commit { removed_self: true, .. }
@@ -902,5 +934,41 @@ mod group_tests {
         );
         assert_eq!(alice.members(&conv).expect("members").len(), 2);
         assert!(alice.commit_pending(&conv).expect("nothing").is_none());
+    }
+
+    /// What a committer whose answer was lost relies on: processing the
+    /// echo of its own staged commit applies it (mls-rs matches it), and
+    /// the declared roster is the one after it.
+    #[test]
+    fn the_echo_of_a_staged_commit_applies_it() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let carol = engine("carol");
+        let kp = bob.generate_key_package().expect("kp");
+        let out = alice.create_conversation(&ConversationInfo::direct(), &[kp]).expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        bob.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        let conv = out.conversation;
+        let add = alice.add_members(&conv, &[carol.generate_key_package().expect("kp")]).expect("add");
+        assert!(alice.has_pending_commit(&conv).expect("pending"));
+        assert_eq!(add.members_after.len(), 3);
+        // The server reads the commit's cleartext framing (our encoding of
+        // it is mls-rs's).
+        let framing = subrosa_proto::framing::private_framing(&add.commit).expect("a PrivateMessage");
+        assert_eq!(framing.group_id, conv.as_bytes().as_slice());
+        assert_eq!((framing.epoch, framing.content_type), (1, subrosa_proto::framing::content_type::COMMIT));
+        match alice.process(&conv, &add.commit).expect("own echo") {
+            Event::Commit { epoch, added, .. } => {
+                assert_eq!(epoch, Epoch(2));
+                assert_eq!(added.len(), 1);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!alice.has_pending_commit(&conv).expect("pending"));
+        bob.process(&conv, &add.commit).expect("bob applies the same commit");
+        let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([3; 16]), 1, "in step")).expect("encrypt");
+        let framing = subrosa_proto::framing::private_framing(&ct).expect("a PrivateMessage");
+        assert_eq!((framing.epoch, framing.content_type), (2, subrosa_proto::framing::content_type::APPLICATION));
+        assert!(matches!(bob.process(&conv, &ct).expect("bob reads"), Event::Message { .. }));
     }
 }

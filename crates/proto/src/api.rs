@@ -173,13 +173,22 @@ impl MessageKind {
 }
 
 /// The server's commit-ordering check for a send that carries a commit.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CommitGuard {
     /// The epoch the commit was made in. The server accepts it only when this
     /// is the conversation's current epoch (0 creates the conversation), and
     /// then moves the conversation to `epoch + 1`.
     pub epoch: Epoch,
+    /// The conversation's member devices after this commit, as the
+    /// committer's MLS roster says (the committer included). The server
+    /// keeps it as the conversation's roster: only devices in it may send
+    /// to the conversation. A client that sends it also gets its own commit
+    /// delivered back (the echo), so a lost answer never desyncs it.
+    /// Absent from older clients: the server then adds the send's sender
+    /// and recipients to the roster it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<DeviceAddress>>,
 }
 
 /// One ciphertext and the devices it goes to.
@@ -237,6 +246,12 @@ pub struct Envelope {
     pub ciphertext: B64,
     /// When the server stored it, ms since the Unix epoch.
     pub server_time: u64,
+    /// With a commit: the conversation's roster as the server stored it
+    /// when it accepted the commit (the devices it lets send there). Members
+    /// compare it with the MLS roster and alert on a device the server lets
+    /// in that is not a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster: Option<Vec<DeviceAddress>>,
 }
 
 /// Queued messages, oldest first.
@@ -308,6 +323,8 @@ pub enum ErrorCode {
     NoKeyPackage,
     /// The commit was made for an epoch that is not the conversation's current one.
     StaleEpoch,
+    /// The sending device is not in the conversation's roster (403).
+    NotAMember,
     /// Too many requests; slow down.
     RateLimited,
     /// The server failed; try again later.
@@ -331,6 +348,7 @@ impl ErrorCode {
             ErrorCode::UnknownHandle => "unknown_handle",
             ErrorCode::NoKeyPackage => "no_key_package",
             ErrorCode::StaleEpoch => "stale_epoch",
+            ErrorCode::NotAMember => "not_a_member",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
@@ -408,4 +426,27 @@ pub struct LinkApproveRequest {
 pub struct LinkResponse {
     /// The response once a device approved, else `None`.
     pub response: Option<B64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The commit guard on the wire: an older client's form (no member
+    /// list) still parses, and a guard without one serialises as before.
+    #[test]
+    fn commit_guard_bytes_are_stable() {
+        let old: CommitGuard = serde_json::from_str(r#"{"epoch":3}"#).expect("older client's guard");
+        assert_eq!(old, CommitGuard { epoch: Epoch(3), members: None });
+        assert_eq!(serde_json::to_string(&old).expect("json"), r#"{"epoch":3}"#);
+        let alice = DeviceAddress { handle: Handle::new("alice").expect("handle"), device: DeviceId([0xA1; 8]) };
+        let new = CommitGuard { epoch: Epoch(4), members: Some(vec![alice]) };
+        let json = r#"{"epoch":4,"members":[{"handle":"alice","device":"a1a1a1a1a1a1a1a1"}]}"#;
+        assert_eq!(serde_json::to_string(&new).expect("json"), json);
+        assert_eq!(serde_json::from_str::<CommitGuard>(json).expect("parse"), new);
+        assert!(serde_json::from_str::<CommitGuard>(r#"{"epoch":4,"roster":[]}"#).is_err());
+        let code: ErrorBody = serde_json::from_str(r#"{"code":"not_a_member","message":"m"}"#).expect("code");
+        assert_eq!(code.code, ErrorCode::NotAMember);
+        assert_eq!(ErrorCode::NotAMember.as_str(), "not_a_member");
+    }
 }

@@ -8,6 +8,7 @@
 mod api;
 mod auth;
 mod bytes;
+pub mod framing;
 mod ids;
 pub mod kt;
 pub mod limits;

@@ -45,6 +45,13 @@ pub struct Plan {
     /// and nothing newer (it refuses any later epoch).
     #[serde(default)]
     pub freeze: Option<Freeze>,
+    /// The answers to a handle's commits are lost after they were stored.
+    #[serde(default)]
+    pub lose_commit_answers: Option<LoseCommitAnswers>,
+    /// A device the roster sent with each delivered commit names in addition
+    /// (as if the server let an outsider in).
+    #[serde(default)]
+    pub roster_extra: Option<DeviceAddress>,
 }
 
 /// `freeze`.
@@ -53,6 +60,15 @@ pub struct Plan {
 pub struct Freeze {
     /// Requests signed by a device of this handle see the frozen directory.
     pub victim: Handle,
+}
+
+/// `lose_commit_answers`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoseCommitAnswers {
+    /// Whose commits (sends with a commit guard): each is stored, delivered
+    /// and committed, then answered `502` as if a proxy lost the answer.
+    pub sender: Handle,
 }
 
 /// `substitute_key_packages`.
@@ -282,8 +298,19 @@ impl Attacks {
         response
     }
 
+    pub(crate) fn lose_answer(&self, sender: &DeviceAddress, commit: bool) -> bool {
+        commit && self.plan().lose_commit_answers.is_some_and(|l| l.sender == sender.handle)
+    }
+
     pub(crate) fn deliver(&self, device: &DeviceAddress, messages: Vec<Envelope>) -> (Vec<Envelope>, Vec<u64>) {
-        let Some(m) = self.plan().messages else { return (messages, Vec::new()) };
+        let plan = self.plan();
+        let mut messages = messages;
+        if let Some(extra) = &plan.roster_extra {
+            for roster in messages.iter_mut().filter_map(|e| e.roster.as_mut()) {
+                roster.push(extra.clone());
+            }
+        }
+        let Some(m) = plan.messages else { return (messages, Vec::new()) };
         if m.recipient.as_ref().is_some_and(|h| h != &device.handle) {
             return (messages, Vec::new());
         }

@@ -148,6 +148,11 @@ impl From<StoreError> for AppError {
                 err.current_epoch = Some(current);
                 err
             }
+            StoreError::NotAMember => Self::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::NotAMember,
+                "this device is not a member of the conversation",
+            ),
             StoreError::Unavailable(detail) => {
                 tracing::error!(detail = %detail, "storage unavailable");
                 Self::new(

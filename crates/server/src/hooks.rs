@@ -94,3 +94,13 @@ pub(crate) fn deliver(state: &AppState, device: &DeviceAddress, messages: Vec<En
     let _ = (state, device);
     (messages, Vec::new())
 }
+
+/// Whether the answer to a stored send is thrown away (a lost answer).
+pub(crate) fn lose_answer(state: &AppState, sender: &DeviceAddress, commit: bool) -> bool {
+    #[cfg(feature = "test-attacks")]
+    if let Some(a) = &state.attacks {
+        return a.lose_answer(sender, commit);
+    }
+    let _ = (state, sender, commit);
+    false
+}

@@ -18,7 +18,8 @@ use subrosa_proto::limits::{
 use subrosa_proto::{
     AccountInfo, AckRequest, AckResponse, AddDeviceRequest, ClaimRequest, ClaimResponse, DeviceAddress, DeviceId,
     DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, LinkApproveRequest,
-    LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, RegisterRequest, SendRequest, SendResponse, B64,
+    LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, MessageKind, RegisterRequest, SendPart,
+    SendRequest, SendResponse, B64,
 };
 
 use crate::auth::{
@@ -232,6 +233,58 @@ fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
             return Err(AppError::too_large(format!("a ciphertext is over {} bytes", limits.max_ciphertext_bytes)));
         }
     }
+    check_framing(req)?;
+    if let Some(members) = req.commit.as_ref().and_then(|g| g.members.as_ref()) {
+        if members.len() > limits.max_recipients.saturating_add(1) {
+            return Err(AppError::too_large(format!("at most {} members", limits.max_recipients.saturating_add(1))));
+        }
+    }
+    Ok(())
+}
+
+/// Reads what a send's MLS framing says rather than trusting its labels:
+/// a guarded send's commit part must be an MLS commit of this conversation
+/// made in the guard's epoch, and a guarded send past epoch 0 must carry
+/// one (a creating send may carry its Welcome alone); a real MLS commit
+/// never travels without the guard, whatever its part is labelled.
+fn check_framing(req: &SendRequest) -> Result<(), AppError> {
+    use subrosa_proto::framing::{content_type, private_framing};
+    let conversation = req.conversation.as_bytes().as_slice();
+    match &req.commit {
+        Some(guard) => {
+            let commits: Vec<&SendPart> = req.parts.iter().filter(|p| p.kind == MessageKind::Commit).collect();
+            if commits.is_empty() && guard.epoch.0 > 0 {
+                return Err(AppError::bad_request("a commit guard needs a commit part"));
+            }
+            if commits.len() > 1 {
+                return Err(AppError::bad_request("a send carries at most one commit"));
+            }
+            for part in commits {
+                let f = private_framing(part.ciphertext.as_slice())
+                    .map_err(|e| AppError::bad_request(format!("the commit part: {e}")))?;
+                if f.group_id != conversation {
+                    return Err(AppError::bad_request("the commit is for another conversation"));
+                }
+                if f.content_type != content_type::COMMIT {
+                    return Err(AppError::bad_request("the commit part is not an MLS commit"));
+                }
+                if f.epoch != guard.epoch.0 {
+                    return Err(AppError::bad_request(format!(
+                        "the commit was made in epoch {}, not the guard's {}",
+                        f.epoch, guard.epoch.0
+                    )));
+                }
+            }
+        }
+        None => {
+            let unguarded_commit = req.parts.iter().any(|p| {
+                private_framing(p.ciphertext.as_slice()).is_ok_and(|f| f.content_type == content_type::COMMIT)
+            });
+            if unguarded_commit {
+                return Err(AppError::bad_request("an MLS commit needs the commit guard"));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -249,6 +302,9 @@ async fn send(
     // Only now is everything durably stored: wake the recipients.
     for addr in &out.recipients {
         state.wakeups.wake(addr);
+    }
+    if crate::hooks::lose_answer(&state, &device, body.commit.is_some()) {
+        return Err(AppError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, "answer lost (test attack)"));
     }
     Ok(Json(SendResponse { duplicate: out.duplicate, epoch: out.epoch, server_time: out.server_time }))
 }

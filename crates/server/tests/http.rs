@@ -8,6 +8,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{assert_error, fresh_nonce, TestApp, TestDevice};
 use serde_json::json;
+use std::str::FromStr as _;
+
 use subrosa_proto::{ConversationId, LinkId, MAX_CLOCK_SKEW_MS};
 use subrosa_server::{now_ms, Limits};
 
@@ -30,8 +32,21 @@ fn send_body(to: &[&TestDevice], ciphertext: &[u8], commit: Option<u64>, convers
     if let Some(e) = commit {
         body["commit"] = json!({ "epoch": e });
         body["parts"][0]["kind"] = json!("commit");
+        let id = ConversationId::from_str(conversation).expect("conversation id");
+        body["parts"][0]["ciphertext"] = json!(b64(&framed_commit(&id, e, ciphertext)));
     }
     body
+}
+
+/// Bytes framed as an MLS commit of `conversation` made in `epoch` (the
+/// server reads that framing; the rest stays opaque to it).
+fn framed_commit(conversation: &ConversationId, epoch: u64, rest: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x00, 0x01, 0x00, 0x02, 0x10];
+    out.extend_from_slice(conversation.as_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.push(3);
+    out.extend_from_slice(rest);
+    out
 }
 
 fn bytes(v: &serde_json::Value) -> Vec<u8> {
@@ -538,4 +553,84 @@ async fn one_account_cannot_drain_anothers_key_packages() {
             StatusCode::OK
         );
     }
+}
+
+/// A non-member who knows a conversation's id cannot move its epoch or post
+/// to it, whatever epoch it names: `403 not_a_member`, nothing stored; the
+/// members commit on. The echo: a committer that declares its members gets
+/// its own commit back.
+#[tokio::test]
+async fn a_non_member_is_refused_and_cannot_freeze_the_conversation() {
+    let t = TestApp::new();
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let mallory = t.register("mallory").await;
+    let c = conv();
+    let mut create = send_body(&[&bob], b"create", Some(0), &c);
+    create["commit"]["members"] = json!([alice.addr(), bob.addr()]);
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&create))).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    for epoch in 0..4 {
+        let attack = send_body(&[&alice], b"freeze", Some(epoch), &c);
+        let got = t.call(mallory.request("POST", "/v1/messages", bytes(&attack))).await;
+        assert_error(&got, StatusCode::FORBIDDEN, "not_a_member");
+        assert!(got.1.get("current_epoch").is_none(), "the epoch is not told to outsiders");
+    }
+    let got = t.call(mallory.request("POST", "/v1/messages", bytes(&send_body(&[&alice], b"hi", None, &c)))).await;
+    assert_error(&got, StatusCode::FORBIDDEN, "not_a_member");
+    // Nothing reached alice but the echo of her own commit.
+    let inbox = t.call(alice.request("GET", "/v1/inbox", vec![])).await;
+    let messages = inbox.1["messages"].as_array().expect("list").clone();
+    assert_eq!(messages.len(), 1, "{inbox:?}");
+    assert_eq!(messages[0]["sender"], json!(alice.addr()));
+    assert_eq!(messages[0]["roster"].as_array().map(Vec::len), Some(2));
+    // Bob commits at epoch 1: it was never moved.
+    let mut next = send_body(&[&alice], b"c1", Some(1), &c);
+    next["commit"]["members"] = json!([alice.addr(), bob.addr()]);
+    let got = t.call(bob.request("POST", "/v1/messages", bytes(&next))).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    assert_eq!(got.1["epoch"], json!(2));
+}
+
+/// The server reads a commit's MLS framing rather than trusting the labels:
+/// a commit for another epoch or conversation, an application message
+/// labelled as a commit, or a commit without the guard is refused.
+#[tokio::test]
+async fn commit_labels_must_match_the_mls_framing() {
+    let t = TestApp::new();
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let c = conv();
+    let id = ConversationId::from_str(&c).expect("id");
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&send_body(&[&bob], b"c0", Some(0), &c)))).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let post = |ciphertext: Vec<u8>, epoch: Option<u64>| {
+        let mut body = send_body(&[&bob], b"x", None, &c);
+        body["parts"][0]["kind"] = json!("commit");
+        body["parts"][0]["ciphertext"] = json!(b64(&ciphertext));
+        if let Some(e) = epoch {
+            body["commit"] = json!({ "epoch": e });
+        }
+        alice.request("POST", "/v1/messages", bytes(&body))
+    };
+    // Labelled epoch 1, framed epoch 7: refused, the epoch does not move.
+    assert_error(&t.call(post(framed_commit(&id, 7, b""), Some(1))).await, StatusCode::BAD_REQUEST, "bad_request");
+    let other = ConversationId(rand::random());
+    assert_error(&t.call(post(framed_commit(&other, 1, b""), Some(1))).await, StatusCode::BAD_REQUEST, "bad_request");
+    let mut application = framed_commit(&id, 1, b"");
+    application[5 + 16 + 8] = 1;
+    assert_error(&t.call(post(application, Some(1))).await, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(&t.call(post(b"garbage".to_vec(), Some(1))).await, StatusCode::BAD_REQUEST, "bad_request");
+    // A real commit must carry the guard.
+    assert_error(&t.call(post(framed_commit(&id, 1, b""), None)).await, StatusCode::BAD_REQUEST, "bad_request");
+    // A guard past epoch 0 needs its commit.
+    let mut welcome_only = send_body(&[&bob], b"w", None, &c);
+    welcome_only["parts"][0]["kind"] = json!("welcome");
+    welcome_only["commit"] = json!({ "epoch": 1 });
+    let got = t.call(alice.request("POST", "/v1/messages", bytes(&welcome_only))).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    // The honest commit at epoch 1 still wins it.
+    let got = t.call(post(framed_commit(&id, 1, b""), Some(1))).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    assert_eq!(got.1["epoch"], json!(2));
 }

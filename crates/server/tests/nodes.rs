@@ -120,6 +120,13 @@ fn send_body(conversation: ConversationId, commit: Option<u64>, to: &TestDevice,
     });
     if let Some(e) = commit {
         body["commit"] = json!({ "epoch": e });
+        // Framed as an MLS commit of this conversation in this epoch.
+        let mut framed = vec![0x00, 0x01, 0x00, 0x02, 0x10];
+        framed.extend_from_slice(conversation.as_bytes());
+        framed.extend_from_slice(&e.to_be_bytes());
+        framed.push(3);
+        framed.extend_from_slice(ciphertext);
+        body["parts"][0]["ciphertext"] = json!(b64(&framed));
     }
     serde_json::to_vec(&body).expect("json")
 }
@@ -211,15 +218,21 @@ async fn concurrent_commits_through_two_nodes_one_wins() {
     let bob = register(nodes[0].addr, "bob").await;
     let conv = ConversationId(rand::random());
     let creator = register(nodes[0].addr, "creator").await;
-    let (status, answer) =
-        http(nodes[1].addr, creator.request("POST", "/v1/messages", send_body(conv, Some(0), &bob, b"create"))).await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["epoch"], 1);
-
     let mut members = Vec::new();
     for i in 0..10 {
         members.push(register(nodes[i % 2].addr, "member").await);
     }
+    // The racers are members: the creating commit declares them.
+    let mut create: serde_json::Value =
+        serde_json::from_slice(&send_body(conv, Some(0), &bob, b"create")).expect("json");
+    let mut roster = vec![json!(creator.addr()), json!(bob.addr())];
+    roster.extend(members.iter().map(|m| json!(m.addr())));
+    create["commit"]["members"] = json!(roster);
+    let create = serde_json::to_vec(&create).expect("json");
+    let (status, answer) = http(nodes[1].addr, creator.request("POST", "/v1/messages", create)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["epoch"], 1);
+
     let bob = Arc::new(bob);
     let tasks: Vec<_> = members
         .into_iter()

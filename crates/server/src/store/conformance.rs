@@ -69,7 +69,7 @@ pub fn send_request(
     SendRequest {
         conversation,
         send_id: SendId(rand::random()),
-        commit: commit.map(|e| CommitGuard { epoch: Epoch(e) }),
+        commit: commit.map(|e| CommitGuard { epoch: Epoch(e), members: None }),
         parts: parts
             .into_iter()
             .map(|(kind, recipients, ciphertext)| SendPart { kind, recipients, ciphertext: B64(ciphertext) })
@@ -110,6 +110,10 @@ macro_rules! with_behaviours {
             link_slots_expire,
             link_response_is_handed_out_once,
             one_signing_key_and_one_signed_head_per_epoch,
+            non_member_is_refused_and_changes_nothing,
+            commit_replaces_roster_with_declared_members,
+            removed_device_leaves_rosters,
+            commit_reaches_every_member_and_its_committer,
         );
     };
 }
@@ -448,10 +452,10 @@ pub async fn concurrent_commits_one_wins(store: Arc<dyn Store>) {
         senders.push(account(&store, "member").await);
     }
     let conv = random_conversation();
-    store
-        .send(&senders[0], &send_request(conv, Some(0), app(vec![bob.clone()], b"create")), NOW)
-        .await
-        .expect("create");
+    // Every sender is a member (a recipient of the creating commit).
+    let mut members = vec![bob.clone()];
+    members.extend(senders[1..].iter().cloned());
+    store.send(&senders[0], &send_request(conv, Some(0), app(members, b"create")), NOW).await.expect("create");
     let tasks: Vec<_> = senders
         .into_iter()
         .map(|s| {
@@ -831,4 +835,153 @@ pub async fn one_signing_key_and_one_signed_head_per_epoch(store: Arc<dyn Store>
     assert!(stored.windows(2).all(|w| w[0] == w[1]), "one head for the epoch");
     assert_eq!(kt.kt_signed_head(epoch).await.expect("read"), Some(stored[0].clone()));
     assert_eq!(kt.kt_highest_signed().await.expect("highest"), Some(epoch));
+}
+
+/// A commit declaring these members.
+fn commit_with_members(
+    conversation: ConversationId,
+    epoch: u64,
+    members: &[&DeviceAddress],
+    recipients: Vec<DeviceAddress>,
+) -> SendRequest {
+    let mut req = send_request(conversation, Some(epoch), vec![(MessageKind::Commit, recipients, b"commit".to_vec())]);
+    req.commit =
+        Some(CommitGuard { epoch: Epoch(epoch), members: Some(members.iter().map(|m| (*m).clone()).collect()) });
+    req
+}
+
+/// A device outside a conversation's roster can neither commit (whatever
+/// the epoch it names) nor post to it, and its attempts change nothing: the
+/// members go on committing.
+pub async fn non_member_is_refused_and_changes_nothing(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let mallory = account(&store, "mallory").await;
+    let conv = random_conversation();
+    let create = commit_with_members(conv, 0, &[&alice, &bob], vec![bob.clone()]);
+    assert_eq!(store.send(&alice, &create, NOW).await.expect("create").epoch, Some(Epoch(1)));
+    let before = store.stats().await.expect("stats");
+    for epoch in [0, 1, 2] {
+        let attack = commit_with_members(conv, epoch, &[&mallory], vec![alice.clone()]);
+        assert!(matches!(store.send(&mallory, &attack, NOW).await, Err(StoreError::NotAMember)), "commit at {epoch}");
+        let legacy = send_request(conv, Some(epoch), app(vec![alice.clone()], b"legacy commit"));
+        assert!(matches!(store.send(&mallory, &legacy, NOW).await, Err(StoreError::NotAMember)));
+    }
+    let post = send_request(conv, None, app(vec![alice.clone(), bob.clone()], b"spam"));
+    assert!(matches!(store.send(&mallory, &post, NOW).await, Err(StoreError::NotAMember)));
+    let after = store.stats().await.expect("stats");
+    assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows), "nothing stored");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(1), "the epoch did not move");
+    let alice_inbox = store.fetch_inbox(&alice, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(alice_inbox.len(), 1, "only the echo of her own creating commit");
+    // The members are not stalled.
+    let next = commit_with_members(conv, 1, &[&alice, &bob], vec![alice.clone()]);
+    assert_eq!(store.send(&bob, &next, NOW).await.expect("bob commits").epoch, Some(Epoch(2)));
+    let hello = send_request(conv, None, app(vec![bob.clone()], b"hello"));
+    assert!(store.send(&alice, &hello, NOW).await.is_ok());
+    // A conversation the server has no roster for yet accepts anyone's
+    // application messages (there is nothing to check against).
+    let open = send_request(random_conversation(), None, app(vec![alice.clone()], b"hi"));
+    assert!(store.send(&mallory, &open, NOW).await.is_ok());
+}
+
+/// Each accepted commit replaces the roster with the members it declares;
+/// an older client's commit (no list) adds its sender and recipients.
+pub async fn commit_replaces_roster_with_declared_members(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let carol = account(&store, "carol").await;
+    let conv = random_conversation();
+    // Legacy creation: sender and recipients are the roster.
+    let create = send_request(conv, Some(0), vec![(MessageKind::Welcome, vec![bob.clone()], b"welcome".to_vec())]);
+    store.send(&alice, &create, NOW).await.expect("create");
+    let from_bob = send_request(conv, None, app(vec![alice.clone()], b"m"));
+    assert!(store.send(&bob, &from_bob, NOW).await.is_ok(), "a recipient of the creating send is a member");
+    let from_carol = send_request(conv, None, app(vec![alice.clone()], b"m"));
+    assert!(matches!(store.send(&carol, &from_carol, NOW).await, Err(StoreError::NotAMember)));
+    // Alice adds carol and removes bob.
+    let change = commit_with_members(conv, 1, &[&alice, &carol], vec![bob.clone(), carol.clone()]);
+    store.send(&alice, &change, NOW).await.expect("commit");
+    let from_carol = send_request(conv, None, app(vec![alice.clone()], b"m"));
+    assert!(store.send(&carol, &from_carol, NOW).await.is_ok(), "carol was added");
+    let from_bob = send_request(conv, None, app(vec![alice.clone()], b"m"));
+    assert!(matches!(store.send(&bob, &from_bob, NOW).await, Err(StoreError::NotAMember)), "bob was removed");
+    let bob_commit = commit_with_members(conv, 2, &[&bob], vec![alice.clone()]);
+    assert!(matches!(store.send(&bob, &bob_commit, NOW).await, Err(StoreError::NotAMember)));
+    // A retry of an accepted send answers as a duplicate, roster or not.
+    let again = store.send(&alice, &change, NOW).await.expect("retry");
+    assert!(again.duplicate);
+    assert_eq!(again.epoch, Some(Epoch(2)));
+}
+
+/// A removed device leaves the rosters: a commit that still lists it (its
+/// removal not committed yet) does not bring it back.
+pub async fn removed_device_leaves_rosters(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let stolen = second_device(&store, &alice.handle).await;
+    let bob = account(&store, "bob").await;
+    let conv = random_conversation();
+    let create = commit_with_members(conv, 0, &[&alice, &stolen, &bob], vec![stolen.clone(), bob.clone()]);
+    store.send(&alice, &create, NOW).await.expect("create");
+    store.remove_device(&stolen).await.expect("remove");
+    assert!(store.send(&stolen, &send_request(conv, None, app(vec![bob.clone()], b"m")), NOW).await.is_err());
+    // Bob commits before learning of the removal: his list still names it.
+    let commit = commit_with_members(conv, 1, &[&alice, &stolen, &bob], vec![alice.clone()]);
+    store.send(&bob, &commit, NOW).await.expect("bob commits: a revoked device in the list is skipped");
+    let fetched = store.fetch_inbox(&alice, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(fetched.len(), 2, "her echo and bob's commit");
+}
+
+/// An accepted commit reaches every device of the roster, even those its
+/// committer did not name, and its committer too when it declares its
+/// members (the echo); an older client's commit is not echoed.
+pub async fn commit_reaches_every_member_and_its_committer(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let carol = account(&store, "carol").await;
+    let conv = random_conversation();
+    let create = commit_with_members(conv, 0, &[&alice, &bob, &carol], vec![bob.clone(), carol.clone()]);
+    let out = store.send(&alice, &create, NOW).await.expect("create");
+    assert!(out.recipients.contains(&alice), "the committer is woken for its echo");
+    // Bob names only alice: carol gets the commit anyway.
+    let commit = commit_with_members(conv, 1, &[&alice, &bob, &carol], vec![alice.clone()]);
+    store.send(&bob, &commit, NOW).await.expect("commit");
+    let inbox = |who: DeviceAddress| {
+        let store = Arc::clone(&store);
+        async move { store.fetch_inbox(&who, 0, 100, usize::MAX).await.expect("fetch") }
+    };
+    let got = inbox(carol.clone()).await;
+    assert_eq!(got.len(), 2, "carol: the creation and bob's commit");
+    // A commit carries the roster it left; other messages none.
+    let mut roster = got[1].roster.clone().expect("a commit carries the roster");
+    roster.sort_by_key(|a| a.to_string());
+    let mut expected = vec![alice.clone(), bob.clone(), carol.clone()];
+    expected.sort_by_key(|a| a.to_string());
+    assert_eq!(roster, expected);
+    assert_eq!(inbox(bob.clone()).await.len(), 2, "bob: the creation and his own commit's echo");
+    assert_eq!(inbox(alice.clone()).await.len(), 2, "alice: her echo and bob's commit");
+    // An application message is not fanned out beyond whom it names.
+    store.send(&bob, &send_request(conv, None, app(vec![alice.clone()], b"m")), NOW).await.expect("send");
+    assert_eq!(inbox(carol.clone()).await.len(), 2);
+    assert!(inbox(alice.clone()).await.last().expect("message").roster.is_none());
+    // A legacy commit (no member list) reaches the roster but not its sender.
+    store
+        .send(
+            &carol,
+            &send_request(conv, Some(2), vec![(MessageKind::Commit, vec![alice.clone()], b"c".to_vec())]),
+            NOW,
+        )
+        .await
+        .expect("legacy commit");
+    assert_eq!(inbox(carol.clone()).await.len(), 2, "no echo for a legacy client");
+    assert_eq!(inbox(bob.clone()).await.len(), 3);
+    // A device the commit adds gets its Welcome, not the commit (it could
+    // not process it): the commit goes to the roster before it.
+    let dave = account(&store, "dave").await;
+    let mut add = commit_with_members(conv, 3, &[&alice, &bob, &carol, &dave], vec![bob.clone()]);
+    add.parts.push(SendPart {
+        kind: MessageKind::Welcome,
+        recipients: vec![dave.clone()],
+        ciphertext: B64(b"w".to_vec()),
+    });
+    store.send(&alice, &add, NOW).await.expect("add dave");
+    let got = inbox(dave.clone()).await;
+    assert_eq!(got.iter().map(|e| e.kind).collect::<Vec<_>>(), [MessageKind::Welcome]);
 }

@@ -68,6 +68,9 @@ pub enum StoreError {
         /// The conversation's current epoch.
         current: Epoch,
     },
+    /// The sending device is not in the conversation's roster.
+    #[error("not a member of the conversation")]
+    NotAMember,
     /// The backend is unreachable or busy; the operation may succeed later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -159,6 +162,96 @@ pub struct LinkRecord {
     pub approved: bool,
 }
 
+/// How an accepted commit changes a conversation's roster.
+///
+/// The roster rule (both backends implement it inside the send's
+/// transaction; the conformance suite checks it):
+///
+/// - A conversation with a roster accepts sends of any kind only from a
+///   device in it; anyone else gets [`StoreError::NotAMember`] and changes
+///   nothing, so a non-member cannot move the epoch or post anything.
+/// - An accepted commit (a send with a [`CommitGuard`]) sets the roster to
+///   what this function returns; inactive or unknown devices in it are
+///   skipped. A removed device leaves every roster ([`Store::remove_device`]).
+/// - A conversation without a roster (an unknown one, or one created before
+///   rosters existed) accepts sends from anyone until its first commit.
+///
+/// [`CommitGuard`]: subrosa_proto::CommitGuard
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RosterChange<'a> {
+    /// The roster becomes exactly these devices.
+    Replace(Vec<&'a DeviceAddress>),
+    /// These devices are added to the roster (an older client's commit,
+    /// which declares no member list: its sender and recipients are all
+    /// members).
+    Extend(Vec<&'a DeviceAddress>),
+}
+
+/// The roster change an accepted send makes: `None` for a send without a
+/// commit guard; the committer's declared member list when it has one; else
+/// the sender and every recipient.
+pub fn roster_change<'a>(sender: &'a DeviceAddress, request: &'a SendRequest) -> Option<RosterChange<'a>> {
+    let guard = request.commit.as_ref()?;
+    Some(match &guard.members {
+        Some(members) => RosterChange::Replace(members.iter().collect()),
+        None => RosterChange::Extend(
+            std::iter::once(sender).chain(request.parts.iter().flat_map(|p| p.recipients.iter())).collect(),
+        ),
+    })
+}
+
+/// Each part's recipients as stored: as the request names them, and for a
+/// commit part of a commit (`roster` is the roster before it, empty for
+/// other sends) also every roster device, so an accepted commit reaches
+/// every member whoever the committer named. A committer that declares its
+/// member list gets its own commit back too (the echo: a lost answer never
+/// desyncs it); an older client, which would not recognise its own commit,
+/// does not.
+pub fn part_recipients(
+    request: &SendRequest,
+    sender: &DeviceAddress,
+    roster: &[DeviceAddress],
+) -> Vec<Vec<DeviceAddress>> {
+    let echo = request.commit.as_ref().is_some_and(|g| g.members.is_some());
+    request
+        .parts
+        .iter()
+        .map(|part| {
+            let mut out = part.recipients.clone();
+            if request.commit.is_some() && part.kind == subrosa_proto::MessageKind::Commit {
+                let mut named: std::collections::HashSet<&DeviceAddress> = part.recipients.iter().collect();
+                for addr in roster.iter().filter(|a| *a != sender) {
+                    if named.insert(addr) {
+                        out.push(addr.clone());
+                    }
+                }
+                if echo && named.insert(sender) {
+                    out.push(sender.clone());
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// Largest roster sent with a commit: every member gets it, so it costs
+/// O(members²) per commit; larger conversations get none (and no check).
+pub const MAX_ROSTER_IN_ENVELOPE: usize = 1000;
+
+/// A roster as stored beside a commit (JSON of the device addresses), or
+/// `None` when it is over [`MAX_ROSTER_IN_ENVELOPE`].
+pub(crate) fn encode_roster(roster: &[DeviceAddress]) -> Result<Option<Vec<u8>>, StoreError> {
+    if roster.len() > MAX_ROSTER_IN_ENVELOPE {
+        return Ok(None);
+    }
+    serde_json::to_vec(roster).map(Some).map_err(|e| StoreError::Internal(format!("roster encoding: {e}")))
+}
+
+/// A stored roster.
+pub(crate) fn decode_roster(bytes: &[u8]) -> Result<Vec<DeviceAddress>, StoreError> {
+    serde_json::from_slice(bytes).map_err(|_| StoreError::Internal("stored roster is not valid".into()))
+}
+
 /// Most one-time key packages one device may have stored at once.
 pub const MAX_STORED_KEY_PACKAGES: u64 = 1000;
 
@@ -188,7 +281,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError>;
 
     /// Removes (deactivates) an active device: from then on it is unknown to
-    /// [`Store::device`], [`Store::account`], claims and sends, and its
+    /// [`Store::device`], [`Store::account`], claims and sends, it is in no
+    /// conversation's roster, and its
     /// one-time and last-resort key packages, its pending inbox rows and the
     /// messages left without any inbox row are deleted. Atomic with its check
     /// of the device count: concurrent removals never leave an account
@@ -253,13 +347,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         -> Result<ClaimResponse, StoreError>;
 
     /// Stores every part of a send for its recipients, atomically, together
-    /// with the send id and (when the send carries a commit) the epoch bump.
-    /// The request must already be checked against the limits.
+    /// with the send id and (when the send carries a commit) the epoch bump
+    /// and the new roster (see [`roster_change`] and the module docs). The
+    /// request must already be checked against the limits. A send id seen
+    /// before answers as a duplicate before any other check.
     ///
     /// # Errors
     /// [`StoreError::UnknownDevice`] for a recipient that is not an active
-    /// device; [`StoreError::StaleEpoch`] when the commit guard's epoch is not
-    /// the conversation's current one.
+    /// device; [`StoreError::NotAMember`] when the conversation has a roster
+    /// and the sender is not in it (whatever the epoch);
+    /// [`StoreError::StaleEpoch`] when the commit guard's epoch is not the
+    /// conversation's current one.
     async fn send(&self, sender: &DeviceAddress, request: &SendRequest, now_ms: u64)
         -> Result<SendOutcome, StoreError>;
 

@@ -166,6 +166,17 @@ const MIGRATIONS: &[&str] = &[
         head BYTEA NOT NULL
     );
     ",
+    // 4: conversation rosters (SQLite's migration 5; see `store::RosterChange`).
+    r"
+    ALTER TABLE conversations ADD COLUMN has_roster BOOLEAN NOT NULL DEFAULT FALSE;
+    CREATE TABLE conversation_members (
+        conversation BYTEA NOT NULL,
+        device BIGINT NOT NULL REFERENCES devices(id),
+        PRIMARY KEY (conversation, device)
+    );
+    CREATE INDEX conversation_members_by_device ON conversation_members(device);
+    ALTER TABLE messages ADD COLUMN roster BYTEA;
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -723,6 +734,7 @@ impl Store for PgStore {
             execute(&tx, "UPDATE devices SET active = FALSE WHERE id = $1", &[&device]).await?;
             execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
             execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&device]).await?;
+            execute(&tx, "DELETE FROM conversation_members WHERE device = $1", &[&device]).await?;
             let messages: Vec<i64> = query(&tx, "DELETE FROM inbox WHERE device = $1 RETURNING message", &[&device])
                 .await?
                 .iter()
@@ -938,7 +950,7 @@ impl Store for PgStore {
             // A refused send rolled its nonce back with it: remember the
             // nonce alone (the rare path; no savepoint round trips on the
             // common one).
-            Err(refused @ (StoreError::UnknownDevice(_) | StoreError::StaleEpoch { .. })) => {
+            Err(refused @ (StoreError::UnknownDevice(_) | StoreError::StaleEpoch { .. } | StoreError::NotAMember)) => {
                 self.check_nonce(sender, nonce, timestamp_ms).await?;
                 Err(refused)
             }
@@ -957,7 +969,7 @@ impl Store for PgStore {
             let Some(device) = device_row(&c, addr).await? else { return Ok(Vec::new()) };
             let rows = query(
                 &c,
-                "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at
+                "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
                  FROM inbox i
                  JOIN messages m ON m.id = i.message
                  JOIN devices d ON d.id = m.sender
@@ -986,6 +998,7 @@ impl Store for PgStore {
                         .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
                     ciphertext: B64(ciphertext),
                     server_time: to_u64(r.get(6)),
+                    roster: r.get::<_, Option<Vec<u8>>>(7).map(|b| super::decode_roster(&b)).transpose()?,
                 });
             }
             Ok(out)
@@ -1187,6 +1200,69 @@ impl Store for PgStore {
     }
 }
 
+/// Refuses a sender that is not in the conversation's roster (when it has one).
+async fn check_member<C: GenericClient>(tx: &C, conversation: &[u8], sender_row: i64) -> R<()> {
+    let allowed = query_opt(
+        tx,
+        "SELECT NOT c.has_roster OR EXISTS (
+             SELECT 1 FROM conversation_members m WHERE m.conversation = c.id AND m.device = $2)
+         FROM conversations c WHERE c.id = $1",
+        &[&conversation, &sender_row],
+    )
+    .await?
+    .is_none_or(|r| r.get::<_, bool>(0));
+    if allowed {
+        Ok(())
+    } else {
+        Err(Fail::Store(StoreError::NotAMember))
+    }
+}
+
+/// The active devices of a conversation's roster.
+async fn roster_of<C: GenericClient>(tx: &C, conversation: &[u8]) -> R<Vec<DeviceAddress>> {
+    let rows = query(
+        tx,
+        "SELECT d.handle, d.device_id FROM conversation_members m JOIN devices d ON d.id = m.device
+         WHERE m.conversation = $1 AND d.active",
+        &[&conversation],
+    )
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let handle: String = r.get(0);
+        let device: String = r.get(1);
+        out.push(DeviceAddress { handle: parse_handle(&handle)?, device: parse_device_id(&device)? });
+    }
+    Ok(out)
+}
+
+/// Applies an accepted commit's roster change inside the caller's transaction.
+async fn set_roster<C: GenericClient>(tx: &C, conversation: &[u8], change: super::RosterChange<'_>) -> R<()> {
+    let devices = match change {
+        super::RosterChange::Replace(devices) => {
+            execute(tx, "DELETE FROM conversation_members WHERE conversation = $1", &[&conversation]).await?;
+            devices
+        }
+        super::RosterChange::Extend(devices) => devices,
+    };
+    let handles: Vec<&str> = devices.iter().map(|a| a.handle.as_str()).collect();
+    let device_ids: Vec<String> = devices.iter().map(|a| a.device.to_hex()).collect();
+    // A device the server no longer knows (revoked) is not a member.
+    execute(
+        tx,
+        "INSERT INTO conversation_members (conversation, device)
+         SELECT DISTINCT $1::bytea, d.id FROM devices d
+         JOIN unnest($2::text[], $3::text[]) AS r(handle, device_id)
+           ON d.handle = r.handle AND d.device_id = r.device_id
+         WHERE d.active
+         ON CONFLICT DO NOTHING",
+        &[&conversation, &handles, &device_ids],
+    )
+    .await?;
+    execute(tx, "UPDATE conversations SET has_roster = TRUE WHERE id = $1", &[&conversation]).await?;
+    Ok(())
+}
+
 /// The body of [`Store::send`], inside its transaction.
 async fn send_tx<C: GenericClient>(
     tx: &C,
@@ -1223,19 +1299,13 @@ async fn send_tx<C: GenericClient>(
         });
     }
 
-    // Every distinct recipient, in order of first mention.
-    let mut recipients: Vec<&DeviceAddress> = Vec::new();
-    let mut seen: HashSet<&DeviceAddress> = HashSet::new();
-    for part in &request.parts {
-        for addr in &part.recipients {
-            if seen.insert(addr) {
-                recipients.push(addr);
-            }
-        }
-    }
-
     let conversation = &request.conversation.0[..];
-    let epoch = match request.commit {
+    // The roster rule (see `store::RosterChange`). An application send reads
+    // the roster as committed now; a commit reads it again below, after its
+    // epoch update holds the conversation's row lock, so a commit that
+    // removed this device meanwhile is seen.
+    check_member(tx, conversation, sender_row).await?;
+    let epoch = match &request.commit {
         None => None,
         Some(guard) => {
             let guard_epoch = to_i64(guard.epoch.0);
@@ -1257,7 +1327,15 @@ async fn send_tx<C: GenericClient>(
                 None => None,
             };
             match bumped {
-                Some(e) => Some(Epoch(to_u64(e))),
+                Some(e) => {
+                    check_member(tx, conversation, sender_row).await?;
+                    // The commit goes to the roster it was accepted against.
+                    let before = roster_of(tx, conversation).await?;
+                    if let Some(change) = super::roster_change(sender, request) {
+                        set_roster(tx, conversation, change).await?;
+                    }
+                    Some((Epoch(to_u64(e)), before))
+                }
                 None => {
                     let current = query_opt(tx, "SELECT epoch FROM conversations WHERE id = $1", &[&conversation])
                         .await?
@@ -1268,6 +1346,29 @@ async fn send_tx<C: GenericClient>(
             }
         }
     };
+
+    // Each part's recipients (a commit also goes to the whole roster it
+    // was accepted against, read under the conversation's row lock), then
+    // every distinct recipient, in order of first mention.
+    let (epoch, roster) = match epoch {
+        Some((e, before)) => (Some(e), before),
+        None => (None, Vec::new()),
+    };
+    // A commit carries the roster it leaves, for the members to compare.
+    let stored_roster = match epoch {
+        Some(_) => super::encode_roster(&roster_of(tx, conversation).await?)?,
+        None => None,
+    };
+    let part_recipients = super::part_recipients(request, sender, &roster);
+    let mut recipients: Vec<&DeviceAddress> = Vec::new();
+    let mut seen: HashSet<&DeviceAddress> = HashSet::new();
+    for addrs in &part_recipients {
+        for addr in addrs {
+            if seen.insert(addr) {
+                recipients.push(addr);
+            }
+        }
+    }
 
     // Lock the recipients' device rows in id order (no deadlock between
     // sends with overlapping recipients); a device removed meanwhile is not
@@ -1303,18 +1404,25 @@ async fn send_tx<C: GenericClient>(
     // recipient's device row: for each device, sends draw and commit one at
     // a time, so its ids commit in increasing order.
     let (mut inbox_devices, mut inbox_messages) = (Vec::new(), Vec::new());
-    for part in &request.parts {
+    for (part, addrs) in request.parts.iter().zip(&part_recipients) {
         let message: i64 = query_opt(
             tx,
-            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-            &[&conversation, &sender_row, &part.kind.as_str(), &part.ciphertext.as_slice(), &to_i64(now_ms)],
+            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            &[
+                &conversation,
+                &sender_row,
+                &part.kind.as_str(),
+                &part.ciphertext.as_slice(),
+                &to_i64(now_ms),
+                &stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit),
+            ],
         )
         .await?
         .map(|r| r.get(0))
         .ok_or_else(|| Fail::Store(StoreError::Internal("insert returned no id".into())))?;
         let mut here = HashSet::new();
-        for addr in &part.recipients {
+        for addr in addrs {
             if here.insert(addr) {
                 inbox_devices.push(id_of[addr]);
                 inbox_messages.push(message);

@@ -147,6 +147,18 @@ const MIGRATIONS: &[&str] = &[
         head BLOB NOT NULL
     );
     ",
+    // 5: conversation rosters (see `store::RosterChange`). Conversations
+    // made before this step have `has_roster = 0` until their next commit.
+    r"
+    ALTER TABLE conversations ADD COLUMN has_roster INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE conversation_members (
+        conversation BLOB NOT NULL,
+        device INTEGER NOT NULL REFERENCES devices(id),
+        PRIMARY KEY (conversation, device)
+    ) WITHOUT ROWID;
+    CREATE INDEX conversation_members_by_device ON conversation_members(device);
+    ALTER TABLE messages ADD COLUMN roster BLOB;
+    ",
 ];
 
 /// The SQLite store.
@@ -545,14 +557,38 @@ fn store_send(
             recipients: Vec::new(),
         });
     }
+    let conversation = &request.conversation.0[..];
+    // The roster rule (see `store::RosterChange`): writes run one at a time,
+    // so the roster read here is the one the epoch check below sees.
+    let state: Option<(i64, bool)> = tx
+        .prepare_cached("SELECT epoch, has_roster FROM conversations WHERE id = ?1")
+        .and_then(|mut s| s.query_row([conversation], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(map_err)?;
+    if let Some((_, true)) = state {
+        let member: bool = tx
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM conversation_members WHERE conversation = ?1 AND device = ?2)")
+            .and_then(|mut s| s.query_row(params![conversation, sender_row], |r| r.get(0)))
+            .map_err(map_err)?;
+        if !member {
+            return Err(StoreError::NotAMember);
+        }
+    }
+    let current = to_u64(state.map_or(0, |(e, _)| e));
+    let epoch = match &request.commit {
+        None => None,
+        Some(guard) if guard.epoch.0 != current => return Err(StoreError::StaleEpoch { current: Epoch(current) }),
+        Some(_) => Some(Epoch(current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?)),
+    };
+    let roster = if epoch.is_some() { roster_of(tx, conversation)? } else { Vec::new() };
+    let recipients = super::part_recipients(request, sender, &roster);
     // Resolve every recipient before writing anything.
     let mut parts = Vec::with_capacity(request.parts.len());
     let mut woken: Vec<DeviceAddress> = Vec::new();
     let mut woken_set: HashSet<DeviceAddress> = HashSet::new();
-    for part in &request.parts {
-        let mut rows = Vec::with_capacity(part.recipients.len());
+    for (part, part_recipients) in request.parts.iter().zip(&recipients) {
+        let mut rows = Vec::with_capacity(part_recipients.len());
         let mut seen_here = HashSet::new();
-        for addr in &part.recipients {
+        for addr in part_recipients {
             if !seen_here.insert(addr) {
                 continue;
             }
@@ -563,34 +599,27 @@ fn store_send(
         }
         parts.push((part, rows));
     }
-    let conversation = &request.conversation.0[..];
-    let epoch = match request.commit {
-        None => None,
-        Some(guard) => {
-            let current: i64 = tx
-                .query_row("SELECT epoch FROM conversations WHERE id = ?1", [conversation], |r| r.get(0))
-                .optional()
-                .map_err(map_err)?
-                .unwrap_or(0);
-            let current = to_u64(current);
-            if current != guard.epoch.0 {
-                return Err(StoreError::StaleEpoch { current: Epoch(current) });
-            }
-            let next = current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
-            tx.execute(
-                "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
-                params![conversation, to_i64(next)],
-            )
-            .map_err(map_err)?;
-            Some(Epoch(next))
+    if let Some(next) = epoch {
+        tx.prepare_cached(
+            "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
+        )
+        .and_then(|mut s| s.execute(params![conversation, to_i64(next.0)]))
+        .map_err(map_err)?;
+        if let Some(change) = super::roster_change(sender, request) {
+            set_roster(tx, conversation, change)?;
         }
+    }
+    // A commit carries the roster it leaves, for the members to compare.
+    let stored_roster = match epoch {
+        Some(_) => super::encode_roster(&roster_of(tx, conversation)?)?,
+        None => None,
     };
     {
         let mut insert_message = tx
             .prepare_cached(
-                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .map_err(map_err)?;
         let mut insert_inbox = tx
@@ -603,7 +632,8 @@ fn store_send(
                     sender_row,
                     part.kind.as_str(),
                     part.ciphertext.as_slice(),
-                    to_i64(now_ms)
+                    to_i64(now_ms),
+                    stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit),
                 ])
                 .map_err(map_err)?;
             let message = tx.last_insert_rowid();
@@ -618,6 +648,52 @@ fn store_send(
         })
         .map_err(map_err)?;
     Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+}
+
+/// The active devices of a conversation's roster.
+fn roster_of(tx: &Connection, conversation: &[u8]) -> Result<Vec<DeviceAddress>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT d.handle, d.device_id FROM conversation_members m JOIN devices d ON d.id = m.device
+             WHERE m.conversation = ?1 AND d.active = 1",
+        )
+        .map_err(map_err)?;
+    let rows =
+        stmt.query_map([conversation], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(map_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (handle, device) = row.map_err(map_err)?;
+        out.push(DeviceAddress { handle: parse_handle(&handle)?, device: parse_device_id(&device)? });
+    }
+    Ok(out)
+}
+
+/// Applies an accepted commit's roster change inside the caller's transaction.
+fn set_roster(tx: &Connection, conversation: &[u8], change: super::RosterChange<'_>) -> Result<(), StoreError> {
+    let devices = match change {
+        super::RosterChange::Replace(devices) => {
+            tx.prepare_cached("DELETE FROM conversation_members WHERE conversation = ?1")
+                .and_then(|mut s| s.execute([conversation]))
+                .map_err(map_err)?;
+            devices
+        }
+        super::RosterChange::Extend(devices) => devices,
+    };
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO conversation_members (conversation, device) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )
+        .map_err(map_err)?;
+    for addr in devices {
+        // A device the server no longer knows (revoked) is not a member.
+        if let Some(row) = device_row(tx, addr)? {
+            insert.execute(params![conversation, row]).map_err(map_err)?;
+        }
+    }
+    tx.prepare_cached("UPDATE conversations SET has_roster = 1 WHERE id = ?1")
+        .and_then(|mut s| s.execute([conversation]))
+        .map_err(map_err)?;
+    Ok(())
 }
 
 /// Remembers a nonce inside the caller's transaction; false when it was used before.
@@ -708,6 +784,7 @@ impl Store for SqliteStore {
             tx.execute("UPDATE devices SET active = 0 WHERE id = ?1", [device]).map_err(map_err)?;
             tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
             tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [device]).map_err(map_err)?;
+            tx.execute("DELETE FROM conversation_members WHERE device = ?1", [device]).map_err(map_err)?;
             {
                 // Its pending rows, then every message no other device still waits for.
                 let messages: HashSet<i64> = {
@@ -943,7 +1020,7 @@ impl Store for SqliteStore {
             let Some(device) = device_row(conn, &addr)? else { return Ok(Vec::new()) };
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at
+                    "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
                      FROM inbox i
                      JOIN messages m ON m.id = i.message
                      JOIN devices d ON d.id = m.sender
@@ -976,6 +1053,11 @@ impl Store for SqliteStore {
                         .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
                     ciphertext: B64(ciphertext),
                     server_time: to_u64(r.get(6).map_err(map_err)?),
+                    roster: r
+                        .get::<_, Option<Vec<u8>>>(7)
+                        .map_err(map_err)?
+                        .map(|b| super::decode_roster(&b))
+                        .transpose()?,
                 });
             }
             Ok(out)
