@@ -972,3 +972,58 @@ mod group_tests {
         assert!(matches!(bob.process(&conv, &ct).expect("bob reads"), Event::Message { .. }));
     }
 }
+
+/// A device on the pure-Rust provider (the future web client's) and one on
+/// AWS-LC (the native clients') in one conversation, both ways: the
+/// providers interoperate byte for byte.
+#[cfg(all(test, feature = "awslc"))]
+mod provider_interop {
+    use super::*;
+    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
+    use mls_rs_crypto_rustcrypto::RustCryptoProvider;
+    use subrosa_proto::{Handle, MessageId};
+
+    fn engine<C: CryptoProvider + Clone + 'static>(
+        crypto: C,
+        name: &str,
+    ) -> Engine<C, InMemoryGroupStateStorage, InMemoryKeyPackageStorage> {
+        let id = DeviceIdentity::generate(&crypto, Handle::new(name).expect("handle"), 0).expect("identity");
+        Engine::new(crypto, id, InMemoryGroupStateStorage::new(), InMemoryKeyPackageStorage::new())
+    }
+
+    fn text(ev: Event) -> String {
+        match ev {
+            Event::Message { content, .. } => match content.body {
+                crate::content::Body::Text(t) => t,
+                other => panic!("unexpected body {other:?}"),
+            },
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_rustcrypto_device_and_an_aws_lc_device_talk_both_ways() {
+        let native = engine(crate::default_crypto(), "alice");
+        let web = engine(RustCryptoProvider::default(), "bob");
+        // The web device's key package and certificate pass the native checks.
+        let kp = web.generate_key_package().expect("kp");
+        assert_eq!(native.inspect_key_package(&kp).expect("valid").handle().as_str(), "bob");
+        let out = native.create_conversation(&ConversationInfo::direct(), &[kp]).expect("create");
+        native.confirm_commit(&out.conversation).expect("confirm");
+        web.join(out.welcome.as_deref().expect("welcome")).expect("the web device joins");
+        let conv = out.conversation;
+
+        let (ct, _) = native.encrypt(&conv, &Content::text(MessageId([1; 16]), 1, "from aws-lc")).expect("encrypt");
+        assert_eq!(text(web.process(&conv, &ct).expect("decrypt")), "from aws-lc");
+        let (ct, _) = web.encrypt(&conv, &Content::text(MessageId([2; 16]), 2, "from rustcrypto")).expect("encrypt");
+        assert_eq!(text(native.process(&conv, &ct).expect("decrypt")), "from rustcrypto");
+
+        // A commit made with the pure-Rust provider (its key update) is
+        // processed natively, and the conversation goes on.
+        let update = web.update_keys(&conv).expect("update");
+        web.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(native.process(&conv, &update.commit).expect("commit"), Event::Commit { .. }));
+        let (ct, _) = native.encrypt(&conv, &Content::text(MessageId([3; 16]), 3, "after")).expect("encrypt");
+        assert_eq!(text(web.process(&conv, &ct).expect("decrypt")), "after");
+    }
+}

@@ -37,6 +37,12 @@ pub fn default_crypto() -> DefaultCrypto {
     mls_rs_crypto_awslc::AwsLcCryptoProvider::default()
 }
 
+/// The pure-Rust crypto provider (RustCrypto): the WebAssembly client's,
+/// since AWS-LC does not build for wasm32. Both providers speak the same
+/// ciphersuite and interoperate (see the interop test).
+#[cfg(feature = "rustcrypto")]
+pub type RustCrypto = mls_rs_crypto_rustcrypto::RustCryptoProvider;
+
 /// Fills `buf` with random bytes from the crypto provider.
 ///
 /// # Errors
