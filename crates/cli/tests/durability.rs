@@ -67,6 +67,18 @@ async fn stream(alice: &Subrosa, acked: &AtomicUsize) -> Outcome {
     Outcome { acknowledged, errors }
 }
 
+/// Waits until `acked` reaches `n`; false when the stream ended (`done`)
+/// before that, so a stream that stalls fails the test instead of hanging it.
+fn wait_for(acked: &AtomicUsize, n: usize, done: &AtomicBool) -> bool {
+    while acked.load(Ordering::SeqCst) < n {
+        if done.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
 fn counts(texts: impl Iterator<Item = String>) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for t in texts.filter(|t| t.starts_with(PREFIX)) {
@@ -158,7 +170,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_node_killed_mid_stream_loses_and_duplicates_nothing() {
-    let server = Server::start();
+    // No per-device limit: this is about durability, and a 429 in the
+    // stream is a retry the test would have to wait out.
+    let server = Server::start_with(&["--rate-limit", "0"]);
     let url = server.url.clone();
     let db = server.data_dir().join("server.db");
     let dir = tempfile::tempdir().expect("dir");
@@ -167,21 +181,30 @@ async fn sqlite_node_killed_mid_stream_loses_and_duplicates_nothing() {
     let before = store.stats().await.expect("stats");
 
     let acked = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
     let killer = {
-        let acked = Arc::clone(&acked);
+        let (acked, done) = (Arc::clone(&acked), Arc::clone(&done));
         let mut server = server;
         std::thread::spawn(move || {
-            while acked.load(Ordering::SeqCst) < MESSAGES / 3 {
-                std::thread::sleep(Duration::from_millis(2));
+            let fired = wait_for(&acked, MESSAGES / 3, &done);
+            if fired {
+                server.kill();
+                server.restart_with(&["--rate-limit", "0"]);
             }
-            server.crash_and_restart();
-            server
+            (server, fired)
         })
     };
     let started = Instant::now();
     let outcome = stream(&alice, &acked).await;
+    done.store(true, Ordering::SeqCst);
     eprintln!("streamed {MESSAGES} messages in {:?}", started.elapsed());
-    let _server = killer.join().expect("killer");
+    let (_server, fired) = killer.join().expect("killer");
+    assert!(
+        fired,
+        "the stream ended with {} acknowledged and {} errors before the kill",
+        acked.load(Ordering::SeqCst),
+        outcome.errors
+    );
     check(&alice, &bob, &outcome, before, || {
         let store = Arc::clone(&store);
         async move { store.stats().await.expect("stats") }
@@ -292,26 +315,35 @@ async fn postgres_node_killed_mid_stream_client_carries_on_through_the_other() {
     let before = store.stats().await.expect("stats");
 
     let acked = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
     let killer = {
-        let acked = Arc::clone(&acked);
+        let (acked, done) = (Arc::clone(&acked), Arc::clone(&done));
         let eat = Arc::clone(&eat);
         std::thread::spawn(move || {
-            while acked.load(Ordering::SeqCst) < MESSAGES / 6 {
-                std::thread::sleep(Duration::from_millis(2));
+            if !wait_for(&acked, MESSAGES / 6, &done) {
+                return false;
             }
             // One send commits but its answer is lost: the client must retry
             // it from its outbox with the same send id.
             eat.store(true, Ordering::SeqCst);
-            while acked.load(Ordering::SeqCst) < MESSAGES / 3 {
-                std::thread::sleep(Duration::from_millis(2));
+            if !wait_for(&acked, MESSAGES / 3, &done) {
+                return false;
             }
             drop(a); // SIGKILL
+            true
         })
     };
     let started = Instant::now();
     let outcome = stream(&alice, &acked).await;
+    done.store(true, Ordering::SeqCst);
     eprintln!("streamed {MESSAGES} messages in {:?}", started.elapsed());
-    killer.join().expect("killer");
+    let fired = killer.join().expect("killer");
+    assert!(
+        fired,
+        "the stream ended with {} acknowledged and {} errors before the kill",
+        acked.load(Ordering::SeqCst),
+        outcome.errors
+    );
     let served: Vec<usize> = served.iter().map(|c| c.load(Ordering::SeqCst)).collect();
     assert!(served[0] > 0 && served[1] > 0, "both nodes served connections: {served:?}");
     assert!(!eat.load(Ordering::SeqCst), "an answer was thrown away");

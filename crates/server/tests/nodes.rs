@@ -68,14 +68,16 @@ impl Drop for Schema {
 struct Node {
     child: Child,
     addr: SocketAddr,
+    /// The node's data directory (its signed-head mark), removed on drop.
+    _dir: tempfile::TempDir,
 }
 
 impl Node {
     fn start(database: &str) -> Node {
-        let dir = std::env::temp_dir().join(format!("subrosa-node-{}", hex::encode(rand::random::<[u8; 6]>())));
+        let dir = tempfile::tempdir().expect("data dir");
         let mut child = Command::new(BIN)
             .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(&dir)
+            .arg(dir.path())
             .args(["--database", database, "--rate-limit", "0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -95,7 +97,7 @@ impl Node {
             let mut sink = Vec::new();
             let _ = out.read_to_end(&mut sink);
         });
-        Node { child, addr }
+        Node { child, addr, _dir: dir }
     }
 }
 
