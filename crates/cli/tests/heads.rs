@@ -132,19 +132,6 @@ fn fixture_run(home: &std::path::Path, args: &[&str]) -> std::process::Output {
 
 const FIXTURE_PASS: &str = "fixture passphrase";
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 /// Homes and server data made by the first release: the server gets a
 /// head-signing key at its first start after the upgrade, and each home pins
 /// it on first use and goes on talking, with no alert.
