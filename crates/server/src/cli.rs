@@ -45,6 +45,10 @@ struct Args {
     /// the per-address connection cap.
     #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_cidr)]
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g.
+    /// 127.0.0.1:9100; keep it off the public network.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Log lines as `text` (colour only on a terminal) or one JSON object
     /// per line (`json`), for a log collector.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
@@ -128,6 +132,7 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
         _ => None,
     };
     config.message_ttl = args.message_ttl;
+    config.metrics_listen = args.metrics_listen;
     config.limits = Limits {
         max_recipients: args.max_recipients,
         requests_per_second: args.rate_limit,
@@ -170,6 +175,9 @@ async fn run(name: &str, config: ServerConfig) -> ExitCode {
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {}", server.url());
+        if let Some(addr) = server.metrics_addr() {
+            let _ = writeln!(out, "metrics on http://{addr}/metrics");
+        }
         let _ = out.flush();
     }
     let trigger = server.shutdown_trigger();

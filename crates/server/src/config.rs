@@ -82,6 +82,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// The key directory publishes at most one epoch per this interval.
     pub kt_publish_interval: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); never the public
+    /// address. `None`: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     /// The malicious-operator controller (only `subrosa-attack-server` sets it).
     #[cfg(feature = "test-attacks")]
     pub attacks: Option<std::sync::Arc<crate::attacks::Attacks>>,
@@ -100,6 +103,7 @@ impl ServerConfig {
             sweep_interval: Duration::from_secs(60),
             limits: Limits::default(),
             kt_publish_interval: crate::DEFAULT_KT_PUBLISH_INTERVAL,
+            metrics_listen: None,
             #[cfg(feature = "test-attacks")]
             attacks: None,
         }

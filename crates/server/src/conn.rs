@@ -127,6 +127,16 @@ impl Drop for Slot {
     }
 }
 
+/// Counts one open connection in the metrics while it lives.
+#[derive(Debug)]
+struct OpenConnection(crate::metrics::SharedMetrics);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Accepts a TCP connection unless its address already holds
 /// [`Limits::max_connections_per_ip`] (trusted proxies exempt), and wraps it
 /// in [`Guarded`]. Runs before TLS, so a refused connection costs no
@@ -134,6 +144,7 @@ impl Drop for Slot {
 #[derive(Debug, Clone)]
 pub struct GuardAcceptor {
     counts: Arc<Counts>,
+    metrics: crate::metrics::SharedMetrics,
     max_per_ip: usize,
     idle: Duration,
     trusted: Arc<Vec<IpNet>>,
@@ -141,9 +152,10 @@ pub struct GuardAcceptor {
 
 impl GuardAcceptor {
     /// An acceptor enforcing `limits`.
-    pub fn new(limits: &Limits) -> Self {
+    pub fn new(limits: &Limits, metrics: crate::metrics::SharedMetrics) -> Self {
         GuardAcceptor {
             counts: Arc::default(),
+            metrics,
             max_per_ip: limits.max_connections_per_ip,
             idle: limits.idle_timeout,
             trusted: Arc::new(limits.trusted_proxies.clone()),
@@ -177,12 +189,13 @@ impl<S> Accept<TcpStream, S> for GuardAcceptor {
             match self.reserve(ip) {
                 Some(slot) => Some(slot),
                 None => {
+                    self.metrics.connections_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!("connection refused: too many open from one address");
                     return ready(Err(io::Error::other("too many connections from this address")));
                 }
             }
         };
-        ready(Ok((Guarded::new(stream, slot, self.idle), service)))
+        ready(Ok((Guarded::new(stream, slot, self.idle, &self.metrics), service)))
     }
 }
 
@@ -192,13 +205,16 @@ impl<S> Accept<TcpStream, S> for GuardAcceptor {
 pub struct Guarded {
     inner: TcpStream,
     _slot: Option<Slot>,
+    _open: OpenConnection,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
 }
 
 impl Guarded {
-    fn new(inner: TcpStream, slot: Option<Slot>, idle: Duration) -> Self {
-        Guarded { inner, _slot: slot, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+    fn new(inner: TcpStream, slot: Option<Slot>, idle: Duration, metrics: &crate::metrics::SharedMetrics) -> Self {
+        metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let open = OpenConnection(Arc::clone(metrics));
+        Guarded { inner, _slot: slot, _open: open, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
     }
 
     fn touch(&mut self) {
@@ -320,7 +336,7 @@ mod tests {
     #[test]
     fn slots_are_capped_per_address_and_given_back() {
         let limits = Limits { max_connections_per_ip: 2, ..Limits::default() };
-        let acceptor = GuardAcceptor::new(&limits);
+        let acceptor = GuardAcceptor::new(&limits, Default::default());
         let a: IpAddr = "192.0.2.1".parse().expect("ip");
         let b: IpAddr = "192.0.2.2".parse().expect("ip");
         let first = acceptor.reserve(a).expect("first");

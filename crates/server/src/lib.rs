@@ -21,6 +21,7 @@ pub mod conn;
 mod error;
 mod hooks;
 pub mod kt;
+pub mod metrics;
 pub mod ratelimit;
 mod routes;
 mod server;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub(crate) kt_public_limiter: Arc<RateLimiter<IpAddr>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     shutdown_tx: Arc<watch::Sender<bool>>,
+    /// Counters for `--metrics-listen` (no identifiers in them).
+    pub(crate) metrics: metrics::SharedMetrics,
     /// The key directory, opened on first use (or by [`start`]).
     kt: Arc<tokio::sync::OnceCell<Arc<kt::KtService>>>,
     kt_publish_interval: std::time::Duration,
@@ -112,6 +115,7 @@ impl AppState {
             kt_public_limiter: Arc::new(kt_public_limiter),
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
+            metrics: Arc::default(),
             kt: Arc::new(tokio::sync::OnceCell::new()),
             kt_publish_interval: DEFAULT_KT_PUBLISH_INTERVAL,
             kt_mark: None,

@@ -50,21 +50,24 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/kt/head", get(kt_head))
         .route("/v1/kt/lookup/{handle}", get(kt_lookup))
         .route("/v1/kt/audit", get(kt_audit))
-        .route_layer(axum::middleware::from_fn(log_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Every request, unmatched ones included, is logged and counted.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
 
 /// Logs method, route template, status and latency: never the query,
 /// headers or body.
-async fn log_request(req: Request, next: Next) -> Response {
+async fn log_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let took = start.elapsed();
+    state.metrics.request(status, took);
+    let ms = took.as_secs_f64() * 1000.0;
     if resp.status().is_server_error() {
         tracing::warn!(%method, route, status, latency_ms = ms, "request failed");
     } else {
@@ -300,6 +303,7 @@ async fn send(
         .await?
         .ok_or_else(crate::auth::replayed)?;
     // Only now is everything durably stored: wake the recipients.
+    state.metrics.sends_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for addr in &out.recipients {
         state.wakeups.wake(addr);
     }

@@ -29,6 +29,7 @@ pub struct RunningServer {
     sweeper: JoinHandle<()>,
     listener: Option<JoinHandle<()>>,
     stop_sweeper: watch::Sender<bool>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// The file in the data directory that records the highest directory head
@@ -126,7 +127,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     // Connections are capped per address and closed when idle before TLS
     // or HTTP see them; hyper gets a timer so its header timeout runs
     // (without one it never fires: a slowloris held sockets for ever).
-    let guard = GuardAcceptor::new(&config.limits);
+    let guard = GuardAcceptor::new(&config.limits, Arc::clone(&state.metrics));
     let server = match tls {
         Some(tls) => {
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(guard);
@@ -154,8 +155,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (stop_sweeper, stop) = watch::channel(false);
     let listener = store.spawn_listener(Arc::clone(&state.wakeups), stop.clone());
     let sweeper = tokio::spawn(sweep_loop(state.clone(), config.message_ttl, config.effective_sweep_interval(), stop));
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let (metrics_listener, bound) =
+                crate::metrics::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+            crate::metrics::serve(state.clone(), metrics_listener);
+            Some(bound)
+        }
+        None => None,
+    };
     tracing::info!(addr = %local_addr, https, "listening");
-    Ok(RunningServer { local_addr, https, handle, state, server, sweeper, listener, stop_sweeper })
+    Ok(RunningServer { local_addr, https, handle, state, server, sweeper, listener, stop_sweeper, metrics_addr })
 }
 
 /// hyper's own timeouts: request headers must arrive within
@@ -210,6 +220,11 @@ impl RunningServer {
     /// The bound address (the real port when the configuration asked for 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `GET /metrics` is served, when a metrics address was given.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The base URL, `http://ADDR:PORT` or `https://…`.

@@ -130,7 +130,24 @@ async fn charge_ack(state: &AppState, device: &DeviceAddress, ids: usize) {
     }
 }
 
+/// Counts one open WebSocket while it lives.
+struct OpenSocket(crate::metrics::SharedMetrics);
+
+impl OpenSocket {
+    fn new(metrics: &crate::metrics::SharedMetrics) -> Self {
+        metrics.websockets_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenSocket(std::sync::Arc::clone(metrics))
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.websockets_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> Result<(), &'static str> {
+    let _open = OpenSocket::new(&state.metrics);
     let mut wakeup = state.wakeups.subscribe(&device);
     // A removal that committed between the upgrade's authentication and the
     // subscription revoked nothing here: look once more.

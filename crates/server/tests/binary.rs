@@ -160,3 +160,62 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_are_json_on_request() {
         assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
     }
 }
+
+/// One plain HTTP/1.1 GET; the whole answer.
+fn get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+#[cfg(unix)]
+#[test]
+fn metrics_are_served_on_their_own_address_and_name_nobody() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let (mut first, mut second) = (String::new(), String::new());
+    stdout.read_line(&mut first).expect("ready line");
+    stdout.read_line(&mut second).expect("metrics line");
+    let addr = first.trim().strip_prefix("listening on http://").expect("ready line").to_owned();
+    let metrics = second
+        .trim()
+        .strip_prefix("metrics on http://")
+        .and_then(|m| m.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics line: {second:?}"))
+        .to_owned();
+    assert_ne!(metrics, addr, "metrics never share the public address");
+
+    assert!(get(&addr, "/v1/health").starts_with("HTTP/1.1 200"));
+    assert!(get(&addr, "/v1/accounts/secret-handle").starts_with("HTTP/1.1 401"));
+    // The public address does not serve them.
+    assert!(get(&addr, "/metrics").starts_with("HTTP/1.1 404"));
+
+    let scrape = get(&metrics, "/metrics");
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert!(scrape.contains("text/plain; version=0.0.4"), "{scrape}");
+    let count = |name: &str| -> u64 {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing: {scrape}"))
+    };
+    assert!(count("subrosa_requests_total{class=\"2xx\"}") >= 1);
+    assert!(count("subrosa_requests_total{class=\"4xx\"}") >= 2);
+    assert_eq!(count("subrosa_inbox_rows"), 0);
+    assert!(count("subrosa_request_seconds_count") >= 3);
+    assert!(!scrape.contains("secret-handle"), "a handle reached the metrics: {scrape}");
+    assert!(!scrape.contains("127.0.0.1"), "an address reached the metrics");
+    signal(child.id(), "-TERM");
+    child.wait().expect("exit");
+}
