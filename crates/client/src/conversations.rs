@@ -1096,6 +1096,7 @@ mod tests {
                 PendingMeta { change: StagedChange::Pending, line: None },
                 r#"{"change":{"change":"pending"},"line":null}"#,
             ),
+            (PendingMeta { change: StagedChange::Update, line: None }, r#"{"change":{"change":"update"},"line":null}"#),
         ];
         for (meta, json) in cases {
             assert_eq!(String::from_utf8(serde_json::to_vec(&meta).expect("encode")).expect("utf-8"), json);

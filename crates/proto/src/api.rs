@@ -449,4 +449,19 @@ mod tests {
         assert_eq!(code.code, ErrorCode::NotAMember);
         assert_eq!(ErrorCode::NotAMember.as_str(), "not_a_member");
     }
+
+    /// A key-package upload on the wire: `replace` is left out when false,
+    /// so an upload that replaces nothing is what older servers accept.
+    #[test]
+    fn key_package_upload_bytes_are_stable() {
+        let plain = KeyPackageUpload { one_time: vec![B64(vec![1, 2])], last_resort: None, replace: false };
+        assert_eq!(serde_json::to_string(&plain).expect("json"), r#"{"one_time":["AQI="],"last_resort":null}"#);
+        let rotate = KeyPackageUpload { one_time: vec![], last_resort: Some(B64(vec![3])), replace: true };
+        let json = r#"{"one_time":[],"last_resort":"Aw==","replace":true}"#;
+        assert_eq!(serde_json::to_string(&rotate).expect("json"), json);
+        let back: KeyPackageUpload = serde_json::from_str(json).expect("parse");
+        assert!(back.replace);
+        let old: KeyPackageUpload = serde_json::from_str(r#"{"one_time":["AQI="]}"#).expect("older client's upload");
+        assert!(!old.replace && old.last_resort.is_none());
+    }
 }
