@@ -3,27 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-/// Starts `link` on a new device and returns the process and its code.
-fn start_link(server: &Server, new: &User, handle: &str, extra: &[&str]) -> (Child, String) {
-    let mut args = vec!["link", handle, "--server", server.url.as_str(), "--timeout", "60"];
-    args.extend_from_slice(extra);
-    let mut child = new.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn link");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("code line");
-    let code = line.trim().strip_prefix("code: ").unwrap_or_else(|| panic!("no code in {line:?}")).to_string();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
-    });
-    (child, code)
-}
 
 fn member_devices(u: &User, target: &str, handle: &str) -> usize {
     u.ok(&["members", target]).lines().filter(|l| l.starts_with(&format!("{handle}\t"))).count()

@@ -16,13 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{parse_json_lines, stderr, texts, wait_until, Server, User};
+use common::{exit_code, parse_json_lines, stderr, texts, wait_until, Server, User, EXIT_PENDING};
 
 const QUEUED_LINE: &str = "queued: not yet on the server; the next subrosa command sends it";
-
-fn code(out: &std::process::Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
 
 /// The outgoing message with this text in `who`'s history with `target`.
 fn own_message(who: &User, target: &str, text: &str) -> serde_json::Value {
@@ -57,7 +53,7 @@ fn a_send_while_the_server_is_down_is_queued_and_the_next_command_sends_it_once(
     let started = Instant::now();
     let out = alice.run(&["send", "bob", "while the server is down"]);
     let took = started.elapsed();
-    assert_eq!(code(&out), 75, "queued: exit 75; stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "queued: exit 75; stderr {}", stderr(&out));
     assert_eq!(stderr(&out).trim_end(), QUEUED_LINE);
     assert!(out.stdout.is_empty(), "nothing on stdout: {:?}", String::from_utf8_lossy(&out.stdout));
     eprintln!("figure: a send that queues with the server down (connection refused) took {took:?}");
@@ -75,7 +71,7 @@ fn a_send_while_the_server_is_down_is_queued_and_the_next_command_sends_it_once(
 
     // A first message to someone new needs their keys: refused, nothing kept.
     let out = alice.run(&["send", "carol", "hello carol"]);
-    assert_eq!(code(&out), 1, "stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), 1, "stderr {}", stderr(&out));
     assert!(stderr(&out).contains("needs the server"), "{}", stderr(&out));
     assert!(!alice.run(&["history", "carol"]).status.success(), "no conversation with carol was made");
 
@@ -105,7 +101,7 @@ fn a_queued_message_the_server_refuses_is_marked_failed_and_a_refused_send_exits
 
     server.kill();
     let out = alice.run(&["send", "g", "queued, then refused"]);
-    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "stderr {}", stderr(&out));
 
     // Back, but refusing sends to more than one device (413 too_large).
     server.restart_with(&["--max-recipients", "1"]);
@@ -124,7 +120,7 @@ fn a_queued_message_the_server_refuses_is_marked_failed_and_a_refused_send_exits
 
     // A send the server refuses outright: its error, exit 1, nothing queued.
     let out = alice.run(&["send", "g", "refused at once"]);
-    assert_eq!(code(&out), 1, "stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), 1, "stderr {}", stderr(&out));
     assert!(stderr(&out).starts_with("error: ") && stderr(&out).contains("recipients"), "{}", stderr(&out));
     assert_eq!(own_message(&alice, "g", "refused at once")["state"], "failed");
 
@@ -154,7 +150,7 @@ fn a_running_follow_sends_what_was_queued_once_the_server_is_back() {
     std::thread::sleep(Duration::from_millis(500));
     server.kill();
     let out = alice.run(&["send", "bob", "queued for follow"]);
-    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "stderr {}", stderr(&out));
     server.restart_with(&[]);
     // follow reconnects (backoff up to 10 s) and flushes the outbox.
     let mut got = Vec::new();
@@ -270,7 +266,7 @@ fn a_queued_message_is_encrypted_after_the_removal_it_missed() {
     // alice is cut off and writes to the group; meanwhile bob removes carol.
     proxy.down.store(true, Ordering::SeqCst);
     let out = alice.run(&["send", "g", "not for carol"]);
-    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "stderr {}", stderr(&out));
     bob.ok(&["group", "remove", "g", "carol"]);
     proxy.down.store(false, Ordering::SeqCst);
 
@@ -301,7 +297,7 @@ fn a_send_whose_answer_was_lost_exits_75_and_is_posted_again_byte_for_byte() {
     let out = alice.run(&["send", "bob", "its answer is lost"]);
     assert!(!proxy.hang.load(Ordering::SeqCst));
     assert!(!proxy.eat.load(Ordering::SeqCst), "an answer was thrown away");
-    assert_eq!(code(&out), 75, "stored on the server, unanswered: not exit 1; stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "stored on the server, unanswered: not exit 1; stderr {}", stderr(&out));
     assert_eq!(stderr(&out).trim_end(), QUEUED_LINE);
     assert_eq!(server.count("messages"), 1, "the server stored it");
     assert_eq!(own_message(&alice, "bob", "its answer is lost")["state"], "queued");
@@ -353,8 +349,8 @@ fn a_script_resending_only_exit_1_loses_and_duplicates_nothing_across_sigkills()
         loop {
             attempts.fetch_add(1, Ordering::SeqCst);
             let out = alice.run(&["send", "bob", &text]);
-            *codes.entry(code(&out)).or_default() += 1;
-            match code(&out) {
+            *codes.entry(exit_code(&out)).or_default() += 1;
+            match exit_code(&out) {
                 0 | 75 => break,
                 1 => std::thread::sleep(Duration::from_millis(100)), // refused: send it again
                 other => panic!("send exited {other}: {}", stderr(&out)),
@@ -460,7 +456,7 @@ fn a_send_to_a_hung_server_queues_after_the_read_timeout() {
     let started = Instant::now();
     let out = alice.run(&["send", "bob", "to a hung server"]);
     let took = started.elapsed();
-    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "stderr {}", stderr(&out));
     eprintln!("figure: a send that queues with a server that accepts and never answers took {took:?}");
     assert!(took < Duration::from_secs(50), "waited for the whole request timeout: {took:?}");
 
@@ -482,7 +478,7 @@ fn a_queued_message_to_a_group_this_device_was_removed_from_fails_and_reaches_no
 
     proxy.down.store(true, Ordering::SeqCst);
     let out = alice.run(&["send", "g", "too late"]);
-    assert_eq!(code(&out), 75, "stderr {}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "stderr {}", stderr(&out));
     bob.ok(&["group", "remove", "g", "alice"]);
     proxy.down.store(false, Ordering::SeqCst);
 

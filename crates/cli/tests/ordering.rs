@@ -7,21 +7,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Output, Stdio};
-
 use common::*;
 use subrosa_client::Subrosa;
 use subrosa_proto::{
     CommitGuard, ConversationId, DeviceAddress, Epoch, ErrorCode, MessageKind, SendId, SendPart, SendRequest,
     SendResponse, B64,
 };
-
-const PENDING: i32 = 75;
-
-fn exit_code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
 
 /// The id of a conversation as `history --json` names it.
 fn conversation_of(u: &User, target: &str) -> ConversationId {
@@ -132,7 +123,7 @@ fn a_lost_answer_to_a_commit_leaves_it_pending_and_the_next_command_completes_it
 
     server.attack(serde_json::json!({"lose_commit_answers": {"sender": "alice"}}));
     let out = alice.run(&["group", "add", "club", "carol"]);
-    assert_eq!(exit_code(&out), PENDING, "{}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "{}", stderr(&out));
     assert!(stderr(&out).starts_with("queued: "), "{}", stderr(&out));
     server.attack(serde_json::json!({}));
 
@@ -157,7 +148,7 @@ fn a_lost_answer_to_a_commit_leaves_it_pending_and_the_next_command_completes_it
     // pending rename is completed (it was ordered) and bob's commit after
     // it is processed in order.
     server.attack(serde_json::json!({"lose_commit_answers": {"sender": "alice"}}));
-    assert_eq!(exit_code(&alice.run(&["group", "rename", "club", "society"])), PENDING);
+    assert_eq!(exit_code(&alice.run(&["group", "rename", "club", "society"])), EXIT_PENDING);
     server.attack(serde_json::json!({}));
     bob.receive_json(&[]);
     bob.ok(&["group", "remove", "society", "carol"]);
@@ -174,10 +165,10 @@ fn a_lost_answer_to_creating_a_conversation_never_forgets_it() {
     let dave = User::register(&server, "dave");
 
     server.attack(serde_json::json!({"lose_commit_answers": {"sender": "alice"}}));
-    assert_eq!(exit_code(&alice.run(&["group", "create", "club", "bob"])), PENDING);
+    assert_eq!(exit_code(&alice.run(&["group", "create", "club", "bob"])), EXIT_PENDING);
     // Starting a 1:1 by sending: the message waits with the conversation.
     let out = alice.run(&["send", "dave", "first words"]);
-    assert_eq!(exit_code(&out), PENDING, "{}", stderr(&out));
+    assert_eq!(exit_code(&out), EXIT_PENDING, "{}", stderr(&out));
     server.attack(serde_json::json!({}));
 
     assert!(receive_texts(&bob).is_empty());
@@ -192,21 +183,6 @@ fn a_lost_answer_to_creating_a_conversation_never_forgets_it() {
     assert_eq!(texts(&alice.history_json("dave")).iter().filter(|t| *t == "first words").count(), 1);
 }
 
-/// Starts `link` on a new device and returns the process and its code.
-fn start_link(server: &Server, new: &User, handle: &str) -> (Child, String) {
-    let args = ["link", handle, "--server", server.url.as_str(), "--timeout", "60"];
-    let mut child = new.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn link");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("code line");
-    let code = line.trim().strip_prefix("code: ").unwrap_or_else(|| panic!("no code in {line:?}")).to_string();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
-    });
-    (child, code)
-}
-
 #[test]
 fn a_stolen_device_that_keeps_committing_is_revoked_first() {
     let server = Server::start();
@@ -216,7 +192,7 @@ fn a_stolen_device_that_keeps_committing_is_revoked_first() {
     alice.send("bob", "hi");
     bob.receive_json(&[]);
     let stolen = User { name: "stolen".into(), dir: tempfile::tempdir().expect("tempdir") };
-    let (link, code) = start_link(&server, &stolen, "alice");
+    let (link, code) = start_link(&server, &stolen, "alice", &[]);
     alice.ok(&["link", "--accept", &code]);
     assert!(link.wait_with_output().expect("link ends").status.success());
     stolen.receive_json(&[]);

@@ -471,3 +471,27 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The exit status of a send or commit stored here but not yet on the server.
+pub const EXIT_PENDING: i32 = 75;
+
+/// A process's exit code (-1 when a signal ended it).
+pub fn exit_code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+/// Starts `link` on a new device and returns the process and its code.
+pub fn start_link(server: &Server, new: &User, handle: &str, extra: &[&str]) -> (Child, String) {
+    let mut args = vec!["link", handle, "--server", server.url.as_str(), "--timeout", "60"];
+    args.extend_from_slice(extra);
+    let mut child = new.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn link");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("code line");
+    let code = line.trim().strip_prefix("code: ").unwrap_or_else(|| panic!("no code in {line:?}")).to_string();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    });
+    (child, code)
+}
