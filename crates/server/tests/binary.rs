@@ -4,18 +4,36 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
 
 fn get_health(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
+    get(addr, "/v1/health")
+}
+
+/// Starts the binary over `data` with `args` (stderr as given) and reads its
+/// ready line: the process, the rest of its stdout, and the address.
+fn spawn(data: &std::path::Path, args: &[&str], log: &str, stderr: Stdio) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(args)
+        .env("RUST_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("bad ready line {line:?}"))
+        .to_owned();
+    (child, stdout, addr)
 }
 
 #[cfg(unix)]
@@ -30,22 +48,10 @@ fn prints_ready_line_serves_and_stops_on_signals() {
     for sig in ["-TERM", "-INT"] {
         let dir = tempfile::tempdir().expect("dir");
         let data = dir.path().join("new").join("data");
-        let mut child = Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(&data)
-            .args(["--message-ttl", "2s", "--rate-limit", "50", "--max-recipients", "10"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("ready line");
-        let addr =
-            line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("bad ready line {line:?}"));
+        let args = ["--message-ttl", "2s", "--rate-limit", "50", "--max-recipients", "10"];
+        let (mut child, mut stdout, addr) = spawn(&data, &args, "warn", Stdio::piped());
         assert!(!addr.ends_with(":0"), "{addr}");
-        let answer = get_health(addr);
+        let answer = get_health(&addr);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("{\"status\":\"ok\"}"), "{answer}");
         assert!(data.join("server.db").exists(), "the data directory and database are created");
@@ -124,19 +130,7 @@ fn bad_arguments_exit_with_a_clear_error() {
 #[cfg(unix)]
 fn logs_of(args: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("dir");
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("ready line");
-    let addr = line.trim().strip_prefix("listening on http://").expect("ready line").to_owned();
+    let (mut child, _stdout, addr) = spawn(dir.path(), args, "info", Stdio::piped());
     assert!(get_health(&addr).starts_with("HTTP/1.1 200"));
     signal(child.id(), "-TERM");
     let mut logs = String::new();
@@ -175,19 +169,9 @@ fn get(addr: &str, path: &str) -> String {
 #[test]
 fn metrics_are_served_on_their_own_address_and_name_nobody() {
     let dir = tempfile::tempdir().expect("dir");
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let (mut first, mut second) = (String::new(), String::new());
-    stdout.read_line(&mut first).expect("ready line");
+    let (mut child, mut stdout, addr) = spawn(dir.path(), &["--metrics-listen", "127.0.0.1:0"], "warn", Stdio::null());
+    let mut second = String::new();
     stdout.read_line(&mut second).expect("metrics line");
-    let addr = first.trim().strip_prefix("listening on http://").expect("ready line").to_owned();
     let metrics = second
         .trim()
         .strip_prefix("metrics on http://")
