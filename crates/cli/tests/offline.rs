@@ -252,8 +252,10 @@ fn register_via(proxy: &AnswerEater, name: &str) -> User {
     u
 }
 
-#[test]
-fn a_queued_message_is_encrypted_after_the_removal_it_missed() {
+/// alice (behind a proxy that can cut her off), bob and carol in group `g`,
+/// everyone up to date; then alice is cut off and her send of `text` is
+/// queued (exit 75).
+fn group_with_alice_cut_off(text: &str) -> (Server, AnswerEater, User, User, User) {
     let server = Server::start();
     let proxy = answer_eater(&server.url);
     let alice = register_via(&proxy, "alice");
@@ -262,11 +264,16 @@ fn a_queued_message_is_encrypted_after_the_removal_it_missed() {
     alice.ok(&["group", "create", "g", "bob", "carol"]);
     bob.ok(&["receive"]);
     carol.ok(&["receive"]);
-
-    // alice is cut off and writes to the group; meanwhile bob removes carol.
     proxy.down.store(true, Ordering::SeqCst);
-    let out = alice.run(&["send", "g", "not for carol"]);
+    let out = alice.run(&["send", "g", text]);
     assert_eq!(exit_code(&out), EXIT_PENDING, "stderr {}", stderr(&out));
+    (server, proxy, alice, bob, carol)
+}
+
+#[test]
+fn a_queued_message_is_encrypted_after_the_removal_it_missed() {
+    // alice is cut off and writes to the group; meanwhile bob removes carol.
+    let (server, proxy, alice, bob, carol) = group_with_alice_cut_off("not for carol");
     bob.ok(&["group", "remove", "g", "carol"]);
     proxy.down.store(false, Ordering::SeqCst);
 
@@ -467,18 +474,7 @@ fn a_send_to_a_hung_server_queues_after_the_read_timeout() {
 
 #[test]
 fn a_queued_message_to_a_group_this_device_was_removed_from_fails_and_reaches_nobody() {
-    let server = Server::start();
-    let proxy = answer_eater(&server.url);
-    let alice = register_via(&proxy, "alice");
-    let bob = User::register(&server, "bob");
-    let carol = User::register(&server, "carol");
-    alice.ok(&["group", "create", "g", "bob", "carol"]);
-    bob.ok(&["receive"]);
-    carol.ok(&["receive"]);
-
-    proxy.down.store(true, Ordering::SeqCst);
-    let out = alice.run(&["send", "g", "too late"]);
-    assert_eq!(exit_code(&out), EXIT_PENDING, "stderr {}", stderr(&out));
+    let (server, proxy, alice, bob, carol) = group_with_alice_cut_off("too late");
     bob.ok(&["group", "remove", "g", "alice"]);
     proxy.down.store(false, Ordering::SeqCst);
 
