@@ -50,6 +50,19 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The key per-address limits count under: an IPv4 address as it is, an
+/// IPv6 address by its /64 (one host or home usually holds a whole /64, and
+/// would otherwise get 2^64 fresh buckets and connection caps).
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// The address a request came from, for per-address rate limits: the peer,
 /// or, when the peer is a trusted proxy, the last address in
 /// `X-Forwarded-For` (else `Forwarded: for=`) that is not itself a trusted
@@ -186,7 +199,7 @@ impl<S> Accept<TcpStream, S> for GuardAcceptor {
         let slot = if is_trusted_proxy(ip, &self.trusted) {
             None
         } else {
-            match self.reserve(ip) {
+            match self.reserve(limit_key(ip)) {
                 Some(slot) => Some(slot),
                 None => {
                     self.metrics.connections_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -331,6 +344,22 @@ mod tests {
         assert_eq!(client_ip(mapped, &xff, &trusted), client);
         assert!(!is_trusted_proxy(client, &trusted));
         assert!(is_trusted_proxy("::1".parse().expect("ip"), &trusted));
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64_and_ipv4_per_address() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().expect("ip");
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(limit_key(a), limit_key(b), "one /64 is one client");
+        assert_ne!(limit_key(a), limit_key(other));
+        let v4: IpAddr = "203.0.113.7".parse().expect("ip");
+        assert_eq!(limit_key(v4), v4);
+        assert_eq!(limit_key("::ffff:203.0.113.7".parse().expect("ip")), v4);
+        let limits = Limits { max_connections_per_ip: 1, ..Limits::default() };
+        let acceptor = GuardAcceptor::new(&limits, Default::default());
+        let _held = acceptor.reserve(limit_key(a)).expect("first");
+        assert!(acceptor.reserve(limit_key(b)).is_none(), "a second address of the same /64 shares the cap");
     }
 
     #[test]

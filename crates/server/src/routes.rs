@@ -94,7 +94,9 @@ async fn health() -> Json<serde_json::Value> {
 /// all such requests share one bucket.
 fn client_ip_or_unspecified(state: &AppState, req: &Request) -> std::net::IpAddr {
     match req.extensions().get::<ConnectInfo<std::net::SocketAddr>>() {
-        Some(c) => crate::conn::client_ip(c.0.ip(), req.headers(), &state.limits.trusted_proxies),
+        Some(c) => {
+            crate::conn::limit_key(crate::conn::client_ip(c.0.ip(), req.headers(), &state.limits.trusted_proxies))
+        }
         None => std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
     }
 }
