@@ -112,6 +112,13 @@ impl Subrosa {
         let mut done = Rekeyed { conversations: 0, pending: 0 };
         for row in self.store.active_conversations()? {
             let (last, sent) = self.store.key_update_state(&row.id)?;
+            let now = now_ms();
+            // The rule is most eager for small conversations: when even a
+            // two-device one would not be due, skip loading the group (every
+            // command runs this over every conversation).
+            if !due(now, last, sent, 0) {
+                continue;
+            }
             let members = match self.engine.members(&row.id) {
                 Ok(m) => m.len(),
                 Err(CoreError::UnknownConversation) => continue,
@@ -119,7 +126,7 @@ impl Subrosa {
             };
             // A conversation whose last change still waits for the server
             // gets its update after that one settles (which counts anyway).
-            if !due(now_ms(), last, sent, members) || self.store.pending_commit(&row.id)?.is_some() {
+            if !due(now, last, sent, members) || self.store.pending_commit(&row.id)?.is_some() {
                 continue;
             }
             match self.update_conversation_keys(&row.id).await {
@@ -217,6 +224,21 @@ mod tests {
         assert!(update_due(NOW, NOW - 7 * DAY_MS, 0, big));
         assert!(!update_due(NOW, NOW - 1000, 500, big), "at most once a day");
         assert!(update_due(NOW, NOW - DAY_MS, 100, big));
+    }
+
+    /// `update_keys_where` skips loading a group when a tiny one would not
+    /// be due: that is right only while larger groups are never more eager.
+    #[test]
+    fn larger_groups_are_never_due_when_small_ones_are_not() {
+        for age in [0, DAY_MS / 2, DAY_MS, 3 * DAY_MS, 7 * DAY_MS, 30 * DAY_MS] {
+            for sent in [0, 50, 100, 1000] {
+                for members in [0, 2, 100, 101, 10_000] {
+                    if update_due(NOW, NOW - age, sent, members) {
+                        assert!(update_due(NOW, NOW - age, sent, 0), "age {age} sent {sent} members {members}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
