@@ -37,8 +37,17 @@ fn a_copy_of_bobs_state_reads_nothing_after_bob_replaces_his_keys() {
     assert_eq!(copy_reads(&thief), ["before the update"]);
     assert_eq!(texts(&bob.receive_json(&[])), ["before the update"]);
 
+    let devices_before = bob.ok(&["devices"]);
     let out = bob.ok(&["devices", "rekey"]);
     assert!(out.contains("replaced this device's keys in 1 conversation(s)"), "{out}");
+    // A new signature key, published in the directory: `devices` shows
+    // another fingerprint for this device, still certified.
+    let devices_after = bob.ok(&["devices"]);
+    assert_ne!(devices_before, devices_after);
+    assert!(!devices_after.contains("NOT CERTIFIED"), "{devices_after}");
+    // The copy still holds the old signature key: the server refuses it.
+    let refused = thief.run(&["receive", "--json", "--no-ack"]);
+    assert!(!refused.status.success(), "the copy still talks to the server");
     alice.receive_json(&[]);
     alice.send("bob", "after the update");
     let seen = copy_reads(&thief);
@@ -53,9 +62,14 @@ fn a_copy_of_bobs_state_reads_nothing_after_bob_replaces_his_keys() {
     assert!(!seen.iter().any(|t| t.contains("secret plans")), "the copy joined: {seen:?}");
     assert!(texts(&bob.receive_json(&[])).contains(&"secret plans".to_string()));
 
-    // And alice's side goes on normally, both ways.
+    // And alice's side goes on normally, both ways: bob's new keys match
+    // the directory, so nothing is flagged and no alert is raised.
     bob.send("alice", "all good");
     assert!(texts(&alice.receive_json(&[])).contains(&"all good".to_string()));
+    let alerts = alice.ok(&["alerts"]);
+    assert!(!alerts.contains("bob"), "{alerts}");
+    alice.send("bob", "still fine");
+    assert!(texts(&bob.receive_json(&[])).contains(&"still fine".to_string()));
 }
 
 /// A device that sends a lot replaces its keys on its own: after 100

@@ -101,6 +101,9 @@ pub(crate) enum StagedChange {
     Pending,
     /// Nothing but fresh keys for this device (the periodic update).
     Update,
+    /// This device's new credential (a new signature key or a certificate by
+    /// the account's new identity key), with fresh keys.
+    Credential,
 }
 
 impl std::fmt::Debug for StagedChange {
@@ -119,6 +122,7 @@ impl std::fmt::Debug for StagedChange {
             StagedChange::Rename { .. } => f.debug_struct("Rename").finish_non_exhaustive(),
             StagedChange::Pending => f.write_str("Pending"),
             StagedChange::Update => f.write_str("Update"),
+            StagedChange::Credential => f.write_str("Credential"),
         }
     }
 }
@@ -189,7 +193,9 @@ impl Subrosa {
                      (see `subrosa history TARGET --json`)"
                 )));
             }
-            let rows = self.store.conversations_by_prefix(&id)?;
+            let mut rows = self.store.conversations_by_prefix(&id)?;
+            // The account's own conversation carries keys, never messages.
+            rows.retain(|r| r.kind != "own");
             return match rows.as_slice() {
                 [row] => Ok(Target::Conversation(row.clone())),
                 [] => Err(ClientError::UnknownTarget(target.to_string())),
@@ -425,7 +431,7 @@ impl Subrosa {
     /// Creates a conversation: stages it and stores the staged commit in one
     /// transaction, then posts it. A lost answer leaves it pending (the next
     /// command completes it); a refusal forgets it.
-    async fn create_conversation(
+    pub(crate) async fn create_conversation(
         &self,
         info: &ConversationInfo,
         key_packages: &[Vec<u8>],
@@ -487,6 +493,14 @@ impl Subrosa {
                 Some(self.engine.rename(conversation, &info)?)
             }
             StagedChange::Update => Some(self.engine.update_keys(conversation)?),
+            StagedChange::Credential => {
+                let me = self.identity();
+                if self.engine.leaf_is(conversation, &me)? {
+                    None
+                } else {
+                    Some(self.engine.update_credential(conversation, &me)?)
+                }
+            }
             StagedChange::Pending => match self.engine.commit_pending(conversation) {
                 Ok(o) => o,
                 Err(CoreError::UnknownConversation) => None,
@@ -1097,6 +1111,10 @@ mod tests {
                 r#"{"change":{"change":"pending"},"line":null}"#,
             ),
             (PendingMeta { change: StagedChange::Update, line: None }, r#"{"change":{"change":"update"},"line":null}"#),
+            (
+                PendingMeta { change: StagedChange::Credential, line: None },
+                r#"{"change":{"change":"credential"},"line":null}"#,
+            ),
         ];
         for (meta, json) in cases {
             assert_eq!(String::from_utf8(serde_json::to_vec(&meta).expect("encode")).expect("utf-8"), json);

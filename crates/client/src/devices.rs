@@ -382,6 +382,9 @@ impl Subrosa {
             let _: AccountInfo = self.api.call::<(), _>(Method::DELETE, &format!("/v1/devices/{device}"), None).await?;
         }
         self.sync().await?;
+        // It held the account's identity key: a new one is due for the
+        // devices that remain (started below, or by the next command).
+        self.store.set_meta(crate::keys::META_ROTATION_DUE, &[1])?;
         let mut n = 0;
         let mut first_error = None;
         let mut pending = None;
@@ -411,7 +414,13 @@ impl Subrosa {
                 "{text} (the removals from other conversations are stored; the next command completes them)"
             ))),
             (Some(e), _) | (None, Some(e)) => Err(e),
-            (None, None) => Ok(n),
+            (None, None) => {
+                // The removed device held the account's identity key: a new
+                // one for the devices that remain, so nothing it certifies
+                // is accepted any more (contacts see a key change).
+                self.finish_key_switch().await?;
+                Ok(n)
+            }
         }
     }
 }

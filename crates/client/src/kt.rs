@@ -557,7 +557,8 @@ impl Subrosa {
                 e => Err(e),
             };
         }
-        let own_key = self.identity().identity_public();
+        let me_now = self.identity();
+        let own_key = me_now.identity_public();
         if info.identity_key.as_slice() != own_key {
             self.store.add_alert_about(
                 THE_SERVER,

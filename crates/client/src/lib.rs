@@ -7,6 +7,7 @@
 
 mod conversations;
 mod devices;
+mod keys;
 pub mod kt;
 mod members;
 pub mod net;
@@ -205,6 +206,8 @@ const KEY_PACKAGE_LOW: u64 = 10;
 
 /// One device of one account.
 pub struct Subrosa {
+    /// The account's handle (never changes, whatever keys rotate).
+    handle: Handle,
     store: Store,
     engine: DeviceEngine,
     api: net::Api,
@@ -290,8 +293,10 @@ impl Subrosa {
     pub(crate) fn assemble(store: Store, identity: DeviceIdentity, server: &str) -> Result<Self, ClientError> {
         let crypto = subrosa_core::default_crypto();
         let api = net::Api::new(server, identity.clone(), crypto.clone())?;
+        let handle = identity.handle().clone();
         let engine = Engine::new(crypto, identity, store.groups(), store.key_packages());
         Ok(Subrosa {
+            handle,
             store,
             engine,
             api,
@@ -304,11 +309,11 @@ impl Subrosa {
 
     /// This account's handle.
     pub fn handle(&self) -> &Handle {
-        self.engine.identity().handle()
+        &self.handle
     }
 
-    /// This device's identity.
-    pub fn identity(&self) -> &DeviceIdentity {
+    /// This device's identity (a snapshot: `devices rekey` replaces it).
+    pub fn identity(&self) -> std::sync::Arc<DeviceIdentity> {
         self.engine.identity()
     }
 
@@ -801,6 +806,10 @@ impl Subrosa {
         from: &DeviceAddress,
         text: String,
     ) -> Result<(), ClientError> {
+        // The conversation of this account's own devices is never shown.
+        if row.kind == "own" {
+            return Ok(());
+        }
         let id: [u8; 16] = rand::random();
         let now = now_ms();
         let m = StoredMessage {
@@ -873,6 +882,18 @@ impl Subrosa {
         for m in members {
             self.check_pinned_key(&m.address.handle, &m.identity_key)?;
         }
+        if info.kind == ConversationKind::Own && members.iter().any(|m| m.address.handle != *self.handle()) {
+            return Err(ClientError::Refused {
+                conversation: None,
+                why: format!(
+                    "{} (device {}) sent an invitation to conversation #{} of this account's own devices with \
+                     another account in it; it was refused",
+                    env.sender.handle,
+                    env.sender.device.to_hex(),
+                    id.to_hex()
+                ),
+            });
+        }
         if info.kind == ConversationKind::Direct {
             let mut accounts: Vec<&Handle> = members.iter().map(|m| &m.address.handle).collect();
             accounts.sort();
@@ -941,6 +962,8 @@ impl Subrosa {
                             .ok_or(ClientError::Core(CoreError::Malformed("direct conversation without a peer")))?;
                         self.store.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
                     }
+                    // Nothing to show: it only carries identity keys.
+                    ConversationKind::Own => self.store.add_conversation(&conversation, "own", "", None)?,
                     ConversationKind::Group => {
                         self.store.add_conversation(&conversation, "group", &info.name, None)?;
                         let row = self.conversation_row(&conversation)?;
@@ -973,13 +996,23 @@ impl Subrosa {
                         self.store.push_kt_head_gossip(sender.address.handle.as_str(), u64::MAX, head)?;
                     }
                 }
+                let late = self.note_sequence(&row, &sender.address, content.seq)?;
+                // The account's own conversation carries identity keys and
+                // nothing else; an identity key anywhere else is ignored.
+                if row.kind == "own" || matches!(content.body, Body::IdentityKey(_)) {
+                    if let (Body::IdentityKey(h), true) =
+                        (&content.body, row.kind == "own" && sender.address.handle == me)
+                    {
+                        self.receive_handover(&sender.address, h)?;
+                    }
+                    return Ok(());
+                }
                 // A kind from a newer Subrosa is stored and shown as such; it
                 // counts in the sender's sequence like any message.
                 let text = match content.body {
                     Body::Text(t) => t,
                     _ => kt::UNSUPPORTED_TEXT.to_string(),
                 };
-                let late = self.note_sequence(&row, &sender.address, content.seq)?;
                 let m = StoredMessage {
                     id: content.message_id.to_hex(),
                     conversation: conversation.to_hex(),
@@ -1006,11 +1039,34 @@ impl Subrosa {
                 }
                 Ok(())
             }
-            Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, .. } => {
+            Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
                 let mut row = self.conversation_row(&conversation)?;
                 let by = &committer.address;
                 // Every commit carries a path: the committer's keys are new.
                 self.store.note_member_update(&conversation, by, now_ms())?;
+                // A device that changed its keys (`devices rekey`, or its
+                // account's identity key rotated) is checked against the
+                // directory like an added one; a new identity key for a
+                // contact is a key change, shown as such.
+                let mut changed_flags = Vec::new();
+                for m in &updated {
+                    if m.address.handle == me {
+                        if !self.is_own_identity_key(&m.identity_key)? {
+                            changed_flags.push((m, "a device of this account is certified by another identity key"));
+                        }
+                    } else if let Some(pinned) = self.store.contact_key(m.address.handle.as_str())? {
+                        if pinned != m.identity_key {
+                            self.store.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
+                            self.key_change_lines(&m.address.handle)?;
+                        }
+                    }
+                }
+                self.queue_member_checks(
+                    &conversation,
+                    by,
+                    false,
+                    updated.iter().filter(|m| !changed_flags.iter().any(|(f, _)| f.address == m.address)),
+                )?;
                 // The commit is applied whatever it adds, so this device stays
                 // in step with the epoch; a device certified by another key
                 // than the one pinned for its account is flagged instead, and
@@ -1051,6 +1107,9 @@ impl Subrosa {
                 }
                 for (m, why) in flagged {
                     self.flag_member(&row, by, m, &why)?;
+                }
+                for (m, why) in changed_flags {
+                    self.flag_member(&row, by, m, why)?;
                 }
                 let mut gone: Vec<&DeviceAddress> = removed.iter().map(|m| &m.address).collect();
                 for a in &gone {
@@ -1165,7 +1224,7 @@ impl Subrosa {
     /// For this account's own handle, the key must be our own identity key.
     fn check_member_key(&self, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
         if handle == self.handle() {
-            return if identity_key == self.identity().identity_public() {
+            return if self.is_own_identity_key(identity_key)? {
                 Ok(())
             } else {
                 Err(CoreError::IdentityMismatch("a device of this account not certified by its identity key".into())
@@ -1233,6 +1292,9 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub async fn sync(&self) -> Result<(), ClientError> {
+        // A key switch whose answer was lost comes first: until it is
+        // settled, this device may not know which key the server checks.
+        self.finish_key_switch().await?;
         self.resolve_pending_commits_or_wait().await?;
         self.catch_up().await?;
         self.flush_outbox_inner(true).await
@@ -1242,6 +1304,10 @@ impl Subrosa {
     /// proposals seen: everything a send must do before it encrypts.
     async fn catch_up(&self) -> Result<(), ClientError> {
         self.drain_inbox(true).await?;
+        // An identity key handed over by another device of this account is
+        // adopted as soon as the directory lists it, before the checks that
+        // compare this account's keys with the directory.
+        self.finish_key_switch().await?;
         self.check_members().await?;
         self.check_directory().await?;
         self.commit_pending_leaves_or_wait().await?;
@@ -1291,8 +1357,16 @@ impl Subrosa {
         ack: bool,
         on: &mut dyn FnMut(&Received),
     ) -> Result<usize, ClientError> {
+        if ack {
+            self.finish_key_switch().await?;
+        }
         self.resolve_pending_commits_or_wait().await?;
         self.drain_inbox(ack).await?;
+        if ack {
+            // A new identity key handed over by another device of this
+            // account is adopted before this account's entry is checked.
+            self.finish_key_switch().await?;
+        }
         self.check_members().await?;
         self.check_directory().await?;
         if ack {
@@ -1315,6 +1389,7 @@ impl Subrosa {
                     Ok(Err(e)) => return Err(e),
                     Ok(Ok(Some(ServerFrame::Messages { messages }))) => {
                         let ids = self.process_batch(&messages)?;
+                        self.finish_key_switch().await?;
                         self.check_members().await?;
                         if ack {
                             net::send_ack(&mut ws, ids).await?;
@@ -1373,6 +1448,7 @@ impl Subrosa {
                 None => return Err(ClientError::Network("the server closed the connection".into())),
                 Some(ServerFrame::Messages { messages }) => {
                     let ids = self.process_batch(&messages)?;
+                    self.finish_key_switch().await?;
                     self.check_members().await?;
                     net::send_ack(&mut ws, ids).await?;
                     self.commit_pending_leaves_or_wait().await?;

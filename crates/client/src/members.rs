@@ -128,6 +128,11 @@ impl Subrosa {
                     "the directory lists another identity key for {}; this device is certified by a key it does not know",
                     c.handle
                 )),
+                // A device of this account must carry this account's key
+                // (or the one handed over and about to be adopted).
+                Lookup::Keys(_) if c.handle == self.handle().as_str() && !self.is_own_identity_key(&c.identity_key)? => {
+                    Some("a device of this account is certified by an identity key this device does not hold".into())
+                }
                 Lookup::Keys(info) => {
                     let listed = info
                         .devices

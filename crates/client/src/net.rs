@@ -118,7 +118,8 @@ pub struct Api {
     http: reqwest::Client,
     tls: Arc<rustls::ClientConfig>,
     base: Url,
-    identity: DeviceIdentity,
+    /// Replaced when this device's signature key rotates (`devices rekey`).
+    identity: std::sync::RwLock<std::sync::Arc<DeviceIdentity>>,
     crypto: subrosa_core::DefaultCrypto,
 }
 
@@ -202,7 +203,23 @@ impl Api {
         let base = check_server_url(base)?;
         let tls = tls_config()?;
         let http = http_client(&tls)?;
-        Ok(Api { http, tls, base, identity, crypto })
+        Ok(Api { http, tls, base, identity: std::sync::RwLock::new(std::sync::Arc::new(identity)), crypto })
+    }
+
+    /// Signs from now on as `identity` (this device after a key rotation).
+    pub fn set_identity(&self, identity: DeviceIdentity) {
+        let new = std::sync::Arc::new(identity);
+        match self.identity.write() {
+            Ok(mut g) => *g = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    fn identity(&self) -> std::sync::Arc<DeviceIdentity> {
+        match self.identity.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The server URL.
@@ -221,13 +238,14 @@ impl Api {
         body: &[u8],
     ) -> Result<Vec<(&'static str, String)>, ClientError> {
         let nonce: [u8; 16] = rand::random();
+        let identity = self.identity();
         let h = SignedHeaders {
-            handle: self.identity.handle().to_string(),
-            device: self.identity.device_id().to_hex(),
+            handle: identity.handle().to_string(),
+            device: identity.device_id().to_hex(),
             timestamp: now_ms(),
             nonce: hex::encode(nonce),
         };
-        let sig = self.identity.sign_with_device(&self.crypto, &canonical_request(method, path_and_query, &h, body))?;
+        let sig = identity.sign_with_device(&self.crypto, &canonical_request(method, path_and_query, &h, body))?;
         Ok(vec![
             (HEADER_HANDLE, h.handle),
             (HEADER_DEVICE, h.device),

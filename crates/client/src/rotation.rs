@@ -81,6 +81,7 @@ impl Subrosa {
     /// whose update fails for another reason is reported as an alert and the
     /// others go on.
     pub(crate) async fn maintain_keys(&self) -> Result<(), ClientError> {
+        self.finish_key_switch().await?;
         self.update_due_keys().await?;
         self.rotate_key_packages(false).await?;
         self.refill_key_packages().await
@@ -103,9 +104,11 @@ impl Subrosa {
     /// Network, server and store errors.
     pub async fn rekey(&self) -> Result<Rekeyed, ClientError> {
         self.sync().await?;
-        let done = self.update_keys_where(|_, _, _, _| true).await?;
-        self.rotate_key_packages(true).await?;
-        Ok(done)
+        // A new signature key, published, then a commit with the new
+        // credential (and fresh path keys) in every conversation, and new
+        // key packages: nothing signed or decrypted with the old state is
+        // any use after it.
+        self.rotate_device_key().await
     }
 
     async fn update_keys_where(&self, due: impl Fn(u64, u64, u64, usize) -> bool) -> Result<Rekeyed, ClientError> {
@@ -155,7 +158,7 @@ impl Subrosa {
     /// ones, when the last rotation is older than [`KEY_PACKAGE_MAX_AGE_MS`]
     /// (or always, with `force`), then erases the secrets of the generation
     /// before the last one.
-    async fn rotate_key_packages(&self, force: bool) -> Result<(), ClientError> {
+    pub(crate) async fn rotate_key_packages(&self, force: bool) -> Result<(), ClientError> {
         let now = now_ms();
         let last = self
             .store

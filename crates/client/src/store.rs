@@ -559,6 +559,14 @@ impl Store {
             .map_err(sql)
     }
 
+    /// Deletes a meta value (nothing when absent).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn delete_meta(&self, key: &str) -> Result<(), ClientError> {
+        self.lock().execute("DELETE FROM meta WHERE key = ?1", [key]).map(|_| ()).map_err(sql)
+    }
+
     /// Writes a meta value.
     ///
     /// # Errors

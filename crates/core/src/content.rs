@@ -37,6 +37,32 @@ pub const MAX_HEAD_BYTES: usize = 1024;
 pub mod kind {
     /// A text message.
     pub const TEXT: u16 = 1;
+    /// The account's new identity key, handed to its other devices (only in
+    /// the conversation of the account's own devices).
+    pub const IDENTITY_KEY: u16 = 2;
+}
+
+/// The account's new identity key pair and the certificates it made for the
+/// account's devices, sent by the device that rotated it to the account's
+/// other devices. The secret is zeroized on drop and never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IdentityHandover {
+    /// The new identity public key.
+    pub identity_public: Vec<u8>,
+    /// The new identity secret key.
+    pub identity_secret: zeroize::Zeroizing<Vec<u8>>,
+    /// A certificate by the new key for each device of the account, by
+    /// device id.
+    pub certificates: Vec<([u8; 8], Vec<u8>)>,
+}
+
+impl std::fmt::Debug for IdentityHandover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityHandover")
+            .field("devices", &self.certificates.len())
+            .field("secret", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 /// A decoded message content.
@@ -74,6 +100,8 @@ pub enum Body {
     /// A text message (links included: they are text, and nobody but the
     /// recipients ever sees them).
     Text(String),
+    /// The account's new identity key for its other devices.
+    IdentityKey(IdentityHandover),
     /// A kind (or a payload version of a known kind) this version does not
     /// read, sent by a newer Subrosa. Kept as it came.
     Unsupported {
@@ -88,6 +116,7 @@ impl std::fmt::Debug for Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Body::Text(t) => write!(f, "Text(<{} bytes>)", t.len()),
+            Body::IdentityKey(h) => write!(f, "{h:?}"),
             Body::Unsupported { kind, payload } => write!(f, "Unsupported(kind {kind}, <{} bytes>)", payload.len()),
         }
     }
@@ -132,6 +161,23 @@ struct TextV1 {
 }
 const TEXT_V1: u8 = 1;
 
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct CertificateEntry {
+    device_id: [u8; 8],
+    certificate: Vec<u8>,
+}
+
+/// An identity key handover, payload version 1.
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct IdentityKeyV1 {
+    identity_public: Vec<u8>,
+    identity_secret: Vec<u8>,
+    certificates: Vec<CertificateEntry>,
+}
+const IDENTITY_KEY_V1: u8 = 1;
+/// An account has at most a few dozen devices; anything larger is refused.
+const MAX_HANDOVER_CERTIFICATES: usize = 64;
+
 /// The padded size for a plaintext of `len` bytes.
 pub fn bucket(len: usize) -> usize {
     const STEP: usize = 64 * 1024;
@@ -163,7 +209,21 @@ fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
             }
             text_body(t.text)
         }
-        (kind::TEXT, None) => Err(CoreError::Malformed("content: empty payload")),
+        (kind::IDENTITY_KEY, Some(&IDENTITY_KEY_V1)) => {
+            let mut rest = &payload[1..];
+            let mut h = IdentityKeyV1::mls_decode(&mut rest)
+                .map_err(|_| CoreError::Malformed("content: identity key payload"))?;
+            let secret = zeroize::Zeroizing::new(std::mem::take(&mut h.identity_secret));
+            if !rest.is_empty() || h.certificates.len() > MAX_HANDOVER_CERTIFICATES {
+                return Err(CoreError::Malformed("content: identity key payload"));
+            }
+            Ok(Body::IdentityKey(IdentityHandover {
+                identity_public: h.identity_public,
+                identity_secret: secret,
+                certificates: h.certificates.into_iter().map(|c| (c.device_id, c.certificate)).collect(),
+            }))
+        }
+        (kind::TEXT | kind::IDENTITY_KEY, None) => Err(CoreError::Malformed("content: empty payload")),
         _ => Ok(Body::Unsupported { kind, payload }),
     }
 }
@@ -197,6 +257,22 @@ impl Content {
                     .mls_encode(&mut payload)
                     .map_err(|_| CoreError::Bug("content encoding"))?;
                 (kind::TEXT, payload)
+            }
+            Body::IdentityKey(h) => {
+                let mut payload = vec![IDENTITY_KEY_V1];
+                let wire = IdentityKeyV1 {
+                    identity_public: h.identity_public.clone(),
+                    identity_secret: h.identity_secret.to_vec(),
+                    certificates: h
+                        .certificates
+                        .iter()
+                        .map(|(d, c)| CertificateEntry { device_id: *d, certificate: c.clone() })
+                        .collect(),
+                };
+                let encoded = wire.mls_encode(&mut payload).map_err(|_| CoreError::Bug("content encoding"));
+                zeroize::Zeroize::zeroize(&mut { wire.identity_secret });
+                encoded?;
+                (kind::IDENTITY_KEY, payload)
             }
             Body::Unsupported { kind, payload } => (*kind, payload.clone()),
         };
@@ -325,6 +401,41 @@ mod tests {
         let n = unpadded.len() / 2;
         assert_eq!(hex::encode(&bytes[..n]), unpadded);
         assert_eq!(Content::decode(&bytes).ok(), Some(future));
+    }
+
+    #[test]
+    fn snapshot_of_an_identity_key_handover() {
+        let handover = Content {
+            message_id: MessageId([0x22; 16]),
+            sent_at_ms: 1,
+            body: Body::IdentityKey(IdentityHandover {
+                identity_public: vec![0xa1; 2],
+                identity_secret: zeroize::Zeroizing::new(vec![0x5e; 2]),
+                certificates: vec![([0xd1; 8], vec![0xce; 3])],
+            }),
+            seq: 2,
+            kt_head: None,
+        };
+        let bytes = handover.encode().expect("encodes");
+        let unpadded = concat!(
+            "03",
+            "22222222222222222222222222222222",
+            "0000000000000001",
+            "0000000000000002",
+            "00",               // no head
+            "0002",             // kind: identity key
+            "14",               // payload length
+            "01",               // payload version 1
+            "02a1a1",           // identity public key
+            "025e5e",           // identity secret key
+            "0c",               // certificates (length of the list)
+            "d1d1d1d1d1d1d1d1", // device id
+            "03cecece",         // its certificate
+        );
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert_eq!(Content::decode(&bytes).ok(), Some(handover.clone()));
+        assert!(!format!("{handover:?}").contains("5e"), "the secret never reaches Debug");
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub enum ConversationKind {
     Direct,
     /// A named group.
     Group,
+    /// The account's own devices and nobody else: where one device hands
+    /// the others the account's new identity key. Never shown as a
+    /// conversation.
+    Own,
 }
 
 /// What members know about a conversation, carried inside the encryption.
@@ -61,10 +65,16 @@ impl ConversationInfo {
         ConversationInfo { kind: ConversationKind::Direct, name: String::new() }
     }
 
+    /// The conversation of the account's own devices.
+    pub fn own() -> Self {
+        ConversationInfo { kind: ConversationKind::Own, name: String::new() }
+    }
+
     fn to_ext(&self) -> ConversationInfoExt {
         let kind = match self.kind {
             ConversationKind::Direct => 1,
             ConversationKind::Group => 2,
+            ConversationKind::Own => 3,
         };
         ConversationInfoExt { kind, name: self.name.as_bytes().to_vec() }
     }
@@ -73,6 +83,7 @@ impl ConversationInfo {
         let kind = match ext.kind {
             1 => ConversationKind::Direct,
             2 => ConversationKind::Group,
+            3 => ConversationKind::Own,
             _ => return Err(CoreError::Malformed("conversation kind")),
         };
         let name = String::from_utf8(ext.name.clone()).map_err(|_| CoreError::Malformed("conversation name"))?;
@@ -90,6 +101,10 @@ enum Change<'a> {
     /// Nothing but fresh keys for this device's leaf and path: the periodic
     /// update that gives post-compromise security.
     Update,
+    /// Fresh leaf and path keys under a new signing identity of this same
+    /// device: a new certificate (the account's identity key rotated) or a
+    /// new signature key (`devices rekey`).
+    Credential(&'a DeviceIdentity),
 }
 
 /// A member device as its verified certificate describes it.
@@ -167,6 +182,10 @@ pub enum Event {
         left: Vec<DeviceAddress>,
         /// The new kind and name, when the commit changed them.
         renamed: Option<ConversationInfo>,
+        /// Devices still in the conversation whose keys changed: a new
+        /// signature key or a certificate by a new identity key (the
+        /// committer's own leaf, when it changed its credential).
+        updated: Vec<MemberInfo>,
     },
     /// A member proposed to leave; some member must commit it
     /// ([`Engine::commit_pending`]).
@@ -184,7 +203,10 @@ pub enum Event {
 #[derive(Clone)]
 pub struct Engine<C, G, K> {
     crypto: C,
-    identity: DeviceIdentity,
+    /// Replaced whole when the account's identity key or this device's
+    /// signature key rotates ([`Engine::set_identity`]).
+    /// Clones share it: they are the same device.
+    identity: std::sync::Arc<std::sync::RwLock<std::sync::Arc<DeviceIdentity>>>,
     groups: G,
     key_packages: K,
 }
@@ -226,12 +248,32 @@ where
 {
     /// An engine for `identity` over the given storage.
     pub fn new(crypto: C, identity: DeviceIdentity, groups: G, key_packages: K) -> Self {
-        Engine { crypto, identity, groups, key_packages }
+        Engine {
+            crypto,
+            identity: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(identity))),
+            groups,
+            key_packages,
+        }
     }
 
-    /// This device's identity.
-    pub fn identity(&self) -> &DeviceIdentity {
-        &self.identity
+    /// This device's identity (a snapshot: a rotation replaces it).
+    pub fn identity(&self) -> std::sync::Arc<DeviceIdentity> {
+        match self.identity.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces this device's identity once a rotation is published: new
+    /// key packages and new conversations use it. Each existing
+    /// conversation changes its leaf with a [`Self::update_credential`]
+    /// commit.
+    pub fn set_identity(&self, identity: DeviceIdentity) {
+        let new = std::sync::Arc::new(identity);
+        match self.identity.write() {
+            Ok(mut g) => *g = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
     }
 
     /// The crypto provider.
@@ -240,6 +282,7 @@ where
     }
 
     fn client(&self) -> Result<Client<impl MlsConfig>, CoreError> {
+        let identity = self.identity();
         let rules = DefaultMlsRules::new()
             // Handshakes are PrivateMessages: membership changes and the
             // group name are hidden from the server. Padding hides lengths.
@@ -255,7 +298,7 @@ where
             .key_package_repo(self.key_packages.clone())
             .extension_type(ExtensionType::new(CONVERSATION_INFO_EXT))
             .mls_rules(rules)
-            .signing_identity(self.identity.signing_identity()?, self.identity.device_secret().clone(), CIPHERSUITE)
+            .signing_identity(identity.signing_identity()?, identity.device_secret().clone(), CIPHERSUITE)
             .build())
     }
 
@@ -426,7 +469,7 @@ where
         let plaintext = content.encode()?;
         let msg = group.encrypt_application_message(&plaintext, Vec::new())?;
         group.write_to_storage()?;
-        let me = self.identity.address();
+        let me = self.identity().address();
         let recipients = self.members_of(&group)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
         Ok((msg.to_bytes()?, recipients))
     }
@@ -491,6 +534,36 @@ where
         self.stage(conversation, Change::Update)
     }
 
+    /// Stages a commit that replaces this device's leaf with `identity`: the
+    /// same device (handle and id) with a new certificate or a new
+    /// signature key, and fresh path keys. Confirmed like any commit; from
+    /// then on the conversation's members see the new keys.
+    ///
+    /// # Errors
+    /// [`CoreError::IdentityMismatch`] when `identity` is another device;
+    /// as [`Self::update_keys`].
+    pub fn update_credential(
+        &self,
+        conversation: &ConversationId,
+        identity: &DeviceIdentity,
+    ) -> Result<OutgoingCommit, CoreError> {
+        if identity.address() != self.identity().address() {
+            return Err(CoreError::IdentityMismatch("a new credential must be for this same device".into()));
+        }
+        self.stage(conversation, Change::Credential(identity))
+    }
+
+    /// Whether this device's leaf in `conversation` already carries
+    /// `identity`'s certificate and signature key.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`].
+    pub fn leaf_is(&self, conversation: &ConversationId, identity: &DeviceIdentity) -> Result<bool, CoreError> {
+        let group = self.load(conversation)?;
+        let si = group.current_member_signing_identity()?;
+        Ok(*si == identity.signing_identity()?)
+    }
+
     /// The one way a commit is made: load the group, put `change` into a
     /// commit (with any proposals received), store it as pending, and
     /// describe it for the server. The commit goes to every current member
@@ -499,7 +572,7 @@ where
         let mut group = self.load(conversation)?;
         let epoch = Epoch(group.current_epoch());
         let members = self.members_of(&group)?;
-        let me = self.identity.address();
+        let me = self.identity().address();
         let commit_recipients = members.iter().map(|m| m.address.clone()).filter(|a| *a != me).collect();
         let mut welcome_recipients = Vec::new();
         // Proposals received so far go into the commit: a member's leave.
@@ -538,6 +611,10 @@ where
                 exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
                 builder = builder.set_group_context_ext(exts)?;
             }
+            Change::Credential(identity) => {
+                builder =
+                    builder.set_new_signing_identity(identity.device_secret().clone(), identity.signing_identity()?);
+            }
             Change::Pending | Change::Update => {}
         }
         let output = builder.build()?;
@@ -569,7 +646,7 @@ where
     }
 
     fn others<Cfg: MlsConfig>(&self, group: &mls_rs::Group<Cfg>) -> Result<Vec<DeviceAddress>, CoreError> {
-        let me = self.identity.address();
+        let me = self.identity().address();
         Ok(self.members_of(group)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect())
     }
 
@@ -640,7 +717,16 @@ where
                 let removed_self = matches!(commit.effect, CommitEffect::Removed { .. });
                 let after = if removed_self { Vec::new() } else { self.members_of(&group)? };
                 let added = after.iter().filter(|m| !before.iter().any(|b| b.address == m.address)).cloned().collect();
-                let me = self.identity.address();
+                let updated = after
+                    .iter()
+                    .filter(|m| {
+                        before.iter().any(|b| {
+                            b.address == m.address && (b.identity_key != m.identity_key || b.device_key != m.device_key)
+                        })
+                    })
+                    .cloned()
+                    .collect();
+                let me = self.identity().address();
                 let removed = if removed_self {
                     // The group goes on without us; we only know we are out.
                     before.iter().filter(|b| b.address == me).cloned().collect()
@@ -680,6 +766,7 @@ where
                     removed_self,
                     left,
                     renamed,
+                    updated,
                 }
             }
             ReceivedMessage::Proposal(p) => match (&p.proposal, &p.sender) {

@@ -255,6 +255,90 @@ impl DeviceIdentity {
         })
     }
 
+    /// This device under a new account identity key: a fresh identity key
+    /// pair and a certificate by it for this device's unchanged signature
+    /// key. Other devices of the account are certified with
+    /// [`Self::certify`] on the result.
+    ///
+    /// # Errors
+    /// [`CoreError::Crypto`].
+    pub fn with_new_identity_key<C: CryptoProvider>(&self, crypto: &C, now_ms: u64) -> Result<Self, CoreError> {
+        let (identity_secret, identity_public) =
+            suite(crypto)?.signature_key_generate().map_err(|e| CoreError::Crypto(format!("{e:?}")))?;
+        let certificate = DeviceCertificate::issue(
+            crypto,
+            &self.handle,
+            self.device_id,
+            &identity_public,
+            &identity_secret,
+            &self.device_public,
+            now_ms,
+        )?;
+        Ok(DeviceIdentity {
+            handle: self.handle.clone(),
+            device_id: self.device_id,
+            identity_public,
+            identity_secret,
+            device_public: self.device_public.clone(),
+            device_secret: self.device_secret.clone(),
+            certificate,
+        })
+    }
+
+    /// This device with a fresh signature key, certified by the account's
+    /// identity key (`devices rekey`).
+    ///
+    /// # Errors
+    /// [`CoreError::Crypto`].
+    pub fn with_new_device_key<C: CryptoProvider>(&self, crypto: &C, now_ms: u64) -> Result<Self, CoreError> {
+        let (device_secret, device_public) =
+            suite(crypto)?.signature_key_generate().map_err(|e| CoreError::Crypto(format!("{e:?}")))?;
+        let certificate = self.certify(crypto, self.device_id, &device_public, now_ms)?;
+        Ok(DeviceIdentity { device_public, device_secret, certificate, ..self.clone() })
+    }
+
+    /// This device under an identity key another device of the account
+    /// rotated to and handed over: `certificate` must certify this device's
+    /// own signature key by `identity_public`, and the secret must match.
+    ///
+    /// # Errors
+    /// [`CoreError::IdentityMismatch`] or [`CoreError::BadSignature`].
+    pub fn adopt_identity_key<C: CryptoProvider>(
+        &self,
+        crypto: &C,
+        identity_public: &[u8],
+        identity_secret: &[u8],
+        certificate: &[u8],
+    ) -> Result<Self, CoreError> {
+        let certificate = DeviceCertificate::from_bytes(certificate)?;
+        if certificate.handle() != self.handle || certificate.device_id() != self.device_id {
+            return Err(CoreError::IdentityMismatch("the certificate is for another device".into()));
+        }
+        let identity_secret = SignatureSecretKey::new(identity_secret.to_vec());
+        let identity_public = SignaturePublicKey::new(identity_public.to_vec());
+        // The secret must be the public key's: a signature by it verifies.
+        let probe = suite(crypto)?
+            .sign(&identity_secret, b"subrosa identity key handover check")
+            .map_err(|e| CoreError::Crypto(format!("{e:?}")))?;
+        suite(crypto)?
+            .verify(&identity_public, &probe, b"subrosa identity key handover check")
+            .map_err(|_| CoreError::IdentityMismatch("the handed-over identity key pair does not match".into()))?;
+        Self::from_parts(
+            crypto,
+            identity_public,
+            identity_secret,
+            self.device_public.clone(),
+            self.device_secret.clone(),
+            certificate,
+        )
+    }
+
+    /// The account identity secret key's bytes, only to hand it to another
+    /// device of the account inside end-to-end encryption.
+    pub fn identity_secret_bytes(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.identity_secret.as_bytes().to_vec())
+    }
+
     /// Serialises the secrets for the encrypted local store.
     ///
     /// # Errors
@@ -455,9 +539,13 @@ impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider
         successor: &SigningIdentity,
         _extensions: &ExtensionList,
     ) -> Result<bool, Self::Error> {
+        // The same device may change its signature key (`devices rekey`) or
+        // carry a certificate by its account's new identity key (rotated
+        // after a removal). Whether that new key is the account's is for the
+        // key directory to say: clients check it as for an added device.
         let a = DeviceCertificate::of_roster_member(predecessor)?;
         let b = DeviceCertificate::of_roster_member(successor)?;
-        Ok(a.address() == b.address() && a.identity_key() == b.identity_key())
+        Ok(a.address() == b.address())
     }
 
     fn supported_types(&self) -> Vec<CredentialType> {

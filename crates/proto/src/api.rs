@@ -378,6 +378,21 @@ pub struct AddDeviceRequest {
     pub device: DeviceRecord,
 }
 
+/// Replaces the caller's account keys (`PUT /v1/accounts/keys`): a new
+/// identity key with every active device re-certified by it (after a
+/// device removal), or the caller's own new signature key (`devices
+/// rekey`). The server checks only the shape (exactly the active devices;
+/// only the caller's signature key may change); clients check every
+/// certificate against the directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySetUpdate {
+    /// The account's identity public key, new or unchanged.
+    pub identity_key: B64,
+    /// Every active device of the account.
+    pub devices: Vec<DeviceRecord>,
+}
+
 /// Opens a link slot for a new device of `handle` (unsigned: the new device
 /// has no registered key yet). The request is opaque to the server: the new
 /// device's public keys, which the approving device checks against the

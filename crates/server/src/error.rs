@@ -117,6 +117,7 @@ impl From<StoreError> for AppError {
                 crate::store::MAX_DEVICES_PER_ACCOUNT
             )),
             StoreError::LastDevice => Self::bad_request("cannot remove the last device"),
+            StoreError::KeySet(why) => Self::new(StatusCode::CONFLICT, ErrorCode::BadRequest, why),
             StoreError::UnknownLink => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such link request, or it expired")
             }

@@ -7,7 +7,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use subrosa_proto::kt::{KtAudit, KtHead, KtLookup};
@@ -17,9 +17,9 @@ use subrosa_proto::limits::{
 };
 use subrosa_proto::{
     AccountInfo, AckRequest, AckResponse, AddDeviceRequest, ClaimRequest, ClaimResponse, DeviceAddress, DeviceId,
-    DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, LinkApproveRequest,
-    LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, MessageKind, RegisterRequest, SendPart,
-    SendRequest, SendResponse, B64,
+    DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, KeySetUpdate,
+    LinkApproveRequest, LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, MessageKind, RegisterRequest,
+    SendPart, SendRequest, SendResponse, B64,
 };
 
 use crate::auth::{
@@ -34,6 +34,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/accounts", post(register))
+        .route("/v1/accounts/keys", put(replace_keys))
         .route("/v1/accounts/{handle}", get(account))
         .route("/v1/keypackages", post(upload_key_packages).get(key_package_count))
         .route("/v1/keypackages/claim", post(claim_key_packages))
@@ -369,6 +370,22 @@ async fn add_device(
 ) -> Result<Json<AccountInfo>, AppError> {
     validate_device(&body.device)?;
     state.store.add_device(&device.handle, body.device, now_ms()).await?;
+    Ok(Json(changed_account(&state, &device).await?))
+}
+
+/// `PUT /v1/accounts/keys`: replaces the caller's account keys (identity key
+/// rotation after a removal, or the caller's new signature key), then
+/// publishes them in the directory.
+async fn replace_keys(
+    State(state): State<AppState>,
+    SignedJson { device, body }: SignedJson<KeySetUpdate>,
+) -> Result<Json<AccountInfo>, AppError> {
+    for d in &body.devices {
+        validate_device(d)?;
+    }
+    state.store.replace_keys(&device, body.identity_key.into_inner(), body.devices).await?;
+    // This node at once (other nodes through the store's notification).
+    state.wakeups.keys_changed(&device);
     Ok(Json(changed_account(&state, &device).await?))
 }
 

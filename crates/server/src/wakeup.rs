@@ -25,6 +25,9 @@ use tokio::sync::watch;
 struct Signal {
     counter: u64,
     revoked: bool,
+    /// Bumped when the device's signature key changes: sockets opened with
+    /// the old key close (the device reconnects with the new one).
+    key_changes: u64,
 }
 
 /// Device → its [`Signal`], and the cached signature keys.
@@ -56,6 +59,8 @@ pub enum Woken {
     Mail,
     /// The device was removed: close its sockets.
     Revoked,
+    /// The device's keys changed: close its sockets, it may come back.
+    Rekeyed,
 }
 
 /// A socket's subscription; unsubscribes on drop.
@@ -64,6 +69,8 @@ pub struct Subscription {
     wakeups: Arc<Wakeups>,
     addr: DeviceAddress,
     rx: Option<watch::Receiver<Signal>>,
+    /// The device's key changes when this subscription began.
+    key_changes: u64,
 }
 
 impl Wakeups {
@@ -71,7 +78,8 @@ impl Wakeups {
     pub fn subscribe(self: &Arc<Self>, addr: &DeviceAddress) -> Subscription {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let rx = map.entry(addr.clone()).or_insert_with(|| watch::channel(Signal::default()).0).subscribe();
-        Subscription { wakeups: Arc::clone(self), addr: addr.clone(), rx: Some(rx) }
+        let key_changes = rx.borrow().key_changes;
+        Subscription { wakeups: Arc::clone(self), addr: addr.clone(), rx: Some(rx), key_changes }
     }
 
     /// Wakes every local socket of the device.
@@ -106,6 +114,20 @@ impl Wakeups {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = map.get(addr) {
             tx.send_modify(|s| s.revoked = true);
+        }
+    }
+
+    /// The device's keys changed (`PUT /v1/accounts/keys`): its cached key
+    /// goes, and its sockets, opened with the old key, close.
+    pub fn keys_changed(&self, addr: &DeviceAddress) {
+        {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            keys.generation = keys.generation.wrapping_add(1);
+            keys.keys.remove(addr);
+        }
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(addr) {
+            tx.send_modify(|s| s.key_changes = s.key_changes.wrapping_add(1));
         }
     }
 
@@ -164,8 +186,11 @@ impl Subscription {
                     // if it were, wait forever rather than spin.
                     std::future::pending::<()>().await;
                 }
-                if rx.borrow_and_update().revoked {
+                let signal = *rx.borrow_and_update();
+                if signal.revoked {
                     Woken::Revoked
+                } else if signal.key_changes != self.key_changes {
+                    Woken::Rekeyed
                 } else {
                     Woken::Mail
                 }

@@ -210,6 +210,12 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
                     close_removed(&mut socket).await;
                     return Err("device removed");
                 }
+                if woken == Woken::Rekeyed {
+                    // Opened with the device's old key: the device
+                    // reconnects with its new one.
+                    let _ = socket.send(Message::Close(None)).await;
+                    return Err("device keys changed");
+                }
                 look = true;
             }
             _ = recheck.tick() => {

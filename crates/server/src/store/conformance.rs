@@ -114,6 +114,7 @@ macro_rules! with_behaviours {
             commit_replaces_roster_with_declared_members,
             removed_device_leaves_rosters,
             commit_reaches_every_member_and_its_committer,
+            key_set_replacement_follows_the_rule,
         );
     };
 }
@@ -984,4 +985,62 @@ pub async fn commit_reaches_every_member_and_its_committer(store: Arc<dyn Store>
     store.send(&alice, &add, NOW).await.expect("add dave");
     let got = inbox(dave.clone()).await;
     assert_eq!(got.iter().map(|e| e.kind).collect::<Vec<_>>(), [MessageKind::Welcome]);
+}
+
+/// `replace_keys`: a device may replace its own signature key, or the
+/// account's identity key with every device re-certified; never another
+/// device's key, never a set that is not exactly the active devices. Key
+/// packages made under old keys are gone.
+pub async fn key_set_replacement_follows_the_rule(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let alice2 = second_device(&store, &alice.handle).await;
+    let carol = account(&store, "carol").await;
+    for d in [&alice, &alice2] {
+        store.upload_key_packages(d, vec![b"kp".to_vec()], Some(b"lr".to_vec()), false).await.expect("upload");
+    }
+    let current = store.account(&alice.handle).await.expect("account").expect("exists");
+    let record = |d: &DeviceAddress| current.devices.iter().find(|r| r.device_id == d.device).cloned().expect("listed");
+    let identity = current.identity_key.as_slice().to_vec();
+
+    // A device's own new signature key: only its packages go.
+    let mut own = record(&alice);
+    own.signature_key = B64(vec![1; 32]);
+    own.certificate = B64(b"new certificate".to_vec());
+    store.replace_keys(&alice, identity.clone(), vec![own.clone(), record(&alice2)]).await.expect("rekey");
+    let after = store.account(&alice.handle).await.expect("account").expect("exists");
+    assert!(after.devices.contains(&own));
+    assert_eq!(store.device(&alice).await.expect("device").expect("active").signature_key, own.signature_key);
+    let claimed = store.claim_key_packages(&alice.handle, &carol).await.expect("alice2 still has packages");
+    assert_eq!(claimed.packages.len(), 1);
+    assert_eq!(claimed.packages[0].device.device_id, alice2.device);
+
+    // Another device's signature key: refused, nothing changed.
+    let mut theirs = record(&alice2);
+    theirs.signature_key = B64(vec![2; 32]);
+    let refused = store.replace_keys(&alice, identity.clone(), vec![own.clone(), theirs]).await;
+    assert!(matches!(refused, Err(StoreError::KeySet(_))), "{refused:?}");
+    // Another device's certificate without a new identity key: refused.
+    let mut recert = record(&alice2);
+    recert.certificate = B64(b"other".to_vec());
+    let refused = store.replace_keys(&alice, identity.clone(), vec![own.clone(), recert.clone()]).await;
+    assert!(matches!(refused, Err(StoreError::KeySet(_))), "{refused:?}");
+    // Not exactly the active devices: refused.
+    let refused = store.replace_keys(&alice, identity.clone(), vec![own.clone()]).await;
+    assert!(matches!(refused, Err(StoreError::KeySet(_))), "{refused:?}");
+    let refused =
+        store.replace_keys(&alice, identity.clone(), vec![own.clone(), record(&alice2), random_device()]).await;
+    assert!(matches!(refused, Err(StoreError::KeySet(_))), "{refused:?}");
+    assert_eq!(store.account(&alice.handle).await.expect("account").expect("exists"), after);
+
+    // A new identity key with every device re-certified: every package goes.
+    store.replace_keys(&alice, vec![9; 32], vec![own.clone(), recert.clone()]).await.expect("rotate");
+    let rotated = store.account(&alice.handle).await.expect("account").expect("exists");
+    assert_eq!(rotated.identity_key.as_slice(), &[9; 32]);
+    assert!(rotated.devices.contains(&recert));
+    assert!(matches!(store.claim_key_packages(&alice.handle, &carol).await, Err(StoreError::NoKeyPackage)));
+
+    // A revoked device can replace nothing.
+    store.remove_device(&alice2).await.expect("remove");
+    let refused = store.replace_keys(&alice2, vec![9; 32], vec![own.clone()]).await;
+    assert!(matches!(refused, Err(StoreError::UnknownDevice(_))), "{refused:?}");
 }

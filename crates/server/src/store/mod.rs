@@ -10,8 +10,8 @@
 
 use async_trait::async_trait;
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceRecord, Envelope, Epoch, Handle, KeyPackageCount,
-    LinkId, SendRequest,
+    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    KeyPackageCount, LinkId, SendRequest,
 };
 
 #[cfg(any(test, feature = "conformance"))]
@@ -71,12 +71,66 @@ pub enum StoreError {
     /// The sending device is not in the conversation's roster.
     #[error("not a member of the conversation")]
     NotAMember,
+    /// A key-set replacement that does not list exactly the account's
+    /// active devices, or changes another device's signature key.
+    #[error("invalid key set: {0}")]
+    KeySet(&'static str),
     /// The backend is unreachable or busy; the operation may succeed later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
     /// The backend failed, or holds data it should not (a bug in us).
     #[error("storage failure: {0}")]
     Internal(String),
+}
+
+/// The one rule for replacing an account's keys ([`Store::replace_keys`]),
+/// shared by every backend: `new` lists exactly the devices of `current`;
+/// only `caller` may change its signature key; certificates change for
+/// every device only with the identity key. Returns the devices whose key
+/// packages are now stale.
+///
+/// # Errors
+/// [`StoreError::KeySet`].
+pub fn check_key_set(
+    current: &AccountInfo,
+    caller: &DeviceAddress,
+    identity_key: &[u8],
+    new: &[DeviceRecord],
+) -> Result<Vec<DeviceId>, StoreError> {
+    if identity_key.is_empty() || identity_key.len() > 256 {
+        return Err(StoreError::KeySet("the identity key must be 1 to 256 bytes"));
+    }
+    let mut ids: Vec<DeviceId> = new.iter().map(|d| d.device_id).collect();
+    ids.sort();
+    ids.dedup();
+    let mut have: Vec<DeviceId> = current.devices.iter().map(|d| d.device_id).collect();
+    have.sort();
+    if ids.len() != new.len() || ids != have {
+        return Err(StoreError::KeySet("the key set must list exactly the account's active devices"));
+    }
+    let rotated = identity_key != current.identity_key.as_slice();
+    let mut stale = Vec::new();
+    for d in new {
+        let old = current
+            .devices
+            .iter()
+            .find(|o| o.device_id == d.device_id)
+            .ok_or(StoreError::KeySet("the key set must list exactly the account's active devices"))?;
+        if d.signature_key.is_empty() || d.signature_key.len() > 256 || d.certificate.len() > 4096 {
+            return Err(StoreError::KeySet("a device key or certificate has an invalid size"));
+        }
+        let own = d.device_id == caller.device;
+        if d.signature_key != old.signature_key && !own {
+            return Err(StoreError::KeySet("only a device itself may change its signature key"));
+        }
+        if d.certificate != old.certificate && !own && !rotated {
+            return Err(StoreError::KeySet("another device's certificate changes only with the identity key"));
+        }
+        if rotated || d != old {
+            stale.push(d.device_id);
+        }
+    }
+    Ok(stale)
 }
 
 /// A new account with its first device.
@@ -292,6 +346,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::UnknownDevice`] when no active device has this address;
     /// [`StoreError::LastDevice`] when it is the account's only active device.
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError>;
+
+    /// Replaces the account's published keys, for `caller`, an active device
+    /// of it: the identity key and every active device's certificate (the
+    /// identity key rotated after a removal), or the caller's own signature
+    /// key and certificate (`devices rekey`). `devices` must list exactly
+    /// the active devices; see [`check_key_set`] for the rule. Key packages
+    /// made under the old keys are deleted (every device's when the identity
+    /// key changes, else the caller's): each device uploads new ones.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDevice`] for an unknown caller;
+    /// [`StoreError::KeySet`] when the set breaks the rule.
+    async fn replace_keys(
+        &self,
+        caller: &DeviceAddress,
+        identity_key: Vec<u8>,
+        devices: Vec<DeviceRecord>,
+    ) -> Result<(), StoreError>;
 
     /// An active device, for checking its signatures.
     ///

@@ -569,20 +569,18 @@ async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &W
     result
 }
 
-/// Payload: `w ADDR…` (mail for these devices) or `r ADDR…` (removed).
+/// Payload: `w ADDR…` (mail for these devices), `r ADDR…` (removed) or
+/// `k ADDR…` (their keys changed).
 fn apply_notification(wakeups: &Wakeups, payload: &str) {
     let mut parts = payload.split_ascii_whitespace();
-    let revoke = match parts.next() {
-        Some("w") => false,
-        Some("r") => true,
+    let apply: fn(&Wakeups, &DeviceAddress) = match parts.next() {
+        Some("w") => Wakeups::wake,
+        Some("r") => Wakeups::revoke,
+        Some("k") => Wakeups::keys_changed,
         _ => return,
     };
     for addr in parts.filter_map(|a| a.parse::<DeviceAddress>().ok()) {
-        if revoke {
-            wakeups.revoke(&addr);
-        } else {
-            wakeups.wake(&addr);
-        }
+        apply(wakeups, &addr);
     }
 }
 
@@ -606,6 +604,25 @@ async fn device_row<C: GenericClient>(c: &C, addr: &DeviceAddress) -> R<Option<i
     )
     .await?
     .map(|r| r.get(0)))
+}
+
+/// An account with its active devices.
+async fn account_in<C: GenericClient>(c: &C, handle: &Handle) -> R<Option<AccountInfo>> {
+    let Some(row) = query_opt(c, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?
+    else {
+        return Ok(None);
+    };
+    let identity_key: Vec<u8> = row.get(0);
+    let rows = query(
+        c,
+        "SELECT device_id, signature_key, certificate FROM devices
+         WHERE handle = $1 AND active ORDER BY id",
+        &[&handle.as_str()],
+    )
+    .await?;
+    let devices =
+        rows.into_iter().map(|r| device_record(r.get(0), r.get(1), r.get(2))).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(AccountInfo { handle: handle.clone(), identity_key: B64(identity_key), devices, kt: None }))
 }
 
 async fn require_device<C: GenericClient>(c: &C, addr: &DeviceAddress) -> R<i64> {
@@ -722,6 +739,48 @@ impl Store for PgStore {
         .await)
     }
 
+    async fn replace_keys(
+        &self,
+        caller: &DeviceAddress,
+        identity_key: Vec<u8>,
+        devices: Vec<DeviceRecord>,
+    ) -> Result<(), StoreError> {
+        in_tx!(self, |tx| async {
+            // The account's row lock orders this against device additions
+            // and removals, as they take it too.
+            if !lock_account(&tx, &caller.handle).await? {
+                return Err(Fail::Store(StoreError::UnknownDevice(caller.clone())));
+            }
+            require_device(&tx, caller).await?;
+            let current = account_in(&tx, &caller.handle).await?.ok_or(Fail::Store(StoreError::UnknownHandle))?;
+            let stale = super::check_key_set(&current, caller, &identity_key, &devices).map_err(Fail::Store)?;
+            execute(
+                &tx,
+                "UPDATE accounts SET identity_key = $1 WHERE handle = $2",
+                &[&identity_key, &caller.handle.as_str()],
+            )
+            .await?;
+            for d in &devices {
+                let addr = DeviceAddress { handle: caller.handle.clone(), device: d.device_id };
+                let row = require_device(&tx, &addr).await?;
+                execute(
+                    &tx,
+                    "UPDATE devices SET signature_key = $1, certificate = $2 WHERE id = $3",
+                    &[&d.signature_key.as_slice(), &d.certificate.as_slice(), &row],
+                )
+                .await?;
+                if stale.contains(&d.device_id) {
+                    execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&row]).await?;
+                    execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&row]).await?;
+                }
+            }
+            // Every node drops its cached key for the caller.
+            notify(&tx, &self.channel, "k", std::slice::from_ref(caller)).await?;
+            Ok(())
+        }
+        .await)
+    }
+
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
         in_tx!(self, |tx| async {
             if !lock_account(&tx, &addr.handle).await? {
@@ -762,25 +821,7 @@ impl Store for PgStore {
     }
 
     async fn account(&self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
-        on_client!(self, |c| async {
-            let Some(row) =
-                query_opt(&c, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?
-            else {
-                return Ok(None);
-            };
-            let identity_key: Vec<u8> = row.get(0);
-            let rows = query(
-                &c,
-                "SELECT device_id, signature_key, certificate FROM devices
-                 WHERE handle = $1 AND active ORDER BY id",
-                &[&handle.as_str()],
-            )
-            .await?;
-            let devices =
-                rows.into_iter().map(|r| device_record(r.get(0), r.get(1), r.get(2))).collect::<Result<Vec<_>, _>>()?;
-            Ok(Some(AccountInfo { handle: handle.clone(), identity_key: B64(identity_key), devices, kt: None }))
-        }
-        .await)
+        on_client!(self, |c| async { account_in(&c, handle).await }.await)
     }
 
     async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError> {

@@ -504,6 +504,35 @@ fn active_devices(conn: &Connection, handle: &Handle) -> Result<u64, StoreError>
     .map_err(map_err)
 }
 
+/// An account with its active devices, in a read or a write.
+fn account_in(conn: &Connection, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
+    let handle = handle.clone();
+    let identity_key: Option<Vec<u8>> = conn
+        .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(map_err)?;
+    let Some(identity_key) = identity_key else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare(
+            "SELECT device_id, signature_key, certificate FROM devices
+             WHERE handle = ?1 AND active = 1 ORDER BY id",
+        )
+        .map_err(map_err)?;
+    let rows = stmt
+        .query_map([handle.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })
+        .map_err(map_err)?;
+    let mut devices = Vec::new();
+    for row in rows {
+        let (d, k, c) = row.map_err(map_err)?;
+        devices.push(device_record(&d, k, c)?);
+    }
+    Ok(Some(AccountInfo { handle, identity_key: B64(identity_key), devices, kt: None }))
+}
+
 fn require_device(conn: &Connection, addr: &DeviceAddress) -> Result<i64, StoreError> {
     device_row(conn, addr)?.ok_or_else(|| StoreError::UnknownDevice(addr.clone()))
 }
@@ -772,6 +801,40 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn replace_keys(
+        &self,
+        caller: &DeviceAddress,
+        identity_key: Vec<u8>,
+        devices: Vec<DeviceRecord>,
+    ) -> Result<(), StoreError> {
+        let caller = caller.clone();
+        self.write(move |tx| {
+            require_device(tx, &caller)?;
+            let current = account_in(tx, &caller.handle)?.ok_or(StoreError::UnknownHandle)?;
+            let stale = super::check_key_set(&current, &caller, &identity_key, &devices)?;
+            tx.execute(
+                "UPDATE accounts SET identity_key = ?1 WHERE handle = ?2",
+                params![identity_key, caller.handle.as_str()],
+            )
+            .map_err(map_err)?;
+            for d in &devices {
+                let addr = DeviceAddress { handle: caller.handle.clone(), device: d.device_id };
+                let row = require_device(tx, &addr)?;
+                tx.execute(
+                    "UPDATE devices SET signature_key = ?1, certificate = ?2 WHERE id = ?3",
+                    params![d.signature_key.as_slice(), d.certificate.as_slice(), row],
+                )
+                .map_err(map_err)?;
+                if stale.contains(&d.device_id) {
+                    tx.execute("DELETE FROM key_packages WHERE device = ?1", [row]).map_err(map_err)?;
+                    tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [row]).map_err(map_err)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
         let addr = addr.clone();
         self.write(move |tx| {
@@ -830,33 +893,7 @@ impl Store for SqliteStore {
 
     async fn account(&self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
         let handle = handle.clone();
-        self.read(move |conn| {
-            let identity_key: Option<Vec<u8>> = conn
-                .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
-                .optional()
-                .map_err(map_err)?;
-            let Some(identity_key) = identity_key else {
-                return Ok(None);
-            };
-            let mut stmt = conn
-                .prepare(
-                    "SELECT device_id, signature_key, certificate FROM devices
-                     WHERE handle = ?1 AND active = 1 ORDER BY id",
-                )
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map([handle.as_str()], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
-                })
-                .map_err(map_err)?;
-            let mut devices = Vec::new();
-            for row in rows {
-                let (d, k, c) = row.map_err(map_err)?;
-                devices.push(device_record(&d, k, c)?);
-            }
-            Ok(Some(AccountInfo { handle, identity_key: B64(identity_key), devices, kt: None }))
-        })
-        .await
+        self.read(move |conn| account_in(conn, &handle)).await
     }
 
     async fn check_nonce(&self, addr: &DeviceAddress, nonce: &str, timestamp_ms: u64) -> Result<bool, StoreError> {
