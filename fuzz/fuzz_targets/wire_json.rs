@@ -14,4 +14,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<ServerFrame>(data);
     let _ = serde_json::from_slice::<ClientFrame>(data);
     let _ = serde_json::from_slice::<ErrorBody>(data);
+    let _ = serde_json::from_slice::<KeySetUpdate>(data);
+    let _ = serde_json::from_slice::<AccountInfo>(data);
 });

@@ -136,6 +136,18 @@ impl Mallory {
         });
     }
 
+    /// Sends any content body in a conversation of hers.
+    fn send_body(&self, id: ConversationId, body: subrosa_core::content::Body) {
+        let content = Content { body, ..Content::text(MessageId(rand_bytes()), 1, "") };
+        let (ct, recipients) = self.engine.encrypt(&id, &content).expect("encrypt");
+        self.post(SendRequest {
+            conversation: id,
+            send_id: SendId(rand_bytes()),
+            commit: None,
+            parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ct) }],
+        });
+    }
+
     /// Everything in her inbox that she can decrypt, as text.
     fn read_inbox(&self) -> (usize, Vec<String>) {
         let inbox: InboxResponse =
@@ -360,6 +372,44 @@ fn a_direct_conversation_holds_exactly_two_accounts() {
     let sent = alice.history_json("mallory");
     let just_us = sent.iter().find(|m| m["text"] == "just us").expect("sent");
     assert_ne!(just_us["conversation"], two.to_hex(), "not in the grown conversation");
+}
+
+/// Only an account's own devices hand each other its identity key: an
+/// invitation to an "own devices" conversation holding another account is
+/// refused, and an identity key sent anywhere else changes nothing.
+#[test]
+fn nobody_else_can_hand_a_device_an_identity_key() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let mallory = Mallory::register(&server, "mallory");
+    let key_before = alice.ok(&["safety-number", "mallory"]);
+
+    let own = mallory.create(&ConversationInfo::own(), &mallory.claim("alice"));
+    let (_, err) = receive(&alice);
+    assert!(err.contains("warning:") && err.contains("mallory") && err.contains("own devices"), "{err}");
+    assert!(!alice.run(&["history", &format!("#{}", own.to_hex())]).status.success());
+
+    // In a direct conversation, mallory's device sends alice an identity
+    // key pair "for her devices": ignored, shown nowhere, adopted never.
+    let direct = mallory.create(&ConversationInfo::direct(), &mallory.claim("alice"));
+    receive(&alice);
+    let (fake, _) = fake_device("alice");
+    let cert = fake.certificate().to_bytes().expect("certificate");
+    mallory.send_body(
+        direct,
+        subrosa_core::content::Body::IdentityKey(subrosa_core::content::IdentityHandover {
+            identity_public: fake.identity_public().to_vec(),
+            identity_secret: zeroize::Zeroizing::new(vec![7; 32]),
+            certificates: vec![([0; 8], cert)],
+        }),
+    );
+    mallory.say(direct, "did it work?");
+    let (out, err) = receive(&alice);
+    assert!(out.contains("did it work?"), "{out}");
+    assert!(!err.contains("warning") && !err.contains("error"), "not even looked at: {err}");
+    assert_eq!(alice.ok(&["safety-number", "mallory"]), key_before, "alice's identity key is unchanged");
+    let devices = alice.ok(&["devices"]);
+    assert!(!devices.contains("NOT CERTIFIED"), "{devices}");
 }
 
 /// The operator plants a device for its handle in the server's tables (it

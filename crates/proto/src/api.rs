@@ -14,6 +14,7 @@
 //! | `GET /v1/ws` | WebSocket of [`ServerFrame`] / [`ClientFrame`] | |
 //! | `POST /v1/devices` | [`AddDeviceRequest`] | [`AccountInfo`] |
 //! | `DELETE /v1/devices/{device_id}` | | [`AccountInfo`] |
+//! | `PUT /v1/accounts/keys` | [`KeySetUpdate`] | [`AccountInfo`] |
 //! | `POST /v1/links` (unsigned) | [`LinkCreateRequest`] | `201` [`LinkCreated`] |
 //! | `GET /v1/links/{link}` | | [`LinkSlot`] |
 //! | `POST /v1/links/{link}/approve` | [`LinkApproveRequest`] | [`Empty`] |
@@ -478,5 +479,24 @@ mod tests {
         assert!(back.replace);
         let old: KeyPackageUpload = serde_json::from_str(r#"{"one_time":["AQI="]}"#).expect("older client's upload");
         assert!(!old.replace && old.last_resort.is_none());
+    }
+
+    /// A key-set replacement on the wire (also what a client stores while
+    /// it is pending).
+    #[test]
+    fn key_set_update_bytes_are_stable() {
+        let update = KeySetUpdate {
+            identity_key: B64(vec![1]),
+            devices: vec![DeviceRecord {
+                device_id: DeviceId([0xA1; 8]),
+                signature_key: B64(vec![2]),
+                certificate: B64(vec![3]),
+            }],
+        };
+        let json = r#"{"identity_key":"AQ==","devices":[{"device_id":"a1a1a1a1a1a1a1a1","signature_key":"Ag==","certificate":"Aw=="}]}"#;
+        assert_eq!(serde_json::to_string(&update).expect("json"), json);
+        let back: KeySetUpdate = serde_json::from_str(json).expect("parse");
+        assert_eq!(back.devices, update.devices);
+        assert!(serde_json::from_str::<KeySetUpdate>(r#"{"identity_key":"AQ==","devices":[],"x":1}"#).is_err());
     }
 }
