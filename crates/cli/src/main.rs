@@ -232,6 +232,13 @@ enum GroupCommand {
         /// The new name.
         new: String,
     },
+    /// Re-create group NAME, stuck because a member device won an epoch
+    /// with a commit nobody can process, as a new conversation without that
+    /// device (to take its whole account out, `group remove` it afterwards).
+    Recreate {
+        /// The group: its name or `#ID`.
+        name: String,
+    },
 }
 
 /// Exit status of a send or commit that is stored on this device but not yet
@@ -639,6 +646,15 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
             GroupCommand::Rename { name, new } => {
                 me.group_rename(&name, &new).await?;
                 out!("renamed {} to {}", safe(&name), safe(&new));
+            }
+            GroupCommand::Recreate { name } => {
+                let g = me.group_recreate(&name).await?;
+                out!(
+                    "re-created {} as a new conversation #{} with {}; the stuck one is retired",
+                    safe(&g.name),
+                    g.id,
+                    safe(&g.members.join(", "))
+                );
             }
         },
         Command::Groups => {

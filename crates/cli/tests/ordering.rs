@@ -247,6 +247,23 @@ fn a_stolen_device_that_keeps_committing_is_revoked_first() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("without the thief"));
     let out = stolen.run(&["receive", "--json"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("without the thief"));
+
+    // The stuck group is re-created without the device that froze it; bob
+    // saw it stuck too, so his copy is retired and the name means the new one.
+    assert_clean_error(&bob.run(&["group", "recreate", "gang"]), "");
+    let out = alice.ok(&["group", "recreate", "club"]);
+    assert!(out.contains("re-created club as a new conversation"), "{out}");
+    let out = bob.run(&["receive", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = texts(&parse_json_lines(&String::from_utf8_lossy(&out.stdout)));
+    assert!(lines.iter().any(|t| t.contains("re-created club without") && t.contains(&stolen_id)), "{lines:?}");
+    bob.ok(&["send", "club", "club again"]);
+    assert!(receive_texts(&alice).contains(&"club again".to_string()));
+    let members = alice.ok(&["members", "club"]);
+    assert!(!members.contains(&stolen_id) && members.contains("bob"), "{members}");
+    // A group that is not stuck is not re-created.
+    alice.ok(&["group", "create", "calm", "bob"]);
+    assert_clean_error(&alice.run(&["group", "recreate", "calm"]), "not stuck");
 }
 
 #[test]

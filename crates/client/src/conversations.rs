@@ -144,6 +144,12 @@ impl PendingMeta {
     }
 }
 
+/// Where the device that made a conversation stuck is remembered (its
+/// address), so the conversation can be re-created without it.
+pub(crate) fn stuck_key(conversation: &ConversationId) -> String {
+    format!("stuck:{}", conversation.to_hex())
+}
+
 /// The text of [`ClientError::Pending`] for a commit whose answer is missing.
 const COMMIT_PENDING: &str = "not yet on the server; the next subrosa command sends it";
 
@@ -745,6 +751,9 @@ impl Subrosa {
     /// this device cannot process (RFC 9750 §5.3), naming who sent it.
     fn stuck_alert(&self, conversation: &ConversationId) -> Result<String, ClientError> {
         let who = self.lock_unprocessable().remove(conversation);
+        if let Some(who) = &who {
+            self.store.set_meta(&stuck_key(conversation), who.to_string().as_bytes())?;
+        }
         let text = match who {
             Some(who) => format!(
                 "conversation #{} is stuck: {who} won an epoch with a commit that could not be processed; changes there fail until it is recreated without them",
@@ -787,6 +796,83 @@ impl Subrosa {
             let meta_line = format!("{} left", leaver.handle);
             self.commit_with_retry_from(&next, StagedChange::Pending, Some((leaver, meta_line))).await?;
         }
+    }
+
+    fn stuck_culprit(&self, conversation: &ConversationId) -> Result<Option<DeviceAddress>, ClientError> {
+        Ok(self
+            .store
+            .meta(&stuck_key(conversation))?
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok())))
+    }
+
+    /// Re-creates group `name`, stuck because a member won an epoch with a
+    /// commit nobody can process (RFC 9750 §5.3), as a new conversation of
+    /// the same name with every member account but without the culprit
+    /// device; the stuck one is retired here, and on every member device
+    /// that saw it stuck too.
+    ///
+    /// # Errors
+    /// Unknown group, a group that is not stuck on this device, network
+    /// errors, key mismatches.
+    pub async fn group_recreate(&self, name: &str) -> Result<GroupSummary, ClientError> {
+        let old = self.group_synced(name).await?;
+        let Some(culprit) = self.stuck_culprit(&old.id)? else {
+            return Err(ClientError::Input(format!(
+                "{name} is not stuck on this device; to take someone out, use `subrosa group remove`"
+            )));
+        };
+        let mut members: Vec<Handle> = self
+            .engine
+            .members(&old.id)?
+            .into_iter()
+            .filter(|m| m.address != culprit)
+            .map(|m| m.address.handle)
+            .filter(|h| h != self.handle())
+            .collect();
+        members.sort();
+        members.dedup();
+        // The culprit's account stays through its other devices (take it
+        // out with `group remove` afterwards); the culprit device is left
+        // out of every claim.
+        let mut key_packages = Vec::new();
+        for h in &members {
+            key_packages.extend(self.claim_devices_except(h, &culprit).await?);
+        }
+        key_packages.extend(self.claim_devices_except(&self.handle().clone(), &culprit).await?);
+        let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
+        let change = StagedChange::Create { kind: "group".into(), name: old.name.clone(), peer: None, first: None };
+        let id = self.create_conversation(&info, &key_packages, change, None).await?;
+        let row = self.store.conversation(&id)?.ok_or(ClientError::Bug("group vanished".into()))?;
+        let me = self.identity().address();
+        self.store.transaction(|| {
+            let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
+            all.push(self.handle().as_str());
+            self.store.note_members(&row.id, all)?;
+            self.system_line(
+                &old,
+                &me,
+                format!("you re-created {} without {culprit} as #{}; this one is retired", old.name, row.id.to_hex()),
+            )?;
+            self.store.deactivate_conversation(&old.id)?;
+            self.system_line(
+                &row,
+                &me,
+                format!("you re-created {} (it replaces #{}, stuck by {culprit})", old.name, old.id.to_hex()),
+            )
+        })?;
+        self.group_summary(&row)
+    }
+
+    /// The key packages of `handle`'s devices, except `device`'s.
+    async fn claim_devices_except(&self, handle: &Handle, device: &DeviceAddress) -> Result<Vec<Vec<u8>>, ClientError> {
+        let packages = self.claim(handle, false).await?;
+        let mut kept = Vec::new();
+        for kp in packages {
+            if self.engine.inspect_key_package(&kp)?.address() != *device {
+                kept.push(kp);
+            }
+        }
+        Ok(kept)
     }
 
     /// Creates a group with these handles (and this account's other devices).
@@ -929,6 +1015,30 @@ impl Subrosa {
             }
             let Ok(old_members) = self.engine.members(&old.id) else { continue };
             let inviter_was_there = old_members.iter().any(|m| m.address.handle == inviter.handle);
+            // A group stuck here too (its culprit is known on this device),
+            // re-created by another member with everyone but the culprit.
+            if let Some(culprit) = self.stuck_culprit(&old.id)? {
+                let culprit_out = !members.iter().any(|m| m.address == culprit);
+                let rest_moved = old_members
+                    .iter()
+                    .filter(|o| o.address != culprit)
+                    .all(|o| members.iter().any(|m| m.address.handle == o.address.handle));
+                if inviter_was_there && *inviter != culprit && culprit_out && rest_moved {
+                    self.system_line(
+                        &old,
+                        inviter,
+                        format!(
+                            "{} re-created {} without {culprit}, who made it stuck, as a new conversation #{}; \
+                             this one is retired",
+                            inviter.handle,
+                            old.name,
+                            joined.id.to_hex()
+                        ),
+                    )?;
+                    self.store.deactivate_conversation(&old.id)?;
+                    continue;
+                }
+            }
             let all_moved = old_members.iter().all(|o| members.iter().any(|m| m.address.handle == o.address.handle));
             if inviter_was_there && all_moved {
                 self.system_line(

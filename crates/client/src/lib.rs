@@ -765,6 +765,11 @@ impl Subrosa {
                 if env.kind == MessageKind::Commit {
                     self.lock_unprocessable().insert(env.conversation, env.sender.clone());
                     if self.store.conversation(&env.conversation)?.is_some_and(|r| r.active) {
+                        // Remembered: a member may re-create it without them.
+                        self.store.set_meta(
+                            &conversations::stuck_key(&env.conversation),
+                            env.sender.to_string().as_bytes(),
+                        )?;
                         // The server ordered it, so nobody can commit in this
                         // conversation any more (RFC 9750 §5.3): say who.
                         self.store.add_alert(&format!(
