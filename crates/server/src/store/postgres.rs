@@ -208,6 +208,18 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO rate_salt (id, salt)
         VALUES (1, decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
     ",
+    // 7: vacuum the delivery tables after every 1000 deleted rows, not after
+    // a fifth of the table, and without throttling: acknowledged ciphertext
+    // becomes free space within one autovacuum cycle (autovacuum_naptime,
+    // 1 min by default) rather than whenever the table grew enough.
+    r"
+    ALTER TABLE inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                           autovacuum_vacuum_cost_delay = 0);
+    ALTER TABLE messages SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                              autovacuum_vacuum_cost_delay = 0,
+                              toast.autovacuum_vacuum_scale_factor = 0, toast.autovacuum_vacuum_threshold = 1000,
+                              toast.autovacuum_vacuum_cost_delay = 0);
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -1809,6 +1821,45 @@ mod tests {
             Err(StoreError::Internal(m)) => assert!(m.contains("newer than this server"), "{m}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    /// The delivery tables are vacuumed after every 1000 deletions, and a
+    /// shared rate-limit bucket never holds its key in the clear.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivery_tables_vacuum_often_and_bucket_keys_are_hashed() {
+        let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
+            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            return;
+        };
+        let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let url = create_schema(&base, &name).await.expect("create test schema");
+        let _schema = TestSchema { base, name };
+        let store = PgStore::connect(&url).await.expect("connect");
+        let client = store.pool.get().await.expect("client");
+        for table in ["inbox", "messages"] {
+            let row = client
+                .query_one(
+                    "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE oid = $1::text::regclass",
+                    &[&table],
+                )
+                .await
+                .expect("reloptions");
+            let options: String = row.get(0);
+            assert!(options.contains("autovacuum_vacuum_threshold=1000"), "{table}: {options}");
+            assert!(options.contains("autovacuum_vacuum_scale_factor=0"), "{table}: {options}");
+        }
+        let request =
+            TokenRequest { kind: "register", key: "203.0.113.7", rate: 1.0, burst: 2.0, cost: 1.0, debt: false };
+        let first = store.take_tokens(&request, 1_000).await.expect("take").expect("shared");
+        assert!(first.taken);
+        assert!(store.take_tokens(&request, 1_000).await.expect("take").expect("shared").taken);
+        let third = store.take_tokens(&request, 1_000).await.expect("take").expect("shared");
+        assert!(!third.taken, "the burst is spent");
+        assert!(store.take_tokens(&request, 2_000).await.expect("take").expect("shared").taken, "refilled");
+        let rows = client.query("SELECT key FROM rate_buckets", &[]).await.expect("buckets");
+        assert_eq!(rows.len(), 1);
+        let key: Vec<u8> = rows[0].get(0);
+        assert!(!key.windows(4).any(|w| w == b"203."), "the address is stored in the clear");
     }
 
     #[test]
