@@ -38,7 +38,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
     LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport, TokenRequest, Tokens,
@@ -254,6 +255,9 @@ const ADDRS_PER_NOTIFY: usize = 100;
 pub struct PgStore {
     pool: Pool,
     config: tokio_postgres::Config,
+    /// TLS as the URL's `sslmode` asks (see [`tls`]); used by the pool and
+    /// the listener alike.
+    tls: MakeRustlsConnect,
     channel: String,
     /// Salt of the rate-limit bucket keys (`rate_salt`).
     bucket_salt: Vec<u8>,
@@ -461,8 +465,7 @@ impl PgStore {
     /// [`StoreError::Internal`] for a bad URL, a schema newer than this
     /// build or a failed migration.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+        let tls::Parsed { mut config, tls, .. } = tls::parse(url)?;
         if config.get_application_name().is_none() {
             config.application_name("subrosa-server");
         }
@@ -471,8 +474,11 @@ impl PgStore {
         config.keepalives_idle(Duration::from_secs(10));
         config.keepalives_interval(Duration::from_secs(5));
         config.keepalives_retries(3);
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
@@ -481,7 +487,7 @@ impl PgStore {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
-        let mut store = PgStore { pool, config, channel: String::new(), bucket_salt: Vec::new() };
+        let mut store = PgStore { pool, config, tls, channel: String::new(), bucket_salt: Vec::new() };
         let schema = store.migrate().await?;
         store.channel = channel_name(&schema);
         store.bucket_salt = on_client!(store, |c| async {
@@ -541,13 +547,14 @@ impl PgStore {
     /// missed meanwhile.
     pub fn spawn_listener(&self, wakeups: Arc<Wakeups>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let channel = self.channel.clone();
         tokio::spawn(async move {
             let mut first = true;
             let mut pause = LISTEN_RETRY;
             loop {
                 tokio::select! {
-                    (reason, listened) = listen_once(&config, &channel, &wakeups, first) => {
+                    (reason, listened) = listen_once(&config, &tls, &channel, &wakeups, first) => {
                         tracing::warn!(reason = %reason, "database listener lost; reconnecting");
                         // Back off while the database stays unreachable.
                         pause = if listened { LISTEN_RETRY } else { (pause * 2).min(LISTEN_RETRY_MAX) };
@@ -566,8 +573,14 @@ impl PgStore {
 
 /// One listening connection, until it fails; returns why, and whether it
 /// got as far as listening.
-async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &Wakeups, first: bool) -> (String, bool) {
-    let (client, mut connection) = match config.connect(NoTls).await {
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    channel: &str,
+    wakeups: &Wakeups,
+    first: bool,
+) -> (String, bool) {
+    let (client, mut connection) = match config.connect(tls.clone()).await {
         Ok(c) => c,
         Err(e) => return (format!("cannot connect: {e}"), false),
     };
@@ -1703,10 +1716,9 @@ pub fn schema_url(url: &str, schema: &str) -> String {
 }
 
 async fn connect_admin(url: &str) -> Result<(tokio_postgres::Client, JoinHandle<()>), StoreError> {
-    let mut config: tokio_postgres::Config =
-        url.parse().map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+    let tls::Parsed { mut config, tls, .. } = tls::parse(url)?;
     config.connect_timeout(CONNECT_TIMEOUT);
-    let (client, conn) = config.connect(NoTls).await.map_err(|e| db_error(&e))?;
+    let (client, conn) = config.connect(tls).await.map_err(|e| db_error(&e))?;
     let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -1879,3 +1891,4 @@ mod tests {
 }
 
 mod kt;
+pub mod tls;
