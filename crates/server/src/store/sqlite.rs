@@ -460,8 +460,9 @@ impl SqliteStore {
         rx.await.map_err(|_| writer_stopped())?
     }
 
-    /// Runs a read on a read-only connection (the last committed state).
-    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs a read on a read-only connection (the last committed state),
+    /// never waiting for the writer.
+    pub(super) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -1486,6 +1487,44 @@ mod tests {
 
     /// After delivery and maintenance, no byte of the ciphertext is left in
     /// the database files.
+    /// Key-directory reads go to the read pool: they are answered while
+    /// the write connection is held (a long group commit, a checkpoint).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_directory_reads_do_not_wait_for_the_writer() {
+        use crate::store::kt::{KtSelector, KtStorage as _};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("server.db")).expect("open");
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .run(move |_| {
+                        let _ = held_tx.send(());
+                        let _ = release_rx.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        held_rx.await.expect("the writer's connection is held");
+        // Without the read pool these would wait for the release below,
+        // which comes only after them: the guard turns that hang into a failure.
+        let reads = async {
+            store.kt_highest_signed().await.expect("highest");
+            store.kt_signed_head(1).await.expect("head");
+            store.kt_epoch_roots(0, 10).await.expect("roots");
+            store.kt_records(vec![vec![1, 2, 3]]).await.expect("records");
+            store.kt_values(b"alice".to_vec()).await.expect("values");
+            store.kt_select(vec![b"alice".to_vec()], KtSelector::Newest).await.expect("select");
+        };
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(30), reads).await.is_ok();
+        release_tx.send(()).expect("release");
+        holder.await.expect("task").expect("holder");
+        assert!(answered, "a key-directory read waited for the writer");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn delivered_ciphertext_leaves_the_files() {
         let dir = tempfile::tempdir().expect("temp dir");
