@@ -334,6 +334,10 @@ pub enum ErrorCode {
     Unavailable,
     /// No such route.
     NotFound,
+    /// The sender has too many undelivered bytes stored on the server (its
+    /// device's or its account's quota, 413); it frees as recipients fetch
+    /// and acknowledge. Not retried by itself: the send is refused.
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -354,6 +358,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
         }
     }
 }

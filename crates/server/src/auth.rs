@@ -173,7 +173,7 @@ async fn authenticate_but_nonce(
     };
     sig.verify(&key, method, path_and_query, body)?;
     sig.check_fresh(now_ms())?;
-    state.device_limiter.check(&sig.addr, Instant::now()).map_err(AppError::rate_limited)?;
+    state.device_limiter.check(&sig.addr, Instant::now()).await.map_err(AppError::rate_limited)?;
     Ok(sig)
 }
 

@@ -63,6 +63,14 @@ struct Args {
     /// Drop a request whose headers did not arrive within this time.
     #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     header_timeout: Duration,
+    /// Undelivered ciphertext one device may have sent and stored here
+    /// (256MiB, 1GiB, 512KiB, bytes, or none); past it sends are refused
+    /// with 413 quota_exceeded until recipients fetch what waits.
+    #[arg(long, default_value = "256MiB", value_parser = crate::config::parse_size)]
+    quota_per_device: u64,
+    /// The same for all the devices of one account together.
+    #[arg(long, default_value = "1GiB", value_parser = crate::config::parse_size)]
+    quota_per_account: u64,
 }
 
 /// An address (a /32 or /128) or a CIDR block.
@@ -141,6 +149,7 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
         idle_timeout: args.idle_timeout,
         header_timeout: args.header_timeout,
         trusted_proxies: args.trusted_proxies,
+        quota: crate::store::Quota { device_bytes: args.quota_per_device, account_bytes: args.quota_per_account },
         ..Limits::default()
     };
     customize(&mut config);

@@ -42,6 +42,9 @@ pub struct Limits {
     /// Reverse proxies whose `X-Forwarded-For`/`Forwarded` headers name the
     /// client for rate limits; they are exempt from the per-address cap.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Undelivered ciphertext one device, and one account, may have stored
+    /// (see [`crate::store::Quota`]).
+    pub quota: crate::store::Quota,
 }
 
 impl Default for Limits {
@@ -57,8 +60,51 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(75),
             header_timeout: Duration::from_secs(10),
             trusted_proxies: Vec::new(),
+            quota: crate::store::Quota { device_bytes: DEFAULT_DEVICE_QUOTA, account_bytes: DEFAULT_ACCOUNT_QUOTA },
         }
     }
+}
+
+/// Default quota of undelivered ciphertext per device: 256 MiB, far above
+/// a month of text to offline contacts, and a 554 MB flood from one device
+/// stops halfway.
+pub const DEFAULT_DEVICE_QUOTA: u64 = 256 << 20;
+/// Default quota of undelivered ciphertext per account (all its devices).
+pub const DEFAULT_ACCOUNT_QUOTA: u64 = 1 << 30;
+
+/// Parses a size: `256MiB`, `1GiB`, `512KiB`, `1000` (bytes); `none` (or
+/// `0`) for no limit, as `u64::MAX`.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("none") || s == "0" {
+        return Ok(u64::MAX);
+    }
+    let bad = || format!("invalid size {s:?}: use e.g. 256MiB, 1GiB, 512KiB, plain bytes, or none");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).filter(|&b| b > 0).ok_or_else(bad)
+}
+
+/// A size for people: `256 MiB`, `1 GiB`, `700 bytes`.
+pub fn format_bytes(n: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    format!("{n} bytes")
 }
 
 /// Everything [`crate::start`] needs.
@@ -183,6 +229,21 @@ mod tests {
         for bad in ["", "d", "1x", "-1s", "1.5h", "99999999999999999999d", "1 d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("none"), Ok(u64::MAX));
+        assert_eq!(parse_size("0"), Ok(u64::MAX));
+        for bad in ["", "MiB", "1.5GiB", "-1", "99999999999TiB", "1 MiB", "1PB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(format_bytes(256 << 20), "256 MiB");
+        assert_eq!(format_bytes(1 << 30), "1 GiB");
+        assert_eq!(format_bytes(1500), "1500 bytes");
     }
 
     #[test]

@@ -149,6 +149,15 @@ impl From<StoreError> for AppError {
                 err.current_epoch = Some(current);
                 err
             }
+            StoreError::QuotaExceeded { scope, limit } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this {scope} has reached its quota of {} of undelivered messages on the server; \
+                     sending works again as recipients fetch them",
+                    crate::config::format_bytes(limit)
+                ),
+            ),
             StoreError::NotAMember => Self::new(
                 StatusCode::FORBIDDEN,
                 ErrorCode::NotAMember,

@@ -41,7 +41,7 @@ pub use error::{AppError, ServerError};
 pub use routes::app;
 pub use server::{open_store, start, RunningServer, ShutdownTrigger};
 
-use ratelimit::RateLimiter;
+use ratelimit::{Limiter, RateLimiter};
 
 /// How often the key directory publishes at most, by default.
 pub const DEFAULT_KT_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -57,16 +57,16 @@ pub struct AppState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) limits: Arc<Limits>,
     pub(crate) wakeups: Arc<Wakeups>,
-    pub(crate) device_limiter: Arc<RateLimiter<DeviceAddress>>,
-    pub(crate) registration_limiter: Arc<RateLimiter<IpAddr>>,
+    pub(crate) device_limiter: Arc<Limiter<DeviceAddress>>,
+    pub(crate) registration_limiter: Arc<Limiter<IpAddr>>,
     /// Unsigned link creations, per client IP: a bucket apart from
     /// registrations, so one cannot starve the other.
-    pub(crate) link_create_limiter: Arc<RateLimiter<IpAddr>>,
-    pub(crate) link_poll_limiter: Arc<RateLimiter<IpAddr>>,
+    pub(crate) link_create_limiter: Arc<Limiter<IpAddr>>,
+    pub(crate) link_poll_limiter: Arc<Limiter<IpAddr>>,
     /// Key-package claims per (requester account, target account).
-    pub(crate) claim_limiter: Arc<RateLimiter<(Handle, Handle)>>,
+    pub(crate) claim_limiter: Arc<Limiter<(Handle, Handle)>>,
     /// Unsigned key-transparency reads (head, audit), per client IP.
-    pub(crate) kt_public_limiter: Arc<RateLimiter<IpAddr>>,
+    pub(crate) kt_public_limiter: Arc<Limiter<IpAddr>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     shutdown_tx: Arc<watch::Sender<bool>>,
     /// Counters for `--metrics-listen` (no identifiers in them).
@@ -103,16 +103,18 @@ impl AppState {
         let claim_rate = if limits.requests_per_second == 0 { 0.0 } else { CLAIMS_PER_PAIR_PER_HOUR / 3600.0 };
         let claim_limiter = RateLimiter::new(claim_rate, CLAIMS_PER_PAIR_PER_HOUR as u32);
         let (shutdown_tx, shutdown) = watch::channel(false);
+        // Buckets in the database when the backend shares them between nodes.
+        let shared = || Some(Arc::clone(&store));
         AppState {
-            store,
             limits: Arc::new(limits),
             wakeups: Arc::new(Wakeups::default()),
-            device_limiter: Arc::new(device_limiter),
-            registration_limiter: Arc::new(registration_limiter),
-            link_create_limiter: Arc::new(link_create_limiter),
-            link_poll_limiter: Arc::new(link_poll_limiter),
-            claim_limiter: Arc::new(claim_limiter),
-            kt_public_limiter: Arc::new(kt_public_limiter),
+            device_limiter: Arc::new(Limiter::new("device", device_limiter, shared())),
+            registration_limiter: Arc::new(Limiter::new("register", registration_limiter, shared())),
+            link_create_limiter: Arc::new(Limiter::new("link", link_create_limiter, shared())),
+            link_poll_limiter: Arc::new(Limiter::new("link-poll", link_poll_limiter, shared())),
+            claim_limiter: Arc::new(Limiter::new("claim", claim_limiter, shared())),
+            kt_public_limiter: Arc::new(Limiter::new("kt", kt_public_limiter, shared())),
+            store,
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
             metrics: Arc::default(),

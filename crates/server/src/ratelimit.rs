@@ -1,5 +1,11 @@
-//! Per-node token buckets. Losing them on restart, or each node of a cluster
-//! keeping its own, only makes the limit more lenient, so they stay in memory.
+//! Token buckets. [`RateLimiter`] keeps them in the process; [`Limiter`]
+//! keeps them in the database when the backend is shared by several nodes
+//! (PostgreSQL: one statement per check on an unlogged table), so a client
+//! spreading its requests over the nodes meets one limit, and in the
+//! process otherwise (SQLite: one node). Losing buckets (a restart, a
+//! database crash that empties the unlogged table, a database error, when a
+//! check falls back to the node's own buckets) only makes a limit more
+//! lenient for a moment.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -22,6 +28,116 @@ struct Bucket {
 
 /// Past this many buckets, full ones are dropped on the next insertion.
 const PRUNE_ABOVE: usize = 10_000;
+
+/// How a limiter's key names its bucket in a shared store.
+pub trait BucketKey {
+    /// The bucket's name (hashed before it is stored).
+    fn bucket_key(&self) -> String;
+}
+
+impl BucketKey for subrosa_proto::DeviceAddress {
+    fn bucket_key(&self) -> String {
+        format!("{}/{}", self.handle.as_str(), self.device.to_hex())
+    }
+}
+
+impl BucketKey for std::net::IpAddr {
+    fn bucket_key(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl BucketKey for (subrosa_proto::Handle, subrosa_proto::Handle) {
+    fn bucket_key(&self) -> String {
+        format!("{}>{}", self.0.as_str(), self.1.as_str())
+    }
+}
+
+/// A rate limit whose buckets every node sharing the store sees when the
+/// backend offers shared buckets ([`crate::store::Store::take_tokens`]),
+/// and this node's own [`RateLimiter`] otherwise.
+#[derive(Debug)]
+pub struct Limiter<K> {
+    kind: &'static str,
+    local: RateLimiter<K>,
+    store: Option<std::sync::Arc<dyn crate::store::Store>>,
+}
+
+impl<K: Hash + Eq + Clone + BucketKey> Limiter<K> {
+    /// A limiter named `kind` (the shared buckets' namespace) over `local`;
+    /// with a store, checks go to its shared buckets when it has them.
+    pub fn new(
+        kind: &'static str,
+        local: RateLimiter<K>,
+        store: Option<std::sync::Arc<dyn crate::store::Store>>,
+    ) -> Self {
+        Limiter { kind, local, store }
+    }
+
+    /// [`RateLimiter::check`], across nodes.
+    ///
+    /// # Errors
+    /// The number of seconds to wait when the bucket is empty.
+    pub async fn check(&self, key: &K, now: Instant) -> Result<(), u64> {
+        self.check_n(key, 1, now).await
+    }
+
+    /// [`RateLimiter::check_n`], across nodes.
+    ///
+    /// # Errors
+    /// The number of seconds to wait when the bucket holds too few tokens.
+    pub async fn check_n(&self, key: &K, cost: u32, now: Instant) -> Result<(), u64> {
+        let rate = self.local.rate;
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let cost = f64::from(cost.max(1)).min(self.local.burst);
+        match self.shared(key, cost, false).await {
+            Some(t) if t.taken => Ok(()),
+            Some(t) => Err(((cost - t.left) / rate).ceil().max(1.0) as u64),
+            None => self.local.check_n(key, cost as u32, now),
+        }
+    }
+
+    /// [`RateLimiter::charge`], across nodes.
+    pub async fn charge(&self, key: &K, cost: u32, now: Instant) -> std::time::Duration {
+        let rate = self.local.rate;
+        if rate <= 0.0 {
+            return std::time::Duration::ZERO;
+        }
+        match self.shared(key, f64::from(cost), true).await {
+            Some(t) if t.left >= 0.0 => std::time::Duration::ZERO,
+            Some(t) => std::time::Duration::from_secs_f64(-t.left / rate),
+            None => self.local.charge(key, cost, now),
+        }
+    }
+
+    /// Drops this node's full buckets (the shared ones are swept with the
+    /// store).
+    pub fn prune(&self, now: Instant) {
+        self.local.prune(now);
+    }
+
+    async fn shared(&self, key: &K, cost: f64, debt: bool) -> Option<crate::store::Tokens> {
+        let store = self.store.as_ref()?;
+        let name = key.bucket_key();
+        let request = crate::store::TokenRequest {
+            kind: self.kind,
+            key: &name,
+            rate: self.local.rate,
+            burst: self.local.burst,
+            cost,
+            debt,
+        };
+        match store.take_tokens(&request, crate::now_ms()).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(error = %e, "shared rate limit unavailable; using this node's");
+                None
+            }
+        }
+    }
+}
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// A limiter; a `rate` of 0 lets everything through.

@@ -1,5 +1,6 @@
 //! The HTTP routes (see the table in [`subrosa_proto`]'s `api` module).
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -116,7 +117,7 @@ fn validate_device(device: &DeviceRecord) -> Result<(), AppError> {
 
 async fn register(State(state): State<AppState>, req: Request) -> Result<impl IntoResponse, AppError> {
     let ip = client_ip_or_unspecified(&state, &req);
-    state.registration_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+    state.registration_limiter.check(&ip, Instant::now()).await.map_err(AppError::rate_limited)?;
     let (parts, body) = req.into_parts();
     let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
     let sig = RequestSignature::from_headers(&parts.headers)?;
@@ -204,7 +205,7 @@ async fn claim_key_packages(
     // account's own devices claiming each other's are not limited here.
     if device.handle != body.handle {
         let pair = (device.handle.clone(), body.handle.clone());
-        state.claim_limiter.check(&pair, Instant::now()).map_err(AppError::rate_limited)?;
+        state.claim_limiter.check(&pair, Instant::now()).await.map_err(AppError::rate_limited)?;
     }
     let mut response = state.store.claim_key_packages(&body.handle, &device).await?;
     // The keys and the proof are read after the claim: the packages' devices
@@ -302,7 +303,7 @@ async fn send(
     // The nonce and the send share one transaction (one commit).
     let out = state
         .store
-        .send_with_nonce(&device, &nonce, timestamp_ms, &body, now_ms())
+        .send_with_nonce(&device, &nonce, timestamp_ms, &body, &state.limits.quota, now_ms())
         .await?
         .ok_or_else(crate::auth::replayed)?;
     // Only now is everything durably stored: wake the recipients.
@@ -453,7 +454,7 @@ fn check_link_blob(blob: &B64, what: &str, max: usize) -> Result<(), AppError> {
 /// not lock anyone out of registering).
 async fn create_link(State(state): State<AppState>, req: Request) -> Result<impl IntoResponse, AppError> {
     let ip = client_ip_or_unspecified(&state, &req);
-    state.link_create_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+    state.link_create_limiter.check(&ip, Instant::now()).await.map_err(AppError::rate_limited)?;
     let (parts, body) = req.into_parts();
     let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
     let body: LinkCreateRequest = parse_json(&bytes)?;
@@ -504,7 +505,7 @@ async fn link_response(
     req: Request,
 ) -> Result<Json<LinkResponse>, AppError> {
     let ip = client_ip_or_unspecified(&state, &req);
-    state.link_poll_limiter.check(&ip, Instant::now()).map_err(AppError::rate_limited)?;
+    state.link_poll_limiter.check(&ip, Instant::now()).await.map_err(AppError::rate_limited)?;
     let link: LinkId = id_from_path(path, "link id")?;
     let response = state.store.take_link_response(&link, now_ms()).await?;
     Ok(Json(LinkResponse { response: response.map(B64) }))
@@ -514,10 +515,14 @@ async fn link_response(
 /// were limited per device by the extractor), charging `cost` tokens: an
 /// audit costs one per epoch it asks for, so the costly request is the one
 /// refused first, before any proof is built.
-fn check_public_kt(state: &AppState, viewer: &Option<DeviceAddress>, req: &Request, cost: u32) -> Result<(), AppError> {
+async fn check_public_kt(
+    state: &AppState,
+    viewer: &Option<DeviceAddress>,
+    ip: IpAddr,
+    cost: u32,
+) -> Result<(), AppError> {
     if viewer.is_none() {
-        let ip = client_ip_or_unspecified(state, req);
-        state.kt_public_limiter.check_n(&ip, cost, Instant::now()).map_err(AppError::rate_limited)?;
+        state.kt_public_limiter.check_n(&ip, cost, Instant::now()).await.map_err(AppError::rate_limited)?;
     }
     Ok(())
 }
@@ -537,7 +542,7 @@ async fn kt_head(
     query: Result<Query<HeadQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Json<KtHead>, AppError> {
-    check_public_kt(&state, &viewer, &req, 1)?;
+    check_public_kt(&state, &viewer, client_ip_or_unspecified(&state, &req), 1).await?;
     let Query(q) = query.map_err(|_| AppError::bad_request("epoch must be an epoch number"))?;
     let kt = state.kt().await?;
     Ok(Json(match q.epoch {
@@ -574,6 +579,7 @@ async fn kt_audit(
 ) -> Result<Json<KtAudit>, AppError> {
     let Query(q) = query.map_err(|_| AppError::bad_request("from and to must be epoch numbers"))?;
     let epochs = q.to.saturating_sub(q.from).saturating_add(1).min(u64::from(u32::MAX));
-    check_public_kt(&state, &viewer, &req, u32::try_from(epochs).unwrap_or(u32::MAX))?;
+    let ip = client_ip_or_unspecified(&state, &req);
+    check_public_kt(&state, &viewer, ip, u32::try_from(epochs).unwrap_or(u32::MAX)).await?;
     Ok(Json(state.kt().await?.audit(&state, viewer.as_ref(), q.from, q.to).await?))
 }

@@ -124,7 +124,7 @@ async fn close_removed(socket: &mut WebSocket) {
 /// keeps its share of the server.
 async fn charge_ack(state: &AppState, device: &DeviceAddress, ids: usize) {
     let cost = u32::try_from(1 + ids / 100).unwrap_or(u32::MAX);
-    let wait = state.device_limiter.charge(device, cost, std::time::Instant::now());
+    let wait = state.device_limiter.charge(device, cost, std::time::Instant::now()).await;
     if !wait.is_zero() {
         tokio::time::sleep(wait.min(Duration::from_secs(10))).await;
     }

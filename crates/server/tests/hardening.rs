@@ -5,6 +5,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -185,4 +187,69 @@ async fn only_a_trusted_proxy_names_the_client_for_rate_limits() {
         direct.push(poll_link("127.0.0.4", server.addr, &format!("198.51.100.{i}")).await);
     }
     assert!(limited(&direct[2..]) > 0, "a forged X-Forwarded-For picked a fresh bucket: {direct:?}");
+}
+
+/// One application message of `bytes` ciphertext bytes to `to`.
+fn message_to(to: &[&common::TestDevice], bytes: usize) -> Vec<u8> {
+    use base64::Engine as _;
+    let body = serde_json::json!({
+        "conversation": hex::encode(rand::random::<[u8; 16]>()),
+        "send_id": hex::encode(rand::random::<[u8; 16]>()),
+        "parts": [{ "kind": "application", "recipients": to.iter().map(|d| d.addr()).collect::<Vec<_>>(),
+                    "ciphertext": base64::engine::general_purpose::STANDARD.encode(vec![7u8; bytes]) }],
+    });
+    serde_json::to_vec(&body).expect("json")
+}
+
+#[tokio::test]
+async fn a_device_that_fills_its_quota_is_refused_until_its_messages_are_fetched() {
+    let server = start(&["--quota-per-device", "64KiB", "--quota-per-account", "96KiB"]);
+    let alice = common::register(server.addr, "alice").await;
+    let bob = common::register(server.addr, "bob").await;
+    let carol = common::register(server.addr, "carol").await;
+    let send = |from: &common::TestDevice, to: &[&common::TestDevice], bytes: usize| {
+        let req = from.request("POST", "/v1/messages", message_to(to, bytes));
+        common::http(server.addr, req)
+    };
+    // 60 KiB to two devices counts once; 8 KiB more would pass 64 KiB.
+    assert_eq!(send(&alice, &[&bob, &carol], 60 << 10).await.0, 200);
+    let (status, body) = send(&alice, &[&bob], 8 << 10).await;
+    assert_eq!((status, body["code"].as_str()), (413, Some("quota_exceeded")), "{body}");
+    let message = body["message"].as_str().expect("message");
+    assert!(message.contains("64 KiB") && !message.contains('\n'), "one clear line: {message}");
+    // Other senders are not affected, and small sends still fit.
+    assert_eq!(send(&carol, &[&bob], 60 << 10).await.0, 200);
+    assert_eq!(send(&alice, &[&bob], 4 << 10).await.0, 200);
+
+    // Bob fetches and acknowledges everything: alice's message to carol
+    // still waits, so she is still near her quota.
+    let ack_all = |who: &common::TestDevice| {
+        let who_req = who.request("GET", "/v1/inbox", Vec::new());
+        let server_addr = server.addr;
+        async move {
+            let (status, inbox) = common::http(server_addr, who_req).await;
+            assert_eq!(status, 200, "{inbox}");
+            let ids: Vec<u64> =
+                inbox["messages"].as_array().expect("messages").iter().map(|m| m["id"].as_u64().expect("id")).collect();
+            let body = serde_json::to_vec(&serde_json::json!({ "ids": ids })).expect("json");
+            (ids.len(), body)
+        }
+    };
+    let (n, body) = ack_all(&bob).await;
+    assert_eq!(n, 3);
+    assert_eq!(common::http(server.addr, bob.request("POST", "/v1/inbox/ack", body)).await.0, 200);
+    assert_eq!(send(&alice, &[&bob], 8 << 10).await.0, 413, "the 60 KiB carol has not fetched still count");
+    let (n, body) = ack_all(&carol).await;
+    assert_eq!(n, 1);
+    assert_eq!(common::http(server.addr, carol.request("POST", "/v1/inbox/ack", body)).await.0, 200);
+    assert_eq!(send(&alice, &[&bob], 60 << 10).await.0, 200, "delivered and acknowledged: free again");
+
+    // The account's quota covers all its devices.
+    let alice2 = alice.sibling();
+    let add = serde_json::to_vec(&serde_json::json!({ "device": alice2.record() })).expect("json");
+    assert_eq!(common::http(server.addr, alice.request("POST", "/v1/devices", add)).await.0, 200);
+    let (status, body) = send(&alice2, &[&bob], 40 << 10).await;
+    assert_eq!((status, body["code"].as_str()), (413, Some("quota_exceeded")), "{body}");
+    assert!(body["message"].as_str().expect("message").contains("account"), "{body}");
+    assert_eq!(send(&alice2, &[&bob], 30 << 10).await.0, 200);
 }

@@ -74,11 +74,16 @@ struct Node {
 
 impl Node {
     fn start(database: &str) -> Node {
+        Self::start_with(database, &["--rate-limit", "0"])
+    }
+
+    fn start_with(database: &str, extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().expect("data dir");
         let mut child = Command::new(BIN)
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(dir.path())
-            .args(["--database", database, "--rate-limit", "0"])
+            .args(["--database", database])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -584,4 +589,31 @@ async fn nodes_publishing_at_once_keep_one_append_only_directory() {
         subrosa_client::kt::verify_lookup_value(head.vrf_public_key.as_slice(), &info.handle, kt, &value)
             .expect("proof verifies");
     }
+}
+
+/// Rate limits hold across nodes: one account claiming another's key
+/// packages through two nodes in turn meets one limit of 30 (its bucket
+/// refills at 30 an hour), not 30 per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_is_shared_by_the_nodes() {
+    let Some(schema) = Schema::new().await else { return };
+    let nodes = [
+        Node::start_with(&schema.url, &["--rate-limit", "1000"]),
+        Node::start_with(&schema.url, &["--rate-limit", "1000"]),
+    ];
+    let alice = register(nodes[0].addr, "alice").await;
+    let bob = register(nodes[1].addr, "bob").await;
+    let mut limited = [0, 0];
+    for i in 0..40 {
+        let node = &nodes[i % 2];
+        let body = serde_json::to_vec(&json!({ "handle": bob.handle })).expect("json");
+        let (status, answer) = http(node.addr, alice.request("POST", "/v1/keypackages/claim", body)).await;
+        match status {
+            429 => limited[i % 2] += 1,
+            404 => assert_eq!(answer["code"], "no_key_package", "{answer}"),
+            other => panic!("claim {i}: {other} {answer}"),
+        }
+    }
+    assert_eq!(limited[0] + limited[1], 10, "30 claims in all, whichever node served them: {limited:?}");
+    assert!(limited[0] > 0 && limited[1] > 0, "both nodes refuse once the shared bucket is empty: {limited:?}");
 }

@@ -16,7 +16,7 @@ use subrosa_proto::{
     SendPart, SendRequest, B64,
 };
 
-use super::{NewAccount, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES};
+use super::{NewAccount, Quota, QuotaScope, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -115,6 +115,8 @@ macro_rules! with_behaviours {
             removed_device_leaves_rosters,
             commit_reaches_every_member_and_its_committer,
             key_set_replacement_follows_the_rule,
+            quota_refuses_a_full_sender_until_its_messages_go,
+            conversation_row_lives_while_a_member_device_remains,
         );
     };
 }
@@ -536,21 +538,37 @@ pub async fn send_with_nonce_refuses_replays(store: Arc<dyn Store>) {
     let conv = random_conversation();
     let nonce = hex::encode(rand::random::<[u8; 16]>());
     let req = send_request(conv, None, app(vec![bob.clone()], b"once"));
-    let out = store.send_with_nonce(&alice, &nonce, NOW, &req, NOW).await.expect("send").expect("new nonce");
+    let out = store
+        .send_with_nonce(&alice, &nonce, NOW, &req, &Quota::UNLIMITED, NOW)
+        .await
+        .expect("send")
+        .expect("new nonce");
     assert!(!out.duplicate);
     assert_eq!(out.recipients, vec![bob.clone()]);
     let again = send_request(conv, None, app(vec![bob.clone()], b"twice"));
-    assert!(store.send_with_nonce(&alice, &nonce, NOW, &again, NOW).await.expect("replay").is_none());
+    assert!(store
+        .send_with_nonce(&alice, &nonce, NOW, &again, &Quota::UNLIMITED, NOW)
+        .await
+        .expect("replay")
+        .is_none());
     assert!(!store.check_nonce(&alice, &nonce, NOW).await.expect("nonce"), "the nonce was not remembered");
     assert_eq!(store.fetch_inbox(&bob, 0, 100, usize::MAX).await.expect("fetch").len(), 1, "a replay was stored");
     let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
     let refused = send_request(conv, None, app(vec![ghost.clone()], b"nobody"));
     let other = hex::encode(rand::random::<[u8; 16]>());
-    match store.send_with_nonce(&alice, &other, NOW, &refused, NOW).await {
+    match store.send_with_nonce(&alice, &other, NOW, &refused, &Quota::UNLIMITED, NOW).await {
         Err(StoreError::UnknownDevice(a)) => assert_eq!(a, ghost),
         other => panic!("expected UnknownDevice, got {other:?}"),
     }
     assert!(!store.check_nonce(&alice, &other, NOW).await.expect("nonce"), "a refused send forgot its nonce");
+    let tight = Quota { device_bytes: 3, account_bytes: 3 };
+    let third = hex::encode(rand::random::<[u8; 16]>());
+    let big = send_request(conv, None, app(vec![bob.clone()], b"over"));
+    assert!(matches!(
+        store.send_with_nonce(&alice, &third, NOW, &big, &tight, NOW).await,
+        Err(StoreError::QuotaExceeded { .. })
+    ));
+    assert!(!store.check_nonce(&alice, &third, NOW).await.expect("nonce"), "a send over quota forgot its nonce");
 }
 
 /// Fetching honours the cursor, the count limit and the byte budget.
@@ -1043,4 +1061,95 @@ pub async fn key_set_replacement_follows_the_rule(store: Arc<dyn Store>) {
     store.remove_device(&alice2).await.expect("remove");
     let refused = store.replace_keys(&alice2, vec![9; 32], vec![own.clone()]).await;
     assert!(matches!(refused, Err(StoreError::UnknownDevice(_))), "{refused:?}");
+}
+
+/// The quota (see [`Quota`]): a sender's undelivered ciphertext counts once
+/// whatever its recipients, until its message row goes (last ack, expiry,
+/// removal of the recipients); past the device's or the account's quota a
+/// send is refused and stores nothing; other senders are not affected; a
+/// duplicate costs nothing.
+pub async fn quota_refuses_a_full_sender_until_its_messages_go(store: Arc<dyn Store>) {
+    let quota = Quota { device_bytes: 100, account_bytes: 150 };
+    let alice = account(&store, "alice").await;
+    let alice2 = second_device(&store, &alice.handle).await;
+    let bob = account(&store, "bob").await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    let carol = account(&store, "carol").await;
+    let conv = random_conversation();
+    let send = |from: &DeviceAddress, to: Vec<DeviceAddress>, bytes: usize| {
+        let (store, from, req) = (Arc::clone(&store), from.clone(), send_request(conv, None, app(to, &vec![1; bytes])));
+        async move { store.send_within(&from, &req, &quota, NOW).await }
+    };
+    let first = send_request(conv, None, app(vec![bob.clone(), bob2.clone()], &[1; 60]));
+    store.send_within(&alice, &first, &quota, NOW).await.expect("60 bytes");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage"), (60, 60), "counted once for two recipients");
+    let before = store.stats().await.expect("stats");
+    match send(&alice, vec![bob.clone()], 41).await {
+        Err(StoreError::QuotaExceeded { scope: QuotaScope::Device, limit: 100 }) => {}
+        other => panic!("expected the device quota, got {other:?}"),
+    }
+    let after = store.stats().await.expect("stats");
+    assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows), "nothing stored");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage"), (60, 60));
+    send(&alice, vec![bob.clone()], 40).await.expect("up to the quota exactly");
+    assert!(store.send_within(&alice, &first, &quota, NOW).await.expect("retry").duplicate, "a duplicate is free");
+    send(&carol, vec![bob.clone()], 100).await.expect("another sender has a quota of its own");
+    match send(&alice2, vec![bob.clone()], 51).await {
+        Err(StoreError::QuotaExceeded { scope: QuotaScope::Account, limit: 150 }) => {}
+        other => panic!("expected the account quota, got {other:?}"),
+    }
+    send(&alice2, vec![bob.clone()], 50).await.expect("up to the account's quota");
+    assert_eq!(store.stored_bytes(&alice2).await.expect("usage"), (50, 150));
+    // Bob's first device acknowledges everything: the message his second
+    // device still waits for stays counted; the others free their bytes.
+    let ids: Vec<u64> =
+        store.fetch_inbox(&bob, 0, 100, usize::MAX).await.expect("fetch").iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), 4);
+    store.ack(&bob, &ids).await.expect("ack");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage"), (60, 60));
+    assert_eq!(store.stored_bytes(&carol).await.expect("usage"), (0, 0));
+    assert!(matches!(send(&alice, vec![bob.clone()], 41).await, Err(StoreError::QuotaExceeded { .. })));
+    let ids: Vec<u64> =
+        store.fetch_inbox(&bob2, 0, 100, usize::MAX).await.expect("fetch").iter().map(|e| e.id).collect();
+    store.ack(&bob2, &ids).await.expect("ack");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage"), (0, 0));
+    send(&alice, vec![bob.clone()], 100).await.expect("freed by the acknowledgements");
+    // Expiry and the removal of a recipient free bytes too.
+    store.sweep(NOW + 1, 0, 0, NOW).await.expect("sweep");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage"), (0, 0), "expired");
+    send(&alice2, vec![bob2.clone()], 30).await.expect("send");
+    assert_eq!(store.stored_bytes(&alice2).await.expect("usage"), (30, 30));
+    store.remove_device(&bob2).await.expect("remove");
+    assert_eq!(store.stored_bytes(&alice2).await.expect("usage"), (0, 0), "its recipient was removed");
+    // Without a quota the bytes are still counted (a quota set later is exact).
+    store.send(&alice, &send_request(conv, None, app(vec![bob.clone()], &[1; 500])), NOW).await.expect("unlimited");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage"), (500, 500));
+}
+
+/// A conversation's row (epoch, roster) stays while any device of its
+/// roster remains, whoever else leaves, and goes when the last one is
+/// removed: the server keeps nothing about a conversation nobody is in.
+pub async fn conversation_row_lives_while_a_member_device_remains(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let alice2 = second_device(&store, &alice.handle).await;
+    let bob = account(&store, "bob").await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    let before = store.stats().await.expect("stats").conversations;
+    let conv = random_conversation();
+    let create = commit_with_members(conv, 0, &[&alice, &bob], vec![bob.clone()]);
+    store.send(&alice, &create, NOW).await.expect("create");
+    let other = random_conversation();
+    store.send(&bob2, &commit_with_members(other, 0, &[&bob2], vec![bob2.clone()]), NOW).await.expect("create");
+    assert_eq!(store.stats().await.expect("stats").conversations, before + 2);
+    store.remove_device(&bob).await.expect("remove bob's device");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(1), "alice's device remains");
+    let hello = send_request(conv, None, app(vec![alice2.clone()], b"m"));
+    assert!(matches!(store.send(&bob2, &hello, NOW).await, Err(StoreError::NotAMember)), "the roster stays too");
+    // A commit by the remaining member keeps it.
+    store.send(&alice, &commit_with_members(conv, 1, &[&alice], vec![alice.clone()]), NOW).await.expect("commit");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(2));
+    store.remove_device(&alice).await.expect("remove alice's device");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(0), "its last member left: forgotten");
+    assert_eq!(store.stats().await.expect("stats").conversations, before + 1, "the other conversation stays");
+    assert_eq!(store.conversation_epoch(&other).await.expect("epoch"), Epoch(1));
 }

@@ -75,6 +75,15 @@ pub enum StoreError {
     /// active devices, or changes another device's signature key.
     #[error("invalid key set: {0}")]
     KeySet(&'static str),
+    /// The send would take its device's, or its account's, undelivered
+    /// ciphertext past the [`Quota`].
+    #[error("{scope} quota of {limit} bytes of undelivered messages reached")]
+    QuotaExceeded {
+        /// Whose quota.
+        scope: QuotaScope,
+        /// The quota, in bytes.
+        limit: u64,
+    },
     /// The backend is unreachable or busy; the operation may succeed later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -131,6 +140,101 @@ pub fn check_key_set(
         }
     }
     Ok(stale)
+}
+
+/// Whose stored bytes a [`StoreError::QuotaExceeded`] counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaScope {
+    /// The sending device's.
+    Device,
+    /// All the devices of the sender's account together.
+    Account,
+}
+
+impl std::fmt::Display for QuotaScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuotaScope::Device => "device",
+            QuotaScope::Account => "account",
+        })
+    }
+}
+
+/// How many bytes of ciphertext a sender may have stored and not yet
+/// delivered.
+///
+/// The rule (both backends keep it inside the send's transaction; the
+/// conformance suite checks it): a message's ciphertext counts once, for
+/// the device that sent it, whatever its number of recipients, from the
+/// send until the message row goes (its last recipient acknowledged it,
+/// the recipients were removed, or it expired). A send is refused with
+/// [`StoreError::QuotaExceeded`] when it would take the device's total past
+/// `device_bytes`, or the total of all the account's devices (removed ones
+/// included: what they sent is still stored) past `account_bytes`. A
+/// duplicate send is answered before the check and costs nothing. Checked
+/// after membership and the epoch guard, before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Most undelivered bytes one device may have sent; `u64::MAX`: no limit.
+    pub device_bytes: u64,
+    /// Most undelivered bytes one account's devices may have sent together.
+    pub account_bytes: u64,
+}
+
+impl Quota {
+    /// No quota.
+    pub const UNLIMITED: Quota = Quota { device_bytes: u64::MAX, account_bytes: u64::MAX };
+
+    /// Whether a sender whose device and account already have `device` and
+    /// `account` bytes stored may store `incoming` more.
+    ///
+    /// # Errors
+    /// [`StoreError::QuotaExceeded`] naming the first quota it would pass.
+    pub fn check(&self, device: u64, account: u64, incoming: u64) -> Result<(), StoreError> {
+        if device.saturating_add(incoming) > self.device_bytes {
+            return Err(StoreError::QuotaExceeded { scope: QuotaScope::Device, limit: self.device_bytes });
+        }
+        if account.saturating_add(incoming) > self.account_bytes {
+            return Err(StoreError::QuotaExceeded { scope: QuotaScope::Account, limit: self.account_bytes });
+        }
+        Ok(())
+    }
+}
+
+/// The bytes a send stores (its parts' ciphertexts, each once).
+pub(crate) fn send_bytes(request: &SendRequest) -> u64 {
+    request.parts.iter().map(|p| p.ciphertext.len() as u64).fold(0, u64::saturating_add)
+}
+
+/// One check of a shared token bucket: `rate` tokens a second refill it up
+/// to `burst`; a check takes `cost` tokens when it holds them, and a charge
+/// (`debt`) takes them anyway, down to minus the burst. Buckets are keyed by
+/// `kind` and `key`; a backend stores no key in the clear (PostgreSQL keeps
+/// a salted hash) and may forget a bucket an hour after its last use (a
+/// forgotten bucket is a full one, so forgetting is lenient, never strict).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRequest<'a> {
+    /// Which limiter (`device`, `register`…).
+    pub kind: &'a str,
+    /// Whose bucket (a device address, a client address…).
+    pub key: &'a str,
+    /// Tokens added a second.
+    pub rate: f64,
+    /// Most tokens held.
+    pub burst: f64,
+    /// Tokens this request costs.
+    pub cost: f64,
+    /// Take the tokens even when the bucket holds too few.
+    pub debt: bool,
+}
+
+/// What a shared bucket answered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tokens {
+    /// The tokens were taken.
+    pub taken: bool,
+    /// Tokens left (negative: in debt).
+    pub left: f64,
 }
 
 /// A new account with its first device.
@@ -229,6 +333,11 @@ pub struct LinkRecord {
 ///   skipped. A removed device leaves every roster ([`Store::remove_device`]).
 /// - A conversation without a roster (an unknown one, or one created before
 ///   rosters existed) accepts sends from anyone until its first commit.
+/// - A conversation's row (epoch and roster) stays while any device of its
+///   roster remains, and goes in the same transaction as the change that
+///   empties the roster (its last member device removed, or a commit that
+///   leaves no active device): the server keeps nothing about a
+///   conversation nobody is in, and the id is then unknown (epoch 0) again.
 ///
 /// [`CommitGuard`]: subrosa_proto::CommitGuard
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,11 +539,36 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// and the sender is not in it (whatever the epoch);
     /// [`StoreError::StaleEpoch`] when the commit guard's epoch is not the
     /// conversation's current one.
-    async fn send(&self, sender: &DeviceAddress, request: &SendRequest, now_ms: u64)
-        -> Result<SendOutcome, StoreError>;
+    async fn send(
+        &self,
+        sender: &DeviceAddress,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<SendOutcome, StoreError> {
+        self.send_within(sender, request, &Quota::UNLIMITED, now_ms).await
+    }
 
-    /// [`Store::check_nonce`] for a signed send request, then [`Store::send`]
-    /// when the nonce is new; `Ok(None)` (nothing stored) when it is not. The
+    /// [`Store::send`] within a [`Quota`] of undelivered bytes.
+    ///
+    /// # Errors
+    /// As [`Store::send`], and [`StoreError::QuotaExceeded`].
+    async fn send_within(
+        &self,
+        sender: &DeviceAddress,
+        request: &SendRequest,
+        quota: &Quota,
+        now_ms: u64,
+    ) -> Result<SendOutcome, StoreError>;
+
+    /// Bytes of undelivered ciphertext this device sent, and its account's
+    /// devices together (see [`Quota`]).
+    ///
+    /// # Errors
+    /// Backend failures only; an unknown device has `(0, 0)`.
+    async fn stored_bytes(&self, addr: &DeviceAddress) -> Result<(u64, u64), StoreError>;
+
+    /// [`Store::check_nonce`] for a signed send request, then
+    /// [`Store::send_within`] when the nonce is new; `Ok(None)` (nothing stored) when it is not. The
     /// nonce stays remembered when the send itself is refused. Backends may
     /// do both in one transaction (SQLite does: one commit per send).
     ///
@@ -446,12 +580,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         nonce: &str,
         timestamp_ms: u64,
         request: &SendRequest,
+        quota: &Quota,
         now_ms: u64,
     ) -> Result<Option<SendOutcome>, StoreError> {
         if !self.check_nonce(sender, nonce, timestamp_ms).await? {
             return Ok(None);
         }
-        self.send(sender, request, now_ms).await.map(Some)
+        self.send_within(sender, request, quota, now_ms).await.map(Some)
     }
 
     /// Up to `limit` envelopes of this device with an id above `after`, oldest
@@ -552,6 +687,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Backend failures only.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Takes tokens from a rate-limit bucket that every node sharing this
+    /// database sees (see [`TokenRequest`]); `Ok(None)` when the backend
+    /// serves one node only, whose in-process buckets are then used (the
+    /// default: SQLite).
+    ///
+    /// # Errors
+    /// Backend failures only (callers fall back to the node's own buckets).
+    async fn take_tokens(&self, _request: &TokenRequest<'_>, _now_ms: u64) -> Result<Option<Tokens>, StoreError> {
+        Ok(None)
+    }
 
     /// The key-transparency tables of the same database.
     fn kt_storage(&self) -> std::sync::Arc<dyn kt::KtStorage>;

@@ -38,11 +38,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    LinkRecord, NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_DEVICES_PER_ACCOUNT,
-    MAX_STORED_KEY_PACKAGES,
+    LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport, TokenRequest, Tokens,
+    MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES,
 };
 use crate::wakeup::Wakeups;
 
@@ -177,6 +178,49 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX conversation_members_by_device ON conversation_members(device);
     ALTER TABLE messages ADD COLUMN roster BYTEA;
     ",
+    // 5: bytes of undelivered ciphertext per sending device, for the
+    // quotas (see `store::Quota`), counted from what is stored now; and
+    // conversations whose roster emptied (see `store::RosterChange`) go.
+    r"
+    CREATE TABLE device_usage (
+        device BIGINT PRIMARY KEY REFERENCES devices(id),
+        bytes BIGINT NOT NULL
+    );
+    INSERT INTO device_usage (device, bytes)
+        SELECT sender, SUM(octet_length(ciphertext)) FROM messages GROUP BY sender;
+    DELETE FROM conversations c WHERE c.has_roster
+        AND NOT EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation = c.id);
+    ",
+    // 6: rate-limit buckets every node shares (see `Store::take_tokens`).
+    // Unlogged: no WAL, no fsync per check; a crash empties the table,
+    // which only refills every bucket. Keys are salted hashes, never a
+    // client's address in the clear; the salt is random per database.
+    r"
+    CREATE UNLOGGED TABLE rate_buckets (
+        key BYTEA PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        updated_ms BIGINT NOT NULL,
+        taken BOOLEAN NOT NULL
+    ) WITH (fillfactor = 70);
+    CREATE TABLE rate_salt (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        salt BYTEA NOT NULL
+    );
+    INSERT INTO rate_salt (id, salt)
+        VALUES (1, decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
+    ",
+    // 7: vacuum the delivery tables after every 1000 deleted rows, not after
+    // a fifth of the table, and without throttling: acknowledged ciphertext
+    // becomes free space within one autovacuum cycle (autovacuum_naptime,
+    // 1 min by default) rather than whenever the table grew enough.
+    r"
+    ALTER TABLE inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                           autovacuum_vacuum_cost_delay = 0);
+    ALTER TABLE messages SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                              autovacuum_vacuum_cost_delay = 0,
+                              toast.autovacuum_vacuum_scale_factor = 0, toast.autovacuum_vacuum_threshold = 1000,
+                              toast.autovacuum_vacuum_cost_delay = 0);
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -184,6 +228,9 @@ const MIGRATIONS: &[&str] = &[
 const MIGRATION_LOCK: i32 = 0x5342_5253; // "SBRS"
 /// First key of the advisory lock a sweep holds (one node sweeps at a time).
 const SWEEP_LOCK: i32 = 0x5342_5257; // "SBRW"
+/// A rate-limit bucket unused this long is full whatever its limiter, so
+/// the sweep forgets it.
+const BUCKET_IDLE_MS: u64 = 3600 * 1000;
 /// Connections per node.
 const POOL_SIZE: usize = 16;
 /// Waiting for a free pooled connection, or for a new one.
@@ -208,7 +255,12 @@ const ADDRS_PER_NOTIFY: usize = 100;
 pub struct PgStore {
     pool: Pool,
     config: tokio_postgres::Config,
+    /// TLS as the URL's `sslmode` asks (see [`tls`]); used by the pool and
+    /// the listener alike.
+    tls: MakeRustlsConnect,
     channel: String,
+    /// Salt of the rate-limit bucket keys (`rate_salt`).
+    bucket_salt: Vec<u8>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -413,8 +465,7 @@ impl PgStore {
     /// [`StoreError::Internal`] for a bad URL, a schema newer than this
     /// build or a failed migration.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+        let tls::Parsed { mut config, tls, .. } = tls::parse(url)?;
         if config.get_application_name().is_none() {
             config.application_name("subrosa-server");
         }
@@ -423,8 +474,11 @@ impl PgStore {
         config.keepalives_idle(Duration::from_secs(10));
         config.keepalives_interval(Duration::from_secs(5));
         config.keepalives_retries(3);
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
@@ -433,9 +487,15 @@ impl PgStore {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
-        let mut store = PgStore { pool, config, channel: String::new() };
+        let mut store = PgStore { pool, config, tls, channel: String::new(), bucket_salt: Vec::new() };
         let schema = store.migrate().await?;
         store.channel = channel_name(&schema);
+        store.bucket_salt = on_client!(store, |c| async {
+            let row = query_opt(&c, "SELECT salt FROM rate_salt WHERE id = 1", &[]).await?;
+            row.map(|r| r.get::<_, Vec<u8>>(0))
+                .ok_or_else(|| Fail::Store(StoreError::Internal("the rate-limit salt is missing".into())))
+        }
+        .await)?;
         Ok(store)
     }
 
@@ -487,13 +547,14 @@ impl PgStore {
     /// missed meanwhile.
     pub fn spawn_listener(&self, wakeups: Arc<Wakeups>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let channel = self.channel.clone();
         tokio::spawn(async move {
             let mut first = true;
             let mut pause = LISTEN_RETRY;
             loop {
                 tokio::select! {
-                    (reason, listened) = listen_once(&config, &channel, &wakeups, first) => {
+                    (reason, listened) = listen_once(&config, &tls, &channel, &wakeups, first) => {
                         tracing::warn!(reason = %reason, "database listener lost; reconnecting");
                         // Back off while the database stays unreachable.
                         pause = if listened { LISTEN_RETRY } else { (pause * 2).min(LISTEN_RETRY_MAX) };
@@ -512,8 +573,14 @@ impl PgStore {
 
 /// One listening connection, until it fails; returns why, and whether it
 /// got as far as listening.
-async fn listen_once(config: &tokio_postgres::Config, channel: &str, wakeups: &Wakeups, first: bool) -> (String, bool) {
-    let (client, mut connection) = match config.connect(NoTls).await {
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    channel: &str,
+    wakeups: &Wakeups,
+    first: bool,
+) -> (String, bool) {
+    let (client, mut connection) = match config.connect(tls.clone()).await {
         Ok(c) => c,
         Err(e) => return (format!("cannot connect: {e}"), false),
     };
@@ -662,12 +729,68 @@ async fn drop_orphans<C: GenericClient>(c: &C, mut messages: Vec<i64>) -> R<u64>
     messages.sort_unstable();
     messages.dedup();
     query(c, "SELECT id FROM messages WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&messages]).await?;
-    execute(
+    let gone = query(
         c,
-        "DELETE FROM messages m WHERE m.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.message = m.id)",
+        "DELETE FROM messages m WHERE m.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.message = m.id)
+         RETURNING m.sender, octet_length(m.ciphertext)",
         &[&messages],
     )
-    .await
+    .await?;
+    release(c, &gone).await?;
+    Ok(gone.len() as u64)
+}
+
+/// Gives the bytes of deleted messages (rows of `sender, bytes`) back to
+/// their senders' quotas, locking the counters in device order (no deadlock
+/// between two transactions releasing for the same senders).
+async fn release<C: GenericClient>(c: &C, gone: &[Row]) -> R<()> {
+    let mut freed: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+    for r in gone {
+        *freed.entry(r.get(0)).or_default() += i64::from(r.get::<_, i32>(1));
+    }
+    if freed.is_empty() {
+        return Ok(());
+    }
+    let (devices, bytes): (Vec<i64>, Vec<i64>) = freed.into_iter().unzip();
+    query(c, "SELECT device FROM device_usage WHERE device = ANY($1) ORDER BY device FOR NO KEY UPDATE", &[&devices])
+        .await?;
+    execute(
+        c,
+        "UPDATE device_usage u SET bytes = GREATEST(u.bytes - f.b, 0)
+         FROM unnest($1::bigint[], $2::bigint[]) AS f(d, b) WHERE u.device = f.d",
+        &[&devices, &bytes],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Undelivered bytes sent by this device, and by its account's devices.
+async fn usage<C: GenericClient>(c: &C, device: i64, handle: &Handle) -> R<(u64, u64)> {
+    let row = query_opt(
+        c,
+        "SELECT COALESCE((SELECT bytes FROM device_usage WHERE device = $1), 0),
+                COALESCE((SELECT SUM(u.bytes) FROM device_usage u JOIN devices d ON d.id = u.device
+                          WHERE d.handle = $2), 0)::BIGINT",
+        &[&device, &handle.as_str()],
+    )
+    .await?;
+    Ok(row.map(|r| (to_u64(r.get(0)), to_u64(r.get(1)))).unwrap_or((0, 0)))
+}
+
+/// Forgets each of these conversations whose roster is now empty: its last
+/// member device left or was removed (see `store::RosterChange`).
+async fn drop_if_unmanned<C: GenericClient>(c: &C, conversations: &[Vec<u8>]) -> R<()> {
+    if conversations.is_empty() {
+        return Ok(());
+    }
+    execute(
+        c,
+        "DELETE FROM conversations c WHERE c.id = ANY($1) AND c.has_roster
+         AND NOT EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation = c.id)",
+        &[&conversations],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn count_table<C: GenericClient>(c: &C, table: &str) -> R<u64> {
@@ -790,10 +913,24 @@ impl Store for PgStore {
             if active_devices(&tx, &addr.handle).await? <= 1 {
                 return Err(Fail::Store(StoreError::LastDevice));
             }
+            // Its conversations' rows first (in id order, before the device
+            // row, as a send takes them): a commit racing this removal then
+            // either lands before it or finds the conversation as it left it.
+            let left: Vec<Vec<u8>> = query(
+                &tx,
+                "SELECT c.id FROM conversations c JOIN conversation_members m ON m.conversation = c.id
+                 WHERE m.device = $1 ORDER BY c.id FOR NO KEY UPDATE OF c",
+                &[&device],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
             execute(&tx, "UPDATE devices SET active = FALSE WHERE id = $1", &[&device]).await?;
             execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
             execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&device]).await?;
             execute(&tx, "DELETE FROM conversation_members WHERE device = $1", &[&device]).await?;
+            drop_if_unmanned(&tx, &left).await?;
             let messages: Vec<i64> = query(&tx, "DELETE FROM inbox WHERE device = $1 RETURNING message", &[&device])
                 .await?
                 .iter()
@@ -955,13 +1092,30 @@ impl Store for PgStore {
         .await)
     }
 
-    async fn send(
+    async fn send_within(
         &self,
         sender: &DeviceAddress,
         request: &SendRequest,
+        quota: &Quota,
         now_ms: u64,
     ) -> Result<SendOutcome, StoreError> {
-        in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, now_ms).await }.await)
+        in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, quota, now_ms).await }.await)
+    }
+
+    async fn stored_bytes(&self, addr: &DeviceAddress) -> Result<(u64, u64), StoreError> {
+        on_client!(self, |c| async {
+            let row = query_opt(
+                &c,
+                "SELECT id FROM devices WHERE handle = $1 AND device_id = $2",
+                &[&addr.handle.as_str(), &addr.device.to_hex()],
+            )
+            .await?;
+            match row {
+                Some(r) => usage(&c, r.get(0), &addr.handle).await,
+                None => Ok((0, 0)),
+            }
+        }
+        .await)
     }
 
     async fn send_with_nonce(
@@ -970,6 +1124,7 @@ impl Store for PgStore {
         nonce: &str,
         timestamp_ms: u64,
         request: &SendRequest,
+        quota: &Quota,
         now_ms: u64,
     ) -> Result<Option<SendOutcome>, StoreError> {
         // The nonce and the send in one transaction: one commit per send.
@@ -984,14 +1139,19 @@ impl Store for PgStore {
             if inserted == 0 {
                 return Ok(None);
             }
-            send_tx(&tx, &self.channel, sender, request, now_ms).await.map(Some)
+            send_tx(&tx, &self.channel, sender, request, quota, now_ms).await.map(Some)
         }
         .await);
         match result {
             // A refused send rolled its nonce back with it: remember the
             // nonce alone (the rare path; no savepoint round trips on the
             // common one).
-            Err(refused @ (StoreError::UnknownDevice(_) | StoreError::StaleEpoch { .. } | StoreError::NotAMember)) => {
+            Err(
+                refused @ (StoreError::UnknownDevice(_)
+                | StoreError::StaleEpoch { .. }
+                | StoreError::NotAMember
+                | StoreError::QuotaExceeded { .. }),
+            ) => {
                 self.check_nonce(sender, nonce, timestamp_ms).await?;
                 Err(refused)
             }
@@ -1193,19 +1353,66 @@ impl Store for PgStore {
             let inbox_rows = messages.len() as u64;
             let mut dropped = drop_orphans(&tx, messages).await?;
             // Anything else without an inbox row (none is expected).
-            dropped += execute(
+            let strays = query(
                 &tx,
-                "DELETE FROM messages m WHERE NOT EXISTS (SELECT 1 FROM inbox i WHERE i.message = m.id)",
+                "DELETE FROM messages m WHERE NOT EXISTS (SELECT 1 FROM inbox i WHERE i.message = m.id)
+                 RETURNING m.sender, octet_length(m.ciphertext)",
                 &[],
             )
             .await?;
+            release(&tx, &strays).await?;
+            dropped += strays.len() as u64;
             let nonces = execute(&tx, "DELETE FROM nonces WHERE timestamp < $1", &[&to_i64(nonces_before_ms)]).await?;
             let send_ids =
                 execute(&tx, "DELETE FROM send_ids WHERE created_at < $1", &[&to_i64(send_ids_before_ms)]).await?;
             let links = execute(&tx, "DELETE FROM links WHERE expires_at <= $1", &[&to_i64(now_ms)]).await?;
+            // Every limiter's bucket is full an hour after its last use.
+            execute(
+                &tx,
+                "DELETE FROM rate_buckets WHERE updated_ms < $1",
+                &[&to_i64(now_ms.saturating_sub(BUCKET_IDLE_MS))],
+            )
+            .await?;
             Ok(SweepReport { inbox_rows, messages: dropped, nonces, send_ids, links })
         }
         .await)
+    }
+
+    async fn take_tokens(&self, request: &TokenRequest<'_>, now_ms: u64) -> Result<Option<Tokens>, StoreError> {
+        let key = {
+            let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            h.update(&self.bucket_salt);
+            h.update(request.kind.as_bytes());
+            h.update(&[0]);
+            h.update(request.key.as_bytes());
+            h.finish().as_ref()[..16].to_vec()
+        };
+        let initial = (request.burst - request.cost).max(-request.burst);
+        let per_ms = request.rate / 1000.0;
+        // One statement, one row lock: refill by the time since the last
+        // use (never negative, whatever the nodes' clocks), then take.
+        let row = on_client!(self, |c| {
+            async {
+            query_opt(
+                &c,
+                "INSERT INTO rate_buckets AS b (key, tokens, updated_ms, taken) VALUES ($1, $2::float8, $3::int8, TRUE)
+                 ON CONFLICT (key) DO UPDATE SET
+                     tokens = CASE
+                         WHEN $6::bool THEN GREATEST(LEAST($4::float8, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7::float8) - $5::float8, -$4)
+                         WHEN LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7) >= $5
+                             THEN LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7) - $5
+                         ELSE LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7)
+                     END,
+                     taken = $6 OR LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7) >= $5,
+                     updated_ms = GREATEST(b.updated_ms, $3)
+                 RETURNING taken, tokens",
+                &[&key, &initial, &to_i64(now_ms), &request.burst, &request.cost, &request.debt, &per_ms],
+            )
+            .await
+        }
+        .await
+        })?;
+        Ok(row.map(|r| Tokens { taken: r.get(0), left: r.get(1) }))
     }
 
     fn kt_storage(&self) -> Arc<dyn super::kt::KtStorage> {
@@ -1301,7 +1508,7 @@ async fn set_roster<C: GenericClient>(tx: &C, conversation: &[u8], change: super
     )
     .await?;
     execute(tx, "UPDATE conversations SET has_roster = TRUE WHERE id = $1", &[&conversation]).await?;
-    Ok(())
+    drop_if_unmanned(tx, &[conversation.to_vec()]).await
 }
 
 /// The body of [`Store::send`], inside its transaction.
@@ -1310,6 +1517,7 @@ async fn send_tx<C: GenericClient>(
     channel: &str,
     sender: &DeviceAddress,
     request: &SendRequest,
+    quota: &Quota,
     now_ms: u64,
 ) -> R<SendOutcome> {
     let sender_row = require_device(tx, sender).await?;
@@ -1441,6 +1649,26 @@ async fn send_tx<C: GenericClient>(
         }
     }
 
+    // The quota (see `store::Quota`). The sender's counter row is locked by
+    // the update, so its own sends are counted one after another; sends of
+    // the account's other devices in flight at the same moment are not
+    // seen, so an account may pass its quota by at most one send per device.
+    let incoming = super::send_bytes(request);
+    let device_total: i64 = query_opt(
+        tx,
+        "INSERT INTO device_usage (device, bytes) VALUES ($1, $2)
+         ON CONFLICT (device) DO UPDATE SET bytes = device_usage.bytes + excluded.bytes RETURNING bytes",
+        &[&sender_row, &to_i64(incoming)],
+    )
+    .await?
+    .map(|r| r.get(0))
+    .ok_or_else(|| Fail::Store(StoreError::Internal("usage update returned no row".into())))?;
+    if *quota != Quota::UNLIMITED {
+        let (_, account) = usage(tx, sender_row, &sender.handle).await?;
+        let device = to_u64(device_total).saturating_sub(incoming);
+        quota.check(device, account.saturating_sub(incoming), incoming)?;
+    }
+
     // The inbox ids are drawn only now, while this transaction holds every
     // recipient's device row: for each device, sends draw and commit one at
     // a time, so its ids commit in increasing order.
@@ -1529,10 +1757,9 @@ pub fn schema_url(url: &str, schema: &str) -> String {
 }
 
 async fn connect_admin(url: &str) -> Result<(tokio_postgres::Client, JoinHandle<()>), StoreError> {
-    let mut config: tokio_postgres::Config =
-        url.parse().map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+    let tls::Parsed { mut config, tls, .. } = tls::parse(url)?;
     config.connect_timeout(CONNECT_TIMEOUT);
-    let (client, conn) = config.connect(NoTls).await.map_err(|e| db_error(&e))?;
+    let (client, conn) = config.connect(tls).await.map_err(|e| db_error(&e))?;
     let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -1649,6 +1876,45 @@ mod tests {
         }
     }
 
+    /// The delivery tables are vacuumed after every 1000 deletions, and a
+    /// shared rate-limit bucket never holds its key in the clear.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivery_tables_vacuum_often_and_bucket_keys_are_hashed() {
+        let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
+            eprintln!("skipped: SUBROSA_TEST_POSTGRES is not set");
+            return;
+        };
+        let name = format!("s_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let url = create_schema(&base, &name).await.expect("create test schema");
+        let _schema = TestSchema { base, name };
+        let store = PgStore::connect(&url).await.expect("connect");
+        let client = store.pool.get().await.expect("client");
+        for table in ["inbox", "messages"] {
+            let row = client
+                .query_one(
+                    "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE oid = $1::text::regclass",
+                    &[&table],
+                )
+                .await
+                .expect("reloptions");
+            let options: String = row.get(0);
+            assert!(options.contains("autovacuum_vacuum_threshold=1000"), "{table}: {options}");
+            assert!(options.contains("autovacuum_vacuum_scale_factor=0"), "{table}: {options}");
+        }
+        let request =
+            TokenRequest { kind: "register", key: "203.0.113.7", rate: 1.0, burst: 2.0, cost: 1.0, debt: false };
+        let first = store.take_tokens(&request, 1_000).await.expect("take").expect("shared");
+        assert!(first.taken);
+        assert!(store.take_tokens(&request, 1_000).await.expect("take").expect("shared").taken);
+        let third = store.take_tokens(&request, 1_000).await.expect("take").expect("shared");
+        assert!(!third.taken, "the burst is spent");
+        assert!(store.take_tokens(&request, 2_000).await.expect("take").expect("shared").taken, "refilled");
+        let rows = client.query("SELECT key FROM rate_buckets", &[]).await.expect("buckets");
+        assert_eq!(rows.len(), 1);
+        let key: Vec<u8> = rows[0].get(0);
+        assert!(!key.windows(4).any(|w| w == b"203."), "the address is stored in the clear");
+    }
+
     #[test]
     fn channel_names_fit() {
         assert_eq!(channel_name("public"), "subrosa_wake_public");
@@ -1666,3 +1932,4 @@ mod tests {
 }
 
 mod kt;
+pub mod tls;

@@ -25,7 +25,7 @@ use subrosa_proto::{
 };
 
 use super::{
-    LinkRecord, NewAccount, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_DEVICES_PER_ACCOUNT,
+    LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_DEVICES_PER_ACCOUNT,
     MAX_STORED_KEY_PACKAGES,
 };
 
@@ -158,6 +158,19 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX conversation_members_by_device ON conversation_members(device);
     ALTER TABLE messages ADD COLUMN roster BLOB;
+    ",
+    // 6: bytes of undelivered ciphertext per sending device, for the
+    // quotas (see `store::Quota`), counted from what is stored now; and
+    // conversations whose roster emptied (see `store::RosterChange`) go.
+    r"
+    CREATE TABLE device_usage (
+        device INTEGER PRIMARY KEY REFERENCES devices(id),
+        bytes INTEGER NOT NULL
+    );
+    INSERT INTO device_usage (device, bytes)
+        SELECT sender, SUM(length(ciphertext)) FROM messages GROUP BY sender;
+    DELETE FROM conversations WHERE has_roster = 1
+        AND NOT EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation = conversations.id);
     ",
 ];
 
@@ -447,8 +460,9 @@ impl SqliteStore {
         rx.await.map_err(|_| writer_stopped())?
     }
 
-    /// Runs a read on a read-only connection (the last committed state).
-    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs a read on a read-only connection (the last committed state),
+    /// never waiting for the writer.
+    pub(super) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -569,6 +583,7 @@ fn store_send(
     tx: &Connection,
     sender: &DeviceAddress,
     request: &SendRequest,
+    quota: &Quota,
     now_ms: u64,
 ) -> Result<SendOutcome, StoreError> {
     let sender_row = require_device(tx, sender)?;
@@ -628,6 +643,19 @@ fn store_send(
         }
         parts.push((part, rows));
     }
+    // The quota (see `store::Quota`): writes run one at a time, so the
+    // totals read here are exact.
+    let incoming = super::send_bytes(request);
+    if *quota != Quota::UNLIMITED {
+        let (device, account) = usage(tx, sender_row, &sender.handle)?;
+        quota.check(device, account, incoming)?;
+    }
+    tx.prepare_cached(
+        "INSERT INTO device_usage (device, bytes) VALUES (?1, ?2)
+         ON CONFLICT (device) DO UPDATE SET bytes = bytes + excluded.bytes",
+    )
+    .and_then(|mut s| s.execute(params![sender_row, to_i64(incoming)]))
+    .map_err(map_err)?;
     if let Some(next) = epoch {
         tx.prepare_cached(
             "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
@@ -679,6 +707,70 @@ fn store_send(
     Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
 }
 
+/// Undelivered bytes sent by this device, and by its account's devices.
+fn usage(conn: &Connection, device: i64, handle: &Handle) -> Result<(u64, u64), StoreError> {
+    conn.prepare_cached(
+        "SELECT COALESCE((SELECT bytes FROM device_usage WHERE device = ?1), 0),
+                COALESCE((SELECT SUM(u.bytes) FROM device_usage u JOIN devices d ON d.id = u.device
+                          WHERE d.handle = ?2), 0)",
+    )
+    .and_then(|mut s| s.query_row(params![device, handle.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))))
+    .map(|(d, a)| (to_u64(d), to_u64(a)))
+    .map_err(map_err)
+}
+
+/// Deletes the messages among `messages` that no inbox row refers to any
+/// more, and gives their bytes back to their senders' quotas. Returns how
+/// many went.
+fn drop_orphans(tx: &Connection, messages: impl IntoIterator<Item = i64>) -> Result<u64, StoreError> {
+    let mut freed: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    let mut dropped = 0u64;
+    {
+        let mut drop_message = tx
+            .prepare_cached(
+                "DELETE FROM messages WHERE id = ?1
+                 AND NOT EXISTS (SELECT 1 FROM inbox WHERE message = ?1)
+                 RETURNING sender, length(ciphertext)",
+            )
+            .map_err(map_err)?;
+        for m in messages {
+            let gone: Option<(i64, i64)> =
+                drop_message.query_row([m], |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(map_err)?;
+            if let Some((sender, bytes)) = gone {
+                dropped += 1;
+                *freed.entry(sender).or_default() += bytes;
+            }
+        }
+    }
+    release(tx, freed)?;
+    Ok(dropped)
+}
+
+/// Gives bytes back to their senders' quotas.
+fn release(tx: &Connection, freed: std::collections::HashMap<i64, i64>) -> Result<(), StoreError> {
+    let mut update =
+        tx.prepare_cached("UPDATE device_usage SET bytes = MAX(bytes - ?2, 0) WHERE device = ?1").map_err(map_err)?;
+    for (device, bytes) in freed {
+        update.execute(params![device, bytes]).map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// Forgets each of these conversations whose roster is now empty: its last
+/// member device left or was removed (see `store::RosterChange`).
+fn drop_if_unmanned(tx: &Connection, conversations: impl IntoIterator<Item = Vec<u8>>) -> Result<(), StoreError> {
+    let mut drop = tx
+        .prepare_cached(
+            "DELETE FROM conversations WHERE id = ?1 AND has_roster = 1
+             AND NOT EXISTS (SELECT 1 FROM conversation_members WHERE conversation = ?1)",
+        )
+        .map_err(map_err)?;
+    for c in conversations {
+        drop.execute([c]).map_err(map_err)?;
+    }
+    Ok(())
+}
+
 /// The active devices of a conversation's roster.
 fn roster_of(tx: &Connection, conversation: &[u8]) -> Result<Vec<DeviceAddress>, StoreError> {
     let mut stmt = tx
@@ -722,7 +814,7 @@ fn set_roster(tx: &Connection, conversation: &[u8], change: super::RosterChange<
     tx.prepare_cached("UPDATE conversations SET has_roster = 1 WHERE id = ?1")
         .and_then(|mut s| s.execute([conversation]))
         .map_err(map_err)?;
-    Ok(())
+    drop_if_unmanned(tx, [conversation.to_vec()])
 }
 
 /// Remembers a nonce inside the caller's transaction; false when it was used before.
@@ -847,25 +939,21 @@ impl Store for SqliteStore {
             tx.execute("UPDATE devices SET active = 0 WHERE id = ?1", [device]).map_err(map_err)?;
             tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
             tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [device]).map_err(map_err)?;
-            tx.execute("DELETE FROM conversation_members WHERE device = ?1", [device]).map_err(map_err)?;
-            {
-                // Its pending rows, then every message no other device still waits for.
-                let messages: HashSet<i64> = {
-                    let mut stmt =
-                        tx.prepare("DELETE FROM inbox WHERE device = ?1 RETURNING message").map_err(map_err)?;
-                    let rows = stmt.query_map([device], |r| r.get(0)).map_err(map_err)?;
-                    rows.collect::<Result<_, _>>().map_err(map_err)?
-                };
-                let mut drop_message = tx
-                    .prepare_cached(
-                        "DELETE FROM messages WHERE id = ?1
-                         AND NOT EXISTS (SELECT 1 FROM inbox WHERE message = ?1)",
-                    )
+            let left: Vec<Vec<u8>> = {
+                let mut stmt = tx
+                    .prepare("DELETE FROM conversation_members WHERE device = ?1 RETURNING conversation")
                     .map_err(map_err)?;
-                for m in messages {
-                    drop_message.execute([m]).map_err(map_err)?;
-                }
-            }
+                let rows = stmt.query_map([device], |r| r.get(0)).map_err(map_err)?;
+                rows.collect::<Result<_, _>>().map_err(map_err)?
+            };
+            drop_if_unmanned(tx, left)?;
+            // Its pending rows, then every message no other device still waits for.
+            let messages: HashSet<i64> = {
+                let mut stmt = tx.prepare("DELETE FROM inbox WHERE device = ?1 RETURNING message").map_err(map_err)?;
+                let rows = stmt.query_map([device], |r| r.get(0)).map_err(map_err)?;
+                rows.collect::<Result<_, _>>().map_err(map_err)?
+            };
+            drop_orphans(tx, messages)?;
             Ok(())
         })
         .await
@@ -1012,15 +1100,34 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn send(
+    async fn send_within(
         &self,
         sender: &DeviceAddress,
         request: &SendRequest,
+        quota: &Quota,
         now_ms: u64,
     ) -> Result<SendOutcome, StoreError> {
         let sender = sender.clone();
         let request = request.clone();
-        self.write(move |tx| store_send(tx, &sender, &request, now_ms)).await
+        let quota = *quota;
+        self.write(move |tx| store_send(tx, &sender, &request, &quota, now_ms)).await
+    }
+
+    async fn stored_bytes(&self, addr: &DeviceAddress) -> Result<(u64, u64), StoreError> {
+        let addr = addr.clone();
+        self.read(move |conn| {
+            let row: Option<i64> = conn
+                .prepare_cached("SELECT id FROM devices WHERE handle = ?1 AND device_id = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![addr.handle.as_str(), addr.device.to_hex()], |r| r.get(0)).optional()
+                })
+                .map_err(map_err)?;
+            match row {
+                Some(device) => usage(conn, device, &addr.handle),
+                None => Ok((0, 0)),
+            }
+        })
+        .await
     }
 
     async fn send_with_nonce(
@@ -1029,18 +1136,20 @@ impl Store for SqliteStore {
         nonce: &str,
         timestamp_ms: u64,
         request: &SendRequest,
+        quota: &Quota,
         now_ms: u64,
     ) -> Result<Option<SendOutcome>, StoreError> {
         let sender = sender.clone();
         let nonce = nonce.to_owned();
         let request = request.clone();
+        let quota = *quota;
         // One write, one commit: the nonce, then the send in a savepoint of
         // its own, so a refused send keeps the nonce remembered.
         self.write(move |tx| {
             if !insert_nonce(tx, &sender, &nonce, timestamp_ms)? {
                 return Ok(Ok(None));
             }
-            Ok(in_savepoint(tx, |tx| store_send(tx, &sender, &request, now_ms)).map(Some))
+            Ok(in_savepoint(tx, |tx| store_send(tx, &sender, &request, &quota, now_ms)).map(Some))
         })
         .await?
     }
@@ -1123,16 +1232,8 @@ impl Store for SqliteStore {
                         messages.insert(m);
                     }
                 }
-                let mut drop_message = tx
-                    .prepare_cached(
-                        "DELETE FROM messages WHERE id = ?1
-                         AND NOT EXISTS (SELECT 1 FROM inbox WHERE message = ?1)",
-                    )
-                    .map_err(map_err)?;
-                for m in messages {
-                    drop_message.execute([m]).map_err(map_err)?;
-                }
             }
+            drop_orphans(tx, messages)?;
             Ok(deleted)
         })
         .await
@@ -1263,12 +1364,24 @@ impl Store for SqliteStore {
         self.write(move |tx| {
             let inbox_rows =
                 tx.execute("DELETE FROM inbox WHERE created_at < ?1", [to_i64(inbox_before_ms)]).map_err(map_err)?;
-            let messages = tx
-                .execute(
-                    "DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.message = messages.id)",
-                    [],
-                )
-                .map_err(map_err)?;
+            let (messages, freed) = {
+                let mut stmt = tx
+                    .prepare(
+                        "DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.message = messages.id)
+                         RETURNING sender, length(ciphertext)",
+                    )
+                    .map_err(map_err)?;
+                let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(map_err)?;
+                let mut freed: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+                let mut messages = 0usize;
+                for row in rows {
+                    let (sender, bytes) = row.map_err(map_err)?;
+                    messages += 1;
+                    *freed.entry(sender).or_default() += bytes;
+                }
+                (messages, freed)
+            };
+            release(tx, freed)?;
             let nonces =
                 tx.execute("DELETE FROM nonces WHERE timestamp < ?1", [to_i64(nonces_before_ms)]).map_err(map_err)?;
             let send_ids = tx
@@ -1411,6 +1524,44 @@ mod tests {
 
     /// After delivery and maintenance, no byte of the ciphertext is left in
     /// the database files.
+    /// Key-directory reads go to the read pool: they are answered while
+    /// the write connection is held (a long group commit, a checkpoint).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_directory_reads_do_not_wait_for_the_writer() {
+        use crate::store::kt::{KtSelector, KtStorage as _};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("server.db")).expect("open");
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .run(move |_| {
+                        let _ = held_tx.send(());
+                        let _ = release_rx.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        held_rx.await.expect("the writer's connection is held");
+        // Without the read pool these would wait for the release below,
+        // which comes only after them: the guard turns that hang into a failure.
+        let reads = async {
+            store.kt_highest_signed().await.expect("highest");
+            store.kt_signed_head(1).await.expect("head");
+            store.kt_epoch_roots(0, 10).await.expect("roots");
+            store.kt_records(vec![vec![1, 2, 3]]).await.expect("records");
+            store.kt_values(b"alice".to_vec()).await.expect("values");
+            store.kt_select(vec![b"alice".to_vec()], KtSelector::Newest).await.expect("select");
+        };
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(30), reads).await.is_ok();
+        release_tx.send(()).expect("release");
+        holder.await.expect("task").expect("holder");
+        assert!(answered, "a key-directory read waited for the writer");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn delivered_ciphertext_leaves_the_files() {
         let dir = tempfile::tempdir().expect("temp dir");

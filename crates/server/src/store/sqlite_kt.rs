@@ -3,6 +3,11 @@
 //! A PostgreSQL backend mirrors these statements (`BYTEA` for `BLOB`,
 //! `BIGINT` for `INTEGER`, `ON CONFLICT … DO UPDATE` for `INSERT OR
 //! REPLACE`, `ON CONFLICT DO NOTHING` for `INSERT OR IGNORE`).
+//!
+//! Reads run on the store's read-only pool (a read spanning several
+//! statements in one snapshot), never behind the writer's lock, so
+//! lookups and audits do not queue behind sends; writes take the write
+//! connection.
 
 use async_trait::async_trait;
 use rusqlite::{params, params_from_iter, OptionalExtension, TransactionBehavior};
@@ -95,7 +100,10 @@ impl KtStorage for SqliteStore {
     }
 
     async fn kt_records(&self, keys: Vec<Vec<u8>>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
+            // One snapshot across the chunks, whatever a publish commits meanwhile.
+            let snapshot = conn.unchecked_transaction().map_err(map_err)?;
+            let conn: &rusqlite::Connection = &snapshot;
             let mut out = Vec::with_capacity(keys.len());
             for chunk in keys.chunks(CHUNK) {
                 let sql = format!("SELECT key, value FROM kt_records WHERE key IN ({})", placeholders(chunk.len()));
@@ -112,7 +120,7 @@ impl KtStorage for SqliteStore {
     }
 
     async fn kt_values(&self, label: Vec<u8>) -> Result<Vec<KtValueRow>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!("SELECT {VALUE_COLUMNS} FROM kt_values WHERE label = ?1 ORDER BY epoch"))
                 .map_err(map_err)?;
@@ -123,7 +131,10 @@ impl KtStorage for SqliteStore {
     }
 
     async fn kt_select(&self, labels: Vec<Vec<u8>>, selector: KtSelector) -> Result<Vec<KtValueRow>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
+            // One snapshot across the chunks, whatever a publish commits meanwhile.
+            let snapshot = conn.unchecked_transaction().map_err(map_err)?;
+            let conn: &rusqlite::Connection = &snapshot;
             let (condition, order, arg) = match selector {
                 KtSelector::Version(v) => ("AND version = ?", "", Some(v)),
                 KtSelector::Epoch(e) => ("AND epoch = ?", "", Some(e)),
@@ -159,7 +170,7 @@ impl KtStorage for SqliteStore {
     }
 
     async fn kt_epoch_roots(&self, from: u64, to: u64) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT epoch, root_hash FROM kt_epochs WHERE epoch >= ?1 AND epoch <= ?2 ORDER BY epoch",
@@ -220,7 +231,7 @@ impl KtStorage for SqliteStore {
     }
 
     async fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             conn.query_row("SELECT head FROM kt_signed_heads WHERE epoch = ?1", [to_i64(epoch)], |r| r.get(0))
                 .optional()
                 .map_err(map_err)
@@ -246,7 +257,7 @@ impl KtStorage for SqliteStore {
     }
 
     async fn kt_highest_signed(&self) -> Result<Option<u64>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let max: Option<i64> =
                 conn.query_row("SELECT MAX(epoch) FROM kt_signed_heads", [], |r| r.get(0)).map_err(map_err)?;
             Ok(max.map(to_u64))
