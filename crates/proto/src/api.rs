@@ -338,12 +338,17 @@ pub enum ErrorCode {
     /// device's or its account's quota, 413); it frees as recipients fetch
     /// and acknowledge. Not retried by itself: the send is refused.
     QuotaExceeded,
+    /// A code this version does not know (sent by a newer server): the
+    /// answer's HTTP status still says whether to retry.
+    #[serde(other)]
+    Other,
 }
 
 impl ErrorCode {
     /// The code's stable text.
     pub fn as_str(self) -> &'static str {
         match self {
+            ErrorCode::Other => "other",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unauthorized => "unauthorized",
@@ -468,6 +473,8 @@ mod tests {
         assert!(serde_json::from_str::<CommitGuard>(r#"{"epoch":4,"roster":[]}"#).is_err());
         let code: ErrorBody = serde_json::from_str(r#"{"code":"not_a_member","message":"m"}"#).expect("code");
         assert_eq!(code.code, ErrorCode::NotAMember);
+        let newer: ErrorBody = serde_json::from_str(r#"{"code":"from_the_future","message":"m"}"#).expect("newer code");
+        assert_eq!(newer.code, ErrorCode::Other);
         assert_eq!(ErrorCode::NotAMember.as_str(), "not_a_member");
     }
 
