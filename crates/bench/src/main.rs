@@ -7,6 +7,7 @@
 //! cargo run --release -p subrosa-bench -- latency    [--messages 200] [--server URL]
 //! cargo run --release -p subrosa-bench -- throughput [--pairs 50] [--messages-per-pair 40] [--server URL]
 //! cargo run --release -p subrosa-bench -- kt-publish [--handles 10000] [--batch 10000] [--samples 50]
+//! cargo run --release -p subrosa-bench -- media      [--frames 5000]
 //! ```
 //!
 //! - `crypto`: messages per second for encrypt + decrypt of one message of
@@ -41,6 +42,10 @@
 //!   size (protobuf), its generation time and the client's verification time
 //!   (protobuf decode + `akd::client::lookup_verify`); and the size and
 //!   verification time of one epoch's append-only proof.
+//! - `media`: CPU per 20 ms call frame: Opus encode + decode alone (the
+//!   baseline), then with SFrame seal + open, then the whole chain with the
+//!   jitter buffer and playout, each with its ratio to the baseline
+//!   (`media.rs`).
 //!
 //! Everything (clients and, by default, the server) runs in this one process
 //! on a multi-threaded tokio runtime, so on a small machine the server and
@@ -52,6 +57,7 @@ mod groups;
 mod kt;
 mod load;
 mod loadgen;
+mod media;
 mod net;
 mod roster;
 mod updates;
@@ -162,6 +168,12 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "2,100,1000")]
         sizes: Vec<usize>,
     },
+    /// CPU per 20 ms call frame: Opus alone (baseline), + SFrame, + jitter buffer and playout.
+    Media {
+        /// Frames per row (5000 frames = 100 s of audio).
+        #[arg(long, default_value_t = 5000)]
+        frames: usize,
+    },
     /// Key-directory publish time, proof sizes and verification times.
     KtPublish {
         /// Handles in the directory.
@@ -249,6 +261,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Updates { sizes } => {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
             updates::run(&sizes)
+        }
+        Command::Media { frames } => {
+            anyhow::ensure!(frames >= 10, "--frames must be at least 10");
+            media::run(frames)
         }
         Command::KtPublish { handles, batch, samples } => {
             anyhow::ensure!(handles >= 100, "--handles must be at least 100");

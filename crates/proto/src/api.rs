@@ -19,6 +19,7 @@
 //! | `GET /v1/links/{link}` | | [`LinkSlot`] |
 //! | `POST /v1/links/{link}/approve` | [`LinkApproveRequest`] | [`Empty`] |
 //! | `GET /v1/links/{link}/response` (unsigned) | | [`LinkResponse`] |
+//! | `POST /v1/calls/token` | [`crate::relay::CallTokenRequest`] | [`crate::relay::CallToken`] |
 //!
 //! Key transparency routes are listed in [`crate::kt`].
 //!

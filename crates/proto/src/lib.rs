@@ -12,6 +12,7 @@ pub mod framing;
 mod ids;
 pub mod kt;
 pub mod limits;
+pub mod relay;
 
 pub use api::*;
 pub use auth::{

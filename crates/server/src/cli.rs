@@ -49,6 +49,10 @@ struct Args {
     /// 127.0.0.1:9100; keep it off the public network.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Run the call relay on this UDP address, e.g. 0.0.0.0:3478: it
+    /// forwards end-to-end encrypted call media among a call's devices.
+    #[arg(long, value_name = "ADDR")]
+    relay_listen: Option<SocketAddr>,
     /// Log lines as `text` (colour only on a terminal) or one JSON object
     /// per line (`json`), for a log collector.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
@@ -141,6 +145,7 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
     };
     config.message_ttl = args.message_ttl;
     config.metrics_listen = args.metrics_listen;
+    config.relay_listen = args.relay_listen;
     config.limits = Limits {
         max_recipients: args.max_recipients,
         requests_per_second: args.rate_limit,

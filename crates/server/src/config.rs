@@ -131,6 +131,8 @@ pub struct ServerConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`); never the public
     /// address. `None`: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the call relay listens (UDP); `None`: no relay.
+    pub relay_listen: Option<SocketAddr>,
     /// The malicious-operator controller (only `subrosa-attack-server` sets it).
     #[cfg(feature = "test-attacks")]
     pub attacks: Option<std::sync::Arc<crate::attacks::Attacks>>,
@@ -150,6 +152,7 @@ impl ServerConfig {
             limits: Limits::default(),
             kt_publish_interval: crate::DEFAULT_KT_PUBLISH_INTERVAL,
             metrics_listen: None,
+            relay_listen: None,
             #[cfg(feature = "test-attacks")]
             attacks: None,
         }

@@ -23,6 +23,7 @@ mod hooks;
 pub mod kt;
 pub mod metrics;
 pub mod ratelimit;
+pub mod relay;
 mod routes;
 mod server;
 pub mod store;
@@ -71,6 +72,8 @@ pub struct AppState {
     shutdown_tx: Arc<watch::Sender<bool>>,
     /// Counters for `--metrics-listen` (no identifiers in them).
     pub(crate) metrics: metrics::SharedMetrics,
+    /// The call relay's token issuer, when `--relay-listen` runs one.
+    pub(crate) relay: Option<Arc<relay::Issuer>>,
     /// The key directory, opened on first use (or by [`start`]).
     kt: Arc<tokio::sync::OnceCell<Arc<kt::KtService>>>,
     kt_publish_interval: std::time::Duration,
@@ -118,12 +121,20 @@ impl AppState {
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
             metrics: Arc::default(),
+            relay: None,
             kt: Arc::new(tokio::sync::OnceCell::new()),
             kt_publish_interval: DEFAULT_KT_PUBLISH_INTERVAL,
             kt_mark: None,
             #[cfg(feature = "test-attacks")]
             attacks: None,
         }
+    }
+
+    /// Issues call-relay tokens with this issuer (`POST /v1/calls/token`).
+    #[must_use]
+    pub fn with_relay(mut self, issuer: Arc<relay::Issuer>) -> Self {
+        self.relay = Some(issuer);
+        self
     }
 
     /// Publishes key-directory epochs at most this often (default

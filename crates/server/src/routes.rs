@@ -49,6 +49,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/links/{link}", get(get_link))
         .route("/v1/links/{link}/approve", post(approve_link))
         .route("/v1/links/{link}/response", get(link_response))
+        .route("/v1/calls/token", post(crate::relay::token))
         .route("/v1/kt/head", get(kt_head))
         .route("/v1/kt/lookup/{handle}", get(kt_lookup))
         .route("/v1/kt/audit", get(kt_audit))

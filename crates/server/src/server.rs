@@ -30,6 +30,7 @@ pub struct RunningServer {
     listener: Option<JoinHandle<()>>,
     stop_sweeper: watch::Sender<bool>,
     metrics_addr: Option<SocketAddr>,
+    relay_addr: Option<SocketAddr>,
 }
 
 /// The file in the data directory that records the highest directory head
@@ -114,6 +115,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let state = AppState::new(Arc::clone(&store), config.limits.clone())
         .with_kt_publish_interval(config.kt_publish_interval)
         .with_kt_mark(config.data_dir.join(KT_MARK_FILE));
+    let relay = match config.relay_listen {
+        Some(addr) => Some(crate::relay::bind(addr).await?),
+        None => None,
+    };
+    let state = match &relay {
+        Some((_, issuer)) => state.with_relay(Arc::clone(issuer)),
+        None => state,
+    };
     #[cfg(feature = "test-attacks")]
     let state = match &config.attacks {
         Some(a) => state.with_attacks(Arc::clone(a)),
@@ -154,6 +163,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     }
     let (stop_sweeper, stop) = watch::channel(false);
     let listener = store.spawn_listener(Arc::clone(&state.wakeups), stop.clone());
+    let relay_addr = match relay {
+        Some((socket, issuer)) => {
+            let addr = socket.local_addr().ok();
+            crate::relay::spawn(socket, issuer, crate::relay::RelayLimits::default(), stop.clone());
+            addr
+        }
+        None => None,
+    };
     let sweeper = tokio::spawn(sweep_loop(state.clone(), config.message_ttl, config.effective_sweep_interval(), stop));
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
@@ -165,7 +182,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         None => None,
     };
     tracing::info!(addr = %local_addr, https, "listening");
-    Ok(RunningServer { local_addr, https, handle, state, server, sweeper, listener, stop_sweeper, metrics_addr })
+    Ok(RunningServer {
+        local_addr,
+        https,
+        handle,
+        state,
+        server,
+        sweeper,
+        listener,
+        stop_sweeper,
+        metrics_addr,
+        relay_addr,
+    })
 }
 
 /// hyper's own timeouts: request headers must arrive within
@@ -225,6 +253,11 @@ impl RunningServer {
     /// Where `GET /metrics` is served, when a metrics address was given.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where the call relay listens (UDP), when `--relay-listen` was given.
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay_addr
     }
 
     /// The base URL, `http://ADDR:PORT` or `https://…`.

@@ -117,6 +117,7 @@ macro_rules! with_behaviours {
             key_set_replacement_follows_the_rule,
             quota_refuses_a_full_sender_until_its_messages_go,
             conversation_row_lives_while_a_member_device_remains,
+            in_roster_follows_the_commits,
         );
     };
 }
@@ -929,6 +930,29 @@ pub async fn commit_replaces_roster_with_declared_members(store: Arc<dyn Store>)
     let again = store.send(&alice, &change, NOW).await.expect("retry");
     assert!(again.duplicate);
     assert_eq!(again.epoch, Some(Epoch(2)));
+}
+
+/// Who may have a call relay token: exactly the active devices of the
+/// roster the commits set; nobody for a conversation without one.
+pub async fn in_roster_follows_the_commits(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let carol = account(&store, "carol").await;
+    let phone = second_device(&store, &alice.handle).await;
+    let conv = random_conversation();
+    assert!(!store.in_roster(&conv, &alice).await.expect("read"), "unknown conversation");
+    let create = commit_with_members(conv, 0, &[&alice, &phone, &bob], vec![phone.clone(), bob.clone()]);
+    store.send(&alice, &create, NOW).await.expect("create");
+    for (device, member) in [(&alice, true), (&phone, true), (&bob, true), (&carol, false)] {
+        assert_eq!(store.in_roster(&conv, device).await.expect("read"), member, "{device}");
+    }
+    let other = random_conversation();
+    assert!(!store.in_roster(&other, &alice).await.expect("read"), "another conversation");
+    let remove_bob = commit_with_members(conv, 1, &[&alice, &phone], vec![phone.clone(), bob.clone()]);
+    store.send(&alice, &remove_bob, NOW).await.expect("commit");
+    assert!(!store.in_roster(&conv, &bob).await.expect("read"), "bob was removed");
+    store.remove_device(&phone).await.expect("remove");
+    assert!(!store.in_roster(&conv, &phone).await.expect("read"), "a revoked device");
+    assert!(store.in_roster(&conv, &alice).await.expect("read"));
 }
 
 /// A removed device leaves the rosters: a commit that still lists it (its

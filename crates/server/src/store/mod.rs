@@ -617,6 +617,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Backend failures only.
     async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError>;
 
+    /// Whether an active device is in the conversation's roster (false for
+    /// an unknown conversation and for one without a roster yet): who may
+    /// have a call relay token.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn in_roster(&self, conversation: &ConversationId, device: &DeviceAddress) -> Result<bool, StoreError>;
+
     /// Opens a link slot for a new device of `handle`, expiring at
     /// `expires_at_ms`. The caller picks the random id.
     ///

@@ -1232,6 +1232,21 @@ impl Store for PgStore {
         .await)
     }
 
+    async fn in_roster(&self, conversation: &ConversationId, device: &DeviceAddress) -> Result<bool, StoreError> {
+        on_client!(self, |c| async {
+            let Some(row) = device_row(&c, device).await? else { return Ok(false) };
+            let found = query_opt(
+                &c,
+                "SELECT 1 FROM conversations c JOIN conversation_members m ON m.conversation = c.id
+                 WHERE c.id = $1 AND c.has_roster AND m.device = $2",
+                &[&&conversation.0[..], &row],
+            )
+            .await?;
+            Ok(found.is_some())
+        }
+        .await)
+    }
+
     async fn create_link(
         &self,
         link: &LinkId,

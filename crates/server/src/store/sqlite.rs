@@ -1251,6 +1251,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn in_roster(&self, conversation: &ConversationId, device: &DeviceAddress) -> Result<bool, StoreError> {
+        let conversation = *conversation;
+        let device = device.clone();
+        self.read(move |conn| {
+            let Some(row) = device_row(conn, &device)? else { return Ok(false) };
+            conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM conversations c JOIN conversation_members m ON m.conversation = c.id
+                 WHERE c.id = ?1 AND c.has_roster = 1 AND m.device = ?2)",
+                params![&conversation.0[..], row],
+                |r| r.get(0),
+            )
+            .map_err(map_err)
+        })
+        .await
+    }
+
     async fn create_link(
         &self,
         link: &LinkId,

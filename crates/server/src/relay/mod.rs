@@ -1,0 +1,567 @@
+//! The call relay: forwards opaque media datagrams among the devices of a
+//! conversation's call over UDP (`--relay-listen ADDR`).
+//!
+//! **Who may use it.** `POST /v1/calls/token` ([`token`]) issues a join token
+//! to a signed-in device that is in the conversation's roster (as the commits
+//! set it); the token is an HMAC under this node's relay key (random at each
+//! start, never stored) over the conversation, a tag of the device and an
+//! expiry five minutes ahead. A token only limits abuse: the media keys come
+//! from MLS, so the relay cannot listen whoever joins.
+//!
+//! **No amplification.** Nothing is ever sent to an address that has not
+//! proved a token by a round trip: a `Join` is answered by a `Challenge`
+//! (34 bytes, smaller than the 67-byte `Join`) carrying a cookie bound to
+//! the sender's address, the token and the time, and keeps no state; only a
+//! `Prove` that returns that cookie with the token makes a session. Media
+//! from any address without a session is dropped unanswered, and media is
+//! forwarded only to the call's other sessions.
+//!
+//! **Limits.** Per device: packets and bytes per second (token buckets); per
+//! call: forwarded bytes per second and at most [`RelayLimits::max_devices_per_call`]
+//! devices; at most [`RelayLimits::max_sessions`] sessions on the node.
+//! Sessions idle for [`RelayLimits::idle`] are dropped.
+//!
+//! **Nothing kept.** Media is never stored, parsed or logged; the relay logs
+//! nothing about calls, devices or addresses. Its state is a map of live
+//! sessions in one task (no locks): tokens are valid on the node that issued
+//! them, so all devices of a call use one relay node (the token answer names
+//! its port).
+//!
+//! Wire format: [`subrosa_proto::relay`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::hmac;
+use axum::extract::State;
+use axum::Json;
+use subrosa_proto::relay::{CallToken, CallTokenRequest, Datagram, Token, COOKIE_LEN, TOKEN_LEN};
+use subrosa_proto::{ConversationId, DeviceAddress, B64};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use crate::auth::{now_ms, SignedJson};
+use crate::{AppError, AppState};
+
+/// How long a token is accepted for a join.
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// A cookie is accepted in the time slot it was made in and the next one.
+const COOKIE_SLOT_SECS: u64 = 30;
+const TOKEN_VERSION: u8 = 1;
+const TOKEN_LABEL: &[u8] = b"subrosa-relay-token-v1";
+const COOKIE_LABEL: &[u8] = b"subrosa-relay-cookie-v1";
+
+/// The relay's limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayLimits {
+    /// Devices in one call.
+    pub max_devices_per_call: usize,
+    /// Sessions on this node.
+    pub max_sessions: usize,
+    /// Packets per second one device may send (burst: twice that).
+    pub packets_per_second: f64,
+    /// Bytes per second one device may send (burst: twice that).
+    pub bytes_per_second: f64,
+    /// Bytes per second forwarded within one call, all copies counted.
+    pub call_bytes_per_second: f64,
+    /// A session that sent nothing for this long is dropped.
+    pub idle: Duration,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_devices_per_call: 16,
+            max_sessions: 10_000,
+            // 50 frames a second is a call; twice that leaves room for FEC
+            // bursts and a second stream.
+            packets_per_second: 100.0,
+            bytes_per_second: 64.0 * 1024.0,
+            call_bytes_per_second: 4.0 * 1024.0 * 1024.0,
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Mints and checks tokens and cookies: the node's relay key and the port
+/// to name in token answers.
+pub struct Issuer {
+    key: hmac::Key,
+    udp_port: u16,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuer").field("udp_port", &self.udp_port).finish_non_exhaustive()
+    }
+}
+
+/// An 8-byte tag of a device, so a token names it without a handle.
+fn device_tag(device: &DeviceAddress) -> [u8; 8] {
+    let d = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{}\n{}", device.handle.as_str(), device.device.to_hex()).as_bytes(),
+    );
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&d.as_ref()[..8]);
+    tag
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Claim {
+    call: ConversationId,
+    device: [u8; 8],
+}
+
+const BODY_LEN: usize = 1 + 16 + 8 + 8;
+
+impl Issuer {
+    /// An issuer with a fresh random key.
+    ///
+    /// # Errors
+    /// Only if the system's randomness fails.
+    pub fn new(udp_port: u16) -> Result<Self, crate::ServerError> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .map_err(|_| crate::ServerError::Config("no randomness for the relay key".into()))?;
+        Ok(Self { key, udp_port })
+    }
+
+    fn mint(&self, call: &ConversationId, device: &DeviceAddress, expires_s: u64) -> Token {
+        let mut out = [0u8; TOKEN_LEN];
+        out[0] = TOKEN_VERSION;
+        out[1..17].copy_from_slice(call.as_bytes());
+        out[17..25].copy_from_slice(&device_tag(device));
+        out[25..33].copy_from_slice(&expires_s.to_be_bytes());
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(TOKEN_LABEL);
+        ctx.update(&out[..BODY_LEN]);
+        out[BODY_LEN..].copy_from_slice(ctx.sign().as_ref());
+        Token(out)
+    }
+
+    fn check(&self, token: &Token, now_s: u64) -> Option<Claim> {
+        let (body, mac) = token.0.split_at(BODY_LEN);
+        let mut signed = Vec::with_capacity(TOKEN_LABEL.len() + BODY_LEN);
+        signed.extend_from_slice(TOKEN_LABEL);
+        signed.extend_from_slice(body);
+        hmac::verify(&self.key, &signed, mac).ok()?;
+        if body[0] != TOKEN_VERSION {
+            return None;
+        }
+        let expires = u64::from_be_bytes(body[25..33].try_into().ok()?);
+        if now_s > expires {
+            return None;
+        }
+        Some(Claim { call: ConversationId(body[1..17].try_into().ok()?), device: body[17..25].try_into().ok()? })
+    }
+
+    fn cookie(&self, from: &SocketAddr, token: &Token, slot: u64) -> [u8; COOKIE_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(COOKIE_LABEL);
+        ctx.update(&slot.to_be_bytes());
+        match from.ip() {
+            std::net::IpAddr::V4(ip) => ctx.update(&ip.to_ipv6_mapped().octets()),
+            std::net::IpAddr::V6(ip) => ctx.update(&ip.octets()),
+        }
+        ctx.update(&from.port().to_be_bytes());
+        ctx.update(&token.0);
+        let mut out = [0u8; COOKIE_LEN];
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
+    }
+
+    fn cookie_ok(&self, from: &SocketAddr, token: &Token, cookie: &[u8; COOKIE_LEN], now_s: u64) -> bool {
+        let slot = now_s / COOKIE_SLOT_SECS;
+        [slot, slot.saturating_sub(1)].iter().any(|s| {
+            let want = self.cookie(from, token, *s);
+            aws_lc_rs::constant_time::verify_slices_are_equal(&want, cookie).is_ok()
+        })
+    }
+}
+
+/// `POST /v1/calls/token`: a join token for a member device of the conversation.
+pub(crate) async fn token(
+    State(state): State<AppState>,
+    SignedJson { device, body }: SignedJson<CallTokenRequest>,
+) -> Result<Json<CallToken>, AppError> {
+    let Some(issuer) = state.relay.as_ref() else {
+        return Err(AppError::not_found());
+    };
+    if !state.store.in_roster(&body.conversation, &device).await? {
+        return Err(crate::store::StoreError::NotAMember.into());
+    }
+    let expires_at_ms = now_ms().saturating_add(u64::try_from(TOKEN_LIFETIME.as_millis()).unwrap_or(u64::MAX));
+    let token = issuer.mint(&body.conversation, &device, expires_at_ms / 1000);
+    Ok(Json(CallToken { token: B64(token.0.to_vec()), udp_port: issuer.udp_port, expires_at_ms }))
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64, now: Instant) -> Self {
+        Self { level: rate * 2.0, at: now }
+    }
+
+    fn take(&mut self, amount: f64, rate: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + elapsed * rate).min(rate * 2.0);
+        self.at = now;
+        if self.level >= amount {
+            self.level -= amount;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    claim: Claim,
+    last_seen: Instant,
+    packets: Bucket,
+    bytes: Bucket,
+}
+
+#[derive(Debug)]
+struct Call {
+    members: Vec<SocketAddr>,
+    bytes: Bucket,
+}
+
+/// Counters of what the relay did (no identifiers in them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayCounters {
+    /// challenges sent
+    pub challenges: u64,
+    /// sessions made
+    pub joined: u64,
+    /// media datagrams forwarded (each copy counted)
+    pub forwarded: u64,
+    /// datagrams dropped: malformed, unproven, invalid token or cookie, over a limit
+    pub dropped: u64,
+}
+
+/// The relay's state, owned by its one task.
+#[derive(Debug)]
+pub struct Relay {
+    issuer: Arc<Issuer>,
+    limits: RelayLimits,
+    sessions: HashMap<SocketAddr, Session>,
+    calls: HashMap<ConversationId, Call>,
+    counters: RelayCounters,
+}
+
+/// What to send in answer to one datagram.
+type Out = Vec<(SocketAddr, Vec<u8>)>;
+
+impl Relay {
+    /// A relay checking tokens with `issuer`.
+    pub fn new(issuer: Arc<Issuer>, limits: RelayLimits) -> Self {
+        Self { issuer, limits, sessions: HashMap::new(), calls: HashMap::new(), counters: RelayCounters::default() }
+    }
+
+    /// What it did so far.
+    pub fn counters(&self) -> RelayCounters {
+        self.counters
+    }
+
+    fn drop_one(&mut self) -> Out {
+        self.counters.dropped += 1;
+        Vec::new()
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) {
+        if let Some(s) = self.sessions.remove(addr) {
+            if let Some(call) = self.calls.get_mut(&s.claim.call) {
+                call.members.retain(|m| m != addr);
+                if call.members.is_empty() {
+                    self.calls.remove(&s.claim.call);
+                }
+            }
+        }
+    }
+
+    /// Handles one datagram from `from` at `now` (`now_s`: seconds since the
+    /// Unix epoch, for token expiry) and returns what to send where.
+    pub fn handle(&mut self, bytes: &[u8], from: SocketAddr, now: Instant, now_s: u64) -> Out {
+        let Ok(datagram) = Datagram::decode(bytes) else {
+            return self.drop_one();
+        };
+        match datagram {
+            Datagram::Join(token) => {
+                if self.issuer.check(&token, now_s).is_none() {
+                    return self.drop_one();
+                }
+                self.counters.challenges += 1;
+                let cookie = self.issuer.cookie(&from, &token, now_s / COOKIE_SLOT_SECS);
+                vec![(from, Datagram::Challenge(cookie).encode())]
+            }
+            Datagram::Prove { cookie, token } => {
+                let Some(claim) = self.issuer.check(&token, now_s) else {
+                    return self.drop_one();
+                };
+                if !self.issuer.cookie_ok(&from, &token, &cookie, now_s) {
+                    return self.drop_one();
+                }
+                // The same device from a new address (NAT rebinding, a
+                // restart): the old session goes.
+                let stale: Vec<SocketAddr> = self
+                    .calls
+                    .get(&claim.call)
+                    .map(|c| {
+                        c.members
+                            .iter()
+                            .filter(|a| self.sessions.get(a).is_some_and(|s| s.claim == claim))
+                            .copied()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for a in &stale {
+                    self.remove(a);
+                }
+                if self.sessions.contains_key(&from) {
+                    self.remove(&from);
+                }
+                let members = self.calls.get(&claim.call).map_or(0, |c| c.members.len());
+                if members >= self.limits.max_devices_per_call || self.sessions.len() >= self.limits.max_sessions {
+                    return self.drop_one();
+                }
+                let limits = self.limits;
+                self.sessions.insert(
+                    from,
+                    Session {
+                        claim,
+                        last_seen: now,
+                        packets: Bucket::full(limits.packets_per_second, now),
+                        bytes: Bucket::full(limits.bytes_per_second, now),
+                    },
+                );
+                self.calls
+                    .entry(claim.call)
+                    .or_insert_with(|| Call {
+                        members: Vec::new(),
+                        bytes: Bucket::full(limits.call_bytes_per_second, now),
+                    })
+                    .members
+                    .push(from);
+                self.counters.joined += 1;
+                vec![(from, Datagram::Joined.encode())]
+            }
+            Datagram::Media(_) => {
+                let limits = self.limits;
+                let Some(session) = self.sessions.get_mut(&from) else {
+                    return self.drop_one();
+                };
+                session.last_seen = now;
+                let size = bytes.len() as f64;
+                if !session.packets.take(1.0, limits.packets_per_second, now)
+                    || !session.bytes.take(size, limits.bytes_per_second, now)
+                {
+                    return self.drop_one();
+                }
+                let call_id = session.claim.call;
+                let Some(call) = self.calls.get_mut(&call_id) else {
+                    return self.drop_one();
+                };
+                let mut out = Vec::new();
+                for to in call.members.iter().filter(|m| **m != from) {
+                    if !call.bytes.take(size, limits.call_bytes_per_second, now) {
+                        self.counters.dropped += 1;
+                        continue;
+                    }
+                    out.push((*to, bytes.to_vec()));
+                }
+                self.counters.forwarded += out.len() as u64;
+                out
+            }
+            Datagram::Leave => {
+                if self.sessions.contains_key(&from) {
+                    self.remove(&from);
+                }
+                Vec::new()
+            }
+            // Only the relay sends these.
+            Datagram::Challenge(_) | Datagram::Joined => self.drop_one(),
+        }
+    }
+
+    /// Drops sessions idle for longer than the limit.
+    pub fn sweep(&mut self, now: Instant) {
+        let idle = self.limits.idle;
+        let gone: Vec<SocketAddr> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.last_seen) > idle)
+            .map(|(a, _)| *a)
+            .collect();
+        for a in gone {
+            self.remove(&a);
+        }
+    }
+}
+
+fn unix_seconds() -> u64 {
+    now_ms() / 1000
+}
+
+/// Binds the relay's UDP socket and makes its issuer (before the HTTP
+/// routes are built, so the token route knows the port).
+///
+/// # Errors
+/// [`crate::ServerError::Bind`] when the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, Arc<Issuer>), crate::ServerError> {
+    let socket = UdpSocket::bind(addr).await.map_err(|source| crate::ServerError::Bind { addr, source })?;
+    let port = socket.local_addr().map_err(|source| crate::ServerError::Bind { addr, source })?.port();
+    Ok((socket, Arc::new(Issuer::new(port)?)))
+}
+
+/// Runs the relay on `socket` until `stop` changes.
+pub fn spawn(socket: UdpSocket, issuer: Arc<Issuer>, limits: RelayLimits, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut relay = Relay::new(issuer, limits);
+        let mut buf = vec![0u8; 2048];
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                got = socket.recv_from(&mut buf) => {
+                    let Ok((n, from)) = got else { continue };
+                    let out = relay.handle(&buf[..n], from, Instant::now(), unix_seconds());
+                    for (to, bytes) in out {
+                        // A full socket buffer loses the datagram, as the network would.
+                        let _ = socket.try_send_to(&bytes, to);
+                    }
+                }
+                _ = sweep.tick() => relay.sweep(Instant::now()),
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr as _;
+
+    use subrosa_proto::{DeviceId, Handle};
+
+    use super::*;
+
+    fn device(name: &str) -> DeviceAddress {
+        DeviceAddress { handle: Handle::from_str(name).expect("handle"), device: DeviceId([7; 8]) }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    struct Fixture {
+        relay: Relay,
+        issuer: Arc<Issuer>,
+        now: Instant,
+        call: ConversationId,
+    }
+
+    impl Fixture {
+        fn new(limits: RelayLimits) -> Self {
+            let issuer = Arc::new(Issuer::new(1).expect("issuer"));
+            Self {
+                relay: Relay::new(Arc::clone(&issuer), limits),
+                issuer,
+                now: Instant::now(),
+                call: ConversationId([1; 16]),
+            }
+        }
+
+        fn send(&mut self, from: SocketAddr, d: &Datagram) -> Vec<(SocketAddr, Datagram)> {
+            self.relay
+                .handle(&d.encode(), from, self.now, 1000)
+                .into_iter()
+                .map(|(to, b)| (to, Datagram::decode(&b).expect("relay sends valid datagrams")))
+                .collect()
+        }
+
+        fn join(&mut self, from: SocketAddr, name: &str) -> bool {
+            let token = self.issuer.mint(&self.call, &device(name), 2000);
+            let out = self.send(from, &Datagram::Join(token));
+            let [(to, Datagram::Challenge(cookie))] = out.as_slice() else { return false };
+            assert_eq!(*to, from);
+            let out = self.send(from, &Datagram::Prove { cookie: *cookie, token });
+            out == vec![(from, Datagram::Joined)]
+        }
+    }
+
+    #[test]
+    fn forwards_only_among_proven_members() {
+        let mut f = Fixture::new(RelayLimits::default());
+        assert!(f.join(addr(1), "alice"));
+        assert!(f.join(addr(2), "bob"));
+        let media = Datagram::Media(b"sframe".to_vec());
+        assert_eq!(f.send(addr(1), &media), vec![(addr(2), media.clone())]);
+        // An address that proved nothing gets nothing and causes nothing.
+        assert!(f.send(addr(3), &media).is_empty());
+        // Leaving stops the forwarding to it.
+        assert!(f.send(addr(2), &Datagram::Leave).is_empty());
+        assert!(f.send(addr(1), &media).is_empty());
+    }
+
+    #[test]
+    fn no_answer_to_a_bad_token_and_no_session_without_the_cookie() {
+        let mut f = Fixture::new(RelayLimits::default());
+        let mut forged = f.issuer.mint(&f.call, &device("alice"), 2000);
+        forged.0[3] ^= 1;
+        assert!(f.send(addr(1), &Datagram::Join(forged)).is_empty());
+        let expired = f.issuer.mint(&f.call, &device("alice"), 999);
+        assert!(f.send(addr(1), &Datagram::Join(expired)).is_empty());
+        let other = Issuer::new(1).expect("issuer");
+        assert!(f.send(addr(1), &Datagram::Join(other.mint(&f.call, &device("alice"), 2000))).is_empty());
+        // A cookie made for one address does not prove another (a spoofed
+        // source cannot point the relay at a victim).
+        let token = f.issuer.mint(&f.call, &device("alice"), 2000);
+        let out = f.send(addr(1), &Datagram::Join(token));
+        let [(_, Datagram::Challenge(cookie))] = out.as_slice() else { panic!("no challenge: {out:?}") };
+        assert!(f.send(addr(9), &Datagram::Prove { cookie: *cookie, token }).is_empty());
+        assert!(f.send(addr(1), &Datagram::Prove { cookie: [0; COOKIE_LEN], token }).is_empty());
+        assert_eq!(f.relay.counters().joined, 0);
+        // Answers before proof are never larger than what asked for them.
+        let join = Datagram::Join(token).encode().len();
+        let challenge = Datagram::Challenge(*cookie).encode().len();
+        assert!(challenge < join);
+    }
+
+    #[test]
+    fn a_device_over_its_rate_is_cut_off_and_a_full_call_refuses_more() {
+        let limits = RelayLimits { packets_per_second: 10.0, max_devices_per_call: 2, ..RelayLimits::default() };
+        let mut f = Fixture::new(limits);
+        assert!(f.join(addr(1), "alice"));
+        assert!(f.join(addr(2), "bob"));
+        assert!(!f.join(addr(3), "carol"), "a third device in a call of two");
+        let media = Datagram::Media(vec![0; 100]);
+        let forwarded = (0..100).filter(|_| !f.send(addr(1), &media).is_empty()).count();
+        assert_eq!(forwarded, 20, "a burst of twice the rate, then nothing");
+        f.now += Duration::from_secs(1);
+        assert!(!f.send(addr(1), &media).is_empty(), "refilled a second later");
+    }
+
+    #[test]
+    fn a_rejoin_from_a_new_address_replaces_the_old_session_and_idle_ones_go() {
+        let mut f = Fixture::new(RelayLimits::default());
+        assert!(f.join(addr(1), "alice"));
+        assert!(f.join(addr(2), "bob"));
+        assert!(f.join(addr(5), "bob"));
+        let media = Datagram::Media(vec![1]);
+        assert_eq!(f.send(addr(1), &media), vec![(addr(5), media.clone())]);
+        f.now += Duration::from_secs(31);
+        f.relay.sweep(f.now);
+        assert!(f.send(addr(1), &media).is_empty());
+    }
+}
