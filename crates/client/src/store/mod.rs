@@ -1,0 +1,5 @@
+//! The client's local store.
+
+mod sqlite;
+
+pub use sqlite::*;
