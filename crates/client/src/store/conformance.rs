@@ -38,6 +38,7 @@ macro_rules! with_behaviours {
             group_state_keeps_the_newest_epochs,
             key_packages_one_time_and_last_resort,
             a_failed_write_leaves_nothing,
+            a_panicking_write_leaves_nothing_and_the_store_goes_on,
             mls_writes_join_the_transaction_that_caused_them,
             a_write_in_progress_is_invisible_to_a_concurrent_reader,
             concurrent_writers_serialize,
@@ -558,6 +559,24 @@ pub fn a_failed_write_leaves_nothing(store: Store) {
     // The store is usable after.
     store.write(|tx| tx.pin_contact("bob", &[2; 32])).expect("write");
     assert_eq!(store.read(|tx| tx.contact_key("bob")).expect("read"), Some(vec![2; 32]));
+}
+
+pub fn a_panicking_write_leaves_nothing_and_the_store_goes_on(store: Store) {
+    let panicked = {
+        let store = store.clone();
+        thread::spawn(move || {
+            let _ = store.write(|tx| -> Result<(), ClientError> {
+                tx.pin_contact("bob", &[1; 32])?;
+                panic!("a bug in the middle of a write");
+            });
+        })
+        .join()
+    };
+    assert!(panicked.is_err());
+    assert!(store.read(|tx| tx.contact_key("bob")).expect("read").is_none());
+    store.write(|tx| tx.pin_contact("carol", &[2; 32])).expect("the next write goes through");
+    assert!(store.read(|tx| tx.contact_key("carol")).expect("read").is_some());
+    assert!(store.read(|tx| tx.contact_key("bob")).expect("read").is_none());
 }
 
 pub fn mls_writes_join_the_transaction_that_caused_them(store: Store) {

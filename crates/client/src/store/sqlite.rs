@@ -342,6 +342,19 @@ fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl SqliteStore {
+    /// Begins the outermost transaction. One a panicking closure left open
+    /// (unwinding freed the gate but ran no ROLLBACK) never committed: it
+    /// is rolled back first.
+    fn begin(&self, statement: &str) -> Result<(), ClientError> {
+        let conn = self.lock();
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        conn.execute_batch(statement).map_err(sql)
+    }
+}
+
 impl Backend for SqliteStore {
     fn read_dyn(&self, f: &mut dyn FnMut(&dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
         let entered = self.gate.enter(false)?;
@@ -349,7 +362,7 @@ impl Backend for SqliteStore {
         if !entered.outer() {
             return f(&tx);
         }
-        self.lock().execute_batch("BEGIN").map_err(sql)?;
+        self.begin("BEGIN")?;
         let result = f(&tx);
         // A read changed nothing: ending it either way only ends its snapshot.
         let end = self.lock().execute_batch("COMMIT").map_err(sql);
@@ -365,7 +378,7 @@ impl Backend for SqliteStore {
         if !entered.outer() {
             return f(&mut tx);
         }
-        self.lock().execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        self.begin("BEGIN IMMEDIATE")?;
         match f(&mut tx) {
             Ok(()) => match self.lock().execute_batch("COMMIT") {
                 Ok(()) => Ok(()),
