@@ -1529,7 +1529,7 @@ mod tests {
         let engine = Engine::new(crypto, id, store.groups(), store.key_packages());
         engine.generate_key_package().expect("one-time");
         engine.generate_key_package().expect("last resort");
-        store.mark_newest_key_package_last_resort().expect("mark");
+        store.write(|tx| tx.mark_newest_key_package_last_resort()).expect("mark");
         let ids: Vec<(Vec<u8>, bool)> = {
             let conn = sqlite.lock();
             let mut stmt = conn.prepare("SELECT id, last_resort FROM mls_key_package ORDER BY rowid").expect("prepare");
@@ -1608,7 +1608,7 @@ mod tests {
         }
         let sqlite = Arc::new(SqliteStore::open(&home, "pw").expect("migrates"));
         let store = Store::from_arc(sqlite.clone());
-        let queued = store.outbox().expect("outbox");
+        let queued = store.read(|tx| tx.outbox()).expect("outbox");
         // In the order v4 would have sent them (created_at), bytes untouched.
         let got: Vec<(Vec<u8>, Option<Vec<u8>>)> =
             queued.iter().map(|q| (q.send_id.to_vec(), q.request.clone())).collect();
