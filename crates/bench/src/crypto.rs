@@ -235,7 +235,7 @@ fn subrosa_core(opts: &Options, text: &str) -> anyhow::Result<Row> {
 type StoreEngine = Engine<subrosa_core::DefaultCrypto, GroupStore, KeyPackageStore>;
 
 fn in_tx<T>(store: &Store, f: impl FnOnce() -> Result<T, subrosa_core::CoreError>) -> anyhow::Result<T> {
-    Ok(store.transaction(|| f().map_err(ClientError::from))?)
+    Ok(store.write(|_| f().map_err(ClientError::from))?)
 }
 
 /// (d) The same over the client's SQLCipher stores, one transaction per call.
@@ -244,9 +244,27 @@ fn subrosa_store(opts: &Options, text: &str, parent: &Path) -> anyhow::Result<Ro
         .prefix("subrosa-bench-")
         .tempdir_in(parent)
         .with_context(|| format!("cannot create a temporary directory in {}", parent.display()))?;
+    let create = |name: &str| {
+        Store::create(&dir.path().join(name), "bench passphrase")
+            .with_context(|| format!("cannot create {name}'s store"))
+    };
+    over_client_store("(d) Subrosa core + SQLCipher store", opts, text, create)
+}
+
+/// (e) The same over the client's in-memory store: what the store trait and
+/// its transactions cost without a disk.
+fn subrosa_memory_store(opts: &Options, text: &str) -> anyhow::Result<Row> {
+    over_client_store("(e) Subrosa core + in-memory store", opts, text, |_| Ok(Store::memory()))
+}
+
+fn over_client_store(
+    label: &'static str,
+    opts: &Options,
+    text: &str,
+    create: impl Fn(&str) -> anyhow::Result<Store>,
+) -> anyhow::Result<Row> {
     let open = |name: &str| -> anyhow::Result<(Store, StoreEngine)> {
-        let store = Store::create(&dir.path().join(name), "bench passphrase")
-            .with_context(|| format!("cannot create {name}'s store"))?;
+        let store = create(name)?;
         let engine = Engine::new(subrosa_core::default_crypto(), identity(name)?, store.groups(), store.key_packages());
         Ok((store, engine))
     };
@@ -259,7 +277,7 @@ fn subrosa_store(opts: &Options, text: &str, parent: &Path) -> anyhow::Result<Ro
     in_tx(&alice_store, || alice.confirm_commit(&conv)).context("store: confirm commit")?;
     let welcome = out.welcome.context("store: no Welcome")?;
     in_tx(&bob_store, || bob.join(&welcome)).context("store: join")?;
-    measure("(d) Subrosa core + SQLCipher store", opts, |i| {
+    measure(label, opts, |i| {
         let content = Content::text(message_id(i), i, text);
         let (ct, _) = in_tx(&alice_store, || alice.encrypt(&conv, &content)).context("store: encrypt")?;
         let event = in_tx(&bob_store, || bob.process(&conv, &ct)).context("store: decrypt")?;
@@ -300,7 +318,7 @@ fn fsync_cost(dir: &Path) -> anyhow::Result<Duration> {
     Ok(times[times.len() / 2])
 }
 
-/// Runs the four rows and prints them.
+/// Runs the five rows and prints them.
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let text = payload(opts.size);
     let parent = opts.dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -327,6 +345,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         mls_alone(opts, text.as_bytes())?,
         subrosa_core(opts, &text)?,
         subrosa_store(opts, &text, &parent)?,
+        subrosa_memory_store(opts, &text)?,
     ];
     let aes = rows[0].rate();
     let mls = rows[1].rate();

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! - `crypto`: messages per second for encrypt + decrypt of one message of
-//!   `--size` bytes, in four rows measured in the same run: (a) raw
+//!   `--size` bytes, in five rows measured in the same run: (a) raw
 //!   AES-128-GCM seal + open with aws-lc-rs (fresh nonce per message);
 //!   (b) mls-rs alone: two plain mls-rs clients (basic credentials, AWS-LC,
 //!   in-memory storage, CURVE25519_AES128, state never written to storage)
@@ -20,8 +20,10 @@
 //!   over in-memory storage, `encrypt` + `process` (content encoding and
 //!   padding, certificate-checked roster lookups, state loaded from and
 //!   written to storage on every call); (d) the same over the client's real
-//!   SQLCipher stores, each call in a `Store::transaction` (the cost of
-//!   persisting every message). Each row prints msgs/s and its ratio to
+//!   SQLCipher stores, each call in a `Store::write` (the cost of
+//!   persisting every message); (e) the same over the client's in-memory
+//!   store (what the store trait and its transactions cost without a
+//!   disk). Each row prints msgs/s and its ratio to
 //!   (a) and (b). Without `--iterations` each row runs at least
 //!   `--min-seconds` after a warm-up.
 //! - `latency`: end-to-end latency over a real server on loopback (started

@@ -508,7 +508,7 @@ fn a_store_made_by_the_first_wave_knows_every_conversation_id_it_held() {
         rows.extend(store.group_rows().expect("groups"));
         assert!(!rows.is_empty(), "{who} holds conversations");
         for r in &rows {
-            assert!(store.ever_knew(&r.id).expect("known"), "{who}: {} not recorded", r.id.to_hex());
+            assert!(store.read(|tx| tx.ever_knew(&r.id)).expect("known"), "{who}: {} not recorded", r.id.to_hex());
         }
         let friends = store.groups_named("friends").expect("groups");
         assert!(!friends.is_empty(), "{who} is in friends");

@@ -10,7 +10,7 @@ use subrosa_proto::{
     SendId, SendPart, SendRequest, SendResponse, B64,
 };
 
-use crate::store::{now_ms, ConversationRow, PendingCommit};
+use crate::store::{now_ms, ConversationRow, PendingCommit, Tx};
 use crate::{ClientError, Subrosa};
 
 /// What a user names: a conversation (a group by name, or any by `#ID`)
@@ -150,6 +150,11 @@ pub(crate) fn stuck_key(conversation: &ConversationId) -> String {
     format!("stuck:{}", conversation.to_hex())
 }
 
+/// The device remembered as having made `conversation` stuck.
+fn stuck_culprit_in(tx: &dyn Tx, conversation: &ConversationId) -> Result<Option<DeviceAddress>, ClientError> {
+    Ok(tx.meta(&stuck_key(conversation))?.and_then(|v| std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok())))
+}
+
 /// The text of [`ClientError::Pending`] for a commit whose answer is missing.
 const COMMIT_PENDING: &str = "not yet on the server; the next subrosa command sends it";
 
@@ -199,7 +204,7 @@ impl Subrosa {
                      (see `subrosa history TARGET --json`)"
                 )));
             }
-            let mut rows = self.store.conversations_by_prefix(&id)?;
+            let mut rows = self.store.read(|tx| tx.conversations_by_prefix(&id))?;
             // The account's own conversation carries keys, never messages.
             rows.retain(|r| r.kind != "own");
             return match rows.as_slice() {
@@ -211,14 +216,14 @@ impl Subrosa {
                 ))),
             };
         }
-        let groups = self.store.groups_named(target)?;
+        let groups = self.store.read(|tx| tx.groups_named(target))?;
         let active: Vec<&ConversationRow> = groups.iter().filter(|g| g.active).collect();
         let groups: Vec<&ConversationRow> = if active.is_empty() { groups.iter().collect() } else { active };
         let handle = Handle::new(target).ok();
         let known_handle = match &handle {
-            Some(h) => {
-                self.store.contact_key(h.as_str())?.is_some() || !self.store.conversations_with(h.as_str())?.is_empty()
-            }
+            Some(h) => self.store.read(|tx| {
+                Ok(tx.contact_key(h.as_str())?.is_some() || !tx.conversations_with(h.as_str())?.is_empty())
+            })?,
             None => false,
         };
         if groups.len() + usize::from(known_handle) > 1 {
@@ -253,7 +258,7 @@ impl Subrosa {
             Err(e) => return Err(e),
         };
         self.sync().await?;
-        match self.store.conversation(&row.id)? {
+        match self.store.read(|tx| tx.conversation(&row.id))? {
             Some(r) if r.active => Ok(r),
             Some(r) => Err(ClientError::Input(format!("you are no longer a member of {}", r.name))),
             None => Err(ClientError::Bug("group vanished".into())),
@@ -310,7 +315,7 @@ impl Subrosa {
         let expected = if handle == self.handle() {
             Some(self.identity().identity_public().to_vec())
         } else {
-            self.store.contact_key(handle.as_str())?
+            self.store.read(|tx| tx.contact_key(handle.as_str()))?
         };
         // The directory must vouch for exactly the keys offered, and every
         // package must be for one of the devices it vouches for.
@@ -360,9 +365,9 @@ impl Subrosa {
                         why: "the server offers this account an identity key that is not ours".into(),
                     });
                 }
-                let was_verified = self.store.transaction(|| {
-                    let was = self.store.change_contact_key(handle.as_str(), claim.identity_key.as_slice())?;
-                    self.key_change_lines(handle)?;
+                let was_verified = self.store.write(|tx| {
+                    let was = tx.change_contact_key(handle.as_str(), claim.identity_key.as_slice())?;
+                    self.key_change_lines(tx, handle)?;
                     Ok(was)
                 })?;
                 if was_verified {
@@ -374,20 +379,21 @@ impl Subrosa {
             return Err(ClientError::Input(format!("{handle} has no device that can be added right now")));
         }
         if expected.is_none() && handle != self.handle() {
-            self.store.pin_contact(handle.as_str(), claim.identity_key.as_slice())?;
+            self.store.write(|tx| tx.pin_contact(handle.as_str(), claim.identity_key.as_slice()))?;
         }
         Ok(key_packages)
     }
 
     /// A warning line in every active conversation with `handle`.
-    pub(crate) fn key_change_lines(&self, handle: &Handle) -> Result<(), ClientError> {
+    pub(crate) fn key_change_lines(&self, tx: &mut dyn Tx, handle: &Handle) -> Result<(), ClientError> {
         let who = subrosa_proto::DeviceAddress { handle: handle.clone(), device: subrosa_proto::DeviceId([0; 8]) };
-        for row in self.store.active_conversations()? {
+        for row in tx.active_conversations()? {
             let with_them = row.peer.as_deref() == Some(handle.as_str())
                 || (row.kind == "group"
                     && self.engine.members(&row.id).is_ok_and(|m| m.iter().any(|m| m.address.handle == *handle)));
             if with_them {
-                self.system_line(
+                self.record_system_line(
+                    tx,
                     &row,
                     &who,
                     format!(
@@ -402,16 +408,18 @@ impl Subrosa {
     /// Refuses to send to conversations with a verified contact whose key
     /// changed, unless the user accepts the change.
     pub(crate) fn check_key_changes(&self, handles: &[Handle], accept: bool) -> Result<(), ClientError> {
-        for h in handles {
-            if self.store.key_change_pending(h.as_str())? {
-                if accept {
-                    self.store.clear_key_change(h.as_str())?;
-                } else {
-                    return Err(ClientError::KeyChanged(h.to_string()));
+        self.store.write(|tx| {
+            for h in handles {
+                if tx.key_change_pending(h.as_str())? {
+                    if accept {
+                        tx.clear_key_change(h.as_str())?;
+                    } else {
+                        return Err(ClientError::KeyChanged(h.to_string()));
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Starts a 1:1 conversation with `peer`, this account's other devices
@@ -446,14 +454,14 @@ impl Subrosa {
     ) -> Result<ConversationId, ClientError> {
         let line = line.map(|l| (self.identity().address(), l));
         let meta = PendingMeta { change, line };
-        let pending = self.store.transaction(|| {
+        let pending = self.store.write(|tx| {
             let out = self.engine.create_conversation(info, key_packages)?;
-            self.store_pending(&out, &meta)
+            self.store_pending(tx, &out, &meta)
         })?;
         match self.post_pending(&pending).await? {
             Posted::Applied => Ok(pending.conversation),
             Posted::Stale => {
-                self.store.transaction(|| self.drop_pending(&pending))?;
+                self.store.write(|tx| self.drop_pending(tx, &pending))?;
                 Err(ClientError::Protocol("the server refused a new conversation's first commit".into()))
             }
         }
@@ -518,7 +526,12 @@ impl Subrosa {
 
     /// Builds the request of a staged commit and stores it as pending
     /// (inside the caller's transaction, the one that staged it).
-    fn store_pending(&self, out: &OutgoingCommit, meta: &PendingMeta) -> Result<PendingCommit, ClientError> {
+    fn store_pending(
+        &self,
+        tx: &mut dyn Tx,
+        out: &OutgoingCommit,
+        meta: &PendingMeta,
+    ) -> Result<PendingCommit, ClientError> {
         let mut parts = Vec::new();
         // The server wants the commit itself past epoch 0 (it reads its
         // framing): alone in a conversation, this device sends it to itself.
@@ -551,7 +564,7 @@ impl Subrosa {
             commit_digest: Sha256::digest(&out.commit).to_vec(),
             meta: serde_json::to_vec(meta).map_err(|e| ClientError::Bug(e.to_string()))?,
         };
-        self.store.put_pending_commit(&pending)?;
+        tx.put_pending_commit(&pending)?;
         Ok(pending)
     }
 
@@ -562,13 +575,13 @@ impl Subrosa {
     async fn post_pending(&self, pending: &PendingCommit) -> Result<Posted, ClientError> {
         match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", pending.request.clone()).await {
             Ok(_) => {
-                self.store.transaction(|| self.finish_pending(pending))?;
+                self.store.write(|tx| self.finish_pending(tx, pending))?;
                 Ok(Posted::Applied)
             }
             Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => Ok(Posted::Stale),
             Err(e) if is_transient(&e) => Err(ClientError::Pending(COMMIT_PENDING.into())),
             Err(e) => {
-                self.store.transaction(|| self.drop_pending(pending))?;
+                self.store.write(|tx| self.drop_pending(tx, pending))?;
                 Err(e)
             }
         }
@@ -577,40 +590,40 @@ impl Subrosa {
     /// The server ordered this staged commit: apply it (inside the caller's
     /// transaction), remember its digest so its echo is skipped, and do
     /// what follows from it.
-    pub(crate) fn finish_pending(&self, pending: &PendingCommit) -> Result<(), ClientError> {
+    pub(crate) fn finish_pending(&self, tx: &mut dyn Tx, pending: &PendingCommit) -> Result<(), ClientError> {
         let conversation = &pending.conversation;
         let meta = PendingMeta::decode(&pending.meta)?;
         if self.engine.has_pending_commit(conversation)? {
             self.engine.confirm_commit(conversation)?;
         }
-        self.store.mark_processed(&pending.commit_digest)?;
-        self.store.delete_pending_commit(conversation)?;
+        tx.mark_processed(&pending.commit_digest)?;
+        tx.delete_pending_commit(conversation)?;
         // Every commit carries a path: this device's keys there are new.
-        self.store.note_own_update(conversation, now_ms())?;
+        tx.note_own_update(conversation, now_ms())?;
         if let StagedChange::Create { kind, name, peer, .. } = &meta.change {
-            self.store.add_conversation(conversation, kind, name, peer.as_deref())?;
+            tx.add_conversation(conversation, kind, name, peer.as_deref())?;
         }
-        let Some(mut row) = self.store.conversation(conversation)? else { return Ok(()) };
+        let Some(mut row) = tx.conversation(conversation)? else { return Ok(()) };
         if row.kind == "group" {
             let name = self.engine.info(conversation)?.name;
             if name != row.name {
-                self.store.set_conversation_name(conversation, &name)?;
+                tx.set_conversation_name(conversation, &name)?;
                 row.name = name;
             }
         }
         if let Some((from, text)) = meta.line {
-            self.system_line(&row, &from, text)?;
+            self.record_system_line(tx, &row, &from, text)?;
         }
         Ok(())
     }
 
     /// The server will never order this staged commit: drop it (inside the
     /// caller's transaction); a new conversation is forgotten.
-    fn drop_pending(&self, pending: &PendingCommit) -> Result<(), ClientError> {
+    fn drop_pending(&self, tx: &mut dyn Tx, pending: &PendingCommit) -> Result<(), ClientError> {
         let conversation = &pending.conversation;
-        self.store.delete_pending_commit(conversation)?;
+        tx.delete_pending_commit(conversation)?;
         if let StagedChange::Create { .. } = PendingMeta::decode(&pending.meta)?.change {
-            return self.store.forget_conversation(conversation);
+            return tx.forget_conversation(conversation);
         }
         if self.engine.has_pending_commit(conversation)? {
             self.engine.discard_commit(conversation)?;
@@ -631,8 +644,8 @@ impl Subrosa {
         let before = self.engine.epoch(conversation).ok();
         self.flush_outbox().await?;
         self.drain_inbox(true).await?;
-        let Some(pending) = self.store.pending_commit(conversation)? else { return Ok(true) };
-        self.store.transaction(|| self.drop_pending(&pending))?;
+        let Some(pending) = self.store.read(|tx| tx.pending_commit(conversation))? else { return Ok(true) };
+        self.store.write(|tx| self.drop_pending(tx, &pending))?;
         if before.is_some() && self.engine.epoch(conversation).ok() == before {
             let text = self.stuck_alert(conversation)?;
             return Err(ClientError::Protocol(text));
@@ -647,8 +660,8 @@ impl Subrosa {
     /// # Errors
     /// [`ClientError::Pending`] while the server does not answer; store errors.
     pub(crate) async fn resolve_pending_commits(&self) -> Result<(), ClientError> {
-        for conversation in self.store.pending_commit_conversations()? {
-            let Some(pending) = self.store.pending_commit(&conversation)? else { continue };
+        for conversation in self.store.read(|tx| tx.pending_commit_conversations())? {
+            let Some(pending) = self.store.read(|tx| tx.pending_commit(&conversation))? else { continue };
             let meta = PendingMeta::decode(&pending.meta)?;
             match self.post_pending(&pending).await {
                 Ok(Posted::Applied) => {
@@ -665,18 +678,21 @@ impl Subrosa {
                         Err(e) => return Err(e),
                     }
                     if let StagedChange::Create { .. } = meta.change {
-                        self.store.add_alert("the server refused a conversation this device created; it is gone")?;
-                    } else if self.store.conversation(&conversation)?.is_some_and(|r| r.active) {
+                        self.store.write(|tx| {
+                            tx.add_alert("the server refused a conversation this device created; it is gone")
+                        })?;
+                    } else if self.store.read(|tx| tx.conversation(&conversation))?.is_some_and(|r| r.active) {
                         if let Err(e) = self.commit_with_retry_from(&conversation, meta.change, meta.line).await {
                             if matches!(e, ClientError::Pending(_)) {
                                 return Err(e);
                             }
-                            self.store.add_alert(&format!("a change you made could not be completed: {e}"))?;
+                            self.store
+                                .write(|tx| tx.add_alert(&format!("a change you made could not be completed: {e}")))?;
                         }
                     }
                 }
                 Err(e @ ClientError::Pending(_)) => return Err(e),
-                Err(e) => self.store.add_alert(&format!("the server refused a change you made: {e}"))?,
+                Err(e) => self.store.write(|tx| tx.add_alert(&format!("the server refused a change you made: {e}")))?,
             }
         }
         Ok(())
@@ -723,16 +739,16 @@ impl Subrosa {
         change: StagedChange,
         line: Option<(DeviceAddress, String)>,
     ) -> Result<bool, ClientError> {
-        if self.store.pending_commit(conversation)?.is_some() {
+        if self.store.read(|tx| tx.pending_commit(conversation))?.is_some() {
             return Err(ClientError::Input(
                 "an earlier change to this conversation still waits for the server's answer; try again later".into(),
             ));
         }
         let meta = PendingMeta { change, line };
         for _ in 0..COMMIT_ATTEMPTS {
-            let staged = self.store.transaction(|| {
+            let staged = self.store.write(|tx| {
                 let Some(out) = self.stage_change(conversation, &meta.change)? else { return Ok(None) };
-                self.store_pending(&out, &meta).map(Some)
+                self.store_pending(tx, &out, &meta).map(Some)
             })?;
             let Some(pending) = staged else { return Ok(false) };
             match self.post_pending(&pending).await? {
@@ -764,7 +780,7 @@ impl Subrosa {
                 conversation.to_hex()
             ),
         };
-        self.store.add_alert(&text)?;
+        self.store.write(|tx| tx.add_alert(&text))?;
         Ok(text)
     }
 
@@ -790,7 +806,7 @@ impl Subrosa {
                 }
                 q.remove(0)
             };
-            if !self.store.conversation(&next)?.is_some_and(|r| r.active) {
+            if !self.store.read(|tx| tx.conversation(&next))?.is_some_and(|r| r.active) {
                 continue;
             }
             let meta_line = format!("{} left", leaver.handle);
@@ -799,10 +815,7 @@ impl Subrosa {
     }
 
     fn stuck_culprit(&self, conversation: &ConversationId) -> Result<Option<DeviceAddress>, ClientError> {
-        Ok(self
-            .store
-            .meta(&stuck_key(conversation))?
-            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok())))
+        self.store.read(|tx| stuck_culprit_in(tx, conversation))
     }
 
     /// Re-creates group `name`, stuck because a member won an epoch with a
@@ -844,17 +857,19 @@ impl Subrosa {
         let id = self.create_conversation(&info, &key_packages, change, None).await?;
         let row = self.store.conversation(&id)?.ok_or(ClientError::Bug("group vanished".into()))?;
         let me = self.identity().address();
-        self.store.transaction(|| {
+        self.store.write(|tx| {
             let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
             all.push(self.handle().as_str());
-            self.store.note_members(&row.id, all)?;
-            self.system_line(
+            tx.note_members(&row.id, &all)?;
+            self.record_system_line(
+                tx,
                 &old,
                 &me,
                 format!("you re-created {} without {culprit} as #{}; this one is retired", old.name, row.id.to_hex()),
             )?;
-            self.store.deactivate_conversation(&old.id)?;
-            self.system_line(
+            tx.deactivate_conversation(&old.id)?;
+            self.record_system_line(
+                tx,
                 &row,
                 &me,
                 format!("you re-created {} (it replaces #{}, stuck by {culprit})", old.name, old.id.to_hex()),
@@ -881,7 +896,7 @@ impl Subrosa {
     /// Invalid or taken name, unknown handles, key mismatches, network errors.
     pub async fn create_group(&self, name: &str, handles: &[String]) -> Result<GroupSummary, ClientError> {
         check_group_name(name)?;
-        if self.store.groups_named(name)?.iter().any(|g| g.active) {
+        if self.store.read(|tx| tx.groups_named(name))?.iter().any(|g| g.active) {
             return Err(ClientError::Input(format!("you already have a group named {name:?}")));
         }
         let mut members: Vec<Handle> = Vec::new();
@@ -908,8 +923,8 @@ impl Subrosa {
         let change = StagedChange::Create { kind: "group".into(), name: name.to_string(), peer: None, first: None };
         let line = format!("you created {name} with {}", names.join(", "));
         let id = self.create_conversation(&info, &key_packages, change, Some(line)).await?;
-        let row = self.store.conversation(&id)?.ok_or(ClientError::Bug("group vanished".into()))?;
-        self.store.transaction(|| self.store.note_members(&row.id, names.iter().map(String::as_str)))?;
+        let row = self.store.read(|tx| tx.conversation(&id))?.ok_or(ClientError::Bug("group vanished".into()))?;
+        self.store.write(|tx| tx.note_members(&row.id, &names.iter().map(String::as_str).collect::<Vec<_>>()))?;
         self.group_summary(&row)
     }
 
@@ -939,13 +954,13 @@ impl Subrosa {
         if self.engine.members(&row.id)?.iter().any(|m| m.address.handle == handle) {
             return Err(ClientError::Input(format!("{handle} is already a member of {}", row.name)));
         }
-        if self.store.was_member(&row.id, handle.as_str())? {
+        if self.store.read(|tx| tx.was_member(&row.id, handle.as_str()))? {
             return self.recreate_with(&row, &handle).await.map(Some);
         }
         let key_packages = self.claim(&handle, true).await?.into_iter().map(B64).collect();
         self.commit_with_retry(&row.id, StagedChange::Add { key_packages }, Some(format!("you added {handle}")))
             .await?;
-        self.store.transaction(|| self.store.note_members(&row.id, [handle.as_str()]))?;
+        self.store.write(|tx| tx.note_members(&row.id, &[handle.as_str()]))?;
         Ok(None)
     }
 
@@ -970,13 +985,14 @@ impl Subrosa {
         let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
         let change = StagedChange::Create { kind: "group".into(), name: old.name.clone(), peer: None, first: None };
         let id = self.create_conversation(&info, &key_packages, change, None).await?;
-        let row = self.store.conversation(&id)?.ok_or(ClientError::Bug("group vanished".into()))?;
+        let row = self.store.read(|tx| tx.conversation(&id))?.ok_or(ClientError::Bug("group vanished".into()))?;
         let me = self.identity().address();
-        self.store.transaction(|| {
+        self.store.write(|tx| {
             let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
             all.push(self.handle().as_str());
-            self.store.note_members(&row.id, all)?;
-            self.system_line(
+            tx.note_members(&row.id, &all)?;
+            self.record_system_line(
+                tx,
                 old,
                 &me,
                 format!(
@@ -985,8 +1001,9 @@ impl Subrosa {
                     row.id.to_hex()
                 ),
             )?;
-            self.store.deactivate_conversation(&old.id)?;
-            self.system_line(
+            tx.deactivate_conversation(&old.id)?;
+            self.record_system_line(
+                tx,
                 &row,
                 &me,
                 format!(
@@ -1005,11 +1022,12 @@ impl Subrosa {
     /// one the inviter re-created to re-add someone: it is retired here.
     pub(crate) fn retire_replaced(
         &self,
+        tx: &mut dyn Tx,
         joined: &ConversationRow,
         inviter: &subrosa_proto::DeviceAddress,
         members: &[MemberInfo],
     ) -> Result<(), ClientError> {
-        for old in self.store.groups_named(&joined.name)? {
+        for old in tx.groups_named(&joined.name)? {
             if old.id == joined.id || !old.active {
                 continue;
             }
@@ -1017,14 +1035,15 @@ impl Subrosa {
             let inviter_was_there = old_members.iter().any(|m| m.address.handle == inviter.handle);
             // A group stuck here too (its culprit is known on this device),
             // re-created by another member with everyone but the culprit.
-            if let Some(culprit) = self.stuck_culprit(&old.id)? {
+            if let Some(culprit) = stuck_culprit_in(&*tx, &old.id)? {
                 let culprit_out = !members.iter().any(|m| m.address == culprit);
                 let rest_moved = old_members
                     .iter()
                     .filter(|o| o.address != culprit)
                     .all(|o| members.iter().any(|m| m.address.handle == o.address.handle));
                 if inviter_was_there && *inviter != culprit && culprit_out && rest_moved {
-                    self.system_line(
+                    self.record_system_line(
+                        tx,
                         &old,
                         inviter,
                         format!(
@@ -1035,13 +1054,14 @@ impl Subrosa {
                             joined.id.to_hex()
                         ),
                     )?;
-                    self.store.deactivate_conversation(&old.id)?;
+                    tx.deactivate_conversation(&old.id)?;
                     continue;
                 }
             }
             let all_moved = old_members.iter().all(|o| members.iter().any(|m| m.address.handle == o.address.handle));
             if inviter_was_there && all_moved {
-                self.system_line(
+                self.record_system_line(
+                    tx,
                     &old,
                     inviter,
                     format!(
@@ -1051,7 +1071,7 @@ impl Subrosa {
                         joined.id.to_hex()
                     ),
                 )?;
-                self.store.deactivate_conversation(&old.id)?;
+                tx.deactivate_conversation(&old.id)?;
             }
         }
         Ok(())
@@ -1077,7 +1097,7 @@ impl Subrosa {
         let change = StagedChange::Remove { devices, notify: true };
         self.commit_with_retry(&row.id, change, Some(format!("you removed {handle}"))).await?;
         // The checks of the devices it removed are moot now.
-        self.store.transaction(|| self.store.drop_member_check(&row.id, handle.as_str(), None))?;
+        self.store.write(|tx| tx.drop_member_check(&row.id, handle.as_str(), None))?;
         Ok(())
     }
 
@@ -1088,7 +1108,7 @@ impl Subrosa {
     pub async fn group_rename(&self, name: &str, new_name: &str) -> Result<(), ClientError> {
         check_group_name(new_name)?;
         let row = self.group_synced(name).await?;
-        if new_name != row.name && self.store.groups_named(new_name)?.iter().any(|g| g.active) {
+        if new_name != row.name && self.store.read(|tx| tx.groups_named(new_name))?.iter().any(|g| g.active) {
             return Err(ClientError::Input(format!("you already have a group named {new_name:?}")));
         }
         let change = StagedChange::Rename { name: new_name.to_string() };
@@ -1105,10 +1125,10 @@ impl Subrosa {
         let row = self.group_synced(name).await?;
         // The proposal is queued in the outbox in the transaction that makes
         // it and forgets the group: a lost answer re-posts the same bytes.
-        let queued = self.store.transaction(|| {
+        let queued = self.store.write(|tx| {
             let (proposal, recipients) = self.engine.propose_leave(&row.id)?;
-            self.system_line(&row, &self.identity().address(), "you left".to_string())?;
-            self.store.deactivate_conversation(&row.id)?;
+            self.record_system_line(tx, &row, &self.identity().address(), "you left".to_string())?;
+            tx.deactivate_conversation(&row.id)?;
             if recipients.is_empty() {
                 return Ok(None);
             }
@@ -1120,7 +1140,7 @@ impl Subrosa {
                 parts: vec![SendPart { kind: MessageKind::Commit, recipients, ciphertext: B64(proposal) }],
             };
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
-            self.store.push_outbox_request(&send_id.0, &bytes)?;
+            tx.push_outbox_request(&send_id.0, &bytes)?;
             Ok(Some(()))
         })?;
         if queued.is_some() {
@@ -1134,7 +1154,7 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn groups(&self) -> Result<Vec<GroupSummary>, ClientError> {
-        self.store.group_rows()?.iter().map(|r| self.group_summary(r)).collect()
+        self.store.read(|tx| tx.group_rows())?.iter().map(|r| self.group_summary(r)).collect()
     }
 
     /// Every member device of a conversation (group name or handle).

@@ -39,7 +39,7 @@ use subrosa_proto::{
 
 use crate::conversations::StagedChange;
 use crate::rotation::Rekeyed;
-use crate::store::now_ms;
+use crate::store::{now_ms, Tx};
 use crate::{ClientError, Subrosa, META_IDENTITY};
 
 /// The new identity of a switch not adopted yet.
@@ -80,9 +80,9 @@ impl Subrosa {
         };
         let update = KeySetUpdate { identity_key: B64(me.identity_public().to_vec()), devices };
         let request = serde_json::to_vec(&update).map_err(|e| ClientError::Bug(e.to_string()))?;
-        self.store.transaction(|| {
-            self.store.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?)?;
-            self.store.set_meta(META_PENDING_KEY_SET, &request)
+        self.store.write(|tx| {
+            tx.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?)?;
+            tx.set_meta(META_PENDING_KEY_SET, &request)
         })?;
         self.finish_pending_switch().await
     }
@@ -115,15 +115,15 @@ impl Subrosa {
                 serde_json::from_slice(&request).map_err(|e| ClientError::Store(format!("pending key set: {e}")))?;
             if self.store.meta(META_PENDING_HANDOVER)?.is_some() {
                 self.hand_over(&new, &update).await?;
-                self.store.delete_meta(META_PENDING_HANDOVER)?;
+                self.store.write(|tx| tx.delete_meta(META_PENDING_HANDOVER))?;
             }
             if let Err(e) = self.publish_key_set(&update, &new).await {
                 if e.code().is_some() && e.code() != Some(ErrorCode::Unauthorized) && !is_retryable(&e) {
                     // Refused for good: keep the keys this device has.
-                    self.store.transaction(|| {
-                        self.store.delete_meta(META_PENDING_IDENTITY)?;
-                        self.store.delete_meta(META_PENDING_KEY_SET)?;
-                        self.store.delete_meta(META_PENDING_HANDOVER)
+                    self.store.write(|tx| {
+                        tx.delete_meta(META_PENDING_IDENTITY)?;
+                        tx.delete_meta(META_PENDING_KEY_SET)?;
+                        tx.delete_meta(META_PENDING_HANDOVER)
                     })?;
                     self.api.set_identity((*self.identity()).clone());
                 }
@@ -134,11 +134,11 @@ impl Subrosa {
             // (the next command looks again).
             return Ok(Rekeyed { conversations: 0, pending: 0 });
         }
-        self.store.transaction(|| {
-            self.store.set_meta(META_IDENTITY, &new.to_secret_bytes()?)?;
-            self.store.delete_meta(META_PENDING_IDENTITY)?;
-            self.store.delete_meta(META_PENDING_KEY_SET)?;
-            self.store.set_meta(META_LEAVES_DUE, &[1])
+        self.store.write(|tx| {
+            tx.set_meta(META_IDENTITY, &new.to_secret_bytes()?)?;
+            tx.delete_meta(META_PENDING_IDENTITY)?;
+            tx.delete_meta(META_PENDING_KEY_SET)?;
+            tx.set_meta(META_LEAVES_DUE, &[1])
         })?;
         self.engine.set_identity(new.clone());
         self.api.set_identity(new);
@@ -179,7 +179,7 @@ impl Subrosa {
                 Ok(false) => {}
                 Err(e) => return Err(e.into()),
             }
-            if self.store.pending_commit(&row.id)?.is_some() {
+            if self.store.read(|tx| tx.pending_commit(&row.id))?.is_some() {
                 left += 1;
                 continue;
             }
@@ -196,7 +196,7 @@ impl Subrosa {
             }
         }
         if left == 0 {
-            self.store.delete_meta(META_LEAVES_DUE)?;
+            self.store.write(|tx| tx.delete_meta(META_LEAVES_DUE))?;
         }
         done.pending = left;
         Ok(done)
@@ -215,14 +215,22 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub(crate) fn is_own_identity_key(&self, key: &[u8]) -> Result<bool, ClientError> {
+        self.store.read(|tx| self.is_own_identity_key_in(tx, key))
+    }
+
+    /// As [`Self::is_own_identity_key`], inside a transaction.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(crate) fn is_own_identity_key_in(&self, tx: &dyn Tx, key: &[u8]) -> Result<bool, ClientError> {
         if key == self.identity().identity_public() {
             return Ok(true);
         }
-        Ok(self.pending_identity()?.is_some_and(|p| p.identity_public() == key))
+        Ok(self.pending_identity(tx)?.is_some_and(|p| p.identity_public() == key))
     }
 
-    fn pending_identity(&self) -> Result<Option<DeviceIdentity>, ClientError> {
-        match self.store.meta(META_PENDING_IDENTITY)? {
+    fn pending_identity(&self, tx: &dyn Tx) -> Result<Option<DeviceIdentity>, ClientError> {
+        match tx.meta(META_PENDING_IDENTITY)? {
             Some(secret) => Ok(Some(DeviceIdentity::from_secret_bytes(self.engine.crypto(), &secret)?)),
             None => Ok(None),
         }
@@ -271,11 +279,11 @@ impl Subrosa {
         }
         let update = KeySetUpdate { identity_key: B64(new.identity_public().to_vec()), devices };
         let request = serde_json::to_vec(&update).map_err(|e| ClientError::Bug(e.to_string()))?;
-        self.store.transaction(|| {
-            self.store.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?)?;
-            self.store.set_meta(META_PENDING_KEY_SET, &request)?;
-            self.store.set_meta(META_PENDING_HANDOVER, &[1])?;
-            self.store.delete_meta(META_ROTATION_DUE)
+        self.store.write(|tx| {
+            tx.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?)?;
+            tx.set_meta(META_PENDING_KEY_SET, &request)?;
+            tx.set_meta(META_PENDING_HANDOVER, &[1])?;
+            tx.delete_meta(META_ROTATION_DUE)
         })?;
         self.finish_pending_switch().await
     }
@@ -322,8 +330,8 @@ impl Subrosa {
             identity_secret: new.identity_secret_bytes(),
             certificates: update.devices.iter().map(|d| (d.device_id.0, d.certificate.as_slice().to_vec())).collect(),
         };
-        let request = self.store.transaction(|| {
-            let seq = self.store.next_seq(&conversation)?;
+        let request = self.store.write(|tx| {
+            let seq = tx.next_seq(&conversation)?;
             let content = Content {
                 message_id: MessageId(rand::random()),
                 sent_at_ms: now_ms(),
@@ -357,20 +365,25 @@ impl Subrosa {
     /// Stores an identity key handed over by another device of this
     /// account, to adopt once the directory lists it (inside the caller's
     /// transaction).
-    pub(crate) fn receive_handover(&self, from: &DeviceAddress, h: &IdentityHandover) -> Result<(), ClientError> {
+    pub(crate) fn receive_handover(
+        &self,
+        tx: &mut dyn Tx,
+        from: &DeviceAddress,
+        h: &IdentityHandover,
+    ) -> Result<(), ClientError> {
         let me = self.identity();
         if h.identity_public == me.identity_public() {
             return Ok(());
         }
         let Some((_, certificate)) = h.certificates.iter().find(|(d, _)| *d == me.device_id().0) else {
-            return self.store.add_alert(&format!(
+            return tx.add_alert(&format!(
                 "your device {} sent a new identity key without a certificate for this device; it was ignored",
                 from.device.to_hex()
             ));
         };
         match me.adopt_identity_key(self.engine.crypto(), &h.identity_public, &h.identity_secret, certificate) {
-            Ok(new) => self.store.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?),
-            Err(e) => self.store.add_alert(&format!(
+            Ok(new) => tx.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?),
+            Err(e) => tx.add_alert(&format!(
                 "your device {} sent a new identity key that does not check out ({e}); it was ignored",
                 from.device.to_hex()
             )),

@@ -253,8 +253,11 @@ impl Subrosa {
         let store = Store::create(home, passphrase)?;
         let crypto = subrosa_core::default_crypto();
         let identity = DeviceIdentity::generate(&crypto, handle.clone(), now_ms())?;
-        store.set_meta(META_IDENTITY, &identity.to_secret_bytes()?)?;
-        store.set_meta(META_SERVER, server.as_bytes())?;
+        let secret = identity.to_secret_bytes()?;
+        store.write(|tx| {
+            tx.set_meta(META_IDENTITY, &secret)?;
+            tx.set_meta(META_SERVER, server.as_bytes())
+        })?;
         let me = Self::assemble(store, identity, server)?;
         let id = me.engine.identity();
         let req = RegisterRequest {
@@ -282,10 +285,10 @@ impl Subrosa {
     pub fn open(home: &Path, passphrase: &str) -> Result<Self, ClientError> {
         let store = Store::open(home, passphrase)?;
         let crypto = subrosa_core::default_crypto();
-        let secret =
-            store.meta(META_IDENTITY)?.ok_or_else(|| ClientError::NotRegistered(home.display().to_string()))?;
+        let (secret, server) = store.read(|tx| Ok((tx.meta(META_IDENTITY)?, tx.meta(META_SERVER)?)))?;
+        let secret = secret.ok_or_else(|| ClientError::NotRegistered(home.display().to_string()))?;
         let identity = DeviceIdentity::from_secret_bytes(&crypto, &secret)?;
-        let server = store.meta(META_SERVER)?.ok_or_else(|| ClientError::Store("no server URL stored".into()))?;
+        let server = server.ok_or_else(|| ClientError::Store("no server URL stored".into()))?;
         let server = String::from_utf8(server.to_vec()).map_err(|_| ClientError::Store("server URL".into()))?;
         Self::assemble(store, identity, &server)
     }
@@ -343,14 +346,14 @@ impl Subrosa {
         last_resort: bool,
         replace: bool,
     ) -> Result<(), ClientError> {
-        let (one_time, last) = self.store.transaction(|| {
+        let (one_time, last) = self.store.write(|tx| {
             let mut one_time = Vec::with_capacity(count);
             for _ in 0..count {
                 one_time.push(B64(self.engine.generate_key_package()?));
             }
             let last = if last_resort {
                 let kp = self.engine.generate_key_package()?;
-                self.store.mark_newest_key_package_last_resort()?;
+                tx.mark_newest_key_package_last_resort()?;
                 Some(B64(kp))
             } else {
                 None
@@ -370,10 +373,12 @@ impl Subrosa {
             // 50 packages gone between two commands of this device is not
             // people starting conversations: someone is draining them (new
             // conversations fall back to the last-resort package meanwhile).
-            self.store.add_alert(
-                "every one-time key package of this device was claimed since its last check; \
+            self.store.write(|tx| {
+                tx.add_alert(
+                    "every one-time key package of this device was claimed since its last check; \
                  someone may be draining them (new conversations use the last-resort package until the refill)",
-            )?;
+                )
+            })?;
         }
         if count.one_time < KEY_PACKAGE_LOW || !count.last_resort {
             self.upload_key_packages(
@@ -402,7 +407,7 @@ impl Subrosa {
     }
 
     pub(crate) async fn flush_outbox_inner(&self, drained: bool) -> Result<(), ClientError> {
-        let queued = self.store.outbox()?;
+        let queued = self.store.read(|tx| tx.outbox())?;
         if queued.is_empty() {
             return Ok(());
         }
@@ -412,7 +417,7 @@ impl Subrosa {
         // A conversation whose oldest queued message cannot be encrypted yet
         // keeps its later ones queued too: they never overtake it.
         let mut waiting: Vec<ConversationId> = Vec::new();
-        for q in self.store.outbox()? {
+        for q in self.store.read(|tx| tx.outbox())? {
             if q.message.is_some_and(|(c, _)| waiting.contains(&c)) {
                 continue;
             }
@@ -420,7 +425,7 @@ impl Subrosa {
             // server's answer holds its messages back until it settles: they
             // must go out at the epoch that commit makes, not the one before.
             if let (None, Some((c, _))) = (&q.request, q.message) {
-                if self.store.pending_commit(&c)?.is_some() {
+                if self.store.read(|tx| tx.pending_commit(&c))?.is_some() {
                     waiting.push(c);
                     continue;
                 }
@@ -447,10 +452,10 @@ impl Subrosa {
                 Err(e) => return Err(e),
             };
             match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
-                Ok(_) => self.store.transaction(|| {
-                    self.store.pop_outbox(q.id)?;
+                Ok(_) => self.store.write(|tx| {
+                    tx.pop_outbox(q.id)?;
                     match q.message {
-                        Some((c, m)) => self.store.set_message_state(&c, &m, MessageState::Sent, None),
+                        Some((c, m)) => tx.set_message_state(&c, &m, MessageState::Sent, None),
                         None => Ok(()),
                     }
                 })?,
@@ -468,18 +473,18 @@ impl Subrosa {
     /// by another process).
     fn encrypt_queued(&self, id: i64) -> Result<Option<Prepared>, ClientError> {
         let kt_head = self.kt_latest()?;
-        self.store.transaction(|| {
-            let Some(q) = self.store.outbox_row(id)? else { return Ok(None) };
+        self.store.write(|tx| {
+            let Some(q) = tx.outbox_row(id)? else { return Ok(None) };
             if let Some(request) = q.request {
                 return Ok(Some((request, None)));
             }
             let (Some((conversation, _)), Some(content)) = (q.message, q.content) else {
                 return Err(ClientError::Store("an outbox row with neither request nor content".into()));
             };
-            if !self.store.conversation(&conversation)?.is_some_and(|r| r.active) {
+            if !tx.conversation(&conversation)?.is_some_and(|r| r.active) {
                 return Err(CoreError::UnknownConversation.into());
             }
-            let seq = self.store.next_seq(&conversation)?;
+            let seq = tx.next_seq(&conversation)?;
             let content = Content::decode(&content)?.with_context(seq, kt_head);
             let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
             let req = SendRequest {
@@ -489,7 +494,7 @@ impl Subrosa {
                 parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
             };
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
-            self.store.set_outbox_request(id, &bytes)?;
+            tx.set_outbox_request(id, &bytes)?;
             Ok(Some((bytes, Some(seq))))
         })
     }
@@ -500,14 +505,14 @@ impl Subrosa {
     /// not be told of a gap for a message nobody got.
     fn refused(&self, q: &store::QueuedSend, seq: Option<u64>, e: ClientError) -> Result<(), ClientError> {
         let reason = e.to_string();
-        self.store.transaction(|| {
-            self.store.pop_outbox(q.id)?;
+        self.store.write(|tx| {
+            tx.pop_outbox(q.id)?;
             match q.message {
                 Some((c, m)) => {
                     if let Some(seq) = seq {
-                        self.store.release_seq(&c, seq)?;
+                        tx.release_seq(&c, seq)?;
                     }
-                    self.store.set_message_state(&c, &m, MessageState::Failed, Some(&reason))
+                    tx.set_message_state(&c, &m, MessageState::Failed, Some(&reason))
                 }
                 None => Ok(()),
             }
@@ -530,7 +535,7 @@ impl Subrosa {
         let mut out = Vec::with_capacity(failed.len());
         for (message, e) in failed {
             let message = match message {
-                Some((c, m)) => self.store.message(&c, &m)?,
+                Some((c, m)) => self.store.read(|tx| tx.message(&c, &m))?,
                 None => None,
             };
             out.push(FailedSend { message, reason: e.to_string() });
@@ -573,10 +578,10 @@ impl Subrosa {
             reason: None,
         };
         let content = Content::text(message_id, sent_at, text).encode()?;
-        self.store.transaction(|| {
-            self.store.insert_message(&stored, &conversation, &message_id.0, true)?;
-            self.store.note_sent(&conversation)?;
-            self.store.push_outbox(&send_id, &conversation, &message_id.0, &content)
+        self.store.write(|tx| {
+            tx.insert_message(&stored, &conversation, &message_id.0, true)?;
+            tx.note_sent(&conversation)?;
+            tx.push_outbox(&send_id, &conversation, &message_id.0, &content)
         })?;
         if !online {
             return Err(ClientError::Pending(QUEUED.into()));
@@ -592,7 +597,7 @@ impl Subrosa {
         if let Some(e) = own {
             return Err(e);
         }
-        match self.store.message(&conversation, &message_id.0)? {
+        match self.store.read(|tx| tx.message(&conversation, &message_id.0))? {
             Some(m) if m.state == Some(MessageState::Sent) => Ok(m),
             Some(m) if m.state == Some(MessageState::Failed) => {
                 Err(ClientError::SendRefused(m.reason.unwrap_or_default()))
@@ -651,7 +656,9 @@ impl Subrosa {
         self.kt_blocked()?;
         let resolved = match typed {
             Ok(Target::Conversation(row)) => Target::Conversation(
-                self.store.conversation(&row.id)?.ok_or(ClientError::Bug("conversation vanished".into()))?,
+                self.store
+                    .read(|tx| tx.conversation(&row.id))?
+                    .ok_or(ClientError::Bug("conversation vanished".into()))?,
             ),
             _ => self.resolve(target)?,
         };
@@ -670,7 +677,7 @@ impl Subrosa {
             }
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
-                let existing = self.store.direct_conversation(peer.as_str())?;
+                let existing = self.store.read(|tx| tx.direct_conversation(peer.as_str()))?;
                 let message_id = MessageId(rand::random());
                 let first = Some((message_id, text.to_string()));
                 if let Some(c) = &existing {
@@ -691,9 +698,9 @@ impl Subrosa {
                         // the server (its keys changed, or devices went without
                         // a commit reaching us): start over with its current
                         // devices and move the message there.
-                        self.store.transaction(|| {
-                            self.store.delete_message(&conversation, &message_id.0)?;
-                            self.store.deactivate_conversation(&conversation)
+                        self.store.write(|tx| {
+                            tx.delete_message(&conversation, &message_id.0)?;
+                            tx.deactivate_conversation(&conversation)
                         })?;
                         let fresh = self.start_direct(&peer, first).await?;
                         self.send_content(fresh, peer.as_str(), false, text, message_id, true).await
@@ -708,19 +715,22 @@ impl Subrosa {
     /// stored (and shown by the next receive). The caller acknowledges it.
     fn process_envelope(&self, env: &Envelope) -> Result<(), ClientError> {
         let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
-        if self.store.is_processed(&digest)? {
+        if self.store.read(|tx| tx.is_processed(&digest))? {
             // Delivered again after a crash before the ack: already stored.
             return Ok(());
         }
-        let result = self.store.transaction(|| {
+        let result = self.store.write(|tx| {
             let event = match env.kind {
-                MessageKind::Welcome => self.engine.join_checked(
-                    env.ciphertext.as_slice(),
-                    |id| self.check_welcome_id(env, id),
-                    |id, info, members| self.check_welcome_members(env, id, info, members),
-                )?,
+                MessageKind::Welcome => {
+                    let seen: &dyn store::Tx = &*tx;
+                    self.engine.join_checked(
+                        env.ciphertext.as_slice(),
+                        |id| self.check_welcome_id(seen, env, id),
+                        |id, info, members| self.check_welcome_members(seen, env, id, info, members),
+                    )?
+                }
                 MessageKind::Commit | MessageKind::Application => {
-                    if let Some(row) = self.store.conversation(&env.conversation)? {
+                    if let Some(row) = tx.conversation(&env.conversation)? {
                         if !row.active {
                             return Err(CoreError::UnknownConversation.into());
                         }
@@ -730,22 +740,21 @@ impl Subrosa {
                     // commit (mls-rs recognises it), then it is finished
                     // as if the answer had come.
                     let own = match env.kind {
-                        MessageKind::Commit => self
-                            .store
+                        MessageKind::Commit => tx
                             .pending_commit(&env.conversation)?
                             .filter(|p| p.commit_digest == digest && env.sender == self.identity().address()),
                         _ => None,
                     };
                     let event = self.engine.process(&env.conversation, env.ciphertext.as_slice())?;
                     if let Some(own) = own {
-                        self.finish_pending(&own)?;
-                        return self.store.mark_processed(&digest);
+                        self.finish_pending(tx, &own)?;
+                        return tx.mark_processed(&digest);
                     }
                     event
                 }
             };
-            self.apply_event(env, event)?;
-            self.store.mark_processed(&digest)
+            self.apply_event(tx, env, event)?;
+            tx.mark_processed(&digest)
         });
         match result {
             Ok(()) => Ok(()),
@@ -753,36 +762,35 @@ impl Subrosa {
                 // Nothing of it was stored (the transaction rolled back);
                 // the user sees who tried what, in the conversation it
                 // concerns when this device has it, and as an alert.
-                self.store.transaction(|| {
-                    self.store.mark_processed(&digest)?;
-                    if let Some(row) = conversation.map(|c| self.store.conversation(&c)).transpose()?.flatten() {
-                        self.system_line(&row, &env.sender, format!("warning: {why}"))?;
+                self.store.write(|tx| {
+                    tx.mark_processed(&digest)?;
+                    if let Some(row) = conversation.map(|c| tx.conversation(&c)).transpose()?.flatten() {
+                        self.record_system_line(tx, &row, &env.sender, format!("warning: {why}"))?;
                     }
-                    self.store.add_alert(&why)
+                    tx.add_alert(&why)
                 })
             }
             Err(ClientError::Core(e)) => {
                 if env.kind == MessageKind::Commit {
                     self.lock_unprocessable().insert(env.conversation, env.sender.clone());
-                    if self.store.conversation(&env.conversation)?.is_some_and(|r| r.active) {
+                }
+                self.store.write(|tx| {
+                    if env.kind == MessageKind::Commit && tx.conversation(&env.conversation)?.is_some_and(|r| r.active) {
                         // Remembered: a member may re-create it without them.
-                        self.store.set_meta(
-                            &conversations::stuck_key(&env.conversation),
-                            env.sender.to_string().as_bytes(),
-                        )?;
+                        tx.set_meta(&conversations::stuck_key(&env.conversation), env.sender.to_string().as_bytes())?;
                         // The server ordered it, so nobody can commit in this
                         // conversation any more (RFC 9750 §5.3): say who.
-                        self.store.add_alert(&format!(
+                        tx.add_alert(&format!(
                             "{} sent a commit to conversation #{} that could not be processed; changes there will fail until it is recreated without them",
                             env.sender,
                             env.conversation.to_hex()
                         ))?;
                     }
-                }
-                // Undecryptable or unauthenticated: tampered, replayed, not
-                // for us, or from a device we refuse. Drop it (it can never
-                // become readable) and say so.
-                self.store.mark_processed(&digest)?;
+                    // Undecryptable or unauthenticated: tampered, replayed,
+                    // not for us, or from a device we refuse. Drop it (it can
+                    // never become readable) and say so.
+                    tx.mark_processed(&digest)
+                })?;
                 self.lock_dropped().push(Received::Dropped { from: env.sender.to_string(), reason: e.to_string() });
                 Ok(())
             }
@@ -804,9 +812,22 @@ impl Subrosa {
         self.to_commit.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a system line (membership, renames) in a conversation's history.
+    /// Records a system line (membership, renames) in a conversation's
+    /// history, in a transaction of its own or joining the one this thread
+    /// has open (for callers not converted to [`Self::record_system_line`]).
     pub(crate) fn system_line(
         &self,
+        row: &store::ConversationRow,
+        from: &DeviceAddress,
+        text: String,
+    ) -> Result<(), ClientError> {
+        self.store.write(|tx| self.record_system_line(tx, row, from, text))
+    }
+
+    /// Records a system line (membership, renames) in a conversation's history.
+    pub(crate) fn record_system_line(
+        &self,
+        tx: &mut dyn store::Tx,
         row: &store::ConversationRow,
         from: &DeviceAddress,
         text: String,
@@ -833,7 +854,7 @@ impl Subrosa {
             reason: None,
         };
         let seen = m.outgoing && from.device == self.identity().device_id();
-        self.store.insert_message(&m, &row.id, &id, seen).map(|_| ())
+        tx.insert_message(&m, &row.id, &id, seen).map(|_| ())
     }
 
     fn who(&self, h: &Handle) -> String {
@@ -847,8 +868,8 @@ impl Subrosa {
     /// A Welcome for a conversation id this device knows or ever knew is a
     /// takeover attempt (or a re-admission of a removed member): refused
     /// before anything is joined or stored.
-    fn check_welcome_id(&self, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
-        let refuse = match self.store.known_conversation(id)? {
+    fn check_welcome_id(&self, tx: &dyn store::Tx, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
+        let refuse = match tx.known_conversation(id)? {
             None => false,
             // Known only from the history the approving device handed over
             // when this one was linked: that account's Welcome is expected.
@@ -876,6 +897,7 @@ impl Subrosa {
     /// inviter's and ours.
     fn check_welcome_members(
         &self,
+        tx: &dyn store::Tx,
         env: &Envelope,
         id: &ConversationId,
         info: &subrosa_core::ConversationInfo,
@@ -885,7 +907,7 @@ impl Subrosa {
             return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
         }
         for m in members {
-            self.check_pinned_key(&m.address.handle, &m.identity_key)?;
+            self.check_pinned_key(tx, &m.address.handle, &m.identity_key)?;
         }
         if info.kind == ConversationKind::Own && members.iter().any(|m| m.address.handle != *self.handle()) {
             return Err(ClientError::Refused {
@@ -925,6 +947,7 @@ impl Subrosa {
     /// store transaction, [`Self::check_members`]).
     fn queue_member_checks<'a>(
         &self,
+        tx: &mut dyn store::Tx,
         conversation: &ConversationId,
         added_by: &DeviceAddress,
         welcome: bool,
@@ -935,7 +958,7 @@ impl Subrosa {
             if m.address == me {
                 continue;
             }
-            self.store.add_member_check(&store::MemberCheck {
+            tx.add_member_check(&store::MemberCheck {
                 conversation: *conversation,
                 handle: m.address.handle.to_string(),
                 device: m.address.device.to_hex(),
@@ -950,14 +973,14 @@ impl Subrosa {
         Ok(())
     }
 
-    fn apply_event(&self, env: &Envelope, event: Event) -> Result<(), ClientError> {
+    fn apply_event(&self, tx: &mut dyn store::Tx, env: &Envelope, event: Event) -> Result<(), ClientError> {
         let me = self.handle().clone();
         match event {
             Event::Joined { conversation, info, members } => {
                 // Checked before joining (`check_welcome_members`); the
                 // directory check follows outside this transaction.
-                self.store.note_members(&conversation, members.iter().map(|m| m.address.handle.as_str()))?;
-                self.queue_member_checks(&conversation, &env.sender, true, &members)?;
+                tx.note_members(&conversation, &members.iter().map(|m| m.address.handle.as_str()).collect::<Vec<_>>())?;
+                self.queue_member_checks(tx, &conversation, &env.sender, true, &members)?;
                 match info.kind {
                     ConversationKind::Direct => {
                         let peer = members
@@ -965,20 +988,20 @@ impl Subrosa {
                             .map(|m| &m.address.handle)
                             .find(|h| **h != me)
                             .ok_or(ClientError::Core(CoreError::Malformed("direct conversation without a peer")))?;
-                        self.store.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
+                        tx.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
                     }
                     // Nothing to show: it only carries identity keys.
-                    ConversationKind::Own => self.store.add_conversation(&conversation, "own", "", None)?,
+                    ConversationKind::Own => tx.add_conversation(&conversation, "own", "", None)?,
                     ConversationKind::Group => {
-                        self.store.add_conversation(&conversation, "group", &info.name, None)?;
-                        let row = self.conversation_row(&conversation)?;
+                        tx.add_conversation(&conversation, "group", &info.name, None)?;
+                        let row = self.conversation_row(tx, &conversation)?;
                         let text = if env.sender.handle == me {
                             format!("this device joined {}", info.name)
                         } else {
                             format!("{} added you to {}", env.sender.handle, info.name)
                         };
-                        self.system_line(&row, &env.sender, text)?;
-                        self.retire_replaced(&row, &env.sender, &members)?;
+                        self.record_system_line(tx, &row, &env.sender, text)?;
+                        self.retire_replaced(tx, &row, &env.sender, &members)?;
                     }
                 }
                 Ok(())
@@ -990,25 +1013,25 @@ impl Subrosa {
                     )
                     .into());
                 }
-                self.check_member_key(&sender.address.handle, &sender.identity_key)?;
-                let row = self.conversation_row(&conversation)?;
+                self.check_member_key(tx, &sender.address.handle, &sender.identity_key)?;
+                let row = self.conversation_row(tx, &conversation)?;
                 // The sender's head is evidence, checked at the end of the
                 // sync (at most one pending per member: its newest).
                 if let Some(head) = &content.kt_head {
                     if let Ok(h) = subrosa_proto::kt::SignedHead::decode(head) {
-                        self.store.push_kt_head_gossip(sender.address.handle.as_str(), h.epoch, head)?;
+                        tx.push_kt_head_gossip(sender.address.handle.as_str(), h.epoch, head)?;
                     } else {
-                        self.store.push_kt_head_gossip(sender.address.handle.as_str(), u64::MAX, head)?;
+                        tx.push_kt_head_gossip(sender.address.handle.as_str(), u64::MAX, head)?;
                     }
                 }
-                let late = self.note_sequence(&row, &sender.address, content.seq)?;
+                let late = self.note_sequence(tx, &row, &sender.address, content.seq)?;
                 // The account's own conversation carries identity keys and
                 // nothing else; an identity key anywhere else is ignored.
                 if row.kind == "own" || matches!(content.body, Body::IdentityKey(_)) {
                     if let (Body::IdentityKey(h), true) =
                         (&content.body, row.kind == "own" && sender.address.handle == me)
                     {
-                        self.receive_handover(&sender.address, h)?;
+                        self.receive_handover(tx, &sender.address, h)?;
                     }
                     return Ok(());
                 }
@@ -1034,9 +1057,10 @@ impl Subrosa {
                     reason: None,
                 };
                 // A sender's retry carries the same message id: shown once.
-                let new = self.store.insert_message(&m, &conversation, &content.message_id.0, false)?;
+                let new = tx.insert_message(&m, &conversation, &content.message_id.0, false)?;
                 if late && new {
-                    self.system_line(
+                    self.record_system_line(
+                        tx,
                         &row,
                         &sender.address,
                         format!("the message above from {} arrived out of order", self.who(&sender.address.handle)),
@@ -1045,10 +1069,10 @@ impl Subrosa {
                 Ok(())
             }
             Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
-                let mut row = self.conversation_row(&conversation)?;
+                let mut row = self.conversation_row(tx, &conversation)?;
                 let by = &committer.address;
                 // Every commit carries a path: the committer's keys are new.
-                self.store.note_member_update(&conversation, by, now_ms())?;
+                tx.note_member_update(&conversation, by, now_ms())?;
                 // A device that changed its keys (`devices rekey`, or its
                 // account's identity key rotated) is checked against the
                 // directory like an added one; a new identity key for a
@@ -1056,17 +1080,18 @@ impl Subrosa {
                 let mut changed_flags = Vec::new();
                 for m in &updated {
                     if m.address.handle == me {
-                        if !self.is_own_identity_key(&m.identity_key)? {
+                        if !self.is_own_identity_key_in(&*tx, &m.identity_key)? {
                             changed_flags.push((m, "a device of this account is certified by another identity key"));
                         }
-                    } else if let Some(pinned) = self.store.contact_key(m.address.handle.as_str())? {
+                    } else if let Some(pinned) = tx.contact_key(m.address.handle.as_str())? {
                         if pinned != m.identity_key {
-                            self.store.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
-                            self.key_change_lines(&m.address.handle)?;
+                            tx.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
+                            self.key_change_lines(tx, &m.address.handle)?;
                         }
                     }
                 }
                 self.queue_member_checks(
+                    tx,
                     &conversation,
                     by,
                     false,
@@ -1078,21 +1103,27 @@ impl Subrosa {
                 // sending here waits for the user (see `check_members`).
                 let mut flagged = Vec::new();
                 for m in &added {
-                    if let Err(e) = self.check_pinned_key(&m.address.handle, &m.identity_key) {
+                    if let Err(e) = self.check_pinned_key(&*tx, &m.address.handle, &m.identity_key) {
                         flagged.push((m, e.to_string()));
                     }
                 }
-                self.store.note_members(&conversation, added.iter().map(|m| m.address.handle.as_str()))?;
+                tx.note_members(&conversation, &added.iter().map(|m| m.address.handle.as_str()).collect::<Vec<_>>())?;
                 self.queue_member_checks(
+                    tx,
                     &conversation,
                     by,
                     false,
                     added.iter().filter(|m| !flagged.iter().any(|(f, _)| f.address == m.address)),
                 )?;
                 if let Some(info) = renamed {
-                    self.store.set_conversation_name(&conversation, &info.name)?;
+                    tx.set_conversation_name(&conversation, &info.name)?;
                     row.name = info.name.clone();
-                    self.system_line(&row, by, format!("{} renamed the group to {}", self.who(&by.handle), info.name))?;
+                    self.record_system_line(
+                        tx,
+                        &row,
+                        by,
+                        format!("{} renamed the group to {}", self.who(&by.handle), info.name),
+                    )?;
                 }
                 let remaining: Vec<DeviceAddress> = if removed_self {
                     Vec::new()
@@ -1108,7 +1139,7 @@ impl Subrosa {
                     } else {
                         format!("{} added {}", self.who(&by.handle), self.who(h))
                     };
-                    self.system_line(&row, by, text)?;
+                    self.record_system_line(tx, &row, by, text)?;
                 }
                 for (m, why) in flagged {
                     self.flag_member(&row, by, m, &why)?;
@@ -1118,7 +1149,7 @@ impl Subrosa {
                 }
                 let mut gone: Vec<&DeviceAddress> = removed.iter().map(|m| &m.address).collect();
                 for a in &gone {
-                    self.store.drop_member_check(&conversation, a.handle.as_str(), Some(&a.device.to_hex()))?;
+                    tx.drop_member_check(&conversation, a.handle.as_str(), Some(&a.device.to_hex()))?;
                 }
                 gone.dedup_by(|a, b| a.handle == b.handle);
                 for a in gone {
@@ -1130,13 +1161,13 @@ impl Subrosa {
                     } else {
                         format!("{} removed {}", self.who(&by.handle), self.who(&a.handle))
                     };
-                    self.system_line(&row, by, text)?;
+                    self.record_system_line(tx, &row, by, text)?;
                 }
                 if removed_self {
-                    self.store.deactivate_conversation(&conversation)?;
+                    tx.deactivate_conversation(&conversation)?;
                 } else {
                     if let Some(server) = &env.roster {
-                        self.compare_roster(&conversation, server, &remaining)?;
+                        self.compare_roster(tx, &conversation, server, &remaining)?;
                     }
                     if row.kind == "direct" {
                         // A direct conversation holds exactly two accounts: one
@@ -1156,9 +1187,9 @@ impl Subrosa {
                                 third.join(", "),
                                 conversation.to_hex()
                             );
-                            self.system_line(&row, by, format!("warning: {why}"))?;
-                            self.store.add_alert(&why)?;
-                            self.store.deactivate_conversation(&conversation)?;
+                            self.record_system_line(tx, &row, by, format!("warning: {why}"))?;
+                            tx.add_alert(&why)?;
+                            tx.deactivate_conversation(&conversation)?;
                         }
                     }
                 }
@@ -1179,6 +1210,7 @@ impl Subrosa {
     /// the commit that removes it.)
     fn compare_roster(
         &self,
+        tx: &mut dyn store::Tx,
         conversation: &ConversationId,
         server: &[DeviceAddress],
         members: &[DeviceAddress],
@@ -1188,7 +1220,7 @@ impl Subrosa {
         if extra.is_empty() {
             return Ok(());
         }
-        self.store.add_alert(&format!(
+        tx.add_alert(&format!(
             "the server lets {} send to conversation #{}, though not a member: it does not keep this conversation's roster honestly",
             extra.join(", "),
             conversation.to_hex()
@@ -1198,17 +1230,24 @@ impl Subrosa {
     /// Notes a sender's sequence number: a gap becomes a system line before
     /// the message (the server dropped or is withholding messages). Returns
     /// true when the message is older than one already shown (reordered).
-    fn note_sequence(&self, row: &store::ConversationRow, from: &DeviceAddress, seq: u64) -> Result<bool, ClientError> {
+    fn note_sequence(
+        &self,
+        tx: &mut dyn store::Tx,
+        row: &store::ConversationRow,
+        from: &DeviceAddress,
+        seq: u64,
+    ) -> Result<bool, ClientError> {
         if seq == 0 || (from.handle == *self.handle() && from.device == self.identity().device_id()) {
             return Ok(false);
         }
         let device = format!("{}/{}", from.handle, from.device.to_hex());
-        match self.store.arrived_seq(&row.id, &device, seq)? {
+        match tx.arrived_seq(&row.id, &device, seq)? {
             None => Ok(true),
             Some(0) => Ok(false),
             Some(missing) => {
                 let what = if missing == 1 { "1 message".to_string() } else { format!("{missing} messages") };
-                self.system_line(
+                self.record_system_line(
+                    tx,
                     row,
                     from,
                     format!(
@@ -1221,39 +1260,44 @@ impl Subrosa {
         }
     }
 
-    fn conversation_row(&self, id: &ConversationId) -> Result<store::ConversationRow, ClientError> {
-        self.store.conversation(id)?.ok_or(ClientError::Core(CoreError::UnknownConversation))
+    fn conversation_row(&self, tx: &dyn store::Tx, id: &ConversationId) -> Result<store::ConversationRow, ClientError> {
+        tx.conversation(id)?.ok_or(ClientError::Core(CoreError::UnknownConversation))
     }
 
     /// Pins a contact's identity key on first sight; refuses a different one.
     /// For this account's own handle, the key must be our own identity key.
-    fn check_member_key(&self, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
+    fn check_member_key(
+        &self,
+        tx: &mut dyn store::Tx,
+        handle: &Handle,
+        identity_key: &[u8],
+    ) -> Result<(), ClientError> {
+        if handle != self.handle() && tx.contact_key(handle.as_str())?.is_none() {
+            return tx.pin_contact(handle.as_str(), identity_key);
+        }
+        self.check_pinned_key(&*tx, handle, identity_key)
+    }
+
+    /// As [`Self::check_member_key`], without pinning a key seen for the
+    /// first time: keys that arrive in Welcomes and commits are pinned only
+    /// once the key directory confirmed them ([`Self::check_members`]).
+    fn check_pinned_key(&self, tx: &dyn store::Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
         if handle == self.handle() {
-            return if self.is_own_identity_key(identity_key)? {
+            return if self.is_own_identity_key_in(tx, identity_key)? {
                 Ok(())
             } else {
                 Err(CoreError::IdentityMismatch("a device of this account not certified by its identity key".into())
                     .into())
             };
         }
-        match self.store.contact_key(handle.as_str())? {
-            None => self.store.pin_contact(handle.as_str(), identity_key),
+        match tx.contact_key(handle.as_str())? {
+            None => Ok(()),
             Some(k) if k == identity_key => Ok(()),
             Some(_) => Err(CoreError::IdentityMismatch(format!(
                 "{handle}'s identity key differs from the one this device has seen"
             ))
             .into()),
         }
-    }
-
-    /// As [`Self::check_member_key`], without pinning a key seen for the
-    /// first time: keys that arrive in Welcomes and commits are pinned only
-    /// once the key directory confirmed them ([`Self::check_members`]).
-    fn check_pinned_key(&self, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
-        if handle != self.handle() && self.store.contact_key(handle.as_str())?.is_none() {
-            return Ok(());
-        }
-        self.check_member_key(handle, identity_key)
     }
 
     async fn ack(&self, ids: Vec<u64>) -> Result<(), ClientError> {
@@ -1328,8 +1372,7 @@ impl Subrosa {
 
     fn emit(&self, on: &mut dyn FnMut(&Received)) -> Result<usize, ClientError> {
         let dropped: Vec<Received> = std::mem::take(&mut *self.lock_dropped());
-        let unseen = self.store.take_unseen()?;
-        let alerts = self.store.take_alerts()?;
+        let (unseen, alerts) = self.store.write(|tx| Ok((tx.take_unseen()?, tx.take_alerts()?)))?;
         let failed = self.take_failed_sends()?;
         let n = dropped.len() + unseen.len() + alerts.len() + failed.len();
         for m in unseen {
@@ -1442,7 +1485,7 @@ impl Subrosa {
                 _ = tick.tick() => {
                     // Another command queued a send (a 503, a timeout) while
                     // this one stayed connected.
-                    if !self.store.outbox_is_empty()? {
+                    if !self.store.read(|tx| tx.outbox_is_empty())? {
                         self.flush_outbox_inner(false).await?;
                         self.emit(on)?;
                     }
@@ -1458,7 +1501,7 @@ impl Subrosa {
                     net::send_ack(&mut ws, ids).await?;
                     self.commit_pending_leaves_or_wait().await?;
                     self.kt_check_gossip().await?;
-                    if !self.store.outbox_is_empty()? {
+                    if !self.store.read(|tx| tx.outbox_is_empty())? {
                         self.flush_outbox_inner(true).await?;
                     }
                     self.emit(on)?;
@@ -1507,12 +1550,12 @@ impl Subrosa {
     pub fn history(&self, target: &str) -> Result<Vec<StoredMessage>, ClientError> {
         let convs = match self.resolve(target)? {
             Target::Conversation(row) => vec![row],
-            Target::Direct(peer) => self.store.conversations_with(peer.as_str())?,
+            Target::Direct(peer) => self.store.read(|tx| tx.conversations_with(peer.as_str()))?,
         };
         if convs.is_empty() {
             return Err(ClientError::UnknownTarget(target.to_string()));
         }
-        self.store.history(&convs)
+        self.store.read(|tx| tx.history(&convs))
     }
 
     /// Contacts, by handle.
@@ -1520,6 +1563,6 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
-        self.store.contacts()
+        self.store.read(|tx| tx.contacts())
     }
 }

@@ -113,8 +113,10 @@ impl Subrosa {
 
     async fn update_keys_where(&self, due: impl Fn(u64, u64, u64, usize) -> bool) -> Result<Rekeyed, ClientError> {
         let mut done = Rekeyed { conversations: 0, pending: 0 };
-        for row in self.store.active_conversations()? {
-            let (last, sent) = self.store.key_update_state(&row.id)?;
+        for row in self.store.read(|tx| tx.active_conversations())? {
+            // Read as each comes: updating one conversation's keys may
+            // have processed commits of the next.
+            let (last, sent) = self.store.read(|tx| tx.key_update_state(&row.id))?;
             let now = now_ms();
             // The rule is most eager for small conversations: when even a
             // two-device one would not be due, skip loading the group (every
@@ -129,7 +131,7 @@ impl Subrosa {
             };
             // A conversation whose last change still waits for the server
             // gets its update after that one settles (which counts anyway).
-            if !due(now, last, sent, members) || self.store.pending_commit(&row.id)?.is_some() {
+            if !due(now, last, sent, members) || self.store.read(|tx| tx.pending_commit(&row.id))?.is_some() {
                 continue;
             }
             match self.update_conversation_keys(&row.id).await {
@@ -139,10 +141,9 @@ impl Subrosa {
                 Err(e) => {
                     // One conversation that refuses an update must not stop
                     // every command: say so, go on with the others.
-                    self.store.add_alert(&format!(
-                        "could not update this device's keys in conversation #{}: {e}",
-                        row.id.to_hex()
-                    ))?;
+                    let alert =
+                        format!("could not update this device's keys in conversation #{}: {e}", row.id.to_hex());
+                    self.store.write(|tx| tx.add_alert(&alert))?;
                 }
             }
         }
@@ -162,24 +163,24 @@ impl Subrosa {
         let now = now_ms();
         let last = self
             .store
-            .meta(META_KEY_PACKAGES_ROTATED)?
+            .read(|tx| tx.meta(META_KEY_PACKAGES_ROTATED))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_le_bytes);
         if !force && last.is_some_and(|t| now.saturating_sub(t) < KEY_PACKAGE_MAX_AGE_MS) {
             return Ok(());
         }
         self.upload_key_packages_replacing(KEY_PACKAGE_TARGET as usize).await?;
-        self.store.transaction(|| {
+        self.store.write(|tx| {
             // Packages made before the previous rotation were replaced at
             // least one rotation ago: no Welcome for them can still come.
-            self.store.erase_key_packages_before(last.unwrap_or(0))?;
-            self.store.set_meta(META_KEY_PACKAGES_ROTATED, &now.to_le_bytes())
+            tx.erase_key_packages_before(last.unwrap_or(0))?;
+            tx.set_meta(META_KEY_PACKAGES_ROTATED, &now.to_le_bytes())
         })
     }
 
     /// Records at registration that the key packages are new.
     pub(crate) fn note_key_packages_fresh(&self) -> Result<(), ClientError> {
-        self.store.set_meta(META_KEY_PACKAGES_ROTATED, &now_ms().to_le_bytes())
+        self.store.write(|tx| tx.set_meta(META_KEY_PACKAGES_ROTATED, &now_ms().to_le_bytes()))
     }
 
     /// When each member device of `conversation` last replaced its keys, as
@@ -192,12 +193,15 @@ impl Subrosa {
         conversation: &ConversationId,
         device: &subrosa_proto::DeviceAddress,
     ) -> Result<u64, ClientError> {
-        if *device == self.engine.identity().address() {
-            return Ok(self.store.key_update_state(conversation)?.0);
-        }
-        Ok(match self.store.member_update(conversation, device)? {
-            Some(t) => t,
-            None => self.store.conversation_created_at(conversation)?,
+        let own = *device == self.engine.identity().address();
+        self.store.read(|tx| {
+            if own {
+                return Ok(tx.key_update_state(conversation)?.0);
+            }
+            Ok(match tx.member_update(conversation, device)? {
+                Some(t) => t,
+                None => tx.conversation_created_at(conversation)?,
+            })
         })
     }
 }

@@ -18,10 +18,12 @@ impl Subrosa {
     /// No conversation with `peer`; engine, network and server errors.
     pub async fn test_send_raw(&self, peer: &str, body: Body, kt_head: Option<Vec<u8>>) -> Result<(), ClientError> {
         self.sync().await?;
-        let conversation =
-            self.store.direct_conversation(peer)?.ok_or_else(|| ClientError::UnknownTarget(peer.to_string()))?;
-        let request = self.store.transaction(|| {
-            let seq = self.store.next_seq(&conversation)?;
+        let conversation = self
+            .store
+            .read(|tx| tx.direct_conversation(peer))?
+            .ok_or_else(|| ClientError::UnknownTarget(peer.to_string()))?;
+        let request = self.store.write(|tx| {
+            let seq = tx.next_seq(&conversation)?;
             let content = Content { message_id: MessageId(rand::random()), sent_at_ms: now_ms(), body, seq, kt_head };
             let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
             Ok(SendRequest {

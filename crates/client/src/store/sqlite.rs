@@ -1,32 +1,30 @@
-//! The client's local store: one SQLCipher database encrypted at rest.
+//! The SQLCipher backend: one database encrypted at rest.
 //!
 //! The database key is derived from the user's passphrase with Argon2id
 //! (parameters and salt in `kdf.json` beside the database, which holds no
 //! secret). Everything the client keeps lives in the database: identity and
-//! device keys, MLS group state and key packages (through the mls-rs storage
-//! traits implemented here), contacts, conversations, history, and the outbox
-//! of sends not yet acknowledged by the server.
+//! device keys, MLS group state and key packages, contacts, conversations,
+//! history, and the outbox of sends not yet acknowledged by the server.
 //!
-//! mls-rs writes through [`GroupStore`] and [`KeyPackageStore`], which share
-//! the connection; callers wrap an MLS operation and everything derived from
-//! it in [`Store::transaction`], so a crash can never keep one without the other.
+//! One connection, behind the store's gate (see the module header of
+//! `store`): a transaction is `BEGIN IMMEDIATE` (a write) or `BEGIN` (a
+//! read) when the gate is taken and `COMMIT` or `ROLLBACK` when it is left,
+//! so other processes on the same database see all of a write or none of
+//! it, and threads of this one wait for the gate. The mutex around the
+//! connection is only ever taken for one statement, by the gate's holder.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
-use mls_rs_core::group::{EpochRecord, GroupState, GroupStateStorage};
-use mls_rs_core::key_package::{KeyPackageData, KeyPackageStorage};
-use mls_rs_core::mls_rs_codec::{MlsDecode, MlsEncode};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::*;
 use crate::ClientError;
 
 const DB_FILE: &str = "subrosa.db";
 const KDF_FILE: &str = "kdf.json";
-/// MLS epochs kept per group, for late messages of earlier epochs.
-const EPOCHS_KEPT: i64 = 3;
 
 /// Argon2id parameters, stored beside the database.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,150 +169,6 @@ const SCHEMA: &[&str] = &[
         commit_digest BLOB NOT NULL, meta BLOB NOT NULL, created_at INTEGER NOT NULL);",
 ];
 
-/// A member device whose keys the key directory has not confirmed yet
-/// (`state` "unchecked"), or contradicted ("contradicted").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberCheck {
-    /// The conversation.
-    pub conversation: subrosa_proto::ConversationId,
-    /// The device's account.
-    pub handle: String,
-    /// The device id (hex).
-    pub device: String,
-    /// The device's signature key, as its certificate in the group says.
-    pub device_key: Vec<u8>,
-    /// The identity key that certified it.
-    pub identity_key: Vec<u8>,
-    /// Who added it ("handle/device").
-    pub added_by: String,
-    /// True when it came with the Welcome that let this device in.
-    pub welcome: bool,
-    /// "unchecked" or "contradicted".
-    pub state: String,
-    /// What contradicted it (empty while unchecked).
-    pub why: String,
-}
-
-/// A message as stored in history.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct StoredMessage {
-    /// End-to-end message id (hex).
-    pub id: String,
-    /// Conversation id (hex).
-    pub conversation: String,
-    /// The conversation as the user names it: the peer's handle or the group name.
-    pub target: String,
-    /// True in a group conversation.
-    pub group: bool,
-    /// Sender handle.
-    pub from: String,
-    /// Sender device id (hex).
-    pub device: String,
-    /// Sender's clock, ms since the Unix epoch.
-    pub sent_at: u64,
-    /// When this device stored it, ms since the Unix epoch.
-    pub received_at: u64,
-    /// The text.
-    pub text: String,
-    /// Sent by this account.
-    pub outgoing: bool,
-    /// A system line (membership, key changes), not a user's message.
-    pub system: bool,
-    /// For this account's own messages: queued, sent or failed. `None` for
-    /// others' messages and system lines.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<MessageState>,
-    /// Why a message failed (the server's refusal), with [`MessageState::Failed`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// Where one of this account's own messages is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum MessageState {
-    /// Stored on this device, not yet on the server: the next command that
-    /// reaches the server sends it.
-    Queued,
-    /// The server stored it for the recipients.
-    Sent,
-    /// The server refused it; it will not be sent (see `reason`).
-    Failed,
-}
-
-impl MessageState {
-    /// The stable name (as in `history --json`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageState::Queued => "queued",
-            MessageState::Sent => "sent",
-            MessageState::Failed => "failed",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "queued" => Some(MessageState::Queued),
-            "sent" => Some(MessageState::Sent),
-            "failed" => Some(MessageState::Failed),
-            _ => None,
-        }
-    }
-}
-
-/// A security alert as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Alert {
-    /// Its number.
-    pub id: u64,
-    /// When it was raised, ms since the Unix epoch.
-    pub at: u64,
-    /// Whom it concerns: a member's handle, or "the server" (none for
-    /// alerts from before this was recorded).
-    pub concerns: Option<String>,
-    /// A proven key-directory fork (blocks sending until cleared).
-    pub fork: bool,
-    /// What happened.
-    pub text: String,
-    /// For a fork: the proof (JSON: both signed heads).
-    #[serde(skip)]
-    pub proof: Option<String>,
-}
-
-/// A contact: a handle whose identity key this device has seen.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Contact {
-    /// Handle.
-    pub handle: String,
-    /// Identity key (hex).
-    pub identity_key: String,
-    /// Verified by the user (safety number compared).
-    pub verified: bool,
-}
-
-/// A conversation row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConversationRow {
-    /// Id.
-    pub id: subrosa_proto::ConversationId,
-    /// "direct" or "group".
-    pub kind: String,
-    /// Group name (empty for direct).
-    pub name: String,
-    /// Peer handle for direct conversations.
-    pub peer: Option<String>,
-    /// False once this device was removed from it or left.
-    pub active: bool,
-}
-
-impl ConversationRow {
-    /// How the user names it: the peer's handle or the group name.
-    pub fn target(&self) -> String {
-        self.peer.clone().unwrap_or_else(|| self.name.clone())
-    }
-}
-
 const MESSAGE_COLUMNS: &str =
     "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, \
      state, state_reason FROM messages";
@@ -350,21 +204,6 @@ fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Res
     ))
 }
 
-/// A send in the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueuedSend {
-    /// Row id: the order of sending.
-    pub id: i64,
-    /// The idempotency key the server stores the send under.
-    pub send_id: [u8; 16],
-    /// The conversation and end-to-end message id; `None` for a row of v4.
-    pub message: Option<(subrosa_proto::ConversationId, [u8; 16])>,
-    /// The encoded content (not yet encrypted); `None` for a row of v4.
-    pub content: Option<Vec<u8>>,
-    /// The request body, once encrypted: posted byte for byte until answered.
-    pub request: Option<Vec<u8>>,
-}
-
 fn queued_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<QueuedSend, String>> {
     let id: i64 = r.get(0)?;
     let send_id: Vec<u8> = r.get(1)?;
@@ -390,42 +229,16 @@ fn queued_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<QueuedSend,
 
 const OUTBOX_COLUMNS: &str = "SELECT id, send_id, conversation, message_id, content, request FROM outbox";
 
-/// A staged commit stored before it is posted.
-#[derive(Clone)]
-pub struct PendingCommit {
-    /// The conversation.
-    pub conversation: subrosa_proto::ConversationId,
-    /// The send id of `request` (the server's idempotency key).
-    pub send_id: [u8; 16],
-    /// The exact request bytes, re-posted as they are.
-    pub request: Vec<u8>,
-    /// SHA-256 of the commit message (recognises its echo).
-    pub commit_digest: Vec<u8>,
-    /// What the commit does, encoded by the client (to re-stage it).
-    pub meta: Vec<u8>,
-}
-
-impl std::fmt::Debug for PendingCommit {
-    /// The conversation and send id; never the meta (it may hold a
-    /// message's text).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingCommit")
-            .field("conversation", &self.conversation)
-            .field("send_id", &hex::encode(self.send_id))
-            .finish_non_exhaustive()
-    }
-}
-
-/// The encrypted local store. Cheap to clone; clones share one connection.
-#[derive(Clone)]
-pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+/// The SQLCipher store of one device.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    gate: Gate,
     path: PathBuf,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -433,12 +246,7 @@ fn sql(e: rusqlite::Error) -> ClientError {
     ClientError::Store(e.to_string())
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-impl Store {
+impl SqliteStore {
     /// True when `home` holds a store.
     pub fn exists(home: &Path) -> bool {
         home.join(DB_FILE).exists()
@@ -492,7 +300,7 @@ impl Store {
         Ok(store)
     }
 
-    fn open_with_key(home: &Path, key: &[u8; 32]) -> Result<Self, ClientError> {
+    pub(crate) fn open_with_key(home: &Path, key: &[u8; 32]) -> Result<Self, ClientError> {
         let path = home.join(DB_FILE);
         let conn = Connection::open(&path).map_err(sql)?;
         // SQLCipher logs decryption failures to stderr by itself; the user
@@ -508,14 +316,14 @@ impl Store {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON; PRAGMA foreign_keys = ON;")
             .map_err(sql)?;
         restrict_permissions(&path);
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), path })
+        Ok(SqliteStore { conn: Mutex::new(conn), gate: Gate::default(), path })
     }
 
     fn migrate(&self) -> Result<(), ClientError> {
         self.migrate_to(SCHEMA.len())
     }
 
-    fn migrate_to(&self, last: usize) -> Result<(), ClientError> {
+    pub(crate) fn migrate_to(&self, last: usize) -> Result<(), ClientError> {
         let conn = self.lock();
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
         for (i, step) in SCHEMA.iter().enumerate().take(last).skip(version.max(0) as usize) {
@@ -524,34 +332,115 @@ impl Store {
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A poisoned lock means a panic elsewhere; the connection itself is fine.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.conn)
+    }
+}
+
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A poisoned lock means a panic elsewhere; the connection itself is fine.
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SqliteStore {
+    /// Begins the outermost transaction. One a panicking closure left open
+    /// (unwinding freed the gate but ran no ROLLBACK) never committed: it
+    /// is rolled back first.
+    fn begin(&self, statement: &str) -> Result<(), ClientError> {
+        let conn = self.lock();
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        conn.execute_batch(statement).map_err(sql)
+    }
+}
+
+impl Backend for SqliteStore {
+    fn read_dyn(&self, f: &mut dyn FnMut(&dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
+        let entered = self.gate.enter(false)?;
+        let tx = SqliteTx { conn: &self.conn };
+        if !entered.outer() {
+            return f(&tx);
+        }
+        self.begin("BEGIN")?;
+        let result = f(&tx);
+        // A read changed nothing: ending it either way only ends its snapshot.
+        let end = self.lock().execute_batch("COMMIT").map_err(sql);
+        if end.is_err() {
+            let _ = self.lock().execute_batch("ROLLBACK");
+        }
+        result.and(end)
     }
 
-    /// Runs `f` in one write transaction: all of it is stored, or none.
-    ///
-    /// # Errors
-    /// Whatever `f` returns, or a database error.
-    pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T, ClientError>) -> Result<T, ClientError> {
-        self.lock().execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
-        match f() {
-            Ok(v) => {
-                self.lock().execute_batch("COMMIT").map_err(sql)?;
-                Ok(v)
-            }
+    fn write_dyn(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
+        let entered = self.gate.enter(true)?;
+        let mut tx = SqliteTx { conn: &self.conn };
+        if !entered.outer() {
+            return f(&mut tx);
+        }
+        self.begin("BEGIN IMMEDIATE")?;
+        match f(&mut tx) {
+            Ok(()) => match self.lock().execute_batch("COMMIT") {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = self.lock().execute_batch("ROLLBACK");
+                    Err(sql(e))
+                }
+            },
             Err(e) => {
                 let _ = self.lock().execute_batch("ROLLBACK");
                 Err(e)
             }
         }
     }
+}
 
-    /// Reads a meta value.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn meta(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+/// One transaction's view of the database (the gate is held meanwhile).
+struct SqliteTx<'a> {
+    conn: &'a Mutex<Connection>,
+}
+
+impl SqliteTx<'_> {
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        lock(self.conn)
+    }
+
+    fn conversations_where(
+        &self,
+        filter: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<ConversationRow>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT id, kind, name, peer, active FROM conversations WHERE {filter} ORDER BY created_at, rowid"
+            ))
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map(args, |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, kind, name, peer, active) = row.map_err(sql)?;
+            let id = subrosa_proto::ConversationId::from_slice(&id).map_err(|e| ClientError::Store(e.to_string()))?;
+            out.push(ConversationRow { id, kind, name, peer, active });
+        }
+        Ok(out)
+    }
+}
+
+impl SqliteTx<'_> {
+    fn group_state_row(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        self.lock()
+            .query_row("SELECT state FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
+            .optional()
+            .map(|o| o.map(Zeroizing::new))
+            .map_err(sql)
+    }
+}
+
+impl Meta for SqliteTx<'_> {
+    fn meta(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
         self.lock()
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, Vec<u8>>(0))
             .optional()
@@ -559,19 +448,11 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Deletes a meta value (nothing when absent).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn delete_meta(&self, key: &str) -> Result<(), ClientError> {
+    fn delete_meta(&mut self, key: &str) -> Result<(), ClientError> {
         self.lock().execute("DELETE FROM meta WHERE key = ?1", [key]).map(|_| ()).map_err(sql)
     }
 
-    /// Writes a meta value.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+    fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -580,23 +461,17 @@ impl Store {
             .map(|_| ())
             .map_err(sql)
     }
+}
 
-    /// The directory root this device verified for `epoch`.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn kt_root(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+impl Directory for SqliteTx<'_> {
+    fn kt_root(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
         self.lock()
             .query_row("SELECT root FROM kt_roots WHERE epoch = ?1", [epoch as i64], |r| r.get(0))
             .optional()
             .map_err(sql)
     }
 
-    /// The first and last epochs of the verified chain.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn kt_range(&self) -> Result<Option<(u64, u64)>, ClientError> {
+    fn kt_range(&self) -> Result<Option<(u64, u64)>, ClientError> {
         self.lock()
             .query_row("SELECT MIN(epoch), MAX(epoch) FROM kt_roots", [], |r| {
                 Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?))
@@ -605,11 +480,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Records verified roots for epochs `from`, `from + 1`, ….
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn put_kt_roots(&self, from: u64, roots: &[[u8; 32]]) -> Result<(), ClientError> {
+    fn put_kt_roots(&mut self, from: u64, roots: &[[u8; 32]]) -> Result<(), ClientError> {
         let conn = self.lock();
         for (i, root) in roots.iter().enumerate() {
             conn.execute(
@@ -621,45 +492,28 @@ impl Store {
         Ok(())
     }
 
-    /// The signed head this device holds for `epoch`.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+    fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
         self.lock()
             .query_row("SELECT head FROM kt_signed_heads WHERE epoch = ?1", [epoch as i64], |r| r.get(0))
             .optional()
             .map_err(sql)
     }
 
-    /// The newest signed head this device holds.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn kt_newest_signed_head(&self) -> Result<Option<Vec<u8>>, ClientError> {
+    fn kt_newest_signed_head(&self) -> Result<Option<Vec<u8>>, ClientError> {
         self.lock()
             .query_row("SELECT head FROM kt_signed_heads ORDER BY epoch DESC LIMIT 1", [], |r| r.get(0))
             .optional()
             .map_err(sql)
     }
 
-    /// Keeps a verified signed head (the first one kept for an epoch stays).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn put_kt_signed_head(&self, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
+    fn put_kt_signed_head(&mut self, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute("INSERT OR IGNORE INTO kt_signed_heads (epoch, head) VALUES (?1, ?2)", params![epoch as i64, head])
             .map(|_| ())
             .map_err(sql)
     }
 
-    /// Keeps the head a member's message carried, to check later: one per
-    /// member, the newest epoch (an older one is ignored).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn push_kt_head_gossip(&self, source: &str, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
+    fn push_kt_head_gossip(&mut self, source: &str, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "INSERT INTO kt_head_gossip (source, epoch, head) VALUES (?1, ?2, ?3)
@@ -671,35 +525,21 @@ impl Store {
             .map_err(sql)
     }
 
-    /// The gossiped heads not checked yet: `(member, head)`.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn kt_head_gossip(&self) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+    fn kt_head_gossip(&self) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
         let conn = self.lock();
         let mut stmt = conn.prepare("SELECT source, head FROM kt_head_gossip ORDER BY epoch").map_err(sql)?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(sql)
     }
 
-    /// Forgets a checked head (unless a newer one came meanwhile).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn drop_kt_head_gossip(&self, source: &str, head: &[u8]) -> Result<(), ClientError> {
+    fn drop_kt_head_gossip(&mut self, source: &str, head: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute("DELETE FROM kt_head_gossip WHERE source = ?1 AND head = ?2", params![source, head])
             .map(|_| ())
             .map_err(sql)
     }
 
-    /// Records an alert naming whom it concerns; `proof` (JSON) makes it a
-    /// proven fork, which blocks sending until cleared. The same text twice
-    /// is one alert (a cleared one stays cleared).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn add_alert_about(&self, concerns: &str, text: &str, proof: Option<&str>) -> Result<(), ClientError> {
+    fn add_alert_about(&mut self, concerns: &str, text: &str, proof: Option<&str>) -> Result<(), ClientError> {
         let kind = if proof.is_some() { "fork" } else { "notice" };
         self.lock()
             .execute(
@@ -710,11 +550,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Alerts not cleared, oldest first.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
+    fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
         let conn = self.lock();
         let mut stmt = conn
             .prepare("SELECT id, at, concerns, kind, text, proof FROM alerts WHERE cleared = 0 ORDER BY id")
@@ -734,12 +570,7 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(sql)
     }
 
-    /// Clears alerts: every notice, and proven forks too when `forks`.
-    /// Returns how many were cleared.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn clear_alerts(&self, forks: bool) -> Result<usize, ClientError> {
+    fn clear_alerts(&mut self, forks: bool) -> Result<usize, ClientError> {
         let sql_text = if forks {
             "UPDATE alerts SET cleared = 1, shown = 1 WHERE cleared = 0"
         } else {
@@ -748,11 +579,7 @@ impl Store {
         self.lock().execute(sql_text, []).map_err(sql)
     }
 
-    /// The first proven fork not cleared, if any.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn open_fork(&self) -> Result<Option<String>, ClientError> {
+    fn open_fork(&self) -> Result<Option<String>, ClientError> {
         self.lock()
             .query_row("SELECT text FROM alerts WHERE kind = 'fork' AND cleared = 0 ORDER BY id LIMIT 1", [], |r| {
                 r.get(0)
@@ -761,87 +588,14 @@ impl Store {
             .map_err(sql)
     }
 
-    /// The next sequence number this device sends with in a conversation.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn next_seq(&self, conversation: &subrosa_proto::ConversationId) -> Result<u64, ClientError> {
-        self.lock()
-            .query_row(
-                "INSERT INTO seq_out (conversation, last) VALUES (?1, 1)
-                 ON CONFLICT (conversation) DO UPDATE SET last = last + 1 RETURNING last",
-                [&conversation.0[..]],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(sql)
-    }
-
-    /// Gives back a sequence number a send took and never used (the server
-    /// refused it), when no later send took one since.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn release_seq(&self, conversation: &subrosa_proto::ConversationId, seq: u64) -> Result<(), ClientError> {
-        self.lock()
-            .execute(
-                "UPDATE seq_out SET last = last - 1 WHERE conversation = ?1 AND last = ?2",
-                params![&conversation.0[..], seq as i64],
-            )
-            .map(|_| ())
-            .map_err(sql)
-    }
-
-    /// Records that `seq` arrived from `device` in a conversation. Returns
-    /// how many numbers it skipped (a gap), or `None` when it is older than
-    /// the newest seen (it arrived late, out of order).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn arrived_seq(
-        &self,
-        conversation: &subrosa_proto::ConversationId,
-        device: &str,
-        seq: u64,
-    ) -> Result<Option<u64>, ClientError> {
-        let conn = self.lock();
-        let last: u64 = conn
-            .query_row(
-                "SELECT last FROM seq_in WHERE conversation = ?1 AND device = ?2",
-                params![&conversation.0[..], device],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map_err(sql)?
-            .map_or(0, |n| n as u64);
-        if seq <= last {
-            return Ok(None);
-        }
-        conn.execute(
-            "INSERT INTO seq_in (conversation, device, last) VALUES (?1, ?2, ?3)
-             ON CONFLICT (conversation, device) DO UPDATE SET last = excluded.last",
-            params![&conversation.0[..], device, seq as i64],
-        )
-        .map_err(sql)?;
-        Ok(Some(seq - last - 1))
-    }
-
-    /// Records an alert for the user (once per distinct text).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn add_alert(&self, text: &str) -> Result<(), ClientError> {
+    fn add_alert(&mut self, text: &str) -> Result<(), ClientError> {
         self.lock()
             .execute("INSERT OR IGNORE INTO alerts (at, text) VALUES (?1, ?2)", params![now_ms() as i64, text])
             .map(|_| ())
             .map_err(sql)
     }
 
-    /// Alerts not shown yet, oldest first; marks them shown.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn take_alerts(&self) -> Result<Vec<String>, ClientError> {
+    fn take_alerts(&mut self) -> Result<Vec<String>, ClientError> {
         let conn = self.lock();
         let mut stmt = conn.prepare("SELECT text FROM alerts WHERE shown = 0 ORDER BY id").map_err(sql)?;
         let texts =
@@ -849,23 +603,17 @@ impl Store {
         conn.execute("UPDATE alerts SET shown = 1 WHERE shown = 0", []).map_err(sql)?;
         Ok(texts)
     }
+}
 
-    /// The pinned identity key of a handle, if any.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn contact_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError> {
+impl Contacts for SqliteTx<'_> {
+    fn contact_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError> {
         self.lock()
             .query_row("SELECT identity_key FROM contacts WHERE handle = ?1", [handle], |r| r.get(0))
             .optional()
             .map_err(sql)
     }
 
-    /// Pins a contact's identity key on first use.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn pin_contact(&self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError> {
+    fn pin_contact(&mut self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "INSERT INTO contacts (handle, identity_key, added_at) VALUES (?1, ?2, ?3) ON CONFLICT (handle) DO NOTHING",
@@ -875,11 +623,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Marks a contact verified (its pinned identity key compared in person).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn set_verified(&self, handle: &str, verified: bool) -> Result<(), ClientError> {
+    fn set_verified(&mut self, handle: &str, verified: bool) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "UPDATE contacts SET verified = ?2, key_change_pending = 0 WHERE handle = ?1",
@@ -889,12 +633,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Pins a contact's new identity key: unverified from now on. Returns
-    /// whether it had been verified (then sending waits for the user).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn change_contact_key(&self, handle: &str, identity_key: &[u8]) -> Result<bool, ClientError> {
+    fn change_contact_key(&mut self, handle: &str, identity_key: &[u8]) -> Result<bool, ClientError> {
         let conn = self.lock();
         let was_verified: bool = conn
             .query_row("SELECT verified FROM contacts WHERE handle = ?1", [handle], |r| r.get(0))
@@ -909,12 +648,7 @@ impl Store {
         Ok(was_verified)
     }
 
-    /// Whether a verified contact's key changed and the user has not yet
-    /// verified again or accepted it.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn key_change_pending(&self, handle: &str) -> Result<bool, ClientError> {
+    fn key_change_pending(&self, handle: &str) -> Result<bool, ClientError> {
         self.lock()
             .query_row("SELECT key_change_pending FROM contacts WHERE handle = ?1", [handle], |r| r.get(0))
             .optional()
@@ -922,22 +656,14 @@ impl Store {
             .map_err(sql)
     }
 
-    /// The user accepted (or verified) a contact's changed key.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn clear_key_change(&self, handle: &str) -> Result<(), ClientError> {
+    fn clear_key_change(&mut self, handle: &str) -> Result<(), ClientError> {
         self.lock()
             .execute("UPDATE contacts SET key_change_pending = 0 WHERE handle = ?1", [handle])
             .map(|_| ())
             .map_err(sql)
     }
 
-    /// All contacts by handle.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
+    fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
         let conn = self.lock();
         let mut stmt =
             conn.prepare("SELECT handle, identity_key, verified FROM contacts ORDER BY handle").map_err(sql)?;
@@ -952,13 +678,11 @@ impl Store {
             .map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)
     }
+}
 
-    /// Records a conversation.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn add_conversation(
-        &self,
+impl Conversations for SqliteTx<'_> {
+    fn add_conversation(
+        &mut self,
         id: &subrosa_proto::ConversationId,
         kind: &str,
         name: &str,
@@ -987,11 +711,7 @@ impl Store {
         .map_err(sql)
     }
 
-    /// When this device recorded the conversation (created or joined it), ms.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn conversation_created_at(&self, id: &subrosa_proto::ConversationId) -> Result<u64, ClientError> {
+    fn conversation_created_at(&self, id: &subrosa_proto::ConversationId) -> Result<u64, ClientError> {
         self.lock()
             .query_row("SELECT created_at FROM conversations WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
                 r.get::<_, i64>(0)
@@ -1001,22 +721,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// True when this device knows or ever knew the conversation id (its
-    /// tombstone outlives leaving, removal and forgetting).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn ever_knew(&self, id: &subrosa_proto::ConversationId) -> Result<bool, ClientError> {
-        Ok(self.known_conversation(id)?.is_some())
-    }
-
-    /// Whether this device ever knew the conversation id: `Some(true)` when
-    /// it knows it only from the history a linking device handed over (it
-    /// never held the group), `Some(false)` otherwise.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn known_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<bool>, ClientError> {
+    fn known_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<bool>, ClientError> {
         self.lock()
             .query_row("SELECT linked_only FROM known_conversations WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
                 r.get(0)
@@ -1025,14 +730,8 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Records a conversation known from the history a linking device
-    /// handed over: this device never held it, so a Welcome from this
-    /// account's own device may still let it join (once).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn add_linked_conversation(
-        &self,
+    fn add_linked_conversation(
+        &mut self,
         id: &subrosa_proto::ConversationId,
         kind: &str,
         name: &str,
@@ -1048,15 +747,7 @@ impl Store {
         Ok(())
     }
 
-    /// Records that these accounts were members of a conversation.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn note_members<'a>(
-        &self,
-        id: &subrosa_proto::ConversationId,
-        handles: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), ClientError> {
+    fn note_members(&mut self, id: &subrosa_proto::ConversationId, handles: &[&str]) -> Result<(), ClientError> {
         let conn = self.lock();
         for h in handles {
             conn.execute(
@@ -1068,11 +759,7 @@ impl Store {
         Ok(())
     }
 
-    /// True when `handle` was ever seen as a member of the conversation.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn was_member(&self, id: &subrosa_proto::ConversationId, handle: &str) -> Result<bool, ClientError> {
+    fn was_member(&self, id: &subrosa_proto::ConversationId, handle: &str) -> Result<bool, ClientError> {
         self.lock()
             .query_row(
                 "SELECT 1 FROM past_members WHERE conversation = ?1 AND handle = ?2",
@@ -1084,11 +771,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Queues a member device for the key-directory check.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn add_member_check(&self, c: &MemberCheck) -> Result<(), ClientError> {
+    fn add_member_check(&mut self, c: &MemberCheck) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "INSERT INTO member_checks (conversation, handle, device, device_key, identity_key, added_by, welcome, state, why)
@@ -1112,12 +795,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Member devices in `state` ("unchecked" or "contradicted"), of one
-    /// conversation or of all.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn member_checks(
+    fn member_checks(
         &self,
         conversation: Option<&subrosa_proto::ConversationId>,
         state: &str,
@@ -1165,12 +843,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Sets a member check's state.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn set_member_check(
-        &self,
+    fn set_member_check(
+        &mut self,
         conversation: &subrosa_proto::ConversationId,
         handle: &str,
         device: &str,
@@ -1186,13 +860,8 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Drops a member check (confirmed, accepted by the user, or the device
-    /// left the conversation). `device` None drops every device of `handle`.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn drop_member_check(
-        &self,
+    fn drop_member_check(
+        &mut self,
         conversation: &subrosa_proto::ConversationId,
         handle: &str,
         device: Option<&str>,
@@ -1205,13 +874,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Deletes a conversation this device refused after joining it (its
-    /// Welcome failed the key-directory check): row, history and MLS state
-    /// go, the tombstone stays.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn drop_refused_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+    fn drop_refused_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
         {
             let conn = self.lock();
             let b = id.as_bytes().as_slice();
@@ -1226,11 +889,7 @@ impl Store {
         self.forget_conversation(id)
     }
 
-    /// Forgets a conversation and its MLS state (a creation the server refused).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn forget_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+    fn forget_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
         let conn = self.lock();
         let id = id.as_bytes().as_slice();
         for q in [
@@ -1244,11 +903,7 @@ impl Store {
         Ok(())
     }
 
-    /// The most recently active direct conversation with `peer`.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn direct_conversation(&self, peer: &str) -> Result<Option<subrosa_proto::ConversationId>, ClientError> {
+    fn direct_conversation(&self, peer: &str) -> Result<Option<subrosa_proto::ConversationId>, ClientError> {
         let id: Option<Vec<u8>> = self
             .lock()
             .query_row(
@@ -1263,11 +918,7 @@ impl Store {
             .transpose()
     }
 
-    /// A conversation by id.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<ConversationRow>, ClientError> {
+    fn conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<ConversationRow>, ClientError> {
         self.lock()
             .query_row(
                 "SELECT kind, name, peer, active FROM conversations WHERE id = ?1",
@@ -1286,13 +937,165 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Stores a message unless one with the same id is already in the
-    /// conversation. Returns whether it was new.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn insert_message(
+    fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        self.conversations_where("kind = 'direct' AND peer = ?1", &[&peer])
+    }
+
+    fn conversations_by_prefix(&self, prefix: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let pattern = format!("{prefix}%");
+        self.conversations_where("lower(hex(id)) LIKE ?1", &[&pattern])
+    }
+
+    fn groups_named(&self, name: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let mut v = self.conversations_where("kind = 'group' AND name = ?1", &[&name])?;
+        v.sort_by_key(|c| !c.active);
+        Ok(v)
+    }
+
+    fn group_rows(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        self.conversations_where("kind = 'group'", &[])
+    }
+
+    fn active_conversations(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        self.conversations_where("active = 1", &[])
+    }
+
+    fn set_conversation_name(&mut self, id: &subrosa_proto::ConversationId, name: &str) -> Result<(), ClientError> {
+        self.lock()
+            .execute("UPDATE conversations SET name = ?2 WHERE id = ?1", params![id.as_bytes().as_slice(), name])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn deactivate_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        let conn = self.lock();
+        let id = id.as_bytes().as_slice();
+        conn.execute("UPDATE conversations SET active = 0 WHERE id = ?1", [id]).map_err(sql)?;
+        conn.execute("DELETE FROM mls_group WHERE id = ?1", [id]).map_err(sql)?;
+        conn.execute("DELETE FROM mls_epoch WHERE group_id = ?1", [id]).map_err(sql)?;
+        Ok(())
+    }
+
+    fn key_update_state(&self, conversation: &subrosa_proto::ConversationId) -> Result<(u64, u64), ClientError> {
+        self.lock()
+            .query_row(
+                "SELECT last_update, sent_since FROM key_updates WHERE conversation = ?1",
+                [conversation.as_bytes().as_slice()],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()
+            .map(|v| v.unwrap_or((0, 0)))
+            .map_err(sql)
+    }
+
+    fn note_sent(&mut self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, 0, 1)
+                 ON CONFLICT (conversation) DO UPDATE SET sent_since = sent_since + 1",
+                [conversation.as_bytes().as_slice()],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn note_own_update(&mut self, conversation: &subrosa_proto::ConversationId, at_ms: u64) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, ?2, 0)
+                 ON CONFLICT (conversation) DO UPDATE SET last_update = excluded.last_update, sent_since = 0",
+                params![conversation.as_bytes().as_slice(), at_ms as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn note_member_update(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &subrosa_proto::DeviceAddress,
+        at_ms: u64,
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO member_updates (conversation, device, at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation, device) DO UPDATE SET at = max(at, excluded.at)",
+                params![conversation.as_bytes().as_slice(), device.to_string(), at_ms as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn member_update(
         &self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &subrosa_proto::DeviceAddress,
+    ) -> Result<Option<u64>, ClientError> {
+        self.lock()
+            .query_row(
+                "SELECT at FROM member_updates WHERE conversation = ?1 AND device = ?2",
+                params![conversation.as_bytes().as_slice(), device.to_string()],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.map(|t| t as u64))
+            .map_err(sql)
+    }
+}
+
+impl History for SqliteTx<'_> {
+    fn next_seq(&mut self, conversation: &subrosa_proto::ConversationId) -> Result<u64, ClientError> {
+        self.lock()
+            .query_row(
+                "INSERT INTO seq_out (conversation, last) VALUES (?1, 1)
+                 ON CONFLICT (conversation) DO UPDATE SET last = last + 1 RETURNING last",
+                [&conversation.0[..]],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(sql)
+    }
+
+    fn release_seq(&mut self, conversation: &subrosa_proto::ConversationId, seq: u64) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "UPDATE seq_out SET last = last - 1 WHERE conversation = ?1 AND last = ?2",
+                params![&conversation.0[..], seq as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn arrived_seq(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, ClientError> {
+        let conn = self.lock();
+        let last: u64 = conn
+            .query_row(
+                "SELECT last FROM seq_in WHERE conversation = ?1 AND device = ?2",
+                params![&conversation.0[..], device],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(sql)?
+            .map_or(0, |n| n as u64);
+        if seq <= last {
+            return Ok(None);
+        }
+        conn.execute(
+            "INSERT INTO seq_in (conversation, device, last) VALUES (?1, ?2, ?3)
+             ON CONFLICT (conversation, device) DO UPDATE SET last = excluded.last",
+            params![&conversation.0[..], device, seq as i64],
+        )
+        .map_err(sql)?;
+        Ok(Some(seq - last - 1))
+    }
+
+    fn insert_message(
+        &mut self,
         m: &StoredMessage,
         conversation: &subrosa_proto::ConversationId,
         message_id: &[u8],
@@ -1328,12 +1131,8 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Removes a message from history (a send that never left, moved elsewhere).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn delete_message(
-        &self,
+    fn delete_message(
+        &mut self,
         conversation: &subrosa_proto::ConversationId,
         message_id: &[u8],
     ) -> Result<(), ClientError> {
@@ -1346,11 +1145,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// History of the given conversations, oldest first.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {
+    fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {
         let conn = self.lock();
         let mut out = Vec::new();
         let mut stmt = conn.prepare(&format!("{MESSAGE_COLUMNS} WHERE conversation = ?1 ORDER BY seq")).map_err(sql)?;
@@ -1364,101 +1159,7 @@ impl Store {
         Ok(out.into_iter().map(|(_, m)| m).collect())
     }
 
-    fn conversations_where(
-        &self,
-        filter: &str,
-        args: &[&dyn rusqlite::ToSql],
-    ) -> Result<Vec<ConversationRow>, ClientError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT id, kind, name, peer, active FROM conversations WHERE {filter} ORDER BY created_at, rowid"
-            ))
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map(args, |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-            .map_err(sql)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, kind, name, peer, active) = row.map_err(sql)?;
-            let id = subrosa_proto::ConversationId::from_slice(&id).map_err(|e| ClientError::Store(e.to_string()))?;
-            out.push(ConversationRow { id, kind, name, peer, active });
-        }
-        Ok(out)
-    }
-
-    /// Direct conversations with a peer.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError> {
-        self.conversations_where("kind = 'direct' AND peer = ?1", &[&peer])
-    }
-
-    /// Conversations whose id (hex) starts with `prefix` (lowercase hex).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn conversations_by_prefix(&self, prefix: &str) -> Result<Vec<ConversationRow>, ClientError> {
-        let pattern = format!("{prefix}%");
-        self.conversations_where("lower(hex(id)) LIKE ?1", &[&pattern])
-    }
-
-    /// Groups with this name (active ones first).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn groups_named(&self, name: &str) -> Result<Vec<ConversationRow>, ClientError> {
-        let mut v = self.conversations_where("kind = 'group' AND name = ?1", &[&name])?;
-        v.sort_by_key(|c| !c.active);
-        Ok(v)
-    }
-
-    /// Every group.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn group_rows(&self) -> Result<Vec<ConversationRow>, ClientError> {
-        self.conversations_where("kind = 'group'", &[])
-    }
-
-    /// Every active conversation.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn active_conversations(&self) -> Result<Vec<ConversationRow>, ClientError> {
-        self.conversations_where("active = 1", &[])
-    }
-
-    /// Renames a group locally (after a rename commit).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn set_conversation_name(&self, id: &subrosa_proto::ConversationId, name: &str) -> Result<(), ClientError> {
-        self.lock()
-            .execute("UPDATE conversations SET name = ?2 WHERE id = ?1", params![id.as_bytes().as_slice(), name])
-            .map(|_| ())
-            .map_err(sql)
-    }
-
-    /// Marks a conversation left: history stays, MLS state goes.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn deactivate_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
-        let conn = self.lock();
-        let id = id.as_bytes().as_slice();
-        conn.execute("UPDATE conversations SET active = 0 WHERE id = ?1", [id]).map_err(sql)?;
-        conn.execute("DELETE FROM mls_group WHERE id = ?1", [id]).map_err(sql)?;
-        conn.execute("DELETE FROM mls_epoch WHERE group_id = ?1", [id]).map_err(sql)?;
-        Ok(())
-    }
-
-    /// Messages stored but not yet shown by `receive`, oldest first; marks them shown.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn take_unseen(&self) -> Result<Vec<StoredMessage>, ClientError> {
+    fn take_unseen(&mut self) -> Result<Vec<StoredMessage>, ClientError> {
         let rows: Vec<(i64, Vec<u8>)> = {
             let conn = self.lock();
             let mut stmt =
@@ -1482,11 +1183,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether a delivered ciphertext (by digest) was already processed.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn is_processed(&self, digest: &[u8]) -> Result<bool, ClientError> {
+    fn is_processed(&self, digest: &[u8]) -> Result<bool, ClientError> {
         self.lock()
             .query_row("SELECT 1 FROM processed WHERE digest = ?1", [digest], |_| Ok(()))
             .optional()
@@ -1494,11 +1191,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Records a processed ciphertext digest.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn mark_processed(&self, digest: &[u8]) -> Result<(), ClientError> {
+    fn mark_processed(&mut self, digest: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "INSERT INTO processed (digest, at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
@@ -1508,105 +1201,8 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Queues a request made already (a leave proposal): posted as it is,
-    /// byte for byte, until the server answers.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn push_outbox_request(&self, send_id: &[u8; 16], request: &[u8]) -> Result<(), ClientError> {
-        self.lock()
-            .execute(
-                "INSERT INTO outbox (send_id, request, created_at) VALUES (?1, ?2, ?3)",
-                params![&send_id[..], request, now_ms() as i64],
-            )
-            .map(|_| ())
-            .map_err(sql)
-    }
-
-    /// Queues a message for sending: its content (encrypted only when it
-    /// is flushed) under a fresh send id.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn push_outbox(
-        &self,
-        send_id: &[u8; 16],
-        conversation: &subrosa_proto::ConversationId,
-        message_id: &[u8; 16],
-        content: &[u8],
-    ) -> Result<(), ClientError> {
-        self.lock()
-            .execute(
-                "INSERT INTO outbox (send_id, conversation, message_id, content, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![&send_id[..], conversation.as_bytes().as_slice(), &message_id[..], content, now_ms() as i64],
-            )
-            .map(|_| ())
-            .map_err(sql)
-    }
-
-    /// Queued sends, oldest first.
-    ///
-    /// # Errors
-    /// Database errors, or a damaged row.
-    pub fn outbox(&self) -> Result<Vec<QueuedSend>, ClientError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(&format!("{OUTBOX_COLUMNS} ORDER BY id")).map_err(sql)?;
-        let rows = stmt.query_map([], queued_from_row).map_err(sql)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(sql)?.map_err(ClientError::Store)?);
-        }
-        Ok(out)
-    }
-
-    /// One queued send, as it is now (another process may have encrypted or
-    /// sent it meanwhile).
-    ///
-    /// # Errors
-    /// Database errors, or a damaged row.
-    pub fn outbox_row(&self, id: i64) -> Result<Option<QueuedSend>, ClientError> {
-        self.lock()
-            .query_row(&format!("{OUTBOX_COLUMNS} WHERE id = ?1"), [id], queued_from_row)
-            .optional()
-            .map_err(sql)?
-            .transpose()
-            .map_err(ClientError::Store)
-    }
-
-    /// Whether anything is queued.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn outbox_is_empty(&self) -> Result<bool, ClientError> {
-        self.lock().query_row("SELECT NOT EXISTS (SELECT 1 FROM outbox)", [], |r| r.get(0)).map_err(sql)
-    }
-
-    /// Keeps the encrypted request of a queued send: from now on it is
-    /// posted byte for byte until the server answers.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn set_outbox_request(&self, id: i64, request: &[u8]) -> Result<(), ClientError> {
-        self.lock()
-            .execute("UPDATE outbox SET request = ?2 WHERE id = ?1", params![id, request])
-            .map(|_| ())
-            .map_err(sql)
-    }
-
-    /// Removes a send the server answered (stored or refused).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn pop_outbox(&self, id: i64) -> Result<(), ClientError> {
-        self.lock().execute("DELETE FROM outbox WHERE id = ?1", [id]).map(|_| ()).map_err(sql)
-    }
-
-    /// Sets the state of one of this account's messages (and why, when it failed).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn set_message_state(
-        &self,
+    fn set_message_state(
+        &mut self,
         conversation: &subrosa_proto::ConversationId,
         message_id: &[u8],
         state: MessageState,
@@ -1621,11 +1217,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// One message of a conversation, by its end-to-end id.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn message(
+    fn message(
         &self,
         conversation: &subrosa_proto::ConversationId,
         message_id: &[u8],
@@ -1641,13 +1233,71 @@ impl Store {
             .map(|o| o.map(|(_, m)| m))
             .map_err(sql)
     }
+}
 
-    /// Stores a staged commit's request before it is posted (one per
-    /// conversation: mls-rs stages one commit at a time).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn put_pending_commit(&self, p: &PendingCommit) -> Result<(), ClientError> {
+impl Outbox for SqliteTx<'_> {
+    fn push_outbox_request(&mut self, send_id: &[u8; 16], request: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO outbox (send_id, request, created_at) VALUES (?1, ?2, ?3)",
+                params![&send_id[..], request, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn push_outbox(
+        &mut self,
+        send_id: &[u8; 16],
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8; 16],
+        content: &[u8],
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO outbox (send_id, conversation, message_id, content, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![&send_id[..], conversation.as_bytes().as_slice(), &message_id[..], content, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn outbox(&self) -> Result<Vec<QueuedSend>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!("{OUTBOX_COLUMNS} ORDER BY id")).map_err(sql)?;
+        let rows = stmt.query_map([], queued_from_row).map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(sql)?.map_err(ClientError::Store)?);
+        }
+        Ok(out)
+    }
+
+    fn outbox_row(&self, id: i64) -> Result<Option<QueuedSend>, ClientError> {
+        self.lock()
+            .query_row(&format!("{OUTBOX_COLUMNS} WHERE id = ?1"), [id], queued_from_row)
+            .optional()
+            .map_err(sql)?
+            .transpose()
+            .map_err(ClientError::Store)
+    }
+
+    fn outbox_is_empty(&self) -> Result<bool, ClientError> {
+        self.lock().query_row("SELECT NOT EXISTS (SELECT 1 FROM outbox)", [], |r| r.get(0)).map_err(sql)
+    }
+
+    fn set_outbox_request(&mut self, id: i64, request: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute("UPDATE outbox SET request = ?2 WHERE id = ?1", params![id, request])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn pop_outbox(&mut self, id: i64) -> Result<(), ClientError> {
+        self.lock().execute("DELETE FROM outbox WHERE id = ?1", [id]).map(|_| ()).map_err(sql)
+    }
+
+    fn put_pending_commit(&mut self, p: &PendingCommit) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "INSERT OR REPLACE INTO pending_commits (conversation, send_id, request, commit_digest, meta, created_at)
@@ -1665,11 +1315,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// The staged commit waiting in a conversation, if any.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn pending_commit(
+    fn pending_commit(
         &self,
         conversation: &subrosa_proto::ConversationId,
     ) -> Result<Option<PendingCommit>, ClientError> {
@@ -1702,11 +1348,7 @@ impl Store {
             .transpose()
     }
 
-    /// Conversations with a staged commit waiting, oldest first.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn pending_commit_conversations(&self) -> Result<Vec<subrosa_proto::ConversationId>, ClientError> {
+    fn pending_commit_conversations(&self) -> Result<Vec<subrosa_proto::ConversationId>, ClientError> {
         let conn = self.lock();
         let mut stmt =
             conn.prepare("SELECT conversation FROM pending_commits ORDER BY created_at, rowid").map_err(sql)?;
@@ -1717,28 +1359,16 @@ impl Store {
             .collect()
     }
 
-    /// Forgets a conversation's staged commit (applied or discarded).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn delete_pending_commit(&self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+    fn delete_pending_commit(&mut self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
         self.lock()
             .execute("DELETE FROM pending_commits WHERE conversation = ?1", [conversation.as_bytes().as_slice()])
             .map(|_| ())
             .map_err(sql)
     }
+}
 
-    /// Marks the next key package stored as the last-resort one (kept after use).
-    pub fn key_packages(&self) -> KeyPackageStore {
-        KeyPackageStore { store: self.clone() }
-    }
-
-    /// Marks the key package generated last as the last-resort one: kept
-    /// after use, since the server may hand it out more than once.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn mark_newest_key_package_last_resort(&self) -> Result<(), ClientError> {
+impl MlsState for SqliteTx<'_> {
+    fn mark_newest_key_package_last_resort(&mut self) -> Result<(), ClientError> {
         self.lock()
             .execute(
                 "UPDATE mls_key_package SET last_resort = 1 WHERE rowid = (SELECT max(rowid) FROM mls_key_package)",
@@ -1748,13 +1378,7 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Erases key-package secrets made before `cutoff_ms` (replaced ones:
-    /// the server no longer hands their packages out), last-resort ones
-    /// included, and keeps only the newest last-resort package marked as such.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn erase_key_packages_before(&self, cutoff_ms: u64) -> Result<usize, ClientError> {
+    fn erase_key_packages_before(&mut self, cutoff_ms: u64) -> Result<usize, ClientError> {
         let conn = self.lock();
         let n = conn.execute("DELETE FROM mls_key_package WHERE created_at < ?1", [cutoff_ms as i64]).map_err(sql)?;
         conn.execute(
@@ -1766,98 +1390,84 @@ impl Store {
         Ok(n)
     }
 
-    /// When this device last replaced its keys in `conversation` (ms; 0 when
-    /// never) and how many messages it sent there since.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn key_update_state(&self, conversation: &subrosa_proto::ConversationId) -> Result<(u64, u64), ClientError> {
+    fn group_state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        self.group_state_row(group_id)
+    }
+
+    fn group_epoch(&self, group_id: &[u8], epoch: u64) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
         self.lock()
             .query_row(
-                "SELECT last_update, sent_since FROM key_updates WHERE conversation = ?1",
-                [conversation.as_bytes().as_slice()],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                "SELECT data FROM mls_epoch WHERE group_id = ?1 AND epoch = ?2",
+                params![group_id, epoch as i64],
+                |r| r.get::<_, Vec<u8>>(0),
             )
             .optional()
-            .map(|v| v.unwrap_or((0, 0)))
+            .map(|o| o.map(Zeroizing::new))
             .map_err(sql)
     }
 
-    /// Counts one message this device sent in `conversation`.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn note_sent(&self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+    fn max_group_epoch(&self, group_id: &[u8]) -> Result<Option<u64>, ClientError> {
         self.lock()
-            .execute(
-                "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, 0, 1)
-                 ON CONFLICT (conversation) DO UPDATE SET sent_since = sent_since + 1",
-                [conversation.as_bytes().as_slice()],
-            )
-            .map(|_| ())
+            .query_row("SELECT max(epoch) FROM mls_epoch WHERE group_id = ?1", [group_id], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|o| o.map(|v| v as u64))
             .map_err(sql)
     }
 
-    /// Records that this device's keys in `conversation` are fresh as of
-    /// `at_ms` (it committed, created or joined).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn note_own_update(&self, conversation: &subrosa_proto::ConversationId, at_ms: u64) -> Result<(), ClientError> {
-        self.lock()
-            .execute(
-                "INSERT INTO key_updates (conversation, last_update, sent_since) VALUES (?1, ?2, 0)
-                 ON CONFLICT (conversation) DO UPDATE SET last_update = excluded.last_update, sent_since = 0",
-                params![conversation.as_bytes().as_slice(), at_ms as i64],
+    fn put_group_state(&mut self, group_id: &[u8], state: &[u8], epochs: &[(u64, &[u8])]) -> Result<(), ClientError> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO mls_group (id, state) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+            params![group_id, state],
+        )
+        .map_err(sql)?;
+        conn.execute(
+            "INSERT INTO known_conversations (id, at) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET linked_only = 0",
+            params![group_id, now_ms() as i64],
+        )
+        .map_err(sql)?;
+        for (epoch, data) in epochs {
+            conn.execute(
+                "INSERT INTO mls_epoch (group_id, epoch, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (group_id, epoch) DO UPDATE SET data = excluded.data",
+                params![group_id, *epoch as i64, data],
             )
-            .map(|_| ())
-            .map_err(sql)
+            .map_err(sql)?;
+        }
+        conn.execute(
+            "DELETE FROM mls_epoch WHERE group_id = ?1 AND epoch <= (SELECT max(epoch) FROM mls_epoch WHERE group_id = ?1) - ?2",
+            params![group_id, EPOCHS_KEPT as i64],
+        )
+        .map_err(sql)?;
+        Ok(())
     }
 
-    /// Records that member `device` committed (and so replaced its keys) in
-    /// `conversation` at `at_ms`.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn note_member_update(
-        &self,
-        conversation: &subrosa_proto::ConversationId,
-        device: &subrosa_proto::DeviceAddress,
-        at_ms: u64,
-    ) -> Result<(), ClientError> {
+    fn key_package(&self, id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
         self.lock()
-            .execute(
-                "INSERT INTO member_updates (conversation, device, at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (conversation, device) DO UPDATE SET at = max(at, excluded.at)",
-                params![conversation.as_bytes().as_slice(), device.to_string(), at_ms as i64],
-            )
-            .map(|_| ())
-            .map_err(sql)
-    }
-
-    /// When `device` was last seen committing in `conversation` (ms).
-    ///
-    /// # Errors
-    /// Database errors.
-    pub fn member_update(
-        &self,
-        conversation: &subrosa_proto::ConversationId,
-        device: &subrosa_proto::DeviceAddress,
-    ) -> Result<Option<u64>, ClientError> {
-        self.lock()
-            .query_row(
-                "SELECT at FROM member_updates WHERE conversation = ?1 AND device = ?2",
-                params![conversation.as_bytes().as_slice(), device.to_string()],
-                |r| r.get::<_, i64>(0),
-            )
+            .query_row("SELECT data FROM mls_key_package WHERE id = ?1", [id], |r| r.get::<_, Vec<u8>>(0))
             .optional()
-            .map(|v| v.map(|t| t as u64))
+            .map(|o| o.map(Zeroizing::new))
             .map_err(sql)
     }
 
-    /// The MLS group state storage over this store.
-    pub fn groups(&self) -> GroupStore {
-        GroupStore { store: self.clone() }
+    fn put_key_package(&mut self, id: &[u8], data: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO mls_key_package (id, data, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+                params![id, data, now_ms() as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn delete_key_package(&mut self, id: &[u8]) -> Result<(), ClientError> {
+        self.lock()
+            .execute("DELETE FROM mls_key_package WHERE id = ?1 AND last_resort = 0", [id])
+            .map(|_| ())
+            .map_err(sql)
     }
 }
 
@@ -1888,169 +1498,44 @@ fn restrict_permissions(path: &Path) {
 #[cfg(not(unix))]
 fn restrict_permissions(_path: &Path) {}
 
-/// Errors of the mls-rs storage adapters.
-#[derive(Debug, thiserror::Error)]
-#[error("local store: {0}")]
-pub struct StorageError(String);
-
-impl mls_rs_core::error::IntoAnyError for StorageError {
-    fn into_dyn_error(self) -> Result<Box<dyn std::error::Error + Send + Sync>, Self> {
-        Ok(Box::new(self))
-    }
-}
-
-fn serr(e: impl std::fmt::Display) -> StorageError {
-    StorageError(e.to_string())
-}
-
-/// mls-rs group state storage over the local store.
-#[derive(Clone, Debug)]
-pub struct GroupStore {
-    store: Store,
-}
-
-impl GroupStateStorage for GroupStore {
-    type Error = StorageError;
-
-    fn state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
-        self.store
-            .lock()
-            .query_row("SELECT state FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
-            .optional()
-            .map(|o| o.map(Zeroizing::new))
-            .map_err(serr)
-    }
-
-    fn epoch(&self, group_id: &[u8], epoch_id: u64) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
-        self.store
-            .lock()
-            .query_row(
-                "SELECT data FROM mls_epoch WHERE group_id = ?1 AND epoch = ?2",
-                params![group_id, epoch_id as i64],
-                |r| r.get::<_, Vec<u8>>(0),
-            )
-            .optional()
-            .map(|o| o.map(Zeroizing::new))
-            .map_err(serr)
-    }
-
-    fn write(
-        &mut self,
-        state: GroupState,
-        inserts: Vec<EpochRecord>,
-        updates: Vec<EpochRecord>,
-    ) -> Result<(), Self::Error> {
-        let conn = self.store.lock();
-        conn.execute(
-            "INSERT INTO mls_group (id, state) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
-            params![state.id, state.data.as_slice()],
-        )
-        .map_err(serr)?;
-        // Every group id this device ever held stays known, whatever becomes
-        // of the group (a creation the server refused included).
-        conn.execute(
-            "INSERT INTO known_conversations (id, at) VALUES (?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET linked_only = 0",
-            params![state.id, now_ms() as i64],
-        )
-        .map_err(serr)?;
-        for e in inserts.iter().chain(updates.iter()) {
-            conn.execute(
-                "INSERT INTO mls_epoch (group_id, epoch, data) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (group_id, epoch) DO UPDATE SET data = excluded.data",
-                params![state.id, e.id as i64, e.data.as_slice()],
-            )
-            .map_err(serr)?;
-        }
-        // Old epochs' secrets are deleted: forward secrecy across epochs.
-        conn.execute(
-            "DELETE FROM mls_epoch WHERE group_id = ?1 AND epoch <= (SELECT max(epoch) FROM mls_epoch WHERE group_id = ?1) - ?2",
-            params![state.id, EPOCHS_KEPT],
-        )
-        .map_err(serr)?;
-        Ok(())
-    }
-
-    fn max_epoch_id(&self, group_id: &[u8]) -> Result<Option<u64>, Self::Error> {
-        self.store
-            .lock()
-            .query_row("SELECT max(epoch) FROM mls_epoch WHERE group_id = ?1", [group_id], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
-            .map(|o| o.map(|v| v as u64))
-            .map_err(serr)
-    }
-}
-
-/// mls-rs key package storage over the local store. One-time packages are
-/// deleted when used; the last-resort package is kept.
-#[derive(Clone, Debug)]
-pub struct KeyPackageStore {
-    store: Store,
-}
-
-impl KeyPackageStorage for KeyPackageStore {
-    type Error = StorageError;
-
-    fn delete(&mut self, id: &[u8]) -> Result<(), Self::Error> {
-        self.store
-            .lock()
-            .execute("DELETE FROM mls_key_package WHERE id = ?1 AND last_resort = 0", [id])
-            .map(|_| ())
-            .map_err(serr)
-    }
-
-    fn insert(&mut self, id: Vec<u8>, pkg: KeyPackageData) -> Result<(), Self::Error> {
-        let data = Zeroizing::new(pkg.mls_encode_to_vec().map_err(serr)?);
-        self.store
-            .lock()
-            .execute(
-                "INSERT INTO mls_key_package (id, data, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-                params![id, data.as_slice(), now_ms() as i64],
-            )
-            .map(|_| ())
-            .map_err(serr)
-    }
-
-    fn get(&self, id: &[u8]) -> Result<Option<KeyPackageData>, Self::Error> {
-        let data: Option<Vec<u8>> = self
-            .store
-            .lock()
-            .query_row("SELECT data FROM mls_key_package WHERE id = ?1", [id], |r| r.get(0))
-            .optional()
-            .map_err(serr)?;
-        match data {
-            None => Ok(None),
-            Some(d) => {
-                let d = Zeroizing::new(d);
-                KeyPackageData::mls_decode(&mut d.as_slice()).map(Some).map_err(serr)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::conformance;
     use super::*;
+    use std::sync::Arc;
     use subrosa_core::{DeviceIdentity, Engine};
 
-    fn count(store: &Store) -> i64 {
+    macro_rules! conformance_tests {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    conformance::$name(Store::create(&dir.path().join("home"), "pw").expect("store"));
+                }
+            )*
+        };
+    }
+
+    conformance::with_behaviours!(conformance_tests);
+
+    fn count(store: &SqliteStore) -> i64 {
         store.lock().query_row("SELECT count(*) FROM mls_key_package", [], |r| r.get(0)).unwrap_or(-1)
     }
 
     #[test]
     fn the_last_resort_key_package_survives_use_and_one_time_ones_do_not() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::create(&dir.path().join("home"), "pw").expect("store");
+        let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
+        let store = Store::from_arc(sqlite.clone());
         let crypto = subrosa_core::default_crypto();
         let id = DeviceIdentity::generate(&crypto, "alice".parse().expect("handle"), 0).expect("identity");
         let engine = Engine::new(crypto, id, store.groups(), store.key_packages());
         engine.generate_key_package().expect("one-time");
         engine.generate_key_package().expect("last resort");
-        store.mark_newest_key_package_last_resort().expect("mark");
+        store.write(|tx| tx.mark_newest_key_package_last_resort()).expect("mark");
         let ids: Vec<(Vec<u8>, bool)> = {
-            let conn = store.lock();
+            let conn = sqlite.lock();
             let mut stmt = conn.prepare("SELECT id, last_resort FROM mls_key_package ORDER BY rowid").expect("prepare");
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query");
             rows.collect::<Result<_, _>>().expect("rows")
@@ -2061,7 +1546,7 @@ mod tests {
         for (id, _) in &ids {
             KeyPackageStorage::delete(&mut kps, id).expect("delete");
         }
-        assert_eq!(count(&store), 1);
+        assert_eq!(count(&sqlite), 1);
         assert!(KeyPackageStorage::get(&kps, &ids[1].0).expect("get").is_some());
     }
 
@@ -2103,7 +1588,7 @@ mod tests {
         // whose answers never came, and a message it had sent.
         let requests: [&[u8]; 2] = [b"{\"conversation\":\"first request\"}", b"second request \x00\xff"];
         {
-            let old = Store::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
             old.migrate_to(4).expect("v4");
             let conn = old.lock();
             for (i, r) in requests.iter().enumerate() {
@@ -2125,8 +1610,9 @@ mod tests {
             )
             .expect("message");
         }
-        let store = Store::open(&home, "pw").expect("migrates");
-        let queued = store.outbox().expect("outbox");
+        let sqlite = Arc::new(SqliteStore::open(&home, "pw").expect("migrates"));
+        let store = Store::from_arc(sqlite.clone());
+        let queued = store.read(|tx| tx.outbox()).expect("outbox");
         // In the order v4 would have sent them (created_at), bytes untouched.
         let got: Vec<(Vec<u8>, Option<Vec<u8>>)> =
             queued.iter().map(|q| (q.send_id.to_vec(), q.request.clone())).collect();
@@ -2137,7 +1623,7 @@ mod tests {
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].state, Some(MessageState::Sent));
         // A new row needs its content (or a request): the schema says so.
-        let bad = store.lock().execute("INSERT INTO outbox (send_id, created_at) VALUES (?1, 1)", [&[9u8; 16][..]]);
+        let bad = sqlite.lock().execute("INSERT INTO outbox (send_id, created_at) VALUES (?1, 1)", [&[9u8; 16][..]]);
         assert!(bad.is_err(), "a row with neither content nor request is refused");
     }
 

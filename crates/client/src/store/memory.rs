@@ -1,0 +1,973 @@
+//! The in-memory backend: the same behaviour as the SQLCipher store (the
+//! conformance suite says so), nothing kept beyond the process.
+//!
+//! The tables live behind the store's gate (see the module header of
+//! `store`). A write transaction works on a copy of them and replaces the
+//! committed tables with it only when its closure returns `Ok`: a failed
+//! write leaves nothing, and a reader, which waits for the gate, never sees
+//! a write in progress. Rows keep their insertion order where the SQL
+//! backend orders by `rowid`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
+
+use subrosa_proto::{ConversationId, DeviceAddress};
+use zeroize::Zeroizing;
+
+use super::*;
+
+type Conv = [u8; 16];
+
+#[derive(Clone, Default)]
+struct KeyPackageRow {
+    id: Vec<u8>,
+    data: Zeroizing<Vec<u8>>,
+    last_resort: bool,
+    created_at: u64,
+}
+
+#[derive(Clone)]
+struct ContactRow {
+    handle: String,
+    identity_key: Vec<u8>,
+    verified: bool,
+    key_change_pending: bool,
+}
+
+#[derive(Clone)]
+struct ConversationRec {
+    row: ConversationRow,
+    created_at: u64,
+    last_activity: u64,
+}
+
+#[derive(Clone)]
+struct MessageRec {
+    conversation: Conv,
+    message_id: Vec<u8>,
+    from: String,
+    device: String,
+    sent_at: u64,
+    received_at: u64,
+    text: String,
+    outgoing: bool,
+    system: bool,
+    seen: bool,
+    state: Option<MessageState>,
+    reason: Option<String>,
+}
+
+#[derive(Clone)]
+struct AlertRec {
+    alert: Alert,
+    shown: bool,
+    cleared: bool,
+}
+
+/// Every table; cloned at the start of a write transaction.
+#[derive(Clone, Default)]
+struct Tables {
+    meta: BTreeMap<String, Zeroizing<Vec<u8>>>,
+    groups: BTreeMap<Vec<u8>, Zeroizing<Vec<u8>>>,
+    epochs: BTreeMap<(Vec<u8>, u64), Zeroizing<Vec<u8>>>,
+    key_packages: Vec<KeyPackageRow>,
+    contacts: Vec<ContactRow>,
+    conversations: Vec<ConversationRec>,
+    messages: BTreeMap<u64, MessageRec>,
+    next_message: u64,
+    processed: BTreeSet<Vec<u8>>,
+    outbox: BTreeMap<i64, QueuedSend>,
+    next_outbox: i64,
+    kt_roots: BTreeMap<u64, Vec<u8>>,
+    kt_signed_heads: BTreeMap<u64, Vec<u8>>,
+    kt_head_gossip: Vec<(String, u64, Vec<u8>)>,
+    alerts: Vec<AlertRec>,
+    seq_out: BTreeMap<Conv, u64>,
+    seq_in: BTreeMap<(Conv, String), u64>,
+    known: BTreeMap<Conv, bool>,
+    past_members: BTreeSet<(Conv, String)>,
+    member_checks: Vec<MemberCheck>,
+    key_updates: BTreeMap<Conv, (u64, u64)>,
+    member_updates: BTreeMap<(Conv, String), u64>,
+    pending_commits: Vec<PendingCommit>,
+}
+
+struct State {
+    committed: Tables,
+    /// The copy an open write transaction works on.
+    working: Option<Tables>,
+}
+
+/// A store that keeps everything in memory.
+pub struct MemoryStore {
+    gate: Gate,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryStore { gate: Gate::default(), state: Mutex::new(State { committed: Tables::default(), working: None }) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for MemoryStore {
+    fn read_dyn(&self, f: &mut dyn FnMut(&dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
+        let entered = self.gate.enter(false)?;
+        if entered.outer() {
+            // A write that panicked left its copy behind: it never committed.
+            self.lock().working = None;
+        }
+        f(&MemTx { state: &self.state })
+    }
+
+    fn write_dyn(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
+        let entered = self.gate.enter(true)?;
+        let mut tx = MemTx { state: &self.state };
+        if !entered.outer() {
+            return f(&mut tx);
+        }
+        {
+            let mut s = self.lock();
+            s.working = Some(s.committed.clone());
+        }
+        let result = f(&mut tx);
+        let mut s = self.lock();
+        let working = s.working.take();
+        if let (Ok(()), Some(w)) = (&result, working) {
+            s.committed = w;
+        }
+        result
+    }
+}
+
+struct MemTx<'a> {
+    state: &'a Mutex<State>,
+}
+
+impl MemTx<'_> {
+    fn with<T>(&self, f: impl FnOnce(&mut Tables) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let State { committed, working } = &mut *s;
+        f(working.as_mut().unwrap_or(committed))
+    }
+}
+
+fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
+    let state = if m.outgoing && !m.system { Some(m.state.unwrap_or(MessageState::Sent)) } else { None };
+    StoredMessage {
+        id: hex::encode(&m.message_id),
+        conversation: c.id.to_hex(),
+        target: c.target(),
+        group: c.kind == "group",
+        from: m.from.clone(),
+        device: m.device.clone(),
+        sent_at: m.sent_at,
+        received_at: m.received_at,
+        text: m.text.clone(),
+        outgoing: m.outgoing,
+        system: m.system,
+        state,
+        reason: if state == Some(MessageState::Failed) { m.reason.clone() } else { None },
+    }
+}
+
+impl Tables {
+    fn conversation(&self, id: &Conv) -> Option<&ConversationRec> {
+        self.conversations.iter().find(|c| c.row.id.0 == *id)
+    }
+
+    fn conversations_where(&self, keep: impl Fn(&ConversationRow) -> bool) -> Vec<ConversationRow> {
+        let mut v: Vec<&ConversationRec> = self.conversations.iter().filter(|c| keep(&c.row)).collect();
+        v.sort_by_key(|c| c.created_at);
+        v.into_iter().map(|c| c.row.clone()).collect()
+    }
+
+    fn add_alert(&mut self, concerns: Option<&str>, text: &str, proof: Option<&str>) {
+        if self.alerts.iter().any(|a| a.alert.text == text) {
+            return;
+        }
+        let id = self.alerts.last().map_or(1, |a| a.alert.id + 1);
+        self.alerts.push(AlertRec {
+            alert: Alert {
+                id,
+                at: now_ms(),
+                concerns: concerns.map(str::to_string),
+                fork: proof.is_some(),
+                text: text.to_string(),
+                proof: proof.map(str::to_string),
+            },
+            shown: false,
+            cleared: false,
+        });
+    }
+
+    fn forget_conversation(&mut self, id: &Conv) {
+        self.conversations.retain(|c| c.row.id.0 != *id);
+        self.groups.remove(id.as_slice());
+        self.epochs.retain(|(g, _), _| g.as_slice() != id.as_slice());
+        self.key_updates.remove(id);
+    }
+}
+
+impl Meta for MemTx<'_> {
+    fn meta(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        Ok(self.with(|t| t.meta.get(key).cloned()))
+    }
+
+    fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| t.meta.insert(key.to_string(), Zeroizing::new(value.to_vec())));
+        Ok(())
+    }
+
+    fn delete_meta(&mut self, key: &str) -> Result<(), ClientError> {
+        self.with(|t| t.meta.remove(key));
+        Ok(())
+    }
+}
+
+impl Directory for MemTx<'_> {
+    fn kt_root(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.with(|t| t.kt_roots.get(&epoch).cloned()))
+    }
+
+    fn kt_range(&self) -> Result<Option<(u64, u64)>, ClientError> {
+        Ok(self.with(|t| t.kt_roots.keys().next().copied().zip(t.kt_roots.keys().next_back().copied())))
+    }
+
+    fn put_kt_roots(&mut self, from: u64, roots: &[[u8; 32]]) -> Result<(), ClientError> {
+        self.with(|t| {
+            for (i, root) in roots.iter().enumerate() {
+                t.kt_roots.entry(from + i as u64).or_insert_with(|| root.to_vec());
+            }
+        });
+        Ok(())
+    }
+
+    fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.with(|t| t.kt_signed_heads.get(&epoch).cloned()))
+    }
+
+    fn kt_newest_signed_head(&self) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.with(|t| t.kt_signed_heads.values().next_back().cloned()))
+    }
+
+    fn put_kt_signed_head(&mut self, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| t.kt_signed_heads.entry(epoch).or_insert_with(|| head.to_vec()).len());
+        Ok(())
+    }
+
+    fn push_kt_head_gossip(&mut self, source: &str, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| match t.kt_head_gossip.iter_mut().find(|(s, _, _)| s == source) {
+            Some(g) if epoch > g.1 => *g = (source.to_string(), epoch, head.to_vec()),
+            Some(_) => {}
+            None => t.kt_head_gossip.push((source.to_string(), epoch, head.to_vec())),
+        });
+        Ok(())
+    }
+
+    fn kt_head_gossip(&self) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+        Ok(self.with(|t| {
+            let mut v = t.kt_head_gossip.clone();
+            v.sort_by_key(|g| g.1);
+            v.into_iter().map(|(s, _, h)| (s, h)).collect()
+        }))
+    }
+
+    fn drop_kt_head_gossip(&mut self, source: &str, head: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| t.kt_head_gossip.retain(|(s, _, h)| !(s == source && h == head)));
+        Ok(())
+    }
+
+    fn add_alert_about(&mut self, concerns: &str, text: &str, proof: Option<&str>) -> Result<(), ClientError> {
+        self.with(|t| t.add_alert(Some(concerns), text, proof));
+        Ok(())
+    }
+
+    fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
+        Ok(self.with(|t| t.alerts.iter().filter(|a| !a.cleared).map(|a| a.alert.clone()).collect()))
+    }
+
+    fn clear_alerts(&mut self, forks: bool) -> Result<usize, ClientError> {
+        Ok(self.with(|t| {
+            let mut n = 0;
+            for a in t.alerts.iter_mut().filter(|a| !a.cleared && (forks || !a.alert.fork)) {
+                a.cleared = true;
+                a.shown = true;
+                n += 1;
+            }
+            n
+        }))
+    }
+
+    fn open_fork(&self) -> Result<Option<String>, ClientError> {
+        Ok(self.with(|t| t.alerts.iter().find(|a| a.alert.fork && !a.cleared).map(|a| a.alert.text.clone())))
+    }
+
+    fn add_alert(&mut self, text: &str) -> Result<(), ClientError> {
+        self.with(|t| t.add_alert(None, text, None));
+        Ok(())
+    }
+
+    fn take_alerts(&mut self) -> Result<Vec<String>, ClientError> {
+        Ok(self.with(|t| {
+            let mut out = Vec::new();
+            for a in t.alerts.iter_mut().filter(|a| !a.shown) {
+                a.shown = true;
+                out.push(a.alert.text.clone());
+            }
+            out
+        }))
+    }
+}
+
+impl Contacts for MemTx<'_> {
+    fn contact_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.with(|t| t.contacts.iter().find(|c| c.handle == handle).map(|c| c.identity_key.clone())))
+    }
+
+    fn pin_contact(&mut self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| {
+            if !t.contacts.iter().any(|c| c.handle == handle) {
+                t.contacts.push(ContactRow {
+                    handle: handle.to_string(),
+                    identity_key: identity_key.to_vec(),
+                    verified: false,
+                    key_change_pending: false,
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn set_verified(&mut self, handle: &str, verified: bool) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(c) = t.contacts.iter_mut().find(|c| c.handle == handle) {
+                c.verified = verified;
+                c.key_change_pending = false;
+            }
+        });
+        Ok(())
+    }
+
+    fn change_contact_key(&mut self, handle: &str, identity_key: &[u8]) -> Result<bool, ClientError> {
+        Ok(self.with(|t| match t.contacts.iter_mut().find(|c| c.handle == handle) {
+            Some(c) => {
+                let was_verified = c.verified;
+                c.identity_key = identity_key.to_vec();
+                c.verified = false;
+                c.key_change_pending = was_verified;
+                was_verified
+            }
+            None => false,
+        }))
+    }
+
+    fn key_change_pending(&self, handle: &str) -> Result<bool, ClientError> {
+        Ok(self.with(|t| t.contacts.iter().any(|c| c.handle == handle && c.key_change_pending)))
+    }
+
+    fn clear_key_change(&mut self, handle: &str) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(c) = t.contacts.iter_mut().find(|c| c.handle == handle) {
+                c.key_change_pending = false;
+            }
+        });
+        Ok(())
+    }
+
+    fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
+        Ok(self.with(|t| {
+            let mut v: Vec<Contact> = t
+                .contacts
+                .iter()
+                .map(|c| Contact {
+                    handle: c.handle.clone(),
+                    identity_key: hex::encode(&c.identity_key),
+                    verified: c.verified,
+                })
+                .collect();
+            v.sort_by(|a, b| a.handle.cmp(&b.handle));
+            v
+        }))
+    }
+}
+
+impl Conversations for MemTx<'_> {
+    fn add_conversation(
+        &mut self,
+        id: &ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let now = now_ms();
+        self.with(|t| {
+            if t.conversation(&id.0).is_none() {
+                t.conversations.push(ConversationRec {
+                    row: ConversationRow {
+                        id: *id,
+                        kind: kind.to_string(),
+                        name: name.to_string(),
+                        peer: peer.map(str::to_string),
+                        active: true,
+                    },
+                    created_at: now,
+                    last_activity: now,
+                });
+            }
+            t.known.entry(id.0).or_insert(false);
+            t.key_updates.entry(id.0).or_insert((now, 0));
+        });
+        Ok(())
+    }
+
+    fn conversation_created_at(&self, id: &ConversationId) -> Result<u64, ClientError> {
+        Ok(self.with(|t| t.conversation(&id.0).map_or(0, |c| c.created_at)))
+    }
+
+    fn known_conversation(&self, id: &ConversationId) -> Result<Option<bool>, ClientError> {
+        Ok(self.with(|t| t.known.get(&id.0).copied()))
+    }
+
+    fn add_linked_conversation(
+        &mut self,
+        id: &ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let fresh = self.known_conversation(id)?.is_none();
+        self.add_conversation(id, kind, name, peer)?;
+        if fresh {
+            self.with(|t| t.known.insert(id.0, true));
+        }
+        Ok(())
+    }
+
+    fn note_members(&mut self, id: &ConversationId, handles: &[&str]) -> Result<(), ClientError> {
+        self.with(|t| {
+            for h in handles {
+                t.past_members.insert((id.0, h.to_string()));
+            }
+        });
+        Ok(())
+    }
+
+    fn was_member(&self, id: &ConversationId, handle: &str) -> Result<bool, ClientError> {
+        Ok(self.with(|t| t.past_members.contains(&(id.0, handle.to_string()))))
+    }
+
+    fn add_member_check(&mut self, c: &MemberCheck) -> Result<(), ClientError> {
+        self.with(|t| {
+            match t
+                .member_checks
+                .iter_mut()
+                .find(|m| m.conversation == c.conversation && m.handle == c.handle && m.device == c.device)
+            {
+                // As the SQL upsert: everything but `welcome` is replaced.
+                Some(m) => *m = MemberCheck { welcome: m.welcome, ..c.clone() },
+                None => t.member_checks.push(c.clone()),
+            }
+        });
+        Ok(())
+    }
+
+    fn member_checks(
+        &self,
+        conversation: Option<&ConversationId>,
+        state: &str,
+    ) -> Result<Vec<MemberCheck>, ClientError> {
+        Ok(self.with(|t| {
+            t.member_checks
+                .iter()
+                .filter(|m| m.state == state && conversation.is_none_or(|c| m.conversation == *c))
+                .cloned()
+                .collect()
+        }))
+    }
+
+    fn set_member_check(
+        &mut self,
+        conversation: &ConversationId,
+        handle: &str,
+        device: &str,
+        state: &str,
+        why: &str,
+    ) -> Result<(), ClientError> {
+        self.with(|t| {
+            for m in t
+                .member_checks
+                .iter_mut()
+                .filter(|m| m.conversation == *conversation && m.handle == handle && m.device == device)
+            {
+                m.state = state.to_string();
+                m.why = why.to_string();
+            }
+        });
+        Ok(())
+    }
+
+    fn drop_member_check(
+        &mut self,
+        conversation: &ConversationId,
+        handle: &str,
+        device: Option<&str>,
+    ) -> Result<usize, ClientError> {
+        Ok(self.with(|t| {
+            let before = t.member_checks.len();
+            t.member_checks.retain(|m| {
+                !(m.conversation == *conversation && m.handle == handle && device.is_none_or(|d| m.device == d))
+            });
+            before - t.member_checks.len()
+        }))
+    }
+
+    fn drop_refused_conversation(&mut self, id: &ConversationId) -> Result<(), ClientError> {
+        self.with(|t| {
+            t.messages.retain(|_, m| m.conversation != id.0);
+            t.member_checks.retain(|m| m.conversation != *id);
+            t.seq_in.retain(|(c, _), _| *c != id.0);
+        });
+        self.forget_conversation(id)
+    }
+
+    fn forget_conversation(&mut self, id: &ConversationId) -> Result<(), ClientError> {
+        self.with(|t| t.forget_conversation(&id.0));
+        Ok(())
+    }
+
+    fn direct_conversation(&self, peer: &str) -> Result<Option<ConversationId>, ClientError> {
+        Ok(self.with(|t| {
+            t.conversations
+                .iter()
+                .filter(|c| c.row.kind == "direct" && c.row.peer.as_deref() == Some(peer) && c.row.active)
+                .max_by_key(|c| (c.last_activity, c.created_at))
+                .map(|c| c.row.id)
+        }))
+    }
+
+    fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationRow>, ClientError> {
+        Ok(self.with(|t| t.conversation(&id.0).map(|c| c.row.clone())))
+    }
+
+    fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        Ok(self.with(|t| t.conversations_where(|c| c.kind == "direct" && c.peer.as_deref() == Some(peer))))
+    }
+
+    fn conversations_by_prefix(&self, prefix: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let prefix = prefix.to_ascii_lowercase();
+        Ok(self.with(|t| t.conversations_where(|c| c.id.to_hex().starts_with(&prefix))))
+    }
+
+    fn groups_named(&self, name: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        let mut v = self.with(|t| t.conversations_where(|c| c.kind == "group" && c.name == name));
+        v.sort_by_key(|c| !c.active);
+        Ok(v)
+    }
+
+    fn group_rows(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        Ok(self.with(|t| t.conversations_where(|c| c.kind == "group")))
+    }
+
+    fn active_conversations(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        Ok(self.with(|t| t.conversations_where(|c| c.active)))
+    }
+
+    fn set_conversation_name(&mut self, id: &ConversationId, name: &str) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *id) {
+                c.row.name = name.to_string();
+            }
+        });
+        Ok(())
+    }
+
+    fn deactivate_conversation(&mut self, id: &ConversationId) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *id) {
+                c.row.active = false;
+            }
+            t.groups.remove(id.0.as_slice());
+            t.epochs.retain(|(g, _), _| g.as_slice() != id.0.as_slice());
+        });
+        Ok(())
+    }
+
+    fn key_update_state(&self, conversation: &ConversationId) -> Result<(u64, u64), ClientError> {
+        Ok(self.with(|t| t.key_updates.get(&conversation.0).copied().unwrap_or((0, 0))))
+    }
+
+    fn note_sent(&mut self, conversation: &ConversationId) -> Result<(), ClientError> {
+        self.with(|t| t.key_updates.entry(conversation.0).or_insert((0, 0)).1 += 1);
+        Ok(())
+    }
+
+    fn note_own_update(&mut self, conversation: &ConversationId, at_ms: u64) -> Result<(), ClientError> {
+        self.with(|t| t.key_updates.insert(conversation.0, (at_ms, 0)));
+        Ok(())
+    }
+
+    fn note_member_update(
+        &mut self,
+        conversation: &ConversationId,
+        device: &DeviceAddress,
+        at_ms: u64,
+    ) -> Result<(), ClientError> {
+        self.with(|t| {
+            let at = t.member_updates.entry((conversation.0, device.to_string())).or_insert(at_ms);
+            *at = (*at).max(at_ms);
+        });
+        Ok(())
+    }
+
+    fn member_update(&self, conversation: &ConversationId, device: &DeviceAddress) -> Result<Option<u64>, ClientError> {
+        Ok(self.with(|t| t.member_updates.get(&(conversation.0, device.to_string())).copied()))
+    }
+}
+
+impl History for MemTx<'_> {
+    fn next_seq(&mut self, conversation: &ConversationId) -> Result<u64, ClientError> {
+        Ok(self.with(|t| {
+            let last = t.seq_out.entry(conversation.0).or_insert(0);
+            *last += 1;
+            *last
+        }))
+    }
+
+    fn release_seq(&mut self, conversation: &ConversationId, seq: u64) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(last) = t.seq_out.get_mut(&conversation.0).filter(|l| **l == seq) {
+                *last -= 1;
+            }
+        });
+        Ok(())
+    }
+
+    fn arrived_seq(
+        &mut self,
+        conversation: &ConversationId,
+        device: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, ClientError> {
+        Ok(self.with(|t| {
+            let last = t.seq_in.get(&(conversation.0, device.to_string())).copied().unwrap_or(0);
+            if seq <= last {
+                return None;
+            }
+            t.seq_in.insert((conversation.0, device.to_string()), seq);
+            Some(seq - last - 1)
+        }))
+    }
+
+    fn insert_message(
+        &mut self,
+        m: &StoredMessage,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        seen: bool,
+    ) -> Result<bool, ClientError> {
+        Ok(self.with(|t| {
+            if t.messages.values().any(|r| r.conversation == conversation.0 && r.message_id == message_id) {
+                return false;
+            }
+            t.next_message += 1;
+            t.messages.insert(
+                t.next_message,
+                MessageRec {
+                    conversation: conversation.0,
+                    message_id: message_id.to_vec(),
+                    from: m.from.clone(),
+                    device: m.device.clone(),
+                    sent_at: m.sent_at,
+                    received_at: m.received_at,
+                    text: m.text.clone(),
+                    outgoing: m.outgoing,
+                    system: m.system,
+                    seen,
+                    state: m.state,
+                    reason: None,
+                },
+            );
+            if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *conversation) {
+                c.last_activity = m.received_at;
+            }
+            true
+        }))
+    }
+
+    fn delete_message(&mut self, conversation: &ConversationId, message_id: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| t.messages.retain(|_, m| !(m.conversation == conversation.0 && m.message_id == message_id)));
+        Ok(())
+    }
+
+    fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {
+        Ok(self.with(|t| {
+            let mut out: Vec<(u64, StoredMessage)> = Vec::new();
+            for c in conversations {
+                for (seq, m) in t.messages.iter().filter(|(_, m)| m.conversation == c.id.0) {
+                    out.push((*seq, stored(m, c)));
+                }
+            }
+            out.sort_by_key(|(seq, _)| *seq);
+            out.into_iter().map(|(_, m)| m).collect()
+        }))
+    }
+
+    fn take_unseen(&mut self) -> Result<Vec<StoredMessage>, ClientError> {
+        self.with(|t| {
+            let mut out = Vec::new();
+            let unseen: Vec<u64> = t.messages.iter().filter(|(_, m)| !m.seen).map(|(s, _)| *s).collect();
+            for seq in unseen {
+                let Some(m) = t.messages.get(&seq) else { continue };
+                let row = t
+                    .conversation(&m.conversation)
+                    .ok_or_else(|| ClientError::Store("message of an unknown conversation".into()))?;
+                out.push(stored(m, &row.row));
+                if let Some(m) = t.messages.get_mut(&seq) {
+                    m.seen = true;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn is_processed(&self, digest: &[u8]) -> Result<bool, ClientError> {
+        Ok(self.with(|t| t.processed.contains(digest)))
+    }
+
+    fn mark_processed(&mut self, digest: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| t.processed.insert(digest.to_vec()));
+        Ok(())
+    }
+
+    fn set_message_state(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        state: MessageState,
+        reason: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.with(|t| {
+            for m in t.messages.values_mut().filter(|m| m.conversation == conversation.0 && m.message_id == message_id)
+            {
+                m.state = Some(state);
+                m.reason = reason.map(str::to_string);
+            }
+        });
+        Ok(())
+    }
+
+    fn message(&self, conversation: &ConversationId, message_id: &[u8]) -> Result<Option<StoredMessage>, ClientError> {
+        Ok(self.with(|t| {
+            let row = t.conversation(&conversation.0)?;
+            t.messages
+                .values()
+                .find(|m| m.conversation == conversation.0 && m.message_id == message_id)
+                .map(|m| stored(m, &row.row))
+        }))
+    }
+}
+
+impl Outbox for MemTx<'_> {
+    fn push_outbox_request(&mut self, send_id: &[u8; 16], request: &[u8]) -> Result<(), ClientError> {
+        self.push(QueuedSend {
+            id: 0,
+            send_id: *send_id,
+            message: None,
+            content: None,
+            request: Some(request.to_vec()),
+        })
+    }
+
+    fn push_outbox(
+        &mut self,
+        send_id: &[u8; 16],
+        conversation: &ConversationId,
+        message_id: &[u8; 16],
+        content: &[u8],
+    ) -> Result<(), ClientError> {
+        self.push(QueuedSend {
+            id: 0,
+            send_id: *send_id,
+            message: Some((*conversation, *message_id)),
+            content: Some(content.to_vec()),
+            request: None,
+        })
+    }
+
+    fn outbox(&self) -> Result<Vec<QueuedSend>, ClientError> {
+        Ok(self.with(|t| t.outbox.values().cloned().collect()))
+    }
+
+    fn outbox_row(&self, id: i64) -> Result<Option<QueuedSend>, ClientError> {
+        Ok(self.with(|t| t.outbox.get(&id).cloned()))
+    }
+
+    fn outbox_is_empty(&self) -> Result<bool, ClientError> {
+        Ok(self.with(|t| t.outbox.is_empty()))
+    }
+
+    fn set_outbox_request(&mut self, id: i64, request: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(q) = t.outbox.get_mut(&id) {
+                q.request = Some(request.to_vec());
+            }
+        });
+        Ok(())
+    }
+
+    fn pop_outbox(&mut self, id: i64) -> Result<(), ClientError> {
+        self.with(|t| t.outbox.remove(&id));
+        Ok(())
+    }
+
+    fn put_pending_commit(&mut self, p: &PendingCommit) -> Result<(), ClientError> {
+        self.with(|t| {
+            // As `INSERT OR REPLACE`: a replaced row goes to the end.
+            t.pending_commits.retain(|q| q.conversation != p.conversation);
+            t.pending_commits.push(p.clone());
+        });
+        Ok(())
+    }
+
+    fn pending_commit(&self, conversation: &ConversationId) -> Result<Option<PendingCommit>, ClientError> {
+        Ok(self.with(|t| t.pending_commits.iter().find(|p| p.conversation == *conversation).cloned()))
+    }
+
+    fn pending_commit_conversations(&self) -> Result<Vec<ConversationId>, ClientError> {
+        Ok(self.with(|t| t.pending_commits.iter().map(|p| p.conversation).collect()))
+    }
+
+    fn delete_pending_commit(&mut self, conversation: &ConversationId) -> Result<(), ClientError> {
+        self.with(|t| t.pending_commits.retain(|p| p.conversation != *conversation));
+        Ok(())
+    }
+}
+
+impl MemTx<'_> {
+    fn push(&mut self, mut q: QueuedSend) -> Result<(), ClientError> {
+        self.with(|t| {
+            if t.outbox.values().any(|o| o.send_id == q.send_id) {
+                return Err(ClientError::Store("outbox: send id used twice".into()));
+            }
+            t.next_outbox += 1;
+            q.id = t.next_outbox;
+            t.outbox.insert(q.id, q);
+            Ok(())
+        })
+    }
+}
+
+impl MlsState for MemTx<'_> {
+    fn mark_newest_key_package_last_resort(&mut self) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(k) = t.key_packages.last_mut() {
+                k.last_resort = true;
+            }
+        });
+        Ok(())
+    }
+
+    fn erase_key_packages_before(&mut self, cutoff_ms: u64) -> Result<usize, ClientError> {
+        Ok(self.with(|t| {
+            let before = t.key_packages.len();
+            t.key_packages.retain(|k| k.created_at >= cutoff_ms);
+            let n = before - t.key_packages.len();
+            if let Some(newest) = t.key_packages.iter().rposition(|k| k.last_resort) {
+                for (i, k) in t.key_packages.iter_mut().enumerate() {
+                    k.last_resort = k.last_resort && i == newest;
+                }
+            }
+            n
+        }))
+    }
+
+    fn group_state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        Ok(self.with(|t| t.groups.get(group_id).cloned()))
+    }
+
+    fn group_epoch(&self, group_id: &[u8], epoch: u64) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        Ok(self.with(|t| t.epochs.get(&(group_id.to_vec(), epoch)).cloned()))
+    }
+
+    fn max_group_epoch(&self, group_id: &[u8]) -> Result<Option<u64>, ClientError> {
+        Ok(self.with(|t| t.epochs.keys().filter(|(g, _)| g.as_slice() == group_id).map(|(_, e)| *e).max()))
+    }
+
+    fn put_group_state(&mut self, group_id: &[u8], state: &[u8], epochs: &[(u64, &[u8])]) -> Result<(), ClientError> {
+        let id = Conv::try_from(group_id).ok();
+        self.with(|t| {
+            t.groups.insert(group_id.to_vec(), Zeroizing::new(state.to_vec()));
+            if let Some(id) = id {
+                t.known.insert(id, false);
+            }
+            for (epoch, data) in epochs {
+                t.epochs.insert((group_id.to_vec(), *epoch), Zeroizing::new(data.to_vec()));
+            }
+            let newest = t.epochs.keys().filter(|(g, _)| g.as_slice() == group_id).map(|(_, e)| *e).max();
+            if let Some(newest) = newest {
+                t.epochs.retain(|(g, e), _| g.as_slice() != group_id || *e + EPOCHS_KEPT > newest);
+            }
+        });
+        Ok(())
+    }
+
+    fn key_package(&self, id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        Ok(self.with(|t| t.key_packages.iter().find(|k| k.id == id).map(|k| k.data.clone())))
+    }
+
+    fn put_key_package(&mut self, id: &[u8], data: &[u8]) -> Result<(), ClientError> {
+        let now = now_ms();
+        self.with(|t| match t.key_packages.iter_mut().find(|k| k.id == id) {
+            Some(k) => k.data = Zeroizing::new(data.to_vec()),
+            None => t.key_packages.push(KeyPackageRow {
+                id: id.to_vec(),
+                data: Zeroizing::new(data.to_vec()),
+                last_resort: false,
+                created_at: now,
+            }),
+        });
+        Ok(())
+    }
+
+    fn delete_key_package(&mut self, id: &[u8]) -> Result<(), ClientError> {
+        self.with(|t| t.key_packages.retain(|k| k.id != id || k.last_resort));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conformance;
+    use super::*;
+
+    macro_rules! conformance_tests {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    conformance::$name(Store::memory());
+                }
+            )*
+        };
+    }
+
+    conformance::with_behaviours!(conformance_tests);
+}
