@@ -73,6 +73,9 @@ pub fn meta_round_trip(store: Store) {
     store.write(|tx| tx.set_meta("k", b"one")).expect("set");
     store.write(|tx| tx.set_meta("k", b"two")).expect("replace");
     assert_eq!(store.read(|tx| tx.meta("k")).expect("read").map(|v| v.to_vec()), Some(b"two".to_vec()));
+    store.write(|tx| tx.delete_meta("k")).expect("delete");
+    assert_eq!(store.read(|tx| tx.meta("k")).expect("read").map(|v| v.to_vec()), None);
+    store.write(|tx| tx.delete_meta("never set")).expect("deleting nothing is fine");
 }
 
 pub fn contacts_are_pinned_once_and_key_changes_are_remembered(store: Store) {
