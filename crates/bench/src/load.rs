@@ -55,15 +55,15 @@ pub struct ServerOptions {
 }
 
 /// A `subrosa-server` child process with a temporary data directory.
-struct SpawnedServer {
+pub(crate) struct SpawnedServer {
     child: tokio::process::Child,
-    url: String,
+    pub(crate) url: String,
     // Deleted when the run ends.
     _dir: tempfile::TempDir,
 }
 
 impl SpawnedServer {
-    async fn start(o: &ServerOptions) -> anyhow::Result<Self> {
+    pub(crate) async fn start(o: &ServerOptions) -> anyhow::Result<Self> {
         let bin = match &o.server_bin {
             Some(b) => b.clone(),
             None => std::env::current_exe().context("cannot find this binary")?.with_file_name("subrosa-server"),
@@ -110,7 +110,7 @@ impl SpawnedServer {
         Ok(SpawnedServer { url: url.trim_end_matches('/').to_owned(), child, _dir: dir })
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             // Graceful: SIGTERM through kill(1), as `unsafe` is not allowed here.
             let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;

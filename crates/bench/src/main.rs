@@ -8,7 +8,12 @@
 //! cargo run --release -p subrosa-bench -- throughput [--pairs 50] [--messages-per-pair 40] [--server URL]
 //! cargo run --release -p subrosa-bench -- kt-publish [--handles 10000] [--batch 10000] [--samples 50]
 //! cargo run --release -p subrosa-bench -- media      [--frames 5000]
+//! cargo build --release -p subrosa-cli -p subrosa-server && cargo run --release -p subrosa-bench -- coldstart [--sends 15]
 //! ```
+//!
+//! - `coldstart`: whole-process wall and CPU time of a cold `subrosa send`
+//!   over a real server process, with the session key cache beside the
+//!   baseline without it (see `coldstart.rs`).
 //!
 //! - `crypto`: messages per second for encrypt + decrypt of one message of
 //!   `--size` bytes, in five rows measured in the same run: (a) raw
@@ -53,6 +58,7 @@
 //! on a multi-threaded tokio runtime, so on a small machine the server and
 //! the clients compete for the same cores; the header of each run says so.
 
+mod coldstart;
 mod compare;
 mod crypto;
 mod groups;
@@ -176,6 +182,14 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         frames: usize,
     },
+    /// Whole-process time of a cold `subrosa send`, with the session key cache and without (the baseline).
+    Coldstart {
+        /// Timed processes per row.
+        #[arg(long, default_value_t = 15)]
+        sends: usize,
+        #[command(flatten)]
+        server: load::ServerOptions,
+    },
     /// Key-directory publish time, proof sizes and verification times.
     KtPublish {
         /// Handles in the directory.
@@ -267,6 +281,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Media { frames } => {
             anyhow::ensure!(frames >= 10, "--frames must be at least 10");
             media::run(frames)
+        }
+        Command::Coldstart { sends, server } => {
+            anyhow::ensure!(sends > 0, "--sends must be at least 1");
+            anyhow::ensure!(server.server.is_none(), "coldstart spawns its own server: --server is not supported");
+            runtime()?.block_on(coldstart::run(sends, &server))
         }
         Command::KtPublish { handles, batch, samples } => {
             anyhow::ensure!(handles >= 100, "--handles must be at least 100");

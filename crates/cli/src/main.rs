@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
+use subrosa_client::keycache::{CachePolicy, KeyCache};
 use subrosa_client::{ClientError, FailedSend, MessageState, Received, StoredMessage, Subrosa};
 use term::{safe, safe_message};
 use zeroize::Zeroizing;
@@ -34,6 +35,12 @@ struct Cli {
     /// The device's home directory [default: $SUBROSA_HOME, else ~/.local/share/subrosa].
     #[arg(long, global = true, env = "SUBROSA_HOME", hide_env_values = true)]
     home: Option<PathBuf>,
+    /// How long the key derived from the passphrase stays cached in the
+    /// session's kernel keyring, so the next commands need neither the
+    /// passphrase nor the 30 ms to derive it: seconds, or 15m, 1h; `off`
+    /// neither caches nor uses a cached key. `subrosa lock` drops it.
+    #[arg(long, global = true, env = "SUBROSA_KEY_CACHE", value_name = "TIME|off", default_value = "15m")]
+    key_cache: CachePolicy,
     #[command(subcommand)]
     command: Command,
 }
@@ -154,6 +161,9 @@ enum Command {
     },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
+    /// Drop this device's store key from the session's key cache now: the
+    /// next command needs the passphrase again.
+    Lock,
     /// List security alerts (key-directory forks, misbehaving members, ghost
     /// devices), export a fork's proof, or clear them.
     Alerts {
@@ -540,11 +550,28 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             out!("registered {} (device {}) on {}", me.handle(), me.identity().device_id(), me.server());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lock => {
+            let home = home(&cli.home)?;
+            if KeyCache::for_home(&home, cli.key_cache).forget() {
+                out!("locked: the store key is no longer cached; the next command needs the passphrase");
+            } else {
+                out!("nothing to lock: no store key of {} is cached in this session", home.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         command => {
             let home = home(&cli.home)?;
-            let pass = passphrase(env_passphrase, false)?;
-            let me = Subrosa::open(&home, &pass)?;
-            drop(pass);
+            let cache = KeyCache::for_home(&home, cli.key_cache);
+            // A passphrase given is always checked (against the cached key's
+            // check value, else by deriving); none given, a cached key will do.
+            let store = match env_passphrase {
+                Some(pass) => cache.open_with_passphrase(&home, &pass)?,
+                None => match cache.open(&home)? {
+                    Some(store) => store,
+                    None => cache.open_with_passphrase(&home, &passphrase(None, false)?)?,
+                },
+            };
+            let me = Subrosa::from_store(&home, store)?;
             let result = run_opened(&me, command).await;
             // Queued sends the server refused, and security alerts raised
             // along the way (directory forks, ghost devices), are shown
@@ -743,7 +770,7 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
             let n = me.remove_device(&id).await?;
             out!("removed device {id} (from {n} conversations)");
         }
-        Command::Register { .. } | Command::Demo | Command::Audit { .. } => {
+        Command::Register { .. } | Command::Demo | Command::Audit { .. } | Command::Lock => {
             unreachable!("handled above")
         }
     }

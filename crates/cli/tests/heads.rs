@@ -124,6 +124,7 @@ fn fixture_run(home: &std::path::Path, args: &[&str]) -> std::process::Output {
         .arg(home)
         .args(args)
         .env("SUBROSA_PASSPHRASE", FIXTURE_PASS)
+        .env("SUBROSA_KEY_CACHE", "off")
         .env_remove("SUBROSA_HOME")
         .stdin(std::process::Stdio::null())
         .output()

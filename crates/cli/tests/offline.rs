@@ -440,6 +440,7 @@ fn a_home_of_the_first_wave_migrates_and_its_sent_messages_read_as_sent() {
         .arg(&home)
         .args(["history", "bob", "--json"])
         .env("SUBROSA_PASSPHRASE", "fixture passphrase")
+        .env("SUBROSA_KEY_CACHE", "off")
         .env_remove("SUBROSA_HOME")
         .stdin(std::process::Stdio::null())
         .output()

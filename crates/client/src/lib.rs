@@ -7,6 +7,7 @@
 
 mod conversations;
 mod devices;
+pub mod keycache;
 mod keys;
 pub mod kt;
 mod members;
@@ -283,7 +284,15 @@ impl Subrosa {
     /// # Errors
     /// [`ClientError::NotRegistered`], [`ClientError::WrongPassphrase`].
     pub fn open(home: &Path, passphrase: &str) -> Result<Self, ClientError> {
-        let store = Store::open(home, passphrase)?;
+        Self::from_store(home, Store::open(home, passphrase)?)
+    }
+
+    /// The device whose store in `home` is already open (e.g. with a key
+    /// from the session cache, [`keycache::KeyCache`]).
+    ///
+    /// # Errors
+    /// [`ClientError::NotRegistered`] when the store holds no device.
+    pub fn from_store(home: &Path, store: Store) -> Result<Self, ClientError> {
         let crypto = subrosa_core::default_crypto();
         let (secret, server) = store.read(|tx| Ok((tx.meta(META_IDENTITY)?, tx.meta(META_SERVER)?)))?;
         let secret = secret.ok_or_else(|| ClientError::NotRegistered(home.display().to_string()))?;

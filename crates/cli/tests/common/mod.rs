@@ -201,6 +201,9 @@ impl User {
             .arg(self.home())
             .args(args)
             .env("SUBROSA_PASSPHRASE", PASS)
+            // Each command derives its key, as before the session key cache:
+            // the tests of the cache (key_cache.rs) turn it on themselves.
+            .env("SUBROSA_KEY_CACHE", "off")
             .env_remove("SUBROSA_HOME")
             .stdin(Stdio::null());
         c

@@ -50,6 +50,7 @@ pub use sqlite::SqliteStore;
 
 /// MLS epochs kept per group, for late messages of earlier epochs.
 pub(crate) const EPOCHS_KEPT: u64 = 3;
+pub(crate) use sqlite::KDF_FILE;
 
 /// A member device whose keys the key directory has not confirmed yet
 /// (`state` "unchecked"), or contradicted ("contradicted").
@@ -933,6 +934,26 @@ impl Store {
     /// [`ClientError::WrongPassphrase`] when the passphrase does not open it.
     pub fn open(home: &std::path::Path, passphrase: &str) -> Result<Self, ClientError> {
         Ok(Self::new(SqliteStore::open(home, passphrase)?))
+    }
+
+    /// The key of the store in `home` derived from `passphrase` (Argon2id
+    /// with the parameters in `kdf.json`: the slow part of opening). Not
+    /// checked here: [`Store::open_with_derived_key`] tells a wrong one.
+    ///
+    /// # Errors
+    /// [`ClientError::NotRegistered`] when there is no store, or a damaged `kdf.json`.
+    pub fn derive_key(home: &std::path::Path, passphrase: &str) -> Result<Zeroizing<[u8; 32]>, ClientError> {
+        SqliteStore::derive_key(home, passphrase)
+    }
+
+    /// Opens the store in `home` with a key from [`Store::derive_key`]
+    /// (possibly one cached for the session, see [`crate::keycache`]).
+    ///
+    /// # Errors
+    /// [`ClientError::NotRegistered`] when there is none,
+    /// [`ClientError::WrongPassphrase`] when the key does not open it.
+    pub fn open_with_derived_key(home: &std::path::Path, key: &[u8; 32]) -> Result<Self, ClientError> {
+        Ok(Self::new(SqliteStore::open_with_derived_key(home, key)?))
     }
 
     /// Removes a store that was being created when its command failed, and

@@ -24,7 +24,7 @@ use super::*;
 use crate::ClientError;
 
 const DB_FILE: &str = "subrosa.db";
-const KDF_FILE: &str = "kdf.json";
+pub(crate) const KDF_FILE: &str = "kdf.json";
 
 /// Argon2id parameters, stored beside the database.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -288,14 +288,38 @@ impl SqliteStore {
     /// [`ClientError::NotRegistered`] when there is none,
     /// [`ClientError::WrongPassphrase`] when the passphrase does not open it.
     pub fn open(home: &Path, passphrase: &str) -> Result<Self, ClientError> {
+        let key = Self::derive_key(home, passphrase)?;
+        Self::open_with_derived_key(home, &key)
+    }
+
+    /// The key of the store in `home` derived from `passphrase` (Argon2id
+    /// with the parameters in `kdf.json`: the slow part of opening). Not
+    /// checked here: [`SqliteStore::open_with_derived_key`] tells a wrong one.
+    ///
+    /// # Errors
+    /// [`ClientError::NotRegistered`] when there is no store, or a damaged `kdf.json`.
+    pub fn derive_key(home: &Path, passphrase: &str) -> Result<Zeroizing<[u8; 32]>, ClientError> {
         if !Self::exists(home) {
             return Err(ClientError::NotRegistered(home.display().to_string()));
         }
         let raw = std::fs::read(home.join(KDF_FILE)).map_err(|e| ClientError::Io(format!("kdf.json: {e}")))?;
         let kdf: KdfParams =
             serde_json::from_slice(&raw).map_err(|_| ClientError::Store("kdf.json is damaged".into()))?;
-        let key = kdf.derive(passphrase)?;
-        let store = Self::open_with_key(home, &key)?;
+        kdf.derive(passphrase)
+    }
+
+    /// Opens the store in `home` with a key from [`SqliteStore::derive_key`]
+    /// (possibly one cached for the session, see [`crate::keycache`]).
+    ///
+    /// # Errors
+    /// [`ClientError::NotRegistered`] when there is none,
+    /// [`ClientError::WrongPassphrase`] when the key does not open it
+    /// (nothing is changed then).
+    pub fn open_with_derived_key(home: &Path, key: &[u8; 32]) -> Result<Self, ClientError> {
+        if !Self::exists(home) {
+            return Err(ClientError::NotRegistered(home.display().to_string()));
+        }
+        let store = Self::open_with_key(home, key)?;
         store.migrate()?;
         Ok(store)
     }
