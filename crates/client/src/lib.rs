@@ -1087,15 +1087,25 @@ impl Subrosa {
                 // directory like an added one; a new identity key for a
                 // contact is a key change, shown as such.
                 let mut changed_flags = Vec::new();
-                for m in &updated {
+                for (old, m) in &updated {
                     if m.address.handle == me {
                         if !self.is_own_identity_key_in(&*tx, &m.identity_key)? {
                             changed_flags.push((m, "a device of this account is certified by another identity key"));
                         }
                     } else if let Some(pinned) = tx.contact_key(m.address.handle.as_str())? {
                         if pinned != m.identity_key {
-                            tx.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
-                            self.key_change_lines(tx, &m.address.handle)?;
+                            // Only a device the pinned key had certified may
+                            // carry its account to a new key (a rotation);
+                            // any other device (one already flagged, say,
+                            // added by another member) changes nothing and
+                            // is flagged again.
+                            if old.identity_key == pinned {
+                                tx.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
+                                self.key_change_lines(tx, &m.address.handle)?;
+                            } else {
+                                changed_flags
+                                    .push((m, "a device not certified by the identity key pinned for its account"));
+                            }
                         }
                     }
                 }
@@ -1104,7 +1114,10 @@ impl Subrosa {
                     &conversation,
                     by,
                     false,
-                    updated.iter().filter(|m| !changed_flags.iter().any(|(f, _)| f.address == m.address)),
+                    updated
+                        .iter()
+                        .map(|(_, m)| m)
+                        .filter(|m| !changed_flags.iter().any(|(f, _)| f.address == m.address)),
                 )?;
                 // The commit is applied whatever it adds, so this device stays
                 // in step with the epoch; a device certified by another key

@@ -182,10 +182,11 @@ pub enum Event {
         left: Vec<DeviceAddress>,
         /// The new kind and name, when the commit changed them.
         renamed: Option<ConversationInfo>,
-        /// Devices still in the conversation whose keys changed: a new
-        /// signature key or a certificate by a new identity key (the
-        /// committer's own leaf, when it changed its credential).
-        updated: Vec<MemberInfo>,
+        /// Devices still in the conversation whose keys changed, as
+        /// `(before, after)`: a new signature key or a certificate by a new
+        /// identity key (the committer's own leaf, when it changed its
+        /// credential). `before` says which key vouched for the device.
+        updated: Vec<(MemberInfo, MemberInfo)>,
     },
     /// A member proposed to leave; some member must commit it
     /// ([`Engine::commit_pending`]).
@@ -719,12 +720,15 @@ where
                 let added = after.iter().filter(|m| !before.iter().any(|b| b.address == m.address)).cloned().collect();
                 let updated = after
                     .iter()
-                    .filter(|m| {
-                        before.iter().any(|b| {
-                            b.address == m.address && (b.identity_key != m.identity_key || b.device_key != m.device_key)
-                        })
+                    .filter_map(|m| {
+                        before
+                            .iter()
+                            .find(|b| {
+                                b.address == m.address
+                                    && (b.identity_key != m.identity_key || b.device_key != m.device_key)
+                            })
+                            .map(|b| (b.clone(), m.clone()))
                     })
-                    .cloned()
                     .collect();
                 let me = self.identity().address();
                 let removed = if removed_self {
@@ -902,6 +906,39 @@ mod tests {
         tampered[n - 20] ^= 0x01;
         assert!(alice.process(&out.conversation, &tampered).is_err());
         assert_eq!(text(&alice.process(&out.conversation, &reply).expect("decrypt")).as_deref(), Some("hi alice"));
+    }
+
+    /// A device's new credential reaches the others as an update that says
+    /// what the device carried before (which key vouched for it), and a new
+    /// credential for another device is refused.
+    #[test]
+    fn a_credential_update_names_the_keys_before_and_after() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let out = alice
+            .create_conversation(&ConversationInfo::direct(), &[bob.generate_key_package().expect("kp")])
+            .expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        bob.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        let conv = out.conversation;
+
+        assert!(alice.update_credential(&conv, &bob.identity()).is_err(), "another device's credential");
+        let before = alice.identity();
+        let rotated = before.with_new_identity_key(alice.crypto(), 2).expect("rotate");
+        assert!(!alice.leaf_is(&conv, &rotated).expect("leaf"));
+        let commit = alice.update_credential(&conv, &rotated).expect("stage");
+        alice.confirm_commit(&conv).expect("confirm");
+        assert!(alice.leaf_is(&conv, &rotated).expect("leaf"));
+        match bob.process(&conv, &commit.commit).expect("process") {
+            Event::Commit { updated, .. } => {
+                assert_eq!(updated.len(), 1);
+                let (old, new) = &updated[0];
+                assert_eq!(old.identity_key, before.identity_public());
+                assert_eq!(new.identity_key, rotated.identity_public());
+                assert_eq!(new.address, before.address());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]
