@@ -330,15 +330,22 @@ impl Subrosa {
             identity_secret: new.identity_secret_bytes(),
             certificates: update.devices.iter().map(|d| (d.device_id.0, d.certificate.as_slice().to_vec())).collect(),
         };
+        self.post_content_now(conversation, Body::IdentityKey(handover), None).await
+    }
+
+    /// Encrypts `body` at the conversation's current epoch (numbered in this
+    /// device's sequence, the ratchet state stored before anything leaves)
+    /// and posts it at once, outside the outbox and history: for content the
+    /// user never sees, such as an identity key handover.
+    pub(crate) async fn post_content_now(
+        &self,
+        conversation: ConversationId,
+        body: Body,
+        kt_head: Option<Vec<u8>>,
+    ) -> Result<(), ClientError> {
         let request = self.store.write(|tx| {
             let seq = tx.next_seq(&conversation)?;
-            let content = Content {
-                message_id: MessageId(rand::random()),
-                sent_at_ms: now_ms(),
-                body: Body::IdentityKey(handover.clone()),
-                seq,
-                kt_head: None,
-            };
+            let content = Content { message_id: MessageId(rand::random()), sent_at_ms: now_ms(), body, seq, kt_head };
             let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
             Ok(SendRequest {
                 conversation,

@@ -2,11 +2,8 @@
 //! misbehaving or newer sender, built from the library, for end-to-end tests
 //! that drive the real binaries as the receivers.
 
-use reqwest::Method;
-use subrosa_core::content::{Body, Content};
-use subrosa_proto::{MessageId, MessageKind, SendId, SendPart, SendRequest, SendResponse, B64};
+use subrosa_core::content::Body;
 
-use crate::store::now_ms;
 use crate::{ClientError, Subrosa};
 
 impl Subrosa {
@@ -22,19 +19,7 @@ impl Subrosa {
             .store
             .read(|tx| tx.direct_conversation(peer))?
             .ok_or_else(|| ClientError::UnknownTarget(peer.to_string()))?;
-        let request = self.store.write(|tx| {
-            let seq = tx.next_seq(&conversation)?;
-            let content = Content { message_id: MessageId(rand::random()), sent_at_ms: now_ms(), body, seq, kt_head };
-            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
-            Ok(SendRequest {
-                conversation,
-                send_id: SendId(rand::random()),
-                commit: None,
-                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
-            })
-        })?;
-        let _: SendResponse = self.api.call(Method::POST, "/v1/messages", Some(&request)).await?;
-        Ok(())
+        self.post_content_now(conversation, body, kt_head).await
     }
 
     /// The newest signed directory head this device holds (what it gossips).
