@@ -382,6 +382,15 @@ impl Subrosa {
         if h.identity_public == me.identity_public() {
             return Ok(());
         }
+        // This device's own rotation is stored and not yet published: the
+        // two would race for the directory. Keep ours; say so.
+        if tx.meta(META_PENDING_KEY_SET)?.is_some() {
+            return tx.add_alert(&format!(
+                "your device {} sent a new identity key while this device was rotating it too; this device's \
+                 rotation goes on and the other key was ignored",
+                from.device.to_hex()
+            ));
+        }
         let Some((_, certificate)) = h.certificates.iter().find(|(d, _)| *d == me.device_id().0) else {
             return tx.add_alert(&format!(
                 "your device {} sent a new identity key without a certificate for this device; it was ignored",
