@@ -12,7 +12,7 @@ use mls_rs::identity::SigningIdentity;
 use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
 use mls_rs::{CipherSuite, CipherSuiteProvider as _, Client, CryptoProvider as _, ExtensionList, MlsMessage};
 use mls_rs_crypto_awslc::AwsLcCryptoProvider;
-use subrosa_client::store::{GroupStore, KeyPackageStore, Store};
+use subrosa_client::store::{GroupStore, KeyPackageStore, OnDisk, Store};
 use subrosa_client::ClientError;
 use subrosa_core::content::{Body, Content};
 use subrosa_core::{ConversationInfo, DeviceIdentity, Engine, Event};

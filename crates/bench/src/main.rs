@@ -4,12 +4,18 @@
 //!
 //! ```text
 //! cargo run --release -p subrosa-bench -- crypto     [--iterations N] [--size 200] [--min-seconds 1] [--dir DIR]
+//! cargo run --release -p subrosa-bench -- catchup    [--direct 10000] [--group-members 100] [--group-messages 1000] [--dir DIR]
 //! cargo run --release -p subrosa-bench -- latency    [--messages 200] [--server URL]
 //! cargo run --release -p subrosa-bench -- throughput [--pairs 50] [--messages-per-pair 40] [--server URL]
 //! cargo run --release -p subrosa-bench -- kt-publish [--handles 10000] [--batch 10000] [--samples 50]
 //! cargo run --release -p subrosa-bench -- media      [--frames 5000]
 //! cargo build --release -p subrosa-cli -p subrosa-server && cargo run --release -p subrosa-bench -- coldstart [--sends 15]
 //! ```
+//!
+//! - `catchup`: decrypt-and-store msgs/s of a device coming online to
+//!   queued messages through the client session over SQLCipher, one
+//!   transaction per 500 envelopes beside the baseline of one per envelope
+//!   (see `catchup.rs`).
 //!
 //! - `coldstart`: whole-process wall and CPU time of a cold `subrosa send`
 //!   over a real server process, with the session key cache beside the
@@ -58,6 +64,7 @@
 //! on a multi-threaded tokio runtime, so on a small machine the server and
 //! the clients compete for the same cores; the header of each run says so.
 
+mod catchup;
 mod coldstart;
 mod compare;
 mod crypto;
@@ -98,6 +105,22 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         min_seconds: f64,
         /// Where the client stores of row (d) live (default: the system temp directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Catch-up: decrypt-and-store msgs/s of a device coming online to queued
+    /// messages, batched against one transaction per message.
+    Catchup {
+        /// Messages queued in a 1:1 conversation.
+        #[arg(long, default_value_t = 10_000)]
+        direct: usize,
+        /// Members of the group (at least 12: ten senders, two receivers).
+        #[arg(long, default_value_t = 100)]
+        group_members: usize,
+        /// Messages queued in the group.
+        #[arg(long, default_value_t = 1_000)]
+        group_messages: usize,
+        /// Where the stores live (default: the system temp directory).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -263,6 +286,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Xmpp { load, xmpp } => {
             load.check()?;
             runtime()?.block_on(xmpp::run(&load, &xmpp))
+        }
+        Command::Catchup { direct, group_members, group_messages, dir } => {
+            anyhow::ensure!(direct > 0 && group_messages > 0, "--direct and --group-messages must be at least 1");
+            anyhow::ensure!(group_members >= 12, "--group-members must be at least 12");
+            catchup::run(direct, group_members, group_messages, &dir.unwrap_or_else(std::env::temp_dir))
         }
         Command::Compare { subrosa, ejabberd } => compare::run(&subrosa, &ejabberd),
         Command::Groups { sizes, messages } => {

@@ -8,13 +8,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use subrosa_client::{Received, Subrosa};
+use subrosa_client::{Client, ClientEvent, Subrosa};
 use subrosa_server::{RunningServer, ServerConfig};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 /// Size of every message text, in bytes.
@@ -104,54 +103,52 @@ enum Delivery {
     Ended { who: String, error: String },
 }
 
-/// A receiver following on its own thread.
+/// A receiver following through its shared client handle, on a task of
+/// the benchmark's runtime (no thread of its own): one subscriber to the
+/// handle's events forwards the deliveries.
 struct Follower {
-    stop: oneshot::Sender<()>,
-    thread: JoinHandle<()>,
+    running: tokio::task::JoinHandle<Result<(), subrosa_client::ClientError>>,
+    forward: tokio::task::JoinHandle<()>,
 }
 
 impl Follower {
     fn spawn(who: String, device: Subrosa, tx: mpsc::UnboundedSender<Delivery>) -> anyhow::Result<Self> {
-        let (stop, stop_rx) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("follow-{who}"))
-            .spawn(move || {
-                let result = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("cannot start a receiver runtime")
-                    .and_then(|rt| {
-                        let cb_tx = tx.clone();
-                        let mut on = move |r: &Received| {
-                            let at = Instant::now();
-                            match r {
-                                Received::Message(m) if !m.outgoing && !m.system => {
-                                    let _ = cb_tx.send(Delivery::Got { text: m.text.clone(), at });
-                                }
-                                Received::Dropped { reason, .. } => {
-                                    let _ = cb_tx.send(Delivery::Dropped { reason: reason.clone() });
-                                }
-                                Received::Message(_) | Received::Alert(_) | Received::Failed(_) => {}
-                            }
-                        };
-                        rt.block_on(async {
-                            tokio::select! {
-                                r = device.follow(&mut on) => r.context("follow failed"),
-                                _ = stop_rx => Ok(()),
-                            }
-                        })
-                    });
-                if let Err(e) = result {
-                    let _ = tx.send(Delivery::Ended { who, error: format!("{e:#}") });
+        let client = Client::new(device);
+        let mut events = client.events();
+        let running = client.spawn();
+        let forward = tokio::spawn(async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx.send(Delivery::Ended { who, error: format!("fell {n} events behind") });
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let at = Instant::now();
+                match event {
+                    ClientEvent::Message(m) if !m.outgoing => {
+                        let _ = tx.send(Delivery::Got { text: m.text, at });
+                    }
+                    ClientEvent::Dropped { reason, .. } => {
+                        let _ = tx.send(Delivery::Dropped { reason });
+                    }
+                    // A benchmark does not ride out a lost connection.
+                    ClientEvent::Disconnected { reason, .. } => {
+                        let _ = tx.send(Delivery::Ended { who, error: reason });
+                        return;
+                    }
+                    _ => {}
                 }
-            })
-            .context("cannot start a receiver thread")?;
-        Ok(Follower { stop, thread })
+            }
+        });
+        Ok(Follower { running, forward })
     }
 
     fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
+        self.running.abort();
+        self.forward.abort();
     }
 }
 

@@ -20,7 +20,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use subrosa_client::keycache::{CachePolicy, KeyCache};
-use subrosa_client::{ClientError, FailedSend, MessageState, Received, StoredMessage, Subrosa};
+use subrosa_client::{
+    Advice, Client, ClientError, ClientEvent, FailedSend, MessageState, Received, StoredMessage, Subrosa,
+};
 use term::{safe, safe_message};
 use zeroize::Zeroizing;
 
@@ -458,9 +460,68 @@ fn format_time(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// `receive --follow`: the handle stays connected (reconnecting by itself)
+/// and this prints its events as they come, until an error retrying
+/// cannot fix.
+async fn follow_events(client: &Client, json: bool) -> Result<ExitCode> {
+    let mut events = client.events();
+    let run = client.run();
+    tokio::pin!(run);
+    let show = |e: ClientEvent| match e {
+        ClientEvent::Message(m) | ClientEvent::System(m) => print_message(&m, json),
+        ClientEvent::Alert(a) => eprintln!("warning: {}", safe(&a)),
+        ClientEvent::SendFailed(f) => print_failed(&f),
+        ClientEvent::Dropped { from, reason } => eprintln!(
+            "warning: dropped a message from {} that could not be decrypted or authenticated: {}",
+            safe(&from),
+            safe(&reason)
+        ),
+        ClientEvent::Disconnected { reason, retry_in } => {
+            eprintln!("warning: {}; reconnecting in {:.1} s", safe(&reason), retry_in.as_secs_f64())
+        }
+        _ => {}
+    };
+    loop {
+        tokio::select! {
+            biased;
+            e = events.recv() => match e {
+                Ok(e) => show(e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("warning: {n} events were not shown (output too slow); `subrosa history` has every message");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+            },
+            r = &mut run => {
+                // What was published before it ended is shown first.
+                while let Ok(e) = events.try_recv() {
+                    show(e);
+                }
+                r?;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+}
+
+/// A system line as the command line says it: the session's neutral
+/// rendering, and the command that helps, when one does.
+fn with_advice(m: &StoredMessage) -> std::borrow::Cow<'_, StoredMessage> {
+    let advice = match m.event.as_ref().and_then(|e| e.advice()) {
+        Some(Advice::Verify { handle }) => format!(" (subrosa verify {handle})"),
+        Some(Advice::AcceptDevice { target, device }) => {
+            format!(" (subrosa accept-device {target} {device}, or remove it with subrosa group remove)")
+        }
+        _ => return std::borrow::Cow::Borrowed(m),
+    };
+    let mut m = m.clone();
+    m.text.push_str(&advice);
+    std::borrow::Cow::Owned(m)
+}
+
 /// One message, in plain text or as a JSON line; others' text made safe
 /// for the terminal either way (see `term`).
 fn print_message(m: &StoredMessage, json: bool) {
+    let m = &*with_advice(m);
     let mut out = std::io::stdout().lock();
     if json {
         if let Ok(line) = term::json_line(m) {
@@ -571,8 +632,9 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                     None => cache.open_with_passphrase(&home, &passphrase(None, false)?)?,
                 },
             };
-            let me = Subrosa::from_store(&home, store)?;
-            let result = run_opened(&me, command).await;
+            let client = Client::new(Subrosa::from_store(&home, store)?);
+            let result = run_opened(&client, command).await;
+            let me = client.device();
             // Queued sends the server refused, and security alerts raised
             // along the way (directory forks, ghost devices), are shown
             // whatever the command was and however it ended.
@@ -587,7 +649,8 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
     }
 }
 
-async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
+async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
+    let me = client.device();
     match command {
         Command::Send { target, text, accept_key_change } => {
             let m = me.send_text_with(&target, &text, accept_key_change).await?;
@@ -612,10 +675,7 @@ async fn run_opened(me: &Subrosa, command: Command) -> Result<ExitCode> {
                 }
             };
             if follow {
-                let mut retry = |e: &ClientError, wait: Duration| {
-                    eprintln!("warning: {}; reconnecting in {:.1} s", safe(&e.to_string()), wait.as_secs_f64());
-                };
-                me.follow_reconnecting(&mut on, &mut retry).await?;
+                return follow_events(client, json).await;
             } else {
                 me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
             }

@@ -163,7 +163,8 @@ fn homes_and_a_server_of_the_first_release_pin_the_head_key_on_first_use() {
     };
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     for home in [&alice, &bob] {
-        let store = subrosa_client::store::Store::open(home, FIXTURE_PASS).expect("the old home opens");
+        let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(home, FIXTURE_PASS)
+            .expect("the old home opens");
         store.set_meta("server_url", url.as_bytes()).expect("points at this run's server");
         assert!(store.meta("kt_head_key").expect("meta").is_none(), "nothing pinned before the upgrade");
     }
@@ -181,7 +182,8 @@ fn homes_and_a_server_of_the_first_release_pin_the_head_key_on_first_use() {
     for home in [&alice, &bob] {
         let out = fixture_run(home, &["alerts"]);
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no alerts");
-        let store = subrosa_client::store::Store::open(home, FIXTURE_PASS).expect("opens");
+        let store =
+            <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(home, FIXTURE_PASS).expect("opens");
         let pinned = store.meta("kt_head_key").expect("meta").expect("pinned on first use");
         assert_eq!(pinned.len(), 48);
     }
@@ -216,7 +218,7 @@ fn a_linked_device_gets_the_head_signing_key_from_the_approving_device() {
     alice.ok(&["link", "--accept", &code]);
     assert!(child.wait().expect("link ends").success());
     let key = |u: &User| {
-        subrosa_client::store::Store::open(&u.home(), PASS)
+        <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&u.home(), PASS)
             .expect("opens")
             .meta("kt_head_key")
             .expect("meta")

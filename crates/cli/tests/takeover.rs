@@ -503,7 +503,8 @@ fn a_store_made_by_the_first_wave_knows_every_conversation_id_it_held() {
         for f in ["kdf.json", "subrosa.db"] {
             std::fs::copy(fixtures.join(who).join(f), home.join(f)).expect("copy fixture");
         }
-        let store = subrosa_client::store::Store::open(&home, "fixture passphrase").expect("migrates");
+        let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&home, "fixture passphrase")
+            .expect("migrates");
         let mut rows = store.active_conversations().expect("conversations");
         rows.extend(store.group_rows().expect("groups"));
         assert!(!rows.is_empty(), "{who} holds conversations");

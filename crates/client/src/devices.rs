@@ -11,7 +11,7 @@ use subrosa_proto::{
     LinkApproveRequest, LinkCreateRequest, LinkCreated, LinkResponse, LinkSlot, B64,
 };
 
-use crate::store::{now_ms, Store, StoredMessage};
+use crate::store::{now_ms, OnDisk, Store, StoredMessage};
 use crate::{net, ClientError, Subrosa, KEY_PACKAGE_TARGET, META_IDENTITY, META_SERVER};
 
 /// How many recent messages per conversation a new device may be given.
@@ -128,7 +128,7 @@ impl Subrosa {
         if let Some(key) = granted.directory_key {
             me.pin_head_key(&crate::kt::HeadKey::from_bytes(&key)?)?;
         }
-        me.store.transaction(|| me.import_history(&history))?;
+        me.store().transaction(|| me.import_history(&history))?;
         me.upload_key_packages(KEY_PACKAGE_TARGET as usize, true).await?;
         Ok(me)
     }
@@ -139,7 +139,7 @@ impl Subrosa {
             let peer = (!it.peer.is_empty()).then_some(it.peer.as_str());
             // Known from the approving device's history only: the Welcome
             // that device sends for it is the one this device may join.
-            self.store.add_linked_conversation(&conv, &it.kind, &it.name, peer)?;
+            self.store().add_linked_conversation(&conv, &it.kind, &it.name, peer)?;
             let m = StoredMessage {
                 id: hex::encode(&it.message_id),
                 conversation: conv.to_hex(),
@@ -154,16 +154,17 @@ impl Subrosa {
                 system: it.system,
                 state: None,
                 reason: None,
+                event: None,
             };
-            self.store.insert_message(&m, &conv, &it.message_id, true)?;
+            self.store().insert_message(&m, &conv, &it.message_id, true)?;
         }
         Ok(())
     }
 
     fn recent_history(&self) -> Result<Vec<HistoryItem>, ClientError> {
         let mut out = Vec::new();
-        for row in self.store.active_conversations()? {
-            let msgs = self.store.history(std::slice::from_ref(&row))?;
+        for row in self.store().active_conversations()? {
+            let msgs = self.store().history(std::slice::from_ref(&row))?;
             let skip = msgs.len().saturating_sub(HISTORY_PER_CONVERSATION);
             for m in msgs.into_iter().skip(skip) {
                 out.push(HistoryItem {
@@ -207,7 +208,7 @@ impl Subrosa {
         let history = if request.with_history { self.recent_history()? } else { Vec::new() };
         let directory_key = self.kt_head_key().await?.to_bytes();
         let (grant, cert) = self.identity().grant_link_with(
-            self.engine.crypto(),
+            self.engine().crypto(),
             slot.request.as_slice(),
             history,
             now_ms(),
@@ -239,8 +240,8 @@ impl Subrosa {
         let address = DeviceAddress { handle: me.clone(), device };
         let deadline = Instant::now() + timeout;
         let mut added = 0;
-        for row in self.store.active_conversations()? {
-            if self.engine.members(&row.id)?.iter().any(|m| m.address == address) {
+        for row in self.store().active_conversations()? {
+            if self.engine().members(&row.id)?.iter().any(|m| m.address == address) {
                 continue;
             }
             let kp = loop {
@@ -256,7 +257,7 @@ impl Subrosa {
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             };
-            let change = crate::conversations::StagedChange::Add { key_packages: vec![B64(kp)] };
+            let change = subrosa_session::StagedChange::Add { key_packages: vec![B64(kp)] };
             if self.commit_with_retry(&row.id, change, Some("your new device joined".into())).await? {
                 added += 1;
             }
@@ -274,7 +275,7 @@ impl Subrosa {
         if handle == *self.handle() {
             return Err(ClientError::Input("a safety number is between you and someone else".into()));
         }
-        let key = match self.store.contact_key(handle.as_str())? {
+        let key = match self.store().contact_key(handle.as_str())? {
             Some(k) => k,
             None => {
                 let info: AccountInfo =
@@ -285,7 +286,7 @@ impl Subrosa {
                         },
                     )?;
                 self.kt_verify(&handle, info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await?;
-                self.store.pin_contact(handle.as_str(), info.identity_key.as_slice())?;
+                self.store().pin_contact(handle.as_str(), info.identity_key.as_slice())?;
                 info.identity_key.into_inner()
             }
         };
@@ -298,10 +299,10 @@ impl Subrosa {
     /// Unknown contact.
     pub fn mark_verified(&self, handle: &str) -> Result<(), ClientError> {
         let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
-        if self.store.contact_key(handle.as_str())?.is_none() {
+        if self.store().contact_key(handle.as_str())?.is_none() {
             return Err(ClientError::Input(format!("{handle} is not a contact yet")));
         }
-        self.store.set_verified(handle.as_str(), true)
+        self.store().set_verified(handle.as_str(), true)
     }
 
     /// Whether `handle` is a verified contact.
@@ -309,14 +310,14 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn is_verified(&self, handle: &str) -> Result<bool, ClientError> {
-        Ok(self.store.contacts()?.iter().any(|c| c.handle == handle && c.verified))
+        Ok(self.store().contacts()?.iter().any(|c| c.handle == handle && c.verified))
     }
 
     /// Whether `d` carries a valid certificate for itself by `identity_key`
     /// of `handle`.
     pub(crate) fn is_certified(&self, d: &DeviceRecord, identity_key: &[u8], handle: &Handle) -> bool {
         DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| {
-            c.verify(self.engine.crypto()).is_ok()
+            c.verify(self.engine().crypto()).is_ok()
                 && c.identity_key() == identity_key
                 && c.device_key() == d.signature_key.as_slice()
                 && c.device_id() == d.device_id
@@ -367,10 +368,10 @@ impl Subrosa {
         let address = DeviceAddress { handle: self.handle().clone(), device };
         let on_server = self.devices().await?.iter().any(|d| d.id == device);
         let in_conversation = |row: &crate::store::ConversationRow| -> Result<bool, ClientError> {
-            Ok(self.engine.members(&row.id)?.iter().any(|m| m.address == address))
+            Ok(self.engine().members(&row.id)?.iter().any(|m| m.address == address))
         };
         let mut known_here = false;
-        for row in self.store.active_conversations()? {
+        for row in self.store().active_conversations()? {
             known_here |= in_conversation(&row)?;
         }
         if !on_server && !known_here {
@@ -384,17 +385,17 @@ impl Subrosa {
         self.sync().await?;
         // It held the account's identity key: a new one is due for the
         // devices that remain (started below, or by the next command).
-        self.store.set_meta(crate::keys::META_ROTATION_DUE, &[1])?;
+        self.store().set_meta(crate::keys::META_ROTATION_DUE, &[1])?;
         let mut n = 0;
         let mut first_error = None;
         let mut pending = None;
-        for row in self.store.active_conversations()? {
+        for row in self.store().active_conversations()? {
             if !in_conversation(&row)? {
                 continue;
             }
             // The revoked device is no longer known to the server: it does
             // not get the commit.
-            let change = crate::conversations::StagedChange::Remove { devices: vec![address.clone()], notify: false };
+            let change = subrosa_session::StagedChange::Remove { devices: vec![address.clone()], notify: false };
             match self.commit_with_retry(&row.id, change, Some("you removed a device".into())).await {
                 Ok(true) => n += 1,
                 Ok(false) => {}

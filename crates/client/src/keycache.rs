@@ -32,7 +32,7 @@ use aws_lc_rs::hmac;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::store::Store;
+use crate::store::{OnDisk, Store};
 use crate::ClientError;
 
 /// How long a derived key stays cached unless configured otherwise.

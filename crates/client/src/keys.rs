@@ -37,15 +37,13 @@ use subrosa_proto::{
     SendPart, SendRequest, SendResponse, B64,
 };
 
-use crate::conversations::StagedChange;
 use crate::rotation::Rekeyed;
-use crate::store::{now_ms, Tx};
+use subrosa_session::StagedChange;
+use subrosa_session::{META_PENDING_IDENTITY, META_PENDING_KEY_SET};
+
+use crate::store::now_ms;
 use crate::{ClientError, Subrosa, META_IDENTITY};
 
-/// The new identity of a switch not adopted yet.
-const META_PENDING_IDENTITY: &str = "pending_identity";
-/// The key set to publish for it (JSON of [`KeySetUpdate`]).
-const META_PENDING_KEY_SET: &str = "pending_key_set";
 /// Set while some conversation's leaf still carries the old credential.
 const META_LEAVES_DUE: &str = "leaf_updates_due";
 /// Set while a rotated identity key still has to reach the other devices.
@@ -64,7 +62,7 @@ impl Subrosa {
     /// finishes it).
     pub(crate) async fn rotate_device_key(&self) -> Result<Rekeyed, ClientError> {
         let me = self.identity();
-        let new = me.with_new_device_key(self.engine.crypto(), now_ms())?;
+        let new = me.with_new_device_key(self.engine().crypto(), now_ms())?;
         let info: AccountInfo =
             self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{}", self.handle()), None).await?;
         self.kt_verify(self.handle(), info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await?;
@@ -80,7 +78,7 @@ impl Subrosa {
         };
         let update = KeySetUpdate { identity_key: B64(me.identity_public().to_vec()), devices };
         let request = serde_json::to_vec(&update).map_err(|e| ClientError::Bug(e.to_string()))?;
-        self.store.write(|tx| {
+        self.store().write(|tx| {
             tx.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?)?;
             tx.set_meta(META_PENDING_KEY_SET, &request)
         })?;
@@ -96,31 +94,31 @@ impl Subrosa {
     /// refusal returned.
     pub(crate) async fn finish_key_switch(&self) -> Result<Rekeyed, ClientError> {
         let done = self.finish_pending_switch().await?;
-        if self.store.meta(META_ROTATION_DUE)?.is_some() && self.store.meta(META_PENDING_IDENTITY)?.is_none() {
+        if self.store().meta(META_ROTATION_DUE)?.is_some() && self.store().meta(META_PENDING_IDENTITY)?.is_none() {
             return self.rotate_identity_key().await;
         }
         Ok(done)
     }
 
     async fn finish_pending_switch(&self) -> Result<Rekeyed, ClientError> {
-        let Some(secret) = self.store.meta(META_PENDING_IDENTITY)? else {
+        let Some(secret) = self.store().meta(META_PENDING_IDENTITY)? else {
             return self.update_stale_leaves().await;
         };
-        let new = DeviceIdentity::from_secret_bytes(self.engine.crypto(), &secret)?;
+        let new = DeviceIdentity::from_secret_bytes(self.engine().crypto(), &secret)?;
         if new.address() != self.identity().address() {
             return Err(ClientError::Store("a pending key switch for another device".into()));
         }
-        if let Some(request) = self.store.meta(META_PENDING_KEY_SET)? {
+        if let Some(request) = self.store().meta(META_PENDING_KEY_SET)? {
             let update: KeySetUpdate =
                 serde_json::from_slice(&request).map_err(|e| ClientError::Store(format!("pending key set: {e}")))?;
-            if self.store.meta(META_PENDING_HANDOVER)?.is_some() {
+            if self.store().meta(META_PENDING_HANDOVER)?.is_some() {
                 self.hand_over(&new, &update).await?;
-                self.store.write(|tx| tx.delete_meta(META_PENDING_HANDOVER))?;
+                self.store().write(|tx| tx.delete_meta(META_PENDING_HANDOVER))?;
             }
             if let Err(e) = self.publish_key_set(&update, &new).await {
                 if e.code().is_some() && e.code() != Some(ErrorCode::Unauthorized) && !is_retryable(&e) {
                     // Refused for good: keep the keys this device has.
-                    self.store.write(|tx| {
+                    self.store().write(|tx| {
                         tx.delete_meta(META_PENDING_IDENTITY)?;
                         tx.delete_meta(META_PENDING_KEY_SET)?;
                         tx.delete_meta(META_PENDING_HANDOVER)
@@ -134,13 +132,13 @@ impl Subrosa {
             // (the next command looks again).
             return Ok(Rekeyed { conversations: 0, pending: 0 });
         }
-        self.store.write(|tx| {
+        self.store().write(|tx| {
             tx.set_meta(META_IDENTITY, &new.to_secret_bytes()?)?;
             tx.delete_meta(META_PENDING_IDENTITY)?;
             tx.delete_meta(META_PENDING_KEY_SET)?;
             tx.set_meta(META_LEAVES_DUE, &[1])
         })?;
-        self.engine.set_identity(new.clone());
+        self.engine().set_identity(new.clone());
         self.api.set_identity(new);
         self.rotate_key_packages(true).await?;
         self.update_stale_leaves().await
@@ -168,18 +166,18 @@ impl Subrosa {
     /// are left for a later command.
     async fn update_stale_leaves(&self) -> Result<Rekeyed, ClientError> {
         let mut done = Rekeyed { conversations: 0, pending: 0 };
-        if self.store.meta(META_LEAVES_DUE)?.is_none() {
+        if self.store().meta(META_LEAVES_DUE)?.is_none() {
             return Ok(done);
         }
         let me = self.identity();
         let mut left = 0;
-        for row in self.store.active_conversations()? {
-            match self.engine.leaf_is(&row.id, &me) {
+        for row in self.store().active_conversations()? {
+            match self.engine().leaf_is(&row.id, &me) {
                 Ok(true) | Err(CoreError::UnknownConversation) => continue,
                 Ok(false) => {}
                 Err(e) => return Err(e.into()),
             }
-            if self.store.read(|tx| tx.pending_commit(&row.id))?.is_some() {
+            if self.store().read(|tx| tx.pending_commit(&row.id))?.is_some() {
                 left += 1;
                 continue;
             }
@@ -188,7 +186,7 @@ impl Subrosa {
                 Err(ClientError::Pending(_)) => left += 1,
                 Err(e @ (ClientError::Network(_) | ClientError::Store(_) | ClientError::Bug(_))) => return Err(e),
                 Err(e) => {
-                    self.store.add_alert(&format!(
+                    self.store().add_alert(&format!(
                         "could not carry this device's new keys into conversation #{}: {e}",
                         row.id.to_hex()
                     ))?;
@@ -196,7 +194,7 @@ impl Subrosa {
             }
         }
         if left == 0 {
-            self.store.write(|tx| tx.delete_meta(META_LEAVES_DUE))?;
+            self.store().write(|tx| tx.delete_meta(META_LEAVES_DUE))?;
         }
         done.pending = left;
         Ok(done)
@@ -209,33 +207,6 @@ fn is_retryable(e: &ClientError) -> bool {
 }
 
 impl Subrosa {
-    /// Whether `key` is this account's identity key, or the one another
-    /// device handed over and this device is about to adopt.
-    ///
-    /// # Errors
-    /// Store errors.
-    pub(crate) fn is_own_identity_key(&self, key: &[u8]) -> Result<bool, ClientError> {
-        self.store.read(|tx| self.is_own_identity_key_in(tx, key))
-    }
-
-    /// As [`Self::is_own_identity_key`], inside a transaction.
-    ///
-    /// # Errors
-    /// Store errors.
-    pub(crate) fn is_own_identity_key_in(&self, tx: &dyn Tx, key: &[u8]) -> Result<bool, ClientError> {
-        if key == self.identity().identity_public() {
-            return Ok(true);
-        }
-        Ok(self.pending_identity(tx)?.is_some_and(|p| p.identity_public() == key))
-    }
-
-    fn pending_identity(&self, tx: &dyn Tx) -> Result<Option<DeviceIdentity>, ClientError> {
-        match tx.meta(META_PENDING_IDENTITY)? {
-            Some(secret) => Ok(Some(DeviceIdentity::from_secret_bytes(self.engine.crypto(), &secret)?)),
-            None => Ok(None),
-        }
-    }
-
     /// Rotates the account's identity key (after a device was removed and
     /// revoked): every remaining device is re-certified by a new key, which
     /// is handed to them and then published; see the module documentation.
@@ -247,7 +218,7 @@ impl Subrosa {
     /// or the publication waits for the server (the next command goes on).
     pub(crate) async fn rotate_identity_key(&self) -> Result<Rekeyed, ClientError> {
         let me = self.identity();
-        let crypto = self.engine.crypto();
+        let crypto = self.engine().crypto();
         let now = now_ms();
         let new = me.with_new_identity_key(crypto, now)?;
         let info: AccountInfo =
@@ -279,7 +250,7 @@ impl Subrosa {
         }
         let update = KeySetUpdate { identity_key: B64(new.identity_public().to_vec()), devices };
         let request = serde_json::to_vec(&update).map_err(|e| ClientError::Bug(e.to_string()))?;
-        self.store.write(|tx| {
+        self.store().write(|tx| {
             tx.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?)?;
             tx.set_meta(META_PENDING_KEY_SET, &request)?;
             tx.set_meta(META_PENDING_HANDOVER, &[1])?;
@@ -308,7 +279,7 @@ impl Subrosa {
             None => self.create_own_conversation().await?,
         };
         let members: Vec<DeviceAddress> =
-            self.engine.members(&conversation)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
+            self.engine().members(&conversation)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
         let gone: Vec<DeviceAddress> = members.iter().filter(|a| !others.contains(a)).cloned().collect();
         if !gone.is_empty() {
             let change = StagedChange::Remove { devices: gone, notify: false };
@@ -317,7 +288,7 @@ impl Subrosa {
         // Never encrypt the key to a device that is not one of the listed
         // ones (a removal still pending, a device the server slipped in).
         let members: Vec<DeviceAddress> =
-            self.engine.members(&conversation)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
+            self.engine().members(&conversation)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
         if members.iter().any(|a| !others.contains(a)) {
             return Err(ClientError::Pending(
                 "the new identity key waits until the removed device is out of this account's own conversation; \
@@ -343,10 +314,10 @@ impl Subrosa {
         body: Body,
         kt_head: Option<Vec<u8>>,
     ) -> Result<(), ClientError> {
-        let request = self.store.write(|tx| {
+        let request = self.store().write(|tx| {
             let seq = tx.next_seq(&conversation)?;
             let content = Content { message_id: MessageId(rand::random()), sent_at_ms: now_ms(), body, seq, kt_head };
-            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
+            let (ciphertext, recipients) = self.engine().encrypt(&conversation, &content)?;
             Ok(SendRequest {
                 conversation,
                 send_id: SendId(rand::random()),
@@ -360,50 +331,13 @@ impl Subrosa {
 
     /// The active conversation of this account's own devices, if any.
     fn own_conversation(&self) -> Result<Option<ConversationId>, ClientError> {
-        Ok(self.store.active_conversations()?.into_iter().find(|r| r.kind == "own").map(|r| r.id))
+        Ok(self.store().active_conversations()?.into_iter().find(|r| r.kind == "own").map(|r| r.id))
     }
 
     async fn create_own_conversation(&self) -> Result<ConversationId, ClientError> {
         let key_packages = self.claim(&self.handle().clone(), false).await?;
         let change = StagedChange::Create { kind: "own".into(), name: String::new(), peer: None, first: None };
         self.create_conversation(&ConversationInfo::own(), &key_packages, change, None).await
-    }
-
-    /// Stores an identity key handed over by another device of this
-    /// account, to adopt once the directory lists it (inside the caller's
-    /// transaction).
-    pub(crate) fn receive_handover(
-        &self,
-        tx: &mut dyn Tx,
-        from: &DeviceAddress,
-        h: &IdentityHandover,
-    ) -> Result<(), ClientError> {
-        let me = self.identity();
-        if h.identity_public == me.identity_public() {
-            return Ok(());
-        }
-        // This device's own rotation is stored and not yet published: the
-        // two would race for the directory. Keep ours; say so.
-        if tx.meta(META_PENDING_KEY_SET)?.is_some() {
-            return tx.add_alert(&format!(
-                "your device {} sent a new identity key while this device was rotating it too; this device's \
-                 rotation goes on and the other key was ignored",
-                from.device.to_hex()
-            ));
-        }
-        let Some((_, certificate)) = h.certificates.iter().find(|(d, _)| *d == me.device_id().0) else {
-            return tx.add_alert(&format!(
-                "your device {} sent a new identity key without a certificate for this device; it was ignored",
-                from.device.to_hex()
-            ));
-        };
-        match me.adopt_identity_key(self.engine.crypto(), &h.identity_public, &h.identity_secret, certificate) {
-            Ok(new) => tx.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?),
-            Err(e) => tx.add_alert(&format!(
-                "your device {} sent a new identity key that does not check out ({e}); it was ignored",
-                from.device.to_hex()
-            )),
-        }
     }
 
     /// Whether the directory lists `new`'s identity key and this device's

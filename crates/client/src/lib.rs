@@ -7,6 +7,7 @@
 
 mod conversations;
 mod devices;
+mod handle;
 pub mod keycache;
 mod keys;
 pub mod kt;
@@ -21,133 +22,24 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use sha2::{Digest, Sha256};
-use subrosa_core::content::{Body, Content};
-use subrosa_core::{ConversationKind, CoreError, DeviceIdentity, Engine, Event};
+
+use subrosa_core::content::Content;
+use subrosa_core::{CoreError, DeviceIdentity};
 use subrosa_proto::{
-    AckRequest, AckResponse, ConversationId, DeviceAddress, DeviceRecord, Empty, Envelope, ErrorBody, ErrorCode,
-    Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, MessageId, MessageKind, RegisterRequest, SendId,
-    SendPart, SendRequest, SendResponse, ServerFrame, B64,
+    AckRequest, AckResponse, ConversationId, DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount,
+    KeyPackageUpload, MessageId, MessageKind, RegisterRequest, SendId, SendPart, SendRequest, SendResponse,
+    ServerFrame, B64,
 };
 
 pub use conversations::{GroupSummary, Target};
 pub use devices::{DeviceEntry, LinkApproved};
+pub use handle::{Client, ClientEvent};
 pub use rotation::Rekeyed;
-use store::{now_ms, GroupStore, KeyPackageStore, Store};
+use store::{now_ms, OnDisk, Store};
 pub use store::{Contact, MessageState, StoredMessage};
+pub use subrosa_session::{Advice, Session, SystemClock, SystemEvent};
 
-/// Everything that can go wrong in the client, each with a one-line message.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// The passphrase does not open the store.
-    #[error("wrong passphrase: the local store could not be opened (nothing was changed)")]
-    WrongPassphrase,
-    /// No account in this home directory.
-    #[error("no account in {0}: run `subrosa register HANDLE --server URL` first")]
-    NotRegistered(String),
-    /// The home directory already holds an account.
-    #[error("{0} already holds an account; use another --home")]
-    AlreadyRegistered(String),
-    /// A server URL that is not usable.
-    #[error("invalid server URL {0}")]
-    BadUrl(String),
-    /// Plain http to a non-loopback host.
-    #[error("refusing plain http to {0}: use https:// (plain http is allowed only to a loopback address)")]
-    InsecureUrl(String),
-    /// The server refused the request.
-    #[error("server refused ({}): {}", .body.code.as_str(), .body.message)]
-    Server {
-        /// HTTP status.
-        status: u16,
-        /// The error body.
-        body: ErrorBody,
-    },
-    /// The server could not be reached.
-    #[error("network: {0}")]
-    Network(String),
-    /// The server answered something unexpected.
-    #[error("protocol: {0}")]
-    Protocol(String),
-    /// Bad user input.
-    #[error("{0}")]
-    Input(String),
-    /// The target is neither a contact nor a conversation.
-    #[error("unknown conversation {0:?}: no conversation with that handle or group yet")]
-    UnknownTarget(String),
-    /// A key package or member that does not match the expected identity.
-    #[error("refused keys for {handle}: {why}")]
-    KeyMismatch {
-        /// Whose.
-        handle: String,
-        /// What did not match.
-        why: String,
-    },
-    /// A verified contact's identity key changed.
-    #[error("{0}'s identity key changed since you verified it: compare safety numbers again (`subrosa verify {0}`), or send with --accept-key-change")]
-    KeyChanged(String),
-    /// The server showed this device a key directory inconsistent with what
-    /// it or another member saw before.
-    #[error("key directory fork: {0}; sending is blocked on this device")]
-    DirectoryFork(String),
-    /// A member device was added to the conversation whose keys the key
-    /// directory contradicts; sending there waits for the user to accept or
-    /// remove it.
-    #[error("{target}: {by} added a device {device} of {handle} that the key directory does not confirm ({why}); sending there is blocked: accept it with `subrosa accept-device {target} {device}` or remove it with `subrosa group remove`")]
-    DeviceNotAccepted {
-        /// The conversation as the user names it.
-        target: String,
-        /// Whose device.
-        handle: String,
-        /// The device id (hex).
-        device: String,
-        /// Who added it.
-        by: String,
-        /// What the directory said.
-        why: String,
-    },
-    /// A Welcome or change this device refuses (a takeover attempt, a
-    /// direct conversation with a third account, keys the directory
-    /// contradicts); the text is shown to the user as a warning.
-    #[error("refused: {why}")]
-    Refused {
-        /// The conversation it concerned, when this device has it.
-        conversation: Option<ConversationId>,
-        /// What was refused, naming who sent it.
-        why: String,
-    },
-    /// Protocol engine failure.
-    #[error("{0}")]
-    Core(#[from] CoreError),
-    /// Local store failure.
-    #[error("local store: {0}")]
-    Store(String),
-    /// File system failure.
-    #[error("{0}")]
-    Io(String),
-    /// The server refused a message this device had queued.
-    #[error("the server refused the message: {0}")]
-    SendRefused(String),
-    /// The work is stored on this device but not yet on the server (it could
-    /// not be reached, or did not answer): the next command finishes it,
-    /// exactly once. The CLI exits 75 (EX_TEMPFAIL) for this.
-    #[error("{0}")]
-    Pending(String),
-    /// A bug in Subrosa.
-    #[error("internal error: {0}")]
-    Bug(String),
-}
-
-impl ClientError {
-    fn code(&self) -> Option<ErrorCode> {
-        match self {
-            ClientError::Server { body, .. } => Some(body.code),
-            _ => None,
-        }
-    }
-}
-
-type DeviceEngine = Engine<subrosa_core::DefaultCrypto, GroupStore, KeyPackageStore>;
+pub use subrosa_session::ClientError;
 
 /// What receiving produced, in order.
 #[derive(Debug, Clone)]
@@ -205,27 +97,26 @@ pub(crate) const KEY_PACKAGE_TARGET: u64 = 50;
 /// Refill when fewer than this remain.
 const KEY_PACKAGE_LOW: u64 = 10;
 
-/// One device of one account.
+/// One device of one account: its [`Session`] (the messenger rules over
+/// the store, which it dereferences to) and the signed server API.
 pub struct Subrosa {
-    /// The account's handle (never changes, whatever keys rotate).
-    handle: Handle,
-    store: Store,
-    engine: DeviceEngine,
+    session: Session,
     api: net::Api,
-    /// Messages dropped while processing, reported by the next receive.
-    dropped: std::sync::Mutex<Vec<Received>>,
-    /// Conversations with a leave proposal this device should commit.
-    to_commit: std::sync::Mutex<Vec<(ConversationId, DeviceAddress)>>,
     /// Queued sends the server refused, reported by the command that flushed them.
     failed: std::sync::Mutex<Vec<RefusedSend>>,
-    /// Per conversation, the sender of the last commit this device could
-    /// not process (named if the conversation turns out stuck).
-    unprocessable: std::sync::Mutex<std::collections::HashMap<ConversationId, DeviceAddress>>,
+}
+
+impl std::ops::Deref for Subrosa {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        &self.session
+    }
 }
 
 impl std::fmt::Debug for Subrosa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subrosa").field("device", &self.engine.identity()).finish_non_exhaustive()
+        f.debug_struct("Subrosa").field("session", &self.session).finish_non_exhaustive()
     }
 }
 
@@ -260,7 +151,7 @@ impl Subrosa {
             tx.set_meta(META_SERVER, server.as_bytes())
         })?;
         let me = Self::assemble(store, identity, server)?;
-        let id = me.engine.identity();
+        let id = me.engine().identity();
         let req = RegisterRequest {
             handle,
             identity_key: B64(id.identity_public().to_vec()),
@@ -305,28 +196,8 @@ impl Subrosa {
     pub(crate) fn assemble(store: Store, identity: DeviceIdentity, server: &str) -> Result<Self, ClientError> {
         let crypto = subrosa_core::default_crypto();
         let api = net::Api::new(server, identity.clone(), crypto.clone())?;
-        let handle = identity.handle().clone();
-        let engine = Engine::new(crypto, identity, store.groups(), store.key_packages());
-        Ok(Subrosa {
-            handle,
-            store,
-            engine,
-            api,
-            dropped: std::sync::Mutex::new(Vec::new()),
-            to_commit: std::sync::Mutex::new(Vec::new()),
-            failed: std::sync::Mutex::new(Vec::new()),
-            unprocessable: std::sync::Mutex::new(std::collections::HashMap::new()),
-        })
-    }
-
-    /// This account's handle.
-    pub fn handle(&self) -> &Handle {
-        &self.handle
-    }
-
-    /// This device's identity (a snapshot: `devices rekey` replaces it).
-    pub fn identity(&self) -> std::sync::Arc<DeviceIdentity> {
-        self.engine.identity()
+        let session = Session::new(crypto, identity, store, std::sync::Arc::new(SystemClock));
+        Ok(Subrosa { session, api, failed: std::sync::Mutex::new(Vec::new()) })
     }
 
     /// The signed server API of this device.
@@ -355,13 +226,13 @@ impl Subrosa {
         last_resort: bool,
         replace: bool,
     ) -> Result<(), ClientError> {
-        let (one_time, last) = self.store.write(|tx| {
+        let (one_time, last) = self.store().write(|tx| {
             let mut one_time = Vec::with_capacity(count);
             for _ in 0..count {
-                one_time.push(B64(self.engine.generate_key_package()?));
+                one_time.push(B64(self.engine().generate_key_package()?));
             }
             let last = if last_resort {
-                let kp = self.engine.generate_key_package()?;
+                let kp = self.engine().generate_key_package()?;
                 tx.mark_newest_key_package_last_resort()?;
                 Some(B64(kp))
             } else {
@@ -382,7 +253,7 @@ impl Subrosa {
             // 50 packages gone between two commands of this device is not
             // people starting conversations: someone is draining them (new
             // conversations fall back to the last-resort package meanwhile).
-            self.store.write(|tx| {
+            self.store().write(|tx| {
                 tx.add_alert(
                     "every one-time key package of this device was claimed since its last check; \
                  someone may be draining them (new conversations use the last-resort package until the refill)",
@@ -416,7 +287,7 @@ impl Subrosa {
     }
 
     pub(crate) async fn flush_outbox_inner(&self, drained: bool) -> Result<(), ClientError> {
-        let queued = self.store.read(|tx| tx.outbox())?;
+        let queued = self.store().read(|tx| tx.outbox())?;
         if queued.is_empty() {
             return Ok(());
         }
@@ -426,7 +297,7 @@ impl Subrosa {
         // A conversation whose oldest queued message cannot be encrypted yet
         // keeps its later ones queued too: they never overtake it.
         let mut waiting: Vec<ConversationId> = Vec::new();
-        for q in self.store.read(|tx| tx.outbox())? {
+        for q in self.store().read(|tx| tx.outbox())? {
             if q.message.is_some_and(|(c, _)| waiting.contains(&c)) {
                 continue;
             }
@@ -434,7 +305,7 @@ impl Subrosa {
             // server's answer holds its messages back until it settles: they
             // must go out at the epoch that commit makes, not the one before.
             if let (None, Some((c, _))) = (&q.request, q.message) {
-                if self.store.read(|tx| tx.pending_commit(&c))?.is_some() {
+                if self.store().read(|tx| tx.pending_commit(&c))?.is_some() {
                     waiting.push(c);
                     continue;
                 }
@@ -461,7 +332,7 @@ impl Subrosa {
                 Err(e) => return Err(e),
             };
             match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
-                Ok(_) => self.store.write(|tx| {
+                Ok(_) => self.store().write(|tx| {
                     tx.pop_outbox(q.id)?;
                     match q.message {
                         Some((c, m)) => tx.set_message_state(&c, &m, MessageState::Sent, None),
@@ -482,7 +353,7 @@ impl Subrosa {
     /// by another process).
     fn encrypt_queued(&self, id: i64) -> Result<Option<Prepared>, ClientError> {
         let kt_head = self.kt_latest()?;
-        self.store.write(|tx| {
+        self.store().write(|tx| {
             let Some(q) = tx.outbox_row(id)? else { return Ok(None) };
             if let Some(request) = q.request {
                 return Ok(Some((request, None)));
@@ -495,7 +366,7 @@ impl Subrosa {
             }
             let seq = tx.next_seq(&conversation)?;
             let content = Content::decode(&content)?.with_context(seq, kt_head);
-            let (ciphertext, recipients) = self.engine.encrypt(&conversation, &content)?;
+            let (ciphertext, recipients) = self.engine().encrypt(&conversation, &content)?;
             let req = SendRequest {
                 conversation,
                 send_id: SendId(q.send_id),
@@ -514,7 +385,7 @@ impl Subrosa {
     /// not be told of a gap for a message nobody got.
     fn refused(&self, q: &store::QueuedSend, seq: Option<u64>, e: ClientError) -> Result<(), ClientError> {
         let reason = e.to_string();
-        self.store.write(|tx| {
+        self.store().write(|tx| {
             tx.pop_outbox(q.id)?;
             match q.message {
                 Some((c, m)) => {
@@ -544,7 +415,7 @@ impl Subrosa {
         let mut out = Vec::with_capacity(failed.len());
         for (message, e) in failed {
             let message = match message {
-                Some((c, m)) => self.store.read(|tx| tx.message(&c, &m))?,
+                Some((c, m)) => self.store().read(|tx| tx.message(&c, &m))?,
                 None => None,
             };
             out.push(FailedSend { message, reason: e.to_string() });
@@ -570,7 +441,7 @@ impl Subrosa {
     ) -> Result<StoredMessage, ClientError> {
         let sent_at = now_ms();
         let send_id: [u8; 16] = rand::random();
-        let me = self.engine.identity().address();
+        let me = self.engine().identity().address();
         let stored = StoredMessage {
             id: message_id.to_hex(),
             conversation: conversation.to_hex(),
@@ -585,9 +456,10 @@ impl Subrosa {
             system: false,
             state: Some(MessageState::Queued),
             reason: None,
+            event: None,
         };
         let content = Content::text(message_id, sent_at, text).encode()?;
-        self.store.write(|tx| {
+        self.store().write(|tx| {
             tx.insert_message(&stored, &conversation, &message_id.0, true)?;
             tx.note_sent(&conversation)?;
             tx.push_outbox(&send_id, &conversation, &message_id.0, &content)
@@ -606,7 +478,7 @@ impl Subrosa {
         if let Some(e) = own {
             return Err(e);
         }
-        match self.store.read(|tx| tx.message(&conversation, &message_id.0))? {
+        match self.store().read(|tx| tx.message(&conversation, &message_id.0))? {
             Some(m) if m.state == Some(MessageState::Sent) => Ok(m),
             Some(m) if m.state == Some(MessageState::Failed) => {
                 Err(ClientError::SendRefused(m.reason.unwrap_or_default()))
@@ -665,7 +537,7 @@ impl Subrosa {
         self.kt_blocked()?;
         let resolved = match typed {
             Ok(Target::Conversation(row)) => Target::Conversation(
-                self.store
+                self.store()
                     .read(|tx| tx.conversation(&row.id))?
                     .ok_or(ClientError::Bug("conversation vanished".into()))?,
             ),
@@ -677,7 +549,7 @@ impl Subrosa {
                     return Err(ClientError::Input(format!("you are no longer a member of {}", row.target())));
                 }
                 let mut handles: Vec<Handle> =
-                    self.engine.members(&row.id)?.into_iter().map(|m| m.address.handle).collect();
+                    self.engine().members(&row.id)?.into_iter().map(|m| m.address.handle).collect();
                 handles.dedup();
                 self.check_key_changes(&handles, accept_key_change)?;
                 self.check_members_accepted(&row.id, target)?;
@@ -686,7 +558,7 @@ impl Subrosa {
             }
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
-                let existing = self.store.read(|tx| tx.direct_conversation(peer.as_str()))?;
+                let existing = self.store().read(|tx| tx.direct_conversation(peer.as_str()))?;
                 let message_id = MessageId(rand::random());
                 let first = Some((message_id, text.to_string()));
                 if let Some(c) = &existing {
@@ -707,7 +579,7 @@ impl Subrosa {
                         // the server (its keys changed, or devices went without
                         // a commit reaching us): start over with its current
                         // devices and move the message there.
-                        self.store.write(|tx| {
+                        self.store().write(|tx| {
                             tx.delete_message(&conversation, &message_id.0)?;
                             tx.deactivate_conversation(&conversation)
                         })?;
@@ -720,623 +592,12 @@ impl Subrosa {
         }
     }
 
-    /// Processes one envelope inside one store transaction; what it yields is
-    /// stored (and shown by the next receive). The caller acknowledges it.
-    fn process_envelope(&self, env: &Envelope) -> Result<(), ClientError> {
-        let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
-        if self.store.read(|tx| tx.is_processed(&digest))? {
-            // Delivered again after a crash before the ack: already stored.
-            return Ok(());
-        }
-        let result = self.store.write(|tx| {
-            let event = match env.kind {
-                MessageKind::Welcome => {
-                    let seen: &dyn store::Tx = &*tx;
-                    self.engine.join_checked(
-                        env.ciphertext.as_slice(),
-                        |id| self.check_welcome_id(seen, env, id),
-                        |id, info, members| self.check_welcome_members(seen, env, id, info, members),
-                    )?
-                }
-                MessageKind::Commit | MessageKind::Application => {
-                    if let Some(row) = tx.conversation(&env.conversation)? {
-                        if !row.active {
-                            return Err(CoreError::UnknownConversation.into());
-                        }
-                    }
-                    // The echo of this device's own staged commit, whose
-                    // answer was lost: processing it applies the staged
-                    // commit (mls-rs recognises it), then it is finished
-                    // as if the answer had come.
-                    let own = match env.kind {
-                        MessageKind::Commit => tx
-                            .pending_commit(&env.conversation)?
-                            .filter(|p| p.commit_digest == digest && env.sender == self.identity().address()),
-                        _ => None,
-                    };
-                    let event = self.engine.process(&env.conversation, env.ciphertext.as_slice())?;
-                    if let Some(own) = own {
-                        self.finish_pending(tx, &own)?;
-                        return tx.mark_processed(&digest);
-                    }
-                    event
-                }
-            };
-            self.apply_event(tx, env, event)?;
-            tx.mark_processed(&digest)
-        });
-        match result {
-            Ok(()) => Ok(()),
-            Err(ClientError::Refused { conversation, why }) => {
-                // Nothing of it was stored (the transaction rolled back);
-                // the user sees who tried what, in the conversation it
-                // concerns when this device has it, and as an alert.
-                self.store.write(|tx| {
-                    tx.mark_processed(&digest)?;
-                    if let Some(row) = conversation.map(|c| tx.conversation(&c)).transpose()?.flatten() {
-                        self.record_system_line(tx, &row, &env.sender, format!("warning: {why}"))?;
-                    }
-                    tx.add_alert(&why)
-                })
-            }
-            Err(ClientError::Core(e)) => {
-                if env.kind == MessageKind::Commit {
-                    self.lock_unprocessable().insert(env.conversation, env.sender.clone());
-                }
-                self.store.write(|tx| {
-                    if env.kind == MessageKind::Commit && tx.conversation(&env.conversation)?.is_some_and(|r| r.active) {
-                        // Remembered: a member may re-create it without them.
-                        tx.set_meta(&conversations::stuck_key(&env.conversation), env.sender.to_string().as_bytes())?;
-                        // The server ordered it, so nobody can commit in this
-                        // conversation any more (RFC 9750 §5.3): say who.
-                        tx.add_alert(&format!(
-                            "{} sent a commit to conversation #{} that could not be processed; changes there will fail until it is recreated without them",
-                            env.sender,
-                            env.conversation.to_hex()
-                        ))?;
-                    }
-                    // Undecryptable or unauthenticated: tampered, replayed,
-                    // not for us, or from a device we refuse. Drop it (it can
-                    // never become readable) and say so.
-                    tx.mark_processed(&digest)
-                })?;
-                self.lock_dropped().push(Received::Dropped { from: env.sender.to_string(), reason: e.to_string() });
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn lock_dropped(&self) -> std::sync::MutexGuard<'_, Vec<Received>> {
-        self.dropped.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn lock_unprocessable(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<ConversationId, DeviceAddress>> {
-        self.unprocessable.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_to_commit(&self) -> std::sync::MutexGuard<'_, Vec<(ConversationId, DeviceAddress)>> {
-        self.to_commit.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records a system line (membership, renames) in a conversation's
-    /// history, in a transaction of its own or joining the one this thread
-    /// has open (for callers not converted to [`Self::record_system_line`]).
-    pub(crate) fn system_line(
-        &self,
-        row: &store::ConversationRow,
-        from: &DeviceAddress,
-        text: String,
-    ) -> Result<(), ClientError> {
-        self.store.write(|tx| self.record_system_line(tx, row, from, text))
-    }
-
-    /// Records a system line (membership, renames) in a conversation's history.
-    pub(crate) fn record_system_line(
-        &self,
-        tx: &mut dyn store::Tx,
-        row: &store::ConversationRow,
-        from: &DeviceAddress,
-        text: String,
-    ) -> Result<(), ClientError> {
-        // The conversation of this account's own devices is never shown.
-        if row.kind == "own" {
-            return Ok(());
-        }
-        let id: [u8; 16] = rand::random();
-        let now = now_ms();
-        let m = StoredMessage {
-            id: hex::encode(id),
-            conversation: row.id.to_hex(),
-            target: row.target(),
-            group: row.kind == "group",
-            from: from.handle.to_string(),
-            device: from.device.to_hex(),
-            sent_at: now,
-            received_at: now,
-            text,
-            outgoing: from.handle == *self.handle(),
-            system: true,
-            state: None,
-            reason: None,
-        };
-        let seen = m.outgoing && from.device == self.identity().device_id();
-        tx.insert_message(&m, &row.id, &id, seen).map(|_| ())
-    }
-
-    fn who(&self, h: &Handle) -> String {
-        if h == self.handle() {
-            "you".into()
-        } else {
-            h.to_string()
-        }
-    }
-
-    /// A Welcome for a conversation id this device knows or ever knew is a
-    /// takeover attempt (or a re-admission of a removed member): refused
-    /// before anything is joined or stored.
-    fn check_welcome_id(&self, tx: &dyn store::Tx, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
-        let refuse = match tx.known_conversation(id)? {
-            None => false,
-            // Known only from the history the approving device handed over
-            // when this one was linked: that account's Welcome is expected.
-            Some(true) => env.sender.handle != *self.handle(),
-            Some(false) => true,
-        };
-        if refuse {
-            return Err(ClientError::Refused {
-                conversation: Some(*id),
-                why: format!(
-                    "{} (device {}) sent an invitation to conversation #{} that this device already knows or knew; \
-                     it was refused and the conversation is unchanged (someone may be trying to take it over)",
-                    env.sender.handle,
-                    env.sender.device.to_hex(),
-                    id.to_hex()
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// What a Welcome must show before it is joined: its sender among the
-    /// members, every member certified by the identity key pinned for its
-    /// account, and a direct conversation between exactly two accounts, the
-    /// inviter's and ours.
-    fn check_welcome_members(
-        &self,
-        tx: &dyn store::Tx,
-        env: &Envelope,
-        id: &ConversationId,
-        info: &subrosa_core::ConversationInfo,
-        members: &[subrosa_core::MemberInfo],
-    ) -> Result<(), ClientError> {
-        if !members.iter().any(|m| m.address == env.sender) {
-            return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
-        }
-        for m in members {
-            self.check_pinned_key(tx, &m.address.handle, &m.identity_key)?;
-        }
-        if info.kind == ConversationKind::Own && members.iter().any(|m| m.address.handle != *self.handle()) {
-            return Err(ClientError::Refused {
-                conversation: None,
-                why: format!(
-                    "{} (device {}) sent an invitation to conversation #{} of this account's own devices with \
-                     another account in it; it was refused",
-                    env.sender.handle,
-                    env.sender.device.to_hex(),
-                    id.to_hex()
-                ),
-            });
-        }
-        if info.kind == ConversationKind::Direct {
-            let mut accounts: Vec<&Handle> = members.iter().map(|m| &m.address.handle).collect();
-            accounts.sort();
-            accounts.dedup();
-            if accounts.len() != 2 || !accounts.contains(&self.handle()) {
-                let names: Vec<String> = accounts.iter().map(|h| h.to_string()).collect();
-                return Err(ClientError::Refused {
-                    conversation: None,
-                    why: format!(
-                        "{} (device {}) sent an invitation to a direct conversation #{} whose members are the \
-                         accounts {}; a direct conversation holds exactly two accounts, so it was refused",
-                        env.sender.handle,
-                        env.sender.device.to_hex(),
-                        id.to_hex(),
-                        names.join(", ")
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Queues member devices for the key-directory check (run after the
-    /// store transaction, [`Self::check_members`]).
-    fn queue_member_checks<'a>(
-        &self,
-        tx: &mut dyn store::Tx,
-        conversation: &ConversationId,
-        added_by: &DeviceAddress,
-        welcome: bool,
-        members: impl IntoIterator<Item = &'a subrosa_core::MemberInfo>,
-    ) -> Result<(), ClientError> {
-        let me = self.identity().address();
-        for m in members {
-            if m.address == me {
-                continue;
-            }
-            tx.add_member_check(&store::MemberCheck {
-                conversation: *conversation,
-                handle: m.address.handle.to_string(),
-                device: m.address.device.to_hex(),
-                device_key: m.device_key.clone(),
-                identity_key: m.identity_key.clone(),
-                added_by: added_by.to_string(),
-                welcome,
-                state: "unchecked".into(),
-                why: String::new(),
-            })?;
-        }
-        Ok(())
-    }
-
-    fn apply_event(&self, tx: &mut dyn store::Tx, env: &Envelope, event: Event) -> Result<(), ClientError> {
-        let me = self.handle().clone();
-        match event {
-            Event::Joined { conversation, info, members } => {
-                // Checked before joining (`check_welcome_members`); the
-                // directory check follows outside this transaction.
-                tx.note_members(&conversation, &members.iter().map(|m| m.address.handle.as_str()).collect::<Vec<_>>())?;
-                self.queue_member_checks(tx, &conversation, &env.sender, true, &members)?;
-                match info.kind {
-                    ConversationKind::Direct => {
-                        let peer = members
-                            .iter()
-                            .map(|m| &m.address.handle)
-                            .find(|h| **h != me)
-                            .ok_or(ClientError::Core(CoreError::Malformed("direct conversation without a peer")))?;
-                        tx.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
-                    }
-                    // Nothing to show: it only carries identity keys.
-                    ConversationKind::Own => tx.add_conversation(&conversation, "own", "", None)?,
-                    ConversationKind::Group => {
-                        tx.add_conversation(&conversation, "group", &info.name, None)?;
-                        let row = self.conversation_row(tx, &conversation)?;
-                        let text = if env.sender.handle == me {
-                            format!("this device joined {}", info.name)
-                        } else {
-                            format!("{} added you to {}", env.sender.handle, info.name)
-                        };
-                        self.record_system_line(tx, &row, &env.sender, text)?;
-                        self.retire_replaced(tx, &row, &env.sender, &members)?;
-                    }
-                }
-                Ok(())
-            }
-            Event::Message { conversation, sender, content } => {
-                if sender.address != env.sender {
-                    return Err(CoreError::IdentityMismatch(
-                        "server-claimed sender differs from the MLS sender".into(),
-                    )
-                    .into());
-                }
-                self.check_member_key(tx, &sender.address.handle, &sender.identity_key)?;
-                let row = self.conversation_row(tx, &conversation)?;
-                // The sender's head is evidence, checked at the end of the
-                // sync (at most one pending per member: its newest).
-                if let Some(head) = &content.kt_head {
-                    if let Ok(h) = subrosa_proto::kt::SignedHead::decode(head) {
-                        tx.push_kt_head_gossip(sender.address.handle.as_str(), h.epoch, head)?;
-                    } else {
-                        tx.push_kt_head_gossip(sender.address.handle.as_str(), u64::MAX, head)?;
-                    }
-                }
-                let late = self.note_sequence(tx, &row, &sender.address, content.seq)?;
-                // The account's own conversation carries identity keys and
-                // nothing else; an identity key anywhere else is ignored.
-                if row.kind == "own" || matches!(content.body, Body::IdentityKey(_)) {
-                    if let (Body::IdentityKey(h), true) =
-                        (&content.body, row.kind == "own" && sender.address.handle == me)
-                    {
-                        self.receive_handover(tx, &sender.address, h)?;
-                    }
-                    return Ok(());
-                }
-                // A kind from a newer Subrosa is stored and shown as such; it
-                // counts in the sender's sequence like any message.
-                let text = match content.body {
-                    Body::Text(t) => t,
-                    _ => kt::UNSUPPORTED_TEXT.to_string(),
-                };
-                let m = StoredMessage {
-                    id: content.message_id.to_hex(),
-                    conversation: conversation.to_hex(),
-                    target: row.target(),
-                    group: row.kind == "group",
-                    from: sender.address.handle.to_string(),
-                    device: sender.address.device.to_hex(),
-                    sent_at: content.sent_at_ms,
-                    received_at: now_ms(),
-                    text,
-                    outgoing: sender.address.handle == me,
-                    system: false,
-                    state: None,
-                    reason: None,
-                };
-                // A sender's retry carries the same message id: shown once.
-                let new = tx.insert_message(&m, &conversation, &content.message_id.0, false)?;
-                if late && new {
-                    self.record_system_line(
-                        tx,
-                        &row,
-                        &sender.address,
-                        format!("the message above from {} arrived out of order", self.who(&sender.address.handle)),
-                    )?;
-                }
-                Ok(())
-            }
-            Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
-                let mut row = self.conversation_row(tx, &conversation)?;
-                let by = &committer.address;
-                // Every commit carries a path: the committer's keys are new.
-                tx.note_member_update(&conversation, by, now_ms())?;
-                // A device that changed its keys (`devices rekey`, or its
-                // account's identity key rotated) is checked against the
-                // directory like an added one; a new identity key for a
-                // contact is a key change, shown as such.
-                let mut changed_flags = Vec::new();
-                for (old, m) in &updated {
-                    if m.address.handle == me {
-                        if !self.is_own_identity_key_in(&*tx, &m.identity_key)? {
-                            changed_flags.push((m, "a device of this account is certified by another identity key"));
-                        }
-                    } else if let Some(pinned) = tx.contact_key(m.address.handle.as_str())? {
-                        if pinned != m.identity_key {
-                            // Only a device the pinned key had certified may
-                            // carry its account to a new key (a rotation);
-                            // any other device (one already flagged, say,
-                            // added by another member) changes nothing and
-                            // is flagged again.
-                            if old.identity_key == pinned {
-                                tx.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
-                                self.key_change_lines(tx, &m.address.handle)?;
-                            } else {
-                                changed_flags
-                                    .push((m, "a device not certified by the identity key pinned for its account"));
-                            }
-                        }
-                    }
-                }
-                self.queue_member_checks(
-                    tx,
-                    &conversation,
-                    by,
-                    false,
-                    updated
-                        .iter()
-                        .map(|(_, m)| m)
-                        .filter(|m| !changed_flags.iter().any(|(f, _)| f.address == m.address)),
-                )?;
-                // The commit is applied whatever it adds, so this device stays
-                // in step with the epoch; a device certified by another key
-                // than the one pinned for its account is flagged instead, and
-                // sending here waits for the user (see `check_members`).
-                let mut flagged = Vec::new();
-                for m in &added {
-                    if let Err(e) = self.check_pinned_key(&*tx, &m.address.handle, &m.identity_key) {
-                        flagged.push((m, e.to_string()));
-                    }
-                }
-                tx.note_members(&conversation, &added.iter().map(|m| m.address.handle.as_str()).collect::<Vec<_>>())?;
-                self.queue_member_checks(
-                    tx,
-                    &conversation,
-                    by,
-                    false,
-                    added.iter().filter(|m| !flagged.iter().any(|(f, _)| f.address == m.address)),
-                )?;
-                if let Some(info) = renamed {
-                    tx.set_conversation_name(&conversation, &info.name)?;
-                    row.name = info.name.clone();
-                    self.record_system_line(
-                        tx,
-                        &row,
-                        by,
-                        format!("{} renamed the group to {}", self.who(&by.handle), info.name),
-                    )?;
-                }
-                let remaining: Vec<DeviceAddress> = if removed_self {
-                    Vec::new()
-                } else {
-                    self.engine.members(&conversation)?.into_iter().map(|m| m.address).collect()
-                };
-                let mut handles: Vec<&Handle> = added.iter().map(|m| &m.address.handle).collect();
-                handles.dedup();
-                for h in handles {
-                    let already = remaining.iter().any(|a| a.handle == *h && !added.iter().any(|m| m.address == *a));
-                    let text = if already || *h == by.handle {
-                        format!("{}'s new device joined", self.who(h))
-                    } else {
-                        format!("{} added {}", self.who(&by.handle), self.who(h))
-                    };
-                    self.record_system_line(tx, &row, by, text)?;
-                }
-                for (m, why) in flagged {
-                    self.flag_member(&row, by, m, &why)?;
-                }
-                for (m, why) in changed_flags {
-                    self.flag_member(&row, by, m, why)?;
-                }
-                let mut gone: Vec<&DeviceAddress> = removed.iter().map(|m| &m.address).collect();
-                for a in &gone {
-                    tx.drop_member_check(&conversation, a.handle.as_str(), Some(&a.device.to_hex()))?;
-                }
-                gone.dedup_by(|a, b| a.handle == b.handle);
-                for a in gone {
-                    let still_there = remaining.iter().any(|r| r.handle == a.handle);
-                    let text = if left.contains(a) {
-                        format!("{} left", self.who(&a.handle))
-                    } else if still_there || a.handle == by.handle {
-                        format!("{} removed a device of {}", self.who(&by.handle), self.who(&a.handle))
-                    } else {
-                        format!("{} removed {}", self.who(&by.handle), self.who(&a.handle))
-                    };
-                    self.record_system_line(tx, &row, by, text)?;
-                }
-                if removed_self {
-                    tx.deactivate_conversation(&conversation)?;
-                } else {
-                    if let Some(server) = &env.roster {
-                        self.compare_roster(tx, &conversation, server, &remaining)?;
-                    }
-                    if row.kind == "direct" {
-                        // A direct conversation holds exactly two accounts: one
-                        // that grew a third is closed here (the next send to the
-                        // peer starts a new one).
-                        let mut third: Vec<&str> = remaining
-                            .iter()
-                            .map(|a| a.handle.as_str())
-                            .filter(|h| *h != me.as_str() && Some(*h) != row.peer.as_deref())
-                            .collect();
-                        third.dedup();
-                        if !third.is_empty() {
-                            let why = format!(
-                                "{} added {} to the direct conversation #{}; a direct conversation holds exactly two \
-                                 accounts, so this device closed it (your next message starts a new one)",
-                                by.handle,
-                                third.join(", "),
-                                conversation.to_hex()
-                            );
-                            self.record_system_line(tx, &row, by, format!("warning: {why}"))?;
-                            tx.add_alert(&why)?;
-                            tx.deactivate_conversation(&conversation)?;
-                        }
-                    }
-                }
-                Ok(())
-            }
-            Event::LeaveProposed { conversation, member } => {
-                self.lock_to_commit().push((conversation, member.address));
-                Ok(())
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Compares the roster the server keeps for a conversation (sent with
-    /// each commit) with the MLS roster after it: a device the server lets
-    /// send there that is not a member is an alert. (Members the server
-    /// left out are not: a revoked device leaves the server's roster before
-    /// the commit that removes it.)
-    fn compare_roster(
-        &self,
-        tx: &mut dyn store::Tx,
-        conversation: &ConversationId,
-        server: &[DeviceAddress],
-        members: &[DeviceAddress],
-    ) -> Result<(), ClientError> {
-        let members: std::collections::HashSet<&DeviceAddress> = members.iter().collect();
-        let extra: Vec<String> = server.iter().filter(|a| !members.contains(a)).map(|a| a.to_string()).collect();
-        if extra.is_empty() {
-            return Ok(());
-        }
-        tx.add_alert(&format!(
-            "the server lets {} send to conversation #{}, though not a member: it does not keep this conversation's roster honestly",
-            extra.join(", "),
-            conversation.to_hex()
-        ))
-    }
-
-    /// Notes a sender's sequence number: a gap becomes a system line before
-    /// the message (the server dropped or is withholding messages). Returns
-    /// true when the message is older than one already shown (reordered).
-    fn note_sequence(
-        &self,
-        tx: &mut dyn store::Tx,
-        row: &store::ConversationRow,
-        from: &DeviceAddress,
-        seq: u64,
-    ) -> Result<bool, ClientError> {
-        if seq == 0 || (from.handle == *self.handle() && from.device == self.identity().device_id()) {
-            return Ok(false);
-        }
-        let device = format!("{}/{}", from.handle, from.device.to_hex());
-        match tx.arrived_seq(&row.id, &device, seq)? {
-            None => Ok(true),
-            Some(0) => Ok(false),
-            Some(missing) => {
-                let what = if missing == 1 { "1 message".to_string() } else { format!("{missing} messages") };
-                self.record_system_line(
-                    tx,
-                    row,
-                    from,
-                    format!(
-                        "{what} from {} did not arrive: the server dropped or is withholding them",
-                        self.who(&from.handle)
-                    ),
-                )?;
-                Ok(false)
-            }
-        }
-    }
-
-    fn conversation_row(&self, tx: &dyn store::Tx, id: &ConversationId) -> Result<store::ConversationRow, ClientError> {
-        tx.conversation(id)?.ok_or(ClientError::Core(CoreError::UnknownConversation))
-    }
-
-    /// Pins a contact's identity key on first sight; refuses a different one.
-    /// For this account's own handle, the key must be our own identity key.
-    fn check_member_key(
-        &self,
-        tx: &mut dyn store::Tx,
-        handle: &Handle,
-        identity_key: &[u8],
-    ) -> Result<(), ClientError> {
-        if handle != self.handle() && tx.contact_key(handle.as_str())?.is_none() {
-            return tx.pin_contact(handle.as_str(), identity_key);
-        }
-        self.check_pinned_key(&*tx, handle, identity_key)
-    }
-
-    /// As [`Self::check_member_key`], without pinning a key seen for the
-    /// first time: keys that arrive in Welcomes and commits are pinned only
-    /// once the key directory confirmed them ([`Self::check_members`]).
-    fn check_pinned_key(&self, tx: &dyn store::Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
-        if handle == self.handle() {
-            return if self.is_own_identity_key_in(tx, identity_key)? {
-                Ok(())
-            } else {
-                Err(CoreError::IdentityMismatch("a device of this account not certified by its identity key".into())
-                    .into())
-            };
-        }
-        match tx.contact_key(handle.as_str())? {
-            None => Ok(()),
-            Some(k) if k == identity_key => Ok(()),
-            Some(_) => Err(CoreError::IdentityMismatch(format!(
-                "{handle}'s identity key differs from the one this device has seen"
-            ))
-            .into()),
-        }
-    }
-
     async fn ack(&self, ids: Vec<u64>) -> Result<(), ClientError> {
         if ids.is_empty() {
             return Ok(());
         }
         let _: AckResponse = self.api.call(Method::POST, "/v1/inbox/ack", Some(&AckRequest { ids })).await?;
         Ok(())
-    }
-
-    fn process_batch(&self, envs: &[Envelope]) -> Result<Vec<u64>, ClientError> {
-        let mut ids = Vec::with_capacity(envs.len());
-        for env in envs {
-            self.process_envelope(env)?;
-            ids.push(env.id);
-        }
-        Ok(ids)
     }
 
     /// Fetches and processes everything queued. Returns how many envelopes.
@@ -1392,9 +653,10 @@ impl Subrosa {
         self.kt_monitor_self().await
     }
 
-    fn emit(&self, on: &mut dyn FnMut(&Received)) -> Result<usize, ClientError> {
-        let dropped: Vec<Received> = std::mem::take(&mut *self.lock_dropped());
-        let (unseen, alerts) = self.store.write(|tx| Ok((tx.take_unseen()?, tx.take_alerts()?)))?;
+    fn emit(&self, on: &mut (dyn FnMut(&Received) + Send)) -> Result<usize, ClientError> {
+        let dropped: Vec<Received> =
+            self.take_dropped().into_iter().map(|d| Received::Dropped { from: d.from, reason: d.reason }).collect();
+        let (unseen, alerts) = self.store().write(|tx| Ok((tx.take_unseen()?, tx.take_alerts()?)))?;
         let failed = self.take_failed_sends()?;
         let n = dropped.len() + unseen.len() + alerts.len() + failed.len();
         for m in unseen {
@@ -1425,7 +687,7 @@ impl Subrosa {
         &self,
         wait: Duration,
         ack: bool,
-        on: &mut dyn FnMut(&Received),
+        on: &mut (dyn FnMut(&Received) + Send),
     ) -> Result<usize, ClientError> {
         if ack {
             self.finish_key_switch().await?;
@@ -1486,7 +748,17 @@ impl Subrosa {
     ///
     /// # Errors
     /// Network, server and store errors.
-    pub async fn follow(&self, on: &mut dyn FnMut(&Received)) -> Result<(), ClientError> {
+    pub async fn follow(&self, on: &mut (dyn FnMut(&Received) + Send)) -> Result<(), ClientError> {
+        self.follow_with(on, &mut || ()).await
+    }
+
+    /// [`Self::follow`]; `on_connected` hears when the connection is up and
+    /// what was queued meanwhile was fetched and sent.
+    async fn follow_with(
+        &self,
+        on: &mut (dyn FnMut(&Received) + Send),
+        on_connected: &mut (dyn FnMut() + Send),
+    ) -> Result<(), ClientError> {
         // A commit still without an answer is retried like a lost connection.
         self.resolve_pending_commits().await.map_err(|e| match e {
             ClientError::Pending(text) => ClientError::Network(text),
@@ -1499,6 +771,7 @@ impl Subrosa {
         self.maintain_keys().await?;
         self.emit(on)?;
         let mut ws = self.api.connect().await?;
+        on_connected();
         let mut tick = tokio::time::interval(OUTBOX_RETRY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1507,7 +780,7 @@ impl Subrosa {
                 _ = tick.tick() => {
                     // Another command queued a send (a 503, a timeout) while
                     // this one stayed connected.
-                    if !self.store.read(|tx| tx.outbox_is_empty())? {
+                    if !self.store().read(|tx| tx.outbox_is_empty())? {
                         self.flush_outbox_inner(false).await?;
                         self.emit(on)?;
                     }
@@ -1523,7 +796,7 @@ impl Subrosa {
                     net::send_ack(&mut ws, ids).await?;
                     self.commit_pending_leaves_or_wait().await?;
                     self.kt_check_gossip().await?;
-                    if !self.store.read(|tx| tx.outbox_is_empty())? {
+                    if !self.store().read(|tx| tx.outbox_is_empty())? {
                         self.flush_outbox_inner(true).await?;
                     }
                     self.emit(on)?;
@@ -1543,14 +816,28 @@ impl Subrosa {
     /// As [`Self::follow`], minus the ones it retries.
     pub async fn follow_reconnecting(
         &self,
-        on: &mut dyn FnMut(&Received),
-        on_retry: &mut dyn FnMut(&ClientError, Duration),
+        on: &mut (dyn FnMut(&Received) + Send),
+        on_retry: &mut (dyn FnMut(&ClientError, Duration) + Send),
+    ) -> Result<(), ClientError> {
+        self.follow_reconnecting_with(on, on_retry, &mut || ()).await
+    }
+
+    /// [`Self::follow_reconnecting`]; `on_connected` hears each time the
+    /// device is connected and caught up.
+    ///
+    /// # Errors
+    /// As [`Self::follow_reconnecting`].
+    pub async fn follow_reconnecting_with(
+        &self,
+        on: &mut (dyn FnMut(&Received) + Send),
+        on_retry: &mut (dyn FnMut(&ClientError, Duration) + Send),
+        on_connected: &mut (dyn FnMut() + Send),
     ) -> Result<(), ClientError> {
         const FIRST: Duration = Duration::from_millis(500);
         let mut backoff = FIRST;
         loop {
             let started = Instant::now();
-            let e = match self.follow(on).await {
+            let e = match self.follow_with(on, on_connected).await {
                 Ok(()) => return Ok(()),
                 Err(e) if is_transient(&e) => e,
                 Err(e) => return Err(e),
@@ -1572,12 +859,12 @@ impl Subrosa {
     pub fn history(&self, target: &str) -> Result<Vec<StoredMessage>, ClientError> {
         let convs = match self.resolve(target)? {
             Target::Conversation(row) => vec![row],
-            Target::Direct(peer) => self.store.read(|tx| tx.conversations_with(peer.as_str()))?,
+            Target::Direct(peer) => self.store().read(|tx| tx.conversations_with(peer.as_str()))?,
         };
         if convs.is_empty() {
             return Err(ClientError::UnknownTarget(target.to_string()));
         }
-        self.store.read(|tx| tx.history(&convs))
+        self.store().read(|tx| tx.history(&convs))
     }
 
     /// Contacts, by handle.
@@ -1585,6 +872,6 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
-        self.store.read(|tx| tx.contacts())
+        self.store().read(|tx| tx.contacts())
     }
 }

@@ -18,15 +18,14 @@
 use std::collections::HashMap;
 
 use reqwest::Method;
-use subrosa_core::MemberInfo;
-use subrosa_proto::{AccountInfo, ConversationId, DeviceAddress, ErrorCode, Handle};
+
+use subrosa_proto::{AccountInfo, ConversationId, ErrorCode, Handle};
 
 use crate::conversations::Target;
-use crate::store::{ConversationRow, MemberCheck};
+use crate::store::MemberCheck;
 use crate::{ClientError, Subrosa};
 
-const UNCHECKED: &str = "unchecked";
-const CONTRADICTED: &str = "contradicted";
+use subrosa_session::{SystemEvent, CONTRADICTED, UNCHECKED};
 
 /// What the directory says about one account, fetched once per pass.
 enum Lookup {
@@ -37,50 +36,6 @@ enum Lookup {
 }
 
 impl Subrosa {
-    /// Marks a member device contradicted: system line, alert, and sending
-    /// there blocked until the user accepts or removes it.
-    pub(crate) fn flag_member(
-        &self,
-        row: &ConversationRow,
-        by: &DeviceAddress,
-        m: &MemberInfo,
-        why: &str,
-    ) -> Result<(), ClientError> {
-        self.store.add_member_check(&MemberCheck {
-            conversation: row.id,
-            handle: m.address.handle.to_string(),
-            device: m.address.device.to_hex(),
-            device_key: m.device_key.clone(),
-            identity_key: m.identity_key.clone(),
-            added_by: by.to_string(),
-            welcome: false,
-            state: CONTRADICTED.into(),
-            why: why.to_string(),
-        })?;
-        self.contradicted_line(row, &by.to_string(), m.address.handle.as_str(), &m.address.device.to_hex(), why)
-    }
-
-    fn contradicted_line(
-        &self,
-        row: &ConversationRow,
-        by: &str,
-        handle: &str,
-        device: &str,
-        why: &str,
-    ) -> Result<(), ClientError> {
-        let target = row.target();
-        let text = format!(
-            "{by} added a device {device} of {handle} to {target} that the key directory does not confirm ({why}); \
-             sending there is blocked until you accept it (subrosa accept-device {target} {device}) or remove it"
-        );
-        let from = by
-            .split_once('/')
-            .and_then(|(h, d)| Some(DeviceAddress { handle: Handle::new(h).ok()?, device: d.parse().ok()? }))
-            .unwrap_or_else(|| self.identity().address());
-        self.system_line(row, &from, format!("warning: {text}"))?;
-        self.store.add_alert(&text)
-    }
-
     async fn directory_lookup(&self, handle: &str) -> Result<Lookup, ClientError> {
         let Ok(h) = Handle::new(handle) else {
             return Ok(Lookup::Contradicts(format!("{handle:?} is not a handle")));
@@ -108,7 +63,7 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub(crate) async fn check_members(&self) -> Result<(), ClientError> {
-        let pending = self.store.member_checks(None, UNCHECKED)?;
+        let pending = self.store().member_checks(None, UNCHECKED)?;
         if pending.is_empty() {
             return Ok(());
         }
@@ -141,11 +96,11 @@ impl Subrosa {
                     (!listed).then(|| format!("the directory does not list this device of {}", c.handle))
                 }
             };
-            self.store.transaction(|| {
+            self.store().transaction(|| {
                 // The conversation may have changed meanwhile (the device
                 // removed, the conversation refused): only a row still queued counts.
                 let still = self
-                    .store
+                    .store()
                     .member_checks(Some(&c.conversation), UNCHECKED)?
                     .into_iter()
                     .any(|p| p.handle == c.handle && p.device == c.device);
@@ -155,10 +110,10 @@ impl Subrosa {
                 match verdict {
                     None => {
                         // Confirmed: pinned on first sight, like a claim's keys.
-                        if c.handle != self.handle().as_str() && self.store.contact_key(&c.handle)?.is_none() {
-                            self.store.pin_contact(&c.handle, &c.identity_key)?;
+                        if c.handle != self.handle().as_str() && self.store().contact_key(&c.handle)?.is_none() {
+                            self.store().pin_contact(&c.handle, &c.identity_key)?;
                         }
-                        self.store.drop_member_check(&c.conversation, &c.handle, Some(&c.device)).map(|_| ())
+                        self.store().drop_member_check(&c.conversation, &c.handle, Some(&c.device)).map(|_| ())
                     }
                     Some(why) => self.contradicted(&c, &why),
                 }
@@ -168,7 +123,7 @@ impl Subrosa {
     }
 
     fn contradicted(&self, c: &MemberCheck, why: &str) -> Result<(), ClientError> {
-        let Some(row) = self.store.conversation(&c.conversation)? else { return Ok(()) };
+        let Some(row) = self.store().conversation(&c.conversation)? else { return Ok(()) };
         if c.welcome {
             let what = if row.kind == "group" {
                 format!("the group {}", row.name)
@@ -183,10 +138,10 @@ impl Subrosa {
                 c.handle,
                 c.device
             );
-            self.store.drop_refused_conversation(&c.conversation)?;
-            return self.store.add_alert(&text);
+            self.store().drop_refused_conversation(&c.conversation)?;
+            return self.store().add_alert(&text);
         }
-        self.store.set_member_check(&c.conversation, &c.handle, &c.device, CONTRADICTED, why)?;
+        self.store().set_member_check(&c.conversation, &c.handle, &c.device, CONTRADICTED, why)?;
         self.contradicted_line(&row, &c.added_by, &c.handle, &c.device, why)
     }
 
@@ -197,7 +152,7 @@ impl Subrosa {
         conversation: &ConversationId,
         target: &str,
     ) -> Result<(), ClientError> {
-        match self.store.member_checks(Some(conversation), CONTRADICTED)?.into_iter().next() {
+        match self.store().member_checks(Some(conversation), CONTRADICTED)?.into_iter().next() {
             None => Ok(()),
             Some(c) => Err(ClientError::DeviceNotAccepted {
                 target: target.to_string(),
@@ -220,14 +175,14 @@ impl Subrosa {
         let conversation = match self.resolve(target)? {
             Target::Conversation(row) => row,
             Target::Direct(peer) => self
-                .store
+                .store()
                 .direct_conversation(peer.as_str())?
-                .and_then(|id| self.store.conversation(&id).transpose())
+                .and_then(|id| self.store().conversation(&id).transpose())
                 .transpose()?
                 .ok_or_else(|| ClientError::UnknownTarget(target.to_string()))?,
         };
         let device = device.trim().to_ascii_lowercase();
-        let flagged = self.store.member_checks(Some(&conversation.id), CONTRADICTED)?;
+        let flagged = self.store().member_checks(Some(&conversation.id), CONTRADICTED)?;
         let matching: Vec<&MemberCheck> =
             flagged.iter().filter(|c| !device.is_empty() && c.device.starts_with(&device)).collect();
         let c = match matching.as_slice() {
@@ -240,12 +195,12 @@ impl Subrosa {
             }
             _ => return Err(ClientError::Input(format!("{device:?} matches several devices; give more of its id"))),
         };
-        self.store.transaction(|| {
-            self.store.drop_member_check(&conversation.id, &c.handle, Some(&c.device))?;
+        self.store().transaction(|| {
+            self.store().drop_member_check(&conversation.id, &c.handle, Some(&c.device))?;
             self.system_line(
                 &conversation,
                 &self.identity().address(),
-                format!("you accepted {}'s device {}", c.handle, c.device),
+                SystemEvent::Note { text: format!("you accepted {}'s device {}", c.handle, c.device) },
             )
         })?;
         Ok(c.handle.clone())

@@ -23,9 +23,9 @@
 use subrosa_core::CoreError;
 use subrosa_proto::ConversationId;
 
-use crate::conversations::StagedChange;
 use crate::store::now_ms;
 use crate::{ClientError, Subrosa, KEY_PACKAGE_TARGET};
+use subrosa_session::StagedChange;
 
 const DAY_MS: u64 = 24 * 3_600_000;
 /// A device updates its keys in a conversation after sending this many
@@ -113,10 +113,10 @@ impl Subrosa {
 
     async fn update_keys_where(&self, due: impl Fn(u64, u64, u64, usize) -> bool) -> Result<Rekeyed, ClientError> {
         let mut done = Rekeyed { conversations: 0, pending: 0 };
-        for row in self.store.read(|tx| tx.active_conversations())? {
+        for row in self.store().read(|tx| tx.active_conversations())? {
             // Read as each comes: updating one conversation's keys may
             // have processed commits of the next.
-            let (last, sent) = self.store.read(|tx| tx.key_update_state(&row.id))?;
+            let (last, sent) = self.store().read(|tx| tx.key_update_state(&row.id))?;
             let now = now_ms();
             // The rule is most eager for small conversations: when even a
             // two-device one would not be due, skip loading the group (every
@@ -124,14 +124,14 @@ impl Subrosa {
             if !due(now, last, sent, 0) {
                 continue;
             }
-            let members = match self.engine.members(&row.id) {
+            let members = match self.engine().members(&row.id) {
                 Ok(m) => m.len(),
                 Err(CoreError::UnknownConversation) => continue,
                 Err(e) => return Err(e.into()),
             };
             // A conversation whose last change still waits for the server
             // gets its update after that one settles (which counts anyway).
-            if !due(now, last, sent, members) || self.store.read(|tx| tx.pending_commit(&row.id))?.is_some() {
+            if !due(now, last, sent, members) || self.store().read(|tx| tx.pending_commit(&row.id))?.is_some() {
                 continue;
             }
             match self.update_conversation_keys(&row.id).await {
@@ -143,7 +143,7 @@ impl Subrosa {
                     // every command: say so, go on with the others.
                     let alert =
                         format!("could not update this device's keys in conversation #{}: {e}", row.id.to_hex());
-                    self.store.write(|tx| tx.add_alert(&alert))?;
+                    self.store().write(|tx| tx.add_alert(&alert))?;
                 }
             }
         }
@@ -162,7 +162,7 @@ impl Subrosa {
     pub(crate) async fn rotate_key_packages(&self, force: bool) -> Result<(), ClientError> {
         let now = now_ms();
         let last = self
-            .store
+            .store()
             .read(|tx| tx.meta(META_KEY_PACKAGES_ROTATED))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_le_bytes);
@@ -170,7 +170,7 @@ impl Subrosa {
             return Ok(());
         }
         self.upload_key_packages_replacing(KEY_PACKAGE_TARGET as usize).await?;
-        self.store.write(|tx| {
+        self.store().write(|tx| {
             // Packages made before the previous rotation were replaced at
             // least one rotation ago: no Welcome for them can still come.
             tx.erase_key_packages_before(last.unwrap_or(0))?;
@@ -180,7 +180,7 @@ impl Subrosa {
 
     /// Records at registration that the key packages are new.
     pub(crate) fn note_key_packages_fresh(&self) -> Result<(), ClientError> {
-        self.store.write(|tx| tx.set_meta(META_KEY_PACKAGES_ROTATED, &now_ms().to_le_bytes()))
+        self.store().write(|tx| tx.set_meta(META_KEY_PACKAGES_ROTATED, &now_ms().to_le_bytes()))
     }
 
     /// When each member device of `conversation` last replaced its keys, as
@@ -193,8 +193,8 @@ impl Subrosa {
         conversation: &ConversationId,
         device: &subrosa_proto::DeviceAddress,
     ) -> Result<u64, ClientError> {
-        let own = *device == self.engine.identity().address();
-        self.store.read(|tx| {
+        let own = *device == self.engine().identity().address();
+        self.store().read(|tx| {
             if own {
                 return Ok(tx.key_update_state(conversation)?.0);
             }

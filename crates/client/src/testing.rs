@@ -16,7 +16,7 @@ impl Subrosa {
     pub async fn test_send_raw(&self, peer: &str, body: Body, kt_head: Option<Vec<u8>>) -> Result<(), ClientError> {
         self.sync().await?;
         let conversation = self
-            .store
+            .store()
             .read(|tx| tx.direct_conversation(peer))?
             .ok_or_else(|| ClientError::UnknownTarget(peer.to_string()))?;
         self.post_content_now(conversation, body, kt_head).await

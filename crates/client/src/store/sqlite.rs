@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 
 use super::*;
 use crate::ClientError;
+use subrosa_session::SystemEvent;
 
 const DB_FILE: &str = "subrosa.db";
 pub(crate) const KDF_FILE: &str = "kdf.json";
@@ -167,11 +168,16 @@ const SCHEMA: &[&str] = &[
     // echo of it, `meta` says what to re-stage when another commit won.
     "CREATE TABLE pending_commits (conversation BLOB PRIMARY KEY, send_id BLOB NOT NULL, request BLOB NOT NULL,
         commit_digest BLOB NOT NULL, meta BLOB NOT NULL, created_at INTEGER NOT NULL);",
+    // v10: system lines stored as typed events (JSON of
+    // `subrosa_session::SystemEvent`), each front end rendering them in its
+    // own words; `body` keeps the neutral English rendering. Lines stored
+    // before have no event and are shown as they were written.
+    "ALTER TABLE messages ADD COLUMN event TEXT;",
 ];
 
 const MESSAGE_COLUMNS: &str =
     "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, \
-     state, state_reason FROM messages";
+     state, state_reason, event FROM messages";
 
 fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Result<(i64, StoredMessage)> {
     let outgoing: bool = r.get(7)?;
@@ -198,6 +204,7 @@ fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Res
             text: r.get(6)?,
             outgoing,
             system,
+            event: if system { r.get::<_, Option<String>>(11)?.as_deref().and_then(SystemEvent::decode) } else { None },
             state,
             reason,
         },
@@ -400,7 +407,17 @@ impl Backend for SqliteStore {
         let entered = self.gate.enter(true)?;
         let mut tx = SqliteTx { conn: &self.conn };
         if !entered.outer() {
-            return f(&mut tx);
+            // A write inside a write is a savepoint: what it did goes with
+            // it when it fails, and the outer one goes on (or not) as it
+            // decides; nothing is durable before the outer one commits.
+            self.lock().execute_batch("SAVEPOINT nested").map_err(sql)?;
+            return match f(&mut tx) {
+                Ok(()) => self.lock().execute_batch("RELEASE nested").map_err(sql),
+                Err(e) => {
+                    let _ = self.lock().execute_batch("ROLLBACK TO nested; RELEASE nested");
+                    Err(e)
+                }
+            };
         }
         self.begin("BEGIN IMMEDIATE")?;
         match f(&mut tx) {
@@ -1128,8 +1145,8 @@ impl History for SqliteTx<'_> {
         let conn = self.lock();
         let n = conn
             .execute(
-                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (conversation, message_id) DO NOTHING",
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state, event)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (conversation, message_id) DO NOTHING",
                 params![
                     conversation.as_bytes().as_slice(),
                     message_id,
@@ -1141,7 +1158,8 @@ impl History for SqliteTx<'_> {
                     m.outgoing,
                     m.system,
                     seen,
-                    m.state.map(MessageState::as_str)
+                    m.state.map(MessageState::as_str),
+                    m.event.as_ref().map(SystemEvent::encode).transpose().map_err(|e| ClientError::Bug(e.to_string()))?
                 ],
             )
             .map_err(sql)?;
@@ -1524,10 +1542,11 @@ fn restrict_permissions(_path: &Path) {}
 
 #[cfg(test)]
 mod tests {
-    use super::super::conformance;
     use super::*;
+    use mls_rs_core::key_package::KeyPackageStorage;
     use std::sync::Arc;
     use subrosa_core::{DeviceIdentity, Engine};
+    use subrosa_session::store::conformance;
 
     macro_rules! conformance_tests {
         ($($name:ident),* $(,)?) => {
@@ -1541,7 +1560,7 @@ mod tests {
         };
     }
 
-    conformance::with_behaviours!(conformance_tests);
+    subrosa_session::with_behaviours!(conformance_tests);
 
     fn count(store: &SqliteStore) -> i64 {
         store.lock().query_row("SELECT count(*) FROM mls_key_package", [], |r| r.get(0)).unwrap_or(-1)
@@ -1685,6 +1704,16 @@ mod tests {
         m.outgoing = false;
         m.state = None;
         assert!(serde_json::to_string(&m).expect("json").ends_with(",\"system\":false}"));
+        // A system line carries its typed event.
+        let line = StoredMessage {
+            text: "bob left".into(),
+            system: true,
+            event: Some(SystemEvent::Left { member: "bob".into() }),
+            ..StoredMessage::default()
+        };
+        assert!(serde_json::to_string(&line).expect("json").ends_with(
+            r#","text":"bob left","outgoing":false,"system":true,"event":{"event":"left","member":"bob"}}"#
+        ));
     }
 
     #[test]

@@ -55,6 +55,7 @@ struct MessageRec {
     seen: bool,
     state: Option<MessageState>,
     reason: Option<String>,
+    event: Option<crate::SystemEvent>,
 }
 
 #[derive(Clone)]
@@ -141,7 +142,13 @@ impl Backend for MemoryStore {
         let entered = self.gate.enter(true)?;
         let mut tx = MemTx { state: &self.state };
         if !entered.outer() {
-            return f(&mut tx);
+            // A write inside a write is a savepoint (see the SQLCipher store).
+            let saved = self.lock().working.clone();
+            let result = f(&mut tx);
+            if result.is_err() {
+                self.lock().working = saved;
+            }
+            return result;
         }
         {
             let mut s = self.lock();
@@ -185,6 +192,7 @@ fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
         system: m.system,
         state,
         reason: if state == Some(MessageState::Failed) { m.reason.clone() } else { None },
+        event: m.event.clone(),
     }
 }
 
@@ -703,6 +711,7 @@ impl History for MemTx<'_> {
                     seen,
                     state: m.state,
                     reason: None,
+                    event: m.event.clone(),
                 },
             );
             if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *conversation) {
@@ -969,5 +978,5 @@ mod tests {
         };
     }
 
-    conformance::with_behaviours!(conformance_tests);
+    crate::with_behaviours!(conformance_tests);
 }

@@ -2,8 +2,8 @@
 //!
 //! Each function takes a fresh store and panics on a violation. A backend's
 //! test module instantiates all of them with [`with_behaviours`], one test
-//! per behaviour: the SQLCipher backend in `sqlite::tests`, the in-memory
-//! one in `memory::tests`.
+//! per behaviour: the SQLCipher backend in `subrosa-client`'s `sqlite::tests`,
+//! the in-memory one in `memory::tests`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 use super::*;
 
 /// Every behaviour, for a backend's test module to instantiate.
+#[macro_export]
 macro_rules! with_behaviours {
     ($m:ident) => {
         $m!(
@@ -29,6 +30,7 @@ macro_rules! with_behaviours {
             key_update_bookkeeping,
             member_checks_upsert_filter_and_drop,
             history_keeps_one_copy_per_message_id_in_arrival_order,
+            system_lines_keep_their_typed_event,
             unseen_messages_are_handed_out_once,
             sequence_numbers_count_gaps_and_late_arrivals,
             outbox_keeps_sending_order_and_requests,
@@ -47,7 +49,7 @@ macro_rules! with_behaviours {
         );
     };
 }
-pub(crate) use with_behaviours;
+pub use crate::with_behaviours;
 
 fn conv(n: u8) -> ConversationId {
     ConversationId([n; 16])
@@ -66,6 +68,21 @@ fn message(from: &str, text: &str, at: u64) -> StoredMessage {
         text: text.into(),
         ..StoredMessage::default()
     }
+}
+
+pub fn system_lines_keep_their_typed_event(store: Store) {
+    let id = ConversationId([3; 16]);
+    store.write(|tx| tx.add_conversation(&id, "group", "club", None)).expect("conversation");
+    let event = crate::SystemEvent::Removed { by: "bob".into(), member: "carol".into() };
+    let line = StoredMessage { system: true, event: Some(event.clone()), ..message("bob", "bob removed carol", 1) };
+    store.write(|tx| tx.insert_message(&line, &id, &[1; 16], false)).expect("insert");
+    store.write(|tx| tx.insert_message(&message("bob", "plain", 2), &id, &[2; 16], false)).expect("insert");
+    let row = store.read(|tx| tx.conversation(&id)).expect("read").expect("row");
+    let history = store.read(|tx| tx.history(&[row])).expect("history");
+    assert_eq!(history.iter().map(|m| m.event.clone()).collect::<Vec<_>>(), [Some(event.clone()), None]);
+    let unseen = store.write(|tx| tx.take_unseen()).expect("unseen");
+    assert_eq!(unseen[0].event, Some(event));
+    assert_eq!(unseen[0].text, "bob removed carol");
 }
 
 pub fn meta_round_trip(store: Store) {
@@ -671,6 +688,22 @@ pub fn a_write_inside_a_read_is_refused(store: Store) {
     // A write inside a write joins it.
     store.write(|_| store.write(|tx| tx.set_meta("k", b"v"))).expect("nested");
     assert!(store.read(|tx| tx.meta("k")).expect("read").is_some());
+    // A failed write inside a write leaves nothing of its own, and the
+    // outer one keeps what it did before and after (a savepoint).
+    store
+        .write(|tx| {
+            tx.set_meta("before", b"1")?;
+            let inner = store.write(|tx| {
+                tx.set_meta("inner", b"2")?;
+                tx.delete_meta("k")?;
+                Err::<(), _>(no("inner fails"))
+            });
+            assert!(inner.is_err());
+            tx.set_meta("after", b"3")
+        })
+        .expect("outer");
+    let kept = |k: &str| store.read(|tx| tx.meta(k)).expect("read").is_some();
+    assert!(kept("before") && kept("after") && kept("k") && !kept("inner"));
 }
 
 pub fn two_engines_exchange_a_message_over_the_store(store: Store) {

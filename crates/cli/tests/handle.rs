@@ -1,0 +1,81 @@
+//! The shared client handle (`subrosa_client::Client`) against a real
+//! server process: what the terminal UI, the daemon and bots build on.
+//! Commands by conversation id, one typed event stream read by several
+//! subscribers, the follow loop on a task of its own (the handle is `Send`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use subrosa_client::{Client, ClientEvent, Subrosa};
+use subrosa_proto::ConversationId;
+use tokio::sync::broadcast::Receiver;
+
+/// The next event a subscriber sees that `keep` accepts, within 30 s.
+async fn next_where(rx: &mut Receiver<ClientEvent>, keep: impl Fn(&ClientEvent) -> bool) -> ClientEvent {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let e = rx.recv().await.expect("the stream goes on");
+            if keep(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the event arrived in time")
+}
+
+fn is_message(text: &str) -> impl Fn(&ClientEvent) -> bool + '_ {
+    move |e| matches!(e, ClientEvent::Message(m) if m.text == text)
+}
+
+#[test]
+fn two_subscribers_see_what_arrives_and_a_reply_goes_out_by_conversation_id() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "first");
+    bob.receive_json(&[]);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = Client::new(Subrosa::open(&bob.home(), PASS).expect("open bob"));
+        let (mut ui, mut bot) = (client.events(), client.events());
+        // The follow loop runs on a task of its own.
+        let running = client.spawn();
+        next_where(&mut ui, |e| matches!(e, ClientEvent::Connected)).await;
+
+        // While bob's handle is connected, alice sends from the command line.
+        let alice_home = alice.home();
+        let sent = tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(subrosa_bin())
+                .args(["--home", alice_home.to_str().expect("utf-8"), "send", "bob", "second"])
+                .env("SUBROSA_PASSPHRASE", PASS)
+                .env("SUBROSA_KEY_CACHE", "off")
+                .output()
+                .expect("run subrosa");
+            assert!(out.status.success(), "send: {}", stderr(&out));
+        });
+        sent.await.expect("alice sent");
+        let got = next_where(&mut ui, is_message("second")).await;
+        let ClientEvent::Message(m) = got else { unreachable!() };
+        assert_eq!((m.from.as_str(), m.outgoing, m.system), ("alice", false, false));
+        // The second subscriber reads the same stream on its own.
+        next_where(&mut bot, is_message("second")).await;
+
+        // bob answers by conversation id, not by a name the CLI resolves.
+        let id: ConversationId = m.conversation.parse().expect("conversation id");
+        let reply = client.send_text(&id, "reply by id").await.expect("sent");
+        assert_eq!(reply.text, "reply by id");
+        assert!(client.history(&id).expect("history").iter().any(|h| h.text == "reply by id"));
+        // An id this device does not have is refused, not guessed.
+        let unknown = ConversationId([7; 16]);
+        assert!(client.send_text(&unknown, "nowhere").await.is_err());
+        running.abort();
+    });
+    let got = alice.receive_json(&[]);
+    assert!(texts(&got).contains(&"reply by id".to_string()), "{got:?}");
+}

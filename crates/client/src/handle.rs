@@ -1,0 +1,166 @@
+//! [`Client`]: one device, shared by every front end.
+//!
+//! A `Client` is cheap to clone and `Send + Sync`: a terminal UI, a daemon
+//! answering several sockets, a bot or a benchmark hold clones of one and
+//! call it from any task. [`Client::events`] hands each subscriber its own
+//! stream of typed [`ClientEvent`]s; [`Client::run`] (or
+//! [`Client::spawn`]) keeps the device connected, reconnecting by itself,
+//! and publishes everything that arrives, every alert and every change of
+//! connection. Commands address conversations by id
+//! ([`ConversationId`]); resolving what a user typed (`@handle`, a group
+//! name, `#id`) is the command line's business ([`Subrosa::resolve`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use subrosa_proto::ConversationId;
+use tokio::sync::broadcast;
+
+use crate::store::StoredMessage;
+use crate::{ClientError, FailedSend, Received, Subrosa};
+
+/// How many events a subscriber may fall behind before it misses some
+/// (it is then told how many, [`broadcast::error::RecvError::Lagged`]; the
+/// messages themselves stay in history).
+const EVENT_BUFFER: usize = 4096;
+
+/// Something that happened on this device, for every front end.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// A message arrived and is stored in history.
+    Message(StoredMessage),
+    /// A system line was stored in a conversation's history: membership,
+    /// devices, key changes, a gap, a late message, a warning.
+    System(StoredMessage),
+    /// A message that could not be decrypted or authenticated was dropped.
+    Dropped {
+        /// The claimed sender (as the server said).
+        from: String,
+        /// Why.
+        reason: String,
+    },
+    /// A security alert (a key-directory fork, a ghost device, a refused
+    /// takeover).
+    Alert(String),
+    /// A queued message the server refused: it will not be sent.
+    SendFailed(FailedSend),
+    /// Connected to the server (again): what was queued meanwhile was
+    /// fetched and sent.
+    Connected,
+    /// The connection was lost; the next try is in `retry_in`.
+    Disconnected {
+        /// Why.
+        reason: String,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
+}
+
+impl From<&Received> for ClientEvent {
+    fn from(r: &Received) -> Self {
+        match r {
+            Received::Message(m) if m.system => ClientEvent::System(m.clone()),
+            Received::Message(m) => ClientEvent::Message(m.clone()),
+            Received::Dropped { from, reason } => ClientEvent::Dropped { from: from.clone(), reason: reason.clone() },
+            Received::Alert(a) => ClientEvent::Alert(a.clone()),
+            Received::Failed(f) => ClientEvent::SendFailed(f.clone()),
+        }
+    }
+}
+
+struct Inner {
+    device: Subrosa,
+    events: broadcast::Sender<ClientEvent>,
+}
+
+/// One device, shared: see the module documentation.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("device", &self.inner.device).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// The shared handle of an opened device.
+    pub fn new(device: Subrosa) -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Client { inner: Arc::new(Inner { device, events }) }
+    }
+
+    /// The device, for every command not yet on the handle.
+    pub fn device(&self) -> &Subrosa {
+        &self.inner.device
+    }
+
+    /// A new subscription: every event published from now on, in order.
+    pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn publish(&self, e: ClientEvent) {
+        // No subscriber is not an error: everything stays in history.
+        let _ = self.inner.events.send(e);
+    }
+
+    /// Keeps the device connected and publishes what happens, until an
+    /// error retrying cannot fix (refused credentials, a removed device,
+    /// the local store).
+    ///
+    /// # Errors
+    /// As [`Subrosa::follow_reconnecting`].
+    pub async fn run(&self) -> Result<(), ClientError> {
+        let mut publish_received = |r: &Received| self.publish(r.into());
+        let mut on_retry = |e: &ClientError, wait: Duration| {
+            self.publish(ClientEvent::Disconnected { reason: e.to_string(), retry_in: wait })
+        };
+        let mut on_connected = || self.publish(ClientEvent::Connected);
+        self.inner.device.follow_reconnecting_with(&mut publish_received, &mut on_retry, &mut on_connected).await
+    }
+
+    /// [`Self::run`] on a task of the current tokio runtime.
+    pub fn spawn(&self) -> tokio::task::JoinHandle<Result<(), ClientError>> {
+        let me = self.clone();
+        tokio::spawn(async move { me.run().await })
+    }
+
+    /// Sends `text` to the conversation `id`; returns the stored message
+    /// (queued when the server cannot be reached: it goes out with the next
+    /// connection).
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`] for a conversation this device does
+    /// not have (or no longer takes part in); as [`Subrosa::send_text`].
+    pub async fn send_text(&self, id: &ConversationId, text: &str) -> Result<StoredMessage, ClientError> {
+        let row = self.inner.device.store().read(|tx| tx.conversation(id))?;
+        match row {
+            Some(row) if row.active && row.kind != "own" => {
+                self.inner.device.send_text(&format!("#{}", id.to_hex()), text).await
+            }
+            _ => Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
+        }
+    }
+
+    /// The history of the conversation `id`, oldest first.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`] for a conversation this device does not have.
+    pub fn history(&self, id: &ConversationId) -> Result<Vec<StoredMessage>, ClientError> {
+        let store = self.inner.device.store();
+        store.read(|tx| match tx.conversation(id)? {
+            Some(row) if row.kind != "own" => tx.history(&[row]),
+            _ => Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
+        })
+    }
+}
+
+// A front end moves clones across tasks and threads.
+const _: fn() = || {
+    fn shared<T: Send + Sync + Clone + 'static>() {}
+    shared::<Client>();
+};

@@ -1,0 +1,25 @@
+//! The Subrosa client session, without I/O.
+//!
+//! Everything a device decides lives here, over the [`store`] trait: what
+//! an incoming envelope means (Welcomes, commits, messages), which keys are
+//! pinned and which are refused, gaps, replays and reorders, and what is
+//! stored and shown. It holds no socket, file or clock of its own: callers
+//! hand it envelopes, the time (a [`Clock`]) and a store, and get back
+//! typed [`SessionEvent`]s and the work to do next; randomness comes from
+//! the MLS crypto provider it is built with. The native clients
+//! (`subrosa-client`) run it over SQLCipher and the network; it builds for
+//! `wasm32-unknown-unknown` with the pure-Rust provider (`--features
+//! browser`), for the web client.
+
+mod error;
+pub mod store;
+
+pub use error::ClientError;
+mod session;
+mod system;
+
+pub use session::*;
+pub use system::{Advice, SystemEvent};
+
+#[cfg(test)]
+mod tests;

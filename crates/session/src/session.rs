@@ -1,0 +1,1188 @@
+//! The session: one device's messenger rules over its store.
+//!
+//! [`Session`] applies what arrives (Welcomes, commits, application
+//! messages) inside one store transaction per envelope: the checks that
+//! refuse a takeover or a key this device has not pinned, the sequence
+//! numbers that reveal a gap or a reorder, the system lines, the handover of
+//! a new identity key. It never touches the network: what needs the server
+//! afterwards (a leave to commit, member devices to look up in the key
+//! directory) is left in the store or in [`Session::next_leave_to_commit`]
+//! for the caller, and the time comes from its [`Clock`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subrosa_core::content::{Body, IdentityHandover};
+use subrosa_core::{ConversationKind, CoreError, DeviceIdentity, Engine, Event, MemberInfo};
+use subrosa_proto::{ConversationId, DeviceAddress, Envelope, Handle, MessageId, MessageKind, B64};
+
+use crate::store::{
+    ConversationRow, GroupStore, KeyPackageStore, MemberCheck, PendingCommit, Store, StoredMessage, Tx,
+};
+use crate::{ClientError, SystemEvent};
+
+/// The MLS crypto provider the session is built with: AWS-LC on the native
+/// clients, RustCrypto (pure Rust, for wasm32) with `--features browser`.
+#[cfg(feature = "awslc")]
+pub type Crypto = subrosa_core::DefaultCrypto;
+/// The MLS crypto provider the session is built with: AWS-LC on the native
+/// clients, RustCrypto (pure Rust, for wasm32) with `--features browser`.
+#[cfg(not(feature = "awslc"))]
+pub type Crypto = subrosa_core::RustCrypto;
+
+/// The MLS engine of a session, over its store.
+pub type SessionEngine = Engine<Crypto, GroupStore, KeyPackageStore>;
+
+/// What an unsupported content kind is stored and shown as.
+pub const UNSUPPORTED_TEXT: &str = "unsupported message (sent by a newer Subrosa)";
+
+/// Meta key of an identity key handed over by another device of this
+/// account, adopted once the directory lists it.
+pub const META_PENDING_IDENTITY: &str = "pending_identity";
+/// Meta key of this device's own identity-key rotation not yet published.
+pub const META_PENDING_KEY_SET: &str = "pending_key_set";
+
+/// A member check waiting for the key directory.
+pub const UNCHECKED: &str = "unchecked";
+/// A member check the key directory contradicted.
+pub const CONTRADICTED: &str = "contradicted";
+
+/// Where the session's time comes from (ms since the Unix epoch). The
+/// native clients use [`SystemClock`]; tests hand in a fixed one.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Now, in ms since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        crate::store::now_ms()
+    }
+}
+
+/// One device of one account: its identity, store and MLS engine, and the
+/// rules that apply what arrives.
+pub struct Session {
+    /// The account's handle (never changes, whatever keys rotate).
+    handle: Handle,
+    store: Store,
+    engine: SessionEngine,
+    clock: Arc<dyn Clock>,
+    /// Messages dropped while processing, reported by the next receive.
+    dropped: Mutex<Vec<Dropped>>,
+    /// Conversations with a leave proposal this device should commit.
+    to_commit: Mutex<Vec<(ConversationId, DeviceAddress)>>,
+    /// Per conversation, the sender of the last commit this device could
+    /// not process (named if the conversation turns out stuck).
+    unprocessable: Mutex<HashMap<ConversationId, DeviceAddress>>,
+}
+
+/// A message that could not be decrypted or authenticated and was dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// Claimed sender (as the server said).
+    pub from: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("device", &self.engine.identity()).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// The session of `identity` over `store`, with `crypto` and `clock`.
+    pub fn new(crypto: Crypto, identity: DeviceIdentity, store: Store, clock: Arc<dyn Clock>) -> Self {
+        let handle = identity.handle().clone();
+        let engine = Engine::new(crypto, identity, store.groups(), store.key_packages());
+        Session {
+            handle,
+            store,
+            engine,
+            clock,
+            dropped: Mutex::new(Vec::new()),
+            to_commit: Mutex::new(Vec::new()),
+            unprocessable: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The MLS engine.
+    pub fn engine(&self) -> &SessionEngine {
+        &self.engine
+    }
+
+    /// Now, by the session's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// A fresh random id, from the crypto provider's random source.
+    ///
+    /// # Errors
+    /// [`ClientError::Core`] when the random source fails.
+    pub fn random_id(&self) -> Result<[u8; 16], ClientError> {
+        let mut id = [0u8; 16];
+        subrosa_core::random_bytes(self.engine.crypto(), &mut id)?;
+        Ok(id)
+    }
+
+    /// The messages dropped since the last call.
+    pub fn take_dropped(&self) -> Vec<Dropped> {
+        std::mem::take(&mut *self.lock_dropped())
+    }
+
+    /// The oldest leave proposal seen and not yet handed out, for the
+    /// caller to commit (conversation, leaving device).
+    pub fn next_leave_to_commit(&self) -> Option<(ConversationId, DeviceAddress)> {
+        let mut q = self.lock_to_commit();
+        (!q.is_empty()).then(|| q.remove(0))
+    }
+
+    /// Processes one envelope inside one store transaction; what it yields is
+    /// stored (and shown by the next receive). The caller acknowledges it.
+    pub fn process_envelope(&self, env: &Envelope) -> Result<(), ClientError> {
+        let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
+        if self.store.read(|tx| tx.is_processed(&digest))? {
+            // Delivered again after a crash before the ack: already stored.
+            return Ok(());
+        }
+        let result = self.store.write(|tx| {
+            let event = match env.kind {
+                MessageKind::Welcome => {
+                    let seen: &dyn Tx = &*tx;
+                    self.engine.join_checked(
+                        env.ciphertext.as_slice(),
+                        |id| self.check_welcome_id(seen, env, id),
+                        |id, info, members| self.check_welcome_members(seen, env, id, info, members),
+                    )?
+                }
+                MessageKind::Commit | MessageKind::Application => {
+                    if let Some(row) = tx.conversation(&env.conversation)? {
+                        if !row.active {
+                            return Err(CoreError::UnknownConversation.into());
+                        }
+                    }
+                    // The echo of this device's own staged commit, whose
+                    // answer was lost: processing it applies the staged
+                    // commit (mls-rs recognises it), then it is finished
+                    // as if the answer had come.
+                    let own = match env.kind {
+                        MessageKind::Commit => tx
+                            .pending_commit(&env.conversation)?
+                            .filter(|p| p.commit_digest == digest && env.sender == self.identity().address()),
+                        _ => None,
+                    };
+                    let event = self.engine.process(&env.conversation, env.ciphertext.as_slice())?;
+                    if let Some(own) = own {
+                        self.finish_pending(tx, &own)?;
+                        return tx.mark_processed(&digest);
+                    }
+                    event
+                }
+            };
+            self.apply_event(tx, env, event)?;
+            tx.mark_processed(&digest)
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(ClientError::Refused { conversation, why }) => {
+                // Nothing of it was stored (the transaction rolled back);
+                // the user sees who tried what, in the conversation it
+                // concerns when this device has it, and as an alert.
+                self.store.write(|tx| {
+                    tx.mark_processed(&digest)?;
+                    if let Some(row) = conversation.map(|c| tx.conversation(&c)).transpose()?.flatten() {
+                        self.record_system_line(tx, &row, &env.sender, SystemEvent::Warning { text: why.clone() })?;
+                    }
+                    tx.add_alert(&why)
+                })
+            }
+            Err(ClientError::Core(e)) => {
+                if env.kind == MessageKind::Commit {
+                    self.lock_unprocessable().insert(env.conversation, env.sender.clone());
+                }
+                self.store.write(|tx| {
+                    if env.kind == MessageKind::Commit && tx.conversation(&env.conversation)?.is_some_and(|r| r.active) {
+                        // Remembered: a member may re-create it without them.
+                        tx.set_meta(&stuck_key(&env.conversation), env.sender.to_string().as_bytes())?;
+                        // The server ordered it, so nobody can commit in this
+                        // conversation any more (RFC 9750 §5.3): say who.
+                        tx.add_alert(&format!(
+                            "{} sent a commit to conversation #{} that could not be processed; changes there will fail until it is recreated without them",
+                            env.sender,
+                            env.conversation.to_hex()
+                        ))?;
+                    }
+                    // Undecryptable or unauthenticated: tampered, replayed,
+                    // not for us, or from a device we refuse. Drop it (it can
+                    // never become readable) and say so.
+                    tx.mark_processed(&digest)
+                })?;
+                self.lock_dropped().push(Dropped { from: env.sender.to_string(), reason: e.to_string() });
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lock_dropped(&self) -> MutexGuard<'_, Vec<Dropped>> {
+        self.dropped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn lock_unprocessable(&self) -> MutexGuard<'_, HashMap<ConversationId, DeviceAddress>> {
+        self.unprocessable.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_to_commit(&self) -> MutexGuard<'_, Vec<(ConversationId, DeviceAddress)>> {
+        self.to_commit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a system line (membership, renames) in a conversation's
+    /// history, in a transaction of its own or joining the one this thread
+    /// has open (for callers not converted to [`Self::record_system_line`]).
+    pub fn system_line(
+        &self,
+        row: &ConversationRow,
+        from: &DeviceAddress,
+        event: SystemEvent,
+    ) -> Result<(), ClientError> {
+        self.store.write(|tx| self.record_system_line(tx, row, from, event))
+    }
+
+    /// Records a system line (membership, renames) in a conversation's history.
+    pub fn record_system_line(
+        &self,
+        tx: &mut dyn Tx,
+        row: &ConversationRow,
+        from: &DeviceAddress,
+        event: SystemEvent,
+    ) -> Result<(), ClientError> {
+        // The conversation of this account's own devices is never shown.
+        if row.kind == "own" {
+            return Ok(());
+        }
+        let id = self.random_id()?;
+        let now = self.now_ms();
+        let m = StoredMessage {
+            id: hex::encode(id),
+            conversation: row.id.to_hex(),
+            target: row.target(),
+            group: row.kind == "group",
+            from: from.handle.to_string(),
+            device: from.device.to_hex(),
+            sent_at: now,
+            received_at: now,
+            text: event.render(self.handle().as_str()),
+            outgoing: from.handle == *self.handle(),
+            system: true,
+            state: None,
+            reason: None,
+            event: Some(event),
+        };
+        let seen = m.outgoing && from.device == self.identity().device_id();
+        tx.insert_message(&m, &row.id, &id, seen).map(|_| ())
+    }
+
+    pub fn who(&self, h: &Handle) -> String {
+        if h == self.handle() {
+            "you".into()
+        } else {
+            h.to_string()
+        }
+    }
+
+    /// A Welcome for a conversation id this device knows or ever knew is a
+    /// takeover attempt (or a re-admission of a removed member): refused
+    /// before anything is joined or stored.
+    pub fn check_welcome_id(&self, tx: &dyn Tx, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
+        let refuse = match tx.known_conversation(id)? {
+            None => false,
+            // Known only from the history the approving device handed over
+            // when this one was linked: that account's Welcome is expected.
+            Some(true) => env.sender.handle != *self.handle(),
+            Some(false) => true,
+        };
+        if refuse {
+            return Err(ClientError::Refused {
+                conversation: Some(*id),
+                why: format!(
+                    "{} (device {}) sent an invitation to conversation #{} that this device already knows or knew; \
+                     it was refused and the conversation is unchanged (someone may be trying to take it over)",
+                    env.sender.handle,
+                    env.sender.device.to_hex(),
+                    id.to_hex()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// What a Welcome must show before it is joined: its sender among the
+    /// members, every member certified by the identity key pinned for its
+    /// account, and a direct conversation between exactly two accounts, the
+    /// inviter's and ours.
+    pub fn check_welcome_members(
+        &self,
+        tx: &dyn Tx,
+        env: &Envelope,
+        id: &ConversationId,
+        info: &subrosa_core::ConversationInfo,
+        members: &[subrosa_core::MemberInfo],
+    ) -> Result<(), ClientError> {
+        if !members.iter().any(|m| m.address == env.sender) {
+            return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
+        }
+        for m in members {
+            self.check_pinned_key(tx, &m.address.handle, &m.identity_key)?;
+        }
+        if info.kind == ConversationKind::Own && members.iter().any(|m| m.address.handle != *self.handle()) {
+            return Err(ClientError::Refused {
+                conversation: None,
+                why: format!(
+                    "{} (device {}) sent an invitation to conversation #{} of this account's own devices with \
+                     another account in it; it was refused",
+                    env.sender.handle,
+                    env.sender.device.to_hex(),
+                    id.to_hex()
+                ),
+            });
+        }
+        if info.kind == ConversationKind::Direct {
+            let mut accounts: Vec<&Handle> = members.iter().map(|m| &m.address.handle).collect();
+            accounts.sort();
+            accounts.dedup();
+            if accounts.len() != 2 || !accounts.contains(&self.handle()) {
+                let names: Vec<String> = accounts.iter().map(|h| h.to_string()).collect();
+                return Err(ClientError::Refused {
+                    conversation: None,
+                    why: format!(
+                        "{} (device {}) sent an invitation to a direct conversation #{} whose members are the \
+                         accounts {}; a direct conversation holds exactly two accounts, so it was refused",
+                        env.sender.handle,
+                        env.sender.device.to_hex(),
+                        id.to_hex(),
+                        names.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues member devices for the key-directory check (run after the
+    /// store transaction, [`Self::check_members`]).
+    pub fn queue_member_checks<'a>(
+        &self,
+        tx: &mut dyn Tx,
+        conversation: &ConversationId,
+        added_by: &DeviceAddress,
+        welcome: bool,
+        members: impl IntoIterator<Item = &'a subrosa_core::MemberInfo>,
+    ) -> Result<(), ClientError> {
+        let me = self.identity().address();
+        for m in members {
+            if m.address == me {
+                continue;
+            }
+            tx.add_member_check(&MemberCheck {
+                conversation: *conversation,
+                handle: m.address.handle.to_string(),
+                device: m.address.device.to_hex(),
+                device_key: m.device_key.clone(),
+                identity_key: m.identity_key.clone(),
+                added_by: added_by.to_string(),
+                welcome,
+                state: "unchecked".into(),
+                why: String::new(),
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn apply_event(&self, tx: &mut dyn Tx, env: &Envelope, event: Event) -> Result<(), ClientError> {
+        let me = self.handle().clone();
+        match event {
+            Event::Joined { conversation, info, members } => {
+                // Checked before joining (`check_welcome_members`); the
+                // directory check follows outside this transaction.
+                tx.note_members(&conversation, &members.iter().map(|m| m.address.handle.as_str()).collect::<Vec<_>>())?;
+                self.queue_member_checks(tx, &conversation, &env.sender, true, &members)?;
+                match info.kind {
+                    ConversationKind::Direct => {
+                        let peer = members
+                            .iter()
+                            .map(|m| &m.address.handle)
+                            .find(|h| **h != me)
+                            .ok_or(ClientError::Core(CoreError::Malformed("direct conversation without a peer")))?;
+                        tx.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
+                    }
+                    // Nothing to show: it only carries identity keys.
+                    ConversationKind::Own => tx.add_conversation(&conversation, "own", "", None)?,
+                    ConversationKind::Group => {
+                        tx.add_conversation(&conversation, "group", &info.name, None)?;
+                        let row = self.conversation_row(tx, &conversation)?;
+                        let event = if env.sender.handle == me {
+                            SystemEvent::JoinedGroup { group: info.name.clone() }
+                        } else {
+                            SystemEvent::AddedYou { by: env.sender.handle.to_string(), group: info.name.clone() }
+                        };
+                        self.record_system_line(tx, &row, &env.sender, event)?;
+                        self.retire_replaced(tx, &row, &env.sender, &members)?;
+                    }
+                }
+                Ok(())
+            }
+            Event::Message { conversation, sender, content } => {
+                if sender.address != env.sender {
+                    return Err(CoreError::IdentityMismatch(
+                        "server-claimed sender differs from the MLS sender".into(),
+                    )
+                    .into());
+                }
+                self.check_member_key(tx, &sender.address.handle, &sender.identity_key)?;
+                let row = self.conversation_row(tx, &conversation)?;
+                // The sender's head is evidence, checked at the end of the
+                // sync (at most one pending per member: its newest).
+                if let Some(head) = &content.kt_head {
+                    if let Ok(h) = subrosa_proto::kt::SignedHead::decode(head) {
+                        tx.push_kt_head_gossip(sender.address.handle.as_str(), h.epoch, head)?;
+                    } else {
+                        tx.push_kt_head_gossip(sender.address.handle.as_str(), u64::MAX, head)?;
+                    }
+                }
+                let late = self.note_sequence(tx, &row, &sender.address, content.seq)?;
+                // The account's own conversation carries identity keys and
+                // nothing else; an identity key anywhere else is ignored.
+                if row.kind == "own" || matches!(content.body, Body::IdentityKey(_)) {
+                    if let (Body::IdentityKey(h), true) =
+                        (&content.body, row.kind == "own" && sender.address.handle == me)
+                    {
+                        self.receive_handover(tx, &sender.address, h)?;
+                    }
+                    return Ok(());
+                }
+                // A kind from a newer Subrosa is stored and shown as such; it
+                // counts in the sender's sequence like any message.
+                let text = match content.body {
+                    Body::Text(t) => t,
+                    _ => UNSUPPORTED_TEXT.to_string(),
+                };
+                let m = StoredMessage {
+                    id: content.message_id.to_hex(),
+                    conversation: conversation.to_hex(),
+                    target: row.target(),
+                    group: row.kind == "group",
+                    from: sender.address.handle.to_string(),
+                    device: sender.address.device.to_hex(),
+                    sent_at: content.sent_at_ms,
+                    received_at: self.now_ms(),
+                    text,
+                    outgoing: sender.address.handle == me,
+                    system: false,
+                    state: None,
+                    reason: None,
+                    event: None,
+                };
+                // A sender's retry carries the same message id: shown once.
+                let new = tx.insert_message(&m, &conversation, &content.message_id.0, false)?;
+                if late && new {
+                    self.record_system_line(
+                        tx,
+                        &row,
+                        &sender.address,
+                        SystemEvent::Late { from: sender.address.handle.to_string() },
+                    )?;
+                }
+                Ok(())
+            }
+            Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
+                let mut row = self.conversation_row(tx, &conversation)?;
+                let by = &committer.address;
+                // Every commit carries a path: the committer's keys are new.
+                tx.note_member_update(&conversation, by, self.now_ms())?;
+                // A device that changed its keys (`devices rekey`, or its
+                // account's identity key rotated) is checked against the
+                // directory like an added one; a new identity key for a
+                // contact is a key change, shown as such.
+                let mut changed_flags = Vec::new();
+                for (old, m) in &updated {
+                    if m.address.handle == me {
+                        if !self.is_own_identity_key_in(&*tx, &m.identity_key)? {
+                            changed_flags.push((m, "a device of this account is certified by another identity key"));
+                        }
+                    } else if let Some(pinned) = tx.contact_key(m.address.handle.as_str())? {
+                        if pinned != m.identity_key {
+                            // Only a device the pinned key had certified may
+                            // carry its account to a new key (a rotation);
+                            // any other device (one already flagged, say,
+                            // added by another member) changes nothing and
+                            // is flagged again.
+                            if old.identity_key == pinned {
+                                tx.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
+                                self.key_change_lines(tx, &m.address.handle)?;
+                            } else {
+                                changed_flags
+                                    .push((m, "a device not certified by the identity key pinned for its account"));
+                            }
+                        }
+                    }
+                }
+                self.queue_member_checks(
+                    tx,
+                    &conversation,
+                    by,
+                    false,
+                    updated
+                        .iter()
+                        .map(|(_, m)| m)
+                        .filter(|m| !changed_flags.iter().any(|(f, _)| f.address == m.address)),
+                )?;
+                // The commit is applied whatever it adds, so this device stays
+                // in step with the epoch; a device certified by another key
+                // than the one pinned for its account is flagged instead, and
+                // sending here waits for the user (see `check_members`).
+                let mut flagged = Vec::new();
+                for m in &added {
+                    if let Err(e) = self.check_pinned_key(&*tx, &m.address.handle, &m.identity_key) {
+                        flagged.push((m, e.to_string()));
+                    }
+                }
+                tx.note_members(&conversation, &added.iter().map(|m| m.address.handle.as_str()).collect::<Vec<_>>())?;
+                self.queue_member_checks(
+                    tx,
+                    &conversation,
+                    by,
+                    false,
+                    added.iter().filter(|m| !flagged.iter().any(|(f, _)| f.address == m.address)),
+                )?;
+                if let Some(info) = renamed {
+                    tx.set_conversation_name(&conversation, &info.name)?;
+                    row.name = info.name.clone();
+                    self.record_system_line(
+                        tx,
+                        &row,
+                        by,
+                        SystemEvent::Renamed { by: by.handle.to_string(), name: info.name.clone() },
+                    )?;
+                }
+                let remaining: Vec<DeviceAddress> = if removed_self {
+                    Vec::new()
+                } else {
+                    self.engine.members(&conversation)?.into_iter().map(|m| m.address).collect()
+                };
+                let mut handles: Vec<&Handle> = added.iter().map(|m| &m.address.handle).collect();
+                handles.dedup();
+                for h in handles {
+                    let already = remaining.iter().any(|a| a.handle == *h && !added.iter().any(|m| m.address == *a));
+                    let event = if already || *h == by.handle {
+                        SystemEvent::NewDevice { member: h.to_string() }
+                    } else {
+                        SystemEvent::Added { by: by.handle.to_string(), member: h.to_string() }
+                    };
+                    self.record_system_line(tx, &row, by, event)?;
+                }
+                for (m, why) in flagged {
+                    self.flag_member(&row, by, m, &why)?;
+                }
+                for (m, why) in changed_flags {
+                    self.flag_member(&row, by, m, why)?;
+                }
+                let mut gone: Vec<&DeviceAddress> = removed.iter().map(|m| &m.address).collect();
+                for a in &gone {
+                    tx.drop_member_check(&conversation, a.handle.as_str(), Some(&a.device.to_hex()))?;
+                }
+                gone.dedup_by(|a, b| a.handle == b.handle);
+                for a in gone {
+                    let still_there = remaining.iter().any(|r| r.handle == a.handle);
+                    let (by, member) = (by.handle.to_string(), a.handle.to_string());
+                    let event = if left.contains(a) {
+                        SystemEvent::Left { member }
+                    } else if still_there || a.handle.as_str() == by {
+                        SystemEvent::RemovedDevice { by, member }
+                    } else {
+                        SystemEvent::Removed { by, member }
+                    };
+                    self.record_system_line(tx, &row, &committer.address, event)?;
+                }
+                if removed_self {
+                    tx.deactivate_conversation(&conversation)?;
+                } else {
+                    if let Some(server) = &env.roster {
+                        self.compare_roster(tx, &conversation, server, &remaining)?;
+                    }
+                    if row.kind == "direct" {
+                        // A direct conversation holds exactly two accounts: one
+                        // that grew a third is closed here (the next send to the
+                        // peer starts a new one).
+                        let mut third: Vec<&str> = remaining
+                            .iter()
+                            .map(|a| a.handle.as_str())
+                            .filter(|h| *h != me.as_str() && Some(*h) != row.peer.as_deref())
+                            .collect();
+                        third.dedup();
+                        if !third.is_empty() {
+                            let why = format!(
+                                "{} added {} to the direct conversation #{}; a direct conversation holds exactly two \
+                                 accounts, so this device closed it (your next message starts a new one)",
+                                by.handle,
+                                third.join(", "),
+                                conversation.to_hex()
+                            );
+                            self.record_system_line(tx, &row, by, SystemEvent::Warning { text: why.clone() })?;
+                            tx.add_alert(&why)?;
+                            tx.deactivate_conversation(&conversation)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Event::LeaveProposed { conversation, member } => {
+                self.lock_to_commit().push((conversation, member.address));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Compares the roster the server keeps for a conversation (sent with
+    /// each commit) with the MLS roster after it: a device the server lets
+    /// send there that is not a member is an alert. (Members the server
+    /// left out are not: a revoked device leaves the server's roster before
+    /// the commit that removes it.)
+    pub fn compare_roster(
+        &self,
+        tx: &mut dyn Tx,
+        conversation: &ConversationId,
+        server: &[DeviceAddress],
+        members: &[DeviceAddress],
+    ) -> Result<(), ClientError> {
+        let members: std::collections::HashSet<&DeviceAddress> = members.iter().collect();
+        let extra: Vec<String> = server.iter().filter(|a| !members.contains(a)).map(|a| a.to_string()).collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        tx.add_alert(&format!(
+            "the server lets {} send to conversation #{}, though not a member: it does not keep this conversation's roster honestly",
+            extra.join(", "),
+            conversation.to_hex()
+        ))
+    }
+
+    /// Notes a sender's sequence number: a gap becomes a system line before
+    /// the message (the server dropped or is withholding messages). Returns
+    /// true when the message is older than one already shown (reordered).
+    pub fn note_sequence(
+        &self,
+        tx: &mut dyn Tx,
+        row: &ConversationRow,
+        from: &DeviceAddress,
+        seq: u64,
+    ) -> Result<bool, ClientError> {
+        if seq == 0 || (from.handle == *self.handle() && from.device == self.identity().device_id()) {
+            return Ok(false);
+        }
+        let device = format!("{}/{}", from.handle, from.device.to_hex());
+        match tx.arrived_seq(&row.id, &device, seq)? {
+            None => Ok(true),
+            Some(0) => Ok(false),
+            Some(missing) => {
+                self.record_system_line(tx, row, from, SystemEvent::Gap { from: from.handle.to_string(), missing })?;
+                Ok(false)
+            }
+        }
+    }
+
+    pub fn conversation_row(&self, tx: &dyn Tx, id: &ConversationId) -> Result<ConversationRow, ClientError> {
+        tx.conversation(id)?.ok_or(ClientError::Core(CoreError::UnknownConversation))
+    }
+
+    /// Pins a contact's identity key on first sight; refuses a different one.
+    /// For this account's own handle, the key must be our own identity key.
+    pub fn check_member_key(&self, tx: &mut dyn Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
+        if handle != self.handle() && tx.contact_key(handle.as_str())?.is_none() {
+            return tx.pin_contact(handle.as_str(), identity_key);
+        }
+        self.check_pinned_key(&*tx, handle, identity_key)
+    }
+
+    /// As [`Self::check_member_key`], without pinning a key seen for the
+    /// first time: keys that arrive in Welcomes and commits are pinned only
+    /// once the key directory confirmed them ([`Self::check_members`]).
+    pub fn check_pinned_key(&self, tx: &dyn Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
+        if handle == self.handle() {
+            return if self.is_own_identity_key_in(tx, identity_key)? {
+                Ok(())
+            } else {
+                Err(CoreError::IdentityMismatch("a device of this account not certified by its identity key".into())
+                    .into())
+            };
+        }
+        match tx.contact_key(handle.as_str())? {
+            None => Ok(()),
+            Some(k) if k == identity_key => Ok(()),
+            Some(_) => Err(CoreError::IdentityMismatch(format!(
+                "{handle}'s identity key differs from the one this device has seen"
+            ))
+            .into()),
+        }
+    }
+
+    /// Processes a batch of envelopes in one store transaction (one
+    /// fsync for all of them on the SQLCipher store, not one each): each
+    /// envelope is applied in a savepoint of its own, so one that fails
+    /// leaves nothing of itself and the others stand. Returns the delivery
+    /// ids, to acknowledge once this returned (never before: a crash before
+    /// the commit loses nothing, the server delivers them again).
+    ///
+    /// # Errors
+    /// Store errors (then nothing of the batch is stored); an envelope that
+    /// cannot be decrypted or is refused is not an error (see
+    /// [`Self::process_envelope`]).
+    pub fn process_batch(&self, envs: &[Envelope]) -> Result<Vec<u64>, ClientError> {
+        self.store.write(|_| {
+            let mut ids = Vec::with_capacity(envs.len());
+            for env in envs {
+                self.process_envelope(env)?;
+                ids.push(env.id);
+            }
+            Ok(ids)
+        })
+    }
+
+    /// This account's handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// This device's identity (a snapshot: `devices rekey` replaces it).
+    pub fn identity(&self) -> std::sync::Arc<DeviceIdentity> {
+        self.engine.identity()
+    }
+
+    /// A warning line in every active conversation with `handle`.
+    pub fn key_change_lines(&self, tx: &mut dyn Tx, handle: &Handle) -> Result<(), ClientError> {
+        let who = subrosa_proto::DeviceAddress { handle: handle.clone(), device: subrosa_proto::DeviceId([0; 8]) };
+        for row in tx.active_conversations()? {
+            let with_them = row.peer.as_deref() == Some(handle.as_str())
+                || (row.kind == "group"
+                    && self.engine.members(&row.id).is_ok_and(|m| m.iter().any(|m| m.address.handle == *handle)));
+            if with_them {
+                self.record_system_line(tx, &row, &who, SystemEvent::KeyChanged { member: handle.to_string() })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to send to conversations with a verified contact whose key
+    /// changed, unless the user accepts the change.
+    pub fn check_key_changes(&self, handles: &[Handle], accept: bool) -> Result<(), ClientError> {
+        self.store.write(|tx| {
+            for h in handles {
+                if tx.key_change_pending(h.as_str())? {
+                    if accept {
+                        tx.clear_key_change(h.as_str())?;
+                    } else {
+                        return Err(ClientError::KeyChanged(h.to_string()));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The server ordered this staged commit: apply it (inside the caller's
+    /// transaction), remember its digest so its echo is skipped, and do
+    /// what follows from it.
+    pub fn finish_pending(&self, tx: &mut dyn Tx, pending: &PendingCommit) -> Result<(), ClientError> {
+        let conversation = &pending.conversation;
+        let meta = PendingMeta::decode(&pending.meta)?;
+        if self.engine.has_pending_commit(conversation)? {
+            self.engine.confirm_commit(conversation)?;
+        }
+        tx.mark_processed(&pending.commit_digest)?;
+        tx.delete_pending_commit(conversation)?;
+        // Every commit carries a path: this device's keys there are new.
+        tx.note_own_update(conversation, self.now_ms())?;
+        if let StagedChange::Create { kind, name, peer, .. } = &meta.change {
+            tx.add_conversation(conversation, kind, name, peer.as_deref())?;
+        }
+        let Some(mut row) = tx.conversation(conversation)? else { return Ok(()) };
+        if row.kind == "group" {
+            let name = self.engine.info(conversation)?.name;
+            if name != row.name {
+                tx.set_conversation_name(conversation, &name)?;
+                row.name = name;
+            }
+        }
+        if let Some((from, text)) = meta.line {
+            self.record_system_line(tx, &row, &from, SystemEvent::Note { text })?;
+        }
+        Ok(())
+    }
+
+    /// The server will never order this staged commit: drop it (inside the
+    /// caller's transaction); a new conversation is forgotten.
+    pub fn drop_pending(&self, tx: &mut dyn Tx, pending: &PendingCommit) -> Result<(), ClientError> {
+        let conversation = &pending.conversation;
+        tx.delete_pending_commit(conversation)?;
+        if let StagedChange::Create { .. } = PendingMeta::decode(&pending.meta)?.change {
+            return tx.forget_conversation(conversation);
+        }
+        if self.engine.has_pending_commit(conversation)? {
+            self.engine.discard_commit(conversation)?;
+        }
+        Ok(())
+    }
+
+    /// On joining a group: an active group of the same name whose accounts
+    /// are all in the new one, and of which the inviter is a member, is the
+    /// one the inviter re-created to re-add someone: it is retired here.
+    pub fn retire_replaced(
+        &self,
+        tx: &mut dyn Tx,
+        joined: &ConversationRow,
+        inviter: &subrosa_proto::DeviceAddress,
+        members: &[MemberInfo],
+    ) -> Result<(), ClientError> {
+        for old in tx.groups_named(&joined.name)? {
+            if old.id == joined.id || !old.active {
+                continue;
+            }
+            let Ok(old_members) = self.engine.members(&old.id) else { continue };
+            let inviter_was_there = old_members.iter().any(|m| m.address.handle == inviter.handle);
+            // A group stuck here too (its culprit is known on this device),
+            // re-created by another member with everyone but the culprit.
+            if let Some(culprit) = stuck_culprit_in(&*tx, &old.id)? {
+                let culprit_out = !members.iter().any(|m| m.address == culprit);
+                let rest_moved = old_members
+                    .iter()
+                    .filter(|o| o.address != culprit)
+                    .all(|o| members.iter().any(|m| m.address.handle == o.address.handle));
+                if inviter_was_there && *inviter != culprit && culprit_out && rest_moved {
+                    self.record_system_line(
+                        tx,
+                        &old,
+                        inviter,
+                        SystemEvent::Note {
+                            text: format!(
+                                "{} re-created {} without {culprit}, who made it stuck, as a new conversation #{}; \
+                                 this one is retired",
+                                inviter.handle,
+                                old.name,
+                                joined.id.to_hex()
+                            ),
+                        },
+                    )?;
+                    tx.deactivate_conversation(&old.id)?;
+                    continue;
+                }
+            }
+            let all_moved = old_members.iter().all(|o| members.iter().any(|m| m.address.handle == o.address.handle));
+            if inviter_was_there && all_moved {
+                self.record_system_line(
+                    tx,
+                    &old,
+                    inviter,
+                    SystemEvent::Note {
+                        text: format!(
+                            "{} re-created {} as a new conversation #{} to re-add a former member; this one is retired",
+                            inviter.handle,
+                            old.name,
+                            joined.id.to_hex()
+                        ),
+                    },
+                )?;
+                tx.deactivate_conversation(&old.id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `key` is this account's identity key, or the one another
+    /// device handed over and this device is about to adopt.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn is_own_identity_key(&self, key: &[u8]) -> Result<bool, ClientError> {
+        self.store.read(|tx| self.is_own_identity_key_in(tx, key))
+    }
+
+    /// As [`Self::is_own_identity_key`], inside a transaction.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn is_own_identity_key_in(&self, tx: &dyn Tx, key: &[u8]) -> Result<bool, ClientError> {
+        if key == self.identity().identity_public() {
+            return Ok(true);
+        }
+        Ok(self.pending_identity(tx)?.is_some_and(|p| p.identity_public() == key))
+    }
+
+    pub fn pending_identity(&self, tx: &dyn Tx) -> Result<Option<DeviceIdentity>, ClientError> {
+        match tx.meta(META_PENDING_IDENTITY)? {
+            Some(secret) => Ok(Some(DeviceIdentity::from_secret_bytes(self.engine.crypto(), &secret)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores an identity key handed over by another device of this
+    /// account, to adopt once the directory lists it (inside the caller's
+    /// transaction).
+    pub fn receive_handover(
+        &self,
+        tx: &mut dyn Tx,
+        from: &DeviceAddress,
+        h: &IdentityHandover,
+    ) -> Result<(), ClientError> {
+        let me = self.identity();
+        if h.identity_public == me.identity_public() {
+            return Ok(());
+        }
+        // This device's own rotation is stored and not yet published: the
+        // two would race for the directory. Keep ours; say so.
+        if tx.meta(META_PENDING_KEY_SET)?.is_some() {
+            return tx.add_alert(&format!(
+                "your device {} sent a new identity key while this device was rotating it too; this device's \
+                 rotation goes on and the other key was ignored",
+                from.device.to_hex()
+            ));
+        }
+        let Some((_, certificate)) = h.certificates.iter().find(|(d, _)| *d == me.device_id().0) else {
+            return tx.add_alert(&format!(
+                "your device {} sent a new identity key without a certificate for this device; it was ignored",
+                from.device.to_hex()
+            ));
+        };
+        match me.adopt_identity_key(self.engine.crypto(), &h.identity_public, &h.identity_secret, certificate) {
+            Ok(new) => tx.set_meta(META_PENDING_IDENTITY, &new.to_secret_bytes()?),
+            Err(e) => tx.add_alert(&format!(
+                "your device {} sent a new identity key that does not check out ({e}); it was ignored",
+                from.device.to_hex()
+            )),
+        }
+    }
+
+    /// Marks a member device contradicted: system line, alert, and sending
+    /// there blocked until the user accepts or removes it.
+    pub fn flag_member(
+        &self,
+        row: &ConversationRow,
+        by: &DeviceAddress,
+        m: &MemberInfo,
+        why: &str,
+    ) -> Result<(), ClientError> {
+        self.store.add_member_check(&MemberCheck {
+            conversation: row.id,
+            handle: m.address.handle.to_string(),
+            device: m.address.device.to_hex(),
+            device_key: m.device_key.clone(),
+            identity_key: m.identity_key.clone(),
+            added_by: by.to_string(),
+            welcome: false,
+            state: CONTRADICTED.into(),
+            why: why.to_string(),
+        })?;
+        self.contradicted_line(row, &by.to_string(), m.address.handle.as_str(), &m.address.device.to_hex(), why)
+    }
+
+    pub fn contradicted_line(
+        &self,
+        row: &ConversationRow,
+        by: &str,
+        handle: &str,
+        device: &str,
+        why: &str,
+    ) -> Result<(), ClientError> {
+        let target = row.target();
+        let text = format!(
+            "{by} added a device {device} of {handle} to {target} that the key directory does not confirm ({why}); \
+             sending there is blocked until you accept it (subrosa accept-device {target} {device}) or remove it"
+        );
+        let from = by
+            .split_once('/')
+            .and_then(|(h, d)| Some(DeviceAddress { handle: Handle::new(h).ok()?, device: d.parse().ok()? }))
+            .unwrap_or_else(|| self.identity().address());
+        let event = SystemEvent::DeviceNotConfirmed {
+            by: by.to_string(),
+            member: handle.to_string(),
+            device: device.to_string(),
+            target,
+            why: why.to_string(),
+        };
+        self.system_line(row, &from, event)?;
+        self.store.add_alert(&text)
+    }
+}
+
+/// What a staged commit changes, stored with it so that it can be staged
+/// again when another member's commit wins its epoch. Persisted (JSON, in
+/// `pending_commits.meta`): a change of form needs a migration.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StagedChange {
+    /// A new conversation (never staged again: its id is new).
+    Create {
+        /// `direct` or `group`.
+        kind: String,
+        /// The group's name (empty for a direct conversation).
+        name: String,
+        /// The peer of a direct conversation.
+        peer: Option<String>,
+        /// A message to send once the server confirmed the conversation
+        /// (starting a 1:1 by sending), with its message id.
+        first: Option<(MessageId, String)>,
+    },
+    /// Adds the devices of these key packages (those not members yet).
+    Add {
+        /// The claimed key packages.
+        key_packages: Vec<B64>,
+    },
+    /// Removes these devices (those still members). `notify` sends them the
+    /// commit (false for revoked devices, which the server no longer knows).
+    Remove {
+        /// The devices.
+        devices: Vec<DeviceAddress>,
+        /// Whether the removed devices get the commit.
+        notify: bool,
+    },
+    /// Renames the group.
+    Rename {
+        /// The new name.
+        name: String,
+    },
+    /// Commits the proposals received (members' leaves).
+    Pending,
+    /// Nothing but fresh keys for this device (the periodic update).
+    Update,
+    /// This device's new credential (a new signature key or a certificate by
+    /// the account's new identity key), with fresh keys.
+    Credential,
+}
+
+impl std::fmt::Debug for StagedChange {
+    /// Names the change; never the text of a first message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StagedChange::Create { kind, first, .. } => f
+                .debug_struct("Create")
+                .field("kind", kind)
+                .field("first", &first.as_ref().map(|_| "<redacted>"))
+                .finish_non_exhaustive(),
+            StagedChange::Add { key_packages } => f.debug_struct("Add").field("count", &key_packages.len()).finish(),
+            StagedChange::Remove { devices, notify } => {
+                f.debug_struct("Remove").field("devices", devices).field("notify", notify).finish()
+            }
+            StagedChange::Rename { .. } => f.debug_struct("Rename").finish_non_exhaustive(),
+            StagedChange::Pending => f.write_str("Pending"),
+            StagedChange::Update => f.write_str("Update"),
+            StagedChange::Credential => f.write_str("Credential"),
+        }
+    }
+}
+
+/// A staged commit's [`StagedChange`] and the history line to write once it
+/// is applied (by whom, what).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingMeta {
+    /// The change.
+    pub change: StagedChange,
+    /// The line for history once applied.
+    pub line: Option<(DeviceAddress, String)>,
+}
+
+impl PendingMeta {
+    /// Decodes the stored form.
+    ///
+    /// # Errors
+    /// [`ClientError::Store`] for bytes this version cannot read.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ClientError> {
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Store(format!("pending commit: {e}")))
+    }
+}
+
+/// Where the device that made a conversation stuck is remembered (its
+/// address), so the conversation can be re-created without it.
+pub fn stuck_key(conversation: &ConversationId) -> String {
+    format!("stuck:{}", conversation.to_hex())
+}
+
+/// The device remembered as having made `conversation` stuck.
+pub fn stuck_culprit_in(tx: &dyn Tx, conversation: &ConversationId) -> Result<Option<DeviceAddress>, ClientError> {
+    Ok(tx.meta(&stuck_key(conversation))?.and_then(|v| std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok())))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored form of a pending commit's meta: a change of it is a
+    /// visible decision (and needs a migration of stored rows).
+    #[test]
+    fn pending_meta_bytes_are_stable() {
+        let alice =
+            DeviceAddress { handle: Handle::new("alice").expect("handle"), device: subrosa_proto::DeviceId([1; 8]) };
+        let cases = [
+            (
+                PendingMeta {
+                    change: StagedChange::Create {
+                        kind: "direct".into(),
+                        name: String::new(),
+                        peer: Some("bob".into()),
+                        first: Some((MessageId([2; 16]), "hi".into())),
+                    },
+                    line: None,
+                },
+                r#"{"change":{"change":"create","kind":"direct","name":"","peer":"bob","first":["02020202020202020202020202020202","hi"]},"line":null}"#,
+            ),
+            (
+                PendingMeta {
+                    change: StagedChange::Remove { devices: vec![alice.clone()], notify: false },
+                    line: Some((alice.clone(), "you removed a device".into())),
+                },
+                r#"{"change":{"change":"remove","devices":[{"handle":"alice","device":"0101010101010101"}],"notify":false},"line":[{"handle":"alice","device":"0101010101010101"},"you removed a device"]}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Add { key_packages: vec![B64(vec![0xAB, 0xCD])] }, line: None },
+                r#"{"change":{"change":"add","key_packages":["q80="]},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Rename { name: "club".into() }, line: None },
+                r#"{"change":{"change":"rename","name":"club"},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Pending, line: None },
+                r#"{"change":{"change":"pending"},"line":null}"#,
+            ),
+            (PendingMeta { change: StagedChange::Update, line: None }, r#"{"change":{"change":"update"},"line":null}"#),
+            (
+                PendingMeta { change: StagedChange::Credential, line: None },
+                r#"{"change":{"change":"credential"},"line":null}"#,
+            ),
+        ];
+        for (meta, json) in cases {
+            assert_eq!(String::from_utf8(serde_json::to_vec(&meta).expect("encode")).expect("utf-8"), json);
+            assert_eq!(PendingMeta::decode(json.as_bytes()).expect("decode"), meta);
+        }
+        assert!(PendingMeta::decode(br#"{"change":{"change":"explode"},"line":null}"#).is_err());
+        let first = StagedChange::Create {
+            kind: "direct".into(),
+            name: String::new(),
+            peer: None,
+            first: Some((MessageId([0; 16]), "secret words".into())),
+        };
+        assert!(!format!("{first:?}").contains("secret"), "Debug never shows a message");
+    }
+}

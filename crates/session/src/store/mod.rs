@@ -1,0 +1,1254 @@
+//! The client's local store: one trait, two backends.
+//!
+//! Everything the client keeps (identity and device keys, MLS group state
+//! and key packages, contacts, conversations, history, the outbox and the
+//! key directory's state) is reached through a transaction on a [`Store`]:
+//! [`Store::read`] hands its closure a `&dyn Tx` (only the reading methods
+//! of the repositories can be called), [`Store::write`] a `&mut dyn Tx`, and
+//! everything a write closure did is stored when it returns `Ok`, or none of
+//! it when it returns `Err`. The repositories are one trait per aggregate
+//! ([`Meta`], [`Contacts`], [`Conversations`], [`History`], [`Outbox`],
+//! [`Directory`], [`MlsState`]); [`Tx`] is all of them.
+//!
+//! Two backends implement them: `SqliteStore` in `subrosa-client` (one
+//! SQLCipher database encrypted at rest, the store of every real device) and [`MemoryStore`]
+//! (for tests, and later for clients with nowhere to keep a file). Both run
+//! the behaviours of `conformance.rs`.
+//!
+//! # How concurrency works
+//!
+//! A transaction holds the store's gate for its whole duration: a second
+//! thread's read or write waits until the first one committed or rolled
+//! back, so nothing another task does can join an open transaction or be
+//! rolled back with it, and two writers serialize. The gate is re-entrant
+//! for the thread holding it, because mls-rs writes group state through
+//! [`GroupStore`] and [`KeyPackageStore`] from inside the engine call that a
+//! write closure makes: those writes join the transaction of the closure
+//! that caused them, so a crash can never keep the one without the other.
+//! A closure never awaits (it is not `async`), so no other task can run on
+//! that thread meanwhile. A write begun inside a read transaction is a bug
+//! and refused.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
+
+use mls_rs_core::group::{EpochRecord, GroupState, GroupStateStorage};
+use mls_rs_core::key_package::{KeyPackageData, KeyPackageStorage};
+use mls_rs_core::mls_rs_codec::{MlsDecode, MlsEncode};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::ClientError;
+
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
+mod memory;
+
+pub use memory::MemoryStore;
+
+/// MLS epochs kept per group, for late messages of earlier epochs.
+pub const EPOCHS_KEPT: u64 = 3;
+
+/// A member device whose keys the key directory has not confirmed yet
+/// (`state` "unchecked"), or contradicted ("contradicted").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberCheck {
+    /// The conversation.
+    pub conversation: subrosa_proto::ConversationId,
+    /// The device's account.
+    pub handle: String,
+    /// The device id (hex).
+    pub device: String,
+    /// The device's signature key, as its certificate in the group says.
+    pub device_key: Vec<u8>,
+    /// The identity key that certified it.
+    pub identity_key: Vec<u8>,
+    /// Who added it ("handle/device").
+    pub added_by: String,
+    /// True when it came with the Welcome that let this device in.
+    pub welcome: bool,
+    /// "unchecked" or "contradicted".
+    pub state: String,
+    /// What contradicted it (empty while unchecked).
+    pub why: String,
+}
+
+/// A message as stored in history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StoredMessage {
+    /// End-to-end message id (hex).
+    pub id: String,
+    /// Conversation id (hex).
+    pub conversation: String,
+    /// The conversation as the user names it: the peer's handle or the group name.
+    pub target: String,
+    /// True in a group conversation.
+    pub group: bool,
+    /// Sender handle.
+    pub from: String,
+    /// Sender device id (hex).
+    pub device: String,
+    /// Sender's clock, ms since the Unix epoch.
+    pub sent_at: u64,
+    /// When this device stored it, ms since the Unix epoch.
+    pub received_at: u64,
+    /// The text.
+    pub text: String,
+    /// Sent by this account.
+    pub outgoing: bool,
+    /// A system line (membership, key changes), not a user's message.
+    pub system: bool,
+    /// For this account's own messages: queued, sent or failed. `None` for
+    /// others' messages and system lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<MessageState>,
+    /// Why a message failed (the server's refusal), with [`MessageState::Failed`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For a system line: what it says, typed, for each front end to render
+    /// in its own words (`text` is the neutral English rendering). `None`
+    /// for messages, and for lines stored by a version before the typed
+    /// events or of an event this version does not know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<crate::SystemEvent>,
+}
+
+/// Where one of this account's own messages is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum MessageState {
+    /// Stored on this device, not yet on the server: the next command that
+    /// reaches the server sends it.
+    Queued,
+    /// The server stored it for the recipients.
+    Sent,
+    /// The server refused it; it will not be sent (see `reason`).
+    Failed,
+}
+
+impl MessageState {
+    /// The stable name (as in `history --json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Queued => "queued",
+            MessageState::Sent => "sent",
+            MessageState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "queued" => Some(MessageState::Queued),
+            "sent" => Some(MessageState::Sent),
+            "failed" => Some(MessageState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A security alert as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Alert {
+    /// Its number.
+    pub id: u64,
+    /// When it was raised, ms since the Unix epoch.
+    pub at: u64,
+    /// Whom it concerns: a member's handle, or "the server" (none for
+    /// alerts from before this was recorded).
+    pub concerns: Option<String>,
+    /// A proven key-directory fork (blocks sending until cleared).
+    pub fork: bool,
+    /// What happened.
+    pub text: String,
+    /// For a fork: the proof (JSON: both signed heads).
+    #[serde(skip)]
+    pub proof: Option<String>,
+}
+
+/// A contact: a handle whose identity key this device has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Contact {
+    /// Handle.
+    pub handle: String,
+    /// Identity key (hex).
+    pub identity_key: String,
+    /// Verified by the user (safety number compared).
+    pub verified: bool,
+}
+
+/// A conversation row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRow {
+    /// Id.
+    pub id: subrosa_proto::ConversationId,
+    /// "direct" or "group".
+    pub kind: String,
+    /// Group name (empty for direct).
+    pub name: String,
+    /// Peer handle for direct conversations.
+    pub peer: Option<String>,
+    /// False once this device was removed from it or left.
+    pub active: bool,
+}
+
+impl ConversationRow {
+    /// How the user names it: the peer's handle or the group name.
+    pub fn target(&self) -> String {
+        self.peer.clone().unwrap_or_else(|| self.name.clone())
+    }
+}
+
+/// A send in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedSend {
+    /// Row id: the order of sending.
+    pub id: i64,
+    /// The idempotency key the server stores the send under.
+    pub send_id: [u8; 16],
+    /// The conversation and end-to-end message id; `None` for a row of v4.
+    pub message: Option<(subrosa_proto::ConversationId, [u8; 16])>,
+    /// The encoded content (not yet encrypted); `None` for a row of v4.
+    pub content: Option<Vec<u8>>,
+    /// The request body, once encrypted: posted byte for byte until answered.
+    pub request: Option<Vec<u8>>,
+}
+
+/// A staged commit stored before it is posted.
+#[derive(Clone)]
+pub struct PendingCommit {
+    /// The conversation.
+    pub conversation: subrosa_proto::ConversationId,
+    /// The send id of `request` (the server's idempotency key).
+    pub send_id: [u8; 16],
+    /// The exact request bytes, re-posted as they are.
+    pub request: Vec<u8>,
+    /// SHA-256 of the commit message (recognises its echo).
+    pub commit_digest: Vec<u8>,
+    /// What the commit does, encoded by the client (to re-stage it).
+    pub meta: Vec<u8>,
+}
+
+impl std::fmt::Debug for PendingCommit {
+    /// The conversation and send id; never the meta (it may hold a
+    /// message's text).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCommit")
+            .field("conversation", &self.conversation)
+            .field("send_id", &hex::encode(self.send_id))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Small named values: this device's identity, the server URL, pinned keys.
+pub trait Meta {
+    /// Reads a meta value.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn meta(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError>;
+
+    /// Writes a meta value.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError>;
+
+    /// Deletes a meta value (nothing when absent).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn delete_meta(&mut self, key: &str) -> Result<(), ClientError>;
+}
+
+/// The key directory's state: the verified chain of roots, signed heads,
+/// heads members gossiped, and the alerts for the user.
+pub trait Directory {
+    /// The directory root this device verified for `epoch`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn kt_root(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError>;
+
+    /// The first and last epochs of the verified chain.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn kt_range(&self) -> Result<Option<(u64, u64)>, ClientError>;
+
+    /// Records verified roots for epochs `from`, `from + 1`, ….
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_kt_roots(&mut self, from: u64, roots: &[[u8; 32]]) -> Result<(), ClientError>;
+
+    /// The signed head this device holds for `epoch`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError>;
+
+    /// The newest signed head this device holds.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn kt_newest_signed_head(&self) -> Result<Option<Vec<u8>>, ClientError>;
+
+    /// Keeps a verified signed head (the first one kept for an epoch stays).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_kt_signed_head(&mut self, epoch: u64, head: &[u8]) -> Result<(), ClientError>;
+
+    /// Keeps the head a member's message carried, to check later: one per
+    /// member, the newest epoch (an older one is ignored).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn push_kt_head_gossip(&mut self, source: &str, epoch: u64, head: &[u8]) -> Result<(), ClientError>;
+
+    /// The gossiped heads not checked yet: `(member, head)`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn kt_head_gossip(&self) -> Result<Vec<(String, Vec<u8>)>, ClientError>;
+
+    /// Forgets a checked head (unless a newer one came meanwhile).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn drop_kt_head_gossip(&mut self, source: &str, head: &[u8]) -> Result<(), ClientError>;
+
+    /// Records an alert naming whom it concerns; `proof` (JSON) makes it a
+    /// proven fork, which blocks sending until cleared. The same text twice
+    /// is one alert (a cleared one stays cleared).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn add_alert_about(&mut self, concerns: &str, text: &str, proof: Option<&str>) -> Result<(), ClientError>;
+
+    /// Alerts not cleared, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn alerts(&self) -> Result<Vec<Alert>, ClientError>;
+
+    /// Clears alerts: every notice, and proven forks too when `forks`.
+    /// Returns how many were cleared.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn clear_alerts(&mut self, forks: bool) -> Result<usize, ClientError>;
+
+    /// The first proven fork not cleared, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn open_fork(&self) -> Result<Option<String>, ClientError>;
+
+    /// Records an alert for the user (once per distinct text).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn add_alert(&mut self, text: &str) -> Result<(), ClientError>;
+
+    /// Alerts not shown yet, oldest first; marks them shown.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn take_alerts(&mut self) -> Result<Vec<String>, ClientError>;
+}
+
+/// Contacts: identity keys pinned on first use, and their verification.
+pub trait Contacts {
+    /// The pinned identity key of a handle, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn contact_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError>;
+
+    /// Pins a contact's identity key on first use.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn pin_contact(&mut self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError>;
+
+    /// Marks a contact verified (its pinned identity key compared in person).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_verified(&mut self, handle: &str, verified: bool) -> Result<(), ClientError>;
+
+    /// Pins a contact's new identity key: unverified from now on. Returns
+    /// whether it had been verified (then sending waits for the user).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn change_contact_key(&mut self, handle: &str, identity_key: &[u8]) -> Result<bool, ClientError>;
+
+    /// Whether a verified contact's key changed and the user has not yet
+    /// verified again or accepted it.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn key_change_pending(&self, handle: &str) -> Result<bool, ClientError>;
+
+    /// The user accepted (or verified) a contact's changed key.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn clear_key_change(&mut self, handle: &str) -> Result<(), ClientError>;
+
+    /// All contacts by handle.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn contacts(&self) -> Result<Vec<Contact>, ClientError>;
+}
+
+/// Conversations, the ids this device ever knew, past members, member
+/// devices waiting for the directory check, and key-update bookkeeping.
+pub trait Conversations {
+    /// Records a conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn add_conversation(
+        &mut self,
+        id: &subrosa_proto::ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError>;
+
+    /// When this device recorded the conversation (created or joined it), ms.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn conversation_created_at(&self, id: &subrosa_proto::ConversationId) -> Result<u64, ClientError>;
+
+    /// True when this device knows or ever knew the conversation id (its
+    /// tombstone outlives leaving, removal and forgetting).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn ever_knew(&self, id: &subrosa_proto::ConversationId) -> Result<bool, ClientError> {
+        Ok(self.known_conversation(id)?.is_some())
+    }
+
+    /// Whether this device ever knew the conversation id: `Some(true)` when
+    /// it knows it only from the history a linking device handed over (it
+    /// never held the group), `Some(false)` otherwise.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn known_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<bool>, ClientError>;
+
+    /// Records a conversation known from the history a linking device
+    /// handed over: this device never held it, so a Welcome from this
+    /// account's own device may still let it join (once).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn add_linked_conversation(
+        &mut self,
+        id: &subrosa_proto::ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError>;
+
+    /// Records that these accounts were members of a conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn note_members(&mut self, id: &subrosa_proto::ConversationId, handles: &[&str]) -> Result<(), ClientError>;
+
+    /// True when `handle` was ever seen as a member of the conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn was_member(&self, id: &subrosa_proto::ConversationId, handle: &str) -> Result<bool, ClientError>;
+
+    /// Queues a member device for the key-directory check.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn add_member_check(&mut self, c: &MemberCheck) -> Result<(), ClientError>;
+
+    /// Member devices in `state` ("unchecked" or "contradicted"), of one
+    /// conversation or of all.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn member_checks(
+        &self,
+        conversation: Option<&subrosa_proto::ConversationId>,
+        state: &str,
+    ) -> Result<Vec<MemberCheck>, ClientError>;
+
+    /// Sets a member check's state.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_member_check(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        handle: &str,
+        device: &str,
+        state: &str,
+        why: &str,
+    ) -> Result<(), ClientError>;
+
+    /// Drops a member check (confirmed, accepted by the user, or the device
+    /// left the conversation). `device` None drops every device of `handle`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn drop_member_check(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        handle: &str,
+        device: Option<&str>,
+    ) -> Result<usize, ClientError>;
+
+    /// Deletes a conversation this device refused after joining it (its
+    /// Welcome failed the key-directory check): row, history and MLS state
+    /// go, the tombstone stays.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn drop_refused_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError>;
+
+    /// Forgets a conversation and its MLS state (a creation the server refused).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn forget_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError>;
+
+    /// The most recently active direct conversation with `peer`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn direct_conversation(&self, peer: &str) -> Result<Option<subrosa_proto::ConversationId>, ClientError>;
+
+    /// A conversation by id.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<ConversationRow>, ClientError>;
+
+    /// Direct conversations with a peer.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn conversations_with(&self, peer: &str) -> Result<Vec<ConversationRow>, ClientError>;
+
+    /// Conversations whose id (hex) starts with `prefix` (lowercase hex).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn conversations_by_prefix(&self, prefix: &str) -> Result<Vec<ConversationRow>, ClientError>;
+
+    /// Groups with this name (active ones first).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn groups_named(&self, name: &str) -> Result<Vec<ConversationRow>, ClientError>;
+
+    /// Every group.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn group_rows(&self) -> Result<Vec<ConversationRow>, ClientError>;
+
+    /// Every active conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn active_conversations(&self) -> Result<Vec<ConversationRow>, ClientError>;
+
+    /// Renames a group locally (after a rename commit).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_conversation_name(&mut self, id: &subrosa_proto::ConversationId, name: &str) -> Result<(), ClientError>;
+
+    /// Marks a conversation left: history stays, MLS state goes.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn deactivate_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError>;
+
+    /// When this device last replaced its keys in `conversation` (ms; 0 when
+    /// never) and how many messages it sent there since.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn key_update_state(&self, conversation: &subrosa_proto::ConversationId) -> Result<(u64, u64), ClientError>;
+
+    /// Counts one message this device sent in `conversation`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn note_sent(&mut self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError>;
+
+    /// Records that this device's keys in `conversation` are fresh as of
+    /// `at_ms` (it committed, created or joined).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn note_own_update(&mut self, conversation: &subrosa_proto::ConversationId, at_ms: u64) -> Result<(), ClientError>;
+
+    /// Records that member `device` committed (and so replaced its keys) in
+    /// `conversation` at `at_ms`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn note_member_update(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &subrosa_proto::DeviceAddress,
+        at_ms: u64,
+    ) -> Result<(), ClientError>;
+
+    /// When `device` was last seen committing in `conversation` (ms).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn member_update(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &subrosa_proto::DeviceAddress,
+    ) -> Result<Option<u64>, ClientError>;
+}
+
+/// Messages, sequence numbers, and the digests of processed ciphertexts.
+pub trait History {
+    /// The next sequence number this device sends with in a conversation.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn next_seq(&mut self, conversation: &subrosa_proto::ConversationId) -> Result<u64, ClientError>;
+
+    /// Gives back a sequence number a send took and never used (the server
+    /// refused it), when no later send took one since.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn release_seq(&mut self, conversation: &subrosa_proto::ConversationId, seq: u64) -> Result<(), ClientError>;
+
+    /// Records that `seq` arrived from `device` in a conversation. Returns
+    /// how many numbers it skipped (a gap), or `None` when it is older than
+    /// the newest seen (it arrived late, out of order).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn arrived_seq(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        device: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, ClientError>;
+
+    /// Stores a message unless one with the same id is already in the
+    /// conversation. Returns whether it was new.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn insert_message(
+        &mut self,
+        m: &StoredMessage,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        seen: bool,
+    ) -> Result<bool, ClientError>;
+
+    /// Removes a message from history (a send that never left, moved elsewhere).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn delete_message(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<(), ClientError>;
+
+    /// History of the given conversations, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError>;
+
+    /// Messages stored but not yet shown by `receive`, oldest first; marks them shown.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn take_unseen(&mut self) -> Result<Vec<StoredMessage>, ClientError>;
+
+    /// Whether a delivered ciphertext (by digest) was already processed.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn is_processed(&self, digest: &[u8]) -> Result<bool, ClientError>;
+
+    /// Records a processed ciphertext digest.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn mark_processed(&mut self, digest: &[u8]) -> Result<(), ClientError>;
+
+    /// Sets the state of one of this account's messages (and why, when it failed).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_message_state(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        state: MessageState,
+        reason: Option<&str>,
+    ) -> Result<(), ClientError>;
+
+    /// One message of a conversation, by its end-to-end id.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn message(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<Option<StoredMessage>, ClientError>;
+}
+
+/// Sends not yet answered by the server, and staged commits waiting for theirs.
+pub trait Outbox {
+    /// Queues a request made already (a leave proposal): posted as it is,
+    /// byte for byte, until the server answers.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn push_outbox_request(&mut self, send_id: &[u8; 16], request: &[u8]) -> Result<(), ClientError>;
+
+    /// Queues a message for sending: its content (encrypted only when it
+    /// is flushed) under a fresh send id.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn push_outbox(
+        &mut self,
+        send_id: &[u8; 16],
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8; 16],
+        content: &[u8],
+    ) -> Result<(), ClientError>;
+
+    /// Queued sends, oldest first.
+    ///
+    /// # Errors
+    /// Database errors, or a damaged row.
+    fn outbox(&self) -> Result<Vec<QueuedSend>, ClientError>;
+
+    /// One queued send, as it is now (another process may have encrypted or
+    /// sent it meanwhile).
+    ///
+    /// # Errors
+    /// Database errors, or a damaged row.
+    fn outbox_row(&self, id: i64) -> Result<Option<QueuedSend>, ClientError>;
+
+    /// Whether anything is queued.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn outbox_is_empty(&self) -> Result<bool, ClientError>;
+
+    /// Keeps the encrypted request of a queued send: from now on it is
+    /// posted byte for byte until the server answers.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_outbox_request(&mut self, id: i64, request: &[u8]) -> Result<(), ClientError>;
+
+    /// Removes a send the server answered (stored or refused).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn pop_outbox(&mut self, id: i64) -> Result<(), ClientError>;
+
+    /// Stores a staged commit's request before it is posted (one per
+    /// conversation: mls-rs stages one commit at a time).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_pending_commit(&mut self, p: &PendingCommit) -> Result<(), ClientError>;
+
+    /// The staged commit waiting in a conversation, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn pending_commit(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+    ) -> Result<Option<PendingCommit>, ClientError>;
+
+    /// Conversations with a staged commit waiting, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn pending_commit_conversations(&self) -> Result<Vec<subrosa_proto::ConversationId>, ClientError>;
+
+    /// Forgets a conversation's staged commit (applied or discarded).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn delete_pending_commit(&mut self, conversation: &subrosa_proto::ConversationId) -> Result<(), ClientError>;
+}
+
+/// mls-rs group state and key-package secrets.
+pub trait MlsState {
+    /// Marks the key package generated last as the last-resort one: kept
+    /// after use, since the server may hand it out more than once.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn mark_newest_key_package_last_resort(&mut self) -> Result<(), ClientError>;
+
+    /// Erases key-package secrets made before `cutoff_ms` (replaced ones:
+    /// the server no longer hands their packages out), last-resort ones
+    /// included, and keeps only the newest last-resort package marked as such.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn erase_key_packages_before(&mut self, cutoff_ms: u64) -> Result<usize, ClientError>;
+
+    /// A group's current state.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn group_state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError>;
+
+    /// One stored epoch of a group.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn group_epoch(&self, group_id: &[u8], epoch: u64) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError>;
+
+    /// The newest epoch stored for a group.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn max_group_epoch(&self, group_id: &[u8]) -> Result<Option<u64>, ClientError>;
+
+    /// Writes a group's state and epochs (new or updated). Epochs more than
+    /// [`EPOCHS_KEPT`] older than the newest are deleted (forward secrecy
+    /// across epochs), and the group id stays known for good (see
+    /// [`Conversations::known_conversation`]), whatever becomes of the group.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_group_state(&mut self, group_id: &[u8], state: &[u8], epochs: &[(u64, &[u8])]) -> Result<(), ClientError>;
+
+    /// A key package's secrets (MLS-encoded `KeyPackageData`).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn key_package(&self, id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError>;
+
+    /// Stores a key package's secrets, made now.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_key_package(&mut self, id: &[u8], data: &[u8]) -> Result<(), ClientError>;
+
+    /// Deletes a used key package, unless it is the last-resort one.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn delete_key_package(&mut self, id: &[u8]) -> Result<(), ClientError>;
+}
+
+/// Every repository: what a transaction offers.
+pub trait Tx: Meta + Contacts + Conversations + History + Outbox + Directory + MlsState {}
+
+impl<T: Meta + Contacts + Conversations + History + Outbox + Directory + MlsState + ?Sized> Tx for T {}
+
+/// A storage backend: runs closures in transactions. [`Store`] wraps one
+/// with the typed entry points; a backend only has to say how a transaction
+/// begins, commits and rolls back.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Runs `f` in a read transaction: one consistent view, nothing written.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or a database error.
+    fn read_dyn(&self, f: &mut dyn FnMut(&dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError>;
+
+    /// Runs `f` in a write transaction: everything it wrote is stored when it
+    /// returns `Ok`, nothing when it returns `Err`.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or a database error (then nothing is stored).
+    fn write_dyn(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError>;
+}
+
+/// The local store: cheap to clone, clones share one backend.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// A store over `backend`.
+    pub fn new(backend: impl Backend + 'static) -> Self {
+        Store { backend: Arc::new(backend) }
+    }
+
+    /// A store over a shared backend.
+    pub fn from_arc(backend: Arc<dyn Backend>) -> Self {
+        Store { backend }
+    }
+
+    /// A new, empty store in memory (nothing outlives it).
+    pub fn memory() -> Self {
+        Self::new(MemoryStore::new())
+    }
+
+    /// Runs `f` in a read transaction: one consistent view of the store.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or a database error.
+    pub fn read<T>(&self, f: impl FnOnce(&dyn Tx) -> Result<T, ClientError>) -> Result<T, ClientError> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.backend.read_dyn(&mut |tx| {
+            let f = f.take().ok_or_else(|| ClientError::Bug("a read closure ran twice".into()))?;
+            out = Some(f(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| ClientError::Bug("a read closure never ran".into()))
+    }
+
+    /// Runs `f` in one write transaction: all of it is stored, or none.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or a database error.
+    pub fn write<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T, ClientError>) -> Result<T, ClientError> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.backend.write_dyn(&mut |tx| {
+            let f = f.take().ok_or_else(|| ClientError::Bug("a write closure ran twice".into()))?;
+            out = Some(f(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| ClientError::Bug("a write closure never ran".into()))
+    }
+
+    /// Runs `f` in one write transaction, for callers not converted to
+    /// [`Store::write`] yet: the store's own methods and mls-rs called
+    /// inside `f` on this thread join it.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or a database error.
+    pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T, ClientError>) -> Result<T, ClientError> {
+        self.write(|_| f())
+    }
+
+    /// The mls-rs group state storage over this store.
+    pub fn groups(&self) -> GroupStore {
+        GroupStore { store: self.clone() }
+    }
+
+    /// The mls-rs key package storage over this store.
+    pub fn key_packages(&self) -> KeyPackageStore {
+        KeyPackageStore { store: self.clone() }
+    }
+}
+
+/// One repository call in a transaction of its own (or joining the one this
+/// thread has open), for the callers not converted to [`Store::read`] and
+/// [`Store::write`] yet (`devices.rs`, `kt.rs`, `members.rs` and a few
+/// end-to-end tests); to be removed with them.
+#[allow(missing_docs)]
+impl Store {
+    pub fn meta(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        self.read(|tx| tx.meta(key))
+    }
+    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        self.write(|tx| tx.set_meta(key, value))
+    }
+    pub fn kt_root(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read(|tx| tx.kt_root(epoch))
+    }
+    pub fn kt_range(&self) -> Result<Option<(u64, u64)>, ClientError> {
+        self.read(|tx| tx.kt_range())
+    }
+    pub fn put_kt_roots(&self, from: u64, roots: &[[u8; 32]]) -> Result<(), ClientError> {
+        self.write(|tx| tx.put_kt_roots(from, roots))
+    }
+    pub fn kt_signed_head(&self, epoch: u64) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read(|tx| tx.kt_signed_head(epoch))
+    }
+    pub fn kt_newest_signed_head(&self) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read(|tx| tx.kt_newest_signed_head())
+    }
+    pub fn put_kt_signed_head(&self, epoch: u64, head: &[u8]) -> Result<(), ClientError> {
+        self.write(|tx| tx.put_kt_signed_head(epoch, head))
+    }
+    pub fn kt_head_gossip(&self) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+        self.read(|tx| tx.kt_head_gossip())
+    }
+    pub fn drop_kt_head_gossip(&self, source: &str, head: &[u8]) -> Result<(), ClientError> {
+        self.write(|tx| tx.drop_kt_head_gossip(source, head))
+    }
+    pub fn add_alert_about(&self, concerns: &str, text: &str, proof: Option<&str>) -> Result<(), ClientError> {
+        self.write(|tx| tx.add_alert_about(concerns, text, proof))
+    }
+    pub fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
+        self.read(|tx| tx.alerts())
+    }
+    pub fn clear_alerts(&self, forks: bool) -> Result<usize, ClientError> {
+        self.write(|tx| tx.clear_alerts(forks))
+    }
+    pub fn open_fork(&self) -> Result<Option<String>, ClientError> {
+        self.read(|tx| tx.open_fork())
+    }
+    pub fn add_alert(&self, text: &str) -> Result<(), ClientError> {
+        self.write(|tx| tx.add_alert(text))
+    }
+    pub fn take_alerts(&self) -> Result<Vec<String>, ClientError> {
+        self.write(|tx| tx.take_alerts())
+    }
+    pub fn contact_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read(|tx| tx.contact_key(handle))
+    }
+    pub fn pin_contact(&self, handle: &str, identity_key: &[u8]) -> Result<(), ClientError> {
+        self.write(|tx| tx.pin_contact(handle, identity_key))
+    }
+    pub fn set_verified(&self, handle: &str, verified: bool) -> Result<(), ClientError> {
+        self.write(|tx| tx.set_verified(handle, verified))
+    }
+    pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
+        self.read(|tx| tx.contacts())
+    }
+    pub fn add_linked_conversation(
+        &self,
+        id: &subrosa_proto::ConversationId,
+        kind: &str,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.write(|tx| tx.add_linked_conversation(id, kind, name, peer))
+    }
+    pub fn was_member(&self, id: &subrosa_proto::ConversationId, handle: &str) -> Result<bool, ClientError> {
+        self.read(|tx| tx.was_member(id, handle))
+    }
+    pub fn add_member_check(&self, c: &MemberCheck) -> Result<(), ClientError> {
+        self.write(|tx| tx.add_member_check(c))
+    }
+    pub fn member_checks(
+        &self,
+        conversation: Option<&subrosa_proto::ConversationId>,
+        state: &str,
+    ) -> Result<Vec<MemberCheck>, ClientError> {
+        self.read(|tx| tx.member_checks(conversation, state))
+    }
+    pub fn set_member_check(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        handle: &str,
+        device: &str,
+        state: &str,
+        why: &str,
+    ) -> Result<(), ClientError> {
+        self.write(|tx| tx.set_member_check(conversation, handle, device, state, why))
+    }
+    pub fn drop_member_check(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        handle: &str,
+        device: Option<&str>,
+    ) -> Result<usize, ClientError> {
+        self.write(|tx| tx.drop_member_check(conversation, handle, device))
+    }
+    pub fn drop_refused_conversation(&self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        self.write(|tx| tx.drop_refused_conversation(id))
+    }
+    pub fn direct_conversation(&self, peer: &str) -> Result<Option<subrosa_proto::ConversationId>, ClientError> {
+        self.read(|tx| tx.direct_conversation(peer))
+    }
+    pub fn conversation(&self, id: &subrosa_proto::ConversationId) -> Result<Option<ConversationRow>, ClientError> {
+        self.read(|tx| tx.conversation(id))
+    }
+    pub fn groups_named(&self, name: &str) -> Result<Vec<ConversationRow>, ClientError> {
+        self.read(|tx| tx.groups_named(name))
+    }
+    pub fn group_rows(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        self.read(|tx| tx.group_rows())
+    }
+    pub fn active_conversations(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        self.read(|tx| tx.active_conversations())
+    }
+    pub fn insert_message(
+        &self,
+        m: &StoredMessage,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        seen: bool,
+    ) -> Result<bool, ClientError> {
+        self.write(|tx| tx.insert_message(m, conversation, message_id, seen))
+    }
+    pub fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {
+        self.read(|tx| tx.history(conversations))
+    }
+}
+
+/// The lock a transaction holds for its whole duration, re-entrant for the
+/// thread that holds it (see the module header).
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    free: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    owner: Option<ThreadId>,
+    depth: usize,
+    write: bool,
+}
+
+/// A held gate; dropping it leaves (and frees the gate when outermost).
+#[derive(Debug)]
+pub struct Entered<'a> {
+    gate: &'a Gate,
+    outer: bool,
+}
+
+impl Entered<'_> {
+    /// True for the transaction that took the gate (it begins and ends the
+    /// backend's transaction); false when this thread's own open
+    /// transaction was joined.
+    pub fn outer(&self) -> bool {
+        self.outer
+    }
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the gate, or joins this thread's open transaction.
+    ///
+    /// # Errors
+    /// [`ClientError::Bug`] for a write inside a read transaction.
+    pub fn enter(&self, write: bool) -> Result<Entered<'_>, ClientError> {
+        let me = std::thread::current().id();
+        let mut s = self.lock();
+        if s.owner == Some(me) {
+            if write && !s.write {
+                return Err(ClientError::Bug("a store write inside a read transaction".into()));
+            }
+            s.depth += 1;
+            return Ok(Entered { gate: self, outer: false });
+        }
+        while s.owner.is_some() {
+            s = self.free.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        *s = GateState { owner: Some(me), depth: 1, write };
+        Ok(Entered { gate: self, outer: true })
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let mut s = self.gate.lock();
+        s.depth = s.depth.saturating_sub(1);
+        if s.depth == 0 {
+            *s = GateState::default();
+            self.gate.free.notify_one();
+        }
+    }
+}
+
+/// Errors of the mls-rs storage adapters.
+#[derive(Debug, thiserror::Error)]
+#[error("local store: {0}")]
+pub struct StorageError(String);
+
+impl mls_rs_core::error::IntoAnyError for StorageError {
+    fn into_dyn_error(self) -> Result<Box<dyn std::error::Error + Send + Sync>, Self> {
+        Ok(Box::new(self))
+    }
+}
+
+fn serr(e: impl std::fmt::Display) -> StorageError {
+    StorageError(e.to_string())
+}
+
+/// mls-rs group state storage over a [`Store`]: reads and writes join the
+/// transaction this thread has open (the one whose engine call made them),
+/// or run in one of their own.
+#[derive(Clone, Debug)]
+pub struct GroupStore {
+    store: Store,
+}
+
+impl GroupStateStorage for GroupStore {
+    type Error = StorageError;
+
+    fn state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
+        self.store.read(|tx| tx.group_state(group_id)).map_err(serr)
+    }
+
+    fn epoch(&self, group_id: &[u8], epoch_id: u64) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
+        self.store.read(|tx| tx.group_epoch(group_id, epoch_id)).map_err(serr)
+    }
+
+    fn write(
+        &mut self,
+        state: GroupState,
+        inserts: Vec<EpochRecord>,
+        updates: Vec<EpochRecord>,
+    ) -> Result<(), Self::Error> {
+        let epochs: Vec<(u64, &[u8])> =
+            inserts.iter().chain(updates.iter()).map(|e| (e.id, e.data.as_slice())).collect();
+        self.store.write(|tx| tx.put_group_state(&state.id, &state.data, &epochs)).map_err(serr)
+    }
+
+    fn max_epoch_id(&self, group_id: &[u8]) -> Result<Option<u64>, Self::Error> {
+        self.store.read(|tx| tx.max_group_epoch(group_id)).map_err(serr)
+    }
+}
+
+/// mls-rs key package storage over a [`Store`]. One-time packages are
+/// deleted when used; the last-resort package is kept.
+#[derive(Clone, Debug)]
+pub struct KeyPackageStore {
+    store: Store,
+}
+
+impl KeyPackageStorage for KeyPackageStore {
+    type Error = StorageError;
+
+    fn delete(&mut self, id: &[u8]) -> Result<(), Self::Error> {
+        self.store.write(|tx| tx.delete_key_package(id)).map_err(serr)
+    }
+
+    fn insert(&mut self, id: Vec<u8>, pkg: KeyPackageData) -> Result<(), Self::Error> {
+        let data = Zeroizing::new(pkg.mls_encode_to_vec().map_err(serr)?);
+        self.store.write(|tx| tx.put_key_package(&id, &data)).map_err(serr)
+    }
+
+    fn get(&self, id: &[u8]) -> Result<Option<KeyPackageData>, Self::Error> {
+        match self.store.read(|tx| tx.key_package(id)).map_err(serr)? {
+            None => Ok(None),
+            Some(d) => KeyPackageData::mls_decode(&mut d.as_slice()).map(Some).map_err(serr),
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The session's rules, driven without a server: two devices on in-memory
+//! stores, a fixed clock, and envelopes built by hand as the server would
+//! deliver them (or as a malicious one might).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use subrosa_core::content::{Body, Content};
+use subrosa_core::{ConversationInfo, DeviceIdentity};
+use subrosa_proto::{ConversationId, Envelope, MessageId, MessageKind, B64};
+
+use crate::store::{Store, StoredMessage};
+use crate::{Clock, Session, SystemEvent, UNSUPPORTED_TEXT};
+
+/// A clock that says what the test sets.
+#[derive(Debug, Default)]
+struct TestClock(AtomicU64);
+
+impl Clock for TestClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+struct Device {
+    session: Session,
+    clock: Arc<TestClock>,
+}
+
+fn device(handle: &str) -> Device {
+    let crypto = subrosa_core::default_crypto();
+    let identity = DeviceIdentity::generate(&crypto, handle.parse().expect("handle"), 1).expect("identity");
+    let clock = Arc::new(TestClock(AtomicU64::new(1_000)));
+    let session = Session::new(crypto, identity, Store::memory(), clock.clone());
+    Device { session, clock }
+}
+
+impl Device {
+    fn key_package(&self) -> Vec<u8> {
+        self.session.store().write(|_| Ok(self.session.engine().generate_key_package()?)).expect("key package")
+    }
+
+    /// Starts a direct conversation with the owner of `kp`, as the server
+    /// would have ordered it; returns it and the Welcome envelope.
+    fn start_direct(&self, peer: &str, kp: Vec<u8>) -> (ConversationId, Envelope) {
+        let engine = self.session.engine();
+        let commit = self
+            .session
+            .store()
+            .write(|tx| {
+                let c = engine.create_conversation(&ConversationInfo::direct(), &[kp])?;
+                engine.confirm_commit(&c.conversation)?;
+                tx.add_conversation(&c.conversation, "direct", "", Some(peer))?;
+                Ok(c)
+            })
+            .expect("create");
+        let welcome = commit.welcome.expect("a welcome");
+        (commit.conversation, self.envelope(commit.conversation, MessageKind::Welcome, welcome))
+    }
+
+    fn send(&self, conversation: ConversationId, seq: u64, body: Body) -> Envelope {
+        let mut content = Content::text(MessageId([seq as u8; 16]), 500 + seq, "");
+        content.body = body;
+        let content = content.with_context(seq, None);
+        let (ct, _) = self
+            .session
+            .store()
+            .write(|_| Ok(self.session.engine().encrypt(&conversation, &content)?))
+            .expect("encrypt");
+        self.envelope(conversation, MessageKind::Application, ct)
+    }
+
+    fn text(&self, conversation: ConversationId, seq: u64, text: &str) -> Envelope {
+        self.send(conversation, seq, Body::Text(text.into()))
+    }
+
+    fn envelope(&self, conversation: ConversationId, kind: MessageKind, ciphertext: Vec<u8>) -> Envelope {
+        Envelope {
+            id: 1,
+            conversation,
+            sender: self.session.identity().address(),
+            kind,
+            ciphertext: B64(ciphertext),
+            server_time: 0,
+            roster: None,
+        }
+    }
+
+    fn receive(&self, env: &Envelope) {
+        self.session.process_envelope(env).expect("processed");
+    }
+
+    fn unseen(&self) -> Vec<StoredMessage> {
+        self.session.store().write(|tx| tx.take_unseen()).expect("unseen")
+    }
+
+    fn alerts(&self) -> Vec<String> {
+        self.session.store().write(|tx| tx.take_alerts()).expect("alerts")
+    }
+}
+
+fn texts(ms: &[StoredMessage]) -> Vec<&str> {
+    ms.iter().map(|m| m.text.as_str()).collect()
+}
+
+/// Alice and bob in a direct conversation bob joined.
+fn pair() -> (Device, Device, ConversationId) {
+    let (alice, bob) = (device("alice"), device("bob"));
+    let (id, welcome) = alice.start_direct("bob", bob.key_package());
+    bob.receive(&welcome);
+    (alice, bob, id)
+}
+
+#[test]
+fn a_welcome_starts_the_conversation_and_messages_are_stored_with_the_clock_handed_in() {
+    let (alice, bob, id) = pair();
+    let row = bob.session.store().read(|tx| tx.conversation(&id)).expect("read").expect("stored");
+    assert_eq!((row.kind.as_str(), row.peer.as_deref()), ("direct", Some("alice")));
+    bob.clock.0.store(42_000, Ordering::SeqCst);
+    bob.receive(&alice.text(id, 1, "hello"));
+    let got = bob.unseen();
+    assert_eq!(texts(&got), ["hello"]);
+    assert_eq!((got[0].from.as_str(), got[0].sent_at, got[0].received_at), ("alice", 501, 42_000));
+    assert!(!got[0].outgoing && !got[0].system);
+    // The contact's identity key was pinned on first sight.
+    let pinned = bob.session.store().read(|tx| tx.contact_key("alice")).expect("read");
+    assert_eq!(pinned.as_deref(), Some(alice.session.identity().identity_public()));
+}
+
+#[test]
+fn a_gap_and_a_late_message_become_system_lines() {
+    let (alice, bob, id) = pair();
+    let (one, two, three) = (alice.text(id, 1, "one"), alice.text(id, 2, "two"), alice.text(id, 3, "three"));
+    bob.receive(&one);
+    bob.receive(&three);
+    bob.receive(&two);
+    let got = bob.unseen();
+    assert_eq!(
+        texts(&got),
+        [
+            "one",
+            "1 message from alice did not arrive: the server dropped or is withholding them",
+            "three",
+            "two",
+            "the message above from alice arrived out of order",
+        ]
+    );
+    assert_eq!(got.iter().map(|m| m.system).collect::<Vec<_>>(), [false, true, false, false, true]);
+    // Each system line is stored as the typed event it says, for every
+    // front end to render in its own words.
+    let events: Vec<Option<SystemEvent>> = got.iter().map(|m| m.event.clone()).collect();
+    assert_eq!(
+        events,
+        [
+            None,
+            Some(SystemEvent::Gap { from: "alice".into(), missing: 1 }),
+            None,
+            None,
+            Some(SystemEvent::Late { from: "alice".into() }),
+        ]
+    );
+}
+
+#[test]
+fn a_kind_from_a_newer_subrosa_is_unsupported_counts_in_the_sequence_and_raises_nothing() {
+    let (alice, bob, id) = pair();
+    bob.receive(&alice.text(id, 1, "before"));
+    bob.receive(&alice.send(id, 2, Body::Unsupported { kind: 999, payload: vec![1, 2, 3] }));
+    bob.receive(&alice.text(id, 3, "after"));
+    assert_eq!(texts(&bob.unseen()), ["before", UNSUPPORTED_TEXT, "after"]);
+    assert!(bob.alerts().is_empty());
+    assert!(bob.session.take_dropped().is_empty());
+}
+
+#[test]
+fn an_envelope_delivered_twice_is_stored_once() {
+    let (alice, bob, id) = pair();
+    let env = alice.text(id, 1, "once");
+    bob.receive(&env);
+    bob.receive(&env);
+    assert_eq!(texts(&bob.unseen()), ["once"]);
+    assert!(bob.session.take_dropped().is_empty());
+}
+
+#[test]
+fn a_sender_the_server_misnames_is_dropped_and_nothing_is_stored() {
+    let (alice, bob, id) = pair();
+    let mallory = device("mallory");
+    let mut env = alice.text(id, 1, "from alice");
+    env.sender = mallory.session.identity().address();
+    bob.receive(&env);
+    assert!(bob.unseen().is_empty());
+    let dropped = bob.session.take_dropped();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert!(dropped[0].from.starts_with("mallory/"), "{dropped:?}");
+}
+
+#[test]
+fn an_invitation_to_a_known_conversation_is_a_takeover_and_is_refused_with_an_alert() {
+    let (alice, bob, id) = pair();
+    // Mallory read the conversation's id (the operator sees it on every
+    // send) and invites bob to a group of her own under it.
+    let mallory = device("mallory");
+    let engine = mallory.session.engine();
+    let welcome = mallory
+        .session
+        .store()
+        .write(|_| {
+            let c = engine.create_conversation_with_id(id, &ConversationInfo::direct(), &[bob.key_package()])?;
+            Ok(c.welcome.expect("welcome"))
+        })
+        .expect("mallory's group");
+    bob.receive(&mallory.envelope(id, MessageKind::Welcome, welcome));
+    let alerts = bob.alerts();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(alerts[0].contains("already knows or knew") && alerts[0].starts_with("mallory"), "{alerts:?}");
+    // The conversation bob has is untouched: alice's messages still arrive,
+    // and mallory's key was never pinned.
+    bob.receive(&alice.text(id, 1, "still here"));
+    assert!(texts(&bob.unseen()).contains(&"still here"));
+    assert_eq!(bob.session.store().read(|tx| tx.contact_key("mallory")).expect("read"), None);
+}
