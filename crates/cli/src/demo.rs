@@ -80,6 +80,7 @@ async fn receive_print(who: &Subrosa) -> Result<()> {
         }
         Received::Alert(a) => out!("  {name} alert: {}", safe(a)),
         Received::Failed(f) => out!("  {name}'s queued message was refused: {}", safe(&f.reason)),
+        Received::Sent(_) => {}
     };
     who.receive(Duration::from_secs(5), true, &mut on).await?;
     Ok(())

@@ -665,6 +665,8 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
                 Received::Message(m) => print_message(m, json),
                 Received::Alert(a) => eprintln!("warning: {}", safe(a)),
                 Received::Failed(f) => print_failed(f),
+                // The queued message was printed as queued when it was sent.
+                Received::Sent(_) => {}
                 Received::Dropped { from, reason } => {
                     dropped += 1;
                     eprintln!(

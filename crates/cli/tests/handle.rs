@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use subrosa_client::{Client, ClientEvent, Subrosa};
+use subrosa_client::{Client, ClientEvent, MessageState, Subrosa};
 use subrosa_proto::ConversationId;
 use tokio::sync::broadcast::Receiver;
 
@@ -34,7 +34,7 @@ fn is_message(text: &str) -> impl Fn(&ClientEvent) -> bool + '_ {
 
 #[test]
 fn two_subscribers_see_what_arrives_and_a_reply_goes_out_by_conversation_id() {
-    let server = Server::start();
+    let mut server = Server::start();
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
     alice.send("bob", "first");
@@ -74,8 +74,21 @@ fn two_subscribers_see_what_arrives_and_a_reply_goes_out_by_conversation_id() {
         // An id this device does not have is refused, not guessed.
         let unknown = ConversationId([7; 16]);
         assert!(client.send_text(&unknown, "nowhere").await.is_err());
+
+        // Offline: the server goes away; a message is stored as queued, and
+        // when the handle is connected again on its own, it goes out and
+        // the subscribers are told its new state.
+        tokio::task::block_in_place(|| server.kill());
+        next_where(&mut ui, |e| matches!(e, ClientEvent::Disconnected { .. })).await;
+        let queued = client.send_text(&id, "while away").await.expect("queued, not an error");
+        assert_eq!(queued.state, Some(MessageState::Queued));
+        tokio::task::block_in_place(|| server.restart_with(&[]));
+        let sent = next_where(&mut ui, |e| matches!(e, ClientEvent::MessageState(m) if m.id == queued.id)).await;
+        let ClientEvent::MessageState(sent) = sent else { unreachable!() };
+        assert_eq!(sent.state, Some(MessageState::Sent));
         running.abort();
     });
     let got = alice.receive_json(&[]);
-    assert!(texts(&got).contains(&"reply by id".to_string()), "{got:?}");
+    let got = texts(&got);
+    assert!(got.contains(&"reply by id".to_string()) && got.contains(&"while away".to_string()), "{got:?}");
 }

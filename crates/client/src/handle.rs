@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use subrosa_proto::ConversationId;
+use subrosa_proto::{ConversationId, MessageId};
 use tokio::sync::broadcast;
 
 use crate::store::StoredMessage;
@@ -45,6 +45,9 @@ pub enum ClientEvent {
     Alert(String),
     /// A queued message the server refused: it will not be sent.
     SendFailed(FailedSend),
+    /// One of this account's messages changed state: it was queued and the
+    /// server has it now (the message, in its new state).
+    MessageState(StoredMessage),
     /// Connected to the server (again): what was queued meanwhile was
     /// fetched and sent.
     Connected,
@@ -65,6 +68,7 @@ impl From<&Received> for ClientEvent {
             Received::Dropped { from, reason } => ClientEvent::Dropped { from: from.clone(), reason: reason.clone() },
             Received::Alert(a) => ClientEvent::Alert(a.clone()),
             Received::Failed(f) => ClientEvent::SendFailed(f.clone()),
+            Received::Sent(m) => ClientEvent::MessageState(m.clone()),
         }
     }
 }
@@ -129,20 +133,27 @@ impl Client {
         tokio::spawn(async move { me.run().await })
     }
 
-    /// Sends `text` to the conversation `id`; returns the stored message
-    /// (queued when the server cannot be reached: it goes out with the next
-    /// connection).
+    /// Sends `text` to the conversation `id`; returns the stored message,
+    /// in state `sent`, or `queued` when the server cannot be reached (it
+    /// goes out with the next connection, and a
+    /// [`ClientEvent::MessageState`] says so).
     ///
     /// # Errors
     /// [`ClientError::UnknownTarget`] for a conversation this device does
-    /// not have (or no longer takes part in); as [`Subrosa::send_text`].
+    /// not have (or no longer takes part in); as [`Subrosa::send_text`]
+    /// except [`ClientError::Pending`].
     pub async fn send_text(&self, id: &ConversationId, text: &str) -> Result<StoredMessage, ClientError> {
-        let row = self.inner.device.store().read(|tx| tx.conversation(id))?;
-        match row {
-            Some(row) if row.active && row.kind != "own" => {
-                self.inner.device.send_text(&format!("#{}", id.to_hex()), text).await
+        let device = &self.inner.device;
+        match device.store().read(|tx| tx.conversation(id))? {
+            Some(row) if row.active && row.kind != "own" => {}
+            _ => return Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
+        }
+        let message_id = MessageId(rand::random());
+        match device.send_text_as(&format!("#{}", id.to_hex()), text, false, message_id).await {
+            Err(ClientError::Pending(why)) => {
+                device.store().read(|tx| tx.message(id, &message_id.0))?.ok_or(ClientError::Pending(why))
             }
-            _ => Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
+            other => other,
         }
     }
 

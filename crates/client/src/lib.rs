@@ -57,6 +57,9 @@ pub enum Received {
     Alert(String),
     /// A queued message the server refused: it will not be sent.
     Failed(FailedSend),
+    /// One of this account's messages reached the server (it was queued):
+    /// the message, in its new state.
+    Sent(StoredMessage),
 }
 
 /// A queued send the server refused (or that could no longer be encrypted).
@@ -104,6 +107,9 @@ pub struct Subrosa {
     api: net::Api,
     /// Queued sends the server refused, reported by the command that flushed them.
     failed: std::sync::Mutex<Vec<RefusedSend>>,
+    /// Queued messages the server took since the last report (conversation,
+    /// message id): their state changed to sent.
+    sent: std::sync::Mutex<Vec<(ConversationId, [u8; 16])>>,
 }
 
 impl std::ops::Deref for Subrosa {
@@ -197,7 +203,7 @@ impl Subrosa {
         let crypto = subrosa_core::default_crypto();
         let api = net::Api::new(server, identity.clone(), crypto.clone())?;
         let session = Session::new(crypto, identity, store, std::sync::Arc::new(SystemClock));
-        Ok(Subrosa { session, api, failed: std::sync::Mutex::new(Vec::new()) })
+        Ok(Subrosa { session, api, failed: std::sync::Mutex::new(Vec::new()), sent: std::sync::Mutex::new(Vec::new()) })
     }
 
     /// The signed server API of this device.
@@ -332,13 +338,18 @@ impl Subrosa {
                 Err(e) => return Err(e),
             };
             match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
-                Ok(_) => self.store().write(|tx| {
-                    tx.pop_outbox(q.id)?;
-                    match q.message {
-                        Some((c, m)) => tx.set_message_state(&c, &m, MessageState::Sent, None),
-                        None => Ok(()),
+                Ok(_) => {
+                    self.store().write(|tx| {
+                        tx.pop_outbox(q.id)?;
+                        match q.message {
+                            Some((c, m)) => tx.set_message_state(&c, &m, MessageState::Sent, None),
+                            None => Ok(()),
+                        }
+                    })?;
+                    if let Some(m) = q.message {
+                        self.sent.lock().unwrap_or_else(|p| p.into_inner()).push(m);
                     }
-                })?,
+                }
                 Err(e) if is_transient(&e) => return Err(e),
                 Err(e) => self.refused(&q, seq, e)?,
             }
@@ -514,6 +525,18 @@ impl Subrosa {
         text: &str,
         accept_key_change: bool,
     ) -> Result<StoredMessage, ClientError> {
+        self.send_text_as(target, text, accept_key_change, MessageId(rand::random())).await
+    }
+
+    /// As [`Self::send_text_with`], under the message id `message_id` (so a
+    /// caller can find the message when it stays queued).
+    pub(crate) async fn send_text_as(
+        &self,
+        target: &str,
+        text: &str,
+        accept_key_change: bool,
+        message_id: MessageId,
+    ) -> Result<StoredMessage, ClientError> {
         if text.is_empty() {
             return Err(ClientError::Input("empty message".into()));
         }
@@ -554,12 +577,11 @@ impl Subrosa {
                 self.check_key_changes(&handles, accept_key_change)?;
                 self.check_members_accepted(&row.id, target)?;
                 let group = row.kind == "group";
-                self.send_content(row.id, &row.target(), group, text, MessageId(rand::random()), online).await
+                self.send_content(row.id, &row.target(), group, text, message_id, online).await
             }
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
                 let existing = self.store().read(|tx| tx.direct_conversation(peer.as_str()))?;
-                let message_id = MessageId(rand::random());
                 let first = Some((message_id, text.to_string()));
                 if let Some(c) = &existing {
                     self.check_members_accepted(c, target)?;
@@ -670,6 +692,13 @@ impl Subrosa {
         }
         for a in alerts {
             on(&Received::Alert(a));
+        }
+        // Not counted: nothing arrived.
+        let sent = std::mem::take(&mut *self.sent.lock().unwrap_or_else(|p| p.into_inner()));
+        for (c, m) in sent {
+            if let Some(m) = self.store().read(|tx| tx.message(&c, &m))? {
+                on(&Received::Sent(m));
+            }
         }
         Ok(n)
     }
