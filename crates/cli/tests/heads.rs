@@ -165,8 +165,8 @@ fn homes_and_a_server_of_the_first_release_pin_the_head_key_on_first_use() {
     for home in [&alice, &bob] {
         let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(home, FIXTURE_PASS)
             .expect("the old home opens");
-        store.set_meta("server_url", url.as_bytes()).expect("points at this run's server");
-        assert!(store.meta("kt_head_key").expect("meta").is_none(), "nothing pinned before the upgrade");
+        store.write(|tx| tx.set_meta("server_url", url.as_bytes())).expect("points at this run's server");
+        assert!(store.read(|tx| tx.meta("kt_head_key")).expect("meta").is_none(), "nothing pinned before the upgrade");
     }
 
     let out = fixture_run(&alice, &["receive", "--json"]);
@@ -184,7 +184,7 @@ fn homes_and_a_server_of_the_first_release_pin_the_head_key_on_first_use() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no alerts");
         let store =
             <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(home, FIXTURE_PASS).expect("opens");
-        let pinned = store.meta("kt_head_key").expect("meta").expect("pinned on first use");
+        let pinned = store.read(|tx| tx.meta("kt_head_key")).expect("meta").expect("pinned on first use");
         assert_eq!(pinned.len(), 48);
     }
     assert!(tmp.path().join("server/kt-signed-head").exists(), "the node records what it signed");
@@ -220,7 +220,7 @@ fn a_linked_device_gets_the_head_signing_key_from_the_approving_device() {
     let key = |u: &User| {
         <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&u.home(), PASS)
             .expect("opens")
-            .meta("kt_head_key")
+            .read(|tx| tx.meta("kt_head_key"))
             .expect("meta")
             .map(|k| k.to_vec())
     };

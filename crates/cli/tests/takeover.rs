@@ -505,17 +505,20 @@ fn a_store_made_by_the_first_wave_knows_every_conversation_id_it_held() {
         }
         let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&home, "fixture passphrase")
             .expect("migrates");
-        let mut rows = store.active_conversations().expect("conversations");
-        rows.extend(store.group_rows().expect("groups"));
+        let mut rows = store.read(|tx| tx.active_conversations()).expect("conversations");
+        rows.extend(store.read(|tx| tx.group_rows()).expect("groups"));
         assert!(!rows.is_empty(), "{who} holds conversations");
         for r in &rows {
             assert!(store.read(|tx| tx.ever_knew(&r.id)).expect("known"), "{who}: {} not recorded", r.id.to_hex());
         }
-        let friends = store.groups_named("friends").expect("groups");
+        let friends = store.read(|tx| tx.groups_named("friends")).expect("groups");
         assert!(!friends.is_empty(), "{who} is in friends");
         for g in &friends {
             // Whoever spoke (or made a change) there counts as a member seen.
-            assert!(store.was_member(&g.id, "alice").expect("past members"), "{who}: alice created friends");
+            assert!(
+                store.read(|tx| tx.was_member(&g.id, "alice")).expect("past members"),
+                "{who}: alice created friends"
+            );
         }
     }
 }

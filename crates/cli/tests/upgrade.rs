@@ -22,7 +22,7 @@ fn home(kind: &str, who: &str, server: &Server) -> User {
     copy_dir(&fixtures().join(kind).join(who), &user.home());
     let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&user.home(), FIXTURE_PASS)
         .expect("the old store opens and migrates");
-    store.set_meta("server_url", server.url.as_bytes()).expect("point at the server");
+    store.write(|tx| tx.set_meta("server_url", server.url.as_bytes())).expect("point at the server");
     user
 }
 

@@ -596,7 +596,7 @@ impl Subrosa {
     fn stuck_alert(&self, conversation: &ConversationId) -> Result<String, ClientError> {
         let who = self.lock_unprocessable().remove(conversation);
         if let Some(who) = &who {
-            self.store().set_meta(&stuck_key(conversation), who.to_string().as_bytes())?;
+            self.store().write(|tx| tx.set_meta(&stuck_key(conversation), who.to_string().as_bytes()))?;
         }
         let text = match who {
             Some(who) => format!(
@@ -677,7 +677,7 @@ impl Subrosa {
         let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
         let change = StagedChange::Create { kind: "group".into(), name: old.name.clone(), peer: None, first: None };
         let id = self.create_conversation(&info, &key_packages, change, None).await?;
-        let row = self.store().conversation(&id)?.ok_or(ClientError::Bug("group vanished".into()))?;
+        let row = self.store().read(|tx| tx.conversation(&id))?.ok_or(ClientError::Bug("group vanished".into()))?;
         let me = self.identity().address();
         self.store().write(|tx| {
             let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
@@ -967,7 +967,7 @@ impl Subrosa {
             }
             Target::Direct(peer) => self
                 .store()
-                .direct_conversation(peer.as_str())?
+                .read(|tx| tx.direct_conversation(peer.as_str()))?
                 .ok_or_else(|| ClientError::UnknownTarget(target.into()))?,
         })
     }

@@ -120,15 +120,15 @@ impl Subrosa {
         let granted = pending.complete_grant(&crypto, grant.as_slice())?;
         let (identity, history) = (granted.identity, granted.history);
         let store = Store::create(home, passphrase)?;
-        store.set_meta(META_IDENTITY, &identity.to_secret_bytes()?)?;
-        store.set_meta(META_SERVER, server.as_bytes())?;
+        store.write(|tx| tx.set_meta(META_IDENTITY, &identity.to_secret_bytes()?))?;
+        store.write(|tx| tx.set_meta(META_SERVER, server.as_bytes()))?;
         let me = Self::assemble(store, identity, server)?;
         // The directory key the approving device pinned; a grant without
         // one (an older approving device) pins on first use instead.
         if let Some(key) = granted.directory_key {
             me.pin_head_key(&crate::kt::HeadKey::from_bytes(&key)?)?;
         }
-        me.store().transaction(|| me.import_history(&history))?;
+        me.store().write(|_| me.import_history(&history))?;
         me.upload_key_packages(KEY_PACKAGE_TARGET as usize, true).await?;
         Ok(me)
     }
@@ -139,7 +139,7 @@ impl Subrosa {
             let peer = (!it.peer.is_empty()).then_some(it.peer.as_str());
             // Known from the approving device's history only: the Welcome
             // that device sends for it is the one this device may join.
-            self.store().add_linked_conversation(&conv, &it.kind, &it.name, peer)?;
+            self.store().write(|tx| tx.add_linked_conversation(&conv, &it.kind, &it.name, peer))?;
             let m = StoredMessage {
                 id: hex::encode(&it.message_id),
                 conversation: conv.to_hex(),
@@ -156,15 +156,15 @@ impl Subrosa {
                 reason: None,
                 event: None,
             };
-            self.store().insert_message(&m, &conv, &it.message_id, true)?;
+            self.store().write(|tx| tx.insert_message(&m, &conv, &it.message_id, true))?;
         }
         Ok(())
     }
 
     fn recent_history(&self) -> Result<Vec<HistoryItem>, ClientError> {
         let mut out = Vec::new();
-        for row in self.store().active_conversations()? {
-            let msgs = self.store().history(std::slice::from_ref(&row))?;
+        for row in self.store().read(|tx| tx.active_conversations())? {
+            let msgs = self.store().read(|tx| tx.history(std::slice::from_ref(&row)))?;
             let skip = msgs.len().saturating_sub(HISTORY_PER_CONVERSATION);
             for m in msgs.into_iter().skip(skip) {
                 out.push(HistoryItem {
@@ -240,7 +240,7 @@ impl Subrosa {
         let address = DeviceAddress { handle: me.clone(), device };
         let deadline = Instant::now() + timeout;
         let mut added = 0;
-        for row in self.store().active_conversations()? {
+        for row in self.store().read(|tx| tx.active_conversations())? {
             if self.engine().members(&row.id)?.iter().any(|m| m.address == address) {
                 continue;
             }
@@ -275,7 +275,7 @@ impl Subrosa {
         if handle == *self.handle() {
             return Err(ClientError::Input("a safety number is between you and someone else".into()));
         }
-        let key = match self.store().contact_key(handle.as_str())? {
+        let key = match self.store().read(|tx| tx.contact_key(handle.as_str()))? {
             Some(k) => k,
             None => {
                 let info: AccountInfo =
@@ -286,7 +286,7 @@ impl Subrosa {
                         },
                     )?;
                 self.kt_verify(&handle, info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await?;
-                self.store().pin_contact(handle.as_str(), info.identity_key.as_slice())?;
+                self.store().write(|tx| tx.pin_contact(handle.as_str(), info.identity_key.as_slice()))?;
                 info.identity_key.into_inner()
             }
         };
@@ -299,10 +299,10 @@ impl Subrosa {
     /// Unknown contact.
     pub fn mark_verified(&self, handle: &str) -> Result<(), ClientError> {
         let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
-        if self.store().contact_key(handle.as_str())?.is_none() {
+        if self.store().read(|tx| tx.contact_key(handle.as_str()))?.is_none() {
             return Err(ClientError::Input(format!("{handle} is not a contact yet")));
         }
-        self.store().set_verified(handle.as_str(), true)
+        self.store().write(|tx| tx.set_verified(handle.as_str(), true))
     }
 
     /// Whether `handle` is a verified contact.
@@ -310,7 +310,7 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn is_verified(&self, handle: &str) -> Result<bool, ClientError> {
-        Ok(self.store().contacts()?.iter().any(|c| c.handle == handle && c.verified))
+        Ok(self.store().read(|tx| tx.contacts())?.iter().any(|c| c.handle == handle && c.verified))
     }
 
     /// Whether `d` carries a valid certificate for itself by `identity_key`
@@ -371,7 +371,7 @@ impl Subrosa {
             Ok(self.engine().members(&row.id)?.iter().any(|m| m.address == address))
         };
         let mut known_here = false;
-        for row in self.store().active_conversations()? {
+        for row in self.store().read(|tx| tx.active_conversations())? {
             known_here |= in_conversation(&row)?;
         }
         if !on_server && !known_here {
@@ -385,11 +385,11 @@ impl Subrosa {
         self.sync().await?;
         // It held the account's identity key: a new one is due for the
         // devices that remain (started below, or by the next command).
-        self.store().set_meta(crate::keys::META_ROTATION_DUE, &[1])?;
+        self.store().write(|tx| tx.set_meta(crate::keys::META_ROTATION_DUE, &[1]))?;
         let mut n = 0;
         let mut first_error = None;
         let mut pending = None;
-        for row in self.store().active_conversations()? {
+        for row in self.store().read(|tx| tx.active_conversations())? {
             if !in_conversation(&row)? {
                 continue;
             }

@@ -94,24 +94,26 @@ impl Subrosa {
     /// refusal returned.
     pub(crate) async fn finish_key_switch(&self) -> Result<Rekeyed, ClientError> {
         let done = self.finish_pending_switch().await?;
-        if self.store().meta(META_ROTATION_DUE)?.is_some() && self.store().meta(META_PENDING_IDENTITY)?.is_none() {
+        if self.store().read(|tx| tx.meta(META_ROTATION_DUE))?.is_some()
+            && self.store().read(|tx| tx.meta(META_PENDING_IDENTITY))?.is_none()
+        {
             return self.rotate_identity_key().await;
         }
         Ok(done)
     }
 
     async fn finish_pending_switch(&self) -> Result<Rekeyed, ClientError> {
-        let Some(secret) = self.store().meta(META_PENDING_IDENTITY)? else {
+        let Some(secret) = self.store().read(|tx| tx.meta(META_PENDING_IDENTITY))? else {
             return self.update_stale_leaves().await;
         };
         let new = DeviceIdentity::from_secret_bytes(self.engine().crypto(), &secret)?;
         if new.address() != self.identity().address() {
             return Err(ClientError::Store("a pending key switch for another device".into()));
         }
-        if let Some(request) = self.store().meta(META_PENDING_KEY_SET)? {
+        if let Some(request) = self.store().read(|tx| tx.meta(META_PENDING_KEY_SET))? {
             let update: KeySetUpdate =
                 serde_json::from_slice(&request).map_err(|e| ClientError::Store(format!("pending key set: {e}")))?;
-            if self.store().meta(META_PENDING_HANDOVER)?.is_some() {
+            if self.store().read(|tx| tx.meta(META_PENDING_HANDOVER))?.is_some() {
                 self.hand_over(&new, &update).await?;
                 self.store().write(|tx| tx.delete_meta(META_PENDING_HANDOVER))?;
             }
@@ -166,12 +168,12 @@ impl Subrosa {
     /// are left for a later command.
     async fn update_stale_leaves(&self) -> Result<Rekeyed, ClientError> {
         let mut done = Rekeyed { conversations: 0, pending: 0 };
-        if self.store().meta(META_LEAVES_DUE)?.is_none() {
+        if self.store().read(|tx| tx.meta(META_LEAVES_DUE))?.is_none() {
             return Ok(done);
         }
         let me = self.identity();
         let mut left = 0;
-        for row in self.store().active_conversations()? {
+        for row in self.store().read(|tx| tx.active_conversations())? {
             match self.engine().leaf_is(&row.id, &me) {
                 Ok(true) | Err(CoreError::UnknownConversation) => continue,
                 Ok(false) => {}
@@ -186,10 +188,12 @@ impl Subrosa {
                 Err(ClientError::Pending(_)) => left += 1,
                 Err(e @ (ClientError::Network(_) | ClientError::Store(_) | ClientError::Bug(_))) => return Err(e),
                 Err(e) => {
-                    self.store().add_alert(&format!(
-                        "could not carry this device's new keys into conversation #{}: {e}",
-                        row.id.to_hex()
-                    ))?;
+                    self.store().write(|tx| {
+                        tx.add_alert(&format!(
+                            "could not carry this device's new keys into conversation #{}: {e}",
+                            row.id.to_hex()
+                        ))
+                    })?;
                 }
             }
         }
@@ -331,7 +335,7 @@ impl Subrosa {
 
     /// The active conversation of this account's own devices, if any.
     fn own_conversation(&self) -> Result<Option<ConversationId>, ClientError> {
-        Ok(self.store().active_conversations()?.into_iter().find(|r| r.kind == "own").map(|r| r.id))
+        Ok(self.store().read(|tx| tx.active_conversations())?.into_iter().find(|r| r.kind == "own").map(|r| r.id))
     }
 
     async fn create_own_conversation(&self) -> Result<ConversationId, ClientError> {

@@ -246,7 +246,7 @@ impl Subrosa {
 
     /// Fails when this device holds a proven directory fork not cleared.
     pub(crate) fn kt_blocked(&self) -> Result<(), ClientError> {
-        match self.store().open_fork()? {
+        match self.store().read(|tx| tx.open_fork())? {
             Some(why) => Err(ClientError::DirectoryFork(why.trim_end_matches(FORK_BLOCKS).to_string())),
             None => Ok(()),
         }
@@ -254,11 +254,11 @@ impl Subrosa {
 
     /// The directory's VRF public key, pinned the first time it is needed.
     async fn kt_vrf_key(&self) -> Result<Vec<u8>, ClientError> {
-        if let Some(k) = self.store().meta(META_KT_VRF)? {
+        if let Some(k) = self.store().read(|tx| tx.meta(META_KT_VRF))? {
             return Ok(k.to_vec());
         }
         let head = self.kt_head().await?;
-        self.store().set_meta(META_KT_VRF, head.vrf_public_key.as_slice())?;
+        self.store().write(|tx| tx.set_meta(META_KT_VRF, head.vrf_public_key.as_slice()))?;
         Ok(head.vrf_public_key.into_inner())
     }
 
@@ -269,7 +269,7 @@ impl Subrosa {
     /// Network errors; [`ClientError::Protocol`] when the server does not
     /// sign its heads or its head does not verify under its own key.
     pub async fn kt_head_key(&self) -> Result<HeadKey, ClientError> {
-        if let Some(k) = self.store().meta(META_KT_HEAD_KEY)? {
+        if let Some(k) = self.store().read(|tx| tx.meta(META_KT_HEAD_KEY))? {
             return HeadKey::from_bytes(&k);
         }
         let head = self.kt_head().await?;
@@ -293,20 +293,20 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn pin_head_key(&self, key: &HeadKey) -> Result<(), ClientError> {
-        if self.store().meta(META_KT_HEAD_KEY)?.is_none() {
-            self.store().set_meta(META_KT_HEAD_KEY, &key.to_bytes())?;
+        if self.store().read(|tx| tx.meta(META_KT_HEAD_KEY))?.is_none() {
+            self.store().write(|tx| tx.set_meta(META_KT_HEAD_KEY, &key.to_bytes()))?;
         }
         Ok(())
     }
 
     /// The pinned head-signing key, if any (no network).
     pub(crate) fn kt_pinned_head_key(&self) -> Result<Option<HeadKey>, ClientError> {
-        self.store().meta(META_KT_HEAD_KEY)?.map(|k| HeadKey::from_bytes(&k)).transpose()
+        self.store().read(|tx| tx.meta(META_KT_HEAD_KEY))?.map(|k| HeadKey::from_bytes(&k)).transpose()
     }
 
     /// The newest signed head this device holds, to tell other members.
     pub(crate) fn kt_latest(&self) -> Result<Option<Vec<u8>>, ClientError> {
-        self.store().kt_newest_signed_head()
+        self.store().read(|tx| tx.kt_newest_signed_head())
     }
 
     /// Checks that the directory vouches for exactly these keys of `handle`,
@@ -345,7 +345,7 @@ impl Subrosa {
         bytes: &[u8],
         for_member: Option<&str>,
     ) -> Result<(), ClientError> {
-        if let Some(held) = self.store().kt_signed_head(head.epoch)? {
+        if let Some(held) = self.store().read(|tx| tx.kt_signed_head(head.epoch))? {
             if held == bytes {
                 return Ok(());
             }
@@ -364,14 +364,14 @@ impl Subrosa {
         }
         let root = digest(&head.root, "directory root")?;
         match self.kt_track(head.epoch, root).await {
-            Ok(()) => self.store().put_kt_signed_head(head.epoch, bytes),
+            Ok(()) => self.store().write(|tx| tx.put_kt_signed_head(head.epoch, bytes)),
             Err(ClientError::KeyMismatch { why, .. }) => {
                 let asked = for_member.map(|m| format!(" (asked because of {m}'s head)")).unwrap_or_default();
                 let text = format!(
                     "the server's key directory at epoch {} does not extend what this device saw before{asked}: {why}",
                     head.epoch
                 );
-                self.store().add_alert_about(THE_SERVER, &text, None)?;
+                self.store().write(|tx| tx.add_alert_about(THE_SERVER, &text, None))?;
                 Err(directory_refused(text))
             }
             Err(e) => Err(e),
@@ -385,13 +385,15 @@ impl Subrosa {
     /// [`ClientError::KeyMismatch`] when it does not (the server's answers
     /// contradict each other); network errors.
     async fn kt_track(&self, epoch: u64, root: Digest) -> Result<(), ClientError> {
-        let Some((lo, hi)) = self.store().kt_range()? else {
+        let Some((lo, hi)) = self.store().read(|tx| tx.kt_range())? else {
             // First sight: trusted on first use, like the VRF key.
-            return self.store().put_kt_roots(epoch, &[root]);
+            return self.store().write(|tx| tx.put_kt_roots(epoch, &[root]));
         };
         let known = |e: u64| -> Result<Digest, ClientError> {
-            let r =
-                self.store().kt_root(e)?.ok_or_else(|| ClientError::Bug(format!("no stored root for epoch {e}")))?;
+            let r = self
+                .store()
+                .read(|tx| tx.kt_root(e))?
+                .ok_or_else(|| ClientError::Bug(format!("no stored root for epoch {e}")))?;
             digest(&r, "stored directory root")
         };
         let broken =
@@ -423,7 +425,7 @@ impl Subrosa {
         if !joins || !reaches {
             return Err(broken());
         }
-        self.store().transaction(|| self.store().put_kt_roots(start, &roots))
+        self.store().write(|_| self.store().write(|tx| tx.put_kt_roots(start, &roots)))
     }
 
     /// Records a proven fork (two validly signed heads for one epoch with
@@ -446,17 +448,17 @@ impl Subrosa {
              (`subrosa alerts export FILE` writes the proof)",
             a.1, b.1
         );
-        self.store().add_alert_about(THE_SERVER, &format!("{why}{FORK_BLOCKS}"), Some(&json))?;
+        self.store().write(|tx| tx.add_alert_about(THE_SERVER, &format!("{why}{FORK_BLOCKS}"), Some(&json)))?;
         Err(ClientError::DirectoryFork(why))
     }
 
     /// Checks the heads other members' messages carried (one per member,
     /// its newest). Findings are alerts, not errors: receiving goes on.
     pub(crate) async fn kt_check_gossip(&self) -> Result<(), ClientError> {
-        for (source, bytes) in self.store().kt_head_gossip()? {
+        for (source, bytes) in self.store().read(|tx| tx.kt_head_gossip())? {
             match self.kt_check_one(&source, &bytes).await {
                 Ok(()) | Err(ClientError::DirectoryFork(_)) | Err(ClientError::KeyMismatch { .. }) => {
-                    self.store().drop_kt_head_gossip(&source, &bytes)?
+                    self.store().write(|tx| tx.drop_kt_head_gossip(&source, &bytes))?
                 }
                 // The server could not be asked now: checked at a later sync.
                 Err(e) => return Err(e),
@@ -472,17 +474,19 @@ impl Subrosa {
             Err(why) => {
                 // Only the member's own device put it in the message: the
                 // server is not blamed.
-                return self.store().add_alert_about(
-                    source,
-                    &format!(
-                        "{source}'s message carried a key-directory head that the server did not sign ({why}); \
+                return self.store().write(|tx| {
+                    tx.add_alert_about(
+                        source,
+                        &format!(
+                            "{source}'s message carried a key-directory head that the server did not sign ({why}); \
                          it was ignored: {source}'s device or app misbehaves"
-                    ),
-                    None,
-                );
+                        ),
+                        None,
+                    )
+                });
             }
         };
-        if let Some(held) = self.store().kt_signed_head(head.epoch)? {
+        if let Some(held) = self.store().read(|tx| tx.kt_signed_head(head.epoch))? {
             if held == bytes {
                 return Ok(());
             }
@@ -498,7 +502,7 @@ impl Subrosa {
                 (bytes, &format!("held by {source}")),
             );
         }
-        if self.store().kt_range()?.is_some_and(|(lo, _)| head.epoch < lo) {
+        if self.store().read(|tx| tx.kt_range())?.is_some_and(|(lo, _)| head.epoch < lo) {
             // Older than anything this device saw: nothing to compare.
             return Ok(());
         }
@@ -512,7 +516,7 @@ impl Subrosa {
                  (signed by the server itself): {why}",
                 head.epoch
             );
-            self.store().add_alert_about(THE_SERVER, &text, None)?;
+            self.store().write(|tx| tx.add_alert_about(THE_SERVER, &text, None))?;
             Err(directory_refused(text))
         };
         let answer = match answer {
@@ -547,11 +551,15 @@ impl Subrosa {
         let info: AccountInfo = self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{me}"), None).await?;
         if let Err(e) = self.kt_verify(&me, info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await {
             return match e {
-                ClientError::KeyMismatch { why, .. } => self.store().add_alert_about(
+                ClientError::KeyMismatch { why, .. } => {
+                    self.store().write(|tx| {
+                        tx.add_alert_about(
                     THE_SERVER,
                     &format!("the server's answer about this account ({me}) is not what its key directory says: {why}"),
                     None,
-                ),
+                )
+                    })
+                }
                 // Already recorded and alerted; receiving goes on.
                 ClientError::DirectoryFork(_) => Ok(()),
                 e => Err(e),
@@ -560,26 +568,30 @@ impl Subrosa {
         let me_now = self.identity();
         let own_key = me_now.identity_public();
         if info.identity_key.as_slice() != own_key {
-            self.store().add_alert_about(
-                THE_SERVER,
-                &format!(
-                    "the key directory lists an identity key for {me} that is not this account's: \
+            self.store().write(|tx| {
+                tx.add_alert_about(
+                    THE_SERVER,
+                    &format!(
+                        "the key directory lists an identity key for {me} that is not this account's: \
                      the server may be impersonating you"
-                ),
-                None,
-            )?;
+                    ),
+                    None,
+                )
+            })?;
         }
         for d in &info.devices {
             if !self.is_certified(d, own_key, &me) {
-                self.store().add_alert_about(
-                    THE_SERVER,
-                    &format!(
-                        "the key directory lists a device {} for {me} that none of your devices added: \
+                self.store().write(|tx| {
+                    tx.add_alert_about(
+                        THE_SERVER,
+                        &format!(
+                            "the key directory lists a device {} for {me} that none of your devices added: \
                          the server may be adding a ghost device (it is refused and gets nothing)",
-                        d.device_id.to_hex()
-                    ),
-                    None,
-                )?;
+                            d.device_id.to_hex()
+                        ),
+                        None,
+                    )
+                })?;
             }
         }
         Ok(())
@@ -590,7 +602,7 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn take_alerts(&self) -> Result<Vec<String>, ClientError> {
-        self.store().take_alerts()
+        self.store().write(|tx| tx.take_alerts())
     }
 
     /// Every alert not cleared, oldest first.
@@ -598,7 +610,7 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
-        self.store().alerts()
+        self.store().read(|tx| tx.alerts())
     }
 
     /// The proof of the newest proven fork not cleared (JSON), if any.
@@ -606,7 +618,7 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn fork_proof(&self) -> Result<Option<String>, ClientError> {
-        Ok(self.store().alerts()?.into_iter().rev().find_map(|a| a.proof))
+        Ok(self.store().read(|tx| tx.alerts())?.into_iter().rev().find_map(|a| a.proof))
     }
 
     /// Clears alerts. A proven fork is cleared only with `forks` (the user
@@ -616,8 +628,8 @@ impl Subrosa {
     /// # Errors
     /// Store errors.
     pub fn clear_alerts(&self, forks: bool) -> Result<(usize, usize), ClientError> {
-        let cleared = self.store().clear_alerts(forks)?;
-        let remaining = self.store().alerts()?.iter().filter(|a| a.fork).count();
+        let cleared = self.store().write(|tx| tx.clear_alerts(forks))?;
+        let remaining = self.store().read(|tx| tx.alerts())?.iter().filter(|a| a.fork).count();
         Ok((cleared, remaining))
     }
 }

@@ -22,13 +22,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-
-use subrosa_core::content::Content;
 use subrosa_core::{CoreError, DeviceIdentity};
 use subrosa_proto::{
     AckRequest, AckResponse, ConversationId, DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount,
-    KeyPackageUpload, MessageId, MessageKind, RegisterRequest, SendId, SendPart, SendRequest, SendResponse,
-    ServerFrame, B64,
+    KeyPackageUpload, MessageId, RegisterRequest, SendResponse, ServerFrame, B64,
 };
 
 pub use conversations::{GroupSummary, Target};
@@ -38,6 +35,7 @@ pub use rotation::Rekeyed;
 use store::{now_ms, OnDisk, Store};
 pub use store::{Contact, MessageState, StoredMessage};
 pub use subrosa_session::{Advice, Session, SystemClock, SystemEvent};
+use subrosa_session::{Outgoing, Prepared};
 
 pub use subrosa_session::ClientError;
 
@@ -73,10 +71,6 @@ pub struct FailedSend {
 }
 
 type RefusedSend = (Option<(ConversationId, [u8; 16])>, ClientError);
-
-/// A queued send's request body, and the sequence number it took when it
-/// was encrypted just now.
-type Prepared = (Vec<u8>, Option<u64>);
 
 /// What a send that is stored here but not yet on the server says.
 pub const QUEUED: &str = "not yet on the server; the next subrosa command sends it";
@@ -339,13 +333,7 @@ impl Subrosa {
             };
             match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
                 Ok(_) => {
-                    self.store().write(|tx| {
-                        tx.pop_outbox(q.id)?;
-                        match q.message {
-                            Some((c, m)) => tx.set_message_state(&c, &m, MessageState::Sent, None),
-                            None => Ok(()),
-                        }
-                    })?;
+                    self.queued_sent(&q)?;
                     if let Some(m) = q.message {
                         self.sent.lock().unwrap_or_else(|p| p.into_inner()).push(m);
                     }
@@ -357,37 +345,10 @@ impl Subrosa {
         Ok(())
     }
 
-    /// The request of a queued send: the one made before, or a new one,
-    /// encrypted now at the conversation's current epoch (with the sequence
-    /// number it took). One transaction, re-reading the row: two processes
-    /// flushing at once make one request. `None` when the row is gone (sent
-    /// by another process).
+    /// The request of a queued send (see [`Session::prepare_queued`]).
     fn encrypt_queued(&self, id: i64) -> Result<Option<Prepared>, ClientError> {
         let kt_head = self.kt_latest()?;
-        self.store().write(|tx| {
-            let Some(q) = tx.outbox_row(id)? else { return Ok(None) };
-            if let Some(request) = q.request {
-                return Ok(Some((request, None)));
-            }
-            let (Some((conversation, _)), Some(content)) = (q.message, q.content) else {
-                return Err(ClientError::Store("an outbox row with neither request nor content".into()));
-            };
-            if !tx.conversation(&conversation)?.is_some_and(|r| r.active) {
-                return Err(CoreError::UnknownConversation.into());
-            }
-            let seq = tx.next_seq(&conversation)?;
-            let content = Content::decode(&content)?.with_context(seq, kt_head);
-            let (ciphertext, recipients) = self.engine().encrypt(&conversation, &content)?;
-            let req = SendRequest {
-                conversation,
-                send_id: SendId(q.send_id),
-                commit: None,
-                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
-            };
-            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
-            tx.set_outbox_request(id, &bytes)?;
-            Ok(Some((bytes, Some(seq))))
-        })
+        self.prepare_queued(id, kt_head)
     }
 
     /// A queued send the server refused, or that can no longer be
@@ -395,19 +356,7 @@ impl Subrosa {
     /// number it took, when still the last, is given back: recipients should
     /// not be told of a gap for a message nobody got.
     fn refused(&self, q: &store::QueuedSend, seq: Option<u64>, e: ClientError) -> Result<(), ClientError> {
-        let reason = e.to_string();
-        self.store().write(|tx| {
-            tx.pop_outbox(q.id)?;
-            match q.message {
-                Some((c, m)) => {
-                    if let Some(seq) = seq {
-                        tx.release_seq(&c, seq)?;
-                    }
-                    tx.set_message_state(&c, &m, MessageState::Failed, Some(&reason))
-                }
-                None => Ok(()),
-            }
-        })?;
+        self.queued_refused(q, seq, &e.to_string())?;
         self.lock_failed().push((q.message, e));
         Ok(())
     }
@@ -450,31 +399,8 @@ impl Subrosa {
         message_id: MessageId,
         online: bool,
     ) -> Result<StoredMessage, ClientError> {
-        let sent_at = now_ms();
-        let send_id: [u8; 16] = rand::random();
-        let me = self.engine().identity().address();
-        let stored = StoredMessage {
-            id: message_id.to_hex(),
-            conversation: conversation.to_hex(),
-            target: target.to_string(),
-            group,
-            from: me.handle.to_string(),
-            device: me.device.to_hex(),
-            sent_at,
-            received_at: sent_at,
-            text: text.to_string(),
-            outgoing: true,
-            system: false,
-            state: Some(MessageState::Queued),
-            reason: None,
-            event: None,
-        };
-        let content = Content::text(message_id, sent_at, text).encode()?;
-        self.store().write(|tx| {
-            tx.insert_message(&stored, &conversation, &message_id.0, true)?;
-            tx.note_sent(&conversation)?;
-            tx.push_outbox(&send_id, &conversation, &message_id.0, &content)
-        })?;
+        let to = Outgoing { conversation, target, group };
+        self.queue_text(&to, text, message_id, rand::random())?;
         if !online {
             return Err(ClientError::Pending(QUEUED.into()));
         }

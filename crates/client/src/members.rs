@@ -63,7 +63,7 @@ impl Subrosa {
     /// # Errors
     /// Network, server and store errors.
     pub(crate) async fn check_members(&self) -> Result<(), ClientError> {
-        let pending = self.store().member_checks(None, UNCHECKED)?;
+        let pending = self.store().read(|tx| tx.member_checks(None, UNCHECKED))?;
         if pending.is_empty() {
             return Ok(());
         }
@@ -96,12 +96,12 @@ impl Subrosa {
                     (!listed).then(|| format!("the directory does not list this device of {}", c.handle))
                 }
             };
-            self.store().transaction(|| {
+            self.store().write(|_| {
                 // The conversation may have changed meanwhile (the device
                 // removed, the conversation refused): only a row still queued counts.
                 let still = self
                     .store()
-                    .member_checks(Some(&c.conversation), UNCHECKED)?
+                    .read(|tx| tx.member_checks(Some(&c.conversation), UNCHECKED))?
                     .into_iter()
                     .any(|p| p.handle == c.handle && p.device == c.device);
                 if !still {
@@ -110,10 +110,14 @@ impl Subrosa {
                 match verdict {
                     None => {
                         // Confirmed: pinned on first sight, like a claim's keys.
-                        if c.handle != self.handle().as_str() && self.store().contact_key(&c.handle)?.is_none() {
-                            self.store().pin_contact(&c.handle, &c.identity_key)?;
+                        if c.handle != self.handle().as_str()
+                            && self.store().read(|tx| tx.contact_key(&c.handle))?.is_none()
+                        {
+                            self.store().write(|tx| tx.pin_contact(&c.handle, &c.identity_key))?;
                         }
-                        self.store().drop_member_check(&c.conversation, &c.handle, Some(&c.device)).map(|_| ())
+                        self.store()
+                            .write(|tx| tx.drop_member_check(&c.conversation, &c.handle, Some(&c.device)))
+                            .map(|_| ())
                     }
                     Some(why) => self.contradicted(&c, &why),
                 }
@@ -123,7 +127,7 @@ impl Subrosa {
     }
 
     fn contradicted(&self, c: &MemberCheck, why: &str) -> Result<(), ClientError> {
-        let Some(row) = self.store().conversation(&c.conversation)? else { return Ok(()) };
+        let Some(row) = self.store().read(|tx| tx.conversation(&c.conversation))? else { return Ok(()) };
         if c.welcome {
             let what = if row.kind == "group" {
                 format!("the group {}", row.name)
@@ -138,10 +142,10 @@ impl Subrosa {
                 c.handle,
                 c.device
             );
-            self.store().drop_refused_conversation(&c.conversation)?;
-            return self.store().add_alert(&text);
+            self.store().write(|tx| tx.drop_refused_conversation(&c.conversation))?;
+            return self.store().write(|tx| tx.add_alert(&text));
         }
-        self.store().set_member_check(&c.conversation, &c.handle, &c.device, CONTRADICTED, why)?;
+        self.store().write(|tx| tx.set_member_check(&c.conversation, &c.handle, &c.device, CONTRADICTED, why))?;
         self.contradicted_line(&row, &c.added_by, &c.handle, &c.device, why)
     }
 
@@ -152,7 +156,7 @@ impl Subrosa {
         conversation: &ConversationId,
         target: &str,
     ) -> Result<(), ClientError> {
-        match self.store().member_checks(Some(conversation), CONTRADICTED)?.into_iter().next() {
+        match self.store().read(|tx| tx.member_checks(Some(conversation), CONTRADICTED))?.into_iter().next() {
             None => Ok(()),
             Some(c) => Err(ClientError::DeviceNotAccepted {
                 target: target.to_string(),
@@ -176,13 +180,13 @@ impl Subrosa {
             Target::Conversation(row) => row,
             Target::Direct(peer) => self
                 .store()
-                .direct_conversation(peer.as_str())?
-                .and_then(|id| self.store().conversation(&id).transpose())
+                .read(|tx| tx.direct_conversation(peer.as_str()))?
+                .and_then(|id| self.store().read(|tx| tx.conversation(&id)).transpose())
                 .transpose()?
                 .ok_or_else(|| ClientError::UnknownTarget(target.to_string()))?,
         };
         let device = device.trim().to_ascii_lowercase();
-        let flagged = self.store().member_checks(Some(&conversation.id), CONTRADICTED)?;
+        let flagged = self.store().read(|tx| tx.member_checks(Some(&conversation.id), CONTRADICTED))?;
         let matching: Vec<&MemberCheck> =
             flagged.iter().filter(|c| !device.is_empty() && c.device.starts_with(&device)).collect();
         let c = match matching.as_slice() {
@@ -195,8 +199,8 @@ impl Subrosa {
             }
             _ => return Err(ClientError::Input(format!("{device:?} matches several devices; give more of its id"))),
         };
-        self.store().transaction(|| {
-            self.store().drop_member_check(&conversation.id, &c.handle, Some(&c.device))?;
+        self.store().write(|_| {
+            self.store().write(|tx| tx.drop_member_check(&conversation.id, &c.handle, Some(&c.device)))?;
             self.system_line(
                 &conversation,
                 &self.identity().address(),

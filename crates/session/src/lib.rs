@@ -15,9 +15,11 @@ mod error;
 pub mod store;
 
 pub use error::ClientError;
+mod outbox;
 mod session;
 mod system;
 
+pub use outbox::{Outgoing, Prepared};
 pub use session::*;
 pub use system::{Advice, SystemEvent};
 

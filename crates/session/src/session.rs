@@ -251,8 +251,8 @@ impl Session {
     }
 
     /// Records a system line (membership, renames) in a conversation's
-    /// history, in a transaction of its own or joining the one this thread
-    /// has open (for callers not converted to [`Self::record_system_line`]).
+    /// history, in a transaction of its own or as a savepoint of the one
+    /// this thread has open.
     pub fn system_line(
         &self,
         row: &ConversationRow,
@@ -984,16 +984,18 @@ impl Session {
         m: &MemberInfo,
         why: &str,
     ) -> Result<(), ClientError> {
-        self.store.add_member_check(&MemberCheck {
-            conversation: row.id,
-            handle: m.address.handle.to_string(),
-            device: m.address.device.to_hex(),
-            device_key: m.device_key.clone(),
-            identity_key: m.identity_key.clone(),
-            added_by: by.to_string(),
-            welcome: false,
-            state: CONTRADICTED.into(),
-            why: why.to_string(),
+        self.store.write(|tx| {
+            tx.add_member_check(&MemberCheck {
+                conversation: row.id,
+                handle: m.address.handle.to_string(),
+                device: m.address.device.to_hex(),
+                device_key: m.device_key.clone(),
+                identity_key: m.identity_key.clone(),
+                added_by: by.to_string(),
+                welcome: false,
+                state: CONTRADICTED.into(),
+                why: why.to_string(),
+            })
         })?;
         self.contradicted_line(row, &by.to_string(), m.address.handle.as_str(), &m.address.device.to_hex(), why)
     }
@@ -1023,7 +1025,7 @@ impl Session {
             why: why.to_string(),
         };
         self.system_line(row, &from, event)?;
-        self.store.add_alert(&text)
+        self.store.write(|tx| tx.add_alert(&text))
     }
 }
 

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use subrosa_core::content::{Body, Content};
 use subrosa_core::{ConversationInfo, DeviceIdentity};
-use subrosa_proto::{ConversationId, Envelope, MessageId, MessageKind, B64};
+use subrosa_proto::{ConversationId, Envelope, MessageId, MessageKind, SendRequest, B64};
 
-use crate::store::{Store, StoredMessage};
-use crate::{Clock, Session, SystemEvent, UNSUPPORTED_TEXT};
+use crate::store::{MessageState, Store, StoredMessage};
+use crate::{Clock, Outgoing, Session, SystemEvent, UNSUPPORTED_TEXT};
 
 /// A clock that says what the test sets.
 #[derive(Debug, Default)]
@@ -221,4 +221,36 @@ fn an_invitation_to_a_known_conversation_is_a_takeover_and_is_refused_with_an_al
     bob.receive(&alice.text(id, 1, "still here"));
     assert!(texts(&bob.unseen()).contains(&"still here"));
     assert_eq!(bob.session.store().read(|tx| tx.contact_key("mallory")).expect("read"), None);
+}
+
+#[test]
+fn a_queued_send_is_encrypted_once_and_a_refused_one_leaves_no_gap() {
+    let (alice, bob, id) = pair();
+    let to = Outgoing { conversation: id, target: "bob", group: false };
+    let outbox = || alice.session.store().read(|tx| tx.outbox()).expect("outbox");
+    let refused = alice.session.queue_text(&to, "refused", MessageId([1; 16]), [1; 16]).expect("queued");
+    assert_eq!(refused.state, Some(MessageState::Queued));
+    let q = outbox().remove(0);
+    let (request, seq) = alice.session.prepare_queued(q.id, None).expect("prepared").expect("a request");
+    assert_eq!(seq, Some(1));
+    // Made once: a second flush posts the same bytes (the server stores it once).
+    assert_eq!(alice.session.prepare_queued(q.id, None).expect("again"), Some((request, None)));
+    alice.session.queued_refused(&q, seq, "refused by the server").expect("refused");
+    let m = alice.session.store().read(|tx| tx.message(&id, &[1; 16])).expect("read").expect("kept");
+    assert_eq!((m.state, m.reason.as_deref()), (Some(MessageState::Failed), Some("refused by the server")));
+
+    // The next message takes the number the refused one gave back, so bob
+    // is told of no gap for a message nobody got.
+    alice.session.queue_text(&to, "second", MessageId([2; 16]), [2; 16]).expect("queued");
+    let q = outbox().remove(0);
+    let (request, seq) = alice.session.prepare_queued(q.id, None).expect("prepared").expect("a request");
+    assert_eq!(seq, Some(1));
+    let req: SendRequest = serde_json::from_slice(&request).expect("a send request");
+    assert_eq!(req.parts[0].recipients, [bob.session.identity().address()]);
+    bob.receive(&alice.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
+    assert_eq!(texts(&bob.unseen()), ["second"]);
+    alice.session.queued_sent(&q).expect("sent");
+    assert!(outbox().is_empty());
+    let m = alice.session.store().read(|tx| tx.message(&id, &[2; 16])).expect("read").expect("kept");
+    assert_eq!(m.state, Some(MessageState::Sent));
 }

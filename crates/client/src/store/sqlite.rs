@@ -1661,8 +1661,9 @@ mod tests {
             queued.iter().map(|q| (q.send_id.to_vec(), q.request.clone())).collect();
         assert_eq!(got, [(vec![1u8; 16], Some(requests[1].to_vec())), (vec![0u8; 16], Some(requests[0].to_vec()))]);
         assert!(queued.iter().all(|q| q.message.is_none() && q.content.is_none()));
-        let conv = store.conversation(&subrosa_proto::ConversationId([7; 16])).expect("row").expect("exists");
-        let h = store.history(&[conv]).expect("history");
+        let conv =
+            store.read(|tx| tx.conversation(&subrosa_proto::ConversationId([7; 16]))).expect("row").expect("exists");
+        let h = store.read(|tx| tx.history(&[conv])).expect("history");
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].state, Some(MessageState::Sent));
         // A new row needs its content (or a request): the schema says so.
@@ -1726,9 +1727,9 @@ mod tests {
     fn a_wrong_passphrase_opens_nothing_and_changes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join("home");
-        Store::create(&home, "right").expect("store").set_meta("k", b"v").expect("meta");
+        Store::create(&home, "right").expect("store").write(|tx| tx.set_meta("k", b"v")).expect("meta");
         assert!(matches!(Store::open(&home, "wrong"), Err(ClientError::WrongPassphrase)));
         let store = Store::open(&home, "right").expect("opens");
-        assert_eq!(store.meta("k").expect("meta").map(|v| v.to_vec()), Some(b"v".to_vec()));
+        assert_eq!(store.read(|tx| tx.meta("k")).expect("meta").map(|v| v.to_vec()), Some(b"v".to_vec()));
     }
 }

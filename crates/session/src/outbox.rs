@@ -1,0 +1,147 @@
+//! The outbox rules: what a send stores, when it is encrypted, and what
+//! becomes of it when the server takes or refuses it. The caller posts the
+//! requests (`subrosa-client` over HTTPS) and reports the answer.
+//!
+//! A message is stored in history (state `queued`) and in the outbox in one
+//! transaction, and encrypted only when it is about to be posted, at the
+//! conversation's epoch then (after the inbox was processed), so it never
+//! goes out under keys a removal or an update already retired. The request
+//! made is stored before it leaves (with the advanced ratchet, in the same
+//! transaction): a post whose answer was lost goes again byte for byte.
+
+use subrosa_core::content::Content;
+use subrosa_core::CoreError;
+use subrosa_proto::{ConversationId, MessageId, MessageKind, SendId, SendPart, SendRequest, B64};
+
+use crate::store::{MessageState, QueuedSend, StoredMessage};
+use crate::{ClientError, Session};
+
+/// A queued send's request body, and the sequence number it took when it
+/// was encrypted just now (`None` for a request made earlier).
+pub type Prepared = (Vec<u8>, Option<u64>);
+
+/// Where a new message goes.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The conversation as the user names it (stored with the message).
+    pub target: &'a str,
+    /// True in a group.
+    pub group: bool,
+}
+
+impl Session {
+    /// Stores `text` in history (queued) and in the outbox, in one
+    /// transaction, under `message_id` and the idempotency key `send_id`.
+    ///
+    /// # Errors
+    /// Store errors; [`ClientError::Core`] for a text too long to encode.
+    pub fn queue_text(
+        &self,
+        to: &Outgoing<'_>,
+        text: &str,
+        message_id: MessageId,
+        send_id: [u8; 16],
+    ) -> Result<StoredMessage, ClientError> {
+        let sent_at = self.now_ms();
+        let me = self.identity().address();
+        let stored = StoredMessage {
+            id: message_id.to_hex(),
+            conversation: to.conversation.to_hex(),
+            target: to.target.to_string(),
+            group: to.group,
+            from: me.handle.to_string(),
+            device: me.device.to_hex(),
+            sent_at,
+            received_at: sent_at,
+            text: text.to_string(),
+            outgoing: true,
+            system: false,
+            state: Some(MessageState::Queued),
+            reason: None,
+            event: None,
+        };
+        let content = Content::text(message_id, sent_at, text).encode()?;
+        self.store().write(|tx| {
+            tx.insert_message(&stored, &to.conversation, &message_id.0, true)?;
+            tx.note_sent(&to.conversation)?;
+            tx.push_outbox(&send_id, &to.conversation, &message_id.0, &content)
+        })?;
+        Ok(stored)
+    }
+
+    /// The request of the queued send `id`: the one made before, or a new
+    /// one, encrypted now at the conversation's current epoch with the next
+    /// sequence number and `kt_head` (the newest signed directory head this
+    /// device holds). One transaction, re-reading the row, so two processes
+    /// flushing at once make one request. `None` when the row is gone (sent
+    /// by another process).
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] when this device is no longer in
+    /// the conversation; [`ClientError::Core`] when it cannot be encrypted
+    /// (`CommitRequired`: proposals wait for a commit); store errors.
+    pub fn prepare_queued(&self, id: i64, kt_head: Option<Vec<u8>>) -> Result<Option<Prepared>, ClientError> {
+        self.store().write(|tx| {
+            let Some(q) = tx.outbox_row(id)? else { return Ok(None) };
+            if let Some(request) = q.request {
+                return Ok(Some((request, None)));
+            }
+            let (Some((conversation, _)), Some(content)) = (q.message, q.content) else {
+                return Err(ClientError::Store("an outbox row with neither request nor content".into()));
+            };
+            if !tx.conversation(&conversation)?.is_some_and(|r| r.active) {
+                return Err(CoreError::UnknownConversation.into());
+            }
+            let seq = tx.next_seq(&conversation)?;
+            let content = Content::decode(&content)?.with_context(seq, kt_head);
+            let (ciphertext, recipients) = self.engine().encrypt(&conversation, &content)?;
+            let req = SendRequest {
+                conversation,
+                send_id: SendId(q.send_id),
+                commit: None,
+                parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
+            };
+            let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+            tx.set_outbox_request(id, &bytes)?;
+            Ok(Some((bytes, Some(seq))))
+        })
+    }
+
+    /// The server took the queued send: out of the queue, its message sent.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn queued_sent(&self, q: &QueuedSend) -> Result<(), ClientError> {
+        self.store().write(|tx| {
+            tx.pop_outbox(q.id)?;
+            match q.message {
+                Some((c, m)) => tx.set_message_state(&c, &m, MessageState::Sent, None),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// The server refused the queued send (or it can no longer be
+    /// encrypted): out of the queue, its message failed with `reason`. The
+    /// sequence number it took (`seq`), when still the last, is given back:
+    /// recipients are not told of a gap for a message nobody got.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn queued_refused(&self, q: &QueuedSend, seq: Option<u64>, reason: &str) -> Result<(), ClientError> {
+        self.store().write(|tx| {
+            tx.pop_outbox(q.id)?;
+            match q.message {
+                Some((c, m)) => {
+                    if let Some(seq) = seq {
+                        tx.release_seq(&c, seq)?;
+                    }
+                    tx.set_message_state(&c, &m, MessageState::Failed, Some(reason))
+                }
+                None => Ok(()),
+            }
+        })
+    }
+}
