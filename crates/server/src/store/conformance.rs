@@ -118,6 +118,7 @@ macro_rules! with_behaviours {
             quota_refuses_a_full_sender_until_its_messages_go,
             conversation_row_lives_while_a_member_device_remains,
             in_roster_follows_the_commits,
+            send_checks_run_in_one_order,
         );
     };
 }
@@ -1176,4 +1177,68 @@ pub async fn conversation_row_lives_while_a_member_device_remains(store: Arc<dyn
     assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(0), "its last member left: forgotten");
     assert_eq!(store.stats().await.expect("stats").conversations, before + 1, "the other conversation stays");
     assert_eq!(store.conversation_epoch(&other).await.expect("epoch"), Epoch(1));
+}
+
+/// A send is checked in one order, the same on every backend (see
+/// `store::rules::send`): the sender, then its send id (a duplicate is
+/// answered before anything else), membership, the epoch guard, the
+/// recipients, the quota. So a stale commit that still names a device
+/// removed since is told `stale_epoch` (process the winning commit and
+/// retry), never `unknown_device`; and a refusal stores nothing.
+pub async fn send_checks_run_in_one_order(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let bob = account(&store, "bob").await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    let mallory = account(&store, "mallory").await;
+    let conv = random_conversation();
+    let create = commit_with_members(conv, 0, &[&alice, &bob, &bob2], vec![bob.clone(), bob2.clone()]);
+    store.send(&alice, &create, NOW).await.expect("create");
+    let hello = send_request(conv, None, app(vec![bob.clone(), bob2.clone()], b"hello"));
+    store.send(&alice, &hello, NOW).await.expect("hello");
+    // Bob's second device is removed; a commit moves the epoch on.
+    store.remove_device(&bob2).await.expect("remove");
+    let next = commit_with_members(conv, 1, &[&alice, &bob], vec![bob.clone()]);
+    store.send(&bob, &next, NOW).await.expect("bob commits");
+    let before = store.stats().await.expect("stats");
+    let quota = Quota { device_bytes: 1, account_bytes: 1 };
+
+    // A stale commit that names the removed device: stale, whatever else is wrong.
+    let stale = commit_with_members(conv, 1, &[&alice, &bob, &bob2], vec![bob.clone(), bob2.clone()]);
+    for q in [Quota::UNLIMITED, quota] {
+        match store.send_within(&alice, &stale, &q, NOW).await {
+            Err(StoreError::StaleEpoch { current: Epoch(2) }) => {}
+            other => panic!("a stale commit naming a removed device: expected stale_epoch, got {other:?}"),
+        }
+    }
+    let legacy = send_request(conv, Some(0), app(vec![bob2.clone()], b"old commit"));
+    assert!(matches!(store.send(&alice, &legacy, NOW).await, Err(StoreError::StaleEpoch { current: Epoch(2) })));
+    // Membership comes before the epoch guard and the recipients.
+    let intruder = commit_with_members(conv, 0, &[&mallory], vec![bob2.clone()]);
+    assert!(matches!(store.send(&mallory, &intruder, NOW).await, Err(StoreError::NotAMember)));
+    let spam = send_request(conv, None, app(vec![bob2.clone()], b"spam"));
+    assert!(matches!(store.send(&mallory, &spam, NOW).await, Err(StoreError::NotAMember)));
+    // The removed sender itself is unknown before anything else.
+    let from_removed = commit_with_members(conv, 0, &[&bob2], vec![alice.clone()]);
+    match store.send(&bob2, &from_removed, NOW).await {
+        Err(StoreError::UnknownDevice(d)) => assert_eq!(d, bob2),
+        other => panic!("expected the sender unknown, got {other:?}"),
+    }
+    // The recipients come before the quota.
+    let current = commit_with_members(conv, 2, &[&alice, &bob], vec![bob.clone(), bob2.clone()]);
+    match store.send_within(&alice, &current, &quota, NOW).await {
+        Err(StoreError::UnknownDevice(d)) => assert_eq!(d, bob2),
+        other => panic!("a current commit naming a removed device: expected unknown_device, got {other:?}"),
+    }
+    let after = store.stats().await.expect("stats");
+    assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows), "nothing stored");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(2), "the epoch did not move");
+    // A duplicate is answered first of all: a retry of an accepted send
+    // whose recipient was removed since, over quota, is still a duplicate.
+    let again = store.send_within(&alice, &hello, &quota, NOW).await.expect("duplicate");
+    assert!(again.duplicate);
+    let again = store.send_within(&alice, &create, &quota, NOW).await.expect("duplicate commit");
+    assert_eq!((again.duplicate, again.epoch), (true, Some(Epoch(1))));
+    // Over quota, with everything else right.
+    let big = send_request(conv, None, app(vec![bob.clone()], b"too much"));
+    assert!(matches!(store.send_within(&alice, &big, &quota, NOW).await, Err(StoreError::QuotaExceeded { .. })));
 }

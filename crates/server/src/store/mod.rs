@@ -18,6 +18,7 @@ use subrosa_proto::{
 pub mod conformance;
 pub mod kt;
 pub mod postgres;
+mod rules;
 mod sqlite;
 mod sqlite_kt;
 
@@ -531,7 +532,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// with the send id and (when the send carries a commit) the epoch bump
     /// and the new roster (see [`roster_change`] and the module docs). The
     /// request must already be checked against the limits. A send id seen
-    /// before answers as a duplicate before any other check.
+    /// before answers as a duplicate before any other check. Every backend
+    /// checks in one order (written once in `store::rules::send`): the
+    /// sender, the send id, membership, the epoch guard, the recipients,
+    /// the quota; so a stale commit naming a device removed since is told
+    /// [`StoreError::StaleEpoch`].
     ///
     /// # Errors
     /// [`StoreError::UnknownDevice`] for a recipient that is not an active
