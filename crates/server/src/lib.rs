@@ -18,6 +18,7 @@ mod auth;
 pub mod cli;
 mod config;
 pub mod conn;
+mod delivery;
 mod error;
 mod hooks;
 pub mod kt;
