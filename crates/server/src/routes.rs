@@ -27,7 +27,7 @@ use crate::auth::{
     now_ms, parse_json, read_body, Authed, MaybeAuthed, RequestSignature, SignedJson, SignedJsonNonceLater,
 };
 use crate::hooks::Source;
-use crate::store::{NewAccount, StoreError};
+use crate::store::{ClaimKind, NewAccount, StoreError};
 use crate::{ws, AppError, AppState};
 
 /// Builds the router over a state; no socket needed (tests drive it with
@@ -205,11 +205,19 @@ async fn claim_key_packages(
     // deletes one per device): claims are limited per (requester account,
     // target account), on top of the requester's device limit. An
     // account's own devices claiming each other's are not limited here.
+    // And many accounts together (a swarm of new ones, each under its pair
+    // limit) draw at most a budget of the target's one-time packages;
+    // past it they get last-resort packages: never refused, so the swarm
+    // cannot shut the target's real contacts out either.
+    let mut kind = ClaimKind::OneTime;
     if device.handle != body.handle {
         let pair = (device.handle.clone(), body.handle.clone());
         state.claim_limiter.check(&pair, Instant::now()).await.map_err(AppError::rate_limited)?;
+        if state.claim_target_limiter.check(&body.handle, Instant::now()).await.is_err() {
+            kind = ClaimKind::LastResortFirst;
+        }
     }
-    let mut response = state.store.claim_key_packages(&body.handle, &device).await?;
+    let mut response = state.store.claim_key_packages_of(&body.handle, &device, kind).await?;
     // The keys and the proof are read after the claim: the packages' devices
     // are among them unless one was removed in between, which the client
     // notices.

@@ -16,7 +16,9 @@ use subrosa_proto::{
     SendPart, SendRequest, B64,
 };
 
-use super::{NewAccount, Quota, QuotaScope, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES};
+use super::{
+    ClaimKind, NewAccount, Quota, QuotaScope, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES,
+};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -119,6 +121,7 @@ macro_rules! with_behaviours {
             conversation_row_lives_while_a_member_device_remains,
             in_roster_follows_the_commits,
             send_checks_run_in_one_order,
+            throttled_claims_take_last_resort_packages_first,
         );
     };
 }
@@ -1241,4 +1244,34 @@ pub async fn send_checks_run_in_one_order(store: Arc<dyn Store>) {
     // Over quota, with everything else right.
     let big = send_request(conv, None, app(vec![bob.clone()], b"too much"));
     assert!(matches!(store.send_within(&alice, &big, &quota, NOW).await, Err(StoreError::QuotaExceeded { .. })));
+}
+
+/// A claim past its target's one-time budget ([`ClaimKind::LastResortFirst`])
+/// takes the last-resort package of each device that has one, leaving its
+/// one-time packages, and a one-time package of a device without one (so it
+/// still reaches every device).
+pub async fn throttled_claims_take_last_resort_packages_first(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    store.upload_key_packages(&bob, vec![b"kp-1".to_vec()], Some(b"kp-lr".to_vec()), false).await.expect("upload");
+    store.upload_key_packages(&bob2, vec![b"kp2-1".to_vec()], None, false).await.expect("upload");
+    let got = store.claim_key_packages_of(&bob.handle, &alice, ClaimKind::LastResortFirst).await.expect("claim");
+    let of = |d: &DeviceAddress| {
+        got.packages
+            .iter()
+            .find(|p| p.device.device_id == d.device)
+            .map(|p| (p.key_package.as_slice().to_vec(), p.last_resort))
+            .expect("a package of every device")
+    };
+    assert_eq!(of(&bob), (b"kp-lr".to_vec(), true));
+    assert_eq!(of(&bob2), (b"kp2-1".to_vec(), false), "no last-resort package: a one-time one");
+    assert_eq!(store.key_package_count(&bob).await.expect("count").one_time, 1, "bob's one-time package stays");
+    assert_eq!(store.key_package_count(&bob2).await.expect("count").one_time, 0);
+    // An unthrottled claim takes the one-time package as before.
+    let got = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+    assert_eq!(got.packages.len(), 1, "bob2 has nothing left");
+    assert_eq!((got.packages[0].key_package.as_slice(), got.packages[0].last_resort), (&b"kp-1"[..], false));
+    let nobody = random_handle("nobody");
+    let missing = store.claim_key_packages_of(&nobody, &alice, ClaimKind::LastResortFirst).await;
+    assert!(matches!(missing, Err(StoreError::UnknownHandle)));
 }

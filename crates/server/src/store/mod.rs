@@ -143,6 +143,18 @@ pub fn check_key_set(
     Ok(stale)
 }
 
+/// Which key package a claim hands out of each device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// A one-time package, or the last-resort one when none is left.
+    OneTime,
+    /// The last-resort package, or a one-time one for a device without a
+    /// last-resort package: for a claim past its target's one-time budget,
+    /// which must not drain the target's one-time packages yet must still
+    /// reach every device.
+    LastResortFirst,
+}
+
 /// Whose stored bytes a [`StoreError::QuotaExceeded`] counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaScope {
@@ -525,8 +537,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::UnknownHandle`]; [`StoreError::NoKeyPackage`] when no
     /// device has a package.
-    async fn claim_key_packages(&self, handle: &Handle, requester: &DeviceAddress)
-        -> Result<ClaimResponse, StoreError>;
+    async fn claim_key_packages(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+    ) -> Result<ClaimResponse, StoreError> {
+        self.claim_key_packages_of(handle, requester, ClaimKind::OneTime).await
+    }
+
+    /// [`Store::claim_key_packages`], choosing which package of each
+    /// device comes first (see [`ClaimKind`]).
+    ///
+    /// # Errors
+    /// As [`Store::claim_key_packages`].
+    async fn claim_key_packages_of(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+        kind: ClaimKind,
+    ) -> Result<ClaimResponse, StoreError>;
 
     /// Stores every part of a send for its recipients, atomically, together
     /// with the send id and (when the send carries a commit) the epoch bump

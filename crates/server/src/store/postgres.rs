@@ -32,8 +32,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope,
-    Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
+    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -940,61 +940,15 @@ impl Store for PgStore {
         .await)
     }
 
-    async fn claim_key_packages(
+    async fn claim_key_packages_of(
         &self,
         handle: &Handle,
         requester: &DeviceAddress,
+        kind: super::ClaimKind,
     ) -> Result<ClaimResponse, StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            let identity_key: Vec<u8> =
-                query_opt(&tx, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()])
-                    .await?
-                    .map(|r| r.get(0))
-                    .ok_or(Fail::Store(StoreError::UnknownHandle))?;
-            let devices = query(
-                &tx,
-                "SELECT id, device_id, signature_key, certificate FROM devices
-                 WHERE handle = $1 AND active ORDER BY id",
-                &[&handle.as_str()],
-            )
-            .await?;
-            let mut packages = Vec::new();
-            for row in devices {
-                let row_id: i64 = row.get(0);
-                let record = device_record(row.get(1), row.get(2), row.get(3))?;
-                if *handle == requester.handle && record.device_id == requester.device {
-                    continue;
-                }
-                // SKIP LOCKED: a package another claim is taking is not
-                // waited for, so each is handed out once and no claim blocks.
-                let one_time = query_opt(
-                    &tx,
-                    "DELETE FROM key_packages WHERE id =
-                       (SELECT id FROM key_packages WHERE device = $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                     RETURNING data",
-                    &[&row_id],
-                )
-                .await?;
-                if let Some(r) = one_time {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(r.get(0)), last_resort: false });
-                    continue;
-                }
-                let last_resort =
-                    query_opt(&tx, "SELECT data FROM last_resort_packages WHERE device = $1", &[&row_id]).await?;
-                if let Some(r) = last_resort {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(r.get(0)), last_resort: true });
-                }
-            }
-            if packages.is_empty() {
-                return Err(Fail::Store(StoreError::NoKeyPackage));
-            }
-            Ok(ClaimResponse {
-                handle: handle.clone(),
-                identity_key: B64(identity_key),
-                packages,
-                kt: None,
-                devices: Vec::new(),
-            })
+            rules::claim_key_packages(&mut Pg { c: &tx, channel }, handle, requester, kind).await
         }
         .await)
     }
@@ -1715,6 +1669,47 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         )
         .await?;
         Ok(())
+    }
+
+    async fn identity_key(&mut self, handle: &Handle) -> R<Option<Vec<u8>>> {
+        Ok(query_opt(self.c, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()])
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    async fn devices_of(&mut self, handle: &Handle) -> R<Vec<(i64, DeviceRecord)>> {
+        let rows = query(
+            self.c,
+            "SELECT id, device_id, signature_key, certificate FROM devices
+             WHERE handle = $1 AND active ORDER BY id",
+            &[&handle.as_str()],
+        )
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push((r.get(0), device_record(r.get(1), r.get(2), r.get(3))?));
+        }
+        Ok(out)
+    }
+
+    async fn take_one_time(&mut self, device: i64) -> R<Option<Vec<u8>>> {
+        // SKIP LOCKED: a package another claim is taking is not waited
+        // for, so each is handed out once and no claim blocks.
+        Ok(query_opt(
+            self.c,
+            "DELETE FROM key_packages WHERE id =
+               (SELECT id FROM key_packages WHERE device = $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING data",
+            &[&device],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn last_resort(&mut self, device: i64) -> R<Option<Vec<u8>>> {
+        Ok(query_opt(self.c, "SELECT data FROM last_resort_packages WHERE device = $1", &[&device])
+            .await?
+            .map(|r| r.get(0)))
     }
 }
 

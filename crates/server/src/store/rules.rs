@@ -155,6 +155,20 @@ pub(crate) trait Statements {
     async fn insert_key_packages(&mut self, device: DeviceRow, packages: &[Vec<u8>]) -> Result<(), Self::Error>;
     /// Stores or replaces the device's last-resort key package.
     async fn set_last_resort(&mut self, device: DeviceRow, package: &[u8]) -> Result<(), Self::Error>;
+
+    /// The account's identity key.
+    async fn identity_key(&mut self, handle: &Handle) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// The account's active devices, in row order.
+    async fn devices_of(
+        &mut self,
+        handle: &Handle,
+    ) -> Result<Vec<(DeviceRow, subrosa_proto::DeviceRecord)>, Self::Error>;
+    /// Deletes and returns the device's oldest one-time key package; one
+    /// that a concurrent claim is taking is skipped, never waited for, so
+    /// each is handed out once.
+    async fn take_one_time(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// The device's last-resort key package.
+    async fn last_resort(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
 }
 
 /// Stores a send: [`super::Store::send_within`]'s rule.
@@ -331,6 +345,54 @@ pub(crate) async fn upload_key_packages<S: Statements>(
         s.set_last_resort(device, lr).await?;
     }
     s.count_key_packages(device).await
+}
+
+/// Hands out one key package of every active device of `handle` but
+/// `requester`: [`super::Store::claim_key_packages_of`]'s rule. With
+/// [`ClaimKind::OneTime`] a one-time package (deleted, so handed out once)
+/// or else the last-resort one; with [`ClaimKind::LastResortFirst`] the
+/// last-resort package, or a one-time one for a device that has none (so a
+/// throttled claim still reaches every device).
+///
+/// [`ClaimKind::OneTime`]: super::ClaimKind::OneTime
+/// [`ClaimKind::LastResortFirst`]: super::ClaimKind::LastResortFirst
+pub(crate) async fn claim_key_packages<S: Statements>(
+    s: &mut S,
+    handle: &Handle,
+    requester: &DeviceAddress,
+    kind: super::ClaimKind,
+) -> Result<subrosa_proto::ClaimResponse, S::Error> {
+    use subrosa_proto::{ClaimedKeyPackage, B64};
+    let identity_key = s.identity_key(handle).await?.ok_or(StoreError::UnknownHandle)?;
+    let mut packages = Vec::new();
+    for (row, record) in s.devices_of(handle).await? {
+        if *handle == requester.handle && record.device_id == requester.device {
+            continue;
+        }
+        let (package, last_resort) = match kind {
+            super::ClaimKind::OneTime => match s.take_one_time(row).await? {
+                Some(kp) => (Some(kp), false),
+                None => (s.last_resort(row).await?, true),
+            },
+            super::ClaimKind::LastResortFirst => match s.last_resort(row).await? {
+                Some(kp) => (Some(kp), true),
+                None => (s.take_one_time(row).await?, false),
+            },
+        };
+        if let Some(kp) = package {
+            packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort });
+        }
+    }
+    if packages.is_empty() {
+        return Err(StoreError::NoKeyPackage.into());
+    }
+    Ok(subrosa_proto::ClaimResponse {
+        handle: handle.clone(),
+        identity_key: B64(identity_key),
+        packages,
+        kt: None,
+        devices: Vec::new(),
+    })
 }
 
 /// Runs a rule over statements that never wait (SQLite's, on its writer

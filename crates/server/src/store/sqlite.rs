@@ -20,8 +20,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension, TransactionBehavior};
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope,
-    Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
+    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
 };
 
 use super::{rules, LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport};
@@ -837,6 +837,54 @@ impl rules::Statements for Sql<'_> {
             .map(|_| ())
             .map_err(map_err)
     }
+
+    async fn identity_key(&mut self, handle: &Handle) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0
+            .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn devices_of(&mut self, handle: &Handle) -> Result<Vec<(i64, DeviceRecord)>, StoreError> {
+        let mut stmt = self
+            .0
+            .prepare(
+                "SELECT id, device_id, signature_key, certificate FROM devices
+                 WHERE handle = ?1 AND active = 1 ORDER BY id",
+            )
+            .map_err(map_err)?;
+        let rows = stmt
+            .query_map([handle.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, Vec<u8>>(3)?))
+            })
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, device_id, key, cert) = row.map_err(map_err)?;
+            out.push((id, device_record(&device_id, key, cert)?));
+        }
+        Ok(out)
+    }
+
+    async fn take_one_time(&mut self, device: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0
+            .query_row(
+                "DELETE FROM key_packages WHERE id =
+                   (SELECT id FROM key_packages WHERE device = ?1 ORDER BY id LIMIT 1)
+                 RETURNING data",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn last_resort(&mut self, device: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0
+            .query_row("SELECT data FROM last_resort_packages WHERE device = ?1", [device], |r| r.get(0))
+            .optional()
+            .map_err(map_err)
+    }
 }
 
 /// Stores a send (see [`Store::send`]) inside the caller's transaction.
@@ -1101,67 +1149,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_key_packages(
+    async fn claim_key_packages_of(
         &self,
         handle: &Handle,
         requester: &DeviceAddress,
+        kind: super::ClaimKind,
     ) -> Result<ClaimResponse, StoreError> {
         let handle = handle.clone();
         let requester = requester.clone();
-        self.write(move |tx| {
-            // Writes run one at a time, so two claims cannot both read the
-            // same one-time package before either deletes it.
-            let identity_key: Vec<u8> = tx
-                .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
-                .optional()
-                .map_err(map_err)?
-                .ok_or(StoreError::UnknownHandle)?;
-            let devices: Vec<(i64, String, Vec<u8>, Vec<u8>)> = {
-                let mut stmt = tx
-                    .prepare(
-                        "SELECT id, device_id, signature_key, certificate FROM devices
-                         WHERE handle = ?1 AND active = 1 ORDER BY id",
-                    )
-                    .map_err(map_err)?;
-                let rows = stmt
-                    .query_map([handle.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .map_err(map_err)?;
-                rows.collect::<Result<_, _>>().map_err(map_err)?
-            };
-            let mut packages = Vec::new();
-            for (row_id, device_id, key, cert) in devices {
-                let record = device_record(&device_id, key, cert)?;
-                if handle == requester.handle && record.device_id == requester.device {
-                    continue;
-                }
-                let one_time: Option<Vec<u8>> = tx
-                    .query_row(
-                        "DELETE FROM key_packages WHERE id =
-                           (SELECT id FROM key_packages WHERE device = ?1 ORDER BY id LIMIT 1)
-                         RETURNING data",
-                        [row_id],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(map_err)?;
-                if let Some(kp) = one_time {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort: false });
-                    continue;
-                }
-                let last_resort: Option<Vec<u8>> = tx
-                    .query_row("SELECT data FROM last_resort_packages WHERE device = ?1", [row_id], |r| r.get(0))
-                    .optional()
-                    .map_err(map_err)?;
-                if let Some(kp) = last_resort {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort: true });
-                }
-            }
-            if packages.is_empty() {
-                return Err(StoreError::NoKeyPackage);
-            }
-            Ok(ClaimResponse { handle, identity_key: B64(identity_key), packages, kt: None, devices: Vec::new() })
-        })
-        .await
+        // Writes run one at a time, so two claims cannot both read the
+        // same one-time package before either deletes it.
+        self.write(move |tx| rules::ready(rules::claim_key_packages(&mut Sql(tx), &handle, &requester, kind))).await
     }
 
     async fn send_within(
