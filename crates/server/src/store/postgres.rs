@@ -842,38 +842,9 @@ impl Store for PgStore {
         identity_key: Vec<u8>,
         devices: Vec<DeviceRecord>,
     ) -> Result<(), StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            // The account's row lock orders this against device additions
-            // and removals, as they take it too.
-            if !lock_account(&tx, &caller.handle).await? {
-                return Err(Fail::Store(StoreError::UnknownDevice(caller.clone())));
-            }
-            require_device(&tx, caller).await?;
-            let current = account_in(&tx, &caller.handle).await?.ok_or(Fail::Store(StoreError::UnknownHandle))?;
-            let stale = super::check_key_set(&current, caller, &identity_key, &devices).map_err(Fail::Store)?;
-            execute(
-                &tx,
-                "UPDATE accounts SET identity_key = $1 WHERE handle = $2",
-                &[&identity_key, &caller.handle.as_str()],
-            )
-            .await?;
-            for d in &devices {
-                let addr = DeviceAddress { handle: caller.handle.clone(), device: d.device_id };
-                let row = require_device(&tx, &addr).await?;
-                execute(
-                    &tx,
-                    "UPDATE devices SET signature_key = $1, certificate = $2 WHERE id = $3",
-                    &[&d.signature_key.as_slice(), &d.certificate.as_slice(), &row],
-                )
-                .await?;
-                if stale.contains(&d.device_id) {
-                    execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&row]).await?;
-                    execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&row]).await?;
-                }
-            }
-            // Every node drops its cached key for the caller.
-            notify(&tx, &self.channel, "k", std::slice::from_ref(caller)).await?;
-            Ok(())
+            rules::replace_keys(&mut Pg { c: &tx, channel }, caller, &identity_key, &devices).await
         }
         .await)
     }
@@ -1069,20 +1040,8 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
-        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
-        in_tx!(self, |tx| async {
-            let Some(device) = device_row(&tx, addr).await? else { return Ok(0) };
-            let messages: Vec<i64> =
-                query(&tx, "DELETE FROM inbox WHERE device = $1 AND id = ANY($2) RETURNING message", &[&device, &ids])
-                    .await?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-            let deleted = messages.len() as u64;
-            drop_orphans(&tx, messages).await?;
-            Ok(deleted)
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::ack(&mut Pg { c: &tx, channel }, addr, ids).await }.await)
     }
 
     async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError> {
@@ -1704,6 +1663,38 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         )
         .await?
         .map(|r| r.get(0)))
+    }
+
+    async fn account(&mut self, handle: &Handle) -> R<Option<AccountInfo>> {
+        account_in(self.c, handle).await
+    }
+
+    async fn set_identity_key(&mut self, handle: &Handle, key: &[u8]) -> R<()> {
+        execute(self.c, "UPDATE accounts SET identity_key = $1 WHERE handle = $2", &[&key, &handle.as_str()]).await?;
+        Ok(())
+    }
+
+    async fn set_device_keys(&mut self, device: i64, record: &DeviceRecord) -> R<()> {
+        execute(
+            self.c,
+            "UPDATE devices SET signature_key = $1, certificate = $2 WHERE id = $3",
+            &[&record.signature_key.as_slice(), &record.certificate.as_slice(), &device],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn notify_keys_changed(&mut self, addr: &DeviceAddress) -> R<()> {
+        notify(self.c, self.channel, "k", std::slice::from_ref(addr)).await
+    }
+
+    async fn delete_inbox_rows(&mut self, device: i64, ids: &[u64]) -> R<Vec<i64>> {
+        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
+        Ok(query(self.c, "DELETE FROM inbox WHERE device = $1 AND id = ANY($2) RETURNING message", &[&device, &ids])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     async fn last_resort(&mut self, device: i64) -> R<Option<Vec<u8>>> {

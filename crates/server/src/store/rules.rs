@@ -1,7 +1,8 @@
 //! The delivery service's domain rules, written once above the backends.
 //!
 //! Each rule here (the order a send is checked in, its de-duplication, the
-//! limits, the epoch guard, the last-device rule, the removal cascade) runs
+//! limits, the epoch guard, the last-device rule, the removal cascade, the
+//! key-set replacement, key-package claims, acknowledgements) runs
 //! inside one backend transaction and reaches the data only through
 //! [`Statements`]: a backend implements the statements (SQL, and how it
 //! keeps concurrent writers apart: SQLite's single writer, PostgreSQL's row
@@ -169,6 +170,22 @@ pub(crate) trait Statements {
     async fn take_one_time(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
     /// The device's last-resort key package.
     async fn last_resort(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
+
+    /// The account with its active devices.
+    async fn account(&mut self, handle: &Handle) -> Result<Option<subrosa_proto::AccountInfo>, Self::Error>;
+    /// Replaces the account's identity key.
+    async fn set_identity_key(&mut self, handle: &Handle, key: &[u8]) -> Result<(), Self::Error>;
+    /// Replaces a device's signature key and certificate.
+    async fn set_device_keys(
+        &mut self,
+        device: DeviceRow,
+        record: &subrosa_proto::DeviceRecord,
+    ) -> Result<(), Self::Error>;
+    /// Tells every node (on commit) that this device's keys changed.
+    async fn notify_keys_changed(&mut self, addr: &DeviceAddress) -> Result<(), Self::Error>;
+    /// Deletes the device's inbox rows among `ids`; returns the messages
+    /// they pointed at, one per row deleted.
+    async fn delete_inbox_rows(&mut self, device: DeviceRow, ids: &[u64]) -> Result<Vec<MessageRow>, Self::Error>;
 }
 
 /// Stores a send: [`super::Store::send_within`]'s rule.
@@ -393,6 +410,46 @@ pub(crate) async fn claim_key_packages<S: Statements>(
         kt: None,
         devices: Vec::new(),
     })
+}
+
+/// Replaces an account's keys: [`super::Store::replace_keys`]'s rule (see
+/// [`super::check_key_set`]); key packages made under the old keys go.
+pub(crate) async fn replace_keys<S: Statements>(
+    s: &mut S,
+    caller: &DeviceAddress,
+    identity_key: &[u8],
+    devices: &[subrosa_proto::DeviceRecord],
+) -> Result<(), S::Error> {
+    // The account's lock orders this against device additions and removals.
+    if !s.lock_account(&caller.handle).await? {
+        return Err(StoreError::UnknownDevice(caller.clone()).into());
+    }
+    s.device_row(caller).await?.ok_or_else(|| StoreError::UnknownDevice(caller.clone()))?;
+    let current = s.account(&caller.handle).await?.ok_or(StoreError::UnknownHandle)?;
+    let stale = super::check_key_set(&current, caller, identity_key, devices)?;
+    s.set_identity_key(&caller.handle, identity_key).await?;
+    for d in devices {
+        let addr = DeviceAddress { handle: caller.handle.clone(), device: d.device_id };
+        let row = s.device_row(&addr).await?.ok_or(StoreError::UnknownDevice(addr))?;
+        s.set_device_keys(row, d).await?;
+        if stale.contains(&d.device_id) {
+            s.delete_key_packages(row, true).await?;
+        }
+    }
+    // Every node drops its cached key for the caller.
+    s.notify_keys_changed(caller).await?;
+    Ok(())
+}
+
+/// Acknowledges envelopes: [`super::Store::ack`]'s rule. Only the device's
+/// own rows go, and every message whose last row went; an unknown device
+/// acknowledges nothing.
+pub(crate) async fn ack<S: Statements>(s: &mut S, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, S::Error> {
+    let Some(device) = s.device_row(addr).await? else { return Ok(0) };
+    let messages = s.delete_inbox_rows(device, ids).await?;
+    let deleted = messages.len() as u64;
+    s.drop_orphans(messages).await?;
+    Ok(deleted)
 }
 
 /// Runs a rule over statements that never wait (SQLite's, on its writer

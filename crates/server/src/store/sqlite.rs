@@ -12,7 +12,6 @@
 //! writer works), from `spawn_blocking`. Deleted content is overwritten
 //! (`secure_delete=ON`) and the WAL is truncated by [`Store::maintenance`].
 
-use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -885,6 +884,46 @@ impl rules::Statements for Sql<'_> {
             .optional()
             .map_err(map_err)
     }
+
+    async fn account(&mut self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
+        account_in(self.0, handle)
+    }
+
+    async fn set_identity_key(&mut self, handle: &Handle, key: &[u8]) -> Result<(), StoreError> {
+        self.0
+            .execute("UPDATE accounts SET identity_key = ?1 WHERE handle = ?2", params![key, handle.as_str()])
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn set_device_keys(&mut self, device: i64, record: &DeviceRecord) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "UPDATE devices SET signature_key = ?1, certificate = ?2 WHERE id = ?3",
+                params![record.signature_key.as_slice(), record.certificate.as_slice(), device],
+            )
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn notify_keys_changed(&mut self, _addr: &DeviceAddress) -> Result<(), StoreError> {
+        // One node: the caller drops its own cache after the commit.
+        Ok(())
+    }
+
+    async fn delete_inbox_rows(&mut self, device: i64, ids: &[u64]) -> Result<Vec<i64>, StoreError> {
+        let mut delete = self
+            .0
+            .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND device = ?2 RETURNING message")
+            .map_err(map_err)?;
+        let mut messages = Vec::new();
+        for &id in ids {
+            let message: Option<i64> =
+                delete.query_row(params![to_i64(id), device], |r| r.get(0)).optional().map_err(map_err)?;
+            messages.extend(message);
+        }
+        Ok(messages)
+    }
 }
 
 /// Stores a send (see [`Store::send`]) inside the caller's transaction.
@@ -1063,31 +1102,7 @@ impl Store for SqliteStore {
         devices: Vec<DeviceRecord>,
     ) -> Result<(), StoreError> {
         let caller = caller.clone();
-        self.write(move |tx| {
-            require_device(tx, &caller)?;
-            let current = account_in(tx, &caller.handle)?.ok_or(StoreError::UnknownHandle)?;
-            let stale = super::check_key_set(&current, &caller, &identity_key, &devices)?;
-            tx.execute(
-                "UPDATE accounts SET identity_key = ?1 WHERE handle = ?2",
-                params![identity_key, caller.handle.as_str()],
-            )
-            .map_err(map_err)?;
-            for d in &devices {
-                let addr = DeviceAddress { handle: caller.handle.clone(), device: d.device_id };
-                let row = require_device(tx, &addr)?;
-                tx.execute(
-                    "UPDATE devices SET signature_key = ?1, certificate = ?2 WHERE id = ?3",
-                    params![d.signature_key.as_slice(), d.certificate.as_slice(), row],
-                )
-                .map_err(map_err)?;
-                if stale.contains(&d.device_id) {
-                    tx.execute("DELETE FROM key_packages WHERE device = ?1", [row]).map_err(map_err)?;
-                    tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [row]).map_err(map_err)?;
-                }
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::replace_keys(&mut Sql(tx), &caller, &identity_key, &devices))).await
     }
 
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
@@ -1276,29 +1291,7 @@ impl Store for SqliteStore {
     async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
         let addr = addr.clone();
         let ids = ids.to_vec();
-        self.write(move |tx| {
-            let Some(device) = device_row(tx, &addr)? else {
-                return Ok(0);
-            };
-            let mut deleted = 0u64;
-            let mut messages = HashSet::new();
-            {
-                let mut delete = tx
-                    .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND device = ?2 RETURNING message")
-                    .map_err(map_err)?;
-                for id in ids {
-                    let message: Option<i64> =
-                        delete.query_row(params![to_i64(id), device], |r| r.get(0)).optional().map_err(map_err)?;
-                    if let Some(m) = message {
-                        deleted += 1;
-                        messages.insert(m);
-                    }
-                }
-            }
-            drop_orphans(tx, messages)?;
-            Ok(deleted)
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::ack(&mut Sql(tx), &addr, &ids))).await
     }
 
     async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError> {
