@@ -802,33 +802,8 @@ async fn count_table<C: GenericClient>(c: &C, table: &str) -> R<u64> {
 #[async_trait]
 impl Store for PgStore {
     async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
-        in_tx!(self, |tx| async {
-            let inserted = execute(
-                &tx,
-                "INSERT INTO accounts (handle, identity_key, created_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (handle) DO NOTHING",
-                &[&account.handle.as_str(), &account.identity_key, &to_i64(now_ms)],
-            )
-            .await?;
-            if inserted == 0 {
-                return Err(Fail::Store(StoreError::HandleTaken));
-            }
-            execute(
-                &tx,
-                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[
-                    &account.handle.as_str(),
-                    &account.device.device_id.to_hex(),
-                    &account.device.signature_key.as_slice(),
-                    &account.device.certificate.as_slice(),
-                    &to_i64(now_ms),
-                ],
-            )
-            .await?;
-            Ok(())
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::register(&mut Pg { c: &tx, channel }, &account, now_ms).await }.await)
     }
 
     async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError> {
@@ -1074,21 +1049,9 @@ impl Store for PgStore {
         request: Vec<u8>,
         expires_at_ms: u64,
     ) -> Result<(), StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            if query_opt(&tx, "SELECT 1 FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?.is_none() {
-                return Err(Fail::Store(StoreError::UnknownHandle));
-            }
-            let inserted = execute(
-                &tx,
-                "INSERT INTO links (link, handle, request, expires_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (link) DO NOTHING",
-                &[&&link.0[..], &handle.as_str(), &request, &to_i64(expires_at_ms)],
-            )
-            .await?;
-            if inserted == 0 {
-                return Err(Fail::Store(StoreError::LinkTaken));
-            }
-            Ok(())
+            rules::create_link(&mut Pg { c: &tx, channel }, link, handle, &request, expires_at_ms).await
         }
         .await)
     }
@@ -1121,41 +1084,16 @@ impl Store for PgStore {
         response: Vec<u8>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            let approved = query_opt(
-                &tx,
-                "SELECT response IS NOT NULL FROM links WHERE link = $1 AND handle = $2 AND expires_at > $3
-                 FOR UPDATE",
-                &[&&link.0[..], &handle.as_str(), &to_i64(now_ms)],
-            )
-            .await?;
-            match approved.map(|r| r.get::<_, bool>(0)) {
-                None => return Err(Fail::Store(StoreError::UnknownLink)),
-                Some(true) => return Err(Fail::Store(StoreError::LinkAlreadyApproved)),
-                Some(false) => {}
-            }
-            execute(&tx, "UPDATE links SET response = $2 WHERE link = $1", &[&&link.0[..], &response]).await?;
-            Ok(())
+            rules::approve_link(&mut Pg { c: &tx, channel }, link, handle, &response, now_ms).await
         }
         .await)
     }
 
     async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        in_tx!(self, |tx| async {
-            let row = query_opt(
-                &tx,
-                "SELECT response FROM links WHERE link = $1 AND expires_at > $2 FOR UPDATE",
-                &[&&link.0[..], &to_i64(now_ms)],
-            )
-            .await?
-            .ok_or(Fail::Store(StoreError::UnknownLink))?;
-            let response: Option<Vec<u8>> = row.get(0);
-            if response.is_some() {
-                execute(&tx, "DELETE FROM links WHERE link = $1", &[&&link.0[..]]).await?;
-            }
-            Ok(response)
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::take_link_response(&mut Pg { c: &tx, channel }, link, now_ms).await }.await)
     }
 
     async fn sweep(
@@ -1681,6 +1619,63 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
             &[&record.signature_key.as_slice(), &record.certificate.as_slice(), &device],
         )
         .await?;
+        Ok(())
+    }
+
+    async fn insert_account(&mut self, handle: &Handle, identity_key: &[u8], now_ms: u64) -> R<bool> {
+        let inserted = execute(
+            self.c,
+            "INSERT INTO accounts (handle, identity_key, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (handle) DO NOTHING",
+            &[&handle.as_str(), &identity_key, &to_i64(now_ms)],
+        )
+        .await?;
+        Ok(inserted == 1)
+    }
+
+    async fn account_exists(&mut self, handle: &Handle) -> R<bool> {
+        Ok(query_opt(self.c, "SELECT 1 FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?.is_some())
+    }
+
+    async fn insert_link(&mut self, link: &LinkId, handle: &Handle, request: &[u8], expires_at_ms: u64) -> R<bool> {
+        let inserted = execute(
+            self.c,
+            "INSERT INTO links (link, handle, request, expires_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (link) DO NOTHING",
+            &[&&link.0[..], &handle.as_str(), &request, &to_i64(expires_at_ms)],
+        )
+        .await?;
+        Ok(inserted == 1)
+    }
+
+    async fn lock_link(&mut self, link: &LinkId, handle: &Handle, now_ms: u64) -> R<Option<bool>> {
+        Ok(query_opt(
+            self.c,
+            "SELECT response IS NOT NULL FROM links WHERE link = $1 AND handle = $2 AND expires_at > $3
+             FOR UPDATE",
+            &[&&link.0[..], &handle.as_str(), &to_i64(now_ms)],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn set_link_response(&mut self, link: &LinkId, response: &[u8]) -> R<()> {
+        execute(self.c, "UPDATE links SET response = $2 WHERE link = $1", &[&&link.0[..], &response]).await?;
+        Ok(())
+    }
+
+    async fn lock_link_response(&mut self, link: &LinkId, now_ms: u64) -> R<Option<Option<Vec<u8>>>> {
+        Ok(query_opt(
+            self.c,
+            "SELECT response FROM links WHERE link = $1 AND expires_at > $2 FOR UPDATE",
+            &[&&link.0[..], &to_i64(now_ms)],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn delete_link(&mut self, link: &LinkId) -> R<()> {
+        execute(self.c, "DELETE FROM links WHERE link = $1", &[&&link.0[..]]).await?;
         Ok(())
     }
 

@@ -19,7 +19,9 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
 
-use subrosa_proto::{ConversationId, DeviceAddress, Epoch, Handle, KeyPackageCount, MessageKind, SendId, SendRequest};
+use subrosa_proto::{
+    ConversationId, DeviceAddress, Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendId, SendRequest,
+};
 
 use super::{
     encode_roster, part_recipients, roster_change, send_bytes, Quota, RosterChange, SendOutcome, StoreError,
@@ -186,6 +188,29 @@ pub(crate) trait Statements {
     /// Deletes the device's inbox rows among `ids`; returns the messages
     /// they pointed at, one per row deleted.
     async fn delete_inbox_rows(&mut self, device: DeviceRow, ids: &[u64]) -> Result<Vec<MessageRow>, Self::Error>;
+
+    /// Stores a new account; false when the handle is taken.
+    async fn insert_account(&mut self, handle: &Handle, identity_key: &[u8], now_ms: u64) -> Result<bool, Self::Error>;
+    /// Whether the account exists.
+    async fn account_exists(&mut self, handle: &Handle) -> Result<bool, Self::Error>;
+    /// Stores a link slot; false when a slot (even an expired one) has this id.
+    async fn insert_link(
+        &mut self,
+        link: &LinkId,
+        handle: &Handle,
+        request: &[u8],
+        expires_at_ms: u64,
+    ) -> Result<bool, Self::Error>;
+    /// Locks a slot of `handle` that has not expired at `now_ms`; whether it
+    /// has a response (`None`: no such slot).
+    async fn lock_link(&mut self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<Option<bool>, Self::Error>;
+    /// Stores a slot's response.
+    async fn set_link_response(&mut self, link: &LinkId, response: &[u8]) -> Result<(), Self::Error>;
+    /// Locks a slot that has not expired at `now_ms`; its response
+    /// (`None`: no such slot).
+    async fn lock_link_response(&mut self, link: &LinkId, now_ms: u64) -> Result<Option<Option<Vec<u8>>>, Self::Error>;
+    /// Deletes a slot.
+    async fn delete_link(&mut self, link: &LinkId) -> Result<(), Self::Error>;
 }
 
 /// Stores a send: [`super::Store::send_within`]'s rule.
@@ -450,6 +475,70 @@ pub(crate) async fn ack<S: Statements>(s: &mut S, addr: &DeviceAddress, ids: &[u
     let deleted = messages.len() as u64;
     s.drop_orphans(messages).await?;
     Ok(deleted)
+}
+
+/// Creates an account: [`super::Store::register`]'s rule.
+pub(crate) async fn register<S: Statements>(
+    s: &mut S,
+    account: &super::NewAccount,
+    now_ms: u64,
+) -> Result<(), S::Error> {
+    if !s.insert_account(&account.handle, &account.identity_key, now_ms).await? {
+        return Err(StoreError::HandleTaken.into());
+    }
+    if !s.insert_device(&account.handle, &account.device, now_ms).await? {
+        return Err(StoreError::Internal("a new account already had a device".into()).into());
+    }
+    Ok(())
+}
+
+/// Opens a link slot: [`super::Store::create_link`]'s rule.
+pub(crate) async fn create_link<S: Statements>(
+    s: &mut S,
+    link: &LinkId,
+    handle: &Handle,
+    request: &[u8],
+    expires_at_ms: u64,
+) -> Result<(), S::Error> {
+    if !s.account_exists(handle).await? {
+        return Err(StoreError::UnknownHandle.into());
+    }
+    if !s.insert_link(link, handle, request, expires_at_ms).await? {
+        return Err(StoreError::LinkTaken.into());
+    }
+    Ok(())
+}
+
+/// Approves a link slot, once: [`super::Store::approve_link`]'s rule.
+pub(crate) async fn approve_link<S: Statements>(
+    s: &mut S,
+    link: &LinkId,
+    handle: &Handle,
+    response: &[u8],
+    now_ms: u64,
+) -> Result<(), S::Error> {
+    match s.lock_link(link, handle, now_ms).await? {
+        None => Err(StoreError::UnknownLink.into()),
+        Some(true) => Err(StoreError::LinkAlreadyApproved.into()),
+        Some(false) => s.set_link_response(link, response).await,
+    }
+}
+
+/// Hands out a slot's response once, the slot going with it:
+/// [`super::Store::take_link_response`]'s rule.
+pub(crate) async fn take_link_response<S: Statements>(
+    s: &mut S,
+    link: &LinkId,
+    now_ms: u64,
+) -> Result<Option<Vec<u8>>, S::Error> {
+    match s.lock_link_response(link, now_ms).await? {
+        None => Err(StoreError::UnknownLink.into()),
+        Some(None) => Ok(None),
+        Some(Some(response)) => {
+            s.delete_link(link).await?;
+            Ok(Some(response))
+        }
+    }
 }
 
 /// Runs a rule over statements that never wait (SQLite's, on its writer

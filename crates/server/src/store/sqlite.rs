@@ -906,6 +906,75 @@ impl rules::Statements for Sql<'_> {
             .map_err(map_err)
     }
 
+    async fn insert_account(&mut self, handle: &Handle, identity_key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
+        let inserted = self
+            .0
+            .execute(
+                "INSERT INTO accounts (handle, identity_key, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (handle) DO NOTHING",
+                params![handle.as_str(), identity_key, to_i64(now_ms)],
+            )
+            .map_err(map_err)?;
+        Ok(inserted == 1)
+    }
+
+    async fn account_exists(&mut self, handle: &Handle) -> Result<bool, StoreError> {
+        self.0
+            .query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)", [handle.as_str()], |r| r.get(0))
+            .map_err(map_err)
+    }
+
+    async fn insert_link(
+        &mut self,
+        link: &LinkId,
+        handle: &Handle,
+        request: &[u8],
+        expires_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let inserted = self
+            .0
+            .execute(
+                "INSERT INTO links (link, handle, request, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (link) DO NOTHING",
+                params![&link.0[..], handle.as_str(), request, to_i64(expires_at_ms)],
+            )
+            .map_err(map_err)?;
+        Ok(inserted == 1)
+    }
+
+    async fn lock_link(&mut self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<Option<bool>, StoreError> {
+        self.0
+            .query_row(
+                "SELECT response IS NOT NULL FROM links WHERE link = ?1 AND handle = ?2 AND expires_at > ?3",
+                params![&link.0[..], handle.as_str(), to_i64(now_ms)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn set_link_response(&mut self, link: &LinkId, response: &[u8]) -> Result<(), StoreError> {
+        self.0
+            .execute("UPDATE links SET response = ?2 WHERE link = ?1", params![&link.0[..], response])
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn lock_link_response(&mut self, link: &LinkId, now_ms: u64) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+        self.0
+            .query_row(
+                "SELECT response FROM links WHERE link = ?1 AND expires_at > ?2",
+                params![&link.0[..], to_i64(now_ms)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn delete_link(&mut self, link: &LinkId) -> Result<(), StoreError> {
+        self.0.execute("DELETE FROM links WHERE link = ?1", [&link.0[..]]).map(|_| ()).map_err(map_err)
+    }
+
     async fn notify_keys_changed(&mut self, _addr: &DeviceAddress) -> Result<(), StoreError> {
         // One node: the caller drops its own cache after the commit.
         Ok(())
@@ -1062,32 +1131,7 @@ fn insert_nonce(conn: &Connection, addr: &DeviceAddress, nonce: &str, timestamp_
 #[async_trait]
 impl Store for SqliteStore {
     async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
-        self.write(move |tx| {
-            let inserted = tx
-                .execute(
-                    "INSERT INTO accounts (handle, identity_key, created_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (handle) DO NOTHING",
-                    params![account.handle.as_str(), account.identity_key, to_i64(now_ms)],
-                )
-                .map_err(map_err)?;
-            if inserted == 0 {
-                return Err(StoreError::HandleTaken);
-            }
-            tx.execute(
-                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    account.handle.as_str(),
-                    account.device.device_id.to_hex(),
-                    account.device.signature_key.as_slice(),
-                    account.device.certificate.as_slice(),
-                    to_i64(now_ms)
-                ],
-            )
-            .map_err(map_err)?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::register(&mut Sql(tx), &account, now_ms))).await
     }
 
     async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError> {
@@ -1331,26 +1375,8 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let link = *link;
         let handle = handle.clone();
-        self.write(move |tx| {
-            let exists: bool = tx
-                .query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)", [handle.as_str()], |r| r.get(0))
-                .map_err(map_err)?;
-            if !exists {
-                return Err(StoreError::UnknownHandle);
-            }
-            let inserted = tx
-                .execute(
-                    "INSERT INTO links (link, handle, request, expires_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (link) DO NOTHING",
-                    params![&link.0[..], handle.as_str(), request, to_i64(expires_at_ms)],
-                )
-                .map_err(map_err)?;
-            if inserted == 0 {
-                return Err(StoreError::LinkTaken);
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::create_link(&mut Sql(tx), &link, &handle, &request, expires_at_ms)))
+            .await
     }
 
     async fn link(&self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<LinkRecord, StoreError> {
@@ -1381,48 +1407,12 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let link = *link;
         let handle = handle.clone();
-        self.write(move |tx| {
-            let approved: Option<bool> = tx
-                .query_row(
-                    "SELECT response IS NOT NULL FROM links WHERE link = ?1 AND handle = ?2 AND expires_at > ?3",
-                    params![&link.0[..], handle.as_str(), to_i64(now_ms)],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(map_err)?;
-            match approved {
-                None => return Err(StoreError::UnknownLink),
-                Some(true) => return Err(StoreError::LinkAlreadyApproved),
-                Some(false) => {}
-            }
-            tx.execute("UPDATE links SET response = ?2 WHERE link = ?1", params![&link.0[..], response])
-                .map_err(map_err)?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::approve_link(&mut Sql(tx), &link, &handle, &response, now_ms))).await
     }
 
     async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let link = *link;
-        self.write(move |tx| {
-            let response: Option<Option<Vec<u8>>> = tx
-                .query_row(
-                    "SELECT response FROM links WHERE link = ?1 AND expires_at > ?2",
-                    params![&link.0[..], to_i64(now_ms)],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(map_err)?;
-            match response {
-                None => Err(StoreError::UnknownLink),
-                Some(None) => Ok(None),
-                Some(Some(response)) => {
-                    tx.execute("DELETE FROM links WHERE link = ?1", [&link.0[..]]).map_err(map_err)?;
-                    Ok(Some(response))
-                }
-            }
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::take_link_response(&mut Sql(tx), &link, now_ms))).await
     }
 
     async fn sweep(
