@@ -18,7 +18,7 @@ use subrosa_proto::{
 };
 
 use crate::kt::memory::MemoryKtStorage;
-use crate::kt::KtDirectory;
+use crate::kt::{KtDirectory, KtServiceError};
 use crate::{AppError, AppState};
 
 /// The plan file's name in the data directory.
@@ -209,7 +209,7 @@ impl Attacks {
         &self,
         real: &KtDirectory,
         viewer: Option<&DeviceAddress>,
-    ) -> Result<Option<KtDirectory>, AppError> {
+    ) -> Result<Option<KtDirectory>, KtServiceError> {
         if self.plan().freeze.is_some_and(|f| viewer.is_some_and(|v| v.handle == f.victim)) {
             let mut frozen = self.frozen.lock().await;
             if frozen.is_none() {
@@ -256,7 +256,7 @@ impl Attacks {
         view: &KtDirectory,
         viewer: Option<&DeviceAddress>,
         handle: &Handle,
-    ) -> Result<Option<AccountInfo>, AppError> {
+    ) -> Result<Option<AccountInfo>, KtServiceError> {
         let Some(fork) = self.active_fork(viewer).filter(|f| &f.handle == handle) else { return Ok(None) };
         let kt = view.lookup(handle.as_str().as_bytes()).await?.map(|(kt, _)| kt);
         Ok(Some(AccountInfo { handle: handle.clone(), identity_key: fork.identity_key, devices: fork.devices, kt }))

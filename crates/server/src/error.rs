@@ -104,6 +104,24 @@ impl AppError {
     }
 }
 
+impl From<crate::kt::KtError> for AppError {
+    fn from(e: crate::kt::KtError) -> Self {
+        AppError::internal(e.detail())
+    }
+}
+
+impl From<crate::kt::KtServiceError> for AppError {
+    fn from(e: crate::kt::KtServiceError) -> Self {
+        use crate::kt::KtServiceError;
+        match e {
+            KtServiceError::Store(e) => e.into(),
+            KtServiceError::Directory(e) => e.into(),
+            KtServiceError::BadRequest(message) => AppError::bad_request(message),
+            other => AppError::internal(&other.to_string()),
+        }
+    }
+}
+
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {

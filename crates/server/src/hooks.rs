@@ -3,60 +3,66 @@
 //! that feature, or with no controller installed in the state, each is the
 //! identity.
 
+use async_trait::async_trait;
 use subrosa_proto::{AccountInfo, ClaimResponse, DeviceAddress, Envelope, Handle};
 
-use crate::kt::{KtDirectory, KtService};
+use crate::kt::{KtDirectory, KtServiceError, KtSource};
+use crate::store::StoreError;
 use crate::{AppError, AppState};
 
-/// The account as the directory publishes it (a ghost device added).
-pub(crate) fn published_account(state: &AppState, info: AccountInfo) -> AccountInfo {
-    #[cfg(feature = "test-attacks")]
-    if let Some(a) = &state.attacks {
-        return a.published_account(info);
-    }
-    let _ = state;
-    info
-}
+/// What the key directory's service reads through the web layer's state:
+/// the store's accounts, and the controller's substitutions when one is
+/// installed.
+pub(crate) struct Source<'a>(pub &'a AppState);
 
-/// After a real epoch was published with these updates.
-pub(crate) async fn after_publish(state: &AppState, dir: &KtDirectory, updates: &[(Vec<u8>, Vec<u8>)]) {
-    #[cfg(feature = "test-attacks")]
-    if let Some(a) = &state.attacks {
-        a.after_publish(dir, updates).await;
+#[async_trait]
+impl KtSource for Source<'_> {
+    async fn account(&self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
+        self.0.store.account(handle).await
     }
-    let _ = (state, dir, updates);
-}
 
-/// The directory `viewer` is shown (a fork for an attack's victim).
-pub(crate) async fn view(
-    state: &AppState,
-    service: &KtService,
-    viewer: Option<&DeviceAddress>,
-) -> Result<KtDirectory, AppError> {
-    #[cfg(feature = "test-attacks")]
-    if let Some(a) = &state.attacks {
-        if let Some(fork) = a.fork_view(service.directory(), viewer).await? {
-            return Ok(fork);
+    fn published_account(&self, info: AccountInfo) -> AccountInfo {
+        #[cfg(feature = "test-attacks")]
+        if let Some(a) = &self.0.attacks {
+            return a.published_account(info);
         }
+        info
     }
-    let _ = (state, viewer);
-    Ok(service.directory().clone())
-}
 
-/// The attacker's account answer for `handle`, when `viewer` is shown a
-/// forged one.
-pub(crate) async fn forged_account(
-    state: &AppState,
-    view: &KtDirectory,
-    viewer: Option<&DeviceAddress>,
-    handle: &Handle,
-) -> Result<Option<AccountInfo>, AppError> {
-    #[cfg(feature = "test-attacks")]
-    if let Some(a) = &state.attacks {
-        return a.forged_account(view, viewer, handle).await;
+    async fn after_publish(&self, dir: &KtDirectory, updates: &[(Vec<u8>, Vec<u8>)]) {
+        #[cfg(feature = "test-attacks")]
+        if let Some(a) = &self.0.attacks {
+            a.after_publish(dir, updates).await;
+        }
+        let _ = (dir, updates);
     }
-    let _ = (state, view, viewer, handle);
-    Ok(None)
+
+    async fn view(
+        &self,
+        real: &KtDirectory,
+        viewer: Option<&DeviceAddress>,
+    ) -> Result<Option<KtDirectory>, KtServiceError> {
+        #[cfg(feature = "test-attacks")]
+        if let Some(a) = &self.0.attacks {
+            return a.fork_view(real, viewer).await;
+        }
+        let _ = (real, viewer);
+        Ok(None)
+    }
+
+    async fn forged_account(
+        &self,
+        view: &KtDirectory,
+        viewer: Option<&DeviceAddress>,
+        handle: &Handle,
+    ) -> Result<Option<AccountInfo>, KtServiceError> {
+        #[cfg(feature = "test-attacks")]
+        if let Some(a) = &self.0.attacks {
+            return a.forged_account(view, viewer, handle).await;
+        }
+        let _ = (view, viewer, handle);
+        Ok(None)
+    }
 }
 
 /// The attacker's claim answer, when `viewer` is shown a forged one (no

@@ -18,6 +18,7 @@ mod auth;
 pub mod cli;
 mod config;
 pub mod conn;
+mod delivery;
 mod error;
 mod hooks;
 pub mod kt;
@@ -48,6 +49,10 @@ use ratelimit::{Limiter, RateLimiter};
 pub const DEFAULT_KT_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Key-package claims one account may make of another's an hour (and at once).
 pub const CLAIMS_PER_PAIR_PER_HOUR: f64 = 30.0;
+/// One-time key packages other accounts may claim of one account an hour
+/// (and at once), all requesters together; past it, claims get the
+/// last-resort packages.
+pub const ONE_TIME_CLAIMS_PER_TARGET_PER_HOUR: f64 = 20.0;
 use store::Store;
 use wakeup::Wakeups;
 
@@ -66,6 +71,9 @@ pub struct AppState {
     pub(crate) link_poll_limiter: Arc<Limiter<IpAddr>>,
     /// Key-package claims per (requester account, target account).
     pub(crate) claim_limiter: Arc<Limiter<(Handle, Handle)>>,
+    /// One-time key packages claimed of a target account by other
+    /// accounts, all requesters together.
+    pub(crate) claim_target_limiter: Arc<Limiter<Handle>>,
     /// Unsigned key-transparency reads (head, audit), per client IP.
     pub(crate) kt_public_limiter: Arc<Limiter<IpAddr>>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -105,6 +113,12 @@ impl AppState {
         // that the owner refills at every receive.
         let claim_rate = if limits.requests_per_second == 0 { 0.0 } else { CLAIMS_PER_PAIR_PER_HOUR / 3600.0 };
         let claim_limiter = RateLimiter::new(claim_rate, CLAIMS_PER_PAIR_PER_HOUR as u32);
+        // Many accounts (each under its pair limit) together draw at most
+        // this many one-time packages of one target an hour; the owner's
+        // devices refill theirs at every receive.
+        let target_rate =
+            if limits.requests_per_second == 0 { 0.0 } else { ONE_TIME_CLAIMS_PER_TARGET_PER_HOUR / 3600.0 };
+        let claim_target_limiter = RateLimiter::new(target_rate, ONE_TIME_CLAIMS_PER_TARGET_PER_HOUR as u32);
         let (shutdown_tx, shutdown) = watch::channel(false);
         // Buckets in the database when the backend shares them between nodes.
         let shared = || Some(Arc::clone(&store));
@@ -116,6 +130,7 @@ impl AppState {
             link_create_limiter: Arc::new(Limiter::new("link", link_create_limiter, shared())),
             link_poll_limiter: Arc::new(Limiter::new("link-poll", link_poll_limiter, shared())),
             claim_limiter: Arc::new(Limiter::new("claim", claim_limiter, shared())),
+            claim_target_limiter: Arc::new(Limiter::new("claim-target", claim_target_limiter, shared())),
             kt_public_limiter: Arc::new(Limiter::new("kt", kt_public_limiter, shared())),
             store,
             shutdown,

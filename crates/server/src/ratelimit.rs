@@ -47,6 +47,12 @@ impl BucketKey for std::net::IpAddr {
     }
 }
 
+impl BucketKey for subrosa_proto::Handle {
+    fn bucket_key(&self) -> String {
+        self.as_str().to_owned()
+    }
+}
+
 impl BucketKey for (subrosa_proto::Handle, subrosa_proto::Handle) {
     fn bucket_key(&self) -> String {
         format!("{}>{}", self.0.as_str(), self.1.as_str())

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use subrosa_proto::kt::{KtAudit, KtHead, KtLookup};
 use subrosa_proto::limits::{
-    LINK_TTL_SECS, MAX_ACK_IDS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD, MAX_KEY_PACKAGE_BYTES,
+    LINK_TTL_SECS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD, MAX_KEY_PACKAGE_BYTES,
     MAX_LINK_BYTES, MAX_LINK_REQUEST_BYTES, MAX_PARTS,
 };
 use subrosa_proto::{
@@ -26,7 +26,8 @@ use subrosa_proto::{
 use crate::auth::{
     now_ms, parse_json, read_body, Authed, MaybeAuthed, RequestSignature, SignedJson, SignedJsonNonceLater,
 };
-use crate::store::{NewAccount, StoreError};
+use crate::hooks::Source;
+use crate::store::{ClaimKind, NewAccount, StoreError};
 use crate::{ws, AppError, AppState};
 
 /// Builds the router over a state; no socket needed (tests drive it with
@@ -162,7 +163,7 @@ async fn account(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<AccountInfo>, AppError> {
     let handle = handle_from_path(path)?;
-    let info = state.kt().await?.account_with_proof(&state, Some(&device), &handle).await?;
+    let info = state.kt().await?.account_with_proof(&Source(&state), Some(&device), &handle).await?;
     Ok(Json(info))
 }
 
@@ -204,15 +205,23 @@ async fn claim_key_packages(
     // deletes one per device): claims are limited per (requester account,
     // target account), on top of the requester's device limit. An
     // account's own devices claiming each other's are not limited here.
+    // And many accounts together (a swarm of new ones, each under its pair
+    // limit) draw at most a budget of the target's one-time packages;
+    // past it they get last-resort packages: never refused, so the swarm
+    // cannot shut the target's real contacts out either.
+    let mut kind = ClaimKind::OneTime;
     if device.handle != body.handle {
         let pair = (device.handle.clone(), body.handle.clone());
         state.claim_limiter.check(&pair, Instant::now()).await.map_err(AppError::rate_limited)?;
+        if state.claim_target_limiter.check(&body.handle, Instant::now()).await.is_err() {
+            kind = ClaimKind::LastResortFirst;
+        }
     }
-    let mut response = state.store.claim_key_packages(&body.handle, &device).await?;
+    let mut response = state.store.claim_key_packages_of(&body.handle, &device, kind).await?;
     // The keys and the proof are read after the claim: the packages' devices
     // are among them unless one was removed in between, which the client
     // notices.
-    let info = state.kt().await?.account_with_proof(&state, Some(&device), &body.handle).await?;
+    let info = state.kt().await?.account_with_proof(&Source(&state), Some(&device), &body.handle).await?;
     response.identity_key = info.identity_key;
     response.devices = info.devices;
     response.kt = info.kt;
@@ -336,31 +345,15 @@ async fn inbox(
         Some(n) => n.min(MAX_FETCH),
     };
     // Bound the answer's size too; the client fetches again after acking.
-    let messages = state.store.fetch_inbox(&device, 0, limit, state.limits.max_body_bytes).await?;
-    let (messages, dropped) = crate::hooks::deliver(&state, &device, messages);
-    if !dropped.is_empty() {
-        state.store.ack(&device, &dropped).await?;
-    }
-    Ok(Json(InboxResponse { messages }))
-}
-
-/// Checks and applies an acknowledgement (HTTP and WebSocket).
-pub(crate) async fn apply_ack(
-    state: &AppState,
-    device: &subrosa_proto::DeviceAddress,
-    ids: &[u64],
-) -> Result<u64, AppError> {
-    if ids.len() > MAX_ACK_IDS {
-        return Err(AppError::too_large(format!("at most {MAX_ACK_IDS} ids per acknowledgement")));
-    }
-    Ok(state.store.ack(device, ids).await?)
+    let fetched = crate::delivery::fetch(&state, &device, 0, limit, state.limits.max_body_bytes).await?;
+    Ok(Json(InboxResponse { messages: fetched.messages }))
 }
 
 async fn ack(
     State(state): State<AppState>,
     SignedJson { device, body }: SignedJson<AckRequest>,
 ) -> Result<Json<AckResponse>, AppError> {
-    let deleted = apply_ack(&state, &device, &body.ids).await?;
+    let deleted = crate::delivery::acknowledge(&state, &device, &body.ids).await?;
     Ok(Json(AckResponse { deleted }))
 }
 
@@ -393,7 +386,7 @@ async fn replace_keys(
 
 /// Publishes the account's current keys and waits for the epoch.
 async fn publish(state: &AppState, handle: &Handle) -> Result<(), AppError> {
-    state.kt().await?.publish_and_wait(state, handle).await
+    Ok(state.kt().await?.publish_and_wait(&Source(state), handle).await?)
 }
 
 /// The caller's account after a committed device change, with the proof of
@@ -402,7 +395,12 @@ async fn publish(state: &AppState, handle: &Handle) -> Result<(), AppError> {
 /// the account is next served.
 async fn changed_account(state: &AppState, caller: &DeviceAddress) -> Result<AccountInfo, AppError> {
     let proven = match publish(state, &caller.handle).await {
-        Ok(()) => state.kt().await?.account_with_proof(state, Some(caller), &caller.handle).await,
+        Ok(()) => state
+            .kt()
+            .await?
+            .account_with_proof(&Source(state), Some(caller), &caller.handle)
+            .await
+            .map_err(AppError::from),
         Err(e) => Err(e),
     };
     match proven {
@@ -547,8 +545,8 @@ async fn kt_head(
     let Query(q) = query.map_err(|_| AppError::bad_request("epoch must be an epoch number"))?;
     let kt = state.kt().await?;
     Ok(Json(match q.epoch {
-        Some(epoch) => kt.head_at(&state, viewer.as_ref(), epoch).await?,
-        None => kt.head(&state, viewer.as_ref()).await?,
+        Some(epoch) => kt.head_at(&Source(&state), viewer.as_ref(), epoch).await?,
+        None => kt.head(&Source(&state), viewer.as_ref()).await?,
     }))
 }
 
@@ -560,7 +558,7 @@ async fn kt_lookup(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<KtLookup>, AppError> {
     let handle = handle_from_path(path)?;
-    Ok(Json(state.kt().await?.lookup(&state, Some(&viewer), &handle).await?))
+    Ok(Json(state.kt().await?.lookup(&Source(&state), Some(&viewer), &handle).await?))
 }
 
 /// `GET /v1/kt/audit` query.
@@ -582,5 +580,5 @@ async fn kt_audit(
     let epochs = q.to.saturating_sub(q.from).saturating_add(1).min(u64::from(u32::MAX));
     let ip = client_ip_or_unspecified(&state, &req);
     check_public_kt(&state, &viewer, ip, u32::try_from(epochs).unwrap_or(u32::MAX)).await?;
-    Ok(Json(state.kt().await?.audit(&state, viewer.as_ref(), q.from, q.to).await?))
+    Ok(Json(state.kt().await?.audit(&Source(&state), viewer.as_ref(), q.from, q.to).await?))
 }

@@ -229,6 +229,7 @@ async fn sweep_once(state: &AppState, ttl: Duration) {
     state.registration_limiter.prune(Instant::now());
     state.link_create_limiter.prune(Instant::now());
     state.claim_limiter.prune(Instant::now());
+    state.claim_target_limiter.prune(Instant::now());
     state.link_poll_limiter.prune(Instant::now());
     state.kt_public_limiter.prune(Instant::now());
 }

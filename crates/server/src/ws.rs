@@ -23,7 +23,6 @@ use axum::response::Response;
 use subrosa_proto::{ClientFrame, DeviceAddress, ErrorBody, ErrorCode, ServerFrame};
 
 use crate::auth::Authed;
-use crate::routes::apply_ack;
 use crate::store::StoreError;
 use crate::wakeup::Woken;
 use crate::{AppError, AppState};
@@ -169,8 +168,8 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
         while look {
             look = false;
             retry_at = None;
-            let batch = match state.store.fetch_inbox(&device, cursor, BATCH, BATCH_BYTES).await {
-                Ok(b) => b,
+            let fetched = match crate::delivery::fetch(&state, &device, cursor, BATCH, BATCH_BYTES).await {
+                Ok(f) => f,
                 Err(StoreError::Unavailable(detail)) => {
                     tracing::warn!(detail = %detail, "storage unavailable; socket kept open");
                     retry_at = Some(tokio::time::Instant::now() + UNAVAILABLE_RETRY);
@@ -182,18 +181,11 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
                     return Err("storage failed");
                 }
             };
-            let Some(last) = batch.last() else { break };
-            cursor = last.id;
-            let full = batch.len() == BATCH;
-            let (batch, dropped) = crate::hooks::deliver(&state, &device, batch);
-            if !dropped.is_empty() {
-                if let Err(e) = state.store.ack(&device, &dropped).await {
-                    close_with_error(&mut socket, AppError::from(e).body(), 1011).await;
-                    return Err("storage failed");
-                }
-            }
-            if !batch.is_empty() {
-                send_frame(&mut socket, &ServerFrame::Messages { messages: batch }).await?;
+            let Some(last) = fetched.last else { break };
+            cursor = last;
+            let full = fetched.full;
+            if !fetched.messages.is_empty() {
+                send_frame(&mut socket, &ServerFrame::Messages { messages: fetched.messages }).await?;
             }
             look = full;
         }
@@ -254,7 +246,7 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
                 match frame {
                     ClientFrame::Ack { ids } => {
                         charge_ack(&state, &device, ids.len()).await;
-                        if let Err(e) = apply_ack(&state, &device, &ids).await {
+                        if let Err(e) = crate::delivery::acknowledge(&state, &device, &ids).await {
                             close_with_error(&mut socket, e.body(), 1008).await;
                             return Err("ack refused");
                         }

@@ -537,14 +537,18 @@ async fn one_account_cannot_drain_anothers_key_packages() {
         who.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))
     };
     let limit = subrosa_server::CLAIMS_PER_PAIR_PER_HOUR as usize;
+    let budget = subrosa_server::ONE_TIME_CLAIMS_PER_TARGET_PER_HOUR as usize;
     for _ in 0..limit {
         assert_eq!(t.call(claim(&mallory)).await.0, StatusCode::OK);
     }
     assert_error(&t.call(claim(&mallory)).await, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
-    // Others still reach bob, and bob keeps one-time packages for them.
-    assert_eq!(t.call(claim(&carol)).await.0, StatusCode::OK);
+    // Others still reach bob, and bob keeps one-time packages: past bob's
+    // one-time budget, claims get his last-resort package.
+    let got = t.call(claim(&carol)).await;
+    assert_eq!(got.0, StatusCode::OK);
+    assert_eq!(got.1["packages"][0]["last_resort"], json!(true));
     let got = t.call(bob.request("GET", "/v1/keypackages", vec![])).await;
-    assert_eq!(got.1["one_time"], json!(50 - limit - 1));
+    assert_eq!(got.1["one_time"], json!(50 - budget));
     // An account's own devices are not limited when they claim each other's.
     let bob2 = t.add_device(&bob).await;
     for _ in 0..3 {
@@ -553,6 +557,40 @@ async fn one_account_cannot_drain_anothers_key_packages() {
             StatusCode::OK
         );
     }
+}
+
+/// Many accounts, each under its own pair limit, together draw at most the
+/// target's one-time budget; past it every claim still succeeds, with the
+/// last-resort package. The target's own devices are not counted.
+#[tokio::test]
+async fn many_accounts_cannot_drain_a_targets_one_time_packages() {
+    let t = TestApp::new();
+    let bob = t.register("bob").await;
+    let many: Vec<String> = (0..50).map(|i| b64(format!("kp-{i}").as_bytes())).collect();
+    let upload = json!({ "one_time": many, "last_resort": b64(b"kp-last") });
+    assert_eq!(t.call(bob.request("POST", "/v1/keypackages", bytes(&upload))).await.0, StatusCode::OK);
+    let budget = subrosa_server::ONE_TIME_CLAIMS_PER_TARGET_PER_HOUR as usize;
+    let claim = |who: &common::TestDevice| {
+        who.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))
+    };
+    let mut one_time = 0;
+    for i in 0..10 {
+        let sybil = t.register(&format!("sybil{i}")).await;
+        for _ in 0..4 {
+            let got = t.call(claim(&sybil)).await;
+            assert_eq!(got.0, StatusCode::OK, "never refused: {}", got.1);
+            if got.1["packages"][0]["last_resort"] == json!(false) {
+                one_time += 1;
+            }
+        }
+    }
+    assert_eq!(one_time, budget, "40 claims by 10 accounts drew only the budget");
+    let got = t.call(bob.request("GET", "/v1/keypackages", vec![])).await;
+    assert_eq!(got.1["one_time"], json!(50 - budget));
+    // The owner's own devices still draw one-time packages.
+    let bob2 = t.add_device(&bob).await;
+    let got = t.call(bob2.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))).await;
+    assert_eq!(got.1["packages"][0]["last_resort"], json!(false));
 }
 
 /// A non-member who knows a conversation's id cannot move its epoch or post

@@ -48,7 +48,6 @@ use zeroize::Zeroizing;
 
 use crate::store::kt::KtStorage;
 use crate::store::StoreError;
-use crate::{AppError, AppState};
 pub use db::AkdDb;
 
 /// The akd domain-separation label of Subrosa's directory.
@@ -83,9 +82,77 @@ impl From<StoreError> for KtError {
     }
 }
 
-impl From<KtError> for AppError {
-    fn from(e: KtError) -> Self {
-        AppError::internal(&e.0)
+impl KtError {
+    /// The one-line description (never key material).
+    pub fn detail(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a [`KtService`] request was not answered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KtServiceError {
+    /// The store failed, or the handle is unknown ([`StoreError::UnknownHandle`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The directory failed.
+    #[error(transparent)]
+    Directory(#[from] KtError),
+    /// The request asks for what the directory cannot have (an epoch past
+    /// the latest, a range too long).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The directory does not hold the account's current keys, even after
+    /// publishing them (a bug in us).
+    #[error("the directory does not hold the account's current keys")]
+    NotPublished,
+}
+
+/// What the directory's service reads and who may change its answers: the
+/// stored accounts, and in test builds the malicious operator's
+/// substitutions (forks, ghost devices, forged accounts). Every hook but
+/// [`KtSource::account`] is the identity by default. The web layer
+/// implements it over its state; the service knows nothing of HTTP.
+#[async_trait]
+pub trait KtSource: Send + Sync {
+    /// The account's keys as stored now.
+    ///
+    /// # Errors
+    /// Backend failures; an unknown handle is `Ok(None)`.
+    async fn account(&self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError>;
+
+    /// The account as the directory publishes it.
+    fn published_account(&self, info: AccountInfo) -> AccountInfo {
+        info
+    }
+
+    /// After a real epoch was published with these updates.
+    async fn after_publish(&self, _dir: &KtDirectory, _updates: &[(Vec<u8>, Vec<u8>)]) {}
+
+    /// Another directory to show `viewer` than the real one (`None`: the real one).
+    ///
+    /// # Errors
+    /// When the other directory cannot be made.
+    async fn view(
+        &self,
+        _real: &KtDirectory,
+        _viewer: Option<&DeviceAddress>,
+    ) -> Result<Option<KtDirectory>, KtServiceError> {
+        Ok(None)
+    }
+
+    /// Another account answer for `handle` to show `viewer`, proven in `view`.
+    ///
+    /// # Errors
+    /// When the forged answer cannot be made.
+    async fn forged_account(
+        &self,
+        _view: &KtDirectory,
+        _viewer: Option<&DeviceAddress>,
+        _handle: &Handle,
+    ) -> Result<Option<AccountInfo>, KtServiceError> {
+        Ok(None)
     }
 }
 
@@ -564,7 +631,7 @@ impl KtService {
     ///
     /// # Errors
     /// Backend or akd failures of the publish that should have held it.
-    pub async fn publish_and_wait(&self, state: &AppState, handle: &Handle) -> Result<(), AppError> {
+    pub async fn publish_and_wait(&self, src: &dyn KtSource, handle: &Handle) -> Result<(), KtServiceError> {
         let ticket = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.pending.insert(handle.clone());
@@ -587,7 +654,7 @@ impl KtService {
                 q.next_batch += 1;
                 (batch, std::mem::take(&mut q.pending))
             };
-            let result = self.publish_batch(state, &handles).await;
+            let result = self.publish_batch(src, &handles).await;
             *last = Some(Instant::now());
             match result {
                 Ok(()) => self.published.store(batch, Ordering::Release),
@@ -600,11 +667,11 @@ impl KtService {
         }
     }
 
-    async fn publish_batch(&self, state: &AppState, handles: &BTreeSet<Handle>) -> Result<(), AppError> {
+    async fn publish_batch(&self, src: &dyn KtSource, handles: &BTreeSet<Handle>) -> Result<(), KtServiceError> {
         let mut updates = Vec::with_capacity(handles.len());
         for handle in handles {
-            if let Some(info) = state.store.account(handle).await? {
-                let info = crate::hooks::published_account(state, info);
+            if let Some(info) = src.account(handle).await? {
+                let info = src.published_account(info);
                 let value = subrosa_proto::kt::directory_value(info.identity_key.as_slice(), &info.devices);
                 updates.push((handle.as_str().as_bytes().to_vec(), value.to_vec()));
             }
@@ -615,7 +682,7 @@ impl KtService {
         let started = Instant::now();
         let (epoch, _) = self.dir.publish(updates.clone()).await?;
         tracing::debug!(epoch, handles = updates.len(), ms = started.elapsed().as_millis() as u64, "published");
-        crate::hooks::after_publish(state, &self.dir, &updates).await;
+        src.after_publish(&self.dir, &updates).await;
         Ok(())
     }
 
@@ -629,17 +696,17 @@ impl KtService {
     /// 404 unknown_handle; backend or akd failures.
     pub async fn account_with_proof(
         &self,
-        state: &AppState,
+        src: &dyn KtSource,
         viewer: Option<&DeviceAddress>,
         handle: &Handle,
-    ) -> Result<AccountInfo, AppError> {
-        let view = crate::hooks::view(state, self, viewer).await?;
-        if let Some(info) = crate::hooks::forged_account(state, &view, viewer, handle).await? {
+    ) -> Result<AccountInfo, KtServiceError> {
+        let view = self.view(src, viewer).await?;
+        if let Some(info) = src.forged_account(&view, viewer, handle).await? {
             return Ok(info);
         }
         for attempt in 0..3 {
-            let info = state.store.account(handle).await?.ok_or(StoreError::UnknownHandle)?;
-            let mut info = crate::hooks::published_account(state, info);
+            let info = src.account(handle).await?.ok_or(StoreError::UnknownHandle)?;
+            let mut info = src.published_account(info);
             let value = subrosa_proto::kt::directory_value(info.identity_key.as_slice(), &info.devices);
             if let Some((kt, proven)) = view.lookup(handle.as_str().as_bytes()).await? {
                 if proven == value {
@@ -648,10 +715,10 @@ impl KtService {
                 }
             }
             if attempt < 2 {
-                self.publish_and_wait(state, handle).await?;
+                self.publish_and_wait(src, handle).await?;
             }
         }
-        Err(AppError::internal("the directory does not hold the account's current keys"))
+        Err(KtServiceError::NotPublished)
     }
 
     /// The lookup proof of a handle at the latest epoch as `viewer` sees
@@ -661,18 +728,18 @@ impl KtService {
     /// 404 unknown_handle; backend or akd failures.
     pub async fn lookup(
         &self,
-        state: &AppState,
+        src: &dyn KtSource,
         viewer: Option<&DeviceAddress>,
         handle: &Handle,
-    ) -> Result<KtLookup, AppError> {
-        let view = crate::hooks::view(state, self, viewer).await?;
+    ) -> Result<KtLookup, KtServiceError> {
+        let view = self.view(src, viewer).await?;
         if let Some((kt, _)) = view.lookup(handle.as_str().as_bytes()).await? {
             return Ok(kt);
         }
         // Registered but not in the directory (a publish lost in a crash):
         // publish now.
-        state.store.account(handle).await?.ok_or(StoreError::UnknownHandle)?;
-        self.publish_and_wait(state, handle).await?;
+        src.account(handle).await?.ok_or(StoreError::UnknownHandle)?;
+        self.publish_and_wait(src, handle).await?;
         match view.lookup(handle.as_str().as_bytes()).await? {
             Some((kt, _)) => Ok(kt),
             None => Err(StoreError::UnknownHandle.into()),
@@ -683,8 +750,8 @@ impl KtService {
     ///
     /// # Errors
     /// Backend or akd failures.
-    pub async fn head(&self, state: &AppState, viewer: Option<&DeviceAddress>) -> Result<KtHead, AppError> {
-        Ok(crate::hooks::view(state, self, viewer).await?.head().await?)
+    pub async fn head(&self, src: &dyn KtSource, viewer: Option<&DeviceAddress>) -> Result<KtHead, KtServiceError> {
+        Ok(self.view(src, viewer).await?.head().await?)
     }
 
     /// The signed head of `epoch` as `viewer` sees the directory.
@@ -694,15 +761,15 @@ impl KtService {
     /// akd failures.
     pub async fn head_at(
         &self,
-        state: &AppState,
+        src: &dyn KtSource,
         viewer: Option<&DeviceAddress>,
         epoch: u64,
-    ) -> Result<KtHead, AppError> {
-        crate::hooks::view(state, self, viewer)
+    ) -> Result<KtHead, KtServiceError> {
+        self.view(src, viewer)
             .await?
             .head_at(epoch)
             .await?
-            .ok_or_else(|| AppError::bad_request(format!("epoch {epoch} is beyond the latest epoch")))
+            .ok_or_else(|| KtServiceError::BadRequest(format!("epoch {epoch} is beyond the latest epoch")))
     }
 
     /// Append-only proofs as `viewer` sees the directory.
@@ -712,22 +779,31 @@ impl KtService {
     /// with at most [`MAX_AUDIT_EPOCHS`] between; backend or akd failures.
     pub async fn audit(
         &self,
-        state: &AppState,
+        src: &dyn KtSource,
         viewer: Option<&DeviceAddress>,
         from: u64,
         to: u64,
-    ) -> Result<KtAudit, AppError> {
+    ) -> Result<KtAudit, KtServiceError> {
         if from == 0 || to < from || to - from > MAX_AUDIT_EPOCHS {
-            return Err(AppError::bad_request(format!(
+            return Err(KtServiceError::BadRequest(format!(
                 "need 1 <= from <= to with to - from at most {MAX_AUDIT_EPOCHS}"
             )));
         }
-        let view = crate::hooks::view(state, self, viewer).await?;
+        let view = self.view(src, viewer).await?;
         let latest = view.latest_epoch().await?;
         if to > latest {
-            return Err(AppError::bad_request(format!("to is beyond the latest epoch {latest}")));
+            return Err(KtServiceError::BadRequest(format!("to is beyond the latest epoch {latest}")));
         }
         Ok(view.audit(from, to).await?)
+    }
+
+    /// The directory `viewer` is shown: the real one unless `src` shows
+    /// another.
+    async fn view(&self, src: &dyn KtSource, viewer: Option<&DeviceAddress>) -> Result<KtDirectory, KtServiceError> {
+        Ok(match src.view(&self.dir, viewer).await? {
+            Some(other) => other,
+            None => self.dir.clone(),
+        })
     }
 }
 

@@ -16,7 +16,9 @@ use subrosa_proto::{
     SendPart, SendRequest, B64,
 };
 
-use super::{NewAccount, Quota, QuotaScope, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES};
+use super::{
+    ClaimKind, NewAccount, Quota, QuotaScope, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES,
+};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -118,6 +120,8 @@ macro_rules! with_behaviours {
             quota_refuses_a_full_sender_until_its_messages_go,
             conversation_row_lives_while_a_member_device_remains,
             in_roster_follows_the_commits,
+            send_checks_run_in_one_order,
+            throttled_claims_take_last_resort_packages_first,
         );
     };
 }
@@ -1176,4 +1180,98 @@ pub async fn conversation_row_lives_while_a_member_device_remains(store: Arc<dyn
     assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(0), "its last member left: forgotten");
     assert_eq!(store.stats().await.expect("stats").conversations, before + 1, "the other conversation stays");
     assert_eq!(store.conversation_epoch(&other).await.expect("epoch"), Epoch(1));
+}
+
+/// A send is checked in one order, the same on every backend (see
+/// `store::rules::send`): the sender, then its send id (a duplicate is
+/// answered before anything else), membership, the epoch guard, the
+/// recipients, the quota. So a stale commit that still names a device
+/// removed since is told `stale_epoch` (process the winning commit and
+/// retry), never `unknown_device`; and a refusal stores nothing.
+pub async fn send_checks_run_in_one_order(store: Arc<dyn Store>) {
+    let alice = account(&store, "alice").await;
+    let bob = account(&store, "bob").await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    let mallory = account(&store, "mallory").await;
+    let conv = random_conversation();
+    let create = commit_with_members(conv, 0, &[&alice, &bob, &bob2], vec![bob.clone(), bob2.clone()]);
+    store.send(&alice, &create, NOW).await.expect("create");
+    let hello = send_request(conv, None, app(vec![bob.clone(), bob2.clone()], b"hello"));
+    store.send(&alice, &hello, NOW).await.expect("hello");
+    // Bob's second device is removed; a commit moves the epoch on.
+    store.remove_device(&bob2).await.expect("remove");
+    let next = commit_with_members(conv, 1, &[&alice, &bob], vec![bob.clone()]);
+    store.send(&bob, &next, NOW).await.expect("bob commits");
+    let before = store.stats().await.expect("stats");
+    let quota = Quota { device_bytes: 1, account_bytes: 1 };
+
+    // A stale commit that names the removed device: stale, whatever else is wrong.
+    let stale = commit_with_members(conv, 1, &[&alice, &bob, &bob2], vec![bob.clone(), bob2.clone()]);
+    for q in [Quota::UNLIMITED, quota] {
+        match store.send_within(&alice, &stale, &q, NOW).await {
+            Err(StoreError::StaleEpoch { current: Epoch(2) }) => {}
+            other => panic!("a stale commit naming a removed device: expected stale_epoch, got {other:?}"),
+        }
+    }
+    let legacy = send_request(conv, Some(0), app(vec![bob2.clone()], b"old commit"));
+    assert!(matches!(store.send(&alice, &legacy, NOW).await, Err(StoreError::StaleEpoch { current: Epoch(2) })));
+    // Membership comes before the epoch guard and the recipients.
+    let intruder = commit_with_members(conv, 0, &[&mallory], vec![bob2.clone()]);
+    assert!(matches!(store.send(&mallory, &intruder, NOW).await, Err(StoreError::NotAMember)));
+    let spam = send_request(conv, None, app(vec![bob2.clone()], b"spam"));
+    assert!(matches!(store.send(&mallory, &spam, NOW).await, Err(StoreError::NotAMember)));
+    // The removed sender itself is unknown before anything else.
+    let from_removed = commit_with_members(conv, 0, &[&bob2], vec![alice.clone()]);
+    match store.send(&bob2, &from_removed, NOW).await {
+        Err(StoreError::UnknownDevice(d)) => assert_eq!(d, bob2),
+        other => panic!("expected the sender unknown, got {other:?}"),
+    }
+    // The recipients come before the quota.
+    let current = commit_with_members(conv, 2, &[&alice, &bob], vec![bob.clone(), bob2.clone()]);
+    match store.send_within(&alice, &current, &quota, NOW).await {
+        Err(StoreError::UnknownDevice(d)) => assert_eq!(d, bob2),
+        other => panic!("a current commit naming a removed device: expected unknown_device, got {other:?}"),
+    }
+    let after = store.stats().await.expect("stats");
+    assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows), "nothing stored");
+    assert_eq!(store.conversation_epoch(&conv).await.expect("epoch"), Epoch(2), "the epoch did not move");
+    // A duplicate is answered first of all: a retry of an accepted send
+    // whose recipient was removed since, over quota, is still a duplicate.
+    let again = store.send_within(&alice, &hello, &quota, NOW).await.expect("duplicate");
+    assert!(again.duplicate);
+    let again = store.send_within(&alice, &create, &quota, NOW).await.expect("duplicate commit");
+    assert_eq!((again.duplicate, again.epoch), (true, Some(Epoch(1))));
+    // Over quota, with everything else right.
+    let big = send_request(conv, None, app(vec![bob.clone()], b"too much"));
+    assert!(matches!(store.send_within(&alice, &big, &quota, NOW).await, Err(StoreError::QuotaExceeded { .. })));
+}
+
+/// A claim past its target's one-time budget ([`ClaimKind::LastResortFirst`])
+/// takes the last-resort package of each device that has one, leaving its
+/// one-time packages, and a one-time package of a device without one (so it
+/// still reaches every device).
+pub async fn throttled_claims_take_last_resort_packages_first(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    store.upload_key_packages(&bob, vec![b"kp-1".to_vec()], Some(b"kp-lr".to_vec()), false).await.expect("upload");
+    store.upload_key_packages(&bob2, vec![b"kp2-1".to_vec()], None, false).await.expect("upload");
+    let got = store.claim_key_packages_of(&bob.handle, &alice, ClaimKind::LastResortFirst).await.expect("claim");
+    let of = |d: &DeviceAddress| {
+        got.packages
+            .iter()
+            .find(|p| p.device.device_id == d.device)
+            .map(|p| (p.key_package.as_slice().to_vec(), p.last_resort))
+            .expect("a package of every device")
+    };
+    assert_eq!(of(&bob), (b"kp-lr".to_vec(), true));
+    assert_eq!(of(&bob2), (b"kp2-1".to_vec(), false), "no last-resort package: a one-time one");
+    assert_eq!(store.key_package_count(&bob).await.expect("count").one_time, 1, "bob's one-time package stays");
+    assert_eq!(store.key_package_count(&bob2).await.expect("count").one_time, 0);
+    // An unthrottled claim takes the one-time package as before.
+    let got = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
+    assert_eq!(got.packages.len(), 1, "bob2 has nothing left");
+    assert_eq!((got.packages[0].key_package.as_slice(), got.packages[0].last_resort), (&b"kp-1"[..], false));
+    let nobody = random_handle("nobody");
+    let missing = store.claim_key_packages_of(&nobody, &alice, ClaimKind::LastResortFirst).await;
+    assert!(matches!(missing, Err(StoreError::UnknownHandle)));
 }

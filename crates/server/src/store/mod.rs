@@ -18,6 +18,7 @@ use subrosa_proto::{
 pub mod conformance;
 pub mod kt;
 pub mod postgres;
+mod rules;
 mod sqlite;
 mod sqlite_kt;
 
@@ -140,6 +141,18 @@ pub fn check_key_set(
         }
     }
     Ok(stale)
+}
+
+/// Which key package a claim hands out of each device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// A one-time package, or the last-resort one when none is left.
+    OneTime,
+    /// The last-resort package, or a one-time one for a device without a
+    /// last-resort package: for a claim past its target's one-time budget,
+    /// which must not drain the target's one-time packages yet must still
+    /// reach every device.
+    LastResortFirst,
 }
 
 /// Whose stored bytes a [`StoreError::QuotaExceeded`] counted.
@@ -524,14 +537,35 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::UnknownHandle`]; [`StoreError::NoKeyPackage`] when no
     /// device has a package.
-    async fn claim_key_packages(&self, handle: &Handle, requester: &DeviceAddress)
-        -> Result<ClaimResponse, StoreError>;
+    async fn claim_key_packages(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+    ) -> Result<ClaimResponse, StoreError> {
+        self.claim_key_packages_of(handle, requester, ClaimKind::OneTime).await
+    }
+
+    /// [`Store::claim_key_packages`], choosing which package of each
+    /// device comes first (see [`ClaimKind`]).
+    ///
+    /// # Errors
+    /// As [`Store::claim_key_packages`].
+    async fn claim_key_packages_of(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+        kind: ClaimKind,
+    ) -> Result<ClaimResponse, StoreError>;
 
     /// Stores every part of a send for its recipients, atomically, together
     /// with the send id and (when the send carries a commit) the epoch bump
     /// and the new roster (see [`roster_change`] and the module docs). The
     /// request must already be checked against the limits. A send id seen
-    /// before answers as a duplicate before any other check.
+    /// before answers as a duplicate before any other check. Every backend
+    /// checks in one order (written once in `store::rules::send`): the
+    /// sender, the send id, membership, the epoch guard, the recipients,
+    /// the quota; so a stale commit naming a device removed since is told
+    /// [`StoreError::StaleEpoch`].
     ///
     /// # Errors
     /// [`StoreError::UnknownDevice`] for a recipient that is not an active

@@ -5,8 +5,9 @@
 //! an unreachable database answers [`StoreError::Unavailable`] rather than
 //! hanging, and the pool reconnects by itself once the database is back.
 //!
-//! Semantics match the SQLite backend (the conformance suite runs against
-//! both); what SQLite gets from its single writer is done here with row locks:
+//! The rules are not here: they are written once in `store::rules`, and
+//! this backend supplies their statements (`Pg`) inside its transaction.
+//! What SQLite gets from its single writer is done here with row locks:
 //!
 //! - **Inbox order.** A send locks its recipients' device rows (in id order,
 //!   so overlapping sends cannot deadlock) before it draws inbox ids from the
@@ -24,15 +25,15 @@
 //!   transaction (delivered only on commit); every node LISTENs on a
 //!   dedicated connection ([`PgStore`]'s listener) and wakes its sockets.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope,
-    Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendRequest, B64,
+    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -42,8 +43,7 @@ use tokio_postgres::Row;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport, TokenRequest, Tokens,
-    MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES,
+    rules, LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport, TokenRequest, Tokens,
 };
 use crate::wakeup::Wakeups;
 
@@ -802,64 +802,13 @@ async fn count_table<C: GenericClient>(c: &C, table: &str) -> R<u64> {
 #[async_trait]
 impl Store for PgStore {
     async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
-        in_tx!(self, |tx| async {
-            let inserted = execute(
-                &tx,
-                "INSERT INTO accounts (handle, identity_key, created_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (handle) DO NOTHING",
-                &[&account.handle.as_str(), &account.identity_key, &to_i64(now_ms)],
-            )
-            .await?;
-            if inserted == 0 {
-                return Err(Fail::Store(StoreError::HandleTaken));
-            }
-            execute(
-                &tx,
-                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[
-                    &account.handle.as_str(),
-                    &account.device.device_id.to_hex(),
-                    &account.device.signature_key.as_slice(),
-                    &account.device.certificate.as_slice(),
-                    &to_i64(now_ms),
-                ],
-            )
-            .await?;
-            Ok(())
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::register(&mut Pg { c: &tx, channel }, &account, now_ms).await }.await)
     }
 
     async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError> {
-        in_tx!(self, |tx| async {
-            // The account row's lock serialises this with other additions
-            // and removals, so the count below stays true until commit.
-            if !lock_account(&tx, handle).await? {
-                return Err(Fail::Store(StoreError::UnknownHandle));
-            }
-            if active_devices(&tx, handle).await? >= MAX_DEVICES_PER_ACCOUNT {
-                return Err(Fail::Store(StoreError::TooManyDevices));
-            }
-            let inserted = execute(
-                &tx,
-                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (handle, device_id) DO NOTHING",
-                &[
-                    &handle.as_str(),
-                    &device.device_id.to_hex(),
-                    &device.signature_key.as_slice(),
-                    &device.certificate.as_slice(),
-                    &to_i64(now_ms),
-                ],
-            )
-            .await?;
-            if inserted == 0 {
-                return Err(Fail::Store(StoreError::DeviceTaken));
-            }
-            Ok(())
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::add_device(&mut Pg { c: &tx, channel }, handle, &device, now_ms).await }.await)
     }
 
     async fn replace_keys(
@@ -868,79 +817,16 @@ impl Store for PgStore {
         identity_key: Vec<u8>,
         devices: Vec<DeviceRecord>,
     ) -> Result<(), StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            // The account's row lock orders this against device additions
-            // and removals, as they take it too.
-            if !lock_account(&tx, &caller.handle).await? {
-                return Err(Fail::Store(StoreError::UnknownDevice(caller.clone())));
-            }
-            require_device(&tx, caller).await?;
-            let current = account_in(&tx, &caller.handle).await?.ok_or(Fail::Store(StoreError::UnknownHandle))?;
-            let stale = super::check_key_set(&current, caller, &identity_key, &devices).map_err(Fail::Store)?;
-            execute(
-                &tx,
-                "UPDATE accounts SET identity_key = $1 WHERE handle = $2",
-                &[&identity_key, &caller.handle.as_str()],
-            )
-            .await?;
-            for d in &devices {
-                let addr = DeviceAddress { handle: caller.handle.clone(), device: d.device_id };
-                let row = require_device(&tx, &addr).await?;
-                execute(
-                    &tx,
-                    "UPDATE devices SET signature_key = $1, certificate = $2 WHERE id = $3",
-                    &[&d.signature_key.as_slice(), &d.certificate.as_slice(), &row],
-                )
-                .await?;
-                if stale.contains(&d.device_id) {
-                    execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&row]).await?;
-                    execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&row]).await?;
-                }
-            }
-            // Every node drops its cached key for the caller.
-            notify(&tx, &self.channel, "k", std::slice::from_ref(caller)).await?;
-            Ok(())
+            rules::replace_keys(&mut Pg { c: &tx, channel }, caller, &identity_key, &devices).await
         }
         .await)
     }
 
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
-        in_tx!(self, |tx| async {
-            if !lock_account(&tx, &addr.handle).await? {
-                return Err(Fail::Store(StoreError::UnknownDevice(addr.clone())));
-            }
-            let device = require_device(&tx, addr).await?;
-            if active_devices(&tx, &addr.handle).await? <= 1 {
-                return Err(Fail::Store(StoreError::LastDevice));
-            }
-            // Its conversations' rows first (in id order, before the device
-            // row, as a send takes them): a commit racing this removal then
-            // either lands before it or finds the conversation as it left it.
-            let left: Vec<Vec<u8>> = query(
-                &tx,
-                "SELECT c.id FROM conversations c JOIN conversation_members m ON m.conversation = c.id
-                 WHERE m.device = $1 ORDER BY c.id FOR NO KEY UPDATE OF c",
-                &[&device],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-            execute(&tx, "UPDATE devices SET active = FALSE WHERE id = $1", &[&device]).await?;
-            execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
-            execute(&tx, "DELETE FROM last_resort_packages WHERE device = $1", &[&device]).await?;
-            execute(&tx, "DELETE FROM conversation_members WHERE device = $1", &[&device]).await?;
-            drop_if_unmanned(&tx, &left).await?;
-            let messages: Vec<i64> = query(&tx, "DELETE FROM inbox WHERE device = $1 RETURNING message", &[&device])
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            drop_orphans(&tx, messages).await?;
-            notify(&tx, &self.channel, "r", std::slice::from_ref(addr)).await?;
-            Ok(())
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::remove_device(&mut Pg { c: &tx, channel }, addr).await }.await)
     }
 
     async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
@@ -984,45 +870,12 @@ impl Store for PgStore {
         last_resort: Option<Vec<u8>>,
         replace: bool,
     ) -> Result<KeyPackageCount, StoreError> {
-        in_tx!(self, |tx| {
-            async {
-            // The device row's lock keeps concurrent uploads under the bound.
-            let device: i64 = query_opt(
-                &tx,
-                "SELECT id FROM devices WHERE handle = $1 AND device_id = $2 AND active FOR NO KEY UPDATE",
-                &[&addr.handle.as_str(), &addr.device.to_hex()],
-            )
-            .await?
-            .map(|r| r.get(0))
-            .ok_or_else(|| Fail::Store(StoreError::UnknownDevice(addr.clone())))?;
-            if replace {
-                execute(&tx, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
-            }
-            let before = count_packages(&tx, device).await?;
-            if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
-                return Err(Fail::Store(StoreError::TooManyKeyPackages));
-            }
-            if !one_time.is_empty() {
-                execute(
-                    &tx,
-                    "INSERT INTO key_packages (device, data) SELECT $1, d FROM unnest($2::bytea[]) WITH ORDINALITY AS t(d, n) ORDER BY n",
-                    &[&device, &one_time],
-                )
-                .await?;
-            }
-            if let Some(lr) = &last_resort {
-                execute(
-                    &tx,
-                    "INSERT INTO last_resort_packages (device, data) VALUES ($1, $2)
-                     ON CONFLICT (device) DO UPDATE SET data = excluded.data",
-                    &[&device, lr],
-                )
-                .await?;
-            }
-            count_packages(&tx, device).await
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async {
+            rules::upload_key_packages(&mut Pg { c: &tx, channel }, addr, &one_time, last_resort.as_deref(), replace)
+                .await
         }
-        .await
-        })
+        .await)
     }
 
     async fn key_package_count(&self, addr: &DeviceAddress) -> Result<KeyPackageCount, StoreError> {
@@ -1033,61 +886,15 @@ impl Store for PgStore {
         .await)
     }
 
-    async fn claim_key_packages(
+    async fn claim_key_packages_of(
         &self,
         handle: &Handle,
         requester: &DeviceAddress,
+        kind: super::ClaimKind,
     ) -> Result<ClaimResponse, StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            let identity_key: Vec<u8> =
-                query_opt(&tx, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()])
-                    .await?
-                    .map(|r| r.get(0))
-                    .ok_or(Fail::Store(StoreError::UnknownHandle))?;
-            let devices = query(
-                &tx,
-                "SELECT id, device_id, signature_key, certificate FROM devices
-                 WHERE handle = $1 AND active ORDER BY id",
-                &[&handle.as_str()],
-            )
-            .await?;
-            let mut packages = Vec::new();
-            for row in devices {
-                let row_id: i64 = row.get(0);
-                let record = device_record(row.get(1), row.get(2), row.get(3))?;
-                if *handle == requester.handle && record.device_id == requester.device {
-                    continue;
-                }
-                // SKIP LOCKED: a package another claim is taking is not
-                // waited for, so each is handed out once and no claim blocks.
-                let one_time = query_opt(
-                    &tx,
-                    "DELETE FROM key_packages WHERE id =
-                       (SELECT id FROM key_packages WHERE device = $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                     RETURNING data",
-                    &[&row_id],
-                )
-                .await?;
-                if let Some(r) = one_time {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(r.get(0)), last_resort: false });
-                    continue;
-                }
-                let last_resort =
-                    query_opt(&tx, "SELECT data FROM last_resort_packages WHERE device = $1", &[&row_id]).await?;
-                if let Some(r) = last_resort {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(r.get(0)), last_resort: true });
-                }
-            }
-            if packages.is_empty() {
-                return Err(Fail::Store(StoreError::NoKeyPackage));
-            }
-            Ok(ClaimResponse {
-                handle: handle.clone(),
-                identity_key: B64(identity_key),
-                packages,
-                kt: None,
-                devices: Vec::new(),
-            })
+            rules::claim_key_packages(&mut Pg { c: &tx, channel }, handle, requester, kind).await
         }
         .await)
     }
@@ -1208,20 +1015,8 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
-        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
-        in_tx!(self, |tx| async {
-            let Some(device) = device_row(&tx, addr).await? else { return Ok(0) };
-            let messages: Vec<i64> =
-                query(&tx, "DELETE FROM inbox WHERE device = $1 AND id = ANY($2) RETURNING message", &[&device, &ids])
-                    .await?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-            let deleted = messages.len() as u64;
-            drop_orphans(&tx, messages).await?;
-            Ok(deleted)
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::ack(&mut Pg { c: &tx, channel }, addr, ids).await }.await)
     }
 
     async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError> {
@@ -1254,21 +1049,9 @@ impl Store for PgStore {
         request: Vec<u8>,
         expires_at_ms: u64,
     ) -> Result<(), StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            if query_opt(&tx, "SELECT 1 FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?.is_none() {
-                return Err(Fail::Store(StoreError::UnknownHandle));
-            }
-            let inserted = execute(
-                &tx,
-                "INSERT INTO links (link, handle, request, expires_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (link) DO NOTHING",
-                &[&&link.0[..], &handle.as_str(), &request, &to_i64(expires_at_ms)],
-            )
-            .await?;
-            if inserted == 0 {
-                return Err(Fail::Store(StoreError::LinkTaken));
-            }
-            Ok(())
+            rules::create_link(&mut Pg { c: &tx, channel }, link, handle, &request, expires_at_ms).await
         }
         .await)
     }
@@ -1301,41 +1084,16 @@ impl Store for PgStore {
         response: Vec<u8>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            let approved = query_opt(
-                &tx,
-                "SELECT response IS NOT NULL FROM links WHERE link = $1 AND handle = $2 AND expires_at > $3
-                 FOR UPDATE",
-                &[&&link.0[..], &handle.as_str(), &to_i64(now_ms)],
-            )
-            .await?;
-            match approved.map(|r| r.get::<_, bool>(0)) {
-                None => return Err(Fail::Store(StoreError::UnknownLink)),
-                Some(true) => return Err(Fail::Store(StoreError::LinkAlreadyApproved)),
-                Some(false) => {}
-            }
-            execute(&tx, "UPDATE links SET response = $2 WHERE link = $1", &[&&link.0[..], &response]).await?;
-            Ok(())
+            rules::approve_link(&mut Pg { c: &tx, channel }, link, handle, &response, now_ms).await
         }
         .await)
     }
 
     async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        in_tx!(self, |tx| async {
-            let row = query_opt(
-                &tx,
-                "SELECT response FROM links WHERE link = $1 AND expires_at > $2 FOR UPDATE",
-                &[&&link.0[..], &to_i64(now_ms)],
-            )
-            .await?
-            .ok_or(Fail::Store(StoreError::UnknownLink))?;
-            let response: Option<Vec<u8>> = row.get(0);
-            if response.is_some() {
-                execute(&tx, "DELETE FROM links WHERE link = $1", &[&&link.0[..]]).await?;
-            }
-            Ok(response)
-        }
-        .await)
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::take_link_response(&mut Pg { c: &tx, channel }, link, now_ms).await }.await)
     }
 
     async fn sweep(
@@ -1463,24 +1221,6 @@ impl Store for PgStore {
     }
 }
 
-/// Refuses a sender that is not in the conversation's roster (when it has one).
-async fn check_member<C: GenericClient>(tx: &C, conversation: &[u8], sender_row: i64) -> R<()> {
-    let allowed = query_opt(
-        tx,
-        "SELECT NOT c.has_roster OR EXISTS (
-             SELECT 1 FROM conversation_members m WHERE m.conversation = c.id AND m.device = $2)
-         FROM conversations c WHERE c.id = $1",
-        &[&conversation, &sender_row],
-    )
-    .await?
-    .is_none_or(|r| r.get::<_, bool>(0));
-    if allowed {
-        Ok(())
-    } else {
-        Err(Fail::Store(StoreError::NotAMember))
-    }
-}
-
 /// The active devices of a conversation's roster.
 async fn roster_of<C: GenericClient>(tx: &C, conversation: &[u8]) -> R<Vec<DeviceAddress>> {
     let rows = query(
@@ -1526,8 +1266,441 @@ async fn set_roster<C: GenericClient>(tx: &C, conversation: &[u8], change: super
     drop_if_unmanned(tx, &[conversation.to_vec()]).await
 }
 
+/// The statements of [`super::rules`] inside one transaction. Concurrent
+/// transactions, on this node or others, are kept apart with row locks,
+/// always taken in the order the rules call these: the account, then
+/// conversations (in id order), then devices (in id order), then the
+/// sender's usage counter.
+struct Pg<'a, C> {
+    c: &'a C,
+    channel: &'a str,
+}
+
+impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
+    type Error = Fail;
+
+    async fn device_row(&mut self, addr: &DeviceAddress) -> R<Option<i64>> {
+        device_row(self.c, addr).await
+    }
+
+    async fn lock_device(&mut self, addr: &DeviceAddress) -> R<Option<i64>> {
+        Ok(query_opt(
+            self.c,
+            "SELECT id FROM devices WHERE handle = $1 AND device_id = $2 AND active FOR NO KEY UPDATE",
+            &[&addr.handle.as_str(), &addr.device.to_hex()],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn lock_account(&mut self, handle: &Handle) -> R<bool> {
+        lock_account(self.c, handle).await
+    }
+
+    async fn active_devices(&mut self, handle: &Handle) -> R<u64> {
+        active_devices(self.c, handle).await
+    }
+
+    async fn claim_send_id(&mut self, sender: i64, send_id: &SendId, now_ms: u64) -> R<Option<rules::SeenSend>> {
+        // Inserted first: a concurrent send with the same id waits here for
+        // the first to commit (then this one is a duplicate) or roll back.
+        let send_id = &send_id.0[..];
+        let fresh = execute(
+            self.c,
+            "INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES ($1, $2, NULL, $3)
+             ON CONFLICT (device, send_id) DO NOTHING",
+            &[&sender, &send_id, &to_i64(now_ms)],
+        )
+        .await?;
+        if fresh == 1 {
+            return Ok(None);
+        }
+        let row = query_opt(
+            self.c,
+            "SELECT epoch, created_at FROM send_ids WHERE device = $1 AND send_id = $2",
+            &[&sender, &send_id],
+        )
+        .await?
+        .ok_or_else(|| Fail::Store(StoreError::Unavailable("send id vanished; retry".into())))?;
+        let epoch: Option<i64> = row.get(0);
+        Ok(Some(rules::SeenSend { epoch: epoch.map(|e| Epoch(to_u64(e))), created_at: to_u64(row.get(1)) }))
+    }
+
+    async fn set_send_epoch(&mut self, sender: i64, send_id: &SendId, epoch: Epoch) -> R<()> {
+        execute(
+            self.c,
+            "UPDATE send_ids SET epoch = $3 WHERE device = $1 AND send_id = $2",
+            &[&sender, &&send_id.0[..], &to_i64(epoch.0)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn conversation(&mut self, conversation: &ConversationId, sender: i64) -> R<rules::ConversationState> {
+        let row = query_opt(
+            self.c,
+            "SELECT c.epoch, NOT c.has_roster OR EXISTS (
+                 SELECT 1 FROM conversation_members m WHERE m.conversation = c.id AND m.device = $2)
+             FROM conversations c WHERE c.id = $1",
+            &[&&conversation.0[..], &sender],
+        )
+        .await?;
+        Ok(match row {
+            Some(r) => rules::ConversationState { epoch: Epoch(to_u64(r.get(0))), sender_allowed: r.get(1) },
+            None => rules::ConversationState { epoch: Epoch(0), sender_allowed: true },
+        })
+    }
+
+    async fn advance_epoch(&mut self, conversation: &ConversationId, from: Epoch) -> R<Option<Epoch>> {
+        // Of concurrent commits for one epoch, on any nodes, one updates
+        // (or creates) the row and the others find none: stale.
+        let c = &conversation.0[..];
+        let bumped = query_opt(
+            self.c,
+            "UPDATE conversations SET epoch = epoch + 1 WHERE id = $1 AND epoch = $2 RETURNING epoch",
+            &[&c, &to_i64(from.0)],
+        )
+        .await?;
+        let bumped =
+            match bumped {
+                Some(r) => Some(r),
+                None if from.0 == 0 => query_opt(
+                    self.c,
+                    "INSERT INTO conversations (id, epoch) VALUES ($1, 1) ON CONFLICT (id) DO NOTHING RETURNING epoch",
+                    &[&c],
+                )
+                .await?,
+                None => None,
+            };
+        Ok(bumped.map(|r| Epoch(to_u64(r.get(0)))))
+    }
+
+    async fn roster(&mut self, conversation: &ConversationId) -> R<Vec<DeviceAddress>> {
+        roster_of(self.c, &conversation.0[..]).await
+    }
+
+    async fn set_roster(&mut self, conversation: &ConversationId, change: super::RosterChange<'_>) -> R<()> {
+        set_roster(self.c, &conversation.0[..], change).await
+    }
+
+    async fn lock_recipients(&mut self, addrs: &[&DeviceAddress]) -> R<Vec<Option<i64>>> {
+        // In id order (no deadlock between sends with overlapping
+        // recipients); a device removed meanwhile is not returned, since
+        // the lock re-checks `active`. The inbox ids are drawn only after
+        // this, while the transaction holds every recipient's row: for each
+        // device, sends draw and commit one at a time, so its ids commit in
+        // increasing order.
+        let handles: Vec<&str> = addrs.iter().map(|a| a.handle.as_str()).collect();
+        let device_ids: Vec<String> = addrs.iter().map(|a| a.device.to_hex()).collect();
+        let rows = query(
+            self.c,
+            "SELECT d.id, d.handle, d.device_id FROM devices d
+             JOIN unnest($1::text[], $2::text[]) AS r(handle, device_id)
+               ON d.handle = r.handle AND d.device_id = r.device_id
+             WHERE d.active
+             ORDER BY d.id
+             FOR NO KEY UPDATE OF d",
+            &[&handles, &device_ids],
+        )
+        .await?;
+        let mut row_of: HashMap<(String, String), i64> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            row_of.insert((r.get(1), r.get(2)), r.get(0));
+        }
+        Ok(addrs.iter().zip(device_ids).map(|(a, d)| row_of.get(&(a.handle.as_str().to_owned(), d)).copied()).collect())
+    }
+
+    async fn add_usage(&mut self, device: i64, bytes: u64) -> R<u64> {
+        // Locks the sender's counter, so its own sends are counted one after
+        // another; sends of the account's other devices in flight at the
+        // same moment are not seen, so an account may pass its quota by at
+        // most one send per device.
+        let total: i64 = query_opt(
+            self.c,
+            "INSERT INTO device_usage (device, bytes) VALUES ($1, $2)
+             ON CONFLICT (device) DO UPDATE SET bytes = device_usage.bytes + excluded.bytes RETURNING bytes",
+            &[&device, &to_i64(bytes)],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| Fail::Store(StoreError::Internal("usage update returned no row".into())))?;
+        Ok(to_u64(total))
+    }
+
+    async fn account_usage(&mut self, handle: &Handle) -> R<u64> {
+        let row = query_opt(
+            self.c,
+            "SELECT COALESCE(SUM(u.bytes), 0)::BIGINT FROM device_usage u JOIN devices d ON d.id = u.device
+             WHERE d.handle = $1",
+            &[&handle.as_str()],
+        )
+        .await?;
+        Ok(row.map(|r| to_u64(r.get(0))).unwrap_or(0))
+    }
+
+    async fn insert_message(
+        &mut self,
+        conversation: &ConversationId,
+        sender: i64,
+        kind: MessageKind,
+        ciphertext: &[u8],
+        roster: Option<&[u8]>,
+        now_ms: u64,
+    ) -> R<i64> {
+        query_opt(
+            self.c,
+            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            &[&&conversation.0[..], &sender, &kind.as_str(), &ciphertext, &to_i64(now_ms), &roster],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| Fail::Store(StoreError::Internal("insert returned no id".into())))
+    }
+
+    async fn insert_inbox(&mut self, rows: &[(i64, i64)], now_ms: u64) -> R<()> {
+        let (devices, messages): (Vec<i64>, Vec<i64>) = rows.iter().copied().unzip();
+        execute(
+            self.c,
+            "INSERT INTO inbox (device, message, created_at)
+             SELECT d, m, $3 FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS t(d, m, n) ORDER BY n",
+            &[&devices, &messages, &to_i64(now_ms)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn notify_wake(&mut self, addrs: &[DeviceAddress]) -> R<()> {
+        notify(self.c, self.channel, "w", addrs).await
+    }
+
+    async fn insert_device(&mut self, handle: &Handle, device: &DeviceRecord, now_ms: u64) -> R<bool> {
+        let inserted = execute(
+            self.c,
+            "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (handle, device_id) DO NOTHING",
+            &[
+                &handle.as_str(),
+                &device.device_id.to_hex(),
+                &device.signature_key.as_slice(),
+                &device.certificate.as_slice(),
+                &to_i64(now_ms),
+            ],
+        )
+        .await?;
+        Ok(inserted == 1)
+    }
+
+    async fn lock_conversations_of(&mut self, device: i64) -> R<Vec<ConversationId>> {
+        let rows = query(
+            self.c,
+            "SELECT c.id FROM conversations c JOIN conversation_members m ON m.conversation = c.id
+             WHERE m.device = $1 ORDER BY c.id FOR NO KEY UPDATE OF c",
+            &[&device],
+        )
+        .await?;
+        rows.iter()
+            .map(|r| {
+                ConversationId::from_slice(r.get::<_, &[u8]>(0))
+                    .map_err(|_| Fail::Store(StoreError::Internal("stored conversation id is not valid".into())))
+            })
+            .collect()
+    }
+
+    async fn deactivate(&mut self, device: i64) -> R<()> {
+        execute(self.c, "UPDATE devices SET active = FALSE WHERE id = $1", &[&device]).await?;
+        Ok(())
+    }
+
+    async fn delete_key_packages(&mut self, device: i64, last_resort: bool) -> R<()> {
+        execute(self.c, "DELETE FROM key_packages WHERE device = $1", &[&device]).await?;
+        if last_resort {
+            execute(self.c, "DELETE FROM last_resort_packages WHERE device = $1", &[&device]).await?;
+        }
+        Ok(())
+    }
+
+    async fn leave_rosters(&mut self, device: i64, conversations: &[ConversationId]) -> R<()> {
+        execute(self.c, "DELETE FROM conversation_members WHERE device = $1", &[&device]).await?;
+        let ids: Vec<Vec<u8>> = conversations.iter().map(|c| c.0.to_vec()).collect();
+        drop_if_unmanned(self.c, &ids).await
+    }
+
+    async fn delete_inbox_of(&mut self, device: i64) -> R<Vec<i64>> {
+        Ok(query(self.c, "DELETE FROM inbox WHERE device = $1 RETURNING message", &[&device])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn drop_orphans(&mut self, messages: Vec<i64>) -> R<u64> {
+        drop_orphans(self.c, messages).await
+    }
+
+    async fn notify_revoked(&mut self, addr: &DeviceAddress) -> R<()> {
+        notify(self.c, self.channel, "r", std::slice::from_ref(addr)).await
+    }
+
+    async fn count_key_packages(&mut self, device: i64) -> R<KeyPackageCount> {
+        count_packages(self.c, device).await
+    }
+
+    async fn insert_key_packages(&mut self, device: i64, packages: &[Vec<u8>]) -> R<()> {
+        execute(
+            self.c,
+            "INSERT INTO key_packages (device, data)
+             SELECT $1, d FROM unnest($2::bytea[]) WITH ORDINALITY AS t(d, n) ORDER BY n",
+            &[&device, &packages],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_last_resort(&mut self, device: i64, package: &[u8]) -> R<()> {
+        execute(
+            self.c,
+            "INSERT INTO last_resort_packages (device, data) VALUES ($1, $2)
+             ON CONFLICT (device) DO UPDATE SET data = excluded.data",
+            &[&device, &package],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn identity_key(&mut self, handle: &Handle) -> R<Option<Vec<u8>>> {
+        Ok(query_opt(self.c, "SELECT identity_key FROM accounts WHERE handle = $1", &[&handle.as_str()])
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    async fn devices_of(&mut self, handle: &Handle) -> R<Vec<(i64, DeviceRecord)>> {
+        let rows = query(
+            self.c,
+            "SELECT id, device_id, signature_key, certificate FROM devices
+             WHERE handle = $1 AND active ORDER BY id",
+            &[&handle.as_str()],
+        )
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push((r.get(0), device_record(r.get(1), r.get(2), r.get(3))?));
+        }
+        Ok(out)
+    }
+
+    async fn take_one_time(&mut self, device: i64) -> R<Option<Vec<u8>>> {
+        // SKIP LOCKED: a package another claim is taking is not waited
+        // for, so each is handed out once and no claim blocks.
+        Ok(query_opt(
+            self.c,
+            "DELETE FROM key_packages WHERE id =
+               (SELECT id FROM key_packages WHERE device = $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING data",
+            &[&device],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn account(&mut self, handle: &Handle) -> R<Option<AccountInfo>> {
+        account_in(self.c, handle).await
+    }
+
+    async fn set_identity_key(&mut self, handle: &Handle, key: &[u8]) -> R<()> {
+        execute(self.c, "UPDATE accounts SET identity_key = $1 WHERE handle = $2", &[&key, &handle.as_str()]).await?;
+        Ok(())
+    }
+
+    async fn set_device_keys(&mut self, device: i64, record: &DeviceRecord) -> R<()> {
+        execute(
+            self.c,
+            "UPDATE devices SET signature_key = $1, certificate = $2 WHERE id = $3",
+            &[&record.signature_key.as_slice(), &record.certificate.as_slice(), &device],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_account(&mut self, handle: &Handle, identity_key: &[u8], now_ms: u64) -> R<bool> {
+        let inserted = execute(
+            self.c,
+            "INSERT INTO accounts (handle, identity_key, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (handle) DO NOTHING",
+            &[&handle.as_str(), &identity_key, &to_i64(now_ms)],
+        )
+        .await?;
+        Ok(inserted == 1)
+    }
+
+    async fn account_exists(&mut self, handle: &Handle) -> R<bool> {
+        Ok(query_opt(self.c, "SELECT 1 FROM accounts WHERE handle = $1", &[&handle.as_str()]).await?.is_some())
+    }
+
+    async fn insert_link(&mut self, link: &LinkId, handle: &Handle, request: &[u8], expires_at_ms: u64) -> R<bool> {
+        let inserted = execute(
+            self.c,
+            "INSERT INTO links (link, handle, request, expires_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (link) DO NOTHING",
+            &[&&link.0[..], &handle.as_str(), &request, &to_i64(expires_at_ms)],
+        )
+        .await?;
+        Ok(inserted == 1)
+    }
+
+    async fn lock_link(&mut self, link: &LinkId, handle: &Handle, now_ms: u64) -> R<Option<bool>> {
+        Ok(query_opt(
+            self.c,
+            "SELECT response IS NOT NULL FROM links WHERE link = $1 AND handle = $2 AND expires_at > $3
+             FOR UPDATE",
+            &[&&link.0[..], &handle.as_str(), &to_i64(now_ms)],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn set_link_response(&mut self, link: &LinkId, response: &[u8]) -> R<()> {
+        execute(self.c, "UPDATE links SET response = $2 WHERE link = $1", &[&&link.0[..], &response]).await?;
+        Ok(())
+    }
+
+    async fn lock_link_response(&mut self, link: &LinkId, now_ms: u64) -> R<Option<Option<Vec<u8>>>> {
+        Ok(query_opt(
+            self.c,
+            "SELECT response FROM links WHERE link = $1 AND expires_at > $2 FOR UPDATE",
+            &[&&link.0[..], &to_i64(now_ms)],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn delete_link(&mut self, link: &LinkId) -> R<()> {
+        execute(self.c, "DELETE FROM links WHERE link = $1", &[&&link.0[..]]).await?;
+        Ok(())
+    }
+
+    async fn notify_keys_changed(&mut self, addr: &DeviceAddress) -> R<()> {
+        notify(self.c, self.channel, "k", std::slice::from_ref(addr)).await
+    }
+
+    async fn delete_inbox_rows(&mut self, device: i64, ids: &[u64]) -> R<Vec<i64>> {
+        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
+        Ok(query(self.c, "DELETE FROM inbox WHERE device = $1 AND id = ANY($2) RETURNING message", &[&device, &ids])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn last_resort(&mut self, device: i64) -> R<Option<Vec<u8>>> {
+        Ok(query_opt(self.c, "SELECT data FROM last_resort_packages WHERE device = $1", &[&device])
+            .await?
+            .map(|r| r.get(0)))
+    }
+}
+
 /// The body of [`Store::send`], inside its transaction.
-async fn send_tx<C: GenericClient>(
+async fn send_tx<C: GenericClient + Sync>(
     tx: &C,
     channel: &str,
     sender: &DeviceAddress,
@@ -1535,202 +1708,7 @@ async fn send_tx<C: GenericClient>(
     quota: &Quota,
     now_ms: u64,
 ) -> R<SendOutcome> {
-    let sender_row = require_device(tx, sender).await?;
-    // The send id first: a concurrent send with the same id waits here for
-    // the first to commit (then this one is a duplicate) or roll back.
-    let send_id = &request.send_id.0[..];
-    let fresh = execute(
-        tx,
-        "INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES ($1, $2, NULL, $3)
-         ON CONFLICT (device, send_id) DO NOTHING",
-        &[&sender_row, &send_id, &to_i64(now_ms)],
-    )
-    .await?;
-    if fresh == 0 {
-        let row = query_opt(
-            tx,
-            "SELECT epoch, created_at FROM send_ids WHERE device = $1 AND send_id = $2",
-            &[&sender_row, &send_id],
-        )
-        .await?
-        .ok_or_else(|| Fail::Store(StoreError::Unavailable("send id vanished; retry".into())))?;
-        let epoch: Option<i64> = row.get(0);
-        return Ok(SendOutcome {
-            duplicate: true,
-            epoch: epoch.map(|e| Epoch(to_u64(e))),
-            server_time: to_u64(row.get(1)),
-            recipients: Vec::new(),
-        });
-    }
-
-    let conversation = &request.conversation.0[..];
-    // The roster rule (see `store::RosterChange`). An application send reads
-    // the roster as committed now; a commit reads it again below, after its
-    // epoch update holds the conversation's row lock, so a commit that
-    // removed this device meanwhile is seen.
-    check_member(tx, conversation, sender_row).await?;
-    let epoch = match &request.commit {
-        None => None,
-        Some(guard) => {
-            let guard_epoch = to_i64(guard.epoch.0);
-            let bumped = query_opt(
-                tx,
-                "UPDATE conversations SET epoch = epoch + 1 WHERE id = $1 AND epoch = $2 RETURNING epoch",
-                &[&conversation, &guard_epoch],
-            )
-            .await?;
-            let bumped = match bumped {
-                Some(r) => Some(r.get::<_, i64>(0)),
-                None if guard.epoch.0 == 0 => query_opt(
-                    tx,
-                    "INSERT INTO conversations (id, epoch) VALUES ($1, 1) ON CONFLICT (id) DO NOTHING RETURNING epoch",
-                    &[&conversation],
-                )
-                .await?
-                .map(|r| r.get::<_, i64>(0)),
-                None => None,
-            };
-            match bumped {
-                Some(e) => {
-                    check_member(tx, conversation, sender_row).await?;
-                    // The commit goes to the roster it was accepted against.
-                    let before = roster_of(tx, conversation).await?;
-                    if let Some(change) = super::roster_change(sender, request) {
-                        set_roster(tx, conversation, change).await?;
-                    }
-                    Some((Epoch(to_u64(e)), before))
-                }
-                None => {
-                    let current = query_opt(tx, "SELECT epoch FROM conversations WHERE id = $1", &[&conversation])
-                        .await?
-                        .map(|r| to_u64(r.get(0)))
-                        .unwrap_or(0);
-                    return Err(Fail::Store(StoreError::StaleEpoch { current: Epoch(current) }));
-                }
-            }
-        }
-    };
-
-    // Each part's recipients (a commit also goes to the whole roster it
-    // was accepted against, read under the conversation's row lock), then
-    // every distinct recipient, in order of first mention.
-    let (epoch, roster) = match epoch {
-        Some((e, before)) => (Some(e), before),
-        None => (None, Vec::new()),
-    };
-    // A commit carries the roster it leaves, for the members to compare.
-    let stored_roster = match epoch {
-        Some(_) => super::encode_roster(&roster_of(tx, conversation).await?)?,
-        None => None,
-    };
-    let part_recipients = super::part_recipients(request, sender, &roster);
-    let mut recipients: Vec<&DeviceAddress> = Vec::new();
-    let mut seen: HashSet<&DeviceAddress> = HashSet::new();
-    for addrs in &part_recipients {
-        for addr in addrs {
-            if seen.insert(addr) {
-                recipients.push(addr);
-            }
-        }
-    }
-
-    // Lock the recipients' device rows in id order (no deadlock between
-    // sends with overlapping recipients); a device removed meanwhile is not
-    // returned, since the lock re-checks `active`.
-    let handles: Vec<&str> = recipients.iter().map(|a| a.handle.as_str()).collect();
-    let device_ids: Vec<String> = recipients.iter().map(|a| a.device.to_hex()).collect();
-    let rows = query(
-        tx,
-        "SELECT d.id, d.handle, d.device_id FROM devices d
-         JOIN unnest($1::text[], $2::text[]) AS r(handle, device_id)
-           ON d.handle = r.handle AND d.device_id = r.device_id
-         WHERE d.active
-         ORDER BY d.id
-         FOR NO KEY UPDATE OF d",
-        &[&handles, &device_ids],
-    )
-    .await?;
-    let mut row_of: HashMap<(String, String), i64> = HashMap::with_capacity(rows.len());
-    for r in &rows {
-        row_of.insert((r.get(1), r.get(2)), r.get(0));
-    }
-    let mut id_of: HashMap<&DeviceAddress, i64> = HashMap::with_capacity(recipients.len());
-    for (addr, device_id) in recipients.iter().zip(&device_ids) {
-        match row_of.get(&(addr.handle.as_str().to_owned(), device_id.clone())) {
-            Some(&id) => {
-                id_of.insert(addr, id);
-            }
-            None => return Err(Fail::Store(StoreError::UnknownDevice((*addr).clone()))),
-        }
-    }
-
-    // The quota (see `store::Quota`). The sender's counter row is locked by
-    // the update, so its own sends are counted one after another; sends of
-    // the account's other devices in flight at the same moment are not
-    // seen, so an account may pass its quota by at most one send per device.
-    let incoming = super::send_bytes(request);
-    let device_total: i64 = query_opt(
-        tx,
-        "INSERT INTO device_usage (device, bytes) VALUES ($1, $2)
-         ON CONFLICT (device) DO UPDATE SET bytes = device_usage.bytes + excluded.bytes RETURNING bytes",
-        &[&sender_row, &to_i64(incoming)],
-    )
-    .await?
-    .map(|r| r.get(0))
-    .ok_or_else(|| Fail::Store(StoreError::Internal("usage update returned no row".into())))?;
-    if *quota != Quota::UNLIMITED {
-        let (_, account) = usage(tx, sender_row, &sender.handle).await?;
-        let device = to_u64(device_total).saturating_sub(incoming);
-        quota.check(device, account.saturating_sub(incoming), incoming)?;
-    }
-
-    // The inbox ids are drawn only now, while this transaction holds every
-    // recipient's device row: for each device, sends draw and commit one at
-    // a time, so its ids commit in increasing order.
-    let (mut inbox_devices, mut inbox_messages) = (Vec::new(), Vec::new());
-    for (part, addrs) in request.parts.iter().zip(&part_recipients) {
-        let message: i64 = query_opt(
-            tx,
-            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            &[
-                &conversation,
-                &sender_row,
-                &part.kind.as_str(),
-                &part.ciphertext.as_slice(),
-                &to_i64(now_ms),
-                &stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit),
-            ],
-        )
-        .await?
-        .map(|r| r.get(0))
-        .ok_or_else(|| Fail::Store(StoreError::Internal("insert returned no id".into())))?;
-        let mut here = HashSet::new();
-        for addr in addrs {
-            if here.insert(addr) {
-                inbox_devices.push(id_of[addr]);
-                inbox_messages.push(message);
-            }
-        }
-    }
-    execute(
-        tx,
-        "INSERT INTO inbox (device, message, created_at)
-         SELECT d, m, $3 FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS t(d, m, n) ORDER BY n",
-        &[&inbox_devices, &inbox_messages, &to_i64(now_ms)],
-    )
-    .await?;
-    if let Some(e) = epoch {
-        execute(
-            tx,
-            "UPDATE send_ids SET epoch = $3 WHERE device = $1 AND send_id = $2",
-            &[&sender_row, &send_id, &to_i64(e.0)],
-        )
-        .await?;
-    }
-    let woken: Vec<DeviceAddress> = recipients.into_iter().cloned().collect();
-    notify(tx, channel, "w", &woken).await?;
-    Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+    rules::send(&mut Pg { c: tx, channel }, sender, request, quota, now_ms).await
 }
 
 /// Creates schema `schema` in the database at `url` and returns a URL whose

@@ -12,7 +12,6 @@
 //! writer works), from `spawn_blocking`. Deleted content is overwritten
 //! (`secure_delete=ON`) and the WAL is truncated by [`Store::maintenance`].
 
-use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -20,14 +19,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension, TransactionBehavior};
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ClaimedKeyPackage, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope,
-    Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendRequest, B64,
+    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
 };
 
-use super::{
-    LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport, MAX_DEVICES_PER_ACCOUNT,
-    MAX_STORED_KEY_PACKAGES,
-};
+use super::{rules, LinkRecord, NewAccount, Quota, SendOutcome, Store, StoreError, StoreStats, SweepReport};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Append new steps, never edit old ones.
@@ -578,6 +574,427 @@ fn count(conn: &Connection, table: &str) -> Result<u64, StoreError> {
     conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(to_u64).map_err(map_err)
 }
 
+/// The statements of [`super::rules`] over the writer's transaction. Writes
+/// run one at a time, so nothing here needs a lock: what a rule reads stays
+/// true until the group commits. Every statement is synchronous (the
+/// futures are ready at once; see [`super::rules::ready`]).
+struct Sql<'a>(&'a Connection);
+
+impl rules::Statements for Sql<'_> {
+    type Error = StoreError;
+
+    async fn device_row(&mut self, addr: &DeviceAddress) -> Result<Option<i64>, StoreError> {
+        device_row(self.0, addr)
+    }
+
+    async fn lock_device(&mut self, addr: &DeviceAddress) -> Result<Option<i64>, StoreError> {
+        device_row(self.0, addr)
+    }
+
+    async fn lock_account(&mut self, handle: &Handle) -> Result<bool, StoreError> {
+        self.0
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)")
+            .and_then(|mut s| s.query_row([handle.as_str()], |r| r.get(0)))
+            .map_err(map_err)
+    }
+
+    async fn active_devices(&mut self, handle: &Handle) -> Result<u64, StoreError> {
+        active_devices(self.0, handle)
+    }
+
+    async fn claim_send_id(
+        &mut self,
+        sender: i64,
+        send_id: &SendId,
+        now_ms: u64,
+    ) -> Result<Option<rules::SeenSend>, StoreError> {
+        let seen: Option<(Option<i64>, i64)> = self
+            .0
+            .prepare_cached("SELECT epoch, created_at FROM send_ids WHERE device = ?1 AND send_id = ?2")
+            .and_then(|mut s| s.query_row(params![sender, &send_id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(map_err)?;
+        if let Some((epoch, created_at)) = seen {
+            return Ok(Some(rules::SeenSend {
+                epoch: epoch.map(|e| Epoch(to_u64(e))),
+                created_at: to_u64(created_at),
+            }));
+        }
+        self.0
+            .prepare_cached("INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES (?1, ?2, NULL, ?3)")
+            .and_then(|mut s| s.execute(params![sender, &send_id.0[..], to_i64(now_ms)]))
+            .map_err(map_err)?;
+        Ok(None)
+    }
+
+    async fn set_send_epoch(&mut self, sender: i64, send_id: &SendId, epoch: Epoch) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("UPDATE send_ids SET epoch = ?3 WHERE device = ?1 AND send_id = ?2")
+            .and_then(|mut s| s.execute(params![sender, &send_id.0[..], to_i64(epoch.0)]))
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn conversation(
+        &mut self,
+        conversation: &ConversationId,
+        sender: i64,
+    ) -> Result<rules::ConversationState, StoreError> {
+        let state: Option<(i64, bool)> = self
+            .0
+            .prepare_cached(
+                "SELECT c.epoch, c.has_roster = 0 OR EXISTS (
+                     SELECT 1 FROM conversation_members m WHERE m.conversation = c.id AND m.device = ?2)
+                 FROM conversations c WHERE c.id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![&conversation.0[..], sender], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+            })
+            .map_err(map_err)?;
+        let (epoch, sender_allowed) = state.unwrap_or((0, true));
+        Ok(rules::ConversationState { epoch: Epoch(to_u64(epoch)), sender_allowed })
+    }
+
+    async fn advance_epoch(&mut self, conversation: &ConversationId, from: Epoch) -> Result<Option<Epoch>, StoreError> {
+        let next = from.0.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?;
+        let c = &conversation.0[..];
+        let changed = if from.0 == 0 {
+            self.0
+                .prepare_cached("INSERT INTO conversations (id, epoch) VALUES (?1, 1) ON CONFLICT (id) DO NOTHING")
+                .and_then(|mut s| s.execute([c]))
+        } else {
+            self.0
+                .prepare_cached("UPDATE conversations SET epoch = ?3 WHERE id = ?1 AND epoch = ?2")
+                .and_then(|mut s| s.execute(params![c, to_i64(from.0), to_i64(next)]))
+        }
+        .map_err(map_err)?;
+        Ok((changed == 1).then_some(Epoch(next)))
+    }
+
+    async fn roster(&mut self, conversation: &ConversationId) -> Result<Vec<DeviceAddress>, StoreError> {
+        roster_of(self.0, &conversation.0[..])
+    }
+
+    async fn set_roster(
+        &mut self,
+        conversation: &ConversationId,
+        change: super::RosterChange<'_>,
+    ) -> Result<(), StoreError> {
+        set_roster(self.0, &conversation.0[..], change)
+    }
+
+    async fn lock_recipients(&mut self, addrs: &[&DeviceAddress]) -> Result<Vec<Option<i64>>, StoreError> {
+        addrs.iter().map(|a| device_row(self.0, a)).collect()
+    }
+
+    async fn add_usage(&mut self, device: i64, bytes: u64) -> Result<u64, StoreError> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO device_usage (device, bytes) VALUES (?1, ?2)
+                 ON CONFLICT (device) DO UPDATE SET bytes = bytes + excluded.bytes RETURNING bytes",
+            )
+            .and_then(|mut s| s.query_row(params![device, to_i64(bytes)], |r| r.get::<_, i64>(0)))
+            .map(to_u64)
+            .map_err(map_err)
+    }
+
+    async fn account_usage(&mut self, handle: &Handle) -> Result<u64, StoreError> {
+        self.0
+            .prepare_cached(
+                "SELECT COALESCE(SUM(u.bytes), 0) FROM device_usage u JOIN devices d ON d.id = u.device
+                 WHERE d.handle = ?1",
+            )
+            .and_then(|mut s| s.query_row([handle.as_str()], |r| r.get::<_, i64>(0)))
+            .map(to_u64)
+            .map_err(map_err)
+    }
+
+    async fn insert_message(
+        &mut self,
+        conversation: &ConversationId,
+        sender: i64,
+        kind: MessageKind,
+        ciphertext: &[u8],
+        roster: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<i64, StoreError> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![&conversation.0[..], sender, kind.as_str(), ciphertext, to_i64(now_ms), roster])
+            })
+            .map_err(map_err)?;
+        Ok(self.0.last_insert_rowid())
+    }
+
+    async fn insert_inbox(&mut self, rows: &[(i64, i64)], now_ms: u64) -> Result<(), StoreError> {
+        let mut insert = self
+            .0
+            .prepare_cached("INSERT INTO inbox (device, message, created_at) VALUES (?1, ?2, ?3)")
+            .map_err(map_err)?;
+        for (device, message) in rows {
+            insert.execute(params![device, message, to_i64(now_ms)]).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn notify_wake(&mut self, _addrs: &[DeviceAddress]) -> Result<(), StoreError> {
+        // One node: the caller wakes its own sockets after the commit.
+        Ok(())
+    }
+
+    async fn insert_device(&mut self, handle: &Handle, device: &DeviceRecord, now_ms: u64) -> Result<bool, StoreError> {
+        let inserted = self
+            .0
+            .execute(
+                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (handle, device_id) DO NOTHING",
+                params![
+                    handle.as_str(),
+                    device.device_id.to_hex(),
+                    device.signature_key.as_slice(),
+                    device.certificate.as_slice(),
+                    to_i64(now_ms)
+                ],
+            )
+            .map_err(map_err)?;
+        Ok(inserted == 1)
+    }
+
+    async fn lock_conversations_of(&mut self, device: i64) -> Result<Vec<ConversationId>, StoreError> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT conversation FROM conversation_members WHERE device = ?1 ORDER BY conversation")
+            .map_err(map_err)?;
+        let rows = stmt.query_map([device], |r| r.get::<_, Vec<u8>>(0)).map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id = row.map_err(map_err)?;
+            out.push(
+                ConversationId::from_slice(&id)
+                    .map_err(|_| StoreError::Internal("stored conversation id is not valid".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn deactivate(&mut self, device: i64) -> Result<(), StoreError> {
+        self.0.execute("UPDATE devices SET active = 0 WHERE id = ?1", [device]).map(|_| ()).map_err(map_err)
+    }
+
+    async fn delete_key_packages(&mut self, device: i64, last_resort: bool) -> Result<(), StoreError> {
+        self.0.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
+        if last_resort {
+            self.0.execute("DELETE FROM last_resort_packages WHERE device = ?1", [device]).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn leave_rosters(&mut self, device: i64, conversations: &[ConversationId]) -> Result<(), StoreError> {
+        self.0.execute("DELETE FROM conversation_members WHERE device = ?1", [device]).map_err(map_err)?;
+        drop_if_unmanned(self.0, conversations.iter().map(|c| c.0.to_vec()))
+    }
+
+    async fn delete_inbox_of(&mut self, device: i64) -> Result<Vec<i64>, StoreError> {
+        let mut stmt = self.0.prepare("DELETE FROM inbox WHERE device = ?1 RETURNING message").map_err(map_err)?;
+        let rows = stmt.query_map([device], |r| r.get(0)).map_err(map_err)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
+    async fn drop_orphans(&mut self, mut messages: Vec<i64>) -> Result<u64, StoreError> {
+        messages.sort_unstable();
+        messages.dedup();
+        drop_orphans(self.0, messages)
+    }
+
+    async fn notify_revoked(&mut self, _addr: &DeviceAddress) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn count_key_packages(&mut self, device: i64) -> Result<KeyPackageCount, StoreError> {
+        count_packages(self.0, device)
+    }
+
+    async fn insert_key_packages(&mut self, device: i64, packages: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut insert =
+            self.0.prepare_cached("INSERT INTO key_packages (device, data) VALUES (?1, ?2)").map_err(map_err)?;
+        for kp in packages {
+            insert.execute(params![device, kp]).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn set_last_resort(&mut self, device: i64, package: &[u8]) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "INSERT INTO last_resort_packages (device, data) VALUES (?1, ?2)
+                 ON CONFLICT (device) DO UPDATE SET data = excluded.data",
+                params![device, package],
+            )
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn identity_key(&mut self, handle: &Handle) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0
+            .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn devices_of(&mut self, handle: &Handle) -> Result<Vec<(i64, DeviceRecord)>, StoreError> {
+        let mut stmt = self
+            .0
+            .prepare(
+                "SELECT id, device_id, signature_key, certificate FROM devices
+                 WHERE handle = ?1 AND active = 1 ORDER BY id",
+            )
+            .map_err(map_err)?;
+        let rows = stmt
+            .query_map([handle.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, Vec<u8>>(3)?))
+            })
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, device_id, key, cert) = row.map_err(map_err)?;
+            out.push((id, device_record(&device_id, key, cert)?));
+        }
+        Ok(out)
+    }
+
+    async fn take_one_time(&mut self, device: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0
+            .query_row(
+                "DELETE FROM key_packages WHERE id =
+                   (SELECT id FROM key_packages WHERE device = ?1 ORDER BY id LIMIT 1)
+                 RETURNING data",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn last_resort(&mut self, device: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0
+            .query_row("SELECT data FROM last_resort_packages WHERE device = ?1", [device], |r| r.get(0))
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn account(&mut self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
+        account_in(self.0, handle)
+    }
+
+    async fn set_identity_key(&mut self, handle: &Handle, key: &[u8]) -> Result<(), StoreError> {
+        self.0
+            .execute("UPDATE accounts SET identity_key = ?1 WHERE handle = ?2", params![key, handle.as_str()])
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn set_device_keys(&mut self, device: i64, record: &DeviceRecord) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "UPDATE devices SET signature_key = ?1, certificate = ?2 WHERE id = ?3",
+                params![record.signature_key.as_slice(), record.certificate.as_slice(), device],
+            )
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn insert_account(&mut self, handle: &Handle, identity_key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
+        let inserted = self
+            .0
+            .execute(
+                "INSERT INTO accounts (handle, identity_key, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (handle) DO NOTHING",
+                params![handle.as_str(), identity_key, to_i64(now_ms)],
+            )
+            .map_err(map_err)?;
+        Ok(inserted == 1)
+    }
+
+    async fn account_exists(&mut self, handle: &Handle) -> Result<bool, StoreError> {
+        self.0
+            .query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)", [handle.as_str()], |r| r.get(0))
+            .map_err(map_err)
+    }
+
+    async fn insert_link(
+        &mut self,
+        link: &LinkId,
+        handle: &Handle,
+        request: &[u8],
+        expires_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let inserted = self
+            .0
+            .execute(
+                "INSERT INTO links (link, handle, request, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (link) DO NOTHING",
+                params![&link.0[..], handle.as_str(), request, to_i64(expires_at_ms)],
+            )
+            .map_err(map_err)?;
+        Ok(inserted == 1)
+    }
+
+    async fn lock_link(&mut self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<Option<bool>, StoreError> {
+        self.0
+            .query_row(
+                "SELECT response IS NOT NULL FROM links WHERE link = ?1 AND handle = ?2 AND expires_at > ?3",
+                params![&link.0[..], handle.as_str(), to_i64(now_ms)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn set_link_response(&mut self, link: &LinkId, response: &[u8]) -> Result<(), StoreError> {
+        self.0
+            .execute("UPDATE links SET response = ?2 WHERE link = ?1", params![&link.0[..], response])
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn lock_link_response(&mut self, link: &LinkId, now_ms: u64) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+        self.0
+            .query_row(
+                "SELECT response FROM links WHERE link = ?1 AND expires_at > ?2",
+                params![&link.0[..], to_i64(now_ms)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)
+    }
+
+    async fn delete_link(&mut self, link: &LinkId) -> Result<(), StoreError> {
+        self.0.execute("DELETE FROM links WHERE link = ?1", [&link.0[..]]).map(|_| ()).map_err(map_err)
+    }
+
+    async fn notify_keys_changed(&mut self, _addr: &DeviceAddress) -> Result<(), StoreError> {
+        // One node: the caller drops its own cache after the commit.
+        Ok(())
+    }
+
+    async fn delete_inbox_rows(&mut self, device: i64, ids: &[u64]) -> Result<Vec<i64>, StoreError> {
+        let mut delete = self
+            .0
+            .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND device = ?2 RETURNING message")
+            .map_err(map_err)?;
+        let mut messages = Vec::new();
+        for &id in ids {
+            let message: Option<i64> =
+                delete.query_row(params![to_i64(id), device], |r| r.get(0)).optional().map_err(map_err)?;
+            messages.extend(message);
+        }
+        Ok(messages)
+    }
+}
+
 /// Stores a send (see [`Store::send`]) inside the caller's transaction.
 fn store_send(
     tx: &Connection,
@@ -586,125 +1003,7 @@ fn store_send(
     quota: &Quota,
     now_ms: u64,
 ) -> Result<SendOutcome, StoreError> {
-    let sender_row = require_device(tx, sender)?;
-    let seen: Option<(Option<i64>, i64)> = tx
-        .prepare_cached("SELECT epoch, created_at FROM send_ids WHERE device = ?1 AND send_id = ?2")
-        .and_then(|mut s| {
-            s.query_row(params![sender_row, &request.send_id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()
-        })
-        .map_err(map_err)?;
-    if let Some((epoch, created_at)) = seen {
-        return Ok(SendOutcome {
-            duplicate: true,
-            epoch: epoch.map(|e| Epoch(to_u64(e))),
-            server_time: to_u64(created_at),
-            recipients: Vec::new(),
-        });
-    }
-    let conversation = &request.conversation.0[..];
-    // The roster rule (see `store::RosterChange`): writes run one at a time,
-    // so the roster read here is the one the epoch check below sees.
-    let state: Option<(i64, bool)> = tx
-        .prepare_cached("SELECT epoch, has_roster FROM conversations WHERE id = ?1")
-        .and_then(|mut s| s.query_row([conversation], |r| Ok((r.get(0)?, r.get(1)?))).optional())
-        .map_err(map_err)?;
-    if let Some((_, true)) = state {
-        let member: bool = tx
-            .prepare_cached("SELECT EXISTS(SELECT 1 FROM conversation_members WHERE conversation = ?1 AND device = ?2)")
-            .and_then(|mut s| s.query_row(params![conversation, sender_row], |r| r.get(0)))
-            .map_err(map_err)?;
-        if !member {
-            return Err(StoreError::NotAMember);
-        }
-    }
-    let current = to_u64(state.map_or(0, |(e, _)| e));
-    let epoch = match &request.commit {
-        None => None,
-        Some(guard) if guard.epoch.0 != current => return Err(StoreError::StaleEpoch { current: Epoch(current) }),
-        Some(_) => Some(Epoch(current.checked_add(1).ok_or_else(|| StoreError::Internal("epoch overflow".into()))?)),
-    };
-    let roster = if epoch.is_some() { roster_of(tx, conversation)? } else { Vec::new() };
-    let recipients = super::part_recipients(request, sender, &roster);
-    // Resolve every recipient before writing anything.
-    let mut parts = Vec::with_capacity(request.parts.len());
-    let mut woken: Vec<DeviceAddress> = Vec::new();
-    let mut woken_set: HashSet<DeviceAddress> = HashSet::new();
-    for (part, part_recipients) in request.parts.iter().zip(&recipients) {
-        let mut rows = Vec::with_capacity(part_recipients.len());
-        let mut seen_here = HashSet::new();
-        for addr in part_recipients {
-            if !seen_here.insert(addr) {
-                continue;
-            }
-            rows.push(require_device(tx, addr)?);
-            if woken_set.insert(addr.clone()) {
-                woken.push(addr.clone());
-            }
-        }
-        parts.push((part, rows));
-    }
-    // The quota (see `store::Quota`): writes run one at a time, so the
-    // totals read here are exact.
-    let incoming = super::send_bytes(request);
-    if *quota != Quota::UNLIMITED {
-        let (device, account) = usage(tx, sender_row, &sender.handle)?;
-        quota.check(device, account, incoming)?;
-    }
-    tx.prepare_cached(
-        "INSERT INTO device_usage (device, bytes) VALUES (?1, ?2)
-         ON CONFLICT (device) DO UPDATE SET bytes = bytes + excluded.bytes",
-    )
-    .and_then(|mut s| s.execute(params![sender_row, to_i64(incoming)]))
-    .map_err(map_err)?;
-    if let Some(next) = epoch {
-        tx.prepare_cached(
-            "INSERT INTO conversations (id, epoch) VALUES (?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
-        )
-        .and_then(|mut s| s.execute(params![conversation, to_i64(next.0)]))
-        .map_err(map_err)?;
-        if let Some(change) = super::roster_change(sender, request) {
-            set_roster(tx, conversation, change)?;
-        }
-    }
-    // A commit carries the roster it leaves, for the members to compare.
-    let stored_roster = match epoch {
-        Some(_) => super::encode_roster(&roster_of(tx, conversation)?)?,
-        None => None,
-    };
-    {
-        let mut insert_message = tx
-            .prepare_cached(
-                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(map_err)?;
-        let mut insert_inbox = tx
-            .prepare_cached("INSERT INTO inbox (device, message, created_at) VALUES (?1, ?2, ?3)")
-            .map_err(map_err)?;
-        for (part, rows) in &parts {
-            insert_message
-                .execute(params![
-                    conversation,
-                    sender_row,
-                    part.kind.as_str(),
-                    part.ciphertext.as_slice(),
-                    to_i64(now_ms),
-                    stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit),
-                ])
-                .map_err(map_err)?;
-            let message = tx.last_insert_rowid();
-            for device in rows {
-                insert_inbox.execute(params![device, message, to_i64(now_ms)]).map_err(map_err)?;
-            }
-        }
-    }
-    tx.prepare_cached("INSERT INTO send_ids (device, send_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4)")
-        .and_then(|mut s| {
-            s.execute(params![sender_row, &request.send_id.0[..], epoch.map(|e| to_i64(e.0)), to_i64(now_ms)])
-        })
-        .map_err(map_err)?;
-    Ok(SendOutcome { duplicate: false, epoch, server_time: now_ms, recipients: woken })
+    rules::ready(rules::send(&mut Sql(tx), sender, request, quota, now_ms))
 }
 
 /// Undelivered bytes sent by this device, and by its account's devices.
@@ -832,65 +1131,12 @@ fn insert_nonce(conn: &Connection, addr: &DeviceAddress, nonce: &str, timestamp_
 #[async_trait]
 impl Store for SqliteStore {
     async fn register(&self, account: NewAccount, now_ms: u64) -> Result<(), StoreError> {
-        self.write(move |tx| {
-            let inserted = tx
-                .execute(
-                    "INSERT INTO accounts (handle, identity_key, created_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (handle) DO NOTHING",
-                    params![account.handle.as_str(), account.identity_key, to_i64(now_ms)],
-                )
-                .map_err(map_err)?;
-            if inserted == 0 {
-                return Err(StoreError::HandleTaken);
-            }
-            tx.execute(
-                "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    account.handle.as_str(),
-                    account.device.device_id.to_hex(),
-                    account.device.signature_key.as_slice(),
-                    account.device.certificate.as_slice(),
-                    to_i64(now_ms)
-                ],
-            )
-            .map_err(map_err)?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::register(&mut Sql(tx), &account, now_ms))).await
     }
 
     async fn add_device(&self, handle: &Handle, device: DeviceRecord, now_ms: u64) -> Result<(), StoreError> {
         let handle = handle.clone();
-        self.write(move |tx| {
-            let exists: bool = tx
-                .query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)", [handle.as_str()], |r| r.get(0))
-                .map_err(map_err)?;
-            if !exists {
-                return Err(StoreError::UnknownHandle);
-            }
-            if active_devices(tx, &handle)? >= MAX_DEVICES_PER_ACCOUNT {
-                return Err(StoreError::TooManyDevices);
-            }
-            let inserted = tx
-                .execute(
-                    "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (handle, device_id) DO NOTHING",
-                    params![
-                        handle.as_str(),
-                        device.device_id.to_hex(),
-                        device.signature_key.as_slice(),
-                        device.certificate.as_slice(),
-                        to_i64(now_ms)
-                    ],
-                )
-                .map_err(map_err)?;
-            if inserted == 0 {
-                return Err(StoreError::DeviceTaken);
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::add_device(&mut Sql(tx), &handle, &device, now_ms))).await
     }
 
     async fn replace_keys(
@@ -900,63 +1146,12 @@ impl Store for SqliteStore {
         devices: Vec<DeviceRecord>,
     ) -> Result<(), StoreError> {
         let caller = caller.clone();
-        self.write(move |tx| {
-            require_device(tx, &caller)?;
-            let current = account_in(tx, &caller.handle)?.ok_or(StoreError::UnknownHandle)?;
-            let stale = super::check_key_set(&current, &caller, &identity_key, &devices)?;
-            tx.execute(
-                "UPDATE accounts SET identity_key = ?1 WHERE handle = ?2",
-                params![identity_key, caller.handle.as_str()],
-            )
-            .map_err(map_err)?;
-            for d in &devices {
-                let addr = DeviceAddress { handle: caller.handle.clone(), device: d.device_id };
-                let row = require_device(tx, &addr)?;
-                tx.execute(
-                    "UPDATE devices SET signature_key = ?1, certificate = ?2 WHERE id = ?3",
-                    params![d.signature_key.as_slice(), d.certificate.as_slice(), row],
-                )
-                .map_err(map_err)?;
-                if stale.contains(&d.device_id) {
-                    tx.execute("DELETE FROM key_packages WHERE device = ?1", [row]).map_err(map_err)?;
-                    tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [row]).map_err(map_err)?;
-                }
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::replace_keys(&mut Sql(tx), &caller, &identity_key, &devices))).await
     }
 
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
         let addr = addr.clone();
-        self.write(move |tx| {
-            // Writes run one at a time: two devices removing each other
-            // cannot both see two active devices and leave none.
-            let device = require_device(tx, &addr)?;
-            if active_devices(tx, &addr.handle)? <= 1 {
-                return Err(StoreError::LastDevice);
-            }
-            tx.execute("UPDATE devices SET active = 0 WHERE id = ?1", [device]).map_err(map_err)?;
-            tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
-            tx.execute("DELETE FROM last_resort_packages WHERE device = ?1", [device]).map_err(map_err)?;
-            let left: Vec<Vec<u8>> = {
-                let mut stmt = tx
-                    .prepare("DELETE FROM conversation_members WHERE device = ?1 RETURNING conversation")
-                    .map_err(map_err)?;
-                let rows = stmt.query_map([device], |r| r.get(0)).map_err(map_err)?;
-                rows.collect::<Result<_, _>>().map_err(map_err)?
-            };
-            drop_if_unmanned(tx, left)?;
-            // Its pending rows, then every message no other device still waits for.
-            let messages: HashSet<i64> = {
-                let mut stmt = tx.prepare("DELETE FROM inbox WHERE device = ?1 RETURNING message").map_err(map_err)?;
-                let rows = stmt.query_map([device], |r| r.get(0)).map_err(map_err)?;
-                rows.collect::<Result<_, _>>().map_err(map_err)?
-            };
-            drop_orphans(tx, messages)?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::remove_device(&mut Sql(tx), &addr))).await
     }
 
     async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
@@ -999,31 +1194,7 @@ impl Store for SqliteStore {
     ) -> Result<KeyPackageCount, StoreError> {
         let addr = addr.clone();
         self.write(move |tx| {
-            let device = require_device(tx, &addr)?;
-            if replace {
-                tx.execute("DELETE FROM key_packages WHERE device = ?1", [device]).map_err(map_err)?;
-            }
-            let before = count_packages(tx, device)?;
-            if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
-                return Err(StoreError::TooManyKeyPackages);
-            }
-            {
-                let mut insert =
-                    tx.prepare("INSERT INTO key_packages (device, data) VALUES (?1, ?2)").map_err(map_err)?;
-                for kp in &one_time {
-                    insert.execute(params![device, kp]).map_err(map_err)?;
-                }
-            }
-            if let Some(lr) = last_resort {
-                tx.execute(
-                    "INSERT INTO last_resort_packages (device, data) VALUES (?1, ?2)
-                     ON CONFLICT (device) DO UPDATE SET data = excluded.data",
-                    params![device, lr],
-                )
-                .map_err(map_err)?;
-            }
-            let after = count_packages(tx, device)?;
-            Ok(after)
+            rules::ready(rules::upload_key_packages(&mut Sql(tx), &addr, &one_time, last_resort.as_deref(), replace))
         })
         .await
     }
@@ -1037,67 +1208,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_key_packages(
+    async fn claim_key_packages_of(
         &self,
         handle: &Handle,
         requester: &DeviceAddress,
+        kind: super::ClaimKind,
     ) -> Result<ClaimResponse, StoreError> {
         let handle = handle.clone();
         let requester = requester.clone();
-        self.write(move |tx| {
-            // Writes run one at a time, so two claims cannot both read the
-            // same one-time package before either deletes it.
-            let identity_key: Vec<u8> = tx
-                .query_row("SELECT identity_key FROM accounts WHERE handle = ?1", [handle.as_str()], |r| r.get(0))
-                .optional()
-                .map_err(map_err)?
-                .ok_or(StoreError::UnknownHandle)?;
-            let devices: Vec<(i64, String, Vec<u8>, Vec<u8>)> = {
-                let mut stmt = tx
-                    .prepare(
-                        "SELECT id, device_id, signature_key, certificate FROM devices
-                         WHERE handle = ?1 AND active = 1 ORDER BY id",
-                    )
-                    .map_err(map_err)?;
-                let rows = stmt
-                    .query_map([handle.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .map_err(map_err)?;
-                rows.collect::<Result<_, _>>().map_err(map_err)?
-            };
-            let mut packages = Vec::new();
-            for (row_id, device_id, key, cert) in devices {
-                let record = device_record(&device_id, key, cert)?;
-                if handle == requester.handle && record.device_id == requester.device {
-                    continue;
-                }
-                let one_time: Option<Vec<u8>> = tx
-                    .query_row(
-                        "DELETE FROM key_packages WHERE id =
-                           (SELECT id FROM key_packages WHERE device = ?1 ORDER BY id LIMIT 1)
-                         RETURNING data",
-                        [row_id],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(map_err)?;
-                if let Some(kp) = one_time {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort: false });
-                    continue;
-                }
-                let last_resort: Option<Vec<u8>> = tx
-                    .query_row("SELECT data FROM last_resort_packages WHERE device = ?1", [row_id], |r| r.get(0))
-                    .optional()
-                    .map_err(map_err)?;
-                if let Some(kp) = last_resort {
-                    packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort: true });
-                }
-            }
-            if packages.is_empty() {
-                return Err(StoreError::NoKeyPackage);
-            }
-            Ok(ClaimResponse { handle, identity_key: B64(identity_key), packages, kt: None, devices: Vec::new() })
-        })
-        .await
+        // Writes run one at a time, so two claims cannot both read the
+        // same one-time package before either deletes it.
+        self.write(move |tx| rules::ready(rules::claim_key_packages(&mut Sql(tx), &handle, &requester, kind))).await
     }
 
     async fn send_within(
@@ -1214,29 +1335,7 @@ impl Store for SqliteStore {
     async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
         let addr = addr.clone();
         let ids = ids.to_vec();
-        self.write(move |tx| {
-            let Some(device) = device_row(tx, &addr)? else {
-                return Ok(0);
-            };
-            let mut deleted = 0u64;
-            let mut messages = HashSet::new();
-            {
-                let mut delete = tx
-                    .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND device = ?2 RETURNING message")
-                    .map_err(map_err)?;
-                for id in ids {
-                    let message: Option<i64> =
-                        delete.query_row(params![to_i64(id), device], |r| r.get(0)).optional().map_err(map_err)?;
-                    if let Some(m) = message {
-                        deleted += 1;
-                        messages.insert(m);
-                    }
-                }
-            }
-            drop_orphans(tx, messages)?;
-            Ok(deleted)
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::ack(&mut Sql(tx), &addr, &ids))).await
     }
 
     async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError> {
@@ -1276,26 +1375,8 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let link = *link;
         let handle = handle.clone();
-        self.write(move |tx| {
-            let exists: bool = tx
-                .query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE handle = ?1)", [handle.as_str()], |r| r.get(0))
-                .map_err(map_err)?;
-            if !exists {
-                return Err(StoreError::UnknownHandle);
-            }
-            let inserted = tx
-                .execute(
-                    "INSERT INTO links (link, handle, request, expires_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (link) DO NOTHING",
-                    params![&link.0[..], handle.as_str(), request, to_i64(expires_at_ms)],
-                )
-                .map_err(map_err)?;
-            if inserted == 0 {
-                return Err(StoreError::LinkTaken);
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::create_link(&mut Sql(tx), &link, &handle, &request, expires_at_ms)))
+            .await
     }
 
     async fn link(&self, link: &LinkId, handle: &Handle, now_ms: u64) -> Result<LinkRecord, StoreError> {
@@ -1326,48 +1407,12 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let link = *link;
         let handle = handle.clone();
-        self.write(move |tx| {
-            let approved: Option<bool> = tx
-                .query_row(
-                    "SELECT response IS NOT NULL FROM links WHERE link = ?1 AND handle = ?2 AND expires_at > ?3",
-                    params![&link.0[..], handle.as_str(), to_i64(now_ms)],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(map_err)?;
-            match approved {
-                None => return Err(StoreError::UnknownLink),
-                Some(true) => return Err(StoreError::LinkAlreadyApproved),
-                Some(false) => {}
-            }
-            tx.execute("UPDATE links SET response = ?2 WHERE link = ?1", params![&link.0[..], response])
-                .map_err(map_err)?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::approve_link(&mut Sql(tx), &link, &handle, &response, now_ms))).await
     }
 
     async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let link = *link;
-        self.write(move |tx| {
-            let response: Option<Option<Vec<u8>>> = tx
-                .query_row(
-                    "SELECT response FROM links WHERE link = ?1 AND expires_at > ?2",
-                    params![&link.0[..], to_i64(now_ms)],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(map_err)?;
-            match response {
-                None => Err(StoreError::UnknownLink),
-                Some(None) => Ok(None),
-                Some(Some(response)) => {
-                    tx.execute("DELETE FROM links WHERE link = ?1", [&link.0[..]]).map_err(map_err)?;
-                    Ok(Some(response))
-                }
-            }
-        })
-        .await
+        self.write(move |tx| rules::ready(rules::take_link_response(&mut Sql(tx), &link, now_ms))).await
     }
 
     async fn sweep(
