@@ -92,3 +92,47 @@ fn two_subscribers_see_what_arrives_and_a_reply_goes_out_by_conversation_id() {
     let got = texts(&got);
     assert!(got.contains(&"reply by id".to_string()) && got.contains(&"while away".to_string()), "{got:?}");
 }
+
+#[test]
+fn groups_are_made_and_changed_by_id_and_members_see_typed_system_lines() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    // Each side has the other's keys pinned.
+    alice.send("bob", "hi");
+    alice.send("carol", "hi");
+    bob.receive_json(&[]);
+    carol.receive_json(&[]);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let id = rt.block_on(async {
+        let client = Client::new(Subrosa::open(&alice.home(), PASS).expect("open alice"));
+        let id = client.create_group("club", &["bob".to_string()]).await.expect("created");
+        assert!(client.conversations().expect("list").iter().any(|r| r.id == id && r.kind == "group"));
+        client.group_rename(&id, "night club").await.expect("renamed");
+        assert_eq!(client.group_add(&id, "carol").await.expect("added"), None, "carol was never a member");
+        let mut accounts: Vec<String> =
+            client.members(&id).expect("members").iter().map(|m| m.address.handle.to_string()).collect();
+        accounts.dedup();
+        assert_eq!(accounts, ["alice", "bob", "carol"]);
+        // Ids this device does not have are refused, never guessed.
+        assert!(client.group_rename(&ConversationId([9; 16]), "x").await.is_err());
+        id
+    });
+    let got = bob.receive_json(&[]);
+    let line = got
+        .iter()
+        .find(|m| m["system"] == true && m["text"] == "alice renamed the group to night club")
+        .unwrap_or_else(|| panic!("no rename line in {got:?}"));
+    assert_eq!(line["conversation"], id.to_hex());
+    assert_eq!(line["event"], serde_json::json!({"event": "renamed", "by": "alice", "name": "night club"}));
+    let added = got.iter().find(|m| m["event"]["event"] == "added").expect("an added line");
+    assert_eq!(added["event"], serde_json::json!({"event": "added", "by": "alice", "member": "carol"}));
+    let got = carol.receive_json(&[]);
+    assert!(
+        got.iter()
+            .any(|m| m["event"] == serde_json::json!({"event": "added_you", "by": "alice", "group": "night club"})),
+        "{got:?}"
+    );
+}

@@ -16,7 +16,9 @@ use std::time::Duration;
 use subrosa_proto::{ConversationId, MessageId};
 use tokio::sync::broadcast;
 
-use crate::store::StoredMessage;
+use subrosa_core::MemberInfo;
+
+use crate::store::{ConversationRow, StoredMessage};
 use crate::{ClientError, FailedSend, Received, Subrosa};
 
 /// How many events a subscriber may fall behind before it misses some
@@ -155,6 +157,92 @@ impl Client {
             }
             other => other,
         }
+    }
+
+    /// Every conversation this device takes part in (1:1 and groups, not
+    /// the hidden one of the account's own devices), and those it left.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn conversations(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        let store = self.inner.device.store();
+        let mut rows = store.read(|tx| {
+            let mut rows = tx.active_conversations()?;
+            for g in tx.group_rows()? {
+                if !rows.iter().any(|r| r.id == g.id) {
+                    rows.push(g);
+                }
+            }
+            Ok(rows)
+        })?;
+        rows.retain(|r| r.kind != "own");
+        Ok(rows)
+    }
+
+    /// The conversation `id`, or [`ClientError::UnknownTarget`].
+    fn row(&self, id: &ConversationId) -> Result<ConversationRow, ClientError> {
+        match self.inner.device.store().read(|tx| tx.conversation(id))? {
+            Some(row) if row.kind != "own" => Ok(row),
+            _ => Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
+        }
+    }
+
+    /// The member devices of the conversation `id`.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`]; engine errors.
+    pub fn members(&self, id: &ConversationId) -> Result<Vec<MemberInfo>, ClientError> {
+        self.row(id)?;
+        Ok(self.inner.device.engine().members(id)?)
+    }
+
+    /// Creates a group `name` with the accounts `handles`; returns its id.
+    ///
+    /// # Errors
+    /// As [`Subrosa::create_group`].
+    pub async fn create_group(&self, name: &str, handles: &[String]) -> Result<ConversationId, ClientError> {
+        let g = self.inner.device.create_group(name, handles).await?;
+        g.id.parse().map_err(|_| ClientError::Bug("a group id that is not hex".into()))
+    }
+
+    /// Adds the account `handle` to the group `id`. A former member makes
+    /// the group continue as a new conversation: its id is returned then.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_add`].
+    pub async fn group_add(&self, id: &ConversationId, handle: &str) -> Result<Option<ConversationId>, ClientError> {
+        self.row(id)?;
+        match self.inner.device.group_add(&format!("#{}", id.to_hex()), handle).await? {
+            Some(g) => Ok(Some(g.id.parse().map_err(|_| ClientError::Bug("a group id that is not hex".into()))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes every device of `handle` from the group `id`.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_remove`].
+    pub async fn group_remove(&self, id: &ConversationId, handle: &str) -> Result<(), ClientError> {
+        self.row(id)?;
+        self.inner.device.group_remove(&format!("#{}", id.to_hex()), handle).await
+    }
+
+    /// Renames the group `id`.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_rename`].
+    pub async fn group_rename(&self, id: &ConversationId, name: &str) -> Result<(), ClientError> {
+        self.row(id)?;
+        self.inner.device.group_rename(&format!("#{}", id.to_hex()), name).await
+    }
+
+    /// Leaves the group `id`.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_leave`].
+    pub async fn group_leave(&self, id: &ConversationId) -> Result<(), ClientError> {
+        self.row(id)?;
+        self.inner.device.group_leave(&format!("#{}", id.to_hex())).await
     }
 
     /// The history of the conversation `id`, oldest first.
