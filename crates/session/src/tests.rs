@@ -254,3 +254,95 @@ fn a_queued_send_is_encrypted_once_and_a_refused_one_leaves_no_gap() {
     let m = alice.session.store().read(|tx| tx.message(&id, &[2; 16])).expect("read").expect("kept");
     assert_eq!(m.state, Some(MessageState::Sent));
 }
+
+impl Device {
+    /// Stages and confirms a commit made by `f`, as the server would have
+    /// ordered it; returns the commit's envelope and its Welcome's, if any.
+    fn commit(
+        &self,
+        f: impl FnOnce(&crate::SessionEngine) -> Result<subrosa_core::OutgoingCommit, subrosa_core::CoreError>,
+    ) -> (Envelope, Option<Envelope>) {
+        let engine = self.session.engine();
+        let c = self
+            .session
+            .store()
+            .write(|_| {
+                let c = f(engine)?;
+                engine.confirm_commit(&c.conversation)?;
+                Ok(c)
+            })
+            .expect("commit");
+        let welcome = c.welcome.map(|w| self.envelope(c.conversation, MessageKind::Welcome, w));
+        (self.envelope(c.conversation, MessageKind::Commit, c.commit), welcome)
+    }
+}
+
+fn events(ms: &[StoredMessage]) -> Vec<SystemEvent> {
+    ms.iter().filter_map(|m| m.event.clone()).collect()
+}
+
+#[test]
+fn membership_changes_in_a_group_are_stored_as_typed_events() {
+    let (alice, bob, carol) = (device("alice"), device("bob"), device("carol"));
+    let club = ConversationInfo { kind: subrosa_core::ConversationKind::Group, name: "club".into() };
+    let (welcome, id) = {
+        let engine = alice.session.engine();
+        let kp = bob.key_package();
+        let c = alice
+            .session
+            .store()
+            .write(|tx| {
+                let c = engine.create_conversation(&club, &[kp])?;
+                engine.confirm_commit(&c.conversation)?;
+                tx.add_conversation(&c.conversation, "group", "club", None)?;
+                Ok(c)
+            })
+            .expect("create");
+        (alice.envelope(c.conversation, MessageKind::Welcome, c.welcome.expect("welcome")), c.conversation)
+    };
+    bob.receive(&welcome);
+    let kp = carol.key_package();
+    let (add, _) = alice.commit(|e| e.add_members(&id, &[kp]));
+    bob.receive(&add);
+    let renamed = ConversationInfo { name: "night club".into(), ..club };
+    let (rename, _) = alice.commit(|e| e.rename(&id, &renamed));
+    bob.receive(&rename);
+    let carol_device = carol.session.identity().address();
+    let (remove, _) = alice.commit(|e| e.remove_members(&id, std::slice::from_ref(&carol_device)));
+    bob.receive(&remove);
+    let got = bob.unseen();
+    assert_eq!(
+        events(&got),
+        [
+            SystemEvent::AddedYou { by: "alice".into(), group: "club".into() },
+            SystemEvent::Added { by: "alice".into(), member: "carol".into() },
+            SystemEvent::Renamed { by: "alice".into(), name: "night club".into() },
+            SystemEvent::Removed { by: "alice".into(), member: "carol".into() },
+        ]
+    );
+    assert_eq!(
+        texts(&got),
+        [
+            "alice added you to club",
+            "alice added carol",
+            "alice renamed the group to night club",
+            "alice removed carol"
+        ]
+    );
+    let row = bob.session.store().read(|tx| tx.conversation(&id)).expect("read").expect("row");
+    assert_eq!((row.name.as_str(), row.active), ("night club", true));
+}
+
+#[test]
+fn a_direct_conversation_that_grows_a_third_account_is_closed_with_an_alert() {
+    let (alice, bob, id) = pair();
+    let mallory = device("mallory");
+    let kp = mallory.key_package();
+    let (add, _) = alice.commit(|e| e.add_members(&id, &[kp]));
+    bob.receive(&add);
+    let row = bob.session.store().read(|tx| tx.conversation(&id)).expect("read").expect("row");
+    assert!(!row.active, "closed on this device");
+    let alerts = bob.alerts();
+    assert!(alerts.iter().any(|a| a.contains("holds exactly two accounts")), "{alerts:?}");
+    assert!(events(&bob.unseen()).iter().any(|e| matches!(e, SystemEvent::Warning { .. })));
+}
