@@ -19,39 +19,34 @@ use std::collections::HashMap;
 
 use reqwest::Method;
 
-use subrosa_proto::{AccountInfo, ConversationId, ErrorCode, Handle};
+use subrosa_proto::{AccountInfo, ErrorCode, Handle};
 
 use crate::conversations::Target;
 use crate::store::MemberCheck;
 use crate::{ClientError, Subrosa};
 
-use subrosa_session::{SystemEvent, CONTRADICTED, UNCHECKED};
-
-/// What the directory says about one account, fetched once per pass.
-enum Lookup {
-    /// The directory proves these keys.
-    Keys(AccountInfo),
-    /// The directory contradicts anything claimed for the account.
-    Contradicts(String),
-}
+use subrosa_session::{DirectoryAnswer, SystemEvent, CONTRADICTED, UNCHECKED};
 
 impl Subrosa {
-    async fn directory_lookup(&self, handle: &str) -> Result<Lookup, ClientError> {
+    async fn directory_lookup(&self, handle: &str) -> Result<DirectoryAnswer, ClientError> {
         let Ok(h) = Handle::new(handle) else {
-            return Ok(Lookup::Contradicts(format!("{handle:?} is not a handle")));
+            return Ok(DirectoryAnswer::Contradicts(format!("{handle:?} is not a handle")));
         };
         let info: AccountInfo = match self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{h}"), None).await {
             Ok(i) => i,
             Err(e) if e.code() == Some(ErrorCode::UnknownHandle) => {
-                return Ok(Lookup::Contradicts(format!("the directory has no account {h}")))
+                return Ok(DirectoryAnswer::Contradicts(format!("the directory has no account {h}")))
             }
             Err(e) => return Err(e),
         };
         match self.kt_verify(&h, info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await {
-            Ok(()) => Ok(Lookup::Keys(info)),
-            Err(ClientError::KeyMismatch { why, .. }) => {
-                Ok(Lookup::Contradicts(format!("the server's answer for {h} is not what the directory proves: {why}")))
-            }
+            Ok(()) => Ok(DirectoryAnswer::Keys {
+                identity_key: info.identity_key.0,
+                devices: info.devices.into_iter().map(|d| (d.device_id.to_hex(), d.signature_key.0)).collect(),
+            }),
+            Err(ClientError::KeyMismatch { why, .. }) => Ok(DirectoryAnswer::Contradicts(format!(
+                "the server's answer for {h} is not what the directory proves: {why}"
+            ))),
             Err(e) => Err(e),
         }
     }
@@ -67,7 +62,7 @@ impl Subrosa {
         if pending.is_empty() {
             return Ok(());
         }
-        let mut seen: HashMap<String, Lookup> = HashMap::new();
+        let mut seen: HashMap<String, DirectoryAnswer> = HashMap::new();
         for c in pending {
             if !seen.contains_key(&c.handle) {
                 let l = match self.directory_lookup(&c.handle).await {
@@ -77,95 +72,10 @@ impl Subrosa {
                 };
                 seen.insert(c.handle.clone(), l);
             }
-            let verdict = match &seen[&c.handle] {
-                Lookup::Contradicts(why) => Some(why.clone()),
-                Lookup::Keys(info) if info.identity_key.as_slice() != c.identity_key.as_slice() => Some(format!(
-                    "the directory lists another identity key for {}; this device is certified by a key it does not know",
-                    c.handle
-                )),
-                // A device of this account must carry this account's key
-                // (or the one handed over and about to be adopted).
-                Lookup::Keys(_) if c.handle == self.handle().as_str() && !self.is_own_identity_key(&c.identity_key)? => {
-                    Some("a device of this account is certified by an identity key this device does not hold".into())
-                }
-                Lookup::Keys(info) => {
-                    let listed = info
-                        .devices
-                        .iter()
-                        .any(|d| d.device_id.to_hex() == c.device && d.signature_key.as_slice() == c.device_key);
-                    (!listed).then(|| format!("the directory does not list this device of {}", c.handle))
-                }
-            };
-            self.store().write(|_| {
-                // The conversation may have changed meanwhile (the device
-                // removed, the conversation refused): only a row still queued counts.
-                let still = self
-                    .store()
-                    .read(|tx| tx.member_checks(Some(&c.conversation), UNCHECKED))?
-                    .into_iter()
-                    .any(|p| p.handle == c.handle && p.device == c.device);
-                if !still {
-                    return Ok(());
-                }
-                match verdict {
-                    None => {
-                        // Confirmed: pinned on first sight, like a claim's keys.
-                        if c.handle != self.handle().as_str()
-                            && self.store().read(|tx| tx.contact_key(&c.handle))?.is_none()
-                        {
-                            self.store().write(|tx| tx.pin_contact(&c.handle, &c.identity_key))?;
-                        }
-                        self.store()
-                            .write(|tx| tx.drop_member_check(&c.conversation, &c.handle, Some(&c.device)))
-                            .map(|_| ())
-                    }
-                    Some(why) => self.contradicted(&c, &why),
-                }
-            })?;
+            let verdict = self.member_verdict(&c, &seen[&c.handle])?;
+            self.settle_member_check(&c, verdict)?;
         }
         Ok(())
-    }
-
-    fn contradicted(&self, c: &MemberCheck, why: &str) -> Result<(), ClientError> {
-        let Some(row) = self.store().read(|tx| tx.conversation(&c.conversation))? else { return Ok(()) };
-        if c.welcome {
-            let what = if row.kind == "group" {
-                format!("the group {}", row.name)
-            } else {
-                format!("a direct conversation with {}", row.target())
-            };
-            let text = format!(
-                "refused the invitation from {} to {what} (#{}): {}'s device {} in it is not confirmed by the key \
-                 directory ({why})",
-                c.added_by,
-                c.conversation.to_hex(),
-                c.handle,
-                c.device
-            );
-            self.store().write(|tx| tx.drop_refused_conversation(&c.conversation))?;
-            return self.store().write(|tx| tx.add_alert(&text));
-        }
-        self.store().write(|tx| tx.set_member_check(&c.conversation, &c.handle, &c.device, CONTRADICTED, why))?;
-        self.contradicted_line(&row, &c.added_by, &c.handle, &c.device, why)
-    }
-
-    /// Refuses to send to a conversation with a member device the key
-    /// directory contradicted and the user has not accepted.
-    pub(crate) fn check_members_accepted(
-        &self,
-        conversation: &ConversationId,
-        target: &str,
-    ) -> Result<(), ClientError> {
-        match self.store().read(|tx| tx.member_checks(Some(conversation), CONTRADICTED))?.into_iter().next() {
-            None => Ok(()),
-            Some(c) => Err(ClientError::DeviceNotAccepted {
-                target: target.to_string(),
-                handle: c.handle,
-                device: c.device,
-                by: c.added_by,
-                why: c.why,
-            }),
-        }
     }
 
     /// Accepts a member device the key directory contradicted (the user

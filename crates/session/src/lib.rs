@@ -15,10 +15,12 @@ mod error;
 pub mod store;
 
 pub use error::ClientError;
+mod members;
 mod outbox;
 mod session;
 mod system;
 
+pub use members::DirectoryAnswer;
 pub use outbox::{Outgoing, Prepared};
 pub use session::*;
 pub use system::{Advice, SystemEvent};

@@ -11,8 +11,8 @@ use subrosa_core::content::{Body, Content};
 use subrosa_core::{ConversationInfo, DeviceIdentity};
 use subrosa_proto::{ConversationId, Envelope, MessageId, MessageKind, SendRequest, B64};
 
-use crate::store::{MessageState, Store, StoredMessage};
-use crate::{Clock, Outgoing, Session, SystemEvent, UNSUPPORTED_TEXT};
+use crate::store::{MemberCheck, MessageState, Store, StoredMessage};
+use crate::{ClientError, Clock, DirectoryAnswer, Outgoing, Session, SystemEvent, UNSUPPORTED_TEXT};
 
 /// A clock that says what the test sets.
 #[derive(Debug, Default)]
@@ -345,4 +345,84 @@ fn a_direct_conversation_that_grows_a_third_account_is_closed_with_an_alert() {
     let alerts = bob.alerts();
     assert!(alerts.iter().any(|a| a.contains("holds exactly two accounts")), "{alerts:?}");
     assert!(events(&bob.unseen()).iter().any(|e| matches!(e, SystemEvent::Warning { .. })));
+}
+
+fn answer_for(d: &Device) -> DirectoryAnswer {
+    let id = d.session.identity();
+    DirectoryAnswer::Keys {
+        identity_key: id.identity_public().to_vec(),
+        devices: vec![(id.device_id().to_hex(), id.device_public().to_vec())],
+    }
+}
+
+fn unchecked(d: &Device) -> Vec<MemberCheck> {
+    d.session.store().read(|tx| tx.member_checks(None, crate::UNCHECKED)).expect("checks")
+}
+
+#[test]
+fn member_devices_wait_for_the_directory_and_what_it_contradicts_is_refused_or_flagged() {
+    // A Welcome whose inviter the directory contradicts: refused after all.
+    let (alice, bob) = (device("alice"), device("bob"));
+    let (id, welcome) = alice.start_direct("bob", bob.key_package());
+    bob.receive(&welcome);
+    let queued = unchecked(&bob);
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert!(queued[0].welcome && queued[0].handle == "alice");
+    let verdict = bob
+        .session
+        .member_verdict(&queued[0], &DirectoryAnswer::Contradicts("no such account".into()))
+        .expect("verdict");
+    bob.session.settle_member_check(&queued[0], verdict).expect("settled");
+    assert_eq!(bob.session.store().read(|tx| tx.conversation(&id)).expect("read"), None, "refused");
+    assert!(bob.alerts().iter().any(|a| a.contains("refused the invitation from alice")));
+
+    // Confirmed: pinned and no longer queued.
+    let (alice, bob, id) = pair();
+    let queued = unchecked(&bob);
+    let verdict = bob.session.member_verdict(&queued[0], &answer_for(&alice)).expect("verdict");
+    assert_eq!(verdict, None);
+    bob.session.settle_member_check(&queued[0], verdict).expect("settled");
+    assert!(unchecked(&bob).is_empty());
+    assert!(bob.session.check_members_accepted(&id, "alice").is_ok());
+
+    // A device added by a commit that the directory does not list: the
+    // commit stays applied, the device is flagged and sending waits.
+    let carol = device("carol");
+    let club = ConversationInfo { kind: subrosa_core::ConversationKind::Group, name: "club".into() };
+    let engine = alice.session.engine();
+    let kp = bob.key_package();
+    let c = alice
+        .session
+        .store()
+        .write(|_| {
+            let c = engine.create_conversation(&club, &[kp])?;
+            engine.confirm_commit(&c.conversation)?;
+            Ok(c)
+        })
+        .expect("group");
+    let group = c.conversation;
+    bob.receive(&alice.envelope(group, MessageKind::Welcome, c.welcome.expect("welcome")));
+    for q in unchecked(&bob) {
+        let v = bob.session.member_verdict(&q, &answer_for(&alice)).expect("verdict");
+        bob.session.settle_member_check(&q, v).expect("settled");
+    }
+    let kp = carol.key_package();
+    let (add, _) = alice.commit(|e| e.add_members(&group, &[kp]));
+    bob.receive(&add);
+    let queued = unchecked(&bob);
+    assert_eq!(queued.len(), 1);
+    assert!(!queued[0].welcome && queued[0].handle == "carol");
+    let not_listed =
+        DirectoryAnswer::Keys { identity_key: carol.session.identity().identity_public().to_vec(), devices: vec![] };
+    let verdict = bob.session.member_verdict(&queued[0], &not_listed).expect("verdict");
+    assert_eq!(verdict.as_deref(), Some("the directory does not list this device of carol"));
+    bob.session.settle_member_check(&queued[0], verdict).expect("settled");
+    assert!(matches!(
+        bob.session.check_members_accepted(&group, "club"),
+        Err(ClientError::DeviceNotAccepted { ref handle, .. }) if handle == "carol"
+    ));
+    assert!(events(&bob.unseen())
+        .iter()
+        .any(|e| matches!(e, SystemEvent::DeviceNotConfirmed { member, .. } if member == "carol")));
+    assert_eq!(bob.session.engine().members(&group).expect("members").len(), 3, "the commit stays applied");
 }
