@@ -426,3 +426,63 @@ fn member_devices_wait_for_the_directory_and_what_it_contradicts_is_refused_or_f
         .any(|e| matches!(e, SystemEvent::DeviceNotConfirmed { member, .. } if member == "carol")));
     assert_eq!(bob.session.engine().members(&group).expect("members").len(), 3, "the commit stays applied");
 }
+
+#[test]
+fn a_pinned_key_moves_only_with_a_device_the_pinned_key_certified() {
+    let crypto = subrosa_core::default_crypto();
+    let (alice, bob, mallory) = (device("alice"), device("bob"), device("mallory"));
+    let club = ConversationInfo { kind: subrosa_core::ConversationKind::Group, name: "club".into() };
+    let engine = alice.session.engine();
+    let kps = [bob.key_package(), mallory.key_package()];
+    let c = alice
+        .session
+        .store()
+        .write(|tx| {
+            let c = engine.create_conversation(&club, &kps)?;
+            engine.confirm_commit(&c.conversation)?;
+            tx.add_conversation(&c.conversation, "group", "club", None)?;
+            Ok(c)
+        })
+        .expect("group");
+    let group = c.conversation;
+    let welcome = alice.envelope(group, MessageKind::Welcome, c.welcome.expect("welcome"));
+    bob.receive(&welcome);
+    mallory.receive(&welcome);
+    // bob pins alice's key on her first message.
+    bob.receive(&alice.text(group, 1, "hello"));
+    let pinned = || bob.session.store().read(|tx| tx.contact_key("alice")).expect("read");
+    let real_key = alice.session.identity().identity_public().to_vec();
+    assert_eq!(pinned(), Some(real_key.clone()));
+
+    // mallory adds a device she made up for "alice", certified by a key of
+    // her own: flagged, and alice's pin stays.
+    let fake = device("alice");
+    let (add, fake_welcome) = mallory.commit(|e| e.add_members(&group, &[fake.key_package()]));
+    bob.receive(&add);
+    alice.receive(&add);
+    assert_eq!(pinned(), Some(real_key.clone()));
+    // The made-up device then "rotates" its account's key: the pin must
+    // not follow a device it never certified.
+    // (mallory runs it with a bare engine: a session would refuse a group
+    // where alice's real device carries another key.)
+    let fake_welcome = fake_welcome.expect("welcome for the fake device");
+    fake.session
+        .store()
+        .write(|_| Ok(fake.session.engine().join(fake_welcome.ciphertext.as_slice())?))
+        .expect("the fake device joins");
+    let rotated = fake.session.identity().with_new_identity_key(&crypto, 2).expect("rotated");
+    let (update, _) = fake.commit(|e| e.update_credential(&group, &rotated));
+    bob.receive(&update);
+    alice.receive(&update);
+    assert_eq!(pinned(), Some(real_key), "the pin did not follow the made-up device");
+    let flagged = bob.session.store().read(|tx| tx.member_checks(Some(&group), crate::CONTRADICTED)).expect("checks");
+    assert!(flagged.iter().any(|c| c.device == fake.session.identity().device_id().to_hex()), "{flagged:?}");
+    bob.unseen();
+
+    // alice's own rotation, by her device the pinned key certified, moves it.
+    let real = alice.session.identity().with_new_identity_key(&crypto, 3).expect("rotated");
+    let (update, _) = alice.commit(|e| e.update_credential(&group, &real));
+    bob.receive(&update);
+    assert_eq!(pinned(), Some(real.identity_public().to_vec()));
+    assert!(events(&bob.unseen()).contains(&SystemEvent::KeyChanged { member: "alice".into() }));
+}
