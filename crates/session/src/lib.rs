@@ -17,6 +17,7 @@ pub mod store;
 pub use error::ClientError;
 mod members;
 mod outbox;
+pub mod rotation;
 mod session;
 mod system;
 
