@@ -200,9 +200,36 @@ pub enum Event {
     Other,
 }
 
+/// The mls-rs configuration the engine builds its clients with.
+type EngineConfig<C, G, K> = mls_rs::client_builder::MakeConfig<
+    mls_rs::client_builder::WithMlsRules<
+        DefaultMlsRules,
+        mls_rs::client_builder::WithKeyPackageRepo<
+            K,
+            mls_rs::client_builder::WithGroupStateStorage<
+                G,
+                mls_rs::client_builder::WithIdentityProvider<
+                    CertificateIdentityProvider<C>,
+                    mls_rs::client_builder::WithCryptoProvider<C, mls_rs::client_builder::BaseConfig>,
+                >,
+            >,
+        >,
+    >,
+>;
+
+/// Groups kept in memory while a batch of application messages is
+/// processed ([`Engine::begin_batch`]), written once at its end; by the
+/// thread that runs the batch (others never see them).
+type BatchGroups<C, G, K> = std::collections::HashMap<ConversationId, mls_rs::Group<EngineConfig<C, G, K>>>;
+type Batch<C, G, K> = std::sync::Arc<std::sync::Mutex<Option<(std::thread::ThreadId, BatchGroups<C, G, K>)>>>;
+
 /// The protocol engine of one device.
-#[derive(Clone)]
-pub struct Engine<C, G, K> {
+pub struct Engine<C, G, K>
+where
+    C: CryptoProvider + Clone + 'static,
+    G: GroupStateStorage + Clone + 'static,
+    K: KeyPackageStorage + Clone + 'static,
+{
     crypto: C,
     /// Replaced whole when the account's identity key or this device's
     /// signature key rotates ([`Engine::set_identity`]).
@@ -210,9 +237,33 @@ pub struct Engine<C, G, K> {
     identity: std::sync::Arc<std::sync::RwLock<std::sync::Arc<DeviceIdentity>>>,
     groups: G,
     key_packages: K,
+    /// Shared by clones, like the identity.
+    batch: Batch<C, G, K>,
 }
 
-impl<C, G, K> std::fmt::Debug for Engine<C, G, K> {
+impl<C, G, K> Clone for Engine<C, G, K>
+where
+    C: CryptoProvider + Clone + 'static,
+    G: GroupStateStorage + Clone + 'static,
+    K: KeyPackageStorage + Clone + 'static,
+{
+    fn clone(&self) -> Self {
+        Engine {
+            crypto: self.crypto.clone(),
+            identity: self.identity.clone(),
+            groups: self.groups.clone(),
+            key_packages: self.key_packages.clone(),
+            batch: self.batch.clone(),
+        }
+    }
+}
+
+impl<C, G, K> std::fmt::Debug for Engine<C, G, K>
+where
+    C: CryptoProvider + Clone + 'static,
+    G: GroupStateStorage + Clone + 'static,
+    K: KeyPackageStorage + Clone + 'static,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("identity", &self.identity).finish_non_exhaustive()
     }
@@ -254,7 +305,65 @@ where
             identity: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(identity))),
             groups,
             key_packages,
+            batch: std::sync::Arc::new(std::sync::Mutex::new(None)),
         }
+    }
+
+    /// Runs `f` on the groups of this thread's batch, if it runs one.
+    fn with_batch<T>(&self, f: impl FnOnce(&mut BatchGroups<C, G, K>) -> T) -> Option<T> {
+        let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        match b.as_mut() {
+            Some((owner, groups)) if *owner == std::thread::current().id() => Some(f(groups)),
+            _ => None,
+        }
+    }
+
+    /// Starts a batch: until [`Self::end_batch`], application messages are
+    /// processed on groups kept in memory, and their state is written once,
+    /// at the end, instead of after every message (a catch-up of a large
+    /// group otherwise decodes and re-encodes its whole tree per message).
+    /// Anything else done to a conversation in the batch (a commit, a
+    /// lookup, a send) first writes its group back, so it sees the state as
+    /// of now. The caller runs the whole batch in one store transaction and
+    /// must abandon it ([`Self::abort_batch`], rolling the transaction back)
+    /// when any call in it failed: a failed message may have left its
+    /// group's in-memory state changed. Only the thread that began the
+    /// batch uses it (a batch never spans an await); another thread's calls
+    /// meanwhile go to the store, whose transaction gate makes them wait
+    /// for the batch's transaction to end.
+    pub fn begin_batch(&self) {
+        let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        *b = Some((std::thread::current().id(), std::collections::HashMap::new()));
+    }
+
+    /// Writes every group the batch kept in memory, and ends it.
+    ///
+    /// # Errors
+    /// [`CoreError::Mls`] when a write fails (then the batch is abandoned).
+    pub fn end_batch(&self) -> Result<(), CoreError> {
+        let groups = self.with_batch(std::mem::take).unwrap_or_default();
+        self.abort_batch();
+        for (_, mut g) in groups {
+            g.write_to_storage()?;
+        }
+        Ok(())
+    }
+
+    /// Ends this thread's batch without writing what it kept in memory.
+    pub fn abort_batch(&self) {
+        let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        if b.as_ref().is_some_and(|(owner, _)| *owner == std::thread::current().id()) {
+            *b = None;
+        }
+    }
+
+    /// Writes back the group the batch keeps for `conversation`, if any.
+    fn flush_batched(&self, conversation: &ConversationId) -> Result<(), CoreError> {
+        let kept = self.with_batch(|b| b.remove(conversation)).flatten();
+        if let Some(mut g) = kept {
+            g.write_to_storage()?;
+        }
+        Ok(())
     }
 
     /// This device's identity (a snapshot: a rotation replaces it).
@@ -282,7 +391,7 @@ where
         &self.crypto
     }
 
-    fn client(&self) -> Result<Client<impl MlsConfig>, CoreError> {
+    fn client(&self) -> Result<Client<EngineConfig<C, G, K>>, CoreError> {
         let identity = self.identity();
         let rules = DefaultMlsRules::new()
             // Handshakes are PrivateMessages: membership changes and the
@@ -423,7 +532,8 @@ where
         Ok(())
     }
 
-    fn load(&self, conversation: &ConversationId) -> Result<mls_rs::Group<impl MlsConfig>, CoreError> {
+    fn load(&self, conversation: &ConversationId) -> Result<mls_rs::Group<EngineConfig<C, G, K>>, CoreError> {
+        self.flush_batched(conversation)?;
         match self.client()?.load_group(conversation.as_bytes()) {
             Ok(g) => Ok(g),
             Err(mls_rs::error::MlsError::GroupNotFound) => Err(CoreError::UnknownConversation),
@@ -701,10 +811,17 @@ where
         if msg.group_id() != Some(conversation.as_bytes().as_slice()) {
             return Err(CoreError::Malformed("message for another conversation"));
         }
-        let mut group = self.load(conversation)?;
         // Only handshakes need the roster before them; an application
         // message needs its sender alone (O(1), not O(members)).
         let handshake = !is_application_message(bytes);
+        // In a batch, an application message works on the group kept in
+        // memory and leaves it there (written at the end of the batch).
+        let batched = !handshake && self.with_batch(|_| ()).is_some();
+        let kept = if batched { self.with_batch(|b| b.remove(conversation)).flatten() } else { None };
+        let mut group = match kept {
+            Some(g) => g,
+            None => self.load(conversation)?,
+        };
         let before = if handshake { self.members_of(&group)? } else { Vec::new() };
         let info_before = if handshake { Some(Self::info_of(&group)?) } else { None };
         let event = match group.process_incoming_message(msg)? {
@@ -790,6 +907,12 @@ where
             },
             _ => Event::Other,
         };
+        if batched {
+            match self.with_batch(move |b| b.insert(*conversation, group)) {
+                Some(_) => return Ok(event),
+                None => return Err(CoreError::Bug("a batch ended while it processed a message")),
+            }
+        }
         group.write_to_storage()?;
         Ok(event)
     }

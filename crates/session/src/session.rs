@@ -159,7 +159,14 @@ impl Session {
             // Delivered again after a crash before the ack: already stored.
             return Ok(());
         }
-        let result = self.store.write(|tx| {
+        let result = self.apply_envelope(env, &digest);
+        self.settle_envelope(env, &digest, result)
+    }
+
+    /// Applies one envelope in one write (a savepoint inside a batch):
+    /// all of it is stored, or none of it and the error says why.
+    fn apply_envelope(&self, env: &Envelope, digest: &[u8]) -> Result<(), ClientError> {
+        self.store.write(|tx| {
             let event = match env.kind {
                 MessageKind::Welcome => {
                     let seen: &dyn Tx = &*tx;
@@ -188,14 +195,25 @@ impl Session {
                     let event = self.engine.process(&env.conversation, env.ciphertext.as_slice())?;
                     if let Some(own) = own {
                         self.finish_pending(tx, &own)?;
-                        return tx.mark_processed(&digest);
+                        return tx.mark_processed(digest);
                     }
                     event
                 }
             };
             self.apply_event(tx, env, event)?;
-            tx.mark_processed(&digest)
-        });
+            tx.mark_processed(digest)
+        })
+    }
+
+    /// What follows an envelope's outcome: a refusal or an undecryptable
+    /// message is stored as such (and the envelope counts as processed);
+    /// other errors are the caller's.
+    fn settle_envelope(
+        &self,
+        env: &Envelope,
+        digest: &[u8],
+        result: Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
         match result {
             Ok(()) => Ok(()),
             Err(ClientError::Refused { conversation, why }) => {
@@ -203,7 +221,7 @@ impl Session {
                 // the user sees who tried what, in the conversation it
                 // concerns when this device has it, and as an alert.
                 self.store.write(|tx| {
-                    tx.mark_processed(&digest)?;
+                    tx.mark_processed(digest)?;
                     if let Some(row) = conversation.map(|c| tx.conversation(&c)).transpose()?.flatten() {
                         self.record_system_line(tx, &row, &env.sender, SystemEvent::Warning { text: why.clone() })?;
                     }
@@ -229,7 +247,7 @@ impl Session {
                     // Undecryptable or unauthenticated: tampered, replayed,
                     // not for us, or from a device we refuse. Drop it (it can
                     // never become readable) and say so.
-                    tx.mark_processed(&digest)
+                    tx.mark_processed(digest)
                 })?;
                 self.lock_dropped().push(Dropped { from: env.sender.to_string(), reason: e.to_string() });
                 Ok(())
@@ -741,27 +759,49 @@ impl Session {
     }
 
     /// Processes a batch of envelopes in one store transaction (one
-    /// fsync for all of them on the SQLCipher store, not one each): each
-    /// envelope is applied in a savepoint of its own, so one that fails
-    /// leaves nothing of itself and the others stand. Returns the delivery
-    /// ids, to acknowledge once this returned (never before: a crash before
-    /// the commit loses nothing, the server delivers them again).
+    /// fsync for all of them on the SQLCipher store, not one each).
+    ///
+    /// Optimistically, application messages work on groups the engine
+    /// keeps in memory for the batch and writes once at its end. Should
+    /// any envelope of the batch fail (undecryptable, refused, a store
+    /// error), that attempt is rolled back whole and the batch is applied
+    /// again envelope by envelope, each in a savepoint of its own, so one
+    /// that fails leaves nothing of itself and the others stand. Returns
+    /// the delivery ids, to acknowledge once this returned (never before: a
+    /// crash before the commit loses nothing, the server delivers them
+    /// again).
     ///
     /// # Errors
     /// Store errors (then nothing of the batch is stored); an envelope that
     /// cannot be decrypted or is refused is not an error (see
     /// [`Self::process_envelope`]).
     pub fn process_batch(&self, envs: &[Envelope]) -> Result<Vec<u64>, ClientError> {
+        let ids: Vec<u64> = envs.iter().map(|e| e.id).collect();
+        let leaves_before = self.lock_to_commit().len();
+        self.engine.begin_batch();
+        let fast = self.store.write(|_| {
+            for env in envs {
+                let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
+                if self.store.read(|tx| tx.is_processed(&digest))? {
+                    continue;
+                }
+                self.apply_envelope(env, &digest)?;
+            }
+            Ok(self.engine.end_batch()?)
+        });
+        self.engine.abort_batch();
+        if fast.is_ok() {
+            return Ok(ids);
+        }
+        // Whatever the attempt queued is gone with it.
+        self.lock_to_commit().truncate(leaves_before);
         self.store.write(|_| {
-            let mut ids = Vec::with_capacity(envs.len());
             for env in envs {
                 self.process_envelope(env)?;
-                ids.push(env.id);
             }
             Ok(ids)
         })
     }
-
     /// This account's handle.
     pub fn handle(&self) -> &Handle {
         &self.handle

@@ -486,3 +486,49 @@ fn a_pinned_key_moves_only_with_a_device_the_pinned_key_certified() {
     assert_eq!(pinned(), Some(real.identity_public().to_vec()));
     assert!(events(&bob.unseen()).contains(&SystemEvent::KeyChanged { member: "alice".into() }));
 }
+
+#[test]
+fn a_batch_keeps_group_state_in_memory_and_writes_it_once_it_holds() {
+    let (alice, bob, id) = pair();
+    let envs: Vec<Envelope> = (1..=5).map(|i| alice.text(id, i, &format!("m{i}"))).collect();
+    let state = || bob.session.store().read(|tx| tx.group_state(&id.0)).expect("read").expect("state").to_vec();
+    let before = state();
+    bob.session.process_batch(&envs).expect("batch");
+    assert_eq!(texts(&bob.unseen()), ["m1", "m2", "m3", "m4", "m5"]);
+    // The ratchet moved on in the store (the used keys are gone from it).
+    assert_ne!(state(), before, "the batch wrote the group's state");
+    // What the batch kept in memory was written: a new session over the
+    // same store (a restart) reads the next message.
+    let restarted = Session::new(
+        subrosa_core::default_crypto(),
+        (*bob.session.identity()).clone(),
+        bob.session.store().clone(),
+        bob.clock.clone(),
+    );
+    restarted.process_envelope(&alice.text(id, 6, "m6")).expect("processed");
+    assert!(restarted.take_dropped().is_empty());
+    let after: Vec<String> =
+        restarted.store().write(|tx| tx.take_unseen()).expect("unseen").into_iter().map(|m| m.text).collect();
+    assert_eq!(after, ["m6"]);
+}
+
+#[test]
+fn a_bad_envelope_in_a_batch_drops_alone_and_the_group_stays_readable() {
+    let (alice, bob, id) = pair();
+    let mut envs: Vec<Envelope> = (1..=5).map(|i| alice.text(id, i, &format!("m{i}"))).collect();
+    // The server tampers with the third.
+    let mut ct = envs[2].ciphertext.0.clone();
+    let last = ct.len() - 1;
+    ct[last] ^= 1;
+    envs[2].ciphertext = B64(ct);
+    bob.session.process_batch(&envs).expect("batch");
+    assert_eq!(
+        texts(&bob.unseen()),
+        ["m1", "m2", "1 message from alice did not arrive: the server dropped or is withholding them", "m4", "m5"]
+    );
+    assert_eq!(bob.session.take_dropped().len(), 1);
+    // The group state is where the four good messages left it.
+    bob.receive(&alice.text(id, 6, "m6"));
+    assert_eq!(texts(&bob.unseen()), ["m6"]);
+    assert!(bob.session.take_dropped().is_empty());
+}
