@@ -54,7 +54,7 @@ impl Harness {
                 );
                 println!(
                     "caveat: the server, its SQLite database and every client share this machine's {cores} cores \
-                     (one process, one multi-threaded tokio runtime plus one thread per receiver)"
+                     (one process, one multi-threaded tokio runtime; each receiver is a task on it)"
                 );
                 Ok(Harness { server: Some(running), url, tmp })
             }
