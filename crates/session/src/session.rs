@@ -56,10 +56,12 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> u64;
 }
 
-/// The system's clock.
+/// The system's clock (not on wasm32, which has none: a web client hands
+/// its own [`Clock`] in).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
         crate::store::now_ms()

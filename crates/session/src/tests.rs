@@ -33,7 +33,10 @@ fn device(handle: &str) -> Device {
     let crypto = subrosa_core::default_crypto();
     let identity = DeviceIdentity::generate(&crypto, handle.parse().expect("handle"), 1).expect("identity");
     let clock = Arc::new(TestClock(AtomicU64::new(1_000)));
-    let session = Session::new(crypto, identity, Store::memory(), clock.clone());
+    // The store stamps its rows with the same clock: nothing reads the
+    // system's (a web page has none).
+    let store = Store::new(crate::store::MemoryStore::with_clock(clock.clone()));
+    let session = Session::new(crypto, identity, store, clock.clone());
     Device { session, clock }
 }
 
@@ -212,7 +215,10 @@ fn an_invitation_to_a_known_conversation_is_a_takeover_and_is_refused_with_an_al
             Ok(c.welcome.expect("welcome"))
         })
         .expect("mallory's group");
+    bob.clock.0.store(77_000, Ordering::SeqCst);
     bob.receive(&mallory.envelope(id, MessageKind::Welcome, welcome));
+    let stamped = bob.session.store().read(|tx| tx.alerts()).expect("alerts");
+    assert_eq!(stamped.iter().map(|a| a.at).collect::<Vec<_>>(), [77_000], "stamped by the clock handed in");
     let alerts = bob.alerts();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert!(alerts[0].contains("already knows or knew") && alerts[0].starts_with("mallory"), "{alerts:?}");

@@ -15,6 +15,7 @@ use subrosa_proto::{ConversationId, DeviceAddress};
 use zeroize::Zeroizing;
 
 use super::*;
+use crate::Clock;
 
 type Conv = [u8; 16];
 
@@ -102,6 +103,8 @@ struct State {
 /// A store that keeps everything in memory.
 pub struct MemoryStore {
     gate: Gate,
+    /// Stamps rows (alerts, conversations, key packages) with the time.
+    clock: Arc<dyn Clock>,
     state: Mutex<State>,
 }
 
@@ -111,6 +114,7 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -118,9 +122,20 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store on the system clock.
+    #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
     pub fn new() -> Self {
-        MemoryStore { gate: Gate::default(), state: Mutex::new(State { committed: Tables::default(), working: None }) }
+        Self::with_clock(Arc::new(crate::SystemClock))
+    }
+
+    /// An empty store that stamps rows with `clock` (a web page's, say:
+    /// wasm32 has no system clock).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore {
+            gate: Gate::default(),
+            clock,
+            state: Mutex::new(State { committed: Tables::default(), working: None }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -135,12 +150,12 @@ impl Backend for MemoryStore {
             // A write that panicked left its copy behind: it never committed.
             self.lock().working = None;
         }
-        f(&MemTx { state: &self.state })
+        f(&MemTx { state: &self.state, clock: &*self.clock })
     }
 
     fn write_dyn(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
         let entered = self.gate.enter(true)?;
-        let mut tx = MemTx { state: &self.state };
+        let mut tx = MemTx { state: &self.state, clock: &*self.clock };
         if !entered.outer() {
             // A write inside a write is a savepoint (see the SQLCipher store).
             let saved = self.lock().working.clone();
@@ -166,6 +181,7 @@ impl Backend for MemoryStore {
 
 struct MemTx<'a> {
     state: &'a Mutex<State>,
+    clock: &'a dyn Clock,
 }
 
 impl MemTx<'_> {
@@ -207,7 +223,7 @@ impl Tables {
         v.into_iter().map(|c| c.row.clone()).collect()
     }
 
-    fn add_alert(&mut self, concerns: Option<&str>, text: &str, proof: Option<&str>) {
+    fn add_alert(&mut self, at: u64, concerns: Option<&str>, text: &str, proof: Option<&str>) {
         if self.alerts.iter().any(|a| a.alert.text == text) {
             return;
         }
@@ -215,7 +231,7 @@ impl Tables {
         self.alerts.push(AlertRec {
             alert: Alert {
                 id,
-                at: now_ms(),
+                at,
                 concerns: concerns.map(str::to_string),
                 fork: proof.is_some(),
                 text: text.to_string(),
@@ -304,7 +320,8 @@ impl Directory for MemTx<'_> {
     }
 
     fn add_alert_about(&mut self, concerns: &str, text: &str, proof: Option<&str>) -> Result<(), ClientError> {
-        self.with(|t| t.add_alert(Some(concerns), text, proof));
+        let at = self.clock.now_ms();
+        self.with(|t| t.add_alert(at, Some(concerns), text, proof));
         Ok(())
     }
 
@@ -329,7 +346,8 @@ impl Directory for MemTx<'_> {
     }
 
     fn add_alert(&mut self, text: &str) -> Result<(), ClientError> {
-        self.with(|t| t.add_alert(None, text, None));
+        let at = self.clock.now_ms();
+        self.with(|t| t.add_alert(at, None, text, None));
         Ok(())
     }
 
@@ -425,7 +443,7 @@ impl Conversations for MemTx<'_> {
         name: &str,
         peer: Option<&str>,
     ) -> Result<(), ClientError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.with(|t| {
             if t.conversation(&id.0).is_none() {
                 t.conversations.push(ConversationRec {
@@ -943,7 +961,7 @@ impl MlsState for MemTx<'_> {
     }
 
     fn put_key_package(&mut self, id: &[u8], data: &[u8]) -> Result<(), ClientError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.with(|t| match t.key_packages.iter_mut().find(|k| k.id == id) {
             Some(k) => k.data = Zeroizing::new(data.to_vec()),
             None => t.key_packages.push(KeyPackageRow {

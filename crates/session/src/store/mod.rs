@@ -241,7 +241,9 @@ impl std::fmt::Debug for PendingCommit {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, by the system clock (none on wasm32:
+/// a web client hands its clock in).
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -913,7 +915,8 @@ impl Store {
         Store { backend }
     }
 
-    /// A new, empty store in memory (nothing outlives it).
+    /// A new, empty store in memory (nothing outlives it), on the system clock.
+    #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
     pub fn memory() -> Self {
         Self::new(MemoryStore::new())
     }
