@@ -3,16 +3,15 @@
 
 use reqwest::Method;
 
-use sha2::{Digest, Sha256};
-use subrosa_core::{ConversationInfo, ConversationKind, CoreError, MemberInfo, OutgoingCommit};
+use subrosa_core::{ConversationInfo, ConversationKind, MemberInfo};
 use subrosa_proto::{
-    ClaimRequest, ClaimResponse, CommitGuard, ConversationId, DeviceAddress, ErrorCode, Handle, MessageId, MessageKind,
-    SendId, SendPart, SendRequest, SendResponse, B64,
+    ClaimRequest, ClaimResponse, ConversationId, DeviceAddress, ErrorCode, Handle, MessageId, MessageKind, SendId,
+    SendPart, SendRequest, SendResponse, B64,
 };
 
 use subrosa_session::{stuck_culprit_in, stuck_key, PendingMeta, StagedChange, SystemEvent};
 
-use crate::store::{now_ms, ConversationRow, PendingCommit, Tx};
+use crate::store::{now_ms, ConversationRow, PendingCommit};
 use crate::{ClientError, Subrosa};
 
 /// What a user names: a conversation (a group by name, or any by `#ID`)
@@ -335,107 +334,6 @@ impl Subrosa {
                 Err(ClientError::Protocol("the server refused a new conversation's first commit".into()))
             }
         }
-    }
-
-    /// Stages `change` (inside the caller's transaction); `None` when there
-    /// is nothing left to change.
-    fn stage_change(
-        &self,
-        conversation: &ConversationId,
-        change: &StagedChange,
-    ) -> Result<Option<OutgoingCommit>, ClientError> {
-        let members: Vec<DeviceAddress> = self.engine().members(conversation)?.into_iter().map(|m| m.address).collect();
-        let out = match change {
-            StagedChange::Create { .. } => None,
-            StagedChange::Add { key_packages } => {
-                let mut new = Vec::new();
-                for kp in key_packages {
-                    if !members.contains(&self.engine().inspect_key_package(kp.as_slice())?.address()) {
-                        new.push(kp.as_slice().to_vec());
-                    }
-                }
-                if new.is_empty() {
-                    None
-                } else {
-                    Some(self.engine().add_members(conversation, &new)?)
-                }
-            }
-            StagedChange::Remove { devices, notify } => {
-                let gone: Vec<DeviceAddress> = devices.iter().filter(|d| members.contains(d)).cloned().collect();
-                if gone.is_empty() {
-                    None
-                } else {
-                    let mut out = self.engine().remove_members(conversation, &gone)?;
-                    if !notify {
-                        out.commit_recipients.retain(|a| !gone.contains(a));
-                    }
-                    Some(out)
-                }
-            }
-            StagedChange::Rename { name } => {
-                let info = ConversationInfo { kind: ConversationKind::Group, name: name.clone() };
-                Some(self.engine().rename(conversation, &info)?)
-            }
-            StagedChange::Update => Some(self.engine().update_keys(conversation)?),
-            StagedChange::Credential => {
-                let me = self.identity();
-                if self.engine().leaf_is(conversation, &me)? {
-                    None
-                } else {
-                    Some(self.engine().update_credential(conversation, &me)?)
-                }
-            }
-            StagedChange::Pending => match self.engine().commit_pending(conversation) {
-                Ok(o) => o,
-                Err(CoreError::UnknownConversation) => None,
-                Err(e) => return Err(e.into()),
-            },
-        };
-        Ok(out)
-    }
-
-    /// Builds the request of a staged commit and stores it as pending
-    /// (inside the caller's transaction, the one that staged it).
-    fn store_pending(
-        &self,
-        tx: &mut dyn Tx,
-        out: &OutgoingCommit,
-        meta: &PendingMeta,
-    ) -> Result<PendingCommit, ClientError> {
-        let mut parts = Vec::new();
-        // The server wants the commit itself past epoch 0 (it reads its
-        // framing): alone in a conversation, this device sends it to itself.
-        let recipients = match (out.commit_recipients.is_empty(), out.epoch.0) {
-            (false, _) => out.commit_recipients.clone(),
-            (true, 0) => Vec::new(),
-            (true, _) => vec![self.identity().address()],
-        };
-        if !recipients.is_empty() {
-            parts.push(SendPart { kind: MessageKind::Commit, recipients, ciphertext: B64(out.commit.clone()) });
-        }
-        if let Some(w) = &out.welcome {
-            parts.push(SendPart {
-                kind: MessageKind::Welcome,
-                recipients: out.welcome_recipients.clone(),
-                ciphertext: B64(w.clone()),
-            });
-        }
-        let send_id = SendId(rand::random());
-        let req = SendRequest {
-            conversation: out.conversation,
-            send_id,
-            commit: Some(CommitGuard { epoch: out.epoch, members: Some(out.members_after.clone()) }),
-            parts,
-        };
-        let pending = PendingCommit {
-            conversation: out.conversation,
-            send_id: send_id.0,
-            request: serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?,
-            commit_digest: Sha256::digest(&out.commit).to_vec(),
-            meta: serde_json::to_vec(meta).map_err(|e| ClientError::Bug(e.to_string()))?,
-        };
-        tx.put_pending_commit(&pending)?;
-        Ok(pending)
     }
 
     /// Posts a stored staged commit (the same bytes, the same send id, however

@@ -15,6 +15,7 @@ mod error;
 pub mod store;
 
 pub use error::ClientError;
+mod commits;
 mod members;
 mod outbox;
 pub mod rotation;

@@ -12,7 +12,9 @@ use subrosa_core::{ConversationInfo, DeviceIdentity};
 use subrosa_proto::{ConversationId, Envelope, MessageId, MessageKind, SendRequest, B64};
 
 use crate::store::{MemberCheck, MessageState, Store, StoredMessage};
-use crate::{ClientError, Clock, DirectoryAnswer, Outgoing, Session, SystemEvent, UNSUPPORTED_TEXT};
+use crate::{
+    ClientError, Clock, DirectoryAnswer, Outgoing, PendingMeta, Session, StagedChange, SystemEvent, UNSUPPORTED_TEXT,
+};
 
 /// A clock that says what the test sets.
 #[derive(Debug, Default)]
@@ -537,4 +539,32 @@ fn a_bad_envelope_in_a_batch_drops_alone_and_the_group_stays_readable() {
     bob.receive(&alice.text(id, 6, "m6"));
     assert_eq!(texts(&bob.unseen()), ["m6"]);
     assert!(bob.session.take_dropped().is_empty());
+}
+
+#[test]
+fn a_staged_commit_is_stored_with_its_request_and_skips_what_is_already_true() {
+    let (alice, bob, id) = pair();
+    // Adding a device that is already a member stages nothing.
+    let bob_kp = B64(bob.key_package());
+    let again = alice.session.stage_change(&id, &StagedChange::Add { key_packages: vec![bob_kp] }).expect("staged");
+    assert!(again.is_none());
+    // Removing a revoked device: the commit goes to the others, not to it.
+    let bob_device = bob.session.identity().address();
+    let change = StagedChange::Remove { devices: vec![bob_device.clone()], notify: false };
+    let meta = PendingMeta { change: change.clone(), line: None };
+    let pending = alice
+        .session
+        .store()
+        .write(|tx| {
+            let out = alice.session.stage_change(&id, &change)?.expect("a commit");
+            alice.session.store_pending(tx, &out, &meta)
+        })
+        .expect("stored");
+    let stored = alice.session.store().read(|tx| tx.pending_commit(&id)).expect("read").expect("pending");
+    assert_eq!(stored.request, pending.request, "the request is stored before it is posted");
+    let req: SendRequest = serde_json::from_slice(&pending.request).expect("a send request");
+    let guard = req.commit.expect("an epoch guard");
+    assert_eq!(guard.members, Some(vec![alice.session.identity().address()]));
+    assert!(req.parts.iter().all(|p| !p.recipients.contains(&bob_device)), "the removed device is not told");
+    assert_eq!(PendingMeta::decode(&stored.meta).expect("meta"), meta);
 }
