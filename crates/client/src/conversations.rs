@@ -492,7 +492,7 @@ impl Subrosa {
     /// An alert that a conversation is stuck: the server ordered a commit
     /// this device cannot process (RFC 9750 §5.3), naming who sent it.
     fn stuck_alert(&self, conversation: &ConversationId) -> Result<String, ClientError> {
-        let who = self.lock_unprocessable().remove(conversation);
+        let who = self.take_unprocessable(conversation);
         if let Some(who) = &who {
             self.store().write(|tx| tx.set_meta(&stuck_key(conversation), who.to_string().as_bytes()))?;
         }

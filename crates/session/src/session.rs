@@ -262,8 +262,14 @@ impl Session {
         self.dropped.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn lock_unprocessable(&self) -> MutexGuard<'_, HashMap<ConversationId, DeviceAddress>> {
+    fn lock_unprocessable(&self) -> MutexGuard<'_, HashMap<ConversationId, DeviceAddress>> {
         self.unprocessable.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sender of the last commit to `conversation` this device could
+    /// not process, if any (forgotten once asked): who made it stuck.
+    pub fn take_unprocessable(&self, conversation: &ConversationId) -> Option<DeviceAddress> {
+        self.lock_unprocessable().remove(conversation)
     }
 
     fn lock_to_commit(&self) -> MutexGuard<'_, Vec<(ConversationId, DeviceAddress)>> {
@@ -316,18 +322,10 @@ impl Session {
         tx.insert_message(&m, &row.id, &id, seen).map(|_| ())
     }
 
-    pub fn who(&self, h: &Handle) -> String {
-        if h == self.handle() {
-            "you".into()
-        } else {
-            h.to_string()
-        }
-    }
-
     /// A Welcome for a conversation id this device knows or ever knew is a
     /// takeover attempt (or a re-admission of a removed member): refused
     /// before anything is joined or stored.
-    pub fn check_welcome_id(&self, tx: &dyn Tx, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
+    fn check_welcome_id(&self, tx: &dyn Tx, env: &Envelope, id: &ConversationId) -> Result<(), ClientError> {
         let refuse = match tx.known_conversation(id)? {
             None => false,
             // Known only from the history the approving device handed over
@@ -354,7 +352,7 @@ impl Session {
     /// members, every member certified by the identity key pinned for its
     /// account, and a direct conversation between exactly two accounts, the
     /// inviter's and ours.
-    pub fn check_welcome_members(
+    fn check_welcome_members(
         &self,
         tx: &dyn Tx,
         env: &Envelope,
@@ -404,7 +402,7 @@ impl Session {
 
     /// Queues member devices for the key-directory check (run after the
     /// store transaction, [`Self::check_members`]).
-    pub fn queue_member_checks<'a>(
+    fn queue_member_checks<'a>(
         &self,
         tx: &mut dyn Tx,
         conversation: &ConversationId,
@@ -432,7 +430,7 @@ impl Session {
         Ok(())
     }
 
-    pub fn apply_event(&self, tx: &mut dyn Tx, env: &Envelope, event: Event) -> Result<(), ClientError> {
+    fn apply_event(&self, tx: &mut dyn Tx, env: &Envelope, event: Event) -> Result<(), ClientError> {
         let me = self.handle().clone();
         match event {
             Event::Joined { conversation, info, members } => {
@@ -682,7 +680,7 @@ impl Session {
     /// send there that is not a member is an alert. (Members the server
     /// left out are not: a revoked device leaves the server's roster before
     /// the commit that removes it.)
-    pub fn compare_roster(
+    fn compare_roster(
         &self,
         tx: &mut dyn Tx,
         conversation: &ConversationId,
@@ -704,7 +702,7 @@ impl Session {
     /// Notes a sender's sequence number: a gap becomes a system line before
     /// the message (the server dropped or is withholding messages). Returns
     /// true when the message is older than one already shown (reordered).
-    pub fn note_sequence(
+    fn note_sequence(
         &self,
         tx: &mut dyn Tx,
         row: &ConversationRow,
@@ -725,13 +723,13 @@ impl Session {
         }
     }
 
-    pub fn conversation_row(&self, tx: &dyn Tx, id: &ConversationId) -> Result<ConversationRow, ClientError> {
+    fn conversation_row(&self, tx: &dyn Tx, id: &ConversationId) -> Result<ConversationRow, ClientError> {
         tx.conversation(id)?.ok_or(ClientError::Core(CoreError::UnknownConversation))
     }
 
     /// Pins a contact's identity key on first sight; refuses a different one.
     /// For this account's own handle, the key must be our own identity key.
-    pub fn check_member_key(&self, tx: &mut dyn Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
+    fn check_member_key(&self, tx: &mut dyn Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
         if handle != self.handle() && tx.contact_key(handle.as_str())?.is_none() {
             return tx.pin_contact(handle.as_str(), identity_key);
         }
@@ -741,7 +739,7 @@ impl Session {
     /// As [`Self::check_member_key`], without pinning a key seen for the
     /// first time: keys that arrive in Welcomes and commits are pinned only
     /// once the key directory confirmed them ([`Self::check_members`]).
-    pub fn check_pinned_key(&self, tx: &dyn Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
+    fn check_pinned_key(&self, tx: &dyn Tx, handle: &Handle, identity_key: &[u8]) -> Result<(), ClientError> {
         if handle == self.handle() {
             return if self.is_own_identity_key_in(tx, identity_key)? {
                 Ok(())
@@ -892,7 +890,7 @@ impl Session {
     /// On joining a group: an active group of the same name whose accounts
     /// are all in the new one, and of which the inviter is a member, is the
     /// one the inviter re-created to re-add someone: it is retired here.
-    pub fn retire_replaced(
+    fn retire_replaced(
         &self,
         tx: &mut dyn Tx,
         joined: &ConversationRow,
@@ -958,7 +956,7 @@ impl Session {
     ///
     /// # Errors
     /// Store errors.
-    pub fn is_own_identity_key(&self, key: &[u8]) -> Result<bool, ClientError> {
+    pub(crate) fn is_own_identity_key(&self, key: &[u8]) -> Result<bool, ClientError> {
         self.store.read(|tx| self.is_own_identity_key_in(tx, key))
     }
 
@@ -966,14 +964,14 @@ impl Session {
     ///
     /// # Errors
     /// Store errors.
-    pub fn is_own_identity_key_in(&self, tx: &dyn Tx, key: &[u8]) -> Result<bool, ClientError> {
+    fn is_own_identity_key_in(&self, tx: &dyn Tx, key: &[u8]) -> Result<bool, ClientError> {
         if key == self.identity().identity_public() {
             return Ok(true);
         }
         Ok(self.pending_identity(tx)?.is_some_and(|p| p.identity_public() == key))
     }
 
-    pub fn pending_identity(&self, tx: &dyn Tx) -> Result<Option<DeviceIdentity>, ClientError> {
+    fn pending_identity(&self, tx: &dyn Tx) -> Result<Option<DeviceIdentity>, ClientError> {
         match tx.meta(META_PENDING_IDENTITY)? {
             Some(secret) => Ok(Some(DeviceIdentity::from_secret_bytes(self.engine.crypto(), &secret)?)),
             None => Ok(None),
@@ -983,12 +981,7 @@ impl Session {
     /// Stores an identity key handed over by another device of this
     /// account, to adopt once the directory lists it (inside the caller's
     /// transaction).
-    pub fn receive_handover(
-        &self,
-        tx: &mut dyn Tx,
-        from: &DeviceAddress,
-        h: &IdentityHandover,
-    ) -> Result<(), ClientError> {
+    fn receive_handover(&self, tx: &mut dyn Tx, from: &DeviceAddress, h: &IdentityHandover) -> Result<(), ClientError> {
         let me = self.identity();
         if h.identity_public == me.identity_public() {
             return Ok(());
@@ -1019,7 +1012,7 @@ impl Session {
 
     /// Marks a member device contradicted: system line, alert, and sending
     /// there blocked until the user accepts or removes it.
-    pub fn flag_member(
+    fn flag_member(
         &self,
         row: &ConversationRow,
         by: &DeviceAddress,
@@ -1042,7 +1035,7 @@ impl Session {
         self.contradicted_line(row, &by.to_string(), m.address.handle.as_str(), &m.address.device.to_hex(), why)
     }
 
-    pub fn contradicted_line(
+    pub(crate) fn contradicted_line(
         &self,
         row: &ConversationRow,
         by: &str,
