@@ -78,11 +78,21 @@ impl SpawnedServer {
             .tempdir()
             .context("cannot create a temporary data directory")?;
         let log = std::fs::File::create(dir.path().join("server.log")).context("cannot create the server log")?;
+        // Every device of the benchmark connects from one address: the
+        // per-address connection cap (a denial-of-service defence) would
+        // refuse all but the first few hundred, so it is lifted here unless
+        // the caller set it.
+        let cap: &[&str] = if o.server_arg.iter().any(|a| a.starts_with("--max-connections-per-ip")) {
+            &[]
+        } else {
+            &["--max-connections-per-ip", "1000000"]
+        };
         let mut child = tokio::process::Command::new(&bin)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data")
             .arg(dir.path().join("data"))
+            .args(cap)
             .args(&o.server_arg)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
