@@ -778,8 +778,10 @@ impl Session {
     pub fn process_batch(&self, envs: &[Envelope]) -> Result<Vec<u64>, ClientError> {
         let ids: Vec<u64> = envs.iter().map(|e| e.id).collect();
         let leaves_before = self.lock_to_commit().len();
-        self.engine.begin_batch();
         let fast = self.store.write(|_| {
+            // Begun inside the transaction: the store's gate makes this
+            // thread the only one in a batch until it ends.
+            self.engine.begin_batch();
             for env in envs {
                 let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
                 if self.store.read(|tx| tx.is_processed(&digest))? {
