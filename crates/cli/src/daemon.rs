@@ -30,7 +30,7 @@
 //! the same home.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -93,7 +93,7 @@ pub fn lock_home(home: &Path) -> Result<HomeLock> {
         .create(true)
         .truncate(false)
         .write(true)
-        .mode_0600()
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -102,16 +102,6 @@ pub fn lock_home(home: &Path) -> Result<HomeLock> {
             Err(anyhow!("another subrosa daemon is already running on {}", home.display()))
         }
         Err(e) => Err(anyhow!("cannot lock {}: {e}", path.display())),
-    }
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
 }
 
@@ -283,7 +273,11 @@ pub async fn run(client: &Client, listen: Listen, _lock: HomeLock) -> Result<Exi
             let uid = rustix::process::getuid().as_raw();
             let accept = async {
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let Ok((stream, _)) = listener.accept().await else {
+                        // Out of descriptors, say: not a reason to spin.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
                     match stream.peer_cred() {
                         Ok(cred) if cred.uid() == uid => {}
                         _ => {

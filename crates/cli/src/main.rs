@@ -307,7 +307,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, env_passphrase)) {
+    #[cfg(unix)]
+    let daemon = matches!(cli.command, Command::Daemon { .. });
+    let result = runtime.block_on(run(cli, env_passphrase));
+    // A daemon on standard input leaves a read of it blocked in the
+    // runtime's thread pool, which would hold the exit up forever.
+    #[cfg(unix)]
+    if daemon {
+        runtime.shutdown_timeout(Duration::from_millis(500));
+    }
+    match result {
         Ok(code) => code,
         Err(e) if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Pending(_))) => {
             // Stored, not lost: scripts must not send it again (DESIGN.md, exit codes).

@@ -239,13 +239,27 @@ fn a_second_daemon_on_the_same_home_is_refused() {
     let bob = User::register(&server, "bob");
     let daemon = Daemon::start(&bob);
     for args in [&["daemon"][..], &["daemon", "--stdio"]] {
-        let out = bob.run(args);
+        let mut second = bob.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        // A second daemon that did start would serve forever: end it.
+        if !wait_until(Duration::from_secs(60), || second.try_wait().ok().flatten().is_some()) {
+            let _ = second.kill();
+        }
+        let out = second.wait_with_output().expect("output");
         assert_clean_error(&out, "another subrosa daemon is already running");
     }
     // The first one goes on serving.
     let mut rpc = daemon.connect();
     assert!(rpc.call("version", json!({}))["version"].is_string());
     assert_eq!(rpc.call("groups", json!({})), json!([]));
+
+    // SIGTERM: it stops, and takes its socket away.
+    let mut daemon = daemon;
+    let term =
+        std::process::Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().expect("kill runs");
+    assert!(term.success());
+    let status = daemon.child.wait().expect("the daemon stops");
+    assert!(status.success(), "{status:?}");
+    assert!(!daemon.socket.exists(), "the socket stayed");
 }
 
 #[test]
