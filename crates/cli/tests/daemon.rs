@@ -344,3 +344,54 @@ fn a_killed_daemon_loses_nothing() {
         "lost some: handed over {handed:?}"
     );
 }
+
+#[test]
+fn the_commands_answer_with_the_json_objects_and_others_text_stays_inert() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+
+    // Hostile text from alice: the line carries it escaped, the value intact.
+    let hostile = "hi\u{1b}]0;pwned\u{7} \u{202e}gnp.exe \u{9b}2J";
+    alice.send("bob", hostile);
+    rpc.line(br#"{"jsonrpc":"2.0","id":"r","method":"receive","params":{"timeout":30}}"#);
+    let mut raw = String::new();
+    rpc.read.read_line(&mut raw).expect("an answer");
+    for c in ['\u{1b}', '\u{7}', '\u{202e}', '\u{9b}'] {
+        assert!(!raw.contains(c), "raw {c:?} in {raw:?}");
+    }
+    let answer: Value = serde_json::from_str(&raw).expect("JSON");
+    let got = answer["result"].as_array().expect("array");
+    let m = got.iter().find(|m| m["system"] == false).expect("alice's message");
+    assert_eq!(m["text"], hostile);
+
+    // contacts, safetyNumber, verify (only with the number compared).
+    let contacts = rpc.call("contacts", json!({}));
+    assert_eq!(contacts[0]["handle"], "alice");
+    assert_eq!(contacts[0]["verified"], false);
+    let number = rpc.call("safetyNumber", json!({ "handle": "alice" }))["safety_number"].as_str().unwrap().to_string();
+    let wrong = rpc.call_raw("verify", json!({ "handle": "alice", "safetyNumber": "1".repeat(60) }));
+    assert_eq!(wrong["error"]["code"], -32000, "{wrong}");
+    assert_eq!(rpc.call("contacts", json!({}))[0]["verified"], false);
+    rpc.call("verify", json!({ "handle": "alice", "safetyNumber": number }));
+    assert_eq!(rpc.call("contacts", json!({}))[0]["verified"], true);
+
+    // createGroup, groups, members, send by group name, history by id.
+    let g = rpc.call("createGroup", json!({ "name": "ops", "members": ["alice"] }));
+    assert_eq!(g["name"], "ops");
+    assert_eq!(g["members"], json!(["alice", "bob"]));
+    assert_eq!(rpc.call("groups", json!({}))[0]["id"], g["id"]);
+    let members = rpc.call("members", json!({ "conversation": g["id"] }));
+    let handles: Vec<&str> = members.as_array().unwrap().iter().map(|m| m["handle"].as_str().unwrap()).collect();
+    assert_eq!(handles.len(), 2, "{members}");
+    assert!(handles.contains(&"alice") && handles.contains(&"bob"));
+    assert_eq!(members.as_array().unwrap().iter().filter(|m| m["this_device"] == true).count(), 1);
+    let sent = rpc.call("send", json!({ "recipient": "ops", "message": "to the group" }));
+    assert_eq!((sent["state"].as_str(), sent["group"].as_bool()), (Some("sent"), Some(true)));
+    let history = rpc.call("history", json!({ "conversation": g["id"] }));
+    assert!(texts(history.as_array().unwrap()).contains(&"to the group".to_string()));
+    let got = alice.receive_json(&["--timeout", "30"]);
+    assert!(texts(&got).contains(&"to the group".to_string()), "{got:?}");
+}
