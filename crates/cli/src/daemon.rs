@@ -720,6 +720,20 @@ fn notification(m: &StoredMessage) -> String {
     term::json_line(&line).unwrap_or_default()
 }
 
+/// The notification of an event other than a message, if it has one:
+/// `messageState` (one of this device's messages reached the server, or
+/// was refused: the message in its new state), `alert`, `dropped`.
+fn other_notification(e: &ClientEvent) -> Option<String> {
+    let (method, params) = match e {
+        ClientEvent::MessageState(m) => ("messageState", message_value(m)),
+        ClientEvent::SendFailed(f) => ("messageState", message_value(f.message.as_ref()?)),
+        ClientEvent::Alert(text) => ("alert", json!({ "text": text })),
+        ClientEvent::Dropped { from, reason } => ("dropped", json!({ "from": from, "reason": reason })),
+        _ => return None,
+    };
+    term::json_line(&json!({ "jsonrpc": "2.0", "method": method, "params": params })).ok()
+}
+
 /// A subscription: replays what `position` did not get from the store, then
 /// follows the event stream (back to the store when it fell behind).
 async fn notify(
@@ -753,7 +767,15 @@ async fn notify(
     loop {
         let ms = match events.recv().await {
             Ok(ClientEvent::Message(m) | ClientEvent::System(m)) => vec![m],
-            Ok(_) => continue,
+            Ok(other) => {
+                // Live only (the store keeps the messages' states, not these events).
+                if let Some(line) = other_notification(&other) {
+                    if tx.send((line, vec![])).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             Err(broadcast::error::RecvError::Lagged(_)) => match shared.pending_for(&position) {
                 Ok(ms) => ms,
                 Err(_) => continue,

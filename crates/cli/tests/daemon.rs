@@ -126,12 +126,17 @@ impl<R: BufRead, W: Write> Rpc<R, W> {
         all
     }
 
-    /// The next notification.
-    fn notification(&mut self) -> Value {
+    /// The next notification of any kind.
+    fn any_notification(&mut self) -> Value {
         if !self.seen.is_empty() {
             return self.seen.remove(0);
         }
-        let v = self.read();
+        self.read()
+    }
+
+    /// The next message notification.
+    fn notification(&mut self) -> Value {
+        let v = self.any_notification();
         assert_eq!(v["method"], "message", "{v}");
         v
     }
@@ -394,4 +399,31 @@ fn the_commands_answer_with_the_json_objects_and_others_text_stays_inert() {
     assert!(texts(history.as_array().unwrap()).contains(&"to the group".to_string()));
     let got = alice.receive_json(&["--timeout", "30"]);
     assert!(texts(&got).contains(&"to the group".to_string()), "{got:?}");
+}
+
+#[test]
+fn a_send_queued_while_the_server_is_away_is_told_when_it_went_out() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    wait_stored(&mut rpc, "alice", "hello");
+    rpc.call("subscribe", json!({}));
+
+    server.kill();
+    let queued = rpc.call("send", json!({ "recipient": "alice", "message": "while away" }));
+    assert_eq!(queued["state"], "queued", "{queued}");
+    server.restart_with(&[]);
+    let sent = loop {
+        let n = rpc.any_notification();
+        if n["method"] == "messageState" && n["params"]["id"] == queued["id"] {
+            break n;
+        }
+    };
+    assert_eq!(sent["params"]["state"], "sent", "{sent}");
+    assert_eq!(sent["params"]["text"], "while away");
+    let got = alice.receive_json(&["--timeout", "30"]);
+    assert!(texts(&got).contains(&"while away".to_string()), "{got:?}");
 }
