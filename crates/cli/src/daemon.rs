@@ -492,6 +492,7 @@ fn params<T: for<'de> Deserialize<'de>>(p: Value) -> Result<T, Failure> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Which {
+    #[serde(alias = "target")]
     recipient: Option<String>,
     conversation: Option<String>,
 }
@@ -516,8 +517,12 @@ impl Which {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SendParams {
+    // `target` and `text` as the command line calls them; `recipient` and
+    // `message` as signal-cli does.
+    #[serde(alias = "target")]
     recipient: Option<String>,
     conversation: Option<String>,
+    #[serde(alias = "text")]
     message: String,
 }
 

@@ -395,7 +395,10 @@ fn the_commands_answer_with_the_json_objects_and_others_text_stays_inert() {
     assert_eq!(members.as_array().unwrap().iter().filter(|m| m["this_device"] == true).count(), 1);
     let sent = rpc.call("send", json!({ "recipient": "ops", "message": "to the group" }));
     assert_eq!((sent["state"].as_str(), sent["group"].as_bool()), (Some("sent"), Some(true)));
+    // The command line's names do too.
+    rpc.call("send", json!({ "target": "ops", "text": "by target" }));
     let history = rpc.call("history", json!({ "conversation": g["id"] }));
+    assert!(texts(history.as_array().unwrap()).contains(&"by target".to_string()));
     assert!(texts(history.as_array().unwrap()).contains(&"to the group".to_string()));
     let got = alice.receive_json(&["--timeout", "30"]);
     assert!(texts(&got).contains(&"to the group".to_string()), "{got:?}");
