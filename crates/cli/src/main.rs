@@ -9,6 +9,8 @@ macro_rules! out {
     }};
 }
 
+#[cfg(unix)]
+mod daemon;
 mod demo;
 mod term;
 
@@ -161,6 +163,21 @@ enum Command {
         /// The device id (hex) as the warning named it (a unique prefix will do).
         device: String,
     },
+    /// Serve JSON-RPC 2.0 for scripts and bots on a Unix socket (or
+    /// standard input and output), staying connected: methods named after
+    /// the commands, `subscribe` for incoming messages. Whoever can open the
+    /// socket uses the unlocked store: it is 0600 in a 0700 directory and
+    /// only this user's processes are served.
+    #[cfg(unix)]
+    Daemon {
+        /// The socket [default: HOME/daemon/socket]; its directory must be
+        /// yours and closed to others (0700).
+        #[arg(long, value_name = "PATH", conflicts_with = "stdio")]
+        socket: Option<PathBuf>,
+        /// Serve one client on standard input and output instead.
+        #[arg(long)]
+        stdio: bool,
+    },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
     /// Drop this device's store key from the session's key cache now: the
@@ -290,7 +307,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, env_passphrase)) {
+    #[cfg(unix)]
+    let daemon = matches!(cli.command, Command::Daemon { .. });
+    let result = runtime.block_on(run(cli, env_passphrase));
+    // A daemon on standard input leaves a read of it blocked in the
+    // runtime's thread pool, which would hold the exit up forever.
+    #[cfg(unix)]
+    if daemon {
+        runtime.shutdown_timeout(Duration::from_millis(500));
+    }
+    match result {
         Ok(code) => code,
         Err(e) if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Pending(_))) => {
             // Stored, not lost: scripts must not send it again (DESIGN.md, exit codes).
@@ -622,6 +648,12 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
         }
         command => {
             let home = home(&cli.home)?;
+            // A second daemon is refused before it asks for anything.
+            #[cfg(unix)]
+            let lock = match &command {
+                Command::Daemon { .. } => Some(daemon::lock_home(&home)?),
+                _ => None,
+            };
             let cache = KeyCache::for_home(&home, cli.key_cache);
             // A passphrase given is always checked (against the cached key's
             // check value, else by deriving); none given, a cached key will do.
@@ -633,7 +665,19 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                 },
             };
             let client = Client::new(Subrosa::from_store(&home, store)?);
-            let result = run_opened(&client, command).await;
+            let result = match command {
+                #[cfg(unix)]
+                Command::Daemon { socket, stdio } => {
+                    let listen = if stdio {
+                        daemon::Listen::Stdio
+                    } else {
+                        daemon::Listen::Socket(socket.unwrap_or_else(|| daemon::default_socket(&home)))
+                    };
+                    let lock = lock.ok_or_else(|| anyhow!("the daemon lock was not taken"))?;
+                    daemon::run(&client, listen, lock).await
+                }
+                command => run_opened(&client, command).await,
+            };
             let me = client.device();
             // Queued sends the server refused, and security alerts raised
             // along the way (directory forks, ghost devices), are shown
@@ -835,6 +879,8 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
         Command::Register { .. } | Command::Demo | Command::Audit { .. } | Command::Lock => {
             unreachable!("handled above")
         }
+        #[cfg(unix)]
+        Command::Daemon { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }

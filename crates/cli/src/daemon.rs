@@ -1,0 +1,836 @@
+//! `subrosa daemon`: JSON-RPC 2.0 for scripts and bots, over a Unix socket
+//! or standard input and output.
+//!
+//! One request or response per line, after signal-cli's daemon: methods are
+//! named after the commands (`send`, `receive`, `history`, `contacts`,
+//! `groups`, `members`, `createGroup`, `safetyNumber`, `verify`) and answer
+//! with the objects `--json` prints; `subscribe` turns on notifications
+//! `{"jsonrpc":"2.0","method":"message","params":M}` where `M` is exactly a
+//! `subrosa receive --json` line.
+//!
+//! Nothing is lost. The handle ([`Client::run`]) stores what arrives before
+//! the server is acknowledged, whether or not anyone listens. What the
+//! daemon has handed to a front end is remembered in the store itself
+//! ([`Consumed`], under one meta key, so it is encrypted and committed like
+//! everything else): `receive`, and `subscribe` without a cursor, replay
+//! what no front end got yet, then (for `subscribe`) what comes. A message
+//! counts as handed over once its line was written to the connection, so a
+//! crash in between hands it over again (at least once: front ends
+//! deduplicate by `id`). `subscribe {"since": MS}` replays everything stored
+//! from `received_at` MS on, for a client that keeps its own cursor.
+//!
+//! Concurrency: one task per connection reads and answers requests in
+//! order; a subscription is a task of its own that reads the handle's event
+//! stream; both hand lines to the connection's one writer task, which
+//! marks messages handed over after it wrote them.
+//!
+//! Access: anyone who can connect to the socket uses the unlocked store, so
+//! the socket is 0600 in a 0700 directory and a peer of another uid is
+//! turned away. A lock file (`daemon.lock`, flock) keeps a second daemon off
+//! the same home.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use subrosa_client::{Client, ClientError, ClientEvent, StoredMessage, Subrosa, Target};
+use subrosa_proto::ConversationId;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::{one_line, term, with_advice};
+
+/// Longest request line; a longer one ends the connection.
+const MAX_REQUEST: u64 = 1 << 20;
+/// Where the handed-over record lives in the store's meta table.
+const META_CONSUMED: &str = "cli.daemon.consumed";
+/// How far back, from the newest message handed over, the record keeps
+/// message ids: a message stored with an older `received_at` after that
+/// one (written by another process, or a clock step back) is still handed
+/// over once.
+const MARGIN_MS: u64 = 10 * 60 * 1000;
+/// Longest `receive` wait, in seconds.
+const MAX_WAIT_SECS: f64 = 3600.0;
+
+// JSON-RPC 2.0 error codes.
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+/// The command failed (its one-line error is the message).
+const COMMAND_FAILED: i64 = -32000;
+
+/// The lock file, in the home directory.
+pub fn lock_path(home: &Path) -> PathBuf {
+    home.join("daemon.lock")
+}
+
+/// The socket when `--socket` is not given.
+pub fn default_socket(home: &Path) -> PathBuf {
+    home.join("daemon").join("socket")
+}
+
+/// Holds the home's daemon lock for as long as it lives.
+#[derive(Debug)]
+pub struct HomeLock(#[allow(dead_code)] std::fs::File);
+
+/// Takes the home's daemon lock, or says that another daemon holds it.
+///
+/// # Errors
+/// Another daemon runs on `home`; the lock file cannot be made.
+pub fn lock_home(home: &Path) -> Result<HomeLock> {
+    if !home.is_dir() {
+        return Err(anyhow!("no device in {}: register or link one first", home.display()));
+    }
+    let path = lock_path(home);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(HomeLock(file)),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            Err(anyhow!("another subrosa daemon is already running on {}", home.display()))
+        }
+        Err(e) => Err(anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// Which messages a front end has been handed: every message stored before
+/// `floor` (ms, `received_at`), and the ids in `ids` from `floor` on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consumed {
+    /// Messages stored before this were all handed over.
+    pub floor: u64,
+    /// `conversation/id` of messages handed over, stored at or after
+    /// `floor`, with their `received_at`.
+    pub ids: BTreeMap<String, u64>,
+}
+
+fn key(m: &StoredMessage) -> String {
+    format!("{}/{}", m.conversation, m.id)
+}
+
+impl Consumed {
+    /// A cursor that wants everything stored from `since` on.
+    pub fn since(since: u64) -> Self {
+        Consumed { floor: since, ids: BTreeMap::new() }
+    }
+
+    /// Whether `m` was not handed over yet.
+    pub fn wants(&self, m: &StoredMessage) -> bool {
+        m.received_at >= self.floor && !self.ids.contains_key(&key(m))
+    }
+
+    /// Records `m` as handed over.
+    pub fn mark(&mut self, m: &StoredMessage) {
+        if m.received_at < self.floor {
+            return;
+        }
+        self.ids.insert(key(m), m.received_at);
+        let newest = self.ids.values().copied().max().unwrap_or(0);
+        let floor = newest.saturating_sub(MARGIN_MS);
+        if floor > self.floor {
+            self.floor = floor;
+            self.ids.retain(|_, at| *at >= floor);
+        }
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, ClientError> {
+        serde_json::to_vec(self).map_err(|e| ClientError::Bug(e.to_string()))
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// What the daemon shares between connections.
+struct Shared {
+    client: Client,
+    /// This device's id (hex): its own sends are not handed out.
+    me: String,
+    consumed: Mutex<Consumed>,
+}
+
+impl Shared {
+    fn device(&self) -> &Subrosa {
+        self.client.device()
+    }
+
+    /// Whether `m` goes to front ends at all: everything `receive` shows,
+    /// not what this device sent itself.
+    fn for_front_ends(&self, m: &StoredMessage) -> bool {
+        !(m.outgoing && !m.system && m.device == self.me)
+    }
+
+    /// Messages in the store, in arrival order, from `floor` on.
+    fn stored_from(&self, floor: u64) -> Result<Vec<StoredMessage>, ClientError> {
+        let store = self.device().store();
+        let rows = store.read(|tx| tx.conversations_by_prefix(""))?;
+        let rows: Vec<_> = rows.into_iter().filter(|r| r.kind != "own").collect();
+        let mut all = store.read(|tx| tx.history(&rows))?;
+        all.retain(|m| m.received_at >= floor && self.for_front_ends(m));
+        Ok(all)
+    }
+
+    /// What `position` did not get yet.
+    fn pending_for(&self, position: &Consumed) -> Result<Vec<StoredMessage>, ClientError> {
+        let mut v = self.stored_from(position.floor)?;
+        v.retain(|m| position.wants(m));
+        Ok(v)
+    }
+
+    fn consumed(&self) -> Consumed {
+        self.consumed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records `messages` as handed over, in the store.
+    fn mark(&self, messages: &[StoredMessage]) -> Result<(), ClientError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let bytes = {
+            let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+            for m in messages {
+                c.mark(m);
+            }
+            c.encode()?
+        };
+        self.device().store().write(|tx| tx.set_meta(META_CONSUMED, &bytes))
+    }
+}
+
+/// The record of what was handed over; the first time, everything stored
+/// is taken as handed over except what no `receive` showed yet.
+fn load_consumed(device: &Subrosa) -> Result<Consumed, ClientError> {
+    if let Some(bytes) = device.store().read(|tx| tx.meta(META_CONSUMED))? {
+        if let Some(c) = Consumed::decode(&bytes) {
+            return Ok(c);
+        }
+    }
+    let unseen = device.store().write(|tx| tx.take_unseen())?;
+    let now = subrosa_client::store::now_ms();
+    let floor = unseen.iter().map(|m| m.received_at).min().unwrap_or(now).min(now);
+    let mut c = Consumed::since(floor);
+    let store = device.store();
+    let rows: Vec<_> =
+        store.read(|tx| tx.conversations_by_prefix(""))?.into_iter().filter(|r| r.kind != "own").collect();
+    let unseen: std::collections::HashSet<String> = unseen.iter().map(key).collect();
+    for m in store.read(|tx| tx.history(&rows))? {
+        if m.received_at >= floor && !unseen.contains(&key(&m)) {
+            c.ids.insert(key(&m), m.received_at);
+        }
+    }
+    store.write(|tx| tx.set_meta(META_CONSUMED, &c.encode()?))?;
+    Ok(c)
+}
+
+/// Where the daemon listens.
+#[derive(Debug)]
+pub enum Listen {
+    /// A Unix socket at this path.
+    Socket(PathBuf),
+    /// Standard input and output (one client; the daemon ends with it).
+    Stdio,
+}
+
+/// Runs the daemon until it is stopped (SIGINT, SIGTERM), standard input
+/// ends (`--stdio`), or the handle meets an error retrying cannot fix.
+///
+/// # Errors
+/// The socket cannot be made; the store; the handle's fatal errors.
+pub async fn run(client: &Client, listen: Listen, _lock: HomeLock) -> Result<ExitCode> {
+    let me = client.device().identity().device_id().to_hex();
+    let consumed = load_consumed(client.device())?;
+    let shared = Arc::new(Shared { client: client.clone(), me, consumed: Mutex::new(consumed) });
+    let running = client.run();
+    tokio::pin!(running);
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    match listen {
+        Listen::Stdio => {
+            eprintln!("subrosa daemon: serving JSON-RPC on standard input and output");
+            let serve = serve_connection(shared, tokio::io::stdin(), tokio::io::stdout());
+            tokio::select! {
+                r = &mut running => r.map_err(anyhow::Error::from)?,
+                () = serve => {}
+                () = &mut stop => {}
+            }
+        }
+        Listen::Socket(path) => {
+            let listener = bind(&path)?;
+            eprintln!("subrosa daemon: listening on {}", path.display());
+            let uid = rustix::process::getuid().as_raw();
+            let accept = async {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        // Out of descriptors, say: not a reason to spin.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    match stream.peer_cred() {
+                        Ok(cred) if cred.uid() == uid => {}
+                        _ => {
+                            tracing::warn!("refused a connection from another user");
+                            continue;
+                        }
+                    }
+                    let (r, w) = stream.into_split();
+                    tokio::spawn(serve_connection(shared.clone(), r, w));
+                }
+            };
+            let result = tokio::select! {
+                r = &mut running => r.map_err(anyhow::Error::from),
+                () = accept => Ok(()),
+                () = &mut stop => Ok(()),
+            };
+            let _ = std::fs::remove_file(&path);
+            result?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// The socket at `path`, 0600, in a directory nobody else may enter.
+fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.uid() != rustix::process::getuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(anyhow!(
+            "{} must be a directory of yours that nobody else may enter (mode 0700): the socket gives the unlocked store",
+            dir.display()
+        ));
+    }
+    // The lock is held: a socket left there is a dead daemon's.
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path).with_context(|| format!("removing the old socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+/// A line for the writer, and the messages it hands over.
+type Outgoing = (String, Vec<StoredMessage>);
+
+/// Serves one connection until it closes.
+async fn serve_connection<R, W>(shared: Arc<Shared>, read: R, write: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Outgoing>(256);
+    let writer = tokio::spawn(write_lines(shared.clone(), write, rx));
+    let mut reader = BufReader::new(read);
+    let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader).take(MAX_REQUEST + 1).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if line.len() as u64 > MAX_REQUEST {
+            let _ = tx.send((error_line(Value::Null, INVALID_REQUEST, "request longer than 1 MiB"), vec![])).await;
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed: Result<Value, _> = serde_json::from_slice(&line);
+        let reply = match parsed {
+            Err(e) => Some(error_line(Value::Null, PARSE_ERROR, &format!("parse error: {e}"))),
+            Ok(Value::Array(batch)) if batch.is_empty() => {
+                Some(error_line(Value::Null, INVALID_REQUEST, "empty batch"))
+            }
+            Ok(Value::Array(batch)) => {
+                let mut answers = Vec::new();
+                let mut handed = Vec::new();
+                for request in batch {
+                    if let Some((v, mut h)) = handle(&shared, &tx, &mut subscription, request).await {
+                        answers.push(v);
+                        handed.append(&mut h);
+                    }
+                }
+                if !answers.is_empty() {
+                    let line = term::json_line(&Value::Array(answers)).unwrap_or_default();
+                    let _ = tx.send((line, handed)).await;
+                }
+                None
+            }
+            Ok(request) => {
+                if let Some((v, handed)) = handle(&shared, &tx, &mut subscription, request).await {
+                    let _ = tx.send((term::json_line(&v).unwrap_or_default(), handed)).await;
+                }
+                None
+            }
+        };
+        if let Some(r) = reply {
+            let _ = tx.send((r, vec![])).await;
+        }
+    }
+    if let Some(s) = subscription {
+        s.abort();
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Writes lines in order; after each, records what it handed over.
+async fn write_lines<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut write: W, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some((mut line, handed)) = rx.recv().await {
+        line.push('\n');
+        if write.write_all(line.as_bytes()).await.is_err() || write.flush().await.is_err() {
+            break;
+        }
+        if let Err(e) = shared.mark(&handed) {
+            tracing::warn!("cannot record messages handed over: {e}");
+        }
+    }
+}
+
+fn error_line(id: Value, code: i64, message: &str) -> String {
+    term::json_line(&error_value(id, code, message)).unwrap_or_default()
+}
+
+fn error_value(id: Value, code: i64, message: &str) -> Value {
+    json!({ "jsonrpc": "2.0", "error": { "code": code, "message": message }, "id": id })
+}
+
+/// A failed call: a JSON-RPC error code and a one-line message.
+struct Failure(i64, String);
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure(COMMAND_FAILED, one_line(&anyhow::Error::from(e)))
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure(COMMAND_FAILED, one_line(&e))
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    Failure(INVALID_PARAMS, message.into())
+}
+
+/// The answer to one request (none for a notification), and the messages
+/// it hands over.
+async fn handle(
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<Outgoing>,
+    subscription: &mut Option<tokio::task::JoinHandle<()>>,
+    request: Value,
+) -> Option<(Value, Vec<StoredMessage>)> {
+    let Value::Object(mut request) = request else {
+        return Some((error_value(Value::Null, INVALID_REQUEST, "a request is a JSON object"), vec![]));
+    };
+    let id = request.remove("id");
+    let valid_id = matches!(id, None | Some(Value::Null | Value::String(_) | Value::Number(_)));
+    let id_value = if valid_id { id.clone().unwrap_or(Value::Null) } else { Value::Null };
+    if request.get("jsonrpc") != Some(&Value::String("2.0".into())) || !valid_id {
+        return Some((error_value(id_value, INVALID_REQUEST, "not a JSON-RPC 2.0 request"), vec![]));
+    }
+    let Some(Value::String(method)) = request.remove("method") else {
+        return Some((error_value(id_value, INVALID_REQUEST, "the request names no method"), vec![]));
+    };
+    let params = match request.remove("params") {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(p @ Value::Object(_)) => p,
+        Some(_) => return Some((error_value(id_value, INVALID_PARAMS, "params must be an object"), vec![])),
+    };
+    let result = call(shared, tx, subscription, &method, params).await;
+    // A request without an id is a notification: no answer, even an error.
+    id.as_ref()?;
+    Some(match result {
+        Ok((value, handed)) => (json!({ "jsonrpc": "2.0", "result": value, "id": id_value }), handed),
+        Err(Failure(code, message)) => (error_value(id_value, code, &message), vec![]),
+    })
+}
+
+fn params<T: for<'de> Deserialize<'de>>(p: Value) -> Result<T, Failure> {
+    serde_json::from_value(p).map_err(|e| invalid(format!("invalid params: {e}")))
+}
+
+/// Which conversation: `conversation` (its id in hex) or `recipient` (as
+/// the commands take it: a handle, `@handle`, a group name, `#ID`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Which {
+    #[serde(alias = "target")]
+    recipient: Option<String>,
+    conversation: Option<String>,
+}
+
+enum Place {
+    Id(ConversationId),
+    Named(String),
+}
+
+impl Which {
+    fn place(self) -> Result<Place, Failure> {
+        match (self.recipient, self.conversation) {
+            (Some(r), None) => Ok(Place::Named(r)),
+            (None, Some(c)) => {
+                c.parse().map(Place::Id).map_err(|_| invalid("conversation takes a conversation id: 32 hex digits"))
+            }
+            _ => Err(invalid("give either recipient or conversation")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendParams {
+    // `target` and `text` as the command line calls them; `recipient` and
+    // `message` as signal-cli does.
+    #[serde(alias = "target")]
+    recipient: Option<String>,
+    conversation: Option<String>,
+    #[serde(alias = "text")]
+    message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveParams {
+    /// Seconds to wait for a message when none is waiting.
+    #[serde(default)]
+    timeout: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeParams {
+    since: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateGroupParams {
+    name: String,
+    members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandleParams {
+    handle: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VerifyParams {
+    handle: String,
+    safety_number: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+fn message_value(m: &StoredMessage) -> Value {
+    serde_json::to_value(&*with_advice(m)).unwrap_or(Value::Null)
+}
+
+fn messages_value(ms: &[StoredMessage]) -> Value {
+    Value::Array(ms.iter().map(message_value).collect())
+}
+
+type Answer = Result<(Value, Vec<StoredMessage>), Failure>;
+
+async fn call(
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<Outgoing>,
+    subscription: &mut Option<tokio::task::JoinHandle<()>>,
+    method: &str,
+    p: Value,
+) -> Answer {
+    let client = &shared.client;
+    let me = shared.device();
+    let plain = |v: Value| -> Answer { Ok((v, vec![])) };
+    match method {
+        "send" => {
+            let SendParams { recipient, conversation, message } = params(p)?;
+            let place = Which { recipient, conversation }.place()?;
+            let id = match place {
+                Place::Id(id) => id,
+                Place::Named(target) => match me.resolve(&target)? {
+                    Target::Conversation(row) => row.id,
+                    Target::Direct(handle) => {
+                        match me.store().read(|tx| tx.direct_conversation(handle.as_str()))? {
+                            Some(id) => id,
+                            // A first message makes the conversation.
+                            None => return plain(message_value(&me.send_text(&target, &message).await?)),
+                        }
+                    }
+                },
+            };
+            plain(message_value(&client.send_text(&id, &message).await?))
+        }
+        "history" => {
+            let history = match params::<Which>(p)?.place()? {
+                Place::Id(id) => client.history(&id)?,
+                Place::Named(target) => me.history(&target)?,
+            };
+            plain(messages_value(&history))
+        }
+        "receive" => {
+            let ReceiveParams { timeout } = params(p)?;
+            if !(0.0..=MAX_WAIT_SECS).contains(&timeout) || timeout.is_nan() {
+                return Err(invalid(format!("timeout takes seconds from 0 to {MAX_WAIT_SECS}")));
+            }
+            let mut events = client.events();
+            let mut got = shared.pending_for(&shared.consumed())?;
+            if got.is_empty() && timeout > 0.0 {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
+                while got.is_empty() {
+                    match tokio::time::timeout_at(deadline, events.recv()).await {
+                        Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
+                        Ok(Ok(ClientEvent::Message(_) | ClientEvent::System(_)))
+                        | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                            got = shared.pending_for(&shared.consumed())?;
+                        }
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            }
+            Ok((messages_value(&got), got))
+        }
+        "subscribe" => {
+            let SubscribeParams { since } = params(p)?;
+            if let Some(s) = subscription.take() {
+                s.abort();
+            }
+            let position = match since {
+                Some(ms) => Consumed::since(ms),
+                None => shared.consumed(),
+            };
+            // Subscribed before the replay is read: nothing falls between.
+            let events = client.events();
+            *subscription = Some(tokio::spawn(notify(shared.clone(), tx.clone(), events, position)));
+            plain(json!({ "subscribed": true }))
+        }
+        "unsubscribe" => {
+            params::<NoParams>(p)?;
+            let was = subscription.take().map(|s| s.abort()).is_some();
+            plain(json!({ "subscribed": false, "was": was }))
+        }
+        "contacts" => {
+            params::<NoParams>(p)?;
+            plain(serde_json::to_value(me.contacts()?).unwrap_or(Value::Null))
+        }
+        "groups" => {
+            params::<NoParams>(p)?;
+            let groups: Vec<Value> = me
+                .groups()?
+                .into_iter()
+                .map(|g| json!({ "name": g.name, "id": g.id, "members": g.members, "active": g.active }))
+                .collect();
+            plain(Value::Array(groups))
+        }
+        "members" => {
+            let target = match params::<Which>(p)?.place()? {
+                Place::Id(id) => format!("#{}", id.to_hex()),
+                Place::Named(t) => t,
+            };
+            let stale = me.stale_members(&target)?;
+            let mine = me.identity().address();
+            let members: Vec<Value> = me
+                .members(&target)?
+                .into_iter()
+                .map(|m| {
+                    let stale_days = stale.iter().find(|(a, _)| *a == m.address).map(|(_, d)| *d);
+                    json!({
+                        "handle": m.address.handle.to_string(),
+                        "device": m.address.device.to_hex(),
+                        "fingerprint": subrosa_core::safety::key_fingerprint(&m.device_key),
+                        "this_device": m.address == mine,
+                        "stale_days": stale_days,
+                    })
+                })
+                .collect();
+            plain(Value::Array(members))
+        }
+        "createGroup" => {
+            let CreateGroupParams { name, members } = params(p)?;
+            let g = me.create_group(&name, &members).await?;
+            plain(json!({ "name": g.name, "id": g.id, "members": g.members, "active": g.active }))
+        }
+        "safetyNumber" => {
+            let HandleParams { handle } = params(p)?;
+            let n = me.safety_number(&handle).await?;
+            plain(json!({ "handle": handle.trim_start_matches('@'), "safety_number": n }))
+        }
+        "verify" => {
+            // A script cannot look the other person in the eye: it says
+            // which number was compared, and only that number verifies.
+            let VerifyParams { handle, safety_number } = params(p)?;
+            let n = me.safety_number(&handle).await?;
+            let digits = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+            if digits(&n) != digits(&safety_number) {
+                return Err(Failure(
+                    COMMAND_FAILED,
+                    "not verified: that is not the safety number with this contact".into(),
+                ));
+            }
+            me.mark_verified(&handle)?;
+            plain(json!({ "handle": handle.trim_start_matches('@'), "verified": true }))
+        }
+        "version" => {
+            params::<NoParams>(p)?;
+            plain(json!({ "version": env!("CARGO_PKG_VERSION") }))
+        }
+        _ => Err(Failure(METHOD_NOT_FOUND, format!("no method {:?}", term::safe(method)))),
+    }
+}
+
+fn notification(m: &StoredMessage) -> String {
+    let line = json!({ "jsonrpc": "2.0", "method": "message", "params": message_value(m) });
+    term::json_line(&line).unwrap_or_default()
+}
+
+/// The notification of an event other than a message, if it has one:
+/// `messageState` (one of this device's messages reached the server, or
+/// was refused: the message in its new state), `alert`, `dropped`.
+fn other_notification(e: &ClientEvent) -> Option<String> {
+    let (method, params) = match e {
+        ClientEvent::MessageState(m) => ("messageState", message_value(m)),
+        ClientEvent::SendFailed(f) => ("messageState", message_value(f.message.as_ref()?)),
+        ClientEvent::Alert(text) => ("alert", json!({ "text": text })),
+        ClientEvent::Dropped { from, reason } => ("dropped", json!({ "from": from, "reason": reason })),
+        _ => return None,
+    };
+    term::json_line(&json!({ "jsonrpc": "2.0", "method": method, "params": params })).ok()
+}
+
+/// A subscription: replays what `position` did not get from the store, then
+/// follows the event stream (back to the store when it fell behind).
+async fn notify(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Outgoing>,
+    mut events: broadcast::Receiver<ClientEvent>,
+    mut position: Consumed,
+) {
+    let send = |ms: Vec<StoredMessage>, position: &mut Consumed| {
+        let mut lines = Vec::new();
+        for m in ms {
+            if shared.for_front_ends(&m) && position.wants(&m) {
+                position.mark(&m);
+                lines.push((notification(&m), vec![m]));
+            }
+        }
+        lines
+    };
+    let replay = match shared.pending_for(&position) {
+        Ok(ms) => ms,
+        Err(e) => {
+            tracing::warn!("cannot read the store for a subscription: {e}");
+            return;
+        }
+    };
+    for line in send(replay, &mut position) {
+        if tx.send(line).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let ms = match events.recv().await {
+            Ok(ClientEvent::Message(m) | ClientEvent::System(m)) => vec![m],
+            Ok(other) => {
+                // Live only (the store keeps the messages' states, not these events).
+                if let Some(line) = other_notification(&other) {
+                    if tx.send((line, vec![])).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => match shared.pending_for(&position) {
+                Ok(ms) => ms,
+                Err(_) => continue,
+            },
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        for line in send(ms, &mut position) {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(conv: &str, id: &str, at: u64) -> StoredMessage {
+        StoredMessage { id: id.into(), conversation: conv.into(), received_at: at, ..Default::default() }
+    }
+
+    #[test]
+    fn consumed_hands_each_message_over_once_and_forgets_old_ids() {
+        let mut c = Consumed::since(100);
+        let (a, b) = (msg("c1", "a", 100), msg("c1", "b", 100));
+        assert!(!c.wants(&msg("c1", "old", 99)));
+        assert!(c.wants(&a) && c.wants(&b));
+        c.mark(&a);
+        assert!(!c.wants(&a) && c.wants(&b));
+        // Far later: older ids are dropped with the floor moving up.
+        let late = msg("c2", "z", 100 + MARGIN_MS + 5);
+        c.mark(&late);
+        assert_eq!(c.floor, 105);
+        assert!(!c.wants(&b), "below the floor now counts as handed over");
+        assert_eq!(c.ids.len(), 1);
+        // Stored a bit earlier than the newest, but after it: still wanted.
+        assert!(c.wants(&msg("c3", "y", 100 + MARGIN_MS)));
+    }
+
+    #[test]
+    fn consumed_record_bytes_stay_the_same() {
+        let mut c = Consumed::since(1_700_000_000_000);
+        c.mark(&msg("0a0b", "0c0d", 1_700_000_000_001));
+        let bytes = c.encode().expect("encode");
+        assert_eq!(
+            String::from_utf8(bytes.clone()).expect("utf-8"),
+            r#"{"floor":1700000000000,"ids":{"0a0b/0c0d":1700000000001}}"#
+        );
+        assert_eq!(Consumed::decode(&bytes), Some(c));
+        assert_eq!(Consumed::decode(b"not json"), None);
+    }
+}

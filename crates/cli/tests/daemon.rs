@@ -1,0 +1,432 @@
+//! `subrosa daemon`: JSON-RPC 2.0 for scripts and bots, against a real
+//! server, with a bot in Python (standard library only) on the socket.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A running `subrosa daemon` on a user's home.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(user: &User) -> Daemon {
+        let mut child =
+            user.cmd(&["daemon"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("daemon starts");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut first = String::new();
+        err.read_line(&mut first).expect("the daemon says where it listens");
+        let socket = first
+            .trim()
+            .strip_prefix("subrosa daemon: listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .into();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            eprint!("{rest}");
+        });
+        Daemon { child, socket }
+    }
+
+    fn connect(&self) -> Rpc<BufReader<UnixStream>, UnixStream> {
+        let stream = UnixStream::connect(&self.socket).expect("connect to the daemon");
+        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        Rpc { read: BufReader::new(stream.try_clone().expect("clone")), write: stream, next: 0, seen: Vec::new() }
+    }
+
+    /// SIGKILL: no chance to tidy up.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A JSON-RPC client over any line stream.
+struct Rpc<R: BufRead, W: Write> {
+    read: R,
+    write: W,
+    next: u64,
+    /// Notifications read while waiting for answers.
+    seen: Vec<Value>,
+}
+
+impl<R: BufRead, W: Write> Rpc<R, W> {
+    fn line(&mut self, raw: &[u8]) {
+        self.write.write_all(raw).expect("write");
+        self.write.write_all(b"\n").expect("write");
+        self.write.flush().expect("flush");
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.read.read_line(&mut line).expect("read an answer");
+        assert!(n > 0, "the daemon closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// The next answer (not a notification).
+    fn answer(&mut self) -> Value {
+        loop {
+            let v = self.read();
+            if v.get("method").is_some() {
+                self.seen.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Calls `method`; the whole answer.
+    fn call_raw(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let req = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        self.line(req.to_string().as_bytes());
+        let answer = self.answer();
+        assert_eq!(answer["id"], json!(id), "{answer}");
+        answer
+    }
+
+    /// Calls `method`; its result, which must not be an error.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let a = self.call_raw(method, params);
+        assert!(a.get("error").is_none(), "{method}: {a}");
+        a["result"].clone()
+    }
+
+    /// Every notification left on the connection, until it closes.
+    fn drain(&mut self) -> Vec<Value> {
+        let mut all = std::mem::take(&mut self.seen);
+        let mut line = String::new();
+        while self.read.read_line(&mut line).unwrap_or(0) > 0 {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                all.push(v);
+            }
+            line.clear();
+        }
+        all
+    }
+
+    /// The next notification of any kind.
+    fn any_notification(&mut self) -> Value {
+        if !self.seen.is_empty() {
+            return self.seen.remove(0);
+        }
+        self.read()
+    }
+
+    /// The next message notification.
+    fn notification(&mut self) -> Value {
+        let v = self.any_notification();
+        assert_eq!(v["method"], "message", "{v}");
+        v
+    }
+}
+
+fn history_texts<R: BufRead, W: Write>(rpc: &mut Rpc<R, W>, who: &str) -> Vec<String> {
+    let a = rpc.call_raw("history", json!({ "recipient": who }));
+    a["result"].as_array().map(|v| texts(v)).unwrap_or_default()
+}
+
+/// Waits until `user`'s daemon has stored `text` from `from`.
+fn wait_stored<R: BufRead, W: Write>(rpc: &mut Rpc<R, W>, from: &str, text: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || history_texts(rpc, from).iter().any(|t| t == text)),
+        "the daemon never stored {text:?}"
+    );
+}
+
+const BOT: &str = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(60)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+
+def send(obj):
+    f.write((json.dumps(obj) + "\n").encode())
+    f.flush()
+
+def read():
+    line = f.readline()
+    if not line:
+        sys.exit("the daemon closed the connection")
+    return json.loads(line)
+
+send({"jsonrpc": "2.0", "id": 1, "method": "subscribe"})
+while True:
+    m = read()
+    if m.get("method") == "message" and not m["params"]["system"] and not m["params"]["outgoing"]:
+        break
+p = m["params"]
+send({"jsonrpc": "2.0", "id": 2, "method": "send",
+      "params": {"conversation": p["conversation"], "message": "pong: " + p["text"]}})
+while True:
+    r = read()
+    if r.get("id") == 2:
+        break
+if "error" in r:
+    sys.exit("send failed: " + json.dumps(r))
+print(json.dumps({"got": p, "sent": r["result"]}))
+"#;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+#[test]
+fn a_python_bot_gets_what_came_while_it_was_away_and_its_answer_arrives() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let daemon = Daemon::start(&bob);
+    // The socket unlocks bob's store: only bob may open it.
+    assert_eq!(mode(&daemon.socket), 0o600);
+    assert_eq!(mode(daemon.socket.parent().expect("dir")), 0o700);
+
+    // No bot is connected while alice writes; the daemon stores it.
+    alice.send("bob", "ping");
+    let mut watcher = daemon.connect();
+    wait_stored(&mut watcher, "alice", "ping");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("bot.py");
+    std::fs::write(&script, BOT).expect("write the bot");
+    let out = std::process::Command::new("python3").arg(&script).arg(&daemon.socket).output().expect("python3 runs");
+    assert!(out.status.success(), "bot: {}", stderr(&out));
+    let said: Value = serde_json::from_slice(&out.stdout).expect("the bot's JSON");
+    assert_eq!(said["got"]["text"], "ping");
+    assert_eq!(said["got"]["from"], "alice");
+    assert_eq!(said["sent"]["text"], "pong: ping");
+
+    // The notification is the very object `receive --json` prints.
+    let cli_view = bob.history_json("alice");
+    let stored = cli_view.iter().find(|m| m["text"] == "ping").expect("in history");
+    assert_eq!(&said["got"], stored);
+
+    // The bot was handed "ping": `receive` has nothing more; a cursor replays it.
+    assert_eq!(watcher.call("receive", json!({})), json!([]));
+    watcher.call("subscribe", json!({ "since": 0 }));
+    let replayed: Vec<String> = (0..)
+        .map(|_| watcher.notification())
+        .map(|n| n["params"]["text"].as_str().unwrap_or_default().to_string())
+        .take_while(|t| t != "ping")
+        .take(50)
+        .collect();
+    assert!(replayed.len() < 50, "ping was not replayed: {replayed:?}");
+
+    let got = alice.receive_json(&["--timeout", "30"]);
+    assert!(texts(&got).contains(&"pong: ping".to_string()), "{got:?}");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_home_is_refused() {
+    let server = Server::start();
+    let bob = User::register(&server, "bob");
+    let daemon = Daemon::start(&bob);
+    for args in [&["daemon"][..], &["daemon", "--stdio"]] {
+        let mut second = bob.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        // A second daemon that did start would serve forever: end it.
+        if !wait_until(Duration::from_secs(60), || second.try_wait().ok().flatten().is_some()) {
+            let _ = second.kill();
+        }
+        let out = second.wait_with_output().expect("output");
+        assert_clean_error(&out, "another subrosa daemon is already running");
+    }
+    // The first one goes on serving.
+    let mut rpc = daemon.connect();
+    assert!(rpc.call("version", json!({}))["version"].is_string());
+    assert_eq!(rpc.call("groups", json!({})), json!([]));
+
+    // SIGTERM: it stops, and takes its socket away.
+    let mut daemon = daemon;
+    let term =
+        std::process::Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().expect("kill runs");
+    assert!(term.success());
+    let status = daemon.child.wait().expect("the daemon stops");
+    assert!(status.success(), "{status:?}");
+    assert!(!daemon.socket.exists(), "the socket stayed");
+}
+
+#[test]
+fn malformed_requests_get_json_rpc_errors_and_the_daemon_keeps_serving() {
+    let server = Server::start();
+    let bob = User::register(&server, "bob");
+    let mut child = bob
+        .cmd(&["daemon", "--stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    let stdin: ChildStdin = child.stdin.take().expect("stdin");
+    let stdout: ChildStdout = child.stdout.take().expect("stdout");
+    let mut rpc = Rpc { read: BufReader::new(stdout), write: stdin, next: 100, seen: Vec::new() };
+
+    let code = |v: &Value| v["error"]["code"].as_i64().unwrap_or_else(|| panic!("not an error: {v}"));
+    for (raw, want) in [
+        (&b"{not json"[..], -32700),
+        (b"\xff\xfe{}", -32700),
+        (b"[]", -32600),
+        (b"\"a string\"", -32600),
+        (br#"{"id":1,"method":"groups"}"#, -32600),
+        (br#"{"jsonrpc":"2.0","id":2,"method":"nope"}"#, -32601),
+        (br#"{"jsonrpc":"2.0","id":3,"method":"send","params":{"message":"x"}}"#, -32602),
+        (br#"{"jsonrpc":"2.0","id":4,"method":"send","params":["bob","x"]}"#, -32602),
+        (br#"{"jsonrpc":"2.0","id":5,"method":"history","params":{"recipient":"nobody"}}"#, -32000),
+        (br#"{"jsonrpc":"2.0","id":6,"method":"receive","params":{"timeout":-1}}"#, -32602),
+    ] {
+        rpc.line(raw);
+        let a = rpc.answer();
+        assert_eq!(code(&a), want, "{} -> {a}", String::from_utf8_lossy(raw));
+        assert_eq!(a["jsonrpc"], "2.0");
+    }
+    // A notification (no id) gets no answer; the next call's answer is next.
+    rpc.line(br#"{"jsonrpc":"2.0","method":"version"}"#);
+    assert_eq!(rpc.call("groups", json!({})), json!([]));
+    // A batch is answered as one.
+    rpc.line(br#"[{"jsonrpc":"2.0","id":"a","method":"version"},{"jsonrpc":"2.0","id":"b","method":"nope"}]"#);
+    let batch = rpc.read();
+    assert_eq!(batch[0]["id"], "a");
+    assert_eq!(code(&batch[1]), -32601);
+
+    drop(rpc);
+    let status = child.wait().expect("the daemon ends with its input");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_killed_daemon_loses_nothing() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let mut daemon = Daemon::start(&bob);
+    let mut bot = daemon.connect();
+    bot.call("subscribe", json!({}));
+    let all: Vec<String> = (1..=6).map(|i| format!("m{i}")).collect();
+    for t in &all[..3] {
+        alice.send("bob", t);
+    }
+    // Mid-stream: the bot has one, the daemon maybe more, then SIGKILL.
+    let first = bot.notification();
+    let mut handed = vec![first["params"]["text"].as_str().unwrap_or_default().to_string()];
+    daemon.kill();
+    // What was written to the bot's socket before the kill was handed over
+    // (the bot reads it); the rest must come after the restart.
+    let rest: Vec<Value> = bot.drain().into_iter().map(|n| n["params"].clone()).collect();
+    handed.extend(texts(&rest));
+    for t in &all[3..] {
+        alice.send("bob", t);
+    }
+
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let got = rpc.call("receive", json!({ "timeout": 5 }));
+            handed.extend(texts(got.as_array().expect("array")));
+            all.iter().all(|t| handed.contains(t))
+        }),
+        "lost some: handed over {handed:?}"
+    );
+}
+
+#[test]
+fn the_commands_answer_with_the_json_objects_and_others_text_stays_inert() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+
+    // Hostile text from alice: the line carries it escaped, the value intact.
+    let hostile = "hi\u{1b}]0;pwned\u{7} \u{202e}gnp.exe \u{9b}2J";
+    alice.send("bob", hostile);
+    rpc.line(br#"{"jsonrpc":"2.0","id":"r","method":"receive","params":{"timeout":30}}"#);
+    let mut raw = String::new();
+    rpc.read.read_line(&mut raw).expect("an answer");
+    for c in ['\u{1b}', '\u{7}', '\u{202e}', '\u{9b}'] {
+        assert!(!raw.contains(c), "raw {c:?} in {raw:?}");
+    }
+    let answer: Value = serde_json::from_str(&raw).expect("JSON");
+    let got = answer["result"].as_array().expect("array");
+    let m = got.iter().find(|m| m["system"] == false).expect("alice's message");
+    assert_eq!(m["text"], hostile);
+
+    // contacts, safetyNumber, verify (only with the number compared).
+    let contacts = rpc.call("contacts", json!({}));
+    assert_eq!(contacts[0]["handle"], "alice");
+    assert_eq!(contacts[0]["verified"], false);
+    let number = rpc.call("safetyNumber", json!({ "handle": "alice" }))["safety_number"].as_str().unwrap().to_string();
+    let wrong = rpc.call_raw("verify", json!({ "handle": "alice", "safetyNumber": "1".repeat(60) }));
+    assert_eq!(wrong["error"]["code"], -32000, "{wrong}");
+    assert_eq!(rpc.call("contacts", json!({}))[0]["verified"], false);
+    rpc.call("verify", json!({ "handle": "alice", "safetyNumber": number }));
+    assert_eq!(rpc.call("contacts", json!({}))[0]["verified"], true);
+
+    // createGroup, groups, members, send by group name, history by id.
+    let g = rpc.call("createGroup", json!({ "name": "ops", "members": ["alice"] }));
+    assert_eq!(g["name"], "ops");
+    assert_eq!(g["members"], json!(["alice", "bob"]));
+    assert_eq!(rpc.call("groups", json!({}))[0]["id"], g["id"]);
+    let members = rpc.call("members", json!({ "conversation": g["id"] }));
+    let handles: Vec<&str> = members.as_array().unwrap().iter().map(|m| m["handle"].as_str().unwrap()).collect();
+    assert_eq!(handles.len(), 2, "{members}");
+    assert!(handles.contains(&"alice") && handles.contains(&"bob"));
+    assert_eq!(members.as_array().unwrap().iter().filter(|m| m["this_device"] == true).count(), 1);
+    let sent = rpc.call("send", json!({ "recipient": "ops", "message": "to the group" }));
+    assert_eq!((sent["state"].as_str(), sent["group"].as_bool()), (Some("sent"), Some(true)));
+    // The command line's names do too.
+    rpc.call("send", json!({ "target": "ops", "text": "by target" }));
+    let history = rpc.call("history", json!({ "conversation": g["id"] }));
+    assert!(texts(history.as_array().unwrap()).contains(&"by target".to_string()));
+    assert!(texts(history.as_array().unwrap()).contains(&"to the group".to_string()));
+    let got = alice.receive_json(&["--timeout", "30"]);
+    assert!(texts(&got).contains(&"to the group".to_string()), "{got:?}");
+}
+
+#[test]
+fn a_send_queued_while_the_server_is_away_is_told_when_it_went_out() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    wait_stored(&mut rpc, "alice", "hello");
+    rpc.call("subscribe", json!({}));
+
+    server.kill();
+    let queued = rpc.call("send", json!({ "recipient": "alice", "message": "while away" }));
+    assert_eq!(queued["state"], "queued", "{queued}");
+    server.restart_with(&[]);
+    let sent = loop {
+        let n = rpc.any_notification();
+        if n["method"] == "messageState" && n["params"]["id"] == queued["id"] {
+            break n;
+        }
+    };
+    assert_eq!(sent["params"]["state"], "sent", "{sent}");
+    assert_eq!(sent["params"]["text"], "while away");
+    let got = alice.receive_json(&["--timeout", "30"]);
+    assert!(texts(&got).contains(&"while away".to_string()), "{got:?}");
+}
