@@ -175,11 +175,8 @@ impl Shared {
 
     /// Messages in the store, in arrival order, from `floor` on.
     fn stored_from(&self, floor: u64) -> Result<Vec<StoredMessage>, ClientError> {
-        let store = self.device().store();
-        let rows = store.read(|tx| tx.conversations_by_prefix(""))?;
-        let rows: Vec<_> = rows.into_iter().filter(|r| r.kind != "own").collect();
-        let mut all = store.read(|tx| tx.history(&rows))?;
-        all.retain(|m| m.received_at >= floor && self.for_front_ends(m));
+        let mut all = self.device().store().read(|tx| tx.received_since(floor))?;
+        all.retain(|m| self.for_front_ends(m));
         Ok(all)
     }
 

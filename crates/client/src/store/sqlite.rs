@@ -173,6 +173,9 @@ const SCHEMA: &[&str] = &[
     // own words; `body` keeps the neutral English rendering. Lines stored
     // before have no event and are shown as they were written.
     "ALTER TABLE messages ADD COLUMN event TEXT;",
+    // v11: a front end that connects later (the daemon's subscribers)
+    // replays what arrived since a time without reading all of history.
+    "CREATE INDEX messages_received ON messages (received_at);",
 ];
 
 const MESSAGE_COLUMNS: &str =
@@ -1199,6 +1202,35 @@ impl History for SqliteTx<'_> {
         }
         out.sort_by_key(|(seq, _)| *seq);
         Ok(out.into_iter().map(|(_, m)| m).collect())
+    }
+
+    fn received_since(&self, since_ms: u64) -> Result<Vec<StoredMessage>, ClientError> {
+        let rows: Vec<(i64, Vec<u8>)> = {
+            let conn = self.lock();
+            let mut stmt = conn
+                .prepare("SELECT seq, conversation FROM messages WHERE received_at >= ?1 ORDER BY seq")
+                .map_err(sql)?;
+            let rows = stmt.query_map([since_ms as i64], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)?
+        };
+        let mut conversations: std::collections::HashMap<Vec<u8>, Option<ConversationRow>> =
+            std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, conv) in rows {
+            if !conversations.contains_key(&conv) {
+                let id =
+                    subrosa_proto::ConversationId::from_slice(&conv).map_err(|e| ClientError::Store(e.to_string()))?;
+                let row = self.conversation(&id)?.filter(|r| r.kind != "own");
+                conversations.insert(conv.clone(), row);
+            }
+            let Some(Some(row)) = conversations.get(&conv) else { continue };
+            let m = self
+                .lock()
+                .query_row(&format!("{MESSAGE_COLUMNS} WHERE seq = ?1"), [seq], |r| message_from_row(r, row))
+                .map_err(sql)?;
+            out.push(m.1);
+        }
+        Ok(out)
     }
 
     fn take_unseen(&mut self) -> Result<Vec<StoredMessage>, ClientError> {

@@ -31,6 +31,7 @@ macro_rules! with_behaviours {
             member_checks_upsert_filter_and_drop,
             history_keeps_one_copy_per_message_id_in_arrival_order,
             system_lines_keep_their_typed_event,
+            received_since_replays_from_a_time_in_arrival_order,
             unseen_messages_are_handed_out_once,
             sequence_numbers_count_gaps_and_late_arrivals,
             outbox_keeps_sending_order_and_requests,
@@ -68,6 +69,34 @@ fn message(from: &str, text: &str, at: u64) -> StoredMessage {
         text: text.into(),
         ..StoredMessage::default()
     }
+}
+
+pub fn received_since_replays_from_a_time_in_arrival_order(store: Store) {
+    let (a, b, own) = (ConversationId([4; 16]), ConversationId([5; 16]), ConversationId([6; 16]));
+    store
+        .write(|tx| {
+            tx.add_conversation(&a, "direct", "", Some("bob"))?;
+            tx.add_conversation(&b, "group", "club", None)?;
+            tx.add_conversation(&own, "own", "", None)
+        })
+        .expect("conversations");
+    store
+        .write(|tx| {
+            tx.insert_message(&message("bob", "old", 10), &a, &[1; 16], true)?;
+            tx.insert_message(&message("carol", "in the club", 30), &b, &[2; 16], false)?;
+            tx.insert_message(&message("alice", "hidden", 40), &own, &[3; 16], false)?;
+            tx.insert_message(&message("bob", "new", 20), &a, &[4; 16], false)
+        })
+        .expect("messages");
+    let texts = |since| {
+        store.read(|tx| tx.received_since(since)).expect("read").into_iter().map(|m| m.text).collect::<Vec<_>>()
+    };
+    // Arrival order (not time order), never the own devices' conversation.
+    assert_eq!(texts(0), ["old", "in the club", "new"]);
+    assert_eq!(texts(20), ["in the club", "new"]);
+    assert_eq!(texts(31), Vec::<String>::new());
+    let replayed = store.read(|tx| tx.received_since(30)).expect("read");
+    assert_eq!((replayed[0].target.as_str(), replayed[0].group), ("club", true));
 }
 
 pub fn system_lines_keep_their_typed_event(store: Store) {

@@ -757,6 +757,18 @@ impl History for MemTx<'_> {
         }))
     }
 
+    fn received_since(&self, since_ms: u64) -> Result<Vec<StoredMessage>, ClientError> {
+        Ok(self.with(|t| {
+            t.messages
+                .values()
+                .filter(|m| m.received_at >= since_ms)
+                .filter_map(|m| {
+                    t.conversation(&m.conversation).filter(|c| c.row.kind != "own").map(|c| stored(m, &c.row))
+                })
+                .collect()
+        }))
+    }
+
     fn take_unseen(&mut self) -> Result<Vec<StoredMessage>, ClientError> {
         self.with(|t| {
             let mut out = Vec::new();

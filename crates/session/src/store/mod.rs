@@ -688,6 +688,15 @@ pub trait History {
     /// Database errors.
     fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError>;
 
+    /// Every message and system line stored at or after `since_ms` (its
+    /// `received_at`), in every conversation but the hidden one of the
+    /// account's own devices, in arrival order: what a front end that
+    /// connects later replays.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn received_since(&self, since_ms: u64) -> Result<Vec<StoredMessage>, ClientError>;
+
     /// Messages stored but not yet shown by `receive`, oldest first; marks them shown.
     ///
     /// # Errors
