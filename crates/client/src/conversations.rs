@@ -572,36 +572,37 @@ impl Subrosa {
             key_packages.extend(self.claim_devices_except(h, &culprit).await?);
         }
         key_packages.extend(self.claim_devices_except(&self.handle().clone(), &culprit).await?);
+        let retired = |new: &ConversationId| {
+            format!("you re-created {} without {culprit} as #{}; this one is retired", old.name, new.to_hex())
+        };
+        let replaces = format!("you re-created {} (it replaces #{}, stuck by {culprit})", old.name, old.id.to_hex());
+        self.replace_group(&old, &members, &key_packages, retired, replaces).await
+    }
+
+    /// Creates the group that replaces `old` under its name, with
+    /// `key_packages` (the devices of `members` and of this account), and
+    /// retires `old`: one transaction notes the members, writes
+    /// `retired(new id)` in the old conversation and `replaces` in the new.
+    async fn replace_group(
+        &self,
+        old: &ConversationRow,
+        members: &[Handle],
+        key_packages: &[Vec<u8>],
+        retired: impl FnOnce(&ConversationId) -> String,
+        replaces: String,
+    ) -> Result<GroupSummary, ClientError> {
         let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
         let change = StagedChange::Create { kind: "group".into(), name: old.name.clone(), peer: None, first: None };
-        let id = self.create_conversation(&info, &key_packages, change, None).await?;
+        let id = self.create_conversation(&info, key_packages, change, None).await?;
         let row = self.store().read(|tx| tx.conversation(&id))?.ok_or(ClientError::Bug("group vanished".into()))?;
         let me = self.identity().address();
         self.store().write(|tx| {
             let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
             all.push(self.handle().as_str());
             tx.note_members(&row.id, &all)?;
-            self.record_system_line(
-                tx,
-                &old,
-                &me,
-                SystemEvent::Note {
-                    text: format!(
-                        "you re-created {} without {culprit} as #{}; this one is retired",
-                        old.name,
-                        row.id.to_hex()
-                    ),
-                },
-            )?;
+            self.record_system_line(tx, old, &me, SystemEvent::Note { text: retired(&row.id) })?;
             tx.deactivate_conversation(&old.id)?;
-            self.record_system_line(
-                tx,
-                &row,
-                &me,
-                SystemEvent::Note {
-                    text: format!("you re-created {} (it replaces #{}, stuck by {culprit})", old.name, old.id.to_hex()),
-                },
-            )
+            self.record_system_line(tx, &row, &me, SystemEvent::Note { text: replaces })
         })?;
         self.group_summary(&row)
     }
@@ -710,43 +711,20 @@ impl Subrosa {
             key_packages.extend(self.claim(h, h == handle).await?);
         }
         key_packages.extend(self.claim(&self.handle().clone(), false).await?);
-        let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
-        let change = StagedChange::Create { kind: "group".into(), name: old.name.clone(), peer: None, first: None };
-        let id = self.create_conversation(&info, &key_packages, change, None).await?;
-        let row = self.store().read(|tx| tx.conversation(&id))?.ok_or(ClientError::Bug("group vanished".into()))?;
-        let me = self.identity().address();
-        self.store().write(|tx| {
-            let mut all: Vec<&str> = members.iter().map(|h| h.as_str()).collect();
-            all.push(self.handle().as_str());
-            tx.note_members(&row.id, &all)?;
-            self.record_system_line(
-                tx,
-                old,
-                &me,
-                SystemEvent::Note {
-                    text: format!(
-                        "you re-added {handle}, who was a member before: the group continues in a new conversation #{}; \
-                         this one is retired",
-                        row.id.to_hex()
-                    ),
-                },
-            )?;
-            tx.deactivate_conversation(&old.id)?;
-            self.record_system_line(
-                tx,
-                &row,
-                &me,
-                SystemEvent::Note {
-                    text: format!(
-                        "you re-created {} with {} (it replaces #{}, retired because {handle} was a member before)",
-                        old.name,
-                        members.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", "),
-                        old.id.to_hex()
-                    ),
-                },
+        let retired = |new: &ConversationId| {
+            format!(
+                "you re-added {handle}, who was a member before: the group continues in a new conversation #{}; \
+                 this one is retired",
+                new.to_hex()
             )
-        })?;
-        self.group_summary(&row)
+        };
+        let replaces = format!(
+            "you re-created {} with {} (it replaces #{}, retired because {handle} was a member before)",
+            old.name,
+            members.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", "),
+            old.id.to_hex()
+        );
+        self.replace_group(old, &members, &key_packages, retired, replaces).await
     }
 
     /// Removes every device of `handle` from the group.
