@@ -326,6 +326,11 @@ impl Relay {
                             .collect()
                     })
                     .unwrap_or_default();
+                // Proving again (from the same address or a new one) keeps
+                // the device's rate buckets: a fresh session must not
+                // refill them, or a Prove every few packets would lift
+                // the per-device limit.
+                let carried = stale.iter().find_map(|a| self.sessions.get(a)).map(|s| (s.packets, s.bytes));
                 for a in &stale {
                     self.remove(a);
                 }
@@ -337,15 +342,10 @@ impl Relay {
                     return self.drop_one();
                 }
                 let limits = self.limits;
-                self.sessions.insert(
-                    from,
-                    Session {
-                        claim,
-                        last_seen: now,
-                        packets: Bucket::full(limits.packets_per_second, now),
-                        bytes: Bucket::full(limits.bytes_per_second, now),
-                    },
-                );
+                let (packets, bytes) = carried.unwrap_or_else(|| {
+                    (Bucket::full(limits.packets_per_second, now), Bucket::full(limits.bytes_per_second, now))
+                });
+                self.sessions.insert(from, Session { claim, last_seen: now, packets, bytes });
                 self.calls
                     .entry(claim.call)
                     .or_insert_with(|| Call {
@@ -550,6 +550,21 @@ mod tests {
         assert_eq!(forwarded, 20, "a burst of twice the rate, then nothing");
         f.now += Duration::from_secs(1);
         assert!(!f.send(addr(1), &media).is_empty(), "refilled a second later");
+    }
+
+    #[test]
+    fn proving_again_does_not_refill_a_devices_rate() {
+        let limits = RelayLimits { packets_per_second: 10.0, ..RelayLimits::default() };
+        let mut f = Fixture::new(limits);
+        assert!(f.join(addr(1), "alice"));
+        assert!(f.join(addr(2), "bob"));
+        let media = Datagram::Media(vec![0; 100]);
+        assert_eq!((0..100).filter(|_| !f.send(addr(1), &media).is_empty()).count(), 20);
+        // Joining again, from the same address or a new one, at once.
+        assert!(f.join(addr(1), "alice"));
+        assert!(f.send(addr(1), &media).is_empty(), "still over its rate after a second Prove");
+        assert!(f.join(addr(7), "alice"));
+        assert!(f.send(addr(7), &media).is_empty(), "still over its rate from a new address");
     }
 
     #[test]
