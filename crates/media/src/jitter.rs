@@ -47,6 +47,9 @@ impl Default for JitterConfig {
     }
 }
 
+/// The highest sequence number the buffer takes (see [`JitterBuffer::push`]).
+pub const MAX_SEQ: u64 = 1 << 62;
+
 /// What [`JitterBuffer::push`] did with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -185,6 +188,14 @@ impl JitterBuffer {
     /// A packet arrived at `arrival` (any monotonic clock, the same one for
     /// every call).
     pub fn push(&mut self, seq: u64, payload: Vec<u8>, arrival: Duration) -> Pushed {
+        // The sequence number is the sender's SFrame counter, chosen by any
+        // member: one no honest stream reaches (2^62 frames of 20 ms is
+        // longer than the universe has existed) is dropped, so the playout
+        // arithmetic below can never overflow.
+        if seq > MAX_SEQ {
+            self.stats.late += 1;
+            return Pushed::Late;
+        }
         let restarted = match self.next {
             Some(next) if seq < next => {
                 self.observe(seq, arrival);
@@ -272,6 +283,20 @@ mod tests {
 
     fn kinds(out: &[Playout]) -> Vec<String> {
         out.iter().map(|p| format!("{p:?}")).collect()
+    }
+
+    #[test]
+    fn a_sequence_number_near_the_top_is_dropped_not_a_panic() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        for seq in [u64::MAX, u64::MAX - 1, MAX_SEQ + 1] {
+            assert_eq!(jb.push(seq, vec![0], ms(30)), Pushed::Late);
+        }
+        for _ in 0..10 {
+            assert!(matches!(jb.pop(), Playout::Waiting));
+        }
+        // The stream goes on at an honest number.
+        assert_eq!(jb.push(MAX_SEQ, vec![1], ms(40)), Pushed::Queued);
+        let _ = jb.pop();
     }
 
     #[test]
