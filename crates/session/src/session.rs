@@ -1046,9 +1046,13 @@ impl Session {
         why: &str,
     ) -> Result<(), ClientError> {
         let target = row.target();
+        // The command names the conversation by its id: a group's name is
+        // any member's choice and must never become part of a command the
+        // user is told to type.
         let text = format!(
             "{by} added a device {device} of {handle} to {target} that the key directory does not confirm ({why}); \
-             sending there is blocked until you accept it (subrosa accept-device {target} {device}) or remove it"
+             sending there is blocked until you accept it (subrosa accept-device #{} {device}) or remove it",
+            row.id.to_hex()
         );
         let from = by
             .split_once('/')
