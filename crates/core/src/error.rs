@@ -27,3 +27,44 @@ pub enum CoreError {
     #[error("internal error: {0}")]
     Bug(&'static str),
 }
+
+impl CoreError {
+    /// Whether the local store failed underneath MLS (reading or writing
+    /// group state or key packages): nothing is wrong with the input, and
+    /// retrying later may succeed, so the caller must not treat the message
+    /// as undecryptable.
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(
+            self,
+            CoreError::Mls(
+                mls_rs::error::MlsError::GroupStorageError(_) | mls_rs::error::MlsError::KeyPackageRepoError(_)
+            )
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mls_rs_core::error::IntoAnyError;
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("disk full")]
+    struct DiskFull;
+
+    impl IntoAnyError for DiskFull {
+        fn into_dyn_error(self) -> Result<Box<dyn std::error::Error + Send + Sync>, Self> {
+            Ok(Box::new(self))
+        }
+    }
+
+    #[test]
+    fn storage_failures_under_mls_are_told_apart_from_bad_input() {
+        let group = CoreError::Mls(mls_rs::error::MlsError::GroupStorageError(DiskFull.into_any_error()));
+        let packages = CoreError::Mls(mls_rs::error::MlsError::KeyPackageRepoError(DiskFull.into_any_error()));
+        assert!(group.is_storage_failure() && packages.is_storage_failure());
+        assert!(!CoreError::Mls(mls_rs::error::MlsError::CommitRequired).is_storage_failure());
+        assert!(!CoreError::Malformed("MLS message").is_storage_failure());
+    }
+}

@@ -169,6 +169,11 @@ impl Session {
     /// all of it is stored, or none of it and the error says why.
     fn apply_envelope(&self, env: &Envelope, digest: &[u8]) -> Result<(), ClientError> {
         self.store.write(|tx| {
+            // Checked again inside the write: another thread may have
+            // applied the same envelope since the caller looked.
+            if tx.is_processed(digest)? {
+                return Ok(());
+            }
             let event = match env.kind {
                 MessageKind::Welcome => {
                     let seen: &dyn Tx = &*tx;
@@ -230,6 +235,10 @@ impl Session {
                     tx.add_alert(&why)
                 })
             }
+            // The store failed underneath MLS: the message may be fine.
+            // Nothing is marked processed, so it is neither dropped nor
+            // acknowledged; the server delivers it again.
+            Err(ClientError::Core(e)) if e.is_storage_failure() => Err(ClientError::Store(e.to_string())),
             Err(ClientError::Core(e)) => {
                 if env.kind == MessageKind::Commit {
                     self.lock_unprocessable().insert(env.conversation, env.sender.clone());
@@ -668,7 +677,13 @@ impl Session {
                 Ok(())
             }
             Event::LeaveProposed { conversation, member } => {
-                self.lock_to_commit().push((conversation, member.address));
+                // Queued once however often it is seen (a batch applied
+                // again after a failed attempt sees it twice).
+                let leave = (conversation, member.address);
+                let mut q = self.lock_to_commit();
+                if !q.contains(&leave) {
+                    q.push(leave);
+                }
                 Ok(())
             }
             _ => Ok(()),
@@ -777,7 +792,6 @@ impl Session {
     /// [`Self::process_envelope`]).
     pub fn process_batch(&self, envs: &[Envelope]) -> Result<Vec<u64>, ClientError> {
         let ids: Vec<u64> = envs.iter().map(|e| e.id).collect();
-        let leaves_before = self.lock_to_commit().len();
         let fast = self.store.write(|_| {
             // Begun inside the transaction: the store's gate makes this
             // thread the only one in a batch until it ends.
@@ -795,8 +809,9 @@ impl Session {
         if fast.is_ok() {
             return Ok(ids);
         }
-        // Whatever the attempt queued is gone with it.
-        self.lock_to_commit().truncate(leaves_before);
+        // A leave the failed attempt queued is queued once (see
+        // `apply_event`), and another thread may have taken some meanwhile:
+        // the queue is left as it is.
         self.store.write(|_| {
             for env in envs {
                 self.process_envelope(env)?;

@@ -568,3 +568,43 @@ fn a_staged_commit_is_stored_with_its_request_and_skips_what_is_already_true() {
     assert!(req.parts.iter().all(|p| !p.recipients.contains(&bob_device)), "the removed device is not told");
     assert_eq!(PendingMeta::decode(&stored.meta).expect("meta"), meta);
 }
+
+#[test]
+fn a_leave_seen_by_a_batch_applied_twice_is_queued_once() {
+    let (alice, bob, carol) = (device("alice"), device("bob"), device("carol"));
+    let club = ConversationInfo { kind: subrosa_core::ConversationKind::Group, name: "club".into() };
+    let engine = alice.session.engine();
+    let kps = [bob.key_package(), carol.key_package()];
+    let c = alice
+        .session
+        .store()
+        .write(|tx| {
+            let c = engine.create_conversation(&club, &kps)?;
+            engine.confirm_commit(&c.conversation)?;
+            tx.add_conversation(&c.conversation, "group", "club", None)?;
+            Ok(c)
+        })
+        .expect("group");
+    let group = c.conversation;
+    let welcome = alice.envelope(group, MessageKind::Welcome, c.welcome.expect("welcome"));
+    bob.receive(&welcome);
+    carol.receive(&welcome);
+    let (leave, _) = carol
+        .session
+        .store()
+        .write(|_| Ok(carol.session.engine().propose_leave(&group)?))
+        .expect("carol proposes to leave");
+    let leave = carol.envelope(group, MessageKind::Commit, leave);
+    // A tampered message after it makes the batch's first attempt fail,
+    // so the batch is applied a second time, envelope by envelope.
+    let mut bad = alice.text(group, 1, "tampered");
+    let mut ct = bad.ciphertext.0.clone();
+    let last = ct.len() - 1;
+    ct[last] ^= 1;
+    bad.ciphertext = B64(ct);
+    bob.session.process_batch(&[leave, bad]).expect("batch");
+    assert_eq!(bob.session.take_dropped().len(), 1);
+    let queued = bob.session.next_leave_to_commit().expect("the leave is queued");
+    assert_eq!(queued, (group, carol.session.identity().address()));
+    assert_eq!(bob.session.next_leave_to_commit(), None, "and only once");
+}
