@@ -652,6 +652,13 @@ async fn call(
             params::<NoParams>(p)?;
             plain(serde_json::to_value(me.contacts()?).unwrap_or(Value::Null))
         }
+        // Every security alert not cleared, shown or not: one raised while
+        // no client was subscribed reached nobody live (the same objects
+        // as `subrosa alerts --json`).
+        "alerts" => {
+            params::<NoParams>(p)?;
+            plain(serde_json::to_value(me.alerts()?).unwrap_or(Value::Null))
+        }
         "groups" => {
             params::<NoParams>(p)?;
             let groups: Vec<Value> = me

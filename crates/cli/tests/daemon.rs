@@ -372,6 +372,9 @@ fn the_commands_answer_with_the_json_objects_and_others_text_stays_inert() {
     let m = got.iter().find(|m| m["system"] == false).expect("alice's message");
     assert_eq!(m["text"], hostile);
 
+    // alerts: none raised on this home.
+    assert_eq!(rpc.call("alerts", json!({})), json!([]));
+
     // contacts, safetyNumber, verify (only with the number compared).
     let contacts = rpc.call("contacts", json!({}));
     assert_eq!(contacts[0]["handle"], "alice");
