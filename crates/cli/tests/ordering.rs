@@ -250,7 +250,7 @@ fn a_stolen_device_that_keeps_committing_is_revoked_first() {
 
     // The stuck group is re-created without the device that froze it; bob
     // saw it stuck too, so his copy is retired and the name means the new one.
-    assert_clean_error(&bob.run(&["group", "recreate", "gang"]), "");
+    assert_clean_error(&bob.run(&["group", "recreate", "gang"]), "unknown group \"gang\"");
     let out = alice.ok(&["group", "recreate", "club"]);
     assert!(out.contains("re-created club as a new conversation"), "{out}");
     let out = bob.run(&["receive", "--json"]);
