@@ -276,6 +276,11 @@ async fn wait_for(rx: &mut mpsc::UnboundedReceiver<Delivery>, i: usize) -> anyho
 /// First-message time, end-to-end and send_text times, CPU and wall time of the timed part.
 type LatencyFigures = (Duration, Vec<Duration>, Vec<Duration>, Option<Duration>, Duration);
 
+/// The direct conversation with `handle`.
+fn direct(handle: &str) -> anyhow::Result<subrosa_client::Target> {
+    Ok(subrosa_client::Target::Direct(handle.parse().map_err(|e| anyhow::anyhow!("handle {handle:?}: {e}"))?))
+}
+
 async fn latency_run(
     alice: &Subrosa,
     bob: &str,
@@ -283,6 +288,7 @@ async fn latency_run(
     rx: &mut mpsc::UnboundedReceiver<Delivery>,
 ) -> anyhow::Result<LatencyFigures> {
     let t0 = Instant::now();
+    let bob = &direct(bob)?;
     alice.send_text(bob, &message_text("probe 0 ".into())).await.context("alice's first message failed")?;
     let first = wait_for(rx, 0).await.context("the first message never arrived")? - t0;
     let mut total = Vec::with_capacity(messages);
@@ -376,7 +382,7 @@ async fn throughput_run(
     let setup = Instant::now();
     let mut tasks = JoinSet::new();
     for (p, s) in senders.iter().enumerate() {
-        let (s, target) = (Arc::clone(s), targets[p].clone());
+        let (s, target) = (Arc::clone(s), direct(&targets[p])?);
         tasks.spawn(async move {
             s.send_text(&target, &message_text(format!("tp {p} 0 ")))
                 .await
@@ -403,7 +409,7 @@ async fn throughput_run(
     let start = Instant::now();
     let mut send_tasks = JoinSet::new();
     for (p, s) in senders.iter().enumerate() {
-        let (s, target) = (Arc::clone(s), targets[p].clone());
+        let (s, target) = (Arc::clone(s), direct(&targets[p])?);
         send_tasks.spawn(async move {
             let mut started = vec![start; per_pair];
             let mut errors = Vec::new();
@@ -540,7 +546,10 @@ pub async fn kt_start(contacts: usize, server: Option<String>) -> anyhow::Result
     let mut first = Vec::with_capacity(contacts);
     for p in &peers {
         let t = Instant::now();
-        alice.send_text(p.as_str(), &message_text("hello".into())).await.context("first message")?;
+        alice
+            .send_text(&subrosa_client::Target::Direct(p.clone()), &message_text("hello".into()))
+            .await
+            .context("first message")?;
         first.push(t.elapsed());
     }
 

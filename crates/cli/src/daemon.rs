@@ -587,15 +587,13 @@ async fn call(
             let place = Which { recipient, conversation }.place()?;
             let id = match place {
                 Place::Id(id) => id,
-                Place::Named(target) => match me.resolve(&target)? {
-                    Target::Conversation(row) => row.id,
-                    Target::Direct(handle) => {
-                        match me.store().read(|tx| tx.direct_conversation(handle.as_str()))? {
-                            Some(id) => id,
-                            // A first message makes the conversation.
-                            None => return plain(message_value(&me.send_text(&target, &message).await?)),
-                        }
-                    }
+                Place::Named(target) => match crate::target::for_send(me, &target).await? {
+                    Target::Conversation(id) => id,
+                    Target::Direct(handle) => match me.direct_conversation(&handle)? {
+                        Some(id) => id,
+                        // A first message makes the conversation.
+                        None => return plain(message_value(&me.send_text(&Target::Direct(handle), &message).await?)),
+                    },
                 },
             };
             plain(message_value(&client.send_text(&id, &message).await?))
@@ -603,7 +601,10 @@ async fn call(
         "history" => {
             let history = match params::<Which>(p)?.place()? {
                 Place::Id(id) => client.history(&id)?,
-                Place::Named(target) => me.history(&target)?,
+                Place::Named(target) => match crate::target::resolve(me, &target)? {
+                    crate::target::Named::Conversation(row) => me.history(&row.id)?,
+                    crate::target::Named::Direct(peer) => me.history_with(&peer)?,
+                },
             };
             plain(messages_value(&history))
         }
@@ -669,14 +670,14 @@ async fn call(
             plain(Value::Array(groups))
         }
         "members" => {
-            let target = match params::<Which>(p)?.place()? {
-                Place::Id(id) => format!("#{}", id.to_hex()),
-                Place::Named(t) => t,
+            let id = match params::<Which>(p)?.place()? {
+                Place::Id(id) => id,
+                Place::Named(t) => crate::target::conversation(me, &t)?,
             };
-            let stale = me.stale_members(&target)?;
+            let stale = me.stale_members(&id)?;
             let mine = me.identity().address();
             let members: Vec<Value> = me
-                .members(&target)?
+                .members(&id)?
                 .into_iter()
                 .map(|m| {
                     let stale_days = stale.iter().find(|(a, _)| *a == m.address).map(|(_, d)| *d);

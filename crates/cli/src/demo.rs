@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use subrosa_client::{Received, Subrosa};
+use subrosa_client::{Received, Subrosa, Target};
 
 use crate::term::{safe, safe_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -105,7 +105,7 @@ pub async fn run() -> Result<()> {
     out!("   Their keys never leave their devices; their local stores are encrypted with their passphrase.\n");
 
     let first = format!("Hi Bob! The plan is here: {link}");
-    alice.send_text("bob", &first).await?;
+    alice.send_text(&Target::Direct(bob.handle().clone()), &first).await?;
     out!("3. alice sends   \"{first}\"");
     out!("   (bob is offline: the server queues the ciphertext for bob's device)\n");
 
@@ -130,7 +130,7 @@ pub async fn run() -> Result<()> {
 
     out!("5. bob comes online:");
     receive_print(&bob).await?;
-    bob.send_text("alice", "Got it, thanks. Nobody else can read this.").await?;
+    bob.send_text(&Target::Direct(alice.handle().clone()), "Got it, thanks. Nobody else can read this.").await?;
     out!("  bob sends       \"Got it, thanks. Nobody else can read this.\"");
     receive_print(&alice).await?;
 

@@ -12,6 +12,7 @@ macro_rules! out {
 #[cfg(unix)]
 mod daemon;
 mod demo;
+mod target;
 mod term;
 
 use std::io::{IsTerminal, Write};
@@ -699,7 +700,8 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
     let me = client.device();
     match command {
         Command::Send { target, text, accept_key_change } => {
-            let m = me.send_text_with(&target, &text, accept_key_change).await?;
+            let to = target::for_send(me, &target).await?;
+            let m = me.send_text_with(&to, &text, accept_key_change).await?;
             out!("sent {} to {}", m.id, safe(&m.target));
         }
         Command::Receive { json, timeout, follow, no_ack } => {
@@ -733,7 +735,13 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
             }
         }
         Command::History { target, json } => {
-            let history = me.history(&target)?;
+            let history = match target::resolve(me, &target)? {
+                target::Named::Conversation(row) => me.history(&row.id)?,
+                target::Named::Direct(peer) => me.history_with(&peer).map_err(|e| match e {
+                    ClientError::UnknownTarget(_) => ClientError::UnknownTarget(target.clone()),
+                    e => e,
+                })?,
+            };
             if !json {
                 if let Some(m) = history.first().filter(|m| !m.group) {
                     let state = if me.is_verified(&m.target)? {
@@ -759,31 +767,33 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
                 let g = me.create_group(&name, &handles).await?;
                 out!("created {} with {}", safe(&g.name), safe(&g.members.join(", ")));
             }
-            GroupCommand::Add { name, handle } => match me.group_add(&name, &handle).await? {
-                None => out!("added {} to {}", safe(&handle), safe(&name)),
-                Some(g) => out!(
-                    "{} was a member of {} before, so it continues in a new conversation #{} with {}; \
+            GroupCommand::Add { name, handle } => {
+                match me.group_add(&target::group(me, &name).await?, &handle).await? {
+                    None => out!("added {} to {}", safe(&handle), safe(&name)),
+                    Some(g) => out!(
+                        "{} was a member of {} before, so it continues in a new conversation #{} with {}; \
                      the old one is retired",
-                    safe(&handle),
-                    safe(&name),
-                    g.id,
-                    safe(&g.members.join(", "))
-                ),
-            },
+                        safe(&handle),
+                        safe(&name),
+                        g.id,
+                        safe(&g.members.join(", "))
+                    ),
+                }
+            }
             GroupCommand::Remove { name, handle } => {
-                me.group_remove(&name, &handle).await?;
+                me.group_remove(&target::group(me, &name).await?, &handle).await?;
                 out!("removed {} from {}", safe(&handle), safe(&name));
             }
             GroupCommand::Leave { name } => {
-                me.group_leave(&name).await?;
+                me.group_leave(&target::group(me, &name).await?).await?;
                 out!("left {}", safe(&name));
             }
             GroupCommand::Rename { name, new } => {
-                me.group_rename(&name, &new).await?;
+                me.group_rename(&target::group(me, &name).await?, &new).await?;
                 out!("renamed {} to {}", safe(&name), safe(&new));
             }
             GroupCommand::Recreate { name } => {
-                let g = me.group_recreate(&name).await?;
+                let g = me.group_recreate(&target::group(me, &name).await?).await?;
                 out!(
                     "re-created {} as a new conversation #{} with {}; the stuck one is retired",
                     safe(&g.name),
@@ -800,8 +810,9 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
         }
         Command::Alerts { action, export, json } => return alerts(me, action, export, json),
         Command::Members { target } => {
-            let stale = me.stale_members(&target)?;
-            for m in me.members(&target)? {
+            let id = target::conversation(me, &target)?;
+            let stale = me.stale_members(&id)?;
+            for m in me.members(&id)? {
                 let mut notes = Vec::new();
                 if m.address == me.identity().address() {
                     notes.push("(this device)".to_string());
@@ -819,7 +830,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
             }
         }
         Command::AcceptDevice { target, device } => {
-            let handle = me.accept_device(&target, &device)?;
+            let handle = me.accept_device(&target::conversation(me, &target)?, &device)?;
             out!("accepted {handle}'s device {device} in {target}");
         }
         Command::Link { accept: Some(code), timeout, .. } => {

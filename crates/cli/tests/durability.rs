@@ -39,6 +39,10 @@ struct Outcome {
     errors: usize,
 }
 
+fn to(handle: &str) -> subrosa_client::Target {
+    subrosa_client::Target::Direct(handle.parse().expect("handle"))
+}
+
 /// Sends `MESSAGES` texts from alice to bob, recording which the server
 /// acknowledged; failed sends are not retried by hand: the client's outbox
 /// does that with the same send id on the next send.
@@ -47,7 +51,7 @@ async fn stream(alice: &Subrosa, acked: &AtomicUsize) -> Outcome {
     let mut errors = 0;
     for i in 0..MESSAGES {
         let text = format!("{PREFIX}{i:05}");
-        match alice.send_text("bob", &text).await {
+        match alice.send_text(&to("bob"), &text).await {
             Ok(_) => {
                 acknowledged.insert(text);
                 acked.fetch_add(1, Ordering::SeqCst);
@@ -92,7 +96,7 @@ fn counts(texts: impl Iterator<Item = String>) -> HashMap<String, usize> {
 async fn pair(url: &str, dir: &tempfile::TempDir) -> (Subrosa, Subrosa) {
     let alice = Subrosa::register(&dir.path().join("alice"), PASS, "alice", url).await.expect("alice registers");
     let bob = Subrosa::register(&dir.path().join("bob"), PASS, "bob", url).await.expect("bob registers");
-    alice.send_text("bob", "hello").await.expect("first message");
+    alice.send_text(&to("bob"), "hello").await.expect("first message");
     drain(&bob).await;
     (alice, bob)
 }
@@ -129,8 +133,14 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = StoreStats>,
 {
-    let sent =
-        counts(alice.history("bob").expect("alice's history").into_iter().filter(|m| m.outgoing).map(|m| m.text));
+    let sent = counts(
+        alice
+            .history_with(&"bob".parse().expect("handle"))
+            .expect("alice's history")
+            .into_iter()
+            .filter(|m| m.outgoing)
+            .map(|m| m.text),
+    );
     assert!(sent.values().all(|&n| n == 1), "alice's history holds a message twice");
     for t in &outcome.acknowledged {
         assert!(sent.contains_key(t), "acknowledged {t} is missing from alice's history");
@@ -151,7 +161,13 @@ where
     let started = Instant::now();
     drain(bob).await;
     let received_in = started.elapsed();
-    let got = counts(bob.history("alice").expect("bob's history").into_iter().filter(|m| !m.outgoing).map(|m| m.text));
+    let got = counts(
+        bob.history_with(&"alice".parse().expect("handle"))
+            .expect("bob's history")
+            .into_iter()
+            .filter(|m| !m.outgoing)
+            .map(|m| m.text),
+    );
     for t in &outcome.acknowledged {
         assert_eq!(got.get(t), Some(&1), "acknowledged {t} was not delivered exactly once");
     }

@@ -1,5 +1,7 @@
-//! Conversations: resolving what the user names, starting 1:1s, groups and
-//! their membership, and getting commits ordered by the server.
+//! Conversations: starting 1:1s, groups and their membership, and getting
+//! commits ordered by the server. Everything here takes conversation ids:
+//! what a user types (a group name, `@handle`, `#ID`) is resolved by the
+//! front end (the CLI's rules are in its `target` module).
 
 use reqwest::Method;
 
@@ -14,13 +16,13 @@ use subrosa_session::{stuck_culprit_in, stuck_key, PendingMeta, StagedChange, Sy
 use crate::store::{now_ms, ConversationRow, PendingCommit};
 use crate::{ClientError, Subrosa};
 
-/// What a user names: a conversation (a group by name, or any by `#ID`)
-/// or a handle.
-#[derive(Debug, Clone)]
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// One conversation: a group by its name, or any conversation by id.
-    Conversation(ConversationRow),
-    /// The 1:1 conversation with a handle (which may not exist yet).
+    /// A conversation this device has, by id.
+    Conversation(ConversationId),
+    /// The direct conversation with an account, started by the first
+    /// message when there is none.
     Direct(Handle),
 }
 
@@ -50,18 +52,6 @@ enum Posted {
     Stale,
 }
 
-/// Fewest hex digits a `#ID` target may give.
-const MIN_ID_PREFIX: usize = 6;
-
-/// A conversation as a candidate of an ambiguous target.
-fn describe(row: &ConversationRow) -> String {
-    if row.kind == "group" {
-        format!("#{} (group {:?})", row.id.to_hex(), row.name)
-    } else {
-        format!("#{} (direct with {})", row.id.to_hex(), row.target())
-    }
-}
-
 /// The text of [`ClientError::Pending`] for a commit whose answer is missing.
 const COMMIT_PENDING: &str = "not yet on the server; the next subrosa command sends it";
 
@@ -88,104 +78,19 @@ fn check_group_name(name: &str) -> Result<(), ClientError> {
 }
 
 impl Subrosa {
-    /// Resolves a target (DESIGN.md "Targets"): `@handle` is always that
-    /// handle, `#ID` always the one conversation whose id (hex) starts with
-    /// ID; a bare name is a group with that name (active ones, else ones this
-    /// device left) or a handle, and is refused, with the candidates listed,
-    /// when it could be more than one of them: a handle counts when it is a
-    /// contact or has a direct conversation here, so a group that someone
-    /// named after a contact cannot capture what is sent to them.
-    ///
-    /// # Errors
-    /// [`ClientError::UnknownTarget`], or [`ClientError::Input`] for an
-    /// ambiguous or malformed target.
-    pub fn resolve(&self, target: &str) -> Result<Target, ClientError> {
-        if let Some(h) = target.strip_prefix('@') {
-            return Handle::new(h).map(Target::Direct).map_err(|_| ClientError::UnknownTarget(target.to_string()));
-        }
-        if let Some(id) = target.strip_prefix('#') {
-            let id = id.to_ascii_lowercase();
-            if id.len() < MIN_ID_PREFIX || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(ClientError::Input(format!(
-                    "{target:?}: #ID takes a conversation id in hex, at least {MIN_ID_PREFIX} digits \
-                     (see `subrosa history TARGET --json`)"
-                )));
-            }
-            let mut rows = self.store().read(|tx| tx.conversations_by_prefix(&id))?;
-            // The account's own conversation carries keys, never messages.
-            rows.retain(|r| r.kind != "own");
-            return match rows.as_slice() {
-                [row] => Ok(Target::Conversation(row.clone())),
-                [] => Err(ClientError::UnknownTarget(target.to_string())),
-                _ => Err(ClientError::Input(format!(
-                    "{target:?} is ambiguous: it could be {}; give more of the id",
-                    rows.iter().map(describe).collect::<Vec<_>>().join(", ")
-                ))),
-            };
-        }
-        let groups = self.store().read(|tx| tx.groups_named(target))?;
-        let active: Vec<&ConversationRow> = groups.iter().filter(|g| g.active).collect();
-        let groups: Vec<&ConversationRow> = if active.is_empty() { groups.iter().collect() } else { active };
-        let handle = Handle::new(target).ok();
-        let known_handle = match &handle {
-            Some(h) => self.store().read(|tx| {
-                Ok(tx.contact_key(h.as_str())?.is_some() || !tx.conversations_with(h.as_str())?.is_empty())
-            })?,
-            None => false,
-        };
-        if groups.len() + usize::from(known_handle) > 1 {
-            let mut candidates = Vec::new();
-            if known_handle {
-                candidates.push(format!("@{target}"));
-            }
-            candidates.extend(groups.iter().map(|g| describe(g)));
-            return Err(ClientError::Input(format!(
-                "{target:?} is ambiguous: it could be {}; name one of them",
-                candidates.join(", ")
-            )));
-        }
-        if let [row] = groups.as_slice() {
-            return Ok(Target::Conversation((*row).clone()));
-        }
-        handle.map(Target::Direct).ok_or_else(|| ClientError::UnknownTarget(target.to_string()))
-    }
-
-    /// Resolves a group by the name the user typed, then brings the device
-    /// up to date, then reloads it by id: a concurrent rename by another
-    /// member does not make the typed name unknown. A name not known yet is
-    /// looked up again after catching up (a rename this device has not seen).
-    async fn group_synced(&self, name: &str) -> Result<ConversationRow, ClientError> {
-        let row = match self.group_by_name(name) {
-            Ok(row) => row,
-            Err(ClientError::Input(_)) => {
-                // Perhaps renamed, or created, by another member: catch up first.
-                self.sync().await?;
-                return self.group_by_name(name);
-            }
-            Err(e) => return Err(e),
-        };
+    /// Brings the device up to date, then reads the group `id` again: it
+    /// must still be a group this device takes part in.
+    async fn group_synced(&self, id: &ConversationId) -> Result<ConversationRow, ClientError> {
+        self.conversation(id)?;
         self.sync().await?;
-        match self.store().read(|tx| tx.conversation(&row.id))? {
-            Some(r) if r.active => Ok(r),
-            Some(r) => Err(ClientError::Input(format!("you are no longer a member of {}", r.name))),
-            None => Err(ClientError::Bug("group vanished".into())),
+        let row = self.conversation(id)?;
+        if row.kind != "group" {
+            return Err(ClientError::Input(format!("#{} is a direct conversation, not a group", id.to_hex())));
         }
-    }
-
-    fn group_by_name(&self, name: &str) -> Result<ConversationRow, ClientError> {
-        match self.resolve(name) {
-            Ok(Target::Conversation(row)) if row.kind != "group" => {
-                Err(ClientError::Input(format!("{name:?} is a direct conversation, not a group")))
-            }
-            Ok(Target::Conversation(row)) if row.active => Ok(row),
-            Ok(Target::Conversation(row)) => {
-                Err(ClientError::Input(format!("you are no longer a member of {}", row.name)))
-            }
-            Ok(Target::Direct(_)) | Err(ClientError::UnknownTarget(_)) => {
-                Err(ClientError::Input(format!("unknown group {name:?}: see `subrosa groups`")))
-            }
-            Err(e) => Err(e),
+        if !row.active {
+            return Err(ClientError::Input(format!("you are no longer a member of {}", row.name)));
         }
+        Ok(row)
     }
 
     /// Claims one key package of every device of `handle` (other than this
@@ -538,7 +443,7 @@ impl Subrosa {
         self.store().read(|tx| stuck_culprit_in(tx, conversation))
     }
 
-    /// Re-creates group `name`, stuck because a member won an epoch with a
+    /// Re-creates the group `id`, stuck because a member won an epoch with a
     /// commit nobody can process (RFC 9750 §5.3), as a new conversation of
     /// the same name with every member account but without the culprit
     /// device; the stuck one is retired here, and on every member device
@@ -547,11 +452,12 @@ impl Subrosa {
     /// # Errors
     /// Unknown group, a group that is not stuck on this device, network
     /// errors, key mismatches.
-    pub async fn group_recreate(&self, name: &str) -> Result<GroupSummary, ClientError> {
-        let old = self.group_synced(name).await?;
+    pub async fn group_recreate(&self, id: &ConversationId) -> Result<GroupSummary, ClientError> {
+        let old = self.group_synced(id).await?;
         let Some(culprit) = self.stuck_culprit(&old.id)? else {
             return Err(ClientError::Input(format!(
-                "{name} is not stuck on this device; to take someone out, use `subrosa group remove`"
+                "{} is not stuck on this device; to take someone out, use `subrosa group remove`",
+                old.name
             )));
         };
         let mut members: Vec<Handle> = self
@@ -677,9 +583,9 @@ impl Subrosa {
     ///
     /// # Errors
     /// Unknown group or handle, already a member, network errors.
-    pub async fn group_add(&self, name: &str, handle: &str) -> Result<Option<GroupSummary>, ClientError> {
+    pub async fn group_add(&self, id: &ConversationId, handle: &str) -> Result<Option<GroupSummary>, ClientError> {
         let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
-        let row = self.group_synced(name).await?;
+        let row = self.group_synced(id).await?;
         if self.engine().members(&row.id)?.iter().any(|m| m.address.handle == handle) {
             return Err(ClientError::Input(format!("{handle} is already a member of {}", row.name)));
         }
@@ -731,12 +637,12 @@ impl Subrosa {
     ///
     /// # Errors
     /// Unknown group, not a member, network errors.
-    pub async fn group_remove(&self, name: &str, handle: &str) -> Result<(), ClientError> {
+    pub async fn group_remove(&self, id: &ConversationId, handle: &str) -> Result<(), ClientError> {
         let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
         if handle == *self.handle() {
             return Err(ClientError::Input("to leave a group use `group leave NAME`".into()));
         }
-        let row = self.group_synced(name).await?;
+        let row = self.group_synced(id).await?;
         let devices_of = |members: Vec<MemberInfo>| -> Vec<_> {
             members.into_iter().filter(|m| m.address.handle == handle).map(|m| m.address).collect()
         };
@@ -755,9 +661,9 @@ impl Subrosa {
     ///
     /// # Errors
     /// Unknown group, invalid or taken name, network errors.
-    pub async fn group_rename(&self, name: &str, new_name: &str) -> Result<(), ClientError> {
+    pub async fn group_rename(&self, id: &ConversationId, new_name: &str) -> Result<(), ClientError> {
         check_group_name(new_name)?;
-        let row = self.group_synced(name).await?;
+        let row = self.group_synced(id).await?;
         if new_name != row.name && self.store().read(|tx| tx.groups_named(new_name))?.iter().any(|g| g.active) {
             return Err(ClientError::Input(format!("you already have a group named {new_name:?}")));
         }
@@ -771,8 +677,8 @@ impl Subrosa {
     ///
     /// # Errors
     /// Unknown group, network errors.
-    pub async fn group_leave(&self, name: &str) -> Result<(), ClientError> {
-        let row = self.group_synced(name).await?;
+    pub async fn group_leave(&self, id: &ConversationId) -> Result<(), ClientError> {
+        let row = self.group_synced(id).await?;
         // The proposal is queued in the outbox in the transaction that makes
         // it and forgets the group: a lost answer re-posts the same bytes.
         let queued = self.store().write(|tx| {
@@ -808,22 +714,22 @@ impl Subrosa {
         self.store().read(|tx| tx.group_rows())?.iter().map(|r| self.group_summary(r)).collect()
     }
 
-    /// Every member device of a conversation (group name or handle).
+    /// Every member device of the conversation `id`.
     ///
     /// # Errors
-    /// Unknown target.
-    pub fn members(&self, target: &str) -> Result<Vec<MemberInfo>, ClientError> {
-        Ok(self.engine().members(&self.members_conversation(target)?)?)
+    /// Unknown conversation, or one this device no longer takes part in.
+    pub fn members(&self, id: &ConversationId) -> Result<Vec<MemberInfo>, ClientError> {
+        Ok(self.engine().members(&self.active_conversation(id)?)?)
     }
 
-    /// The member devices of a conversation that have not replaced their
-    /// keys for 30 days or more (as far as this device saw), with how many
-    /// whole days it has been.
+    /// The member devices of the conversation `id` that have not replaced
+    /// their keys for 30 days or more (as far as this device saw), with
+    /// how many whole days it has been.
     ///
     /// # Errors
-    /// Unknown target, store errors.
-    pub fn stale_members(&self, target: &str) -> Result<Vec<(subrosa_proto::DeviceAddress, u64)>, ClientError> {
-        let id = self.members_conversation(target)?;
+    /// As [`Self::members`]; store errors.
+    pub fn stale_members(&self, id: &ConversationId) -> Result<Vec<(subrosa_proto::DeviceAddress, u64)>, ClientError> {
+        let id = self.active_conversation(id)?;
         let now = now_ms();
         let mut stale = Vec::new();
         for m in self.engine().members(&id)? {
@@ -835,16 +741,19 @@ impl Subrosa {
         Ok(stale)
     }
 
-    fn members_conversation(&self, target: &str) -> Result<ConversationId, ClientError> {
-        Ok(match self.resolve(target)? {
-            Target::Conversation(row) if row.active => row.id,
-            Target::Conversation(row) => {
-                return Err(ClientError::Input(format!("you are no longer a member of {}", row.target())))
-            }
-            Target::Direct(peer) => self
-                .store()
-                .read(|tx| tx.direct_conversation(peer.as_str()))?
-                .ok_or_else(|| ClientError::UnknownTarget(target.into()))?,
-        })
+    /// The current direct conversation with `peer`, if there is one.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn direct_conversation(&self, peer: &Handle) -> Result<Option<ConversationId>, ClientError> {
+        self.store().read(|tx| tx.direct_conversation(peer.as_str()))
+    }
+
+    fn active_conversation(&self, id: &ConversationId) -> Result<ConversationId, ClientError> {
+        let row = self.conversation(id)?;
+        if !row.active {
+            return Err(ClientError::Input(format!("you are no longer a member of {}", row.target())));
+        }
+        Ok(row.id)
     }
 }

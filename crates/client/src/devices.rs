@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use subrosa_core::link::{check_fingerprint, link_code, parse_link_code, HistoryItem, PendingLink};
-use subrosa_core::DeviceCertificate;
 use subrosa_proto::{
     AccountInfo, AddDeviceRequest, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Empty, ErrorCode, Handle,
     LinkApproveRequest, LinkCreateRequest, LinkCreated, LinkResponse, LinkSlot, B64,
@@ -311,18 +310,6 @@ impl Subrosa {
     /// Store errors.
     pub fn is_verified(&self, handle: &str) -> Result<bool, ClientError> {
         Ok(self.store().read(|tx| tx.contacts())?.iter().any(|c| c.handle == handle && c.verified))
-    }
-
-    /// Whether `d` carries a valid certificate for itself by `identity_key`
-    /// of `handle`.
-    pub(crate) fn is_certified(&self, d: &DeviceRecord, identity_key: &[u8], handle: &Handle) -> bool {
-        DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| {
-            c.verify(self.engine().crypto()).is_ok()
-                && c.identity_key() == identity_key
-                && c.device_key() == d.signature_key.as_slice()
-                && c.device_id() == d.device_id
-                && c.handle() == *handle
-        })
     }
 
     /// This account's devices as the server lists them, each certificate

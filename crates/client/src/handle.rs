@@ -151,7 +151,7 @@ impl Client {
             _ => return Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
         }
         let message_id = MessageId(rand::random());
-        match device.send_text_as(&format!("#{}", id.to_hex()), text, false, message_id).await {
+        match device.send_text_as(&crate::Target::Conversation(*id), text, false, message_id).await {
             Err(ClientError::Pending(why)) => {
                 device.store().read(|tx| tx.message(id, &message_id.0))?.ok_or(ClientError::Pending(why))
             }
@@ -212,7 +212,7 @@ impl Client {
     /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_add`].
     pub async fn group_add(&self, id: &ConversationId, handle: &str) -> Result<Option<ConversationId>, ClientError> {
         self.row(id)?;
-        match self.inner.device.group_add(&format!("#{}", id.to_hex()), handle).await? {
+        match self.inner.device.group_add(id, handle).await? {
             Some(g) => Ok(Some(g.id.parse().map_err(|_| ClientError::Bug("a group id that is not hex".into()))?)),
             None => Ok(None),
         }
@@ -224,7 +224,7 @@ impl Client {
     /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_remove`].
     pub async fn group_remove(&self, id: &ConversationId, handle: &str) -> Result<(), ClientError> {
         self.row(id)?;
-        self.inner.device.group_remove(&format!("#{}", id.to_hex()), handle).await
+        self.inner.device.group_remove(id, handle).await
     }
 
     /// Renames the group `id`.
@@ -233,7 +233,7 @@ impl Client {
     /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_rename`].
     pub async fn group_rename(&self, id: &ConversationId, name: &str) -> Result<(), ClientError> {
         self.row(id)?;
-        self.inner.device.group_rename(&format!("#{}", id.to_hex()), name).await
+        self.inner.device.group_rename(id, name).await
     }
 
     /// Leaves the group `id`.
@@ -242,7 +242,7 @@ impl Client {
     /// [`ClientError::UnknownTarget`]; as [`Subrosa::group_leave`].
     pub async fn group_leave(&self, id: &ConversationId) -> Result<(), ClientError> {
         self.row(id)?;
-        self.inner.device.group_leave(&format!("#{}", id.to_hex())).await
+        self.inner.device.group_leave(id).await
     }
 
     /// The history of the conversation `id`, oldest first.

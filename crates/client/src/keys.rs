@@ -39,7 +39,7 @@ use subrosa_proto::{
 
 use crate::rotation::Rekeyed;
 use subrosa_session::StagedChange;
-use subrosa_session::{META_PENDING_IDENTITY, META_PENDING_KEY_SET};
+use subrosa_session::{META_PENDING_IDENTITY, META_PENDING_KEY_SET, META_PREVIOUS_IDENTITY_KEY};
 
 use crate::store::now_ms;
 use crate::{ClientError, Subrosa, META_IDENTITY};
@@ -134,7 +134,13 @@ impl Subrosa {
             // (the next command looks again).
             return Ok(Rekeyed { conversations: 0, pending: 0 });
         }
+        let old_key = self.identity().identity_public().to_vec();
         self.store().write(|tx| {
+            // The account's other devices hold the old key until they adopt
+            // the new one: their messages are not dropped meanwhile.
+            if old_key != new.identity_public() {
+                tx.set_meta(META_PREVIOUS_IDENTITY_KEY, &old_key)?;
+            }
             tx.set_meta(META_IDENTITY, &new.to_secret_bytes()?)?;
             tx.delete_meta(META_PENDING_IDENTITY)?;
             tx.delete_meta(META_PENDING_KEY_SET)?;

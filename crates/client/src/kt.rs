@@ -9,28 +9,16 @@
 //!   [`directory_value`] of exactly the keys offered. It also carries the
 //!   server's [`SignedHead`] for that epoch, checked against the
 //!   head-signing key pinned at registration (or passed on when linking).
-//! - The roots this device has verified are stored, and every signed head
-//!   it holds. A root for a new epoch is accepted only with append-only
-//!   proofs from the newest one stored; a root for a known epoch must equal
-//!   the stored one.
-//! - Each message carries the sender's newest signed head. It is evidence,
-//!   never a verdict: a head that is not validly signed is the sender's
-//!   fault (dropped, an alert names them); a validly signed head this device
-//!   cannot match needs the server's own signed head for that epoch and an
-//!   append-only proof to it, and a refusal is recorded against the server;
-//!   only two validly signed heads with one epoch and different roots prove
-//!   a fork. Each member has at most one pending head (its newest).
-//! - A proven fork is an alert with its proof (both signed heads); it
-//!   blocks every send from this device until the user clears it.
+//! - What those answers mean (the chain of roots, gossiped heads, proven
+//!   forks) is decided by the session (`subrosa_session::directory`); this
+//!   module fetches, verifies akd's proofs and hands the results over.
 //! - At each sync the device looks up its own handle and raises an alert
 //!   when the directory lists an identity key or a device that is not this
 //!   account's.
 
 use akd::{AkdLabel, AppendOnlyProof, Digest, SingleAppendOnlyProof};
-use aws_lc_rs::signature::{UnparsedPublicKey, ED25519};
 use protobuf::Message;
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
 use subrosa_proto::kt::{directory_value, KtAudit, KtHead, KtLookup, SignedHead, AKD_DOMAIN_LABEL, MAX_AUDIT_EPOCHS};
 use subrosa_proto::{AccountInfo, DeviceRecord, Handle};
 
@@ -51,105 +39,31 @@ impl akd::DomainLabel for SubrosaLabel {
 }
 
 const META_KT_VRF: &str = "kt_vrf_key";
-/// The pinned head-signing key (32 bytes) and directory id (16 bytes).
-const META_KT_HEAD_KEY: &str = "kt_head_key";
-/// How a fork's alert ends.
-const FORK_BLOCKS: &str = "; sending is blocked on this device";
-/// Whom an alert about the server concerns.
-pub const THE_SERVER: &str = "the server";
 pub use subrosa_session::UNSUPPORTED_TEXT;
 
 fn digest(b: &[u8], what: &str) -> Result<Digest, ClientError> {
     Digest::try_from(b).map_err(|_| ClientError::Protocol(format!("{what}: not a 32-byte hash")))
 }
 
-/// The key that signs a directory's heads, and the directory's id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadKey {
-    /// Ed25519 public key.
-    pub key: [u8; 32],
-    /// The directory id every head it signs names.
-    pub directory_id: [u8; 16],
-}
-
-impl HeadKey {
-    /// 48 bytes: key, then directory id (as stored and passed on at linking).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        [&self.key[..], &self.directory_id[..]].concat()
-    }
-
-    /// Reads [`HeadKey::to_bytes`].
-    ///
-    /// # Errors
-    /// [`ClientError::Protocol`] for any other length.
-    pub fn from_bytes(b: &[u8]) -> Result<Self, ClientError> {
-        let bad = || ClientError::Protocol("a head-signing key is 48 bytes".into());
-        if b.len() != 48 {
-            return Err(bad());
-        }
-        Ok(HeadKey {
-            key: b[..32].try_into().map_err(|_| bad())?,
-            directory_id: b[32..].try_into().map_err(|_| bad())?,
-        })
-    }
-}
+use subrosa_session::directory::{directory_refused, ChainStep, GossipStep, ServerHeadAnswer, META_KT_HEAD_KEY};
+pub use subrosa_session::directory::{ForkProof, HeadKey, THE_SERVER};
 
 /// Decodes a signed head and checks its signature under `key` and that it
-/// names `key`'s directory.
+/// names `key`'s directory (the session's rule, on this build's provider).
 ///
 /// # Errors
 /// A one-line reason when it is malformed, of another directory, or not
 /// validly signed.
 pub fn verify_signed_head(key: &HeadKey, bytes: &[u8]) -> Result<SignedHead, String> {
-    let head = SignedHead::decode(bytes).map_err(|e| e.to_string())?;
-    if head.directory_id != key.directory_id {
-        return Err("the head names another directory".into());
-    }
-    UnparsedPublicKey::new(&ED25519, key.key)
-        .verify(&head.to_be_signed(), &head.signature)
-        .map_err(|_| "the head's signature does not verify".to_string())?;
-    Ok(head)
+    subrosa_session::directory::verify_signed_head(&subrosa_core::default_crypto(), key, bytes)
 }
 
-/// The proof of a fork that `subrosa alerts export` writes: two heads,
-/// both validly signed by the directory's key, for one epoch with different
-/// roots. Anyone holding the key can check it with [`ForkProof::verify`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ForkProof {
-    /// What this is.
-    pub kind: String,
-    /// The epoch both heads are for.
-    pub epoch: u64,
-    /// The head-signing public key (hex).
-    pub signing_key: String,
-    /// The directory id (hex).
-    pub directory_id: String,
-    /// The two signed heads (hex of [`SignedHead::encode`]).
-    pub heads: [String; 2],
-    /// Where each came from.
-    pub sources: [String; 2],
-}
-
-impl ForkProof {
-    /// Checks that the proof shows two different, validly signed heads for
-    /// one epoch.
-    ///
-    /// # Errors
-    /// A one-line reason when it does not.
-    pub fn verify(&self) -> Result<(), String> {
-        let hex32 = |s: &str| -> Result<Vec<u8>, String> { hex::decode(s).map_err(|e| e.to_string()) };
-        let key = HeadKey::from_bytes(&[hex32(&self.signing_key)?, hex32(&self.directory_id)?].concat())
-            .map_err(|e| e.to_string())?;
-        let a = verify_signed_head(&key, &hex32(&self.heads[0])?)?;
-        let b = verify_signed_head(&key, &hex32(&self.heads[1])?)?;
-        if a.epoch != self.epoch || b.epoch != self.epoch {
-            return Err("the heads are not for the proof's epoch".into());
-        }
-        if a.root == b.root {
-            return Err("the heads do not conflict".into());
-        }
-        Ok(())
-    }
+/// Checks a fork proof (see [`ForkProof::verify`]) on this build's provider.
+///
+/// # Errors
+/// A one-line reason when it does not prove a fork.
+pub fn verify_fork_proof(proof: &ForkProof) -> Result<(), String> {
+    proof.verify(&subrosa_core::default_crypto())
 }
 
 /// Decodes and checks append-only proofs for epochs `from..=to` that start
@@ -233,23 +147,10 @@ pub fn verify_lookup_value(
     Ok((lookup.epoch, root))
 }
 
-/// A server answer that contradicts what this device verified before.
-fn directory_refused(why: String) -> ClientError {
-    ClientError::KeyMismatch { handle: "the key directory".into(), why }
-}
-
 impl Subrosa {
     /// The directory's current head (unsigned request, as anyone may ask).
     pub(crate) async fn kt_head(&self) -> Result<KtHead, ClientError> {
         self.api.call::<(), _>(Method::GET, "/v1/kt/head", None).await
-    }
-
-    /// Fails when this device holds a proven directory fork not cleared.
-    pub(crate) fn kt_blocked(&self) -> Result<(), ClientError> {
-        match self.store().read(|tx| tx.open_fork())? {
-            Some(why) => Err(ClientError::DirectoryFork(why.trim_end_matches(FORK_BLOCKS).to_string())),
-            None => Ok(()),
-        }
     }
 
     /// The directory's VRF public key, pinned the first time it is needed.
@@ -273,6 +174,7 @@ impl Subrosa {
             return HeadKey::from_bytes(&k);
         }
         let head = self.kt_head().await?;
+        // Pinned on first use, like the VRF key.
         let (Some(key), Some(signed)) = (head.signing_key.as_ref(), head.signed.as_ref()) else {
             return Err(ClientError::Protocol("the server does not sign its key-directory heads".into()));
         };
@@ -285,23 +187,6 @@ impl Subrosa {
         verify_signed_head(&pinned, signed.as_slice()).map_err(ClientError::Protocol)?;
         self.pin_head_key(&pinned)?;
         Ok(pinned)
-    }
-
-    /// Pins a head-signing key (a new device, from the device that approved
-    /// it). An already pinned key is kept.
-    ///
-    /// # Errors
-    /// Store errors.
-    pub fn pin_head_key(&self, key: &HeadKey) -> Result<(), ClientError> {
-        if self.store().read(|tx| tx.meta(META_KT_HEAD_KEY))?.is_none() {
-            self.store().write(|tx| tx.set_meta(META_KT_HEAD_KEY, &key.to_bytes()))?;
-        }
-        Ok(())
-    }
-
-    /// The pinned head-signing key, if any (no network).
-    pub(crate) fn kt_pinned_head_key(&self) -> Result<Option<HeadKey>, ClientError> {
-        self.store().read(|tx| tx.meta(META_KT_HEAD_KEY))?.map(|k| HeadKey::from_bytes(&k)).transpose()
     }
 
     /// The newest signed head this device holds, to tell other members.
@@ -335,9 +220,9 @@ impl Subrosa {
         self.kt_accept_server_head(&head, signed.as_slice(), None).await
     }
 
-    /// Takes a head the server signed into this device's view: a second
-    /// head for a held epoch proves a fork; a new epoch must extend the
-    /// chain of roots (append-only proofs). `for_member`: the member whose
+    /// Takes a head the server signed into this device's view (the
+    /// session's rules), fetching and verifying the append-only proofs that
+    /// join a new epoch to the chain. `for_member`: the member whose
     /// gossiped head made us ask (for the alert's wording).
     async fn kt_accept_server_head(
         &self,
@@ -345,64 +230,32 @@ impl Subrosa {
         bytes: &[u8],
         for_member: Option<&str>,
     ) -> Result<(), ClientError> {
-        if let Some(held) = self.store().read(|tx| tx.kt_signed_head(head.epoch))? {
-            if held == bytes {
-                return Ok(());
-            }
-            if let Ok(key) = self.kt_head_key().await {
-                if let Ok(h) = verify_signed_head(&key, &held) {
-                    if h.root != head.root {
-                        return self.kt_proven_fork(
-                            head.epoch,
-                            (&held, "held by this device"),
-                            (bytes, "now sent by the server"),
-                        );
-                    }
+        let refused = |e: ClientError| -> ClientError {
+            match e {
+                ClientError::KeyMismatch { why, .. } => {
+                    self.kt_chain_refused(head.epoch, &why, for_member).unwrap_or_else(|e| e)
                 }
+                e => e,
             }
-            return Ok(());
-        }
-        let root = digest(&head.root, "directory root")?;
-        match self.kt_track(head.epoch, root).await {
-            Ok(()) => self.store().write(|tx| tx.put_kt_signed_head(head.epoch, bytes)),
-            Err(ClientError::KeyMismatch { why, .. }) => {
-                let asked = for_member.map(|m| format!(" (asked because of {m}'s head)")).unwrap_or_default();
-                let text = format!(
-                    "the server's key directory at epoch {} does not extend what this device saw before{asked}: {why}",
-                    head.epoch
-                );
-                self.store().write(|tx| tx.add_alert_about(THE_SERVER, &text, None))?;
-                Err(directory_refused(text))
-            }
-            Err(e) => Err(e),
-        }
+        };
+        let (start, end) = match self.kt_server_head(head, bytes).map_err(refused)? {
+            ChainStep::Audit { start, end } => (start, end),
+            _ => return Ok(()),
+        };
+        let root = head.root;
+        let roots = self.kt_fetch_roots(start, end).await.map_err(refused)?;
+        self.kt_extend_chain(head.epoch, &root, start, &roots).map_err(refused)?;
+        self.kt_keep_head(head.epoch, bytes)
     }
 
-    /// Makes sure `(epoch, root)` lies on the one chain of roots this device
-    /// has seen, fetching append-only proofs to reach it.
+    /// The roots of epochs `start..=end`, linked by append-only proofs the
+    /// server sends (verified here, in chunks).
     ///
     /// # Errors
-    /// [`ClientError::KeyMismatch`] when it does not (the server's answers
-    /// contradict each other); network errors.
-    async fn kt_track(&self, epoch: u64, root: Digest) -> Result<(), ClientError> {
-        let Some((lo, hi)) = self.store().read(|tx| tx.kt_range())? else {
-            // First sight: trusted on first use, like the VRF key.
-            return self.store().write(|tx| tx.put_kt_roots(epoch, &[root]));
-        };
-        let known = |e: u64| -> Result<Digest, ClientError> {
-            let r = self
-                .store()
-                .read(|tx| tx.kt_root(e))?
-                .ok_or_else(|| ClientError::Bug(format!("no stored root for epoch {e}")))?;
-            digest(&r, "stored directory root")
-        };
-        let broken =
-            || directory_refused(format!("the root of epoch {epoch} is not on the chain this device verified"));
-        let (start, end) = if epoch < lo { (epoch, lo) } else { (hi, epoch) };
-        if (lo..=hi).contains(&epoch) {
-            return if known(epoch)? == root { Ok(()) } else { Err(broken()) };
-        }
-        let mut roots = Vec::new();
+    /// [`ClientError::KeyMismatch`] when a proof does not verify or chunks
+    /// do not join; network errors.
+    async fn kt_fetch_roots(&self, start: u64, end: u64) -> Result<Vec<Digest>, ClientError> {
+        let mut roots: Vec<Digest> = Vec::new();
         let mut from = start;
         while from < end {
             let to = end.min(from + MAX_AUDIT_EPOCHS);
@@ -411,7 +264,7 @@ impl Subrosa {
             let chunk = verify_audit(&audit, from, to).await?;
             if let Some(&prev) = roots.last() {
                 if chunk.first() != Some(&prev) {
-                    return Err(broken());
+                    return Err(directory_refused(format!("epoch {from} has two roots in the server's proofs")));
                 }
                 roots.extend_from_slice(&chunk[1..]);
             } else {
@@ -419,43 +272,15 @@ impl Subrosa {
             }
             from = to;
         }
-        // The chain must join ours at its known end and reach the new root.
-        let joins = if epoch < lo { roots.last() == Some(&known(lo)?) } else { roots.first() == Some(&known(hi)?) };
-        let reaches = if epoch < lo { roots.first() == Some(&root) } else { roots.last() == Some(&root) };
-        if !joins || !reaches {
-            return Err(broken());
-        }
-        self.store().write(|_| self.store().write(|tx| tx.put_kt_roots(start, &roots)))
-    }
-
-    /// Records a proven fork (two validly signed heads for one epoch with
-    /// different roots) with its proof, alerts, and fails: sending is
-    /// blocked until the user clears it.
-    fn kt_proven_fork(&self, epoch: u64, a: (&[u8], &str), b: (&[u8], &str)) -> Result<(), ClientError> {
-        let key = self.kt_pinned_head_key()?.ok_or_else(|| ClientError::Bug("a fork without a pinned key".into()))?;
-        let proof = ForkProof {
-            kind: "subrosa key-directory fork".into(),
-            epoch,
-            signing_key: hex::encode(key.key),
-            directory_id: hex::encode(key.directory_id),
-            heads: [hex::encode(a.0), hex::encode(b.0)],
-            sources: [a.1.to_string(), b.1.to_string()],
-        };
-        let json = serde_json::to_string(&proof).map_err(|e| ClientError::Bug(e.to_string()))?;
-        let why = format!(
-            "the server signed two different key-directory heads for epoch {epoch}, one {} and one {}: it is showing \
-             different people different keys and may be impersonating someone in your conversations \
-             (`subrosa alerts export FILE` writes the proof)",
-            a.1, b.1
-        );
-        self.store().write(|tx| tx.add_alert_about(THE_SERVER, &format!("{why}{FORK_BLOCKS}"), Some(&json)))?;
-        Err(ClientError::DirectoryFork(why))
+        Ok(roots)
     }
 
     /// Checks the heads other members' messages carried (one per member,
     /// its newest). Findings are alerts, not errors: receiving goes on.
     pub(crate) async fn kt_check_gossip(&self) -> Result<(), ClientError> {
         for (source, bytes) in self.store().read(|tx| tx.kt_head_gossip())? {
+            // Pinned before any head is judged.
+            self.kt_head_key().await?;
             match self.kt_check_one(&source, &bytes).await {
                 Ok(()) | Err(ClientError::DirectoryFork(_)) | Err(ClientError::KeyMismatch { .. }) => {
                     self.store().write(|tx| tx.drop_kt_head_gossip(&source, &bytes))?
@@ -468,80 +293,23 @@ impl Subrosa {
     }
 
     async fn kt_check_one(&self, source: &str, bytes: &[u8]) -> Result<(), ClientError> {
-        let key = self.kt_head_key().await?;
-        let head = match verify_signed_head(&key, bytes) {
-            Ok(h) => h,
-            Err(why) => {
-                // Only the member's own device put it in the message: the
-                // server is not blamed.
-                return self.store().write(|tx| {
-                    tx.add_alert_about(
-                        source,
-                        &format!(
-                            "{source}'s message carried a key-directory head that the server did not sign ({why}); \
-                         it was ignored: {source}'s device or app misbehaves"
-                        ),
-                        None,
-                    )
-                });
-            }
+        let head = match self.kt_gossip_step(source, bytes)? {
+            GossipStep::AskServer(head) => head,
+            _ => return Ok(()),
         };
-        if let Some(held) = self.store().read(|tx| tx.kt_signed_head(head.epoch))? {
-            if held == bytes {
-                return Ok(());
-            }
-            // Held heads were verified when kept; one that no longer is
-            // (never expected) is no evidence either way.
-            let Ok(mine) = verify_signed_head(&key, &held) else { return Ok(()) };
-            if mine.root == head.root {
-                return Ok(());
-            }
-            return self.kt_proven_fork(
-                head.epoch,
-                (&held, "shown to this device"),
-                (bytes, &format!("held by {source}")),
-            );
-        }
-        if self.store().read(|tx| tx.kt_range())?.is_some_and(|(lo, _)| head.epoch < lo) {
-            // Older than anything this device saw: nothing to compare.
-            return Ok(());
-        }
-        // Ask the server for its own signed head of that epoch: a different
-        // root proves a fork; the same root must extend this device's chain.
+        // Ask the server for its own signed head of that epoch.
         let path = format!("/v1/kt/head?epoch={}", head.epoch);
-        let answer: Result<KtHead, ClientError> = self.api.call::<(), _>(Method::GET, &path, None).await;
-        let refused = |why: String| -> Result<(), ClientError> {
-            let text = format!(
-                "the server would not confirm the key-directory head for epoch {} that {source}'s message carried \
-                 (signed by the server itself): {why}",
-                head.epoch
-            );
-            self.store().write(|tx| tx.add_alert_about(THE_SERVER, &text, None))?;
-            Err(directory_refused(text))
-        };
-        let answer = match answer {
-            Ok(a) => a,
+        let answer = match self.api.call::<(), KtHead>(Method::GET, &path, None).await {
+            Ok(KtHead { signed: Some(s), .. }) => ServerHeadAnswer::Signed(s.into_inner()),
+            Ok(_) => ServerHeadAnswer::Unsigned,
             Err(ClientError::Server { status, body }) if status < 500 => {
                 // The server's words, kept to one line of printable text.
-                let said: String = body.message.chars().filter(|c| !c.is_control()).take(200).collect();
-                return refused(said);
+                ServerHeadAnswer::Refused(body.message.chars().filter(|c| !c.is_control()).take(200).collect())
             }
             Err(e) => return Err(e),
         };
-        let Some(theirs) = answer.signed else { return refused("it sent no signed head".into()) };
-        let server_head = match verify_signed_head(&key, theirs.as_slice()) {
-            Ok(h) if h.epoch == head.epoch => h,
-            Ok(_) => return refused("it sent a head for another epoch".into()),
-            Err(why) => return refused(why),
-        };
-        if server_head.root != head.root {
-            return self.kt_proven_fork(
-                head.epoch,
-                (theirs.as_slice(), "shown to this device"),
-                (bytes, &format!("held by {source}")),
-            );
-        }
-        self.kt_accept_server_head(&server_head, theirs.as_slice(), Some(source)).await
+        let (server_head, theirs) = self.kt_gossip_with_server_head(source, &head, bytes, answer)?;
+        self.kt_accept_server_head(&server_head, &theirs, Some(source)).await
     }
 
     /// Looks up this account in the directory and alerts when it lists an
@@ -565,36 +333,7 @@ impl Subrosa {
                 e => Err(e),
             };
         }
-        let me_now = self.identity();
-        let own_key = me_now.identity_public();
-        if info.identity_key.as_slice() != own_key {
-            self.store().write(|tx| {
-                tx.add_alert_about(
-                    THE_SERVER,
-                    &format!(
-                        "the key directory lists an identity key for {me} that is not this account's: \
-                     the server may be impersonating you"
-                    ),
-                    None,
-                )
-            })?;
-        }
-        for d in &info.devices {
-            if !self.is_certified(d, own_key, &me) {
-                self.store().write(|tx| {
-                    tx.add_alert_about(
-                        THE_SERVER,
-                        &format!(
-                            "the key directory lists a device {} for {me} that none of your devices added: \
-                         the server may be adding a ghost device (it is refused and gets nothing)",
-                            d.device_id.to_hex()
-                        ),
-                        None,
-                    )
-                })?;
-            }
-        }
-        Ok(())
+        self.kt_check_own_listing(info.identity_key.as_slice(), &info.devices)
     }
 
     /// Alerts not shown yet (directory forks, ghost devices, …).

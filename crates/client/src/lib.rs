@@ -33,7 +33,7 @@ pub use devices::{DeviceEntry, LinkApproved};
 pub use handle::{Client, ClientEvent};
 pub use rotation::Rekeyed;
 use store::{now_ms, OnDisk, Store};
-pub use store::{Contact, MessageState, StoredMessage};
+pub use store::{Contact, ConversationRow, MessageState, StoredMessage};
 pub use subrosa_session::{Advice, Session, SystemClock, SystemEvent};
 use subrosa_session::{Outgoing, Prepared};
 
@@ -429,15 +429,14 @@ impl Subrosa {
         }
     }
 
-    /// Sends a text message to `target` (a group name or a handle; `@handle`
-    /// forces a handle). The message is stored in history and queued before
-    /// it is sent; if the server cannot be reached it stays queued and is
-    /// retried (idempotently) by the next send or receive.
+    /// Sends a text message to `to`. The message is stored in history and
+    /// queued before it is sent; if the server cannot be reached it stays
+    /// queued and is retried (idempotently) by the next send or receive.
     ///
     /// # Errors
-    /// Unknown target, key mismatch, network and server errors.
-    pub async fn send_text(&self, target: &str, text: &str) -> Result<StoredMessage, ClientError> {
-        self.send_text_with(target, text, false).await
+    /// Unknown conversation, key mismatch, network and server errors.
+    pub async fn send_text(&self, to: &Target, text: &str) -> Result<StoredMessage, ClientError> {
+        self.send_text_with(to, text, false).await
     }
 
     /// As [`Self::send_text`]; `accept_key_change` sends even when a verified
@@ -447,18 +446,18 @@ impl Subrosa {
     /// As [`Self::send_text`], and [`ClientError::KeyChanged`].
     pub async fn send_text_with(
         &self,
-        target: &str,
+        to: &Target,
         text: &str,
         accept_key_change: bool,
     ) -> Result<StoredMessage, ClientError> {
-        self.send_text_as(target, text, accept_key_change, MessageId(rand::random())).await
+        self.send_text_as(to, text, accept_key_change, MessageId(rand::random())).await
     }
 
     /// As [`Self::send_text_with`], under the message id `message_id` (so a
     /// caller can find the message when it stays queued).
     pub(crate) async fn send_text_as(
         &self,
-        target: &str,
+        to: &Target,
         text: &str,
         accept_key_change: bool,
         message_id: MessageId,
@@ -469,14 +468,15 @@ impl Subrosa {
         if text.len() > subrosa_core::content::MAX_TEXT_BYTES {
             return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
         }
-        // Resolve the name the user typed before catching up (a concurrent
-        // rename must not make it unknown), but encrypt only after every
-        // pending commit is processed: a message must never go out at an
-        // epoch a removal already ended, nor miss a member just added.
-        let typed = self.resolve(target);
-        // Offline-first: when the server cannot be reached, a message to a
-        // conversation this device has is queued (and sent by the next
-        // command); a new conversation needs the server's key packages.
+        if let Target::Conversation(id) = to {
+            self.conversation(id)?;
+        }
+        // Encrypt only after every pending commit is processed: a message
+        // must never go out at an epoch a removal already ended, nor miss a
+        // member just added. Offline-first: when the server cannot be
+        // reached, a message to a conversation this device has is queued
+        // (and sent by the next command); a new conversation needs the
+        // server's key packages.
         let offline = match self.catch_up().await {
             Ok(()) => None,
             Err(e) if is_transient(&e) => Some(e),
@@ -484,16 +484,10 @@ impl Subrosa {
         };
         let online = offline.is_none();
         self.kt_blocked()?;
-        let resolved = match typed {
-            Ok(Target::Conversation(row)) => Target::Conversation(
-                self.store()
-                    .read(|tx| tx.conversation(&row.id))?
-                    .ok_or(ClientError::Bug("conversation vanished".into()))?,
-            ),
-            _ => self.resolve(target)?,
-        };
-        match resolved {
-            Target::Conversation(row) => {
+        match to {
+            Target::Conversation(id) => {
+                // Read again: catching up may have ended it.
+                let row = self.conversation(id)?;
                 if !row.active {
                     return Err(ClientError::Input(format!("you are no longer a member of {}", row.target())));
                 }
@@ -501,20 +495,20 @@ impl Subrosa {
                     self.engine().members(&row.id)?.into_iter().map(|m| m.address.handle).collect();
                 handles.dedup();
                 self.check_key_changes(&handles, accept_key_change)?;
-                self.check_members_accepted(&row.id, target)?;
+                self.check_members_accepted(&row.id, &format!("#{}", row.id.to_hex()))?;
                 let group = row.kind == "group";
                 self.send_content(row.id, &row.target(), group, text, message_id, online).await
             }
             Target::Direct(peer) => {
-                self.check_key_changes(std::slice::from_ref(&peer), accept_key_change)?;
+                self.check_key_changes(std::slice::from_ref(peer), accept_key_change)?;
                 let existing = self.store().read(|tx| tx.direct_conversation(peer.as_str()))?;
                 let first = Some((message_id, text.to_string()));
                 if let Some(c) = &existing {
-                    self.check_members_accepted(c, target)?;
+                    self.check_members_accepted(c, &format!("#{}", c.to_hex()))?;
                 }
                 let conversation = match (existing, offline) {
                     (Some(c), _) => c,
-                    (None, None) => self.start_direct(&peer, first.clone()).await?,
+                    (None, None) => self.start_direct(peer, first.clone()).await?,
                     (None, Some(e)) => {
                         return Err(ClientError::Network(format!(
                             "a first message to {peer} needs the server (for their keys), and it cannot be reached: {e}"
@@ -531,7 +525,7 @@ impl Subrosa {
                             tx.delete_message(&conversation, &message_id.0)?;
                             tx.deactivate_conversation(&conversation)
                         })?;
-                        let fresh = self.start_direct(&peer, first).await?;
+                        let fresh = self.start_direct(peer, first).await?;
                         self.send_content(fresh, peer.as_str(), false, text, message_id, true).await
                     }
                     other => other,
@@ -806,18 +800,38 @@ impl Subrosa {
         }
     }
 
-    /// History of a conversation (a group name or a handle), oldest first,
-    /// this account's messages and system lines included.
+    /// The conversation `id` (not the hidden one of this account's own
+    /// devices), or [`ClientError::UnknownTarget`].
     ///
     /// # Errors
-    /// [`ClientError::UnknownTarget`] when there is no conversation.
-    pub fn history(&self, target: &str) -> Result<Vec<StoredMessage>, ClientError> {
-        let convs = match self.resolve(target)? {
-            Target::Conversation(row) => vec![row],
-            Target::Direct(peer) => self.store().read(|tx| tx.conversations_with(peer.as_str()))?,
-        };
+    /// As said; store errors.
+    pub fn conversation(&self, id: &ConversationId) -> Result<ConversationRow, ClientError> {
+        match self.store().read(|tx| tx.conversation(id))? {
+            Some(row) if row.kind != "own" => Ok(row),
+            _ => Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
+        }
+    }
+
+    /// History of the conversation `id`, oldest first, this account's
+    /// messages and system lines included.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`] for a conversation this device does
+    /// not have.
+    pub fn history(&self, id: &ConversationId) -> Result<Vec<StoredMessage>, ClientError> {
+        let row = self.conversation(id)?;
+        self.store().read(|tx| tx.history(&[row]))
+    }
+
+    /// History with `peer`: every direct conversation with them (a new one
+    /// starts when their devices change), oldest first.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`] when there is none.
+    pub fn history_with(&self, peer: &Handle) -> Result<Vec<StoredMessage>, ClientError> {
+        let convs = self.store().read(|tx| tx.conversations_with(peer.as_str()))?;
         if convs.is_empty() {
-            return Err(ClientError::UnknownTarget(target.to_string()));
+            return Err(ClientError::UnknownTarget(peer.to_string()));
         }
         self.store().read(|tx| tx.history(&convs))
     }

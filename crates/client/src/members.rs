@@ -19,9 +19,8 @@ use std::collections::HashMap;
 
 use reqwest::Method;
 
-use subrosa_proto::{AccountInfo, ErrorCode, Handle};
+use subrosa_proto::{AccountInfo, ConversationId, ErrorCode, Handle};
 
-use crate::conversations::Target;
 use crate::store::MemberCheck;
 use crate::{ClientError, Subrosa};
 
@@ -84,17 +83,9 @@ impl Subrosa {
     /// Returns the handle whose device was accepted.
     ///
     /// # Errors
-    /// Unknown target, or no such flagged device.
-    pub fn accept_device(&self, target: &str, device: &str) -> Result<String, ClientError> {
-        let conversation = match self.resolve(target)? {
-            Target::Conversation(row) => row,
-            Target::Direct(peer) => self
-                .store()
-                .read(|tx| tx.direct_conversation(peer.as_str()))?
-                .and_then(|id| self.store().read(|tx| tx.conversation(&id)).transpose())
-                .transpose()?
-                .ok_or_else(|| ClientError::UnknownTarget(target.to_string()))?,
-        };
+    /// Unknown conversation, or no such flagged device.
+    pub fn accept_device(&self, id: &ConversationId, device: &str) -> Result<String, ClientError> {
+        let conversation = self.conversation(id)?;
         let device = device.trim().to_ascii_lowercase();
         let flagged = self.store().read(|tx| tx.member_checks(Some(&conversation.id), CONTRADICTED))?;
         let matching: Vec<&MemberCheck> =

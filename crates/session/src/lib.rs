@@ -2,8 +2,9 @@
 //!
 //! Everything a device decides lives here, over the [`store`] trait: what
 //! an incoming envelope means (Welcomes, commits, messages), which keys are
-//! pinned and which are refused, gaps, replays and reorders, and what is
-//! stored and shown. It holds no socket, file or clock of its own: callers
+//! pinned and which are refused, gaps, replays and reorders, the key
+//! directory's chain of roots, gossiped heads and forks ([`directory`]),
+//! and what is stored and shown. It holds no socket, file or clock of its own: callers
 //! hand it envelopes, the time (a [`Clock`]) and a store, and get back
 //! typed [`SessionEvent`]s and the work to do next; randomness comes from
 //! the MLS crypto provider it is built with. The native clients
@@ -16,6 +17,7 @@ pub mod store;
 
 pub use error::ClientError;
 mod commits;
+pub mod directory;
 mod members;
 mod outbox;
 pub mod rotation;

@@ -73,9 +73,23 @@ impl Session {
                 return Ok(());
             }
             let Some(why) = verdict else {
-                // Confirmed: pinned on first sight, like a claim's keys.
-                if c.handle != self.handle().as_str() && tx.contact_key(&c.handle)?.is_none() {
-                    tx.pin_contact(&c.handle, &c.identity_key)?;
+                // Confirmed: pinned on first sight, like a claim's keys. A
+                // device queued with another key than the pinned one carried
+                // its account to a new key by a commit, and only a device the
+                // pinned key certified could (`apply_event`): the directory
+                // now lists that key, so the pin moves to it.
+                if c.handle != self.handle().as_str() {
+                    match tx.contact_key(&c.handle)? {
+                        None => tx.pin_contact(&c.handle, &c.identity_key)?,
+                        Some(pinned) if pinned != c.identity_key => {
+                            let handle = subrosa_proto::Handle::new(&c.handle).map_err(|_| {
+                                ClientError::Store(format!("bad handle {:?} in a member check", c.handle))
+                            })?;
+                            tx.change_contact_key(&c.handle, &c.identity_key)?;
+                            self.key_change_lines(tx, &handle)?;
+                        }
+                        Some(_) => {}
+                    }
                 }
                 return tx.drop_member_check(&c.conversation, &c.handle, Some(&c.device)).map(|_| ());
             };

@@ -43,6 +43,10 @@ pub const UNSUPPORTED_TEXT: &str = "unsupported message (sent by a newer Subrosa
 pub const META_PENDING_IDENTITY: &str = "pending_identity";
 /// Meta key of this device's own identity-key rotation not yet published.
 pub const META_PENDING_KEY_SET: &str = "pending_key_set";
+/// Meta key of this account's identity public key before the last one this
+/// device adopted: the account's other devices hold it until they adopt
+/// the new one too.
+pub const META_PREVIOUS_IDENTITY_KEY: &str = "previous_identity_key";
 
 /// A member check waiting for the key directory.
 pub const UNCHECKED: &str = "unchecked";
@@ -156,8 +160,8 @@ impl Session {
     /// Processes one envelope inside one store transaction; what it yields is
     /// stored (and shown by the next receive). The caller acknowledges it.
     pub fn process_envelope(&self, env: &Envelope) -> Result<(), ClientError> {
-        let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
-        if self.store.read(|tx| tx.is_processed(&digest))? {
+        let digest = envelope_digest(env);
+        if self.store.read(|tx| was_processed(tx, env, &digest))? {
             // Delivered again after a crash before the ack: already stored.
             return Ok(());
         }
@@ -171,7 +175,7 @@ impl Session {
         self.store.write(|tx| {
             // Checked again inside the write: another thread may have
             // applied the same envelope since the caller looked.
-            if tx.is_processed(digest)? {
+            if was_processed(&*tx, env, digest)? {
                 return Ok(());
             }
             let event = match env.kind {
@@ -194,9 +198,10 @@ impl Session {
                     // commit (mls-rs recognises it), then it is finished
                     // as if the answer had come.
                     let own = match env.kind {
-                        MessageKind::Commit => tx
-                            .pending_commit(&env.conversation)?
-                            .filter(|p| p.commit_digest == digest && env.sender == self.identity().address()),
+                        MessageKind::Commit => tx.pending_commit(&env.conversation)?.filter(|p| {
+                            p.commit_digest == Sha256::digest(env.ciphertext.as_slice()).as_slice()
+                                && env.sender == self.identity().address()
+                        }),
                         _ => None,
                     };
                     let event = self.engine.process(&env.conversation, env.ciphertext.as_slice())?;
@@ -479,7 +484,7 @@ impl Session {
                     )
                     .into());
                 }
-                self.check_member_key(tx, &sender.address.handle, &sender.identity_key)?;
+                self.check_sender_key(tx, &conversation, &sender)?;
                 let row = self.conversation_row(tx, &conversation)?;
                 // The sender's head is evidence, checked at the end of the
                 // sync (at most one pending per member: its newest).
@@ -545,22 +550,35 @@ impl Session {
                 // directory like an added one; a new identity key for a
                 // contact is a key change, shown as such.
                 let mut changed_flags = Vec::new();
+                let mut unchanged = Vec::new();
                 for (old, m) in &updated {
+                    // A device of the account not yet carried to its new
+                    // key, refreshing its leaf under the previous one: an
+                    // ordinary update, nothing to look up.
+                    let previous = self.previous_key_of(&*tx, &m.address.handle)?;
+                    let still_previous =
+                        old.identity_key == m.identity_key && previous.as_deref() == Some(&m.identity_key[..]);
                     if m.address.handle == me {
-                        if !self.is_own_identity_key_in(&*tx, &m.identity_key)? {
+                        if still_previous {
+                            unchanged.push(m);
+                        } else if !self.is_own_identity_key_in(&*tx, &m.identity_key)? {
                             changed_flags.push((m, "a device of this account is certified by another identity key"));
                         }
                     } else if let Some(pinned) = tx.contact_key(m.address.handle.as_str())? {
                         if pinned != m.identity_key {
                             // Only a device the pinned key had certified may
-                            // carry its account to a new key (a rotation);
-                            // any other device (one already flagged, say,
-                            // added by another member) changes nothing and
-                            // is flagged again.
-                            if old.identity_key == pinned {
-                                tx.change_contact_key(m.address.handle.as_str(), &m.identity_key)?;
-                                self.key_change_lines(tx, &m.address.handle)?;
-                            } else {
+                            // carry its account to a new key (a rotation),
+                            // and the pin moves only once the key directory
+                            // lists that key (`settle_member_check`): a
+                            // revoked device whose removal has not landed
+                            // yet still holds the old key and could certify
+                            // a key of its own making. Until then the device
+                            // waits for the directory like an added one. Any
+                            // other device (one already flagged, say, added
+                            // by another member) is flagged again.
+                            if still_previous {
+                                unchanged.push(m);
+                            } else if old.identity_key != pinned {
                                 changed_flags
                                     .push((m, "a device not certified by the identity key pinned for its account"));
                             }
@@ -575,7 +593,8 @@ impl Session {
                     updated
                         .iter()
                         .map(|(_, m)| m)
-                        .filter(|m| !changed_flags.iter().any(|(f, _)| f.address == m.address)),
+                        .filter(|m| !changed_flags.iter().any(|(f, _)| f.address == m.address))
+                        .filter(|m| !unchanged.iter().any(|u| u.address == m.address)),
                 )?;
                 // The commit is applied whatever it adds, so this device stays
                 // in step with the epoch; a device certified by another key
@@ -751,6 +770,53 @@ impl Session {
         self.check_pinned_key(&*tx, handle, identity_key)
     }
 
+    /// The sender check of an application message: its key is the one
+    /// pinned for its account (or pinned now, on first sight), or one of two
+    /// keys tolerated while an account changes its identity key:
+    /// - the new key of a device that carried its account to it by a commit,
+    ///   while the key directory has not been asked yet (the device is
+    ///   queued with exactly that key); the pin moves once it confirms;
+    /// - the key pinned before the last change, for devices of the account
+    ///   that still carry it (they adopt the new key when they next run);
+    ///   never for a device flagged in this conversation.
+    fn check_sender_key(
+        &self,
+        tx: &mut dyn Tx,
+        conversation: &ConversationId,
+        sender: &MemberInfo,
+    ) -> Result<(), ClientError> {
+        let refused = match self.check_member_key(tx, &sender.address.handle, &sender.identity_key) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let (handle, device) = (sender.address.handle.as_str(), sender.address.device.to_hex());
+        let this_device = |c: &MemberCheck| c.handle == handle && c.device == device;
+        if tx
+            .member_checks(Some(conversation), UNCHECKED)?
+            .iter()
+            .any(|c| this_device(c) && c.identity_key == sender.identity_key)
+        {
+            return Ok(());
+        }
+        let previous = self.previous_key_of(&*tx, &sender.address.handle)?;
+        if previous.as_deref() == Some(&sender.identity_key[..])
+            && !tx.member_checks(Some(conversation), CONTRADICTED)?.iter().any(this_device)
+        {
+            return Ok(());
+        }
+        Err(refused)
+    }
+
+    /// The identity key `handle` held before its last change (for this
+    /// account: before the key this device adopted last).
+    pub(crate) fn previous_key_of(&self, tx: &dyn Tx, handle: &Handle) -> Result<Option<Vec<u8>>, ClientError> {
+        if handle == self.handle() {
+            Ok(tx.meta(META_PREVIOUS_IDENTITY_KEY)?.map(|k| k.to_vec()))
+        } else {
+            tx.contact_previous_key(handle.as_str())
+        }
+    }
+
     /// As [`Self::check_member_key`], without pinning a key seen for the
     /// first time: keys that arrive in Welcomes and commits are pinned only
     /// once the key directory confirmed them ([`Self::check_members`]).
@@ -797,8 +863,8 @@ impl Session {
             // thread the only one in a batch until it ends.
             self.engine.begin_batch();
             for env in envs {
-                let digest = Sha256::digest(env.ciphertext.as_slice()).to_vec();
-                if self.store.read(|tx| tx.is_processed(&digest))? {
+                let digest = envelope_digest(env);
+                if self.store.read(|tx| was_processed(tx, env, &digest))? {
                     continue;
                 }
                 self.apply_envelope(env, &digest)?;
@@ -1182,6 +1248,32 @@ pub fn stuck_key(conversation: &ConversationId) -> String {
 pub fn stuck_culprit_in(tx: &dyn Tx, conversation: &ConversationId) -> Result<Option<DeviceAddress>, ClientError> {
     Ok(tx.meta(&stuck_key(conversation))?.and_then(|v| std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok())))
 }
+/// What marks an envelope processed: its kind, conversation and claimed
+/// sender with its ciphertext, so a valid ciphertext the server first
+/// delivers under another sender (dropped) does not make the genuine
+/// delivery look done. A persisted format (byte snapshot in the tests).
+pub fn envelope_digest(env: &Envelope) -> Vec<u8> {
+    let sender = env.sender.to_string();
+    let mut h = Sha256::new();
+    h.update(b"subrosa processed envelope v2\0");
+    h.update(env.kind.as_str().as_bytes());
+    h.update([0]);
+    h.update(env.conversation.0);
+    h.update((sender.len() as u64).to_be_bytes());
+    h.update(sender.as_bytes());
+    h.update(env.ciphertext.as_slice());
+    h.finalize().to_vec()
+}
+
+/// Whether `env` was processed: its digest, or the ciphertext-only digest
+/// stores from before kept (and this device's own commits still record,
+/// as their staged form knows only the ciphertext). Since the change,
+/// ciphertext-only digests are written for this device's own commits
+/// alone, so the server cannot plant one by a misnamed delivery.
+fn was_processed(tx: &dyn Tx, env: &Envelope, digest: &[u8]) -> Result<bool, ClientError> {
+    Ok(tx.is_processed(digest)? || tx.is_processed(&Sha256::digest(env.ciphertext.as_slice()))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,7 +66,10 @@ impl Device {
     }
 
     fn send(&self, conversation: ConversationId, seq: u64, body: Body) -> Envelope {
-        let mut content = Content::text(MessageId([seq as u8; 16]), 500 + seq, "");
+        // Unique per device: a sender's retry (same id) is shown once.
+        let mut id = [seq as u8; 16];
+        id[..8].copy_from_slice(&self.session.identity().device_id().0);
+        let mut content = Content::text(MessageId(id), 500 + seq, "");
         content.body = body;
         let content = content.with_context(seq, None);
         let (ct, _) = self
@@ -200,6 +203,31 @@ fn a_sender_the_server_misnames_is_dropped_and_nothing_is_stored() {
     let dropped = bob.session.take_dropped();
     assert_eq!(dropped.len(), 1, "{dropped:?}");
     assert!(dropped[0].from.starts_with("mallory/"), "{dropped:?}");
+    // The misnamed copy does not mark the genuine delivery processed.
+    env.sender = alice.session.identity().address();
+    bob.receive(&env);
+    assert_eq!(texts(&bob.unseen()), ["from alice"]);
+    assert!(bob.session.take_dropped().is_empty());
+    bob.receive(&alice.text(id, 2, "and on"));
+    assert_eq!(texts(&bob.unseen()), ["and on"], "no gap");
+}
+
+#[test]
+fn the_processed_digest_is_pinned() {
+    let env = Envelope {
+        id: 9,
+        conversation: ConversationId([3; 16]),
+        sender: "alice/0102030405060708".parse().expect("address"),
+        kind: MessageKind::Application,
+        ciphertext: B64(vec![1, 2, 3]),
+        server_time: 0,
+        roster: None,
+    };
+    assert_eq!(
+        hex::encode(crate::envelope_digest(&env)),
+        "d4ab508ce560b49e83a4aa3d113edc8a5844c04a0f686a33270cab16482479da",
+        "a change of this digest makes every stored envelope look new: a visible decision"
+    );
 }
 
 #[test]
@@ -487,12 +515,213 @@ fn a_pinned_key_moves_only_with_a_device_the_pinned_key_certified() {
     assert!(flagged.iter().any(|c| c.device == fake.session.identity().device_id().to_hex()), "{flagged:?}");
     bob.unseen();
 
-    // alice's own rotation, by her device the pinned key certified, moves it.
+    // alice's own rotation, by her device the pinned key certified, moves
+    // it, once the key directory lists the new key.
     let real = alice.session.identity().with_new_identity_key(&crypto, 3).expect("rotated");
     let (update, _) = alice.commit(|e| e.update_credential(&group, &real));
     bob.receive(&update);
+    assert_eq!(pinned(), Some(alice.session.identity().identity_public().to_vec()), "not before the directory");
+    let queued: Vec<MemberCheck> = unchecked(&bob).into_iter().filter(|c| c.handle == "alice").collect();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    let listed = DirectoryAnswer::Keys {
+        identity_key: real.identity_public().to_vec(),
+        devices: vec![(real.device_id().to_hex(), real.device_public().to_vec())],
+    };
+    let verdict = bob.session.member_verdict(&queued[0], &listed).expect("verdict");
+    bob.session.settle_member_check(&queued[0], verdict).expect("settled");
     assert_eq!(pinned(), Some(real.identity_public().to_vec()));
     assert!(events(&bob.unseen()).contains(&SystemEvent::KeyChanged { member: "alice".into() }));
+}
+
+/// A second device of `of`'s account: its own device id and signature key,
+/// certified by the account's identity key.
+fn linked(of: &Device) -> Device {
+    let crypto = subrosa_core::default_crypto();
+    let fresh = device(of.session.handle().as_str());
+    let me = fresh.session.identity();
+    let key = mls_rs_core::crypto::SignaturePublicKey::new(me.device_public().to_vec());
+    let cert = of.session.identity().certify(&crypto, me.device_id(), &key, 1).expect("certify");
+    let owner = of.session.identity();
+    let identity = me
+        .adopt_identity_key(
+            &crypto,
+            owner.identity_public(),
+            &owner.identity_secret_bytes(),
+            &cert.to_bytes().expect("cert"),
+        )
+        .expect("adopt");
+    let session = Session::new(crypto, identity, fresh.session.store().clone(), fresh.clock.clone());
+    Device { session, clock: fresh.clock }
+}
+
+/// A group of `members`' devices made by the first, joined by the rest,
+/// with bob's checks of the members confirmed by the directory.
+fn group_of(members: &[&Device], answers: &[DirectoryAnswer]) -> ConversationId {
+    let club = ConversationInfo { kind: subrosa_core::ConversationKind::Group, name: "club".into() };
+    let (first, rest) = members.split_first().expect("members");
+    let kps: Vec<Vec<u8>> = rest.iter().map(|d| d.key_package()).collect();
+    let engine = first.session.engine();
+    let c = first
+        .session
+        .store()
+        .write(|tx| {
+            let c = engine.create_conversation(&club, &kps)?;
+            engine.confirm_commit(&c.conversation)?;
+            tx.add_conversation(&c.conversation, "group", "club", None)?;
+            Ok(c)
+        })
+        .expect("group");
+    let welcome = first.envelope(c.conversation, MessageKind::Welcome, c.welcome.expect("welcome"));
+    for d in rest {
+        d.receive(&welcome);
+        settle_all(d, answers);
+    }
+    c.conversation
+}
+
+/// Settles every queued check of `d` with the answer for its account.
+fn settle_all(d: &Device, answers: &[DirectoryAnswer]) {
+    for q in unchecked(d) {
+        let answer = answers
+            .iter()
+            .find(
+                |a| matches!(a, DirectoryAnswer::Keys { devices, .. } if devices.iter().any(|(id, _)| *id == q.device)),
+            )
+            .cloned()
+            .unwrap_or_else(|| DirectoryAnswer::Contradicts("not in this test's directory".into()));
+        let v = d.session.member_verdict(&q, &answer).expect("verdict");
+        d.session.settle_member_check(&q, v).expect("settled");
+    }
+}
+
+fn account(devices: &[&DeviceIdentity]) -> DirectoryAnswer {
+    DirectoryAnswer::Keys {
+        identity_key: devices[0].identity_public().to_vec(),
+        devices: devices.iter().map(|d| (d.device_id().to_hex(), d.device_public().to_vec())).collect(),
+    }
+}
+
+#[test]
+fn a_revoked_device_cannot_move_a_pin_with_a_key_of_its_own_and_the_other_devices_are_heard_during_a_rotation() {
+    let crypto = subrosa_core::default_crypto();
+    let (alice, bob) = (device("alice"), device("bob"));
+    let (alice2, stolen) = (linked(&alice), linked(&alice));
+    let old_alice = account(&[&alice.session.identity(), &alice2.session.identity(), &stolen.session.identity()]);
+    let group = group_of(&[&alice, &alice2, &stolen, &bob], &[old_alice.clone(), answer_for(&bob)]);
+    bob.receive(&alice.text(group, 1, "hello"));
+    let pinned = || bob.session.store().read(|tx| tx.contact_key("alice")).expect("read");
+    let old_key = alice.session.identity().identity_public().to_vec();
+    assert_eq!(pinned(), Some(old_key.clone()));
+    bob.unseen();
+
+    // alice revoked `stolen` and rotated; its removal has not reached the
+    // group yet. It certifies a key of its own making with the old key
+    // (which it holds) and commits it: the pin stays until the directory
+    // answers, and the directory lists alice's real new key.
+    let real = alice.session.identity().with_new_identity_key(&crypto, 2).expect("rotated");
+    let evil = stolen.session.identity().with_new_identity_key(&crypto, 2).expect("evil");
+    let (update, _) = stolen.commit(|e| e.update_credential(&group, &evil));
+    for d in [&bob, &alice, &alice2] {
+        d.receive(&update);
+    }
+    assert_eq!(pinned(), Some(old_key.clone()), "a certification by the pinned key alone moves nothing");
+    let real_cert = real
+        .certify(
+            &crypto,
+            alice2.session.identity().device_id(),
+            &mls_rs_core::crypto::SignaturePublicKey::new(alice2.session.identity().device_public().to_vec()),
+            2,
+        )
+        .expect("certify");
+    let new_alice = DirectoryAnswer::Keys {
+        identity_key: real.identity_public().to_vec(),
+        devices: vec![
+            (real.device_id().to_hex(), real.device_public().to_vec()),
+            (alice2.session.identity().device_id().to_hex(), real_cert.device_key().to_vec()),
+        ],
+    };
+    settle_all(&bob, std::slice::from_ref(&new_alice));
+    assert_eq!(pinned(), Some(old_key.clone()), "the pin did not follow the revoked device's key");
+    let flagged = bob.session.store().read(|tx| tx.member_checks(Some(&group), crate::CONTRADICTED)).expect("checks");
+    assert!(flagged.iter().any(|c| c.device == stolen.session.identity().device_id().to_hex()), "{flagged:?}");
+    assert!(!events(&bob.unseen()).contains(&SystemEvent::KeyChanged { member: "alice".into() }));
+    // What it sends under its own key is dropped.
+    bob.receive(&stolen.text(group, 1, "send money"));
+    assert!(texts(&bob.unseen()).iter().all(|t| !t.contains("send money")));
+    assert_eq!(bob.session.take_dropped().len(), 1);
+
+    // alice's real rotation moves the pin once the directory lists it.
+    let (update, _) = alice.commit(|e| e.update_credential(&group, &real));
+    for d in [&bob, &alice2, &stolen] {
+        d.receive(&update);
+    }
+    // Before the directory answered, what she sends under the new key is
+    // read (her device waits for the directory like an added one).
+    let alice = Device {
+        session: Session::new(crypto.clone(), real.clone(), alice.session.store().clone(), alice.clock.clone()),
+        clock: alice.clock.clone(),
+    };
+    bob.receive(&alice.text(group, 2, "new key"));
+    assert_eq!(texts(&bob.unseen()), ["new key"]);
+    assert!(bob.session.take_dropped().is_empty());
+    settle_all(&bob, &[new_alice]);
+    assert_eq!(pinned(), Some(real.identity_public().to_vec()));
+    assert!(events(&bob.unseen()).contains(&SystemEvent::KeyChanged { member: "alice".into() }));
+
+    // alice2 has not adopted the new key yet: what it sends meanwhile under
+    // the previous one is read, not dropped, and so is an update of its
+    // leaf that keeps that key.
+    bob.receive(&alice2.text(group, 1, "still me"));
+    assert_eq!(texts(&bob.unseen()), ["still me"]);
+    assert!(bob.session.take_dropped().is_empty());
+    // A new signature key under the previous identity key (`devices
+    // rekey` before adopting): an ordinary update, not a flagged device.
+    let rekeyed = alice2.session.identity().with_new_device_key(&crypto, 3).expect("rekey");
+    let (refresh, _) = alice2.commit(|e| e.update_credential(&group, &rekeyed));
+    for d in [&bob, &stolen] {
+        d.receive(&refresh);
+    }
+    let alice2 = Device {
+        session: Session::new(crypto.clone(), rekeyed, alice2.session.store().clone(), alice2.clock.clone()),
+        clock: alice2.clock.clone(),
+    };
+    let flagged = bob.session.store().read(|tx| tx.member_checks(Some(&group), crate::CONTRADICTED)).expect("checks");
+    assert!(!flagged.iter().any(|c| c.device == alice2.session.identity().device_id().to_hex()), "{flagged:?}");
+    bob.receive(&alice2.text(group, 2, "and again"));
+    assert_eq!(texts(&bob.unseen()), ["and again"]);
+
+    // The flagged device gets no such tolerance, even under the old key.
+    // (Its leaf carries the evil key; a device added now with the previous
+    // key is flagged like any device its pin does not certify.)
+    let (add, _) = stolen.commit(|e| e.add_members(&group, &[linked(&alice2).key_package()]));
+    bob.receive(&add);
+    let flagged = bob.session.store().read(|tx| tx.member_checks(Some(&group), crate::CONTRADICTED)).expect("checks");
+    assert_eq!(flagged.iter().filter(|c| c.handle == "alice").count(), 2, "{flagged:?}");
+}
+
+#[test]
+fn this_accounts_other_devices_are_heard_under_the_previous_key_after_an_adoption() {
+    let crypto = subrosa_core::default_crypto();
+    let (alice, bob) = (device("alice"), device("bob"));
+    let alice2 = linked(&alice);
+    let answers = [account(&[&alice.session.identity(), &alice2.session.identity()]), answer_for(&bob)];
+    let group = group_of(&[&bob, &alice, &alice2], &answers);
+    // alice adopts a new key (as `finish_key_switch` does: the new identity,
+    // and the previous public key remembered); alice2 has not yet.
+    let old_key = alice.session.identity().identity_public().to_vec();
+    let adopted = alice.session.identity().with_new_identity_key(&crypto, 2).expect("rotated");
+    let store = alice.session.store().clone();
+    store.write(|tx| tx.set_meta(crate::META_PREVIOUS_IDENTITY_KEY, &old_key)).expect("meta");
+    let alice =
+        Device { session: Session::new(crypto.clone(), adopted, store, alice.clock.clone()), clock: alice.clock };
+    alice.unseen();
+    alice.receive(&alice2.text(group, 1, "from my other device"));
+    assert_eq!(texts(&alice.unseen()), ["from my other device"]);
+    assert!(alice.session.take_dropped().is_empty());
+    // Without the remembered key it would be dropped.
+    alice.session.store().write(|tx| tx.delete_meta(crate::META_PREVIOUS_IDENTITY_KEY)).expect("meta");
+    alice.receive(&alice2.text(group, 2, "again"));
+    assert_eq!(alice.session.take_dropped().len(), 1);
 }
 
 #[test]
@@ -607,4 +836,133 @@ fn a_leave_seen_by_a_batch_applied_twice_is_queued_once() {
     let queued = bob.session.next_leave_to_commit().expect("the leave is queued");
     assert_eq!(queued, (group, carol.session.identity().address()));
     assert_eq!(bob.session.next_leave_to_commit(), None, "and only once");
+}
+
+/// A key directory's head signer, as the server holds it.
+struct Signer {
+    secret: mls_rs_core::crypto::SignatureSecretKey,
+    key: crate::directory::HeadKey,
+}
+
+impl Signer {
+    fn new() -> Self {
+        use mls_rs_core::crypto::{CipherSuiteProvider, CryptoProvider};
+        let cs = subrosa_core::default_crypto()
+            .cipher_suite_provider(mls_rs_core::crypto::CipherSuite::CURVE25519_AES128)
+            .expect("ed25519");
+        let (secret, public) = cs.signature_key_generate().expect("key");
+        let key =
+            crate::directory::HeadKey { key: public.as_bytes().try_into().expect("32 bytes"), directory_id: [7; 16] };
+        Signer { secret, key }
+    }
+
+    fn head(&self, epoch: u64, root: u8) -> Vec<u8> {
+        use mls_rs_core::crypto::{CipherSuiteProvider, CryptoProvider};
+        let cs = subrosa_core::default_crypto()
+            .cipher_suite_provider(mls_rs_core::crypto::CipherSuite::CURVE25519_AES128)
+            .expect("ed25519");
+        let mut h = subrosa_proto::kt::SignedHead {
+            directory_id: self.key.directory_id,
+            epoch,
+            root: [root; 32],
+            vrf_public_key: [1; 32],
+            signed_at_ms: 5,
+            signature: [0; 64],
+        };
+        h.signature = cs.sign(&self.secret, &h.to_be_signed()).expect("sign").try_into().expect("64 bytes");
+        h.encode()
+    }
+}
+
+fn decode(bytes: &[u8]) -> subrosa_proto::kt::SignedHead {
+    subrosa_proto::kt::SignedHead::decode(bytes).expect("head")
+}
+
+#[test]
+fn the_directory_chain_takes_one_root_per_epoch_and_two_signed_heads_prove_a_fork() {
+    use crate::directory::ChainStep;
+    let bob = device("bob");
+    let s = &bob.session;
+    let server = Signer::new();
+    s.pin_head_key(&server.key).expect("pin");
+    // The first head is trusted on first use and kept; again, nothing new.
+    let h1 = server.head(1, 0xa1);
+    assert_eq!(s.kt_server_head(&decode(&h1), &h1).expect("first"), ChainStep::Done);
+    assert_eq!(s.kt_server_head(&decode(&h1), &h1).expect("again"), ChainStep::Done);
+    assert!(s.kt_blocked().is_ok());
+    // A later epoch must be joined by append-only proofs from the chain's end.
+    let h4 = server.head(4, 0xa4);
+    assert_eq!(s.kt_server_head(&decode(&h4), &h4).expect("later"), ChainStep::Audit { start: 1, end: 4 });
+    let not_joined = [[0xb1; 32], [2; 32], [3; 32], [0xa4; 32]];
+    assert!(matches!(s.kt_extend_chain(4, &[0xa4; 32], 1, &not_joined), Err(ClientError::KeyMismatch { .. })));
+    let not_reaching = [[0xa1; 32], [2; 32], [3; 32], [0xb4; 32]];
+    assert!(matches!(s.kt_extend_chain(4, &[0xa4; 32], 1, &not_reaching), Err(ClientError::KeyMismatch { .. })));
+    s.kt_extend_chain(4, &[0xa4; 32], 1, &[[0xa1; 32], [2; 32], [3; 32], [0xa4; 32]]).expect("joined");
+    s.kt_keep_head(4, &h4).expect("kept");
+    // A known epoch with another root is refused.
+    assert!(matches!(s.kt_chain_step(2, &[9; 32]), Err(ClientError::KeyMismatch { .. })));
+    assert_eq!(s.kt_chain_step(3, &[3; 32]).expect("known"), ChainStep::Done);
+
+    // The server signs a second head for epoch 4 with another root: proven,
+    // recorded with its proof, and sending is blocked until cleared.
+    let other4 = server.head(4, 0xc4);
+    assert!(matches!(s.kt_server_head(&decode(&other4), &other4), Err(ClientError::DirectoryFork(_))));
+    assert!(matches!(s.kt_blocked(), Err(ClientError::DirectoryFork(_))));
+    let alerts = s.store().read(|tx| tx.alerts()).expect("alerts");
+    let proof: crate::directory::ForkProof =
+        serde_json::from_str(alerts.iter().find_map(|a| a.proof.as_deref()).expect("a proof")).expect("json");
+    proof.verify(s.engine().crypto()).expect("the proof proves it");
+    let mut forged = proof.clone();
+    forged.heads[1] = forged.heads[0].clone();
+    assert!(forged.verify(s.engine().crypto()).is_err(), "two equal heads prove nothing");
+    s.store().write(|tx| tx.clear_alerts(true)).expect("cleared");
+    assert!(s.kt_blocked().is_ok());
+}
+
+#[test]
+fn a_gossiped_head_is_evidence_the_member_is_blamed_for_a_bad_one_and_the_server_for_a_refusal() {
+    use crate::directory::{ChainStep, GossipStep, ServerHeadAnswer, THE_SERVER};
+    let bob = device("bob");
+    let s = &bob.session;
+    let server = Signer::new();
+    s.pin_head_key(&server.key).expect("pin");
+    let h1 = server.head(1, 0xa1);
+    s.kt_server_head(&decode(&h1), &h1).expect("first");
+    let concerns = || -> Vec<String> {
+        s.store().read(|tx| tx.alerts()).expect("alerts").into_iter().filter_map(|a| a.concerns).collect()
+    };
+
+    // Not signed by the directory: carol's fault, not the server's.
+    let forger = Signer { key: server.key, ..Signer::new() };
+    assert_eq!(s.kt_gossip_step("carol", &forger.head(2, 0xa2)).expect("step"), GossipStep::Done);
+    assert_eq!(concerns(), ["carol"]);
+    assert!(s.kt_blocked().is_ok());
+    // The head this device holds: nothing to do.
+    assert_eq!(s.kt_gossip_step("carol", &h1).expect("step"), GossipStep::Done);
+
+    // A newer head: the server is asked for its own. The same root is
+    // taken in through the chain.
+    let g3 = server.head(3, 0xa3);
+    let GossipStep::AskServer(head) = s.kt_gossip_step("carol", &g3).expect("step") else { panic!("ask") };
+    let (own, bytes) =
+        s.kt_gossip_with_server_head("carol", &head, &g3, ServerHeadAnswer::Signed(g3.clone())).expect("confirmed");
+    assert_eq!(s.kt_server_head(&own, &bytes).expect("chain"), ChainStep::Audit { start: 1, end: 3 });
+    // A refusal, or no signed head, is recorded against the server.
+    let refused = s.kt_gossip_with_server_head("carol", &head, &g3, ServerHeadAnswer::Refused("no".into()));
+    assert!(matches!(refused, Err(ClientError::KeyMismatch { .. })));
+    let unsigned = s.kt_gossip_with_server_head("carol", &head, &g3, ServerHeadAnswer::Unsigned);
+    assert!(matches!(unsigned, Err(ClientError::KeyMismatch { .. })));
+    assert_eq!(concerns(), ["carol", THE_SERVER, THE_SERVER]);
+    assert!(s.kt_blocked().is_ok(), "a refusal proves no fork");
+    // The server's head for that epoch has another root than carol's: a
+    // proven fork.
+    let theirs = server.head(3, 0xb3);
+    let fork = s.kt_gossip_with_server_head("carol", &head, &g3, ServerHeadAnswer::Signed(theirs));
+    assert!(matches!(fork, Err(ClientError::DirectoryFork(_))));
+    assert!(s.kt_blocked().is_err());
+    s.store().write(|tx| tx.clear_alerts(true)).expect("cleared");
+
+    // A head for an epoch this device holds, with another root: proven at once.
+    assert_eq!(s.kt_gossip_step("dave", &server.head(1, 0xd1)).expect("step"), GossipStep::Done);
+    assert!(matches!(s.kt_blocked(), Err(ClientError::DirectoryFork(_))));
 }

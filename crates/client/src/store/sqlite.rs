@@ -176,6 +176,11 @@ const SCHEMA: &[&str] = &[
     // v11: a front end that connects later (the daemon's subscribers)
     // replays what arrived since a time without reading all of history.
     "CREATE INDEX messages_received ON messages (received_at);",
+    // v12: a contact's key before its last change. Its account's devices
+    // not yet carried to the new key still hold it, and their messages are
+    // not dropped meanwhile. Contacts whose key changed before this step
+    // have none: nothing to tolerate.
+    "ALTER TABLE contacts ADD COLUMN previous_key BLOB;",
 ];
 
 const MESSAGE_COLUMNS: &str =
@@ -685,7 +690,8 @@ impl Contacts for SqliteTx<'_> {
             .map_err(sql)?
             .unwrap_or(false);
         conn.execute(
-            "UPDATE contacts SET identity_key = ?2, verified = 0, key_change_pending = ?3 WHERE handle = ?1",
+            "UPDATE contacts SET previous_key = CASE WHEN identity_key = ?2 THEN previous_key ELSE identity_key END, \
+             identity_key = ?2, verified = 0, key_change_pending = ?3 WHERE handle = ?1",
             params![handle, identity_key, was_verified],
         )
         .map_err(sql)?;
@@ -704,6 +710,14 @@ impl Contacts for SqliteTx<'_> {
         self.lock()
             .execute("UPDATE contacts SET key_change_pending = 0 WHERE handle = ?1", [handle])
             .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn contact_previous_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError> {
+        self.lock()
+            .query_row("SELECT previous_key FROM contacts WHERE handle = ?1", [handle], |r| r.get(0))
+            .optional()
+            .map(Option::flatten)
             .map_err(sql)
     }
 

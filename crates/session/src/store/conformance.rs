@@ -154,6 +154,16 @@ pub fn contacts_are_pinned_once_and_key_changes_are_remembered(store: Store) {
     store.write(|tx| tx.set_verified("bob", true)).expect("verify again");
     let c = store.read(|tx| Ok((tx.key_change_pending("bob")?, tx.contacts()?))).expect("read");
     assert!(!c.0 && c.1[0].verified, "verifying clears the pending change");
+    // The key before the last change is remembered (and only that one); a
+    // "change" to the same key forgets nothing.
+    let previous = |h: &'static str| store.read(move |tx| tx.contact_previous_key(h)).expect("previous");
+    assert_eq!(previous("bob"), Some(vec![5; 32]));
+    assert_eq!(previous("carol"), Some(vec![3; 32]));
+    store.write(|tx| tx.change_contact_key("bob", &[6; 32])).expect("same key");
+    assert_eq!(previous("bob"), Some(vec![5; 32]));
+    assert_eq!(previous("dave"), None);
+    store.write(|tx| tx.pin_contact("dave", &[7; 32])).expect("pin");
+    assert_eq!(previous("dave"), None, "a first pin has no previous key");
 }
 
 pub fn conversations_are_found_by_peer_name_and_prefix(store: Store) {

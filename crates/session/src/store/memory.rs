@@ -33,6 +33,7 @@ struct ContactRow {
     identity_key: Vec<u8>,
     verified: bool,
     key_change_pending: bool,
+    previous_key: Option<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -376,6 +377,7 @@ impl Contacts for MemTx<'_> {
                     identity_key: identity_key.to_vec(),
                     verified: false,
                     key_change_pending: false,
+                    previous_key: None,
                 });
             }
         });
@@ -396,7 +398,9 @@ impl Contacts for MemTx<'_> {
         Ok(self.with(|t| match t.contacts.iter_mut().find(|c| c.handle == handle) {
             Some(c) => {
                 let was_verified = c.verified;
-                c.identity_key = identity_key.to_vec();
+                if c.identity_key != identity_key {
+                    c.previous_key = Some(std::mem::replace(&mut c.identity_key, identity_key.to_vec()));
+                }
                 c.verified = false;
                 c.key_change_pending = was_verified;
                 was_verified
@@ -407,6 +411,10 @@ impl Contacts for MemTx<'_> {
 
     fn key_change_pending(&self, handle: &str) -> Result<bool, ClientError> {
         Ok(self.with(|t| t.contacts.iter().any(|c| c.handle == handle && c.key_change_pending)))
+    }
+
+    fn contact_previous_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.with(|t| t.contacts.iter().find(|c| c.handle == handle).and_then(|c| c.previous_key.clone())))
     }
 
     fn clear_key_change(&mut self, handle: &str) -> Result<(), ClientError> {

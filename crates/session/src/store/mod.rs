@@ -394,6 +394,14 @@ pub trait Contacts {
     /// Database errors.
     fn change_contact_key(&mut self, handle: &str, identity_key: &[u8]) -> Result<bool, ClientError>;
 
+    /// The key a contact's pin held before its last change, if it changed:
+    /// devices of that account not yet carried to the new key still hold
+    /// it (see `Session`'s sender check).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn contact_previous_key(&self, handle: &str) -> Result<Option<Vec<u8>>, ClientError>;
+
     /// Whether a verified contact's key changed and the user has not yet
     /// verified again or accepted it.
     ///
