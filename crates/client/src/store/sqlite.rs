@@ -1718,6 +1718,53 @@ mod tests {
     }
 
     #[test]
+    fn a_store_of_v9_gains_typed_system_lines_the_received_index_and_previous_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        let kdf = KdfParams::new_random();
+        std::fs::write(home.join(KDF_FILE), serde_json::to_vec(&kdf).expect("json")).expect("kdf");
+        // As the release before typed system lines left it: a contact whose
+        // key changed once, and a system line written as English.
+        {
+            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            old.migrate_to(9).expect("v9");
+            let conn = old.lock();
+            conn.execute(
+                "INSERT INTO contacts (handle, identity_key, added_at) VALUES ('bob', ?1, 1)",
+                [&[1u8; 32][..]],
+            )
+            .expect("contact");
+            conn.execute(
+                "INSERT INTO conversations (id, kind, name, peer, created_at, last_activity) VALUES (?1, 'direct', '', 'bob', 1, 1)",
+                [&[7u8; 16][..]],
+            )
+            .expect("conversation");
+            conn.execute(
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system)
+                 VALUES (?1, ?2, 'bob', '00', 1, 1, 'bob''s identity key changed', 0, 1)",
+                params![&[7u8; 16][..], &[1u8; 16][..]],
+            )
+            .expect("message");
+        }
+        let sqlite = Arc::new(SqliteStore::open(&home, "pw").expect("migrates"));
+        let version: i64 = sqlite.lock().query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(version, SCHEMA.len() as i64);
+        let store = Store::from_arc(sqlite.clone());
+        // v10: the old line has no event and shows as written.
+        let conv =
+            store.read(|tx| tx.conversation(&subrosa_proto::ConversationId([7; 16]))).expect("row").expect("exists");
+        let h = store.read(|tx| tx.history(&[conv])).expect("history");
+        assert_eq!((h[0].text.as_str(), h[0].system, h[0].event.clone()), ("bob's identity key changed", true, None));
+        // v11: replay by time finds it.
+        assert_eq!(store.read(|tx| tx.received_since(0)).expect("since").len(), 1);
+        // v12: no previous key until the next change, which records it.
+        assert_eq!(store.read(|tx| tx.contact_previous_key("bob")).expect("previous"), None);
+        store.write(|tx| tx.change_contact_key("bob", &[2; 32])).expect("change");
+        assert_eq!(store.read(|tx| tx.contact_previous_key("bob")).expect("previous"), Some(vec![1; 32]));
+    }
+
+    #[test]
     fn history_json_objects_carry_state_for_own_messages_only() {
         // The command-line contract (`history --json`, `receive --json`): a snapshot.
         let mut m = StoredMessage {
