@@ -27,6 +27,7 @@ use crate::auth::{
     now_ms, parse_json, read_body, Authed, MaybeAuthed, RequestSignature, SignedJson, SignedJsonNonceLater,
 };
 use crate::hooks::Source;
+use crate::metrics::MessageEvent;
 use crate::store::{ClaimKind, NewAccount, StoreError};
 use crate::{ws, AppError, AppState};
 
@@ -70,7 +71,8 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let took = start.elapsed();
-    state.metrics.request(status, took);
+    let error = resp.extensions().get::<ErrorCode>().copied();
+    state.metrics.request(crate::metrics::Op::of(&method, &route), status, error, took);
     let ms = took.as_secs_f64() * 1000.0;
     if resp.status().is_server_error() {
         tracing::warn!(%method, route, status, latency_ms = ms, "request failed");
@@ -317,7 +319,8 @@ async fn send(
         .await?
         .ok_or_else(crate::auth::replayed)?;
     // Only now is everything durably stored: wake the recipients.
-    state.metrics.sends_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let event = if out.duplicate { MessageEvent::Duplicate } else { MessageEvent::Stored };
+    state.metrics.messages(event, 1);
     for addr in &out.recipients {
         state.wakeups.wake(addr);
     }

@@ -135,6 +135,7 @@ struct OpenSocket(crate::metrics::SharedMetrics);
 impl OpenSocket {
     fn new(metrics: &crate::metrics::SharedMetrics) -> Self {
         metrics.websockets_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics.websockets_opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         OpenSocket(std::sync::Arc::clone(metrics))
     }
 }

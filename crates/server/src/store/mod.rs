@@ -289,6 +289,19 @@ pub struct SweepReport {
     pub links: u64,
 }
 
+/// A connection pool's state, for operators (`subrosa_db_pool_*` metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// Most connections the pool opens.
+    pub max: u64,
+    /// Connections open now (idle and in use).
+    pub open: u64,
+    /// Open connections idle in the pool.
+    pub idle: u64,
+    /// Requests waiting for a connection.
+    pub waiting: u64,
+}
+
 /// Row counts, for operators, tests and the demo's "what the server stored".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -729,6 +742,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Backend failures only.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// The connection pool's state, read without touching the database (so
+    /// it is known when the database is not); `None` for a backend without
+    /// a pool (SQLite: one writer thread and fixed readers).
+    fn pool_state(&self) -> Option<PoolState> {
+        None
+    }
 
     /// Takes tokens from a rate-limit bucket that every node sharing this
     /// database sees (see [`TokenRequest`]); `Ok(None)` when the backend

@@ -1192,6 +1192,12 @@ impl Store for PgStore {
         Arc::new(self.clone())
     }
 
+    fn pool_state(&self) -> Option<super::PoolState> {
+        let s = self.pool.status();
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        Some(super::PoolState { max: n(s.max_size), open: n(s.size), idle: n(s.available), waiting: n(s.waiting) })
+    }
+
     async fn maintenance(&self) -> Result<(), StoreError> {
         // Autovacuum reclaims deleted rows; nothing to do per sweep.
         Ok(())
