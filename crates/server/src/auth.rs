@@ -143,9 +143,20 @@ async fn authenticate(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<DeviceAddress, AppError> {
-    let sig = authenticate_but_nonce(state, method, path_and_query, headers, body).await?;
+    Ok(authenticate_with_key(state, method, path_and_query, headers, body).await?.0)
+}
+
+/// [`authenticate`], with the signature key the request was checked against.
+async fn authenticate_with_key(
+    state: &AppState,
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(DeviceAddress, Vec<u8>), AppError> {
+    let (sig, key) = authenticate_but_nonce(state, method, path_and_query, headers, body).await?;
     sig.check_nonce(state).await?;
-    Ok(sig.addr)
+    Ok((sig.addr, key))
 }
 
 /// Every check of [`authenticate`] but the nonce's, which the caller stores
@@ -156,7 +167,7 @@ async fn authenticate_but_nonce(
     path_and_query: &str,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<RequestSignature, AppError> {
+) -> Result<(RequestSignature, Vec<u8>), AppError> {
     let sig = RequestSignature::from_headers(headers)?;
     let key = match state.wakeups.cached_key(&sig.addr, Instant::now()) {
         Some(key) => key,
@@ -174,7 +185,7 @@ async fn authenticate_but_nonce(
     sig.verify(&key, method, path_and_query, body)?;
     sig.check_fresh(now_ms())?;
     state.device_limiter.check(&sig.addr, Instant::now()).await.map_err(AppError::rate_limited)?;
-    Ok(sig)
+    Ok((sig, key))
 }
 
 fn path_and_query(parts: &Parts) -> &str {
@@ -232,6 +243,27 @@ impl FromRequestParts<AppState> for Authed {
     }
 }
 
+/// A device authenticated by a signed request without a body, and the
+/// signature key it was checked against: a WebSocket keeps it, so that it
+/// closes once the device's key is no longer that one.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthedKey {
+    /// The authenticated device.
+    pub device: DeviceAddress,
+    /// Its signature key when the request was checked.
+    pub key: Vec<u8>,
+}
+
+impl FromRequestParts<AppState> for AuthedKey {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let (device, key) =
+            authenticate_with_key(state, parts.method.as_str(), path_and_query(parts), &parts.headers, b"").await?;
+        Ok(AuthedKey { device, key })
+    }
+}
+
 /// A device authenticated by a signed request, and its JSON body.
 #[derive(Debug, Clone)]
 pub struct SignedJson<T> {
@@ -274,8 +306,9 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for SignedJsonNonceLater<
     async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
         let (parts, body) = req.into_parts();
         let bytes = read_body(&parts.headers, body, state.limits.max_body_bytes).await?;
-        let sig = authenticate_but_nonce(state, parts.method.as_str(), path_and_query(&parts), &parts.headers, &bytes)
-            .await?;
+        let (sig, _) =
+            authenticate_but_nonce(state, parts.method.as_str(), path_and_query(&parts), &parts.headers, &bytes)
+                .await?;
         let body = parse_json(&bytes)?;
         Ok(SignedJsonNonceLater {
             nonce: sig.stored_nonce(),

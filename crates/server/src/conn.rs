@@ -226,6 +226,7 @@ pub struct Guarded {
 impl Guarded {
     fn new(inner: TcpStream, slot: Option<Slot>, idle: Duration, metrics: &crate::metrics::SharedMetrics) -> Self {
         metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics.connections_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let open = OpenConnection(Arc::clone(metrics));
         Guarded { inner, _slot: slot, _open: open, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
     }

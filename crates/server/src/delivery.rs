@@ -12,6 +12,7 @@
 use subrosa_proto::limits::MAX_ACK_IDS;
 use subrosa_proto::{DeviceAddress, Envelope};
 
+use crate::metrics::MessageEvent;
 use crate::store::StoreError;
 use crate::{AppError, AppState};
 
@@ -51,6 +52,7 @@ pub(crate) async fn fetch(
     if !dropped.is_empty() {
         state.store.ack(device, &dropped).await?;
     }
+    state.metrics.messages(MessageEvent::Delivered, messages.len() as u64);
     Ok(Fetched { messages, last, full })
 }
 
@@ -65,5 +67,7 @@ pub(crate) async fn acknowledge(state: &AppState, device: &DeviceAddress, ids: &
     if ids.len() > MAX_ACK_IDS {
         return Err(AppError::too_large(format!("at most {MAX_ACK_IDS} ids per acknowledgement")));
     }
-    Ok(state.store.ack(device, ids).await?)
+    let deleted = state.store.ack(device, ids).await?;
+    state.metrics.messages(MessageEvent::Acknowledged, deleted);
+    Ok(deleted)
 }

@@ -198,6 +198,8 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let retry = self.retry_after_secs;
         let mut resp = (self.status, Json(self.body())).into_response();
+        // For the metrics' outcome label (`routes::log_request`).
+        resp.extensions_mut().insert(self.code);
         if let Some(secs) = retry {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

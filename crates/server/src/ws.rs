@@ -12,7 +12,12 @@
 //!
 //! A removed device's socket is closed with an `unauthorized` error frame:
 //! at once on this node (the removal revokes its subscription), within one
-//! re-check on other nodes (each re-check looks the device up).
+//! re-check on other nodes (each re-check looks the device up). A socket
+//! opened with a key the device no longer has closes too (it reconnects with
+//! its new key): at once on a local key change, else when its subscription
+//! begins (a change that committed while the upgrade was answered) or at
+//! the next re-check, which compare the key the socket authenticated with
+//! against the device's current one.
 
 use std::time::Duration;
 
@@ -22,7 +27,7 @@ use axum::extract::State;
 use axum::response::Response;
 use subrosa_proto::{ClientFrame, DeviceAddress, ErrorBody, ErrorCode, ServerFrame};
 
-use crate::auth::Authed;
+use crate::auth::AuthedKey;
 use crate::store::StoreError;
 use crate::wakeup::Woken;
 use crate::{AppError, AppState};
@@ -48,7 +53,7 @@ const MAX_CLIENT_FRAME: usize = 64 * 1024;
 const READ_BUFFER: usize = 1024;
 
 pub(crate) async fn upgrade(
-    Authed(device): Authed,
+    AuthedKey { device, key }: AuthedKey,
     State(state): State<AppState>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
@@ -65,7 +70,7 @@ pub(crate) async fn upgrade(
         .max_frame_size(MAX_CLIENT_FRAME)
         .max_write_buffer_size(largest.saturating_mul(2))
         .on_upgrade(move |socket| async move {
-            if let Err(reason) = run(state, device, socket).await {
+            if let Err(reason) = run(state, device, key, socket).await {
                 tracing::debug!(reason, "websocket closed");
             }
         }))
@@ -90,11 +95,21 @@ async fn close_with_error(socket: &mut WebSocket, err: ErrorBody, code: u16) {
     let _ = send(socket, Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
-/// Closes the socket when the device is no longer active. A database that
+/// Closes the socket when the device is no longer active, or no longer has
+/// the signature key the socket authenticated with (`key`). A database that
 /// is unreachable for the moment leaves it open (the next re-check asks again).
-async fn check_active(state: &AppState, device: &DeviceAddress, socket: &mut WebSocket) -> Result<(), &'static str> {
+async fn check_active(
+    state: &AppState,
+    device: &DeviceAddress,
+    key: &[u8],
+    socket: &mut WebSocket,
+) -> Result<(), &'static str> {
     match state.store.device(device).await {
-        Ok(Some(_)) => Ok(()),
+        Ok(Some(record)) if record.signature_key.as_slice() == key => Ok(()),
+        Ok(Some(_)) => {
+            close_rekeyed(socket).await;
+            Err("device keys changed")
+        }
         Ok(None) => {
             close_removed(socket).await;
             Err("device removed")
@@ -108,6 +123,11 @@ async fn check_active(state: &AppState, device: &DeviceAddress, socket: &mut Web
             Err("storage failed")
         }
     }
+}
+
+/// Opened with the device's old key: the device reconnects with its new one.
+async fn close_rekeyed(socket: &mut WebSocket) {
+    let _ = send(socket, Message::Close(None)).await;
 }
 
 async fn close_removed(socket: &mut WebSocket) {
@@ -135,6 +155,7 @@ struct OpenSocket(crate::metrics::SharedMetrics);
 impl OpenSocket {
     fn new(metrics: &crate::metrics::SharedMetrics) -> Self {
         metrics.websockets_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics.websockets_opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         OpenSocket(std::sync::Arc::clone(metrics))
     }
 }
@@ -145,12 +166,12 @@ impl Drop for OpenSocket {
     }
 }
 
-async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> Result<(), &'static str> {
+async fn run(state: AppState, device: DeviceAddress, key: Vec<u8>, mut socket: WebSocket) -> Result<(), &'static str> {
     let _open = OpenSocket::new(&state.metrics);
     let mut wakeup = state.wakeups.subscribe(&device);
-    // A removal that committed between the upgrade's authentication and the
-    // subscription revoked nothing here: look once more.
-    check_active(&state, &device, &mut socket).await?;
+    // A removal or key change that committed between the upgrade's
+    // authentication and the subscription woke nothing here: look once more.
+    check_active(&state, &device, &key, &mut socket).await?;
     let mut shutdown = state.shutdown.clone();
     let mut recheck = tokio::time::interval(RECHECK);
     let mut ping = tokio::time::interval(PING);
@@ -203,15 +224,13 @@ async fn run(state: AppState, device: DeviceAddress, mut socket: WebSocket) -> R
                     return Err("device removed");
                 }
                 if woken == Woken::Rekeyed {
-                    // Opened with the device's old key: the device
-                    // reconnects with its new one.
-                    let _ = socket.send(Message::Close(None)).await;
+                    close_rekeyed(&mut socket).await;
                     return Err("device keys changed");
                 }
                 look = true;
             }
             _ = recheck.tick() => {
-                check_active(&state, &device, &mut socket).await?;
+                check_active(&state, &device, &key, &mut socket).await?;
                 look = true;
             }
             _ = ping.tick() => {

@@ -537,18 +537,20 @@ async fn one_account_cannot_drain_anothers_key_packages() {
         who.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })))
     };
     let limit = subrosa_server::CLAIMS_PER_PAIR_PER_HOUR as usize;
-    let budget = subrosa_server::ONE_TIME_CLAIMS_PER_TARGET_PER_HOUR as usize;
-    for _ in 0..limit {
-        assert_eq!(t.call(claim(&mallory)).await.0, StatusCode::OK);
+    let allowance = subrosa_server::store::ONE_TIME_CLAIMS_PER_CLAIMER as usize;
+    for i in 0..limit {
+        let got = t.call(claim(&mallory)).await;
+        assert_eq!(got.0, StatusCode::OK);
+        assert_eq!(got.1["packages"][0]["last_resort"], json!(i >= allowance), "claim {i}");
     }
     assert_error(&t.call(claim(&mallory)).await, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
-    // Others still reach bob, and bob keeps one-time packages: past bob's
-    // one-time budget, claims get his last-resort package.
+    // Mallory drew only its own allowance of one-time packages and did not
+    // spend bob's shared budget past it: others still get one-time ones.
     let got = t.call(claim(&carol)).await;
     assert_eq!(got.0, StatusCode::OK);
-    assert_eq!(got.1["packages"][0]["last_resort"], json!(true));
+    assert_eq!(got.1["packages"][0]["last_resort"], json!(false));
     let got = t.call(bob.request("GET", "/v1/keypackages", vec![])).await;
-    assert_eq!(got.1["one_time"], json!(50 - budget));
+    assert_eq!(got.1["one_time"], json!(50 - allowance - 1));
     // An account's own devices are not limited when they claim each other's.
     let bob2 = t.add_device(&bob).await;
     for _ in 0..3 {
@@ -559,7 +561,7 @@ async fn one_account_cannot_drain_anothers_key_packages() {
     }
 }
 
-/// Many accounts, each under its own pair limit, together draw at most the
+/// Many accounts, each within its own allowance, together draw at most the
 /// target's one-time budget; past it every claim still succeeds, with the
 /// last-resort package. The target's own devices are not counted.
 #[tokio::test]

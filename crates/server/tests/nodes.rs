@@ -68,6 +68,8 @@ impl Drop for Schema {
 struct Node {
     child: Child,
     addr: SocketAddr,
+    /// Where its metrics are served, when started with `--metrics-listen`.
+    metrics: Option<String>,
     /// The node's data directory (its signed-head mark), removed on drop.
     _dir: tempfile::TempDir,
 }
@@ -98,11 +100,16 @@ impl Node {
             .unwrap_or_else(|| panic!("bad ready line {line:?}"))
             .parse()
             .expect("address");
+        let metrics = extra.contains(&"--metrics-listen").then(|| {
+            line.clear();
+            out.read_line(&mut line).expect("metrics line");
+            line.trim().strip_prefix("metrics on http://").expect("metrics line").replace("/metrics", "")
+        });
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = out.read_to_end(&mut sink);
         });
-        Node { child, addr, _dir: dir }
+        Node { child, addr, metrics, _dir: dir }
     }
 }
 
@@ -616,4 +623,36 @@ async fn a_rate_limit_is_shared_by_the_nodes() {
     }
     assert_eq!(limited[0] + limited[1], 10, "30 claims in all, whichever node served them: {limited:?}");
     assert!(limited[0] > 0 && limited[1] > 0, "both nodes refuse once the shared bucket is empty: {limited:?}");
+}
+
+/// On PostgreSQL the metrics report the node's connection pool (SQLite has
+/// none: `tests/metrics.rs` checks that it is absent there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_the_database_pool() {
+    let Some(schema) = Schema::new().await else { return };
+    let node = Node::start_with(&schema.url, &["--rate-limit", "0", "--metrics-listen", "127.0.0.1:0"]);
+    register(node.addr, "alice").await;
+    let metrics = node.metrics.as_deref().expect("metrics address");
+    let scrape = {
+        use std::io::Write as _;
+        let mut s = std::net::TcpStream::connect(metrics).expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("read");
+        raw
+    };
+    let value = |series: &str| -> u64 {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+            .unwrap_or_else(|| panic!("{series} missing:\n{scrape}"))
+    };
+    let max = value("subrosa_db_pool_max_connections");
+    let idle = value("subrosa_db_pool_connections{state=\"idle\"}");
+    let busy = value("subrosa_db_pool_connections{state=\"busy\"}");
+    assert_eq!(max, 16);
+    assert!(idle >= 1, "the registration's connection went back to the pool:\n{scrape}");
+    assert!(idle + busy <= max);
+    assert_eq!(value("subrosa_db_pool_waiting"), 0);
+    assert_eq!(value("subrosa_devices"), 1);
 }

@@ -361,6 +361,55 @@ async fn removal_on_another_node_closes_the_socket_at_the_recheck() {
     srv.shutdown().await;
 }
 
+/// A key change this node was not told of (made on another node, or
+/// committed while the upgrade was being answered) closes a socket opened
+/// with the old key at its next re-check; the device reconnects with its new
+/// key, and a socket opened with the current key stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_socket_opened_with_an_old_key_closes_at_the_recheck() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    let mut ws = connect_ws(addr, &bob).await;
+    let mut ws_alice = connect_ws(addr, &alice).await;
+    // Let the sockets reach their wait before the change.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Bob's device takes a new signature key behind this node's back.
+    let mut new_bob = TestDevice::new("unused");
+    new_bob.handle = bob.handle.clone();
+    new_bob.device = bob.device;
+    new_bob.identity = aws_lc_rs::signature::Ed25519KeyPair::generate().expect("key");
+    let identity = srv.state().store().account(&bob.handle).await.expect("account").expect("exists").identity_key;
+    srv.state()
+        .store()
+        .replace_keys(&bob.addr(), identity.as_slice().to_vec(), vec![new_bob.record()])
+        .await
+        .expect("rekey behind the node's back");
+    let closed = tokio::time::timeout(Duration::from_secs(25), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket opened with bob's old key stayed open past a re-check");
+    // With the new key bob's device connects and is pushed to; alice's
+    // socket (unchanged key) was left open.
+    let mut ws = connect_ws(addr, &new_bob).await;
+    send_text(addr, &alice, &bob, b"after the rekey").await;
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else { panic!("expected messages") };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"after the rekey");
+    send_text(addr, &new_bob, &alice, b"alice still connected").await;
+    let got = next_frame(&mut ws_alice).await;
+    let ServerFrame::Messages { messages } = got else { panic!("expected messages") };
+    assert_eq!(messages[0].ciphertext.as_slice(), b"alice still connected");
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_deletes_expired_link_slots() {
     let dir = tempfile::tempdir().expect("dir");

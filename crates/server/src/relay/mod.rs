@@ -18,8 +18,13 @@
 //!
 //! **Limits.** Per device: packets and bytes per second (token buckets); per
 //! call: forwarded bytes per second and at most [`RelayLimits::max_devices_per_call`]
-//! devices; at most [`RelayLimits::max_sessions`] sessions on the node.
-//! Sessions idle for [`RelayLimits::idle`] are dropped.
+//! devices; at most [`RelayLimits::max_sessions`] sessions on the node, of
+//! which one device holds at most [`RelayLimits::max_sessions_per_device`]
+//! (calls at once) and one source at most
+//! [`RelayLimits::max_sessions_per_source`] (an IPv4 address, or an IPv6
+//! /64, which one host usually has whole), so neither one account (at most
+//! 16 devices) nor one host can fill the node. Sessions idle for
+//! [`RelayLimits::idle`] are dropped.
 //!
 //! **Nothing kept.** Media is never stored, parsed or logged; the relay logs
 //! nothing about calls, devices or addresses. Its state is a map of live
@@ -60,6 +65,12 @@ pub struct RelayLimits {
     pub max_devices_per_call: usize,
     /// Sessions on this node.
     pub max_sessions: usize,
+    /// Sessions of one device (the calls it is in at once).
+    pub max_sessions_per_device: usize,
+    /// Sessions from one source: an IPv4 address or an IPv6 /64 (a NAT
+    /// shared by a household or a carrier counts once, hence a generous
+    /// default).
+    pub max_sessions_per_source: usize,
     /// Packets per second one device may send (burst: twice that).
     pub packets_per_second: f64,
     /// Bytes per second one device may send (burst: twice that).
@@ -75,6 +86,12 @@ impl Default for RelayLimits {
         Self {
             max_devices_per_call: 16,
             max_sessions: 10_000,
+            // A device is in one call at a time in practice; room for a
+            // second ringing and a stale one not yet swept.
+            max_sessions_per_device: 4,
+            // 16 devices of an account in calls at once behind one NAT,
+            // several times over; 1% of the node.
+            max_sessions_per_source: 100,
             // 50 frames a second is a call; twice that leaves room for FEC
             // bursts and a second stream.
             packets_per_second: 100.0,
@@ -258,7 +275,36 @@ pub struct Relay {
     limits: RelayLimits,
     sessions: HashMap<SocketAddr, Session>,
     calls: HashMap<ConversationId, Call>,
+    /// Sessions per [`source`] and per device tag, kept with `sessions`
+    /// (no entry at zero), so a `Prove` checks its caps without a scan.
+    per_source: HashMap<std::net::IpAddr, usize>,
+    per_device: HashMap<[u8; 8], usize>,
     counters: RelayCounters,
+}
+
+/// What the per-source cap counts a session against: its IPv4 address, or
+/// the /64 of its IPv6 address (IPv4-mapped ones as IPv4).
+fn source(addr: &SocketAddr) -> std::net::IpAddr {
+    match addr.ip() {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                std::net::IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// One less in a count map, dropping the entry at zero.
+fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 /// What to send in answer to one datagram.
@@ -267,7 +313,15 @@ type Out = Vec<(SocketAddr, Vec<u8>)>;
 impl Relay {
     /// A relay checking tokens with `issuer`.
     pub fn new(issuer: Arc<Issuer>, limits: RelayLimits) -> Self {
-        Self { issuer, limits, sessions: HashMap::new(), calls: HashMap::new(), counters: RelayCounters::default() }
+        Self {
+            issuer,
+            limits,
+            sessions: HashMap::new(),
+            calls: HashMap::new(),
+            per_source: HashMap::new(),
+            per_device: HashMap::new(),
+            counters: RelayCounters::default(),
+        }
     }
 
     /// What it did so far.
@@ -282,6 +336,8 @@ impl Relay {
 
     fn remove(&mut self, addr: &SocketAddr) {
         if let Some(s) = self.sessions.remove(addr) {
+            decrement(&mut self.per_source, &source(addr));
+            decrement(&mut self.per_device, &s.claim.device);
             if let Some(call) = self.calls.get_mut(&s.claim.call) {
                 call.members.retain(|m| m != addr);
                 if call.members.is_empty() {
@@ -338,7 +394,13 @@ impl Relay {
                     self.remove(&from);
                 }
                 let members = self.calls.get(&claim.call).map_or(0, |c| c.members.len());
-                if members >= self.limits.max_devices_per_call || self.sessions.len() >= self.limits.max_sessions {
+                let of_source = self.per_source.get(&source(&from)).copied().unwrap_or(0);
+                let of_device = self.per_device.get(&claim.device).copied().unwrap_or(0);
+                if members >= self.limits.max_devices_per_call
+                    || self.sessions.len() >= self.limits.max_sessions
+                    || of_source >= self.limits.max_sessions_per_source
+                    || of_device >= self.limits.max_sessions_per_device
+                {
                     return self.drop_one();
                 }
                 let limits = self.limits;
@@ -346,6 +408,8 @@ impl Relay {
                     (Bucket::full(limits.packets_per_second, now), Bucket::full(limits.bytes_per_second, now))
                 });
                 self.sessions.insert(from, Session { claim, last_seen: now, packets, bytes });
+                *self.per_source.entry(source(&from)).or_default() += 1;
+                *self.per_device.entry(claim.device).or_default() += 1;
                 self.calls
                     .entry(claim.call)
                     .or_insert_with(|| Call {
@@ -491,7 +555,12 @@ mod tests {
         }
 
         fn join(&mut self, from: SocketAddr, name: &str) -> bool {
-            let token = self.issuer.mint(&self.call, &device(name), 2000);
+            let call = self.call;
+            self.join_call(from, name, call)
+        }
+
+        fn join_call(&mut self, from: SocketAddr, name: &str, call: ConversationId) -> bool {
+            let token = self.issuer.mint(&call, &device(name), 2000);
             let out = self.send(from, &Datagram::Join(token));
             let [(to, Datagram::Challenge(cookie))] = out.as_slice() else { return false };
             assert_eq!(*to, from);
@@ -578,5 +647,40 @@ mod tests {
         f.now += Duration::from_secs(31);
         f.relay.sweep(f.now);
         assert!(f.send(addr(1), &media).is_empty());
+    }
+
+    #[test]
+    fn one_device_and_one_source_hold_only_their_share_of_the_sessions() {
+        let limits = RelayLimits { max_sessions_per_device: 2, max_sessions_per_source: 3, ..RelayLimits::default() };
+        let mut f = Fixture::new(limits);
+        let call = |n: u8| ConversationId([n; 16]);
+        let host_a = |port: u16| SocketAddr::from(([10, 0, 0, 1], port));
+        let host_b = |port: u16| SocketAddr::from(([10, 0, 0, 2], port));
+        // One device in many calls: two at once.
+        assert!(f.join_call(host_a(1), "alice", call(1)));
+        assert!(f.join_call(host_b(1), "alice", call(2)));
+        assert!(!f.join_call(host_b(2), "alice", call(3)), "a third call of one device");
+        // One source with many devices: three sessions at once.
+        assert!(f.join_call(host_a(2), "bob", call(1)));
+        assert!(f.join_call(host_a(3), "carol", call(1)));
+        assert!(!f.join_call(host_a(4), "dave", call(1)), "a fourth session from one address");
+        assert!(f.join_call(host_b(4), "dave", call(1)), "another address is not affected");
+        // Proving again from an address already counted is not refused.
+        assert!(f.join_call(host_a(3), "carol", call(1)));
+        // Leaving frees the device's and the source's place.
+        assert!(f.send(host_a(1), &Datagram::Leave).is_empty());
+        assert!(f.join_call(host_a(5), "alice", call(3)));
+        // An IPv6 host's /64 counts as one source; another /64 does not.
+        let v6 = |net: u16, host: u16| SocketAddr::from(([0x2001, 0xdb8, 0, net, 0, 0, 0, host], 4000));
+        for (i, name) in ["vsix1", "vsix2", "vsix3"].iter().enumerate() {
+            assert!(f.join_call(v6(1, i as u16 + 1), name, call(4)));
+        }
+        assert!(!f.join_call(v6(1, 9), "vsix4", call(4)), "the same /64");
+        assert!(f.join_call(v6(2, 9), "vsix4", call(4)), "another /64");
+        // Idle sessions go, and with them their counts.
+        f.now += Duration::from_secs(31);
+        f.relay.sweep(f.now);
+        assert!(f.relay.per_source.is_empty() && f.relay.per_device.is_empty());
+        assert!(f.join_call(host_a(6), "alice", call(5)));
     }
 }

@@ -17,7 +17,8 @@ use subrosa_proto::{
 };
 
 use super::{
-    ClaimKind, NewAccount, Quota, QuotaScope, Store, StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES,
+    ClaimKind, NewAccount, Quota, QuotaScope, Store, StoreError, CLAIM_WINDOW_MS, MAX_DEVICES_PER_ACCOUNT,
+    MAX_STORED_KEY_PACKAGES, ONE_TIME_CLAIMS_PER_CLAIMER,
 };
 
 const NOW: u64 = 1_700_000_000_000;
@@ -122,6 +123,7 @@ macro_rules! with_behaviours {
             in_roster_follows_the_commits,
             send_checks_run_in_one_order,
             throttled_claims_take_last_resort_packages_first,
+            one_claimer_draws_few_one_time_packages_an_hour,
         );
     };
 }
@@ -1274,4 +1276,71 @@ pub async fn throttled_claims_take_last_resort_packages_first(store: Arc<dyn Sto
     let nobody = random_handle("nobody");
     let missing = store.claim_key_packages_of(&nobody, &alice, ClaimKind::LastResortFirst).await;
     assert!(matches!(missing, Err(StoreError::UnknownHandle)));
+}
+
+/// [`ClaimKind::Counted`]: one account draws one-time packages of another
+/// in at most [`ONE_TIME_CLAIMS_PER_CLAIMER`] claims per window, then gets
+/// last-resort packages; other claimers keep their own allowance, the
+/// window starts over after [`CLAIM_WINDOW_MS`], a claim that found no
+/// one-time package spends nothing, and the target's own devices are not
+/// counted.
+pub async fn one_claimer_draws_few_one_time_packages_an_hour(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let carol = account(&store, "carol").await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    let kps: Vec<Vec<u8>> = (0..8).map(|i| format!("kp-{i}").into_bytes()).collect();
+    store.upload_key_packages(&bob, kps, Some(b"kp-lr".to_vec()), false).await.expect("upload");
+    let counted = |now_ms| ClaimKind::Counted { now_ms };
+    let claim = |by: DeviceAddress, now_ms: u64| {
+        let (store, target) = (Arc::clone(&store), bob.handle.clone());
+        async move {
+            let got = store.claim_key_packages_of(&target, &by, counted(now_ms)).await.expect("claim");
+            let p = got.packages.iter().find(|p| p.device.device_id == bob.device).expect("bob's package");
+            (p.key_package.as_slice().to_vec(), p.last_resort)
+        }
+    };
+    let left = |who: &DeviceAddress, now_ms: u64| {
+        let (store, who, target) = (Arc::clone(&store), who.handle.clone(), bob.handle.clone());
+        async move { store.one_time_claims_left(&who, &target, now_ms).await.expect("left") }
+    };
+    assert_eq!(left(&alice, NOW).await, ONE_TIME_CLAIMS_PER_CLAIMER);
+    for i in 0..ONE_TIME_CLAIMS_PER_CLAIMER {
+        assert!(!claim(alice.clone(), NOW + i).await.1, "claim {i} within the allowance");
+    }
+    assert_eq!(left(&alice, NOW + 10).await, 0);
+    assert_eq!(claim(alice.clone(), NOW + 10).await, (b"kp-lr".to_vec(), true), "past it: last resort");
+    let one_time = |store: Arc<dyn Store>, d: DeviceAddress| async move {
+        store.key_package_count(&d).await.expect("count").one_time
+    };
+    let spent = ONE_TIME_CLAIMS_PER_CLAIMER;
+    assert_eq!(one_time(Arc::clone(&store), bob.clone()).await, 8 - spent, "the last-resort claim took none");
+    // Another claimer has an allowance of its own.
+    assert_eq!(left(&carol, NOW + 10).await, ONE_TIME_CLAIMS_PER_CLAIMER);
+    assert!(!claim(carol.clone(), NOW + 10).await.1, "carol's own allowance");
+    // The window starts at the first claim and lasts CLAIM_WINDOW_MS.
+    assert_eq!(left(&alice, NOW + CLAIM_WINDOW_MS - 1).await, 0);
+    assert!(claim(alice.clone(), NOW + CLAIM_WINDOW_MS - 1).await.1, "still the first window");
+    assert_eq!(left(&alice, NOW + CLAIM_WINDOW_MS).await, ONE_TIME_CLAIMS_PER_CLAIMER);
+    assert!(!claim(alice.clone(), NOW + CLAIM_WINDOW_MS).await.1, "a new window");
+    assert_eq!(left(&alice, NOW + CLAIM_WINDOW_MS).await, ONE_TIME_CLAIMS_PER_CLAIMER - 1);
+    // A node whose clock lags the one that opened the window keeps it.
+    assert_eq!(left(&alice, NOW).await, ONE_TIME_CLAIMS_PER_CLAIMER - 1);
+    // The target's own devices are not counted.
+    for _ in 0..3 {
+        assert!(!claim(bob2.clone(), NOW + 20).await.1, "own devices are not counted");
+    }
+    assert_eq!(one_time(Arc::clone(&store), bob.clone()).await, 8 - spent - 5);
+    // A claim that found only the last-resort package spends nothing.
+    let erin = account(&store, "erin").await;
+    store.upload_key_packages(&erin, Vec::new(), Some(b"erin-lr".to_vec()), false).await.expect("upload");
+    let got = store.claim_key_packages_of(&erin.handle, &carol, counted(NOW)).await.expect("claim");
+    assert!(got.packages[0].last_resort);
+    assert_eq!(store.one_time_claims_left(&carol.handle, &erin.handle, NOW).await.expect("left"), 2);
+    // An unknown target is refused before anything is counted.
+    let nobody = random_handle("nobody");
+    let missing = store.claim_key_packages_of(&nobody, &alice, counted(NOW)).await;
+    assert!(matches!(missing, Err(StoreError::UnknownHandle)));
+    // The sweeper forgets windows an hour old; they counted nothing any more.
+    store.sweep(0, 0, 0, NOW + 3 * CLAIM_WINDOW_MS).await.expect("sweep");
+    assert_eq!(left(&alice, NOW + 3 * CLAIM_WINDOW_MS).await, ONE_TIME_CLAIMS_PER_CLAIMER);
 }

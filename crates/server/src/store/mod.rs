@@ -153,7 +153,25 @@ pub enum ClaimKind {
     /// which must not drain the target's one-time packages yet must still
     /// reach every device.
     LastResortFirst,
+    /// [`ClaimKind::OneTime`] while the requester's account has made fewer
+    /// than [`ONE_TIME_CLAIMS_PER_CLAIMER`] claims that drew one-time
+    /// packages of this target in the current window ([`CLAIM_WINDOW_MS`],
+    /// which starts at the first claim; now is `now_ms`), and counts the
+    /// claim when it drew one; else [`ClaimKind::LastResortFirst`]. So one
+    /// claimer cannot spend the target's shared budget alone. A claim of the
+    /// requester's own account's packages is [`ClaimKind::OneTime`].
+    Counted {
+        /// The time, ms since the Unix epoch.
+        now_ms: u64,
+    },
 }
+
+/// Claims drawing one-time packages that one account may make of another's
+/// in one [`CLAIM_WINDOW_MS`] (each takes one package of every device);
+/// past them it gets last-resort packages (see [`ClaimKind::Counted`]).
+pub const ONE_TIME_CLAIMS_PER_CLAIMER: u64 = 2;
+/// The window of [`ONE_TIME_CLAIMS_PER_CLAIMER`]: an hour.
+pub const CLAIM_WINDOW_MS: u64 = 3_600_000;
 
 /// Whose stored bytes a [`StoreError::QuotaExceeded`] counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +305,19 @@ pub struct SweepReport {
     pub send_ids: u64,
     /// Expired link slots.
     pub links: u64,
+}
+
+/// A connection pool's state, for operators (`subrosa_db_pool_*` metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// Most connections the pool opens.
+    pub max: u64,
+    /// Connections open now (idle and in use).
+    pub open: u64,
+    /// Open connections idle in the pool.
+    pub idle: u64,
+    /// Requests waiting for a connection.
+    pub waiting: u64,
 }
 
 /// Row counts, for operators, tests and the demo's "what the server stored".
@@ -557,6 +588,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         kind: ClaimKind,
     ) -> Result<ClaimResponse, StoreError>;
 
+    /// How many more claims drawing one-time packages `claimer`'s account
+    /// may make of `target`'s at `now_ms` (see [`ClaimKind::Counted`]): a
+    /// plain read, so the caller can leave the target's budget alone for a
+    /// claimer past its own allowance. The claim itself decides again
+    /// inside its transaction.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn one_time_claims_left(&self, claimer: &Handle, target: &Handle, now_ms: u64) -> Result<u64, StoreError>;
+
     /// Stores every part of a send for its recipients, atomically, together
     /// with the send id and (when the send carries a commit) the epoch bump
     /// and the new roster (see [`roster_change`] and the module docs). The
@@ -729,6 +770,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Backend failures only.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// The connection pool's state, read without touching the database (so
+    /// it is known when the database is not); `None` for a backend without
+    /// a pool (SQLite: one writer thread and fixed readers).
+    fn pool_state(&self) -> Option<PoolState> {
+        None
+    }
 
     /// Takes tokens from a rate-limit bucket that every node sharing this
     /// database sees (see [`TokenRequest`]); `Ok(None)` when the backend

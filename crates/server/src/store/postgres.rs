@@ -221,6 +221,18 @@ const MIGRATIONS: &[&str] = &[
                               toast.autovacuum_vacuum_scale_factor = 0, toast.autovacuum_vacuum_threshold = 1000,
                               toast.autovacuum_vacuum_cost_delay = 0);
     ",
+    // 8: one-time key-package claims per (claimer, target) account in the
+    // current hour (see `store::ClaimKind::Counted`); the sweeper deletes
+    // windows an hour old.
+    r"
+    CREATE TABLE claim_windows (
+        claimer TEXT NOT NULL,
+        target TEXT NOT NULL,
+        window_start BIGINT NOT NULL,
+        claims BIGINT NOT NULL,
+        PRIMARY KEY (claimer, target)
+    );
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -899,6 +911,19 @@ impl Store for PgStore {
         .await)
     }
 
+    async fn one_time_claims_left(&self, claimer: &Handle, target: &Handle, now_ms: u64) -> Result<u64, StoreError> {
+        on_client!(self, |c| async {
+            let row = query_opt(
+                &c,
+                "SELECT window_start, claims FROM claim_windows WHERE claimer = $1 AND target = $2",
+                &[&claimer.as_str(), &target.as_str()],
+            )
+            .await?;
+            Ok(rules::one_time_claims_left(row.map(|r| (to_u64(r.get(0)), to_u64(r.get(1)))), now_ms))
+        }
+        .await)
+    }
+
     async fn send_within(
         &self,
         sender: &DeviceAddress,
@@ -1139,6 +1164,13 @@ impl Store for PgStore {
             let send_ids =
                 execute(&tx, "DELETE FROM send_ids WHERE created_at < $1", &[&to_i64(send_ids_before_ms)]).await?;
             let links = execute(&tx, "DELETE FROM links WHERE expires_at <= $1", &[&to_i64(now_ms)]).await?;
+            // A claim window an hour old counts nothing any more.
+            execute(
+                &tx,
+                "DELETE FROM claim_windows WHERE window_start <= $1",
+                &[&to_i64(now_ms.saturating_sub(super::CLAIM_WINDOW_MS))],
+            )
+            .await?;
             // Every limiter's bucket is full an hour after its last use.
             execute(
                 &tx,
@@ -1190,6 +1222,12 @@ impl Store for PgStore {
 
     fn kt_storage(&self) -> Arc<dyn super::kt::KtStorage> {
         Arc::new(self.clone())
+    }
+
+    fn pool_state(&self) -> Option<super::PoolState> {
+        let s = self.pool.status();
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        Some(super::PoolState { max: n(s.max_size), open: n(s.size), idle: n(s.available), waiting: n(s.waiting) })
     }
 
     async fn maintenance(&self) -> Result<(), StoreError> {
@@ -1696,6 +1734,36 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         Ok(query_opt(self.c, "SELECT data FROM last_resort_packages WHERE device = $1", &[&device])
             .await?
             .map(|r| r.get(0)))
+    }
+
+    async fn lock_claim_window(&mut self, claimer: &Handle, target: &Handle, now_ms: u64) -> R<(u64, u64)> {
+        // The insert waits for a concurrent claim's insert of the same pair
+        // to commit; the row lock then orders the two claims.
+        execute(
+            self.c,
+            "INSERT INTO claim_windows (claimer, target, window_start, claims) VALUES ($1, $2, $3, 0)
+             ON CONFLICT (claimer, target) DO NOTHING",
+            &[&claimer.as_str(), &target.as_str(), &to_i64(now_ms)],
+        )
+        .await?;
+        let row = query_opt(
+            self.c,
+            "SELECT window_start, claims FROM claim_windows WHERE claimer = $1 AND target = $2 FOR UPDATE",
+            &[&claimer.as_str(), &target.as_str()],
+        )
+        .await?
+        .ok_or_else(|| StoreError::Internal("claim window vanished under its lock".into()))?;
+        Ok((to_u64(row.get(0)), to_u64(row.get(1))))
+    }
+
+    async fn set_claim_window(&mut self, claimer: &Handle, target: &Handle, start_ms: u64, claims: u64) -> R<()> {
+        execute(
+            self.c,
+            "UPDATE claim_windows SET window_start = $3, claims = $4 WHERE claimer = $1 AND target = $2",
+            &[&claimer.as_str(), &target.as_str(), &to_i64(start_ms), &to_i64(claims)],
+        )
+        .await?;
+        Ok(())
     }
 }
 

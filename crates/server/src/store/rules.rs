@@ -172,6 +172,23 @@ pub(crate) trait Statements {
     async fn take_one_time(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
     /// The device's last-resort key package.
     async fn last_resort(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// The (claimer account, target account) claim window, as (start ms,
+    /// claims counted), locked against concurrent claims of the same pair;
+    /// created as `(now_ms, 0)` when there is none.
+    async fn lock_claim_window(
+        &mut self,
+        claimer: &Handle,
+        target: &Handle,
+        now_ms: u64,
+    ) -> Result<(u64, u64), Self::Error>;
+    /// Stores the pair's claim window.
+    async fn set_claim_window(
+        &mut self,
+        claimer: &Handle,
+        target: &Handle,
+        start_ms: u64,
+        claims: u64,
+    ) -> Result<(), Self::Error>;
 
     /// The account with its active devices.
     async fn account(&mut self, handle: &Handle) -> Result<Option<subrosa_proto::AccountInfo>, Self::Error>;
@@ -406,20 +423,36 @@ pub(crate) async fn claim_key_packages<S: Statements>(
 ) -> Result<subrosa_proto::ClaimResponse, S::Error> {
     use subrosa_proto::{ClaimedKeyPackage, B64};
     let identity_key = s.identity_key(handle).await?.ok_or(StoreError::UnknownHandle)?;
+    // The claimer's own allowance of the target's one-time packages, read
+    // under the pair's lock: `counted` is the window to bump if this claim
+    // draws a one-time package.
+    let mut counted = None;
+    let last_resort_first = match kind {
+        super::ClaimKind::OneTime => false,
+        super::ClaimKind::LastResortFirst => true,
+        super::ClaimKind::Counted { .. } if requester.handle == *handle => false,
+        super::ClaimKind::Counted { now_ms } => {
+            let row = s.lock_claim_window(&requester.handle, handle, now_ms).await?;
+            let (start, claims) = claim_window(row, now_ms);
+            counted = Some((start, claims));
+            claims >= super::ONE_TIME_CLAIMS_PER_CLAIMER
+        }
+    };
     let mut packages = Vec::new();
     for (row, record) in s.devices_of(handle).await? {
         if *handle == requester.handle && record.device_id == requester.device {
             continue;
         }
-        let (package, last_resort) = match kind {
-            super::ClaimKind::OneTime => match s.take_one_time(row).await? {
-                Some(kp) => (Some(kp), false),
-                None => (s.last_resort(row).await?, true),
-            },
-            super::ClaimKind::LastResortFirst => match s.last_resort(row).await? {
+        let (package, last_resort) = if last_resort_first {
+            match s.last_resort(row).await? {
                 Some(kp) => (Some(kp), true),
                 None => (s.take_one_time(row).await?, false),
-            },
+            }
+        } else {
+            match s.take_one_time(row).await? {
+                Some(kp) => (Some(kp), false),
+                None => (s.last_resort(row).await?, true),
+            }
         };
         if let Some(kp) = package {
             packages.push(ClaimedKeyPackage { device: record, key_package: B64(kp), last_resort });
@@ -428,6 +461,13 @@ pub(crate) async fn claim_key_packages<S: Statements>(
     if packages.is_empty() {
         return Err(StoreError::NoKeyPackage.into());
     }
+    // Only a claim that drew a one-time package spends the allowance (one
+    // past it, which got last-resort packages first, changes nothing).
+    if let Some((start, claims)) = counted {
+        if !last_resort_first && packages.iter().any(|p| !p.last_resort) {
+            s.set_claim_window(&requester.handle, handle, start, claims.saturating_add(1)).await?;
+        }
+    }
     Ok(subrosa_proto::ClaimResponse {
         handle: handle.clone(),
         identity_key: B64(identity_key),
@@ -435,6 +475,26 @@ pub(crate) async fn claim_key_packages<S: Statements>(
         kt: None,
         devices: Vec::new(),
     })
+}
+
+/// A pair's claim window as it stands at `now_ms`: the stored (start,
+/// claims), or a fresh `(now_ms, 0)` once [`super::CLAIM_WINDOW_MS`] has
+/// passed since its start. A start after `now_ms` (a node whose clock is
+/// ahead wrote it) keeps the window: a lagging node must not reopen it.
+pub(crate) fn claim_window(stored: (u64, u64), now_ms: u64) -> (u64, u64) {
+    let (start, claims) = stored;
+    if now_ms.saturating_sub(start) >= super::CLAIM_WINDOW_MS {
+        (now_ms, 0)
+    } else {
+        (start, claims)
+    }
+}
+
+/// [`super::Store::one_time_claims_left`] from the pair's stored window
+/// (`None`: no claim yet).
+pub(crate) fn one_time_claims_left(stored: Option<(u64, u64)>, now_ms: u64) -> u64 {
+    let claims = stored.map_or(0, |w| claim_window(w, now_ms).1);
+    super::ONE_TIME_CLAIMS_PER_CLAIMER.saturating_sub(claims)
 }
 
 /// Replaces an account's keys: [`super::Store::replace_keys`]'s rule (see

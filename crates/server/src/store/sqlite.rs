@@ -168,6 +168,18 @@ const MIGRATIONS: &[&str] = &[
     DELETE FROM conversations WHERE has_roster = 1
         AND NOT EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation = conversations.id);
     ",
+    // 7: one-time key-package claims per (claimer, target) account in the
+    // current hour (see `store::ClaimKind::Counted`); the sweeper deletes
+    // windows an hour old.
+    r"
+    CREATE TABLE claim_windows (
+        claimer TEXT NOT NULL,
+        target TEXT NOT NULL,
+        window_start INTEGER NOT NULL,
+        claims INTEGER NOT NULL,
+        PRIMARY KEY (claimer, target)
+    ) WITHOUT ROWID;
+    ",
 ];
 
 /// The SQLite store.
@@ -885,6 +897,46 @@ impl rules::Statements for Sql<'_> {
             .map_err(map_err)
     }
 
+    async fn lock_claim_window(
+        &mut self,
+        claimer: &Handle,
+        target: &Handle,
+        now_ms: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        // Writes run one at a time: nothing to lock.
+        self.0
+            .execute(
+                "INSERT OR IGNORE INTO claim_windows (claimer, target, window_start, claims) VALUES (?1, ?2, ?3, 0)",
+                params![claimer.as_str(), target.as_str(), to_i64(now_ms)],
+            )
+            .map_err(map_err)?;
+        let (start, claims): (i64, i64) = self
+            .0
+            .query_row(
+                "SELECT window_start, claims FROM claim_windows WHERE claimer = ?1 AND target = ?2",
+                params![claimer.as_str(), target.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(map_err)?;
+        Ok((to_u64(start), to_u64(claims)))
+    }
+
+    async fn set_claim_window(
+        &mut self,
+        claimer: &Handle,
+        target: &Handle,
+        start_ms: u64,
+        claims: u64,
+    ) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "UPDATE claim_windows SET window_start = ?3, claims = ?4 WHERE claimer = ?1 AND target = ?2",
+                params![claimer.as_str(), target.as_str(), to_i64(start_ms), to_i64(claims)],
+            )
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
     async fn account(&mut self, handle: &Handle) -> Result<Option<AccountInfo>, StoreError> {
         account_in(self.0, handle)
     }
@@ -1221,6 +1273,23 @@ impl Store for SqliteStore {
         self.write(move |tx| rules::ready(rules::claim_key_packages(&mut Sql(tx), &handle, &requester, kind))).await
     }
 
+    async fn one_time_claims_left(&self, claimer: &Handle, target: &Handle, now_ms: u64) -> Result<u64, StoreError> {
+        let (claimer, target) = (claimer.clone(), target.clone());
+        let stored = self
+            .read(move |conn| {
+                conn.prepare_cached("SELECT window_start, claims FROM claim_windows WHERE claimer = ?1 AND target = ?2")
+                    .and_then(|mut s| {
+                        s.query_row(params![claimer.as_str(), target.as_str()], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(map_err)
+            })
+            .await?;
+        Ok(rules::one_time_claims_left(stored.map(|(s, c)| (to_u64(s), to_u64(c))), now_ms))
+    }
+
     async fn send_within(
         &self,
         sender: &DeviceAddress,
@@ -1449,6 +1518,12 @@ impl Store for SqliteStore {
                 .execute("DELETE FROM send_ids WHERE created_at < ?1", [to_i64(send_ids_before_ms)])
                 .map_err(map_err)?;
             let links = tx.execute("DELETE FROM links WHERE expires_at <= ?1", [to_i64(now_ms)]).map_err(map_err)?;
+            // A claim window an hour old counts nothing any more.
+            tx.execute(
+                "DELETE FROM claim_windows WHERE window_start <= ?1",
+                [to_i64(now_ms.saturating_sub(super::CLAIM_WINDOW_MS))],
+            )
+            .map_err(map_err)?;
             Ok(SweepReport {
                 inbox_rows: inbox_rows as u64,
                 messages: messages as u64,
