@@ -9,20 +9,23 @@
 //! `subrosa receive --json` line.
 //!
 //! Nothing is lost. The handle ([`Client::run`]) stores what arrives before
-//! the server is acknowledged, whether or not anyone listens. What the
-//! daemon has handed to a front end is remembered in the store itself
-//! ([`Consumed`], under one meta key, so it is encrypted and committed like
-//! everything else): `receive`, and `subscribe` without a cursor, replay
-//! what no front end got yet, then (for `subscribe`) what comes. A message
-//! counts as handed over once its line was written to the connection, so a
-//! crash in between hands it over again (at least once: front ends
-//! deduplicate by `id`). `subscribe {"since": MS}` replays everything stored
-//! from `received_at` MS on, for a client that keeps its own cursor.
+//! the server is acknowledged, whether or not anyone listens. Every stored
+//! message has an arrival number (`seq`, the store's own, which only
+//! grows), and the daemon hands each message out with it. What front ends
+//! acknowledged is one such number, a high-water mark ([`Acked`], under one
+//! meta key, so it is encrypted and committed like everything else): an
+//! `ack {"seq": N}` moves it, and so does a `receive` once its answer was
+//! written. `receive`, and `subscribe` without a cursor, replay everything
+//! after it, then (for `subscribe`) what comes; a message a bot was sent
+//! but did not acknowledge before it (or the daemon) died comes again on
+//! the next `subscribe` (at least once: front ends deduplicate by `id`).
+//! `subscribe {"after": SEQ}` replays from a bot's own cursor, and the
+//! older `subscribe {"since": MS}` everything stored from `received_at` MS.
 //!
 //! Concurrency: one task per connection reads and answers requests in
 //! order; a subscription is a task of its own that reads the handle's event
 //! stream; both hand lines to the connection's one writer task, which
-//! marks messages handed over after it wrote them.
+//! acknowledges what a `receive` answer handed over after it wrote it.
 //!
 //! Access: anyone who can connect to the socket uses the unlocked store, so
 //! the socket is 0600 in a 0700 directory and a peer of another uid is
@@ -48,13 +51,11 @@ use crate::{one_line, term, with_advice};
 
 /// Longest request line; a longer one ends the connection.
 const MAX_REQUEST: u64 = 1 << 20;
-/// Where the handed-over record lives in the store's meta table.
+/// Where the acknowledged arrival number lives in the store's meta table.
+const META_ACKED: &str = "cli.daemon.acked";
+/// Where daemons before the arrival numbers kept what they handed over
+/// (read once, to start [`Acked`] from it).
 const META_CONSUMED: &str = "cli.daemon.consumed";
-/// How far back, from the newest message handed over, the record keeps
-/// message ids: a message stored with an older `received_at` after that
-/// one (written by another process, or a clock step back) is still handed
-/// over once.
-const MARGIN_MS: u64 = 10 * 60 * 1000;
 /// Longest `receive` wait, in seconds.
 const MAX_WAIT_SECS: f64 = 3600.0;
 
@@ -105,48 +106,16 @@ pub fn lock_home(home: &Path) -> Result<HomeLock> {
     }
 }
 
-/// Which messages a front end has been handed: every message stored before
-/// `floor` (ms, `received_at`), and the ids in `ids` from `floor` on.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Consumed {
-    /// Messages stored before this were all handed over.
-    pub floor: u64,
-    /// `conversation/id` of messages handed over, stored at or after
-    /// `floor`, with their `received_at`.
-    pub ids: BTreeMap<String, u64>,
+/// What front ends acknowledged: every message up to arrival number `seq`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acked {
+    /// The highest arrival number acknowledged.
+    pub seq: u64,
 }
 
-fn key(m: &StoredMessage) -> String {
-    format!("{}/{}", m.conversation, m.id)
-}
-
-impl Consumed {
-    /// A cursor that wants everything stored from `since` on.
-    pub fn since(since: u64) -> Self {
-        Consumed { floor: since, ids: BTreeMap::new() }
-    }
-
-    /// Whether `m` was not handed over yet.
-    pub fn wants(&self, m: &StoredMessage) -> bool {
-        m.received_at >= self.floor && !self.ids.contains_key(&key(m))
-    }
-
-    /// Records `m` as handed over.
-    pub fn mark(&mut self, m: &StoredMessage) {
-        if m.received_at < self.floor {
-            return;
-        }
-        self.ids.insert(key(m), m.received_at);
-        let newest = self.ids.values().copied().max().unwrap_or(0);
-        let floor = newest.saturating_sub(MARGIN_MS);
-        if floor > self.floor {
-            self.floor = floor;
-            self.ids.retain(|_, at| *at >= floor);
-        }
-    }
-
-    fn encode(&self) -> Result<Vec<u8>, ClientError> {
-        serde_json::to_vec(self).map_err(|e| ClientError::Bug(e.to_string()))
+impl Acked {
+    fn encode(self) -> Result<Vec<u8>, ClientError> {
+        serde_json::to_vec(&self).map_err(|e| ClientError::Bug(e.to_string()))
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
@@ -154,12 +123,38 @@ impl Consumed {
     }
 }
 
+/// The record of daemons before the arrival numbers: every message stored
+/// before `floor` (ms, `received_at`) was handed over, and the ids in `ids`.
+#[derive(Debug, Default, Deserialize)]
+struct Consumed {
+    floor: u64,
+    ids: BTreeMap<String, u64>,
+}
+
+fn key(m: &StoredMessage) -> String {
+    format!("{}/{}", m.conversation, m.id)
+}
+
+impl Consumed {
+    fn wants(&self, m: &StoredMessage) -> bool {
+        m.received_at >= self.floor && !self.ids.contains_key(&key(m))
+    }
+}
+
+/// What a read of the store gives a front end: the messages for it, with
+/// their arrival numbers, and the highest number read (own sends that are
+/// not handed out included).
+struct Pending {
+    messages: Vec<(u64, StoredMessage)>,
+    high: u64,
+}
+
 /// What the daemon shares between connections.
 struct Shared {
     client: Client,
     /// This device's id (hex): its own sends are not handed out.
     me: String,
-    consumed: Mutex<Consumed>,
+    acked: Mutex<Acked>,
 }
 
 impl Shared {
@@ -173,63 +168,57 @@ impl Shared {
         !(m.outgoing && !m.system && m.device == self.me)
     }
 
-    /// Messages in the store, in arrival order, from `floor` on.
-    fn stored_from(&self, floor: u64) -> Result<Vec<StoredMessage>, ClientError> {
-        let mut all = self.device().store().read(|tx| tx.received_since(floor))?;
-        all.retain(|m| self.for_front_ends(m));
-        Ok(all)
+    /// Messages stored after arrival number `after` and from `since_ms` on.
+    fn pending(&self, after: u64, since_ms: u64) -> Result<Pending, ClientError> {
+        let mut messages = self.device().store().read(|tx| tx.received_after_seq(after, since_ms))?;
+        let high = messages.last().map_or(after, |(seq, _)| *seq);
+        messages.retain(|(_, m)| self.for_front_ends(m));
+        Ok(Pending { messages, high })
     }
 
-    /// What `position` did not get yet.
-    fn pending_for(&self, position: &Consumed) -> Result<Vec<StoredMessage>, ClientError> {
-        let mut v = self.stored_from(position.floor)?;
-        v.retain(|m| position.wants(m));
-        Ok(v)
+    fn acked(&self) -> u64 {
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).seq
     }
 
-    fn consumed(&self) -> Consumed {
-        self.consumed.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Records `messages` as handed over, in the store.
-    fn mark(&self, messages: &[StoredMessage]) -> Result<(), ClientError> {
-        if messages.is_empty() {
-            return Ok(());
+    /// Moves the acknowledged number up to `seq` (never down), in the
+    /// store; gives the number now acknowledged.
+    fn ack(&self, seq: u64) -> Result<u64, ClientError> {
+        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        if seq > acked.seq {
+            let next = Acked { seq };
+            let bytes = next.encode()?;
+            self.device().store().write(|tx| tx.set_meta(META_ACKED, &bytes))?;
+            *acked = next;
         }
-        let bytes = {
-            let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
-            for m in messages {
-                c.mark(m);
-            }
-            c.encode()?
-        };
-        self.device().store().write(|tx| tx.set_meta(META_CONSUMED, &bytes))
+        Ok(acked.seq)
     }
 }
 
-/// The record of what was handed over; the first time, everything stored
-/// is taken as handed over except what no `receive` showed yet.
-fn load_consumed(device: &Subrosa) -> Result<Consumed, ClientError> {
-    if let Some(bytes) = device.store().read(|tx| tx.meta(META_CONSUMED))? {
-        if let Some(c) = Consumed::decode(&bytes) {
-            return Ok(c);
-        }
-    }
-    let unseen = device.store().write(|tx| tx.take_unseen())?;
-    let now = subrosa_client::store::now_ms();
-    let floor = unseen.iter().map(|m| m.received_at).min().unwrap_or(now).min(now);
-    let mut c = Consumed::since(floor);
+/// The acknowledged number. The first time, it starts from what an older
+/// daemon handed over, or else just before the first message no `receive`
+/// showed yet (everything, when all was shown).
+fn load_acked(device: &Subrosa) -> Result<Acked, ClientError> {
     let store = device.store();
-    let rows: Vec<_> =
-        store.read(|tx| tx.conversations_by_prefix(""))?.into_iter().filter(|r| r.kind != "own").collect();
-    let unseen: std::collections::HashSet<String> = unseen.iter().map(key).collect();
-    for m in store.read(|tx| tx.history(&rows))? {
-        if m.received_at >= floor && !unseen.contains(&key(&m)) {
-            c.ids.insert(key(&m), m.received_at);
-        }
+    if let Some(a) = store.read(|tx| tx.meta(META_ACKED))?.and_then(|b| Acked::decode(&b)) {
+        return Ok(a);
     }
-    store.write(|tx| tx.set_meta(META_CONSUMED, &c.encode()?))?;
-    Ok(c)
+    let all = store.read(|tx| tx.received_after_seq(0, 0))?;
+    let old: Option<Consumed> = store.read(|tx| tx.meta(META_CONSUMED))?.and_then(|b| serde_json::from_slice(&b).ok());
+    let wanted: Box<dyn Fn(&StoredMessage) -> bool> = match old {
+        Some(old) => Box::new(move |m| old.wants(m)),
+        None => {
+            let unseen: std::collections::HashSet<String> =
+                store.write(|tx| tx.take_unseen())?.iter().map(key).collect();
+            Box::new(move |m| unseen.contains(&key(m)))
+        }
+    };
+    let seq = match all.iter().find(|(_, m)| wanted(m)) {
+        Some((first, _)) => first.saturating_sub(1),
+        None => all.last().map_or(0, |(seq, _)| *seq),
+    };
+    let acked = Acked { seq };
+    store.write(|tx| tx.set_meta(META_ACKED, &acked.encode()?))?;
+    Ok(acked)
 }
 
 /// Where the daemon listens.
@@ -248,8 +237,8 @@ pub enum Listen {
 /// The socket cannot be made; the store; the handle's fatal errors.
 pub async fn run(client: &Client, listen: Listen, _lock: HomeLock) -> Result<ExitCode> {
     let me = client.device().identity().device_id().to_hex();
-    let consumed = load_consumed(client.device())?;
-    let shared = Arc::new(Shared { client: client.clone(), me, consumed: Mutex::new(consumed) });
+    let acked = load_acked(client.device())?;
+    let shared = Arc::new(Shared { client: client.clone(), me, acked: Mutex::new(acked) });
     let running = client.run();
     tokio::pin!(running);
     let stop = stop_signal();
@@ -340,8 +329,30 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// A line for the writer, and the messages it hands over.
-type Outgoing = (String, Vec<StoredMessage>);
+/// A line for the writer, and the arrival number it acknowledges once
+/// written (a `receive` answer).
+type Outgoing = (String, Option<Handed>);
+
+/// A `receive` answer's arrival number, and who waits until it was written
+/// and acknowledged (the connection reads its next request only then, so a
+/// `receive` right after gets what comes after).
+struct Handed {
+    seq: u64,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Hands `line` to the writer; with `handed`, waits until it was written
+/// and its messages acknowledged.
+async fn answer(tx: &mpsc::Sender<Outgoing>, line: String, handed: Option<u64>) {
+    let Some(seq) = handed else {
+        let _ = tx.send((line, None)).await;
+        return;
+    };
+    let (done, written) = tokio::sync::oneshot::channel();
+    if tx.send((line, Some(Handed { seq, done }))).await.is_ok() {
+        let _ = written.await;
+    }
+}
 
 /// Serves one connection until it closes.
 async fn serve_connection<R, W>(shared: Arc<Shared>, read: R, write: W)
@@ -361,7 +372,7 @@ where
             Ok(_) => {}
         }
         if line.len() as u64 > MAX_REQUEST {
-            let _ = tx.send((error_line(Value::Null, INVALID_REQUEST, "request longer than 1 MiB"), vec![])).await;
+            let _ = tx.send((error_line(Value::Null, INVALID_REQUEST, "request longer than 1 MiB"), None)).await;
             break;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -375,28 +386,28 @@ where
             }
             Ok(Value::Array(batch)) => {
                 let mut answers = Vec::new();
-                let mut handed = Vec::new();
+                let mut handed = None;
                 for request in batch {
-                    if let Some((v, mut h)) = handle(&shared, &tx, &mut subscription, request).await {
+                    if let Some((v, h)) = handle(&shared, &tx, &mut subscription, request).await {
                         answers.push(v);
-                        handed.append(&mut h);
+                        handed = handed.max(h);
                     }
                 }
                 if !answers.is_empty() {
                     let line = term::json_line(&Value::Array(answers)).unwrap_or_default();
-                    let _ = tx.send((line, handed)).await;
+                    answer(&tx, line, handed).await;
                 }
                 None
             }
             Ok(request) => {
                 if let Some((v, handed)) = handle(&shared, &tx, &mut subscription, request).await {
-                    let _ = tx.send((term::json_line(&v).unwrap_or_default(), handed)).await;
+                    answer(&tx, term::json_line(&v).unwrap_or_default(), handed).await;
                 }
                 None
             }
         };
         if let Some(r) = reply {
-            let _ = tx.send((r, vec![])).await;
+            let _ = tx.send((r, None)).await;
         }
     }
     if let Some(s) = subscription {
@@ -406,15 +417,19 @@ where
     let _ = writer.await;
 }
 
-/// Writes lines in order; after each, records what it handed over.
+/// Writes lines in order; after a `receive` answer, acknowledges what it
+/// handed over.
 async fn write_lines<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut write: W, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some((mut line, handed)) = rx.recv().await {
         line.push('\n');
         if write.write_all(line.as_bytes()).await.is_err() || write.flush().await.is_err() {
             break;
         }
-        if let Err(e) = shared.mark(&handed) {
-            tracing::warn!("cannot record messages handed over: {e}");
+        if let Some(Handed { seq, done }) = handed {
+            if let Err(e) = shared.ack(seq) {
+                tracing::warn!("cannot record messages handed over: {e}");
+            }
+            let _ = done.send(());
         }
     }
 }
@@ -453,30 +468,30 @@ async fn handle(
     tx: &mpsc::Sender<Outgoing>,
     subscription: &mut Option<tokio::task::JoinHandle<()>>,
     request: Value,
-) -> Option<(Value, Vec<StoredMessage>)> {
+) -> Option<(Value, Option<u64>)> {
     let Value::Object(mut request) = request else {
-        return Some((error_value(Value::Null, INVALID_REQUEST, "a request is a JSON object"), vec![]));
+        return Some((error_value(Value::Null, INVALID_REQUEST, "a request is a JSON object"), None));
     };
     let id = request.remove("id");
     let valid_id = matches!(id, None | Some(Value::Null | Value::String(_) | Value::Number(_)));
     let id_value = if valid_id { id.clone().unwrap_or(Value::Null) } else { Value::Null };
     if request.get("jsonrpc") != Some(&Value::String("2.0".into())) || !valid_id {
-        return Some((error_value(id_value, INVALID_REQUEST, "not a JSON-RPC 2.0 request"), vec![]));
+        return Some((error_value(id_value, INVALID_REQUEST, "not a JSON-RPC 2.0 request"), None));
     }
     let Some(Value::String(method)) = request.remove("method") else {
-        return Some((error_value(id_value, INVALID_REQUEST, "the request names no method"), vec![]));
+        return Some((error_value(id_value, INVALID_REQUEST, "the request names no method"), None));
     };
     let params = match request.remove("params") {
         None | Some(Value::Null) => Value::Object(Default::default()),
         Some(p @ Value::Object(_)) => p,
-        Some(_) => return Some((error_value(id_value, INVALID_PARAMS, "params must be an object"), vec![])),
+        Some(_) => return Some((error_value(id_value, INVALID_PARAMS, "params must be an object"), None)),
     };
     let result = call(shared, tx, subscription, &method, params).await;
     // A request without an id is a notification: no answer, even an error.
     id.as_ref()?;
     Some(match result {
         Ok((value, handed)) => (json!({ "jsonrpc": "2.0", "result": value, "id": id_value }), handed),
-        Err(Failure(code, message)) => (error_value(id_value, code, &message), vec![]),
+        Err(Failure(code, message)) => (error_value(id_value, code, &message), None),
     })
 }
 
@@ -534,7 +549,16 @@ struct ReceiveParams {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SubscribeParams {
+    /// Replay after this arrival number (a bot's own cursor).
+    after: Option<u64>,
+    /// Replay what was stored from this time on (ms), the older cursor.
     since: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckParams {
+    seq: u64,
 }
 
 #[derive(Deserialize)]
@@ -569,7 +593,21 @@ fn messages_value(ms: &[StoredMessage]) -> Value {
     Value::Array(ms.iter().map(message_value).collect())
 }
 
-type Answer = Result<(Value, Vec<StoredMessage>), Failure>;
+/// A message handed to a front end: the `receive --json` object and its
+/// arrival number, `seq`, to acknowledge it by.
+fn numbered_value(seq: u64, m: &StoredMessage) -> Value {
+    let mut v = message_value(m);
+    if let Value::Object(o) = &mut v {
+        o.insert("seq".into(), seq.into());
+    }
+    v
+}
+
+fn numbered_values(ms: &[(u64, StoredMessage)]) -> Value {
+    Value::Array(ms.iter().map(|(seq, m)| numbered_value(*seq, m)).collect())
+}
+
+type Answer = Result<(Value, Option<u64>), Failure>;
 
 async fn call(
     shared: &Arc<Shared>,
@@ -580,7 +618,7 @@ async fn call(
 ) -> Answer {
     let client = &shared.client;
     let me = shared.device();
-    let plain = |v: Value| -> Answer { Ok((v, vec![])) };
+    let plain = |v: Value| -> Answer { Ok((v, None)) };
     match method {
         "send" => {
             let SendParams { recipient, conversation, message } = params(p)?;
@@ -614,35 +652,41 @@ async fn call(
                 return Err(invalid(format!("timeout takes seconds from 0 to {MAX_WAIT_SECS}")));
             }
             let mut events = client.events();
-            let mut got = shared.pending_for(&shared.consumed())?;
-            if got.is_empty() && timeout > 0.0 {
+            let mut got = shared.pending(shared.acked(), 0)?;
+            if got.messages.is_empty() && timeout > 0.0 {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
-                while got.is_empty() {
+                while got.messages.is_empty() {
                     match tokio::time::timeout_at(deadline, events.recv()).await {
                         Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
                         Ok(Ok(ClientEvent::Message(_) | ClientEvent::System(_)))
                         | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                            got = shared.pending_for(&shared.consumed())?;
+                            got = shared.pending(shared.acked(), 0)?;
                         }
                         Ok(Ok(_)) => {}
                     }
                 }
             }
-            Ok((messages_value(&got), got))
+            // Acknowledged once the answer was written.
+            let handed = (got.high > 0).then_some(got.high);
+            Ok((numbered_values(&got.messages), handed))
         }
         "subscribe" => {
-            let SubscribeParams { since } = params(p)?;
+            let SubscribeParams { after, since } = params(p)?;
             if let Some(s) = subscription.take() {
                 s.abort();
             }
-            let position = match since {
-                Some(ms) => Consumed::since(ms),
-                None => shared.consumed(),
+            let (after, since) = match (after, since) {
+                (None, None) => (shared.acked(), 0),
+                (after, since) => (after.unwrap_or(0), since.unwrap_or(0)),
             };
             // Subscribed before the replay is read: nothing falls between.
             let events = client.events();
-            *subscription = Some(tokio::spawn(notify(shared.clone(), tx.clone(), events, position)));
-            plain(json!({ "subscribed": true }))
+            *subscription = Some(tokio::spawn(notify(shared.clone(), tx.clone(), events, after, since)));
+            plain(json!({ "subscribed": true, "after": after }))
+        }
+        "ack" => {
+            let AckParams { seq } = params(p)?;
+            plain(json!({ "acked": shared.ack(seq)? }))
         }
         "unsubscribe" => {
             params::<NoParams>(p)?;
@@ -725,11 +769,6 @@ async fn call(
     }
 }
 
-fn notification(m: &StoredMessage) -> String {
-    let line = json!({ "jsonrpc": "2.0", "method": "message", "params": message_value(m) });
-    term::json_line(&line).unwrap_or_default()
-}
-
 /// The notification of an event other than a message, if it has one:
 /// `messageState` (one of this device's messages reached the server, or
 /// was refused: the message in its new state), `alert`, `dropped`.
@@ -744,57 +783,46 @@ fn other_notification(e: &ClientEvent) -> Option<String> {
     term::json_line(&json!({ "jsonrpc": "2.0", "method": method, "params": params })).ok()
 }
 
-/// A subscription: replays what `position` did not get from the store, then
-/// follows the event stream (back to the store when it fell behind).
+/// A subscription: replays from the store what was stored after arrival
+/// number `after` (and from `since_ms` on), then follows the event stream,
+/// reading each new message back from the store with its number (so what
+/// it missed while it fell behind comes too, in order).
 async fn notify(
     shared: Arc<Shared>,
     tx: mpsc::Sender<Outgoing>,
     mut events: broadcast::Receiver<ClientEvent>,
-    mut position: Consumed,
+    mut after: u64,
+    mut since_ms: u64,
 ) {
-    let send = |ms: Vec<StoredMessage>, position: &mut Consumed| {
-        let mut lines = Vec::new();
-        for m in ms {
-            if shared.for_front_ends(&m) && position.wants(&m) {
-                position.mark(&m);
-                lines.push((notification(&m), vec![m]));
-            }
-        }
-        lines
-    };
-    let replay = match shared.pending_for(&position) {
-        Ok(ms) => ms,
-        Err(e) => {
-            tracing::warn!("cannot read the store for a subscription: {e}");
-            return;
-        }
-    };
-    for line in send(replay, &mut position) {
-        if tx.send(line).await.is_err() {
-            return;
-        }
-    }
     loop {
-        let ms = match events.recv().await {
-            Ok(ClientEvent::Message(m) | ClientEvent::System(m)) => vec![m],
-            Ok(other) => {
-                // Live only (the store keeps the messages' states, not these events).
-                if let Some(line) = other_notification(&other) {
-                    if tx.send((line, vec![])).await.is_err() {
+        match shared.pending(after, since_ms) {
+            Ok(p) => {
+                after = p.high;
+                since_ms = 0;
+                for (seq, m) in &p.messages {
+                    let line = json!({ "jsonrpc": "2.0", "method": "message", "params": numbered_value(*seq, m) });
+                    if tx.send((term::json_line(&line).unwrap_or_default(), None)).await.is_err() {
                         return;
                     }
                 }
-                continue;
             }
-            Err(broadcast::error::RecvError::Lagged(_)) => match shared.pending_for(&position) {
-                Ok(ms) => ms,
-                Err(_) => continue,
-            },
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        for line in send(ms, &mut position) {
-            if tx.send(line).await.is_err() {
-                return;
+            Err(e) => tracing::warn!("cannot read the store for a subscription: {e}"),
+        }
+        // Until the next message (or a fall behind, which the store mends).
+        loop {
+            match events.recv().await {
+                Ok(ClientEvent::Message(_) | ClientEvent::System(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    break
+                }
+                Ok(other) => {
+                    // Live only (the store keeps the messages' states, not these events).
+                    if let Some(line) = other_notification(&other) {
+                        if tx.send((line, None)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     }
@@ -804,38 +832,26 @@ async fn notify(
 mod tests {
     use super::*;
 
-    fn msg(conv: &str, id: &str, at: u64) -> StoredMessage {
-        StoredMessage { id: id.into(), conversation: conv.into(), received_at: at, ..Default::default() }
+    #[test]
+    fn acked_record_bytes_stay_the_same() {
+        let a = Acked { seq: 1_234 };
+        let bytes = a.encode().expect("encode");
+        assert_eq!(String::from_utf8(bytes.clone()).expect("utf-8"), r#"{"seq":1234}"#);
+        assert_eq!(Acked::decode(&bytes), Some(a));
+        assert_eq!(Acked::decode(b"not json"), None);
     }
 
     #[test]
-    fn consumed_hands_each_message_over_once_and_forgets_old_ids() {
-        let mut c = Consumed::since(100);
-        let (a, b) = (msg("c1", "a", 100), msg("c1", "b", 100));
-        assert!(!c.wants(&msg("c1", "old", 99)));
-        assert!(c.wants(&a) && c.wants(&b));
-        c.mark(&a);
-        assert!(!c.wants(&a) && c.wants(&b));
-        // Far later: older ids are dropped with the floor moving up.
-        let late = msg("c2", "z", 100 + MARGIN_MS + 5);
-        c.mark(&late);
-        assert_eq!(c.floor, 105);
-        assert!(!c.wants(&b), "below the floor now counts as handed over");
-        assert_eq!(c.ids.len(), 1);
-        // Stored a bit earlier than the newest, but after it: still wanted.
-        assert!(c.wants(&msg("c3", "y", 100 + MARGIN_MS)));
-    }
-
-    #[test]
-    fn consumed_record_bytes_stay_the_same() {
-        let mut c = Consumed::since(1_700_000_000_000);
-        c.mark(&msg("0a0b", "0c0d", 1_700_000_000_001));
-        let bytes = c.encode().expect("encode");
-        assert_eq!(
-            String::from_utf8(bytes.clone()).expect("utf-8"),
-            r#"{"floor":1700000000000,"ids":{"0a0b/0c0d":1700000000001}}"#
-        );
-        assert_eq!(Consumed::decode(&bytes), Some(c));
-        assert_eq!(Consumed::decode(b"not json"), None);
+    fn the_older_record_still_reads() {
+        let old: Consumed = serde_json::from_str(r#"{"floor":100,"ids":{"0a0b/0c0d":101}}"#).expect("the older record");
+        let msg = |id: &str, at| StoredMessage {
+            id: id.into(),
+            conversation: "0a0b".into(),
+            received_at: at,
+            ..Default::default()
+        };
+        assert!(!old.wants(&msg("00", 99)), "before the floor: handed over");
+        assert!(!old.wants(&msg("0c0d", 101)), "listed: handed over");
+        assert!(old.wants(&msg("0e0f", 101)));
     }
 }

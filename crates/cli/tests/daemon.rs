@@ -186,6 +186,15 @@ while True:
         break
 if "error" in r:
     sys.exit("send failed: " + json.dumps(r))
+# Handled: acknowledged, so it does not come again.
+send({"jsonrpc": "2.0", "id": 3, "method": "ack", "params": {"seq": p["seq"]}})
+while True:
+    a = read()
+    if a.get("id") == 3:
+        break
+if a.get("result", {}).get("acked", 0) < p["seq"]:
+    sys.exit("ack failed: " + json.dumps(a))
+del p["seq"]
 print(json.dumps({"got": p, "sent": r["result"]}))
 "#;
 
@@ -218,12 +227,13 @@ fn a_python_bot_gets_what_came_while_it_was_away_and_its_answer_arrives() {
     assert_eq!(said["got"]["from"], "alice");
     assert_eq!(said["sent"]["text"], "pong: ping");
 
-    // The notification is the very object `receive --json` prints.
+    // The notification is the very object `receive --json` prints (and its
+    // arrival number, which the bot took off).
     let cli_view = bob.history_json("alice");
     let stored = cli_view.iter().find(|m| m["text"] == "ping").expect("in history");
     assert_eq!(&said["got"], stored);
 
-    // The bot was handed "ping": `receive` has nothing more; a cursor replays it.
+    // The bot acknowledged "ping": `receive` has nothing more; a cursor replays it.
     assert_eq!(watcher.call("receive", json!({})), json!([]));
     watcher.call("subscribe", json!({ "since": 0 }));
     let replayed: Vec<String> = (0..)
@@ -432,4 +442,74 @@ fn a_send_queued_while_the_server_is_away_is_told_when_it_went_out() {
     assert_eq!(sent["params"]["text"], "while away");
     let got = alice.receive_json(&["--timeout", "30"]);
     assert!(texts(&got).contains(&"while away".to_string()), "{got:?}");
+}
+
+/// The next message notification of `from` (system lines skipped), as
+/// (seq, text); the texts of every message notification read on the way.
+fn next_from<R: BufRead, W: Write>(rpc: &mut Rpc<R, W>, from: &str) -> (u64, String) {
+    loop {
+        let n = rpc.notification();
+        let p = &n["params"];
+        let seq = p["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {n}"));
+        if p["system"] == false && p["from"] == from {
+            return (seq, p["text"].as_str().unwrap_or_default().to_string());
+        }
+    }
+}
+
+#[test]
+fn what_a_bot_did_not_acknowledge_comes_again_and_what_it_did_does_not() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let mut daemon = Daemon::start(&bob);
+
+    // A bot gets "one" and dies before acknowledging it.
+    alice.send("bob", "one");
+    let mut bot = daemon.connect();
+    assert_eq!(bot.call("subscribe", json!({}))["subscribed"], true);
+    let (one, text) = next_from(&mut bot, "alice");
+    assert_eq!(text, "one");
+    drop(bot);
+
+    // Its next run gets it again, under the same number, and acknowledges it.
+    let mut bot = daemon.connect();
+    bot.call("subscribe", json!({}));
+    assert_eq!(next_from(&mut bot, "alice"), (one, "one".to_string()));
+    assert_eq!(bot.call("ack", json!({ "seq": one }))["acked"], one);
+    // Acknowledging an older number moves nothing back.
+    assert_eq!(bot.call("ack", json!({ "seq": 0 }))["acked"], one);
+    drop(bot);
+
+    // "two" arrives while no bot listens; then the daemon is killed.
+    alice.send("bob", "two");
+    let mut watcher = daemon.connect();
+    wait_stored(&mut watcher, "alice", "two");
+    drop(watcher);
+    daemon.kill();
+
+    // The acknowledgement outlived the daemon: "two" comes, "one" does not.
+    let daemon = Daemon::start(&bob);
+    let mut bot = daemon.connect();
+    let subscribed = bot.call("subscribe", json!({}));
+    assert!(subscribed["after"].as_u64().expect("after") >= one, "{subscribed}");
+    let (two, text) = next_from(&mut bot, "alice");
+    assert_eq!(text, "two");
+    assert!(two > one);
+
+    // A bot's own cursor replays exactly from the message after it.
+    bot.call("subscribe", json!({ "after": one - 1 }));
+    let first = bot.notification();
+    assert_eq!(first["params"]["seq"], one, "{first}");
+    assert_eq!(first["params"]["text"], "one");
+    bot.call("subscribe", json!({ "after": one }));
+    assert_eq!(next_from(&mut bot, "alice"), (two, "two".to_string()));
+
+    // `receive` hands over what is not acknowledged, and acknowledges it.
+    let mut rpc = daemon.connect();
+    let got = rpc.call("receive", json!({}));
+    let got = got.as_array().expect("array");
+    assert!(got.iter().all(|m| m["seq"].as_u64().expect("seq") > one), "{got:?}");
+    assert!(texts(got).contains(&"two".to_string()), "{got:?}");
+    assert_eq!(rpc.call("receive", json!({})), json!([]));
 }

@@ -1218,13 +1218,15 @@ impl History for SqliteTx<'_> {
         Ok(out.into_iter().map(|(_, m)| m).collect())
     }
 
-    fn received_since(&self, since_ms: u64) -> Result<Vec<StoredMessage>, ClientError> {
+    fn received_after_seq(&self, after_seq: u64, since_ms: u64) -> Result<Vec<(u64, StoredMessage)>, ClientError> {
         let rows: Vec<(i64, Vec<u8>)> = {
             let conn = self.lock();
             let mut stmt = conn
-                .prepare("SELECT seq, conversation FROM messages WHERE received_at >= ?1 ORDER BY seq")
+                .prepare("SELECT seq, conversation FROM messages WHERE seq > ?1 AND received_at >= ?2 ORDER BY seq")
                 .map_err(sql)?;
-            let rows = stmt.query_map([since_ms as i64], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
+            let bound = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let rows =
+                stmt.query_map([bound(after_seq), bound(since_ms)], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
             rows.collect::<Result<_, _>>().map_err(sql)?
         };
         let mut conversations: std::collections::HashMap<Vec<u8>, Option<ConversationRow>> =
@@ -1242,7 +1244,7 @@ impl History for SqliteTx<'_> {
                 .lock()
                 .query_row(&format!("{MESSAGE_COLUMNS} WHERE seq = ?1"), [seq], |r| message_from_row(r, row))
                 .map_err(sql)?;
-            out.push(m.1);
+            out.push((u64::try_from(m.0).unwrap_or(0), m.1));
         }
         Ok(out)
     }
@@ -1757,7 +1759,7 @@ mod tests {
         let h = store.read(|tx| tx.history(&[conv])).expect("history");
         assert_eq!((h[0].text.as_str(), h[0].system, h[0].event.clone()), ("bob's identity key changed", true, None));
         // v11: replay by time finds it.
-        assert_eq!(store.read(|tx| tx.received_since(0)).expect("since").len(), 1);
+        assert_eq!(store.read(|tx| tx.received_after_seq(0, 0)).expect("since").len(), 1);
         // v12: no previous key until the next change, which records it.
         assert_eq!(store.read(|tx| tx.contact_previous_key("bob")).expect("previous"), None);
         store.write(|tx| tx.change_contact_key("bob", &[2; 32])).expect("change");

@@ -31,7 +31,7 @@ macro_rules! with_behaviours {
             member_checks_upsert_filter_and_drop,
             history_keeps_one_copy_per_message_id_in_arrival_order,
             system_lines_keep_their_typed_event,
-            received_since_replays_from_a_time_in_arrival_order,
+            received_after_seq_replays_from_a_number_or_a_time_in_arrival_order,
             unseen_messages_are_handed_out_once,
             sequence_numbers_count_gaps_and_late_arrivals,
             outbox_keeps_sending_order_and_requests,
@@ -71,7 +71,7 @@ fn message(from: &str, text: &str, at: u64) -> StoredMessage {
     }
 }
 
-pub fn received_since_replays_from_a_time_in_arrival_order(store: Store) {
+pub fn received_after_seq_replays_from_a_number_or_a_time_in_arrival_order(store: Store) {
     let (a, b, own) = (ConversationId([4; 16]), ConversationId([5; 16]), ConversationId([6; 16]));
     store
         .write(|tx| {
@@ -88,15 +88,26 @@ pub fn received_since_replays_from_a_time_in_arrival_order(store: Store) {
             tx.insert_message(&message("bob", "new", 20), &a, &[4; 16], false)
         })
         .expect("messages");
-    let texts = |since| {
-        store.read(|tx| tx.received_since(since)).expect("read").into_iter().map(|m| m.text).collect::<Vec<_>>()
-    };
+    let read = |after, since| store.read(|tx| tx.received_after_seq(after, since)).expect("read");
+    let texts = |after, since| read(after, since).into_iter().map(|(_, m)| m.text).collect::<Vec<_>>();
     // Arrival order (not time order), never the own devices' conversation.
-    assert_eq!(texts(0), ["old", "in the club", "new"]);
-    assert_eq!(texts(20), ["in the club", "new"]);
-    assert_eq!(texts(31), Vec::<String>::new());
-    let replayed = store.read(|tx| tx.received_since(30)).expect("read");
-    assert_eq!((replayed[0].target.as_str(), replayed[0].group), ("club", true));
+    assert_eq!(texts(0, 0), ["old", "in the club", "new"]);
+    assert_eq!(texts(0, 20), ["in the club", "new"]);
+    assert_eq!(texts(0, 31), Vec::<String>::new());
+    let replayed = read(0, 30);
+    assert_eq!((replayed[0].1.target.as_str(), replayed[0].1.group), ("club", true));
+    // The numbers grow in arrival order; after one of them comes exactly
+    // what arrived later, whatever its clock said.
+    let all = read(0, 0);
+    let seqs: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(texts(seqs[0], 0), ["in the club", "new"]);
+    assert_eq!(texts(seqs[1], 0), ["new"]);
+    assert_eq!(texts(seqs[2], 0), Vec::<String>::new());
+    assert_eq!(texts(u64::MAX, 0), Vec::<String>::new());
+    // A later message lands after every number handed out before it.
+    store.write(|tx| tx.insert_message(&message("bob", "later", 1), &a, &[5; 16], false)).expect("insert");
+    assert_eq!(texts(seqs[2], 0), ["later"]);
 }
 
 pub fn system_lines_keep_their_typed_event(store: Store) {

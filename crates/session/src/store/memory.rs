@@ -765,13 +765,13 @@ impl History for MemTx<'_> {
         }))
     }
 
-    fn received_since(&self, since_ms: u64) -> Result<Vec<StoredMessage>, ClientError> {
+    fn received_after_seq(&self, after_seq: u64, since_ms: u64) -> Result<Vec<(u64, StoredMessage)>, ClientError> {
         Ok(self.with(|t| {
             t.messages
-                .values()
-                .filter(|m| m.received_at >= since_ms)
-                .filter_map(|m| {
-                    t.conversation(&m.conversation).filter(|c| c.row.kind != "own").map(|c| stored(m, &c.row))
+                .range(after_seq.saturating_add(1)..)
+                .filter(|(_, m)| m.received_at >= since_ms)
+                .filter_map(|(seq, m)| {
+                    t.conversation(&m.conversation).filter(|c| c.row.kind != "own").map(|c| (*seq, stored(m, &c.row)))
                 })
                 .collect()
         }))

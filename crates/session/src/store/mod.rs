@@ -696,14 +696,16 @@ pub trait History {
     /// Database errors.
     fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError>;
 
-    /// Every message and system line stored at or after `since_ms` (its
-    /// `received_at`), in every conversation but the hidden one of the
-    /// account's own devices, in arrival order: what a front end that
-    /// connects later replays.
+    /// Every message and system line stored after the one numbered
+    /// `after_seq` (the store's own arrival number, which only grows: a
+    /// high-water mark) and at or after `since_ms` (its `received_at`), in
+    /// every conversation but the hidden one of the account's own devices,
+    /// in arrival order, each with its arrival number: what a front end
+    /// that connects later replays.
     ///
     /// # Errors
     /// Database errors.
-    fn received_since(&self, since_ms: u64) -> Result<Vec<StoredMessage>, ClientError>;
+    fn received_after_seq(&self, after_seq: u64, since_ms: u64) -> Result<Vec<(u64, StoredMessage)>, ClientError>;
 
     /// Messages stored but not yet shown by `receive`, oldest first; marks them shown.
     ///
