@@ -623,18 +623,20 @@ async fn call(
         "send" => {
             let SendParams { recipient, conversation, message } = params(p)?;
             let place = Which { recipient, conversation }.place()?;
-            let id = match place {
-                Place::Id(id) => id,
+            // Stored and queued (the server away) is a result in state
+            // `queued`, not an error: a bot must not send it again.
+            let to = match place {
+                Place::Id(id) => Target::Conversation(id),
                 Place::Named(target) => match crate::target::for_send(me, &target).await? {
-                    Target::Conversation(id) => id,
                     Target::Direct(handle) => match me.direct_conversation(&handle)? {
-                        Some(id) => id,
+                        Some(id) => Target::Conversation(id),
                         // A first message makes the conversation.
-                        None => return plain(message_value(&me.send_text(&Target::Direct(handle), &message).await?)),
+                        None => Target::Direct(handle),
                     },
+                    other => other,
                 },
             };
-            plain(message_value(&client.send_text(&id, &message).await?))
+            plain(message_value(&client.send_text_to(&to, &message).await?))
         }
         "history" => {
             let history = match params::<Which>(p)?.place()? {

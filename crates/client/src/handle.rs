@@ -150,10 +150,31 @@ impl Client {
             Some(row) if row.active && row.kind != "own" => {}
             _ => return Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
         }
+        self.send_text_to(&crate::Target::Conversation(*id), text).await
+    }
+
+    /// As [`Self::send_text`], to a conversation or to a handle (a first
+    /// message to them starts the conversation, which needs the server):
+    /// a message stored and queued comes back in state `queued`, never as
+    /// [`ClientError::Pending`], so a caller does not send it twice.
+    ///
+    /// # Errors
+    /// As [`Subrosa::send_text`] except [`ClientError::Pending`] for a
+    /// message that was stored.
+    pub async fn send_text_to(&self, to: &crate::Target, text: &str) -> Result<StoredMessage, ClientError> {
+        let device = &self.inner.device;
         let message_id = MessageId(rand::random());
-        match device.send_text_as(&crate::Target::Conversation(*id), text, false, message_id).await {
+        match device.send_text_as(to, text, false, message_id).await {
             Err(ClientError::Pending(why)) => {
-                device.store().read(|tx| tx.message(id, &message_id.0))?.ok_or(ClientError::Pending(why))
+                let conversation = match to {
+                    crate::Target::Conversation(id) => Some(*id),
+                    crate::Target::Direct(peer) => device.store().read(|tx| tx.direct_conversation(peer.as_str()))?,
+                };
+                let stored = match conversation {
+                    Some(id) => device.store().read(|tx| tx.message(&id, &message_id.0))?,
+                    None => None,
+                };
+                stored.ok_or(ClientError::Pending(why))
             }
             other => other,
         }
