@@ -751,16 +751,9 @@ async fn call(
         "verify" => {
             // A script cannot look the other person in the eye: it says
             // which number was compared, and only that number verifies.
+            // Compared and marked in one transaction.
             let VerifyParams { handle, safety_number } = params(p)?;
-            let n = me.safety_number(&handle).await?;
-            let digits = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
-            if digits(&n) != digits(&safety_number) {
-                return Err(Failure(
-                    COMMAND_FAILED,
-                    "not verified: that is not the safety number with this contact".into(),
-                ));
-            }
-            me.mark_verified(&handle)?;
+            me.verify_safety_number(&handle, &safety_number).await?;
             plain(json!({ "handle": handle.trim_start_matches('@'), "verified": true }))
         }
         "version" => {

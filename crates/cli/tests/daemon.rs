@@ -392,6 +392,7 @@ fn the_commands_answer_with_the_json_objects_and_others_text_stays_inert() {
     let number = rpc.call("safetyNumber", json!({ "handle": "alice" }))["safety_number"].as_str().unwrap().to_string();
     let wrong = rpc.call_raw("verify", json!({ "handle": "alice", "safetyNumber": "1".repeat(60) }));
     assert_eq!(wrong["error"]["code"], -32000, "{wrong}");
+    assert!(wrong["error"]["message"].as_str().unwrap().starts_with("not verified"), "{wrong}");
     assert_eq!(rpc.call("contacts", json!({}))[0]["verified"], false);
     rpc.call("verify", json!({ "handle": "alice", "safetyNumber": number }));
     assert_eq!(rpc.call("contacts", json!({}))[0]["verified"], true);

@@ -304,6 +304,33 @@ impl Subrosa {
         self.store().write(|tx| tx.set_verified(handle.as_str(), true))
     }
 
+    /// Marks `handle` verified if `compared` is the safety number with them,
+    /// in one transaction with reading the key it is computed from: a key
+    /// that changes in between is never marked verified under the old
+    /// number. Whitespace in `compared` does not count.
+    ///
+    /// # Errors
+    /// [`ClientError::Input`] for another number (nothing is marked); as
+    /// [`Self::safety_number`].
+    pub async fn verify_safety_number(&self, handle: &str, compared: &str) -> Result<(), ClientError> {
+        // Pins the key first when it is not known yet (needs the server).
+        self.safety_number(handle).await?;
+        let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
+        let digits = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+        let identity = self.identity();
+        let mine = (self.handle(), identity.identity_public());
+        self.store().write(|tx| {
+            let key = tx
+                .contact_key(handle.as_str())?
+                .ok_or_else(|| ClientError::Input(format!("{handle} is not a contact yet")))?;
+            let number = subrosa_core::safety::safety_number(mine, (&handle, &key));
+            if digits(&number) != digits(compared) {
+                return Err(ClientError::Input("not verified: that is not the safety number with this contact".into()));
+            }
+            tx.set_verified(handle.as_str(), true)
+        })
+    }
+
     /// Whether `handle` is a verified contact.
     ///
     /// # Errors
