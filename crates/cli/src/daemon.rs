@@ -49,6 +49,9 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::{one_line, term, with_advice};
 
+mod rpc;
+use rpc::*;
+
 /// Longest request line; a longer one ends the connection.
 const MAX_REQUEST: u64 = 1 << 20;
 /// Where the acknowledged arrival number lives in the store's meta table.
@@ -58,14 +61,6 @@ const META_ACKED: &str = "cli.daemon.acked";
 const META_CONSUMED: &str = "cli.daemon.consumed";
 /// Longest `receive` wait, in seconds.
 const MAX_WAIT_SECS: f64 = 3600.0;
-
-// JSON-RPC 2.0 error codes.
-const PARSE_ERROR: i64 = -32700;
-const INVALID_REQUEST: i64 = -32600;
-const METHOD_NOT_FOUND: i64 = -32601;
-const INVALID_PARAMS: i64 = -32602;
-/// The command failed (its one-line error is the message).
-const COMMAND_FAILED: i64 = -32000;
 
 /// The lock file, in the home directory.
 pub fn lock_path(home: &Path) -> PathBuf {
@@ -378,13 +373,9 @@ where
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let parsed: Result<Value, _> = serde_json::from_slice(&line);
-        let reply = match parsed {
-            Err(e) => Some(error_line(Value::Null, PARSE_ERROR, &format!("parse error: {e}"))),
-            Ok(Value::Array(batch)) if batch.is_empty() => {
-                Some(error_line(Value::Null, INVALID_REQUEST, "empty batch"))
-            }
-            Ok(Value::Array(batch)) => {
+        let reply = match decode_line(&line) {
+            Err(Failure(code, message)) => Some(error_line(Value::Null, code, &message)),
+            Ok(Line::Batch(batch)) => {
                 let mut answers = Vec::new();
                 let mut handed = None;
                 for request in batch {
@@ -399,7 +390,7 @@ where
                 }
                 None
             }
-            Ok(request) => {
+            Ok(Line::One(request)) => {
                 if let Some((v, handed)) = handle(&shared, &tx, &mut subscription, request).await {
                     answer(&tx, term::json_line(&v).unwrap_or_default(), handed).await;
                 }
@@ -442,9 +433,6 @@ fn error_value(id: Value, code: i64, message: &str) -> Value {
     json!({ "jsonrpc": "2.0", "error": { "code": code, "message": message }, "id": id })
 }
 
-/// A failed call: a JSON-RPC error code and a one-line message.
-struct Failure(i64, String);
-
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         Failure(COMMAND_FAILED, one_line(&anyhow::Error::from(e)))
@@ -457,10 +445,6 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn invalid(message: impl Into<String>) -> Failure {
-    Failure(INVALID_PARAMS, message.into())
-}
-
 /// The answer to one request (none for a notification), and the messages
 /// it hands over.
 async fn handle(
@@ -469,44 +453,17 @@ async fn handle(
     subscription: &mut Option<tokio::task::JoinHandle<()>>,
     request: Value,
 ) -> Option<(Value, Option<u64>)> {
-    let Value::Object(mut request) = request else {
-        return Some((error_value(Value::Null, INVALID_REQUEST, "a request is a JSON object"), None));
-    };
-    let id = request.remove("id");
-    let valid_id = matches!(id, None | Some(Value::Null | Value::String(_) | Value::Number(_)));
-    let id_value = if valid_id { id.clone().unwrap_or(Value::Null) } else { Value::Null };
-    if request.get("jsonrpc") != Some(&Value::String("2.0".into())) || !valid_id {
-        return Some((error_value(id_value, INVALID_REQUEST, "not a JSON-RPC 2.0 request"), None));
-    }
-    let Some(Value::String(method)) = request.remove("method") else {
-        return Some((error_value(id_value, INVALID_REQUEST, "the request names no method"), None));
-    };
-    let params = match request.remove("params") {
-        None | Some(Value::Null) => Value::Object(Default::default()),
-        Some(p @ Value::Object(_)) => p,
-        Some(_) => return Some((error_value(id_value, INVALID_PARAMS, "params must be an object"), None)),
+    let Request { id, answer_id, method, params } = match decode_request(request) {
+        Ok(r) => r,
+        Err((answer_id, Failure(code, message))) => return Some((error_value(answer_id, code, &message), None)),
     };
     let result = call(shared, tx, subscription, &method, params).await;
     // A request without an id is a notification: no answer, even an error.
     id.as_ref()?;
     Some(match result {
-        Ok((value, handed)) => (json!({ "jsonrpc": "2.0", "result": value, "id": id_value }), handed),
-        Err(Failure(code, message)) => (error_value(id_value, code, &message), None),
+        Ok((value, handed)) => (json!({ "jsonrpc": "2.0", "result": value, "id": answer_id }), handed),
+        Err(Failure(code, message)) => (error_value(answer_id, code, &message), None),
     })
-}
-
-fn params<T: for<'de> Deserialize<'de>>(p: Value) -> Result<T, Failure> {
-    serde_json::from_value(p).map_err(|e| invalid(format!("invalid params: {e}")))
-}
-
-/// Which conversation: `conversation` (its id in hex) or `recipient` (as
-/// the commands take it: a handle, `@handle`, a group name, `#ID`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Which {
-    #[serde(alias = "target")]
-    recipient: Option<String>,
-    conversation: Option<String>,
 }
 
 enum Place {
@@ -526,67 +483,19 @@ impl Which {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SendParams {
-    // `target` and `text` as the command line calls them; `recipient` and
-    // `message` as signal-cli does.
-    #[serde(alias = "target")]
-    recipient: Option<String>,
-    conversation: Option<String>,
-    #[serde(alias = "text")]
-    message: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReceiveParams {
-    /// Seconds to wait for a message when none is waiting.
-    #[serde(default)]
-    timeout: f64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubscribeParams {
-    /// Replay after this arrival number (a bot's own cursor).
-    after: Option<u64>,
-    /// Replay what was stored from this time on (ms), the older cursor.
-    since: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AckParams {
-    seq: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateGroupParams {
-    name: String,
-    members: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HandleParams {
-    handle: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct VerifyParams {
-    handle: String,
-    safety_number: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
 fn message_value(m: &StoredMessage) -> Value {
     serde_json::to_value(&*with_advice(m)).unwrap_or(Value::Null)
+}
+
+/// A `members` item.
+fn member_value(handle: &str, device: &str, fingerprint: &str, this_device: bool, stale_days: Option<u64>) -> Value {
+    json!({
+        "handle": handle,
+        "device": device,
+        "fingerprint": fingerprint,
+        "this_device": this_device,
+        "stale_days": stale_days,
+    })
 }
 
 fn messages_value(ms: &[StoredMessage]) -> Value {
@@ -727,13 +636,13 @@ async fn call(
                 .into_iter()
                 .map(|m| {
                     let stale_days = stale.iter().find(|(a, _)| *a == m.address).map(|(_, d)| *d);
-                    json!({
-                        "handle": m.address.handle.to_string(),
-                        "device": m.address.device.to_hex(),
-                        "fingerprint": subrosa_core::safety::key_fingerprint(&m.device_key),
-                        "this_device": m.address == mine,
-                        "stale_days": stale_days,
-                    })
+                    member_value(
+                        m.address.handle.as_str(),
+                        &m.address.device.to_hex(),
+                        &subrosa_core::safety::key_fingerprint(&m.device_key),
+                        m.address == mine,
+                        stale_days,
+                    )
                 })
                 .collect();
             plain(Value::Array(members))
@@ -834,6 +743,74 @@ mod tests {
         assert_eq!(String::from_utf8(bytes.clone()).expect("utf-8"), r#"{"seq":1234}"#);
         assert_eq!(Acked::decode(&bytes), Some(a));
         assert_eq!(Acked::decode(b"not json"), None);
+    }
+
+    /// The objects scripts parse, byte for byte (a change here breaks bots).
+    #[test]
+    fn result_shapes_stay_the_same() {
+        let sent = StoredMessage {
+            id: "0c0d".into(),
+            conversation: "0a0b".into(),
+            target: "alice".into(),
+            from: "bob".into(),
+            device: "0e0f".into(),
+            sent_at: 1_700_000_000_000,
+            received_at: 1_700_000_000_001,
+            text: "hi \u{1b}[2J".into(),
+            outgoing: true,
+            state: Some(subrosa_client::store::MessageState::Queued),
+            ..Default::default()
+        };
+        let line = |v: &Value| term::json_line(v).expect("a line");
+        // `send`'s result (queued), and a `history` item.
+        assert_eq!(
+            line(&message_value(&sent)),
+            r#"{"conversation":"0a0b","device":"0e0f","from":"bob","group":false,"id":"0c0d","outgoing":true,"received_at":1700000000001,"sent_at":1700000000000,"state":"queued","system":false,"target":"alice","text":"hi \u001b[2J"}"#
+        );
+        // A message handed to a front end, with its arrival number.
+        let incoming = StoredMessage { outgoing: false, state: None, ..sent };
+        assert_eq!(
+            line(&numbered_value(7, &incoming)),
+            r#"{"conversation":"0a0b","device":"0e0f","from":"bob","group":false,"id":"0c0d","outgoing":false,"received_at":1700000000001,"sent_at":1700000000000,"seq":7,"system":false,"target":"alice","text":"hi \u001b[2J"}"#
+        );
+        // A `members` item.
+        assert_eq!(
+            line(&member_value("alice", "0102", "ab cd", false, Some(3))),
+            r#"{"device":"0102","fingerprint":"ab cd","handle":"alice","stale_days":3,"this_device":false}"#
+        );
+        // An error answer.
+        assert_eq!(
+            error_line(json!(4), INVALID_PARAMS, "invalid params: missing field `message`"),
+            r#"{"error":{"code":-32602,"message":"invalid params: missing field `message`"},"id":4,"jsonrpc":"2.0"}"#
+        );
+    }
+
+    #[test]
+    fn requests_decode_and_bad_ones_get_their_error() {
+        let code = |line: &[u8]| match decode_line(line) {
+            Err(Failure(c, _)) => c,
+            Ok(Line::Batch(b)) => i64::try_from(b.len()).expect("len"),
+            Ok(Line::One(v)) => match decode_request(v) {
+                Ok(_) => 0,
+                Err((_, Failure(c, _))) => c,
+            },
+        };
+        assert_eq!(code(br#"{"jsonrpc":"2.0","id":1,"method":"receive"}"#), 0);
+        assert_eq!(code(b"{"), PARSE_ERROR);
+        assert_eq!(code(b"[]"), INVALID_REQUEST);
+        assert_eq!(code(b"[1,2]"), 2);
+        assert_eq!(code(b"3"), INVALID_REQUEST);
+        assert_eq!(code(br#"{"jsonrpc":"1.0","id":1,"method":"x"}"#), INVALID_REQUEST);
+        assert_eq!(code(br#"{"jsonrpc":"2.0","id":[1],"method":"x"}"#), INVALID_REQUEST);
+        assert_eq!(code(br#"{"jsonrpc":"2.0","id":1}"#), INVALID_REQUEST);
+        assert_eq!(code(br#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#), INVALID_PARAMS);
+        let Ok(Line::One(v)) = decode_line(br#"{"jsonrpc":"2.0","method":"ack","params":{"seq":5}}"#) else {
+            panic!("one request")
+        };
+        let r = decode_request(v).ok().expect("a request");
+        assert_eq!((r.id.is_none(), r.method.as_str()), (true, "ack"));
+        assert_eq!(params::<AckParams>(r.params).ok().map(|a| a.seq), Some(5));
+        assert!(params::<AckParams>(json!({ "seq": -1 })).is_err());
     }
 
     #[test]
