@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use subrosa_client::keycache::{CachePolicy, KeyCache};
 use subrosa_client::{
     Advice, Client, ClientError, ClientEvent, FailedSend, MessageState, Received, StoredMessage, Subrosa,
@@ -181,6 +181,14 @@ enum Command {
     },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
+    /// Print shell completions to standard output (e.g. `subrosa completions
+    /// bash > ~/.local/share/bash-completion/completions/subrosa`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output (`subrosa man | man -l -`).
+    Man,
     /// Drop this device's store key from the session's key cache now: the
     /// next command needs the passphrase again.
     Lock,
@@ -592,6 +600,14 @@ fn print_failed(f: &FailedSend) {
 async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<ExitCode> {
     match cli.command {
         Command::Demo => demo::run().await.map(|_| ExitCode::SUCCESS),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "subrosa", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Link { handle: Some(handle), server: Some(server), accept: None, timeout, with_history } => {
             let home = home(&cli.home)?;
             let pass = passphrase(env_passphrase, true)?;
@@ -889,7 +905,12 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
             let n = me.remove_device(&id).await?;
             out!("removed device {id} (from {n} conversations)");
         }
-        Command::Register { .. } | Command::Demo | Command::Audit { .. } | Command::Lock => {
+        Command::Register { .. }
+        | Command::Demo
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Audit { .. }
+        | Command::Lock => {
             unreachable!("handled above")
         }
         #[cfg(unix)]
