@@ -13,6 +13,7 @@ macro_rules! out {
 mod daemon;
 mod demo;
 mod term;
+mod tui;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -178,6 +179,9 @@ enum Command {
         #[arg(long)]
         stdio: bool,
     },
+    /// A terminal UI: conversations, live chat, groups, safety numbers
+    /// (keys are listed at the bottom of the screen; `?` shows them all).
+    Tui,
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
     /// Drop this device's store key from the session's key cache now: the
@@ -472,9 +476,7 @@ fn alerts(me: &Subrosa, action: Option<AlertsCommand>, export: Option<PathBuf>, 
 fn print_safety_number(n: &str) {
     out!("{}", subrosa_core::safety::grouped(n));
     if std::io::stdout().is_terminal() {
-        if let Ok(qr) = qrcode::QrCode::new(n.as_bytes()) {
-            out!("{}", qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build());
-        }
+        out!("{}", tui::qr_lines(n).join("\n"));
     }
 }
 
@@ -678,6 +680,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                     let lock = lock.ok_or_else(|| anyhow!("the daemon lock was not taken"))?;
                     daemon::run(&client, listen, lock).await
                 }
+                Command::Tui => tui::run(&client).await,
                 command => run_opened(&client, command).await,
             };
             let me = client.device();
@@ -883,6 +886,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
         }
         #[cfg(unix)]
         Command::Daemon { .. } => unreachable!("handled above"),
+        Command::Tui => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }
