@@ -151,7 +151,9 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
     assert!(
         wait_until(Duration::from_secs(30), || {
             state = pane.dead();
-            state.0
+            // tmux marks the pane dead when its terminal closes, and knows
+            // the exit status a moment later, once the process is reaped.
+            state.0 && !state.1.is_empty()
         }),
         "q did not quit:\n{}",
         pane.screen()
