@@ -313,11 +313,14 @@ fn main() -> ExitCode {
     };
     #[cfg(unix)]
     let daemon = matches!(cli.command, Command::Daemon { .. });
+    let tui = matches!(cli.command, Command::Tui);
     let result = runtime.block_on(run(cli, env_passphrase));
     // A daemon on standard input leaves a read of it blocked in the
-    // runtime's thread pool, which would hold the exit up forever.
+    // runtime's thread pool, which would hold the exit up forever; so may
+    // a command the user left running in the TUI when quitting.
     #[cfg(unix)]
-    if daemon {
+    let tui = tui || daemon;
+    if tui {
         runtime.shutdown_timeout(Duration::from_millis(500));
     }
     match result {

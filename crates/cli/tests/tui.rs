@@ -142,10 +142,52 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
     });
     assert!(arrived, "bob got {got:?}; alice's screen:\n{}", pane.screen());
     assert!(!pane.screen().contains("(queued)"), "sent, not left queued:\n{}", pane.screen());
-
-    // Esc, then q: the TUI ends cleanly.
     pane.keys(&["Escape"]);
     pane.wait_for("switch pane");
+
+    // Commands: a direct conversation by handle, its safety number (the
+    // one carol's CLI shows) marked verified, and a new group.
+    let carol = User::register(&server, "carol");
+    pane.type_text(":dm carol");
+    pane.keys(&["Enter"]);
+    pane.wait_for("carol · not verified");
+    pane.keys(&["i"]);
+    pane.type_text("hi carol");
+    pane.keys(&["Enter", "Escape"]);
+    pane.wait_for("you: hi carol");
+    let mut got = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            got.extend(texts(&carol.receive_json(&["--timeout", "2"])));
+            got.contains(&"hi carol".to_string())
+        }),
+        "carol got {got:?}"
+    );
+    let number = carol.ok(&["safety-number", "alice"]);
+    let first_groups: Vec<&str> = number.split_whitespace().take(4).collect();
+    pane.type_text(":safety");
+    pane.keys(&["Enter"]);
+    let screen = pane.wait_for("Safety number with carol");
+    assert!(screen.contains(&first_groups.join(" ")), "carol's number {number:?} not on\n{screen}");
+    pane.keys(&["v"]);
+    pane.wait_for("carol ✓ verified");
+    pane.type_text(":group \"night owls\" bob carol");
+    pane.keys(&["Enter"]);
+    pane.wait_for("#night owls (group)");
+    pane.keys(&["i"]);
+    pane.type_text("hello owls");
+    pane.keys(&["Enter", "Escape"]);
+    pane.wait_for("you: hello owls");
+    let mut got = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            got.extend(texts(&bob.receive_json(&["--timeout", "2"])));
+            got.contains(&"hello owls".to_string())
+        }),
+        "bob got {got:?}"
+    );
+
+    // q: the TUI ends cleanly.
     pane.keys(&["q"]);
     let mut state = (false, String::new());
     assert!(
@@ -155,7 +197,7 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
             // the exit status a moment later, once the process is reaped.
             state.0 && !state.1.is_empty()
         }),
-        "q did not quit:\n{}",
+        "q did not quit ({state:?}):\n{}",
         pane.screen()
     );
     assert_eq!(state.1, "0", "exit status; screen:\n{}", pane.screen());
