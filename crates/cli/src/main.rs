@@ -299,8 +299,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The TUI owns the terminal: a log line there would tear the screen,
+    // so it logs only when asked to (SUBROSA_LOG, with stderr redirected).
+    let default_filter = if matches!(cli.command, Command::Tui) { "off" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SUBROSA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SUBROSA_LOG").unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

@@ -40,7 +40,15 @@ impl Pane {
         // stays after the TUI exits, so its last words can be read.
         let conf = pane.dir.path().join("tmux.conf");
         std::fs::write(&conf, "set -g escape-time 0\nset -g remain-on-exit on\nset -g status off\n").unwrap();
-        let command = format!("exec '{}' --home '{}' tui", subrosa_bin().display(), user.home().display());
+        // The shell around it writes the exit status (128+N for a signal)
+        // and the TUI's standard error to files the test reads.
+        let command = format!(
+            "'{}' --home '{}' tui 2>'{}'; echo $? >'{}'",
+            subrosa_bin().display(),
+            user.home().display(),
+            pane.dir.path().join("stderr").display(),
+            pane.dir.path().join("exit").display()
+        );
         let out = Command::new("tmux")
             .arg("-S")
             .arg(pane.socket())
@@ -85,11 +93,14 @@ impl Pane {
         screen
     }
 
-    /// `(dead, exit status)` of the pane.
-    fn dead(&self) -> (bool, String) {
-        let out = self.tmux(&["list-panes", "-t", "tui", "-F", "#{pane_dead} #{pane_dead_status}"]);
-        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (s.starts_with('1'), s.split(' ').nth(1).unwrap_or_default().to_string())
+    /// The TUI's exit status, once it ended.
+    fn exit_status(&self) -> Option<String> {
+        let status = std::fs::read_to_string(self.dir.path().join("exit")).ok()?;
+        status.ends_with('\n').then(|| status.trim().to_string())
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }
 }
 
@@ -189,16 +200,14 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
 
     // q: the TUI ends cleanly.
     pane.keys(&["q"]);
-    let mut state = (false, String::new());
+    let mut status = None;
     assert!(
         wait_until(Duration::from_secs(30), || {
-            state = pane.dead();
-            // tmux marks the pane dead when its terminal closes, and knows
-            // the exit status a moment later, once the process is reaped.
-            state.0 && !state.1.is_empty()
+            status = pane.exit_status();
+            status.is_some()
         }),
-        "q did not quit ({state:?}):\n{}",
+        "q did not quit:\n{}",
         pane.screen()
     );
-    assert_eq!(state.1, "0", "exit status; screen:\n{}", pane.screen());
+    assert_eq!(status.as_deref(), Some("0"), "exit status; stderr: {}", pane.stderr());
 }

@@ -11,9 +11,11 @@
 //!
 //! Concurrency: one loop on the command's runtime waits for the next input
 //! (a key from the reader thread, an event of the handle, the answer of an
-//! action) and redraws after each. Actions that talk to the server (send,
-//! create a group, …) run as tasks of their own and post their answer back
-//! into the loop, so typing and live updates never wait for the network.
+//! action) and redraws after each. Actions that talk to the server run as
+//! tasks and post their answer back into the loop, so typing and live
+//! updates never wait for the network: messages through one sender task,
+//! in the order they were typed; commands (create a group, …) each on a
+//! task of its own.
 //! Keys are read on a plain thread (crossterm's `read` blocks); it ends
 //! with the process.
 
@@ -78,6 +80,21 @@ pub async fn run(client: &Client) -> Result<ExitCode> {
     let running = client.run();
     tokio::pin!(running);
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    // Messages go out one after another, in the order they were typed.
+    let (sends, mut queue) = mpsc::unbounded_channel::<(String, String)>();
+    let sender = {
+        let (client, tx) = (client.clone(), tx.clone());
+        tokio::spawn(async move {
+            while let Some((conversation, text)) = queue.recv().await {
+                let result = match conversation_id(&conversation) {
+                    Ok(id) => client.send_text(&id, &text).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = tx.send(Input::Sent(result));
+            }
+        })
+    };
+    let ctx = Ctx { tx: tx.clone(), sends };
     let mut app = App::new(client.device().handle().to_string());
     app.handle(Input::Loaded { conversations: load(client)?, select: None });
 
@@ -119,13 +136,14 @@ pub async fn run(client: &Client) -> Result<ExitCode> {
             }
         };
         for action in app.handle(input) {
-            perform(client, action, &tx);
+            perform(client, action, &ctx);
         }
         if app.quit {
             break;
         }
     }
     drop(screen);
+    sender.abort();
     match failed {
         Some(e) => Err(anyhow!("the connection ended: {e}")),
         None => Ok(ExitCode::SUCCESS),
@@ -158,11 +176,17 @@ fn conversation_id(hex: &str) -> Result<ConversationId, ClientError> {
     hex.parse().map_err(|_| ClientError::Bug(format!("a conversation id that is not hex: {hex}")))
 }
 
+/// Where actions post their answers, and the queue of messages to send.
+struct Ctx {
+    tx: mpsc::UnboundedSender<Input>,
+    sends: mpsc::UnboundedSender<(String, String)>,
+}
+
 /// Carries out one action; what talks to the server runs as a task and
-/// posts its answer to `tx`.
-fn perform(client: &Client, action: Action, tx: &mpsc::UnboundedSender<Input>) {
+/// posts its answer to `ctx.tx`.
+fn perform(client: &Client, action: Action, ctx: &Ctx) {
     let client = client.clone();
-    let tx = tx.clone();
+    let tx = ctx.tx.clone();
     match action {
         Action::Quit => {}
         Action::Refresh { select } => {
@@ -178,16 +202,10 @@ fn perform(client: &Client, action: Action, tx: &mpsc::UnboundedSender<Input>) {
                 Err(e) => Outcome::Error(e.to_string()),
             };
             let _ = tx.send(Input::Done(outcome));
-            perform(&client, Action::Refresh { select: None }, &tx);
+            perform(&client, Action::Refresh { select: None }, ctx);
         }
         Action::Send { conversation, text } => {
-            tokio::spawn(async move {
-                let result = match conversation_id(&conversation) {
-                    Ok(id) => client.send_text(&id, &text).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = tx.send(Input::Sent(result));
-            });
+            let _ = ctx.sends.send((conversation, text));
         }
         Action::Run(command) => {
             tokio::spawn(async move {
