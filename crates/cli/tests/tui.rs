@@ -116,7 +116,7 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
         eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
         return;
     }
-    let server = Server::start();
+    let mut server = Server::start();
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
 
@@ -194,6 +194,33 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
         wait_until(Duration::from_secs(60), || {
             got.extend(texts(&bob.receive_json(&["--timeout", "2"])));
             got.contains(&"hello owls".to_string())
+        }),
+        "bob got {got:?}"
+    );
+
+    // The server goes away: the status line says so, a message typed
+    // meanwhile shows as queued, and goes out by itself once it is back.
+    server.kill();
+    pane.wait_for("offline (");
+    pane.keys(&["i"]);
+    pane.type_text("sent while offline");
+    pane.keys(&["Enter", "Escape"]);
+    pane.wait_for("you: sent while offline (queued)");
+    server.restart_with(&[]);
+    pane.wait_for("reconnected");
+    let mut screen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            screen = pane.screen();
+            screen.contains("you: sent while offline") && !screen.contains("(queued)")
+        }),
+        "still queued after reconnecting:\n{screen}"
+    );
+    let mut got = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            got.extend(texts(&bob.receive_json(&["--timeout", "2"])));
+            got.contains(&"sent while offline".to_string())
         }),
         "bob got {got:?}"
     );
