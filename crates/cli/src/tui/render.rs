@@ -310,23 +310,17 @@ fn draw_help(frame: &mut Frame, app: &App, area: Rect) {
     }
     let keys: &[(&str, &str)] = match (app.mode, app.focus) {
         (Mode::Insert, _) => &[("Enter", "send"), ("Alt-Enter/Ctrl-J", "new line"), ("Esc", "stop writing")],
-        (_, Focus::List) => &[
-            ("j/k", "move"),
-            ("Tab", "switch pane"),
-            ("i", "write"),
-            (":", "command"),
-            ("?", "help"),
-            ("q", "quit"),
-            ("Enter", "open"),
-        ],
+        (_, Focus::List) => {
+            &[("j/k", "move"), ("Tab", "switch pane"), ("i", "write"), (":", "command"), ("?", "help"), ("q", "quit")]
+        }
         (_, Focus::Chat) => &[
             ("j/k", "scroll"),
+            ("g/G", "top/bottom"),
             ("Tab", "switch pane"),
             ("i", "write"),
             (":", "command"),
             ("?", "help"),
             ("q", "quit"),
-            ("g/G", "top/bottom"),
         ],
     };
     let mut spans = Vec::new();

@@ -131,6 +131,13 @@ fn snapshot_group_chat_with_system_line_and_command_prompt() {
 }
 
 #[test]
+fn snapshot_help() {
+    let mut app = sample();
+    app.handle(key(KeyCode::Char('?')));
+    snapshot("help", &draw(&mut app, 80, 28));
+}
+
+#[test]
 fn snapshot_empty_start() {
     let mut app = App::new("alice");
     snapshot("empty", &draw(&mut app, 80, 12));
