@@ -14,6 +14,7 @@ mod daemon;
 mod demo;
 mod target;
 mod term;
+mod tui;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -179,6 +180,9 @@ enum Command {
         #[arg(long)]
         stdio: bool,
     },
+    /// A terminal UI: conversations, live chat, groups, safety numbers
+    /// (keys are listed at the bottom of the screen; `?` shows them all).
+    Tui,
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
     /// Print shell completions to standard output (e.g. `subrosa completions
@@ -304,8 +308,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The TUI owns the terminal: a log line there would tear the screen,
+    // so it logs only when asked to (SUBROSA_LOG, with stderr redirected).
+    let default_filter = if matches!(cli.command, Command::Tui) { "off" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SUBROSA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SUBROSA_LOG").unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -318,11 +327,14 @@ fn main() -> ExitCode {
     };
     #[cfg(unix)]
     let daemon = matches!(cli.command, Command::Daemon { .. });
+    let tui = matches!(cli.command, Command::Tui);
     let result = runtime.block_on(run(cli, env_passphrase));
     // A daemon on standard input leaves a read of it blocked in the
-    // runtime's thread pool, which would hold the exit up forever.
+    // runtime's thread pool, which would hold the exit up forever; so may
+    // a command the user left running in the TUI when quitting.
     #[cfg(unix)]
-    if daemon {
+    let tui = tui || daemon;
+    if tui {
         runtime.shutdown_timeout(Duration::from_millis(500));
     }
     match result {
@@ -481,9 +493,7 @@ fn alerts(me: &Subrosa, action: Option<AlertsCommand>, export: Option<PathBuf>, 
 fn print_safety_number(n: &str) {
     out!("{}", subrosa_core::safety::grouped(n));
     if std::io::stdout().is_terminal() {
-        if let Ok(qr) = qrcode::QrCode::new(n.as_bytes()) {
-            out!("{}", qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build());
-        }
+        out!("{}", tui::qr_lines(n).join("\n"));
     }
 }
 
@@ -695,6 +705,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                     let lock = lock.ok_or_else(|| anyhow!("the daemon lock was not taken"))?;
                     daemon::run(&client, listen, lock).await
                 }
+                Command::Tui => tui::run(&client).await,
                 command => run_opened(&client, command).await,
             };
             let me = client.device();
@@ -915,6 +926,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
         }
         #[cfg(unix)]
         Command::Daemon { .. } => unreachable!("handled above"),
+        Command::Tui => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use subrosa_proto::{ConversationId, MessageId};
+use subrosa_proto::{ConversationId, Handle, MessageId};
 use tokio::sync::broadcast;
 
 use subrosa_core::MemberInfo;
@@ -277,6 +277,57 @@ impl Client {
             _ => Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
         })
     }
+
+    // ---- Added for the terminal UI (issue 12): a direct conversation by
+    // handle, safety numbers and verification. Thin delegations to
+    // `Subrosa`; nothing else in the TUI reaches past the handle. ----
+
+    /// The direct conversation with `handle` (`@` optional): the one this
+    /// device has, else one a Welcome waiting on the server brings, else a
+    /// new one (which needs the server, for their keys).
+    ///
+    /// # Errors
+    /// [`ClientError::Input`] for a malformed handle or this account's own;
+    /// a blocked key directory; as [`Subrosa::sync`]; an unknown handle.
+    pub async fn open_direct(&self, handle: &str) -> Result<ConversationId, ClientError> {
+        let peer = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
+        let device = &self.inner.device;
+        let existing = || device.store().read(|tx| tx.direct_conversation(peer.as_str()));
+        if let Some(id) = existing()? {
+            return Ok(id);
+        }
+        device.sync().await?;
+        if let Some(id) = existing()? {
+            return Ok(id);
+        }
+        device.kt_blocked()?;
+        device.start_direct(&peer, None).await
+    }
+
+    /// The safety number with `handle`: as [`Subrosa::safety_number`].
+    ///
+    /// # Errors
+    /// As [`Subrosa::safety_number`].
+    pub async fn safety_number(&self, handle: &str) -> Result<String, ClientError> {
+        self.inner.device.safety_number(handle).await
+    }
+
+    /// Marks `handle` verified: as [`Subrosa::mark_verified`].
+    ///
+    /// # Errors
+    /// As [`Subrosa::mark_verified`].
+    pub fn mark_verified(&self, handle: &str) -> Result<(), ClientError> {
+        self.inner.device.mark_verified(handle)
+    }
+
+    /// Whether `handle` is a verified contact: as [`Subrosa::is_verified`].
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn is_verified(&self, handle: &str) -> Result<bool, ClientError> {
+        self.inner.device.is_verified(handle)
+    }
+    // ---- End of the terminal UI's additions. ----
 }
 
 // A front end moves clones across tasks and threads.

@@ -91,6 +91,15 @@ pub struct IncomingStats {
     pub jitter: JitterStats,
 }
 
+/// Most senders one call plays at once. A key id names its sender's leaf
+/// index, and every member holding the epoch's secret can seal under any
+/// leaf index (SFrame keys derived from a group secret authenticate the
+/// group, not the member: RFC 9605, "Security Considerations"), so a
+/// misbehaving member could open a stream, with its decoder and jitter
+/// buffer, per made-up index. Past this many, frames of new senders are
+/// refused.
+pub const MAX_STREAMS: usize = 128;
+
 /// The receiving side: opens every sender's frames, one jitter buffer and
 /// decoder per sender, and mixes their playout.
 #[derive(Debug)]
@@ -131,6 +140,7 @@ impl Incoming {
         let fresh = || -> Option<Stream> {
             Some(Stream { context: opened.context, jitter: JitterBuffer::new(config), decoder: Decoder::new().ok()? })
         };
+        let full = self.streams.len() >= MAX_STREAMS;
         let stream = match self.streams.get_mut(&opened.sender) {
             // The sender restarted its call: a new stream.
             Some(s) if s.context != opened.context => {
@@ -140,6 +150,11 @@ impl Incoming {
                 s
             }
             Some(s) => s,
+            None if full => {
+                self.opened -= 1;
+                self.refused += 1;
+                return Err(OpenError::TooManySenders);
+            }
             None => match fresh() {
                 Some(new) => self.streams.entry(opened.sender).or_insert(new),
                 None => return Ok(()),
@@ -326,6 +341,23 @@ mod tests {
 
     fn net(loss: f64) -> Network {
         Network { loss, ..Network::default() }
+    }
+
+    #[test]
+    fn made_up_sender_indexes_open_at_most_max_streams() {
+        let secret = || EpochSecret::new(Zeroizing::new(vec![9; EPOCH_SECRET_LEN])).expect("secret");
+        let mut incoming = Incoming::new(Receiver::new(secret(), Epoch(1)), JitterConfig::default());
+        let mut refused = 0;
+        for index in 0..(MAX_STREAMS as u32 + 40) {
+            let mut forger = Sender::new(&secret(), Epoch(1), LeafIndex(index), ContextId::random()).expect("sender");
+            let packet = forger.seal(&[0xf8, 0xff, 0xfe]).expect("sealed");
+            if matches!(incoming.packet(&packet, Duration::ZERO), Err(OpenError::TooManySenders)) {
+                refused += 1;
+            }
+        }
+        assert_eq!(incoming.streams.len(), MAX_STREAMS);
+        assert_eq!(refused, 40);
+        assert_eq!(incoming.stats().refused, 40);
     }
 
     #[test]

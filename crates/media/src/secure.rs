@@ -24,6 +24,14 @@
 //! member knows neither the new secret nor, after its removal, any old key the
 //! receiver still accepts from it. Replays are refused per key id by the
 //! `sframe` crate's sliding window.
+//!
+//! What this does not give: sender authentication inside the call. Every
+//! member holding an epoch's secret can derive every key id's key, so a
+//! member can seal frames under another member's leaf index (RFC 9605,
+//! "Security Considerations"). Outsiders and removed members cannot; who
+//! is in the call is known from the MLS messages, not from the frames. A
+//! receiver plays at most [`crate::pipeline::MAX_STREAMS`] senders, so
+//! made-up indexes cannot grow its state without bound.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -112,6 +120,10 @@ pub enum OpenError {
     /// Authentication failed: wrong key, or the frame was altered.
     #[error("frame failed to authenticate")]
     Authentication,
+    /// The call already plays the most senders it takes
+    /// ([`crate::pipeline::MAX_STREAMS`]).
+    #[error("frame from one sender too many")]
+    TooManySenders,
 }
 
 /// An MLS epoch number.

@@ -378,7 +378,19 @@ impl Session {
             return Err(CoreError::IdentityMismatch("welcome from a device that is not a member".into()).into());
         }
         for m in members {
-            self.check_pinned_key(tx, &m.address.handle, &m.identity_key)?;
+            // A key change that waits for the directory (committed in
+            // another conversation by a device the pinned key certified) is
+            // not a mismatch: the invitation's members are looked up like
+            // any, and it is refused after all if the directory disagrees.
+            if let Err(e) = self.check_pinned_key(tx, &m.address.handle, &m.identity_key) {
+                let awaiting = tx
+                    .member_checks(None, UNCHECKED)?
+                    .iter()
+                    .any(|c| c.handle == m.address.handle.as_str() && c.identity_key == m.identity_key && !c.welcome);
+                if !awaiting {
+                    return Err(e);
+                }
+            }
         }
         if info.kind == ConversationKind::Own && members.iter().any(|m| m.address.handle != *self.handle()) {
             return Err(ClientError::Refused {

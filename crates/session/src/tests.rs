@@ -966,3 +966,76 @@ fn a_gossiped_head_is_evidence_the_member_is_blamed_for_a_bad_one_and_the_server
     assert_eq!(s.kt_gossip_step("dave", &server.head(1, 0xd1)).expect("step"), GossipStep::Done);
     assert!(matches!(s.kt_blocked(), Err(ClientError::DirectoryFork(_))));
 }
+
+#[test]
+fn an_invitation_under_a_key_change_waiting_for_the_directory_is_joined_then_checked() {
+    let crypto = subrosa_core::default_crypto();
+    let (alice, bob, id) = pair();
+    bob.receive(&alice.text(id, 1, "hello"));
+    for q in unchecked(&bob) {
+        let v = bob.session.member_verdict(&q, &answer_for(&alice)).expect("verdict");
+        bob.session.settle_member_check(&q, v).expect("settled");
+    }
+    // alice rotates: her update and, right after, an invitation under the
+    // new key reach bob in one batch, before his directory check ran.
+    let real = alice.session.identity().with_new_identity_key(&crypto, 2).expect("rotated");
+    let (update, _) = alice.commit(|e| e.update_credential(&id, &real));
+    let alice = Device {
+        session: Session::new(crypto.clone(), real.clone(), alice.session.store().clone(), alice.clock.clone()),
+        clock: alice.clock.clone(),
+    };
+    let club = ConversationInfo { kind: subrosa_core::ConversationKind::Group, name: "club".into() };
+    let kp = bob.key_package();
+    let engine = alice.session.engine();
+    let c = alice
+        .session
+        .store()
+        .write(|_| {
+            let c = engine.create_conversation(&club, &[kp])?;
+            engine.confirm_commit(&c.conversation)?;
+            Ok(c)
+        })
+        .expect("group");
+    let welcome = alice.envelope(c.conversation, MessageKind::Welcome, c.welcome.expect("welcome"));
+    bob.session.process_batch(&[update, welcome]).expect("batch");
+    assert!(bob.alerts().is_empty(), "not refused as a key mismatch");
+    assert!(bob.session.store().read(|tx| tx.conversation(&c.conversation)).expect("read").is_some(), "joined");
+    // The directory confirms the new key: the pin moves, the group stays.
+    let listed = DirectoryAnswer::Keys {
+        identity_key: real.identity_public().to_vec(),
+        devices: vec![(real.device_id().to_hex(), real.device_public().to_vec())],
+    };
+    for q in unchecked(&bob) {
+        let v = bob.session.member_verdict(&q, &listed).expect("verdict");
+        bob.session.settle_member_check(&q, v).expect("settled");
+    }
+    assert_eq!(
+        bob.session.store().read(|tx| tx.contact_key("alice")).expect("pin"),
+        Some(real.identity_public().to_vec())
+    );
+    assert!(bob.session.store().read(|tx| tx.conversation(&c.conversation)).expect("read").is_some());
+    // An invitation under a key nobody committed is still refused.
+    let stranger = alice.session.identity().with_new_identity_key(&crypto, 3).expect("made up");
+    let forged = Device {
+        session: Session::new(
+            crypto,
+            stranger,
+            Store::new(crate::store::MemoryStore::with_clock(alice.clock.clone())),
+            alice.clock.clone(),
+        ),
+        clock: alice.clock.clone(),
+    };
+    let kp = bob.key_package();
+    let engine = forged.session.engine();
+    let c = forged
+        .session
+        .store()
+        .write(|_| {
+            let c = engine.create_conversation(&club, &[kp])?;
+            engine.confirm_commit(&c.conversation)?;
+            Ok(c)
+        })
+        .expect("group");
+    bob.receive(&forged.envelope(c.conversation, MessageKind::Welcome, c.welcome.expect("welcome")));
+    assert!(bob.session.store().read(|tx| tx.conversation(&c.conversation)).expect("read").is_none(), "refused");
+}

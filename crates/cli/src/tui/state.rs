@@ -1,0 +1,1055 @@
+//! The terminal UI's state machine: no terminal, no network, no store.
+//!
+//! [`App::handle`] takes one [`Input`] (a key, a [`ClientEvent`] from the
+//! handle, or the answer to an [`Action`] it asked for earlier) and returns
+//! the actions the driver (`tui::run`) must carry out. Rendering
+//! (`tui::render`) only reads an `App`. So every rule of the UI is tested
+//! here with plain values, and the screen in snapshot tests.
+
+use std::time::Duration;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use subrosa_client::{ClientEvent, MessageState, StoredMessage};
+
+/// One conversation as the list and the chat view show it.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    /// Id (hex).
+    pub id: String,
+    /// The peer's handle, or the group's name (another member's choice).
+    pub name: String,
+    /// A group (else a direct conversation).
+    pub group: bool,
+    /// False once this device left or was removed.
+    pub active: bool,
+    /// A direct conversation whose peer this user marked verified.
+    pub verified: bool,
+    /// Messages that arrived while it was not on screen.
+    pub unread: usize,
+    /// History, oldest first.
+    pub messages: Vec<StoredMessage>,
+}
+
+impl Conversation {
+    /// When it last had a message (this device's clock), for ordering.
+    fn last_activity(&self) -> u64 {
+        self.messages.last().map(|m| if m.received_at > 0 { m.received_at } else { m.sent_at }).unwrap_or(0)
+    }
+}
+
+/// Which pane the movement keys act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Focus {
+    /// The conversation list.
+    List,
+    /// The chat view.
+    Chat,
+}
+
+/// What the keys do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Movement and one-key commands.
+    Normal,
+    /// Typing a message.
+    Insert,
+    /// Typing a `:` command.
+    Command,
+}
+
+/// The connection as the status line tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connection {
+    /// Not yet connected since start.
+    Connecting,
+    /// Connected; pushes arrive.
+    Online,
+    /// Lost; the handle retries by itself.
+    Offline {
+        /// Why (may quote the server).
+        reason: String,
+        /// When it tries next.
+        retry_in: Duration,
+    },
+}
+
+/// A line of the status bar that the user should read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// What (may quote others: rendered through the sanitiser).
+    pub text: String,
+    /// An error or warning, shown as such.
+    pub error: bool,
+}
+
+/// A box over the panes: help, members, a safety number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// Its title.
+    pub title: String,
+    /// Its lines (may hold others' text: rendered through the sanitiser).
+    pub lines: Vec<String>,
+    /// A safety number shown for this handle: `v` marks it verified.
+    pub verify: Option<String>,
+}
+
+/// A line editor (the composer and the `:` prompt): text and a cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Editor {
+    /// The text.
+    pub text: String,
+    /// The cursor, a byte offset on a character boundary.
+    pub cursor: usize,
+}
+
+impl Editor {
+    fn insert(&mut self, c: char) {
+        self.text.insert(self.cursor, c);
+        self.cursor += c.len_utf8();
+    }
+
+    fn backspace(&mut self) {
+        if let Some(c) = self.text[..self.cursor].chars().next_back() {
+            self.cursor -= c.len_utf8();
+            self.text.remove(self.cursor);
+        }
+    }
+
+    fn delete(&mut self) {
+        if self.cursor < self.text.len() {
+            self.text.remove(self.cursor);
+        }
+    }
+
+    fn left(&mut self) {
+        if let Some(c) = self.text[..self.cursor].chars().next_back() {
+            self.cursor -= c.len_utf8();
+        }
+    }
+
+    fn right(&mut self) {
+        if let Some(c) = self.text[self.cursor..].chars().next() {
+            self.cursor += c.len_utf8();
+        }
+    }
+
+    fn home(&mut self) {
+        self.cursor = self.text[..self.cursor].rfind('\n').map_or(0, |i| i + 1);
+    }
+
+    fn end(&mut self) {
+        self.cursor = self.text[self.cursor..].find('\n').map_or(self.text.len(), |i| self.cursor + i);
+    }
+
+    fn take(&mut self) -> String {
+        self.cursor = 0;
+        std::mem::take(&mut self.text)
+    }
+
+    /// The common editing keys; false for a key it does not handle.
+    fn edit(&mut self, key: &KeyEvent) -> bool {
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        match key.code {
+            KeyCode::Char('u') if ctrl => {
+                self.text.replace_range(..self.cursor, "");
+                self.cursor = 0;
+            }
+            KeyCode::Char('a') if ctrl => self.home(),
+            KeyCode::Char('e') if ctrl => self.end(),
+            KeyCode::Char(c) if !ctrl => self.insert(c),
+            KeyCode::Backspace => self.backspace(),
+            KeyCode::Delete => self.delete(),
+            KeyCode::Left => self.left(),
+            KeyCode::Right => self.right(),
+            KeyCode::Home => self.home(),
+            KeyCode::End => self.end(),
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// A command typed at the `:` prompt, for the driver to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Open (or start) the direct conversation with a handle.
+    Direct(String),
+    /// Create a group with these members.
+    CreateGroup {
+        /// Its name.
+        name: String,
+        /// The other members' handles.
+        members: Vec<String>,
+    },
+    /// Add an account to a group.
+    Add {
+        /// The group (id, hex).
+        conversation: String,
+        /// Whom.
+        handle: String,
+    },
+    /// Remove an account from a group.
+    Remove {
+        /// The group (id, hex).
+        conversation: String,
+        /// Whom.
+        handle: String,
+    },
+    /// Rename a group.
+    Rename {
+        /// The group (id, hex).
+        conversation: String,
+        /// The new name.
+        name: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group (id, hex).
+        conversation: String,
+    },
+    /// Show a conversation's member devices.
+    Members {
+        /// The conversation (id, hex).
+        conversation: String,
+    },
+    /// Show the safety number with a handle (and offer to mark it verified).
+    SafetyNumber {
+        /// Whose.
+        handle: String,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `text` to the conversation (id, hex); answer with [`Input::Sent`].
+    Send {
+        /// Where.
+        conversation: String,
+        /// What.
+        text: String,
+    },
+    /// Reload the conversations; answer with [`Input::Loaded`].
+    Refresh {
+        /// Select this conversation (id, hex) once loaded.
+        select: Option<String>,
+    },
+    /// Carry out a command; answer with [`Input::Done`] (and a refresh
+    /// where it changed conversations).
+    Run(Command),
+    /// Mark the handle verified; answer with [`Input::Done`].
+    MarkVerified(String),
+    /// Leave the UI.
+    Quit,
+}
+
+/// The answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done; a line for the status bar.
+    Notice(String),
+    /// Failed; the one-line error.
+    Error(String),
+    /// A box to show.
+    Overlay(Overlay),
+}
+
+/// Everything the state machine reacts to.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A key press.
+    Key(KeyEvent),
+    /// The terminal changed size (the next frame is drawn to fit).
+    Resize,
+    /// An event of the handle.
+    Client(ClientEvent),
+    /// The handle's events came too fast and `n` were missed.
+    Lagged(u64),
+    /// Every conversation, freshly read (after [`Action::Refresh`]).
+    Loaded {
+        /// The conversations, histories included.
+        conversations: Vec<Conversation>,
+        /// Select this one (id, hex).
+        select: Option<String>,
+    },
+    /// The answer to [`Action::Send`]: the message as stored (sent or
+    /// queued), or the error.
+    Sent(Result<StoredMessage, String>),
+    /// The answer to a [`Command`] or [`Action::MarkVerified`].
+    Done(Outcome),
+}
+
+/// The help shown by `?` and `:help`.
+pub const HELP: &[&str] = &[
+    "Moving (no mouse needed)",
+    "  Tab            switch between the list and the chat",
+    "  j / k, arrows  next / previous conversation; scroll the chat",
+    "  g / G          first / last; top / bottom of the chat",
+    "  Ctrl-U/Ctrl-D  scroll the chat half a page",
+    "  Enter / l      open the selected conversation",
+    "  i              write a message          q  quit",
+    "Writing",
+    "  Enter          send",
+    "  Alt-Enter      new line (also Ctrl-J; Shift-Enter where the",
+    "                 terminal reports it)",
+    "  Esc            stop writing (the draft stays)",
+    "Commands (type : first)",
+    "  :dm HANDLE                 open a direct conversation",
+    "  :group NAME HANDLE...      create a group (\"quote\" a name with spaces)",
+    "  :add HANDLE / :remove HANDLE   change the open group's members",
+    "  :rename NAME  :leave       rename or leave the open group",
+    "  :members                   the open conversation's devices",
+    "  :safety [HANDLE]           safety number and QR code; v marks verified",
+    "  :verify [HANDLE]           the same",
+    "  :quit                      leave",
+];
+
+/// Lines the chat view scrolls per Ctrl-U / Ctrl-D.
+const HALF_PAGE: usize = 10;
+
+/// The whole UI state.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// This account's handle.
+    pub me: String,
+    /// Conversations, most recently active first.
+    pub conversations: Vec<Conversation>,
+    /// The selected (and shown) conversation, by id.
+    pub selected: Option<String>,
+    /// Which pane moves.
+    pub focus: Focus,
+    /// What the keys do.
+    pub mode: Mode,
+    /// The message being written.
+    pub composer: Editor,
+    /// The `:` command being typed.
+    pub prompt: Editor,
+    /// How many lines the chat view is scrolled up from its newest line.
+    pub scroll: usize,
+    /// The connection.
+    pub connection: Connection,
+    /// The latest notice.
+    pub notice: Option<Notice>,
+    /// A box over the panes.
+    pub overlay: Option<Overlay>,
+    /// Set once the user quit.
+    pub quit: bool,
+}
+
+impl App {
+    /// An empty UI for the account `me`.
+    pub fn new(me: impl Into<String>) -> Self {
+        App {
+            me: me.into(),
+            conversations: Vec::new(),
+            selected: None,
+            focus: Focus::List,
+            mode: Mode::Normal,
+            composer: Editor::default(),
+            prompt: Editor::default(),
+            scroll: 0,
+            connection: Connection::Connecting,
+            notice: None,
+            overlay: None,
+            quit: false,
+        }
+    }
+
+    /// The selected conversation.
+    pub fn current(&self) -> Option<&Conversation> {
+        let id = self.selected.as_ref()?;
+        self.conversations.iter().find(|c| &c.id == id)
+    }
+
+    /// The selected conversation's place in the list.
+    pub fn selected_index(&self) -> Option<usize> {
+        let id = self.selected.as_ref()?;
+        self.conversations.iter().position(|c| &c.id == id)
+    }
+
+    /// Keeps the scroll within what the chat view can show (the renderer
+    /// knows how many lines that is).
+    pub fn clamp_scroll(&mut self, max: usize) {
+        self.scroll = self.scroll.min(max);
+    }
+
+    fn select(&mut self, id: Option<String>) {
+        if id != self.selected {
+            self.scroll = 0;
+        }
+        self.selected = id;
+        if let Some(c) = self.selected.clone().and_then(|id| self.conversations.iter_mut().find(|c| c.id == id)) {
+            c.unread = 0;
+        }
+    }
+
+    fn select_at(&mut self, index: usize) {
+        let id = self.conversations.get(index).map(|c| c.id.clone());
+        self.select(id);
+    }
+
+    fn sort(&mut self) {
+        self.conversations.sort_by_key(|c| (!c.active, std::cmp::Reverse(c.last_activity())));
+    }
+
+    fn notice(&mut self, text: impl Into<String>) {
+        self.notice = Some(Notice { text: text.into(), error: false });
+    }
+
+    fn error(&mut self, text: impl Into<String>) {
+        self.notice = Some(Notice { text: text.into(), error: true });
+    }
+
+    /// Reacts to one input; returns what the driver must do.
+    pub fn handle(&mut self, input: Input) -> Vec<Action> {
+        match input {
+            Input::Key(key) => self.key(key),
+            Input::Resize => Vec::new(),
+            Input::Client(e) => self.client_event(e),
+            Input::Lagged(n) => {
+                self.error(format!("{n} events were missed; reloading"));
+                vec![Action::Refresh { select: None }]
+            }
+            Input::Loaded { conversations, select } => {
+                self.loaded(conversations, select);
+                Vec::new()
+            }
+            Input::Sent(Ok(m)) => {
+                if m.state == Some(MessageState::Queued) {
+                    self.notice("queued: not yet on the server; it goes out when the connection is back");
+                }
+                self.upsert(m, false);
+                Vec::new()
+            }
+            Input::Sent(Err(e)) => {
+                self.error(format!("not sent: {e}"));
+                Vec::new()
+            }
+            Input::Done(Outcome::Notice(n)) => {
+                self.notice(n);
+                Vec::new()
+            }
+            Input::Done(Outcome::Error(e)) => {
+                self.error(e);
+                Vec::new()
+            }
+            Input::Done(Outcome::Overlay(o)) => {
+                self.overlay = Some(o);
+                Vec::new()
+            }
+        }
+    }
+
+    fn loaded(&mut self, fresh: Vec<Conversation>, select: Option<String>) {
+        let old = std::mem::take(&mut self.conversations);
+        self.conversations = fresh
+            .into_iter()
+            .map(|mut c| {
+                if let Some(o) = old.iter().find(|o| o.id == c.id) {
+                    c.unread = o.unread;
+                }
+                c
+            })
+            .collect();
+        self.sort();
+        let keep = select.or_else(|| self.selected.clone()).filter(|id| self.conversations.iter().any(|c| &c.id == id));
+        match keep {
+            Some(id) => {
+                if select_is_new(&self.selected, &id) {
+                    self.focus = Focus::Chat;
+                }
+                self.select(Some(id));
+            }
+            None => self.select_at(0),
+        }
+    }
+
+    /// Adds `m` to its conversation, or replaces the stored copy of the
+    /// same message (a state change). Returns whether the conversation was
+    /// new to this UI.
+    fn upsert(&mut self, m: StoredMessage, count_unread: bool) -> bool {
+        let shown = self.selected.as_deref() == Some(m.conversation.as_str());
+        let (new, conversation) = match self.conversations.iter_mut().position(|c| c.id == m.conversation) {
+            Some(i) => (false, &mut self.conversations[i]),
+            None => {
+                self.conversations.push(Conversation {
+                    id: m.conversation.clone(),
+                    name: m.target.clone(),
+                    group: m.group,
+                    active: true,
+                    ..Conversation::default()
+                });
+                let last = self.conversations.len() - 1;
+                (true, &mut self.conversations[last])
+            }
+        };
+        match conversation.messages.iter_mut().find(|x| x.id == m.id && !m.id.is_empty()) {
+            Some(existing) => *existing = m,
+            None => {
+                if count_unread && !shown {
+                    conversation.unread += 1;
+                }
+                conversation.messages.push(m);
+            }
+        }
+        self.sort();
+        if self.selected.is_none() {
+            self.select_at(0);
+        }
+        new
+    }
+
+    fn client_event(&mut self, e: ClientEvent) -> Vec<Action> {
+        match e {
+            ClientEvent::Message(m) => {
+                let incoming = !m.outgoing;
+                if self.upsert(m, incoming) {
+                    // Its name and membership as the store has them.
+                    return vec![Action::Refresh { select: None }];
+                }
+            }
+            ClientEvent::System(m) => {
+                self.upsert(m, false);
+                // Membership, names and keys may have changed.
+                return vec![Action::Refresh { select: None }];
+            }
+            ClientEvent::MessageState(m) => {
+                self.upsert(m, false);
+            }
+            ClientEvent::SendFailed(f) => {
+                let what = match &f.message {
+                    Some(m) => format!("your message to {} was refused by the server: {}", m.target, f.reason),
+                    None => format!("a queued message was refused by the server: {}", f.reason),
+                };
+                if let Some(m) = f.message {
+                    self.upsert(m, false);
+                }
+                self.error(what);
+            }
+            ClientEvent::Dropped { from, reason } => {
+                self.error(format!("dropped a message from {from} that could not be decrypted: {reason}"))
+            }
+            ClientEvent::Alert(a) => self.error(format!("warning: {a}")),
+            ClientEvent::Connected => {
+                let was_offline = matches!(self.connection, Connection::Offline { .. });
+                self.connection = Connection::Online;
+                if was_offline {
+                    self.notice("reconnected");
+                }
+            }
+            ClientEvent::Disconnected { reason, retry_in } => {
+                self.connection = Connection::Offline { reason, retry_in };
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    fn key(&mut self, key: KeyEvent) -> Vec<Action> {
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        if ctrl && key.code == KeyCode::Char('c') {
+            self.quit = true;
+            return vec![Action::Quit];
+        }
+        if let Some(o) = &self.overlay {
+            match key.code {
+                KeyCode::Char('v') => {
+                    if let Some(h) = o.verify.clone() {
+                        self.overlay = None;
+                        return vec![Action::MarkVerified(h)];
+                    }
+                }
+                KeyCode::Esc | KeyCode::Enter | KeyCode::Char('q') => self.overlay = None,
+                _ => {}
+            }
+            return Vec::new();
+        }
+        match self.mode {
+            Mode::Insert => self.insert_key(key),
+            Mode::Command => self.command_key(key),
+            Mode::Normal => self.normal_key(key),
+        }
+    }
+
+    fn insert_key(&mut self, key: KeyEvent) -> Vec<Action> {
+        let alt = key.modifiers.contains(KeyModifiers::ALT);
+        let shift = key.modifiers.contains(KeyModifiers::SHIFT);
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        match key.code {
+            KeyCode::Esc => self.mode = Mode::Normal,
+            KeyCode::Enter if alt || shift => self.composer.insert('\n'),
+            // Ctrl-J is a line feed: a new line on any terminal.
+            KeyCode::Char('j') if ctrl => self.composer.insert('\n'),
+            KeyCode::Enter => return self.send(),
+            _ => {
+                self.composer.edit(&key);
+            }
+        }
+        Vec::new()
+    }
+
+    fn send(&mut self) -> Vec<Action> {
+        if self.composer.text.trim().is_empty() {
+            return Vec::new();
+        }
+        let Some(c) = self.current() else {
+            self.error("no conversation: open one with :dm HANDLE");
+            return Vec::new();
+        };
+        if !c.active {
+            self.error("you are no longer a member of this conversation");
+            return Vec::new();
+        }
+        let conversation = c.id.clone();
+        self.scroll = 0;
+        vec![Action::Send { conversation, text: self.composer.take() }]
+    }
+
+    fn command_key(&mut self, key: KeyEvent) -> Vec<Action> {
+        match key.code {
+            KeyCode::Esc => {
+                self.prompt.take();
+                self.mode = Mode::Normal;
+            }
+            KeyCode::Enter => {
+                let line = self.prompt.take();
+                self.mode = Mode::Normal;
+                return self.command(&line);
+            }
+            KeyCode::Backspace if self.prompt.text.is_empty() => self.mode = Mode::Normal,
+            _ => {
+                self.prompt.edit(&key);
+            }
+        }
+        Vec::new()
+    }
+
+    fn normal_key(&mut self, key: KeyEvent) -> Vec<Action> {
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        match key.code {
+            KeyCode::Char('q') => {
+                self.quit = true;
+                return vec![Action::Quit];
+            }
+            KeyCode::Char(':') => self.mode = Mode::Command,
+            KeyCode::Char('?') => self.overlay = Some(help()),
+            KeyCode::Tab | KeyCode::BackTab => {
+                self.focus = if self.focus == Focus::List { Focus::Chat } else { Focus::List }
+            }
+            KeyCode::Char('i') | KeyCode::Char('a') => {
+                if self.current().is_some() {
+                    self.focus = Focus::Chat;
+                    self.mode = Mode::Insert;
+                } else {
+                    self.error("no conversation yet: open one with :dm HANDLE or :group NAME HANDLE...");
+                }
+            }
+            _ => match self.focus {
+                Focus::List => self.list_key(key),
+                Focus::Chat => self.chat_key(key, ctrl),
+            },
+        }
+        Vec::new()
+    }
+
+    fn list_key(&mut self, key: KeyEvent) {
+        let n = self.conversations.len();
+        if n == 0 {
+            return;
+        }
+        let i = self.selected_index().unwrap_or(0);
+        match key.code {
+            KeyCode::Char('j') | KeyCode::Down => self.select_at((i + 1).min(n - 1)),
+            KeyCode::Char('k') | KeyCode::Up => self.select_at(i.saturating_sub(1)),
+            KeyCode::Char('g') | KeyCode::Home => self.select_at(0),
+            KeyCode::Char('G') | KeyCode::End => self.select_at(n - 1),
+            KeyCode::Enter | KeyCode::Char('l') | KeyCode::Right => self.focus = Focus::Chat,
+            _ => {}
+        }
+    }
+
+    fn chat_key(&mut self, key: KeyEvent, ctrl: bool) {
+        match key.code {
+            KeyCode::Char('u') if ctrl => self.scroll = self.scroll.saturating_add(HALF_PAGE),
+            KeyCode::Char('d') if ctrl => self.scroll = self.scroll.saturating_sub(HALF_PAGE),
+            KeyCode::PageUp => self.scroll = self.scroll.saturating_add(HALF_PAGE),
+            KeyCode::PageDown => self.scroll = self.scroll.saturating_sub(HALF_PAGE),
+            KeyCode::Char('k') | KeyCode::Up => self.scroll = self.scroll.saturating_add(1),
+            KeyCode::Char('j') | KeyCode::Down => self.scroll = self.scroll.saturating_sub(1),
+            // The renderer clamps this to the top.
+            KeyCode::Char('g') | KeyCode::Home => self.scroll = usize::MAX,
+            KeyCode::Char('G') | KeyCode::End => self.scroll = 0,
+            KeyCode::Esc | KeyCode::Char('h') | KeyCode::Left => self.focus = Focus::List,
+            KeyCode::Enter => self.mode = Mode::Insert,
+            _ => {}
+        }
+    }
+
+    /// Carries out a `:` command line.
+    fn command(&mut self, line: &str) -> Vec<Action> {
+        let words = match split_words(line) {
+            Ok(w) => w,
+            Err(e) => {
+                self.error(e);
+                return Vec::new();
+            }
+        };
+        let Some((verb, args)) = words.split_first() else {
+            return Vec::new();
+        };
+        let current = self.current().cloned();
+        let group = || match &current {
+            Some(c) if c.group => Ok(c.id.clone()),
+            Some(_) => Err("the open conversation is not a group".to_string()),
+            None => Err("no conversation is open".to_string()),
+        };
+        let one = |what: &str| match args {
+            [a] => Ok(a.clone()),
+            _ => Err(format!("usage: :{verb} {what}")),
+        };
+        let command = match verb.as_str() {
+            "q" | "quit" => {
+                self.quit = true;
+                return vec![Action::Quit];
+            }
+            "help" | "h" => {
+                self.overlay = Some(help());
+                return Vec::new();
+            }
+            "dm" | "open" | "chat" => one("HANDLE").map(Command::Direct),
+            "group" if args.len() >= 2 => {
+                Ok(Command::CreateGroup { name: args[0].clone(), members: args[1..].to_vec() })
+            }
+            "group" => Err("usage: :group NAME HANDLE...".to_string()),
+            "add" => one("HANDLE").and_then(|handle| Ok(Command::Add { conversation: group()?, handle })),
+            "remove" | "kick" => {
+                one("HANDLE").and_then(|handle| Ok(Command::Remove { conversation: group()?, handle }))
+            }
+            "rename" if !args.is_empty() => {
+                group().map(|conversation| Command::Rename { conversation, name: args.join(" ") })
+            }
+            "rename" => Err("usage: :rename NAME".to_string()),
+            "leave" => group().map(|conversation| Command::Leave { conversation }),
+            "members" | "devices" => match &current {
+                Some(c) => Ok(Command::Members { conversation: c.id.clone() }),
+                None => Err("no conversation is open".to_string()),
+            },
+            "safety" | "safety-number" | "verify" => match (args, &current) {
+                ([h], _) => Ok(Command::SafetyNumber { handle: h.trim_start_matches('@').to_string() }),
+                ([], Some(c)) if !c.group => Ok(Command::SafetyNumber { handle: c.name.clone() }),
+                ([], _) => Err(format!("usage: :{verb} HANDLE (or open a direct conversation first)")),
+                _ => Err(format!("usage: :{verb} [HANDLE]")),
+            },
+            other => Err(format!("unknown command :{other} (see :help)")),
+        };
+        match command {
+            Ok(c) => {
+                self.notice("working…");
+                vec![Action::Run(c)]
+            }
+            Err(e) => {
+                self.error(e);
+                Vec::new()
+            }
+        }
+    }
+}
+
+fn select_is_new(current: &Option<String>, id: &str) -> bool {
+    current.as_deref() != Some(id)
+}
+
+fn help() -> Overlay {
+    Overlay { title: "Help (Esc closes)".into(), lines: HELP.iter().map(|s| s.to_string()).collect(), verify: None }
+}
+
+/// Splits a command line into words; `"…"` keeps spaces in one word.
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if quoted {
+        return Err("a \" is not closed".into());
+    }
+    if any {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+    use crossterm::event::KeyEventKind;
+
+    pub(crate) fn key(code: KeyCode) -> Input {
+        Input::Key(KeyEvent::new(code, KeyModifiers::NONE))
+    }
+
+    pub(crate) fn chord(code: KeyCode, m: KeyModifiers) -> Input {
+        Input::Key(KeyEvent {
+            code,
+            modifiers: m,
+            kind: KeyEventKind::Press,
+            state: crossterm::event::KeyEventState::NONE,
+        })
+    }
+
+    pub(crate) fn typed(app: &mut App, s: &str) -> Vec<Action> {
+        s.chars().flat_map(|c| app.handle(key(KeyCode::Char(c)))).collect()
+    }
+
+    pub(crate) fn message(conversation: &str, from: &str, text: &str, at: u64) -> StoredMessage {
+        StoredMessage {
+            id: format!("{conversation}-{at}"),
+            conversation: conversation.into(),
+            target: from.into(),
+            from: from.into(),
+            sent_at: at,
+            received_at: at,
+            text: text.into(),
+            ..StoredMessage::default()
+        }
+    }
+
+    pub(crate) fn conversation(id: &str, name: &str, group: bool, messages: Vec<StoredMessage>) -> Conversation {
+        Conversation { id: id.into(), name: name.into(), group, active: true, messages, ..Conversation::default() }
+    }
+
+    fn app_with_two() -> App {
+        let mut app = App::new("alice");
+        app.handle(Input::Loaded {
+            conversations: vec![
+                conversation("aa", "bob", false, vec![message("aa", "bob", "hi", 1_000)]),
+                conversation("bb", "team", true, vec![message("bb", "carol", "yo", 2_000)]),
+            ],
+            select: None,
+        });
+        app
+    }
+
+    #[test]
+    fn list_is_ordered_by_activity_and_the_first_is_selected() {
+        let app = app_with_two();
+        let names: Vec<_> = app.conversations.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["team", "bob"]);
+        assert_eq!(app.selected.as_deref(), Some("bb"));
+    }
+
+    #[test]
+    fn j_k_move_the_selection_and_tab_switches_panes() {
+        let mut app = app_with_two();
+        app.handle(key(KeyCode::Char('j')));
+        assert_eq!(app.selected.as_deref(), Some("aa"));
+        app.handle(key(KeyCode::Char('j')));
+        assert_eq!(app.selected.as_deref(), Some("aa"), "stops at the end");
+        app.handle(key(KeyCode::Char('k')));
+        assert_eq!(app.selected.as_deref(), Some("bb"));
+        app.handle(key(KeyCode::Char('G')));
+        assert_eq!(app.selected.as_deref(), Some("aa"));
+        app.handle(key(KeyCode::Char('g')));
+        assert_eq!(app.selected.as_deref(), Some("bb"));
+        app.handle(key(KeyCode::Tab));
+        assert_eq!(app.focus, Focus::Chat);
+        // In the chat, k scrolls back and j forward again.
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('j')));
+        assert_eq!(app.scroll, 1);
+        assert_eq!(app.selected.as_deref(), Some("bb"), "chat keys do not move the list");
+        app.handle(key(KeyCode::Char('G')));
+        assert_eq!(app.scroll, 0);
+        app.handle(key(KeyCode::Tab));
+        assert_eq!(app.focus, Focus::List);
+    }
+
+    #[test]
+    fn an_incoming_message_counts_unread_unless_on_screen_and_moves_up() {
+        let mut app = app_with_two();
+        assert_eq!(app.selected.as_deref(), Some("bb"));
+        app.handle(Input::Client(ClientEvent::Message(message("aa", "bob", "new", 3_000))));
+        assert_eq!(app.conversations[0].id, "aa", "most recent first");
+        assert_eq!(app.conversations[0].unread, 1);
+        app.handle(Input::Client(ClientEvent::Message(message("bb", "carol", "seen", 4_000))));
+        let team = app.conversations.iter().find(|c| c.id == "bb").expect("team");
+        assert_eq!(team.unread, 0, "the open conversation has nothing unread");
+        assert_eq!(app.selected.as_deref(), Some("bb"), "selection follows the conversation, not the row");
+        app.handle(key(KeyCode::Char('j')));
+        assert_eq!(app.selected.as_deref(), Some("aa"));
+        assert_eq!(app.current().expect("open").unread, 0, "opening reads it");
+    }
+
+    #[test]
+    fn a_message_in_a_new_conversation_adds_it_and_asks_for_a_refresh() {
+        let mut app = App::new("alice");
+        let actions = app.handle(Input::Client(ClientEvent::Message(message("cc", "dave", "hello", 5))));
+        assert_eq!(actions, vec![Action::Refresh { select: None }]);
+        assert_eq!(app.conversations.len(), 1);
+        assert_eq!(app.current().expect("selected").name, "dave");
+    }
+
+    #[test]
+    fn typing_while_messages_arrive_keeps_the_draft_and_enter_sends() {
+        let mut app = app_with_two();
+        app.handle(key(KeyCode::Char('i')));
+        assert_eq!(app.mode, Mode::Insert);
+        typed(&mut app, "hel");
+        app.handle(Input::Client(ClientEvent::Message(message("aa", "bob", "interrupt", 9_000))));
+        typed(&mut app, "lo");
+        app.handle(chord(KeyCode::Enter, KeyModifiers::ALT));
+        typed(&mut app, "x");
+        app.handle(chord(KeyCode::Char('j'), KeyModifiers::CONTROL));
+        typed(&mut app, "y");
+        app.handle(key(KeyCode::Backspace));
+        typed(&mut app, "z");
+        let actions = app.handle(key(KeyCode::Enter));
+        assert_eq!(actions, vec![Action::Send { conversation: "bb".into(), text: "hello\nx\nz".into() }]);
+        assert!(app.composer.text.is_empty());
+        assert_eq!(app.mode, Mode::Insert, "stays writing");
+        assert!(app.handle(key(KeyCode::Enter)).is_empty(), "nothing to send");
+        app.handle(key(KeyCode::Esc));
+        assert_eq!(app.mode, Mode::Normal);
+        // q in normal mode quits; typed in the composer it is a letter.
+        app.handle(key(KeyCode::Char('i')));
+        typed(&mut app, "q");
+        assert!(!app.quit);
+        app.handle(key(KeyCode::Esc));
+        assert_eq!(app.handle(key(KeyCode::Char('q'))), vec![Action::Quit]);
+        assert!(app.quit);
+    }
+
+    #[test]
+    fn a_queued_send_shows_queued_then_sent() {
+        let mut app = app_with_two();
+        let mut m = message("bb", "alice", "later", 10_000);
+        m.outgoing = true;
+        m.state = Some(MessageState::Queued);
+        app.handle(Input::Sent(Ok(m.clone())));
+        let last = |app: &App| app.current().and_then(|c| c.messages.last().cloned()).expect("a message");
+        assert_eq!(last(&app).state, Some(MessageState::Queued));
+        assert!(app.notice.as_ref().is_some_and(|n| n.text.starts_with("queued")));
+        m.state = Some(MessageState::Sent);
+        app.handle(Input::Client(ClientEvent::MessageState(m)));
+        assert_eq!(last(&app).state, Some(MessageState::Sent));
+        assert_eq!(app.current().expect("open").messages.len(), 2, "replaced, not added");
+    }
+
+    #[test]
+    fn connection_changes_show_in_the_status() {
+        let mut app = App::new("alice");
+        assert_eq!(app.connection, Connection::Connecting);
+        app.handle(Input::Client(ClientEvent::Connected));
+        assert_eq!(app.connection, Connection::Online);
+        assert!(app.notice.is_none(), "a first connection is no news");
+        app.handle(Input::Client(ClientEvent::Disconnected {
+            reason: "refused".into(),
+            retry_in: Duration::from_secs(2),
+        }));
+        assert!(matches!(app.connection, Connection::Offline { .. }));
+        app.handle(Input::Client(ClientEvent::Connected));
+        assert_eq!(app.connection, Connection::Online);
+        assert_eq!(app.notice.as_ref().map(|n| n.text.as_str()), Some("reconnected"));
+    }
+
+    fn run(app: &mut App, line: &str) -> Vec<Action> {
+        app.handle(key(KeyCode::Char(':')));
+        assert_eq!(app.mode, Mode::Command);
+        let mut actions = typed(app, line);
+        actions.extend(app.handle(key(KeyCode::Enter)));
+        assert_eq!(app.mode, Mode::Normal);
+        actions
+    }
+
+    #[test]
+    fn commands_parse_into_actions_on_the_open_conversation() {
+        let mut app = app_with_two();
+        assert_eq!(run(&mut app, "dm @dave"), vec![Action::Run(Command::Direct("@dave".into()))]);
+        assert_eq!(
+            run(&mut app, "group \"night owls\" bob carol"),
+            vec![Action::Run(Command::CreateGroup {
+                name: "night owls".into(),
+                members: vec!["bob".into(), "carol".into()]
+            })]
+        );
+        assert_eq!(
+            run(&mut app, "add dave"),
+            vec![Action::Run(Command::Add { conversation: "bb".into(), handle: "dave".into() })]
+        );
+        assert_eq!(
+            run(&mut app, "remove dave"),
+            vec![Action::Run(Command::Remove { conversation: "bb".into(), handle: "dave".into() })]
+        );
+        assert_eq!(run(&mut app, "members"), vec![Action::Run(Command::Members { conversation: "bb".into() })]);
+        assert_eq!(run(&mut app, "safety"), Vec::new(), "a group has no one safety number");
+        assert!(app.notice.as_ref().is_some_and(|n| n.error));
+        app.handle(key(KeyCode::Char('j')));
+        assert_eq!(run(&mut app, "add dave"), Vec::new(), "not a group");
+        assert_eq!(app.notice.as_ref().map(|n| n.text.as_str()), Some("the open conversation is not a group"));
+        assert_eq!(run(&mut app, "verify"), vec![Action::Run(Command::SafetyNumber { handle: "bob".into() })]);
+        assert_eq!(run(&mut app, "frobnicate"), Vec::new());
+        assert_eq!(run(&mut app, "q"), vec![Action::Quit]);
+    }
+
+    #[test]
+    fn v_in_a_safety_number_box_marks_verified_and_esc_cancels_a_command() {
+        let mut app = app_with_two();
+        app.handle(Input::Done(Outcome::Overlay(Overlay {
+            title: "safety".into(),
+            lines: vec!["12345".into()],
+            verify: Some("bob".into()),
+        })));
+        assert_eq!(app.handle(key(KeyCode::Char('j'))), Vec::new());
+        assert_eq!(app.selected.as_deref(), Some("bb"), "keys go to the box while it is open");
+        assert_eq!(app.handle(key(KeyCode::Char('v'))), vec![Action::MarkVerified("bob".into())]);
+        assert!(app.overlay.is_none());
+        app.handle(key(KeyCode::Char(':')));
+        typed(&mut app, "quit");
+        assert_eq!(app.handle(key(KeyCode::Esc)), Vec::new());
+        assert!(!app.quit && app.prompt.text.is_empty());
+    }
+
+    #[test]
+    fn a_refresh_keeps_unread_counts_and_selects_what_was_asked() {
+        let mut app = app_with_two();
+        app.handle(Input::Client(ClientEvent::Message(message("aa", "bob", "new", 3_000))));
+        let mut fresh = vec![
+            conversation("aa", "bob", false, vec![message("aa", "bob", "new", 3_000)]),
+            conversation("bb", "team", true, vec![]),
+            conversation("dd", "dave", false, vec![]),
+        ];
+        fresh[0].verified = true;
+        app.handle(Input::Loaded { conversations: fresh, select: Some("dd".into()) });
+        assert_eq!(app.selected.as_deref(), Some("dd"));
+        assert_eq!(app.focus, Focus::Chat);
+        let bob = app.conversations.iter().find(|c| c.id == "aa").expect("bob");
+        assert_eq!((bob.unread, bob.verified), (1, true));
+    }
+
+    #[test]
+    fn words_split_with_quotes() {
+        assert_eq!(split_words(" a  \"b c\" d").expect("ok"), ["a", "b c", "d"]);
+        assert_eq!(split_words("\"\"").expect("ok"), [""]);
+        assert!(split_words("\"open").is_err());
+    }
+}

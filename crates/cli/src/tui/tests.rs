@@ -1,0 +1,234 @@
+//! The screen, drawn on ratatui's `TestBackend`: snapshots of the main
+//! views (text files in `snapshots/`, compared cell for cell; run with
+//! `SUBROSA_UPDATE_SNAPSHOTS=1` to rewrite them after a deliberate change,
+//! and read the diff), and what others' text can and cannot do to a screen.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossterm::event::{KeyCode, KeyModifiers};
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+use subrosa_client::{ClientEvent, MessageState, StoredMessage, SystemEvent};
+
+use super::render;
+use super::state::tests::{chord, conversation, key, message, typed};
+use super::state::{App, Input, Outcome, Overlay};
+use crate::term::is_dangerous;
+
+/// 2026-11-30 09:41:00 UTC, in ms.
+const T0: u64 = 1_796_031_660_000;
+const MINUTE: u64 = 60_000;
+
+fn draw(app: &mut App, w: u16, h: u16) -> Vec<String> {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).expect("terminal");
+    let mut max = 0;
+    terminal.draw(|f| max = render::draw(f, app)).expect("draw");
+    app.clamp_scroll(max);
+    let buffer = terminal.backend().buffer();
+    (0..h)
+        .map(|y| {
+            let row: String = (0..w).map(|x| buffer[(x, y)].symbol().to_string()).collect();
+            row.trim_end().to_string()
+        })
+        .collect()
+}
+
+fn snapshot(name: &str, lines: &[String]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/tui/snapshots").join(format!("{name}.txt"));
+    let got = lines.join("\n") + "\n";
+    if std::env::var_os("SUBROSA_UPDATE_SNAPSHOTS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("no snapshot {}: run with SUBROSA_UPDATE_SNAPSHOTS=1", path.display()));
+    assert!(got == want, "screen differs from {}:\n--- got ---\n{got}--- want ---\n{want}", path.display());
+}
+
+fn mine(conversation: &str, text: &str, at: u64, state: MessageState) -> StoredMessage {
+    let mut m = message(conversation, "alice", text, at);
+    m.outgoing = true;
+    m.state = Some(state);
+    m
+}
+
+fn system(conversation: &str, event: SystemEvent, at: u64) -> StoredMessage {
+    let mut m = message(conversation, "", "", at);
+    m.text = event.render("alice");
+    m.system = true;
+    m.event = Some(event);
+    m
+}
+
+/// Alice with a verified 1:1 with bob and a group, and one unread.
+fn sample() -> App {
+    let mut app = App::new("alice");
+    let mut bob = conversation(
+        "aa",
+        "bob",
+        false,
+        vec![
+            message("aa", "bob", "are you coming tonight?", T0),
+            mine("aa", "yes, after work", T0 + MINUTE, MessageState::Sent),
+            message("aa", "bob", "great\nbring the map", T0 + 2 * MINUTE),
+            mine("aa", "ok", T0 + 3 * MINUTE, MessageState::Queued),
+        ],
+    );
+    bob.verified = true;
+    let mut team = conversation(
+        "bb",
+        "night owls",
+        true,
+        vec![
+            system("bb", SystemEvent::AddedYou { by: "carol".into(), group: "night owls".into() }, T0 - 10 * MINUTE),
+            message("bb", "carol", "welcome!", T0 - 9 * MINUTE),
+        ],
+    );
+    team.messages[1].group = true;
+    app.handle(Input::Loaded { conversations: vec![bob, team], select: None });
+    app.handle(Input::Client(ClientEvent::Connected));
+    app.handle(Input::Client(ClientEvent::Message({
+        let mut m = message("bb", "carol", "who brings snacks?", T0 + 4 * MINUTE);
+        m.group = true;
+        m
+    })));
+    // Back to bob's, the most recent but one.
+    app.handle(key(KeyCode::Char('j')));
+    app
+}
+
+#[test]
+fn snapshot_list_and_chat() {
+    let mut app = sample();
+    snapshot("list_and_chat", &draw(&mut app, 80, 20));
+}
+
+#[test]
+fn snapshot_writing_offline() {
+    let mut app = sample();
+    app.handle(Input::Client(ClientEvent::Disconnected {
+        reason: "connection refused".into(),
+        retry_in: Duration::from_secs(4),
+    }));
+    app.handle(key(KeyCode::Char('i')));
+    typed(&mut app, "see you");
+    app.handle(chord(KeyCode::Enter, KeyModifiers::ALT));
+    typed(&mut app, "at 8");
+    snapshot("writing_offline", &draw(&mut app, 80, 20));
+}
+
+#[test]
+fn snapshot_group_chat_with_system_line_and_command_prompt() {
+    let mut app = sample();
+    app.handle(key(KeyCode::Char('k')));
+    app.handle(key(KeyCode::Tab));
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "add dave");
+    snapshot("group_and_prompt", &draw(&mut app, 80, 20));
+}
+
+#[test]
+fn snapshot_help() {
+    let mut app = sample();
+    app.handle(key(KeyCode::Char('?')));
+    snapshot("help", &draw(&mut app, 80, 28));
+}
+
+#[test]
+fn snapshot_empty_start() {
+    let mut app = App::new("alice");
+    snapshot("empty", &draw(&mut app, 80, 12));
+}
+
+#[test]
+fn snapshot_safety_number_with_qr() {
+    let mut app = sample();
+    let number = "123456789012345678901234567890123456789012345678901234567890";
+    let mut lines: Vec<String> = ["12345 67890 12345 67890", "12345 67890 12345 67890", "12345 67890 12345 67890"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    lines.push(String::new());
+    lines.extend(super::qr_lines(number));
+    app.handle(Input::Done(Outcome::Overlay(Overlay {
+        title: "Safety number with bob".into(),
+        lines,
+        verify: Some("bob".into()),
+    })));
+    snapshot("safety_number", &draw(&mut app, 80, 36));
+}
+
+#[test]
+fn chat_scrolls_back_and_is_clamped_at_the_top() {
+    let mut app = App::new("alice");
+    let messages = (0..40).map(|i| message("aa", "bob", &format!("line {i}"), T0 + i * MINUTE)).collect();
+    app.handle(Input::Loaded { conversations: vec![conversation("aa", "bob", false, messages)], select: None });
+    // (The list's preview shows the last message too: look at the chat's.)
+    let screen = draw(&mut app, 60, 14);
+    assert!(screen.iter().any(|l| l.contains("bob: line 39")), "the newest line shows: {screen:#?}");
+    app.handle(key(KeyCode::Tab));
+    app.handle(key(KeyCode::Char('g')));
+    let screen = draw(&mut app, 60, 14);
+    assert!(screen.iter().any(|l| l.contains("bob: line 0")), "g shows the first: {screen:#?}");
+    assert!(!screen.iter().any(|l| l.contains("bob: line 39")));
+    // Clamped: one j after g moves one line down, not from "infinity".
+    let top = app.scroll;
+    app.handle(key(KeyCode::Char('j')));
+    assert_eq!(app.scroll, top - 1);
+    let screen = draw(&mut app, 60, 14);
+    assert!(screen.iter().any(|l| l.contains("bob: line 1")) && !screen.iter().any(|l| l.contains("bob: line 0")));
+    // A resize (smaller) keeps the scroll within bounds.
+    draw(&mut app, 40, 8);
+    app.handle(key(KeyCode::Char('G')));
+    assert!(draw(&mut app, 40, 8).iter().any(|l| l.contains("bob: line 39")));
+}
+
+const HOSTILE: &str = "x\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{202e}evil\u{2066}\u{200b}\r";
+
+/// Every cell's text, to search for raw control characters.
+fn cells(app: &mut App) -> String {
+    draw(app, 100, 30).join("\n")
+}
+
+#[test]
+fn no_escape_sequence_from_others_reaches_the_screen() {
+    let mut app = App::new("alice");
+    let mut group = conversation("bb", &format!("grp{HOSTILE}"), true, vec![]);
+    group.messages.push({
+        let mut m = message("bb", &format!("mallory{HOSTILE}"), &format!("hi{HOSTILE}\nsecond{HOSTILE}"), T0);
+        m.group = true;
+        m
+    });
+    group.messages.push(system("bb", SystemEvent::Renamed { by: "mallory".into(), name: format!("n{HOSTILE}") }, T0));
+    let mut failed = mine("bb", "mine", T0, MessageState::Failed);
+    failed.reason = Some(format!("server says{HOSTILE}"));
+    group.messages.push(failed);
+    app.handle(Input::Loaded { conversations: vec![group], select: None });
+    app.handle(Input::Client(ClientEvent::Alert(format!("alert{HOSTILE}"))));
+    app.handle(Input::Client(ClientEvent::Disconnected { reason: format!("r{HOSTILE}"), retry_in: Duration::ZERO }));
+    let screen = cells(&mut app);
+    let raw: Vec<char> = screen.chars().filter(|&c| c != '\n' && is_dangerous(c)).collect();
+    assert!(raw.is_empty(), "raw control characters on screen: {raw:?}\n{screen}");
+    // Shown, visibly, not dropped: the user sees that something odd was sent.
+    assert!(screen.contains("\\u{1b}]0;pwned"), "{screen}");
+    assert!(screen.contains("\\u{202e}evil"), "{screen}");
+    assert!(screen.contains("second"), "a message's second line is shown: {screen}");
+
+    // The same in a box (members, safety number) and in the draft.
+    app.handle(Input::Done(Outcome::Overlay(Overlay {
+        title: format!("t{HOSTILE}"),
+        lines: vec![format!("member{HOSTILE}")],
+        verify: None,
+    })));
+    let screen = cells(&mut app);
+    assert!(screen.chars().all(|c| c == '\n' || !is_dangerous(c)), "{screen}");
+    assert!(screen.contains("memberx\\u{1b}"), "{screen}");
+    app.handle(key(KeyCode::Esc));
+    app.handle(key(KeyCode::Char('i')));
+    typed(&mut app, HOSTILE);
+    let screen = cells(&mut app);
+    assert!(screen.chars().all(|c| c == '\n' || !is_dangerous(c)), "{screen}");
+}
