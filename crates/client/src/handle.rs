@@ -119,7 +119,7 @@ impl Client {
     /// the local store).
     ///
     /// # Errors
-    /// As [`Subrosa::follow_reconnecting`].
+    /// The device's one receive loop (reconnecting, with backoff).
     pub async fn run(&self) -> Result<(), ClientError> {
         let mut publish_received = |r: &Received| self.publish(r.into());
         let mut on_retry = |e: &ClientError, wait: Duration| {

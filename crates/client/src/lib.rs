@@ -693,16 +693,8 @@ impl Subrosa {
     }
 
     /// Stays connected and reports messages as they are pushed, until the
-    /// connection ends or an error occurs.
-    ///
-    /// # Errors
-    /// Network, server and store errors.
-    pub async fn follow(&self, on: &mut (dyn FnMut(&Received) + Send)) -> Result<(), ClientError> {
-        self.follow_with(on, &mut || ()).await
-    }
-
-    /// [`Self::follow`]; `on_connected` hears when the connection is up and
-    /// what was queued meanwhile was fetched and sent.
+    /// connection ends or an error occurs; `on_connected` hears when the
+    /// connection is up and what was queued meanwhile was fetched and sent.
     async fn follow_with(
         &self,
         on: &mut (dyn FnMut(&Received) + Send),
@@ -755,28 +747,17 @@ impl Subrosa {
         }
     }
 
-    /// [`Self::follow`], reconnecting after network loss and server errors
-    /// (backoff from 0.5 s doubling to 10 s, reset after a connection that
-    /// lasted); `on_retry` hears each failure and the wait before the next
-    /// try. Returns only on what retrying cannot fix (refused credentials,
-    /// a removed device, a local store error).
+    /// [`Self::follow_with`], reconnecting after network loss and server
+    /// errors (backoff from 0.5 s doubling to 10 s, reset after a connection
+    /// that lasted); `on_retry` hears each failure and the wait before the
+    /// next try; `on_connected` each time the device is connected and
+    /// caught up. Returns only on what retrying cannot fix (refused
+    /// credentials, a removed device, a local store error). The one
+    /// receive loop every front end shares, through [`Client::run`].
     ///
     /// # Errors
-    /// As [`Self::follow`], minus the ones it retries.
-    pub async fn follow_reconnecting(
-        &self,
-        on: &mut (dyn FnMut(&Received) + Send),
-        on_retry: &mut (dyn FnMut(&ClientError, Duration) + Send),
-    ) -> Result<(), ClientError> {
-        self.follow_reconnecting_with(on, on_retry, &mut || ()).await
-    }
-
-    /// [`Self::follow_reconnecting`]; `on_connected` hears each time the
-    /// device is connected and caught up.
-    ///
-    /// # Errors
-    /// As [`Self::follow_reconnecting`].
-    pub async fn follow_reconnecting_with(
+    /// As said.
+    pub(crate) async fn follow_reconnecting_with(
         &self,
         on: &mut (dyn FnMut(&Received) + Send),
         on_retry: &mut (dyn FnMut(&ClientError, Duration) + Send),
