@@ -886,7 +886,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
             if !confirmed {
                 return Err(anyhow!("not verified: the numbers must match on both devices"));
             }
-            me.mark_verified(&handle)?;
+            me.verify_safety_number(&handle, &n).await?;
             out!("{handle} is verified");
         }
         Command::Devices { action: None } => {

@@ -119,7 +119,8 @@ impl Client {
     /// the local store).
     ///
     /// # Errors
-    /// The device's one receive loop (reconnecting, with backoff).
+    /// What retrying cannot fix (refused credentials, a removed device, a
+    /// local store error); network loss is retried with backoff.
     pub async fn run(&self) -> Result<(), ClientError> {
         let mut publish_received = |r: &Received| self.publish(r.into());
         let mut on_retry = |e: &ClientError, wait: Duration| {
@@ -168,7 +169,7 @@ impl Client {
             Err(ClientError::Pending(why)) => {
                 let conversation = match to {
                     crate::Target::Conversation(id) => Some(*id),
-                    crate::Target::Direct(peer) => device.store().read(|tx| tx.direct_conversation(peer.as_str()))?,
+                    crate::Target::Direct(peer) => device.direct_conversation(peer)?,
                 };
                 let stored = match conversation {
                     Some(id) => device.store().read(|tx| tx.message(&id, &message_id.0))?,
@@ -292,7 +293,7 @@ impl Client {
     pub async fn open_direct(&self, handle: &str) -> Result<ConversationId, ClientError> {
         let peer = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
         let device = &self.inner.device;
-        let existing = || device.store().read(|tx| tx.direct_conversation(peer.as_str()));
+        let existing = || device.direct_conversation(&peer);
         if let Some(id) = existing()? {
             return Ok(id);
         }
@@ -312,12 +313,14 @@ impl Client {
         self.inner.device.safety_number(handle).await
     }
 
-    /// Marks `handle` verified: as [`Subrosa::mark_verified`].
+    /// Marks `handle` verified if `compared` (the number the user compared)
+    /// is still their safety number: as [`Subrosa::verify_safety_number`],
+    /// one transaction.
     ///
     /// # Errors
-    /// As [`Subrosa::mark_verified`].
-    pub fn mark_verified(&self, handle: &str) -> Result<(), ClientError> {
-        self.inner.device.mark_verified(handle)
+    /// As [`Subrosa::verify_safety_number`].
+    pub async fn verify_safety_number(&self, handle: &str, compared: &str) -> Result<(), ClientError> {
+        self.inner.device.verify_safety_number(handle, compared).await
     }
 
     /// Whether `handle` is a verified contact: as [`Subrosa::is_verified`].

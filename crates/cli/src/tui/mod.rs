@@ -196,13 +196,22 @@ fn perform(client: &Client, action: Action, ctx: &Ctx) {
             };
             let _ = tx.send(input);
         }
-        Action::MarkVerified(handle) => {
-            let outcome = match client.mark_verified(&handle) {
-                Ok(()) => Outcome::Notice(format!("{handle} is verified")),
-                Err(e) => Outcome::Error(e.to_string()),
-            };
-            let _ = tx.send(Input::Done(outcome));
-            perform(&client, Action::Refresh { select: None }, ctx);
+        Action::MarkVerified { handle, number } => {
+            // The number the user compared is checked against the pinned
+            // key and marked in one transaction: a key that changed while
+            // the box was open is not verified.
+            tokio::spawn(async move {
+                let outcome = match client.verify_safety_number(&handle, &number).await {
+                    Ok(()) => Outcome::Notice(format!("{handle} is verified")),
+                    Err(e) => Outcome::Error(e.to_string()),
+                };
+                let _ = tx.send(Input::Done(outcome));
+                let refresh = match load(&client) {
+                    Ok(conversations) => Input::Loaded { conversations, select: None },
+                    Err(e) => Input::Done(Outcome::Error(e.to_string())),
+                };
+                let _ = tx.send(refresh);
+            });
         }
         Action::Send { conversation, text } => {
             let _ = ctx.sends.send((conversation, text));
@@ -299,7 +308,7 @@ async fn run_command(client: &Client, command: Command) -> Result<(Outcome, Opti
                 lines.push(format!("{handle} is already verified."));
             }
             let title = format!("Safety number with {handle}");
-            (Outcome::Overlay(Overlay { title, lines, verify: (!verified).then_some(handle) }), None)
+            (Outcome::Overlay(Overlay { title, lines, verify: (!verified).then_some((handle, number)) }), None)
         }
     })
 }

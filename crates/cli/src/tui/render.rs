@@ -108,7 +108,7 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
             )),
             _ => None,
         };
-        let first_width = width.saturating_sub(INDENT + width_of(&who));
+        let first_width = width.saturating_sub(INDENT + self::width(&who));
         let mut first = true;
         // A sender's name that leaves no room: the text starts below it.
         if first_width < 8 {
@@ -140,10 +140,6 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
         }
     }
     lines
-}
-
-fn width_of(s: &str) -> usize {
-    width(s)
 }
 
 /// Draws the whole screen; returns the chat view's largest scroll (for
@@ -246,7 +242,7 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) -> usize {
     frame.render_widget(Paragraph::new(Text::from(shown)), inner);
     if scroll > 0 {
         let more = format!(" ↓ {scroll} more (G) ");
-        let w = width_of(&more) as u16;
+        let w = width(&more) as u16;
         if inner.width > w {
             let at = Rect { x: inner.x + inner.width - w, y: view.y + view.height - 1, width: w, height: 1 };
             frame.render_widget(Paragraph::new(more).style(Style::default().fg(Color::Yellow)), at);

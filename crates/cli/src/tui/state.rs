@@ -89,8 +89,9 @@ pub struct Overlay {
     pub title: String,
     /// Its lines (may hold others' text: rendered through the sanitiser).
     pub lines: Vec<String>,
-    /// A safety number shown for this handle: `v` marks it verified.
-    pub verify: Option<String>,
+    /// A safety number shown for a handle (handle, number): `v` marks the
+    /// contact verified if the number is still theirs.
+    pub verify: Option<(String, String)>,
 }
 
 /// A line editor (the composer and the `:` prompt): text and a cursor.
@@ -238,7 +239,12 @@ pub enum Action {
     /// where it changed conversations).
     Run(Command),
     /// Mark the handle verified; answer with [`Input::Done`].
-    MarkVerified(String),
+    MarkVerified {
+        /// Whose.
+        handle: String,
+        /// The number the user compared.
+        number: String,
+    },
     /// Leave the UI.
     Quit,
 }
@@ -554,9 +560,9 @@ impl App {
         if let Some(o) = &self.overlay {
             match key.code {
                 KeyCode::Char('v') => {
-                    if let Some(h) = o.verify.clone() {
+                    if let Some((handle, number)) = o.verify.clone() {
                         self.overlay = None;
-                        return vec![Action::MarkVerified(h)];
+                        return vec![Action::MarkVerified { handle, number }];
                     }
                 }
                 KeyCode::Esc | KeyCode::Enter | KeyCode::Char('q') => self.overlay = None,
@@ -1017,11 +1023,14 @@ pub(crate) mod tests {
         app.handle(Input::Done(Outcome::Overlay(Overlay {
             title: "safety".into(),
             lines: vec!["12345".into()],
-            verify: Some("bob".into()),
+            verify: Some(("bob".into(), "1234".into())),
         })));
         assert_eq!(app.handle(key(KeyCode::Char('j'))), Vec::new());
         assert_eq!(app.selected.as_deref(), Some("bb"), "keys go to the box while it is open");
-        assert_eq!(app.handle(key(KeyCode::Char('v'))), vec![Action::MarkVerified("bob".into())]);
+        assert_eq!(
+            app.handle(key(KeyCode::Char('v'))),
+            vec![Action::MarkVerified { handle: "bob".into(), number: "1234".into() }]
+        );
         assert!(app.overlay.is_none());
         app.handle(key(KeyCode::Char(':')));
         typed(&mut app, "quit");

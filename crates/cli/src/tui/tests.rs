@@ -156,7 +156,7 @@ fn snapshot_safety_number_with_qr() {
     app.handle(Input::Done(Outcome::Overlay(Overlay {
         title: "Safety number with bob".into(),
         lines,
-        verify: Some("bob".into()),
+        verify: Some(("bob".into(), "1234".into())),
     })));
     snapshot("safety_number", &draw(&mut app, 80, 36));
 }
