@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{http, register, TestDevice};
@@ -22,18 +21,11 @@ use tokio_tungstenite::tungstenite::Message;
 const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
 
 struct Server {
-    child: Child,
+    spawned: common::Spawned,
     addr: SocketAddr,
     metrics: String,
     log: std::path::PathBuf,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The binary with metrics on a port of its own and JSON logs at debug
@@ -41,27 +33,23 @@ impl Drop for Server {
 fn start() -> Server {
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("server.log");
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--data"])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let data = dir.path().join("data");
+    let args = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--data"];
+    let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    args.push(data.as_os_str());
+    let mut spawned = common::spawn_server(BIN, &args, |cmd| {
+        cmd.env("RUST_LOG", "debug").stderr(std::fs::File::create(&log).expect("log file"));
+    });
     let mut line = String::new();
-    out.read_line(&mut line).expect("ready line");
-    let addr = line.trim().strip_prefix("listening on http://").expect("ready line").parse().expect("addr");
-    line.clear();
-    out.read_line(&mut line).expect("metrics line");
+    spawned.stdout.read_line(&mut line).expect("metrics line");
     let metrics = line
         .trim()
         .strip_prefix("metrics on http://")
         .and_then(|m| m.strip_suffix("/metrics"))
         .unwrap_or_else(|| panic!("no metrics line: {line:?}"))
         .to_owned();
-    Server { child, addr, metrics, log, _dir: dir }
+    let addr = spawned.addr;
+    Server { spawned, addr, metrics, log, _dir: dir }
 }
 
 /// One scrape: the body, with a reader of one sample's value.
@@ -177,9 +165,13 @@ async fn a_message_moves_the_counters_and_neither_metrics_nor_json_logs_name_any
 
     // The logs: stop the server so they are complete, then read them.
     ws.send(Message::Close(None)).await.ok();
-    let ok = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill").success();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &server.spawned.child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
     assert!(ok);
-    assert!(server.child.wait().expect("exit").success());
+    assert!(server.spawned.child.wait().expect("exit").success());
     let logs = std::fs::read_to_string(&server.log).expect("logs");
     let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() >= 8, "debug logs every request: {logs}");

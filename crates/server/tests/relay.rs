@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::io::BufRead as _;
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr as _;
 use std::time::Duration;
 
@@ -20,33 +18,13 @@ use subrosa_proto::ConversationId;
 
 const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Server {
+/// The binary with the call relay on, over a fresh data directory.
+fn start() -> (common::Spawned, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("ready line");
-    let addr = line.trim().strip_prefix("listening on http://").expect("ready line").parse().expect("addr");
-    Server { child, addr, _dir: dir }
+    let args = ["--listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--data"];
+    let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    args.push(dir.path().as_os_str());
+    (common::spawn_server(BIN, &args, |_| {}), dir)
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -112,7 +90,7 @@ fn join(s: &UdpSocket, relay: SocketAddr, token: Token) {
 
 #[tokio::test]
 async fn the_relay_forwards_only_among_proven_members() {
-    let server = start();
+    let (server, _dir) = start();
     let alice = register(server.addr, "alice").await;
     let bob = register(server.addr, "bob").await;
     let mallory = register(server.addr, "mallory").await;
@@ -161,21 +139,11 @@ async fn the_relay_forwards_only_among_proven_members() {
 #[tokio::test]
 async fn no_relay_no_tokens() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("ready line");
-    let addr: SocketAddr = line.trim().strip_prefix("listening on http://").expect("ready").parse().expect("addr");
+    let args = [std::ffi::OsStr::new("--listen"), "127.0.0.1:0".as_ref(), "--data".as_ref(), dir.path().as_os_str()];
+    let server = common::spawn_server(BIN, &args, |_| {});
+    let addr = server.addr;
     let alice = register(addr, "alice").await;
     let bob = register(addr, "bob").await;
     let call = conversation(addr, &alice, &[&alice, &bob]).await;
     assert_eq!(token(addr, &alice, &call).await.0, 404);
-    let _ = child.kill();
-    let _ = child.wait();
 }

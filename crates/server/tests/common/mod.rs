@@ -221,3 +221,39 @@ pub async fn register(addr: std::net::SocketAddr, prefix: &str) -> TestDevice {
     assert_eq!(status, 201, "{body}");
     d
 }
+
+/// The `subrosa-server` binary under test, killed when dropped.
+pub struct Spawned {
+    /// The process.
+    pub child: std::process::Child,
+    /// Where it listens for HTTP.
+    pub addr: std::net::SocketAddr,
+    /// Its standard output, after the "listening on" line.
+    pub stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the server binary `bin` with `args` and `configure` applied
+/// (environment, stderr), stdout piped, and waits for its ready line.
+pub fn spawn_server(
+    bin: &str,
+    args: &[&std::ffi::OsStr],
+    configure: impl FnOnce(&mut std::process::Command),
+) -> Spawned {
+    use std::io::BufRead as _;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    configure(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    let addr = line.trim().strip_prefix("listening on http://").expect("ready line").parse().expect("addr");
+    Spawned { child, addr, stdout }
+}
