@@ -314,8 +314,17 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
             dir.display()
         ));
     }
-    // The lock is held: a socket left there is a dead daemon's.
-    if std::fs::symlink_metadata(path).is_ok() {
+    // The lock is held: a socket left there that nobody answers is a dead
+    // daemon's. Anything else (a file, a live daemon of another home) is
+    // never removed.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            return Err(anyhow!("{} exists and is not a socket; give another --socket", path.display()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(anyhow!("{} is the socket of a running daemon; give another --socket", path.display()));
+        }
         std::fs::remove_file(path).with_context(|| format!("removing the old socket {}", path.display()))?;
     }
     let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
@@ -597,6 +606,13 @@ async fn call(
         }
         "ack" => {
             let AckParams { seq } = params(p)?;
+            // Only a number the store gave out: a wrong one (a time, say)
+            // would otherwise move the mark past everything, for good.
+            let known = seq == 0
+                || me.store().read(|tx| tx.received_after_seq(seq - 1, 0))?.first().is_some_and(|(s, _)| *s == seq);
+            if !known {
+                return Err(invalid(format!("no message has the arrival number {seq}")));
+            }
             plain(json!({ "acked": shared.ack(seq)? }))
         }
         "unsubscribe" => {

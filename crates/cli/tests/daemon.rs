@@ -275,6 +275,13 @@ fn a_second_daemon_on_the_same_home_is_refused() {
     let status = daemon.child.wait().expect("the daemon stops");
     assert!(status.success(), "{status:?}");
     assert!(!daemon.socket.exists(), "the socket stayed");
+
+    // A --socket path that is not a socket is never removed.
+    let file = bob.home().join("not-a-socket");
+    std::fs::write(&file, "keep me").expect("file");
+    let out = bob.cmd(&["daemon", "--socket", file.to_str().expect("utf-8")]).output().expect("runs");
+    assert_clean_error(&out, "is not a socket");
+    assert_eq!(std::fs::read_to_string(&file).expect("still there"), "keep me");
 }
 
 #[test]
@@ -492,6 +499,10 @@ fn what_a_bot_did_not_acknowledge_comes_again_and_what_it_did_does_not() {
     assert_eq!(next_from(&mut bot, "alice"), (one, "one".to_string()));
     assert_eq!(bot.call("ack", json!({ "seq": one }))["acked"], one);
     // Acknowledging an older number moves nothing back.
+    assert_eq!(bot.call("ack", json!({ "seq": 0 }))["acked"], one);
+    // A number no message has (a time in ms, say) is refused, not taken.
+    let wrong = bot.call_raw("ack", json!({ "seq": 1_700_000_000_000u64 }));
+    assert_eq!(wrong["error"]["code"], json!(-32602), "{wrong}");
     assert_eq!(bot.call("ack", json!({ "seq": 0 }))["acked"], one);
     drop(bot);
 
