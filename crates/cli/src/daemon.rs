@@ -668,6 +668,35 @@ async fn call(
             let g = me.create_group(&name, &members).await?;
             plain(json!({ "name": g.name, "id": g.id, "members": g.members, "active": g.active }))
         }
+        "groupAdd" => {
+            let GroupMemberParams { group, handle } = params(p)?;
+            let id = crate::target::group(me, &group).await?;
+            // Someone who was a member before continues in a new
+            // conversation: its id and members come back.
+            let moved = me
+                .group_add(&id, &handle)
+                .await?
+                .map(|g| json!({ "name": g.name, "id": g.id, "members": g.members, "active": g.active }));
+            plain(json!({ "added": handle.trim_start_matches('@'), "conversation": id.to_hex(), "moved": moved }))
+        }
+        "groupRemove" => {
+            let GroupMemberParams { group, handle } = params(p)?;
+            let id = crate::target::group(me, &group).await?;
+            me.group_remove(&id, &handle).await?;
+            plain(json!({ "removed": handle.trim_start_matches('@'), "conversation": id.to_hex() }))
+        }
+        "groupLeave" => {
+            let GroupParams { group } = params(p)?;
+            let id = crate::target::group(me, &group).await?;
+            me.group_leave(&id).await?;
+            plain(json!({ "left": id.to_hex() }))
+        }
+        "groupRename" => {
+            let GroupRenameParams { group, name } = params(p)?;
+            let id = crate::target::group(me, &group).await?;
+            me.group_rename(&id, &name).await?;
+            plain(json!({ "renamed": id.to_hex(), "name": name }))
+        }
         "safetyNumber" => {
             let HandleParams { handle } = params(p)?;
             let n = me.safety_number(&handle).await?;

@@ -9,12 +9,15 @@ macro_rules! out {
     }};
 }
 
+mod config;
 #[cfg(unix)]
 mod daemon;
 mod demo;
 mod target;
 mod term;
 mod tui;
+#[cfg(unix)]
+mod via;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
+use config::Config;
 use subrosa_client::keycache::{CachePolicy, KeyCache};
 use subrosa_client::{
     Advice, Client, ClientError, ClientEvent, FailedSend, MessageState, Received, StoredMessage, Subrosa,
@@ -45,8 +49,13 @@ struct Cli {
     /// session's kernel keyring, so the next commands need neither the
     /// passphrase nor the 30 ms to derive it: seconds, or 15m, 1h; `off`
     /// neither caches nor uses a cached key. `subrosa lock` drops it.
-    #[arg(long, global = true, env = "SUBROSA_KEY_CACHE", value_name = "TIME|off", default_value = "15m")]
-    key_cache: CachePolicy,
+    /// [default: `key_cache` in HOME/config.toml, else 15m]
+    #[arg(long, global = true, env = "SUBROSA_KEY_CACHE", value_name = "TIME|off")]
+    key_cache: Option<CachePolicy>,
+    /// Open the store in this process even while `subrosa daemon` runs on
+    /// this home (by default, the commands the daemon serves go through it).
+    #[arg(long, global = true, env = "SUBROSA_NO_DAEMON")]
+    no_daemon: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,9 +66,10 @@ enum Command {
     Register {
         /// The handle (3-32 of a-z 0-9 _ - .; no phone number, no email).
         handle: String,
-        /// The server, e.g. https://chat.example.org (http only to loopback).
+        /// The server, e.g. https://chat.example.org (http only to loopback)
+        /// [default: `server` in HOME/config.toml].
         #[arg(long)]
-        server: String,
+        server: Option<String>,
     },
     /// Send a text message to a group or a handle.
     Send {
@@ -110,8 +120,8 @@ enum Command {
         /// The account to join (on the new device).
         #[arg(required_unless_present = "accept", conflicts_with = "accept")]
         handle: Option<String>,
-        /// The server (on the new device).
-        #[arg(long, required_unless_present = "accept", conflicts_with = "accept")]
+        /// The server (on the new device) [default: `server` in HOME/config.toml].
+        #[arg(long, conflicts_with = "accept")]
         server: Option<String>,
         /// Approve the new device showing this code (on an existing device).
         #[arg(long, value_name = "CODE")]
@@ -131,9 +141,10 @@ enum Command {
     /// Check that a server's key directory only ever grew (anyone can run
     /// this; no account needed).
     Audit {
-        /// The server, e.g. https://chat.example.org.
+        /// The server, e.g. https://chat.example.org [default: `server` in
+        /// HOME/config.toml].
         #[arg(long)]
-        server: String,
+        server: Option<String>,
         /// The first epoch to check.
         #[arg(long, value_name = "EPOCH")]
         from: Option<u64>,
@@ -490,6 +501,26 @@ fn alerts(me: &Subrosa, action: Option<AlertsCommand>, export: Option<PathBuf>, 
     Ok(ExitCode::SUCCESS)
 }
 
+/// Asks whether `handle` sees the same number (unless `yes`); an error
+/// unless confirmed.
+fn confirm_verified(handle: &str, yes: bool) -> Result<()> {
+    let confirmed = if yes {
+        true
+    } else if std::io::stdin().is_terminal() {
+        let _ = write!(std::io::stdout(), "Does {} see the same number? [y/N] ", safe(handle));
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+        matches!(answer.trim(), "y" | "Y" | "yes")
+    } else {
+        return Err(anyhow!("not verified: compare the numbers, then confirm with --yes"));
+    };
+    if !confirmed {
+        return Err(anyhow!("not verified: the numbers must match on both devices"));
+    }
+    Ok(())
+}
+
 fn print_safety_number(n: &str) {
     out!("{}", subrosa_core::safety::grouped(n));
     if std::io::stdout().is_terminal() {
@@ -568,7 +599,12 @@ fn with_advice(m: &StoredMessage) -> std::borrow::Cow<'_, StoredMessage> {
 /// One message, in plain text or as a JSON line; others' text made safe
 /// for the terminal either way (see `term`).
 fn print_message(m: &StoredMessage, json: bool) {
-    let m = &*with_advice(m);
+    print_shown(&with_advice(m), json)
+}
+
+/// As [`print_message`], for a message whose system line already carries
+/// its advice (as the daemon hands them out).
+fn print_shown(m: &StoredMessage, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
         if let Ok(line) = term::json_line(m) {
@@ -608,6 +644,12 @@ fn print_failed(f: &FailedSend) {
 }
 
 async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<ExitCode> {
+    // The user's own defaults (HOME/config.toml), below the flags.
+    let config = match cli.command {
+        Command::Demo | Command::Completions { .. } | Command::Man => Config::default(),
+        _ => Config::load(&home(&cli.home)?)?,
+    };
+    let key_cache = config.key_cache(cli.key_cache)?;
     match cli.command {
         Command::Demo => demo::run().await.map(|_| ExitCode::SUCCESS),
         Command::Completions { shell } => {
@@ -618,8 +660,9 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Link { handle: Some(handle), server: Some(server), accept: None, timeout, with_history } => {
+        Command::Link { handle: Some(handle), server, accept: None, timeout, with_history } => {
             let home = home(&cli.home)?;
+            let server = config.server(server, &home)?;
             let pass = passphrase(env_passphrase, true)?;
             let mut show = |code: &str| {
                 out!("code: {code}");
@@ -649,6 +692,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { server, from } => {
+            let server = config.server(server, &home(&cli.home)?)?;
             let report = subrosa_client::kt::audit(&server, from, &mut |_| {}).await?;
             let checked = report.to - report.from;
             out!(
@@ -661,6 +705,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
         }
         Command::Register { handle, server } => {
             let home = home(&cli.home)?;
+            let server = config.server(server, &home)?;
             let pass = passphrase(env_passphrase, true)?;
             let me = Subrosa::register(&home, &pass, &handle, &server).await?;
             out!("registered {} (device {}) on {}", me.handle(), me.identity().device_id(), me.server());
@@ -668,7 +713,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
         }
         Command::Lock => {
             let home = home(&cli.home)?;
-            if KeyCache::for_home(&home, cli.key_cache).forget() {
+            if KeyCache::for_home(&home, key_cache).forget() {
                 out!("locked: the store key is no longer cached; the next command needs the passphrase");
             } else {
                 out!("nothing to lock: no store key of {} is cached in this session", home.display());
@@ -677,13 +722,21 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
         }
         command => {
             let home = home(&cli.home)?;
+            // A daemon on this home serves what it can: no passphrase, no
+            // key derivation, no second connection (see `via`).
+            #[cfg(unix)]
+            if config.use_daemon(cli.no_daemon) && via::routes(&command) {
+                if let Some(daemon) = via::connect(&home).await? {
+                    return daemon.run(&command).await;
+                }
+            }
             // A second daemon is refused before it asks for anything.
             #[cfg(unix)]
             let lock = match &command {
                 Command::Daemon { .. } => Some(daemon::lock_home(&home)?),
                 _ => None,
             };
-            let cache = KeyCache::for_home(&home, cli.key_cache);
+            let cache = KeyCache::for_home(&home, key_cache);
             // A passphrase given is always checked (against the cached key's
             // check value, else by deriving); none given, a cached key will do.
             let store = match env_passphrase {
@@ -864,7 +917,11 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
             let done = me.link_accept(&code, Duration::from_secs(timeout)).await?;
             out!("linked device {}; added it to {} conversations", done.device, done.conversations);
         }
-        Command::Link { .. } => return Err(anyhow!("give HANDLE --server URL on a new device, or --accept CODE")),
+        Command::Link { .. } => {
+            return Err(anyhow!(
+                "give HANDLE (and --server URL unless config.toml names one) on a new device, or --accept CODE"
+            ))
+        }
         Command::SafetyNumber { handle } => {
             let n = me.safety_number(&handle).await?;
             print_safety_number(&n);
@@ -872,20 +929,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
         Command::Verify { handle, yes } => {
             let n = me.safety_number(&handle).await?;
             print_safety_number(&n);
-            let confirmed = if yes {
-                true
-            } else if std::io::stdin().is_terminal() {
-                let _ = write!(std::io::stdout(), "Does {handle} see the same number? [y/N] ");
-                let _ = std::io::stdout().flush();
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer).context("reading the answer")?;
-                matches!(answer.trim(), "y" | "Y" | "yes")
-            } else {
-                return Err(anyhow!("not verified: compare the numbers, then confirm with --yes"));
-            };
-            if !confirmed {
-                return Err(anyhow!("not verified: the numbers must match on both devices"));
-            }
+            confirm_verified(&handle, yes)?;
             me.verify_safety_number(&handle, &n).await?;
             out!("{handle} is verified");
         }

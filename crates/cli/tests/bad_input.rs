@@ -52,6 +52,26 @@ fn client_errors_are_one_clear_line_and_lose_nothing() {
 }
 
 #[test]
+fn the_config_file_names_the_server_and_a_typo_in_it_is_one_line_that_changes_nothing() {
+    let server = Server::start();
+    let dave = User { name: "dave".into(), dir: tempfile::tempdir().expect("tempdir") };
+    std::fs::create_dir_all(dave.home()).expect("home");
+    let config = dave.home().join("config.toml");
+    // Neither flag nor file: told where to put it.
+    assert_clean_error(&dave.run(&["register", "dave"]), "config.toml");
+    // A typo is named, with its line; nothing is created.
+    std::fs::write(&config, format!("key_cache = \"off\"\nserer = \"{}\"\n", server.url)).expect("write");
+    assert_clean_error(&dave.run(&["register", "dave"]), "line 2");
+    assert!(!dave.home().join("subrosa.db").exists(), "nothing was created");
+    std::fs::write(&config, format!("server = \"{}\"\n", server.url)).expect("write");
+    dave.ok(&["register", "dave"]);
+    // A flag still wins over the file.
+    assert_clean_error(&dave.run(&["audit", "--server", "http://example.com"]), "plain http");
+    let said = dave.ok(&["audit"]);
+    assert!(said.starts_with("audited epochs"), "{said}");
+}
+
+#[test]
 fn a_tampered_ciphertext_is_refused_and_the_conversation_goes_on() {
     let server = Server::start();
     let alice = User::register(&server, "alice");

@@ -538,3 +538,85 @@ fn what_a_bot_did_not_acknowledge_comes_again_and_what_it_did_does_not() {
     assert!(texts(got).contains(&"two".to_string()), "{got:?}");
     assert_eq!(rpc.call("receive", json!({})), json!([]));
 }
+
+/// `cmd` without the passphrase: only a daemon can serve it.
+fn without_passphrase(user: &User, args: &[&str]) -> std::process::Output {
+    user.cmd(args).env_remove("SUBROSA_PASSPHRASE").output().expect("subrosa runs")
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn while_a_daemon_runs_the_commands_go_through_it_and_print_what_they_print_without_it() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let _carol = User::register(&server, "carol");
+    alice.send("bob", "hello bob");
+    let mut daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    wait_stored(&mut rpc, "alice", "hello bob");
+
+    // No passphrase and no cached key: the store stays shut in these
+    // processes, so only the daemon can have answered.
+    let sent = without_passphrase(&bob, &["send", "alice", "through the daemon"]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    assert!(stdout(&sent).starts_with("sent ") && stdout(&sent).trim_end().ends_with("to alice"), "{}", stdout(&sent));
+    let got = alice.receive_json(&["--timeout", "30"]);
+    assert!(texts(&got).contains(&"through the daemon".to_string()), "{got:?}");
+    alice.send("bob", "and back");
+    let got = without_passphrase(&bob, &["receive", "--json", "--timeout", "30"]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let got = parse_json_lines(&stdout(&got));
+    assert!(texts(&got).contains(&"and back".to_string()), "{got:?}");
+    assert!(got.iter().all(|m| m.get("seq").is_none()), "the daemon's arrival numbers are not printed: {got:?}");
+    let created = without_passphrase(&bob, &["group", "create", "club", "alice", "carol"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let said = stdout(&created);
+    assert!(said.starts_with("created club with ") && said.contains("alice") && said.contains("carol"), "{said}");
+    let renamed = without_passphrase(&bob, &["group", "rename", "club", "the club"]);
+    assert!(renamed.status.success(), "{}", stderr(&renamed));
+
+    // Each prints exactly what it prints without a daemon.
+    for args in [
+        &["history", "alice"][..],
+        &["history", "alice", "--json"],
+        &["history", "the club", "--json"],
+        &["contacts"],
+        &["groups"],
+        &["members", "the club"],
+        &["safety-number", "alice"],
+    ] {
+        let via = without_passphrase(&bob, args);
+        let mut direct_args = vec!["--no-daemon"];
+        direct_args.extend_from_slice(args);
+        let direct = bob.run(&direct_args);
+        assert!(via.status.success() && direct.status.success(), "{args:?}: {} / {}", stderr(&via), stderr(&direct));
+        assert_eq!(stdout(&via), stdout(&direct), "{args:?}");
+    }
+
+    // A command the daemon has no method for opens the store itself, and
+    // so needs the passphrase.
+    let devices = without_passphrase(&bob, &["devices"]);
+    assert_clean_error(&devices, "no passphrase");
+    // An error the daemon meets is one line and a failure, as without it.
+    let unknown = without_passphrase(&bob, &["send", "nobody-here", "hi"]);
+    assert!(!unknown.status.success());
+    assert_eq!(stderr(&unknown).lines().count(), 1, "{}", stderr(&unknown));
+
+    // A socket in a directory others may enter is not the daemon's: never
+    // used (anyone could have put it there to read what is sent).
+    let dir = daemon.socket.parent().expect("dir").to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert_clean_error(&without_passphrase(&bob, &["contacts"]), "no passphrase");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    assert!(without_passphrase(&bob, &["contacts"]).status.success());
+
+    // A dead daemon's socket: the commands work without it.
+    daemon.kill();
+    assert!(daemon.socket.exists(), "SIGKILL leaves the socket");
+    bob.ok(&["send", "alice", "after the daemon"]);
+    assert_clean_error(&without_passphrase(&bob, &["contacts"]), "no passphrase");
+}

@@ -152,3 +152,26 @@ pub struct VerifyParams {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
+
+/// `groupAdd` and `groupRemove`: the group (its name or `#ID`) and whom.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMemberParams {
+    pub group: String,
+    pub handle: String,
+}
+
+/// `groupLeave`: the group (its name or `#ID`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupParams {
+    pub group: String,
+}
+
+/// `groupRename`: the group (its name or `#ID`) and its new name.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRenameParams {
+    pub group: String,
+    pub name: String,
+}

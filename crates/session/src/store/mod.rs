@@ -35,7 +35,7 @@ use std::thread::ThreadId;
 use mls_rs_core::group::{EpochRecord, GroupState, GroupStateStorage};
 use mls_rs_core::key_package::{KeyPackageData, KeyPackageStorage};
 use mls_rs_core::mls_rs_codec::{MlsDecode, MlsEncode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::ClientError;
@@ -74,8 +74,9 @@ pub struct MemberCheck {
     pub why: String,
 }
 
-/// A message as stored in history.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// A message as stored in history. Its JSON form is what `history --json`
+/// prints; front ends that get it from a daemon read it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMessage {
     /// End-to-end message id (hex).
     pub id: String,
@@ -110,12 +111,19 @@ pub struct StoredMessage {
     /// in its own words (`text` is the neutral English rendering). `None`
     /// for messages, and for lines stored by a version before the typed
     /// events or of an event this version does not know.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "known_event")]
     pub event: Option<crate::SystemEvent>,
 }
 
+/// A system line's event as read back: one this version does not know (from
+/// a newer daemon) is `None`, as in the store, and the line keeps its text.
+fn known_event<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<crate::SystemEvent>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| serde_json::from_value(v).ok()))
+}
+
 /// Where one of this account's own messages is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum MessageState {

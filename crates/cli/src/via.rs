@@ -1,0 +1,323 @@
+//! Commands through a running daemon.
+//!
+//! While `subrosa daemon` runs on a home, the commands it has a method for
+//! go through its socket: no passphrase, no second key derivation, no
+//! second crypto start-up, and one process holding the connection to the
+//! server. They print exactly what they print without it (the daemon's
+//! answers are the objects `--json` prints). A command it has no method
+//! for, `--no-daemon`, or no daemon running: the command opens the store
+//! itself, as always.
+//!
+//! The socket is found where the daemon makes it by default
+//! (`HOME/daemon/socket`), and used only in a directory of this user's that
+//! nobody else may enter, and only when the process answering is this
+//! user's: a socket someone else planted would otherwise read every message
+//! this command sends.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+use subrosa_client::{ClientError, StoredMessage};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+use crate::{print_safety_number, print_shown, safe, Command, GroupCommand, MessageState};
+
+/// Longest answer line read from the daemon.
+const MAX_ANSWER: u64 = 64 << 20;
+
+/// A connection to this home's daemon.
+pub struct Daemon {
+    read: BufReader<OwnedReadHalf>,
+    write: OwnedWriteHalf,
+    next_id: u64,
+}
+
+/// Whether the daemon has a method for `command` (as given): those it has
+/// not, and flags it does not take, run on the store directly.
+pub fn routes(command: &Command) -> bool {
+    match command {
+        Command::Send { accept_key_change, .. } => !accept_key_change,
+        Command::Receive { no_ack, .. } => !no_ack,
+        Command::History { .. }
+        | Command::Contacts
+        | Command::Groups
+        | Command::Members { .. }
+        | Command::SafetyNumber { .. }
+        | Command::Verify { .. } => true,
+        Command::Group(g) => !matches!(g, GroupCommand::Recreate { .. }),
+        _ => false,
+    }
+}
+
+/// Connects to the daemon of `home`, if one runs there.
+///
+/// # Errors
+/// A daemon socket that answers for another user.
+pub async fn connect(home: &Path) -> Result<Option<Daemon>> {
+    let path = crate::daemon::default_socket(home);
+    let Some(dir) = path.parent() else { return Ok(None) };
+    let uid = rustix::process::getuid().as_raw();
+    match std::fs::metadata(dir) {
+        // The daemon makes its directory 0700 and refuses anything else:
+        // a socket elsewhere is not its.
+        Ok(meta) if meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0 => {}
+        _ => return Ok(None),
+    }
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        // None there, or a dead daemon's socket: the store directly.
+        Err(_) => return Ok(None),
+    };
+    let cred = stream.peer_cred().context("asking who serves the daemon socket")?;
+    if cred.uid() != uid {
+        return Err(anyhow!(
+            "{} is served by another user's process; not used (remove it, or pass --no-daemon)",
+            path.display()
+        ));
+    }
+    let (read, write) = stream.into_split();
+    Ok(Some(Daemon { read: BufReader::new(read), write, next_id: 1 }))
+}
+
+impl Daemon {
+    /// Sends one request and waits for its answer (notifications that
+    /// come meanwhile are not for a request and are skipped).
+    async fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut line = serde_json::to_vec(&json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }))?;
+        line.push(b'\n');
+        self.write.write_all(&line).await.context("writing to the daemon")?;
+        loop {
+            let v = self.next_line().await?;
+            if v.get("id") != Some(&json!(id)) {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                let message = e.get("message").and_then(Value::as_str).unwrap_or("the daemon refused");
+                return Err(anyhow!("{message}"));
+            }
+            return v.get("result").cloned().ok_or_else(|| anyhow!("the daemon answered without a result"));
+        }
+    }
+
+    /// The next line the daemon wrote, as JSON.
+    async fn next_line(&mut self) -> Result<Value> {
+        let mut line = Vec::new();
+        let n = tokio::io::AsyncReadExt::take(&mut self.read, MAX_ANSWER)
+            .read_until(b'\n', &mut line)
+            .await
+            .context("reading from the daemon")?;
+        if n == 0 {
+            return Err(anyhow!("the daemon closed the connection"));
+        }
+        serde_json::from_slice(&line).context("the daemon's answer is not JSON")
+    }
+
+    /// Runs `command` through the daemon; `None` for one it does not route
+    /// (see [`routes`]).
+    ///
+    /// # Errors
+    /// The command's error as the daemon gave it, in one line.
+    pub async fn run(mut self, command: &Command) -> Result<ExitCode> {
+        match command {
+            Command::Send { target, text, .. } => {
+                let m = message(self.call("send", json!({ "target": target, "text": text })).await?)?;
+                if m.state == Some(MessageState::Queued) {
+                    // As without a daemon: stored, sent exactly once, exit 75.
+                    return Err(ClientError::Pending(subrosa_client::QUEUED.into()).into());
+                }
+                out!("sent {} to {}", m.id, safe(&m.target));
+            }
+            Command::Receive { json, timeout, follow, .. } => {
+                if !(0.0..=86_400.0 * 365.0).contains(timeout) || timeout.is_nan() {
+                    return Err(anyhow!("--timeout takes a number of seconds from 0"));
+                }
+                if *follow {
+                    return self.follow(*json).await;
+                }
+                // The daemon waits at most an hour per call; longer waits
+                // are several calls.
+                let mut left = *timeout;
+                loop {
+                    let wait = left.min(3600.0);
+                    let got = self.call("receive", json!({ "timeout": wait })).await?;
+                    let got = got.as_array().cloned().unwrap_or_default();
+                    for m in &got {
+                        print_shown(&message(m.clone())?, *json);
+                    }
+                    left -= wait;
+                    if !got.is_empty() || left <= 0.0 {
+                        break;
+                    }
+                }
+            }
+            Command::History { target, json } => {
+                let history = self.call("history", json!({ "target": target })).await?;
+                let history: Vec<StoredMessage> =
+                    history.as_array().into_iter().flatten().map(|m| message(m.clone())).collect::<Result<_>>()?;
+                if !json {
+                    if let Some(m) = history.first().filter(|m| !m.group) {
+                        let verified = self
+                            .call("contacts", json!({}))
+                            .await?
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c["handle"] == json!(m.target) && c["verified"] == json!(true));
+                        let state = if verified {
+                            "verified".to_string()
+                        } else {
+                            format!("not verified: compare safety numbers with `subrosa verify {}`", m.target)
+                        };
+                        out!("-- conversation with {} ({state})", safe(&m.target));
+                    }
+                }
+                for m in &history {
+                    print_shown(m, *json);
+                }
+            }
+            Command::Contacts => {
+                for c in list(self.call("contacts", json!({})).await?) {
+                    let state = if c["verified"] == json!(true) { "verified" } else { "unverified" };
+                    let key = text(&c["identity_key"]);
+                    out!("{}\t{}\t{}", safe(&text(&c["handle"])), state, safe(&key[..16.min(key.len())]));
+                }
+            }
+            Command::Groups => {
+                for g in list(self.call("groups", json!({})).await?) {
+                    let state = if g["active"] == json!(true) { names(&g["members"]) } else { "(left)".to_string() };
+                    out!("{}\t{}\t{}", safe(&text(&g["name"])), safe(&state), safe(&text(&g["id"])));
+                }
+            }
+            Command::Members { target } => {
+                for m in list(self.call("members", json!({ "target": target })).await?) {
+                    let mut notes = Vec::new();
+                    if m["this_device"] == json!(true) {
+                        notes.push("(this device)".to_string());
+                    }
+                    if let Some(days) = m["stale_days"].as_u64() {
+                        notes.push(format!("(stale: no key update for {days} days)"));
+                    }
+                    let notes = if notes.is_empty() { String::new() } else { format!("\t{}", notes.join(" ")) };
+                    out!(
+                        "{}\t{}\t{}{notes}",
+                        safe(&text(&m["handle"])),
+                        safe(&text(&m["device"])),
+                        safe(&text(&m["fingerprint"]))
+                    );
+                }
+            }
+            Command::SafetyNumber { handle } => {
+                let n = self.call("safetyNumber", json!({ "handle": handle })).await?;
+                print_safety_number(&text(&n["safety_number"]));
+            }
+            Command::Verify { handle, yes } => {
+                let n = text(&self.call("safetyNumber", json!({ "handle": handle })).await?["safety_number"]);
+                print_safety_number(&n);
+                crate::confirm_verified(handle, *yes)?;
+                // Only the number shown here verifies (compared and marked
+                // in one transaction by the daemon).
+                self.call("verify", json!({ "handle": handle, "safetyNumber": n })).await?;
+                out!("{handle} is verified");
+            }
+            Command::Group(g) => match g {
+                GroupCommand::Create { name, handles } => {
+                    let g = self.call("createGroup", json!({ "name": name, "members": handles })).await?;
+                    out!("created {} with {}", safe(&text(&g["name"])), safe(&names(&g["members"])));
+                }
+                GroupCommand::Add { name, handle } => {
+                    let done = self.call("groupAdd", json!({ "group": name, "handle": handle })).await?;
+                    match done.get("moved").filter(|m| !m.is_null()) {
+                        None => out!("added {} to {}", safe(handle), safe(name)),
+                        Some(g) => out!(
+                            "{} was a member of {} before, so it continues in a new conversation #{} with {}; \
+                             the old one is retired",
+                            safe(handle),
+                            safe(name),
+                            safe(&text(&g["id"])),
+                            safe(&names(&g["members"]))
+                        ),
+                    }
+                }
+                GroupCommand::Remove { name, handle } => {
+                    self.call("groupRemove", json!({ "group": name, "handle": handle })).await?;
+                    out!("removed {} from {}", safe(handle), safe(name));
+                }
+                GroupCommand::Leave { name } => {
+                    self.call("groupLeave", json!({ "group": name })).await?;
+                    out!("left {}", safe(name));
+                }
+                GroupCommand::Rename { name, new } => {
+                    self.call("groupRename", json!({ "group": name, "name": new })).await?;
+                    out!("renamed {} to {}", safe(name), safe(new));
+                }
+                GroupCommand::Recreate { .. } => return Err(anyhow!("group recreate does not go through a daemon")),
+            },
+            _ => return Err(anyhow!("this command does not go through a daemon")),
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `receive --follow`: subscribes and prints each message as the daemon
+    /// pushes it, acknowledging it once printed, until the daemon goes.
+    async fn follow(mut self, json: bool) -> Result<ExitCode> {
+        self.call("subscribe", json!({})).await?;
+        loop {
+            let v = self.next_line().await?;
+            let params = v.get("params").cloned().unwrap_or(Value::Null);
+            match v.get("method").and_then(Value::as_str) {
+                Some("message") => {}
+                Some("alert") => {
+                    eprintln!("warning: {}", safe(&text(&params["text"])));
+                    continue;
+                }
+                Some("dropped") => {
+                    eprintln!(
+                        "warning: dropped a message from {} that could not be decrypted or authenticated: {}",
+                        safe(&text(&params["from"])),
+                        safe(&text(&params["reason"]))
+                    );
+                    continue;
+                }
+                _ => continue,
+            }
+            let seq = params.get("seq").and_then(Value::as_u64);
+            print_shown(&message(params)?, json);
+            // Printed: the daemon need not hand it out again. (An answer
+            // to this comes later and is skipped.)
+            if let Some(seq) = seq {
+                let ack = json!({ "jsonrpc": "2.0", "id": 0, "method": "ack", "params": { "seq": seq } });
+                let mut line = serde_json::to_vec(&ack)?;
+                line.push(b'\n');
+                self.write.write_all(&line).await.context("writing to the daemon")?;
+            }
+        }
+    }
+}
+
+/// A message object of the daemon's (a `receive --json` line, perhaps with
+/// its arrival number, which is not printed).
+fn message(v: Value) -> Result<StoredMessage> {
+    serde_json::from_value(v).context("the daemon sent a message this version cannot read")
+}
+
+fn list(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn names(v: &Value) -> String {
+    v.as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+}
