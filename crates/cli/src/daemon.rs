@@ -388,7 +388,11 @@ where
                 let mut answers = Vec::new();
                 let mut handed = None;
                 for request in batch {
-                    if let Some((v, h)) = handle(&shared, &tx, &mut subscription, request).await {
+                    // A `receive` later in the batch starts after what an
+                    // earlier one handed over (acknowledged only once the
+                    // whole answer is written): never the same messages twice.
+                    let floor = handed.unwrap_or(0);
+                    if let Some((v, h)) = handle(&shared, &tx, &mut subscription, request, floor).await {
                         answers.push(v);
                         handed = handed.max(h);
                     }
@@ -400,7 +404,7 @@ where
                 None
             }
             Ok(Line::One(request)) => {
-                if let Some((v, handed)) = handle(&shared, &tx, &mut subscription, request).await {
+                if let Some((v, handed)) = handle(&shared, &tx, &mut subscription, request, 0).await {
                     answer(&tx, term::json_line(&v).unwrap_or_default(), handed).await;
                 }
                 None
@@ -455,18 +459,19 @@ impl From<anyhow::Error> for Failure {
 }
 
 /// The answer to one request (none for a notification), and the messages
-/// it hands over.
+/// it hands over; a `receive` hands over nothing at or below `floor`.
 async fn handle(
     shared: &Arc<Shared>,
     tx: &mpsc::Sender<Outgoing>,
     subscription: &mut Option<tokio::task::JoinHandle<()>>,
     request: Value,
+    floor: u64,
 ) -> Option<(Value, Option<u64>)> {
     let Request { id, answer_id, method, params } = match decode_request(request) {
         Ok(r) => r,
         Err((answer_id, Failure(code, message))) => return Some((error_value(answer_id, code, &message), None)),
     };
-    let result = call(shared, tx, subscription, &method, params).await;
+    let result = call(shared, tx, subscription, &method, params, floor).await;
     // A request without an id is a notification: no answer, even an error.
     id.as_ref()?;
     Some(match result {
@@ -533,6 +538,7 @@ async fn call(
     subscription: &mut Option<tokio::task::JoinHandle<()>>,
     method: &str,
     p: Value,
+    floor: u64,
 ) -> Answer {
     let client = &shared.client;
     let me = shared.device();
@@ -572,7 +578,7 @@ async fn call(
                 return Err(invalid(format!("timeout takes seconds from 0 to {MAX_WAIT_SECS}")));
             }
             let mut events = client.events();
-            let mut got = shared.pending(shared.acked(), 0)?;
+            let mut got = shared.pending(shared.acked().max(floor), 0)?;
             if got.messages.is_empty() && timeout > 0.0 {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
                 while got.messages.is_empty() {
@@ -580,7 +586,7 @@ async fn call(
                         Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
                         Ok(Ok(ClientEvent::Message(_) | ClientEvent::System(_)))
                         | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                            got = shared.pending(shared.acked(), 0)?;
+                            got = shared.pending(shared.acked().max(floor), 0)?;
                         }
                         Ok(Ok(_)) => {}
                     }

@@ -620,3 +620,21 @@ fn while_a_daemon_runs_the_commands_go_through_it_and_print_what_they_print_with
     bob.ok(&["send", "alice", "after the daemon"]);
     assert_clean_error(&without_passphrase(&bob, &["contacts"]), "no passphrase");
 }
+
+#[test]
+fn two_receives_in_one_batch_never_hand_out_the_same_message() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    alice.send("bob", "once only");
+    wait_stored(&mut rpc, "alice", "once only");
+    rpc.line(br#"[{"jsonrpc":"2.0","id":1,"method":"receive"},{"jsonrpc":"2.0","id":2,"method":"receive"}]"#);
+    let batch = rpc.answer();
+    let first = texts(batch[0]["result"].as_array().expect("an array"));
+    let second = texts(batch[1]["result"].as_array().expect("an array"));
+    assert!(first.contains(&"once only".to_string()), "{batch}");
+    assert!(!second.contains(&"once only".to_string()), "handed out twice: {batch}");
+    assert_eq!(rpc.call("receive", json!({})), json!([]));
+}
