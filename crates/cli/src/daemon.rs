@@ -150,6 +150,10 @@ struct Shared {
     /// This device's id (hex): its own sends are not handed out.
     me: String,
     acked: Mutex<Acked>,
+    /// Whether the handle is connected to the server now (for `account`:
+    /// a front end that starts later learns it without waiting for the
+    /// next change).
+    connected: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -233,7 +237,27 @@ pub enum Listen {
 pub async fn run(client: &Client, listen: Listen, _lock: HomeLock) -> Result<ExitCode> {
     let me = client.device().identity().device_id().to_hex();
     let acked = load_acked(client.device())?;
-    let shared = Arc::new(Shared { client: client.clone(), me, acked: Mutex::new(acked) });
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        me,
+        acked: Mutex::new(acked),
+        connected: std::sync::atomic::AtomicBool::new(false),
+    });
+    {
+        // Subscribed before the handle's loop starts: no change is missed.
+        let (shared, mut events) = (shared.clone(), client.events());
+        tokio::spawn(async move {
+            loop {
+                let now = match events.recv().await {
+                    Ok(ClientEvent::Connected) => true,
+                    Ok(ClientEvent::Disconnected { .. }) => false,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                shared.connected.store(now, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
     let running = client.run();
     tokio::pin!(running);
     let stop = stop_signal();
@@ -674,6 +698,38 @@ async fn call(
             let g = me.create_group(&name, &members).await?;
             plain(json!({ "name": g.name, "id": g.id, "members": g.members, "active": g.active }))
         }
+        // What a front end over the daemon (the terminal UI) lists: every
+        // conversation, 1:1 and groups, and those left.
+        "conversations" => {
+            params::<NoParams>(p)?;
+            let mut out = Vec::new();
+            for row in client.conversations()? {
+                let group = row.kind == "group";
+                let verified = match &row.peer {
+                    Some(peer) if !group => client.is_verified(peer)?,
+                    _ => false,
+                };
+                out.push(json!({
+                    "id": row.id.to_hex(),
+                    "name": row.target(),
+                    "group": group,
+                    "active": row.active,
+                    "verified": verified,
+                }));
+            }
+            plain(Value::Array(out))
+        }
+        "openDirect" => {
+            let HandleParams { handle } = params(p)?;
+            let id = client.open_direct(&handle).await?;
+            plain(json!({ "conversation": id.to_hex() }))
+        }
+        "account" => {
+            params::<NoParams>(p)?;
+            let me = me.identity().address();
+            let connected = shared.connected.load(std::sync::atomic::Ordering::Relaxed);
+            plain(json!({ "handle": me.handle.as_str(), "device": me.device.to_hex(), "connected": connected }))
+        }
         "groupAdd" => {
             let GroupMemberParams { group, handle } = params(p)?;
             let id = crate::target::group(me, &group).await?;
@@ -733,6 +789,12 @@ fn other_notification(e: &ClientEvent) -> Option<String> {
         ClientEvent::SendFailed(f) => ("messageState", message_value(f.message.as_ref()?)),
         ClientEvent::Alert(text) => ("alert", json!({ "text": text })),
         ClientEvent::Dropped { from, reason } => ("dropped", json!({ "from": from, "reason": reason })),
+        // The daemon's own connection to the server, for front ends that
+        // show it (the terminal UI says when it reconnects).
+        ClientEvent::Connected => ("connection", json!({ "connected": true })),
+        ClientEvent::Disconnected { reason, retry_in } => {
+            ("connection", json!({ "connected": false, "reason": reason, "retry_in_ms": retry_in.as_millis() as u64 }))
+        }
         _ => return None,
     };
     term::json_line(&json!({ "jsonrpc": "2.0", "method": method, "params": params })).ok()

@@ -725,8 +725,12 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             // A daemon on this home serves what it can: no passphrase, no
             // key derivation, no second connection (see `via`).
             #[cfg(unix)]
-            if config.use_daemon(cli.no_daemon) && via::routes(&command) {
+            if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui)) {
                 if let Some(daemon) = via::connect(&home).await? {
+                    if matches!(command, Command::Tui) {
+                        let remote = tui::backend::Remote::new(&home, daemon).await?;
+                        return tui::run(tui::Backend::Daemon(remote)).await;
+                    }
                     return daemon.run(&command).await;
                 }
             }
@@ -758,7 +762,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                     let lock = lock.ok_or_else(|| anyhow!("the daemon lock was not taken"))?;
                     daemon::run(&client, listen, lock).await
                 }
-                Command::Tui => tui::run(&client).await,
+                Command::Tui => tui::run(tui::Backend::Local(client.clone())).await,
                 command => run_opened(&client, command).await,
             };
             let me = client.device();

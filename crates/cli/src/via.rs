@@ -87,7 +87,7 @@ pub async fn connect(home: &Path) -> Result<Option<Daemon>> {
 impl Daemon {
     /// Sends one request and waits for its answer (notifications that
     /// come meanwhile are not for a request and are skipped).
-    async fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+    pub(crate) async fn call(&mut self, method: &str, params: Value) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let mut line = serde_json::to_vec(&json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }))?;
@@ -107,7 +107,7 @@ impl Daemon {
     }
 
     /// The next line the daemon wrote, as JSON.
-    async fn next_line(&mut self) -> Result<Value> {
+    pub(crate) async fn next_line(&mut self) -> Result<Value> {
         let mut line = Vec::new();
         let n = tokio::io::AsyncReadExt::take(&mut self.read, MAX_ANSWER)
             .read_until(b'\n', &mut line)

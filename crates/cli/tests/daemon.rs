@@ -134,11 +134,16 @@ impl<R: BufRead, W: Write> Rpc<R, W> {
         self.read()
     }
 
-    /// The next message notification.
+    /// The next message notification (the daemon's connection changes,
+    /// which may come at any time, skipped).
     fn notification(&mut self) -> Value {
-        let v = self.any_notification();
-        assert_eq!(v["method"], "message", "{v}");
-        v
+        loop {
+            let v = self.any_notification();
+            if v["method"] != "connection" {
+                assert_eq!(v["method"], "message", "{v}");
+                return v;
+            }
+        }
     }
 }
 

@@ -35,6 +35,12 @@ impl Pane {
 
     /// Starts `subrosa tui` for `user` in a detached 120×40 session.
     fn start(user: &User) -> Pane {
+        Self::start_with(user, Some(PASS))
+    }
+
+    /// As [`Self::start`], with this passphrase in the environment (none:
+    /// only a running daemon can serve it).
+    fn start_with(user: &User, passphrase: Option<&str>) -> Pane {
         let pane = Pane { dir: tempfile::tempdir().expect("tempdir") };
         // No escape delay (Esc then q must stay two keys), and a pane that
         // stays after the TUI exits, so its last words can be read.
@@ -55,7 +61,7 @@ impl Pane {
             .arg("-f")
             .arg(&conf)
             .args(["new-session", "-d", "-s", "tui", "-x", "120", "-y", "40", &command])
-            .env("SUBROSA_PASSPHRASE", PASS)
+            .env("SUBROSA_PASSPHRASE", passphrase.unwrap_or_default())
             .env("SUBROSA_KEY_CACHE", "off")
             .env("TERM", "xterm-256color")
             .env_remove("SUBROSA_HOME")
@@ -237,4 +243,57 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
         pane.screen()
     );
     assert_eq!(status.as_deref(), Some("0"), "exit status; stderr: {}", pane.stderr());
+}
+
+#[test]
+fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
+    if !Pane::tmux_available() {
+        eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
+        return;
+    }
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "before the tui");
+    /// Ends the daemon however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Killed(
+        bob.cmd(&["daemon"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("daemon starts"),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.0.stderr.as_mut().expect("stderr")), &mut first)
+        .expect("the daemon says where it listens");
+    assert!(first.contains("listening on"), "{first}");
+
+    // An empty passphrase would not open bob's store: the daemon serves
+    // this TUI.
+    let pane = Pane::start_with(&bob, None);
+    pane.wait_for("online");
+    pane.wait_for("before the tui");
+    alice.send("bob", "live through the daemon");
+    pane.wait_for("alice: live through the daemon");
+    pane.keys(&["i"]);
+    pane.type_text("reply through the daemon");
+    pane.keys(&["Enter", "Escape"]);
+    pane.wait_for("you: reply through the daemon");
+    let mut got = Vec::new();
+    let arrived = wait_until(Duration::from_secs(60), || {
+        got.extend(texts(&alice.receive_json(&["--timeout", "2"])));
+        got.contains(&"reply through the daemon".to_string())
+    });
+    assert!(arrived, "alice got {got:?}; bob's screen:\n{}", pane.screen());
+    pane.keys(&["q"]);
+    assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
+    assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
+    drop(daemon);
 }

@@ -19,6 +19,7 @@
 //! Keys are read on a plain thread (crossterm's `read` blocks); it ends
 //! with the process.
 
+pub mod backend;
 pub mod render;
 pub mod state;
 
@@ -32,11 +33,10 @@ use anyhow::{anyhow, Context, Result};
 use crossterm::event::{Event, KeyEventKind};
 use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
-use subrosa_client::{Client, ClientError};
-use subrosa_proto::ConversationId;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use state::{Action, App, Command, Conversation, Input, Outcome, Overlay};
+pub use backend::Backend;
+use state::{Action, App, Command, Input, Outcome, Overlay};
 
 /// The terminal in raw mode on the alternate screen; put back on drop.
 struct Screen {
@@ -72,31 +72,27 @@ impl Drop for Screen {
 
 /// Runs the UI until the user quits, or the handle meets an error that
 /// retrying cannot fix (then returned, after the terminal is restored).
-pub async fn run(client: &Client) -> Result<ExitCode> {
+pub async fn run(backend: Backend) -> Result<ExitCode> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(anyhow!("subrosa tui needs a terminal (for scripts, see `subrosa daemon`)"));
     }
-    let mut events = client.events();
-    let running = client.run();
-    tokio::pin!(running);
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    let running = backend.start(tx.clone()).await?;
+    tokio::pin!(running);
     // Messages go out one after another, in the order they were typed.
     let (sends, mut queue) = mpsc::unbounded_channel::<(String, String)>();
     let sender = {
-        let (client, tx) = (client.clone(), tx.clone());
+        let (backend, tx) = (backend.clone(), tx.clone());
         tokio::spawn(async move {
             while let Some((conversation, text)) = queue.recv().await {
-                let result = match conversation_id(&conversation) {
-                    Ok(id) => client.send_text(&id, &text).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
+                let result = backend.send_text(&conversation, &text).await.map_err(|e| one_line(&e));
                 let _ = tx.send(Input::Sent(result));
             }
         })
     };
     let ctx = Ctx { tx: tx.clone(), sends };
-    let mut app = App::new(client.device().handle().to_string());
-    app.handle(Input::Loaded { conversations: load(client)?, select: None });
+    let mut app = App::new(backend.handle());
+    app.handle(Input::Loaded { conversations: backend.load().await?, select: None });
 
     let mut screen = Screen::enter()?;
     let keys = tx.clone();
@@ -124,19 +120,14 @@ pub async fn run(client: &Client) -> Result<ExitCode> {
         app.clamp_scroll(max_scroll);
         let input = tokio::select! {
             Some(i) = rx.recv() => i,
-            e = events.recv() => match e {
-                Ok(e) => Input::Client(e),
-                Err(broadcast::error::RecvError::Lagged(n)) => Input::Lagged(n),
-                Err(broadcast::error::RecvError::Closed) => continue,
-            },
             r = &mut running, if failed.is_none() => {
                 // Only an error retrying cannot fix ends the handle's loop.
-                failed = Some(r.err().map_or_else(|| "disconnected".to_string(), |e| e.to_string()));
+                failed = Some(r.err().unwrap_or_else(|| "disconnected".to_string()));
                 break;
             }
         };
         for action in app.handle(input) {
-            perform(client, action, &ctx);
+            perform(&backend, action, &ctx);
         }
         if app.quit {
             break;
@@ -150,30 +141,17 @@ pub async fn run(client: &Client) -> Result<ExitCode> {
     }
 }
 
-/// Every conversation with its history, as the state machine wants them.
-fn load(client: &Client) -> Result<Vec<Conversation>, ClientError> {
-    let mut out = Vec::new();
-    for row in client.conversations()? {
-        let group = row.kind == "group";
-        let verified = match &row.peer {
-            Some(p) if !group => client.is_verified(p)?,
-            _ => false,
-        };
-        out.push(Conversation {
-            id: row.id.to_hex(),
-            name: row.target(),
-            group,
-            active: row.active,
-            verified,
-            unread: 0,
-            messages: client.history(&row.id)?,
-        });
-    }
-    Ok(out)
+fn one_line(e: &anyhow::Error) -> String {
+    crate::one_line(e)
 }
 
-fn conversation_id(hex: &str) -> Result<ConversationId, ClientError> {
-    hex.parse().map_err(|_| ClientError::Bug(format!("a conversation id that is not hex: {hex}")))
+/// Reads every conversation again and hands it to the state machine.
+async fn reload(backend: &Backend, tx: &mpsc::UnboundedSender<Input>, select: Option<String>) {
+    let input = match backend.load().await {
+        Ok(conversations) => Input::Loaded { conversations, select },
+        Err(e) => Input::Done(Outcome::Error(one_line(&e))),
+    };
+    let _ = tx.send(input);
 }
 
 /// Where actions post their answers, and the queue of messages to send.
@@ -182,35 +160,27 @@ struct Ctx {
     sends: mpsc::UnboundedSender<(String, String)>,
 }
 
-/// Carries out one action; what talks to the server runs as a task and
-/// posts its answer to `ctx.tx`.
-fn perform(client: &Client, action: Action, ctx: &Ctx) {
-    let client = client.clone();
+/// Carries out one action; what talks to the server (or the daemon) runs
+/// as a task and posts its answer to `ctx.tx`.
+fn perform(backend: &Backend, action: Action, ctx: &Ctx) {
+    let backend = backend.clone();
     let tx = ctx.tx.clone();
     match action {
         Action::Quit => {}
         Action::Refresh { select } => {
-            let input = match load(&client) {
-                Ok(conversations) => Input::Loaded { conversations, select },
-                Err(e) => Input::Done(Outcome::Error(e.to_string())),
-            };
-            let _ = tx.send(input);
+            tokio::spawn(async move { reload(&backend, &tx, select).await });
         }
         Action::MarkVerified { handle, number } => {
             // The number the user compared is checked against the pinned
             // key and marked in one transaction: a key that changed while
             // the box was open is not verified.
             tokio::spawn(async move {
-                let outcome = match client.verify_safety_number(&handle, &number).await {
+                let outcome = match backend.verify(&handle, &number).await {
                     Ok(()) => Outcome::Notice(format!("{handle} is verified")),
-                    Err(e) => Outcome::Error(e.to_string()),
+                    Err(e) => Outcome::Error(one_line(&e)),
                 };
                 let _ = tx.send(Input::Done(outcome));
-                let refresh = match load(&client) {
-                    Ok(conversations) => Input::Loaded { conversations, select: None },
-                    Err(e) => Input::Done(Outcome::Error(e.to_string())),
-                };
-                let _ = tx.send(refresh);
+                reload(&backend, &tx, None).await;
             });
         }
         Action::Send { conversation, text } => {
@@ -218,16 +188,12 @@ fn perform(client: &Client, action: Action, ctx: &Ctx) {
         }
         Action::Run(command) => {
             tokio::spawn(async move {
-                let (outcome, select) = match run_command(&client, command).await {
+                let (outcome, select) = match run_command(&backend, command).await {
                     Ok(done) => done,
-                    Err(e) => (Outcome::Error(e.to_string()), None),
+                    Err(e) => (Outcome::Error(one_line(&e)), None),
                 };
                 let _ = tx.send(Input::Done(outcome));
-                let refresh = match load(&client) {
-                    Ok(conversations) => Input::Loaded { conversations, select },
-                    Err(e) => Input::Done(Outcome::Error(e.to_string())),
-                };
-                let _ = tx.send(refresh);
+                reload(&backend, &tx, select).await;
             });
         }
     }
@@ -248,62 +214,54 @@ pub fn qr_lines(number: &str) -> Vec<String> {
 }
 
 /// A command's outcome, and the conversation to select afterwards.
-async fn run_command(client: &Client, command: Command) -> Result<(Outcome, Option<String>), ClientError> {
+async fn run_command(backend: &Backend, command: Command) -> Result<(Outcome, Option<String>)> {
     Ok(match command {
         Command::Direct(handle) => {
-            let id = client.open_direct(&handle).await?;
-            (Outcome::Notice(format!("conversation with {} open", handle.trim_start_matches('@'))), Some(id.to_hex()))
+            let id = backend.open_direct(&handle).await?;
+            (Outcome::Notice(format!("conversation with {} open", handle.trim_start_matches('@'))), Some(id))
         }
         Command::CreateGroup { name, members } => {
-            let id = client.create_group(&name, &members).await?;
-            (Outcome::Notice(format!("created {name}")), Some(id.to_hex()))
+            let id = backend.create_group(&name, &members).await?;
+            (Outcome::Notice(format!("created {name}")), Some(id))
         }
-        Command::Add { conversation, handle } => {
-            match client.group_add(&conversation_id(&conversation)?, &handle).await? {
-                None => (Outcome::Notice(format!("added {handle}")), None),
-                Some(id) => (
-                    Outcome::Notice(format!("{handle} was a member before: the group continues in a new conversation")),
-                    Some(id.to_hex()),
-                ),
-            }
-        }
+        Command::Add { conversation, handle } => match backend.group_add(&conversation, &handle).await? {
+            None => (Outcome::Notice(format!("added {handle}")), None),
+            Some(id) => (
+                Outcome::Notice(format!("{handle} was a member before: the group continues in a new conversation")),
+                Some(id),
+            ),
+        },
         Command::Remove { conversation, handle } => {
-            client.group_remove(&conversation_id(&conversation)?, &handle).await?;
+            backend.group_remove(&conversation, &handle).await?;
             (Outcome::Notice(format!("removed {handle}")), None)
         }
         Command::Rename { conversation, name } => {
-            client.group_rename(&conversation_id(&conversation)?, &name).await?;
+            backend.group_rename(&conversation, &name).await?;
             (Outcome::Notice(format!("renamed to {name}")), None)
         }
         Command::Leave { conversation } => {
-            client.group_leave(&conversation_id(&conversation)?).await?;
+            backend.group_leave(&conversation).await?;
             (Outcome::Notice("left the group".into()), None)
         }
         Command::Members { conversation } => {
-            let me = client.device().identity().address();
             let mut lines = Vec::new();
-            for m in client.members(&conversation_id(&conversation)?)? {
-                let this = if m.address == me { "  (this device)" } else { "" };
-                lines.push(format!(
-                    "{:<16} {}  {}{this}",
-                    m.address.handle.as_str(),
-                    m.address.device,
-                    subrosa_core::safety::key_fingerprint(&m.device_key)
-                ));
+            for m in backend.members(&conversation).await? {
+                let this = if m.this_device { "  (this device)" } else { "" };
+                lines.push(format!("{:<16} {}  {}{this}", m.handle, m.device, m.fingerprint));
             }
             lines.push(String::new());
             lines.push("handle, device id, key fingerprint of every member device".into());
             (Outcome::Overlay(Overlay { title: "Members".into(), lines, verify: None }), None)
         }
         Command::SafetyNumber { handle } => {
-            let number = client.safety_number(&handle).await?;
+            let number = backend.safety_number(&handle).await?;
             let grouped = subrosa_core::safety::grouped(&number);
             let words: Vec<&str> = grouped.split(' ').collect();
             let mut lines: Vec<String> = words.chunks(4).map(|c| c.join(" ")).collect();
             lines.push(String::new());
             lines.extend(qr_lines(&number));
             lines.push(format!("Compare with {handle}'s screen, or scan their code."));
-            let verified = client.is_verified(&handle).unwrap_or(false);
+            let verified = backend.is_verified(&handle).await;
             if verified {
                 lines.push(format!("{handle} is already verified."));
             }
