@@ -416,7 +416,10 @@ impl Subrosa {
             return Err(e);
         }
         match self.store().read(|tx| tx.message(&conversation, &message_id.0))? {
-            Some(m) if m.state == Some(MessageState::Sent) => Ok(m),
+            // Receipts may have come already.
+            Some(m) if matches!(m.state, Some(MessageState::Sent | MessageState::Delivered | MessageState::Read)) => {
+                Ok(m)
+            }
             Some(m) if m.state == Some(MessageState::Failed) => {
                 Err(ClientError::SendRefused(m.reason.unwrap_or_default()))
             }

@@ -9,7 +9,7 @@
 //! made is stored before it leaves (with the advanced ratchet, in the same
 //! transaction): a post whose answer was lost goes again byte for byte.
 
-use subrosa_core::content::Content;
+use subrosa_core::content::{Body, Content};
 use subrosa_core::CoreError;
 use subrosa_proto::{ConversationId, MessageId, MessageKind, SendId, SendPart, SendRequest, B64};
 
@@ -61,6 +61,7 @@ impl Session {
             state: Some(MessageState::Queued),
             reason: None,
             event: None,
+            ..StoredMessage::default()
         };
         let content = Content::text(message_id, sent_at, text).encode()?;
         self.store().write(|tx| {
@@ -94,9 +95,38 @@ impl Session {
             if !tx.conversation(&conversation)?.is_some_and(|r| r.active) {
                 return Err(CoreError::UnknownConversation.into());
             }
-            let seq = tx.next_seq(&conversation)?;
-            let content = Content::decode(&content)?.with_context(seq, kt_head);
-            let (ciphertext, recipients) = self.engine().encrypt(&conversation, &content)?;
+            let content = Content::decode(&content)?;
+            // A receipt goes to its author's devices only, unnumbered (see
+            // `annotations`); everything else to every member, numbered.
+            let receipt_to = match &content.body {
+                Body::Receipt { ids, .. } => {
+                    let first = ids.first().ok_or(ClientError::Bug("a receipt without ids".into()))?;
+                    Some(tx.message(&conversation, &first.0)?.map(|m| m.from))
+                }
+                _ => None,
+            };
+            if let Some(author) = &receipt_to {
+                let members = self.engine().members(&conversation)?;
+                if !author.as_ref().is_some_and(|a| members.iter().any(|m| m.address.handle.as_str() == a)) {
+                    // The author left (or the message is gone): nobody to tell.
+                    tx.pop_outbox(id)?;
+                    return Ok(None);
+                }
+            }
+            let seq = if receipt_to.is_some() { 0 } else { tx.next_seq(&conversation)? };
+            let content = content.with_context(seq, kt_head);
+            let (ciphertext, mut recipients) = self.engine().encrypt(&conversation, &content)?;
+            match receipt_to {
+                Some(author) => recipients.retain(|a| Some(a.handle.as_str()) == author.as_deref()),
+                None => {
+                    let me = self.handle();
+                    let mut others: Vec<String> =
+                        recipients.iter().filter(|a| a.handle != *me).map(|a| a.handle.to_string()).collect();
+                    others.sort();
+                    others.dedup();
+                    tx.set_recipients(&conversation, &content.message_id.0, &others)?;
+                }
+            }
             let req = SendRequest {
                 conversation,
                 send_id: SendId(q.send_id),
@@ -105,7 +135,7 @@ impl Session {
             };
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
             tx.set_outbox_request(id, &bytes)?;
-            Ok(Some((bytes, Some(seq))))
+            Ok(Some((bytes, (seq != 0).then_some(seq))))
         })
     }
 
@@ -143,5 +173,23 @@ impl Session {
                 None => Ok(()),
             }
         })
+    }
+
+    /// Queues `body` (no history row) in the caller's transaction.
+    pub(crate) fn queue_body_in(
+        &self,
+        tx: &mut dyn crate::store::Tx,
+        to: &Outgoing<'_>,
+        body: &Body,
+        message_id: MessageId,
+        send_id: [u8; 16],
+        shown: Option<&str>,
+    ) -> Result<(), ClientError> {
+        debug_assert!(shown.is_none(), "history rows come from queue_body");
+        let mut content = Content::text(message_id, self.now_ms(), "");
+        content.body = body.clone();
+        let content = content.encode()?;
+        tx.note_sent(&to.conversation)?;
+        tx.push_outbox(&send_id, &to.conversation, &message_id.0, &content)
     }
 }
