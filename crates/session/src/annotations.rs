@@ -194,7 +194,15 @@ impl Session {
     /// transaction. Returns how many sends were queued.
     pub(crate) fn queue_receipts_in(&self, tx: &mut dyn Tx) -> Result<usize, ClientError> {
         let mut queued = 0;
-        for due in tx.take_receipts_due()? {
+        let due = tx.take_receipts_due()?;
+        // A proven directory fork blocks every send of this device,
+        // receipts included: they would carry the head to other members
+        // under keys the server may have swapped. They are dropped, not
+        // kept for later: a receipt is no message the user wrote.
+        if tx.open_fork()?.is_some() {
+            return Ok(0);
+        }
+        for due in due {
             // Only to a conversation this device is still in.
             let Some(row) = tx.conversation(&due.conversation)?.filter(|r| r.active && r.kind != "own") else {
                 continue;

@@ -106,6 +106,12 @@ impl Session {
                 _ => None,
             };
             if let Some(author) = &receipt_to {
+                // Queued before a fork was proven (in the same sync): dropped
+                // with the block on sending (see `annotations`).
+                if tx.open_fork()?.is_some() {
+                    tx.pop_outbox(id)?;
+                    return Ok(None);
+                }
                 let members = self.engine().members(&conversation)?;
                 if !author.as_ref().is_some_and(|a| members.iter().any(|m| m.address.handle.as_str() == a)) {
                     // The author left (or the message is gone): nobody to tell.
@@ -175,8 +181,13 @@ impl Session {
         })
     }
 
-    /// Queues `body` (no history row) in the caller's transaction.
-    pub(crate) fn queue_body_in(
+    /// Queues `body` in the caller's transaction, with a history row
+    /// (queued) showing `shown` when given (a reply keeps the id it
+    /// answers). A stand-in for the shared `queue_body` of the send API.
+    ///
+    /// # Errors
+    /// Store errors; [`ClientError::Core`] for a body that does not encode.
+    pub fn queue_body_in(
         &self,
         tx: &mut dyn crate::store::Tx,
         to: &Outgoing<'_>,
@@ -184,12 +195,39 @@ impl Session {
         message_id: MessageId,
         send_id: [u8; 16],
         shown: Option<&str>,
-    ) -> Result<(), ClientError> {
-        debug_assert!(shown.is_none(), "history rows come from queue_body");
-        let mut content = Content::text(message_id, self.now_ms(), "");
+    ) -> Result<Option<StoredMessage>, ClientError> {
+        let sent_at = self.now_ms();
+        let mut content = Content::text(message_id, sent_at, "");
         content.body = body.clone();
-        let content = content.encode()?;
+        let encoded = content.encode()?;
+        let stored = match shown {
+            Some(text) => {
+                let me = self.identity().address();
+                let m = StoredMessage {
+                    id: message_id.to_hex(),
+                    conversation: to.conversation.to_hex(),
+                    target: to.target.to_string(),
+                    group: to.group,
+                    from: me.handle.to_string(),
+                    device: me.device.to_hex(),
+                    sent_at,
+                    received_at: sent_at,
+                    text: text.to_string(),
+                    outgoing: true,
+                    state: Some(MessageState::Queued),
+                    reply_to: match body {
+                        Body::Reply { reply_to, .. } => Some(reply_to.to_hex()),
+                        _ => None,
+                    },
+                    ..StoredMessage::default()
+                };
+                tx.insert_message(&m, &to.conversation, &message_id.0, true)?;
+                Some(m)
+            }
+            None => None,
+        };
         tx.note_sent(&to.conversation)?;
-        tx.push_outbox(&send_id, &to.conversation, &message_id.0, &content)
+        tx.push_outbox(&send_id, &to.conversation, &message_id.0, &encoded)?;
+        Ok(stored)
     }
 }
