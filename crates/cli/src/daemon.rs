@@ -575,7 +575,7 @@ async fn call(
             match reply_to {
                 Some(id) => {
                     let id = message_id(&id)?;
-                    match me.reply(&to, &message, id).await {
+                    match me.reply(&to, &message, id, false).await {
                         Ok(m) => plain(message_value(&m)),
                         Err(ClientError::Pending(_)) => plain(json!({ "queued": true })),
                         Err(e) => Err(e.into()),

@@ -815,7 +815,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
         Command::Send { target, text, accept_key_change, reply_to } => {
             let to = target::for_send(me, &target).await?;
             let m = match reply_to {
-                Some(id) => me.reply(&to, &text, message_id(&id)?).await?,
+                Some(id) => me.reply(&to, &text, message_id(&id)?, accept_key_change).await?,
                 None => me.send_text_with(&to, &text, accept_key_change).await?,
             };
             out!("sent {} to {}", m.id, safe(&m.target));

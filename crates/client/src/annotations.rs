@@ -78,17 +78,26 @@ impl Subrosa {
         self.send_action(to, Body::Delete { target }).await
     }
 
-    /// Sends `text` in answer to the message `reply_to`.
+    /// Sends `text` in answer to the message `reply_to`
+    /// (`accept_key_change` as in [`Self::send_text_with`]).
     ///
     /// # Errors
     /// [`ClientError::Input`] for an empty or too long text, or no such
     /// message; as [`Self::send_body`].
-    pub async fn reply(&self, to: &Target, text: &str, reply_to: MessageId) -> Result<StoredMessage, ClientError> {
+    pub async fn reply(
+        &self,
+        to: &Target,
+        text: &str,
+        reply_to: MessageId,
+        accept_key_change: bool,
+    ) -> Result<StoredMessage, ClientError> {
         check_text(text)?;
         let conversation = self.existing_conversation(to)?;
         let body = Body::Reply { text: text.to_string(), reply_to };
         self.check_action(&conversation, &body)?;
-        match self.send_body(&Target::Conversation(conversation), body, Some(text.to_string())).await? {
+        let to = Target::Conversation(conversation);
+        let id = MessageId(rand::random());
+        match self.send_body_as(&to, body, Some(text.to_string()), accept_key_change, id).await? {
             Some(m) => Ok(m),
             None => Err(ClientError::Bug("a reply sent without its history row".into())),
         }
@@ -115,67 +124,4 @@ fn check_text(text: &str) -> Result<(), ClientError> {
         return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
     }
     Ok(())
-}
-
-impl Subrosa {
-    /// Sends any content kind to a conversation this device has: catches
-    /// up, checks keys and members, queues (with a history row showing
-    /// `shown`, when given) and flushes. A stand-in for the shared send API
-    /// (`send_body`), which replaces it.
-    ///
-    /// # Errors
-    /// [`ClientError::Pending`] while queued; [`ClientError::SendRefused`]
-    /// or the server's error when refused; as [`Self::send_text`].
-    pub async fn send_body(
-        &self,
-        to: &Target,
-        body: Body,
-        shown: Option<String>,
-    ) -> Result<Option<StoredMessage>, ClientError> {
-        let Target::Conversation(id) = to else {
-            return Err(ClientError::Input("no conversation yet".into()));
-        };
-        self.conversation(id)?;
-        let online = match self.catch_up().await {
-            Ok(()) => true,
-            Err(e) if crate::is_transient(&e) => false,
-            Err(e) => return Err(e),
-        };
-        self.kt_blocked()?;
-        let row = self.conversation(id)?;
-        if !row.active {
-            return Err(ClientError::Input(format!("you are no longer a member of {}", row.target())));
-        }
-        let mut handles: Vec<subrosa_proto::Handle> =
-            self.engine().members(&row.id)?.into_iter().map(|m| m.address.handle).collect();
-        handles.dedup();
-        self.check_key_changes(&handles, false)?;
-        self.check_members_accepted(&row.id, &format!("#{}", row.id.to_hex()))?;
-        let message_id = MessageId(rand::random());
-        let target = row.target();
-        let out = subrosa_session::Outgoing { conversation: row.id, target: &target, group: row.kind == "group" };
-        let stored = self
-            .store()
-            .write(|tx| self.queue_body_in(tx, &out, &body, message_id, rand::random(), shown.as_deref()))?;
-        if !online {
-            return Err(ClientError::Pending(crate::QUEUED.into()));
-        }
-        let _ = self.flush_outbox_inner(true).await;
-        let own = {
-            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-            let i = failed.iter().position(|(m, _)| *m == Some((row.id, message_id.0)));
-            i.map(|i| failed.remove(i).1)
-        };
-        if let Some(e) = own {
-            return Err(e);
-        }
-        let queued = self.store().read(|tx| tx.outbox())?.iter().any(|q| q.message == Some((row.id, message_id.0)));
-        if queued {
-            return Err(ClientError::Pending(crate::QUEUED.into()));
-        }
-        match stored {
-            Some(_) => Ok(self.store().read(|tx| tx.message(&row.id, &message_id.0))?),
-            None => Ok(None),
-        }
-    }
 }

@@ -212,7 +212,7 @@ impl Session {
             for ids in due.ids.chunks(MAX_RECEIPT_IDS) {
                 let body = Body::Receipt { kind: due.kind, ids: ids.iter().copied().map(MessageId).collect() };
                 let (message_id, send_id) = (MessageId(self.random_id()?), self.random_id()?);
-                self.queue_body_in(tx, &to, &body, message_id, send_id, None)?;
+                self.queue_body(&to, &body, message_id, send_id, None)?;
                 queued += 1;
             }
         }

@@ -44,9 +44,30 @@ impl Session {
         message_id: MessageId,
         send_id: [u8; 16],
     ) -> Result<StoredMessage, ClientError> {
+        self.queue_body(to, &Body::Text(text.to_string()), message_id, send_id, Some(text))?
+            .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
+    }
+
+    /// Stores a message of any kind in the outbox under `message_id` and
+    /// the idempotency key `send_id`, and, when `shown` is given, a history
+    /// line saying it (state `queued`), in one transaction. Kinds that are
+    /// not lines of their own (a reaction, a receipt, a call signal) pass
+    /// `None`: they are kept where their kind keeps them.
+    ///
+    /// # Errors
+    /// Store errors; [`ClientError::Core`] for a body that cannot be
+    /// encoded (too large).
+    pub fn queue_body(
+        &self,
+        to: &Outgoing<'_>,
+        body: &Body,
+        message_id: MessageId,
+        send_id: [u8; 16],
+        shown: Option<&str>,
+    ) -> Result<Option<StoredMessage>, ClientError> {
         let sent_at = self.now_ms();
         let me = self.identity().address();
-        let stored = StoredMessage {
+        let stored = shown.map(|text| StoredMessage {
             id: message_id.to_hex(),
             conversation: to.conversation.to_hex(),
             target: to.target.to_string(),
@@ -61,11 +82,17 @@ impl Session {
             state: Some(MessageState::Queued),
             reason: None,
             event: None,
+            reply_to: match body {
+                Body::Reply { reply_to, .. } => Some(reply_to.to_hex()),
+                _ => None,
+            },
             ..StoredMessage::default()
-        };
-        let content = Content::text(message_id, sent_at, text).encode()?;
+        });
+        let content = Content::new(message_id, sent_at, body.clone()).encode()?;
         self.store().write(|tx| {
-            tx.insert_message(&stored, &to.conversation, &message_id.0, true)?;
+            if let Some(stored) = &stored {
+                tx.insert_message(stored, &to.conversation, &message_id.0, true)?;
+            }
             tx.note_sent(&to.conversation)?;
             tx.push_outbox(&send_id, &to.conversation, &message_id.0, &content)
         })?;
@@ -179,55 +206,5 @@ impl Session {
                 None => Ok(()),
             }
         })
-    }
-
-    /// Queues `body` in the caller's transaction, with a history row
-    /// (queued) showing `shown` when given (a reply keeps the id it
-    /// answers). A stand-in for the shared `queue_body` of the send API.
-    ///
-    /// # Errors
-    /// Store errors; [`ClientError::Core`] for a body that does not encode.
-    pub fn queue_body_in(
-        &self,
-        tx: &mut dyn crate::store::Tx,
-        to: &Outgoing<'_>,
-        body: &Body,
-        message_id: MessageId,
-        send_id: [u8; 16],
-        shown: Option<&str>,
-    ) -> Result<Option<StoredMessage>, ClientError> {
-        let sent_at = self.now_ms();
-        let mut content = Content::text(message_id, sent_at, "");
-        content.body = body.clone();
-        let encoded = content.encode()?;
-        let stored = match shown {
-            Some(text) => {
-                let me = self.identity().address();
-                let m = StoredMessage {
-                    id: message_id.to_hex(),
-                    conversation: to.conversation.to_hex(),
-                    target: to.target.to_string(),
-                    group: to.group,
-                    from: me.handle.to_string(),
-                    device: me.device.to_hex(),
-                    sent_at,
-                    received_at: sent_at,
-                    text: text.to_string(),
-                    outgoing: true,
-                    state: Some(MessageState::Queued),
-                    reply_to: match body {
-                        Body::Reply { reply_to, .. } => Some(reply_to.to_hex()),
-                        _ => None,
-                    },
-                    ..StoredMessage::default()
-                };
-                tx.insert_message(&m, &to.conversation, &message_id.0, true)?;
-                Some(m)
-            }
-            None => None,
-        };
-        tx.note_sent(&to.conversation)?;
-        tx.push_outbox(&send_id, &to.conversation, &message_id.0, &encoded)?;
-        Ok(stored)
     }
 }

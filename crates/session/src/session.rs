@@ -522,50 +522,7 @@ impl Session {
                     }
                     return Ok(());
                 }
-                // Reactions, edits, deletes and receipts change what is
-                // stored already (see `annotations`); they are no message.
-                if self.apply_action(tx, &row, &sender.address, &content)? {
-                    return Ok(());
-                }
-                // A kind from a newer Subrosa is stored and shown as such; it
-                // counts in the sender's sequence like any message.
-                let (text, reply_to) = match content.body {
-                    Body::Text(t) => (t, None),
-                    Body::Reply { text, reply_to } => (text, Some(reply_to.to_hex())),
-                    _ => (UNSUPPORTED_TEXT.to_string(), None),
-                };
-                let m = StoredMessage {
-                    id: content.message_id.to_hex(),
-                    conversation: conversation.to_hex(),
-                    target: row.target(),
-                    group: row.kind == "group",
-                    from: sender.address.handle.to_string(),
-                    device: sender.address.device.to_hex(),
-                    sent_at: content.sent_at_ms,
-                    received_at: self.now_ms(),
-                    text,
-                    outgoing: sender.address.handle == me,
-                    system: false,
-                    state: None,
-                    reason: None,
-                    event: None,
-                    reply_to,
-                    ..StoredMessage::default()
-                };
-                // A sender's retry carries the same message id: shown once.
-                let new = tx.insert_message(&m, &conversation, &content.message_id.0, false)?;
-                if new {
-                    self.after_stored(tx, &row, &m, &content.message_id)?;
-                }
-                if late && new {
-                    self.record_system_line(
-                        tx,
-                        &row,
-                        &sender.address,
-                        SystemEvent::Late { from: sender.address.handle.to_string() },
-                    )?;
-                }
-                Ok(())
+                self.apply_content(tx, &row, &sender.address, content, late)
             }
             Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
                 let mut row = self.conversation_row(tx, &conversation)?;
@@ -758,6 +715,60 @@ impl Session {
             extra.join(", "),
             conversation.to_hex()
         ))
+    }
+
+    /// Applies an authenticated application message of a shown conversation
+    /// (its sender checked, its sequence number noted; `late` when it is
+    /// older than one already shown). The one place each content kind
+    /// gets its meaning: a kind adds its arm here and keeps its rules in a
+    /// module of its own.
+    fn apply_content(
+        &self,
+        tx: &mut dyn Tx,
+        row: &ConversationRow,
+        sender: &DeviceAddress,
+        content: subrosa_core::content::Content,
+        late: bool,
+    ) -> Result<(), ClientError> {
+        let (text, reply_to) = match content.body {
+            Body::Text(t) => (t, None),
+            Body::Reply { text, reply_to } => (text, Some(reply_to.to_hex())),
+            // They change what is stored already (see `annotations`); they
+            // are no lines of their own.
+            Body::Reaction { .. } | Body::Edit { .. } | Body::Delete { .. } | Body::Receipt { .. } => {
+                return self.apply_action(tx, row, sender, &content).map(|_| ());
+            }
+            // A kind from a newer Subrosa is stored and shown as such; it
+            // counts in the sender's sequence like any message.
+            _ => (UNSUPPORTED_TEXT.to_string(), None),
+        };
+        let m = StoredMessage {
+            id: content.message_id.to_hex(),
+            conversation: row.id.to_hex(),
+            target: row.target(),
+            group: row.kind == "group",
+            from: sender.handle.to_string(),
+            device: sender.device.to_hex(),
+            sent_at: content.sent_at_ms,
+            received_at: self.now_ms(),
+            text,
+            outgoing: sender.handle == *self.handle(),
+            system: false,
+            state: None,
+            reason: None,
+            event: None,
+            reply_to,
+            ..StoredMessage::default()
+        };
+        // A sender's retry carries the same message id: shown once.
+        let new = tx.insert_message(&m, &row.id, &content.message_id.0, false)?;
+        if new {
+            self.after_stored(tx, row, &m, &content.message_id)?;
+        }
+        if late && new {
+            self.record_system_line(tx, row, sender, SystemEvent::Late { from: sender.handle.to_string() })?;
+        }
+        Ok(())
     }
 
     /// Notes a sender's sequence number: a gap becomes a system line before
