@@ -12,6 +12,9 @@ use rpc::*;
 
 fn each_params(p: serde_json::Value) {
     let _ = params::<SendParams>(p.clone());
+    let _ = params::<ReactParams>(p.clone());
+    let _ = params::<EditParams>(p.clone());
+    let _ = params::<DeleteParams>(p.clone());
     let _ = params::<Which>(p.clone());
     let _ = params::<ReceiveParams>(p.clone());
     let _ = params::<SubscribeParams>(p.clone());

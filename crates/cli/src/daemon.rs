@@ -521,6 +521,34 @@ impl Which {
     }
 }
 
+/// Where a command for a conversation goes.
+async fn target_of(me: &Subrosa, place: Place) -> Result<Target, Failure> {
+    Ok(match place {
+        Place::Id(id) => Target::Conversation(id),
+        Place::Named(target) => match crate::target::for_send(me, &target).await? {
+            Target::Direct(handle) => match me.direct_conversation(&handle)? {
+                Some(id) => Target::Conversation(id),
+                // A first message makes the conversation.
+                None => Target::Direct(handle),
+            },
+            other => other,
+        },
+    })
+}
+
+fn message_id(s: &str) -> Result<subrosa_proto::MessageId, Failure> {
+    s.parse().map_err(|_| invalid("messageId takes a message id: 32 hex digits"))
+}
+
+/// A command's answer: done, or queued (sent later, not to be repeated).
+fn queued(r: Result<(), ClientError>) -> Answer {
+    match r {
+        Ok(()) => Ok((json!({ "queued": false }), None)),
+        Err(ClientError::Pending(_)) => Ok((json!({ "queued": true }), None)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn message_value(m: &StoredMessage) -> Value {
     serde_json::to_value(&*with_advice(m)).unwrap_or(Value::Null)
 }
@@ -569,22 +597,54 @@ async fn call(
     let plain = |v: Value| -> Answer { Ok((v, None)) };
     match method {
         "send" => {
-            let SendParams { recipient, conversation, message } = params(p)?;
+            let SendParams { recipient, conversation, message, reply_to } = params(p)?;
             let place = Which { recipient, conversation }.place()?;
             // Stored and queued (the server away) is a result in state
             // `queued`, not an error: a bot must not send it again.
-            let to = match place {
-                Place::Id(id) => Target::Conversation(id),
-                Place::Named(target) => match crate::target::for_send(me, &target).await? {
-                    Target::Direct(handle) => match me.direct_conversation(&handle)? {
-                        Some(id) => Target::Conversation(id),
-                        // A first message makes the conversation.
-                        None => Target::Direct(handle),
-                    },
-                    other => other,
-                },
+            let to = target_of(me, place).await?;
+            match reply_to {
+                Some(id) => {
+                    let id = message_id(&id)?;
+                    match me.reply(&to, &message, id, false).await {
+                        Ok(m) => plain(message_value(&m)),
+                        Err(ClientError::Pending(_)) => plain(json!({ "queued": true })),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                None => plain(message_value(&client.send_text_to(&to, &message).await?)),
+            }
+        }
+        // Reactions, edits and deletes answer `{"queued": false}` once the
+        // server has them, `{"queued": true}` when stored and sent later
+        // (never to be sent again by the caller).
+        "react" => {
+            let ReactParams { recipient, conversation, message_id: id, emoji, remove } = params(p)?;
+            let to = target_of(me, Which { recipient, conversation }.place()?).await?;
+            let id = message_id(&id)?;
+            queued(me.react(&to, id, &emoji, remove).await)
+        }
+        "edit" => {
+            let EditParams { recipient, conversation, message_id: id, text } = params(p)?;
+            let to = target_of(me, Which { recipient, conversation }.place()?).await?;
+            let id = message_id(&id)?;
+            queued(me.edit(&to, id, &text).await)
+        }
+        "delete" => {
+            let DeleteParams { recipient, conversation, message_id: id } = params(p)?;
+            let to = target_of(me, Which { recipient, conversation }.place()?).await?;
+            let id = message_id(&id)?;
+            queued(me.delete_for_everyone(&to, id).await)
+        }
+        "read" => {
+            let id = match params::<Which>(p)?.place()? {
+                Place::Id(id) => id,
+                Place::Named(t) => crate::target::conversation(me, &t)?,
             };
-            plain(message_value(&client.send_text_to(&to, &message).await?))
+            match me.read(&id).await {
+                Ok(n) => plain(json!({ "read": n, "queued": false })),
+                Err(ClientError::Pending(_)) => plain(json!({ "queued": true })),
+                Err(e) => Err(e.into()),
+            }
         }
         "history" => {
             let history = match params::<Which>(p)?.place()? {

@@ -133,6 +133,9 @@ pub async fn run() -> Result<()> {
     bob.send_text(&Target::Direct(alice.handle().clone()), "Got it, thanks. Nobody else can read this.").await?;
     out!("  bob sends       \"Got it, thanks. Nobody else can read this.\"");
     receive_print(&alice).await?;
+    // Each device told the other it got the message (a delivery receipt,
+    // encrypted like any message): bob fetches alice's.
+    receive_print(&bob).await?;
 
     // Let the server finish deleting acknowledged rows.
     tokio::time::sleep(Duration::from_millis(200)).await;

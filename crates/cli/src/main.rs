@@ -83,7 +83,48 @@ enum Command {
         /// Send even though a verified contact's identity key changed.
         #[arg(long)]
         accept_key_change: bool,
+        /// Answer the message with this id (the `id` of `history --json`).
+        #[arg(long, value_name = "MESSAGE_ID")]
+        reply_to: Option<String>,
     },
+    /// React to a message with an emoji (`--remove` takes your reaction back).
+    React {
+        /// The conversation: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+        /// The message (the `id` of `history --json`).
+        message_id: String,
+        /// The emoji.
+        emoji: String,
+        /// Take your reaction back.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Change the text of one of your messages, for everyone.
+    Edit {
+        /// The conversation: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+        /// Your message (the `id` of `history --json`).
+        message_id: String,
+        /// Its new text.
+        text: String,
+    },
+    /// Delete one of your messages for everyone: every member's device
+    /// drops its text and keeps a "deleted" line.
+    Delete {
+        /// The conversation: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+        /// Your message (the `id` of `history --json`).
+        message_id: String,
+    },
+    /// Mark a conversation read: its authors get read receipts (unless
+    /// `settings read-receipts off`).
+    Read {
+        /// The conversation: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+    },
+    /// This device's settings.
+    #[command(subcommand)]
+    Settings(SettingsCommand),
     /// Fetch, decrypt, store and print queued messages.
     Receive {
         /// One JSON object per line.
@@ -219,6 +260,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SettingsCommand {
+    /// Send read receipts (`on`, the default) or not (`off`); without a
+    /// value, show the setting. Delivery receipts are always sent.
+    ReadReceipts {
+        /// on or off.
+        value: Option<OnOff>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
@@ -596,6 +653,31 @@ fn with_advice(m: &StoredMessage) -> std::borrow::Cow<'_, StoredMessage> {
     std::borrow::Cow::Owned(m)
 }
 
+/// A message id as typed: 32 hex digits.
+fn message_id(s: &str) -> Result<subrosa_proto::MessageId> {
+    s.trim()
+        .parse()
+        .map_err(|_| anyhow!("{} is not a message id: 32 hex digits (the `id` of `history --json`)", safe(s)))
+}
+
+/// What a message carries besides its text, in words: the message it
+/// answers, an edit, reactions (all from other people: made safe).
+fn annotations(m: &StoredMessage) -> (String, String) {
+    let before = match &m.reply_to {
+        Some(id) => format!("(re {}) ", &id[..id.len().min(8)]),
+        None => String::new(),
+    };
+    let mut after = String::new();
+    if m.edited {
+        after.push_str(" (edited)");
+    }
+    for r in &m.reactions {
+        let from: Vec<String> = r.from.iter().map(|f| safe(f).into_owned()).collect();
+        after.push_str(&format!(" [{} {}]", safe(&r.emoji), from.join(", ")));
+    }
+    (before, after)
+}
+
 /// One message, in plain text or as a JSON line; others' text made safe
 /// for the terminal either way (see `term`).
 fn print_message(m: &StoredMessage, json: bool) {
@@ -622,9 +704,13 @@ fn print_shown(m: &StoredMessage, json: bool) {
                 Some(MessageState::Failed) => {
                     format!(" [failed: {}]", safe(m.reason.as_deref().unwrap_or("refused by the server")))
                 }
+                Some(MessageState::Delivered) => " [delivered]".to_string(),
+                Some(MessageState::Read) => " [read]".to_string(),
                 _ => String::new(),
             };
-            let _ = writeln!(out, "[{}] {place}{who}: {text}{state}", format_time(m.sent_at));
+            let text = if m.deleted { "[deleted]".into() } else { text };
+            let (before, after) = annotations(m);
+            let _ = writeln!(out, "[{}] {place}{who}: {before}{text}{after}{state}", format_time(m.sent_at));
         }
     }
     let _ = out.flush();
@@ -783,10 +869,46 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
 async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
     let me = client.device();
     match command {
-        Command::Send { target, text, accept_key_change } => {
+        Command::Send { target, text, accept_key_change, reply_to } => {
             let to = target::for_send(me, &target).await?;
-            let m = me.send_text_with(&to, &text, accept_key_change).await?;
+            let m = match reply_to {
+                Some(id) => me.reply(&to, &text, message_id(&id)?, accept_key_change).await?,
+                None => me.send_text_with(&to, &text, accept_key_change).await?,
+            };
             out!("sent {} to {}", m.id, safe(&m.target));
+        }
+        Command::React { target, message_id: id, emoji, remove } => {
+            let to = target::for_send(me, &target).await?;
+            me.react(&to, message_id(&id)?, &emoji, remove).await?;
+            out!("{} {}", if remove { "took back your reaction to" } else { "reacted to" }, id);
+        }
+        Command::Edit { target, message_id: id, text } => {
+            let to = target::for_send(me, &target).await?;
+            me.edit(&to, message_id(&id)?, &text).await?;
+            out!("edited {id}");
+        }
+        Command::Delete { target, message_id: id } => {
+            let to = target::for_send(me, &target).await?;
+            me.delete_for_everyone(&to, message_id(&id)?).await?;
+            out!("deleted {id} for everyone");
+        }
+        Command::Read { target } => {
+            let conversation = match target::resolve(me, &target)? {
+                target::Named::Conversation(row) => row.id,
+                target::Named::Direct(peer) => me
+                    .store()
+                    .read(|tx| tx.direct_conversation(peer.as_str()))?
+                    .ok_or_else(|| ClientError::UnknownTarget(target.clone()))?,
+            };
+            let n = me.read(&conversation).await?;
+            let receipts = if me.read_receipts()? { "" } else { " (read receipts are off: nobody was told)" };
+            out!("marked {n} message(s) read{receipts}");
+        }
+        Command::Settings(SettingsCommand::ReadReceipts { value }) => {
+            if let Some(v) = value {
+                me.set_read_receipts(v == OnOff::On)?;
+            }
+            out!("read receipts: {}", if me.read_receipts()? { "on" } else { "off" });
         }
         Command::Receive { json, timeout, follow, no_ack } => {
             if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {

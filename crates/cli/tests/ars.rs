@@ -76,6 +76,8 @@ fn the_server_keeps_nothing_of_a_message_after_delivery() {
     alice.send("bob", "ephemeral on the server");
     assert!(server.count("inbox") >= 1);
     assert_eq!(texts(&bob.receive_json(&[])), ["ephemeral on the server"]);
+    // bob's delivery receipt waits for alice's devices until they fetch it.
+    assert!(alice.receive_json(&[]).is_empty());
     assert_eq!(server.count("inbox"), 0);
     assert_eq!(server.count("messages"), 0);
 }

@@ -642,4 +642,46 @@ fn two_receives_in_one_batch_never_hand_out_the_same_message() {
     assert!(first.contains(&"once only".to_string()), "{batch}");
     assert!(!second.contains(&"once only".to_string()), "handed out twice: {batch}");
     assert_eq!(rpc.call("receive", json!({})), json!([]));
+#[test]
+fn a_bot_reacts_replies_edits_deletes_and_reads_and_sees_the_fields() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "question");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    wait_stored(&mut rpc, "alice", "question");
+    let history = rpc.call("history", json!({ "recipient": "alice" }));
+    let question = history.as_array().unwrap().iter().find(|m| m["text"] == "question").unwrap()["id"].clone();
+
+    assert_eq!(
+        rpc.call("react", json!({ "recipient": "alice", "messageId": question, "emoji": "+1" })),
+        json!({ "queued": false })
+    );
+    let reply = rpc.call("send", json!({ "recipient": "alice", "message": "answer", "replyTo": question }));
+    assert_eq!((reply["reply_to"].clone(), reply["state"].as_str()), (question.clone(), Some("sent")));
+    let mine = reply["id"].clone();
+    assert_eq!(
+        rpc.call("edit", json!({ "recipient": "alice", "messageId": mine, "text": "better answer" })),
+        json!({ "queued": false })
+    );
+    // Not bob's to edit or delete: refused, one line, nothing sent.
+    let refused = rpc.call_raw("delete", json!({ "recipient": "alice", "messageId": question }));
+    assert_eq!(refused["error"]["code"], -32000, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("only its author may delete it"), "{refused}");
+    let bad = rpc.call_raw("react", json!({ "recipient": "alice", "messageId": "zz", "emoji": "+1" }));
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+    assert_eq!(rpc.call("read", json!({ "recipient": "alice" }))["read"], 1);
+    assert_eq!(rpc.call("read", json!({ "recipient": "alice" }))["read"], 0);
+
+    alice.receive_json(&[]);
+    let h = alice.history_json("bob");
+    let q = h.iter().find(|m| m["id"] == question).unwrap();
+    assert_eq!(q["reactions"], json!([{ "emoji": "+1", "from": ["bob"] }]));
+    assert_eq!(q["state"], "read");
+    let a = h.iter().find(|m| m["id"] == mine).unwrap();
+    assert_eq!(
+        (a["text"].as_str(), a["edited"].as_bool(), a["reply_to"].clone()),
+        (Some("better answer"), Some(true), question)
+    );
 }

@@ -92,12 +92,14 @@ fn counts(texts: impl Iterator<Item = String>) -> HashMap<String, usize> {
 }
 
 /// Registers alice and bob through `url`, opens their conversation and
-/// leaves bob's inbox empty.
+/// leaves both inboxes empty.
 async fn pair(url: &str, dir: &tempfile::TempDir) -> (Subrosa, Subrosa) {
     let alice = Subrosa::register(&dir.path().join("alice"), PASS, "alice", url).await.expect("alice registers");
     let bob = Subrosa::register(&dir.path().join("bob"), PASS, "bob", url).await.expect("bob registers");
     alice.send_text(&to("bob"), "hello").await.expect("first message");
     drain(&bob).await;
+    // bob's delivery receipt for it.
+    drain(&alice).await;
     (alice, bob)
 }
 
@@ -172,6 +174,11 @@ where
         assert_eq!(got.get(t), Some(&1), "acknowledged {t} was not delivered exactly once");
     }
     assert_eq!(got, sent, "bob received exactly what alice's history holds, once each");
+    // bob's delivery receipts (one per batch he fetched, not one per
+    // message) wait for alice until she fetches them.
+    let receipts = stats().await.messages - before.messages;
+    assert!(receipts <= sent.len() as u64 / 100, "{receipts} receipts for {} messages", sent.len());
+    drain(alice).await;
     let after = stats().await;
     assert_eq!((after.messages, after.inbox_rows), (before.messages, before.inbox_rows), "delete on ack");
     eprintln!(

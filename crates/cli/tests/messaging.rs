@@ -112,7 +112,9 @@ fn follow_prints_a_pushed_message_as_it_arrives() {
     eprintln!("follow delivery after send returned: {delays:?}");
     let _ = follow.kill();
     let _ = follow.wait();
-    // Everything pushed was acknowledged: nothing left queued.
+    // Everything pushed was acknowledged: nothing left queued, once alice
+    // fetched bob's delivery receipts.
+    alice.receive_json(&[]);
     assert!(wait_until(Duration::from_secs(5), || server.count("inbox") == 0));
 }
 
@@ -132,6 +134,8 @@ fn a_message_delivered_twice_is_shown_once() {
     // Second delivery of the same ciphertext: not shown again, now acked.
     assert!(bob.receive_json(&[]).is_empty());
     assert_eq!(texts(&bob.history_json("alice")), ["only once please"]);
+    // One delivery receipt, though bob stored it twice.
+    assert!(alice.receive_json(&[]).is_empty());
     assert_eq!(server.count("inbox"), 0);
     assert_eq!(server.count("messages"), 0);
 

@@ -154,6 +154,7 @@ impl Subrosa {
                 state: None,
                 reason: None,
                 event: None,
+                ..StoredMessage::default()
             };
             self.store().write(|tx| tx.insert_message(&m, &conv, &it.message_id, true))?;
         }

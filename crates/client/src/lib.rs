@@ -5,6 +5,7 @@
 //! to the store before anything leaves the device, and a delivered message
 //! is acknowledged only after the store committed it.
 
+mod annotations;
 mod conversations;
 mod devices;
 mod handle;
@@ -439,7 +440,10 @@ impl Subrosa {
             return Ok(None);
         }
         match self.store().read(|tx| tx.message(&conversation, &message_id.0))? {
-            Some(m) if m.state == Some(MessageState::Sent) => Ok(Some(m)),
+            // Receipts may have come already.
+            Some(m) if matches!(m.state, Some(MessageState::Sent | MessageState::Delivered | MessageState::Read)) => {
+                Ok(Some(m))
+            }
             Some(m) if m.state == Some(MessageState::Failed) => {
                 Err(ClientError::SendRefused(m.reason.unwrap_or_default()))
             }

@@ -13,6 +13,13 @@
 //! counts in the sender's sequence and is shown as unsupported instead of
 //! being reported as tampered.
 //!
+//! Kinds: 1 text (payload version 1: the text; version 2, written only for
+//! a reply: the text and the id of the message it answers), 2 identity
+//! key, 3 reaction, 4 edit, 5 delete (for everyone), 6 receipt. Reactions,
+//! edits, deletes and receipts name the message they concern by its
+//! end-to-end id; whether the sender may do that is the session's rule,
+//! not the encoding's.
+//!
 //! The gossiped head is the newest signed key-directory head the sender
 //! holds (`subrosa_proto::kt::SignedHead`'s bytes), carried opaque here and
 //! checked by the receiver. Versions 1 (id, time, kind, body) and 2 (plus
@@ -40,6 +47,48 @@ pub mod kind {
     /// The account's new identity key, handed to its other devices (only in
     /// the conversation of the account's own devices).
     pub const IDENTITY_KEY: u16 = 2;
+    /// A reaction to a message (or taking one back).
+    pub const REACTION: u16 = 3;
+    /// The author's new text of one of its messages.
+    pub const EDIT: u16 = 4;
+    /// The author's deletion of one of its messages, for everyone.
+    pub const DELETE: u16 = 5;
+    /// Delivery or read receipts for messages of the conversation.
+    pub const RECEIPT: u16 = 6;
+}
+
+/// Largest reaction accepted, in bytes of UTF-8 (the longest emoji
+/// sequences, skin tones and joiners included, take about 35).
+pub const MAX_EMOJI_BYTES: usize = 64;
+/// Most message ids one receipt names; a device with more to acknowledge
+/// sends several.
+pub const MAX_RECEIPT_IDS: usize = 512;
+
+/// What a receipt says of the messages it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum ReceiptKind {
+    /// A device of the sender's account stored them.
+    Delivered,
+    /// The account's user has seen them.
+    Read,
+}
+
+impl ReceiptKind {
+    fn to_wire(self) -> u8 {
+        match self {
+            ReceiptKind::Delivered => 1,
+            ReceiptKind::Read => 2,
+        }
+    }
+
+    fn from_wire(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(ReceiptKind::Delivered),
+            2 => Some(ReceiptKind::Read),
+            _ => None,
+        }
+    }
 }
 
 /// The account's new identity key pair and the certificates it made for the
@@ -102,6 +151,44 @@ pub enum Body {
     Text(String),
     /// The account's new identity key for its other devices.
     IdentityKey(IdentityHandover),
+    /// A text message that answers another one of the conversation (text
+    /// payload version 2: old clients show it as unsupported).
+    Reply {
+        /// What it says.
+        text: String,
+        /// The message it answers.
+        reply_to: MessageId,
+    },
+    /// A reaction to a message, or (`remove`) taking it back.
+    Reaction {
+        /// The message reacted to.
+        target: MessageId,
+        /// The reaction: a short string, an emoji by convention (1 to
+        /// [`MAX_EMOJI_BYTES`] bytes, no control or white-space characters).
+        emoji: String,
+        /// Takes back this sender's reaction `emoji`.
+        remove: bool,
+    },
+    /// The new text of a message (only its author's edit is applied).
+    Edit {
+        /// The message edited.
+        target: MessageId,
+        /// Its text from now on.
+        text: String,
+    },
+    /// A message deleted for everyone (only its author's delete is applied).
+    Delete {
+        /// The message deleted.
+        target: MessageId,
+    },
+    /// Receipts for messages of the conversation (1 to
+    /// [`MAX_RECEIPT_IDS`] distinct ids).
+    Receipt {
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The messages.
+        ids: Vec<MessageId>,
+    },
     /// A kind (or a payload version of a known kind) this version does not
     /// read, sent by a newer Subrosa. Kept as it came.
     Unsupported {
@@ -117,6 +204,11 @@ impl std::fmt::Debug for Body {
         match self {
             Body::Text(t) => write!(f, "Text(<{} bytes>)", t.len()),
             Body::IdentityKey(h) => write!(f, "{h:?}"),
+            Body::Reply { text, reply_to } => write!(f, "Reply(<{} bytes> to {reply_to:?})", text.len()),
+            Body::Reaction { target, remove, .. } => write!(f, "Reaction(to {target:?}, remove: {remove})"),
+            Body::Edit { target, text } => write!(f, "Edit({target:?}, <{} bytes>)", text.len()),
+            Body::Delete { target } => write!(f, "Delete({target:?})"),
+            Body::Receipt { kind, ids } => write!(f, "Receipt({kind:?}, {} ids)", ids.len()),
             Body::Unsupported { kind, payload } => write!(f, "Unsupported(kind {kind}, <{} bytes>)", payload.len()),
         }
     }
@@ -161,6 +253,48 @@ struct TextV1 {
 }
 const TEXT_V1: u8 = 1;
 
+/// Text, payload version 2: adds the message it answers. Written only for
+/// replies (a plain text stays version 1, which every client reads), so a
+/// version 2 without `reply_to` is not canonical and refused.
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct TextV2 {
+    text: Vec<u8>,
+    reply_to: Option<[u8; 16]>,
+}
+const TEXT_V2: u8 = 2;
+
+/// A reaction, payload version 1. `remove` is 0 or 1 (any other byte is
+/// refused: one meaning, one encoding).
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct ReactionV1 {
+    target: [u8; 16],
+    emoji: Vec<u8>,
+    remove: u8,
+}
+
+/// An edit, payload version 1.
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct EditV1 {
+    target: [u8; 16],
+    text: Vec<u8>,
+}
+
+/// A delete for everyone, payload version 1.
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct DeleteV1 {
+    target: [u8; 16],
+}
+
+/// Receipts, payload version 1: `kind` 1 delivered, 2 read.
+#[derive(MlsSize, MlsEncode, MlsDecode)]
+struct ReceiptV1 {
+    kind: u8,
+    ids: Vec<[u8; 16]>,
+}
+
+/// Payload version 1 of reactions, edits, deletes and receipts.
+const PAYLOAD_V1: u8 = 1;
+
 #[derive(MlsSize, MlsEncode, MlsDecode)]
 struct CertificateEntry {
     device_id: [u8; 8],
@@ -197,6 +331,35 @@ fn text_body(text: Vec<u8>) -> Result<Body, CoreError> {
     String::from_utf8(text).map(Body::Text).map_err(|_| CoreError::Malformed("content: text is not UTF-8"))
 }
 
+fn check_emoji(emoji: &str) -> Result<(), CoreError> {
+    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES || emoji.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(CoreError::Malformed("content: reaction is not a short emoji"));
+    }
+    Ok(())
+}
+
+fn check_receipt(ids: &[MessageId]) -> Result<(), CoreError> {
+    if ids.is_empty() || ids.len() > MAX_RECEIPT_IDS {
+        return Err(CoreError::Malformed("content: receipt names no ids or too many"));
+    }
+    let mut sorted: Vec<&MessageId> = ids.iter().collect();
+    sorted.sort_by_key(|m| m.0);
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(CoreError::Malformed("content: receipt names an id twice"));
+    }
+    Ok(())
+}
+
+/// Decodes the fields of a payload (after its version byte), all of them.
+fn fields<T: MlsDecode>(payload: &[u8], what: &'static str) -> Result<T, CoreError> {
+    let mut rest = payload.get(1..).unwrap_or_default();
+    let t = T::mls_decode(&mut rest).map_err(|_| CoreError::Malformed(what))?;
+    if !rest.is_empty() {
+        return Err(CoreError::Malformed(what));
+    }
+    Ok(t)
+}
+
 /// Reads a version-3 payload of `kind`: known kinds and payload versions
 /// are decoded, anything else is kept as [`Body::Unsupported`].
 fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
@@ -223,9 +386,63 @@ fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
                 certificates: h.certificates.into_iter().map(|c| (c.device_id, c.certificate)).collect(),
             }))
         }
-        (kind::TEXT | kind::IDENTITY_KEY, None) => Err(CoreError::Malformed("content: empty payload")),
+        (kind::TEXT, Some(&TEXT_V2)) => {
+            let t: TextV2 = fields(&payload, "content: text payload")?;
+            let reply_to = t.reply_to.ok_or(CoreError::Malformed("content: text version 2 without a reply"))?;
+            match text_body(t.text)? {
+                Body::Text(text) => Ok(Body::Reply { text, reply_to: MessageId(reply_to) }),
+                _ => Err(CoreError::Bug("text_body made something else")),
+            }
+        }
+        (kind::REACTION, Some(&PAYLOAD_V1)) => {
+            let r: ReactionV1 = fields(&payload, "content: reaction payload")?;
+            let emoji =
+                String::from_utf8(r.emoji).map_err(|_| CoreError::Malformed("content: reaction is not UTF-8"))?;
+            check_emoji(&emoji)?;
+            let remove = match r.remove {
+                0 => false,
+                1 => true,
+                _ => return Err(CoreError::Malformed("content: reaction payload")),
+            };
+            Ok(Body::Reaction { target: MessageId(r.target), emoji, remove })
+        }
+        (kind::EDIT, Some(&PAYLOAD_V1)) => {
+            let e: EditV1 = fields(&payload, "content: edit payload")?;
+            match text_body(e.text)? {
+                Body::Text(text) => Ok(Body::Edit { target: MessageId(e.target), text }),
+                _ => Err(CoreError::Bug("text_body made something else")),
+            }
+        }
+        (kind::DELETE, Some(&PAYLOAD_V1)) => {
+            let d: DeleteV1 = fields(&payload, "content: delete payload")?;
+            Ok(Body::Delete { target: MessageId(d.target) })
+        }
+        (kind::RECEIPT, Some(&PAYLOAD_V1)) => {
+            let r: ReceiptV1 = fields(&payload, "content: receipt payload")?;
+            let kind = ReceiptKind::from_wire(r.kind).ok_or(CoreError::Malformed("content: receipt kind"))?;
+            let ids: Vec<MessageId> = r.ids.into_iter().map(MessageId).collect();
+            check_receipt(&ids)?;
+            Ok(Body::Receipt { kind, ids })
+        }
+        (kind::TEXT | kind::IDENTITY_KEY | kind::REACTION | kind::EDIT | kind::DELETE | kind::RECEIPT, None) => {
+            Err(CoreError::Malformed("content: empty payload"))
+        }
         _ => Ok(Body::Unsupported { kind, payload }),
     }
+}
+
+fn check_text(text: &str) -> Result<(), CoreError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(CoreError::Malformed("message: text over 64 KiB"));
+    }
+    Ok(())
+}
+
+/// `version || fields`.
+fn payload(version: u8, fields: &impl MlsEncode) -> Result<Vec<u8>, CoreError> {
+    let mut out = vec![version];
+    fields.mls_encode(&mut out).map_err(|_| CoreError::Bug("content encoding"))?;
+    Ok(out)
 }
 
 impl Content {
@@ -249,8 +466,10 @@ impl Content {
     /// Encodes and pads.
     ///
     /// # Errors
-    /// [`CoreError::Malformed`] when the text is over [`MAX_TEXT_BYTES`] or
-    /// the head over [`MAX_HEAD_BYTES`].
+    /// [`CoreError::Malformed`] when the text is over [`MAX_TEXT_BYTES`],
+    /// the head over [`MAX_HEAD_BYTES`], a reaction is not a short emoji
+    /// (see [`Body::Reaction`]) or a receipt names no ids, too many or one
+    /// twice.
     pub fn encode(&self) -> Result<Vec<u8>, CoreError> {
         let (kind, payload) = match &self.body {
             Body::Text(t) => {
@@ -278,6 +497,27 @@ impl Content {
                 zeroize::Zeroize::zeroize(&mut { wire.identity_secret });
                 encoded?;
                 (kind::IDENTITY_KEY, payload)
+            }
+            Body::Reply { text, reply_to } => {
+                check_text(text)?;
+                let wire = TextV2 { text: text.as_bytes().to_vec(), reply_to: Some(reply_to.0) };
+                (kind::TEXT, payload(TEXT_V2, &wire)?)
+            }
+            Body::Reaction { target, emoji, remove } => {
+                check_emoji(emoji)?;
+                let wire = ReactionV1 { target: target.0, emoji: emoji.as_bytes().to_vec(), remove: u8::from(*remove) };
+                (kind::REACTION, payload(PAYLOAD_V1, &wire)?)
+            }
+            Body::Edit { target, text } => {
+                check_text(text)?;
+                let wire = EditV1 { target: target.0, text: text.as_bytes().to_vec() };
+                (kind::EDIT, payload(PAYLOAD_V1, &wire)?)
+            }
+            Body::Delete { target } => (kind::DELETE, payload(PAYLOAD_V1, &DeleteV1 { target: target.0 })?),
+            Body::Receipt { kind: receipt, ids } => {
+                check_receipt(ids)?;
+                let wire = ReceiptV1 { kind: receipt.to_wire(), ids: ids.iter().map(|m| m.0).collect() };
+                (kind::RECEIPT, payload(PAYLOAD_V1, &wire)?)
             }
             Body::Unsupported { kind, payload } => (*kind, payload.clone()),
         };
@@ -441,6 +681,142 @@ mod tests {
         assert_eq!(hex::encode(&bytes[..n]), unpadded);
         assert_eq!(Content::decode(&bytes).ok(), Some(handover.clone()));
         assert!(!format!("{handover:?}").contains("5e"), "the secret never reaches Debug");
+    }
+
+    fn snapshot(body: Body, payload_hex: &str) {
+        let c = Content { message_id: MessageId([0x33; 16]), sent_at_ms: 1, body, seq: 2, kt_head: None };
+        let bytes = c.encode().expect("encodes");
+        let unpadded = format!(
+            "03{}{}{}00{payload_hex}",
+            "33".repeat(16),
+            "0000000000000001", // sent at
+            "0000000000000002", // sequence number
+        );
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert!(bytes[n..].iter().all(|&b| b == 0), "zero padding");
+        assert_eq!(Content::decode(&bytes).ok(), Some(c));
+    }
+
+    /// Replies, reactions, edits, deletes and receipts, byte for byte.
+    #[test]
+    fn snapshot_of_replies_reactions_edits_deletes_and_receipts() {
+        let target = MessageId([0xcc; 16]);
+        let cc = "cc".repeat(16);
+        snapshot(
+            Body::Reply { text: "ok".into(), reply_to: target },
+            // kind, payload length, version 2, text, reply_to present, id
+            &format!("0001{}02{}{}{}", "15", "026f6b", "01", cc),
+        );
+        snapshot(
+            Body::Reaction { target, emoji: "\u{1f44d}".into(), remove: false },
+            // kind 3, length, version 1, target, emoji (4 bytes), remove 0
+            &format!("0003{}01{cc}{}{}", "17", "04f09f918d", "00"),
+        );
+        snapshot(
+            Body::Reaction { target, emoji: "\u{1f44d}".into(), remove: true },
+            &format!("0003{}01{cc}{}{}", "17", "04f09f918d", "01"),
+        );
+        snapshot(Body::Edit { target, text: "new".into() }, &format!("0004{}01{cc}{}", "15", "036e6577"));
+        snapshot(Body::Delete { target }, &format!("0005{}01{cc}", "11"));
+        snapshot(
+            Body::Receipt { kind: ReceiptKind::Read, ids: vec![target, MessageId([0xdd; 16])] },
+            // kind 6, length, version 1, read (2), list of 32 bytes
+            &format!("0006{}01{}{}{cc}{}", "23", "02", "20", "dd".repeat(16)),
+        );
+        snapshot(
+            Body::Receipt { kind: ReceiptKind::Delivered, ids: vec![target] },
+            &format!("0006{}01{}{}{cc}", "13", "01", "10"),
+        );
+    }
+
+    fn payload_of(kind: u16, payload: Vec<u8>) -> Vec<u8> {
+        let c = Content {
+            message_id: MessageId([1; 16]),
+            sent_at_ms: 1,
+            body: Body::Unsupported { kind, payload },
+            seq: 1,
+            kt_head: None,
+        };
+        c.encode().expect("encodes")
+    }
+
+    /// One meaning, one encoding; and the limits hold on both sides.
+    #[test]
+    fn refuses_non_canonical_and_oversized_payloads() {
+        let t = [0xcc; 16];
+        let mut wire = Vec::new();
+        // A version-2 text without a reply: version 1 says that.
+        TextV2 { text: b"hi".to_vec(), reply_to: None }.mls_encode(&mut wire).expect("encodes");
+        assert!(Content::decode(&payload_of(kind::TEXT, [vec![TEXT_V2], wire].concat())).is_err());
+        // `remove` other than 0 or 1.
+        let mut wire = Vec::new();
+        ReactionV1 { target: t, emoji: "x".into(), remove: 2 }.mls_encode(&mut wire).expect("encodes");
+        assert!(Content::decode(&payload_of(kind::REACTION, [vec![PAYLOAD_V1], wire].concat())).is_err());
+        // Reactions: empty, too long, control characters, white space.
+        for emoji in ["", " ", "a\u{1b}[2J", "\n", &"x".repeat(MAX_EMOJI_BYTES + 1)] {
+            let mut wire = Vec::new();
+            ReactionV1 { target: t, emoji: emoji.as_bytes().to_vec(), remove: 0 }
+                .mls_encode(&mut wire)
+                .expect("encodes");
+            assert!(
+                Content::decode(&payload_of(kind::REACTION, [vec![PAYLOAD_V1], wire].concat())).is_err(),
+                "{emoji:?}"
+            );
+            let body = Body::Reaction { target: MessageId(t), emoji: emoji.into(), remove: false };
+            assert!(Content { body, ..Content::text(MessageId(t), 1, "") }.encode().is_err());
+        }
+        let longest = "x".repeat(MAX_EMOJI_BYTES);
+        let body = Body::Reaction { target: MessageId(t), emoji: longest, remove: false };
+        assert!(Content { body, ..Content::text(MessageId(t), 1, "") }.encode().is_ok());
+        // Receipts: an unknown kind, no ids, too many, one twice.
+        for (kind, ids) in [
+            (3u8, vec![t]),
+            (1, vec![]),
+            (1, vec![t; 2]),
+            (
+                1,
+                (0..=MAX_RECEIPT_IDS)
+                    .map(|i| [(i % 256) as u8, (i / 256) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                    .collect(),
+            ),
+        ] {
+            let mut wire = Vec::new();
+            ReceiptV1 { kind, ids: ids.clone() }.mls_encode(&mut wire).expect("encodes");
+            assert!(Content::decode(&payload_of(kind::RECEIPT, [vec![PAYLOAD_V1], wire].concat())).is_err());
+        }
+        let most: Vec<MessageId> = (0..MAX_RECEIPT_IDS)
+            .map(|i| MessageId([(i % 256) as u8, (i / 256) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+            .collect();
+        let body = Body::Receipt { kind: ReceiptKind::Delivered, ids: most.clone() };
+        let bytes = Content { body, ..Content::text(MessageId(t), 1, "") }.encode().expect("the most ids encode");
+        assert!(matches!(Content::decode(&bytes).map(|c| c.body), Ok(Body::Receipt { ids, .. }) if ids == most));
+        let body = Body::Receipt { kind: ReceiptKind::Delivered, ids: [most, vec![MessageId([9; 16])]].concat() };
+        assert!(Content { body, ..Content::text(MessageId(t), 1, "") }.encode().is_err());
+        // Texts of edits and replies: at most 64 KiB, UTF-8.
+        let long = "x".repeat(MAX_TEXT_BYTES + 1);
+        for body in [
+            Body::Edit { target: MessageId(t), text: long.clone() },
+            Body::Reply { text: long, reply_to: MessageId(t) },
+        ] {
+            assert!(Content { body, ..Content::text(MessageId(t), 1, "") }.encode().is_err());
+        }
+        let mut wire = Vec::new();
+        EditV1 { target: t, text: vec![0xff] }.mls_encode(&mut wire).expect("encodes");
+        assert!(Content::decode(&payload_of(kind::EDIT, [vec![PAYLOAD_V1], wire].concat())).is_err());
+        // Trailing bytes inside a payload, and empty payloads.
+        for k in [kind::REACTION, kind::EDIT, kind::DELETE, kind::RECEIPT] {
+            assert!(Content::decode(&payload_of(k, vec![])).is_err());
+        }
+        assert!(Content::decode(&payload_of(kind::DELETE, [vec![PAYLOAD_V1], t.to_vec(), vec![0]].concat())).is_err());
+        // A newer payload version of these kinds is unsupported, not malformed.
+        let got = Content::decode(&payload_of(kind::REACTION, vec![2, 7])).expect("decodes");
+        assert_eq!(got.body, Body::Unsupported { kind: kind::REACTION, payload: vec![2, 7] });
+        // Debug never shows a text or a reaction.
+        let secret = Body::Edit { target: MessageId(t), text: "secret words".into() };
+        assert!(!format!("{secret:?}").contains("secret"));
+        let secret = Body::Reaction { target: MessageId(t), emoji: "\u{1f92b}".into(), remove: false };
+        assert!(!format!("{secret:?}").contains('\u{1f92b}'));
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod error;
 pub mod store;
 
 pub use error::ClientError;
+mod annotations;
 mod commits;
 pub mod directory;
 mod members;
@@ -24,6 +25,7 @@ pub mod rotation;
 mod session;
 mod system;
 
+pub use annotations::META_READ_RECEIPTS;
 pub use members::DirectoryAnswer;
 pub use outbox::{Outgoing, Prepared};
 pub use session::*;

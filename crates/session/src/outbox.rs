@@ -82,6 +82,11 @@ impl Session {
             state: Some(MessageState::Queued),
             reason: None,
             event: None,
+            reply_to: match body {
+                Body::Reply { reply_to, .. } => Some(reply_to.to_hex()),
+                _ => None,
+            },
+            ..StoredMessage::default()
         });
         let content = Content::new(message_id, sent_at, body.clone()).encode()?;
         self.store().write(|tx| {
@@ -117,9 +122,44 @@ impl Session {
             if !tx.conversation(&conversation)?.is_some_and(|r| r.active) {
                 return Err(CoreError::UnknownConversation.into());
             }
-            let seq = tx.next_seq(&conversation)?;
-            let content = Content::decode(&content)?.with_context(seq, kt_head);
-            let (ciphertext, recipients) = self.engine().encrypt(&conversation, &content)?;
+            let content = Content::decode(&content)?;
+            // A receipt goes to its author's devices only, unnumbered (see
+            // `annotations`); everything else to every member, numbered.
+            let receipt_to = match &content.body {
+                Body::Receipt { ids, .. } => {
+                    let first = ids.first().ok_or(ClientError::Bug("a receipt without ids".into()))?;
+                    Some(tx.message(&conversation, &first.0)?.map(|m| m.from))
+                }
+                _ => None,
+            };
+            if let Some(author) = &receipt_to {
+                // Queued before a fork was proven (in the same sync): dropped
+                // with the block on sending (see `annotations`).
+                if tx.open_fork()?.is_some() {
+                    tx.pop_outbox(id)?;
+                    return Ok(None);
+                }
+                let members = self.engine().members(&conversation)?;
+                if !author.as_ref().is_some_and(|a| members.iter().any(|m| m.address.handle.as_str() == a)) {
+                    // The author left (or the message is gone): nobody to tell.
+                    tx.pop_outbox(id)?;
+                    return Ok(None);
+                }
+            }
+            let seq = if receipt_to.is_some() { 0 } else { tx.next_seq(&conversation)? };
+            let content = content.with_context(seq, kt_head);
+            let (ciphertext, mut recipients) = self.engine().encrypt(&conversation, &content)?;
+            match receipt_to {
+                Some(author) => recipients.retain(|a| Some(a.handle.as_str()) == author.as_deref()),
+                None => {
+                    let me = self.handle();
+                    let mut others: Vec<String> =
+                        recipients.iter().filter(|a| a.handle != *me).map(|a| a.handle.to_string()).collect();
+                    others.sort();
+                    others.dedup();
+                    tx.set_recipients(&conversation, &content.message_id.0, &others)?;
+                }
+            }
             let req = SendRequest {
                 conversation,
                 send_id: SendId(q.send_id),
@@ -128,7 +168,7 @@ impl Session {
             };
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
             tx.set_outbox_request(id, &bytes)?;
-            Ok(Some((bytes, Some(seq))))
+            Ok(Some((bytes, (seq != 0).then_some(seq))))
         })
     }
 

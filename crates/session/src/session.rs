@@ -166,7 +166,10 @@ impl Session {
             return Ok(());
         }
         let result = self.apply_envelope(env, &digest);
-        self.settle_envelope(env, &digest, result)
+        self.settle_envelope(env, &digest, result)?;
+        // The delivery receipt it owes, queued with it (one per batch when
+        // it came in one).
+        self.queue_receipts().map(|_| ())
     }
 
     /// Applies one envelope in one write (a savepoint inside a batch):
@@ -331,6 +334,7 @@ impl Session {
             state: None,
             reason: None,
             event: Some(event),
+            ..StoredMessage::default()
         };
         let seen = m.outgoing && from.device == self.identity().device_id();
         tx.insert_message(&m, &row.id, &id, seen).map(|_| ())
@@ -726,11 +730,17 @@ impl Session {
         content: subrosa_core::content::Content,
         late: bool,
     ) -> Result<(), ClientError> {
-        let text = match content.body {
-            Body::Text(t) => t,
+        let (text, reply_to) = match content.body {
+            Body::Text(t) => (t, None),
+            Body::Reply { text, reply_to } => (text, Some(reply_to.to_hex())),
+            // They change what is stored already (see `annotations`); they
+            // are no lines of their own.
+            Body::Reaction { .. } | Body::Edit { .. } | Body::Delete { .. } | Body::Receipt { .. } => {
+                return self.apply_action(tx, row, sender, &content).map(|_| ());
+            }
             // A kind from a newer Subrosa is stored and shown as such; it
             // counts in the sender's sequence like any message.
-            _ => UNSUPPORTED_TEXT.to_string(),
+            _ => (UNSUPPORTED_TEXT.to_string(), None),
         };
         let m = StoredMessage {
             id: content.message_id.to_hex(),
@@ -747,9 +757,14 @@ impl Session {
             state: None,
             reason: None,
             event: None,
+            reply_to,
+            ..StoredMessage::default()
         };
         // A sender's retry carries the same message id: shown once.
         let new = tx.insert_message(&m, &row.id, &content.message_id.0, false)?;
+        if new {
+            self.after_stored(tx, row, &m, &content.message_id)?;
+        }
         if late && new {
             self.record_system_line(tx, row, sender, SystemEvent::Late { from: sender.handle.to_string() })?;
         }
@@ -881,7 +896,7 @@ impl Session {
     /// [`Self::process_envelope`]).
     pub fn process_batch(&self, envs: &[Envelope]) -> Result<Vec<u64>, ClientError> {
         let ids: Vec<u64> = envs.iter().map(|e| e.id).collect();
-        let fast = self.store.write(|_| {
+        let fast = self.store.write(|tx| {
             // Begun inside the transaction: the store's gate makes this
             // thread the only one in a batch until it ends.
             self.engine.begin_batch();
@@ -892,6 +907,8 @@ impl Session {
                 }
                 self.apply_envelope(env, &digest)?;
             }
+            // One delivery receipt per conversation and author for the batch.
+            self.queue_receipts_in(tx)?;
             Ok(self.engine.end_batch()?)
         });
         self.engine.abort_batch();

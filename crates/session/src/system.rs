@@ -98,6 +98,22 @@ pub enum SystemEvent {
         /// What the directory said.
         why: String,
     },
+    /// A member tried to edit another account's message (or a system
+    /// line); it was not applied.
+    EditRefused {
+        /// Who tried.
+        from: String,
+        /// Whose message it is.
+        author: String,
+    },
+    /// A member tried to delete another account's message (or a system
+    /// line); it was not applied.
+    DeleteRefused {
+        /// Who tried.
+        from: String,
+        /// Whose message it is.
+        author: String,
+    },
     /// Something refused or suspicious, in words.
     Warning {
         /// What.
@@ -132,6 +148,7 @@ impl SystemEvent {
     /// The line in neutral English, for the reader whose handle is `me`.
     pub fn render(&self, me: &str) -> String {
         let who = |h: &str| if h == me { "you".to_string() } else { h.to_string() };
+        let whose = |h: &str| if h == me { "your message".to_string() } else { format!("{h}'s message") };
         match self {
             SystemEvent::JoinedGroup { group } => format!("this device joined {group}"),
             SystemEvent::AddedYou { by, group } => format!("{by} added you to {group}"),
@@ -155,6 +172,20 @@ impl SystemEvent {
                 "warning: {by} added a device {device} of {member} to {target} that the key directory does not \
                  confirm ({why}); sending there is blocked until you accept it or remove it"
             ),
+            SystemEvent::EditRefused { from, author } => {
+                format!(
+                    "warning: {} tried to edit {}; only its author may, so it was refused",
+                    who(from),
+                    whose(author)
+                )
+            }
+            SystemEvent::DeleteRefused { from, author } => {
+                format!(
+                    "warning: {} tried to delete {}; only its author may, so it was refused",
+                    who(from),
+                    whose(author)
+                )
+            }
             SystemEvent::Warning { text } => format!("warning: {text}"),
             SystemEvent::Note { text } => text.clone(),
         }
@@ -213,6 +244,16 @@ mod tests {
                 SystemEvent::DeviceNotConfirmed { by: s("bob/01"), member: s("carol"), device: s("02"), target: s("club"), why: s("unknown") },
                 r#"{"event":"device_not_confirmed","by":"bob/01","member":"carol","device":"02","target":"club","why":"unknown"}"#,
                 "warning: bob/01 added a device 02 of carol to club that the key directory does not confirm (unknown); sending there is blocked until you accept it or remove it",
+            ),
+            (
+                SystemEvent::EditRefused { from: s("mallory"), author: s("me") },
+                r#"{"event":"edit_refused","from":"mallory","author":"me"}"#,
+                "warning: mallory tried to edit your message; only its author may, so it was refused",
+            ),
+            (
+                SystemEvent::DeleteRefused { from: s("mallory"), author: s("bob") },
+                r#"{"event":"delete_refused","from":"mallory","author":"bob"}"#,
+                "warning: mallory tried to delete bob's message; only its author may, so it was refused",
             ),
             (SystemEvent::Warning { text: s("refused") }, r#"{"event":"warning","text":"refused"}"#, "warning: refused"),
             (SystemEvent::Note { text: s("as it was") }, r#"{"event":"note","text":"as it was"}"#, "as it was"),

@@ -1062,3 +1062,168 @@ fn an_invitation_under_a_key_change_waiting_for_the_directory_is_joined_then_che
     bob.receive(&forged.envelope(c.conversation, MessageKind::Welcome, c.welcome.expect("welcome")));
     assert!(bob.session.store().read(|tx| tx.conversation(&c.conversation)).expect("read").is_none(), "refused");
 }
+
+fn stored(d: &Device, id: ConversationId, m: [u8; 16]) -> StoredMessage {
+    d.session.store().read(|tx| tx.message(&id, &m)).expect("read").expect("stored")
+}
+
+/// The id `Device::send` gives a message of `d` numbered `seq`.
+fn id_of(d: &Device, seq: u64) -> MessageId {
+    let mut id = [seq as u8; 16];
+    id[..8].copy_from_slice(&d.session.identity().device_id().0);
+    MessageId(id)
+}
+
+/// Alice, bob and carol in a group alice made.
+fn trio() -> (Device, Device, Device, ConversationId) {
+    let (alice, bob, carol) = (device("alice"), device("bob"), device("carol"));
+    let answers = [
+        account(&[&alice.session.identity()]),
+        account(&[&bob.session.identity()]),
+        account(&[&carol.session.identity()]),
+    ];
+    let id = group_of(&[&alice, &bob, &carol], &answers);
+    (alice, bob, carol, id)
+}
+
+#[test]
+fn a_reply_keeps_the_id_it_answers_and_reactions_are_one_per_member_per_emoji() {
+    let (alice, bob, id) = pair();
+    bob.receive(&alice.text(id, 1, "question"));
+    let question = id_of(&alice, 1);
+    alice.receive(&bob.send(id, 1, Body::Reply { text: "answer".into(), reply_to: question }));
+    assert_eq!(alice.session.take_dropped(), []);
+    let answer = stored(&alice, id, id_of(&bob, 1).0);
+    assert_eq!((answer.text.as_str(), answer.reply_to), ("answer", Some(question.to_hex())));
+    // Alice reacts to her own question (only bob stored it: this harness
+    // keeps no sender's copy).
+    let react = |seq, emoji: &str, remove| {
+        bob.receive(&alice.send(id, seq, Body::Reaction { target: question, emoji: emoji.into(), remove }))
+    };
+    react(2, "\u{1f44d}", false);
+    react(3, "\u{1f44d}", false);
+    react(4, "\u{2764}", false);
+    let reactions = |m: StoredMessage| m.reactions.into_iter().map(|r| (r.emoji, r.from)).collect::<Vec<_>>();
+    assert_eq!(
+        reactions(stored(&bob, id, question.0)),
+        [("\u{1f44d}".into(), vec!["alice".to_string()]), ("\u{2764}".into(), vec!["alice".to_string()])]
+    );
+    react(5, "\u{1f44d}", true);
+    assert_eq!(reactions(stored(&bob, id, question.0)), [("\u{2764}".into(), vec!["alice".to_string()])]);
+    // Reactions are no messages: nothing new in history.
+    let row = bob.session.store().read(|tx| tx.conversation(&id)).expect("read").expect("row");
+    let history = bob.session.store().read(|tx| tx.history(&[row])).expect("history");
+    assert_eq!(texts(&history), ["question"]);
+}
+
+#[test]
+fn only_the_author_may_edit_or_delete_and_anyone_elses_attempt_is_refused_and_shown() {
+    let (alice, bob, carol, id) = trio();
+    let original = alice.text(id, 1, "original words");
+    bob.receive(&original);
+    carol.receive(&original);
+    let target = id_of(&alice, 1);
+    bob.unseen();
+    // Carol is no author of alice's message.
+    bob.receive(&carol.send(id, 1, Body::Edit { target, text: "forged".into() }));
+    bob.receive(&carol.send(id, 2, Body::Delete { target }));
+    let m = stored(&bob, id, target.0);
+    assert_eq!((m.text.as_str(), m.edited, m.deleted), ("original words", false, false));
+    assert_eq!(
+        events(&bob.unseen()),
+        [
+            SystemEvent::EditRefused { from: "carol".into(), author: "alice".into() },
+            SystemEvent::DeleteRefused { from: "carol".into(), author: "alice".into() },
+        ]
+    );
+    // Alice is.
+    bob.receive(&alice.send(id, 2, Body::Edit { target, text: "better words".into() }));
+    let m = stored(&bob, id, target.0);
+    assert_eq!((m.text.as_str(), m.edited), ("better words", true));
+    // The edited message is shown again, with its new text.
+    assert_eq!(texts(&bob.unseen()), ["better words"]);
+    bob.receive(&alice.send(id, 3, Body::Delete { target }));
+    let m = stored(&bob, id, target.0);
+    assert_eq!((m.text.as_str(), m.deleted), ("", true));
+    // The text is gone from the store, not only from one view.
+    let row = bob.session.store().read(|tx| tx.conversation(&id)).expect("read").expect("row");
+    let everything = bob.session.store().read(|tx| tx.history(&[row])).expect("history");
+    assert!(everything.iter().all(|m| !m.text.contains("words")), "{everything:?}");
+    // An edit after the delete does not bring it back.
+    bob.receive(&alice.send(id, 4, Body::Edit { target, text: "back".into() }));
+    assert_eq!(stored(&bob, id, target.0).text, "");
+}
+
+#[test]
+fn an_edit_or_reaction_before_its_message_waits_for_it_and_is_judged_when_it_comes() {
+    let (alice, bob, carol, id) = trio();
+    let target = id_of(&alice, 1);
+    let message = alice.text(id, 1, "first");
+    let edit = alice.send(id, 2, Body::Edit { target, text: "edited".into() });
+    let forged = carol.send(id, 1, Body::Edit { target, text: "forged".into() });
+    let reaction = carol.send(id, 2, Body::Reaction { target, emoji: "x".into(), remove: false });
+    bob.receive(&edit);
+    bob.receive(&forged);
+    bob.receive(&reaction);
+    assert!(bob.session.store().read(|tx| tx.message(&id, &target.0)).expect("read").is_none());
+    bob.receive(&message);
+    let m = stored(&bob, id, target.0);
+    assert_eq!((m.text.as_str(), m.edited), ("edited", true));
+    assert_eq!(
+        m.reactions.iter().map(|r| (r.emoji.as_str(), r.from.clone())).collect::<Vec<_>>(),
+        [("x", vec!["carol".to_string()])]
+    );
+    assert!(events(&bob.unseen()).contains(&SystemEvent::EditRefused { from: "carol".into(), author: "alice".into() }));
+}
+
+/// What `d` posts for its oldest queued send: the request, decoded.
+fn post_oldest(d: &Device) -> (crate::store::QueuedSend, SendRequest, Option<u64>) {
+    let q = d.session.store().read(|tx| tx.outbox()).expect("outbox").remove(0);
+    let (request, seq) = d.session.prepare_queued(q.id, None).expect("prepared").expect("a request");
+    (q, serde_json::from_slice(&request).expect("a send request"), seq)
+}
+
+#[test]
+fn receipts_go_to_the_author_alone_unnumbered_and_make_the_state_of_its_message() {
+    let (alice, bob, carol, id) = trio();
+    let to = Outgoing { conversation: id, target: "club", group: true };
+    alice.session.queue_text(&to, "hello", MessageId([7; 16]), [7; 16]).expect("queued");
+    let (q, req, _) = post_oldest(&alice);
+    alice.session.queued_sent(&q).expect("sent");
+    let hello = alice.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone());
+    bob.receive(&hello);
+    carol.receive(&hello);
+    let state = || stored(&alice, id, [7; 16]);
+    assert_eq!(state().state, Some(MessageState::Sent));
+    // Bob owes alice a delivery receipt: to her devices alone, unnumbered.
+    let (q, req, seq) = post_oldest(&bob);
+    assert_eq!((req.parts[0].recipients.clone(), seq), (vec![alice.session.identity().address()], None));
+    bob.session.queued_sent(&q).expect("sent");
+    alice.receive(&bob.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
+    let (q, req, _) = post_oldest(&carol);
+    carol.session.queued_sent(&q).expect("sent");
+    alice.receive(&carol.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
+    assert_eq!(state().state, Some(MessageState::Delivered));
+    // Read: bob reads, carol turned read receipts off.
+    carol.session.set_read_receipts(false).expect("setting");
+    assert_eq!(carol.session.mark_read(&id).expect("read"), 1);
+    assert!(carol.session.store().read(|tx| tx.outbox()).expect("outbox").is_empty());
+    assert_eq!(bob.session.mark_read(&id).expect("read"), 1);
+    let (q, req, _) = post_oldest(&bob);
+    bob.session.queued_sent(&q).expect("sent");
+    alice.receive(&bob.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
+    let m = state();
+    assert_eq!(m.state, Some(MessageState::Delivered));
+    let detail: Vec<(String, MessageState)> = m.receipts.into_iter().map(|r| (r.member, r.state)).collect();
+    assert_eq!(detail, [("bob".into(), MessageState::Read), ("carol".into(), MessageState::Delivered)]);
+    // Receipts took no number: bob's next message is his first, and carol,
+    // who got none of his receipts, sees no gap.
+    bob.session.queue_text(&to, "after", MessageId([8; 16]), [8; 16]).expect("queued");
+    let (_, req, seq) = post_oldest(&bob);
+    assert_eq!(seq, Some(1));
+    carol.unseen();
+    carol.receive(&bob.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
+    assert_eq!(texts(&carol.unseen()), ["after"]);
+    // Nobody owes a receipt for their own account's messages.
+    assert!(alice.session.store().read(|tx| tx.outbox()).expect("outbox").is_empty());
+}

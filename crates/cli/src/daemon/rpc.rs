@@ -104,6 +104,48 @@ pub struct SendParams {
     pub conversation: Option<String>,
     #[serde(alias = "text")]
     pub message: String,
+    /// The message this one answers (its id).
+    #[serde(rename = "replyTo", alias = "reply_to")]
+    pub reply_to: Option<String>,
+}
+
+/// `react`: which conversation, which message, which emoji; `remove`
+/// takes the reaction back.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReactParams {
+    #[serde(alias = "target")]
+    pub recipient: Option<String>,
+    pub conversation: Option<String>,
+    #[serde(alias = "message_id")]
+    pub message_id: String,
+    pub emoji: String,
+    #[serde(default)]
+    pub remove: bool,
+}
+
+/// `edit`: which conversation, which of this account's messages, its new text.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EditParams {
+    #[serde(alias = "target")]
+    pub recipient: Option<String>,
+    pub conversation: Option<String>,
+    #[serde(alias = "message_id")]
+    pub message_id: String,
+    #[serde(alias = "message")]
+    pub text: String,
+}
+
+/// `delete`: which conversation, which of this account's messages.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeleteParams {
+    #[serde(alias = "target")]
+    pub recipient: Option<String>,
+    pub conversation: Option<String>,
+    #[serde(alias = "message_id")]
+    pub message_id: String,
 }
 
 #[derive(Deserialize)]

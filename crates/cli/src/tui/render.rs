@@ -115,7 +115,25 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
             lines.push(Line::from(vec![time.clone(), Span::styled(who.clone(), who_style)]));
             first = false;
         }
-        let text_lines: Vec<&str> = m.text.split('\n').collect();
+        // What a message carries besides its text: the message it answers,
+        // an edit, a delete, reactions (all from others: cleaned).
+        let mut body = match &m.reply_to {
+            Some(id) => format!("(re {}) ", &id[..id.len().min(8)]),
+            None => String::new(),
+        };
+        body.push_str(if m.deleted { "(deleted)" } else { &m.text });
+        if m.edited && !m.deleted {
+            body.push_str(" (edited)");
+        }
+        for r in &m.reactions {
+            body.push_str(&format!(" [{} {}]", r.emoji, r.from.join(", ")));
+        }
+        let state = state.or(match m.state {
+            Some(MessageState::Delivered) => Some(Span::styled(" (delivered)", Style::default().fg(Color::DarkGray))),
+            Some(MessageState::Read) => Some(Span::styled(" (read)", Style::default().fg(Color::DarkGray))),
+            _ => None,
+        });
+        let text_lines: Vec<&str> = body.split('\n').collect();
         let last_index = text_lines.len() - 1;
         for (li, text_line) in text_lines.into_iter().enumerate() {
             let pieces = if first {

@@ -181,13 +181,99 @@ const SCHEMA: &[&str] = &[
     // not dropped meanwhile. Contacts whose key changed before this step
     // have none: nothing to tolerate.
     "ALTER TABLE contacts ADD COLUMN previous_key BLOB;",
+    // v13: replies, edits, deletes for everyone, reactions and receipts. A
+    // message keeps the id it answers, when the edit applied last was sent
+    // (edits may arrive out of order), whether it was deleted (its text
+    // is then gone), the other accounts one of ours went to, and when the
+    // user read it (read receipts). Messages stored before count as read:
+    // no receipts are owed for old history. Actions that came before the
+    // message they concern wait in `early_actions`; receipts this device
+    // owes wait in `receipts_due` until the outbox takes them.
+    "ALTER TABLE messages ADD COLUMN reply_to BLOB;
+     ALTER TABLE messages ADD COLUMN edited_at INTEGER;
+     ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE messages ADD COLUMN recipients TEXT;
+     ALTER TABLE messages ADD COLUMN read_at INTEGER;
+     UPDATE messages SET read_at = received_at;
+     CREATE TABLE reactions (conversation BLOB NOT NULL, message_id BLOB NOT NULL, member TEXT NOT NULL,
+        emoji TEXT NOT NULL, at INTEGER NOT NULL, seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        UNIQUE (conversation, message_id, member, emoji));
+     CREATE TABLE receipts (conversation BLOB NOT NULL, message_id BLOB NOT NULL, member TEXT NOT NULL,
+        state TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (conversation, message_id, member));
+     CREATE TABLE early_actions (seq INTEGER PRIMARY KEY AUTOINCREMENT, conversation BLOB NOT NULL, target BLOB NOT NULL,
+        sender TEXT NOT NULL, device TEXT NOT NULL, content BLOB NOT NULL);
+     CREATE INDEX early_actions_target ON early_actions (conversation, target);
+     CREATE TABLE receipts_due (seq INTEGER PRIMARY KEY AUTOINCREMENT, conversation BLOB NOT NULL, message_id BLOB NOT NULL,
+        author TEXT NOT NULL, kind TEXT NOT NULL, UNIQUE (conversation, message_id, kind));",
 ];
 
 const MESSAGE_COLUMNS: &str =
     "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, \
-     state, state_reason, event FROM messages";
+     state, state_reason, event, reply_to, edited_at, deleted, recipients, conversation FROM messages";
 
-fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Result<(i64, StoredMessage)> {
+fn receipt_kind(s: &str) -> Option<subrosa_core::content::ReceiptKind> {
+    match s {
+        "delivered" => Some(subrosa_core::content::ReceiptKind::Delivered),
+        "read" => Some(subrosa_core::content::ReceiptKind::Read),
+        _ => None,
+    }
+}
+
+fn receipt_name(k: subrosa_core::content::ReceiptKind) -> &'static str {
+    match k {
+        subrosa_core::content::ReceiptKind::Read => "read",
+        _ => "delivered",
+    }
+}
+
+/// A message row with its reactions and receipts (read with `conn`, the
+/// connection the row came from).
+fn message_from_row(
+    r: &rusqlite::Row<'_>,
+    c: &ConversationRow,
+    conn: &Connection,
+) -> rusqlite::Result<(i64, StoredMessage)> {
+    let (seq, mut m) = message_columns(r, c)?;
+    let conversation: Vec<u8> = r.get(16)?;
+    let message_id: Vec<u8> = r.get(1)?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT member, emoji FROM reactions WHERE conversation = ?1 AND message_id = ?2 ORDER BY seq",
+    )?;
+    let rows =
+        stmt.query_map(params![conversation, message_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    for row in rows {
+        let (member, emoji) = row?;
+        match m.reactions.iter_mut().find(|x| x.emoji == emoji) {
+            Some(x) => x.from.push(member),
+            None => m.reactions.push(Reaction { emoji, from: vec![member] }),
+        }
+    }
+    if let Some(stored) = m.state {
+        // A damaged list reads as none: the message stays `sent`.
+        let recipients: Vec<String> =
+            r.get::<_, Option<String>>(15)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+        if !recipients.is_empty() {
+            let mut stmt =
+                conn.prepare_cached("SELECT member, state FROM receipts WHERE conversation = ?1 AND message_id = ?2")?;
+            let rows = stmt.query_map(params![conversation, message_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut receipts = Vec::new();
+            for row in rows {
+                let (member, state) = row?;
+                if let Some(k) = receipt_kind(&state) {
+                    receipts.push((member, k));
+                }
+            }
+            let (state, detail) = receipt_state(stored, &recipients, &receipts);
+            m.state = Some(state);
+            m.receipts = detail;
+        }
+    }
+    Ok((seq, m))
+}
+
+fn message_columns(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Result<(i64, StoredMessage)> {
     let outgoing: bool = r.get(7)?;
     let system: bool = r.get(8)?;
     let state = if outgoing && !system {
@@ -215,6 +301,11 @@ fn message_from_row(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Res
             event: if system { r.get::<_, Option<String>>(11)?.as_deref().and_then(SystemEvent::decode) } else { None },
             state,
             reason,
+            reply_to: r.get::<_, Option<Vec<u8>>>(12)?.map(hex::encode),
+            edited: r.get::<_, Option<i64>>(13)?.is_some(),
+            deleted: r.get(14)?,
+            reactions: Vec::new(),
+            receipts: Vec::new(),
         },
     ))
 }
@@ -938,6 +1029,10 @@ impl Conversations for SqliteTx<'_> {
             let b = id.as_bytes().as_slice();
             for q in [
                 "DELETE FROM messages WHERE conversation = ?1",
+                "DELETE FROM reactions WHERE conversation = ?1",
+                "DELETE FROM receipts WHERE conversation = ?1",
+                "DELETE FROM early_actions WHERE conversation = ?1",
+                "DELETE FROM receipts_due WHERE conversation = ?1",
                 "DELETE FROM member_checks WHERE conversation = ?1",
                 "DELETE FROM seq_in WHERE conversation = ?1",
             ] {
@@ -1162,8 +1257,8 @@ impl History for SqliteTx<'_> {
         let conn = self.lock();
         let n = conn
             .execute(
-                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state, event)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (conversation, message_id) DO NOTHING",
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state, event, reply_to, read_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT (conversation, message_id) DO NOTHING",
                 params![
                     conversation.as_bytes().as_slice(),
                     message_id,
@@ -1176,7 +1271,10 @@ impl History for SqliteTx<'_> {
                     m.system,
                     seen,
                     m.state.map(MessageState::as_str),
-                    m.event.as_ref().map(SystemEvent::encode).transpose().map_err(|e| ClientError::Bug(e.to_string()))?
+                    m.event.as_ref().map(SystemEvent::encode).transpose().map_err(|e| ClientError::Bug(e.to_string()))?,
+                    m.reply_to.as_deref().and_then(|h| hex::decode(h).ok()),
+                    // This account's own messages and system lines owe nobody a receipt.
+                    (m.outgoing || m.system).then_some(m.received_at as i64),
                 ],
             )
             .map_err(sql)?;
@@ -1209,7 +1307,7 @@ impl History for SqliteTx<'_> {
         let mut out = Vec::new();
         let mut stmt = conn.prepare(&format!("{MESSAGE_COLUMNS} WHERE conversation = ?1 ORDER BY seq")).map_err(sql)?;
         for c in conversations {
-            let rows = stmt.query_map([c.id.as_bytes().as_slice()], |r| message_from_row(r, c)).map_err(sql)?;
+            let rows = stmt.query_map([c.id.as_bytes().as_slice()], |r| message_from_row(r, c, &conn)).map_err(sql)?;
             for row in rows {
                 out.push(row.map_err(sql)?);
             }
@@ -1240,9 +1338,9 @@ impl History for SqliteTx<'_> {
                 conversations.insert(conv.clone(), row);
             }
             let Some(Some(row)) = conversations.get(&conv) else { continue };
-            let m = self
-                .lock()
-                .query_row(&format!("{MESSAGE_COLUMNS} WHERE seq = ?1"), [seq], |r| message_from_row(r, row))
+            let conn = self.lock();
+            let m = conn
+                .query_row(&format!("{MESSAGE_COLUMNS} WHERE seq = ?1"), [seq], |r| message_from_row(r, row, &conn))
                 .map_err(sql)?;
             out.push((u64::try_from(m.0).unwrap_or(0), m.1));
         }
@@ -1265,7 +1363,7 @@ impl History for SqliteTx<'_> {
                 .ok_or_else(|| ClientError::Store("message of an unknown conversation".into()))?;
             let conn = self.lock();
             let m = conn
-                .query_row(&format!("{MESSAGE_COLUMNS} WHERE seq = ?1"), [seq], |r| message_from_row(r, &row))
+                .query_row(&format!("{MESSAGE_COLUMNS} WHERE seq = ?1"), [seq], |r| message_from_row(r, &row, &conn))
                 .map_err(sql)?;
             conn.execute("UPDATE messages SET seen = 1 WHERE seq = ?1", [seq]).map_err(sql)?;
             out.push(m.1);
@@ -1313,15 +1411,238 @@ impl History for SqliteTx<'_> {
         message_id: &[u8],
     ) -> Result<Option<StoredMessage>, ClientError> {
         let Some(row) = self.conversation(conversation)? else { return Ok(None) };
-        self.lock()
-            .query_row(
-                &format!("{MESSAGE_COLUMNS} WHERE conversation = ?1 AND message_id = ?2"),
-                params![conversation.as_bytes().as_slice(), message_id],
-                |r| message_from_row(r, &row),
+        let conn = self.lock();
+        conn.query_row(
+            &format!("{MESSAGE_COLUMNS} WHERE conversation = ?1 AND message_id = ?2"),
+            params![conversation.as_bytes().as_slice(), message_id],
+            |r| message_from_row(r, &row, &conn),
+        )
+        .optional()
+        .map(|o| o.map(|(_, m)| m))
+        .map_err(sql)
+    }
+}
+
+impl Annotations for SqliteTx<'_> {
+    fn set_reaction(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        member: &str,
+        emoji: &str,
+        on: bool,
+        at: u64,
+    ) -> Result<(), ClientError> {
+        let conn = self.lock();
+        let c = conversation.as_bytes().as_slice();
+        if on {
+            conn.execute(
+                "INSERT INTO reactions (conversation, message_id, member, emoji, at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT DO NOTHING",
+                params![c, message_id, member, emoji, at as i64],
             )
-            .optional()
-            .map(|o| o.map(|(_, m)| m))
+        } else {
+            conn.execute(
+                "DELETE FROM reactions WHERE conversation = ?1 AND message_id = ?2 AND member = ?3 AND emoji = ?4",
+                params![c, message_id, member, emoji],
+            )
+        }
+        .map_err(sql)?;
+        conn.execute("UPDATE messages SET seen = 0 WHERE conversation = ?1 AND message_id = ?2", params![c, message_id])
+            .map(|_| ())
             .map_err(sql)
+    }
+
+    fn edit_message(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        text: &str,
+        at: u64,
+    ) -> Result<bool, ClientError> {
+        self.lock()
+            .execute(
+                "UPDATE messages SET body = ?3, edited_at = ?4, seen = 0 WHERE conversation = ?1 AND message_id = ?2
+                 AND deleted = 0 AND (edited_at IS NULL OR edited_at <= ?4)",
+                params![conversation.as_bytes().as_slice(), message_id, text, at as i64],
+            )
+            .map(|n| n > 0)
+            .map_err(sql)
+    }
+
+    fn erase_message(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<(), ClientError> {
+        // `secure_delete` is on: the old text is overwritten in the file,
+        // not only unlinked.
+        let conn = self.lock();
+        let c = conversation.as_bytes().as_slice();
+        for q in [
+            "UPDATE messages SET body = '', deleted = 1, seen = 0 WHERE conversation = ?1 AND message_id = ?2",
+            "DELETE FROM reactions WHERE conversation = ?1 AND message_id = ?2",
+            "DELETE FROM early_actions WHERE conversation = ?1 AND target = ?2",
+        ] {
+            conn.execute(q, params![c, message_id]).map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    fn mark_unseen(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "UPDATE messages SET seen = 0 WHERE conversation = ?1 AND message_id = ?2",
+                params![conversation.as_bytes().as_slice(), message_id],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn set_recipients(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        members: &[String],
+    ) -> Result<(), ClientError> {
+        let json = serde_json::to_string(members).map_err(|e| ClientError::Bug(e.to_string()))?;
+        self.lock()
+            .execute(
+                "UPDATE messages SET recipients = ?3 WHERE conversation = ?1 AND message_id = ?2",
+                params![conversation.as_bytes().as_slice(), message_id, json],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn add_receipt(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        member: &str,
+        kind: subrosa_core::content::ReceiptKind,
+        at: u64,
+    ) -> Result<(), ClientError> {
+        // A read receipt is never replaced by a delivery receipt.
+        self.lock()
+            .execute(
+                "INSERT INTO receipts (conversation, message_id, member, state, at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (conversation, message_id, member) DO UPDATE SET state = excluded.state, at = excluded.at
+                 WHERE receipts.state <> 'read'",
+                params![conversation.as_bytes().as_slice(), message_id, member, receipt_name(kind), at as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn push_early_action(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        target: &[u8],
+        action: &EarlyAction,
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO early_actions (conversation, target, sender, device, content) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![conversation.as_bytes().as_slice(), target, action.from, action.device, action.content],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn take_early_actions(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        target: &[u8],
+    ) -> Result<Vec<EarlyAction>, ClientError> {
+        let conn = self.lock();
+        let c = conversation.as_bytes().as_slice();
+        let actions = {
+            let mut stmt = conn
+                .prepare("SELECT sender, device, content FROM early_actions WHERE conversation = ?1 AND target = ?2 ORDER BY seq")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![c, target], |r| {
+                    Ok(EarlyAction { from: r.get(0)?, device: r.get(1)?, content: r.get(2)? })
+                })
+                .map_err(sql)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(sql)?
+        };
+        conn.execute("DELETE FROM early_actions WHERE conversation = ?1 AND target = ?2", params![c, target])
+            .map_err(sql)?;
+        Ok(actions)
+    }
+
+    fn push_receipt_due(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8; 16],
+        author: &str,
+        kind: subrosa_core::content::ReceiptKind,
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "INSERT INTO receipts_due (conversation, message_id, author, kind) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                params![conversation.as_bytes().as_slice(), message_id.as_slice(), author, receipt_name(kind)],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn take_receipts_due(&mut self) -> Result<Vec<ReceiptDue>, ClientError> {
+        let conn = self.lock();
+        let rows: Vec<(Vec<u8>, Vec<u8>, String, String)> = {
+            let mut stmt = conn
+                .prepare("SELECT conversation, message_id, author, kind FROM receipts_due ORDER BY seq")
+                .map_err(sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)?
+        };
+        conn.execute("DELETE FROM receipts_due", []).map_err(sql)?;
+        let mut out: Vec<ReceiptDue> = Vec::new();
+        for (c, m, author, kind) in rows {
+            // A damaged row owes nothing.
+            let (Ok(conversation), Ok(id), Some(kind)) = (
+                subrosa_proto::ConversationId::from_slice(&c),
+                <[u8; 16]>::try_from(m.as_slice()),
+                receipt_kind(&kind),
+            ) else {
+                continue;
+            };
+            match out.iter_mut().find(|d| d.conversation == conversation && d.author == author && d.kind == kind) {
+                Some(d) => d.ids.push(id),
+                None => out.push(ReceiptDue { conversation, author, kind, ids: vec![id] }),
+            }
+        }
+        Ok(out)
+    }
+
+    fn mark_read(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        at: u64,
+    ) -> Result<Vec<([u8; 16], String)>, ClientError> {
+        let conn = self.lock();
+        let c = conversation.as_bytes().as_slice();
+        let rows: Vec<(Vec<u8>, String)> = {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT message_id, sender FROM messages WHERE conversation = ?1 AND read_at IS NULL ORDER BY seq",
+                )
+                .map_err(sql)?;
+            let rows = stmt.query_map([c], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)?
+        };
+        conn.execute(
+            "UPDATE messages SET read_at = ?2 WHERE conversation = ?1 AND read_at IS NULL",
+            params![c, at as i64],
+        )
+        .map_err(sql)?;
+        Ok(rows.into_iter().filter_map(|(m, from)| Some((<[u8; 16]>::try_from(m.as_slice()).ok()?, from))).collect())
     }
 }
 
@@ -1720,7 +2041,7 @@ mod tests {
     }
 
     #[test]
-    fn a_store_of_v9_gains_typed_system_lines_the_received_index_and_previous_keys() {
+    fn a_store_of_v9_gains_typed_system_lines_the_received_index_previous_keys_and_receipts() {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).expect("home");
@@ -1748,6 +2069,12 @@ mod tests {
                 params![&[7u8; 16][..], &[1u8; 16][..]],
             )
             .expect("message");
+            conn.execute(
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system)
+                 VALUES (?1, ?2, 'bob', '00', 2, 2, 'an old hello', 0, 0)",
+                params![&[7u8; 16][..], &[2u8; 16][..]],
+            )
+            .expect("message");
         }
         let sqlite = Arc::new(SqliteStore::open(&home, "pw").expect("migrates"));
         let version: i64 = sqlite.lock().query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
@@ -1759,7 +2086,13 @@ mod tests {
         let h = store.read(|tx| tx.history(&[conv])).expect("history");
         assert_eq!((h[0].text.as_str(), h[0].system, h[0].event.clone()), ("bob's identity key changed", true, None));
         // v11: replay by time finds it.
-        assert_eq!(store.read(|tx| tx.received_after_seq(0, 0)).expect("since").len(), 1);
+        assert_eq!(store.read(|tx| tx.received_after_seq(0, 0)).expect("since").len(), 2);
+        // v13: an old message is no reply, unedited, and counts as read
+        // (no read receipt is owed for history from before receipts).
+        let hello = &h[1];
+        assert_eq!((hello.reply_to.clone(), hello.edited, hello.deleted), (None, false, false));
+        let id = subrosa_proto::ConversationId([7; 16]);
+        assert!(store.write(|tx| tx.mark_read(&id, 3)).expect("read").is_empty());
         // v12: no previous key until the next change, which records it.
         assert_eq!(store.read(|tx| tx.contact_previous_key("bob")).expect("previous"), None);
         store.write(|tx| tx.change_contact_key("bob", &[2; 32])).expect("change");
@@ -1810,6 +2143,28 @@ mod tests {
         assert!(serde_json::to_string(&line).expect("json").ends_with(
             r#","text":"bob left","outgoing":false,"system":true,"event":{"event":"left","member":"bob"}}"#
         ));
+        // Replies, edits, deletes, reactions and receipts: the fields and
+        // their names (absent when there is nothing to say).
+        let annotated = StoredMessage {
+            text: "now".into(),
+            outgoing: true,
+            state: Some(MessageState::Delivered),
+            reply_to: Some("33".repeat(16)),
+            edited: true,
+            deleted: false,
+            reactions: vec![crate::store::Reaction { emoji: "+1".into(), from: vec!["bob".into(), "carol".into()] }],
+            receipts: vec![
+                crate::store::MemberReceipt { member: "bob".into(), state: MessageState::Read },
+                crate::store::MemberReceipt { member: "carol".into(), state: MessageState::Delivered },
+            ],
+            ..StoredMessage::default()
+        };
+        assert!(serde_json::to_string(&annotated).expect("json").ends_with(&format!(
+            r#","text":"now","outgoing":true,"system":false,"state":"delivered","reply_to":"{}","edited":true,"reactions":[{{"emoji":"+1","from":["bob","carol"]}}],"receipts":[{{"member":"bob","state":"read"}},{{"member":"carol","state":"delivered"}}]}}"#,
+            "33".repeat(16)
+        )));
+        let deleted = StoredMessage { deleted: true, ..StoredMessage::default() };
+        assert!(serde_json::to_string(&deleted).expect("json").ends_with(r#","system":false,"deleted":true}"#));
     }
 
     #[test]

@@ -47,6 +47,9 @@ macro_rules! with_behaviours {
             concurrent_writers_serialize,
             a_write_inside_a_read_is_refused,
             two_engines_exchange_a_message_over_the_store,
+            replies_reactions_edits_and_deletes_are_stored,
+            receipts_make_the_state_of_own_messages,
+            early_actions_and_owed_receipts_wait_and_are_taken_once,
         );
     };
 }
@@ -795,4 +798,137 @@ pub fn two_engines_exchange_a_message_over_the_store(store: Store) {
     store.write(|_| Ok(alice.encrypt(&commit.conversation, &content)?)).expect("encrypt");
     assert_ne!(state(), before);
     assert_eq!(alice.members(&commit.conversation).expect("members").len(), 2);
+}
+
+pub fn replies_reactions_edits_and_deletes_are_stored(store: Store) {
+    let id = conv(7);
+    store.write(|tx| tx.add_conversation(&id, "group", "club", None)).expect("conversation");
+    let reply = StoredMessage { reply_to: Some("01".repeat(16)), ..message("bob", "answer", 2) };
+    store
+        .write(|tx| {
+            tx.insert_message(&message("alice", "question", 1), &id, &[1; 16], true)?;
+            tx.insert_message(&reply, &id, &[2; 16], true)
+        })
+        .expect("insert");
+    let get = |m: u8| store.read(|tx| tx.message(&id, &[m; 16])).expect("read").expect("stored");
+    assert_eq!(get(2).reply_to.as_deref(), Some("01".repeat(16).as_str()));
+    assert_eq!(get(1).reply_to, None);
+    // One reaction per member per emoji; grouped by emoji in the order they came.
+    store
+        .write(|tx| {
+            tx.set_reaction(&id, &[1; 16], "bob", "+1", true, 3)?;
+            tx.set_reaction(&id, &[1; 16], "bob", "+1", true, 4)?;
+            tx.set_reaction(&id, &[1; 16], "carol", "ok", true, 5)?;
+            tx.set_reaction(&id, &[1; 16], "carol", "+1", true, 6)
+        })
+        .expect("react");
+    let reactions = |m: StoredMessage| m.reactions.into_iter().map(|r| (r.emoji, r.from)).collect::<Vec<_>>();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    assert_eq!(reactions(get(1)), [("+1".into(), s(&["bob", "carol"])), ("ok".into(), s(&["carol"]))]);
+    // A reaction shows the message again to `receive`.
+    let unseen = store.write(|tx| tx.take_unseen()).expect("unseen");
+    assert_eq!(unseen.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["question"]);
+    store.write(|tx| tx.set_reaction(&id, &[1; 16], "bob", "+1", false, 7)).expect("take back");
+    assert_eq!(reactions(get(1)), [("ok".into(), s(&["carol"])), ("+1".into(), s(&["carol"]))]);
+    // Edits: the one sent last wins, whatever the order they arrive in.
+    assert!(store.write(|tx| tx.edit_message(&id, &[1; 16], "second", 20)).expect("edit"));
+    assert!(!store.write(|tx| tx.edit_message(&id, &[1; 16], "first", 10)).expect("edit"));
+    assert_eq!((get(1).text.as_str(), get(1).edited), ("second", true));
+    assert!(!get(2).edited);
+    // A delete drops text and reactions; nothing edits it back.
+    store.write(|tx| tx.erase_message(&id, &[1; 16])).expect("erase");
+    assert!(!store.write(|tx| tx.edit_message(&id, &[1; 16], "back", 30)).expect("edit"));
+    let gone = get(1);
+    assert_eq!((gone.text.as_str(), gone.deleted, gone.reactions.len()), ("", true, 0));
+    let row = store.read(|tx| tx.conversation(&id)).expect("read").expect("row");
+    let history = store.read(|tx| tx.history(&[row])).expect("history");
+    assert_eq!(
+        history.iter().map(|m| (m.text.as_str(), m.deleted)).collect::<Vec<_>>(),
+        [("", true), ("answer", false)]
+    );
+}
+
+pub fn receipts_make_the_state_of_own_messages(store: Store) {
+    use subrosa_core::content::ReceiptKind::{Delivered, Read};
+    let id = conv(8);
+    store.write(|tx| tx.add_conversation(&id, "group", "club", None)).expect("conversation");
+    let mine = StoredMessage { outgoing: true, state: Some(MessageState::Sent), ..message("alice", "hello", 1) };
+    store.write(|tx| tx.insert_message(&mine, &id, &[1; 16], true)).expect("insert");
+    let get = || store.read(|tx| tx.message(&id, &[1; 16])).expect("read").expect("stored");
+    // Without recipients (a message of an older version), receipts say nothing.
+    assert_eq!((get().state, get().receipts.len()), (Some(MessageState::Sent), 0));
+    store.write(|tx| tx.set_recipients(&id, &[1; 16], &["bob".into(), "carol".into()])).expect("recipients");
+    let detail = |m: StoredMessage| m.receipts.into_iter().map(|r| (r.member, r.state)).collect::<Vec<_>>();
+    assert_eq!(detail(get()), [("bob".into(), MessageState::Sent), ("carol".into(), MessageState::Sent)]);
+    store.write(|tx| tx.add_receipt(&id, &[1; 16], "bob", Read, 2)).expect("receipt");
+    assert_eq!(get().state, Some(MessageState::Sent));
+    store.write(|tx| tx.add_receipt(&id, &[1; 16], "carol", Delivered, 3)).expect("receipt");
+    assert_eq!(get().state, Some(MessageState::Delivered));
+    // A late delivery receipt never undoes a read one.
+    store.write(|tx| tx.add_receipt(&id, &[1; 16], "bob", Delivered, 4)).expect("receipt");
+    assert_eq!(detail(get()), [("bob".into(), MessageState::Read), ("carol".into(), MessageState::Delivered)]);
+    store.write(|tx| tx.add_receipt(&id, &[1; 16], "carol", Read, 5)).expect("receipt");
+    assert_eq!(get().state, Some(MessageState::Read));
+    // Queued or failed messages keep their state.
+    store.write(|tx| tx.set_message_state(&id, &[1; 16], MessageState::Failed, Some("no"))).expect("state");
+    assert_eq!(get().state, Some(MessageState::Failed));
+    // Above the detail limit: the state, no list.
+    let many: Vec<String> = (0..=RECEIPT_DETAIL_LIMIT).map(|i| format!("m{i}")).collect();
+    let big = StoredMessage { outgoing: true, state: Some(MessageState::Sent), ..message("alice", "all", 6) };
+    store.write(|tx| tx.insert_message(&big, &id, &[2; 16], true)).expect("insert");
+    store.write(|tx| tx.set_recipients(&id, &[2; 16], &many)).expect("recipients");
+    store.write(|tx| many.iter().try_for_each(|m| tx.add_receipt(&id, &[2; 16], m, Delivered, 7))).expect("receipts");
+    let big = store.read(|tx| tx.message(&id, &[2; 16])).expect("read").expect("stored");
+    assert_eq!((big.state, big.receipts.len()), (Some(MessageState::Delivered), 0));
+    // Messages of others are read once: the second time owes nothing.
+    store.write(|tx| tx.insert_message(&message("bob", "hi", 8), &id, &[3; 16], false)).expect("insert");
+    let read = store.write(|tx| tx.mark_read(&id, 9)).expect("read");
+    assert_eq!(read, [([3; 16], "bob".to_string())]);
+    assert!(store.write(|tx| tx.mark_read(&id, 10)).expect("read").is_empty());
+}
+
+pub fn early_actions_and_owed_receipts_wait_and_are_taken_once(store: Store) {
+    use subrosa_core::content::ReceiptKind::{Delivered, Read};
+    let (a, b) = (conv(9), conv(10));
+    let action = |n: u8| EarlyAction { from: "bob".into(), device: "01".repeat(8), content: vec![n; 3] };
+    store
+        .write(|tx| {
+            tx.push_early_action(&a, &[1; 16], &action(1))?;
+            tx.push_early_action(&a, &[2; 16], &action(2))?;
+            tx.push_early_action(&a, &[1; 16], &action(3))?;
+            tx.push_early_action(&b, &[1; 16], &action(4))
+        })
+        .expect("push");
+    let taken = store.write(|tx| tx.take_early_actions(&a, &[1; 16])).expect("take");
+    assert_eq!(taken, [action(1), action(3)]);
+    assert!(store.write(|tx| tx.take_early_actions(&a, &[1; 16])).expect("take").is_empty());
+    // A delete forgets what waited for the message.
+    store.write(|tx| tx.add_conversation(&a, "direct", "", Some("bob"))).expect("conversation");
+    store.write(|tx| tx.insert_message(&message("bob", "x", 1), &a, &[2; 16], true)).expect("insert");
+    store.write(|tx| tx.erase_message(&a, &[2; 16])).expect("erase");
+    assert!(store.write(|tx| tx.take_early_actions(&a, &[2; 16])).expect("take").is_empty());
+    assert_eq!(store.write(|tx| tx.take_early_actions(&b, &[1; 16])).expect("take"), [action(4)]);
+    // Receipts owed: grouped by conversation, author and kind, once per message.
+    store
+        .write(|tx| {
+            tx.push_receipt_due(&a, &[1; 16], "bob", Delivered)?;
+            tx.push_receipt_due(&a, &[2; 16], "bob", Delivered)?;
+            tx.push_receipt_due(&a, &[1; 16], "bob", Delivered)?;
+            tx.push_receipt_due(&a, &[3; 16], "carol", Delivered)?;
+            tx.push_receipt_due(&a, &[1; 16], "bob", Read)?;
+            tx.push_receipt_due(&b, &[4; 16], "bob", Delivered)
+        })
+        .expect("push");
+    let due = store.write(|tx| tx.take_receipts_due()).expect("take");
+    let got: Vec<_> = due.iter().map(|d| (d.conversation, d.author.as_str(), d.kind, d.ids.clone())).collect();
+    assert_eq!(
+        got,
+        [
+            (a, "bob", Delivered, vec![[1; 16], [2; 16]]),
+            (a, "carol", Delivered, vec![[3; 16]]),
+            (a, "bob", Read, vec![[1; 16]]),
+            (b, "bob", Delivered, vec![[4; 16]]),
+        ]
+    );
+    assert!(store.write(|tx| tx.take_receipts_due()).expect("take").is_empty());
 }

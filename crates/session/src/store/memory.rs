@@ -14,6 +14,8 @@ use std::sync::{Mutex, MutexGuard};
 use subrosa_proto::{ConversationId, DeviceAddress};
 use zeroize::Zeroizing;
 
+use subrosa_core::content::ReceiptKind;
+
 use super::*;
 use crate::Clock;
 
@@ -58,6 +60,15 @@ struct MessageRec {
     state: Option<MessageState>,
     reason: Option<String>,
     event: Option<crate::SystemEvent>,
+    reply_to: Option<Vec<u8>>,
+    /// When the edit applied last was sent.
+    edited_at: Option<u64>,
+    deleted: bool,
+    /// `(member, emoji)`, in the order they came.
+    reactions: Vec<(String, String)>,
+    recipients: Vec<String>,
+    receipts: Vec<(String, ReceiptKind)>,
+    read_at: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -93,6 +104,8 @@ struct Tables {
     key_updates: BTreeMap<Conv, (u64, u64)>,
     member_updates: BTreeMap<(Conv, String), u64>,
     pending_commits: Vec<PendingCommit>,
+    early_actions: Vec<(Conv, Vec<u8>, EarlyAction)>,
+    receipts_due: Vec<(Conv, [u8; 16], String, ReceiptKind)>,
 }
 
 struct State {
@@ -195,7 +208,7 @@ impl MemTx<'_> {
 
 fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
     let state = if m.outgoing && !m.system { Some(m.state.unwrap_or(MessageState::Sent)) } else { None };
-    StoredMessage {
+    let mut out = StoredMessage {
         id: hex::encode(&m.message_id),
         conversation: c.id.to_hex(),
         target: c.target(),
@@ -210,7 +223,27 @@ fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
         state,
         reason: if state == Some(MessageState::Failed) { m.reason.clone() } else { None },
         event: m.event.clone(),
+        reply_to: m.reply_to.as_ref().map(hex::encode),
+        edited: m.edited_at.is_some(),
+        deleted: m.deleted,
+        reactions: Vec::new(),
+        receipts: Vec::new(),
+    };
+    let mut reactions: Vec<Reaction> = Vec::new();
+    for (member, emoji) in &m.reactions {
+        match reactions.iter_mut().find(|r| r.emoji == *emoji) {
+            Some(r) => r.from.push(member.clone()),
+            None => reactions.push(Reaction { emoji: emoji.clone(), from: vec![member.clone()] }),
+        }
     }
+    out.reactions = reactions;
+    if let Some(stored) = out.state {
+        (out.state, out.receipts) = {
+            let (s, d) = receipt_state(stored, &m.recipients, &m.receipts);
+            (Some(s), d)
+        };
+    }
+    out
 }
 
 impl Tables {
@@ -576,6 +609,8 @@ impl Conversations for MemTx<'_> {
     fn drop_refused_conversation(&mut self, id: &ConversationId) -> Result<(), ClientError> {
         self.with(|t| {
             t.messages.retain(|_, m| m.conversation != id.0);
+            t.early_actions.retain(|(c, _, _)| *c != id.0);
+            t.receipts_due.retain(|(c, _, _, _)| *c != id.0);
             t.member_checks.retain(|m| m.conversation != *id);
             t.seq_in.retain(|(c, _), _| *c != id.0);
         });
@@ -738,6 +773,14 @@ impl History for MemTx<'_> {
                     state: m.state,
                     reason: None,
                     event: m.event.clone(),
+                    reply_to: m.reply_to.as_deref().and_then(|h| hex::decode(h).ok()),
+                    edited_at: None,
+                    deleted: false,
+                    reactions: Vec::new(),
+                    recipients: Vec::new(),
+                    receipts: Vec::new(),
+                    // This account's own messages and system lines owe nobody a receipt.
+                    read_at: (m.outgoing || m.system).then_some(m.received_at),
                 },
             );
             if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *conversation) {
@@ -828,6 +871,169 @@ impl History for MemTx<'_> {
                 .values()
                 .find(|m| m.conversation == conversation.0 && m.message_id == message_id)
                 .map(|m| stored(m, &row.row))
+        }))
+    }
+}
+
+impl MemTx<'_> {
+    fn with_message<T>(
+        &self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        f: impl FnOnce(&mut MessageRec) -> T,
+    ) -> Option<T> {
+        self.with(|t| {
+            t.messages.values_mut().find(|m| m.conversation == conversation.0 && m.message_id == message_id).map(f)
+        })
+    }
+}
+
+impl Annotations for MemTx<'_> {
+    fn set_reaction(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        member: &str,
+        emoji: &str,
+        on: bool,
+        _at: u64,
+    ) -> Result<(), ClientError> {
+        self.with_message(conversation, message_id, |m| {
+            let had = m.reactions.iter().any(|(w, e)| w == member && e == emoji);
+            if on && !had {
+                m.reactions.push((member.to_string(), emoji.to_string()));
+            } else if !on {
+                m.reactions.retain(|(w, e)| !(w == member && e == emoji));
+            }
+            m.seen = false;
+        });
+        Ok(())
+    }
+
+    fn edit_message(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        text: &str,
+        at: u64,
+    ) -> Result<bool, ClientError> {
+        Ok(self
+            .with_message(conversation, message_id, |m| {
+                if m.deleted || m.edited_at.is_some_and(|e| e > at) {
+                    return false;
+                }
+                m.text = text.to_string();
+                m.edited_at = Some(at);
+                m.seen = false;
+                true
+            })
+            .unwrap_or(false))
+    }
+
+    fn erase_message(&mut self, conversation: &ConversationId, message_id: &[u8]) -> Result<(), ClientError> {
+        self.with_message(conversation, message_id, |m| {
+            m.text = String::new();
+            m.deleted = true;
+            m.reactions.clear();
+            m.seen = false;
+        });
+        self.with(|t| t.early_actions.retain(|(c, target, _)| !(*c == conversation.0 && target == message_id)));
+        Ok(())
+    }
+
+    fn mark_unseen(&mut self, conversation: &ConversationId, message_id: &[u8]) -> Result<(), ClientError> {
+        self.with_message(conversation, message_id, |m| m.seen = false);
+        Ok(())
+    }
+
+    fn set_recipients(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        members: &[String],
+    ) -> Result<(), ClientError> {
+        self.with_message(conversation, message_id, |m| m.recipients = members.to_vec());
+        Ok(())
+    }
+
+    fn add_receipt(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        member: &str,
+        kind: ReceiptKind,
+        _at: u64,
+    ) -> Result<(), ClientError> {
+        self.with_message(conversation, message_id, |m| match m.receipts.iter_mut().find(|(w, _)| w == member) {
+            Some((_, k)) => *k = (*k).max(kind),
+            None => m.receipts.push((member.to_string(), kind)),
+        });
+        Ok(())
+    }
+
+    fn push_early_action(
+        &mut self,
+        conversation: &ConversationId,
+        target: &[u8],
+        action: &EarlyAction,
+    ) -> Result<(), ClientError> {
+        self.with(|t| t.early_actions.push((conversation.0, target.to_vec(), action.clone())));
+        Ok(())
+    }
+
+    fn take_early_actions(
+        &mut self,
+        conversation: &ConversationId,
+        target: &[u8],
+    ) -> Result<Vec<EarlyAction>, ClientError> {
+        Ok(self.with(|t| {
+            let (taken, kept) = std::mem::take(&mut t.early_actions)
+                .into_iter()
+                .partition(|(c, m, _)| *c == conversation.0 && m == target);
+            t.early_actions = kept;
+            taken.into_iter().map(|(_, _, a): (Conv, Vec<u8>, EarlyAction)| a).collect()
+        }))
+    }
+
+    fn push_receipt_due(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8; 16],
+        author: &str,
+        kind: ReceiptKind,
+    ) -> Result<(), ClientError> {
+        self.with(|t| {
+            if !t.receipts_due.iter().any(|(c, m, _, k)| *c == conversation.0 && m == message_id && *k == kind) {
+                t.receipts_due.push((conversation.0, *message_id, author.to_string(), kind));
+            }
+        });
+        Ok(())
+    }
+
+    fn take_receipts_due(&mut self) -> Result<Vec<ReceiptDue>, ClientError> {
+        Ok(self.with(|t| {
+            let mut out: Vec<ReceiptDue> = Vec::new();
+            for (c, m, author, kind) in std::mem::take(&mut t.receipts_due) {
+                let conversation = ConversationId(c);
+                match out.iter_mut().find(|d| d.conversation == conversation && d.author == author && d.kind == kind) {
+                    Some(d) => d.ids.push(m),
+                    None => out.push(ReceiptDue { conversation, author, kind, ids: vec![m] }),
+                }
+            }
+            out
+        }))
+    }
+
+    fn mark_read(&mut self, conversation: &ConversationId, at: u64) -> Result<Vec<([u8; 16], String)>, ClientError> {
+        Ok(self.with(|t| {
+            let mut out = Vec::new();
+            for m in t.messages.values_mut().filter(|m| m.conversation == conversation.0 && m.read_at.is_none()) {
+                m.read_at = Some(at);
+                if let Ok(id) = <[u8; 16]>::try_from(m.message_id.as_slice()) {
+                    out.push((id, m.from.clone()));
+                }
+            }
+            out
         }))
     }
 }

@@ -7,7 +7,7 @@
 //! of the repositories can be called), [`Store::write`] a `&mut dyn Tx`, and
 //! everything a write closure did is stored when it returns `Ok`, or none of
 //! it when it returns `Err`. The repositories are one trait per aggregate
-//! ([`Meta`], [`Contacts`], [`Conversations`], [`History`], [`Outbox`],
+//! ([`Meta`], [`Contacts`], [`Conversations`], [`History`], [`Annotations`], [`Outbox`],
 //! [`Directory`], [`MlsState`]); [`Tx`] is all of them.
 //!
 //! Two backends implement them: `SqliteStore` in `subrosa-client` (one
@@ -113,6 +113,71 @@ pub struct StoredMessage {
     /// events or of an event this version does not know.
     #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "known_event")]
     pub event: Option<crate::SystemEvent>,
+    /// The message this one answers (its id, hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Its author changed its text: `text` is the text now.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub edited: bool,
+    /// Its author deleted it for everyone: the text is gone from the store.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// Reactions to it, by emoji, in the order they first came.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<Reaction>,
+    /// For this account's own messages in conversations of up to
+    /// [`RECEIPT_DETAIL_LIMIT`] other accounts: where it is for each of
+    /// them (`sent`, `delivered` or `read`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub receipts: Vec<MemberReceipt>,
+}
+
+/// Above this many other accounts, a message's receipts are not listed
+/// member by member (its `state` still says whether all have it).
+pub const RECEIPT_DETAIL_LIMIT: usize = 100;
+
+/// One reaction to a message and who reacted with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Reaction {
+    /// The emoji (as sent: front ends sanitise it before printing).
+    pub emoji: String,
+    /// The accounts that reacted with it, in the order they did.
+    pub from: Vec<String>,
+}
+
+/// Where one of this account's messages is for one other account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberReceipt {
+    /// The account.
+    pub member: String,
+    /// `sent` (no receipt yet), `delivered` or `read`.
+    pub state: MessageState,
+}
+
+/// A receipt this device owes: the messages of one author in one
+/// conversation that it stored (or its user read) since it last sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptDue {
+    /// The conversation.
+    pub conversation: subrosa_proto::ConversationId,
+    /// The author of the messages, to whose devices the receipt goes.
+    pub author: String,
+    /// Delivered or read.
+    pub kind: subrosa_core::content::ReceiptKind,
+    /// The messages, in the order they were noted.
+    pub ids: Vec<[u8; 16]>,
+}
+
+/// An edit, delete or reaction that came before the message it concerns,
+/// kept until that message arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyAction {
+    /// The sender's account.
+    pub from: String,
+    /// The sender's device (hex).
+    pub device: String,
+    /// The encoded content (as [`subrosa_core::content::Content::encode`]).
+    pub content: Vec<u8>,
 }
 
 /// A system line's event as read back: one this version does not know (from
@@ -134,6 +199,11 @@ pub enum MessageState {
     Sent,
     /// The server refused it; it will not be sent (see `reason`).
     Failed,
+    /// Every other account it went to has it on a device (their receipts
+    /// said so). Never stored: read from the receipts.
+    Delivered,
+    /// Every other account it went to has read it.
+    Read,
 }
 
 impl MessageState {
@@ -143,14 +213,19 @@ impl MessageState {
             MessageState::Queued => "queued",
             MessageState::Sent => "sent",
             MessageState::Failed => "failed",
+            MessageState::Delivered => "delivered",
+            MessageState::Read => "read",
         }
     }
 
+    /// Reads [`Self::as_str`]'s names.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "queued" => Some(MessageState::Queued),
             "sent" => Some(MessageState::Sent),
             "failed" => Some(MessageState::Failed),
+            "delivered" => Some(MessageState::Delivered),
+            "read" => Some(MessageState::Read),
             _ => None,
         }
     }
@@ -756,6 +831,177 @@ pub trait History {
     ) -> Result<Option<StoredMessage>, ClientError>;
 }
 
+/// What members do to stored messages: reactions, edits, deletes for
+/// everyone and receipts, and the receipts this device owes. The rules
+/// (who may do what) are the session's; these only store.
+pub trait Annotations {
+    /// Sets (`on`) or takes back `member`'s reaction `emoji` to a message.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_reaction(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        member: &str,
+        emoji: &str,
+        on: bool,
+        at: u64,
+    ) -> Result<(), ClientError>;
+
+    /// Replaces a message's text by the edit sent at `at`, unless an edit
+    /// sent later was applied already (edits may arrive out of order).
+    /// Returns whether it was applied. The message is shown again by the
+    /// next `take_unseen`.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn edit_message(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        text: &str,
+        at: u64,
+    ) -> Result<bool, ClientError>;
+
+    /// Deletes a message for everyone: its text and reactions go from the
+    /// store (the row stays, marked deleted, and is shown again by the next
+    /// `take_unseen`), and so do actions kept for it.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn erase_message(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<(), ClientError>;
+
+    /// Shows a message again by the next `take_unseen` (a reaction changed).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn mark_unseen(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<(), ClientError>;
+
+    /// The other accounts one of this account's messages went to.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_recipients(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        members: &[String],
+    ) -> Result<(), ClientError>;
+
+    /// Records `member`'s receipt for a message; a read receipt is never
+    /// replaced by a delivery receipt.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn add_receipt(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        member: &str,
+        kind: subrosa_core::content::ReceiptKind,
+        at: u64,
+    ) -> Result<(), ClientError>;
+
+    /// Keeps an action that came before the message `target` it concerns.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn push_early_action(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        target: &[u8],
+        action: &EarlyAction,
+    ) -> Result<(), ClientError>;
+
+    /// The actions kept for `target`, in arrival order; forgets them.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn take_early_actions(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        target: &[u8],
+    ) -> Result<Vec<EarlyAction>, ClientError>;
+
+    /// Notes that this device owes `author` a receipt for a message (once
+    /// per message and kind).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn push_receipt_due(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8; 16],
+        author: &str,
+        kind: subrosa_core::content::ReceiptKind,
+    ) -> Result<(), ClientError>;
+
+    /// The receipts owed, one per conversation, author and kind (ids in
+    /// the order they were noted); forgets them.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn take_receipts_due(&mut self) -> Result<Vec<ReceiptDue>, ClientError>;
+
+    /// Marks every message of other accounts in a conversation read;
+    /// returns those not read before, oldest first, with their authors.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn mark_read(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        at: u64,
+    ) -> Result<Vec<([u8; 16], String)>, ClientError>;
+}
+
+/// A message's state from its stored state and its receipts: `read` when
+/// every account it went to read it, `delivered` when every one has it;
+/// and the per-member detail (up to [`RECEIPT_DETAIL_LIMIT`] accounts).
+pub fn receipt_state(
+    stored: MessageState,
+    recipients: &[String],
+    receipts: &[(String, subrosa_core::content::ReceiptKind)],
+) -> (MessageState, Vec<MemberReceipt>) {
+    use subrosa_core::content::ReceiptKind;
+    let of = |member: &str| receipts.iter().find(|(m, _)| m == member).map(|(_, k)| *k);
+    if recipients.is_empty() || !matches!(stored, MessageState::Sent) {
+        return (stored, Vec::new());
+    }
+    let state = if recipients.iter().all(|r| of(r) == Some(ReceiptKind::Read)) {
+        MessageState::Read
+    } else if recipients.iter().all(|r| of(r).is_some()) {
+        MessageState::Delivered
+    } else {
+        MessageState::Sent
+    };
+    let detail = if recipients.len() <= RECEIPT_DETAIL_LIMIT {
+        recipients
+            .iter()
+            .map(|r| MemberReceipt {
+                member: r.clone(),
+                state: match of(r) {
+                    Some(ReceiptKind::Read) => MessageState::Read,
+                    Some(_) => MessageState::Delivered,
+                    None => MessageState::Sent,
+                },
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (state, detail)
+}
+
 /// Sends not yet answered by the server, and staged commits waiting for theirs.
 pub trait Outbox {
     /// Queues a request made already (a leave proposal): posted as it is,
@@ -903,9 +1149,9 @@ pub trait MlsState {
 }
 
 /// Every repository: what a transaction offers.
-pub trait Tx: Meta + Contacts + Conversations + History + Outbox + Directory + MlsState {}
+pub trait Tx: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState {}
 
-impl<T: Meta + Contacts + Conversations + History + Outbox + Directory + MlsState + ?Sized> Tx for T {}
+impl<T: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState + ?Sized> Tx for T {}
 
 /// A storage backend: runs closures in transactions. [`Store`] wraps one
 /// with the typed entry points; a backend only has to say how a transaction
