@@ -5,6 +5,8 @@
 //! to the store before anything leaves the device, and a delivered message
 //! is acknowledged only after the store committed it.
 
+pub mod attachment;
+pub mod blobs;
 mod conversations;
 mod devices;
 mod handle;
