@@ -47,6 +47,7 @@ macro_rules! with_behaviours {
             concurrent_writers_serialize,
             a_write_inside_a_read_is_refused,
             two_engines_exchange_a_message_over_the_store,
+            attachments_are_kept_per_message_and_move_from_pending_to_saved,
         );
     };
 }
@@ -795,4 +796,52 @@ pub fn two_engines_exchange_a_message_over_the_store(store: Store) {
     store.write(|_| Ok(alice.encrypt(&commit.conversation, &content)?)).expect("encrypt");
     assert_ne!(state(), before);
     assert_eq!(alice.members(&commit.conversation).expect("members").len(), 2);
+}
+
+/// A message's files are stored once, in order, with their keys; received
+/// ones wait as pending until downloaded, then wait to be saved; a refused
+/// one keeps its reason.
+pub fn attachments_are_kept_per_message_and_move_from_pending_to_saved(store: Store) {
+    use subrosa_core::attachment::AttachedFile;
+    let file = |n: u8| AttachedFile {
+        blob: [n; 16],
+        key: Zeroizing::new([n + 1; 32]),
+        sha256: [n + 2; 32],
+        size: u64::from(n) * 1000,
+        name: format!("file {n}.txt"),
+        media_type: "text/plain".into(),
+    };
+    let (c, m) = (conv(7), [9u8; 16]);
+    store
+        .write(|tx| {
+            tx.put_attachments(&c, &m, &[file(1), file(2)], AttachmentState::Pending)?;
+            // Delivered again: nothing changes.
+            tx.put_attachments(&c, &m, &[file(3)], AttachmentState::Pending)?;
+            tx.put_attachments(&conv(8), &[1; 16], &[file(4)], AttachmentState::Sent)
+        })
+        .expect("put");
+    let rows = store.read(|tx| tx.attachments_of(&c, &m)).expect("read");
+    assert_eq!(rows.iter().map(|a| (a.index, a.file.clone())).collect::<Vec<_>>(), vec![(0, file(1)), (1, file(2))]);
+    assert!(rows.iter().all(|a| a.state == AttachmentState::Pending && a.local.is_none() && a.saved.is_none()));
+    assert_eq!(store.read(|tx| tx.pending_attachments()).expect("pending").len(), 2);
+
+    store
+        .write(|tx| {
+            tx.set_attachment(&c, &m, 0, &AttachmentState::Stored, Some("b1.blob"), None)?;
+            tx.set_attachment(&c, &m, 1, &AttachmentState::Refused("altered".into()), None, None)
+        })
+        .expect("set");
+    let pending = store.read(|tx| tx.pending_attachments()).expect("pending");
+    assert!(pending.is_empty());
+    let unsaved = store.read(|tx| tx.unsaved_attachments()).expect("unsaved");
+    assert_eq!(unsaved.len(), 1);
+    assert_eq!(unsaved[0].local.as_deref(), Some("b1.blob"));
+    store
+        .write(|tx| tx.set_attachment(&c, &m, 0, &AttachmentState::Stored, None, Some("/tmp/file 1.txt")))
+        .expect("saved");
+    assert!(store.read(|tx| tx.unsaved_attachments()).expect("unsaved").is_empty());
+    let rows = store.read(|tx| tx.attachments_of(&c, &m)).expect("read");
+    assert_eq!(rows[0].local.as_deref(), Some("b1.blob"), "the blob's name stays when the path is set");
+    assert_eq!(rows[0].saved.as_deref(), Some("/tmp/file 1.txt"));
+    assert_eq!(rows[1].state, AttachmentState::Refused("altered".into()));
 }
