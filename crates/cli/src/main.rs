@@ -10,6 +10,7 @@ macro_rules! out {
 }
 
 #[cfg(unix)]
+mod attach;
 mod daemon;
 mod demo;
 mod target;
@@ -88,6 +89,11 @@ enum Command {
         /// Do not acknowledge: the server delivers them again (shown once).
         #[arg(long, hide = true)]
         no_ack: bool,
+        /// Save received attachments into DIR (under their sender's name
+        /// made safe, never over an existing file). Without it they are
+        /// downloaded, checked and kept encrypted in the home directory.
+        #[arg(long, value_name = "DIR")]
+        downloads: Option<PathBuf>,
     },
     /// Show a conversation (group or handle), your own messages included.
     History {
@@ -513,7 +519,7 @@ async fn follow_events(client: &Client, json: bool) -> Result<ExitCode> {
     let run = client.run();
     tokio::pin!(run);
     let show = |e: ClientEvent| match e {
-        ClientEvent::Message(m) | ClientEvent::System(m) => print_message(&m, json),
+        ClientEvent::Message(m) | ClientEvent::System(m) => print_message(client.device(), &m, json),
         ClientEvent::Alert(a) => eprintln!("warning: {}", safe(&a)),
         ClientEvent::SendFailed(f) => print_failed(&f),
         ClientEvent::Dropped { from, reason } => eprintln!(
@@ -567,11 +573,20 @@ fn with_advice(m: &StoredMessage) -> std::borrow::Cow<'_, StoredMessage> {
 
 /// One message, in plain text or as a JSON line; others' text made safe
 /// for the terminal either way (see `term`).
-fn print_message(m: &StoredMessage, json: bool) {
+fn print_message(me: &Subrosa, m: &StoredMessage, json: bool) {
     let m = &*with_advice(m);
+    let files = if m.system { Vec::new() } else { attach::files_of(me, m) };
     let mut out = std::io::stdout().lock();
     if json {
-        if let Ok(line) = term::json_line(m) {
+        let value = match serde_json::to_value(m) {
+            Ok(mut v) if !files.is_empty() => {
+                v["attachments"] = attach::json(&files);
+                v
+            }
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        if let Ok(line) = term::json_line(&value) {
             let _ = writeln!(out, "{line}");
         }
     } else {
@@ -589,6 +604,9 @@ fn print_message(m: &StoredMessage, json: bool) {
                 _ => String::new(),
             };
             let _ = writeln!(out, "[{}] {place}{who}: {text}{state}", format_time(m.sent_at));
+            for line in attach::lines(&files) {
+                let _ = writeln!(out, "{line}");
+            }
         }
     }
     let _ = out.flush();
@@ -706,7 +724,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                     daemon::run(&client, listen, lock).await
                 }
                 Command::Tui => tui::run(&client).await,
-                command => run_opened(&client, command).await,
+                command => run_opened(&client, &home, command).await,
             };
             let me = client.device();
             // Queued sends the server refused, and security alerts raised
@@ -723,7 +741,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
     }
 }
 
-async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
+async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -> Result<ExitCode> {
     let me = client.device();
     match command {
         Command::Send { target, text, accept_key_change } => {
@@ -731,13 +749,15 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
             let m = me.send_text_with(&to, &text, accept_key_change).await?;
             out!("sent {} to {}", m.id, safe(&m.target));
         }
-        Command::Receive { json, timeout, follow, no_ack } => {
+        Command::Receive { json, timeout, follow, no_ack, downloads } => {
             if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
                 return Err(anyhow!("--timeout takes a number of seconds from 0"));
             }
             let mut dropped = 0usize;
+            // Shown once their attachments are downloaded (and saved).
+            let mut messages = Vec::new();
             let mut on = |r: &Received| match r {
-                Received::Message(m) => print_message(m, json),
+                Received::Message(m) => messages.push(m.clone()),
                 Received::Alert(a) => eprintln!("warning: {}", safe(a)),
                 Received::Failed(f) => print_failed(f),
                 // The queued message was printed as queued when it was sent.
@@ -755,6 +775,13 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
                 return follow_events(client, json).await;
             } else {
                 me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
+            }
+            let refused = attach::fetch_and_save(me, home, downloads.as_deref()).await;
+            for m in &messages {
+                print_message(me, m, json);
+            }
+            if refused? > 0 {
+                return Ok(ExitCode::FAILURE);
             }
             if dropped > 0 {
                 eprintln!("error: {dropped} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
@@ -780,7 +807,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
                 }
             }
             for m in history {
-                print_message(&m, json);
+                print_message(me, &m, json);
             }
         }
         Command::Contacts => {

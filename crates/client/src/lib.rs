@@ -9,6 +9,7 @@ pub mod attachment;
 pub mod blobs;
 mod conversations;
 mod devices;
+pub mod files;
 mod handle;
 pub mod keycache;
 mod keys;

@@ -520,9 +520,10 @@ impl Session {
                 }
                 // A kind from a newer Subrosa is stored and shown as such; it
                 // counts in the sender's sequence like any message.
-                let text = match content.body {
-                    Body::Text(t) => t,
-                    _ => UNSUPPORTED_TEXT.to_string(),
+                let (text, files) = match content.body {
+                    Body::Text(t) => (t, None),
+                    Body::Attachment(a) => (a.caption, Some(a.files)),
+                    _ => (UNSUPPORTED_TEXT.to_string(), None),
                 };
                 let m = StoredMessage {
                     id: content.message_id.to_hex(),
@@ -542,6 +543,17 @@ impl Session {
                 };
                 // A sender's retry carries the same message id: shown once.
                 let new = tx.insert_message(&m, &conversation, &content.message_id.0, false)?;
+                if let (Some(files), true) = (files, new) {
+                    // Every member device but the sender's fetches the blobs
+                    // (this account's other devices too); in the same
+                    // transaction as the message, so none is lost.
+                    tx.put_attachments(
+                        &conversation,
+                        &content.message_id.0,
+                        &files,
+                        crate::store::AttachmentState::Pending,
+                    )?;
+                }
                 if late && new {
                     self.record_system_line(
                         tx,
