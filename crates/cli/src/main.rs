@@ -62,15 +62,21 @@ enum Command {
         #[arg(long)]
         server: String,
     },
-    /// Send a text message to a group or a handle.
+    /// Send a text message, or files with an optional caption, to a group
+    /// or a handle.
     Send {
         /// Who: a handle, `@handle`, a group name, or `#ID` (a conversation id
         /// in hex, or a unique prefix of at least 6 digits). A bare name
         /// that could be a group and a contact, or two groups, is refused
         /// with the candidates listed.
         target: String,
-        /// What.
-        text: String,
+        /// What (with --attach: the caption, optional).
+        #[arg(required_unless_present = "attach")]
+        text: Option<String>,
+        /// A file to send (repeatable): encrypted on this device under a
+        /// key of its own; the server stores only the padded ciphertext.
+        #[arg(long = "attach", value_name = "FILE")]
+        attach: Vec<PathBuf>,
         /// Send even though a verified contact's identity key changed.
         #[arg(long)]
         accept_key_change: bool,
@@ -744,10 +750,29 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
 async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -> Result<ExitCode> {
     let me = client.device();
     match command {
-        Command::Send { target, text, accept_key_change } => {
+        Command::Send { target, text, attach, accept_key_change } => {
             let to = target::for_send(me, &target).await?;
-            let m = me.send_text_with(&to, &text, accept_key_change).await?;
-            out!("sent {} to {}", m.id, safe(&m.target));
+            if attach.is_empty() {
+                let m = me.send_text_with(&to, text.as_deref().unwrap_or_default(), accept_key_change).await?;
+                out!("sent {} to {}", m.id, safe(&m.target));
+            } else {
+                let caption = text.unwrap_or_default();
+                let mut bar: Option<(String, attach::Bar)> = None;
+                let sent = me
+                    .send_attachments(home, &to, &caption, &attach, accept_key_change, &mut |label, done, total| {
+                        if bar.as_ref().is_none_or(|(l, _)| l != label) {
+                            bar = Some((label.to_owned(), attach::Bar::new(label.to_owned())));
+                        }
+                        if let Some((_, b)) = bar.as_mut() {
+                            b.set(done, total);
+                        }
+                    })
+                    .await;
+                drop(bar);
+                if let Some(m) = sent? {
+                    out!("sent {} to {} with {} file(s)", m.id, safe(&m.target), attach.len());
+                }
+            }
         }
         Command::Receive { json, timeout, follow, no_ack, downloads } => {
             if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {

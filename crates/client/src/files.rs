@@ -151,6 +151,66 @@ impl Subrosa {
         Ok(())
     }
 
+    /// Sends `files` (with a caption, possibly empty) to `to`: each is
+    /// sealed under a fresh key, uploaded for the conversation's member
+    /// devices, and the pointers, keys and checks go inside one message of
+    /// kind 7, stored in history as the caption with its files. A first
+    /// message to a handle starts the conversation (the blobs need its
+    /// members). `progress` hears (file name, bytes, total) for sealing and
+    /// uploading.
+    ///
+    /// # Errors
+    /// As [`Subrosa::send_body`]; a file that cannot be read; the server's
+    /// refusals of a blob (`blob_too_large`, `blob_quota_exceeded`), after
+    /// which nothing is sent.
+    pub async fn send_attachments(
+        &self,
+        home: &Path,
+        to: &crate::Target,
+        caption: &str,
+        paths: &[PathBuf],
+        accept_key_change: bool,
+        progress: &mut (dyn FnMut(&str, u64, u64) + Send),
+    ) -> Result<Option<crate::StoredMessage>, ClientError> {
+        use subrosa_core::attachment::{Attachments, MAX_FILES};
+        use subrosa_core::content::Body;
+        if paths.is_empty() || paths.len() > MAX_FILES {
+            return Err(ClientError::Input(format!("attach 1 to {MAX_FILES} files")));
+        }
+        if caption.len() > subrosa_core::content::MAX_TEXT_BYTES {
+            return Err(ClientError::Input("the caption is over 64 KiB".into()));
+        }
+        // Sealed first: a file that cannot be read stops everything before
+        // anything reaches the server.
+        let mut staged = Vec::with_capacity(paths.len());
+        for p in paths {
+            let label = format!("sealing {}", p.display());
+            staged.push(stage(home, p, &mut |done, total| progress(&label, done, total))?);
+        }
+        // The blobs are for the members as they are now.
+        self.catch_up().await?;
+        let conversation = match to {
+            crate::Target::Conversation(id) => *id,
+            crate::Target::Direct(peer) => match self.direct_conversation(peer)? {
+                Some(id) => id,
+                None => self.start_direct(peer, None).await?,
+            },
+        };
+        for s in &mut staged {
+            let label = format!("uploading {}", s.file.name);
+            self.upload_staged(&conversation, s, &mut |done, total| progress(&label, done, total)).await?;
+        }
+        let files: Vec<AttachedFile> = staged.iter().map(|s| s.file.clone()).collect();
+        let body = Body::Attachment(Attachments { caption: caption.to_owned(), reply_to: None, files: files.clone() });
+        let message_id = subrosa_proto::MessageId(rand::random());
+        let target = crate::Target::Conversation(conversation);
+        let sent = self.send_body_as(&target, body, Some(caption.to_owned()), accept_key_change, message_id).await;
+        if matches!(sent, Ok(_) | Err(ClientError::Pending(_))) {
+            self.store().write(|tx| tx.put_attachments(&conversation, &message_id.0, &files, AttachmentState::Sent))?;
+        }
+        sent
+    }
+
     /// Downloads and checks every received attachment not yet stored,
     /// keeping each sealed in the home's attachment folder and telling the
     /// server it was fetched. A blob that fails its checks (or is gone from

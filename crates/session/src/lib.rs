@@ -16,6 +16,7 @@ mod error;
 pub mod store;
 
 pub use error::ClientError;
+mod attachments;
 mod commits;
 pub mod directory;
 mod members;

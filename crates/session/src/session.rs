@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use subrosa_core::content::{Body, IdentityHandover};
+use subrosa_core::content::{Body, Content, IdentityHandover};
 use subrosa_core::{ConversationKind, CoreError, DeviceIdentity, Engine, Event, MemberInfo};
 use subrosa_proto::{ConversationId, DeviceAddress, Envelope, Handle, MessageId, MessageKind, B64};
 
@@ -518,51 +518,7 @@ impl Session {
                     }
                     return Ok(());
                 }
-                // A kind from a newer Subrosa is stored and shown as such; it
-                // counts in the sender's sequence like any message.
-                let (text, files) = match content.body {
-                    Body::Text(t) => (t, None),
-                    Body::Attachment(a) => (a.caption, Some(a.files)),
-                    _ => (UNSUPPORTED_TEXT.to_string(), None),
-                };
-                let m = StoredMessage {
-                    id: content.message_id.to_hex(),
-                    conversation: conversation.to_hex(),
-                    target: row.target(),
-                    group: row.kind == "group",
-                    from: sender.address.handle.to_string(),
-                    device: sender.address.device.to_hex(),
-                    sent_at: content.sent_at_ms,
-                    received_at: self.now_ms(),
-                    text,
-                    outgoing: sender.address.handle == me,
-                    system: false,
-                    state: None,
-                    reason: None,
-                    event: None,
-                };
-                // A sender's retry carries the same message id: shown once.
-                let new = tx.insert_message(&m, &conversation, &content.message_id.0, false)?;
-                if let (Some(files), true) = (files, new) {
-                    // Every member device but the sender's fetches the blobs
-                    // (this account's other devices too); in the same
-                    // transaction as the message, so none is lost.
-                    tx.put_attachments(
-                        &conversation,
-                        &content.message_id.0,
-                        &files,
-                        crate::store::AttachmentState::Pending,
-                    )?;
-                }
-                if late && new {
-                    self.record_system_line(
-                        tx,
-                        &row,
-                        &sender.address,
-                        SystemEvent::Late { from: sender.address.handle.to_string() },
-                    )?;
-                }
-                Ok(())
+                self.apply_content(tx, &row, &sender.address, content, late)
             }
             Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
                 let mut row = self.conversation_row(tx, &conversation)?;
@@ -755,6 +711,54 @@ impl Session {
             extra.join(", "),
             conversation.to_hex()
         ))
+    }
+
+    /// Applies an authenticated application message of a shown conversation
+    /// (its sender checked, its sequence number noted; `late` when it is
+    /// older than one already shown). The one place each content kind
+    /// gets its meaning: a kind adds its arm here and keeps its rules in a
+    /// module of its own.
+    pub(crate) fn apply_content(
+        &self,
+        tx: &mut dyn Tx,
+        row: &ConversationRow,
+        sender: &DeviceAddress,
+        content: subrosa_core::content::Content,
+        late: bool,
+    ) -> Result<(), ClientError> {
+        let text = match content.body {
+            Body::Text(t) => t,
+            Body::Attachment(a) => {
+                let files = a.files;
+                let caption = Content { body: Body::Text(a.caption), ..content };
+                return self.apply_attachment(tx, row, sender, caption, &files, late);
+            }
+            // A kind from a newer Subrosa is stored and shown as such; it
+            // counts in the sender's sequence like any message.
+            _ => UNSUPPORTED_TEXT.to_string(),
+        };
+        let m = StoredMessage {
+            id: content.message_id.to_hex(),
+            conversation: row.id.to_hex(),
+            target: row.target(),
+            group: row.kind == "group",
+            from: sender.handle.to_string(),
+            device: sender.device.to_hex(),
+            sent_at: content.sent_at_ms,
+            received_at: self.now_ms(),
+            text,
+            outgoing: sender.handle == *self.handle(),
+            system: false,
+            state: None,
+            reason: None,
+            event: None,
+        };
+        // A sender's retry carries the same message id: shown once.
+        let new = tx.insert_message(&m, &row.id, &content.message_id.0, false)?;
+        if late && new {
+            self.record_system_line(tx, row, sender, SystemEvent::Late { from: sender.handle.to_string() })?;
+        }
+        Ok(())
     }
 
     /// Notes a sender's sequence number: a gap becomes a system line before
