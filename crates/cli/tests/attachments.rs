@@ -201,3 +201,62 @@ fn the_size_limit_and_the_quota_give_clear_errors() {
     bob.ok(&["receive", "--downloads", downloads.to_str().expect("utf-8 path")]);
     alice.ok(&["send", "bob", "--attach", path]);
 }
+
+/// Bytes of the blob the server holds, and the row id of its first piece.
+fn upload_state(server: &Server) -> Option<(i64, i64)> {
+    server
+        .db()
+        .query_row(
+            "SELECT b.received, (SELECT MIN(p.id) FROM blob_pieces p WHERE p.blob = b.id AND p.start = 0) FROM blobs b",
+            [],
+            |r| Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(0))),
+        )
+        .ok()
+}
+
+#[test]
+fn an_interrupted_upload_resumes_where_it_stopped() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    bob.ok(&["receive"]);
+    let size = 80 << 20;
+    let plain = noise(size, 11);
+    let file = write_file(alice.dir.path(), "film.mp4", &plain);
+    let path = file.to_str().expect("utf-8 path");
+
+    // The server goes down once the first piece is in.
+    let child = alice
+        .cmd(&["send", "bob", "--attach", path])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("send starts");
+    assert!(
+        wait_until(std::time::Duration::from_secs(180), || upload_state(&server).is_some_and(|(got, _)| got > 0)),
+        "the upload never started"
+    );
+    server.kill();
+    let out = child.wait_with_output().expect("send ends");
+    assert!(!out.status.success(), "the upload finished before it could be interrupted");
+    let (before, first_piece) = upload_state(&server).expect("a blob");
+    assert!(before > 0 && (before as usize) < size, "{before}");
+
+    // The same command again: the same blob, from where it stopped.
+    server.restart_with(&[]);
+    alice.ok(&["send", "bob", "--attach", path]);
+    assert_eq!(server.count("blobs"), 1, "the upload started over as a new blob");
+    assert_eq!(upload_state(&server).map(|(_, p)| p), Some(first_piece), "the first piece was sent again");
+    // Nothing staged is left once it is sent.
+    let staged: Vec<_> = std::fs::read_dir(alice.home().join("attachments"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(staged.is_empty(), "{staged:?}");
+
+    let downloads = bob.dir.path().join("downloads");
+    std::fs::create_dir(&downloads).expect("dir");
+    let m = the_attachment_message(&bob.receive_json(&["--downloads", downloads.to_str().expect("utf-8 path")]));
+    assert_eq!(attachments(&m)[0]["sha256"].as_str(), Some(&*sha256_hex(&plain)));
+    assert_eq!(sha256_hex(&std::fs::read(downloads.join("film.mp4")).expect("saved")), sha256_hex(&plain));
+}

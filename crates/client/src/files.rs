@@ -45,12 +45,108 @@ pub struct Staged {
     pub path: PathBuf,
     /// Its length.
     pub blob_len: u64,
+    /// Kept when dropped: its upload may resume later.
+    pub keep: bool,
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
         // Ciphertext only, but of no use once sent or abandoned.
-        let _ = std::fs::remove_file(&self.path);
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// An upload this device started and did not send yet, kept in the
+/// encrypted store (`meta`) so that sending the same file to the same
+/// conversation again resumes it: the same sealed blob (never sealed twice
+/// under one key), the same blob on the server, from where it stopped.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Unsent {
+    staged: String,
+    key: String,
+    sha256: String,
+    size: u64,
+    name: String,
+    media_type: String,
+    blob: Option<String>,
+}
+
+/// The `meta` key of the upload of `path` (as it is now) to `conversation`.
+fn unsent_key(conversation: &ConversationId, path: &Path) -> Result<String, ClientError> {
+    use sha2::Digest as _;
+    let unreadable = |e: std::io::Error| ClientError::Input(format!("cannot read {}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    let full = std::fs::canonicalize(path).map_err(unreadable)?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+    let mut h = sha2::Sha256::new();
+    h.update(conversation.0);
+    h.update(full.to_string_lossy().as_bytes());
+    h.update(meta.len().to_be_bytes());
+    h.update(mtime.as_nanos().to_be_bytes());
+    Ok(format!("upload/{}", hex::encode(h.finalize())))
+}
+
+impl Unsent {
+    fn of(s: &Staged, blob: Option<&BlobId>) -> Self {
+        Unsent {
+            staged: s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            key: hex::encode(*s.file.key),
+            sha256: hex::encode(s.file.sha256),
+            size: s.file.size,
+            name: s.file.name.clone(),
+            media_type: s.file.media_type.clone(),
+            blob: blob.map(BlobId::to_hex),
+        }
+    }
+
+    /// A copy (the key zeroized on drop of each).
+    fn of_parts(u: &Unsent) -> Self {
+        Unsent {
+            staged: u.staged.clone(),
+            key: u.key.clone(),
+            sha256: u.sha256.clone(),
+            size: u.size,
+            name: u.name.clone(),
+            media_type: u.media_type.clone(),
+            blob: u.blob.clone(),
+        }
+    }
+
+    fn bytes(&self) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        serde_json::to_vec(self).map(Zeroizing::new).map_err(|e| ClientError::Bug(e.to_string()))
+    }
+
+    /// The staged upload again, when its sealed blob is still whole.
+    fn resume(&self, home: &Path) -> Option<(Staged, Option<BlobId>)> {
+        let path = folder(home).join(&self.staged);
+        let blob_len = attachment::blob_len(self.size);
+        if std::fs::metadata(&path).ok()?.len() != blob_len {
+            return None;
+        }
+        let raw = Zeroizing::new(hex::decode(&self.key).ok()?);
+        let key = Zeroizing::new(<[u8; 32]>::try_from(raw.as_slice()).ok()?);
+        let sha256 = <[u8; 32]>::try_from(hex::decode(&self.sha256).ok()?.as_slice()).ok()?;
+        let blob = match &self.blob {
+            Some(b) => Some(b.parse().ok()?),
+            None => None,
+        };
+        let file = AttachedFile {
+            blob: [0; 16],
+            key,
+            sha256,
+            size: self.size,
+            name: self.name.clone(),
+            media_type: self.media_type.clone(),
+        };
+        Some((Staged { file, path, blob_len, keep: true }, blob))
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
     }
 }
 
@@ -112,6 +208,7 @@ pub fn stage(home: &Path, path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Re
         },
         path: staged,
         blob_len: attachment::blob_len(size),
+        keep: false,
     };
     let mut writer = BufWriter::new(dst);
     let digest = attachment::seal(&key, size, &mut BufReader::new(src), &mut writer, &mut |done| progress(done, size))
@@ -139,15 +236,40 @@ impl Subrosa {
         staged: &mut Staged,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<(), ClientError> {
+        self.upload_staged_as(conversation, staged, None, &mut |_| Ok(()), progress).await
+    }
+
+    /// [`Self::upload_staged`], resuming the upload of `blob` when given
+    /// (a new blob when the server no longer has it); `created` hears a new
+    /// blob's id before any byte of it is sent.
+    async fn upload_staged_as(
+        &self,
+        conversation: &ConversationId,
+        staged: &mut Staged,
+        blob: Option<BlobId>,
+        created: &mut (dyn FnMut(&BlobId) -> Result<(), ClientError> + Send),
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<(), ClientError> {
+        let len = staged.blob_len;
+        if let Some(blob) = blob {
+            match crate::blobs::upload(&self.api, &blob, &staged.path, &mut |done| progress(done, len)).await {
+                Ok(()) => {
+                    staged.file.blob = blob.0;
+                    return Ok(());
+                }
+                Err(e) if e.code() == Some(subrosa_proto::ErrorCode::UnknownBlob) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let me = self.identity().address();
         let readers: Vec<_> = self.members(conversation)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
         if readers.is_empty() {
             return Err(ClientError::Input("nobody else is in this conversation to send a file to".into()));
         }
-        let created = self.api.blob_create(staged.blob_len, readers).await?;
-        let len = staged.blob_len;
-        crate::blobs::upload(&self.api, &created.blob, &staged.path, &mut |done| progress(done, len)).await?;
-        staged.file.blob = created.blob.0;
+        let new = self.api.blob_create(staged.blob_len, readers).await?.blob;
+        created(&new)?;
+        crate::blobs::upload(&self.api, &new, &staged.path, &mut |done| progress(done, len)).await?;
+        staged.file.blob = new.0;
         Ok(())
     }
 
@@ -180,12 +302,14 @@ impl Subrosa {
         if caption.len() > subrosa_core::content::MAX_TEXT_BYTES {
             return Err(ClientError::Input("the caption is over 64 KiB".into()));
         }
-        // Sealed first: a file that cannot be read stops everything before
-        // anything reaches the server.
-        let mut staged = Vec::with_capacity(paths.len());
+        // A file that cannot be read stops everything before anything
+        // reaches the server.
         for p in paths {
-            let label = format!("sealing {}", p.display());
-            staged.push(stage(home, p, &mut |done, total| progress(&label, done, total))?);
+            let meta =
+                std::fs::metadata(p).map_err(|e| ClientError::Input(format!("cannot read {}: {e}", p.display())))?;
+            if !meta.is_file() {
+                return Err(ClientError::Input(format!("{} is not a file", p.display())));
+            }
         }
         // The blobs are for the members as they are now.
         self.catch_up().await?;
@@ -196,9 +320,46 @@ impl Subrosa {
                 None => self.start_direct(peer, None).await?,
             },
         };
-        for s in &mut staged {
+        // Each file sealed once; an upload interrupted before resumes.
+        let mut staged = Vec::with_capacity(paths.len());
+        let mut resumed = Vec::with_capacity(paths.len());
+        let mut keys = Vec::with_capacity(paths.len());
+        for p in paths {
+            let key = unsent_key(&conversation, p)?;
+            let before = self
+                .store()
+                .read(|tx| tx.meta(&key))?
+                .and_then(|v| serde_json::from_slice::<Unsent>(&v).ok())
+                .and_then(|u| u.resume(home));
+            let (s, blob) = match before {
+                Some(found) => found,
+                None => {
+                    let label = format!("sealing {}", p.display());
+                    let mut s = stage(home, p, &mut |done, total| progress(&label, done, total))?;
+                    let record = Unsent::of(&s, None).bytes()?;
+                    self.store().write(|tx| tx.set_meta(&key, &record))?;
+                    s.keep = true;
+                    (s, None)
+                }
+            };
+            staged.push(s);
+            resumed.push(blob);
+            keys.push(key);
+        }
+        for ((s, blob), key) in staged.iter_mut().zip(resumed).zip(&keys) {
             let label = format!("uploading {}", s.file.name);
-            self.upload_staged(&conversation, s, &mut |done, total| progress(&label, done, total)).await?;
+            let unsent = Unsent::of(s, None);
+            let store = self.store();
+            let mut created = |b: &BlobId| -> Result<(), ClientError> {
+                let mut with_blob = Unsent::of_parts(&unsent);
+                with_blob.blob = Some(b.to_hex());
+                let record = with_blob.bytes()?;
+                store.write(|tx| tx.set_meta(key, &record))
+            };
+            self.upload_staged_as(&conversation, s, blob, &mut created, &mut |done, total| {
+                progress(&label, done, total)
+            })
+            .await?;
         }
         let files: Vec<AttachedFile> = staged.iter().map(|s| s.file.clone()).collect();
         let body = Body::Attachment(Attachments { caption: caption.to_owned(), reply_to: None, files: files.clone() });
@@ -206,7 +367,16 @@ impl Subrosa {
         let target = crate::Target::Conversation(conversation);
         let sent = self.send_body_as(&target, body, Some(caption.to_owned()), accept_key_change, message_id).await;
         if matches!(sent, Ok(_) | Err(ClientError::Pending(_))) {
-            self.store().write(|tx| tx.put_attachments(&conversation, &message_id.0, &files, AttachmentState::Sent))?;
+            self.store().write(|tx| {
+                tx.put_attachments(&conversation, &message_id.0, &files, AttachmentState::Sent)?;
+                for key in &keys {
+                    tx.delete_meta(key)?;
+                }
+                Ok(())
+            })?;
+            for s in &mut staged {
+                s.keep = false;
+            }
         }
         sent
     }
