@@ -11,6 +11,7 @@ macro_rules! out {
 
 mod config;
 #[cfg(unix)]
+mod attach;
 mod daemon;
 mod demo;
 mod target;
@@ -71,15 +72,21 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
-    /// Send a text message to a group or a handle.
+    /// Send a text message, or files with an optional caption, to a group
+    /// or a handle.
     Send {
         /// Who: a handle, `@handle`, a group name, or `#ID` (a conversation id
         /// in hex, or a unique prefix of at least 6 digits). A bare name
         /// that could be a group and a contact, or two groups, is refused
         /// with the candidates listed.
         target: String,
-        /// What.
-        text: String,
+        /// What (with --attach: the caption, optional).
+        #[arg(required_unless_present = "attach")]
+        text: Option<String>,
+        /// A file to send (repeatable): encrypted on this device under a
+        /// key of its own; the server stores only the padded ciphertext.
+        #[arg(long = "attach", value_name = "FILE")]
+        attach: Vec<PathBuf>,
         /// Send even though a verified contact's identity key changed.
         #[arg(long)]
         accept_key_change: bool,
@@ -139,6 +146,11 @@ enum Command {
         /// Do not acknowledge: the server delivers them again (shown once).
         #[arg(long, hide = true)]
         no_ack: bool,
+        /// Save received attachments into DIR (under their sender's name
+        /// made safe, never over an existing file). Without it they are
+        /// downloaded, checked and kept encrypted in the home directory.
+        #[arg(long, value_name = "DIR")]
+        downloads: Option<PathBuf>,
     },
     /// Show a conversation (group or handle), your own messages included.
     History {
@@ -601,7 +613,7 @@ async fn follow_events(client: &Client, json: bool) -> Result<ExitCode> {
     let run = client.run();
     tokio::pin!(run);
     let show = |e: ClientEvent| match e {
-        ClientEvent::Message(m) | ClientEvent::System(m) => print_message(&m, json),
+        ClientEvent::Message(m) | ClientEvent::System(m) => print_message(client.device(), &m, json),
         ClientEvent::Alert(a) => eprintln!("warning: {}", safe(&a)),
         ClientEvent::SendFailed(f) => print_failed(&f),
         ClientEvent::Dropped { from, reason } => eprintln!(
@@ -680,16 +692,25 @@ fn annotations(m: &StoredMessage) -> (String, String) {
 
 /// One message, in plain text or as a JSON line; others' text made safe
 /// for the terminal either way (see `term`).
-fn print_message(m: &StoredMessage, json: bool) {
-    print_shown(&with_advice(m), json)
+fn print_message(me: &Subrosa, m: &StoredMessage, json: bool) {
+    let files = if m.system { Vec::new() } else { attach::files_of(me, m) };
+    print_shown(&with_advice(m), &files, json)
 }
 
 /// As [`print_message`], for a message whose system line already carries
-/// its advice (as the daemon hands them out).
-fn print_shown(m: &StoredMessage, json: bool) {
+/// its advice (as the daemon hands them out), with its files.
+fn print_shown(m: &StoredMessage, files: &[subrosa_client::AttachmentRow], json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
-        if let Ok(line) = term::json_line(m) {
+        let value = match serde_json::to_value(m) {
+            Ok(mut v) if !files.is_empty() => {
+                v["attachments"] = attach::json(&files);
+                v
+            }
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        if let Ok(line) = term::json_line(&value) {
             let _ = writeln!(out, "{line}");
         }
     } else {
@@ -711,6 +732,9 @@ fn print_shown(m: &StoredMessage, json: bool) {
             let text = if m.deleted { "[deleted]".into() } else { text };
             let (before, after) = annotations(m);
             let _ = writeln!(out, "[{}] {place}{who}: {before}{text}{after}{state}", format_time(m.sent_at));
+            for line in attach::lines(&files) {
+                let _ = writeln!(out, "{line}");
+            }
         }
     }
     let _ = out.flush();
@@ -849,7 +873,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                     daemon::run(&client, listen, lock).await
                 }
                 Command::Tui => tui::run(tui::Backend::Local(client.clone())).await,
-                command => run_opened(&client, command).await,
+                command => run_opened(&client, &home, command).await,
             };
             let me = client.device();
             // Queued sends the server refused, and security alerts raised
@@ -866,16 +890,38 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
     }
 }
 
-async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
+async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -> Result<ExitCode> {
     let me = client.device();
     match command {
-        Command::Send { target, text, accept_key_change, reply_to } => {
+        Command::Send { target, text, attach, accept_key_change, reply_to } => {
             let to = target::for_send(me, &target).await?;
-            let m = match reply_to {
-                Some(id) => me.reply(&to, &text, message_id(&id)?, accept_key_change).await?,
-                None => me.send_text_with(&to, &text, accept_key_change).await?,
-            };
-            out!("sent {} to {}", m.id, safe(&m.target));
+            if attach.is_empty() {
+                let text = text.as_deref().unwrap_or_default();
+                let m = match reply_to {
+                    Some(id) => me.reply(&to, text, message_id(&id)?, accept_key_change).await?,
+                    None => me.send_text_with(&to, text, accept_key_change).await?,
+                };
+                out!("sent {} to {}", m.id, safe(&m.target));
+            } else if reply_to.is_some() {
+                return Err(anyhow!("--reply-to does not go with --attach yet: send the files, then reply"));
+            } else {
+                let caption = text.unwrap_or_default();
+                let mut bar: Option<(String, attach::Bar)> = None;
+                let sent = me
+                    .send_attachments(home, &to, &caption, &attach, accept_key_change, &mut |label, done, total| {
+                        if bar.as_ref().is_none_or(|(l, _)| l != label) {
+                            bar = Some((label.to_owned(), attach::Bar::new(label.to_owned())));
+                        }
+                        if let Some((_, b)) = bar.as_mut() {
+                            b.set(done, total);
+                        }
+                    })
+                    .await;
+                drop(bar);
+                if let Some(m) = sent? {
+                    out!("sent {} to {} with {} file(s)", m.id, safe(&m.target), attach.len());
+                }
+            }
         }
         Command::React { target, message_id: id, emoji, remove } => {
             let to = target::for_send(me, &target).await?;
@@ -910,13 +956,15 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
             }
             out!("read receipts: {}", if me.read_receipts()? { "on" } else { "off" });
         }
-        Command::Receive { json, timeout, follow, no_ack } => {
+        Command::Receive { json, timeout, follow, no_ack, downloads } => {
             if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
                 return Err(anyhow!("--timeout takes a number of seconds from 0"));
             }
             let mut dropped = 0usize;
+            // Shown once their attachments are downloaded (and saved).
+            let mut messages = Vec::new();
             let mut on = |r: &Received| match r {
-                Received::Message(m) => print_message(m, json),
+                Received::Message(m) => messages.push(m.clone()),
                 Received::Alert(a) => eprintln!("warning: {}", safe(a)),
                 Received::Failed(f) => print_failed(f),
                 // The queued message was printed as queued when it was sent.
@@ -934,6 +982,13 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
                 return follow_events(client, json).await;
             } else {
                 me.receive(Duration::from_secs_f64(timeout), !no_ack, &mut on).await?;
+            }
+            let refused = attach::fetch_and_save(me, home, downloads.as_deref()).await;
+            for m in &messages {
+                print_message(me, m, json);
+            }
+            if refused? > 0 {
+                return Ok(ExitCode::FAILURE);
             }
             if dropped > 0 {
                 eprintln!("error: {dropped} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
@@ -959,7 +1014,7 @@ async fn run_opened(client: &Client, command: Command) -> Result<ExitCode> {
                 }
             }
             for m in history {
-                print_message(&m, json);
+                print_message(me, &m, json);
             }
         }
         Command::Contacts => {

@@ -6,8 +6,11 @@
 //! is acknowledged only after the store committed it.
 
 mod annotations;
+pub mod attachment;
+pub mod blobs;
 mod conversations;
 mod devices;
+pub mod files;
 mod handle;
 pub mod keycache;
 mod keys;
@@ -638,7 +641,7 @@ impl Subrosa {
 
     /// Processes the inbox, checks the directory and commits the leave
     /// proposals seen: everything a send must do before it encrypts.
-    async fn catch_up(&self) -> Result<(), ClientError> {
+    pub(crate) async fn catch_up(&self) -> Result<(), ClientError> {
         self.drain_inbox(true).await?;
         // An identity key handed over by another device of this account is
         // adopted as soon as the directory lists it, before the checks that

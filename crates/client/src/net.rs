@@ -299,6 +299,36 @@ impl Api {
         decode_response(resp, &self.base).await
     }
 
+    /// Sends a signed request and returns the answer's raw bytes (a blob
+    /// download), at most `max` of them.
+    ///
+    /// # Errors
+    /// As [`Self::call`]; [`ClientError::Protocol`] for an answer over `max`.
+    pub async fn call_bytes(&self, method: Method, path: &str, max: usize) -> Result<Vec<u8>, ClientError> {
+        let url = self.base.join(path).map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        let path_and_query = match url.query() {
+            Some(q) => format!("{}?{}", url.path(), q),
+            None => url.path().to_string(),
+        };
+        let headers = self.signed_headers(method.as_str(), &path_and_query, b"")?;
+        let mut req = self.http.request(method, url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Network(describe_reqwest(&e, &self.base)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return decode_response::<serde_json::Value>(resp, &self.base)
+                .await
+                .and_then(|_| Err(ClientError::Protocol(format!("server answered {status} to a download"))));
+        }
+        let bytes = read_limited(resp, &self.base).await?;
+        if bytes.len() > max {
+            return Err(ClientError::Protocol(format!("the server sent more than the {max} bytes asked for")));
+        }
+        Ok(bytes)
+    }
+
     /// Opens the signed WebSocket.
     ///
     /// # Errors

@@ -47,6 +47,9 @@ pub mod kind {
     /// The account's new identity key, handed to its other devices (only in
     /// the conversation of the account's own devices).
     pub const IDENTITY_KEY: u16 = 2;
+    /// Files, each a pointer to a sealed blob on the server with its key
+    /// (see [`crate::attachment`]).
+    pub const ATTACHMENT: u16 = 7;
     /// A reaction to a message (or taking one back).
     pub const REACTION: u16 = 3;
     /// The author's new text of one of its messages.
@@ -189,6 +192,8 @@ pub enum Body {
         /// The messages.
         ids: Vec<MessageId>,
     },
+    /// Files with a caption.
+    Attachment(crate::attachment::Attachments),
     /// A kind (or a payload version of a known kind) this version does not
     /// read, sent by a newer Subrosa. Kept as it came.
     Unsupported {
@@ -209,6 +214,7 @@ impl std::fmt::Debug for Body {
             Body::Edit { target, text } => write!(f, "Edit({target:?}, <{} bytes>)", text.len()),
             Body::Delete { target } => write!(f, "Delete({target:?})"),
             Body::Receipt { kind, ids } => write!(f, "Receipt({kind:?}, {} ids)", ids.len()),
+            Body::Attachment(a) => write!(f, "{a:?}"),
             Body::Unsupported { kind, payload } => write!(f, "Unsupported(kind {kind}, <{} bytes>)", payload.len()),
         }
     }
@@ -424,7 +430,20 @@ fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
             check_receipt(&ids)?;
             Ok(Body::Receipt { kind, ids })
         }
-        (kind::TEXT | kind::IDENTITY_KEY | kind::REACTION | kind::EDIT | kind::DELETE | kind::RECEIPT, None) => {
+        (kind::ATTACHMENT, Some(_)) => match crate::attachment::Attachments::decode_payload(&payload)? {
+            Some(a) => Ok(Body::Attachment(a)),
+            None => Ok(Body::Unsupported { kind, payload }),
+        },
+        (
+            kind::TEXT
+            | kind::IDENTITY_KEY
+            | kind::REACTION
+            | kind::EDIT
+            | kind::DELETE
+            | kind::RECEIPT
+            | kind::ATTACHMENT,
+            None,
+        ) => {
             Err(CoreError::Malformed("content: empty payload"))
         }
         _ => Ok(Body::Unsupported { kind, payload }),
@@ -519,6 +538,7 @@ impl Content {
                 let wire = ReceiptV1 { kind: receipt.to_wire(), ids: ids.iter().map(|m| m.0).collect() };
                 (kind::RECEIPT, payload(PAYLOAD_V1, &wire)?)
             }
+            Body::Attachment(a) => (kind::ATTACHMENT, a.encode_payload()?),
             Body::Unsupported { kind, payload } => (*kind, payload.clone()),
         };
         let kt_head = self.kt_head.clone().unwrap_or_default();
@@ -817,6 +837,62 @@ mod tests {
         assert!(!format!("{secret:?}").contains("secret"));
         let secret = Body::Reaction { target: MessageId(t), emoji: "\u{1f92b}".into(), remove: false };
         assert!(!format!("{secret:?}").contains('\u{1f92b}'));
+    }
+
+    #[test]
+    fn snapshot_of_an_attachment() {
+        use crate::attachment::{AttachedFile, Attachments};
+        let c = Content {
+            message_id: MessageId([0x33; 16]),
+            sent_at_ms: 2,
+            body: Body::Attachment(Attachments {
+                caption: String::new(),
+                reply_to: None,
+                files: vec![AttachedFile {
+                    blob: [0xb1; 16],
+                    key: zeroize::Zeroizing::new([0x4b; 32]),
+                    sha256: [0x5a; 32],
+                    size: 1,
+                    name: "a".into(),
+                    media_type: "x/y".into(),
+                }],
+            }),
+            seq: 1,
+            kt_head: None,
+        };
+        let bytes = c.encode().expect("encodes");
+        let unpadded = [
+            "03",
+            "33333333333333333333333333333333",
+            "0000000000000002",
+            "0000000000000001",
+            "00",   // no head
+            "0007", // kind: attachment
+            "4063", // payload length
+            "01",   // payload version 1
+            "00",   // no caption
+            "00",   // no reply
+            "405e", // files
+            "b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1",
+            "4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b",
+            "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
+            "0000000000000001",
+            "0161",     // name
+            "03782f79", // media type
+        ]
+        .concat();
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert_eq!(Content::decode(&bytes).ok(), Some(c));
+        // A newer payload version of the kind is kept, not refused.
+        let newer = Content {
+            message_id: MessageId([0x34; 16]),
+            sent_at_ms: 2,
+            body: Body::Unsupported { kind: kind::ATTACHMENT, payload: vec![2, 1, 2] },
+            seq: 1,
+            kt_head: None,
+        };
+        assert_eq!(Content::decode(&newer.encode().expect("encodes")).ok(), Some(newer));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`engine`]: MLS conversations (RFC 9420 via mls-rs): create, join, commit,
 //!   encrypt, decrypt.
 
+pub mod attachment;
 pub mod content;
 pub mod engine;
 mod error;

@@ -19,6 +19,12 @@
 //! | `GET /v1/links/{link}` | | [`LinkSlot`] |
 //! | `POST /v1/links/{link}/approve` | [`LinkApproveRequest`] | [`Empty`] |
 //! | `GET /v1/links/{link}/response` (unsigned) | | [`LinkResponse`] |
+//! | `POST /v1/blobs` | [`BlobCreate`] | `201` [`BlobCreated`] |
+//! | `PUT /v1/blobs/{blob}?offset=N` | the next bytes (octet-stream) | [`BlobStatus`] |
+//! | `GET /v1/blobs/{blob}/status` | | [`BlobStatus`] |
+//! | `POST /v1/blobs/{blob}/finish` | [`Empty`] | [`BlobStatus`] |
+//! | `GET /v1/blobs/{blob}?offset=N&length=M` | | the bytes (octet-stream) |
+//! | `POST /v1/blobs/{blob}/fetched` | [`Empty`] | [`BlobFetched`] |
 //! | `POST /v1/calls/token` | [`crate::relay::CallTokenRequest`] | [`crate::relay::CallToken`] |
 //!
 //! Key transparency routes are listed in [`crate::kt`].
@@ -29,7 +35,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConversationId, DeviceAddress, DeviceId, Epoch, Handle, LinkId, SendId, B64};
+use crate::{BlobId, ConversationId, DeviceAddress, DeviceId, Epoch, Handle, LinkId, SendId, B64};
 
 /// An empty JSON object.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -339,6 +345,19 @@ pub enum ErrorCode {
     /// device's or its account's quota, 413); it frees as recipients fetch
     /// and acknowledge. Not retried by itself: the send is refused.
     QuotaExceeded,
+    /// The blob is larger than the server's maximum blob size (413).
+    BlobTooLarge,
+    /// The uploader's account holds as many blob bytes as its quota allows
+    /// (413); they free as recipients fetch its blobs, or at their expiry.
+    BlobQuotaExceeded,
+    /// An upload piece does not start where the blob's received bytes end
+    /// (409): ask `GET /v1/blobs/{blob}/status` and resume from there.
+    BlobOffset,
+    /// The blob is not complete yet: it cannot be finished or downloaded (409).
+    BlobIncomplete,
+    /// No such blob for this device: never made, expired, fetched by every
+    /// recipient, or the device is neither its uploader nor a recipient (404).
+    UnknownBlob,
     /// A code this version does not know (sent by a newer server): the
     /// answer's HTTP status still says whether to retry.
     #[serde(other)]
@@ -365,6 +384,11 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotFound => "not_found",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::BlobTooLarge => "blob_too_large",
+            ErrorCode::BlobQuotaExceeded => "blob_quota_exceeded",
+            ErrorCode::BlobOffset => "blob_offset",
+            ErrorCode::BlobIncomplete => "blob_incomplete",
+            ErrorCode::UnknownBlob => "unknown_blob",
         }
     }
 }
@@ -512,4 +536,44 @@ mod tests {
         assert_eq!(back.devices, update.devices);
         assert!(serde_json::from_str::<KeySetUpdate>(r#"{"identity_key":"AQ==","devices":[],"x":1}"#).is_err());
     }
+}
+
+/// Opens an upload of an opaque blob (`POST /v1/blobs`): its whole size,
+/// and the devices that may download it (the conversation's member
+/// devices but the uploader). The blob goes once every one of them said it
+/// fetched it, or at the server's message TTL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BlobCreate {
+    /// The blob's size in bytes (padded ciphertext; the server sees nothing else).
+    pub size: u64,
+    /// The devices that may download it.
+    pub readers: Vec<DeviceAddress>,
+}
+
+/// An upload was opened.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobCreated {
+    /// The blob's id (random, picked by the server).
+    pub blob: BlobId,
+    /// When the server deletes it whatever happened, ms since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// Where an upload stands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobStatus {
+    /// The declared size.
+    pub size: u64,
+    /// Bytes received so far (the next upload piece starts here).
+    pub received: u64,
+    /// True once the uploader finished it: recipients may download it.
+    pub complete: bool,
+}
+
+/// A recipient fetched a blob to its end.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobFetched {
+    /// True when this was the last recipient and the blob is deleted.
+    pub deleted: bool,
 }

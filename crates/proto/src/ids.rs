@@ -154,6 +154,11 @@ hex_id!(
     LinkId, 6, "link id"
 );
 hex_id!(
+    /// An attachment blob on the server: 16 random bytes the server picks.
+    /// Opaque: the server never learns what the blob holds.
+    BlobId, 16, "blob id"
+);
+hex_id!(
     /// The sender's idempotency key for one send request: a retry with the same
     /// key is stored once.
     SendId, 16, "send id"

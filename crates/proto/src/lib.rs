@@ -20,4 +20,4 @@ pub use auth::{
     HEADER_TIMESTAMP, MAX_CLOCK_SKEW_MS,
 };
 pub use bytes::B64;
-pub use ids::{ConversationId, DeviceAddress, DeviceId, Epoch, Handle, IdError, LinkId, MessageId, SendId};
+pub use ids::{BlobId, ConversationId, DeviceAddress, DeviceId, Epoch, Handle, IdError, LinkId, MessageId, SendId};

@@ -28,3 +28,10 @@ pub const MAX_LINK_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_LINK_REQUEST_BYTES: usize = 16 * 1024;
 /// How long a link slot stays open, in seconds.
 pub const LINK_TTL_SECS: u64 = 600;
+/// Largest attachment blob the server stores by default, in bytes (its
+/// `--max-blob-size` raises or lowers it).
+pub const DEFAULT_MAX_BLOB_BYTES: u64 = 100 * 1024 * 1024;
+/// Largest piece of a blob one upload request carries, and one download
+/// answer returns, in bytes: below [`MAX_BODY_BYTES`], so an upload is
+/// many signed requests and an interrupted one resumes at the last piece.
+pub const MAX_BLOB_PIECE_BYTES: usize = 4 * 1024 * 1024;

@@ -285,6 +285,28 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for SignedJson<T> {
     }
 }
 
+/// A device authenticated by a signed request, and its raw body of at
+/// most [`subrosa_proto::limits::MAX_BLOB_PIECE_BYTES`] (an upload piece).
+#[derive(Debug, Clone)]
+pub struct SignedBytes {
+    /// The authenticated device.
+    pub device: DeviceAddress,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl FromRequest<AppState> for SignedBytes {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
+        let (parts, body) = req.into_parts();
+        let limit = subrosa_proto::limits::MAX_BLOB_PIECE_BYTES.min(state.limits.max_body_bytes);
+        let body = read_body(&parts.headers, body, limit).await?;
+        let device = authenticate(state, parts.method.as_str(), path_and_query(&parts), &parts.headers, &body).await?;
+        Ok(SignedBytes { device, body })
+    }
+}
+
 /// [`SignedJson`] with every check but the nonce's: the handler stores the
 /// nonce in the same transaction as its operation (one commit instead of
 /// two) and answers [`replayed`] when it was seen before.

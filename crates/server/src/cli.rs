@@ -75,6 +75,15 @@ struct Args {
     /// The same for all the devices of one account together.
     #[arg(long, default_value = "1GiB", value_parser = crate::config::parse_size)]
     quota_per_account: u64,
+    /// The largest attachment blob (its padded ciphertext) the server
+    /// stores; larger uploads are refused with 413 blob_too_large.
+    #[arg(long, default_value = "100MiB", value_parser = crate::config::parse_size)]
+    max_blob_size: u64,
+    /// Attachment blobs one account may have stored together (until their
+    /// recipients fetched them, or they expire at the message TTL); past it
+    /// uploads are refused with 413 blob_quota_exceeded.
+    #[arg(long, default_value = "1GiB", value_parser = crate::config::parse_size)]
+    blob_quota_per_account: u64,
 }
 
 /// An address (a /32 or /128) or a CIDR block.
@@ -155,6 +164,7 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
         header_timeout: args.header_timeout,
         trusted_proxies: args.trusted_proxies,
         quota: crate::store::Quota { device_bytes: args.quota_per_device, account_bytes: args.quota_per_account },
+        blobs: crate::store::BlobLimits { max_bytes: args.max_blob_size, account_bytes: args.blob_quota_per_account },
         ..Limits::default()
     };
     customize(&mut config);

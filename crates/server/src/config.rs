@@ -45,6 +45,11 @@ pub struct Limits {
     /// Undelivered ciphertext one device, and one account, may have stored
     /// (see [`crate::store::Quota`]).
     pub quota: crate::store::Quota,
+    /// The largest blob, and the blob bytes one account may store.
+    pub blobs: crate::store::BlobLimits,
+    /// How long a blob is kept at most (the message TTL; [`crate::start`]
+    /// sets it from [`ServerConfig::message_ttl`]).
+    pub blob_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -61,6 +66,11 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             trusted_proxies: Vec::new(),
             quota: crate::store::Quota { device_bytes: DEFAULT_DEVICE_QUOTA, account_bytes: DEFAULT_ACCOUNT_QUOTA },
+            blobs: crate::store::BlobLimits {
+                max_bytes: limits::DEFAULT_MAX_BLOB_BYTES,
+                account_bytes: DEFAULT_BLOB_QUOTA,
+            },
+            blob_ttl: Duration::from_secs(limits::DEFAULT_MESSAGE_TTL_SECS),
         }
     }
 }
@@ -71,6 +81,9 @@ impl Default for Limits {
 pub const DEFAULT_DEVICE_QUOTA: u64 = 256 << 20;
 /// Default quota of undelivered ciphertext per account (all its devices).
 pub const DEFAULT_ACCOUNT_QUOTA: u64 = 1 << 30;
+/// Default quota of stored attachment blobs per account: ten blobs of the
+/// largest size waiting for their recipients.
+pub const DEFAULT_BLOB_QUOTA: u64 = 1 << 30;
 
 /// Parses a size: `256MiB`, `1GiB`, `512KiB`, `1000` (bytes); `none` (or
 /// `0`) for no limit, as `u64::MAX`.

@@ -176,6 +176,38 @@ impl From<StoreError> for AppError {
                     crate::config::format_bytes(limit)
                 ),
             ),
+            StoreError::BlobTooLarge { limit } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::BlobTooLarge,
+                format!("this server stores attachments of at most {}", crate::config::format_bytes(limit)),
+            ),
+            StoreError::BlobQuotaExceeded { limit } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::BlobQuotaExceeded,
+                format!(
+                    "this account has reached its quota of {} of attachments on the server; \
+                     uploads work again as recipients fetch them",
+                    crate::config::format_bytes(limit)
+                ),
+            ),
+            StoreError::UnknownBlob => Self::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::UnknownBlob,
+                "no such attachment: it expired, every recipient fetched it, or it is not for this device",
+            ),
+            StoreError::BlobOffset { received } => Self::new(
+                StatusCode::CONFLICT,
+                ErrorCode::BlobOffset,
+                format!("the upload stands at byte {received}; resume from there"),
+            ),
+            StoreError::BlobOverrun { size } => {
+                Self::bad_request(format!("more bytes than the attachment's declared size of {size}"))
+            }
+            StoreError::BlobIncomplete => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::BlobIncomplete, "the attachment's upload is not complete")
+            }
+            // The route retries with fresh random ids.
+            StoreError::BlobTaken => Self::internal("blob id collision"),
             StoreError::NotAMember => Self::new(
                 StatusCode::FORBIDDEN,
                 ErrorCode::NotAMember,

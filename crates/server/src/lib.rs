@@ -15,6 +15,7 @@
 #[cfg(feature = "test-attacks")]
 pub mod attacks;
 mod auth;
+mod blobs;
 pub mod cli;
 mod config;
 pub mod conn;

@@ -51,6 +51,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/links/{link}", get(get_link))
         .route("/v1/links/{link}/approve", post(approve_link))
         .route("/v1/links/{link}/response", get(link_response))
+        .route("/v1/blobs", post(crate::blobs::create))
+        .route("/v1/blobs/{blob}", put(crate::blobs::append).get(crate::blobs::download))
+        .route("/v1/blobs/{blob}/status", get(crate::blobs::status))
+        .route("/v1/blobs/{blob}/finish", post(crate::blobs::finish))
+        .route("/v1/blobs/{blob}/fetched", post(crate::blobs::fetched))
         .route("/v1/calls/token", post(crate::relay::token))
         .route("/v1/kt/head", get(kt_head))
         .route("/v1/kt/lookup/{handle}", get(kt_lookup))
@@ -424,7 +429,10 @@ async fn changed_account(state: &AppState, caller: &DeviceAddress) -> Result<Acc
 }
 
 /// A hex id from the path; anything else is a 400.
-fn id_from_path<T: std::str::FromStr>(path: Result<Path<String>, PathRejection>, what: &str) -> Result<T, AppError>
+pub(crate) fn id_from_path<T: std::str::FromStr>(
+    path: Result<Path<String>, PathRejection>,
+    what: &str,
+) -> Result<T, AppError>
 where
     T::Err: std::fmt::Display,
 {

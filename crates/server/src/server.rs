@@ -112,7 +112,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     // database restored from an older backup is noticed (kt::SignedMark).
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
-    let state = AppState::new(Arc::clone(&store), config.limits.clone())
+    // A blob lives at most as long as the message that points at it.
+    let limits = crate::Limits { blob_ttl: config.message_ttl, ..config.limits.clone() };
+    let state = AppState::new(Arc::clone(&store), limits)
         .with_kt_publish_interval(config.kt_publish_interval)
         .with_kt_mark(config.data_dir.join(KT_MARK_FILE));
     let relay = match config.relay_listen {

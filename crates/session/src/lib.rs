@@ -17,6 +17,7 @@ pub mod store;
 
 pub use error::ClientError;
 mod annotations;
+mod attachments;
 mod commits;
 pub mod directory;
 mod members;

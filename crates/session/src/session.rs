@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use subrosa_core::content::{Body, IdentityHandover};
+use subrosa_core::content::{Body, Content, IdentityHandover};
 use subrosa_core::{ConversationKind, CoreError, DeviceIdentity, Engine, Event, MemberInfo};
 use subrosa_proto::{ConversationId, DeviceAddress, Envelope, Handle, MessageId, MessageKind, B64};
 
@@ -722,7 +722,7 @@ impl Session {
     /// older than one already shown). The one place each content kind
     /// gets its meaning: a kind adds its arm here and keeps its rules in a
     /// module of its own.
-    fn apply_content(
+    pub(crate) fn apply_content(
         &self,
         tx: &mut dyn Tx,
         row: &ConversationRow,
@@ -737,6 +737,11 @@ impl Session {
             // are no lines of their own.
             Body::Reaction { .. } | Body::Edit { .. } | Body::Delete { .. } | Body::Receipt { .. } => {
                 return self.apply_action(tx, row, sender, &content).map(|_| ());
+            }
+            Body::Attachment(a) => {
+                let files = a.files;
+                let caption = Content { body: Body::Text(a.caption), ..content };
+                return self.apply_attachment(tx, row, sender, caption, &files, late);
             }
             // A kind from a newer Subrosa is stored and shown as such; it
             // counts in the sender's sequence like any message.

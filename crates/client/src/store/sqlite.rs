@@ -205,6 +205,14 @@ const SCHEMA: &[&str] = &[
      CREATE INDEX early_actions_target ON early_actions (conversation, target);
      CREATE TABLE receipts_due (seq INTEGER PRIMARY KEY AUTOINCREMENT, conversation BLOB NOT NULL, message_id BLOB NOT NULL,
         author TEXT NOT NULL, kind TEXT NOT NULL, UNIQUE (conversation, message_id, kind));",
+    // v14 (attach): the files of attachment messages: the pointer, key and
+    // checks each message carried, where its download stands, the sealed
+    // blob kept in the home directory, and where the user saved it.
+    "CREATE TABLE attachments (conversation BLOB NOT NULL, message_id BLOB NOT NULL, idx INTEGER NOT NULL,
+        blob BLOB NOT NULL, key BLOB NOT NULL, sha256 BLOB NOT NULL, size INTEGER NOT NULL, name TEXT NOT NULL,
+        media_type TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, local TEXT, saved TEXT,
+        PRIMARY KEY (conversation, message_id, idx));
+     CREATE INDEX attachments_state ON attachments (state);",
 ];
 
 const MESSAGE_COLUMNS: &str =
@@ -1908,6 +1916,135 @@ fn restrict_permissions(path: &Path) {
 }
 #[cfg(not(unix))]
 fn restrict_permissions(_path: &Path) {}
+
+const ATTACHMENT_COLUMNS: &str =
+    "SELECT conversation, message_id, idx, blob, key, sha256, size, name, media_type, state, reason, local, saved \
+     FROM attachments";
+
+fn attachment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<AttachmentRow>> {
+    let conversation: Vec<u8> = r.get(0)?;
+    let blob: Vec<u8> = r.get(3)?;
+    let key: Zeroizing<Vec<u8>> = Zeroizing::new(r.get(4)?);
+    let sha256: Vec<u8> = r.get(5)?;
+    let state: String = r.get(9)?;
+    let (Ok(conversation), Ok(blob), Ok(key), Ok(sha256), Some(state)) = (
+        subrosa_proto::ConversationId::from_slice(&conversation),
+        <[u8; 16]>::try_from(blob.as_slice()),
+        <[u8; 32]>::try_from(key.as_slice()),
+        <[u8; 32]>::try_from(sha256.as_slice()),
+        AttachmentState::parse(&state, r.get(10)?),
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(AttachmentRow {
+        conversation,
+        message_id: r.get(1)?,
+        index: r.get(2)?,
+        file: subrosa_core::attachment::AttachedFile {
+            blob,
+            key: Zeroizing::new(key),
+            sha256,
+            size: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+            name: r.get(7)?,
+            media_type: r.get(8)?,
+        },
+        state,
+        local: r.get(11)?,
+        saved: r.get(12)?,
+    }))
+}
+
+impl SqliteTx<'_> {
+    fn attachments_where(
+        &self,
+        filter: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<AttachmentRow>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!("{ATTACHMENT_COLUMNS} WHERE {filter} ORDER BY rowid")).map_err(sql)?;
+        let rows = stmt.query_map(args, attachment_from_row).map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            match row.map_err(sql)? {
+                Some(a) => out.push(a),
+                None => return Err(ClientError::Store("an attachment row is not valid".into())),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl AttachmentStore for SqliteTx<'_> {
+    fn put_attachments(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        files: &[subrosa_core::attachment::AttachedFile],
+        state: AttachmentState,
+    ) -> Result<(), ClientError> {
+        let conn = self.lock();
+        let mut insert = conn
+            .prepare(
+                "INSERT OR IGNORE INTO attachments
+                 (conversation, message_id, idx, blob, key, sha256, size, name, media_type, state, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .map_err(sql)?;
+        for (index, f) in (0u32..).zip(files) {
+            insert
+                .execute(rusqlite::params![
+                    &conversation.0[..],
+                    message_id,
+                    index,
+                    &f.blob[..],
+                    &f.key[..],
+                    &f.sha256[..],
+                    i64::try_from(f.size).unwrap_or(i64::MAX),
+                    f.name,
+                    f.media_type,
+                    state.as_str(),
+                    state.reason(),
+                ])
+                .map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    fn attachments_of(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<Vec<AttachmentRow>, ClientError> {
+        self.attachments_where("conversation = ?1 AND message_id = ?2", &[&&conversation.0[..], &message_id])
+    }
+
+    fn pending_attachments(&self) -> Result<Vec<AttachmentRow>, ClientError> {
+        self.attachments_where("state = 'pending'", &[])
+    }
+
+    fn unsaved_attachments(&self) -> Result<Vec<AttachmentRow>, ClientError> {
+        self.attachments_where("state = 'stored' AND saved IS NULL", &[])
+    }
+
+    fn set_attachment(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        index: u32,
+        state: &AttachmentState,
+        local: Option<&str>,
+        saved: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "UPDATE attachments SET state = ?4, reason = ?5, local = COALESCE(?6, local), saved = COALESCE(?7, saved)
+                 WHERE conversation = ?1 AND message_id = ?2 AND idx = ?3",
+                rusqlite::params![&conversation.0[..], message_id, index, state.as_str(), state.reason(), local, saved],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+}
 
 #[cfg(test)]
 mod tests {

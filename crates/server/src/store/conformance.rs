@@ -12,12 +12,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use subrosa_proto::{
-    CommitGuard, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Epoch, Handle, LinkId, MessageKind, SendId,
-    SendPart, SendRequest, B64,
+    BlobId, CommitGuard, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Epoch, Handle, LinkId, MessageKind,
+    SendId, SendPart, SendRequest, B64,
 };
 
 use super::{
-    ClaimKind, NewAccount, Quota, QuotaScope, Store, StoreError, CLAIM_WINDOW_MS, MAX_DEVICES_PER_ACCOUNT,
+    BlobLimits, ClaimKind, NewAccount, Quota, QuotaScope, Store, StoreError, CLAIM_WINDOW_MS, MAX_DEVICES_PER_ACCOUNT,
     MAX_STORED_KEY_PACKAGES, ONE_TIME_CLAIMS_PER_CLAIMER,
 };
 
@@ -124,6 +124,10 @@ macro_rules! with_behaviours {
             send_checks_run_in_one_order,
             throttled_claims_take_last_resort_packages_first,
             one_claimer_draws_few_one_time_packages_an_hour,
+            blob_upload_resumes_and_only_readers_download,
+            blob_goes_once_every_reader_fetched_it,
+            blob_size_limit_and_account_quota,
+            blobs_expire_and_free_the_quota,
         );
     };
 }
@@ -1343,4 +1347,143 @@ pub async fn one_claimer_draws_few_one_time_packages_an_hour(store: Arc<dyn Stor
     // The sweeper forgets windows an hour old; they counted nothing any more.
     store.sweep(0, 0, 0, NOW + 3 * CLAIM_WINDOW_MS).await.expect("sweep");
     assert_eq!(left(&alice, NOW + 3 * CLAIM_WINDOW_MS).await, ONE_TIME_CLAIMS_PER_CLAIMER);
+}
+
+/// Far enough ahead that no other behaviour's sweep reaches it.
+const BLOB_EXPIRY: u64 = NOW + 1_000_000_000;
+
+async fn new_blob(store: &Arc<dyn Store>, owner: &DeviceAddress, size: u64, readers: &[DeviceAddress]) -> BlobId {
+    let blob = BlobId(rand::random());
+    store
+        .create_blob(owner, &blob, size, readers, &BlobLimits::UNLIMITED, NOW, BLOB_EXPIRY)
+        .await
+        .expect("create blob");
+    blob
+}
+
+/// An upload takes pieces only at its received offset (a retried piece is
+/// told where the upload stands, never stored twice) and never past its
+/// size; it finishes only whole; only the named readers download it, only
+/// once finished, any range; to everyone else it does not exist.
+pub async fn blob_upload_resumes_and_only_readers_download(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let carol = account(&store, "carol").await;
+    let blob = new_blob(&store, &alice, 10, std::slice::from_ref(&bob)).await;
+    let status = store.blob_status(&alice, &blob, NOW).await.expect("status");
+    assert_eq!((status.size, status.received, status.complete), (10, 0, false));
+    assert!(matches!(
+        store.append_blob(&alice, &blob, 3, b"xyz", NOW).await,
+        Err(StoreError::BlobOffset { received: 0 })
+    ));
+    let s = store.append_blob(&alice, &blob, 0, b"0123", NOW).await.expect("append");
+    assert_eq!(s.received, 4);
+    // The same piece again (its answer was lost): refused, with the offset.
+    assert!(matches!(
+        store.append_blob(&alice, &blob, 0, b"0123", NOW).await,
+        Err(StoreError::BlobOffset { received: 4 })
+    ));
+    assert!(matches!(
+        store.append_blob(&alice, &blob, 4, b"4567890", NOW).await,
+        Err(StoreError::BlobOverrun { size: 10 })
+    ));
+    assert!(matches!(store.append_blob(&bob, &blob, 4, b"45", NOW).await, Err(StoreError::UnknownBlob)));
+    assert!(matches!(store.finish_blob(&alice, &blob, NOW).await, Err(StoreError::BlobIncomplete)));
+    assert!(matches!(store.read_blob(&bob, &blob, 0, 10, NOW).await, Err(StoreError::BlobIncomplete)));
+    assert_eq!(store.blob_status(&alice, &blob, NOW).await.expect("status").received, 4);
+    store.append_blob(&alice, &blob, 4, b"456", NOW).await.expect("append");
+    store.append_blob(&alice, &blob, 7, b"789", NOW).await.expect("append");
+    assert!(store.finish_blob(&alice, &blob, NOW).await.expect("finish").complete);
+    assert!(store.finish_blob(&alice, &blob, NOW).await.expect("finish again").complete);
+    assert!(matches!(store.append_blob(&alice, &blob, 10, b"x", NOW).await, Err(StoreError::BlobOffset { .. })));
+
+    assert_eq!(store.read_blob(&bob, &blob, 0, 100, NOW).await.expect("read"), b"0123456789");
+    assert_eq!(store.read_blob(&bob, &blob, 2, 6, NOW).await.expect("read"), b"234567");
+    assert_eq!(store.read_blob(&bob, &blob, 5, 1, NOW).await.expect("read"), b"5");
+    assert!(store.read_blob(&bob, &blob, 10, 5, NOW).await.expect("read").is_empty());
+    assert!(store.blob_status(&bob, &blob, NOW).await.expect("status").complete);
+    for stranger in [&carol, &alice] {
+        assert!(matches!(store.read_blob(stranger, &blob, 0, 10, NOW).await, Err(StoreError::UnknownBlob)));
+    }
+    assert!(matches!(store.blob_status(&carol, &blob, NOW).await, Err(StoreError::UnknownBlob)));
+    assert!(matches!(store.blob_fetched(&carol, &blob, NOW).await, Err(StoreError::UnknownBlob)));
+    let missing = BlobId(rand::random());
+    assert!(matches!(store.read_blob(&bob, &missing, 0, 10, NOW).await, Err(StoreError::UnknownBlob)));
+
+    // A reader that is not an active device: nothing is created.
+    let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
+    let refused =
+        store.create_blob(&alice, &BlobId(rand::random()), 5, &[ghost], &BlobLimits::UNLIMITED, NOW, BLOB_EXPIRY).await;
+    assert!(matches!(refused, Err(StoreError::UnknownDevice(_))), "got {refused:?}");
+}
+
+/// A blob stays until every reader said it fetched it (each reader once,
+/// whatever it repeats), then it is gone, pieces and all.
+pub async fn blob_goes_once_every_reader_fetched_it(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let carol = account(&store, "carol").await;
+    let blob = new_blob(&store, &alice, 3, &[bob.clone(), carol.clone(), bob.clone()]).await;
+    store.append_blob(&alice, &blob, 0, b"abc", NOW).await.expect("append");
+    assert!(matches!(store.blob_fetched(&bob, &blob, NOW).await, Err(StoreError::BlobIncomplete)));
+    store.finish_blob(&alice, &blob, NOW).await.expect("finish");
+    let before = store.stats().await.expect("stats");
+    assert!(!store.blob_fetched(&bob, &blob, NOW).await.expect("fetched"));
+    assert!(!store.blob_fetched(&bob, &blob, NOW).await.expect("fetched twice"), "one reader deleted it twice");
+    assert_eq!(store.read_blob(&carol, &blob, 0, 3, NOW).await.expect("read"), b"abc");
+    assert!(store.blob_fetched(&carol, &blob, NOW).await.expect("fetched"));
+    assert!(matches!(store.read_blob(&carol, &blob, 0, 3, NOW).await, Err(StoreError::UnknownBlob)));
+    assert!(matches!(store.blob_status(&alice, &blob, NOW).await, Err(StoreError::UnknownBlob)));
+    let after = store.stats().await.expect("stats");
+    assert_eq!(after.blobs + 1, before.blobs);
+    assert_eq!(after.blob_bytes + 3, before.blob_bytes);
+}
+
+/// The size limit, then the account's quota (all its devices together,
+/// counted by declared size from creation), each with its own error;
+/// the quota frees as blobs go.
+pub async fn blob_size_limit_and_account_quota(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let alice2 = second_device(&store, &alice.handle).await;
+    let limits = BlobLimits { max_bytes: 100, account_bytes: 150 };
+    let create = |owner: &DeviceAddress, size: u64| {
+        let (store, owner, bob) = (Arc::clone(&store), owner.clone(), bob.clone());
+        async move {
+            let blob = BlobId(rand::random());
+            store.create_blob(&owner, &blob, size, &[bob], &limits, NOW, BLOB_EXPIRY).await.map(|()| blob)
+        }
+    };
+    assert!(matches!(create(&alice, 101).await, Err(StoreError::BlobTooLarge { limit: 100 })));
+    let first = create(&alice, 100).await.expect("within the quota");
+    assert!(matches!(create(&alice2, 51).await, Err(StoreError::BlobQuotaExceeded { limit: 150 })));
+    create(&alice2, 50).await.expect("exactly the quota");
+    assert!(matches!(create(&alice, 1).await, Err(StoreError::BlobQuotaExceeded { limit: 150 })));
+    // Another account has its own.
+    let other = BlobId(rand::random());
+    store.create_blob(&bob, &other, 100, std::slice::from_ref(&alice), &limits, NOW, BLOB_EXPIRY).await.expect("bob");
+    // Delivered: the bytes are free again.
+    store.append_blob(&alice, &first, 0, &[7; 100], NOW).await.expect("append");
+    store.finish_blob(&alice, &first, NOW).await.expect("finish");
+    assert!(store.blob_fetched(&bob, &first, NOW).await.expect("fetched"));
+    create(&alice, 100).await.expect("freed by delivery");
+}
+
+/// A blob past its expiry is unknown at once and swept (finished or not),
+/// and its bytes leave its account's quota.
+pub async fn blobs_expire_and_free_the_quota(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let limits = BlobLimits { max_bytes: 100, account_bytes: 100 };
+    let expires = NOW + 1_000;
+    let done = BlobId(rand::random());
+    store.create_blob(&alice, &done, 60, std::slice::from_ref(&bob), &limits, NOW, expires).await.expect("create");
+    store.append_blob(&alice, &done, 0, &[1; 60], NOW).await.expect("append");
+    store.finish_blob(&alice, &done, NOW).await.expect("finish");
+    let half = BlobId(rand::random());
+    store.create_blob(&alice, &half, 40, std::slice::from_ref(&bob), &limits, NOW, expires).await.expect("create");
+    store.append_blob(&alice, &half, 0, &[2; 20], NOW).await.expect("append");
+    assert_eq!(store.read_blob(&bob, &done, 0, 60, expires - 1).await.expect("read").len(), 60);
+    assert!(matches!(store.read_blob(&bob, &done, 0, 60, expires).await, Err(StoreError::UnknownBlob)));
+    assert!(matches!(store.append_blob(&alice, &half, 20, &[2; 20], expires).await, Err(StoreError::UnknownBlob)));
+    let report = store.sweep(0, 0, 0, expires).await.expect("sweep");
+    assert!(report.blobs >= 2, "{report:?}");
+    let again = BlobId(rand::random());
+    store.create_blob(&alice, &again, 100, &[bob], &limits, expires, expires + 1_000).await.expect("quota freed");
 }

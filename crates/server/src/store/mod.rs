@@ -10,7 +10,7 @@
 
 use async_trait::async_trait;
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    AccountInfo, BlobId, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
     KeyPackageCount, LinkId, SendRequest,
 };
 
@@ -85,6 +85,40 @@ pub enum StoreError {
         /// The quota, in bytes.
         limit: u64,
     },
+    /// The blob would be larger than the server's maximum blob size.
+    #[error("a blob may be at most {limit} bytes")]
+    BlobTooLarge {
+        /// The maximum, in bytes.
+        limit: u64,
+    },
+    /// The blob would take its uploader's account past its blob quota.
+    #[error("the account's quota of {limit} bytes of stored attachments is reached")]
+    BlobQuotaExceeded {
+        /// The quota, in bytes.
+        limit: u64,
+    },
+    /// A blob (even an expired, not yet swept one) has this id.
+    #[error("blob id taken")]
+    BlobTaken,
+    /// No such blob for this device (see [`Store::create_blob`]).
+    #[error("unknown blob")]
+    UnknownBlob,
+    /// An upload piece does not start at the blob's received bytes.
+    #[error("the upload is at byte {received}")]
+    BlobOffset {
+        /// Bytes received so far.
+        received: u64,
+    },
+    /// An upload piece would go past the blob's declared size.
+    #[error("more bytes than the blob's declared size of {size}")]
+    BlobOverrun {
+        /// The declared size.
+        size: u64,
+    },
+    /// The blob is not complete (finish before every byte, or a download
+    /// before the finish).
+    #[error("the blob is not complete")]
+    BlobIncomplete,
     /// The backend is unreachable or busy; the operation may succeed later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -305,6 +339,8 @@ pub struct SweepReport {
     pub send_ids: u64,
     /// Expired link slots.
     pub links: u64,
+    /// Expired blobs (finished or not).
+    pub blobs: u64,
 }
 
 /// A connection pool's state, for operators (`subrosa_db_pool_*` metrics).
@@ -346,7 +382,39 @@ pub struct StoreStats {
     pub conversations: u64,
     /// Open (not yet swept) link slots.
     pub links: u64,
+    /// Stored blobs (uploading, or waiting for their recipients).
+    pub blobs: u64,
+    /// Bytes of those blobs received so far.
+    pub blob_bytes: u64,
 }
+
+/// The limits of [`Store::create_blob`].
+///
+/// The blob rule (written once in `store::rules`; the conformance suite
+/// checks it on every backend): a blob has a declared size, an owner (the
+/// uploading device) and readers (the devices that may download it). Its
+/// size counts against the owner's account from its creation until it
+/// goes: when every reader said it fetched it ([`Store::blob_fetched`]), or
+/// at its expiry (the message TTL), finished or not. Only the owner appends
+/// (at exactly the received offset), asks its status and finishes it; only
+/// a reader downloads a finished blob; to anyone else it is
+/// [`StoreError::UnknownBlob`], as is an expired one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLimits {
+    /// Largest blob, in bytes.
+    pub max_bytes: u64,
+    /// Most bytes of blobs one account's devices may have stored together;
+    /// `u64::MAX`: no limit.
+    pub account_bytes: u64,
+}
+
+impl BlobLimits {
+    /// No limits.
+    pub const UNLIMITED: BlobLimits = BlobLimits { max_bytes: u64::MAX, account_bytes: u64::MAX };
+}
+
+/// A blob upload as the store answers it.
+pub use subrosa_proto::BlobStatus;
 
 /// A link slot as stored: the new device's opaque request, and the opaque
 /// response once a device of the account approved it.
@@ -743,10 +811,81 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::UnknownLink`] when there is no such slot or it expired.
     async fn take_link_response(&self, link: &LinkId, now_ms: u64) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Opens an upload of `size` bytes owned by `owner`, readable by
+    /// `readers`, gone at `expires_at_ms` (see [`BlobLimits`] for the
+    /// rule). The caller picks the random id.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDevice`] for an owner or a reader that is not an
+    /// active device; [`StoreError::BlobTooLarge`];
+    /// [`StoreError::BlobQuotaExceeded`]; [`StoreError::BlobTaken`] (pick
+    /// another id).
+    #[allow(clippy::too_many_arguments)]
+    async fn create_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        size: u64,
+        readers: &[DeviceAddress],
+        limits: &BlobLimits,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Appends `bytes` to the owner's unfinished blob at `offset`, which
+    /// must be its received count; returns the new status.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownBlob`]; [`StoreError::BlobOffset`] when
+    /// `offset` is not where the received bytes end (or the blob is
+    /// finished); [`StoreError::BlobOverrun`].
+    async fn append_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        offset: u64,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<BlobStatus, StoreError>;
+
+    /// The status of a blob, for its owner or a reader.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownBlob`].
+    async fn blob_status(&self, caller: &DeviceAddress, blob: &BlobId, now_ms: u64) -> Result<BlobStatus, StoreError>;
+
+    /// Marks the owner's blob complete once every declared byte arrived
+    /// (again: no change).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownBlob`]; [`StoreError::BlobIncomplete`].
+    async fn finish_blob(&self, owner: &DeviceAddress, blob: &BlobId, now_ms: u64) -> Result<BlobStatus, StoreError>;
+
+    /// Up to `length` bytes of a finished blob from `offset`, for a reader
+    /// (empty at or past the end).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownBlob`]; [`StoreError::BlobIncomplete`].
+    async fn read_blob(
+        &self,
+        reader: &DeviceAddress,
+        blob: &BlobId,
+        offset: u64,
+        length: u64,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, StoreError>;
+
+    /// A reader says it fetched the blob to its end; once every reader did,
+    /// the blob is deleted (returns true then).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownBlob`].
+    async fn blob_fetched(&self, reader: &DeviceAddress, blob: &BlobId, now_ms: u64) -> Result<bool, StoreError>;
+
     /// Deletes inbox rows stored before `inbox_before_ms` and the messages
     /// left without any, nonces with a timestamp before `nonces_before_ms`,
-    /// send ids stored before `send_ids_before_ms`, and link slots expired
-    /// at `now_ms` (expiry at or before it).
+    /// send ids stored before `send_ids_before_ms`, and link slots and blobs
+    /// expired at `now_ms` (expiry at or before it).
     ///
     /// # Errors
     /// Backend failures only.

@@ -32,7 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    AccountInfo, BlobId, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
     KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
 };
 use tokio::sync::watch;
@@ -231,6 +231,35 @@ const MIGRATIONS: &[&str] = &[
         window_start BIGINT NOT NULL,
         claims BIGINT NOT NULL,
         PRIMARY KEY (claimer, target)
+    );
+    ",
+    // 9: attachment blobs (SQLite's migration 8; see `store::BlobLimits`),
+    // in the database so that any node serves any blob.
+    r"
+    CREATE TABLE blobs (
+        id BIGSERIAL PRIMARY KEY,
+        blob BYTEA NOT NULL UNIQUE,
+        owner BIGINT NOT NULL REFERENCES devices(id),
+        size BIGINT NOT NULL,
+        received BIGINT NOT NULL DEFAULT 0,
+        complete BOOLEAN NOT NULL DEFAULT FALSE,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX blobs_by_owner ON blobs(owner);
+    CREATE INDEX blobs_by_expiry ON blobs(expires_at);
+    CREATE TABLE blob_readers (
+        blob BIGINT NOT NULL REFERENCES blobs(id),
+        device BIGINT NOT NULL REFERENCES devices(id),
+        fetched BOOLEAN NOT NULL DEFAULT FALSE,
+        PRIMARY KEY (blob, device)
+    );
+    CREATE TABLE blob_pieces (
+        id BIGSERIAL PRIMARY KEY,
+        blob BIGINT NOT NULL REFERENCES blobs(id),
+        start BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        UNIQUE (blob, start)
     );
     ",
 ];
@@ -1121,6 +1150,79 @@ impl Store for PgStore {
         in_tx!(self, |tx| async { rules::take_link_response(&mut Pg { c: &tx, channel }, link, now_ms).await }.await)
     }
 
+    async fn create_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        size: u64,
+        readers: &[DeviceAddress],
+        limits: &super::BlobLimits,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async {
+            rules::create_blob(&mut Pg { c: &tx, channel }, owner, blob, size, readers, limits, now_ms, expires_at_ms)
+                .await
+        }
+        .await)
+    }
+
+    async fn append_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        offset: u64,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<super::BlobStatus, StoreError> {
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async {
+            rules::append_blob(&mut Pg { c: &tx, channel }, owner, blob, offset, bytes, now_ms).await
+        }
+        .await)
+    }
+
+    async fn blob_status(
+        &self,
+        caller: &DeviceAddress,
+        blob: &BlobId,
+        now_ms: u64,
+    ) -> Result<super::BlobStatus, StoreError> {
+        let channel = self.channel.as_str();
+        on_client!(self, |c| async { rules::blob_status(&mut Pg { c: &c, channel }, caller, blob, now_ms).await }.await)
+    }
+
+    async fn finish_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        now_ms: u64,
+    ) -> Result<super::BlobStatus, StoreError> {
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::finish_blob(&mut Pg { c: &tx, channel }, owner, blob, now_ms).await }.await)
+    }
+
+    async fn read_blob(
+        &self,
+        reader: &DeviceAddress,
+        blob: &BlobId,
+        offset: u64,
+        length: u64,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let channel = self.channel.as_str();
+        on_client!(self, |c| async {
+            rules::read_blob(&mut Pg { c: &c, channel }, reader, blob, offset, length, now_ms).await
+        }
+        .await)
+    }
+
+    async fn blob_fetched(&self, reader: &DeviceAddress, blob: &BlobId, now_ms: u64) -> Result<bool, StoreError> {
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::blob_fetched(&mut Pg { c: &tx, channel }, reader, blob, now_ms).await }.await)
+    }
+
     async fn sweep(
         &self,
         inbox_before_ms: u64,
@@ -1164,6 +1266,16 @@ impl Store for PgStore {
             let send_ids =
                 execute(&tx, "DELETE FROM send_ids WHERE created_at < $1", &[&to_i64(send_ids_before_ms)]).await?;
             let links = execute(&tx, "DELETE FROM links WHERE expires_at <= $1", &[&to_i64(now_ms)]).await?;
+            let expired: Vec<i64> =
+                query(&tx, "SELECT id FROM blobs WHERE expires_at <= $1 FOR UPDATE", &[&to_i64(now_ms)])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+            for blob in &expired {
+                rules::BlobStatements::delete_blob(&mut Pg { c: &tx, channel: self.channel.as_str() }, *blob).await?;
+            }
+            let blobs = expired.len() as u64;
             // A claim window an hour old counts nothing any more.
             execute(
                 &tx,
@@ -1178,7 +1290,7 @@ impl Store for PgStore {
                 &[&to_i64(now_ms.saturating_sub(BUCKET_IDLE_MS))],
             )
             .await?;
-            Ok(SweepReport { inbox_rows, messages: dropped, nonces, send_ids, links })
+            Ok(SweepReport { inbox_rows, messages: dropped, nonces, send_ids, links, blobs })
         }
         .await)
     }
@@ -1249,6 +1361,11 @@ impl Store for PgStore {
                 send_ids: count_table(&c, "send_ids").await?,
                 conversations: count_table(&c, "conversations").await?,
                 links: count_table(&c, "links").await?,
+                blobs: count_table(&c, "blobs").await?,
+                blob_bytes: query_opt(&c, "SELECT COALESCE(SUM(received), 0)::BIGINT FROM blobs", &[])
+                    .await?
+                    .map(|r| to_u64(r.get(0)))
+                    .unwrap_or(0),
             })
         }
         .await)
@@ -1257,6 +1374,126 @@ impl Store for PgStore {
     fn spawn_listener(&self, wakeups: Arc<Wakeups>, stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
         Some(PgStore::spawn_listener(self, wakeups, stop))
     }
+}
+
+/// The blob statements (see [`rules::BlobStatements`]); `lock_blob` takes
+/// the blob's row lock, so appends, finishes and fetches of one blob run
+/// one at a time on any nodes.
+impl<C: GenericClient + Sync> rules::BlobStatements for Pg<'_, C> {
+    async fn account_blob_bytes(&mut self, handle: &Handle) -> R<u64> {
+        let row = query_opt(
+            self.c,
+            "SELECT COALESCE(SUM(b.size), 0)::BIGINT FROM blobs b JOIN devices d ON d.id = b.owner WHERE d.handle = $1",
+            &[&handle.as_str()],
+        )
+        .await?;
+        Ok(row.map(|r| to_u64(r.get(0))).unwrap_or(0))
+    }
+
+    async fn insert_blob(
+        &mut self,
+        blob: &BlobId,
+        owner: i64,
+        size: u64,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> R<Option<i64>> {
+        Ok(query_opt(
+            self.c,
+            "INSERT INTO blobs (blob, owner, size, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (blob) DO NOTHING RETURNING id",
+            &[&&blob.0[..], &owner, &to_i64(size), &to_i64(now_ms), &to_i64(expires_at_ms)],
+        )
+        .await?
+        .map(|r| r.get(0)))
+    }
+
+    async fn insert_blob_readers(&mut self, blob: i64, readers: &[i64]) -> R<()> {
+        execute(
+            self.c,
+            "INSERT INTO blob_readers (blob, device) SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING",
+            &[&blob, &readers],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn lock_blob(&mut self, blob: &BlobId, now_ms: u64) -> R<Option<rules::BlobRow>> {
+        pg_blob_row(self.c, blob, now_ms, " FOR UPDATE").await
+    }
+
+    async fn blob(&mut self, blob: &BlobId, now_ms: u64) -> R<Option<rules::BlobRow>> {
+        pg_blob_row(self.c, blob, now_ms, "").await
+    }
+
+    async fn append_piece(&mut self, blob: i64, offset: u64, bytes: &[u8]) -> R<()> {
+        execute(
+            self.c,
+            "INSERT INTO blob_pieces (blob, start, data) VALUES ($1, $2, $3)",
+            &[&blob, &to_i64(offset), &bytes],
+        )
+        .await?;
+        execute(
+            self.c,
+            "UPDATE blobs SET received = $2 WHERE id = $1",
+            &[&blob, &to_i64(offset.saturating_add(bytes.len() as u64))],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_blob_complete(&mut self, blob: i64) -> R<()> {
+        execute(self.c, "UPDATE blobs SET complete = TRUE WHERE id = $1", &[&blob]).await?;
+        Ok(())
+    }
+
+    async fn is_blob_reader(&mut self, blob: i64, device: i64) -> R<bool> {
+        Ok(query_opt(self.c, "SELECT 1 FROM blob_readers WHERE blob = $1 AND device = $2", &[&blob, &device])
+            .await?
+            .is_some())
+    }
+
+    async fn blob_pieces(&mut self, blob: i64, offset: u64, length: u64) -> R<Vec<(u64, Vec<u8>)>> {
+        let rows = query(
+            self.c,
+            "SELECT start, data FROM blob_pieces
+             WHERE blob = $1 AND start < $3 AND start + octet_length(data) > $2 ORDER BY start",
+            &[&blob, &to_i64(offset), &to_i64(offset.saturating_add(length))],
+        )
+        .await?;
+        Ok(rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect())
+    }
+
+    async fn mark_blob_fetched(&mut self, blob: i64, device: i64) -> R<u64> {
+        execute(self.c, "UPDATE blob_readers SET fetched = TRUE WHERE blob = $1 AND device = $2", &[&blob, &device])
+            .await?;
+        let row =
+            query_opt(self.c, "SELECT COUNT(*) FROM blob_readers WHERE blob = $1 AND NOT fetched", &[&blob]).await?;
+        Ok(row.map(|r| to_u64(r.get(0))).unwrap_or(0))
+    }
+
+    async fn delete_blob(&mut self, blob: i64) -> R<()> {
+        for sql in [
+            "DELETE FROM blob_pieces WHERE blob = $1",
+            "DELETE FROM blob_readers WHERE blob = $1",
+            "DELETE FROM blobs WHERE id = $1",
+        ] {
+            execute(self.c, sql, &[&blob]).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn pg_blob_row<C: GenericClient>(c: &C, blob: &BlobId, now_ms: u64, lock: &str) -> R<Option<rules::BlobRow>> {
+    let sql =
+        format!("SELECT id, owner, size, received, complete FROM blobs WHERE blob = $1 AND expires_at > $2{lock}");
+    Ok(query_opt(c, &sql, &[&&blob.0[..], &to_i64(now_ms)]).await?.map(|r| rules::BlobRow {
+        row: r.get(0),
+        owner: r.get(1),
+        size: to_u64(r.get(2)),
+        received: to_u64(r.get(3)),
+        complete: r.get(4),
+    }))
 }
 
 /// The active devices of a conversation's roster.

@@ -20,12 +20,13 @@ use std::future::Future;
 use std::task::{Context, Poll, Waker};
 
 use subrosa_proto::{
-    ConversationId, DeviceAddress, Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendId, SendRequest,
+    BlobId, BlobStatus, ConversationId, DeviceAddress, Epoch, Handle, KeyPackageCount, LinkId, MessageKind, SendId,
+    SendRequest,
 };
 
 use super::{
-    encode_roster, part_recipients, roster_change, send_bytes, Quota, RosterChange, SendOutcome, StoreError,
-    MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES,
+    encode_roster, part_recipients, roster_change, send_bytes, BlobLimits, Quota, RosterChange, SendOutcome,
+    StoreError, MAX_DEVICES_PER_ACCOUNT, MAX_STORED_KEY_PACKAGES,
 };
 
 /// A device's internal row id (both backends number devices with an integer
@@ -599,6 +600,246 @@ pub(crate) async fn take_link_response<S: Statements>(
             Ok(Some(response))
         }
     }
+}
+
+/// A stored blob, as a rule reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlobRow {
+    /// Its internal row id.
+    pub row: i64,
+    /// The uploading device.
+    pub owner: DeviceRow,
+    /// Declared size.
+    pub size: u64,
+    /// Bytes received.
+    pub received: u64,
+    /// Finished by its owner.
+    pub complete: bool,
+}
+
+impl BlobRow {
+    fn status(&self) -> BlobStatus {
+        BlobStatus { size: self.size, received: self.received, complete: self.complete }
+    }
+}
+
+/// The statements of the blob rules (see [`super::BlobLimits`]), beside
+/// [`Statements`].
+#[allow(async_fn_in_trait)] // crate-private, as `Statements`
+pub(crate) trait BlobStatements: Statements {
+    /// Bytes of blobs the account's devices own now.
+    async fn account_blob_bytes(&mut self, handle: &Handle) -> Result<u64, Self::Error>;
+    /// Stores a new blob; `None` when a blob (even an expired one) has this id.
+    async fn insert_blob(
+        &mut self,
+        blob: &BlobId,
+        owner: DeviceRow,
+        size: u64,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> Result<Option<i64>, Self::Error>;
+    /// Lets these devices read the blob.
+    async fn insert_blob_readers(&mut self, blob: i64, readers: &[DeviceRow]) -> Result<(), Self::Error>;
+    /// A blob that has not expired at `now_ms`, locked against concurrent
+    /// appends, finishes and fetches.
+    async fn lock_blob(&mut self, blob: &BlobId, now_ms: u64) -> Result<Option<BlobRow>, Self::Error>;
+    /// A blob that has not expired at `now_ms` (a plain read).
+    async fn blob(&mut self, blob: &BlobId, now_ms: u64) -> Result<Option<BlobRow>, Self::Error>;
+    /// Stores a piece at `offset` and sets the received count to its end.
+    async fn append_piece(&mut self, blob: i64, offset: u64, bytes: &[u8]) -> Result<(), Self::Error>;
+    /// Marks the blob complete.
+    async fn set_blob_complete(&mut self, blob: i64) -> Result<(), Self::Error>;
+    /// Whether the device may read the blob.
+    async fn is_blob_reader(&mut self, blob: i64, device: DeviceRow) -> Result<bool, Self::Error>;
+    /// The stored pieces overlapping `[offset, offset + length)`, as
+    /// (start, bytes), in order.
+    async fn blob_pieces(&mut self, blob: i64, offset: u64, length: u64) -> Result<Vec<(u64, Vec<u8>)>, Self::Error>;
+    /// Marks the reader done; returns how many readers have not said so.
+    async fn mark_blob_fetched(&mut self, blob: i64, device: DeviceRow) -> Result<u64, Self::Error>;
+    /// Deletes the blob, its readers and its pieces.
+    async fn delete_blob(&mut self, blob: i64) -> Result<(), Self::Error>;
+}
+
+/// Opens a blob upload: [`super::Store::create_blob`]'s rule. Checked in
+/// one order: the owner, the size limit, the readers, the account's quota
+/// (under the account's lock, so concurrent uploads cannot both pass it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn create_blob<S: BlobStatements>(
+    s: &mut S,
+    owner: &DeviceAddress,
+    blob: &BlobId,
+    size: u64,
+    readers: &[DeviceAddress],
+    limits: &BlobLimits,
+    now_ms: u64,
+    expires_at_ms: u64,
+) -> Result<(), S::Error> {
+    if !s.lock_account(&owner.handle).await? {
+        return Err(StoreError::UnknownDevice(owner.clone()).into());
+    }
+    let owner_row = s.device_row(owner).await?.ok_or_else(|| StoreError::UnknownDevice(owner.clone()))?;
+    if size > limits.max_bytes {
+        return Err(StoreError::BlobTooLarge { limit: limits.max_bytes }.into());
+    }
+    let mut distinct: Vec<&DeviceAddress> = Vec::with_capacity(readers.len());
+    let mut seen = HashSet::new();
+    for r in readers {
+        if seen.insert(r) {
+            distinct.push(r);
+        }
+    }
+    let rows = s.lock_recipients(&distinct).await?;
+    let mut reader_rows = Vec::with_capacity(rows.len());
+    for (addr, row) in distinct.iter().zip(rows) {
+        reader_rows.push(row.ok_or_else(|| StoreError::UnknownDevice((*addr).clone()))?);
+    }
+    let used = s.account_blob_bytes(&owner.handle).await?;
+    if used.saturating_add(size) > limits.account_bytes {
+        return Err(StoreError::BlobQuotaExceeded { limit: limits.account_bytes }.into());
+    }
+    let row = s.insert_blob(blob, owner_row, size, now_ms, expires_at_ms).await?.ok_or(StoreError::BlobTaken)?;
+    s.insert_blob_readers(row, &reader_rows).await?;
+    Ok(())
+}
+
+/// The owner's blob, locked, or [`StoreError::UnknownBlob`].
+async fn owned_blob<S: BlobStatements>(
+    s: &mut S,
+    owner: &DeviceAddress,
+    blob: &BlobId,
+    now_ms: u64,
+) -> Result<BlobRow, S::Error> {
+    let owner_row = s.device_row(owner).await?.ok_or(StoreError::UnknownBlob)?;
+    match s.lock_blob(blob, now_ms).await? {
+        Some(b) if b.owner == owner_row => Ok(b),
+        _ => Err(StoreError::UnknownBlob.into()),
+    }
+}
+
+/// Appends a piece: [`super::Store::append_blob`]'s rule. A retried piece
+/// whose first answer was lost is told [`StoreError::BlobOffset`] with
+/// where the upload stands, never stored twice.
+pub(crate) async fn append_blob<S: BlobStatements>(
+    s: &mut S,
+    owner: &DeviceAddress,
+    blob: &BlobId,
+    offset: u64,
+    bytes: &[u8],
+    now_ms: u64,
+) -> Result<BlobStatus, S::Error> {
+    let b = owned_blob(s, owner, blob, now_ms).await?;
+    if b.complete || offset != b.received {
+        return Err(StoreError::BlobOffset { received: b.received }.into());
+    }
+    let end = offset.saturating_add(bytes.len() as u64);
+    if end > b.size {
+        return Err(StoreError::BlobOverrun { size: b.size }.into());
+    }
+    if !bytes.is_empty() {
+        s.append_piece(b.row, offset, bytes).await?;
+    }
+    Ok(BlobStatus { size: b.size, received: end, complete: false })
+}
+
+/// Where a blob stands, for its owner or a reader:
+/// [`super::Store::blob_status`]'s rule.
+pub(crate) async fn blob_status<S: BlobStatements>(
+    s: &mut S,
+    caller: &DeviceAddress,
+    blob: &BlobId,
+    now_ms: u64,
+) -> Result<BlobStatus, S::Error> {
+    let caller_row = s.device_row(caller).await?.ok_or(StoreError::UnknownBlob)?;
+    let b = s.blob(blob, now_ms).await?.ok_or(StoreError::UnknownBlob)?;
+    if b.owner != caller_row && !s.is_blob_reader(b.row, caller_row).await? {
+        return Err(StoreError::UnknownBlob.into());
+    }
+    Ok(b.status())
+}
+
+/// Finishes an upload: [`super::Store::finish_blob`]'s rule.
+pub(crate) async fn finish_blob<S: BlobStatements>(
+    s: &mut S,
+    owner: &DeviceAddress,
+    blob: &BlobId,
+    now_ms: u64,
+) -> Result<BlobStatus, S::Error> {
+    let b = owned_blob(s, owner, blob, now_ms).await?;
+    if b.received != b.size {
+        return Err(StoreError::BlobIncomplete.into());
+    }
+    if !b.complete {
+        s.set_blob_complete(b.row).await?;
+    }
+    Ok(BlobStatus { complete: true, ..b.status() })
+}
+
+/// A reader's download of a finished blob: [`super::Store::read_blob`]'s
+/// rule (plain reads: it runs beside the writers).
+pub(crate) async fn read_blob<S: BlobStatements>(
+    s: &mut S,
+    reader: &DeviceAddress,
+    blob: &BlobId,
+    offset: u64,
+    length: u64,
+    now_ms: u64,
+) -> Result<Vec<u8>, S::Error> {
+    let reader_row = s.device_row(reader).await?.ok_or(StoreError::UnknownBlob)?;
+    let b = s.blob(blob, now_ms).await?.ok_or(StoreError::UnknownBlob)?;
+    if !s.is_blob_reader(b.row, reader_row).await? {
+        return Err(StoreError::UnknownBlob.into());
+    }
+    if !b.complete {
+        return Err(StoreError::BlobIncomplete.into());
+    }
+    let end = offset.saturating_add(length).min(b.size);
+    if offset >= end {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(usize::try_from(end - offset).unwrap_or(0));
+    let mut at = offset;
+    for (start, bytes) in s.blob_pieces(b.row, offset, end - offset).await? {
+        let piece_end = start.saturating_add(bytes.len() as u64);
+        if start > at || piece_end <= at {
+            return Err(StoreError::Internal("a stored blob has a gap".into()).into());
+        }
+        let from = usize::try_from(at - start).map_err(|_| StoreError::Internal("blob piece offset".into()))?;
+        let to = usize::try_from(piece_end.min(end) - start).map_err(|_| StoreError::Internal("blob piece".into()))?;
+        out.extend_from_slice(
+            bytes.get(from..to).ok_or_else(|| StoreError::Internal("a stored blob piece is short".into()))?,
+        );
+        at = piece_end.min(end);
+        if at == end {
+            break;
+        }
+    }
+    if at != end {
+        return Err(StoreError::Internal("a stored blob is shorter than its size".into()).into());
+    }
+    Ok(out)
+}
+
+/// A reader fetched a blob: [`super::Store::blob_fetched`]'s rule; the
+/// last reader's word deletes it.
+pub(crate) async fn blob_fetched<S: BlobStatements>(
+    s: &mut S,
+    reader: &DeviceAddress,
+    blob: &BlobId,
+    now_ms: u64,
+) -> Result<bool, S::Error> {
+    let reader_row = s.device_row(reader).await?.ok_or(StoreError::UnknownBlob)?;
+    let b = s.lock_blob(blob, now_ms).await?.ok_or(StoreError::UnknownBlob)?;
+    if !s.is_blob_reader(b.row, reader_row).await? {
+        return Err(StoreError::UnknownBlob.into());
+    }
+    if !b.complete {
+        return Err(StoreError::BlobIncomplete.into());
+    }
+    if s.mark_blob_fetched(b.row, reader_row).await? == 0 {
+        s.delete_blob(b.row).await?;
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Runs a rule over statements that never wait (SQLite's, on its writer

@@ -19,7 +19,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension, TransactionBehavior};
 use subrosa_proto::{
-    AccountInfo, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
+    AccountInfo, BlobId, ClaimResponse, ConversationId, DeviceAddress, DeviceId, DeviceRecord, Envelope, Epoch, Handle,
     KeyPackageCount, LinkId, MessageKind, SendId, SendRequest, B64,
 };
 
@@ -179,6 +179,36 @@ const MIGRATIONS: &[&str] = &[
         claims INTEGER NOT NULL,
         PRIMARY KEY (claimer, target)
     ) WITHOUT ROWID;
+    ",
+    // 8: attachment blobs (see `store::BlobLimits`): the opaque bytes in
+    // pieces as uploaded (rowid tables: a piece is up to megabytes), the
+    // devices that may fetch each blob and whether they did.
+    r"
+    CREATE TABLE blobs (
+        id INTEGER PRIMARY KEY,
+        blob BLOB NOT NULL UNIQUE,
+        owner INTEGER NOT NULL REFERENCES devices(id),
+        size INTEGER NOT NULL,
+        received INTEGER NOT NULL DEFAULT 0,
+        complete INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX blobs_by_owner ON blobs(owner);
+    CREATE INDEX blobs_by_expiry ON blobs(expires_at);
+    CREATE TABLE blob_readers (
+        blob INTEGER NOT NULL REFERENCES blobs(id),
+        device INTEGER NOT NULL REFERENCES devices(id),
+        fetched INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (blob, device)
+    ) WITHOUT ROWID;
+    CREATE TABLE blob_pieces (
+        id INTEGER PRIMARY KEY,
+        blob INTEGER NOT NULL REFERENCES blobs(id),
+        start INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        UNIQUE (blob, start)
+    );
     ",
 ];
 
@@ -1048,6 +1078,143 @@ impl rules::Statements for Sql<'_> {
 }
 
 /// Stores a send (see [`Store::send`]) inside the caller's transaction.
+/// The blob statements (see [`rules::BlobStatements`]); downloads run them
+/// on a read-only connection, the rest on the writer's transaction.
+impl rules::BlobStatements for Sql<'_> {
+    async fn account_blob_bytes(&mut self, handle: &Handle) -> Result<u64, StoreError> {
+        self.0
+            .prepare_cached(
+                "SELECT COALESCE(SUM(b.size), 0) FROM blobs b JOIN devices d ON d.id = b.owner WHERE d.handle = ?1",
+            )
+            .and_then(|mut s| s.query_row([handle.as_str()], |r| r.get::<_, i64>(0)))
+            .map(to_u64)
+            .map_err(map_err)
+    }
+
+    async fn insert_blob(
+        &mut self,
+        blob: &BlobId,
+        owner: i64,
+        size: u64,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> Result<Option<i64>, StoreError> {
+        let inserted = self
+            .0
+            .prepare_cached(
+                "INSERT INTO blobs (blob, owner, size, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (blob) DO NOTHING",
+            )
+            .and_then(|mut s| {
+                s.execute(params![&blob.0[..], owner, to_i64(size), to_i64(now_ms), to_i64(expires_at_ms)])
+            })
+            .map_err(map_err)?;
+        Ok((inserted == 1).then(|| self.0.last_insert_rowid()))
+    }
+
+    async fn insert_blob_readers(&mut self, blob: i64, readers: &[i64]) -> Result<(), StoreError> {
+        let mut insert = self
+            .0
+            .prepare_cached("INSERT OR IGNORE INTO blob_readers (blob, device) VALUES (?1, ?2)")
+            .map_err(map_err)?;
+        for device in readers {
+            insert.execute(params![blob, device]).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn lock_blob(&mut self, blob: &BlobId, now_ms: u64) -> Result<Option<rules::BlobRow>, StoreError> {
+        blob_row(self.0, blob, now_ms)
+    }
+
+    async fn blob(&mut self, blob: &BlobId, now_ms: u64) -> Result<Option<rules::BlobRow>, StoreError> {
+        blob_row(self.0, blob, now_ms)
+    }
+
+    async fn append_piece(&mut self, blob: i64, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("INSERT INTO blob_pieces (blob, start, data) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![blob, to_i64(offset), bytes]))
+            .map_err(map_err)?;
+        self.0
+            .prepare_cached("UPDATE blobs SET received = ?2 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![blob, to_i64(offset.saturating_add(bytes.len() as u64))]))
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn set_blob_complete(&mut self, blob: i64) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("UPDATE blobs SET complete = 1 WHERE id = ?1")
+            .and_then(|mut s| s.execute([blob]))
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn is_blob_reader(&mut self, blob: i64, device: i64) -> Result<bool, StoreError> {
+        self.0
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM blob_readers WHERE blob = ?1 AND device = ?2)")
+            .and_then(|mut s| s.query_row(params![blob, device], |r| r.get(0)))
+            .map_err(map_err)
+    }
+
+    async fn blob_pieces(&mut self, blob: i64, offset: u64, length: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut stmt = self
+            .0
+            .prepare_cached(
+                "SELECT start, data FROM blob_pieces
+                 WHERE blob = ?1 AND start < ?3 AND start + length(data) > ?2 ORDER BY start",
+            )
+            .map_err(map_err)?;
+        let rows = stmt
+            .query_map(params![blob, to_i64(offset), to_i64(offset.saturating_add(length))], |r| {
+                Ok((to_u64(r.get(0)?), r.get(1)?))
+            })
+            .map_err(map_err)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
+    async fn mark_blob_fetched(&mut self, blob: i64, device: i64) -> Result<u64, StoreError> {
+        self.0
+            .prepare_cached("UPDATE blob_readers SET fetched = 1 WHERE blob = ?1 AND device = ?2")
+            .and_then(|mut s| s.execute(params![blob, device]))
+            .map_err(map_err)?;
+        self.0
+            .prepare_cached("SELECT COUNT(*) FROM blob_readers WHERE blob = ?1 AND fetched = 0")
+            .and_then(|mut s| s.query_row([blob], |r| r.get::<_, i64>(0)))
+            .map(to_u64)
+            .map_err(map_err)
+    }
+
+    async fn delete_blob(&mut self, blob: i64) -> Result<(), StoreError> {
+        for sql in [
+            "DELETE FROM blob_pieces WHERE blob = ?1",
+            "DELETE FROM blob_readers WHERE blob = ?1",
+            "DELETE FROM blobs WHERE id = ?1",
+        ] {
+            self.0.prepare_cached(sql).and_then(|mut s| s.execute([blob])).map_err(map_err)?;
+        }
+        Ok(())
+    }
+}
+
+fn blob_row(conn: &Connection, blob: &BlobId, now_ms: u64) -> Result<Option<rules::BlobRow>, StoreError> {
+    conn.prepare_cached("SELECT id, owner, size, received, complete FROM blobs WHERE blob = ?1 AND expires_at > ?2")
+        .and_then(|mut s| {
+            s.query_row(params![&blob.0[..], to_i64(now_ms)], |r| {
+                Ok(rules::BlobRow {
+                    row: r.get(0)?,
+                    owner: r.get(1)?,
+                    size: to_u64(r.get(2)?),
+                    received: to_u64(r.get(3)?),
+                    complete: r.get(4)?,
+                })
+            })
+            .optional()
+        })
+        .map_err(map_err)
+}
+
 fn store_send(
     tx: &Connection,
     sender: &DeviceAddress,
@@ -1484,6 +1651,84 @@ impl Store for SqliteStore {
         self.write(move |tx| rules::ready(rules::take_link_response(&mut Sql(tx), &link, now_ms))).await
     }
 
+    async fn create_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        size: u64,
+        readers: &[DeviceAddress],
+        limits: &super::BlobLimits,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let (owner, blob, readers, limits) = (owner.clone(), *blob, readers.to_vec(), *limits);
+        self.write(move |tx| {
+            rules::ready(rules::create_blob(
+                &mut Sql(tx),
+                &owner,
+                &blob,
+                size,
+                &readers,
+                &limits,
+                now_ms,
+                expires_at_ms,
+            ))
+        })
+        .await
+    }
+
+    async fn append_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        offset: u64,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<super::BlobStatus, StoreError> {
+        let (owner, blob, bytes) = (owner.clone(), *blob, bytes.to_vec());
+        self.write(move |tx| rules::ready(rules::append_blob(&mut Sql(tx), &owner, &blob, offset, &bytes, now_ms)))
+            .await
+    }
+
+    async fn blob_status(
+        &self,
+        caller: &DeviceAddress,
+        blob: &BlobId,
+        now_ms: u64,
+    ) -> Result<super::BlobStatus, StoreError> {
+        let (caller, blob) = (caller.clone(), *blob);
+        self.read(move |conn| rules::ready(rules::blob_status(&mut Sql(conn), &caller, &blob, now_ms))).await
+    }
+
+    async fn finish_blob(
+        &self,
+        owner: &DeviceAddress,
+        blob: &BlobId,
+        now_ms: u64,
+    ) -> Result<super::BlobStatus, StoreError> {
+        let (owner, blob) = (owner.clone(), *blob);
+        self.write(move |tx| rules::ready(rules::finish_blob(&mut Sql(tx), &owner, &blob, now_ms))).await
+    }
+
+    async fn read_blob(
+        &self,
+        reader: &DeviceAddress,
+        blob: &BlobId,
+        offset: u64,
+        length: u64,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let (reader, blob) = (reader.clone(), *blob);
+        // A read-only connection: downloads never queue behind the writer.
+        self.read(move |conn| rules::ready(rules::read_blob(&mut Sql(conn), &reader, &blob, offset, length, now_ms)))
+            .await
+    }
+
+    async fn blob_fetched(&self, reader: &DeviceAddress, blob: &BlobId, now_ms: u64) -> Result<bool, StoreError> {
+        let (reader, blob) = (reader.clone(), *blob);
+        self.write(move |tx| rules::ready(rules::blob_fetched(&mut Sql(tx), &reader, &blob, now_ms))).await
+    }
+
     async fn sweep(
         &self,
         inbox_before_ms: u64,
@@ -1518,6 +1763,14 @@ impl Store for SqliteStore {
                 .execute("DELETE FROM send_ids WHERE created_at < ?1", [to_i64(send_ids_before_ms)])
                 .map_err(map_err)?;
             let links = tx.execute("DELETE FROM links WHERE expires_at <= ?1", [to_i64(now_ms)]).map_err(map_err)?;
+            let blobs = {
+                let mut stmt = tx.prepare("SELECT id FROM blobs WHERE expires_at <= ?1").map_err(map_err)?;
+                let rows = stmt.query_map([to_i64(now_ms)], |r| r.get::<_, i64>(0)).map_err(map_err)?;
+                rows.collect::<Result<Vec<i64>, _>>().map_err(map_err)?
+            };
+            for blob in &blobs {
+                rules::ready(rules::BlobStatements::delete_blob(&mut Sql(tx), *blob))?;
+            }
             // A claim window an hour old counts nothing any more.
             tx.execute(
                 "DELETE FROM claim_windows WHERE window_start <= ?1",
@@ -1530,6 +1783,7 @@ impl Store for SqliteStore {
                 nonces: nonces as u64,
                 send_ids: send_ids as u64,
                 links: links as u64,
+                blobs: blobs.len() as u64,
             })
         })
         .await
@@ -1562,6 +1816,11 @@ impl Store for SqliteStore {
                 send_ids: count(conn, "send_ids")?,
                 conversations: count(conn, "conversations")?,
                 links: count(conn, "links")?,
+                blobs: count(conn, "blobs")?,
+                blob_bytes: conn
+                    .query_row("SELECT COALESCE(SUM(received), 0) FROM blobs", [], |r| r.get::<_, i64>(0))
+                    .map(to_u64)
+                    .map_err(map_err)?,
             })
         })
         .await

@@ -50,6 +50,7 @@ macro_rules! with_behaviours {
             replies_reactions_edits_and_deletes_are_stored,
             receipts_make_the_state_of_own_messages,
             early_actions_and_owed_receipts_wait_and_are_taken_once,
+            attachments_are_kept_per_message_and_move_from_pending_to_saved,
         );
     };
 }
@@ -931,4 +932,50 @@ pub fn early_actions_and_owed_receipts_wait_and_are_taken_once(store: Store) {
         ]
     );
     assert!(store.write(|tx| tx.take_receipts_due()).expect("take").is_empty());
+/// A message's files are stored once, in order, with their keys; received
+/// ones wait as pending until downloaded, then wait to be saved; a refused
+/// one keeps its reason.
+pub fn attachments_are_kept_per_message_and_move_from_pending_to_saved(store: Store) {
+    use subrosa_core::attachment::AttachedFile;
+    let file = |n: u8| AttachedFile {
+        blob: [n; 16],
+        key: Zeroizing::new([n + 1; 32]),
+        sha256: [n + 2; 32],
+        size: u64::from(n) * 1000,
+        name: format!("file {n}.txt"),
+        media_type: "text/plain".into(),
+    };
+    let (c, m) = (conv(7), [9u8; 16]);
+    store
+        .write(|tx| {
+            tx.put_attachments(&c, &m, &[file(1), file(2)], AttachmentState::Pending)?;
+            // Delivered again: nothing changes.
+            tx.put_attachments(&c, &m, &[file(3)], AttachmentState::Pending)?;
+            tx.put_attachments(&conv(8), &[1; 16], &[file(4)], AttachmentState::Sent)
+        })
+        .expect("put");
+    let rows = store.read(|tx| tx.attachments_of(&c, &m)).expect("read");
+    assert_eq!(rows.iter().map(|a| (a.index, a.file.clone())).collect::<Vec<_>>(), vec![(0, file(1)), (1, file(2))]);
+    assert!(rows.iter().all(|a| a.state == AttachmentState::Pending && a.local.is_none() && a.saved.is_none()));
+    assert_eq!(store.read(|tx| tx.pending_attachments()).expect("pending").len(), 2);
+
+    store
+        .write(|tx| {
+            tx.set_attachment(&c, &m, 0, &AttachmentState::Stored, Some("b1.blob"), None)?;
+            tx.set_attachment(&c, &m, 1, &AttachmentState::Refused("altered".into()), None, None)
+        })
+        .expect("set");
+    let pending = store.read(|tx| tx.pending_attachments()).expect("pending");
+    assert!(pending.is_empty());
+    let unsaved = store.read(|tx| tx.unsaved_attachments()).expect("unsaved");
+    assert_eq!(unsaved.len(), 1);
+    assert_eq!(unsaved[0].local.as_deref(), Some("b1.blob"));
+    store
+        .write(|tx| tx.set_attachment(&c, &m, 0, &AttachmentState::Stored, None, Some("/tmp/file 1.txt")))
+        .expect("saved");
+    assert!(store.read(|tx| tx.unsaved_attachments()).expect("unsaved").is_empty());
+    let rows = store.read(|tx| tx.attachments_of(&c, &m)).expect("read");
+    assert_eq!(rows[0].local.as_deref(), Some("b1.blob"), "the blob's name stays when the path is set");
+    assert_eq!(rows[0].saved.as_deref(), Some("/tmp/file 1.txt"));
+    assert_eq!(rows[1].state, AttachmentState::Refused("altered".into()));
 }

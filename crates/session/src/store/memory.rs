@@ -106,6 +106,7 @@ struct Tables {
     pending_commits: Vec<PendingCommit>,
     early_actions: Vec<(Conv, Vec<u8>, EarlyAction)>,
     receipts_due: Vec<(Conv, [u8; 16], String, ReceiptKind)>,
+    attachments: Vec<AttachmentRow>,
 }
 
 struct State {
@@ -1202,6 +1203,83 @@ impl MlsState for MemTx<'_> {
 
     fn delete_key_package(&mut self, id: &[u8]) -> Result<(), ClientError> {
         self.with(|t| t.key_packages.retain(|k| k.id != id || k.last_resort));
+        Ok(())
+    }
+}
+
+impl AttachmentStore for MemTx<'_> {
+    fn put_attachments(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        files: &[subrosa_core::attachment::AttachedFile],
+        state: AttachmentState,
+    ) -> Result<(), ClientError> {
+        self.with(|t| {
+            if t.attachments.iter().any(|a| a.conversation == *conversation && a.message_id == message_id) {
+                return;
+            }
+            for (index, file) in (0u32..).zip(files) {
+                t.attachments.push(AttachmentRow {
+                    conversation: *conversation,
+                    message_id: message_id.to_vec(),
+                    index,
+                    file: file.clone(),
+                    state: state.clone(),
+                    local: None,
+                    saved: None,
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn attachments_of(
+        &self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+    ) -> Result<Vec<AttachmentRow>, ClientError> {
+        Ok(self.with(|t| {
+            t.attachments
+                .iter()
+                .filter(|a| a.conversation == *conversation && a.message_id == message_id)
+                .cloned()
+                .collect()
+        }))
+    }
+
+    fn pending_attachments(&self) -> Result<Vec<AttachmentRow>, ClientError> {
+        Ok(self.with(|t| t.attachments.iter().filter(|a| a.state == AttachmentState::Pending).cloned().collect()))
+    }
+
+    fn unsaved_attachments(&self) -> Result<Vec<AttachmentRow>, ClientError> {
+        Ok(self.with(|t| {
+            t.attachments.iter().filter(|a| a.state == AttachmentState::Stored && a.saved.is_none()).cloned().collect()
+        }))
+    }
+
+    fn set_attachment(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        index: u32,
+        state: &AttachmentState,
+        local: Option<&str>,
+        saved: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.with(|t| {
+            for a in t.attachments.iter_mut() {
+                if a.conversation == *conversation && a.message_id == message_id && a.index == index {
+                    a.state = state.clone();
+                    if let Some(l) = local {
+                        a.local = Some(l.to_owned());
+                    }
+                    if let Some(s) = saved {
+                        a.saved = Some(s.to_owned());
+                    }
+                }
+            }
+        });
         Ok(())
     }
 }

@@ -1148,10 +1148,128 @@ pub trait MlsState {
     fn delete_key_package(&mut self, id: &[u8]) -> Result<(), ClientError>;
 }
 
-/// Every repository: what a transaction offers.
-pub trait Tx: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState {}
+/// Where one file of an attachment message stands on this device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AttachmentState {
+    /// Sent by this account: the sender has the file.
+    Sent,
+    /// Received; its blob is not downloaded and checked yet.
+    Pending,
+    /// Downloaded and checked; kept sealed in the home directory.
+    Stored,
+    /// Refused (altered, gone from the server…), with why: nothing kept.
+    Refused(String),
+}
 
-impl<T: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState + ?Sized> Tx for T {}
+/// One file of an attachment message, as this device keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentRow {
+    /// The conversation.
+    pub conversation: subrosa_proto::ConversationId,
+    /// The message's end-to-end id.
+    pub message_id: Vec<u8>,
+    /// Its place in the message, from 0.
+    pub index: u32,
+    /// The pointer, key and checks the message carried.
+    pub file: subrosa_core::attachment::AttachedFile,
+    /// Where it stands.
+    pub state: AttachmentState,
+    /// The sealed blob's file name in the home directory's attachment
+    /// folder, once stored.
+    pub local: Option<String>,
+    /// Where the plaintext was saved, when the user asked for it.
+    pub saved: Option<String>,
+}
+
+/// The attachments of messages.
+pub trait AttachmentStore {
+    /// Stores the files of a message, all in `state`; a message whose files
+    /// are stored already is left as it is.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_attachments(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        files: &[subrosa_core::attachment::AttachedFile],
+        state: AttachmentState,
+    ) -> Result<(), ClientError>;
+
+    /// A message's files, in order.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn attachments_of(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+    ) -> Result<Vec<AttachmentRow>, ClientError>;
+
+    /// Received files not yet downloaded, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn pending_attachments(&self) -> Result<Vec<AttachmentRow>, ClientError>;
+
+    /// Stored files not yet saved anywhere, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn unsaved_attachments(&self) -> Result<Vec<AttachmentRow>, ClientError>;
+
+    /// Records where a file stands: its state, and (when given) its sealed
+    /// blob's file name and where its plaintext was saved.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_attachment(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        index: u32,
+        state: &AttachmentState,
+        local: Option<&str>,
+        saved: Option<&str>,
+    ) -> Result<(), ClientError>;
+}
+
+impl AttachmentState {
+    /// The stored form: `sent`, `pending`, `stored`, `refused`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AttachmentState::Sent => "sent",
+            AttachmentState::Pending => "pending",
+            AttachmentState::Stored => "stored",
+            AttachmentState::Refused(_) => "refused",
+        }
+    }
+
+    /// From its stored form and reason.
+    pub fn parse(s: &str, reason: Option<String>) -> Option<Self> {
+        Some(match s {
+            "sent" => AttachmentState::Sent,
+            "pending" => AttachmentState::Pending,
+            "stored" => AttachmentState::Stored,
+            "refused" => AttachmentState::Refused(reason.unwrap_or_default()),
+            _ => return None,
+        })
+    }
+
+    /// Why it was refused.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            AttachmentState::Refused(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Every repository: what a transaction offers.
+pub trait Tx: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState + AttachmentStore {}
+
+impl<T: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState + AttachmentStore + ?Sized> Tx for T {}
 
 /// A storage backend: runs closures in transactions. [`Store`] wraps one
 /// with the typed entry points; a backend only has to say how a transaction

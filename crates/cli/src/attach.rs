@@ -1,0 +1,134 @@
+//! Attachments on the command line: progress bars, downloading and saving
+//! what arrived, and how a message's files are shown.
+
+use std::io::IsTerminal as _;
+use std::path::Path;
+
+use anyhow::Result;
+use subrosa_client::store::{AttachmentRow, AttachmentState, StoredMessage};
+use subrosa_client::Subrosa;
+
+use crate::term::safe;
+
+/// Files below this size get no progress bar.
+const BAR_FROM: u64 = 4 << 20;
+
+/// A progress bar on a terminal's stderr for transfers above a few MiB,
+/// made when the first figure arrives.
+pub(crate) struct Bar {
+    label: String,
+    bar: Option<indicatif::ProgressBar>,
+    on_terminal: bool,
+}
+
+impl Bar {
+    pub(crate) fn new(label: String) -> Self {
+        Bar { label, bar: None, on_terminal: std::io::stderr().is_terminal() }
+    }
+
+    pub(crate) fn set(&mut self, done: u64, total: u64) {
+        if !self.on_terminal || total < BAR_FROM {
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            {
+                bar.set_style(style);
+            }
+            bar.set_message(self.label.clone());
+            bar
+        });
+        bar.set_position(done);
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A message's files as stored.
+pub(crate) fn files_of(me: &Subrosa, m: &StoredMessage) -> Vec<AttachmentRow> {
+    let (Ok(conversation), Ok(id)) = (m.conversation.parse(), hex::decode(&m.id)) else { return Vec::new() };
+    me.attachments_of(&conversation, &id).unwrap_or_default()
+}
+
+/// The `attachments` of a JSON message line: `{name, size, sha256, path}`
+/// (`path` once saved).
+pub(crate) fn json(files: &[AttachmentRow]) -> serde_json::Value {
+    files
+        .iter()
+        .map(|a| {
+            let mut o = serde_json::json!({
+                "name": a.file.name,
+                "size": a.file.size,
+                "sha256": hex::encode(a.file.sha256),
+            });
+            if let Some(p) = &a.saved {
+                o["path"] = serde_json::Value::String(p.clone());
+            }
+            if let AttachmentState::Refused(why) = &a.state {
+                o["refused"] = serde_json::Value::String(why.clone());
+            }
+            o
+        })
+        .collect()
+}
+
+/// One line per file, for people (names made safe for the terminal).
+pub(crate) fn lines(files: &[AttachmentRow]) -> Vec<String> {
+    files
+        .iter()
+        .map(|a| {
+            let status = match (&a.state, &a.saved) {
+                (_, Some(p)) => format!("saved to {}", safe(p)),
+                (AttachmentState::Refused(why), _) => format!("refused: {}", safe(why)),
+                (AttachmentState::Pending, _) => "not downloaded yet".to_owned(),
+                (AttachmentState::Sent, _) => "sent".to_owned(),
+                _ => "kept encrypted; save it with `subrosa receive --downloads DIR`".to_owned(),
+            };
+            format!(
+                "    [file] {} ({} bytes, sha256 {}) {status}",
+                safe(&a.file.name),
+                a.file.size,
+                hex::encode(a.file.sha256)
+            )
+        })
+        .collect()
+}
+
+/// Downloads and checks what arrived, then saves it into `downloads` when
+/// given. Returns the refused files, each told on stderr.
+pub(crate) async fn fetch_and_save(me: &Subrosa, home: &Path, downloads: Option<&Path>) -> Result<usize> {
+    if let Some(dir) = downloads {
+        if !dir.is_dir() {
+            anyhow::bail!("--downloads {}: not a directory", dir.display());
+        }
+    }
+    let mut bars: Vec<Bar> = Vec::new();
+    let mut current = String::new();
+    let refused = me
+        .fetch_attachments(home, &mut |name, done, total| {
+            if current != name || bars.is_empty() {
+                current = name.to_owned();
+                bars.push(Bar::new(format!("downloading {}", safe(name))));
+            }
+            if let Some(b) = bars.last_mut() {
+                b.set(done, total);
+            }
+        })
+        .await?;
+    drop(bars);
+    for (row, why) in &refused {
+        eprintln!("error: the attachment {} was refused and not kept: {}", safe(&row.file.name), safe(why));
+    }
+    if let Some(dir) = downloads {
+        me.save_attachments(home, dir)?;
+    }
+    Ok(refused.len())
+}
