@@ -40,6 +40,9 @@ pub mod kind {
     /// The account's new identity key, handed to its other devices (only in
     /// the conversation of the account's own devices).
     pub const IDENTITY_KEY: u16 = 2;
+    /// A call signal (offer, ringing, answer, busy, hang-up):
+    /// [`crate::call::CallSignal`].
+    pub const CALL: u16 = 8;
 }
 
 /// The account's new identity key pair and the certificates it made for the
@@ -102,6 +105,8 @@ pub enum Body {
     Text(String),
     /// The account's new identity key for its other devices.
     IdentityKey(IdentityHandover),
+    /// A call signal.
+    Call(crate::call::CallSignal),
     /// A kind (or a payload version of a known kind) this version does not
     /// read, sent by a newer Subrosa. Kept as it came.
     Unsupported {
@@ -117,6 +122,7 @@ impl std::fmt::Debug for Body {
         match self {
             Body::Text(t) => write!(f, "Text(<{} bytes>)", t.len()),
             Body::IdentityKey(h) => write!(f, "{h:?}"),
+            Body::Call(c) => write!(f, "Call({})", c.action.as_str()),
             Body::Unsupported { kind, payload } => write!(f, "Unsupported(kind {kind}, <{} bytes>)", payload.len()),
         }
     }
@@ -223,7 +229,8 @@ fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
                 certificates: h.certificates.into_iter().map(|c| (c.device_id, c.certificate)).collect(),
             }))
         }
-        (kind::TEXT | kind::IDENTITY_KEY, None) => Err(CoreError::Malformed("content: empty payload")),
+        (kind::CALL, Some(&crate::call::CALL_V1)) => Ok(Body::Call(crate::call::CallSignal::decode_v1(&payload[1..])?)),
+        (kind::TEXT | kind::IDENTITY_KEY | kind::CALL, None) => Err(CoreError::Malformed("content: empty payload")),
         _ => Ok(Body::Unsupported { kind, payload }),
     }
 }
@@ -274,6 +281,7 @@ impl Content {
                 encoded?;
                 (kind::IDENTITY_KEY, payload)
             }
+            Body::Call(c) => (kind::CALL, c.encode_payload()?),
             Body::Unsupported { kind, payload } => (*kind, payload.clone()),
         };
         let kt_head = self.kt_head.clone().unwrap_or_default();
@@ -436,6 +444,47 @@ mod tests {
         assert_eq!(hex::encode(&bytes[..n]), unpadded);
         assert_eq!(Content::decode(&bytes).ok(), Some(handover.clone()));
         assert!(!format!("{handover:?}").contains("5e"), "the secret never reaches Debug");
+    }
+
+    #[test]
+    fn snapshot_of_a_call_signal() {
+        let offer = Content {
+            message_id: MessageId([0x33; 16]),
+            sent_at_ms: 2,
+            body: Body::Call(crate::call::CallSignal {
+                call_id: [0xc1; 16],
+                action: crate::call::CallAction::Offer,
+                context: 0x0a0b0c0d0e,
+            }),
+            seq: 4,
+            kt_head: None,
+        };
+        let bytes = offer.encode().expect("encodes");
+        let unpadded = concat!(
+            "03",
+            "33333333333333333333333333333333",
+            "0000000000000002",
+            "0000000000000004",
+            "00",                               // no head
+            "0008",                             // kind: call
+            "1a",                               // payload length
+            "01",                               // payload version 1
+            "c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1", // call id
+            "01",                               // action: offer
+            "0000000a0b0c0d0e",                 // the sender's SFrame context id
+        );
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert_eq!(bytes.len(), 256, "padded like any message");
+        assert_eq!(Content::decode(&bytes).ok(), Some(offer));
+        // A later payload version is a newer Subrosa's, not tampering.
+        let mut newer = bytes.clone();
+        newer[1 + 16 + 8 + 8 + 1 + 2 + 1] = 2;
+        assert!(matches!(Content::decode(&newer).map(|c| c.body), Ok(Body::Unsupported { kind: kind::CALL, .. })));
+        // Version 1 with an unknown action is malformed.
+        let mut bad = bytes;
+        bad[1 + 16 + 8 + 8 + 1 + 2 + 1 + 1 + 16] = 0;
+        assert!(Content::decode(&bad).is_err());
     }
 
     #[test]

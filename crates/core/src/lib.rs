@@ -7,12 +7,14 @@
 //!
 //! - [`identity`]: the account identity key, device keys and the device
 //!   certificate that binds them; the MLS identity provider that checks it.
+//! - [`call`]: call signalling (offer, answer, hang-up), a content kind.
 //! - [`content`]: the versioned, padded plaintext inside every application message.
 //! - [`safety`]: safety numbers from two accounts' identity keys.
 //! - [`link`]: linking a new device to an account.
 //! - [`engine`]: MLS conversations (RFC 9420 via mls-rs): create, join, commit,
 //!   encrypt, decrypt.
 
+pub mod call;
 pub mod content;
 pub mod engine;
 mod error;
@@ -20,7 +22,7 @@ pub mod identity;
 pub mod link;
 pub mod safety;
 
-pub use engine::{ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};
+pub use engine::{CallKeying, ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};
 pub use error::CoreError;
 pub use identity::{DeviceCertificate, DeviceIdentity};
 
