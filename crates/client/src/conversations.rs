@@ -295,7 +295,8 @@ impl Subrosa {
             match self.post_pending(&pending).await {
                 Ok(Posted::Applied) => {
                     if let StagedChange::Create { peer: Some(peer), first: Some((id, text)), .. } = meta.change {
-                        self.send_content(conversation, &peer, false, &text, id, true).await?;
+                        let body = subrosa_core::content::Body::Text(text.clone());
+                        self.send_content(conversation, &peer, false, &body, Some(&text), id, true).await?;
                     }
                 }
                 Ok(Posted::Stale) => {

@@ -163,10 +163,34 @@ impl Client {
     /// As [`Subrosa::send_text`] except [`ClientError::Pending`] for a
     /// message that was stored.
     pub async fn send_text_to(&self, to: &crate::Target, text: &str) -> Result<StoredMessage, ClientError> {
+        crate::check_text(text)?;
+        let body = subrosa_core::content::Body::Text(text.to_string());
+        self.send_body(to, body, Some(text.to_string()))
+            .await?
+            .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
+    }
+
+    /// Sends a message of any kind (see [`Subrosa::send_body`]) to a
+    /// conversation or a handle. With a history line (`shown`), a message
+    /// stored and queued comes back in state `queued`, as with
+    /// [`Self::send_text_to`]; without one, `Ok(None)` once the server took
+    /// it.
+    ///
+    /// # Errors
+    /// As [`Subrosa::send_body`]; [`ClientError::Pending`] only for a body
+    /// without a history line that stays queued (it goes out with the next
+    /// connection, exactly once).
+    pub async fn send_body(
+        &self,
+        to: &crate::Target,
+        body: subrosa_core::content::Body,
+        shown: Option<String>,
+    ) -> Result<Option<StoredMessage>, ClientError> {
         let device = &self.inner.device;
         let message_id = MessageId(rand::random());
-        match device.send_text_as(to, text, false, message_id).await {
-            Err(ClientError::Pending(why)) => {
+        let with_line = shown.is_some();
+        match device.send_body_as(to, body, shown, false, message_id).await {
+            Err(ClientError::Pending(why)) if with_line => {
                 let conversation = match to {
                     crate::Target::Conversation(id) => Some(*id),
                     crate::Target::Direct(peer) => device.direct_conversation(peer)?,
@@ -175,7 +199,7 @@ impl Client {
                     Some(id) => device.store().read(|tx| tx.message(&id, &message_id.0))?,
                     None => None,
                 };
-                stored.ok_or(ClientError::Pending(why))
+                stored.map(Some).ok_or(ClientError::Pending(why))
             }
             other => other,
         }

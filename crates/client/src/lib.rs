@@ -22,6 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
+use subrosa_core::content::Body;
 use subrosa_core::{CoreError, DeviceIdentity};
 use subrosa_proto::{
     AckRequest, AckResponse, ConversationId, DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount,
@@ -122,6 +123,17 @@ impl std::fmt::Debug for Subrosa {
 
 pub(crate) const META_IDENTITY: &str = "identity";
 pub(crate) const META_SERVER: &str = "server_url";
+
+/// A text a message may carry: not empty, at most 64 KiB.
+pub(crate) fn check_text(text: &str) -> Result<(), ClientError> {
+    if text.is_empty() {
+        return Err(ClientError::Input("empty message".into()));
+    }
+    if text.len() > subrosa_core::content::MAX_TEXT_BYTES {
+        return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
+    }
+    Ok(())
+}
 
 impl Subrosa {
     /// Creates the account `handle` and this device on `server`, in a new
@@ -390,17 +402,19 @@ impl Subrosa {
     /// [`ClientError::Pending`] while the message is queued (the server is
     /// unreachable or did not answer); the server's refusal, after which
     /// nothing of it stays queued.
+    #[allow(clippy::too_many_arguments)]
     async fn send_content(
         &self,
         conversation: ConversationId,
         target: &str,
         group: bool,
-        text: &str,
+        body: &Body,
+        shown: Option<&str>,
         message_id: MessageId,
         online: bool,
-    ) -> Result<StoredMessage, ClientError> {
+    ) -> Result<Option<StoredMessage>, ClientError> {
         let to = Outgoing { conversation, target, group };
-        self.queue_text(&to, text, message_id, rand::random())?;
+        self.queue_body(&to, body, message_id, rand::random(), shown)?;
         if !online {
             return Err(ClientError::Pending(QUEUED.into()));
         }
@@ -415,8 +429,17 @@ impl Subrosa {
         if let Some(e) = own {
             return Err(e);
         }
+        if shown.is_none() {
+            // No history line: the outbox row says whether it went.
+            let queued = self.store().read(|tx| tx.outbox())?;
+            if queued.iter().any(|q| q.message == Some((conversation, message_id.0))) {
+                drop(flushed);
+                return Err(ClientError::Pending(QUEUED.into()));
+            }
+            return Ok(None);
+        }
         match self.store().read(|tx| tx.message(&conversation, &message_id.0))? {
-            Some(m) if m.state == Some(MessageState::Sent) => Ok(m),
+            Some(m) if m.state == Some(MessageState::Sent) => Ok(Some(m)),
             Some(m) if m.state == Some(MessageState::Failed) => {
                 Err(ClientError::SendRefused(m.reason.unwrap_or_default()))
             }
@@ -462,12 +485,41 @@ impl Subrosa {
         accept_key_change: bool,
         message_id: MessageId,
     ) -> Result<StoredMessage, ClientError> {
-        if text.is_empty() {
-            return Err(ClientError::Input("empty message".into()));
-        }
-        if text.len() > subrosa_core::content::MAX_TEXT_BYTES {
-            return Err(ClientError::Input(format!("message too long: {} bytes, at most 64 KiB", text.len())));
-        }
+        check_text(text)?;
+        self.send_body_as(to, Body::Text(text.to_string()), Some(text.to_string()), accept_key_change, message_id)
+            .await?
+            .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
+    }
+
+    /// Sends a message of any kind to `to`, stored in the outbox (and, when
+    /// `shown` is given, in history as that line) before it is sent, with
+    /// the same checks, queueing and retries as a text
+    /// ([`Self::send_text`]). A first message to a handle starts the
+    /// conversation.
+    ///
+    /// # Errors
+    /// As [`Self::send_text`]. `Ok(None)` when the server took a body
+    /// without a history line.
+    pub async fn send_body(
+        &self,
+        to: &Target,
+        body: Body,
+        shown: Option<String>,
+    ) -> Result<Option<StoredMessage>, ClientError> {
+        self.send_body_as(to, body, shown, false, MessageId(rand::random())).await
+    }
+
+    /// As [`Self::send_body`], under the message id `message_id`;
+    /// `accept_key_change` as in [`Self::send_text_with`].
+    pub(crate) async fn send_body_as(
+        &self,
+        to: &Target,
+        body: Body,
+        shown: Option<String>,
+        accept_key_change: bool,
+        message_id: MessageId,
+    ) -> Result<Option<StoredMessage>, ClientError> {
+        let shown = shown.as_deref();
         if let Target::Conversation(id) = to {
             self.conversation(id)?;
         }
@@ -497,12 +549,18 @@ impl Subrosa {
                 self.check_key_changes(&handles, accept_key_change)?;
                 self.check_members_accepted(&row.id, &format!("#{}", row.id.to_hex()))?;
                 let group = row.kind == "group";
-                self.send_content(row.id, &row.target(), group, text, message_id, online).await
+                self.send_content(row.id, &row.target(), group, &body, shown, message_id, online).await
             }
             Target::Direct(peer) => {
                 self.check_key_changes(std::slice::from_ref(peer), accept_key_change)?;
                 let existing = self.store().read(|tx| tx.direct_conversation(peer.as_str()))?;
-                let first = Some((message_id, text.to_string()));
+                // A text that starts a conversation is kept with the staged
+                // conversation, so a lost answer still sends it; any other
+                // kind is sent once the conversation exists.
+                let first = match (&body, shown) {
+                    (Body::Text(t), Some(_)) => Some((message_id, t.clone())),
+                    _ => None,
+                };
                 if let Some(c) = &existing {
                     self.check_members_accepted(c, &format!("#{}", c.to_hex()))?;
                 }
@@ -515,7 +573,7 @@ impl Subrosa {
                         )))
                     }
                 };
-                match self.send_content(conversation, peer.as_str(), false, text, message_id, online).await {
+                match self.send_content(conversation, peer.as_str(), false, &body, shown, message_id, online).await {
                     Err(e) if existing.is_some() && e.code() == Some(ErrorCode::UnknownHandle) => {
                         // The peer's devices in this conversation are gone from
                         // the server (its keys changed, or devices went without
@@ -526,7 +584,7 @@ impl Subrosa {
                             tx.deactivate_conversation(&conversation)
                         })?;
                         let fresh = self.start_direct(peer, first).await?;
-                        self.send_content(fresh, peer.as_str(), false, text, message_id, true).await
+                        self.send_content(fresh, peer.as_str(), false, &body, shown, message_id, true).await
                     }
                     other => other,
                 }

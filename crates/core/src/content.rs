@@ -236,9 +236,14 @@ fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
 }
 
 impl Content {
+    /// A message of any kind, not numbered yet (see [`Self::with_context`]).
+    pub fn new(message_id: MessageId, sent_at_ms: u64, body: Body) -> Self {
+        Content { message_id, sent_at_ms, body, seq: 0, kt_head: None }
+    }
+
     /// A text message.
     pub fn text(message_id: MessageId, sent_at_ms: u64, text: impl Into<String>) -> Self {
-        Content { message_id, sent_at_ms, body: Body::Text(text.into()), seq: 0, kt_head: None }
+        Self::new(message_id, sent_at_ms, Body::Text(text.into()))
     }
 
     /// Numbers the message and attaches the sender's signed directory head.

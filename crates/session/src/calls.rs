@@ -83,10 +83,18 @@ impl Session {
         tx: &mut dyn Tx,
         row: &ConversationRow,
         from: &DeviceAddress,
-        sender_index: u32,
         sent_at_ms: u64,
         signal: &CallSignal,
     ) -> Result<(), ClientError> {
+        // The sender's leaf index names its media stream (only signals
+        // look it up: a message's sender comes as an address).
+        let sender_index = self
+            .engine()
+            .members(&row.id)?
+            .into_iter()
+            .find(|m| m.address == *from)
+            .map(|m| m.index)
+            .ok_or(ClientError::Core(subrosa_core::CoreError::Malformed("call signal from a non-member")))?;
         let incoming =
             IncomingSignal { conversation: row.id, from: from.clone(), sender_index, sent_at_ms, signal: *signal };
         {

@@ -9,7 +9,7 @@
 //! made is stored before it leaves (with the advanced ratchet, in the same
 //! transaction): a post whose answer was lost goes again byte for byte.
 
-use subrosa_core::content::Content;
+use subrosa_core::content::{Body, Content};
 use subrosa_core::CoreError;
 use subrosa_proto::{ConversationId, MessageId, MessageKind, SendId, SendPart, SendRequest, B64};
 
@@ -44,9 +44,30 @@ impl Session {
         message_id: MessageId,
         send_id: [u8; 16],
     ) -> Result<StoredMessage, ClientError> {
+        self.queue_body(to, &Body::Text(text.to_string()), message_id, send_id, Some(text))?
+            .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
+    }
+
+    /// Stores a message of any kind in the outbox under `message_id` and
+    /// the idempotency key `send_id`, and, when `shown` is given, a history
+    /// line saying it (state `queued`), in one transaction. Kinds that are
+    /// not lines of their own (a reaction, a receipt, a call signal) pass
+    /// `None`: they are kept where their kind keeps them.
+    ///
+    /// # Errors
+    /// Store errors; [`ClientError::Core`] for a body that cannot be
+    /// encoded (too large).
+    pub fn queue_body(
+        &self,
+        to: &Outgoing<'_>,
+        body: &Body,
+        message_id: MessageId,
+        send_id: [u8; 16],
+        shown: Option<&str>,
+    ) -> Result<Option<StoredMessage>, ClientError> {
         let sent_at = self.now_ms();
         let me = self.identity().address();
-        let stored = StoredMessage {
+        let stored = shown.map(|text| StoredMessage {
             id: message_id.to_hex(),
             conversation: to.conversation.to_hex(),
             target: to.target.to_string(),
@@ -61,10 +82,12 @@ impl Session {
             state: Some(MessageState::Queued),
             reason: None,
             event: None,
-        };
-        let content = Content::text(message_id, sent_at, text).encode()?;
+        });
+        let content = Content::new(message_id, sent_at, body.clone()).encode()?;
         self.store().write(|tx| {
-            tx.insert_message(&stored, &to.conversation, &message_id.0, true)?;
+            if let Some(stored) = &stored {
+                tx.insert_message(stored, &to.conversation, &message_id.0, true)?;
+            }
             tx.note_sent(&to.conversation)?;
             tx.push_outbox(&send_id, &to.conversation, &message_id.0, &content)
         })?;

@@ -525,42 +525,7 @@ impl Session {
                     }
                     return Ok(());
                 }
-                if let Body::Call(signal) = &content.body {
-                    return self.apply_call(tx, &row, &sender.address, sender.index, content.sent_at_ms, signal);
-                }
-                // A kind from a newer Subrosa is stored and shown as such; it
-                // counts in the sender's sequence like any message.
-                let text = match content.body {
-                    Body::Text(t) => t,
-                    _ => UNSUPPORTED_TEXT.to_string(),
-                };
-                let m = StoredMessage {
-                    id: content.message_id.to_hex(),
-                    conversation: conversation.to_hex(),
-                    target: row.target(),
-                    group: row.kind == "group",
-                    from: sender.address.handle.to_string(),
-                    device: sender.address.device.to_hex(),
-                    sent_at: content.sent_at_ms,
-                    received_at: self.now_ms(),
-                    text,
-                    outgoing: sender.address.handle == me,
-                    system: false,
-                    state: None,
-                    reason: None,
-                    event: None,
-                };
-                // A sender's retry carries the same message id: shown once.
-                let new = tx.insert_message(&m, &conversation, &content.message_id.0, false)?;
-                if late && new {
-                    self.record_system_line(
-                        tx,
-                        &row,
-                        &sender.address,
-                        SystemEvent::Late { from: sender.address.handle.to_string() },
-                    )?;
-                }
-                Ok(())
+                self.apply_content(tx, &row, &sender.address, content, late)
             }
             Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
                 let mut row = self.conversation_row(tx, &conversation)?;
@@ -753,6 +718,50 @@ impl Session {
             extra.join(", "),
             conversation.to_hex()
         ))
+    }
+
+    /// Applies an authenticated application message of a shown conversation
+    /// (its sender checked, its sequence number noted; `late` when it is
+    /// older than one already shown). The one place each content kind
+    /// gets its meaning: a kind adds its arm here and keeps its rules in a
+    /// module of its own.
+    fn apply_content(
+        &self,
+        tx: &mut dyn Tx,
+        row: &ConversationRow,
+        sender: &DeviceAddress,
+        content: subrosa_core::content::Content,
+        late: bool,
+    ) -> Result<(), ClientError> {
+        let text = match content.body {
+            Body::Text(t) => t,
+            Body::Call(signal) => return self.apply_call(tx, row, sender, content.sent_at_ms, &signal),
+            // A kind from a newer Subrosa is stored and shown as such; it
+            // counts in the sender's sequence like any message.
+            _ => UNSUPPORTED_TEXT.to_string(),
+        };
+        let m = StoredMessage {
+            id: content.message_id.to_hex(),
+            conversation: row.id.to_hex(),
+            target: row.target(),
+            group: row.kind == "group",
+            from: sender.handle.to_string(),
+            device: sender.device.to_hex(),
+            sent_at: content.sent_at_ms,
+            received_at: self.now_ms(),
+            text,
+            outgoing: sender.handle == *self.handle(),
+            system: false,
+            state: None,
+            reason: None,
+            event: None,
+        };
+        // A sender's retry carries the same message id: shown once.
+        let new = tx.insert_message(&m, &row.id, &content.message_id.0, false)?;
+        if late && new {
+            self.record_system_line(tx, row, sender, SystemEvent::Late { from: sender.handle.to_string() })?;
+        }
+        Ok(())
     }
 
     /// Notes a sender's sequence number: a gap becomes a system line before

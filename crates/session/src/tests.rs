@@ -291,6 +291,29 @@ fn a_queued_send_is_encrypted_once_and_a_refused_one_leaves_no_gap() {
     assert_eq!(m.state, Some(MessageState::Sent));
 }
 
+#[test]
+fn a_body_without_a_line_is_queued_and_sent_like_a_text_and_stores_no_line_for_its_sender() {
+    let (alice, bob, id) = pair();
+    let to = Outgoing { conversation: id, target: "bob", group: false };
+    let body = Body::Unsupported { kind: 0x7f02, payload: vec![1, 2] };
+    let none = alice.session.queue_body(&to, &body, MessageId([3; 16]), [3; 16], None).expect("queued");
+    assert!(none.is_none(), "no history line was asked for");
+    assert_eq!(alice.session.store().read(|tx| tx.message(&id, &[3; 16])).expect("read"), None);
+    let q = alice.session.store().read(|tx| tx.outbox()).expect("outbox").remove(0);
+    assert_eq!(q.message, Some((id, [3; 16])), "the outbox row names the message");
+    let (request, seq) = alice.session.prepare_queued(q.id, None).expect("prepared").expect("a request");
+    assert_eq!(seq, Some(1), "numbered in the sender's sequence like a text");
+    let req: SendRequest = serde_json::from_slice(&request).expect("a send request");
+    bob.receive(&alice.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
+    // This build knows no such kind: bob's copy says so, with no gap.
+    assert_eq!(texts(&bob.unseen()), [UNSUPPORTED_TEXT]);
+    alice.session.queued_sent(&q).expect("sent");
+    // A shown body stores its line, queued.
+    let shown = alice.session.queue_body(&to, &body, MessageId([4; 16]), [4; 16], Some("a line")).expect("queued");
+    assert_eq!(shown.map(|m| (m.text, m.state)), Some(("a line".to_string(), Some(MessageState::Queued))));
+    assert!(alice.session.store().read(|tx| tx.message(&id, &[4; 16])).expect("read").is_some());
+}
+
 impl Device {
     /// Stages and confirms a commit made by `f`, as the server would have
     /// ordered it; returns the commit's envelope and its Welcome's, if any.
