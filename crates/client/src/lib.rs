@@ -5,6 +5,7 @@
 //! to the store before anything leaves the device, and a delivered message
 //! is acknowledged only after the store committed it.
 
+pub mod calls;
 mod conversations;
 mod devices;
 mod handle;
