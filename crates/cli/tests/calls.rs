@@ -286,3 +286,58 @@ fn a_second_caller_hears_busy() {
         [("carol", "offer"), ("bob", "busy")].map(|(a, b)| (a.to_string(), b.to_string()))
     );
 }
+
+/// A group call in which a member is removed mid-call: both sides move to
+/// the new epoch's key (the removed member cannot compute it) and keep
+/// hearing each other.
+#[test]
+fn a_removal_mid_call_rekeys_it_and_the_call_goes_on() {
+    let (server, _relay) = server_with_relay();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    alice.ok(&["group", "create", "trio", "bob", "carol"]);
+    bob.ok(&["receive"]);
+    carol.ok(&["receive"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let alice_says = test_melody(6.0);
+    subrosa_media::wav::write(std::path::Path::new(&wav("alice.wav")), &alice_says).expect("write");
+    let piped = |mut c: std::process::Command| {
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawns")
+    };
+    let bob_call =
+        piped(bob.cmd(&["answer", "--output", &wav("bob-heard.wav"), "--duration", "20", "--timeout", "60"]));
+    let mut alice_call = piped(alice.cmd(&["call", "trio", "--input", &wav("alice.wav"), "--duration", "6"]));
+    let alice_out = alice_call.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let said = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut said = String::new();
+        for line in std::io::BufReader::new(alice_out).lines().map_while(Result::ok) {
+            if line.contains("connected with bob") {
+                let _ = tx.send(());
+            }
+            said.push_str(&line);
+            said.push('\n');
+        }
+        said
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("alice and bob connect");
+    std::thread::sleep(Duration::from_secs(1));
+    // From another process of bob's device, while his call runs.
+    bob.ok(&["group", "remove", "trio", "carol"]);
+    let alice_done = alice_call.wait_with_output().expect("alice's call ends");
+    assert!(alice_done.status.success(), "alice's call: {}", stderr(&alice_done));
+    let alice_said = said.join().expect("reader");
+    let bob_done = bob_call.wait_with_output().expect("bob's call ends");
+    assert!(bob_done.status.success(), "bob's call: {}", stderr(&bob_done));
+    let bob_said = String::from_utf8_lossy(&bob_done.stdout);
+    assert!(alice_said.contains("re-keyed"), "{alice_said}");
+    assert!(bob_said.contains("re-keyed"), "{bob_said}");
+    // Bob heard all six seconds, before and after the re-key.
+    let heard = subrosa_media::wav::read(std::path::Path::new(&wav("bob-heard.wav"))).expect("bob's output");
+    let s = similarity(&alice_says, &heard);
+    eprintln!("across the re-key: {s:?}, {} samples heard", heard.len());
+    assert!(s.correlation > 0.8, "{s:?}");
+}

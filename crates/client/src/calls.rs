@@ -59,6 +59,8 @@ const RELAY_KEEPALIVE: Duration = Duration::from_secs(10);
 const JOIN_WAIT: Duration = Duration::from_millis(700);
 const JOIN_TRIES: u32 = 5;
 const FRAME: Duration = Duration::from_millis(20);
+/// How often a call looks for a new epoch in the store.
+const EPOCH_CHECK: Duration = Duration::from_millis(500);
 
 /// Settings of one call.
 #[derive(Debug, Clone)]
@@ -491,6 +493,26 @@ impl Subrosa {
         }
     }
 
+    /// Re-keys the call when the conversation moved to a new epoch;
+    /// `Some(Removed)` when this device is no longer in it.
+    fn follow_epoch(
+        &self,
+        conversation: &ConversationId,
+        media: &mut Media,
+        on: &mut (dyn FnMut(CallProgress) + Send),
+    ) -> Result<Option<CallEnd>, ClientError> {
+        match self.call_keys(conversation) {
+            Ok(keys) => {
+                if media.rekey(&keys)? {
+                    on(CallProgress::Rekeyed { epoch: keys.epoch.0 });
+                }
+                Ok(None)
+            }
+            Err(ClientError::Input(_)) | Err(ClientError::UnknownTarget(_)) => Ok(Some(CallEnd::Removed)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Streams both ways for `options.duration`, or until the other side
     /// hangs up or this device leaves the conversation; re-keys on every
     /// commit; hangs up at the end unless the other side did.
@@ -514,6 +536,9 @@ impl Subrosa {
         let mut sent = 0u64;
         let mut buf = vec![0u8; 2048];
         let mut input = options.input.chunks(FRAME_SAMPLES);
+        // Another process of this device (a `group remove` meanwhile) may
+        // move the epoch without this one hearing of it on its socket.
+        let mut epoch_check = tokio::time::interval(EPOCH_CHECK);
         let end = loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -539,6 +564,11 @@ impl Subrosa {
                         }
                     }
                 }
+                _ = epoch_check.tick() => {
+                    if let Some(end) = self.follow_epoch(conversation, &mut media, on)? {
+                        break end;
+                    }
+                }
                 frame = net::next_frame(ws) => {
                     self.on_frame(ws, frame?).await?;
                     let mut hung_up = None;
@@ -558,14 +588,8 @@ impl Subrosa {
                     if let Some(by) = hung_up {
                         break CallEnd::HungUp { by };
                     }
-                    match self.call_keys(conversation) {
-                        Ok(keys) => {
-                            if media.rekey(&keys)? {
-                                on(CallProgress::Rekeyed { epoch: keys.epoch.0 });
-                            }
-                        }
-                        Err(ClientError::Input(_)) | Err(ClientError::UnknownTarget(_)) => break CallEnd::Removed,
-                        Err(e) => return Err(e),
+                    if let Some(end) = self.follow_epoch(conversation, &mut media, on)? {
+                        break end;
                     }
                 }
             }
