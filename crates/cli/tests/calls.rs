@@ -352,6 +352,24 @@ fn a_removal_mid_call_rekeys_it_and_the_call_goes_on() {
     let s = similarity(&alice_says, &heard);
     eprintln!("across the re-key: {s:?}, {} samples heard", heard.len());
     assert!(s.correlation > 0.8, "{s:?}");
+
+    // Carol, removed, still knows the conversation's id: the server gives
+    // her device no relay token for it any more (a member still gets one).
+    let groups = alice.ok(&["groups"]);
+    let id: subrosa_proto::ConversationId =
+        groups.lines().find_map(|l| l.split('\t').nth(2)).expect("the group's id").parse().expect("hex id");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let ticket = |user: &User| {
+        let device = subrosa_client::Subrosa::open(&user.home(), common::PASS).expect("opens");
+        rt.block_on(device.relay_ticket(&id, None))
+    };
+    assert!(ticket(&alice).is_ok());
+    match ticket(&carol) {
+        Err(subrosa_client::ClientError::Server { status: 403, body }) => {
+            assert_eq!(body.code.as_str(), "not_a_member")
+        }
+        other => panic!("a removed member's device got {other:?}"),
+    }
 }
 
 /// 5% and 20% of the media lost on the way (both directions): in-band FEC
