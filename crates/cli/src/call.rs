@@ -99,13 +99,13 @@ pub async fn call(client: &Client, target: &str, media: &MediaArgs, ring: f64) -
         Target::Conversation(id) => id,
         Target::Direct(peer) => client.open_direct(peer.as_str()).await?,
     };
-    let report = me.place_call(&conversation, &options, &mut progress).await?;
+    let report = client.place_call(&conversation, &options, &mut progress).await?;
     finish(media, &report)
 }
 
 /// `subrosa answer`.
 pub async fn answer(client: &Client, media: &MediaArgs, wait: f64) -> Result<ExitCode> {
     let options = options(media, wait)?;
-    let report = client.device().answer_call(&options, &mut progress).await?;
+    let report = client.answer_call(&options, &mut progress).await?;
     finish(media, &report)
 }
