@@ -10,6 +10,7 @@ macro_rules! out {
 }
 
 mod config;
+mod call;
 #[cfg(unix)]
 mod attach;
 mod daemon;
@@ -247,6 +248,26 @@ enum Command {
     /// A terminal UI: conversations, live chat, groups, safety numbers
     /// (keys are listed at the bottom of the screen; `?` shows them all).
     Tui,
+    /// Call a handle or a group: media is end-to-end encrypted (SFrame keyed
+    /// from the conversation's MLS group) and flows through the server's
+    /// relay, which cannot listen. Headless: a WAV file in, a WAV file out.
+    Call {
+        /// Whom: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+        #[command(flatten)]
+        media: call::MediaArgs,
+        /// How long to ring before giving up, in seconds.
+        #[arg(long, default_value_t = 45.0, value_name = "SECS")]
+        timeout: f64,
+    },
+    /// Wait for a call and answer it (headless: a WAV file in, a WAV file out).
+    Answer {
+        #[command(flatten)]
+        media: call::MediaArgs,
+        /// How long to wait for a call, in seconds.
+        #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+        timeout: f64,
+    },
     /// Run a server and two users in a temporary directory and show what the server sees.
     Demo,
     /// Print shell completions to standard output (e.g. `subrosa completions
@@ -1070,6 +1091,8 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
             }
         }
         Command::Alerts { action, export, json } => return alerts(me, action, export, json),
+        Command::Call { target, media, timeout } => return call::call(client, &target, &media, timeout).await,
+        Command::Answer { media, timeout } => return call::answer(client, &media, timeout).await,
         Command::Members { target } => {
             let id = target::conversation(me, &target)?;
             let stale = me.stale_members(&id)?;

@@ -355,6 +355,33 @@ impl Client {
         self.inner.device.is_verified(handle)
     }
     // ---- End of the terminal UI's additions. ----
+
+    /// Calls the conversation `id` (see [`crate::calls`]): as
+    /// [`Subrosa::place_call`].
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`]; as [`Subrosa::place_call`].
+    pub async fn place_call(
+        &self,
+        id: &ConversationId,
+        options: &crate::calls::CallOptions,
+        on: &mut (dyn FnMut(crate::calls::CallProgress) + Send),
+    ) -> Result<crate::calls::CallReport, ClientError> {
+        self.row(id)?;
+        self.inner.device.place_call(id, options, on).await
+    }
+
+    /// Waits for a call and answers it: as [`Subrosa::answer_call`].
+    ///
+    /// # Errors
+    /// As [`Subrosa::answer_call`].
+    pub async fn answer_call(
+        &self,
+        options: &crate::calls::CallOptions,
+        on: &mut (dyn FnMut(crate::calls::CallProgress) + Send),
+    ) -> Result<crate::calls::CallReport, ClientError> {
+        self.inner.device.answer_call(options, on).await
+    }
 }
 
 // A front end moves clones across tasks and threads.

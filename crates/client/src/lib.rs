@@ -8,6 +8,7 @@
 mod annotations;
 pub mod attachment;
 pub mod blobs;
+pub mod calls;
 mod conversations;
 mod devices;
 pub mod files;

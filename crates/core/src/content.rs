@@ -47,6 +47,9 @@ pub mod kind {
     /// The account's new identity key, handed to its other devices (only in
     /// the conversation of the account's own devices).
     pub const IDENTITY_KEY: u16 = 2;
+    /// A call signal (offer, ringing, answer, busy, hang-up):
+    /// [`crate::call::CallSignal`].
+    pub const CALL: u16 = 8;
     /// Files, each a pointer to a sealed blob on the server with its key
     /// (see [`crate::attachment`]).
     pub const ATTACHMENT: u16 = 7;
@@ -194,6 +197,8 @@ pub enum Body {
     },
     /// Files with a caption.
     Attachment(crate::attachment::Attachments),
+    /// A call signal.
+    Call(crate::call::CallSignal),
     /// A kind (or a payload version of a known kind) this version does not
     /// read, sent by a newer Subrosa. Kept as it came.
     Unsupported {
@@ -215,6 +220,7 @@ impl std::fmt::Debug for Body {
             Body::Delete { target } => write!(f, "Delete({target:?})"),
             Body::Receipt { kind, ids } => write!(f, "Receipt({kind:?}, {} ids)", ids.len()),
             Body::Attachment(a) => write!(f, "{a:?}"),
+            Body::Call(c) => write!(f, "Call({})", c.action.as_str()),
             Body::Unsupported { kind, payload } => write!(f, "Unsupported(kind {kind}, <{} bytes>)", payload.len()),
         }
     }
@@ -441,11 +447,11 @@ fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
             | kind::EDIT
             | kind::DELETE
             | kind::RECEIPT
-            | kind::ATTACHMENT,
+            | kind::ATTACHMENT
+            | kind::CALL,
             None,
-        ) => {
-            Err(CoreError::Malformed("content: empty payload"))
-        }
+        ) => Err(CoreError::Malformed("content: empty payload")),
+        (kind::CALL, Some(&crate::call::CALL_V1)) => Ok(Body::Call(crate::call::CallSignal::decode_v1(&payload[1..])?)),
         _ => Ok(Body::Unsupported { kind, payload }),
     }
 }
@@ -539,6 +545,7 @@ impl Content {
                 (kind::RECEIPT, payload(PAYLOAD_V1, &wire)?)
             }
             Body::Attachment(a) => (kind::ATTACHMENT, a.encode_payload()?),
+            Body::Call(c) => (kind::CALL, c.encode_payload()?),
             Body::Unsupported { kind, payload } => (*kind, payload.clone()),
         };
         let kt_head = self.kt_head.clone().unwrap_or_default();
@@ -893,6 +900,47 @@ mod tests {
             kt_head: None,
         };
         assert_eq!(Content::decode(&newer.encode().expect("encodes")).ok(), Some(newer));
+    }
+
+    #[test]
+    fn snapshot_of_a_call_signal() {
+        let offer = Content {
+            message_id: MessageId([0x33; 16]),
+            sent_at_ms: 2,
+            body: Body::Call(crate::call::CallSignal {
+                call_id: [0xc1; 16],
+                action: crate::call::CallAction::Offer,
+                context: 0x0a0b0c0d0e,
+            }),
+            seq: 4,
+            kt_head: None,
+        };
+        let bytes = offer.encode().expect("encodes");
+        let unpadded = concat!(
+            "03",
+            "33333333333333333333333333333333",
+            "0000000000000002",
+            "0000000000000004",
+            "00",                               // no head
+            "0008",                             // kind: call
+            "1a",                               // payload length
+            "01",                               // payload version 1
+            "c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1", // call id
+            "01",                               // action: offer
+            "0000000a0b0c0d0e",                 // the sender's SFrame context id
+        );
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert_eq!(bytes.len(), 256, "padded like any message");
+        assert_eq!(Content::decode(&bytes).ok(), Some(offer));
+        // A later payload version is a newer Subrosa's, not tampering.
+        let mut newer = bytes.clone();
+        newer[1 + 16 + 8 + 8 + 1 + 2 + 1] = 2;
+        assert!(matches!(Content::decode(&newer).map(|c| c.body), Ok(Body::Unsupported { kind: kind::CALL, .. })));
+        // Version 1 with an unknown action is malformed.
+        let mut bad = bytes;
+        bad[1 + 16 + 8 + 8 + 1 + 2 + 1 + 1 + 16] = 0;
+        assert!(Content::decode(&bad).is_err());
     }
 
     #[test]

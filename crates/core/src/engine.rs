@@ -120,6 +120,36 @@ pub struct MemberInfo {
     pub device_key: Vec<u8>,
 }
 
+/// The exporter label of RFC 9605 §5.2.
+const SFRAME_EXPORTER_LABEL: &[u8] = b"SFrame 1.0 Base Key";
+/// `AEAD.Nk` of the calls' SFrame suite (AES-128-GCM).
+const SFRAME_SECRET_LEN: usize = 16;
+
+/// One epoch of a conversation as a call keys its media from it
+/// ([`Engine::call_keying`]). The secret is zeroized on drop and never
+/// printed.
+pub struct CallKeying {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// This device's leaf index (the sender index in its SFrame key ids).
+    pub own_index: u32,
+    /// Every member device at this epoch.
+    pub members: Vec<MemberInfo>,
+    /// The SFrame base key of the epoch.
+    pub secret: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for CallKeying {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallKeying")
+            .field("epoch", &self.epoch)
+            .field("own_index", &self.own_index)
+            .field("members", &self.members.len())
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
 /// A staged commit to hand to the server. It is stored as pending in the
 /// group state; apply it with [`Engine::confirm_commit`] once the server
 /// accepted it, or drop it with [`Engine::discard_commit`].
@@ -563,6 +593,26 @@ where
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn epoch(&self, conversation: &ConversationId) -> Result<Epoch, CoreError> {
         Ok(Epoch(self.load(conversation)?.current_epoch()))
+    }
+
+    /// What a call's media keys come from at the conversation's current
+    /// epoch: the SFrame base key of RFC 9605 §5.2,
+    /// `MLS-Exporter("SFrame 1.0 Base Key", "", 16)`, with the epoch, this
+    /// device's leaf index and every member's (for the key ids, and for
+    /// telling which senders a change removed). Only members can compute
+    /// it; a commit moves to a new epoch and so to a new key.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn call_keying(&self, conversation: &ConversationId) -> Result<CallKeying, CoreError> {
+        let group = self.load(conversation)?;
+        let secret = group.export_secret(SFRAME_EXPORTER_LABEL, b"", SFRAME_SECRET_LEN)?;
+        Ok(CallKeying {
+            epoch: Epoch(group.current_epoch()),
+            own_index: group.current_member_index(),
+            members: self.members_of(&group)?,
+            secret: zeroize::Zeroizing::new(secret.as_bytes().to_vec()),
+        })
     }
 
     /// Encrypts content for the conversation and stores the advanced ratchet
@@ -1085,6 +1135,41 @@ mod group_tests {
 
     fn group_info(name: &str) -> ConversationInfo {
         ConversationInfo { kind: ConversationKind::Group, name: name.into() }
+    }
+
+    /// Members compute one SFrame base key per epoch (RFC 9605 §5.2); a
+    /// removal moves the others to a key the removed member cannot compute.
+    #[test]
+    fn call_keys_are_shared_per_epoch_and_a_removal_rekeys() {
+        let (alice, bob, carol) = (engine("alice"), engine("bob"), engine("carol"));
+        let kps = vec![bob.generate_key_package().expect("kp"), carol.generate_key_package().expect("kp")];
+        let out = alice.create_conversation(&group_info("call"), &kps).expect("create");
+        let conv = out.conversation;
+        alice.confirm_commit(&conv).expect("confirm");
+        for e in [&bob, &carol] {
+            e.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        }
+        let keys: Vec<CallKeying> =
+            [&alice, &bob, &carol].iter().map(|e| e.call_keying(&conv).expect("keys")).collect();
+        assert_eq!(keys[0].secret.len(), SFRAME_SECRET_LEN);
+        assert!(keys.iter().all(|k| k.secret == keys[0].secret && k.epoch == keys[0].epoch));
+        let mut indexes: Vec<u32> = keys.iter().map(|k| k.own_index).collect();
+        indexes.dedup();
+        assert_eq!(indexes.len(), 3, "each member its own sender index");
+        assert!(format!("{:?}", keys[0]).contains("redacted"));
+
+        let remove = alice.remove_members(&conv, &[carol.identity().address()]).expect("remove");
+        alice.confirm_commit(&conv).expect("confirm");
+        bob.process(&conv, &remove.commit).expect("bob follows");
+        let _ = carol.process(&conv, &remove.commit);
+        let (a, b) = (alice.call_keying(&conv).expect("keys"), bob.call_keying(&conv).expect("keys"));
+        assert_eq!(a.secret, b.secret);
+        assert_eq!(a.epoch, Epoch(keys[0].epoch.0 + 1));
+        assert_ne!(a.secret, keys[0].secret, "a new epoch, a new key");
+        assert_eq!(a.members.len(), 2);
+        if let Ok(c) = carol.call_keying(&conv) {
+            assert_ne!(c.secret, a.secret, "the removed member cannot compute the new key");
+        }
     }
 
     #[test]

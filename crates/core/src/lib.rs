@@ -7,6 +7,7 @@
 //!
 //! - [`identity`]: the account identity key, device keys and the device
 //!   certificate that binds them; the MLS identity provider that checks it.
+//! - [`call`]: call signalling (offer, answer, hang-up), a content kind.
 //! - [`content`]: the versioned, padded plaintext inside every application message.
 //! - [`safety`]: safety numbers from two accounts' identity keys.
 //! - [`link`]: linking a new device to an account.
@@ -14,6 +15,7 @@
 //!   encrypt, decrypt.
 
 pub mod attachment;
+pub mod call;
 pub mod content;
 pub mod engine;
 mod error;
@@ -21,7 +23,7 @@ pub mod identity;
 pub mod link;
 pub mod safety;
 
-pub use engine::{ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};
+pub use engine::{CallKeying, ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};
 pub use error::CoreError;
 pub use identity::{DeviceCertificate, DeviceIdentity};
 

@@ -107,6 +107,9 @@ pub struct Incoming {
     receiver: Receiver,
     config: JitterConfig,
     streams: HashMap<LeafIndex, Stream>,
+    /// When set, the only (sender, context) pairs played: the streams
+    /// announced inside MLS by the call's signalling.
+    admitted: Option<Vec<(LeafIndex, ContextId)>>,
     opened: u64,
     refused: u64,
     undecodable: u64,
@@ -115,7 +118,20 @@ pub struct Incoming {
 impl Incoming {
     /// A receiving side holding `receiver`'s keys.
     pub fn new(receiver: Receiver, config: JitterConfig) -> Self {
-        Self { receiver, config, streams: HashMap::new(), opened: 0, refused: 0, undecodable: 0 }
+        Self { receiver, config, streams: HashMap::new(), admitted: None, opened: 0, refused: 0, undecodable: 0 }
+    }
+
+    /// Plays the stream of `sender` under `context`, which the call's
+    /// signalling announced inside MLS. Once any stream is admitted, frames
+    /// of any other sender or context are refused
+    /// ([`OpenError::NotAdmitted`]), even though they authenticate: every
+    /// member can seal under any leaf index (see [`MAX_STREAMS`]), and a
+    /// stream of another call in the same epoch would otherwise mix in.
+    pub fn admit(&mut self, sender: LeafIndex, context: ContextId) {
+        let list = self.admitted.get_or_insert_with(Vec::new);
+        if !list.contains(&(sender, context)) {
+            list.push((sender, context));
+        }
     }
 
     /// The keys, to re-key on a membership change.
@@ -135,6 +151,12 @@ impl Incoming {
                 return Err(e);
             }
         };
+        if let Some(list) = &self.admitted {
+            if !list.contains(&(opened.sender, opened.context)) {
+                self.refused += 1;
+                return Err(OpenError::NotAdmitted);
+            }
+        }
         self.opened += 1;
         let config = self.config;
         let fresh = || -> Option<Stream> {
@@ -358,6 +380,25 @@ mod tests {
         assert_eq!(incoming.streams.len(), MAX_STREAMS);
         assert_eq!(refused, 40);
         assert_eq!(incoming.stats().refused, 40);
+    }
+
+    #[test]
+    fn only_admitted_streams_are_played() {
+        let secret = || EpochSecret::new(Zeroizing::new(vec![3; EPOCH_SECRET_LEN])).expect("secret");
+        let mut incoming = Incoming::new(Receiver::new(secret(), Epoch(1)), JitterConfig::default());
+        let (bob, other) = (ContextId::from_bits(11), ContextId::from_bits(12));
+        incoming.admit(LeafIndex(1), bob);
+        let seal = |index: u32, context: ContextId| {
+            let mut s = Sender::new(&secret(), Epoch(1), LeafIndex(index), context).expect("sender");
+            s.seal(&[0xf8, 0xff, 0xfe]).expect("sealed")
+        };
+        assert_eq!(incoming.packet(&seal(1, bob), Duration::ZERO), Ok(()));
+        // The same member under a context nobody announced (another call, a
+        // replay of an old one), and another leaf index: refused.
+        assert_eq!(incoming.packet(&seal(1, other), Duration::ZERO), Err(OpenError::NotAdmitted));
+        assert_eq!(incoming.packet(&seal(2, bob), Duration::ZERO), Err(OpenError::NotAdmitted));
+        assert_eq!(incoming.stats().refused, 2);
+        assert_eq!(incoming.streams.len(), 1);
     }
 
     #[test]

@@ -124,6 +124,11 @@ pub enum OpenError {
     /// ([`crate::pipeline::MAX_STREAMS`]).
     #[error("frame from one sender too many")]
     TooManySenders,
+    /// The frame authenticated, but its sender and context were not
+    /// announced in the call's signalling
+    /// ([`crate::pipeline::Incoming::admit`]).
+    #[error("frame of a stream not announced in the call")]
+    NotAdmitted,
 }
 
 /// An MLS epoch number.

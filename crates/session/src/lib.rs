@@ -12,6 +12,7 @@
 //! `wasm32-unknown-unknown` with the pure-Rust provider (`--features
 //! browser`), for the web client.
 
+mod calls;
 mod error;
 pub mod store;
 
@@ -27,6 +28,7 @@ mod session;
 mod system;
 
 pub use annotations::META_READ_RECEIPTS;
+pub use calls::{CallLine, IncomingSignal};
 pub use members::DirectoryAnswer;
 pub use outbox::{Outgoing, Prepared};
 pub use session::*;

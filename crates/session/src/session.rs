@@ -87,6 +87,8 @@ pub struct Session {
     /// Per conversation, the sender of the last commit this device could
     /// not process (named if the conversation turns out stuck).
     unprocessable: Mutex<HashMap<ConversationId, DeviceAddress>>,
+    /// Call signals that arrived, for a call this process runs.
+    calls: Mutex<Vec<crate::IncomingSignal>>,
 }
 
 /// A message that could not be decrypted or authenticated and was dropped.
@@ -117,6 +119,7 @@ impl Session {
             dropped: Mutex::new(Vec::new()),
             to_commit: Mutex::new(Vec::new()),
             unprocessable: Mutex::new(HashMap::new()),
+            calls: Mutex::new(Vec::new()),
         }
     }
 
@@ -287,6 +290,10 @@ impl Session {
     /// not process, if any (forgotten once asked): who made it stuck.
     pub fn take_unprocessable(&self, conversation: &ConversationId) -> Option<DeviceAddress> {
         self.lock_unprocessable().remove(conversation)
+    }
+
+    pub(crate) fn lock_calls(&self) -> MutexGuard<'_, Vec<crate::IncomingSignal>> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_to_commit(&self) -> MutexGuard<'_, Vec<(ConversationId, DeviceAddress)>> {
@@ -743,6 +750,7 @@ impl Session {
                 let caption = Content { body: Body::Text(a.caption), ..content };
                 return self.apply_attachment(tx, row, sender, caption, &files, late);
             }
+            Body::Call(signal) => return self.apply_call(tx, row, sender, content.sent_at_ms, &signal),
             // A kind from a newer Subrosa is stored and shown as such; it
             // counts in the sender's sequence like any message.
             _ => (UNSUPPORTED_TEXT.to_string(), None),

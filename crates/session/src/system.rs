@@ -124,6 +124,15 @@ pub enum SystemEvent {
         /// What.
         text: String,
     },
+    /// A call: someone called, answered, was busy, hung up; or a missed call.
+    Call {
+        /// Who (the caller, for a missed call).
+        by: String,
+        /// The call id (hex).
+        call: String,
+        /// What happened.
+        action: crate::calls::CallLine,
+    },
 }
 
 /// What a front end may offer the user after a system line.
@@ -188,6 +197,20 @@ impl SystemEvent {
             }
             SystemEvent::Warning { text } => format!("warning: {text}"),
             SystemEvent::Note { text } => text.clone(),
+            SystemEvent::Call { by, action, .. } => {
+                use crate::calls::CallLine;
+                let mine = by == me;
+                match action {
+                    CallLine::Offer if mine => "you called".to_string(),
+                    CallLine::Offer => format!("{by} is calling"),
+                    CallLine::Ringing => format!("ringing at {}", who(by)),
+                    CallLine::Answer => format!("{} answered the call", who(by)),
+                    CallLine::Busy if mine => "you were busy".to_string(),
+                    CallLine::Busy => format!("{by} is busy"),
+                    CallLine::Hangup => format!("{} hung up", who(by)),
+                    CallLine::Missed => format!("missed call from {by}"),
+                }
+            }
         }
     }
 
@@ -222,6 +245,7 @@ mod tests {
     #![allow(clippy::expect_used)]
 
     use super::*;
+    use crate::calls::CallLine;
 
     /// The stored form of every event, and its neutral rendering: a change
     /// of either is a visible decision (stored rows keep the old form).
@@ -257,6 +281,12 @@ mod tests {
             ),
             (SystemEvent::Warning { text: s("refused") }, r#"{"event":"warning","text":"refused"}"#, "warning: refused"),
             (SystemEvent::Note { text: s("as it was") }, r#"{"event":"note","text":"as it was"}"#, "as it was"),
+            (SystemEvent::Call { by: s("alice"), call: s("c1"), action: CallLine::Offer }, r#"{"event":"call","by":"alice","call":"c1","action":"offer"}"#, "alice is calling"),
+            (SystemEvent::Call { by: s("me"), call: s("c1"), action: CallLine::Offer }, r#"{"event":"call","by":"me","call":"c1","action":"offer"}"#, "you called"),
+            (SystemEvent::Call { by: s("bob"), call: s("c1"), action: CallLine::Answer }, r#"{"event":"call","by":"bob","call":"c1","action":"answer"}"#, "bob answered the call"),
+            (SystemEvent::Call { by: s("bob"), call: s("c1"), action: CallLine::Busy }, r#"{"event":"call","by":"bob","call":"c1","action":"busy"}"#, "bob is busy"),
+            (SystemEvent::Call { by: s("me"), call: s("c1"), action: CallLine::Hangup }, r#"{"event":"call","by":"me","call":"c1","action":"hangup"}"#, "you hung up"),
+            (SystemEvent::Call { by: s("alice"), call: s("c1"), action: CallLine::Missed }, r#"{"event":"call","by":"alice","call":"c1","action":"missed"}"#, "missed call from alice"),
         ];
         for (event, json, text) in cases {
             assert_eq!(event.encode().expect("encode"), json);

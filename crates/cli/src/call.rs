@@ -1,0 +1,111 @@
+//! `subrosa call` and `subrosa answer`: headless calls, a WAV file in and
+//! a WAV file out (real audio devices are not wired yet).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use subrosa_client::calls::{CallEnd, CallOptions, CallProgress, CallReport};
+use subrosa_client::{Client, Target};
+
+use crate::term::safe;
+
+/// What both commands take.
+#[derive(clap::Args, Debug)]
+pub struct MediaArgs {
+    /// What this side says: a 48 kHz 16-bit WAV file (silence without it).
+    #[arg(long, value_name = "FILE.wav")]
+    pub input: Option<PathBuf>,
+    /// Where to write what this side hears (48 kHz 16-bit mono WAV).
+    #[arg(long, value_name = "FILE.wav")]
+    pub output: Option<PathBuf>,
+    /// How long to stay in the call once connected, in seconds.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub duration: f64,
+    /// Send media to this UDP address instead of the relay the server
+    /// names (a port forward).
+    #[arg(long, value_name = "ADDR")]
+    pub relay: Option<SocketAddr>,
+}
+
+fn seconds(what: &str, s: f64) -> Result<Duration> {
+    if !(0.0..=86_400.0).contains(&s) || s.is_nan() {
+        return Err(anyhow!("{what} takes a number of seconds from 0 to 86400"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn options(media: &MediaArgs, wait: f64) -> Result<CallOptions> {
+    let input = match &media.input {
+        Some(path) => subrosa_media::wav::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => Vec::new(),
+    };
+    if let Some(out) = &media.output {
+        // Refused before anyone is called, not after the call.
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(anyhow!("--output {}: no such directory", out.display()));
+        }
+    }
+    Ok(CallOptions {
+        input,
+        duration: seconds("--duration", media.duration)?,
+        wait: seconds("--timeout", wait)?,
+        relay: media.relay,
+    })
+}
+
+fn progress(p: CallProgress) {
+    match p {
+        CallProgress::Calling { id } => out!("calling (call {id})"),
+        CallProgress::Incoming { from, conversation } => {
+            out!("{} is calling (#{conversation}); answering", safe(&from))
+        }
+        CallProgress::Connected { with } => out!("connected with {}", safe(&with)),
+        CallProgress::Rekeyed { epoch } => out!("the conversation changed: the call is re-keyed (epoch {epoch})"),
+        _ => {}
+    }
+}
+
+fn finish(media: &MediaArgs, report: &CallReport) -> Result<ExitCode> {
+    if let Some(path) = &media.output {
+        subrosa_media::wav::write(path, &report.output).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let heard = report.output.len() as f64 / 48_000.0;
+    let s = &report.incoming;
+    let stats = format!(
+        "sent {} frames; received {} (refused {}), played {:.1} s, repaired {} by FEC, concealed {}",
+        report.sent, s.opened, s.refused, heard, s.jitter.fec, s.jitter.concealed
+    );
+    match &report.end {
+        CallEnd::Duration => out!("hung up; {stats}"),
+        CallEnd::HungUp { by } => out!("{} hung up; {stats}", safe(by)),
+        CallEnd::Removed => out!("you are no longer in the conversation: the call ended; {stats}"),
+        CallEnd::Busy { by } => return Err(anyhow!("{} is busy", safe(by))),
+        CallEnd::NoAnswer => return Err(anyhow!("no answer")),
+        CallEnd::NoOffer => return Err(anyhow!("no call came in")),
+        _ => out!("the call ended; {stats}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `subrosa call TARGET`.
+pub async fn call(client: &Client, target: &str, media: &MediaArgs, ring: f64) -> Result<ExitCode> {
+    let options = options(media, ring)?;
+    let me = client.device();
+    let conversation = match crate::target::for_send(me, target).await? {
+        Target::Conversation(id) => id,
+        Target::Direct(peer) => client.open_direct(peer.as_str()).await?,
+    };
+    let report = client.place_call(&conversation, &options, &mut progress).await?;
+    finish(media, &report)
+}
+
+/// `subrosa answer`.
+pub async fn answer(client: &Client, media: &MediaArgs, wait: f64) -> Result<ExitCode> {
+    let options = options(media, wait)?;
+    let report = client.answer_call(&options, &mut progress).await?;
+    finish(media, &report)
+}
