@@ -75,28 +75,42 @@ pub(crate) fn json(files: &[AttachmentRow]) -> serde_json::Value {
             if let AttachmentState::Refused(why) = &a.state {
                 o["refused"] = serde_json::Value::String(why.clone());
             }
+            // Where this device's copy stands (the human lines say it too).
+            o["state"] = match &a.state {
+                AttachmentState::Sent => "sent",
+                AttachmentState::Pending => "pending",
+                AttachmentState::Stored => "stored",
+                AttachmentState::Refused(_) => "refused",
+                _ => "unknown",
+            }
+            .into();
             o
         })
         .collect()
 }
 
-/// One line per file, for people (names made safe for the terminal).
-pub(crate) fn lines(files: &[AttachmentRow]) -> Vec<String> {
+/// One line per file, for people (names made safe for the terminal), from
+/// the `attachments` of a JSON message line (as printed here or handed out
+/// by a daemon, so both print the same).
+pub(crate) fn lines(files: &serde_json::Value) -> Vec<String> {
+    let text = |f: &serde_json::Value, k: &str| f[k].as_str().unwrap_or_default().to_owned();
     files
-        .iter()
-        .map(|a| {
-            let status = match (&a.state, &a.saved) {
-                (_, Some(p)) => format!("saved to {}", safe(p)),
-                (AttachmentState::Refused(why), _) => format!("refused: {}", safe(why)),
-                (AttachmentState::Pending, _) => "not downloaded yet".to_owned(),
-                (AttachmentState::Sent, _) => "sent".to_owned(),
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let status = match (f["path"].as_str(), f["state"].as_str()) {
+                (Some(p), _) => format!("saved to {}", safe(p)),
+                (None, Some("refused")) => format!("refused: {}", safe(&text(f, "refused"))),
+                (None, Some("pending")) => "not downloaded yet".to_owned(),
+                (None, Some("sent")) => "sent".to_owned(),
                 _ => "kept encrypted; save it with `subrosa receive --downloads DIR`".to_owned(),
             };
             format!(
                 "    [file] {} ({} bytes, sha256 {}) {status}",
-                safe(&a.file.name),
-                a.file.size,
-                hex::encode(a.file.sha256)
+                safe(&text(f, "name")),
+                f["size"].as_u64().unwrap_or(0),
+                safe(&text(f, "sha256"))
             )
         })
         .collect()

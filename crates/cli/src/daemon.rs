@@ -553,6 +553,17 @@ fn message_value(m: &StoredMessage) -> Value {
     serde_json::to_value(&*with_advice(m)).unwrap_or(Value::Null)
 }
 
+/// A message as `receive --json` prints it, its files included (as this
+/// device keeps them).
+fn message_json(me: &Subrosa, m: &StoredMessage) -> Value {
+    let mut v = message_value(m);
+    let files = if m.system { Vec::new() } else { crate::attach::files_of(me, m) };
+    if !files.is_empty() {
+        v["attachments"] = crate::attach::json(&files);
+    }
+    v
+}
+
 /// A `members` item.
 fn member_value(handle: &str, device: &str, fingerprint: &str, this_device: bool, stale_days: Option<u64>) -> Value {
     json!({
@@ -564,22 +575,27 @@ fn member_value(handle: &str, device: &str, fingerprint: &str, this_device: bool
     })
 }
 
-fn messages_value(ms: &[StoredMessage]) -> Value {
-    Value::Array(ms.iter().map(message_value).collect())
+fn messages_json(me: &Subrosa, ms: &[StoredMessage]) -> Value {
+    Value::Array(ms.iter().map(|m| message_json(me, m)).collect())
 }
 
 /// A message handed to a front end: the `receive --json` object and its
-/// arrival number, `seq`, to acknowledge it by.
+/// arrival number, `seq`, to acknowledge it by (the snapshot's form).
+#[cfg(test)]
 fn numbered_value(seq: u64, m: &StoredMessage) -> Value {
-    let mut v = message_value(m);
+    numbered(seq, message_value(m))
+}
+
+/// `v` with its arrival number.
+fn numbered(seq: u64, mut v: Value) -> Value {
     if let Value::Object(o) = &mut v {
         o.insert("seq".into(), seq.into());
     }
     v
 }
 
-fn numbered_values(ms: &[(u64, StoredMessage)]) -> Value {
-    Value::Array(ms.iter().map(|(seq, m)| numbered_value(*seq, m)).collect())
+fn numbered_values(me: &Subrosa, ms: &[(u64, StoredMessage)]) -> Value {
+    Value::Array(ms.iter().map(|(seq, m)| numbered(*seq, message_json(me, m))).collect())
 }
 
 type Answer = Result<(Value, Option<u64>), Failure>;
@@ -606,12 +622,12 @@ async fn call(
                 Some(id) => {
                     let id = message_id(&id)?;
                     match me.reply(&to, &message, id, false).await {
-                        Ok(m) => plain(message_value(&m)),
+                        Ok(m) => plain(message_json(me, &m)),
                         Err(ClientError::Pending(_)) => plain(json!({ "queued": true })),
                         Err(e) => Err(e.into()),
                     }
                 }
-                None => plain(message_value(&client.send_text_to(&to, &message).await?)),
+                None => plain(message_json(me, &client.send_text_to(&to, &message).await?)),
             }
         }
         // Reactions, edits and deletes answer `{"queued": false}` once the
@@ -654,7 +670,7 @@ async fn call(
                     crate::target::Named::Direct(peer) => me.history_with(&peer)?,
                 },
             };
-            plain(messages_value(&history))
+            plain(messages_json(me, &history))
         }
         "receive" => {
             let ReceiveParams { timeout } = params(p)?;
@@ -678,7 +694,7 @@ async fn call(
             }
             // Acknowledged once the answer was written.
             let handed = (got.high > 0).then_some(got.high);
-            Ok((numbered_values(&got.messages), handed))
+            Ok((numbered_values(me, &got.messages), handed))
         }
         "subscribe" => {
             let SubscribeParams { after, since } = params(p)?;
@@ -877,7 +893,8 @@ async fn notify(
                 after = p.high;
                 since_ms = 0;
                 for (seq, m) in &p.messages {
-                    let line = json!({ "jsonrpc": "2.0", "method": "message", "params": numbered_value(*seq, m) });
+                    let params = numbered(*seq, message_json(shared.device(), m));
+                    let line = json!({ "jsonrpc": "2.0", "method": "message", "params": params });
                     if tx.send((term::json_line(&line).unwrap_or_default(), None)).await.is_err() {
                         return;
                     }

@@ -9,10 +9,10 @@ macro_rules! out {
     }};
 }
 
-mod config;
-mod call;
 #[cfg(unix)]
 mod attach;
+mod call;
+mod config;
 mod daemon;
 mod demo;
 mod target;
@@ -715,17 +715,19 @@ fn annotations(m: &StoredMessage) -> (String, String) {
 /// for the terminal either way (see `term`).
 fn print_message(me: &Subrosa, m: &StoredMessage, json: bool) {
     let files = if m.system { Vec::new() } else { attach::files_of(me, m) };
-    print_shown(&with_advice(m), &files, json)
+    let attachments = (!files.is_empty()).then(|| attach::json(&files));
+    print_shown(&with_advice(m), attachments.as_ref(), json)
 }
 
 /// As [`print_message`], for a message whose system line already carries
-/// its advice (as the daemon hands them out), with its files.
-fn print_shown(m: &StoredMessage, files: &[subrosa_client::AttachmentRow], json: bool) {
+/// its advice (as the daemon hands them out), with its files as the
+/// `attachments` of its JSON line.
+fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
         let value = match serde_json::to_value(m) {
-            Ok(mut v) if !files.is_empty() => {
-                v["attachments"] = attach::json(&files);
+            Ok(mut v) if attachments.is_some() => {
+                v["attachments"] = attachments.cloned().unwrap_or_default();
                 v
             }
             Ok(v) => v,
@@ -753,7 +755,7 @@ fn print_shown(m: &StoredMessage, files: &[subrosa_client::AttachmentRow], json:
             let text = if m.deleted { "[deleted]".into() } else { text };
             let (before, after) = annotations(m);
             let _ = writeln!(out, "[{}] {place}{who}: {before}{text}{after}{state}", format_time(m.sent_at));
-            for line in attach::lines(&files) {
+            for line in attachments.map(attach::lines).unwrap_or_default() {
                 let _ = writeln!(out, "{line}");
             }
         }

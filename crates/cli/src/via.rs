@@ -149,7 +149,7 @@ impl Daemon {
                     let got = self.call("receive", json!({ "timeout": wait })).await?;
                     let got = got.as_array().cloned().unwrap_or_default();
                     for m in &got {
-                        print_shown(&message(m.clone())?, *json);
+                        print_shown(&message(m.clone())?, m.get("attachments"), *json);
                     }
                     left -= wait;
                     if !got.is_empty() || left <= 0.0 {
@@ -159,8 +159,8 @@ impl Daemon {
             }
             Command::History { target, json } => {
                 let history = self.call("history", json!({ "target": target })).await?;
-                let history: Vec<StoredMessage> =
-                    history.as_array().into_iter().flatten().map(|m| message(m.clone())).collect::<Result<_>>()?;
+                let values: Vec<Value> = history.as_array().cloned().unwrap_or_default();
+                let history: Vec<StoredMessage> = values.iter().map(|m| message(m.clone())).collect::<Result<_>>()?;
                 if !json {
                     if let Some(m) = history.first().filter(|m| !m.group) {
                         let verified = self
@@ -178,8 +178,8 @@ impl Daemon {
                         out!("-- conversation with {} ({state})", safe(&m.target));
                     }
                 }
-                for m in &history {
-                    print_shown(m, *json);
+                for (m, v) in history.iter().zip(&values) {
+                    print_shown(m, v.get("attachments"), *json);
                 }
             }
             Command::Contacts => {
@@ -288,7 +288,7 @@ impl Daemon {
                 _ => continue,
             }
             let seq = params.get("seq").and_then(Value::as_u64);
-            print_shown(&message(params)?, json);
+            print_shown(&message(params.clone())?, params.get("attachments"), json);
             // Printed: the daemon need not hand it out again. (An answer
             // to this comes later and is skipped.)
             if let Some(seq) = seq {

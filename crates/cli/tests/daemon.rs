@@ -642,6 +642,8 @@ fn two_receives_in_one_batch_never_hand_out_the_same_message() {
     assert!(first.contains(&"once only".to_string()), "{batch}");
     assert!(!second.contains(&"once only".to_string()), "handed out twice: {batch}");
     assert_eq!(rpc.call("receive", json!({})), json!([]));
+}
+
 #[test]
 fn a_bot_reacts_replies_edits_deletes_and_reads_and_sees_the_fields() {
     let server = Server::start();

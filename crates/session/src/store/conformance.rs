@@ -932,6 +932,8 @@ pub fn early_actions_and_owed_receipts_wait_and_are_taken_once(store: Store) {
         ]
     );
     assert!(store.write(|tx| tx.take_receipts_due()).expect("take").is_empty());
+}
+
 /// A message's files are stored once, in order, with their keys; received
 /// ones wait as pending until downloaded, then wait to be saved; a refused
 /// one keeps its reason.

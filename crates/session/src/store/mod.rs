@@ -117,18 +117,18 @@ pub struct StoredMessage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
     /// Its author changed its text: `text` is the text now.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub edited: bool,
     /// Its author deleted it for everyone: the text is gone from the store.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub deleted: bool,
     /// Reactions to it, by emoji, in the order they first came.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub reactions: Vec<Reaction>,
     /// For this account's own messages in conversations of up to
     /// [`RECEIPT_DETAIL_LIMIT`] other accounts: where it is for each of
     /// them (`sent`, `delivered` or `read`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub receipts: Vec<MemberReceipt>,
 }
 
@@ -137,7 +137,7 @@ pub struct StoredMessage {
 pub const RECEIPT_DETAIL_LIMIT: usize = 100;
 
 /// One reaction to a message and who reacted with it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reaction {
     /// The emoji (as sent: front ends sanitise it before printing).
     pub emoji: String,
@@ -146,7 +146,7 @@ pub struct Reaction {
 }
 
 /// Where one of this account's messages is for one other account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberReceipt {
     /// The account.
     pub member: String,
@@ -1267,9 +1267,25 @@ impl AttachmentState {
 }
 
 /// Every repository: what a transaction offers.
-pub trait Tx: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState + AttachmentStore {}
+pub trait Tx:
+    Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState + AttachmentStore
+{
+}
 
-impl<T: Meta + Contacts + Conversations + History + Annotations + Outbox + Directory + MlsState + AttachmentStore + ?Sized> Tx for T {}
+impl<
+        T: Meta
+            + Contacts
+            + Conversations
+            + History
+            + Annotations
+            + Outbox
+            + Directory
+            + MlsState
+            + AttachmentStore
+            + ?Sized,
+    > Tx for T
+{
+}
 
 /// A storage backend: runs closures in transactions. [`Store`] wraps one
 /// with the typed entry points; a backend only has to say how a transaction
