@@ -64,6 +64,7 @@
 //! on a multi-threaded tokio runtime, so on a small machine the server and
 //! the clients compete for the same cores; the header of each run says so.
 
+mod attachments;
 mod catchup;
 mod coldstart;
 mod compare;
@@ -93,6 +94,13 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Upload and download MiB/s of one attachment through an in-process
+    /// server, beside raw AES-256-GCM over the same bytes.
+    Attachments {
+        /// The file's size in MiB.
+        #[arg(long, default_value_t = 100)]
+        mib: u64,
+    },
     /// Encrypt+decrypt msgs/s: raw AES-GCM, mls-rs alone, Subrosa core, Subrosa core over the client store.
     Crypto {
         /// Messages per row (default: as many as fit in --min-seconds).
@@ -259,6 +267,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         load_average()
     );
     match args.command {
+        Command::Attachments { mib } => {
+            anyhow::ensure!((1..=1024).contains(&mib), "--mib must be 1 to 1024");
+            runtime()?.block_on(attachments::run(mib))
+        }
         Command::Crypto { iterations, size, min_seconds, dir } => {
             anyhow::ensure!(size > 0, "--size must be at least 1");
             anyhow::ensure!(size <= subrosa_core::content::MAX_TEXT_BYTES, "--size must be at most 64 KiB");

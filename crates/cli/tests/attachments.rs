@@ -260,3 +260,62 @@ fn an_interrupted_upload_resumes_where_it_stopped() {
     assert_eq!(attachments(&m)[0]["sha256"].as_str(), Some(&*sha256_hex(&plain)));
     assert_eq!(sha256_hex(&std::fs::read(downloads.join("film.mp4")).expect("saved")), sha256_hex(&plain));
 }
+
+/// The size of bob's partial download, if one is in progress.
+fn partial_len(home: &Path) -> u64 {
+    std::fs::read_dir(home.join("attachments"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_interrupted_download_resumes_where_it_stopped() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    bob.ok(&["receive"]);
+    let plain = noise(60 << 20, 23);
+    let file = write_file(alice.dir.path(), "archive.zip", &plain);
+    alice.ok(&["send", "bob", "--attach", file.to_str().expect("utf-8 path")]);
+
+    // The server goes down once bob holds the first piece.
+    let downloads = bob.dir.path().join("downloads");
+    std::fs::create_dir(&downloads).expect("dir");
+    let dl = downloads.to_str().expect("utf-8 path");
+    let child = bob
+        .cmd(&["receive", "--downloads", dl])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("receive starts");
+    assert!(
+        wait_until(std::time::Duration::from_secs(180), || partial_len(&bob.home()) >= 4 << 20),
+        "the download never started"
+    );
+    server.kill();
+    let out = child.wait_with_output().expect("receive ends");
+    assert!(!out.status.success(), "the download finished before it could be interrupted");
+    assert_eq!(std::fs::read_dir(&downloads).expect("dir").count(), 0, "a partial file was saved");
+
+    // The operator now alters the first piece, which bob already holds: a
+    // download that started over would fetch it again and refuse the file.
+    let db = server.db();
+    let (id, mut data): (i64, Vec<u8>) = db
+        .query_row("SELECT id, data FROM blob_pieces WHERE start = 0", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("the first piece");
+    data[1000] ^= 1;
+    db.execute("UPDATE blob_pieces SET data = ?1 WHERE id = ?2", rusqlite::params![data, id]).expect("alter");
+    drop(db);
+    server.restart_with(&[]);
+    bob.ok(&["receive", "--downloads", dl]);
+    assert_eq!(sha256_hex(&std::fs::read(downloads.join("archive.zip")).expect("saved")), sha256_hex(&plain));
+    assert_eq!(server.count("blobs"), 0);
+}
