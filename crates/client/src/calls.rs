@@ -62,8 +62,8 @@ const FRAME: Duration = Duration::from_millis(20);
 /// How often a call looks for a new epoch in the store.
 const EPOCH_CHECK: Duration = Duration::from_millis(500);
 
-/// Settings of one call.
-#[derive(Debug, Clone)]
+/// Settings of one call. `Debug` shows no audio.
+#[derive(Clone)]
 pub struct CallOptions {
     /// What this side says: 48 kHz mono samples, silence once they end.
     pub input: Vec<i16>,
@@ -74,6 +74,17 @@ pub struct CallOptions {
     /// Send media to this address instead of the relay the server names
     /// (a port forward; tests put a recording proxy there).
     pub relay: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for CallOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallOptions")
+            .field("input_samples", &self.input.len())
+            .field("duration", &self.duration)
+            .field("wait", &self.wait)
+            .field("relay", &self.relay)
+            .finish()
+    }
 }
 
 /// How a call ended.
@@ -128,8 +139,8 @@ pub enum CallProgress {
     },
 }
 
-/// What a call did.
-#[derive(Debug, Clone)]
+/// What a call did. `Debug` shows no audio.
+#[derive(Clone)]
 pub struct CallReport {
     /// The conversation.
     pub conversation: ConversationId,
@@ -145,6 +156,18 @@ pub struct CallReport {
     pub incoming: IncomingStats,
     /// Re-keys during the call.
     pub rekeys: u32,
+}
+
+impl std::fmt::Debug for CallReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallReport")
+            .field("end", &self.end)
+            .field("output_samples", &self.output.len())
+            .field("sent", &self.sent)
+            .field("incoming", &self.incoming)
+            .field("rekeys", &self.rekeys)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A relay token and where to use it.
