@@ -299,9 +299,9 @@ fn a_second_caller_hears_busy() {
     );
 }
 
-/// A group call in which a member is removed mid-call: both sides move to
-/// the new epoch's key (the removed member cannot compute it) and keep
-/// hearing each other.
+/// A three-party group call in which a member is removed mid-call: the
+/// others move to the new epoch's key (the removed member cannot compute
+/// it) and keep hearing each other; the removed member's call ends.
 #[test]
 fn a_removal_mid_call_rekeys_it_and_the_call_goes_on() {
     let (server, _relay) = server_with_relay();
@@ -318,8 +318,10 @@ fn a_removal_mid_call_rekeys_it_and_the_call_goes_on() {
     let piped = |mut c: std::process::Command| {
         c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawns")
     };
-    let bob_call =
-        piped(bob.cmd(&["answer", "--output", &wav("bob-heard.wav"), "--duration", "20", "--timeout", "60"]));
+    let answer = |user: &User, out: &str| {
+        piped(user.cmd(&["answer", "--output", &wav(out), "--duration", "20", "--timeout", "60"]))
+    };
+    let (bob_call, carol_call) = (answer(&bob, "bob-heard.wav"), answer(&carol, "carol-heard.wav"));
     let mut alice_call = piped(alice.cmd(&["call", "trio", "--input", &wav("alice.wav"), "--duration", "6"]));
     let alice_out = alice_call.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -327,15 +329,15 @@ fn a_removal_mid_call_rekeys_it_and_the_call_goes_on() {
         use std::io::BufRead as _;
         let mut said = String::new();
         for line in std::io::BufReader::new(alice_out).lines().map_while(Result::ok) {
-            if line.contains("connected with bob") {
-                let _ = tx.send(());
-            }
             said.push_str(&line);
             said.push('\n');
+            if said.contains("connected with bob") && said.contains("connected with carol") {
+                let _ = tx.send(());
+            }
         }
         said
     });
-    rx.recv_timeout(Duration::from_secs(60)).expect("alice and bob connect");
+    rx.recv_timeout(Duration::from_secs(60)).expect("all three connect");
     std::thread::sleep(Duration::from_secs(1));
     // From another process of bob's device, while his call runs.
     bob.ok(&["group", "remove", "trio", "carol"]);
@@ -347,11 +349,21 @@ fn a_removal_mid_call_rekeys_it_and_the_call_goes_on() {
     let bob_said = String::from_utf8_lossy(&bob_done.stdout);
     assert!(alice_said.contains("re-keyed"), "{alice_said}");
     assert!(bob_said.contains("re-keyed"), "{bob_said}");
+    let carol_done = carol_call.wait_with_output().expect("carol's call ends");
+    assert!(carol_done.status.success(), "carol's call: {}", stderr(&carol_done));
+    let carol_said = String::from_utf8_lossy(&carol_done.stdout);
+    assert!(carol_said.contains("no longer in the conversation"), "{carol_said}");
     // Bob heard all six seconds, before and after the re-key.
     let heard = subrosa_media::wav::read(std::path::Path::new(&wav("bob-heard.wav"))).expect("bob's output");
     let s = similarity(&alice_says, &heard);
     eprintln!("across the re-key: {s:?}, {} samples heard", heard.len());
     assert!(s.correlation > 0.8, "{s:?}");
+    // Carol heard alice until she was removed, and nothing after.
+    let carol_heard = subrosa_media::wav::read(std::path::Path::new(&wav("carol-heard.wav"))).expect("her output");
+    assert!(carol_heard.len() + 48_000 < heard.len(), "carol heard {} samples", carol_heard.len());
+    let before = similarity(&alice_says[..carol_heard.len().min(alice_says.len())], &carol_heard);
+    eprintln!("carol before her removal: {before:?}, {} samples heard", carol_heard.len());
+    assert!(before.correlation > 0.7, "{before:?}");
 
     // Carol, removed, still knows the conversation's id: the server gives
     // her device no relay token for it any more (a member still gets one).

@@ -62,8 +62,8 @@ const FRAME: Duration = Duration::from_millis(20);
 /// How often a call looks for a new epoch in the store.
 const EPOCH_CHECK: Duration = Duration::from_millis(500);
 
-/// Settings of one call.
-#[derive(Debug, Clone)]
+/// Settings of one call. `Debug` shows no audio.
+#[derive(Clone)]
 pub struct CallOptions {
     /// What this side says: 48 kHz mono samples, silence once they end.
     pub input: Vec<i16>,
@@ -74,6 +74,17 @@ pub struct CallOptions {
     /// Send media to this address instead of the relay the server names
     /// (a port forward; tests put a recording proxy there).
     pub relay: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for CallOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallOptions")
+            .field("input_samples", &self.input.len())
+            .field("duration", &self.duration)
+            .field("wait", &self.wait)
+            .field("relay", &self.relay)
+            .finish()
+    }
 }
 
 /// How a call ended.
@@ -128,8 +139,8 @@ pub enum CallProgress {
     },
 }
 
-/// What a call did.
-#[derive(Debug, Clone)]
+/// What a call did. `Debug` shows no audio.
+#[derive(Clone)]
 pub struct CallReport {
     /// The conversation.
     pub conversation: ConversationId,
@@ -145,6 +156,18 @@ pub struct CallReport {
     pub incoming: IncomingStats,
     /// Re-keys during the call.
     pub rekeys: u32,
+}
+
+impl std::fmt::Debug for CallReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallReport")
+            .field("end", &self.end)
+            .field("output_samples", &self.output.len())
+            .field("sent", &self.sent)
+            .field("incoming", &self.incoming)
+            .field("rekeys", &self.rekeys)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A relay token and where to use it.
@@ -278,6 +301,37 @@ impl Media {
     }
 }
 
+/// The other devices in the call, as their MLS signals announced them.
+#[derive(Debug, Default)]
+struct Peers(Vec<subrosa_proto::DeviceAddress>);
+
+impl Peers {
+    /// Admits the stream `s` announces; true when its device is new here.
+    fn join(&mut self, media: &mut Media, s: &IncomingSignal) -> bool {
+        media.incoming.admit(LeafIndex(s.sender_index), ContextId::from_bits(s.signal.context));
+        if self.0.contains(&s.from) {
+            return false;
+        }
+        self.0.push(s.from.clone());
+        true
+    }
+
+    /// Forgets the peers a commit removed from the conversation; the call
+    /// ends when none is left.
+    fn left_by_removal(&mut self, media: &Media, last: &mut String) -> Option<CallEnd> {
+        let before = self.0.len();
+        let in_it = |p: &subrosa_proto::DeviceAddress| media.members.iter().any(|m| m.address == *p);
+        if let Some(gone) = self.0.iter().rfind(|p| !in_it(p)) {
+            *last = gone.handle.to_string();
+        }
+        self.0.retain(in_it);
+        if self.0.is_empty() && before > 0 {
+            return Some(CallEnd::HungUp { by: std::mem::take(last) });
+        }
+        None
+    }
+}
+
 impl Subrosa {
     /// A relay token for the call of `conversation` (members only), and
     /// the relay's address: `relay` if given, else the server's host at the
@@ -380,17 +434,17 @@ impl Subrosa {
                 s.conversation == *conversation && s.signal.call_id == call_id && s.from.handle != me
             };
             let mut end = None;
-            let mut answered = None;
+            let mut answered = Vec::new();
             for s in self.take_call_signals().into_iter().filter(from_others) {
                 match s.signal.action {
-                    CallAction::Answer => answered = Some(s),
+                    CallAction::Answer => answered.push(s),
                     CallAction::Busy => end = Some(CallEnd::Busy { by: s.from.handle.to_string() }),
                     CallAction::Hangup => end = Some(CallEnd::HungUp { by: s.from.handle.to_string() }),
                     CallAction::Offer | CallAction::Ringing => {}
                 }
             }
-            if let Some(a) = answered {
-                break a;
+            if !answered.is_empty() {
+                break answered;
             }
             if let Some(end) = end {
                 link.leave().await;
@@ -408,9 +462,13 @@ impl Subrosa {
                 frame = net::next_frame(&mut ws) => self.on_frame(&mut ws, frame?).await?,
             }
         };
-        media.incoming.admit(LeafIndex(answer.sender_index), ContextId::from_bits(answer.signal.context));
-        on(CallProgress::Connected { with: answer.from.handle.to_string() });
-        self.stream(conversation, call_id, &link, &mut ws, media, options, on).await
+        let mut peers = Peers::default();
+        for a in &answer {
+            if peers.join(&mut media, a) {
+                on(CallProgress::Connected { with: a.from.handle.to_string() });
+            }
+        }
+        self.stream(conversation, call_id, &link, &mut ws, media, peers, options, on).await
     }
 
     /// Waits up to `options.wait` for a fresh offer in any conversation,
@@ -430,15 +488,20 @@ impl Subrosa {
         self.sync().await?;
         let deadline = tokio::time::Instant::now() + options.wait;
         let mut offers: Vec<IncomingSignal> = Vec::new();
+        // Other members who answered a group call before this device did.
+        let mut answered: Vec<IncomingSignal> = Vec::new();
         let offer = loop {
             for s in self.take_call_signals() {
+                let call = s.signal.call_id;
                 match s.signal.action {
                     CallAction::Offer if s.from.handle != me && self.is_fresh(&s) => offers.push(s),
-                    // Hung up before we answered, or another device of
-                    // this account took it.
-                    CallAction::Hangup | CallAction::Answer | CallAction::Busy => {
-                        offers.retain(|o| o.signal.call_id != s.signal.call_id)
+                    // Another device of this account took it, or refused it.
+                    CallAction::Answer | CallAction::Busy if s.from.handle == me => {
+                        offers.retain(|o| o.signal.call_id != call)
                     }
+                    CallAction::Answer => answered.push(s),
+                    // The caller gave up before we answered.
+                    CallAction::Hangup => offers.retain(|o| o.signal.call_id != call || o.from != s.from),
                     _ => {}
                 }
             }
@@ -465,12 +528,17 @@ impl Subrosa {
         let keys = self.call_keys(&conversation)?;
         let link = MediaLink::join(self.relay_ticket(&conversation, options.relay).await?).await?;
         let mut media = Media::new(&keys)?;
-        media.incoming.admit(LeafIndex(offer.sender_index), ContextId::from_bits(offer.signal.context));
         let call_id = offer.signal.call_id;
         let answer = CallSignal { call_id, action: CallAction::Answer, context: media.context.value() };
         self.signal(&conversation, answer).await?;
-        on(CallProgress::Connected { with: offer.from.handle.to_string() });
-        self.stream(&conversation, call_id, &link, &mut ws, media, options, on).await
+        answered.retain(|a| a.conversation == conversation && a.signal.call_id == call_id);
+        let mut peers = Peers::default();
+        for s in std::iter::once(&offer).chain(&answered) {
+            if peers.join(&mut media, s) {
+                on(CallProgress::Connected { with: s.from.handle.to_string() });
+            }
+        }
+        self.stream(&conversation, call_id, &link, &mut ws, media, peers, options, on).await
     }
 
     /// Whether a signal was sent recently enough to act on (by the sender's
@@ -524,11 +592,13 @@ impl Subrosa {
         link: &MediaLink,
         ws: &mut net::Socket,
         mut media: Media,
+        mut peers: Peers,
         options: &CallOptions,
         on: &mut (dyn FnMut(CallProgress) + Send),
     ) -> Result<CallReport, ClientError> {
         let me = self.handle().clone();
         let start = Instant::now();
+        let mut last_left = String::new();
         let frames = (options.duration.as_millis() / FRAME.as_millis()) as u64;
         let mut ticker = tokio::time::interval(FRAME);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -568,27 +638,41 @@ impl Subrosa {
                     if let Some(end) = self.follow_epoch(conversation, &mut media, on)? {
                         break end;
                     }
+                    if let Some(end) = peers.left_by_removal(&media, &mut last_left) {
+                        break end;
+                    }
                 }
                 frame = net::next_frame(ws) => {
                     self.on_frame(ws, frame?).await?;
-                    let mut hung_up = None;
                     for s in self.take_call_signals().into_iter().filter(|s| s.from.handle != me) {
+                        let this_call = s.conversation == *conversation && s.signal.call_id == call_id;
                         match s.signal.action {
-                            CallAction::Hangup if s.conversation == *conversation && s.signal.call_id == call_id => {
-                                hung_up = Some(s.from.handle.to_string());
+                            // A group call: another member joins.
+                            CallAction::Answer | CallAction::Offer if this_call => {
+                                let new = peers.join(&mut media, &s);
+                                if new {
+                                    on(CallProgress::Connected { with: s.from.handle.to_string() });
+                                }
+                            }
+                            CallAction::Hangup if this_call => {
+                                peers.0.retain(|p| *p != s.from);
+                                last_left = s.from.handle.to_string();
                             }
                             // Someone else calls meanwhile: this device is busy.
-                            CallAction::Offer if s.signal.call_id != call_id && self.is_fresh(&s) => {
+                            CallAction::Offer if !this_call && self.is_fresh(&s) => {
                                 let busy = CallSignal { call_id: s.signal.call_id, action: CallAction::Busy, context: 0 };
                                 self.signal(&s.conversation, busy).await?;
                             }
                             _ => {}
                         }
                     }
-                    if let Some(by) = hung_up {
-                        break CallEnd::HungUp { by };
+                    if peers.0.is_empty() {
+                        break CallEnd::HungUp { by: last_left };
                     }
                     if let Some(end) = self.follow_epoch(conversation, &mut media, on)? {
+                        break end;
+                    }
+                    if let Some(end) = peers.left_by_removal(&media, &mut last_left) {
                         break end;
                     }
                 }
