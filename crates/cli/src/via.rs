@@ -41,8 +41,11 @@ pub struct Daemon {
 /// not, and flags it does not take, run on the store directly.
 pub fn routes(command: &Command) -> bool {
     match command {
-        Command::Send { accept_key_change, .. } => !accept_key_change,
-        Command::Receive { no_ack, .. } => !no_ack,
+        // Files are sealed and uploaded by this process (the daemon's
+        // `send` takes text), and saved by it too.
+        Command::Send { accept_key_change, attach, .. } => !accept_key_change && attach.is_empty(),
+        Command::Receive { no_ack, downloads, .. } => !no_ack && downloads.is_none(),
+        Command::React { .. } | Command::Edit { .. } | Command::Delete { .. } => true,
         Command::History { .. }
         | Command::Contacts
         | Command::Groups
@@ -126,8 +129,13 @@ impl Daemon {
     /// The command's error as the daemon gave it, in one line.
     pub async fn run(mut self, command: &Command) -> Result<ExitCode> {
         match command {
-            Command::Send { target, text, .. } => {
-                let m = message(self.call("send", json!({ "target": target, "text": text })).await?)?;
+            Command::Send { target, text, reply_to, .. } => {
+                let text = text.as_deref().unwrap_or_default();
+                let sent = self.call("send", json!({ "target": target, "text": text, "replyTo": reply_to })).await?;
+                if sent.get("queued") == Some(&json!(true)) {
+                    return Err(ClientError::Pending(subrosa_client::QUEUED.into()).into());
+                }
+                let m = message(sent)?;
                 if m.state == Some(MessageState::Queued) {
                     // As without a daemon: stored, sent exactly once, exit 75.
                     return Err(ClientError::Pending(subrosa_client::QUEUED.into()).into());
@@ -226,6 +234,19 @@ impl Daemon {
                 self.call("verify", json!({ "handle": handle, "safetyNumber": n })).await?;
                 out!("{handle} is verified");
             }
+            Command::React { target, message_id, emoji, remove } => {
+                let params = json!({ "target": target, "messageId": message_id, "emoji": emoji, "remove": remove });
+                queued(self.call("react", params).await?)?;
+                out!("{} {}", if *remove { "took back your reaction to" } else { "reacted to" }, message_id);
+            }
+            Command::Edit { target, message_id, text } => {
+                queued(self.call("edit", json!({ "target": target, "messageId": message_id, "text": text })).await?)?;
+                out!("edited {message_id}");
+            }
+            Command::Delete { target, message_id } => {
+                queued(self.call("delete", json!({ "target": target, "messageId": message_id })).await?)?;
+                out!("deleted {message_id} for everyone");
+            }
             Command::Group(g) => match g {
                 GroupCommand::Create { name, handles } => {
                     let g = self.call("createGroup", json!({ "name": name, "members": handles })).await?;
@@ -299,6 +320,15 @@ impl Daemon {
             }
         }
     }
+}
+
+/// A change the daemon stored but could not send yet is, as without it,
+/// exit 75 (it goes out exactly once, later).
+fn queued(answer: Value) -> Result<()> {
+    if answer.get("queued") == Some(&json!(true)) {
+        return Err(ClientError::Pending(subrosa_client::QUEUED.into()).into());
+    }
+    Ok(())
 }
 
 /// A message object of the daemon's (a `receive --json` line, perhaps with
