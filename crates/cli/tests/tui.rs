@@ -297,3 +297,43 @@ fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
     assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
     drop(daemon);
 }
+
+#[test]
+fn a_shown_conversation_is_read_and_reactions_and_edits_appear_live() {
+    if !Pane::tmux_available() {
+        eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
+        return;
+    }
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "first words");
+    bob.receive_json(&[]);
+    let mine = alice.history_json("bob");
+    let id = mine.iter().find(|m| m["text"] == "first words").unwrap()["id"].as_str().unwrap().to_string();
+
+    // alice's TUI shows the conversation; bob reacts and she edits.
+    let pane = Pane::start(&alice);
+    pane.wait_for("you: first words");
+    bob.ok(&["react", "alice", &id, "+1"]);
+    pane.wait_for("you: first words [+1 bob]");
+    alice.ok(&["edit", "bob", &id, "second words"]);
+    // (the TUI sees its own device's edit when it reloads; bob's screen is
+    // the command line.)
+    assert!(bob.ok(&["receive"]).contains("alice: second words (edited)"));
+
+    // bob's words shown in alice's TUI are read: bob sees `read`.
+    bob.send("alice", "read me");
+    pane.wait_for("bob: read me");
+    let mut state = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            bob.receive_json(&[]);
+            state = bob.history_json("alice").iter().find(|m| m["text"] == "read me").unwrap()["state"].clone();
+            state == "read"
+        }),
+        "state {state}; alice's screen:\n{}",
+        pane.screen()
+    );
+    pane.keys(&["q"]);
+}

@@ -114,6 +114,8 @@ pub async fn run(backend: Backend) -> Result<ExitCode> {
     });
 
     let mut failed = None;
+    // The conversation the chat view shows, and how many messages it had.
+    let mut shown: Option<(String, usize)> = None;
     loop {
         let mut max_scroll = 0;
         screen.terminal.draw(|f| max_scroll = render::draw(f, &app)).context("drawing")?;
@@ -131,6 +133,20 @@ pub async fn run(backend: Backend) -> Result<ExitCode> {
         }
         if app.quit {
             break;
+        }
+        // What the chat view shows counts as read: its authors get read
+        // receipts (unless this device turned them off), once per change.
+        let now = app
+            .selected
+            .as_ref()
+            .and_then(|id| app.conversations.iter().find(|c| &c.id == id).map(|c| (id.clone(), c.messages.len())));
+        if now != shown {
+            if let Some(id) = now.as_ref().and_then(|(id, _)| conversation_id(id).ok()) {
+                let client = client.clone();
+                // A failure (the server away) leaves the receipts queued.
+                tokio::spawn(async move { client.device().read(&id).await });
+            }
+            shown = now;
         }
     }
     drop(screen);
