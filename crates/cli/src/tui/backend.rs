@@ -196,6 +196,16 @@ impl Backend {
         }
     }
 
+    /// Marks what the conversation `id` shows as read: its authors get
+    /// read receipts, unless this device turned them off.
+    pub async fn read(&self, id: &str) -> Result<()> {
+        match self {
+            Backend::Local(c) => c.device().read(&conversation_id(id)?).await.map(|_| ()).map_err(Into::into),
+            #[cfg(unix)]
+            Backend::Daemon(r) => r.call("read", json!({ "conversation": id })).await.map(|_| ()),
+        }
+    }
+
     /// Marks `handle` verified if `number` is still its safety number.
     pub async fn verify(&self, handle: &str, number: &str) -> Result<()> {
         match self {

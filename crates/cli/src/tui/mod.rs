@@ -141,10 +141,10 @@ pub async fn run(backend: Backend) -> Result<ExitCode> {
             .as_ref()
             .and_then(|id| app.conversations.iter().find(|c| &c.id == id).map(|c| (id.clone(), c.messages.len())));
         if now != shown {
-            if let Some(id) = now.as_ref().and_then(|(id, _)| conversation_id(id).ok()) {
-                let client = client.clone();
+            if let Some((id, _)) = now.clone() {
+                let backend = backend.clone();
                 // A failure (the server away) leaves the receipts queued.
-                tokio::spawn(async move { client.device().read(&id).await });
+                tokio::spawn(async move { backend.read(&id).await });
             }
             shown = now;
         }
