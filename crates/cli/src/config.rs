@@ -11,6 +11,9 @@
 //! key_cache = "1h"
 //! # false: commands never go through a running daemon (as --no-daemon).
 //! daemon = true
+//! # Where `receive` saves attachments (as --downloads); outside the home
+//! # directory, whose files stay encrypted.
+//! downloads = "/home/me/Downloads/subrosa"
 //! ```
 //!
 //! A key this version does not know is an error that names it, so a typo
@@ -38,6 +41,8 @@ pub struct Config {
     pub key_cache: Option<String>,
     /// `false`: as `--no-daemon`.
     pub daemon: Option<bool>,
+    /// As `receive --downloads`: where received files are saved.
+    pub downloads: Option<PathBuf>,
 }
 
 /// The file of `home`.
@@ -61,7 +66,25 @@ impl Config {
             }
             Ok(_) => std::fs::read_to_string(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?,
         };
-        Self::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+        let config = Self::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        if let Some(d) = &config.downloads {
+            // Plaintext goes only where the user asked, and never among the
+            // home directory's encrypted files (nor is a relative path
+            // resolved against wherever a command happens to run).
+            if !d.is_absolute() {
+                return Err(anyhow!("{}: downloads must be an absolute path", path.display()));
+            }
+            let home_abs = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+            let d_abs = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+            if d_abs.starts_with(&home_abs) || d.starts_with(home) {
+                return Err(anyhow!(
+                    "{}: downloads must be outside the home directory {} (its files stay encrypted)",
+                    path.display(),
+                    home.display()
+                ));
+            }
+        }
+        Ok(config)
     }
 
     /// Parses the file's text.
@@ -139,6 +162,8 @@ mod tests {
         assert!(e.starts_with("key_cache:"), "{e}");
         let e = Config::parse("daemon = \"yes\"").expect_err("wrong type").to_string();
         assert!(e.starts_with("line 1:") && !e.contains('\n'), "{e}");
+        let c = Config::parse("downloads = \"/srv/files\"").expect("valid");
+        assert_eq!(c.downloads.as_deref(), Some(Path::new("/srv/files")));
         let e = Config::default().server(None, Path::new("/h")).expect_err("none").to_string();
         assert!(e.contains("/h/config.toml"), "{e}");
     }

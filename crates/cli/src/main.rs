@@ -783,7 +783,13 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
         _ => Config::load(&home(&cli.home)?)?,
     };
     let key_cache = config.key_cache(cli.key_cache)?;
-    match cli.command {
+    let mut command = cli.command;
+    // A downloads directory in the file is as if given to every `receive`
+    // (and keeps it out of a daemon, which does not save files).
+    if let Command::Receive { downloads: d @ None, .. } = &mut command {
+        d.clone_from(&config.downloads);
+    }
+    match command {
         Command::Demo => demo::run().await.map(|_| ExitCode::SUCCESS),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "subrosa", &mut std::io::stdout());

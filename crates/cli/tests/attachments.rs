@@ -319,3 +319,29 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     assert_eq!(sha256_hex(&std::fs::read(downloads.join("archive.zip")).expect("saved")), sha256_hex(&plain));
     assert_eq!(server.count("blobs"), 0);
 }
+
+#[test]
+fn a_downloads_directory_in_the_config_file_is_where_receive_saves_and_never_inside_the_home() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    let config = bob.home().join("config.toml");
+    // Inside the home directory (among its encrypted files): refused.
+    let inside = bob.home().join("plain");
+    std::fs::write(&config, format!("downloads = {:?}\n", inside.to_str().expect("utf-8 path"))).expect("write");
+    assert_clean_error(&bob.run(&["receive"]), "outside the home directory");
+    std::fs::write(&config, "downloads = \"relative/dir\"\n").expect("write");
+    assert_clean_error(&bob.run(&["receive"]), "absolute path");
+
+    let downloads = bob.dir.path().join("saved here");
+    std::fs::create_dir(&downloads).expect("dir");
+    std::fs::write(&config, format!("downloads = {:?}\n", downloads.to_str().expect("utf-8 path"))).expect("write");
+    let bytes = noise(10_000, 9);
+    let file = write_file(alice.dir.path(), "notes.txt", &bytes);
+    alice.ok(&["send", "bob", "see attached", "--attach", file.to_str().expect("utf-8 path")]);
+    let m = the_attachment_message(&bob.receive_json(&[]));
+    let saved = attachments(&m)[0]["path"].as_str().expect("saved without --downloads").to_string();
+    assert!(std::path::Path::new(&saved).starts_with(&downloads), "{saved}");
+    assert_eq!(sha256_hex(&std::fs::read(&saved).expect("read")), sha256_hex(&bytes));
+}
