@@ -200,6 +200,9 @@ fn the_size_limit_and_the_quota_give_clear_errors() {
     std::fs::create_dir(&downloads).expect("dir");
     bob.ok(&["receive", "--downloads", downloads.to_str().expect("utf-8 path")]);
     alice.ok(&["send", "bob", "--attach", path]);
+    // A file of exactly the limit fits (its blob is a little larger).
+    let exact = write_file(alice.dir.path(), "exact.bin", &noise(1 << 20, 3));
+    alice.ok(&["send", "bob", "--attach", exact.to_str().expect("utf-8 path")]);
 }
 
 /// Bytes of the blob the server holds, and the row id of its first piece.

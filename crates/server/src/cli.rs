@@ -75,8 +75,9 @@ struct Args {
     /// The same for all the devices of one account together.
     #[arg(long, default_value = "1GiB", value_parser = crate::config::parse_size)]
     quota_per_account: u64,
-    /// The largest attachment blob (its padded ciphertext) the server
-    /// stores; larger uploads are refused with 413 blob_too_large.
+    /// The largest attachment the server stores (a file of this size fits:
+    /// its blob may be larger by the sealing's overhead, 1/4096 plus 4 KiB);
+    /// larger uploads are refused with 413 blob_too_large.
     #[arg(long, default_value = "100MiB", value_parser = crate::config::parse_size)]
     max_blob_size: u64,
     /// Attachment blobs one account may have stored together (until their

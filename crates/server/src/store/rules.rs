@@ -678,7 +678,7 @@ pub(crate) async fn create_blob<S: BlobStatements>(
         return Err(StoreError::UnknownDevice(owner.clone()).into());
     }
     let owner_row = s.device_row(owner).await?.ok_or_else(|| StoreError::UnknownDevice(owner.clone()))?;
-    if size > limits.max_bytes {
+    if size > limits.max_blob() {
         return Err(StoreError::BlobTooLarge { limit: limits.max_bytes }.into());
     }
     let mut distinct: Vec<&DeviceAddress> = Vec::with_capacity(readers.len());
