@@ -29,6 +29,11 @@ use crate::{ClientError, Outgoing, Session, SystemEvent};
 /// Meta key of the read-receipt setting ("off" turns them off; on by default).
 pub const META_READ_RECEIPTS: &str = "setting:read_receipts";
 
+/// Most reactions, edits and deletes one member may have waiting in a
+/// conversation for messages that have not arrived; past it the newest
+/// are dropped (a real client's actions follow their messages closely).
+pub(crate) const MAX_EARLY_ACTIONS_PER_MEMBER: usize = 256;
+
 impl Session {
     /// Applies a reaction, edit, delete or receipt from `sender` (inside
     /// the caller's transaction). Returns false for any other body.
@@ -48,7 +53,12 @@ impl Session {
             _ => return Ok(false),
         };
         let Some(m) = tx.message(&row.id, &target.0)? else {
-            // Kept until the message it concerns arrives (if ever).
+            // Kept until the message it concerns arrives (if ever), up to a
+            // bound per member: one member's actions for ids that never
+            // come must not fill another's store.
+            if tx.early_actions_from(&row.id, sender.handle.as_str())? >= MAX_EARLY_ACTIONS_PER_MEMBER {
+                return Ok(true);
+            }
             let encoded = content.encode()?;
             let early =
                 EarlyAction { from: sender.handle.to_string(), device: sender.device.to_hex(), content: encoded };

@@ -1176,6 +1176,26 @@ fn an_edit_or_reaction_before_its_message_waits_for_it_and_is_judged_when_it_com
     assert!(events(&bob.unseen()).contains(&SystemEvent::EditRefused { from: "carol".into(), author: "alice".into() }));
 }
 
+#[test]
+fn a_member_cannot_fill_the_store_with_actions_for_messages_that_never_come() {
+    let (alice, bob, carol, id) = trio();
+    let limit = crate::annotations::MAX_EARLY_ACTIONS_PER_MEMBER;
+    for i in 0..limit + 20 {
+        let mut target = [0xee; 16];
+        target[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let emoji = "x".to_string();
+        bob.receive(&carol.send(id, i as u64 + 1, Body::Reaction { target: MessageId(target), emoji, remove: false }));
+    }
+    let count = |who: &str| bob.session.store().read(|tx| tx.early_actions_from(&id, who)).expect("count");
+    assert_eq!(count("carol"), limit, "bounded");
+    // Another member's actions still wait for their message.
+    let target = id_of(&alice, 1);
+    bob.receive(&alice.send(id, 2, Body::Edit { target, text: "edited".into() }));
+    assert_eq!(count("alice"), 1);
+    bob.receive(&alice.text(id, 1, "first"));
+    assert_eq!(stored(&bob, id, target.0).text, "edited");
+}
+
 /// What `d` posts for its oldest queued send: the request, decoded.
 fn post_oldest(d: &Device) -> (crate::store::QueuedSend, SendRequest, Option<u64>) {
     let q = d.session.store().read(|tx| tx.outbox()).expect("outbox").remove(0);

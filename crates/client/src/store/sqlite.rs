@@ -1562,6 +1562,22 @@ impl Annotations for SqliteTx<'_> {
             .map_err(sql)
     }
 
+    fn early_actions_from(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        sender: &str,
+    ) -> Result<usize, ClientError> {
+        let n: i64 = self
+            .lock()
+            .query_row(
+                "SELECT COUNT(*) FROM early_actions WHERE conversation = ?1 AND sender = ?2",
+                params![conversation.as_bytes().as_slice(), sender],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
     fn take_early_actions(
         &mut self,
         conversation: &subrosa_proto::ConversationId,

@@ -900,8 +900,11 @@ pub fn early_actions_and_owed_receipts_wait_and_are_taken_once(store: Store) {
             tx.push_early_action(&b, &[1; 16], &action(4))
         })
         .expect("push");
+    assert_eq!(store.read(|tx| tx.early_actions_from(&a, "bob")).expect("count"), 3);
+    assert_eq!(store.read(|tx| tx.early_actions_from(&a, "carol")).expect("count"), 0);
     let taken = store.write(|tx| tx.take_early_actions(&a, &[1; 16])).expect("take");
     assert_eq!(taken, [action(1), action(3)]);
+    assert_eq!(store.read(|tx| tx.early_actions_from(&a, "bob")).expect("count"), 1);
     assert!(store.write(|tx| tx.take_early_actions(&a, &[1; 16])).expect("take").is_empty());
     // A delete forgets what waited for the message.
     store.write(|tx| tx.add_conversation(&a, "direct", "", Some("bob"))).expect("conversation");

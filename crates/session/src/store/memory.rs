@@ -982,6 +982,10 @@ impl Annotations for MemTx<'_> {
         Ok(())
     }
 
+    fn early_actions_from(&self, conversation: &ConversationId, sender: &str) -> Result<usize, ClientError> {
+        Ok(self.with(|t| t.early_actions.iter().filter(|(c, _, a)| *c == conversation.0 && a.from == sender).count()))
+    }
+
     fn take_early_actions(
         &mut self,
         conversation: &ConversationId,

@@ -922,6 +922,17 @@ pub trait Annotations {
         action: &EarlyAction,
     ) -> Result<(), ClientError>;
 
+    /// How many actions `sender` has waiting in `conversation` for messages
+    /// that have not arrived.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn early_actions_from(
+        &self,
+        conversation: &subrosa_proto::ConversationId,
+        sender: &str,
+    ) -> Result<usize, ClientError>;
+
     /// The actions kept for `target`, in arrival order; forgets them.
     ///
     /// # Errors
