@@ -24,12 +24,8 @@ use aes_gcm::Aes256Gcm;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-/// Plaintext bytes per segment.
-pub const SEGMENT: usize = 64 * 1024;
-/// The authentication tag each segment adds.
-pub const TAG: usize = 16;
-/// Files smaller than this are padded up to it (so tiny files all look alike).
-pub const MIN_PADDED: u64 = 4096;
+// The sizes are shared with the server, which limits blobs by files.
+pub use subrosa_proto::blob::{blob_len, padded_len, segments, MIN_PADDED, SEGMENT, TAG};
 
 /// An attachment's key: 32 random bytes, zeroized on drop, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -94,32 +90,6 @@ pub enum AttachmentError {
     /// A size or key that cannot be right.
     #[error("{0}")]
     Malformed(&'static str),
-}
-
-/// The padded plaintext length of a file of `size` bytes: Padmé (at most
-/// about 12 % more, and a size leaks only O(log log size) bits), and at
-/// least [`MIN_PADDED`].
-pub fn padded_len(size: u64) -> u64 {
-    let l = size.max(MIN_PADDED);
-    // Padmé (Nikitin et al., "Reducing metadata leakage from encrypted
-    // files and communication with PURBs"): keep the top bits of the
-    // length, round the rest up.
-    let e = 63 - u64::from(l.leading_zeros());
-    let s = 64 - u64::from(e.leading_zeros());
-    let last_bits = e - s;
-    let mask = (1u64 << last_bits) - 1;
-    l.checked_add(mask).map_or(l, |v| v & !mask)
-}
-
-/// How many segments a file of `size` bytes is sealed in.
-pub fn segments(size: u64) -> u64 {
-    padded_len(size).div_ceil(SEGMENT as u64).max(1)
-}
-
-/// The blob length of a file of `size` bytes: its padded length plus a tag
-/// per segment.
-pub fn blob_len(size: u64) -> u64 {
-    padded_len(size).saturating_add(segments(size).saturating_mul(TAG as u64))
 }
 
 fn key_array(key: &AttachmentKey) -> Array<u8, aead_stream::aead::array::typenum::U32> {

@@ -7,6 +7,7 @@
 
 mod api;
 mod auth;
+pub mod blob;
 mod bytes;
 pub mod framing;
 mod ids;

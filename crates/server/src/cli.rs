@@ -76,7 +76,7 @@ struct Args {
     #[arg(long, default_value = "1GiB", value_parser = crate::config::parse_size)]
     quota_per_account: u64,
     /// The largest attachment the server stores (a file of this size fits:
-    /// its blob may be larger by the sealing's overhead, 1/4096 plus 4 KiB);
+    /// the limit applies to the blob such a file seals to, padding included);
     /// larger uploads are refused with 413 blob_too_large.
     #[arg(long, default_value = "100MiB", value_parser = crate::config::parse_size)]
     max_blob_size: u64,

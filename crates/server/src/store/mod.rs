@@ -412,14 +412,15 @@ impl BlobLimits {
     /// No limits.
     pub const UNLIMITED: BlobLimits = BlobLimits { max_bytes: u64::MAX, account_bytes: u64::MAX };
 
-    /// The largest blob actually taken: `max_bytes` of file plus what
-    /// sealing adds (an authentication tag per 64 KiB segment, 1/4096, and
-    /// a few KiB of framing), so that a file of exactly the advertised size
-    /// fits. The server cannot see a file's size, only its blob's; padding
-    /// never grows a file past the next size a smaller file pads to, so a
-    /// file at most `max_bytes` long seals to at most this.
+    /// The largest blob actually taken: the blob a file of `max_bytes`
+    /// seals to (padding and tags, [`subrosa_proto::blob::blob_len`]), so
+    /// that any file up to the advertised size fits and nothing larger does.
+    /// The server sees only blobs; their length grows with the file's.
     pub fn max_blob(&self) -> u64 {
-        self.max_bytes.saturating_add(self.max_bytes / 4096).saturating_add(4096)
+        if self.max_bytes == u64::MAX {
+            return u64::MAX;
+        }
+        subrosa_proto::blob::blob_len(self.max_bytes)
     }
 }
 
