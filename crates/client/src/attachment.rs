@@ -232,7 +232,18 @@ pub fn safe_file_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or("");
     let mut out: String = last
         .chars()
-        .filter(|c| !c.is_control() && !matches!(c, '/' | '\\' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}'))
+        .filter(|c| {
+            !c.is_control()
+                && !matches!(
+                    c,
+                    '/' | '\\'
+                        | '\u{061c}'
+                        | '\u{200b}'..='\u{200f}'
+                        | '\u{202a}'..='\u{202e}'
+                        | '\u{2066}'..='\u{2069}'
+                        | '\u{feff}'
+                )
+        })
         .collect();
     let trimmed = out.trim_start_matches(['.', ' ']).trim_end_matches([' ', '.']).to_owned();
     out = trimmed;
@@ -351,6 +362,9 @@ mod tests {
         assert_eq!(safe_file_name(".bashrc"), "bashrc");
         assert_eq!(safe_file_name("a\u{1b}[31mb\nc.txt"), "a[31mbc.txt");
         assert_eq!(safe_file_name("evil\u{202e}txt.exe"), "eviltxt.exe");
+        // Bidi isolates and the Arabic letter mark reorder text just as well.
+        assert_eq!(safe_file_name("evil\u{2067}txt.exe"), "eviltxt.exe");
+        assert_eq!(safe_file_name("a\u{061c}\u{2066}\u{2069}\u{200b}b.pdf"), "ab.pdf");
         assert_eq!(safe_file_name(""), "attachment");
         assert_eq!(safe_file_name("..."), "attachment");
         assert_eq!(safe_file_name("dir/"), "attachment");
