@@ -416,6 +416,11 @@ impl Subrosa {
                 Err(e) if e.code() == Some(subrosa_proto::ErrorCode::UnknownBlob) => {
                     Some("it is no longer on the server (expired, or never uploaded)".to_owned())
                 }
+                // The blob is not what the message says (its size is the
+                // sender's word): this file is refused, and the others
+                // still download. A fatal error here would leave the row
+                // pending and stop every later download at it.
+                Err(ClientError::Protocol(why)) => Some(format!("the server's blob does not match the message: {why}")),
                 Err(e) => return Err(e),
             };
             match why {
