@@ -1154,6 +1154,7 @@ mod group_tests {
         assert_eq!(keys[0].secret.len(), SFRAME_SECRET_LEN);
         assert!(keys.iter().all(|k| k.secret == keys[0].secret && k.epoch == keys[0].epoch));
         let mut indexes: Vec<u32> = keys.iter().map(|k| k.own_index).collect();
+        indexes.sort_unstable();
         indexes.dedup();
         assert_eq!(indexes.len(), 3, "each member its own sender index");
         assert!(format!("{:?}", keys[0]).contains("redacted"));
