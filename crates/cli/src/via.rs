@@ -333,7 +333,7 @@ fn queued(answer: Value) -> Result<()> {
 
 /// A message object of the daemon's (a `receive --json` line, perhaps with
 /// its arrival number, which is not printed).
-fn message(v: Value) -> Result<StoredMessage> {
+pub(crate) fn message(v: Value) -> Result<StoredMessage> {
     serde_json::from_value(v).context("the daemon sent a message this version cannot read")
 }
 

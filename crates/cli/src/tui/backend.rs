@@ -16,6 +16,8 @@ use subrosa_proto::ConversationId;
 use tokio::sync::{broadcast, mpsc};
 
 use super::state::{Conversation, Input};
+#[cfg(unix)]
+use crate::via::message;
 
 /// A member device as the members overlay lists it.
 pub struct MemberLine {
@@ -66,10 +68,6 @@ impl Remote {
     async fn call(&self, method: &str, params: Value) -> Result<Value> {
         self.calls.lock().await.call(method, params).await
     }
-}
-
-fn message(v: Value) -> Result<StoredMessage> {
-    serde_json::from_value(v).map_err(|e| anyhow!("the daemon sent a message this version cannot read: {e}"))
 }
 
 impl Backend {
