@@ -50,6 +50,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::{one_line, term, with_advice};
 
 mod rpc;
+pub(crate) use rpc::COMMAND_QUEUED;
 use rpc::*;
 
 /// Longest request line; a longer one ends the connection.
@@ -472,7 +473,8 @@ fn error_value(id: Value, code: i64, message: &str) -> Value {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
-        Failure(COMMAND_FAILED, one_line(&anyhow::Error::from(e)))
+        let code = if matches!(e, ClientError::Pending(_)) { COMMAND_QUEUED } else { COMMAND_FAILED };
+        Failure(code, one_line(&anyhow::Error::from(e)))
     }
 }
 

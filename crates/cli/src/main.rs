@@ -863,6 +863,17 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             let home = home(&cli.home)?;
             // A daemon on this home serves what it can: no passphrase, no
             // key derivation, no second connection (see `via`).
+            // A call reads its signals as they arrive; a daemon on the same
+            // home would take them first (and the caller would hear "no
+            // answer" while the other side streams). The daemon has no call
+            // methods yet, so a call needs it stopped.
+            #[cfg(unix)]
+            if matches!(command, Command::Call { .. } | Command::Answer { .. }) && via::connect(&home).await?.is_some()
+            {
+                return Err(anyhow!(
+                    "a subrosa daemon runs on this home and would take the call's signals: stop it to call or answer"
+                ));
+            }
             #[cfg(unix)]
             if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui)) {
                 if let Some(daemon) = via::connect(&home).await? {

@@ -103,6 +103,11 @@ impl Daemon {
             }
             if let Some(e) = v.get("error") {
                 let message = e.get("message").and_then(Value::as_str).unwrap_or("the daemon refused");
+                // Stored, not yet on the server: exit 75 as without a
+                // daemon, so a script does not make the change twice.
+                if e.get("code").and_then(Value::as_i64) == Some(crate::daemon::COMMAND_QUEUED) {
+                    return Err(ClientError::Pending(message.trim_start_matches("queued: ").to_string()).into());
+                }
                 return Err(anyhow!("{message}"));
             }
             return v.get("result").cloned().ok_or_else(|| anyhow!("the daemon answered without a result"));

@@ -687,3 +687,26 @@ fn a_bot_reacts_replies_edits_deletes_and_reads_and_sees_the_fields() {
         (Some("better answer"), Some(true), question)
     );
 }
+
+#[test]
+fn a_change_the_daemon_stored_but_could_not_send_exits_75_and_a_call_waits_for_no_daemon() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    wait_stored(&mut rpc, "alice", "hello");
+    let id = history_texts(&mut rpc, "alice");
+    assert!(!id.is_empty());
+
+    // A call would lose its signals to the daemon: refused, in one line.
+    assert_clean_error(&bob.run(&["call", "alice", "--duration", "1"]), "stop it to call or answer");
+
+    // The server goes away: a send is stored and exits 75 ("queued:"), as
+    // without a daemon, so a script does not send it again.
+    server.kill();
+    let out = without_passphrase(&bob, &["send", "alice", "while away"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("queued:"), "{}", stderr(&out));
+}

@@ -14,6 +14,9 @@ pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 /// The command failed (its one-line error is the message).
 pub const COMMAND_FAILED: i64 = -32000;
+/// The command's change is stored but not yet on the server; it goes out
+/// once, later (the command line's exit status 75). Not to be repeated.
+pub const COMMAND_QUEUED: i64 = -32001;
 
 /// A failed call: a JSON-RPC error code and a one-line message.
 pub struct Failure(pub i64, pub String);
