@@ -173,3 +173,42 @@ fn bad_reactions_edits_and_deletes_are_refused_with_one_clear_line() {
     // Nothing was sent.
     assert!(alice.receive_json(&[]).is_empty());
 }
+
+/// What members said: the messages that are no system lines.
+fn said(msgs: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    msgs.iter().filter(|m| m["system"] != true).cloned().collect()
+}
+
+/// Receipts go to their author's devices only, so the other members skip
+/// those generations of the sender's ratchet, and an MLS receiver refuses a
+/// message more than 1,024 generations ahead of the last it saw. However
+/// many receipts bob owes alice, carol still reads bob's next message, even
+/// one sent without the key update a command makes first.
+#[test]
+fn a_thousand_receipts_to_one_author_never_make_the_senders_next_message_unreadable_to_the_others() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    alice.ok(&["group", "create", "friends", "bob", "carol"]);
+    alice.send("friends", "hello");
+    let got = said(&bob.receive_json(&[]));
+    assert_eq!(texts(&got), ["hello"]);
+    assert_eq!(texts(&said(&carol.receive_json(&[]))), ["hello"]);
+    let conversation = got[0]["conversation"].as_str().unwrap_or_default().parse::<ConversationId>().expect("id");
+    let id = got[0]["id"].as_str().unwrap_or_default().parse::<MessageId>().expect("id");
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let queued = {
+        let me = Subrosa::open(&bob.home(), PASS).expect("opens bob's home");
+        let queued = rt.block_on(me.test_owe_receipts(conversation, "alice", id, 1_100)).expect("receipts sent");
+        rt.block_on(me.test_post_now(conversation, Body::Text("no update before me".into()))).expect("sent");
+        queued
+    };
+    assert!(queued < 1_024, "{queued} receipts went to alice alone");
+    assert_eq!(texts(&said(&carol.receive_json(&[]))), ["no update before me"]);
+    // The next command commits an update first: the ratchets start again.
+    bob.send("friends", "after an update");
+    assert_eq!(texts(&said(&carol.receive_json(&[]))), ["after an update"]);
+    assert_eq!(texts(&said(&alice.receive_json(&[]))), ["no update before me", "after an update"]);
+}

@@ -5,12 +5,17 @@
 //! So a device commits an update (an empty commit with a path) in each
 //! conversation after it sent [`UPDATE_AFTER_MESSAGES`](subrosa_session::rotation::UPDATE_AFTER_MESSAGES) messages there, or
 //! [`UPDATE_PERIOD_MS`](subrosa_session::rotation::UPDATE_PERIOD_MS) after its last update, at its next command (a
-//! `receive` included, so receive-only devices rotate too). Every other
+//! `receive` included, so receive-only devices rotate too; a device that
+//! stays connected, the daemon or the TUI, checks every 10 seconds). Every other
 //! commit it makes carries a path as well (the engine requires one), so any
 //! commit counts as an update. Above [`LARGE_GROUP_MEMBERS`](subrosa_session::rotation::LARGE_GROUP_MEMBERS) members the
 //! period stretches to [`LARGE_GROUP_PERIOD_MS`](subrosa_session::rotation::LARGE_GROUP_PERIOD_MS) and the message count
 //! triggers at most once a day, which bounds what a big group's members
-//! process per day. Members that have not committed for [`STALE_AFTER_MS`](subrosa_session::rotation::STALE_AFTER_MS)
+//! process per day; after [`UPDATE_AFTER_MESSAGES_ANY_SIZE`](subrosa_session::rotation::UPDATE_AFTER_MESSAGES_ANY_SIZE)
+//! messages any conversation updates, because receipts (sent to their
+//! author's devices only) leave the other members behind in this device's
+//! ratchet, and an MLS receiver accepts at most 1,024 generations ahead.
+//! Members that have not committed for [`STALE_AFTER_MS`](subrosa_session::rotation::STALE_AFTER_MS)
 //! are shown as stale by `members`.
 //!
 //! Key packages age too: a copy of the device's state holds their private

@@ -23,6 +23,7 @@
 use subrosa_core::content::{Body, Content, ReceiptKind, MAX_RECEIPT_IDS};
 use subrosa_proto::{ConversationId, DeviceAddress, Handle, MessageId};
 
+use crate::rotation::RECEIPTS_STOP_AFTER_MESSAGES;
 use crate::store::{ConversationRow, EarlyAction, StoredMessage, Tx};
 use crate::{ClientError, Outgoing, Session, SystemEvent};
 
@@ -220,6 +221,12 @@ impl Session {
             let target = row.target();
             let to = Outgoing { conversation: row.id, target: &target, group: row.kind == "group" };
             for ids in due.ids.chunks(MAX_RECEIPT_IDS) {
+                // Bounded by the generations other members can skip (see
+                // `rotation::RECEIPTS_STOP_AFTER_MESSAGES`): past it, the
+                // receipts wait for no one; the messages were stored.
+                if tx.key_update_state(&row.id)?.1 >= RECEIPTS_STOP_AFTER_MESSAGES {
+                    break;
+                }
                 let body = Body::Receipt { kind: due.kind, ids: ids.iter().copied().map(MessageId).collect() };
                 let (message_id, send_id) = (MessageId(self.random_id()?), self.random_id()?);
                 self.queue_body(&to, &body, message_id, send_id, None)?;

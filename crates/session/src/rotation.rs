@@ -14,6 +14,21 @@ pub const UPDATE_PERIOD_MS: u64 = DAY_MS;
 pub const LARGE_GROUP_MEMBERS: usize = 100;
 /// The update period in a large conversation.
 pub const LARGE_GROUP_PERIOD_MS: u64 = 7 * DAY_MS;
+/// A device updates its keys after sending this many messages in a
+/// conversation, whatever its size and however recent its last update.
+///
+/// Receipts go to their author's devices only, so every other member skips
+/// their generations of this device's sending ratchet; an MLS receiver
+/// refuses a message more than 1,024 generations ahead of the last one it
+/// saw from that sender (mls-rs's `MAX_RATCHET_BACK_HISTORY`), which would
+/// make this device's next message to all unreadable to a member who missed
+/// that many. A commit starts a new epoch, and every ratchet at generation 0.
+pub const UPDATE_AFTER_MESSAGES_ANY_SIZE: u64 = 500;
+/// Past this many messages since its last update, a device queues no more
+/// receipts in the conversation until an update lands (receipts are not
+/// messages the user wrote; an update due since 500 that could not be made
+/// yet, offline for instance, must not let the gap pass 1,024).
+pub const RECEIPTS_STOP_AFTER_MESSAGES: u64 = 900;
 /// A member that has not committed for this long is shown as stale.
 pub const STALE_AFTER_MS: u64 = 30 * DAY_MS;
 /// Key packages are replaced when older than this.
@@ -24,6 +39,9 @@ pub const KEY_PACKAGE_MAX_AGE_MS: u64 = 7 * DAY_MS;
 /// the number of member devices. A clock that went backwards never triggers.
 pub fn update_due(now_ms: u64, last_update_ms: u64, sent_since: u64, members: usize) -> bool {
     let age = now_ms.saturating_sub(last_update_ms);
+    if sent_since >= UPDATE_AFTER_MESSAGES_ANY_SIZE {
+        return true;
+    }
     if members > LARGE_GROUP_MEMBERS {
         age >= LARGE_GROUP_PERIOD_MS || (sent_since >= UPDATE_AFTER_MESSAGES && age >= DAY_MS)
     } else {
@@ -59,8 +77,19 @@ mod tests {
         assert!(!update_due(NOW, NOW - DAY_MS, 0, big));
         assert!(!update_due(NOW, NOW - 6 * DAY_MS, 0, big));
         assert!(update_due(NOW, NOW - 7 * DAY_MS, 0, big));
-        assert!(!update_due(NOW, NOW - 1000, 500, big), "at most once a day");
+        assert!(!update_due(NOW, NOW - 1000, 499, big), "at most once a day");
         assert!(update_due(NOW, NOW - DAY_MS, 100, big));
+    }
+
+    /// Receipts skip other members' generations: an update resets them
+    /// before a member could have missed the 1,024 an MLS receiver accepts.
+    #[test]
+    fn any_conversation_updates_after_500_messages_even_twice_a_day() {
+        for members in [2, LARGE_GROUP_MEMBERS + 1, 10_000] {
+            assert!(update_due(NOW, NOW - 1000, UPDATE_AFTER_MESSAGES_ANY_SIZE, members), "{members} members");
+        }
+        const { assert!(RECEIPTS_STOP_AFTER_MESSAGES > UPDATE_AFTER_MESSAGES_ANY_SIZE) };
+        const { assert!(RECEIPTS_STOP_AFTER_MESSAGES < 1024) };
     }
 
     /// `update_keys_where` skips loading a group when a tiny one would not
