@@ -789,8 +789,13 @@ impl Subrosa {
                     // this one stayed connected.
                     if !self.store().read(|tx| tx.outbox_is_empty())? {
                         self.flush_outbox_inner(false).await?;
-                        self.emit(on)?;
                     }
+                    // A device that stays connected for weeks (the daemon,
+                    // the TUI) rotates its keys like one that runs commands,
+                    // and its receipts never leave other members more
+                    // generations behind than they accept (`rotation`).
+                    self.update_due_keys().await?;
+                    self.emit(on)?;
                     continue;
                 }
             };
