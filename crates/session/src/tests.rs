@@ -1244,6 +1244,25 @@ fn receipts_go_to_the_author_alone_unnumbered_and_make_the_state_of_its_message(
     carol.unseen();
     carol.receive(&bob.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
     assert_eq!(texts(&carol.unseen()), ["after"]);
-    // Nobody owes a receipt for their own account's messages.
-    assert!(alice.session.store().read(|tx| tx.outbox()).expect("outbox").is_empty());
+}
+
+#[test]
+fn nobody_owes_a_receipt_for_their_own_accounts_messages() {
+    let (alice, bob) = (device("alice"), device("bob"));
+    let alice2 = linked(&alice);
+    let answers =
+        [account(&[&alice.session.identity(), &alice2.session.identity()]), account(&[&bob.session.identity()])];
+    let id = group_of(&[&alice, &alice2, &bob], &answers);
+    let to = Outgoing { conversation: id, target: "club", group: true };
+    alice.session.queue_text(&to, "hello", MessageId([7; 16]), [7; 16]).expect("queued");
+    let (q, req, _) = post_oldest(&alice);
+    alice.session.queued_sent(&q).expect("sent");
+    let hello = alice.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone());
+    for d in [&alice2, &bob] {
+        d.receive(&hello);
+        assert_eq!(stored(d, id, [7; 16]).text, "hello");
+    }
+    // Bob owes alice a delivery receipt; alice's other device owes nobody.
+    assert_eq!(post_oldest(&bob).1.parts[0].recipients.len(), 2, "to both of alice's devices");
+    assert!(alice2.session.store().read(|tx| tx.outbox()).expect("outbox").is_empty());
 }
