@@ -94,13 +94,72 @@ pub async fn run(mib: u64) -> anyhow::Result<()> {
     bob.save_attachments(&bob_home, &out)?;
     let save = start.elapsed().as_secs_f64();
 
+    let curl = curl_upload(&alice, &bob, tmp.path(), blob).await?;
+
     println!("{:<58} {:>10}", "step", "MiB/s");
     println!("{:<58} {:>10.1}", "raw AES-256-GCM, 64 KiB chunks, in memory (aws-lc-rs)", mib_s(size, raw));
     println!("{:<58} {:>10.1}", "seal: read file, STREAM AES-256-GCM, SHA-256, write blob", mib_s(size, seal));
     println!("{:<58} {:>10.1}", "upload: signed 4 MiB pieces to the server, stored", mib_s(size, upload));
+    match curl {
+        Some(secs) => {
+            println!("{:<58} {:>10.1}", "baseline: curl PUTs the same pieces, pre-signed, stored", mib_s(size, secs))
+        }
+        None => println!("{:<58} {:>10}", "baseline: curl PUTs the same pieces (curl not found)", "-"),
+    }
     println!("{:<58} {:>10.1}", "send end to end: seal + upload + message", mib_s(size, send));
     println!("{:<58} {:>10.1}", "receive: message, download, check every segment + SHA-256", mib_s(size, download));
     println!("{:<58} {:>10.1}", "save: open the kept blob into the downloads folder", mib_s(size, save));
     server.shutdown().await;
     Ok(())
+}
+
+/// The upload baseline: `curl` PUTs a blob of the same padded size to the
+/// same server, in the same 4 MiB pieces, each request signed beforehand
+/// (signing and writing the pieces are not timed), one connection reused.
+/// It shows what our client adds over a plain HTTP upload of the same
+/// bytes; the server's work is the same. `None` when curl is not installed.
+async fn curl_upload(alice: &Subrosa, bob: &Subrosa, dir: &std::path::Path, blob: u64) -> anyhow::Result<Option<f64>> {
+    use std::fmt::Write as _;
+    if std::process::Command::new("curl").arg("--version").output().is_err() {
+        return Ok(None);
+    }
+    let api = alice.api();
+    let created = api.blob_create(blob, vec![bob.identity().address()]).await?;
+    let pieces = dir.join("curl");
+    std::fs::create_dir(&pieces).context("curl pieces dir")?;
+    let mut config = String::new();
+    let (mut offset, mut i) = (0u64, 0usize);
+    while offset < blob {
+        let len = (blob - offset).min(subrosa_client::blobs::PIECE as u64);
+        let piece: Vec<u8> = (0..len).map(|j| (j as u8) ^ (i as u8)).collect();
+        let file = pieces.join(format!("{i}"));
+        std::fs::write(&file, &piece).context("write a piece")?;
+        let path = format!("/v1/blobs/{}?offset={offset}", created.blob);
+        let url = api.base().join(&path).context("url")?;
+        if i > 0 {
+            config.push_str("next\n");
+        }
+        let _ = writeln!(config, "url = \"{url}\"\nrequest = \"PUT\"\ndata-binary = \"@{}\"", file.display());
+        let _ = writeln!(config, "output = \"/dev/null\"\nfail\nsilent\nshow-error");
+        for (k, v) in api.signed_headers("PUT", &path, &piece)? {
+            let _ = writeln!(config, "header = \"{k}: {v}\"");
+        }
+        offset += len;
+        i += 1;
+    }
+    let config_file = pieces.join("config");
+    std::fs::write(&config_file, config).context("write the curl config")?;
+    let start = Instant::now();
+    // Off the runtime's threads: the in-process server answers meanwhile.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl").arg("--config").arg(&config_file).output()
+    })
+    .await
+    .context("curl task")?
+    .context("curl")?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let status = api.blob_status(&created.blob).await?;
+    anyhow::ensure!(status.received == blob, "curl stored {} of {blob} bytes", status.received);
+    Ok(Some(secs))
 }
