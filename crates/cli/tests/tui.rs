@@ -41,6 +41,11 @@ impl Pane {
     /// As [`Self::start`], with this passphrase in the environment (none:
     /// only a running daemon can serve it).
     fn start_with(user: &User, passphrase: Option<&str>) -> Pane {
+        Self::start_args(user, passphrase, &[])
+    }
+
+    /// As [`Self::start_with`], with these arguments after `tui`.
+    fn start_args(user: &User, passphrase: Option<&str>, args: &[&str]) -> Pane {
         let pane = Pane { dir: tempfile::tempdir().expect("tempdir") };
         // No escape delay (Esc then q must stay two keys), and a pane that
         // stays after the TUI exits, so its last words can be read.
@@ -49,9 +54,10 @@ impl Pane {
         // The shell around it writes the exit status (128+N for a signal)
         // and the TUI's standard error to files the test reads.
         let command = format!(
-            "'{}' --home '{}' tui 2>'{}'; echo $? >'{}'",
+            "'{}' --home '{}' tui {} 2>'{}'; echo $? >'{}'",
             subrosa_bin().display(),
             user.home().display(),
+            args.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" "),
             pane.dir.path().join("stderr").display(),
             pane.dir.path().join("exit").display()
         );
@@ -277,7 +283,9 @@ fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
 
     // An empty passphrase would not open bob's store: the daemon serves
     // this TUI.
-    let pane = Pane::start_with(&bob, None);
+    let downloads = bob.dir.path().join("downloads");
+    std::fs::create_dir(&downloads).unwrap();
+    let pane = Pane::start_args(&bob, None, &["--downloads", downloads.to_str().unwrap()]);
     pane.wait_for("online");
     pane.wait_for("before the tui");
     alice.send("bob", "live through the daemon");
@@ -292,6 +300,32 @@ fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
         got.contains(&"reply through the daemon".to_string())
     });
     assert!(arrived, "alice got {got:?}; bob's screen:\n{}", pane.screen());
+
+    // Files through the daemon: s saves one that came, A sends one, with
+    // the daemon's progress.
+    let theirs = alice.dir.path().join("from-alice.txt");
+    std::fs::write(&theirs, b"via the daemon").unwrap();
+    alice.ok(&["send", "bob", "--attach", theirs.to_str().unwrap()]);
+    pane.wait_for("[file] from-alice.txt (14 B)");
+    pane.keys(&["k", "s"]);
+    pane.wait_for("1 file(s) saved in");
+    assert_eq!(std::fs::read(downloads.join("from-alice.txt")).unwrap(), b"via the daemon");
+    let mine = bob.dir.path().join("from-bob.txt");
+    std::fs::write(&mine, b"and back").unwrap();
+    pane.keys(&["Escape", "A"]);
+    pane.type_text(mine.to_str().unwrap());
+    pane.keys(&["Enter"]);
+    pane.wait_for("[file] from-bob.txt (8 B) sent");
+    let alice_dl = alice.dir.path().join("downloads");
+    std::fs::create_dir(&alice_dl).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            alice.receive_json(&["--timeout", "1", "--downloads", alice_dl.to_str().unwrap()]);
+            std::fs::read(alice_dl.join("from-bob.txt")).is_ok_and(|b| b == b"and back")
+        }),
+        "alice never got from-bob.txt; bob's screen:\n{}",
+        pane.screen()
+    );
     pane.keys(&["q"]);
     assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
     assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
@@ -336,4 +370,110 @@ fn a_shown_conversation_is_read_and_reactions_and_edits_appear_live() {
         pane.screen()
     );
     pane.keys(&["q"]);
+}
+
+/// Waits until `user`'s history with `with` has a message that `pred`
+/// accepts (receiving meanwhile); fails with what it had.
+fn wait_for_history(user: &User, with: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let mut seen = Vec::new();
+    let found = wait_until(Duration::from_secs(60), || {
+        user.receive_json(&["--timeout", "1"]);
+        seen = user.history_json(with);
+        seen.iter().any(&pred)
+    });
+    assert!(found, "{} never saw {what}; history: {seen:#?}", user.name);
+}
+
+#[test]
+fn on_a_selected_message_the_tui_replies_reacts_edits_deletes_and_moves_files() {
+    if !Pane::tmux_available() {
+        eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
+        return;
+    }
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    bob.send("alice", "pick me");
+    alice.receive_json(&[]);
+    let pick = alice.history_json("bob")[0]["id"].as_str().unwrap().to_string();
+    let downloads = alice.dir.path().join("downloads");
+    std::fs::create_dir(&downloads).unwrap();
+    let pane = Pane::start_args(&alice, Some(PASS), &["--downloads", downloads.to_str().unwrap()]);
+    pane.wait_for("bob: pick me");
+
+    // k selects bob's message; the help line turns to what can be done.
+    pane.keys(&["Tab", "k"]);
+    pane.wait_for(" dd  delete");
+    // + and an emoji: bob sees alice's reaction.
+    pane.keys(&["+"]);
+    pane.type_text("🎉");
+    pane.keys(&["Enter"]);
+    pane.wait_for("pick me [🎉 alice]");
+    wait_for_history(&bob, "alice", "alice's reaction", |m| {
+        m["text"] == "pick me" && m["reactions"][0]["emoji"] == "🎉" && m["reactions"][0]["from"][0] == "alice"
+    });
+
+    // r: a reply, quoted in the TUI, arrives as a reply to it.
+    pane.keys(&["r"]);
+    pane.wait_for("Reply to bob");
+    pane.type_text("picked");
+    pane.keys(&["Enter", "Escape"]);
+    pane.wait_for("↱ bob: pick me");
+    wait_for_history(&bob, "alice", "the reply", |m| m["text"] == "picked" && m["reply_to"] == pick.as_str());
+
+    // j to alice's reply, e to change it: bob sees the new text, edited.
+    pane.keys(&["j", "e"]);
+    pane.wait_for("Edit your message");
+    pane.keys(&["C-u"]);
+    pane.type_text("chosen");
+    pane.keys(&["Enter"]);
+    pane.wait_for("you: chosen (edited)");
+    wait_for_history(&bob, "alice", "the edit", |m| m["text"] == "chosen" && m["edited"] == true);
+
+    // dd: deleted for everyone.
+    pane.keys(&["d"]);
+    pane.wait_for("d again deletes it");
+    pane.keys(&["d"]);
+    pane.wait_for("you: (deleted)");
+    wait_for_history(&bob, "alice", "the delete", |m| m["deleted"] == true && m["outgoing"] == false);
+
+    // bob edits from the command line: alice's screen shows it live.
+    bob.ok(&["edit", "alice", &pick, "pick me, please"]);
+    pane.wait_for("bob: pick me, please (edited)");
+
+    // A: a file from a path typed in the composer reaches bob intact.
+    let file = alice.dir.path().join("plan.txt");
+    std::fs::write(&file, b"meet at the bridge").unwrap();
+    pane.keys(&["Escape", "A"]);
+    pane.wait_for("File to send");
+    pane.type_text(file.to_str().unwrap());
+    pane.keys(&["Enter"]);
+    pane.wait_for("[file] plan.txt (18 B) sent");
+    let bob_dl = bob.dir.path().join("downloads");
+    std::fs::create_dir(&bob_dl).unwrap();
+    let mut got = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            bob.receive_json(&["--timeout", "1", "--downloads", bob_dl.to_str().unwrap()]);
+            got = std::fs::read(bob_dl.join("plan.txt")).unwrap_or_default();
+            !got.is_empty()
+        }),
+        "bob never got plan.txt; alice's screen:\n{}",
+        pane.screen()
+    );
+    assert_eq!(got, b"meet at the bridge");
+
+    // bob sends a file; s on it saves it into alice's downloads directory.
+    let theirs = bob.dir.path().join("map.txt");
+    std::fs::write(&theirs, b"X marks the spot").unwrap();
+    bob.ok(&["send", "alice", "the map", "--attach", theirs.to_str().unwrap()]);
+    pane.wait_for("[file] map.txt (16 B) not downloaded yet");
+    pane.keys(&["G", "k", "s"]);
+    pane.wait_for("1 file(s) saved in");
+    pane.wait_for(&format!("saved to {}", downloads.join("map.txt").display()));
+    assert_eq!(std::fs::read(downloads.join("map.txt")).unwrap(), b"X marks the spot");
+
+    pane.keys(&["q"]);
+    assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
+    assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
 }
