@@ -401,10 +401,9 @@ fn draw_status(frame: &mut Frame, app: &App, area: Rect) {
     });
 
     if let Some(p) = &app.progress {
-        let figures = if p.total > 0 {
-            format!(" {}% ({} of {})", p.done.saturating_mul(100) / p.total, size(p.done), size(p.total))
-        } else {
-            "…".into()
+        let figures = match p.done.saturating_mul(100).checked_div(p.total) {
+            Some(percent) => format!(" {percent}% ({} of {})", size(p.done), size(p.total)),
+            None => "…".into(),
         };
         spans.push(Span::raw(" │ "));
         spans.push(Span::styled(format!("{}{figures}", clean(&p.label)), Style::default().fg(Color::Cyan)));

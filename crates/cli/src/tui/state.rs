@@ -1036,11 +1036,10 @@ impl App {
                     self.delete_armed = Some(m.id);
                 }
             }
-            KeyCode::Char('+') => {
-                if self.acted_on("react to", false).is_some() {
-                    self.mode = Mode::Command;
-                    self.prompt = Editor { text: "react ".into(), cursor: "react ".len() };
-                }
+            // (Without a message to react to, `acted_on` says so.)
+            KeyCode::Char('+') if self.acted_on("react to", false).is_some() => {
+                self.mode = Mode::Command;
+                self.prompt = Editor { text: "react ".into(), cursor: "react ".len() };
             }
             KeyCode::Char('-') => return self.unreact(None),
             KeyCode::Char('s') => return self.save(),
