@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use subrosa_client::store::{History as _, StoredMessage};
+use subrosa_client::store::StoredMessage;
 use subrosa_client::{MessageState, Subrosa, Target};
 
 use crate::load::{ServerOptions, SpawnedServer};
