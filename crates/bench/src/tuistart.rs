@@ -35,7 +35,14 @@ pub async fn run(conversations: usize, messages: usize, rounds: usize, server: &
     let here = std::env::current_exe().context("cannot find this binary")?;
     let bin = here.with_file_name(format!("subrosa{}", std::env::consts::EXE_SUFFIX));
     anyhow::ensure!(bin.exists(), "{} not found: build it (cargo build --release -p subrosa-cli)", bin.display());
-    let spawned = SpawnedServer::start(server).await?;
+    // Making the homes is many requests in a row from one device: not what
+    // is measured, so the server's per-device rate limit is off unless
+    // --server-arg says otherwise.
+    let mut server = server.clone();
+    if !server.server_arg.iter().any(|a| a.starts_with("--rate-limit")) {
+        server.server_arg.extend(["--rate-limit".to_string(), "0".to_string()]);
+    }
+    let spawned = SpawnedServer::start(&server).await?;
     let dir = tempfile::Builder::new().prefix("subrosa-tuistart-").tempdir().context("temporary directory")?;
     let result = async {
         let (big, small) = make_homes(dir.path(), &spawned.url, conversations, messages).await?;
