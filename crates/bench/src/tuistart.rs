@@ -153,6 +153,9 @@ fn first_frame(bin: &Path, home: &Path, cached: bool) -> anyhow::Result<Duration
         .stderr(Stdio::from(slave))
         .spawn()
         .with_context(|| format!("running {}", bin.display()))?;
+    // The terminal's other end stays open only in the child: once it
+    // exits, reading the master ends.
+    drop(command);
     // Read what it draws, so it never waits on a full terminal; the read
     // ends (EIO) once the child closed the terminal.
     let drain = std::thread::spawn(move || {
