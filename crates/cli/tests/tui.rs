@@ -46,6 +46,11 @@ impl Pane {
 
     /// As [`Self::start_with`], with these arguments after `tui`.
     fn start_args(user: &User, passphrase: Option<&str>, args: &[&str]) -> Pane {
+        Self::start_env(user, passphrase, args, &[])
+    }
+
+    /// As [`Self::start_args`], with these variables in the environment.
+    fn start_env(user: &User, passphrase: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Pane {
         let pane = Pane { dir: tempfile::tempdir().expect("tempdir") };
         // No escape delay (Esc then q must stay two keys), and a pane that
         // stays after the TUI exits, so its last words can be read.
@@ -72,6 +77,7 @@ impl Pane {
             .env("TERM", "xterm-256color")
             .env_remove("SUBROSA_HOME")
             .env_remove("TMUX")
+            .envs(env.iter().copied())
             .output()
             .expect("tmux runs");
         assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
@@ -477,4 +483,114 @@ fn on_a_selected_message_the_tui_replies_reacts_edits_deletes_and_moves_files() 
     pane.keys(&["q"]);
     assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
     assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
+}
+
+/// A private D-Bus session bus, and a monitor printing every call to the
+/// notification service on it (no notification server needs to answer: the
+/// call itself is what the desktop would show).
+struct Bus {
+    daemon: std::process::Child,
+    monitor: std::process::Child,
+    address: String,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Bus {
+    fn start() -> Option<Bus> {
+        // (dbus-monitor has no --version: that it runs at all is enough.)
+        let available = |c: &str| Command::new(c).arg("--version").output().is_ok();
+        if !available("dbus-daemon") || !available("dbus-monitor") {
+            return None;
+        }
+        let mut daemon = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        let mut address = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.stdout.take()?), &mut address).ok()?;
+        let address = address.trim().to_string();
+        let mut monitor = Command::new("dbus-monitor")
+            .args(["--address", &address, "interface='org.freedesktop.Notifications'"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (out, into) = (monitor.stdout.take()?, seen.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                into.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Some(Bus { daemon, monitor, address, seen })
+    }
+
+    fn seen(&self) -> String {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.monitor.kill();
+        let _ = self.daemon.kill();
+        let _ = self.monitor.wait();
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn a_desktop_notification_names_the_sender_and_never_the_text_unless_asked() {
+    if !Pane::tmux_available() {
+        eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
+        return;
+    }
+    let Some(bus) = Bus::start() else {
+        eprintln!("SKIPPED: no dbus-daemon and dbus-monitor, so notifications were not watched");
+        return;
+    };
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    bob.send("alice", "first");
+    carol.send("alice", "first too");
+    alice.receive_json(&[]);
+    let env = [("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())];
+    let pane = Pane::start_env(&alice, Some(PASS), &["--notifications", "on"], &env);
+    pane.wait_for("online");
+    // Whichever is on screen, the other one notifies.
+    let shown = if pane.screen().contains("bob: first") { "bob" } else { "carol" };
+    let other = if shown == "bob" { &carol } else { &bob };
+    other.send("alice", "the secret <b>plan</b>");
+    pane.wait_for("the secret");
+    let mut seen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen = bus.seen();
+            seen.contains("New message")
+        }),
+        "no notification on the bus: {seen}"
+    );
+    assert!(seen.contains("member=Notify") && seen.contains(&format!("\"{}\"", other.name)), "{seen}");
+    assert!(!seen.contains("secret"), "the text stays off the desktop: {seen}");
+    pane.keys(&["q"]);
+    drop(pane);
+
+    // with-text: the text, its markup escaped. (The conversation that had
+    // the newest message is on screen now: the first one writes.)
+    let pane = Pane::start_env(&alice, Some(PASS), &["--notifications", "with-text"], &env);
+    pane.wait_for("online");
+    let first = if shown == "bob" { &bob } else { &carol };
+    first.send("alice", "now <b>shown</b> & told");
+    pane.wait_for("now <b>shown</b>");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen = bus.seen();
+            seen.contains("now &lt;b&gt;shown&lt;/b&gt; &amp; told")
+        }),
+        "{seen}"
+    );
+    pane.keys(&["q"]);
 }
