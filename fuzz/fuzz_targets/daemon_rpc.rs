@@ -22,6 +22,8 @@ fn each_params(p: serde_json::Value) {
     let _ = params::<CreateGroupParams>(p.clone());
     let _ = params::<HandleParams>(p.clone());
     let _ = params::<VerifyParams>(p.clone());
+    let _ = params::<SaveFilesParams>(p.clone());
+    let _ = params::<SettingsParams>(p.clone());
     let _ = params::<NoParams>(p);
 }
 

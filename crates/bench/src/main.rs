@@ -10,6 +10,7 @@
 //! cargo run --release -p subrosa-bench -- kt-publish [--handles 10000] [--batch 10000] [--samples 50]
 //! cargo run --release -p subrosa-bench -- media      [--frames 5000]
 //! cargo build --release -p subrosa-cli -p subrosa-server && cargo run --release -p subrosa-bench -- coldstart [--sends 15]
+//! cargo build --release -p subrosa-cli -p subrosa-server && cargo run --release -p subrosa-bench -- tui-start [--conversations 100] [--messages 10000] [--rounds 10]
 //! ```
 //!
 //! - `catchup`: decrypt-and-store msgs/s of a device coming online to
@@ -20,6 +21,11 @@
 //! - `coldstart`: whole-process wall and CPU time of a cold `subrosa send`
 //!   over a real server process, with the session key cache beside the
 //!   baseline without it (see `coldstart.rs`).
+//!
+//! - `tui-start`: whole-process wall time of `subrosa tui` from spawn to
+//!   its first frame on a pseudo-terminal, with 100 conversations and
+//!   10,000 messages beside the baseline of one conversation with one
+//!   message (see `tuistart.rs`).
 //!
 //! - `crypto`: messages per second for encrypt + decrypt of one message of
 //!   `--size` bytes, in five rows measured in the same run: (a) raw
@@ -76,6 +82,7 @@ mod loadgen;
 mod media;
 mod net;
 mod roster;
+mod tuistart;
 mod updates;
 mod xmpp;
 
@@ -221,6 +228,20 @@ enum Command {
         #[command(flatten)]
         server: load::ServerOptions,
     },
+    /// Whole-process time of `subrosa tui` to its first frame: many conversations beside one (the baseline).
+    TuiStart {
+        /// Conversations (groups with one other member).
+        #[arg(long, default_value_t = 100)]
+        conversations: usize,
+        /// Messages in all, spread evenly.
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        /// Timed processes per row.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[command(flatten)]
+        server: load::ServerOptions,
+    },
     /// Key-directory publish time, proof sizes and verification times.
     KtPublish {
         /// Handles in the directory.
@@ -326,6 +347,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(sends > 0, "--sends must be at least 1");
             anyhow::ensure!(server.server.is_none(), "coldstart spawns its own server: --server is not supported");
             runtime()?.block_on(coldstart::run(sends, &server))
+        }
+        Command::TuiStart { conversations, messages, rounds, server } => {
+            anyhow::ensure!(conversations > 0 && rounds > 0, "--conversations and --rounds must be at least 1");
+            anyhow::ensure!(messages >= conversations, "--messages must be at least --conversations (one each)");
+            anyhow::ensure!(server.server.is_none(), "tui-start spawns its own server: --server is not supported");
+            runtime()?.block_on(tuistart::run(conversations, messages, rounds, &server))
         }
         Command::KtPublish { handles, batch, samples } => {
             anyhow::ensure!(handles >= 100, "--handles must be at least 100");

@@ -116,6 +116,11 @@ pub(crate) fn lines(files: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// A file refused on download, told on stderr.
+pub(crate) fn print_refused(name: &str, why: &str) {
+    eprintln!("error: the attachment {} was refused and not kept: {}", safe(name), safe(why));
+}
+
 /// Downloads and checks what arrived, then saves it into `downloads` when
 /// given. Returns the refused files, each told on stderr.
 pub(crate) async fn fetch_and_save(me: &Subrosa, home: &Path, downloads: Option<&Path>) -> Result<usize> {
@@ -139,7 +144,7 @@ pub(crate) async fn fetch_and_save(me: &Subrosa, home: &Path, downloads: Option<
         .await?;
     drop(bars);
     for (row, why) in &refused {
-        eprintln!("error: the attachment {} was refused and not kept: {}", safe(&row.file.name), safe(why));
+        print_refused(&row.file.name, why);
     }
     if let Some(dir) = downloads {
         me.save_attachments(home, dir)?;

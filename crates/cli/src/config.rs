@@ -14,6 +14,9 @@
 //! # Where `receive` saves attachments (as --downloads); outside the home
 //! # directory, whose files stay encrypted.
 //! downloads = "/home/me/Downloads/subrosa"
+//! # Desktop notifications of `subrosa tui` (as --notifications): "off",
+//! # "on" (who wrote, never what) or "with-text".
+//! notifications = "on"
 //! ```
 //!
 //! A key this version does not know is an error that names it, so a typo
@@ -43,6 +46,37 @@ pub struct Config {
     pub daemon: Option<bool>,
     /// As `receive --downloads`: where received files are saved.
     pub downloads: Option<PathBuf>,
+    /// As `tui --notifications`: desktop notifications (off by default).
+    pub notifications: Option<crate::tui::notify::Notifications>,
+}
+
+/// Plaintext goes only where the user asked, and never among the home
+/// directory's encrypted files (nor is a relative path resolved against
+/// wherever a command happens to run): why `dir` is no place for saved
+/// files, if it is not.
+fn downloads_place(home: &Path, dir: &Path) -> Result<(), String> {
+    if !dir.is_absolute() {
+        return Err("must be an absolute path".into());
+    }
+    let home_abs = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    let d_abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if d_abs.starts_with(&home_abs) || dir.starts_with(home) {
+        return Err(format!("must be outside the home directory {} (its files stay encrypted)", home.display()));
+    }
+    Ok(())
+}
+
+/// Checks a directory files are about to be saved into: absolute, outside
+/// the home directory, and there.
+///
+/// # Errors
+/// One line naming `dir` and what is wrong with it.
+pub fn check_downloads(home: &Path, dir: &Path) -> Result<()> {
+    downloads_place(home, dir).map_err(|e| anyhow!("downloads {}: {e}", dir.display()))?;
+    if !dir.is_dir() {
+        return Err(anyhow!("downloads {}: not a directory", dir.display()));
+    }
+    Ok(())
 }
 
 /// The file of `home`.
@@ -68,21 +102,7 @@ impl Config {
         };
         let config = Self::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         if let Some(d) = &config.downloads {
-            // Plaintext goes only where the user asked, and never among the
-            // home directory's encrypted files (nor is a relative path
-            // resolved against wherever a command happens to run).
-            if !d.is_absolute() {
-                return Err(anyhow!("{}: downloads must be an absolute path", path.display()));
-            }
-            let home_abs = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
-            let d_abs = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
-            if d_abs.starts_with(&home_abs) || d.starts_with(home) {
-                return Err(anyhow!(
-                    "{}: downloads must be outside the home directory {} (its files stay encrypted)",
-                    path.display(),
-                    home.display()
-                ));
-            }
+            downloads_place(home, d).map_err(|e| anyhow!("{}: downloads {e}", path.display()))?;
         }
         Ok(config)
     }

@@ -145,9 +145,43 @@ struct Pending {
     high: u64,
 }
 
+/// What went wrong that no answer carried, until a front end asks
+/// (`failures`).
+#[derive(Debug, Default, Serialize)]
+struct Failures {
+    /// Queued sends the server refused: `{message, reason}`.
+    failed_sends: Vec<Value>,
+    /// Messages dropped, not decryptable: `{from, reason}`.
+    dropped: Vec<Value>,
+    /// Files refused: `{name, reason}`.
+    refused_files: Vec<Value>,
+}
+
+/// Most of each kind kept (a flood of undecryptable messages must not
+/// grow the daemon without end); the count beyond is in the log only.
+const MAX_FAILURES: usize = 1000;
+
+impl Failures {
+    fn push(list: &mut Vec<Value>, v: Value) {
+        if list.len() < MAX_FAILURES {
+            list.push(v);
+        } else {
+            tracing::warn!("more failures than are kept for front ends");
+        }
+    }
+}
+
+fn failed_value(f: &subrosa_client::FailedSend) -> Value {
+    json!({ "message": f.message.as_ref().map(message_value), "reason": f.reason })
+}
+
 /// What the daemon shares between connections.
 struct Shared {
     client: Client,
+    /// The home directory (files are sealed into it, and kept there).
+    home: PathBuf,
+    /// What went wrong, for the next `failures`.
+    failures: Mutex<Failures>,
     /// This device's id (hex): its own sends are not handed out.
     me: String,
     acked: Mutex<Acked>,
@@ -235,11 +269,13 @@ pub enum Listen {
 ///
 /// # Errors
 /// The socket cannot be made; the store; the handle's fatal errors.
-pub async fn run(client: &Client, listen: Listen, _lock: HomeLock) -> Result<ExitCode> {
+pub async fn run(client: &Client, home: &Path, listen: Listen, _lock: HomeLock) -> Result<ExitCode> {
     let me = client.device().identity().device_id().to_hex();
     let acked = load_acked(client.device())?;
     let shared = Arc::new(Shared {
         client: client.clone(),
+        home: home.to_path_buf(),
+        failures: Mutex::new(Failures::default()),
         me,
         acked: Mutex::new(acked),
         connected: std::sync::atomic::AtomicBool::new(false),
@@ -252,6 +288,18 @@ pub async fn run(client: &Client, listen: Listen, _lock: HomeLock) -> Result<Exi
                 let now = match events.recv().await {
                     Ok(ClientEvent::Connected) => true,
                     Ok(ClientEvent::Disconnected { .. }) => false,
+                    // Kept for the next `failures`.
+                    Ok(ClientEvent::SendFailed(f)) => {
+                        let mut failures = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+                        Failures::push(&mut failures.failed_sends, failed_value(&f));
+                        continue;
+                    }
+                    Ok(ClientEvent::Dropped { from, reason }) => {
+                        let dropped = json!({ "from": from, "reason": reason });
+                        let mut failures = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+                        Failures::push(&mut failures.dropped, dropped);
+                        continue;
+                    }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
@@ -615,13 +663,20 @@ async fn call(
     let plain = |v: Value| -> Answer { Ok((v, None)) };
     match method {
         "send" => {
-            let SendParams { recipient, conversation, message, reply_to } = params(p)?;
+            let SendParams { recipient, conversation, message, reply_to, attachments } = params(p)?;
             let place = Which { recipient, conversation }.place()?;
             // Stored and queued (the server away) is a result in state
             // `queued`, not an error: a bot must not send it again.
             let to = target_of(me, place).await?;
-            match reply_to {
-                Some(id) => {
+            if !attachments.is_empty() {
+                return send_files(shared, tx, &to, &message, reply_to.is_some(), &attachments).await;
+            }
+            match (reply_to, &to) {
+                // A reply stored and queued comes back in state `queued`.
+                (Some(id), Target::Conversation(c)) => {
+                    plain(message_json(me, &client.reply(c, &message, message_id(&id)?).await?))
+                }
+                (Some(id), _) => {
                     let id = message_id(&id)?;
                     match me.reply(&to, &message, id, false).await {
                         Ok(m) => plain(message_json(me, &m)),
@@ -629,8 +684,26 @@ async fn call(
                         Err(e) => Err(e.into()),
                     }
                 }
-                None => plain(message_json(me, &client.send_text_to(&to, &message).await?)),
+                (None, _) => plain(message_json(me, &client.send_text_to(&to, &message).await?)),
             }
+        }
+        "saveFiles" => {
+            let SaveFilesParams { recipient, conversation, message_id: id, dir } = params(p)?;
+            let conversation = match (Which { recipient, conversation }).place()? {
+                Place::Id(id) => id,
+                Place::Named(t) => crate::target::conversation(me, &t)?,
+            };
+            let id = message_id(&id)?;
+            let dir = PathBuf::from(dir);
+            crate::config::check_downloads(&shared.home, &dir)?;
+            let refused = me.fetch_attachments(&shared.home, &mut progress_lines(tx)).await?;
+            me.save_attachments_of(&shared.home, &dir, &conversation, &id.0)?;
+            if let Some((_, why)) = refused.iter().find(|(r, _)| r.conversation == conversation && r.message_id == id.0)
+            {
+                return Err(Failure(COMMAND_FAILED, format!("refused, not saved: {}", term::safe(why))));
+            }
+            let files = me.attachments_of(&conversation, &id.0)?;
+            plain(json!({ "attachments": crate::attach::json(&files) }))
         }
         // Reactions, edits and deletes answer `{"queued": false}` once the
         // server has them, `{"queued": true}` when stored and sent later
@@ -658,11 +731,31 @@ async fn call(
                 Place::Id(id) => id,
                 Place::Named(t) => crate::target::conversation(me, &t)?,
             };
+            let receipts = me.read_receipts()?;
             match me.read(&id).await {
-                Ok(n) => plain(json!({ "read": n, "queued": false })),
-                Err(ClientError::Pending(_)) => plain(json!({ "queued": true })),
+                Ok(n) => plain(json!({ "read": n, "queued": false, "readReceipts": receipts })),
+                Err(ClientError::Pending(_)) => plain(json!({ "queued": true, "readReceipts": receipts })),
                 Err(e) => Err(e.into()),
             }
+        }
+        "settings" => {
+            let SettingsParams { read_receipts } = params(p)?;
+            if let Some(on) = read_receipts {
+                me.set_read_receipts(on)?;
+            }
+            plain(json!({ "readReceipts": me.read_receipts()? }))
+        }
+        // What went wrong since a front end last asked, where no answer
+        // could carry it: queued sends the server refused, messages that
+        // could not be decrypted, files refused (a `receive` without a
+        // daemon prints them and exits with its status from them).
+        "failures" => {
+            params::<NoParams>(p)?;
+            let mut failures = std::mem::take(&mut *shared.failures.lock().unwrap_or_else(|p| p.into_inner()));
+            for f in me.take_failed_sends()? {
+                failures.failed_sends.push(failed_value(&f));
+            }
+            plain(serde_json::to_value(&failures).unwrap_or(Value::Null))
         }
         "history" => {
             let history = match params::<Which>(p)?.place()? {
@@ -675,9 +768,13 @@ async fn call(
             plain(messages_json(me, &history))
         }
         "receive" => {
-            let ReceiveParams { timeout } = params(p)?;
+            let ReceiveParams { timeout, downloads } = params(p)?;
             if !(0.0..=MAX_WAIT_SECS).contains(&timeout) || timeout.is_nan() {
                 return Err(invalid(format!("timeout takes seconds from 0 to {MAX_WAIT_SECS}")));
+            }
+            let downloads = downloads.map(PathBuf::from);
+            if let Some(dir) = &downloads {
+                crate::config::check_downloads(&shared.home, dir)?;
             }
             let mut events = client.events();
             let mut got = shared.pending(shared.acked().max(floor), 0)?;
@@ -692,6 +789,18 @@ async fn call(
                         }
                         Ok(Ok(_)) => {}
                     }
+                }
+            }
+            // Files are downloaded and checked (and saved, when asked)
+            // before the messages are handed over, as without a daemon.
+            let refused = me.fetch_attachments(&shared.home, &mut |_, _, _| {}).await?;
+            if let Some(dir) = &downloads {
+                me.save_attachments(&shared.home, dir)?;
+            }
+            if !refused.is_empty() {
+                let mut failures = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+                for (row, why) in refused {
+                    Failures::push(&mut failures.refused_files, json!({ "name": row.file.name, "reason": why }));
                 }
             }
             // Acknowledged once the answer was written.
@@ -855,6 +964,52 @@ async fn call(
             plain(json!({ "version": env!("CARGO_PKG_VERSION") }))
         }
         _ => Err(Failure(METHOD_NOT_FOUND, format!("no method {:?}", term::safe(method)))),
+    }
+}
+
+/// `send` with files: sealed, uploaded (with `progress` notifications on
+/// the caller's connection) and sent as one message, as `send --attach`.
+async fn send_files(
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<Outgoing>,
+    to: &Target,
+    caption: &str,
+    reply: bool,
+    attachments: &[String],
+) -> Answer {
+    let me = shared.device();
+    if reply {
+        return Err(invalid("replyTo does not go with attachments yet: send the files, then reply"));
+    }
+    let paths: Vec<PathBuf> = attachments.iter().map(PathBuf::from).collect();
+    // Relative to what? The daemon's working directory is not the caller's.
+    if let Some(p) = paths.iter().find(|p| !p.is_absolute()) {
+        return Err(invalid(format!("attachments take absolute paths: {}", term::safe(&p.to_string_lossy()))));
+    }
+    match me.send_attachments(&shared.home, to, caption, &paths, false, &mut progress_lines(tx)).await {
+        Ok(Some(m)) => Ok((message_json(me, &m), None)),
+        Ok(None) => Err(Failure(COMMAND_FAILED, "the files were sent without a history line".into())),
+        Err(ClientError::Pending(_)) => Ok((json!({ "queued": true }), None)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A transfer's progress as `progress` notifications on one connection
+/// (`{"label", "done", "total"}`, at most one per percent; dropped, never
+/// waited for, when the connection is behind).
+fn progress_lines(tx: &mpsc::Sender<Outgoing>) -> impl FnMut(&str, u64, u64) + Send {
+    let tx = tx.clone();
+    let mut last: Option<(String, u64)> = None;
+    move |label: &str, done: u64, total: u64| {
+        let percent = done.saturating_mul(100).checked_div(total).unwrap_or(0);
+        if last.as_ref().is_some_and(|(l, p)| l == label && *p == percent) {
+            return;
+        }
+        last = Some((label.to_string(), percent));
+        let params = json!({ "label": label, "done": done, "total": total });
+        if let Ok(line) = term::json_line(&json!({ "jsonrpc": "2.0", "method": "progress", "params": params })) {
+            let _ = tx.try_send((line, None));
+        }
     }
 }
 

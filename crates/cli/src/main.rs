@@ -247,7 +247,20 @@ enum Command {
     },
     /// A terminal UI: conversations, live chat, groups, safety numbers
     /// (keys are listed at the bottom of the screen; `?` shows them all).
-    Tui,
+    Tui {
+        /// Where `s` saves a message's files [default: `downloads` in
+        /// config.toml]; outside the home directory.
+        #[arg(long, value_name = "DIR")]
+        downloads: Option<PathBuf>,
+        /// Desktop notifications of new messages [default:
+        /// `notifications` in config.toml, else off]: `on` names who wrote,
+        /// never the text; `with-text` shows the text too.
+        #[arg(long, value_enum, value_name = "WHEN")]
+        notifications: Option<tui::notify::Notifications>,
+        /// Draw the first frame and end (for the start-up benchmark).
+        #[arg(long, hide = true)]
+        exit_after_first_frame: bool,
+    },
     /// Call a handle or a group: media is end-to-end encrypted (SFrame keyed
     /// from the conversation's MLS group) and flows through the server's
     /// relay, which cannot listen. Headless: a WAV file in, a WAV file out.
@@ -411,7 +424,7 @@ fn main() -> ExitCode {
     };
     // The TUI owns the terminal: a log line there would tear the screen,
     // so it logs only when asked to (SUBROSA_LOG, with stderr redirected).
-    let default_filter = if matches!(cli.command, Command::Tui) { "off" } else { "warn" };
+    let default_filter = if matches!(cli.command, Command::Tui { .. }) { "off" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SUBROSA_LOG").unwrap_or_else(|_| default_filter.into()),
@@ -428,7 +441,7 @@ fn main() -> ExitCode {
     };
     #[cfg(unix)]
     let daemon = matches!(cli.command, Command::Daemon { .. });
-    let tui = matches!(cli.command, Command::Tui);
+    let tui = matches!(cli.command, Command::Tui { .. });
     let result = runtime.block_on(run(cli, env_passphrase));
     // A daemon on standard input leaves a read of it blocked in the
     // runtime's thread pool, which would hold the exit up forever; so may
@@ -637,11 +650,7 @@ async fn follow_events(client: &Client, json: bool) -> Result<ExitCode> {
         ClientEvent::Message(m) | ClientEvent::System(m) => print_message(client.device(), &m, json),
         ClientEvent::Alert(a) => eprintln!("warning: {}", safe(&a)),
         ClientEvent::SendFailed(f) => print_failed(&f),
-        ClientEvent::Dropped { from, reason } => eprintln!(
-            "warning: dropped a message from {} that could not be decrypted or authenticated: {}",
-            safe(&from),
-            safe(&reason)
-        ),
+        ClientEvent::Dropped { from, reason } => print_dropped(&from, &reason),
         ClientEvent::Disconnected { reason, retry_in } => {
             eprintln!("warning: {}; reconnecting in {:.1} s", safe(&reason), retry_in.as_secs_f64())
         }
@@ -763,6 +772,34 @@ fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, json:
     let _ = out.flush();
 }
 
+/// A message dropped on arrival, told on stderr.
+fn print_dropped(from: &str, reason: &str) {
+    eprintln!(
+        "warning: dropped a message from {} that could not be decrypted or authenticated: {}",
+        safe(from),
+        safe(reason)
+    );
+}
+
+/// The exit of a `receive` that dropped `n` messages (none: carry on).
+fn dropped_exit(n: usize) -> Option<ExitCode> {
+    (n > 0).then(|| {
+        eprintln!("error: {n} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
+        ExitCode::FAILURE
+    })
+}
+
+/// What `read` prints.
+fn print_read(n: u64, receipts: bool) {
+    let receipts = if receipts { "" } else { " (read receipts are off: nobody was told)" };
+    out!("marked {n} message(s) read{receipts}");
+}
+
+/// What `settings read-receipts` prints.
+fn print_read_receipts(on: bool) {
+    out!("read receipts: {}", if on { "on" } else { "off" });
+}
+
 /// A queued message the server refused, told on stderr.
 fn print_failed(f: &FailedSend) {
     match &f.message {
@@ -785,8 +822,8 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
     let key_cache = config.key_cache(cli.key_cache)?;
     let mut command = cli.command;
     // A downloads directory in the file is as if given to every `receive`
-    // (and keeps it out of a daemon, which does not save files).
-    if let Command::Receive { downloads: d @ None, .. } = &mut command {
+    // (and to the TUI's `s`).
+    if let Command::Receive { downloads: d @ None, .. } | Command::Tui { downloads: d @ None, .. } = &mut command {
         d.clone_from(&config.downloads);
     }
     match command {
@@ -875,11 +912,17 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                 ));
             }
             #[cfg(unix)]
-            if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui)) {
+            if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui { .. })) {
                 if let Some(daemon) = via::connect(&home).await? {
-                    if matches!(command, Command::Tui) {
+                    if let Command::Tui { downloads, notifications, exit_after_first_frame } = &command {
                         let remote = tui::backend::Remote::new(&home, daemon).await?;
-                        return tui::run(tui::Backend::Daemon(remote)).await;
+                        let options = tui::Options {
+                            home: home.clone(),
+                            downloads: absolute(downloads),
+                            exit_after_first_frame: *exit_after_first_frame,
+                            notifications: notifications.or(config.notifications).unwrap_or_default(),
+                        };
+                        return tui::run(tui::Backend::Daemon(remote), options).await;
                     }
                     return daemon.run(&command).await;
                 }
@@ -910,9 +953,17 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                         daemon::Listen::Socket(socket.unwrap_or_else(|| daemon::default_socket(&home)))
                     };
                     let lock = lock.ok_or_else(|| anyhow!("the daemon lock was not taken"))?;
-                    daemon::run(&client, listen, lock).await
+                    daemon::run(&client, &home, listen, lock).await
                 }
-                Command::Tui => tui::run(tui::Backend::Local(client.clone())).await,
+                Command::Tui { downloads, notifications, exit_after_first_frame } => {
+                    let options = tui::Options {
+                        home: home.clone(),
+                        downloads: absolute(&downloads),
+                        exit_after_first_frame,
+                        notifications: notifications.or(config.notifications).unwrap_or_default(),
+                    };
+                    tui::run(tui::Backend::Local(client.clone()), options).await
+                }
                 command => run_opened(&client, &home, command).await,
             };
             let me = client.device();
@@ -928,6 +979,12 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             result
         }
     }
+}
+
+/// A directory given on the command line, made absolute (against this
+/// process's working directory, before anything else uses it).
+fn absolute(dir: &Option<PathBuf>) -> Option<PathBuf> {
+    dir.as_ref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
 }
 
 async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -> Result<ExitCode> {
@@ -987,14 +1044,13 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
                     .ok_or_else(|| ClientError::UnknownTarget(target.clone()))?,
             };
             let n = me.read(&conversation).await?;
-            let receipts = if me.read_receipts()? { "" } else { " (read receipts are off: nobody was told)" };
-            out!("marked {n} message(s) read{receipts}");
+            print_read(n as u64, me.read_receipts()?);
         }
         Command::Settings(SettingsCommand::ReadReceipts { value }) => {
             if let Some(v) = value {
                 me.set_read_receipts(v == OnOff::On)?;
             }
-            out!("read receipts: {}", if me.read_receipts()? { "on" } else { "off" });
+            print_read_receipts(me.read_receipts()?);
         }
         Command::Receive { json, timeout, follow, no_ack, downloads } => {
             if !(0.0..=86_400.0 * 365.0).contains(&timeout) || timeout.is_nan() {
@@ -1011,11 +1067,7 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
                 Received::Sent(_) => {}
                 Received::Dropped { from, reason } => {
                     dropped += 1;
-                    eprintln!(
-                        "warning: dropped a message from {} that could not be decrypted or authenticated: {}",
-                        safe(from),
-                        safe(reason)
-                    );
+                    print_dropped(from, reason);
                 }
             };
             if follow {
@@ -1030,9 +1082,8 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
             if refused? > 0 {
                 return Ok(ExitCode::FAILURE);
             }
-            if dropped > 0 {
-                eprintln!("error: {dropped} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
-                return Ok(ExitCode::FAILURE);
+            if let Some(exit) = dropped_exit(dropped) {
+                return Ok(exit);
             }
         }
         Command::History { target, json } => {
@@ -1193,7 +1244,7 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
         }
         #[cfg(unix)]
         Command::Daemon { .. } => unreachable!("handled above"),
-        Command::Tui => unreachable!("handled above"),
+        Command::Tui { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -41,11 +41,12 @@ pub struct Daemon {
 /// not, and flags it does not take, run on the store directly.
 pub fn routes(command: &Command) -> bool {
     match command {
-        // Files are sealed and uploaded by this process (the daemon's
-        // `send` takes text), and saved by it too.
-        Command::Send { accept_key_change, attach, .. } => !accept_key_change && attach.is_empty(),
-        Command::Receive { no_ack, downloads, .. } => !no_ack && downloads.is_none(),
+        // Files go by their absolute paths: the daemon reads, seals and
+        // uploads them (and saves what came, with --downloads).
+        Command::Send { accept_key_change, .. } => !accept_key_change,
+        Command::Receive { no_ack, .. } => !no_ack,
         Command::React { .. } | Command::Edit { .. } | Command::Delete { .. } => true,
+        Command::Read { .. } | Command::Settings(_) => true,
         Command::History { .. }
         | Command::Contacts
         | Command::Groups
@@ -91,6 +92,17 @@ impl Daemon {
     /// Sends one request and waits for its answer (notifications that
     /// come meanwhile are not for a request and are skipped).
     pub(crate) async fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+        self.call_hearing(method, params, &mut |_| {}).await
+    }
+
+    /// As [`Self::call`], handing the notifications that come meanwhile (a
+    /// transfer's `progress`) to `heard`.
+    pub(crate) async fn call_hearing(
+        &mut self,
+        method: &str,
+        params: Value,
+        heard: &mut (dyn FnMut(&Value) + Send),
+    ) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let mut line = serde_json::to_vec(&json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }))?;
@@ -99,6 +111,9 @@ impl Daemon {
         loop {
             let v = self.next_line().await?;
             if v.get("id") != Some(&json!(id)) {
+                if v.get("id").is_none() {
+                    heard(&v);
+                }
                 continue;
             }
             if let Some(e) = v.get("error") {
@@ -134,6 +149,57 @@ impl Daemon {
     /// The command's error as the daemon gave it, in one line.
     pub async fn run(mut self, command: &Command) -> Result<ExitCode> {
         match command {
+            Command::Send { target, text, reply_to, attach, .. } if !attach.is_empty() => {
+                if reply_to.is_some() {
+                    return Err(anyhow!("--reply-to does not go with --attach yet: send the files, then reply"));
+                }
+                // The daemon's working directory is not this one.
+                let mut paths = Vec::new();
+                for p in attach {
+                    let abs = std::path::absolute(p).with_context(|| format!("cannot read {}", p.display()))?;
+                    let Some(abs) = abs.to_str() else {
+                        return Err(anyhow!(
+                            "{}: a path that is not UTF-8 cannot go through the daemon (use --no-daemon)",
+                            p.display()
+                        ));
+                    };
+                    paths.push(abs.to_string());
+                }
+                let caption = text.as_deref().unwrap_or_default();
+                let params = json!({ "target": target, "text": caption, "attachments": paths });
+                let mut bar: Option<(String, crate::attach::Bar)> = None;
+                let sent = self
+                    .call_hearing("send", params, &mut |v| {
+                        let p = &v["params"];
+                        let (Some(label), Some(done), Some(total)) =
+                            (p["label"].as_str(), p["done"].as_u64(), p["total"].as_u64())
+                        else {
+                            return;
+                        };
+                        if bar.as_ref().is_none_or(|(l, _)| l != label) {
+                            bar = Some((label.to_owned(), crate::attach::Bar::new(safe(label).into_owned())));
+                        }
+                        if let Some((_, b)) = bar.as_mut() {
+                            b.set(done, total);
+                        }
+                    })
+                    .await;
+                drop(bar);
+                let sent = sent?;
+                queued(sent.clone())?;
+                let m = message(sent)?;
+                out!("sent {} to {} with {} file(s)", m.id, safe(&m.target), attach.len());
+            }
+            Command::Read { target } => {
+                let done = self.call("read", json!({ "target": target })).await?;
+                queued(done.clone())?;
+                crate::print_read(done["read"].as_u64().unwrap_or(0), done["readReceipts"] != json!(false));
+            }
+            Command::Settings(crate::SettingsCommand::ReadReceipts { value }) => {
+                let on = value.as_ref().map(|v| *v == crate::OnOff::On);
+                let now = self.call("settings", json!({ "readReceipts": on })).await?;
+                crate::print_read_receipts(now["readReceipts"] == json!(true));
+            }
             Command::Send { target, text, reply_to, .. } => {
                 let text = text.as_deref().unwrap_or_default();
                 let sent = self.call("send", json!({ "target": target, "text": text, "replyTo": reply_to })).await?;
@@ -147,19 +213,34 @@ impl Daemon {
                 }
                 out!("sent {} to {}", m.id, safe(&m.target));
             }
-            Command::Receive { json, timeout, follow, .. } => {
+            Command::Receive { json, timeout, follow, downloads, .. } => {
                 if !(0.0..=86_400.0 * 365.0).contains(timeout) || timeout.is_nan() {
                     return Err(anyhow!("--timeout takes a number of seconds from 0"));
                 }
                 if *follow {
                     return self.follow(*json).await;
                 }
+                let downloads = match downloads {
+                    None => None,
+                    Some(d) => {
+                        let abs = std::path::absolute(d).with_context(|| format!("--downloads {}", d.display()))?;
+                        if !abs.is_dir() {
+                            return Err(anyhow!("--downloads {}: not a directory", d.display()));
+                        }
+                        Some(abs.to_str().map(String::from).ok_or_else(|| {
+                            anyhow!(
+                                "--downloads {}: not UTF-8, so not through the daemon (use --no-daemon)",
+                                d.display()
+                            )
+                        })?)
+                    }
+                };
                 // The daemon waits at most an hour per call; longer waits
                 // are several calls.
                 let mut left = *timeout;
                 loop {
                     let wait = left.min(3600.0);
-                    let got = self.call("receive", json!({ "timeout": wait })).await?;
+                    let got = self.call("receive", json!({ "timeout": wait, "downloads": downloads })).await?;
                     let got = got.as_array().cloned().unwrap_or_default();
                     for m in &got {
                         print_shown(&message(m.clone())?, m.get("attachments"), *json);
@@ -169,6 +250,9 @@ impl Daemon {
                         break;
                     }
                 }
+                // What went wrong meanwhile, told and ending as it would
+                // without a daemon.
+                return self.failures().await;
             }
             Command::History { target, json } => {
                 let history = self.call("history", json!({ "target": target })).await?;
@@ -288,6 +372,32 @@ impl Daemon {
             _ => return Err(anyhow!("this command does not go through a daemon")),
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// Prints what the daemon kept of what went wrong (refused sends,
+    /// dropped messages, refused files) as `receive` without it would, and
+    /// exits as it would.
+    async fn failures(&mut self) -> Result<ExitCode> {
+        let f = self.call("failures", json!({})).await?;
+        for s in list(f["failed_sends"].clone()) {
+            let message = match s.get("message").filter(|m| !m.is_null()) {
+                Some(m) => Some(message(m.clone())?),
+                None => None,
+            };
+            crate::print_failed(&subrosa_client::FailedSend { message, reason: text(&s["reason"]) });
+        }
+        let refused = list(f["refused_files"].clone());
+        for r in &refused {
+            crate::attach::print_refused(&text(&r["name"]), &text(&r["reason"]));
+        }
+        let dropped = list(f["dropped"].clone());
+        for d in &dropped {
+            crate::print_dropped(&text(&d["from"]), &text(&d["reason"]));
+        }
+        if !refused.is_empty() {
+            return Ok(ExitCode::FAILURE);
+        }
+        Ok(crate::dropped_exit(dropped.len()).unwrap_or(ExitCode::SUCCESS))
     }
 
     /// `receive --follow`: subscribes and prints each message as the daemon

@@ -710,3 +710,104 @@ fn a_change_the_daemon_stored_but_could_not_send_exits_75_and_a_call_waits_for_n
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(stderr(&out).starts_with("queued:"), "{}", stderr(&out));
 }
+
+#[test]
+fn read_settings_and_files_go_through_the_daemon_as_without_it() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    wait_stored(&mut rpc, "alice", "hello");
+
+    // settings and read, with no passphrase: the daemon answered, and
+    // what it changed is in the store.
+    let off = without_passphrase(&bob, &["settings", "read-receipts", "off"]);
+    assert!(off.status.success(), "{}", stderr(&off));
+    assert_eq!(stdout(&off), "read receipts: off\n");
+    let direct = bob.run(&["--no-daemon", "settings", "read-receipts"]);
+    assert_eq!(stdout(&direct), "read receipts: off\n", "{}", stderr(&direct));
+    let read = without_passphrase(&bob, &["read", "alice"]);
+    assert!(read.status.success(), "{}", stderr(&read));
+    assert_eq!(stdout(&read), "marked 1 message(s) read (read receipts are off: nobody was told)\n");
+    let on = without_passphrase(&bob, &["settings", "read-receipts", "on"]);
+    assert_eq!(stdout(&on), "read receipts: on\n", "{}", stderr(&on));
+    assert_clean_error(&without_passphrase(&bob, &["read", "nobody-here"]), "nobody-here");
+
+    // send --attach through the daemon, by a path relative to here: it
+    // reaches alice intact.
+    std::fs::write(bob.dir.path().join("plan.txt"), b"the plan").unwrap();
+    let sent = bob
+        .cmd(&["send", "alice", "see attached", "--attach", "plan.txt"])
+        .current_dir(bob.dir.path())
+        .env_remove("SUBROSA_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    assert!(stdout(&sent).contains("with 1 file(s)"), "{}", stdout(&sent));
+    let alice_dl = alice.dir.path().join("downloads");
+    std::fs::create_dir(&alice_dl).unwrap();
+    assert!(wait_until(Duration::from_secs(60), || {
+        alice.receive_json(&["--timeout", "1", "--downloads", alice_dl.to_str().unwrap()]);
+        std::fs::read(alice_dl.join("plan.txt")).is_ok_and(|b| b == b"the plan")
+    }));
+
+    // receive --downloads through the daemon saves what came.
+    std::fs::write(alice.dir.path().join("map.txt"), b"the map").unwrap();
+    alice.ok(&["send", "bob", "--attach", alice.dir.path().join("map.txt").to_str().unwrap()]);
+    let bob_dl = bob.dir.path().join("downloads");
+    std::fs::create_dir(&bob_dl).unwrap();
+    let mut printed = String::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let got = without_passphrase(&bob, &["receive", "--timeout", "2", "--downloads", bob_dl.to_str().unwrap()]);
+            assert!(got.status.success(), "{}", stderr(&got));
+            printed.push_str(&stdout(&got));
+            std::fs::read(bob_dl.join("map.txt")).is_ok_and(|b| b == b"the map")
+        }),
+        "{printed}"
+    );
+    assert!(printed.contains(&format!("saved to {}", bob_dl.join("map.txt").display())), "{printed}");
+    // A directory that is not there: one line, as without a daemon.
+    let missing = bob.dir.path().join("missing");
+    assert_clean_error(
+        &without_passphrase(&bob, &["receive", "--downloads", missing.to_str().unwrap()]),
+        "not a directory",
+    );
+}
+
+#[test]
+fn receive_through_the_daemon_tells_of_a_queued_send_the_server_refused() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    alice.ok(&["group", "create", "g", "bob", "carol"]);
+    bob.ok(&["receive"]);
+    carol.ok(&["receive"]);
+    let daemon = Daemon::start(&alice);
+    let mut rpc = daemon.connect();
+    let _ = rpc.call("account", json!({}));
+
+    server.kill();
+    let out = without_passphrase(&alice, &["send", "g", "queued, then refused"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    // Back, but refusing sends to more than one device: the daemon's own
+    // connection flushes the queue, and the refusal waits for a front end.
+    server.restart_with(&["--max-recipients", "1"]);
+    let mut err = String::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let out = without_passphrase(&alice, &["receive", "--timeout", "1"]);
+            assert!(out.status.success(), "as without a daemon, a refused send is a warning: {}", stderr(&out));
+            err.push_str(&stderr(&out));
+            err.contains("was refused by the server and not sent")
+        }),
+        "never told: {err}"
+    );
+    assert!(err.contains("recipients"), "{err}");
+    // Told once.
+    let again = without_passphrase(&alice, &["receive"]);
+    assert!(!stderr(&again).contains("refused"), "{}", stderr(&again));
+}

@@ -41,6 +41,16 @@ impl Pane {
     /// As [`Self::start`], with this passphrase in the environment (none:
     /// only a running daemon can serve it).
     fn start_with(user: &User, passphrase: Option<&str>) -> Pane {
+        Self::start_args(user, passphrase, &[])
+    }
+
+    /// As [`Self::start_with`], with these arguments after `tui`.
+    fn start_args(user: &User, passphrase: Option<&str>, args: &[&str]) -> Pane {
+        Self::start_env(user, passphrase, args, &[])
+    }
+
+    /// As [`Self::start_args`], with these variables in the environment.
+    fn start_env(user: &User, passphrase: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Pane {
         let pane = Pane { dir: tempfile::tempdir().expect("tempdir") };
         // No escape delay (Esc then q must stay two keys), and a pane that
         // stays after the TUI exits, so its last words can be read.
@@ -49,9 +59,10 @@ impl Pane {
         // The shell around it writes the exit status (128+N for a signal)
         // and the TUI's standard error to files the test reads.
         let command = format!(
-            "'{}' --home '{}' tui 2>'{}'; echo $? >'{}'",
+            "'{}' --home '{}' tui {} 2>'{}'; echo $? >'{}'",
             subrosa_bin().display(),
             user.home().display(),
+            args.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" "),
             pane.dir.path().join("stderr").display(),
             pane.dir.path().join("exit").display()
         );
@@ -66,6 +77,7 @@ impl Pane {
             .env("TERM", "xterm-256color")
             .env_remove("SUBROSA_HOME")
             .env_remove("TMUX")
+            .envs(env.iter().copied())
             .output()
             .expect("tmux runs");
         assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
@@ -160,7 +172,8 @@ fn a_message_appears_live_and_a_reply_typed_in_the_tui_arrives() {
     assert!(arrived, "bob got {got:?}; alice's screen:\n{}", pane.screen());
     assert!(!pane.screen().contains("(queued)"), "sent, not left queued:\n{}", pane.screen());
     pane.keys(&["Escape"]);
-    pane.wait_for("switch pane");
+    // Out of the composer: the chat's keys are on the help line.
+    pane.wait_for("first/newest");
 
     // Commands: a direct conversation by handle, its safety number (the
     // one carol's CLI shows) marked verified, and a new group.
@@ -277,7 +290,9 @@ fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
 
     // An empty passphrase would not open bob's store: the daemon serves
     // this TUI.
-    let pane = Pane::start_with(&bob, None);
+    let downloads = bob.dir.path().join("downloads");
+    std::fs::create_dir(&downloads).unwrap();
+    let pane = Pane::start_args(&bob, None, &["--downloads", downloads.to_str().unwrap()]);
     pane.wait_for("online");
     pane.wait_for("before the tui");
     alice.send("bob", "live through the daemon");
@@ -292,6 +307,32 @@ fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
         got.contains(&"reply through the daemon".to_string())
     });
     assert!(arrived, "alice got {got:?}; bob's screen:\n{}", pane.screen());
+
+    // Files through the daemon: s saves one that came, A sends one, with
+    // the daemon's progress.
+    let theirs = alice.dir.path().join("from-alice.txt");
+    std::fs::write(&theirs, b"via the daemon").unwrap();
+    alice.ok(&["send", "bob", "--attach", theirs.to_str().unwrap()]);
+    pane.wait_for("[file] from-alice.txt (14 B)");
+    pane.keys(&["k", "s"]);
+    pane.wait_for("1 file(s) saved in");
+    assert_eq!(std::fs::read(downloads.join("from-alice.txt")).unwrap(), b"via the daemon");
+    let mine = bob.dir.path().join("from-bob.txt");
+    std::fs::write(&mine, b"and back").unwrap();
+    pane.keys(&["Escape", "A"]);
+    pane.type_text(mine.to_str().unwrap());
+    pane.keys(&["Enter"]);
+    pane.wait_for("[file] from-bob.txt (8 B) sent");
+    let alice_dl = alice.dir.path().join("downloads");
+    std::fs::create_dir(&alice_dl).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            alice.receive_json(&["--timeout", "1", "--downloads", alice_dl.to_str().unwrap()]);
+            std::fs::read(alice_dl.join("from-bob.txt")).is_ok_and(|b| b == b"and back")
+        }),
+        "alice never got from-bob.txt; bob's screen:\n{}",
+        pane.screen()
+    );
     pane.keys(&["q"]);
     assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
     assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
@@ -334,6 +375,222 @@ fn a_shown_conversation_is_read_and_reactions_and_edits_appear_live() {
         }),
         "state {state}; alice's screen:\n{}",
         pane.screen()
+    );
+    pane.keys(&["q"]);
+}
+
+/// Waits until `user`'s history with `with` has a message that `pred`
+/// accepts (receiving meanwhile); fails with what it had.
+fn wait_for_history(user: &User, with: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let mut seen = Vec::new();
+    let found = wait_until(Duration::from_secs(60), || {
+        user.receive_json(&["--timeout", "1"]);
+        seen = user.history_json(with);
+        seen.iter().any(&pred)
+    });
+    assert!(found, "{} never saw {what}; history: {seen:#?}", user.name);
+}
+
+#[test]
+fn on_a_selected_message_the_tui_replies_reacts_edits_deletes_and_moves_files() {
+    if !Pane::tmux_available() {
+        eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
+        return;
+    }
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    bob.send("alice", "pick me");
+    alice.receive_json(&[]);
+    let pick = alice.history_json("bob")[0]["id"].as_str().unwrap().to_string();
+    let downloads = alice.dir.path().join("downloads");
+    std::fs::create_dir(&downloads).unwrap();
+    let pane = Pane::start_args(&alice, Some(PASS), &["--downloads", downloads.to_str().unwrap()]);
+    pane.wait_for("bob: pick me");
+
+    // k selects bob's message; the help line turns to what can be done.
+    pane.keys(&["Tab", "k"]);
+    pane.wait_for(" dd  delete");
+    // + and an emoji: bob sees alice's reaction.
+    pane.keys(&["+"]);
+    pane.type_text("🎉");
+    pane.keys(&["Enter"]);
+    pane.wait_for("pick me [🎉 alice]");
+    wait_for_history(&bob, "alice", "alice's reaction", |m| {
+        m["text"] == "pick me" && m["reactions"][0]["emoji"] == "🎉" && m["reactions"][0]["from"][0] == "alice"
+    });
+
+    // r: a reply, quoted in the TUI, arrives as a reply to it.
+    pane.keys(&["r"]);
+    pane.wait_for("Reply to bob");
+    pane.type_text("picked");
+    pane.keys(&["Enter", "Escape"]);
+    pane.wait_for("↱ bob: pick me");
+    wait_for_history(&bob, "alice", "the reply", |m| m["text"] == "picked" && m["reply_to"] == pick.as_str());
+
+    // j to alice's reply, e to change it: bob sees the new text, edited.
+    pane.keys(&["j", "e"]);
+    pane.wait_for("Edit your message");
+    pane.keys(&["C-u"]);
+    pane.type_text("chosen");
+    pane.keys(&["Enter"]);
+    pane.wait_for("you: chosen (edited)");
+    wait_for_history(&bob, "alice", "the edit", |m| m["text"] == "chosen" && m["edited"] == true);
+
+    // dd: deleted for everyone.
+    pane.keys(&["d"]);
+    pane.wait_for("d again deletes it");
+    pane.keys(&["d"]);
+    pane.wait_for("you: (deleted)");
+    wait_for_history(&bob, "alice", "the delete", |m| m["deleted"] == true && m["outgoing"] == false);
+
+    // bob edits from the command line: alice's screen shows it live.
+    bob.ok(&["edit", "alice", &pick, "pick me, please"]);
+    pane.wait_for("bob: pick me, please (edited)");
+
+    // A: a file from a path typed in the composer reaches bob intact.
+    let file = alice.dir.path().join("plan.txt");
+    std::fs::write(&file, b"meet at the bridge").unwrap();
+    pane.keys(&["Escape", "A"]);
+    pane.wait_for("File to send");
+    pane.type_text(file.to_str().unwrap());
+    pane.keys(&["Enter"]);
+    pane.wait_for("[file] plan.txt (18 B) sent");
+    let bob_dl = bob.dir.path().join("downloads");
+    std::fs::create_dir(&bob_dl).unwrap();
+    let mut got = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            bob.receive_json(&["--timeout", "1", "--downloads", bob_dl.to_str().unwrap()]);
+            got = std::fs::read(bob_dl.join("plan.txt")).unwrap_or_default();
+            !got.is_empty()
+        }),
+        "bob never got plan.txt; alice's screen:\n{}",
+        pane.screen()
+    );
+    assert_eq!(got, b"meet at the bridge");
+
+    // bob sends a file; s on it saves it into alice's downloads directory.
+    let theirs = bob.dir.path().join("map.txt");
+    std::fs::write(&theirs, b"X marks the spot").unwrap();
+    bob.ok(&["send", "alice", "the map", "--attach", theirs.to_str().unwrap()]);
+    pane.wait_for("[file] map.txt (16 B) not downloaded yet");
+    pane.keys(&["G", "k", "s"]);
+    pane.wait_for("1 file(s) saved in");
+    pane.wait_for(&format!("saved to {}", downloads.join("map.txt").display()));
+    assert_eq!(std::fs::read(downloads.join("map.txt")).unwrap(), b"X marks the spot");
+
+    pane.keys(&["q"]);
+    assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
+    assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
+}
+
+/// A private D-Bus session bus, and a monitor printing every call to the
+/// notification service on it (no notification server needs to answer: the
+/// call itself is what the desktop would show).
+struct Bus {
+    daemon: std::process::Child,
+    monitor: std::process::Child,
+    address: String,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Bus {
+    fn start() -> Option<Bus> {
+        // (dbus-monitor has no --version: that it runs at all is enough.)
+        let available = |c: &str| Command::new(c).arg("--version").output().is_ok();
+        if !available("dbus-daemon") || !available("dbus-monitor") {
+            return None;
+        }
+        let mut daemon = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        let mut address = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.stdout.take()?), &mut address).ok()?;
+        let address = address.trim().to_string();
+        let mut monitor = Command::new("dbus-monitor")
+            .args(["--address", &address, "interface='org.freedesktop.Notifications'"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (out, into) = (monitor.stdout.take()?, seen.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                into.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Some(Bus { daemon, monitor, address, seen })
+    }
+
+    fn seen(&self) -> String {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.monitor.kill();
+        let _ = self.daemon.kill();
+        let _ = self.monitor.wait();
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn a_desktop_notification_names_the_sender_and_never_the_text_unless_asked() {
+    if !Pane::tmux_available() {
+        eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
+        return;
+    }
+    let Some(bus) = Bus::start() else {
+        eprintln!("SKIPPED: no dbus-daemon and dbus-monitor, so notifications were not watched");
+        return;
+    };
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    bob.send("alice", "first");
+    carol.send("alice", "first too");
+    alice.receive_json(&[]);
+    let env = [("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())];
+    let pane = Pane::start_env(&alice, Some(PASS), &["--notifications", "on"], &env);
+    pane.wait_for("online");
+    // Whichever is on screen, the other one notifies.
+    let shown = if pane.screen().contains("bob: first") { "bob" } else { "carol" };
+    let other = if shown == "bob" { &carol } else { &bob };
+    other.send("alice", "the secret <b>plan</b>");
+    pane.wait_for("the secret");
+    let mut seen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen = bus.seen();
+            seen.contains("New message")
+        }),
+        "no notification on the bus: {seen}"
+    );
+    assert!(seen.contains("member=Notify") && seen.contains(&format!("\"{}\"", other.name)), "{seen}");
+    assert!(!seen.contains("secret"), "the text stays off the desktop: {seen}");
+    pane.keys(&["q"]);
+    drop(pane);
+
+    // with-text: the text, its markup escaped. (The conversation that had
+    // the newest message is on screen now: the first one writes.)
+    let pane = Pane::start_env(&alice, Some(PASS), &["--notifications", "with-text"], &env);
+    pane.wait_for("online");
+    let first = if shown == "bob" { &bob } else { &carol };
+    first.send("alice", "now <b>shown</b> & told");
+    pane.wait_for("now <b>shown</b>");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen = bus.seen();
+            seen.contains("now &lt;b&gt;shown&lt;/b&gt; &amp; told")
+        }),
+        "{seen}"
     );
     pane.keys(&["q"]);
 }

@@ -463,8 +463,32 @@ impl Subrosa {
     /// [`ClientError::Io`] for `dir`; a kept blob that no longer opens
     /// (altered on this disk) is refused, not saved.
     pub fn save_attachments(&self, home: &Path, dir: &Path) -> Result<Vec<AttachmentRow>, ClientError> {
+        self.save_where(home, dir, &|_| true)
+    }
+
+    /// As [`Self::save_attachments`], only the files of one message (a
+    /// front end's "save this").
+    ///
+    /// # Errors
+    /// As [`Self::save_attachments`].
+    pub fn save_attachments_of(
+        &self,
+        home: &Path,
+        dir: &Path,
+        conversation: &ConversationId,
+        message_id: &[u8],
+    ) -> Result<Vec<AttachmentRow>, ClientError> {
+        self.save_where(home, dir, &|row| row.conversation == *conversation && row.message_id == message_id)
+    }
+
+    fn save_where(
+        &self,
+        home: &Path,
+        dir: &Path,
+        wanted: &dyn Fn(&AttachmentRow) -> bool,
+    ) -> Result<Vec<AttachmentRow>, ClientError> {
         let mut saved = Vec::new();
-        for row in self.store().read(|tx| tx.unsaved_attachments())? {
+        for row in self.store().read(|tx| tx.unsaved_attachments())?.into_iter().filter(|r| wanted(r)) {
             let Some(local) = row.local.as_deref() else { continue };
             let blob = folder(home).join(local);
             let (path, file) = create_unique(dir, &attachment::safe_file_name(&row.file.name))?;

@@ -170,6 +170,28 @@ impl Client {
             .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
     }
 
+    /// Sends `text` to the conversation `id` in answer to its message
+    /// `reply_to`: as [`Self::send_text`], a reply stored and queued comes
+    /// back in state `queued`, never as [`ClientError::Pending`].
+    ///
+    /// # Errors
+    /// As [`Subrosa::reply`] except [`ClientError::Pending`] for a reply
+    /// that was stored.
+    pub async fn reply(
+        &self,
+        id: &ConversationId,
+        text: &str,
+        reply_to: MessageId,
+    ) -> Result<StoredMessage, ClientError> {
+        crate::check_text(text)?;
+        let body = subrosa_core::content::Body::Reply { text: text.to_string(), reply_to };
+        // The message answered must be one this conversation has.
+        self.inner.device.check_action(id, &body)?;
+        self.send_body(&crate::Target::Conversation(*id), body, Some(text.to_string()))
+            .await?
+            .ok_or_else(|| ClientError::Bug("a reply stored no history line".into()))
+    }
+
     /// Sends a message of any kind (see [`Subrosa::send_body`]) to a
     /// conversation or a handle. With a history line (`shown`), a message
     /// stored and queued comes back in state `queued`, as with

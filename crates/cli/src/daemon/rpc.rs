@@ -105,11 +105,29 @@ pub struct SendParams {
     #[serde(alias = "target")]
     pub recipient: Option<String>,
     pub conversation: Option<String>,
-    #[serde(alias = "text")]
+    /// The text (with files: their caption, may be empty).
+    #[serde(alias = "text", default)]
     pub message: String,
     /// The message this one answers (its id).
     #[serde(rename = "replyTo", alias = "reply_to")]
     pub reply_to: Option<String>,
+    /// Files to send (absolute paths the daemon can read), as `send
+    /// --attach`; `progress` notifications come while they upload.
+    #[serde(default)]
+    pub attachments: Vec<String>,
+}
+
+/// `saveFiles`: download what arrived and save one message's files into
+/// `dir` (an absolute directory outside the home directory).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SaveFilesParams {
+    #[serde(alias = "target")]
+    pub recipient: Option<String>,
+    pub conversation: Option<String>,
+    #[serde(alias = "message_id")]
+    pub message_id: String,
+    pub dir: String,
 }
 
 /// `react`: which conversation, which message, which emoji; `remove`
@@ -157,6 +175,17 @@ pub struct ReceiveParams {
     /// Seconds to wait for a message when none is waiting.
     #[serde(default)]
     pub timeout: f64,
+    /// Save received files into this directory (as `receive --downloads`;
+    /// absolute, outside the home directory).
+    pub downloads: Option<String>,
+}
+
+/// `settings`: each setting given is changed; the answer has them all.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SettingsParams {
+    #[serde(alias = "read_receipts")]
+    pub read_receipts: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
-use subrosa_client::{Client, ClientEvent, StoredMessage};
-use subrosa_proto::ConversationId;
+use std::path::Path;
+
+use subrosa_client::{Client, ClientError, ClientEvent, StoredMessage, Target};
+use subrosa_proto::{ConversationId, MessageId};
 use tokio::sync::{broadcast, mpsc};
 
-use super::state::{Conversation, Input};
+use super::state::{Conversation, FileInfo, Input};
 #[cfg(unix)]
 use crate::via::message;
 
@@ -55,6 +57,42 @@ fn conversation_id(hex: &str) -> Result<ConversationId> {
     hex.parse().map_err(|_| anyhow!("a conversation id that is not hex: {hex}"))
 }
 
+fn message_id(hex: &str) -> Result<MessageId> {
+    hex.parse().map_err(|_| anyhow!("a message id that is not hex: {hex}"))
+}
+
+/// The files of `m` as this device keeps them (message id, files), if
+/// it has any.
+fn local_files(c: &Client, m: &StoredMessage) -> Option<(String, Vec<FileInfo>)> {
+    if m.system {
+        return None;
+    }
+    let rows = crate::attach::files_of(c.device(), m);
+    (!rows.is_empty()).then(|| (m.id.clone(), FileInfo::from_json(&crate::attach::json(&rows))))
+}
+
+/// A change that was stored: `true` when it waits for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queued(pub bool);
+
+fn queued(r: Result<(), ClientError>) -> Result<Queued> {
+    match r {
+        Ok(()) => Ok(Queued(false)),
+        Err(ClientError::Pending(_)) => Ok(Queued(true)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// This account's newest message in the conversation `id` (a file message
+/// just stored and queued).
+fn latest_own(c: &Client, id: &str) -> Result<StoredMessage> {
+    c.history(&conversation_id(id)?)?
+        .into_iter()
+        .rev()
+        .find(|m| m.outgoing && !m.system)
+        .ok_or_else(|| anyhow!("the file was stored without a history line"))
+}
+
 #[cfg(unix)]
 impl Remote {
     /// The daemon of `home` (`daemon`: a connection to it).
@@ -67,6 +105,12 @@ impl Remote {
 
     async fn call(&self, method: &str, params: Value) -> Result<Value> {
         self.calls.lock().await.call(method, params).await
+    }
+
+    /// As [`Self::call`], handing the notifications that come before the
+    /// answer (a transfer's progress) to `heard`.
+    async fn call_hearing(&self, method: &str, params: Value, heard: &mut (dyn FnMut(&Value) + Send)) -> Result<Value> {
+        self.calls.lock().await.call_hearing(method, params, heard).await
     }
 }
 
@@ -88,6 +132,7 @@ impl Backend {
             Backend::Local(client) => {
                 // Subscribed before the loop starts: nothing falls between.
                 let mut events = client.events();
+                let reader = client.clone();
                 tokio::spawn(async move {
                     loop {
                         let input = match events.recv().await {
@@ -95,7 +140,14 @@ impl Backend {
                             Err(broadcast::error::RecvError::Lagged(n)) => Input::Lagged(n),
                             Err(broadcast::error::RecvError::Closed) => return,
                         };
-                        if tx.send(input).is_err() {
+                        // A message's files, as stored with it.
+                        let files = match &input {
+                            Input::Client(ClientEvent::Message(m)) => local_files(&reader, m).map(|(id, files)| {
+                                Input::Files { conversation: m.conversation.clone(), message: id, files }
+                            }),
+                            _ => None,
+                        };
+                        if tx.send(input).is_err() || files.is_some_and(|f| tx.send(f).is_err()) {
                             return;
                         }
                     }
@@ -128,7 +180,16 @@ impl Backend {
                     loop {
                         let v = feed.next_line().await.map_err(|e| format!("the daemon went away: {e}"))?;
                         let Some(event) = event_of(&v) else { continue };
-                        if tx.send(Input::Client(event)).is_err() {
+                        // A message's files come inside its object.
+                        let files = match (&event, v["params"].get("attachments")) {
+                            (ClientEvent::Message(m), Some(a)) => Some(Input::Files {
+                                conversation: m.conversation.clone(),
+                                message: m.id.clone(),
+                                files: FileInfo::from_json(a),
+                            }),
+                            _ => None,
+                        };
+                        if tx.send(Input::Client(event)).is_err() || files.is_some_and(|f| tx.send(f).is_err()) {
                             return Ok(());
                         }
                     }
@@ -148,6 +209,8 @@ impl Backend {
                         Some(p) if !group => client.is_verified(p)?,
                         _ => false,
                     };
+                    let messages = client.history(&row.id)?;
+                    let files = messages.iter().filter_map(|m| local_files(client, m)).collect();
                     out.push(Conversation {
                         id: row.id.to_hex(),
                         name: row.target(),
@@ -155,7 +218,8 @@ impl Backend {
                         active: row.active,
                         verified,
                         unread: 0,
-                        messages: client.history(&row.id)?,
+                        messages,
+                        files,
                     });
                 }
                 Ok(out)
@@ -167,8 +231,16 @@ impl Backend {
                 for row in rows.as_array().into_iter().flatten() {
                     let id = row["id"].as_str().unwrap_or_default().to_string();
                     let history = r.call("history", json!({ "conversation": id })).await?;
-                    let messages =
-                        history.as_array().into_iter().flatten().map(|m| message(m.clone())).collect::<Result<_>>()?;
+                    let values = history.as_array().cloned().unwrap_or_default();
+                    let messages = values.iter().map(|m| message(m.clone())).collect::<Result<Vec<_>>>()?;
+                    let files = messages
+                        .iter()
+                        .zip(&values)
+                        .filter_map(|(m, v)| {
+                            let files = FileInfo::from_json(v.get("attachments")?);
+                            (!files.is_empty()).then(|| (m.id.clone(), files))
+                        })
+                        .collect();
                     out.push(Conversation {
                         id,
                         name: row["name"].as_str().unwrap_or_default().to_string(),
@@ -177,6 +249,7 @@ impl Backend {
                         verified: row["verified"] == json!(true),
                         unread: 0,
                         messages,
+                        files,
                     });
                 }
                 Ok(out)
@@ -191,6 +264,145 @@ impl Backend {
             Backend::Local(c) => Ok(c.send_text(&conversation_id(id)?, text).await?),
             #[cfg(unix)]
             Backend::Daemon(r) => message(r.call("send", json!({ "conversation": id, "message": text })).await?),
+        }
+    }
+
+    /// Answers the message `to` of the conversation `id` with `text`: the
+    /// reply as stored, sent or queued.
+    pub async fn reply(&self, id: &str, to: &str, text: &str) -> Result<StoredMessage> {
+        match self {
+            Backend::Local(c) => Ok(c.reply(&conversation_id(id)?, text, message_id(to)?).await?),
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let sent = r.call("send", json!({ "conversation": id, "message": text, "replyTo": to })).await?;
+                message(sent)
+            }
+        }
+    }
+
+    /// Reacts to (or, `remove`, takes back the reaction to) a message.
+    pub async fn react(&self, id: &str, message: &str, emoji: &str, remove: bool) -> Result<Queued> {
+        let to = Target::Conversation(conversation_id(id)?);
+        match self {
+            Backend::Local(c) => queued(c.device().react(&to, message_id(message)?, emoji, remove).await),
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let params = json!({ "conversation": id, "messageId": message, "emoji": emoji, "remove": remove });
+                Ok(Queued(r.call("react", params).await?["queued"] == json!(true)))
+            }
+        }
+    }
+
+    /// Replaces the text of this account's message.
+    pub async fn edit(&self, id: &str, message: &str, text: &str) -> Result<Queued> {
+        let to = Target::Conversation(conversation_id(id)?);
+        match self {
+            Backend::Local(c) => queued(c.device().edit(&to, message_id(message)?, text).await),
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let params = json!({ "conversation": id, "messageId": message, "text": text });
+                Ok(Queued(r.call("edit", params).await?["queued"] == json!(true)))
+            }
+        }
+    }
+
+    /// Deletes this account's message for everyone.
+    pub async fn delete(&self, id: &str, message: &str) -> Result<Queued> {
+        let to = Target::Conversation(conversation_id(id)?);
+        match self {
+            Backend::Local(c) => queued(c.device().delete_for_everyone(&to, message_id(message)?).await),
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let params = json!({ "conversation": id, "messageId": message });
+                Ok(Queued(r.call("delete", params).await?["queued"] == json!(true)))
+            }
+        }
+    }
+
+    /// Sends the file at `path` to the conversation `id`; `progress` hears
+    /// (what, bytes, total) while it is sealed and uploaded. The message as
+    /// stored, with its files.
+    pub async fn attach(
+        &self,
+        home: &Path,
+        id: &str,
+        path: &Path,
+        progress: &mut (dyn FnMut(&str, u64, u64) + Send),
+    ) -> Result<(StoredMessage, Vec<FileInfo>)> {
+        match self {
+            Backend::Local(c) => {
+                let me = c.device();
+                let to = Target::Conversation(conversation_id(id)?);
+                let paths = [path.to_path_buf()];
+                let sent = match me.send_attachments(home, &to, "", &paths, false, progress).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Err(anyhow!("the file was sent without a history line")),
+                    // Stored and queued: it goes out with the next connection.
+                    Err(ClientError::Pending(_)) => latest_own(c, id)?,
+                    Err(e) => return Err(e.into()),
+                };
+                let files = FileInfo::from_json(&crate::attach::json(&crate::attach::files_of(me, &sent)));
+                Ok((sent, files))
+            }
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+                let params = json!({ "conversation": id, "attachments": [path] });
+                let sent = r
+                    .call_hearing("send", params, &mut |v| {
+                        if v["method"] == json!("progress") {
+                            let p = &v["params"];
+                            let label = p["label"].as_str().unwrap_or_default();
+                            progress(label, p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+                        }
+                    })
+                    .await?;
+                if sent["queued"] == json!(true) {
+                    return Err(anyhow!("stored; it goes out when the connection is back"));
+                }
+                let files = FileInfo::from_json(&sent["attachments"]);
+                Ok((message(sent)?, files))
+            }
+        }
+    }
+
+    /// Downloads what arrived and saves the files of one message into
+    /// `dir`: its files as they are now.
+    pub async fn save(
+        &self,
+        home: &Path,
+        id: &str,
+        message: &str,
+        dir: &Path,
+        progress: &mut (dyn FnMut(&str, u64, u64) + Send),
+    ) -> Result<Vec<FileInfo>> {
+        match self {
+            Backend::Local(c) => {
+                let me = c.device();
+                let cid = conversation_id(id)?;
+                let mid = message_id(message)?;
+                let refused = me.fetch_attachments(home, progress).await?;
+                me.save_attachments_of(home, dir, &cid, &mid.0)?;
+                let rows = me.attachments_of(&cid, &mid.0)?;
+                if let Some((_, why)) = refused.iter().find(|(r, _)| r.conversation == cid && r.message_id == mid.0) {
+                    return Err(anyhow!("refused, not saved: {why}"));
+                }
+                Ok(FileInfo::from_json(&crate::attach::json(&rows)))
+            }
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let params = json!({ "conversation": id, "messageId": message, "dir": dir });
+                let files = r
+                    .call_hearing("saveFiles", params, &mut |v| {
+                        if v["method"] == json!("progress") {
+                            let p = &v["params"];
+                            let label = p["label"].as_str().unwrap_or_default();
+                            progress(label, p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+                        }
+                    })
+                    .await?;
+                Ok(FileInfo::from_json(&files["attachments"]))
+            }
         }
     }
 

@@ -20,6 +20,7 @@
 //! with the process.
 
 pub mod backend;
+pub mod notify;
 pub mod render;
 pub mod state;
 
@@ -27,6 +28,7 @@ pub mod state;
 mod tests;
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
@@ -36,7 +38,7 @@ use ratatui::Terminal;
 use tokio::sync::mpsc;
 
 pub use backend::Backend;
-use state::{Action, App, Command, Input, Outcome, Overlay};
+use state::{Action, App, Command, Input, Outcome, Overlay, Progress};
 
 /// The terminal in raw mode on the alternate screen; put back on drop.
 struct Screen {
@@ -45,7 +47,12 @@ struct Screen {
 
 fn restore() {
     let _ = crossterm::terminal::disable_raw_mode();
-    let _ = crossterm::execute!(std::io::stdout(), crossterm::terminal::LeaveAlternateScreen, crossterm::cursor::Show);
+    let _ = crossterm::execute!(
+        std::io::stdout(),
+        crossterm::event::DisableFocusChange,
+        crossterm::terminal::LeaveAlternateScreen,
+        crossterm::cursor::Show
+    );
 }
 
 impl Screen {
@@ -57,8 +64,14 @@ impl Screen {
             restore();
             previous(info);
         }));
-        crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen)
-            .context("cannot switch to the alternate screen")?;
+        // Focus reports tell whether the user sees the screen (for
+        // notifications); a terminal without them just never sends one.
+        crossterm::execute!(
+            std::io::stdout(),
+            crossterm::terminal::EnterAlternateScreen,
+            crossterm::event::EnableFocusChange
+        )
+        .context("cannot switch to the alternate screen")?;
         let terminal = Terminal::new(CrosstermBackend::new(std::io::stdout())).context("cannot set up the terminal")?;
         Ok(Screen { terminal })
     }
@@ -70,9 +83,31 @@ impl Drop for Screen {
     }
 }
 
+/// What the UI needs besides its backend.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The home directory (files are sealed into it before they go).
+    pub home: PathBuf,
+    /// Where `s` saves a message's files (the configuration's `downloads`,
+    /// or `--downloads`).
+    pub downloads: Option<PathBuf>,
+    /// End once the first frame is drawn (the start-up benchmark).
+    pub exit_after_first_frame: bool,
+    /// Desktop notifications.
+    pub notifications: notify::Notifications,
+}
+
+/// A message for the sender task: they go out one after another, in the
+/// order they were typed.
+enum Outgoing {
+    Text { conversation: String, text: String },
+    Reply { conversation: String, to: String, text: String },
+    Attach { conversation: String, path: String },
+}
+
 /// Runs the UI until the user quits, or the handle meets an error that
 /// retrying cannot fix (then returned, after the terminal is restored).
-pub async fn run(backend: Backend) -> Result<ExitCode> {
+pub async fn run(backend: Backend, options: Options) -> Result<ExitCode> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(anyhow!("subrosa tui needs a terminal (for scripts, see `subrosa daemon`)"));
     }
@@ -80,31 +115,53 @@ pub async fn run(backend: Backend) -> Result<ExitCode> {
     let running = backend.start(tx.clone()).await?;
     tokio::pin!(running);
     // Messages go out one after another, in the order they were typed.
-    let (sends, mut queue) = mpsc::unbounded_channel::<(String, String)>();
+    let (sends, mut queue) = mpsc::unbounded_channel::<Outgoing>();
     let sender = {
-        let (backend, tx) = (backend.clone(), tx.clone());
+        let (backend, tx, home) = (backend.clone(), tx.clone(), options.home.clone());
         tokio::spawn(async move {
-            while let Some((conversation, text)) = queue.recv().await {
-                let result = backend.send_text(&conversation, &text).await.map_err(|e| one_line(&e));
-                let _ = tx.send(Input::Sent(result));
+            while let Some(next) = queue.recv().await {
+                let result = match next {
+                    Outgoing::Text { conversation, text } => backend.send_text(&conversation, &text).await,
+                    Outgoing::Reply { conversation, to, text } => backend.reply(&conversation, &to, &text).await,
+                    Outgoing::Attach { conversation, path } => {
+                        let mut progress = progress_to(&tx);
+                        match backend.attach(&home, &conversation, Path::new(&path), &mut progress).await {
+                            Ok((m, files)) => {
+                                let done = Input::Files { conversation, message: m.id.clone(), files };
+                                let _ = tx.send(Input::Sent(Ok(m)));
+                                let _ = tx.send(done);
+                                continue;
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                let _ = tx.send(Input::Sent(result.map_err(|e| one_line(&e))));
             }
         })
     };
-    let ctx = Ctx { tx: tx.clone(), sends };
+    let ctx = Ctx { tx: tx.clone(), sends, options };
     let mut app = App::new(backend.handle());
+    app.notifications = ctx.options.notifications;
     app.handle(Input::Loaded { conversations: backend.load().await?, select: None });
 
     let mut screen = Screen::enter()?;
     let keys = tx.clone();
     std::thread::spawn(move || loop {
-        match crossterm::event::read() {
+        let event = crossterm::event::read();
+        match &event {
             Ok(Event::Key(k)) if k.kind != KeyEventKind::Release => {
-                if keys.send(Input::Key(k)).is_err() {
+                if keys.send(Input::Key(*k)).is_err() {
                     return;
                 }
             }
             Ok(Event::Resize(..)) => {
                 if keys.send(Input::Resize).is_err() {
+                    return;
+                }
+            }
+            Ok(Event::FocusGained | Event::FocusLost) => {
+                if keys.send(Input::Focus(matches!(event, Ok(Event::FocusGained)))).is_err() {
                     return;
                 }
             }
@@ -117,9 +174,12 @@ pub async fn run(backend: Backend) -> Result<ExitCode> {
     // The conversation the chat view shows, and how many messages it had.
     let mut shown: Option<(String, usize)> = None;
     loop {
-        let mut max_scroll = 0;
-        screen.terminal.draw(|f| max_scroll = render::draw(f, &app)).context("drawing")?;
-        app.clamp_scroll(max_scroll);
+        let mut scroll = 0;
+        screen.terminal.draw(|f| scroll = render::draw(f, &app)).context("drawing")?;
+        app.shown_scroll(scroll);
+        if ctx.options.exit_after_first_frame {
+            break;
+        }
         let input = tokio::select! {
             Some(i) = rx.recv() => i,
             r = &mut running, if failed.is_none() => {
@@ -173,7 +233,31 @@ async fn reload(backend: &Backend, tx: &mpsc::UnboundedSender<Input>, select: Op
 /// Where actions post their answers, and the queue of messages to send.
 struct Ctx {
     tx: mpsc::UnboundedSender<Input>,
-    sends: mpsc::UnboundedSender<(String, String)>,
+    sends: mpsc::UnboundedSender<Outgoing>,
+    options: Options,
+}
+
+/// A transfer's progress as inputs, one per percent at most.
+fn progress_to(tx: &mpsc::UnboundedSender<Input>) -> impl FnMut(&str, u64, u64) + Send {
+    let tx = tx.clone();
+    let mut last: Option<(String, u64)> = None;
+    move |label: &str, done: u64, total: u64| {
+        let percent = done.saturating_mul(100).checked_div(total).unwrap_or(0);
+        if last.as_ref().is_some_and(|(l, p)| l == label && *p == percent) {
+            return;
+        }
+        last = Some((label.to_string(), percent));
+        let _ = tx.send(Input::Progress(Progress { label: label.to_string(), done, total }));
+    }
+}
+
+/// The outcome of a reaction, edit or delete.
+fn changed(done: &str, r: Result<backend::Queued>) -> Outcome {
+    match r {
+        Ok(backend::Queued(false)) => Outcome::Notice(done.to_string()),
+        Ok(backend::Queued(true)) => Outcome::Notice(format!("{done} here; it goes out when the connection is back")),
+        Err(e) => Outcome::Error(one_line(&e)),
+    }
 }
 
 /// Carries out one action; what talks to the server (or the daemon) runs
@@ -200,7 +284,63 @@ fn perform(backend: &Backend, action: Action, ctx: &Ctx) {
             });
         }
         Action::Send { conversation, text } => {
-            let _ = ctx.sends.send((conversation, text));
+            let _ = ctx.sends.send(Outgoing::Text { conversation, text });
+        }
+        Action::Notify(note) => {
+            // Off the loop; a desktop without a notification server is no news.
+            tokio::spawn(async move { notify::show(&note).await });
+        }
+        Action::Reply { conversation, to, text } => {
+            let _ = ctx.sends.send(Outgoing::Reply { conversation, to, text });
+        }
+        Action::Attach { conversation, path } => {
+            let _ = ctx.sends.send(Outgoing::Attach { conversation, path });
+        }
+        Action::React { conversation, message, emoji, remove } => {
+            tokio::spawn(async move {
+                let r = backend.react(&conversation, &message, &emoji, remove).await;
+                let _ = tx.send(Input::Done(changed(if remove { "reaction taken back" } else { "reacted" }, r)));
+                reload(&backend, &tx, None).await;
+            });
+        }
+        Action::Edit { conversation, message, text } => {
+            tokio::spawn(async move {
+                let _ = tx.send(Input::Done(changed("edited", backend.edit(&conversation, &message, &text).await)));
+                reload(&backend, &tx, None).await;
+            });
+        }
+        Action::Delete { conversation, message } => {
+            tokio::spawn(async move {
+                let r = backend.delete(&conversation, &message).await;
+                let _ = tx.send(Input::Done(changed("deleted for everyone", r)));
+                reload(&backend, &tx, None).await;
+            });
+        }
+        Action::Save { conversation, message } => {
+            let Some(dir) = ctx.options.downloads.clone() else {
+                let _ = tx.send(Input::Done(Outcome::Error(
+                    "no downloads directory: set downloads = \"/path\" in config.toml, or start with --downloads DIR"
+                        .into(),
+                )));
+                return;
+            };
+            let home = ctx.options.home.clone();
+            if let Err(e) = crate::config::check_downloads(&home, &dir) {
+                let _ = tx.send(Input::Done(Outcome::Error(one_line(&e))));
+                return;
+            }
+            tokio::spawn(async move {
+                let mut progress = progress_to(&tx);
+                let outcome = match backend.save(&home, &conversation, &message, &dir, &mut progress).await {
+                    Ok(files) => {
+                        let saved = files.iter().filter(|f| f.saved.is_some()).count();
+                        let _ = tx.send(Input::Files { conversation, message, files });
+                        Outcome::Notice(format!("{saved} file(s) saved in {}", dir.display()))
+                    }
+                    Err(e) => Outcome::Error(one_line(&e)),
+                };
+                let _ = tx.send(Input::Done(outcome));
+            });
         }
         Action::Run(command) => {
             tokio::spawn(async move {

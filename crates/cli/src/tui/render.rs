@@ -14,7 +14,7 @@ use ratatui::Frame;
 use subrosa_client::{Advice, MessageState, StoredMessage};
 use unicode_width::UnicodeWidthChar;
 
-use super::state::{App, Connection, Conversation, Focus, Mode};
+use super::state::{App, Compose, Connection, Conversation, FileInfo, FileState, Focus, Mode};
 use crate::term;
 
 /// Width of the conversation list.
@@ -77,12 +77,61 @@ fn wrap(text: &str, first: usize, rest: usize) -> Vec<String> {
     out
 }
 
-/// The chat view's lines of one conversation, `width` columns wide.
-pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static>> {
+/// The first line of a message, at most `max` columns (for a quote).
+fn gist(text: &str, max: usize) -> String {
+    let first = clean(text.split('\n').next().unwrap_or_default());
+    if width(&first) <= max {
+        return first;
+    }
+    let mut out = String::new();
+    for c in first.chars() {
+        if width(&out) + c.width().unwrap_or(0) + 1 > max {
+            break;
+        }
+        out.push(c);
+    }
+    out.push('…');
+    out
+}
+
+/// How a file of a message stands, in a few words.
+fn file_line(f: &FileInfo) -> String {
+    let state = match (&f.saved, &f.state) {
+        (Some(path), _) => format!("saved to {}", clean(path)),
+        (None, FileState::Sent) => "sent".into(),
+        (None, FileState::Pending) => "not downloaded yet (s saves it)".into(),
+        (None, FileState::Stored) => "kept encrypted here (s saves it)".into(),
+        (None, FileState::Refused(why)) => format!("refused: {}", clean(why)),
+    };
+    format!("[file] {} ({}) {state}", clean(&f.name), size(f.size))
+}
+
+/// A byte count for people.
+pub fn size(n: u64) -> String {
+    match n {
+        n if n < 1024 => format!("{n} B"),
+        n if n < 1024 * 1024 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n if n < 1024 * 1024 * 1024 => format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0)),
+        n => format!("{:.1} GiB", n as f64 / (1024.0 * 1024.0 * 1024.0)),
+    }
+}
+
+/// The chat view's lines of one conversation, `width` columns wide, and
+/// which of them (from, to: exclusive) the selected message takes.
+fn chat_view(app: &App, c: &Conversation, width: usize) -> (Vec<Line<'static>>, Option<(usize, usize)>) {
     let mut lines = Vec::new();
+    let mut selected = None;
     let pad = " ".repeat(INDENT);
+    let dim = Style::default().fg(Color::DarkGray);
     for m in &c.messages {
-        let time = Span::styled(format!("{} ", hhmm(m.sent_at)), Style::default().fg(Color::DarkGray));
+        let start = lines.len();
+        let is_selected = app.cursor.as_deref() == Some(m.id.as_str()) && !m.id.is_empty();
+        // The selected message: its time reversed and a mark after it.
+        let time = if is_selected {
+            Span::styled(format!("{}›", hhmm(m.sent_at)), Style::default().add_modifier(Modifier::REVERSED))
+        } else {
+            Span::styled(format!("{} ", hhmm(m.sent_at)), dim)
+        };
         if m.system {
             let style = Style::default().fg(Color::Yellow).add_modifier(Modifier::ITALIC);
             let body = format!("* {}", clean(&system_text(m, &app.me)));
@@ -92,6 +141,9 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
                 let lead = if i == 0 { time.clone() } else { Span::raw(pad.clone()) };
                 lines.push(Line::from(vec![lead, Span::styled(piece, style)]));
             }
+            if is_selected {
+                selected = Some((start, lines.len()));
+            }
             continue;
         }
         let (who, who_style) = if m.outgoing {
@@ -99,6 +151,20 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
         } else {
             (clean(&m.from), Style::default().fg(Color::Green).add_modifier(Modifier::BOLD))
         };
+        // The message it answers, quoted in one line above it.
+        if let Some(id) = &m.reply_to {
+            let quoted = c.messages.iter().find(|q| &q.id == id && !q.system);
+            let room = width.saturating_sub(INDENT + 2);
+            let quote = match quoted {
+                Some(q) if q.deleted => "(a deleted message)".to_string(),
+                Some(q) => {
+                    let by = if q.outgoing { "you".to_string() } else { clean(&q.from) };
+                    gist(&format!("{by}: {}", q.text), room)
+                }
+                None => format!("(a message not here, {})", &id[..id.len().min(8)]),
+            };
+            lines.push(Line::from(vec![Span::raw(pad.clone()), Span::styled(format!("↱ {quote}"), dim)]));
+        }
         let who = format!("{who}: ");
         let state = match m.state {
             Some(MessageState::Queued) => Some(Span::styled(" (queued)", Style::default().fg(Color::Yellow))),
@@ -106,6 +172,9 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
                 format!(" (failed: {})", clean(m.reason.as_deref().unwrap_or("refused by the server"))),
                 Style::default().fg(Color::Red),
             )),
+            Some(MessageState::Sent) => Some(Span::styled(" (sent)", dim)),
+            Some(MessageState::Delivered) => Some(Span::styled(" (delivered)", dim)),
+            Some(MessageState::Read) => Some(Span::styled(" (read)", dim)),
             _ => None,
         };
         let first_width = width.saturating_sub(INDENT + self::width(&who));
@@ -115,24 +184,15 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
             lines.push(Line::from(vec![time.clone(), Span::styled(who.clone(), who_style)]));
             first = false;
         }
-        // What a message carries besides its text: the message it answers,
-        // an edit, a delete, reactions (all from others: cleaned).
-        let mut body = match &m.reply_to {
-            Some(id) => format!("(re {}) ", &id[..id.len().min(8)]),
-            None => String::new(),
-        };
-        body.push_str(if m.deleted { "(deleted)" } else { &m.text });
+        // What a message carries besides its text: an edit, a delete,
+        // reactions (all from others: cleaned).
+        let mut body = String::from(if m.deleted { "(deleted)" } else { &m.text });
         if m.edited && !m.deleted {
             body.push_str(" (edited)");
         }
         for r in &m.reactions {
             body.push_str(&format!(" [{} {}]", r.emoji, r.from.join(", ")));
         }
-        let state = state.or(match m.state {
-            Some(MessageState::Delivered) => Some(Span::styled(" (delivered)", Style::default().fg(Color::DarkGray))),
-            Some(MessageState::Read) => Some(Span::styled(" (read)", Style::default().fg(Color::DarkGray))),
-            _ => None,
-        });
         let text_lines: Vec<&str> = body.split('\n').collect();
         let last_index = text_lines.len() - 1;
         for (li, text_line) in text_lines.into_iter().enumerate() {
@@ -156,25 +216,37 @@ pub fn chat_lines(app: &App, c: &Conversation, width: usize) -> Vec<Line<'static
                 lines.push(Line::from(spans));
             }
         }
+        for f in c.files.get(&m.id).into_iter().flatten() {
+            for piece in wrap(&file_line(f), width.saturating_sub(INDENT), width.saturating_sub(INDENT)) {
+                lines.push(Line::from(vec![
+                    Span::raw(pad.clone()),
+                    Span::styled(piece, Style::default().fg(Color::Blue)),
+                ]));
+            }
+        }
+        if is_selected {
+            selected = Some((start, lines.len()));
+        }
     }
-    lines
+    (lines, selected)
 }
 
-/// Draws the whole screen; returns the chat view's largest scroll (for
-/// [`App::clamp_scroll`]).
+/// Draws the whole screen; returns the chat view's scroll as drawn: within
+/// what it can show and moved to show the selected message (for
+/// [`App::shown_scroll`]).
 pub fn draw(frame: &mut Frame, app: &App) -> usize {
     let [main, status, help] =
         Layout::vertical([Constraint::Min(3), Constraint::Length(1), Constraint::Length(1)]).areas(frame.area());
     let list_width = LIST_WIDTH.min(main.width / 3);
     let [list, chat] = Layout::horizontal([Constraint::Length(list_width), Constraint::Min(10)]).areas(main);
     draw_list(frame, app, list);
-    let max_scroll = draw_chat(frame, app, chat);
+    let scroll = draw_chat(frame, app, chat);
     draw_status(frame, app, status);
     draw_help(frame, app, help);
     if let Some(o) = &app.overlay {
         draw_overlay(frame, o, main);
     }
-    max_scroll
+    scroll
 }
 
 fn pane_block(title: String, focused: bool) -> Block<'static> {
@@ -250,10 +322,22 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) -> usize {
     let block = pane_block(title, focused);
     let inner = block.inner(view);
     frame.render_widget(block, view);
-    let lines = chat_lines(app, c, usize::from(inner.width));
+    let (lines, selected) = chat_view(app, c, usize::from(inner.width));
     let height = usize::from(inner.height);
     let max_scroll = lines.len().saturating_sub(height);
-    let scroll = app.scroll.min(max_scroll);
+    let mut scroll = app.scroll.min(max_scroll);
+    // The selected message in view: scrolled up or down just enough.
+    if let Some((from, to)) = selected {
+        let bottom = lines.len() - scroll;
+        if to > bottom {
+            scroll = lines.len() - to;
+        }
+        let top = lines.len() - scroll - height.min(lines.len() - scroll);
+        if from < top {
+            scroll = lines.len().saturating_sub(from + height);
+        }
+        scroll = scroll.min(max_scroll);
+    }
     let end = lines.len() - scroll;
     let start = end.saturating_sub(height);
     let shown: Vec<Line> = lines[start..end].to_vec();
@@ -267,12 +351,22 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) -> usize {
         }
     }
     draw_composer(frame, app, composer);
-    max_scroll
+    scroll
 }
 
 fn draw_composer(frame: &mut Frame, app: &App, area: Rect) {
     let writing = app.mode == Mode::Insert;
-    let title = if writing { " Message (Enter sends, Alt-Enter new line) " } else { " Message (i to write) " };
+    let title = match &app.compose {
+        Compose::Reply(id) => {
+            let quoted = app.current().and_then(|c| c.messages.iter().find(|m| &m.id == id));
+            let by = quoted.map(|m| if m.outgoing { "yourself".to_string() } else { clean(&m.from) });
+            format!(" Reply to {} (Enter sends, Esc cancels) ", by.unwrap_or_else(|| "a message".into()))
+        }
+        Compose::Edit(_) => " Edit your message (Enter saves it for everyone, Esc cancels) ".into(),
+        Compose::Attach => " File to send: type its path (Enter sends, Esc cancels) ".into(),
+        Compose::Message if writing => " Message (Enter sends, Alt-Enter new line) ".into(),
+        Compose::Message => " Message (i to write) ".into(),
+    };
     let block = Block::default()
         .borders(Borders::ALL)
         .border_style(if writing { Style::default().fg(Color::Cyan) } else { Style::default().fg(Color::DarkGray) })
@@ -306,6 +400,14 @@ fn draw_status(frame: &mut Frame, app: &App, area: Rect) {
         ),
     });
 
+    if let Some(p) = &app.progress {
+        let figures = match p.done.saturating_mul(100).checked_div(p.total) {
+            Some(percent) => format!(" {percent}% ({} of {})", size(p.done), size(p.total)),
+            None => "…".into(),
+        };
+        spans.push(Span::raw(" │ "));
+        spans.push(Span::styled(format!("{}{figures}", clean(&p.label)), Style::default().fg(Color::Cyan)));
+    }
     if let Some(n) = &app.notice {
         let style = if n.error { Style::default().fg(Color::Red) } else { Style::default().fg(Color::Cyan) };
         spans.push(Span::raw(" │ "));
@@ -323,16 +425,30 @@ fn draw_help(frame: &mut Frame, app: &App, area: Rect) {
         return;
     }
     let keys: &[(&str, &str)] = match (app.mode, app.focus) {
+        (Mode::Insert, _) if app.compose == Compose::Attach => &[("Enter", "send the file"), ("Esc", "cancel")],
+        (Mode::Insert, _) if app.compose != Compose::Message => {
+            &[("Enter", "send"), ("Alt-Enter/Ctrl-J", "new line"), ("Esc", "cancel")]
+        }
         (Mode::Insert, _) => &[("Enter", "send"), ("Alt-Enter/Ctrl-J", "new line"), ("Esc", "stop writing")],
         (_, Focus::List) => {
             &[("j/k", "move"), ("Tab", "switch pane"), ("i", "write"), (":", "command"), ("?", "help"), ("q", "quit")]
         }
+        // On a selected message: what can be done with it.
+        (_, Focus::Chat) if app.cursor_message().is_some() => &[
+            ("r", "reply"),
+            ("e", "edit"),
+            ("dd", "delete"),
+            ("+/-", "react"),
+            ("s", "save"),
+            ("Esc", "unselect"),
+            ("?", "help"),
+        ],
         (_, Focus::Chat) => &[
-            ("j/k", "scroll"),
-            ("g/G", "top/bottom"),
-            ("Tab", "switch pane"),
+            ("j/k", "select"),
+            ("g/G", "first/newest"),
+            ("Tab", "pane"),
             ("i", "write"),
-            (":", "command"),
+            ("A", "file"),
             ("?", "help"),
             ("q", "quit"),
         ],

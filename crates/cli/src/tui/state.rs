@@ -6,10 +6,13 @@
 //! (`tui::render`) only reads an `App`. So every rule of the UI is tested
 //! here with plain values, and the screen in snapshot tests.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use subrosa_client::{ClientEvent, MessageState, StoredMessage};
+
+use super::notify::{self, Note, Notifications};
 
 /// One conversation as the list and the chat view show it.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +31,59 @@ pub struct Conversation {
     pub unread: usize,
     /// History, oldest first.
     pub messages: Vec<StoredMessage>,
+    /// The files of its messages that carry some, by message id.
+    pub files: BTreeMap<String, Vec<FileInfo>>,
+}
+
+/// A file of a message, as this device keeps it (the `attachments` item of
+/// a `receive --json` line, read back).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Its name, as the sender gave it (others' text: cleaned when shown).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where this device's copy stands.
+    pub state: FileState,
+    /// Where it was saved, once saved.
+    pub saved: Option<String>,
+}
+
+/// Where this device's copy of a file stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FileState {
+    /// This device sent it.
+    Sent,
+    /// Not downloaded yet.
+    #[default]
+    Pending,
+    /// Downloaded and checked, kept encrypted here.
+    Stored,
+    /// Refused (why: may quote the server or the sender).
+    Refused(String),
+}
+
+impl FileInfo {
+    /// The files of a message from its `attachments` JSON (as
+    /// `crate::attach::json` writes it, here or in a daemon).
+    pub fn from_json(v: &serde_json::Value) -> Vec<FileInfo> {
+        let text = |f: &serde_json::Value, k: &str| f[k].as_str().unwrap_or_default().to_string();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| FileInfo {
+                name: text(f, "name"),
+                size: f["size"].as_u64().unwrap_or(0),
+                state: match f["state"].as_str() {
+                    Some("sent") => FileState::Sent,
+                    Some("stored") => FileState::Stored,
+                    Some("refused") => FileState::Refused(text(f, "refused")),
+                    _ => FileState::Pending,
+                },
+                saved: f["path"].as_str().map(String::from),
+            })
+            .collect()
+    }
 }
 
 impl Conversation {
@@ -55,6 +111,30 @@ pub enum Mode {
     Insert,
     /// Typing a `:` command.
     Command,
+}
+
+/// What Enter does with the composer's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compose {
+    /// Sends it as a new message.
+    Message,
+    /// Sends it as a reply to this message (id, hex).
+    Reply(String),
+    /// Replaces the text of this (own) message (id, hex).
+    Edit(String),
+    /// Sends the file at the path typed.
+    Attach,
+}
+
+/// A transfer under way, for the status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// What (`uploading NAME`, may hold a file name: cleaned when shown).
+    pub label: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all.
+    pub total: u64,
 }
 
 /// The connection as the status line tells it.
@@ -245,6 +325,64 @@ pub enum Action {
         /// The number the user compared.
         number: String,
     },
+    /// Send `text` in answer to the message `to`; answer with
+    /// [`Input::Sent`].
+    Reply {
+        /// Where.
+        conversation: String,
+        /// The message answered (id, hex).
+        to: String,
+        /// What.
+        text: String,
+    },
+    /// Send the file at `path`, reporting [`Input::Progress`]; answer with
+    /// [`Input::Sent`].
+    Attach {
+        /// Where.
+        conversation: String,
+        /// The file, as typed.
+        path: String,
+    },
+    /// React to a message (or take this account's reaction back); answer
+    /// with [`Input::Done`] and a refresh.
+    React {
+        /// Where.
+        conversation: String,
+        /// The message (id, hex).
+        message: String,
+        /// The emoji.
+        emoji: String,
+        /// Take it back.
+        remove: bool,
+    },
+    /// Replace the text of an own message; answer with [`Input::Done`] and
+    /// a refresh.
+    Edit {
+        /// Where.
+        conversation: String,
+        /// The message (id, hex).
+        message: String,
+        /// The new text.
+        text: String,
+    },
+    /// Delete an own message for everyone; answer with [`Input::Done`] and
+    /// a refresh.
+    Delete {
+        /// Where.
+        conversation: String,
+        /// The message (id, hex).
+        message: String,
+    },
+    /// Download a message's files and save them into the downloads
+    /// directory; answer with [`Input::Files`] and [`Input::Done`].
+    Save {
+        /// Where.
+        conversation: String,
+        /// The message (id, hex).
+        message: String,
+    },
+    /// Show a desktop notification (what and when: [`notify::note_for`]).
+    Notify(Note),
     /// Leave the UI.
     Quit,
 }
@@ -283,22 +421,42 @@ pub enum Input {
     Sent(Result<StoredMessage, String>),
     /// The answer to a [`Command`] or [`Action::MarkVerified`].
     Done(Outcome),
+    /// The files of a message, as this device now keeps them.
+    Files {
+        /// Its conversation (id, hex).
+        conversation: String,
+        /// The message (id, hex).
+        message: String,
+        /// Its files.
+        files: Vec<FileInfo>,
+    },
+    /// A transfer moved on.
+    Progress(Progress),
+    /// The terminal gained (true) or lost the focus, where it says so.
+    Focus(bool),
 }
 
 /// The help shown by `?` and `:help`.
 pub const HELP: &[&str] = &[
     "Moving (no mouse needed)",
     "  Tab            switch between the list and the chat",
-    "  j / k, arrows  next / previous conversation; scroll the chat",
-    "  g / G          first / last; top / bottom of the chat",
+    "  j / k, arrows  next / previous conversation; in the chat, select",
+    "                 the next / previous message (Esc: none)",
+    "  g / G          first / last; first message / newest, unselected",
     "  Ctrl-U/Ctrl-D  scroll the chat half a page",
     "  Enter / l      open the selected conversation",
     "  i              write a message          q  quit",
+    "On the selected message",
+    "  r  reply     e  edit (yours)     dd  delete for everyone (yours)",
+    "  +  react (type the emoji)        -   take your reaction back",
+    "  s  save its files into the downloads directory",
+    "  A  send a file: type its path, Enter sends (:attach PATH too)",
     "Writing",
     "  Enter          send",
     "  Alt-Enter      new line (also Ctrl-J; Shift-Enter where the",
     "                 terminal reports it)",
-    "  Esc            stop writing (the draft stays)",
+    "  Esc            stop writing (the draft stays; a reply, an edit",
+    "                 or a file path is cancelled)",
     "Commands (type : first)",
     "  :dm HANDLE                 open a direct conversation",
     "  :group NAME HANDLE...      create a group (\"quote\" a name with spaces)",
@@ -307,6 +465,8 @@ pub const HELP: &[&str] = &[
     "  :members                   the open conversation's devices",
     "  :safety [HANDLE]           safety number and QR code; v marks verified",
     "  :verify [HANDLE]           the same",
+    "  :react EMOJI  :unreact     on the selected message",
+    "  :attach PATH  :save        send a file; save the selected message's",
     "  :quit                      leave",
 ];
 
@@ -340,6 +500,21 @@ pub struct App {
     pub overlay: Option<Overlay>,
     /// Set once the user quit.
     pub quit: bool,
+    /// The selected message of the shown conversation (id, hex): the one
+    /// `r`, `e`, `dd`, `+`, `-` and `s` act on.
+    pub cursor: Option<String>,
+    /// What Enter does with the composer's text.
+    pub compose: Compose,
+    /// The draft put aside while the composer holds an edit or a path.
+    stash: Option<Editor>,
+    /// A first `d` on this message (id): a second deletes it.
+    delete_armed: Option<String>,
+    /// A file being sent.
+    pub progress: Option<Progress>,
+    /// Desktop notifications: off unless the user turned them on.
+    pub notifications: Notifications,
+    /// Whether the terminal has the focus (true unless it said otherwise).
+    pub focused: bool,
 }
 
 impl App {
@@ -358,6 +533,13 @@ impl App {
             notice: None,
             overlay: None,
             quit: false,
+            cursor: None,
+            compose: Compose::Message,
+            stash: None,
+            delete_armed: None,
+            progress: None,
+            notifications: Notifications::Off,
+            focused: true,
         }
     }
 
@@ -373,15 +555,28 @@ impl App {
         self.conversations.iter().position(|c| &c.id == id)
     }
 
-    /// Keeps the scroll within what the chat view can show (the renderer
-    /// knows how many lines that is).
-    pub fn clamp_scroll(&mut self, max: usize) {
-        self.scroll = self.scroll.min(max);
+    /// Takes the scroll the chat view was drawn with: within what it can
+    /// show, and moved to show the selected message (the renderer knows
+    /// how many lines that is).
+    pub fn shown_scroll(&mut self, scroll: usize) {
+        self.scroll = scroll;
+    }
+
+    /// The selected message, if it is still in the shown conversation.
+    pub fn cursor_message(&self) -> Option<&StoredMessage> {
+        let id = self.cursor.as_ref()?;
+        self.current()?.messages.iter().find(|m| &m.id == id)
     }
 
     fn select(&mut self, id: Option<String>) {
         if id != self.selected {
             self.scroll = 0;
+            self.cursor = None;
+            self.delete_armed = None;
+            // A reply or an edit belongs to the conversation it was for.
+            if !matches!(self.compose, Compose::Message | Compose::Attach) {
+                self.cancel_compose();
+            }
         }
         self.selected = id;
         if let Some(c) = self.selected.clone().and_then(|id| self.conversations.iter_mut().find(|c| c.id == id)) {
@@ -421,6 +616,7 @@ impl App {
                 Vec::new()
             }
             Input::Sent(Ok(m)) => {
+                self.progress = None;
                 if m.state == Some(MessageState::Queued) {
                     self.notice("queued: not yet on the server; it goes out when the connection is back");
                 }
@@ -428,7 +624,27 @@ impl App {
                 Vec::new()
             }
             Input::Sent(Err(e)) => {
+                self.progress = None;
                 self.error(format!("not sent: {e}"));
+                Vec::new()
+            }
+            Input::Files { conversation, message, files } => {
+                self.progress = None;
+                if let Some(c) = self.conversations.iter_mut().find(|c| c.id == conversation) {
+                    if files.is_empty() {
+                        c.files.remove(&message);
+                    } else {
+                        c.files.insert(message, files);
+                    }
+                }
+                Vec::new()
+            }
+            Input::Progress(p) => {
+                self.progress = Some(p);
+                Vec::new()
+            }
+            Input::Focus(focused) => {
+                self.focused = focused;
                 Vec::new()
             }
             Input::Done(Outcome::Notice(n)) => {
@@ -436,6 +652,7 @@ impl App {
                 Vec::new()
             }
             Input::Done(Outcome::Error(e)) => {
+                self.progress = None;
                 self.error(e);
                 Vec::new()
             }
@@ -474,6 +691,12 @@ impl App {
     /// same message (a state change). Returns whether the conversation was
     /// new to this UI.
     fn upsert(&mut self, m: StoredMessage, count_unread: bool) -> bool {
+        self.upsert_message(m, count_unread).0
+    }
+
+    /// As [`Self::upsert`]; also whether the message was new (not a change
+    /// of one already shown: an edit, a reaction).
+    fn upsert_message(&mut self, m: StoredMessage, count_unread: bool) -> (bool, bool) {
         let shown = self.selected.as_deref() == Some(m.conversation.as_str());
         let (new, conversation) = match self.conversations.iter_mut().position(|c| c.id == m.conversation) {
             Some(i) => (false, &mut self.conversations[i]),
@@ -489,30 +712,43 @@ impl App {
                 (true, &mut self.conversations[last])
             }
         };
-        match conversation.messages.iter_mut().find(|x| x.id == m.id && !m.id.is_empty()) {
-            Some(existing) => *existing = m,
+        let fresh = match conversation.messages.iter_mut().find(|x| x.id == m.id && !m.id.is_empty()) {
+            Some(existing) => {
+                *existing = m;
+                false
+            }
             None => {
                 if count_unread && !shown {
                     conversation.unread += 1;
                 }
                 conversation.messages.push(m);
+                true
             }
-        }
+        };
         self.sort();
         if self.selected.is_none() {
             self.select_at(0);
         }
-        new
+        (new, fresh)
     }
 
     fn client_event(&mut self, e: ClientEvent) -> Vec<Action> {
         match e {
             ClientEvent::Message(m) => {
                 let incoming = !m.outgoing;
-                if self.upsert(m, incoming) {
-                    // Its name and membership as the store has them.
-                    return vec![Action::Refresh { select: None }];
+                // Seen: on screen, in a terminal that has the focus.
+                let seen = self.focused && self.selected.as_deref() == Some(m.conversation.as_str());
+                let note = notify::note_for(self.notifications, &m, seen);
+                let (new_conversation, new_message) = self.upsert_message(m, incoming);
+                let mut actions = Vec::new();
+                if let Some(note) = note.filter(|_| new_message) {
+                    actions.push(Action::Notify(note));
                 }
+                if new_conversation {
+                    // Its name and membership as the store has them.
+                    actions.push(Action::Refresh { select: None });
+                }
+                return actions;
             }
             ClientEvent::System(m) => {
                 self.upsert(m, false);
@@ -582,10 +818,17 @@ impl App {
         let shift = key.modifiers.contains(KeyModifiers::SHIFT);
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
         match key.code {
-            KeyCode::Esc => self.mode = Mode::Normal,
-            KeyCode::Enter if alt || shift => self.composer.insert('\n'),
+            KeyCode::Esc => {
+                self.mode = Mode::Normal;
+                if self.compose != Compose::Message {
+                    self.cancel_compose();
+                }
+            }
+            // A path is one line.
+            KeyCode::Enter if (alt || shift) && self.compose != Compose::Attach => self.composer.insert('\n'),
+            KeyCode::Enter if alt || shift => {}
             // Ctrl-J is a line feed: a new line on any terminal.
-            KeyCode::Char('j') if ctrl => self.composer.insert('\n'),
+            KeyCode::Char('j') if ctrl && self.compose != Compose::Attach => self.composer.insert('\n'),
             KeyCode::Enter => return self.send(),
             _ => {
                 self.composer.edit(&key);
@@ -594,10 +837,32 @@ impl App {
         Vec::new()
     }
 
-    fn send(&mut self) -> Vec<Action> {
-        if self.composer.text.trim().is_empty() {
-            return Vec::new();
+    /// Puts the draft of before an edit or a path back; a reply's text
+    /// stays as a plain draft.
+    fn cancel_compose(&mut self) {
+        if matches!(self.compose, Compose::Edit(_) | Compose::Attach) {
+            self.composer = self.stash.take().unwrap_or_default();
         }
+        self.compose = Compose::Message;
+    }
+
+    /// Starts writing `compose` in the composer (`text` replaces the draft,
+    /// which is put aside until the edit or the path is sent or cancelled).
+    fn start_compose(&mut self, compose: Compose, text: Option<&str>) {
+        if self.compose != Compose::Message {
+            self.cancel_compose();
+        }
+        if let Some(text) = text {
+            self.stash = Some(std::mem::take(&mut self.composer));
+            self.composer.text = text.to_string();
+            self.composer.cursor = text.len();
+        }
+        self.compose = compose;
+        self.focus = Focus::Chat;
+        self.mode = Mode::Insert;
+    }
+
+    fn send(&mut self) -> Vec<Action> {
         let Some(c) = self.current() else {
             self.error("no conversation: open one with :dm HANDLE");
             return Vec::new();
@@ -607,8 +872,31 @@ impl App {
             return Vec::new();
         }
         let conversation = c.id.clone();
+        if self.composer.text.trim().is_empty() {
+            if matches!(self.compose, Compose::Edit(_)) {
+                self.error("an edit cannot be empty: Esc, then dd deletes the message");
+            }
+            return Vec::new();
+        }
         self.scroll = 0;
-        vec![Action::Send { conversation, text: self.composer.take() }]
+        let text = self.composer.take();
+        let action = match std::mem::replace(&mut self.compose, Compose::Message) {
+            Compose::Message => Action::Send { conversation, text },
+            Compose::Reply(to) => Action::Reply { conversation, to, text },
+            Compose::Edit(message) => {
+                self.composer = self.stash.take().unwrap_or_default();
+                self.mode = Mode::Normal;
+                self.notice("editing…");
+                Action::Edit { conversation, message, text }
+            }
+            Compose::Attach => {
+                self.composer = self.stash.take().unwrap_or_default();
+                self.mode = Mode::Normal;
+                self.progress = Some(Progress { label: format!("sending {}", text.trim()), done: 0, total: 0 });
+                Action::Attach { conversation, path: text.trim().to_string() }
+            }
+        };
+        vec![action]
     }
 
     fn command_key(&mut self, key: KeyEvent) -> Vec<Action> {
@@ -632,6 +920,9 @@ impl App {
 
     fn normal_key(&mut self, key: KeyEvent) -> Vec<Action> {
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        // `dd`: a first d arms, a second on the same message deletes, any
+        // other key disarms.
+        let armed = self.delete_armed.take();
         match key.code {
             KeyCode::Char('q') => {
                 self.quit = true;
@@ -650,9 +941,16 @@ impl App {
                     self.error("no conversation yet: open one with :dm HANDLE or :group NAME HANDLE...");
                 }
             }
+            KeyCode::Char('A') => {
+                if self.current().is_some() {
+                    self.start_compose(Compose::Attach, Some(""));
+                } else {
+                    self.error("no conversation yet: open one with :dm HANDLE or :group NAME HANDLE...");
+                }
+            }
             _ => match self.focus {
                 Focus::List => self.list_key(key),
-                Focus::Chat => self.chat_key(key, ctrl),
+                Focus::Chat => return self.chat_key(key, ctrl, armed),
             },
         }
         Vec::new()
@@ -674,21 +972,146 @@ impl App {
         }
     }
 
-    fn chat_key(&mut self, key: KeyEvent, ctrl: bool) {
+    /// Moves the message selection `by` messages (negative: older); past
+    /// the newest, nothing is selected.
+    fn move_cursor(&mut self, older: bool) {
+        let Some(c) = self.current() else { return };
+        let n = c.messages.len();
+        if n == 0 {
+            return;
+        }
+        let at = self.cursor.as_ref().and_then(|id| c.messages.iter().position(|m| &m.id == id));
+        let next = match (at, older) {
+            (None, true) => Some(n - 1),
+            (None, false) => None,
+            (Some(i), true) => Some(i.saturating_sub(1)),
+            (Some(i), false) if i + 1 < n => Some(i + 1),
+            (Some(_), false) => None,
+        };
+        self.cursor = next.map(|i| c.messages[i].id.clone());
+        if self.cursor.is_none() {
+            self.scroll = 0;
+        }
+    }
+
+    fn chat_key(&mut self, key: KeyEvent, ctrl: bool, armed: Option<String>) -> Vec<Action> {
         match key.code {
-            KeyCode::Char('u') if ctrl => self.scroll = self.scroll.saturating_add(HALF_PAGE),
-            KeyCode::Char('d') if ctrl => self.scroll = self.scroll.saturating_sub(HALF_PAGE),
-            KeyCode::PageUp => self.scroll = self.scroll.saturating_add(HALF_PAGE),
-            KeyCode::PageDown => self.scroll = self.scroll.saturating_sub(HALF_PAGE),
-            KeyCode::Char('k') | KeyCode::Up => self.scroll = self.scroll.saturating_add(1),
-            KeyCode::Char('j') | KeyCode::Down => self.scroll = self.scroll.saturating_sub(1),
-            // The renderer clamps this to the top.
-            KeyCode::Char('g') | KeyCode::Home => self.scroll = usize::MAX,
-            KeyCode::Char('G') | KeyCode::End => self.scroll = 0,
+            // Scrolling by pages lets go of the selection (the view would
+            // otherwise jump back to it).
+            KeyCode::Char('u') if ctrl => self.scroll_by(true),
+            KeyCode::Char('d') if ctrl => self.scroll_by(false),
+            KeyCode::PageUp => self.scroll_by(true),
+            KeyCode::PageDown => self.scroll_by(false),
+            KeyCode::Char('k') | KeyCode::Up => self.move_cursor(true),
+            KeyCode::Char('j') | KeyCode::Down => self.move_cursor(false),
+            KeyCode::Char('g') | KeyCode::Home => {
+                self.cursor = self.current().and_then(|c| c.messages.first()).map(|m| m.id.clone());
+                // The renderer clamps this to the top.
+                self.scroll = usize::MAX;
+            }
+            KeyCode::Char('G') | KeyCode::End => {
+                self.cursor = None;
+                self.scroll = 0;
+            }
+            KeyCode::Esc if self.cursor.is_some() => self.cursor = None,
             KeyCode::Esc | KeyCode::Char('h') | KeyCode::Left => self.focus = Focus::List,
             KeyCode::Enter => self.mode = Mode::Insert,
+            KeyCode::Char('r') => {
+                if let Some(m) = self.acted_on("answer", false) {
+                    self.start_compose(Compose::Reply(m.id), None);
+                }
+            }
+            KeyCode::Char('e') => {
+                if let Some(m) = self.acted_on("edit", true) {
+                    self.start_compose(Compose::Edit(m.id.clone()), Some(&m.text));
+                }
+            }
+            KeyCode::Char('d') => {
+                if let Some(m) = self.acted_on("delete", true) {
+                    if armed.as_ref() == Some(&m.id) {
+                        self.notice("deleting…");
+                        return vec![Action::Delete { conversation: m.conversation, message: m.id }];
+                    }
+                    self.notice("d again deletes it for everyone; any other key keeps it");
+                    self.delete_armed = Some(m.id);
+                }
+            }
+            // (Without a message to react to, `acted_on` says so.)
+            KeyCode::Char('+') if self.acted_on("react to", false).is_some() => {
+                self.mode = Mode::Command;
+                self.prompt = Editor { text: "react ".into(), cursor: "react ".len() };
+            }
+            KeyCode::Char('-') => return self.unreact(None),
+            KeyCode::Char('s') => return self.save(),
             _ => {}
         }
+        Vec::new()
+    }
+
+    fn scroll_by(&mut self, up: bool) {
+        self.cursor = None;
+        self.scroll = if up { self.scroll.saturating_add(HALF_PAGE) } else { self.scroll.saturating_sub(HALF_PAGE) };
+    }
+
+    /// The selected message, if an action may be asked for it (`own`: only
+    /// this account's); else says why not.
+    fn acted_on(&mut self, what: &str, own: bool) -> Option<StoredMessage> {
+        let Some(m) = self.cursor_message().cloned() else {
+            self.error(format!("select a message to {what} first: k (or ↑) in the chat"));
+            return None;
+        };
+        let why = if m.system {
+            Some(format!("a system line is nobody's message: there is nothing to {what}"))
+        } else if m.deleted {
+            Some("that message was deleted".to_string())
+        } else if own && !m.outgoing {
+            Some(format!("you can {what} only your own messages"))
+        } else if !self.current().is_some_and(|c| c.active) {
+            Some("you are no longer a member of this conversation".to_string())
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                self.error(why);
+                None
+            }
+            None => Some(m),
+        }
+    }
+
+    /// Takes this account's reaction (`emoji`, or its only one) to the
+    /// selected message back.
+    fn unreact(&mut self, emoji: Option<&str>) -> Vec<Action> {
+        let Some(m) = self.acted_on("take a reaction back from", false) else { return Vec::new() };
+        let mine: Vec<&str> =
+            m.reactions.iter().filter(|r| r.from.iter().any(|f| f == &self.me)).map(|r| r.emoji.as_str()).collect();
+        let emoji = match (emoji, mine.as_slice()) {
+            (Some(e), _) => e.to_string(),
+            (None, [one]) => one.to_string(),
+            (None, []) => {
+                self.error("you have not reacted to that message");
+                return Vec::new();
+            }
+            (None, _) => {
+                self.error("you reacted with several: :unreact EMOJI says which");
+                return Vec::new();
+            }
+        };
+        self.notice("taking your reaction back…");
+        vec![Action::React { conversation: m.conversation, message: m.id, emoji, remove: true }]
+    }
+
+    /// Saves the selected message's files.
+    fn save(&mut self) -> Vec<Action> {
+        let Some(m) = self.acted_on("save", false) else { return Vec::new() };
+        let has_files = self.current().is_some_and(|c| c.files.contains_key(&m.id));
+        if !has_files {
+            self.error("that message has no files");
+            return Vec::new();
+        }
+        self.notice("saving…");
+        vec![Action::Save { conversation: m.conversation, message: m.id }]
     }
 
     /// Carries out a `:` command line.
@@ -703,6 +1126,49 @@ impl App {
         let Some((verb, args)) = words.split_first() else {
             return Vec::new();
         };
+        // What acts on the selected message, or sends a file.
+        match verb.as_str() {
+            "react" => {
+                let [emoji] = args else {
+                    self.error("usage: :react EMOJI (on the selected message)");
+                    return Vec::new();
+                };
+                let Some(m) = self.acted_on("react to", false) else { return Vec::new() };
+                self.notice("reacting…");
+                return vec![Action::React {
+                    conversation: m.conversation,
+                    message: m.id,
+                    emoji: emoji.clone(),
+                    remove: false,
+                }];
+            }
+            "unreact" => {
+                return match args {
+                    [] => self.unreact(None),
+                    [emoji] => self.unreact(Some(emoji)),
+                    _ => {
+                        self.error("usage: :unreact [EMOJI]");
+                        Vec::new()
+                    }
+                }
+            }
+            "save" => return self.save(),
+            "attach" => {
+                let Some(c) = self.current().filter(|c| c.active).cloned() else {
+                    self.error("open a conversation you are in first");
+                    return Vec::new();
+                };
+                // The rest of the line as typed: a path may hold spaces.
+                let path = line.trim_start().strip_prefix(verb.as_str()).unwrap_or_default().trim();
+                if path.is_empty() {
+                    self.error("usage: :attach PATH");
+                    return Vec::new();
+                }
+                self.progress = Some(Progress { label: format!("sending {path}"), done: 0, total: 0 });
+                return vec![Action::Attach { conversation: c.id, path: path.to_string() }];
+            }
+            _ => {}
+        }
         let current = self.current().cloned();
         let group = || match &current {
             Some(c) if c.group => Ok(c.id.clone()),
@@ -878,16 +1344,293 @@ pub(crate) mod tests {
         assert_eq!(app.selected.as_deref(), Some("bb"));
         app.handle(key(KeyCode::Tab));
         assert_eq!(app.focus, Focus::Chat);
-        // In the chat, k scrolls back and j forward again.
-        app.handle(key(KeyCode::Char('k')));
-        app.handle(key(KeyCode::Char('k')));
-        app.handle(key(KeyCode::Char('j')));
-        assert_eq!(app.scroll, 1);
+        // In the chat, Ctrl-U scrolls back and Ctrl-D forward again.
+        app.handle(chord(KeyCode::Char('u'), KeyModifiers::CONTROL));
+        app.handle(chord(KeyCode::Char('u'), KeyModifiers::CONTROL));
+        app.handle(chord(KeyCode::Char('d'), KeyModifiers::CONTROL));
+        assert_eq!(app.scroll, HALF_PAGE);
         assert_eq!(app.selected.as_deref(), Some("bb"), "chat keys do not move the list");
         app.handle(key(KeyCode::Char('G')));
         assert_eq!(app.scroll, 0);
         app.handle(key(KeyCode::Tab));
         assert_eq!(app.focus, Focus::List);
+    }
+
+    /// Alice in a 1:1 with bob: his message, hers, his again.
+    fn app_with_talk() -> App {
+        let mut app = App::new("alice");
+        let mut mine = message("aa", "alice", "mine", 2_000);
+        mine.outgoing = true;
+        mine.state = Some(MessageState::Sent);
+        let mut sys = message("aa", "", "bob is verified", 500);
+        sys.system = true;
+        app.handle(Input::Loaded {
+            conversations: vec![conversation(
+                "aa",
+                "bob",
+                false,
+                vec![sys, message("aa", "bob", "first", 1_000), mine, message("aa", "bob", "third", 3_000)],
+            )],
+            select: None,
+        });
+        app.handle(key(KeyCode::Tab));
+        app
+    }
+
+    #[test]
+    fn k_and_j_select_messages_in_the_chat_and_esc_lets_go() {
+        let mut app = app_with_talk();
+        assert_eq!(app.cursor, None, "nothing selected at first");
+        app.handle(key(KeyCode::Char('k')));
+        assert_eq!(app.cursor.as_deref(), Some("aa-3000"), "k selects the newest");
+        app.handle(key(KeyCode::Up));
+        app.handle(key(KeyCode::Char('k')));
+        assert_eq!(app.cursor.as_deref(), Some("aa-1000"));
+        app.handle(key(KeyCode::Char('j')));
+        assert_eq!(app.cursor_message().map(|m| m.text.as_str()), Some("mine"));
+        app.handle(key(KeyCode::Char('g')));
+        assert_eq!(app.cursor.as_deref(), Some("aa-500"), "g: the first");
+        app.handle(key(KeyCode::Char('k')));
+        assert_eq!(app.cursor.as_deref(), Some("aa-500"), "stops at the first");
+        app.handle(key(KeyCode::Esc));
+        assert_eq!((app.cursor.as_deref(), app.focus), (None, Focus::Chat), "Esc lets go first");
+        app.handle(key(KeyCode::Char('k')));
+        for _ in 0..2 {
+            app.handle(key(KeyCode::Char('j')));
+        }
+        assert_eq!(app.cursor, None, "j past the newest lets go");
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(chord(KeyCode::Char('u'), KeyModifiers::CONTROL));
+        assert_eq!(app.cursor, None, "scrolling by pages lets go");
+        // Another conversation: nothing selected there.
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(Input::Client(ClientEvent::Message(message("cc", "carol", "hey", 9_000))));
+        assert!(app.cursor.is_some(), "a message elsewhere keeps the selection");
+        app.handle(key(KeyCode::Tab));
+        app.handle(key(KeyCode::Char('g')));
+        assert_eq!(app.selected.as_deref(), Some("cc"));
+        assert_eq!(app.cursor, None);
+    }
+
+    #[test]
+    fn r_answers_the_selected_message() {
+        let mut app = app_with_talk();
+        app.handle(key(KeyCode::Char('r')));
+        assert!(app.notice.as_ref().is_some_and(|n| n.error && n.text.contains("select a message")));
+        assert_eq!(app.mode, Mode::Normal);
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('r')));
+        assert_eq!((app.mode, app.compose.clone()), (Mode::Insert, Compose::Reply("aa-3000".into())));
+        typed(&mut app, "yes");
+        let actions = app.handle(key(KeyCode::Enter));
+        assert_eq!(
+            actions,
+            vec![Action::Reply { conversation: "aa".into(), to: "aa-3000".into(), text: "yes".into() }]
+        );
+        assert_eq!(app.compose, Compose::Message, "the next message is a plain one");
+        // Esc cancels a reply; what was typed stays as a plain draft.
+        app.handle(key(KeyCode::Esc));
+        app.handle(key(KeyCode::Char('r')));
+        typed(&mut app, "hm");
+        app.handle(key(KeyCode::Esc));
+        assert_eq!((app.compose.clone(), app.composer.text.as_str()), (Compose::Message, "hm"));
+        // A system line is nobody's to answer.
+        app.handle(key(KeyCode::Char('g')));
+        app.handle(key(KeyCode::Char('r')));
+        assert_eq!(app.mode, Mode::Normal);
+        assert!(app.notice.as_ref().is_some_and(|n| n.error && n.text.contains("system line")));
+    }
+
+    #[test]
+    fn e_edits_only_own_messages_and_gives_the_draft_back() {
+        let mut app = app_with_talk();
+        app.handle(key(KeyCode::Char('i')));
+        typed(&mut app, "draft");
+        app.handle(key(KeyCode::Esc));
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('e')));
+        assert_eq!(app.mode, Mode::Normal, "not bob's");
+        assert_eq!(app.notice.as_ref().map(|n| n.text.as_str()), Some("you can edit only your own messages"));
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('e')));
+        assert_eq!((app.mode, app.composer.text.as_str()), (Mode::Insert, "mine"), "the text to change");
+        app.handle(key(KeyCode::Backspace));
+        app.handle(key(KeyCode::Backspace));
+        typed(&mut app, "ne, changed");
+        assert_eq!(
+            app.handle(key(KeyCode::Enter)),
+            vec![Action::Edit { conversation: "aa".into(), message: "aa-2000".into(), text: "mine, changed".into() }]
+        );
+        assert_eq!((app.mode, app.composer.text.as_str()), (Mode::Normal, "draft"), "the draft is back");
+        // Cancelled: the draft is back too; an emptied edit is refused.
+        app.handle(key(KeyCode::Char('e')));
+        app.handle(key(KeyCode::Esc));
+        assert_eq!((app.compose.clone(), app.composer.text.as_str()), (Compose::Message, "draft"));
+        app.handle(key(KeyCode::Char('e')));
+        app.handle(chord(KeyCode::Char('u'), KeyModifiers::CONTROL));
+        assert_eq!(app.handle(key(KeyCode::Enter)), Vec::new());
+        assert!(app.notice.as_ref().is_some_and(|n| n.error && n.text.contains("dd deletes")));
+    }
+
+    #[test]
+    fn dd_deletes_an_own_message_and_anything_else_disarms() {
+        let mut app = app_with_talk();
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('k')));
+        assert_eq!(app.handle(key(KeyCode::Char('d'))), Vec::new(), "one d only asks");
+        assert!(app.notice.as_ref().is_some_and(|n| n.text.starts_with("d again")));
+        app.handle(key(KeyCode::Char('x')));
+        assert_eq!(app.handle(key(KeyCode::Char('d'))), Vec::new(), "disarmed by another key");
+        assert_eq!(
+            app.handle(key(KeyCode::Char('d'))),
+            vec![Action::Delete { conversation: "aa".into(), message: "aa-2000".into() }]
+        );
+        // Not on bob's, nor on one already deleted.
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('d')));
+        assert_eq!(app.handle(key(KeyCode::Char('d'))), Vec::new());
+        app.conversations[0].messages[2].deleted = true;
+        app.handle(key(KeyCode::Char('j')));
+        app.handle(key(KeyCode::Char('d')));
+        assert_eq!(app.handle(key(KeyCode::Char('d'))), Vec::new());
+        assert_eq!(app.notice.as_ref().map(|n| n.text.as_str()), Some("that message was deleted"));
+    }
+
+    #[test]
+    fn plus_reacts_and_minus_takes_back_this_accounts_reaction() {
+        let mut app = app_with_talk();
+        app.handle(key(KeyCode::Char('k')));
+        app.handle(key(KeyCode::Char('+')));
+        assert_eq!((app.mode, app.prompt.text.as_str()), (Mode::Command, "react "));
+        typed(&mut app, "👍");
+        assert_eq!(
+            app.handle(key(KeyCode::Enter)),
+            vec![Action::React {
+                conversation: "aa".into(),
+                message: "aa-3000".into(),
+                emoji: "👍".into(),
+                remove: false
+            }]
+        );
+        assert_eq!(app.handle(key(KeyCode::Char('-'))), Vec::new(), "no reaction of alice's yet");
+        app.conversations[0].messages[3].reactions = vec![
+            subrosa_client::store::Reaction { emoji: "🎉".into(), from: vec!["bob".into()] },
+            subrosa_client::store::Reaction { emoji: "👍".into(), from: vec!["bob".into(), "alice".into()] },
+        ];
+        assert_eq!(
+            app.handle(key(KeyCode::Char('-'))),
+            vec![Action::React {
+                conversation: "aa".into(),
+                message: "aa-3000".into(),
+                emoji: "👍".into(),
+                remove: true
+            }]
+        );
+        assert_eq!(run(&mut app, "react"), Vec::new(), "an emoji is needed");
+        assert_eq!(
+            run(&mut app, "unreact 🎉"),
+            vec![Action::React {
+                conversation: "aa".into(),
+                message: "aa-3000".into(),
+                emoji: "🎉".into(),
+                remove: true
+            }]
+        );
+    }
+
+    #[test]
+    fn a_file_goes_from_a_path_typed_in_the_composer_and_its_progress_shows() {
+        let mut app = app_with_talk();
+        app.handle(key(KeyCode::Char('i')));
+        typed(&mut app, "draft");
+        app.handle(key(KeyCode::Esc));
+        app.handle(key(KeyCode::Char('A')));
+        assert_eq!((app.mode, app.compose.clone(), app.composer.text.as_str()), (Mode::Insert, Compose::Attach, ""));
+        typed(&mut app, " /tmp/a file.txt ");
+        app.handle(chord(KeyCode::Enter, KeyModifiers::ALT));
+        assert!(!app.composer.text.contains('\n'), "a path is one line");
+        assert_eq!(
+            app.handle(key(KeyCode::Enter)),
+            vec![Action::Attach { conversation: "aa".into(), path: "/tmp/a file.txt".into() }]
+        );
+        assert_eq!((app.mode, app.composer.text.as_str()), (Mode::Normal, "draft"));
+        app.handle(Input::Progress(Progress { label: "uploading a file.txt".into(), done: 5, total: 10 }));
+        assert_eq!(app.progress.as_ref().map(|p| p.done), Some(5));
+        let mut m = message("aa", "alice", "", 4_000);
+        m.outgoing = true;
+        m.state = Some(MessageState::Sent);
+        app.handle(Input::Sent(Ok(m)));
+        assert_eq!(app.progress, None, "done: no progress left on the status line");
+        assert_eq!(
+            run(&mut app, "attach /tmp/b c.txt"),
+            vec![Action::Attach { conversation: "aa".into(), path: "/tmp/b c.txt".into() }]
+        );
+        assert_eq!(run(&mut app, "attach"), Vec::new());
+    }
+
+    #[test]
+    fn s_saves_the_files_of_the_selected_message() {
+        let mut app = app_with_talk();
+        app.handle(key(KeyCode::Char('k')));
+        assert_eq!(app.handle(key(KeyCode::Char('s'))), Vec::new());
+        assert_eq!(app.notice.as_ref().map(|n| n.text.as_str()), Some("that message has no files"));
+        let file = FileInfo { name: "map.png".into(), size: 3, state: FileState::Pending, saved: None };
+        app.handle(Input::Files { conversation: "aa".into(), message: "aa-3000".into(), files: vec![file.clone()] });
+        assert_eq!(
+            app.handle(key(KeyCode::Char('s'))),
+            vec![Action::Save { conversation: "aa".into(), message: "aa-3000".into() }]
+        );
+        let saved = FileInfo { state: FileState::Stored, saved: Some("/dl/map.png".into()), ..file };
+        app.handle(Input::Files { conversation: "aa".into(), message: "aa-3000".into(), files: vec![saved.clone()] });
+        assert_eq!(app.current().expect("open").files.get("aa-3000"), Some(&vec![saved]));
+    }
+
+    #[test]
+    fn a_new_message_notifies_as_the_user_chose_and_not_when_seen() {
+        let mut app = app_with_two();
+        let incoming = |text: &str, at| Input::Client(ClientEvent::Message(message("aa", "bob", text, at)));
+        let notes = |actions: Vec<Action>| -> Vec<Note> {
+            actions
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Notify(n) => Some(n),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(notes(app.handle(incoming("quiet", 3_000))).is_empty(), "off by default");
+        app.notifications = Notifications::On;
+        assert_eq!(
+            notes(app.handle(incoming("secret", 4_000))),
+            vec![Note { summary: "bob".into(), body: "New message".into() }]
+        );
+        // The same message again (a reaction to it, an edit): no second note.
+        let mut changed = message("aa", "bob", "secret", 4_000);
+        changed.edited = true;
+        assert!(notes(app.handle(Input::Client(ClientEvent::Message(changed)))).is_empty());
+        app.notifications = Notifications::WithText;
+        // On screen in a focused terminal: seen, no note; unfocused: a note.
+        app.handle(key(KeyCode::Char('g')));
+        app.select(Some("aa".into()));
+        assert!(notes(app.handle(incoming("in view", 5_000))).is_empty());
+        app.handle(Input::Focus(false));
+        assert_eq!(notes(app.handle(incoming("away", 6_000)))[0].body, "away");
+    }
+
+    #[test]
+    fn files_are_read_from_the_attachments_json() {
+        let v = serde_json::json!([
+            {"name": "a.txt", "size": 3, "sha256": "00", "state": "stored", "path": "/dl/a.txt"},
+            {"name": "b.bin", "size": 9, "sha256": "00", "state": "refused", "refused": "bad digest"},
+            {"name": "c", "size": 1, "sha256": "00", "state": "pending"},
+            {"name": "d", "size": 1, "sha256": "00", "state": "sent"}
+        ]);
+        let files = FileInfo::from_json(&v);
+        assert_eq!(files.len(), 4);
+        assert_eq!((files[0].state.clone(), files[0].saved.as_deref()), (FileState::Stored, Some("/dl/a.txt")));
+        assert_eq!(files[1].state, FileState::Refused("bad digest".into()));
+        assert_eq!((files[2].state.clone(), files[3].state.clone()), (FileState::Pending, FileState::Sent));
+        assert!(FileInfo::from_json(&serde_json::json!("not a list")).is_empty());
     }
 
     #[test]

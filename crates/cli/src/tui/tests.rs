@@ -14,7 +14,7 @@ use subrosa_client::{ClientEvent, MessageState, StoredMessage, SystemEvent};
 
 use super::render;
 use super::state::tests::{chord, conversation, key, message, typed};
-use super::state::{App, Input, Outcome, Overlay};
+use super::state::{App, FileInfo, FileState, Input, Outcome, Overlay, Progress};
 use crate::term::is_dangerous;
 
 /// 2026-11-30 09:41:00 UTC, in ms.
@@ -23,9 +23,9 @@ const MINUTE: u64 = 60_000;
 
 fn draw(app: &mut App, w: u16, h: u16) -> Vec<String> {
     let mut terminal = Terminal::new(TestBackend::new(w, h)).expect("terminal");
-    let mut max = 0;
-    terminal.draw(|f| max = render::draw(f, app)).expect("draw");
-    app.clamp_scroll(max);
+    let mut scroll = 0;
+    terminal.draw(|f| scroll = render::draw(f, app)).expect("draw");
+    app.shown_scroll(scroll);
     let buffer = terminal.backend().buffer();
     (0..h)
         .map(|y| {
@@ -134,7 +134,7 @@ fn snapshot_group_chat_with_system_line_and_command_prompt() {
 fn snapshot_help() {
     let mut app = sample();
     app.handle(key(KeyCode::Char('?')));
-    snapshot("help", &draw(&mut app, 80, 28));
+    snapshot("help", &draw(&mut app, 80, 36));
 }
 
 #[test]
@@ -174,12 +174,12 @@ fn chat_scrolls_back_and_is_clamped_at_the_top() {
     let screen = draw(&mut app, 60, 14);
     assert!(screen.iter().any(|l| l.contains("bob: line 0")), "g shows the first: {screen:#?}");
     assert!(!screen.iter().any(|l| l.contains("bob: line 39")));
-    // Clamped: one j after g moves one line down, not from "infinity".
+    // Clamped: Ctrl-D after g moves half a page down, not from "infinity".
     let top = app.scroll;
-    app.handle(key(KeyCode::Char('j')));
-    assert_eq!(app.scroll, top - 1);
+    app.handle(chord(KeyCode::Char('d'), KeyModifiers::CONTROL));
+    assert_eq!(app.scroll, top - 10);
     let screen = draw(&mut app, 60, 14);
-    assert!(screen.iter().any(|l| l.contains("bob: line 1")) && !screen.iter().any(|l| l.contains("bob: line 0")));
+    assert!(screen.iter().any(|l| l.contains("bob: line 10")) && !screen.iter().any(|l| l.contains("bob: line 9")));
     // A resize (smaller) keeps the scroll within bounds.
     draw(&mut app, 40, 8);
     app.handle(key(KeyCode::Char('G')));
@@ -231,4 +231,113 @@ fn no_escape_sequence_from_others_reaches_the_screen() {
     typed(&mut app, HOSTILE);
     let screen = cells(&mut app);
     assert!(screen.chars().all(|c| c == '\n' || !is_dangerous(c)), "{screen}");
+}
+
+/// Bob's 1:1 with what messages carry: a reply, reactions, an edit, a
+/// delete, files, and alice's receipts.
+fn annotated() -> App {
+    let mut app = App::new("alice");
+    let mut question = message("aa", "bob", "are you coming tonight? I could bring the map and the snacks", T0);
+    question.reactions = vec![subrosa_client::store::Reaction { emoji: "👍".into(), from: vec!["alice".into()] }];
+    let mut answer = mine("aa", "yes, after work", T0 + MINUTE, MessageState::Read);
+    answer.reply_to = Some(question.id.clone());
+    let mut edited = mine("aa", "at 8, not 7", T0 + 2 * MINUTE, MessageState::Delivered);
+    edited.edited = true;
+    let mut gone = message("aa", "bob", "", T0 + 3 * MINUTE);
+    gone.deleted = true;
+    let photo = message("aa", "bob", "the map", T0 + 4 * MINUTE);
+    let sent = mine("aa", "ok", T0 + 5 * MINUTE, MessageState::Sent);
+    let queued = mine("aa", "see you", T0 + 6 * MINUTE, MessageState::Queued);
+    let mut bob = conversation("aa", "bob", false, vec![question, answer, edited, gone, photo.clone(), sent, queued]);
+    bob.files.insert(
+        photo.id,
+        vec![
+            FileInfo { name: "map.png".into(), size: 48_213, state: FileState::Pending, saved: None },
+            FileInfo {
+                name: "notes.txt".into(),
+                size: 12,
+                state: FileState::Stored,
+                saved: Some("/home/alice/Downloads/notes.txt".into()),
+            },
+        ],
+    );
+    app.handle(Input::Loaded { conversations: vec![bob], select: None });
+    app.handle(Input::Client(ClientEvent::Connected));
+    app.handle(key(KeyCode::Tab));
+    app
+}
+
+#[test]
+fn snapshot_replies_reactions_edits_deletes_files_and_receipts() {
+    let mut app = annotated();
+    snapshot("annotations", &draw(&mut app, 80, 24));
+}
+
+#[test]
+fn snapshot_a_selected_message_and_its_keys() {
+    let mut app = annotated();
+    for _ in 0..3 {
+        app.handle(key(KeyCode::Char('k')));
+    }
+    snapshot("selected", &draw(&mut app, 80, 24));
+}
+
+#[test]
+fn snapshot_replying_and_a_file_uploading() {
+    let mut app = annotated();
+    app.handle(key(KeyCode::Char('g')));
+    app.handle(key(KeyCode::Char('r')));
+    typed(&mut app, "I will");
+    app.handle(Input::Progress(Progress { label: "uploading map.png".into(), done: 24_000, total: 48_213 }));
+    snapshot("replying", &draw(&mut app, 80, 24));
+}
+
+#[test]
+fn the_selected_message_is_scrolled_into_view() {
+    let mut app = App::new("alice");
+    let messages = (0..40).map(|i| message("aa", "bob", &format!("line {i}"), T0 + i * MINUTE)).collect();
+    app.handle(Input::Loaded { conversations: vec![conversation("aa", "bob", false, messages)], select: None });
+    app.handle(key(KeyCode::Tab));
+    for _ in 0..20 {
+        app.handle(key(KeyCode::Char('k')));
+    }
+    let screen = draw(&mut app, 60, 14);
+    let marked: Vec<&String> = screen.iter().filter(|l| l.contains('›') && l.contains("bob: line")).collect();
+    assert!(marked.len() == 1 && marked[0].contains("bob: line 20"), "line 20 selected and shown: {screen:#?}");
+    // Back down past the newest: the view follows, then lets go.
+    for _ in 0..20 {
+        app.handle(key(KeyCode::Char('j')));
+    }
+    let screen = draw(&mut app, 60, 14);
+    assert!(screen.iter().any(|l| l.contains("bob: line 39")), "{screen:#?}");
+    assert_eq!(app.cursor, None);
+}
+
+#[test]
+fn files_and_quotes_from_others_are_cleaned() {
+    let mut app = App::new("alice");
+    let mut quoted = message("aa", "bob", &format!("q{HOSTILE}"), T0);
+    quoted.reactions =
+        vec![subrosa_client::store::Reaction { emoji: format!("e{HOSTILE}"), from: vec![format!("m{HOSTILE}")] }];
+    let mut reply = message("aa", "bob", "r", T0 + MINUTE);
+    reply.reply_to = Some(quoted.id.clone());
+    let mut bob = conversation("aa", "bob", false, vec![quoted, reply.clone()]);
+    bob.files.insert(
+        reply.id.clone(),
+        vec![FileInfo {
+            name: format!("f{HOSTILE}"),
+            size: 1,
+            state: FileState::Refused(format!("why{HOSTILE}")),
+            saved: None,
+        }],
+    );
+    app.handle(Input::Loaded { conversations: vec![bob], select: None });
+    app.handle(Input::Progress(Progress { label: format!("uploading p{HOSTILE}"), done: 1, total: 2 }));
+    app.handle(key(KeyCode::Tab));
+    app.handle(key(KeyCode::Char('k')));
+    app.handle(key(KeyCode::Char('r')));
+    let screen = cells(&mut app);
+    assert!(screen.chars().all(|c| c == '\n' || !is_dangerous(c)), "{screen}");
+    assert!(screen.contains("[file] fx\\u{1b}"), "{screen}");
+    assert!(screen.contains("↱ bob: qx\\u{1b}"), "{screen}");
 }
