@@ -14,6 +14,11 @@
 //! # Where `receive` saves attachments (as --downloads); outside the home
 //! # directory, whose files stay encrypted.
 //! downloads = "/home/me/Downloads/subrosa"
+//! # Link previews of your messages (as `settings previews`, which wins):
+//! # your device fetches the link, so the site sees your IP address...
+//! previews = true
+//! # ...unless the preview goes through a proxy (http://, https:// or socks5://).
+//! preview_proxy = "socks5://127.0.0.1:9050"
 //! ```
 //!
 //! A key this version does not know is an error that names it, so a typo
@@ -43,6 +48,11 @@ pub struct Config {
     pub daemon: Option<bool>,
     /// As `receive --downloads`: where received files are saved.
     pub downloads: Option<PathBuf>,
+    /// Link previews of this device's messages, unless `settings previews`
+    /// says otherwise.
+    pub previews: Option<bool>,
+    /// The proxy every preview request goes through.
+    pub preview_proxy: Option<String>,
 }
 
 /// The file of `home`.
@@ -104,6 +114,14 @@ impl Config {
         if let Some(k) = &config.key_cache {
             k.parse::<CachePolicy>().map_err(|e| anyhow!("key_cache: {e}"))?;
         }
+        if let Some(p) = &config.preview_proxy {
+            let ok = url::Url::parse(p).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") && u.host().is_some()
+            });
+            if !ok {
+                return Err(anyhow!("preview_proxy: not a proxy URL (http://, https:// or socks5://HOST:PORT)"));
+            }
+        }
         Ok(config)
     }
 
@@ -162,6 +180,10 @@ mod tests {
         assert!(e.starts_with("key_cache:"), "{e}");
         let e = Config::parse("daemon = \"yes\"").expect_err("wrong type").to_string();
         assert!(e.starts_with("line 1:") && !e.contains('\n'), "{e}");
+        let e = Config::parse("preview_proxy = \"not a url\"").expect_err("bad proxy").to_string();
+        assert!(e.starts_with("preview_proxy:"), "{e}");
+        let c = Config::parse("previews = true\npreview_proxy = \"socks5://127.0.0.1:9050\"").expect("valid");
+        assert_eq!((c.previews, c.preview_proxy.as_deref()), (Some(true), Some("socks5://127.0.0.1:9050")));
         let c = Config::parse("downloads = \"/srv/files\"").expect("valid");
         assert_eq!(c.downloads.as_deref(), Some(Path::new("/srv/files")));
         let e = Config::default().server(None, Path::new("/h")).expect_err("none").to_string();

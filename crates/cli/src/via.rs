@@ -162,7 +162,7 @@ impl Daemon {
                     let got = self.call("receive", json!({ "timeout": wait })).await?;
                     let got = got.as_array().cloned().unwrap_or_default();
                     for m in &got {
-                        print_shown(&message(m.clone())?, m.get("attachments"), *json);
+                        print_shown(&message(m.clone())?, m.get("attachments"), &[], *json);
                     }
                     left -= wait;
                     if !got.is_empty() || left <= 0.0 {
@@ -192,7 +192,7 @@ impl Daemon {
                     }
                 }
                 for (m, v) in history.iter().zip(&values) {
-                    print_shown(m, v.get("attachments"), *json);
+                    print_shown(m, v.get("attachments"), &[], *json);
                 }
             }
             Command::Contacts => {
@@ -314,7 +314,7 @@ impl Daemon {
                 _ => continue,
             }
             let seq = params.get("seq").and_then(Value::as_u64);
-            print_shown(&message(params.clone())?, params.get("attachments"), json);
+            print_shown(&message(params.clone())?, params.get("attachments"), &[], json);
             // Printed: the daemon need not hand it out again. (An answer
             // to this comes later and is skipped.)
             if let Some(seq) = seq {
