@@ -115,9 +115,8 @@ impl Config {
             k.parse::<CachePolicy>().map_err(|e| anyhow!("key_cache: {e}"))?;
         }
         if let Some(p) = &config.preview_proxy {
-            let ok = url::Url::parse(p).is_ok_and(|u| {
-                matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") && u.host().is_some()
-            });
+            let ok = url::Url::parse(p)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") && u.host().is_some());
             if !ok {
                 return Err(anyhow!("preview_proxy: not a proxy URL (http://, https:// or socks5://HOST:PORT)"));
             }

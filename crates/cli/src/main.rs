@@ -1339,7 +1339,10 @@ fn read_list_file(path: &std::path::Path) -> Result<Vec<u8>> {
     let limit = subrosa_core::linklist::MAX_FILE_BYTES as u64 + 1;
     f.take(limit).read_to_end(&mut bytes).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
     if bytes.len() as u64 == limit {
-        return Err(anyhow!("refused: {} is larger than any dangerous-link list; the list you had is kept", path.display()));
+        return Err(anyhow!(
+            "refused: {} is larger than any dangerous-link list; the list you had is kept",
+            path.display()
+        ));
     }
     Ok(bytes)
 }

@@ -43,8 +43,11 @@ impl Site {
                 }
                 seen.lock().expect("lock").push(String::from_utf8_lossy(&head).into_owned());
                 let _ = s.write_all(
-                    format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n", body.len())
-                        .as_bytes(),
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
                 );
                 let _ = s.write_all(&body);
             }
@@ -116,7 +119,7 @@ fn a_preview_is_fetched_once_by_the_senders_device_and_never_by_recipients_or_th
     // shows the sender's preview, fetching nothing.
     let got = run_env(&bob, &["receive", "--json"], &[LOOPBACK]);
     let got = parse_json_lines(&String::from_utf8_lossy(&got.stdout));
-    assert_eq!(texts(&got), [text.clone()]);
+    assert_eq!(texts(&got), [text.as_str()]);
     let p = &got[0]["preview"];
     assert_eq!(p["url"], site.url.as_str());
     assert_eq!(p["title"], "Canary & friends");
@@ -247,7 +250,8 @@ fn a_listed_link_is_marked_on_both_sides_and_nothing_leaves_the_device() {
     assert_eq!(mine[0]["dangerous_links"], serde_json::json!(["HTTPS://Evil.Example/login#now"]));
 
     // The server holds nothing that names the link or the list.
-    for needle in [&b"evil.example"[..], b"Evil.Example", &linklist::link_hashes("https://evil.example/login")[0][..8]] {
+    for needle in [&b"evil.example"[..], b"Evil.Example", &linklist::link_hashes("https://evil.example/login")[0][..8]]
+    {
         assert!(files_containing(&server.data_dir(), needle).is_empty());
     }
 }

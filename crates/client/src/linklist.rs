@@ -78,7 +78,8 @@ impl Subrosa {
         let list = LinkList::verify(bytes, &trusted_keys()).map_err(refused)?;
         self.store().write(|tx| {
             let held = tx.meta(META_LINK_LIST)?;
-            let held_version = held.as_deref().and_then(|b| LinkList::verify(b, &trusted_keys()).ok()).map(|l| l.version());
+            let held_version =
+                held.as_deref().and_then(|b| LinkList::verify(b, &trusted_keys()).ok()).map(|l| l.version());
             if let Some(v) = held_version {
                 if held.as_deref().map(Vec::as_slice) == Some(bytes) {
                     return Ok(Imported::Same { version: v });

@@ -141,9 +141,7 @@ fn is_public(ip: &IpAddr) -> bool {
 
 /// The first link of `text` that `policy` lets this device fetch.
 pub fn first_link<'t>(text: &'t str, policy: &PreviewPolicy) -> Option<&'t str> {
-    subrosa_core::linklist::links_in(text)
-        .into_iter()
-        .find(|l| Url::parse(l).is_ok_and(|u| policy.check(&u).is_ok()))
+    subrosa_core::linklist::links_in(text).into_iter().find(|l| Url::parse(l).is_ok_and(|u| policy.check(&u).is_ok()))
 }
 
 fn client(policy: &PreviewPolicy) -> Result<reqwest::Client, PreviewError> {
@@ -395,7 +393,9 @@ mod tests {
         );
         let e = extract(&page);
         let t = e.title.unwrap_or_default();
-        assert!(t.len() <= subrosa_core::preview::MAX_TITLE_BYTES && t.len() >= subrosa_core::preview::MAX_TITLE_BYTES - 1);
+        assert!(
+            t.len() <= subrosa_core::preview::MAX_TITLE_BYTES && t.len() >= subrosa_core::preview::MAX_TITLE_BYTES - 1
+        );
         assert!(t.chars().all(|c| c == 'é'));
         assert_eq!(e.description.map(|d| d.len()), Some(subrosa_core::preview::MAX_DESCRIPTION_BYTES));
         assert_eq!(e.image, None, "an image URL over 2 KiB is dropped");

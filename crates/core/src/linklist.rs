@@ -178,12 +178,11 @@ impl LinkList {
             }
             previous = Some(p);
         }
-        let signature = ed25519_dalek::Signature::from_slice(&bytes[body_end..])
-            .map_err(|_| ListError::Malformed("signature"))?;
+        let signature =
+            ed25519_dalek::Signature::from_slice(&bytes[body_end..]).map_err(|_| ListError::Malformed("signature"))?;
         let message = signed_message(&bytes[..body_end]);
         let signed = trusted.iter().any(|key| {
-            ed25519_dalek::VerifyingKey::from_bytes(key)
-                .is_ok_and(|k| k.verify_strict(&message, &signature).is_ok())
+            ed25519_dalek::VerifyingKey::from_bytes(key).is_ok_and(|k| k.verify_strict(&message, &signature).is_ok())
         });
         if !signed {
             return Err(ListError::BadSignature);
@@ -342,8 +341,14 @@ mod tests {
         }
         assert_eq!(
             expressions("https://a.b.c.evil.example/p?q=1"),
-            ["a.b.c.evil.example/p?q=1", "a.b.c.evil.example/p", "a.b.c.evil.example/", "b.c.evil.example/",
-                "c.evil.example/", "evil.example/"]
+            [
+                "a.b.c.evil.example/p?q=1",
+                "a.b.c.evil.example/p",
+                "a.b.c.evil.example/",
+                "b.c.evil.example/",
+                "c.evil.example/",
+                "evil.example/"
+            ]
         );
         // IPv4 in any of its written forms is one address; IDNs are punycode.
         assert_eq!(expressions("http://3232235777/x")[0], "192.168.1.1/x");
@@ -354,9 +359,10 @@ mod tests {
         assert!(expressions("javascript:alert(1)").is_empty());
         assert!(expressions("https://").is_empty());
         // Never more than five hosts (the page `host/` is the first of them).
-        assert_eq!(expressions("https://a.b.c.d.e.f.g.h/"), [
-            "a.b.c.d.e.f.g.h/", "b.c.d.e.f.g.h/", "c.d.e.f.g.h/", "d.e.f.g.h/", "e.f.g.h/"
-        ]);
+        assert_eq!(
+            expressions("https://a.b.c.d.e.f.g.h/"),
+            ["a.b.c.d.e.f.g.h/", "b.c.d.e.f.g.h/", "c.d.e.f.g.h/", "d.e.f.g.h/", "e.f.g.h/"]
+        );
         // The example of docs/links.md.
         assert_eq!(
             expressions("https://user@WWW.Evil.Example.:443//a/../login?x=1#top"),
@@ -383,6 +389,24 @@ mod tests {
         let unsigned = unsigned_list(version, prefix_len, &prefixes).expect("list");
         let sig = k.sign(&signed_message(&unsigned));
         [unsigned, sig.to_bytes().to_vec()].concat()
+    }
+
+    /// The list file before its signature, byte for byte (list makers
+    /// write it; a change is a new format number).
+    #[test]
+    fn snapshot_of_the_file_format() {
+        let unsigned = unsigned_list(0x0102, 4, &[vec![9, 9, 9, 9], vec![1, 2, 3, 4], vec![9, 9, 9, 9]]).expect("list");
+        let expected = concat!(
+            "53524c4c",         // "SRLL"
+            "01",               // format 1
+            "0000000000000102", // list version
+            "04",               // prefix length
+            "00000002",         // count (the repeated prefix once)
+            "01020304",         // prefixes, increasing
+            "09090909",
+        );
+        assert_eq!(hex::encode(&unsigned), expected);
+        assert_eq!(&signed_message(&unsigned)[..SIGNATURE_CONTEXT.len()], b"subrosa dangerous-link list v1\0");
     }
 
     #[test]
@@ -423,8 +447,11 @@ mod tests {
             assert!(LinkList::verify(&good[..n], &trusted).is_err());
         }
         assert!(LinkList::verify(&[good.clone(), vec![0]].concat(), &trusted).is_err());
-        assert!(LinkList::verify(b"not a list at all, just some text that is long enough....................", &trusted)
-            .is_err());
+        assert!(LinkList::verify(
+            b"not a list at all, just some text that is long enough....................",
+            &trusted
+        )
+        .is_err());
         // Unsorted prefixes, even correctly signed.
         let mut unsigned = unsigned_list(1, 4, &[vec![1, 1, 1, 1], vec![2, 2, 2, 2]]).expect("list");
         let n = unsigned.len();

@@ -316,6 +316,26 @@ mod tests {
         assert_eq!(LinkPreview::from_stored(&none.to_stored().expect("stores")).expect("reads"), none);
     }
 
+    /// The form the client store keeps (`messages.preview`), byte for byte.
+    #[test]
+    fn snapshot_of_the_stored_form() {
+        let p = LinkPreview {
+            url: "https://a.b".into(),
+            title: "T".into(),
+            description: "D".into(),
+            thumbnail: Some(Thumbnail { kind: ImageKind::Gif, bytes: b"GIF89a".to_vec() }),
+        };
+        let expected = concat!(
+            "01",                       // version 1
+            "0b68747470733a2f2f612e62", // URL
+            "0154",                     // title
+            "0144",                     // description
+            "03",                       // thumbnail type: GIF
+            "06474946383961",           // thumbnail
+        );
+        assert_eq!(hex::encode(p.to_stored().expect("stores")), expected);
+    }
+
     #[test]
     fn limits_hold_on_both_sides() {
         let text = "https://a.example/x";
@@ -352,17 +372,14 @@ mod tests {
         }
         // A type without bytes, bytes without a type, trailing bytes.
         let ok = preview().encode_payload(text).expect("encodes");
-        for bad in [
-            [ok.clone(), vec![0]].concat(),
-            {
-                let mut b = preview();
-                b.thumbnail = None;
-                let mut v = b.encode_payload(text).expect("encodes");
-                let n = v.len();
-                v[n - 2] = 1;
-                v
-            },
-        ] {
+        for bad in [[ok.clone(), vec![0]].concat(), {
+            let mut b = preview();
+            b.thumbnail = None;
+            let mut v = b.encode_payload(text).expect("encodes");
+            let n = v.len();
+            v[n - 2] = 1;
+            v
+        }] {
             assert!(LinkPreview::decode_payload(&bad).is_err());
         }
         assert_eq!(LinkPreview::decode_payload(&[2, 0]).expect("newer"), None);
