@@ -17,6 +17,11 @@
 //! # Desktop notifications of `subrosa tui` (as --notifications): "off",
 //! # "on" (who wrote, never what) or "with-text".
 //! notifications = "on"
+//! # Link previews of your messages (as `settings previews`, which wins):
+//! # your device fetches the link, so the site sees your IP address...
+//! previews = true
+//! # ...unless the preview goes through a proxy (http://, https:// or socks5://).
+//! preview_proxy = "socks5://127.0.0.1:9050"
 //! ```
 //!
 //! A key this version does not know is an error that names it, so a typo
@@ -48,6 +53,11 @@ pub struct Config {
     pub downloads: Option<PathBuf>,
     /// As `tui --notifications`: desktop notifications (off by default).
     pub notifications: Option<crate::tui::notify::Notifications>,
+    /// Link previews of this device's messages, unless `settings previews`
+    /// says otherwise.
+    pub previews: Option<bool>,
+    /// The proxy every preview request goes through.
+    pub preview_proxy: Option<String>,
 }
 
 /// Plaintext goes only where the user asked, and never among the home
@@ -124,6 +134,13 @@ impl Config {
         if let Some(k) = &config.key_cache {
             k.parse::<CachePolicy>().map_err(|e| anyhow!("key_cache: {e}"))?;
         }
+        if let Some(p) = &config.preview_proxy {
+            let ok = url::Url::parse(p)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") && u.host().is_some());
+            if !ok {
+                return Err(anyhow!("preview_proxy: not a proxy URL (http://, https:// or socks5://HOST:PORT)"));
+            }
+        }
         Ok(config)
     }
 
@@ -182,6 +199,10 @@ mod tests {
         assert!(e.starts_with("key_cache:"), "{e}");
         let e = Config::parse("daemon = \"yes\"").expect_err("wrong type").to_string();
         assert!(e.starts_with("line 1:") && !e.contains('\n'), "{e}");
+        let e = Config::parse("preview_proxy = \"not a url\"").expect_err("bad proxy").to_string();
+        assert!(e.starts_with("preview_proxy:"), "{e}");
+        let c = Config::parse("previews = true\npreview_proxy = \"socks5://127.0.0.1:9050\"").expect("valid");
+        assert_eq!((c.previews, c.preview_proxy.as_deref()), (Some(true), Some("socks5://127.0.0.1:9050")));
         let c = Config::parse("downloads = \"/srv/files\"").expect("valid");
         assert_eq!(c.downloads.as_deref(), Some(Path::new("/srv/files")));
         let e = Config::default().server(None, Path::new("/h")).expect_err("none").to_string();

@@ -94,6 +94,12 @@ enum Command {
         /// Answer the message with this id (the `id` of `history --json`).
         #[arg(long, value_name = "MESSAGE_ID")]
         reply_to: Option<String>,
+        /// Send a preview of the text's first https link: this device
+        /// fetches the page (the site sees this device's IP address, or the
+        /// `preview_proxy`'s) and sends its title, description and a small
+        /// image inside the encryption. Recipients never fetch it.
+        #[arg(long, conflicts_with_all = ["attach", "reply_to"])]
+        preview: bool,
     },
     /// React to a message with an emoji (`--remove` takes your reaction back).
     React {
@@ -133,6 +139,10 @@ enum Command {
     /// This device's settings.
     #[command(subcommand)]
     Settings(SettingsCommand),
+    /// The dangerous-link list: a signed file of hashed links that this
+    /// device checks every link sent and received against, telling nobody.
+    #[command(subcommand)]
+    Linklist(LinklistCommand),
     /// Fetch, decrypt, store and print queued messages.
     Receive {
         /// One JSON object per line.
@@ -316,6 +326,27 @@ enum SettingsCommand {
         /// on or off.
         value: Option<OnOff>,
     },
+    /// Make link previews of your messages (`on`) or not (`off`, the
+    /// default unless `previews = true` in config.toml); without a value,
+    /// show the setting. Your device fetches the link, so the site sees
+    /// your IP address unless `preview_proxy` is set in config.toml.
+    Previews {
+        /// on or off.
+        value: Option<OnOff>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LinklistCommand {
+    /// Import a list file (signed by the key this binary pins; a list
+    /// older than the one held is refused). It is read from FILE only:
+    /// never fetched from or pushed by any server.
+    Import {
+        /// The list file.
+        file: PathBuf,
+    },
+    /// Show the list this device holds.
+    Status,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -725,16 +756,25 @@ fn annotations(m: &StoredMessage) -> (String, String) {
 fn print_message(me: &Subrosa, m: &StoredMessage, json: bool) {
     let files = if m.system { Vec::new() } else { attach::files_of(me, m) };
     let attachments = (!files.is_empty()).then(|| attach::json(&files));
-    print_shown(&with_advice(m), attachments.as_ref(), json)
+    let dangerous = if m.system { Vec::new() } else { dangerous_links(me, &m.text) };
+    print_shown(&with_advice(m), attachments.as_ref(), &dangerous, json)
+}
+
+/// The links of `text` on this device's dangerous-link list (read from
+/// the store once per process).
+fn dangerous_links(me: &Subrosa, text: &str) -> Vec<String> {
+    static LIST: std::sync::OnceLock<Option<subrosa_core::linklist::LinkList>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| me.link_list().ok().flatten()).as_ref().map(|l| l.dangerous_links(text)).unwrap_or_default()
 }
 
 /// As [`print_message`], for a message whose system line already carries
 /// its advice (as the daemon hands them out), with its files as the
-/// `attachments` of its JSON line.
-fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, json: bool) {
+/// `attachments` of its JSON line, and the links of it on the
+/// dangerous-link list as its `dangerous_links`.
+fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, dangerous: &[String], json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
-        let value = match serde_json::to_value(m) {
+        let mut value = match serde_json::to_value(m) {
             Ok(mut v) if attachments.is_some() => {
                 v["attachments"] = attachments.cloned().unwrap_or_default();
                 v
@@ -742,6 +782,9 @@ fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, json:
             Ok(v) => v,
             Err(_) => return,
         };
+        if !dangerous.is_empty() {
+            value["dangerous_links"] = serde_json::json!(dangerous);
+        }
         if let Ok(line) = term::json_line(&value) {
             let _ = writeln!(out, "{line}");
         }
@@ -766,6 +809,19 @@ fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, json:
             let _ = writeln!(out, "[{}] {place}{who}: {before}{text}{after}{state}", format_time(m.sent_at));
             for line in attachments.map(attach::lines).unwrap_or_default() {
                 let _ = writeln!(out, "{line}");
+            }
+            if let Some(p) = m.preview.as_ref().filter(|_| !m.deleted) {
+                let image = if p.has_thumbnail { " [image]" } else { "" };
+                let _ = writeln!(
+                    out,
+                    "    preview of {} (by the sender's device): {} | {}{image}",
+                    safe(&p.url),
+                    safe(&p.title),
+                    safe(&p.description)
+                );
+            }
+            for link in dangerous {
+                let _ = writeln!(out, "    warning: dangerous link (on your dangerous-link list): {}", safe(link));
             }
         }
     }
@@ -912,7 +968,12 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                 ));
             }
             #[cfg(unix)]
-            if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui { .. })) {
+            let previewed_send =
+                matches!(&command, Command::Send { preview, .. } if *preview || config.previews == Some(true));
+            if config.use_daemon(cli.no_daemon)
+                && !previewed_send
+                && (via::routes(&command) || matches!(command, Command::Tui { .. }))
+            {
                 if let Some(daemon) = via::connect(&home).await? {
                     if let Command::Tui { downloads, notifications, exit_after_first_frame } = &command {
                         let remote = tui::backend::Remote::new(&home, daemon).await?;
@@ -964,7 +1025,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                     };
                     tui::run(tui::Backend::Local(client.clone()), options).await
                 }
-                command => run_opened(&client, &home, command).await,
+                command => run_opened(&client, &home, &config, command).await,
             };
             let me = client.device();
             // Queued sends the server refused, and security alerts raised
@@ -987,16 +1048,28 @@ fn absolute(dir: &Option<PathBuf>) -> Option<PathBuf> {
     dir.as_ref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
 }
 
-async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -> Result<ExitCode> {
+async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, command: Command) -> Result<ExitCode> {
     let me = client.device();
     match command {
-        Command::Send { target, text, attach, accept_key_change, reply_to } => {
+        Command::Send { target, text, attach, accept_key_change, reply_to, preview } => {
             let to = target::for_send(me, &target).await?;
+            let dangerous = dangerous_links(me, text.as_deref().unwrap_or_default());
+            for link in &dangerous {
+                eprintln!("warning: {} is on your dangerous-link list", safe(link));
+            }
             if attach.is_empty() {
                 let text = text.as_deref().unwrap_or_default();
-                let m = match reply_to {
-                    Some(id) => me.reply(&to, text, message_id(&id)?, accept_key_change).await?,
-                    None => me.send_text_with(&to, text, accept_key_change).await?,
+                // The flag, else this device's setting, else the file; off by default.
+                let previews = preview || me.previews()?.or(config.previews).unwrap_or(false);
+                let made = if previews && reply_to.is_none() {
+                    make_preview(text, &dangerous, config, preview).await
+                } else {
+                    None
+                };
+                let m = match (reply_to, made) {
+                    (Some(id), _) => me.reply(&to, text, message_id(&id)?, accept_key_change).await?,
+                    (None, Some(p)) => me.send_with_preview(&to, text, p, accept_key_change).await?,
+                    (None, None) => me.send_text_with(&to, text, accept_key_change).await?,
                 };
                 out!("sent {} to {}", m.id, safe(&m.target));
             } else if reply_to.is_some() {
@@ -1046,6 +1119,35 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
             let n = me.read(&conversation).await?;
             print_read(n as u64, me.read_receipts()?);
         }
+        Command::Settings(SettingsCommand::Previews { value }) => {
+            if let Some(v) = value {
+                me.set_previews(v == OnOff::On)?;
+            }
+            let on = me.previews()?.or(config.previews).unwrap_or(false);
+            let via = match &config.preview_proxy {
+                Some(p) if on => format!(" (fetched by this device through {})", safe(p)),
+                _ if on => " (fetched by this device: the site sees its IP address)".to_string(),
+                _ => String::new(),
+            };
+            out!("link previews: {}{via}", if on { "on" } else { "off" });
+        }
+        Command::Linklist(LinklistCommand::Import { file }) => {
+            let bytes = read_list_file(&file)?;
+            match me.import_link_list(&bytes)? {
+                subrosa_client::linklist::Imported::New { version, entries, replaced } => {
+                    let replaced = replaced.map(|v| format!(", replacing version {v}")).unwrap_or_default();
+                    out!("imported the dangerous-link list version {version} ({entries} entries{replaced})");
+                }
+                subrosa_client::linklist::Imported::Same { version } => {
+                    out!("the dangerous-link list version {version} is already imported");
+                }
+                _ => {}
+            }
+        }
+        Command::Linklist(LinklistCommand::Status) => match me.link_list()? {
+            Some(l) => out!("dangerous-link list version {} ({} entries)", l.version(), l.len()),
+            None => out!("no dangerous-link list (import one with `subrosa linklist import FILE`)"),
+        },
         Command::Settings(SettingsCommand::ReadReceipts { value }) => {
             if let Some(v) = value {
                 me.set_read_receipts(v == OnOff::On)?;
@@ -1247,6 +1349,53 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
         Command::Tui { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The preview of `text`'s first link, made by this device; `None` (and
+/// a line on stderr saying why) when none could be made. A link on the
+/// dangerous-link list is never fetched. `asked`: the user gave
+/// `--preview` (a text without a link is then worth a word too).
+async fn make_preview(
+    text: &str,
+    dangerous: &[String],
+    config: &Config,
+    asked: bool,
+) -> Option<subrosa_core::preview::LinkPreview> {
+    use subrosa_client::preview::{self, PreviewError, PreviewPolicy};
+    let policy = PreviewPolicy::new(config.preview_proxy.clone());
+    let Some(link) = preview::first_link(text, &policy) else {
+        if asked {
+            eprintln!("warning: sending without a preview: {}", PreviewError::NoLink);
+        }
+        return None;
+    };
+    if dangerous.iter().any(|d| d == link) {
+        eprintln!("warning: sending without a preview: the link is on your dangerous-link list, so it was not fetched");
+        return None;
+    }
+    match preview::make(text, &policy).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("warning: sending without a preview: {}", safe(&e.to_string()));
+            None
+        }
+    }
+}
+
+/// Reads a list file, at most as large as a list can be.
+fn read_list_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    let limit = subrosa_core::linklist::MAX_FILE_BYTES as u64 + 1;
+    f.take(limit).read_to_end(&mut bytes).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 == limit {
+        return Err(anyhow!(
+            "refused: {} is larger than any dangerous-link list; the list you had is kept",
+            path.display()
+        ));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ pub fn routes(command: &Command) -> bool {
         Command::Send { accept_key_change, .. } => !accept_key_change,
         Command::Receive { no_ack, .. } => !no_ack,
         Command::React { .. } | Command::Edit { .. } | Command::Delete { .. } => true,
-        Command::Read { .. } | Command::Settings(_) => true,
+        Command::Read { .. } | Command::Settings(crate::SettingsCommand::ReadReceipts { .. }) => true,
         Command::History { .. }
         | Command::Contacts
         | Command::Groups
@@ -243,7 +243,7 @@ impl Daemon {
                     let got = self.call("receive", json!({ "timeout": wait, "downloads": downloads })).await?;
                     let got = got.as_array().cloned().unwrap_or_default();
                     for m in &got {
-                        print_shown(&message(m.clone())?, m.get("attachments"), *json);
+                        print_shown(&message(m.clone())?, m.get("attachments"), &[], *json);
                     }
                     left -= wait;
                     if !got.is_empty() || left <= 0.0 {
@@ -276,7 +276,7 @@ impl Daemon {
                     }
                 }
                 for (m, v) in history.iter().zip(&values) {
-                    print_shown(m, v.get("attachments"), *json);
+                    print_shown(m, v.get("attachments"), &[], *json);
                 }
             }
             Command::Contacts => {
@@ -424,7 +424,7 @@ impl Daemon {
                 _ => continue,
             }
             let seq = params.get("seq").and_then(Value::as_u64);
-            print_shown(&message(params.clone())?, params.get("attachments"), json);
+            print_shown(&message(params.clone())?, params.get("attachments"), &[], json);
             // Printed: the daemon need not hand it out again. (An answer
             // to this comes later and is skipped.)
             if let Some(seq) = seq {

@@ -16,8 +16,10 @@ mod handle;
 pub mod keycache;
 mod keys;
 pub mod kt;
+pub mod linklist;
 mod members;
 pub mod net;
+pub mod preview;
 mod rotation;
 pub mod store;
 #[cfg(feature = "test-senders")]
@@ -495,6 +497,27 @@ impl Subrosa {
     ) -> Result<StoredMessage, ClientError> {
         check_text(text)?;
         self.send_body_as(to, Body::Text(text.to_string()), Some(text.to_string()), accept_key_change, message_id)
+            .await?
+            .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
+    }
+
+    /// Sends `text` with the preview of its first link that this device
+    /// made ([`preview::make`]).
+    ///
+    /// # Errors
+    /// As [`Self::send_text_with`]; [`ClientError::Input`] for a preview
+    /// out of its limits or of a link the text does not carry.
+    pub async fn send_with_preview(
+        &self,
+        to: &Target,
+        text: &str,
+        preview: subrosa_core::preview::LinkPreview,
+        accept_key_change: bool,
+    ) -> Result<StoredMessage, ClientError> {
+        check_text(text)?;
+        preview.check(text).map_err(|e| ClientError::Input(format!("preview: {e}")))?;
+        let body = Body::Preview { text: text.to_string(), preview };
+        self.send_body_as(to, body, Some(text.to_string()), accept_key_change, MessageId(rand::random()))
             .await?
             .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
     }

@@ -15,7 +15,8 @@
 //!
 //! Kinds: 1 text (payload version 1: the text; version 2, written only for
 //! a reply: the text and the id of the message it answers), 2 identity
-//! key, 3 reaction, 4 edit, 5 delete (for everyone), 6 receipt. Reactions,
+//! key, 3 reaction, 4 edit, 5 delete (for everyone), 6 receipt, 7
+//! attachment, 8 call signal, 9 text with a link preview. Reactions,
 //! edits, deletes and receipts name the message they concern by its
 //! end-to-end id; whether the sender may do that is the session's rule,
 //! not the encoding's.
@@ -61,6 +62,9 @@ pub mod kind {
     pub const DELETE: u16 = 5;
     /// Delivery or read receipts for messages of the conversation.
     pub const RECEIPT: u16 = 6;
+    /// A text with the preview its sender's device made of its first link
+    /// (see [`crate::preview`]).
+    pub const PREVIEW: u16 = 9;
 }
 
 /// Largest reaction accepted, in bytes of UTF-8 (the longest emoji
@@ -199,6 +203,14 @@ pub enum Body {
     Attachment(crate::attachment::Attachments),
     /// A call signal.
     Call(crate::call::CallSignal),
+    /// A text with a preview of its first link, made by the sender's
+    /// device (kind 9: old clients show it as unsupported).
+    Preview {
+        /// What it says.
+        text: String,
+        /// What the sender's device found at the link.
+        preview: crate::preview::LinkPreview,
+    },
     /// A kind (or a payload version of a known kind) this version does not
     /// read, sent by a newer Subrosa. Kept as it came.
     Unsupported {
@@ -221,6 +233,7 @@ impl std::fmt::Debug for Body {
             Body::Receipt { kind, ids } => write!(f, "Receipt({kind:?}, {} ids)", ids.len()),
             Body::Attachment(a) => write!(f, "{a:?}"),
             Body::Call(c) => write!(f, "Call({})", c.action.as_str()),
+            Body::Preview { text, preview } => write!(f, "Preview(<{} bytes>, {preview:?})", text.len()),
             Body::Unsupported { kind, payload } => write!(f, "Unsupported(kind {kind}, <{} bytes>)", payload.len()),
         }
     }
@@ -440,8 +453,13 @@ fn decode_payload(kind: u16, payload: Vec<u8>) -> Result<Body, CoreError> {
             Some(a) => Ok(Body::Attachment(a)),
             None => Ok(Body::Unsupported { kind, payload }),
         },
+        (kind::PREVIEW, Some(_)) => match crate::preview::LinkPreview::decode_payload(&payload)? {
+            Some((text, preview)) => Ok(Body::Preview { text, preview }),
+            None => Ok(Body::Unsupported { kind, payload }),
+        },
         (
             kind::TEXT
+            | kind::PREVIEW
             | kind::IDENTITY_KEY
             | kind::REACTION
             | kind::EDIT
@@ -546,6 +564,7 @@ impl Content {
             }
             Body::Attachment(a) => (kind::ATTACHMENT, a.encode_payload()?),
             Body::Call(c) => (kind::CALL, c.encode_payload()?),
+            Body::Preview { text, preview } => (kind::PREVIEW, preview.encode_payload(text)?),
             Body::Unsupported { kind, payload } => (*kind, payload.clone()),
         };
         let kt_head = self.kt_head.clone().unwrap_or_default();
@@ -941,6 +960,44 @@ mod tests {
         let mut bad = bytes;
         bad[1 + 16 + 8 + 8 + 1 + 2 + 1 + 1 + 16] = 0;
         assert!(Content::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn snapshot_of_a_text_with_a_link_preview() {
+        use crate::preview::LinkPreview;
+        let preview = LinkPreview { url: "https://a.b".into(), title: "T".into(), ..LinkPreview::default() };
+        let c = Content {
+            message_id: MessageId([0x33; 16]),
+            sent_at_ms: 2,
+            body: Body::Preview { text: "https://a.b".into(), preview },
+            seq: 1,
+            kt_head: None,
+        };
+        let bytes = c.encode().expect("encodes");
+        let unpadded = concat!(
+            "03",
+            "33333333333333333333333333333333",
+            "0000000000000002",
+            "0000000000000001",
+            "00",                       // no head
+            "0009",                     // kind: text with a link preview
+            "1e",                       // payload length
+            "01",                       // payload version 1
+            "0b68747470733a2f2f612e62", // text
+            "0b68747470733a2f2f612e62", // URL
+            "0154",                     // title
+            "00",                       // no description
+            "00",                       // no thumbnail type
+            "00",                       // no thumbnail
+        );
+        let n = unpadded.len() / 2;
+        assert_eq!(hex::encode(&bytes[..n]), unpadded);
+        assert_eq!(Content::decode(&bytes).ok(), Some(c));
+        // A newer payload version is a newer Subrosa's, not tampering.
+        let mut newer = bytes.clone();
+        newer[1 + 16 + 8 + 8 + 1 + 2 + 1] = 2;
+        assert!(matches!(Content::decode(&newer).map(|c| c.body), Ok(Body::Unsupported { kind: kind::PREVIEW, .. })));
+        assert!(Content::decode(&payload_of(kind::PREVIEW, vec![])).is_err());
     }
 
     #[test]

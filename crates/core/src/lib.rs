@@ -11,6 +11,8 @@
 //! - [`content`]: the versioned, padded plaintext inside every application message.
 //! - [`safety`]: safety numbers from two accounts' identity keys.
 //! - [`link`]: linking a new device to an account.
+//! - [`preview`]: a text with its sender's preview of its first link.
+//! - [`linklist`]: the signed list of dangerous links, checked on the device.
 //! - [`engine`]: MLS conversations (RFC 9420 via mls-rs): create, join, commit,
 //!   encrypt, decrypt.
 
@@ -21,6 +23,8 @@ pub mod engine;
 mod error;
 pub mod identity;
 pub mod link;
+pub mod linklist;
+pub mod preview;
 pub mod safety;
 
 pub use engine::{CallKeying, ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};

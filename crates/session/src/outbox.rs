@@ -86,6 +86,10 @@ impl Session {
                 Body::Reply { reply_to, .. } => Some(reply_to.to_hex()),
                 _ => None,
             },
+            preview: match body {
+                Body::Preview { preview, .. } => Some(preview.clone().into()),
+                _ => None,
+            },
             ..StoredMessage::default()
         });
         let content = Content::new(message_id, sent_at, body.clone()).encode()?;

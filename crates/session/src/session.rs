@@ -737,9 +737,15 @@ impl Session {
         content: subrosa_core::content::Content,
         late: bool,
     ) -> Result<(), ClientError> {
+        let mut preview = None;
         let (text, reply_to) = match content.body {
             Body::Text(t) => (t, None),
             Body::Reply { text, reply_to } => (text, Some(reply_to.to_hex())),
+            // Shown as the sender's word; this device never fetches the link.
+            Body::Preview { text, preview: p } => {
+                preview = Some(p.into());
+                (text, None)
+            }
             // They change what is stored already (see `annotations`); they
             // are no lines of their own.
             Body::Reaction { .. } | Body::Edit { .. } | Body::Delete { .. } | Body::Receipt { .. } => {
@@ -771,6 +777,7 @@ impl Session {
             reason: None,
             event: None,
             reply_to,
+            preview,
             ..StoredMessage::default()
         };
         // A sender's retry carries the same message id: shown once.

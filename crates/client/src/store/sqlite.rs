@@ -213,11 +213,14 @@ const SCHEMA: &[&str] = &[
         media_type TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, local TEXT, saved TEXT,
         PRIMARY KEY (conversation, message_id, idx));
      CREATE INDEX attachments_state ON attachments (state);",
+    // v16 (links): a message's link preview, as its sender's device made
+    // it (`LinkPreview::to_stored`: link, title, description, thumbnail).
+    "ALTER TABLE messages ADD COLUMN preview BLOB;",
 ];
 
 const MESSAGE_COLUMNS: &str =
     "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, \
-     state, state_reason, event, reply_to, edited_at, deleted, recipients, conversation FROM messages";
+     state, state_reason, event, reply_to, edited_at, deleted, recipients, conversation, preview FROM messages";
 
 fn receipt_kind(s: &str) -> Option<subrosa_core::content::ReceiptKind> {
     match s {
@@ -314,6 +317,11 @@ fn message_columns(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Resu
             deleted: r.get(14)?,
             reactions: Vec::new(),
             receipts: Vec::new(),
+            // One that does not read (it cannot be, short of a bug) is left out.
+            preview: r
+                .get::<_, Option<Vec<u8>>>(17)?
+                .and_then(|b| subrosa_core::preview::LinkPreview::from_stored(&b).ok())
+                .map(Into::into),
         },
     ))
 }
@@ -1265,8 +1273,8 @@ impl History for SqliteTx<'_> {
         let conn = self.lock();
         let n = conn
             .execute(
-                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state, event, reply_to, read_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT (conversation, message_id) DO NOTHING",
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state, event, reply_to, read_at, preview)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) ON CONFLICT (conversation, message_id) DO NOTHING",
                 params![
                     conversation.as_bytes().as_slice(),
                     message_id,
@@ -1283,6 +1291,7 @@ impl History for SqliteTx<'_> {
                     m.reply_to.as_deref().and_then(|h| hex::decode(h).ok()),
                     // This account's own messages and system lines owe nobody a receipt.
                     (m.outgoing || m.system).then_some(m.received_at as i64),
+                    m.preview.as_ref().map(|p| p.to_core().to_stored()).transpose()?,
                 ],
             )
             .map_err(sql)?;
@@ -1488,7 +1497,7 @@ impl Annotations for SqliteTx<'_> {
         let conn = self.lock();
         let c = conversation.as_bytes().as_slice();
         for q in [
-            "UPDATE messages SET body = '', deleted = 1, seen = 0 WHERE conversation = ?1 AND message_id = ?2",
+            "UPDATE messages SET body = '', preview = NULL, deleted = 1, seen = 0 WHERE conversation = ?1 AND message_id = ?2",
             "DELETE FROM reactions WHERE conversation = ?1 AND message_id = ?2",
             "DELETE FROM early_actions WHERE conversation = ?1 AND target = ?2",
         ] {

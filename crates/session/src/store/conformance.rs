@@ -51,6 +51,7 @@ macro_rules! with_behaviours {
             receipts_make_the_state_of_own_messages,
             early_actions_and_owed_receipts_wait_and_are_taken_once,
             attachments_are_kept_per_message_and_move_from_pending_to_saved,
+            link_previews_are_kept_with_their_message_and_go_with_its_text,
         );
     };
 }
@@ -983,4 +984,32 @@ pub fn attachments_are_kept_per_message_and_move_from_pending_to_saved(store: St
     assert_eq!(rows[0].local.as_deref(), Some("b1.blob"), "the blob's name stays when the path is set");
     assert_eq!(rows[0].saved.as_deref(), Some("/tmp/file 1.txt"));
     assert_eq!(rows[1].state, AttachmentState::Refused("altered".into()));
+}
+
+/// A message's link preview (thumbnail included) is stored with it and
+/// read back with it; a delete for everyone drops it with the text.
+pub fn link_previews_are_kept_with_their_message_and_go_with_its_text(store: Store) {
+    use subrosa_core::preview::{ImageKind, LinkPreview, Thumbnail};
+    let id = conv(7);
+    store.write(|tx| tx.add_conversation(&id, "group", "club", None)).expect("conversation");
+    let preview = LinkPreview {
+        url: "https://a.example/".into(),
+        title: "A".into(),
+        description: "about a".into(),
+        thumbnail: Some(Thumbnail { kind: ImageKind::Png, bytes: b"\x89PNG\r\n\x1a\n1".to_vec() }),
+    };
+    let with = StoredMessage { preview: Some(preview.clone().into()), ..message("bob", "https://a.example/", 1) };
+    store
+        .write(|tx| {
+            tx.insert_message(&with, &id, &[1; 16], true)?;
+            tx.insert_message(&message("bob", "none", 2), &id, &[2; 16], true)
+        })
+        .expect("insert");
+    let get = |m: u8| store.read(|tx| tx.message(&id, &[m; 16])).expect("read").expect("stored");
+    let got = get(1).preview.expect("a preview");
+    assert!(got.has_thumbnail);
+    assert_eq!(got.to_core(), preview, "thumbnail and all");
+    assert_eq!(get(2).preview, None);
+    store.write(|tx| tx.erase_message(&id, &[1; 16])).expect("erase");
+    assert_eq!(get(1).preview, None, "deleted for everyone: the preview goes with the text");
 }

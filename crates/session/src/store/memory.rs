@@ -69,6 +69,7 @@ struct MessageRec {
     recipients: Vec<String>,
     receipts: Vec<(String, ReceiptKind)>,
     read_at: Option<u64>,
+    preview: Option<crate::store::MessagePreview>,
 }
 
 #[derive(Clone)]
@@ -229,6 +230,7 @@ fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
         deleted: m.deleted,
         reactions: Vec::new(),
         receipts: Vec::new(),
+        preview: m.preview.clone(),
     };
     let mut reactions: Vec<Reaction> = Vec::new();
     for (member, emoji) in &m.reactions {
@@ -782,6 +784,7 @@ impl History for MemTx<'_> {
                     receipts: Vec::new(),
                     // This account's own messages and system lines owe nobody a receipt.
                     read_at: (m.outgoing || m.system).then_some(m.received_at),
+                    preview: m.preview.clone(),
                 },
             );
             if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *conversation) {
@@ -934,6 +937,7 @@ impl Annotations for MemTx<'_> {
     fn erase_message(&mut self, conversation: &ConversationId, message_id: &[u8]) -> Result<(), ClientError> {
         self.with_message(conversation, message_id, |m| {
             m.text = String::new();
+            m.preview = None;
             m.deleted = true;
             m.reactions.clear();
             m.seen = false;

@@ -130,6 +130,52 @@ pub struct StoredMessage {
     /// them (`sent`, `delivered` or `read`).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub receipts: Vec<MemberReceipt>,
+    /// The preview of its first link that its sender's device made (the
+    /// sender's word: front ends sanitise it before printing).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub preview: Option<MessagePreview>,
+}
+
+/// A message's link preview as front ends show it: the link, its title and
+/// description, and whether an image came with it (the image itself stays
+/// in the store; `history --json` does not carry it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePreview {
+    /// The link.
+    pub url: String,
+    /// The page's title, as the sender's device read it.
+    pub title: String,
+    /// The page's description, as the sender's device read it.
+    pub description: String,
+    /// A thumbnail came with it.
+    pub has_thumbnail: bool,
+    /// The thumbnail (kept in the store, never in JSON).
+    #[serde(skip)]
+    pub thumbnail: Option<subrosa_core::preview::Thumbnail>,
+}
+
+impl From<subrosa_core::preview::LinkPreview> for MessagePreview {
+    fn from(p: subrosa_core::preview::LinkPreview) -> Self {
+        MessagePreview {
+            url: p.url,
+            title: p.title,
+            description: p.description,
+            has_thumbnail: p.thumbnail.is_some(),
+            thumbnail: p.thumbnail,
+        }
+    }
+}
+
+impl MessagePreview {
+    /// The preview as the content encoding carries it.
+    pub fn to_core(&self) -> subrosa_core::preview::LinkPreview {
+        subrosa_core::preview::LinkPreview {
+            url: self.url.clone(),
+            title: self.title.clone(),
+            description: self.description.clone(),
+            thumbnail: self.thumbnail.clone(),
+        }
+    }
 }
 
 /// Above this many other accounts, a message's receipts are not listed
