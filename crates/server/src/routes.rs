@@ -243,6 +243,11 @@ async fn claim_key_packages(
     Ok(Json(crate::hooks::claim(&state, response)))
 }
 
+/// The message TTL in ms (the blobs' TTL is the same setting).
+pub(crate) fn ttl_ms(state: &AppState) -> u64 {
+    u64::try_from(state.limits.blob_ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
     let limits = &state.limits;
     if req.parts.is_empty() {
@@ -325,6 +330,9 @@ async fn send(
     SignedJsonNonceLater { device, nonce, timestamp_ms, body }: SignedJsonNonceLater<SendRequest>,
 ) -> Result<Json<SendResponse>, AppError> {
     validate_send(&body, &state)?;
+    let mut body = body;
+    // A disappearing message is kept no longer than any other.
+    body.expires_at = body.expires_at.map(|at| at.min(now_ms().saturating_add(ttl_ms(&state))));
     // The nonce and the send share one transaction (one commit).
     let out = state
         .store

@@ -77,6 +77,7 @@ pub fn send_request(
             .into_iter()
             .map(|(kind, recipients, ciphertext)| SendPart { kind, recipients, ciphertext: B64(ciphertext) })
             .collect(),
+        expires_at: None,
     }
 }
 
@@ -102,6 +103,7 @@ macro_rules! with_behaviours {
             stale_epoch_is_refused_with_current,
             concurrent_commits_one_wins,
             expiry_removes_old_rows,
+            disappearing_messages_go_at_their_expiry,
             nonce_replay_is_refused,
             send_with_nonce_refuses_replays,
             fetch_respects_cursor_limit_and_bytes,
@@ -525,6 +527,31 @@ pub async fn expiry_removes_old_rows(store: Arc<dyn Store>) {
     store.sweep(0, 0, 2_000, 0).await.expect("sweep");
     let again = store.send(&alice, &old, 6_000).await.expect("send");
     assert!(!again.duplicate);
+}
+
+/// A message sent with an expiry (disappearing messages) is swept at it,
+/// delivered or not, and its bytes go back to the sender's quota; one
+/// without an expiry, sent at the same time, stays.
+pub async fn disappearing_messages_go_at_their_expiry(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let conv = random_conversation();
+    let mut timed = send_request(conv, None, app(vec![bob.clone()], b"gone soon"));
+    timed.expires_at = Some(NOW + 1_000);
+    store.send(&alice, &timed, NOW).await.expect("send");
+    let kept = send_request(conv, None, app(vec![bob.clone()], b"kept"));
+    store.send(&alice, &kept, NOW).await.expect("send");
+    let used = store.stored_bytes(&alice).await.expect("usage").0;
+
+    // Before its expiry nothing goes.
+    store.sweep(0, 0, 0, NOW + 999).await.expect("sweep");
+    assert_eq!(store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").len(), 2);
+
+    let report = store.sweep(0, 0, 0, NOW + 1_000).await.expect("sweep");
+    assert!(report.inbox_rows >= 1 && report.messages >= 1, "{report:?}");
+    let left = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(left.len(), 1, "the expired message is still queued");
+    assert_eq!(left[0].ciphertext.as_slice(), b"kept");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage").0, used - b"gone soon".len() as u64);
 }
 
 /// A nonce is accepted once per device; sweeping forgets old ones.

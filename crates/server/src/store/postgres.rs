@@ -262,6 +262,12 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (blob, start)
     );
     ",
+    // 10: disappearing messages (SQLite's migration 9): a message's expiry
+    // as its sender declared it; the sweep deletes it then.
+    r"
+    ALTER TABLE messages ADD COLUMN expires_at BIGINT;
+    CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -1244,13 +1250,28 @@ impl Store for PgStore {
             if !ours {
                 return Ok(SweepReport::default());
             }
-            let messages: Vec<i64> =
+            let mut messages: Vec<i64> =
                 query(&tx, "DELETE FROM inbox WHERE created_at < $1 RETURNING message", &[&to_i64(inbox_before_ms)])
                     .await?
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
+            // Disappearing messages: gone at their expiry, delivered or not.
+            messages.extend(
+                query(
+                    &tx,
+                    "DELETE FROM inbox WHERE message IN
+                     (SELECT id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= $1)
+                     RETURNING message",
+                    &[&to_i64(now_ms)],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get::<_, i64>(0)),
+            );
             let inbox_rows = messages.len() as u64;
+            messages.sort_unstable();
+            messages.dedup();
             let mut dropped = drop_orphans(&tx, messages).await?;
             // Anything else without an inbox row (none is expected).
             let strays = query(
@@ -1720,13 +1741,14 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         kind: MessageKind,
         ciphertext: &[u8],
         roster: Option<&[u8]>,
+        expires_at: Option<u64>,
         now_ms: u64,
     ) -> R<i64> {
         query_opt(
             self.c,
-            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            &[&&conversation.0[..], &sender, &kind.as_str(), &ciphertext, &to_i64(now_ms), &roster],
+            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[&&conversation.0[..], &sender, &kind.as_str(), &ciphertext, &to_i64(now_ms), &roster, &expires_at.map(to_i64)],
         )
         .await?
         .map(|r| r.get(0))

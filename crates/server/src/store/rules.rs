@@ -111,7 +111,8 @@ pub(crate) trait Statements {
     async fn add_usage(&mut self, device: DeviceRow, bytes: u64) -> Result<u64, Self::Error>;
     /// The undelivered bytes of all the account's devices.
     async fn account_usage(&mut self, handle: &Handle) -> Result<u64, Self::Error>;
-    /// Stores one part's ciphertext.
+    /// Stores one part's ciphertext; with `expires_at`, the sweep deletes
+    /// it then whether delivered or not (disappearing messages).
     async fn insert_message(
         &mut self,
         conversation: &ConversationId,
@@ -119,6 +120,7 @@ pub(crate) trait Statements {
         kind: MessageKind,
         ciphertext: &[u8],
         roster: Option<&[u8]>,
+        expires_at: Option<u64>,
         now_ms: u64,
     ) -> Result<MessageRow, Self::Error>;
     /// Queues messages for devices, ids drawn in the order given.
@@ -317,7 +319,16 @@ pub(crate) async fn send<S: Statements>(
     for (part, addrs) in request.parts.iter().zip(&per_part) {
         let roster = stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit);
         let message =
-            s.insert_message(conversation, sender_row, part.kind, part.ciphertext.as_slice(), roster, now_ms).await?;
+            s.insert_message(
+                conversation,
+                sender_row,
+                part.kind,
+                part.ciphertext.as_slice(),
+                roster,
+                request.expires_at,
+                now_ms,
+            )
+            .await?;
         let mut here = HashSet::new();
         for addr in addrs {
             if here.insert(addr) {
