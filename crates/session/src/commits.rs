@@ -51,6 +51,13 @@ impl Session {
                 let info = ConversationInfo { kind: ConversationKind::Group, name: name.clone() };
                 Some(self.engine().rename(conversation, &info)?)
             }
+            StagedChange::Disappearing { seconds } => {
+                if self.engine().disappearing(conversation)? == seconds.filter(|s| *s > 0) {
+                    None
+                } else {
+                    Some(self.engine().set_disappearing(conversation, *seconds)?)
+                }
+            }
             StagedChange::Update => Some(self.engine().update_keys(conversation)?),
             StagedChange::Credential => {
                 let me = self.identity();
@@ -101,6 +108,7 @@ impl Session {
             send_id,
             commit: Some(CommitGuard { epoch: out.epoch, members: Some(out.members_after.clone()) }),
             parts,
+            expires_at: None,
         };
         let pending = PendingCommit {
             conversation: out.conversation,
