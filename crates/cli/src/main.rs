@@ -218,6 +218,9 @@ enum Command {
         #[arg(long, conflicts_with = "accept")]
         with_history: bool,
     },
+    /// This account as a whole.
+    #[command(subcommand)]
+    Account(AccountCommand),
     /// List this account's devices, or remove one.
     Devices {
         #[command(subcommand)]
@@ -353,6 +356,19 @@ enum AlertsCommand {
     /// again) only after confirmation.
     Clear {
         /// Confirm clearing a proven fork without asking.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCommand {
+    /// Delete this account for good: leave every conversation, revoke
+    /// every device, and have the server delete everything it holds for
+    /// it; the key directory records the deletion and the handle can never
+    /// be registered again. Asks first (`--yes` does not).
+    Delete {
+        /// Do not ask.
         #[arg(long)]
         yes: bool,
     },
@@ -638,6 +654,29 @@ fn confirm_verified(handle: &str, yes: bool) -> Result<()> {
     };
     if !confirmed {
         return Err(anyhow!("not verified: the numbers must match on both devices"));
+    }
+    Ok(())
+}
+
+/// Asks whether to delete the account `handle` for good (unless `yes`):
+/// the user types the handle. An error unless confirmed.
+fn confirm_deletion(handle: &str, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(anyhow!("not deleted: confirm with --yes (this cannot be undone)"));
+    }
+    let _ = write!(
+        std::io::stdout(),
+        "This deletes {} for good: every device, every conversation, and the handle. Type the handle to confirm: ",
+        safe(handle)
+    );
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+    if answer.trim() != handle {
+        return Err(anyhow!("not deleted: the handle typed did not match"));
     }
     Ok(())
 }
@@ -1247,6 +1286,16 @@ async fn run_opened(client: &Client, home: &std::path::Path, command: Command) -
         Command::SafetyNumber { handle } => {
             let n = me.safety_number(&handle).await?;
             print_safety_number(&n);
+        }
+        Command::Account(AccountCommand::Delete { yes }) => {
+            confirm_deletion(me.handle().as_str(), yes)?;
+            let left = me.delete_account().await?;
+            out!(
+                "deleted the account {} (left {left} conversation(s)); the server holds nothing of it, and this \
+                 device's store in {} can be deleted",
+                safe(me.handle().as_str()),
+                home.display()
+            );
         }
         Command::Verify { handle, yes } => {
             let n = me.safety_number(&handle).await?;

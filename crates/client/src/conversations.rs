@@ -741,6 +741,43 @@ impl Subrosa {
         Ok(left)
     }
 
+    /// Deletes this account: in every conversation this device first
+    /// removes the account's other devices (a commit) and then proposes its
+    /// own leave (a member can never commit its own removal; the next
+    /// member online commits it), then the server revokes every device and
+    /// deletes everything it holds for the account, and the key directory
+    /// records the deletion. The handle cannot be registered again. The
+    /// local store is left for the caller to delete. Returns how many
+    /// conversations it left.
+    ///
+    /// # Errors
+    /// Network errors (run it again: what is done is not done twice).
+    pub async fn delete_account(&self) -> Result<usize, ClientError> {
+        self.sync().await?;
+        let me = self.identity().address();
+        let mut left = 0;
+        for row in self.store().read(|tx| tx.active_conversations())? {
+            if row.kind != "direct" && row.kind != "group" {
+                continue;
+            }
+            let siblings: Vec<DeviceAddress> = self
+                .engine()
+                .members(&row.id)?
+                .into_iter()
+                .map(|m| m.address)
+                .filter(|a| a.handle == me.handle && *a != me)
+                .collect();
+            if !siblings.is_empty() {
+                let change = StagedChange::Remove { devices: siblings, notify: false };
+                self.commit_with_retry(&row.id, change, None).await?;
+            }
+            self.leave_row(&row).await?;
+            left += 1;
+        }
+        let _: subrosa_proto::Empty = self.api.call::<(), _>(Method::DELETE, "/v1/accounts", None).await?;
+        Ok(left)
+    }
+
     /// Takes a block back: `handle`'s new messages show again (what came
     /// while it was blocked is gone for good). Returns whether it was
     /// blocked.

@@ -1252,6 +1252,40 @@ mod group_tests {
         }
     }
 
+    /// The disappearing-messages timer: a commit every member applies and
+    /// reads as a change of it, messages read under it carry it, and its
+    /// extension's bytes are pinned (a change of them is a visible decision).
+    #[test]
+    fn disappearing_timer_is_agreed_by_commit_and_carried_by_messages() {
+        assert_eq!(DisappearingExt { seconds: 3600 }.mls_encode_to_vec().expect("encode"), [0, 0, 0x0e, 0x10]);
+        let (alice, bob) = (engine("alice"), engine("bob"));
+        let out = alice.create_conversation(&group_info("club"), &[bob.generate_key_package().expect("kp")]).expect("create");
+        let conv = out.conversation;
+        alice.confirm_commit(&conv).expect("confirm");
+        bob.join(&out.welcome.expect("welcome")).expect("join");
+        assert_eq!(bob.disappearing(&conv).expect("timer"), None);
+
+        let set = alice.set_disappearing(&conv, Some(3600)).expect("stage");
+        alice.confirm_commit(&conv).expect("confirm");
+        match bob.process(&conv, &set.commit).expect("commit") {
+            Event::Commit { disappearing: Some(Some(3600)), renamed: None, .. } => {}
+            other => panic!("expected the timer set, got {other:?}"),
+        }
+        assert_eq!(bob.disappearing(&conv).expect("timer"), Some(3600));
+        let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([1; 16]), 1, "timed")).expect("encrypt");
+        assert!(matches!(bob.process(&conv, &ct).expect("decrypt"), Event::Message { disappearing: Some(3600), .. }));
+
+        // Off removes the extension; an update changes nothing of it.
+        let off = alice.set_disappearing(&conv, None).expect("stage");
+        alice.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(bob.process(&conv, &off.commit).expect("commit"), Event::Commit { disappearing: Some(None), .. }));
+        let update = alice.update_keys(&conv).expect("stage");
+        alice.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(bob.process(&conv, &update.commit).expect("commit"), Event::Commit { disappearing: None, .. }));
+        let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([2; 16]), 2, "kept")).expect("encrypt");
+        assert!(matches!(bob.process(&conv, &ct).expect("decrypt"), Event::Message { disappearing: None, .. }));
+    }
+
     #[test]
     fn group_lifecycle_rename_remove_leave_and_a_lost_commit_race() {
         let (alice, bob, carol, dave) = (engine("alice"), engine("bob"), engine("carol"), engine("dave"));

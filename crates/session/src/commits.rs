@@ -68,7 +68,15 @@ impl Session {
                 }
             }
             StagedChange::Pending => match self.engine().commit_pending(conversation) {
-                Ok(o) => o,
+                // A leaver forgot the group's keys when it proposed to
+                // leave, and may be revoked since (its account deleted):
+                // the commit goes to those who stay.
+                Ok(Some(mut o)) => {
+                    let after = o.members_after.clone();
+                    o.commit_recipients.retain(|a| after.contains(a));
+                    Some(o)
+                }
+                Ok(None) => None,
                 Err(CoreError::UnknownConversation) => None,
                 Err(e) => return Err(e.into()),
             },

@@ -1421,6 +1421,14 @@ mod tests {
                 PendingMeta { change: StagedChange::Pending, line: None },
                 r#"{"change":{"change":"pending"},"line":null}"#,
             ),
+            (
+                PendingMeta { change: StagedChange::Disappearing { seconds: Some(3600) }, line: None },
+                r#"{"change":{"change":"disappearing","seconds":3600},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Disappearing { seconds: None }, line: None },
+                r#"{"change":{"change":"disappearing","seconds":null},"line":null}"#,
+            ),
             (PendingMeta { change: StagedChange::Update, line: None }, r#"{"change":{"change":"update"},"line":null}"#),
             (
                 PendingMeta { change: StagedChange::Credential, line: None },

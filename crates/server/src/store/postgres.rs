@@ -876,6 +876,11 @@ impl Store for PgStore {
         in_tx!(self, |tx| async { rules::remove_device(&mut Pg { c: &tx, channel }, addr).await }.await)
     }
 
+    async fn delete_account(&self, caller: &DeviceAddress) -> Result<Vec<DeviceAddress>, StoreError> {
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::delete_account(&mut Pg { c: &tx, channel }, caller).await }.await)
+    }
+
     async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
         on_client!(self, |c| async {
             let row = query_opt(
@@ -1973,6 +1978,21 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
 
     async fn delete_link(&mut self, link: &LinkId) -> R<()> {
         execute(self.c, "DELETE FROM links WHERE link = $1", &[&&link.0[..]]).await?;
+        Ok(())
+    }
+
+    async fn purge_account(&mut self, handle: &Handle) -> R<()> {
+        for statement in rules::PURGE_ACCOUNT {
+            execute(self.c, &statement.replace("?1", "$1"), &[&handle.as_str()]).await?;
+        }
+        let empty: &[u8] = &[];
+        execute(
+            self.c,
+            "UPDATE devices SET signature_key = $2, certificate = $2 WHERE handle = $1",
+            &[&handle.as_str(), &empty],
+        )
+        .await?;
+        execute(self.c, "UPDATE accounts SET identity_key = $2 WHERE handle = $1", &[&handle.as_str(), &empty]).await?;
         Ok(())
     }
 

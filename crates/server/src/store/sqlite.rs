@@ -1073,6 +1073,19 @@ impl rules::Statements for Sql<'_> {
         self.0.execute("DELETE FROM links WHERE link = ?1", [&link.0[..]]).map(|_| ()).map_err(map_err)
     }
 
+    async fn purge_account(&mut self, handle: &Handle) -> Result<(), StoreError> {
+        for statement in rules::PURGE_ACCOUNT {
+            self.0.execute(statement, [handle.as_str()]).map_err(map_err)?;
+        }
+        self.0
+            .execute("UPDATE devices SET signature_key = X'', certificate = X'' WHERE handle = ?1", [handle.as_str()])
+            .map_err(map_err)?;
+        self.0
+            .execute("UPDATE accounts SET identity_key = X'' WHERE handle = ?1", [handle.as_str()])
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
     async fn notify_keys_changed(&mut self, _addr: &DeviceAddress) -> Result<(), StoreError> {
         // One node: the caller drops its own cache after the commit.
         Ok(())
@@ -1387,6 +1400,11 @@ impl Store for SqliteStore {
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
         let addr = addr.clone();
         self.write(move |tx| rules::ready(rules::remove_device(&mut Sql(tx), &addr))).await
+    }
+
+    async fn delete_account(&self, caller: &DeviceAddress) -> Result<Vec<DeviceAddress>, StoreError> {
+        let caller = caller.clone();
+        self.write(move |tx| rules::ready(rules::delete_account(&mut Sql(tx), &caller))).await
     }
 
     async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
