@@ -1259,7 +1259,8 @@ mod group_tests {
     fn disappearing_timer_is_agreed_by_commit_and_carried_by_messages() {
         assert_eq!(DisappearingExt { seconds: 3600 }.mls_encode_to_vec().expect("encode"), [0, 0, 0x0e, 0x10]);
         let (alice, bob) = (engine("alice"), engine("bob"));
-        let out = alice.create_conversation(&group_info("club"), &[bob.generate_key_package().expect("kp")]).expect("create");
+        let out =
+            alice.create_conversation(&group_info("club"), &[bob.generate_key_package().expect("kp")]).expect("create");
         let conv = out.conversation;
         alice.confirm_commit(&conv).expect("confirm");
         bob.join(&out.welcome.expect("welcome")).expect("join");
@@ -1278,10 +1279,16 @@ mod group_tests {
         // Off removes the extension; an update changes nothing of it.
         let off = alice.set_disappearing(&conv, None).expect("stage");
         alice.confirm_commit(&conv).expect("confirm");
-        assert!(matches!(bob.process(&conv, &off.commit).expect("commit"), Event::Commit { disappearing: Some(None), .. }));
+        assert!(matches!(
+            bob.process(&conv, &off.commit).expect("commit"),
+            Event::Commit { disappearing: Some(None), .. }
+        ));
         let update = alice.update_keys(&conv).expect("stage");
         alice.confirm_commit(&conv).expect("confirm");
-        assert!(matches!(bob.process(&conv, &update.commit).expect("commit"), Event::Commit { disappearing: None, .. }));
+        assert!(matches!(
+            bob.process(&conv, &update.commit).expect("commit"),
+            Event::Commit { disappearing: None, .. }
+        ));
         let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([2; 16]), 2, "kept")).expect("encrypt");
         assert!(matches!(bob.process(&conv, &ct).expect("decrypt"), Event::Message { disappearing: None, .. }));
     }

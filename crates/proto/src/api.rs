@@ -520,7 +520,11 @@ mod tests {
             conversation: ConversationId([7; 16]),
             send_id: SendId([9; 16]),
             commit: None,
-            parts: vec![SendPart { kind: MessageKind::Application, recipients: vec![bob], ciphertext: B64(vec![1, 2, 3]) }],
+            parts: vec![SendPart {
+                kind: MessageKind::Application,
+                recipients: vec![bob],
+                ciphertext: B64(vec![1, 2, 3]),
+            }],
             expires_at: None,
         };
         let plain = r#"{"conversation":"07070707070707070707070707070707","send_id":"09090909090909090909090909090909","commit":null,"parts":[{"kind":"application","recipients":[{"handle":"bob","device":"b0b0b0b0b0b0b0b0"}],"ciphertext":"AQID"}]}"#;

@@ -544,9 +544,8 @@ impl Session {
                 // Disappearing messages: the timer the group context holds
                 // where the message was read, from when it was sent (never
                 // later than now, so a sender's clock cannot keep it longer).
-                let expiry = disappearing.map(|s| {
-                    content.sent_at_ms.min(self.now_ms()).saturating_add(u64::from(s).saturating_mul(1000))
-                });
+                let expiry = disappearing
+                    .map(|s| content.sent_at_ms.min(self.now_ms()).saturating_add(u64::from(s).saturating_mul(1000)));
                 let message_id = content.message_id;
                 self.apply_content(tx, &row, &sender.address, content, late)?;
                 if let Some(at) = expiry {

@@ -647,12 +647,19 @@ pub async fn deleted_account_leaves_nothing_but_its_tombstone(store: Arc<dyn Sto
     store.upload_key_packages(&bob, vec![b"bob-kp".to_vec()], None, false).await.expect("upload");
     let conv = random_conversation();
     let members = [&alice, &alice2, &bob];
-    store.send(&alice, &commit_with_members(conv, 0, &members, vec![bob.clone(), alice2.clone()]), NOW).await.expect("commit");
+    store
+        .send(&alice, &commit_with_members(conv, 0, &members, vec![bob.clone(), alice2.clone()]), NOW)
+        .await
+        .expect("commit");
     store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
-    let acked: Vec<u64> = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").iter().map(|e| e.id).collect();
+    let acked: Vec<u64> =
+        store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").iter().map(|e| e.id).collect();
     store.ack(&bob, &acked).await.expect("ack");
     store.send(&alice, &send_request(conv, None, app(vec![bob.clone()], b"from alice")), NOW).await.expect("send");
-    store.send(&bob, &send_request(conv, None, app(vec![alice.clone(), alice2.clone()], b"to alice")), NOW).await.expect("send");
+    store
+        .send(&bob, &send_request(conv, None, app(vec![alice.clone(), alice2.clone()], b"to alice")), NOW)
+        .await
+        .expect("send");
     let alices_blob = new_blob(&store, &alice, 10, std::slice::from_ref(&bob)).await;
     let bobs_blob = new_blob(&store, &bob, 10, &[alice.clone(), alice2.clone()]).await;
     store.create_link(&LinkId(rand::random()), &alice.handle, b"request".to_vec(), NOW + 60_000).await.expect("link");
@@ -693,10 +700,21 @@ pub async fn deleted_account_leaves_nothing_but_its_tombstone(store: Arc<dyn Sto
         store.claim_key_packages(&alice.handle, &bob).await,
         Err(StoreError::NoKeyPackage | StoreError::UnknownHandle)
     ));
-    assert_eq!(store.one_time_claims_left(&bob.handle, &alice.handle, NOW).await.expect("left"), ONE_TIME_CLAIMS_PER_CLAIMER);
+    assert_eq!(
+        store.one_time_claims_left(&bob.handle, &alice.handle, NOW).await.expect("left"),
+        ONE_TIME_CLAIMS_PER_CLAIMER
+    );
     // Bob's blob for alice alone goes (nobody can read it); his packages stay.
     assert!(matches!(store.blob_status(&bob, &bobs_blob, NOW).await, Err(StoreError::UnknownBlob)));
-    let refused = store.create_blob(&bob, &BlobId(rand::random()), 10, &[alice.clone()], &BlobLimits::UNLIMITED, NOW, BLOB_EXPIRY);
+    let refused = store.create_blob(
+        &bob,
+        &BlobId(rand::random()),
+        10,
+        &[alice.clone()],
+        &BlobLimits::UNLIMITED,
+        NOW,
+        BLOB_EXPIRY,
+    );
     assert!(matches!(refused.await, Err(StoreError::UnknownDevice(_))), "a deleted device is no reader");
     assert_eq!(store.key_package_count(&bob).await.expect("count").one_time, 1);
 }

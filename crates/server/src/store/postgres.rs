@@ -1753,7 +1753,15 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
             self.c,
             "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-            &[&&conversation.0[..], &sender, &kind.as_str(), &ciphertext, &to_i64(now_ms), &roster, &expires_at.map(to_i64)],
+            &[
+                &&conversation.0[..],
+                &sender,
+                &kind.as_str(),
+                &ciphertext,
+                &to_i64(now_ms),
+                &roster,
+                &expires_at.map(to_i64),
+            ],
         )
         .await?
         .map(|r| r.get(0))

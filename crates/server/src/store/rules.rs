@@ -382,8 +382,8 @@ pub(crate) async fn send<S: Statements>(
     let mut inbox = Vec::new();
     for (part, addrs) in request.parts.iter().zip(&per_part) {
         let roster = stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit);
-        let message =
-            s.insert_message(
+        let message = s
+            .insert_message(
                 conversation,
                 sender_row,
                 part.kind,
