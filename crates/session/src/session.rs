@@ -199,7 +199,16 @@ impl Session {
                     )?
                 }
                 MessageKind::Commit | MessageKind::Application => {
-                    if let Some(row) = tx.conversation(&env.conversation)? {
+                    let row = tx.conversation(&env.conversation)?;
+                    // A blocked account writing where this device no longer
+                    // is (a conversation left when blocking it): dropped
+                    // without a word, like everything else of theirs.
+                    if !row.as_ref().is_some_and(|r| r.active)
+                        && crate::requests::is_blocked(&*tx, env.sender.handle.as_str())?
+                    {
+                        return tx.mark_processed(digest);
+                    }
+                    if let Some(row) = row {
                         if !row.active {
                             return Err(CoreError::UnknownConversation.into());
                         }

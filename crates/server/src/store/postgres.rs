@@ -1993,6 +1993,9 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         for statement in rules::PURGE_ACCOUNT {
             execute(self.c, &statement.replace("?1", "$1"), &[&handle.as_str()]).await?;
         }
+        for statement in rules::PURGE_UNREADABLE_BLOBS {
+            execute(self.c, statement, &[]).await?;
+        }
         let empty: &[u8] = &[];
         execute(
             self.c,

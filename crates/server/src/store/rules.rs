@@ -258,13 +258,17 @@ pub(crate) const PURGE_ACCOUNT: &[&str] = &[
     "DELETE FROM blob_readers WHERE device IN (SELECT id FROM devices WHERE handle = ?1)
        OR blob IN (SELECT b.id FROM blobs b JOIN devices d ON d.id = b.owner WHERE d.handle = ?1)",
     "DELETE FROM blobs WHERE owner IN (SELECT id FROM devices WHERE handle = ?1)",
-    // Others' blobs that only its devices could read: nobody else ever will.
-    "DELETE FROM blob_pieces WHERE blob IN
-       (SELECT b.id FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM blob_readers r WHERE r.blob = b.id))",
-    "DELETE FROM blobs WHERE NOT EXISTS (SELECT 1 FROM blob_readers r WHERE r.blob = blobs.id)",
     "DELETE FROM nonces WHERE handle = ?1",
     "DELETE FROM links WHERE handle = ?1",
     "DELETE FROM claim_windows WHERE claimer = ?1 OR target = ?1",
+];
+
+/// Run after [`PURGE_ACCOUNT`], without parameters: others' blobs that only
+/// the account's devices could read (nobody else ever will).
+pub(crate) const PURGE_UNREADABLE_BLOBS: &[&str] = &[
+    "DELETE FROM blob_pieces WHERE blob IN
+       (SELECT b.id FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM blob_readers r WHERE r.blob = b.id))",
+    "DELETE FROM blobs WHERE NOT EXISTS (SELECT 1 FROM blob_readers r WHERE r.blob = blobs.id)",
 ];
 
 /// Deletes an account: [`super::Store::delete_account`]'s rule. Each

@@ -1077,6 +1077,9 @@ impl rules::Statements for Sql<'_> {
         for statement in rules::PURGE_ACCOUNT {
             self.0.execute(statement, [handle.as_str()]).map_err(map_err)?;
         }
+        for statement in rules::PURGE_UNREADABLE_BLOBS {
+            self.0.execute(statement, []).map_err(map_err)?;
+        }
         self.0
             .execute("UPDATE devices SET signature_key = X'', certificate = X'' WHERE handle = ?1", [handle.as_str()])
             .map_err(map_err)?;
