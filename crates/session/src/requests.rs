@@ -6,7 +6,8 @@
 //! invitation) is a **request** unless its inviter is a contact or another
 //! device of this account: it is stored and shown (marked `request`), but
 //! this device owes it no delivery or read receipts until the user accepts
-//! it (`accept`) or writes in it. A **blocked** account is dropped: its
+//! it (`accept`) or writes in it, and then the delivery receipts it
+//! withheld. A **blocked** account is dropped: its
 //! invitations are not joined, its messages are never stored or shown (each
 //! is still processed, so the conversation's keys stay in step, and
 //! acknowledged, so the server keeps nothing), while its commits apply as
@@ -17,6 +18,7 @@
 //! `request:ID`, `blocked:HANDLE`), so both store backends hold them
 //! without a schema of their own.
 
+use subrosa_core::content::ReceiptKind;
 use subrosa_proto::{ConversationId, Handle};
 
 use crate::store::Tx;
@@ -95,6 +97,19 @@ impl Session {
                 add_contact(tx, h)?;
             }
             tx.delete_meta(&key)?;
+            // The delivery receipts withheld while it was a request go now
+            // (read receipts only for what is read from now on).
+            if let Some(row) = tx.conversation(conversation)? {
+                for m in tx.history(std::slice::from_ref(&row))? {
+                    if m.outgoing || m.system {
+                        continue;
+                    }
+                    if let Some(id) = hex::decode(&m.id).ok().and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                        tx.push_receipt_due(conversation, &id, &m.from, ReceiptKind::Delivered)?;
+                    }
+                }
+                self.queue_receipts_in(tx)?;
+            }
         }
         if let Some(peer) = tx.conversation(conversation)?.and_then(|r| r.peer) {
             add_contact(tx, &peer)?;
