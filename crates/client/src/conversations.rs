@@ -812,7 +812,7 @@ impl Subrosa {
         let queued = self.store().write(|tx| {
             let (proposal, recipients) = self.engine().propose_leave(&row.id)?;
             let me = self.handle().to_string();
-            self.record_system_line(tx, &row, &self.identity().address(), SystemEvent::Left { member: me })?;
+            self.record_system_line(tx, row, &self.identity().address(), SystemEvent::Left { member: me })?;
             tx.deactivate_conversation(&row.id)?;
             if recipients.is_empty() {
                 return Ok(None);

@@ -113,6 +113,7 @@ pub(crate) trait Statements {
     async fn account_usage(&mut self, handle: &Handle) -> Result<u64, Self::Error>;
     /// Stores one part's ciphertext; with `expires_at`, the sweep deletes
     /// it then whether delivered or not (disappearing messages).
+    #[allow(clippy::too_many_arguments)] // one column each
     async fn insert_message(
         &mut self,
         conversation: &ConversationId,

@@ -824,7 +824,7 @@ impl History for MemTx<'_> {
                 .filter(|m| m.expires_at.is_some_and(|at| at <= now_ms))
                 .map(|m| (m.conversation, m.message_id.clone()))
                 .collect();
-            t.messages.retain(|_, m| !m.expires_at.is_some_and(|at| at <= now_ms));
+            t.messages.retain(|_, m| m.expires_at.is_none_or(|at| at > now_ms));
             let mut files = Vec::new();
             t.attachments.retain(|a| {
                 let expired = gone.iter().any(|(c, id)| a.conversation.0 == *c && a.message_id == *id);
