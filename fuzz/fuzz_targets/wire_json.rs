@@ -16,4 +16,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<ErrorBody>(data);
     let _ = serde_json::from_slice::<KeySetUpdate>(data);
     let _ = serde_json::from_slice::<AccountInfo>(data);
+    let _ = serde_json::from_slice::<BlobCreate>(data);
 });

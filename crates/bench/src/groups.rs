@@ -217,6 +217,7 @@ async fn server_fanout(n: usize) -> Result<Duration> {
         send_id: SendId([1; 16]),
         commit: None,
         parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(vec![0xAB; 256]) }],
+        expires_at: None,
     };
     let t = Instant::now();
     store.send(&sender, &request, 1).await?;

@@ -333,6 +333,7 @@ impl Target for SubrosaTarget {
                     recipients: vec![recipient],
                     ciphertext: B64(body),
                 }],
+                expires_at: None,
             };
             let bytes = serde_json::to_vec(&req).context("encode send")?;
             self.post(&self.http, d, "/v1/messages", bytes).await?;

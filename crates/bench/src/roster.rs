@@ -36,6 +36,7 @@ fn app(conversation: ConversationId, to: &DeviceAddress) -> SendRequest {
             recipients: vec![to.clone()],
             ciphertext: B64(vec![0xAB; 256]),
         }],
+        expires_at: None,
     }
 }
 
@@ -88,6 +89,7 @@ pub async fn run(sizes: &[usize], sends: usize) -> Result<()> {
                 recipients: vec![b.clone()],
                 ciphertext: B64(vec![0xCD; 256]),
             }],
+            expires_at: None,
         };
         store.send(a, &declare(0), 1).await?;
         // Warm both paths, then alternate rows so drift hits both alike.

@@ -130,6 +130,15 @@ enum Command {
         /// Your message (the `id` of `history --json`).
         message_id: String,
     },
+    /// Make a conversation's messages disappear DURATION after they are
+    /// sent, from every member's devices and from the server (`off` stops
+    /// it). A setting of the conversation: every member sees who set it.
+    Disappearing {
+        /// The conversation: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+        /// 30s, 5m, 1h, 1d, 1w (at most 4w), or `off`.
+        duration: String,
+    },
     /// Mark a conversation read: its authors get read receipts (unless
     /// `settings read-receipts off`).
     Read {
@@ -173,6 +182,28 @@ enum Command {
     },
     /// List contacts.
     Contacts,
+    /// List message requests: conversations someone who is not a contact
+    /// started with you or invited you to. They get no receipts until you
+    /// accept (or answer).
+    Requests,
+    /// Accept a message request: receipts flow and its sender becomes a
+    /// contact.
+    Accept {
+        /// The conversation: a handle, `@handle`, a group name, or `#ID`.
+        target: String,
+    },
+    /// Drop everything from an account from now on (never shown, still
+    /// acknowledged), refuse its invitations, and leave your direct
+    /// conversation with it and groups only with it.
+    Block {
+        /// The account.
+        handle: String,
+    },
+    /// Take a block back.
+    Unblock {
+        /// The account.
+        handle: String,
+    },
     /// Create and change groups.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -197,6 +228,9 @@ enum Command {
         #[arg(long, conflicts_with = "accept")]
         with_history: bool,
     },
+    /// This account as a whole.
+    #[command(subcommand)]
+    Account(AccountCommand),
     /// List this account's devices, or remove one.
     Devices {
         #[command(subcommand)]
@@ -366,6 +400,19 @@ enum AlertsCommand {
     /// again) only after confirmation.
     Clear {
         /// Confirm clearing a proven fork without asking.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCommand {
+    /// Delete this account for good: leave every conversation, revoke
+    /// every device, and have the server delete everything it holds for
+    /// it; the key directory records the deletion and the handle can never
+    /// be registered again. Asks first (`--yes` does not).
+    Delete {
+        /// Do not ask.
         #[arg(long)]
         yes: bool,
     },
@@ -655,6 +702,29 @@ fn confirm_verified(handle: &str, yes: bool) -> Result<()> {
     Ok(())
 }
 
+/// Asks whether to delete the account `handle` for good (unless `yes`):
+/// the user types the handle. An error unless confirmed.
+fn confirm_deletion(handle: &str, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(anyhow!("not deleted: confirm with --yes (this cannot be undone)"));
+    }
+    let _ = write!(
+        std::io::stdout(),
+        "This deletes {} for good: every device, every conversation, and the handle. Type the handle to confirm: ",
+        safe(handle)
+    );
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+    if answer.trim() != handle {
+        return Err(anyhow!("not deleted: the handle typed did not match"));
+    }
+    Ok(())
+}
+
 fn print_safety_number(n: &str) {
     out!("{}", subrosa_core::safety::grouped(n));
     if std::io::stdout().is_terminal() {
@@ -727,6 +797,34 @@ fn with_advice(m: &StoredMessage) -> std::borrow::Cow<'_, StoredMessage> {
 }
 
 /// A message id as typed: 32 hex digits.
+/// Longest disappearing-messages timer: four weeks (a server keeps
+/// undelivered mail 30 days by default, and bounds every expiry by its TTL).
+const MAX_DISAPPEARING_SECS: u32 = 4 * 7 * 86_400;
+
+/// `off`, or a duration: a number and a unit (s, m, h, d, w).
+fn parse_disappearing(s: &str) -> Result<Option<u32>> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let bad = || anyhow!("{} is not a duration: give 30s, 5m, 1h, 1d, 1w (at most 4w) or off", safe(s));
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (digits, unit) = s.split_at(split);
+    let n: u32 = digits.parse().map_err(|_| bad())?;
+    let unit: u32 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(unit) {
+        Some(secs) if secs > 0 && secs <= MAX_DISAPPEARING_SECS => Ok(Some(secs)),
+        _ => Err(bad()),
+    }
+}
+
 fn message_id(s: &str) -> Result<subrosa_proto::MessageId> {
     s.trim()
         .parse()
@@ -757,7 +855,9 @@ fn print_message(me: &Subrosa, m: &StoredMessage, json: bool) {
     let files = if m.system { Vec::new() } else { attach::files_of(me, m) };
     let attachments = (!files.is_empty()).then(|| attach::json(&files));
     let dangerous = if m.system { Vec::new() } else { dangerous_links(me, &m.text) };
-    print_shown(&with_advice(m), attachments.as_ref(), &dangerous, json)
+    let mut m = with_advice(m).into_owned();
+    m.request = m.conversation.parse().ok().and_then(|c| me.is_request(&c).ok()).unwrap_or(false);
+    print_shown(&m, attachments.as_ref(), &dangerous, json)
 }
 
 /// The links of `text` on this device's dangerous-link list (read from
@@ -789,7 +889,10 @@ fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, dange
             let _ = writeln!(out, "{line}");
         }
     } else {
-        let place = if m.group { format!("#{} ", safe(&m.target)) } else { String::new() };
+        let mut place = if m.group { format!("#{} ", safe(&m.target)) } else { String::new() };
+        if m.request {
+            place.insert_str(0, "[request] ");
+        }
         let text = safe_message(&m.text);
         if m.system {
             let _ = writeln!(out, "[{}] {place}* {text}", format_time(m.sent_at));
@@ -1108,6 +1211,16 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
             me.delete_for_everyone(&to, message_id(&id)?).await?;
             out!("deleted {id} for everyone");
         }
+        Command::Disappearing { target, duration } => {
+            let seconds = parse_disappearing(&duration)?;
+            let conversation = target::conversation(me, &target)?;
+            let changed = me.set_disappearing(&conversation, seconds).await?;
+            let what = match seconds {
+                Some(s) => format!("disappearing messages: {}", subrosa_client::format_duration(s)),
+                None => "disappearing messages: off".to_string(),
+            };
+            out!("{what}{}", if changed { "" } else { " (unchanged)" });
+        }
         Command::Read { target } => {
             let conversation = match target::resolve(me, &target)? {
                 target::Named::Conversation(row) => row.id,
@@ -1210,6 +1323,31 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
                 print_message(me, &m, json);
             }
         }
+        Command::Requests => {
+            for row in me.requests()? {
+                let kind = if row.kind == "group" { "group" } else { "direct" };
+                out!("{}\t{kind}\t#{}", safe(&row.target()), row.id.to_hex());
+            }
+        }
+        Command::Accept { target } => {
+            let conversation = target::conversation(me, &target)?;
+            if me.accept(&conversation)? {
+                out!("accepted {}", safe(&target));
+            } else {
+                out!("{} is not a message request (nothing to accept)", safe(&target));
+            }
+        }
+        Command::Block { handle } => {
+            let left = me.block(&handle).await?;
+            out!("blocked {} (left {} conversation(s))", safe(&handle), left.len());
+        }
+        Command::Unblock { handle } => {
+            if me.unblock(&handle)? {
+                out!("unblocked {}", safe(&handle));
+            } else {
+                out!("{} was not blocked", safe(&handle));
+            }
+        }
         Command::Contacts => {
             for c in me.contacts()? {
                 let state = if c.verified { "verified" } else { "unverified" };
@@ -1301,6 +1439,16 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
         Command::SafetyNumber { handle } => {
             let n = me.safety_number(&handle).await?;
             print_safety_number(&n);
+        }
+        Command::Account(AccountCommand::Delete { yes }) => {
+            confirm_deletion(me.handle().as_str(), yes)?;
+            let left = me.delete_account().await?;
+            out!(
+                "deleted the account {} (left {left} conversation(s)); the server holds nothing of it, and this \
+                 device's store in {} can be deleted",
+                safe(me.handle().as_str()),
+                home.display()
+            );
         }
         Command::Verify { handle, yes } => {
             let n = me.safety_number(&handle).await?;

@@ -53,6 +53,10 @@ fn reactions_replies_edits_deletes_and_receipts_reach_every_member_and_a_non_aut
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
     let carol = User::register(&server, "carol");
+    // Bob and carol wrote to alice before: she is their contact, so her
+    // group is no message request and receipts flow at once.
+    bob.send("alice", "hi alice");
+    carol.send("alice", "hi alice");
     alice.ok(&["group", "create", "friends", "bob", "carol"]);
     alice.send("friends", "original words");
     alice.send("friends", "secret words");

@@ -31,6 +31,7 @@ fn raw_send(conversation: ConversationId, epoch: Option<u64>, to: &DeviceAddress
             recipients: vec![to.clone()],
             ciphertext: B64(framed(conversation, epoch)),
         }],
+        expires_at: None,
     }
 }
 

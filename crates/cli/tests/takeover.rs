@@ -115,6 +115,7 @@ impl Mallory {
             send_id: SendId(rand_bytes()),
             commit: Some(CommitGuard { epoch: out.epoch, members: None }),
             parts,
+            expires_at: None,
         });
         self.engine.confirm_commit(&out.conversation).expect("confirm");
     }
@@ -133,6 +134,7 @@ impl Mallory {
             send_id: SendId(rand_bytes()),
             commit: None,
             parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ct) }],
+            expires_at: None,
         });
     }
 
@@ -145,6 +147,7 @@ impl Mallory {
             send_id: SendId(rand_bytes()),
             commit: None,
             parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ct) }],
+            expires_at: None,
         });
     }
 

@@ -20,13 +20,20 @@ fn io(what: &str, path: &Path, e: &std::io::Error) -> ClientError {
 }
 
 impl Api {
-    /// Opens an upload of `size` bytes that `readers` may download.
+    /// Opens an upload of `size` bytes that `readers` may download, gone
+    /// at `expires_at` (ms since the Unix epoch) when its message
+    /// disappears then.
     ///
     /// # Errors
     /// The server's refusal (`blob_too_large`, `blob_quota_exceeded`…), or
     /// [`ClientError::Network`].
-    pub async fn blob_create(&self, size: u64, readers: Vec<DeviceAddress>) -> Result<BlobCreated, ClientError> {
-        self.call(Method::POST, "/v1/blobs", Some(&BlobCreate { size, readers })).await
+    pub async fn blob_create(
+        &self,
+        size: u64,
+        readers: Vec<DeviceAddress>,
+        expires_at: Option<u64>,
+    ) -> Result<BlobCreated, ClientError> {
+        self.call(Method::POST, "/v1/blobs", Some(&BlobCreate { size, readers, expires_at })).await
     }
 
     /// Where an upload stands.

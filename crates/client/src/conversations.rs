@@ -673,6 +673,27 @@ impl Subrosa {
         Ok(())
     }
 
+    /// Sets the conversation's disappearing-messages timer (`None`: off) by
+    /// a commit every member applies; each member sees who set it to what.
+    /// Messages sent from then on disappear from every member's store, and
+    /// from the server, that long after they were sent. Returns false when
+    /// the timer was that already.
+    ///
+    /// # Errors
+    /// Unknown conversation, one this device left, a member whose client
+    /// does not support the timer (MLS refuses the commit before it is
+    /// sent), network errors.
+    pub async fn set_disappearing(&self, id: &ConversationId, seconds: Option<u32>) -> Result<bool, ClientError> {
+        self.conversation(id)?;
+        self.sync().await?;
+        let row = self.conversation(id)?;
+        if !row.active {
+            return Err(ClientError::Input(format!("you are no longer in #{}", id.to_hex())));
+        }
+        let change = StagedChange::Disappearing { seconds: seconds.filter(|s| *s > 0) };
+        self.commit_with_retry(&row.id, change, None).await
+    }
+
     /// Leaves the group: proposes this device's removal (the next member
     /// online commits it) and forgets the group's keys.
     ///
@@ -680,12 +701,118 @@ impl Subrosa {
     /// Unknown group, network errors.
     pub async fn group_leave(&self, id: &ConversationId) -> Result<(), ClientError> {
         let row = self.group_synced(id).await?;
+        self.leave_row(&row).await
+    }
+
+    /// Blocks `handle` (see `subrosa_session::requests`): from then on
+    /// nothing of theirs is shown and their invitations are not joined;
+    /// this device leaves its direct conversations with them and the
+    /// groups whose only other member they are. Groups shared with others
+    /// stay (their messages there are dropped all the same). Returns the
+    /// conversations left.
+    ///
+    /// # Errors
+    /// A malformed handle, this account's own; network errors (the block
+    /// itself is stored first).
+    pub async fn block(&self, handle: &str) -> Result<Vec<ConversationId>, ClientError> {
+        let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
+        if handle == *self.handle() {
+            return Err(ClientError::Input("you cannot block your own account".into()));
+        }
+        self.set_blocked(&handle, true)?;
+        self.sync().await?;
+        let mut left = Vec::new();
+        for row in self.store().read(|tx| tx.active_conversations())? {
+            if row.kind != "direct" && row.kind != "group" {
+                continue;
+            }
+            let others: Vec<Handle> = self
+                .engine()
+                .members(&row.id)?
+                .into_iter()
+                .map(|m| m.address.handle)
+                .filter(|h| h != self.handle())
+                .collect();
+            if !others.is_empty() && others.iter().all(|h| *h == handle) {
+                self.leave_row(&row).await?;
+                left.push(row.id);
+            }
+        }
+        Ok(left)
+    }
+
+    /// Deletes this account: in every conversation this device first
+    /// removes the account's other devices (a commit) and then proposes its
+    /// own leave (a member can never commit its own removal; the next
+    /// member online commits it), then the server revokes every device and
+    /// deletes everything it holds for the account, and the key directory
+    /// records the deletion. The handle cannot be registered again. The
+    /// local store is left for the caller to delete. Returns how many
+    /// conversations it left.
+    ///
+    /// # Errors
+    /// Network errors (run it again: what is done is not done twice).
+    pub async fn delete_account(&self) -> Result<usize, ClientError> {
+        self.sync().await?;
+        let me = self.identity().address();
+        let mut left = 0;
+        for row in self.store().read(|tx| tx.active_conversations())? {
+            if row.kind != "direct" && row.kind != "group" {
+                continue;
+            }
+            let siblings: Vec<DeviceAddress> = self
+                .engine()
+                .members(&row.id)?
+                .into_iter()
+                .map(|m| m.address)
+                .filter(|a| a.handle == me.handle && *a != me)
+                .collect();
+            if !siblings.is_empty() {
+                let change = StagedChange::Remove { devices: siblings, notify: false };
+                self.commit_with_retry(&row.id, change, None).await?;
+            }
+            self.leave_row(&row).await?;
+            left += 1;
+        }
+        let _: subrosa_proto::Empty = self.api.call::<(), _>(Method::DELETE, "/v1/accounts", None).await?;
+        Ok(left)
+    }
+
+    /// Takes a block back: `handle`'s new messages show again (what came
+    /// while it was blocked is gone for good). Returns whether it was
+    /// blocked.
+    ///
+    /// # Errors
+    /// A malformed handle; store errors.
+    pub fn unblock(&self, handle: &str) -> Result<bool, ClientError> {
+        let handle = Handle::new(handle.trim_start_matches('@')).map_err(|e| ClientError::Input(e.to_string()))?;
+        self.set_blocked(&handle, false)
+    }
+
+    /// The message requests not yet accepted: active conversations another
+    /// account who is not a contact brought this one into.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn requests(&self) -> Result<Vec<ConversationRow>, ClientError> {
+        let mut out = Vec::new();
+        for row in self.store().read(|tx| tx.active_conversations())? {
+            if self.is_request(&row.id)? {
+                out.push(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Proposes this device's removal from the conversation `row` (the next
+    /// member online commits it) and forgets its keys.
+    async fn leave_row(&self, row: &ConversationRow) -> Result<(), ClientError> {
         // The proposal is queued in the outbox in the transaction that makes
         // it and forgets the group: a lost answer re-posts the same bytes.
         let queued = self.store().write(|tx| {
             let (proposal, recipients) = self.engine().propose_leave(&row.id)?;
             let me = self.handle().to_string();
-            self.record_system_line(tx, &row, &self.identity().address(), SystemEvent::Left { member: me })?;
+            self.record_system_line(tx, row, &self.identity().address(), SystemEvent::Left { member: me })?;
             tx.deactivate_conversation(&row.id)?;
             if recipients.is_empty() {
                 return Ok(None);
@@ -696,6 +823,7 @@ impl Subrosa {
                 send_id,
                 commit: None,
                 parts: vec![SendPart { kind: MessageKind::Commit, recipients, ciphertext: B64(proposal) }],
+                expires_at: None,
             };
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
             tx.push_outbox_request(&send_id.0, &bytes)?;

@@ -121,7 +121,7 @@ impl Subrosa {
         let store = Store::create(home, passphrase)?;
         store.write(|tx| tx.set_meta(META_IDENTITY, &identity.to_secret_bytes()?))?;
         store.write(|tx| tx.set_meta(META_SERVER, server.as_bytes()))?;
-        let me = Self::assemble(store, identity, server)?;
+        let me = Self::assemble(home, store, identity, server)?;
         // The directory key the approving device pinned; a grant without
         // one (an older approving device) pins on first use instead.
         if let Some(key) = granted.directory_key {

@@ -266,7 +266,10 @@ impl Subrosa {
         if readers.is_empty() {
             return Err(ClientError::Input("nobody else is in this conversation to send a file to".into()));
         }
-        let new = self.api.blob_create(staged.blob_len, readers).await?.blob;
+        // In a conversation with disappearing messages the blob goes when
+        // its message does (the message is sent after the upload, so later).
+        let expires_at = self.expiry_from(conversation, self.now_ms())?;
+        let new = self.api.blob_create(staged.blob_len, readers, expires_at).await?.blob;
         created(&new)?;
         crate::blobs::upload(&self.api, &new, &staged.path, &mut |done| progress(done, len)).await?;
         staged.file.blob = new.0;

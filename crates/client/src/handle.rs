@@ -304,6 +304,15 @@ impl Client {
         self.inner.device.group_rename(id, name).await
     }
 
+    /// Sets the disappearing-messages timer.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTarget`]; as [`Subrosa::set_disappearing`].
+    pub async fn set_disappearing(&self, id: &ConversationId, seconds: Option<u32>) -> Result<bool, ClientError> {
+        self.row(id)?;
+        self.inner.device.set_disappearing(id, seconds).await
+    }
+
     /// Leaves the group `id`.
     ///
     /// # Errors

@@ -333,6 +333,7 @@ impl Subrosa {
                 send_id: SendId(rand::random()),
                 commit: None,
                 parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
+                expires_at: None,
             })
         })?;
         let _: SendResponse = self.api.call(Method::POST, "/v1/messages", Some(&request)).await?;

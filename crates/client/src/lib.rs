@@ -42,7 +42,7 @@ pub use handle::{Client, ClientEvent};
 pub use rotation::Rekeyed;
 use store::{now_ms, OnDisk, Store};
 pub use store::{Contact, ConversationRow, MessageState, StoredMessage};
-pub use subrosa_session::{Advice, Session, SystemClock, SystemEvent};
+pub use subrosa_session::{format_duration, Advice, Session, SystemClock, SystemEvent};
 use subrosa_session::{Outgoing, Prepared};
 
 pub use subrosa_session::ClientError;
@@ -112,6 +112,8 @@ pub struct Subrosa {
     /// Queued messages the server took since the last report (conversation,
     /// message id): their state changed to sent.
     sent: std::sync::Mutex<Vec<(ConversationId, [u8; 16])>>,
+    /// The home directory (its attachment folder holds sealed files).
+    home: std::path::PathBuf,
 }
 
 impl std::ops::Deref for Subrosa {
@@ -169,7 +171,7 @@ impl Subrosa {
             tx.set_meta(META_IDENTITY, &secret)?;
             tx.set_meta(META_SERVER, server.as_bytes())
         })?;
-        let me = Self::assemble(store, identity, server)?;
+        let me = Self::assemble(home, store, identity, server)?;
         let id = me.engine().identity();
         let req = RegisterRequest {
             handle,
@@ -209,14 +211,56 @@ impl Subrosa {
         let identity = DeviceIdentity::from_secret_bytes(&crypto, &secret)?;
         let server = server.ok_or_else(|| ClientError::Store("no server URL stored".into()))?;
         let server = String::from_utf8(server.to_vec()).map_err(|_| ClientError::Store("server URL".into()))?;
-        Self::assemble(store, identity, &server)
+        let me = Self::assemble(home, store, identity, &server)?;
+        // Disappearing messages past their time go at start-up, before
+        // anything could show them.
+        me.sweep_expired()?;
+        Ok(me)
     }
 
-    pub(crate) fn assemble(store: Store, identity: DeviceIdentity, server: &str) -> Result<Self, ClientError> {
+    pub(crate) fn assemble(
+        home: &Path,
+        store: Store,
+        identity: DeviceIdentity,
+        server: &str,
+    ) -> Result<Self, ClientError> {
         let crypto = subrosa_core::default_crypto();
         let api = net::Api::new(server, identity.clone(), crypto.clone())?;
         let session = Session::new(crypto, identity, store, std::sync::Arc::new(SystemClock));
-        Ok(Subrosa { session, api, failed: std::sync::Mutex::new(Vec::new()), sent: std::sync::Mutex::new(Vec::new()) })
+        Ok(Subrosa {
+            session,
+            api,
+            failed: std::sync::Mutex::new(Vec::new()),
+            sent: std::sync::Mutex::new(Vec::new()),
+            home: home.to_path_buf(),
+        })
+    }
+
+    /// Deletes the disappearing messages whose time came: their rows,
+    /// reactions, receipts and attachment rows in one transaction, then the
+    /// sealed files those kept (a file left by a crash in between is a
+    /// sealed blob whose key went with its row). Returns how many files
+    /// went.
+    ///
+    /// # Errors
+    /// Store errors; a file that exists but cannot be deleted.
+    pub fn sweep_expired(&self) -> Result<usize, ClientError> {
+        let now = self.now_ms();
+        let files = self.store().write(|tx| tx.delete_expired(now))?;
+        let folder = files::folder(&self.home);
+        let mut gone = 0;
+        for name in files {
+            // Names are ours (`files.rs`), never a path: refuse anything else.
+            if name.contains(['/', '\\']) || name.starts_with('.') {
+                continue;
+            }
+            match std::fs::remove_file(folder.join(&name)) {
+                Ok(()) => gone += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ClientError::Io(format!("delete {name}: {e}"))),
+            }
+        }
+        Ok(gone)
     }
 
     /// The signed server API of this device.
@@ -808,6 +852,7 @@ impl Subrosa {
             let frame = tokio::select! {
                 frame = net::next_frame(&mut ws) => frame?,
                 _ = tick.tick() => {
+                    self.sweep_expired()?;
                     // Another command queued a send (a 503, a timeout) while
                     // this one stayed connected.
                     if !self.store().read(|tx| tx.outbox_is_empty())? {

@@ -37,6 +37,27 @@ impl MlsCodecExtension for ConversationInfoExt {
     }
 }
 
+/// Private-use extension type carrying the disappearing-messages timer
+/// (absent: off). A separate extension so a client that does not know it
+/// never meets it: MLS lets a group-context extension in only when every
+/// member's leaf lists it among its capabilities, so the timer cannot be
+/// turned on while a member runs a version without it (the commit is
+/// refused before it is sent), and such a version cannot be added while it
+/// is on.
+const DISAPPEARING_EXT: u16 = 0xF5B1;
+
+/// The disappearing-messages timer, in seconds (never 0: off is no extension).
+#[derive(Clone, Debug, PartialEq, Eq, MlsSize, MlsEncode, MlsDecode)]
+struct DisappearingExt {
+    seconds: u32,
+}
+
+impl MlsCodecExtension for DisappearingExt {
+    fn extension_type() -> ExtensionType {
+        ExtensionType::new(DISAPPEARING_EXT)
+    }
+}
+
 /// Direct (1:1) or group conversation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConversationKind {
@@ -96,6 +117,8 @@ enum Change<'a> {
     Add(&'a [Vec<u8>]),
     Remove(&'a [DeviceAddress]),
     Info(&'a ConversationInfo),
+    /// The disappearing-messages timer in seconds (`None`: off).
+    Disappearing(Option<u32>),
     /// Only the proposals already received.
     Pending,
     /// Nothing but fresh keys for this device's leaf and path: the periodic
@@ -193,6 +216,9 @@ pub enum Event {
         sender: MemberInfo,
         /// What it says.
         content: Content,
+        /// The conversation's disappearing-messages timer (seconds) as the
+        /// group context says it where the message was read.
+        disappearing: Option<u32>,
     },
     /// A commit moved the conversation to a new epoch.
     Commit {
@@ -212,6 +238,9 @@ pub enum Event {
         left: Vec<DeviceAddress>,
         /// The new kind and name, when the commit changed them.
         renamed: Option<ConversationInfo>,
+        /// The new disappearing-messages timer in seconds (`Some(None)`:
+        /// turned off), when the commit changed it.
+        disappearing: Option<Option<u32>>,
         /// Devices still in the conversation whose keys changed, as
         /// `(before, after)`: a new signature key or a certificate by a new
         /// identity key (the committer's own leaf, when it changed its
@@ -437,6 +466,7 @@ where
             .group_state_storage(self.groups.clone())
             .key_package_repo(self.key_packages.clone())
             .extension_type(ExtensionType::new(CONVERSATION_INFO_EXT))
+            .extension_type(ExtensionType::new(DISAPPEARING_EXT))
             .mls_rules(rules)
             .signing_identity(identity.signing_identity()?, identity.device_secret().clone(), CIPHERSUITE)
             .build())
@@ -488,6 +518,39 @@ where
             .map_err(|_| CoreError::Malformed("conversation info"))?
             .ok_or(CoreError::Malformed("conversation info missing"))?;
         ConversationInfo::from_ext(&ext)
+    }
+
+    fn disappearing_of<Cfg: MlsConfig>(group: &mls_rs::Group<Cfg>) -> Result<Option<u32>, CoreError> {
+        let ext = group
+            .context()
+            .extensions
+            .get_as::<DisappearingExt>()
+            .map_err(|_| CoreError::Malformed("disappearing-messages timer"))?;
+        Ok(ext.map(|e| e.seconds).filter(|s| *s > 0))
+    }
+
+    /// The conversation's disappearing-messages timer in seconds, as every
+    /// member agreed on it (a group-context extension); `None` when off.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn disappearing(&self, conversation: &ConversationId) -> Result<Option<u32>, CoreError> {
+        Self::disappearing_of(&self.load(conversation)?)
+    }
+
+    /// Stages a commit that sets the disappearing-messages timer (`None` or
+    /// 0: off). Every member applies it; a member whose client does not
+    /// support the timer makes MLS refuse the commit here, before anything
+    /// is sent.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn set_disappearing(
+        &self,
+        conversation: &ConversationId,
+        seconds: Option<u32>,
+    ) -> Result<OutgoingCommit, CoreError> {
+        self.stage(conversation, Change::Disappearing(seconds.filter(|s| *s > 0)))
     }
 
     /// Creates a conversation with the devices of `key_packages` and stages
@@ -772,6 +835,18 @@ where
                 exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
                 builder = builder.set_group_context_ext(exts)?;
             }
+            Change::Disappearing(seconds) => {
+                let mut exts = extensions;
+                match seconds {
+                    Some(seconds) => {
+                        exts.set_from(DisappearingExt { seconds }).map_err(|_| CoreError::Bug("extension encoding"))?;
+                    }
+                    None => {
+                        exts.remove(ExtensionType::new(DISAPPEARING_EXT));
+                    }
+                }
+                builder = builder.set_group_context_ext(exts)?;
+            }
             Change::Credential(identity) => {
                 builder =
                     builder.set_new_signing_identity(identity.device_secret().clone(), identity.signing_identity()?);
@@ -874,12 +949,13 @@ where
         };
         let before = if handshake { self.members_of(&group)? } else { Vec::new() };
         let info_before = if handshake { Some(Self::info_of(&group)?) } else { None };
+        let timer_before = Self::disappearing_of(&group)?;
         let event = match group.process_incoming_message(msg)? {
             ReceivedMessage::ApplicationMessage(app) => {
                 let member = group.member_at_index(app.sender_index).ok_or(CoreError::Malformed("unknown sender"))?;
                 let sender = self.member_info(&member)?;
                 let content = Content::decode(app.data())?;
-                Event::Message { conversation: *conversation, sender, content }
+                Event::Message { conversation: *conversation, sender, content, disappearing: timer_before }
             }
             ReceivedMessage::Commit(commit) => {
                 let removed_self = matches!(commit.effect, CommitEffect::Removed { .. });
@@ -912,6 +988,8 @@ where
                 let info_before = info_before.ok_or(CoreError::Bug("commit read as an application message"))?;
                 let info_after = if removed_self { info_before.clone() } else { Self::info_of(&group)? };
                 let renamed = (info_after != info_before).then_some(info_after);
+                let timer_after = if removed_self { timer_before } else { Self::disappearing_of(&group)? };
+                let disappearing = (timer_after != timer_before).then_some(timer_after);
                 let applied = match &commit.effect {
                     CommitEffect::NewEpoch(ne) => ne.applied_proposals.as_slice(),
                     CommitEffect::Removed { new_epoch, .. } => new_epoch.applied_proposals.as_slice(),
@@ -937,6 +1015,7 @@ where
                     removed_self,
                     left,
                     renamed,
+                    disappearing,
                     updated,
                 }
             }
@@ -1171,6 +1250,47 @@ mod group_tests {
         if let Ok(c) = carol.call_keying(&conv) {
             assert_ne!(c.secret, a.secret, "the removed member cannot compute the new key");
         }
+    }
+
+    /// The disappearing-messages timer: a commit every member applies and
+    /// reads as a change of it, messages read under it carry it, and its
+    /// extension's bytes are pinned (a change of them is a visible decision).
+    #[test]
+    fn disappearing_timer_is_agreed_by_commit_and_carried_by_messages() {
+        assert_eq!(DisappearingExt { seconds: 3600 }.mls_encode_to_vec().expect("encode"), [0, 0, 0x0e, 0x10]);
+        let (alice, bob) = (engine("alice"), engine("bob"));
+        let out =
+            alice.create_conversation(&group_info("club"), &[bob.generate_key_package().expect("kp")]).expect("create");
+        let conv = out.conversation;
+        alice.confirm_commit(&conv).expect("confirm");
+        bob.join(&out.welcome.expect("welcome")).expect("join");
+        assert_eq!(bob.disappearing(&conv).expect("timer"), None);
+
+        let set = alice.set_disappearing(&conv, Some(3600)).expect("stage");
+        alice.confirm_commit(&conv).expect("confirm");
+        match bob.process(&conv, &set.commit).expect("commit") {
+            Event::Commit { disappearing: Some(Some(3600)), renamed: None, .. } => {}
+            other => panic!("expected the timer set, got {other:?}"),
+        }
+        assert_eq!(bob.disappearing(&conv).expect("timer"), Some(3600));
+        let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([1; 16]), 1, "timed")).expect("encrypt");
+        assert!(matches!(bob.process(&conv, &ct).expect("decrypt"), Event::Message { disappearing: Some(3600), .. }));
+
+        // Off removes the extension; an update changes nothing of it.
+        let off = alice.set_disappearing(&conv, None).expect("stage");
+        alice.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(
+            bob.process(&conv, &off.commit).expect("commit"),
+            Event::Commit { disappearing: Some(None), .. }
+        ));
+        let update = alice.update_keys(&conv).expect("stage");
+        alice.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(
+            bob.process(&conv, &update.commit).expect("commit"),
+            Event::Commit { disappearing: None, .. }
+        ));
+        let (ct, _) = alice.encrypt(&conv, &Content::text(MessageId([2; 16]), 2, "kept")).expect("encrypt");
+        assert!(matches!(bob.process(&conv, &ct).expect("decrypt"), Event::Message { disappearing: None, .. }));
     }
 
     #[test]

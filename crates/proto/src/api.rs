@@ -224,6 +224,13 @@ pub struct SendRequest {
     pub commit: Option<CommitGuard>,
     /// The parts, delivered in this order.
     pub parts: Vec<SendPart>,
+    /// When the conversation's disappearing-messages timer is on: the time
+    /// (ms since the Unix epoch) after which the server deletes these parts
+    /// whether delivered or not. It tells the server the timer; the server
+    /// bounds it by its own message TTL. Absent otherwise (and then left out
+    /// of the bytes, so a request without it is what older servers accept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
 
 /// The answer to a send: it is durably stored for every recipient device.
@@ -503,6 +510,36 @@ mod tests {
         assert_eq!(ErrorCode::NotAMember.as_str(), "not_a_member");
     }
 
+    /// A send on the wire: without an expiry its bytes are what they were
+    /// before disappearing messages (what older servers accept and what
+    /// stored outbox requests hold); with one, `expires_at` comes last.
+    #[test]
+    fn send_request_bytes_are_stable() {
+        let bob = DeviceAddress { handle: Handle::new("bob").expect("handle"), device: DeviceId([0xB0; 8]) };
+        let mut req = SendRequest {
+            conversation: ConversationId([7; 16]),
+            send_id: SendId([9; 16]),
+            commit: None,
+            parts: vec![SendPart {
+                kind: MessageKind::Application,
+                recipients: vec![bob],
+                ciphertext: B64(vec![1, 2, 3]),
+            }],
+            expires_at: None,
+        };
+        let plain = r#"{"conversation":"07070707070707070707070707070707","send_id":"09090909090909090909090909090909","commit":null,"parts":[{"kind":"application","recipients":[{"handle":"bob","device":"b0b0b0b0b0b0b0b0"}],"ciphertext":"AQID"}]}"#;
+        assert_eq!(serde_json::to_string(&req).expect("json"), plain);
+        req.expires_at = Some(1_700_000_060_000);
+        let timed = plain.replace("}]}", r#"}],"expires_at":1700000060000}"#);
+        assert_eq!(serde_json::to_string(&req).expect("json"), timed);
+        let back: SendRequest = serde_json::from_str(&timed).expect("parse");
+        assert_eq!(back.expires_at, Some(1_700_000_060_000));
+        let blob = BlobCreate { size: 4096, readers: vec![], expires_at: Some(5) };
+        assert_eq!(serde_json::to_string(&blob).expect("json"), r#"{"size":4096,"readers":[],"expires_at":5}"#);
+        let old: BlobCreate = serde_json::from_str(r#"{"size":4096,"readers":[]}"#).expect("older client's create");
+        assert_eq!(old.expires_at, None);
+    }
+
     /// A key-package upload on the wire: `replace` is left out when false,
     /// so an upload that replaces nothing is what older servers accept.
     #[test]
@@ -549,6 +586,10 @@ pub struct BlobCreate {
     pub size: u64,
     /// The devices that may download it.
     pub readers: Vec<DeviceAddress>,
+    /// When the message that carries it disappears (ms since the Unix
+    /// epoch): the server deletes the blob then, if earlier than its TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
 
 /// An upload was opened.

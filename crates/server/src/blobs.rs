@@ -40,8 +40,9 @@ pub(crate) async fn create(
         )));
     }
     let now = now_ms();
-    let ttl_ms = u64::try_from(state.limits.blob_ttl.as_millis()).unwrap_or(u64::MAX);
-    let expires_at = now.saturating_add(ttl_ms);
+    let ttl_ms = crate::routes::ttl_ms(&state);
+    // A disappearing message's attachment goes with the message.
+    let expires_at = now.saturating_add(ttl_ms).min(body.expires_at.unwrap_or(u64::MAX));
     // 128 random bits: a collision means a broken RNG; three tries and out.
     for _ in 0..3 {
         let blob = BlobId(rand::random());

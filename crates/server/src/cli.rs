@@ -34,6 +34,10 @@ struct Args {
     /// How long undelivered messages are kept: 30d, 12h, 90m, 2s or seconds.
     #[arg(long, default_value = "30d", value_parser = parse_ttl)]
     message_ttl: Duration,
+    /// How often expired messages, blobs and disappearing messages are
+    /// deleted (at most half the message TTL): 60s, 5s…
+    #[arg(long, default_value = "60s", value_parser = parse_ttl)]
+    sweep_interval: Duration,
     /// Most recipient devices of one message part.
     #[arg(long, default_value_t = subrosa_proto::limits::MAX_RECIPIENTS, value_parser = parse_positive)]
     max_recipients: usize,
@@ -154,6 +158,7 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
         _ => None,
     };
     config.message_ttl = args.message_ttl;
+    config.sweep_interval = args.sweep_interval;
     config.metrics_listen = args.metrics_listen;
     config.relay_listen = args.relay_listen;
     config.limits = Limits {

@@ -36,7 +36,7 @@ use crate::{ws, AppError, AppState};
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
-        .route("/v1/accounts", post(register))
+        .route("/v1/accounts", post(register).delete(delete_account))
         .route("/v1/accounts/keys", put(replace_keys))
         .route("/v1/accounts/{handle}", get(account))
         .route("/v1/keypackages", post(upload_key_packages).get(key_package_count))
@@ -171,7 +171,25 @@ async fn account(
 ) -> Result<Json<AccountInfo>, AppError> {
     let handle = handle_from_path(path)?;
     let info = state.kt().await?.account_with_proof(&Source(&state), Some(&device), &handle).await?;
+    if info.identity_key.is_empty() {
+        // A deleted account's tombstone: its proof is at /v1/kt/lookup.
+        return Err(StoreError::UnknownHandle.into());
+    }
     Ok(Json(info))
+}
+
+/// `DELETE /v1/accounts`: deletes the caller's account, every device of
+/// it and everything stored for it (`Store::delete_account`), closes its
+/// devices' sockets, and publishes the deletion in the key directory (an
+/// entry with no key and no device), so nobody can be handed a key for the
+/// handle afterwards without the directory showing it.
+async fn delete_account(Authed(caller): Authed, State(state): State<AppState>) -> Result<Json<Empty>, AppError> {
+    let removed = state.store.delete_account(&caller).await?;
+    for addr in &removed {
+        state.wakeups.revoke(addr);
+    }
+    publish(&state, &caller.handle).await?;
+    Ok(Json(Empty {}))
 }
 
 async fn upload_key_packages(
@@ -241,6 +259,11 @@ async fn claim_key_packages(
     response.devices = info.devices;
     response.kt = info.kt;
     Ok(Json(crate::hooks::claim(&state, response)))
+}
+
+/// The message TTL in ms (the blobs' TTL is the same setting).
+pub(crate) fn ttl_ms(state: &AppState) -> u64 {
+    u64::try_from(state.limits.blob_ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
@@ -325,6 +348,9 @@ async fn send(
     SignedJsonNonceLater { device, nonce, timestamp_ms, body }: SignedJsonNonceLater<SendRequest>,
 ) -> Result<Json<SendResponse>, AppError> {
     validate_send(&body, &state)?;
+    let mut body = body;
+    // A disappearing message is kept no longer than any other.
+    body.expires_at = body.expires_at.map(|at| at.min(now_ms().saturating_add(ttl_ms(&state))));
     // The nonce and the send share one transaction (one commit).
     let out = state
         .store

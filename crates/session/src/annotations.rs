@@ -134,7 +134,8 @@ impl Session {
         if m.outgoing {
             let others = self.other_members(&row.id)?;
             tx.set_recipients(&row.id, &id.0, &others)?;
-        } else if !m.system {
+        } else if !m.system && !crate::requests::is_request(&*tx, &row.id)? {
+            // A request owes no receipts until it is accepted.
             tx.push_receipt_due(&row.id, &id.0, &m.from, ReceiptKind::Delivered)?;
         }
         Ok(())
@@ -188,7 +189,7 @@ impl Session {
         let send = self.read_receipts()?;
         self.store().write(|tx| {
             let read = tx.mark_read(conversation, self.now_ms())?;
-            if send {
+            if send && !crate::requests::is_request(&*tx, conversation)? {
                 for (id, author) in &read {
                     if author != self.handle().as_str() {
                         tx.push_receipt_due(conversation, id, author, ReceiptKind::Read)?;

@@ -51,6 +51,13 @@ impl Session {
                 let info = ConversationInfo { kind: ConversationKind::Group, name: name.clone() };
                 Some(self.engine().rename(conversation, &info)?)
             }
+            StagedChange::Disappearing { seconds } => {
+                if self.engine().disappearing(conversation)? == seconds.filter(|s| *s > 0) {
+                    None
+                } else {
+                    Some(self.engine().set_disappearing(conversation, *seconds)?)
+                }
+            }
             StagedChange::Update => Some(self.engine().update_keys(conversation)?),
             StagedChange::Credential => {
                 let me = self.identity();
@@ -61,7 +68,15 @@ impl Session {
                 }
             }
             StagedChange::Pending => match self.engine().commit_pending(conversation) {
-                Ok(o) => o,
+                // A leaver forgot the group's keys when it proposed to
+                // leave, and may be revoked since (its account deleted):
+                // the commit goes to those who stay.
+                Ok(Some(mut o)) => {
+                    let after = o.members_after.clone();
+                    o.commit_recipients.retain(|a| after.contains(a));
+                    Some(o)
+                }
+                Ok(None) => None,
                 Err(CoreError::UnknownConversation) => None,
                 Err(e) => return Err(e.into()),
             },
@@ -101,6 +116,7 @@ impl Session {
             send_id,
             commit: Some(CommitGuard { epoch: out.epoch, members: Some(out.members_after.clone()) }),
             parts,
+            expires_at: None,
         };
         let pending = PendingCommit {
             conversation: out.conversation,

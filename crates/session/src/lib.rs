@@ -23,6 +23,7 @@ mod commits;
 pub mod directory;
 mod members;
 mod outbox;
+pub mod requests;
 pub mod rotation;
 mod session;
 mod system;
@@ -32,7 +33,7 @@ pub use calls::{CallLine, IncomingSignal};
 pub use members::DirectoryAnswer;
 pub use outbox::{Outgoing, Prepared};
 pub use session::*;
-pub use system::{Advice, SystemEvent};
+pub use system::{format_duration, Advice, SystemEvent};
 
 #[cfg(test)]
 mod tests;

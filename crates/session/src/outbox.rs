@@ -67,6 +67,7 @@ impl Session {
     ) -> Result<Option<StoredMessage>, ClientError> {
         let sent_at = self.now_ms();
         let me = self.identity().address();
+        let expires_at = self.expiry_from(&to.conversation, sent_at)?;
         let stored = shown.map(|text| StoredMessage {
             id: message_id.to_hex(),
             conversation: to.conversation.to_hex(),
@@ -90,17 +91,36 @@ impl Session {
                 Body::Preview { preview, .. } => Some(preview.clone().into()),
                 _ => None,
             },
+            expires_at,
             ..StoredMessage::default()
         });
         let content = Content::new(message_id, sent_at, body.clone()).encode()?;
         self.store().write(|tx| {
             if let Some(stored) = &stored {
                 tx.insert_message(stored, &to.conversation, &message_id.0, true)?;
+                // Writing in a conversation accepts it (a request) and
+                // makes its peer a contact.
+                self.accept_in(tx, &to.conversation)?;
             }
             tx.note_sent(&to.conversation)?;
             tx.push_outbox(&send_id, &to.conversation, &message_id.0, &content)
         })?;
         Ok(stored)
+    }
+
+    /// When a message sent at `sent_at` in `conversation` disappears: `None`
+    /// while its timer is off (and for a conversation this device does not
+    /// hold yet).
+    ///
+    /// # Errors
+    /// Engine and storage errors.
+    pub fn expiry_from(&self, conversation: &ConversationId, sent_at: u64) -> Result<Option<u64>, ClientError> {
+        let seconds = match self.engine().disappearing(conversation) {
+            Ok(s) => s,
+            Err(CoreError::UnknownConversation) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(seconds.map(|s| sent_at.saturating_add(u64::from(s).saturating_mul(1000))))
     }
 
     /// The request of the queued send `id`: the one made before, or a new
@@ -164,11 +184,19 @@ impl Session {
                     tx.set_recipients(&conversation, &content.message_id.0, &others)?;
                 }
             }
+            // The server deletes it at its expiry, delivered or not: the
+            // expiry of its history line, or (a reaction, a receipt) the
+            // timer from now.
+            let expires_at = match tx.message(&conversation, &content.message_id.0)?.and_then(|m| m.expires_at) {
+                Some(at) => Some(at),
+                None => self.expiry_from(&conversation, self.now_ms())?,
+            };
             let req = SendRequest {
                 conversation,
                 send_id: SendId(q.send_id),
                 commit: None,
                 parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],
+                expires_at,
             };
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
             tx.set_outbox_request(id, &bytes)?;

@@ -186,6 +186,11 @@ impl Session {
             }
             let event = match env.kind {
                 MessageKind::Welcome => {
+                    // A blocked account's invitation is not joined (and is
+                    // acknowledged, so the server keeps nothing of it).
+                    if crate::requests::is_blocked(&*tx, env.sender.handle.as_str())? {
+                        return tx.mark_processed(digest);
+                    }
                     let seen: &dyn Tx = &*tx;
                     self.engine.join_checked(
                         env.ciphertext.as_slice(),
@@ -194,7 +199,16 @@ impl Session {
                     )?
                 }
                 MessageKind::Commit | MessageKind::Application => {
-                    if let Some(row) = tx.conversation(&env.conversation)? {
+                    let row = tx.conversation(&env.conversation)?;
+                    // A blocked account writing where this device no longer
+                    // is (a conversation left when blocking it): dropped
+                    // without a word, like everything else of theirs.
+                    if !row.as_ref().is_some_and(|r| r.active)
+                        && crate::requests::is_blocked(&*tx, env.sender.handle.as_str())?
+                    {
+                        return tx.mark_processed(digest);
+                    }
+                    if let Some(row) = row {
                         if !row.active {
                             return Err(CoreError::UnknownConversation.into());
                         }
@@ -483,11 +497,13 @@ impl Session {
                             .find(|h| **h != me)
                             .ok_or(ClientError::Core(CoreError::Malformed("direct conversation without a peer")))?;
                         tx.add_conversation(&conversation, "direct", "", Some(peer.as_str()))?;
+                        self.note_invitation(tx, &conversation, &env.sender.handle)?;
                     }
                     // Nothing to show: it only carries identity keys.
                     ConversationKind::Own => tx.add_conversation(&conversation, "own", "", None)?,
                     ConversationKind::Group => {
                         tx.add_conversation(&conversation, "group", &info.name, None)?;
+                        self.note_invitation(tx, &conversation, &env.sender.handle)?;
                         let row = self.conversation_row(tx, &conversation)?;
                         let event = if env.sender.handle == me {
                             SystemEvent::JoinedGroup { group: info.name.clone() }
@@ -500,7 +516,7 @@ impl Session {
                 }
                 Ok(())
             }
-            Event::Message { conversation, sender, content } => {
+            Event::Message { conversation, sender, content, disappearing } => {
                 if sender.address != env.sender {
                     return Err(CoreError::IdentityMismatch(
                         "server-claimed sender differs from the MLS sender".into(),
@@ -508,6 +524,11 @@ impl Session {
                     .into());
                 }
                 self.check_sender_key(tx, &conversation, &sender)?;
+                // A blocked account's messages are never stored or shown;
+                // decrypted all the same, so the keys stay in step.
+                if crate::requests::is_blocked(&*tx, sender.address.handle.as_str())? {
+                    return Ok(());
+                }
                 let row = self.conversation_row(tx, &conversation)?;
                 // The sender's head is evidence, checked at the end of the
                 // sync (at most one pending per member: its newest).
@@ -529,9 +550,30 @@ impl Session {
                     }
                     return Ok(());
                 }
-                self.apply_content(tx, &row, &sender.address, content, late)
+                // Disappearing messages: the timer the group context holds
+                // where the message was read, from when it was sent (never
+                // later than now, so a sender's clock cannot keep it longer).
+                let expiry = disappearing
+                    .map(|s| content.sent_at_ms.min(self.now_ms()).saturating_add(u64::from(s).saturating_mul(1000)));
+                let message_id = content.message_id;
+                self.apply_content(tx, &row, &sender.address, content, late)?;
+                if let Some(at) = expiry {
+                    tx.set_message_expiry(&conversation, &message_id.0, at)?;
+                }
+                Ok(())
             }
-            Event::Commit { conversation, committer, added, removed, removed_self, left, renamed, updated, .. } => {
+            Event::Commit {
+                conversation,
+                committer,
+                added,
+                removed,
+                removed_self,
+                left,
+                renamed,
+                disappearing,
+                updated,
+                ..
+            } => {
                 let mut row = self.conversation_row(tx, &conversation)?;
                 let by = &committer.address;
                 // Every commit carries a path: the committer's keys are new.
@@ -605,6 +647,10 @@ impl Session {
                     false,
                     added.iter().filter(|m| !flagged.iter().any(|(f, _)| f.address == m.address)),
                 )?;
+                if let Some(seconds) = disappearing {
+                    let event = SystemEvent::Disappearing { by: by.handle.to_string(), seconds };
+                    self.record_system_line(tx, &row, by, event)?;
+                }
                 if let Some(info) = renamed {
                     tx.set_conversation_name(&conversation, &info.name)?;
                     row.name = info.name.clone();
@@ -1001,6 +1047,10 @@ impl Session {
         tx.note_own_update(conversation, self.now_ms())?;
         if let StagedChange::Create { kind, name, peer, .. } = &meta.change {
             tx.add_conversation(conversation, kind, name, peer.as_deref())?;
+            // Whoever this account starts a conversation with is a contact.
+            for handle in self.other_members(conversation)? {
+                crate::requests::add_contact(tx, &handle)?;
+            }
         }
         let Some(mut row) = tx.conversation(conversation)? else { return Ok(()) };
         if row.kind == "group" {
@@ -1010,7 +1060,11 @@ impl Session {
                 row.name = name;
             }
         }
-        if let Some((from, text)) = meta.line {
+        if let StagedChange::Disappearing { seconds } = meta.change {
+            let me = self.identity().address();
+            let event = SystemEvent::Disappearing { by: me.handle.to_string(), seconds };
+            self.record_system_line(tx, &row, &me, event)?;
+        } else if let Some((from, text)) = meta.line {
             self.record_system_line(tx, &row, &from, SystemEvent::Note { text })?;
         }
         Ok(())
@@ -1247,6 +1301,11 @@ pub enum StagedChange {
         /// The new name.
         name: String,
     },
+    /// Sets the disappearing-messages timer (`None`: off).
+    Disappearing {
+        /// Seconds.
+        seconds: Option<u32>,
+    },
     /// Commits the proposals received (members' leaves).
     Pending,
     /// Nothing but fresh keys for this device (the periodic update).
@@ -1270,6 +1329,7 @@ impl std::fmt::Debug for StagedChange {
                 f.debug_struct("Remove").field("devices", devices).field("notify", notify).finish()
             }
             StagedChange::Rename { .. } => f.debug_struct("Rename").finish_non_exhaustive(),
+            StagedChange::Disappearing { seconds } => f.debug_struct("Disappearing").field("seconds", seconds).finish(),
             StagedChange::Pending => f.write_str("Pending"),
             StagedChange::Update => f.write_str("Update"),
             StagedChange::Credential => f.write_str("Credential"),
@@ -1375,6 +1435,14 @@ mod tests {
             (
                 PendingMeta { change: StagedChange::Pending, line: None },
                 r#"{"change":{"change":"pending"},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Disappearing { seconds: Some(3600) }, line: None },
+                r#"{"change":{"change":"disappearing","seconds":3600},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Disappearing { seconds: None }, line: None },
+                r#"{"change":{"change":"disappearing","seconds":null},"line":null}"#,
             ),
             (PendingMeta { change: StagedChange::Update, line: None }, r#"{"change":{"change":"update"},"line":null}"#),
             (

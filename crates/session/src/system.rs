@@ -124,6 +124,13 @@ pub enum SystemEvent {
         /// What.
         text: String,
     },
+    /// A member set the conversation's disappearing-messages timer.
+    Disappearing {
+        /// Who.
+        by: String,
+        /// The timer in seconds; `None`: turned off.
+        seconds: Option<u32>,
+    },
     /// A call: someone called, answered, was busy, hung up; or a missed call.
     Call {
         /// Who (the caller, for a missed call).
@@ -151,6 +158,17 @@ pub enum Advice {
         /// The device id (hex).
         device: String,
     },
+}
+
+/// A timer for people, in its largest whole unit: `30s`, `5m`, `1h`,
+/// `2d`, `1w` (and `90s` rather than a rounded `1m`).
+pub fn format_duration(seconds: u32) -> String {
+    for (unit, size) in [("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if seconds >= size && seconds % size == 0 {
+            return format!("{}{unit}", seconds / size);
+        }
+    }
+    format!("{seconds}s")
 }
 
 impl SystemEvent {
@@ -197,6 +215,12 @@ impl SystemEvent {
             }
             SystemEvent::Warning { text } => format!("warning: {text}"),
             SystemEvent::Note { text } => text.clone(),
+            SystemEvent::Disappearing { by, seconds: Some(s) } => {
+                format!("{} set disappearing messages to {}", who(by), format_duration(*s))
+            }
+            SystemEvent::Disappearing { by, seconds: None } => {
+                format!("{} turned off disappearing messages", who(by))
+            }
             SystemEvent::Call { by, action, .. } => {
                 use crate::calls::CallLine;
                 let mine = by == me;
@@ -286,6 +310,9 @@ mod tests {
             (SystemEvent::Call { by: s("bob"), call: s("c1"), action: CallLine::Answer }, r#"{"event":"call","by":"bob","call":"c1","action":"answer"}"#, "bob answered the call"),
             (SystemEvent::Call { by: s("bob"), call: s("c1"), action: CallLine::Busy }, r#"{"event":"call","by":"bob","call":"c1","action":"busy"}"#, "bob is busy"),
             (SystemEvent::Call { by: s("me"), call: s("c1"), action: CallLine::Hangup }, r#"{"event":"call","by":"me","call":"c1","action":"hangup"}"#, "you hung up"),
+            (SystemEvent::Disappearing { by: s("bob"), seconds: Some(3600) }, r#"{"event":"disappearing","by":"bob","seconds":3600}"#, "bob set disappearing messages to 1h"),
+            (SystemEvent::Disappearing { by: s("me"), seconds: Some(90) }, r#"{"event":"disappearing","by":"me","seconds":90}"#, "you set disappearing messages to 90s"),
+            (SystemEvent::Disappearing { by: s("bob"), seconds: None }, r#"{"event":"disappearing","by":"bob","seconds":null}"#, "bob turned off disappearing messages"),
             (SystemEvent::Call { by: s("alice"), call: s("c1"), action: CallLine::Missed }, r#"{"event":"call","by":"alice","call":"c1","action":"missed"}"#, "missed call from alice"),
         ];
         for (event, json, text) in cases {

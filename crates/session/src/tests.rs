@@ -598,6 +598,15 @@ fn group_of(members: &[&Device], answers: &[DirectoryAnswer]) -> ConversationId 
     for d in rest {
         d.receive(&welcome);
         settle_all(d, answers);
+        // An invitation from someone not yet a contact is a request; the
+        // tests after this one take it as accepted.
+        let stranger = d.session.handle() != first.session.handle();
+        assert_eq!(
+            d.session.is_request(&c.conversation).expect("read"),
+            stranger,
+            "a stranger's invitation is a request"
+        );
+        d.session.accept(&c.conversation).expect("accept");
     }
     c.conversation
 }

@@ -213,6 +213,12 @@ const SCHEMA: &[&str] = &[
         media_type TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, local TEXT, saved TEXT,
         PRIMARY KEY (conversation, message_id, idx));
      CREATE INDEX attachments_state ON attachments (state);",
+    // v15 (vanish): disappearing messages. When each message disappears
+    // (the conversation's timer, agreed on in the MLS group context, at the
+    // time it was sent or read); rows past it are deleted with their
+    // reactions, receipts and attachments.
+    "ALTER TABLE messages ADD COLUMN expires_at INTEGER;
+     CREATE INDEX messages_expiry ON messages (expires_at) WHERE expires_at IS NOT NULL;",
     // v16 (links): a message's link preview, as its sender's device made
     // it (`LinkPreview::to_stored`: link, title, description, thumbnail).
     "ALTER TABLE messages ADD COLUMN preview BLOB;",
@@ -220,7 +226,7 @@ const SCHEMA: &[&str] = &[
 
 const MESSAGE_COLUMNS: &str =
     "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, \
-     state, state_reason, event, reply_to, edited_at, deleted, recipients, conversation, preview FROM messages";
+     state, state_reason, event, reply_to, edited_at, deleted, recipients, conversation, preview, expires_at FROM messages";
 
 fn receipt_kind(s: &str) -> Option<subrosa_core::content::ReceiptKind> {
     match s {
@@ -322,6 +328,8 @@ fn message_columns(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Resu
                 .get::<_, Option<Vec<u8>>>(17)?
                 .and_then(|b| subrosa_core::preview::LinkPreview::from_stored(&b).ok())
                 .map(Into::into),
+            expires_at: r.get::<_, Option<i64>>(18)?.map(|t| t as u64),
+            request: false,
         },
     ))
 }
@@ -1273,8 +1281,8 @@ impl History for SqliteTx<'_> {
         let conn = self.lock();
         let n = conn
             .execute(
-                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state, event, reply_to, read_at, preview)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) ON CONFLICT (conversation, message_id) DO NOTHING",
+                "INSERT INTO messages (conversation, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, seen, state, event, reply_to, read_at, preview, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) ON CONFLICT (conversation, message_id) DO NOTHING",
                 params![
                     conversation.as_bytes().as_slice(),
                     message_id,
@@ -1292,6 +1300,7 @@ impl History for SqliteTx<'_> {
                     // This account's own messages and system lines owe nobody a receipt.
                     (m.outgoing || m.system).then_some(m.received_at as i64),
                     m.preview.as_ref().map(|p| p.to_core().to_stored()).transpose()?,
+                    m.expires_at.map(|t| t as i64),
                 ],
             )
             .map_err(sql)?;
@@ -1317,6 +1326,45 @@ impl History for SqliteTx<'_> {
             )
             .map(|_| ())
             .map_err(sql)
+    }
+
+    fn set_message_expiry(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        expires_at: u64,
+    ) -> Result<(), ClientError> {
+        self.lock()
+            .execute(
+                "UPDATE messages SET expires_at = ?3 WHERE conversation = ?1 AND message_id = ?2 AND expires_at IS NULL",
+                params![conversation.as_bytes().as_slice(), message_id, expires_at as i64],
+            )
+            .map(|_| ())
+            .map_err(sql)
+    }
+
+    fn delete_expired(&mut self, now_ms: u64) -> Result<Vec<String>, ClientError> {
+        let conn = self.lock();
+        let now = now_ms as i64;
+        let expired = "SELECT conversation, message_id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?1";
+        let mut files = Vec::new();
+        {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT local FROM attachments WHERE local IS NOT NULL AND (conversation, message_id) IN ({expired})"
+                ))
+                .map_err(sql)?;
+            let rows = stmt.query_map([now], |r| r.get::<_, String>(0)).map_err(sql)?;
+            for row in rows {
+                files.push(row.map_err(sql)?);
+            }
+        }
+        for table in ["attachments", "reactions", "receipts", "receipts_due"] {
+            conn.execute(&format!("DELETE FROM {table} WHERE (conversation, message_id) IN ({expired})"), [now])
+                .map_err(sql)?;
+        }
+        conn.execute("DELETE FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now]).map_err(sql)?;
+        Ok(files)
     }
 
     fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {

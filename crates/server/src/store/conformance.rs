@@ -77,6 +77,7 @@ pub fn send_request(
             .into_iter()
             .map(|(kind, recipients, ciphertext)| SendPart { kind, recipients, ciphertext: B64(ciphertext) })
             .collect(),
+        expires_at: None,
     }
 }
 
@@ -102,10 +103,12 @@ macro_rules! with_behaviours {
             stale_epoch_is_refused_with_current,
             concurrent_commits_one_wins,
             expiry_removes_old_rows,
+            disappearing_messages_go_at_their_expiry,
             nonce_replay_is_refused,
             send_with_nonce_refuses_replays,
             fetch_respects_cursor_limit_and_bytes,
             removed_device_disappears_everywhere,
+            deleted_account_leaves_nothing_but_its_tombstone,
             last_device_cannot_be_removed,
             concurrent_removals_keep_one_device,
             device_count_is_bounded,
@@ -527,6 +530,31 @@ pub async fn expiry_removes_old_rows(store: Arc<dyn Store>) {
     assert!(!again.duplicate);
 }
 
+/// A message sent with an expiry (disappearing messages) is swept at it,
+/// delivered or not, and its bytes go back to the sender's quota; one
+/// without an expiry, sent at the same time, stays.
+pub async fn disappearing_messages_go_at_their_expiry(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let conv = random_conversation();
+    let mut timed = send_request(conv, None, app(vec![bob.clone()], b"gone soon"));
+    timed.expires_at = Some(NOW + 1_000);
+    store.send(&alice, &timed, NOW).await.expect("send");
+    let kept = send_request(conv, None, app(vec![bob.clone()], b"kept"));
+    store.send(&alice, &kept, NOW).await.expect("send");
+    let used = store.stored_bytes(&alice).await.expect("usage").0;
+
+    // Before its expiry nothing goes.
+    store.sweep(0, 0, 0, NOW + 999).await.expect("sweep");
+    assert_eq!(store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").len(), 2);
+
+    let report = store.sweep(0, 0, 0, NOW + 1_000).await.expect("sweep");
+    assert!(report.inbox_rows >= 1 && report.messages >= 1, "{report:?}");
+    let left = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(left.len(), 1, "the expired message is still queued");
+    assert_eq!(left[0].ciphertext.as_slice(), b"kept");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage").0, used - b"gone soon".len() as u64);
+}
+
 /// A nonce is accepted once per device; sweeping forgets old ones.
 pub async fn nonce_replay_is_refused(store: Arc<dyn Store>) {
     let (alice, bob) = two_devices(&store).await;
@@ -602,6 +630,86 @@ pub async fn fetch_respects_cursor_limit_and_bytes(store: Arc<dyn Store>) {
     assert_eq!(tiny.len(), 1, "at least one envelope even over budget");
     let ghost = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
     assert!(store.fetch_inbox(&ghost, 0, 100, usize::MAX).await.expect("fetch").is_empty());
+}
+
+/// A deleted account leaves nothing: its devices' keys, key packages,
+/// inboxes, roster places, blobs (its own and its reads), link slots and
+/// claim windows go; others' messages to it go with their last inbox row;
+/// what it sent and others have not fetched stays for them, and goes once
+/// fetched. Its handle stays as a tombstone (no key, no
+/// device) that cannot be registered again; other accounts are untouched.
+pub async fn deleted_account_leaves_nothing_but_its_tombstone(store: Arc<dyn Store>) {
+    let (alice, bob) = two_devices(&store).await;
+    let alice2 = second_device(&store, &alice.handle).await;
+    for d in [&alice, &alice2] {
+        store.upload_key_packages(d, vec![b"kp".to_vec()], Some(b"lr".to_vec()), false).await.expect("upload");
+    }
+    store.upload_key_packages(&bob, vec![b"bob-kp".to_vec()], None, false).await.expect("upload");
+    let conv = random_conversation();
+    let members = [&alice, &alice2, &bob];
+    store
+        .send(&alice, &commit_with_members(conv, 0, &members, vec![bob.clone(), alice2.clone()]), NOW)
+        .await
+        .expect("commit");
+    store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
+    let acked: Vec<u64> =
+        store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch").iter().map(|e| e.id).collect();
+    store.ack(&bob, &acked).await.expect("ack");
+    store.send(&alice, &send_request(conv, None, app(vec![bob.clone()], b"from alice")), NOW).await.expect("send");
+    store
+        .send(&bob, &send_request(conv, None, app(vec![alice.clone(), alice2.clone()], b"to alice")), NOW)
+        .await
+        .expect("send");
+    let alices_blob = new_blob(&store, &alice, 10, std::slice::from_ref(&bob)).await;
+    let bobs_blob = new_blob(&store, &bob, 10, &[alice.clone(), alice2.clone()]).await;
+    store.create_link(&LinkId(rand::random()), &alice.handle, b"request".to_vec(), NOW + 60_000).await.expect("link");
+    store.claim_key_packages_of(&alice.handle, &bob, ClaimKind::Counted { now_ms: NOW }).await.expect("claim");
+    assert!(store.check_nonce(&alice, "nonce", NOW).await.expect("nonce"));
+
+    // Only an active device of the account may delete it.
+    let ghost = DeviceAddress { handle: alice.handle.clone(), device: DeviceId(rand::random()) };
+    assert!(matches!(store.delete_account(&ghost).await, Err(StoreError::UnknownDevice(_))));
+
+    let mut removed = store.delete_account(&alice2).await.expect("delete");
+    removed.sort_by_key(|a| a.device.to_hex());
+    let mut expected = vec![alice.clone(), alice2.clone()];
+    expected.sort_by_key(|a| a.device.to_hex());
+    assert_eq!(removed, expected);
+
+    let tomb = store.account(&alice.handle).await.expect("account").expect("the tombstone stays");
+    assert!(tomb.identity_key.is_empty() && tomb.devices.is_empty(), "{tomb:?}");
+    let again = NewAccount { handle: alice.handle.clone(), identity_key: vec![8; 32], device: random_device() };
+    assert!(matches!(store.register(again, NOW).await, Err(StoreError::HandleTaken)), "a deleted handle came back");
+    for d in [&alice, &alice2] {
+        assert!(store.device(d).await.expect("device").is_none());
+        assert!(store.fetch_inbox(d, 0, 10, usize::MAX).await.expect("fetch").is_empty());
+        assert!(!store.in_roster(&conv, d).await.expect("roster"));
+        assert!(matches!(store.key_package_count(d).await, Err(StoreError::UnknownDevice(_))));
+    }
+    assert!(store.in_roster(&conv, &bob).await.expect("roster"), "bob stays in the conversation");
+    let waiting = store.fetch_inbox(&bob, 0, 10, usize::MAX).await.expect("fetch");
+    assert_eq!(waiting.len(), 1, "what alice sent bob before is his");
+    assert_eq!(waiting[0].ciphertext.as_slice(), b"from alice");
+    let before = store.stats().await.expect("stats").messages;
+    store.ack(&bob, &[waiting[0].id]).await.expect("ack");
+    assert_eq!(store.stats().await.expect("stats").messages, before - 1, "fetched, it goes");
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage").0, 0, "alice's sent bytes still count");
+    assert_eq!(store.stored_bytes(&bob).await.expect("usage"), (0, 0), "bob's message to alice still counts");
+    assert!(matches!(store.blob_status(&bob, &alices_blob, NOW).await, Err(StoreError::UnknownBlob)));
+    assert!(matches!(
+        store.claim_key_packages(&alice.handle, &bob).await,
+        Err(StoreError::NoKeyPackage | StoreError::UnknownHandle)
+    ));
+    assert_eq!(
+        store.one_time_claims_left(&bob.handle, &alice.handle, NOW).await.expect("left"),
+        ONE_TIME_CLAIMS_PER_CLAIMER
+    );
+    // Bob's blob for alice alone goes (nobody can read it); his packages stay.
+    assert!(matches!(store.blob_status(&bob, &bobs_blob, NOW).await, Err(StoreError::UnknownBlob)));
+    let (new, readers) = (BlobId(rand::random()), [alice.clone()]);
+    let refused = store.create_blob(&bob, &new, 10, &readers, &BlobLimits::UNLIMITED, NOW, BLOB_EXPIRY).await;
+    assert!(matches!(refused, Err(StoreError::UnknownDevice(_))), "a deleted device is no reader");
+    assert_eq!(store.key_package_count(&bob).await.expect("count").one_time, 1);
 }
 
 /// A removed device is gone from lookups, the account, claims and sends; its

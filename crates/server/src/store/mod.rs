@@ -597,6 +597,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         devices: Vec<DeviceRecord>,
     ) -> Result<(), StoreError>;
 
+    /// Deletes the account of `caller` (an active device of it): every
+    /// device is removed as [`Store::remove_device`] removes one (the
+    /// last-device rule does not apply), and everything stored for the
+    /// account goes: key packages, inboxes, send ids, blobs it uploaded or
+    /// could read, nonces, link slots, claim windows, its devices' keys.
+    /// What its devices sent and others have not fetched yet stays for
+    /// them (their leave proposals among it) until fetched or expired,
+    /// under device ids without keys. The handle stays as a tombstone (an account with an empty
+    /// identity key and no device): [`Store::register`] refuses it as
+    /// taken, and [`Store::account`] answers it so that the key directory
+    /// publishes the deletion. Returns the devices removed.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDevice`] for a caller that is not an active device.
+    async fn delete_account(&self, caller: &DeviceAddress) -> Result<Vec<DeviceAddress>, StoreError>;
+
     /// An active device, for checking its signatures.
     ///
     /// # Errors

@@ -262,6 +262,12 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (blob, start)
     );
     ",
+    // 10: disappearing messages (SQLite's migration 9): a message's expiry
+    // as its sender declared it; the sweep deletes it then.
+    r"
+    ALTER TABLE messages ADD COLUMN expires_at BIGINT;
+    CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -870,6 +876,11 @@ impl Store for PgStore {
         in_tx!(self, |tx| async { rules::remove_device(&mut Pg { c: &tx, channel }, addr).await }.await)
     }
 
+    async fn delete_account(&self, caller: &DeviceAddress) -> Result<Vec<DeviceAddress>, StoreError> {
+        let channel = self.channel.as_str();
+        in_tx!(self, |tx| async { rules::delete_account(&mut Pg { c: &tx, channel }, caller).await }.await)
+    }
+
     async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
         on_client!(self, |c| async {
             let row = query_opt(
@@ -1244,13 +1255,28 @@ impl Store for PgStore {
             if !ours {
                 return Ok(SweepReport::default());
             }
-            let messages: Vec<i64> =
+            let mut messages: Vec<i64> =
                 query(&tx, "DELETE FROM inbox WHERE created_at < $1 RETURNING message", &[&to_i64(inbox_before_ms)])
                     .await?
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
+            // Disappearing messages: gone at their expiry, delivered or not.
+            messages.extend(
+                query(
+                    &tx,
+                    "DELETE FROM inbox WHERE message IN
+                     (SELECT id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= $1)
+                     RETURNING message",
+                    &[&to_i64(now_ms)],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get::<_, i64>(0)),
+            );
             let inbox_rows = messages.len() as u64;
+            messages.sort_unstable();
+            messages.dedup();
             let mut dropped = drop_orphans(&tx, messages).await?;
             // Anything else without an inbox row (none is expected).
             let strays = query(
@@ -1720,13 +1746,22 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         kind: MessageKind,
         ciphertext: &[u8],
         roster: Option<&[u8]>,
+        expires_at: Option<u64>,
         now_ms: u64,
     ) -> R<i64> {
         query_opt(
             self.c,
-            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            &[&&conversation.0[..], &sender, &kind.as_str(), &ciphertext, &to_i64(now_ms), &roster],
+            "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[
+                &&conversation.0[..],
+                &sender,
+                &kind.as_str(),
+                &ciphertext,
+                &to_i64(now_ms),
+                &roster,
+                &expires_at.map(to_i64),
+            ],
         )
         .await?
         .map(|r| r.get(0))
@@ -1951,6 +1986,24 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
 
     async fn delete_link(&mut self, link: &LinkId) -> R<()> {
         execute(self.c, "DELETE FROM links WHERE link = $1", &[&&link.0[..]]).await?;
+        Ok(())
+    }
+
+    async fn purge_account(&mut self, handle: &Handle) -> R<()> {
+        for statement in rules::PURGE_ACCOUNT {
+            execute(self.c, &statement.replace("?1", "$1"), &[&handle.as_str()]).await?;
+        }
+        for statement in rules::PURGE_UNREADABLE_BLOBS {
+            execute(self.c, statement, &[]).await?;
+        }
+        let empty: &[u8] = &[];
+        execute(
+            self.c,
+            "UPDATE devices SET signature_key = $2, certificate = $2 WHERE handle = $1",
+            &[&handle.as_str(), &empty],
+        )
+        .await?;
+        execute(self.c, "UPDATE accounts SET identity_key = $2 WHERE handle = $1", &[&handle.as_str(), &empty]).await?;
         Ok(())
     }
 

@@ -111,7 +111,9 @@ pub(crate) trait Statements {
     async fn add_usage(&mut self, device: DeviceRow, bytes: u64) -> Result<u64, Self::Error>;
     /// The undelivered bytes of all the account's devices.
     async fn account_usage(&mut self, handle: &Handle) -> Result<u64, Self::Error>;
-    /// Stores one part's ciphertext.
+    /// Stores one part's ciphertext; with `expires_at`, the sweep deletes
+    /// it then whether delivered or not (disappearing messages).
+    #[allow(clippy::too_many_arguments)] // one column each
     async fn insert_message(
         &mut self,
         conversation: &ConversationId,
@@ -119,6 +121,7 @@ pub(crate) trait Statements {
         kind: MessageKind,
         ciphertext: &[u8],
         roster: Option<&[u8]>,
+        expires_at: Option<u64>,
         now_ms: u64,
     ) -> Result<MessageRow, Self::Error>;
     /// Queues messages for devices, ids drawn in the order given.
@@ -229,6 +232,74 @@ pub(crate) trait Statements {
     async fn lock_link_response(&mut self, link: &LinkId, now_ms: u64) -> Result<Option<Option<Vec<u8>>>, Self::Error>;
     /// Deletes a slot.
     async fn delete_link(&mut self, link: &LinkId) -> Result<(), Self::Error>;
+    /// Deletes everything stored for an account whose devices were all
+    /// removed already (see [`delete_account`]): [`PURGE_ACCOUNT`], run in
+    /// order; its devices' keys and certificates are erased, and the
+    /// account row kept as a tombstone with an empty identity key.
+    async fn purge_account(&mut self, handle: &Handle) -> Result<(), Self::Error>;
+}
+
+/// What [`Statements::purge_account`] deletes, in order (foreign keys
+/// first), each statement taking the handle as `?1` (PostgreSQL: `$1`):
+/// what waits for its devices (removed ones too), their key packages, send
+/// ids, roster places and blobs (as owner and as reader; others' blobs only
+/// it could read go too), its nonces, link
+/// slots and claim windows (as claimer and as target). What its devices
+/// sent and others have not fetched yet (their leave proposals among it)
+/// stays for them until fetched or expired, so the device rows stay, as
+/// ids without keys, while it does.
+pub(crate) const PURGE_ACCOUNT: &[&str] = &[
+    "DELETE FROM inbox WHERE device IN (SELECT id FROM devices WHERE handle = ?1)",
+    "DELETE FROM key_packages WHERE device IN (SELECT id FROM devices WHERE handle = ?1)",
+    "DELETE FROM last_resort_packages WHERE device IN (SELECT id FROM devices WHERE handle = ?1)",
+    "DELETE FROM send_ids WHERE device IN (SELECT id FROM devices WHERE handle = ?1)",
+    "DELETE FROM conversation_members WHERE device IN (SELECT id FROM devices WHERE handle = ?1)",
+    "DELETE FROM blob_pieces WHERE blob IN
+       (SELECT b.id FROM blobs b JOIN devices d ON d.id = b.owner WHERE d.handle = ?1)",
+    "DELETE FROM blob_readers WHERE device IN (SELECT id FROM devices WHERE handle = ?1)
+       OR blob IN (SELECT b.id FROM blobs b JOIN devices d ON d.id = b.owner WHERE d.handle = ?1)",
+    "DELETE FROM blobs WHERE owner IN (SELECT id FROM devices WHERE handle = ?1)",
+    "DELETE FROM nonces WHERE handle = ?1",
+    "DELETE FROM links WHERE handle = ?1",
+    "DELETE FROM claim_windows WHERE claimer = ?1 OR target = ?1",
+];
+
+/// Run after [`PURGE_ACCOUNT`], without parameters: others' blobs that only
+/// the account's devices could read (nobody else ever will).
+pub(crate) const PURGE_UNREADABLE_BLOBS: &[&str] = &[
+    "DELETE FROM blob_pieces WHERE blob IN
+       (SELECT b.id FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM blob_readers r WHERE r.blob = b.id))",
+    "DELETE FROM blobs WHERE NOT EXISTS (SELECT 1 FROM blob_readers r WHERE r.blob = blobs.id)",
+];
+
+/// Deletes an account: [`super::Store::delete_account`]'s rule. Each
+/// active device goes as a removal does (out of every roster, its inbox
+/// and what no one else waits for gone, its sockets told), then
+/// everything else stored for the account; the account row stays as a
+/// tombstone, so the handle cannot be registered again. Returns the
+/// devices removed.
+pub(crate) async fn delete_account<S: Statements>(
+    s: &mut S,
+    caller: &DeviceAddress,
+) -> Result<Vec<DeviceAddress>, S::Error> {
+    let handle = &caller.handle;
+    if !s.lock_account(handle).await? {
+        return Err(StoreError::UnknownDevice(caller.clone()).into());
+    }
+    s.device_row(caller).await?.ok_or_else(|| StoreError::UnknownDevice(caller.clone()))?;
+    let mut removed = Vec::new();
+    for (device, record) in s.devices_of(handle).await? {
+        let conversations = s.lock_conversations_of(device).await?;
+        s.deactivate(device).await?;
+        s.leave_rosters(device, &conversations).await?;
+        let messages = s.delete_inbox_of(device).await?;
+        s.drop_orphans(messages).await?;
+        let addr = DeviceAddress { handle: handle.clone(), device: record.device_id };
+        s.notify_revoked(&addr).await?;
+        removed.push(addr);
+    }
+    s.purge_account(handle).await?;
+    Ok(removed)
 }
 
 /// Stores a send: [`super::Store::send_within`]'s rule.
@@ -316,8 +387,17 @@ pub(crate) async fn send<S: Statements>(
     let mut inbox = Vec::new();
     for (part, addrs) in request.parts.iter().zip(&per_part) {
         let roster = stored_roster.as_deref().filter(|_| part.kind == MessageKind::Commit);
-        let message =
-            s.insert_message(conversation, sender_row, part.kind, part.ciphertext.as_slice(), roster, now_ms).await?;
+        let message = s
+            .insert_message(
+                conversation,
+                sender_row,
+                part.kind,
+                part.ciphertext.as_slice(),
+                roster,
+                request.expires_at,
+                now_ms,
+            )
+            .await?;
         let mut here = HashSet::new();
         for addr in addrs {
             if here.insert(addr) {

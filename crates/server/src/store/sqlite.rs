@@ -210,6 +210,13 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (blob, start)
     );
     ",
+    // 9: disappearing messages: a message's expiry as its sender declared
+    // it (`SendRequest::expires_at`); the sweep deletes it then, delivered
+    // or not.
+    r"
+    ALTER TABLE messages ADD COLUMN expires_at INTEGER;
+    CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
+    ",
 ];
 
 /// The SQLite store.
@@ -757,15 +764,24 @@ impl rules::Statements for Sql<'_> {
         kind: MessageKind,
         ciphertext: &[u8],
         roster: Option<&[u8]>,
+        expires_at: Option<u64>,
         now_ms: u64,
     ) -> Result<i64, StoreError> {
         self.0
             .prepare_cached(
-                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO messages (conversation, sender, kind, ciphertext, created_at, roster, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .and_then(|mut s| {
-                s.execute(params![&conversation.0[..], sender, kind.as_str(), ciphertext, to_i64(now_ms), roster])
+                s.execute(params![
+                    &conversation.0[..],
+                    sender,
+                    kind.as_str(),
+                    ciphertext,
+                    to_i64(now_ms),
+                    roster,
+                    expires_at.map(to_i64)
+                ])
             })
             .map_err(map_err)?;
         Ok(self.0.last_insert_rowid())
@@ -1055,6 +1071,22 @@ impl rules::Statements for Sql<'_> {
 
     async fn delete_link(&mut self, link: &LinkId) -> Result<(), StoreError> {
         self.0.execute("DELETE FROM links WHERE link = ?1", [&link.0[..]]).map(|_| ()).map_err(map_err)
+    }
+
+    async fn purge_account(&mut self, handle: &Handle) -> Result<(), StoreError> {
+        for statement in rules::PURGE_ACCOUNT {
+            self.0.execute(statement, [handle.as_str()]).map_err(map_err)?;
+        }
+        for statement in rules::PURGE_UNREADABLE_BLOBS {
+            self.0.execute(statement, []).map_err(map_err)?;
+        }
+        self.0
+            .execute("UPDATE devices SET signature_key = X'', certificate = X'' WHERE handle = ?1", [handle.as_str()])
+            .map_err(map_err)?;
+        self.0
+            .execute("UPDATE accounts SET identity_key = X'' WHERE handle = ?1", [handle.as_str()])
+            .map(|_| ())
+            .map_err(map_err)
     }
 
     async fn notify_keys_changed(&mut self, _addr: &DeviceAddress) -> Result<(), StoreError> {
@@ -1371,6 +1403,11 @@ impl Store for SqliteStore {
     async fn remove_device(&self, addr: &DeviceAddress) -> Result<(), StoreError> {
         let addr = addr.clone();
         self.write(move |tx| rules::ready(rules::remove_device(&mut Sql(tx), &addr))).await
+    }
+
+    async fn delete_account(&self, caller: &DeviceAddress) -> Result<Vec<DeviceAddress>, StoreError> {
+        let caller = caller.clone();
+        self.write(move |tx| rules::ready(rules::delete_account(&mut Sql(tx), &caller))).await
     }
 
     async fn device(&self, addr: &DeviceAddress) -> Result<Option<DeviceRecord>, StoreError> {
@@ -1737,8 +1774,16 @@ impl Store for SqliteStore {
         now_ms: u64,
     ) -> Result<SweepReport, StoreError> {
         self.write(move |tx| {
-            let inbox_rows =
+            let mut inbox_rows =
                 tx.execute("DELETE FROM inbox WHERE created_at < ?1", [to_i64(inbox_before_ms)]).map_err(map_err)?;
+            // Disappearing messages: gone at their expiry, delivered or not.
+            inbox_rows += tx
+                .execute(
+                    "DELETE FROM inbox WHERE message IN
+                     (SELECT id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?1)",
+                    [to_i64(now_ms)],
+                )
+                .map_err(map_err)?;
             let (messages, freed) = {
                 let mut stmt = tx
                     .prepare(

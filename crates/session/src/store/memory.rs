@@ -70,6 +70,7 @@ struct MessageRec {
     receipts: Vec<(String, ReceiptKind)>,
     read_at: Option<u64>,
     preview: Option<crate::store::MessagePreview>,
+    expires_at: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -231,6 +232,8 @@ fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
         reactions: Vec::new(),
         receipts: Vec::new(),
         preview: m.preview.clone(),
+        expires_at: m.expires_at,
+        request: false,
     };
     let mut reactions: Vec<Reaction> = Vec::new();
     for (member, emoji) in &m.reactions {
@@ -785,6 +788,7 @@ impl History for MemTx<'_> {
                     // This account's own messages and system lines owe nobody a receipt.
                     read_at: (m.outgoing || m.system).then_some(m.received_at),
                     preview: m.preview.clone(),
+                    expires_at: m.expires_at,
                 },
             );
             if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *conversation) {
@@ -797,6 +801,43 @@ impl History for MemTx<'_> {
     fn delete_message(&mut self, conversation: &ConversationId, message_id: &[u8]) -> Result<(), ClientError> {
         self.with(|t| t.messages.retain(|_, m| !(m.conversation == conversation.0 && m.message_id == message_id)));
         Ok(())
+    }
+
+    fn set_message_expiry(
+        &mut self,
+        conversation: &ConversationId,
+        message_id: &[u8],
+        expires_at: u64,
+    ) -> Result<(), ClientError> {
+        self.with(|t| {
+            for m in t.messages.values_mut() {
+                if m.conversation == conversation.0 && m.message_id == message_id && m.expires_at.is_none() {
+                    m.expires_at = Some(expires_at);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn delete_expired(&mut self, now_ms: u64) -> Result<Vec<String>, ClientError> {
+        Ok(self.with(|t| {
+            let gone: Vec<(Conv, Vec<u8>)> = t
+                .messages
+                .values()
+                .filter(|m| m.expires_at.is_some_and(|at| at <= now_ms))
+                .map(|m| (m.conversation, m.message_id.clone()))
+                .collect();
+            t.messages.retain(|_, m| m.expires_at.is_none_or(|at| at > now_ms));
+            let mut files = Vec::new();
+            t.attachments.retain(|a| {
+                let expired = gone.iter().any(|(c, id)| a.conversation.0 == *c && a.message_id == *id);
+                if expired {
+                    files.extend(a.local.clone());
+                }
+                !expired
+            });
+            files
+        }))
     }
 
     fn history(&self, conversations: &[ConversationRow]) -> Result<Vec<StoredMessage>, ClientError> {

@@ -134,6 +134,14 @@ pub struct StoredMessage {
     /// sender's word: front ends sanitise it before printing).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub preview: Option<MessagePreview>,
+    /// When every member device deletes it (disappearing messages), ms
+    /// since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub expires_at: Option<u64>,
+    /// In a message request not yet accepted (see `requests`): set by the
+    /// front end that shows it, never stored.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub request: bool,
 }
 
 /// A message's link preview as front ends show it: the link, its title and
@@ -818,6 +826,27 @@ pub trait History {
         conversation: &subrosa_proto::ConversationId,
         message_id: &[u8],
     ) -> Result<(), ClientError>;
+
+    /// Sets when a stored message disappears (a message that already has an
+    /// expiry keeps it; an unknown one is left alone).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_message_expiry(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        message_id: &[u8],
+        expires_at: u64,
+    ) -> Result<(), ClientError>;
+
+    /// Deletes every message whose expiry is at or before `now_ms`, with
+    /// its reactions, receipts and attachment rows, and returns the file
+    /// names (in the attachment folder) of the sealed blobs those rows kept,
+    /// for the caller to delete.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn delete_expired(&mut self, now_ms: u64) -> Result<Vec<String>, ClientError>;
 
     /// History of the given conversations, oldest first.
     ///
