@@ -20,7 +20,7 @@ use subrosa_proto::{ConversationId, DeviceAddress, Epoch};
 
 use crate::content::Content;
 use crate::identity::{CertificateIdentityProvider, DeviceCertificate, DeviceIdentity};
-use crate::{CoreError, CIPHERSUITE};
+use crate::{CoreError, CIPHERSUITE, SUITES};
 
 /// Private-use extension type carrying [`ConversationInfo`].
 const CONVERSATION_INFO_EXT: u16 = 0xF5B0;
@@ -318,6 +318,15 @@ fn is_application_message(bytes: &[u8]) -> bool {
     header == Some((PRIVATE_MESSAGE, APPLICATION))
 }
 
+/// The suite of a key package, read without checking anything else.
+///
+/// # Errors
+/// [`CoreError::Malformed`] when it is not a key package.
+pub fn key_package_suite(bytes: &[u8]) -> Result<mls_rs::CipherSuite, CoreError> {
+    let msg = MlsMessage::from_bytes(bytes).map_err(|_| CoreError::Malformed("key package"))?;
+    Ok(msg.as_key_package().ok_or(CoreError::Malformed("key package"))?.cipher_suite())
+}
+
 fn conversation_id(bytes: &[u8]) -> Result<ConversationId, CoreError> {
     ConversationId::from_slice(bytes).map_err(|_| CoreError::Malformed("conversation id"))
 }
@@ -421,7 +430,17 @@ where
         &self.crypto
     }
 
+    /// The mls-rs client of this device. Its suite is what new groups and
+    /// key packages use; loading, joining and processing take the suite of
+    /// the group or Welcome (both suites sign with the same Ed25519 key).
     fn client(&self) -> Result<Client<EngineConfig<C, G, K>>, CoreError> {
+        self.client_in(CIPHERSUITE)
+    }
+
+    fn client_in(&self, suite: mls_rs::CipherSuite) -> Result<Client<EngineConfig<C, G, K>>, CoreError> {
+        if !SUITES.contains(&suite) || self.crypto.cipher_suite_provider(suite).is_none() {
+            return Err(CoreError::Unsupported("ciphersuite"));
+        }
         let identity = self.identity();
         let rules = DefaultMlsRules::new()
             // Handshakes are PrivateMessages: membership changes and the
@@ -438,17 +457,36 @@ where
             .key_package_repo(self.key_packages.clone())
             .extension_type(ExtensionType::new(CONVERSATION_INFO_EXT))
             .mls_rules(rules)
-            .signing_identity(identity.signing_identity()?, identity.device_secret().clone(), CIPHERSUITE)
+            .signing_identity(identity.signing_identity()?, identity.device_secret().clone(), suite)
             .build())
     }
 
-    /// Generates a key package; its private keys go to the key package storage.
+    /// Generates a key package of the classical suite; its private keys go
+    /// to the key package storage.
     ///
     /// # Errors
     /// [`CoreError::Mls`] on a storage or crypto failure.
     pub fn generate_key_package(&self) -> Result<Vec<u8>, CoreError> {
-        let msg = self.client()?.generate_key_package_message(ExtensionList::new(), ExtensionList::new(), None)?;
+        self.generate_key_package_in(CIPHERSUITE)
+    }
+
+    /// Generates a key package of `suite` (one of [`SUITES`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Unsupported`] for another suite; [`CoreError::Mls`] on a
+    /// storage or crypto failure.
+    pub fn generate_key_package_in(&self, suite: mls_rs::CipherSuite) -> Result<Vec<u8>, CoreError> {
+        let msg =
+            self.client_in(suite)?.generate_key_package_message(ExtensionList::new(), ExtensionList::new(), None)?;
         Ok(msg.to_bytes()?)
+    }
+
+    /// The suite of a key package ([`key_package_suite`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`] when it is not a key package.
+    pub fn key_package_suite(bytes: &[u8]) -> Result<mls_rs::CipherSuite, CoreError> {
+        key_package_suite(bytes)
     }
 
     /// Checks a key package from the server and returns the device
@@ -460,7 +498,7 @@ where
     pub fn inspect_key_package(&self, bytes: &[u8]) -> Result<DeviceCertificate, CoreError> {
         let msg = MlsMessage::from_bytes(bytes).map_err(|_| CoreError::Malformed("key package"))?;
         let kp = msg.as_key_package().ok_or(CoreError::Malformed("key package"))?;
-        if kp.cipher_suite() != CIPHERSUITE {
+        if !SUITES.contains(&kp.cipher_suite()) {
             return Err(CoreError::Malformed("key package ciphersuite"));
         }
         DeviceCertificate::from_signing_identity(&self.crypto, kp.signing_identity())
@@ -490,24 +528,70 @@ where
         ConversationInfo::from_ext(&ext)
     }
 
-    /// Creates a conversation with the devices of `key_packages` and stages
-    /// the commit that adds them.
+    /// Creates a conversation with the devices of `key_packages`, in their
+    /// suite (the classical one when there are none), and stages the commit
+    /// that adds them.
     ///
     /// # Errors
     /// [`CoreError::Mls`] when a key package is invalid (bad signature,
-    /// certificate or ciphersuite) or storage fails.
+    /// certificate or ciphersuite) or storage fails;
+    /// [`CoreError::SuiteMismatch`] when they are of different suites.
     pub fn create_conversation(
         &self,
         info: &ConversationInfo,
         key_packages: &[Vec<u8>],
     ) -> Result<OutgoingCommit, CoreError> {
+        let suite = match key_packages.first() {
+            Some(kp) => Self::key_package_suite(kp)?,
+            None => CIPHERSUITE,
+        };
+        self.create_conversation_in(info, suite, key_packages)
+    }
+
+    /// Creates a conversation of `suite` (one of [`SUITES`]) with the
+    /// devices of `key_packages`, which must all be of that suite, and
+    /// stages the commit that adds them. A conversation keeps its suite.
+    ///
+    /// # Errors
+    /// As [`Self::create_conversation`]; [`CoreError::Unsupported`] for
+    /// another suite.
+    pub fn create_conversation_in(
+        &self,
+        info: &ConversationInfo,
+        suite: mls_rs::CipherSuite,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OutgoingCommit, CoreError> {
+        Self::check_suites(suite, key_packages)?;
         let mut exts = ExtensionList::new();
         exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
         let mut id = [0u8; 16];
         crate::random_bytes(&self.crypto, &mut id)?;
         let conversation = ConversationId(id);
-        self.client()?.create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?.write_to_storage()?;
+        self.client_in(suite)?
+            .create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?
+            .write_to_storage()?;
         self.stage(&conversation, Change::Add(key_packages))
+    }
+
+    /// Every key package must be of `suite`: said plainly here rather than
+    /// as mls-rs's error deep in a commit.
+    fn check_suites(suite: mls_rs::CipherSuite, key_packages: &[Vec<u8>]) -> Result<(), CoreError> {
+        for kp in key_packages {
+            let theirs = Self::key_package_suite(kp)?;
+            if theirs != suite {
+                return Err(CoreError::SuiteMismatch { conversation: suite.into(), key_package: theirs.into() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The conversation's ciphersuite (it never changes: moving a
+    /// conversation to another suite, MLS ReInit, is not done).
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn suite(&self, conversation: &ConversationId) -> Result<mls_rs::CipherSuite, CoreError> {
+        Ok(self.load(conversation)?.cipher_suite())
     }
 
     /// TEST ONLY (feature `test-hooks`): [`Self::create_conversation`] under
@@ -731,6 +815,9 @@ where
     /// but this device (removed ones included, so they learn it).
     fn stage(&self, conversation: &ConversationId, change: Change<'_>) -> Result<OutgoingCommit, CoreError> {
         let mut group = self.load(conversation)?;
+        if let Change::Add(kps) = &change {
+            Self::check_suites(group.cipher_suite(), kps)?;
+        }
         let epoch = Epoch(group.current_epoch());
         let members = self.members_of(&group)?;
         let me = self.identity().address();
