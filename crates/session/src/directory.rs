@@ -156,6 +156,44 @@ pub enum GossipStep {
     AskServer(SignedHead),
 }
 
+/// Whether the identity key states, in `d`'s certificate, that the device
+/// can take part in post-quantum conversations (a certificate that does not
+/// decode says nothing). The directory carries every certificate, so the
+/// server cannot change the answer without the key directory noticing.
+pub fn can_do_pq(d: &DeviceRecord) -> bool {
+    DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| c.supports(subrosa_core::PQ_CIPHERSUITE))
+}
+
+/// The devices of `devices` (an account's, as the directory lists them)
+/// that can do post-quantum conversations yet have no package in
+/// `claimed` (a post-quantum claim's devices), `me` left out. A
+/// non-empty answer means the server withheld post-quantum key packages to
+/// push the conversation to the classical suite: refused, never followed.
+pub fn pq_withheld<'a>(
+    devices: &'a [DeviceRecord],
+    claimed: &[subrosa_proto::DeviceId],
+    me: &subrosa_proto::DeviceAddress,
+    handle: &Handle,
+) -> Vec<&'a DeviceRecord> {
+    devices
+        .iter()
+        .filter(|d| !(*handle == me.handle && d.device_id == me.device))
+        .filter(|d| can_do_pq(d) && !claimed.contains(&d.device_id))
+        .collect()
+}
+
+/// The refusal for [`pq_withheld`] devices.
+pub fn pq_withheld_error(handle: &Handle, withheld: &[&DeviceRecord]) -> ClientError {
+    let ids: Vec<String> = withheld.iter().map(|d| d.device_id.to_hex()).collect();
+    ClientError::KeyMismatch {
+        handle: handle.to_string(),
+        why: format!(
+            "the server withheld the post-quantum key packages of device {} (its certificate says it can do              post-quantum conversations); refusing to fall back to a classical conversation",
+            ids.join(", ")
+        ),
+    }
+}
+
 /// What the server answered when asked for its signed head of an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
