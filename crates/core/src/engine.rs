@@ -1446,4 +1446,69 @@ mod provider_interop {
         let (ct, _) = native.encrypt(&conv, &Content::text(MessageId([3; 16]), 3, "after")).expect("encrypt");
         assert_eq!(text(web.process(&conv, &ct).expect("decrypt")), "after");
     }
+
+    /// One conversation of suite 65100 between a device on AWS-LC and one
+    /// on the pure-Rust provider, created by `creator`: the Welcome, a
+    /// commit by each side (new path keys: the hybrid KEM both ways) and
+    /// messages both ways.
+    fn pq_conversation<A, B>(creator: &TestEngineOf<A>, joiner: &TestEngineOf<B>)
+    where
+        A: CryptoProvider + Clone + 'static,
+        B: CryptoProvider + Clone + 'static,
+    {
+        let kp = joiner.generate_key_package_in(crate::PQ_CIPHERSUITE).expect("kp");
+        assert_eq!(crate::key_package_suite(&kp).expect("suite"), crate::PQ_CIPHERSUITE);
+        creator.inspect_key_package(&kp).expect("a valid package");
+        let out =
+            creator.create_conversation_in(&ConversationInfo::direct(), crate::PQ_CIPHERSUITE, &[kp]).expect("create");
+        creator.confirm_commit(&out.conversation).expect("confirm");
+        let conv = out.conversation;
+        joiner.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        assert_eq!(creator.suite(&conv).expect("suite"), crate::PQ_CIPHERSUITE);
+        assert_eq!(joiner.suite(&conv).expect("suite"), crate::PQ_CIPHERSUITE);
+
+        let (ct, _) = creator.encrypt(&conv, &Content::text(MessageId([1; 16]), 1, "one")).expect("encrypt");
+        assert_eq!(text(joiner.process(&conv, &ct).expect("decrypt")), "one");
+        let update = joiner.update_keys(&conv).expect("update");
+        joiner.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(creator.process(&conv, &update.commit).expect("commit"), Event::Commit { .. }));
+        let update = creator.update_keys(&conv).expect("update");
+        creator.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(joiner.process(&conv, &update.commit).expect("commit"), Event::Commit { .. }));
+        let (ct, _) = joiner.encrypt(&conv, &Content::text(MessageId([2; 16]), 2, "two")).expect("encrypt");
+        assert_eq!(text(creator.process(&conv, &ct).expect("decrypt")), "two");
+    }
+
+    type TestEngineOf<C> = Engine<C, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
+
+    #[test]
+    fn a_post_quantum_conversation_between_aws_lc_and_pure_rust_both_ways() {
+        pq_conversation(&engine(crate::default_crypto(), "alice"), &engine(crate::pq::RustCryptoPq::new(), "bob"));
+        pq_conversation(&engine(crate::pq::RustCryptoPq::new(), "carol"), &engine(crate::default_crypto(), "dave"));
+    }
+
+    /// A conversation keeps its suite: a key package of the other one is
+    /// refused with a plain error, and a new conversation cannot mix them.
+    #[test]
+    fn suites_do_not_mix() {
+        let alice = engine(crate::default_crypto(), "alice");
+        let bob = engine(crate::default_crypto(), "bob");
+        let carol = engine(crate::default_crypto(), "carol");
+        let pq = bob.generate_key_package_in(crate::PQ_CIPHERSUITE).expect("kp");
+        let classical = carol.generate_key_package().expect("kp");
+        let mixed = alice.create_conversation(&ConversationInfo::direct(), &[pq.clone(), classical.clone()]);
+        assert!(matches!(mixed, Err(CoreError::SuiteMismatch { conversation: 65100, key_package: 1 })), "{mixed:?}");
+        let out = alice.create_conversation(&ConversationInfo::direct(), &[pq]).expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        assert_eq!(alice.suite(&out.conversation).expect("suite"), crate::PQ_CIPHERSUITE);
+        let add = alice.add_members(&out.conversation, &[classical]);
+        assert!(matches!(add, Err(CoreError::SuiteMismatch { conversation: 65100, key_package: 1 })), "{add:?}");
+        assert!(matches!(
+            alice.generate_key_package_in(mls_rs::CipherSuite::P256_AES128),
+            Err(CoreError::Unsupported(_))
+        ));
+        // No package yet: the classical suite, as before.
+        let alone = alice.create_conversation(&ConversationInfo::own(), &[]).expect("create");
+        assert_eq!(alice.suite(&alone.conversation).expect("suite"), crate::CIPHERSUITE);
+    }
 }

@@ -642,4 +642,77 @@ mod tests {
         assert_eq!(restored.address(), alice.address());
         assert!(!format!("{restored:?}").contains(&hex::encode(alice.device_public())));
     }
+
+    fn body(version: u8, suites: Vec<u16>) -> CertBody {
+        CertBody {
+            version,
+            handle: b"al".to_vec(),
+            device_id: [0xD1; 8],
+            identity_key: vec![0x1D; 2],
+            device_key: vec![0xDE; 2],
+            issued_at_ms: 5,
+            suites,
+        }
+    }
+
+    /// Byte snapshots of what the identity key signs: version 1 (no
+    /// suites, devices from before post-quantum conversations) and version
+    /// 2 (the suites the device speaks, after the other fields), each under
+    /// its own label.
+    #[test]
+    fn certificate_bodies_are_stable() {
+        let v1 = signed_bytes(&body(1, vec![])).expect("v1");
+        assert_eq!(
+            hex::encode(&v1),
+            format!("{}0102616cd1d1d1d1d1d1d1d1021d1d02dede0000000000000005", hex::encode(CERT_LABEL_V1))
+        );
+        let v2 = signed_bytes(&body(2, vec![65100, 1])).expect("v2");
+        assert_eq!(
+            hex::encode(&v2),
+            format!("{}0202616cd1d1d1d1d1d1d1d1021d1d02dede000000000000000504fe4c0001", hex::encode(CERT_LABEL_V2))
+        );
+        // Both decode back to what was encoded, and nothing else.
+        for b in [body(1, vec![]), body(2, vec![65100, 1])] {
+            let bytes = b.mls_encode_to_vec().expect("encode");
+            assert!(CertBody::mls_decode(&mut bytes.as_slice()).expect("decode") == b);
+        }
+    }
+
+    /// New certificates say the device can do both suites; a version 1
+    /// one (still valid) only the classical one; and the server cannot turn
+    /// a version 2 certificate into a version 1 one to hide the post-quantum
+    /// suite: the signature no longer verifies.
+    #[test]
+    fn certificates_state_the_suites_and_cannot_be_downgraded() {
+        let crypto = crate::default_crypto();
+        let alice = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 1).expect("identity");
+        let cert = alice.certificate().clone();
+        assert!(cert.supports(crate::PQ_CIPHERSUITE) && cert.supports(CIPHERSUITE));
+        assert!(!cert.supports(mls_rs::CipherSuite::P256_AES128));
+
+        let mut v1 = cert.clone();
+        v1.body.version = CERT_V1;
+        v1.body.suites.clear();
+        let bytes = v1.to_bytes().expect("bytes");
+        let decoded = DeviceCertificate::from_bytes(&bytes).expect("a version 1 certificate decodes");
+        assert!(decoded.supports(CIPHERSUITE) && !decoded.supports(crate::PQ_CIPHERSUITE));
+        assert!(decoded.verify(&crypto).is_err(), "the signature was over version 2");
+
+        // A genuine version 1 certificate (signed as one) still verifies.
+        let mut old = v1.body.clone();
+        old.identity_key = alice.identity_public().to_vec();
+        let signature = suite(&crypto)
+            .expect("suite")
+            .sign(alice.identity_secret(), &signed_bytes(&old).expect("bytes"))
+            .expect("sign");
+        let genuine = DeviceCertificate { body: old, signature, handle: alice.handle().clone() };
+        let genuine = DeviceCertificate::from_bytes(&genuine.to_bytes().expect("bytes")).expect("decode");
+        genuine.verify(&crypto).expect("a version 1 certificate verifies");
+        assert!(!genuine.supports(crate::PQ_CIPHERSUITE));
+
+        // Versions other than 1 and 2 are refused.
+        let mut v3 = cert.clone();
+        v3.body.version = 3;
+        assert!(DeviceCertificate::from_bytes(&v3.to_bytes().expect("bytes")).is_err());
+    }
 }

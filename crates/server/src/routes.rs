@@ -229,6 +229,9 @@ async fn claim_key_packages(
     if let Some(forged) = crate::hooks::forged_claim(&state, &device, &body.handle).await? {
         return Ok(Json(forged));
     }
+    if crate::hooks::withholds(&state, &body.handle, body.suite) {
+        return Err(StoreError::NoKeyPackage.into());
+    }
     // One account cannot drain another's one-time packages (each claim
     // deletes one per device): claims are limited per (requester account,
     // target account), on top of the requester's device limit, and of

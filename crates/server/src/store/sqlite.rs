@@ -1925,11 +1925,22 @@ mod tests {
                 [],
             )
             .expect("device");
+            conn.execute("INSERT INTO key_packages (device, data) VALUES (1, x'0a')", []).expect("one-time");
+            conn.execute("INSERT INTO last_resort_packages (device, data) VALUES (1, x'0b')", []).expect("last");
         }
         let store = SqliteStore::open(&path).expect("migrate");
         let handle = Handle::new("old-timer").expect("handle");
         let info = store.account(&handle).await.expect("account").expect("kept");
         assert_eq!(info.devices.len(), 1);
+        // Key packages stored before suites were filed are the classical
+        // suite's.
+        let addr = DeviceAddress { handle: handle.clone(), device: info.devices[0].device_id };
+        let count = store.key_package_count(&addr).await.expect("count");
+        assert_eq!(
+            count.of(subrosa_proto::CLASSICAL_SUITE),
+            subrosa_proto::SuiteCount { suite: 1, one_time: 1, last_resort: true }
+        );
+        assert_eq!(count.of(65100).one_time, 0);
         let link = LinkId([1; 6]);
         store.create_link(&link, &handle, b"req".to_vec(), 10).await.expect("links table exists");
         assert!(store.link(&link, &handle, 5).await.is_ok());
