@@ -541,3 +541,47 @@ impl Session {
 fn chain_broken(epoch: u64) -> ClientError {
     directory_refused(format!("the root of epoch {epoch} is not on the chain this device verified"))
 }
+
+#[cfg(test)]
+mod pq_tests {
+    use super::*;
+    use subrosa_core::DeviceIdentity;
+    use subrosa_proto::{DeviceAddress, B64};
+
+    fn record(id: &DeviceIdentity) -> DeviceRecord {
+        DeviceRecord {
+            device_id: id.device_id(),
+            signature_key: B64(id.device_public().to_vec()),
+            certificate: B64(id.certificate().to_bytes().expect("certificate")),
+        }
+    }
+
+    /// A device whose certificate lists the post-quantum suite and that got
+    /// no package counts as withheld; this device, and a device whose
+    /// certificate does not decode, never do.
+    #[test]
+    fn a_capable_device_without_a_package_is_withheld() {
+        let crypto = Crypto::default();
+        let bob = Handle::new("bob").expect("handle");
+        let (one, two) = (
+            DeviceIdentity::generate(&crypto, bob.clone(), 1).expect("identity"),
+            DeviceIdentity::generate(&crypto, bob.clone(), 1).expect("identity"),
+        );
+        let devices = vec![record(&one), record(&two)];
+        assert!(devices.iter().all(can_do_pq));
+        let alice = DeviceAddress { handle: Handle::new("alice").expect("handle"), device: one.device_id() };
+        let all = [one.device_id(), two.device_id()];
+        assert!(pq_withheld(&devices, &all, &alice, &bob).is_empty());
+        let withheld = pq_withheld(&devices, &[one.device_id()], &alice, &bob);
+        assert_eq!(withheld.iter().map(|d| d.device_id).collect::<Vec<_>>(), vec![two.device_id()]);
+        assert!(pq_withheld_error(&bob, &withheld).to_string().contains("withheld the post-quantum key packages"));
+        // Bob's own device asking about bob's devices: itself is left out.
+        let me = DeviceAddress { handle: bob.clone(), device: two.device_id() };
+        assert!(pq_withheld(&devices, &[one.device_id()], &me, &bob).is_empty());
+        // A certificate that says nothing decodable claims nothing.
+        let mut junk = record(&one);
+        junk.certificate = B64(vec![1, 2, 3]);
+        assert!(!can_do_pq(&junk));
+        assert!(pq_withheld(&[junk], &[], &alice, &bob).is_empty());
+    }
+}
