@@ -166,20 +166,19 @@ pub fn can_do_pq(d: &DeviceRecord) -> bool {
 
 /// The devices of `devices` (an account's, as the directory lists them)
 /// that can do post-quantum conversations yet have no package in
-/// `claimed` (a post-quantum claim's devices), `me` left out. A
-/// non-empty answer means the server withheld post-quantum key packages to
-/// push the conversation to the classical suite: refused, never followed.
+/// `claimed` (a post-quantum claim's devices). A non-empty answer means
+/// the server withheld post-quantum key packages to push the conversation
+/// to the classical suite: refused, never followed. The devices of `me`'s
+/// own account are left out: one just linked has published no package yet,
+/// and joins each conversation once it has (the linking device waits for
+/// its package).
 pub fn pq_withheld<'a>(
     devices: &'a [DeviceRecord],
     claimed: &[subrosa_proto::DeviceId],
     me: &subrosa_proto::DeviceAddress,
     handle: &Handle,
 ) -> Vec<&'a DeviceRecord> {
-    devices
-        .iter()
-        .filter(|d| !(*handle == me.handle && d.device_id == me.device))
-        .filter(|d| can_do_pq(d) && !claimed.contains(&d.device_id))
-        .collect()
+    devices.iter().filter(|d| *handle != me.handle && can_do_pq(d) && !claimed.contains(&d.device_id)).collect()
 }
 
 /// The refusal for [`pq_withheld`] devices.
@@ -188,7 +187,7 @@ pub fn pq_withheld_error(handle: &Handle, withheld: &[&DeviceRecord]) -> ClientE
     ClientError::KeyMismatch {
         handle: handle.to_string(),
         why: format!(
-            "the server withheld the post-quantum key packages of device {} (its certificate says it can do              post-quantum conversations); refusing to fall back to a classical conversation",
+            "the server withheld the post-quantum key packages of device {} (its certificate says it can do post-quantum conversations); refusing to fall back to a classical conversation",
             ids.join(", ")
         ),
     }
@@ -575,7 +574,8 @@ mod pq_tests {
         let withheld = pq_withheld(&devices, &[one.device_id()], &alice, &bob);
         assert_eq!(withheld.iter().map(|d| d.device_id).collect::<Vec<_>>(), vec![two.device_id()]);
         assert!(pq_withheld_error(&bob, &withheld).to_string().contains("withheld the post-quantum key packages"));
-        // Bob's own device asking about bob's devices: itself is left out.
+        // Bob's own device asking about bob's devices: his own account is
+        // left out (a device just linked has no package yet).
         let me = DeviceAddress { handle: bob.clone(), device: two.device_id() };
         assert!(pq_withheld(&devices, &[one.device_id()], &me, &bob).is_empty());
         // A certificate that says nothing decodable claims nothing.
