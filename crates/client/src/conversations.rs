@@ -135,26 +135,28 @@ impl Subrosa {
         all.push((self.handle().clone(), false));
         let mut pq = Vec::new();
         let mut classical_only = false;
+        // An account the server said had no post-quantum package at all,
+        // though every device of it can do post-quantum: judged after the
+        // classical claim, which checks its keys against the pinned ones
+        // first (a changed key is said as such).
+        let mut suspect = None;
         for (h, required) in &all {
             let (packages, devices) = self.claim_in(h, false, PQ_CIPHERSUITE).await?;
-            let devices = match devices {
-                Some(d) => d,
+            let (devices, answered) = match devices {
+                Some(d) => (d, true),
                 // No post-quantum package at all: ask the directory which
                 // devices the account has and what they can do.
-                None => self.directory_devices(h).await?,
+                None => (self.directory_devices(h).await?, false),
             };
             let others: Vec<&DeviceRecord> = devices.iter().filter(|d| !self.is_me(h, d)).collect();
+            let withheld = pq_withheld(&devices, &[], &self.identity().address(), h);
             if others.iter().any(|d| !can_do_pq(d)) {
                 classical_only = true;
-            } else {
-                let claimed: Vec<_> = packages.iter().map(|(d, _)| *d).collect();
-                let withheld = pq_withheld(&devices, &claimed, &self.identity().address(), h);
-                if !withheld.is_empty() {
-                    return Err(pq_withheld_error(h, &withheld));
-                }
-                if *required && packages.is_empty() {
-                    return Err(ClientError::Input(format!("{h} has no device that can be added right now")));
-                }
+            } else if !answered && !withheld.is_empty() {
+                classical_only = true;
+                suspect = Some((h.clone(), devices.clone()));
+            } else if *required && packages.is_empty() {
+                return Err(ClientError::Input(format!("{h} has no device that can be added right now")));
             }
             pq.extend(packages.into_iter().map(|(_, kp)| kp));
         }
@@ -164,6 +166,10 @@ impl Subrosa {
         let mut key_packages = Vec::new();
         for (h, required) in &all {
             key_packages.extend(self.claim(h, *required, CIPHERSUITE).await?);
+        }
+        if let Some((h, devices)) = suspect {
+            let withheld = pq_withheld(&devices, &[], &self.identity().address(), &h);
+            return Err(pq_withheld_error(&h, &withheld));
         }
         Ok((CIPHERSUITE, key_packages))
     }
