@@ -2,7 +2,9 @@
 //! with mls-rs alone beside it for the same operations, and the server
 //! store's time to fan one message out to every member device.
 //!
-//! For each size N (default 100, 1,000, 10,000) it prints: time to create the
+//! For each size N (default 100, 1,000, 10,000), for our engine in the
+//! post-quantum suite (65100) and the classical one, it prints: the size of
+//! a key package, time to create the
 //! group with all N members (one commit adding N-1 key packages), the sizes of
 //! that commit and of the Welcome, the time for a new member to join from the
 //! Welcome, the time for an existing member to process a commit adding one
@@ -30,6 +32,7 @@ pub(crate) type Ours = Engine<subrosa_core::DefaultCrypto, InMemoryGroupStateSto
 /// One row of figures for one implementation and size.
 #[derive(Debug, Default)]
 struct Row {
+    key_package_bytes: usize,
     create: Duration,
     commit_bytes: usize,
     welcome_bytes: usize,
@@ -52,13 +55,14 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-fn ours(n: usize, messages: usize) -> Result<Row> {
+fn ours(n: usize, messages: usize, suite: subrosa_core::CipherSuite) -> Result<Row> {
     let creator = engine(0)?;
     let joiner = engine(1)?;
-    let mut kps = vec![joiner.generate_key_package()?];
+    let mut kps = vec![joiner.generate_key_package_in(suite)?];
     for i in 2..n {
-        kps.push(engine(i)?.generate_key_package()?);
+        kps.push(engine(i)?.generate_key_package_in(suite)?);
     }
+    let key_package_bytes = kps[0].len();
     let info = ConversationInfo { kind: ConversationKind::Group, name: format!("bench {n}") };
     let t = Instant::now();
     let out = creator.create_conversation(&info, &kps)?;
@@ -75,7 +79,7 @@ fn ours(n: usize, messages: usize) -> Result<Row> {
     let conv = out.conversation;
 
     let newcomer = engine(n + 1)?;
-    let add = creator.add_members(&conv, &[newcomer.generate_key_package()?])?;
+    let add = creator.add_members(&conv, &[newcomer.generate_key_package_in(suite)?])?;
     creator.confirm_commit(&conv)?;
     let t = Instant::now();
     joiner.process(&conv, &add.commit)?;
@@ -94,6 +98,7 @@ fn ours(n: usize, messages: usize) -> Result<Row> {
     }
     let decrypt = t.elapsed();
     Ok(Row {
+        key_package_bytes,
         create,
         commit_bytes: out.commit.len(),
         welcome_bytes: welcome.len(),
@@ -130,6 +135,7 @@ fn mls_alone(n: usize, messages: usize) -> Result<Row> {
     let joiner = plain_client(1)?;
     let none = || ExtensionList::new();
     let mut kps = vec![joiner.generate_key_package_message(none(), none(), None)?];
+    let key_package_bytes = kps[0].to_bytes()?.len();
     for i in 2..n {
         kps.push(plain_client(i)?.generate_key_package_message(none(), none(), None)?);
     }
@@ -186,6 +192,7 @@ fn mls_alone(n: usize, messages: usize) -> Result<Row> {
     }
     let decrypt = t.elapsed();
     Ok(Row {
+        key_package_bytes,
         create,
         commit_bytes: out.commit_message.to_bytes()?.len(),
         welcome_bytes,
@@ -234,31 +241,44 @@ pub(crate) fn ms(d: Duration) -> String {
 /// Any failure of the operations measured.
 pub async fn run(sizes: &[usize], messages: usize) -> Result<()> {
     println!(
-        "groups: in-process, {} cores; ciphersuite MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519",
+        "groups: in-process, {} cores; ours in the post-quantum suite 65100 (ML-KEM-768 + X25519, new \
+         conversations') and the classical MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519; mls-rs alone classical",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!("(ours = subrosa-core: certified credentials, encrypted handshakes, padded content, storage writes; alone = mls-rs with basic credentials)");
     for &n in sizes {
-        let (o, a) = (ours(n, messages)?, mls_alone(n, messages)?);
+        let pq = ours(n, messages, subrosa_core::PQ_CIPHERSUITE)?;
+        let (o, a) = (ours(n, messages, subrosa_core::CIPHERSUITE)?, mls_alone(n, messages)?);
         let fan = server_fanout(n).await?;
         println!("\nN = {n}");
-        println!("  {:<44} {:>14} {:>14}", "", "ours", "mls-rs alone");
-        println!("  {:<44} {:>14} {:>14}", "create with all members", ms(o.create), ms(a.create));
-        println!("  {:<44} {:>14} {:>14}", "commit size (bytes)", o.commit_bytes, a.commit_bytes);
-        println!("  {:<44} {:>14} {:>14}", "welcome size (bytes)", o.welcome_bytes, a.welcome_bytes);
-        println!("  {:<44} {:>14} {:>14}", "new member joins from the welcome", ms(o.join), ms(a.join));
-        println!("  {:<44} {:>14} {:>14}", "existing member processes one add", ms(o.process_add), ms(a.process_add));
-        println!(
-            "  {:<44} {:>14.0} {:>14.0}",
-            "encrypt 200 B application messages / s", o.encrypt_per_s, a.encrypt_per_s
+        let row = |label: &str, p: String, o: String, a: String| println!("  {label:<44} {p:>14} {o:>14} {a:>14}");
+        row("", "ours PQ".into(), "ours classical".into(), "mls-rs alone".into());
+        let bytes = |f: fn(&Row) -> usize| (f(&pq).to_string(), f(&o).to_string(), f(&a).to_string());
+        let (p1, o1, a1) = bytes(|r| r.key_package_bytes);
+        row("key package size (bytes)", p1, o1, a1);
+        row("create with all members", ms(pq.create), ms(o.create), ms(a.create));
+        let (p1, o1, a1) = bytes(|r| r.commit_bytes);
+        row("commit size (bytes)", p1, o1, a1);
+        let (p1, o1, a1) = bytes(|r| r.welcome_bytes);
+        row("welcome size (bytes)", p1, o1, a1);
+        row("new member joins from the welcome", ms(pq.join), ms(o.join), ms(a.join));
+        row("existing member processes one add", ms(pq.process_add), ms(o.process_add), ms(a.process_add));
+        let per_s = |x: f64| format!("{x:.0}");
+        row(
+            "encrypt 200 B application messages / s",
+            per_s(pq.encrypt_per_s),
+            per_s(o.encrypt_per_s),
+            per_s(a.encrypt_per_s),
         );
-        println!(
-            "  {:<44} {:>14.0} {:>14.0}",
-            "decrypt 200 B application messages / s", o.decrypt_per_s, a.decrypt_per_s
+        row(
+            "decrypt 200 B application messages / s",
+            per_s(pq.decrypt_per_s),
+            per_s(o.decrypt_per_s),
+            per_s(a.decrypt_per_s),
         );
         if let Some((e, d)) = a.unsaved {
-            println!("  {:<44} {:>14} {:>14.0}", "  mls-rs: encrypt / s without state writes", "", e);
-            println!("  {:<44} {:>14} {:>14.0}", "  mls-rs: decrypt / s without state writes", "", d);
+            row("  mls-rs: encrypt / s without state writes", String::new(), String::new(), per_s(e));
+            row("  mls-rs: decrypt / s without state writes", String::new(), String::new(), per_s(d));
         }
         println!("  {:<44} {:>14}", "server stores one message for N devices", ms(fan));
     }

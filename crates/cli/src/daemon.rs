@@ -615,13 +615,33 @@ fn message_json(me: &Subrosa, m: &StoredMessage) -> Value {
 }
 
 /// A `members` item.
-fn member_value(handle: &str, device: &str, fingerprint: &str, this_device: bool, stale_days: Option<u64>) -> Value {
+/// A member device as `members` hands it to front ends; `suite` is the
+/// conversation's MLS ciphersuite (the same in every member's object).
+pub(crate) fn member_value(
+    handle: &str,
+    device: &str,
+    fingerprint: &str,
+    this_device: bool,
+    stale_days: Option<u64>,
+    suite: subrosa_core::CipherSuite,
+) -> Value {
     json!({
         "handle": handle,
         "device": device,
         "fingerprint": fingerprint,
         "this_device": this_device,
         "stale_days": stale_days,
+        "suite": u16::from(suite),
+    })
+}
+
+/// `members --json`: the conversation's suite and its member devices.
+pub(crate) fn members_json(suite: subrosa_core::CipherSuite, members: Vec<Value>) -> Value {
+    json!({
+        "suite": u16::from(suite),
+        "suite_name": subrosa_core::suite_name(suite),
+        "post_quantum": suite == subrosa_core::PQ_CIPHERSUITE,
+        "members": members,
     })
 }
 
@@ -863,6 +883,7 @@ async fn call(
                 Place::Named(t) => crate::target::conversation(me, &t)?,
             };
             let stale = me.stale_members(&id)?;
+            let suite = me.conversation_suite(&id)?;
             let mine = me.identity().address();
             let members: Vec<Value> = me
                 .members(&id)?
@@ -875,6 +896,7 @@ async fn call(
                         &subrosa_core::safety::key_fingerprint(&m.device_key),
                         m.address == mine,
                         stale_days,
+                        suite,
                     )
                 })
                 .collect();
@@ -1122,8 +1144,13 @@ mod tests {
         );
         // A `members` item.
         assert_eq!(
-            line(&member_value("alice", "0102", "ab cd", false, Some(3))),
-            r#"{"device":"0102","fingerprint":"ab cd","handle":"alice","stale_days":3,"this_device":false}"#
+            line(&member_value("alice", "0102", "ab cd", false, Some(3), subrosa_core::PQ_CIPHERSUITE)),
+            r#"{"device":"0102","fingerprint":"ab cd","handle":"alice","stale_days":3,"suite":65100,"this_device":false}"#
+        );
+        // `members --json`.
+        assert_eq!(
+            line(&members_json(subrosa_core::CIPHERSUITE, vec![])),
+            r#"{"members":[],"post_quantum":false,"suite":1,"suite_name":"X25519 (classical)"}"#
         );
         // An error answer.
         assert_eq!(

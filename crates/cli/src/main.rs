@@ -260,10 +260,16 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// List every device in a conversation, with its handle and fingerprint.
+    /// List every device in a conversation, with its handle and fingerprint,
+    /// and the conversation's MLS ciphersuite (a last line `ciphersuite`,
+    /// its code point and name).
     Members {
         /// A handle, `@handle`, a group name, or `#ID`.
         target: String,
+        /// One JSON object: `suite`, `suite_name`, `post_quantum` and
+        /// `members` (handle, device, fingerprint, this_device, stale_days).
+        #[arg(long)]
+        json: bool,
     },
     /// Accept a device that another member added to a conversation although
     /// the key directory does not confirm its keys (sending there is
@@ -1403,24 +1409,46 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
         Command::Alerts { action, export, json } => return alerts(me, action, export, json),
         Command::Call { target, media, timeout } => return call::call(client, &target, &media, timeout).await,
         Command::Answer { media, timeout } => return call::answer(client, &media, timeout).await,
-        Command::Members { target } => {
+        Command::Members { target, json } => {
             let id = target::conversation(me, &target)?;
             let stale = me.stale_members(&id)?;
-            for m in me.members(&id)? {
-                let mut notes = Vec::new();
-                if m.address == me.identity().address() {
-                    notes.push("(this device)".to_string());
+            let suite = me.conversation_suite(&id)?;
+            if json {
+                let mine = me.identity().address();
+                let members: Vec<serde_json::Value> = me
+                    .members(&id)?
+                    .into_iter()
+                    .map(|m| {
+                        let stale_days = stale.iter().find(|(a, _)| *a == m.address).map(|(_, d)| *d);
+                        daemon::member_value(
+                            m.address.handle.as_str(),
+                            &m.address.device.to_hex(),
+                            &subrosa_core::safety::key_fingerprint(&m.device_key),
+                            m.address == mine,
+                            stale_days,
+                            suite,
+                        )
+                    })
+                    .collect();
+                out!("{}", daemon::members_json(suite, members));
+            } else {
+                for m in me.members(&id)? {
+                    let mut notes = Vec::new();
+                    if m.address == me.identity().address() {
+                        notes.push("(this device)".to_string());
+                    }
+                    if let Some((_, days)) = stale.iter().find(|(a, _)| *a == m.address) {
+                        notes.push(format!("(stale: no key update for {days} days)"));
+                    }
+                    let notes = if notes.is_empty() { String::new() } else { format!("\t{}", notes.join(" ")) };
+                    out!(
+                        "{}\t{}\t{}{notes}",
+                        m.address.handle,
+                        m.address.device,
+                        subrosa_core::safety::key_fingerprint(&m.device_key)
+                    );
                 }
-                if let Some((_, days)) = stale.iter().find(|(a, _)| *a == m.address) {
-                    notes.push(format!("(stale: no key update for {days} days)"));
-                }
-                let notes = if notes.is_empty() { String::new() } else { format!("\t{}", notes.join(" ")) };
-                out!(
-                    "{}\t{}\t{}{notes}",
-                    m.address.handle,
-                    m.address.device,
-                    subrosa_core::safety::key_fingerprint(&m.device_key)
-                );
+                out!("ciphersuite\t{}\t{}", u16::from(suite), subrosa_core::suite_name(suite));
             }
         }
         Command::AcceptDevice { target, device } => {

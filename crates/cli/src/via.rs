@@ -292,8 +292,19 @@ impl Daemon {
                     out!("{}\t{}\t{}", safe(&text(&g["name"])), safe(&state), safe(&text(&g["id"])));
                 }
             }
-            Command::Members { target } => {
-                for m in list(self.call("members", json!({ "target": target })).await?) {
+            Command::Members { target, json } => {
+                let members = list(self.call("members", json!({ "target": target })).await?);
+                let suite = members
+                    .first()
+                    .and_then(|m| m["suite"].as_u64())
+                    .and_then(|s| u16::try_from(s).ok())
+                    .map(subrosa_core::CipherSuite::new)
+                    .ok_or_else(|| anyhow::anyhow!("the daemon did not name the conversation's ciphersuite"))?;
+                if *json {
+                    out!("{}", crate::daemon::members_json(suite, members));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                for m in members {
                     let mut notes = Vec::new();
                     if m["this_device"] == json!(true) {
                         notes.push("(this device)".to_string());
@@ -309,6 +320,7 @@ impl Daemon {
                         safe(&text(&m["fingerprint"]))
                     );
                 }
+                out!("ciphersuite\t{}\t{}", u16::from(suite), subrosa_core::suite_name(suite));
             }
             Command::SafetyNumber { handle } => {
                 let n = self.call("safetyNumber", json!({ "handle": handle })).await?;

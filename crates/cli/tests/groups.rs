@@ -9,8 +9,12 @@ use std::process::Stdio;
 use common::*;
 
 fn members(u: &User, group: &str) -> Vec<String> {
-    let mut v: Vec<String> =
-        u.ok(&["members", group]).lines().filter_map(|l| l.split('\t').next().map(str::to_string)).collect();
+    let mut v: Vec<String> = u
+        .ok(&["members", group])
+        .lines()
+        .filter(|l| !l.starts_with("ciphersuite\t"))
+        .filter_map(|l| l.split('\t').next().map(str::to_string))
+        .collect();
     v.sort();
     v
 }

@@ -52,8 +52,12 @@ impl Mallory {
             },
         };
         let _: Empty = rt.block_on(api.call(Method::POST, "/v1/accounts", Some(&req))).expect("register mallory");
-        let one_time = (0..4).map(|_| B64(engine.generate_key_package().expect("kp"))).collect();
-        let upload = KeyPackageUpload { one_time, last_resort: None, replace: false };
+        // Packages of both suites, as every device of this version uploads.
+        let one_time = subrosa_core::SUITES
+            .iter()
+            .flat_map(|s| (0..4).map(|_| B64(engine.generate_key_package_in(*s).expect("kp"))).collect::<Vec<_>>())
+            .collect();
+        let upload = KeyPackageUpload { one_time, last_resort: None, more_last_resort: vec![], replace: false };
         let _: KeyPackageCount =
             rt.block_on(api.call(Method::POST, "/v1/keypackages", Some(&upload))).expect("key packages");
         Mallory { rt, id, api, engine }
@@ -61,7 +65,7 @@ impl Mallory {
 
     /// One key package of every device of `handle`, claimed as anyone can.
     fn claim(&self, handle: &str) -> Vec<Vec<u8>> {
-        let req = ClaimRequest { handle: handle.parse().expect("handle") };
+        let req = ClaimRequest { handle: handle.parse().expect("handle"), suite: subrosa_proto::CLASSICAL_SUITE };
         let claim: ClaimResponse =
             self.rt.block_on(self.api.call(Method::POST, "/v1/keypackages/claim", Some(&req))).expect("claim");
         claim.packages.into_iter().map(|p| p.key_package.into_inner()).collect()

@@ -5,11 +5,13 @@
 
 use reqwest::Method;
 
-use subrosa_core::{ConversationInfo, ConversationKind, MemberInfo};
+use subrosa_core::{CipherSuite, ConversationInfo, ConversationKind, MemberInfo, CIPHERSUITE, PQ_CIPHERSUITE};
 use subrosa_proto::{
-    ClaimRequest, ClaimResponse, ConversationId, DeviceAddress, ErrorCode, Handle, MessageId, MessageKind, SendId,
-    SendPart, SendRequest, SendResponse, B64,
+    AccountInfo, ClaimRequest, ClaimResponse, ConversationId, DeviceAddress, DeviceRecord, ErrorCode, Handle,
+    MessageId, MessageKind, SendId, SendPart, SendRequest, SendResponse, B64,
 };
+
+use subrosa_session::directory::{can_do_pq, pq_withheld, pq_withheld_error};
 
 use subrosa_session::{stuck_culprit_in, stuck_key, PendingMeta, StagedChange, SystemEvent};
 
@@ -93,12 +95,17 @@ impl Subrosa {
         Ok(row)
     }
 
-    /// Claims one key package of every device of `handle` (other than this
-    /// one) and checks each against the account's identity key: pinned for
-    /// contacts, our own for this account. `required` makes "no device" an
-    /// error; otherwise it yields nothing.
-    pub(crate) async fn claim(&self, handle: &Handle, required: bool) -> Result<Vec<Vec<u8>>, ClientError> {
-        Ok(self.claim_devices(handle, required).await?.into_iter().map(|(_, kp)| kp).collect())
+    /// Claims one key package of `suite` of every device of `handle` (other
+    /// than this one) and checks each against the account's identity key:
+    /// pinned for contacts, our own for this account. `required` makes "no
+    /// device" an error; otherwise it yields nothing.
+    pub(crate) async fn claim(
+        &self,
+        handle: &Handle,
+        required: bool,
+        suite: CipherSuite,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        Ok(self.claim_devices(handle, required, suite).await?.into_iter().map(|(_, kp)| kp).collect())
     }
 
     /// As [`Self::claim`], with the device each key package is for.
@@ -106,8 +113,89 @@ impl Subrosa {
         &self,
         handle: &Handle,
         required: bool,
+        suite: CipherSuite,
     ) -> Result<Vec<(subrosa_proto::DeviceId, Vec<u8>)>, ClientError> {
-        let req = ClaimRequest { handle: handle.clone() };
+        Ok(self.claim_in(handle, required, suite).await?.0)
+    }
+
+    /// The key packages of a new conversation with every device of
+    /// `handles` (`true`: the account must have one) and this account's
+    /// other devices, and its suite: the post-quantum one when every such
+    /// device can do it, as the identity keys state in the directory's
+    /// certificates; otherwise the classical one. A device whose
+    /// certificate says it can, yet whose post-quantum package the server
+    /// does not hand out, is refused ([`pq_withheld`]): the server cannot
+    /// push a conversation down to the classical suite. When some device
+    /// cannot, the post-quantum packages already claimed go unused.
+    pub(crate) async fn claim_for_new(
+        &self,
+        handles: &[(Handle, bool)],
+    ) -> Result<(CipherSuite, Vec<Vec<u8>>), ClientError> {
+        let mut all = handles.to_vec();
+        all.push((self.handle().clone(), false));
+        let mut pq = Vec::new();
+        let mut classical_only = false;
+        // An account the server said had no post-quantum package at all,
+        // though every device of it can do post-quantum: judged after the
+        // classical claim, which checks its keys against the pinned ones
+        // first (a changed key is said as such).
+        let mut suspect = None;
+        for (h, required) in &all {
+            let (packages, devices) = self.claim_in(h, false, PQ_CIPHERSUITE).await?;
+            let (devices, answered) = match devices {
+                Some(d) => (d, true),
+                // No post-quantum package at all: ask the directory which
+                // devices the account has and what they can do.
+                None => (self.directory_devices(h).await?, false),
+            };
+            let others: Vec<&DeviceRecord> = devices.iter().filter(|d| !self.is_me(h, d)).collect();
+            let withheld = pq_withheld(&devices, &[], &self.identity().address(), h);
+            if others.iter().any(|d| !can_do_pq(d)) {
+                classical_only = true;
+            } else if !answered && !withheld.is_empty() {
+                classical_only = true;
+                suspect = Some((h.clone(), devices.clone()));
+            } else if *required && packages.is_empty() {
+                return Err(ClientError::Input(format!("{h} has no device that can be added right now")));
+            }
+            pq.extend(packages.into_iter().map(|(_, kp)| kp));
+        }
+        if !classical_only {
+            return Ok((PQ_CIPHERSUITE, pq));
+        }
+        let mut key_packages = Vec::new();
+        for (h, required) in &all {
+            key_packages.extend(self.claim(h, *required, CIPHERSUITE).await?);
+        }
+        if let Some((h, devices)) = suspect {
+            let withheld = pq_withheld(&devices, &[], &self.identity().address(), &h);
+            return Err(pq_withheld_error(&h, &withheld));
+        }
+        Ok((CIPHERSUITE, key_packages))
+    }
+
+    fn is_me(&self, handle: &Handle, d: &DeviceRecord) -> bool {
+        *handle == *self.handle() && d.device_id == self.identity().device_id()
+    }
+
+    /// An account's devices as the key directory proves them.
+    async fn directory_devices(&self, handle: &Handle) -> Result<Vec<DeviceRecord>, ClientError> {
+        let info: AccountInfo = self.api.call::<(), _>(Method::GET, &format!("/v1/accounts/{handle}"), None).await?;
+        self.kt_verify(handle, info.identity_key.as_slice(), &info.devices, info.kt.as_ref()).await?;
+        Ok(info.devices.into_iter().filter(|d| self.is_certified(d, info.identity_key.as_slice(), handle)).collect())
+    }
+
+    /// As [`Self::claim_devices`], with every device of the account the
+    /// directory lists (`None` when the server had no package to hand out).
+    /// A post-quantum claim refuses an account with a device that can do
+    /// post-quantum yet got no package ([`pq_withheld`]).
+    async fn claim_in(
+        &self,
+        handle: &Handle,
+        required: bool,
+        suite: CipherSuite,
+    ) -> Result<(Vec<(subrosa_proto::DeviceId, Vec<u8>)>, Option<Vec<DeviceRecord>>), ClientError> {
+        let req = ClaimRequest { handle: handle.clone(), suite: suite.into() };
         let claim: ClaimResponse = match self.api.call(Method::POST, "/v1/keypackages/claim", Some(&req)).await {
             Ok(c) => c,
             Err(e) => {
@@ -116,7 +204,7 @@ impl Subrosa {
                         "unknown handle {handle}: no such account on {}",
                         self.server()
                     ))),
-                    Some(ErrorCode::NoKeyPackage) if !required => Ok(Vec::new()),
+                    Some(ErrorCode::NoKeyPackage) if !required => Ok((Vec::new(), None)),
                     Some(ErrorCode::NoKeyPackage) => {
                         Err(ClientError::Input(format!("{handle} has no device that can be added right now")))
                     }
@@ -162,6 +250,12 @@ impl Subrosa {
                     why: "a key package is not certified by the account's identity key".into(),
                 });
             }
+            if subrosa_core::key_package_suite(p.key_package.as_slice()).ok() != Some(suite) {
+                return Err(ClientError::KeyMismatch {
+                    handle: handle.to_string(),
+                    why: format!("a key package of another ciphersuite than the {} one asked for", u16::from(suite)),
+                });
+            }
             key_packages.push((p.device.device_id, p.key_package.as_slice().to_vec()));
         }
         // Every package is certified by the identity key offered. When that
@@ -187,13 +281,20 @@ impl Subrosa {
                 }
             }
         }
+        if suite == PQ_CIPHERSUITE {
+            let claimed: Vec<_> = key_packages.iter().map(|(d, _)| *d).collect();
+            let withheld = pq_withheld(&claim.devices, &claimed, &self.identity().address(), handle);
+            if !withheld.is_empty() {
+                return Err(pq_withheld_error(handle, &withheld));
+            }
+        }
         if key_packages.is_empty() && required {
             return Err(ClientError::Input(format!("{handle} has no device that can be added right now")));
         }
         if expected.is_none() && handle != self.handle() {
             self.store().write(|tx| tx.pin_contact(handle.as_str(), claim.identity_key.as_slice()))?;
         }
-        Ok(key_packages)
+        Ok((key_packages, Some(claim.devices)))
     }
 
     /// Starts a 1:1 conversation with `peer`, this account's other devices
@@ -209,11 +310,10 @@ impl Subrosa {
         if peer == self.handle() {
             return Err(ClientError::Input("cannot start a conversation with yourself".into()));
         }
-        let mut key_packages = self.claim(peer, true).await?;
-        key_packages.extend(self.claim(&self.handle().clone(), false).await?);
+        let (suite, key_packages) = self.claim_for_new(&[(peer.clone(), true)]).await?;
         let change =
             StagedChange::Create { kind: "direct".into(), name: String::new(), peer: Some(peer.to_string()), first };
-        self.create_conversation(&ConversationInfo::direct(), &key_packages, change, None).await
+        self.create_conversation(&ConversationInfo::direct(), suite, &key_packages, change, None).await
     }
 
     /// Creates a conversation: stages it and stores the staged commit in one
@@ -222,6 +322,7 @@ impl Subrosa {
     pub(crate) async fn create_conversation(
         &self,
         info: &ConversationInfo,
+        suite: CipherSuite,
         key_packages: &[Vec<u8>],
         change: StagedChange,
         line: Option<String>,
@@ -229,7 +330,7 @@ impl Subrosa {
         let line = line.map(|l| (self.identity().address(), l));
         let meta = PendingMeta { change, line };
         let pending = self.store().write(|tx| {
-            let out = self.engine().create_conversation(info, key_packages)?;
+            let out = self.engine().create_conversation_in(info, suite, key_packages)?;
             self.store_pending(tx, &out, &meta)
         })?;
         match self.post_pending(&pending).await? {
@@ -474,16 +575,18 @@ impl Subrosa {
         // The culprit's account stays through its other devices (take it
         // out with `group remove` afterwards); the culprit device is left
         // out of every claim.
+        // The new conversation keeps the old one's suite.
+        let suite = self.engine().suite(&old.id)?;
         let mut key_packages = Vec::new();
         for h in &members {
-            key_packages.extend(self.claim_devices_except(h, &culprit).await?);
+            key_packages.extend(self.claim_devices_except(h, &culprit, suite).await?);
         }
-        key_packages.extend(self.claim_devices_except(&self.handle().clone(), &culprit).await?);
+        key_packages.extend(self.claim_devices_except(&self.handle().clone(), &culprit, suite).await?);
         let retired = |new: &ConversationId| {
             format!("you re-created {} without {culprit} as #{}; this one is retired", old.name, new.to_hex())
         };
         let replaces = format!("you re-created {} (it replaces #{}, stuck by {culprit})", old.name, old.id.to_hex());
-        self.replace_group(&old, &members, &key_packages, retired, replaces).await
+        self.replace_group(&old, &members, suite, &key_packages, retired, replaces).await
     }
 
     /// Creates the group that replaces `old` under its name, with
@@ -494,13 +597,14 @@ impl Subrosa {
         &self,
         old: &ConversationRow,
         members: &[Handle],
+        suite: CipherSuite,
         key_packages: &[Vec<u8>],
         retired: impl FnOnce(&ConversationId) -> String,
         replaces: String,
     ) -> Result<GroupSummary, ClientError> {
         let info = ConversationInfo { kind: ConversationKind::Group, name: old.name.clone() };
         let change = StagedChange::Create { kind: "group".into(), name: old.name.clone(), peer: None, first: None };
-        let id = self.create_conversation(&info, key_packages, change, None).await?;
+        let id = self.create_conversation(&info, suite, key_packages, change, None).await?;
         let row = self.store().read(|tx| tx.conversation(&id))?.ok_or(ClientError::Bug("group vanished".into()))?;
         let me = self.identity().address();
         self.store().write(|tx| {
@@ -515,8 +619,13 @@ impl Subrosa {
     }
 
     /// The key packages of `handle`'s devices, except `device`'s.
-    async fn claim_devices_except(&self, handle: &Handle, device: &DeviceAddress) -> Result<Vec<Vec<u8>>, ClientError> {
-        let packages = self.claim(handle, false).await?;
+    async fn claim_devices_except(
+        &self,
+        handle: &Handle,
+        device: &DeviceAddress,
+        suite: CipherSuite,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let packages = self.claim(handle, false, suite).await?;
         let mut kept = Vec::new();
         for kp in packages {
             if self.engine().inspect_key_package(&kp)?.address() != *device {
@@ -549,16 +658,13 @@ impl Subrosa {
             return Err(ClientError::Input("name at least one other member".into()));
         }
         self.sync().await?;
-        let mut key_packages = Vec::new();
-        for h in &members {
-            key_packages.extend(self.claim(h, true).await?);
-        }
-        key_packages.extend(self.claim(&self.handle().clone(), false).await?);
+        let wanted: Vec<(Handle, bool)> = members.iter().map(|h| (h.clone(), true)).collect();
+        let (suite, key_packages) = self.claim_for_new(&wanted).await?;
         let info = ConversationInfo { kind: ConversationKind::Group, name: name.to_string() };
         let names: Vec<String> = members.iter().map(|h| h.to_string()).collect();
         let change = StagedChange::Create { kind: "group".into(), name: name.to_string(), peer: None, first: None };
         let line = format!("you created {name} with {}", names.join(", "));
-        let id = self.create_conversation(&info, &key_packages, change, Some(line)).await?;
+        let id = self.create_conversation(&info, suite, &key_packages, change, Some(line)).await?;
         let row = self.store().read(|tx| tx.conversation(&id))?.ok_or(ClientError::Bug("group vanished".into()))?;
         self.store().write(|tx| tx.note_members(&row.id, &names.iter().map(String::as_str).collect::<Vec<_>>()))?;
         self.group_summary(&row)
@@ -593,7 +699,8 @@ impl Subrosa {
         if self.store().read(|tx| tx.was_member(&row.id, handle.as_str()))? {
             return self.recreate_with(&row, &handle).await.map(Some);
         }
-        let key_packages = self.claim(&handle, true).await?.into_iter().map(B64).collect();
+        let suite = self.engine().suite(&row.id)?;
+        let key_packages = self.claim(&handle, true, suite).await?.into_iter().map(B64).collect();
         self.commit_with_retry(&row.id, StagedChange::Add { key_packages }, Some(format!("you added {handle}")))
             .await?;
         self.store().write(|tx| tx.note_members(&row.id, &[handle.as_str()]))?;
@@ -613,11 +720,13 @@ impl Subrosa {
         members.push(handle.clone());
         members.sort();
         members.dedup();
+        // The new conversation keeps the old one's suite.
+        let suite = self.engine().suite(&old.id)?;
         let mut key_packages = Vec::new();
         for h in &members {
-            key_packages.extend(self.claim(h, h == handle).await?);
+            key_packages.extend(self.claim(h, h == handle, suite).await?);
         }
-        key_packages.extend(self.claim(&self.handle().clone(), false).await?);
+        key_packages.extend(self.claim(&self.handle().clone(), false, suite).await?);
         let retired = |new: &ConversationId| {
             format!(
                 "you re-added {handle}, who was a member before: the group continues in a new conversation #{}; \
@@ -631,7 +740,7 @@ impl Subrosa {
             members.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", "),
             old.id.to_hex()
         );
-        self.replace_group(old, &members, &key_packages, retired, replaces).await
+        self.replace_group(old, &members, suite, &key_packages, retired, replaces).await
     }
 
     /// Removes every device of `handle` from the group.
@@ -849,6 +958,15 @@ impl Subrosa {
     /// Unknown conversation, or one this device no longer takes part in.
     pub fn members(&self, id: &ConversationId) -> Result<Vec<MemberInfo>, ClientError> {
         Ok(self.engine().members(&self.active_conversation(id)?)?)
+    }
+
+    /// The MLS ciphersuite of the conversation `id` (it keeps the one it
+    /// was created with).
+    ///
+    /// # Errors
+    /// As [`Self::members`].
+    pub fn conversation_suite(&self, id: &ConversationId) -> Result<CipherSuite, ClientError> {
+        Ok(self.engine().suite(&self.active_conversation(id)?)?)
     }
 
     /// The member devices of the conversation `id` that have not replaced

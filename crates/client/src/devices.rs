@@ -244,8 +244,9 @@ impl Subrosa {
             if self.engine().members(&row.id)?.iter().any(|m| m.address == address) {
                 continue;
             }
+            let suite = self.engine().suite(&row.id)?;
             let kp = loop {
-                let claimed = self.claim_devices(&me, false).await?;
+                let claimed = self.claim_devices(&me, false, suite).await?;
                 if let Some((_, kp)) = claimed.into_iter().find(|(d, _)| *d == device) {
                     break kp;
                 }

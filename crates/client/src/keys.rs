@@ -346,9 +346,9 @@ impl Subrosa {
     }
 
     async fn create_own_conversation(&self) -> Result<ConversationId, ClientError> {
-        let key_packages = self.claim(&self.handle().clone(), false).await?;
+        let (suite, key_packages) = self.claim_for_new(&[]).await?;
         let change = StagedChange::Create { kind: "own".into(), name: String::new(), peer: None, first: None };
-        self.create_conversation(&ConversationInfo::own(), &key_packages, change, None).await
+        self.create_conversation(&ConversationInfo::own(), suite, &key_packages, change, None).await
     }
 
     /// Whether the directory lists `new`'s identity key and this device's

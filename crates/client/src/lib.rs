@@ -273,46 +273,58 @@ impl Subrosa {
         self.api.base().as_str()
     }
 
+    /// Uploads `count` one-time key packages of every suite this device
+    /// speaks ([`subrosa_core::SUITES`]), and with `last_resort` a
+    /// last-resort package of each.
     pub(crate) async fn upload_key_packages(&self, count: usize, last_resort: bool) -> Result<(), ClientError> {
-        self.upload_key_packages_with(count, last_resort, false).await
+        let counts: Vec<_> = subrosa_core::SUITES.iter().map(|s| (*s, count)).collect();
+        self.upload_key_packages_with(&counts, last_resort, false).await
     }
 
-    /// Uploads `count` one-time key packages and a last-resort one that
-    /// replace every package the server still holds for this device.
+    /// Uploads `count` one-time key packages of every suite and a
+    /// last-resort one of each, replacing every package the server still
+    /// holds for this device.
     pub(crate) async fn upload_key_packages_replacing(&self, count: usize) -> Result<(), ClientError> {
-        self.upload_key_packages_with(count, true, true).await
+        let counts: Vec<_> = subrosa_core::SUITES.iter().map(|s| (*s, count)).collect();
+        self.upload_key_packages_with(&counts, true, true).await
     }
 
+    /// Uploads one-time packages (`counts`: how many of each suite) and,
+    /// with `last_resort`, a last-resort package of every suite (made
+    /// together, so the store keeps the newest of each: see
+    /// `erase_key_packages_before`).
     async fn upload_key_packages_with(
         &self,
-        count: usize,
+        counts: &[(subrosa_core::CipherSuite, usize)],
         last_resort: bool,
         replace: bool,
     ) -> Result<(), ClientError> {
-        let (one_time, last) = self.store().write(|tx| {
-            let mut one_time = Vec::with_capacity(count);
-            for _ in 0..count {
-                one_time.push(B64(self.engine().generate_key_package()?));
+        let (one_time, mut last) = self.store().write(|tx| {
+            let mut one_time = Vec::new();
+            for (suite, count) in counts {
+                for _ in 0..*count {
+                    one_time.push(B64(self.engine().generate_key_package_in(*suite)?));
+                }
             }
-            let last = if last_resort {
-                let kp = self.engine().generate_key_package()?;
-                tx.mark_newest_key_package_last_resort()?;
-                Some(B64(kp))
-            } else {
-                None
-            };
+            let mut last = Vec::new();
+            if last_resort {
+                for suite in subrosa_core::SUITES {
+                    last.push(B64(self.engine().generate_key_package_in(suite)?));
+                    tx.mark_newest_key_package_last_resort()?;
+                }
+            }
             Ok((one_time, last))
         })?;
-        let _: KeyPackageCount = self
-            .api
-            .call(Method::POST, "/v1/keypackages", Some(&KeyPackageUpload { one_time, last_resort: last, replace }))
-            .await?;
+        let first = if last.is_empty() { None } else { Some(last.remove(0)) };
+        let upload = KeyPackageUpload { one_time, last_resort: first, more_last_resort: last, replace };
+        let _: KeyPackageCount = self.api.call(Method::POST, "/v1/keypackages", Some(&upload)).await?;
         Ok(())
     }
 
     async fn refill_key_packages(&self) -> Result<(), ClientError> {
         let count: KeyPackageCount = self.api.call::<(), _>(Method::GET, "/v1/keypackages", None).await?;
-        if count.one_time == 0 {
+        let by_suite: Vec<_> = subrosa_core::SUITES.iter().map(|s| (*s, count.of(u16::from(*s)))).collect();
+        if by_suite.iter().any(|(_, c)| c.one_time == 0) {
             // 50 packages gone between two commands of this device is not
             // people starting conversations: someone is draining them (new
             // conversations fall back to the last-resort package meanwhile).
@@ -323,12 +335,14 @@ impl Subrosa {
                 )
             })?;
         }
-        if count.one_time < KEY_PACKAGE_LOW || !count.last_resort {
-            self.upload_key_packages(
-                (KEY_PACKAGE_TARGET - count.one_time.min(KEY_PACKAGE_TARGET)) as usize,
-                !count.last_resort,
-            )
-            .await?;
+        let missing_last_resort = by_suite.iter().any(|(_, c)| !c.last_resort);
+        let counts: Vec<_> = by_suite
+            .iter()
+            .filter(|(_, c)| c.one_time < KEY_PACKAGE_LOW)
+            .map(|(s, c)| (*s, (KEY_PACKAGE_TARGET - c.one_time.min(KEY_PACKAGE_TARGET)) as usize))
+            .collect();
+        if !counts.is_empty() || missing_last_resort {
+            self.upload_key_packages_with(&counts, missing_last_resort, false).await?;
         }
         Ok(())
     }

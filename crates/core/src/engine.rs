@@ -20,7 +20,7 @@ use subrosa_proto::{ConversationId, DeviceAddress, Epoch};
 
 use crate::content::Content;
 use crate::identity::{CertificateIdentityProvider, DeviceCertificate, DeviceIdentity};
-use crate::{CoreError, CIPHERSUITE};
+use crate::{CoreError, CIPHERSUITE, SUITES};
 
 /// Private-use extension type carrying [`ConversationInfo`].
 const CONVERSATION_INFO_EXT: u16 = 0xF5B0;
@@ -347,6 +347,15 @@ fn is_application_message(bytes: &[u8]) -> bool {
     header == Some((PRIVATE_MESSAGE, APPLICATION))
 }
 
+/// The suite of a key package, read without checking anything else.
+///
+/// # Errors
+/// [`CoreError::Malformed`] when it is not a key package.
+pub fn key_package_suite(bytes: &[u8]) -> Result<mls_rs::CipherSuite, CoreError> {
+    let msg = MlsMessage::from_bytes(bytes).map_err(|_| CoreError::Malformed("key package"))?;
+    Ok(msg.as_key_package().ok_or(CoreError::Malformed("key package"))?.cipher_suite())
+}
+
 fn conversation_id(bytes: &[u8]) -> Result<ConversationId, CoreError> {
     ConversationId::from_slice(bytes).map_err(|_| CoreError::Malformed("conversation id"))
 }
@@ -450,7 +459,17 @@ where
         &self.crypto
     }
 
+    /// The mls-rs client of this device. Its suite is what new groups and
+    /// key packages use; loading, joining and processing take the suite of
+    /// the group or Welcome (both suites sign with the same Ed25519 key).
     fn client(&self) -> Result<Client<EngineConfig<C, G, K>>, CoreError> {
+        self.client_in(CIPHERSUITE)
+    }
+
+    fn client_in(&self, suite: mls_rs::CipherSuite) -> Result<Client<EngineConfig<C, G, K>>, CoreError> {
+        if !SUITES.contains(&suite) || self.crypto.cipher_suite_provider(suite).is_none() {
+            return Err(CoreError::Unsupported("ciphersuite"));
+        }
         let identity = self.identity();
         let rules = DefaultMlsRules::new()
             // Handshakes are PrivateMessages: membership changes and the
@@ -468,17 +487,36 @@ where
             .extension_type(ExtensionType::new(CONVERSATION_INFO_EXT))
             .extension_type(ExtensionType::new(DISAPPEARING_EXT))
             .mls_rules(rules)
-            .signing_identity(identity.signing_identity()?, identity.device_secret().clone(), CIPHERSUITE)
+            .signing_identity(identity.signing_identity()?, identity.device_secret().clone(), suite)
             .build())
     }
 
-    /// Generates a key package; its private keys go to the key package storage.
+    /// Generates a key package of the classical suite; its private keys go
+    /// to the key package storage.
     ///
     /// # Errors
     /// [`CoreError::Mls`] on a storage or crypto failure.
     pub fn generate_key_package(&self) -> Result<Vec<u8>, CoreError> {
-        let msg = self.client()?.generate_key_package_message(ExtensionList::new(), ExtensionList::new(), None)?;
+        self.generate_key_package_in(CIPHERSUITE)
+    }
+
+    /// Generates a key package of `suite` (one of [`SUITES`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Unsupported`] for another suite; [`CoreError::Mls`] on a
+    /// storage or crypto failure.
+    pub fn generate_key_package_in(&self, suite: mls_rs::CipherSuite) -> Result<Vec<u8>, CoreError> {
+        let msg =
+            self.client_in(suite)?.generate_key_package_message(ExtensionList::new(), ExtensionList::new(), None)?;
         Ok(msg.to_bytes()?)
+    }
+
+    /// The suite of a key package ([`key_package_suite`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`] when it is not a key package.
+    pub fn key_package_suite(bytes: &[u8]) -> Result<mls_rs::CipherSuite, CoreError> {
+        key_package_suite(bytes)
     }
 
     /// Checks a key package from the server and returns the device
@@ -490,7 +528,7 @@ where
     pub fn inspect_key_package(&self, bytes: &[u8]) -> Result<DeviceCertificate, CoreError> {
         let msg = MlsMessage::from_bytes(bytes).map_err(|_| CoreError::Malformed("key package"))?;
         let kp = msg.as_key_package().ok_or(CoreError::Malformed("key package"))?;
-        if kp.cipher_suite() != CIPHERSUITE {
+        if !SUITES.contains(&kp.cipher_suite()) {
             return Err(CoreError::Malformed("key package ciphersuite"));
         }
         DeviceCertificate::from_signing_identity(&self.crypto, kp.signing_identity())
@@ -553,24 +591,70 @@ where
         self.stage(conversation, Change::Disappearing(seconds.filter(|s| *s > 0)))
     }
 
-    /// Creates a conversation with the devices of `key_packages` and stages
-    /// the commit that adds them.
+    /// Creates a conversation with the devices of `key_packages`, in their
+    /// suite (the classical one when there are none), and stages the commit
+    /// that adds them.
     ///
     /// # Errors
     /// [`CoreError::Mls`] when a key package is invalid (bad signature,
-    /// certificate or ciphersuite) or storage fails.
+    /// certificate or ciphersuite) or storage fails;
+    /// [`CoreError::SuiteMismatch`] when they are of different suites.
     pub fn create_conversation(
         &self,
         info: &ConversationInfo,
         key_packages: &[Vec<u8>],
     ) -> Result<OutgoingCommit, CoreError> {
+        let suite = match key_packages.first() {
+            Some(kp) => Self::key_package_suite(kp)?,
+            None => CIPHERSUITE,
+        };
+        self.create_conversation_in(info, suite, key_packages)
+    }
+
+    /// Creates a conversation of `suite` (one of [`SUITES`]) with the
+    /// devices of `key_packages`, which must all be of that suite, and
+    /// stages the commit that adds them. A conversation keeps its suite.
+    ///
+    /// # Errors
+    /// As [`Self::create_conversation`]; [`CoreError::Unsupported`] for
+    /// another suite.
+    pub fn create_conversation_in(
+        &self,
+        info: &ConversationInfo,
+        suite: mls_rs::CipherSuite,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OutgoingCommit, CoreError> {
+        Self::check_suites(suite, key_packages)?;
         let mut exts = ExtensionList::new();
         exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
         let mut id = [0u8; 16];
         crate::random_bytes(&self.crypto, &mut id)?;
         let conversation = ConversationId(id);
-        self.client()?.create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?.write_to_storage()?;
+        self.client_in(suite)?
+            .create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?
+            .write_to_storage()?;
         self.stage(&conversation, Change::Add(key_packages))
+    }
+
+    /// Every key package must be of `suite`: said plainly here rather than
+    /// as mls-rs's error deep in a commit.
+    fn check_suites(suite: mls_rs::CipherSuite, key_packages: &[Vec<u8>]) -> Result<(), CoreError> {
+        for kp in key_packages {
+            let theirs = Self::key_package_suite(kp)?;
+            if theirs != suite {
+                return Err(CoreError::SuiteMismatch { conversation: suite.into(), key_package: theirs.into() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The conversation's ciphersuite (it never changes: moving a
+    /// conversation to another suite, MLS ReInit, is not done).
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn suite(&self, conversation: &ConversationId) -> Result<mls_rs::CipherSuite, CoreError> {
+        Ok(self.load(conversation)?.cipher_suite())
     }
 
     /// TEST ONLY (feature `test-hooks`): [`Self::create_conversation`] under
@@ -794,6 +878,9 @@ where
     /// but this device (removed ones included, so they learn it).
     fn stage(&self, conversation: &ConversationId, change: Change<'_>) -> Result<OutgoingCommit, CoreError> {
         let mut group = self.load(conversation)?;
+        if let Change::Add(kps) = &change {
+            Self::check_suites(group.cipher_suite(), kps)?;
+        }
         let epoch = Epoch(group.current_epoch());
         let members = self.members_of(&group)?;
         let me = self.identity().address();
@@ -1478,5 +1565,70 @@ mod provider_interop {
         assert!(matches!(native.process(&conv, &update.commit).expect("commit"), Event::Commit { .. }));
         let (ct, _) = native.encrypt(&conv, &Content::text(MessageId([3; 16]), 3, "after")).expect("encrypt");
         assert_eq!(text(web.process(&conv, &ct).expect("decrypt")), "after");
+    }
+
+    /// One conversation of suite 65100 between a device on AWS-LC and one
+    /// on the pure-Rust provider, created by `creator`: the Welcome, a
+    /// commit by each side (new path keys: the hybrid KEM both ways) and
+    /// messages both ways.
+    fn pq_conversation<A, B>(creator: &TestEngineOf<A>, joiner: &TestEngineOf<B>)
+    where
+        A: CryptoProvider + Clone + 'static,
+        B: CryptoProvider + Clone + 'static,
+    {
+        let kp = joiner.generate_key_package_in(crate::PQ_CIPHERSUITE).expect("kp");
+        assert_eq!(crate::key_package_suite(&kp).expect("suite"), crate::PQ_CIPHERSUITE);
+        creator.inspect_key_package(&kp).expect("a valid package");
+        let out =
+            creator.create_conversation_in(&ConversationInfo::direct(), crate::PQ_CIPHERSUITE, &[kp]).expect("create");
+        creator.confirm_commit(&out.conversation).expect("confirm");
+        let conv = out.conversation;
+        joiner.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        assert_eq!(creator.suite(&conv).expect("suite"), crate::PQ_CIPHERSUITE);
+        assert_eq!(joiner.suite(&conv).expect("suite"), crate::PQ_CIPHERSUITE);
+
+        let (ct, _) = creator.encrypt(&conv, &Content::text(MessageId([1; 16]), 1, "one")).expect("encrypt");
+        assert_eq!(text(joiner.process(&conv, &ct).expect("decrypt")), "one");
+        let update = joiner.update_keys(&conv).expect("update");
+        joiner.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(creator.process(&conv, &update.commit).expect("commit"), Event::Commit { .. }));
+        let update = creator.update_keys(&conv).expect("update");
+        creator.confirm_commit(&conv).expect("confirm");
+        assert!(matches!(joiner.process(&conv, &update.commit).expect("commit"), Event::Commit { .. }));
+        let (ct, _) = joiner.encrypt(&conv, &Content::text(MessageId([2; 16]), 2, "two")).expect("encrypt");
+        assert_eq!(text(creator.process(&conv, &ct).expect("decrypt")), "two");
+    }
+
+    type TestEngineOf<C> = Engine<C, InMemoryGroupStateStorage, InMemoryKeyPackageStorage>;
+
+    #[test]
+    fn a_post_quantum_conversation_between_aws_lc_and_pure_rust_both_ways() {
+        pq_conversation(&engine(crate::default_crypto(), "alice"), &engine(crate::pq::RustCryptoPq::new(), "bob"));
+        pq_conversation(&engine(crate::pq::RustCryptoPq::new(), "carol"), &engine(crate::default_crypto(), "dave"));
+    }
+
+    /// A conversation keeps its suite: a key package of the other one is
+    /// refused with a plain error, and a new conversation cannot mix them.
+    #[test]
+    fn suites_do_not_mix() {
+        let alice = engine(crate::default_crypto(), "alice");
+        let bob = engine(crate::default_crypto(), "bob");
+        let carol = engine(crate::default_crypto(), "carol");
+        let pq = bob.generate_key_package_in(crate::PQ_CIPHERSUITE).expect("kp");
+        let classical = carol.generate_key_package().expect("kp");
+        let mixed = alice.create_conversation(&ConversationInfo::direct(), &[pq.clone(), classical.clone()]);
+        assert!(matches!(mixed, Err(CoreError::SuiteMismatch { conversation: 65100, key_package: 1 })), "{mixed:?}");
+        let out = alice.create_conversation(&ConversationInfo::direct(), &[pq]).expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        assert_eq!(alice.suite(&out.conversation).expect("suite"), crate::PQ_CIPHERSUITE);
+        let add = alice.add_members(&out.conversation, &[classical]);
+        assert!(matches!(add, Err(CoreError::SuiteMismatch { conversation: 65100, key_package: 1 })), "{add:?}");
+        assert!(matches!(
+            alice.generate_key_package_in(mls_rs::CipherSuite::P256_AES128),
+            Err(CoreError::Unsupported(_))
+        ));
+        // No package yet: the classical suite, as before.
+        let alone = alice.create_conversation(&ConversationInfo::own(), &[]).expect("create");
+        assert_eq!(alice.suite(&alone.conversation).expect("suite"), crate::CIPHERSUITE);
     }
 }

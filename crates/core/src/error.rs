@@ -23,6 +23,17 @@ pub enum CoreError {
     /// An unsupported content version.
     #[error("unsupported content version {0}")]
     UnsupportedVersion(u8),
+    /// Something this build does not do (a ciphersuite it does not speak).
+    #[error("unsupported {0}")]
+    Unsupported(&'static str),
+    /// A key package of another suite than the conversation's.
+    #[error("a key package of ciphersuite {key_package} for a conversation of ciphersuite {conversation}")]
+    SuiteMismatch {
+        /// The conversation's suite.
+        conversation: u16,
+        /// The key package's.
+        key_package: u16,
+    },
     /// A bug in Subrosa, not in the input.
     #[error("internal error: {0}")]
     Bug(&'static str),

@@ -21,10 +21,16 @@ use zeroize::Zeroizing;
 
 use crate::{CoreError, CIPHERSUITE};
 
-const CERT_LABEL: &[u8] = b"subrosa-device-certificate-v1";
-const CERT_VERSION: u8 = 1;
+const CERT_LABEL_V1: &[u8] = b"subrosa-device-certificate-v1";
+const CERT_LABEL_V2: &[u8] = b"subrosa-device-certificate-v2";
+/// Version 1: no suites listed (the device speaks the classical suite only).
+const CERT_V1: u8 = 1;
+/// Version 2 adds the MLS ciphersuites the device can take part in, so the
+/// directory (which carries every certificate) says which devices can do
+/// post-quantum conversations, signed by the identity key.
+const CERT_V2: u8 = 2;
 
-#[derive(Clone, PartialEq, Eq, MlsSize, MlsEncode, MlsDecode)]
+#[derive(Clone, PartialEq, Eq)]
 struct CertBody {
     version: u8,
     handle: Vec<u8>,
@@ -32,6 +38,49 @@ struct CertBody {
     identity_key: Vec<u8>,
     device_key: Vec<u8>,
     issued_at_ms: u64,
+    /// Version 2 only (empty in version 1).
+    suites: Vec<u16>,
+}
+
+impl MlsSize for CertBody {
+    fn mls_encoded_len(&self) -> usize {
+        let v2 = if self.version >= CERT_V2 { self.suites.mls_encoded_len() } else { 0 };
+        self.version.mls_encoded_len()
+            + self.handle.mls_encoded_len()
+            + self.device_id.mls_encoded_len()
+            + self.identity_key.mls_encoded_len()
+            + self.device_key.mls_encoded_len()
+            + self.issued_at_ms.mls_encoded_len()
+            + v2
+    }
+}
+
+impl MlsEncode for CertBody {
+    fn mls_encode(&self, writer: &mut Vec<u8>) -> Result<(), mls_rs_codec::Error> {
+        self.version.mls_encode(writer)?;
+        self.handle.mls_encode(writer)?;
+        self.device_id.mls_encode(writer)?;
+        self.identity_key.mls_encode(writer)?;
+        self.device_key.mls_encode(writer)?;
+        self.issued_at_ms.mls_encode(writer)?;
+        if self.version >= CERT_V2 {
+            self.suites.mls_encode(writer)?;
+        }
+        Ok(())
+    }
+}
+
+impl MlsDecode for CertBody {
+    fn mls_decode(reader: &mut &[u8]) -> Result<Self, mls_rs_codec::Error> {
+        let version = u8::mls_decode(reader)?;
+        let handle = Vec::mls_decode(reader)?;
+        let device_id = <[u8; 8]>::mls_decode(reader)?;
+        let identity_key = Vec::mls_decode(reader)?;
+        let device_key = Vec::mls_decode(reader)?;
+        let issued_at_ms = u64::mls_decode(reader)?;
+        let suites = if version >= CERT_V2 { Vec::mls_decode(reader)? } else { Vec::new() };
+        Ok(CertBody { version, handle, device_id, identity_key, device_key, issued_at_ms, suites })
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, MlsSize, MlsEncode, MlsDecode)]
@@ -64,7 +113,7 @@ fn suite<C: CryptoProvider>(crypto: &C) -> Result<C::CipherSuiteProvider, CoreEr
 }
 
 fn signed_bytes(body: &CertBody) -> Result<Vec<u8>, CoreError> {
-    let mut out = CERT_LABEL.to_vec();
+    let mut out = if body.version == CERT_V1 { CERT_LABEL_V1 } else { CERT_LABEL_V2 }.to_vec();
     body.mls_encode(&mut out).map_err(|_| CoreError::Bug("certificate encoding"))?;
     Ok(out)
 }
@@ -84,12 +133,13 @@ impl DeviceCertificate {
         issued_at_ms: u64,
     ) -> Result<Self, CoreError> {
         let body = CertBody {
-            version: CERT_VERSION,
+            version: CERT_V2,
             handle: handle.as_str().as_bytes().to_vec(),
             device_id: device_id.0,
             identity_key: identity_public.to_vec(),
             device_key: device_key.to_vec(),
             issued_at_ms,
+            suites: crate::SUITES.iter().map(|s| u16::from(*s)).collect(),
         };
         let signature = suite(crypto)?
             .sign(identity_secret, &signed_bytes(&body)?)
@@ -105,7 +155,8 @@ impl DeviceCertificate {
         let all = bytes;
         let wire = CertWire::mls_decode(&mut bytes).map_err(|_| CoreError::Malformed("device certificate"))?;
         let canonical = wire.mls_encode_to_vec().map_err(|_| CoreError::Bug("certificate encoding"))?;
-        if !bytes.is_empty() || wire.body.version != CERT_VERSION || canonical != all {
+        let version_ok = wire.body.version == CERT_V1 || wire.body.version == CERT_V2;
+        if !bytes.is_empty() || !version_ok || canonical != all {
             return Err(CoreError::Malformed("device certificate"));
         }
         let text =
@@ -157,6 +208,15 @@ impl DeviceCertificate {
     /// The certified device signature key.
     pub fn device_key(&self) -> &[u8] {
         &self.body.device_key
+    }
+    /// Whether the identity key states that the device can take part in
+    /// conversations of `suite`. A version 1 certificate (issued before
+    /// post-quantum conversations) speaks the classical suite only.
+    pub fn supports(&self, suite: mls_rs::CipherSuite) -> bool {
+        if self.body.version == CERT_V1 {
+            return suite == CIPHERSUITE;
+        }
+        self.body.suites.contains(&u16::from(suite))
     }
 
     /// Reads the certificate of a member already in a group's roster. mls-rs
@@ -581,5 +641,78 @@ mod tests {
             DeviceIdentity::from_secret_bytes(&crypto, &alice.to_secret_bytes().expect("bytes")).expect("restores");
         assert_eq!(restored.address(), alice.address());
         assert!(!format!("{restored:?}").contains(&hex::encode(alice.device_public())));
+    }
+
+    fn body(version: u8, suites: Vec<u16>) -> CertBody {
+        CertBody {
+            version,
+            handle: b"al".to_vec(),
+            device_id: [0xD1; 8],
+            identity_key: vec![0x1D; 2],
+            device_key: vec![0xDE; 2],
+            issued_at_ms: 5,
+            suites,
+        }
+    }
+
+    /// Byte snapshots of what the identity key signs: version 1 (no
+    /// suites, devices from before post-quantum conversations) and version
+    /// 2 (the suites the device speaks, after the other fields), each under
+    /// its own label.
+    #[test]
+    fn certificate_bodies_are_stable() {
+        let v1 = signed_bytes(&body(1, vec![])).expect("v1");
+        assert_eq!(
+            hex::encode(&v1),
+            format!("{}0102616cd1d1d1d1d1d1d1d1021d1d02dede0000000000000005", hex::encode(CERT_LABEL_V1))
+        );
+        let v2 = signed_bytes(&body(2, vec![65100, 1])).expect("v2");
+        assert_eq!(
+            hex::encode(&v2),
+            format!("{}0202616cd1d1d1d1d1d1d1d1021d1d02dede000000000000000504fe4c0001", hex::encode(CERT_LABEL_V2))
+        );
+        // Both decode back to what was encoded, and nothing else.
+        for b in [body(1, vec![]), body(2, vec![65100, 1])] {
+            let bytes = b.mls_encode_to_vec().expect("encode");
+            assert!(CertBody::mls_decode(&mut bytes.as_slice()).expect("decode") == b);
+        }
+    }
+
+    /// New certificates say the device can do both suites; a version 1
+    /// one (still valid) only the classical one; and the server cannot turn
+    /// a version 2 certificate into a version 1 one to hide the post-quantum
+    /// suite: the signature no longer verifies.
+    #[test]
+    fn certificates_state_the_suites_and_cannot_be_downgraded() {
+        let crypto = crate::default_crypto();
+        let alice = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 1).expect("identity");
+        let cert = alice.certificate().clone();
+        assert!(cert.supports(crate::PQ_CIPHERSUITE) && cert.supports(CIPHERSUITE));
+        assert!(!cert.supports(mls_rs::CipherSuite::P256_AES128));
+
+        let mut v1 = cert.clone();
+        v1.body.version = CERT_V1;
+        v1.body.suites.clear();
+        let bytes = v1.to_bytes().expect("bytes");
+        let decoded = DeviceCertificate::from_bytes(&bytes).expect("a version 1 certificate decodes");
+        assert!(decoded.supports(CIPHERSUITE) && !decoded.supports(crate::PQ_CIPHERSUITE));
+        assert!(decoded.verify(&crypto).is_err(), "the signature was over version 2");
+
+        // A genuine version 1 certificate (signed as one) still verifies.
+        let mut old = v1.body.clone();
+        old.identity_key = alice.identity_public().to_vec();
+        let signature = suite(&crypto)
+            .expect("suite")
+            .sign(alice.identity_secret(), &signed_bytes(&old).expect("bytes"))
+            .expect("sign");
+        let genuine = DeviceCertificate { body: old, signature, handle: alice.handle().clone() };
+        let genuine = DeviceCertificate::from_bytes(&genuine.to_bytes().expect("bytes")).expect("decode");
+        genuine.verify(&crypto).expect("a version 1 certificate verifies");
+        assert!(!genuine.supports(crate::PQ_CIPHERSUITE));
+
+        // Versions other than 1 and 2 are refused.
+        let mut v3 = cert.clone();
+        v3.body.version = 3;
+        assert!(DeviceCertificate::from_bytes(&v3.to_bytes().expect("bytes")).is_err());
     }
 }

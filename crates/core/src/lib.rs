@@ -25,14 +25,42 @@ pub mod identity;
 pub mod link;
 pub mod linklist;
 pub mod preview;
+#[cfg(any(feature = "rustcrypto", test))]
+pub mod pq;
 pub mod safety;
 
-pub use engine::{CallKeying, ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit};
+pub use engine::{
+    key_package_suite, CallKeying, ConversationInfo, ConversationKind, Engine, Event, MemberInfo, OutgoingCommit,
+};
 pub use error::CoreError;
 pub use identity::{DeviceCertificate, DeviceIdentity};
+pub use mls_rs::CipherSuite;
 
-/// The one ciphersuite Subrosa speaks: MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+/// The classical ciphersuite: MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+/// Conversations created before post-quantum ones, and those with a device
+/// that cannot do [`PQ_CIPHERSUITE`], use it; device signature keys,
+/// certificates and request signatures are its Ed25519 in both suites.
 pub const CIPHERSUITE: mls_rs::CipherSuite = mls_rs::CipherSuite::CURVE25519_AES128;
+
+/// The post-quantum ciphersuite of every new conversation whose devices can
+/// all do it: suite 1 with its KEM replaced by the hybrid of ML-KEM-768 and
+/// X25519 (mls-rs's X-Wing-style combiner; code point 65100 of mls-rs, in
+/// the private range, no standard one being assigned yet).
+pub const PQ_CIPHERSUITE: mls_rs::CipherSuite = mls_rs::CipherSuite::new(65100);
+
+/// The suites a device of this build can take part in, best first.
+pub const SUITES: [mls_rs::CipherSuite; 2] = [PQ_CIPHERSUITE, CIPHERSUITE];
+
+/// A short name for a suite, as `subrosa members` shows it.
+pub fn suite_name(suite: mls_rs::CipherSuite) -> &'static str {
+    if suite == PQ_CIPHERSUITE {
+        "ML-KEM-768+X25519 (post-quantum)"
+    } else if suite == CIPHERSUITE {
+        "X25519 (classical)"
+    } else {
+        "unknown"
+    }
+}
 
 /// The crypto provider the native clients use.
 #[cfg(feature = "awslc")]
@@ -45,10 +73,11 @@ pub fn default_crypto() -> DefaultCrypto {
 }
 
 /// The pure-Rust crypto provider (RustCrypto): the WebAssembly client's,
-/// since AWS-LC does not build for wasm32. Both providers speak the same
-/// ciphersuite and interoperate (see the interop test).
+/// since AWS-LC does not build for wasm32. It is RustCrypto's provider with
+/// suite 65100 added ([`pq`]). Both providers speak both suites and
+/// interoperate (see the interop tests).
 #[cfg(feature = "rustcrypto")]
-pub type RustCrypto = mls_rs_crypto_rustcrypto::RustCryptoProvider;
+pub type RustCrypto = pq::RustCryptoPq;
 
 /// Fills `buf` with random bytes from the crypto provider.
 ///

@@ -90,9 +90,14 @@ pub struct KeyPackageUpload {
     /// One-time key packages (MLS `KeyPackage` messages, opaque to the server).
     pub one_time: Vec<B64>,
     /// A last-resort key package, handed out when no one-time package is left;
-    /// replaces the previous one.
+    /// replaces the previous one of its ciphersuite.
     #[serde(default)]
     pub last_resort: Option<B64>,
+    /// Last-resort packages of further ciphersuites (at most one each; the
+    /// server reads each package's suite from its bytes). Left out when
+    /// empty, so older servers accept the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_last_resort: Vec<B64>,
     /// Drop every one-time package the server still holds for this device
     /// before storing these (the device replaces old keys; see the client's
     /// key rotation). Left out when false, so older servers accept the rest.
@@ -103,10 +108,48 @@ pub struct KeyPackageUpload {
 /// How many one-time key packages the server still holds for this device.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KeyPackageCount {
+    /// Unclaimed one-time packages of the classical suite.
+    pub one_time: u64,
+    /// Whether a last-resort package of the classical suite is stored.
+    pub last_resort: bool,
+    /// The same for every suite the device has packages of (the classical
+    /// one included), by suite. Left out when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suites: Vec<SuiteCount>,
+}
+
+impl KeyPackageCount {
+    /// The counts of one suite (zero when the device has none of it).
+    pub fn of(&self, suite: u16) -> SuiteCount {
+        self.suites.iter().find(|c| c.suite == suite).cloned().unwrap_or(SuiteCount {
+            suite,
+            one_time: 0,
+            last_resort: false,
+        })
+    }
+}
+
+/// A device's key packages of one MLS ciphersuite.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SuiteCount {
+    /// The suite (its MLS code point).
+    pub suite: u16,
     /// Unclaimed one-time packages.
     pub one_time: u64,
     /// Whether a last-resort package is stored.
     pub last_resort: bool,
+}
+
+/// The classical MLS ciphersuite (1, X25519), which a claim asks for when it
+/// names none.
+pub const CLASSICAL_SUITE: u16 = 1;
+
+fn is_classical(suite: &u16) -> bool {
+    *suite == CLASSICAL_SUITE
+}
+
+fn classical() -> u16 {
+    CLASSICAL_SUITE
 }
 
 /// Claims one key package of every device of a handle.
@@ -115,6 +158,10 @@ pub struct KeyPackageCount {
 pub struct ClaimRequest {
     /// Whose packages.
     pub handle: Handle,
+    /// Of which MLS ciphersuite: devices with no package of it get none.
+    /// Left out for the classical suite, so older servers accept it.
+    #[serde(default = "classical", skip_serializing_if = "is_classical")]
+    pub suite: u16,
 }
 
 /// One key package per device of the handle (the caller's own device excluded).
@@ -544,15 +591,65 @@ mod tests {
     /// so an upload that replaces nothing is what older servers accept.
     #[test]
     fn key_package_upload_bytes_are_stable() {
-        let plain = KeyPackageUpload { one_time: vec![B64(vec![1, 2])], last_resort: None, replace: false };
+        let plain = KeyPackageUpload {
+            one_time: vec![B64(vec![1, 2])],
+            last_resort: None,
+            more_last_resort: vec![],
+            replace: false,
+        };
         assert_eq!(serde_json::to_string(&plain).expect("json"), r#"{"one_time":["AQI="],"last_resort":null}"#);
-        let rotate = KeyPackageUpload { one_time: vec![], last_resort: Some(B64(vec![3])), replace: true };
+        let rotate = KeyPackageUpload {
+            one_time: vec![],
+            last_resort: Some(B64(vec![3])),
+            more_last_resort: vec![],
+            replace: true,
+        };
         let json = r#"{"one_time":[],"last_resort":"Aw==","replace":true}"#;
         assert_eq!(serde_json::to_string(&rotate).expect("json"), json);
         let back: KeyPackageUpload = serde_json::from_str(json).expect("parse");
         assert!(back.replace);
         let old: KeyPackageUpload = serde_json::from_str(r#"{"one_time":["AQI="]}"#).expect("older client's upload");
         assert!(!old.replace && old.last_resort.is_none());
+    }
+
+    /// Key packages by suite on the wire: the classical suite's fields are
+    /// where they always were, and a claim for it is what older servers
+    /// took.
+    #[test]
+    fn key_package_suites_bytes_are_stable() {
+        let alice = Handle::new("alice").expect("handle");
+        let classical = ClaimRequest { handle: alice.clone(), suite: CLASSICAL_SUITE };
+        assert_eq!(serde_json::to_string(&classical).expect("json"), r#"{"handle":"alice"}"#);
+        let pq = ClaimRequest { handle: alice, suite: 65100 };
+        let json = r#"{"handle":"alice","suite":65100}"#;
+        assert_eq!(serde_json::to_string(&pq).expect("json"), json);
+        assert_eq!(serde_json::from_str::<ClaimRequest>(json).expect("parse").suite, 65100);
+        assert_eq!(serde_json::from_str::<ClaimRequest>(r#"{"handle":"alice"}"#).expect("old").suite, 1);
+
+        let upload = KeyPackageUpload {
+            one_time: vec![],
+            last_resort: Some(B64(vec![1])),
+            more_last_resort: vec![B64(vec![2])],
+            replace: false,
+        };
+        let json = r#"{"one_time":[],"last_resort":"AQ==","more_last_resort":["Ag=="]}"#;
+        assert_eq!(serde_json::to_string(&upload).expect("json"), json);
+        assert_eq!(serde_json::from_str::<KeyPackageUpload>(json).expect("parse").more_last_resort.len(), 1);
+
+        let count = KeyPackageCount {
+            one_time: 3,
+            last_resort: true,
+            suites: vec![
+                SuiteCount { suite: 1, one_time: 3, last_resort: true },
+                SuiteCount { suite: 65100, one_time: 0, last_resort: true },
+            ],
+        };
+        let json = r#"{"one_time":3,"last_resort":true,"suites":[{"suite":1,"one_time":3,"last_resort":true},{"suite":65100,"one_time":0,"last_resort":true}]}"#;
+        assert_eq!(serde_json::to_string(&count).expect("json"), json);
+        let back: KeyPackageCount = serde_json::from_str(json).expect("parse");
+        assert_eq!(back.of(65100), SuiteCount { suite: 65100, one_time: 0, last_resort: true });
+        let old: KeyPackageCount = serde_json::from_str(r#"{"one_time":3,"last_resort":true}"#).expect("old");
+        assert_eq!(old.of(65100).one_time, 0);
     }
 
     /// A key-set replacement on the wire (also what a client stores while

@@ -114,6 +114,34 @@ pub fn private_framing(bytes: &[u8]) -> Result<PrivateFraming<'_>, FramingError>
     Ok(PrivateFraming { group_id, epoch, content_type })
 }
 
+/// `wire_format` of a `KeyPackage`.
+const WIRE_FORMAT_KEY_PACKAGE: u16 = 5;
+
+/// Reads the ciphersuite of an MLS `KeyPackage` message, which the server
+/// files each uploaded package under (RFC 9420 §10):
+///
+/// ```text
+/// MLSMessage = version: u16 (1) || wire_format: u16 (5 = key package) || KeyPackage
+/// KeyPackage = version: u16 (1) || cipher_suite: u16 || …
+/// ```
+///
+/// # Errors
+/// [`FramingError`] when the bytes are not one (the rest is not checked:
+/// clients verify the package).
+pub fn key_package_suite(bytes: &[u8]) -> Result<u16, FramingError> {
+    let mut rest = bytes;
+    if u16_of(&mut rest)? != MLS10 {
+        return Err(FramingError::Version);
+    }
+    if u16_of(&mut rest)? != WIRE_FORMAT_KEY_PACKAGE {
+        return Err(FramingError::WireFormat);
+    }
+    if u16_of(&mut rest)? != MLS10 {
+        return Err(FramingError::Version);
+    }
+    u16_of(&mut rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +161,18 @@ mod tests {
         long.extend_from_slice(&1u64.to_be_bytes());
         long.push(1);
         assert_eq!(private_framing(&long).expect("framing").group_id.len(), 64);
+    }
+
+    /// Byte-level snapshot of the key package header read for its suite.
+    #[test]
+    fn reads_a_key_package_suite() {
+        let kp = [0x00, 0x01, 0x00, 0x05, 0x00, 0x01, 0xFE, 0x4C, 0x20, 0xAA];
+        assert_eq!(key_package_suite(&kp), Ok(65100));
+        assert_eq!(key_package_suite(&[0x00, 0x01, 0x00, 0x05, 0x00, 0x01, 0x00, 0x01]), Ok(1));
+        assert_eq!(key_package_suite(&kp[..7]), Err(FramingError::Truncated));
+        assert_eq!(key_package_suite(&[0x00, 0x01, 0x00, 0x02, 0x00, 0x01, 0x00, 0x01]), Err(FramingError::WireFormat));
+        assert_eq!(key_package_suite(&[0x00, 0x02, 0x00, 0x05, 0x00, 0x01, 0x00, 0x01]), Err(FramingError::Version));
+        assert_eq!(key_package_suite(&[0x00, 0x01, 0x00, 0x05, 0x00, 0x07, 0x00, 0x01]), Err(FramingError::Version));
     }
 
     #[test]

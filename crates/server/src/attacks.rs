@@ -52,6 +52,18 @@ pub struct Plan {
     /// (as if the server let an outsider in).
     #[serde(default)]
     pub roster_extra: Option<DeviceAddress>,
+    /// Claims of a handle's post-quantum key packages are answered "no key
+    /// package", to push new conversations down to the classical suite.
+    #[serde(default)]
+    pub withhold_post_quantum: Option<Withhold>,
+}
+
+/// `withhold_post_quantum`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Withhold {
+    /// Whose packages.
+    pub handle: Handle,
 }
 
 /// `freeze`.
@@ -285,6 +297,12 @@ impl Attacks {
             kt: info.kt,
             devices: info.devices,
         }))
+    }
+
+    /// Whether a claim of `handle`'s packages of `suite` is answered as if
+    /// there were none (`withhold_post_quantum`: suite 65100 only).
+    pub(crate) fn withholds(&self, handle: &Handle, suite: u16) -> bool {
+        suite == 65100 && self.plan().withhold_post_quantum.is_some_and(|w| w.handle == *handle)
     }
 
     pub(crate) fn claim(&self, mut response: ClaimResponse) -> ClaimResponse {

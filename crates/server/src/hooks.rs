@@ -80,6 +80,17 @@ pub(crate) async fn forged_claim(
     Ok(None)
 }
 
+/// Whether a claim of `handle`'s key packages of `suite` is answered "no
+/// key package" whatever is stored (post-quantum packages withheld).
+pub(crate) fn withholds(state: &AppState, handle: &Handle, suite: u16) -> bool {
+    #[cfg(feature = "test-attacks")]
+    if let Some(a) = &state.attacks {
+        return a.withholds(handle, suite);
+    }
+    let _ = (state, handle, suite);
+    false
+}
+
 /// A claim answer about to be sent (key packages substituted).
 pub(crate) fn claim(state: &AppState, response: ClaimResponse) -> ClaimResponse {
     #[cfg(feature = "test-attacks")]

@@ -192,6 +192,10 @@ async fn delete_account(Authed(caller): Authed, State(state): State<AppState>) -
     Ok(Json(Empty {}))
 }
 
+/// Last-resort packages of further suites one upload may carry (one per
+/// suite; a client of this version has one further suite).
+const MAX_SUITES_PER_UPLOAD: usize = 4;
+
 async fn upload_key_packages(
     State(state): State<AppState>,
     SignedJson { device, body }: SignedJson<KeyPackageUpload>,
@@ -199,7 +203,10 @@ async fn upload_key_packages(
     if body.one_time.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
         return Err(AppError::too_large(format!("at most {MAX_KEY_PACKAGES_PER_UPLOAD} key packages per upload")));
     }
-    for kp in body.one_time.iter().chain(body.last_resort.iter()) {
+    if body.more_last_resort.len() > MAX_SUITES_PER_UPLOAD {
+        return Err(AppError::bad_request(format!("at most {MAX_SUITES_PER_UPLOAD} last-resort key packages")));
+    }
+    for kp in body.one_time.iter().chain(body.last_resort.iter()).chain(body.more_last_resort.iter()) {
         if kp.is_empty() {
             return Err(AppError::bad_request("a key package is empty"));
         }
@@ -207,9 +214,23 @@ async fn upload_key_packages(
             return Err(AppError::too_large(format!("a key package is over {MAX_KEY_PACKAGE_BYTES} bytes")));
         }
     }
-    let one_time = body.one_time.into_iter().map(|b| b.into_inner()).collect();
-    let last_resort = body.last_resort.map(|b| b.into_inner());
-    Ok(Json(state.store.upload_key_packages(&device, one_time, last_resort, body.replace).await?))
+    // Each package is filed under the suite its header names (the rest is
+    // opaque here; clients verify packages).
+    let by_suite = |b: B64| -> Result<(u16, Vec<u8>), AppError> {
+        let suite = subrosa_proto::framing::key_package_suite(b.as_slice())
+            .map_err(|_| AppError::bad_request("a key package is not an MLS KeyPackage message"))?;
+        Ok((suite, b.into_inner()))
+    };
+    let one_time = body.one_time.into_iter().map(by_suite).collect::<Result<Vec<_>, _>>()?;
+    let last_resort =
+        body.last_resort.into_iter().chain(body.more_last_resort).map(by_suite).collect::<Result<Vec<_>, _>>()?;
+    let mut suites: Vec<u16> = last_resort.iter().map(|(s, _)| *s).collect();
+    suites.sort_unstable();
+    suites.dedup();
+    if suites.len() != last_resort.len() {
+        return Err(AppError::bad_request("two last-resort key packages of one ciphersuite"));
+    }
+    Ok(Json(state.store.upload_key_packages_in(&device, one_time, last_resort, body.replace).await?))
 }
 
 async fn key_package_count(
@@ -225,6 +246,9 @@ async fn claim_key_packages(
 ) -> Result<Json<ClaimResponse>, AppError> {
     if let Some(forged) = crate::hooks::forged_claim(&state, &device, &body.handle).await? {
         return Ok(Json(forged));
+    }
+    if crate::hooks::withholds(&state, &body.handle, body.suite) {
+        return Err(StoreError::NoKeyPackage.into());
     }
     // One account cannot drain another's one-time packages (each claim
     // deletes one per device): claims are limited per (requester account,
@@ -250,7 +274,7 @@ async fn claim_key_packages(
             kind = ClaimKind::LastResortFirst;
         }
     }
-    let mut response = state.store.claim_key_packages_of(&body.handle, &device, kind).await?;
+    let mut response = state.store.claim_key_packages_in(&body.handle, &device, kind, body.suite).await?;
     // The keys and the proof are read after the claim: the packages' devices
     // are among them unless one was removed in between, which the client
     // notices.

@@ -156,6 +156,43 @@ pub enum GossipStep {
     AskServer(SignedHead),
 }
 
+/// Whether the identity key states, in `d`'s certificate, that the device
+/// can take part in post-quantum conversations (a certificate that does not
+/// decode says nothing). The directory carries every certificate, so the
+/// server cannot change the answer without the key directory noticing.
+pub fn can_do_pq(d: &DeviceRecord) -> bool {
+    DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| c.supports(subrosa_core::PQ_CIPHERSUITE))
+}
+
+/// The devices of `devices` (an account's, as the directory lists them)
+/// that can do post-quantum conversations yet have no package in
+/// `claimed` (a post-quantum claim's devices). A non-empty answer means
+/// the server withheld post-quantum key packages to push the conversation
+/// to the classical suite: refused, never followed. The devices of `me`'s
+/// own account are left out: one just linked has published no package yet,
+/// and joins each conversation once it has (the linking device waits for
+/// its package).
+pub fn pq_withheld<'a>(
+    devices: &'a [DeviceRecord],
+    claimed: &[subrosa_proto::DeviceId],
+    me: &subrosa_proto::DeviceAddress,
+    handle: &Handle,
+) -> Vec<&'a DeviceRecord> {
+    devices.iter().filter(|d| *handle != me.handle && can_do_pq(d) && !claimed.contains(&d.device_id)).collect()
+}
+
+/// The refusal for [`pq_withheld`] devices.
+pub fn pq_withheld_error(handle: &Handle, withheld: &[&DeviceRecord]) -> ClientError {
+    let ids: Vec<String> = withheld.iter().map(|d| d.device_id.to_hex()).collect();
+    ClientError::KeyMismatch {
+        handle: handle.to_string(),
+        why: format!(
+            "the server withheld the post-quantum key packages of device {} (its certificate says it can do post-quantum conversations); refusing to fall back to a classical conversation",
+            ids.join(", ")
+        ),
+    }
+}
+
 /// What the server answered when asked for its signed head of an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -502,4 +539,49 @@ impl Session {
 
 fn chain_broken(epoch: u64) -> ClientError {
     directory_refused(format!("the root of epoch {epoch} is not on the chain this device verified"))
+}
+
+#[cfg(test)]
+mod pq_tests {
+    use super::*;
+    use subrosa_core::DeviceIdentity;
+    use subrosa_proto::{DeviceAddress, B64};
+
+    fn record(id: &DeviceIdentity) -> DeviceRecord {
+        DeviceRecord {
+            device_id: id.device_id(),
+            signature_key: B64(id.device_public().to_vec()),
+            certificate: B64(id.certificate().to_bytes().expect("certificate")),
+        }
+    }
+
+    /// A device whose certificate lists the post-quantum suite and that got
+    /// no package counts as withheld; this device, and a device whose
+    /// certificate does not decode, never do.
+    #[test]
+    fn a_capable_device_without_a_package_is_withheld() {
+        let crypto = Crypto::default();
+        let bob = Handle::new("bob").expect("handle");
+        let (one, two) = (
+            DeviceIdentity::generate(&crypto, bob.clone(), 1).expect("identity"),
+            DeviceIdentity::generate(&crypto, bob.clone(), 1).expect("identity"),
+        );
+        let devices = vec![record(&one), record(&two)];
+        assert!(devices.iter().all(can_do_pq));
+        let alice = DeviceAddress { handle: Handle::new("alice").expect("handle"), device: one.device_id() };
+        let all = [one.device_id(), two.device_id()];
+        assert!(pq_withheld(&devices, &all, &alice, &bob).is_empty());
+        let withheld = pq_withheld(&devices, &[one.device_id()], &alice, &bob);
+        assert_eq!(withheld.iter().map(|d| d.device_id).collect::<Vec<_>>(), vec![two.device_id()]);
+        assert!(pq_withheld_error(&bob, &withheld).to_string().contains("withheld the post-quantum key packages"));
+        // Bob's own device asking about bob's devices: his own account is
+        // left out (a device just linked has no package yet).
+        let me = DeviceAddress { handle: bob.clone(), device: two.device_id() };
+        assert!(pq_withheld(&devices, &[one.device_id()], &me, &bob).is_empty());
+        // A certificate that says nothing decodable claims nothing.
+        let mut junk = record(&one);
+        junk.certificate = B64(vec![1, 2, 3]);
+        assert!(!can_do_pq(&junk));
+        assert!(pq_withheld(&[junk], &[], &alice, &bob).is_empty());
+    }
 }

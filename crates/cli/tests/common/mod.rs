@@ -415,12 +415,15 @@ pub fn plant_device(server: &Server, handle: &str, key_packages: usize) -> subro
     )
     .expect("planted device");
     let id = db.last_insert_rowid();
-    for _ in 0..key_packages {
-        db.execute(
-            "INSERT INTO key_packages (device, data) VALUES (?1, ?2)",
-            rusqlite::params![id, engine.generate_key_package().expect("kp")],
-        )
-        .expect("planted key package");
+    // Of both suites, as every device of this version publishes them.
+    for suite in subrosa_core::SUITES {
+        for _ in 0..key_packages {
+            db.execute(
+                "INSERT INTO key_packages (device, suite, data) VALUES (?1, ?2, ?3)",
+                rusqlite::params![id, u16::from(suite), engine.generate_key_package_in(suite).expect("kp")],
+            )
+            .expect("planted key package");
+        }
     }
     fake
 }

@@ -1873,10 +1873,13 @@ impl MlsState for SqliteTx<'_> {
     fn erase_key_packages_before(&mut self, cutoff_ms: u64) -> Result<usize, ClientError> {
         let conn = self.lock();
         let n = conn.execute("DELETE FROM mls_key_package WHERE created_at < ?1", [cutoff_ms as i64]).map_err(sql)?;
+        // One last-resort package per suite, made together: the newest
+        // `SUITES.len()` stay marked.
         conn.execute(
             "UPDATE mls_key_package SET last_resort = 0 WHERE last_resort = 1
-               AND rowid <> (SELECT max(rowid) FROM mls_key_package WHERE last_resort = 1)",
-            [],
+               AND rowid NOT IN
+                 (SELECT rowid FROM mls_key_package WHERE last_resort = 1 ORDER BY rowid DESC LIMIT ?1)",
+            [subrosa_core::SUITES.len() as i64],
         )
         .map_err(sql)?;
         Ok(n)

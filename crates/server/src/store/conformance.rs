@@ -94,6 +94,7 @@ macro_rules! with_behaviours {
             register_and_look_up,
             duplicate_handle_is_refused,
             claim_hands_one_time_once_then_last_resort,
+            claims_hand_out_packages_of_the_suite_asked_for,
             concurrent_claims_never_share_a_package,
             key_package_upload_is_bounded,
             fan_out_stores_ciphertext_once,
@@ -250,6 +251,78 @@ pub async fn claim_hands_one_time_once_then_last_resort(store: Arc<dyn Store>) {
     assert_eq!(by_device(&fresh, bob.device), Some((b"new-1".to_vec(), false)));
     let after = store.claim_key_packages(&bob.handle, &alice).await.expect("claim");
     assert_eq!(by_device(&after, bob.device), Some((b"kp-lr-3".to_vec(), true)));
+}
+
+/// Packages are filed under their suite: a claim hands out only packages
+/// of the suite it asks for (one-time, then that suite's last-resort one),
+/// never one of another suite in their place; counts and the bound are per
+/// suite; the classical suite is what the older calls mean.
+pub async fn claims_hand_out_packages_of_the_suite_asked_for(store: Arc<dyn Store>) {
+    const PQ: u16 = 65100;
+    const CLASSICAL: u16 = subrosa_proto::CLASSICAL_SUITE;
+    let (alice, bob) = two_devices(&store).await;
+    let bob2 = second_device(&store, &bob.handle).await;
+    let count = store
+        .upload_key_packages_in(
+            &bob,
+            vec![(CLASSICAL, b"c-1".to_vec()), (PQ, b"q-1".to_vec()), (PQ, b"q-2".to_vec())],
+            vec![(CLASSICAL, b"c-lr".to_vec()), (PQ, b"q-lr".to_vec())],
+            false,
+        )
+        .await
+        .expect("upload");
+    assert_eq!((count.one_time, count.last_resort), (1, true), "the classical suite's, where older clients look");
+    assert_eq!(count.of(PQ), subrosa_proto::SuiteCount { suite: PQ, one_time: 2, last_resort: true });
+    // bob2 is a device with classical packages only.
+    store.upload_key_packages(&bob2, vec![b"c2-1".to_vec()], Some(b"c2-lr".to_vec()), false).await.expect("upload");
+    assert_eq!(store.key_package_count(&bob2).await.expect("count").of(PQ).one_time, 0);
+
+    let claim = |suite| {
+        let store = store.clone();
+        let (bob, alice) = (bob.clone(), alice.clone());
+        async move { store.claim_key_packages_in(&bob.handle, &alice, ClaimKind::OneTime, suite).await }
+    };
+    let by_device = |c: &subrosa_proto::ClaimResponse, d: DeviceId| {
+        c.packages.iter().find(|p| p.device.device_id == d).map(|p| (p.key_package.as_slice().to_vec(), p.last_resort))
+    };
+    for expected in [b"q-1".as_slice(), b"q-2"] {
+        let c = claim(PQ).await.expect("claim");
+        assert_eq!(by_device(&c, bob.device), Some((expected.to_vec(), false)));
+        assert_eq!(by_device(&c, bob2.device), None, "no package of another suite in its place");
+    }
+    let c = claim(PQ).await.expect("claim");
+    assert_eq!(by_device(&c, bob.device), Some((b"q-lr".to_vec(), true)));
+    // The classical suite's packages were untouched by those claims.
+    let c = claim(CLASSICAL).await.expect("claim");
+    assert_eq!(by_device(&c, bob.device), Some((b"c-1".to_vec(), false)));
+    assert_eq!(by_device(&c, bob2.device), Some((b"c2-1".to_vec(), false)));
+    let c = store.claim_key_packages(&bob.handle, &alice).await.expect("the older call: classical");
+    assert_eq!(by_device(&c, bob.device), Some((b"c-lr".to_vec(), true)));
+    // A suite nobody has packages of: none at all.
+    assert!(matches!(claim(2).await, Err(StoreError::NoKeyPackage)));
+
+    // A new last-resort package replaces its own suite's only.
+    store.upload_key_packages_in(&bob, vec![], vec![(PQ, b"q-lr-2".to_vec())], false).await.expect("upload");
+    assert_eq!(by_device(&claim(PQ).await.expect("claim"), bob.device), Some((b"q-lr-2".to_vec(), true)));
+    assert_eq!(by_device(&claim(CLASSICAL).await.expect("claim"), bob.device), Some((b"c-lr".to_vec(), true)));
+
+    // Replacing drops every suite's one-time packages, last-resort ones stay.
+    store.upload_key_packages_in(&bob, vec![(PQ, b"q-3".to_vec())], vec![], false).await.expect("upload");
+    let count = store.upload_key_packages_in(&bob, vec![], vec![], true).await.expect("replace");
+    assert_eq!(count.of(PQ), subrosa_proto::SuiteCount { suite: PQ, one_time: 0, last_resort: true });
+
+    // The bound holds per suite: a full classical store does not stop
+    // post-quantum packages.
+    let carol = account(&store, "carol").await;
+    let full: Vec<(u16, Vec<u8>)> =
+        (0..MAX_STORED_KEY_PACKAGES).map(|i| (CLASSICAL, i.to_be_bytes().to_vec())).collect();
+    store.upload_key_packages_in(&carol, full, vec![], false).await.expect("a full classical store");
+    assert!(matches!(
+        store.upload_key_packages_in(&carol, vec![(CLASSICAL, b"x".to_vec())], vec![], false).await,
+        Err(StoreError::TooManyKeyPackages)
+    ));
+    let count = store.upload_key_packages_in(&carol, vec![(PQ, b"q".to_vec())], vec![], false).await.expect("pq");
+    assert_eq!((count.one_time, count.of(PQ).one_time), (MAX_STORED_KEY_PACKAGES, 1));
 }
 
 /// Many concurrent claims never hand the same one-time package out twice.

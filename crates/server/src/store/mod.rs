@@ -648,6 +648,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
         replace: bool,
+    ) -> Result<KeyPackageCount, StoreError> {
+        let classical = |kp| (subrosa_proto::CLASSICAL_SUITE, kp);
+        let one_time = one_time.into_iter().map(classical).collect();
+        let last_resort = last_resort.into_iter().map(classical).collect();
+        self.upload_key_packages_in(addr, one_time, last_resort, replace).await
+    }
+
+    /// [`Store::upload_key_packages`] with each package under its MLS
+    /// ciphersuite (at most one last-resort package per suite; each replaces
+    /// the one of its suite). Claims ask for one suite. The bound holds per
+    /// suite.
+    ///
+    /// # Errors
+    /// As [`Store::upload_key_packages`].
+    async fn upload_key_packages_in(
+        &self,
+        addr: &DeviceAddress,
+        one_time: Vec<(u16, Vec<u8>)>,
+        last_resort: Vec<(u16, Vec<u8>)>,
+        replace: bool,
     ) -> Result<KeyPackageCount, StoreError>;
 
     /// How many key packages this device has stored.
@@ -681,6 +701,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         handle: &Handle,
         requester: &DeviceAddress,
         kind: ClaimKind,
+    ) -> Result<ClaimResponse, StoreError> {
+        self.claim_key_packages_in(handle, requester, kind, subrosa_proto::CLASSICAL_SUITE).await
+    }
+
+    /// [`Store::claim_key_packages_of`] for packages of one MLS ciphersuite:
+    /// a device with none of `suite` gets none (never one of another suite).
+    ///
+    /// # Errors
+    /// As [`Store::claim_key_packages`].
+    async fn claim_key_packages_in(
+        &self,
+        handle: &Handle,
+        requester: &DeviceAddress,
+        kind: ClaimKind,
+        suite: u16,
     ) -> Result<ClaimResponse, StoreError>;
 
     /// How many more claims drawing one-time packages `claimer`'s account

@@ -268,6 +268,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE messages ADD COLUMN expires_at BIGINT;
     CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
     ",
+    // 11: key packages under their MLS ciphersuite (SQLite's migration 10):
+    // the classical suite 1 for those stored before; a last-resort package
+    // per (device, suite).
+    r"
+    ALTER TABLE key_packages ADD COLUMN suite INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX key_packages_by_device_suite ON key_packages(device, suite, id);
+    ALTER TABLE last_resort_packages ADD COLUMN suite INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE last_resort_packages DROP CONSTRAINT last_resort_packages_pkey;
+    ALTER TABLE last_resort_packages ADD PRIMARY KEY (device, suite);
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -754,15 +764,18 @@ async fn lock_account<C: GenericClient>(c: &C, handle: &Handle) -> R<bool> {
 }
 
 async fn count_packages<C: GenericClient>(c: &C, device: i64) -> R<KeyPackageCount> {
-    let rows = query(
-        c,
-        "SELECT (SELECT COUNT(*) FROM key_packages WHERE device = $1),
-                EXISTS (SELECT 1 FROM last_resort_packages WHERE device = $1)",
-        &[&device],
-    )
-    .await?;
-    let row = rows.first().ok_or_else(|| Fail::Store(StoreError::Internal("count returned no row".into())))?;
-    Ok(KeyPackageCount { one_time: to_u64(row.get(0)), last_resort: row.get(1) })
+    let suite = |r: &tokio_postgres::Row| u16::try_from(r.get::<_, i32>(0)).unwrap_or(0);
+    let one_time = query(c, "SELECT suite, COUNT(*) FROM key_packages WHERE device = $1 GROUP BY suite", &[&device])
+        .await?
+        .iter()
+        .map(|r| (suite(r), to_u64(r.get(1))))
+        .collect::<Vec<_>>();
+    let last_resort = query(c, "SELECT suite FROM last_resort_packages WHERE device = $1", &[&device])
+        .await?
+        .iter()
+        .map(suite)
+        .collect::<Vec<_>>();
+    Ok(rules::package_count(&one_time, &last_resort))
 }
 
 /// Deletes the messages among `messages` that no inbox row refers to. The
@@ -915,17 +928,16 @@ impl Store for PgStore {
         .await)
     }
 
-    async fn upload_key_packages(
+    async fn upload_key_packages_in(
         &self,
         addr: &DeviceAddress,
-        one_time: Vec<Vec<u8>>,
-        last_resort: Option<Vec<u8>>,
+        one_time: Vec<(u16, Vec<u8>)>,
+        last_resort: Vec<(u16, Vec<u8>)>,
         replace: bool,
     ) -> Result<KeyPackageCount, StoreError> {
         let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            rules::upload_key_packages(&mut Pg { c: &tx, channel }, addr, &one_time, last_resort.as_deref(), replace)
-                .await
+            rules::upload_key_packages(&mut Pg { c: &tx, channel }, addr, &one_time, &last_resort, replace).await
         }
         .await)
     }
@@ -938,15 +950,16 @@ impl Store for PgStore {
         .await)
     }
 
-    async fn claim_key_packages_of(
+    async fn claim_key_packages_in(
         &self,
         handle: &Handle,
         requester: &DeviceAddress,
         kind: super::ClaimKind,
+        suite: u16,
     ) -> Result<ClaimResponse, StoreError> {
         let channel = self.channel.as_str();
         in_tx!(self, |tx| async {
-            rules::claim_key_packages(&mut Pg { c: &tx, channel }, handle, requester, kind).await
+            rules::claim_key_packages(&mut Pg { c: &tx, channel }, handle, requester, kind, suite).await
         }
         .await)
     }
@@ -1856,23 +1869,25 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         count_packages(self.c, device).await
     }
 
-    async fn insert_key_packages(&mut self, device: i64, packages: &[Vec<u8>]) -> R<()> {
+    async fn insert_key_packages(&mut self, device: i64, packages: &[(u16, Vec<u8>)]) -> R<()> {
+        let suites: Vec<i32> = packages.iter().map(|(s, _)| i32::from(*s)).collect();
+        let data: Vec<&[u8]> = packages.iter().map(|(_, d)| d.as_slice()).collect();
         execute(
             self.c,
-            "INSERT INTO key_packages (device, data)
-             SELECT $1, d FROM unnest($2::bytea[]) WITH ORDINALITY AS t(d, n) ORDER BY n",
-            &[&device, &packages],
+            "INSERT INTO key_packages (device, suite, data)
+             SELECT $1, s, d FROM unnest($2::int[], $3::bytea[]) WITH ORDINALITY AS t(s, d, n) ORDER BY n",
+            &[&device, &suites, &data],
         )
         .await?;
         Ok(())
     }
 
-    async fn set_last_resort(&mut self, device: i64, package: &[u8]) -> R<()> {
+    async fn set_last_resort(&mut self, device: i64, suite: u16, package: &[u8]) -> R<()> {
         execute(
             self.c,
-            "INSERT INTO last_resort_packages (device, data) VALUES ($1, $2)
-             ON CONFLICT (device) DO UPDATE SET data = excluded.data",
-            &[&device, &package],
+            "INSERT INTO last_resort_packages (device, suite, data) VALUES ($1, $2, $3)
+             ON CONFLICT (device, suite) DO UPDATE SET data = excluded.data",
+            &[&device, &i32::from(suite), &package],
         )
         .await?;
         Ok(())
@@ -1899,15 +1914,16 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         Ok(out)
     }
 
-    async fn take_one_time(&mut self, device: i64) -> R<Option<Vec<u8>>> {
+    async fn take_one_time(&mut self, device: i64, suite: u16) -> R<Option<Vec<u8>>> {
         // SKIP LOCKED: a package another claim is taking is not waited
         // for, so each is handed out once and no claim blocks.
         Ok(query_opt(
             self.c,
             "DELETE FROM key_packages WHERE id =
-               (SELECT id FROM key_packages WHERE device = $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+               (SELECT id FROM key_packages WHERE device = $1 AND suite = $2
+                ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING data",
-            &[&device],
+            &[&device, &i32::from(suite)],
         )
         .await?
         .map(|r| r.get(0)))
@@ -2020,10 +2036,14 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
             .collect())
     }
 
-    async fn last_resort(&mut self, device: i64) -> R<Option<Vec<u8>>> {
-        Ok(query_opt(self.c, "SELECT data FROM last_resort_packages WHERE device = $1", &[&device])
-            .await?
-            .map(|r| r.get(0)))
+    async fn last_resort(&mut self, device: i64, suite: u16) -> R<Option<Vec<u8>>> {
+        Ok(query_opt(
+            self.c,
+            "SELECT data FROM last_resort_packages WHERE device = $1 AND suite = $2",
+            &[&device, &i32::from(suite)],
+        )
+        .await?
+        .map(|r| r.get(0)))
     }
 
     async fn lock_claim_window(&mut self, claimer: &Handle, target: &Handle, now_ms: u64) -> R<(u64, u64)> {

@@ -156,12 +156,12 @@ pub(crate) trait Statements {
     /// Tells every node (on commit) that this device is revoked.
     async fn notify_revoked(&mut self, addr: &DeviceAddress) -> Result<(), Self::Error>;
 
-    /// How many key packages the device holds.
+    /// How many key packages the device holds, by suite.
     async fn count_key_packages(&mut self, device: DeviceRow) -> Result<KeyPackageCount, Self::Error>;
-    /// Stores one-time key packages, in order.
-    async fn insert_key_packages(&mut self, device: DeviceRow, packages: &[Vec<u8>]) -> Result<(), Self::Error>;
-    /// Stores or replaces the device's last-resort key package.
-    async fn set_last_resort(&mut self, device: DeviceRow, package: &[u8]) -> Result<(), Self::Error>;
+    /// Stores one-time key packages, each under its suite, in order.
+    async fn insert_key_packages(&mut self, device: DeviceRow, packages: &[(u16, Vec<u8>)]) -> Result<(), Self::Error>;
+    /// Stores or replaces the device's last-resort key package of `suite`.
+    async fn set_last_resort(&mut self, device: DeviceRow, suite: u16, package: &[u8]) -> Result<(), Self::Error>;
 
     /// The account's identity key.
     async fn identity_key(&mut self, handle: &Handle) -> Result<Option<Vec<u8>>, Self::Error>;
@@ -173,9 +173,9 @@ pub(crate) trait Statements {
     /// Deletes and returns the device's oldest one-time key package; one
     /// that a concurrent claim is taking is skipped, never waited for, so
     /// each is handed out once.
-    async fn take_one_time(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
-    /// The device's last-resort key package.
-    async fn last_resort(&mut self, device: DeviceRow) -> Result<Option<Vec<u8>>, Self::Error>;
+    async fn take_one_time(&mut self, device: DeviceRow, suite: u16) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// The device's last-resort key package of `suite`.
+    async fn last_resort(&mut self, device: DeviceRow, suite: u16) -> Result<Option<Vec<u8>>, Self::Error>;
     /// The (claimer account, target account) claim window, as (start ms,
     /// claims counted), locked against concurrent claims of the same pair;
     /// created as `(now_ms, 0)` when there is none.
@@ -460,13 +460,35 @@ pub(crate) async fn remove_device<S: Statements>(s: &mut S, addr: &DeviceAddress
     Ok(())
 }
 
-/// Stores key packages: [`super::Store::upload_key_packages`]'s rule (the
-/// bound on stored packages).
+/// A device's package counts from what the backends read: one-time
+/// packages per suite, and the suites it has a last-resort package of. The
+/// classical suite's counts also go in the fields older clients read.
+pub(crate) fn package_count(one_time: &[(u16, u64)], last_resort: &[u16]) -> KeyPackageCount {
+    let mut suites: Vec<u16> = one_time.iter().map(|(s, _)| *s).chain(last_resort.iter().copied()).collect();
+    suites.sort_unstable();
+    suites.dedup();
+    let suites: Vec<subrosa_proto::SuiteCount> = suites
+        .into_iter()
+        .map(|suite| subrosa_proto::SuiteCount {
+            suite,
+            one_time: one_time.iter().filter(|(s, _)| *s == suite).map(|(_, n)| *n).sum(),
+            last_resort: last_resort.contains(&suite),
+        })
+        .collect();
+    let mut count = KeyPackageCount { one_time: 0, last_resort: false, suites };
+    let classical = count.of(subrosa_proto::CLASSICAL_SUITE);
+    count.one_time = classical.one_time;
+    count.last_resort = classical.last_resort;
+    count
+}
+
+/// Stores key packages, each under its suite: [`super::Store::upload_key_packages_in`]'s
+/// rule (the bound on stored packages, per suite).
 pub(crate) async fn upload_key_packages<S: Statements>(
     s: &mut S,
     addr: &DeviceAddress,
-    one_time: &[Vec<u8>],
-    last_resort: Option<&[u8]>,
+    one_time: &[(u16, Vec<u8>)],
+    last_resort: &[(u16, Vec<u8>)],
     replace: bool,
 ) -> Result<KeyPackageCount, S::Error> {
     // The device's lock keeps concurrent uploads under the bound.
@@ -475,14 +497,17 @@ pub(crate) async fn upload_key_packages<S: Statements>(
         s.delete_key_packages(device, false).await?;
     }
     let before = s.count_key_packages(device).await?;
-    if before.one_time.saturating_add(one_time.len() as u64) > MAX_STORED_KEY_PACKAGES {
-        return Err(StoreError::TooManyKeyPackages.into());
+    for (suite, _) in one_time {
+        let adding = one_time.iter().filter(|(s, _)| s == suite).count() as u64;
+        if before.of(*suite).one_time.saturating_add(adding) > MAX_STORED_KEY_PACKAGES {
+            return Err(StoreError::TooManyKeyPackages.into());
+        }
     }
     if !one_time.is_empty() {
         s.insert_key_packages(device, one_time).await?;
     }
-    if let Some(lr) = last_resort {
-        s.set_last_resort(device, lr).await?;
+    for (suite, lr) in last_resort {
+        s.set_last_resort(device, *suite, lr).await?;
     }
     s.count_key_packages(device).await
 }
@@ -501,6 +526,7 @@ pub(crate) async fn claim_key_packages<S: Statements>(
     handle: &Handle,
     requester: &DeviceAddress,
     kind: super::ClaimKind,
+    suite: u16,
 ) -> Result<subrosa_proto::ClaimResponse, S::Error> {
     use subrosa_proto::{ClaimedKeyPackage, B64};
     let identity_key = s.identity_key(handle).await?.ok_or(StoreError::UnknownHandle)?;
@@ -525,14 +551,14 @@ pub(crate) async fn claim_key_packages<S: Statements>(
             continue;
         }
         let (package, last_resort) = if last_resort_first {
-            match s.last_resort(row).await? {
+            match s.last_resort(row, suite).await? {
                 Some(kp) => (Some(kp), true),
-                None => (s.take_one_time(row).await?, false),
+                None => (s.take_one_time(row, suite).await?, false),
             }
         } else {
-            match s.take_one_time(row).await? {
+            match s.take_one_time(row, suite).await? {
                 Some(kp) => (Some(kp), false),
-                None => (s.last_resort(row).await?, true),
+                None => (s.last_resort(row, suite).await?, true),
             }
         };
         if let Some(kp) = package {

@@ -217,6 +217,22 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE messages ADD COLUMN expires_at INTEGER;
     CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
     ",
+    // 10: key packages under their MLS ciphersuite (the classical suite 1
+    // for those stored before), so claims ask for one suite; a last-resort
+    // package per (device, suite).
+    r"
+    ALTER TABLE key_packages ADD COLUMN suite INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX key_packages_by_device_suite ON key_packages(device, suite, id);
+    CREATE TABLE last_resort_packages_by_suite (
+        device INTEGER NOT NULL REFERENCES devices(id),
+        suite INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (device, suite)
+    );
+    INSERT INTO last_resort_packages_by_suite (device, suite, data) SELECT device, 1, data FROM last_resort_packages;
+    DROP TABLE last_resort_packages;
+    ALTER TABLE last_resort_packages_by_suite RENAME TO last_resort_packages;
+    ",
 ];
 
 /// The SQLite store.
@@ -609,13 +625,21 @@ fn device_record(device_id: &str, key: Vec<u8>, cert: Vec<u8>) -> Result<DeviceR
 }
 
 fn count_packages(conn: &Connection, device: i64) -> Result<KeyPackageCount, StoreError> {
-    let one_time: i64 = conn
-        .query_row("SELECT COUNT(*) FROM key_packages WHERE device = ?1", [device], |r| r.get(0))
+    let mut stmt = conn
+        .prepare_cached("SELECT suite, COUNT(*) FROM key_packages WHERE device = ?1 GROUP BY suite")
         .map_err(map_err)?;
-    let last_resort: bool = conn
-        .query_row("SELECT EXISTS(SELECT 1 FROM last_resort_packages WHERE device = ?1)", [device], |r| r.get(0))
+    let one_time = stmt
+        .query_map([device], |r| Ok((r.get::<_, u16>(0)?, to_u64(r.get::<_, i64>(1)?))))
+        .map_err(map_err)?
+        .collect::<Result<Vec<_>, _>>()
         .map_err(map_err)?;
-    Ok(KeyPackageCount { one_time: to_u64(one_time), last_resort })
+    let mut stmt = conn.prepare_cached("SELECT suite FROM last_resort_packages WHERE device = ?1").map_err(map_err)?;
+    let last_resort = stmt
+        .query_map([device], |r| r.get::<_, u16>(0))
+        .map_err(map_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err)?;
+    Ok(rules::package_count(&one_time, &last_resort))
 }
 
 fn count(conn: &Connection, table: &str) -> Result<u64, StoreError> {
@@ -875,21 +899,23 @@ impl rules::Statements for Sql<'_> {
         count_packages(self.0, device)
     }
 
-    async fn insert_key_packages(&mut self, device: i64, packages: &[Vec<u8>]) -> Result<(), StoreError> {
-        let mut insert =
-            self.0.prepare_cached("INSERT INTO key_packages (device, data) VALUES (?1, ?2)").map_err(map_err)?;
-        for kp in packages {
-            insert.execute(params![device, kp]).map_err(map_err)?;
+    async fn insert_key_packages(&mut self, device: i64, packages: &[(u16, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut insert = self
+            .0
+            .prepare_cached("INSERT INTO key_packages (device, suite, data) VALUES (?1, ?2, ?3)")
+            .map_err(map_err)?;
+        for (suite, kp) in packages {
+            insert.execute(params![device, suite, kp]).map_err(map_err)?;
         }
         Ok(())
     }
 
-    async fn set_last_resort(&mut self, device: i64, package: &[u8]) -> Result<(), StoreError> {
+    async fn set_last_resort(&mut self, device: i64, suite: u16, package: &[u8]) -> Result<(), StoreError> {
         self.0
             .execute(
-                "INSERT INTO last_resort_packages (device, data) VALUES (?1, ?2)
-                 ON CONFLICT (device) DO UPDATE SET data = excluded.data",
-                params![device, package],
+                "INSERT INTO last_resort_packages (device, suite, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device, suite) DO UPDATE SET data = excluded.data",
+                params![device, suite, package],
             )
             .map(|_| ())
             .map_err(map_err)
@@ -923,22 +949,26 @@ impl rules::Statements for Sql<'_> {
         Ok(out)
     }
 
-    async fn take_one_time(&mut self, device: i64) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn take_one_time(&mut self, device: i64, suite: u16) -> Result<Option<Vec<u8>>, StoreError> {
         self.0
             .query_row(
                 "DELETE FROM key_packages WHERE id =
-                   (SELECT id FROM key_packages WHERE device = ?1 ORDER BY id LIMIT 1)
+                   (SELECT id FROM key_packages WHERE device = ?1 AND suite = ?2 ORDER BY id LIMIT 1)
                  RETURNING data",
-                [device],
+                params![device, suite],
                 |r| r.get(0),
             )
             .optional()
             .map_err(map_err)
     }
 
-    async fn last_resort(&mut self, device: i64) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn last_resort(&mut self, device: i64, suite: u16) -> Result<Option<Vec<u8>>, StoreError> {
         self.0
-            .query_row("SELECT data FROM last_resort_packages WHERE device = ?1", [device], |r| r.get(0))
+            .query_row(
+                "SELECT data FROM last_resort_packages WHERE device = ?1 AND suite = ?2",
+                params![device, suite],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(map_err)
     }
@@ -1441,16 +1471,16 @@ impl Store for SqliteStore {
         self.write(move |conn| insert_nonce(conn, &addr, &nonce, timestamp_ms)).await
     }
 
-    async fn upload_key_packages(
+    async fn upload_key_packages_in(
         &self,
         addr: &DeviceAddress,
-        one_time: Vec<Vec<u8>>,
-        last_resort: Option<Vec<u8>>,
+        one_time: Vec<(u16, Vec<u8>)>,
+        last_resort: Vec<(u16, Vec<u8>)>,
         replace: bool,
     ) -> Result<KeyPackageCount, StoreError> {
         let addr = addr.clone();
         self.write(move |tx| {
-            rules::ready(rules::upload_key_packages(&mut Sql(tx), &addr, &one_time, last_resort.as_deref(), replace))
+            rules::ready(rules::upload_key_packages(&mut Sql(tx), &addr, &one_time, &last_resort, replace))
         })
         .await
     }
@@ -1464,17 +1494,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_key_packages_of(
+    async fn claim_key_packages_in(
         &self,
         handle: &Handle,
         requester: &DeviceAddress,
         kind: super::ClaimKind,
+        suite: u16,
     ) -> Result<ClaimResponse, StoreError> {
         let handle = handle.clone();
         let requester = requester.clone();
         // Writes run one at a time, so two claims cannot both read the
         // same one-time package before either deletes it.
-        self.write(move |tx| rules::ready(rules::claim_key_packages(&mut Sql(tx), &handle, &requester, kind))).await
+        self.write(move |tx| rules::ready(rules::claim_key_packages(&mut Sql(tx), &handle, &requester, kind, suite)))
+            .await
     }
 
     async fn one_time_claims_left(&self, claimer: &Handle, target: &Handle, now_ms: u64) -> Result<u64, StoreError> {
@@ -1938,11 +1970,22 @@ mod tests {
                 [],
             )
             .expect("device");
+            conn.execute("INSERT INTO key_packages (device, data) VALUES (1, x'0a')", []).expect("one-time");
+            conn.execute("INSERT INTO last_resort_packages (device, data) VALUES (1, x'0b')", []).expect("last");
         }
         let store = SqliteStore::open(&path).expect("migrate");
         let handle = Handle::new("old-timer").expect("handle");
         let info = store.account(&handle).await.expect("account").expect("kept");
         assert_eq!(info.devices.len(), 1);
+        // Key packages stored before suites were filed are the classical
+        // suite's.
+        let addr = DeviceAddress { handle: handle.clone(), device: info.devices[0].device_id };
+        let count = store.key_package_count(&addr).await.expect("count");
+        assert_eq!(
+            count.of(subrosa_proto::CLASSICAL_SUITE),
+            subrosa_proto::SuiteCount { suite: 1, one_time: 1, last_resort: true }
+        );
+        assert_eq!(count.of(65100).one_time, 0);
         let link = LinkId([1; 6]);
         store.create_link(&link, &handle, b"req".to_vec(), 10).await.expect("links table exists");
         assert!(store.link(&link, &handle, 5).await.is_ok());

@@ -590,19 +590,31 @@ pub fn key_packages_one_time_and_last_resort(store: Store) {
             Ok(())
         })
         .expect("read");
+    // A refill makes a last-resort package of each suite, together.
     store
         .write(|tx| {
             tx.put_key_package(b"newer last", b"n")?;
+            tx.mark_newest_key_package_last_resort()?;
+            tx.put_key_package(b"newer last pq", b"n")?;
             tx.mark_newest_key_package_last_resort()
         })
         .expect("write");
-    // Nothing is older than 0; both last-resort ones were made now, so the
-    // cut-off erases nothing, and only the newest stays last-resort.
+    assert_eq!(subrosa_core::SUITES.len(), 2);
+    // Nothing is older than 0; every last-resort one was made now, so the
+    // cut-off erases nothing, and only the newest of each suite stays
+    // last-resort.
     assert_eq!(store.write(|tx| tx.erase_key_packages_before(0)).expect("erase"), 0);
-    store.write(|tx| tx.delete_key_package(b"last")).expect("no longer last-resort");
+    store
+        .write(|tx| {
+            tx.delete_key_package(b"last")?; // no longer last-resort
+            tx.delete_key_package(b"newer last")?;
+            tx.delete_key_package(b"newer last pq")
+        })
+        .expect("use");
     assert!(store.read(|tx| tx.key_package(b"last")).expect("read").is_none());
     assert!(store.read(|tx| tx.key_package(b"newer last")).expect("read").is_some());
-    assert_eq!(store.write(|tx| tx.erase_key_packages_before(now_ms() + 60_000)).expect("erase"), 1);
+    assert!(store.read(|tx| tx.key_package(b"newer last pq")).expect("read").is_some());
+    assert_eq!(store.write(|tx| tx.erase_key_packages_before(now_ms() + 60_000)).expect("erase"), 2);
     assert!(store.read(|tx| tx.key_package(b"newer last")).expect("read").is_none());
 }
 

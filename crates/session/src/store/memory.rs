@@ -1193,9 +1193,13 @@ impl MlsState for MemTx<'_> {
             let before = t.key_packages.len();
             t.key_packages.retain(|k| k.created_at >= cutoff_ms);
             let n = before - t.key_packages.len();
-            if let Some(newest) = t.key_packages.iter().rposition(|k| k.last_resort) {
-                for (i, k) in t.key_packages.iter_mut().enumerate() {
-                    k.last_resort = k.last_resort && i == newest;
+            // One last-resort package per suite, made together: the
+            // newest `SUITES.len()` stay marked.
+            let mut kept = 0;
+            for k in t.key_packages.iter_mut().rev() {
+                if k.last_resort {
+                    kept += 1;
+                    k.last_resort = kept <= subrosa_core::SUITES.len();
                 }
             }
             n

@@ -1182,7 +1182,8 @@ pub trait MlsState {
 
     /// Erases key-package secrets made before `cutoff_ms` (replaced ones:
     /// the server no longer hands their packages out), last-resort ones
-    /// included, and keeps only the newest last-resort package marked as such.
+    /// included, and keeps only the newest last-resort package of each suite
+    /// marked as such (the newest `SUITES.len()`: they are made together).
     ///
     /// # Errors
     /// Database errors.
