@@ -9,8 +9,10 @@
 //!   JSON envelopes over the socket;
 //! - `frames`: asks the upgrade for binary frames, signs the socket's
 //!   challenge, then sends, receives and acknowledges as binary frames on
-//!   the socket (`subrosa_proto::frames`). The devices do no MLS: each message is an opaque
-//! 200-byte "ciphertext", which the server cannot tell from a real one.
+//!   the socket (`subrosa_proto::frames`).
+//!
+//! The devices do no MLS: each message is an opaque 200-byte "ciphertext",
+//! which the server cannot tell from a real one.
 //!
 //! Registrations come from many loopback source addresses (127.0.1.x): the
 //! server limits registrations per client IP (300 a minute), as devices of
