@@ -14,6 +14,7 @@ set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/subrosa-compare}
 mkdir -p "$OUT"
+rm -f "$OUT"/subrosa*.json
 cd "$ROOT"
 
 cargo build --release --locked -p subrosa-bench -p subrosa-server
@@ -31,3 +32,8 @@ bench/ejabberd/setup.sh stop
 
 echo
 "$BENCH" compare "$OUT/subrosa.json" "$OUT/ejabberd.json" | tee "$OUT/compare.txt"
+# The signed-HTTP path (the baseline row of the load run) beside ejabberd too.
+if [ -f "$OUT/subrosa.http.json" ]; then
+    echo
+    "$BENCH" compare "$OUT/subrosa.http.json" "$OUT/ejabberd.json" | tee "$OUT/compare-http.txt"
+fi

@@ -124,7 +124,7 @@ async fn curl_upload(alice: &Subrosa, bob: &Subrosa, dir: &std::path::Path, blob
         return Ok(None);
     }
     let api = alice.api();
-    let created = api.blob_create(blob, vec![bob.identity().address()]).await?;
+    let created = api.blob_create(blob, vec![bob.identity().address()], None).await?;
     let pieces = dir.join("curl");
     std::fs::create_dir(&pieces).context("curl pieces dir")?;
     let mut config = String::new();

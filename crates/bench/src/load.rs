@@ -2,10 +2,17 @@
 //!
 //! Each simulated device has a real identity and device key
 //! (`DeviceIdentity::generate`, as the client makes them), registers with a
-//! signed `POST /v1/accounts`, opens the signed WebSocket, sends with signed
-//! `POST /v1/messages` and acknowledges pushed envelopes over the socket, as
-//! `subrosa-client` does. The devices do no MLS: each message is an opaque
-//! 200-byte "ciphertext", which the server cannot tell from a real one.
+//! signed `POST /v1/accounts` and opens the signed WebSocket. Then, by
+//! `--paths` (both by default, each against a fresh server, so that one
+//! command prints the old path as the baseline beside the new):
+//! - `http`: sends with signed `POST /v1/messages` and acknowledges pushed
+//!   JSON envelopes over the socket;
+//! - `frames`: asks the upgrade for binary frames, signs the socket's
+//!   challenge, then sends, receives and acknowledges as binary frames on
+//!   the socket (`subrosa_proto::frames`).
+//!
+//! The devices do no MLS: each message is an opaque 200-byte "ciphertext",
+//! which the server cannot tell from a real one.
 //!
 //! Registrations come from many loopback source addresses (127.0.1.x): the
 //! server limits registrations per client IP (300 a minute), as devices of
@@ -22,6 +29,7 @@ use base64::Engine as _;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt as _, StreamExt as _};
 use subrosa_core::{DefaultCrypto, DeviceIdentity};
+use subrosa_proto::frames::{self, ClientBin, FrameSend, ServerBin, HEADER_CHALLENGE, HEADER_FRAMES};
 use subrosa_proto::{
     canonical_request, ClientFrame, ConversationId, DeviceAddress, DeviceRecord, Handle, MessageKind, RegisterRequest,
     SendId, SendPart, SendRequest, ServerFrame, SignedHeaders, B64, HEADER_DEVICE, HEADER_HANDLE, HEADER_NONCE,
@@ -52,6 +60,24 @@ pub struct ServerOptions {
     /// Extra argument for the spawned server, repeatable (e.g. --server-arg=--database --server-arg=postgres://…).
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
+}
+
+/// How the load generator's devices send and acknowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Path {
+    /// Signed `POST /v1/messages`; JSON pushes and acknowledgements.
+    Http,
+    /// Binary frames on the authenticated socket.
+    Frames,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Http => "http",
+            Path::Frames => "frames",
+        }
+    }
 }
 
 /// A `subrosa-server` child process with a temporary data directory.
@@ -137,13 +163,108 @@ struct Device {
     addr: DeviceAddress,
 }
 
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsWriter = futures_util::stream::SplitSink<WsStream, WsMessage>;
+/// Sends waiting for their answer on one socket, by request number.
+type Pending = Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Result<(), String>>>>;
+
+/// One connected device.
+struct Conn {
+    reader: tokio::task::AbortHandle,
+    link: Arc<Link>,
+}
+
+/// The writing half of a device's socket, shared by its reader (which
+/// acknowledges) and its sends (binary frames).
+struct Link {
+    binary: bool,
+    writer: tokio::sync::Mutex<WsWriter>,
+    next: std::sync::atomic::AtomicU32,
+    pending: Pending,
+}
+
+impl Link {
+    async fn write(&self, msg: WsMessage) -> anyhow::Result<()> {
+        self.writer.lock().await.send(msg).await.context("writing to the socket")
+    }
+
+    async fn ack(&self, ids: Vec<u64>) -> anyhow::Result<()> {
+        if self.binary {
+            self.write(WsMessage::Binary(ClientBin::Ack(ids).encode().context("encode ack")?.into())).await
+        } else {
+            let ack = serde_json::to_string(&ClientFrame::Ack { ids }).context("encode ack")?;
+            self.write(WsMessage::Text(ack.into())).await
+        }
+    }
+
+    fn answer(&self, request: u32, result: Result<(), String>) {
+        if let Some(w) = loadgen_lock(&self.pending).remove(&request) {
+            let _ = w.send(result);
+        }
+    }
+}
+
+/// Reads one device's socket until it closes: delivers and acknowledges
+/// pushed envelopes, and hands each send's answer to its waiter.
+async fn read_loop(
+    mut reader: futures_util::stream::SplitStream<WsStream>,
+    link: Arc<Link>,
+    sink: Arc<Sink>,
+    who: String,
+) {
+    while let Some(msg) = reader.next().await {
+        let messages = match msg {
+            Ok(WsMessage::Text(text)) => match serde_json::from_str::<ServerFrame>(text.as_str()) {
+                Ok(ServerFrame::Messages { messages }) => messages,
+                Ok(ServerFrame::Error(e)) => {
+                    eprintln!("{who}: server closed the socket: {}", e.message);
+                    break;
+                }
+                Err(_) => {
+                    eprintln!("{who}: malformed frame from the server");
+                    break;
+                }
+            },
+            Ok(WsMessage::Binary(bytes)) if link.binary => match ServerBin::decode(&bytes) {
+                Ok(ServerBin::Messages(messages)) => messages,
+                Ok(ServerBin::Sent { request, .. }) => {
+                    link.answer(request, Ok(()));
+                    continue;
+                }
+                Ok(ServerBin::Refused { request, error }) => {
+                    link.answer(request, Err(format!("{}: {}", error.code.as_str(), error.message)));
+                    continue;
+                }
+                Err(_) => {
+                    eprintln!("{who}: malformed binary frame from the server");
+                    break;
+                }
+            },
+            Ok(WsMessage::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        let ids = messages.iter().map(|m| m.id).collect();
+        for m in &messages {
+            sink.delivered(m.ciphertext.as_slice());
+        }
+        if link.ack(ids).await.is_err() {
+            break;
+        }
+    }
+    // Sends still waiting will not be answered on this socket.
+    for (_, w) in loadgen_lock(&link.pending).drain() {
+        let _ = w.send(Err("the socket closed".into()));
+    }
+}
+
 /// The Subrosa side of the load benchmark.
 pub struct SubrosaTarget {
     base: String,
+    path: Path,
     http: reqwest::Client,
     registration_clients: Vec<reqwest::Client>,
     devices: Vec<Device>,
-    sockets: Mutex<HashMap<usize, tokio::task::AbortHandle>>,
+    sockets: Mutex<HashMap<usize, Conn>>,
     crypto: DefaultCrypto,
     pid: u32,
 }
@@ -166,7 +287,7 @@ fn http_client(local: Option<std::net::IpAddr>) -> anyhow::Result<reqwest::Clien
 }
 
 impl SubrosaTarget {
-    fn new(base: String, pid: u32, count: usize) -> anyhow::Result<Self> {
+    fn new(base: String, path: Path, pid: u32, count: usize) -> anyhow::Result<Self> {
         let crypto = subrosa_core::default_crypto();
         let run = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
         let now = subrosa_server::now_ms();
@@ -183,6 +304,7 @@ impl SubrosaTarget {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(SubrosaTarget {
             base,
+            path,
             http: http_client(None)?,
             registration_clients,
             devices,
@@ -269,51 +391,48 @@ impl Target for SubrosaTarget {
             for (k, v) in self.sign(d, "GET", "/v1/ws", b"")? {
                 req.headers_mut().insert(k, v.parse().context("header value")?);
             }
+            if self.path == Path::Frames {
+                req.headers_mut().insert(HEADER_FRAMES, "1".parse().context("header value")?);
+            }
             // Small buffers: 10,000 sockets live in this process too.
             let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
-            let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true)
+            let (ws, resp) = tokio_tungstenite::connect_async_with_config(req, Some(config), true)
                 .await
                 .with_context(|| format!("WebSocket of {}", d.addr))?;
-            let who = d.addr.to_string();
-            let task = tokio::spawn(async move {
-                while let Some(msg) = ws.next().await {
-                    let text = match msg {
-                        Ok(WsMessage::Text(t)) => t,
-                        Ok(WsMessage::Close(_)) | Err(_) => break,
-                        Ok(_) => continue,
-                    };
-                    match serde_json::from_str::<ServerFrame>(text.as_str()) {
-                        Ok(ServerFrame::Messages { messages }) => {
-                            let ids = messages.iter().map(|m| m.id).collect();
-                            for m in &messages {
-                                sink.delivered(m.ciphertext.as_slice());
-                            }
-                            let ack = serde_json::to_string(&ClientFrame::Ack { ids }).unwrap_or_default();
-                            if ws.send(WsMessage::Text(ack.into())).await.is_err() {
-                                break;
-                            }
-                        }
-                        Ok(ServerFrame::Error(e)) => {
-                            eprintln!("{who}: server closed the socket: {}", e.message);
-                            break;
-                        }
-                        Err(_) => {
-                            eprintln!("{who}: malformed frame from the server");
-                            break;
-                        }
-                    }
-                }
+            let (mut writer, reader) = ws.split();
+            let binary = self.path == Path::Frames;
+            if binary {
+                let challenge = resp
+                    .headers()
+                    .get(HEADER_CHALLENGE)
+                    .and_then(|v| hex::decode(v.as_bytes()).ok())
+                    .and_then(|c| <[u8; frames::CHALLENGE_LEN]>::try_from(c).ok())
+                    .context("the server offered no binary frames (an older server? use --paths http)")?;
+                let sig =
+                    d.id.sign_with_device(&self.crypto, &frames::auth_message(&challenge, &d.addr))
+                        .context("cannot sign the challenge")?;
+                let sig = <[u8; frames::SIGNATURE_LEN]>::try_from(sig.as_slice()).context("signature length")?;
+                let auth = ClientBin::Auth(sig).encode().context("encode auth")?;
+                writer.send(WsMessage::Binary(auth.into())).await.context("sending the challenge's signature")?;
+            }
+            let link = Arc::new(Link {
+                binary,
+                writer: tokio::sync::Mutex::new(writer),
+                next: std::sync::atomic::AtomicU32::new(0),
+                pending: Mutex::new(HashMap::new()),
             });
-            if let Some(old) = loadgen_lock(&self.sockets).insert(i, task.abort_handle()) {
-                old.abort();
+            let task = tokio::spawn(read_loop(reader, Arc::clone(&link), sink, d.addr.to_string()));
+            let conn = Conn { reader: task.abort_handle(), link };
+            if let Some(old) = loadgen_lock(&self.sockets).insert(i, conn) {
+                old.reader.abort();
             }
             Ok(())
         })
     }
 
     fn disconnect(&self, i: usize) {
-        if let Some(h) = loadgen_lock(&self.sockets).remove(&i) {
-            h.abort();
+        if let Some(c) = loadgen_lock(&self.sockets).remove(&i) {
+            c.reader.abort();
         }
     }
 
@@ -324,17 +443,27 @@ impl Target for SubrosaTarget {
             // Opaque bytes after the timing header, as a ciphertext would be.
             let header = body.len().min(32);
             rand::Rng::fill(&mut rand::thread_rng(), &mut body[header..]);
-            let req = SendRequest {
-                conversation: conversation(from, to),
-                send_id: SendId(rand::random()),
-                commit: None,
-                parts: vec![SendPart {
-                    kind: MessageKind::Application,
-                    recipients: vec![recipient],
-                    ciphertext: B64(body),
-                }],
-                expires_at: None,
-            };
+            let conversation = conversation(from, to);
+            let send_id = SendId(rand::random());
+            let parts =
+                vec![SendPart { kind: MessageKind::Application, recipients: vec![recipient], ciphertext: B64(body) }];
+            if self.path == Path::Frames {
+                let link = loadgen_lock(&self.sockets)
+                    .get(&from)
+                    .map(|c| Arc::clone(&c.link))
+                    .with_context(|| format!("device {from} is not connected"))?;
+                let request = link.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                loadgen_lock(&link.pending).insert(request, tx);
+                let frame = ClientBin::Send(FrameSend { request, conversation, send_id, parts });
+                link.write(WsMessage::Binary(frame.encode().context("encode send")?.into())).await?;
+                return match rx.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => bail!("send frame: {e}"),
+                    Err(_) => bail!("send frame: the socket closed"),
+                };
+            }
+            let req = SendRequest { conversation, send_id, commit: None, parts, expires_at: None };
             let bytes = serde_json::to_vec(&req).context("encode send")?;
             self.post(&self.http, d, "/v1/messages", bytes).await?;
             Ok(())
@@ -356,13 +485,70 @@ fn loadgen_lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// `subrosa-bench load`.
-pub async fn run(o: &LoadOptions, s: &ServerOptions) -> anyhow::Result<()> {
+pub async fn run(o: &LoadOptions, s: &ServerOptions, paths: &[Path]) -> anyhow::Result<()> {
     let nofile = loadgen::raise_nofile();
     let needed = o.registered() + 200;
     anyhow::ensure!(
         nofile as usize >= needed,
         "the open-files limit is {nofile}, {needed} are needed: raise the hard limit (ulimit -Hn)"
     );
+    anyhow::ensure!(!paths.is_empty(), "--paths needs at least one of http, frames");
+    anyhow::ensure!(
+        s.server.is_none() || paths.len() == 1,
+        "with --server, give one --paths (each path needs a fresh server)"
+    );
+    let mut all = Vec::new();
+    for (k, &path) in paths.iter().enumerate() {
+        if k > 0 {
+            println!();
+        }
+        println!("== path: {} ==", path.name());
+        let results = run_path(o, s, path, nofile).await?;
+        // The last path's figures go to --json (compare.sh sets them beside
+        // ejabberd's); earlier ones beside it, named by path.
+        let json = match (&o.json, k + 1 == paths.len()) {
+            (Some(p), false) => Some(p.with_extension(format!("{}.json", path.name()))),
+            (p, _) => p.clone(),
+        };
+        loadgen::write_json(&results, &LoadOptions { json, ..o.clone() })?;
+        all.push((path, results));
+    }
+    if all.len() > 1 {
+        print_paths(&all);
+    }
+    Ok(())
+}
+
+/// The paths' figures side by side, the first as the baseline.
+fn print_paths(all: &[(Path, loadgen::Results)]) {
+    let Some((base_path, base)) = all.first() else { return };
+    println!();
+    println!("before/after, against the {} path (ratio = path / {}):", base_path.name(), base_path.name());
+    type Figure = fn(&loadgen::Results) -> Option<f64>;
+    let figures: [(&str, Figure); 7] = [
+        ("saturation: delivered msgs/s", |r| r.saturation.as_ref().map(|t| t.delivered_per_s)),
+        ("saturation: server CPU µs/msg", |r| r.saturation.as_ref().map(|t| t.server_cpu_us_per_msg)),
+        ("saturation: p99 ms", |r| r.saturation.as_ref().map(|t| t.p99_ms)),
+        ("open loop: p99 ms", |r| r.open_loop.as_ref().map(|t| t.p99_ms)),
+        ("open loop: server CPU µs/msg", |r| r.open_loop.as_ref().map(|t| t.server_cpu_us_per_msg)),
+        ("deep queue: store msgs/s", |r| r.deep.as_ref().map(|d| d.store_per_s)),
+        ("deep queue: drain msgs/s", |r| r.deep.as_ref().map(|d| d.drain_per_s)),
+    ];
+    for (what, f) in figures {
+        let mut line = format!("{what:<34} {:>10}", f(base).map_or("-".into(), |v| format!("{v:.1}")));
+        for (path, r) in &all[1..] {
+            let (v, b) = (f(r), f(base));
+            let ratio = match (v, b) {
+                (Some(v), Some(b)) if b != 0.0 => format!("{:.2}x", v / b),
+                _ => "-".into(),
+            };
+            line += &format!("   {}: {:>10} ({ratio})", path.name(), v.map_or("-".into(), |v| format!("{v:.1}")));
+        }
+        println!("{line}");
+    }
+}
+
+async fn run_path(o: &LoadOptions, s: &ServerOptions, path: Path, nofile: u64) -> anyhow::Result<loadgen::Results> {
     let (spawned, base, pid) = match &s.server {
         Some(url) => {
             let pid = s.server_pid.context("--server needs --server-pid")?;
@@ -391,13 +577,13 @@ pub async fn run(o: &LoadOptions, s: &ServerOptions) -> anyhow::Result<()> {
         o.concurrency,
         loadgen::MESSAGE_BYTES
     );
-    let target = Arc::new(SubrosaTarget::new(base, pid, o.registered() + 1)?);
-    let result = loadgen::run(Arc::clone(&target), &format!("subrosa ({backend})"), o).await;
+    let target = Arc::new(SubrosaTarget::new(base, path, pid, o.registered() + 1)?);
+    let result = loadgen::run(Arc::clone(&target), &format!("subrosa ({backend}, {})", path.name()), o).await;
     for i in 0..=o.registered() {
         target.disconnect(i);
     }
     if let Some(server) = spawned {
         server.stop().await;
     }
-    loadgen::write_json(&result?, o)
+    result
 }

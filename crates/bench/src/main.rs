@@ -175,6 +175,10 @@ enum Command {
         load: loadgen::LoadOptions,
         #[command(flatten)]
         server: load::ServerOptions,
+        /// How devices send and acknowledge, each path a whole run against a fresh server: `http`
+        /// (signed requests and JSON frames, the baseline) and `frames` (binary frames on the socket).
+        #[arg(long, value_delimiter = ',', default_value = "http,frames")]
+        paths: Vec<load::Path>,
     },
     /// The same load benchmark against an XMPP server (ejabberd; see bench/ejabberd/setup.sh).
     Xmpp {
@@ -312,9 +316,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(messages_per_pair > 0, "--messages-per-pair must be at least 1");
             runtime()?.block_on(net::throughput(pairs, messages_per_pair, server))
         }
-        Command::Load { load, server } => {
+        Command::Load { load, server, paths } => {
             load.check()?;
-            runtime()?.block_on(load::run(&load, &server))
+            runtime()?.block_on(load::run(&load, &server, &paths))
         }
         Command::Xmpp { load, xmpp } => {
             load.check()?;

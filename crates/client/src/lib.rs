@@ -829,7 +829,7 @@ impl Subrosa {
                     Ok(Ok(Some(ServerFrame::Error(e)))) => return Err(ClientError::Server { status: 0, body: e }),
                 }
             }
-            let _ = ws.close(None).await;
+            let _ = ws.close().await;
         }
         if ack {
             self.maintain_keys().await?;

@@ -19,11 +19,13 @@ use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subrosa_core::DeviceIdentity;
+use subrosa_proto::frames::{self, ClientBin, ServerBin};
 use subrosa_proto::{
     canonical_request, ClientFrame, ErrorBody, ServerFrame, SignedHeaders, HEADER_DEVICE, HEADER_HANDLE, HEADER_NONCE,
     HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue as WsHeader;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use url::Url;
 
@@ -191,8 +193,30 @@ async fn decode_response<R: DeserializeOwned>(resp: reqwest::Response, base: &Ur
     }
 }
 
-/// A live WebSocket to the server.
-pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A live WebSocket to the server: binary frames
+/// ([`subrosa_proto::frames`]) when the server offered them, else today's
+/// JSON frames (an older server).
+#[derive(Debug)]
+pub struct Socket {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    binary: bool,
+}
+
+impl Socket {
+    /// Whether the socket speaks binary frames (the server offered them and
+    /// took this device's signature over its challenge).
+    pub fn binary(&self) -> bool {
+        self.binary
+    }
+
+    /// Closes the socket.
+    ///
+    /// # Errors
+    /// [`ClientError::Network`].
+    pub async fn close(&mut self) -> Result<(), ClientError> {
+        self.ws.close(None).await.map_err(|e| ClientError::Network(e.to_string()))
+    }
+}
 
 impl Api {
     /// An API client for `base` signing as `identity`.
@@ -342,13 +366,16 @@ impl Api {
             let value = v.parse().map_err(|_| ClientError::Bug("header value".into()))?;
             req.headers_mut().insert(k, value);
         }
+        // Binary frames when the server speaks them; an older server ignores
+        // the header and answers without its own.
+        req.headers_mut().insert(frames::HEADER_FRAMES, WsHeader::from_static("1"));
         let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(MAX_ANSWER_BYTES))
             .max_frame_size(Some(MAX_ANSWER_BYTES));
         // tokio-tungstenite follows no redirect: a 3xx comes back as `Http`.
         let handshake = tokio_tungstenite::connect_async_tls_with_config(req, Some(config), false, Some(connector));
-        let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT * 2, handshake)
+        let (mut ws, resp) = tokio::time::timeout(CONNECT_TIMEOUT * 2, handshake)
             .await
             .map_err(|_| ClientError::Network(format!("{} did not answer in time", self.base)))?
             .map_err(|e| match e {
@@ -368,7 +395,23 @@ impl Api {
                 }
                 other => ClientError::Network(format!("cannot reach {}: {other}", self.base)),
             })?;
-        Ok(ws)
+        let offered = resp.headers().get(frames::HEADER_FRAMES).is_some_and(|v| v.as_bytes() == b"1");
+        if !offered {
+            return Ok(Socket { ws, binary: false });
+        }
+        let challenge = resp
+            .headers()
+            .get(frames::HEADER_CHALLENGE)
+            .and_then(|v| hex::decode(v.as_bytes()).ok())
+            .and_then(|c| <[u8; frames::CHALLENGE_LEN]>::try_from(c).ok())
+            .ok_or_else(|| ClientError::Protocol("the server offered binary frames without a challenge".into()))?;
+        let identity = self.identity();
+        let sig = identity.sign_with_device(&self.crypto, &frames::auth_message(&challenge, &identity.address()))?;
+        let sig = <[u8; frames::SIGNATURE_LEN]>::try_from(sig.as_slice())
+            .map_err(|_| ClientError::Bug("device signature length".into()))?;
+        let auth = ClientBin::Auth(sig).encode().map_err(|e| ClientError::Bug(e.to_string()))?;
+        ws.send(WsMessage::Binary(auth.into())).await.map_err(|e| ClientError::Network(e.to_string()))?;
+        Ok(Socket { ws, binary: true })
     }
 }
 
@@ -376,14 +419,22 @@ impl Api {
 ///
 /// # Errors
 /// [`ClientError::Network`] or [`ClientError::Protocol`].
-pub async fn next_frame(ws: &mut Socket) -> Result<Option<ServerFrame>, ClientError> {
-    while let Some(msg) = ws.next().await {
+pub async fn next_frame(socket: &mut Socket) -> Result<Option<ServerFrame>, ClientError> {
+    let binary = socket.binary;
+    while let Some(msg) = socket.ws.next().await {
         match msg.map_err(|e| ClientError::Network(e.to_string()))? {
             WsMessage::Text(t) => {
                 return serde_json::from_str(t.as_str())
                     .map(Some)
                     .map_err(|_| ClientError::Protocol("malformed frame from server".into()))
             }
+            WsMessage::Binary(b) if binary => match ServerBin::decode(&b) {
+                Ok(ServerBin::Messages(messages)) => return Ok(Some(ServerFrame::Messages { messages })),
+                // This client sends over signed HTTP: no send of its waits
+                // for an answer on the socket.
+                Ok(ServerBin::Sent { .. } | ServerBin::Refused { .. }) => {}
+                Err(_) => return Err(ClientError::Protocol("malformed frame from server".into())),
+            },
             WsMessage::Binary(b) => {
                 return serde_json::from_slice(&b)
                     .map(Some)
@@ -400,9 +451,14 @@ pub async fn next_frame(ws: &mut Socket) -> Result<Option<ServerFrame>, ClientEr
 ///
 /// # Errors
 /// [`ClientError::Network`].
-pub async fn send_ack(ws: &mut Socket, ids: Vec<u64>) -> Result<(), ClientError> {
-    let frame = serde_json::to_string(&ClientFrame::Ack { ids }).map_err(|e| ClientError::Bug(e.to_string()))?;
-    ws.send(WsMessage::Text(frame.into())).await.map_err(|e| ClientError::Network(e.to_string()))
+pub async fn send_ack(socket: &mut Socket, ids: Vec<u64>) -> Result<(), ClientError> {
+    let msg = if socket.binary {
+        WsMessage::Binary(ClientBin::Ack(ids).encode().map_err(|e| ClientError::Bug(e.to_string()))?.into())
+    } else {
+        let frame = serde_json::to_string(&ClientFrame::Ack { ids }).map_err(|e| ClientError::Bug(e.to_string()))?;
+        WsMessage::Text(frame.into())
+    };
+    socket.ws.send(msg).await.map_err(|e| ClientError::Network(e.to_string()))
 }
 
 fn describe_reqwest(e: &reqwest::Error, base: &Url) -> String {

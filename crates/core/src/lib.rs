@@ -24,9 +24,9 @@ mod error;
 pub mod identity;
 pub mod link;
 pub mod linklist;
-pub mod preview;
 #[cfg(any(feature = "rustcrypto", test))]
 pub mod pq;
+pub mod preview;
 pub mod safety;
 
 pub use engine::{

@@ -247,7 +247,7 @@ pub struct CommitGuard {
 }
 
 /// One ciphertext and the devices it goes to.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SendPart {
     /// What it is.

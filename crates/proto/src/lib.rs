@@ -9,6 +9,7 @@ mod api;
 mod auth;
 pub mod blob;
 mod bytes;
+pub mod frames;
 pub mod framing;
 mod ids;
 pub mod kt;

@@ -130,6 +130,18 @@ impl RequestSignature {
     }
 }
 
+/// Whether `signature` is the device's (`key`) over a socket's challenge
+/// ([`subrosa_proto::frames::auth_message`]).
+pub(crate) fn verify_socket(
+    key: &[u8],
+    challenge: &[u8; subrosa_proto::frames::CHALLENGE_LEN],
+    device: &DeviceAddress,
+    signature: &[u8],
+) -> bool {
+    let msg = subrosa_proto::frames::auth_message(challenge, device);
+    UnparsedPublicKey::new(&ED25519, key).verify(&msg, signature).is_ok()
+}
+
 /// The answer to a request whose nonce was seen before.
 pub fn replayed() -> AppError {
     AppError::new(StatusCode::UNAUTHORIZED, ErrorCode::Replayed, "this request was seen before")

@@ -14,20 +14,19 @@ use serde::Deserialize;
 use subrosa_proto::kt::{KtAudit, KtHead, KtLookup};
 use subrosa_proto::limits::{
     LINK_TTL_SECS, MAX_CERTIFICATE_BYTES, MAX_FETCH, MAX_KEY_PACKAGES_PER_UPLOAD, MAX_KEY_PACKAGE_BYTES,
-    MAX_LINK_BYTES, MAX_LINK_REQUEST_BYTES, MAX_PARTS,
+    MAX_LINK_BYTES, MAX_LINK_REQUEST_BYTES,
 };
 use subrosa_proto::{
     AccountInfo, AckRequest, AckResponse, AddDeviceRequest, ClaimRequest, ClaimResponse, DeviceAddress, DeviceId,
     DeviceRecord, Empty, ErrorCode, Handle, InboxResponse, KeyPackageCount, KeyPackageUpload, KeySetUpdate,
-    LinkApproveRequest, LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, MessageKind, RegisterRequest,
-    SendPart, SendRequest, SendResponse, B64,
+    LinkApproveRequest, LinkCreateRequest, LinkCreated, LinkId, LinkResponse, LinkSlot, RegisterRequest, SendRequest,
+    SendResponse, B64,
 };
 
 use crate::auth::{
     now_ms, parse_json, read_body, Authed, MaybeAuthed, RequestSignature, SignedJson, SignedJsonNonceLater,
 };
 use crate::hooks::Source;
-use crate::metrics::MessageEvent;
 use crate::store::{ClaimKind, NewAccount, StoreError};
 use crate::{ws, AppError, AppState};
 
@@ -290,103 +289,14 @@ pub(crate) fn ttl_ms(state: &AppState) -> u64 {
     u64::try_from(state.limits.blob_ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn validate_send(req: &SendRequest, state: &AppState) -> Result<(), AppError> {
-    let limits = &state.limits;
-    if req.parts.is_empty() {
-        return Err(AppError::bad_request("a send needs at least one part"));
-    }
-    if req.parts.len() > MAX_PARTS {
-        return Err(AppError::too_large(format!("at most {MAX_PARTS} parts per send")));
-    }
-    for part in &req.parts {
-        if part.recipients.is_empty() {
-            return Err(AppError::bad_request("a part needs at least one recipient"));
-        }
-        if part.recipients.len() > limits.max_recipients {
-            return Err(AppError::too_large(format!("at most {} recipients per part", limits.max_recipients)));
-        }
-        if part.ciphertext.is_empty() {
-            return Err(AppError::bad_request("a part's ciphertext is empty"));
-        }
-        if part.ciphertext.len() > limits.max_ciphertext_bytes {
-            return Err(AppError::too_large(format!("a ciphertext is over {} bytes", limits.max_ciphertext_bytes)));
-        }
-    }
-    check_framing(req)?;
-    if let Some(members) = req.commit.as_ref().and_then(|g| g.members.as_ref()) {
-        if members.len() > limits.max_recipients.saturating_add(1) {
-            return Err(AppError::too_large(format!("at most {} members", limits.max_recipients.saturating_add(1))));
-        }
-    }
-    Ok(())
-}
-
-/// Reads what a send's MLS framing says rather than trusting its labels:
-/// a guarded send's commit part must be an MLS commit of this conversation
-/// made in the guard's epoch, and a guarded send past epoch 0 must carry
-/// one (a creating send may carry its Welcome alone); a real MLS commit
-/// never travels without the guard, whatever its part is labelled.
-fn check_framing(req: &SendRequest) -> Result<(), AppError> {
-    use subrosa_proto::framing::{content_type, private_framing};
-    let conversation = req.conversation.as_bytes().as_slice();
-    match &req.commit {
-        Some(guard) => {
-            let commits: Vec<&SendPart> = req.parts.iter().filter(|p| p.kind == MessageKind::Commit).collect();
-            if commits.is_empty() && guard.epoch.0 > 0 {
-                return Err(AppError::bad_request("a commit guard needs a commit part"));
-            }
-            if commits.len() > 1 {
-                return Err(AppError::bad_request("a send carries at most one commit"));
-            }
-            for part in commits {
-                let f = private_framing(part.ciphertext.as_slice())
-                    .map_err(|e| AppError::bad_request(format!("the commit part: {e}")))?;
-                if f.group_id != conversation {
-                    return Err(AppError::bad_request("the commit is for another conversation"));
-                }
-                if f.content_type != content_type::COMMIT {
-                    return Err(AppError::bad_request("the commit part is not an MLS commit"));
-                }
-                if f.epoch != guard.epoch.0 {
-                    return Err(AppError::bad_request(format!(
-                        "the commit was made in epoch {}, not the guard's {}",
-                        f.epoch, guard.epoch.0
-                    )));
-                }
-            }
-        }
-        None => {
-            let unguarded_commit = req.parts.iter().any(|p| {
-                private_framing(p.ciphertext.as_slice()).is_ok_and(|f| f.content_type == content_type::COMMIT)
-            });
-            if unguarded_commit {
-                return Err(AppError::bad_request("an MLS commit needs the commit guard"));
-            }
-        }
-    }
-    Ok(())
-}
-
 async fn send(
     State(state): State<AppState>,
     SignedJsonNonceLater { device, nonce, timestamp_ms, body }: SignedJsonNonceLater<SendRequest>,
 ) -> Result<Json<SendResponse>, AppError> {
-    validate_send(&body, &state)?;
     let mut body = body;
     // A disappearing message is kept no longer than any other.
     body.expires_at = body.expires_at.map(|at| at.min(now_ms().saturating_add(ttl_ms(&state))));
-    // The nonce and the send share one transaction (one commit).
-    let out = state
-        .store
-        .send_with_nonce(&device, &nonce, timestamp_ms, &body, &state.limits.quota, now_ms())
-        .await?
-        .ok_or_else(crate::auth::replayed)?;
-    // Only now is everything durably stored: wake the recipients.
-    let event = if out.duplicate { MessageEvent::Duplicate } else { MessageEvent::Stored };
-    state.metrics.messages(event, 1);
-    for addr in &out.recipients {
-        state.wakeups.wake(addr);
-    }
+    let out = crate::delivery::send(&state, &device, &body, Some((&nonce, timestamp_ms))).await?;
     if crate::hooks::lose_answer(&state, &device, body.commit.is_some()) {
         return Err(AppError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, "answer lost (test attack)"));
     }

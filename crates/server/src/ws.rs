@@ -10,6 +10,15 @@
 //! While the database is unreachable the socket stays open and looks again
 //! every second; other storage failures close it with an error frame.
 //!
+//! With binary frames (`subrosa_proto::frames`, asked for by the upgrade's
+//! `x-subrosa-frames` header) the socket also takes sends, once the device
+//! signed the challenge the upgrade's answer carried. Each is stored and
+//! answered in turn, one at a time (so a device's sends on one socket are
+//! stored in the order sent), only once durable; each costs the device one
+//! rate-limit token, as a signed send does, and its quota applies. Pushes
+//! are binary then too, but for a batch that holds a commit's roster (JSON
+//! text, as without frames).
+//!
 //! A removed device's socket is closed with an `unauthorized` error frame:
 //! at once on this node (the removal revokes its subscription), within one
 //! re-check on other nodes (each re-check looks the device up). A socket
@@ -24,7 +33,9 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
+use subrosa_proto::frames::{self, ClientBin, ServerBin, CHALLENGE_LEN, HEADER_CHALLENGE, HEADER_FRAMES};
 use subrosa_proto::{ClientFrame, DeviceAddress, ErrorBody, ErrorCode, ServerFrame};
 
 use crate::auth::AuthedKey;
@@ -44,7 +55,8 @@ const PING: Duration = Duration::from_secs(20);
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// While the database is unreachable, look at the inbox again this often.
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
-/// Largest frame a client may send (acknowledgements only).
+/// Largest frame a client may send without binary frames (acknowledgements
+/// only); with them, a send frame may be as large as a send's HTTP body.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// Initial read buffer of a socket. Clients only send acknowledgements (a few
 /// dozen bytes each), and tungstenite zero-fills the whole buffer on every
@@ -55,6 +67,7 @@ const READ_BUFFER: usize = 1024;
 pub(crate) async fn upgrade(
     AuthedKey { device, key }: AuthedKey,
     State(state): State<AppState>,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
     let ws = ws.map_err(|_| AppError::bad_request("this route needs a WebSocket upgrade"))?;
@@ -62,18 +75,51 @@ pub(crate) async fn upgrade(
     // limit, base64-encoded, plus JSON framing. Room for two bounds the
     // per-socket buffer.
     let largest = BATCH_BYTES.max(state.limits.max_ciphertext_bytes) / 3 * 4 + 64 * 1024;
-    Ok(ws
+    let binary = headers.get(HEADER_FRAMES).is_some_and(|v| v.as_bytes() == b"1");
+    let challenge = binary.then(|| {
+        use rand::RngCore as _;
+        let mut c = [0u8; CHALLENGE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut c);
+        c
+    });
+    let max_in = if binary { state.limits.max_body_bytes.max(MAX_CLIENT_FRAME) } else { MAX_CLIENT_FRAME };
+    let mut response = ws
         .read_buffer_size(READ_BUFFER)
         // Each frame is written (and flushed) on its own: nothing to gather.
         .write_buffer_size(0)
-        .max_message_size(MAX_CLIENT_FRAME)
-        .max_frame_size(MAX_CLIENT_FRAME)
+        .max_message_size(max_in)
+        .max_frame_size(max_in)
         .max_write_buffer_size(largest.saturating_mul(2))
         .on_upgrade(move |socket| async move {
-            if let Err(reason) = run(state, device, key, socket).await {
+            let mode = match challenge {
+                Some(challenge) => Mode::Binary { challenge, authed: false },
+                None => Mode::Json,
+            };
+            if let Err(reason) = run(state, device, key, socket, mode).await {
                 tracing::debug!(reason, "websocket closed");
             }
-        }))
+        });
+    if let Some(c) = challenge {
+        let h = response.headers_mut();
+        h.insert(HEADER_FRAMES, HeaderValue::from_static("1"));
+        if let Ok(v) = HeaderValue::from_str(&hex::encode(c)) {
+            h.insert(HEADER_CHALLENGE, v);
+        }
+    }
+    Ok(response)
+}
+
+/// What the socket speaks.
+enum Mode {
+    /// Today's JSON text frames: pushes and acknowledgements only.
+    Json,
+    /// Binary frames; sends once the challenge is signed.
+    Binary {
+        /// Sent in the upgrade's answer; the device signs it.
+        challenge: [u8; CHALLENGE_LEN],
+        /// True once the device's signature over it verified.
+        authed: bool,
+    },
 }
 
 async fn send(socket: &mut WebSocket, msg: Message) -> Result<(), &'static str> {
@@ -87,6 +133,21 @@ async fn send(socket: &mut WebSocket, msg: Message) -> Result<(), &'static str> 
 async fn send_frame(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), &'static str> {
     let text = serde_json::to_string(frame).map_err(|_| "cannot encode frame")?;
     send(socket, Message::Text(text.into())).await
+}
+
+/// Pushes envelopes: binary in binary mode unless one carries a roster
+/// (which binary frames do not hold), JSON text otherwise.
+async fn push(socket: &mut WebSocket, mode: &Mode, messages: Vec<subrosa_proto::Envelope>) -> Result<(), &'static str> {
+    if matches!(mode, Mode::Binary { .. }) && messages.iter().all(|m| m.roster.is_none()) {
+        let bytes = ServerBin::Messages(messages).encode().map_err(|_| "cannot encode frame")?;
+        return send(socket, Message::Binary(bytes.into())).await;
+    }
+    send_frame(socket, &ServerFrame::Messages { messages }).await
+}
+
+async fn send_bin(socket: &mut WebSocket, frame: &ServerBin) -> Result<(), &'static str> {
+    let bytes = frame.encode().map_err(|_| "cannot encode frame")?;
+    send(socket, Message::Binary(bytes.into())).await
 }
 
 async fn close_with_error(socket: &mut WebSocket, err: ErrorBody, code: u16) {
@@ -142,7 +203,12 @@ async fn close_removed(socket: &mut WebSocket) {
 /// the device that sends it (TCP pushes back on it) and every other device
 /// keeps its share of the server.
 async fn charge_ack(state: &AppState, device: &DeviceAddress, ids: usize) {
-    let cost = u32::try_from(1 + ids / 100).unwrap_or(u32::MAX);
+    charge(state, device, u32::try_from(1 + ids / 100).unwrap_or(u32::MAX)).await;
+}
+
+/// Takes `cost` of the device's rate-limit tokens, waiting (at most 10 s)
+/// when it has run out.
+async fn charge(state: &AppState, device: &DeviceAddress, cost: u32) {
     let wait = state.device_limiter.charge(device, cost, std::time::Instant::now()).await;
     if !wait.is_zero() {
         tokio::time::sleep(wait.min(Duration::from_secs(10))).await;
@@ -166,7 +232,38 @@ impl Drop for OpenSocket {
     }
 }
 
-async fn run(state: AppState, device: DeviceAddress, key: Vec<u8>, mut socket: WebSocket) -> Result<(), &'static str> {
+/// Stores one send frame and answers it, only once durable (or refused).
+/// The device pays one rate-limit token, as for a signed send.
+async fn on_send(
+    state: &AppState,
+    device: &DeviceAddress,
+    socket: &mut WebSocket,
+    send_frame: frames::FrameSend,
+) -> Result<(), &'static str> {
+    let start = std::time::Instant::now();
+    charge(state, device, 1).await;
+    let request = send_frame.to_request();
+    let answer = match crate::delivery::send(state, device, &request, None).await {
+        Ok(out) => {
+            state.metrics.request(crate::metrics::Op::Send, 200, None, start.elapsed());
+            ServerBin::Sent { request: send_frame.request, duplicate: out.duplicate, server_time: out.server_time }
+        }
+        Err(e) => {
+            let body = e.body();
+            state.metrics.request(crate::metrics::Op::Send, e.status().as_u16(), Some(body.code), start.elapsed());
+            ServerBin::Refused { request: send_frame.request, error: body }
+        }
+    };
+    send_bin(socket, &answer).await
+}
+
+async fn run(
+    state: AppState,
+    device: DeviceAddress,
+    key: Vec<u8>,
+    mut socket: WebSocket,
+    mut mode: Mode,
+) -> Result<(), &'static str> {
     let _open = OpenSocket::new(&state.metrics);
     let mut wakeup = state.wakeups.subscribe(&device);
     // A removal or key change that committed between the upgrade's
@@ -206,7 +303,7 @@ async fn run(state: AppState, device: DeviceAddress, key: Vec<u8>, mut socket: W
             cursor = last;
             let full = fetched.full;
             if !fetched.messages.is_empty() {
-                send_frame(&mut socket, &ServerFrame::Messages { messages: fetched.messages }).await?;
+                push(&mut socket, &mode, fetched.messages).await?;
             }
             look = full;
         }
@@ -248,30 +345,58 @@ async fn run(state: AppState, device: DeviceAddress, key: Vec<u8>, mut socket: W
             }
             incoming = socket.recv() => {
                 silent_pings = 0;
-                let text = match incoming {
+                let frame = match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Text(t))) => t.as_str().as_bytes().to_vec(),
-                    Some(Ok(Message::Binary(b))) => b.to_vec(),
+                    // Today's JSON frames, in either mode.
+                    Some(Ok(Message::Text(t))) => json_frame(t.as_str().as_bytes()),
+                    Some(Ok(Message::Binary(b))) => match mode {
+                        Mode::Json => json_frame(&b),
+                        Mode::Binary { .. } => ClientBin::decode(&b).map_err(|_| ()),
+                    },
                 };
-                let frame: ClientFrame = match serde_json::from_slice(&text) {
-                    Ok(f) => f,
-                    Err(_) => {
-                        let err = ErrorBody { code: ErrorCode::BadRequest, message: "malformed frame".into(), current_epoch: None };
-                        close_with_error(&mut socket, err, 1008).await;
-                        return Err("malformed frame");
-                    }
+                let Ok(frame) = frame else {
+                    let err = ErrorBody { code: ErrorCode::BadRequest, message: "malformed frame".into(), current_epoch: None };
+                    close_with_error(&mut socket, err, 1008).await;
+                    return Err("malformed frame");
                 };
                 match frame {
-                    ClientFrame::Ack { ids } => {
+                    ClientBin::Ack(ids) => {
                         charge_ack(&state, &device, ids.len()).await;
                         if let Err(e) = crate::delivery::acknowledge(&state, &device, &ids).await {
                             close_with_error(&mut socket, e.body(), 1008).await;
                             return Err("ack refused");
                         }
                     }
+                    ClientBin::Auth(signature) => {
+                        let Mode::Binary { challenge, authed } = &mut mode else {
+                            return Err("unreachable: auth outside binary mode");
+                        };
+                        if !crate::auth::verify_socket(&key, challenge, &device, &signature) {
+                            let err = ErrorBody { code: ErrorCode::Unauthorized, message: "the socket's challenge signature does not verify".into(), current_epoch: None };
+                            close_with_error(&mut socket, err, 1008).await;
+                            return Err("bad challenge signature");
+                        }
+                        *authed = true;
+                    }
+                    ClientBin::Send(s) => {
+                        if !matches!(mode, Mode::Binary { authed: true, .. }) {
+                            let err = ErrorBody { code: ErrorCode::Unauthorized, message: "sign the socket's challenge before sending".into(), current_epoch: None };
+                            close_with_error(&mut socket, err, 1008).await;
+                            return Err("send before auth");
+                        }
+                        on_send(&state, &device, &mut socket, s).await?;
+                    }
                 }
             }
         }
+    }
+}
+
+/// A JSON client frame (what every client sends without binary frames), as
+/// the binary frame it means.
+fn json_frame(bytes: &[u8]) -> Result<ClientBin, ()> {
+    match serde_json::from_slice::<ClientFrame>(bytes).map_err(|_| ())? {
+        ClientFrame::Ack { ids } => Ok(ClientBin::Ack(ids)),
     }
 }
