@@ -348,3 +348,34 @@ fn a_downloads_directory_in_the_config_file_is_where_receive_saves_and_never_ins
     assert!(std::path::Path::new(&saved).starts_with(&downloads), "{saved}");
     assert_eq!(sha256_hex(&std::fs::read(&saved).expect("read")), sha256_hex(&bytes));
 }
+
+/// The sealed files a device keeps in its home.
+fn kept_files(user: &User) -> usize {
+    std::fs::read_dir(user.home().join("attachments"))
+        .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
+        .unwrap_or(0)
+}
+
+/// "Delete for everyone" takes the files too: the recipient's sealed copy
+/// leaves its store, not only the text its view.
+#[test]
+fn a_message_deleted_for_everyone_takes_its_files_from_every_store() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write_file(dir.path(), "plans.bin", &noise(64 * 1024, 7));
+    alice.ok(&["send", "bob", "the plans", "--attach", file.to_str().expect("utf-8 path")]);
+    let got = bob.receive_json(&[]);
+    let m = the_attachment_message(&got);
+    assert_eq!(kept_files(&bob), 1, "bob keeps the sealed file");
+    let id = m["id"].as_str().expect("id").to_string();
+
+    alice.ok(&["delete", "bob", &id]);
+    bob.receive_json(&[]);
+    assert_eq!(kept_files(&bob), 0, "the sealed file is still in bob's home");
+    let history = bob.history_json("alice");
+    let deleted = history.iter().find(|h| h["id"] == id.as_str()).expect("the deleted line stays");
+    assert!(attachments(deleted).is_empty(), "{deleted}");
+    assert_eq!(deleted["text"], "", "{deleted}");
+}

@@ -831,6 +831,8 @@ impl Subrosa {
             }
             let _ = ws.close().await;
         }
+        // The files of messages deleted for everyone in what came go now.
+        self.sweep_expired()?;
         if ack {
             self.maintain_keys().await?;
         } else {

@@ -26,7 +26,10 @@ impl Session {
         let new = tx.message(&row.id, &caption.message_id.0)?.is_none();
         let message_id = caption.message_id;
         self.apply_content(tx, row, sender, caption, late)?;
-        if new {
+        // A delete for everyone that came first was applied as it was
+        // stored: nothing of the message is fetched.
+        let deleted = tx.message(&row.id, &message_id.0)?.is_some_and(|m| m.deleted);
+        if new && !deleted {
             // Every member device but the sender's fetches the blobs (this
             // account's other devices too).
             tx.put_attachments(&row.id, &message_id.0, files, AttachmentState::Pending)?;

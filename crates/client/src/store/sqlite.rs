@@ -1363,6 +1363,22 @@ impl History for SqliteTx<'_> {
             conn.execute(&format!("DELETE FROM {table} WHERE (conversation, message_id) IN ({expired})"), [now])
                 .map_err(sql)?;
         }
+        // A message deleted for everyone keeps its row (a "deleted" line),
+        // never its files.
+        let deleted = "SELECT conversation, message_id FROM messages WHERE deleted = 1";
+        {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT local FROM attachments WHERE local IS NOT NULL AND (conversation, message_id) IN ({deleted})"
+                ))
+                .map_err(sql)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql)?;
+            for row in rows {
+                files.push(row.map_err(sql)?);
+            }
+        }
+        conn.execute(&format!("DELETE FROM attachments WHERE (conversation, message_id) IN ({deleted})"), [])
+            .map_err(sql)?;
         conn.execute("DELETE FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now]).map_err(sql)?;
         Ok(files)
     }

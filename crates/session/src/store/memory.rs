@@ -824,7 +824,7 @@ impl History for MemTx<'_> {
             let gone: Vec<(Conv, Vec<u8>)> = t
                 .messages
                 .values()
-                .filter(|m| m.expires_at.is_some_and(|at| at <= now_ms))
+                .filter(|m| m.deleted || m.expires_at.is_some_and(|at| at <= now_ms))
                 .map(|m| (m.conversation, m.message_id.clone()))
                 .collect();
             t.messages.retain(|_, m| m.expires_at.is_none_or(|at| at > now_ms));

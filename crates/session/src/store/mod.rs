@@ -840,9 +840,10 @@ pub trait History {
     ) -> Result<(), ClientError>;
 
     /// Deletes every message whose expiry is at or before `now_ms`, with
-    /// its reactions, receipts and attachment rows, and returns the file
-    /// names (in the attachment folder) of the sealed blobs those rows kept,
-    /// for the caller to delete.
+    /// its reactions, receipts and attachment rows, and the attachment rows
+    /// of messages deleted for everyone, and returns the file names (in the
+    /// attachment folder) of the sealed blobs those rows kept, for the
+    /// caller to delete.
     ///
     /// # Errors
     /// Database errors.
