@@ -57,7 +57,7 @@ async fn account_devices(t: &TestApp, by: &TestDevice, of: &TestDevice) -> Vec<S
 }
 
 async fn upload(t: &TestApp, d: &TestDevice, packages: &[&[u8]]) {
-    let one_time: Vec<String> = packages.iter().map(|p| b64(p)).collect();
+    let one_time: Vec<String> = packages.iter().map(|p| b64(&common::kp(p))).collect();
     let got = t.call(d.request("POST", "/v1/keypackages", bytes(&json!({ "one_time": one_time })))).await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
 }
@@ -274,11 +274,11 @@ async fn own_claim_returns_the_other_devices() {
     let got = claim(&t, &alice, &alice).await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     assert_eq!(claimed_devices(&got.1), vec![alice2.device.to_hex(), alice3.device.to_hex()]);
-    assert_eq!(got.1["packages"][0]["key_package"], json!(b64(b"a2-kp")));
+    assert_eq!(got.1["packages"][0]["key_package"], json!(b64(&common::kp(b"a2-kp"))));
     let got = claim(&t, &alice2, &alice).await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     assert_eq!(claimed_devices(&got.1), vec![alice.device.to_hex()], "alice3 has none left");
-    assert_eq!(got.1["packages"][0]["key_package"], json!(b64(b"a1-kp")));
+    assert_eq!(got.1["packages"][0]["key_package"], json!(b64(&common::kp(b"a1-kp"))));
 }
 
 async fn create_link(t: &TestApp, handle: &str, request: &[u8]) -> LinkId {

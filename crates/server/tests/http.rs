@@ -120,11 +120,15 @@ async fn bad_bodies_get_stable_errors_on_every_endpoint() {
     let alice = t.register("alice").await;
     let bob = t.register("bob").await;
     let good_send = bytes(&send_body(&[&bob], b"hello", None, &conv()));
-    let many: Vec<String> = (0..10).map(|i| b64(format!("kp{i}").as_bytes())).collect();
+    let many: Vec<String> = (0..10).map(|i| b64(&common::kp(format!("kp{i}").as_bytes()))).collect();
     let got = t.call(bob.request("POST", "/v1/keypackages", bytes(&json!({ "one_time": many })))).await;
     assert_eq!(got.0, StatusCode::OK);
     let endpoints: Vec<(&str, Vec<u8>, serde_json::Value)> = vec![
-        ("/v1/keypackages", bytes(&json!({ "one_time": [b64(b"kp")] })), json!({ "one_time": "not-a-list" })),
+        (
+            "/v1/keypackages",
+            bytes(&json!({ "one_time": [b64(&common::kp(b"kp"))] })),
+            json!({ "one_time": "not-a-list" }),
+        ),
         ("/v1/keypackages/claim", bytes(&json!({ "handle": bob.handle })), json!({ "handle": 42 })),
         ("/v1/messages", good_send, json!({ "conversation": conv(), "send_id": "zz", "parts": [] })),
         ("/v1/inbox/ack", bytes(&json!({ "ids": [1, 2] })), json!({ "ids": ["one"] })),
@@ -295,11 +299,13 @@ async fn key_packages_claim_and_count() {
     let got = t.call(alice.request("POST", "/v1/keypackages/claim", bytes(&json!({ "handle": "nobody-here" })))).await;
     assert_error(&got, StatusCode::NOT_FOUND, "unknown_handle");
 
-    let upload = json!({ "one_time": [b64(b"kp-1"), b64(b"kp-2")], "last_resort": b64(b"kp-last") });
+    let upload = json!({ "one_time": [b64(&common::kp(b"kp-1")), b64(&common::kp(b"kp-2"))], "last_resort": b64(&common::kp(b"kp-last")) });
     let got = t.call(bob.request("POST", "/v1/keypackages", bytes(&upload))).await;
-    assert_eq!(got, (StatusCode::OK, json!({ "one_time": 2, "last_resort": true })));
+    let counted = json!({ "one_time": 2, "last_resort": true,
+        "suites": [{ "suite": 1, "one_time": 2, "last_resort": true }] });
+    assert_eq!(got, (StatusCode::OK, counted.clone()));
     let got = t.call(bob.request("GET", "/v1/keypackages", vec![])).await;
-    assert_eq!(got, (StatusCode::OK, json!({ "one_time": 2, "last_resort": true })));
+    assert_eq!(got, (StatusCode::OK, counted));
 
     let mut handed = Vec::new();
     for _ in 0..4 {
@@ -314,17 +320,20 @@ async fn key_packages_claim_and_count() {
     assert_eq!(
         handed,
         vec![
-            (b64(b"kp-1"), Some(false)),
-            (b64(b"kp-2"), Some(false)),
-            (b64(b"kp-last"), Some(true)),
-            (b64(b"kp-last"), Some(true)),
+            (b64(&common::kp(b"kp-1")), Some(false)),
+            (b64(&common::kp(b"kp-2")), Some(false)),
+            (b64(&common::kp(b"kp-last")), Some(true)),
+            (b64(&common::kp(b"kp-last")), Some(true)),
         ]
     );
     let got = t.call(bob.request("GET", "/v1/keypackages", vec![])).await;
-    assert_eq!(got.1, json!({ "one_time": 0, "last_resort": true }));
+    assert_eq!(
+        got.1,
+        json!({ "one_time": 0, "last_resort": true, "suites": [{ "suite": 1, "one_time": 0, "last_resort": true }] })
+    );
 
     // Limits: count and size.
-    let many: Vec<String> = (0..201).map(|i| b64(format!("kp{i}").as_bytes())).collect();
+    let many: Vec<String> = (0..201).map(|i| b64(&common::kp(format!("kp{i}").as_bytes()))).collect();
     let got = t.call(bob.request("POST", "/v1/keypackages", bytes(&json!({ "one_time": many })))).await;
     assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
     let big = b64(&vec![1u8; 16 * 1024 + 1]);
@@ -529,8 +538,8 @@ async fn one_account_cannot_drain_anothers_key_packages() {
     let mallory = t.register("mallory").await;
     let carol = t.register("carol").await;
     let bob = t.register("bob").await;
-    let many: Vec<String> = (0..50).map(|i| b64(format!("kp-{i}").as_bytes())).collect();
-    let upload = json!({ "one_time": many, "last_resort": b64(b"kp-last") });
+    let many: Vec<String> = (0..50).map(|i| b64(&common::kp(format!("kp-{i}").as_bytes()))).collect();
+    let upload = json!({ "one_time": many, "last_resort": b64(&common::kp(b"kp-last")) });
     assert_eq!(t.call(bob.request("POST", "/v1/keypackages", bytes(&upload))).await.0, StatusCode::OK);
 
     let claim = |who: &common::TestDevice| {
@@ -568,8 +577,8 @@ async fn one_account_cannot_drain_anothers_key_packages() {
 async fn many_accounts_cannot_drain_a_targets_one_time_packages() {
     let t = TestApp::new();
     let bob = t.register("bob").await;
-    let many: Vec<String> = (0..50).map(|i| b64(format!("kp-{i}").as_bytes())).collect();
-    let upload = json!({ "one_time": many, "last_resort": b64(b"kp-last") });
+    let many: Vec<String> = (0..50).map(|i| b64(&common::kp(format!("kp-{i}").as_bytes()))).collect();
+    let upload = json!({ "one_time": many, "last_resort": b64(&common::kp(b"kp-last")) });
     assert_eq!(t.call(bob.request("POST", "/v1/keypackages", bytes(&upload))).await.0, StatusCode::OK);
     let budget = subrosa_server::ONE_TIME_CLAIMS_PER_TARGET_PER_HOUR as usize;
     let claim = |who: &common::TestDevice| {

@@ -181,7 +181,7 @@ async fn account_and_claim_carry_matching_proofs() {
     assert_eq!(info.devices.len(), 2);
     check_account(&vrf, &info);
 
-    let kp = json!({ "one_time": [b64(b"kp of bob"), b64(b"another")] });
+    let kp = json!({ "one_time": [b64(&common::kp(b"kp of bob")), b64(&common::kp(b"another"))] });
     let (status, body) = t.call(bob.request("POST", "/v1/keypackages", serde_json::to_vec(&kp).unwrap())).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let claim = serde_json::to_vec(&json!({ "handle": bob.handle })).unwrap();

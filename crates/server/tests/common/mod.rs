@@ -257,3 +257,13 @@ pub fn spawn_server(
     let addr = line.trim().strip_prefix("listening on http://").expect("ready line").parse().expect("addr");
     Spawned { child, addr, stdout }
 }
+
+/// A stand-in key package: the framing the server reads (MLS 1.0, wire
+/// format `mls_key_package`, version, the classical suite 1) before
+/// `tag`, which stands for the rest, opaque to the server.
+#[allow(dead_code)]
+pub fn kp(tag: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x00, 0x01, 0x00, 0x05, 0x00, 0x01, 0x00, 0x01];
+    out.extend_from_slice(tag);
+    out
+}
