@@ -1077,8 +1077,13 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                 ));
             }
             #[cfg(unix)]
-            let previewed_send =
-                matches!(&command, Command::Send { preview, .. } if *preview || config.previews == Some(true));
+            // A text with a link is sent by this process, not the daemon's:
+            // only here are the device's preview setting and dangerous-link
+            // list applied to it (and its warnings printed).
+            let previewed_send = matches!(&command, Command::Send { preview, text, .. }
+                if *preview
+                    || config.previews == Some(true)
+                    || text.as_deref().is_some_and(|t| !subrosa_core::linklist::links_in(t).is_empty()));
             if config.use_daemon(cli.no_daemon)
                 && !previewed_send
                 && (via::routes(&command) || matches!(command, Command::Tui { .. }))

@@ -300,3 +300,38 @@ fn a_bad_signature_an_older_version_or_garbage_is_refused_and_the_stored_list_ke
     assert!(String::from_utf8_lossy(&out.stdout).contains("replacing version 2"));
     assert!(status(&alice).contains("version 3"));
 }
+
+/// With a daemon running, a text with a link is still sent by the `send`
+/// process, so the device's list is applied and its warning printed (the
+/// daemon's own `send` method applies neither).
+#[cfg(unix)]
+#[test]
+fn a_listed_link_is_warned_of_while_a_daemon_runs() {
+    use std::io::BufRead as _;
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello");
+    let key = fresh_key();
+    let env = [(LIST_KEY_ENV, hex::encode(key.verifying_key().as_bytes()))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let file = alice.dir.path().join("list.bin");
+    std::fs::write(&file, list(&key, 1, &["https://evil.example/login"])).expect("write");
+    ok_env(&alice, &["linklist", "import", file.to_str().expect("path")], &env);
+
+    let mut daemon = alice
+        .cmd(&["daemon"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("daemon starts");
+    let mut first = String::new();
+    std::io::BufReader::new(daemon.stderr.take().expect("stderr")).read_line(&mut first).expect("a first line");
+    assert!(first.contains("listening on"), "{first}");
+    let out = ok_env(&alice, &["send", "bob", "see https://evil.example/login"], &env);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let err = stderr(&out);
+    assert!(err.contains("https://evil.example/login is on your dangerous-link list"), "{err}");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hello", "see https://evil.example/login"]);
+}
