@@ -863,6 +863,11 @@ fn print_message(me: &Subrosa, m: &StoredMessage, json: bool) {
     let dangerous = if m.system { Vec::new() } else { dangerous_links(me, &m.text) };
     let mut m = with_advice(m).into_owned();
     m.request = m.conversation.parse().ok().and_then(|c| me.is_request(&c).ok()).unwrap_or(false);
+    if m.request {
+        // A stranger's preview (their words and picture of a page) waits,
+        // kept, until the request is accepted.
+        m.preview = None;
+    }
     print_shown(&m, attachments.as_ref(), &dangerous, json)
 }
 

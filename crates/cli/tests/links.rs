@@ -100,6 +100,8 @@ fn a_preview_is_fetched_once_by_the_senders_device_and_never_by_recipients_or_th
     let server = Server::start();
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
+    // Bob wrote first: alice is his contact, so her previews show at once.
+    bob.send("alice", "hi");
     let image = Site::start("image/png", png());
     let site = page(&image);
     let text = format!("our plan is at {} (secret)", site.url);
@@ -130,7 +132,9 @@ fn a_preview_is_fetched_once_by_the_senders_device_and_never_by_recipients_or_th
     assert!(shown.contains("preview of") && shown.contains("Canary & friends"), "{shown}");
     assert!(!shown.contains('\x1b'), "the sender's description reaches no terminal raw: {shown:?}");
     // The sender's own history carries it too.
-    assert_eq!(alice.history_json("bob")[0]["preview"]["title"], "Canary & friends");
+    let mine = alice.history_json("bob");
+    let sent = mine.iter().find(|m| m["text"] == text.as_str()).expect("alice's message");
+    assert_eq!(sent["preview"]["title"], "Canary & friends");
     assert_eq!((site.hits(), image.hits()), (1, 1), "recipients never fetch");
 
     // The server never saw the link, and cannot fetch it: still one request.
@@ -145,6 +149,9 @@ fn with_previews_off_nothing_is_fetched_and_the_setting_and_file_turn_them_on() 
     let server = Server::start();
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
+    // Bob writes first: alice and carol are his contacts, so their
+    // previews show at once (a stranger's wait for `accept`).
+    bob.send("alice", "hi");
     let image = Site::start("image/png", png());
     let site = page(&image);
 
@@ -170,6 +177,7 @@ fn with_previews_off_nothing_is_fetched_and_the_setting_and_file_turn_them_on() 
     ok_env(&alice, &["send", "bob", &format!("file {}", site.url)], &[LOOPBACK]);
     assert_eq!(site.hits(), 1, "the device's `off` wins over the file");
     let carol = User::register(&server, "carol");
+    bob.send("carol", "hi");
     std::fs::write(carol.home().join("config.toml"), "previews = true\n").expect("config");
     ok_env(&carol, &["send", "bob", &format!("file {}", site.url)], &[LOOPBACK]);
     assert_eq!(site.hits(), 2, "previews = true in the file");
@@ -334,4 +342,32 @@ fn a_listed_link_is_warned_of_while_a_daemon_runs() {
     let err = stderr(&out);
     assert!(err.contains("https://evil.example/login is on your dangerous-link list"), "{err}");
     assert_eq!(texts(&bob.receive_json(&[])), ["hello", "see https://evil.example/login"]);
+}
+
+/// A first message from a stranger is a request: its preview is kept but
+/// not shown until the request is accepted (and never fetched by anyone
+/// but its sender).
+#[test]
+fn a_strangers_preview_waits_until_the_request_is_accepted() {
+    let server = Server::start();
+    let mallory = User::register(&server, "mallory");
+    let bob = User::register(&server, "bob");
+    let image = Site::start("image/png", png());
+    let site = page(&image);
+    let text = format!("free prize at {}", site.url);
+    ok_env(&mallory, &["send", "bob", &text, "--preview"], &[LOOPBACK]);
+    assert_eq!(site.hits(), 1);
+
+    let got = parse_json_lines(&String::from_utf8_lossy(&run_env(&bob, &["receive", "--json"], &[LOOPBACK]).stdout));
+    let m = got.iter().find(|m| m["text"] == text.as_str()).expect("mallory's message");
+    assert_eq!(m["request"], true, "{m}");
+    assert!(m.get("preview").is_none(), "a request shows no preview: {m}");
+    let shown = String::from_utf8(ok_env(&bob, &["history", "mallory"], &[LOOPBACK]).stdout).expect("utf-8");
+    assert!(!shown.contains("Canary"), "{shown}");
+
+    bob.ok(&["accept", "mallory"]);
+    let history = bob.history_json("mallory");
+    let m = history.iter().find(|m| m["text"] == text.as_str()).expect("mallory's message");
+    assert_eq!(m["preview"]["title"], "Canary & friends", "shown once accepted: {m}");
+    assert_eq!(site.hits(), 1, "bob never fetched it");
 }
