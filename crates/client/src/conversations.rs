@@ -11,7 +11,7 @@ use subrosa_proto::{
     MessageId, MessageKind, SendId, SendPart, SendRequest, SendResponse, B64,
 };
 
-use subrosa_session::directory::{can_do_pq, pq_withheld, pq_withheld_error};
+use subrosa_session::directory::{can_do_pq, pq_fits, pq_withheld, pq_withheld_error};
 
 use subrosa_session::{stuck_culprit_in, stuck_key, PendingMeta, StagedChange, SystemEvent};
 
@@ -160,7 +160,9 @@ impl Subrosa {
             }
             pq.extend(packages.into_iter().map(|(_, kp)| kp));
         }
-        if !classical_only {
+        // Every device but this one sent a package; too many for a
+        // post-quantum Welcome to leave the group room to grow: classical.
+        if !classical_only && pq_fits(pq.len() + 1) {
             return Ok((PQ_CIPHERSUITE, pq));
         }
         let mut key_packages = Vec::new();

@@ -164,6 +164,21 @@ pub fn can_do_pq(d: &DeviceRecord) -> bool {
     DeviceCertificate::from_bytes(d.certificate.as_slice()).is_ok_and(|c| c.supports(subrosa_core::PQ_CIPHERSUITE))
 }
 
+/// Most member devices a new conversation may have and still be made in
+/// the post-quantum suite. A Welcome carries the whole ratchet tree, about
+/// 2.85 KB a device in that suite (0.5 KB in the classical one), and the
+/// server takes at most 1 MiB a ciphertext
+/// (`subrosa_proto::limits::MAX_CIPHERTEXT_BYTES`): a post-quantum group
+/// stops accepting members near 370 devices. Larger conversations start
+/// classical, so they can grow; this leaves a post-quantum one room to.
+pub const PQ_MAX_DEVICES: usize = 256;
+
+/// Whether a new conversation of `devices` member devices, every one of
+/// which can do post-quantum, is made in the post-quantum suite.
+pub fn pq_fits(devices: usize) -> bool {
+    devices <= PQ_MAX_DEVICES
+}
+
 /// The devices of `devices` (an account's, as the directory lists them)
 /// that can do post-quantum conversations yet have no package in
 /// `claimed` (a post-quantum claim's devices). A non-empty answer means
@@ -544,6 +559,17 @@ fn chain_broken(epoch: u64) -> ClientError {
 #[cfg(test)]
 mod pq_tests {
     use super::*;
+
+    /// The one-ciphertext limit the bound is made for, and room to grow.
+    #[test]
+    fn large_conversations_start_classical() {
+        assert!(pq_fits(2) && pq_fits(PQ_MAX_DEVICES));
+        assert!(!pq_fits(PQ_MAX_DEVICES + 1));
+        // Near 2.85 KB a device in a post-quantum Welcome: the bound's
+        // Welcome fits one ciphertext with room for about 100 more devices.
+        let per_device = 2_850;
+        assert!(PQ_MAX_DEVICES * per_device + 100 * per_device < subrosa_proto::limits::MAX_CIPHERTEXT_BYTES);
+    }
     use subrosa_core::DeviceIdentity;
     use subrosa_proto::{DeviceAddress, B64};
 
