@@ -92,6 +92,13 @@ pub enum AttachmentError {
     Malformed(&'static str),
 }
 
+/// The plaintext length of segment `i` of a padded file of `padded`
+/// bytes: [`SEGMENT`], or what is left for the last one.
+fn segment_len(padded: u64, i: u64) -> Result<usize, AttachmentError> {
+    usize::try_from(padded.saturating_sub(i.saturating_mul(SEGMENT as u64)).min(SEGMENT as u64))
+        .map_err(|_| AttachmentError::Malformed("segment size"))
+}
+
 fn key_array(key: &AttachmentKey) -> Array<u8, aead_stream::aead::array::typenum::U32> {
     Array::from(*key.as_bytes())
 }
@@ -130,8 +137,7 @@ pub fn seal(
     let mut buf = Zeroizing::new(Vec::with_capacity(SEGMENT + TAG));
     let mut done: u64 = 0;
     for i in 0..total {
-        let this = usize::try_from(padded.saturating_sub(i * SEGMENT as u64).min(SEGMENT as u64))
-            .map_err(|_| AttachmentError::Malformed("segment size"))?;
+        let this = segment_len(padded, i)?;
         let from_file = usize::try_from(size.saturating_sub(done).min(this as u64))
             .map_err(|_| AttachmentError::Malformed("segment size"))?;
         buf.clear();
@@ -184,8 +190,7 @@ pub fn open(
     let mut buf = Zeroizing::new(Vec::with_capacity(SEGMENT + TAG));
     let mut done: u64 = 0;
     for i in 0..total {
-        let this = usize::try_from(padded.saturating_sub(i * SEGMENT as u64).min(SEGMENT as u64))
-            .map_err(|_| AttachmentError::Malformed("segment size"))?;
+        let this = segment_len(padded, i)?;
         buf.clear();
         buf.resize(this + TAG, 0);
         if read_full(src, &mut buf)? != this + TAG {
