@@ -120,6 +120,8 @@ fn a_blocked_accounts_messages_never_show() {
     mallory.send("club", "back again");
     let got = bob.receive_json(&[]);
     assert_eq!(texts_from(&got, "mallory"), ["back again"]);
+    // What was dropped while blocked is no gap: no "did not arrive" line.
+    assert!(got.iter().all(|m| m["event"]["event"] != "gap"), "a false gap after unblocking: {got:?}");
     let out = bob.run(&["block", "bob"]);
     assert_clean_error(&out, "your own account");
 }

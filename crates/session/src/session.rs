@@ -525,8 +525,14 @@ impl Session {
                 }
                 self.check_sender_key(tx, &conversation, &sender)?;
                 // A blocked account's messages are never stored or shown;
-                // decrypted all the same, so the keys stay in step.
+                // decrypted all the same, so the keys stay in step, and
+                // counted in its sequence, so unblocking shows no gap for
+                // what was dropped on purpose.
                 if crate::requests::is_blocked(&*tx, sender.address.handle.as_str())? {
+                    if content.seq != 0 {
+                        let device = format!("{}/{}", sender.address.handle, sender.address.device.to_hex());
+                        tx.arrived_seq(&conversation, &device, content.seq)?;
+                    }
                     return Ok(());
                 }
                 let row = self.conversation_row(tx, &conversation)?;
