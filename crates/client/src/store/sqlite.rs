@@ -222,6 +222,11 @@ const SCHEMA: &[&str] = &[
     // v16 (links): a message's link preview, as its sender's device made
     // it (`LinkPreview::to_stored`: link, title, description, thumbnail).
     "ALTER TABLE messages ADD COLUMN preview BLOB;",
+    // v17 (lead): a reaction taken back is kept, marked `removed`, with
+    // when it was taken back, so that an "add" sent earlier but arriving
+    // later (from another device of the same account, or after a reorder)
+    // cannot bring it back. Rows before this step are all present ones.
+    "ALTER TABLE reactions ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
 ];
 
 const MESSAGE_COLUMNS: &str =
@@ -254,7 +259,7 @@ fn message_from_row(
     let conversation: Vec<u8> = r.get(16)?;
     let message_id: Vec<u8> = r.get(1)?;
     let mut stmt = conn.prepare_cached(
-        "SELECT member, emoji FROM reactions WHERE conversation = ?1 AND message_id = ?2 ORDER BY seq",
+        "SELECT member, emoji FROM reactions WHERE conversation = ?1 AND message_id = ?2 AND removed = 0 ORDER BY seq",
     )?;
     let rows =
         stmt.query_map(params![conversation, message_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -1516,18 +1521,38 @@ impl Annotations for SqliteTx<'_> {
     ) -> Result<(), ClientError> {
         let conn = self.lock();
         let c = conversation.as_bytes().as_slice();
-        if on {
-            conn.execute(
-                "INSERT INTO reactions (conversation, message_id, member, emoji, at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT DO NOTHING",
-                params![c, message_id, member, emoji, at as i64],
+        let stored: Option<(i64, bool)> = conn
+            .query_row(
+                "SELECT at, removed FROM reactions WHERE conversation = ?1 AND message_id = ?2 AND member = ?3 AND emoji = ?4",
+                params![c, message_id, member, emoji],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-        } else {
+            .optional()
+            .map_err(sql)?;
+        if let Some((prev_at, removed)) = stored {
+            if !subrosa_session::store::reaction_supersedes(at, on, prev_at as u64, !removed) {
+                return Ok(());
+            }
+            if removed != on {
+                // The same state, sent later: it keeps its place.
+                conn.execute(
+                    "UPDATE reactions SET at = ?5 WHERE conversation = ?1 AND message_id = ?2 AND member = ?3 AND emoji = ?4",
+                    params![c, message_id, member, emoji, at as i64],
+                )
+                .map_err(sql)?;
+                return Ok(());
+            }
+            // Changed: a reaction added again comes last, as a new one.
             conn.execute(
                 "DELETE FROM reactions WHERE conversation = ?1 AND message_id = ?2 AND member = ?3 AND emoji = ?4",
                 params![c, message_id, member, emoji],
             )
+            .map_err(sql)?;
         }
+        conn.execute(
+            "INSERT INTO reactions (conversation, message_id, member, emoji, at, removed) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![c, message_id, member, emoji, at as i64, !on],
+        )
         .map_err(sql)?;
         conn.execute("UPDATE messages SET seen = 0 WHERE conversation = ?1 AND message_id = ?2", params![c, message_id])
             .map(|_| ())

@@ -48,6 +48,7 @@ macro_rules! with_behaviours {
             a_write_inside_a_read_is_refused,
             two_engines_exchange_a_message_over_the_store,
             replies_reactions_edits_and_deletes_are_stored,
+            a_reaction_sent_last_wins_whatever_order_it_arrives_in,
             receipts_make_the_state_of_own_messages,
             early_actions_and_owed_receipts_wait_and_are_taken_once,
             attachments_are_kept_per_message_and_move_from_pending_to_saved,
@@ -860,6 +861,46 @@ pub fn replies_reactions_edits_and_deletes_are_stored(store: Store) {
         history.iter().map(|m| (m.text.as_str(), m.deleted)).collect::<Vec<_>>(),
         [("", true), ("answer", false)]
     );
+}
+
+pub fn a_reaction_sent_last_wins_whatever_order_it_arrives_in(store: Store) {
+    let id = conv(17);
+    store.write(|tx| tx.add_conversation(&id, "group", "club", None)).expect("conversation");
+    store
+        .write(|tx| {
+            tx.insert_message(&message("alice", "one", 1), &id, &[1; 16], true)?;
+            tx.insert_message(&message("alice", "two", 2), &id, &[2; 16], true)
+        })
+        .expect("insert");
+    let set = |m: u8, on: bool, at: u64| {
+        store.write(|tx| tx.set_reaction(&id, &[m; 16], "bob", "+1", on, at)).expect("react")
+    };
+    let shown = |m: u8| {
+        let got = store.read(|tx| tx.message(&id, &[m; 16])).expect("read").expect("stored");
+        got.reactions.iter().any(|r| r.emoji == "+1" && r.from == ["bob"])
+    };
+    // Added at 10, taken back at 20; the add arrives again late (another
+    // device of bob's, a reorder): it stays taken back.
+    set(1, true, 10);
+    set(1, false, 20);
+    set(1, true, 15);
+    assert!(!shown(1), "an older add brought a taken-back reaction back");
+    // Added again later: shown.
+    set(1, true, 25);
+    assert!(shown(1));
+    // Taken back and added at the same time: taking back wins, in either order.
+    set(1, false, 25);
+    assert!(!shown(1));
+    set(1, true, 25);
+    assert!(!shown(1));
+    // The take-back arrives before the add it takes back: nothing shows.
+    set(2, false, 20);
+    set(2, true, 10);
+    assert!(!shown(2), "a take-back that came first was forgotten");
+    // An add stays once made, whatever older take-back comes after.
+    set(2, true, 30);
+    set(2, false, 5);
+    assert!(shown(2));
 }
 
 pub fn receipts_make_the_state_of_own_messages(store: Store) {

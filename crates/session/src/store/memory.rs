@@ -64,8 +64,10 @@ struct MessageRec {
     /// When the edit applied last was sent.
     edited_at: Option<u64>,
     deleted: bool,
-    /// `(member, emoji)`, in the order they came.
-    reactions: Vec<(String, String)>,
+    /// `(member, emoji, sent at, on)`, in the order they came; a taken
+    /// back reaction stays as `on = false` so that an older "add" arriving
+    /// after it cannot bring it back.
+    reactions: Vec<(String, String, u64, bool)>,
     recipients: Vec<String>,
     receipts: Vec<(String, ReceiptKind)>,
     read_at: Option<u64>,
@@ -236,7 +238,10 @@ fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
         request: false,
     };
     let mut reactions: Vec<Reaction> = Vec::new();
-    for (member, emoji) in &m.reactions {
+    for (member, emoji, _, on) in &m.reactions {
+        if !on {
+            continue;
+        }
         match reactions.iter_mut().find(|r| r.emoji == *emoji) {
             Some(r) => r.from.push(member.clone()),
             None => reactions.push(Reaction { emoji: emoji.clone(), from: vec![member.clone()] }),
@@ -941,15 +946,23 @@ impl Annotations for MemTx<'_> {
         member: &str,
         emoji: &str,
         on: bool,
-        _at: u64,
+        at: u64,
     ) -> Result<(), ClientError> {
         self.with_message(conversation, message_id, |m| {
-            let had = m.reactions.iter().any(|(w, e)| w == member && e == emoji);
-            if on && !had {
-                m.reactions.push((member.to_string(), emoji.to_string()));
-            } else if !on {
-                m.reactions.retain(|(w, e)| !(w == member && e == emoji));
+            let found = m.reactions.iter().position(|(w, e, _, _)| w == member && e == emoji);
+            if let Some(i) = found {
+                let (_, _, prev_at, prev_on) = m.reactions[i];
+                if !crate::store::reaction_supersedes(at, on, prev_at, prev_on) {
+                    return;
+                }
+                if prev_on == on {
+                    m.reactions[i].2 = at;
+                    return;
+                }
+                // Changed: a reaction added again comes last, as a new one.
+                m.reactions.remove(i);
             }
+            m.reactions.push((member.to_string(), emoji.to_string(), at, on));
             m.seen = false;
         });
         Ok(())

@@ -907,11 +907,24 @@ pub trait History {
     ) -> Result<Option<StoredMessage>, ClientError>;
 }
 
+/// Whether a reaction set (`on`) or taken back at `at` replaces what is
+/// stored for the same member, emoji and message (set or taken back at
+/// `prev_at`). The one sent last wins; at the same time, taking back wins.
+/// So every device ends in the same state whatever order the two arrive
+/// in: the author's other devices and each member see one answer.
+#[must_use]
+pub fn reaction_supersedes(at: u64, on: bool, prev_at: u64, prev_on: bool) -> bool {
+    at > prev_at || (at == prev_at && !on && prev_on)
+}
+
 /// What members do to stored messages: reactions, edits, deletes for
 /// everyone and receipts, and the receipts this device owes. The rules
 /// (who may do what) are the session's; these only store.
 pub trait Annotations {
-    /// Sets (`on`) or takes back `member`'s reaction `emoji` to a message.
+    /// Sets (`on`) or takes back `member`'s reaction `emoji` to a message,
+    /// sent at `at`, unless what is stored was sent later
+    /// ([`reaction_supersedes`]): a store keeps what was taken back, so
+    /// an older "add" that arrives late cannot bring it back.
     ///
     /// # Errors
     /// Database errors.
