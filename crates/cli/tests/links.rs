@@ -209,8 +209,18 @@ fn a_failed_or_refused_fetch_sends_the_message_without_a_preview_and_says_so() {
     assert!(stderr(&out).contains("no https link"), "{}", stderr(&out));
     assert_eq!(site.hits(), 0);
 
+    // A name that resolves to a private address is refused before any
+    // connection, even with the test's allowance (it covers 127.0.0.1
+    // written as a number only).
+    let port = site.url.trim_start_matches("http://127.0.0.1:").split('/').next().expect("port").to_string();
+    let by_name = format!("https://localhost:{port}/invite");
+    let out = ok_env(&alice, &["send", "bob", &by_name, "--preview"], &[LOOPBACK]);
+    let err = stderr(&out);
+    assert!(err.contains("sending without a preview") && err.contains("no public address"), "{err}");
+    assert_eq!(site.hits(), 0, "the preview client connected to a private address by name");
+
     let got = bob.receive_json(&[]);
-    assert_eq!(got.len(), 2, "both messages went");
+    assert_eq!(got.len(), 3, "every message went");
     assert!(got.iter().all(|m| m.get("preview").is_none()), "{got:?}");
 }
 

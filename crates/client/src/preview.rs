@@ -6,7 +6,10 @@
 //! - HTTPS only (plain HTTP to 127.0.0.1 only in a debug build whose
 //!   environment asks for it, for the end-to-end tests: see
 //!   [`loopback_http_allowed`]); no link with a user name or password; no
-//!   HTTPS to a loopback, private or link-local address given as a number;
+//!   HTTPS to a loopback, private or link-local address, whether given as
+//!   a number or by a name that resolves to one ([`PublicOnly`]: the
+//!   addresses checked are the ones connected to, so a name that answers
+//!   differently the second time gains nothing);
 //! - no cookies (the client keeps none), no `Referer`, a fixed neutral
 //!   user agent ([`USER_AGENT`]) that names neither Subrosa nor a version;
 //! - at most [`MAX_REDIRECTS`] redirects, each hop checked as the first;
@@ -139,6 +142,27 @@ fn is_public(ip: &IpAddr) -> bool {
     }
 }
 
+/// The preview client's resolver: the system's, keeping only public
+/// addresses ([`is_public`]); a name with none is not fetched. Every hop
+/// (redirects, the thumbnail) resolves through it, and the client connects
+/// only to what it returned. Through a proxy that resolves names itself
+/// (`socks5h://`), the proxy's network decides instead.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let public: Vec<std::net::SocketAddr> = found.filter(|a| is_public(&a.ip())).collect();
+            if public.is_empty() {
+                return Err(format!("{host} has no public address").into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// The first link of `text` that `policy` lets this device fetch.
 pub fn first_link<'t>(text: &'t str, policy: &PreviewPolicy) -> Option<&'t str> {
     subrosa_core::linklist::links_in(text).into_iter().find(|l| Url::parse(l).is_ok_and(|u| policy.check(&u).is_ok()))
@@ -170,6 +194,7 @@ fn client(policy: &PreviewPolicy) -> Result<reqwest::Client, PreviewError> {
         .redirect(redirects)
         .timeout(TIME_LIMIT)
         .connect_timeout(TIME_LIMIT)
+        .dns_resolver(Arc::new(PublicOnly))
         .no_proxy();
     if let Some(p) = &policy.proxy {
         b = b.proxy(reqwest::Proxy::all(p).map_err(|e| PreviewError::Proxy(e.to_string()))?);
@@ -206,7 +231,13 @@ fn plain(e: &reqwest::Error) -> String {
     } else {
         "request failed".to_string()
     };
-    match std::error::Error::source(e) {
+    // The innermost cause says most ("… has no public address",
+    // "Connection refused").
+    let mut inner = std::error::Error::source(e);
+    while let Some(next) = inner.and_then(std::error::Error::source) {
+        inner = Some(next);
+    }
+    match inner {
         Some(inner) => format!("{what}: {inner}"),
         None => what,
     }
@@ -402,6 +433,24 @@ mod tests {
         // What extraction keeps, the encoding takes.
         let p = LinkPreview { url: "https://a.example/".into(), title: t, ..LinkPreview::default() };
         assert!(p.encode_payload("https://a.example/").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_a_private_address_is_never_connected_to() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let p = PreviewPolicy { proxy: None, loopback_http: false };
+        // `localhost` passes the check of the link as written (a name)...
+        let link = format!("https://localhost:{port}/invite");
+        assert!(p.check(&Url::parse(&link).expect("url")).is_ok());
+        // ...but resolves only to loopback: refused before any connection.
+        let got = make(&format!("see {link}"), &p).await;
+        match got {
+            Err(PreviewError::Fetch(why)) => assert!(why.contains("no public address"), "{why}"),
+            other => panic!("fetched from a private address: {other:?}"),
+        }
+        assert!(listener.accept().is_err(), "the preview client connected to 127.0.0.1");
     }
 
     #[test]
