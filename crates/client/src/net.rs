@@ -260,15 +260,16 @@ impl Socket {
     }
 }
 
+/// Sends waiting for the server's answer, by request number.
+type Waiting = std::collections::HashMap<u32, tokio::sync::oneshot::Sender<Result<(), ErrorBody>>>;
+
 /// The writing half of a [`Socket`], and the sends waiting for an answer.
 pub struct FrameLink {
     sink: tokio::sync::Mutex<futures_util::stream::SplitSink<WsStream, WsMessage>>,
     binary: bool,
     /// Sends waiting for their answer, by request number; `None` once the
     /// socket closed (a send then goes over HTTP).
-    #[allow(clippy::type_complexity)]
-    pending:
-        std::sync::Mutex<Option<std::collections::HashMap<u32, tokio::sync::oneshot::Sender<Result<(), ErrorBody>>>>>,
+    pending: std::sync::Mutex<Option<Waiting>>,
     next: std::sync::atomic::AtomicU32,
 }
 
@@ -279,12 +280,7 @@ impl std::fmt::Debug for FrameLink {
 }
 
 impl FrameLink {
-    fn lock_pending(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        Option<std::collections::HashMap<u32, tokio::sync::oneshot::Sender<Result<(), ErrorBody>>>>,
-    > {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Option<Waiting>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
