@@ -60,6 +60,11 @@ pub struct ServerOptions {
     /// Extra argument for the spawned server, repeatable (e.g. --server-arg=--database --server-arg=postgres://…).
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
+    /// Spawn this many server nodes on one PostgreSQL database (give it
+    /// with --server-arg=--database …); device i talks to node i mod N, so
+    /// most messages cross nodes. CPU and memory are the nodes' sum.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub nodes: u32,
 }
 
 /// How the load generator's devices send and acknowledge.
@@ -161,6 +166,8 @@ impl SpawnedServer {
 struct Device {
     id: DeviceIdentity,
     addr: DeviceAddress,
+    /// The node it talks to (index into `SubrosaTarget::bases`).
+    node: usize,
 }
 
 type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -259,19 +266,20 @@ async fn read_loop(
 
 /// The Subrosa side of the load benchmark.
 pub struct SubrosaTarget {
-    base: String,
+    /// One base URL per node; device i uses `bases[i % len]`.
+    bases: Vec<String>,
     path: Path,
     http: reqwest::Client,
     registration_clients: Vec<reqwest::Client>,
     devices: Vec<Device>,
     sockets: Mutex<HashMap<usize, Conn>>,
     crypto: DefaultCrypto,
-    pid: u32,
+    pids: Vec<u32>,
 }
 
 impl std::fmt::Debug for SubrosaTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SubrosaTarget").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("SubrosaTarget").field("bases", &self.bases).finish_non_exhaustive()
     }
 }
 
@@ -287,7 +295,8 @@ fn http_client(local: Option<std::net::IpAddr>) -> anyhow::Result<reqwest::Clien
 }
 
 impl SubrosaTarget {
-    fn new(base: String, path: Path, pid: u32, count: usize) -> anyhow::Result<Self> {
+    fn new(bases: Vec<String>, path: Path, pids: Vec<u32>, count: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(!bases.is_empty(), "no server to talk to");
         let crypto = subrosa_core::default_crypto();
         let run = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
         let now = subrosa_server::now_ms();
@@ -295,7 +304,7 @@ impl SubrosaTarget {
             .map(|i| {
                 let handle = Handle::new(&format!("l{run}d{i}")).context("benchmark handle")?;
                 let id = DeviceIdentity::generate(&crypto, handle, now).context("cannot generate a device key")?;
-                Ok(Device { addr: id.address(), id })
+                Ok(Device { addr: id.address(), id, node: i % bases.len().max(1) })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let addresses = count.div_ceil(REGISTRATIONS_PER_ADDRESS).clamp(1, 250);
@@ -303,19 +312,24 @@ impl SubrosaTarget {
             .map(|k| http_client(Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, (k + 1) as u8)))))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(SubrosaTarget {
-            base,
+            bases,
             path,
             http: http_client(None)?,
             registration_clients,
             devices,
             sockets: Mutex::new(HashMap::new()),
             crypto,
-            pid,
+            pids,
         })
     }
 
     fn device(&self, i: usize) -> anyhow::Result<&Device> {
         self.devices.get(i).with_context(|| format!("no device {i}"))
+    }
+
+    /// The node device `d` talks to.
+    fn base(&self, d: &Device) -> &str {
+        &self.bases[d.node]
     }
 
     /// The five signature headers for one request by device `i`.
@@ -340,7 +354,7 @@ impl SubrosaTarget {
 
     async fn post(&self, client: &reqwest::Client, d: &Device, path: &str, body: Vec<u8>) -> anyhow::Result<u16> {
         let headers = self.sign(d, "POST", path, &body)?;
-        let mut req = client.post(format!("{}{path}", self.base)).header("content-type", "application/json");
+        let mut req = client.post(format!("{}{path}", self.base(d))).header("content-type", "application/json");
         for (k, v) in headers {
             req = req.header(k, v);
         }
@@ -386,7 +400,7 @@ impl Target for SubrosaTarget {
     fn connect(&self, i: usize, sink: Arc<Sink>) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let d = self.device(i)?;
-            let url = format!("{}/v1/ws", self.base.replacen("http", "ws", 1));
+            let url = format!("{}/v1/ws", self.base(d).replacen("http", "ws", 1));
             let mut req = url.into_client_request().context("WebSocket URL")?;
             for (k, v) in self.sign(d, "GET", "/v1/ws", b"")? {
                 req.headers_mut().insert(k, v.parse().context("header value")?);
@@ -455,7 +469,7 @@ impl Target for SubrosaTarget {
                 let request = link.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 loadgen_lock(&link.pending).insert(request, tx);
-                let frame = ClientBin::Send(FrameSend { request, conversation, send_id, parts });
+                let frame = ClientBin::Send(FrameSend { request, conversation, send_id, expires_at: None, parts });
                 link.write(WsMessage::Binary(frame.encode().context("encode send")?.into())).await?;
                 return match rx.await {
                     Ok(Ok(())) => Ok(()),
@@ -475,8 +489,8 @@ impl Target for SubrosaTarget {
         Box::pin(async { Ok(()) })
     }
 
-    fn server_pid(&self) -> u32 {
-        self.pid
+    fn server_pids(&self) -> Vec<u32> {
+        self.pids.clone()
     }
 }
 
@@ -493,6 +507,10 @@ pub async fn run(o: &LoadOptions, s: &ServerOptions, paths: &[Path]) -> anyhow::
         "the open-files limit is {nofile}, {needed} are needed: raise the hard limit (ulimit -Hn)"
     );
     anyhow::ensure!(!paths.is_empty(), "--paths needs at least one of http, frames");
+    anyhow::ensure!(
+        s.nodes == 1 || (s.server.is_none() && s.server_arg.iter().any(|a| a.contains("postgres"))),
+        "--nodes needs spawned servers on one PostgreSQL database (--server-arg=--database --server-arg=postgres://…)"
+    );
     anyhow::ensure!(
         s.server.is_none() || paths.len() == 1,
         "with --server, give one --paths (each path needs a fresh server)"
@@ -549,17 +567,21 @@ fn print_paths(all: &[(Path, loadgen::Results)]) {
 }
 
 async fn run_path(o: &LoadOptions, s: &ServerOptions, path: Path, nofile: u64) -> anyhow::Result<loadgen::Results> {
-    let (spawned, base, pid) = match &s.server {
+    let (spawned, bases, pids) = match &s.server {
         Some(url) => {
             let pid = s.server_pid.context("--server needs --server-pid")?;
             println!("server: {url} (external, pid {pid})");
-            (None, url.trim_end_matches('/').to_owned(), pid)
+            (Vec::new(), vec![url.trim_end_matches('/').to_owned()], vec![pid])
         }
         None => {
-            let server = SpawnedServer::start(s).await?;
-            let pid = server.child.id().context("the server exited")?;
-            let url = server.url.clone();
-            (Some(server), url, pid)
+            let (mut spawned, mut bases, mut pids) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..s.nodes {
+                let server = SpawnedServer::start(s).await?;
+                pids.push(server.child.id().context("the server exited")?);
+                bases.push(server.url.clone());
+                spawned.push(server);
+            }
+            (spawned, bases, pids)
         }
     };
     let backend = match s.server_arg.iter().position(|a| a == "--database") {
@@ -577,12 +599,17 @@ async fn run_path(o: &LoadOptions, s: &ServerOptions, path: Path, nofile: u64) -
         o.concurrency,
         loadgen::MESSAGE_BYTES
     );
-    let target = Arc::new(SubrosaTarget::new(base, path, pid, o.registered() + 1)?);
-    let result = loadgen::run(Arc::clone(&target), &format!("subrosa ({backend}, {})", path.name()), o).await;
+    let nodes = bases.len();
+    let target = Arc::new(SubrosaTarget::new(bases, path, pids, o.registered() + 1)?);
+    let name = match nodes {
+        1 => format!("subrosa ({backend}, {})", path.name()),
+        n => format!("subrosa ({backend}, {n} nodes, {})", path.name()),
+    };
+    let result = loadgen::run(Arc::clone(&target), &name, o).await;
     for i in 0..=o.registered() {
         target.disconnect(i);
     }
-    if let Some(server) = spawned {
+    for server in spawned {
         server.stop().await;
     }
     result

@@ -115,8 +115,9 @@ pub trait Target: Send + Sync + 'static {
     /// Resolves once every message `from` sent before is stored by the server
     /// (XMPP: a ping round trip on that stream; Subrosa: nothing to wait for).
     fn barrier(&self, from: usize) -> BoxFuture<'_, anyhow::Result<()>>;
-    /// The server process to measure.
-    fn server_pid(&self) -> u32;
+    /// The server processes to measure (several nodes of one deployment:
+    /// their CPU and memory are added up).
+    fn server_pids(&self) -> Vec<u32>;
 }
 
 /// Where connections report what they received.
@@ -285,6 +286,16 @@ pub fn process_rss(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time of several processes (the nodes of one deployment), added up.
+fn processes_cpu(pids: &[u32]) -> anyhow::Result<Duration> {
+    pids.iter().map(|pid| process_cpu(&pid.to_string()).with_context(|| format!("cannot read /proc/{pid}/stat"))).sum()
+}
+
+/// Resident set size of several processes, added up.
+fn processes_rss(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|pid| process_rss(*pid).context("cannot read the server's RSS")).sum()
+}
+
 /// Raises this process's open-files limit to its hard limit (children inherit it).
 pub fn raise_nofile() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
@@ -308,9 +319,9 @@ struct CpuMark {
 }
 
 impl CpuMark {
-    fn take(pid: u32, sink: &Sink) -> anyhow::Result<Self> {
+    fn take(pid: &[u32], sink: &Sink) -> anyhow::Result<Self> {
         Ok(CpuMark {
-            server: process_cpu(&pid.to_string()).with_context(|| format!("cannot read /proc/{pid}/stat"))?,
+            server: processes_cpu(pid)?,
             bench: process_cpu("self").context("cannot read /proc/self/stat")?,
             at: Instant::now(),
             delivered: sink.delivered_count(),
@@ -375,7 +386,8 @@ pub async fn run<T: Target>(target: Arc<T>, name: &str, o: &LoadOptions) -> anyh
     let sink = Arc::new(Sink::new());
     let registered = o.registered();
     let deep_device = registered;
-    let pid = target.server_pid();
+    let pids = target.server_pids();
+    let pid = pids.as_slice();
     let mut results =
         Results { server: name.to_owned(), devices: o.devices, concurrency: o.concurrency, ..Default::default() };
 
@@ -389,7 +401,7 @@ pub async fn run<T: Target>(target: Arc<T>, name: &str, o: &LoadOptions) -> anyh
     idle.sort_unstable();
     idle.dedup();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_base = process_rss(pid).context("cannot read the server's RSS")?;
+    let rss_base = processes_rss(pid)?;
     let mut connected = 0;
     for &n in &idle {
         let t = Instant::now();
@@ -402,7 +414,7 @@ pub async fn run<T: Target>(target: Arc<T>, name: &str, o: &LoadOptions) -> anyh
         connected = n;
         let took = t.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let rss = process_rss(pid).context("cannot read the server's RSS")?;
+        let rss = processes_rss(pid)?;
         let per = rss.saturating_sub(rss_base) as f64 / n as f64;
         println!(
             "idle: {n} connections (set up in {took:.1} s): server RSS {:.1} MiB (base {:.1} MiB), {:.1} KiB per connection",
@@ -488,7 +500,7 @@ async fn closed_loop<T: Target>(
     sink: &Arc<Sink>,
     seq: &Arc<AtomicU64>,
     o: &LoadOptions,
-    pid: u32,
+    pid: &[u32],
 ) -> anyhow::Result<Traffic> {
     let stop = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(AtomicU64::new(0));
@@ -547,7 +559,7 @@ async fn open_loop<T: Target>(
     sink: &Arc<Sink>,
     seq: &Arc<AtomicU64>,
     o: &LoadOptions,
-    pid: u32,
+    pid: &[u32],
     rate: f64,
 ) -> anyhow::Result<Traffic> {
     let in_flight = Arc::new(Semaphore::new(o.max_in_flight));

@@ -307,8 +307,8 @@ impl Target for XmppTarget {
         })
     }
 
-    fn server_pid(&self) -> u32 {
-        self.pid
+    fn server_pids(&self) -> Vec<u32> {
+        vec![self.pid]
     }
 }
 

@@ -235,6 +235,101 @@ async fn sqlite_node_killed_mid_stream_loses_and_duplicates_nothing() {
     .await;
 }
 
+/// As [`stream`], through the client handle while its receive loop holds
+/// the socket: sends go out as send frames on that socket (over HTTP while
+/// it reconnects). A message comes back `queued` when its answer did not.
+async fn stream_through_handle(alice: &subrosa_client::Client, acked: &AtomicUsize) -> Outcome {
+    use subrosa_client::MessageState;
+    let mut acknowledged = HashSet::new();
+    let mut errors = 0;
+    for i in 0..MESSAGES {
+        let text = format!("{PREFIX}{i:05}");
+        match alice.send_text_to(&to("bob"), &text).await {
+            Ok(m) if matches!(m.state, Some(MessageState::Sent | MessageState::Delivered | MessageState::Read)) => {
+                acknowledged.insert(text);
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(_) | Err(_) => {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = alice.device().flush_outbox().await {
+        assert!(Instant::now() < deadline, "the outbox never drained: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Outcome { acknowledged, errors }
+}
+
+/// `subrosa_sends_total{transport="frame"}` of the server's metrics.
+fn frame_sends(metrics: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(metrics).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    raw.lines()
+        .find_map(|l| l.strip_prefix("subrosa_sends_total{transport=\"frame\"} ").and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no frame sends in\n{raw}"))
+}
+
+/// The same SIGKILL, with the sender's sends on binary frames: alice's
+/// client handle is connected (as the daemon and the terminal UI are), so
+/// her sends go over its socket before the kill and again once it
+/// reconnected; the guarantees are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_node_killed_mid_stream_of_frame_sends_loses_and_duplicates_nothing() {
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let server = Server::start_with(&["--rate-limit", "0", "--metrics-listen", &metrics]);
+    let db = server.data_dir().join("server.db");
+    let dir = tempfile::tempdir().expect("dir");
+    let (alice, bob) = pair(&server.url.clone(), &dir).await;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).expect("open the server's database"));
+    let before = store.stats().await.expect("stats");
+
+    let alice = subrosa_client::Client::new(alice);
+    let mut events = alice.events();
+    let running = alice.spawn();
+    let connected = tokio::time::timeout(Duration::from_secs(30), async {
+        while !matches!(events.recv().await, Ok(subrosa_client::ClientEvent::Connected)) {}
+    });
+    connected.await.expect("alice's handle connects");
+
+    let acked = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (acked, done, metrics) = (Arc::clone(&acked), Arc::clone(&done), metrics.clone());
+        let mut server = server;
+        std::thread::spawn(move || {
+            let fired = wait_for(&acked, MESSAGES / 3, &done);
+            let mut before_kill = 0;
+            if fired {
+                before_kill = frame_sends(&metrics);
+                server.kill();
+                server.restart_with(&["--rate-limit", "0", "--metrics-listen", &metrics]);
+            }
+            (server, fired, before_kill)
+        })
+    };
+    let outcome = stream_through_handle(&alice, &acked).await;
+    done.store(true, Ordering::SeqCst);
+    let (_server, fired, before_kill) = killer.join().expect("killer");
+    assert!(fired, "the stream ended with {} acknowledged before the kill", acked.load(Ordering::SeqCst));
+    assert!(before_kill > 0, "no send went over frames before the kill");
+    assert!(frame_sends(&metrics) > 0, "no send went over frames after the handle reconnected");
+    running.abort();
+    check(alice.device(), &bob, &outcome, before, || {
+        let store = Arc::clone(&store);
+        async move { store.stats().await.expect("stats") }
+    })
+    .await;
+}
+
 /// A TCP balancer: each connection goes to the first target that accepts
 /// it (nginx's `proxy_next_upstream error`). Counts connections per target.
 /// While `eat` is set, the answer to the next `POST /v1/messages` is thrown

@@ -112,6 +112,10 @@ pub struct Subrosa {
     /// Queued messages the server took since the last report (conversation,
     /// message id): their state changed to sent.
     sent: std::sync::Mutex<Vec<(ConversationId, [u8; 16])>>,
+    /// The connected socket's sending half while [`Self::follow_with`]
+    /// holds a socket with binary frames: the outbox goes out over it
+    /// (signed HTTP otherwise, and always for commits).
+    frames: std::sync::Mutex<Option<std::sync::Weak<net::FrameLink>>>,
     /// The home directory (its attachment folder holds sealed files).
     home: std::path::PathBuf,
 }
@@ -232,6 +236,7 @@ impl Subrosa {
             api,
             failed: std::sync::Mutex::new(Vec::new()),
             sent: std::sync::Mutex::new(Vec::new()),
+            frames: std::sync::Mutex::new(None),
             home: home.to_path_buf(),
         })
     }
@@ -408,7 +413,7 @@ impl Subrosa {
                 }
                 Err(e) => return Err(e),
             };
-            match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await {
+            match self.post_send(request).await {
                 Ok(_) => {
                     self.queued_sent(&q)?;
                     if let Some(m) = q.message {
@@ -420,6 +425,32 @@ impl Subrosa {
             }
         }
         Ok(())
+    }
+
+    /// Posts one queued request (its JSON bytes, as stored): as a send
+    /// frame on the device's socket when one with binary frames is up and
+    /// the request is not a commit, else as a signed HTTP request. Either
+    /// way the answer comes only once the server stored it durably, and a
+    /// retry (same send id) is stored once.
+    async fn post_send(&self, request: Vec<u8>) -> Result<(), ClientError> {
+        if let Some(link) = self.frame_link() {
+            if let Ok(parsed) = serde_json::from_slice::<subrosa_proto::SendRequest>(&request) {
+                if parsed.commit.is_none() {
+                    return link.send(parsed).await;
+                }
+            }
+        }
+        self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", request).await.map(|_| ())
+    }
+
+    /// The socket's sending half, while one with binary frames is open.
+    fn frame_link(&self) -> Option<std::sync::Arc<net::FrameLink>> {
+        let guard = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().and_then(std::sync::Weak::upgrade).filter(|l| l.is_open())
+    }
+
+    fn set_frame_link(&self, link: Option<&std::sync::Arc<net::FrameLink>>) {
+        *self.frames.lock().unwrap_or_else(|p| p.into_inner()) = link.map(std::sync::Arc::downgrade);
     }
 
     /// The request of a queued send (see [`Session::prepare_queued`]).
@@ -861,12 +892,27 @@ impl Subrosa {
         self.maintain_keys().await?;
         self.emit(on)?;
         let mut ws = self.api.connect().await?;
+        // Sends go out on this socket while it lives (the `Weak` dies
+        // with it); cleared on the way out, so no send waits on a socket
+        // nobody reads.
+        self.set_frame_link(ws.frame_link().as_ref());
+        let followed = self.follow_socket(&mut ws, on, on_connected).await;
+        self.set_frame_link(None);
+        followed
+    }
+
+    async fn follow_socket(
+        &self,
+        ws: &mut net::Socket,
+        on: &mut (dyn FnMut(&Received) + Send),
+        on_connected: &mut (dyn FnMut() + Send),
+    ) -> Result<(), ClientError> {
         on_connected();
         let mut tick = tokio::time::interval(OUTBOX_RETRY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let frame = tokio::select! {
-                frame = net::next_frame(&mut ws) => frame?,
+                frame = net::next_frame(ws) => frame?,
                 _ = tick.tick() => {
                     self.sweep_expired()?;
                     // Another command queued a send (a 503, a timeout) while
@@ -889,7 +935,7 @@ impl Subrosa {
                     let ids = self.process_batch(&messages)?;
                     self.finish_key_switch().await?;
                     self.check_members().await?;
-                    net::send_ack(&mut ws, ids).await?;
+                    net::send_ack(ws, ids).await?;
                     self.commit_pending_leaves_or_wait().await?;
                     self.kt_check_gossip().await?;
                     if !self.store().read(|tx| tx.outbox_is_empty())? {

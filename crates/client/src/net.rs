@@ -193,20 +193,61 @@ async fn decode_response<R: DeserializeOwned>(resp: reqwest::Response, base: &Ur
     }
 }
 
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long a send frame waits for the server's answer before it counts as
+/// lost (it stays queued and goes again, with its send id, so the server
+/// stores it once). The server answers only once the send is durable, so
+/// this is as generous as an HTTP request's.
+pub const FRAME_ANSWER_TIMEOUT: Duration = REQUEST_TIMEOUT;
+
 /// A live WebSocket to the server: binary frames
 /// ([`subrosa_proto::frames`]) when the server offered them, else today's
 /// JSON frames (an older server).
+///
+/// A task of its own reads the socket: it hands the answers to send frames
+/// to the [`FrameLink`] that waits for them, and queues everything else
+/// for [`next_frame`]. So a send waits for its answer while whoever reads
+/// the pushes is busy (even when that reader is the one sending), and the
+/// pushes wait, in order, to be read.
 #[derive(Debug)]
 pub struct Socket {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    binary: bool,
+    link: Arc<FrameLink>,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Result<ServerFrame, ClientError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.link.fail_pending();
+    }
 }
 
 impl Socket {
+    fn start(ws: WsStream, binary: bool) -> Socket {
+        let (sink, stream) = ws.split();
+        let link = Arc::new(FrameLink {
+            sink: tokio::sync::Mutex::new(sink),
+            binary,
+            pending: std::sync::Mutex::new(Some(std::collections::HashMap::new())),
+            next: std::sync::atomic::AtomicU32::new(1),
+        });
+        let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_socket(stream, Arc::clone(&link), tx));
+        Socket { link, incoming, reader }
+    }
+
     /// Whether the socket speaks binary frames (the server offered them and
     /// took this device's signature over its challenge).
     pub fn binary(&self) -> bool {
-        self.binary
+        self.link.binary
+    }
+
+    /// What sends over this socket: shared by every task of this device
+    /// while the socket lives; `None` without binary frames.
+    pub fn frame_link(&self) -> Option<Arc<FrameLink>> {
+        self.link.binary.then(|| Arc::clone(&self.link))
     }
 
     /// Closes the socket.
@@ -214,8 +255,145 @@ impl Socket {
     /// # Errors
     /// [`ClientError::Network`].
     pub async fn close(&mut self) -> Result<(), ClientError> {
-        self.ws.close(None).await.map_err(|e| ClientError::Network(e.to_string()))
+        self.link.fail_pending();
+        self.link.sink.lock().await.close().await.map_err(|e| ClientError::Network(e.to_string()))
     }
+}
+
+/// Sends waiting for the server's answer, by request number.
+type Waiting = std::collections::HashMap<u32, tokio::sync::oneshot::Sender<Result<(), ErrorBody>>>;
+
+/// The writing half of a [`Socket`], and the sends waiting for an answer.
+pub struct FrameLink {
+    sink: tokio::sync::Mutex<futures_util::stream::SplitSink<WsStream, WsMessage>>,
+    binary: bool,
+    /// Sends waiting for their answer, by request number; `None` once the
+    /// socket closed (a send then goes over HTTP).
+    pending: std::sync::Mutex<Option<Waiting>>,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl std::fmt::Debug for FrameLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameLink").field("binary", &self.binary).finish_non_exhaustive()
+    }
+}
+
+impl FrameLink {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Option<Waiting>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the socket is still open (as far as its reader knows).
+    pub fn is_open(&self) -> bool {
+        self.lock_pending().is_some()
+    }
+
+    /// The socket closed: every send waiting hears so (it stays queued).
+    fn fail_pending(&self) {
+        self.lock_pending().take();
+    }
+
+    fn forget(&self, request: u32) {
+        if let Some(p) = self.lock_pending().as_mut() {
+            p.remove(&request);
+        }
+    }
+
+    fn answer(&self, request: u32, answer: Result<(), ErrorBody>) {
+        if let Some(waiting) = self.lock_pending().as_mut().and_then(|p| p.remove(&request)) {
+            let _ = waiting.send(answer);
+        }
+    }
+
+    /// Sends `request` (one without a commit guard) as a send frame and
+    /// waits for the server's answer: `Ok` once it is durably stored.
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] for a refusal (with the status HTTP would
+    /// have answered, so a retryable one is retried); [`ClientError::Network`]
+    /// when the socket closed or no answer came in time (the caller keeps
+    /// the send queued); [`ClientError::Bug`] for a commit or a send frames
+    /// cannot carry.
+    pub async fn send(&self, request: subrosa_proto::SendRequest) -> Result<(), ClientError> {
+        let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let frame = frames::FrameSend::from_request(number, request)
+            .ok_or_else(|| ClientError::Bug("a commit goes over HTTP, not a send frame".into()))?;
+        let bytes = ClientBin::Send(frame).encode().map_err(|e| ClientError::Bug(e.to_string()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.lock_pending().as_mut() {
+            Some(p) => p.insert(number, tx),
+            None => return Err(ClientError::Network("the socket closed".into())),
+        };
+        let sent = self.sink.lock().await.send(WsMessage::Binary(bytes.into())).await;
+        if let Err(e) = sent {
+            self.forget(number);
+            return Err(ClientError::Network(e.to_string()));
+        }
+        match tokio::time::timeout(FRAME_ANSWER_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(body))) => Err(ClientError::Server { status: refusal_status(body.code), body }),
+            Ok(Err(_)) => Err(ClientError::Network("the socket closed before the server answered a send".into())),
+            Err(_) => {
+                self.forget(number);
+                Err(ClientError::Network("the server did not answer a send in time".into()))
+            }
+        }
+    }
+}
+
+/// The HTTP status a signed send would have been refused with, for a
+/// refusal frame (which carries the code alone): what decides whether the
+/// send is retried or marked failed.
+fn refusal_status(code: subrosa_proto::ErrorCode) -> u16 {
+    use subrosa_proto::ErrorCode as C;
+    match code {
+        C::RateLimited => 429,
+        C::Internal => 500,
+        C::Unavailable => 503,
+        C::TooLarge | C::QuotaExceeded => 413,
+        C::Unauthorized | C::StaleRequest | C::Replayed => 401,
+        C::UnknownHandle | C::NotFound => 404,
+        C::StaleEpoch => 409,
+        C::NotAMember => 403,
+        _ => 400,
+    }
+}
+
+/// Reads `stream` until it ends: answers to their sends, the rest to
+/// [`next_frame`] in order. An error is the last item queued.
+async fn read_socket(
+    mut stream: futures_util::stream::SplitStream<WsStream>,
+    link: Arc<FrameLink>,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<ServerFrame, ClientError>>,
+) {
+    let malformed = || ClientError::Protocol("malformed frame from server".into());
+    while let Some(msg) = stream.next().await {
+        let item = match msg {
+            Err(e) => Err(ClientError::Network(e.to_string())),
+            Ok(WsMessage::Text(t)) => serde_json::from_str(t.as_str()).map_err(|_| malformed()),
+            Ok(WsMessage::Binary(b)) if link.binary => match ServerBin::decode(&b) {
+                Ok(ServerBin::Messages(messages)) => Ok(ServerFrame::Messages { messages }),
+                Ok(ServerBin::Sent { request, .. }) => {
+                    link.answer(request, Ok(()));
+                    continue;
+                }
+                Ok(ServerBin::Refused { request, error }) => {
+                    link.answer(request, Err(error));
+                    continue;
+                }
+                Err(_) => Err(malformed()),
+            },
+            Ok(WsMessage::Binary(b)) => serde_json::from_slice(&b).map_err(|_| malformed()),
+            Ok(WsMessage::Close(_)) => break,
+            Ok(_) => continue,
+        };
+        let last = item.is_err();
+        if tx.send(item).is_err() || last {
+            break;
+        }
+    }
+    link.fail_pending();
 }
 
 impl Api {
@@ -397,7 +575,7 @@ impl Api {
             })?;
         let offered = resp.headers().get(frames::HEADER_FRAMES).is_some_and(|v| v.as_bytes() == b"1");
         if !offered {
-            return Ok(Socket { ws, binary: false });
+            return Ok(Socket::start(ws, false));
         }
         let challenge = resp
             .headers()
@@ -411,7 +589,7 @@ impl Api {
             .map_err(|_| ClientError::Bug("device signature length".into()))?;
         let auth = ClientBin::Auth(sig).encode().map_err(|e| ClientError::Bug(e.to_string()))?;
         ws.send(WsMessage::Binary(auth.into())).await.map_err(|e| ClientError::Network(e.to_string()))?;
-        Ok(Socket { ws, binary: true })
+        Ok(Socket::start(ws, true))
     }
 }
 
@@ -420,31 +598,7 @@ impl Api {
 /// # Errors
 /// [`ClientError::Network`] or [`ClientError::Protocol`].
 pub async fn next_frame(socket: &mut Socket) -> Result<Option<ServerFrame>, ClientError> {
-    let binary = socket.binary;
-    while let Some(msg) = socket.ws.next().await {
-        match msg.map_err(|e| ClientError::Network(e.to_string()))? {
-            WsMessage::Text(t) => {
-                return serde_json::from_str(t.as_str())
-                    .map(Some)
-                    .map_err(|_| ClientError::Protocol("malformed frame from server".into()))
-            }
-            WsMessage::Binary(b) if binary => match ServerBin::decode(&b) {
-                Ok(ServerBin::Messages(messages)) => return Ok(Some(ServerFrame::Messages { messages })),
-                // This client sends over signed HTTP: no send of its waits
-                // for an answer on the socket.
-                Ok(ServerBin::Sent { .. } | ServerBin::Refused { .. }) => {}
-                Err(_) => return Err(ClientError::Protocol("malformed frame from server".into())),
-            },
-            WsMessage::Binary(b) => {
-                return serde_json::from_slice(&b)
-                    .map(Some)
-                    .map_err(|_| ClientError::Protocol("malformed frame from server".into()))
-            }
-            WsMessage::Close(_) => return Ok(None),
-            _ => {}
-        }
-    }
-    Ok(None)
+    socket.incoming.recv().await.transpose()
 }
 
 /// Acknowledges envelopes over the socket.
@@ -452,13 +606,13 @@ pub async fn next_frame(socket: &mut Socket) -> Result<Option<ServerFrame>, Clie
 /// # Errors
 /// [`ClientError::Network`].
 pub async fn send_ack(socket: &mut Socket, ids: Vec<u64>) -> Result<(), ClientError> {
-    let msg = if socket.binary {
+    let msg = if socket.link.binary {
         WsMessage::Binary(ClientBin::Ack(ids).encode().map_err(|e| ClientError::Bug(e.to_string()))?.into())
     } else {
         let frame = serde_json::to_string(&ClientFrame::Ack { ids }).map_err(|e| ClientError::Bug(e.to_string()))?;
         WsMessage::Text(frame.into())
     };
-    socket.ws.send(msg).await.map_err(|e| ClientError::Network(e.to_string()))
+    socket.link.sink.lock().await.send(msg).await.map_err(|e| ClientError::Network(e.to_string()))
 }
 
 fn describe_reqwest(e: &reqwest::Error, base: &Url) -> String {

@@ -20,7 +20,8 @@
 //! ```text
 //! address   = handle_len u8 || handle || device_id [8]
 //! Auth      = signature [64]
-//! Send      = request u32 || conversation [16] || send_id [16] || parts u8 ||
+//! Send      = request u32 || conversation [16] || send_id [16] ||
+//!             expires_at u64 (ms since the Unix epoch; 0: none) || parts u8 ||
 //!             parts × (kind u8 || recipients u16 || recipients × address ||
 //!                      ciphertext_len u32 || ciphertext)
 //! Ack       = ids u16 || ids × u64
@@ -30,6 +31,11 @@
 //! Sent      = request u32 || duplicate u8 (0/1) || server_time u64
 //! Refused   = request u32 || ErrorBody as JSON (rest of the frame)
 //! ```
+//!
+//! Send is type 4. Type 2 was the same frame without `expires_at`; no
+//! released client sent it (clients sent over signed HTTP until this
+//! layout), so it is refused as unknown rather than kept as a second layout
+//! to decode: a server answers it with a `bad_request` close that says so.
 //!
 //! A send over frames carries no commit guard: commits (rare, and the only
 //! sends that move an epoch) keep going over signed HTTP, as does every
@@ -52,7 +58,9 @@ pub const CHALLENGE_LEN: usize = 32;
 pub const SIGNATURE_LEN: usize = 64;
 
 const AUTH: u8 = 1;
-const SEND: u8 = 2;
+/// The send frame without `expires_at` (type 2) is refused; see the module
+/// documentation.
+const SEND: u8 = 4;
 const ACK: u8 = 3;
 const MESSAGES: u8 = 0x81;
 const SENT: u8 = 0x82;
@@ -80,6 +88,9 @@ pub struct FrameSend {
     pub conversation: ConversationId,
     /// Idempotency key, as for HTTP.
     pub send_id: SendId,
+    /// When the server may delete it unread (disappearing messages), ms
+    /// since the Unix epoch; `None`: the server's message TTL.
+    pub expires_at: Option<u64>,
     /// The parts.
     pub parts: Vec<SendPart>,
 }
@@ -92,10 +103,23 @@ impl FrameSend {
             send_id: self.send_id,
             commit: None,
             parts: self.parts.clone(),
-            // Frames carry no expiry (clients send disappearing messages
-            // over HTTP): the message TTL applies.
-            expires_at: None,
+            expires_at: self.expires_at,
         }
+    }
+
+    /// The send of `request` as a frame numbered `number`, or `None` for
+    /// one with a commit guard (those go over signed HTTP).
+    pub fn from_request(number: u32, request: crate::SendRequest) -> Option<Self> {
+        if request.commit.is_some() {
+            return None;
+        }
+        Some(FrameSend {
+            request: number,
+            conversation: request.conversation,
+            send_id: request.send_id,
+            expires_at: request.expires_at,
+            parts: request.parts,
+        })
     }
 }
 
@@ -193,7 +217,8 @@ impl ClientBin {
     ///
     /// # Errors
     /// [`FrameError::Unencodable`] for more parts, recipients or ids than
-    /// their count field holds, or a ciphertext over 4 GiB.
+    /// their count field holds, a ciphertext over 4 GiB, or an `expires_at`
+    /// of 0 (the wire's "none").
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
         let mut out = vec![VERSION];
         match self {
@@ -206,6 +231,12 @@ impl ClientBin {
                 out.extend_from_slice(&s.request.to_be_bytes());
                 out.extend_from_slice(s.conversation.as_bytes());
                 out.extend_from_slice(s.send_id.as_bytes());
+                let expires = match s.expires_at {
+                    Some(0) => return Err(FrameError::Unencodable),
+                    Some(at) => at,
+                    None => 0,
+                };
+                out.extend_from_slice(&expires.to_be_bytes());
                 out.push(u8::try_from(s.parts.len()).map_err(|_| FrameError::Unencodable)?);
                 for p in &s.parts {
                     out.push(kind_byte(p.kind));
@@ -239,6 +270,7 @@ impl ClientBin {
                 let request = r.u32()?;
                 let conversation = ConversationId(r.array()?);
                 let send_id = SendId(r.array()?);
+                let expires_at = Some(r.u64()?).filter(|at| *at != 0);
                 let n = usize::from(r.u8()?);
                 // Each part takes at least 7 bytes: no allocation beyond the frame.
                 let mut parts = Vec::with_capacity(n.min(r.left() / 7));
@@ -252,7 +284,7 @@ impl ClientBin {
                     let ciphertext = B64(r.bytes()?.to_vec());
                     parts.push(SendPart { kind, recipients, ciphertext });
                 }
-                Self::Send(FrameSend { request, conversation, send_id, parts })
+                Self::Send(FrameSend { request, conversation, send_id, expires_at, parts })
             }
             ACK => {
                 let n = usize::from(r.u16()?);
@@ -442,6 +474,7 @@ mod tests {
             request: 7,
             conversation: ConversationId([0xcc; 16]),
             send_id: SendId([0x55; 16]),
+            expires_at: Some(0x0102_0304),
             parts: vec![SendPart {
                 kind: MessageKind::Application,
                 recipients: vec![addr("bob", 0xb0)],
@@ -470,16 +503,17 @@ mod tests {
         assert_eq!(
             hex::encode(send().encode().expect("send")),
             format!(
-                "0102{}{}{}{}{}{}{}{}{}",
+                "0104{}{}{}{}{}{}{}{}{}{}",
                 "00000007",
                 "cc".repeat(16),
                 "55".repeat(16),
-                "01",             // one part
-                "03",             // application
-                "0001",           // one recipient
-                "03626f62",       // "bob"
-                "b0".repeat(8),   // its device id
-                "00000003010203"  // the ciphertext
+                "0000000001020304", // expires at
+                "01",               // one part
+                "03",               // application
+                "0001",             // one recipient
+                "03626f62",         // "bob"
+                "b0".repeat(8),     // its device id
+                "00000003010203"    // the ciphertext
             )
         );
         let ack = ClientBin::Ack(vec![1, 0x0100]);
@@ -515,6 +549,35 @@ mod tests {
         }
     }
 
+    /// The send frame before `expires_at` (type 2, the same bytes without
+    /// it) is refused plainly, never read as the new layout.
+    #[test]
+    fn the_send_frame_without_expiry_is_refused() {
+        let mut old = hex::decode(format!(
+            "0102{}{}{}{}",
+            "00000007",
+            "cc".repeat(16),
+            "55".repeat(16),
+            "01030001" // one application part for one recipient…
+        ))
+        .expect("hex");
+        old.extend_from_slice(b"\x03bob");
+        old.extend_from_slice(&[0xb0; 8]);
+        old.extend_from_slice(&[0, 0, 0, 3, 1, 2, 3]);
+        assert_eq!(ClientBin::decode(&old), Err(FrameError::Unknown));
+    }
+
+    #[test]
+    fn a_send_without_expiry_is_zero_on_the_wire() {
+        let ClientBin::Send(mut s) = send() else { unreachable!() };
+        s.expires_at = None;
+        let bytes = ClientBin::Send(s.clone()).encode().expect("send");
+        assert_eq!(&bytes[38..46], [0; 8]);
+        assert_eq!(ClientBin::decode(&bytes), Ok(ClientBin::Send(s.clone())));
+        s.expires_at = Some(0);
+        assert_eq!(ClientBin::Send(s).encode(), Err(FrameError::Unencodable), "0 means none");
+    }
+
     #[test]
     fn the_auth_message_binds_challenge_and_device() {
         let m = auth_message(&[1; CHALLENGE_LEN], &addr("ann", 2));
@@ -539,13 +602,13 @@ mod tests {
         trailing.push(0);
         assert_eq!(ClientBin::decode(&trailing), Err(FrameError::Length));
         assert_eq!(ClientBin::decode(&good[..good.len() - 1]), Err(FrameError::Length));
-        // The part's kind (offset 2 + 4 + 16 + 16 + 1).
+        // The part's kind (offset 2 + 4 + 16 + 16 + 8 + 1).
         let mut kind = good.clone();
-        kind[39] = 0;
+        kind[47] = 0;
         assert_eq!(ClientBin::decode(&kind), Err(FrameError::Field));
         // The handle in upper case is not its stored form.
         let mut upper = good.clone();
-        upper[43] = b'B';
+        upper[51] = b'B';
         assert_eq!(ClientBin::decode(&upper), Err(FrameError::Field));
         let mut sent = ServerBin::Sent { request: 1, duplicate: false, server_time: 0 }.encode().expect("sent");
         sent[6] = 2;

@@ -14,7 +14,7 @@ use subrosa_proto::limits::{MAX_ACK_IDS, MAX_PARTS};
 use subrosa_proto::{DeviceAddress, Envelope, MessageKind, SendPart, SendRequest};
 
 use crate::auth::now_ms;
-use crate::metrics::MessageEvent;
+use crate::metrics::{MessageEvent, Transport};
 use crate::store::{SendOutcome, StoreError};
 use crate::{AppError, AppState};
 
@@ -78,6 +78,8 @@ pub(crate) async fn acknowledge(state: &AppState, device: &DeviceAddress, ids: &
 /// check, and wakes its recipients once it is durable. `nonce` is the
 /// signed request's (stored in the same transaction); a socket's frame has
 /// none, as the socket authenticated once, with a challenge bound to it.
+/// A disappearing message's `expires_at` is capped at the message TTL
+/// here, for both transports: it is kept no longer than any other.
 ///
 /// # Errors
 /// 400/413 for a send over the limits or with wrong framing; 401 replayed
@@ -85,10 +87,14 @@ pub(crate) async fn acknowledge(state: &AppState, device: &DeviceAddress, ids: &
 pub(crate) async fn send(
     state: &AppState,
     device: &DeviceAddress,
-    request: &SendRequest,
+    request: &mut SendRequest,
     nonce: Option<(&str, u64)>,
 ) -> Result<SendOutcome, AppError> {
     validate_send(request, state)?;
+    let ttl = crate::routes::ttl_ms(state);
+    request.expires_at = request.expires_at.map(|at| at.min(now_ms().saturating_add(ttl)));
+    let request = &*request;
+    state.metrics.send_transport(if nonce.is_some() { Transport::Http } else { Transport::Frame });
     let (quota, now) = (&state.limits.quota, now_ms());
     let out = match nonce {
         Some((nonce, timestamp_ms)) => state

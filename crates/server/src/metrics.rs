@@ -124,6 +124,16 @@ impl MessageEvent {
     }
 }
 
+/// How a send reached the server: the `transport` label of
+/// `subrosa_sends_total`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Transport {
+    /// A signed `POST /v1/messages`.
+    Http,
+    /// A send frame on a device's authenticated WebSocket.
+    Frame,
+}
+
 /// The server's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -144,6 +154,9 @@ pub struct Metrics {
     /// WebSockets open now, and opened in all.
     pub(crate) websockets_open: AtomicU64,
     pub(crate) websockets_opened: AtomicU64,
+    /// Sends that passed validation, by [`Transport`] (indexed as its
+    /// discriminant), whatever the store then answered.
+    sends: [AtomicU64; 2],
 }
 
 impl Metrics {
@@ -162,6 +175,11 @@ impl Metrics {
         if let Ok(mut map) = self.outcomes.lock() {
             *map.entry((op.as_str(), outcome)).or_default() += 1;
         }
+    }
+
+    /// Counts one send that reached the store, by how it came.
+    pub(crate) fn send_transport(&self, transport: Transport) {
+        self.sends[transport as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts `n` messages of one event.
@@ -214,6 +232,10 @@ impl Metrics {
         );
         for (event, c) in MessageEvent::ALL.iter().zip(&self.messages) {
             let _ = writeln!(out, "subrosa_messages_total{{event=\"{}\"}} {}", event.as_str(), load(c));
+        }
+        header(&mut out, "subrosa_sends_total", "Sends handed to the store, by transport (http or frame).", "counter");
+        for (transport, c) in ["http", "frame"].iter().zip(&self.sends) {
+            let _ = writeln!(out, "subrosa_sends_total{{transport=\"{transport}\"}} {}", load(c));
         }
         let plain = [
             ("subrosa_connections_open", "TCP connections open.", "gauge", load(&self.connections_open)),

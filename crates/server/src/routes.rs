@@ -294,9 +294,7 @@ async fn send(
     SignedJsonNonceLater { device, nonce, timestamp_ms, body }: SignedJsonNonceLater<SendRequest>,
 ) -> Result<Json<SendResponse>, AppError> {
     let mut body = body;
-    // A disappearing message is kept no longer than any other.
-    body.expires_at = body.expires_at.map(|at| at.min(now_ms().saturating_add(ttl_ms(&state))));
-    let out = crate::delivery::send(&state, &device, &body, Some((&nonce, timestamp_ms))).await?;
+    let out = crate::delivery::send(&state, &device, &mut body, Some((&nonce, timestamp_ms))).await?;
     if crate::hooks::lose_answer(&state, &device, body.commit.is_some()) {
         return Err(AppError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, "answer lost (test attack)"));
     }

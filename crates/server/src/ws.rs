@@ -242,8 +242,8 @@ async fn on_send(
 ) -> Result<(), &'static str> {
     let start = std::time::Instant::now();
     charge(state, device, 1).await;
-    let request = send_frame.to_request();
-    let answer = match crate::delivery::send(state, device, &request, None).await {
+    let mut request = send_frame.to_request();
+    let answer = match crate::delivery::send(state, device, &mut request, None).await {
         Ok(out) => {
             state.metrics.request(crate::metrics::Op::Send, 200, None, start.elapsed());
             ServerBin::Sent { request: send_frame.request, duplicate: out.duplicate, server_time: out.server_time }
@@ -352,13 +352,22 @@ async fn run(
                     Some(Ok(Message::Text(t))) => json_frame(t.as_str().as_bytes()),
                     Some(Ok(Message::Binary(b))) => match mode {
                         Mode::Json => json_frame(&b),
-                        Mode::Binary { .. } => ClientBin::decode(&b).map_err(|_| ()),
+                        Mode::Binary { .. } => ClientBin::decode(&b).map_err(Some),
                     },
                 };
-                let Ok(frame) = frame else {
-                    let err = ErrorBody { code: ErrorCode::BadRequest, message: "malformed frame".into(), current_epoch: None };
-                    close_with_error(&mut socket, err, 1008).await;
-                    return Err("malformed frame");
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(why) => {
+                        // An older client's frame (the send frame without
+                        // `expires_at`) or a newer one's is said plainly.
+                        let message = match why {
+                            Some(frames::FrameError::Unknown) => "unknown frame type or version: this client needs an upgrade",
+                            _ => "malformed frame",
+                        };
+                        let err = ErrorBody { code: ErrorCode::BadRequest, message: message.into(), current_epoch: None };
+                        close_with_error(&mut socket, err, 1008).await;
+                        return Err("malformed frame");
+                    }
                 };
                 match frame {
                     ClientBin::Ack(ids) => {
@@ -395,8 +404,8 @@ async fn run(
 
 /// A JSON client frame (what every client sends without binary frames), as
 /// the binary frame it means.
-fn json_frame(bytes: &[u8]) -> Result<ClientBin, ()> {
-    match serde_json::from_slice::<ClientFrame>(bytes).map_err(|_| ())? {
+fn json_frame(bytes: &[u8]) -> Result<ClientBin, Option<frames::FrameError>> {
+    match serde_json::from_slice::<ClientFrame>(bytes).map_err(|_| None)? {
         ClientFrame::Ack { ids } => Ok(ClientBin::Ack(ids)),
     }
 }

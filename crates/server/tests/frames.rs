@@ -64,6 +64,7 @@ fn send_frame(request: u32, send_id: SendId, to: &TestDevice, ciphertext: &[u8])
         request,
         conversation: ConversationId([5; 16]),
         send_id,
+        expires_at: None,
         parts: vec![SendPart {
             kind: MessageKind::Application,
             recipients: vec![to.addr()],
@@ -162,6 +163,68 @@ async fn sends_pushes_and_acks_travel_as_binary_frames() {
     // Bytes that are no frame close the socket.
     b.send(Message::Binary(vec![1, 0x7f].into())).await.expect("send");
     refused_and_closed(&mut b, "bad_request").await;
+}
+
+/// A send frame carries a disappearing message's expiry, which the server
+/// keeps (capped at its message TTL, as for HTTP); the send frame of the
+/// layout before it (type 2, no expiry) is refused with a plain word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_frame_carries_its_expiry_and_the_old_layout_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    let (mut a, challenge) = connect(addr, &alice, true).await;
+    a.send(auth(&alice, &challenge.expect("challenge"))).await.expect("auth");
+
+    let expiring = |request: u32, expires_at: u64| {
+        let frame = ClientBin::Send(FrameSend {
+            request,
+            conversation: ConversationId([6; 16]),
+            send_id: SendId(rand::random()),
+            expires_at: Some(expires_at),
+            parts: vec![SendPart {
+                kind: MessageKind::Application,
+                recipients: vec![bob.addr()],
+                ciphertext: B64(vec![request as u8; 4]),
+            }],
+        });
+        Message::Binary(frame.encode().expect("send").into())
+    };
+    let soon = subrosa_server::now_ms() + 60_000;
+    a.send(expiring(1, soon)).await.expect("send");
+    let Got::Bin(ServerBin::Sent { request: 1, .. }) = next(&mut a).await else { panic!("expected an answer") };
+    // Past the message TTL: capped to it.
+    a.send(expiring(2, u64::MAX)).await.expect("send");
+    let Got::Bin(ServerBin::Sent { request: 2, .. }) = next(&mut a).await else { panic!("expected an answer") };
+    let db = rusqlite::Connection::open(dir.path().join("data").join("server.db")).expect("db");
+    let stored: Vec<Option<u64>> = db
+        .prepare("SELECT expires_at FROM messages ORDER BY id")
+        .expect("query")
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("expiries");
+    let ttl = subrosa_proto::limits::DEFAULT_MESSAGE_TTL_SECS * 1000;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[0], Some(soon), "the frame's expiry is stored");
+    let capped = stored[1].expect("an expiry");
+    assert!(capped <= subrosa_server::now_ms() + ttl && capped + 60_000 > subrosa_server::now_ms() + ttl, "{capped}");
+
+    // A send in the layout before `expires_at` existed (type 2).
+    let mut old = vec![1, 2, 0, 0, 0, 3];
+    old.extend_from_slice(&[6; 16]);
+    old.extend_from_slice(&[7; 16]);
+    old.extend_from_slice(&[1, 3, 0, 1, 3]); // one application part, one recipient: "bob"
+    old.extend_from_slice(b"bob");
+    old.extend_from_slice(bob.addr().device.as_bytes());
+    old.extend_from_slice(&[0, 0, 0, 4, 3, 3, 3, 3]);
+    a.send(Message::Binary(old.into())).await.expect("send");
+    let Got::Json(ServerFrame::Error(err)) = next(&mut a).await else { panic!("expected an error frame") };
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert!(err.message.contains("needs an upgrade"), "{}", err.message);
+    assert_eq!(srv.state().store().stats().await.expect("stats").messages, 2, "the old frame stored nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,177 @@
+//! A connected device sends over its socket: `subrosa daemon` (the client
+//! handle, one socket for pushes and sends) hands its sends to the server
+//! as binary send frames, which the server's metrics count apart from
+//! signed HTTP sends; against a server that offers no frames (a proxy
+//! strips the header, as a server of today's main ignores it) the same
+//! sends go over signed HTTP. Either way the recipient gets each message
+//! once.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read as _, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A free loopback port for the metrics endpoint (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// `subrosa_sends_total{transport="…"}` from the metrics endpoint.
+fn sends(metrics: &str, transport: &str) -> u64 {
+    let mut s = std::net::TcpStream::connect(metrics).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let series = format!("subrosa_sends_total{{transport=\"{transport}\"}} ");
+    raw.lines()
+        .find_map(|l| l.strip_prefix(&series).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in\n{raw}"))
+}
+
+/// A TCP proxy to `upstream` that drops the frames header from each
+/// connection's first request head, as a server without frames ignores it.
+async fn stripping_proxy(upstream: SocketAddr) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let kept: String = text
+                    .split_inclusive("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("x-subrosa-frames:"))
+                    .collect();
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                if server.write_all(kept.as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `subrosa daemon --stdio` and a JSON-RPC line reader over it.
+struct Daemon {
+    child: Child,
+    read: BufReader<ChildStdout>,
+    write: ChildStdin,
+    next: u64,
+}
+
+impl Daemon {
+    fn start(user: &User) -> Daemon {
+        let mut child = user
+            .cmd(&["daemon", "--stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let write = child.stdin.take().expect("stdin");
+        let read = BufReader::new(child.stdout.take().expect("stdout"));
+        Daemon { child, read, write, next: 0 }
+    }
+
+    /// Calls `method` and returns its result (notifications are skipped).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let req = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        writeln!(self.write, "{req}").expect("write");
+        self.write.flush().expect("flush");
+        loop {
+            let mut line = String::new();
+            assert!(self.read.read_line(&mut line).expect("read") > 0, "the daemon closed its output");
+            let v: Value = serde_json::from_str(&line).expect("JSON");
+            if v["id"] == json!(id) {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    fn wait_connected(&mut self) {
+        let up = wait_until(Duration::from_secs(30), || {
+            self.call("account", json!({})).get("connected") == Some(&json!(true))
+        });
+        assert!(up, "the daemon never connected");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// alice's daemon sends three messages to bob through `url`; returns how
+/// many sends the server counted over frames and over HTTP meanwhile.
+fn daemon_sends(url: &str, metrics: &str) -> (u64, u64) {
+    let register = |name: &str| {
+        let u = User { name: name.into(), dir: tempfile::tempdir().expect("tempdir") };
+        u.ok(&["register", name, "--server", url]);
+        u
+    };
+    let alice = register("alice");
+    let bob = register("bob");
+    // The conversation exists and every receipt of it is settled first.
+    alice.send("bob", "hello");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hello"]);
+    alice.ok(&["receive"]);
+
+    let (frames_before, http_before) = (sends(metrics, "frame"), sends(metrics, "http"));
+    let mut daemon = Daemon::start(&alice);
+    daemon.wait_connected();
+    for text in ["one", "two", "three"] {
+        let sent = daemon.call("send", json!({ "recipient": "bob", "message": text }));
+        assert_eq!(sent["state"], "sent", "{sent}");
+    }
+    let counted = (sends(metrics, "frame") - frames_before, sends(metrics, "http") - http_before);
+    drop(daemon);
+    // Each arrived, once.
+    assert_eq!(texts(&bob.receive_json(&[])), ["one", "two", "three"]);
+    counted
+}
+
+fn server_with_metrics() -> (Server, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Server::start_with(&["--rate-limit", "0", "--metrics-listen", &metrics]);
+    (server, metrics)
+}
+
+#[test]
+fn a_connected_device_sends_over_its_socket() {
+    let (server, metrics) = server_with_metrics();
+    let (frames, http) = daemon_sends(&server.url, &metrics);
+    assert_eq!((frames, http), (3, 0), "(frame sends, HTTP sends) while the daemon sent three messages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_frames_the_same_sends_go_over_signed_http() {
+    let (server, metrics) = server_with_metrics();
+    let upstream: SocketAddr = server.url.trim_start_matches("http://").parse().expect("server address");
+    let proxy = format!("http://{}", stripping_proxy(upstream).await);
+    let sent = tokio::task::spawn_blocking(move || daemon_sends(&proxy, &metrics)).await.expect("the sends ran");
+    drop(server);
+    assert_eq!(sent, (0, 3), "(frame sends, HTTP sends) through a server without frames");
+}
