@@ -40,6 +40,8 @@ struct Row {
     process_add: Duration,
     encrypt_per_s: f64,
     decrypt_per_s: f64,
+    /// Encrypt and decrypt rates with the state written once per batch.
+    batched: (f64, f64),
     /// mls-rs only: without writing the group state after each message.
     unsaved: Option<(f64, f64)>,
 }
@@ -55,7 +57,7 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-fn ours(n: usize, messages: usize, suite: subrosa_core::CipherSuite) -> Result<Row> {
+fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuite) -> Result<Row> {
     let creator = engine(0)?;
     let joiner = engine(1)?;
     let mut kps = vec![joiner.generate_key_package_in(suite)?];
@@ -97,6 +99,29 @@ fn ours(n: usize, messages: usize, suite: subrosa_core::CipherSuite) -> Result<R
         joiner.process(&conv, ct)?;
     }
     let decrypt = t.elapsed();
+
+    // The same, in batches: the groups stay loaded and are written once at
+    // the end of each batch (a flush of queued sends, a fetched page).
+    let mut cts = Vec::with_capacity(messages);
+    let t = Instant::now();
+    for start in (0..messages).step_by(batch) {
+        creator.begin_batch();
+        for i in start..(start + batch).min(messages) {
+            let c = Content::text(MessageId([(i % 251) as u8; 16]), i as u64, "x".repeat(200));
+            cts.push(creator.encrypt(&conv, &c)?.0);
+        }
+        creator.end_batch()?;
+    }
+    let encrypt_batched = t.elapsed();
+    let t = Instant::now();
+    for chunk in cts.chunks(batch) {
+        joiner.begin_batch();
+        for ct in chunk {
+            joiner.process(&conv, ct)?;
+        }
+        joiner.end_batch()?;
+    }
+    let decrypt_batched = t.elapsed();
     Ok(Row {
         key_package_bytes,
         create,
@@ -106,6 +131,7 @@ fn ours(n: usize, messages: usize, suite: subrosa_core::CipherSuite) -> Result<R
         process_add,
         encrypt_per_s: rate(messages, encrypt),
         decrypt_per_s: rate(messages, decrypt),
+        batched: (rate(messages, encrypt_batched), rate(messages, decrypt_batched)),
         unsaved: None,
     })
 }
@@ -130,7 +156,7 @@ pub(crate) fn plain_client(i: usize) -> Result<mls_rs::Client<impl mls_rs::clien
 /// writes the group state to (in-memory) storage after each operation, as a
 /// client must and as ours does; the message rates without those writes are
 /// printed too.
-fn mls_alone(n: usize, messages: usize) -> Result<Row> {
+fn mls_alone(n: usize, messages: usize, batch: usize) -> Result<Row> {
     let creator = plain_client(0)?;
     let joiner = plain_client(1)?;
     let none = || ExtensionList::new();
@@ -180,6 +206,25 @@ fn mls_alone(n: usize, messages: usize) -> Result<Row> {
         jgroup.write_to_storage()?;
     }
     let decrypt_saved = t.elapsed();
+    let mut stored: Vec<MlsMessage> = Vec::with_capacity(messages);
+    let t = Instant::now();
+    for start in (0..messages).step_by(batch) {
+        for _ in start..(start + batch).min(messages) {
+            stored.push(group.encrypt_application_message(&payload, Vec::new())?);
+        }
+        group.write_to_storage()?;
+    }
+    let encrypt_batched = t.elapsed();
+    let t = Instant::now();
+    let mut left = stored.len();
+    for ct in stored {
+        jgroup.process_incoming_message(ct)?;
+        left -= 1;
+        if left % batch == 0 {
+            jgroup.write_to_storage()?;
+        }
+    }
+    let decrypt_batched = t.elapsed();
     let mut cts: Vec<MlsMessage> = Vec::with_capacity(messages);
     let t = Instant::now();
     for _ in 0..messages {
@@ -200,6 +245,7 @@ fn mls_alone(n: usize, messages: usize) -> Result<Row> {
         process_add,
         encrypt_per_s: rate(messages, encrypt_saved),
         decrypt_per_s: rate(messages, decrypt_saved),
+        batched: (rate(messages, encrypt_batched), rate(messages, decrypt_batched)),
         unsaved: Some((rate(messages, encrypt), rate(messages, decrypt))),
     })
 }
@@ -239,7 +285,7 @@ pub(crate) fn ms(d: Duration) -> String {
 ///
 /// # Errors
 /// Any failure of the operations measured.
-pub async fn run(sizes: &[usize], messages: usize) -> Result<()> {
+pub async fn run(sizes: &[usize], messages: usize, batch: usize) -> Result<()> {
     println!(
         "groups: in-process, {} cores; ours in the post-quantum suite 65100 (ML-KEM-768 + X25519, new \
          conversations') and the classical MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519; mls-rs alone classical",
@@ -247,8 +293,8 @@ pub async fn run(sizes: &[usize], messages: usize) -> Result<()> {
     );
     println!("(ours = subrosa-core: certified credentials, encrypted handshakes, padded content, storage writes; alone = mls-rs with basic credentials)");
     for &n in sizes {
-        let pq = ours(n, messages, subrosa_core::PQ_CIPHERSUITE)?;
-        let (o, a) = (ours(n, messages, subrosa_core::CIPHERSUITE)?, mls_alone(n, messages)?);
+        let pq = ours(n, messages, batch, subrosa_core::PQ_CIPHERSUITE)?;
+        let (o, a) = (ours(n, messages, batch, subrosa_core::CIPHERSUITE)?, mls_alone(n, messages, batch)?);
         let fan = server_fanout(n).await?;
         println!("\nN = {n}");
         let row = |label: &str, p: String, o: String, a: String| println!("  {label:<44} {p:>14} {o:>14} {a:>14}");
@@ -275,6 +321,18 @@ pub async fn run(sizes: &[usize], messages: usize) -> Result<()> {
             per_s(pq.decrypt_per_s),
             per_s(o.decrypt_per_s),
             per_s(a.decrypt_per_s),
+        );
+        row(
+            &format!("encrypt / s, state written per {batch} messages"),
+            per_s(pq.batched.0),
+            per_s(o.batched.0),
+            per_s(a.batched.0),
+        );
+        row(
+            &format!("decrypt / s, state written per {batch} messages"),
+            per_s(pq.batched.1),
+            per_s(o.batched.1),
+            per_s(a.batched.1),
         );
         if let Some((e, d)) = a.unsaved {
             row("  mls-rs: encrypt / s without state writes", String::new(), String::new(), per_s(e));

@@ -202,6 +202,10 @@ enum Command {
         /// Application messages per encrypt/decrypt row.
         #[arg(long, default_value_t = 2000)]
         messages: usize,
+        /// Messages per batch in the batched rows (the state is written
+        /// once per batch, as a flush of queued sends or a fetched page).
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
     },
     /// What the conversation roster check adds to a send on the server (SQLite store).
     Roster {
@@ -330,10 +334,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             catchup::run(direct, group_members, group_messages, &dir.unwrap_or_else(std::env::temp_dir))
         }
         Command::Compare { subrosa, ejabberd } => compare::run(&subrosa, &ejabberd),
-        Command::Groups { sizes, messages } => {
+        Command::Groups { sizes, messages, batch } => {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
             anyhow::ensure!(messages > 0, "--messages must be at least 1");
-            runtime()?.block_on(groups::run(&sizes, messages))
+            anyhow::ensure!(batch > 0, "--batch must be at least 1");
+            runtime()?.block_on(groups::run(&sizes, messages, batch))
         }
         Command::Roster { sizes, sends } => {
             anyhow::ensure!(sends >= 4, "--sends must be at least 4");

@@ -376,6 +376,10 @@ impl Subrosa {
         if !drained && queued.iter().any(|q| q.request.is_none()) {
             self.drain_inbox(true).await?;
         }
+        // Several messages are encrypted together, their groups' state
+        // written once; each is still posted after that state is stored.
+        let seqs: std::collections::HashMap<i64, Option<u64>> =
+            self.prepare_all_queued(self.kt_latest()?)?.into_iter().collect();
         // A conversation whose oldest queued message cannot be encrypted yet
         // keeps its later ones queued too: they never overtake it.
         let mut waiting: Vec<ConversationId> = Vec::new();
@@ -393,7 +397,7 @@ impl Subrosa {
                 }
             }
             let (request, seq) = match self.encrypt_queued(q.id) {
-                Ok(Some(made)) => made,
+                Ok(Some((request, seq))) => (request, seq.or(seqs.get(&q.id).copied().flatten())),
                 Ok(None) => continue, // another process sent it meanwhile
                 Err(ClientError::Core(CoreError::Mls(mls_rs::error::MlsError::CommitRequired))) => {
                     // Proposals wait for a commit (the next sync makes it).

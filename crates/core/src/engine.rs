@@ -19,7 +19,7 @@ use mls_rs_core::extension::{ExtensionType, MlsCodecExtension};
 use subrosa_proto::{ConversationId, DeviceAddress, Epoch};
 
 use crate::content::Content;
-use crate::identity::{CertificateIdentityProvider, DeviceCertificate, DeviceIdentity};
+use crate::identity::{CertCache, CertificateIdentityProvider, DeviceCertificate, DeviceIdentity};
 use crate::{CoreError, CIPHERSUITE, SUITES};
 
 /// Private-use extension type carrying [`ConversationInfo`].
@@ -298,7 +298,17 @@ where
     key_packages: K,
     /// Shared by clones, like the identity.
     batch: Batch<C, G, K>,
+    /// Certificates decoded and verified, each once (shared by clones).
+    certs: std::sync::Arc<CertCache>,
+    /// Each conversation's other member devices, by the tree hash they were
+    /// read at (shared by clones): a send does not walk the whole roster.
+    recipients: std::sync::Arc<std::sync::Mutex<RecipientCache>>,
 }
+
+/// Per conversation: the tree hash and the member devices but this one.
+/// The tree hash changes with any change of the tree, so an entry is never
+/// used for another roster.
+type RecipientCache = std::collections::HashMap<ConversationId, (Vec<u8>, std::sync::Arc<Vec<DeviceAddress>>)>;
 
 impl<C, G, K> Clone for Engine<C, G, K>
 where
@@ -313,6 +323,8 @@ where
             groups: self.groups.clone(),
             key_packages: self.key_packages.clone(),
             batch: self.batch.clone(),
+            certs: self.certs.clone(),
+            recipients: self.recipients.clone(),
         }
     }
 }
@@ -374,6 +386,8 @@ where
             groups,
             key_packages,
             batch: std::sync::Arc::new(std::sync::Mutex::new(None)),
+            certs: std::sync::Arc::new(CertCache::new()),
+            recipients: std::sync::Arc::default(),
         }
     }
 
@@ -387,9 +401,12 @@ where
     }
 
     /// Starts a batch: until [`Self::end_batch`], application messages are
-    /// processed on groups kept in memory, and their state is written once,
-    /// at the end, instead of after every message (a catch-up of a large
-    /// group otherwise decodes and re-encodes its whole tree per message).
+    /// processed and encrypted on groups kept in memory, and their state is
+    /// written once, at the end, instead of after every message (a catch-up
+    /// of a large group, or a flush of several queued sends, otherwise
+    /// decodes and re-encodes its whole tree per message). A ciphertext
+    /// encrypted in a batch must not leave the device before the batch's
+    /// state is written and committed: a crash would reuse its key.
     /// Anything else done to a conversation in the batch (a commit, a
     /// lookup, a send) first writes its group back, so it sees the state as
     /// of now. The caller runs the whole batch in one store transaction and
@@ -481,7 +498,7 @@ where
             .with_commit_options(CommitOptions::new().with_path_required(true));
         Ok(Client::builder()
             .crypto_provider(self.crypto.clone())
-            .identity_provider(CertificateIdentityProvider::new(self.crypto.clone()))
+            .identity_provider(CertificateIdentityProvider::with_cache(self.crypto.clone(), self.certs.clone()))
             .group_state_storage(self.groups.clone())
             .key_package_repo(self.key_packages.clone())
             .extension_type(ExtensionType::new(CONVERSATION_INFO_EXT))
@@ -531,17 +548,38 @@ where
         if !SUITES.contains(&kp.cipher_suite()) {
             return Err(CoreError::Malformed("key package ciphersuite"));
         }
-        DeviceCertificate::from_signing_identity(&self.crypto, kp.signing_identity())
+        Ok((*self.certs.from_signing_identity(&self.crypto, kp.signing_identity())?).clone())
     }
 
     fn member_info(&self, m: &mls_rs::group::Member) -> Result<MemberInfo, CoreError> {
-        let cert = DeviceCertificate::of_roster_member(&m.signing_identity)?;
+        let cert = self.certs.of_roster_member(&m.signing_identity)?;
         Ok(MemberInfo {
             index: m.index,
             address: cert.address(),
             identity_key: cert.identity_key().to_vec(),
             device_key: cert.device_key().to_vec(),
         })
+    }
+
+    /// Every member device but this one, read once per tree.
+    fn recipients_of<Cfg: MlsConfig>(
+        &self,
+        conversation: &ConversationId,
+        group: &mls_rs::Group<Cfg>,
+    ) -> Result<std::sync::Arc<Vec<DeviceAddress>>, CoreError> {
+        let tree_hash = &group.context().tree_hash;
+        let lock = || self.recipients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((hash, list)) = lock().get(conversation) {
+            if hash == tree_hash {
+                return Ok(list.clone());
+            }
+        }
+        let me = self.identity().address();
+        let list: Vec<DeviceAddress> =
+            self.members_of(group)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
+        let list = std::sync::Arc::new(list);
+        lock().insert(*conversation, (tree_hash.clone(), list.clone()));
+        Ok(list)
     }
 
     fn members_of<Cfg: MlsConfig>(&self, group: &mls_rs::Group<Cfg>) -> Result<Vec<MemberInfo>, CoreError> {
@@ -573,7 +611,7 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn disappearing(&self, conversation: &ConversationId) -> Result<Option<u32>, CoreError> {
-        Self::disappearing_of(&self.load(conversation)?)
+        self.read_group(conversation, |g| Self::disappearing_of(g))
     }
 
     /// Stages a commit that sets the disappearing-messages timer (`None` or
@@ -654,7 +692,7 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn suite(&self, conversation: &ConversationId) -> Result<mls_rs::CipherSuite, CoreError> {
-        Ok(self.load(conversation)?.cipher_suite())
+        self.read_group(conversation, |g| Ok(g.cipher_suite()))
     }
 
     /// TEST ONLY (feature `test-hooks`): [`Self::create_conversation`] under
@@ -695,7 +733,7 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn has_pending_commit(&self, conversation: &ConversationId) -> Result<bool, CoreError> {
-        Ok(self.load(conversation)?.has_pending_commit())
+        self.read_group(conversation, |g| Ok(g.has_pending_commit()))
     }
 
     /// Drops the staged commit after the server refused it.
@@ -711,6 +749,10 @@ where
 
     fn load(&self, conversation: &ConversationId) -> Result<mls_rs::Group<EngineConfig<C, G, K>>, CoreError> {
         self.flush_batched(conversation)?;
+        self.load_stored(conversation)
+    }
+
+    fn load_stored(&self, conversation: &ConversationId) -> Result<mls_rs::Group<EngineConfig<C, G, K>>, CoreError> {
         match self.client()?.load_group(conversation.as_bytes()) {
             Ok(g) => Ok(g),
             Err(mls_rs::error::MlsError::GroupNotFound) => Err(CoreError::UnknownConversation),
@@ -718,12 +760,36 @@ where
         }
     }
 
+    /// Reads the conversation's group without changing it: the one this
+    /// thread's batch keeps in memory (the newest state), else the stored
+    /// one. A batch is left as it is, so a lookup between two messages of
+    /// a batch costs no write and no load.
+    fn read_group<T>(
+        &self,
+        conversation: &ConversationId,
+        f: impl FnOnce(&mls_rs::Group<EngineConfig<C, G, K>>) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        let mut f = Some(f);
+        // `f` must not enter the batch again: its lock is held meanwhile.
+        let kept = self
+            .with_batch(|b| match b.get(conversation) {
+                Some(g) => f.take().map(|f| f(g)),
+                None => None,
+            })
+            .flatten();
+        if let Some(out) = kept {
+            return out;
+        }
+        let f = f.take().ok_or(CoreError::Bug("a group lookup ran twice"))?;
+        f(&self.load_stored(conversation)?)
+    }
+
     /// The conversation's kind and name.
     ///
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn info(&self, conversation: &ConversationId) -> Result<ConversationInfo, CoreError> {
-        Self::info_of(&self.load(conversation)?)
+        self.read_group(conversation, |g| Self::info_of(g))
     }
 
     /// Every member device, this one included.
@@ -731,7 +797,7 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn members(&self, conversation: &ConversationId) -> Result<Vec<MemberInfo>, CoreError> {
-        self.members_of(&self.load(conversation)?)
+        self.read_group(conversation, |g| self.members_of(g))
     }
 
     /// The conversation's current epoch.
@@ -739,7 +805,7 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn epoch(&self, conversation: &ConversationId) -> Result<Epoch, CoreError> {
-        Ok(Epoch(self.load(conversation)?.current_epoch()))
+        self.read_group(conversation, |g| Ok(Epoch(g.current_epoch())))
     }
 
     /// What a call's media keys come from at the conversation's current
@@ -766,6 +832,11 @@ where
     /// (before anything is sent, so a key is never used twice). Returns the
     /// ciphertext and the devices to deliver it to.
     ///
+    /// In a batch ([`Self::begin_batch`]) the advanced ratchet stays in
+    /// memory and is written at the batch's end: the caller must not let
+    /// the ciphertext leave the device before [`Self::end_batch`] returned
+    /// and its transaction committed.
+    ///
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn encrypt(
@@ -773,13 +844,29 @@ where
         conversation: &ConversationId,
         content: &Content,
     ) -> Result<(Vec<u8>, Vec<DeviceAddress>), CoreError> {
-        let mut group = self.load(conversation)?;
-        let plaintext = content.encode()?;
-        let msg = group.encrypt_application_message(&plaintext, Vec::new())?;
-        group.write_to_storage()?;
-        let me = self.identity().address();
-        let recipients = self.members_of(&group)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
-        Ok((msg.to_bytes()?, recipients))
+        let batched = self.with_batch(|_| ()).is_some();
+        let kept = if batched { self.with_batch(|b| b.remove(conversation)).flatten() } else { None };
+        let mut group = match kept {
+            Some(g) => g,
+            None => self.load(conversation)?,
+        };
+        let made = (|| {
+            let plaintext = content.encode()?;
+            let msg = group.encrypt_application_message(&plaintext, Vec::new())?;
+            let recipients = self.recipients_of(conversation, &group)?;
+            Ok::<_, CoreError>((msg.to_bytes()?, recipients.to_vec()))
+        })();
+        if batched {
+            // Back into the batch even after a failure: the ratchet may have
+            // moved, and a later message must never start again from the
+            // stored state (that would reuse a key).
+            if self.with_batch(move |b| b.insert(*conversation, group)).is_none() {
+                return Err(CoreError::Bug("a batch ended while it encrypted a message"));
+            }
+        } else if made.is_ok() {
+            group.write_to_storage()?;
+        }
+        made
     }
 
     /// Stages a commit adding the devices of `key_packages` to the
@@ -1156,6 +1243,40 @@ mod tests {
             },
             _ => None,
         }
+    }
+
+    /// Each member's certificate is verified once per device: joining
+    /// checks every member, and what follows (loading the group again,
+    /// messages, a commit adding one device) checks only what is new.
+    #[test]
+    fn certificates_are_verified_once_per_device() {
+        let alice = engine("alice");
+        let bob = engine("bob");
+        let mut kps = vec![bob.generate_key_package().expect("kp")];
+        for i in 0..20 {
+            kps.push(engine(&format!("member{i}")).generate_key_package().expect("kp"));
+        }
+        let info = ConversationInfo { kind: ConversationKind::Group, name: "many".into() };
+        let out = alice.create_conversation(&info, &kps).expect("create");
+        alice.confirm_commit(&out.conversation).expect("confirm");
+        let conv = out.conversation;
+        bob.join(out.welcome.as_deref().expect("welcome")).expect("joined");
+        let after_join = bob.certs.checks();
+        assert!(after_join >= 22, "every member checked on joining: {after_join}");
+
+        for i in 0..3u8 {
+            let c = Content::text(MessageId([i; 16]), 1, "hello");
+            let (ct, _) = alice.encrypt(&conv, &c).expect("encrypt");
+            bob.process(&conv, &ct).expect("read");
+            bob.members(&conv).expect("members");
+        }
+        assert_eq!(bob.certs.checks(), after_join, "nothing new to check");
+
+        let newcomer = engine("newcomer");
+        let add = alice.add_members(&conv, &[newcomer.generate_key_package().expect("kp")]).expect("add");
+        alice.confirm_commit(&conv).expect("confirm");
+        bob.process(&conv, &add.commit).expect("processed");
+        assert_eq!(bob.certs.checks(), after_join + 1, "only the new device checked");
     }
 
     #[test]

@@ -540,17 +540,146 @@ impl DeviceIdentity {
     }
 }
 
+/// Most certificates a [`CertCache`] holds; past it, it starts afresh (a
+/// cache miss costs one decode and one signature check, nothing else).
+/// Room for a few groups of 10,000 devices.
+const CERT_CACHE_MAX: usize = 1 << 16;
+
+/// Certificates already decoded, and whether their signature by the
+/// identity key named inside verified, by their exact bytes (which hold
+/// that identity key, the device key and the signature): so each
+/// (identity key, certificate) is verified once, not at every load of a
+/// group, every message and every commit, which made the cost of each grow
+/// with the group. Shared by an engine's clones; public keys and
+/// signatures only, nothing secret.
+#[derive(Debug, Default)]
+pub struct CertCache {
+    entries: std::sync::Mutex<std::collections::HashMap<Box<[u8]>, CachedCert>>,
+    /// Signature checks made (a figure for tests and benchmarks).
+    checks: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct CachedCert {
+    cert: std::sync::Arc<DeviceCertificate>,
+    /// The signature by the identity key inside verified.
+    signature_ok: bool,
+}
+
+impl CertCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Box<[u8]>, CachedCert>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, bytes: &[u8], entry: CachedCert) {
+        let mut map = self.lock();
+        if map.len() >= CERT_CACHE_MAX && !map.contains_key(bytes) {
+            map.clear();
+        }
+        map.insert(bytes.into(), entry);
+    }
+
+    /// The certificate in these bytes, decoded once (not verified).
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`].
+    pub fn decode(&self, bytes: &[u8]) -> Result<std::sync::Arc<DeviceCertificate>, CoreError> {
+        if let Some(e) = self.lock().get(bytes) {
+            return Ok(e.cert.clone());
+        }
+        let cert = std::sync::Arc::new(DeviceCertificate::from_bytes(bytes)?);
+        self.remember(bytes, CachedCert { cert: cert.clone(), signature_ok: false });
+        Ok(cert)
+    }
+
+    /// The certificate in these bytes, its signature verified once; a
+    /// failed check is not remembered (it fails again, at its full cost).
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`] or [`CoreError::BadSignature`].
+    pub fn verified<C: CryptoProvider>(
+        &self,
+        crypto: &C,
+        bytes: &[u8],
+    ) -> Result<std::sync::Arc<DeviceCertificate>, CoreError> {
+        let cert = match self.lock().get(bytes) {
+            Some(CachedCert { cert, signature_ok: true }) => return Ok(cert.clone()),
+            Some(CachedCert { cert, .. }) => cert.clone(),
+            None => std::sync::Arc::new(DeviceCertificate::from_bytes(bytes)?),
+        };
+        // Outside the lock: members of a large tree are checked in parallel.
+        self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cert.verify(crypto)?;
+        self.remember(bytes, CachedCert { cert: cert.clone(), signature_ok: true });
+        Ok(cert)
+    }
+
+    /// The roster member's certificate (decoded once, not verified: see
+    /// [`DeviceCertificate::of_roster_member`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`].
+    pub fn of_roster_member(&self, si: &SigningIdentity) -> Result<std::sync::Arc<DeviceCertificate>, CoreError> {
+        let basic = si.credential.as_basic().ok_or(CoreError::Malformed("credential type"))?;
+        self.decode(basic.identifier())
+    }
+
+    /// As [`DeviceCertificate::from_signing_identity`], each certificate's
+    /// signature verified once.
+    ///
+    /// # Errors
+    /// [`CoreError::Malformed`], [`CoreError::BadSignature`] or [`CoreError::IdentityMismatch`].
+    pub fn from_signing_identity<C: CryptoProvider>(
+        &self,
+        crypto: &C,
+        si: &SigningIdentity,
+    ) -> Result<std::sync::Arc<DeviceCertificate>, CoreError> {
+        let basic = si.credential.as_basic().ok_or(CoreError::Malformed("credential type"))?;
+        let cert = self.verified(crypto, basic.identifier())?;
+        if cert.body.device_key != si.signature_key.as_bytes() {
+            return Err(CoreError::IdentityMismatch("certificate is for another device key".into()));
+        }
+        Ok(cert)
+    }
+
+    /// How many signature checks it made.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many certificates it holds.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The MLS identity provider: a member is valid only with a verifying
 /// [`DeviceCertificate`] for its exact signature key.
 #[derive(Clone, Debug)]
 pub struct CertificateIdentityProvider<C> {
     crypto: C,
+    cache: std::sync::Arc<CertCache>,
 }
 
 impl<C> CertificateIdentityProvider<C> {
-    /// Wraps a crypto provider.
+    /// Wraps a crypto provider, with a cache of its own.
     pub fn new(crypto: C) -> Self {
-        CertificateIdentityProvider { crypto }
+        Self::with_cache(crypto, std::sync::Arc::new(CertCache::new()))
+    }
+
+    /// Wraps a crypto provider, remembering certificates in `cache`.
+    pub fn with_cache(crypto: C, cache: std::sync::Arc<CertCache>) -> Self {
+        CertificateIdentityProvider { crypto, cache }
     }
 }
 
@@ -569,7 +698,7 @@ impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider
         _timestamp: Option<MlsTime>,
         _context: MemberValidationContext<'_>,
     ) -> Result<(), Self::Error> {
-        DeviceCertificate::from_signing_identity(&self.crypto, signing_identity).map(|_| ())
+        self.cache.from_signing_identity(&self.crypto, signing_identity).map(|_| ())
     }
 
     fn validate_external_sender(
@@ -589,7 +718,7 @@ impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider
     ) -> Result<Vec<u8>, Self::Error> {
         // identity() and valid_successor() only compare: mls-rs calls them
         // for every leaf, and validate_member has verified each one already.
-        let cert = DeviceCertificate::of_roster_member(signing_identity)?;
+        let cert = self.cache.of_roster_member(signing_identity)?;
         Ok(cert.address().to_string().into_bytes())
     }
 
@@ -603,8 +732,8 @@ impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider
         // carry a certificate by its account's new identity key (rotated
         // after a removal). Whether that new key is the account's is for the
         // key directory to say: clients check it as for an added device.
-        let a = DeviceCertificate::of_roster_member(predecessor)?;
-        let b = DeviceCertificate::of_roster_member(successor)?;
+        let a = self.cache.of_roster_member(predecessor)?;
+        let b = self.cache.of_roster_member(successor)?;
         Ok(a.address() == b.address())
     }
 
@@ -616,6 +745,39 @@ impl<C: CryptoProvider + Clone> IdentityProvider for CertificateIdentityProvider
 #[cfg(all(test, feature = "awslc"))]
 mod tests {
     use super::*;
+
+    /// The cache remembers a good signature only: a forged certificate
+    /// fails every time, even once its bytes were decoded, and the device
+    /// key is compared at every use.
+    #[test]
+    fn the_certificate_cache_remembers_only_what_verified() {
+        let crypto = crate::default_crypto();
+        let cache = CertCache::new();
+        let alice = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 1).expect("identity");
+        let si = alice.signing_identity().expect("si");
+        cache.from_signing_identity(&crypto, &si).expect("valid");
+        cache.from_signing_identity(&crypto, &si).expect("still valid");
+        assert_eq!(cache.checks(), 1, "verified once");
+
+        let mut forged = alice.certificate().to_bytes().expect("bytes");
+        let n = forged.len();
+        forged[n - 1] ^= 1;
+        cache.decode(&forged).expect("decodes: only the signature is wrong");
+        for _ in 0..2 {
+            assert!(cache.verified(&crypto, &forged).is_err(), "a decoded certificate is not a verified one");
+        }
+        let forged_si = SigningIdentity::new(
+            BasicCredential::new(forged).into_credential(),
+            SignaturePublicKey::new(alice.device_public().to_vec()),
+        );
+        assert!(cache.from_signing_identity(&crypto, &forged_si).is_err());
+
+        // A good certificate under another device key is refused, cached or not.
+        let mallory = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 1).expect("identity");
+        let other_key =
+            SigningIdentity::new(si.credential.clone(), SignaturePublicKey::new(mallory.device_public().to_vec()));
+        assert!(cache.from_signing_identity(&crypto, &other_key).is_err());
+    }
 
     #[test]
     fn certificates_verify_and_detect_forgery() {

@@ -135,7 +135,60 @@ impl Session {
     /// the conversation; [`ClientError::Core`] when it cannot be encrypted
     /// (`CommitRequired`: proposals wait for a commit); store errors.
     pub fn prepare_queued(&self, id: i64, kt_head: Option<Vec<u8>>) -> Result<Option<Prepared>, ClientError> {
-        self.store().write(|tx| {
+        self.store().write(|tx| self.prepare_in(tx, id, kt_head))
+    }
+
+    /// Encrypts every queued send not encrypted yet, oldest first, in one
+    /// transaction whose groups stay loaded across the messages and are
+    /// written once, at its end, with every request made (a flush of `n`
+    /// messages to a large group writes its state once, not `n` times).
+    /// Nothing made here has left the device before this returns: the
+    /// requests and the ratchets that made them are durable together, so a
+    /// crash can never make a key serve twice. A conversation with its own
+    /// commit pending is left for later, as [`Self::prepare_queued`] does.
+    /// Returns the outbox id and sequence number of each one made (none
+    /// when any one of them could not be: then nothing of the batch is
+    /// kept, and each is made one by one by [`Self::prepare_queued`],
+    /// which says why it cannot be).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn prepare_all_queued(&self, kt_head: Option<Vec<u8>>) -> Result<Vec<(i64, Option<u64>)>, ClientError> {
+        let made = self.store().write(|tx| {
+            let rows = tx.outbox()?;
+            let mut made = Vec::new();
+            if rows.iter().filter(|q| q.request.is_none()).count() < 2 {
+                return Ok(made);
+            }
+            // Begun inside the transaction: the store's gate makes this
+            // thread the only one in a batch until it ends.
+            self.engine().begin_batch();
+            for q in rows {
+                let Some((c, _)) = q.message else { continue };
+                if q.request.is_some() || tx.pending_commit(&c)?.is_some() {
+                    continue;
+                }
+                if let Some((_, seq)) = self.prepare_in(tx, q.id, kt_head.clone())? {
+                    made.push((q.id, seq));
+                }
+            }
+            self.engine().end_batch()?;
+            Ok(made)
+        });
+        self.engine().abort_batch();
+        match made {
+            Err(ClientError::Core(_)) => Ok(Vec::new()),
+            made => made,
+        }
+    }
+
+    fn prepare_in(
+        &self,
+        tx: &mut dyn crate::store::Tx,
+        id: i64,
+        kt_head: Option<Vec<u8>>,
+    ) -> Result<Option<Prepared>, ClientError> {
+        {
             let Some(q) = tx.outbox_row(id)? else { return Ok(None) };
             if let Some(request) = q.request {
                 return Ok(Some((request, None)));
@@ -201,7 +254,7 @@ impl Session {
             let bytes = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
             tx.set_outbox_request(id, &bytes)?;
             Ok(Some((bytes, (seq != 0).then_some(seq))))
-        })
+        }
     }
 
     /// The server took the queued send: out of the queue, its message sent.

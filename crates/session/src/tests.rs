@@ -291,6 +291,47 @@ fn a_queued_send_is_encrypted_once_and_a_refused_one_leaves_no_gap() {
     assert_eq!(m.state, Some(MessageState::Sent));
 }
 
+/// Several queued sends are encrypted in one batch, their group written
+/// once; and what that batch returns is durable: a device that stops right
+/// after it (a crash, before anything else is written) and starts again
+/// from its store never encrypts under a key the batch already used, so
+/// every message still reads at bob's.
+#[test]
+fn a_batch_of_queued_sends_is_durable_before_any_of_it_leaves() {
+    let (alice, bob, id) = pair();
+    let to = Outgoing { conversation: id, target: "bob", group: false };
+    for i in 1..=3u8 {
+        alice.session.queue_text(&to, &format!("batched {i}"), MessageId([i; 16]), [i; 16]).expect("queued");
+    }
+    let made = alice.session.prepare_all_queued(None).expect("prepared");
+    assert_eq!(made.iter().map(|(_, seq)| *seq).collect::<Vec<_>>(), [Some(1), Some(2), Some(3)]);
+    let requests: Vec<Vec<u8>> = alice
+        .session
+        .store()
+        .read(|tx| tx.outbox())
+        .expect("outbox")
+        .into_iter()
+        .map(|q| q.request.expect("made in the batch"))
+        .collect();
+    assert_eq!(requests.len(), 3);
+
+    // The crash: nothing of this process is kept but its store.
+    let restarted = Session::new(
+        subrosa_core::default_crypto(),
+        (*alice.session.identity()).clone(),
+        alice.session.store().clone(),
+        alice.clock.clone(),
+    );
+    restarted.queue_text(&to, "after the restart", MessageId([9; 16]), [9; 16]).expect("queued");
+    let q = restarted.store().read(|tx| tx.outbox()).expect("outbox").pop().expect("queued");
+    let (last, _) = restarted.prepare_queued(q.id, None).expect("prepared").expect("a request");
+    for request in requests.iter().chain([&last]) {
+        let req: SendRequest = serde_json::from_slice(request).expect("a send request");
+        bob.receive(&alice.envelope(id, MessageKind::Application, req.parts[0].ciphertext.0.clone()));
+    }
+    assert_eq!(texts(&bob.unseen()), ["batched 1", "batched 2", "batched 3", "after the restart"]);
+}
+
 #[test]
 fn a_body_without_a_line_is_queued_and_sent_like_a_text_and_stores_no_line_for_its_sender() {
     let (alice, bob, id) = pair();

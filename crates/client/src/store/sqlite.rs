@@ -222,12 +222,68 @@ const SCHEMA: &[&str] = &[
     // v16 (links): a message's link preview, as its sender's device made
     // it (`LinkPreview::to_stored`: link, title, description, thumbnail).
     "ALTER TABLE messages ADD COLUMN preview BLOB;",
-    // v17 (lead): a reaction taken back is kept, marked `removed`, with
+    // v17 (big): a group's MLS state in pieces of GROUP_CHUNK bytes, each
+    // with its SHA-256, so a write replaces only the pieces that changed
+    // (a message changes the ratchets at the end of the state, not the
+    // tree before them). `mls_group` keeps one row per group, state empty.
+    "CREATE TABLE mls_group_chunk (group_id BLOB NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+        data BLOB NOT NULL, PRIMARY KEY (group_id, idx));
+     WITH RECURSIVE piece (id, idx) AS (
+        SELECT id, 0 FROM mls_group
+        UNION ALL
+        SELECT piece.id, piece.idx + 1 FROM piece JOIN mls_group g ON g.id = piece.id
+        WHERE (piece.idx + 1) * 65536 < length(g.state))
+     INSERT INTO mls_group_chunk (group_id, idx, hash, data)
+        SELECT piece.id, piece.idx, x'', substr(g.state, piece.idx * 65536 + 1, 65536)
+        FROM piece JOIN mls_group g ON g.id = piece.id;
+     UPDATE mls_group SET state = x'';",
+    // v18 (lead): a reaction taken back is kept, marked `removed`, with
     // when it was taken back, so that an "add" sent earlier but arriving
     // later (from another device of the same account, or after a reorder)
     // cannot bring it back. Rows before this step are all present ones.
     "ALTER TABLE reactions ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
 ];
+
+/// Bytes per stored piece of a group's MLS state (v17; the migration
+/// above spells the same number).
+const GROUP_CHUNK: usize = 65536;
+
+/// Writes a group's state as pieces of [`GROUP_CHUNK`] bytes, replacing
+/// only those whose SHA-256 differs from the stored piece's (old pieces
+/// are overwritten on disk: `secure_delete`), and dropping pieces past the
+/// new end. Returns how many pieces it wrote.
+fn write_group_chunks(conn: &Connection, group_id: &[u8], state: &[u8]) -> Result<usize, ClientError> {
+    use sha2::Digest as _;
+    conn.execute("INSERT INTO mls_group (id, state) VALUES (?1, x'') ON CONFLICT (id) DO NOTHING", [group_id])
+        .map_err(sql)?;
+    let stored: Vec<Vec<u8>> = {
+        // The hash column comes before the data, so this reads no piece.
+        let mut stmt =
+            conn.prepare_cached("SELECT hash FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx").map_err(sql)?;
+        let rows = stmt.query_map([group_id], |r| r.get::<_, Vec<u8>>(0)).map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)?
+    };
+    let mut upsert = conn
+        .prepare_cached(
+            "INSERT INTO mls_group_chunk (group_id, idx, hash, data) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (group_id, idx) DO UPDATE SET hash = excluded.hash, data = excluded.data",
+        )
+        .map_err(sql)?;
+    let mut written = 0;
+    let mut count = 0i64;
+    for (i, piece) in state.chunks(GROUP_CHUNK).enumerate() {
+        count = i as i64 + 1;
+        let hash = sha2::Sha256::digest(piece);
+        if stored.get(i).is_some_and(|h| h.as_slice() == hash.as_slice()) {
+            continue;
+        }
+        upsert.execute(params![group_id, i as i64, hash.as_slice(), piece]).map_err(sql)?;
+        written += 1;
+    }
+    conn.execute("DELETE FROM mls_group_chunk WHERE group_id = ?1 AND idx >= ?2", params![group_id, count])
+        .map_err(sql)?;
+    Ok(written)
+}
 
 const MESSAGE_COLUMNS: &str =
     "SELECT seq, message_id, sender, sender_device, sent_at, received_at, body, outgoing, system, \
@@ -600,11 +656,20 @@ impl SqliteTx<'_> {
 
 impl SqliteTx<'_> {
     fn group_state_row(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
-        self.lock()
-            .query_row("SELECT state FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
-            .optional()
-            .map(|o| o.map(Zeroizing::new))
-            .map_err(sql)
+        let conn = self.lock();
+        let known = conn.query_row("SELECT 1 FROM mls_group WHERE id = ?1", [group_id], |_| Ok(())).optional();
+        if known.map_err(sql)?.is_none() {
+            return Ok(None);
+        }
+        let mut stmt =
+            conn.prepare_cached("SELECT data FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx").map_err(sql)?;
+        let mut rows = stmt.query([group_id]).map_err(sql)?;
+        let mut state = Zeroizing::new(Vec::new());
+        while let Some(r) = rows.next().map_err(sql)? {
+            let piece = r.get_ref(0).map_err(sql)?;
+            state.extend_from_slice(piece.as_blob().map_err(|e| ClientError::Store(format!("group state: {e}")))?);
+        }
+        Ok(Some(state))
     }
 }
 
@@ -1077,6 +1142,7 @@ impl Conversations for SqliteTx<'_> {
         for q in [
             "DELETE FROM conversations WHERE id = ?1",
             "DELETE FROM mls_group WHERE id = ?1",
+            "DELETE FROM mls_group_chunk WHERE group_id = ?1",
             "DELETE FROM mls_epoch WHERE group_id = ?1",
             "DELETE FROM key_updates WHERE conversation = ?1",
         ] {
@@ -1154,6 +1220,7 @@ impl Conversations for SqliteTx<'_> {
         let id = id.as_bytes().as_slice();
         conn.execute("UPDATE conversations SET active = 0 WHERE id = ?1", [id]).map_err(sql)?;
         conn.execute("DELETE FROM mls_group WHERE id = ?1", [id]).map_err(sql)?;
+        conn.execute("DELETE FROM mls_group_chunk WHERE group_id = ?1", [id]).map_err(sql)?;
         conn.execute("DELETE FROM mls_epoch WHERE group_id = ?1", [id]).map_err(sql)?;
         Ok(())
     }
@@ -1953,11 +2020,7 @@ impl MlsState for SqliteTx<'_> {
 
     fn put_group_state(&mut self, group_id: &[u8], state: &[u8], epochs: &[(u64, &[u8])]) -> Result<(), ClientError> {
         let conn = self.lock();
-        conn.execute(
-            "INSERT INTO mls_group (id, state) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
-            params![group_id, state],
-        )
-        .map_err(sql)?;
+        write_group_chunks(&conn, group_id, state)?;
         conn.execute(
             "INSERT INTO known_conversations (id, at) VALUES (?1, ?2)
              ON CONFLICT (id) DO UPDATE SET linked_only = 0",
@@ -2185,6 +2248,60 @@ mod tests {
 
     subrosa_session::with_behaviours!(conformance_tests);
 
+    /// A group's state is stored in 64 KiB pieces, each with its SHA-256;
+    /// a write replaces only the pieces that changed and drops those past
+    /// the new end. The stored rows are pinned (the format is a decision).
+    #[test]
+    fn a_group_state_is_stored_in_pieces_and_only_changed_pieces_are_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
+        let store = Store::from_arc(sqlite.clone());
+        let id = [5u8; 16];
+        let mut state: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+        let written = |state: &[u8]| write_group_chunks(&sqlite.lock(), &id, state).expect("written");
+        assert_eq!(written(&state), 3);
+        let rows = || -> Vec<(i64, String, i64)> {
+            let conn = sqlite.lock();
+            let mut stmt = conn
+                .prepare("SELECT idx, hex(hash), length(data) FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx")
+                .expect("query");
+            let rows = stmt.query_map([&id[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).expect("rows");
+            rows.collect::<Result<_, _>>().expect("rows")
+        };
+        let hash = |piece: &[u8]| {
+            use sha2::Digest as _;
+            hex::encode_upper(sha2::Sha256::digest(piece))
+        };
+        assert_eq!(
+            rows(),
+            [
+                (0, hash(&state[..65536]), 65536),
+                (1, hash(&state[65536..131072]), 65536),
+                (2, hash(&state[131072..]), 150_000 - 131_072),
+            ]
+        );
+        let empty: i64 = sqlite
+            .lock()
+            .query_row("SELECT length(state) FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
+            .expect("row");
+        assert_eq!(empty, 0, "the group's row holds no state of its own");
+        assert_eq!(
+            store.read(|tx| tx.group_state(&id)).expect("read").as_deref().map(|s| s.to_vec()),
+            Some(state.clone())
+        );
+
+        // A change at the end (the ratchets) writes the last piece only.
+        *state.last_mut().expect("bytes") ^= 1;
+        assert_eq!(written(&state), 1);
+        assert_eq!(written(&state), 0, "nothing changed");
+        // Shorter: the pieces past the end go.
+        state.truncate(70_000);
+        assert_eq!(written(&state), 1);
+        assert_eq!(rows().len(), 2);
+        assert_eq!(store.read(|tx| tx.group_state(&id)).expect("read").as_deref().map(|s| s.to_vec()), Some(state));
+        assert_eq!(store.read(|tx| tx.group_state(&[6u8; 16])).expect("read"), None);
+    }
+
     fn count(store: &SqliteStore) -> i64 {
         store.lock().query_row("SELECT count(*) FROM mls_key_package", [], |r| r.get(0)).unwrap_or(-1)
     }
@@ -2330,10 +2447,24 @@ mod tests {
             )
             .expect("message");
         }
+        // A group's state as one row, before v17 cut it into pieces.
+        let group_state: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
+        {
+            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            old.lock()
+                .execute("INSERT INTO mls_group (id, state) VALUES (?1, ?2)", params![&[7u8; 16][..], &group_state])
+                .expect("group");
+        }
         let sqlite = Arc::new(SqliteStore::open(&home, "pw").expect("migrates"));
         let version: i64 = sqlite.lock().query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
         assert_eq!(version, SCHEMA.len() as i64);
         let store = Store::from_arc(sqlite.clone());
+        // v17: the same state, read from its pieces; the next write
+        // replaces each piece once (the migration left no hashes).
+        let read = store.read(|tx| tx.group_state(&[7u8; 16])).expect("read").expect("kept");
+        assert_eq!(read.as_slice(), group_state.as_slice());
+        assert_eq!(write_group_chunks(&sqlite.lock(), &[7u8; 16], &group_state).expect("written"), 3);
+        assert_eq!(write_group_chunks(&sqlite.lock(), &[7u8; 16], &group_state).expect("written"), 0);
         // v10: the old line has no event and shows as written.
         let conv =
             store.read(|tx| tx.conversation(&subrosa_proto::ConversationId([7; 16]))).expect("row").expect("exists");
