@@ -1143,72 +1143,72 @@ async fn conversation_settings(shared: &Arc<Shared>, method: &str, p: Value) -> 
 async fn settings_call(shared: &Arc<Shared>, method: &str, p: Value) -> Answer {
     let me = shared.device();
     match method {
-            "disappearing" => {
-                let DisappearingParams { recipient, conversation, duration } = params(p)?;
-                let seconds = crate::parse_disappearing(&duration)?;
-                let id = match (Which { recipient, conversation }).place()? {
-                    Place::Id(id) => id,
-                    Place::Named(t) => crate::target::conversation(me, &t)?,
-                };
-                let changed = me.set_disappearing(&id, seconds).await?;
-                Ok((json!({ "conversation": id.to_hex(), "seconds": seconds, "changed": changed }), None))
+        "disappearing" => {
+            let DisappearingParams { recipient, conversation, duration } = params(p)?;
+            let seconds = crate::parse_disappearing(&duration)?;
+            let id = match (Which { recipient, conversation }).place()? {
+                Place::Id(id) => id,
+                Place::Named(t) => crate::target::conversation(me, &t)?,
+            };
+            let changed = me.set_disappearing(&id, seconds).await?;
+            Ok((json!({ "conversation": id.to_hex(), "seconds": seconds, "changed": changed }), None))
+        }
+        "requests" => {
+            params::<NoParams>(p)?;
+            let rows: Vec<Value> = me.requests()?.iter().map(request_value).collect();
+            Ok((Value::Array(rows), None))
+        }
+        "accept" => {
+            let id = match params::<Which>(p)?.place()? {
+                Place::Id(id) => id,
+                Place::Named(t) => crate::target::conversation(me, &t)?,
+            };
+            let accepted = me.accept(&id)?;
+            Ok((json!({ "conversation": id.to_hex(), "accepted": accepted }), None))
+        }
+        "block" => {
+            let HandleParams { handle } = params(p)?;
+            let left = me.block(&handle).await?;
+            let left: Vec<String> = left.iter().map(ConversationId::to_hex).collect();
+            Ok((json!({ "blocked": handle.trim_start_matches('@'), "left": left }), None))
+        }
+        "unblock" => {
+            let HandleParams { handle } = params(p)?;
+            let was = me.unblock(&handle)?;
+            Ok((json!({ "unblocked": handle.trim_start_matches('@'), "was_blocked": was }), None))
+        }
+        "accountDelete" => {
+            let AccountDeleteParams { handle } = params(p)?;
+            let mine = me.handle().as_str().to_string();
+            if handle.trim_start_matches('@') != mine {
+                return Err(invalid("handle must be this account's handle, typed again"));
             }
-            "requests" => {
-                params::<NoParams>(p)?;
-                let rows: Vec<Value> = me.requests()?.iter().map(request_value).collect();
-                Ok((Value::Array(rows), None))
+            let left = me.delete_account().await?;
+            // Nothing is left to serve: the daemon stops once the
+            // connection that asked closes.
+            shared.deleted.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok((json!({ "deleted": mine, "left": left }), None))
+        }
+        "linklistStatus" => {
+            params::<NoParams>(p)?;
+            Ok((me.link_list()?.map_or(Value::Null, |l| json!({ "version": l.version(), "entries": l.len() })), None))
+        }
+        "linklistImport" => {
+            let LinklistImportParams { file } = params(p)?;
+            let path = PathBuf::from(file);
+            if !path.is_absolute() {
+                return Err(invalid("file takes an absolute path"));
             }
-            "accept" => {
-                let id = match params::<Which>(p)?.place()? {
-                    Place::Id(id) => id,
-                    Place::Named(t) => crate::target::conversation(me, &t)?,
-                };
-                let accepted = me.accept(&id)?;
-                Ok((json!({ "conversation": id.to_hex(), "accepted": accepted }), None))
-            }
-            "block" => {
-                let HandleParams { handle } = params(p)?;
-                let left = me.block(&handle).await?;
-                let left: Vec<String> = left.iter().map(ConversationId::to_hex).collect();
-                Ok((json!({ "blocked": handle.trim_start_matches('@'), "left": left }), None))
-            }
-            "unblock" => {
-                let HandleParams { handle } = params(p)?;
-                let was = me.unblock(&handle)?;
-                Ok((json!({ "unblocked": handle.trim_start_matches('@'), "was_blocked": was }), None))
-            }
-            "accountDelete" => {
-                let AccountDeleteParams { handle } = params(p)?;
-                let mine = me.handle().as_str().to_string();
-                if handle.trim_start_matches('@') != mine {
-                    return Err(invalid("handle must be this account's handle, typed again"));
+            let bytes = crate::read_list_file(&path)?;
+            let v = match me.import_link_list(&bytes)? {
+                subrosa_client::linklist::Imported::New { version, entries, replaced } => {
+                    json!({ "version": version, "entries": entries, "replaced": replaced, "new": true })
                 }
-                let left = me.delete_account().await?;
-                // Nothing is left to serve: the daemon stops once the
-                // connection that asked closes.
-                shared.deleted.store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok((json!({ "deleted": mine, "left": left }), None))
-            }
-            "linklistStatus" => {
-                params::<NoParams>(p)?;
-                Ok((me.link_list()?.map_or(Value::Null, |l| json!({ "version": l.version(), "entries": l.len() })), None))
-            }
-            "linklistImport" => {
-                let LinklistImportParams { file } = params(p)?;
-                let path = PathBuf::from(file);
-                if !path.is_absolute() {
-                    return Err(invalid("file takes an absolute path"));
-                }
-                let bytes = crate::read_list_file(&path)?;
-                let v = match me.import_link_list(&bytes)? {
-                    subrosa_client::linklist::Imported::New { version, entries, replaced } => {
-                        json!({ "version": version, "entries": entries, "replaced": replaced, "new": true })
-                    }
-                    subrosa_client::linklist::Imported::Same { version } => json!({ "version": version, "new": false }),
-                    _ => json!({ "new": false }),
-                };
-                Ok((v, None))
-            }
+                subrosa_client::linklist::Imported::Same { version } => json!({ "version": version, "new": false }),
+                _ => json!({ "new": false }),
+            };
+            Ok((v, None))
+        }
         _ => Err(Failure(METHOD_NOT_FOUND, format!("no method {:?}", term::safe(method)))),
     }
 }

@@ -1121,8 +1121,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                 ));
             }
             #[cfg(unix)]
-            if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui { .. }))
-            {
+            if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui { .. })) {
                 if let Some(daemon) = via::connect(&home).await? {
                     if let Command::Tui { downloads, notifications, exit_after_first_frame } = &command {
                         let remote = tui::backend::Remote::new(&home, daemon).await?;

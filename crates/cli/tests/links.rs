@@ -412,7 +412,8 @@ fn links_through_daemons_are_checked_previewed_and_marked_as_without_them() {
 
     let out = via_daemon(&bob, &["accept", "alice"], &env);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "accepted alice\n");
-    let history = parse_json_lines(&String::from_utf8_lossy(&via_daemon(&bob, &["history", "alice", "--json"], &env).stdout));
+    let history =
+        parse_json_lines(&String::from_utf8_lossy(&via_daemon(&bob, &["history", "alice", "--json"], &env).stdout));
     let m = history.iter().find(|m| m["text"] == text.as_str()).expect("alice's message");
     assert_eq!(m["preview"]["title"], "Canary & friends", "shown once accepted: {m}");
     assert!(m.get("request").is_none(), "{m}");

@@ -436,9 +436,7 @@ impl Backend {
         match self {
             Backend::Local(c) => Ok(c.device().accept(&conversation_id(id)?)?),
             #[cfg(unix)]
-            Backend::Daemon(r) => {
-                Ok(r.call("accept", json!({ "conversation": id })).await?["accepted"] == json!(true))
-            }
+            Backend::Daemon(r) => Ok(r.call("accept", json!({ "conversation": id })).await?["accepted"] == json!(true)),
         }
     }
 

@@ -692,11 +692,15 @@ impl App {
                     c.unread = o.unread;
                 }
                 // The timer as the newest line about it set it.
-                c.disappearing = c.messages.iter().rev().find_map(|m| match &m.event {
-                    Some(subrosa_client::SystemEvent::Disappearing { seconds, .. }) => Some(*seconds),
-                    _ => None,
-                })
-                .flatten();
+                c.disappearing = c
+                    .messages
+                    .iter()
+                    .rev()
+                    .find_map(|m| match &m.event {
+                        Some(subrosa_client::SystemEvent::Disappearing { seconds, .. }) => Some(*seconds),
+                        _ => None,
+                    })
+                    .flatten();
                 c
             })
             .collect();

@@ -354,7 +354,10 @@ fn links_and_requests() -> App {
         "aa",
         "mallory",
         false,
-        vec![system("aa", SystemEvent::Disappearing { by: "mallory".into(), seconds: Some(3_600) }, T0 - MINUTE), prize],
+        vec![
+            system("aa", SystemEvent::Disappearing { by: "mallory".into(), seconds: Some(3_600) }, T0 - MINUTE),
+            prize,
+        ],
     );
     mallory.request = true;
     let mut party = message("bb", "bob", "party at https://party.example/tonight", T0 + MINUTE);
@@ -417,7 +420,10 @@ fn accept_and_disappear_act_on_the_open_conversation() {
     typed(&mut app, "disappear off");
     assert_eq!(
         app.handle(key(KeyCode::Enter)),
-        vec![super::state::Action::Run(super::state::Command::Disappearing { conversation: "aa".into(), seconds: None })]
+        vec![super::state::Action::Run(super::state::Command::Disappearing {
+            conversation: "aa".into(),
+            seconds: None
+        })]
     );
     app.handle(key(KeyCode::Char(':')));
     typed(&mut app, "disappear 5y");
@@ -429,6 +435,11 @@ fn accept_and_disappear_act_on_the_open_conversation() {
         T0 + 5 * MINUTE,
     ))));
     assert_eq!(app.current().map(|c| c.disappearing), Some(Some(60)));
-    app.handle(Input::Client(ClientEvent::MessageState(mine("aa", "who are you?", T0 + 6 * MINUTE, MessageState::Sent))));
+    app.handle(Input::Client(ClientEvent::MessageState(mine(
+        "aa",
+        "who are you?",
+        T0 + 6 * MINUTE,
+        MessageState::Sent,
+    ))));
     assert_eq!(app.current().map(|c| c.request), Some(false));
 }
