@@ -482,11 +482,9 @@ pub const HELP: &[&str] = &[
     "  :members                   the open conversation's devices",
     "  :safety [HANDLE]           safety number and QR code; v marks verified",
     "  :verify [HANDLE]           the same",
-    "  :accept                    accept the open message request",
-    "  :disappear 1d | off        the open conversation's disappearing timer",
-    "                             (30s, 5m, 1h, 1d, 1w; at most 4w)",
     "  :react EMOJI  :unreact     on the selected message",
     "  :attach PATH  :save        send a file; save the selected message's",
+    "  :accept  :disappear 1d|off accept the request; its timer (30s…4w, off)",
     "  :quit                      leave",
 ];
 
