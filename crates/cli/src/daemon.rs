@@ -1183,10 +1183,18 @@ async fn settings_call(shared: &Arc<Shared>, method: &str, p: Value) -> Answer {
             if handle.trim_start_matches('@') != mine {
                 return Err(invalid("handle must be this account's handle, typed again"));
             }
-            let left = me.delete_account().await?;
+            // Said first: the server refuses this device while the deletion
+            // runs, which ends the handle's loop.
+            shared.deleted.store(true, std::sync::atomic::Ordering::Relaxed);
+            let left = match me.delete_account().await {
+                Ok(left) => left,
+                Err(e) => {
+                    shared.deleted.store(false, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            };
             // Nothing is left to serve: the daemon stops once the
             // connection that asked closes.
-            shared.deleted.store(true, std::sync::atomic::Ordering::Relaxed);
             Ok((json!({ "deleted": mine, "left": left }), None))
         }
         "linklistStatus" => {
