@@ -24,6 +24,9 @@ fn each_params(p: serde_json::Value) {
     let _ = params::<VerifyParams>(p.clone());
     let _ = params::<SaveFilesParams>(p.clone());
     let _ = params::<SettingsParams>(p.clone());
+    let _ = params::<DisappearingParams>(p.clone());
+    let _ = params::<AccountDeleteParams>(p.clone());
+    let _ = params::<LinklistImportParams>(p.clone());
     let _ = params::<NoParams>(p);
 }
 

@@ -14,7 +14,12 @@
 //!   behaviour before the cache);
 //! - cache, passphrase given: the key cached in the session keyring, the
 //!   passphrase still given (as scripts do) and checked against the entry;
-//! - cache, no passphrase: the key cached, no passphrase.
+//! - cache, no passphrase: the key cached, no passphrase;
+//! - through a daemon: a `subrosa daemon` runs on alice's home and the
+//!   `send` goes through its socket (no passphrase, no key derivation, no
+//!   connection of its own). The other modes pass `--no-daemon`. The
+//!   daemon's own CPU time is not in its row (it is not a waited-for
+//!   child until the end).
 //!
 //! Wall time is from spawn to exit as seen here; CPU time is the child's
 //! user + system time (getrusage of waited-for children). Prints medians and
@@ -37,6 +42,7 @@ enum Mode {
     Baseline,
     CachedWithPass,
     CachedNoPass,
+    Daemon,
 }
 
 impl Mode {
@@ -45,6 +51,7 @@ impl Mode {
             Mode::Baseline => "baseline: cache off, Argon2id every time",
             Mode::CachedWithPass => "cache on, SUBROSA_PASSPHRASE given",
             Mode::CachedNoPass => "cache on, no passphrase",
+            Mode::Daemon => "through a running daemon (its CPU not counted)",
         }
     }
 }
@@ -67,10 +74,15 @@ struct Cli {
 impl Cli {
     fn command(&self, home: &Path, mode: Mode, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.arg("--home").arg(home).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.arg("--home").arg(home);
+        if !matches!(mode, Mode::Daemon) {
+            c.arg("--no-daemon");
+        }
+        c.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         c.env_remove("SUBROSA_HOME").env_remove("SUBROSA_LOG");
         match mode {
             Mode::Baseline => c.env("SUBROSA_KEY_CACHE", "off").env("SUBROSA_PASSPHRASE", PASS),
+            Mode::Daemon => c.env("SUBROSA_KEY_CACHE", "off").env_remove("SUBROSA_PASSPHRASE"),
             Mode::CachedWithPass => c.env("SUBROSA_KEY_CACHE", "15m").env("SUBROSA_PASSPHRASE", PASS),
             Mode::CachedNoPass => c.env("SUBROSA_KEY_CACHE", "15m").env_remove("SUBROSA_PASSPHRASE"),
         };
@@ -87,6 +99,36 @@ impl Cli {
             bail!("subrosa {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(Timing { wall, cpu })
+    }
+}
+
+/// `subrosa daemon` on a home, ended (SIGKILL) when dropped.
+struct Daemon(std::process::Child);
+
+impl Daemon {
+    fn start(cli: &Cli, home: &Path) -> anyhow::Result<Daemon> {
+        use std::io::BufRead as _;
+        let mut child = cli
+            .command(home, Mode::Baseline, &["daemon"])
+            .spawn()
+            .with_context(|| format!("running {} daemon", cli.bin.display()))?;
+        let mut err = std::io::BufReader::new(child.stderr.take().context("the daemon's stderr")?);
+        let mut first = String::new();
+        err.read_line(&mut first).context("reading the daemon's first line")?;
+        if !first.contains("listening on") {
+            let _ = child.kill();
+            bail!("the daemon did not start: {}", first.trim());
+        }
+        // The rest is read, so the daemon never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Ok(Daemon(child))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -123,11 +165,12 @@ fn measure(cli: &Cli, url: &str, sends: usize) -> anyhow::Result<()> {
     let modes: &[Mode] = if cached {
         // Fills the cache.
         cli.run(&alice, Mode::CachedWithPass, &["contacts"])?;
-        &[Mode::Baseline, Mode::CachedWithPass, Mode::CachedNoPass]
+        &[Mode::Baseline, Mode::CachedWithPass, Mode::CachedNoPass, Mode::Daemon]
     } else {
-        println!("the kernel keyring is not available here: only the baseline is measured");
-        &[Mode::Baseline]
+        println!("the kernel keyring is not available here: the cached rows are not measured");
+        &[Mode::Baseline, Mode::Daemon]
     };
+    let _daemon = Daemon::start(cli, &alice)?;
     println!(
         "cold `subrosa send bob TEXT` (established 1:1, loopback server), {sends} processes per row, rows interleaved"
     );

@@ -58,6 +58,25 @@ pub(crate) fn files_of(me: &Subrosa, m: &StoredMessage) -> Vec<AttachmentRow> {
     me.attachments_of(&conversation, &id).unwrap_or_default()
 }
 
+/// The files of every message of `messages` (one conversation's, or a few),
+/// by message id (hex), read with one query per conversation.
+pub(crate) fn files_by_message(
+    me: &Subrosa,
+    messages: &[StoredMessage],
+) -> std::collections::HashMap<String, Vec<AttachmentRow>> {
+    let mut conversations: Vec<&str> = messages.iter().map(|m| m.conversation.as_str()).collect();
+    conversations.sort_unstable();
+    conversations.dedup();
+    let mut out: std::collections::HashMap<String, Vec<AttachmentRow>> = std::collections::HashMap::new();
+    for c in conversations {
+        let Ok(id) = c.parse() else { continue };
+        for row in me.attachments_in(&id).unwrap_or_default() {
+            out.entry(hex::encode(&row.message_id)).or_default().push(row);
+        }
+    }
+    out
+}
+
 /// The `attachments` of a JSON message line: `{name, size, sha256, path}`
 /// (`path` once saved).
 pub(crate) fn json(files: &[AttachmentRow]) -> serde_json::Value {

@@ -40,7 +40,7 @@ pub const FILE: &str = "config.toml";
 const MAX_BYTES: u64 = 64 * 1024;
 
 /// What the file says; every field optional.
-#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The server for `register`, `link` and `audit` without `--server`.

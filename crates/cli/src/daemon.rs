@@ -185,6 +185,16 @@ struct Shared {
     /// This device's id (hex): its own sends are not handed out.
     me: String,
     acked: Mutex<Acked>,
+    /// The user's configuration (previews, notifications).
+    config: crate::config::Config,
+    /// Subscriptions of front ends that show desktop notifications
+    /// themselves (the daemon then shows none).
+    notifying_front_ends: std::sync::atomic::AtomicUsize,
+    /// The account was deleted through this daemon.
+    deleted: std::sync::atomic::AtomicBool,
+    /// Told when the daemon has nothing left to serve (the account was
+    /// deleted and the connection that asked closed).
+    stop: tokio::sync::Notify,
     /// Whether the handle is connected to the server now (for `account`:
     /// a front end that starts later learns it without waiting for the
     /// next change).
@@ -207,7 +217,25 @@ impl Shared {
         let mut messages = self.device().store().read(|tx| tx.received_after_seq(after, since_ms))?;
         let high = messages.last().map_or(after, |(seq, _)| *seq);
         messages.retain(|(_, m)| self.for_front_ends(m));
+        let (seqs, mut shown): (Vec<u64>, Vec<StoredMessage>) = messages.into_iter().unzip();
+        self.device().mark_shown(&mut shown)?;
+        let messages = seqs.into_iter().zip(shown).collect();
         Ok(Pending { messages, high })
+    }
+
+    /// A desktop notification of `m`, as the user chose (off by default;
+    /// the terminal UI's policy, [`crate::tui::notify::note_for`]), unless
+    /// a front end that shows its own is subscribed. Never waited for.
+    fn notify_desktop(&self, m: &StoredMessage) {
+        let policy = self.config.notifications.unwrap_or_default();
+        if self.notifying_front_ends.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return;
+        }
+        // Held-back previews and request marks do not matter here: a note
+        // carries at most the text.
+        if let Some(note) = crate::tui::notify::note_for(policy, m, false) {
+            tokio::spawn(async move { crate::tui::notify::show(&note).await });
+        }
     }
 
     fn acked(&self) -> u64 {
@@ -269,7 +297,13 @@ pub enum Listen {
 ///
 /// # Errors
 /// The socket cannot be made; the store; the handle's fatal errors.
-pub async fn run(client: &Client, home: &Path, listen: Listen, _lock: HomeLock) -> Result<ExitCode> {
+pub async fn run(
+    client: &Client,
+    home: &Path,
+    config: &crate::config::Config,
+    listen: Listen,
+    _lock: HomeLock,
+) -> Result<ExitCode> {
     let me = client.device().identity().device_id().to_hex();
     let acked = load_acked(client.device())?;
     let shared = Arc::new(Shared {
@@ -278,6 +312,10 @@ pub async fn run(client: &Client, home: &Path, listen: Listen, _lock: HomeLock) 
         failures: Mutex::new(Failures::default()),
         me,
         acked: Mutex::new(acked),
+        config: config.clone(),
+        notifying_front_ends: std::sync::atomic::AtomicUsize::new(0),
+        deleted: std::sync::atomic::AtomicBool::new(false),
+        stop: tokio::sync::Notify::new(),
         connected: std::sync::atomic::AtomicBool::new(false),
     });
     {
@@ -294,6 +332,10 @@ pub async fn run(client: &Client, home: &Path, listen: Listen, _lock: HomeLock) 
                         Failures::push(&mut failures.failed_sends, failed_value(&f));
                         continue;
                     }
+                    Ok(ClientEvent::Message(m)) => {
+                        shared.notify_desktop(&m);
+                        continue;
+                    }
                     Ok(ClientEvent::Dropped { from, reason }) => {
                         let dropped = json!({ "from": from, "reason": reason });
                         let mut failures = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -307,9 +349,30 @@ pub async fn run(client: &Client, home: &Path, listen: Listen, _lock: HomeLock) 
             }
         });
     }
-    let running = client.run();
+    let running = {
+        let shared = shared.clone();
+        async move {
+            let r = client.run().await;
+            // The server refuses a deleted account's devices: that is the
+            // end asked for, and the daemon stops once its answer went out.
+            if shared.deleted.load(std::sync::atomic::Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+            r
+        }
+    };
     tokio::pin!(running);
-    let stop = stop_signal();
+    let stop = {
+        let shared = shared.clone();
+        async move {
+            tokio::select! {
+                () = stop_signal() => {}
+                // The account is gone and the connection that deleted
+                // it has closed (so it has its answer).
+                () = shared.stop.notified() => {}
+            }
+        }
+    };
     tokio::pin!(stop);
     match listen {
         Listen::Stdio => {
@@ -406,6 +469,31 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
+/// A connection's subscription, and whether its front end shows desktop
+/// notifications itself.
+#[derive(Default)]
+struct Subscription {
+    task: Option<tokio::task::JoinHandle<()>>,
+    notifying: Option<NotifyingFrontEnd>,
+}
+
+/// One front end that shows its own desktop notifications, counted in
+/// [`Shared`] for as long as it lives.
+struct NotifyingFrontEnd(Arc<Shared>);
+
+impl NotifyingFrontEnd {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.notifying_front_ends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        NotifyingFrontEnd(shared.clone())
+    }
+}
+
+impl Drop for NotifyingFrontEnd {
+    fn drop(&mut self) {
+        self.0.notifying_front_ends.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A line for the writer, and the arrival number it acknowledges once
 /// written (a `receive` answer).
 type Outgoing = (String, Option<Handed>);
@@ -440,7 +528,7 @@ where
     let (tx, rx) = mpsc::channel::<Outgoing>(256);
     let writer = tokio::spawn(write_lines(shared.clone(), write, rx));
     let mut reader = BufReader::new(read);
-    let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
+    let mut subscription = Subscription::default();
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -487,11 +575,15 @@ where
             let _ = tx.send((r, None)).await;
         }
     }
-    if let Some(s) = subscription {
+    if let Some(s) = subscription.task.take() {
         s.abort();
     }
+    drop(subscription.notifying.take());
     drop(tx);
     let _ = writer.await;
+    if shared.deleted.load(std::sync::atomic::Ordering::Relaxed) {
+        shared.stop.notify_one();
+    }
 }
 
 /// Writes lines in order; after a `receive` answer, acknowledges what it
@@ -537,7 +629,7 @@ impl From<anyhow::Error> for Failure {
 async fn handle(
     shared: &Arc<Shared>,
     tx: &mpsc::Sender<Outgoing>,
-    subscription: &mut Option<tokio::task::JoinHandle<()>>,
+    subscription: &mut Subscription,
     request: Value,
     floor: u64,
 ) -> Option<(Value, Option<u64>)> {
@@ -645,8 +737,22 @@ pub(crate) fn members_json(suite: subrosa_core::CipherSuite, members: Vec<Value>
     })
 }
 
+/// A history as `history --json` prints it: the files of all its messages
+/// read in one query per conversation.
 fn messages_json(me: &Subrosa, ms: &[StoredMessage]) -> Value {
-    Value::Array(ms.iter().map(|m| message_json(me, m)).collect())
+    let mut files = crate::attach::files_by_message(me, ms);
+    Value::Array(
+        ms.iter()
+            .map(|m| {
+                let mut v = message_value(m);
+                match files.remove(&m.id) {
+                    Some(rows) if !m.system && !rows.is_empty() => v["attachments"] = crate::attach::json(&rows),
+                    _ => {}
+                }
+                v
+            })
+            .collect(),
+    )
 }
 
 /// A message handed to a front end: the `receive --json` object and its
@@ -673,7 +779,7 @@ type Answer = Result<(Value, Option<u64>), Failure>;
 async fn call(
     shared: &Arc<Shared>,
     tx: &mpsc::Sender<Outgoing>,
-    subscription: &mut Option<tokio::task::JoinHandle<()>>,
+    subscription: &mut Subscription,
     method: &str,
     p: Value,
     floor: u64,
@@ -683,15 +789,31 @@ async fn call(
     let plain = |v: Value| -> Answer { Ok((v, None)) };
     match method {
         "send" => {
-            let SendParams { recipient, conversation, message, reply_to, attachments } = params(p)?;
+            let SendParams { recipient, conversation, message, reply_to, attachments, preview } = params(p)?;
             let place = Which { recipient, conversation }.place()?;
             // Stored and queued (the server away) is a result in state
             // `queued`, not an error: a bot must not send it again.
             let to = target_of(me, place).await?;
+            // As `send`: the dangerous-link list, then the preview when
+            // asked (or turned on); the same warnings, in `warnings`.
+            let previews = attachments.is_empty()
+                && reply_to.is_none()
+                && (preview || me.previews()?.or(shared.config.previews).unwrap_or(false));
+            let checked = crate::check_links(me, &message, previews, preview, &shared.config).await;
+            let warned = |answer: Answer| -> Answer {
+                let (mut v, handed) = answer?;
+                if !checked.warnings.is_empty() {
+                    v["warnings"] = json!(checked.warnings);
+                }
+                Ok((v, handed))
+            };
             if !attachments.is_empty() {
-                return send_files(shared, tx, &to, &message, reply_to.is_some(), &attachments).await;
+                return warned(send_files(shared, tx, &to, &message, reply_to.is_some(), &attachments).await);
             }
-            match (reply_to, &to) {
+            if let Some(made) = checked.preview.clone() {
+                return warned(plain(message_json(me, &client.send_with_preview(&to, &message, made).await?)));
+            }
+            warned(match (reply_to, &to) {
                 // A reply stored and queued comes back in state `queued`.
                 (Some(id), Target::Conversation(c)) => {
                     plain(message_json(me, &client.reply(c, &message, message_id(&id)?).await?))
@@ -705,7 +827,7 @@ async fn call(
                     }
                 }
                 (None, _) => plain(message_json(me, &client.send_text_to(&to, &message).await?)),
-            }
+            })
         }
         "saveFiles" => {
             let SaveFilesParams { recipient, conversation, message_id: id, dir } = params(p)?;
@@ -828,9 +950,13 @@ async fn call(
             Ok((numbered_values(me, &got.messages), handed))
         }
         "subscribe" => {
-            let SubscribeParams { after, since } = params(p)?;
-            if let Some(s) = subscription.take() {
+            let SubscribeParams { after, since, notifies } = params(p)?;
+            if let Some(s) = subscription.task.take() {
                 s.abort();
+            }
+            if notifies {
+                // Counted until the connection closes.
+                subscription.notifying.get_or_insert_with(|| NotifyingFrontEnd::new(shared));
             }
             let (after, since) = match (after, since) {
                 (None, None) => (shared.acked(), 0),
@@ -838,7 +964,7 @@ async fn call(
             };
             // Subscribed before the replay is read: nothing falls between.
             let events = client.events();
-            *subscription = Some(tokio::spawn(notify(shared.clone(), tx.clone(), events, after, since)));
+            subscription.task = Some(tokio::spawn(notify(shared.clone(), tx.clone(), events, after, since)));
             plain(json!({ "subscribed": true, "after": after }))
         }
         "ack" => {
@@ -854,7 +980,7 @@ async fn call(
         }
         "unsubscribe" => {
             params::<NoParams>(p)?;
-            let was = subscription.take().map(|s| s.abort()).is_some();
+            let was = subscription.task.take().map(|s| s.abort()).is_some();
             plain(json!({ "subscribed": false, "was": was }))
         }
         "contacts" => {
@@ -924,6 +1050,7 @@ async fn call(
                     "group": group,
                     "active": row.active,
                     "verified": verified,
+                    "request": me.is_request(&row.id)?,
                 }));
             }
             plain(Value::Array(out))
@@ -985,8 +1112,119 @@ async fn call(
             params::<NoParams>(p)?;
             plain(json!({ "version": env!("CARGO_PKG_VERSION") }))
         }
+        _ => match conversation_settings(shared, method, p).await {
+            Some(answer) => answer,
+            None => Err(Failure(METHOD_NOT_FOUND, format!("no method {:?}", term::safe(method)))),
+        },
+    }
+}
+
+/// The methods of the commands about whom to hear from and how long
+/// messages stay: `disappearing`, `requests`, `accept`, `block`,
+/// `unblock`, `accountDelete`, `linklistStatus`, `linklistImport`. `None`
+/// for another method.
+async fn conversation_settings(shared: &Arc<Shared>, method: &str, p: Value) -> Option<Answer> {
+    const METHODS: &[&str] = &[
+        "disappearing",
+        "requests",
+        "accept",
+        "block",
+        "unblock",
+        "accountDelete",
+        "linklistStatus",
+        "linklistImport",
+    ];
+    if !METHODS.contains(&method) {
+        return None;
+    }
+    Some(settings_call(shared, method, p).await)
+}
+
+async fn settings_call(shared: &Arc<Shared>, method: &str, p: Value) -> Answer {
+    let me = shared.device();
+    match method {
+        "disappearing" => {
+            let DisappearingParams { recipient, conversation, duration } = params(p)?;
+            let seconds = crate::parse_disappearing(&duration)?;
+            let id = match (Which { recipient, conversation }).place()? {
+                Place::Id(id) => id,
+                Place::Named(t) => crate::target::conversation(me, &t)?,
+            };
+            let changed = me.set_disappearing(&id, seconds).await?;
+            Ok((json!({ "conversation": id.to_hex(), "seconds": seconds, "changed": changed }), None))
+        }
+        "requests" => {
+            params::<NoParams>(p)?;
+            let rows: Vec<Value> = me.requests()?.iter().map(request_value).collect();
+            Ok((Value::Array(rows), None))
+        }
+        "accept" => {
+            let id = match params::<Which>(p)?.place()? {
+                Place::Id(id) => id,
+                Place::Named(t) => crate::target::conversation(me, &t)?,
+            };
+            let accepted = me.accept(&id)?;
+            Ok((json!({ "conversation": id.to_hex(), "accepted": accepted }), None))
+        }
+        "block" => {
+            let HandleParams { handle } = params(p)?;
+            let left = me.block(&handle).await?;
+            let left: Vec<String> = left.iter().map(ConversationId::to_hex).collect();
+            Ok((json!({ "blocked": handle.trim_start_matches('@'), "left": left }), None))
+        }
+        "unblock" => {
+            let HandleParams { handle } = params(p)?;
+            let was = me.unblock(&handle)?;
+            Ok((json!({ "unblocked": handle.trim_start_matches('@'), "was_blocked": was }), None))
+        }
+        "accountDelete" => {
+            let AccountDeleteParams { handle } = params(p)?;
+            let mine = me.handle().as_str().to_string();
+            if handle.trim_start_matches('@') != mine {
+                return Err(invalid("handle must be this account's handle, typed again"));
+            }
+            // Said first: the server refuses this device while the deletion
+            // runs, which ends the handle's loop.
+            shared.deleted.store(true, std::sync::atomic::Ordering::Relaxed);
+            let left = match me.delete_account().await {
+                Ok(left) => left,
+                Err(e) => {
+                    shared.deleted.store(false, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            };
+            // Nothing is left to serve: the daemon stops once the
+            // connection that asked closes.
+            Ok((json!({ "deleted": mine, "left": left }), None))
+        }
+        "linklistStatus" => {
+            params::<NoParams>(p)?;
+            Ok((me.link_list()?.map_or(Value::Null, |l| json!({ "version": l.version(), "entries": l.len() })), None))
+        }
+        "linklistImport" => {
+            let LinklistImportParams { file } = params(p)?;
+            let path = PathBuf::from(file);
+            if !path.is_absolute() {
+                return Err(invalid("file takes an absolute path"));
+            }
+            let bytes = crate::read_list_file(&path)?;
+            let v = match me.import_link_list(&bytes)? {
+                subrosa_client::linklist::Imported::New { version, entries, replaced } => {
+                    json!({ "version": version, "entries": entries, "replaced": replaced, "new": true })
+                }
+                subrosa_client::linklist::Imported::Same { version } => json!({ "version": version, "new": false }),
+                _ => json!({ "new": false }),
+            };
+            Ok((v, None))
+        }
         _ => Err(Failure(METHOD_NOT_FOUND, format!("no method {:?}", term::safe(method)))),
     }
+}
+
+/// A `requests` item: the conversation's name, `direct` or `group`, its id.
+pub(crate) fn request_value(row: &subrosa_client::ConversationRow) -> Value {
+    let kind = if row.kind == "group" { "group" } else { "direct" };
+    json!({ "name": row.target(), "kind": kind, "id": row.id.to_hex() })
 }
 
 /// `send` with files: sealed, uploaded (with `progress` notifications on
@@ -1141,6 +1379,30 @@ mod tests {
         assert_eq!(
             line(&numbered_value(7, &incoming)),
             r#"{"conversation":"0a0b","device":"0e0f","from":"bob","group":false,"id":"0c0d","outgoing":false,"received_at":1700000000001,"sent_at":1700000000000,"seq":7,"system":false,"target":"alice","text":"hi \u001b[2J"}"#
+        );
+        // A stranger's message, marked for showing (`request`, a link on
+        // the dangerous-link list).
+        let marked = StoredMessage {
+            request: true,
+            dangerous_links: vec!["https://evil.example/".into()],
+            text: "see https://evil.example/".into(),
+            ..incoming.clone()
+        };
+        assert_eq!(
+            line(&message_value(&marked)),
+            r#"{"conversation":"0a0b","dangerous_links":["https://evil.example/"],"device":"0e0f","from":"bob","group":false,"id":"0c0d","outgoing":false,"received_at":1700000000001,"request":true,"sent_at":1700000000000,"system":false,"target":"alice","text":"see https://evil.example/"}"#
+        );
+        // A `requests` item.
+        let row = subrosa_client::ConversationRow {
+            id: ConversationId([0xab; 16]),
+            kind: "direct".into(),
+            name: String::new(),
+            peer: Some("mallory".into()),
+            active: true,
+        };
+        assert_eq!(
+            line(&request_value(&row)),
+            r#"{"id":"abababababababababababababababab","kind":"direct","name":"mallory"}"#
         );
         // A `members` item.
         assert_eq!(

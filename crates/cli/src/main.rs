@@ -294,6 +294,11 @@ enum Command {
         /// Serve one client on standard input and output instead.
         #[arg(long)]
         stdio: bool,
+        /// Desktop notifications of new messages, as `tui --notifications`
+        /// [default: `notifications` in config.toml, else off]; none while
+        /// a terminal UI over this daemon shows its own.
+        #[arg(long, value_enum, value_name = "WHEN")]
+        notifications: Option<tui::notify::Notifications>,
     },
     /// A terminal UI: conversations, live chat, groups, safety numbers
     /// (keys are listed at the bottom of the screen; `?` shows them all).
@@ -856,36 +861,22 @@ fn annotations(m: &StoredMessage) -> (String, String) {
 }
 
 /// One message, in plain text or as a JSON line; others' text made safe
-/// for the terminal either way (see `term`).
+/// for the terminal either way (see `term`). Its request mark and
+/// dangerous links come with it (set where it was read: see
+/// [`Subrosa::mark_shown`]).
 fn print_message(me: &Subrosa, m: &StoredMessage, json: bool) {
     let files = if m.system { Vec::new() } else { attach::files_of(me, m) };
     let attachments = (!files.is_empty()).then(|| attach::json(&files));
-    let dangerous = if m.system { Vec::new() } else { dangerous_links(me, &m.text) };
-    let mut m = with_advice(m).into_owned();
-    m.request = m.conversation.parse().ok().and_then(|c| me.is_request(&c).ok()).unwrap_or(false);
-    if m.request {
-        // A stranger's preview (their words and picture of a page) waits,
-        // kept, until the request is accepted.
-        m.preview = None;
-    }
-    print_shown(&m, attachments.as_ref(), &dangerous, json)
-}
-
-/// The links of `text` on this device's dangerous-link list (read from
-/// the store once per process).
-fn dangerous_links(me: &Subrosa, text: &str) -> Vec<String> {
-    static LIST: std::sync::OnceLock<Option<subrosa_core::linklist::LinkList>> = std::sync::OnceLock::new();
-    LIST.get_or_init(|| me.link_list().ok().flatten()).as_ref().map(|l| l.dangerous_links(text)).unwrap_or_default()
+    print_shown(&with_advice(m), attachments.as_ref(), json)
 }
 
 /// As [`print_message`], for a message whose system line already carries
 /// its advice (as the daemon hands them out), with its files as the
-/// `attachments` of its JSON line, and the links of it on the
-/// dangerous-link list as its `dangerous_links`.
-fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, dangerous: &[String], json: bool) {
+/// `attachments` of its JSON line.
+fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
-        let mut value = match serde_json::to_value(m) {
+        let value = match serde_json::to_value(m) {
             Ok(mut v) if attachments.is_some() => {
                 v["attachments"] = attachments.cloned().unwrap_or_default();
                 v
@@ -893,9 +884,6 @@ fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, dange
             Ok(v) => v,
             Err(_) => return,
         };
-        if !dangerous.is_empty() {
-            value["dangerous_links"] = serde_json::json!(dangerous);
-        }
         if let Ok(line) = term::json_line(&value) {
             let _ = writeln!(out, "{line}");
         }
@@ -934,7 +922,7 @@ fn print_shown(m: &StoredMessage, attachments: Option<&serde_json::Value>, dange
                     safe(&p.description)
                 );
             }
-            for link in dangerous {
+            for link in &m.dangerous_links {
                 let _ = writeln!(out, "    warning: dangerous link (on your dangerous-link list): {}", safe(link));
             }
         }
@@ -957,6 +945,57 @@ fn dropped_exit(n: usize) -> Option<ExitCode> {
         eprintln!("error: {n} message(s) could not be decrypted and were dropped (tampered, replayed or corrupted)");
         ExitCode::FAILURE
     })
+}
+
+/// What `disappearing` prints.
+fn print_disappearing(seconds: Option<u32>, changed: bool) {
+    let what = match seconds {
+        Some(s) => format!("disappearing messages: {}", subrosa_client::format_duration(s)),
+        None => "disappearing messages: off".to_string(),
+    };
+    out!("{what}{}", if changed { "" } else { " (unchanged)" });
+}
+
+/// What `accept` prints.
+fn print_accepted(target: &str, accepted: bool) {
+    if accepted {
+        out!("accepted {}", safe(target));
+    } else {
+        out!("{} is not a message request (nothing to accept)", safe(target));
+    }
+}
+
+/// What `unblock` prints.
+fn print_unblocked(handle: &str, was: bool) {
+    if was {
+        out!("unblocked {}", safe(handle));
+    } else {
+        out!("{} was not blocked", safe(handle));
+    }
+}
+
+/// What `account delete` prints.
+fn print_deleted(handle: &str, left: u64, home: &std::path::Path) {
+    out!(
+        "deleted the account {} (left {left} conversation(s)); the server holds nothing of it, and this device's \
+         store in {} can be deleted",
+        safe(handle),
+        home.display()
+    );
+}
+
+/// What `linklist import` prints for a new list.
+fn print_imported(version: u64, entries: u64, replaced: Option<u64>) {
+    let replaced = replaced.map(|v| format!(", replacing version {v}")).unwrap_or_default();
+    out!("imported the dangerous-link list version {version} ({entries} entries{replaced})");
+}
+
+/// What `linklist status` prints: the list's version and size, if any.
+fn print_link_list(list: Option<(u64, u64)>) {
+    match list {
+        Some((version, entries)) => out!("dangerous-link list version {version} ({entries} entries)"),
+        None => out!("no dangerous-link list (import one with `subrosa linklist import FILE`)"),
+    }
 }
 
 /// What `read` prints.
@@ -1082,17 +1121,7 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
                 ));
             }
             #[cfg(unix)]
-            // A text with a link is sent by this process, not the daemon's:
-            // only here are the device's preview setting and dangerous-link
-            // list applied to it (and its warnings printed).
-            let previewed_send = matches!(&command, Command::Send { preview, text, .. }
-                if *preview
-                    || config.previews == Some(true)
-                    || text.as_deref().is_some_and(|t| !subrosa_core::linklist::links_in(t).is_empty()));
-            if config.use_daemon(cli.no_daemon)
-                && !previewed_send
-                && (via::routes(&command) || matches!(command, Command::Tui { .. }))
-            {
+            if config.use_daemon(cli.no_daemon) && (via::routes(&command) || matches!(command, Command::Tui { .. })) {
                 if let Some(daemon) = via::connect(&home).await? {
                     if let Command::Tui { downloads, notifications, exit_after_first_frame } = &command {
                         let remote = tui::backend::Remote::new(&home, daemon).await?;
@@ -1126,14 +1155,16 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             let client = Client::new(Subrosa::from_store(&home, store)?);
             let result = match command {
                 #[cfg(unix)]
-                Command::Daemon { socket, stdio } => {
+                Command::Daemon { socket, stdio, notifications } => {
                     let listen = if stdio {
                         daemon::Listen::Stdio
                     } else {
                         daemon::Listen::Socket(socket.unwrap_or_else(|| daemon::default_socket(&home)))
                     };
                     let lock = lock.ok_or_else(|| anyhow!("the daemon lock was not taken"))?;
-                    daemon::run(&client, &home, listen, lock).await
+                    let mut config = config.clone();
+                    config.notifications = notifications.or(config.notifications);
+                    daemon::run(&client, &home, &config, listen, lock).await
                 }
                 Command::Tui { downloads, notifications, exit_after_first_frame } => {
                     let options = tui::Options {
@@ -1172,20 +1203,18 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
     match command {
         Command::Send { target, text, attach, accept_key_change, reply_to, preview } => {
             let to = target::for_send(me, &target).await?;
-            let dangerous = dangerous_links(me, text.as_deref().unwrap_or_default());
-            for link in &dangerous {
-                eprintln!("warning: {} is on your dangerous-link list", safe(link));
+            let caption = text.as_deref().unwrap_or_default();
+            // The flag, else this device's setting, else the file; off by default.
+            let previews = attach.is_empty()
+                && reply_to.is_none()
+                && (preview || me.previews()?.or(config.previews).unwrap_or(false));
+            let checked = check_links(me, caption, previews, preview, config).await;
+            for w in &checked.warnings {
+                eprintln!("warning: {}", safe(w));
             }
             if attach.is_empty() {
-                let text = text.as_deref().unwrap_or_default();
-                // The flag, else this device's setting, else the file; off by default.
-                let previews = preview || me.previews()?.or(config.previews).unwrap_or(false);
-                let made = if previews && reply_to.is_none() {
-                    make_preview(text, &dangerous, config, preview).await
-                } else {
-                    None
-                };
-                let m = match (reply_to, made) {
+                let text = caption;
+                let m = match (reply_to, checked.preview) {
                     (Some(id), _) => me.reply(&to, text, message_id(&id)?, accept_key_change).await?,
                     (None, Some(p)) => me.send_with_preview(&to, text, p, accept_key_change).await?,
                     (None, None) => me.send_text_with(&to, text, accept_key_change).await?,
@@ -1231,11 +1260,7 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
             let seconds = parse_disappearing(&duration)?;
             let conversation = target::conversation(me, &target)?;
             let changed = me.set_disappearing(&conversation, seconds).await?;
-            let what = match seconds {
-                Some(s) => format!("disappearing messages: {}", subrosa_client::format_duration(s)),
-                None => "disappearing messages: off".to_string(),
-            };
-            out!("{what}{}", if changed { "" } else { " (unchanged)" });
+            print_disappearing(seconds, changed);
         }
         Command::Read { target } => {
             let conversation = match target::resolve(me, &target)? {
@@ -1264,8 +1289,7 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
             let bytes = read_list_file(&file)?;
             match me.import_link_list(&bytes)? {
                 subrosa_client::linklist::Imported::New { version, entries, replaced } => {
-                    let replaced = replaced.map(|v| format!(", replacing version {v}")).unwrap_or_default();
-                    out!("imported the dangerous-link list version {version} ({entries} entries{replaced})");
+                    print_imported(version, entries as u64, replaced);
                 }
                 subrosa_client::linklist::Imported::Same { version } => {
                     out!("the dangerous-link list version {version} is already imported");
@@ -1273,10 +1297,9 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
                 _ => {}
             }
         }
-        Command::Linklist(LinklistCommand::Status) => match me.link_list()? {
-            Some(l) => out!("dangerous-link list version {} ({} entries)", l.version(), l.len()),
-            None => out!("no dangerous-link list (import one with `subrosa linklist import FILE`)"),
-        },
+        Command::Linklist(LinklistCommand::Status) => {
+            print_link_list(me.link_list()?.map(|l| (l.version(), l.len() as u64)));
+        }
         Command::Settings(SettingsCommand::ReadReceipts { value }) => {
             if let Some(v) = value {
                 me.set_read_receipts(v == OnOff::On)?;
@@ -1347,23 +1370,13 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
         }
         Command::Accept { target } => {
             let conversation = target::conversation(me, &target)?;
-            if me.accept(&conversation)? {
-                out!("accepted {}", safe(&target));
-            } else {
-                out!("{} is not a message request (nothing to accept)", safe(&target));
-            }
+            print_accepted(&target, me.accept(&conversation)?);
         }
         Command::Block { handle } => {
             let left = me.block(&handle).await?;
             out!("blocked {} (left {} conversation(s))", safe(&handle), left.len());
         }
-        Command::Unblock { handle } => {
-            if me.unblock(&handle)? {
-                out!("unblocked {}", safe(&handle));
-            } else {
-                out!("{} was not blocked", safe(&handle));
-            }
-        }
+        Command::Unblock { handle } => print_unblocked(&handle, me.unblock(&handle)?),
         Command::Contacts => {
             for c in me.contacts()? {
                 let state = if c.verified { "verified" } else { "unverified" };
@@ -1481,12 +1494,7 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
         Command::Account(AccountCommand::Delete { yes }) => {
             confirm_deletion(me.handle().as_str(), yes)?;
             let left = me.delete_account().await?;
-            out!(
-                "deleted the account {} (left {left} conversation(s)); the server holds nothing of it, and this \
-                 device's store in {} can be deleted",
-                safe(me.handle().as_str()),
-                home.display()
-            );
+            print_deleted(me.handle().as_str(), left as u64, home);
         }
         Command::Verify { handle, yes } => {
             let n = me.safety_number(&handle).await?;
@@ -1537,32 +1545,58 @@ async fn run_opened(client: &Client, home: &std::path::Path, config: &Config, co
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a text's links make of its send, wherever it is sent from (this
+/// process, or the daemon for any front end): the warnings to show (links
+/// on the dangerous-link list, and why no preview was made), and the
+/// preview to send, if any.
+pub(crate) struct LinkCheck {
+    /// One line each, without the `warning: ` prefix (not yet made safe).
+    pub warnings: Vec<String>,
+    /// The preview of the first link, when asked and made.
+    pub preview: Option<subrosa_core::preview::LinkPreview>,
+}
+
+/// Checks `text`'s links against the dangerous-link list and, with
+/// `previews` (the flag, else the device's setting, else the file), makes
+/// the preview of its first link. A link on the list is never fetched.
+/// `asked`: the user gave `--preview` (a text without a link is then worth
+/// a word too).
+pub(crate) async fn check_links(me: &Subrosa, text: &str, previews: bool, asked: bool, config: &Config) -> LinkCheck {
+    let dangerous = me.dangerous_links(text).unwrap_or_default();
+    let mut warnings: Vec<String> =
+        dangerous.iter().map(|link| format!("{link} is on your dangerous-link list")).collect();
+    let preview = if previews { make_preview(text, &dangerous, config, asked, &mut warnings).await } else { None };
+    LinkCheck { warnings, preview }
+}
+
 /// The preview of `text`'s first link, made by this device; `None` (and
-/// a line on stderr saying why) when none could be made. A link on the
-/// dangerous-link list is never fetched. `asked`: the user gave
-/// `--preview` (a text without a link is then worth a word too).
+/// a warning saying why) when none could be made. A link on the
+/// dangerous-link list is never fetched.
 async fn make_preview(
     text: &str,
     dangerous: &[String],
     config: &Config,
     asked: bool,
+    warnings: &mut Vec<String>,
 ) -> Option<subrosa_core::preview::LinkPreview> {
     use subrosa_client::preview::{self, PreviewError, PreviewPolicy};
     let policy = PreviewPolicy::new(config.preview_proxy.clone());
     let Some(link) = preview::first_link(text, &policy) else {
         if asked {
-            eprintln!("warning: sending without a preview: {}", PreviewError::NoLink);
+            warnings.push(format!("sending without a preview: {}", PreviewError::NoLink));
         }
         return None;
     };
     if dangerous.iter().any(|d| d == link) {
-        eprintln!("warning: sending without a preview: the link is on your dangerous-link list, so it was not fetched");
+        warnings.push(
+            "sending without a preview: the link is on your dangerous-link list, so it was not fetched".to_string(),
+        );
         return None;
     }
     match preview::make(text, &policy).await {
         Ok(p) => Some(p),
         Err(e) => {
-            eprintln!("warning: sending without a preview: {}", safe(&e.to_string()));
+            warnings.push(format!("sending without a preview: {e}"));
             None
         }
     }

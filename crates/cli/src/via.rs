@@ -35,6 +35,8 @@ pub struct Daemon {
     read: BufReader<OwnedReadHalf>,
     write: OwnedWriteHalf,
     next_id: u64,
+    /// The home directory it serves.
+    home: std::path::PathBuf,
 }
 
 /// Whether the daemon has a method for `command` (as given): those it has
@@ -54,6 +56,13 @@ pub fn routes(command: &Command) -> bool {
         | Command::SafetyNumber { .. }
         | Command::Verify { .. } => true,
         Command::Group(g) => !matches!(g, GroupCommand::Recreate { .. }),
+        Command::Disappearing { .. }
+        | Command::Requests
+        | Command::Accept { .. }
+        | Command::Block { .. }
+        | Command::Unblock { .. }
+        | Command::Account(crate::AccountCommand::Delete { .. })
+        | Command::Linklist(_) => true,
         _ => false,
     }
 }
@@ -85,7 +94,7 @@ pub async fn connect(home: &Path) -> Result<Option<Daemon>> {
         ));
     }
     let (read, write) = stream.into_split();
-    Ok(Some(Daemon { read: BufReader::new(read), write, next_id: 1 }))
+    Ok(Some(Daemon { read: BufReader::new(read), write, next_id: 1, home: home.to_path_buf() }))
 }
 
 impl Daemon {
@@ -186,6 +195,7 @@ impl Daemon {
                     .await;
                 drop(bar);
                 let sent = sent?;
+                warn(&sent);
                 queued(sent.clone())?;
                 let m = message(sent)?;
                 out!("sent {} to {} with {} file(s)", m.id, safe(&m.target), attach.len());
@@ -200,9 +210,11 @@ impl Daemon {
                 let now = self.call("settings", json!({ "readReceipts": on })).await?;
                 crate::print_read_receipts(now["readReceipts"] == json!(true));
             }
-            Command::Send { target, text, reply_to, .. } => {
+            Command::Send { target, text, reply_to, preview, .. } => {
                 let text = text.as_deref().unwrap_or_default();
-                let sent = self.call("send", json!({ "target": target, "text": text, "replyTo": reply_to })).await?;
+                let params = json!({ "target": target, "text": text, "replyTo": reply_to, "preview": preview });
+                let sent = self.call("send", params).await?;
+                warn(&sent);
                 if sent.get("queued") == Some(&json!(true)) {
                     return Err(ClientError::Pending(subrosa_client::QUEUED.into()).into());
                 }
@@ -243,7 +255,7 @@ impl Daemon {
                     let got = self.call("receive", json!({ "timeout": wait, "downloads": downloads })).await?;
                     let got = got.as_array().cloned().unwrap_or_default();
                     for m in &got {
-                        print_shown(&message(m.clone())?, m.get("attachments"), &[], *json);
+                        print_shown(&message(m.clone())?, m.get("attachments"), *json);
                     }
                     left -= wait;
                     if !got.is_empty() || left <= 0.0 {
@@ -276,7 +288,7 @@ impl Daemon {
                     }
                 }
                 for (m, v) in history.iter().zip(&values) {
-                    print_shown(m, v.get("attachments"), &[], *json);
+                    print_shown(m, v.get("attachments"), *json);
                 }
             }
             Command::Contacts => {
@@ -381,6 +393,64 @@ impl Daemon {
                 }
                 GroupCommand::Recreate { .. } => return Err(anyhow!("group recreate does not go through a daemon")),
             },
+            _ => return self.run_settings(command).await,
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// The commands about whom to hear from and how long messages stay,
+    /// through the daemon (printing what they print without it).
+    async fn run_settings(mut self, command: &Command) -> Result<ExitCode> {
+        match command {
+            Command::Disappearing { target, duration } => {
+                // Checked here too: a typo is told before anything is asked.
+                let seconds = crate::parse_disappearing(duration)?;
+                let done = self.call("disappearing", json!({ "target": target, "duration": duration })).await?;
+                crate::print_disappearing(seconds, done["changed"] == json!(true));
+            }
+            Command::Requests => {
+                for r in list(self.call("requests", json!({})).await?) {
+                    out!("{}\t{}\t#{}", safe(&text(&r["name"])), safe(&text(&r["kind"])), safe(&text(&r["id"])));
+                }
+            }
+            Command::Accept { target } => {
+                let done = self.call("accept", json!({ "target": target })).await?;
+                crate::print_accepted(target, done["accepted"] == json!(true));
+            }
+            Command::Block { handle } => {
+                let done = self.call("block", json!({ "handle": handle })).await?;
+                out!("blocked {} (left {} conversation(s))", safe(handle), list(done["left"].clone()).len());
+            }
+            Command::Unblock { handle } => {
+                let done = self.call("unblock", json!({ "handle": handle })).await?;
+                crate::print_unblocked(handle, done["was_blocked"] == json!(true));
+            }
+            Command::Account(crate::AccountCommand::Delete { yes }) => {
+                let mine = text(&self.call("account", json!({})).await?["handle"]);
+                crate::confirm_deletion(&mine, *yes)?;
+                let done = self.call("accountDelete", json!({ "handle": mine })).await?;
+                crate::print_deleted(&mine, done["left"].as_u64().unwrap_or(0), &self.home);
+            }
+            Command::Linklist(crate::LinklistCommand::Status) => {
+                let l = self.call("linklistStatus", json!({})).await?;
+                crate::print_link_list(l["version"].as_u64().zip(l["entries"].as_u64()));
+            }
+            Command::Linklist(crate::LinklistCommand::Import { file }) => {
+                let abs = std::path::absolute(file).with_context(|| format!("cannot read {}", file.display()))?;
+                let Some(abs) = abs.to_str() else {
+                    return Err(anyhow!(
+                        "{}: a path that is not UTF-8 cannot go through the daemon (use --no-daemon)",
+                        file.display()
+                    ));
+                };
+                let done = self.call("linklistImport", json!({ "file": abs })).await?;
+                let version = done["version"].as_u64().unwrap_or(0);
+                if done["new"] == json!(true) {
+                    crate::print_imported(version, done["entries"].as_u64().unwrap_or(0), done["replaced"].as_u64());
+                } else {
+                    out!("the dangerous-link list version {version} is already imported");
+                }
+            }
             _ => return Err(anyhow!("this command does not go through a daemon")),
         }
         Ok(ExitCode::SUCCESS)
@@ -436,7 +506,7 @@ impl Daemon {
                 _ => continue,
             }
             let seq = params.get("seq").and_then(Value::as_u64);
-            print_shown(&message(params.clone())?, params.get("attachments"), &[], json);
+            print_shown(&message(params.clone())?, params.get("attachments"), json);
             // Printed: the daemon need not hand it out again. (An answer
             // to this comes later and is skipped.)
             if let Some(seq) = seq {
@@ -446,6 +516,14 @@ impl Daemon {
                 self.write.write_all(&line).await.context("writing to the daemon")?;
             }
         }
+    }
+}
+
+/// The warnings of a `send` answer (dangerous links, no preview made),
+/// on stderr as without a daemon.
+fn warn(answer: &Value) {
+    for w in answer["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", safe(&text(w)));
     }
 }
 

@@ -236,7 +236,11 @@ fn a_python_bot_gets_what_came_while_it_was_away_and_its_answer_arrives() {
     // arrival number, which the bot took off).
     let cli_view = bob.history_json("alice");
     let stored = cli_view.iter().find(|m| m["text"] == "ping").expect("in history");
-    assert_eq!(&said["got"], stored);
+    // Bob had never written to alice: "ping" came as a message request,
+    // marked so; the bot's answer accepted it, so history no longer is.
+    let mut got = said["got"].clone();
+    assert_eq!(got.as_object_mut().and_then(|o| o.remove("request")), Some(json!(true)));
+    assert_eq!(&got, stored);
 
     // The bot acknowledged "ping": `receive` has nothing more; a cursor replays it.
     assert_eq!(watcher.call("receive", json!({})), json!([]));
@@ -810,4 +814,70 @@ fn receive_through_the_daemon_tells_of_a_queued_send_the_server_refused() {
     // Told once.
     let again = without_passphrase(&alice, &["receive"]);
     assert!(!stderr(&again).contains("refused"), "{}", stderr(&again));
+}
+
+/// `requests`, `accept`, `disappearing`, `block`, `unblock`, `linklist`
+/// and `account delete` go through a running daemon, print what they
+/// print without it, and a bot has their methods with plain fields.
+#[test]
+fn requests_timers_blocks_and_account_deletion_go_through_the_daemon() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let _carol = User::register(&server, "carol");
+    alice.send("bob", "hi bob");
+    let mut daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+    wait_stored(&mut rpc, "alice", "hi bob");
+
+    // Bob never wrote to alice: her conversation is a request.
+    let requests = rpc.call("requests", json!({}));
+    let requests = requests.as_array().expect("an array");
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!((&requests[0]["name"], &requests[0]["kind"]), (&json!("alice"), &json!("direct")));
+    let via = without_passphrase(&bob, &["requests"]);
+    assert!(via.status.success(), "{}", stderr(&via));
+    assert_eq!(stdout(&via), stdout(&bob.run(&["--no-daemon", "requests"])));
+    assert!(stdout(&via).starts_with("alice\tdirect\t#"), "{}", stdout(&via));
+
+    let said = |args: &[&str]| {
+        let out = without_passphrase(&bob, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(said(&["accept", "alice"]), "accepted alice\n");
+    assert_eq!(said(&["accept", "alice"]), "alice is not a message request (nothing to accept)\n");
+    assert_eq!(rpc.call("requests", json!({})), json!([]));
+
+    assert_eq!(said(&["disappearing", "alice", "1h"]), "disappearing messages: 1h\n");
+    assert_eq!(said(&["disappearing", "alice", "1h"]), "disappearing messages: 1h (unchanged)\n");
+    let timer = rpc.call("disappearing", json!({ "recipient": "alice", "duration": "off" }));
+    assert_eq!((&timer["seconds"], &timer["changed"]), (&Value::Null, &json!(true)), "{timer}");
+    assert!(history_texts(&mut rpc, "alice").iter().any(|t| t.ends_with("set disappearing messages to 1h")));
+    // A bad duration: one line, refused before the daemon is asked.
+    assert_clean_error(&without_passphrase(&bob, &["disappearing", "alice", "5y"]), "not a duration");
+    let bad = rpc.call_raw("disappearing", json!({ "recipient": "alice", "duration": "5y" }));
+    assert!(bad["error"]["message"].as_str().expect("an error").contains("not a duration"), "{bad}");
+
+    assert_eq!(said(&["block", "carol"]), "blocked carol (left 0 conversation(s))\n");
+    assert_eq!(said(&["unblock", "carol"]), "unblocked carol\n");
+    assert_eq!(said(&["unblock", "carol"]), "carol was not blocked\n");
+    assert_eq!(
+        said(&["linklist", "status"]),
+        "no dangerous-link list (import one with `subrosa linklist import FILE`)\n"
+    );
+    assert_eq!(rpc.call("linklistStatus", json!({})), Value::Null);
+
+    // Deleting the account asks for its handle, typed again.
+    let wrong = rpc.call_raw("accountDelete", json!({ "handle": "alice" }));
+    assert_eq!(wrong["error"]["code"], json!(-32602), "{wrong}");
+    let out = said(&["account", "delete", "--yes"]);
+    assert!(out.starts_with("deleted the account bob (left 1 conversation(s))"), "{out}");
+    // Nothing left to serve: the daemon ends by itself.
+    assert!(
+        wait_until(Duration::from_secs(30), || daemon.child.try_wait().expect("wait").is_some()),
+        "the daemon still runs for a deleted account"
+    );
+    let reregister = bob.run(&["--no-daemon", "contacts"]);
+    assert!(reregister.status.success(), "the store is left for the user: {}", stderr(&reregister));
 }

@@ -319,39 +319,116 @@ fn a_bad_signature_an_older_version_or_garbage_is_refused_and_the_stored_list_ke
     assert!(status(&alice).contains("version 3"));
 }
 
-/// With a daemon running, a text with a link is still sent by the `send`
-/// process, so the device's list is applied and its warning printed (the
-/// daemon's own `send` method applies neither).
+/// A running daemon, killed when dropped.
+#[cfg(unix)]
+struct Daemon(std::process::Child);
+
+#[cfg(unix)]
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `subrosa daemon` on `user`'s home, with `env`, once it listens.
+#[cfg(unix)]
+fn daemon(user: &User, env: &[(&str, &str)]) -> Daemon {
+    use std::io::BufRead as _;
+    let mut c = user.cmd(&["daemon"]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child =
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("daemon starts");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    err.read_line(&mut first).expect("a first line");
+    assert!(first.contains("listening on"), "{first}");
+    // The rest is read (and shown), so the daemon never writes into a closed pipe.
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        eprint!("{rest}");
+    });
+    Daemon(child)
+}
+
+/// `args` without the passphrase (so only a running daemon can serve it).
+#[cfg(unix)]
+fn via_daemon(user: &User, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = user.cmd(args);
+    c.env_remove("SUBROSA_PASSPHRASE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("subrosa runs");
+    assert!(out.status.success(), "{} {args:?} through the daemon: {}", user.name, stderr(&out));
+    out
+}
+
+/// Through running daemons, links go as without them: the sender's
+/// daemon checks its list (and `send` prints the same warning) and makes
+/// the preview asked for; the recipient's daemon hands out a stranger's
+/// message marked as a request, its preview held back until `accept`
+/// (through the daemon too), and marks a listed link.
 #[cfg(unix)]
 #[test]
-fn a_listed_link_is_warned_of_while_a_daemon_runs() {
-    use std::io::BufRead as _;
+fn links_through_daemons_are_checked_previewed_and_marked_as_without_them() {
     let server = Server::start();
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
-    alice.send("bob", "hello");
     let key = fresh_key();
     let env = [(LIST_KEY_ENV, hex::encode(key.verifying_key().as_bytes()))];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env: Vec<(&str, &str)> = [&env[..], &[LOOPBACK]].concat();
     let file = alice.dir.path().join("list.bin");
     std::fs::write(&file, list(&key, 1, &["https://evil.example/login"])).expect("write");
-    ok_env(&alice, &["linklist", "import", file.to_str().expect("path")], &env);
+    for u in [&alice, &bob] {
+        ok_env(u, &["linklist", "import", file.to_str().expect("path")], &env);
+    }
+    let _alices = daemon(&alice, &env);
+    let _bobs = daemon(&bob, &env);
 
-    let mut daemon = alice
-        .cmd(&["daemon"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("daemon starts");
-    let mut first = String::new();
-    std::io::BufReader::new(daemon.stderr.take().expect("stderr")).read_line(&mut first).expect("a first line");
-    assert!(first.contains("listening on"), "{first}");
-    let out = ok_env(&alice, &["send", "bob", "see https://evil.example/login"], &env);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let out = via_daemon(&alice, &["send", "bob", "see https://evil.example/login"], &env);
     let err = stderr(&out);
     assert!(err.contains("https://evil.example/login is on your dangerous-link list"), "{err}");
-    assert_eq!(texts(&bob.receive_json(&[])), ["hello", "see https://evil.example/login"]);
+    let image = Site::start("image/png", png());
+    let site = page(&image);
+    let text = format!("party at {}", site.url);
+    via_daemon(&alice, &["send", "bob", &text, "--preview"], &env);
+    assert_eq!(site.hits(), 1, "alice's daemon fetched the page");
+    let out = via_daemon(&alice, &["send", "bob", "no link here", "--preview"], &env);
+    assert!(stderr(&out).contains("sending without a preview"), "{}", stderr(&out));
+
+    // Bob never wrote to alice: her messages are a request.
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let out = via_daemon(&bob, &["receive", "--json", "--timeout", "30"], &env);
+        got.extend(parse_json_lines(&String::from_utf8_lossy(&out.stdout)));
+        if got.len() >= 3 {
+            break;
+        }
+    }
+    assert_eq!(texts(&got), ["see https://evil.example/login", text.as_str(), "no link here"]);
+    assert!(got.iter().all(|m| m["request"] == true), "{got:?}");
+    assert_eq!(got[0]["dangerous_links"], serde_json::json!(["https://evil.example/login"]));
+    assert!(got[1].get("preview").is_none(), "a request shows no preview: {}", got[1]);
+    let shown = String::from_utf8_lossy(&via_daemon(&bob, &["history", "alice"], &env).stdout).into_owned();
+    assert!(shown.contains("[request] alice: see") && shown.contains("warning: dangerous link"), "{shown}");
+    assert!(!shown.contains("Canary"), "{shown}");
+    let requests = String::from_utf8_lossy(&via_daemon(&bob, &["requests"], &env).stdout).into_owned();
+    assert!(requests.starts_with("alice\tdirect\t#"), "{requests}");
+
+    let out = via_daemon(&bob, &["accept", "alice"], &env);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "accepted alice\n");
+    let history =
+        parse_json_lines(&String::from_utf8_lossy(&via_daemon(&bob, &["history", "alice", "--json"], &env).stdout));
+    let m = history.iter().find(|m| m["text"] == text.as_str()).expect("alice's message");
+    assert_eq!(m["preview"]["title"], "Canary & friends", "shown once accepted: {m}");
+    assert!(m.get("request").is_none(), "{m}");
+    assert!(String::from_utf8_lossy(&via_daemon(&bob, &["requests"], &env).stdout).is_empty());
+    assert_eq!(site.hits(), 1, "bob never fetched it");
 }
 
 /// A first message from a stranger is a request: its preview is kept but

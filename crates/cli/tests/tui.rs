@@ -594,3 +594,89 @@ fn a_desktop_notification_names_the_sender_and_never_the_text_unless_asked() {
     );
     pane.keys(&["q"]);
 }
+
+/// The daemon shows desktop notifications as the terminal UI does (here
+/// with the text, its markup escaped), and none while a terminal UI over it
+/// shows its own;
+/// that UI marks a message request, accepts it, and sets the
+/// conversation's disappearing timer, all through the daemon.
+#[test]
+fn the_daemon_notifies_and_the_tui_over_it_accepts_a_request_and_sets_the_timer() {
+    if !Pane::tmux_available() {
+        eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
+        return;
+    }
+    let Some(bus) = Bus::start() else {
+        eprintln!("SKIPPED: no dbus-daemon and dbus-monitor, so notifications were not watched");
+        return;
+    };
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    alice.send("bob", "hello stranger");
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Killed(
+        bob.cmd(&["daemon", "--notifications", "with-text"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("daemon starts"),
+    );
+    let mut err = std::io::BufReader::new(daemon.0.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut err, &mut first).expect("the daemon says where it listens");
+    assert!(first.contains("listening on"), "{first}");
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        eprint!("{rest}");
+    });
+    alice.send("bob", "the <b>plan</b>");
+    let mut seen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            seen = bus.seen();
+            seen.contains("the &lt;b&gt;plan&lt;/b&gt;")
+        }),
+        "the daemon showed no notification: {seen}"
+    );
+    assert!(seen.contains("\"alice\""), "{seen}");
+
+    // The UI over the daemon (no passphrase): the request is marked.
+    let pane = Pane::start_with(&bob, None);
+    pane.wait_for("online");
+    pane.wait_for("alice (request)");
+    pane.wait_for("Message request");
+    alice.send("bob", "while the tui runs");
+    pane.wait_for("while the tui runs");
+    pane.keys(&[":"]);
+    pane.type_text("accept");
+    pane.keys(&["Enter"]);
+    pane.wait_for("accepted: receipts flow");
+    pane.keys(&[":"]);
+    pane.type_text("disappear 1h");
+    pane.keys(&["Enter"]);
+    // Shown once the conversations were read again, after both commands.
+    let screen = pane.wait_for("disappearing 1h");
+    assert!(!screen.contains("(request)") && !screen.contains("Message request"), "{screen}");
+    pane.keys(&["q"]);
+    assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
+    assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
+    drop(pane);
+
+    // With the UI gone the daemon notifies again; it did not while the UI
+    // ran (that note would have come first).
+    alice.send("bob", "after the tui");
+    assert!(wait_until(Duration::from_secs(60), || bus.seen().contains("after the tui")), "no note after the UI quit");
+    assert!(!bus.seen().contains("while the tui runs"), "{}", bus.seen());
+    let timer = bob.history_json("alice");
+    drop(daemon);
+    assert!(timer.iter().any(|m| m["text"].as_str().is_some_and(|t| t.ends_with("disappearing messages to 1h"))));
+}

@@ -521,6 +521,15 @@ impl Subrosa {
         Ok(saved)
     }
 
+    /// The files of every message of a conversation, as stored, in one
+    /// read (each message's in order).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn attachments_in(&self, conversation: &ConversationId) -> Result<Vec<AttachmentRow>, ClientError> {
+        self.store().read(|tx| tx.attachments_in(conversation))
+    }
+
     /// The files of a message, as stored.
     ///
     /// # Errors

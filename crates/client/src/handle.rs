@@ -170,6 +170,26 @@ impl Client {
             .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
     }
 
+    /// Sends `text` with the preview of its first link (made by this
+    /// device, [`crate::preview::make`]): as [`Self::send_text_to`], a
+    /// message stored and queued comes back in state `queued`.
+    ///
+    /// # Errors
+    /// As [`Subrosa::send_with_preview`] except [`ClientError::Pending`].
+    pub async fn send_with_preview(
+        &self,
+        to: &crate::Target,
+        text: &str,
+        preview: subrosa_core::preview::LinkPreview,
+    ) -> Result<StoredMessage, ClientError> {
+        crate::check_text(text)?;
+        preview.check(text).map_err(|e| ClientError::Input(format!("preview: {e}")))?;
+        let body = subrosa_core::content::Body::Preview { text: text.to_string(), preview };
+        self.send_body(to, body, Some(text.to_string()))
+            .await?
+            .ok_or_else(|| ClientError::Bug("a text stored no history line".into()))
+    }
+
     /// Sends `text` to the conversation `id` in answer to its message
     /// `reply_to`: as [`Self::send_text`], a reply stored and queued comes
     /// back in state `queued`, never as [`ClientError::Pending`].
@@ -328,10 +348,12 @@ impl Client {
     /// [`ClientError::UnknownTarget`] for a conversation this device does not have.
     pub fn history(&self, id: &ConversationId) -> Result<Vec<StoredMessage>, ClientError> {
         let store = self.inner.device.store();
-        store.read(|tx| match tx.conversation(id)? {
+        let mut history = store.read(|tx| match tx.conversation(id)? {
             Some(row) if row.kind != "own" => tx.history(&[row]),
             _ => Err(ClientError::UnknownTarget(format!("#{}", id.to_hex()))),
-        })
+        })?;
+        self.inner.device.mark_shown(&mut history)?;
+        Ok(history)
     }
 
     // ---- Added for the terminal UI (issue 12): a direct conversation by

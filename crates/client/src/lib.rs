@@ -118,6 +118,9 @@ pub struct Subrosa {
     frames: std::sync::Mutex<Option<std::sync::Weak<net::FrameLink>>>,
     /// The home directory (its attachment folder holds sealed files).
     home: std::path::PathBuf,
+    /// The dangerous-link list as last read and verified (`Some(None)`:
+    /// none imported); forgotten by every import through this device.
+    link_list: std::sync::Mutex<Option<Option<std::sync::Arc<subrosa_core::linklist::LinkList>>>>,
 }
 
 impl std::ops::Deref for Subrosa {
@@ -238,6 +241,7 @@ impl Subrosa {
             sent: std::sync::Mutex::new(Vec::new()),
             frames: std::sync::Mutex::new(None),
             home: home.to_path_buf(),
+            link_list: std::sync::Mutex::new(None),
         })
     }
 
@@ -783,6 +787,8 @@ impl Subrosa {
         let (unseen, alerts) = self.store().write(|tx| Ok((tx.take_unseen()?, tx.take_alerts()?)))?;
         let failed = self.take_failed_sends()?;
         let n = dropped.len() + unseen.len() + alerts.len() + failed.len();
+        let mut unseen = unseen;
+        self.mark_shown(&mut unseen)?;
         for m in unseen {
             on(&Received::Message(m));
         }
@@ -1006,7 +1012,9 @@ impl Subrosa {
     /// not have.
     pub fn history(&self, id: &ConversationId) -> Result<Vec<StoredMessage>, ClientError> {
         let row = self.conversation(id)?;
-        self.store().read(|tx| tx.history(&[row]))
+        let mut history = self.store().read(|tx| tx.history(&[row]))?;
+        self.mark_shown(&mut history)?;
+        Ok(history)
     }
 
     /// History with `peer`: every direct conversation with them (a new one
@@ -1019,7 +1027,9 @@ impl Subrosa {
         if convs.is_empty() {
             return Err(ClientError::UnknownTarget(peer.to_string()));
         }
-        self.store().read(|tx| tx.history(&convs))
+        let mut history = self.store().read(|tx| tx.history(&convs))?;
+        self.mark_shown(&mut history)?;
+        Ok(history)
     }
 
     /// Contacts, by handle.

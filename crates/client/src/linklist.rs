@@ -92,6 +92,7 @@ impl Subrosa {
                 }
             }
             tx.set_meta(META_LINK_LIST, bytes)?;
+            *self.link_list.lock().unwrap_or_else(|p| p.into_inner()) = None;
             Ok(Imported::New { version: list.version(), entries: list.len(), replaced: held_version })
         })
     }
@@ -104,6 +105,43 @@ impl Subrosa {
     pub fn link_list(&self) -> Result<Option<LinkList>, ClientError> {
         let held = self.store().read(|tx| tx.meta(META_LINK_LIST))?;
         Ok(held.and_then(|b| LinkList::verify(&b, &trusted_keys()).ok()))
+    }
+
+    /// The links of `text` on the dangerous-link list (none without a
+    /// list). The list is verified once and kept until the next import
+    /// through this device.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn dangerous_links(&self, text: &str) -> Result<Vec<String>, ClientError> {
+        let list = {
+            let mut cached = self.link_list.lock().unwrap_or_else(|p| p.into_inner());
+            match &*cached {
+                Some(l) => l.clone(),
+                None => {
+                    let l = self.link_list()?.map(std::sync::Arc::new);
+                    *cached = Some(l.clone());
+                    l
+                }
+            }
+        };
+        Ok(list.map(|l| l.dangerous_links(text)).unwrap_or_default())
+    }
+
+    /// Marks `messages` as every front end shows them (the command line,
+    /// the daemon's answers and notifications, the terminal UI): in a
+    /// message request, `request` set and the stranger's preview held back
+    /// ([`subrosa_session::requests::mark_requests`]); the links on the
+    /// dangerous-link list as `dangerous_links`.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn mark_shown(&self, messages: &mut [crate::StoredMessage]) -> Result<(), ClientError> {
+        self.store().read(|tx| subrosa_session::requests::mark_requests(tx, messages))?;
+        for m in messages.iter_mut() {
+            m.dangerous_links = if m.system || m.deleted { Vec::new() } else { self.dangerous_links(&m.text)? };
+        }
+        Ok(())
     }
 
     /// This device's preview setting: `Some(on)` once set with

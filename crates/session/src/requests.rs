@@ -21,7 +21,7 @@
 use subrosa_core::content::ReceiptKind;
 use subrosa_proto::{ConversationId, Handle};
 
-use crate::store::Tx;
+use crate::store::{StoredMessage, Tx};
 use crate::{ClientError, Session};
 
 fn contact_key(handle: &str) -> String {
@@ -58,6 +58,35 @@ pub fn add_contact(tx: &mut dyn Tx, handle: &str) -> Result<(), ClientError> {
 /// Store errors.
 pub fn is_request(tx: &dyn Tx, conversation: &ConversationId) -> Result<bool, ClientError> {
     Ok(tx.meta(&request_key(conversation))?.is_some())
+}
+
+/// Marks `messages` as every front end shows them: each one in a message
+/// request not yet accepted gets `request`, and its link preview (a
+/// stranger's words, and picture, of a page) is held back, kept in the
+/// store, until the request is accepted. One read per conversation.
+///
+/// # Errors
+/// Store errors.
+pub fn mark_requests(tx: &dyn Tx, messages: &mut [StoredMessage]) -> Result<(), ClientError> {
+    let mut known: Vec<(String, bool)> = Vec::new();
+    for m in messages {
+        let request = match known.iter().find(|(c, _)| *c == m.conversation) {
+            Some((_, r)) => *r,
+            None => {
+                let r = match m.conversation.parse::<ConversationId>() {
+                    Ok(id) => is_request(tx, &id)?,
+                    Err(_) => false,
+                };
+                known.push((m.conversation.clone(), r));
+                r
+            }
+        };
+        m.request = request;
+        if request {
+            m.preview = None;
+        }
+    }
+    Ok(())
 }
 
 /// Whether `handle` is blocked.

@@ -115,6 +115,10 @@ pub struct SendParams {
     /// --attach`; `progress` notifications come while they upload.
     #[serde(default)]
     pub attachments: Vec<String>,
+    /// Send a preview of the text's first https link, made by this device
+    /// (as `send --preview`; without it, the device's setting decides).
+    #[serde(default)]
+    pub preview: bool,
 }
 
 /// `saveFiles`: download what arrived and save one message's files into
@@ -195,6 +199,10 @@ pub struct SubscribeParams {
     pub after: Option<u64>,
     /// Replay what was stored from this time on (ms), the older cursor.
     pub since: Option<u64>,
+    /// This front end shows desktop notifications itself (the terminal
+    /// UI): the daemon shows none while it is subscribed.
+    #[serde(default)]
+    pub notifies: bool,
 }
 
 #[derive(Deserialize)]
@@ -248,4 +256,30 @@ pub struct GroupParams {
 pub struct GroupRenameParams {
     pub group: String,
     pub name: String,
+}
+
+/// `disappearing`: which conversation and the timer, as the command takes
+/// it (`30s`, `5m`, `1h`, `1d`, `1w`, or `off`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisappearingParams {
+    #[serde(alias = "target")]
+    pub recipient: Option<String>,
+    pub conversation: Option<String>,
+    pub duration: String,
+}
+
+/// `accountDelete`: the account's handle, typed again (a bot cannot delete
+/// the account by a slip of one method name).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountDeleteParams {
+    pub handle: String,
+}
+
+/// `linklistImport`: a list file (an absolute path the daemon can read).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinklistImportParams {
+    pub file: String,
 }

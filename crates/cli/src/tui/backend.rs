@@ -164,7 +164,9 @@ impl Backend {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
-                feed.call("subscribe", json!({ "since": now.saturating_sub(1000) })).await?;
+                // This UI shows its own desktop notifications (it knows what
+                // is on screen): the daemon shows none meanwhile.
+                feed.call("subscribe", json!({ "since": now.saturating_sub(1000), "notifies": true })).await?;
                 // Where the daemon's own connection stands now; changes
                 // come as notifications.
                 let account = r.call("account", json!({})).await?;
@@ -210,7 +212,16 @@ impl Backend {
                         _ => false,
                     };
                     let messages = client.history(&row.id)?;
-                    let files = messages.iter().filter_map(|m| local_files(client, m)).collect();
+                    // One read for the conversation's files, not one per message.
+                    let mut by_message = crate::attach::files_by_message(client.device(), &messages);
+                    let files = messages
+                        .iter()
+                        .filter(|m| !m.system)
+                        .filter_map(|m| {
+                            let rows = by_message.remove(&m.id)?;
+                            Some((m.id.clone(), FileInfo::from_json(&crate::attach::json(&rows))))
+                        })
+                        .collect();
                     out.push(Conversation {
                         id: row.id.to_hex(),
                         name: row.target(),
@@ -220,6 +231,8 @@ impl Backend {
                         unread: 0,
                         messages,
                         files,
+                        request: client.device().is_request(&row.id)?,
+                        disappearing: None,
                     });
                 }
                 Ok(out)
@@ -250,6 +263,8 @@ impl Backend {
                         unread: 0,
                         messages,
                         files,
+                        request: row["request"] == json!(true),
+                        disappearing: None,
                     });
                 }
                 Ok(out)
@@ -413,6 +428,29 @@ impl Backend {
             Backend::Local(c) => c.device().read(&conversation_id(id)?).await.map(|_| ()).map_err(Into::into),
             #[cfg(unix)]
             Backend::Daemon(r) => r.call("read", json!({ "conversation": id })).await.map(|_| ()),
+        }
+    }
+
+    /// Accepts the message request `id`: whether it was one.
+    pub async fn accept(&self, id: &str) -> Result<bool> {
+        match self {
+            Backend::Local(c) => Ok(c.device().accept(&conversation_id(id)?)?),
+            #[cfg(unix)]
+            Backend::Daemon(r) => Ok(r.call("accept", json!({ "conversation": id })).await?["accepted"] == json!(true)),
+        }
+    }
+
+    /// Sets the disappearing-messages timer of `id` (`None`: off): whether
+    /// it changed.
+    pub async fn set_disappearing(&self, id: &str, seconds: Option<u32>) -> Result<bool> {
+        match self {
+            Backend::Local(c) => Ok(c.set_disappearing(&conversation_id(id)?, seconds).await?),
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let duration = seconds.map_or_else(|| "off".to_string(), |s| format!("{s}s"));
+                let v = r.call("disappearing", json!({ "conversation": id, "duration": duration })).await?;
+                Ok(v["changed"] == json!(true))
+            }
         }
     }
 

@@ -399,6 +399,22 @@ async fn run_command(backend: &Backend, command: Command) -> Result<(Outcome, Op
             backend.group_leave(&conversation).await?;
             (Outcome::Notice("left the group".into()), None)
         }
+        Command::Accept { conversation } => {
+            let said = if backend.accept(&conversation).await? {
+                "accepted: receipts flow and their link previews show"
+            } else {
+                "not a message request (nothing to accept)"
+            };
+            (Outcome::Notice(said.into()), Some(conversation))
+        }
+        Command::Disappearing { conversation, seconds } => {
+            let changed = backend.set_disappearing(&conversation, seconds).await?;
+            let what = match seconds {
+                Some(s) => format!("disappearing messages: {}", subrosa_client::format_duration(s)),
+                None => "disappearing messages: off".to_string(),
+            };
+            (Outcome::Notice(format!("{what}{}", if changed { "" } else { " (unchanged)" })), Some(conversation))
+        }
         Command::Members { conversation } => {
             let mut lines = Vec::new();
             for m in backend.members(&conversation).await? {

@@ -123,6 +123,13 @@ fn chat_view(app: &App, c: &Conversation, width: usize) -> (Vec<Line<'static>>, 
     let mut selected = None;
     let pad = " ".repeat(INDENT);
     let dim = Style::default().fg(Color::DarkGray);
+    if c.request {
+        let say = "Message request: someone who is not a contact wrote. They get no receipts and their link \
+                   previews stay hidden until you :accept.";
+        for piece in wrap(say, width, width) {
+            lines.push(Line::from(Span::styled(piece, Style::default().fg(Color::Magenta))));
+        }
+    }
     for m in &c.messages {
         let start = lines.len();
         let is_selected = app.cursor.as_deref() == Some(m.id.as_str()) && !m.id.is_empty();
@@ -216,6 +223,7 @@ fn chat_view(app: &App, c: &Conversation, width: usize) -> (Vec<Line<'static>>, 
                 lines.push(Line::from(spans));
             }
         }
+        link_lines(&mut lines, m, width);
         for f in c.files.get(&m.id).into_iter().flatten() {
             for piece in wrap(&file_line(f), width.saturating_sub(INDENT), width.saturating_sub(INDENT)) {
                 lines.push(Line::from(vec![
@@ -229,6 +237,33 @@ fn chat_view(app: &App, c: &Conversation, width: usize) -> (Vec<Line<'static>>, 
         }
     }
     (lines, selected)
+}
+
+/// Under a message: its link preview (the sender's word about a page, so
+/// marked as such and cleaned), and each of its links on the
+/// dangerous-link list.
+fn link_lines(lines: &mut Vec<Line<'static>>, m: &StoredMessage, width: usize) {
+    let pad = " ".repeat(INDENT);
+    let room = width.saturating_sub(INDENT);
+    if let Some(p) = m.preview.as_ref().filter(|_| !m.deleted) {
+        let image = if p.has_thumbnail { " [image]" } else { "" };
+        let text = format!("preview by the sender: {} | {} ({}){image}", p.title, p.description, p.url);
+        for piece in wrap(&clean(&text), room, room) {
+            lines.push(Line::from(vec![
+                Span::raw(pad.clone()),
+                Span::styled(piece, Style::default().fg(Color::Magenta).add_modifier(Modifier::ITALIC)),
+            ]));
+        }
+    }
+    for link in &m.dangerous_links {
+        let text = format!("⚠ dangerous link (on your dangerous-link list): {link}");
+        for piece in wrap(&clean(&text), room, room) {
+            lines.push(Line::from(vec![
+                Span::raw(pad.clone()),
+                Span::styled(piece, Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)),
+            ]));
+        }
+    }
 }
 
 /// Draws the whole screen; returns the chat view's scroll as drawn: within
@@ -272,6 +307,9 @@ fn draw_list(frame: &mut Frame, app: &App, area: Rect) {
             }
             if c.unread > 0 {
                 head.push(Span::styled(format!(" ({})", c.unread), Style::default().fg(Color::Yellow)));
+            }
+            if c.request {
+                head.push(Span::styled(" (request)", Style::default().fg(Color::Magenta)));
             }
             let preview = match c.messages.last() {
                 Some(m) if m.system => format!("* {}", system_text(m, &app.me)),
@@ -319,6 +357,11 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) -> usize {
         format!(" {} · not verified (:safety) ", clean(&c.name))
     };
     let title = if c.active { title } else { format!("{title}(you left) ") };
+    let title = match c.disappearing {
+        Some(s) => format!("{title}· disappearing {} ", subrosa_client::format_duration(s)),
+        None => title,
+    };
+    let title = if c.request { format!("{title}· request (:accept) ") } else { title };
     let block = pane_block(title, focused);
     let inner = block.inner(view);
     frame.render_widget(block, view);

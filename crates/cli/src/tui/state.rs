@@ -33,6 +33,11 @@ pub struct Conversation {
     pub messages: Vec<StoredMessage>,
     /// The files of its messages that carry some, by message id.
     pub files: BTreeMap<String, Vec<FileInfo>>,
+    /// A message request not yet accepted (someone who is not a contact
+    /// started it): marked, and its link previews held back, until `:accept`.
+    pub request: bool,
+    /// Its disappearing-messages timer, in seconds (`None`: off).
+    pub disappearing: Option<u32>,
 }
 
 /// A file of a message, as this device keeps it (the `attachments` item of
@@ -288,6 +293,18 @@ pub enum Command {
         /// The group (id, hex).
         conversation: String,
     },
+    /// Accept a message request.
+    Accept {
+        /// The conversation (id, hex).
+        conversation: String,
+    },
+    /// Set a conversation's disappearing-messages timer.
+    Disappearing {
+        /// The conversation (id, hex).
+        conversation: String,
+        /// Seconds; `None` turns it off.
+        seconds: Option<u32>,
+    },
     /// Show a conversation's member devices.
     Members {
         /// The conversation (id, hex).
@@ -467,6 +484,7 @@ pub const HELP: &[&str] = &[
     "  :verify [HANDLE]           the same",
     "  :react EMOJI  :unreact     on the selected message",
     "  :attach PATH  :save        send a file; save the selected message's",
+    "  :accept  :disappear 1d|off accept the request; its timer (30s…4w, off)",
     "  :quit                      leave",
 ];
 
@@ -671,6 +689,16 @@ impl App {
                 if let Some(o) = old.iter().find(|o| o.id == c.id) {
                     c.unread = o.unread;
                 }
+                // The timer as the newest line about it set it.
+                c.disappearing = c
+                    .messages
+                    .iter()
+                    .rev()
+                    .find_map(|m| match &m.event {
+                        Some(subrosa_client::SystemEvent::Disappearing { seconds, .. }) => Some(*seconds),
+                        _ => None,
+                    })
+                    .flatten();
                 c
             })
             .collect();
@@ -712,6 +740,7 @@ impl App {
                 (true, &mut self.conversations[last])
             }
         };
+        conversation_marks(conversation, &m);
         let fresh = match conversation.messages.iter_mut().find(|x| x.id == m.id && !m.id.is_empty()) {
             Some(existing) => {
                 *existing = m;
@@ -1202,6 +1231,18 @@ impl App {
             }
             "rename" => Err("usage: :rename NAME".to_string()),
             "leave" => group().map(|conversation| Command::Leave { conversation }),
+            "accept" => match &current {
+                Some(c) if c.request => Ok(Command::Accept { conversation: c.id.clone() }),
+                Some(_) => Err("the open conversation is not a message request".to_string()),
+                None => Err("no conversation is open".to_string()),
+            },
+            "disappear" | "disappearing" | "timer" => match (&current, args) {
+                (Some(c), [d]) => crate::parse_disappearing(d)
+                    .map(|seconds| Command::Disappearing { conversation: c.id.clone(), seconds })
+                    .map_err(|e| e.to_string()),
+                (Some(_), _) => Err(format!("usage: :{verb} DURATION (30s, 5m, 1h, 1d, 1w, or off)")),
+                (None, _) => Err("no conversation is open".to_string()),
+            },
             "members" | "devices" => match &current {
                 Some(c) => Ok(Command::Members { conversation: c.id.clone() }),
                 None => Err("no conversation is open".to_string()),
@@ -1224,6 +1265,20 @@ impl App {
                 Vec::new()
             }
         }
+    }
+}
+
+/// What a message tells of its conversation: whether it is (still) a
+/// request (this account's own message accepts it), and a new
+/// disappearing-messages timer.
+fn conversation_marks(c: &mut Conversation, m: &StoredMessage) {
+    if m.outgoing && !m.system {
+        c.request = false;
+    } else if !m.system {
+        c.request = m.request;
+    }
+    if let Some(subrosa_client::SystemEvent::Disappearing { seconds, .. }) = &m.event {
+        c.disappearing = *seconds;
     }
 }
 

@@ -341,3 +341,105 @@ fn files_and_quotes_from_others_are_cleaned() {
     assert!(screen.contains("[file] fx\\u{1b}"), "{screen}");
     assert!(screen.contains("↱ bob: qx\\u{1b}"), "{screen}");
 }
+
+/// A stranger's request (its preview held back, as the client hands it
+/// over: none), with a timer; and a contact's message with its preview
+/// (the sender's word, cleaned) and a link on the dangerous-link list.
+fn links_and_requests() -> App {
+    let mut app = App::new("alice");
+    let mut prize = message("aa", "mallory", "free prize at https://prize.example/now", T0);
+    prize.request = true;
+    prize.dangerous_links = vec!["https://prize.example/now".into()];
+    let mut mallory = conversation(
+        "aa",
+        "mallory",
+        false,
+        vec![
+            system("aa", SystemEvent::Disappearing { by: "mallory".into(), seconds: Some(3_600) }, T0 - MINUTE),
+            prize,
+        ],
+    );
+    mallory.request = true;
+    let mut party = message("bb", "bob", "party at https://party.example/tonight", T0 + MINUTE);
+    party.preview = Some(subrosa_client::store::MessagePreview {
+        url: "https://party.example/tonight".into(),
+        title: "The \u{1b}[31mparty\u{1b}[0m".into(),
+        description: "bring snacks\nand the map".into(),
+        has_thumbnail: true,
+        ..Default::default()
+    });
+    let mut login = message("bb", "bob", "log in at https://evil.example/login quickly", T0 + 2 * MINUTE);
+    login.dangerous_links = vec!["https://evil.example/login".into()];
+    let bob = conversation("bb", "bob", false, vec![party, login]);
+    app.handle(Input::Loaded { conversations: vec![mallory, bob], select: None });
+    app.handle(Input::Client(ClientEvent::Connected));
+    app
+}
+
+#[test]
+fn snapshot_a_request_with_its_timer_and_a_dangerous_link() {
+    let mut app = links_and_requests();
+    // The list is ordered by activity: mallory's request is below bob.
+    app.handle(key(KeyCode::Char('j')));
+    snapshot("request", &draw(&mut app, 80, 16));
+}
+
+#[test]
+fn snapshot_a_preview_as_the_senders_word_and_a_dangerous_link() {
+    let mut app = links_and_requests();
+    let lines = draw(&mut app, 80, 16);
+    snapshot("preview", &lines);
+    assert!(!lines.iter().any(|l| l.chars().any(is_dangerous)), "nothing of the preview reaches the terminal raw");
+}
+
+#[test]
+fn accept_and_disappear_act_on_the_open_conversation() {
+    let mut app = links_and_requests();
+    // bob's is open: no request there.
+    let none = app.handle(key(KeyCode::Char(':')));
+    assert!(none.is_empty());
+    typed(&mut app, "accept");
+    assert!(app.handle(key(KeyCode::Enter)).is_empty(), "bob's is not a request");
+    app.handle(key(KeyCode::Char('j')));
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "accept");
+    assert_eq!(
+        app.handle(key(KeyCode::Enter)),
+        vec![super::state::Action::Run(super::state::Command::Accept { conversation: "aa".into() })]
+    );
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "disappear 1d");
+    assert_eq!(
+        app.handle(key(KeyCode::Enter)),
+        vec![super::state::Action::Run(super::state::Command::Disappearing {
+            conversation: "aa".into(),
+            seconds: Some(86_400)
+        })]
+    );
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "disappear off");
+    assert_eq!(
+        app.handle(key(KeyCode::Enter)),
+        vec![super::state::Action::Run(super::state::Command::Disappearing {
+            conversation: "aa".into(),
+            seconds: None
+        })]
+    );
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "disappear 5y");
+    assert!(app.handle(key(KeyCode::Enter)).is_empty(), "a bad duration is refused in the UI");
+    // A new timer from another member shows at once; writing accepts.
+    app.handle(Input::Client(ClientEvent::System(system(
+        "aa",
+        SystemEvent::Disappearing { by: "mallory".into(), seconds: Some(60) },
+        T0 + 5 * MINUTE,
+    ))));
+    assert_eq!(app.current().map(|c| c.disappearing), Some(Some(60)));
+    app.handle(Input::Client(ClientEvent::MessageState(mine(
+        "aa",
+        "who are you?",
+        T0 + 6 * MINUTE,
+        MessageState::Sent,
+    ))));
+    assert_eq!(app.current().map(|c| c.request), Some(false));
+}

@@ -391,6 +391,7 @@ fn message_columns(r: &rusqlite::Row<'_>, c: &ConversationRow) -> rusqlite::Resu
                 .map(Into::into),
             expires_at: r.get::<_, Option<i64>>(18)?.map(|t| t as u64),
             request: false,
+            dangerous_links: Vec::new(),
         },
     ))
 }
@@ -2196,6 +2197,10 @@ impl AttachmentStore for SqliteTx<'_> {
         message_id: &[u8],
     ) -> Result<Vec<AttachmentRow>, ClientError> {
         self.attachments_where("conversation = ?1 AND message_id = ?2", &[&&conversation.0[..], &message_id])
+    }
+
+    fn attachments_in(&self, conversation: &subrosa_proto::ConversationId) -> Result<Vec<AttachmentRow>, ClientError> {
+        self.attachments_where("conversation = ?1", &[&&conversation.0[..]])
     }
 
     fn pending_attachments(&self) -> Result<Vec<AttachmentRow>, ClientError> {

@@ -52,6 +52,7 @@ macro_rules! with_behaviours {
             receipts_make_the_state_of_own_messages,
             early_actions_and_owed_receipts_wait_and_are_taken_once,
             attachments_are_kept_per_message_and_move_from_pending_to_saved,
+            a_conversations_files_are_read_in_one_go,
             link_previews_are_kept_with_their_message_and_go_with_its_text,
         );
     };
@@ -1065,4 +1066,39 @@ pub fn link_previews_are_kept_with_their_message_and_go_with_its_text(store: Sto
     assert_eq!(get(2).preview, None);
     store.write(|tx| tx.erase_message(&id, &[1; 16])).expect("erase");
     assert_eq!(get(1).preview, None, "deleted for everyone: the preview goes with the text");
+}
+
+/// Every file of one conversation, in one read: each message's in order,
+/// messages in the order their files were stored, nothing of another
+/// conversation.
+pub fn a_conversations_files_are_read_in_one_go(store: Store) {
+    use subrosa_core::attachment::AttachedFile;
+    let file = |n: u8| AttachedFile {
+        blob: [n; 16],
+        key: Zeroizing::new([n + 1; 32]),
+        sha256: [n + 2; 32],
+        size: u64::from(n),
+        name: format!("file {n}"),
+        media_type: "text/plain".into(),
+    };
+    let c = conv(7);
+    store
+        .write(|tx| {
+            tx.put_attachments(&c, &[2; 16], &[file(1), file(2)], AttachmentState::Pending)?;
+            tx.put_attachments(&conv(8), &[2; 16], &[file(3)], AttachmentState::Pending)?;
+            tx.put_attachments(&c, &[1; 16], &[file(4)], AttachmentState::Sent)
+        })
+        .expect("put");
+    let rows = store.read(|tx| tx.attachments_in(&c)).expect("read");
+    let got: Vec<(Vec<u8>, u32, String)> =
+        rows.iter().map(|a| (a.message_id.clone(), a.index, a.file.name.clone())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (vec![2; 16], 0, "file 1".to_string()),
+            (vec![2; 16], 1, "file 2".to_string()),
+            (vec![1; 16], 0, "file 4".to_string()),
+        ]
+    );
+    assert!(store.read(|tx| tx.attachments_in(&conv(9))).expect("none").is_empty());
 }

@@ -236,6 +236,7 @@ fn stored(m: &MessageRec, c: &ConversationRow) -> StoredMessage {
         preview: m.preview.clone(),
         expires_at: m.expires_at,
         request: false,
+        dangerous_links: Vec::new(),
     };
     let mut reactions: Vec<Reaction> = Vec::new();
     for (member, emoji, _, on) in &m.reactions {
@@ -1298,6 +1299,10 @@ impl AttachmentStore for MemTx<'_> {
             }
         });
         Ok(())
+    }
+
+    fn attachments_in(&self, conversation: &ConversationId) -> Result<Vec<AttachmentRow>, ClientError> {
+        Ok(self.with(|t| t.attachments.iter().filter(|a| a.conversation == *conversation).cloned().collect()))
     }
 
     fn attachments_of(

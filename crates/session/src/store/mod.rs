@@ -142,6 +142,10 @@ pub struct StoredMessage {
     /// front end that shows it, never stored.
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub request: bool,
+    /// Its links that are on this device's dangerous-link list: set when
+    /// it is read for showing, never stored (the list may change).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub dangerous_links: Vec<String>,
 }
 
 /// A message's link preview as front ends show it: the link, its title and
@@ -1307,6 +1311,13 @@ pub trait AttachmentStore {
         conversation: &subrosa_proto::ConversationId,
         message_id: &[u8],
     ) -> Result<Vec<AttachmentRow>, ClientError>;
+
+    /// Every file of a conversation's messages, in the order they were
+    /// stored (each message's in its order): one read for a whole history.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn attachments_in(&self, conversation: &subrosa_proto::ConversationId) -> Result<Vec<AttachmentRow>, ClientError>;
 
     /// Received files not yet downloaded, oldest first.
     ///
