@@ -9,6 +9,7 @@
 //! cargo run --release -p subrosa-bench -- throughput [--pairs 50] [--messages-per-pair 40] [--server URL]
 //! cargo run --release -p subrosa-bench -- kt-publish [--handles 10000] [--batch 10000] [--samples 50]
 //! cargo run --release -p subrosa-bench -- media      [--frames 5000]
+//! cargo run --release -p subrosa-bench -- calls      [--seconds 10] [--max-calls 3200] [--step-seconds 3]
 //! cargo build --release -p subrosa-cli -p subrosa-server && cargo run --release -p subrosa-bench -- coldstart [--sends 15]
 //! cargo build --release -p subrosa-cli -p subrosa-server && cargo run --release -p subrosa-bench -- tui-start [--conversations 100] [--messages 10000] [--rounds 10]
 //! ```
@@ -65,12 +66,18 @@
 //!   baseline), then with SFrame seal + open, then the whole chain with the
 //!   jitter buffer and playout, each with its ratio to the baseline
 //!   (`media.rs`).
+//! - `calls`: a call's mouth-to-ear latency (tone bursts through Opus,
+//!   SFrame, the server's relay and the jitter buffer on loopback) and each
+//!   endpoint's CPU, beside raw PCM over UDP; then how many concurrent 1:1
+//!   calls the relay carries at ≤1% loss, beside a plain UDP echo
+//!   (`calls.rs`).
 //!
 //! Everything (clients and, by default, the server) runs in this one process
 //! on a multi-threaded tokio runtime, so on a small machine the server and
 //! the clients compete for the same cores; the header of each run says so.
 
 mod attachments;
+mod calls;
 mod catchup;
 mod coldstart;
 mod compare;
@@ -222,6 +229,19 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "2,100,1000")]
         sizes: Vec<usize>,
     },
+    /// A call's mouth-to-ear latency and client CPU beside raw PCM over UDP, and the relay's
+    /// capacity in 1:1 calls beside a plain UDP echo.
+    Calls {
+        /// Length of each timed call (raw and through the relay).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// The most concurrent calls to try.
+        #[arg(long, default_value_t = 3200)]
+        max_calls: usize,
+        /// Length of each capacity step.
+        #[arg(long, default_value_t = 3)]
+        step_seconds: u64,
+    },
     /// CPU per 20 ms call frame: Opus alone (baseline), + SFrame, + jitter buffer and playout.
     Media {
         /// Frames per row (5000 frames = 100 s of audio).
@@ -348,6 +368,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             anyhow::ensure!(sizes.iter().all(|&n| n >= 2), "every --sizes entry must be at least 2");
             updates::run(&sizes)
         }
+        Command::Calls { seconds, max_calls, step_seconds } => calls::run(seconds, max_calls, step_seconds),
         Command::Media { frames } => {
             anyhow::ensure!(frames >= 10, "--frames must be at least 10");
             media::run(frames)

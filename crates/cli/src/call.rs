@@ -1,5 +1,6 @@
-//! `subrosa call` and `subrosa answer`: headless calls, a WAV file in and
-//! a WAV file out (real audio devices are not wired yet).
+//! `subrosa call` and `subrosa answer`: a WAV file in and a WAV file out
+//! (headless), or the sound card where a file is not given (built with the
+//! `audio` feature; see `audio.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,12 +16,17 @@ use crate::term::safe;
 /// What both commands take.
 #[derive(clap::Args, Debug)]
 pub struct MediaArgs {
-    /// What this side says: a 48 kHz 16-bit WAV file (silence without it).
-    #[arg(long, value_name = "FILE.wav")]
+    /// What this side says: a 48 kHz 16-bit WAV file (silence once it
+    /// ends). Without it, the microphone (built with the `audio` feature).
+    #[arg(long, value_name = "FILE.wav", conflicts_with = "mute")]
     pub input: Option<PathBuf>,
     /// Where to write what this side hears (48 kHz 16-bit mono WAV).
+    /// Without it, the speakers (built with the `audio` feature).
     #[arg(long, value_name = "FILE.wav")]
     pub output: Option<PathBuf>,
+    /// Send silence: no microphone and no input file.
+    #[arg(long)]
+    pub mute: bool,
     /// How long to stay in the call once connected, in seconds.
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     pub duration: f64,
@@ -49,21 +55,25 @@ fn options(media: &MediaArgs, wait: f64) -> Result<CallOptions> {
             return Err(anyhow!("--output {}: no such directory", out.display()));
         }
     }
-    Ok(CallOptions {
-        input,
-        duration: seconds("--duration", media.duration)?,
-        wait: seconds("--timeout", wait)?,
-        relay: media.relay,
-    })
+    let duration = seconds("--duration", media.duration)?;
+    let wait = seconds("--timeout", wait)?;
+    let microphone = media.input.is_none() && !media.mute;
+    let speakers = media.output.is_none();
+    let audio = crate::audio::open(microphone, speakers)?;
+    Ok(CallOptions { input, audio, record: media.output.is_some(), duration, wait, relay: media.relay })
 }
 
 fn progress(p: CallProgress) {
     match p {
         CallProgress::Calling { id } => out!("calling (call {id})"),
+        CallProgress::Ringing { at } => out!("ringing at {}", safe(&at)),
         CallProgress::Incoming { from, conversation } => {
             out!("{} is calling (#{conversation}); answering", safe(&from))
         }
         CallProgress::Connected { with } => out!("connected with {}", safe(&with)),
+        CallProgress::OverWebSocket => {
+            out!("UDP to the call relay is blocked: the call goes over the server's WebSocket")
+        }
         CallProgress::Rekeyed { epoch } => out!("the conversation changed: the call is re-keyed (epoch {epoch})"),
         _ => {}
     }
@@ -73,7 +83,7 @@ fn finish(media: &MediaArgs, report: &CallReport) -> Result<ExitCode> {
     if let Some(path) = &media.output {
         subrosa_media::wav::write(path, &report.output).with_context(|| format!("writing {}", path.display()))?;
     }
-    let heard = report.output.len() as f64 / 48_000.0;
+    let heard = report.heard_secs;
     let s = &report.incoming;
     let stats = format!(
         "sent {} frames; received {} (refused {}), played {:.1} s, repaired {} by FEC, concealed {}",

@@ -11,6 +11,7 @@ macro_rules! out {
 
 #[cfg(unix)]
 mod attach;
+mod audio;
 mod call;
 mod config;
 mod daemon;

@@ -194,6 +194,9 @@ fn a_call_carries_each_sides_voice_through_a_relay_that_sees_only_ciphertext() {
     assert!(out.status.success(), "alice's call: {}", stderr(&out));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("connected with bob") && said.contains("hung up"), "{said}");
+    // Bob's device rang before it answered, and alice was told.
+    let (ringing, connected) = (said.find("ringing at bob"), said.find("connected with bob"));
+    assert!(ringing.is_some() && ringing < connected, "no ringing before the answer: {said}");
     let bob_out = bob_call.wait_with_output().expect("bob's call ends");
     assert!(bob_out.status.success(), "bob's call: {}", stderr(&bob_out));
     let bob_said = String::from_utf8_lossy(&bob_out.stdout);
@@ -249,14 +252,14 @@ fn an_unanswered_call_is_a_missed_call() {
     let (server, _relay) = server_with_relay();
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
-    let out = alice.run(&["call", "bob", "--duration", "1", "--timeout", "2"]);
+    let out = alice.run(&["call", "bob", "--mute", "--duration", "1", "--timeout", "2"]);
     assert_eq!(exit_code(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("no answer"), "{}", stderr(&out));
     let lines = bob.receive_json(&[]);
     let texts: Vec<&str> = lines.iter().filter_map(|m| m["text"].as_str()).collect();
     assert!(texts.contains(&"alice is calling") && texts.contains(&"missed call from alice"), "{texts:?}");
     // Too late to answer now: bob waits and no call comes.
-    let out = bob.run(&["answer", "--timeout", "1"]);
+    let out = bob.run(&["answer", "--mute", "--timeout", "1"]);
     assert_eq!(exit_code(&out), 1);
     assert!(stderr(&out).contains("no call came in"), "{}", stderr(&out));
 }
@@ -270,8 +273,8 @@ fn a_second_caller_hears_busy() {
     let piped = |mut c: std::process::Command| {
         c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawns")
     };
-    let bob_call = piped(bob.cmd(&["answer", "--duration", "20", "--timeout", "60"]));
-    let mut alice_call = piped(alice.cmd(&["call", "bob", "--duration", "8"]));
+    let bob_call = piped(bob.cmd(&["answer", "--mute", "--duration", "20", "--timeout", "60"]));
+    let mut alice_call = piped(alice.cmd(&["call", "bob", "--mute", "--duration", "8"]));
     // Carol calls once alice and bob are connected.
     let alice_out = alice_call.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -285,7 +288,7 @@ fn a_second_caller_hears_busy() {
         }
     });
     rx.recv_timeout(Duration::from_secs(60)).expect("alice and bob connect");
-    let out = carol.run(&["call", "bob", "--duration", "1", "--timeout", "30"]);
+    let out = carol.run(&["call", "bob", "--mute", "--duration", "1", "--timeout", "30"]);
     assert_eq!(exit_code(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("bob is busy"), "{}", stderr(&out));
     // The first call is not disturbed.
@@ -319,7 +322,7 @@ fn a_removal_mid_call_rekeys_it_and_the_call_goes_on() {
         c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawns")
     };
     let answer = |user: &User, out: &str| {
-        piped(user.cmd(&["answer", "--output", &wav(out), "--duration", "20", "--timeout", "60"]))
+        piped(user.cmd(&["answer", "--mute", "--output", &wav(out), "--duration", "20", "--timeout", "60"]))
     };
     let (bob_call, carol_call) = (answer(&bob, "bob-heard.wav"), answer(&carol, "carol-heard.wav"));
     let mut alice_call = piped(alice.cmd(&["call", "trio", "--input", &wav("alice.wav"), "--duration", "6"]));
@@ -423,5 +426,98 @@ fn a_call_through_a_lossy_network_stays_recognisable() {
         let said = String::from_utf8_lossy(&bob_done.stdout);
         eprintln!("{:.0}% loss: {s:?}; {}", loss * 100.0, said.lines().last().unwrap_or_default());
         assert!(s.correlation > threshold, "{:.0}% loss: {s:?}", loss * 100.0);
+    }
+}
+
+/// Built without the `audio` feature, a call with neither an input file nor
+/// `--mute` says in one line what to do, before anyone is called.
+#[cfg(not(feature = "audio"))]
+#[test]
+fn a_call_without_input_or_sound_card_says_what_to_do() {
+    let (server, _relay) = server_with_relay();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    for out in [alice.run(&["call", "bob", "--duration", "1"]), bob.run(&["answer", "--timeout", "1"])] {
+        assert_eq!(exit_code(&out), 1, "{}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains("--input FILE.wav") && err.contains("--mute") && err.contains("--features audio"),
+            "{err}"
+        );
+    }
+    // Nobody was called.
+    let lines = bob.receive_json(&[]);
+    assert!(lines.iter().all(|m| m["text"].as_str() != Some("alice is calling")), "{lines:?}");
+    // --input and --mute together are refused by the parser.
+    let out = alice.run(&["call", "bob", "--mute", "--input", "x.wav"]);
+    assert_ne!(exit_code(&out), 0);
+}
+
+/// Where UDP is blocked, a device's media goes over a call socket (a
+/// WebSocket to the server) and meets the other side's UDP media in the
+/// same call: each side still hears the other.
+#[test]
+fn a_device_whose_udp_is_blocked_calls_over_the_servers_websocket() {
+    let (server, _relay) = server_with_relay();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    // Alice's UDP goes into a hole: a socket that reads nothing and answers nothing.
+    let hole = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let hole_addr = hole.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (alice_says, bob_says) = (test_melody(3.0), speech_like(3.0));
+    subrosa_media::wav::write(std::path::Path::new(&wav("alice.wav")), &alice_says).expect("write");
+    subrosa_media::wav::write(std::path::Path::new(&wav("bob.wav")), &bob_says).expect("write");
+    let bob_call = bob
+        .cmd(&[
+            "answer",
+            "--input",
+            &wav("bob.wav"),
+            "--output",
+            &wav("bob-heard.wav"),
+            "--duration",
+            "20",
+            "--timeout",
+            "60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bob answers");
+    let out = alice.run(&[
+        "call",
+        "bob",
+        "--input",
+        &wav("alice.wav"),
+        "--output",
+        &wav("alice-heard.wav"),
+        "--duration",
+        "4",
+        "--relay",
+        &hole_addr,
+    ]);
+    assert!(out.status.success(), "alice's call: {}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("over the server's WebSocket") && said.contains("connected with bob"), "{said}");
+    let bob_out = bob_call.wait_with_output().expect("bob's call ends");
+    assert!(bob_out.status.success(), "bob's call: {}", stderr(&bob_out));
+    assert!(!String::from_utf8_lossy(&bob_out.stdout).contains("WebSocket"), "bob's UDP was not blocked");
+    let bob_heard = subrosa_media::wav::read(std::path::Path::new(&wav("bob-heard.wav"))).expect("bob's output");
+    let alice_heard = subrosa_media::wav::read(std::path::Path::new(&wav("alice-heard.wav"))).expect("alice's output");
+    let to_bob = similarity(&alice_says, &bob_heard);
+    let to_alice = similarity(&bob_says, &alice_heard);
+    eprintln!("over the call socket: alice → bob {to_bob:?}; bob → alice {to_alice:?}");
+    assert!(to_bob.correlation > 0.8, "alice → bob: {to_bob:?}");
+    assert!(to_alice.correlation > 0.8, "bob → alice: {to_alice:?}");
+    // Nothing of alice's went to the hole but relay handshakes.
+    hole.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = hole.recv(&mut buf) {
+        assert!(
+            !matches!(subrosa_proto::relay::Datagram::decode(&buf[..n]), Ok(subrosa_proto::relay::Datagram::Media(_))),
+            "media went to the blocked UDP address"
+        );
     }
 }

@@ -43,6 +43,7 @@ use subrosa_proto::relay::{CallToken, CallTokenRequest, Datagram, Token, TOKEN_L
 use subrosa_proto::{ConversationId, ServerFrame};
 use subrosa_session::IncomingSignal;
 use tokio::net::UdpSocket;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use zeroize::Zeroizing;
 
 use crate::{net, ClientError, Subrosa, Target};
@@ -62,11 +63,33 @@ const FRAME: Duration = Duration::from_millis(20);
 /// How often a call looks for a new epoch in the store.
 const EPOCH_CHECK: Duration = Duration::from_millis(500);
 
+/// A sound card for a call, 20 ms of 48 kHz mono at a time. The call
+/// takes a frame and plays one every 20 ms on its own clock; a device
+/// buffers between that clock and its own.
+pub trait AudioDevice: Send {
+    /// The next 20 ms ([`FRAME_SAMPLES`]) the microphone captured, when a
+    /// whole frame is ready; `None` sends [`CallOptions::input`] instead
+    /// (silence once it ends), as a device without a microphone does.
+    fn capture(&mut self) -> Option<Vec<i16>>;
+    /// Hands the next 20 ms heard to the speakers (a device without
+    /// speakers drops it).
+    fn play(&mut self, frame: &[i16]);
+}
+
+/// A sound card shared with the call.
+pub type SharedAudio = std::sync::Arc<std::sync::Mutex<dyn AudioDevice>>;
+
 /// Settings of one call. `Debug` shows no audio.
 #[derive(Clone)]
 pub struct CallOptions {
     /// What this side says: 48 kHz mono samples, silence once they end.
     pub input: Vec<i16>,
+    /// A sound card: its microphone before `input`, its speakers for
+    /// what this side hears.
+    pub audio: Option<SharedAudio>,
+    /// Keep what this side hears in [`CallReport::output`] (a file to
+    /// write); off, a long call with a sound card keeps nothing.
+    pub record: bool,
     /// How long to stream once connected.
     pub duration: Duration,
     /// How long to ring (caller) or wait for an offer (callee).
@@ -80,6 +103,8 @@ impl std::fmt::Debug for CallOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallOptions")
             .field("input_samples", &self.input.len())
+            .field("audio", &self.audio.is_some())
+            .field("record", &self.record)
             .field("duration", &self.duration)
             .field("wait", &self.wait)
             .field("relay", &self.relay)
@@ -120,6 +145,11 @@ pub enum CallProgress {
         /// The call id.
         id: String,
     },
+    /// A device of the callee rings (it sent `ringing` inside MLS).
+    Ringing {
+        /// Whose device.
+        at: String,
+    },
     /// An offer arrived and is being answered.
     Incoming {
         /// The caller.
@@ -132,6 +162,9 @@ pub enum CallProgress {
         /// The other side.
         with: String,
     },
+    /// UDP to the relay got no answer (blocked): the media goes over a
+    /// call socket, a WebSocket to the server.
+    OverWebSocket,
     /// A commit moved the call to a new epoch's keys.
     Rekeyed {
         /// The new epoch.
@@ -148,8 +181,11 @@ pub struct CallReport {
     pub call_id: [u8; 16],
     /// How it ended.
     pub end: CallEnd,
-    /// What this side heard, from the first frame played.
+    /// What this side heard, from the first frame played (when
+    /// [`CallOptions::record`] asked for it).
     pub output: Vec<i16>,
+    /// Seconds heard, from the first frame played.
+    pub heard_secs: f64,
     /// Frames sent.
     pub sent: u64,
     /// The receiving side's counters.
@@ -163,6 +199,7 @@ impl std::fmt::Debug for CallReport {
         f.debug_struct("CallReport")
             .field("end", &self.end)
             .field("output_samples", &self.output.len())
+            .field("heard_secs", &self.heard_secs)
             .field("sent", &self.sent)
             .field("incoming", &self.incoming)
             .field("rekeys", &self.rekeys)
@@ -178,36 +215,78 @@ pub struct RelayTicket {
     pub addr: SocketAddr,
 }
 
-/// This device's place in the relay: a UDP socket that proved a token.
-#[derive(Debug)]
+/// How this device reaches the relay.
+enum Transport {
+    /// A UDP socket connected to the relay.
+    Udp(UdpSocket),
+    /// A call socket: the relay over a WebSocket to the server, where UDP
+    /// is blocked. Its halves are locked apart, so a call may wait for
+    /// media while it sends.
+    Socket {
+        to: tokio::sync::Mutex<futures_util::stream::SplitSink<net::WsStream, WsMessage>>,
+        from: tokio::sync::Mutex<futures_util::stream::SplitStream<net::WsStream>>,
+    },
+}
+
+/// This device's place in the relay: a UDP socket or a call socket that
+/// proved a token.
 struct MediaLink {
-    socket: UdpSocket,
+    transport: Transport,
     ticket: RelayTicket,
 }
 
+impl std::fmt::Debug for MediaLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let over = match self.transport {
+            Transport::Udp(_) => "udp",
+            Transport::Socket { .. } => "call socket",
+        };
+        f.debug_struct("MediaLink").field("over", &over).field("relay", &self.ticket.addr).finish()
+    }
+}
+
 impl MediaLink {
-    /// Joins the relay: `Join`, `Challenge`, `Prove`, `Joined`, each
-    /// answer awaited a while and the whole tried again on loss.
-    async fn join(ticket: RelayTicket) -> Result<Self, ClientError> {
+    /// Joins the relay over UDP (`Join`, `Challenge`, `Prove`, `Joined`,
+    /// each answer awaited a while and the whole tried again on loss); when
+    /// UDP gets no answer (blocked), over a call socket to the server.
+    async fn join(ticket: RelayTicket, api: &net::Api) -> Result<Self, ClientError> {
         let local: SocketAddr =
             if ticket.addr.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
         let socket = UdpSocket::bind(local).await.map_err(|e| ClientError::Network(format!("call socket: {e}")))?;
         // Connected: the kernel hands this socket only the relay's datagrams.
         socket.connect(ticket.addr).await.map_err(|e| ClientError::Network(format!("relay {}: {e}", ticket.addr)))?;
-        let link = MediaLink { socket, ticket };
-        link.prove().await?;
+        let udp = MediaLink { transport: Transport::Udp(socket), ticket: ticket.clone() };
+        if udp.prove().await.is_ok() {
+            return Ok(udp);
+        }
+        let udp_failed = format!("the call relay at {} does not answer over UDP", ticket.addr);
+        let ws = api
+            .call_socket()
+            .await
+            .map_err(|e| ClientError::Network(format!("{udp_failed}, nor its call socket: {e}")))?;
+        let (to, from) = futures_util::StreamExt::split(ws);
+        let link = MediaLink {
+            transport: Transport::Socket { to: tokio::sync::Mutex::new(to), from: tokio::sync::Mutex::new(from) },
+            ticket,
+        };
+        link.prove().await.map_err(|_| ClientError::Network(format!("{udp_failed}, nor over its call socket")))?;
         Ok(link)
     }
 
+    /// Proves the token again (or for the first time): over UDP with the
+    /// cookie round trip, over a call socket with the token alone.
     async fn prove(&self) -> Result<(), ClientError> {
         let token = self.ticket.token;
         for _ in 0..JOIN_TRIES {
             self.send(&Datagram::Join(token).encode()).await?;
-            let Some(Datagram::Challenge(cookie)) = self.answer(|d| matches!(d, Datagram::Challenge(_))).await else {
-                continue;
-            };
-            self.send(&Datagram::Prove { cookie, token }.encode()).await?;
-            if self.answer(|d| matches!(d, Datagram::Joined)).await.is_some() {
+            if let Transport::Udp(_) = self.transport {
+                let Some(Datagram::Challenge(cookie)) = self.answer(|d| matches!(d, Datagram::Challenge(_))).await?
+                else {
+                    continue;
+                };
+                self.send(&Datagram::Prove { cookie, token }.encode()).await?;
+            }
+            if self.answer(|d| matches!(d, Datagram::Joined)).await?.is_some() {
                 return Ok(());
             }
         }
@@ -216,32 +295,67 @@ impl MediaLink {
 
     /// Waits a while for a datagram `wanted` accepts (media in between is
     /// dropped: nobody plays it yet).
-    async fn answer(&self, wanted: impl Fn(&Datagram) -> bool) -> Option<Datagram> {
+    async fn answer(&self, wanted: impl Fn(&Datagram) -> bool) -> Result<Option<Datagram>, ClientError> {
         let deadline = tokio::time::Instant::now() + JOIN_WAIT;
-        let mut buf = vec![0u8; 2048];
         loop {
-            let n = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await.ok()?.ok()?;
-            if let Ok(d) = Datagram::decode(&buf[..n]) {
-                if wanted(&d) {
-                    return Some(d);
+            let Ok(got) = tokio::time::timeout_at(deadline, self.recv()).await else { return Ok(None) };
+            if let Some(bytes) = got? {
+                if let Ok(d) = Datagram::decode(&bytes) {
+                    if wanted(&d) {
+                        return Ok(Some(d));
+                    }
                 }
             }
         }
     }
 
+    /// The next datagram from the relay: `None` for nothing usable (a UDP
+    /// error such as a refused port, a WebSocket ping).
+    ///
+    /// # Errors
+    /// The call socket closed.
+    async fn recv(&self) -> Result<Option<Vec<u8>>, ClientError> {
+        match &self.transport {
+            Transport::Udp(socket) => {
+                let mut buf = vec![0u8; 2048];
+                Ok(socket.recv(&mut buf).await.ok().map(|n| {
+                    buf.truncate(n);
+                    buf
+                }))
+            }
+            Transport::Socket { from, .. } => match futures_util::StreamExt::next(&mut *from.lock().await).await {
+                Some(Ok(WsMessage::Binary(bytes))) => Ok(Some(bytes.to_vec())),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Ok(None),
+                _ => Err(ClientError::Network("the server closed the call socket".into())),
+            },
+        }
+    }
+
     async fn send(&self, bytes: &[u8]) -> Result<(), ClientError> {
-        // A refused or full socket loses the datagram, as the network would;
-        // only a socket that cannot send at all is an error.
-        match self.socket.send(bytes).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
-            Err(e) => Err(ClientError::Network(format!("relay {}: {e}", self.ticket.addr))),
+        match &self.transport {
+            // A refused or full socket loses the datagram, as the network
+            // would; only a socket that cannot send at all is an error.
+            Transport::Udp(socket) => match socket.send(bytes).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+                Err(e) => Err(ClientError::Network(format!("relay {}: {e}", self.ticket.addr))),
+            },
+            Transport::Socket { to, .. } => {
+                futures_util::SinkExt::send(&mut *to.lock().await, WsMessage::Binary(bytes.to_vec().into()))
+                    .await
+                    .map_err(|e| ClientError::Network(format!("the call socket: {e}")))
+            }
         }
     }
 
     async fn leave(&self) {
-        let _ = self.socket.send(&Datagram::Leave.encode()).await;
+        let _ = self.send(&Datagram::Leave.encode()).await;
     }
+}
+
+/// The sound card, even after a callback panicked while holding it.
+fn lock_audio(a: &SharedAudio) -> std::sync::MutexGuard<'_, dyn AudioDevice + 'static> {
+    a.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One epoch's keys as the media engine takes them.
@@ -410,7 +524,10 @@ impl Subrosa {
         self.sync().await?;
         self.take_call_signals();
         let keys = self.call_keys(conversation)?;
-        let link = MediaLink::join(self.relay_ticket(conversation, options.relay).await?).await?;
+        let link = MediaLink::join(self.relay_ticket(conversation, options.relay).await?, self.api()).await?;
+        if let Transport::Socket { .. } = link.transport {
+            on(CallProgress::OverWebSocket);
+        }
         let mut media = Media::new(&keys)?;
         let call_id: [u8; 16] = rand::random();
         let mut ws = self.api().connect().await?;
@@ -425,10 +542,13 @@ impl Subrosa {
             call_id,
             end,
             output: Vec::new(),
+            heard_secs: 0.0,
             sent: 0,
             incoming: media.incoming.stats(),
             rekeys: media.rekeys,
         };
+        // Devices whose ringing was shown (each once).
+        let mut ringing: Vec<subrosa_proto::DeviceAddress> = Vec::new();
         let answer = loop {
             let from_others = |s: &IncomingSignal| {
                 s.conversation == *conversation && s.signal.call_id == call_id && s.from.handle != me
@@ -440,6 +560,10 @@ impl Subrosa {
                     CallAction::Answer => answered.push(s),
                     CallAction::Busy => end = Some(CallEnd::Busy { by: s.from.handle.to_string() }),
                     CallAction::Hangup => end = Some(CallEnd::HungUp { by: s.from.handle.to_string() }),
+                    CallAction::Ringing if !ringing.contains(&s.from) => {
+                        on(CallProgress::Ringing { at: s.from.handle.to_string() });
+                        ringing.push(s.from);
+                    }
                     CallAction::Offer | CallAction::Ringing => {}
                 }
             }
@@ -515,6 +639,7 @@ impl Subrosa {
                         call_id: [0; 16],
                         end: CallEnd::NoOffer,
                         output: Vec::new(),
+                        heard_secs: 0.0,
                         sent: 0,
                         incoming: IncomingStats::default(),
                         rekeys: 0,
@@ -524,11 +649,17 @@ impl Subrosa {
             }
         };
         let conversation = offer.conversation;
+        let call_id = offer.signal.call_id;
+        // The caller learns at once that a device got the offer.
+        let ringing = CallSignal { call_id, action: CallAction::Ringing, context: 0 };
+        self.signal(&conversation, ringing).await?;
         on(CallProgress::Incoming { from: offer.from.handle.to_string(), conversation: conversation.to_hex() });
         let keys = self.call_keys(&conversation)?;
-        let link = MediaLink::join(self.relay_ticket(&conversation, options.relay).await?).await?;
+        let link = MediaLink::join(self.relay_ticket(&conversation, options.relay).await?, self.api()).await?;
+        if let Transport::Socket { .. } = link.transport {
+            on(CallProgress::OverWebSocket);
+        }
         let mut media = Media::new(&keys)?;
-        let call_id = offer.signal.call_id;
         let answer = CallSignal { call_id, action: CallAction::Answer, context: media.context.value() };
         self.signal(&conversation, answer).await?;
         answered.retain(|a| a.conversation == conversation && a.signal.call_id == call_id);
@@ -603,8 +734,8 @@ impl Subrosa {
         let mut ticker = tokio::time::interval(FRAME);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut output: Vec<i16> = Vec::new();
+        let mut heard = 0u64;
         let mut sent = 0u64;
-        let mut buf = vec![0u8; 2048];
         let mut input = options.input.chunks(FRAME_SAMPLES);
         // Another process of this device (a `group remove` meanwhile) may
         // move the epoch without this one hearing of it on its socket.
@@ -615,21 +746,29 @@ impl Subrosa {
                     if sent >= frames {
                         break CallEnd::Duration;
                     }
-                    let mut frame = input.next().map(<[i16]>::to_vec).unwrap_or_default();
+                    let captured = options.audio.as_ref().and_then(|a| lock_audio(a).capture());
+                    let from_input = input.next().map(<[i16]>::to_vec);
+                    let mut frame = captured.or(from_input).unwrap_or_default();
                     frame.resize(FRAME_SAMPLES, 0);
                     let sealed = media.outgoing.frame(&frame).map_err(|e| ClientError::Bug(format!("call media: {e}")))?;
                     link.send(&Datagram::Media(sealed).encode()).await?;
                     sent += 1;
                     let played = media.incoming.play();
+                    if let Some(a) = &options.audio {
+                        lock_audio(a).play(&played);
+                    }
                     if media.incoming.stats().jitter.played > 0 {
-                        output.extend(played);
+                        heard += 1;
+                        if options.record {
+                            output.extend(played);
+                        }
                     }
                 }
-                got = link.socket.recv(&mut buf) => {
+                got = link.recv() => {
                     // A datagram that is not media, or does not open, is dropped
                     // (counted in the report).
-                    if let Ok(n) = got {
-                        if let Ok(Datagram::Media(bytes)) = Datagram::decode(&buf[..n]) {
+                    if let Some(bytes) = got? {
+                        if let Ok(Datagram::Media(bytes)) = Datagram::decode(&bytes) {
                             let _ = media.incoming.packet(&bytes, start.elapsed());
                         }
                     }
@@ -688,6 +827,7 @@ impl Subrosa {
             call_id,
             end,
             output,
+            heard_secs: heard as f64 * FRAME.as_secs_f64(),
             sent,
             incoming: media.incoming.stats(),
             rekeys: media.rekeys,

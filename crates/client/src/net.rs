@@ -193,7 +193,8 @@ async fn decode_response<R: DeserializeOwned>(resp: reqwest::Response, base: &Ur
     }
 }
 
-type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A WebSocket to the server, over TLS or not.
+pub type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// How long a send frame waits for the server's answer before it counts as
 /// lost (it stays queued and goes again, with its send id, so the server
@@ -536,10 +537,7 @@ impl Api {
     /// # Errors
     /// [`ClientError::Network`].
     pub async fn connect(&self) -> Result<Socket, ClientError> {
-        let mut url = self.base.join("/v1/ws").map_err(|e| ClientError::BadUrl(e.to_string()))?;
-        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-        url.set_scheme(scheme).map_err(|_| ClientError::Bug("ws scheme".into()))?;
-        let mut req = url.as_str().into_client_request().map_err(|e| ClientError::Network(e.to_string()))?;
+        let mut req = self.ws_request("/v1/ws")?;
         for (k, v) in self.signed_headers("GET", "/v1/ws", b"")? {
             let value = v.parse().map_err(|_| ClientError::Bug("header value".into()))?;
             req.headers_mut().insert(k, value);
@@ -547,13 +545,64 @@ impl Api {
         // Binary frames when the server speaks them; an older server ignores
         // the header and answers without its own.
         req.headers_mut().insert(frames::HEADER_FRAMES, WsHeader::from_static("1"));
+        let (mut ws, resp) = self.handshake(req, MAX_ANSWER_BYTES).await?;
+        let offered = resp.headers().get(frames::HEADER_FRAMES).is_some_and(|v| v.as_bytes() == b"1");
+        if !offered {
+            return Ok(Socket::start(ws, false));
+        }
+        let challenge = resp
+            .headers()
+            .get(frames::HEADER_CHALLENGE)
+            .and_then(|v| hex::decode(v.as_bytes()).ok())
+            .and_then(|c| <[u8; frames::CHALLENGE_LEN]>::try_from(c).ok())
+            .ok_or_else(|| ClientError::Protocol("the server offered binary frames without a challenge".into()))?;
+        let identity = self.identity();
+        let sig = identity.sign_with_device(&self.crypto, &frames::auth_message(&challenge, &identity.address()))?;
+        let sig = <[u8; frames::SIGNATURE_LEN]>::try_from(sig.as_slice())
+            .map_err(|_| ClientError::Bug("device signature length".into()))?;
+        let auth = ClientBin::Auth(sig).encode().map_err(|e| ClientError::Bug(e.to_string()))?;
+        ws.send(WsMessage::Binary(auth.into())).await.map_err(|e| ClientError::Network(e.to_string()))?;
+        Ok(Socket::start(ws, true))
+    }
+
+    /// Opens a call socket (`/v1/calls/ws`): the call relay over a
+    /// WebSocket, where UDP is blocked. Unsigned: the relay token in its
+    /// first message admits it, as over UDP.
+    ///
+    /// # Errors
+    /// [`ClientError::Network`]; the server's refusal (not found when it
+    /// runs no relay).
+    pub async fn call_socket(&self) -> Result<WsStream, ClientError> {
+        let req = self.ws_request("/v1/calls/ws")?;
+        // A datagram: a media packet and its header, or a token message.
+        Ok(self.handshake(req, 2048).await?.0)
+    }
+
+    /// A WebSocket request for `path` on the server (ws or wss as its URL).
+    fn ws_request(
+        &self,
+        path: &str,
+    ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, ClientError> {
+        let mut url = self.base.join(path).map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+        url.set_scheme(scheme).map_err(|_| ClientError::Bug("ws scheme".into()))?;
+        url.as_str().into_client_request().map_err(|e| ClientError::Network(e.to_string()))
+    }
+
+    /// Opens a WebSocket with this client's TLS settings, messages of at
+    /// most `max` bytes, and the errors said in one line.
+    async fn handshake(
+        &self,
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+        max: usize,
+    ) -> Result<(WsStream, tokio_tungstenite::tungstenite::handshake::client::Response), ClientError> {
         let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .max_message_size(Some(MAX_ANSWER_BYTES))
-            .max_frame_size(Some(MAX_ANSWER_BYTES));
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
         // tokio-tungstenite follows no redirect: a 3xx comes back as `Http`.
         let handshake = tokio_tungstenite::connect_async_tls_with_config(req, Some(config), false, Some(connector));
-        let (mut ws, resp) = tokio::time::timeout(CONNECT_TIMEOUT * 2, handshake)
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, handshake)
             .await
             .map_err(|_| ClientError::Network(format!("{} did not answer in time", self.base)))?
             .map_err(|e| match e {
@@ -572,24 +621,7 @@ impl Api {
                     }
                 }
                 other => ClientError::Network(format!("cannot reach {}: {other}", self.base)),
-            })?;
-        let offered = resp.headers().get(frames::HEADER_FRAMES).is_some_and(|v| v.as_bytes() == b"1");
-        if !offered {
-            return Ok(Socket::start(ws, false));
-        }
-        let challenge = resp
-            .headers()
-            .get(frames::HEADER_CHALLENGE)
-            .and_then(|v| hex::decode(v.as_bytes()).ok())
-            .and_then(|c| <[u8; frames::CHALLENGE_LEN]>::try_from(c).ok())
-            .ok_or_else(|| ClientError::Protocol("the server offered binary frames without a challenge".into()))?;
-        let identity = self.identity();
-        let sig = identity.sign_with_device(&self.crypto, &frames::auth_message(&challenge, &identity.address()))?;
-        let sig = <[u8; frames::SIGNATURE_LEN]>::try_from(sig.as_slice())
-            .map_err(|_| ClientError::Bug("device signature length".into()))?;
-        let auth = ClientBin::Auth(sig).encode().map_err(|e| ClientError::Bug(e.to_string()))?;
-        ws.send(WsMessage::Binary(auth.into())).await.map_err(|e| ClientError::Network(e.to_string()))?;
-        Ok(Socket::start(ws, true))
+            })
     }
 }
 

@@ -23,5 +23,6 @@ pub mod codec;
 pub mod jitter;
 pub mod pipeline;
 pub mod quality;
+pub mod resample;
 pub mod secure;
 pub mod wav;

@@ -83,6 +83,8 @@ pub struct AppState {
     pub(crate) metrics: metrics::SharedMetrics,
     /// The call relay's token issuer, when `--relay-listen` runs one.
     pub(crate) relay: Option<Arc<relay::Issuer>>,
+    /// The relay's end for call sockets (`GET /v1/calls/ws`), with it.
+    pub(crate) call_sockets: Option<relay::socket::CallSockets>,
     /// The key directory, opened on first use (or by [`start`]).
     kt: Arc<tokio::sync::OnceCell<Arc<kt::KtService>>>,
     kt_publish_interval: std::time::Duration,
@@ -138,6 +140,7 @@ impl AppState {
             shutdown_tx: Arc::new(shutdown_tx),
             metrics: Arc::default(),
             relay: None,
+            call_sockets: None,
             kt: Arc::new(tokio::sync::OnceCell::new()),
             kt_publish_interval: DEFAULT_KT_PUBLISH_INTERVAL,
             kt_mark: None,
@@ -146,10 +149,13 @@ impl AppState {
         }
     }
 
-    /// Issues call-relay tokens with this issuer (`POST /v1/calls/token`).
+    /// Issues call-relay tokens with this issuer (`POST /v1/calls/token`)
+    /// and hands call sockets (`GET /v1/calls/ws`) to the relay through
+    /// `sockets`.
     #[must_use]
-    pub fn with_relay(mut self, issuer: Arc<relay::Issuer>) -> Self {
+    pub fn with_relay(mut self, issuer: Arc<relay::Issuer>, sockets: relay::socket::CallSockets) -> Self {
         self.relay = Some(issuer);
+        self.call_sockets = Some(sockets);
         self
     }
 

@@ -56,6 +56,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/blobs/{blob}/finish", post(crate::blobs::finish))
         .route("/v1/blobs/{blob}/fetched", post(crate::blobs::fetched))
         .route("/v1/calls/token", post(crate::relay::token))
+        .route("/v1/calls/ws", get(crate::relay::socket::upgrade))
         .route("/v1/kt/head", get(kt_head))
         .route("/v1/kt/lookup/{handle}", get(kt_lookup))
         .route("/v1/kt/audit", get(kt_audit))

@@ -118,11 +118,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .with_kt_publish_interval(config.kt_publish_interval)
         .with_kt_mark(config.data_dir.join(KT_MARK_FILE));
     let relay = match config.relay_listen {
-        Some(addr) => Some(crate::relay::bind(addr).await?),
+        Some(addr) => Some(crate::relay::bind(addr, Some(store.as_ref())).await?),
         None => None,
     };
+    let (call_sockets, call_events) = crate::relay::socket::channel();
     let state = match &relay {
-        Some((_, issuer)) => state.with_relay(Arc::clone(issuer)),
+        Some((_, issuer)) => state.with_relay(Arc::clone(issuer), call_sockets),
         None => state,
     };
     #[cfg(feature = "test-attacks")]
@@ -168,7 +169,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let relay_addr = match relay {
         Some((socket, issuer)) => {
             let addr = socket.local_addr().ok();
-            crate::relay::spawn(socket, issuer, crate::relay::RelayLimits::default(), stop.clone());
+            crate::relay::spawn(socket, issuer, crate::relay::RelayLimits::default(), call_events, stop.clone());
             addr
         }
         None => None,

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{http, register, TestDevice};
+use common::{call_token, http, register, roster_conversation, TestDevice};
 use futures_util::StreamExt as _;
 use serde_json::json;
 use subrosa_proto::{ConversationId, ErrorCode, ServerFrame};
@@ -221,6 +221,53 @@ async fn a_send_on_one_node_reaches_a_socket_on_another() {
     assert_eq!(err.code, ErrorCode::Unauthorized);
     assert!(started.elapsed() < Duration::from_secs(1), "cross-node revocation took {:?}", started.elapsed());
     drop((ws, ws2, a, b));
+}
+
+/// Joins the relay at `relay` from a fresh socket with `token`: whether it
+/// answered the Join with a challenge and the Prove with `Joined`.
+fn relay_accepts(relay: SocketAddr, token: subrosa_proto::relay::Token) -> bool {
+    use subrosa_proto::relay::Datagram;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    // A bound on waiting for an answer that may never come, not a measure.
+    s.set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
+    let recv = || {
+        let mut buf = [0u8; 2048];
+        let n = s.recv(&mut buf).ok()?;
+        Datagram::decode(&buf[..n]).ok()
+    };
+    s.send_to(&Datagram::Join(token).encode(), relay).expect("send");
+    let Some(Datagram::Challenge(cookie)) = recv() else { return false };
+    s.send_to(&Datagram::Prove { cookie, token }.encode(), relay).expect("send");
+    recv() == Some(Datagram::Joined)
+}
+
+/// A call relay token issued by one node is accepted by the relay of
+/// another node of the same database (the relay key is kept in the
+/// database, not made by each process), and by its issuer after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_token_from_one_node_is_accepted_by_another() {
+    let Some(schema) = Schema::new().await else { return };
+    let with_relay = ["--rate-limit", "0", "--relay-listen", "127.0.0.1:0"];
+    let a = Node::start_with(&schema.url, &with_relay);
+    let b = Node::start_with(&schema.url, &with_relay);
+    let alice = register(a.addr, "alice").await;
+    let bob = register(b.addr, "bob").await;
+    let call = roster_conversation(a.addr, &alice, &[&alice, &bob]).await;
+    let (_, Some((from_a, port_a))) = call_token(a.addr, &alice, &call).await else { panic!("no token from A") };
+    let (_, Some((_, port_b))) = call_token(b.addr, &bob, &call).await else { panic!("no token from B") };
+    assert_ne!(port_a, port_b, "two relays");
+    let relay_b = SocketAddr::from(([127, 0, 0, 1], port_b));
+    assert!(relay_accepts(relay_b, from_a), "B's relay refused a token A issued");
+    // Still only real tokens: one bit changed and B does not answer.
+    let mut forged = from_a;
+    forged.0[20] ^= 1;
+    assert!(!relay_accepts(relay_b, forged), "B's relay accepted a forged token");
+    // A restarted node keeps the key: the token it issued before still works.
+    drop(a);
+    let a = Node::start_with(&schema.url, &with_relay);
+    let (_, Some((_, port_a))) = call_token(a.addr, &alice, &call).await else { panic!("no token from A") };
+    assert!(relay_accepts(SocketAddr::from(([127, 0, 0, 1], port_a)), from_a), "a restart voided A's token");
+    drop((a, b));
 }
 
 /// Concurrent commits for one epoch of one conversation, posted through two

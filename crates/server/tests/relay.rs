@@ -10,10 +10,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use base64::Engine as _;
-use common::{http, register, TestDevice};
-use serde_json::json;
-use subrosa_proto::relay::{Datagram, Token, TOKEN_LEN};
+use common::{call_token as token, register, roster_conversation as conversation};
+use subrosa_proto::relay::{Datagram, Token};
 use subrosa_proto::ConversationId;
 
 const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
@@ -21,50 +19,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_subrosa-server");
 /// The binary with the call relay on, over a fresh data directory.
 fn start() -> (common::Spawned, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
+    (start_in(&dir), dir)
+}
+
+/// The binary with the call relay on, over the data directory `dir`.
+fn start_in(dir: &tempfile::TempDir) -> common::Spawned {
     let args = ["--listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--data"];
     let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
     args.push(dir.path().as_os_str());
-    (common::spawn_server(BIN, &args, |_| {}), dir)
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// Creates a conversation whose roster is `members` (a commit at epoch 0
-/// framed as the server reads it; its content stays opaque).
-async fn conversation(server: SocketAddr, by: &TestDevice, members: &[&TestDevice]) -> ConversationId {
-    let id = ConversationId(rand::random());
-    let mut framed = vec![0x00, 0x01, 0x00, 0x02, 0x10];
-    framed.extend_from_slice(id.as_bytes());
-    framed.extend_from_slice(&0u64.to_be_bytes());
-    framed.push(3);
-    framed.extend_from_slice(b"commit");
-    let others: Vec<_> = members.iter().filter(|m| m.handle != by.handle).map(|m| m.addr()).collect();
-    let body = json!({
-        "conversation": id.to_hex(),
-        "send_id": hex::encode(rand::random::<[u8; 16]>()),
-        "commit": { "epoch": 0, "members": members.iter().map(|m| m.addr()).collect::<Vec<_>>() },
-        "parts": [{ "kind": "commit", "recipients": others, "ciphertext": b64(&framed) }],
-    });
-    let (status, answer) =
-        http(server, by.request("POST", "/v1/messages", serde_json::to_vec(&body).expect("json"))).await;
-    assert_eq!(status, 200, "{answer}");
-    id
-}
-
-/// Asks for a token: the status, and the token and relay port when given.
-async fn token(server: SocketAddr, device: &TestDevice, id: &ConversationId) -> (u16, Option<(Token, u16)>) {
-    let body = serde_json::to_vec(&json!({ "conversation": id.to_hex() })).expect("json");
-    let (status, answer) = http(server, device.request("POST", "/v1/calls/token", body)).await;
-    if status != 200 {
-        return (status, None);
-    }
-    let bytes =
-        base64::engine::general_purpose::STANDARD.decode(answer["token"].as_str().expect("token")).expect("b64");
-    let token = Token(<[u8; TOKEN_LEN]>::try_from(bytes.as_slice()).expect("token length"));
-    let port = u16::try_from(answer["udp_port"].as_u64().expect("port")).expect("port");
-    (status, Some((token, port)))
+    common::spawn_server(BIN, &args, |_| {})
 }
 
 fn socket() -> UdpSocket {
@@ -146,4 +109,21 @@ async fn no_relay_no_tokens() {
     let bob = register(addr, "bob").await;
     let call = conversation(addr, &alice, &[&alice, &bob]).await;
     assert_eq!(token(addr, &alice, &call).await.0, 404);
+}
+
+/// The relay key is kept in the database: a token issued before a restart
+/// is still accepted after it (a per-process key would void it).
+#[tokio::test]
+async fn a_token_outlives_a_restart_of_its_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_in(&dir);
+    let alice = register(server.addr, "alice").await;
+    let bob = register(server.addr, "bob").await;
+    let call = conversation(server.addr, &alice, &[&alice, &bob]).await;
+    let (_, Some((before, _))) = token(server.addr, &alice, &call).await else { panic!("alice: no token") };
+    drop(server);
+    let server = start_in(&dir);
+    let (_, Some((_, port))) = token(server.addr, &bob, &call).await else { panic!("bob: no token") };
+    let relay = SocketAddr::from(([127, 0, 0, 1], port));
+    join(&socket(), relay, before);
 }

@@ -9,9 +9,17 @@
 //! ([`Session::take_call_signals`]), with the sender's MLS leaf index, so
 //! the call admits exactly the media streams announced inside MLS.
 //!
+//! The queue is bounded ([`MAX_QUEUED_SIGNALS`], the oldest go first): a
+//! process that never runs a call (`receive --follow`) or a member who
+//! floods offers cannot grow it without end.
+//!
 //! Whether this account answered a call is kept in the store's meta table
 //! (`call.<id>`: `offer` once another account's offer arrived, `answered`
-//! once a device of this account answered), removed when the call ends.
+//! once a device of this account answered, each followed by the time it was
+//! written, 8 bytes big-endian ms), removed when the call ends. A call
+//! whose end never arrives (the other side crashed) leaves its row; rows
+//! older than [`CALL_ROW_TTL_MS`] are swept whenever a new one is written,
+//! so they cannot pile up.
 
 use serde::{Deserialize, Serialize};
 use subrosa_core::call::{CallAction, CallSignal};
@@ -66,12 +74,37 @@ pub struct IncomingSignal {
     pub signal: CallSignal,
 }
 
+/// Signals kept for a call this process may run; beyond it the oldest go.
+pub const MAX_QUEUED_SIGNALS: usize = 64;
+/// A `call.<id>` row older than this is swept (no call rings or lasts a day).
+pub const CALL_ROW_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+const META_PREFIX: &str = "call.";
+
 fn meta_key(call_id: &[u8; 16]) -> String {
-    format!("call.{}", hex::encode(call_id))
+    format!("{META_PREFIX}{}", hex::encode(call_id))
 }
 
 const STATE_OFFER: &[u8] = b"offer";
 const STATE_ANSWERED: &[u8] = b"answered";
+
+/// A `call.<id>` row's value: its state, then when it was written.
+fn row_value(state: &[u8], at_ms: u64) -> Vec<u8> {
+    let mut v = state.to_vec();
+    v.extend_from_slice(&at_ms.to_be_bytes());
+    v
+}
+
+/// The state and time of a row (a row written before times were kept has
+/// none, and counts as old).
+fn parse_row(value: &[u8]) -> (&[u8], Option<u64>) {
+    for state in [STATE_OFFER, STATE_ANSWERED] {
+        if let Some(rest) = value.strip_prefix(state) {
+            return (state, <[u8; 8]>::try_from(rest).ok().map(u64::from_be_bytes));
+        }
+    }
+    (value, None)
+}
 
 impl Session {
     /// Applies a call signal from a member (see the module documentation).
@@ -101,6 +134,9 @@ impl Session {
             // A batch applied again after a failed attempt sees it twice.
             let mut q = self.lock_calls();
             if !q.contains(&incoming) {
+                if q.len() >= MAX_QUEUED_SIGNALS {
+                    q.remove(0);
+                }
                 q.push(incoming);
             }
         }
@@ -121,20 +157,23 @@ impl Session {
     ) -> Result<(), ClientError> {
         let key = meta_key(&signal.call_id);
         let mine = from.handle == *self.handle();
+        let now = self.now_ms();
         let line = match signal.action {
             CallAction::Ringing => return Ok(()),
             CallAction::Offer if !mine => {
-                tx.set_meta(&key, STATE_OFFER)?;
+                sweep_call_rows(tx, now)?;
+                tx.set_meta(&key, &row_value(STATE_OFFER, now))?;
                 CallLine::Offer
             }
             CallAction::Answer if mine => {
-                tx.set_meta(&key, STATE_ANSWERED)?;
+                sweep_call_rows(tx, now)?;
+                tx.set_meta(&key, &row_value(STATE_ANSWERED, now))?;
                 CallLine::Answer
             }
             CallAction::Hangup if !mine => {
                 let state = tx.meta(&key)?;
                 tx.delete_meta(&key)?;
-                if state.as_deref().map(|s| &s[..]) == Some(STATE_OFFER) {
+                if state.as_deref().map(|s| parse_row(s).0) == Some(STATE_OFFER) {
                     CallLine::Missed
                 } else {
                     CallLine::Hangup
@@ -153,5 +192,37 @@ impl Session {
     /// The call signals that arrived since the last call, oldest first.
     pub fn take_call_signals(&self) -> Vec<IncomingSignal> {
         std::mem::take(&mut *self.lock_calls())
+    }
+}
+
+/// Deletes the `call.<id>` rows older than [`CALL_ROW_TTL_MS`] at `now`.
+fn sweep_call_rows(tx: &mut dyn Tx, now: u64) -> Result<(), ClientError> {
+    for key in tx.meta_keys(META_PREFIX)? {
+        let old = match tx.meta(&key)? {
+            Some(v) => parse_row(&v).1.is_none_or(|at| now.saturating_sub(at) > CALL_ROW_TTL_MS),
+            None => false,
+        };
+        if old {
+            tx.delete_meta(&key)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_row_is_its_state_then_its_time() {
+        // The stored form: a change to it is a visible decision.
+        let v = row_value(STATE_OFFER, 0x0102_0304_0506_0708);
+        assert_eq!(v, b"offer\x01\x02\x03\x04\x05\x06\x07\x08");
+        assert_eq!(row_value(STATE_ANSWERED, 1), b"answered\0\0\0\0\0\0\0\x01");
+        assert_eq!(parse_row(&v), (STATE_OFFER, Some(0x0102_0304_0506_0708)));
+        // A row from before times were kept is old; a garbled one too.
+        assert_eq!(parse_row(b"offer"), (STATE_OFFER, None));
+        assert_eq!(parse_row(b"answered\x01"), (STATE_ANSWERED, None));
+        assert_eq!(parse_row(b"what").1, None);
     }
 }

@@ -1316,3 +1316,51 @@ fn nobody_owes_a_receipt_for_their_own_accounts_messages() {
     assert_eq!(post_oldest(&bob).1.parts[0].recipients.len(), 2, "to both of alice's devices");
     assert!(alice2.session.store().read(|tx| tx.outbox()).expect("outbox").is_empty());
 }
+
+fn call(call_id: u8, action: subrosa_core::call::CallAction) -> Body {
+    Body::Call(subrosa_core::call::CallSignal { call_id: [call_id; 16], action, context: 7 })
+}
+
+#[test]
+fn a_flood_of_call_signals_keeps_only_the_newest_in_memory() {
+    use subrosa_core::call::CallAction;
+    let (alice, bob, id) = pair();
+    let n = crate::calls::MAX_QUEUED_SIGNALS + 6;
+    for seq in 1..=n {
+        bob.receive(&alice.send(id, seq as u64, call(seq as u8, CallAction::Ringing)));
+    }
+    let queued = bob.session.take_call_signals();
+    assert_eq!(queued.len(), crate::calls::MAX_QUEUED_SIGNALS);
+    assert_eq!(queued.first().map(|s| s.signal.call_id), Some([7; 16]), "the oldest six went");
+    assert_eq!(queued.last().map(|s| s.signal.call_id), Some([n as u8; 16]));
+    assert!(bob.session.take_call_signals().is_empty());
+}
+
+#[test]
+fn a_call_row_whose_end_never_came_is_swept_a_day_later() {
+    use subrosa_core::call::CallAction;
+    let (alice, bob, id) = pair();
+    let keys = |d: &Device| d.session.store().read(|tx| tx.meta_keys("call.")).expect("keys");
+    // An offer whose hang-up never arrives (the caller crashed).
+    bob.receive(&alice.send(id, 1, call(1, CallAction::Offer)));
+    assert_eq!(keys(&bob), vec![format!("call.{}", hex::encode([1u8; 16]))]);
+    // Within the day, another offer leaves it.
+    bob.clock.0.fetch_add(crate::calls::CALL_ROW_TTL_MS, Ordering::SeqCst);
+    bob.receive(&alice.send(id, 2, call(2, CallAction::Offer)));
+    assert_eq!(keys(&bob).len(), 2);
+    // Past the day, the next offer sweeps the first.
+    bob.clock.0.fetch_add(1, Ordering::SeqCst);
+    bob.receive(&alice.send(id, 3, call(3, CallAction::Offer)));
+    assert_eq!(
+        keys(&bob),
+        vec![format!("call.{}", hex::encode([2u8; 16])), format!("call.{}", hex::encode([3u8; 16]))]
+    );
+    // A swept row's call still ends with a line; a kept one is still a missed call.
+    bob.receive(&alice.send(id, 4, call(3, CallAction::Hangup)));
+    let last = events(&bob.unseen()).pop();
+    assert!(
+        matches!(last, Some(SystemEvent::Call { action: crate::CallLine::Missed, .. })),
+        "a kept row still tells a missed call: {last:?}"
+    );
+    assert_eq!(keys(&bob), vec![format!("call.{}", hex::encode([2u8; 16]))]);
+}

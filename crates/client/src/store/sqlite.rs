@@ -687,6 +687,17 @@ impl Meta for SqliteTx<'_> {
         self.lock().execute("DELETE FROM meta WHERE key = ?1", [key]).map(|_| ()).map_err(sql)
     }
 
+    fn meta_keys(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
+        let conn = self.lock();
+        // substr compares bytes exactly, where LIKE would treat `_` and `%`
+        // in the prefix as patterns.
+        let mut stmt = conn
+            .prepare_cached("SELECT key FROM meta WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")
+            .map_err(sql)?;
+        let rows = stmt.query_map([prefix], |r| r.get::<_, String>(0)).map_err(sql)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+    }
+
     fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
         self.lock()
             .execute(

@@ -3,9 +3,9 @@
 //!
 //! **Who may use it.** `POST /v1/calls/token` ([`token`]) issues a join token
 //! to a signed-in device that is in the conversation's roster (as the commits
-//! set it); the token is an HMAC under this node's relay key (random at each
-//! start, never stored) over the conversation, a tag of the device and an
-//! expiry five minutes ahead. A token only limits abuse: the media keys come
+//! set it); the token is an HMAC under the relay key (one per database,
+//! made by the first node that needed it: [`Issuer::from_store`]) over the
+//! conversation, a tag of the device and an expiry five minutes ahead. A token only limits abuse: the media keys come
 //! from MLS, so the relay cannot listen whoever joins.
 //!
 //! **No amplification.** Nothing is ever sent to an address that has not
@@ -28,11 +28,21 @@
 //!
 //! **Nothing kept.** Media is never stored, parsed or logged; the relay logs
 //! nothing about calls, devices or addresses. Its state is a map of live
-//! sessions in one task (no locks): tokens are valid on the node that issued
-//! them, so all devices of a call use one relay node (the token answer names
-//! its port).
+//! sessions in one task (no locks). A token is accepted by every node of
+//! the database, but a call's media meets only within one node's relay:
+//! each device joins the relay of the node it asked (the token answer
+//! names its port), so the devices of one call must ask the same node.
+//!
+//! **Where UDP is blocked.** A device may instead open a call socket,
+//! `GET /v1/calls/ws` ([`socket`]): a WebSocket whose binary messages are
+//! the same datagrams. Its `Join` makes a session at once (the TCP
+//! handshake already proved the address, so no cookie round trip), the
+//! token rule is the same, and its media is forwarded to and from the
+//! call's UDP sessions alike; the relay still sees only SFrame ciphertext.
 //!
 //! Wire format: [`subrosa_proto::relay`].
+
+pub mod socket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -136,7 +146,8 @@ struct Claim {
 const BODY_LEN: usize = 1 + 16 + 8 + 8;
 
 impl Issuer {
-    /// An issuer with a fresh random key.
+    /// An issuer with a fresh random key, known to this process only (a
+    /// relay without a database: tests and benchmarks).
     ///
     /// # Errors
     /// Only if the system's randomness fails.
@@ -147,7 +158,25 @@ impl Issuer {
         Ok(Self { key, udp_port })
     }
 
-    fn mint(&self, call: &ConversationId, device: &DeviceAddress, expires_s: u64) -> Token {
+    /// An issuer keyed from the database: the relay key `store` holds, or
+    /// a fresh one it keeps from now on. Every node sharing the database
+    /// then accepts the tokens any of them issued, so the devices of one
+    /// call may join through different nodes, and a restart does not void
+    /// the tokens out.
+    ///
+    /// # Errors
+    /// [`crate::ServerError::Store`] when the store fails.
+    pub async fn from_store(store: &dyn crate::store::Store, udp_port: u16) -> Result<Self, crate::ServerError> {
+        let candidate: [u8; 32] = rand::random();
+        let stored = zeroize::Zeroizing::new(store.relay_key(candidate).await?);
+        Ok(Self { key: hmac::Key::new(hmac::HMAC_SHA256, stored.as_ref()), udp_port })
+    }
+
+    /// A token for `device` in the call of `call`, accepted until
+    /// `expires_s` (seconds since the Unix epoch). The token route mints
+    /// with it after checking the roster; so does a benchmark that drives
+    /// the relay without a server around it.
+    pub fn mint(&self, call: &ConversationId, device: &DeviceAddress, expires_s: u64) -> Token {
         let mut out = [0u8; TOKEN_LEN];
         out[0] = TOKEN_VERSION;
         out[1..17].copy_from_slice(call.as_bytes());
@@ -216,6 +245,20 @@ pub(crate) async fn token(
     Ok(Json(CallToken { token: B64(token.0.to_vec()), udp_port: issuer.udp_port, expires_at_ms }))
 }
 
+/// Where a session's datagrams come from and go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A UDP address that proved a token by a round trip.
+    Udp(SocketAddr),
+    /// A call socket (WebSocket), numbered by this node, from `ip`.
+    Socket {
+        /// The socket's number on this node.
+        id: u64,
+        /// The address it connected from (for the per-source cap).
+        ip: std::net::IpAddr,
+    },
+}
+
 /// A token bucket.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -251,7 +294,7 @@ struct Session {
 
 #[derive(Debug)]
 struct Call {
-    members: Vec<SocketAddr>,
+    members: Vec<Peer>,
     bytes: Bucket,
 }
 
@@ -273,7 +316,7 @@ pub struct RelayCounters {
 pub struct Relay {
     issuer: Arc<Issuer>,
     limits: RelayLimits,
-    sessions: HashMap<SocketAddr, Session>,
+    sessions: HashMap<Peer, Session>,
     calls: HashMap<ConversationId, Call>,
     /// Sessions per [`source`] and per device tag, kept with `sessions`
     /// (no entry at zero), so a `Prove` checks its caps without a scan.
@@ -284,8 +327,12 @@ pub struct Relay {
 
 /// What the per-source cap counts a session against: its IPv4 address, or
 /// the /64 of its IPv6 address (IPv4-mapped ones as IPv4).
-fn source(addr: &SocketAddr) -> std::net::IpAddr {
-    match addr.ip() {
+fn source(peer: &Peer) -> std::net::IpAddr {
+    let ip = match peer {
+        Peer::Udp(addr) => addr.ip(),
+        Peer::Socket { ip, .. } => *ip,
+    };
+    match ip {
         std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => std::net::IpAddr::V4(v4),
             None => {
@@ -308,7 +355,7 @@ fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
 }
 
 /// What to send in answer to one datagram.
-type Out = Vec<(SocketAddr, Vec<u8>)>;
+pub type Out = Vec<(Peer, Vec<u8>)>;
 
 impl Relay {
     /// A relay checking tokens with `issuer`.
@@ -334,7 +381,7 @@ impl Relay {
         Vec::new()
     }
 
-    fn remove(&mut self, addr: &SocketAddr) {
+    fn remove(&mut self, addr: &Peer) {
         if let Some(s) = self.sessions.remove(addr) {
             decrement(&mut self.per_source, &source(addr));
             decrement(&mut self.per_device, &s.claim.device);
@@ -347,122 +394,133 @@ impl Relay {
         }
     }
 
+    /// Forgets `peer`'s session (its call socket closed).
+    pub fn disconnect(&mut self, peer: &Peer) {
+        self.remove(peer);
+    }
+
     /// Handles one datagram from `from` at `now` (`now_s`: seconds since the
     /// Unix epoch, for token expiry) and returns what to send where.
-    pub fn handle(&mut self, bytes: &[u8], from: SocketAddr, now: Instant, now_s: u64) -> Out {
+    pub fn handle(&mut self, bytes: &[u8], from: Peer, now: Instant, now_s: u64) -> Out {
         let Ok(datagram) = Datagram::decode(bytes) else {
             return self.drop_one();
         };
-        match datagram {
-            Datagram::Join(token) => {
+        match (datagram, from) {
+            (Datagram::Join(token), Peer::Udp(addr)) => {
                 if self.issuer.check(&token, now_s).is_none() {
                     return self.drop_one();
                 }
                 self.counters.challenges += 1;
-                let cookie = self.issuer.cookie(&from, &token, now_s / COOKIE_SLOT_SECS);
+                let cookie = self.issuer.cookie(&addr, &token, now_s / COOKIE_SLOT_SECS);
                 vec![(from, Datagram::Challenge(cookie).encode())]
             }
-            Datagram::Prove { cookie, token } => {
+            // A call socket's address is proved by its TCP handshake.
+            (Datagram::Join(token), Peer::Socket { .. }) => match self.issuer.check(&token, now_s) {
+                Some(claim) => self.admit(claim, from, now),
+                None => self.drop_one(),
+            },
+            (Datagram::Prove { cookie, token }, Peer::Udp(addr)) => {
                 let Some(claim) = self.issuer.check(&token, now_s) else {
                     return self.drop_one();
                 };
-                if !self.issuer.cookie_ok(&from, &token, &cookie, now_s) {
+                if !self.issuer.cookie_ok(&addr, &token, &cookie, now_s) {
                     return self.drop_one();
                 }
-                // The same device from a new address (NAT rebinding, a
-                // restart): the old session goes.
-                let stale: Vec<SocketAddr> = self
-                    .calls
-                    .get(&claim.call)
-                    .map(|c| {
-                        c.members
-                            .iter()
-                            .filter(|a| self.sessions.get(a).is_some_and(|s| s.claim == claim))
-                            .copied()
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                // Proving again (from the same address or a new one) keeps
-                // the device's rate buckets: a fresh session must not
-                // refill them, or a Prove every few packets would lift
-                // the per-device limit.
-                let carried = stale.iter().find_map(|a| self.sessions.get(a)).map(|s| (s.packets, s.bytes));
-                for a in &stale {
-                    self.remove(a);
-                }
-                if self.sessions.contains_key(&from) {
-                    self.remove(&from);
-                }
-                let members = self.calls.get(&claim.call).map_or(0, |c| c.members.len());
-                let of_source = self.per_source.get(&source(&from)).copied().unwrap_or(0);
-                let of_device = self.per_device.get(&claim.device).copied().unwrap_or(0);
-                if members >= self.limits.max_devices_per_call
-                    || self.sessions.len() >= self.limits.max_sessions
-                    || of_source >= self.limits.max_sessions_per_source
-                    || of_device >= self.limits.max_sessions_per_device
-                {
-                    return self.drop_one();
-                }
-                let limits = self.limits;
-                let (packets, bytes) = carried.unwrap_or_else(|| {
-                    (Bucket::full(limits.packets_per_second, now), Bucket::full(limits.bytes_per_second, now))
-                });
-                self.sessions.insert(from, Session { claim, last_seen: now, packets, bytes });
-                *self.per_source.entry(source(&from)).or_default() += 1;
-                *self.per_device.entry(claim.device).or_default() += 1;
-                self.calls
-                    .entry(claim.call)
-                    .or_insert_with(|| Call {
-                        members: Vec::new(),
-                        bytes: Bucket::full(limits.call_bytes_per_second, now),
-                    })
-                    .members
-                    .push(from);
-                self.counters.joined += 1;
-                vec![(from, Datagram::Joined.encode())]
+                self.admit(claim, from, now)
             }
-            Datagram::Media(_) => {
-                let limits = self.limits;
-                let Some(session) = self.sessions.get_mut(&from) else {
-                    return self.drop_one();
-                };
-                session.last_seen = now;
-                let size = bytes.len() as f64;
-                if !session.packets.take(1.0, limits.packets_per_second, now)
-                    || !session.bytes.take(size, limits.bytes_per_second, now)
-                {
-                    return self.drop_one();
-                }
-                let call_id = session.claim.call;
-                let Some(call) = self.calls.get_mut(&call_id) else {
-                    return self.drop_one();
-                };
-                let mut out = Vec::new();
-                for to in call.members.iter().filter(|m| **m != from) {
-                    if !call.bytes.take(size, limits.call_bytes_per_second, now) {
-                        self.counters.dropped += 1;
-                        continue;
-                    }
-                    out.push((*to, bytes.to_vec()));
-                }
-                self.counters.forwarded += out.len() as u64;
-                out
-            }
-            Datagram::Leave => {
+            (Datagram::Media(_), _) => self.forward(bytes, from, now),
+            (Datagram::Leave, _) => {
                 if self.sessions.contains_key(&from) {
                     self.remove(&from);
                 }
                 Vec::new()
             }
-            // Only the relay sends these.
-            Datagram::Challenge(_) | Datagram::Joined => self.drop_one(),
+            // Only the relay sends these; a call socket has nothing to prove.
+            (Datagram::Challenge(_) | Datagram::Joined | Datagram::Prove { .. }, _) => self.drop_one(),
         }
+    }
+
+    /// Makes a session for a device that proved `claim` from `from`.
+    fn admit(&mut self, claim: Claim, from: Peer, now: Instant) -> Out {
+        // The same device from a new address (NAT rebinding, a
+        // restart): the old session goes.
+        let stale: Vec<Peer> = self
+            .calls
+            .get(&claim.call)
+            .map(|c| {
+                c.members.iter().filter(|a| self.sessions.get(a).is_some_and(|s| s.claim == claim)).copied().collect()
+            })
+            .unwrap_or_default();
+        // Proving again (from the same address or a new one) keeps
+        // the device's rate buckets: a fresh session must not
+        // refill them, or a Prove every few packets would lift
+        // the per-device limit.
+        let carried = stale.iter().find_map(|a| self.sessions.get(a)).map(|s| (s.packets, s.bytes));
+        for a in &stale {
+            self.remove(a);
+        }
+        if self.sessions.contains_key(&from) {
+            self.remove(&from);
+        }
+        let members = self.calls.get(&claim.call).map_or(0, |c| c.members.len());
+        let of_source = self.per_source.get(&source(&from)).copied().unwrap_or(0);
+        let of_device = self.per_device.get(&claim.device).copied().unwrap_or(0);
+        if members >= self.limits.max_devices_per_call
+            || self.sessions.len() >= self.limits.max_sessions
+            || of_source >= self.limits.max_sessions_per_source
+            || of_device >= self.limits.max_sessions_per_device
+        {
+            return self.drop_one();
+        }
+        let limits = self.limits;
+        let (packets, bytes) = carried.unwrap_or_else(|| {
+            (Bucket::full(limits.packets_per_second, now), Bucket::full(limits.bytes_per_second, now))
+        });
+        self.sessions.insert(from, Session { claim, last_seen: now, packets, bytes });
+        *self.per_source.entry(source(&from)).or_default() += 1;
+        *self.per_device.entry(claim.device).or_default() += 1;
+        self.calls
+            .entry(claim.call)
+            .or_insert_with(|| Call { members: Vec::new(), bytes: Bucket::full(limits.call_bytes_per_second, now) })
+            .members
+            .push(from);
+        self.counters.joined += 1;
+        vec![(from, Datagram::Joined.encode())]
+    }
+
+    /// Forwards a media datagram from `from` to the other sessions of its call.
+    fn forward(&mut self, bytes: &[u8], from: Peer, now: Instant) -> Out {
+        let limits = self.limits;
+        let Some(session) = self.sessions.get_mut(&from) else {
+            return self.drop_one();
+        };
+        session.last_seen = now;
+        let size = bytes.len() as f64;
+        if !session.packets.take(1.0, limits.packets_per_second, now)
+            || !session.bytes.take(size, limits.bytes_per_second, now)
+        {
+            return self.drop_one();
+        }
+        let call_id = session.claim.call;
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return self.drop_one();
+        };
+        let mut out = Vec::new();
+        for to in call.members.iter().filter(|m| **m != from) {
+            if !call.bytes.take(size, limits.call_bytes_per_second, now) {
+                self.counters.dropped += 1;
+                continue;
+            }
+            out.push((*to, bytes.to_vec()));
+        }
+        self.counters.forwarded += out.len() as u64;
+        out
     }
 
     /// Drops sessions idle for longer than the limit.
     pub fn sweep(&mut self, now: Instant) {
         let idle = self.limits.idle;
-        let gone: Vec<SocketAddr> = self
+        let gone: Vec<Peer> = self
             .sessions
             .iter()
             .filter(|(_, s)| now.saturating_duration_since(s.last_seen) > idle)
@@ -479,34 +537,79 @@ fn unix_seconds() -> u64 {
 }
 
 /// Binds the relay's UDP socket and makes its issuer (before the HTTP
-/// routes are built, so the token route knows the port).
+/// routes are built, so the token route knows the port): keyed from
+/// `store` when given (a server), else with a key of this process only.
 ///
 /// # Errors
-/// [`crate::ServerError::Bind`] when the address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, Arc<Issuer>), crate::ServerError> {
+/// [`crate::ServerError::Bind`] when the address cannot be bound;
+/// [`crate::ServerError::Store`] when the store fails.
+pub async fn bind(
+    addr: SocketAddr,
+    store: Option<&dyn crate::store::Store>,
+) -> Result<(UdpSocket, Arc<Issuer>), crate::ServerError> {
     let socket = UdpSocket::bind(addr).await.map_err(|source| crate::ServerError::Bind { addr, source })?;
     let port = socket.local_addr().map_err(|source| crate::ServerError::Bind { addr, source })?.port();
-    Ok((socket, Arc::new(Issuer::new(port)?)))
+    let issuer = match store {
+        Some(store) => Issuer::from_store(store, port).await?,
+        None => Issuer::new(port)?,
+    };
+    Ok((socket, Arc::new(issuer)))
 }
 
-/// Runs the relay on `socket` until `stop` changes.
-pub fn spawn(socket: UdpSocket, issuer: Arc<Issuer>, limits: RelayLimits, mut stop: watch::Receiver<bool>) {
+/// Runs the relay on `socket` and the call sockets' `events` until `stop`
+/// changes.
+pub fn spawn(
+    socket: UdpSocket,
+    issuer: Arc<Issuer>,
+    limits: RelayLimits,
+    mut events: tokio::sync::mpsc::Receiver<socket::Event>,
+    mut stop: watch::Receiver<bool>,
+) {
     tokio::spawn(async move {
         let mut relay = Relay::new(issuer, limits);
+        // Where each open call socket's datagrams go.
+        let mut sockets: HashMap<u64, tokio::sync::mpsc::Sender<Vec<u8>>> = HashMap::new();
         let mut buf = vec![0u8; 2048];
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         loop {
-            tokio::select! {
+            let out = tokio::select! {
                 got = socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = got else { continue };
-                    let out = relay.handle(&buf[..n], from, Instant::now(), unix_seconds());
-                    for (to, bytes) in out {
-                        // A full socket buffer loses the datagram, as the network would.
-                        let _ = socket.try_send_to(&bytes, to);
+                    relay.handle(&buf[..n], Peer::Udp(from), Instant::now(), unix_seconds())
+                }
+                Some(event) = events.recv() => match event {
+                    socket::Event::Open { id, to } => {
+                        sockets.insert(id, to);
+                        continue;
+                    }
+                    socket::Event::Frame { id, ip, bytes } => {
+                        relay.handle(&bytes, Peer::Socket { id, ip }, Instant::now(), unix_seconds())
+                    }
+                    socket::Event::Closed { id, ip } => {
+                        sockets.remove(&id);
+                        relay.disconnect(&Peer::Socket { id, ip });
+                        continue;
+                    }
+                },
+                _ = sweep.tick() => {
+                    relay.sweep(Instant::now());
+                    continue;
+                }
+                _ = stop.changed() => return,
+            };
+            for (to, bytes) in out {
+                // A full socket buffer or queue loses the datagram, as the
+                // network would.
+                match to {
+                    Peer::Udp(addr) => {
+                        let _ = socket.try_send_to(&bytes, addr);
+                    }
+                    Peer::Socket { id, .. } => {
+                        if let Some(queue) = sockets.get(&id) {
+                            let _ = queue.try_send(bytes);
+                        }
                     }
                 }
-                _ = sweep.tick() => relay.sweep(Instant::now()),
-                _ = stop.changed() => return,
             }
         }
     });
@@ -547,6 +650,16 @@ mod tests {
         }
 
         fn send(&mut self, from: SocketAddr, d: &Datagram) -> Vec<(SocketAddr, Datagram)> {
+            self.send_as(Peer::Udp(from), d)
+                .into_iter()
+                .map(|(to, d)| match to {
+                    Peer::Udp(a) => (a, d),
+                    Peer::Socket { id, .. } => (SocketAddr::from(([0, 0, 0, 0], u16::try_from(id).expect("id"))), d),
+                })
+                .collect()
+        }
+
+        fn send_as(&mut self, from: Peer, d: &Datagram) -> Vec<(Peer, Datagram)> {
             self.relay
                 .handle(&d.encode(), from, self.now, 1000)
                 .into_iter()
@@ -682,5 +795,29 @@ mod tests {
         f.relay.sweep(f.now);
         assert!(f.relay.per_source.is_empty() && f.relay.per_device.is_empty());
         assert!(f.join_call(host_a(6), "alice", call(5)));
+    }
+
+    #[test]
+    fn a_call_socket_joins_with_its_token_alone_and_shares_the_call_with_udp() {
+        let mut f = Fixture::new(RelayLimits::default());
+        assert!(f.join(addr(1), "alice"));
+        let sock = Peer::Socket { id: 7, ip: std::net::IpAddr::from([10, 0, 0, 9]) };
+        // A bad token gets nothing; a Prove means nothing on a socket.
+        let mut forged = f.issuer.mint(&f.call, &device("bob"), 2000);
+        forged.0[4] ^= 1;
+        assert!(f.send_as(sock, &Datagram::Join(forged)).is_empty());
+        let token = f.issuer.mint(&f.call, &device("bob"), 2000);
+        assert!(f.send_as(sock, &Datagram::Prove { cookie: [0; COOKIE_LEN], token }).is_empty());
+        assert_eq!(f.relay.counters().joined, 1);
+        // A good one joins at once, without a cookie round trip.
+        assert_eq!(f.send_as(sock, &Datagram::Join(token)), vec![(sock, Datagram::Joined)]);
+        let media = Datagram::Media(b"sframe".to_vec());
+        assert_eq!(f.send(addr(1), &media).len(), 1);
+        assert_eq!(f.send_as(Peer::Udp(addr(1)), &media), vec![(sock, media.clone())]);
+        assert_eq!(f.send_as(sock, &media), vec![(Peer::Udp(addr(1)), media.clone())]);
+        // Closed: its session goes, and nothing more is sent to it.
+        f.relay.disconnect(&sock);
+        assert!(f.send_as(Peer::Udp(addr(1)), &media).is_empty());
+        assert!(f.send_as(sock, &media).is_empty());
     }
 }

@@ -125,6 +125,7 @@ macro_rules! with_behaviours {
             quota_refuses_a_full_sender_until_its_messages_go,
             conversation_row_lives_while_a_member_device_remains,
             in_roster_follows_the_commits,
+            the_relay_key_is_the_first_one_stored,
             send_checks_run_in_one_order,
             throttled_claims_take_last_resort_packages_first,
             one_claimer_draws_few_one_time_packages_an_hour,
@@ -137,6 +138,15 @@ macro_rules! with_behaviours {
 }
 #[cfg(test)]
 pub(crate) use with_behaviours;
+
+/// The relay key is stored once: later candidates (another node's, or
+/// this node's after a restart) get the first one back.
+pub async fn the_relay_key_is_the_first_one_stored(store: Arc<dyn Store>) {
+    let first = store.relay_key([1; 32]).await.expect("relay key");
+    assert_eq!(first, [1; 32], "a fresh store takes the first candidate");
+    assert_eq!(store.relay_key([2; 32]).await.expect("relay key"), first);
+    assert_eq!(store.relay_key(rand::random()).await.expect("relay key"), first);
+}
 
 /// Runs every behaviour, one after another, on one store.
 pub async fn run_all(store: Arc<dyn Store>) {

@@ -830,6 +830,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Backend failures only.
     async fn in_roster(&self, conversation: &ConversationId, device: &DeviceAddress) -> Result<bool, StoreError>;
 
+    /// The call relay's token key: the stored one, or else `candidate`,
+    /// stored now (when several nodes race, all get the one stored first),
+    /// so every node of the database accepts the tokens any of them issued.
+    ///
+    /// # Errors
+    /// Backend failures only.
+    async fn relay_key(&self, candidate: [u8; 32]) -> Result<[u8; 32], StoreError>;
+
     /// Opens a link slot for a new device of `handle`, expiring at
     /// `expires_at_ms`. The caller picks the random id.
     ///

@@ -278,6 +278,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE last_resort_packages DROP CONSTRAINT last_resort_packages_pkey;
     ALTER TABLE last_resort_packages ADD PRIMARY KEY (device, suite);
     ",
+    // 12: the call relay's token key (SQLite's migration 11), one row
+    // shared by every node: a token one node issues, another accepts.
+    r"
+    CREATE TABLE relay_key (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        key BYTEA NOT NULL
+    );
+    ",
 ];
 
 /// First key of the advisory lock taken around migrations (the second is
@@ -1101,6 +1109,24 @@ impl Store for PgStore {
         on_client!(self, |c| async {
             let epoch = query_opt(&c, "SELECT epoch FROM conversations WHERE id = $1", &[&&conversation.0[..]]).await?;
             Ok(Epoch(epoch.map(|r| to_u64(r.get(0))).unwrap_or(0)))
+        }
+        .await)
+    }
+
+    async fn relay_key(&self, candidate: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        in_tx!(self, |tx| async {
+            execute(
+                &tx,
+                "INSERT INTO relay_key (id, key) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+                &[&&candidate[..]],
+            )
+            .await?;
+            let row = query_opt(&tx, "SELECT key FROM relay_key WHERE id = 1", &[]).await?;
+            let key: Vec<u8> =
+                row.map(|r| r.get(0)).ok_or_else(|| StoreError::Internal("the relay key row is missing".into()))?;
+            let key: [u8; 32] =
+                key.try_into().map_err(|_| StoreError::Internal("the stored relay key is not 32 bytes".into()))?;
+            Ok(key)
         }
         .await)
     }

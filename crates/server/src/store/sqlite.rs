@@ -233,6 +233,14 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE last_resort_packages;
     ALTER TABLE last_resort_packages_by_suite RENAME TO last_resort_packages;
     ",
+    // 11: the call relay's token key, one row shared by every node of the
+    // database (a token one node issues, another accepts).
+    r"
+    CREATE TABLE relay_key (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        key BLOB NOT NULL
+    );
+    ",
 ];
 
 /// The SQLite store.
@@ -1651,6 +1659,21 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(map_err)?;
             Ok(Epoch(epoch.map(to_u64).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn relay_key(&self, candidate: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(map_err)?;
+            tx.execute("INSERT OR IGNORE INTO relay_key (id, key) VALUES (1, ?1)", [&candidate[..]])
+                .map_err(map_err)?;
+            let key: Option<Vec<u8>> =
+                tx.query_row("SELECT key FROM relay_key WHERE id = 1", [], |r| r.get(0)).optional().map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
+            key.ok_or_else(|| StoreError::Internal("the relay key row is missing".into()))?
+                .try_into()
+                .map_err(|_| StoreError::Internal("the stored relay key is not 32 bytes".into()))
         })
         .await
     }

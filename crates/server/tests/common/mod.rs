@@ -267,3 +267,50 @@ pub fn kp(tag: &[u8]) -> Vec<u8> {
     out.extend_from_slice(tag);
     out
 }
+
+/// Creates a conversation whose roster is `members` on the server process
+/// at `server` (a commit at epoch 0 framed as the server reads it; its
+/// content stays opaque).
+pub async fn roster_conversation(
+    server: std::net::SocketAddr,
+    by: &TestDevice,
+    members: &[&TestDevice],
+) -> subrosa_proto::ConversationId {
+    let id = subrosa_proto::ConversationId(rand::random());
+    let mut framed = vec![0x00, 0x01, 0x00, 0x02, 0x10];
+    framed.extend_from_slice(id.as_bytes());
+    framed.extend_from_slice(&0u64.to_be_bytes());
+    framed.push(3);
+    framed.extend_from_slice(b"commit");
+    let others: Vec<_> = members.iter().filter(|m| m.handle != by.handle).map(|m| m.addr()).collect();
+    let body = serde_json::json!({
+        "conversation": id.to_hex(),
+        "send_id": hex::encode(rand::random::<[u8; 16]>()),
+        "commit": { "epoch": 0, "members": members.iter().map(|m| m.addr()).collect::<Vec<_>>() },
+        "parts": [{ "kind": "commit", "recipients": others, "ciphertext": STANDARD.encode(&framed) }],
+    });
+    let (status, answer) =
+        http(server, by.request("POST", "/v1/messages", serde_json::to_vec(&body).expect("json"))).await;
+    assert_eq!(status, 200, "{answer}");
+    id
+}
+
+/// Asks the server process at `server` for a call relay token: the status,
+/// and the token and relay port when given.
+pub async fn call_token(
+    server: std::net::SocketAddr,
+    device: &TestDevice,
+    id: &subrosa_proto::ConversationId,
+) -> (u16, Option<(subrosa_proto::relay::Token, u16)>) {
+    let body = serde_json::to_vec(&serde_json::json!({ "conversation": id.to_hex() })).expect("json");
+    let (status, answer) = http(server, device.request("POST", "/v1/calls/token", body)).await;
+    if status != 200 {
+        return (status, None);
+    }
+    let bytes = STANDARD.decode(answer["token"].as_str().expect("token")).expect("b64");
+    let token = subrosa_proto::relay::Token(
+        <[u8; subrosa_proto::relay::TOKEN_LEN]>::try_from(bytes.as_slice()).expect("token length"),
+    );
+    let port = u16::try_from(answer["udp_port"].as_u64().expect("port")).expect("port");
+    (status, Some((token, port)))
+}

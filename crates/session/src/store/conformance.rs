@@ -140,6 +140,18 @@ pub fn meta_round_trip(store: Store) {
     store.write(|tx| tx.delete_meta("k")).expect("delete");
     assert_eq!(store.read(|tx| tx.meta("k")).expect("read").map(|v| v.to_vec()), None);
     store.write(|tx| tx.delete_meta("never set")).expect("deleting nothing is fine");
+    // A prefix lists its keys only, in order; `_` and `%` are not patterns.
+    store
+        .write(|tx| {
+            for k in ["call.b", "call.a", "calls", "call_x", "cal", "call%"] {
+                tx.set_meta(k, b"v")?;
+            }
+            Ok(())
+        })
+        .expect("set");
+    assert_eq!(store.read(|tx| tx.meta_keys("call.")).expect("keys"), vec!["call.a", "call.b"]);
+    assert_eq!(store.read(|tx| tx.meta_keys("call%")).expect("keys"), vec!["call%"]);
+    assert!(store.read(|tx| tx.meta_keys("nothing")).expect("keys").is_empty());
 }
 
 pub fn contacts_are_pinned_once_and_key_changes_are_remembered(store: Store) {

@@ -310,6 +310,12 @@ impl Meta for MemTx<'_> {
         self.with(|t| t.meta.remove(key));
         Ok(())
     }
+
+    fn meta_keys(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self.with(|t| {
+            t.meta.range(prefix.to_string()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect()
+        }))
+    }
 }
 
 impl Directory for MemTx<'_> {

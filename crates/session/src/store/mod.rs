@@ -408,6 +408,13 @@ pub trait Meta {
     /// # Errors
     /// Database errors.
     fn delete_meta(&mut self, key: &str) -> Result<(), ClientError>;
+
+    /// The keys that start with `prefix`, in order (so rows kept one per
+    /// item, such as `call.<id>`, can be swept).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn meta_keys(&self, prefix: &str) -> Result<Vec<String>, ClientError>;
 }
 
 /// The key directory's state: the verified chain of roots, signed heads,
