@@ -404,6 +404,7 @@ fn a_call_through_a_lossy_network_stays_recognisable() {
         let bob_call = bob
             .cmd(&[
                 "answer",
+                "--mute",
                 "--output",
                 &wav("bob-heard.wav"),
                 "--duration",
