@@ -1051,6 +1051,7 @@ async fn call(
                     "active": row.active,
                     "verified": verified,
                     "request": me.is_request(&row.id)?,
+                    "disappearing": me.disappearing_timer(&row.id),
                 }));
             }
             plain(Value::Array(out))

@@ -881,3 +881,38 @@ fn requests_timers_blocks_and_account_deletion_go_through_the_daemon() {
     let reregister = bob.run(&["--no-daemon", "contacts"]);
     assert!(reregister.status.success(), "the store is left for the user: {}", stderr(&reregister));
 }
+
+/// The timer lives in the MLS group, so a member added after it was set
+/// knows it though no line of its history says so: `conversations` (what
+/// the terminal UI lists through a daemon) carries it.
+#[test]
+fn conversations_carry_the_timer_the_group_agreed_on() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice");
+    let _bob = User::register(&server, "bob");
+    let carol = User::register(&server, "carol");
+    alice.ok(&["group", "create", "club", "bob"]);
+    alice.ok(&["disappearing", "club", "1h"]);
+    alice.ok(&["group", "add", "club", "carol"]);
+    let daemon = Daemon::start(&carol);
+    let mut rpc = daemon.connect();
+    let mut club = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let all = rpc.call("conversations", json!({}));
+            club = all.as_array().into_iter().flatten().find(|c| c["name"] == json!("club")).cloned().unwrap_or_default();
+            !club.is_null()
+        }),
+        "carol never joined the club"
+    );
+    assert_eq!(club["disappearing"], json!(3600), "{club}");
+    // Turned off by its creator: carol's list says so once she has the commit.
+    alice.ok(&["disappearing", "club", "off"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let all = rpc.call("conversations", json!({}));
+            all.as_array().into_iter().flatten().any(|c| c["name"] == json!("club") && c["disappearing"].is_null())
+        }),
+        "the timer stayed on in carol's list"
+    );
+}

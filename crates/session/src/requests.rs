@@ -162,6 +162,14 @@ impl Session {
         self.store().read(|tx| is_request(tx, conversation))
     }
 
+    /// The conversation's disappearing-messages timer in seconds, as its
+    /// members agreed on it in the MLS group (so a device that joined after
+    /// it was set knows it too, though no line in its history says so);
+    /// `None` when off or when this device is no longer a member.
+    pub fn disappearing_timer(&self, conversation: &ConversationId) -> Option<u32> {
+        self.engine().disappearing(conversation).ok().flatten()
+    }
+
     /// Blocks or unblocks an account (see the module docs). Blocking also
     /// ends any request from it. Returns whether anything changed.
     ///

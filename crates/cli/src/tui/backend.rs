@@ -232,7 +232,7 @@ impl Backend {
                         messages,
                         files,
                         request: client.device().is_request(&row.id)?,
-                        disappearing: None,
+                        disappearing: client.device().disappearing_timer(&row.id),
                     });
                 }
                 Ok(out)
@@ -264,7 +264,7 @@ impl Backend {
                         messages,
                         files,
                         request: row["request"] == json!(true),
-                        disappearing: None,
+                        disappearing: row["disappearing"].as_u64().and_then(|s| u32::try_from(s).ok()),
                     });
                 }
                 Ok(out)

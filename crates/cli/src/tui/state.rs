@@ -689,16 +689,18 @@ impl App {
                 if let Some(o) = old.iter().find(|o| o.id == c.id) {
                     c.unread = o.unread;
                 }
-                // The timer as the newest line about it set it.
-                c.disappearing = c
-                    .messages
+                // The timer as the group agreed on it (the back end reads
+                // it from MLS); else as the newest line about it set it.
+                c.disappearing = c.disappearing.or_else(|| {
+                    c.messages
                     .iter()
                     .rev()
                     .find_map(|m| match &m.event {
                         Some(subrosa_client::SystemEvent::Disappearing { seconds, .. }) => Some(*seconds),
                         _ => None,
                     })
-                    .flatten();
+                    .flatten()
+                });
                 c
             })
             .collect();

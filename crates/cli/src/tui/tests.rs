@@ -443,3 +443,23 @@ fn accept_and_disappear_act_on_the_open_conversation() {
     ))));
     assert_eq!(app.current().map(|c| c.request), Some(false));
 }
+
+#[test]
+fn a_timer_set_before_joining_shows_though_no_line_says_so() {
+    let mut app = App::new("alice");
+    // The back end read the timer from the group; the history has no line.
+    let mut club = conversation("cc", "club", true, vec![message("cc", "bob", "welcome", T0)]);
+    club.disappearing = Some(3_600);
+    // Where the back end knows none, the newest line decides.
+    let old = conversation(
+        "dd",
+        "bob",
+        false,
+        vec![system("dd", SystemEvent::Disappearing { by: "bob".into(), seconds: Some(60) }, T0 - MINUTE)],
+    );
+    app.handle(Input::Loaded { conversations: vec![club, old], select: None });
+    let timers: Vec<(String, Option<u32>)> =
+        app.conversations.iter().map(|c| (c.id.clone(), c.disappearing)).collect();
+    assert!(timers.contains(&("cc".into(), Some(3_600))), "{timers:?}");
+    assert!(timers.contains(&("dd".into(), Some(60))), "{timers:?}");
+}
