@@ -900,7 +900,8 @@ fn conversations_carry_the_timer_the_group_agreed_on() {
     assert!(
         wait_until(Duration::from_secs(30), || {
             let all = rpc.call("conversations", json!({}));
-            club = all.as_array().into_iter().flatten().find(|c| c["name"] == json!("club")).cloned().unwrap_or_default();
+            club =
+                all.as_array().into_iter().flatten().find(|c| c["name"] == json!("club")).cloned().unwrap_or_default();
             !club.is_null()
         }),
         "carol never joined the club"

@@ -693,13 +693,13 @@ impl App {
                 // it from MLS); else as the newest line about it set it.
                 c.disappearing = c.disappearing.or_else(|| {
                     c.messages
-                    .iter()
-                    .rev()
-                    .find_map(|m| match &m.event {
-                        Some(subrosa_client::SystemEvent::Disappearing { seconds, .. }) => Some(*seconds),
-                        _ => None,
-                    })
-                    .flatten()
+                        .iter()
+                        .rev()
+                        .find_map(|m| match &m.event {
+                            Some(subrosa_client::SystemEvent::Disappearing { seconds, .. }) => Some(*seconds),
+                            _ => None,
+                        })
+                        .flatten()
                 });
                 c
             })

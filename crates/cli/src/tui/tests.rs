@@ -458,8 +458,7 @@ fn a_timer_set_before_joining_shows_though_no_line_says_so() {
         vec![system("dd", SystemEvent::Disappearing { by: "bob".into(), seconds: Some(60) }, T0 - MINUTE)],
     );
     app.handle(Input::Loaded { conversations: vec![club, old], select: None });
-    let timers: Vec<(String, Option<u32>)> =
-        app.conversations.iter().map(|c| (c.id.clone(), c.disappearing)).collect();
+    let timers: Vec<(String, Option<u32>)> = app.conversations.iter().map(|c| (c.id.clone(), c.disappearing)).collect();
     assert!(timers.contains(&("cc".into(), Some(3_600))), "{timers:?}");
     assert!(timers.contains(&("dd".into(), Some(60))), "{timers:?}");
 }
