@@ -26,7 +26,10 @@ impl Push {
     pub fn push(&mut self, input: impl IntoIterator<Item = f32>, out: &mut Vec<f32>) {
         for x in input {
             while self.pos <= 1.0 {
-                out.push(self.last + (x - self.last) * self.pos as f32);
+                // Weighted as two products, so a sample that falls on an
+                // input sample (`pos` 1: the same rate) is that sample exactly.
+                let t = self.pos as f32;
+                out.push(self.last * (1.0 - t) + x * t);
                 self.pos += self.step;
             }
             self.pos -= 1.0;
@@ -60,7 +63,8 @@ impl Pull {
             self.b = source();
             self.pos -= 1.0;
         }
-        let v = self.a + (self.b - self.a) * self.pos as f32;
+        let t = self.pos as f32;
+        let v = self.a * (1.0 - t) + self.b * t;
         self.pos += self.step;
         v
     }
