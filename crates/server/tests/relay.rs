@@ -127,3 +127,25 @@ async fn a_token_outlives_a_restart_of_its_node() {
     let relay = SocketAddr::from(([127, 0, 0, 1], port));
     join(&socket(), relay, before);
 }
+
+/// A call socket opened and never joined is closed once it has been quiet
+/// as long as an idle UDP session may be, rather than held open for as
+/// long as its opener likes.
+#[tokio::test]
+async fn a_call_socket_that_never_joins_is_closed() {
+    use futures_util::StreamExt as _;
+    let (server, _dir) = start();
+    let url = format!("ws://{}/v1/calls/ws", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("the upgrade succeeds");
+    // Bounds the wait; the relay's idle limit is 30 s.
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a silent call socket is still open after a minute");
+}

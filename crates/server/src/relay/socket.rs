@@ -33,6 +33,11 @@ const QUEUE: usize = 64;
 const EVENTS: usize = 4096;
 /// A write that takes longer than this closes the socket.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// A socket whose client sends no datagram for this long is closed, as an
+/// idle UDP session is dropped: an opened socket that never joins would
+/// otherwise hold a connection and the relay's memory for as long as its
+/// opener liked. Clients send media or keep-alives well within it.
+const IDLE: Duration = Duration::from_secs(30);
 
 /// What a call socket tells the relay's task.
 #[derive(Debug)]
@@ -113,10 +118,13 @@ async fn run(
     if sockets.events.send(Event::Open { id, to }).await.is_err() {
         return;
     }
+    let idle = tokio::time::sleep(IDLE);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             got = socket.recv() => match got {
                 Some(Ok(Message::Binary(bytes))) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
                     let event = Event::Frame { id, ip, bytes: bytes.to_vec() };
                     if sockets.events.send(event).await.is_err() {
                         break;
@@ -135,6 +143,7 @@ async fn run(
                 }
                 None => break,
             },
+            () = &mut idle => break,
             _ = shutdown.changed() => break,
         }
     }
