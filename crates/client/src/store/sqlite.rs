@@ -658,14 +658,25 @@ impl SqliteTx<'_> {
 impl SqliteTx<'_> {
     fn group_state_row(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
         let conn = self.lock();
-        let known = conn.query_row("SELECT 1 FROM mls_group WHERE id = ?1", [group_id], |_| Ok(())).optional();
-        if known.map_err(sql)?.is_none() {
+        // The state's whole size first, so the buffer is allocated once:
+        // a buffer that grew would leave copies of the group's secrets in
+        // the memory it let go, where zeroizing cannot reach them.
+        let size = conn
+            .query_row(
+                "SELECT (SELECT COALESCE(SUM(length(data)), 0) FROM mls_group_chunk WHERE group_id = ?1) \
+                 FROM mls_group WHERE id = ?1",
+                [group_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(sql)?;
+        let Some(size) = size else {
             return Ok(None);
-        }
+        };
         let mut stmt =
             conn.prepare_cached("SELECT data FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx").map_err(sql)?;
         let mut rows = stmt.query([group_id]).map_err(sql)?;
-        let mut state = Zeroizing::new(Vec::new());
+        let mut state = Zeroizing::new(Vec::with_capacity(usize::try_from(size).unwrap_or(0)));
         while let Some(r) = rows.next().map_err(sql)? {
             let piece = r.get_ref(0).map_err(sql)?;
             state.extend_from_slice(piece.as_blob().map_err(|e| ClientError::Store(format!("group state: {e}")))?);
