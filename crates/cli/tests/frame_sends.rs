@@ -10,14 +10,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read as _, Write};
+use std::io::{BufReader, Read as _, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// A free loopback port for the metrics endpoint (bound, then let go).
 fn free_port() -> u16 {
@@ -37,44 +36,10 @@ fn sends(metrics: &str, transport: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {series} in\n{raw}"))
 }
 
-/// A TCP proxy to `upstream` that drops the frames header from each
-/// connection's first request head, as a server without frames ignores it.
-async fn stripping_proxy(upstream: SocketAddr) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let kept: String = text
-                    .split_inclusive("\r\n")
-                    .filter(|l| !l.to_ascii_lowercase().starts_with("x-subrosa-frames:"))
-                    .collect();
-                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
-                if server.write_all(kept.as_bytes()).await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
-    addr
-}
-
-/// `subrosa daemon --stdio` and a JSON-RPC line reader over it.
+/// `subrosa daemon --stdio` and a JSON-RPC client over it.
 struct Daemon {
     child: Child,
-    read: BufReader<ChildStdout>,
-    write: ChildStdin,
-    next: u64,
+    rpc: Rpc<BufReader<ChildStdout>, ChildStdin>,
 }
 
 impl Daemon {
@@ -88,25 +53,11 @@ impl Daemon {
             .expect("daemon starts");
         let write = child.stdin.take().expect("stdin");
         let read = BufReader::new(child.stdout.take().expect("stdout"));
-        Daemon { child, read, write, next: 0 }
+        Daemon { child, rpc: Rpc { read, write, next: 0, seen: Vec::new() } }
     }
 
-    /// Calls `method` and returns its result (notifications are skipped).
     fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let id = self.next;
-        let req = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        writeln!(self.write, "{req}").expect("write");
-        self.write.flush().expect("flush");
-        loop {
-            let mut line = String::new();
-            assert!(self.read.read_line(&mut line).expect("read") > 0, "the daemon closed its output");
-            let v: Value = serde_json::from_str(&line).expect("JSON");
-            if v["id"] == json!(id) {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
-            }
-        }
+        self.rpc.call(method, params)
     }
 
     fn wait_connected(&mut self) {

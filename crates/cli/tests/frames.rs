@@ -10,42 +10,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Server, PASS};
+use common::{stripping_proxy, Server, PASS};
 use subrosa_client::{Received, Subrosa};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// A TCP proxy to `upstream` that drops the frames header from the first
-/// request head of each connection (the WebSocket upgrade's, on its own
-/// connection), as a server that does not know it would ignore it.
-async fn stripping_proxy(upstream: SocketAddr) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let kept: String = text
-                    .split_inclusive("\r\n")
-                    .filter(|l| !l.to_ascii_lowercase().starts_with("x-subrosa-frames:"))
-                    .collect();
-                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
-                if server.write_all(kept.as_bytes()).await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
-    addr
-}
 
 fn to(handle: &str) -> subrosa_client::Target {
     subrosa_client::Target::Direct(handle.parse().expect("handle"))

@@ -2,7 +2,7 @@
 //! temporary directories, talking over loopback.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -500,4 +500,125 @@ pub fn start_link(server: &Server, new: &User, handle: &str, extra: &[&str]) -> 
         let _ = std::io::Read::read_to_string(&mut out, &mut rest);
     });
     (child, code)
+}
+
+/// A JSON-RPC 2.0 client over any line stream: a daemon's Unix socket,
+/// or the stdio of `subrosa daemon --stdio`.
+pub struct Rpc<R: BufRead, W: Write> {
+    pub read: R,
+    pub write: W,
+    pub next: u64,
+    /// Notifications read while waiting for answers.
+    pub seen: Vec<serde_json::Value>,
+}
+
+impl<R: BufRead, W: Write> Rpc<R, W> {
+    pub fn line(&mut self, raw: &[u8]) {
+        self.write.write_all(raw).expect("write");
+        self.write.write_all(b"\n").expect("write");
+        self.write.flush().expect("flush");
+    }
+
+    pub fn read(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.read.read_line(&mut line).expect("read an answer");
+        assert!(n > 0, "the daemon closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// The next answer (not a notification).
+    pub fn answer(&mut self) -> serde_json::Value {
+        loop {
+            let v = self.read();
+            if v.get("method").is_some() {
+                self.seen.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Calls `method`; the whole answer.
+    pub fn call_raw(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next += 1;
+        let id = self.next;
+        let req = serde_json::json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        self.line(req.to_string().as_bytes());
+        let answer = self.answer();
+        assert_eq!(answer["id"], serde_json::json!(id), "{answer}");
+        answer
+    }
+
+    /// Calls `method`; its result, which must not be an error.
+    pub fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let a = self.call_raw(method, params);
+        assert!(a.get("error").is_none(), "{method}: {a}");
+        a["result"].clone()
+    }
+
+    /// Every notification left on the connection, until it closes.
+    pub fn drain(&mut self) -> Vec<serde_json::Value> {
+        let mut all = std::mem::take(&mut self.seen);
+        let mut line = String::new();
+        while self.read.read_line(&mut line).unwrap_or(0) > 0 {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                all.push(v);
+            }
+            line.clear();
+        }
+        all
+    }
+
+    /// The next notification of any kind.
+    pub fn any_notification(&mut self) -> serde_json::Value {
+        if !self.seen.is_empty() {
+            return self.seen.remove(0);
+        }
+        self.read()
+    }
+
+    /// The next message notification (the daemon's connection changes,
+    /// which may come at any time, skipped).
+    pub fn notification(&mut self) -> serde_json::Value {
+        loop {
+            let v = self.any_notification();
+            if v["method"] != "connection" {
+                assert_eq!(v["method"], "message", "{v}");
+                return v;
+            }
+        }
+    }
+}
+
+/// A TCP proxy to `upstream` that drops the frames header from the first
+/// request head of each connection (the WebSocket upgrade's, on its own
+/// connection), as a server that does not know it would ignore it.
+pub async fn stripping_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tokio::io::AsyncReadExt::read(&mut client, &mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let kept: String = text
+                    .split_inclusive("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("x-subrosa-frames:"))
+                    .collect();
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                if tokio::io::AsyncWriteExt::write_all(&mut server, kept.as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    addr
 }
