@@ -649,13 +649,19 @@ fn the_daemon_notifies_and_the_tui_over_it_accepts_a_request_and_sets_the_timer(
     );
     assert!(seen.contains("\"alice\""), "{seen}");
 
-    // The UI over the daemon (no passphrase): the request is marked.
+    // The UI over the daemon (no passphrase): the request is marked. Its
+    // own notifications are off, so the daemon's go on as bob set them.
     let pane = Pane::start_with(&bob, None);
     pane.wait_for("online");
     pane.wait_for("alice (request)");
     pane.wait_for("Message request");
     alice.send("bob", "while the tui runs");
     pane.wait_for("while the tui runs");
+    assert!(
+        wait_until(Duration::from_secs(60), || bus.seen().contains("while the tui runs")),
+        "a UI without notifications silenced the daemon's: {}",
+        bus.seen()
+    );
     pane.keys(&[":"]);
     pane.type_text("accept");
     pane.keys(&["Enter"]);
@@ -671,11 +677,22 @@ fn the_daemon_notifies_and_the_tui_over_it_accepts_a_request_and_sets_the_timer(
     assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
     drop(pane);
 
-    // With the UI gone the daemon notifies again; it did not while the UI
+    // A UI that shows its own notifications has the daemon show none
+    // meanwhile (each message would otherwise come up twice).
+    let env = [("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())];
+    let pane = Pane::start_env(&bob, None, &["--notifications", "on"], &env);
+    pane.wait_for("online");
+    alice.send("bob", "behind a notifying tui");
+    pane.wait_for("behind a notifying tui");
+    pane.keys(&["q"]);
+    assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
+    drop(pane);
+
+    // With that UI gone the daemon notifies again; it did not while the UI
     // ran (that note would have come first).
     alice.send("bob", "after the tui");
     assert!(wait_until(Duration::from_secs(60), || bus.seen().contains("after the tui")), "no note after the UI quit");
-    assert!(!bus.seen().contains("while the tui runs"), "{}", bus.seen());
+    assert!(!bus.seen().contains("behind a notifying tui"), "{}", bus.seen());
     let timer = bob.history_json("alice");
     drop(daemon);
     assert!(timer.iter().any(|m| m["text"].as_str().is_some_and(|t| t.ends_with("disappearing messages to 1h"))));

@@ -126,8 +126,9 @@ impl Backend {
 
     /// Starts the flow of events into `tx`; the returned future is the
     /// handle's loop (local) or the daemon's notifications, and ends only
-    /// when that cannot go on.
-    pub async fn start(&self, tx: mpsc::UnboundedSender<Input>) -> Result<Running> {
+    /// when that cannot go on. `notifies`: this UI shows desktop
+    /// notifications of its own, so a daemon should show none meanwhile.
+    pub async fn start(&self, tx: mpsc::UnboundedSender<Input>, notifies: bool) -> Result<Running> {
         match self {
             Backend::Local(client) => {
                 // Subscribed before the loop starts: nothing falls between.
@@ -164,9 +165,11 @@ impl Backend {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
-                // This UI shows its own desktop notifications (it knows what
-                // is on screen): the daemon shows none meanwhile.
-                feed.call("subscribe", json!({ "since": now.saturating_sub(1000), "notifies": true })).await?;
+                // A UI that shows its own desktop notifications (it knows
+                // what is on screen) has the daemon show none meanwhile; one
+                // whose notifications are off leaves the daemon's as its
+                // user set them.
+                feed.call("subscribe", json!({ "since": now.saturating_sub(1000), "notifies": notifies })).await?;
                 // Where the daemon's own connection stands now; changes
                 // come as notifications.
                 let account = r.call("account", json!({})).await?;

@@ -112,7 +112,8 @@ pub async fn run(backend: Backend, options: Options) -> Result<ExitCode> {
         return Err(anyhow!("subrosa tui needs a terminal (for scripts, see `subrosa daemon`)"));
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
-    let running = backend.start(tx.clone()).await?;
+    let notifies = options.notifications != notify::Notifications::Off;
+    let running = backend.start(tx.clone(), notifies).await?;
     tokio::pin!(running);
     // Messages go out one after another, in the order they were typed.
     let (sends, mut queue) = mpsc::unbounded_channel::<Outgoing>();
