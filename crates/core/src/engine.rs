@@ -143,6 +143,11 @@ pub struct MemberInfo {
     pub device_key: Vec<u8>,
 }
 
+/// A roster indexed by device address.
+fn by_address(roster: &[MemberInfo]) -> std::collections::HashMap<&DeviceAddress, &MemberInfo> {
+    roster.iter().map(|m| (&m.address, m)).collect()
+}
+
 /// The exporter label of RFC 9605 §5.2.
 const SFRAME_EXPORTER_LABEL: &[u8] = b"SFrame 1.0 Base Key";
 /// `AEAD.Nk` of the calls' SFrame suite (AES-128-GCM).
@@ -300,15 +305,24 @@ where
     batch: Batch<C, G, K>,
     /// Certificates decoded and verified, each once (shared by clones).
     certs: std::sync::Arc<CertCache>,
-    /// Each conversation's other member devices, by the tree hash they were
-    /// read at (shared by clones): a send does not walk the whole roster.
-    recipients: std::sync::Arc<std::sync::Mutex<RecipientCache>>,
+    /// Each conversation's roster, by the tree hash it was read at (shared
+    /// by clones): a send does not walk the whole roster, and a commit reads
+    /// only the roster it makes.
+    recipients: std::sync::Arc<std::sync::Mutex<RosterCache>>,
 }
 
-/// Per conversation: the tree hash and the member devices but this one.
-/// The tree hash changes with any change of the tree, so an entry is never
-/// used for another roster.
-type RecipientCache = std::collections::HashMap<ConversationId, (Vec<u8>, std::sync::Arc<Vec<DeviceAddress>>)>;
+/// Per conversation: the tree hash, every member device, and the member
+/// devices but this one. The tree hash changes with any change of the tree
+/// (credentials included), so an entry is never used for another roster.
+type RosterCache = std::collections::HashMap<ConversationId, CachedRoster>;
+
+/// One conversation's entry in the [`RosterCache`].
+#[derive(Clone)]
+struct CachedRoster {
+    tree_hash: Vec<u8>,
+    members: std::sync::Arc<Vec<MemberInfo>>,
+    others: std::sync::Arc<Vec<DeviceAddress>>,
+}
 
 impl<C, G, K> Clone for Engine<C, G, K>
 where
@@ -567,19 +581,53 @@ where
         conversation: &ConversationId,
         group: &mls_rs::Group<Cfg>,
     ) -> Result<std::sync::Arc<Vec<DeviceAddress>>, CoreError> {
+        self.cached_roster(conversation, group, |r| r.others.clone())
+    }
+
+    /// Every member device, read once per tree.
+    fn roster_of<Cfg: MlsConfig>(
+        &self,
+        conversation: &ConversationId,
+        group: &mls_rs::Group<Cfg>,
+    ) -> Result<std::sync::Arc<Vec<MemberInfo>>, CoreError> {
+        self.cached_roster(conversation, group, |r| r.members.clone())
+    }
+
+    /// `pick` of the conversation's cached roster, read and cached first
+    /// when the tree changed since.
+    fn cached_roster<Cfg: MlsConfig, T>(
+        &self,
+        conversation: &ConversationId,
+        group: &mls_rs::Group<Cfg>,
+        pick: impl Fn(&CachedRoster) -> T,
+    ) -> Result<T, CoreError> {
         let tree_hash = &group.context().tree_hash;
         let lock = || self.recipients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((hash, list)) = lock().get(conversation) {
-            if hash == tree_hash {
-                return Ok(list.clone());
+        if let Some(entry) = lock().get(conversation) {
+            if &entry.tree_hash == tree_hash {
+                return Ok(pick(entry));
             }
         }
+        let members = self.members_of(group)?;
+        Ok(pick(&self.remember_roster(conversation, tree_hash, members)))
+    }
+
+    /// Caches `members` as the roster of `conversation` at `tree_hash`.
+    fn remember_roster(
+        &self,
+        conversation: &ConversationId,
+        tree_hash: &[u8],
+        members: Vec<MemberInfo>,
+    ) -> CachedRoster {
         let me = self.identity().address();
-        let list: Vec<DeviceAddress> =
-            self.members_of(group)?.into_iter().map(|m| m.address).filter(|a| *a != me).collect();
-        let list = std::sync::Arc::new(list);
-        lock().insert(*conversation, (tree_hash.clone(), list.clone()));
-        Ok(list)
+        let others = members.iter().map(|m| m.address.clone()).filter(|a| *a != me).collect();
+        let entry = CachedRoster {
+            tree_hash: tree_hash.to_vec(),
+            members: std::sync::Arc::new(members),
+            others: std::sync::Arc::new(others),
+        };
+        self.recipients.lock().unwrap_or_else(|p| p.into_inner()).insert(*conversation, entry.clone());
+        entry
     }
 
     fn members_of<Cfg: MlsConfig>(&self, group: &mls_rs::Group<Cfg>) -> Result<Vec<MemberInfo>, CoreError> {
@@ -797,7 +845,7 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn members(&self, conversation: &ConversationId) -> Result<Vec<MemberInfo>, CoreError> {
-        self.read_group(conversation, |g| self.members_of(g))
+        self.read_group(conversation, |g| Ok(self.roster_of(conversation, g)?.to_vec()))
     }
 
     /// The conversation's current epoch.
@@ -969,7 +1017,7 @@ where
             Self::check_suites(group.cipher_suite(), kps)?;
         }
         let epoch = Epoch(group.current_epoch());
-        let members = self.members_of(&group)?;
+        let members = self.roster_of(conversation, &group)?;
         let me = self.identity().address();
         let commit_recipients = members.iter().map(|m| m.address.clone()).filter(|a| *a != me).collect();
         let mut welcome_recipients = Vec::new();
@@ -1097,6 +1145,8 @@ where
         // but ask again cheaply rather than rely on it.
         check_members(&conversation, &info, &members)?;
         group.write_to_storage().map_err(CoreError::from)?;
+        // The first commit or send after the join reads this roster again.
+        self.remember_roster(&conversation, &group.context().tree_hash, members.clone());
         Ok(Event::Joined { conversation, info, members })
     }
 
@@ -1121,7 +1171,7 @@ where
             Some(g) => g,
             None => self.load(conversation)?,
         };
-        let before = if handshake { self.members_of(&group)? } else { Vec::new() };
+        let before = if handshake { self.roster_of(conversation, &group)? } else { std::sync::Arc::default() };
         let info_before = if handshake { Some(Self::info_of(&group)?) } else { None };
         let timer_before = Self::disappearing_of(&group)?;
         let event = match group.process_incoming_message(msg)? {
@@ -1133,18 +1183,20 @@ where
             }
             ReceivedMessage::Commit(commit) => {
                 let removed_self = matches!(commit.effect, CommitEffect::Removed { .. });
-                let after = if removed_self { Vec::new() } else { self.members_of(&group)? };
-                let added = after.iter().filter(|m| !before.iter().any(|b| b.address == m.address)).cloned().collect();
+                let after =
+                    if removed_self { std::sync::Arc::default() } else { self.roster_of(conversation, &group)? };
+                // The rosters compared by address through an index: a
+                // scan of one roster per member of the other cost O(N²),
+                // most of an add's processing in a large group.
+                let (before_at, after_at) = (by_address(&before), by_address(&after));
+                let added = after.iter().filter(|m| !before_at.contains_key(&m.address)).cloned().collect();
                 let updated = after
                     .iter()
                     .filter_map(|m| {
-                        before
-                            .iter()
-                            .find(|b| {
-                                b.address == m.address
-                                    && (b.identity_key != m.identity_key || b.device_key != m.device_key)
-                            })
-                            .map(|b| (b.clone(), m.clone()))
+                        before_at
+                            .get(&m.address)
+                            .filter(|b| b.identity_key != m.identity_key || b.device_key != m.device_key)
+                            .map(|b| ((*b).clone(), m.clone()))
                     })
                     .collect();
                 let me = self.identity().address();
@@ -1152,7 +1204,7 @@ where
                     // The group goes on without us; we only know we are out.
                     before.iter().filter(|b| b.address == me).cloned().collect()
                 } else {
-                    before.iter().filter(|b| !after.iter().any(|m| m.address == b.address)).cloned().collect()
+                    before.iter().filter(|b| !after_at.contains_key(&b.address)).cloned().collect()
                 };
                 let committer = before
                     .iter()
