@@ -214,8 +214,27 @@ pub const FRAME_ANSWER_TIMEOUT: Duration = REQUEST_TIMEOUT;
 #[derive(Debug)]
 pub struct Socket {
     link: Arc<FrameLink>,
-    incoming: tokio::sync::mpsc::UnboundedReceiver<Result<ServerFrame, ClientError>>,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Pushed>,
+    held: Arc<Held>,
     reader: tokio::task::JoinHandle<()>,
+}
+
+/// How many bytes of pushed frames a [`Socket`] keeps for [`next_frame`]
+/// before it gives up on the connection: four of the largest frames. An
+/// honest server has one frame in flight until it is acknowledged, so only
+/// a server pushing without waiting reaches it, and it cannot fill the
+/// device's memory that way.
+pub const MAX_QUEUED_BYTES: usize = 4 * MAX_ANSWER_BYTES;
+
+/// A pushed frame as the reader queued it, with the bytes it came in.
+type Pushed = (usize, Result<ServerFrame, ClientError>);
+
+/// The bytes of pushed frames queued and not yet read, shared by the
+/// reader (which adds) and [`next_frame`] (which takes away).
+#[derive(Debug)]
+struct Held {
+    queued: std::sync::atomic::AtomicUsize,
+    limit: usize,
 }
 
 impl Drop for Socket {
@@ -227,6 +246,10 @@ impl Drop for Socket {
 
 impl Socket {
     fn start(ws: WsStream, binary: bool) -> Socket {
+        Socket::start_with_limit(ws, binary, MAX_QUEUED_BYTES)
+    }
+
+    fn start_with_limit(ws: WsStream, binary: bool, limit: usize) -> Socket {
         let (sink, stream) = ws.split();
         let link = Arc::new(FrameLink {
             sink: tokio::sync::Mutex::new(sink),
@@ -235,8 +258,9 @@ impl Socket {
             next: std::sync::atomic::AtomicU32::new(1),
         });
         let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_socket(stream, Arc::clone(&link), tx));
-        Socket { link, incoming, reader }
+        let held = Arc::new(Held { queued: std::sync::atomic::AtomicUsize::new(0), limit });
+        let reader = tokio::spawn(read_socket(stream, Arc::clone(&link), Arc::clone(&held), tx));
+        Socket { link, incoming, held, reader }
     }
 
     /// Whether the socket speaks binary frames (the server offered them and
@@ -362,24 +386,45 @@ fn refusal_status(code: subrosa_proto::ErrorCode) -> u16 {
 }
 
 /// Reads `stream` until it ends: answers to their sends, the rest to
-/// [`next_frame`] in order. An error is the last item queued.
+/// [`next_frame`] in order. An error is the last item queued; so is the
+/// one that says the server pushed more than `held` allows unread (the
+/// socket is then given up, and what was pushed comes again on the next).
 async fn read_socket(
     mut stream: futures_util::stream::SplitStream<WsStream>,
     link: Arc<FrameLink>,
-    tx: tokio::sync::mpsc::UnboundedSender<Result<ServerFrame, ClientError>>,
+    held: Arc<Held>,
+    tx: tokio::sync::mpsc::UnboundedSender<Pushed>,
 ) {
+    use std::sync::atomic::Ordering;
     let malformed = || ClientError::Protocol("malformed frame from server".into());
     while let Some(msg) = stream.next().await {
+        let size = match &msg {
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        };
+        let held_now = held.queued.fetch_add(size, Ordering::AcqRel) + size;
+        if held_now > held.limit {
+            let _ = tx.send((
+                0,
+                Err(ClientError::Network(format!(
+                    "the server pushed more than {} MiB this device had not stored yet; connecting again",
+                    held.limit / (1024 * 1024)
+                ))),
+            ));
+            break;
+        }
         let item = match msg {
             Err(e) => Err(ClientError::Network(e.to_string())),
             Ok(WsMessage::Text(t)) => serde_json::from_str(t.as_str()).map_err(|_| malformed()),
             Ok(WsMessage::Binary(b)) if link.binary => match ServerBin::decode(&b) {
                 Ok(ServerBin::Messages(messages)) => Ok(ServerFrame::Messages { messages }),
                 Ok(ServerBin::Sent { request, .. }) => {
+                    held.queued.fetch_sub(size, Ordering::AcqRel);
                     link.answer(request, Ok(()));
                     continue;
                 }
                 Ok(ServerBin::Refused { request, error }) => {
+                    held.queued.fetch_sub(size, Ordering::AcqRel);
                     link.answer(request, Err(error));
                     continue;
                 }
@@ -387,10 +432,13 @@ async fn read_socket(
             },
             Ok(WsMessage::Binary(b)) => serde_json::from_slice(&b).map_err(|_| malformed()),
             Ok(WsMessage::Close(_)) => break,
-            Ok(_) => continue,
+            Ok(_) => {
+                held.queued.fetch_sub(size, Ordering::AcqRel);
+                continue;
+            }
         };
         let last = item.is_err();
-        if tx.send(item).is_err() || last {
+        if tx.send((size, item)).is_err() || last {
             break;
         }
     }
@@ -630,7 +678,11 @@ impl Api {
 /// # Errors
 /// [`ClientError::Network`] or [`ClientError::Protocol`].
 pub async fn next_frame(socket: &mut Socket) -> Result<Option<ServerFrame>, ClientError> {
-    socket.incoming.recv().await.transpose()
+    let Some((size, item)) = socket.incoming.recv().await else {
+        return Ok(None);
+    };
+    socket.held.queued.fetch_sub(size, std::sync::atomic::Ordering::AcqRel);
+    item.map(Some)
 }
 
 /// Acknowledges envelopes over the socket.
@@ -659,5 +711,70 @@ fn describe_reqwest(e: &reqwest::Error, base: &Url) -> String {
         format!("cannot connect to {base}: {cause}")
     } else {
         format!("talking to {base}: {e}")
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    /// A server that pushes `frames` copies of an empty `messages` frame,
+    /// padded with spaces to `size` bytes each, then keeps the socket open;
+    /// `paced`, it waits for an acknowledgement after each (as ours does),
+    /// else it pushes them all at once. And a [`Socket`] to it that keeps
+    /// at most `limit` bytes unread.
+    async fn flood(frames: usize, size: usize, limit: usize, paced: bool) -> Socket {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+            let mut frame = serde_json::to_string(&ServerFrame::Messages { messages: vec![] }).expect("encode");
+            frame.push_str(&" ".repeat(size - frame.len()));
+            for _ in 0..frames {
+                if ws.send(WsMessage::Text(frame.clone().into())).await.is_err() {
+                    return;
+                }
+                if paced && ws.next().await.is_none() {
+                    return;
+                }
+            }
+            // Holds the socket open until the client goes.
+            while ws.next().await.is_some() {}
+        });
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}")).await.expect("connect");
+        Socket::start_with_limit(ws, false, limit)
+    }
+
+    #[tokio::test]
+    async fn an_honest_server_never_reaches_the_limit() {
+        // 64 frames of 1 KiB, far beyond the 8 KiB limit in all, but each
+        // waits for the acknowledgement of the one before.
+        let mut socket = flood(64, 1024, 8 * 1024, true).await;
+        for _ in 0..64 {
+            let frame = next_frame(&mut socket).await.expect("within the limit").expect("open");
+            assert_eq!(frame, ServerFrame::Messages { messages: vec![] });
+            send_ack(&mut socket, vec![1]).await.expect("ack");
+        }
+        assert_eq!(socket.held.queued.load(std::sync::atomic::Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_pushing_past_the_limit_unread_loses_the_socket_not_the_memory() {
+        let mut socket = flood(64, 1024, 8 * 1024, false).await;
+        // Nobody reads while the server floods.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut read = 0;
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(5), next_frame(&mut socket)).await {
+                Ok(Ok(Some(_))) => read += 1,
+                Ok(Ok(None)) => panic!("the socket ended without saying why"),
+                Ok(Err(e)) => break e,
+                Err(_) => panic!("the flood was queued without bound"),
+            }
+        };
+        assert!(read <= 8, "at most the limit's worth was kept: {read} frames");
+        assert!(err.to_string().contains("pushed more than"), "{err}");
+        assert!(matches!(err, ClientError::Network(_)), "a network error, so the caller connects again");
     }
 }
