@@ -23,10 +23,10 @@
 //!
 //! The gossiped head is the newest signed key-directory head the sender
 //! holds (`subrosa_proto::kt::SignedHead`'s bytes), carried opaque here and
-//! checked by the receiver. Versions 1 (id, time, kind, body) and 2 (plus
-//! the sequence number and an unsigned `(epoch, root)` head, which is
-//! ignored now) still decode. Non-zero padding and unknown versions of the
-//! envelope are refused.
+//! checked by the receiver. Versions 1 (id, time, kind, body; text only)
+//! and 2 (plus the sequence number and an unsigned `(epoch, root)` head,
+//! which is ignored now) still decode. Non-zero padding and unknown
+//! versions of the envelope are refused.
 
 use mls_rs_codec::{MlsDecode, MlsEncode, MlsSize};
 use subrosa_proto::MessageId;
@@ -603,10 +603,15 @@ impl Content {
                     }
                     (w.message_id, w.sent_at_ms, w.kind, w.payload, w.seq)
                 };
-                // Versions 1 and 2 had one kind, text, with a raw payload.
+                // Versions 1 and 2 had one kind, text, with a raw payload,
+                // and no client ever wrote another. Another kind is refused:
+                // kept as unsupported, it would be written again as
+                // version 3, where its number may mean a kind with payloads
+                // of its own (a version 1 "kind 3" would come back as a
+                // reaction that does not decode).
                 let body = match u16::from(kind) {
                     kind::TEXT => text_body(payload)?,
-                    k => Body::Unsupported { kind: k, payload },
+                    _ => return Err(CoreError::Malformed("content: versions 1 and 2 carry text only")),
                 };
                 Content { message_id: MessageId(message_id), sent_at_ms, body, seq, kt_head: None }
             }
@@ -1040,6 +1045,27 @@ mod tests {
         let c = Content::decode(&bytes).expect("decodes");
         // Version 2's unsigned head is no evidence of anything: ignored.
         assert_eq!((c.seq, c.kt_head, c.body), (8, None, Body::Text("v2".into())));
+    }
+
+    /// Found by the `content_decode` fuzz target: a version 1 envelope of
+    /// kind 3 decoded (as unsupported) and was written again as a version
+    /// 3 reaction that did not decode. Whatever decodes now re-encodes to
+    /// something that decodes the same.
+    #[test]
+    fn an_old_envelope_of_another_kind_than_text_is_refused() {
+        for kind in [0u8, 2, 3, 9, 200] {
+            let wire = WireV1 { message_id: [5; 16], sent_at_ms: 3, kind, payload: vec![1, 0x0e, 1, 0] };
+            let mut bytes = vec![VERSION_1];
+            wire.mls_encode(&mut bytes).expect("encodes");
+            bytes.resize(256, 0);
+            assert!(matches!(Content::decode(&bytes), Err(CoreError::Malformed(_))), "v1 kind {kind}");
+        }
+        let found = "01ffffffffffff460346ffc6c63c3c3c3c3c3cc6bcc6c665fd030e0100c6c6c6c6c6024eb9030e0000";
+        let found = hex::decode(found).expect("hex");
+        if let Ok(c) = Content::decode(&found) {
+            let again = c.encode().expect("encodes");
+            assert_eq!(Content::decode(&again).ok(), Some(c));
+        }
     }
 
     #[test]
