@@ -27,6 +27,7 @@ fn each_params(p: serde_json::Value) {
     let _ = params::<DisappearingParams>(p.clone());
     let _ = params::<AccountDeleteParams>(p.clone());
     let _ = params::<LinklistImportParams>(p.clone());
+    let _ = params::<CallParams>(p.clone());
     let _ = params::<NoParams>(p);
 }
 

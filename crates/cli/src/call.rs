@@ -63,23 +63,36 @@ fn options(media: &MediaArgs, wait: f64) -> Result<CallOptions> {
     Ok(CallOptions { input, audio, record: media.output.is_some(), duration, wait, relay: media.relay })
 }
 
-fn progress(p: CallProgress) {
-    match p {
-        CallProgress::Calling { id } => out!("calling (call {id})"),
-        CallProgress::Ringing { at } => out!("ringing at {}", safe(&at)),
+/// The line a step of a call prints (`None` for steps that print none).
+pub(crate) fn progress_line(p: &CallProgress) -> Option<String> {
+    Some(match p {
+        CallProgress::Calling { id } => format!("calling (call {id})"),
+        CallProgress::Ringing { at } => format!("ringing at {}", safe(at)),
         CallProgress::Incoming { from, conversation } => {
-            out!("{} is calling (#{conversation}); answering", safe(&from))
+            format!("{} is calling (#{conversation}); answering", safe(from))
         }
-        CallProgress::Connected { with } => out!("connected with {}", safe(&with)),
+        CallProgress::Connected { with } => format!("connected with {}", safe(with)),
         CallProgress::OverWebSocket => {
-            out!("UDP to the call relay is blocked: the call goes over the server's WebSocket")
+            "UDP to the call relay is blocked: the call goes over the server's WebSocket".to_string()
         }
-        CallProgress::Rekeyed { epoch } => out!("the conversation changed: the call is re-keyed (epoch {epoch})"),
-        _ => {}
+        CallProgress::Rekeyed { epoch } => format!("the conversation changed: the call is re-keyed (epoch {epoch})"),
+        _ => return None,
+    })
+}
+
+fn progress(p: CallProgress) {
+    if let Some(line) = progress_line(&p) {
+        out!("{line}");
     }
 }
 
-fn finish(media: &MediaArgs, report: &CallReport) -> Result<ExitCode> {
+/// Writes what this side heard (with `--output`) and says how the call
+/// ended, in one line.
+///
+/// # Errors
+/// The output file cannot be written; a call that never connected (busy,
+/// no answer, no offer).
+pub(crate) fn outcome(media: &MediaArgs, report: &CallReport) -> Result<String> {
     if let Some(path) = &media.output {
         subrosa_media::wav::write(path, &report.output).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -89,33 +102,62 @@ fn finish(media: &MediaArgs, report: &CallReport) -> Result<ExitCode> {
         "sent {} frames; received {} (refused {}), played {:.1} s, repaired {} by FEC, concealed {}",
         report.sent, s.opened, s.refused, heard, s.jitter.fec, s.jitter.concealed
     );
-    match &report.end {
-        CallEnd::Duration => out!("hung up; {stats}"),
-        CallEnd::HungUp { by } => out!("{} hung up; {stats}", safe(by)),
-        CallEnd::Removed => out!("you are no longer in the conversation: the call ended; {stats}"),
+    Ok(match &report.end {
+        CallEnd::Duration => format!("hung up; {stats}"),
+        CallEnd::HungUp { by } => format!("{} hung up; {stats}", safe(by)),
+        CallEnd::Removed => format!("you are no longer in the conversation: the call ended; {stats}"),
         CallEnd::Busy { by } => return Err(anyhow!("{} is busy", safe(by))),
         CallEnd::NoAnswer => return Err(anyhow!("no answer")),
         CallEnd::NoOffer => return Err(anyhow!("no call came in")),
-        _ => out!("the call ended; {stats}"),
-    }
-    Ok(ExitCode::SUCCESS)
+        _ => format!("the call ended; {stats}"),
+    })
 }
 
-/// `subrosa call TARGET`.
-pub async fn call(client: &Client, target: &str, media: &MediaArgs, ring: f64) -> Result<ExitCode> {
+/// Places a call to `target` (made into a 1:1 conversation when it is a
+/// handle without one) and returns the report.
+///
+/// # Errors
+/// A bad input or output file, an unknown target, network and store errors.
+pub(crate) async fn place(
+    client: &Client,
+    target: &str,
+    media: &MediaArgs,
+    ring: f64,
+    on: &mut (dyn FnMut(CallProgress) + Send),
+) -> Result<CallReport> {
     let options = options(media, ring)?;
     let me = client.device();
     let conversation = match crate::target::for_send(me, target).await? {
         Target::Conversation(id) => id,
         Target::Direct(peer) => client.open_direct(peer.as_str()).await?,
     };
-    let report = client.place_call(&conversation, &options, &mut progress).await?;
-    finish(media, &report)
+    Ok(client.place_call(&conversation, &options, on).await?)
+}
+
+/// Answers the first fresh call that rings within `wait` seconds.
+///
+/// # Errors
+/// A bad input or output file, network and store errors.
+pub(crate) async fn take(
+    client: &Client,
+    media: &MediaArgs,
+    wait: f64,
+    on: &mut (dyn FnMut(CallProgress) + Send),
+) -> Result<CallReport> {
+    let options = options(media, wait)?;
+    Ok(client.answer_call(&options, on).await?)
+}
+
+/// `subrosa call TARGET`.
+pub async fn call(client: &Client, target: &str, media: &MediaArgs, ring: f64) -> Result<ExitCode> {
+    let report = place(client, target, media, ring, &mut progress).await?;
+    out!("{}", outcome(media, &report)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `subrosa answer`.
 pub async fn answer(client: &Client, media: &MediaArgs, wait: f64) -> Result<ExitCode> {
-    let options = options(media, wait)?;
-    let report = client.answer_call(&options, &mut progress).await?;
-    finish(media, &report)
+    let report = take(client, media, wait, &mut progress).await?;
+    out!("{}", outcome(media, &report)?);
+    Ok(ExitCode::SUCCESS)
 }

@@ -49,6 +49,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::{one_line, term, with_advice};
 
+mod calls;
 mod rpc;
 pub(crate) use rpc::COMMAND_QUEUED;
 use rpc::*;
@@ -199,6 +200,8 @@ struct Shared {
     /// a front end that starts later learns it without waiting for the
     /// next change).
     connected: std::sync::atomic::AtomicBool,
+    /// A call runs through this daemon (one at a time).
+    calling: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -317,6 +320,7 @@ pub async fn run(
         deleted: std::sync::atomic::AtomicBool::new(false),
         stop: tokio::sync::Notify::new(),
         connected: std::sync::atomic::AtomicBool::new(false),
+        calling: std::sync::atomic::AtomicBool::new(false),
     });
     {
         // Subscribed before the handle's loop starts: no change is missed.
@@ -1113,6 +1117,7 @@ async fn call(
             params::<NoParams>(p)?;
             plain(json!({ "version": env!("CARGO_PKG_VERSION") }))
         }
+        "call" | "answer" => calls::run(shared, tx, method == "answer", p).await,
         _ => match conversation_settings(shared, method, p).await {
             Some(answer) => answer,
             None => Err(Failure(METHOD_NOT_FOUND, format!("no method {:?}", term::safe(method)))),

@@ -1112,13 +1112,15 @@ async fn run(cli: Cli, env_passphrase: Option<Zeroizing<String>>) -> Result<Exit
             // key derivation, no second connection (see `via`).
             // A call reads its signals as they arrive; a daemon on the same
             // home would take them first (and the caller would hear "no
-            // answer" while the other side streams). The daemon has no call
-            // methods yet, so a call needs it stopped.
+            // answer" while the other side streams), so a call goes through
+            // the daemon, and is refused when told not to.
             #[cfg(unix)]
-            if matches!(command, Command::Call { .. } | Command::Answer { .. }) && via::connect(&home).await?.is_some()
+            if matches!(command, Command::Call { .. } | Command::Answer { .. })
+                && !config.use_daemon(cli.no_daemon)
+                && via::connect(&home).await?.is_some()
             {
                 return Err(anyhow!(
-                    "a subrosa daemon runs on this home and would take the call's signals: stop it to call or answer"
+                    "a subrosa daemon runs on this home and would take the call's signals: call without --no-daemon, or stop it"
                 ));
             }
             #[cfg(unix)]

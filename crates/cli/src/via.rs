@@ -63,6 +63,8 @@ pub fn routes(command: &Command) -> bool {
         | Command::Unblock { .. }
         | Command::Account(crate::AccountCommand::Delete { .. })
         | Command::Linklist(_) => true,
+        // The daemon holds the socket the call's signals come on.
+        Command::Call { .. } | Command::Answer { .. } => true,
         _ => false,
     }
 }
@@ -200,6 +202,8 @@ impl Daemon {
                 let m = message(sent)?;
                 out!("sent {} to {} with {} file(s)", m.id, safe(&m.target), attach.len());
             }
+            Command::Call { target, media, timeout } => return self.run_call(Some(target), media, *timeout).await,
+            Command::Answer { media, timeout } => return self.run_call(None, media, *timeout).await,
             Command::Read { target } => {
                 let done = self.call("read", json!({ "target": target })).await?;
                 queued(done.clone())?;
@@ -459,6 +463,53 @@ impl Daemon {
     /// Prints what the daemon kept of what went wrong (refused sends,
     /// dropped messages, refused files) as `receive` without it would, and
     /// exits as it would.
+    /// `call TARGET` (with a target) or `answer`: the call runs in the
+    /// daemon, which reads and writes the WAV files by their absolute
+    /// paths; its steps print as they come.
+    async fn run_call(
+        &mut self,
+        target: Option<&String>,
+        media: &crate::call::MediaArgs,
+        timeout: f64,
+    ) -> Result<ExitCode> {
+        let path = |flag: &str, p: &Option<std::path::PathBuf>| -> Result<Option<String>> {
+            let Some(p) = p else { return Ok(None) };
+            let abs = std::path::absolute(p).with_context(|| format!("{flag} {}", p.display()))?;
+            abs.to_str().map(|s| Some(s.to_string())).ok_or_else(|| {
+                anyhow!(
+                    "{flag} {}: a path that is not UTF-8 cannot go through the daemon (use --no-daemon)",
+                    p.display()
+                )
+            })
+        };
+        let mut params = json!({
+            "input": path("--input", &media.input)?,
+            "output": path("--output", &media.output)?,
+            "mute": media.mute,
+            "duration": media.duration,
+            "timeout": timeout,
+            "relay": media.relay.map(|r| r.to_string()),
+        });
+        let method = match target {
+            Some(t) => {
+                params["target"] = json!(t);
+                "call"
+            }
+            None => "answer",
+        };
+        let done = self
+            .call_hearing(method, params, &mut |v| {
+                if v["method"] == json!("callProgress") {
+                    if let Some(text) = v["params"]["text"].as_str() {
+                        out!("{}", safe(text));
+                    }
+                }
+            })
+            .await?;
+        out!("{}", safe(done["text"].as_str().unwrap_or("the call ended")));
+        Ok(ExitCode::SUCCESS)
+    }
+
     async fn failures(&mut self) -> Result<ExitCode> {
         let f = self.call("failures", json!({})).await?;
         for s in list(f["failed_sends"].clone()) {

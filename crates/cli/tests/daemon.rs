@@ -606,7 +606,7 @@ fn a_bot_reacts_replies_edits_deletes_and_reads_and_sees_the_fields() {
 }
 
 #[test]
-fn a_change_the_daemon_stored_but_could_not_send_exits_75_and_a_call_waits_for_no_daemon() {
+fn a_change_the_daemon_stored_but_could_not_send_exits_75_and_a_call_around_the_daemon_is_refused() {
     let mut server = Server::start();
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
@@ -617,8 +617,10 @@ fn a_change_the_daemon_stored_but_could_not_send_exits_75_and_a_call_waits_for_n
     let id = history_texts(&mut rpc, "alice");
     assert!(!id.is_empty());
 
-    // A call would lose its signals to the daemon: refused, in one line.
-    assert_clean_error(&bob.run(&["call", "alice", "--duration", "1"]), "stop it to call or answer");
+    // A call that goes around the daemon would lose its signals to it:
+    // refused, in one line.
+    let out = bob.run(&["--no-daemon", "call", "alice", "--mute", "--duration", "1"]);
+    assert_clean_error(&out, "call without --no-daemon, or stop it");
 
     // The server goes away: a send is stored and exits 75 ("queued:"), as
     // without a daemon, so a script does not send it again.
@@ -829,4 +831,83 @@ fn conversations_carry_the_timer_the_group_agreed_on() {
         }),
         "the timer stayed on in carol's list"
     );
+}
+
+/// While a daemon runs, `subrosa answer` goes through it (it holds the
+/// socket the offer comes on): the call connects and each side hears the
+/// other. One call at a time; paths the daemon cannot place are refused.
+#[test]
+fn a_call_answered_through_the_daemon_carries_both_voices() {
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let server = Server::start_with(&["--relay-listen", &relay.to_string()]);
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let daemon = Daemon::start(&bob);
+    let mut rpc = daemon.connect();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let said = subrosa_media::quality::test_melody(3.0);
+    let mut reply = said.clone();
+    reply.reverse();
+    subrosa_media::wav::write(Path::new(&wav("alice.wav")), &said).expect("write");
+    subrosa_media::wav::write(Path::new(&wav("bob.wav")), &reply).expect("write");
+
+    // The daemon reads and writes files by absolute paths only.
+    let bad = rpc.call_raw("answer", json!({ "input": "bob.wav", "timeout": 1 }));
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+    let bad = rpc.call_raw("answer", json!({ "recipient": "alice", "mute": true }));
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+
+    // Bob answers without his passphrase: through the daemon.
+    let args = [
+        "answer",
+        "--input",
+        &wav("bob.wav"),
+        "--output",
+        &wav("bob-heard.wav"),
+        "--duration",
+        "10",
+        "--timeout",
+        "60",
+    ];
+    let answering = bob
+        .cmd(&args)
+        .env_remove("SUBROSA_PASSPHRASE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bob answers");
+    // A second call through the same daemon meanwhile is refused.
+    std::thread::sleep(Duration::from_secs(1));
+    let second = without_passphrase(&bob, &["answer", "--mute", "--timeout", "1"]);
+    assert_clean_error(&second, "a call is already running through this daemon");
+
+    let out = alice.run(&[
+        "call",
+        "bob",
+        "--input",
+        &wav("alice.wav"),
+        "--output",
+        &wav("alice-heard.wav"),
+        "--duration",
+        "4",
+    ]);
+    assert!(out.status.success(), "alice's call: {}", stderr(&out));
+    assert!(stdout(&out).contains("connected with bob"), "{}", stdout(&out));
+    let bob_out = answering.wait_with_output().expect("bob's call ends");
+    assert!(bob_out.status.success(), "bob's call: {}", stderr(&bob_out));
+    let bob_said = stdout(&bob_out);
+    assert!(bob_said.contains("alice is calling") && bob_said.contains("alice hung up"), "{bob_said}");
+
+    let bob_heard = subrosa_media::wav::read(Path::new(&wav("bob-heard.wav"))).expect("bob's output");
+    let alice_heard = subrosa_media::wav::read(Path::new(&wav("alice-heard.wav"))).expect("alice's output");
+    let to_bob = subrosa_media::quality::similarity(&said, &bob_heard);
+    let to_alice = subrosa_media::quality::similarity(&reply, &alice_heard);
+    assert!(to_bob.correlation > 0.8, "alice → bob: {to_bob:?}");
+    assert!(to_alice.correlation > 0.8, "bob → alice: {to_alice:?}");
+
+    // The daemon is free again.
+    let after = rpc.call_raw("answer", json!({ "mute": true, "output": wav("none.wav"), "timeout": 0 }));
+    assert_eq!(after["error"]["message"], "no call came in", "{after}");
 }

@@ -283,3 +283,27 @@ pub struct AccountDeleteParams {
 pub struct LinklistImportParams {
     pub file: String,
 }
+
+/// `call` and `answer`: the commands' flags. Files are absolute paths the
+/// daemon reads and writes; without `input` (and not `mute`) the daemon's
+/// microphone, without `output` its speakers (a daemon built with the
+/// `audio` feature). `call` takes `recipient` or `conversation`; `answer`
+/// neither (it answers the first call that rings).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallParams {
+    #[serde(alias = "target")]
+    pub recipient: Option<String>,
+    pub conversation: Option<String>,
+    pub input: Option<String>,
+    pub output: Option<String>,
+    #[serde(default)]
+    pub mute: bool,
+    /// Seconds to stay in the call once connected (default 30).
+    pub duration: Option<f64>,
+    /// Seconds to ring (`call`, default 45) or to wait for a call
+    /// (`answer`, default 60).
+    pub timeout: Option<f64>,
+    /// A UDP address to send media to instead of the relay the server names.
+    pub relay: Option<String>,
+}
