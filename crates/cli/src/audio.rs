@@ -13,7 +13,7 @@
 /// What to say when a call has neither an input file nor a sound card.
 #[cfg(not(feature = "audio"))]
 const NO_SOUND_CARD: &str = "this subrosa was built without sound card support: \
-give --input FILE.wav (48 kHz 16-bit) and --output FILE.wav, or --mute to send silence; \
+give --input FILE.wav (16-bit, 8 to 48 kHz) and --output FILE.wav, or --mute to send silence; \
 for the microphone and speakers, build it with `--features audio` (needs libasound2-dev)";
 
 /// The sound card for a call: its microphone when `microphone`, its

@@ -16,7 +16,7 @@ use crate::term::safe;
 /// What both commands take.
 #[derive(clap::Args, Debug)]
 pub struct MediaArgs {
-    /// What this side says: a 48 kHz 16-bit WAV file (silence once it
+    /// What this side says: a 16-bit WAV file, 8 to 48 kHz (silence once it
     /// ends). Without it, the microphone (built with the `audio` feature).
     #[arg(long, value_name = "FILE.wav", conflicts_with = "mute")]
     pub input: Option<PathBuf>,
