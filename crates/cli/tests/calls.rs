@@ -51,6 +51,26 @@ fn speech_like(seconds: f64) -> Vec<i16> {
         .collect()
 }
 
+/// Speech made by espeak-ng (`.ci/run` installs it), read as a call reads
+/// `--input` (its 22,050 Hz converted to 48 kHz); synthetic speech where
+/// espeak-ng is missing, said on stderr.
+fn spoken(text: &str, dir: &std::path::Path) -> Vec<i16> {
+    let path = dir.join("espeak.wav");
+    let made = std::process::Command::new("espeak-ng")
+        .args(["-s", "150", "-w"])
+        .arg(&path)
+        .arg(text)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        eprintln!("SKIPPED espeak-ng: it is not installed (.ci/run installs it); synthetic speech instead");
+        return speech_like(3.0);
+    }
+    let speech = subrosa_media::wav::read(&path).expect("espeak-ng's WAV reads as a call's input");
+    assert!(speech.len() > 48_000, "espeak-ng said {} samples", speech.len());
+    speech
+}
+
 /// A UDP proxy in front of the relay that records every datagram both
 /// ways: what the relay (or anyone on its path) sees. Each client gets an
 /// upstream socket of its own, so the relay sees one address per client.
@@ -158,7 +178,8 @@ fn a_call_carries_each_sides_voice_through_a_relay_that_sees_only_ciphertext() {
     let capture = Capture::start(relay);
     let dir = tempfile::tempdir().expect("tempdir");
     let wav = |name: &str| dir.path().join(name);
-    let (alice_says, bob_says) = (test_melody(3.0), speech_like(3.0));
+    let (alice_says, bob_says) =
+        (test_melody(3.0), spoken("Nobody but alice can hear this call, not even the server.", dir.path()));
     subrosa_media::wav::write(&wav("alice.wav"), &alice_says).expect("write");
     subrosa_media::wav::write(&wav("bob.wav"), &bob_says).expect("write");
     let proxy = capture.addr.to_string();
@@ -187,7 +208,7 @@ fn a_call_carries_each_sides_voice_through_a_relay_that_sees_only_ciphertext() {
         "--output",
         &path(wav("alice-heard.wav")),
         "--duration",
-        "4",
+        "6",
         "--relay",
         &proxy,
     ]);
@@ -396,9 +417,12 @@ fn a_call_through_a_lossy_network_stays_recognisable() {
     let bob = User::register(&server, "bob");
     let dir = tempfile::tempdir().expect("tempdir");
     let wav = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let alice_says = test_melody(4.0);
+    let alice_says = spoken("Packets get lost on the way, and the words still come through clearly.", dir.path());
     subrosa_media::wav::write(std::path::Path::new(&wav("alice.wav")), &alice_says).expect("write");
-    for (loss, threshold) in [(0.05, 0.88), (0.20, 0.82)] {
+    // Spoken words measure about 0.90 without loss, 0.85 at 5% and 0.82
+    // at 20%; the same words with each pair of 20 ms frames swapped 0.65 to
+    // 0.68, other words 0.2, a wrong key's silence 0.
+    for (loss, threshold) in [(0.05, 0.80), (0.20, 0.77)] {
         let capture = Capture::lossy(relay, loss);
         let proxy = capture.addr.to_string();
         let bob_call = bob
@@ -418,7 +442,7 @@ fn a_call_through_a_lossy_network_stays_recognisable() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("bob answers");
-        let out = alice.run(&["call", "bob", "--input", &wav("alice.wav"), "--duration", "4", "--relay", &proxy]);
+        let out = alice.run(&["call", "bob", "--input", &wav("alice.wav"), "--duration", "6", "--relay", &proxy]);
         assert!(out.status.success(), "alice's call: {}", stderr(&out));
         let bob_done = bob_call.wait_with_output().expect("bob's call ends");
         assert!(bob_done.status.success(), "bob's call: {}", stderr(&bob_done));
@@ -468,7 +492,8 @@ fn a_device_whose_udp_is_blocked_calls_over_the_servers_websocket() {
     let hole_addr = hole.local_addr().expect("addr").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
     let wav = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let (alice_says, bob_says) = (test_melody(3.0), speech_like(3.0));
+    let (alice_says, bob_says) =
+        (test_melody(3.0), spoken("Nobody but alice can hear this call, not even the server.", dir.path()));
     subrosa_media::wav::write(std::path::Path::new(&wav("alice.wav")), &alice_says).expect("write");
     subrosa_media::wav::write(std::path::Path::new(&wav("bob.wav")), &bob_says).expect("write");
     let bob_call = bob
