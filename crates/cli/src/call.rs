@@ -5,11 +5,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use subrosa_client::calls::{CallEnd, CallOptions, CallProgress, CallReport};
 use subrosa_client::{Client, Target};
+use tokio::sync::Notify;
 
 use crate::term::safe;
 
@@ -43,7 +45,7 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(s))
 }
 
-fn options(media: &MediaArgs, wait: f64) -> Result<CallOptions> {
+fn options(media: &MediaArgs, wait: f64, hang_up: Option<Arc<Notify>>) -> Result<CallOptions> {
     let input = match &media.input {
         Some(path) => subrosa_media::wav::read(path).with_context(|| format!("reading {}", path.display()))?,
         None => Vec::new(),
@@ -60,7 +62,7 @@ fn options(media: &MediaArgs, wait: f64) -> Result<CallOptions> {
     let microphone = media.input.is_none() && !media.mute;
     let speakers = media.output.is_none();
     let audio = crate::audio::open(microphone, speakers)?;
-    Ok(CallOptions { input, audio, record: media.output.is_some(), duration, wait, relay: media.relay })
+    Ok(CallOptions { input, audio, record: media.output.is_some(), duration, wait, relay: media.relay, hang_up })
 }
 
 /// The line a step of a call prints (`None` for steps that print none).
@@ -109,12 +111,14 @@ pub(crate) fn outcome(media: &MediaArgs, report: &CallReport) -> Result<String> 
         CallEnd::Busy { by } => return Err(anyhow!("{} is busy", safe(by))),
         CallEnd::NoAnswer => return Err(anyhow!("no answer")),
         CallEnd::NoOffer => return Err(anyhow!("no call came in")),
+        CallEnd::Cancelled => "hung up before the call connected".to_string(),
         _ => format!("the call ended; {stats}"),
     })
 }
 
 /// Places a call to `target` (made into a 1:1 conversation when it is a
-/// handle without one) and returns the report.
+/// handle without one) and returns the report; `hang_up`, when told, ends
+/// it early.
 ///
 /// # Errors
 /// A bad input or output file, an unknown target, network and store errors.
@@ -123,9 +127,10 @@ pub(crate) async fn place(
     target: &str,
     media: &MediaArgs,
     ring: f64,
+    hang_up: Option<Arc<Notify>>,
     on: &mut (dyn FnMut(CallProgress) + Send),
 ) -> Result<CallReport> {
-    let options = options(media, ring)?;
+    let options = options(media, ring, hang_up)?;
     let me = client.device();
     let conversation = match crate::target::for_send(me, target).await? {
         Target::Conversation(id) => id,
@@ -142,22 +147,23 @@ pub(crate) async fn take(
     client: &Client,
     media: &MediaArgs,
     wait: f64,
+    hang_up: Option<Arc<Notify>>,
     on: &mut (dyn FnMut(CallProgress) + Send),
 ) -> Result<CallReport> {
-    let options = options(media, wait)?;
+    let options = options(media, wait, hang_up)?;
     Ok(client.answer_call(&options, on).await?)
 }
 
 /// `subrosa call TARGET`.
 pub async fn call(client: &Client, target: &str, media: &MediaArgs, ring: f64) -> Result<ExitCode> {
-    let report = place(client, target, media, ring, &mut progress).await?;
+    let report = place(client, target, media, ring, None, &mut progress).await?;
     out!("{}", outcome(media, &report)?);
     Ok(ExitCode::SUCCESS)
 }
 
 /// `subrosa answer`.
 pub async fn answer(client: &Client, media: &MediaArgs, wait: f64) -> Result<ExitCode> {
-    let report = take(client, media, wait, &mut progress).await?;
+    let report = take(client, media, wait, None, &mut progress).await?;
     out!("{}", outcome(media, &report)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -200,8 +200,9 @@ struct Shared {
     /// a front end that starts later learns it without waiting for the
     /// next change).
     connected: std::sync::atomic::AtomicBool,
-    /// A call runs through this daemon (one at a time).
-    calling: std::sync::atomic::AtomicBool,
+    /// What hangs up the call running through this daemon (one at a
+    /// time); `None` while none runs.
+    hang_up: Mutex<Option<Arc<tokio::sync::Notify>>>,
 }
 
 impl Shared {
@@ -320,7 +321,7 @@ pub async fn run(
         deleted: std::sync::atomic::AtomicBool::new(false),
         stop: tokio::sync::Notify::new(),
         connected: std::sync::atomic::AtomicBool::new(false),
-        calling: std::sync::atomic::AtomicBool::new(false),
+        hang_up: Mutex::new(None),
     });
     {
         // Subscribed before the handle's loop starts: no change is missed.
@@ -1118,6 +1119,10 @@ async fn call(
             plain(json!({ "version": env!("CARGO_PKG_VERSION") }))
         }
         "call" | "answer" => calls::run(shared, tx, method == "answer", p).await,
+        "hangUp" => {
+            params::<NoParams>(p)?;
+            plain(calls::hang_up(shared))
+        }
         _ => match conversation_settings(shared, method, p).await {
             Some(answer) => answer,
             None => Err(Failure(METHOD_NOT_FOUND, format!("no method {:?}", term::safe(method)))),

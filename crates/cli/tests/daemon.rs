@@ -911,3 +911,69 @@ fn a_call_answered_through_the_daemon_carries_both_voices() {
     let after = rpc.call_raw("answer", json!({ "mute": true, "output": wav("none.wav"), "timeout": 0 }));
     assert_eq!(after["error"]["message"], "no call came in", "{after}");
 }
+
+/// `hangUp` ends the call running through the daemon, on any connection:
+/// one that rings is given up (a missed call at the other end), one that
+/// is connected is hung up (the other side hears so at once).
+#[test]
+fn hang_up_ends_the_daemons_call_whether_it_rings_or_runs() {
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let server = Server::start_with(&["--relay-listen", &relay.to_string()]);
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    let daemon = Daemon::start(&bob);
+    let mut control = daemon.connect();
+    assert_eq!(control.call("hangUp", json!({})), json!({ "hungUp": false }), "nothing to hang up");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    subrosa_media::wav::write(Path::new(&wav("bob.wav")), &subrosa_media::quality::test_melody(2.0)).expect("write");
+
+    // Bob calls alice, who does not answer; bob gives up while it rings.
+    let mut calling = daemon.connect();
+    let out = wav("none.wav");
+    let ring = std::thread::spawn(move || {
+        calling.call("call", json!({ "recipient": "alice", "mute": true, "output": out, "timeout": 60 }))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(control.call("hangUp", json!({})), json!({ "hungUp": true }));
+    let given_up = ring.join().expect("the call returns");
+    assert_eq!(given_up["end"], "cancelled", "{given_up}");
+    alice.receive_json(&[]);
+    let lines: Vec<String> =
+        alice.history_json("bob").iter().filter_map(|m| m["text"].as_str().map(String::from)).collect();
+    assert!(lines.iter().any(|l| l == "missed call from bob"), "{lines:?}");
+
+    // Alice calls; bob's daemon answers, and bob hangs up mid-call.
+    let mut answering = daemon.connect();
+    let (input, output) = (wav("bob.wav"), wav("bob-heard.wav"));
+    let answer = std::thread::spawn(move || {
+        answering.call("answer", json!({ "input": input, "output": output, "duration": 60, "timeout": 60 }))
+    });
+    let started = std::time::Instant::now();
+    let mut caller = alice
+        .cmd(&["call", "bob", "--mute", "--output", &wav("alice-heard.wav"), "--duration", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("alice calls");
+    let (lines_tx, said) = std::sync::mpsc::channel::<String>();
+    let out = BufReader::new(caller.stdout.take().expect("stdout"));
+    std::thread::spawn(move || out.lines().map_while(Result::ok).for_each(|l| drop(lines_tx.send(l))));
+    let mut heard = Vec::new();
+    while !heard.iter().any(|l: &String| l.contains("connected with bob")) {
+        heard.push(said.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("never connected: {heard:?}")));
+    }
+    assert_eq!(control.call("hangUp", json!({})), json!({ "hungUp": true }));
+    let answered = answer.join().expect("the answer returns");
+    let status = caller.wait().expect("alice's call ends");
+    // The rest of what alice's call printed (the reader ends with it).
+    while let Ok(line) = said.recv_timeout(Duration::from_secs(5)) {
+        heard.push(line);
+    }
+    assert!(started.elapsed() < Duration::from_secs(45), "the hang-up did not end the call");
+    assert!(status.success(), "alice's call failed: {heard:?}");
+    assert!(heard.iter().any(|l| l.starts_with("bob hung up")), "{heard:?}");
+    assert_eq!(answered["end"], "duration", "this side hung up: {answered}");
+    assert!(answered["heardSecs"].as_f64().is_some(), "{answered}");
+}

@@ -31,6 +31,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// What a call's system line says (re-exported for front ends).
+pub use subrosa_session::CallLine;
+
 use reqwest::Method;
 use subrosa_core::call::{CallAction, CallSignal};
 use subrosa_core::content::Body;
@@ -97,6 +100,19 @@ pub struct CallOptions {
     /// Send media to this address instead of the relay the server names
     /// (a port forward; tests put a recording proxy there).
     pub relay: Option<SocketAddr>,
+    /// Told when the user hangs up (a front end's hang-up key): a call
+    /// that has not connected yet is given up ([`CallEnd::Cancelled`]; a
+    /// caller's offer becomes a missed call there), one that has ends as
+    /// its duration would. A `notify_one` before the call looks is kept.
+    pub hang_up: Option<std::sync::Arc<tokio::sync::Notify>>,
+}
+
+/// Waits until `hang_up` is told; forever without one.
+async fn hung_up(hang_up: &Option<std::sync::Arc<tokio::sync::Notify>>) {
+    match hang_up {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl std::fmt::Debug for CallOptions {
@@ -108,6 +124,7 @@ impl std::fmt::Debug for CallOptions {
             .field("duration", &self.duration)
             .field("wait", &self.wait)
             .field("relay", &self.relay)
+            .field("hang_up", &self.hang_up.is_some())
             .finish()
     }
 }
@@ -134,6 +151,8 @@ pub enum CallEnd {
     NoOffer,
     /// This device left the conversation during the call.
     Removed,
+    /// This side hung up before the call connected.
+    Cancelled,
 }
 
 /// What happened in a call, for the front end.
@@ -582,6 +601,12 @@ impl Subrosa {
                     link.leave().await;
                     return Ok(report(CallEnd::NoAnswer, &media));
                 }
+                _ = hung_up(&options.hang_up) => {
+                    let hangup = CallSignal { call_id, action: CallAction::Hangup, context: 0 };
+                    self.signal(conversation, hangup).await?;
+                    link.leave().await;
+                    return Ok(report(CallEnd::Cancelled, &media));
+                }
                 _ = keepalive.tick() => link.prove().await?,
                 frame = net::next_frame(&mut ws) => self.on_frame(&mut ws, frame?).await?,
             }
@@ -632,19 +657,19 @@ impl Subrosa {
             if let Some(o) = offers.pop() {
                 break o;
             }
+            let none = |end: CallEnd| CallReport {
+                conversation: ConversationId([0; 16]),
+                call_id: [0; 16],
+                end,
+                output: Vec::new(),
+                heard_secs: 0.0,
+                sent: 0,
+                incoming: IncomingStats::default(),
+                rekeys: 0,
+            };
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Ok(CallReport {
-                        conversation: ConversationId([0; 16]),
-                        call_id: [0; 16],
-                        end: CallEnd::NoOffer,
-                        output: Vec::new(),
-                        heard_secs: 0.0,
-                        sent: 0,
-                        incoming: IncomingStats::default(),
-                        rekeys: 0,
-                    });
-                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(none(CallEnd::NoOffer)),
+                _ = hung_up(&options.hang_up) => return Ok(none(CallEnd::Cancelled)),
                 frame = net::next_frame(&mut ws) => self.on_frame(&mut ws, frame?).await?,
             }
         };
@@ -742,6 +767,8 @@ impl Subrosa {
         let mut epoch_check = tokio::time::interval(EPOCH_CHECK);
         let end = loop {
             tokio::select! {
+                // This side hangs up: as when the duration passes.
+                _ = hung_up(&options.hang_up) => break CallEnd::Duration,
                 _ = ticker.tick() => {
                     if sent >= frames {
                         break CallEnd::Duration;

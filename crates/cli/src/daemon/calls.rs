@@ -5,37 +5,50 @@
 //! connection as a `callProgress` notification (`event`, its fields, and
 //! `text`, the line the command prints); the answer says how the call
 //! ended and what flowed. A call that never connected (busy, no answer,
-//! no offer) is an error, as the command's exit status 1.
+//! no offer) is an error, as the command's exit status 1. `hangUp`, on
+//! any connection, ends the running call (a front end's hang-up key).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 use subrosa_client::calls::{CallEnd, CallProgress, CallReport};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::rpc::{invalid, params, CallParams, Failure, Which};
 use super::{term, Answer, Outgoing, Place, Shared};
 
-/// Held while a call runs; a second one is refused meanwhile (it would
-/// take the first one's signals).
-struct Running<'a>(&'a AtomicBool);
+/// Held while a call runs: a second one is refused meanwhile (it would
+/// take the first one's signals), and `hangUp` tells this one.
+struct Running<'a>(&'a Shared);
 
 impl<'a> Running<'a> {
-    fn start(flag: &'a AtomicBool) -> Result<Self, Failure> {
-        if flag.swap(true, Ordering::AcqRel) {
+    fn start(shared: &'a Shared) -> Result<(Self, Arc<Notify>), Failure> {
+        let mut slot = shared.hang_up.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
             return Err(Failure(super::rpc::COMMAND_FAILED, "a call is already running through this daemon".into()));
         }
-        Ok(Running(flag))
+        let hang_up = Arc::new(Notify::new());
+        *slot = Some(Arc::clone(&hang_up));
+        Ok((Running(shared), hang_up))
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.hang_up.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
+}
+
+/// `hangUp`: ends the call running through this daemon (given up when it
+/// has not connected yet); `{"hungUp": false}` when none runs.
+pub(super) fn hang_up(shared: &Shared) -> Value {
+    let running = shared.hang_up.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(n) = &running {
+        n.notify_one();
+    }
+    json!({ "hungUp": running.is_some() })
 }
 
 fn absolute(what: &str, p: Option<String>) -> Result<Option<PathBuf>, Failure> {
@@ -75,7 +88,7 @@ pub(super) async fn run(shared: &Arc<Shared>, tx: &mpsc::Sender<Outgoing>, answe
             Place::Id(id) => format!("#{}", id.to_hex()),
         })
     };
-    let _running = Running::start(&shared.calling)?;
+    let (_running, hang_up) = Running::start(shared)?;
     let tx = tx.clone();
     let mut on = move |p: CallProgress| {
         if let Some(params) = progress_params(&p) {
@@ -86,8 +99,10 @@ pub(super) async fn run(shared: &Arc<Shared>, tx: &mpsc::Sender<Outgoing>, answe
         }
     };
     let report = match target {
-        None => crate::call::take(&shared.client, &media, timeout.unwrap_or(60.0), &mut on).await?,
-        Some(t) => crate::call::place(&shared.client, &t, &media, timeout.unwrap_or(45.0), &mut on).await?,
+        None => crate::call::take(&shared.client, &media, timeout.unwrap_or(60.0), Some(hang_up), &mut on).await?,
+        Some(t) => {
+            crate::call::place(&shared.client, &t, &media, timeout.unwrap_or(45.0), Some(hang_up), &mut on).await?
+        }
     };
     let text = crate::call::outcome(&media, &report)?;
     Ok((report_value(&report, text), None))
@@ -117,6 +132,7 @@ fn report_value(r: &CallReport, text: String) -> Value {
         CallEnd::Duration => ("duration", None),
         CallEnd::HungUp { by } => ("hungUp", Some(by.clone())),
         CallEnd::Removed => ("removed", None),
+        CallEnd::Cancelled => ("cancelled", None),
         _ => ("ended", None),
     };
     let s = &r.incoming;
