@@ -264,7 +264,9 @@ fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
         eprintln!("SKIPPED: tmux is not installed, so `subrosa tui` was not driven end to end");
         return;
     }
-    let server = Server::start();
+    // With a call relay: alice calls at the end.
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let server = Server::start_with(&["--relay-listen", &relay.to_string()]);
     let alice = User::register(&server, "alice");
     let bob = User::register(&server, "bob");
     alice.send("bob", "before the tui");
@@ -333,7 +335,28 @@ fn through_a_running_daemon_the_tui_needs_no_passphrase_and_works_the_same() {
         "alice never got from-bob.txt; bob's screen:\n{}",
         pane.screen()
     );
-    pane.keys(&["q"]);
+
+    // A call rings in the status line; :answer takes it through the
+    // daemon, which has no sound card in this build and says so.
+    let silence = alice.dir.path().join("heard.wav");
+    let mut call = Killed(
+        alice
+            .cmd(&["call", "bob", "--mute", "--output", silence.to_str().unwrap(), "--timeout", "20"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("alice calls"),
+    );
+    pane.wait_for("alice is calling: :answer takes the call");
+    if cfg!(not(feature = "audio")) {
+        pane.keys(&["Escape", ":"]);
+        pane.type_text("answer");
+        pane.keys(&["Enter"]);
+        pane.wait_for("calls in the terminal UI need the sound card");
+    }
+    let _ = call.0.kill();
+
+    pane.keys(&["Escape", "q"]);
     assert!(wait_until(Duration::from_secs(30), || pane.exit_status().is_some()), "q did not quit");
     assert_eq!(pane.exit_status().as_deref(), Some("0"), "stderr: {}", pane.stderr());
     drop(daemon);

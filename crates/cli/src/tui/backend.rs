@@ -71,6 +71,26 @@ fn local_files(c: &Client, m: &StoredMessage) -> Option<(String, Vec<FileInfo>)>
     (!rows.is_empty()).then(|| (m.id.clone(), FileInfo::from_json(&crate::attach::json(&rows))))
 }
 
+/// How long a call from the UI may last (it ends when someone hangs up).
+const CALL_LIMIT_SECS: f64 = 4.0 * 3600.0;
+/// How long a call from the UI rings.
+const RING_SECS: f64 = 45.0;
+/// How long `:answer` waits for a call to ring.
+const ANSWER_WAIT_SECS: f64 = 30.0;
+
+/// A call that cannot open the sound card says so in the UI's words (the
+/// command line's error names its flags).
+fn sound_card(e: anyhow::Error) -> anyhow::Error {
+    if crate::one_line(&e).contains("--features audio") {
+        anyhow!(
+            "calls in the terminal UI need the sound card: this subrosa was built without it \
+             (cargo build --features audio); headless, `subrosa call --input/--output` takes WAV files"
+        )
+    } else {
+        e
+    }
+}
+
 /// A change that was stored: `true` when it waits for the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Queued(pub bool);
@@ -536,6 +556,76 @@ impl Backend {
     }
 
     /// Every member device of the conversation `id`.
+    /// Calls the conversation `to` (id, hex), or answers the call that
+    /// rings (`None`), with the sound card, until either side hangs up or
+    /// `hang_up` is told; each step's line goes to `on`. Returns how it
+    /// ended, in a line. Over the daemon the call runs there, on a
+    /// connection of its own (so the UI's requests go on meanwhile).
+    ///
+    /// # Errors
+    /// No sound card in this build, busy, no answer, no call; network
+    /// and store errors.
+    pub async fn voice_call(
+        &self,
+        to: Option<&str>,
+        hang_up: Arc<tokio::sync::Notify>,
+        on: &mut (dyn FnMut(String) + Send),
+    ) -> Result<String> {
+        match self {
+            Backend::Local(c) => {
+                let media = crate::call::MediaArgs {
+                    input: None,
+                    output: None,
+                    mute: false,
+                    duration: CALL_LIMIT_SECS,
+                    relay: None,
+                };
+                let mut steps = |p: subrosa_client::calls::CallProgress| {
+                    if let Some(line) = crate::call::progress_line(&p) {
+                        on(line);
+                    }
+                };
+                let report = match to {
+                    Some(id) => {
+                        let target = format!("#{id}");
+                        crate::call::place(c, &target, &media, RING_SECS, Some(hang_up), &mut steps).await
+                    }
+                    None => crate::call::take(c, &media, ANSWER_WAIT_SECS, Some(hang_up), &mut steps).await,
+                };
+                crate::call::outcome(&media, &report.map_err(sound_card)?)
+            }
+            #[cfg(unix)]
+            Backend::Daemon(r) => {
+                let Some(mut line) = crate::via::connect(&r.home).await? else {
+                    return Err(anyhow!("the daemon stopped"));
+                };
+                let (method, mut params) = match to {
+                    Some(id) => ("call", json!({ "conversation": id, "timeout": RING_SECS })),
+                    None => ("answer", json!({ "timeout": ANSWER_WAIT_SECS })),
+                };
+                params["duration"] = json!(CALL_LIMIT_SECS);
+                let mut heard = |v: &Value| {
+                    if v["method"] == json!("callProgress") {
+                        if let Some(text) = v["params"]["text"].as_str() {
+                            on(text.to_string());
+                        }
+                    }
+                };
+                let call = line.call_hearing(method, params, &mut heard);
+                tokio::pin!(call);
+                let done = loop {
+                    tokio::select! {
+                        done = &mut call => break done,
+                        _ = hang_up.notified() => {
+                            r.call("hangUp", json!({})).await?;
+                        }
+                    }
+                };
+                Ok(done.map_err(sound_card)?["text"].as_str().unwrap_or("the call ended").to_string())
+            }
+        }
+    }
+
     pub async fn members(&self, id: &str) -> Result<Vec<MemberLine>> {
         match self {
             Backend::Local(c) => {

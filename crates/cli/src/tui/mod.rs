@@ -30,6 +30,7 @@ mod tests;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use crossterm::event::{Event, KeyEventKind};
@@ -141,7 +142,7 @@ pub async fn run(backend: Backend, options: Options) -> Result<ExitCode> {
             }
         })
     };
-    let ctx = Ctx { tx: tx.clone(), sends, options };
+    let ctx = Ctx { tx: tx.clone(), sends, options, call: Arc::default() };
     let mut app = App::new(backend.handle());
     app.notifications = ctx.options.notifications;
     app.handle(Input::Loaded { conversations: backend.load().await?, select: None });
@@ -236,6 +237,8 @@ struct Ctx {
     tx: mpsc::UnboundedSender<Input>,
     sends: mpsc::UnboundedSender<Outgoing>,
     options: Options,
+    /// What hangs up the call this UI runs; `None` while none runs.
+    call: Arc<std::sync::Mutex<Option<Arc<tokio::sync::Notify>>>>,
 }
 
 /// A transfer's progress as inputs, one per percent at most.
@@ -342,6 +345,43 @@ fn perform(backend: &Backend, action: Action, ctx: &Ctx) {
                 };
                 let _ = tx.send(Input::Done(outcome));
             });
+        }
+        Action::Call { conversation } => {
+            let hang_up = Arc::new(tokio::sync::Notify::new());
+            {
+                let mut running = ctx.call.lock().unwrap_or_else(|p| p.into_inner());
+                if running.is_some() {
+                    let _ = tx.send(Input::Done(Outcome::Error("a call is running: :hangup first".into())));
+                    return;
+                }
+                *running = Some(Arc::clone(&hang_up));
+            }
+            let slot = Arc::clone(&ctx.call);
+            tokio::spawn(async move {
+                let steps = tx.clone();
+                let mut on = move |line: String| {
+                    let _ = steps.send(Input::Done(Outcome::Notice(line)));
+                };
+                let outcome = match backend.voice_call(conversation.as_deref(), hang_up, &mut on).await {
+                    Ok(line) => Outcome::Notice(line),
+                    Err(e) => Outcome::Error(one_line(&e)),
+                };
+                slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let _ = tx.send(Input::Done(outcome));
+                reload(&backend, &tx, None).await;
+            });
+        }
+        Action::HangUp => {
+            let running = ctx.call.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match running {
+                Some(hang_up) => {
+                    hang_up.notify_one();
+                    let _ = tx.send(Input::Done(Outcome::Notice("hanging up…".into())));
+                }
+                None => {
+                    let _ = tx.send(Input::Done(Outcome::Error("no call to hang up".into())));
+                }
+            }
         }
         Action::Run(command) => {
             tokio::spawn(async move {

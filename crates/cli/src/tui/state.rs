@@ -400,6 +400,15 @@ pub enum Action {
     },
     /// Show a desktop notification (what and when: [`notify::note_for`]).
     Notify(Note),
+    /// Call the conversation (id, hex), or answer the call that rings
+    /// (`None`), with the sound card; each step comes as
+    /// [`Input::Done`], the end too.
+    Call {
+        /// Whom to call; `None` answers.
+        conversation: Option<String>,
+    },
+    /// Hang up the call this UI runs (or give it up while it rings).
+    HangUp,
     /// Leave the UI.
     Quit,
 }
@@ -485,7 +494,7 @@ pub const HELP: &[&str] = &[
     "  :react EMOJI  :unreact     on the selected message",
     "  :attach PATH  :save        send a file; save the selected message's",
     "  :accept  :disappear 1d|off accept the request; its timer (30s…4w, off)",
-    "  :quit                      leave",
+    "  :call :answer :hangup      call, answer, hang up        :quit  leave",
 ];
 
 /// Lines the chat view scrolls per Ctrl-U / Ctrl-D.
@@ -763,9 +772,20 @@ impl App {
         (new, fresh)
     }
 
+    /// Someone else's call offer: says how to answer it.
+    fn ringing(&mut self, m: &StoredMessage) {
+        use subrosa_client::calls::CallLine;
+        if let Some(subrosa_client::SystemEvent::Call { by, action: CallLine::Offer, .. }) = &m.event {
+            if *by != self.me {
+                self.notice(format!("{by} is calling: :answer takes the call"));
+            }
+        }
+    }
+
     fn client_event(&mut self, e: ClientEvent) -> Vec<Action> {
         match e {
             ClientEvent::Message(m) => {
+                self.ringing(&m);
                 let incoming = !m.outgoing;
                 // Seen: on screen, in a terminal that has the focus.
                 let seen = self.focused && self.selected.as_deref() == Some(m.conversation.as_str());
@@ -782,6 +802,7 @@ impl App {
                 return actions;
             }
             ClientEvent::System(m) => {
+                self.ringing(&m);
                 self.upsert(m, false);
                 // Membership, names and keys may have changed.
                 return vec![Action::Refresh { select: None }];
@@ -1215,6 +1236,19 @@ impl App {
                 self.quit = true;
                 return vec![Action::Quit];
             }
+            "call" => {
+                let Some(c) = current.clone().filter(|c| c.active) else {
+                    self.error("open a conversation you are in first");
+                    return Vec::new();
+                };
+                self.notice(format!("calling {}…", c.name));
+                return vec![Action::Call { conversation: Some(c.id) }];
+            }
+            "answer" | "pickup" => {
+                self.notice("answering…");
+                return vec![Action::Call { conversation: None }];
+            }
+            "hangup" | "hang" => return vec![Action::HangUp],
             "help" | "h" => {
                 self.overlay = Some(help());
                 return Vec::new();

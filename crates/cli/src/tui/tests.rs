@@ -462,3 +462,34 @@ fn a_timer_set_before_joining_shows_though_no_line_says_so() {
     assert!(timers.contains(&("cc".into(), Some(3_600))), "{timers:?}");
     assert!(timers.contains(&("dd".into(), Some(60))), "{timers:?}");
 }
+
+#[test]
+fn a_call_rings_in_the_status_line_and_the_commands_call_answer_and_hang_up() {
+    use subrosa_client::calls::CallLine;
+    let mut app = links_and_requests();
+    let offer = |by: &str| SystemEvent::Call { by: by.into(), call: "c1".into(), action: CallLine::Offer };
+    // bob's offer says how to take it; this account's own says nothing.
+    app.handle(Input::Client(ClientEvent::System(system("bb", offer("alice"), T0 + MINUTE))));
+    assert!(app.notice.as_ref().is_none_or(|n| !n.text.contains("is calling")), "{:?}", app.notice);
+    app.handle(Input::Client(ClientEvent::System(system("bb", offer("bob"), T0 + 2 * MINUTE))));
+    let notice = app.notice.clone().expect("a notice");
+    assert_eq!((notice.text.as_str(), notice.error), ("bob is calling: :answer takes the call", false));
+
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "answer");
+    assert_eq!(app.handle(key(KeyCode::Enter)), vec![super::state::Action::Call { conversation: None }]);
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "hangup");
+    assert_eq!(app.handle(key(KeyCode::Enter)), vec![super::state::Action::HangUp]);
+    // :call calls the open conversation (bob's).
+    let open = app.current().map(|c| c.id.clone());
+    app.handle(key(KeyCode::Char(':')));
+    typed(&mut app, "call");
+    assert_eq!(app.handle(key(KeyCode::Enter)), vec![super::state::Action::Call { conversation: open }]);
+    // With nothing open, nothing is called.
+    let mut empty = App::new("alice");
+    empty.handle(key(KeyCode::Char(':')));
+    typed(&mut empty, "call");
+    assert!(empty.handle(key(KeyCode::Enter)).is_empty());
+    assert!(empty.notice.as_ref().is_some_and(|n| n.error), "{:?}", empty.notice);
+}
