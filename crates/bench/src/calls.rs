@@ -28,7 +28,8 @@
 //! **Relay capacity.** `N` concurrent 1:1 calls: `2N` devices, each sending
 //! a 107-byte media datagram (an Opus frame's usual size sealed) every
 //! 20 ms for `--step-seconds`, counted where they arrive. `N` doubles until
-//! more than 1% is lost; the largest `N` at or under 1% is the figure. The
+//! more than 1% is lost, then the gap is halved down to an eighth of the
+//! last good step; the largest `N` at or under 1% is the figure. The
 //! baseline is a plain UDP echo (each datagram sent back to its sender, no
 //! tokens, no state) run the same way on the same kind of thread, so it
 //! carries the same packets per second. The relay keeps its default limits;
@@ -615,7 +616,7 @@ fn capacity(max_calls: usize, seconds: u64) -> Result<()> {
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     println!(
         "relay capacity: concurrent 1:1 calls, each device one 107-byte datagram per 20 ms for {seconds} s per step; \
-         the calls double until more than 1% is lost (open files allowed: {nofile})"
+         the calls double until more than 1% is lost, then the gap is halved (open files allowed: {nofile})"
     );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut best = [0usize; 2];
@@ -640,6 +641,28 @@ fn capacity(max_calls: usize, seconds: u64) -> Result<()> {
             }
             best[slot] = calls;
             calls *= 2;
+        }
+        // Then halves the gap between the last step that held and the
+        // first that did not, down to an eighth of it (400 and 800: 600,
+        // then 500 or 700, then 450…750).
+        let mut failed = calls;
+        while best[slot] > 0 && failed <= max_calls && failed - best[slot] > best[slot] / 8 {
+            let mid = (best[slot] + failed) / 2;
+            let s = rt.block_on(step(&server, kind, mid, seconds))?;
+            println!(
+                "{:<34} {:>7} {:>10} {:>10} {:>7.2}% {:>11.1}%",
+                name,
+                mid,
+                s.sent,
+                s.got,
+                s.loss() * 100.0,
+                s.server_cpu * 100.0
+            );
+            if s.loss() > 0.01 {
+                failed = mid;
+            } else {
+                best[slot] = mid;
+            }
         }
         server.stop();
     }
