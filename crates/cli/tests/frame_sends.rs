@@ -18,11 +18,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// A free loopback port for the metrics endpoint (bound, then let go).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// `subrosa_sends_total{transport="…"}` from the metrics endpoint.
 fn sends(metrics: &str, transport: &str) -> u64 {
     let mut s = std::net::TcpStream::connect(metrics).expect("connect to metrics");
@@ -105,8 +100,10 @@ fn daemon_sends(url: &str, metrics: &str) -> (u64, u64) {
 }
 
 fn server_with_metrics() -> (Server, String) {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let server = Server::start_with(&["--rate-limit", "0", "--metrics-listen", &metrics]);
+    // Port 0, read back from the server: a port picked here and bound
+    // there could be taken meanwhile by another test's server.
+    let server = Server::start_with(&["--rate-limit", "0", "--metrics-listen", "127.0.0.1:0"]);
+    let metrics = server.metrics.clone().expect("the metrics address");
     (server, metrics)
 }
 

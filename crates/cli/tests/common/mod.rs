@@ -49,6 +49,9 @@ pub struct Server {
     bin: PathBuf,
     pub url: String,
     pub dir: tempfile::TempDir,
+    /// The metrics endpoint's address, as the server printed it (with
+    /// `--metrics-listen`, which may name port 0).
+    pub metrics: Option<String>,
 }
 
 impl Server {
@@ -66,8 +69,8 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         copy_dir(data, &dir.path().join("data"));
         let bin = server_bin();
-        let (child, url) = Self::spawn(&bin, &dir, "127.0.0.1:0", extra);
-        Server { child, bin, url, dir }
+        let (child, url, metrics) = Self::spawn(&bin, &dir, "127.0.0.1:0", extra);
+        Server { child, bin, url, dir, metrics }
     }
 
     /// The test-only malicious operator (`subrosa-attack-server`): honest
@@ -78,8 +81,8 @@ impl Server {
 
     fn start_bin(bin: PathBuf, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (child, url) = Self::spawn(&bin, &dir, "127.0.0.1:0", extra);
-        Server { child, bin, url, dir }
+        let (child, url, metrics) = Self::spawn(&bin, &dir, "127.0.0.1:0", extra);
+        Server { child, bin, url, dir, metrics }
     }
 
     /// Switches the malicious operator's attacks (read on every request).
@@ -106,16 +109,17 @@ impl Server {
     /// data, with `extra` arguments.
     pub fn restart_with(&mut self, extra: &[&str]) {
         let addr = self.url.trim_start_matches("http://").to_string();
-        let (child, url) = Self::spawn(&self.bin, &self.dir, &addr, extra);
+        let (child, url, metrics) = Self::spawn(&self.bin, &self.dir, &addr, extra);
         assert_eq!(url, self.url);
         self.child = child;
+        self.metrics = metrics;
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    fn spawn(bin: &Path, dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> (Child, String) {
+    fn spawn(bin: &Path, dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> (Child, String, Option<String>) {
         let data = dir.path().join("data");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -141,12 +145,23 @@ impl Server {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
             .to_string();
+        // With a metrics endpoint, its address comes next (port 0 picks a
+        // free one: no race with other tests for a port chosen beforehand).
+        let metrics = extra.contains(&"--metrics-listen").then(|| {
+            let mut line = String::new();
+            lines.read_line(&mut line).expect("server prints its metrics address");
+            line.trim()
+                .strip_prefix("metrics on http://")
+                .and_then(|a| a.strip_suffix("/metrics"))
+                .unwrap_or_else(|| panic!("unexpected metrics line {line:?}"))
+                .to_string()
+        });
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = lines.read_to_end(&mut sink);
         });
-        (child, url)
+        (child, url, metrics)
     }
 
     pub fn data_dir(&self) -> PathBuf {
