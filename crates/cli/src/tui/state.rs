@@ -497,6 +497,10 @@ pub const HELP: &[&str] = &[
     "  :call :answer :hangup      call, answer, hang up        :quit  leave",
 ];
 
+/// How long after it was sent an offer still rings in the status line
+/// (`subrosa answer` takes offers of the last minute too).
+const OFFER_RINGS_MS: u64 = 60_000;
+
 /// Lines the chat view scrolls per Ctrl-U / Ctrl-D.
 const HALF_PAGE: usize = 10;
 
@@ -772,11 +776,13 @@ impl App {
         (new, fresh)
     }
 
-    /// Someone else's call offer: says how to answer it.
+    /// Someone else's call offer: says how to answer it, while it can
+    /// still be answered (one that waited in the inbox, or came with a
+    /// sender's clock far behind, rang long ago).
     fn ringing(&mut self, m: &StoredMessage) {
         use subrosa_client::calls::CallLine;
         if let Some(subrosa_client::SystemEvent::Call { by, action: CallLine::Offer, .. }) = &m.event {
-            if *by != self.me {
+            if *by != self.me && m.received_at.saturating_sub(m.sent_at) <= OFFER_RINGS_MS {
                 self.notice(format!("{by} is calling: :answer takes the call"));
             }
         }

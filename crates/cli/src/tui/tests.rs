@@ -471,6 +471,11 @@ fn a_call_rings_in_the_status_line_and_the_commands_call_answer_and_hang_up() {
     // bob's offer says how to take it; this account's own says nothing.
     app.handle(Input::Client(ClientEvent::System(system("bb", offer("alice"), T0 + MINUTE))));
     assert!(app.notice.as_ref().is_none_or(|n| !n.text.contains("is calling")), "{:?}", app.notice);
+    // An offer that waited in the inbox for two minutes rang long ago.
+    let mut stale = system("bb", offer("bob"), T0 + MINUTE);
+    stale.received_at = T0 + 3 * MINUTE;
+    app.handle(Input::Client(ClientEvent::System(stale)));
+    assert!(app.notice.as_ref().is_none_or(|n| !n.text.contains("is calling")), "{:?}", app.notice);
     app.handle(Input::Client(ClientEvent::System(system("bb", offer("bob"), T0 + 2 * MINUTE))));
     let notice = app.notice.clone().expect("a notice");
     assert_eq!((notice.text.as_str(), notice.error), ("bob is calling: :answer takes the call", false));
