@@ -20,6 +20,7 @@ use mls_rs::identity::basic::{BasicCredential, BasicIdentityProvider};
 use mls_rs::identity::SigningIdentity;
 use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
 use mls_rs::{CipherSuiteProvider, CryptoProvider, ExtensionList, MlsMessage};
+use subrosa_client::store::{GroupStore, KeyPackageStore, OnDisk as _, Store as ClientStore};
 use subrosa_core::content::Content;
 use subrosa_core::{ConversationInfo, ConversationKind, DeviceIdentity, Engine, Event};
 use subrosa_proto::{
@@ -44,22 +45,103 @@ struct Row {
     batched: (f64, f64),
     /// mls-rs only: without writing the group state after each message.
     unsaved: Option<(f64, f64)>,
+    /// Ours only: over the client's SQLCipher stores (each write durable),
+    /// with every call decoding the group from the store (`off`, as before
+    /// loaded groups) and with groups kept loaded between calls (`on`, as a
+    /// session runs): (encrypt, decrypt) per message, then per batch.
+    stored: Option<StoredRates>,
+}
+
+#[derive(Debug, Default)]
+struct StoredRates {
+    off: [(f64, f64); 2],
+    on: [(f64, f64); 2],
+}
+
+type StoreEngine = Engine<subrosa_core::DefaultCrypto, GroupStore, KeyPackageStore>;
+
+/// An engine of `identity` over `store`, keeping groups loaded when `kept`.
+fn stored_engine(identity: &DeviceIdentity, store: &ClientStore, kept: bool) -> Result<StoreEngine> {
+    let crypto = subrosa_core::default_crypto();
+    let id = DeviceIdentity::from_secret_bytes(&crypto, &identity.to_secret_bytes()?)?;
+    let groups = store.groups();
+    let engine = Engine::new(crypto, id, groups.clone(), store.key_packages());
+    Ok(if kept { engine.with_loaded_groups(Arc::new(groups), subrosa_client::LOADED_GROUPS) } else { engine })
+}
+
+fn in_tx<T>(store: &ClientStore, f: impl FnOnce() -> Result<T, subrosa_core::CoreError>) -> Result<T> {
+    Ok(store.write(|_| f().map_err(subrosa_client::ClientError::from))?)
+}
+
+/// Encrypt and decrypt rates over the stores, each call its own
+/// transaction (per message) or one transaction per batch.
+fn stored_rates(
+    (creator, creator_store): (&StoreEngine, &ClientStore),
+    (joiner, joiner_store): (&StoreEngine, &ClientStore),
+    conv: &ConversationId,
+    messages: usize,
+    batch: usize,
+) -> Result<[(f64, f64); 2]> {
+    let mut out = [(0.0, 0.0); 2];
+    for (slot, per) in [(0, 1), (1, batch)] {
+        let mut cts = Vec::with_capacity(messages);
+        let t = Instant::now();
+        for start in (0..messages).step_by(per) {
+            let end = (start + per).min(messages);
+            in_tx(creator_store, || {
+                creator.begin_batch();
+                for i in start..end {
+                    let c = Content::text(MessageId([(i % 251) as u8; 16]), i as u64, "x".repeat(200));
+                    match creator.encrypt(conv, &c) {
+                        Ok((ct, _)) => cts.push(ct),
+                        Err(e) => {
+                            creator.abort_batch();
+                            return Err(e);
+                        }
+                    }
+                }
+                creator.end_batch()
+            })?;
+        }
+        let encrypt = t.elapsed();
+        let t = Instant::now();
+        for chunk in cts.chunks(per) {
+            in_tx(joiner_store, || {
+                joiner.begin_batch();
+                for ct in chunk {
+                    if let Err(e) = joiner.process(conv, ct) {
+                        joiner.abort_batch();
+                        return Err(e);
+                    }
+                }
+                joiner.end_batch()
+            })?;
+        }
+        out[slot] = (rate(messages, encrypt), rate(messages, t.elapsed()));
+    }
+    Ok(out)
 }
 
 pub(crate) fn engine(i: usize) -> Result<Ours> {
+    Ok(engine_with(i)?.0)
+}
+
+/// An engine with a handle on its group storage.
+fn engine_with(i: usize) -> Result<(Ours, InMemoryGroupStateStorage)> {
     let crypto = subrosa_core::default_crypto();
     let handle = Handle::new(&format!("user{i}")).map_err(|e| anyhow!("{e}"))?;
     let id = DeviceIdentity::generate(&crypto, handle, 0)?;
-    Ok(Engine::new(crypto, id, InMemoryGroupStateStorage::new(), InMemoryKeyPackageStorage::new()))
+    let groups = InMemoryGroupStateStorage::new();
+    Ok((Engine::new(crypto, id, groups.clone(), InMemoryKeyPackageStorage::new()), groups))
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuite) -> Result<Row> {
-    let creator = engine(0)?;
-    let joiner = engine(1)?;
+fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuite, with_store: bool) -> Result<Row> {
+    let (creator, creator_groups) = engine_with(0)?;
+    let (joiner, joiner_groups) = engine_with(1)?;
     let mut kps = vec![joiner.generate_key_package_in(suite)?];
     for i in 2..n {
         kps.push(engine(i)?.generate_key_package_in(suite)?);
@@ -86,6 +168,32 @@ fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuit
     let t = Instant::now();
     joiner.process(&conv, &add.commit)?;
     let process_add = t.elapsed();
+
+    // The same two devices over the client's SQLCipher stores, the group
+    // copied in as it stands (the store's writes are what is timed).
+    let stored = if with_store {
+        let dir = tempfile::tempdir()?;
+        let (cs, js) = (
+            ClientStore::create(&dir.path().join("creator"), "bench")?,
+            ClientStore::create(&dir.path().join("joiner"), "bench")?,
+        );
+        let copy = |from: &InMemoryGroupStateStorage, to: &ClientStore| -> Result<()> {
+            use mls_rs::GroupStateStorage as _;
+            let state = from.state(conv.as_bytes())?.ok_or_else(|| anyhow!("no group state"))?;
+            Ok(to.write(|tx| tx.put_group_state(conv.as_bytes(), &state, &[]))?)
+        };
+        copy(&creator_groups, &cs)?;
+        copy(&joiner_groups, &js)?;
+        let mut rates = StoredRates::default();
+        for (kept, slot) in [(false, &mut rates.off), (true, &mut rates.on)] {
+            let c = stored_engine(&creator.identity(), &cs, kept)?;
+            let j = stored_engine(&joiner.identity(), &js, kept)?;
+            *slot = stored_rates((&c, &cs), (&j, &js), &conv, messages, batch)?;
+        }
+        Some(rates)
+    } else {
+        None
+    };
 
     let mut cts = Vec::with_capacity(messages);
     let t = Instant::now();
@@ -133,6 +241,7 @@ fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuit
         decrypt_per_s: rate(messages, decrypt),
         batched: (rate(messages, encrypt_batched), rate(messages, decrypt_batched)),
         unsaved: None,
+        stored,
     })
 }
 
@@ -247,6 +356,7 @@ fn mls_alone(n: usize, messages: usize, batch: usize) -> Result<Row> {
         decrypt_per_s: rate(messages, decrypt_saved),
         batched: (rate(messages, encrypt_batched), rate(messages, decrypt_batched)),
         unsaved: Some((rate(messages, encrypt), rate(messages, decrypt))),
+        stored: None,
     })
 }
 
@@ -293,8 +403,8 @@ pub async fn run(sizes: &[usize], messages: usize, batch: usize) -> Result<()> {
     );
     println!("(ours = subrosa-core: certified credentials, encrypted handshakes, padded content, storage writes; alone = mls-rs with basic credentials)");
     for &n in sizes {
-        let pq = ours(n, messages, batch, subrosa_core::PQ_CIPHERSUITE)?;
-        let (o, a) = (ours(n, messages, batch, subrosa_core::CIPHERSUITE)?, mls_alone(n, messages, batch)?);
+        let pq = ours(n, messages, batch, subrosa_core::PQ_CIPHERSUITE, true)?;
+        let (o, a) = (ours(n, messages, batch, subrosa_core::CIPHERSUITE, true)?, mls_alone(n, messages, batch)?);
         let fan = server_fanout(n).await?;
         println!("\nN = {n}");
         let row = |label: &str, p: String, o: String, a: String| println!("  {label:<44} {p:>14} {o:>14} {a:>14}");
@@ -337,6 +447,26 @@ pub async fn run(sizes: &[usize], messages: usize, batch: usize) -> Result<()> {
         if let Some((e, d)) = a.unsaved {
             row("  mls-rs: encrypt / s without state writes", String::new(), String::new(), per_s(e));
             row("  mls-rs: decrypt / s without state writes", String::new(), String::new(), per_s(d));
+        }
+        if let (Some(sp), Some(so)) = (&pq.stored, &o.stored) {
+            println!("  over the client's SQLCipher stores (durable writes), group decoded per call -> kept loaded:");
+            let two = |a: f64, b: f64| format!("{a:.0} -> {b:.0}");
+            for (label, slot, dir) in [
+                ("encrypt / s, a transaction per message", 0, 0),
+                ("decrypt / s, a transaction per message", 0, 1),
+                ("encrypt / s, a transaction per batch", 1, 0),
+                ("decrypt / s, a transaction per batch", 1, 1),
+            ] {
+                let pick = |r: &StoredRates, on: bool| {
+                    let (e, d) = if on { r.on[slot] } else { r.off[slot] };
+                    if dir == 0 {
+                        e
+                    } else {
+                        d
+                    }
+                };
+                row(label, two(pick(sp, false), pick(sp, true)), two(pick(so, false), pick(so, true)), String::new());
+            }
         }
         println!("  {:<44} {:>14}", "server stores one message for N devices", ms(fan));
     }

@@ -42,7 +42,7 @@ pub use handle::{Client, ClientEvent};
 pub use rotation::Rekeyed;
 use store::{now_ms, OnDisk, Store};
 pub use store::{Contact, ConversationRow, MessageState, StoredMessage};
-pub use subrosa_session::{format_duration, Advice, Session, SystemClock, SystemEvent};
+pub use subrosa_session::{format_duration, Advice, Session, SystemClock, SystemEvent, LOADED_GROUPS};
 use subrosa_session::{Outgoing, Prepared};
 
 pub use subrosa_session::ClientError;

@@ -287,6 +287,46 @@ type EngineConfig<C, G, K> = mls_rs::client_builder::MakeConfig<
 type BatchGroups<C, G, K> = std::collections::HashMap<ConversationId, mls_rs::Group<EngineConfig<C, G, K>>>;
 type Batch<C, G, K> = std::sync::Arc<std::sync::Mutex<Option<(std::thread::ThreadId, BatchGroups<C, G, K>)>>>;
 
+/// A digest that names a group's stored state: equal digests, equal stored
+/// bytes. The store computes it; the engine only compares.
+pub type StateVersion = [u8; 32];
+
+/// How the engine tells whether a group it kept loaded in memory is still
+/// the one stored ([`Engine::with_loaded_groups`]). Versions name stored
+/// bytes, so a group kept after it wrote (or read) version `v` is the group
+/// any load of `v` would decode, whoever wrote `v` and whenever: a
+/// transaction rolled back, another process's write or a restored backup
+/// all show as another version, and the group is read again.
+pub trait GroupVersions: Send + Sync {
+    /// The version of the group's state stored now; `None` when the store
+    /// cannot say (the group is then always read from the store).
+    fn stored_version(&self, group_id: &[u8]) -> Option<StateVersion>;
+
+    /// The version of the state this thread's last read or write of the
+    /// group through the storage saw (in the same transaction as the
+    /// bytes), taken: a second call says `None`.
+    fn take_last(&self, group_id: &[u8]) -> Option<StateVersion>;
+}
+
+/// A loaded MLS group of the engine's configuration.
+type MlsGroup<C, G, K> = mls_rs::Group<EngineConfig<C, G, K>>;
+
+/// A group with the version of the stored state it equals, if known.
+type VersionedGroup<C, G, K> = (MlsGroup<C, G, K>, Option<StateVersion>);
+
+/// Groups kept loaded across calls, newest first, each with the version
+/// of the stored state it equals.
+struct LoadedGroups<C, G, K>
+where
+    C: CryptoProvider + Clone + 'static,
+    G: GroupStateStorage + Clone + 'static,
+    K: KeyPackageStorage + Clone + 'static,
+{
+    versions: Option<std::sync::Arc<dyn GroupVersions>>,
+    capacity: usize,
+    groups: std::collections::VecDeque<(ConversationId, StateVersion, MlsGroup<C, G, K>)>,
+}
+
 /// The protocol engine of one device.
 pub struct Engine<C, G, K>
 where
@@ -309,6 +349,9 @@ where
     /// by clones): a send does not walk the whole roster, and a commit reads
     /// only the roster it makes.
     recipients: std::sync::Arc<std::sync::Mutex<RosterCache>>,
+    /// Groups kept loaded between calls (shared by clones; off unless
+    /// [`Engine::with_loaded_groups`] turned it on).
+    loaded: std::sync::Arc<std::sync::Mutex<LoadedGroups<C, G, K>>>,
 }
 
 /// Per conversation: the tree hash, every member device, and the member
@@ -339,6 +382,7 @@ where
             batch: self.batch.clone(),
             certs: self.certs.clone(),
             recipients: self.recipients.clone(),
+            loaded: self.loaded.clone(),
         }
     }
 }
@@ -402,7 +446,86 @@ where
             batch: std::sync::Arc::new(std::sync::Mutex::new(None)),
             certs: std::sync::Arc::new(CertCache::new()),
             recipients: std::sync::Arc::default(),
+            loaded: std::sync::Arc::new(std::sync::Mutex::new(LoadedGroups {
+                versions: None,
+                capacity: 0,
+                groups: std::collections::VecDeque::new(),
+            })),
         }
+    }
+
+    /// Keeps up to `capacity` groups loaded in memory between calls, so that
+    /// a message to or from a large group does not decode its whole state
+    /// (about 5 MB at 10,000 members) first. Before a kept group is used,
+    /// `versions` must say the stored state is still the version it was
+    /// kept at; otherwise it is dropped and the group read again. Writes
+    /// are unchanged: every change is stored before the call returns.
+    #[must_use]
+    pub fn with_loaded_groups(self, versions: std::sync::Arc<dyn GroupVersions>, capacity: usize) -> Self {
+        {
+            let mut l = self.lock_loaded();
+            l.versions = Some(versions);
+            l.capacity = capacity;
+            l.groups.clear();
+        }
+        self
+    }
+
+    fn lock_loaded(&self) -> std::sync::MutexGuard<'_, LoadedGroups<C, G, K>> {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The kept group of `conversation`, taken out, if the store still holds
+    /// the version it was kept at (else it is dropped).
+    fn take_loaded(&self, conversation: &ConversationId) -> Option<(MlsGroup<C, G, K>, StateVersion)> {
+        let (versions, kept) = {
+            let mut l = self.lock_loaded();
+            let versions = l.versions.clone()?;
+            let at = l.groups.iter().position(|(c, _, _)| c == conversation)?;
+            (versions, l.groups.remove(at)?)
+        };
+        let (_, version, group) = kept;
+        // Asked outside the lock: the store may wait for a transaction.
+        (versions.stored_version(conversation.as_bytes()) == Some(version)).then_some((group, version))
+    }
+
+    /// Keeps `group`, which equals the stored state of `version`.
+    fn keep_loaded(
+        &self,
+        conversation: &ConversationId,
+        version: Option<StateVersion>,
+        group: mls_rs::Group<EngineConfig<C, G, K>>,
+    ) {
+        let Some(version) = version else { return };
+        let mut l = self.lock_loaded();
+        if l.capacity == 0 {
+            return;
+        }
+        l.groups.retain(|(c, _, _)| c != conversation);
+        l.groups.push_front((*conversation, version, group));
+        let capacity = l.capacity;
+        l.groups.truncate(capacity);
+    }
+
+    /// The version the storage last saw for this thread's read or write of
+    /// the group (`None` without [`Self::with_loaded_groups`]).
+    fn last_version(&self, conversation: &ConversationId) -> Option<StateVersion> {
+        let versions = self.lock_loaded().versions.clone()?;
+        versions.take_last(conversation.as_bytes())
+    }
+
+    /// Writes `group`'s state, then keeps it loaded at the version written.
+    fn save(
+        &self,
+        conversation: &ConversationId,
+        mut group: mls_rs::Group<EngineConfig<C, G, K>>,
+    ) -> Result<(), CoreError> {
+        // A version left by an earlier read must not name this write.
+        let _ = self.last_version(conversation);
+        group.write_to_storage()?;
+        let version = self.last_version(conversation);
+        self.keep_loaded(conversation, version, group);
+        Ok(())
     }
 
     /// Runs `f` on the groups of this thread's batch, if it runs one.
@@ -442,8 +565,8 @@ where
     pub fn end_batch(&self) -> Result<(), CoreError> {
         let groups = self.with_batch(std::mem::take).unwrap_or_default();
         self.abort_batch();
-        for (_, mut g) in groups {
-            g.write_to_storage()?;
+        for (conversation, g) in groups {
+            self.save(&conversation, g)?;
         }
         Ok(())
     }
@@ -459,8 +582,8 @@ where
     /// Writes back the group the batch keeps for `conversation`, if any.
     fn flush_batched(&self, conversation: &ConversationId) -> Result<(), CoreError> {
         let kept = self.with_batch(|b| b.remove(conversation)).flatten();
-        if let Some(mut g) = kept {
-            g.write_to_storage()?;
+        if let Some(g) = kept {
+            self.save(conversation, g)?;
         }
         Ok(())
     }
@@ -483,6 +606,8 @@ where
             Ok(mut g) => *g = new,
             Err(poisoned) => *poisoned.into_inner() = new,
         }
+        // Kept groups were loaded by a client of the old identity.
+        self.lock_loaded().groups.clear();
     }
 
     /// The crypto provider.
@@ -716,9 +841,8 @@ where
         let mut id = [0u8; 16];
         crate::random_bytes(&self.crypto, &mut id)?;
         let conversation = ConversationId(id);
-        self.client_in(suite)?
-            .create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?
-            .write_to_storage()?;
+        let group = self.client_in(suite)?.create_group_with_id(id.to_vec(), exts, ExtensionList::new(), None)?;
+        self.save(&conversation, group)?;
         self.stage(&conversation, Change::Add(key_packages))
     }
 
@@ -759,9 +883,9 @@ where
     ) -> Result<OutgoingCommit, CoreError> {
         let mut exts = ExtensionList::new();
         exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
-        self.client()?
-            .create_group_with_id(conversation.as_bytes().to_vec(), exts, ExtensionList::new(), None)?
-            .write_to_storage()?;
+        let group =
+            self.client()?.create_group_with_id(conversation.as_bytes().to_vec(), exts, ExtensionList::new(), None)?;
+        self.save(&conversation, group)?;
         self.stage(&conversation, Change::Add(key_packages))
     }
 
@@ -772,8 +896,9 @@ where
     pub fn confirm_commit(&self, conversation: &ConversationId) -> Result<Epoch, CoreError> {
         let mut group = self.load(conversation)?;
         group.apply_pending_commit()?;
-        group.write_to_storage()?;
-        Ok(Epoch(group.current_epoch()))
+        let epoch = Epoch(group.current_epoch());
+        self.save(conversation, group)?;
+        Ok(epoch)
     }
 
     /// Whether a staged commit waits for the server's answer.
@@ -791,8 +916,7 @@ where
     pub fn discard_commit(&self, conversation: &ConversationId) -> Result<(), CoreError> {
         let mut group = self.load(conversation)?;
         group.clear_pending_commit();
-        group.write_to_storage()?;
-        Ok(())
+        self.save(conversation, group)
     }
 
     fn load(&self, conversation: &ConversationId) -> Result<mls_rs::Group<EngineConfig<C, G, K>>, CoreError> {
@@ -801,8 +925,19 @@ where
     }
 
     fn load_stored(&self, conversation: &ConversationId) -> Result<mls_rs::Group<EngineConfig<C, G, K>>, CoreError> {
+        Ok(self.load_versioned(conversation)?.0)
+    }
+
+    /// The group as stored: the one kept loaded if the store still holds
+    /// its version, else decoded from the store. With the version it
+    /// equals, if known.
+    fn load_versioned(&self, conversation: &ConversationId) -> Result<VersionedGroup<C, G, K>, CoreError> {
+        if let Some((group, version)) = self.take_loaded(conversation) {
+            return Ok((group, Some(version)));
+        }
+        let _ = self.last_version(conversation);
         match self.client()?.load_group(conversation.as_bytes()) {
-            Ok(g) => Ok(g),
+            Ok(g) => Ok((g, self.last_version(conversation))),
             Err(mls_rs::error::MlsError::GroupNotFound) => Err(CoreError::UnknownConversation),
             Err(e) => Err(e.into()),
         }
@@ -829,7 +964,13 @@ where
             return out;
         }
         let f = f.take().ok_or(CoreError::Bug("a group lookup ran twice"))?;
-        f(&self.load_stored(conversation)?)
+        let (group, version) = self.load_versioned(conversation)?;
+        let out = f(&group);
+        // Read, not changed: it still equals the version it was loaded at.
+        if out.is_ok() {
+            self.keep_loaded(conversation, version, group);
+        }
+        out
     }
 
     /// The conversation's kind and name.
@@ -866,13 +1007,15 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn call_keying(&self, conversation: &ConversationId) -> Result<CallKeying, CoreError> {
-        let group = self.load(conversation)?;
-        let secret = group.export_secret(SFRAME_EXPORTER_LABEL, b"", SFRAME_SECRET_LEN)?;
-        Ok(CallKeying {
-            epoch: Epoch(group.current_epoch()),
-            own_index: group.current_member_index(),
-            members: self.members_of(&group)?,
-            secret: zeroize::Zeroizing::new(secret.as_bytes().to_vec()),
+        self.flush_batched(conversation)?;
+        self.read_group(conversation, |group| {
+            let secret = group.export_secret(SFRAME_EXPORTER_LABEL, b"", SFRAME_SECRET_LEN)?;
+            Ok(CallKeying {
+                epoch: Epoch(group.current_epoch()),
+                own_index: group.current_member_index(),
+                members: self.members_of(group)?,
+                secret: zeroize::Zeroizing::new(secret.as_bytes().to_vec()),
+            })
         })
     }
 
@@ -912,7 +1055,7 @@ where
                 return Err(CoreError::Bug("a batch ended while it encrypted a message"));
             }
         } else if made.is_ok() {
-            group.write_to_storage()?;
+            self.save(conversation, group)?;
         }
         made
     }
@@ -960,7 +1103,8 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
     pub fn commit_pending(&self, conversation: &ConversationId) -> Result<Option<OutgoingCommit>, CoreError> {
-        if !self.load(conversation)?.commit_required() {
+        self.flush_batched(conversation)?;
+        if !self.read_group(conversation, |g| Ok(g.commit_required()))? {
             return Ok(None);
         }
         self.stage(conversation, Change::Pending).map(Some)
@@ -1002,9 +1146,9 @@ where
     /// # Errors
     /// [`CoreError::UnknownConversation`].
     pub fn leaf_is(&self, conversation: &ConversationId, identity: &DeviceIdentity) -> Result<bool, CoreError> {
-        let group = self.load(conversation)?;
-        let si = group.current_member_signing_identity()?;
-        Ok(*si == identity.signing_identity()?)
+        self.flush_batched(conversation)?;
+        let wanted = identity.signing_identity()?;
+        self.read_group(conversation, |group| Ok(*group.current_member_signing_identity()? == wanted))
     }
 
     /// The one way a commit is made: load the group, put `change` into a
@@ -1076,7 +1220,7 @@ where
             Change::Pending | Change::Update => {}
         }
         let output = builder.build()?;
-        group.write_to_storage()?;
+        self.save(conversation, group)?;
         members_after.extend(welcome_recipients.iter().cloned());
         Ok(OutgoingCommit {
             conversation: *conversation,
@@ -1099,7 +1243,7 @@ where
         let me = group.current_member_index();
         let recipients = self.others(&group)?;
         let msg = group.propose_remove(me, Vec::new())?;
-        group.write_to_storage()?;
+        self.save(conversation, group)?;
         Ok((msg.to_bytes()?, recipients))
     }
 
@@ -1137,16 +1281,16 @@ where
         let client = self.client()?;
         let group_info = client.examine_welcome_message(&msg).map_err(CoreError::from)?;
         check_id(&conversation_id(&group_info.group_context().group_id)?)?;
-        let (mut group, _) = client.join_group(None, &msg, None).map_err(CoreError::from)?;
+        let (group, _) = client.join_group(None, &msg, None).map_err(CoreError::from)?;
         let conversation = conversation_id(group.group_id())?;
         let info = Self::info_of(&group)?;
         let members = self.members_of(&group)?;
         // The id inside the joined group is the one checked (same GroupInfo),
         // but ask again cheaply rather than rely on it.
         check_members(&conversation, &info, &members)?;
-        group.write_to_storage().map_err(CoreError::from)?;
         // The first commit or send after the join reads this roster again.
         self.remember_roster(&conversation, &group.context().tree_hash, members.clone());
+        self.save(&conversation, group)?;
         Ok(Event::Joined { conversation, info, members })
     }
 
@@ -1268,7 +1412,7 @@ where
                 None => return Err(CoreError::Bug("a batch ended while it processed a message")),
             }
         }
-        group.write_to_storage()?;
+        self.save(conversation, group)?;
         Ok(event)
     }
 }
@@ -1803,5 +1947,178 @@ mod provider_interop {
         // No package yet: the classical suite, as before.
         let alone = alice.create_conversation(&ConversationInfo::own(), &[]).expect("create");
         assert_eq!(alice.suite(&alone.conversation).expect("suite"), crate::CIPHERSUITE);
+    }
+}
+
+/// Groups kept loaded between calls ([`Engine::with_loaded_groups`]).
+#[cfg(all(test, feature = "awslc"))]
+mod loaded_tests {
+    use super::*;
+    use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
+    use mls_rs_core::group::{EpochRecord, GroupState};
+    use sha2::Digest as _;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use subrosa_proto::{Handle, MessageId};
+
+    type LastVersions = HashMap<(std::thread::ThreadId, Vec<u8>), StateVersion>;
+
+    /// In-memory group storage that names each stored state by its
+    /// SHA-256 and counts the states read.
+    #[derive(Clone, Default)]
+    struct Versioned {
+        inner: InMemoryGroupStateStorage,
+        last: Arc<Mutex<LastVersions>>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl Versioned {
+        fn note(&self, id: &[u8], version: Option<StateVersion>) {
+            let key = (std::thread::current().id(), id.to_vec());
+            let mut last = self.last.lock().expect("lock");
+            match version {
+                Some(v) => last.insert(key, v),
+                None => last.remove(&key),
+            };
+        }
+
+        fn digest(&self, id: &[u8]) -> Option<StateVersion> {
+            let state = self.inner.state(id).ok()??;
+            Some(sha2::Sha256::digest(state.as_slice()).into())
+        }
+    }
+
+    impl GroupStateStorage for Versioned {
+        type Error = <InMemoryGroupStateStorage as GroupStateStorage>::Error;
+
+        fn state(&self, id: &[u8]) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, Self::Error> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let state = self.inner.state(id)?;
+            self.note(id, state.as_ref().map(|s| sha2::Sha256::digest(s.as_slice()).into()));
+            Ok(state)
+        }
+
+        fn epoch(&self, id: &[u8], epoch: u64) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, Self::Error> {
+            self.inner.epoch(id, epoch)
+        }
+
+        fn write(
+            &mut self,
+            state: GroupState,
+            inserts: Vec<EpochRecord>,
+            updates: Vec<EpochRecord>,
+        ) -> Result<(), Self::Error> {
+            let id = state.id.clone();
+            let version = sha2::Sha256::digest(state.data.as_slice()).into();
+            self.inner.write(state, inserts, updates)?;
+            self.note(&id, Some(version));
+            Ok(())
+        }
+
+        fn max_epoch_id(&self, id: &[u8]) -> Result<Option<u64>, Self::Error> {
+            self.inner.max_epoch_id(id)
+        }
+    }
+
+    impl GroupVersions for Versioned {
+        fn stored_version(&self, id: &[u8]) -> Option<StateVersion> {
+            self.digest(id)
+        }
+
+        fn take_last(&self, id: &[u8]) -> Option<StateVersion> {
+            self.last.lock().expect("lock").remove(&(std::thread::current().id(), id.to_vec()))
+        }
+    }
+
+    type Kept = Engine<crate::DefaultCrypto, Versioned, InMemoryKeyPackageStorage>;
+
+    /// An engine of `identity` over `store`, keeping groups loaded.
+    fn kept(identity: &DeviceIdentity, store: &Versioned, key_packages: &InMemoryKeyPackageStorage) -> Kept {
+        let crypto = crate::default_crypto();
+        let id =
+            DeviceIdentity::from_secret_bytes(&crypto, &identity.to_secret_bytes().expect("export")).expect("import");
+        Engine::new(crypto, id, store.clone(), key_packages.clone()).with_loaded_groups(Arc::new(store.clone()), 4)
+    }
+
+    fn text_of(ev: Event) -> String {
+        match ev {
+            Event::Message { content, .. } => match content.body {
+                crate::content::Body::Text(t) => t,
+                other => panic!("not text: {other:?}"),
+            },
+            other => panic!("not a message: {other:?}"),
+        }
+    }
+
+    /// A group kept loaded serves the next calls without reading the store,
+    /// and is dropped as soon as the store holds another state: here a
+    /// second engine of the same device (another process on the same
+    /// store) sends in between. Using the kept group then would encrypt
+    /// with a key the other engine already used, which the receiver
+    /// refuses.
+    #[test]
+    fn a_kept_group_is_used_only_while_the_store_holds_its_version() {
+        let crypto = crate::default_crypto();
+        let alice = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 0).expect("identity");
+        let (store, key_packages) = (Versioned::default(), InMemoryKeyPackageStorage::new());
+        let one = kept(&alice, &store, &key_packages);
+        let two = kept(&alice, &store, &key_packages);
+        let bob = super::tests::engine("bob");
+
+        let out = one
+            .create_conversation(&ConversationInfo::direct(), &[bob.generate_key_package().expect("kp")])
+            .expect("create");
+        let conv = out.conversation;
+        one.confirm_commit(&conv).expect("confirm");
+        bob.join(out.welcome.as_deref().expect("welcome")).expect("join");
+
+        let send = |e: &Kept, i: u8| {
+            e.encrypt(&conv, &Content::text(MessageId([i; 16]), 1, format!("m{i}"))).expect("encrypt").0
+        };
+        let reads = store.reads.load(Ordering::SeqCst);
+        let m1 = send(&one, 1);
+        let m2 = send(&one, 2);
+        assert_eq!(one.epoch(&conv).expect("epoch"), Epoch(1));
+        assert_eq!(store.reads.load(Ordering::SeqCst), reads, "the kept group served the sends and the lookup");
+
+        let m3 = send(&two, 3);
+        let m4 = send(&one, 4);
+        assert_eq!(store.reads.load(Ordering::SeqCst), reads + 2, "each engine read the state once");
+        for (m, want) in [(m1, "m1"), (m2, "m2"), (m3, "m3"), (m4, "m4")] {
+            assert_eq!(text_of(bob.process(&conv, &m).expect("every message decrypts")), want);
+        }
+    }
+
+    /// A change the store did not keep (its transaction rolled back, here
+    /// the stored state put back) is not used either: the next call reads
+    /// what the store holds.
+    #[test]
+    fn a_state_the_store_did_not_keep_is_read_again() {
+        let crypto = crate::default_crypto();
+        let alice = DeviceIdentity::generate(&crypto, Handle::new("alice").expect("handle"), 0).expect("identity");
+        let (store, key_packages) = (Versioned::default(), InMemoryKeyPackageStorage::new());
+        let one = kept(&alice, &store, &key_packages);
+        let bob = super::tests::engine("bob");
+        let out = one
+            .create_conversation(&ConversationInfo::direct(), &[bob.generate_key_package().expect("kp")])
+            .expect("create");
+        let conv = out.conversation;
+        one.confirm_commit(&conv).expect("confirm");
+        bob.join(out.welcome.as_deref().expect("welcome")).expect("join");
+
+        let before = store.inner.state(conv.as_bytes()).expect("read").expect("stored");
+        let dropped = one.encrypt(&conv, &Content::text(MessageId([1; 16]), 1, "never sent")).expect("encrypt").0;
+        // Roll back: the store holds the state before that message again.
+        let mut inner = store.inner.clone();
+        inner
+            .write(GroupState { id: conv.as_bytes().to_vec(), data: before }, Vec::new(), Vec::new())
+            .expect("restore");
+        let reads = store.reads.load(Ordering::SeqCst);
+        let sent = one.encrypt(&conv, &Content::text(MessageId([2; 16]), 2, "sent")).expect("encrypt").0;
+        assert_eq!(store.reads.load(Ordering::SeqCst), reads + 1, "read again");
+        assert_eq!(text_of(bob.process(&conv, &sent).expect("decrypts")), "sent");
+        // The rolled-back message used the same key and is now refused.
+        assert!(bob.process(&conv, &dropped).is_err());
     }
 }

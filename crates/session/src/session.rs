@@ -35,6 +35,11 @@ pub type Crypto = subrosa_core::RustCrypto;
 /// The MLS engine of a session, over its store.
 pub type SessionEngine = Engine<Crypto, GroupStore, KeyPackageStore>;
 
+/// Groups a session keeps loaded between calls (the most recently used):
+/// a daemon or the terminal UI then decodes a large group's state once,
+/// not for every message. At 10,000 members one takes some tens of MB.
+pub const LOADED_GROUPS: usize = 4;
+
 /// What an unsupported content kind is stored and shown as.
 pub const UNSUPPORTED_TEXT: &str = "unsupported message (sent by a newer Subrosa)";
 
@@ -110,7 +115,9 @@ impl Session {
     /// The session of `identity` over `store`, with `crypto` and `clock`.
     pub fn new(crypto: Crypto, identity: DeviceIdentity, store: Store, clock: Arc<dyn Clock>) -> Self {
         let handle = identity.handle().clone();
-        let engine = Engine::new(crypto, identity, store.groups(), store.key_packages());
+        let groups = store.groups();
+        let engine = Engine::new(crypto, identity, groups.clone(), store.key_packages())
+            .with_loaded_groups(Arc::new(groups), LOADED_GROUPS);
         Session {
             handle,
             store,

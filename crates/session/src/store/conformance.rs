@@ -39,6 +39,7 @@ macro_rules! with_behaviours {
             directory_keeps_the_first_root_and_head_per_epoch,
             alerts_are_deduplicated_shown_once_and_cleared,
             group_state_keeps_the_newest_epochs,
+            group_state_versions_name_the_stored_bytes,
             key_packages_one_time_and_last_resort,
             a_failed_write_leaves_nothing,
             a_panicking_write_leaves_nothing_and_the_store_goes_on,
@@ -581,6 +582,35 @@ pub fn group_state_keeps_the_newest_epochs(store: Store) {
         .expect("read");
     store.write(|tx| tx.deactivate_conversation(&conv(4))).expect("leave");
     assert!(store.read(|tx| Ok(tx.group_state(&g)?.is_none() && tx.max_group_epoch(&g)?.is_none())).expect("read"));
+}
+
+/// A group state's version names its bytes: it changes with them (in any
+/// piece), comes back with them, is untouched by a write that rolled back,
+/// and goes with the group. The engine's loaded groups rely on it.
+pub fn group_state_versions_name_the_stored_bytes(store: Store) {
+    let g = conv(5).0;
+    let version = |store: &Store| store.read(|tx| tx.group_state_version(&g)).expect("read");
+    assert_eq!(version(&store), None, "no group, no version");
+    let big: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    let mut changed = big.clone();
+    changed[149_999] ^= 1;
+    store.write(|tx| tx.put_group_state(&g, &big, &[])).expect("write");
+    let v1 = version(&store).expect("a stored state has a version");
+    store.write(|tx| tx.put_group_state(&g, &changed, &[])).expect("write");
+    let v2 = version(&store).expect("version");
+    assert_ne!(v1, v2, "a change in the last piece changes the version");
+    store.write(|tx| tx.put_group_state(&g, &changed[..100_000], &[])).expect("write");
+    assert_ne!(version(&store), Some(v2), "so does a shorter state");
+    store.write(|tx| tx.put_group_state(&g, &big, &[])).expect("write");
+    assert_eq!(version(&store), Some(v1), "the same bytes, the same version");
+    let failed = store.write(|tx| {
+        tx.put_group_state(&g, &changed, &[])?;
+        Err::<(), _>(ClientError::Bug("roll back".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(version(&store), Some(v1), "a write rolled back leaves the version");
+    store.write(|tx| tx.deactivate_conversation(&conv(5))).expect("leave");
+    assert_eq!(version(&store), None);
 }
 
 pub fn key_packages_one_time_and_last_resort(store: Store) {

@@ -1230,6 +1230,11 @@ impl MlsState for MemTx<'_> {
         Ok(self.with(|t| t.groups.get(group_id).cloned()))
     }
 
+    fn group_state_version(&self, group_id: &[u8]) -> Result<Option<subrosa_core::StateVersion>, ClientError> {
+        use sha2::Digest as _;
+        Ok(self.with(|t| t.groups.get(group_id).map(|s| sha2::Sha256::digest(s.as_slice()).into())))
+    }
+
     fn group_epoch(&self, group_id: &[u8], epoch: u64) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
         Ok(self.with(|t| t.epochs.get(&(group_id.to_vec(), epoch)).cloned()))
     }

@@ -29,6 +29,7 @@
 //! that thread meanwhile. A write begun inside a read transaction is a bug
 //! and refused.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
@@ -1220,6 +1221,14 @@ pub trait MlsState {
     /// Database errors.
     fn group_state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError>;
 
+    /// A digest naming the group's stored state (equal digests, equal
+    /// bytes), cheaper than reading the state; `None` for no group, or a
+    /// state the backend cannot name.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn group_state_version(&self, group_id: &[u8]) -> Result<Option<subrosa_core::StateVersion>, ClientError>;
+
     /// One stored epoch of a group.
     ///
     /// # Errors
@@ -1479,7 +1488,7 @@ impl Store {
 
     /// The mls-rs group state storage over this store.
     pub fn groups(&self) -> GroupStore {
-        GroupStore { store: self.clone() }
+        GroupStore { store: self.clone(), last: Arc::default() }
     }
 
     /// The mls-rs key package storage over this store.
@@ -1572,19 +1581,54 @@ fn serr(e: impl std::fmt::Display) -> StorageError {
     StorageError(e.to_string())
 }
 
+/// Per thread and group id, a version [`GroupStore`] saw last.
+type LastVersions = HashMap<(ThreadId, Vec<u8>), subrosa_core::StateVersion>;
+
 /// mls-rs group state storage over a [`Store`]: reads and writes join the
 /// transaction this thread has open (the one whose engine call made them),
 /// or run in one of their own.
+///
+/// It also names the versions of the states it reads and writes, for the
+/// engine's loaded groups ([`subrosa_core::GroupVersions`]): clones share
+/// them.
 #[derive(Clone, Debug)]
 pub struct GroupStore {
     store: Store,
+    /// Per thread and group, the version of the state last read or written
+    /// (in the transaction that read or wrote it).
+    last: Arc<Mutex<LastVersions>>,
+}
+
+impl GroupStore {
+    fn note(&self, group_id: &[u8], version: Option<subrosa_core::StateVersion>) {
+        let key = (std::thread::current().id(), group_id.to_vec());
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match version {
+            Some(v) => last.insert(key, v),
+            None => last.remove(&key),
+        };
+    }
+}
+
+impl subrosa_core::GroupVersions for GroupStore {
+    fn stored_version(&self, group_id: &[u8]) -> Option<subrosa_core::StateVersion> {
+        self.store.read(|tx| tx.group_state_version(group_id)).ok().flatten()
+    }
+
+    fn take_last(&self, group_id: &[u8]) -> Option<subrosa_core::StateVersion> {
+        let key = (std::thread::current().id(), group_id.to_vec());
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).remove(&key)
+    }
 }
 
 impl GroupStateStorage for GroupStore {
     type Error = StorageError;
 
     fn state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
-        self.store.read(|tx| tx.group_state(group_id)).map_err(serr)
+        let (state, version) =
+            self.store.read(|tx| Ok((tx.group_state(group_id)?, tx.group_state_version(group_id)?))).map_err(serr)?;
+        self.note(group_id, version);
+        Ok(state)
     }
 
     fn epoch(&self, group_id: &[u8], epoch_id: u64) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
@@ -1599,7 +1643,15 @@ impl GroupStateStorage for GroupStore {
     ) -> Result<(), Self::Error> {
         let epochs: Vec<(u64, &[u8])> =
             inserts.iter().chain(updates.iter()).map(|e| (e.id, e.data.as_slice())).collect();
-        self.store.write(|tx| tx.put_group_state(&state.id, &state.data, &epochs)).map_err(serr)
+        let version = self
+            .store
+            .write(|tx| {
+                tx.put_group_state(&state.id, &state.data, &epochs)?;
+                tx.group_state_version(&state.id)
+            })
+            .map_err(serr)?;
+        self.note(&state.id, version);
+        Ok(())
     }
 
     fn max_epoch_id(&self, group_id: &[u8]) -> Result<Option<u64>, Self::Error> {
