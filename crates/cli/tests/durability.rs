@@ -281,11 +281,11 @@ fn frame_sends(metrics: &str) -> u64 {
 /// reconnected; the guarantees are the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_node_killed_mid_stream_of_frame_sends_loses_and_duplicates_nothing() {
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").to_string()
-    };
-    let server = Server::start_with(&["--rate-limit", "0", "--metrics-listen", &metrics]);
+    // The metrics endpoint on a port the server picks (and prints), before
+    // and after the restart: a port picked here beforehand could be taken
+    // by another test's server in between.
+    let server = Server::start_with(&["--rate-limit", "0", "--metrics-listen", "127.0.0.1:0"]);
+    let metrics = server.metrics.clone().expect("the server printed its metrics address");
     let db = server.data_dir().join("server.db");
     let dir = tempfile::tempdir().expect("dir");
     let (alice, bob) = pair(&server.url.clone(), &dir).await;
@@ -311,14 +311,15 @@ async fn sqlite_node_killed_mid_stream_of_frame_sends_loses_and_duplicates_nothi
             if fired {
                 before_kill = frame_sends(&metrics);
                 server.kill();
-                server.restart_with(&["--rate-limit", "0", "--metrics-listen", &metrics]);
+                server.restart_with(&["--rate-limit", "0", "--metrics-listen", "127.0.0.1:0"]);
             }
             (server, fired, before_kill)
         })
     };
     let outcome = stream_through_handle(&alice, &acked).await;
     done.store(true, Ordering::SeqCst);
-    let (_server, fired, before_kill) = killer.join().expect("killer");
+    let (server, fired, before_kill) = killer.join().expect("killer");
+    let metrics = server.metrics.clone().expect("the restarted server printed its metrics address");
     assert!(fired, "the stream ended with {} acknowledged before the kill", acked.load(Ordering::SeqCst));
     assert!(before_kill > 0, "no send went over frames before the kill");
     assert!(frame_sends(&metrics) > 0, "no send went over frames after the handle reconnected");
