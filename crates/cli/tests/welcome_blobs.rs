@@ -102,3 +102,61 @@ fn a_welcome_blob_that_does_not_match_its_reference_is_refused_and_nothing_is_jo
     assert!(again.status.success());
     assert!(group_names(&bob).is_empty());
 }
+
+#[test]
+fn a_welcome_whose_blob_cannot_be_downloaded_stays_queued_until_it_can() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    ok_by_reference(&alice, &["group", "create", "club", "bob"]);
+
+    server.attack(serde_json::json!({"fail_blob_downloads": {"handle": "bob"}}));
+    let out = bob.run(&["receive"]);
+    assert!(!out.status.success(), "a failed download is an error: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr(&out).contains("unavailable"), "{}", stderr(&out));
+    assert!(group_names(&bob).is_empty());
+    // Nothing lost: the Welcome and its blob wait on the server.
+    assert_eq!(stored_welcomes(&server).len(), 1);
+    assert_eq!(server.count("blobs"), 1);
+
+    server.attack(serde_json::json!({}));
+    bob.receive_json(&[]);
+    assert_eq!(group_names(&bob), ["club"]);
+    alice.send("club", "you made it");
+    assert_eq!(texts(&bob.receive_json(&[])), ["you made it"]);
+    assert!(stored_welcomes(&server).is_empty());
+}
+
+#[test]
+fn a_commit_re_posted_after_a_lost_answer_never_names_a_blob_not_uploaded() {
+    let server = Server::start_malicious();
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    User::register(&server, "carol");
+    alice.ok(&["group", "create", "club", "carol"]);
+
+    // The server stores and delivers the commit, but its answer is lost:
+    // the commit stays pending, its Welcome whole in alice's store.
+    server.attack(serde_json::json!({"lose_commit_answers": {"sender": "alice"}}));
+    let out = alice.cmd(&["group", "add", "club", "bob"]).env(INLINE_LIMIT_ENV, LOW_LIMIT).output().expect("runs");
+    assert_eq!(exit_code(&out), EXIT_PENDING, "{}", stderr(&out));
+    server.attack(serde_json::json!({}));
+    // The next command posts it again (a new upload; the server answers
+    // the send id as a duplicate and keeps the first reference).
+    ok_by_reference(&alice, &["receive"]);
+    assert_eq!(server.count("blobs"), 2, "each post uploaded the Welcome whole first");
+    // (Carol's inline Welcome waits too.)
+    let welcomes: Vec<Vec<u8>> = stored_welcomes(&server).into_iter().filter(|w| w.starts_with(&MAGIC)).collect();
+    assert_eq!(welcomes.len(), 1, "the re-post was a duplicate");
+    let r = WelcomeRef::decode(&welcomes[0]).expect("a reference");
+    let complete: i64 = server
+        .db()
+        .query_row("SELECT complete FROM blobs WHERE blob = ?1", [&r.blob.0[..]], |row| row.get(0))
+        .expect("the referenced blob is there");
+    assert_eq!(complete, 1);
+
+    bob.receive_json(&[]);
+    assert_eq!(group_names(&bob), ["club"]);
+    alice.send("club", "hello bob");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hello bob"]);
+}
