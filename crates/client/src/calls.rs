@@ -710,8 +710,12 @@ impl Subrosa {
         match frame {
             None => Err(ClientError::Network("the server closed the connection during the call".into())),
             Some(ServerFrame::Messages { messages }) => {
-                let ids = self.process_batch(&messages)?;
-                net::send_ack(ws, ids).await
+                // A Welcome whose blob could not be downloaded (and what
+                // followed it) stays queued for the next fetch, after the call.
+                let batch = self.process_fetched(&messages).await?;
+                net::send_ack(ws, batch.ids).await?;
+                self.release_welcome_blobs(&batch.blobs).await;
+                Ok(())
             }
             Some(ServerFrame::Error(e)) => Err(ClientError::Server { status: 0, body: e }),
         }

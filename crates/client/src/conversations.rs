@@ -344,12 +344,19 @@ impl Subrosa {
         }
     }
 
-    /// Posts a stored staged commit (the same bytes, the same send id, however
+    /// Posts a stored staged commit (the same request, the same send id, however
     /// often). Applied: confirmed here. Stale: left for the caller. No answer:
     /// left pending ([`ClientError::Pending`]). Refused: discarded, and the
     /// refusal returned.
+    ///
+    /// A Welcome over the inline limit is uploaded first and goes by
+    /// reference (`crate::welcomes`); the stored request keeps it whole.
     async fn post_pending(&self, pending: &PendingCommit) -> Result<Posted, ClientError> {
-        match self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", pending.request.clone()).await {
+        let posted = match self.with_welcome_references(&pending.request).await {
+            Ok(body) => self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", body).await,
+            Err(e) => Err(e),
+        };
+        match posted {
             Ok(_) => {
                 self.store().write(|tx| self.finish_pending(tx, pending))?;
                 Ok(Posted::Applied)

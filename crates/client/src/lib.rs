@@ -24,6 +24,7 @@ mod rotation;
 pub mod store;
 #[cfg(feature = "test-senders")]
 mod testing;
+pub mod welcomes;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -736,12 +737,19 @@ impl Subrosa {
             if inbox.messages.is_empty() {
                 break;
             }
-            let ids = self.process_batch(&inbox.messages)?;
-            total += ids.len();
+            let batch = self.process_fetched(&inbox.messages).await?;
+            total += batch.ids.len();
+            if ack {
+                self.ack(batch.ids).await?;
+                self.release_welcome_blobs(&batch.blobs).await;
+            }
+            // A Welcome whose blob could not be downloaded stays queued.
+            if let Some(e) = batch.stopped {
+                return Err(e);
+            }
             if !ack {
                 break;
             }
-            self.ack(ids).await?;
         }
         Ok(total)
     }
@@ -857,11 +865,17 @@ impl Subrosa {
                     Err(_) | Ok(Ok(None)) => break,
                     Ok(Err(e)) => return Err(e),
                     Ok(Ok(Some(ServerFrame::Messages { messages }))) => {
-                        let ids = self.process_batch(&messages)?;
+                        let batch = self.process_fetched(&messages).await?;
                         self.finish_key_switch().await?;
                         self.check_members().await?;
                         if ack {
-                            net::send_ack(&mut ws, ids).await?;
+                            net::send_ack(&mut ws, batch.ids).await?;
+                            self.release_welcome_blobs(&batch.blobs).await;
+                        }
+                        if let Some(e) = batch.stopped {
+                            return Err(e);
+                        }
+                        if ack {
                             self.commit_pending_leaves_or_wait().await?;
                         }
                         self.kt_check_gossip().await?;
@@ -942,10 +956,15 @@ impl Subrosa {
             match frame {
                 None => return Err(ClientError::Network("the server closed the connection".into())),
                 Some(ServerFrame::Messages { messages }) => {
-                    let ids = self.process_batch(&messages)?;
+                    let batch = self.process_fetched(&messages).await?;
                     self.finish_key_switch().await?;
                     self.check_members().await?;
-                    net::send_ack(ws, ids).await?;
+                    net::send_ack(ws, batch.ids).await?;
+                    self.release_welcome_blobs(&batch.blobs).await;
+                    // What stopped short is fetched again after reconnecting.
+                    if let Some(e) = batch.stopped {
+                        return Err(e);
+                    }
                     self.commit_pending_leaves_or_wait().await?;
                     self.kt_check_gossip().await?;
                     if !self.store().read(|tx| tx.outbox_is_empty())? {

@@ -15,6 +15,7 @@ mod ids;
 pub mod kt;
 pub mod limits;
 pub mod relay;
+pub mod welcome_ref;
 
 pub use api::*;
 pub use auth::{

@@ -56,6 +56,18 @@ pub struct Plan {
     /// package", to push new conversations down to the classical suite.
     #[serde(default)]
     pub withhold_post_quantum: Option<Withhold>,
+    /// Blob downloads by a handle's devices are answered `503`, as if the
+    /// server were overloaded (a Welcome by reference cannot be fetched).
+    #[serde(default)]
+    pub fail_blob_downloads: Option<FailBlobDownloads>,
+}
+
+/// `fail_blob_downloads`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailBlobDownloads {
+    /// Whose downloads.
+    pub handle: Handle,
 }
 
 /// `withhold_post_quantum`.
@@ -314,6 +326,11 @@ impl Attacks {
                 .collect();
         }
         response
+    }
+
+    /// Whether `device`'s blob download is answered `503` (`fail_blob_downloads`).
+    pub(crate) fn fail_download(&self, device: &DeviceAddress) -> bool {
+        self.plan().fail_blob_downloads.is_some_and(|f| f.handle == device.handle)
     }
 
     pub(crate) fn lose_answer(&self, sender: &DeviceAddress, commit: bool) -> bool {

@@ -122,6 +122,13 @@ pub(crate) async fn download(
     query: Result<Query<DownloadQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
     let blob: BlobId = id_from_path(path, "blob id")?;
+    if crate::hooks::fail_download(&state, &device) {
+        return Err(AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            subrosa_proto::ErrorCode::Unavailable,
+            "blob downloads fail (test attack)",
+        ));
+    }
     let Query(q) = query.map_err(|_| AppError::bad_request("offset and length must be byte counts"))?;
     let max = MAX_BLOB_PIECE_BYTES as u64;
     let length = q.length.unwrap_or(max).min(max);

@@ -121,3 +121,14 @@ pub(crate) fn lose_answer(state: &AppState, sender: &DeviceAddress, commit: bool
     let _ = (state, sender, commit);
     false
 }
+
+/// Whether `device`'s blob download is answered "unavailable" whatever is
+/// stored.
+pub(crate) fn fail_download(state: &AppState, device: &DeviceAddress) -> bool {
+    #[cfg(feature = "test-attacks")]
+    if let Some(a) = &state.attacks {
+        return a.fail_download(device);
+    }
+    let _ = (state, device);
+    false
+}

@@ -169,8 +169,11 @@ pub fn can_do_pq(d: &DeviceRecord) -> bool {
 /// 2.85 KB a device in that suite (0.5 KB in the classical one), and the
 /// server takes at most 1 MiB a ciphertext
 /// (`subrosa_proto::limits::MAX_CIPHERTEXT_BYTES`): a post-quantum group
-/// stops accepting members near 370 devices. Larger conversations start
-/// classical, so they can grow; this leaves a post-quantum one room to.
+/// stopped accepting members near 370 devices until a Welcome over 768 KiB
+/// went by reference through the blob store (`subrosa_proto::welcome_ref`).
+/// Larger conversations still start classical: raising this cap is a
+/// decision of its own (a post-quantum Welcome for 10,000 devices is 28 MB
+/// for every new device to download).
 pub const PQ_MAX_DEVICES: usize = 256;
 
 /// Whether a new conversation of `devices` member devices, every one of

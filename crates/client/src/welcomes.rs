@@ -1,0 +1,244 @@
+//! Welcomes too large to go inline (`subrosa_proto::welcome_ref`): the
+//! sender uploads the MLS Welcome, as it is, to the blob store for its
+//! recipients and posts a small reference in its place; the recipient
+//! downloads and checks it before the session sees the envelope, which then
+//! joins it exactly as an inline Welcome.
+//!
+//! Crash safety (sender): the stored pending commit keeps the whole Welcome
+//! (`Session::store_pending` does not change), and the reference is made at
+//! each post, only after its blob was uploaded whole, and only in the body
+//! that post sends. So a posted reference never names a blob that was not
+//! uploaded, whatever crashed when. A re-post (a lost answer, a restart)
+//! uploads again under a new blob id; if the server had ordered the first
+//! post, it answers the second as a duplicate by its send id and delivers
+//! the first reference, whose blob is complete. The second blob is then
+//! unused and goes at the blob TTL.
+//!
+//! Receiver: a reference is resolved before its batch reaches the session.
+//! A download that fails for want of an answer leaves the envelope (and
+//! every later one of the batch) unacknowledged, so the server delivers it
+//! again; a reference the server's blob does not match (size, SHA-256), or
+//! whose blob is gone or refused, is refused: an alert, nothing joined, and
+//! the envelope acknowledged.
+
+use std::borrow::Cow;
+
+use subrosa_proto::welcome_ref::{WelcomeRef, MAX_INLINE_WELCOME_BYTES};
+use subrosa_proto::{BlobId, Envelope, ErrorCode, MessageKind, SendRequest, B64};
+
+use crate::{is_transient, ClientError, Subrosa};
+
+/// The environment variable that lowers the inline limit in a debug build
+/// (bytes), so the end-to-end tests send a Welcome by reference without
+/// hundreds of devices. Release builds ignore it.
+pub const INLINE_LIMIT_ENV: &str = "SUBROSA_TEST_INLINE_WELCOME_BYTES";
+
+/// The largest Welcome this device puts inline.
+fn inline_limit() -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var(INLINE_LIMIT_ENV).ok().and_then(|v| v.trim().parse().ok()) {
+        return n;
+    }
+    MAX_INLINE_WELCOME_BYTES
+}
+
+/// A batch made ready for the session.
+struct Resolved<'a> {
+    /// The envelopes for the session, references replaced by their Welcomes.
+    pub envelopes: Cow<'a, [Envelope]>,
+    /// Envelopes refused here (acknowledged with the batch).
+    pub refused: Vec<u64>,
+    /// The blobs downloaded, to say fetched once the batch is acknowledged.
+    pub blobs: Vec<BlobId>,
+    /// Why the batch stops short: an envelope whose Welcome could not be
+    /// downloaded for want of an answer (it and those after it stay queued).
+    pub stopped: Option<ClientError>,
+}
+
+/// A processed batch.
+pub(crate) struct Batch {
+    /// The delivery ids to acknowledge.
+    pub ids: Vec<u64>,
+    /// The Welcome blobs to release once they are acknowledged
+    /// ([`Subrosa::release_welcome_blobs`]).
+    pub blobs: Vec<BlobId>,
+    /// Why the batch stopped short (see [`Resolved::stopped`]): what was
+    /// not processed stays queued on the server.
+    pub stopped: Option<ClientError>,
+}
+
+/// Why a referenced Welcome was not fetched.
+enum FetchError {
+    /// No answer: try again later.
+    Transient(ClientError),
+    /// Never joinable: refuse it.
+    Refused(String),
+    /// The blob is not on the server (any more).
+    Gone,
+}
+
+impl Subrosa {
+    /// The body to post for a stored commit request: the request itself,
+    /// or, when a Welcome part is over the inline limit, the request with
+    /// that Welcome uploaded as a blob for the part's recipients (expiring
+    /// at the server's blob TTL, like an attachment outside a disappearing
+    /// conversation) and a reference in its place.
+    ///
+    /// # Errors
+    /// The server's refusal of the blob (`blob_too_large`,
+    /// `blob_quota_exceeded`) or [`ClientError::Network`]; a stored request
+    /// that does not parse is a bug.
+    pub(crate) async fn with_welcome_references(&self, request: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let limit = inline_limit();
+        // Every part's ciphertext is in the request, base64 (longer).
+        if request.len() <= limit {
+            return Ok(request.to_vec());
+        }
+        let mut req: SendRequest = serde_json::from_slice(request)
+            .map_err(|e| ClientError::Bug(format!("a stored commit request does not parse: {e}")))?;
+        if !req.parts.iter().any(|p| p.kind == MessageKind::Welcome && p.ciphertext.as_slice().len() > limit) {
+            return Ok(request.to_vec());
+        }
+        for part in req.parts.iter_mut().filter(|p| p.kind == MessageKind::Welcome) {
+            let welcome = part.ciphertext.as_slice();
+            if welcome.len() <= limit || WelcomeRef::is_reference(welcome) {
+                continue;
+            }
+            let blob = self.api.blob_create(welcome.len() as u64, part.recipients.clone(), None).await?.blob;
+            upload_bytes(&self.api, &blob, welcome).await?;
+            part.ciphertext = B64(WelcomeRef::new(blob, welcome).encode());
+        }
+        serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))
+    }
+
+    /// Processes a fetched batch: its Welcome references resolved, then the
+    /// session's [`subrosa_session::Session::process_batch`].
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(crate) async fn process_fetched(&self, envs: &[Envelope]) -> Result<Batch, ClientError> {
+        let r = self.resolve_welcomes(envs).await?;
+        let mut ids = self.process_batch(&r.envelopes)?;
+        ids.extend(r.refused);
+        Ok(Batch { ids, blobs: r.blobs, stopped: r.stopped })
+    }
+
+    /// Downloads and checks the Welcome of every reference in `envs`, in
+    /// order, stopping at the first that gets no answer.
+    ///
+    /// # Errors
+    /// Store errors (writing an alert).
+    async fn resolve_welcomes<'a>(&self, envs: &'a [Envelope]) -> Result<Resolved<'a>, ClientError> {
+        let is_ref = |e: &Envelope| e.kind == MessageKind::Welcome && WelcomeRef::is_reference(e.ciphertext.as_slice());
+        if !envs.iter().any(is_ref) {
+            return Ok(Resolved {
+                envelopes: Cow::Borrowed(envs),
+                refused: Vec::new(),
+                blobs: Vec::new(),
+                stopped: None,
+            });
+        }
+        let mut out =
+            Resolved { envelopes: Cow::Owned(Vec::new()), refused: Vec::new(), blobs: Vec::new(), stopped: None };
+        let mut ready = Vec::with_capacity(envs.len());
+        for env in envs {
+            if !is_ref(env) {
+                ready.push(env.clone());
+                continue;
+            }
+            match self.fetch_welcome(env.ciphertext.as_slice()).await {
+                Ok((blob, welcome)) => {
+                    ready.push(Envelope { ciphertext: B64(welcome), ..env.clone() });
+                    out.blobs.push(blob);
+                }
+                Err(FetchError::Transient(e)) => {
+                    out.stopped = Some(e);
+                    break;
+                }
+                Err(e @ (FetchError::Refused(_) | FetchError::Gone)) => {
+                    let gone = matches!(e, FetchError::Gone);
+                    let why = match e {
+                        FetchError::Refused(why) => why,
+                        _ => "its blob is not on the server".to_string(),
+                    };
+                    self.store().write(|tx| {
+                        // Delivered again after this device joined it and
+                        // said it fetched the blob (the acknowledgement was
+                        // lost): nothing to say.
+                        if gone && tx.conversation(&env.conversation)?.is_some() {
+                            return Ok(());
+                        }
+                        tx.add_alert(&format!(
+                            "{} sent a Welcome to conversation #{} by reference that was refused ({why}); it was not joined",
+                            env.sender,
+                            env.conversation.to_hex()
+                        ))
+                    })?;
+                    out.refused.push(env.id);
+                }
+            }
+        }
+        out.envelopes = Cow::Owned(ready);
+        Ok(out)
+    }
+
+    /// The Welcome a reference names, downloaded whole and checked.
+    async fn fetch_welcome(&self, reference: &[u8]) -> Result<(BlobId, Vec<u8>), FetchError> {
+        let r = WelcomeRef::decode(reference).map_err(|e| FetchError::Refused(e.to_string()))?;
+        let sort = |e: ClientError| {
+            if is_transient(&e) && !matches!(e, ClientError::Protocol(_)) {
+                FetchError::Transient(e)
+            } else if e.code() == Some(ErrorCode::UnknownBlob) {
+                FetchError::Gone
+            } else {
+                FetchError::Refused(e.to_string())
+            }
+        };
+        let size = usize::try_from(r.size).map_err(|_| FetchError::Refused("too large".into()))?;
+        let mut welcome = Vec::with_capacity(size);
+        while welcome.len() < size {
+            let piece = self.api.blob_download(&r.blob, welcome.len() as u64).await.map_err(sort)?;
+            if piece.is_empty() {
+                return Err(FetchError::Refused(format!("its blob ends at byte {} of {}", welcome.len(), r.size)));
+            }
+            if welcome.len() + piece.len() > size {
+                return Err(FetchError::Refused(format!("its blob is longer than {} bytes", r.size)));
+            }
+            welcome.extend_from_slice(&piece);
+        }
+        r.check(&welcome).map_err(|e| FetchError::Refused(e.to_string()))?;
+        Ok((r.blob, welcome))
+    }
+
+    /// Says the Welcome blobs of an acknowledged batch were fetched, so the
+    /// server deletes each once every recipient did. Best effort: a blob
+    /// not so released goes at its TTL.
+    pub(crate) async fn release_welcome_blobs(&self, blobs: &[BlobId]) {
+        for blob in blobs {
+            // A failure costs only the server's space until the TTL.
+            let _ = self.api.blob_fetched(blob).await;
+        }
+    }
+}
+
+/// Uploads `bytes` to the open upload `blob` in pieces, resuming where the
+/// server says it stands after a piece whose answer was lost, and finishes it.
+async fn upload_bytes(api: &crate::net::Api, blob: &BlobId, bytes: &[u8]) -> Result<(), ClientError> {
+    let mut status = api.blob_status(blob).await?;
+    while status.received < status.size {
+        let from = usize::try_from(status.received).map_err(|_| ClientError::Bug("offset".into()))?;
+        let to = bytes.len().min(from.saturating_add(crate::blobs::PIECE));
+        let piece = bytes
+            .get(from..to)
+            .ok_or_else(|| ClientError::Protocol("the server's upload offset is past the Welcome".into()))?;
+        status = match api.blob_append(blob, status.received, piece.to_vec()).await {
+            Ok(s) => s,
+            Err(e) if e.code() == Some(ErrorCode::BlobOffset) => api.blob_status(blob).await?,
+            Err(e) => return Err(e),
+        };
+    }
+    if !status.complete {
+        api.blob_finish(blob).await?;
+    }
+    Ok(())
+}
