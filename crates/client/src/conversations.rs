@@ -350,9 +350,20 @@ impl Subrosa {
     /// refusal returned.
     ///
     /// A Welcome over the inline limit is uploaded first and goes by
-    /// reference (`crate::welcomes`); the stored request keeps it whole.
+    /// reference (`crate::welcomes`). Once its blob is whole, the stored
+    /// request takes the reference, so a re-post (a lost answer, a
+    /// restart) sends the same reference instead of uploading again.
     async fn post_pending(&self, pending: &PendingCommit) -> Result<Posted, ClientError> {
-        let posted = match self.with_welcome_references(&pending.request).await {
+        let body = match self.with_welcome_references(&pending.request).await {
+            Ok(body) if body != pending.request => {
+                self.store().write(|tx| {
+                    tx.set_pending_commit_request(&pending.conversation, &pending.send_id, &body).map(|_| ())
+                })?;
+                Ok(body)
+            }
+            other => other,
+        };
+        let posted = match body {
             Ok(body) => self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", body).await,
             Err(e) => Err(e),
         };

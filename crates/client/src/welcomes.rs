@@ -5,14 +5,14 @@
 //! joins it exactly as an inline Welcome.
 //!
 //! Crash safety (sender): the stored pending commit keeps the whole Welcome
-//! (`Session::store_pending` does not change), and the reference is made at
-//! each post, only after its blob was uploaded whole, and only in the body
-//! that post sends. So a posted reference never names a blob that was not
-//! uploaded, whatever crashed when. A re-post (a lost answer, a restart)
-//! uploads again under a new blob id; if the server had ordered the first
-//! post, it answers the second as a duplicate by its send id and delivers
-//! the first reference, whose blob is complete. The second blob is then
-//! unused and goes at the blob TTL.
+//! (`Session::store_pending` does not change) until its blob was uploaded
+//! whole; only then does the stored request take the reference
+//! (`post_pending`, before the post). So a posted reference never names a
+//! blob that was not uploaded, whatever crashed when, and a re-post (a lost
+//! answer, a restart) sends the same reference without uploading again; the
+//! server answers it as a duplicate by its send id. A crash mid-upload
+//! leaves an unfinished blob, gone at the blob TTL, and the next post
+//! uploads again.
 //!
 //! Receiver: a reference is resolved before its batch reaches the session.
 //! A download that fails for want of an answer leaves the envelope (and

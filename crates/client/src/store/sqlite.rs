@@ -1920,6 +1920,22 @@ impl Outbox for SqliteTx<'_> {
         self.lock().execute("DELETE FROM outbox WHERE id = ?1", [id]).map(|_| ()).map_err(sql)
     }
 
+    fn set_pending_commit_request(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        send_id: &[u8; 16],
+        request: &[u8],
+    ) -> Result<bool, ClientError> {
+        let n = self
+            .lock()
+            .execute(
+                "UPDATE pending_commits SET request = ?3 WHERE conversation = ?1 AND send_id = ?2",
+                params![conversation.as_bytes().as_slice(), &send_id[..], request],
+            )
+            .map_err(sql)?;
+        Ok(n == 1)
+    }
+
     fn put_pending_commit(&mut self, p: &PendingCommit) -> Result<(), ClientError> {
         self.lock()
             .execute(

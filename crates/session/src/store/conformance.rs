@@ -479,6 +479,13 @@ pub fn pending_commits_one_per_conversation(store: Store) {
     let got = store.read(|tx| tx.pending_commit(&conv(1))).expect("read").expect("there");
     assert_eq!((got.send_id, got.request, got.commit_digest, got.meta), ([3; 16], vec![3; 3], vec![3; 32], vec![3]));
     assert_eq!(store.read(|tx| tx.pending_commit_conversations()).expect("read"), [conv(2), conv(1)]);
+    // Its request replaced (a Welcome by reference): in place, and only
+    // for the commit staged now.
+    assert!(!store.write(|tx| tx.set_pending_commit_request(&conv(2), &[9; 16], b"other")).expect("set"));
+    assert!(store.write(|tx| tx.set_pending_commit_request(&conv(2), &[2; 16], b"by reference")).expect("set"));
+    let got = store.read(|tx| tx.pending_commit(&conv(2))).expect("read").expect("there");
+    assert_eq!((got.send_id, got.request, got.meta), ([2; 16], b"by reference".to_vec(), vec![2]));
+    assert_eq!(store.read(|tx| tx.pending_commit_conversations()).expect("read"), [conv(2), conv(1)]);
     store.write(|tx| tx.delete_pending_commit(&conv(2))).expect("delete");
     assert!(store.read(|tx| tx.pending_commit(&conv(2))).expect("read").is_none());
     assert_eq!(store.read(|tx| tx.pending_commit_conversations()).expect("read"), [conv(1)]);

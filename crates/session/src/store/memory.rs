@@ -1170,6 +1170,23 @@ impl Outbox for MemTx<'_> {
         Ok(())
     }
 
+    fn set_pending_commit_request(
+        &mut self,
+        conversation: &ConversationId,
+        send_id: &[u8; 16],
+        request: &[u8],
+    ) -> Result<bool, ClientError> {
+        Ok(self.with(|t| {
+            match t.pending_commits.iter_mut().find(|p| p.conversation == *conversation && p.send_id == *send_id) {
+                Some(p) => {
+                    p.request = request.to_vec();
+                    true
+                }
+                None => false,
+            }
+        }))
+    }
+
     fn pending_commit(&self, conversation: &ConversationId) -> Result<Option<PendingCommit>, ClientError> {
         Ok(self.with(|t| t.pending_commits.iter().find(|p| p.conversation == *conversation).cloned()))
     }

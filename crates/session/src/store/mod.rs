@@ -1190,6 +1190,19 @@ pub trait Outbox {
     /// Database errors.
     fn pending_commit_conversations(&self) -> Result<Vec<subrosa_proto::ConversationId>, ClientError>;
 
+    /// Replaces the request of the staged commit `send_id` (the same
+    /// commit, posted in another form: its Welcome by reference), keeping
+    /// its place in line. False when that commit is no longer staged.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn set_pending_commit_request(
+        &mut self,
+        conversation: &subrosa_proto::ConversationId,
+        send_id: &[u8; 16],
+        request: &[u8],
+    ) -> Result<bool, ClientError>;
+
     /// Forgets a conversation's staged commit (applied or discarded).
     ///
     /// # Errors
