@@ -103,6 +103,26 @@ fn a_welcome_blob_that_does_not_match_its_reference_is_refused_and_nothing_is_jo
     assert!(group_names(&bob).is_empty());
 }
 
+/// A blocked account's Welcome by reference is dropped as an inline one
+/// is: nothing downloaded (here a download would fail and stop the
+/// receive), nothing joined, no alert, and nothing left on the server.
+#[test]
+fn a_blocked_senders_welcome_by_reference_is_dropped_without_a_download() {
+    let server = Server::start_malicious();
+    let mallory = User::register(&server, "mallory");
+    let bob = User::register(&server, "bob");
+    bob.ok(&["block", "mallory"]);
+    ok_by_reference(&mallory, &["group", "create", "club", "bob"]);
+    assert_eq!(stored_welcomes(&server).len(), 1);
+
+    server.attack(serde_json::json!({"fail_blob_downloads": {"handle": "bob"}}));
+    let out = bob.run(&["receive"]);
+    assert!(out.status.success(), "nothing was downloaded: {}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "no alert: {}", stderr(&out));
+    assert!(group_names(&bob).is_empty());
+    assert!(stored_welcomes(&server).is_empty(), "acknowledged");
+}
+
 #[test]
 fn a_welcome_whose_blob_cannot_be_downloaded_stays_queued_until_it_can() {
     let server = Server::start_malicious();

@@ -142,7 +142,13 @@ impl Subrosa {
             Resolved { envelopes: Cow::Owned(Vec::new()), refused: Vec::new(), blobs: Vec::new(), stopped: None };
         let mut ready = Vec::with_capacity(envs.len());
         for env in envs {
-            if !is_ref(env) {
+            // A blocked account's invitation is dropped by the session
+            // without a word: nothing of it is downloaded first, so a
+            // blocked sender cannot make this device fetch up to
+            // `MAX_WELCOME_BYTES`, nor raise an alert by a bad reference.
+            if !is_ref(env)
+                || self.store().read(|tx| subrosa_session::requests::is_blocked(tx, env.sender.handle.as_str()))?
+            {
                 ready.push(env.clone());
                 continue;
             }
@@ -195,7 +201,9 @@ impl Subrosa {
             }
         };
         let size = usize::try_from(r.size).map_err(|_| FetchError::Refused("too large".into()))?;
-        let mut welcome = Vec::with_capacity(size);
+        // The size is the sender's word: grown as pieces come, not
+        // allocated whole on its say-so.
+        let mut welcome = Vec::with_capacity(size.min(crate::blobs::PIECE));
         while welcome.len() < size {
             let piece = self.api.blob_download(&r.blob, welcome.len() as u64).await.map_err(sort)?;
             if piece.is_empty() {
