@@ -314,6 +314,34 @@ type MlsGroup<C, G, K> = mls_rs::Group<EngineConfig<C, G, K>>;
 /// A group with the version of the stored state it equals, if known.
 type VersionedGroup<C, G, K> = (MlsGroup<C, G, K>, Option<StateVersion>);
 
+/// What a storage adapter remembers for [`GroupVersions::take_last`]: per
+/// thread and group, the version of the state it last read or wrote.
+/// Clones share it, as the adapter's clones (one in each mls-rs client
+/// config, one handed to the engine) must.
+#[derive(Clone, Debug, Default)]
+pub struct LastVersions(std::sync::Arc<std::sync::Mutex<LastVersionMap>>);
+
+type LastVersionMap = std::collections::HashMap<(std::thread::ThreadId, Vec<u8>), StateVersion>;
+
+impl LastVersions {
+    /// Remembers that this thread just read or wrote `version` of the
+    /// group (`None`: a state with no version, forgetting any earlier one).
+    pub fn note(&self, group_id: &[u8], version: Option<StateVersion>) {
+        let key = (std::thread::current().id(), group_id.to_vec());
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match version {
+            Some(v) => last.insert(key, v),
+            None => last.remove(&key),
+        };
+    }
+
+    /// What [`Self::note`] last said for this thread and group, taken.
+    pub fn take(&self, group_id: &[u8]) -> Option<StateVersion> {
+        let key = (std::thread::current().id(), group_id.to_vec());
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&key)
+    }
+}
+
 /// Groups kept loaded across calls, newest first, each with the version
 /// of the stored state it equals.
 struct LoadedGroups<C, G, K>
@@ -1431,7 +1459,7 @@ mod tests {
         Engine::new(crypto, id, InMemoryGroupStateStorage::new(), InMemoryKeyPackageStorage::new())
     }
 
-    fn text(ev: &Event) -> Option<String> {
+    pub(super) fn text(ev: &Event) -> Option<String> {
         match ev {
             Event::Message { content, .. } => match &content.body {
                 crate::content::Body::Text(t) => Some(t.clone()),
@@ -1957,32 +1985,20 @@ mod loaded_tests {
     use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
     use mls_rs_core::group::{EpochRecord, GroupState};
     use sha2::Digest as _;
-    use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use subrosa_proto::{Handle, MessageId};
-
-    type LastVersions = HashMap<(std::thread::ThreadId, Vec<u8>), StateVersion>;
 
     /// In-memory group storage that names each stored state by its
     /// SHA-256 and counts the states read.
     #[derive(Clone, Default)]
     struct Versioned {
         inner: InMemoryGroupStateStorage,
-        last: Arc<Mutex<LastVersions>>,
+        last: LastVersions,
         reads: Arc<AtomicUsize>,
     }
 
     impl Versioned {
-        fn note(&self, id: &[u8], version: Option<StateVersion>) {
-            let key = (std::thread::current().id(), id.to_vec());
-            let mut last = self.last.lock().expect("lock");
-            match version {
-                Some(v) => last.insert(key, v),
-                None => last.remove(&key),
-            };
-        }
-
         fn digest(&self, id: &[u8]) -> Option<StateVersion> {
             let state = self.inner.state(id).ok()??;
             Some(sha2::Sha256::digest(state.as_slice()).into())
@@ -1995,7 +2011,7 @@ mod loaded_tests {
         fn state(&self, id: &[u8]) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, Self::Error> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             let state = self.inner.state(id)?;
-            self.note(id, state.as_ref().map(|s| sha2::Sha256::digest(s.as_slice()).into()));
+            self.last.note(id, state.as_ref().map(|s| sha2::Sha256::digest(s.as_slice()).into()));
             Ok(state)
         }
 
@@ -2012,7 +2028,7 @@ mod loaded_tests {
             let id = state.id.clone();
             let version = sha2::Sha256::digest(state.data.as_slice()).into();
             self.inner.write(state, inserts, updates)?;
-            self.note(&id, Some(version));
+            self.last.note(&id, Some(version));
             Ok(())
         }
 
@@ -2027,7 +2043,7 @@ mod loaded_tests {
         }
 
         fn take_last(&self, id: &[u8]) -> Option<StateVersion> {
-            self.last.lock().expect("lock").remove(&(std::thread::current().id(), id.to_vec()))
+            self.last.take(id)
         }
     }
 
@@ -2042,13 +2058,7 @@ mod loaded_tests {
     }
 
     fn text_of(ev: Event) -> String {
-        match ev {
-            Event::Message { content, .. } => match content.body {
-                crate::content::Body::Text(t) => t,
-                other => panic!("not text: {other:?}"),
-            },
-            other => panic!("not a message: {other:?}"),
-        }
+        super::tests::text(&ev).unwrap_or_else(|| panic!("not a text message: {ev:?}"))
     }
 
     /// A group kept loaded serves the next calls without reading the store,

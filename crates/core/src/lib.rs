@@ -30,8 +30,8 @@ pub mod preview;
 pub mod safety;
 
 pub use engine::{
-    key_package_suite, CallKeying, ConversationInfo, ConversationKind, Engine, Event, GroupVersions, MemberInfo,
-    OutgoingCommit, StateVersion,
+    key_package_suite, CallKeying, ConversationInfo, ConversationKind, Engine, Event, GroupVersions, LastVersions,
+    MemberInfo, OutgoingCommit, StateVersion,
 };
 pub use error::CoreError;
 pub use identity::{DeviceCertificate, DeviceIdentity};

@@ -29,7 +29,6 @@
 //! that thread meanwhile. A write begun inside a read transaction is a bug
 //! and refused.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
@@ -1501,7 +1500,7 @@ impl Store {
 
     /// The mls-rs group state storage over this store.
     pub fn groups(&self) -> GroupStore {
-        GroupStore { store: self.clone(), last: Arc::default() }
+        GroupStore { store: self.clone(), last: subrosa_core::LastVersions::default() }
     }
 
     /// The mls-rs key package storage over this store.
@@ -1594,9 +1593,6 @@ fn serr(e: impl std::fmt::Display) -> StorageError {
     StorageError(e.to_string())
 }
 
-/// Per thread and group id, a version [`GroupStore`] saw last.
-type LastVersions = HashMap<(ThreadId, Vec<u8>), subrosa_core::StateVersion>;
-
 /// mls-rs group state storage over a [`Store`]: reads and writes join the
 /// transaction this thread has open (the one whose engine call made them),
 /// or run in one of their own.
@@ -1609,18 +1605,7 @@ pub struct GroupStore {
     store: Store,
     /// Per thread and group, the version of the state last read or written
     /// (in the transaction that read or wrote it).
-    last: Arc<Mutex<LastVersions>>,
-}
-
-impl GroupStore {
-    fn note(&self, group_id: &[u8], version: Option<subrosa_core::StateVersion>) {
-        let key = (std::thread::current().id(), group_id.to_vec());
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match version {
-            Some(v) => last.insert(key, v),
-            None => last.remove(&key),
-        };
-    }
+    last: subrosa_core::LastVersions,
 }
 
 impl subrosa_core::GroupVersions for GroupStore {
@@ -1629,8 +1614,7 @@ impl subrosa_core::GroupVersions for GroupStore {
     }
 
     fn take_last(&self, group_id: &[u8]) -> Option<subrosa_core::StateVersion> {
-        let key = (std::thread::current().id(), group_id.to_vec());
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).remove(&key)
+        self.last.take(group_id)
     }
 }
 
@@ -1640,7 +1624,7 @@ impl GroupStateStorage for GroupStore {
     fn state(&self, group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
         let (state, version) =
             self.store.read(|tx| Ok((tx.group_state(group_id)?, tx.group_state_version(group_id)?))).map_err(serr)?;
-        self.note(group_id, version);
+        self.last.note(group_id, version);
         Ok(state)
     }
 
@@ -1663,7 +1647,7 @@ impl GroupStateStorage for GroupStore {
                 tx.group_state_version(&state.id)
             })
             .map_err(serr)?;
-        self.note(&state.id, version);
+        self.last.note(&state.id, version);
         Ok(())
     }
 
