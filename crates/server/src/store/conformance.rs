@@ -133,6 +133,7 @@ macro_rules! with_behaviours {
             blob_goes_once_every_reader_fetched_it,
             blob_size_limit_and_account_quota,
             blobs_expire_and_free_the_quota,
+            concurrent_sends_get_the_answers_of_one_at_a_time,
         );
     };
 }
@@ -1680,4 +1681,178 @@ pub async fn blobs_expire_and_free_the_quota(store: Arc<dyn Store>) {
     assert!(report.blobs >= 2, "{report:?}");
     let again = BlobId(rand::random());
     store.create_blob(&alice, &again, 100, &[bob], &limits, expires, expires + 1_000).await.expect("quota freed");
+}
+
+/// What one send of [`concurrent_sends_get_the_answers_of_one_at_a_time`]
+/// must be answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    Stored(Vec<DeviceAddress>),
+    Duplicate(u64),
+    Epoch(Epoch),
+    NotAMember,
+    Unknown(DeviceAddress),
+    OverQuota,
+}
+
+/// Many sends at once (a backend may take them together: PostgreSQL
+/// commits a node's concurrent plain sends in one transaction) get, each,
+/// the answer the one check order gives it alone: plain sends, multi-part
+/// sends, a duplicate, a commit, and each refusal, mixed in one wave. Each
+/// recipient's queue then holds exactly what was accepted, each sender's
+/// usage counts it, and acknowledgements taken at once (another device's
+/// ids among them) delete only their own rows and give the bytes back.
+pub async fn concurrent_sends_get_the_answers_of_one_at_a_time(store: Arc<dyn Store>) {
+    let quota = Quota { device_bytes: 100_000, account_bytes: 1_000_000 };
+    let alice = account(&store, "alice").await;
+    let alice2 = second_device(&store, &alice.handle).await;
+    let bob = account(&store, "bob").await;
+    let carol = account(&store, "carol").await;
+    let dave = account(&store, "dave").await;
+    let erin = account(&store, "erin").await;
+    let erin2 = second_device(&store, &erin.handle).await;
+    store.remove_device(&erin2).await.expect("remove");
+    let nobody = DeviceAddress { handle: bob.handle.clone(), device: DeviceId(rand::random()) };
+    let open = random_conversation();
+    let closed = random_conversation();
+    let create = commit_with_members(closed, 0, &[&alice, &bob], vec![bob.clone()]);
+    assert_eq!(store.send(&alice, &create, NOW).await.expect("create").epoch, Some(Epoch(1)));
+    let first = send_request(open, None, app(vec![bob.clone()], b"first"));
+    store.send_within(&alice, &first, &quota, NOW - 5).await.expect("first");
+    let fill = send_request(open, None, app(vec![bob.clone()], &vec![9; 99_990]));
+    store.send_within(&dave, &fill, &quota, NOW).await.expect("dave fills his quota");
+
+    let mut wave: Vec<(DeviceAddress, SendRequest, Expect)> = Vec::new();
+    for round in 0..6 {
+        for i in 0..8 {
+            let body = format!("plain {round} {i}").into_bytes();
+            wave.push((
+                alice.clone(),
+                send_request(open, None, app(vec![bob.clone()], &body)),
+                Expect::Stored(vec![bob.clone()]),
+            ));
+        }
+        let mut two = send_request(
+            open,
+            None,
+            vec![
+                (MessageKind::Application, vec![bob.clone(), alice2.clone()], format!("two a {round}").into_bytes()),
+                (MessageKind::Application, vec![alice2.clone(), carol.clone()], format!("two b {round}").into_bytes()),
+            ],
+        );
+        two.expires_at = Some(NOW + 3_600_000);
+        wave.push((alice.clone(), two, Expect::Stored(vec![bob.clone(), alice2.clone(), carol.clone()])));
+        let reply =
+            send_request(closed, None, app(vec![alice.clone(), alice2.clone()], format!("reply {round}").as_bytes()));
+        wave.push((bob.clone(), reply, Expect::Stored(vec![alice.clone(), alice2.clone()])));
+        wave.push((alice.clone(), first.clone(), Expect::Duplicate(NOW - 5)));
+        let spam = send_request(closed, None, app(vec![bob.clone()], b"spam"));
+        wave.push((carol.clone(), spam, Expect::NotAMember));
+        let lost = send_request(open, None, app(vec![bob.clone(), nobody.clone()], b"lost"));
+        wave.push((carol.clone(), lost, Expect::Unknown(nobody.clone())));
+        let ghost = send_request(open, None, app(vec![bob.clone()], b"ghost"));
+        wave.push((erin2.clone(), ghost, Expect::Unknown(erin2.clone())));
+        let over = send_request(open, None, app(vec![bob.clone()], b"one byte too many"));
+        wave.push((dave.clone(), over, Expect::OverQuota));
+    }
+    let commit = commit_with_members(closed, 1, &[&alice, &bob], vec![bob.clone()]);
+    wave.push((alice.clone(), commit, Expect::Epoch(Epoch(2))));
+
+    let answers = futures_util::future::join_all(wave.iter().map(|(from, req, _)| {
+        let store = Arc::clone(&store);
+        async move { store.send_within(from, req, &quota, NOW).await }
+    }))
+    .await;
+    for ((from, req, expect), answer) in wave.iter().zip(answers) {
+        let ok = match (expect, &answer) {
+            (Expect::Stored(to), Ok(out)) => {
+                !out.duplicate && out.epoch.is_none() && out.server_time == NOW && &out.recipients == to
+            }
+            (Expect::Duplicate(at), Ok(out)) => out.duplicate && out.server_time == *at && out.recipients.is_empty(),
+            (Expect::Epoch(e), Ok(out)) => !out.duplicate && out.epoch == Some(*e),
+            (Expect::NotAMember, Err(StoreError::NotAMember)) => true,
+            (Expect::Unknown(d), Err(StoreError::UnknownDevice(got))) => got == d,
+            (Expect::OverQuota, Err(StoreError::QuotaExceeded { scope: QuotaScope::Device, .. })) => true,
+            _ => false,
+        };
+        assert!(ok, "{from} sending {:?}: expected {expect:?}, got {answer:?}", req.parts[0].ciphertext.0);
+    }
+
+    // Each queue holds what was accepted, and nothing refused.
+    let queued = |addr: DeviceAddress| {
+        let store = Arc::clone(&store);
+        async move {
+            let mut bodies: Vec<String> = store
+                .fetch_inbox(&addr, 0, 10_000, usize::MAX)
+                .await
+                .expect("fetch")
+                .iter()
+                .filter(|e| e.kind == MessageKind::Application && e.ciphertext.0.len() < 100)
+                .map(|e| String::from_utf8_lossy(&e.ciphertext.0).into_owned())
+                .collect();
+            bodies.sort();
+            bodies
+        }
+    };
+    let expected = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let mut for_bob = vec!["first".to_owned()];
+    let mut for_alice2 = Vec::new();
+    let mut for_carol = Vec::new();
+    let mut for_alice = Vec::new();
+    for round in 0..6 {
+        for i in 0..8 {
+            for_bob.push(format!("plain {round} {i}"));
+        }
+        for_bob.push(format!("two a {round}"));
+        for_alice2.extend([format!("two a {round}"), format!("two b {round}"), format!("reply {round}")]);
+        for_carol.push(format!("two b {round}"));
+        for_alice.push(format!("reply {round}"));
+    }
+    assert_eq!(queued(bob.clone()).await, expected(for_bob), "bob's queue");
+    assert_eq!(queued(alice2.clone()).await, expected(for_alice2), "alice's second device's queue");
+    assert_eq!(queued(carol.clone()).await, expected(for_carol), "carol's queue");
+    assert_eq!(queued(alice.clone()).await, expected(for_alice), "alice's queue");
+
+    // Each accepted send counted once against its sender.
+    let alice_bytes: u64 = wave
+        .iter()
+        .filter(|(from, _, e)| *from == alice && matches!(e, Expect::Stored(_) | Expect::Epoch(_)))
+        .map(|(_, req, _)| req.parts.iter().map(|p| p.ciphertext.0.len() as u64).sum::<u64>())
+        .sum::<u64>()
+        + b"first".len() as u64
+        + b"commit".len() as u64;
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage").0, alice_bytes, "alice's usage");
+    assert_eq!(store.stored_bytes(&dave).await.expect("usage").0, 99_990, "dave's usage");
+
+    // Acknowledgements at once, each naming some of another device's ids too.
+    let mut everyone: Vec<(DeviceAddress, Vec<u64>)> = Vec::new();
+    for addr in [&alice, &alice2, &bob, &carol] {
+        let ids = store.fetch_inbox(addr, 0, 10_000, usize::MAX).await.expect("fetch").iter().map(|e| e.id).collect();
+        everyone.push((addr.clone(), ids));
+    }
+    let stolen: Vec<u64> = everyone[2].1.iter().take(3).copied().collect();
+    let acks = futures_util::future::join_all(everyone.iter().enumerate().flat_map(|(k, (addr, ids))| {
+        let store = Arc::clone(&store);
+        let mut chunks: Vec<Vec<u64>> = ids.chunks(5).map(<[u64]>::to_vec).collect();
+        if k != 2 {
+            chunks.push(stolen.clone());
+        }
+        chunks.push(ids.iter().take(2).copied().collect());
+        chunks.into_iter().map(move |chunk| {
+            let (store, addr) = (Arc::clone(&store), addr.clone());
+            async move { (addr.clone(), store.ack(&addr, &chunk).await.expect("ack")) }
+        })
+    }))
+    .await;
+    for (addr, ids) in &everyone {
+        let deleted: u64 = acks.iter().filter(|(a, _)| a == addr).map(|(_, n)| *n).sum();
+        assert_eq!(deleted, ids.len() as u64, "{addr}: each of its rows deleted once, no other device's");
+        assert!(store.fetch_inbox(addr, 0, 10, usize::MAX).await.expect("fetch").is_empty(), "{addr}: queue empty");
+    }
+    assert_eq!(store.stored_bytes(&alice).await.expect("usage").0, 0, "alice's bytes given back");
+    assert_eq!(store.stored_bytes(&bob).await.expect("usage").0, 0, "bob's bytes given back");
+    assert_eq!(store.stored_bytes(&dave).await.expect("usage").0, 0, "dave's bytes given back");
 }

@@ -14,6 +14,7 @@ use subrosa_proto::{
     KeyPackageCount, LinkId, SendRequest,
 };
 
+mod batch;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod kt;

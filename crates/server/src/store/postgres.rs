@@ -326,6 +326,12 @@ pub struct PgStore {
     channel: String,
     /// Salt of the rate-limit bucket keys (`rate_salt`).
     bucket_salt: Vec<u8>,
+    /// Plain sends and acknowledgements, committed in batches ([`batch`]);
+    /// `None` in the copy the batch workers hold.
+    sends: Option<Arc<batch::Queue<batch::SendJob, Option<SendOutcome>>>>,
+    acks: Option<Arc<batch::Queue<batch::AckJob, Option<u64>>>>,
+    /// Checks of the shared rate-limit buckets, a statement per batch.
+    tokens: Option<Arc<batch::Queue<batch::TokenJob, Option<Tokens>>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -552,7 +558,16 @@ impl PgStore {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
-        let mut store = PgStore { pool, config, tls, channel: String::new(), bucket_salt: Vec::new() };
+        let mut store = PgStore {
+            pool,
+            config,
+            tls,
+            channel: String::new(),
+            bucket_salt: Vec::new(),
+            sends: None,
+            acks: None,
+            tokens: None,
+        };
         let schema = store.migrate().await?;
         store.channel = channel_name(&schema);
         store.bucket_salt = on_client!(store, |c| async {
@@ -561,7 +576,34 @@ impl PgStore {
                 .ok_or_else(|| Fail::Store(StoreError::Internal("the rate-limit salt is missing".into())))
         }
         .await)?;
+        let core = store.clone();
+        store.sends = Some(batch::Queue::spawn(move |jobs: Vec<batch::SendJob>| {
+            let core = core.clone();
+            async move { batch::run_sends(&core, &jobs).await }
+        }));
+        let core = store.clone();
+        store.acks = Some(batch::Queue::spawn(move |jobs: Vec<batch::AckJob>| {
+            let core = core.clone();
+            async move { batch::run_acks(&core, &jobs).await }
+        }));
+        let core = store.clone();
+        store.tokens = Some(batch::Queue::spawn(move |jobs: Vec<batch::TokenJob>| {
+            let core = core.clone();
+            async move { batch::run_tokens(&core, &jobs).await }
+        }));
         Ok(store)
+    }
+
+    /// For plain sends, acknowledgements and rate-limit checks: the
+    /// batches run so far, the jobs they took and the jobs they answered
+    /// (the rest ran alone).
+    pub fn batch_counts(&self) -> [[u64; 3]; 3] {
+        let of = |q: Option<[u64; 3]>| q.unwrap_or_default();
+        [
+            of(self.sends.as_ref().map(|q| q.counts())),
+            of(self.acks.as_ref().map(|q| q.counts())),
+            of(self.tokens.as_ref().map(|q| q.counts())),
+        ]
     }
 
     /// The schema version this build migrates to.
@@ -825,7 +867,7 @@ async fn release<C: GenericClient>(c: &C, gone: &[Row]) -> R<()> {
     execute(
         c,
         "UPDATE device_usage u SET bytes = GREATEST(u.bytes - f.b, 0)
-         FROM unnest($1::bigint[], $2::bigint[]) AS f(d, b) WHERE u.device = f.d",
+         FROM unnest($1::bigint[], $2::bigint[]) AS f(d, b) WHERE u.device = ANY($1::bigint[]) AND u.device = f.d",
         &[&devices, &bytes],
     )
     .await?;
@@ -992,6 +1034,16 @@ impl Store for PgStore {
         quota: &Quota,
         now_ms: u64,
     ) -> Result<SendOutcome, StoreError> {
+        // A plain send goes with the node's others in one transaction; what
+        // the batch hands back runs alone, through the same rule.
+        if let Some(sends) = &self.sends {
+            if request.commit.is_none() && super::send_bytes(request) <= batch::MAX_BATCHED_SEND_BYTES {
+                let job = batch::SendJob { sender: sender.clone(), request: request.clone(), quota: *quota, now_ms };
+                if let Some(out) = sends.run(job).await {
+                    return Ok(out);
+                }
+            }
+        }
         in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, quota, now_ms).await }.await)
     }
 
@@ -1101,6 +1153,11 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
+        if let Some(acks) = &self.acks {
+            if let Some(count) = acks.run(batch::AckJob { device: addr.clone(), ids: ids.to_vec() }).await {
+                return Ok(count);
+            }
+        }
         let channel = self.channel.as_str();
         in_tx!(self, |tx| async { rules::ack(&mut Pg { c: &tx, channel }, addr, ids).await }.await)
     }
@@ -1371,6 +1428,20 @@ impl Store for PgStore {
         };
         let initial = (request.burst - request.cost).max(-request.burst);
         let per_ms = request.rate / 1000.0;
+        if let Some(tokens) = &self.tokens {
+            let job = batch::TokenJob {
+                key: key.clone(),
+                initial,
+                now_ms: to_i64(now_ms),
+                burst: request.burst,
+                cost: request.cost,
+                debt: request.debt,
+                per_ms,
+            };
+            if let Some(answer) = tokens.run(job).await {
+                return Ok(Some(answer));
+            }
+        }
         // One statement, one row lock: refill by the time since the last
         // use (never negative, whatever the nodes' clocks), then take.
         let row = on_client!(self, |c| {
@@ -1734,12 +1805,17 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
         let device_ids: Vec<String> = addrs.iter().map(|a| a.device.to_hex()).collect();
         let rows = query(
             self.c,
+            // The ids first, each by its index (a join over the whole
+            // table is what the planner picks before it has statistics),
+            // then the rows locked by primary key in id order.
             "SELECT d.id, d.handle, d.device_id FROM devices d
-             JOIN unnest($1::text[], $2::text[]) AS r(handle, device_id)
-               ON d.handle = r.handle AND d.device_id = r.device_id
-             WHERE d.active
+             WHERE d.id = ANY(ARRAY(
+                 SELECT f.id FROM unnest($1::text[], $2::text[]) AS r(handle, device_id)
+                 CROSS JOIN LATERAL (
+                     SELECT id FROM devices WHERE handle = r.handle AND device_id = r.device_id LIMIT 1) f))
+               AND d.active
              ORDER BY d.id
-             FOR NO KEY UPDATE OF d",
+             FOR NO KEY UPDATE",
             &[&handles, &device_ids],
         )
         .await?;
@@ -2188,6 +2264,11 @@ mod tests {
     }
 
     async fn open() -> Option<(TestSchema, Arc<dyn Store>)> {
+        let (schema, store) = open_pg().await?;
+        Some((schema, Arc::new(store)))
+    }
+
+    async fn open_pg() -> Option<(TestSchema, PgStore)> {
         let Ok(base) = std::env::var("SUBROSA_TEST_POSTGRES") else {
             // Straight to stderr: the test harness captures eprintln! of passing tests.
             let test = std::thread::current().name().unwrap_or("a PostgreSQL test").to_string();
@@ -2204,7 +2285,48 @@ mod tests {
         let url = create_schema(&base, &name).await.expect("create test schema");
         let schema = TestSchema { base, name };
         let store = PgStore::connect(&url).await.expect("connect");
-        Some((schema, Arc::new(store)))
+        Some((schema, store))
+    }
+
+    /// A node's concurrent plain sends and acknowledgements are committed
+    /// together, many to a transaction; each still gets its own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_sends_and_acks_share_transactions() {
+        let Some((_schema, pg)) = open_pg().await else { return };
+        let store: Arc<dyn Store> = Arc::new(pg.clone());
+        let senders: Vec<DeviceAddress> =
+            futures_util::future::join_all((0..64).map(|_| conformance::account(&store, "s"))).await;
+        let bob = conformance::account(&store, "bob").await;
+        let conv = conformance::random_conversation();
+        let [[batches_before, ..], ..] = pg.batch_counts();
+        let answers = futures_util::future::join_all(senders.iter().map(|from| {
+            let (store, bob) = (Arc::clone(&store), bob.clone());
+            async move {
+                let req = conformance::send_request(
+                    conv,
+                    None,
+                    vec![(MessageKind::Application, vec![bob], from.to_string().into_bytes())],
+                );
+                store.send(from, &req, 1).await
+            }
+        }))
+        .await;
+        assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|o| !o.duplicate)), "every send stored: {answers:?}");
+        let [[batches, jobs, stored], ..] = pg.batch_counts();
+        assert_eq!((jobs, stored), (64, 64), "every plain send was stored by a batch");
+        assert!(batches - batches_before < 32, "64 sends at once took {} transactions", batches - batches_before);
+        let inbox = store.fetch_inbox(&bob, 0, 100, usize::MAX).await.expect("fetch");
+        assert_eq!(inbox.len(), 64);
+        let acks = futures_util::future::join_all(inbox.iter().map(|e| {
+            let (store, bob) = (Arc::clone(&store), bob.clone());
+            async move { store.ack(&bob, &[e.id]).await }
+        }))
+        .await;
+        assert!(acks.iter().all(|a| matches!(a, Ok(1))), "each acknowledgement deleted its row: {acks:?}");
+        let [_, [ack_batches, ack_jobs, acked], _] = pg.batch_counts();
+        assert_eq!((ack_jobs, acked), (64, 64));
+        assert!(ack_batches < 32, "64 acknowledgements at once took {ack_batches} transactions");
+        assert_eq!(store.stats().await.expect("stats").messages, 0, "every message went with its last row");
     }
 
     macro_rules! conformance_tests {
@@ -2312,6 +2434,33 @@ mod tests {
         assert!(!key.windows(4).any(|w| w == b"203."), "the address is stored in the clear");
     }
 
+    /// Checks of shared buckets made at once are answered in batches, each
+    /// as if made alone: one bucket checked 40 times at once hands out its
+    /// burst exactly, a charge goes into debt, and other buckets are apart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_bucket_checks_share_statements_and_keep_the_limit() {
+        let Some((_schema, store)) = open_pg().await else { return };
+        let one = |key: String, debt: bool| {
+            let store = store.clone();
+            async move {
+                let request = TokenRequest { kind: "device", key: &key, rate: 0.001, burst: 10.0, cost: 1.0, debt };
+                store.take_tokens(&request, 5_000).await.expect("take").expect("shared")
+            }
+        };
+        let same = futures_util::future::join_all((0..40).map(|_| one("alice".into(), false))).await;
+        assert_eq!(same.iter().filter(|t| t.taken).count(), 10, "the burst, and no more");
+        let others = futures_util::future::join_all((0..30).map(|i| one(format!("d{i}"), false))).await;
+        assert!(others.iter().all(|t| t.taken && (t.left - 9.0).abs() < 1e-9), "each bucket its own: {others:?}");
+        let charged = futures_util::future::join_all((0..12).map(|_| one("bob".into(), true))).await;
+        assert!(charged.iter().all(|t| t.taken));
+        let mut left: Vec<f64> = charged.iter().map(|t| t.left).collect();
+        left.sort_by(f64::total_cmp);
+        assert!((left[0] + 2.0).abs() < 1e-9, "twelve charges on a burst of ten owe two: {left:?}");
+        let [_, _, [batches, jobs, answered]] = store.batch_counts();
+        assert_eq!((jobs, answered), (82, 82), "every check answered by a batch");
+        assert!(batches < 82, "{batches} batches for 82 checks at once");
+    }
+
     #[test]
     fn channel_names_fit() {
         assert_eq!(channel_name("public"), "subrosa_wake_public");
@@ -2328,5 +2477,6 @@ mod tests {
     }
 }
 
+mod batch;
 mod kt;
 pub mod tls;
