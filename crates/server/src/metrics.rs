@@ -283,6 +283,26 @@ impl Metrics {
                 header(&mut out, name, help, "gauge");
                 let _ = writeln!(out, "{name} {value}");
             }
+            header(
+                &mut out,
+                "subrosa_db_batches_total",
+                "Database batches run (a transaction or statement taking many requests at once), by kind.",
+                "counter",
+            );
+            for (kind, [batches, _, _]) in crate::store::BATCH_KINDS.iter().zip(p.batches) {
+                let _ = writeln!(out, "subrosa_db_batches_total{{kind=\"{kind}\"}} {batches}");
+            }
+            header(
+                &mut out,
+                "subrosa_db_batched_total",
+                "Requests taken by database batches, by kind and whether the batch answered them (the rest ran alone).",
+                "counter",
+            );
+            for (kind, [_, jobs, answered]) in crate::store::BATCH_KINDS.iter().zip(p.batches) {
+                let alone = jobs.saturating_sub(answered);
+                let _ = writeln!(out, "subrosa_db_batched_total{{kind=\"{kind}\",answered=\"yes\"}} {answered}");
+                let _ = writeln!(out, "subrosa_db_batched_total{{kind=\"{kind}\",answered=\"no\"}} {alone}");
+            }
         }
         out
     }
@@ -340,7 +360,8 @@ mod tests {
         m.messages(MessageEvent::Delivered, 4);
         m.connections_open.store(2, Ordering::Relaxed);
         let stats = StoreStats { inbox_rows: 7, ..Default::default() };
-        let pool = PoolState { max: 16, open: 5, idle: 3, waiting: 1 };
+        let pool =
+            PoolState { max: 16, open: 5, idle: 3, waiting: 1, batches: [[2, 9, 8], [1, 4, 4], [0, 0, 0], [3, 3, 3]] };
         let text = m.render(Some(stats), Some(pool));
         for line in [
             "subrosa_requests_total{class=\"2xx\"} 1",
@@ -364,6 +385,11 @@ mod tests {
             "subrosa_db_pool_connections{state=\"busy\"} 2",
             "subrosa_db_pool_max_connections 16",
             "subrosa_db_pool_waiting 1",
+            "subrosa_db_batches_total{kind=\"send\"} 2",
+            "subrosa_db_batched_total{kind=\"send\",answered=\"yes\"} 8",
+            "subrosa_db_batched_total{kind=\"send\",answered=\"no\"} 1",
+            "subrosa_db_batched_total{kind=\"ack\",answered=\"yes\"} 4",
+            "subrosa_db_batches_total{kind=\"rate_limit\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
         }

@@ -355,7 +355,14 @@ pub struct PoolState {
     pub idle: u64,
     /// Requests waiting for a connection.
     pub waiting: u64,
+    /// Batches ([`BATCH_KINDS`]: plain sends, acknowledgements, rate-limit
+    /// checks, inbox reads): how many ran, the requests they took, and how
+    /// many of those they answered (the rest ran alone).
+    pub batches: [[u64; 3]; 4],
 }
+
+/// The kinds of request a backend takes in batches, in [`PoolState::batches`]' order.
+pub const BATCH_KINDS: [&str; 4] = ["send", "ack", "rate_limit", "fetch"];
 
 /// Row counts, for operators, tests and the demo's "what the server stored".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -332,6 +332,8 @@ pub struct PgStore {
     acks: Option<Arc<batch::Queue<batch::AckJob, Option<u64>>>>,
     /// Checks of the shared rate-limit buckets, a statement per batch.
     tokens: Option<Arc<batch::Queue<batch::TokenJob, Option<Tokens>>>>,
+    /// Sockets' inbox reads, a statement per batch.
+    fetches: Option<Arc<batch::Queue<batch::FetchJob, Option<Vec<Envelope>>>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -567,6 +569,7 @@ impl PgStore {
             sends: None,
             acks: None,
             tokens: None,
+            fetches: None,
         };
         let schema = store.migrate().await?;
         store.channel = channel_name(&schema);
@@ -591,18 +594,24 @@ impl PgStore {
             let core = core.clone();
             async move { batch::run_tokens(&core, &jobs).await }
         }));
+        let core = store.clone();
+        store.fetches = Some(batch::Queue::spawn(move |jobs: Vec<batch::FetchJob>| {
+            let core = core.clone();
+            async move { batch::run_fetches(&core, &jobs).await }
+        }));
         Ok(store)
     }
 
-    /// For plain sends, acknowledgements and rate-limit checks: the
-    /// batches run so far, the jobs they took and the jobs they answered
-    /// (the rest ran alone).
-    pub fn batch_counts(&self) -> [[u64; 3]; 3] {
+    /// For plain sends, acknowledgements, rate-limit checks and inbox
+    /// reads ([`super::BATCH_KINDS`]): the batches run so far, the jobs they
+    /// took and the jobs they answered (the rest ran alone).
+    pub fn batch_counts(&self) -> [[u64; 3]; 4] {
         let of = |q: Option<[u64; 3]>| q.unwrap_or_default();
         [
             of(self.sends.as_ref().map(|q| q.counts())),
             of(self.acks.as_ref().map(|q| q.counts())),
             of(self.tokens.as_ref().map(|q| q.counts())),
+            of(self.fetches.as_ref().map(|q| q.counts())),
         ]
     }
 
@@ -1111,6 +1120,13 @@ impl Store for PgStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<Envelope>, StoreError> {
+        // Fetches of many sockets at once go in one statement.
+        if let Some(fetches) = &self.fetches {
+            let job = batch::FetchJob { device: addr.clone(), after, limit, max_bytes };
+            if let Some(out) = fetches.run(job).await {
+                return Ok(out);
+            }
+        }
         on_client!(self, |c| async {
             let Some(device) = device_row(&c, addr).await? else { return Ok(Vec::new()) };
             let rows = query(
@@ -1125,29 +1141,7 @@ impl Store for PgStore {
                 &[&device, &to_i64(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
             )
             .await?;
-            let mut out = Vec::new();
-            let mut bytes = 0usize;
-            for r in rows {
-                let ciphertext: Vec<u8> = r.get(5);
-                if !out.is_empty() && bytes.saturating_add(ciphertext.len()) > max_bytes {
-                    break;
-                }
-                bytes = bytes.saturating_add(ciphertext.len());
-                let conversation: Vec<u8> = r.get(1);
-                let kind: &str = r.get(4);
-                out.push(Envelope {
-                    id: to_u64(r.get(0)),
-                    conversation: ConversationId::from_slice(&conversation)
-                        .map_err(|_| StoreError::Internal("stored conversation id is not valid".into()))?,
-                    sender: DeviceAddress { handle: parse_handle(r.get(2))?, device: parse_device_id(r.get(3))? },
-                    kind: MessageKind::parse(kind)
-                        .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
-                    ciphertext: B64(ciphertext),
-                    server_time: to_u64(r.get(6)),
-                    roster: r.get::<_, Option<Vec<u8>>>(7).map(|b| super::decode_roster(&b)).transpose()?,
-                });
-            }
-            Ok(out)
+            Ok(envelopes(&rows, 0, max_bytes)?)
         }
         .await)
     }
@@ -1475,7 +1469,13 @@ impl Store for PgStore {
     fn pool_state(&self) -> Option<super::PoolState> {
         let s = self.pool.status();
         let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
-        Some(super::PoolState { max: n(s.max_size), open: n(s.size), idle: n(s.available), waiting: n(s.waiting) })
+        Some(super::PoolState {
+            max: n(s.max_size),
+            open: n(s.size),
+            idle: n(s.available),
+            waiting: n(s.waiting),
+            batches: self.batch_counts(),
+        })
     }
 
     async fn maintenance(&self) -> Result<(), StoreError> {
@@ -2179,6 +2179,36 @@ impl<C: GenericClient + Sync> rules::Statements for Pg<'_, C> {
     }
 }
 
+/// Envelopes from fetched rows (`i.id, m.conversation, d.handle,
+/// d.device_id, m.kind, m.ciphertext, m.created_at, m.roster` from column
+/// `at` on), stopping once their ciphertexts pass `max_bytes` (always at
+/// least one).
+fn envelopes(rows: &[Row], at: usize, max_bytes: usize) -> Result<Vec<Envelope>, StoreError> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for r in rows {
+        let ciphertext: Vec<u8> = r.get(at + 5);
+        if !out.is_empty() && bytes.saturating_add(ciphertext.len()) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(ciphertext.len());
+        let conversation: Vec<u8> = r.get(at + 1);
+        let kind: &str = r.get(at + 4);
+        out.push(Envelope {
+            id: to_u64(r.get(at)),
+            conversation: ConversationId::from_slice(&conversation)
+                .map_err(|_| StoreError::Internal("stored conversation id is not valid".into()))?,
+            sender: DeviceAddress { handle: parse_handle(r.get(at + 2))?, device: parse_device_id(r.get(at + 3))? },
+            kind: MessageKind::parse(kind)
+                .ok_or_else(|| StoreError::Internal("stored message kind is not valid".into()))?,
+            ciphertext: B64(ciphertext),
+            server_time: to_u64(r.get(at + 6)),
+            roster: r.get::<_, Option<Vec<u8>>>(at + 7).map(|b| super::decode_roster(&b)).transpose()?,
+        });
+    }
+    Ok(out)
+}
+
 /// The body of [`Store::send`], inside its transaction.
 async fn send_tx<C: GenericClient + Sync>(
     tx: &C,
@@ -2317,13 +2347,31 @@ mod tests {
         assert!(batches - batches_before < 32, "64 sends at once took {} transactions", batches - batches_before);
         let inbox = store.fetch_inbox(&bob, 0, 100, usize::MAX).await.expect("fetch");
         assert_eq!(inbox.len(), 64);
+        // Reads at once, each with its own cursor, limit and byte bound.
+        let reads = futures_util::future::join_all((0..40usize).map(|k| {
+            let (store, bob) = (Arc::clone(&store), bob.clone());
+            let (after, bytes) = (inbox[k].id, 2 * inbox[0].ciphertext.0.len());
+            async move { (k, store.fetch_inbox(&bob, after, 5 + k % 3, bytes).await) }
+        }))
+        .await;
+        for (k, read) in reads {
+            let read = read.expect("fetch");
+            let ids: Vec<u64> = read.iter().map(|e| e.id).collect();
+            let want: Vec<u64> = inbox[k + 1..].iter().take(2).map(|e| e.id).collect();
+            assert_eq!(ids, want, "read {k}: past its cursor, in order, within its bytes");
+        }
+        let stranger = DeviceAddress { handle: bob.handle.clone(), device: subrosa_proto::DeviceId([9; 8]) };
+        assert!(store.fetch_inbox(&stranger, 0, 10, usize::MAX).await.expect("fetch").is_empty());
+        let [.., [fetch_batches, fetches, fetched]] = pg.batch_counts();
+        assert_eq!((fetches, fetched), (42, 42), "every read answered by a batch");
+        assert!(fetch_batches < 40, "40 reads at once took {fetch_batches} statements");
         let acks = futures_util::future::join_all(inbox.iter().map(|e| {
             let (store, bob) = (Arc::clone(&store), bob.clone());
             async move { store.ack(&bob, &[e.id]).await }
         }))
         .await;
         assert!(acks.iter().all(|a| matches!(a, Ok(1))), "each acknowledgement deleted its row: {acks:?}");
-        let [_, [ack_batches, ack_jobs, acked], _] = pg.batch_counts();
+        let [_, [ack_batches, ack_jobs, acked], _, _] = pg.batch_counts();
         assert_eq!((ack_jobs, acked), (64, 64));
         assert!(ack_batches < 32, "64 acknowledgements at once took {ack_batches} transactions");
         assert_eq!(store.stats().await.expect("stats").messages, 0, "every message went with its last row");
@@ -2456,7 +2504,7 @@ mod tests {
         let mut left: Vec<f64> = charged.iter().map(|t| t.left).collect();
         left.sort_by(f64::total_cmp);
         assert!((left[0] + 2.0).abs() < 1e-9, "twelve charges on a burst of ten owe two: {left:?}");
-        let [_, _, [batches, jobs, answered]] = store.batch_counts();
+        let [_, _, [batches, jobs, answered], _] = store.batch_counts();
         assert_eq!((jobs, answered), (82, 82), "every check answered by a batch");
         assert!(batches < 82, "{batches} batches for 82 checks at once");
     }

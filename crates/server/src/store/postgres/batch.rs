@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use deadpool_postgres::GenericClient;
-use subrosa_proto::{ConversationId, DeviceAddress, Handle, SendId, SendRequest};
+use subrosa_proto::{ConversationId, DeviceAddress, Envelope, Handle, SendId, SendRequest};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::{execute, query, to_i64, to_u64, Pg, PgStore, OP_TIMEOUT, R};
@@ -209,6 +209,58 @@ pub(super) async fn run_tokens(store: &PgStore, jobs: &[TokenJob]) -> Vec<Option
     };
     let _ = tokio::time::timeout(OP_TIMEOUT, work).await;
     out
+}
+
+/// A socket's read of its inbox waiting for its batch (the arguments of
+/// `Store::fetch_inbox`).
+#[derive(Debug)]
+pub(super) struct FetchJob {
+    pub device: DeviceAddress,
+    pub after: u64,
+    pub limit: usize,
+    pub max_bytes: usize,
+}
+
+/// Reads many devices' inboxes in one statement, each as
+/// `PgStore::fetch_inbox` reads one; `None` for each when it failed.
+pub(super) async fn run_fetches(store: &PgStore, jobs: &[FetchJob]) -> Vec<Option<Vec<Envelope>>> {
+    let addrs: Vec<&DeviceAddress> = jobs.iter().map(|j| &j.device).collect();
+    let (handles, ids) = address_columns(&addrs);
+    let after: Vec<i64> = jobs.iter().map(|j| to_i64(j.after)).collect();
+    let limit: Vec<i64> = jobs.iter().map(|j| i64::try_from(j.limit).unwrap_or(i64::MAX)).collect();
+    let work = async {
+        let client = store.pool.get().await.ok()?;
+        query(
+            &client,
+            "SELECT r.n, f.* FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                 WITH ORDINALITY AS r(handle, device_id, after, lim, n)
+             CROSS JOIN LATERAL (
+                 SELECT id FROM devices WHERE handle = r.handle AND device_id = r.device_id AND active LIMIT 1) me
+             CROSS JOIN LATERAL (
+                 SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
+                 FROM inbox i
+                 JOIN messages m ON m.id = i.message
+                 JOIN devices d ON d.id = m.sender
+                 WHERE i.device = me.id AND i.id > r.after
+                 ORDER BY i.device, i.id
+                 LIMIT r.lim) f
+             ORDER BY r.n, f.id",
+            &[&handles, &ids, &after, &limit],
+        )
+        .await
+        .ok()
+    };
+    let Ok(Some(rows)) = tokio::time::timeout(OP_TIMEOUT, work).await else {
+        return jobs.iter().map(|_| None).collect();
+    };
+    let mut by_job: Vec<Vec<tokio_postgres::Row>> = jobs.iter().map(|_| Vec::new()).collect();
+    for r in rows {
+        let n: i64 = r.get(0);
+        if let Some(slot) = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)).and_then(|i| by_job.get_mut(i)) {
+            slot.push(r);
+        }
+    }
+    by_job.iter().zip(jobs).map(|(rows, job)| super::envelopes(rows, 1, job.max_bytes).ok()).collect()
 }
 
 /// Runs a batch of sends; `None` for each one its caller must run alone.
