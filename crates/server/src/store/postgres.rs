@@ -327,7 +327,7 @@ pub struct PgStore {
     /// Salt of the rate-limit bucket keys (`rate_salt`).
     bucket_salt: Vec<u8>,
     /// Plain sends and acknowledgements, committed in batches ([`batch`]);
-    /// `None` in the copy the batch workers hold.
+    /// `None` in the copies the batch workers hold ([`PgStore::without_queues`]).
     sends: Option<Arc<batch::Queue<batch::SendJob, Option<SendOutcome>>>>,
     acks: Option<Arc<batch::Queue<batch::AckJob, Option<u64>>>>,
     /// Checks of the shared rate-limit buckets, a statement per batch.
@@ -579,27 +579,34 @@ impl PgStore {
                 .ok_or_else(|| Fail::Store(StoreError::Internal("the rate-limit salt is missing".into())))
         }
         .await)?;
-        let core = store.clone();
+        let core = store.without_queues();
         store.sends = Some(batch::Queue::spawn(move |jobs: Vec<batch::SendJob>| {
             let core = core.clone();
             async move { batch::run_sends(&core, &jobs).await }
         }));
-        let core = store.clone();
+        let core = store.without_queues();
         store.acks = Some(batch::Queue::spawn(move |jobs: Vec<batch::AckJob>| {
             let core = core.clone();
             async move { batch::run_acks(&core, &jobs).await }
         }));
-        let core = store.clone();
+        let core = store.without_queues();
         store.tokens = Some(batch::Queue::spawn(move |jobs: Vec<batch::TokenJob>| {
             let core = core.clone();
             async move { batch::run_tokens(&core, &jobs).await }
         }));
-        let core = store.clone();
+        let core = store.without_queues();
         store.fetches = Some(batch::Queue::spawn(move |jobs: Vec<batch::FetchJob>| {
             let core = core.clone();
             async move { batch::run_fetches(&core, &jobs).await }
         }));
         Ok(store)
+    }
+
+    /// A copy without the batch queues, for their workers: a worker holding
+    /// a queue's sender would keep that queue's workers alive after the
+    /// last store handle is gone.
+    fn without_queues(&self) -> Self {
+        PgStore { sends: None, acks: None, tokens: None, fetches: None, ..self.clone() }
     }
 
     /// For plain sends, acknowledgements, rate-limit checks and inbox
@@ -2480,6 +2487,23 @@ mod tests {
         assert_eq!(rows.len(), 1);
         let key: Vec<u8> = rows[0].get(0);
         assert!(!key.windows(4).any(|w| w == b"203."), "the address is stored in the clear");
+    }
+
+    /// The batch workers hold no queue: once the last store handle goes,
+    /// every queue goes with it (and its workers, whose channel closes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_queues_go_with_the_last_store_handle() {
+        let Some((_schema, store)) = open_pg().await else { return };
+        let queues = [
+            store.sends.as_ref().map(|q| Arc::downgrade(q) as std::sync::Weak<dyn std::any::Any + Send + Sync>),
+            store.acks.as_ref().map(|q| Arc::downgrade(q) as std::sync::Weak<dyn std::any::Any + Send + Sync>),
+            store.tokens.as_ref().map(|q| Arc::downgrade(q) as std::sync::Weak<dyn std::any::Any + Send + Sync>),
+            store.fetches.as_ref().map(|q| Arc::downgrade(q) as std::sync::Weak<dyn std::any::Any + Send + Sync>),
+        ];
+        drop(store);
+        for (k, q) in queues.into_iter().enumerate() {
+            assert!(q.expect("a queue").upgrade().is_none(), "queue {k} outlived the store");
+        }
     }
 
     /// Checks of shared buckets made at once are answered in batches, each
