@@ -34,6 +34,8 @@ pub(super) const MAX_BATCH: usize = 128;
 pub(super) const WORKERS: usize = 3;
 /// Jobs waiting at most; past it a caller waits for room.
 const QUEUE: usize = 4 * MAX_BATCH;
+/// How long a caller waits for its batch before it runs its job alone.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// A send larger than this goes alone: a batch copies what it stores.
 pub(super) const MAX_BATCHED_SEND_BYTES: u64 = 64 * 1024;
 
@@ -111,11 +113,19 @@ impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
     }
 
     /// Runs `job` in the next batch; `None` when the batch did not answer
-    /// it, or no worker did (the runtime that ran them is gone).
+    /// it, no worker did (the runtime that ran them is gone), or none did
+    /// within [`BATCH_WAIT`]. The caller then runs the job alone, so a
+    /// store operation still answers within about `BATCH_WAIT` plus
+    /// `OP_TIMEOUT`. A batch that commits after its caller stopped waiting
+    /// is harmless: the caller's own send finds the send id and answers
+    /// `duplicate`, its acknowledgement finds the rows gone.
     pub(super) async fn run(&self, job: J) -> Option<T> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send((job, reply)).await.ok()?;
-        answer.await.ok().flatten()
+        let asked = async {
+            self.tx.send((job, reply)).await.ok()?;
+            answer.await.ok().flatten()
+        };
+        tokio::time::timeout(BATCH_WAIT, asked).await.ok().flatten()
     }
 }
 
