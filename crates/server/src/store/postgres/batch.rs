@@ -1,9 +1,10 @@
-//! Group commit: a node's concurrent sends (and, apart, its
-//! acknowledgements) go to the database together, in one transaction of
-//! set-based statements (`store::batch`), instead of one transaction of
-//! about ten round trips each.
+//! Group commit: a node's concurrent sends go to the database together, in
+//! one transaction of set-based statements (`store::batch`), instead of one
+//! transaction of about ten round trips each; so, apart, do its
+//! acknowledgements, and its rate-limit checks and sockets' inbox reads go
+//! many to a statement.
 //!
-//! A few workers take what callers queued. A worker takes one job and
+//! [`WORKERS`] workers per queue take what callers queued. A worker takes one job and
 //! whatever else is already waiting (up to [`MAX_BATCH`]), runs them in one
 //! transaction and answers each. While every worker is busy the queue
 //! fills, so batches grow with the load and a lone request goes through
