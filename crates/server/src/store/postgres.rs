@@ -1429,44 +1429,23 @@ impl Store for PgStore {
         };
         let initial = (request.burst - request.cost).max(-request.burst);
         let per_ms = request.rate / 1000.0;
+        let job = batch::TokenJob {
+            key,
+            initial,
+            now_ms: to_i64(now_ms),
+            burst: request.burst,
+            cost: request.cost,
+            debt: request.debt,
+            per_ms,
+        };
         if let Some(tokens) = &self.tokens {
-            let job = batch::TokenJob {
-                key: key.clone(),
-                initial,
-                now_ms: to_i64(now_ms),
-                burst: request.burst,
-                cost: request.cost,
-                debt: request.debt,
-                per_ms,
-            };
-            if let Some(answer) = tokens.run(job).await {
+            if let Some(answer) = tokens.run(job.clone()).await {
                 return Ok(Some(answer));
             }
         }
-        // One statement, one row lock: refill by the time since the last
-        // use (never negative, whatever the nodes' clocks), then take.
-        let row = on_client!(self, |c| {
-            async {
-            query_opt(
-                &c,
-                "INSERT INTO rate_buckets AS b (key, tokens, updated_ms, taken) VALUES ($1, $2::float8, $3::int8, TRUE)
-                 ON CONFLICT (key) DO UPDATE SET
-                     tokens = CASE
-                         WHEN $6::bool THEN GREATEST(LEAST($4::float8, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7::float8) - $5::float8, -$4)
-                         WHEN LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7) >= $5
-                             THEN LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7) - $5
-                         ELSE LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7)
-                     END,
-                     taken = $6 OR LEAST($4, b.tokens + GREATEST($3 - b.updated_ms, 0) * $7) >= $5,
-                     updated_ms = GREATEST(b.updated_ms, $3)
-                 RETURNING taken, tokens",
-                &[&key, &initial, &to_i64(now_ms), &request.burst, &request.cost, &request.debt, &per_ms],
-            )
-            .await
-        }
-        .await
-        })?;
-        Ok(row.map(|r| Tokens { taken: r.get(0), left: r.get(1) }))
+        // Alone: the batch's one statement with one row.
+        let answers = on_client!(self, |c| async { batch::take_distinct(&c, &[&job]).await }.await)?;
+        Ok(answers.get(&job.key).copied())
     }
 
     fn kt_storage(&self) -> Arc<dyn super::kt::KtStorage> {
@@ -2531,6 +2510,19 @@ mod tests {
         let [_, _, [batches, jobs, answered], _] = store.batch_counts();
         assert_eq!((jobs, answered), (82, 82), "every check answered by a batch");
         assert!(batches < 82, "{batches} batches for 82 checks at once");
+        // A check that runs alone (its batch failed) uses the same statement.
+        let alone = store.without_queues();
+        let check = |key: &'static str| {
+            let alone = alone.clone();
+            async move {
+                let request = TokenRequest { kind: "device", key, rate: 0.001, burst: 10.0, cost: 1.0, debt: false };
+                alone.take_tokens(&request, 5_000).await.expect("take").expect("shared")
+            }
+        };
+        assert!(!check("alice").await.taken, "alone, the spent bucket is still spent");
+        let fresh = check("carol").await;
+        assert!(fresh.taken && (fresh.left - 9.0).abs() < 1e-9, "{fresh:?}");
+        assert_eq!(store.batch_counts()[2][1], 82, "those two went alone");
     }
 
     #[test]

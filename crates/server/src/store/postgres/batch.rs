@@ -154,7 +154,7 @@ pub(super) struct AckJob {
 
 /// A check of a shared rate-limit bucket waiting for its batch: the
 /// bucket's salted key and the arguments of `PgStore::take_tokens`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct TokenJob {
     pub key: Vec<u8>,
     pub initial: f64,
@@ -185,38 +185,8 @@ pub(super) async fn run_tokens(store: &PgStore, jobs: &[TokenJob]) -> Vec<Option
                     later.push(i);
                 }
             }
-            let col = |f: fn(&TokenJob) -> f64| round.iter().map(|&i| f(&jobs[i])).collect::<Vec<f64>>();
-            let keys: Vec<&[u8]> = round.iter().map(|&i| jobs[i].key.as_slice()).collect();
-            let (initial, burst, cost, per_ms) =
-                (col(|j| j.initial), col(|j| j.burst), col(|j| j.cost), col(|j| j.per_ms));
-            let now: Vec<i64> = round.iter().map(|&i| jobs[i].now_ms).collect();
-            let debt: Vec<bool> = round.iter().map(|&i| jobs[i].debt).collect();
-            // As `PgStore::take_tokens`, each row with its own arguments
-            // (read back from `r` by key), in key order.
-            let rows = query(
-                &client,
-                "WITH r(key, initial, now_ms, burst, cost, debt, per_ms) AS (
-                     SELECT * FROM unnest($1::bytea[], $2::float8[], $3::int8[], $4::float8[], $5::float8[],
-                                          $6::bool[], $7::float8[]))
-                 INSERT INTO rate_buckets AS b (key, tokens, updated_ms, taken)
-                 SELECT key, initial, now_ms, TRUE FROM r ORDER BY key
-                 ON CONFLICT (key) DO UPDATE SET (tokens, taken, updated_ms) = (
-                     SELECT CASE
-                                WHEN q.debt THEN GREATEST(LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) - q.cost, -q.burst)
-                                WHEN LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) >= q.cost
-                                    THEN LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) - q.cost
-                                ELSE LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms)
-                            END,
-                            q.debt OR LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) >= q.cost,
-                            GREATEST(b.updated_ms, q.now_ms)
-                     FROM r q WHERE q.key = excluded.key)
-                 RETURNING key, taken, tokens",
-                &[&keys, &initial, &now, &burst, &cost, &debt, &per_ms],
-            )
-            .await
-            .ok()?;
-            let answers: HashMap<Vec<u8>, Tokens> =
-                rows.iter().map(|r| (r.get::<_, Vec<u8>>(0), Tokens { taken: r.get(1), left: r.get(2) })).collect();
+            let of_round: Vec<&TokenJob> = round.iter().map(|&i| &jobs[i]).collect();
+            let answers = take_distinct(&client, &of_round).await.ok()?;
             for &i in &round {
                 out[i] = answers.get(&jobs[i].key).copied();
             }
@@ -278,6 +248,40 @@ pub(super) async fn run_fetches(store: &PgStore, jobs: &[FetchJob]) -> Vec<Optio
         }
     }
     by_job.iter().zip(jobs).map(|(rows, job)| super::envelopes(rows, 1, job.max_bytes).ok()).collect()
+}
+
+/// The one statement of a bucket check (`PgStore::take_tokens`), for
+/// checks of distinct buckets: each is refilled by the time since its last
+/// use (never negative, whatever the nodes' clocks), then taken from, under
+/// one row lock, in key order. Answers by bucket key.
+pub(super) async fn take_distinct<C: GenericClient>(c: &C, jobs: &[&TokenJob]) -> R<HashMap<Vec<u8>, Tokens>> {
+    let col = |f: fn(&TokenJob) -> f64| jobs.iter().map(|j| f(j)).collect::<Vec<f64>>();
+    let keys: Vec<&[u8]> = jobs.iter().map(|j| j.key.as_slice()).collect();
+    let (initial, burst, cost, per_ms) = (col(|j| j.initial), col(|j| j.burst), col(|j| j.cost), col(|j| j.per_ms));
+    let now: Vec<i64> = jobs.iter().map(|j| j.now_ms).collect();
+    let debt: Vec<bool> = jobs.iter().map(|j| j.debt).collect();
+    let rows = query(
+        c,
+        "WITH r(key, initial, now_ms, burst, cost, debt, per_ms) AS (
+             SELECT * FROM unnest($1::bytea[], $2::float8[], $3::int8[], $4::float8[], $5::float8[],
+                                  $6::bool[], $7::float8[]))
+         INSERT INTO rate_buckets AS b (key, tokens, updated_ms, taken)
+         SELECT key, initial, now_ms, TRUE FROM r ORDER BY key
+         ON CONFLICT (key) DO UPDATE SET (tokens, taken, updated_ms) = (
+             SELECT CASE
+                        WHEN q.debt THEN GREATEST(LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) - q.cost, -q.burst)
+                        WHEN LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) >= q.cost
+                            THEN LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) - q.cost
+                        ELSE LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms)
+                    END,
+                    q.debt OR LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) >= q.cost,
+                    GREATEST(b.updated_ms, q.now_ms)
+             FROM r q WHERE q.key = excluded.key)
+         RETURNING key, taken, tokens",
+        &[&keys, &initial, &now, &burst, &cost, &debt, &per_ms],
+    )
+    .await?;
+    Ok(rows.iter().map(|r| (r.get::<_, Vec<u8>>(0), Tokens { taken: r.get(1), left: r.get(2) })).collect())
 }
 
 /// Runs a batch of sends; `None` for each one its caller must run alone.
