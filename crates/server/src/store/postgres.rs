@@ -579,26 +579,10 @@ impl PgStore {
                 .ok_or_else(|| Fail::Store(StoreError::Internal("the rate-limit salt is missing".into())))
         }
         .await)?;
-        let core = store.without_queues();
-        store.sends = Some(batch::Queue::spawn(move |jobs: Vec<batch::SendJob>| {
-            let core = core.clone();
-            async move { batch::run_sends(&core, &jobs).await }
-        }));
-        let core = store.without_queues();
-        store.acks = Some(batch::Queue::spawn(move |jobs: Vec<batch::AckJob>| {
-            let core = core.clone();
-            async move { batch::run_acks(&core, &jobs).await }
-        }));
-        let core = store.without_queues();
-        store.tokens = Some(batch::Queue::spawn(move |jobs: Vec<batch::TokenJob>| {
-            let core = core.clone();
-            async move { batch::run_tokens(&core, &jobs).await }
-        }));
-        let core = store.without_queues();
-        store.fetches = Some(batch::Queue::spawn(move |jobs: Vec<batch::FetchJob>| {
-            let core = core.clone();
-            async move { batch::run_fetches(&core, &jobs).await }
-        }));
+        store.sends = Some(batch::Queue::spawn(&store, batch::run_sends));
+        store.acks = Some(batch::Queue::spawn(&store, batch::run_acks));
+        store.tokens = Some(batch::Queue::spawn(&store, batch::run_tokens));
+        store.fetches = Some(batch::Queue::spawn(&store, batch::run_fetches));
         Ok(store)
     }
 

@@ -72,19 +72,21 @@ impl<J, O> std::fmt::Debug for Queue<J, O> {
 
 impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
     /// Starts [`WORKERS`] workers on the current runtime, each running
-    /// `run` over a batch and answering the jobs in order. They stop when
-    /// the last handle to the queue is dropped.
-    pub(super) fn spawn<F, Fut>(run: F) -> Arc<Self>
+    /// `run` over a batch (with a copy of `store` that holds no queue, see
+    /// [`PgStore::without_queues`]) and answering the jobs in order. They
+    /// stop when the last handle to the queue is dropped.
+    pub(super) fn spawn<F, Fut>(store: &PgStore, run: F) -> Arc<Self>
     where
-        F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+        F: Fn(PgStore, Vec<J>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Option<T>>> + Send,
     {
+        let store = store.without_queues();
         let (tx, rx) = mpsc::channel::<Slot<J, Option<T>>>(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let run = Arc::new(run);
         let counts = Arc::new(Counts::default());
         for _ in 0..WORKERS {
-            let (rx, run, counts) = (Arc::clone(&rx), Arc::clone(&run), Arc::clone(&counts));
+            let (rx, run, counts, store) = (Arc::clone(&rx), Arc::clone(&run), Arc::clone(&counts), store.clone());
             tokio::spawn(async move {
                 loop {
                     let slots = {
@@ -102,7 +104,7 @@ impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
                     counts.batches.fetch_add(1, Ordering::Relaxed);
                     counts.jobs.fetch_add(slots.len() as u64, Ordering::Relaxed);
                     let (jobs, replies): (Vec<J>, Vec<oneshot::Sender<Option<T>>>) = slots.into_iter().unzip();
-                    let outs = run(jobs).await;
+                    let outs = run(store.clone(), jobs).await;
                     counts.answered.fetch_add(outs.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
                     for (reply, out) in replies.into_iter().zip(outs) {
                         let _ = reply.send(out);
@@ -169,7 +171,8 @@ pub(super) struct TokenJob {
 /// buckets (a bucket checked twice in one batch is checked again in the
 /// next round, after the first). `None` for a check the batch could not
 /// answer; its caller checks alone.
-pub(super) async fn run_tokens(store: &PgStore, jobs: &[TokenJob]) -> Vec<Option<Tokens>> {
+pub(super) async fn run_tokens(store: PgStore, jobs: Vec<TokenJob>) -> Vec<Option<Tokens>> {
+    let (store, jobs) = (&store, jobs.as_slice());
     let mut out: Vec<Option<Tokens>> = jobs.iter().map(|_| None).collect();
     let work = async {
         let client = store.pool.get().await.ok()?;
@@ -210,7 +213,8 @@ pub(super) struct FetchJob {
 
 /// Reads many devices' inboxes in one statement, each as
 /// `PgStore::fetch_inbox` reads one; `None` for each when it failed.
-pub(super) async fn run_fetches(store: &PgStore, jobs: &[FetchJob]) -> Vec<Option<Vec<Envelope>>> {
+pub(super) async fn run_fetches(store: PgStore, jobs: Vec<FetchJob>) -> Vec<Option<Vec<Envelope>>> {
+    let (store, jobs) = (&store, jobs.as_slice());
     let addrs: Vec<&DeviceAddress> = jobs.iter().map(|j| &j.device).collect();
     let (handles, ids) = address_columns(&addrs);
     let after: Vec<i64> = jobs.iter().map(|j| to_i64(j.after)).collect();
@@ -285,7 +289,8 @@ pub(super) async fn take_distinct<C: GenericClient>(c: &C, jobs: &[&TokenJob]) -
 }
 
 /// Runs a batch of sends; `None` for each one its caller must run alone.
-pub(super) async fn run_sends(store: &PgStore, jobs: &[SendJob]) -> Vec<Option<SendOutcome>> {
+pub(super) async fn run_sends(store: PgStore, jobs: Vec<SendJob>) -> Vec<Option<SendOutcome>> {
+    let (store, jobs) = (&store, jobs.as_slice());
     let alone = || jobs.iter().map(|_| None).collect();
     let Some(first) = jobs.first() else { return Vec::new() };
     // One quota per batch (every job of a node has the node's); a job
@@ -344,7 +349,8 @@ async fn batch_of(
 }
 
 /// Runs a batch of acknowledgements; `None` for each when the batch failed.
-pub(super) async fn run_acks(store: &PgStore, jobs: &[AckJob]) -> Vec<Option<u64>> {
+pub(super) async fn run_acks(store: PgStore, jobs: Vec<AckJob>) -> Vec<Option<u64>> {
+    let (store, jobs) = (&store, jobs.as_slice());
     let acks: Vec<(&DeviceAddress, &[u64])> = jobs.iter().map(|j| (&j.device, j.ids.as_slice())).collect();
     let work = async {
         let mut client = store.pool.get().await.ok()?;
