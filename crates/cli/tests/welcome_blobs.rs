@@ -181,3 +181,50 @@ fn a_commit_re_posted_after_a_lost_answer_never_names_a_blob_not_uploaded() {
     alice.send("club", "hello bob");
     assert_eq!(texts(&bob.receive_json(&[])), ["hello bob"]);
 }
+
+/// The first post of a commit never reached the server (answered
+/// "unavailable" before anything was stored), and the next comes after its
+/// Welcome's blob went: the re-post uploads the Welcome again from the
+/// whole one kept in the store, so the new member finds a blob that lasts
+/// as long as the commit waits for it. Naming the first blob again (as a
+/// re-post within minutes does) would have left bob a Welcome he could
+/// never fetch.
+#[test]
+fn a_commit_re_posted_after_its_welcome_blob_went_uploads_the_welcome_again() {
+    // Messages and blobs are kept 6 s here, so the window in which a
+    // re-post names the same blob is 0.6 s (a tenth), and the first blob
+    // goes within seconds.
+    let server = Server::start_malicious_with(&["--message-ttl", "6s", "--sweep-interval", "1s"]);
+    let alice = User::register(&server, "alice");
+    let bob = User::register(&server, "bob");
+    User::register(&server, "carol");
+    alice.ok(&["group", "create", "club", "carol"]);
+
+    server.attack(serde_json::json!({"refuse_commits": {"sender": "alice"}}));
+    let out = alice.cmd(&["group", "add", "club", "bob"]).env(INLINE_LIMIT_ENV, LOW_LIMIT).output().expect("runs");
+    assert_eq!(exit_code(&out), EXIT_PENDING, "{}", stderr(&out));
+    assert_eq!(server.count("blobs"), 1, "the Welcome was uploaded before the post");
+    assert!(stored_welcomes(&server).iter().all(|w| !w.starts_with(&MAGIC)), "nothing of the commit was stored");
+    let first: Vec<u8> = server.db().query_row("SELECT blob FROM blobs", [], |r| r.get(0)).expect("the first blob");
+    assert!(
+        wait_until(std::time::Duration::from_secs(20), || server.count("blobs") == 0),
+        "the first blob went at its TTL"
+    );
+
+    server.attack(serde_json::json!({}));
+    ok_by_reference(&alice, &["receive"]);
+    let welcomes: Vec<Vec<u8>> = stored_welcomes(&server).into_iter().filter(|w| w.starts_with(&MAGIC)).collect();
+    assert_eq!(welcomes.len(), 1, "the re-post was stored");
+    let r = WelcomeRef::decode(&welcomes[0]).expect("a reference");
+    assert_ne!(r.blob.0.to_vec(), first, "a new blob, not the one that went");
+    let complete: i64 = server
+        .db()
+        .query_row("SELECT complete FROM blobs WHERE blob = ?1", [&r.blob.0[..]], |row| row.get(0))
+        .expect("the referenced blob is there");
+    assert_eq!(complete, 1);
+
+    let got = bob.receive_json(&[]);
+    assert_eq!(group_names(&bob), ["club"], "bob joined: {got:?}");
+    alice.send("club", "hello bob");
+    assert_eq!(texts(&bob.receive_json(&[])), ["hello bob"]);
+}

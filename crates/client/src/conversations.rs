@@ -350,18 +350,23 @@ impl Subrosa {
     /// refusal returned.
     ///
     /// A Welcome over the inline limit is uploaded first and goes by
-    /// reference (`crate::welcomes`). Once its blob is whole, the stored
-    /// request takes the reference, so a re-post (a lost answer, a
-    /// restart) sends the same reference instead of uploading again.
+    /// reference (`crate::welcomes`). Once its blob is whole, the request
+    /// by reference is stored beside the whole one, so a re-post soon after
+    /// (a lost answer, a restart) sends the same reference instead of
+    /// uploading again; a later one uploads again.
     async fn post_pending(&self, pending: &PendingCommit) -> Result<Posted, ClientError> {
-        let body = match self.with_welcome_references(&pending.request).await {
-            Ok(body) if body != pending.request => {
-                self.store().write(|tx| {
-                    tx.set_pending_commit_request(&pending.conversation, &pending.send_id, &body).map(|_| ())
-                })?;
-                Ok(body)
-            }
-            other => other,
+        let body = match &pending.by_reference {
+            Some(r) if r.usable_at(self.now_ms()) => Ok(r.request.clone()),
+            _ => match self.with_welcome_references(&pending.request).await {
+                Ok(Some(r)) => {
+                    self.store().write(|tx| {
+                        tx.set_pending_commit_by_reference(&pending.conversation, &pending.send_id, &r).map(|_| ())
+                    })?;
+                    Ok(r.request)
+                }
+                Ok(None) => Ok(pending.request.clone()),
+                Err(e) => Err(e),
+            },
         };
         let posted = match body {
             Ok(body) => self.api.call_raw::<SendResponse>(Method::POST, "/v1/messages", body).await,

@@ -5,14 +5,17 @@
 //! joins it exactly as an inline Welcome.
 //!
 //! Crash safety (sender): the stored pending commit keeps the whole Welcome
-//! (`Session::store_pending` does not change) until its blob was uploaded
-//! whole; only then does the stored request take the reference
-//! (`post_pending`, before the post). So a posted reference never names a
-//! blob that was not uploaded, whatever crashed when, and a re-post (a lost
-//! answer, a restart) sends the same reference without uploading again; the
-//! server answers it as a duplicate by its send id. A crash mid-upload
-//! leaves an unfinished blob, gone at the blob TTL, and the next post
-//! uploads again.
+//! (`Session::store_pending` does not change). Once its blob was uploaded
+//! whole, the request by reference is stored beside it
+//! (`PendingCommit::by_reference`, before the post). So a posted reference
+//! never names a blob that was not uploaded, whatever crashed when, and a
+//! re-post soon after (a lost answer, a restart) sends the same reference
+//! without uploading again; the server answers it as a duplicate by its
+//! send id if it had ordered the first. A re-post later than
+//! [`reuse_window_ms`] uploads again from the whole Welcome: a blob goes at
+//! its TTL counted from its upload, and the new member must find it there
+//! for as long as the commit waits. A crash mid-upload leaves an unfinished
+//! blob, gone at the blob TTL, and the next post uploads again.
 //!
 //! Receiver: a reference is resolved before its batch reaches the session.
 //! A download that fails for want of an answer leaves the envelope (and
@@ -25,6 +28,7 @@ use std::borrow::Cow;
 
 use subrosa_proto::welcome_ref::{WelcomeRef, MAX_INLINE_WELCOME_BYTES};
 use subrosa_proto::{BlobId, Envelope, ErrorCode, MessageKind, SendRequest, B64};
+use subrosa_session::store::ByReference;
 
 use crate::{is_transient, ClientError, Subrosa};
 
@@ -32,6 +36,20 @@ use crate::{is_transient, ClientError, Subrosa};
 /// (bytes), so the end-to-end tests send a Welcome by reference without
 /// hundreds of devices. Release builds ignore it.
 pub const INLINE_LIMIT_ENV: &str = "SUBROSA_TEST_INLINE_WELCOME_BYTES";
+
+/// How long after its upload a Welcome's blob may be named again by a
+/// re-post of its commit (ms), for a blob the server keeps `lifetime_ms`:
+/// a tenth of that, at most an hour (`MAX_REUSE_MS`). A re-post the server
+/// had not ordered before is a new message, kept for the whole message
+/// TTL, while its blob goes at the TTL counted from the upload: naming an
+/// older blob would leave the new member a shorter time, or none, to fetch
+/// its Welcome. After the window the re-post uploads the Welcome again.
+pub fn reuse_window_ms(lifetime_ms: u64) -> u64 {
+    (lifetime_ms / 10).min(MAX_REUSE_MS)
+}
+
+/// The longest a Welcome's blob is named again after its upload: an hour.
+pub const MAX_REUSE_MS: u64 = 60 * 60 * 1000;
 
 /// The largest Welcome this device puts inline.
 fn inline_limit() -> usize {
@@ -78,37 +96,45 @@ enum FetchError {
 }
 
 impl Subrosa {
-    /// The body to post for a stored commit request: the request itself,
-    /// or, when a Welcome part is over the inline limit, the request with
-    /// that Welcome uploaded as a blob for the part's recipients (expiring
-    /// at the server's blob TTL, like an attachment outside a disappearing
-    /// conversation) and a reference in its place.
+    /// A stored commit request with each Welcome part over the inline
+    /// limit uploaded as a blob for the part's recipients (expiring at the
+    /// server's blob TTL, like an attachment outside a disappearing
+    /// conversation) and a reference in its place; `None` when every
+    /// Welcome goes inline. The form by reference may be posted again
+    /// until [`ByReference::reuse_until_ms`] ([`reuse_window_ms`]).
     ///
     /// # Errors
     /// The server's refusal of the blob (`blob_too_large`,
     /// `blob_quota_exceeded`) or [`ClientError::Network`]; a stored request
     /// that does not parse is a bug.
-    pub(crate) async fn with_welcome_references(&self, request: &[u8]) -> Result<Vec<u8>, ClientError> {
+    pub(crate) async fn with_welcome_references(&self, request: &[u8]) -> Result<Option<ByReference>, ClientError> {
         let limit = inline_limit();
         // Every part's ciphertext is in the request, base64 (longer).
         if request.len() <= limit {
-            return Ok(request.to_vec());
+            return Ok(None);
         }
         let mut req: SendRequest = serde_json::from_slice(request)
             .map_err(|e| ClientError::Bug(format!("a stored commit request does not parse: {e}")))?;
-        if !req.parts.iter().any(|p| p.kind == MessageKind::Welcome && p.ciphertext.as_slice().len() > limit) {
-            return Ok(request.to_vec());
+        let over = |p: &subrosa_proto::SendPart| {
+            p.kind == MessageKind::Welcome
+                && p.ciphertext.as_slice().len() > limit
+                && !WelcomeRef::is_reference(p.ciphertext.as_slice())
+        };
+        if !req.parts.iter().any(over) {
+            return Ok(None);
         }
-        for part in req.parts.iter_mut().filter(|p| p.kind == MessageKind::Welcome) {
+        let uploaded_at_ms = self.now_ms();
+        let mut reuse_until_ms = u64::MAX;
+        for part in req.parts.iter_mut().filter(|p| over(p)) {
             let welcome = part.ciphertext.as_slice();
-            if welcome.len() <= limit || WelcomeRef::is_reference(welcome) {
-                continue;
-            }
-            let blob = self.api.blob_create(welcome.len() as u64, part.recipients.clone(), None).await?.blob;
-            upload_bytes(&self.api, &blob, welcome).await?;
-            part.ciphertext = B64(WelcomeRef::new(blob, welcome).encode());
+            let created = self.api.blob_create(welcome.len() as u64, part.recipients.clone(), None).await?;
+            upload_bytes(&self.api, &created.blob, welcome).await?;
+            part.ciphertext = B64(WelcomeRef::new(created.blob, welcome).encode());
+            let window = reuse_window_ms(created.expires_at.saturating_sub(uploaded_at_ms));
+            reuse_until_ms = reuse_until_ms.min(uploaded_at_ms.saturating_add(window));
         }
-        serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))
+        let request = serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?;
+        Ok(Some(ByReference { request, uploaded_at_ms, reuse_until_ms }))
     }
 
     /// Processes a fetched batch: its Welcome references resolved, then the
@@ -249,4 +275,21 @@ async fn upload_bytes(api: &crate::net::Api, blob: &BlobId, bytes: &[u8]) -> Res
         api.blob_finish(blob).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_is_named_again_for_a_tenth_of_its_lifetime_and_at_most_an_hour() {
+        let day = 24 * 60 * 60 * 1000;
+        assert_eq!(reuse_window_ms(30 * day), MAX_REUSE_MS, "the default TTL: an hour");
+        assert_eq!(reuse_window_ms(6_000), 600, "a 6 s TTL: 0.6 s");
+        assert_eq!(reuse_window_ms(0), 0, "a blob already gone (or clocks apart): never");
+        let r = ByReference { request: Vec::new(), uploaded_at_ms: 1_000, reuse_until_ms: 1_600 };
+        assert!(r.usable_at(1_000) && r.usable_at(1_599));
+        assert!(!r.usable_at(1_600), "the window is over");
+        assert!(!r.usable_at(999), "the clock went back: upload again");
+    }
 }

@@ -48,6 +48,10 @@ pub struct Plan {
     /// The answers to a handle's commits are lost after they were stored.
     #[serde(default)]
     pub lose_commit_answers: Option<LoseCommitAnswers>,
+    /// A handle's commits are answered `503` before anything is stored,
+    /// as if the server were overloaded.
+    #[serde(default)]
+    pub refuse_commits: Option<RefuseCommits>,
     /// A device the roster sent with each delivered commit names in addition
     /// (as if the server let an outsider in).
     #[serde(default)]
@@ -84,6 +88,15 @@ pub struct Withhold {
 pub struct Freeze {
     /// Requests signed by a device of this handle see the frozen directory.
     pub victim: Handle,
+}
+
+/// `refuse_commits`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefuseCommits {
+    /// Whose commits (sends with a commit guard): each is answered `503`
+    /// and nothing of it is stored.
+    pub sender: Handle,
 }
 
 /// `lose_commit_answers`.
@@ -331,6 +344,10 @@ impl Attacks {
     /// Whether `device`'s blob download is answered `503` (`fail_blob_downloads`).
     pub(crate) fn fail_download(&self, device: &DeviceAddress) -> bool {
         self.plan().fail_blob_downloads.is_some_and(|f| f.handle == device.handle)
+    }
+
+    pub(crate) fn refuse_commit(&self, sender: &DeviceAddress, commit: bool) -> bool {
+        commit && self.plan().refuse_commits.is_some_and(|l| l.sender == sender.handle)
     }
 
     pub(crate) fn lose_answer(&self, sender: &DeviceAddress, commit: bool) -> bool {

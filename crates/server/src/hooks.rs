@@ -112,6 +112,16 @@ pub(crate) fn deliver(state: &AppState, device: &DeviceAddress, messages: Vec<En
     (messages, Vec::new())
 }
 
+/// Whether a send is answered "unavailable" before anything is stored.
+pub(crate) fn refuse_send(state: &AppState, sender: &DeviceAddress, commit: bool) -> bool {
+    #[cfg(feature = "test-attacks")]
+    if let Some(a) = &state.attacks {
+        return a.refuse_commit(sender, commit);
+    }
+    let _ = (state, sender, commit);
+    false
+}
+
 /// Whether the answer to a stored send is thrown away (a lost answer).
 pub(crate) fn lose_answer(state: &AppState, sender: &DeviceAddress, commit: bool) -> bool {
     #[cfg(feature = "test-attacks")]

@@ -295,6 +295,9 @@ async fn send(
     SignedJsonNonceLater { device, nonce, timestamp_ms, body }: SignedJsonNonceLater<SendRequest>,
 ) -> Result<Json<SendResponse>, AppError> {
     let mut body = body;
+    if crate::hooks::refuse_send(&state, &device, body.commit.is_some()) {
+        return Err(AppError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "overloaded (test attack)"));
+    }
     let out = crate::delivery::send(&state, &device, &mut body, Some((&nonce, timestamp_ms))).await?;
     if crate::hooks::lose_answer(&state, &device, body.commit.is_some()) {
         return Err(AppError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, "answer lost (test attack)"));

@@ -124,6 +124,7 @@ impl Session {
             request: serde_json::to_vec(&req).map_err(|e| ClientError::Bug(e.to_string()))?,
             commit_digest: Sha256::digest(&out.commit).to_vec(),
             meta: serde_json::to_vec(meta).map_err(|e| ClientError::Bug(e.to_string()))?,
+            by_reference: None,
         };
         tx.put_pending_commit(&pending)?;
         Ok(pending)

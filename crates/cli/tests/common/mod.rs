@@ -76,7 +76,12 @@ impl Server {
     /// The test-only malicious operator (`subrosa-attack-server`): honest
     /// until [`Server::attack`] writes a plan.
     pub fn start_malicious() -> Server {
-        Self::start_bin(attack_server_bin(), &[])
+        Self::start_malicious_with(&[])
+    }
+
+    /// [`Server::start_malicious`] with `extra` arguments.
+    pub fn start_malicious_with(extra: &[&str]) -> Server {
+        Self::start_bin(attack_server_bin(), extra)
     }
 
     fn start_bin(bin: PathBuf, extra: &[&str]) -> Server {

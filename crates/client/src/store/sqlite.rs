@@ -242,6 +242,15 @@ const SCHEMA: &[&str] = &[
     // later (from another device of the same account, or after a reorder)
     // cannot bring it back. Rows before this step are all present ones.
     "ALTER TABLE reactions ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
+    // v19: a staged commit's request with its large Welcomes by reference
+    // is kept beside the whole request (no longer in its place), with when
+    // its blobs were uploaded and until when a re-post may name them;
+    // after that, a re-post uploads them again. A row that a release
+    // before this step already rewrote keeps its references: its whole
+    // Welcomes are gone, and posting it as it is is all there is left.
+    "ALTER TABLE pending_commits ADD COLUMN by_reference BLOB;
+     ALTER TABLE pending_commits ADD COLUMN uploaded_at INTEGER;
+     ALTER TABLE pending_commits ADD COLUMN reuse_until INTEGER;",
 ];
 
 /// Bytes per stored piece of a group's MLS state (v17; the migration
@@ -1920,17 +1929,24 @@ impl Outbox for SqliteTx<'_> {
         self.lock().execute("DELETE FROM outbox WHERE id = ?1", [id]).map(|_| ()).map_err(sql)
     }
 
-    fn set_pending_commit_request(
+    fn set_pending_commit_by_reference(
         &mut self,
         conversation: &subrosa_proto::ConversationId,
         send_id: &[u8; 16],
-        request: &[u8],
+        by_reference: &ByReference,
     ) -> Result<bool, ClientError> {
         let n = self
             .lock()
             .execute(
-                "UPDATE pending_commits SET request = ?3 WHERE conversation = ?1 AND send_id = ?2",
-                params![conversation.as_bytes().as_slice(), &send_id[..], request],
+                "UPDATE pending_commits SET by_reference = ?3, uploaded_at = ?4, reuse_until = ?5
+                 WHERE conversation = ?1 AND send_id = ?2",
+                params![
+                    conversation.as_bytes().as_slice(),
+                    &send_id[..],
+                    by_reference.request,
+                    by_reference.uploaded_at_ms as i64,
+                    by_reference.reuse_until_ms as i64
+                ],
             )
             .map_err(sql)?;
         Ok(n == 1)
@@ -1960,20 +1976,30 @@ impl Outbox for SqliteTx<'_> {
     ) -> Result<Option<PendingCommit>, ClientError> {
         self.lock()
             .query_row(
-                "SELECT send_id, request, commit_digest, meta FROM pending_commits WHERE conversation = ?1",
+                "SELECT send_id, request, commit_digest, meta, by_reference, uploaded_at, reuse_until
+                 FROM pending_commits WHERE conversation = ?1",
                 [conversation.as_bytes().as_slice()],
                 |r| {
+                    let by_reference = match (r.get(4)?, r.get::<_, Option<i64>>(5)?, r.get::<_, Option<i64>>(6)?) {
+                        (Some(request), Some(at), Some(until)) => Some(ByReference {
+                            request,
+                            uploaded_at_ms: at.max(0) as u64,
+                            reuse_until_ms: until.max(0) as u64,
+                        }),
+                        _ => None,
+                    };
                     Ok((
                         r.get::<_, Vec<u8>>(0)?,
                         r.get::<_, Vec<u8>>(1)?,
                         r.get::<_, Vec<u8>>(2)?,
                         r.get::<_, Vec<u8>>(3)?,
+                        by_reference,
                     ))
                 },
             )
             .optional()
             .map_err(sql)?
-            .map(|(send_id, request, commit_digest, meta)| {
+            .map(|(send_id, request, commit_digest, meta, by_reference)| {
                 Ok(PendingCommit {
                     conversation: *conversation,
                     send_id: send_id
@@ -1982,6 +2008,7 @@ impl Outbox for SqliteTx<'_> {
                     request,
                     commit_digest,
                     meta,
+                    by_reference,
                 })
             })
             .transpose()
@@ -2426,6 +2453,37 @@ mod tests {
         assert_eq!((concerns.as_str(), kind.as_str()), ("the server", "notice"));
         let gossip: i64 = conn.query_row("SELECT count(*) FROM kt_gossip", [], |r| r.get(0)).expect("q");
         assert_eq!(gossip, 0, "unsigned heads are no evidence");
+    }
+
+    /// v19: a staged commit stored before (its request perhaps already
+    /// rewritten with a reference, as v18's release did) reads back as it
+    /// was, with no form by reference beside it: it is posted as it is.
+    #[test]
+    fn a_pending_commit_of_v18_survives_the_migration_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        let kdf = KdfParams::new_random();
+        std::fs::write(home.join(KDF_FILE), serde_json::to_vec(&kdf).expect("json")).expect("kdf");
+        let conv = subrosa_proto::ConversationId([5; 16]);
+        {
+            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            old.migrate_to(18).expect("v18");
+            old.lock()
+                .execute(
+                    "INSERT INTO pending_commits (conversation, send_id, request, commit_digest, meta, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                    params![&conv.0[..], &[6u8; 16][..], b"a request by reference".as_slice(), &[7u8; 32][..], b"m"],
+                )
+                .expect("row");
+        }
+        let store = Store::from_arc(Arc::new(SqliteStore::open(&home, "pw").expect("migrates")));
+        let got = store.read(|tx| tx.pending_commit(&conv)).expect("read").expect("kept");
+        assert_eq!(
+            (got.send_id, got.request.as_slice(), got.meta.as_slice()),
+            ([6; 16], &b"a request by reference"[..], &b"m"[..])
+        );
+        assert!(got.by_reference.is_none());
     }
 
     #[test]

@@ -468,6 +468,7 @@ pub fn pending_commits_one_per_conversation(store: Store) {
         request: vec![s; 3],
         commit_digest: vec![s; 32],
         meta: vec![s],
+        by_reference: None,
     };
     store
         .write(|tx| {
@@ -479,13 +480,24 @@ pub fn pending_commits_one_per_conversation(store: Store) {
     let got = store.read(|tx| tx.pending_commit(&conv(1))).expect("read").expect("there");
     assert_eq!((got.send_id, got.request, got.commit_digest, got.meta), ([3; 16], vec![3; 3], vec![3; 32], vec![3]));
     assert_eq!(store.read(|tx| tx.pending_commit_conversations()).expect("read"), [conv(2), conv(1)]);
-    // Its request replaced (a Welcome by reference): in place, and only
-    // for the commit staged now.
-    assert!(!store.write(|tx| tx.set_pending_commit_request(&conv(2), &[9; 16], b"other")).expect("set"));
-    assert!(store.write(|tx| tx.set_pending_commit_request(&conv(2), &[2; 16], b"by reference")).expect("set"));
-    let got = store.read(|tx| tx.pending_commit(&conv(2))).expect("read").expect("there");
-    assert_eq!((got.send_id, got.request, got.meta), ([2; 16], b"by reference".to_vec(), vec![2]));
+    assert!(got.by_reference.is_none());
+    // Its form by reference kept beside it (the whole request stays), only
+    // for the commit staged now, and replaced by a later one.
+    let by_ref = |b: &[u8], at: u64| ByReference { request: b.to_vec(), uploaded_at_ms: at, reuse_until_ms: at + 10 };
+    let other = by_ref(b"other", 1);
+    assert!(!store.write(|tx| tx.set_pending_commit_by_reference(&conv(2), &[9; 16], &other)).expect("set"));
+    assert!(store.read(|tx| tx.pending_commit(&conv(2))).expect("read").expect("there").by_reference.is_none());
+    for (body, at) in [(&b"by reference"[..], 5), (b"uploaded again", 1_700_000_000_000)] {
+        let r = by_ref(body, at);
+        assert!(store.write(|tx| tx.set_pending_commit_by_reference(&conv(2), &[2; 16], &r)).expect("set"));
+        let got = store.read(|tx| tx.pending_commit(&conv(2))).expect("read").expect("there");
+        assert_eq!((got.send_id, got.request, got.meta), ([2; 16], vec![2; 3], vec![2]));
+        assert_eq!(got.by_reference, Some(r));
+    }
     assert_eq!(store.read(|tx| tx.pending_commit_conversations()).expect("read"), [conv(2), conv(1)]);
+    // Staged again: a new commit has no form by reference.
+    store.write(|tx| tx.put_pending_commit(&p(2, 4))).expect("put");
+    assert!(store.read(|tx| tx.pending_commit(&conv(2))).expect("read").expect("there").by_reference.is_none());
     store.write(|tx| tx.delete_pending_commit(&conv(2))).expect("delete");
     assert!(store.read(|tx| tx.pending_commit(&conv(2))).expect("read").is_none());
     assert_eq!(store.read(|tx| tx.pending_commit_conversations()).expect("read"), [conv(1)]);

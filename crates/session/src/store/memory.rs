@@ -1170,16 +1170,16 @@ impl Outbox for MemTx<'_> {
         Ok(())
     }
 
-    fn set_pending_commit_request(
+    fn set_pending_commit_by_reference(
         &mut self,
         conversation: &ConversationId,
         send_id: &[u8; 16],
-        request: &[u8],
+        by_reference: &ByReference,
     ) -> Result<bool, ClientError> {
         Ok(self.with(|t| {
             match t.pending_commits.iter_mut().find(|p| p.conversation == *conversation && p.send_id == *send_id) {
                 Some(p) => {
-                    p.request = request.to_vec();
+                    p.by_reference = Some(by_reference.clone());
                     true
                 }
                 None => false,

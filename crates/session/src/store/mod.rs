@@ -363,12 +363,47 @@ pub struct PendingCommit {
     pub conversation: subrosa_proto::ConversationId,
     /// The send id of `request` (the server's idempotency key).
     pub send_id: [u8; 16],
-    /// The exact request bytes, re-posted as they are.
+    /// The exact request bytes, every Welcome whole: re-posted as they
+    /// are, or with a large Welcome by reference ([`Self::by_reference`]).
     pub request: Vec<u8>,
     /// SHA-256 of the commit message (recognises its echo).
     pub commit_digest: Vec<u8>,
     /// What the commit does, encoded by the client (to re-stage it).
     pub meta: Vec<u8>,
+    /// The request as last posted with its large Welcomes by reference,
+    /// once their blobs were uploaded whole (none until then).
+    pub by_reference: Option<ByReference>,
+}
+
+/// A staged commit's request with its large Welcomes uploaded as blobs and
+/// referenced: posted again as it is while its blobs are young, so a re-post
+/// uploads nothing; the whole request stays beside it, to upload again once
+/// they are not.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ByReference {
+    /// The request bytes, references in place of the large Welcomes.
+    pub request: Vec<u8>,
+    /// When the blobs were uploaded (ms since the Unix epoch, this
+    /// device's clock).
+    pub uploaded_at_ms: u64,
+    /// Until when a re-post may name them (ms, this device's clock).
+    pub reuse_until_ms: u64,
+}
+
+impl ByReference {
+    /// Whether a post at `now_ms` may name these blobs.
+    pub fn usable_at(&self, now_ms: u64) -> bool {
+        (self.uploaded_at_ms..self.reuse_until_ms).contains(&now_ms)
+    }
+}
+
+impl std::fmt::Debug for ByReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByReference")
+            .field("uploaded_at_ms", &self.uploaded_at_ms)
+            .field("reuse_until_ms", &self.reuse_until_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for PendingCommit {
@@ -1189,17 +1224,18 @@ pub trait Outbox {
     /// Database errors.
     fn pending_commit_conversations(&self) -> Result<Vec<subrosa_proto::ConversationId>, ClientError>;
 
-    /// Replaces the request of the staged commit `send_id` (the same
-    /// commit, posted in another form: its Welcome by reference), keeping
-    /// its place in line. False when that commit is no longer staged.
+    /// Keeps beside the staged commit `send_id` its request with large
+    /// Welcomes by reference (replacing an earlier one), its whole request
+    /// and its place in line unchanged. False when that commit is no
+    /// longer staged.
     ///
     /// # Errors
     /// Database errors.
-    fn set_pending_commit_request(
+    fn set_pending_commit_by_reference(
         &mut self,
         conversation: &subrosa_proto::ConversationId,
         send_id: &[u8; 16],
-        request: &[u8],
+        by_reference: &ByReference,
     ) -> Result<bool, ClientError>;
 
     /// Forgets a conversation's staged commit (applied or discarded).
