@@ -579,6 +579,33 @@ async fn a_hung_database_times_out_instead_of_hanging() {
     srv.shutdown().await;
 }
 
+/// An operation that waits for its batch first (a shared rate-limit
+/// bucket's check does) answers `unavailable` within the one operation
+/// timeout (10 s) when the database stalls it: not after the batch wait
+/// (5 s) and then a whole timeout more for the same operation alone. Here
+/// another session holds the buckets' table locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batched_operation_on_a_stalled_database_answers_within_one_timeout() {
+    use subrosa_server::store::{PgStore, Store as _, StoreError, TokenRequest};
+    let Some(schema) = Schema::new().await else { return };
+    let store = PgStore::connect(&schema.url).await.expect("connects");
+    let request = TokenRequest { kind: "test", key: "someone", rate: 1.0, burst: 10.0, cost: 1.0, debt: false };
+    assert!(store.take_tokens(&request, subrosa_server::now_ms()).await.expect("answers").is_some());
+
+    let (locker, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls).await.expect("connect");
+    let connection = tokio::spawn(connection);
+    locker.batch_execute("BEGIN; LOCK TABLE rate_buckets IN ACCESS EXCLUSIVE MODE").await.expect("lock");
+    let started = Instant::now();
+    let got = store.take_tokens(&request, subrosa_server::now_ms()).await;
+    let took = started.elapsed();
+    eprintln!("a batched bucket check on a stalled database answered after {took:?}");
+    assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
+    assert!(took < Duration::from_secs(13), "took {took:?}: the batch wait, then a whole timeout alone");
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    drop(locker);
+    let _ = connection.await;
+}
+
 /// Three nodes publish into one key directory at once: every epoch extends
 /// the one before (append-only proofs verify end to end, on every node) and
 /// every account's proof matches its keys.

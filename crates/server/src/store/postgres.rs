@@ -26,6 +26,7 @@
 //!   dedicated connection ([`PgStore`]'s listener) and wakes its sockets.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -302,8 +303,20 @@ const POOL_SIZE: usize = 16;
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting (TCP and start-up).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// One whole store operation; past this it answers `Unavailable`.
+/// One whole store operation (a batched one's wait for its batch included);
+/// past this it answers `Unavailable`.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a batched operation (its wait for a batch, then perhaps the same
+/// operation alone) within [`OP_TIMEOUT`] in all, as [`in_tx!`] bounds one
+/// that never waits for a batch: a hung database makes it answer
+/// `Unavailable` after `OP_TIMEOUT`, not after the batch wait plus that.
+async fn whole_op<T>(work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(OP_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Unavailable("database operation timed out".into())),
+    }
+}
 /// Attempts of a transaction that failed before it started (a stale pooled
 /// connection) or was rolled back by a deadlock or serialization failure.
 const ATTEMPTS: u32 = 4;
@@ -1036,15 +1049,19 @@ impl Store for PgStore {
     ) -> Result<SendOutcome, StoreError> {
         // A plain send goes with the node's others in one transaction; what
         // the batch hands back runs alone, through the same rule.
-        if let Some(sends) = &self.sends {
-            if request.commit.is_none() && super::send_bytes(request) <= batch::MAX_BATCHED_SEND_BYTES {
-                let job = batch::SendJob { sender: sender.clone(), request: request.clone(), quota: *quota, now_ms };
-                if let Some(out) = sends.run(job).await {
-                    return Ok(out);
+        whole_op(async {
+            if let Some(sends) = &self.sends {
+                if request.commit.is_none() && super::send_bytes(request) <= batch::MAX_BATCHED_SEND_BYTES {
+                    let job =
+                        batch::SendJob { sender: sender.clone(), request: request.clone(), quota: *quota, now_ms };
+                    if let Some(out) = sends.run(job).await {
+                        return Ok(out);
+                    }
                 }
             }
-        }
-        in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, quota, now_ms).await }.await)
+            in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, quota, now_ms).await }.await)
+        })
+        .await
     }
 
     async fn stored_bytes(&self, addr: &DeviceAddress) -> Result<(u64, u64), StoreError> {
@@ -1112,39 +1129,45 @@ impl Store for PgStore {
         max_bytes: usize,
     ) -> Result<Vec<Envelope>, StoreError> {
         // Fetches of many sockets at once go in one statement.
-        if let Some(fetches) = &self.fetches {
-            let job = batch::FetchJob { device: addr.clone(), after, limit, max_bytes };
-            if let Some(out) = fetches.run(job).await {
-                return Ok(out);
+        whole_op(async {
+            if let Some(fetches) = &self.fetches {
+                let job = batch::FetchJob { device: addr.clone(), after, limit, max_bytes };
+                if let Some(out) = fetches.run(job).await {
+                    return Ok(out);
+                }
             }
-        }
-        on_client!(self, |c| async {
-            let Some(device) = device_row(&c, addr).await? else { return Ok(Vec::new()) };
-            let rows = query(
-                &c,
-                "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
+            on_client!(self, |c| async {
+                let Some(device) = device_row(&c, addr).await? else { return Ok(Vec::new()) };
+                let rows = query(
+                    &c,
+                    "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
                  FROM inbox i
                  JOIN messages m ON m.id = i.message
                  JOIN devices d ON d.id = m.sender
                  WHERE i.device = $1 AND i.id > $2
                  ORDER BY i.id
                  LIMIT $3",
-                &[&device, &to_i64(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
-            )
-            .await?;
-            Ok(envelopes(&rows, 0, max_bytes)?)
-        }
-        .await)
+                    &[&device, &to_i64(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
+                )
+                .await?;
+                Ok(envelopes(&rows, 0, max_bytes)?)
+            }
+            .await)
+        })
+        .await
     }
 
     async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
-        if let Some(acks) = &self.acks {
-            if let Some(count) = acks.run(batch::AckJob { device: addr.clone(), ids: ids.to_vec() }).await {
-                return Ok(count);
+        whole_op(async {
+            if let Some(acks) = &self.acks {
+                if let Some(count) = acks.run(batch::AckJob { device: addr.clone(), ids: ids.to_vec() }).await {
+                    return Ok(count);
+                }
             }
-        }
-        let channel = self.channel.as_str();
-        in_tx!(self, |tx| async { rules::ack(&mut Pg { c: &tx, channel }, addr, ids).await }.await)
+            let channel = self.channel.as_str();
+            in_tx!(self, |tx| async { rules::ack(&mut Pg { c: &tx, channel }, addr, ids).await }.await)
+        })
+        .await
     }
 
     async fn conversation_epoch(&self, conversation: &ConversationId) -> Result<Epoch, StoreError> {
@@ -1422,14 +1445,17 @@ impl Store for PgStore {
             debt: request.debt,
             per_ms,
         };
-        if let Some(tokens) = &self.tokens {
-            if let Some(answer) = tokens.run(job.clone()).await {
-                return Ok(Some(answer));
+        whole_op(async {
+            if let Some(tokens) = &self.tokens {
+                if let Some(answer) = tokens.run(job.clone()).await {
+                    return Ok(Some(answer));
+                }
             }
-        }
-        // Alone: the batch's one statement with one row.
-        let answers = on_client!(self, |c| async { batch::take_distinct(&c, &[&job]).await }.await)?;
-        Ok(answers.get(&job.key).copied())
+            // Alone: the batch's one statement with one row.
+            let answers = on_client!(self, |c| async { batch::take_distinct(&c, &[&job]).await }.await)?;
+            Ok(answers.get(&job.key).copied())
+        })
+        .await
     }
 
     fn kt_storage(&self) -> Arc<dyn super::kt::KtStorage> {

@@ -123,9 +123,8 @@ impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
 
     /// Runs `job` in the next batch; `None` when the batch did not answer
     /// it, no worker did (the runtime that ran them is gone), or none did
-    /// within [`BATCH_WAIT`]. The caller then runs the job alone, so a
-    /// store operation still answers within about `BATCH_WAIT` plus
-    /// `OP_TIMEOUT`. A batch that commits after its caller stopped waiting
+    /// within [`BATCH_WAIT`]. The caller then runs the job alone, all of
+    /// it within `OP_TIMEOUT` (`whole_op`). A batch that commits after its caller stopped waiting
     /// is harmless: the caller's own send finds the send id and answers
     /// `duplicate`, its acknowledgement finds the rows gone.
     pub(super) async fn run(&self, job: J) -> Option<T> {
