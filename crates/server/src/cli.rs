@@ -89,6 +89,15 @@ struct Args {
     /// uploads are refused with 413 blob_quota_exceeded.
     #[arg(long, default_value = "1GiB", value_parser = crate::config::parse_size)]
     blob_quota_per_account: u64,
+    /// With PostgreSQL: connections this node keeps at most. Follow the
+    /// database host's cores; it must exceed 4 × --db-batch-workers.
+    #[arg(long, default_value_t = crate::store::postgres::POOL_SIZE, value_parser = parse_positive)]
+    db_pool_size: usize,
+    /// With PostgreSQL: workers per batch queue (sends, acknowledgements,
+    /// rate-limit checks, socket reads), each a transaction in flight;
+    /// fewer make larger batches. 0 runs every operation alone.
+    #[arg(long, default_value_t = crate::store::postgres::PgOptions::default().batch_workers)]
+    db_batch_workers: usize,
 }
 
 /// An address (a /32 or /128) or a CIDR block.
@@ -153,6 +162,12 @@ pub fn main(name: &'static str, about: Option<&'static str>, customize: impl FnO
 
     let mut config = ServerConfig::new(args.listen, args.data);
     config.database = args.database;
+    config.postgres =
+        crate::store::postgres::PgOptions { pool_size: args.db_pool_size, batch_workers: args.db_batch_workers };
+    if let Err(e) = config.postgres.check() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     config.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert_path), Some(key_path)) => Some(TlsConfig { cert_path, key_path }),
         _ => None,

@@ -131,6 +131,8 @@ pub struct ServerConfig {
     /// `DATA_DIR/server.db`); `postgres://…` for PostgreSQL (several nodes
     /// may share it).
     pub database: Option<String>,
+    /// With PostgreSQL: the pool's size and the batch workers per queue.
+    pub postgres: crate::store::postgres::PgOptions,
     /// Serve HTTPS from these PEM files.
     pub tls: Option<TlsConfig>,
     /// How long an undelivered message is kept.
@@ -159,6 +161,7 @@ impl ServerConfig {
             listen,
             data_dir,
             database: None,
+            postgres: crate::store::postgres::PgOptions::default(),
             tls: None,
             message_ttl: Duration::from_secs(limits::DEFAULT_MESSAGE_TTL_SECS),
             sweep_interval: Duration::from_secs(60),

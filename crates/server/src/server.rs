@@ -45,7 +45,7 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
     let url = DatabaseUrl::parse(config.database.as_deref(), &config.data_dir)?;
     if let DatabaseUrl::Postgres(url) = &url {
         // Nothing is kept in the data directory with PostgreSQL.
-        return Ok(Arc::new(PgStore::connect(url).await?));
+        return Ok(Arc::new(PgStore::connect_with(url, config.postgres).await?));
     }
     let data_dir = config.data_dir.clone();
     tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, ServerError> {

@@ -91,6 +91,9 @@ fn bad_arguments_exit_with_a_clear_error() {
         vec!["--message-ttl", "soon", "--data", data],
         vec!["--max-recipients", "0", "--data", data],
         vec!["--tls-cert", "x.pem", "--data", data],
+        vec!["--db-pool-size", "8", "--data", data],
+        vec!["--db-pool-size", "0", "--data", data],
+        vec!["--db-batch-workers", "-1", "--data", data],
         vec!["--no-such-flag"],
     ] {
         let (code, stdout, stderr) = run_failing(&args);

@@ -298,7 +298,7 @@ const SWEEP_LOCK: i32 = 0x5342_5257; // "SBRW"
 /// the sweep forgets it.
 const BUCKET_IDLE_MS: u64 = 3600 * 1000;
 /// Connections per node.
-const POOL_SIZE: usize = 16;
+pub const POOL_SIZE: usize = 16;
 /// Waiting for a free pooled connection, or for a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting (TCP and start-up).
@@ -327,6 +327,47 @@ const LISTEN_PROBE: Duration = Duration::from_secs(10);
 /// Device addresses per notification (a payload must stay under 8000 bytes;
 /// an address is at most 49).
 const ADDRS_PER_NOTIFY: usize = 100;
+
+/// How a node uses its database: connections and batch workers. Both
+/// should follow the database host's cores; the defaults suit a database
+/// on the node's own two cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgOptions {
+    /// Pooled connections at most ([`POOL_SIZE`] by default).
+    pub pool_size: usize,
+    /// Workers per batch queue (four queues: plain sends,
+    /// acknowledgements, rate-limit checks, socket reads), each holding a
+    /// connection while its batch runs; 0 runs every operation alone (2 by
+    /// default).
+    pub batch_workers: usize,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { pool_size: POOL_SIZE, batch_workers: batch::WORKERS }
+    }
+}
+
+impl PgOptions {
+    /// Whether these options leave room: at least one connection for
+    /// operations that run alone once every batch worker holds one.
+    ///
+    /// # Errors
+    /// The reason, as one line naming the command-line options.
+    pub fn check(&self) -> Result<(), String> {
+        let held = self.batch_workers.saturating_mul(batch::QUEUES);
+        if self.pool_size == 0 || self.pool_size <= held {
+            return Err(format!(
+                "--db-pool-size must be above {held} (--db-batch-workers {} in each of {} batch queues, each \
+                 worker holding a connection), got {}",
+                self.batch_workers,
+                batch::QUEUES,
+                self.pool_size
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// The PostgreSQL store.
 #[derive(Clone)]
@@ -551,6 +592,17 @@ impl PgStore {
     /// [`StoreError::Internal`] for a bad URL, a schema newer than this
     /// build or a failed migration.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, PgOptions::default()).await
+    }
+
+    /// [`PgStore::connect`] with a pool and batch workers sized by
+    /// `options` (checked by [`PgOptions::check`]).
+    ///
+    /// # Errors
+    /// As [`PgStore::connect`]; [`StoreError::Internal`] for options that
+    /// do not hold.
+    pub async fn connect_with(url: &str, options: PgOptions) -> Result<Self, StoreError> {
+        options.check().map_err(StoreError::Internal)?;
         let tls::Parsed { mut config, tls, .. } = tls::parse(url)?;
         if config.get_application_name().is_none() {
             config.application_name("subrosa-server");
@@ -566,7 +618,7 @@ impl PgStore {
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
+            .max_size(options.pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
@@ -592,10 +644,13 @@ impl PgStore {
                 .ok_or_else(|| Fail::Store(StoreError::Internal("the rate-limit salt is missing".into())))
         }
         .await)?;
-        store.sends = Some(batch::Queue::spawn(&store, batch::run_sends));
-        store.acks = Some(batch::Queue::spawn(&store, batch::run_acks));
-        store.tokens = Some(batch::Queue::spawn(&store, batch::run_tokens));
-        store.fetches = Some(batch::Queue::spawn(&store, batch::run_fetches));
+        if options.batch_workers > 0 {
+            let workers = options.batch_workers;
+            store.sends = Some(batch::Queue::spawn(&store, workers, batch::run_sends));
+            store.acks = Some(batch::Queue::spawn(&store, workers, batch::run_acks));
+            store.tokens = Some(batch::Queue::spawn(&store, workers, batch::run_tokens));
+            store.fetches = Some(batch::Queue::spawn(&store, workers, batch::run_fetches));
+        }
         Ok(store)
     }
 
@@ -2476,6 +2531,34 @@ mod tests {
         assert_eq!(rows.len(), 1);
         let key: Vec<u8> = rows[0].get(0);
         assert!(!key.windows(4).any(|w| w == b"203."), "the address is stored in the clear");
+    }
+
+    /// The pool and the batch workers follow `PgOptions`: zero workers run
+    /// every operation alone, through the same rules; options that leave
+    /// no connection for a lone operation are refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pool_and_batch_workers_follow_the_options() {
+        let Some((schema, default)) = open_pg().await else { return };
+        assert_eq!(default.pool_state().expect("pool").max, POOL_SIZE as u64);
+        let url = schema_url(&schema.base, &schema.name);
+        let store = PgStore::connect_with(&url, PgOptions { pool_size: 5, batch_workers: 0 }).await.expect("connect");
+        assert_eq!(store.pool_state().expect("pool").max, 5);
+        assert!(store.sends.is_none() && store.acks.is_none() && store.tokens.is_none() && store.fetches.is_none());
+        let request = TokenRequest { kind: "device", key: "alone", rate: 0.001, burst: 2.0, cost: 1.0, debt: false };
+        let taken: Vec<bool> = futures_util::future::join_all((0..3).map(|_| store.take_tokens(&request, 5_000)))
+            .await
+            .into_iter()
+            .map(|t| t.expect("take").expect("shared").taken)
+            .collect();
+        assert_eq!(taken.iter().filter(|t| **t).count(), 2, "the burst, alone: {taken:?}");
+        assert_eq!(store.batch_counts(), [[0; 3]; 4], "no batch ran");
+        let one = PgStore::connect_with(&url, PgOptions { pool_size: 5, batch_workers: 1 }).await.expect("connect");
+        assert!(one.take_tokens(&request, 5_000).await.expect("take").is_some());
+        assert_eq!(one.batch_counts()[2][..2], [1, 1], "one batch of one check");
+        for (pool_size, batch_workers) in [(8, 2), (0, 0), (4, 1)] {
+            let e = PgStore::connect_with(&url, PgOptions { pool_size, batch_workers }).await.expect_err("refused");
+            assert!(e.to_string().contains("--db-pool-size must be above"), "{e}");
+        }
     }
 
     /// The batch workers hold no queue: once the last store handle goes,

@@ -4,7 +4,7 @@
 //! acknowledgements, and its rate-limit checks and sockets' inbox reads go
 //! many to a statement.
 //!
-//! [`WORKERS`] workers per queue take what callers queued. A worker takes one job and
+//! [`WORKERS`] workers per queue (`--db-batch-workers`) take what callers queued. A worker takes one job and
 //! whatever else is already waiting (up to [`MAX_BATCH`]), runs them in one
 //! transaction and answers each. While every worker is busy the queue
 //! fills, so batches grow with the load and a lone request goes through
@@ -30,7 +30,7 @@ use crate::store::{Quota, SendOutcome, Tokens};
 
 /// Most jobs in one transaction.
 pub(super) const MAX_BATCH: usize = 128;
-/// Workers per queue: transactions of one queue in flight at once, so one
+/// Workers per queue by default: transactions of one queue in flight at once, so one
 /// batch's commit (its WAL flush) overlaps the next batch's statements and
 /// one batch waiting on a lock held by another node does not stall the
 /// node. Fewer workers make larger batches: on two cores shared with
@@ -39,6 +39,9 @@ pub(super) const MAX_BATCH: usize = 128;
 /// two runs each for one and two). Two keeps most of one's rate without
 /// its single point of waiting.
 pub(super) const WORKERS: usize = 2;
+/// The queues: plain sends, acknowledgements, rate-limit checks, socket
+/// reads.
+pub(super) const QUEUES: usize = 4;
 /// Jobs waiting at most; past it a caller waits for room.
 const QUEUE: usize = 4 * MAX_BATCH;
 /// How long a caller waits for its batch before it runs its job alone.
@@ -71,11 +74,11 @@ impl<J, O> std::fmt::Debug for Queue<J, O> {
 }
 
 impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
-    /// Starts [`WORKERS`] workers on the current runtime, each running
+    /// Starts `workers` workers on the current runtime, each running
     /// `run` over a batch (with a copy of `store` that holds no queue, see
     /// [`PgStore::without_queues`]) and answering the jobs in order. They
     /// stop when the last handle to the queue is dropped.
-    pub(super) fn spawn<F, Fut>(store: &PgStore, run: F) -> Arc<Self>
+    pub(super) fn spawn<F, Fut>(store: &PgStore, workers: usize, run: F) -> Arc<Self>
     where
         F: Fn(PgStore, Vec<J>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Option<T>>> + Send,
@@ -85,7 +88,7 @@ impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
         let rx = Arc::new(Mutex::new(rx));
         let run = Arc::new(run);
         let counts = Arc::new(Counts::default());
-        for _ in 0..WORKERS {
+        for _ in 0..workers {
             let (rx, run, counts, store) = (Arc::clone(&rx), Arc::clone(&run), Arc::clone(&counts), store.clone());
             tokio::spawn(async move {
                 loop {
