@@ -2455,19 +2455,28 @@ mod tests {
         assert_eq!(gossip, 0, "unsigned heads are no evidence");
     }
 
-    /// v19: a staged commit stored before (its request perhaps already
-    /// rewritten with a reference, as v18's release did) reads back as it
-    /// was, with no form by reference beside it: it is posted as it is.
-    #[test]
-    fn a_pending_commit_of_v18_survives_the_migration_as_it_was() {
+    /// A home for a store of passphrase "pw" (its `kdf.json` written, no
+    /// database yet), and the store key: for stores made as an older
+    /// release left them (`migrate_to`).
+    fn home_of_passphrase_pw() -> (tempfile::TempDir, std::path::PathBuf, Zeroizing<[u8; 32]>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).expect("home");
         let kdf = KdfParams::new_random();
         std::fs::write(home.join(KDF_FILE), serde_json::to_vec(&kdf).expect("json")).expect("kdf");
+        let key = kdf.derive("pw").expect("key");
+        (dir, home, key)
+    }
+
+    /// v19: a staged commit stored before (its request perhaps already
+    /// rewritten with a reference, as v18's release did) reads back as it
+    /// was, with no form by reference beside it: it is posted as it is.
+    #[test]
+    fn a_pending_commit_of_v18_survives_the_migration_as_it_was() {
+        let (_dir, home, key) = home_of_passphrase_pw();
         let conv = subrosa_proto::ConversationId([5; 16]);
         {
-            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            let old = SqliteStore::open_with_key(&home, &key).expect("open");
             old.migrate_to(18).expect("v18");
             old.lock()
                 .execute(
@@ -2488,16 +2497,12 @@ mod tests {
 
     #[test]
     fn outbox_rows_of_v4_survive_the_migration_byte_for_byte_and_old_sends_read_as_sent() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let home = dir.path().join("home");
-        std::fs::create_dir_all(&home).expect("home");
-        let kdf = KdfParams::new_random();
-        std::fs::write(home.join(KDF_FILE), serde_json::to_vec(&kdf).expect("json")).expect("kdf");
+        let (_dir, home, key) = home_of_passphrase_pw();
         // A store as the previous release (schema v4) left it: two sends
         // whose answers never came, and a message it had sent.
         let requests: [&[u8]; 2] = [b"{\"conversation\":\"first request\"}", b"second request \x00\xff"];
         {
-            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            let old = SqliteStore::open_with_key(&home, &key).expect("open");
             old.migrate_to(4).expect("v4");
             let conn = old.lock();
             for (i, r) in requests.iter().enumerate() {
@@ -2539,15 +2544,11 @@ mod tests {
 
     #[test]
     fn a_store_of_v9_gains_typed_system_lines_the_received_index_previous_keys_and_receipts() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let home = dir.path().join("home");
-        std::fs::create_dir_all(&home).expect("home");
-        let kdf = KdfParams::new_random();
-        std::fs::write(home.join(KDF_FILE), serde_json::to_vec(&kdf).expect("json")).expect("kdf");
+        let (_dir, home, key) = home_of_passphrase_pw();
         // As the release before typed system lines left it: a contact whose
         // key changed once, and a system line written as English.
         {
-            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            let old = SqliteStore::open_with_key(&home, &key).expect("open");
             old.migrate_to(9).expect("v9");
             let conn = old.lock();
             conn.execute(
@@ -2576,7 +2577,7 @@ mod tests {
         // A group's state as one row, before v17 cut it into pieces.
         let group_state: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
         {
-            let old = SqliteStore::open_with_key(&home, &kdf.derive("pw").expect("key")).expect("open");
+            let old = SqliteStore::open_with_key(&home, &key).expect("open");
             old.lock()
                 .execute("INSERT INTO mls_group (id, state) VALUES (?1, ?2)", params![&[7u8; 16][..], &group_state])
                 .expect("group");
