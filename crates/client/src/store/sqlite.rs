@@ -2321,6 +2321,25 @@ impl AttachmentStore for SqliteTx<'_> {
     }
 }
 
+/// Every table, index and trigger of `conn` as SQLite keeps its text, with
+/// the schema version: what a schema snapshot compares.
+#[cfg(test)]
+fn schema_text(conn: &Connection) -> String {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+    let mut q = conn
+        .prepare("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type, name")
+        .expect("query");
+    let rows = q
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+        .expect("rows");
+    let mut out = format!("-- user_version {version}\n");
+    for row in rows {
+        let (kind, name, sql) = row.expect("row");
+        out.push_str(&format!("\n-- {kind} {name}\n{sql};\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2453,6 +2472,27 @@ mod tests {
         assert_eq!((concerns.as_str(), kind.as_str()), ("the server", "notice"));
         let gossip: i64 = conn.query_row("SELECT count(*) FROM kt_gossip", [], |r| r.get(0)).expect("q");
         assert_eq!(gossip, 0, "unsigned heads are no evidence");
+    }
+
+    /// The whole schema a new store gets, as SQLite keeps it: a change (a
+    /// migration added, or one edited in place, which stores already
+    /// migrated would never run) is a visible decision. After a deliberate
+    /// change, `SUBROSA_WRITE_SNAPSHOTS=1 cargo test -p subrosa-client
+    /// schema_snapshot` writes the file again; review its diff.
+    #[test]
+    fn schema_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::create(&dir.path().join("home"), "pw").expect("store");
+        let schema = schema_text(&store.lock());
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/schema.sql");
+        if std::env::var_os("SUBROSA_WRITE_SNAPSHOTS").is_some() {
+            std::fs::write(&file, &schema).expect("write the snapshot");
+        }
+        assert!(
+            schema == include_str!("schema.sql"),
+            "the client store's schema changed: if deliberate, write src/store/schema.sql again \
+             (SUBROSA_WRITE_SNAPSHOTS=1) and review its diff"
+        );
     }
 
     /// A home for a store of passphrase "pw" (its `kdf.json` written, no

@@ -1938,6 +1938,38 @@ mod tests {
         (dir, Arc::new(store))
     }
 
+    /// The whole schema a new data directory gets, as SQLite keeps it: a
+    /// change (a migration added, or one edited in place, which databases
+    /// already migrated would never run) is a visible decision. After a
+    /// deliberate change, `SUBROSA_WRITE_SNAPSHOTS=1 cargo test -p
+    /// subrosa-server schema_snapshot` writes the file again; review its diff.
+    #[test]
+    fn schema_snapshot() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("server.db")).expect("open store");
+        let conn = store.conn.lock().expect("lock");
+        let mut q = conn
+            .prepare("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type, name")
+            .expect("query");
+        let rows = q
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .expect("rows");
+        let mut schema = format!("-- {} migrations\n", SqliteStore::schema_version());
+        for row in rows {
+            let (kind, name, sql) = row.expect("row");
+            schema.push_str(&format!("\n-- {kind} {name}\n{sql};\n"));
+        }
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sqlite-schema.sql");
+        if std::env::var_os("SUBROSA_WRITE_SNAPSHOTS").is_some() {
+            std::fs::write(&file, &schema).expect("write the snapshot");
+        }
+        assert!(
+            schema == include_str!("../../tests/data/sqlite-schema.sql"),
+            "the server's SQLite schema changed: if deliberate, write tests/data/sqlite-schema.sql again \
+             (SUBROSA_WRITE_SNAPSHOTS=1) and review its diff"
+        );
+    }
+
     macro_rules! conformance_tests {
         ($($name:ident),* $(,)?) => {
             $(
