@@ -2533,6 +2533,84 @@ mod tests {
         assert!(!key.windows(4).any(|w| w == b"203."), "the address is stored in the clear");
     }
 
+    /// The whole schema a new database gets (tables with their persistence
+    /// and storage options, columns, constraints, indexes), the test's
+    /// schema name left out: a change (a migration added, or one edited in
+    /// place, which databases already migrated would never run) is a
+    /// visible decision. After a deliberate change,
+    /// `SUBROSA_WRITE_SNAPSHOTS=1` with `SUBROSA_TEST_POSTGRES` set writes
+    /// `tests/data/postgres-schema.txt` again; review its diff.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn schema_snapshot() {
+        let Some((schema, store)) = open_pg().await else { return };
+        let c = store.pool.get().await.expect("connection");
+        let mut out = format!("-- {} migrations\n", PgStore::schema_version());
+        let tables = c
+            .query(
+                "SELECT c.relname, c.relpersistence::text, coalesce(array_to_string(c.reloptions, ', '), '')
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = current_schema() AND c.relkind = 'r' ORDER BY c.relname",
+                &[],
+            )
+            .await
+            .expect("tables");
+        for t in &tables {
+            let (table, persistence, options): (String, String, String) = (t.get(0), t.get(1), t.get(2));
+            let unlogged = if persistence == "u" { " UNLOGGED" } else { "" };
+            out.push_str(&format!("\nTABLE{unlogged} {table} ({options})\n"));
+            let columns = c
+                .query(
+                    "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                            coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attstorage::text
+                     FROM pg_attribute a
+                     JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                     LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                     WHERE n.nspname = current_schema() AND c.relname = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                     ORDER BY a.attnum",
+                    &[&table],
+                )
+                .await
+                .expect("columns");
+            for col in &columns {
+                let (name, ty, not_null, default, storage): (String, String, bool, String, String) =
+                    (col.get(0), col.get(1), col.get(2), col.get(3), col.get(4));
+                let not_null = if not_null { " NOT NULL" } else { "" };
+                let default = if default.is_empty() { String::new() } else { format!(" DEFAULT {default}") };
+                out.push_str(&format!("  {name} {ty}{not_null}{default} storage {storage}\n"));
+            }
+            let constraints = c
+                .query(
+                    "SELECT k.conname, pg_get_constraintdef(k.oid)
+                     FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = current_schema() AND c.relname = $1 ORDER BY k.conname",
+                    &[&table],
+                )
+                .await
+                .expect("constraints");
+            for k in &constraints {
+                out.push_str(&format!("  CONSTRAINT {} {}\n", k.get::<_, String>(0), k.get::<_, String>(1)));
+            }
+        }
+        let indexes = c
+            .query("SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() ORDER BY indexname", &[])
+            .await
+            .expect("indexes");
+        out.push('\n');
+        for i in &indexes {
+            out.push_str(&format!("{};\n", i.get::<_, String>(0).replace(&format!("{}.", schema.name), "")));
+        }
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/postgres-schema.txt");
+        if std::env::var_os("SUBROSA_WRITE_SNAPSHOTS").is_some() {
+            std::fs::write(&file, &out).expect("write the snapshot");
+        }
+        assert!(
+            out == include_str!("../../tests/data/postgres-schema.txt"),
+            "the PostgreSQL schema changed: if deliberate, write tests/data/postgres-schema.txt again \
+             (SUBROSA_WRITE_SNAPSHOTS=1) and review its diff"
+        );
+    }
+
     /// The pool and the batch workers follow `PgOptions`: zero workers run
     /// every operation alone, through the same rules; options that leave
     /// no connection for a lone operation are refused.
