@@ -307,11 +307,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// past this it answers `Unavailable`.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs a batched operation (its wait for a batch, then perhaps the same
-/// operation alone) within [`OP_TIMEOUT`] in all, as [`in_tx!`] bounds one
-/// that never waits for a batch: a hung database makes it answer
-/// `Unavailable` after `OP_TIMEOUT`, not after the batch wait plus that.
-async fn whole_op<T>(work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+/// One store operation that may go with others: `job` in the next batch of
+/// `queue` (when there is one), else (or when the batch hands it back)
+/// `alone`, through the same rule; all of it within [`OP_TIMEOUT`], as
+/// [`in_tx!`] bounds an operation that never waits for a batch. So a hung
+/// database makes it answer `Unavailable` after `OP_TIMEOUT`, not after the
+/// batch wait plus that.
+async fn batched<J: Send + 'static, T: Send + 'static>(
+    queue: Option<&batch::Queue<J, Option<T>>>,
+    job: impl FnOnce() -> J,
+    alone: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let work = async {
+        if let Some(queue) = queue {
+            if let Some(out) = queue.run(job()).await {
+                return Ok(out);
+            }
+        }
+        alone.await
+    };
     match tokio::time::timeout(OP_TIMEOUT, work).await {
         Ok(r) => r,
         Err(_) => Err(StoreError::Unavailable("database operation timed out".into())),
@@ -1104,18 +1118,14 @@ impl Store for PgStore {
     ) -> Result<SendOutcome, StoreError> {
         // A plain send goes with the node's others in one transaction; what
         // the batch hands back runs alone, through the same rule.
-        whole_op(async {
-            if let Some(sends) = &self.sends {
-                if request.commit.is_none() && super::send_bytes(request) <= batch::MAX_BATCHED_SEND_BYTES {
-                    let job =
-                        batch::SendJob { sender: sender.clone(), request: request.clone(), quota: *quota, now_ms };
-                    if let Some(out) = sends.run(job).await {
-                        return Ok(out);
-                    }
-                }
-            }
-            in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, quota, now_ms).await }.await)
-        })
+        let plain = request.commit.is_none() && super::send_bytes(request) <= batch::MAX_BATCHED_SEND_BYTES;
+        batched(
+            self.sends.as_deref().filter(|_| plain),
+            || batch::SendJob { sender: sender.clone(), request: request.clone(), quota: *quota, now_ms },
+            async {
+                in_tx!(self, |tx| async { send_tx(&tx, &self.channel, sender, request, quota, now_ms).await }.await)
+            },
+        )
         .await
     }
 
@@ -1184,24 +1194,18 @@ impl Store for PgStore {
         max_bytes: usize,
     ) -> Result<Vec<Envelope>, StoreError> {
         // Fetches of many sockets at once go in one statement.
-        whole_op(async {
-            if let Some(fetches) = &self.fetches {
-                let job = batch::FetchJob { device: addr.clone(), after, limit, max_bytes };
-                if let Some(out) = fetches.run(job).await {
-                    return Ok(out);
-                }
-            }
+        batched(self.fetches.as_deref(), || batch::FetchJob { device: addr.clone(), after, limit, max_bytes }, async {
             on_client!(self, |c| async {
                 let Some(device) = device_row(&c, addr).await? else { return Ok(Vec::new()) };
                 let rows = query(
                     &c,
                     "SELECT i.id, m.conversation, d.handle, d.device_id, m.kind, m.ciphertext, m.created_at, m.roster
-                 FROM inbox i
-                 JOIN messages m ON m.id = i.message
-                 JOIN devices d ON d.id = m.sender
-                 WHERE i.device = $1 AND i.id > $2
-                 ORDER BY i.id
-                 LIMIT $3",
+                         FROM inbox i
+                         JOIN messages m ON m.id = i.message
+                         JOIN devices d ON d.id = m.sender
+                         WHERE i.device = $1 AND i.id > $2
+                         ORDER BY i.id
+                         LIMIT $3",
                     &[&device, &to_i64(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
                 )
                 .await?;
@@ -1213,13 +1217,8 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, addr: &DeviceAddress, ids: &[u64]) -> Result<u64, StoreError> {
-        whole_op(async {
-            if let Some(acks) = &self.acks {
-                if let Some(count) = acks.run(batch::AckJob { device: addr.clone(), ids: ids.to_vec() }).await {
-                    return Ok(count);
-                }
-            }
-            let channel = self.channel.as_str();
+        let channel = self.channel.as_str();
+        batched(self.acks.as_deref(), || batch::AckJob { device: addr.clone(), ids: ids.to_vec() }, async {
             in_tx!(self, |tx| async { rules::ack(&mut Pg { c: &tx, channel }, addr, ids).await }.await)
         })
         .await
@@ -1500,17 +1499,13 @@ impl Store for PgStore {
             debt: request.debt,
             per_ms,
         };
-        whole_op(async {
-            if let Some(tokens) = &self.tokens {
-                if let Some(answer) = tokens.run(job.clone()).await {
-                    return Ok(Some(answer));
-                }
-            }
-            // Alone: the batch's one statement with one row.
+        // Alone: the batch's one statement with one row (an upsert, so it
+        // always answers the row).
+        let alone = async {
             let answers = on_client!(self, |c| async { batch::take_distinct(&c, &[&job]).await }.await)?;
-            Ok(answers.get(&job.key).copied())
-        })
-        .await
+            answers.get(&job.key).copied().ok_or_else(|| StoreError::Internal("a bucket check answered no row".into()))
+        };
+        batched(self.tokens.as_deref(), || job.clone(), alone).await.map(Some)
     }
 
     fn kt_storage(&self) -> Arc<dyn super::kt::KtStorage> {
