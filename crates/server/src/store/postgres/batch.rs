@@ -4,15 +4,15 @@
 //! acknowledgements, and its rate-limit checks and sockets' inbox reads go
 //! many to a statement.
 //!
-//! [`WORKERS`] workers per queue (`--db-batch-workers`) take what callers queued. A worker takes one job and
-//! whatever else is already waiting (up to [`MAX_BATCH`]), runs them in one
-//! transaction and answers each. While every worker is busy the queue
-//! fills, so batches grow with the load and a lone request goes through
-//! alone, at once. A send the batch hands back (`Batched::Alone`), a batch
-//! that failed (deadlock, lost connection, timeout) and a queue with no
-//! workers (its runtime gone) all fall back to the caller's own
-//! transaction: the batch path can make a send faster, never lose or
-//! refuse it.
+//! [`WORKERS`] workers per queue (`--db-batch-workers`) take what callers
+//! queued. A worker takes one job and whatever else is already waiting (up
+//! to [`MAX_BATCH`]), runs them in one transaction and answers each. While
+//! every worker is busy the queue fills, so batches grow with the load and
+//! a lone request goes through alone, at once. A send the batch hands back
+//! (`Batched::Alone`), a batch that failed (deadlock, lost connection,
+//! timeout) and a queue with no workers (its runtime gone) all fall back to
+//! the caller's own transaction: the batch path can make a send faster,
+//! never lose or refuse it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,8 +30,8 @@ use crate::store::{Quota, SendOutcome, Tokens};
 
 /// Most jobs in one transaction.
 pub(super) const MAX_BATCH: usize = 128;
-/// Workers per queue by default: transactions of one queue in flight at once, so one
-/// batch's commit (its WAL flush) overlaps the next batch's statements and
+/// Workers per queue by default: transactions of one queue in flight at
+/// once, so one batch's commit (its WAL flush) overlaps the next batch's statements and
 /// one batch waiting on a lock held by another node does not stall the
 /// node. Fewer workers make larger batches: on two cores shared with
 /// PostgreSQL, one node delivered about 5,100 msgs/s with one worker, 4,640
@@ -127,8 +127,8 @@ impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
     /// Runs `job` in the next batch; `None` when the batch did not answer
     /// it, no worker did (the runtime that ran them is gone), or none did
     /// within [`BATCH_WAIT`]. The caller then runs the job alone, all of
-    /// it within `OP_TIMEOUT` (`whole_op`). A batch that commits after its caller stopped waiting
-    /// is harmless: the caller's own send finds the send id and answers
+    /// it within `OP_TIMEOUT` (`batched`). A batch that commits after its
+    /// caller stopped waiting is harmless: the caller's own send finds the send id and answers
     /// `duplicate`, its acknowledgement finds the rows gone.
     pub(super) async fn run(&self, job: J) -> Option<T> {
         let (reply, answer) = oneshot::channel();
@@ -258,8 +258,8 @@ pub(super) async fn run_fetches(store: PgStore, jobs: Vec<FetchJob>) -> Vec<Opti
 
 /// The one statement of a bucket check (`PgStore::take_tokens`), for
 /// checks of distinct buckets: each is refilled by the time since its last
-/// use (never negative, whatever the nodes' clocks), then taken from, under
-/// one row lock, in key order. Answers by bucket key.
+/// use (never negative, whatever the nodes' clocks; `f.tokens`), then taken
+/// from, under one row lock, in key order. Answers by bucket key.
 pub(super) async fn take_distinct<C: GenericClient>(c: &C, jobs: &[&TokenJob]) -> R<HashMap<Vec<u8>, Tokens>> {
     let col = |f: fn(&TokenJob) -> f64| jobs.iter().map(|j| f(j)).collect::<Vec<f64>>();
     let keys: Vec<&[u8]> = jobs.iter().map(|j| j.key.as_slice()).collect();
@@ -275,14 +275,15 @@ pub(super) async fn take_distinct<C: GenericClient>(c: &C, jobs: &[&TokenJob]) -
          SELECT key, initial, now_ms, TRUE FROM r ORDER BY key
          ON CONFLICT (key) DO UPDATE SET (tokens, taken, updated_ms) = (
              SELECT CASE
-                        WHEN q.debt THEN GREATEST(LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) - q.cost, -q.burst)
-                        WHEN LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) >= q.cost
-                            THEN LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) - q.cost
-                        ELSE LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms)
+                        WHEN q.debt THEN GREATEST(f.tokens - q.cost, -q.burst)
+                        WHEN f.tokens >= q.cost THEN f.tokens - q.cost
+                        ELSE f.tokens
                     END,
-                    q.debt OR LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms) >= q.cost,
+                    q.debt OR f.tokens >= q.cost,
                     GREATEST(b.updated_ms, q.now_ms)
-             FROM r q WHERE q.key = excluded.key)
+             FROM r q,
+                  LATERAL (SELECT LEAST(q.burst, b.tokens + GREATEST(q.now_ms - b.updated_ms, 0) * q.per_ms)) f(tokens)
+             WHERE q.key = excluded.key)
          RETURNING key, taken, tokens",
         &[&keys, &initial, &now, &burst, &cost, &debt, &per_ms],
     )
