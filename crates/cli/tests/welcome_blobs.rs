@@ -31,6 +31,34 @@ fn group_names(u: &User) -> Vec<String> {
     u.ok(&["groups"]).lines().filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect()
 }
 
+/// Alice, bob and carol on `server`, alice's group "club" with carol; then
+/// alice adds bob (his Welcome by reference) while the operator plays
+/// `attack`, which must leave the commit pending. Returns alice and bob.
+fn bob_added_while(server: &Server, attack: serde_json::Value) -> (User, User) {
+    let alice = User::register(server, "alice");
+    let bob = User::register(server, "bob");
+    User::register(server, "carol");
+    alice.ok(&["group", "create", "club", "carol"]);
+    server.attack(attack);
+    let out = alice.cmd(&["group", "add", "club", "bob"]).env(INLINE_LIMIT_ENV, LOW_LIMIT).output().expect("runs");
+    assert_eq!(exit_code(&out), EXIT_PENDING, "{}", stderr(&out));
+    (alice, bob)
+}
+
+/// The one Welcome reference the server holds (`why` there is one), after
+/// checking that the blob it names is on the server, complete.
+fn the_stored_reference(server: &Server, why: &str) -> WelcomeRef {
+    let welcomes: Vec<Vec<u8>> = stored_welcomes(server).into_iter().filter(|w| w.starts_with(&MAGIC)).collect();
+    assert_eq!(welcomes.len(), 1, "{why}");
+    let r = WelcomeRef::decode(&welcomes[0]).expect("a reference");
+    let complete: i64 = server
+        .db()
+        .query_row("SELECT complete FROM blobs WHERE blob = ?1", [&r.blob.0[..]], |row| row.get(0))
+        .expect("the referenced blob is there");
+    assert_eq!(complete, 1);
+    r
+}
+
 #[test]
 fn a_member_added_by_a_welcome_that_went_by_reference_joins_and_reads() {
     let server = Server::start();
@@ -150,16 +178,9 @@ fn a_welcome_whose_blob_cannot_be_downloaded_stays_queued_until_it_can() {
 #[test]
 fn a_commit_re_posted_after_a_lost_answer_never_names_a_blob_not_uploaded() {
     let server = Server::start_malicious();
-    let alice = User::register(&server, "alice");
-    let bob = User::register(&server, "bob");
-    User::register(&server, "carol");
-    alice.ok(&["group", "create", "club", "carol"]);
-
     // The server stores and delivers the commit, but its answer is lost:
     // the commit stays pending, its Welcome whole in alice's store.
-    server.attack(serde_json::json!({"lose_commit_answers": {"sender": "alice"}}));
-    let out = alice.cmd(&["group", "add", "club", "bob"]).env(INLINE_LIMIT_ENV, LOW_LIMIT).output().expect("runs");
-    assert_eq!(exit_code(&out), EXIT_PENDING, "{}", stderr(&out));
+    let (alice, bob) = bob_added_while(&server, serde_json::json!({"lose_commit_answers": {"sender": "alice"}}));
     server.attack(serde_json::json!({}));
     // The next command posts it again: the stored request took the
     // reference once its blob was whole, so nothing is uploaded again,
@@ -167,14 +188,7 @@ fn a_commit_re_posted_after_a_lost_answer_never_names_a_blob_not_uploaded() {
     ok_by_reference(&alice, &["receive"]);
     assert_eq!(server.count("blobs"), 1, "the re-post sent the same reference, uploading nothing");
     // (Carol's inline Welcome waits too.)
-    let welcomes: Vec<Vec<u8>> = stored_welcomes(&server).into_iter().filter(|w| w.starts_with(&MAGIC)).collect();
-    assert_eq!(welcomes.len(), 1, "the re-post was a duplicate");
-    let r = WelcomeRef::decode(&welcomes[0]).expect("a reference");
-    let complete: i64 = server
-        .db()
-        .query_row("SELECT complete FROM blobs WHERE blob = ?1", [&r.blob.0[..]], |row| row.get(0))
-        .expect("the referenced blob is there");
-    assert_eq!(complete, 1);
+    the_stored_reference(&server, "the re-post was a duplicate");
 
     bob.receive_json(&[]);
     assert_eq!(group_names(&bob), ["club"]);
@@ -196,14 +210,7 @@ fn a_commit_re_posted_after_its_welcome_blob_went_uploads_the_welcome_again() {
     // window in which a re-post names the same blob is 1 s (a tenth), and
     // the first blob goes within seconds.
     let server = Server::start_malicious_with(&["--message-ttl", "10s", "--sweep-interval", "1s"]);
-    let alice = User::register(&server, "alice");
-    let bob = User::register(&server, "bob");
-    User::register(&server, "carol");
-    alice.ok(&["group", "create", "club", "carol"]);
-
-    server.attack(serde_json::json!({"refuse_commits": {"sender": "alice"}}));
-    let out = alice.cmd(&["group", "add", "club", "bob"]).env(INLINE_LIMIT_ENV, LOW_LIMIT).output().expect("runs");
-    assert_eq!(exit_code(&out), EXIT_PENDING, "{}", stderr(&out));
+    let (alice, bob) = bob_added_while(&server, serde_json::json!({"refuse_commits": {"sender": "alice"}}));
     assert_eq!(server.count("blobs"), 1, "the Welcome was uploaded before the post");
     assert!(stored_welcomes(&server).iter().all(|w| !w.starts_with(&MAGIC)), "nothing of the commit was stored");
     let first: Vec<u8> = server.db().query_row("SELECT blob FROM blobs", [], |r| r.get(0)).expect("the first blob");
@@ -214,15 +221,8 @@ fn a_commit_re_posted_after_its_welcome_blob_went_uploads_the_welcome_again() {
 
     server.attack(serde_json::json!({}));
     ok_by_reference(&alice, &["receive"]);
-    let welcomes: Vec<Vec<u8>> = stored_welcomes(&server).into_iter().filter(|w| w.starts_with(&MAGIC)).collect();
-    assert_eq!(welcomes.len(), 1, "the re-post was stored");
-    let r = WelcomeRef::decode(&welcomes[0]).expect("a reference");
+    let r = the_stored_reference(&server, "the re-post was stored");
     assert_ne!(r.blob.0.to_vec(), first, "a new blob, not the one that went");
-    let complete: i64 = server
-        .db()
-        .query_row("SELECT complete FROM blobs WHERE blob = ?1", [&r.blob.0[..]], |row| row.get(0))
-        .expect("the referenced blob is there");
-    assert_eq!(complete, 1);
 
     let got = bob.receive_json(&[]);
     assert_eq!(group_names(&bob), ["club"], "bob joined: {got:?}");

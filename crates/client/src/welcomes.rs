@@ -12,7 +12,7 @@
 //! re-post soon after (a lost answer, a restart) sends the same reference
 //! without uploading again; the server answers it as a duplicate by its
 //! send id if it had ordered the first. A re-post later than
-//! [`reuse_window_ms`] uploads again from the whole Welcome: a blob goes at
+//! `reuse_window_ms` uploads again from the whole Welcome: a blob goes at
 //! its TTL counted from its upload, and the new member must find it there
 //! for as long as the commit waits. A crash mid-upload leaves an unfinished
 //! blob, gone at the blob TTL, and the next post uploads again.
@@ -44,12 +44,12 @@ pub const INLINE_LIMIT_ENV: &str = "SUBROSA_TEST_INLINE_WELCOME_BYTES";
 /// TTL, while its blob goes at the TTL counted from the upload: naming an
 /// older blob would leave the new member a shorter time, or none, to fetch
 /// its Welcome. After the window the re-post uploads the Welcome again.
-pub fn reuse_window_ms(lifetime_ms: u64) -> u64 {
+pub(crate) fn reuse_window_ms(lifetime_ms: u64) -> u64 {
     (lifetime_ms / 10).min(MAX_REUSE_MS)
 }
 
 /// The longest a Welcome's blob is named again after its upload: an hour.
-pub const MAX_REUSE_MS: u64 = 60 * 60 * 1000;
+pub(crate) const MAX_REUSE_MS: u64 = 60 * 60 * 1000;
 
 /// The largest Welcome this device puts inline.
 fn inline_limit() -> usize {
