@@ -30,6 +30,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -58,11 +60,14 @@ const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 /// Largest frame a client may send without binary frames (acknowledgements
 /// only); with them, a send frame may be as large as a send's HTTP body.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
-/// Initial read buffer of a socket. Clients only send acknowledgements (a few
-/// dozen bytes each), and tungstenite zero-fills the whole buffer on every
-/// read, so its default of 128 KiB would be resident for every idle socket.
-/// A larger frame (up to [`MAX_CLIENT_FRAME`]) grows the buffer as needed.
-const READ_BUFFER: usize = 1024;
+/// Initial read buffer of a socket, and the most one read takes. Most client
+/// frames are small (an acknowledgement is a few dozen bytes, a text
+/// message's send frame a few hundred), and tungstenite zero-fills the
+/// whole buffer on every read, so its default of 128 KiB would be resident
+/// for every idle socket. A larger frame (up to [`MAX_CLIENT_FRAME`], or a
+/// send's body with binary frames) grows the buffer to fit, and takes one
+/// read per this many bytes.
+const READ_BUFFER: usize = 256;
 
 pub(crate) async fn upgrade(
     AuthedKey { device, key }: AuthedKey,
@@ -83,6 +88,13 @@ pub(crate) async fn upgrade(
         c
     });
     let max_in = if binary { state.limits.max_body_bytes.max(MAX_CLIENT_FRAME) } else { MAX_CLIENT_FRAME };
+    let mode = match challenge {
+        Some(challenge) => Mode::Binary { challenge, authed: false },
+        None => Mode::Json,
+    };
+    // The upgrade's task keeps its closure for the socket's whole life:
+    // boxed, what the closure captures is one pointer.
+    let ctx = Box::new(Ctx { state, device, key });
     let mut response = ws
         .read_buffer_size(READ_BUFFER)
         // Each frame is written (and flushed) on its own: nothing to gather.
@@ -90,13 +102,14 @@ pub(crate) async fn upgrade(
         .max_message_size(max_in)
         .max_frame_size(max_in)
         .max_write_buffer_size(largest.saturating_mul(2))
-        .on_upgrade(move |socket| async move {
-            let mode = match challenge {
-                Some(challenge) => Mode::Binary { challenge, authed: false },
-                None => Mode::Json,
-            };
-            if let Err(reason) = run(state, device, key, socket, mode).await {
-                tracing::debug!(reason, "websocket closed");
+        .on_upgrade(move |socket| {
+            // Boxed before the task starts, so that the task's future (which
+            // every idle socket keeps) holds two pointers, not two copies.
+            let socket = Box::new(socket);
+            async move {
+                if let Err(reason) = run(ctx, socket, mode).await {
+                    tracing::debug!(reason, "websocket closed");
+                }
             }
         });
     if let Some(c) = challenge {
@@ -257,149 +270,222 @@ async fn on_send(
     send_bin(socket, &answer).await
 }
 
-async fn run(
+/// Polls `fut` once, without waiting: its output if it was ready.
+fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(fut).poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// What a socket's task knows of its device, boxed once per socket.
+struct Ctx {
     state: AppState,
     device: DeviceAddress,
+    /// The signature key the upgrade authenticated with.
     key: Vec<u8>,
-    mut socket: WebSocket,
-    mut mode: Mode,
-) -> Result<(), &'static str> {
+}
+
+async fn run(ctx: Box<Ctx>, mut socket: Box<WebSocket>, mut mode: Mode) -> Result<(), &'static str> {
+    // Memory: this future lives as long as the socket, mostly idle, so it
+    // holds only what it waits on. Every step that runs (a fetch and its
+    // pushes, a client frame, a re-check, a ping, a close) is boxed: its
+    // state is on the heap while it runs and gone after, not reserved in
+    // every idle socket's task.
+    let (state, device, key) = (&ctx.state, &ctx.device, &ctx.key[..]);
     let _open = OpenSocket::new(&state.metrics);
-    let mut wakeup = state.wakeups.subscribe(&device);
+    // Reading once at once releases the buffer of the upgrade's HTTP
+    // request (hyper hands it over with the socket, until its first read),
+    // rather than holding it while the store is asked below: a burst of
+    // reconnections would hold one per socket. A frame already there is
+    // handled after the check, as if read then.
+    let early = poll_once(socket.recv());
+    let mut wakeup = state.wakeups.subscribe(device);
     // A removal or key change that committed between the upgrade's
     // authentication and the subscription woke nothing here: look once more.
-    check_active(&state, &device, &key, &mut socket).await?;
+    Box::pin(check_active(state, device, key, &mut socket)).await?;
+    if let Some(incoming) = early {
+        if !Box::pin(on_incoming(state, device, key, &mut socket, &mut mode, incoming)).await? {
+            return Ok(());
+        }
+    }
     let mut shutdown = state.shutdown.clone();
-    let mut recheck = tokio::time::interval(RECHECK);
-    let mut ping = tokio::time::interval(PING);
-    ping.reset();
+    // One timer for the re-check and the ping, at the sooner of the two.
+    let start = Instant::now();
+    let (mut recheck_at, mut ping_at) = (start + RECHECK, start + PING);
+    let mut timer = Box::pin(tokio::time::sleep_until(recheck_at.min(ping_at)));
     let mut cursor = 0u64;
     let mut silent_pings = 0u32;
     // Set while the database is unreachable: look again soon, keep the socket.
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     // Whether to look at the inbox: at first, then after a wake-up, a
     // re-check or a retry; not after an acknowledgement or a ping (nothing
     // new can have arrived unannounced: a send wakes the socket).
     let mut look = true;
     loop {
-        // Push everything pending past the cursor, one bounded frame at a time.
-        while look {
+        if look {
             look = false;
-            retry_at = None;
-            let fetched = match crate::delivery::fetch(&state, &device, cursor, BATCH, BATCH_BYTES).await {
-                Ok(f) => f,
-                Err(StoreError::Unavailable(detail)) => {
-                    tracing::warn!(detail = %detail, "storage unavailable; socket kept open");
-                    retry_at = Some(tokio::time::Instant::now() + UNAVAILABLE_RETRY);
-                    break;
-                }
-                Err(e) => {
-                    let err = AppError::from(e).body();
-                    close_with_error(&mut socket, err, 1011).await;
-                    return Err("storage failed");
-                }
-            };
-            let Some(last) = fetched.last else { break };
-            cursor = last;
-            let full = fetched.full;
-            if !fetched.messages.is_empty() {
-                push(&mut socket, &mode, fetched.messages).await?;
-            }
-            look = full;
+            let unavailable = Box::pin(push_pending(state, device, &mut socket, &mode, &mut cursor)).await?;
+            retry = unavailable.then(|| Box::pin(tokio::time::sleep(UNAVAILABLE_RETRY)));
         }
-        let retry = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
+        let retry_due = async {
+            match retry.as_mut() {
+                Some(sleep) => sleep.await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            () = retry => look = true,
+            () = retry_due => look = true,
             woken = wakeup.woken() => {
                 if woken == Woken::Revoked {
-                    close_removed(&mut socket).await;
+                    Box::pin(close_removed(&mut socket)).await;
                     return Err("device removed");
                 }
                 if woken == Woken::Rekeyed {
-                    close_rekeyed(&mut socket).await;
+                    Box::pin(close_rekeyed(&mut socket)).await;
                     return Err("device keys changed");
                 }
                 look = true;
             }
-            _ = recheck.tick() => {
-                check_active(&state, &device, &key, &mut socket).await?;
-                look = true;
-            }
-            _ = ping.tick() => {
-                silent_pings += 1;
-                if silent_pings > 3 {
-                    return Err("client silent");
+            () = &mut timer => {
+                let now = Instant::now();
+                if now >= recheck_at {
+                    recheck_at = now + RECHECK;
+                    Box::pin(check_active(state, device, key, &mut socket)).await?;
+                    look = true;
                 }
-                send(&mut socket, Message::Ping(Default::default())).await?;
+                if now >= ping_at {
+                    ping_at = now + PING;
+                    silent_pings += 1;
+                    if silent_pings > 3 {
+                        return Err("client silent");
+                    }
+                    Box::pin(send(&mut socket, Message::Ping(Default::default()))).await?;
+                }
+                timer.as_mut().reset(recheck_at.min(ping_at));
             }
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
-                    let _ = send(&mut socket, Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                    let bye = Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }));
+                    let _ = Box::pin(send(&mut socket, bye)).await;
                     return Ok(());
                 }
             }
             incoming = socket.recv() => {
                 silent_pings = 0;
-                let frame = match incoming {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    // Today's JSON frames, in either mode.
-                    Some(Ok(Message::Text(t))) => json_frame(t.as_str().as_bytes()),
-                    Some(Ok(Message::Binary(b))) => match mode {
-                        Mode::Json => json_frame(&b),
-                        Mode::Binary { .. } => ClientBin::decode(&b).map_err(Some),
-                    },
-                };
-                let frame = match frame {
-                    Ok(frame) => frame,
-                    Err(why) => {
-                        // An older client's frame (the send frame without
-                        // `expires_at`) or a newer one's is said plainly.
-                        let message = match why {
-                            Some(frames::FrameError::Unknown) => "unknown frame type or version: this client needs an upgrade",
-                            _ => "malformed frame",
-                        };
-                        let err = ErrorBody { code: ErrorCode::BadRequest, message: message.into(), current_epoch: None };
-                        close_with_error(&mut socket, err, 1008).await;
-                        return Err("malformed frame");
-                    }
-                };
-                match frame {
-                    ClientBin::Ack(ids) => {
-                        charge_ack(&state, &device, ids.len()).await;
-                        if let Err(e) = crate::delivery::acknowledge(&state, &device, &ids).await {
-                            close_with_error(&mut socket, e.body(), 1008).await;
-                            return Err("ack refused");
-                        }
-                    }
-                    ClientBin::Auth(signature) => {
-                        let Mode::Binary { challenge, authed } = &mut mode else {
-                            return Err("unreachable: auth outside binary mode");
-                        };
-                        if !crate::auth::verify_socket(&key, challenge, &device, &signature) {
-                            let err = ErrorBody { code: ErrorCode::Unauthorized, message: "the socket's challenge signature does not verify".into(), current_epoch: None };
-                            close_with_error(&mut socket, err, 1008).await;
-                            return Err("bad challenge signature");
-                        }
-                        *authed = true;
-                    }
-                    ClientBin::Send(s) => {
-                        if !matches!(mode, Mode::Binary { authed: true, .. }) {
-                            let err = ErrorBody { code: ErrorCode::Unauthorized, message: "sign the socket's challenge before sending".into(), current_epoch: None };
-                            close_with_error(&mut socket, err, 1008).await;
-                            return Err("send before auth");
-                        }
-                        on_send(&state, &device, &mut socket, s).await?;
-                    }
+                if !Box::pin(on_incoming(state, device, key, &mut socket, &mut mode, incoming)).await? {
+                    return Ok(());
                 }
             }
         }
     }
+}
+
+/// Pushes everything pending past `cursor`, one bounded frame at a time,
+/// and moves the cursor. `Ok(true)` when the database is unreachable for the
+/// moment (the socket stays open and looks again soon).
+async fn push_pending(
+    state: &AppState,
+    device: &DeviceAddress,
+    socket: &mut WebSocket,
+    mode: &Mode,
+    cursor: &mut u64,
+) -> Result<bool, &'static str> {
+    loop {
+        let fetched = match crate::delivery::fetch(state, device, *cursor, BATCH, BATCH_BYTES).await {
+            Ok(f) => f,
+            Err(StoreError::Unavailable(detail)) => {
+                tracing::warn!(detail = %detail, "storage unavailable; socket kept open");
+                return Ok(true);
+            }
+            Err(e) => {
+                let err = AppError::from(e).body();
+                close_with_error(socket, err, 1011).await;
+                return Err("storage failed");
+            }
+        };
+        let Some(last) = fetched.last else { return Ok(false) };
+        *cursor = last;
+        if !fetched.messages.is_empty() {
+            push(socket, mode, fetched.messages).await?;
+        }
+        if !fetched.full {
+            return Ok(false);
+        }
+    }
+}
+
+/// Handles what the client sent: `Ok(false)` when it closed the socket.
+async fn on_incoming(
+    state: &AppState,
+    device: &DeviceAddress,
+    key: &[u8],
+    socket: &mut WebSocket,
+    mode: &mut Mode,
+    incoming: Option<Result<Message, axum::Error>>,
+) -> Result<bool, &'static str> {
+    let frame = match incoming {
+        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(false),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(true),
+        // Today's JSON frames, in either mode.
+        Some(Ok(Message::Text(t))) => json_frame(t.as_str().as_bytes()),
+        Some(Ok(Message::Binary(b))) => match mode {
+            Mode::Json => json_frame(&b),
+            Mode::Binary { .. } => ClientBin::decode(&b).map_err(Some),
+        },
+    };
+    let frame = match frame {
+        Ok(frame) => frame,
+        Err(why) => {
+            // An older client's frame (the send frame without
+            // `expires_at`) or a newer one's is said plainly.
+            let message = match why {
+                Some(frames::FrameError::Unknown) => "unknown frame type or version: this client needs an upgrade",
+                _ => "malformed frame",
+            };
+            let err = ErrorBody { code: ErrorCode::BadRequest, message: message.into(), current_epoch: None };
+            close_with_error(socket, err, 1008).await;
+            return Err("malformed frame");
+        }
+    };
+    match frame {
+        ClientBin::Ack(ids) => {
+            charge_ack(state, device, ids.len()).await;
+            if let Err(e) = crate::delivery::acknowledge(state, device, &ids).await {
+                close_with_error(socket, e.body(), 1008).await;
+                return Err("ack refused");
+            }
+        }
+        ClientBin::Auth(signature) => {
+            let Mode::Binary { challenge, authed } = mode else {
+                return Err("unreachable: auth outside binary mode");
+            };
+            if !crate::auth::verify_socket(key, challenge, device, &signature) {
+                let err = ErrorBody {
+                    code: ErrorCode::Unauthorized,
+                    message: "the socket's challenge signature does not verify".into(),
+                    current_epoch: None,
+                };
+                close_with_error(socket, err, 1008).await;
+                return Err("bad challenge signature");
+            }
+            *authed = true;
+        }
+        ClientBin::Send(s) => {
+            if !matches!(mode, Mode::Binary { authed: true, .. }) {
+                let err = ErrorBody {
+                    code: ErrorCode::Unauthorized,
+                    message: "sign the socket's challenge before sending".into(),
+                    current_epoch: None,
+                };
+                close_with_error(socket, err, 1008).await;
+                return Err("send before auth");
+            }
+            on_send(state, device, socket, s).await?;
+        }
+    }
+    Ok(true)
 }
 
 /// A JSON client frame (what every client sends without binary frames), as

@@ -136,6 +136,70 @@ async fn websocket_pushes_pending_and_new_messages_and_takes_acks() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
 }
 
+/// A client frame sent in the same write as the upgrade request (so it is
+/// already in the server's buffer when the socket starts) is handled, not
+/// lost, and before the first push: the socket reads once at once to free
+/// the request's buffer, and keeps what that read found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_sent_with_the_upgrade_is_handled_before_the_first_push() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().expect("dir");
+    let srv = server(&dir, |_| {}).await;
+    let addr = srv.local_addr();
+    let alice = register(addr, "alice").await;
+    let bob = register(addr, "bob").await;
+    send_text(addr, &alice, &bob, b"first").await;
+    let mut ws = connect_ws(addr, &bob).await;
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else { panic!("expected messages") };
+    let first = messages[0].id;
+    drop(ws);
+
+    // The upgrade and an acknowledgement of `first`, in one write.
+    let mut request = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in bob.sign("GET", "/v1/ws", b"", subrosa_server::now_ms(), &common::fresh_nonce()) {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    let ack = json!({ "type": "ack", "ids": [first] }).to_string();
+    let mask = [0x5a, 0x17, 0xc3, 0x09];
+    let mut bytes = request.into_bytes();
+    bytes.extend([0x81, 0x80 | u8::try_from(ack.len()).expect("a short frame")]);
+    bytes.extend(mask);
+    bytes.extend(ack.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&bytes).await.expect("write");
+
+    // The answer's head; whatever follows it is the socket's.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.expect("the upgrade's answer");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.state().store().stats().await.expect("stats").inbox_rows != 0 {
+        assert!(Instant::now() < deadline, "the acknowledgement sent with the upgrade was lost");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Acknowledged before the first push: the first frame is the next message.
+    send_text(addr, &alice, &bob, b"second").await;
+    let ServerFrame::Messages { messages } = next_frame(&mut ws).await else { panic!("expected messages") };
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].ciphertext.as_slice(), b"second");
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_must_be_signed() {
     let dir = tempfile::tempdir().expect("dir");
