@@ -205,8 +205,12 @@ async fn close_rekeyed(socket: &mut WebSocket) {
 }
 
 async fn close_removed(socket: &mut WebSocket) {
-    let err =
-        ErrorBody { code: ErrorCode::Unauthorized, message: "this device was removed".into(), current_epoch: None };
+    close_unauthorized(socket, "this device was removed").await;
+}
+
+/// Closes with an `unauthorized` error frame saying why.
+async fn close_unauthorized(socket: &mut WebSocket, why: &str) {
+    let err = ErrorBody { code: ErrorCode::Unauthorized, message: why.into(), current_epoch: None };
     close_with_error(socket, err, 1008).await;
 }
 
@@ -462,24 +466,14 @@ async fn on_incoming(
                 return Err("unreachable: auth outside binary mode");
             };
             if !crate::auth::verify_socket(key, challenge, device, &signature) {
-                let err = ErrorBody {
-                    code: ErrorCode::Unauthorized,
-                    message: "the socket's challenge signature does not verify".into(),
-                    current_epoch: None,
-                };
-                close_with_error(socket, err, 1008).await;
+                close_unauthorized(socket, "the socket's challenge signature does not verify").await;
                 return Err("bad challenge signature");
             }
             *authed = true;
         }
         ClientBin::Send(s) => {
             if !matches!(mode, Mode::Binary { authed: true, .. }) {
-                let err = ErrorBody {
-                    code: ErrorCode::Unauthorized,
-                    message: "sign the socket's challenge before sending".into(),
-                    current_epoch: None,
-                };
-                close_with_error(socket, err, 1008).await;
+                close_unauthorized(socket, "sign the socket's challenge before sending").await;
                 return Err("send before auth");
             }
             on_send(state, device, socket, s).await?;
