@@ -17,6 +17,23 @@ use subrosa_proto::{
 mod batch;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+
+/// A schema snapshot's check: `actual` (the schema a new database gets)
+/// against `committed` (the file `file` below the crate, compiled in). With
+/// `SUBROSA_WRITE_SNAPSHOTS` set it writes `actual` to the file instead, for
+/// a deliberate change, and passes: review the file's diff.
+#[cfg(test)]
+pub(crate) fn check_schema_snapshot(file: &str, committed: &str, actual: &str) {
+    if std::env::var_os("SUBROSA_WRITE_SNAPSHOTS").is_some() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        std::fs::write(&path, actual).expect("write the snapshot");
+        return;
+    }
+    assert!(
+        actual == committed,
+        "the schema changed: if deliberate, write {file} again (SUBROSA_WRITE_SNAPSHOTS=1) and review its diff"
+    );
+}
 pub mod kt;
 pub mod postgres;
 mod rules;

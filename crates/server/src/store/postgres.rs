@@ -2595,14 +2595,10 @@ mod tests {
         for i in &indexes {
             out.push_str(&format!("{};\n", i.get::<_, String>(0).replace(&format!("{}.", schema.name), "")));
         }
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/postgres-schema.txt");
-        if std::env::var_os("SUBROSA_WRITE_SNAPSHOTS").is_some() {
-            std::fs::write(&file, &out).expect("write the snapshot");
-        }
-        assert!(
-            out == include_str!("../../tests/data/postgres-schema.txt"),
-            "the PostgreSQL schema changed: if deliberate, write tests/data/postgres-schema.txt again \
-             (SUBROSA_WRITE_SNAPSHOTS=1) and review its diff"
+        crate::store::check_schema_snapshot(
+            "tests/data/postgres-schema.txt",
+            include_str!("../../tests/data/postgres-schema.txt"),
+            &out,
         );
     }
 

@@ -1959,14 +1959,10 @@ mod tests {
             let (kind, name, sql) = row.expect("row");
             schema.push_str(&format!("\n-- {kind} {name}\n{sql};\n"));
         }
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sqlite-schema.sql");
-        if std::env::var_os("SUBROSA_WRITE_SNAPSHOTS").is_some() {
-            std::fs::write(&file, &schema).expect("write the snapshot");
-        }
-        assert!(
-            schema == include_str!("../../tests/data/sqlite-schema.sql"),
-            "the server's SQLite schema changed: if deliberate, write tests/data/sqlite-schema.sql again \
-             (SUBROSA_WRITE_SNAPSHOTS=1) and review its diff"
+        crate::store::check_schema_snapshot(
+            "tests/data/sqlite-schema.sql",
+            include_str!("../../tests/data/sqlite-schema.sql"),
+            &schema,
         );
     }
 

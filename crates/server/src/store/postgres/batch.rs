@@ -31,9 +31,9 @@ use crate::store::{Quota, SendOutcome, Tokens};
 /// Most jobs in one transaction.
 pub(super) const MAX_BATCH: usize = 128;
 /// Workers per queue by default: transactions of one queue in flight at
-/// once, so one batch's commit (its WAL flush) overlaps the next batch's statements and
-/// one batch waiting on a lock held by another node does not stall the
-/// node. Fewer workers make larger batches: on two cores shared with
+/// once, so one batch's commit (its WAL flush) overlaps the next batch's
+/// statements and one batch waiting on a lock held by another node does not
+/// stall the node. Fewer workers make larger batches: on two cores shared with
 /// PostgreSQL, one node delivered about 5,100 msgs/s with one worker, 4,640
 /// with two, 3,430 with three and 2,620 with six (`subrosa-bench load`,
 /// two runs each for one and two). Two keeps most of one's rate without
@@ -128,8 +128,9 @@ impl<J: Send + 'static, T: Send + 'static> Queue<J, Option<T>> {
     /// it, no worker did (the runtime that ran them is gone), or none did
     /// within [`BATCH_WAIT`]. The caller then runs the job alone, all of
     /// it within `OP_TIMEOUT` (`batched`). A batch that commits after its
-    /// caller stopped waiting is harmless: the caller's own send finds the send id and answers
-    /// `duplicate`, its acknowledgement finds the rows gone.
+    /// caller stopped waiting is harmless: the caller's own send finds the
+    /// send id and answers `duplicate`, its acknowledgement finds the rows
+    /// gone.
     pub(super) async fn run(&self, job: J) -> Option<T> {
         let (reply, answer) = oneshot::channel();
         let asked = async {
