@@ -182,9 +182,10 @@ fn a_commit_re_posted_after_a_lost_answer_never_names_a_blob_not_uploaded() {
     // the commit stays pending, its Welcome whole in alice's store.
     let (alice, bob) = bob_added_while(&server, serde_json::json!({"lose_commit_answers": {"sender": "alice"}}));
     server.attack(serde_json::json!({}));
-    // The next command posts it again: the stored request took the
-    // reference once its blob was whole, so nothing is uploaded again,
-    // and the server answers the send id as a duplicate.
+    // The next command posts it again: the form by reference, stored
+    // beside the whole request once its blob was whole, is still within
+    // its reuse window, so nothing is uploaded again, and the server
+    // answers the send id as a duplicate.
     ok_by_reference(&alice, &["receive"]);
     assert_eq!(server.count("blobs"), 1, "the re-post sent the same reference, uploading nothing");
     // (Carol's inline Welcome waits too.)
