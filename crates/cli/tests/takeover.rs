@@ -63,9 +63,11 @@ impl Mallory {
         Mallory { rt, id, api, engine }
     }
 
-    /// One key package of every device of `handle`, claimed as anyone can.
+    /// One key package of every device of `handle`, claimed as anyone can
+    /// (of the post-quantum suite, as a client of this version starts
+    /// conversations: a classical one would move to it by itself).
     fn claim(&self, handle: &str) -> Vec<Vec<u8>> {
-        let req = ClaimRequest { handle: handle.parse().expect("handle"), suite: subrosa_proto::CLASSICAL_SUITE };
+        let req = ClaimRequest { handle: handle.parse().expect("handle"), suite: 65100 };
         let claim: ClaimResponse =
             self.rt.block_on(self.api.call(Method::POST, "/v1/keypackages/claim", Some(&req))).expect("claim");
         claim.packages.into_iter().map(|p| p.key_package.into_inner()).collect()
@@ -455,7 +457,7 @@ fn a_device_the_directory_contradicts_blocks_sending_until_accepted() {
     // has never seen carol, the key directory says otherwise.
     let (fake_carol, fake_engine) = fake_device("carol");
     plant(&server, &fake_carol);
-    mallory.add(g, &[fake_engine.generate_key_package().expect("kp")]);
+    mallory.add(g, &[fake_engine.generate_key_package_in(subrosa_core::PQ_CIPHERSUITE).expect("kp")]);
     let (out, err) = receive(&alice);
     let dev = fake_carol.device_id().to_hex();
     assert!(err.contains("warning:") && err.contains("mallory") && err.contains(&dev), "{err}");
@@ -472,7 +474,7 @@ fn a_device_the_directory_contradicts_blocks_sending_until_accepted() {
     // for him: the commit is applied too (not dropped as tampered), flagged.
     let (fake_bob, fake_bob_engine) = fake_device("bob");
     plant(&server, &fake_bob);
-    mallory.add(g, &[fake_bob_engine.generate_key_package().expect("kp")]);
+    mallory.add(g, &[fake_bob_engine.generate_key_package_in(subrosa_core::PQ_CIPHERSUITE).expect("kp")]);
     let (_, err) = receive(&alice);
     assert!(err.contains(&fake_bob.device_id().to_hex()) && !err.contains("dropped"), "{err}");
     mallory.say(g, "still in step");
@@ -492,7 +494,7 @@ fn a_welcome_whose_members_the_directory_contradicts_is_refused() {
     plant(&server, &fake_carol);
     let info = ConversationInfo { kind: ConversationKind::Group, name: "lure".into() };
     let mut kps = mallory.claim("alice");
-    kps.push(fake_engine.generate_key_package().expect("kp"));
+    kps.push(fake_engine.generate_key_package_in(subrosa_core::PQ_CIPHERSUITE).expect("kp"));
     mallory.create(&info, &kps);
     let (stdout, err) = receive(&alice);
     assert!(err.contains("refused") && err.contains("mallory"), "{err}");

@@ -47,7 +47,7 @@ const COMMIT_ATTEMPTS: usize = 8;
 const MAX_GROUP_NAME: usize = 64;
 
 /// What the server said to a staged commit.
-enum Posted {
+pub(crate) enum Posted {
     /// It is the commit of its epoch (now or on an earlier post).
     Applied,
     /// Another commit won the epoch.
@@ -354,7 +354,7 @@ impl Subrosa {
     /// by reference is stored beside the whole one, so a re-post soon after
     /// (a lost answer, a restart) sends the same reference instead of
     /// uploading again; a later one uploads again.
-    async fn post_pending(&self, pending: &PendingCommit) -> Result<Posted, ClientError> {
+    pub(crate) async fn post_pending(&self, pending: &PendingCommit) -> Result<Posted, ClientError> {
         let body = match &pending.by_reference {
             Some(r) if r.usable_at(self.now_ms()) => Ok(r.request.clone()),
             _ => match self.with_welcome_references(&pending.request).await {

@@ -18,6 +18,7 @@ mod keys;
 pub mod kt;
 pub mod linklist;
 mod members;
+mod moves;
 pub mod net;
 pub mod preview;
 mod rotation;
@@ -411,6 +412,14 @@ impl Subrosa {
                     }
                     continue;
                 }
+                Err(ClientError::Core(e)) if e.is_moved() => {
+                    // Moving to post-quantum keys: it goes to the new
+                    // conversation once that is joined.
+                    if let Some((c, _)) = q.message {
+                        waiting.push(c);
+                    }
+                    continue;
+                }
                 Err(ClientError::Core(CoreError::UnknownConversation)) => {
                     let gone = ClientError::Input("this device is no longer a member of the conversation".into());
                     self.refused(&q, None, gone)?;
@@ -779,7 +788,8 @@ impl Subrosa {
         self.check_members().await?;
         self.check_directory().await?;
         self.commit_pending_leaves_or_wait().await?;
-        self.update_due_keys().await
+        self.update_due_keys().await?;
+        self.move_to_post_quantum().await
     }
 
     /// Checks the directory heads other members reported and this account's
@@ -949,6 +959,7 @@ impl Subrosa {
                     // and its receipts never leave other members more
                     // generations behind than they accept (`rotation`).
                     self.update_due_keys().await?;
+                    self.move_to_post_quantum().await?;
                     self.emit(on)?;
                     continue;
                 }
@@ -1031,7 +1042,17 @@ impl Subrosa {
     /// not have.
     pub fn history(&self, id: &ConversationId) -> Result<Vec<StoredMessage>, ClientError> {
         let row = self.conversation(id)?;
-        let mut history = self.store().read(|tx| tx.history(&[row]))?;
+        // A conversation that moved to post-quantum keys goes on under a
+        // new id: its history is the old ones' and its own.
+        let rows = self.store().read(|tx| {
+            let mut rows = Vec::new();
+            for old in subrosa_session::moves::moved_into(tx, &row.id)? {
+                rows.extend(tx.conversation(&old)?);
+            }
+            rows.push(row);
+            Ok(rows)
+        })?;
+        let mut history = self.store().read(|tx| tx.history(&rows))?;
         self.mark_shown(&mut history)?;
         Ok(history)
     }

@@ -58,6 +58,7 @@ impl Subrosa {
     pub(crate) async fn maintain_keys(&self) -> Result<(), ClientError> {
         self.finish_key_switch().await?;
         self.update_due_keys().await?;
+        self.move_to_post_quantum().await?;
         self.rotate_key_packages(false).await?;
         self.refill_key_packages().await
     }
@@ -107,6 +108,10 @@ impl Subrosa {
             // A conversation whose last change still waits for the server
             // gets its update after that one settles (which counts anyway).
             if !due(now, last, sent, members) || self.store().read(|tx| tx.pending_commit(&row.id))?.is_some() {
+                continue;
+            }
+            // Moving: the new conversation starts with fresh keys anyway.
+            if self.store().read(|tx| subrosa_session::moves::moving(tx, &row.id))?.is_some() {
                 continue;
             }
             match self.update_conversation_keys(&row.id).await {

@@ -13,7 +13,9 @@
 use mls_rs::client_builder::MlsConfig;
 use mls_rs::group::{CommitEffect, ReceivedMessage};
 use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules, EncryptionOptions};
-use mls_rs::{Client, CryptoProvider, ExtensionList, GroupStateStorage, KeyPackageStorage, MlsMessage};
+use mls_rs::{
+    Client, CryptoProvider, ExtensionList, GroupStateStorage, KeyPackageStorage, MlsMessage, ProtocolVersion,
+};
 use mls_rs_codec::{MlsDecode, MlsEncode, MlsSize};
 use mls_rs_core::extension::{ExtensionType, MlsCodecExtension};
 use subrosa_proto::{ConversationId, DeviceAddress, Epoch};
@@ -128,6 +130,9 @@ enum Change<'a> {
     /// device: a new certificate (the account's identity key rotated) or a
     /// new signature key (`devices rekey`).
     Credential(&'a DeviceIdentity),
+    /// Moves the conversation to `suite` under the new id (MLS ReInit,
+    /// RFC 9420 §11.2): the only proposal of its commit.
+    ReInit(ConversationId, mls_rs::CipherSuite),
 }
 
 /// A member device as its verified certificate describes it.
@@ -251,6 +256,12 @@ pub enum Event {
         /// identity key (the committer's own leaf, when it changed its
         /// credential). `before` says which key vouched for the device.
         updated: Vec<(MemberInfo, MemberInfo)>,
+        /// The commit moved the conversation (MLS ReInit): the new
+        /// conversation's id and suite. The old one takes nothing more
+        /// (no commit, and this device sends nothing there); the members
+        /// continue in the new one once a member sends its Welcome
+        /// ([`Engine::join_resuming`]).
+        moved_to: Option<(ConversationId, mls_rs::CipherSuite)>,
     },
     /// A member proposed to leave; some member must commit it
     /// ([`Engine::commit_pending`]).
@@ -886,8 +897,8 @@ where
         Ok(())
     }
 
-    /// The conversation's ciphersuite (it never changes: moving a
-    /// conversation to another suite, MLS ReInit, is not done).
+    /// The conversation's ciphersuite (a group keeps it; moving to another
+    /// suite makes a new group, [`Self::move_to`]).
     ///
     /// # Errors
     /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
@@ -909,10 +920,19 @@ where
         info: &ConversationInfo,
         key_packages: &[Vec<u8>],
     ) -> Result<OutgoingCommit, CoreError> {
+        let suite = match key_packages.first() {
+            Some(kp) => Self::key_package_suite(kp)?,
+            None => CIPHERSUITE,
+        };
+        Self::check_suites(suite, key_packages)?;
         let mut exts = ExtensionList::new();
         exts.set_from(info.to_ext()).map_err(|_| CoreError::Bug("extension encoding"))?;
-        let group =
-            self.client()?.create_group_with_id(conversation.as_bytes().to_vec(), exts, ExtensionList::new(), None)?;
+        let group = self.client_in(suite)?.create_group_with_id(
+            conversation.as_bytes().to_vec(),
+            exts,
+            ExtensionList::new(),
+            None,
+        )?;
         self.save(&conversation, group)?;
         self.stage(&conversation, Change::Add(key_packages))
     }
@@ -1168,6 +1188,97 @@ where
         self.stage(conversation, Change::Credential(identity))
     }
 
+    /// Whether `conversation` can move to `suite` by an MLS ReInit: it is
+    /// of another suite, every member device's certificate (this one's
+    /// included) says it can take part in conversations of `suite`, and its
+    /// tree has no blank leaf before the last member (mls-rs 0.57
+    /// re-initializes only into a tree the size of the old one, and a new
+    /// tree has no blanks).
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownConversation`] or [`CoreError::Mls`].
+    pub fn can_move_to(&self, conversation: &ConversationId, suite: mls_rs::CipherSuite) -> Result<bool, CoreError> {
+        if !self.identity().certificate().supports(suite) {
+            return Ok(false);
+        }
+        self.read_group(conversation, |group| {
+            if group.cipher_suite() == suite {
+                return Ok(false);
+            }
+            let (mut count, mut last) = (0u32, 0u32);
+            for m in group.roster().members_iter() {
+                if !self.certs.of_roster_member(&m.signing_identity)?.supports(suite) {
+                    return Ok(false);
+                }
+                count += 1;
+                last = last.max(m.index);
+            }
+            Ok(count == last + 1)
+        })
+    }
+
+    /// Stages the commit that moves `conversation` to `suite` under the new
+    /// id `to` (an MLS ReInit). Once it is applied the conversation takes
+    /// no more commits and this device must send nothing there; a member
+    /// then creates `to` ([`Self::create_moved`]) and the others join it
+    /// ([`Self::join_resuming`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Unsupported`] for a suite this build lacks, or while a
+    /// member's leave waits to be committed; as [`Self::update_keys`].
+    pub fn move_to(
+        &self,
+        conversation: &ConversationId,
+        to: ConversationId,
+        suite: mls_rs::CipherSuite,
+    ) -> Result<OutgoingCommit, CoreError> {
+        if !SUITES.contains(&suite) || self.crypto.cipher_suite_provider(suite).is_none() {
+            return Err(CoreError::Unsupported("ciphersuite"));
+        }
+        self.stage(conversation, Change::ReInit(to, suite))
+    }
+
+    /// Creates the conversation that `old` moved to (its ReInit commit
+    /// applied here) with `key_packages`, one of the new suite for every
+    /// member device of `old` but this one: the same devices (mls-rs
+    /// refuses any other set), bound to `old` by its resumption secret, so
+    /// only its members can join and none can be slipped in. The new group
+    /// is stored at epoch 1; the Welcome goes to the server as a new
+    /// conversation's first request (epoch 0). `commit` holds the Welcome
+    /// again: there is no commit for existing members, and its digest names
+    /// the request.
+    ///
+    /// # Errors
+    /// [`CoreError::Mls`] when `old` did not move (`PendingReInitNotFound`),
+    /// a key package is invalid, of another suite or for another device set;
+    /// [`CoreError::UnknownConversation`].
+    pub fn create_moved(&self, old: &ConversationId, key_packages: &[Vec<u8>]) -> Result<OutgoingCommit, CoreError> {
+        let group = self.load(old)?;
+        let me = self.identity();
+        let reinit = group.get_reinit_client(Some(me.device_secret().clone()), Some(me.signing_identity()?))?;
+        let mut welcome_recipients = Vec::new();
+        let mut messages = Vec::new();
+        for kp in key_packages {
+            welcome_recipients.push(self.inspect_key_package(kp)?.address());
+            messages.push(MlsMessage::from_bytes(kp).map_err(|_| CoreError::Malformed("key package"))?);
+        }
+        let (group, welcomes) = reinit.commit(messages, ExtensionList::new(), None)?;
+        let conversation = conversation_id(group.group_id())?;
+        let welcome = welcomes.first().map(|w| w.to_bytes()).transpose()?;
+        let mut members_after = welcome_recipients.clone();
+        members_after.push(me.address());
+        self.save(&conversation, group)?;
+        Ok(OutgoingCommit {
+            conversation,
+            epoch: Epoch(0),
+            commit: welcome.clone().unwrap_or_default(),
+            commit_recipients: Vec::new(),
+            welcome,
+            welcome_recipients,
+            members_after,
+        })
+    }
+
     /// Whether this device's leaf in `conversation` already carries
     /// `identity`'s certificate and signature key.
     ///
@@ -1245,6 +1356,13 @@ where
                 builder =
                     builder.set_new_signing_identity(identity.device_secret().clone(), identity.signing_identity()?);
             }
+            Change::ReInit(to, suite) => {
+                // RFC 9420 §12.2: a ReInit is the only proposal of its commit.
+                if !leaving.is_empty() {
+                    return Err(CoreError::Unsupported("a move while a leave waits to be committed"));
+                }
+                builder = builder.reinit(Some(to.as_bytes().to_vec()), ProtocolVersion::MLS_10, suite, extensions)?;
+            }
             Change::Pending | Change::Update => {}
         }
         let output = builder.build()?;
@@ -1305,11 +1423,66 @@ where
         check_id: impl FnOnce(&ConversationId) -> Result<(), E>,
         check_members: impl FnOnce(&ConversationId, &ConversationInfo, &[MemberInfo]) -> Result<(), E>,
     ) -> Result<Event, E> {
+        self.join_resuming(welcome, check_id, &[], check_members)
+    }
+
+    /// Joins `welcome` as the continuation of one of the conversations
+    /// `moving`: the one whose resumption secret opens it.
+    fn join_moved(&self, welcome: &MlsMessage, moving: &[ConversationId]) -> Result<MlsGroup<C, G, K>, CoreError> {
+        let me = self.identity();
+        let mut last = CoreError::Mls(mls_rs::error::MlsError::OldGroupStateNotFound);
+        for old in moving {
+            let group = match self.load(old) {
+                Ok(g) => g,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let joined = group
+                .get_reinit_client(Some(me.device_secret().clone()), Some(me.signing_identity()?))
+                .and_then(|reinit| reinit.join(welcome, None, None));
+            match joined {
+                Ok((group, _)) => return Ok(group),
+                Err(e) => last = e.into(),
+            }
+        }
+        Err(last)
+    }
+
+    /// As [`Self::join_checked`], for a device that also waits for the
+    /// conversations `moving` continue in (their ReInit commits applied
+    /// here): a Welcome whose secrets need one of their resumption secrets
+    /// (its group info cannot be read without it, so neither can its id)
+    /// is joined as that move, and only so: mls-rs checks the secret, the
+    /// new suite, id and group extensions, and that the members are the
+    /// old ones. `check_id` then sees the id after the join, before
+    /// anything is stored. A Welcome of a moved conversation cannot be
+    /// joined by a device that was not in the old one.
+    ///
+    /// # Errors
+    /// As [`Self::join_checked`].
+    pub fn join_resuming<E: From<CoreError>>(
+        &self,
+        welcome: &[u8],
+        check_id: impl FnOnce(&ConversationId) -> Result<(), E>,
+        moving: &[ConversationId],
+        check_members: impl FnOnce(&ConversationId, &ConversationInfo, &[MemberInfo]) -> Result<(), E>,
+    ) -> Result<Event, E> {
         let msg = MlsMessage::from_bytes(welcome).map_err(|_| CoreError::Malformed("welcome"))?;
         let client = self.client()?;
-        let group_info = client.examine_welcome_message(&msg).map_err(CoreError::from)?;
-        check_id(&conversation_id(&group_info.group_context().group_id)?)?;
-        let (group, _) = client.join_group(None, &msg, None).map_err(CoreError::from)?;
+        let group = match client.examine_welcome_message(&msg) {
+            Ok(group_info) => {
+                check_id(&conversation_id(&group_info.group_context().group_id)?)?;
+                client.join_group(None, &msg, None).map_err(CoreError::from)?.0
+            }
+            Err(mls_rs::error::MlsError::OldGroupStateNotFound) if !moving.is_empty() => {
+                let group = self.join_moved(&msg, moving)?;
+                check_id(&conversation_id(group.group_id())?)?;
+                group
+            }
+            Err(e) => return Err(CoreError::from(e).into()),
+        };
         let conversation = conversation_id(group.group_id())?;
         let info = Self::info_of(&group)?;
         let members = self.members_of(&group)?;
@@ -1393,6 +1566,12 @@ where
                     CommitEffect::Removed { new_epoch, .. } => new_epoch.applied_proposals.as_slice(),
                     CommitEffect::ReInit(_) => &[],
                 };
+                let moved_to = match &commit.effect {
+                    CommitEffect::ReInit(r) => {
+                        Some((conversation_id(r.proposal.group_id())?, r.proposal.new_cipher_suite()))
+                    }
+                    _ => None,
+                };
                 let left = applied
                     .iter()
                     .filter_map(|p| match (&p.proposal, &p.sender) {
@@ -1415,6 +1594,7 @@ where
                     renamed,
                     disappearing,
                     updated,
+                    moved_to,
                 }
             }
             ReceivedMessage::Proposal(p) => match (&p.proposal, &p.sender) {
@@ -1640,7 +1820,7 @@ mod tests {
 
 #[cfg(all(test, feature = "awslc"))]
 mod group_tests {
-    use super::tests::engine;
+    use super::tests::{engine, text, TestEngine};
     use super::*;
     use subrosa_proto::MessageId;
 
@@ -1855,6 +2035,91 @@ mod group_tests {
         let framing = subrosa_proto::framing::private_framing(&ct).expect("a PrivateMessage");
         assert_eq!((framing.epoch, framing.content_type), (2, subrosa_proto::framing::content_type::APPLICATION));
         assert!(matches!(bob.process(&conv, &ct).expect("bob reads"), Event::Message { .. }));
+    }
+
+    /// A classical group moves to the post-quantum suite (MLS ReInit): every
+    /// member applies the move from the old group's commit, the committer
+    /// creates the new group with the same devices (no other device can be
+    /// slipped in), and the Welcome joins only as the continuation of the
+    /// old group, whose resumption secret it needs.
+    #[test]
+    fn a_classical_group_moves_to_the_post_quantum_suite_with_the_same_members() {
+        use crate::{CIPHERSUITE, PQ_CIPHERSUITE};
+        let (alice, bob, carol, mallory) = (engine("alice"), engine("bob"), engine("carol"), engine("mallory"));
+        let kps = [&bob, &carol].map(|e| e.generate_key_package_in(CIPHERSUITE).expect("kp"));
+        let out = alice.create_conversation_in(&group_info("club"), CIPHERSUITE, &kps).expect("create");
+        let conv = out.conversation;
+        alice.confirm_commit(&conv).expect("confirm");
+        let welcome = out.welcome.expect("welcome");
+        for e in [&bob, &carol] {
+            e.join(&welcome).expect("join");
+        }
+        assert!(alice.can_move_to(&conv, PQ_CIPHERSUITE).expect("check"));
+        assert!(!alice.can_move_to(&conv, CIPHERSUITE).expect("check"), "already there");
+
+        let to = ConversationId([9; 16]);
+        let mv = alice.move_to(&conv, to, PQ_CIPHERSUITE).expect("move");
+        alice.confirm_commit(&conv).expect("confirm the move");
+        for e in [&bob, &carol] {
+            match e.process(&conv, &mv.commit).expect("apply the move") {
+                Event::Commit { moved_to, added, removed, .. } => {
+                    assert_eq!(moved_to, Some((to, PQ_CIPHERSUITE)));
+                    assert!(added.is_empty() && removed.is_empty());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The old group takes no more commits.
+        assert!(alice.update_keys(&conv).expect_err("moved").is_moved());
+        assert!(bob.update_keys(&conv).expect_err("moved").is_moved());
+
+        // The server cannot add a listener: a package of another device is
+        // refused, and so is a set missing a member.
+        let pq = |e: &TestEngine| e.generate_key_package_in(PQ_CIPHERSUITE).expect("kp");
+        let with_mallory = [pq(&bob), pq(&carol), pq(&mallory)];
+        assert!(alice.create_moved(&conv, &with_mallory).is_err(), "a stranger slipped into the move");
+        assert!(alice.create_moved(&conv, &[pq(&bob)]).is_err(), "a member left out of the move");
+
+        let created = alice.create_moved(&conv, &[pq(&bob), pq(&carol)]).expect("create the new group");
+        assert_eq!(created.conversation, to);
+        assert_eq!(created.epoch, Epoch(0));
+        assert_eq!(alice.suite(&to).expect("suite"), PQ_CIPHERSUITE);
+        assert_eq!(alice.info(&to).expect("info").name, "club", "the group context goes with it");
+        let welcome = created.welcome.expect("welcome");
+        assert_eq!(created.welcome_recipients.len(), 2);
+
+        // Joined as anything but the move, the Welcome fails: it needs the
+        // old group's resumption secret.
+        assert!(bob.join(&welcome).is_err(), "joined a moved group without the old one");
+        for e in [&bob, &carol] {
+            let joined = e
+                .join_resuming(&welcome, |_| Ok::<_, CoreError>(()), &[conv], |_, _, _| Ok(()))
+                .expect("join as the move");
+            assert!(
+                matches!(joined, Event::Joined { conversation, members, .. } if conversation == to && members.len() == 3)
+            );
+            assert_eq!(e.suite(&to).expect("suite"), PQ_CIPHERSUITE);
+        }
+        let (ct, recipients) = alice.encrypt(&to, &Content::text(MessageId([5; 16]), 1, "quantum-safe")).expect("send");
+        assert_eq!(recipients.len(), 2);
+        for e in [&bob, &carol] {
+            assert_eq!(text(&e.process(&to, &ct).expect("read")).as_deref(), Some("quantum-safe"));
+        }
+    }
+
+    /// mls-rs re-initializes only into a tree the size of the old one: a
+    /// group with a blank leaf before its last member is not offered a move.
+    #[test]
+    fn a_group_with_a_gap_in_its_tree_is_not_moved() {
+        use crate::{CIPHERSUITE, PQ_CIPHERSUITE};
+        let (alice, bob, carol) = (engine("alice"), engine("bob"), engine("carol"));
+        let kps = [&bob, &carol].map(|e| e.generate_key_package_in(CIPHERSUITE).expect("kp"));
+        let out = alice.create_conversation_in(&group_info("gap"), CIPHERSUITE, &kps).expect("create");
+        let conv = out.conversation;
+        alice.confirm_commit(&conv).expect("confirm");
+        alice.remove_members(&conv, &[bob.identity().address()]).expect("remove bob");
+        alice.confirm_commit(&conv).expect("confirm");
+        assert!(!alice.can_move_to(&conv, PQ_CIPHERSUITE).expect("check"));
     }
 }
 

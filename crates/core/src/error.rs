@@ -34,6 +34,10 @@ pub enum CoreError {
         /// The key package's.
         key_package: u16,
     },
+    /// The conversation moved to another suite (its MLS ReInit applied)
+    /// and the conversation it continues in is not joined yet.
+    #[error("the conversation is moving to post-quantum keys; it goes on once the new one is joined")]
+    Moving,
     /// A bug in Subrosa, not in the input.
     #[error("internal error: {0}")]
     Bug(&'static str),
@@ -51,6 +55,12 @@ impl CoreError {
                 mls_rs::error::MlsError::GroupStorageError(_) | mls_rs::error::MlsError::KeyPackageRepoError(_)
             )
         )
+    }
+
+    /// Whether the conversation moved (its MLS ReInit applied): it takes
+    /// no more commits, and nothing is to be sent there.
+    pub fn is_moved(&self) -> bool {
+        matches!(self, CoreError::Moving | CoreError::Mls(mls_rs::error::MlsError::GroupUsedAfterReInit))
     }
 }
 

@@ -19,6 +19,18 @@ impl Session {
         conversation: &ConversationId,
         change: &StagedChange,
     ) -> Result<Option<OutgoingCommit>, ClientError> {
+        match self.stage_change_inner(conversation, change) {
+            // A conversation that moved takes no more commits: said plainly.
+            Err(ClientError::Core(e)) if e.is_moved() => Err(CoreError::Moving.into()),
+            other => other,
+        }
+    }
+
+    fn stage_change_inner(
+        &self,
+        conversation: &ConversationId,
+        change: &StagedChange,
+    ) -> Result<Option<OutgoingCommit>, ClientError> {
         let members: Vec<DeviceAddress> = self.engine().members(conversation)?.into_iter().map(|m| m.address).collect();
         let out = match change {
             StagedChange::Create { .. } => None,
@@ -67,6 +79,12 @@ impl Session {
                     Some(self.engine().update_credential(conversation, &me)?)
                 }
             }
+            StagedChange::Move { to } => match self.engine().move_to(conversation, *to, subrosa_core::PQ_CIPHERSUITE) {
+                Ok(o) => Some(o),
+                // Another member's move was applied first: nothing to do.
+                Err(e) if e.is_moved() => None,
+                Err(e) => return Err(e.into()),
+            },
             StagedChange::Pending => match self.engine().commit_pending(conversation) {
                 // A leaver forgot the group's keys when it proposed to
                 // leave, and may be revoked since (its account deleted):
@@ -77,7 +95,9 @@ impl Session {
                     Some(o)
                 }
                 Ok(None) => None,
+                // Moved: the members continue in the new conversation.
                 Err(CoreError::UnknownConversation) => None,
+                Err(e) if e.is_moved() => None,
                 Err(e) => return Err(e.into()),
             },
         };

@@ -22,6 +22,7 @@ mod attachments;
 mod commits;
 pub mod directory;
 mod members;
+pub mod moves;
 mod outbox;
 pub mod requests;
 pub mod rotation;

@@ -196,8 +196,19 @@ impl Session {
             let (Some((conversation, _)), Some(content)) = (q.message, q.content) else {
                 return Err(ClientError::Store("an outbox row with neither request nor content".into()));
             };
-            if !tx.conversation(&conversation)?.is_some_and(|r| r.active) {
+            // Its history line stays where it was written (`conversation`);
+            // the message goes where the conversation is now (`to`): the
+            // one it moved to, if it moved (see `moves`).
+            let to = match crate::moves::moved_to(&*tx, &conversation)? {
+                Some(to) => to,
+                None => conversation,
+            };
+            if !tx.conversation(&to)?.is_some_and(|r| r.active) {
                 return Err(CoreError::UnknownConversation.into());
+            }
+            // Moving and not yet joined to where: it waits.
+            if crate::moves::moving(&*tx, &to)?.is_some() {
+                return Err(CoreError::Moving.into());
             }
             let content = Content::decode(&content)?;
             // A receipt goes to its author's devices only, unnumbered (see
@@ -216,16 +227,16 @@ impl Session {
                     tx.pop_outbox(id)?;
                     return Ok(None);
                 }
-                let members = self.engine().members(&conversation)?;
+                let members = self.engine().members(&to)?;
                 if !author.as_ref().is_some_and(|a| members.iter().any(|m| m.address.handle.as_str() == a)) {
                     // The author left (or the message is gone): nobody to tell.
                     tx.pop_outbox(id)?;
                     return Ok(None);
                 }
             }
-            let seq = if receipt_to.is_some() { 0 } else { tx.next_seq(&conversation)? };
+            let seq = if receipt_to.is_some() { 0 } else { tx.next_seq(&to)? };
             let content = content.with_context(seq, kt_head);
-            let (ciphertext, mut recipients) = self.engine().encrypt(&conversation, &content)?;
+            let (ciphertext, mut recipients) = self.engine().encrypt(&to, &content)?;
             match receipt_to {
                 Some(author) => recipients.retain(|a| Some(a.handle.as_str()) == author.as_deref()),
                 None => {
@@ -242,10 +253,10 @@ impl Session {
             // timer from now.
             let expires_at = match tx.message(&conversation, &content.message_id.0)?.and_then(|m| m.expires_at) {
                 Some(at) => Some(at),
-                None => self.expiry_from(&conversation, self.now_ms())?,
+                None => self.expiry_from(&to, self.now_ms())?,
             };
             let req = SendRequest {
-                conversation,
+                conversation: to,
                 send_id: SendId(q.send_id),
                 commit: None,
                 parts: vec![SendPart { kind: MessageKind::Application, recipients, ciphertext: B64(ciphertext) }],

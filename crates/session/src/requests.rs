@@ -28,7 +28,7 @@ fn contact_key(handle: &str) -> String {
     format!("contact:{handle}")
 }
 
-fn request_key(conversation: &ConversationId) -> String {
+pub(crate) fn request_key(conversation: &ConversationId) -> String {
     format!("request:{}", conversation.to_hex())
 }
 

@@ -199,9 +199,13 @@ impl Session {
                         return tx.mark_processed(digest);
                     }
                     let seen: &dyn Tx = &*tx;
-                    self.engine.join_checked(
+                    // A conversation this device saw move continues here:
+                    // joined only as that move (MLS checks it).
+                    let moving = crate::moves::moving_conversations(seen)?;
+                    self.engine.join_resuming(
                         env.ciphertext.as_slice(),
                         |id| self.check_welcome_id(seen, env, id),
+                        &moving,
                         |id, info, members| self.check_welcome_members(seen, env, id, info, members),
                     )?
                 }
@@ -216,7 +220,12 @@ impl Session {
                         return tx.mark_processed(digest);
                     }
                     if let Some(row) = row {
-                        if !row.active {
+                        // A conversation that moved still reads the
+                        // messages sent there before their senders saw the
+                        // move, while its keys are kept (see `moves`).
+                        let late_in_moved =
+                            env.kind == MessageKind::Application && crate::moves::moved_to(&*tx, &row.id)?.is_some();
+                        if !row.active && !late_in_moved {
                             return Err(CoreError::UnknownConversation.into());
                         }
                     }
@@ -496,6 +505,15 @@ impl Session {
                 // directory check follows outside this transaction.
                 tx.note_members(&conversation, &members.iter().map(|m| m.address.handle.as_str()).collect::<Vec<_>>())?;
                 self.queue_member_checks(tx, &conversation, &env.sender, true, &members)?;
+                if let Some(old) = crate::moves::continues(&*tx, &conversation)? {
+                    // The same members, kind and name (MLS checked them
+                    // against the old conversation): it goes on here.
+                    let old_row = self.conversation_row(tx, &old)?;
+                    tx.add_conversation(&conversation, &old_row.kind, &old_row.name, old_row.peer.as_deref())?;
+                    let row = self.conversation_row(tx, &conversation)?;
+                    return self.finish_move(tx, &old, &row, &env.sender);
+                }
+                tx.set_meta(&crate::moves::pq_check_key(&conversation), &[])?;
                 match info.kind {
                     ConversationKind::Direct => {
                         let peer = members
@@ -585,12 +603,29 @@ impl Session {
                 renamed,
                 disappearing,
                 updated,
+                moved_to,
                 ..
             } => {
                 let mut row = self.conversation_row(tx, &conversation)?;
                 let by = &committer.address;
+                if let Some((to, suite)) = moved_to {
+                    self.note_move(tx, &conversation, &to, false)?;
+                    let text = format!(
+                        "{} moved this conversation to {}; it continues as #{} once they send the invitation",
+                        by.handle,
+                        crate::moves::suite_words(suite.into()),
+                        to.to_hex()
+                    );
+                    self.record_system_line(tx, &row, by, SystemEvent::Note { text })?;
+                }
                 // Every commit carries a path: the committer's keys are new.
                 tx.note_member_update(&conversation, by, self.now_ms())?;
+                self.erase_moved_keys(tx, &conversation)?;
+                // A member's new certificate may say it can do post-quantum
+                // conversations now: the client looks again.
+                if !updated.is_empty() && moved_to.is_none() {
+                    tx.set_meta(&crate::moves::pq_check_key(&conversation), &[])?;
+                }
                 // A device that changed its keys (`devices rekey`, or its
                 // account's identity key rotated) is checked against the
                 // directory like an added one; a new identity key for a
@@ -1058,6 +1093,7 @@ impl Session {
         tx.delete_pending_commit(conversation)?;
         // Every commit carries a path: this device's keys there are new.
         tx.note_own_update(conversation, self.now_ms())?;
+        self.erase_moved_keys(tx, conversation)?;
         if let StagedChange::Create { kind, name, peer, .. } = &meta.change {
             tx.add_conversation(conversation, kind, name, peer.as_deref())?;
             // Whoever this account starts a conversation with is a contact.
@@ -1065,7 +1101,18 @@ impl Session {
                 crate::requests::add_contact(tx, &handle)?;
             }
         }
+        if let StagedChange::Move { to } = &meta.change {
+            self.note_move(tx, conversation, to, true)?;
+        }
+        // This device's certificate may say more now: look again.
+        if let StagedChange::Credential = &meta.change {
+            tx.set_meta(&crate::moves::pq_check_key(conversation), &[])?;
+        }
         let Some(mut row) = tx.conversation(conversation)? else { return Ok(()) };
+        if let (StagedChange::Create { .. }, Some(old)) = (&meta.change, crate::moves::continues(&*tx, conversation)?) {
+            let me = self.identity().address();
+            self.finish_move(tx, &old, &row, &me)?;
+        }
         if row.kind == "group" {
             let name = self.engine.info(conversation)?.name;
             if name != row.name {
@@ -1326,6 +1373,12 @@ pub enum StagedChange {
     /// This device's new credential (a new signature key or a certificate by
     /// the account's new identity key), with fresh keys.
     Credential,
+    /// Moves the conversation to the post-quantum suite under the new id
+    /// `to` (an MLS ReInit; see [`crate::moves`]).
+    Move {
+        /// The new conversation's id.
+        to: ConversationId,
+    },
 }
 
 impl std::fmt::Debug for StagedChange {
@@ -1346,6 +1399,7 @@ impl std::fmt::Debug for StagedChange {
             StagedChange::Pending => f.write_str("Pending"),
             StagedChange::Update => f.write_str("Update"),
             StagedChange::Credential => f.write_str("Credential"),
+            StagedChange::Move { to } => f.debug_struct("Move").field("to", to).finish(),
         }
     }
 }
@@ -1461,6 +1515,10 @@ mod tests {
             (
                 PendingMeta { change: StagedChange::Credential, line: None },
                 r#"{"change":{"change":"credential"},"line":null}"#,
+            ),
+            (
+                PendingMeta { change: StagedChange::Move { to: ConversationId([0xCD; 16]) }, line: None },
+                r#"{"change":{"change":"move","to":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"},"line":null}"#,
             ),
         ];
         for (meta, json) in cases {

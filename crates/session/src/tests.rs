@@ -1364,3 +1364,106 @@ fn a_call_row_whose_end_never_came_is_swept_a_day_later() {
     );
     assert_eq!(keys(&bob), vec![format!("call.{}", hex::encode([2u8; 16]))]);
 }
+
+/// A direct conversation moves to the post-quantum suite (see `moves`):
+/// the committer's move and new conversation, the peer's join as its
+/// continuation, a message sent in the old one just before its sender saw
+/// the move (still read, until the new conversation's first commit), and a
+/// message queued meanwhile (it waits, then goes to the new conversation).
+#[test]
+fn a_move_keeps_late_messages_and_sends_queued_ones_to_the_new_conversation() {
+    let (alice, bob, old) = pair();
+    let pq = subrosa_core::PQ_CIPHERSUITE;
+    assert_ne!(alice.session.engine().suite(&old).expect("suite"), pq, "starts classical");
+    let to = ConversationId([0x51; 16]);
+
+    // alice commits the move; the server takes it.
+    let meta = PendingMeta { change: StagedChange::Move { to }, line: None };
+    let commit = alice
+        .session
+        .store()
+        .write(|tx| {
+            let out = alice.session.stage_change(&old, &meta.change)?.expect("a move to commit");
+            let pending = alice.session.store_pending(tx, &out, &meta)?;
+            alice.session.finish_pending(tx, &pending)?;
+            Ok(out.commit)
+        })
+        .expect("move");
+    assert_eq!(
+        alice.session.store().read(|tx| crate::moves::moving(tx, &old)).expect("read"),
+        Some(crate::moves::Moving { to, creates: true })
+    );
+    // Nothing more is committed in the old conversation.
+    let again = alice.session.store().write(|_| alice.session.stage_change(&old, &StagedChange::Update));
+    assert!(matches!(again, Err(ClientError::Core(subrosa_core::CoreError::Moving))), "{again:?}");
+
+    // bob, who has not seen the move yet, writes in the old conversation.
+    let late = bob.text(old, 1, "sent before I saw the move");
+
+    // alice creates the new conversation with bob's post-quantum package.
+    let kp = bob.session.store().write(|_| Ok(bob.session.engine().generate_key_package_in(pq)?)).expect("kp");
+    let create = PendingMeta {
+        change: StagedChange::Create {
+            kind: "direct".into(),
+            name: String::new(),
+            peer: Some("bob".into()),
+            first: None,
+        },
+        line: None,
+    };
+    let welcome = alice
+        .session
+        .store()
+        .write(|tx| {
+            let out = alice.session.engine().create_moved(&old, &[kp])?;
+            let pending = alice.session.store_pending(tx, &out, &create)?;
+            alice.session.finish_pending(tx, &pending)?;
+            Ok(out.welcome.expect("welcome"))
+        })
+        .expect("create");
+    let row = |d: &Device, id| d.session.store().read(|tx| tx.conversation(&id)).expect("read").expect("row");
+    assert!(!row(&alice, old).active && row(&alice, to).active);
+    assert_eq!(row(&alice, to).peer.as_deref(), Some("bob"));
+    assert_eq!(alice.session.engine().suite(&to).expect("suite"), pq);
+
+    // The late message is still read (the old keys are kept for it).
+    alice.receive(&late);
+    assert!(texts(&alice.unseen()).contains(&"sent before I saw the move"));
+
+    // bob applies the move, queues a message, then joins.
+    bob.receive(&alice.envelope(old, MessageKind::Commit, commit));
+    let queued = Outgoing { conversation: old, target: "alice", group: false };
+    bob.session.queue_text(&queued, "written while moving", MessageId([0x77; 16]), [0x78; 16]).expect("queued");
+    let q = bob.session.store().read(|tx| tx.outbox()).expect("outbox").remove(0);
+    let waits = bob.session.prepare_queued(q.id, None);
+    assert!(matches!(waits, Err(ClientError::Core(subrosa_core::CoreError::Moving))), "{waits:?}");
+    bob.receive(&alice.envelope(to, MessageKind::Welcome, welcome));
+    assert!(!row(&bob, old).active && row(&bob, to).active);
+    assert_eq!(bob.session.engine().suite(&to).expect("suite"), pq);
+    let (request, _) = bob.session.prepare_queued(q.id, None).expect("prepared").expect("a request");
+    let request: SendRequest = serde_json::from_slice(&request).expect("json");
+    assert_eq!(request.conversation, to, "the queued message goes to the new conversation");
+    alice.receive(&bob.envelope(to, MessageKind::Application, request.parts[0].ciphertext.0.clone()));
+    assert!(texts(&alice.unseen()).contains(&"written while moving"));
+    let lines = |d: &Device| {
+        let rows = [row(d, old), row(d, to)];
+        d.session.store().read(|tx| tx.history(&rows)).expect("history")
+    };
+    assert!(lines(&bob).iter().any(|m| m.system && m.text.contains("moved this conversation to post-quantum keys")));
+    assert!(lines(&alice).iter().any(|m| m.system && m.text.contains("continues as #5151")));
+
+    // The first commit in the new conversation erases the old keys: a
+    // message in the old one is no longer read.
+    alice
+        .session
+        .store()
+        .write(|tx| {
+            let meta = PendingMeta { change: StagedChange::Update, line: None };
+            let out = alice.session.stage_change(&to, &meta.change)?.expect("update");
+            let pending = alice.session.store_pending(tx, &out, &meta)?;
+            alice.session.finish_pending(tx, &pending)
+        })
+        .expect("update");
+    alice.receive(&bob.text(old, 2, "far too late"));
+    assert!(!texts(&alice.unseen()).contains(&"far too late"));
+}

@@ -73,6 +73,16 @@ impl Server {
         Server { child, bin, url, dir, metrics }
     }
 
+    /// The test-only malicious operator over a copy of the data directory
+    /// `data` (a fixture made by an older release).
+    pub fn start_malicious_on_copy_of(data: &Path) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        copy_dir(data, &dir.path().join("data"));
+        let bin = attack_server_bin();
+        let (child, url, metrics) = Self::spawn(&bin, &dir, "127.0.0.1:0", &[]);
+        Server { child, bin, url, dir, metrics }
+    }
+
     /// The test-only malicious operator (`subrosa-attack-server`): honest
     /// until [`Server::attack`] writes a plan.
     pub fn start_malicious() -> Server {

@@ -1257,6 +1257,13 @@ impl Conversations for SqliteTx<'_> {
         Ok(())
     }
 
+    fn retire_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError> {
+        self.lock()
+            .execute("UPDATE conversations SET active = 0 WHERE id = ?1", [id.as_bytes().as_slice()])
+            .map(|_| ())
+            .map_err(sql)
+    }
+
     fn key_update_state(&self, conversation: &subrosa_proto::ConversationId) -> Result<(u64, u64), ClientError> {
         self.lock()
             .query_row(

@@ -697,6 +697,15 @@ impl Conversations for MemTx<'_> {
         Ok(())
     }
 
+    fn retire_conversation(&mut self, id: &ConversationId) -> Result<(), ClientError> {
+        self.with(|t| {
+            if let Some(c) = t.conversations.iter_mut().find(|c| c.row.id == *id) {
+                c.row.active = false;
+            }
+        });
+        Ok(())
+    }
+
     fn key_update_state(&self, conversation: &ConversationId) -> Result<(u64, u64), ClientError> {
         Ok(self.with(|t| t.key_updates.get(&conversation.0).copied().unwrap_or((0, 0))))
     }

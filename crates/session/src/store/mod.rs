@@ -779,6 +779,14 @@ pub trait Conversations {
     /// Database errors.
     fn deactivate_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError>;
 
+    /// Marks a conversation retired, keeping its MLS state (a conversation
+    /// that moved: messages members sent there before they saw the move
+    /// are still read; [`Self::deactivate_conversation`] erases it later).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn retire_conversation(&mut self, id: &subrosa_proto::ConversationId) -> Result<(), ClientError>;
+
     /// When this device last replaced its keys in `conversation` (ms; 0 when
     /// never) and how many messages it sent there since.
     ///

@@ -1,0 +1,153 @@
+//! Conversations made before post-quantum conversations existed move to
+//! the hybrid suite (MLS ReInit) once every member device can do it: the
+//! first release's users (`tests/fixtures/v1`) run `devices rekey`, and
+//! their 1:1 conversation, then their group, go on under suite 65100 with
+//! the same members and the whole history, both ways. An operator that
+//! withholds a member's post-quantum key package cannot make a half-moved
+//! conversation: the move does not begin, and the conversation goes on.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::json;
+
+const FIXTURE_PASS: &str = "fixture passphrase";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
+}
+
+/// A copy of a first-release home, pointed at `server`.
+fn home(who: &str, server: &Server) -> User {
+    let user = User { name: who.into(), dir: tempfile::tempdir().expect("tempdir") };
+    copy_dir(&fixtures().join("sqlite").join(who), &user.home());
+    let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&user.home(), FIXTURE_PASS)
+        .expect("the old store opens and migrates");
+    store.write(|tx| tx.set_meta("server_url", server.url.as_bytes())).expect("point at the server");
+    user
+}
+
+fn output(user: &User, args: &[&str]) -> std::process::Output {
+    user.cmd(args).env("SUBROSA_PASSPHRASE", FIXTURE_PASS).output().expect("subrosa runs")
+}
+
+fn run(user: &User, args: &[&str]) -> String {
+    let out = output(user, args);
+    assert!(out.status.success(), "{} {args:?}: {}", user.name, stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn received(user: &User) -> Vec<String> {
+    texts(&parse_json_lines(&run(user, &["receive", "--json"])))
+}
+
+fn suite_of(user: &User, target: &str) -> u64 {
+    let j: serde_json::Value = serde_json::from_str(&run(user, &["members", target, "--json"])).expect("one object");
+    j["suite"].as_u64().expect("suite")
+}
+
+fn history(user: &User, target: &str) -> Vec<String> {
+    texts(&parse_json_lines(&run(user, &["history", target, "--json"])))
+}
+
+fn alerts(user: &User) -> String {
+    run(user, &["alerts"])
+}
+
+#[test]
+fn first_release_conversations_move_to_post_quantum_keys_once_every_device_can() {
+    let server = Server::start_on_copy_of(&fixtures().join("sqlite/server"), &[]);
+    let (alice, bob, carol) = (home("alice", &server), home("bob", &server), home("carol", &server));
+    for u in [&alice, &bob, &carol] {
+        received(u);
+    }
+    assert_eq!(suite_of(&alice, "@bob"), 1, "the first release's conversations are classical");
+    let old_direct = run(&alice, &["members", "@bob"]);
+
+    // alice's device can do post-quantum now; bob's cannot yet: nothing moves.
+    run(&alice, &["devices", "rekey"]);
+    received(&bob);
+    received(&alice);
+    assert_eq!(suite_of(&bob, "@alice"), 1);
+
+    // bob's can too: his next command moves their 1:1 conversation; the
+    // group waits for carol.
+    run(&bob, &["devices", "rekey"]);
+    received(&bob);
+    assert_eq!(suite_of(&bob, "@alice"), 65100, "bob moved the 1:1 conversation");
+    received(&alice);
+    assert_eq!(suite_of(&alice, "@bob"), 65100, "alice joined it as the continuation");
+    assert_eq!(suite_of(&alice, "friends"), 1, "carol's device cannot do post-quantum yet");
+    // The same two devices, under new keys.
+    let devices = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("ciphersuite"))
+            .map(|l| l.split('\t').take(2).collect::<Vec<_>>().join("\t"))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(devices(&run(&alice, &["members", "@bob"])), devices(&old_direct));
+
+    // It goes on both ways, with the whole history.
+    run(&alice, &["send", "@bob", "quantum-safe now"]);
+    assert!(received(&bob).contains(&"quantum-safe now".to_string()));
+    run(&bob, &["send", "@alice", "and back"]);
+    assert!(received(&alice).contains(&"and back".to_string()));
+    let h = history(&alice, "@bob");
+    for line in ["hello bob, from the v1 fixture", "quantum-safe now", "and back"] {
+        assert!(h.contains(&line.to_string()), "{line:?} missing from {h:?}");
+    }
+    assert!(h.iter().any(|l| l.contains("moved this conversation to post-quantum keys")), "{h:?}");
+
+    // carol rekeys: her next command moves the group, for everyone.
+    run(&carol, &["devices", "rekey"]);
+    received(&carol);
+    for u in [&alice, &bob, &carol] {
+        received(u);
+        assert_eq!(suite_of(u, "friends"), 65100, "{}", u.name);
+    }
+    run(&carol, &["send", "friends", "the group is post-quantum"]);
+    for u in [&alice, &bob] {
+        assert!(received(u).contains(&"the group is post-quantum".to_string()), "{}", u.name);
+    }
+    let h = history(&bob, "friends");
+    assert!(h.contains(&"group hello".to_string()) && h.contains(&"the group is post-quantum".to_string()), "{h:?}");
+    // One group of that name is active, and nothing went wrong anywhere.
+    let groups = run(&alice, &["groups"]);
+    assert_eq!(groups.lines().filter(|l| l.contains("friends") && !l.contains("left")).count(), 1, "{groups}");
+    for u in [&alice, &bob, &carol] {
+        let a = alerts(u);
+        assert!(!a.contains("could not"), "{}: {a}", u.name);
+    }
+}
+
+#[test]
+fn a_withheld_post_quantum_key_package_stops_a_move_before_it_begins() {
+    let server = Server::start_malicious_on_copy_of(&fixtures().join("sqlite/server"));
+    let (alice, bob) = (home("alice", &server), home("bob", &server));
+    for u in [&alice, &bob] {
+        received(u);
+    }
+    run(&alice, &["devices", "rekey"]);
+    received(&bob);
+    // The operator hides alice's post-quantum packages when bob moves.
+    server.attack(json!({ "withhold_post_quantum": { "handle": "alice" } }));
+    run(&bob, &["devices", "rekey"]);
+    received(&bob);
+    assert_eq!(suite_of(&bob, "@alice"), 1, "no move without every member's package");
+    assert!(alerts(&bob).contains("withheld the post-quantum key packages"), "{}", alerts(&bob));
+    // Nothing is stuck: the conversation goes on, classical.
+    run(&bob, &["send", "@alice", "still here"]);
+    assert!(received(&alice).contains(&"still here".to_string()));
+    run(&alice, &["send", "@bob", "me too"]);
+    assert!(received(&bob).contains(&"me too".to_string()));
+
+    // Honest again: the next change of keys moves it.
+    server.attack(json!({}));
+    run(&alice, &["devices", "rekey"]);
+    received(&bob);
+    received(&alice);
+    assert_eq!(suite_of(&alice, "@bob"), 65100);
+    assert_eq!(suite_of(&bob, "@alice"), 65100);
+}
