@@ -50,6 +50,11 @@ struct Row {
     /// loaded groups) and with groups kept loaded between calls (`on`, as a
     /// session runs): (encrypt, decrypt) per message, then per batch.
     stored: Option<StoredRates>,
+    /// Ours, classical only: moving the group to the post-quantum suite
+    /// (MLS ReInit): the committer's move commit and new group with every
+    /// member's post-quantum package, then one member applying the move
+    /// and joining the new group's Welcome, and that Welcome's size.
+    moved: Option<(Duration, Duration, usize)>,
 }
 
 #[derive(Debug, Default)]
@@ -142,9 +147,20 @@ fn rate(n: usize, d: Duration) -> f64 {
 fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuite, with_store: bool) -> Result<Row> {
     let (creator, creator_groups) = engine_with(0)?;
     let (joiner, joiner_groups) = engine_with(1)?;
+    // A classical group is moved to the post-quantum suite at the end:
+    // every member's post-quantum package is made now, by the same device.
+    let moves = suite != subrosa_core::PQ_CIPHERSUITE;
+    let mut move_kps = Vec::new();
     let mut kps = vec![joiner.generate_key_package_in(suite)?];
+    if moves {
+        move_kps.push(joiner.generate_key_package_in(subrosa_core::PQ_CIPHERSUITE)?);
+    }
     for i in 2..n {
-        kps.push(engine(i)?.generate_key_package_in(suite)?);
+        let member = engine(i)?;
+        kps.push(member.generate_key_package_in(suite)?);
+        if moves {
+            move_kps.push(member.generate_key_package_in(subrosa_core::PQ_CIPHERSUITE)?);
+        }
     }
     let key_package_bytes = kps[0].len();
     let info = ConversationInfo { kind: ConversationKind::Group, name: format!("bench {n}") };
@@ -163,6 +179,9 @@ fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuit
     let conv = out.conversation;
 
     let newcomer = engine(n + 1)?;
+    if moves {
+        move_kps.push(newcomer.generate_key_package_in(subrosa_core::PQ_CIPHERSUITE)?);
+    }
     let add = creator.add_members(&conv, &[newcomer.generate_key_package_in(suite)?])?;
     creator.confirm_commit(&conv)?;
     let t = Instant::now();
@@ -230,7 +249,24 @@ fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuit
         joiner.end_batch()?;
     }
     let decrypt_batched = t.elapsed();
+
+    let moved = if moves {
+        let to = subrosa_proto::ConversationId([0xEE; 16]);
+        let t = Instant::now();
+        let commit = creator.move_to(&conv, to, subrosa_core::PQ_CIPHERSUITE)?;
+        creator.confirm_commit(&conv)?;
+        let created = creator.create_moved(&conv, &move_kps)?;
+        let commit_and_create = t.elapsed();
+        let welcome = created.welcome.ok_or_else(|| anyhow!("no welcome"))?;
+        let t = Instant::now();
+        joiner.process(&conv, &commit.commit)?;
+        joiner.join_resuming(&welcome, |_| Ok::<_, subrosa_core::CoreError>(()), &[conv], |_, _, _| Ok(()))?;
+        Some((commit_and_create, t.elapsed(), welcome.len()))
+    } else {
+        None
+    };
     Ok(Row {
+        moved,
         key_package_bytes,
         create,
         commit_bytes: out.commit.len(),
@@ -346,6 +382,7 @@ fn mls_alone(n: usize, messages: usize, batch: usize) -> Result<Row> {
     }
     let decrypt = t.elapsed();
     Ok(Row {
+        moved: None,
         key_package_bytes,
         create,
         commit_bytes: out.commit_message.to_bytes()?.len(),
@@ -467,6 +504,14 @@ pub async fn run(sizes: &[usize], messages: usize, batch: usize) -> Result<()> {
                 };
                 row(label, two(pick(sp, false), pick(sp, true)), two(pick(so, false), pick(so, true)), String::new());
             }
+        }
+        if let Some((create, join, welcome)) = o.moved {
+            println!(
+                "  moving the classical group to post-quantum (MLS ReInit), beside creating one (ours PQ column):"
+            );
+            row("  move commit + new group (committer)", ms(pq.create), ms(create), String::new());
+            row("  apply the move + join the new group", ms(pq.join), ms(join), String::new());
+            row("  welcome size (bytes)", pq.welcome_bytes.to_string(), welcome.to_string(), String::new());
         }
         println!("  {:<44} {:>14}", "server stores one message for N devices", ms(fan));
     }
