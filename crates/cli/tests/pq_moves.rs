@@ -151,3 +151,60 @@ fn a_withheld_post_quantum_key_package_stops_a_move_before_it_begins() {
     assert_eq!(suite_of(&alice, "@bob"), 65100);
     assert_eq!(suite_of(&bob, "@alice"), 65100);
 }
+
+/// The member that committed a move loses the server's answer and is never
+/// heard of again: the others wait (a message written meanwhile is queued,
+/// not lost), and once it is overdue a member creates the new conversation
+/// itself; the committer, back at last, joins that one.
+#[test]
+fn a_move_whose_committer_vanishes_is_completed_by_another_member() {
+    let server = Server::start_malicious_on_copy_of(&fixtures().join("sqlite/server"));
+    let (alice, bob) = (home("alice", &server), home("bob", &server));
+    for u in [&alice, &bob] {
+        received(u);
+    }
+    run(&alice, &["devices", "rekey"]);
+    received(&bob);
+    run(&bob, &["devices", "rekey"]);
+    // alice's next command moves their conversation; the answer to her
+    // move is lost (stored and delivered all the same), and she is gone.
+    server.attack(json!({ "lose_commit_answers": { "sender": "alice" } }));
+    output(&alice, &["receive"]);
+    server.attack(json!({}));
+
+    received(&bob);
+    assert_eq!(suite_of(&bob, "@alice"), 1, "bob applied the move and waits for alice's new conversation");
+    let out = output(&bob, &["send", "@alice", "written while it moves"]);
+    assert_eq!(out.status.code(), Some(75), "queued, not lost: {}", stderr(&out));
+
+    // An hour later (the wait, set back in bob's store), bob creates it.
+    let old = parse_json_lines(&run(&bob, &["history", "@alice", "--json"]))[0]["conversation"]
+        .as_str()
+        .expect("conversation")
+        .to_string();
+    {
+        let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&bob.home(), FIXTURE_PASS)
+            .expect("bob's store");
+        let key = format!("moving:{old}");
+        store
+            .write(|tx| {
+                let mut v = tx.meta(&key)?.expect("bob is moving").to_vec();
+                v[17..25].copy_from_slice(&0u64.to_le_bytes());
+                tx.set_meta(&key, &v)
+            })
+            .expect("set the wait back");
+    }
+    received(&bob);
+    assert_eq!(suite_of(&bob, "@alice"), 65100, "bob created the new conversation");
+    received(&bob);
+
+    // alice is back: her move's answer comes as a duplicate, and she joins
+    // bob's conversation, where the queued message waits for her.
+    let got = received(&alice);
+    assert_eq!(suite_of(&alice, "@bob"), 65100);
+    let mut got = got;
+    got.extend(received(&alice));
+    assert!(got.contains(&"written while it moves".to_string()), "{got:?}");
+    run(&alice, &["send", "@bob", "back"]);
+    assert!(received(&bob).contains(&"back".to_string()));
+}

@@ -52,13 +52,10 @@ impl Subrosa {
             };
             match outcome {
                 Ok(true) => self.store().write(|tx| tx.delete_meta(&key))?,
-                Ok(false) => {}
-                Err(
-                    e @ (ClientError::Network(_)
-                    | ClientError::Pending(_)
-                    | ClientError::Store(_)
-                    | ClientError::Bug(_)),
-                ) => return Err(e),
+                // Waiting for an answer (the next command posts it again),
+                // for the creator, or for another member's move.
+                Ok(false) | Err(ClientError::Pending(_)) => {}
+                Err(e @ (ClientError::Network(_) | ClientError::Store(_) | ClientError::Bug(_))) => return Err(e),
                 Err(e) => {
                     let alert = match id {
                         Some(id) => format!("could not move conversation #{} to post-quantum keys: {e}", id.to_hex()),
@@ -88,17 +85,18 @@ impl Subrosa {
             return Ok(true);
         }
         if let Some(m) = self.store().read(|tx| moving(tx, id))? {
-            // Applied here: the committer creates the new conversation; the
-            // others wait for its Welcome.
-            if !m.creates || self.store().read(|tx| tx.conversation(&m.to))?.is_some() {
+            // Applied here: the committer creates the new conversation (at
+            // once, or at the next command after a lost answer or a crash);
+            // the others wait for its Welcome, and create it themselves
+            // once the committer is overdue (it may be gone for good).
+            if self.store().read(|tx| tx.conversation(&m.to))?.is_some() {
                 return Ok(true);
             }
-            if self.store().read(|tx| tx.pending_commit(&m.to))?.is_some() {
+            if self.store().read(|tx| tx.pending_commit(&m.to))?.is_some() || !m.creates_at(self.now_ms()) {
                 return Ok(false);
             }
             let key_packages = self.claim_roster(id).await?;
-            self.create_moved(&row, &m.to, &key_packages).await?;
-            return Ok(true);
+            return self.create_moved(&row, &m.to, &key_packages).await;
         }
         if self.store().read(|tx| tx.pending_commit(id))?.is_some() {
             return Ok(false);
@@ -118,11 +116,9 @@ impl Subrosa {
         // Ours won unless another member's move did: then it is theirs to
         // create (see `moving`).
         match self.store().read(|tx| moving(tx, id))? {
-            Some(m) if m.creates && m.to == to => {
-                self.create_moved(&row, &to, &key_packages).await?;
-                Ok(true)
-            }
-            _ => Ok(true),
+            Some(m) if m.creates && m.to == to => self.create_moved(&row, &to, &key_packages).await,
+            // Another member's move won: theirs to create.
+            _ => Ok(false),
         }
     }
 
@@ -164,13 +160,16 @@ impl Subrosa {
 
     /// Creates `to`, the conversation `old` moved to, and sends its
     /// Welcome: stored as pending first, so a lost answer is completed by
-    /// the next command like any new conversation's.
+    /// the next command like any new conversation's. True when it is
+    /// created; false when another member's creation was ordered first
+    /// (this device then joins that one's Welcome) or the answer is
+    /// missing.
     async fn create_moved(
         &self,
         old: &ConversationRow,
         to: &ConversationId,
         key_packages: &[Vec<u8>],
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ClientError> {
         // The kind and name are the old conversation's (MLS carries them
         // over); the row is written when the server took the Welcome.
         let kind = match self.engine().info(&old.id)?.kind {
@@ -188,12 +187,19 @@ impl Subrosa {
             }
             self.store_pending(tx, &out, &meta)
         })?;
-        match self.post_pending(&pending).await? {
-            Posted::Applied => Ok(()),
-            Posted::Stale => {
-                self.store().write(|tx| self.drop_pending(tx, &pending))?;
-                Err(ClientError::Protocol("the server refused the conversation a move created".into()))
+        match self.post_pending(&pending).await {
+            Ok(Posted::Applied) => Ok(true),
+            Ok(Posted::Stale) => {
+                self.store().write(|tx| {
+                    self.drop_pending(tx, &pending)?;
+                    self.created_elsewhere(tx, &old.id)
+                })?;
+                Ok(false)
             }
+            // No answer: the pending creation is posted again by the next
+            // command (`resolve_pending_commits`).
+            Err(ClientError::Pending(_)) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }

@@ -17,9 +17,10 @@
 //! - `pq_check:<id>`: the conversation may be able to move (a member's keys
 //!   changed, this device's did, or it was never looked at); the client
 //!   looks at it at its next command and drops the mark.
-//! - `moving:<old id>`: the ReInit of `old` is applied here: the new id, and
-//!   whether this device committed it (and so creates the new one). Nothing
-//!   is encrypted in `old` any more; queued messages wait.
+//! - `moving:<old id>`: the ReInit of `old` is applied here: the new id,
+//!   whether this device committed it (and so creates the new one), and
+//!   since when (another member creates it after [`MOVE_FALLBACK_MS`]).
+//!   Nothing is encrypted in `old` any more; queued messages wait.
 //! - `moved_from:<new id>`: the old id, to join the Welcome of `new` as its
 //!   continuation.
 //! - `moved:<old id>`: the new id, once joined or created: queued messages
@@ -61,6 +62,12 @@ fn read_id(bytes: &[u8]) -> Option<ConversationId> {
     ConversationId::from_slice(bytes.get(..16)?).ok()
 }
 
+/// How long a member waits for the device that committed a move to create
+/// the new conversation before it creates it itself (that device may be
+/// gone for good). Two creations are harmless: the server orders one new
+/// conversation's first request, and the other creator joins that one.
+pub const MOVE_FALLBACK_MS: u64 = 3_600_000;
+
 /// A ReInit applied here and not yet followed by the new conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Moving {
@@ -68,6 +75,29 @@ pub struct Moving {
     pub to: ConversationId,
     /// True when this device committed the move, and so creates `to`.
     pub creates: bool,
+    /// When the move was applied here (ms).
+    pub since_ms: u64,
+}
+
+impl Moving {
+    /// Whether this device creates `to` now: it committed the move, or the
+    /// member that did has not for [`MOVE_FALLBACK_MS`].
+    pub fn creates_at(&self, now_ms: u64) -> bool {
+        self.creates || now_ms.saturating_sub(self.since_ms) >= MOVE_FALLBACK_MS
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.to.as_bytes().to_vec();
+        v.push(u8::from(self.creates));
+        v.extend_from_slice(&self.since_ms.to_le_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        let to = read_id(v)?;
+        let since_ms = v.get(17..25).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_le_bytes);
+        Some(Moving { to, creates: v.get(16) == Some(&1), since_ms })
+    }
 }
 
 /// The move of `conversation` applied here and not completed, if any.
@@ -75,10 +105,7 @@ pub struct Moving {
 /// # Errors
 /// Store errors.
 pub fn moving(tx: &dyn Tx, conversation: &ConversationId) -> Result<Option<Moving>, ClientError> {
-    Ok(tx.meta(&moving_key(conversation))?.and_then(|v| {
-        let to = read_id(&v)?;
-        Some(Moving { to, creates: v.get(16) == Some(&1) })
-    }))
+    Ok(tx.meta(&moving_key(conversation))?.and_then(|v| Moving::decode(&v)))
 }
 
 /// The conversations whose move is applied here and not completed.
@@ -171,6 +198,20 @@ impl Session {
         Ok(())
     }
 
+    /// Another member's creation of the conversation `conversation` moves
+    /// to was ordered before this device's: it waits for that one's
+    /// Welcome (from now: the fallback does not fire again at once).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn created_elsewhere(&self, tx: &mut dyn Tx, conversation: &ConversationId) -> Result<(), ClientError> {
+        if let Some(m) = moving(&*tx, conversation)? {
+            let m = Moving { creates: false, since_ms: self.now_ms(), ..m };
+            tx.set_meta(&moving_key(conversation), &m.encode())?;
+        }
+        Ok(())
+    }
+
     /// The ReInit of `old` to `to` is applied here (inside the caller's
     /// transaction): nothing more is sent in `old`; `creates` when this
     /// device committed it.
@@ -181,11 +222,13 @@ impl Session {
         to: &ConversationId,
         creates: bool,
     ) -> Result<(), ClientError> {
-        let mut value = to.as_bytes().to_vec();
-        value.push(u8::from(creates));
-        tx.set_meta(&moving_key(old), &value)?;
+        let m = Moving { to: *to, creates, since_ms: self.now_ms() };
+        tx.set_meta(&moving_key(old), &m.encode())?;
         tx.set_meta(&moved_from_key(to), old.as_bytes())?;
-        tx.delete_meta(&pq_check_key(old))
+        // Looked at by every command until the new conversation exists
+        // here: the committer creates it (again after a lost answer or a
+        // crash), another member once the committer is overdue.
+        tx.set_meta(&pq_check_key(old), &[])
     }
 
     /// `new` exists here now (joined or created), continuing `old`: `old`
@@ -200,6 +243,7 @@ impl Session {
     ) -> Result<(), ClientError> {
         tx.delete_meta(&moving_key(old))?;
         tx.delete_meta(&moved_from_key(&new.id))?;
+        tx.delete_meta(&pq_check_key(old))?;
         tx.set_meta(&moved_key(old), new.id.as_bytes())?;
         // A message request stays one until the user accepts it.
         let request = crate::requests::request_key(old);
@@ -241,5 +285,14 @@ mod tests {
         assert_eq!(kept_key(&id), "kept_after_move:abababababababababababababababab");
         assert_eq!(read_id(&[7; 17]), Some(ConversationId([7; 16])));
         assert_eq!(read_id(&[7; 15]), None);
+        let m = Moving { to: id, creates: true, since_ms: 0x0102_0304_0506_0708 };
+        assert_eq!(hex::encode(m.encode()), format!("{}010807060504030201", "ab".repeat(16)));
+        assert_eq!(Moving::decode(&m.encode()), Some(m));
+        // The fallback: only the committer creates at once; any member once
+        // it is overdue.
+        let waiting = Moving { creates: false, since_ms: 1_000, ..m };
+        assert!(!waiting.creates_at(1_000 + MOVE_FALLBACK_MS - 1));
+        assert!(waiting.creates_at(1_000 + MOVE_FALLBACK_MS));
+        assert!(m.creates_at(0));
     }
 }

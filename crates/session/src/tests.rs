@@ -1389,10 +1389,8 @@ fn a_move_keeps_late_messages_and_sends_queued_ones_to_the_new_conversation() {
             Ok(out.commit)
         })
         .expect("move");
-    assert_eq!(
-        alice.session.store().read(|tx| crate::moves::moving(tx, &old)).expect("read"),
-        Some(crate::moves::Moving { to, creates: true })
-    );
+    let moving = alice.session.store().read(|tx| crate::moves::moving(tx, &old)).expect("read").expect("moving");
+    assert_eq!((moving.to, moving.creates, moving.since_ms), (to, true, 1_000));
     // Nothing more is committed in the old conversation.
     let again = alice.session.store().write(|_| alice.session.stage_change(&old, &StagedChange::Update));
     assert!(matches!(again, Err(ClientError::Core(subrosa_core::CoreError::Moving))), "{again:?}");
