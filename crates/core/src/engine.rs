@@ -275,10 +275,61 @@ pub enum Event {
     Other,
 }
 
+/// The MLS rules every device applies to the commits it makes and the
+/// ones it processes: mls-rs's defaults with the engine's options, and a
+/// move (ReInit) only to the post-quantum suite, in MLS 1.0, under a
+/// conversation id, from a classical conversation. A member that commits
+/// another (a move back to the classical suite, to record now and break
+/// later) is refused like any commit that cannot be processed.
+#[derive(Clone, Debug)]
+struct Rules(DefaultMlsRules);
+
+impl mls_rs::MlsRules for Rules {
+    type Error = CoreError;
+
+    fn filter_proposals(
+        &self,
+        _direction: mls_rs::mls_rules::CommitDirection,
+        _source: mls_rs::mls_rules::CommitSource,
+        _roster: &mls_rs::group::Roster,
+        context: &mls_rs::group::GroupContext,
+        proposals: mls_rs::mls_rules::ProposalBundle,
+    ) -> Result<mls_rs::mls_rules::ProposalBundle, CoreError> {
+        for r in proposals.reinit_proposals() {
+            let r = &r.proposal;
+            let allowed = r.new_cipher_suite() == crate::PQ_CIPHERSUITE
+                && context.cipher_suite != crate::PQ_CIPHERSUITE
+                && r.new_version() == ProtocolVersion::MLS_10
+                && r.group_id().len() == 16;
+            if !allowed {
+                return Err(CoreError::Unsupported("a move to another suite than the post-quantum one"));
+            }
+        }
+        Ok(proposals)
+    }
+
+    fn commit_options(
+        &self,
+        roster: &mls_rs::group::Roster,
+        context: &mls_rs::group::GroupContext,
+        proposals: &mls_rs::mls_rules::ProposalBundle,
+    ) -> Result<CommitOptions, CoreError> {
+        self.0.commit_options(roster, context, proposals).map_err(|e| match e {})
+    }
+
+    fn encryption_options(
+        &self,
+        roster: &mls_rs::group::Roster,
+        context: &mls_rs::group::GroupContext,
+    ) -> Result<EncryptionOptions, CoreError> {
+        self.0.encryption_options(roster, context).map_err(|e| match e {})
+    }
+}
+
 /// The mls-rs configuration the engine builds its clients with.
 type EngineConfig<C, G, K> = mls_rs::client_builder::MakeConfig<
     mls_rs::client_builder::WithMlsRules<
-        DefaultMlsRules,
+        Rules,
         mls_rs::client_builder::WithKeyPackageRepo<
             K,
             mls_rs::client_builder::WithGroupStateStorage<
@@ -681,7 +732,7 @@ where
             .key_package_repo(self.key_packages.clone())
             .extension_type(ExtensionType::new(CONVERSATION_INFO_EXT))
             .extension_type(ExtensionType::new(DISAPPEARING_EXT))
-            .mls_rules(rules)
+            .mls_rules(Rules(rules))
             .signing_identity(identity.signing_identity()?, identity.device_secret().clone(), suite)
             .build())
     }
@@ -2099,6 +2150,14 @@ mod group_tests {
                 matches!(joined, Event::Joined { conversation, members, .. } if conversation == to && members.len() == 3)
             );
             assert_eq!(e.suite(&to).expect("suite"), PQ_CIPHERSUITE);
+        }
+        // A move only ever goes to the post-quantum suite: a member cannot
+        // move the conversation back (the same rule refuses such a commit
+        // from another member), nor move it again.
+        for suite in [CIPHERSUITE, PQ_CIPHERSUITE] {
+            let back = alice.move_to(&to, ConversationId([3; 16]), suite).expect_err("refused");
+            assert!(matches!(back, CoreError::Mls(_)), "{back:?}");
+            alice.discard_commit(&to).ok();
         }
         let (ct, recipients) = alice.encrypt(&to, &Content::text(MessageId([5; 16]), 1, "quantum-safe")).expect("send");
         assert_eq!(recipients.len(), 2);
