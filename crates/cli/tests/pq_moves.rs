@@ -122,8 +122,10 @@ fn first_release_conversations_move_to_post_quantum_keys_once_every_device_can()
     }
 }
 
-#[test]
-fn a_withheld_post_quantum_key_package_stops_a_move_before_it_begins() {
+/// The test-only malicious operator over the first release's data, alice
+/// and bob caught up, alice's device able to do post-quantum (bob's not
+/// yet), bob aware of it.
+fn alice_rekeyed_on_the_attack_server() -> (Server, User, User) {
     let server = Server::start_malicious_on_copy_of(&fixtures().join("sqlite/server"));
     let (alice, bob) = (home("alice", &server), home("bob", &server));
     for u in [&alice, &bob] {
@@ -131,6 +133,12 @@ fn a_withheld_post_quantum_key_package_stops_a_move_before_it_begins() {
     }
     run(&alice, &["devices", "rekey"]);
     received(&bob);
+    (server, alice, bob)
+}
+
+#[test]
+fn a_withheld_post_quantum_key_package_stops_a_move_before_it_begins() {
+    let (server, alice, bob) = alice_rekeyed_on_the_attack_server();
     // The operator hides alice's post-quantum packages when bob moves.
     server.attack(json!({ "withhold_post_quantum": { "handle": "alice" } }));
     run(&bob, &["devices", "rekey"]);
@@ -158,13 +166,7 @@ fn a_withheld_post_quantum_key_package_stops_a_move_before_it_begins() {
 /// itself; the committer, back at last, joins that one.
 #[test]
 fn a_move_whose_committer_vanishes_is_completed_by_another_member() {
-    let server = Server::start_malicious_on_copy_of(&fixtures().join("sqlite/server"));
-    let (alice, bob) = (home("alice", &server), home("bob", &server));
-    for u in [&alice, &bob] {
-        received(u);
-    }
-    run(&alice, &["devices", "rekey"]);
-    received(&bob);
+    let (server, alice, bob) = alice_rekeyed_on_the_attack_server();
     run(&bob, &["devices", "rekey"]);
     // alice's next command moves their conversation; the answer to her
     // move is lost (stored and delivered all the same), and she is gone.
