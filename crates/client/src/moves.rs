@@ -111,7 +111,9 @@ impl Subrosa {
         let line =
             format!("you moved this conversation to post-quantum keys (ML-KEM-768 + X25519) as #{}", to.to_hex());
         if !self.commit_with_retry(id, StagedChange::Move { to }, Some(line)).await? {
-            return Ok(true);
+            // Nothing committed: another member's move came first (keep
+            // looking, for the fallback), or there was nothing to move.
+            return Ok(self.store().read(|tx| moving(tx, id))?.is_none());
         }
         // Ours won unless another member's move did: then it is theirs to
         // create (see `moving`).
