@@ -255,7 +255,7 @@ fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuit
         let t = Instant::now();
         let commit = creator.move_to(&conv, to, subrosa_core::PQ_CIPHERSUITE)?;
         creator.confirm_commit(&conv)?;
-        let created = creator.create_moved(&conv, &move_kps)?;
+        let created = creator.create_moved(&conv, &to, &move_kps)?;
         let commit_and_create = t.elapsed();
         let welcome = created.welcome.ok_or_else(|| anyhow!("no welcome"))?;
         let t = Instant::now();

@@ -183,10 +183,7 @@ impl Subrosa {
             StagedChange::Create { kind: kind.into(), name: old.name.clone(), peer: old.peer.clone(), first: None };
         let meta = PendingMeta { change, line: None };
         let pending = self.store().write(|tx| {
-            let out = self.engine().create_moved(&old.id, key_packages)?;
-            if out.conversation != *to {
-                return Err(ClientError::Bug("the moved conversation has another id than its move named".into()));
-            }
+            let out = self.engine().create_moved(&old.id, to, key_packages)?;
             self.store_pending(tx, &out, &meta)
         })?;
         match self.post_pending(&pending).await {

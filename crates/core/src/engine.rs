@@ -1289,8 +1289,8 @@ where
         self.stage(conversation, Change::ReInit(to, suite))
     }
 
-    /// Creates the conversation that `old` moved to (its ReInit commit
-    /// applied here) with `key_packages`, one of the new suite for every
+    /// Creates `to`, the conversation that `old` moved to (its ReInit commit
+    /// applied here), with `key_packages`, one of the new suite for every
     /// member device of `old` but this one: the same devices (mls-rs
     /// refuses any other set), bound to `old` by its resumption secret, so
     /// only its members can join and none can be slipped in. The new group
@@ -1303,7 +1303,19 @@ where
     /// [`CoreError::Mls`] when `old` did not move (`PendingReInitNotFound`),
     /// a key package is invalid, of another suite or for another device set;
     /// [`CoreError::UnknownConversation`].
-    pub fn create_moved(&self, old: &ConversationId, key_packages: &[Vec<u8>]) -> Result<OutgoingCommit, CoreError> {
+    pub fn create_moved(
+        &self,
+        old: &ConversationId,
+        to: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OutgoingCommit, CoreError> {
+        // Never over a stored group: the id was named by the committer.
+        if self.client()?.load_group(to.as_bytes()).is_ok() {
+            return Err(CoreError::IdentityMismatch(format!(
+                "the move names #{}, a conversation this device already has",
+                to.to_hex()
+            )));
+        }
         let group = self.load(old)?;
         let me = self.identity();
         let reinit = group.get_reinit_client(Some(me.device_secret().clone()), Some(me.signing_identity()?))?;
@@ -1315,6 +1327,9 @@ where
         }
         let (group, welcomes) = reinit.commit(messages, ExtensionList::new(), None)?;
         let conversation = conversation_id(group.group_id())?;
+        if conversation != *to {
+            return Err(CoreError::IdentityMismatch("the moved group has another id than its move named".into()));
+        }
         let welcome = welcomes.first().map(|w| w.to_bytes()).transpose()?;
         let mut members_after = welcome_recipients.clone();
         members_after.push(me.address());
@@ -2128,10 +2143,10 @@ mod group_tests {
         // refused, and so is a set missing a member.
         let pq = |e: &TestEngine| e.generate_key_package_in(PQ_CIPHERSUITE).expect("kp");
         let with_mallory = [pq(&bob), pq(&carol), pq(&mallory)];
-        assert!(alice.create_moved(&conv, &with_mallory).is_err(), "a stranger slipped into the move");
-        assert!(alice.create_moved(&conv, &[pq(&bob)]).is_err(), "a member left out of the move");
+        assert!(alice.create_moved(&conv, &to, &with_mallory).is_err(), "a stranger slipped into the move");
+        assert!(alice.create_moved(&conv, &to, &[pq(&bob)]).is_err(), "a member left out of the move");
 
-        let created = alice.create_moved(&conv, &[pq(&bob), pq(&carol)]).expect("create the new group");
+        let created = alice.create_moved(&conv, &to, &[pq(&bob), pq(&carol)]).expect("create the new group");
         assert_eq!(created.conversation, to);
         assert_eq!(created.epoch, Epoch(0));
         assert_eq!(alice.suite(&to).expect("suite"), PQ_CIPHERSUITE);

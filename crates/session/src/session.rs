@@ -609,6 +609,18 @@ impl Session {
                 let mut row = self.conversation_row(tx, &conversation)?;
                 let by = &committer.address;
                 if let Some((to, suite)) = moved_to {
+                    // The committer names the new id: one this device knows
+                    // would have its own move write over that conversation's
+                    // keys. Refused like any commit that cannot be
+                    // processed (the alert names the committer).
+                    if tx.known_conversation(&to)?.is_some() {
+                        return Err(CoreError::IdentityMismatch(format!(
+                            "{by} moved conversation #{} to #{}, a conversation this device already knows",
+                            conversation.to_hex(),
+                            to.to_hex()
+                        ))
+                        .into());
+                    }
                     self.note_move(tx, &conversation, &to, false)?;
                     let text = format!(
                         "{} moved this conversation to {}; it continues as #{} once they send the invitation",

@@ -1413,7 +1413,7 @@ fn a_move_keeps_late_messages_and_sends_queued_ones_to_the_new_conversation() {
         .session
         .store()
         .write(|tx| {
-            let out = alice.session.engine().create_moved(&old, &[kp])?;
+            let out = alice.session.engine().create_moved(&old, &to, &[kp])?;
             let pending = alice.session.store_pending(tx, &out, &create)?;
             alice.session.finish_pending(tx, &pending)?;
             Ok(out.welcome.expect("welcome"))
@@ -1464,4 +1464,38 @@ fn a_move_keeps_late_messages_and_sends_queued_ones_to_the_new_conversation() {
         .expect("update");
     alice.receive(&bob.text(old, 2, "far too late"));
     assert!(!texts(&alice.unseen()).contains(&"far too late"));
+}
+
+/// A member that names, as the conversation a move goes to, one this device
+/// already has (another conversation of theirs) cannot make the move write
+/// over its keys: the commit is refused and the committer named.
+#[test]
+fn a_move_to_an_id_this_device_knows_is_refused() {
+    let (alice, bob, old) = pair();
+    let (other, welcome) = alice.start_direct("bob", bob.key_package());
+    bob.receive(&welcome);
+    let meta = PendingMeta { change: StagedChange::Move { to: other }, line: None };
+    let commit = alice
+        .session
+        .store()
+        .write(|tx| {
+            let out = alice.session.stage_change(&old, &meta.change)?.expect("a move to commit");
+            let pending = alice.session.store_pending(tx, &out, &meta)?;
+            alice.session.finish_pending(tx, &pending)?;
+            Ok(out.commit)
+        })
+        .expect("move");
+    bob.receive(&alice.envelope(old, MessageKind::Commit, commit));
+    assert_eq!(bob.session.store().read(|tx| crate::moves::moving(tx, &old)).expect("read"), None);
+    assert!(bob.alerts().iter().any(|a| a.contains("alice")), "the committer is named");
+    // The committer's own engine refuses to create over a stored group too.
+    let pq = subrosa_core::PQ_CIPHERSUITE;
+    let kp = bob.session.store().write(|_| Ok(bob.session.engine().generate_key_package_in(pq)?)).expect("kp");
+    let over = alice.session.store().write(|_| Ok(alice.session.engine().create_moved(&old, &other, &[kp])?));
+    assert!(
+        matches!(over, Err(ClientError::Core(subrosa_core::CoreError::IdentityMismatch(_)))),
+        "{:?}",
+        over.map(|o| o.conversation)
+    );
+    assert!(alice.session.engine().members(&other).is_ok(), "the other conversation is untouched");
 }
