@@ -8,39 +8,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
+use common::v1::{fixtures, open_store, output, received, run};
 use common::*;
 use serde_json::json;
 
-const FIXTURE_PASS: &str = "fixture passphrase";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
-}
-
-/// A copy of a first-release home, pointed at `server`.
+/// A copy of a first-release home (SQLite), pointed at `server`.
 fn home(who: &str, server: &Server) -> User {
-    let user = User { name: who.into(), dir: tempfile::tempdir().expect("tempdir") };
-    copy_dir(&fixtures().join("sqlite").join(who), &user.home());
-    let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&user.home(), FIXTURE_PASS)
-        .expect("the old store opens and migrates");
-    store.write(|tx| tx.set_meta("server_url", server.url.as_bytes())).expect("point at the server");
-    user
-}
-
-fn output(user: &User, args: &[&str]) -> std::process::Output {
-    user.cmd(args).env("SUBROSA_PASSPHRASE", FIXTURE_PASS).output().expect("subrosa runs")
-}
-
-fn run(user: &User, args: &[&str]) -> String {
-    let out = output(user, args);
-    assert!(out.status.success(), "{} {args:?}: {}", user.name, stderr(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn received(user: &User) -> Vec<String> {
-    texts(&parse_json_lines(&run(user, &["receive", "--json"])))
+    common::v1::home("sqlite", who, server)
 }
 
 fn suite_of(user: &User, target: &str) -> u64 {
@@ -185,8 +159,7 @@ fn a_move_whose_committer_vanishes_is_completed_by_another_member() {
         .expect("conversation")
         .to_string();
     {
-        let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&bob.home(), FIXTURE_PASS)
-            .expect("bob's store");
+        let store = open_store(&bob);
         let key = format!("moving:{old}");
         store
             .write(|tx| {

@@ -5,36 +5,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
+use common::v1::*;
 use common::*;
-
-const FIXTURE_PASS: &str = "fixture passphrase";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
-}
-
-/// A copy of a fixture home, pointed at `server` (the fixture remembers a
-/// port of the run that made it).
-fn home(kind: &str, who: &str, server: &Server) -> User {
-    let user = User { name: who.into(), dir: tempfile::tempdir().expect("tempdir") };
-    copy_dir(&fixtures().join(kind).join(who), &user.home());
-    let store = <subrosa_client::store::Store as subrosa_client::store::OnDisk>::open(&user.home(), FIXTURE_PASS)
-        .expect("the old store opens and migrates");
-    store.write(|tx| tx.set_meta("server_url", server.url.as_bytes())).expect("point at the server");
-    user
-}
-
-fn run(user: &User, args: &[&str]) -> String {
-    let out = user.cmd(args).env("SUBROSA_PASSPHRASE", FIXTURE_PASS).output().expect("subrosa runs");
-    assert!(out.status.success(), "{} {args:?}: {}", user.name, stderr(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn received(user: &User) -> Vec<String> {
-    texts(&parse_json_lines(&run(user, &["receive", "--json"])))
-}
 
 #[test]
 fn a_first_release_sqlite_server_and_its_users_upgrade_in_place() {

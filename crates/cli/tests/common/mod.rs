@@ -2,6 +2,8 @@
 //! temporary directories, talking over loopback.
 #![allow(dead_code)]
 
+pub mod v1;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
