@@ -845,6 +845,61 @@ where
         entry
     }
 
+    /// The roster after a commit, from the one before it: only the leaves
+    /// the commit can have changed are read again (the committer's, each
+    /// updater's, each removed one, and the blank leaves and those past the
+    /// end that an add or an external join fills; RFC 9420 §12.3). Reading
+    /// every leaf again cost O(members) certificate lookups per commit,
+    /// most of an add's processing in a large group. A commit with a kind
+    /// of proposal this does not know is read in full.
+    fn roster_after_commit<Cfg: MlsConfig>(
+        &self,
+        conversation: &ConversationId,
+        group: &mls_rs::Group<Cfg>,
+        before: &[MemberInfo],
+        committer: u32,
+        applied: &[mls_rs::mls_rules::ProposalInfo<mls_rs::group::proposal::Proposal>],
+    ) -> Result<std::sync::Arc<Vec<MemberInfo>>, CoreError> {
+        use mls_rs::group::proposal::Proposal;
+        use mls_rs::group::Sender;
+        use mls_rs_core::group::ProposalType;
+        let mut touched = std::collections::BTreeSet::from([committer]);
+        let mut adds = 0u32;
+        for p in applied {
+            match (&p.proposal, &p.sender) {
+                (Proposal::Remove(r), _) => {
+                    touched.insert(r.to_remove());
+                }
+                (p, Sender::Member(i)) if p.proposal_type() == ProposalType::UPDATE => {
+                    touched.insert(*i);
+                }
+                (p, _) if p.proposal_type() == ProposalType::ADD => adds += 1,
+                (p, _)
+                    if [ProposalType::PSK, ProposalType::GROUP_CONTEXT_EXTENSIONS, ProposalType::EXTERNAL_INIT]
+                        .contains(&p.proposal_type()) => {}
+                _ => return self.roster_of(conversation, group),
+            }
+        }
+        // Adds (and an external joiner) take the leftmost blank leaves, then
+        // extend the tree: every blank leaf before, and as many past the end.
+        let mut next = 0u32;
+        for m in before {
+            touched.extend(next..m.index);
+            next = m.index.saturating_add(1);
+        }
+        touched.extend(next..next.saturating_add(adds).saturating_add(1));
+        let mut after: Vec<MemberInfo> = before.iter().filter(|m| !touched.contains(&m.index)).cloned().collect();
+        for &i in &touched {
+            if let Some(m) = group.member_at_index(i) {
+                after.push(self.member_info(&m)?);
+            }
+        }
+        after.sort_by_key(|m| m.index);
+        debug_assert_eq!(after, self.members_of(group)?, "a commit's roster read by its changes");
+        let tree_hash = &group.context().tree_hash;
+        Ok(self.remember_roster(conversation, tree_hash, after).members)
+    }
+
     fn members_of<Cfg: MlsConfig>(&self, group: &mls_rs::Group<Cfg>) -> Result<Vec<MemberInfo>, CoreError> {
         group.roster().members_iter().map(|m| self.member_info(&m)).collect()
     }
@@ -1594,8 +1649,16 @@ where
             }
             ReceivedMessage::Commit(commit) => {
                 let removed_self = matches!(commit.effect, CommitEffect::Removed { .. });
-                let after =
-                    if removed_self { std::sync::Arc::default() } else { self.roster_of(conversation, &group)? };
+                let applied = match &commit.effect {
+                    CommitEffect::NewEpoch(ne) => ne.applied_proposals.as_slice(),
+                    CommitEffect::Removed { new_epoch, .. } => new_epoch.applied_proposals.as_slice(),
+                    CommitEffect::ReInit(_) => &[],
+                };
+                let after = if removed_self {
+                    std::sync::Arc::default()
+                } else {
+                    self.roster_after_commit(conversation, &group, &before, commit.committer, applied)?
+                };
                 // The rosters compared by address through an index: a
                 // scan of one roster per member of the other cost O(N²),
                 // most of an add's processing in a large group.
@@ -1627,11 +1690,6 @@ where
                 let renamed = (info_after != info_before).then_some(info_after);
                 let timer_after = if removed_self { timer_before } else { Self::disappearing_of(&group)? };
                 let disappearing = (timer_after != timer_before).then_some(timer_after);
-                let applied = match &commit.effect {
-                    CommitEffect::NewEpoch(ne) => ne.applied_proposals.as_slice(),
-                    CommitEffect::Removed { new_epoch, .. } => new_epoch.applied_proposals.as_slice(),
-                    CommitEffect::ReInit(_) => &[],
-                };
                 let moved_to = match &commit.effect {
                     CommitEffect::ReInit(r) => {
                         Some((conversation_id(r.proposal.group_id())?, r.proposal.new_cipher_suite()))
@@ -1892,6 +1950,63 @@ mod group_tests {
 
     fn group_info(name: &str) -> ConversationInfo {
         ConversationInfo { kind: ConversationKind::Group, name: name.into() }
+    }
+
+    /// A member reads a commit's roster from the leaves it changed, not the
+    /// whole tree: removals leaving gaps, an add filling the leftmost gap,
+    /// an add past the end, a leave proposal committed by reference, a new
+    /// credential on the committer's path, and a removal at the tree's end
+    /// each give the roster the committer reads in full.
+    #[test]
+    fn a_commit_roster_read_by_its_changes_equals_the_whole_tree() {
+        let names = ["alice", "bob", "carol", "dave", "erin", "frank"];
+        let [alice, bob, carol, dave, erin, frank] = names.map(engine);
+        let kps: Vec<_> = [&bob, &carol, &dave, &erin].iter().map(|e| e.generate_key_package().expect("kp")).collect();
+        let out = alice.create_conversation(&group_info("roster"), &kps).expect("create");
+        let conv = out.conversation;
+        alice.confirm_commit(&conv).expect("confirm");
+        for e in [&bob, &carol, &dave, &erin] {
+            e.join(out.welcome.as_deref().expect("welcome")).expect("join");
+        }
+        let apply = |commit: &OutgoingCommit, by: &TestEngine, readers: &[&TestEngine]| {
+            by.confirm_commit(&conv).expect("confirm");
+            let whole = by.members(&conv).expect("members");
+            for r in readers {
+                r.process(&conv, &commit.commit).expect("process");
+                assert_eq!(r.members(&conv).expect("members"), whole, "{:?}", r.identity().address());
+            }
+        };
+        let address = |e: &TestEngine| e.identity().address();
+        // Gaps at leaves 2 and 3.
+        let c = alice.remove_members(&conv, &[address(&carol), address(&dave)]).expect("remove");
+        apply(&c, &alice, &[&bob, &erin]);
+        // frank takes the leftmost gap; a second new device of frank's
+        // account the next one; a third goes past the end.
+        let frank2 = engine("frank");
+        let frank3 = engine("frank");
+        let kps: Vec<_> = [&frank, &frank2, &frank3].iter().map(|e| e.generate_key_package().expect("kp")).collect();
+        let c = erin.add_members(&conv, &kps).expect("add");
+        apply(&c, &erin, &[&alice, &bob]);
+        let indices: Vec<u32> = bob.members(&conv).expect("members").iter().map(|m| m.index).collect();
+        assert_eq!(indices, [0, 1, 2, 3, 4, 5]);
+        for e in [&frank, &frank2, &frank3] {
+            e.join(c.welcome.as_deref().expect("welcome")).expect("join");
+        }
+        // bob leaves by a proposal that alice commits by reference.
+        let (proposal, _) = bob.propose_leave(&conv).expect("propose");
+        for e in [&alice, &erin, &frank] {
+            e.process(&conv, &proposal).expect("proposal");
+        }
+        let c = alice.commit_pending(&conv).expect("commit").expect("a pending proposal");
+        apply(&c, &alice, &[&erin, &frank]);
+        // erin's new certificate arrives on her commit's path.
+        let rotated = erin.identity().with_new_identity_key(erin.crypto(), 2).expect("rotate");
+        let c = erin.update_credential(&conv, &rotated).expect("stage");
+        apply(&c, &erin, &[&alice, &frank]);
+        // The last leaf goes: the tree shrinks.
+        let c = alice.remove_members(&conv, &[address(&frank3)]).expect("remove");
+        apply(&c, &alice, &[&erin, &frank]);
+        assert_eq!(frank.members(&conv).expect("members").len(), 4);
     }
 
     /// Members compute one SFrame base key per epoch (RFC 9605 §5.2); a
