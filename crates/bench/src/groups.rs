@@ -61,6 +61,8 @@ struct Row {
 struct StoredRates {
     off: [(f64, f64); 2],
     on: [(f64, f64); 2],
+    /// An existing member processing one add, group kept loaded.
+    process_add: Duration,
 }
 
 type StoreEngine = Engine<subrosa_core::DefaultCrypto, GroupStore, KeyPackageStore>;
@@ -204,11 +206,22 @@ fn ours(n: usize, messages: usize, batch: usize, suite: subrosa_core::CipherSuit
         copy(&creator_groups, &cs)?;
         copy(&joiner_groups, &js)?;
         let mut rates = StoredRates::default();
+        let mut engines = None;
         for (kept, slot) in [(false, &mut rates.off), (true, &mut rates.on)] {
             let c = stored_engine(&creator.identity(), &cs, kept)?;
             let j = stored_engine(&joiner.identity(), &js, kept)?;
             *slot = stored_rates((&c, &cs), (&j, &js), &conv, messages, batch)?;
+            engines = Some((c, j));
         }
+        // One more add, processed as a session does: the group kept loaded
+        // from the messages just read, the new state durably written.
+        let (c, j) = engines.ok_or_else(|| anyhow!("no stored engines"))?;
+        let kp = engine(n + 2)?.generate_key_package_in(suite)?;
+        let add = in_tx(&cs, || c.add_members(&conv, &[kp]))?;
+        in_tx(&cs, || c.confirm_commit(&conv))?;
+        let t = Instant::now();
+        in_tx(&js, || j.process(&conv, &add.commit))?;
+        rates.process_add = t.elapsed();
         Some(rates)
     } else {
         None
@@ -504,6 +517,7 @@ pub async fn run(sizes: &[usize], messages: usize, batch: usize) -> Result<()> {
                 };
                 row(label, two(pick(sp, false), pick(sp, true)), two(pick(so, false), pick(so, true)), String::new());
             }
+            row("existing member processes one add, kept", ms(sp.process_add), ms(so.process_add), String::new());
         }
         if let Some((create, join, welcome)) = o.moved {
             println!(
