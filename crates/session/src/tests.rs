@@ -1365,6 +1365,22 @@ fn a_call_row_whose_end_never_came_is_swept_a_day_later() {
     assert_eq!(keys(&bob), vec![format!("call.{}", hex::encode([2u8; 16]))]);
 }
 
+/// `device` commits a move of `old` to `to`, and the server takes it: the
+/// commit, as the other members receive it.
+fn commit_move(device: &Device, old: &ConversationId, to: ConversationId) -> Vec<u8> {
+    let meta = PendingMeta { change: StagedChange::Move { to }, line: None };
+    device
+        .session
+        .store()
+        .write(|tx| {
+            let out = device.session.stage_change(old, &meta.change)?.expect("a move to commit");
+            let pending = device.session.store_pending(tx, &out, &meta)?;
+            device.session.finish_pending(tx, &pending)?;
+            Ok(out.commit)
+        })
+        .expect("move")
+}
+
 /// A direct conversation moves to the post-quantum suite (see `moves`):
 /// the committer's move and new conversation, the peer's join as its
 /// continuation, a message sent in the old one just before its sender saw
@@ -1378,17 +1394,7 @@ fn a_move_keeps_late_messages_and_sends_queued_ones_to_the_new_conversation() {
     let to = ConversationId([0x51; 16]);
 
     // alice commits the move; the server takes it.
-    let meta = PendingMeta { change: StagedChange::Move { to }, line: None };
-    let commit = alice
-        .session
-        .store()
-        .write(|tx| {
-            let out = alice.session.stage_change(&old, &meta.change)?.expect("a move to commit");
-            let pending = alice.session.store_pending(tx, &out, &meta)?;
-            alice.session.finish_pending(tx, &pending)?;
-            Ok(out.commit)
-        })
-        .expect("move");
+    let commit = commit_move(&alice, &old, to);
     let moving = alice.session.store().read(|tx| crate::moves::moving(tx, &old)).expect("read").expect("moving");
     assert_eq!((moving.to, moving.creates, moving.since_ms), (to, true, 1_000));
     // Nothing more is committed in the old conversation.
@@ -1474,17 +1480,7 @@ fn a_move_to_an_id_this_device_knows_is_refused() {
     let (alice, bob, old) = pair();
     let (other, welcome) = alice.start_direct("bob", bob.key_package());
     bob.receive(&welcome);
-    let meta = PendingMeta { change: StagedChange::Move { to: other }, line: None };
-    let commit = alice
-        .session
-        .store()
-        .write(|tx| {
-            let out = alice.session.stage_change(&old, &meta.change)?.expect("a move to commit");
-            let pending = alice.session.store_pending(tx, &out, &meta)?;
-            alice.session.finish_pending(tx, &pending)?;
-            Ok(out.commit)
-        })
-        .expect("move");
+    let commit = commit_move(&alice, &old, other);
     bob.receive(&alice.envelope(old, MessageKind::Commit, commit));
     assert_eq!(bob.session.store().read(|tx| crate::moves::moving(tx, &old)).expect("read"), None);
     assert!(bob.alerts().iter().any(|a| a.contains("alice")), "the committer is named");
