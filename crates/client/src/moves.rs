@@ -13,7 +13,7 @@
 //! and waits for its Welcome. A move whose new conversation could not be
 //! created yet (no answer, a crash) is completed by the next command.
 
-use subrosa_core::{ConversationKind, PQ_CIPHERSUITE};
+use subrosa_core::PQ_CIPHERSUITE;
 use subrosa_proto::{ConversationId, Handle};
 use subrosa_session::directory::pq_fits;
 use subrosa_session::moves::{moving, pq_check_key, META_PQ_SCANNED, PQ_CHECK_PREFIX};
@@ -174,13 +174,12 @@ impl Subrosa {
     ) -> Result<bool, ClientError> {
         // The kind and name are the old conversation's (MLS carries them
         // over); the row is written when the server took the Welcome.
-        let kind = match self.engine().info(&old.id)?.kind {
-            ConversationKind::Direct => "direct",
-            ConversationKind::Group => "group",
-            ConversationKind::Own => "own",
+        let change = StagedChange::Create {
+            kind: old.kind.clone(),
+            name: old.name.clone(),
+            peer: old.peer.clone(),
+            first: None,
         };
-        let change =
-            StagedChange::Create { kind: kind.into(), name: old.name.clone(), peer: old.peer.clone(), first: None };
         let meta = PendingMeta { change, line: None };
         let pending = self.store().write(|tx| {
             let out = self.engine().create_moved(&old.id, to, key_packages)?;
