@@ -1,4 +1,4 @@
--- user_version 19
+-- user_version 20
 
 -- index attachments_state
 CREATE INDEX attachments_state ON attachments (state);
@@ -75,11 +75,11 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE mls_epoch (group_id BLOB NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (group_id, epoch));
 
 -- table mls_group
-CREATE TABLE mls_group (id BLOB PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE mls_group (id BLOB PRIMARY KEY, state BLOB NOT NULL, pieces BLOB NOT NULL DEFAULT x'');
 
--- table mls_group_chunk
-CREATE TABLE mls_group_chunk (group_id BLOB NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
-        data BLOB NOT NULL, PRIMARY KEY (group_id, idx));
+-- table mls_group_piece
+CREATE TABLE mls_group_piece (group_id BLOB NOT NULL, hash BLOB NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (group_id, hash));
 
 -- table mls_key_package
 CREATE TABLE mls_key_package (id BLOB PRIMARY KEY, data BLOB NOT NULL, last_resort INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL DEFAULT 0);

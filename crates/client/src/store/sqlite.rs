@@ -222,7 +222,7 @@ const SCHEMA: &[&str] = &[
     // v16 (links): a message's link preview, as its sender's device made
     // it (`LinkPreview::to_stored`: link, title, description, thumbnail).
     "ALTER TABLE messages ADD COLUMN preview BLOB;",
-    // v17 (big): a group's MLS state in pieces of GROUP_CHUNK bytes, each
+    // v17 (big): a group's MLS state in pieces of 65536 bytes, each
     // with its SHA-256, so a write replaces only the pieces that changed
     // (a message changes the ratchets at the end of the state, not the
     // tree before them). `mls_group` keeps one row per group, state empty.
@@ -251,47 +251,123 @@ const SCHEMA: &[&str] = &[
     "ALTER TABLE pending_commits ADD COLUMN by_reference BLOB;
      ALTER TABLE pending_commits ADD COLUMN uploaded_at INTEGER;
      ALTER TABLE pending_commits ADD COLUMN reuse_until INTEGER;",
+    // v20 (pieces): a group's MLS state in content-defined pieces (see
+    // `write_group_pieces`), each stored once under its SHA-256, and in
+    // `mls_group.pieces` the list naming them in order. A leaf added to
+    // the tree shifted every fixed-offset piece after it (v17), so a
+    // commit wrote the whole state again; now it writes the pieces around
+    // what changed. The conversion of v17's pieces runs in Rust
+    // (`convert_v17_pieces`), in the same transaction.
+    "CREATE TABLE mls_group_piece (group_id BLOB NOT NULL, hash BLOB NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (group_id, hash));
+     ALTER TABLE mls_group ADD COLUMN pieces BLOB NOT NULL DEFAULT x'';",
 ];
 
-/// Bytes per stored piece of a group's MLS state (v17; the migration
-/// above spells the same number).
-const GROUP_CHUNK: usize = 65536;
+/// The schema step (its number, counting from 1) after whose SQL
+/// [`convert_v17_pieces`] runs.
+const PIECES_STEP: usize = 20;
 
-/// Writes a group's state as pieces of [`GROUP_CHUNK`] bytes, replacing
-/// only those whose SHA-256 differs from the stored piece's (old pieces
-/// are overwritten on disk: `secure_delete`), and dropping pieces past the
-/// new end. Returns how many pieces it wrote.
-fn write_group_chunks(conn: &Connection, group_id: &[u8], state: &[u8]) -> Result<usize, ClientError> {
+/// Smallest, usual and largest size of a stored piece of a group's state
+/// (FastCDC's cut points: where the bytes before them say, so an insertion
+/// moves only the cuts next to it). Only writes depend on these: a stored
+/// state names its pieces and their lengths, so other values (or another
+/// chunker) would cost one full write, never a wrong read.
+const PIECE_MIN: usize = 4096;
+const PIECE_AVG: usize = 16384;
+const PIECE_MAX: usize = 65536;
+
+/// One entry of a group's list of pieces: the piece's SHA-256, then its
+/// length (u32, big-endian).
+const PIECE_ENTRY: usize = 36;
+
+/// Writes a group's state as content-defined pieces, each stored once per
+/// group under its SHA-256, and the list naming them in order. Inserts the
+/// pieces not stored yet and deletes those no longer named (overwritten on
+/// disk: `secure_delete`). Returns how many pieces it inserted.
+fn write_group_pieces(conn: &Connection, group_id: &[u8], state: &[u8]) -> Result<usize, ClientError> {
     use sha2::Digest as _;
-    conn.execute("INSERT INTO mls_group (id, state) VALUES (?1, x'') ON CONFLICT (id) DO NOTHING", [group_id])
-        .map_err(sql)?;
-    let stored: Vec<Vec<u8>> = {
-        // The hash column comes before the data, so this reads no piece.
-        let mut stmt =
-            conn.prepare_cached("SELECT hash FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx").map_err(sql)?;
+    use std::collections::HashSet;
+    let cuts: Vec<([u8; 32], &[u8])> = fastcdc::v2020::FastCDC::new(state, PIECE_MIN, PIECE_AVG, PIECE_MAX)
+        .map(|c| {
+            let piece = &state[c.offset..c.offset + c.length];
+            (sha2::Sha256::digest(piece).into(), piece)
+        })
+        .collect();
+    let mut list = Vec::with_capacity(cuts.len() * PIECE_ENTRY);
+    for (hash, piece) in &cuts {
+        list.extend_from_slice(hash);
+        // A piece is at most PIECE_MAX bytes.
+        list.extend_from_slice(&(piece.len() as u32).to_be_bytes());
+    }
+    let stored: HashSet<Vec<u8>> = {
+        // The primary key's index holds the hashes: this reads no piece.
+        let mut stmt = conn.prepare_cached("SELECT hash FROM mls_group_piece WHERE group_id = ?1").map_err(sql)?;
         let rows = stmt.query_map([group_id], |r| r.get::<_, Vec<u8>>(0)).map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)?
     };
-    let mut upsert = conn
-        .prepare_cached(
-            "INSERT INTO mls_group_chunk (group_id, idx, hash, data) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (group_id, idx) DO UPDATE SET hash = excluded.hash, data = excluded.data",
-        )
-        .map_err(sql)?;
+    let mut insert =
+        conn.prepare_cached("INSERT INTO mls_group_piece (group_id, hash, data) VALUES (?1, ?2, ?3)").map_err(sql)?;
+    let mut named = HashSet::with_capacity(cuts.len());
     let mut written = 0;
-    let mut count = 0i64;
-    for (i, piece) in state.chunks(GROUP_CHUNK).enumerate() {
-        count = i as i64 + 1;
-        let hash = sha2::Sha256::digest(piece);
-        if stored.get(i).is_some_and(|h| h.as_slice() == hash.as_slice()) {
-            continue;
+    for (hash, piece) in &cuts {
+        if named.insert(hash.to_vec()) && !stored.contains(hash.as_slice()) {
+            insert.execute(params![group_id, hash.as_slice(), piece]).map_err(sql)?;
+            written += 1;
         }
-        upsert.execute(params![group_id, i as i64, hash.as_slice(), piece]).map_err(sql)?;
-        written += 1;
     }
-    conn.execute("DELETE FROM mls_group_chunk WHERE group_id = ?1 AND idx >= ?2", params![group_id, count])
-        .map_err(sql)?;
+    let mut delete =
+        conn.prepare_cached("DELETE FROM mls_group_piece WHERE group_id = ?1 AND hash = ?2").map_err(sql)?;
+    for gone in stored.difference(&named) {
+        delete.execute(params![group_id, gone]).map_err(sql)?;
+    }
+    conn.execute(
+        "INSERT INTO mls_group (id, state, pieces) VALUES (?1, x'', ?2)
+         ON CONFLICT (id) DO UPDATE SET pieces = excluded.pieces",
+        params![group_id, list],
+    )
+    .map_err(sql)?;
     Ok(written)
+}
+
+/// A group's list of pieces, as (SHA-256, length) pairs.
+fn piece_list(list: &[u8]) -> Result<impl Iterator<Item = (&[u8], usize)>, ClientError> {
+    if list.len() % PIECE_ENTRY != 0 {
+        return Err(ClientError::Store("group state: its list of pieces is damaged".into()));
+    }
+    Ok(list.chunks_exact(PIECE_ENTRY).map(|e| {
+        let (hash, len) = e.split_at(32);
+        (hash, u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+    }))
+}
+
+/// Step v20's conversion: each group's state, read from its v17 pieces in
+/// order, is written again as content-defined pieces, and the v17 table
+/// goes (its pages overwritten: `secure_delete`).
+fn convert_v17_pieces(conn: &Connection) -> Result<(), ClientError> {
+    let groups: Vec<Vec<u8>> = {
+        let mut stmt = conn.prepare("SELECT id FROM mls_group").map_err(sql)?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)?
+    };
+    for id in groups {
+        let size: i64 = conn
+            .query_row("SELECT COALESCE(SUM(length(data)), 0) FROM mls_group_chunk WHERE group_id = ?1", [&id], |r| {
+                r.get(0)
+            })
+            .map_err(sql)?;
+        let mut state = Zeroizing::new(Vec::with_capacity(usize::try_from(size).unwrap_or(0)));
+        {
+            let mut stmt =
+                conn.prepare("SELECT data FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx").map_err(sql)?;
+            let mut rows = stmt.query([&id]).map_err(sql)?;
+            while let Some(r) = rows.next().map_err(sql)? {
+                let piece = r.get_ref(0).map_err(sql)?;
+                state.extend_from_slice(piece.as_blob().map_err(|e| ClientError::Store(format!("group state: {e}")))?);
+            }
+        }
+        write_group_pieces(conn, &id, &state)?;
+    }
+    conn.execute_batch("DROP TABLE mls_group_chunk").map_err(sql)
 }
 
 const MESSAGE_COLUMNS: &str =
@@ -552,7 +628,13 @@ impl SqliteStore {
         let conn = self.lock();
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
         for (i, step) in SCHEMA.iter().enumerate().take(last).skip(version.max(0) as usize) {
-            conn.execute_batch(&format!("BEGIN; {step}; PRAGMA user_version = {}; COMMIT;", i + 1)).map_err(sql)?;
+            conn.execute_batch(&format!("BEGIN; {step};")).map_err(sql)?;
+            let done = if i + 1 == PIECES_STEP { convert_v17_pieces(&conn) } else { Ok(()) }
+                .and_then(|()| conn.execute_batch(&format!("PRAGMA user_version = {}; COMMIT;", i + 1)).map_err(sql));
+            if let Err(e) = done {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -670,25 +752,28 @@ impl SqliteTx<'_> {
         // The state's whole size first, so the buffer is allocated once:
         // a buffer that grew would leave copies of the group's secrets in
         // the memory it let go, where zeroizing cannot reach them.
-        let size = conn
-            .query_row(
-                "SELECT (SELECT COALESCE(SUM(length(data)), 0) FROM mls_group_chunk WHERE group_id = ?1) \
-                 FROM mls_group WHERE id = ?1",
-                [group_id],
-                |r| r.get::<_, i64>(0),
-            )
+        let list = conn
+            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
             .optional()
             .map_err(sql)?;
-        let Some(size) = size else {
+        let Some(list) = list else {
             return Ok(None);
         };
+        let size = piece_list(&list)?.map(|(_, len)| len).sum();
         let mut stmt =
-            conn.prepare_cached("SELECT data FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx").map_err(sql)?;
-        let mut rows = stmt.query([group_id]).map_err(sql)?;
-        let mut state = Zeroizing::new(Vec::with_capacity(usize::try_from(size).unwrap_or(0)));
-        while let Some(r) = rows.next().map_err(sql)? {
-            let piece = r.get_ref(0).map_err(sql)?;
-            state.extend_from_slice(piece.as_blob().map_err(|e| ClientError::Store(format!("group state: {e}")))?);
+            conn.prepare_cached("SELECT data FROM mls_group_piece WHERE group_id = ?1 AND hash = ?2").map_err(sql)?;
+        let mut state = Zeroizing::new(Vec::with_capacity(size));
+        for (hash, len) in piece_list(&list)? {
+            let mut rows = stmt.query(params![group_id, hash]).map_err(sql)?;
+            let Some(r) = rows.next().map_err(sql)? else {
+                return Err(ClientError::Store("group state: a piece is missing".into()));
+            };
+            let piece =
+                r.get_ref(0).map_err(sql)?.as_blob().map_err(|e| ClientError::Store(format!("group state: {e}")))?;
+            if piece.len() != len {
+                return Err(ClientError::Store("group state: a piece is not the length its list says".into()));
+            }
+            state.extend_from_slice(piece);
         }
         Ok(Some(state))
     }
@@ -1174,7 +1259,7 @@ impl Conversations for SqliteTx<'_> {
         for q in [
             "DELETE FROM conversations WHERE id = ?1",
             "DELETE FROM mls_group WHERE id = ?1",
-            "DELETE FROM mls_group_chunk WHERE group_id = ?1",
+            "DELETE FROM mls_group_piece WHERE group_id = ?1",
             "DELETE FROM mls_epoch WHERE group_id = ?1",
             "DELETE FROM key_updates WHERE conversation = ?1",
         ] {
@@ -1252,7 +1337,7 @@ impl Conversations for SqliteTx<'_> {
         let id = id.as_bytes().as_slice();
         conn.execute("UPDATE conversations SET active = 0 WHERE id = ?1", [id]).map_err(sql)?;
         conn.execute("DELETE FROM mls_group WHERE id = ?1", [id]).map_err(sql)?;
-        conn.execute("DELETE FROM mls_group_chunk WHERE group_id = ?1", [id]).map_err(sql)?;
+        conn.execute("DELETE FROM mls_group_piece WHERE group_id = ?1", [id]).map_err(sql)?;
         conn.execute("DELETE FROM mls_epoch WHERE group_id = ?1", [id]).map_err(sql)?;
         Ok(())
     }
@@ -2072,27 +2157,14 @@ impl MlsState for SqliteTx<'_> {
 
     fn group_state_version(&self, group_id: &[u8]) -> Result<Option<subrosa_core::StateVersion>, ClientError> {
         use sha2::Digest as _;
-        let conn = self.lock();
-        // The pieces' hashes name the state; reading them reads no piece.
-        let mut stmt =
-            conn.prepare_cached("SELECT hash FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx").map_err(sql)?;
-        let mut rows = stmt.query([group_id]).map_err(sql)?;
-        let mut digest = sha2::Sha256::new();
-        let mut pieces = 0u64;
-        while let Some(r) = rows.next().map_err(sql)? {
-            let hash: Vec<u8> = r.get(0).map_err(sql)?;
-            // Pieces cut by the v17 migration carry no hash until written.
-            if hash.len() != 32 {
-                return Ok(None);
-            }
-            digest.update(&hash);
-            pieces += 1;
-        }
-        if pieces == 0 {
-            return Ok(None);
-        }
-        digest.update(pieces.to_be_bytes());
-        Ok(Some(digest.finalize().into()))
+        // The list of pieces (their hashes and lengths, in order) names
+        // the state; reading it reads no piece.
+        let list = self
+            .lock()
+            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
+            .optional()
+            .map_err(sql)?;
+        Ok(list.map(|list| sha2::Sha256::digest(&list).into()))
     }
 
     fn group_epoch(&self, group_id: &[u8], epoch: u64) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
@@ -2118,7 +2190,7 @@ impl MlsState for SqliteTx<'_> {
 
     fn put_group_state(&mut self, group_id: &[u8], state: &[u8], epochs: &[(u64, &[u8])]) -> Result<(), ClientError> {
         let conn = self.lock();
-        write_group_chunks(&conn, group_id, state)?;
+        write_group_pieces(&conn, group_id, state)?;
         conn.execute(
             "INSERT INTO known_conversations (id, at) VALUES (?1, ?2)
              ON CONFLICT (id) DO UPDATE SET linked_only = 0",
@@ -2369,58 +2441,121 @@ mod tests {
 
     subrosa_session::with_behaviours!(conformance_tests);
 
-    /// A group's state is stored in 64 KiB pieces, each with its SHA-256;
-    /// a write replaces only the pieces that changed and drops those past
-    /// the new end. The stored rows are pinned (the format is a decision).
+    /// Bytes that look like a group's state to a chunker: no pattern.
+    fn noise(len: usize, seed: u8) -> Vec<u8> {
+        use sha2::Digest as _;
+        (0..len.div_ceil(32) as u32)
+            .flat_map(|i| sha2::Sha256::digest([&[seed][..], &i.to_be_bytes()].concat()))
+            .take(len)
+            .collect()
+    }
+
+    /// A group's state is stored in content-defined pieces, each once under
+    /// its SHA-256, and a list naming them in order. Bytes inserted early in
+    /// the state (a leaf added to the tree) cost the pieces around them,
+    /// not every piece after them; the pieces no longer named go.
     #[test]
-    fn a_group_state_is_stored_in_pieces_and_only_changed_pieces_are_written_again() {
+    fn a_group_state_is_stored_in_pieces_and_an_insertion_writes_only_the_pieces_around_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
         let store = Store::from_arc(sqlite.clone());
         let id = [5u8; 16];
-        let mut state: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
-        let written = |state: &[u8]| write_group_chunks(&sqlite.lock(), &id, state).expect("written");
-        assert_eq!(written(&state), 3);
-        let rows = || -> Vec<(i64, String, i64)> {
-            let conn = sqlite.lock();
-            let mut stmt = conn
-                .prepare("SELECT idx, hex(hash), length(data) FROM mls_group_chunk WHERE group_id = ?1 ORDER BY idx")
-                .expect("query");
-            let rows = stmt.query_map([&id[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).expect("rows");
-            rows.collect::<Result<_, _>>().expect("rows")
+        let written = |state: &[u8]| write_group_pieces(&sqlite.lock(), &id, state).expect("written");
+        let rows = || -> i64 {
+            sqlite
+                .lock()
+                .query_row("SELECT count(*) FROM mls_group_piece WHERE group_id = ?1", [&id[..]], |r| r.get(0))
+                .expect("count")
         };
-        let hash = |piece: &[u8]| {
-            use sha2::Digest as _;
-            hex::encode_upper(sha2::Sha256::digest(piece))
+        let list = || -> Vec<(Vec<u8>, usize)> {
+            let list: Vec<u8> = sqlite
+                .lock()
+                .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
+                .expect("list");
+            piece_list(&list).expect("list").map(|(h, l)| (h.to_vec(), l)).collect()
         };
-        assert_eq!(
-            rows(),
-            [
-                (0, hash(&state[..65536]), 65536),
-                (1, hash(&state[65536..131072]), 65536),
-                (2, hash(&state[131072..]), 150_000 - 131_072),
-            ]
-        );
+        let read = || store.read(|tx| tx.group_state(&id)).expect("read").map(|s| s.to_vec());
+
+        let mut state = noise(1_000_000, 1);
+        let first = written(&state);
+        let pieces = list();
+        assert_eq!(first, pieces.len());
+        assert_eq!(rows(), pieces.len() as i64);
+        assert!((40..=100).contains(&pieces.len()), "about 16 KiB each: {}", pieces.len());
+        assert_eq!(pieces.iter().map(|(_, l)| l).sum::<usize>(), state.len());
+        assert!(pieces.iter().all(|(_, l)| (PIECE_MIN..=PIECE_MAX).contains(l) || *l == pieces[pieces.len() - 1].1));
         let empty: i64 = sqlite
             .lock()
             .query_row("SELECT length(state) FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
             .expect("row");
         assert_eq!(empty, 0, "the group's row holds no state of its own");
-        assert_eq!(
-            store.read(|tx| tx.group_state(&id)).expect("read").as_deref().map(|s| s.to_vec()),
-            Some(state.clone())
-        );
+        assert_eq!(read(), Some(state.clone()));
+        assert_eq!(written(&state), 0, "nothing changed");
+
+        // 1,200 bytes (a post-quantum leaf) inserted a tenth of the way in.
+        state.splice(100_000..100_000, noise(1200, 2));
+        let after_insert = written(&state);
+        assert!((1..=3).contains(&after_insert), "the pieces around the insertion only: {after_insert}");
+        assert_eq!(rows(), list().len() as i64, "the piece it replaced is gone");
+        assert_eq!(read(), Some(state.clone()));
 
         // A change at the end (the ratchets) writes the last piece only.
         *state.last_mut().expect("bytes") ^= 1;
         assert_eq!(written(&state), 1);
-        assert_eq!(written(&state), 0, "nothing changed");
         // Shorter: the pieces past the end go.
         state.truncate(70_000);
-        assert_eq!(written(&state), 1);
-        assert_eq!(rows().len(), 2);
-        assert_eq!(store.read(|tx| tx.group_state(&id)).expect("read").as_deref().map(|s| s.to_vec()), Some(state));
+        assert!(written(&state) <= 1);
+        assert_eq!(rows(), list().len() as i64);
+        assert_eq!(read(), Some(state.clone()));
+
+        // A piece the state holds twice is stored once and named twice.
+        let twice: Vec<u8> = [noise(70_000, 3), noise(70_000, 3)].concat();
+        written(&twice);
+        assert!(list().len() > rows() as usize, "{} named, {} stored", list().len(), rows());
+        assert_eq!(read(), Some(twice));
+
         assert_eq!(store.read(|tx| tx.group_state(&[6u8; 16])).expect("read"), None);
+        // A piece gone from under its list is a clear error, not a wrong state.
+        sqlite
+            .lock()
+            .execute("DELETE FROM mls_group_piece WHERE rowid = (SELECT max(rowid) FROM mls_group_piece)", [])
+            .expect("delete");
+        let err = store.read(|tx| tx.group_state(&id)).expect_err("damaged");
+        assert!(err.to_string().contains("a piece is missing"), "{err}");
+    }
+
+    /// The stored form of a group's state, pinned: the list of pieces
+    /// (SHA-256 and big-endian length of each) and where FastCDC cut a
+    /// known state. A change of either is a visible decision (the cuts
+    /// only decide what a write costs; the list decides what reads).
+    #[test]
+    fn group_state_pieces_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite = SqliteStore::create(&dir.path().join("home"), "pw").expect("store");
+        let id = [5u8; 16];
+        write_group_pieces(&sqlite.lock(), &id, b"state").expect("written");
+        let list: Vec<u8> = sqlite
+            .lock()
+            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
+            .expect("list");
+        assert_eq!(
+            hex::encode(&list),
+            // SHA-256("state"), then 5 as a big-endian u32.
+            "4ba69735ca53765ed6a709edb56c6ea236b7193a3b29a6b390c346f0f4340e4e00000005",
+        );
+        write_group_pieces(&sqlite.lock(), &id, &noise(300_000, 1)).expect("written");
+        let list: Vec<u8> = sqlite
+            .lock()
+            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
+            .expect("list");
+        let cuts: Vec<usize> = piece_list(&list).expect("list").map(|(_, l)| l).collect();
+        assert_eq!(
+            cuts,
+            [
+                24126, 6105, 11755, 16457, 7331, 24062, 16728, 24450, 7407, 23397, 15201, 39859, 7585, 19352, 14516,
+                18108, 20357, 3204
+            ]
+        );
     }
 
     fn count(store: &SqliteStore) -> i64 {
@@ -2636,12 +2771,17 @@ mod tests {
         let version: i64 = sqlite.lock().query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
         assert_eq!(version, SCHEMA.len() as i64);
         let store = Store::from_arc(sqlite.clone());
-        // v17: the same state, read from its pieces; the next write
-        // replaces each piece once (the migration left no hashes).
+        // v17 cut the state into fixed pieces, v20 into content-defined
+        // ones: the same state, read from them, and already stored as the
+        // next write would store it; v17's table is gone.
         let read = store.read(|tx| tx.group_state(&[7u8; 16])).expect("read").expect("kept");
         assert_eq!(read.as_slice(), group_state.as_slice());
-        assert_eq!(write_group_chunks(&sqlite.lock(), &[7u8; 16], &group_state).expect("written"), 3);
-        assert_eq!(write_group_chunks(&sqlite.lock(), &[7u8; 16], &group_state).expect("written"), 0);
+        assert_eq!(write_group_pieces(&sqlite.lock(), &[7u8; 16], &group_state).expect("written"), 0);
+        let v17: i64 = sqlite
+            .lock()
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'mls_group_chunk'", [], |r| r.get(0))
+            .expect("q");
+        assert_eq!(v17, 0);
         // v10: the old line has no event and shows as written.
         let conv =
             store.read(|tx| tx.conversation(&subrosa_proto::ConversationId([7; 16]))).expect("row").expect("exists");
