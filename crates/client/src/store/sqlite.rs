@@ -285,14 +285,12 @@ const PIECE_ENTRY: usize = 36;
 /// pieces not stored yet and deletes those no longer named (overwritten on
 /// disk: `secure_delete`). Returns how many pieces it inserted.
 fn write_group_pieces(conn: &Connection, group_id: &[u8], state: &[u8]) -> Result<usize, ClientError> {
-    use sha2::Digest as _;
     use std::collections::HashSet;
-    let cuts: Vec<([u8; 32], &[u8])> = fastcdc::v2020::FastCDC::new(state, PIECE_MIN, PIECE_AVG, PIECE_MAX)
-        .map(|c| {
-            let piece = &state[c.offset..c.offset + c.length];
-            (sha2::Sha256::digest(piece).into(), piece)
-        })
-        .collect();
+    let old: Option<Vec<u8>> = conn
+        .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [group_id], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    let cuts = cut_state(state, old.as_deref().unwrap_or_default())?;
     let mut list = Vec::with_capacity(cuts.len() * PIECE_ENTRY);
     for (hash, piece) in &cuts {
         list.extend_from_slice(hash);
@@ -327,6 +325,46 @@ fn write_group_pieces(conn: &Connection, group_id: &[u8], state: &[u8]) -> Resul
     )
     .map_err(sql)?;
     Ok(written)
+}
+
+/// A piece of a group's state, with its SHA-256.
+type Piece<'s> = ([u8; 32], &'s [u8]);
+
+/// `state` cut into pieces, each with its SHA-256: FastCDC's cuts over
+/// the whole state. `old`, the list of the state stored before, saves the
+/// scan for cut points over the pieces the state still begins with (all
+/// but the secrets at the end after a message): a FastCDC cut depends only
+/// on the bytes from the piece's start up to and including the byte after
+/// the cut, so a stored piece whose bytes and following byte are unchanged
+/// is cut again where it was. The last unchanged piece is scanned again:
+/// the byte after it may have changed, and if it was the stored state's
+/// last piece, the old end cut it, not its content. The result is the
+/// same as a scan of the whole state (a test holds it to that).
+fn cut_state<'s>(state: &'s [u8], old: &[u8]) -> Result<Vec<Piece<'s>>, ClientError> {
+    use sha2::Digest as _;
+    let old: Vec<(&[u8], usize)> = piece_list(old)?.collect();
+    let mut cuts: Vec<Piece<'s>> = Vec::with_capacity(old.len() + 1);
+    let mut from = 0;
+    for (hash, len) in &old {
+        let Some(piece) = state.get(from..from + len) else {
+            break;
+        };
+        let digest: [u8; 32] = sha2::Sha256::digest(piece).into();
+        if digest.as_slice() != *hash {
+            break;
+        }
+        cuts.push((digest, piece));
+        from += len;
+    }
+    if let Some((_, piece)) = cuts.pop() {
+        from -= piece.len();
+    }
+    let rest = &state[from..];
+    cuts.extend(fastcdc::v2020::FastCDC::new(rest, PIECE_MIN, PIECE_AVG, PIECE_MAX).map(|c| {
+        let piece = &rest[c.offset..c.offset + c.length];
+        (sha2::Sha256::digest(piece).into(), piece)
+    }));
+    Ok(cuts)
 }
 
 /// A group's list of pieces, as (SHA-256, length) pairs.
@@ -2522,6 +2560,73 @@ mod tests {
             .expect("delete");
         let err = store.read(|tx| tx.group_state(&id)).expect_err("damaged");
         assert!(err.to_string().contains("a piece is missing"), "{err}");
+    }
+
+    /// A write that reuses the stored list's unchanged pieces cuts the
+    /// state exactly where a scan of the whole state would: after changes
+    /// at the start, in the middle, at the end, insertions, deletions,
+    /// truncations and extensions, and over pieces forced to their largest
+    /// size (a run of zeros has no content cut).
+    #[test]
+    fn cutting_from_the_stored_pieces_cuts_where_a_whole_scan_does() {
+        use sha2::Digest as _;
+        let list = |cuts: &[Piece<'_>]| -> String {
+            hex::encode(
+                cuts.iter()
+                    .flat_map(|(h, p)| [&h[..], &(p.len() as u32).to_be_bytes()[..]].concat())
+                    .collect::<Vec<u8>>(),
+            )
+        };
+        let whole = |state: &[u8]| list(&cut_state(state, &[]).expect("cut"));
+        let mut seed = 0u64;
+        let mut next = |bound: usize| -> usize {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as usize) % bound.max(1)
+        };
+        let mut state = [noise(300_000, 7), vec![0u8; 200_000], noise(100_000, 8)].concat();
+        let mut stored = whole(&state);
+        for round in 0..300 {
+            let at = match round % 3 {
+                0 => next(state.len()),
+                1 => state.len().saturating_sub(next(40_000)),
+                _ => next(70_000).min(state.len()),
+            };
+            match next(5) {
+                0 => state.splice(at..at, noise(1 + next(3_000), round as u8)).for_each(drop),
+                1 => state.drain(at..(at + 1 + next(3_000)).min(state.len())).for_each(drop),
+                2 if !state.is_empty() => {
+                    let i = at.min(state.len() - 1);
+                    state[i] ^= 1 + next(255) as u8;
+                }
+                3 => state.truncate(state.len().saturating_sub(next(20_000))),
+                _ => state.extend(noise(next(20_000), round as u8)),
+            }
+            let cuts = cut_state(&state, &hex::decode(&stored).expect("hex")).expect("cut");
+            assert!(cuts.iter().all(|(h, p)| *h == <[u8; 32]>::from(sha2::Sha256::digest(p))));
+            assert_eq!(cuts.iter().map(|(_, p)| p.len()).sum::<usize>(), state.len());
+            let again = list(&cuts);
+            assert_eq!(again, whole(&state), "round {round}");
+            stored = again;
+        }
+        // The first byte of a piece changed: the cut before it read that
+        // byte, so the piece before it is cut again too.
+        let stored = whole(&state);
+        let starts: Vec<usize> = cut_state(&state, &[])
+            .expect("cut")
+            .iter()
+            .scan(0, |at, (_, p)| {
+                *at += p.len();
+                Some(*at)
+            })
+            .collect();
+        for &at in &starts[..starts.len() - 1] {
+            let mut changed = state.clone();
+            changed[at] ^= 0x5A;
+            let cuts = cut_state(&changed, &hex::decode(&stored).expect("hex")).expect("cut");
+            assert_eq!(list(&cuts), whole(&changed), "piece at {at}");
+        }
+        // A damaged list is refused, not trusted.
+        assert!(cut_state(&state, &[0u8; 35]).is_err());
     }
 
     /// The stored form of a group's state, pinned: the list of pieces
