@@ -271,7 +271,7 @@ const PIECES_STEP: usize = 20;
 /// (FastCDC's cut points: where the bytes before them say, so an insertion
 /// moves only the cuts next to it). Only writes depend on these: a stored
 /// state names its pieces and their lengths, so other values (or another
-/// chunker) would cost one full write, never a wrong read.
+/// chunker) would cost at most one full write, never a wrong read.
 const PIECE_MIN: usize = 4096;
 const PIECE_AVG: usize = 16384;
 const PIECE_MAX: usize = 65536;
@@ -286,17 +286,9 @@ const PIECE_ENTRY: usize = 36;
 /// disk: `secure_delete`). Returns how many pieces it inserted.
 fn write_group_pieces(conn: &Connection, group_id: &[u8], state: &[u8]) -> Result<usize, ClientError> {
     use std::collections::HashSet;
-    let old: Option<Vec<u8>> = conn
-        .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [group_id], |r| r.get(0))
-        .optional()
-        .map_err(sql)?;
+    let old = stored_piece_list(conn, group_id)?;
     let cuts = cut_state(state, old.as_deref().unwrap_or_default())?;
-    let mut list = Vec::with_capacity(cuts.len() * PIECE_ENTRY);
-    for (hash, piece) in &cuts {
-        list.extend_from_slice(hash);
-        // A piece is at most PIECE_MAX bytes.
-        list.extend_from_slice(&(piece.len() as u32).to_be_bytes());
-    }
+    let list = encode_piece_list(&cuts);
     let stored: HashSet<Vec<u8>> = {
         // The primary key's index holds the hashes: this reads no piece.
         let mut stmt = conn.prepare_cached("SELECT hash FROM mls_group_piece WHERE group_id = ?1").map_err(sql)?;
@@ -365,6 +357,22 @@ fn cut_state<'s>(state: &'s [u8], old: &[u8]) -> Result<Vec<Piece<'s>>, ClientEr
         (sha2::Sha256::digest(piece).into(), piece)
     }));
     Ok(cuts)
+}
+
+/// A group's stored list of pieces (`None`: no such group).
+fn stored_piece_list(conn: &Connection, group_id: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+    conn.query_row("SELECT pieces FROM mls_group WHERE id = ?1", [group_id], |r| r.get(0)).optional().map_err(sql)
+}
+
+/// The list naming `cuts` in order: each piece's SHA-256, then its length
+/// (a piece is at most a few PIECE_MAX, far below u32's range).
+fn encode_piece_list(cuts: &[Piece<'_>]) -> Vec<u8> {
+    let mut list = Vec::with_capacity(cuts.len() * PIECE_ENTRY);
+    for (hash, piece) in cuts {
+        list.extend_from_slice(hash);
+        list.extend_from_slice(&(piece.len() as u32).to_be_bytes());
+    }
+    list
 }
 
 /// A group's list of pieces, as (SHA-256, length) pairs.
@@ -790,17 +798,18 @@ impl SqliteTx<'_> {
         // The state's whole size first, so the buffer is allocated once:
         // a buffer that grew would leave copies of the group's secrets in
         // the memory it let go, where zeroizing cannot reach them.
-        let list = conn
-            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
-            .optional()
-            .map_err(sql)?;
-        let Some(list) = list else {
+        let Some(list) = stored_piece_list(&conn, group_id)? else {
             return Ok(None);
         };
-        let size = piece_list(&list)?.map(|(_, len)| len).sum();
+        // The size the list claims; each piece is checked against it below,
+        // and a damaged list claiming too much is an error, not an abort.
+        let size: usize = piece_list(&list)?.map(|(_, len)| len).sum();
+        let mut state = Zeroizing::new(Vec::new());
+        state
+            .try_reserve_exact(size)
+            .map_err(|_| ClientError::Store(format!("group state: its list of pieces claims {size} bytes")))?;
         let mut stmt =
             conn.prepare_cached("SELECT data FROM mls_group_piece WHERE group_id = ?1 AND hash = ?2").map_err(sql)?;
-        let mut state = Zeroizing::new(Vec::with_capacity(size));
         for (hash, len) in piece_list(&list)? {
             let mut rows = stmt.query(params![group_id, hash]).map_err(sql)?;
             let Some(r) = rows.next().map_err(sql)? else {
@@ -2197,11 +2206,7 @@ impl MlsState for SqliteTx<'_> {
         use sha2::Digest as _;
         // The list of pieces (their hashes and lengths, in order) names
         // the state; reading it reads no piece.
-        let list = self
-            .lock()
-            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [group_id], |r| r.get::<_, Vec<u8>>(0))
-            .optional()
-            .map_err(sql)?;
+        let list = stored_piece_list(&self.lock(), group_id)?;
         Ok(list.map(|list| sha2::Sha256::digest(&list).into()))
     }
 
@@ -2506,10 +2511,7 @@ mod tests {
                 .expect("count")
         };
         let list = || -> Vec<(Vec<u8>, usize)> {
-            let list: Vec<u8> = sqlite
-                .lock()
-                .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
-                .expect("list");
+            let list = stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
             piece_list(&list).expect("list").map(|(h, l)| (h.to_vec(), l)).collect()
         };
         let read = || store.read(|tx| tx.group_state(&id)).expect("read").map(|s| s.to_vec());
@@ -2560,6 +2562,15 @@ mod tests {
             .expect("delete");
         let err = store.read(|tx| tx.group_state(&id)).expect_err("damaged");
         assert!(err.to_string().contains("a piece is missing"), "{err}");
+        // A list claiming more than memory holds (30 pieces of 4 GiB) is an
+        // error too, not an abort on allocating it.
+        let huge: Vec<u8> = (0..30).flat_map(|_| [[0u8; 32].as_slice(), &u32::MAX.to_be_bytes()].concat()).collect();
+        sqlite
+            .lock()
+            .execute("UPDATE mls_group SET pieces = ?2 WHERE id = ?1", params![&id[..], huge])
+            .expect("damage");
+        let err = store.read(|tx| tx.group_state(&id)).expect_err("damaged");
+        assert!(err.to_string().contains("group state"), "{err}");
     }
 
     /// A write that reuses the stored list's unchanged pieces cuts the
@@ -2570,13 +2581,7 @@ mod tests {
     #[test]
     fn cutting_from_the_stored_pieces_cuts_where_a_whole_scan_does() {
         use sha2::Digest as _;
-        let list = |cuts: &[Piece<'_>]| -> String {
-            hex::encode(
-                cuts.iter()
-                    .flat_map(|(h, p)| [&h[..], &(p.len() as u32).to_be_bytes()[..]].concat())
-                    .collect::<Vec<u8>>(),
-            )
-        };
+        let list = |cuts: &[Piece<'_>]| hex::encode(encode_piece_list(cuts));
         let whole = |state: &[u8]| list(&cut_state(state, &[]).expect("cut"));
         let mut seed = 0u64;
         let mut next = |bound: usize| -> usize {
@@ -2639,20 +2644,14 @@ mod tests {
         let sqlite = SqliteStore::create(&dir.path().join("home"), "pw").expect("store");
         let id = [5u8; 16];
         write_group_pieces(&sqlite.lock(), &id, b"state").expect("written");
-        let list: Vec<u8> = sqlite
-            .lock()
-            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
-            .expect("list");
+        let list = stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
         assert_eq!(
             hex::encode(&list),
             // SHA-256("state"), then 5 as a big-endian u32.
             "4ba69735ca53765ed6a709edb56c6ea236b7193a3b29a6b390c346f0f4340e4e00000005",
         );
         write_group_pieces(&sqlite.lock(), &id, &noise(300_000, 1)).expect("written");
-        let list: Vec<u8> = sqlite
-            .lock()
-            .query_row("SELECT pieces FROM mls_group WHERE id = ?1", [&id[..]], |r| r.get(0))
-            .expect("list");
+        let list = stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
         let cuts: Vec<usize> = piece_list(&list).expect("list").map(|(_, l)| l).collect();
         assert_eq!(
             cuts,
