@@ -284,11 +284,33 @@ const PIECE_ENTRY: usize = 36;
 /// group under its SHA-256, and the list naming them in order. Inserts the
 /// pieces not stored yet and deletes those no longer named (overwritten on
 /// disk: `secure_delete`). Returns how many pieces it inserted.
-fn write_group_pieces(conn: &Connection, group_id: &[u8], state: &[u8]) -> Result<usize, ClientError> {
+///
+/// `written`, this store's last written states, saves hashing again the
+/// pieces a state still begins with (all but the secrets at its end after
+/// a batch of messages): a piece whose bytes equal those of the last
+/// written state's piece there has that piece's hash.
+fn write_group_pieces(
+    conn: &Connection,
+    written: Option<&Mutex<WrittenStates>>,
+    group_id: &[u8],
+    state: &[u8],
+) -> Result<usize, ClientError> {
     use std::collections::HashSet;
-    let old = stored_piece_list(conn, group_id)?;
-    let cuts = cut_state(state, old.as_deref().unwrap_or_default())?;
-    let list = encode_piece_list(&cuts);
+    let mut cache = written.map(lock);
+    let last = cache.as_mut().and_then(|c| c.take(group_id));
+    let (cuts, list) = {
+        let stored;
+        let (old_list, old_state) = match &last {
+            Some(last) => (last.list.as_slice(), Some(last.state.as_slice())),
+            None => {
+                stored = stored_piece_list(conn, group_id)?;
+                (stored.as_deref().unwrap_or_default(), None)
+            }
+        };
+        let cuts = cut_state(state, old_list, old_state)?;
+        let list = encode_piece_list(&cuts);
+        (cuts, list)
+    };
     let stored: HashSet<Vec<u8>> = {
         // The primary key's index holds the hashes: this reads no piece.
         let mut stmt = conn.prepare_cached("SELECT hash FROM mls_group_piece WHERE group_id = ?1").map_err(sql)?;
@@ -298,11 +320,11 @@ fn write_group_pieces(conn: &Connection, group_id: &[u8], state: &[u8]) -> Resul
     let mut insert =
         conn.prepare_cached("INSERT INTO mls_group_piece (group_id, hash, data) VALUES (?1, ?2, ?3)").map_err(sql)?;
     let mut named = HashSet::with_capacity(cuts.len());
-    let mut written = 0;
+    let mut inserted = 0;
     for (hash, piece) in &cuts {
         if named.insert(hash.to_vec()) && !stored.contains(hash.as_slice()) {
             insert.execute(params![group_id, hash.as_slice(), piece]).map_err(sql)?;
-            written += 1;
+            inserted += 1;
         }
     }
     let mut delete =
@@ -316,7 +338,66 @@ fn write_group_pieces(conn: &Connection, group_id: &[u8], state: &[u8]) -> Resul
         params![group_id, list],
     )
     .map_err(sql)?;
-    Ok(written)
+    if let Some(cache) = cache.as_mut() {
+        cache.put(group_id, list, state, last);
+    }
+    Ok(inserted)
+}
+
+/// The most this store keeps of the states it last wrote (a 10,000-member
+/// post-quantum group's state is about 29 MB); a larger state is not kept.
+const WRITTEN_STATES_BYTES: usize = 64 << 20;
+
+/// The states this store last wrote, most recent last, each with the list
+/// naming its pieces: the next write of a group compares its bytes with
+/// them instead of hashing the pieces again. Each entry is consistent in
+/// itself (the list names exactly that state's pieces), whatever became
+/// of the transaction that wrote it: a write rolled back afterwards leaves
+/// an entry naming pieces the database lacks, and the write that uses it
+/// inserts them, since it asks the database which pieces it holds. Held in
+/// memory only, wiped when dropped or replaced.
+#[derive(Default)]
+struct WrittenStates {
+    entries: Vec<WrittenState>,
+}
+
+struct WrittenState {
+    group_id: Vec<u8>,
+    list: Vec<u8>,
+    state: Zeroizing<Vec<u8>>,
+}
+
+impl WrittenStates {
+    /// Takes out the group's entry, if kept.
+    fn take(&mut self, group_id: &[u8]) -> Option<WrittenState> {
+        let i = self.entries.iter().position(|e| e.group_id == group_id)?;
+        Some(self.entries.remove(i))
+    }
+
+    /// Keeps `state` as the group's last written one, in the buffer of the
+    /// entry it replaces when that is large enough (a smaller one is
+    /// dropped, and wiped, rather than grown: growing would copy the
+    /// secrets and free the old buffer unwiped). The oldest entries go
+    /// when the total would pass [`WRITTEN_STATES_BYTES`].
+    fn put(&mut self, group_id: &[u8], list: Vec<u8>, state: &[u8], old: Option<WrittenState>) {
+        if state.len() > WRITTEN_STATES_BYTES {
+            return;
+        }
+        let mut buffer = match old {
+            Some(old) if old.state.capacity() >= state.len() => old.state,
+            _ => Zeroizing::new(Vec::with_capacity(state.len())),
+        };
+        buffer.clear();
+        buffer.extend_from_slice(state);
+        let mut total = state.len();
+        let mut keep = self.entries.len();
+        while keep > 0 && total + self.entries[keep - 1].state.capacity() <= WRITTEN_STATES_BYTES {
+            total += self.entries[keep - 1].state.capacity();
+            keep -= 1;
+        }
+        self.entries.drain(..keep);
+        self.entries.push(WrittenState { group_id: group_id.to_vec(), list, state: buffer });
+    }
 }
 
 /// A piece of a group's state, with its SHA-256.
@@ -332,7 +413,11 @@ type Piece<'s> = ([u8; 32], &'s [u8]);
 /// the byte after it may have changed, and if it was the stored state's
 /// last piece, the old end cut it, not its content. The result is the
 /// same as a scan of the whole state (a test holds it to that).
-fn cut_state<'s>(state: &'s [u8], old: &[u8]) -> Result<Vec<Piece<'s>>, ClientError> {
+///
+/// `old_state`, when given, is the state `old` names (this store's own
+/// copy of what it last wrote): a piece is unchanged when its bytes equal
+/// that state's there, and keeps its hash without hashing it again.
+fn cut_state<'s>(state: &'s [u8], old: &[u8], old_state: Option<&[u8]>) -> Result<Vec<Piece<'s>>, ClientError> {
     use sha2::Digest as _;
     let old: Vec<(&[u8], usize)> = piece_list(old)?.collect();
     let mut cuts: Vec<Piece<'s>> = Vec::with_capacity(old.len() + 1);
@@ -341,7 +426,14 @@ fn cut_state<'s>(state: &'s [u8], old: &[u8]) -> Result<Vec<Piece<'s>>, ClientEr
         let Some(piece) = state.get(from..from + len) else {
             break;
         };
-        let digest: [u8; 32] = sha2::Sha256::digest(piece).into();
+        let digest: [u8; 32] = match old_state {
+            Some(was) if was.get(from..from + len) == Some(piece) => match <[u8; 32]>::try_from(*hash) {
+                Ok(h) => h,
+                Err(_) => break,
+            },
+            Some(_) => break,
+            None => sha2::Sha256::digest(piece).into(),
+        };
         if digest.as_slice() != *hash {
             break;
         }
@@ -411,7 +503,7 @@ fn convert_v17_pieces(conn: &Connection) -> Result<(), ClientError> {
                 state.extend_from_slice(piece.as_blob().map_err(|e| ClientError::Store(format!("group state: {e}")))?);
             }
         }
-        write_group_pieces(conn, &id, &state)?;
+        write_group_pieces(conn, None, &id, &state)?;
     }
     conn.execute_batch("DROP TABLE mls_group_chunk").map_err(sql)
 }
@@ -557,6 +649,7 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     gate: Gate,
     path: PathBuf,
+    written: Mutex<WrittenStates>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -663,7 +756,7 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON; PRAGMA foreign_keys = ON;")
             .map_err(sql)?;
         restrict_permissions(&path);
-        Ok(SqliteStore { conn: Mutex::new(conn), gate: Gate::default(), path })
+        Ok(SqliteStore { conn: Mutex::new(conn), gate: Gate::default(), path, written: Mutex::default() })
     }
 
     fn migrate(&self) -> Result<(), ClientError> {
@@ -690,9 +783,10 @@ impl SqliteStore {
     }
 }
 
-fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    // A poisoned lock means a panic elsewhere; the connection itself is fine.
-    conn.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere; the connection (or the
+    // copy of written states, replaced whole) itself is fine.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SqliteStore {
@@ -711,7 +805,7 @@ impl SqliteStore {
 impl Backend for SqliteStore {
     fn read_dyn(&self, f: &mut dyn FnMut(&dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
         let entered = self.gate.enter(false)?;
-        let tx = SqliteTx { conn: &self.conn };
+        let tx = SqliteTx { conn: &self.conn, written: &self.written };
         if !entered.outer() {
             return f(&tx);
         }
@@ -727,7 +821,7 @@ impl Backend for SqliteStore {
 
     fn write_dyn(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), ClientError>) -> Result<(), ClientError> {
         let entered = self.gate.enter(true)?;
-        let mut tx = SqliteTx { conn: &self.conn };
+        let mut tx = SqliteTx { conn: &self.conn, written: &self.written };
         if !entered.outer() {
             // A write inside a write is a savepoint: what it did goes with
             // it when it fails, and the outer one goes on (or not) as it
@@ -761,6 +855,7 @@ impl Backend for SqliteStore {
 /// One transaction's view of the database (the gate is held meanwhile).
 struct SqliteTx<'a> {
     conn: &'a Mutex<Connection>,
+    written: &'a Mutex<WrittenStates>,
 }
 
 impl SqliteTx<'_> {
@@ -1312,6 +1407,8 @@ impl Conversations for SqliteTx<'_> {
         ] {
             conn.execute(q, [id]).map_err(sql)?;
         }
+        // The copy of its last written state goes too (wiped).
+        drop(lock(self.written).take(id));
         Ok(())
     }
 
@@ -1386,6 +1483,7 @@ impl Conversations for SqliteTx<'_> {
         conn.execute("DELETE FROM mls_group WHERE id = ?1", [id]).map_err(sql)?;
         conn.execute("DELETE FROM mls_group_piece WHERE group_id = ?1", [id]).map_err(sql)?;
         conn.execute("DELETE FROM mls_epoch WHERE group_id = ?1", [id]).map_err(sql)?;
+        drop(lock(self.written).take(id));
         Ok(())
     }
 
@@ -2233,7 +2331,7 @@ impl MlsState for SqliteTx<'_> {
 
     fn put_group_state(&mut self, group_id: &[u8], state: &[u8], epochs: &[(u64, &[u8])]) -> Result<(), ClientError> {
         let conn = self.lock();
-        write_group_pieces(&conn, group_id, state)?;
+        write_group_pieces(&conn, Some(self.written), group_id, state)?;
         conn.execute(
             "INSERT INTO known_conversations (id, at) VALUES (?1, ?2)
              ON CONFLICT (id) DO UPDATE SET linked_only = 0",
@@ -2503,7 +2601,7 @@ mod tests {
         let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
         let store = Store::from_arc(sqlite.clone());
         let id = [5u8; 16];
-        let written = |state: &[u8]| write_group_pieces(&sqlite.lock(), &id, state).expect("written");
+        let written = |state: &[u8]| write_group_pieces(&sqlite.lock(), None, &id, state).expect("written");
         let rows = || -> i64 {
             sqlite
                 .lock()
@@ -2573,6 +2671,78 @@ mod tests {
         assert!(err.to_string().contains("group state"), "{err}");
     }
 
+    /// The store keeps a copy of the state it last wrote, and the next
+    /// write compares with it instead of hashing the unchanged pieces
+    /// again. The copy may name pieces the database never kept (its
+    /// transaction rolled back): the next write still stores every piece
+    /// its list names, since it asks the database which it holds.
+    #[test]
+    fn a_write_after_a_rolled_back_one_stores_every_piece_it_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
+        let store = Store::from_arc(sqlite.clone());
+        let id = [9u8; 16];
+        let put = |state: &[u8]| store.write(|tx| tx.put_group_state(&id, state, &[])).expect("written");
+        let read = || store.read(|tx| tx.group_state(&id)).expect("read").map(|s| s.to_vec());
+        let stored_list = || stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
+        let rows_and_names = || -> (i64, usize) {
+            let rows = sqlite
+                .lock()
+                .query_row("SELECT count(*) FROM mls_group_piece WHERE group_id = ?1", [&id[..]], |r| r.get(0))
+                .expect("count");
+            let list = stored_list();
+            let names: std::collections::HashSet<&[u8]> = piece_list(&list).expect("list").map(|(h, _)| h).collect();
+            (rows, names.len())
+        };
+
+        let a = noise(600_000, 11);
+        put(&a);
+        {
+            let kept = lock(&sqlite.written);
+            assert_eq!(kept.entries.len(), 1);
+            assert_eq!(kept.entries[0].state.as_slice(), a.as_slice());
+            assert_eq!(kept.entries[0].list, stored_list(), "the copy names what it holds");
+        }
+        // B, 200 KB of new bytes in the middle, written and abandoned.
+        let mut b = a.clone();
+        b.splice(300_000..300_000, noise(200_000, 12));
+        let abandoned: Result<(), ClientError> = store.write(|tx| {
+            tx.put_group_state(&id, &b, &[])?;
+            Err(ClientError::Store("abandoned".into()))
+        });
+        assert!(abandoned.is_err());
+        assert_eq!(read(), Some(a.clone()), "the database still holds A");
+        // C is B with its last byte changed: most of its pieces are B's,
+        // which the copy knows and the database never kept.
+        let mut c = b.clone();
+        *c.last_mut().expect("bytes") ^= 1;
+        put(&c);
+        assert_eq!(read(), Some(c.clone()));
+        let (rows, names) = rows_and_names();
+        assert_eq!(rows, names as i64, "every piece named is stored, and nothing else");
+        put(&a);
+        assert_eq!(read(), Some(a));
+    }
+
+    /// The copies of written states stay within their budget, the most
+    /// recent kept; a state larger than the budget is not copied.
+    #[test]
+    fn the_copies_of_written_states_stay_within_their_budget() {
+        let mut kept = WrittenStates::default();
+        let big = vec![1u8; 30 << 20];
+        for g in 0..3u8 {
+            kept.put(&[g], vec![g], &big, None);
+        }
+        let groups: Vec<&[u8]> = kept.entries.iter().map(|e| e.group_id.as_slice()).collect();
+        assert_eq!(groups, [[1u8].as_slice(), &[2u8]], "the oldest went");
+        let again = kept.take(&[2]);
+        assert!(again.is_some() && kept.take(&[2]).is_none());
+        kept.put(&[2], vec![2], &big[..1000], again);
+        assert_eq!(kept.entries.last().map(|e| e.state.len()), Some(1000));
+        kept.put(&[3], vec![3], &vec![0u8; WRITTEN_STATES_BYTES + 1], None);
+        assert!(kept.take(&[3]).is_none(), "too large to copy");
+    }
+
     /// A write that reuses the stored list's unchanged pieces cuts the
     /// state exactly where a scan of the whole state would: after changes
     /// at the start, in the middle, at the end, insertions, deletions,
@@ -2582,7 +2752,7 @@ mod tests {
     fn cutting_from_the_stored_pieces_cuts_where_a_whole_scan_does() {
         use sha2::Digest as _;
         let list = |cuts: &[Piece<'_>]| hex::encode(encode_piece_list(cuts));
-        let whole = |state: &[u8]| list(&cut_state(state, &[]).expect("cut"));
+        let whole = |state: &[u8]| list(&cut_state(state, &[], None).expect("cut"));
         let mut seed = 0u64;
         let mut next = |bound: usize| -> usize {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -2591,6 +2761,7 @@ mod tests {
         let mut state = [noise(300_000, 7), vec![0u8; 200_000], noise(100_000, 8)].concat();
         let mut stored = whole(&state);
         for round in 0..300 {
+            let before = state.clone();
             let at = match round % 3 {
                 0 => next(state.len()),
                 1 => state.len().saturating_sub(next(40_000)),
@@ -2606,17 +2777,23 @@ mod tests {
                 3 => state.truncate(state.len().saturating_sub(next(20_000))),
                 _ => state.extend(noise(next(20_000), round as u8)),
             }
-            let cuts = cut_state(&state, &hex::decode(&stored).expect("hex")).expect("cut");
+            let old = hex::decode(&stored).expect("hex");
+            // Hashing the stored pieces, or comparing with the state they
+            // name (the store's copy of its last write): the same cuts.
+            let cuts = cut_state(&state, &old, None).expect("cut");
+            let compared = cut_state(&state, &old, Some(&before)).expect("cut");
             assert!(cuts.iter().all(|(h, p)| *h == <[u8; 32]>::from(sha2::Sha256::digest(p))));
+            assert!(compared.iter().all(|(h, p)| *h == <[u8; 32]>::from(sha2::Sha256::digest(p))));
             assert_eq!(cuts.iter().map(|(_, p)| p.len()).sum::<usize>(), state.len());
             let again = list(&cuts);
             assert_eq!(again, whole(&state), "round {round}");
+            assert_eq!(list(&compared), again, "round {round}, compared");
             stored = again;
         }
         // The first byte of a piece changed: the cut before it read that
         // byte, so the piece before it is cut again too.
         let stored = whole(&state);
-        let starts: Vec<usize> = cut_state(&state, &[])
+        let starts: Vec<usize> = cut_state(&state, &[], None)
             .expect("cut")
             .iter()
             .scan(0, |at, (_, p)| {
@@ -2627,11 +2804,14 @@ mod tests {
         for &at in &starts[..starts.len() - 1] {
             let mut changed = state.clone();
             changed[at] ^= 0x5A;
-            let cuts = cut_state(&changed, &hex::decode(&stored).expect("hex")).expect("cut");
+            let old = hex::decode(&stored).expect("hex");
+            let cuts = cut_state(&changed, &old, None).expect("cut");
             assert_eq!(list(&cuts), whole(&changed), "piece at {at}");
+            let compared = cut_state(&changed, &old, Some(&state)).expect("cut");
+            assert_eq!(list(&compared), whole(&changed), "piece at {at}, compared");
         }
         // A damaged list is refused, not trusted.
-        assert!(cut_state(&state, &[0u8; 35]).is_err());
+        assert!(cut_state(&state, &[0u8; 35], None).is_err());
     }
 
     /// The stored form of a group's state, pinned: the list of pieces
@@ -2643,14 +2823,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let sqlite = SqliteStore::create(&dir.path().join("home"), "pw").expect("store");
         let id = [5u8; 16];
-        write_group_pieces(&sqlite.lock(), &id, b"state").expect("written");
+        write_group_pieces(&sqlite.lock(), None, &id, b"state").expect("written");
         let list = stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
         assert_eq!(
             hex::encode(&list),
             // SHA-256("state"), then 5 as a big-endian u32.
             "4ba69735ca53765ed6a709edb56c6ea236b7193a3b29a6b390c346f0f4340e4e00000005",
         );
-        write_group_pieces(&sqlite.lock(), &id, &noise(300_000, 1)).expect("written");
+        write_group_pieces(&sqlite.lock(), None, &id, &noise(300_000, 1)).expect("written");
         let list = stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
         let cuts: Vec<usize> = piece_list(&list).expect("list").map(|(_, l)| l).collect();
         assert_eq!(
@@ -2880,7 +3060,7 @@ mod tests {
         // next write would store it; v17's table is gone.
         let read = store.read(|tx| tx.group_state(&[7u8; 16])).expect("read").expect("kept");
         assert_eq!(read.as_slice(), group_state.as_slice());
-        assert_eq!(write_group_pieces(&sqlite.lock(), &[7u8; 16], &group_state).expect("written"), 0);
+        assert_eq!(write_group_pieces(&sqlite.lock(), None, &[7u8; 16], &group_state).expect("written"), 0);
         let v17: i64 = sqlite
             .lock()
             .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'mls_group_chunk'", [], |r| r.get(0))
