@@ -2591,28 +2591,42 @@ mod tests {
             .collect()
     }
 
+    /// A new store, as the raw SQLite store and the `Store` over it.
+    fn piece_store() -> (tempfile::TempDir, Arc<SqliteStore>, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
+        let store = Store::from_arc(sqlite.clone());
+        (dir, sqlite, store)
+    }
+
+    /// How many pieces of the group's state the store holds.
+    fn piece_rows(sqlite: &SqliteStore, id: &[u8]) -> i64 {
+        sqlite
+            .lock()
+            .query_row("SELECT count(*) FROM mls_group_piece WHERE group_id = ?1", [id], |r| r.get(0))
+            .expect("count")
+    }
+
+    /// The group's state as stored, if any.
+    fn stored_state(store: &Store, id: &[u8]) -> Option<Vec<u8>> {
+        store.read(|tx| tx.group_state(id)).expect("read").map(|s| s.to_vec())
+    }
+
     /// A group's state is stored in content-defined pieces, each once under
     /// its SHA-256, and a list naming them in order. Bytes inserted early in
     /// the state (a leaf added to the tree) cost the pieces around them,
     /// not every piece after them; the pieces no longer named go.
     #[test]
     fn a_group_state_is_stored_in_pieces_and_an_insertion_writes_only_the_pieces_around_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
-        let store = Store::from_arc(sqlite.clone());
+        let (_dir, sqlite, store) = piece_store();
         let id = [5u8; 16];
         let written = |state: &[u8]| write_group_pieces(&sqlite.lock(), None, &id, state).expect("written");
-        let rows = || -> i64 {
-            sqlite
-                .lock()
-                .query_row("SELECT count(*) FROM mls_group_piece WHERE group_id = ?1", [&id[..]], |r| r.get(0))
-                .expect("count")
-        };
+        let rows = || piece_rows(&sqlite, &id);
         let list = || -> Vec<(Vec<u8>, usize)> {
             let list = stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
             piece_list(&list).expect("list").map(|(h, l)| (h.to_vec(), l)).collect()
         };
-        let read = || store.read(|tx| tx.group_state(&id)).expect("read").map(|s| s.to_vec());
+        let read = || stored_state(&store, &id);
 
         let mut state = noise(1_000_000, 1);
         let first = written(&state);
@@ -2678,21 +2692,15 @@ mod tests {
     /// its list names, since it asks the database which it holds.
     #[test]
     fn a_write_after_a_rolled_back_one_stores_every_piece_it_names() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sqlite = Arc::new(SqliteStore::create(&dir.path().join("home"), "pw").expect("store"));
-        let store = Store::from_arc(sqlite.clone());
+        let (_dir, sqlite, store) = piece_store();
         let id = [9u8; 16];
         let put = |state: &[u8]| store.write(|tx| tx.put_group_state(&id, state, &[])).expect("written");
-        let read = || store.read(|tx| tx.group_state(&id)).expect("read").map(|s| s.to_vec());
+        let read = || stored_state(&store, &id);
         let stored_list = || stored_piece_list(&sqlite.lock(), &id).expect("read").expect("list");
         let rows_and_names = || -> (i64, usize) {
-            let rows = sqlite
-                .lock()
-                .query_row("SELECT count(*) FROM mls_group_piece WHERE group_id = ?1", [&id[..]], |r| r.get(0))
-                .expect("count");
             let list = stored_list();
             let names: std::collections::HashSet<&[u8]> = piece_list(&list).expect("list").map(|(h, _)| h).collect();
-            (rows, names.len())
+            (piece_rows(&sqlite, &id), names.len())
         };
 
         let a = noise(600_000, 11);
