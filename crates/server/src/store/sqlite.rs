@@ -13,6 +13,7 @@
 //! writer works), from `spawn_blocking`. Deleted content is overwritten
 //! (`secure_delete=ON`) and the WAL is truncated by [`Store::maintenance`].
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -336,6 +337,9 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, S
     stmt("SAVEPOINT job")?;
     let result = caught(|| f(conn));
     let result = result.and_then(|v| stmt("RELEASE job").map(|_| v));
+    if result.is_err() {
+        forget_device_rows();
+    }
     if result.is_err() && !conn.is_autocommit() {
         // Undo this write only; the group goes on. (When SQLite rolled the
         // whole transaction back itself, the writer notices.)
@@ -349,6 +353,7 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, S
 /// group runs its writes without savepoints unless the group before it had
 /// a write that failed (see [`Group`]).
 fn writer_loop(conn: &Mutex<Connection>, rx: &mpsc::Receiver<Job>) {
+    remember_device_rows();
     let mut guarded = false;
     while let Ok(first) = rx.recv() {
         // A write's panic is caught, so only a panic in `run` can poison
@@ -411,9 +416,14 @@ impl Group<'_> {
         let ok = job.run(self.conn, self.guarded);
         self.ran.push(job);
         self.failed |= !ok;
+        if !ok {
+            // What it looked up may be undone with it (see `WRITER_DEVICE_ROWS`).
+            forget_device_rows();
+        }
         if self.conn.is_autocommit() {
             // SQLite rolled the whole transaction back (I/O error, full
             // disk): nothing of this group is stored.
+            forget_device_rows();
             self.in_tx = false;
             let e = StoreError::Unavailable("the write transaction was rolled back".into());
             for job in self.ran.drain(..) {
@@ -448,8 +458,11 @@ impl Group<'_> {
     fn commit(self) -> bool {
         if self.in_tx {
             let committed = self.exec("COMMIT");
-            if committed.is_err() && !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
+            if committed.is_err() {
+                forget_device_rows();
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
             }
             for job in self.ran {
                 job.finish(committed.as_ref().map(|_| ()));
@@ -650,11 +663,59 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Most active devices the writer remembers (about 100 bytes each).
+const DEVICE_ROWS: usize = 100_000;
+
+std::thread_local! {
+    /// The writer thread's memory of active devices' row ids: every send
+    /// and acknowledgement looks its devices up, a sixth of the server's
+    /// instructions per message when each was a query. `None` on every
+    /// other thread (readers, [`SqliteStore::run`]), which always query.
+    ///
+    /// Why it stays true: a device's row is never deleted and its id never
+    /// changes, and a row only ever turns inactive ([`Sql::deactivate`],
+    /// which forgets everything). A row found inside a transaction that is
+    /// then undone (a device added by a write that failed, or by a group
+    /// that did not commit) must not be remembered, so every failed write
+    /// and every group that does not commit forgets everything too.
+    static WRITER_DEVICE_ROWS: std::cell::RefCell<Option<HashMap<DeviceAddress, i64>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes this thread (the writer) remember device rows.
+fn remember_device_rows() {
+    WRITER_DEVICE_ROWS.with_borrow_mut(|rows| *rows = Some(HashMap::new()));
+}
+
+/// Forgets every device row this thread remembers (see [`WRITER_DEVICE_ROWS`]).
+fn forget_device_rows() {
+    WRITER_DEVICE_ROWS.with_borrow_mut(|rows| {
+        if let Some(rows) = rows {
+            rows.clear();
+        }
+    });
+}
+
 /// The internal row id of an active device.
 fn device_row(conn: &Connection, addr: &DeviceAddress) -> Result<Option<i64>, StoreError> {
-    conn.prepare_cached("SELECT id FROM devices WHERE handle = ?1 AND device_id = ?2 AND active = 1")
+    if let Some(row) = WRITER_DEVICE_ROWS.with_borrow(|rows| rows.as_ref().and_then(|r| r.get(addr).copied())) {
+        return Ok(Some(row));
+    }
+    let row = conn
+        .prepare_cached("SELECT id FROM devices WHERE handle = ?1 AND device_id = ?2 AND active = 1")
         .and_then(|mut s| s.query_row(params![addr.handle.as_str(), addr.device.to_hex()], |r| r.get(0)).optional())
-        .map_err(map_err)
+        .map_err(map_err)?;
+    if let Some(row) = row {
+        WRITER_DEVICE_ROWS.with_borrow_mut(|rows| {
+            if let Some(rows) = rows {
+                if rows.len() >= DEVICE_ROWS {
+                    rows.clear();
+                }
+                rows.insert(addr.clone(), row);
+            }
+        });
+    }
+    Ok(row)
 }
 
 /// How many active devices the account has.
@@ -957,6 +1018,7 @@ impl rules::Statements for Sql<'_> {
     }
 
     async fn deactivate(&mut self, device: i64) -> Result<(), StoreError> {
+        forget_device_rows();
         self.0.execute("UPDATE devices SET active = 0 WHERE id = ?1", [device]).map(|_| ()).map_err(map_err)
     }
 
@@ -2258,6 +2320,47 @@ mod tests {
         let answers = one_group(&store, &[("k", Stores), ("k", Stores), ("l", Stores)]).await;
         assert_eq!(answers.iter().map(Result::is_ok).collect::<Vec<_>>(), [true, false, true]);
         assert_eq!(stored_accounts(&store), ["a", "c", "e", "g", "h", "i", "k", "l"]);
+    }
+
+    /// The writer remembers device rows; one that a failed write added
+    /// (and found) is gone with that write, so it must not be remembered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_row_found_by_a_write_that_failed_is_not_remembered() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("server.db")).expect("open");
+        store
+            .write(|tx| {
+                tx.execute("INSERT INTO accounts (handle, identity_key, created_at) VALUES ('alice', x'00', 0)", [])
+                    .map_err(map_err)
+            })
+            .await
+            .expect("account");
+        let addr = DeviceAddress {
+            handle: parse_handle("alice").expect("handle"),
+            device: DeviceId::from_slice(&[7; 8]).expect("device id"),
+        };
+        for outcome in [Outcome::FailsAfterStoring, Outcome::PanicsAfterStoring] {
+            let added = addr.clone();
+            let failed = store
+                .write(move |tx| {
+                    tx.execute(
+                        "INSERT INTO devices (handle, device_id, signature_key, certificate, created_at)
+                         VALUES ('alice', ?1, x'', x'', 0)",
+                        [added.device.to_hex()],
+                    )
+                    .map_err(map_err)?;
+                    assert!(device_row(tx, &added)?.is_some(), "the write sees its own device");
+                    match outcome {
+                        Outcome::PanicsAfterStoring => panic!("a write panics"),
+                        _ => Err::<(), _>(StoreError::Internal("refused".into())),
+                    }
+                })
+                .await;
+            assert!(failed.is_err());
+            let looked_up = addr.clone();
+            let found = store.write(move |tx| device_row(tx, &looked_up)).await.expect("look-up");
+            assert_eq!(found, None, "a device row undone with its write was remembered");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
