@@ -330,10 +330,16 @@ fn caught<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError>
         .unwrap_or_else(|_| Err(StoreError::Internal("a storage write panicked".into())))
 }
 
+/// Runs a statement without parameters (a transaction's or a savepoint's),
+/// kept prepared.
+fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(map_err)
+}
+
 /// Runs `f` inside a savepoint: its writes stay in the group only when it
 /// succeeds. A panic counts as a failure.
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-    let stmt = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(map_err);
+    let stmt = |sql: &str| exec(conn, sql);
     stmt("SAVEPOINT job")?;
     let result = caught(|| f(conn));
     let result = result.and_then(|v| stmt("RELEASE job").map(|_| v));
@@ -401,13 +407,9 @@ struct Group<'c> {
 }
 
 impl Group<'_> {
-    fn exec(&self, sql: &str) -> Result<(), StoreError> {
-        self.conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(map_err)
-    }
-
     fn add(&mut self, mut job: Job) {
         if !self.in_tx {
-            if let Err(e) = self.exec("BEGIN IMMEDIATE") {
+            if let Err(e) = exec(self.conn, "BEGIN IMMEDIATE") {
                 job.finish(Err(&e));
                 return;
             }
@@ -457,7 +459,7 @@ impl Group<'_> {
     /// Commits, answers every write, and says whether one failed.
     fn commit(self) -> bool {
         if self.in_tx {
-            let committed = self.exec("COMMIT");
+            let committed = exec(self.conn, "COMMIT");
             if committed.is_err() {
                 forget_device_rows();
                 if !self.conn.is_autocommit() {
@@ -615,10 +617,18 @@ impl SqliteStore {
         T: Send + 'static,
         F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (answer, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
-        let job: Job = Box::new(Queued { f, result: None, answer });
-        self.writer.send(job).map_err(|_| writer_stopped())?;
-        rx.await.map_err(|_| writer_stopped())?
+        self.queue(f)?.await.map_err(|_| writer_stopped())?
+    }
+
+    /// Queues a write; its answer comes on the receiver.
+    fn queue<T, F>(&self, f: F) -> Result<tokio::sync::oneshot::Receiver<Result<T, StoreError>>, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        self.writer.send(Box::new(Queued { f, result: None, answer })).map_err(|_| writer_stopped())?;
+        Ok(rx)
     }
 
     /// Runs a read on a read-only connection (the last committed state),
@@ -2274,8 +2284,7 @@ mod tests {
         let held = store.conn.lock().expect("lock");
         let mut answers = Vec::new();
         for &(handle, outcome) in writes {
-            let (answer, rx) = tokio::sync::oneshot::channel();
-            let f = move |tx: &Connection| {
+            let rx = store.queue(move |tx: &Connection| {
                 tx.execute("INSERT INTO accounts (handle, identity_key, created_at) VALUES (?1, x'00', 0)", [handle])
                     .map_err(map_err)?;
                 match outcome {
@@ -2283,9 +2292,8 @@ mod tests {
                     Outcome::FailsAfterStoring => Err(StoreError::Internal("refused".into())),
                     Outcome::PanicsAfterStoring => panic!("a write panics"),
                 }
-            };
-            store.writer.send(Box::new(Queued { f, result: None, answer })).expect("queue");
-            answers.push(rx);
+            });
+            answers.push(rx.expect("queue"));
         }
         drop(held);
         let mut out = Vec::new();
