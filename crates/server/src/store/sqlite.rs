@@ -440,11 +440,13 @@ impl Group<'_> {
     /// savepoint.
     fn run_again_guarded(&mut self) {
         self.guarded = true;
-        // ROLLBACK cannot fail on an open transaction that SQLite still
-        // holds; if it did, the next BEGIN fails and answers each write.
+        self.in_tx = false;
         let _ = self.conn.execute_batch("ROLLBACK");
-        self.in_tx = !self.conn.is_autocommit();
-        if self.in_tx {
+        if !self.conn.is_autocommit() {
+            // The failed write's changes are still in it, so nothing more
+            // may run in it and it must never commit: every write of the
+            // group is answered, a later write's BEGIN fails and is
+            // answered too, and `commit` tries the rollback again.
             let e = StoreError::Internal("the write transaction could not be rolled back".into());
             for job in self.ran.drain(..) {
                 job.finish(Err(&e));
@@ -458,6 +460,10 @@ impl Group<'_> {
 
     /// Commits, answers every write, and says whether one failed.
     fn commit(self) -> bool {
+        if !self.in_tx && !self.conn.is_autocommit() {
+            // A transaction given up on (see `run_again_guarded`).
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
         if self.in_tx {
             let committed = exec(self.conn, "COMMIT");
             if committed.is_err() {
